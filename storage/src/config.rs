@@ -1,0 +1,112 @@
+//! Configuration of a segment log and the limits it enforces.
+//!
+//! Every limit is a named constant with its default; [`LogConfig::validate`] rejects
+//! combinations that cannot work (a record that could never fit in a segment, say).
+
+use std::time::Duration;
+
+use crate::error::{Result, StorageError};
+use crate::record::RECORD_HEADER_LEN;
+use crate::segment::SEGMENT_HEADER_LEN;
+
+/// Default size a segment is preallocated to and rolled at: 128 MiB.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 128 * 1024 * 1024;
+/// Smallest allowed segment size: 64 KiB.
+pub const MIN_SEGMENT_BYTES: u64 = 64 * 1024;
+/// Largest allowed segment size: 1 GiB (positions inside a segment are `u32`).
+pub const MAX_SEGMENT_BYTES: u64 = 1024 * 1024 * 1024;
+/// Default limit for one record's payload: 100 MiB (the broker's default max message size).
+pub const DEFAULT_RECORD_BYTES: u32 = 100 * 1024 * 1024;
+/// Most records one `append_batch` call may carry.
+pub const MAX_BATCH_RECORDS: usize = 64 * 1024;
+/// Default distance in bytes between two sparse index entries.
+pub const DEFAULT_INDEX_INTERVAL_BYTES: u32 = 4096;
+
+/// When appended records become durable — what survives a power cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncPolicy {
+    /// A record's durability handle completes only after the data is on stable storage
+    /// (`msync(MS_SYNC)`, which is `fdatasync` of the range). Concurrent appends share one
+    /// sync (group commit). Survives power loss. The default.
+    Always,
+    /// Data is synced at most this often; durability handles complete after the next sync.
+    /// A power cut can lose up to one interval of acknowledged records.
+    Interval(Duration),
+    /// Never synced by the log (the kernel writes back eventually); durability handles
+    /// complete at once. Survives a process crash, not a power cut. Tests and benches only.
+    Never,
+}
+
+/// What to do when a sealed segment turns out to be corrupt while opening.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CorruptionPolicy {
+    /// Refuse to open, naming the file and position. The default.
+    #[default]
+    Fail,
+    /// Open read-only, exposing the records up to the first corrupt one.
+    ReadOnlyUpToCorruption,
+}
+
+/// Settings of one segment log.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// Size each segment file is preallocated to; a segment rolls when the next record
+    /// would not fit. Default [`DEFAULT_SEGMENT_BYTES`].
+    pub segment_bytes: u64,
+    /// Largest payload of one record. Default [`DEFAULT_RECORD_BYTES`].
+    pub record_bytes_max: u32,
+    /// Durability policy. Default [`SyncPolicy::Always`].
+    pub sync: SyncPolicy,
+    /// Bytes between sparse index entries. Default [`DEFAULT_INDEX_INTERVAL_BYTES`].
+    pub index_interval_bytes: u32,
+    /// Verify every record's CRC in sealed segments at open (the unsealed tail is always
+    /// verified). Default false: sealed segments are verified on read.
+    pub verify_sealed_on_open: bool,
+    /// What to do about corruption in a sealed segment at open.
+    pub corruption: CorruptionPolicy,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
+            record_bytes_max: DEFAULT_RECORD_BYTES,
+            sync: SyncPolicy::Always,
+            index_interval_bytes: DEFAULT_INDEX_INTERVAL_BYTES,
+            verify_sealed_on_open: false,
+            corruption: CorruptionPolicy::Fail,
+        }
+    }
+}
+
+impl LogConfig {
+    /// Rejects settings that cannot work.
+    pub fn validate(&self) -> Result<()> {
+        if !(MIN_SEGMENT_BYTES..=MAX_SEGMENT_BYTES).contains(&self.segment_bytes) {
+            return Err(StorageError::Config(format!(
+                "segment_bytes {} outside {MIN_SEGMENT_BYTES}..={MAX_SEGMENT_BYTES}",
+                self.segment_bytes
+            )));
+        }
+        let room = self.segment_bytes - SEGMENT_HEADER_LEN as u64 - RECORD_HEADER_LEN as u64;
+        if u64::from(self.record_bytes_max) > room || self.record_bytes_max == 0 {
+            return Err(StorageError::Config(format!(
+                "record_bytes_max {} must be between 1 and {room} for segment_bytes {}",
+                self.record_bytes_max, self.segment_bytes
+            )));
+        }
+        if self.index_interval_bytes < 64 {
+            return Err(StorageError::Config(
+                "index_interval_bytes must be at least 64".into(),
+            ));
+        }
+        if let SyncPolicy::Interval(d) = self.sync {
+            if d.is_zero() {
+                return Err(StorageError::Config(
+                    "sync interval must be positive (use Always)".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,568 @@
+//! The segment log: an ordered set of segments with one writer, many readers and a
+//! group-commit thread.
+//!
+//! Invariants:
+//! * Offsets are dense: the n-th record ever appended (after truncations) has offset n.
+//! * Segments are sealed in order; an unsealed segment is always part of the tail.
+//! * The durable offset published through [`Log::durable_watch`] never passes bytes that
+//!   have not been synced (policy `Always`/`Interval`).
+//! * Deleting or truncating never modifies bytes a reader may hold (see `segment.rs`).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Instant;
+
+use tokio::sync::watch;
+
+use crate::config::{LogConfig, SyncPolicy, MAX_BATCH_RECORDS};
+use crate::error::{Result, StorageError};
+use crate::record::{Record, RECORD_HEADER_LEN};
+use crate::recovery;
+use crate::segment::{Segment, SEGMENT_HEADER_LEN};
+use crate::sync::{self, Durable, DurableState, LogStats, SyncSignal};
+
+/// A handle to an open log. Cheap to clone; all clones share one log.
+#[derive(Clone)]
+pub struct Log {
+    inner: Arc<Inner>,
+}
+
+/// Where an appended record (or batch) went and how to wait for it.
+#[derive(Debug)]
+pub struct Appended {
+    /// Offset of the first record appended.
+    pub first: u64,
+    /// Offset of the last record appended.
+    pub last: u64,
+    /// Completes when the last (and so every) record of the append is durable.
+    pub durable: Durable,
+}
+
+/// Where a segment starts and ends, for retention and acknowledgement decisions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentSpan {
+    pub base: u64,
+    /// Offset after the segment's last record.
+    pub next: u64,
+    /// Bytes of records in it.
+    pub bytes: u64,
+    /// True once every record in it is synced and it receives no more appends.
+    pub sealed: bool,
+    /// Timestamp of its last record (0 when empty).
+    pub last_timestamp_ms: i64,
+}
+
+pub(crate) struct Inner {
+    dir: PathBuf,
+    config: LogConfig,
+    read_only: bool,
+    writer: Mutex<Writer>,
+    /// Held by the sync thread during a sync round and by structural changes.
+    io: Mutex<()>,
+    segments: RwLock<BTreeMap<u64, Arc<Segment>>>,
+    durable_tx: watch::Sender<DurableState>,
+    signal: Arc<SyncSignal>,
+    stats: LogStats,
+}
+
+struct Writer {
+    active: Arc<Segment>,
+    next_offset: u64,
+    last_timestamp_ms: i64,
+    /// Rolled segments not yet synced and sealed.
+    unsynced: Vec<Arc<Segment>>,
+    /// Position up to which the active segment is synced.
+    synced_pos: u64,
+    poisoned: Option<Arc<str>>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| StorageError::io("syncing directory", dir, e))
+}
+
+impl Log {
+    /// Opens the log in `dir` (created if missing), recovering from whatever state a crash
+    /// left: verifies the unsealed tail, cuts a torn or corrupt end, rebuilds indexes.
+    pub fn open(dir: impl AsRef<Path>, config: LogConfig) -> Result<Log> {
+        config.validate()?;
+        let dir = dir.as_ref().to_path_buf();
+        fs::create_dir_all(&dir).map_err(|e| StorageError::io("creating log directory", &dir, e))?;
+        let recovered = recovery::recover(&dir, &config)?;
+        let stats = LogStats::default();
+        stats.recovered_torn_bytes.store(recovered.torn_bytes, Ordering::Relaxed);
+        let active = match recovered.segments.last_key_value() {
+            Some((_, seg)) => Arc::clone(seg),
+            None => Arc::new(Segment::create(&dir, 0, config.segment_bytes, config.record_bytes_max)?),
+        };
+        let mut segments = recovered.segments;
+        segments.entry(active.base()).or_insert_with(|| Arc::clone(&active));
+        sync_dir(&dir)?;
+        let next_offset = active.next_offset();
+        let last_timestamp_ms = segments.values().map(|s| last_timestamp(s)).max().unwrap_or(0);
+        let (durable_tx, _) = watch::channel(DurableState { durable: next_offset, failed: None });
+        let signal = Arc::new(SyncSignal::default());
+        let inner = Arc::new(Inner {
+            dir,
+            read_only: recovered.read_only,
+            writer: Mutex::new(Writer {
+                synced_pos: active.written(),
+                active,
+                next_offset,
+                last_timestamp_ms,
+                unsynced: Vec::new(),
+                poisoned: None,
+            }),
+            io: Mutex::new(()),
+            segments: RwLock::new(segments),
+            durable_tx,
+            signal: Arc::clone(&signal),
+            stats,
+            config,
+        });
+        let interval = match inner.config.sync {
+            SyncPolicy::Always => Some(None),
+            SyncPolicy::Interval(d) => Some(Some(d)),
+            SyncPolicy::Never => None,
+        };
+        if let Some(interval) = interval {
+            let weak = Arc::downgrade(&inner);
+            std::thread::Builder::new()
+                .name("entrepot-sync".into())
+                .spawn(move || sync::run(weak, signal, interval))
+                .map_err(|e| StorageError::io("starting sync thread", &inner.dir, e))?;
+        }
+        Ok(Log { inner })
+    }
+
+    /// The directory this log lives in.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// The configuration the log was opened with.
+    pub fn config(&self) -> &LogConfig {
+        &self.inner.config
+    }
+
+    /// Appends one record; returns its offset at once and a handle that completes when it
+    /// is durable.
+    pub fn append(&self, payload: &[u8]) -> Result<Appended> {
+        self.append_parts(0, &[payload])
+    }
+
+    /// Appends one record whose payload is the concatenation of `parts`, with user `flags`
+    /// (low 8 bits). Lets a caller prepend its own header without building a buffer.
+    pub fn append_parts(&self, flags: u16, parts: &[&[u8]]) -> Result<Appended> {
+        let mut w = self.inner.lock_writer()?;
+        let offset = self.inner.append_locked(&mut w, flags, parts)?;
+        drop(w);
+        Ok(self.inner.appended(offset, offset))
+    }
+
+    /// Appends many records under one lock acquisition; they become durable together.
+    pub fn append_batch<P: AsRef<[u8]>>(&self, payloads: &[P]) -> Result<Appended> {
+        if payloads.len() > MAX_BATCH_RECORDS {
+            return Err(StorageError::BatchTooLarge { count: payloads.len(), max: MAX_BATCH_RECORDS });
+        }
+        let mut w = self.inner.lock_writer()?;
+        let first = w.next_offset;
+        let mut last = first;
+        for p in payloads {
+            last = self.inner.append_locked(&mut w, 0, &[p.as_ref()])?;
+        }
+        drop(w);
+        if payloads.is_empty() {
+            return Ok(Appended { first, last: first, durable: Durable::ready(first) });
+        }
+        Ok(self.inner.appended(first, last))
+    }
+
+    /// Reads the record at `offset`. The payload is a zero-copy slice of the mapping.
+    pub fn read(&self, offset: u64) -> Result<Record> {
+        let seg = self.inner.segment_for(offset)?;
+        seg.read(offset).map(|(r, _)| r)
+    }
+
+    /// A sequential reader starting at `offset`.
+    pub fn reader(&self, offset: u64) -> LogReader {
+        LogReader { log: self.clone(), offset, at: None }
+    }
+
+    /// Offset of the first retained record.
+    pub fn first_offset(&self) -> u64 {
+        self.inner.segments.read().ok().and_then(|s| s.values().next().map(|s| s.base())).unwrap_or(0)
+    }
+
+    /// Offset the next append will get.
+    pub fn next_offset(&self) -> u64 {
+        self.inner.writer.lock().map_or(0, |w| w.next_offset)
+    }
+
+    /// Every offset below this is durable.
+    pub fn durable_offset(&self) -> u64 {
+        self.inner.durable_tx.borrow().durable
+    }
+
+    /// A receiver of durability progress, for callers that track many records at once.
+    pub fn durable_watch(&self) -> watch::Receiver<DurableState> {
+        self.inner.durable_tx.subscribe()
+    }
+
+    /// Counters for metrics.
+    pub fn stats(&self) -> &LogStats {
+        &self.inner.stats
+    }
+
+    /// True if the log was opened read-only because of corruption.
+    pub fn is_read_only(&self) -> bool {
+        self.inner.read_only
+    }
+
+    /// Syncs everything appended so far and waits for it (also under policy `Never`).
+    pub fn flush(&self) -> Result<()> {
+        self.inner.sync_once()
+    }
+
+    /// The first offset whose record's timestamp is at or after `timestamp_ms`, or `None`
+    /// if every retained record is older.
+    pub fn seek_time(&self, timestamp_ms: i64) -> Result<Option<u64>> {
+        for seg in self.inner.snapshot() {
+            if seg.len() > 0 && last_timestamp(&seg) >= timestamp_ms {
+                return seg.seek_time(timestamp_ms);
+            }
+        }
+        Ok(None)
+    }
+
+    /// Start, end, size and state of every retained segment, oldest first.
+    pub fn segments(&self) -> Vec<SegmentSpan> {
+        self.inner
+            .snapshot()
+            .iter()
+            .map(|s| SegmentSpan {
+                base: s.base(),
+                next: s.next_offset(),
+                bytes: s.written() - SEGMENT_HEADER_LEN as u64,
+                sealed: s.is_sealed(),
+                last_timestamp_ms: last_timestamp(s),
+            })
+            .collect()
+    }
+
+    /// Deletes one sealed segment (queues use this once every record in it is
+    /// acknowledged). The active segment is never deleted. Returns whether it was.
+    pub fn delete_segment(&self, base: u64) -> Result<bool> {
+        let _io = self.inner.lock_io()?;
+        let w = self.inner.lock_writer()?;
+        if w.active.base() == base {
+            return Ok(false);
+        }
+        let removed = self.inner.segments.write().ok().and_then(|mut s| match s.get(&base) {
+            Some(seg) if seg.is_sealed() => s.remove(&base),
+            _ => None,
+        });
+        drop(w);
+        let Some(seg) = removed else { return Ok(false) };
+        seg.unlink().map_err(|e| StorageError::io("deleting segment", seg.path(), e))?;
+        self.inner.stats.segments_deleted.fetch_add(1, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// Deletes every whole segment whose records all lie below `offset` (the Raft log's
+    /// purge, topic retention). Segment-granular: records below `offset` that share a
+    /// segment with later ones stay readable. Returns the new first offset.
+    pub fn purge_before(&self, offset: u64) -> Result<u64> {
+        let bases: Vec<u64> = self
+            .segments()
+            .iter()
+            .filter(|s| s.next <= offset && s.sealed)
+            .map(|s| s.base)
+            .collect();
+        for base in bases {
+            self.delete_segment(base)?;
+        }
+        Ok(self.first_offset())
+    }
+
+    /// Removes every record at or after `offset` (the Raft log's conflicting suffix). When
+    /// it returns, the shorter log is durable and the next append gets `offset`.
+    pub fn truncate_from(&self, offset: u64) -> Result<()> {
+        if self.inner.read_only {
+            return Err(StorageError::ReadOnly);
+        }
+        let _io = self.inner.lock_io()?;
+        let mut w = self.inner.lock_writer()?;
+        if offset >= w.next_offset {
+            return Ok(());
+        }
+        self.inner.truncate_locked(&mut w, offset)
+    }
+}
+
+impl Inner {
+    fn lock_writer(&self) -> Result<MutexGuard<'_, Writer>> {
+        self.writer.lock().map_err(|_| StorageError::Closed)
+    }
+
+    fn lock_io(&self) -> Result<MutexGuard<'_, ()>> {
+        self.io.lock().map_err(|_| StorageError::Closed)
+    }
+
+    fn snapshot(&self) -> Vec<Arc<Segment>> {
+        self.segments.read().map(|s| s.values().cloned().collect()).unwrap_or_default()
+    }
+
+    fn segment_for(&self, offset: u64) -> Result<Arc<Segment>> {
+        let segments = self.segments.read().map_err(|_| StorageError::Closed)?;
+        let found = segments.range(..=offset).next_back().map(|(_, s)| s).filter(|s| offset < s.next_offset());
+        match found {
+            Some(seg) => Ok(Arc::clone(seg)),
+            None => Err(StorageError::OffsetOutOfRange {
+                offset,
+                first: segments.values().next().map_or(0, |s| s.base()),
+                next: segments.values().next_back().map_or(0, |s| s.next_offset()),
+            }),
+        }
+    }
+
+    fn appended(&self, first: u64, last: u64) -> Appended {
+        let durable = match self.config.sync {
+            SyncPolicy::Never => Durable::ready(last),
+            _ => {
+                self.signal.notify();
+                Durable { rx: Some(self.durable_tx.subscribe()), offset: last }
+            }
+        };
+        Appended { first, last, durable }
+    }
+
+    fn append_locked(&self, w: &mut Writer, flags: u16, parts: &[&[u8]]) -> Result<u64> {
+        if self.read_only {
+            return Err(StorageError::ReadOnly);
+        }
+        if let Some(reason) = &w.poisoned {
+            return Err(StorageError::SyncFailed { path: self.dir.clone(), reason: reason.to_string() });
+        }
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len as u64 > u64::from(self.config.record_bytes_max) {
+            return Err(StorageError::RecordTooLarge { size: len as u64, max: u64::from(self.config.record_bytes_max) });
+        }
+        let frame_len = RECORD_HEADER_LEN + len;
+        if w.active.is_sealed() || (frame_len as u64) > w.active.remaining() {
+            self.roll(w)?;
+        }
+        let ts = now_ms().max(w.last_timestamp_ms);
+        w.last_timestamp_ms = ts;
+        let offset = w.active.append(ts, flags & crate::record::FLAGS_USER_MASK, parts, frame_len, self.config.index_interval_bytes);
+        w.next_offset = offset + 1;
+        self.stats.records_appended.fetch_add(1, Ordering::Relaxed);
+        self.stats.bytes_appended.fetch_add(len as u64, Ordering::Relaxed);
+        Ok(offset)
+    }
+
+    /// Starts a new active segment. The old one is sealed by the sync thread once synced
+    /// (or at once under policy `Never`).
+    fn roll(&self, w: &mut Writer) -> Result<()> {
+        let seg = Arc::new(Segment::create(&self.dir, w.next_offset, self.config.segment_bytes, self.config.record_bytes_max)?);
+        sync_dir(&self.dir)?;
+        if let Ok(mut segments) = self.segments.write() {
+            segments.insert(seg.base(), Arc::clone(&seg));
+        }
+        let old = std::mem::replace(&mut w.active, seg);
+        w.synced_pos = SEGMENT_HEADER_LEN as u64;
+        if self.config.sync == SyncPolicy::Never {
+            old.seal().map_err(|e| StorageError::io("sealing segment", old.path(), e))?;
+        } else if !old.is_sealed() {
+            w.unsynced.push(old);
+        }
+        Ok(())
+    }
+
+    /// One group-commit round: sync what is written, seal complete segments, publish.
+    pub(crate) fn sync_once(&self) -> Result<()> {
+        let _io = self.lock_io()?;
+        let (rolled, active, from, to, next) = {
+            let w = self.lock_writer()?;
+            if let Some(reason) = &w.poisoned {
+                return Err(StorageError::SyncFailed { path: self.dir.clone(), reason: reason.to_string() });
+            }
+            (w.unsynced.clone(), Arc::clone(&w.active), w.synced_pos, w.active.written(), w.next_offset)
+        };
+        let started = Instant::now();
+        let result = self.sync_segments(&rolled, &active, from, to);
+        self.stats.observe_sync(started.elapsed());
+        let mut w = self.lock_writer()?;
+        if let Err(e) = result {
+            let reason: Arc<str> = Arc::from(e.to_string());
+            w.poisoned = Some(Arc::clone(&reason));
+            self.durable_tx.send_modify(|s| s.failed = Some(reason));
+            tracing::error!(error = %e, dir = %self.dir.display(), "sync failed, log is now read-only");
+            return Err(e);
+        }
+        w.unsynced.retain(|s| !rolled.iter().any(|r| Arc::ptr_eq(r, s)));
+        if Arc::ptr_eq(&w.active, &active) {
+            w.synced_pos = w.synced_pos.max(to);
+        }
+        drop(w);
+        self.durable_tx.send_if_modified(|s| {
+            let advanced = next > s.durable;
+            s.durable = s.durable.max(next);
+            advanced
+        });
+        Ok(())
+    }
+
+    fn sync_segments(&self, rolled: &[Arc<Segment>], active: &Segment, from: u64, to: u64) -> Result<()> {
+        for seg in rolled {
+            seg.sync_range(0, seg.written())
+                .and_then(|()| seg.seal())
+                .map_err(|e| StorageError::SyncFailed { path: seg.path().to_path_buf(), reason: e.to_string() })?;
+        }
+        active
+            .sync_range(from, to)
+            .map_err(|e| StorageError::SyncFailed { path: active.path().to_path_buf(), reason: e.to_string() })
+    }
+
+    fn truncate_locked(&self, w: &mut Writer, offset: u64) -> Result<()> {
+        let doomed: Vec<Arc<Segment>> = self.snapshot().into_iter().filter(|s| s.base() >= offset).rev().collect();
+        for seg in &doomed {
+            seg.unlink().map_err(|e| StorageError::io("deleting segment", seg.path(), e))?;
+            if let Ok(mut s) = self.segments.write() {
+                s.remove(&seg.base());
+            }
+            self.stats.segments_deleted.fetch_add(1, Ordering::Relaxed);
+        }
+        let keep = self.snapshot().pop();
+        let active = match keep {
+            Some(seg) if seg.next_offset() > offset => Arc::new(self.rewrite_prefix(&seg, offset)?),
+            Some(seg) => seg,
+            None => Arc::new(Segment::create(&self.dir, offset, self.config.segment_bytes, self.config.record_bytes_max)?),
+        };
+        sync_dir(&self.dir)?;
+        if let Ok(mut s) = self.segments.write() {
+            s.insert(active.base(), Arc::clone(&active));
+        }
+        w.unsynced.retain(|s| s.base() < active.base());
+        w.synced_pos = active.written();
+        w.next_offset = offset;
+        w.active = active;
+        self.durable_tx.send_modify(|s| s.durable = s.durable.min(offset));
+        Ok(())
+    }
+
+    /// Copies the records of `seg` below `offset` into a new file and renames it over the
+    /// old one, so readers of the old mapping keep seeing unchanged bytes.
+    fn rewrite_prefix(&self, seg: &Segment, offset: u64) -> Result<Segment> {
+        let pos = seg_position(seg, offset)?;
+        let tmp = seg.path().with_extension("seg.tmp");
+        let _ = fs::remove_file(&tmp);
+        let fresh = Segment::create_at(&tmp, seg.base(), seg.capacity(), self.config.record_bytes_max)?;
+        fresh.fill_from(seg.prefix(pos), self.config.index_interval_bytes);
+        fresh.sync_range(0, fresh.written()).map_err(|e| StorageError::io("syncing truncated segment", &tmp, e))?;
+        fs::rename(&tmp, seg.path()).map_err(|e| StorageError::io("replacing truncated segment", seg.path(), e))?;
+        let _ = fs::remove_file(crate::index::offset_index_path(seg.path()));
+        let _ = fs::remove_file(crate::index::time_index_path(seg.path()));
+        Ok(fresh.renamed(seg.path().to_path_buf()))
+    }
+}
+
+fn seg_position(seg: &Segment, offset: u64) -> Result<u64> {
+    let mut reader_pos = SEGMENT_HEADER_LEN as u64;
+    let mut at = seg.base();
+    if let Some((rel, pos)) = seg.index.read().ok().and_then(|i| i.floor_offset((offset - seg.base()) as u32)) {
+        at = seg.base() + u64::from(rel);
+        reader_pos = u64::from(pos);
+    }
+    while at < offset {
+        let (_, next) = seg.read_at(reader_pos, at)?;
+        reader_pos = next;
+        at += 1;
+    }
+    Ok(reader_pos)
+}
+
+fn last_timestamp(seg: &Segment) -> i64 {
+    match seg.len() {
+        0 => 0,
+        n => seg.read(seg.base() + n - 1).map_or(0, |(r, _)| r.timestamp_ms),
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.signal.close();
+        if self.config.sync != SyncPolicy::Never && !self.read_only {
+            if let Err(e) = self.sync_once() {
+                tracing::error!(error = %e, "final sync on close failed");
+            }
+        }
+    }
+}
+
+/// Reads records in offset order, remembering its position so each step is one decode.
+pub struct LogReader {
+    log: Log,
+    offset: u64,
+    at: Option<(Arc<Segment>, u64)>,
+}
+
+impl LogReader {
+    /// The offset the next call to [`LogReader::next_record`] reads.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// The next record, `Ok(None)` at the end of the written log. Skips holes left by
+    /// deleted segments.
+    pub fn next_record(&mut self) -> Result<Option<Record>> {
+        loop {
+            if let Some((seg, pos)) = &self.at {
+                if self.offset < seg.next_offset() {
+                    let (rec, next_pos) = seg.read_at(*pos, self.offset)?;
+                    self.at = Some((Arc::clone(seg), next_pos));
+                    self.offset += 1;
+                    return Ok(Some(rec));
+                }
+                if !seg.is_sealed() && self.offset >= self.log.next_offset() {
+                    return Ok(None);
+                }
+            }
+            let segments = self.log.inner.segments.read().map_err(|_| StorageError::Closed)?;
+            let seg = segments
+                .range(..=self.offset)
+                .next_back()
+                .map(|(_, s)| s)
+                .filter(|s| self.offset < s.next_offset())
+                .or_else(|| segments.range(self.offset + 1..).next().map(|(_, s)| s))
+                .cloned();
+            drop(segments);
+            let Some(seg) = seg else { return Ok(None) };
+            if seg.base() > self.offset {
+                self.offset = seg.base();
+            }
+            if self.offset >= seg.next_offset() {
+                return Ok(None);
+            }
+            let pos = seg_position(&seg, self.offset)?;
+            self.at = Some((seg, pos));
+        }
+    }
+}
+
+impl Iterator for LogReader {
+    type Item = Result<Record>;
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_record().transpose()
+    }
+}

@@ -1,0 +1,442 @@
+//! One segment file: a preallocated, memory-mapped run of record frames.
+//!
+//! A segment owns its file, its mapping and its sparse index. Records are copied into the
+//! mapping by the single writer (the log holds the writer lock) and published by bumping
+//! `written` with release ordering; readers only look below `written`, so they never see
+//! a half-written frame. Reads return `Bytes` slices of one `Bytes` that owns the mapping,
+//! so a payload handed to a consumer keeps the mapping alive even after the segment is
+//! deleted from the log.
+//!
+//! # Safety contract of the mapping
+//! * A mapped segment file is never truncated or shrunk while mapped: truncation of the log
+//!   writes a fresh file and renames it over the old one, and deletion only unlinks. On
+//!   Linux an unlinked or replaced inode stays readable through existing mappings.
+//! * Bytes below `written` are never modified again (except by recovery before the
+//!   segment is shared with any reader).
+//! * Space is reserved with `posix_fallocate` when the segment is created, so writing to
+//!   the mapping never needs new blocks (a sparse mapping would SIGBUS on a full disk).
+//!
+//! Does not decide when to sync or roll: the log does.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+use memmap2::{MmapOptions, MmapRaw};
+
+use crate::error::{Result, StorageError};
+use crate::index::{offset_index_path, time_index_path, SegmentIndex};
+use crate::record::{self, FrameFault, Record, RecordHeader, RECORD_HEADER_LEN};
+
+/// Magic bytes at the start of every segment file.
+pub const SEGMENT_MAGIC: [u8; 8] = *b"ENTRPSEG";
+/// Version of the segment and record format this build writes and reads.
+pub const SEGMENT_VERSION: u16 = 1;
+/// Bytes reserved for the segment header; the first record starts here.
+pub const SEGMENT_HEADER_LEN: usize = 64;
+const SEAL_MAGIC: [u8; 4] = *b"SEAL";
+
+// Format (segment header, 64 bytes):
+// { magic: [u8; 8] = "ENTRPSEG" | version: u16 LE | reserved: [u8; 6] | base_offset: u64 LE | created_ms: i64 LE
+//   | header_crc: u32 LE (of bytes 0..32) | reserved: u32
+//   | seal_magic: [u8; 4] = "SEAL" or zeros | seal_crc: u32 LE (of bytes 48..64) | next_offset: u64 LE | end_position: u64 LE }
+
+/// How a scan of the written area ended.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ScanEnd {
+    /// Position after the last valid record.
+    pub end_pos: u64,
+    /// Offset after the last valid record.
+    pub next_offset: u64,
+    /// The first frame that failed, if the scan did not end on zeros.
+    pub fault: Option<FrameFault>,
+}
+
+/// Owner handed to `Bytes::from_owner`: keeps the mapping alive while any slice lives.
+struct MapOwner(Arc<MmapRaw>);
+
+impl AsRef<[u8]> for MapOwner {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: the mapping is valid for `len` bytes for as long as `self.0` lives; this is
+        // called once, by `Bytes::from_owner`, before the segment is shared. Later slices
+        // are only dereferenced below `written` (see the module's safety contract).
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr(), self.0.len()) }
+    }
+}
+
+pub(crate) struct Segment {
+    path: PathBuf,
+    base: u64,
+    capacity: u64,
+    record_bytes_max: u32,
+    map: Arc<MmapRaw>,
+    view: Bytes,
+    _file: File,
+    written: AtomicU64,
+    next_offset: AtomicU64,
+    sealed: AtomicBool,
+    pub(crate) index: RwLock<SegmentIndex>,
+}
+
+/// File name of the segment with base offset `base`.
+pub(crate) fn segment_file_name(base: u64) -> String {
+    format!("{base:020}.seg")
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Segment {
+    /// Creates, preallocates and maps a new empty segment, durable before it returns.
+    pub fn create(dir: &Path, base: u64, capacity: u64, record_bytes_max: u32) -> Result<Segment> {
+        let path = dir.join(segment_file_name(base));
+        Self::create_at(&path, base, capacity, record_bytes_max)
+    }
+
+    /// Like [`Segment::create`] at an explicit path (truncation builds a temporary file).
+    pub fn create_at(path: &Path, base: u64, capacity: u64, record_bytes_max: u32) -> Result<Segment> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| StorageError::io("creating segment", path, e))?;
+        let built = Self::init_file(file, path, base, capacity, record_bytes_max);
+        if built.is_err() {
+            let _ = std::fs::remove_file(path);
+        }
+        built
+    }
+
+    fn init_file(file: File, path: &Path, base: u64, capacity: u64, record_bytes_max: u32) -> Result<Segment> {
+        // SAFETY: plain FFI call on an open descriptor.
+        let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, capacity as libc::off_t) };
+        if rc != 0 {
+            return Err(StorageError::io("preallocating segment", path, std::io::Error::from_raw_os_error(rc)));
+        }
+        let seg = Self::map(file, path, base, capacity, record_bytes_max)?;
+        let mut header = [0u8; SEGMENT_HEADER_LEN];
+        header[0..8].copy_from_slice(&SEGMENT_MAGIC);
+        header[8..10].copy_from_slice(&SEGMENT_VERSION.to_le_bytes());
+        header[16..24].copy_from_slice(&base.to_le_bytes());
+        header[24..32].copy_from_slice(&now_ms().to_le_bytes());
+        let crc = crc32fast::hash(&header[0..32]);
+        header[32..36].copy_from_slice(&crc.to_le_bytes());
+        // SAFETY: the segment is not shared yet; the header lies inside the mapping.
+        unsafe { seg.write_at(0, &header) };
+        seg.map.flush_range(0, SEGMENT_HEADER_LEN).map_err(|e| StorageError::io("syncing segment header", path, e))?;
+        seg._file.sync_all().map_err(|e| StorageError::io("syncing segment", path, e))?;
+        Ok(seg)
+    }
+
+    fn map(file: File, path: &Path, base: u64, capacity: u64, record_bytes_max: u32) -> Result<Segment> {
+        let map = MmapOptions::new()
+            .len(capacity as usize)
+            .map_raw(&file)
+            .map_err(|e| StorageError::io("mapping segment", path, e))?;
+        let map = Arc::new(map);
+        let view = Bytes::from_owner(MapOwner(Arc::clone(&map)));
+        Ok(Segment {
+            path: path.to_path_buf(),
+            base,
+            capacity,
+            record_bytes_max,
+            map,
+            view,
+            _file: file,
+            written: AtomicU64::new(SEGMENT_HEADER_LEN as u64),
+            next_offset: AtomicU64::new(base),
+            sealed: AtomicBool::new(false),
+            index: RwLock::new(SegmentIndex::default()),
+        })
+    }
+
+    /// Maps an existing segment and checks its header. Records are not scanned yet.
+    pub fn open(path: &Path, record_bytes_max: u32) -> Result<(Segment, Option<(u64, u64)>)> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| StorageError::io("opening segment", path, e))?;
+        let len = file.metadata().map_err(|e| StorageError::io("reading segment size", path, e))?.len();
+        if len < SEGMENT_HEADER_LEN as u64 {
+            return Err(StorageError::BadMagic { path: path.to_path_buf(), kind: "segment" });
+        }
+        let probe = Self::map(file, path, 0, len, record_bytes_max)?;
+        let h = &probe.view[..SEGMENT_HEADER_LEN];
+        if h[0..8] != SEGMENT_MAGIC {
+            return Err(StorageError::BadMagic { path: path.to_path_buf(), kind: "segment" });
+        }
+        let version = u16::from_le_bytes([h[8], h[9]]);
+        if version != SEGMENT_VERSION {
+            return Err(StorageError::UnsupportedVersion { path: path.to_path_buf(), found: version, supported: SEGMENT_VERSION });
+        }
+        if crc32fast::hash(&h[0..32]) != le_u32(&h[32..36]) {
+            return Err(StorageError::Corrupt { path: path.to_path_buf(), position: 0, offset: 0, reason: "segment header CRC mismatch" });
+        }
+        let base = le_u64(&h[16..24]);
+        let seal = (h[40..44] == SEAL_MAGIC && crc32fast::hash(&h[48..64]) == le_u32(&h[44..48]))
+            .then(|| (le_u64(&h[48..56]), le_u64(&h[56..64])))
+            .filter(|&(next, end)| next >= base && end >= SEGMENT_HEADER_LEN as u64 && end <= len);
+        let mut seg = probe;
+        seg.base = base;
+        seg.next_offset = AtomicU64::new(base);
+        Ok((seg, seal))
+    }
+
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Acquire)
+    }
+    pub fn next_offset(&self) -> u64 {
+        self.next_offset.load(Ordering::Acquire)
+    }
+    pub fn is_sealed(&self) -> bool {
+        self.sealed.load(Ordering::Acquire)
+    }
+    /// Number of records in the segment.
+    pub fn len(&self) -> u64 {
+        self.next_offset() - self.base
+    }
+
+    /// Copies `data` into the mapping at `pos`.
+    ///
+    /// # Safety
+    /// The caller is the only writer and `pos..pos + data.len()` lies at or above `written`
+    /// (no reader can look there) and inside the mapping.
+    unsafe fn write_at(&self, pos: u64, data: &[u8]) {
+        debug_assert!(pos + data.len() as u64 <= self.capacity);
+        std::ptr::copy_nonoverlapping(data.as_ptr(), self.map.as_mut_ptr().add(pos as usize), data.len());
+    }
+
+    /// Bytes left for records.
+    pub fn remaining(&self) -> u64 {
+        self.capacity - self.written()
+    }
+
+    /// Appends one record frame. The caller holds the log's writer lock and has checked
+    /// that `frame_len` fits in [`Segment::remaining`].
+    pub fn append(&self, timestamp_ms: i64, flags: u16, parts: &[&[u8]], frame_len: usize, index_interval: u32) -> u64 {
+        let pos = self.written();
+        let offset = self.next_offset();
+        // SAFETY: single writer (log writer lock); the region is above `written` and the
+        // caller checked it fits inside the mapping.
+        let dst = unsafe { std::slice::from_raw_parts_mut(self.map.as_mut_ptr().add(pos as usize), frame_len) };
+        record::encode(dst, offset, timestamp_ms, flags, parts);
+        if let Ok(mut index) = self.index.write() {
+            index.observe((offset - self.base) as u32, pos as u32, timestamp_ms, index_interval);
+        }
+        self.next_offset.store(offset + 1, Ordering::Release);
+        self.written.store(pos + frame_len as u64, Ordering::Release);
+        offset
+    }
+
+    /// Walks the frames from the header on, verifying each, rebuilding the index, and
+    /// publishing what verified. Only called before the segment is shared.
+    pub fn scan(&self, index_interval: u32) -> ScanEnd {
+        let mut index = SegmentIndex::default();
+        let mut pos = SEGMENT_HEADER_LEN as u64;
+        let mut offset = self.base;
+        let fault = loop {
+            let data = &self.view[pos as usize..self.capacity as usize];
+            match record::decode(data, offset, self.record_bytes_max) {
+                Ok(h) => {
+                    index.observe((offset - self.base) as u32, pos as u32, h.timestamp_ms, index_interval);
+                    pos += h.frame_len() as u64;
+                    offset += 1;
+                }
+                Err(FrameFault::Empty) => break None,
+                Err(FrameFault::Truncated) if data.len() < RECORD_HEADER_LEN => break None,
+                Err(fault) => break Some(fault),
+            }
+        };
+        self.publish(pos, offset, index);
+        ScanEnd { end_pos: pos, next_offset: offset, fault }
+    }
+
+    /// Trusts a seal and an index loaded from disk instead of scanning.
+    pub fn adopt(&self, end_pos: u64, next_offset: u64, index: SegmentIndex) {
+        self.publish(end_pos, next_offset, index);
+        self.sealed.store(true, Ordering::Release);
+    }
+
+    fn publish(&self, end_pos: u64, next_offset: u64, index: SegmentIndex) {
+        if let Ok(mut slot) = self.index.write() {
+            *slot = index;
+        }
+        self.next_offset.store(next_offset, Ordering::Release);
+        self.written.store(end_pos, Ordering::Release);
+    }
+
+    /// Zeroes everything from `pos` to the end of the file and syncs it, so no stale frame
+    /// past a cut can ever verify again. Only called before the segment is shared.
+    pub fn zero_from(&self, pos: u64) -> Result<()> {
+        let len = (self.capacity - pos) as usize;
+        // SAFETY: not shared yet (recovery) — no reader holds slices of this region.
+        unsafe { std::ptr::write_bytes(self.map.as_mut_ptr().add(pos as usize), 0, len) };
+        self.map.flush_range(pos as usize, len).map_err(|e| StorageError::io("zeroing torn tail", &self.path, e))
+    }
+
+    /// Syncs the byte range `from..to` of the mapping (`msync(MS_SYNC)`, i.e. fdatasync).
+    pub fn sync_range(&self, from: u64, to: u64) -> std::io::Result<()> {
+        if to <= from {
+            return Ok(());
+        }
+        self.map.flush_range(from as usize, (to - from) as usize)
+    }
+
+    /// Marks the segment complete: writes and syncs the seal, then the index files.
+    /// Called after every record in it is synced.
+    pub fn seal(&self) -> std::io::Result<()> {
+        let mut seal = [0u8; 24];
+        seal[0..4].copy_from_slice(&SEAL_MAGIC);
+        seal[8..16].copy_from_slice(&self.next_offset().to_le_bytes());
+        seal[16..24].copy_from_slice(&self.written().to_le_bytes());
+        let crc = crc32fast::hash(&seal[8..24]);
+        seal[4..8].copy_from_slice(&crc.to_le_bytes());
+        // SAFETY: bytes 40..64 of the header are the seal slot, written only here, and
+        // readers never read the header through `Bytes`.
+        unsafe { self.write_at(40, &seal) };
+        self.map.flush_range(0, SEGMENT_HEADER_LEN)?;
+        self.sealed.store(true, Ordering::Release);
+        if let Ok(index) = self.index.read() {
+            index.persist(&self.path, self.base)?;
+        }
+        Ok(())
+    }
+
+    /// Finds the byte position of `offset`, walking forward from the nearest index entry.
+    fn locate(&self, offset: u64) -> Result<(u64, RecordHeader)> {
+        let rel = (offset - self.base) as u32;
+        let (mut at_rel, mut pos) = self
+            .index
+            .read()
+            .ok()
+            .and_then(|idx| idx.floor_offset(rel))
+            .map_or((0, SEGMENT_HEADER_LEN as u64), |(r, p)| (r, u64::from(p)));
+        let written = self.written() as usize;
+        loop {
+            let data = &self.view[pos as usize..written];
+            if at_rel == rel {
+                let h = record::decode(data, offset, self.record_bytes_max).map_err(|f| self.corrupt(pos, offset, f))?;
+                return Ok((pos, h));
+            }
+            if data.len() < RECORD_HEADER_LEN {
+                return Err(self.corrupt(pos, self.base + u64::from(at_rel), FrameFault::Truncated));
+            }
+            let h = record::peek_header(data);
+            if h.offset != self.base + u64::from(at_rel) || h.len > self.record_bytes_max {
+                return Err(self.corrupt(pos, self.base + u64::from(at_rel), FrameFault::BadOffset));
+            }
+            pos += h.frame_len() as u64;
+            at_rel += 1;
+        }
+    }
+
+    fn corrupt(&self, position: u64, offset: u64, fault: FrameFault) -> StorageError {
+        StorageError::Corrupt { path: self.path.clone(), position, offset, reason: fault.reason() }
+    }
+
+    /// Reads the record at `offset`, which must lie in `base..next_offset`.
+    pub fn read(&self, offset: u64) -> Result<(Record, u64)> {
+        let (pos, h) = self.locate(offset)?;
+        Ok((self.record_at(pos, &h), pos + h.frame_len() as u64))
+    }
+
+    /// Reads the record that starts at `pos` and must carry `offset` (sequential readers).
+    pub fn read_at(&self, pos: u64, offset: u64) -> Result<(Record, u64)> {
+        let data = &self.view[pos as usize..self.written() as usize];
+        let h = record::decode(data, offset, self.record_bytes_max).map_err(|f| self.corrupt(pos, offset, f))?;
+        Ok((self.record_at(pos, &h), pos + h.frame_len() as u64))
+    }
+
+    fn record_at(&self, pos: u64, h: &RecordHeader) -> Record {
+        let start = pos as usize + RECORD_HEADER_LEN;
+        Record {
+            offset: h.offset,
+            timestamp_ms: h.timestamp_ms,
+            flags: h.flags,
+            payload: self.view.slice(start..start + h.len as usize),
+        }
+    }
+
+    /// The raw bytes from `pos` to the end of the file (recovery's report of a cut tail).
+    pub fn raw_tail(&self, pos: u64) -> &[u8] {
+        &self.view[pos as usize..self.capacity as usize]
+    }
+
+    /// The raw bytes of the records before `pos` (used to copy a prefix on truncation).
+    pub fn prefix(&self, pos: u64) -> &[u8] {
+        &self.view[SEGMENT_HEADER_LEN..pos as usize]
+    }
+
+    /// Appends already framed bytes (a verified prefix of another segment) to a fresh,
+    /// unshared segment, then rescans to rebuild the index.
+    pub fn fill_from(&self, frames: &[u8], index_interval: u32) -> ScanEnd {
+        // SAFETY: unshared fresh segment; `frames` fits because it came from a segment of
+        // the same capacity.
+        unsafe { self.write_at(SEGMENT_HEADER_LEN as u64, frames) };
+        self.scan(index_interval)
+    }
+
+    /// Removes the files of this segment from the directory (the mapping stays valid).
+    /// Gives a segment built under a temporary name its final path (after the rename).
+    pub fn renamed(mut self, path: PathBuf) -> Segment {
+        self.path = path;
+        self
+    }
+
+    pub fn unlink(&self) -> std::io::Result<()> {
+        let _ = std::fs::remove_file(offset_index_path(&self.path));
+        let _ = std::fs::remove_file(time_index_path(&self.path));
+        std::fs::remove_file(&self.path)
+    }
+
+    /// The first offset in this segment whose timestamp is at or after `ts`, or `None` if
+    /// every record is older.
+    pub fn seek_time(&self, ts: i64) -> Result<Option<u64>> {
+        let start_rel = self.index.read().map_or(0, |idx| idx.floor_time(ts));
+        let mut offset = self.base + u64::from(start_rel);
+        if offset >= self.next_offset() {
+            return Ok(None);
+        }
+        let (mut pos, mut header) = self.locate(offset)?;
+        loop {
+            if header.timestamp_ms >= ts {
+                return Ok(Some(offset));
+            }
+            pos += header.frame_len() as u64;
+            offset += 1;
+            if offset >= self.next_offset() {
+                return Ok(None);
+            }
+            header = record::peek_header(&self.view[pos as usize..self.written() as usize]);
+        }
+    }
+}
+
+pub(crate) fn le_u32(b: &[u8]) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(b);
+    u32::from_le_bytes(a)
+}
+
+pub(crate) fn le_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(b);
+    u64::from_le_bytes(a)
+}

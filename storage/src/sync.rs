@@ -1,0 +1,166 @@
+//! Group commit: one background thread turns many appends into one `msync`.
+//!
+//! Appenders never sync. They bump the log's write position and wake this thread; the
+//! thread snapshots how far the log is written, syncs everything up to there in one call
+//! per segment, seals segments that are complete, and only then publishes the new durable
+//! offset through a `watch` channel. While one sync runs, new appends pile up and share
+//! the next one, so the cost of a flush is spread over every record that arrived during
+//! the previous flush.
+//!
+//! Invariant: the published durable offset only ever covers bytes that a successful sync
+//! returned for. A failed sync poisons the log (see [`crate::StorageError::SyncFailed`]).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::error::{Result, StorageError};
+use crate::log::Inner;
+
+/// Upper bounds (µs) of the sync-latency histogram buckets; the last bucket is open.
+pub const SYNC_LATENCY_BUCKETS_US: [u64; 10] = [100, 250, 500, 1_000, 2_000, 4_000, 8_000, 16_000, 64_000, 256_000];
+
+/// What the durability watch channel carries.
+#[derive(Debug, Clone, Default)]
+pub struct DurableState {
+    /// Every offset below this is durable under the log's sync policy.
+    pub durable: u64,
+    /// Set once a sync failed; no later offset will ever become durable.
+    pub failed: Option<Arc<str>>,
+}
+
+/// Completes once a record is durable. Waiting costs no allocation: the handle holds a
+/// clone of the log's watch receiver.
+#[derive(Debug)]
+pub struct Durable {
+    pub(crate) rx: Option<watch::Receiver<DurableState>>,
+    pub(crate) offset: u64,
+}
+
+impl Durable {
+    /// A handle that is already complete (sync policy `Never`).
+    pub(crate) fn ready(offset: u64) -> Durable {
+        Durable { rx: None, offset }
+    }
+
+    /// The offset this handle waits for.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// True once the record is durable (does not wait).
+    pub fn is_durable(&self) -> bool {
+        self.rx.as_ref().is_none_or(|rx| rx.borrow().durable > self.offset)
+    }
+
+    /// Waits until the record is durable, or fails if the log's sync failed.
+    pub async fn wait(self) -> Result<()> {
+        let Some(mut rx) = self.rx else { return Ok(()) };
+        let offset = self.offset;
+        let state = rx
+            .wait_for(|s| s.durable > offset || s.failed.is_some())
+            .await
+            .map_err(|_| StorageError::Closed)?;
+        match (&state.failed, state.durable > offset) {
+            (_, true) => Ok(()),
+            (Some(reason), false) => Err(StorageError::SyncFailed { path: Default::default(), reason: reason.to_string() }),
+            (None, false) => Err(StorageError::Closed),
+        }
+    }
+}
+
+/// Counters a caller can export as metrics.
+#[derive(Debug, Default)]
+pub struct LogStats {
+    pub records_appended: AtomicU64,
+    pub bytes_appended: AtomicU64,
+    pub syncs: AtomicU64,
+    pub sync_nanos_total: AtomicU64,
+    /// Counts per bucket of [`SYNC_LATENCY_BUCKETS_US`], plus one open bucket.
+    pub sync_latency_buckets: [AtomicU64; SYNC_LATENCY_BUCKETS_US.len() + 1],
+    /// Bytes cut from a torn or corrupt tail during recovery.
+    pub recovered_torn_bytes: AtomicU64,
+    /// Segments deleted by purge, truncation, retention or acknowledgement.
+    pub segments_deleted: AtomicU64,
+}
+
+impl LogStats {
+    pub(crate) fn observe_sync(&self, took: Duration) {
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        self.sync_nanos_total.fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+        let us = took.as_micros() as u64;
+        let bucket = SYNC_LATENCY_BUCKETS_US.iter().position(|&b| us <= b).unwrap_or(SYNC_LATENCY_BUCKETS_US.len());
+        self.sync_latency_buckets[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Wakes the sync thread; shared by the log and the thread.
+#[derive(Debug, Default)]
+pub(crate) struct SyncSignal {
+    pending: Mutex<SignalState>,
+    cond: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct SignalState {
+    dirty: bool,
+    closed: bool,
+}
+
+impl SyncSignal {
+    pub fn notify(&self) {
+        if let Ok(mut s) = self.pending.lock() {
+            if !s.dirty {
+                s.dirty = true;
+                self.cond.notify_one();
+            }
+        }
+    }
+
+    pub fn close(&self) {
+        if let Ok(mut s) = self.pending.lock() {
+            s.closed = true;
+            self.cond.notify_one();
+        }
+    }
+
+    /// Waits for work; `interval` makes the thread wait at least that long between syncs.
+    /// Returns false once closed.
+    fn wait(&self, interval: Option<Duration>) -> bool {
+        let Ok(mut s) = self.pending.lock() else { return false };
+        if let Some(interval) = interval {
+            let deadline = Instant::now() + interval;
+            while !s.closed {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                s = match self.cond.wait_timeout(s, left) {
+                    Ok((g, _)) => g,
+                    Err(_) => return false,
+                };
+            }
+        }
+        while !s.dirty && !s.closed {
+            s = match self.cond.wait(s) {
+                Ok(g) => g,
+                Err(_) => return false,
+            };
+        }
+        s.dirty = false;
+        !s.closed
+    }
+}
+
+/// Body of the group-commit thread. Holds only a weak reference, so dropping the last
+/// `Log` handle ends it.
+pub(crate) fn run(log: Weak<Inner>, signal: Arc<SyncSignal>, interval: Option<Duration>) {
+    while signal.wait(interval) {
+        let Some(inner) = log.upgrade() else { return };
+        if inner.sync_once().is_err() {
+            return;
+        }
+    }
+}
