@@ -1,1 +1,213 @@
-fn main(){}
+//! Throughput of the segment log on the real disk.
+//!
+//! * `append_sync_always/{1,8,64}`: 1 KiB records, `SyncPolicy::Always`, N tokio tasks each
+//!   awaiting its durability handle before the next append — group commit at work.
+//!   Throughput is in bytes of payload; records/s = bytes/s ÷ 1024.
+//! * `append_sync_never`: the same records without syncing (memcpy into the mapping).
+//! * `read/sequential`: a `LogReader` over a pre-filled log (warm page cache).
+//! * `read/random`: `Log::read` at random offsets of the same log.
+//! * `recovery/{trusted_seals,verify_all}`: `Log::open` of a log of
+//!   `ENTREPOT_BENCH_RECOVERY_BYTES` bytes (default 1 GiB), trusting seals and index files,
+//!   or verifying every CRC (`verify_sealed_on_open`). Warm page cache after the first run.
+//!
+//! Data lives under `CARGO_TARGET_TMPDIR` (the target directory's disk), not `/tmp`.
+//! Short run: `cargo bench -p entrepot-storage -- --warm-up-time 1 --measurement-time 2`.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use entrepot_storage::{Log, LogConfig, SyncPolicy};
+
+const RECORD_BYTES: usize = 1024;
+const READ_LOG_BYTES: u64 = 256 << 20;
+const DEFAULT_RECOVERY_BYTES: u64 = 1 << 30;
+
+fn bench_dir() -> tempfile::TempDir {
+    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .expect("temporary directory under the target dir")
+}
+
+fn config(sync: SyncPolicy) -> LogConfig {
+    LogConfig {
+        segment_bytes: 64 << 20,
+        record_bytes_max: 1 << 20,
+        sync,
+        ..LogConfig::default()
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// Appends `iters` records split over `tasks` tasks, each awaiting durability before its
+/// next append; returns the wall time.
+fn append_durable(rt: &tokio::runtime::Runtime, log: &Log, tasks: u64, iters: u64) -> Duration {
+    let remaining = Arc::new(AtomicU64::new(iters));
+    let started = Instant::now();
+    rt.block_on(async {
+        let handles: Vec<_> = (0..tasks)
+            .map(|_| {
+                let log = log.clone();
+                let remaining = Arc::clone(&remaining);
+                tokio::spawn(async move {
+                    let record = [0x5au8; RECORD_BYTES];
+                    while remaining
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                        .is_ok()
+                    {
+                        log.append(&record)
+                            .expect("append")
+                            .durable
+                            .wait()
+                            .await
+                            .expect("durable");
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.await.expect("appender task");
+        }
+    });
+    started.elapsed()
+}
+
+/// Keeps the bench log from growing without bound between samples.
+fn trim(log: &Log) {
+    log.purge_before(log.next_offset()).expect("purge");
+}
+
+fn append_sync_always(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("append_sync_always");
+    group.throughput(Throughput::Bytes(RECORD_BYTES as u64));
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(5));
+    for tasks in [1u64, 8, 64] {
+        let dir = bench_dir();
+        let log = Log::open(dir.path(), config(SyncPolicy::Always)).expect("open");
+        group.bench_function(BenchmarkId::from_parameter(tasks), |b| {
+            b.iter_custom(|iters| {
+                let took = append_durable(&rt, &log, tasks, iters);
+                trim(&log);
+                took
+            })
+        });
+    }
+    group.finish();
+}
+
+fn append_sync_never(c: &mut Criterion) {
+    let dir = bench_dir();
+    let log = Log::open(dir.path(), config(SyncPolicy::Never)).expect("open");
+    let record = [0x5au8; RECORD_BYTES];
+    let mut group = c.benchmark_group("append_sync_never");
+    group.throughput(Throughput::Bytes(RECORD_BYTES as u64));
+    group.measurement_time(Duration::from_secs(5));
+    group.bench_function("1", |b| {
+        b.iter_custom(|iters| {
+            let started = Instant::now();
+            for _ in 0..iters {
+                log.append(&record).expect("append");
+            }
+            let took = started.elapsed();
+            trim(&log);
+            took
+        })
+    });
+    group.finish();
+}
+
+/// Fills a log in `dir` with about `bytes` of 1 KiB records and closes it (synced).
+fn prefill(dir: &Path, bytes: u64, config: LogConfig) -> u64 {
+    let log = Log::open(dir, config).expect("open");
+    let batch: Vec<[u8; RECORD_BYTES]> = (0..256).map(|i| [i as u8; RECORD_BYTES]).collect();
+    while log.next_offset() * (RECORD_BYTES as u64) < bytes {
+        log.append_batch(&batch).expect("append");
+    }
+    log.flush().expect("flush");
+    log.next_offset()
+}
+
+fn reads(c: &mut Criterion) {
+    let dir = bench_dir();
+    let count = prefill(dir.path(), READ_LOG_BYTES, config(SyncPolicy::Never));
+    let log = Log::open(dir.path(), config(SyncPolicy::Never)).expect("open");
+    let mut group = c.benchmark_group("read");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(5));
+    group.throughput(Throughput::Bytes(count * RECORD_BYTES as u64));
+    group.bench_function("sequential", |b| {
+        b.iter(|| {
+            let mut bytes = 0usize;
+            for record in log.reader(0) {
+                bytes += record.expect("read").payload.len();
+            }
+            assert_eq!(bytes as u64, count * RECORD_BYTES as u64);
+        })
+    });
+    group.throughput(Throughput::Bytes(RECORD_BYTES as u64));
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    group.bench_function("random", |b| {
+        b.iter(|| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            log.read(x % count).expect("read").payload.len()
+        })
+    });
+    group.finish();
+}
+
+fn recovery(c: &mut Criterion) {
+    let bytes = std::env::var("ENTREPOT_BENCH_RECOVERY_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_RECOVERY_BYTES);
+    let dir = bench_dir();
+    let write_config = LogConfig {
+        segment_bytes: 128 << 20,
+        ..config(SyncPolicy::Always)
+    };
+    let count = prefill(dir.path(), bytes, write_config.clone());
+    // The last segment is left partly filled and unsealed, so recovery scans a real tail.
+    let mut group = c.benchmark_group("recovery");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(5))
+        .warm_up_time(Duration::from_secs(1));
+    group.throughput(Throughput::Bytes(count * RECORD_BYTES as u64));
+    for (name, verify) in [("trusted_seals", false), ("verify_all", true)] {
+        let open_config = LogConfig {
+            verify_sealed_on_open: verify,
+            sync: SyncPolicy::Never,
+            ..write_config.clone()
+        };
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let log = Log::open(dir.path(), open_config.clone()).expect("recover");
+                assert_eq!(log.next_offset(), count);
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    append_sync_always,
+    append_sync_never,
+    reads,
+    recovery
+);
+criterion_main!(benches);

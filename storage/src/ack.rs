@@ -55,7 +55,8 @@ impl AckLog {
             let record = record?;
             match record.flags {
                 FLAG_SNAPSHOT => {
-                    set = OffsetSet::decode(&record.payload).ok_or_else(|| bad_record(&log, record.offset))?;
+                    set = OffsetSet::decode(&record.payload)
+                        .ok_or_else(|| bad_record(&log, record.offset))?;
                     since_snapshot = 0;
                 }
                 FLAG_ACKS => {
@@ -68,7 +69,13 @@ impl AckLog {
                 _ => return Err(bad_record(&log, record.offset)),
             }
         }
-        Ok(AckLog { log, state: Mutex::new(AckState { set, since_snapshot }) })
+        Ok(AckLog {
+            log,
+            state: Mutex::new(AckState {
+                set,
+                since_snapshot,
+            }),
+        })
     }
 
     /// Records `offsets` as acknowledged; the returned handle completes when that is durable.
@@ -114,7 +121,9 @@ impl AckLog {
 
     /// True if every offset in `from..to` is acknowledged.
     pub fn contains_range(&self, from: u64, to: u64) -> bool {
-        self.state.lock().is_ok_and(|s| s.set.contains_range(from, to))
+        self.state
+            .lock()
+            .is_ok_and(|s| s.set.contains_range(from, to))
     }
 
     /// Every offset below this is acknowledged.
@@ -134,7 +143,12 @@ impl AckLog {
 }
 
 fn bad_record(log: &Log, offset: u64) -> StorageError {
-    StorageError::Corrupt { path: log.dir().to_path_buf(), position: 0, offset, reason: "malformed ack record" }
+    StorageError::Corrupt {
+        path: log.dir().to_path_buf(),
+        position: 0,
+        offset,
+        reason: "malformed ack record",
+    }
 }
 
 fn put_varint(mut v: u64, out: &mut Vec<u8>) {
@@ -181,7 +195,11 @@ fn decode_acks(data: &[u8], mut each: impl FnMut(u64)) -> Option<()> {
     let mut prev = 0u64;
     for i in 0..count {
         let v = get_varint(data, &mut at)?;
-        let o = if i == 0 { v } else { prev.wrapping_add((((v >> 1) as i64) ^ -((v & 1) as i64)) as u64) };
+        let o = if i == 0 {
+            v
+        } else {
+            prev.wrapping_add((((v >> 1) as i64) ^ -((v & 1) as i64)) as u64)
+        };
         each(o);
         prev = o;
     }
@@ -194,7 +212,12 @@ mod tests {
     use crate::config::SyncPolicy;
 
     fn cfg() -> LogConfig {
-        LogConfig { sync: SyncPolicy::Never, segment_bytes: 64 * 1024, record_bytes_max: 32 * 1024, ..LogConfig::default() }
+        LogConfig {
+            sync: SyncPolicy::Never,
+            segment_bytes: 64 * 1024,
+            record_bytes_max: 32 * 1024,
+            ..LogConfig::default()
+        }
     }
 
     #[test]
@@ -227,6 +250,9 @@ mod tests {
         assert!(!acks.contains_range(0, 8));
         let spans = acks.log().segments();
         let bytes: u64 = spans.iter().map(|s| s.bytes).sum();
-        assert!(bytes < 2 * 1024 * 1024, "ack log should be compacted, holds {bytes} bytes");
+        assert!(
+            bytes < 2 * 1024 * 1024,
+            "ack log should be compacted, holds {bytes} bytes"
+        );
     }
 }

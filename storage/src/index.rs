@@ -73,18 +73,35 @@ impl SegmentIndex {
             body.extend_from_slice(&rel.to_le_bytes());
             body.extend_from_slice(&pos.to_le_bytes());
         }
-        write_table(&offset_index_path(segment_path), OFFSET_INDEX_MAGIC, base, self.offsets.len(), &body)?;
+        write_table(
+            &offset_index_path(segment_path),
+            OFFSET_INDEX_MAGIC,
+            base,
+            self.offsets.len(),
+            &body,
+        )?;
         body.clear();
         for &(ts, rel) in &self.times {
             body.extend_from_slice(&ts.to_le_bytes());
             body.extend_from_slice(&rel.to_le_bytes());
         }
-        write_table(&time_index_path(segment_path), TIME_INDEX_MAGIC, base, self.times.len(), &body)
+        write_table(
+            &time_index_path(segment_path),
+            TIME_INDEX_MAGIC,
+            base,
+            self.times.len(),
+            &body,
+        )
     }
 
     /// Loads both tables; `None` if either is missing, damaged or not for this segment.
     pub fn load(segment_path: &Path, base: u64, end_pos: u32) -> Option<SegmentIndex> {
-        let offsets = read_table(&offset_index_path(segment_path), OFFSET_INDEX_MAGIC, base, 8)?;
+        let offsets = read_table(
+            &offset_index_path(segment_path),
+            OFFSET_INDEX_MAGIC,
+            base,
+            8,
+        )?;
         let times = read_table(&time_index_path(segment_path), TIME_INDEX_MAGIC, base, 12)?;
         let offsets: Vec<(u32, u32)> = offsets
             .chunks_exact(8)
@@ -94,14 +111,20 @@ impl SegmentIndex {
             .chunks_exact(12)
             .map(|c| (le_u64(&c[0..8]) as i64, le_u32(&c[8..12])))
             .collect();
-        let increasing = offsets.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 < w[1].1)
+        let increasing = offsets
+            .windows(2)
+            .all(|w| w[0].0 < w[1].0 && w[0].1 < w[1].1)
             && times.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 < w[1].1)
             && offsets.iter().all(|&(_, pos)| pos < end_pos);
         if !increasing {
             return None;
         }
         let last_indexed_pos = offsets.last().map(|&(_, p)| p);
-        Some(SegmentIndex { offsets, times, last_indexed_pos })
+        Some(SegmentIndex {
+            offsets,
+            times,
+            last_indexed_pos,
+        })
     }
 }
 
@@ -127,7 +150,13 @@ fn le_u64(b: &[u8]) -> u64 {
     u64::from_le_bytes(a)
 }
 
-fn write_table(path: &Path, magic: [u8; 8], base: u64, count: usize, body: &[u8]) -> std::io::Result<()> {
+fn write_table(
+    path: &Path,
+    magic: [u8; 8],
+    base: u64,
+    count: usize,
+    body: &[u8],
+) -> std::io::Result<()> {
     let mut header = [0u8; INDEX_HEADER_LEN];
     header[0..8].copy_from_slice(&magic);
     header[8..10].copy_from_slice(&INDEX_VERSION.to_le_bytes());
@@ -135,11 +164,13 @@ fn write_table(path: &Path, magic: [u8; 8], base: u64, count: usize, body: &[u8]
     header[16..24].copy_from_slice(&base.to_le_bytes());
     header[24..28].copy_from_slice(&crc32fast::hash(body).to_le_bytes());
     let tmp = path.with_extension("tmp");
-    let mut file = fs::File::create(&tmp)?;
-    file.write_all(&header)?;
-    file.write_all(body)?;
-    drop(file);
-    fs::rename(&tmp, path)
+    let written = fs::File::create(&tmp)
+        .and_then(|mut file| file.write_all(&header).and_then(|()| file.write_all(body)))
+        .and_then(|()| fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written
 }
 
 fn read_table(path: &Path, magic: [u8; 8], base: u64, entry_len: usize) -> Option<Vec<u8>> {

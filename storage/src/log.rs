@@ -97,20 +97,37 @@ impl Log {
     pub fn open(dir: impl AsRef<Path>, config: LogConfig) -> Result<Log> {
         config.validate()?;
         let dir = dir.as_ref().to_path_buf();
-        fs::create_dir_all(&dir).map_err(|e| StorageError::io("creating log directory", &dir, e))?;
+        fs::create_dir_all(&dir)
+            .map_err(|e| StorageError::io("creating log directory", &dir, e))?;
         let recovered = recovery::recover(&dir, &config)?;
         let stats = LogStats::default();
-        stats.recovered_torn_bytes.store(recovered.torn_bytes, Ordering::Relaxed);
+        stats
+            .recovered_torn_bytes
+            .store(recovered.torn_bytes, Ordering::Relaxed);
         let active = match recovered.segments.last_key_value() {
             Some((_, seg)) => Arc::clone(seg),
-            None => Arc::new(Segment::create(&dir, 0, config.segment_bytes, config.record_bytes_max)?),
+            None => Arc::new(Segment::create(
+                &dir,
+                0,
+                config.segment_bytes,
+                config.record_bytes_max,
+            )?),
         };
         let mut segments = recovered.segments;
-        segments.entry(active.base()).or_insert_with(|| Arc::clone(&active));
+        segments
+            .entry(active.base())
+            .or_insert_with(|| Arc::clone(&active));
         sync_dir(&dir)?;
         let next_offset = active.next_offset();
-        let last_timestamp_ms = segments.values().map(|s| last_timestamp(s)).max().unwrap_or(0);
-        let (durable_tx, _) = watch::channel(DurableState { durable: next_offset, failed: None });
+        let last_timestamp_ms = segments
+            .values()
+            .map(|s| last_timestamp(s))
+            .max()
+            .unwrap_or(0);
+        let (durable_tx, _) = watch::channel(DurableState {
+            durable: next_offset,
+            failed: None,
+        });
         let signal = Arc::new(SyncSignal::default());
         let inner = Arc::new(Inner {
             dir,
@@ -165,25 +182,43 @@ impl Log {
     /// (low 8 bits). Lets a caller prepend its own header without building a buffer.
     pub fn append_parts(&self, flags: u16, parts: &[&[u8]]) -> Result<Appended> {
         let mut w = self.inner.lock_writer()?;
-        let offset = self.inner.append_locked(&mut w, flags, parts)?;
+        let (offset, _) = self.inner.append_locked(&mut w, flags, parts)?;
         drop(w);
         Ok(self.inner.appended(offset, offset))
+    }
+
+    /// Like [`Log::append_parts`], and also returns the stored payload as a zero-copy
+    /// slice of the mapping, so the caller can drop its own buffer and keep this view.
+    pub fn append_view(&self, flags: u16, parts: &[&[u8]]) -> Result<(Appended, Record)> {
+        let mut w = self.inner.lock_writer()?;
+        let (offset, pos) = self.inner.append_locked(&mut w, flags, parts)?;
+        let seg = Arc::clone(&w.active);
+        drop(w);
+        let record = seg.read_at(pos, offset).map(|(r, _)| r)?;
+        Ok((self.inner.appended(offset, offset), record))
     }
 
     /// Appends many records under one lock acquisition; they become durable together.
     pub fn append_batch<P: AsRef<[u8]>>(&self, payloads: &[P]) -> Result<Appended> {
         if payloads.len() > MAX_BATCH_RECORDS {
-            return Err(StorageError::BatchTooLarge { count: payloads.len(), max: MAX_BATCH_RECORDS });
+            return Err(StorageError::BatchTooLarge {
+                count: payloads.len(),
+                max: MAX_BATCH_RECORDS,
+            });
         }
         let mut w = self.inner.lock_writer()?;
         let first = w.next_offset;
         let mut last = first;
         for p in payloads {
-            last = self.inner.append_locked(&mut w, 0, &[p.as_ref()])?;
+            last = self.inner.append_locked(&mut w, 0, &[p.as_ref()])?.0;
         }
         drop(w);
         if payloads.is_empty() {
-            return Ok(Appended { first, last: first, durable: Durable::ready(first) });
+            return Ok(Appended {
+                first,
+                last: first,
+                durable: Durable::ready(first),
+            });
         }
         Ok(self.inner.appended(first, last))
     }
@@ -196,12 +231,21 @@ impl Log {
 
     /// A sequential reader starting at `offset`.
     pub fn reader(&self, offset: u64) -> LogReader {
-        LogReader { log: self.clone(), offset, at: None }
+        LogReader {
+            log: self.clone(),
+            offset,
+            at: None,
+        }
     }
 
     /// Offset of the first retained record.
     pub fn first_offset(&self) -> u64 {
-        self.inner.segments.read().ok().and_then(|s| s.values().next().map(|s| s.base())).unwrap_or(0)
+        self.inner
+            .segments
+            .read()
+            .ok()
+            .and_then(|s| s.values().next().map(|s| s.base()))
+            .unwrap_or(0)
     }
 
     /// Offset the next append will get.
@@ -268,14 +312,23 @@ impl Log {
         if w.active.base() == base {
             return Ok(false);
         }
-        let removed = self.inner.segments.write().ok().and_then(|mut s| match s.get(&base) {
-            Some(seg) if seg.is_sealed() => s.remove(&base),
-            _ => None,
-        });
+        let removed = self
+            .inner
+            .segments
+            .write()
+            .ok()
+            .and_then(|mut s| match s.get(&base) {
+                Some(seg) if seg.is_sealed() => s.remove(&base),
+                _ => None,
+            });
         drop(w);
         let Some(seg) = removed else { return Ok(false) };
-        seg.unlink().map_err(|e| StorageError::io("deleting segment", seg.path(), e))?;
-        self.inner.stats.segments_deleted.fetch_add(1, Ordering::Relaxed);
+        seg.unlink()
+            .map_err(|e| StorageError::io("deleting segment", seg.path(), e))?;
+        self.inner
+            .stats
+            .segments_deleted
+            .fetch_add(1, Ordering::Relaxed);
         Ok(true)
     }
 
@@ -320,12 +373,19 @@ impl Inner {
     }
 
     fn snapshot(&self) -> Vec<Arc<Segment>> {
-        self.segments.read().map(|s| s.values().cloned().collect()).unwrap_or_default()
+        self.segments
+            .read()
+            .map(|s| s.values().cloned().collect())
+            .unwrap_or_default()
     }
 
     fn segment_for(&self, offset: u64) -> Result<Arc<Segment>> {
         let segments = self.segments.read().map_err(|_| StorageError::Closed)?;
-        let found = segments.range(..=offset).next_back().map(|(_, s)| s).filter(|s| offset < s.next_offset());
+        let found = segments
+            .range(..=offset)
+            .next_back()
+            .map(|(_, s)| s)
+            .filter(|s| offset < s.next_offset());
         match found {
             Some(seg) => Ok(Arc::clone(seg)),
             None => Err(StorageError::OffsetOutOfRange {
@@ -341,22 +401,36 @@ impl Inner {
             SyncPolicy::Never => Durable::ready(last),
             _ => {
                 self.signal.notify();
-                Durable { rx: Some(self.durable_tx.subscribe()), offset: last }
+                Durable {
+                    rx: Some(self.durable_tx.subscribe()),
+                    offset: last,
+                }
             }
         };
-        Appended { first, last, durable }
+        Appended {
+            first,
+            last,
+            durable,
+        }
     }
 
-    fn append_locked(&self, w: &mut Writer, flags: u16, parts: &[&[u8]]) -> Result<u64> {
+    /// Appends under the writer lock; returns the offset and byte position in the active segment.
+    fn append_locked(&self, w: &mut Writer, flags: u16, parts: &[&[u8]]) -> Result<(u64, u64)> {
         if self.read_only {
             return Err(StorageError::ReadOnly);
         }
         if let Some(reason) = &w.poisoned {
-            return Err(StorageError::SyncFailed { path: self.dir.clone(), reason: reason.to_string() });
+            return Err(StorageError::SyncFailed {
+                path: self.dir.clone(),
+                reason: reason.to_string(),
+            });
         }
         let len: usize = parts.iter().map(|p| p.len()).sum();
         if len as u64 > u64::from(self.config.record_bytes_max) {
-            return Err(StorageError::RecordTooLarge { size: len as u64, max: u64::from(self.config.record_bytes_max) });
+            return Err(StorageError::RecordTooLarge {
+                size: len as u64,
+                max: u64::from(self.config.record_bytes_max),
+            });
         }
         let frame_len = RECORD_HEADER_LEN + len;
         if w.active.is_sealed() || (frame_len as u64) > w.active.remaining() {
@@ -364,17 +438,30 @@ impl Inner {
         }
         let ts = now_ms().max(w.last_timestamp_ms);
         w.last_timestamp_ms = ts;
-        let offset = w.active.append(ts, flags & crate::record::FLAGS_USER_MASK, parts, frame_len, self.config.index_interval_bytes);
+        let (offset, pos) = w.active.append(
+            ts,
+            flags & crate::record::FLAGS_USER_MASK,
+            parts,
+            frame_len,
+            self.config.index_interval_bytes,
+        );
         w.next_offset = offset + 1;
         self.stats.records_appended.fetch_add(1, Ordering::Relaxed);
-        self.stats.bytes_appended.fetch_add(len as u64, Ordering::Relaxed);
-        Ok(offset)
+        self.stats
+            .bytes_appended
+            .fetch_add(len as u64, Ordering::Relaxed);
+        Ok((offset, pos))
     }
 
     /// Starts a new active segment. The old one is sealed by the sync thread once synced
     /// (or at once under policy `Never`).
     fn roll(&self, w: &mut Writer) -> Result<()> {
-        let seg = Arc::new(Segment::create(&self.dir, w.next_offset, self.config.segment_bytes, self.config.record_bytes_max)?);
+        let seg = Arc::new(Segment::create(
+            &self.dir,
+            w.next_offset,
+            self.config.segment_bytes,
+            self.config.record_bytes_max,
+        )?);
         sync_dir(&self.dir)?;
         if let Ok(mut segments) = self.segments.write() {
             segments.insert(seg.base(), Arc::clone(&seg));
@@ -382,7 +469,8 @@ impl Inner {
         let old = std::mem::replace(&mut w.active, seg);
         w.synced_pos = SEGMENT_HEADER_LEN as u64;
         if self.config.sync == SyncPolicy::Never {
-            old.seal().map_err(|e| StorageError::io("sealing segment", old.path(), e))?;
+            old.seal()
+                .map_err(|e| StorageError::io("sealing segment", old.path(), e))?;
         } else if !old.is_sealed() {
             w.unsynced.push(old);
         }
@@ -395,9 +483,18 @@ impl Inner {
         let (rolled, active, from, to, next) = {
             let w = self.lock_writer()?;
             if let Some(reason) = &w.poisoned {
-                return Err(StorageError::SyncFailed { path: self.dir.clone(), reason: reason.to_string() });
+                return Err(StorageError::SyncFailed {
+                    path: self.dir.clone(),
+                    reason: reason.to_string(),
+                });
             }
-            (w.unsynced.clone(), Arc::clone(&w.active), w.synced_pos, w.active.written(), w.next_offset)
+            (
+                w.unsynced.clone(),
+                Arc::clone(&w.active),
+                w.synced_pos,
+                w.active.written(),
+                w.next_offset,
+            )
         };
         let started = Instant::now();
         let result = self.sync_segments(&rolled, &active, from, to);
@@ -410,7 +507,8 @@ impl Inner {
             tracing::error!(error = %e, dir = %self.dir.display(), "sync failed, log is now read-only");
             return Err(e);
         }
-        w.unsynced.retain(|s| !rolled.iter().any(|r| Arc::ptr_eq(r, s)));
+        w.unsynced
+            .retain(|s| !rolled.iter().any(|r| Arc::ptr_eq(r, s)));
         if Arc::ptr_eq(&w.active, &active) {
             w.synced_pos = w.synced_pos.max(to);
         }
@@ -423,21 +521,39 @@ impl Inner {
         Ok(())
     }
 
-    fn sync_segments(&self, rolled: &[Arc<Segment>], active: &Segment, from: u64, to: u64) -> Result<()> {
+    fn sync_segments(
+        &self,
+        rolled: &[Arc<Segment>],
+        active: &Segment,
+        from: u64,
+        to: u64,
+    ) -> Result<()> {
         for seg in rolled {
             seg.sync_range(0, seg.written())
                 .and_then(|()| seg.seal())
-                .map_err(|e| StorageError::SyncFailed { path: seg.path().to_path_buf(), reason: e.to_string() })?;
+                .map_err(|e| StorageError::SyncFailed {
+                    path: seg.path().to_path_buf(),
+                    reason: e.to_string(),
+                })?;
         }
         active
             .sync_range(from, to)
-            .map_err(|e| StorageError::SyncFailed { path: active.path().to_path_buf(), reason: e.to_string() })
+            .map_err(|e| StorageError::SyncFailed {
+                path: active.path().to_path_buf(),
+                reason: e.to_string(),
+            })
     }
 
     fn truncate_locked(&self, w: &mut Writer, offset: u64) -> Result<()> {
-        let doomed: Vec<Arc<Segment>> = self.snapshot().into_iter().filter(|s| s.base() >= offset).rev().collect();
+        let doomed: Vec<Arc<Segment>> = self
+            .snapshot()
+            .into_iter()
+            .filter(|s| s.base() >= offset)
+            .rev()
+            .collect();
         for seg in &doomed {
-            seg.unlink().map_err(|e| StorageError::io("deleting segment", seg.path(), e))?;
+            seg.unlink()
+                .map_err(|e| StorageError::io("deleting segment", seg.path(), e))?;
             if let Ok(mut s) = self.segments.write() {
                 s.remove(&seg.base());
             }
@@ -447,7 +563,12 @@ impl Inner {
         let active = match keep {
             Some(seg) if seg.next_offset() > offset => Arc::new(self.rewrite_prefix(&seg, offset)?),
             Some(seg) => seg,
-            None => Arc::new(Segment::create(&self.dir, offset, self.config.segment_bytes, self.config.record_bytes_max)?),
+            None => Arc::new(Segment::create(
+                &self.dir,
+                offset,
+                self.config.segment_bytes,
+                self.config.record_bytes_max,
+            )?),
         };
         sync_dir(&self.dir)?;
         if let Ok(mut s) = self.segments.write() {
@@ -457,7 +578,8 @@ impl Inner {
         w.synced_pos = active.written();
         w.next_offset = offset;
         w.active = active;
-        self.durable_tx.send_modify(|s| s.durable = s.durable.min(offset));
+        self.durable_tx
+            .send_modify(|s| s.durable = s.durable.min(offset));
         Ok(())
     }
 
@@ -467,10 +589,18 @@ impl Inner {
         let pos = seg_position(seg, offset)?;
         let tmp = seg.path().with_extension("seg.tmp");
         let _ = fs::remove_file(&tmp);
-        let fresh = Segment::create_at(&tmp, seg.base(), seg.capacity(), self.config.record_bytes_max)?;
+        let fresh = Segment::create_at(
+            &tmp,
+            seg.base(),
+            seg.capacity(),
+            self.config.record_bytes_max,
+        )?;
         fresh.fill_from(seg.prefix(pos), self.config.index_interval_bytes);
-        fresh.sync_range(0, fresh.written()).map_err(|e| StorageError::io("syncing truncated segment", &tmp, e))?;
-        fs::rename(&tmp, seg.path()).map_err(|e| StorageError::io("replacing truncated segment", seg.path(), e))?;
+        fresh
+            .sync_range(0, fresh.written())
+            .map_err(|e| StorageError::io("syncing truncated segment", &tmp, e))?;
+        fs::rename(&tmp, seg.path())
+            .map_err(|e| StorageError::io("replacing truncated segment", seg.path(), e))?;
         let _ = fs::remove_file(crate::index::offset_index_path(seg.path()));
         let _ = fs::remove_file(crate::index::time_index_path(seg.path()));
         Ok(fresh.renamed(seg.path().to_path_buf()))
@@ -480,7 +610,12 @@ impl Inner {
 fn seg_position(seg: &Segment, offset: u64) -> Result<u64> {
     let mut reader_pos = SEGMENT_HEADER_LEN as u64;
     let mut at = seg.base();
-    if let Some((rel, pos)) = seg.index.read().ok().and_then(|i| i.floor_offset((offset - seg.base()) as u32)) {
+    if let Some((rel, pos)) = seg
+        .index
+        .read()
+        .ok()
+        .and_then(|i| i.floor_offset((offset - seg.base()) as u32))
+    {
         at = seg.base() + u64::from(rel);
         reader_pos = u64::from(pos);
     }
@@ -495,7 +630,9 @@ fn seg_position(seg: &Segment, offset: u64) -> Result<u64> {
 fn last_timestamp(seg: &Segment) -> i64 {
     match seg.len() {
         0 => 0,
-        n => seg.read(seg.base() + n - 1).map_or(0, |(r, _)| r.timestamp_ms),
+        n => seg
+            .read(seg.base() + n - 1)
+            .map_or(0, |(r, _)| r.timestamp_ms),
     }
 }
 
@@ -538,7 +675,12 @@ impl LogReader {
                     return Ok(None);
                 }
             }
-            let segments = self.log.inner.segments.read().map_err(|_| StorageError::Closed)?;
+            let segments = self
+                .log
+                .inner
+                .segments
+                .read()
+                .map_err(|_| StorageError::Closed)?;
             let seg = segments
                 .range(..=self.offset)
                 .next_back()

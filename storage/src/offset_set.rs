@@ -42,7 +42,10 @@ impl OffsetSet {
         if self.contains(offset) {
             return false;
         }
-        let chunk = self.chunks.entry(offset / CHUNK_BITS).or_insert_with(|| Box::new([0; WORDS]));
+        let chunk = self
+            .chunks
+            .entry(offset / CHUNK_BITS)
+            .or_insert_with(|| Box::new([0; WORDS]));
         chunk[word(offset)] |= bit(offset);
         if offset == self.floor {
             self.advance_floor();
@@ -61,7 +64,9 @@ impl OffsetSet {
     fn advance_floor(&mut self) {
         loop {
             let idx = self.floor / CHUNK_BITS;
-            let Some(chunk) = self.chunks.get(&idx) else { break };
+            let Some(chunk) = self.chunks.get(&idx) else {
+                break;
+            };
             let w = word(self.floor);
             let ones = (chunk[w] >> (self.floor % 64)).trailing_ones() as u64;
             self.floor += ones;
@@ -81,7 +86,10 @@ impl OffsetSet {
         let below = self.floor.clamp(from, to) - from;
         let start = from.max(self.floor);
         let mut n = below;
-        for (&idx, chunk) in self.chunks.range(start / CHUNK_BITS..=(to - 1) / CHUNK_BITS) {
+        for (&idx, chunk) in self
+            .chunks
+            .range(start / CHUNK_BITS..=(to - 1) / CHUNK_BITS)
+        {
             let lo = start.max(idx * CHUNK_BITS);
             let hi = to.min((idx + 1) * CHUNK_BITS);
             n += (lo..hi).filter(|&o| chunk[word(o)] & bit(o) != 0).count() as u64;

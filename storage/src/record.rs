@@ -199,7 +199,10 @@ mod tests {
         assert_eq!(decode(&[0u8; 64], 0, 1024), Err(FrameFault::Empty));
         let buf = frame(5, b"abc");
         assert_eq!(decode(&buf[..10], 5, 1024), Err(FrameFault::Truncated));
-        assert_eq!(decode(&buf[..buf.len() - 1], 5, 1024), Err(FrameFault::Truncated));
+        assert_eq!(
+            decode(&buf[..buf.len() - 1], 5, 1024),
+            Err(FrameFault::Truncated)
+        );
         assert_eq!(decode(&buf, 6, 1024), Err(FrameFault::BadOffset));
         assert_eq!(decode(&buf, 5, 2), Err(FrameFault::TooLarge));
     }

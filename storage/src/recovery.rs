@@ -30,15 +30,23 @@ pub(crate) struct Recovered {
 /// Segment files in `dir`, sorted by base offset. Leftover temporary files are removed.
 fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     let mut found = Vec::new();
-    let entries = fs::read_dir(dir).map_err(|e| StorageError::io("listing log directory", dir, e))?;
+    let entries =
+        fs::read_dir(dir).map_err(|e| StorageError::io("listing log directory", dir, e))?;
     for entry in entries {
-        let path = entry.map_err(|e| StorageError::io("listing log directory", dir, e))?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let path = entry
+            .map_err(|e| StorageError::io("listing log directory", dir, e))?
+            .path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
         if name.ends_with(".tmp") {
             let _ = fs::remove_file(&path);
             continue;
         }
-        let Some(stem) = name.strip_suffix(".seg") else { continue };
+        let Some(stem) = name.strip_suffix(".seg") else {
+            continue;
+        };
         if let Ok(base) = stem.parse::<u64>() {
             found.push((base, path));
         }
@@ -49,16 +57,30 @@ fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
 
 pub(crate) fn recover(dir: &Path, config: &LogConfig) -> Result<Recovered> {
     let files = list_segments(dir)?;
-    let mut out = Recovered { segments: BTreeMap::new(), torn_bytes: 0, read_only: false };
+    let mut out = Recovered {
+        segments: BTreeMap::new(),
+        torn_bytes: 0,
+        read_only: false,
+    };
     let mut iter = files.into_iter().peekable();
     while let Some((base, path)) = iter.next() {
         let (seg, seal) = Segment::open(&path, config.record_bytes_max)?;
         if seg.base() != base {
-            return Err(StorageError::Corrupt { path, position: 16, offset: base, reason: "header base offset differs from file name" });
+            return Err(StorageError::Corrupt {
+                path,
+                position: 16,
+                offset: base,
+                reason: "header base offset differs from file name",
+            });
         }
         let prev_next = out.segments.values().next_back().map(|s| s.next_offset());
         if prev_next.is_some_and(|n| base < n) {
-            return Err(StorageError::Corrupt { path, position: 16, offset: base, reason: "segment overlaps its predecessor" });
+            return Err(StorageError::Corrupt {
+                path,
+                position: 16,
+                offset: base,
+                reason: "segment overlaps its predecessor",
+            });
         }
         let next_base = iter.peek().map(|(b, _)| *b);
         let stop = match seal {
@@ -78,7 +100,13 @@ pub(crate) fn recover(dir: &Path, config: &LogConfig) -> Result<Recovered> {
 }
 
 /// Returns true when recovery must stop after this segment (read-only after corruption).
-fn open_sealed(seg: &Segment, next: u64, end: u64, config: &LogConfig, out: &mut Recovered) -> Result<bool> {
+fn open_sealed(
+    seg: &Segment,
+    next: u64,
+    end: u64,
+    config: &LogConfig,
+    out: &mut Recovered,
+) -> Result<bool> {
     let index = (!config.verify_sealed_on_open)
         .then(|| SegmentIndex::load(seg.path(), seg.base(), end as u32))
         .flatten();
@@ -88,13 +116,19 @@ fn open_sealed(seg: &Segment, next: u64, end: u64, config: &LogConfig, out: &mut
     }
     let scanned = seg.scan(config.index_interval_bytes);
     if scanned.fault.is_none() && scanned.end_pos == end && scanned.next_offset == next {
-        seg.adopt(end, next, seg.index.read().map(|i| i.clone()).unwrap_or_default());
+        seg.adopt(
+            end,
+            next,
+            seg.index.read().map(|i| i.clone()).unwrap_or_default(),
+        );
         if let Err(e) = seg.index.read().map(|i| i.persist(seg.path(), seg.base())) {
             tracing::warn!(?e, "could not rewrite index files");
         }
         return Ok(false);
     }
-    let reason = scanned.fault.map_or("sealed segment ends early", |f| f.reason());
+    let reason = scanned
+        .fault
+        .map_or("sealed segment ends early", |f| f.reason());
     match config.corruption {
         CorruptionPolicy::Fail => Err(StorageError::Corrupt {
             path: seg.path().to_path_buf(),
@@ -111,19 +145,32 @@ fn open_sealed(seg: &Segment, next: u64, end: u64, config: &LogConfig, out: &mut
 }
 
 /// Scans an unsealed segment; cuts a torn tail. Returns true when later segments must go.
-fn open_unsealed(seg: &Segment, next_base: Option<u64>, config: &LogConfig, out: &mut Recovered) -> Result<bool> {
+fn open_unsealed(
+    seg: &Segment,
+    next_base: Option<u64>,
+    config: &LogConfig,
+    out: &mut Recovered,
+) -> Result<bool> {
     let scanned = seg.scan(config.index_interval_bytes);
     let contiguous = next_base.is_none_or(|b| b == scanned.next_offset);
-    if scanned.fault.is_none() && contiguous {
+    // Zeros where a frame should be can be a page that never reached the disk, with later
+    // (never durable) frames behind it: those must be erased too, or an append of the same
+    // size would line them up at the right position and offset and they would verify again.
+    let torn = tail_extent(seg, scanned.end_pos);
+    if scanned.fault.is_none() && contiguous && torn == 0 {
         return Ok(false);
     }
-    let torn = tail_extent(seg, scanned.end_pos);
     out.torn_bytes += torn;
+    let reason = match scanned.fault {
+        Some(fault) => fault.reason(),
+        None if !contiguous => "gap before next segment",
+        None => "non-zero bytes after a zeroed frame",
+    };
     tracing::warn!(
         path = %seg.path().display(),
         position = scanned.end_pos,
         next_offset = scanned.next_offset,
-        reason = scanned.fault.map_or("gap before next segment", |f| f.reason()),
+        reason,
         torn_bytes = torn,
         "cutting torn tail of the log"
     );
@@ -136,7 +183,9 @@ fn open_unsealed(seg: &Segment, next_base: Option<u64>, config: &LogConfig, out:
 /// How many non-zero bytes follow `pos` (for the report of what was cut).
 fn tail_extent(seg: &Segment, pos: u64) -> u64 {
     let view = seg.raw_tail(pos);
-    view.iter().rposition(|&b| b != 0).map_or(0, |i| i as u64 + 1)
+    view.iter()
+        .rposition(|&b| b != 0)
+        .map_or(0, |i| i as u64 + 1)
 }
 
 fn remove_segment_files(path: &Path) {

@@ -94,13 +94,29 @@ fn now_ms() -> i64 {
 
 impl Segment {
     /// Creates, preallocates and maps a new empty segment, durable before it returns.
+    ///
+    /// The file is built under a `.tmp` name and renamed once its header is synced, so a
+    /// crash in the middle leaves a temporary file (removed at the next open), never a
+    /// `.seg` file without a valid header. The caller syncs the directory.
     pub fn create(dir: &Path, base: u64, capacity: u64, record_bytes_max: u32) -> Result<Segment> {
         let path = dir.join(segment_file_name(base));
-        Self::create_at(&path, base, capacity, record_bytes_max)
+        let tmp = path.with_extension("seg.tmp");
+        let _ = std::fs::remove_file(&tmp);
+        let seg = Self::create_at(&tmp, base, capacity, record_bytes_max)?;
+        if let Err(e) = std::fs::rename(&tmp, &path) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(StorageError::io("naming new segment", &path, e));
+        }
+        Ok(seg.renamed(path))
     }
 
     /// Like [`Segment::create`] at an explicit path (truncation builds a temporary file).
-    pub fn create_at(path: &Path, base: u64, capacity: u64, record_bytes_max: u32) -> Result<Segment> {
+    pub fn create_at(
+        path: &Path,
+        base: u64,
+        capacity: u64,
+        record_bytes_max: u32,
+    ) -> Result<Segment> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -114,11 +130,21 @@ impl Segment {
         built
     }
 
-    fn init_file(file: File, path: &Path, base: u64, capacity: u64, record_bytes_max: u32) -> Result<Segment> {
+    fn init_file(
+        file: File,
+        path: &Path,
+        base: u64,
+        capacity: u64,
+        record_bytes_max: u32,
+    ) -> Result<Segment> {
         // SAFETY: plain FFI call on an open descriptor.
         let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, capacity as libc::off_t) };
         if rc != 0 {
-            return Err(StorageError::io("preallocating segment", path, std::io::Error::from_raw_os_error(rc)));
+            return Err(StorageError::io(
+                "preallocating segment",
+                path,
+                std::io::Error::from_raw_os_error(rc),
+            ));
         }
         let seg = Self::map(file, path, base, capacity, record_bytes_max)?;
         let mut header = [0u8; SEGMENT_HEADER_LEN];
@@ -130,12 +156,22 @@ impl Segment {
         header[32..36].copy_from_slice(&crc.to_le_bytes());
         // SAFETY: the segment is not shared yet; the header lies inside the mapping.
         unsafe { seg.write_at(0, &header) };
-        seg.map.flush_range(0, SEGMENT_HEADER_LEN).map_err(|e| StorageError::io("syncing segment header", path, e))?;
-        seg._file.sync_all().map_err(|e| StorageError::io("syncing segment", path, e))?;
+        seg.map
+            .flush_range(0, SEGMENT_HEADER_LEN)
+            .map_err(|e| StorageError::io("syncing segment header", path, e))?;
+        seg._file
+            .sync_all()
+            .map_err(|e| StorageError::io("syncing segment", path, e))?;
         Ok(seg)
     }
 
-    fn map(file: File, path: &Path, base: u64, capacity: u64, record_bytes_max: u32) -> Result<Segment> {
+    fn map(
+        file: File,
+        path: &Path,
+        base: u64,
+        capacity: u64,
+        record_bytes_max: u32,
+    ) -> Result<Segment> {
         let map = MmapOptions::new()
             .len(capacity as usize)
             .map_raw(&file)
@@ -164,21 +200,39 @@ impl Segment {
             .write(true)
             .open(path)
             .map_err(|e| StorageError::io("opening segment", path, e))?;
-        let len = file.metadata().map_err(|e| StorageError::io("reading segment size", path, e))?.len();
+        let len = file
+            .metadata()
+            .map_err(|e| StorageError::io("reading segment size", path, e))?
+            .len();
         if len < SEGMENT_HEADER_LEN as u64 {
-            return Err(StorageError::BadMagic { path: path.to_path_buf(), kind: "segment" });
+            return Err(StorageError::BadMagic {
+                path: path.to_path_buf(),
+                kind: "segment",
+            });
         }
         let probe = Self::map(file, path, 0, len, record_bytes_max)?;
         let h = &probe.view[..SEGMENT_HEADER_LEN];
         if h[0..8] != SEGMENT_MAGIC {
-            return Err(StorageError::BadMagic { path: path.to_path_buf(), kind: "segment" });
+            return Err(StorageError::BadMagic {
+                path: path.to_path_buf(),
+                kind: "segment",
+            });
         }
         let version = u16::from_le_bytes([h[8], h[9]]);
         if version != SEGMENT_VERSION {
-            return Err(StorageError::UnsupportedVersion { path: path.to_path_buf(), found: version, supported: SEGMENT_VERSION });
+            return Err(StorageError::UnsupportedVersion {
+                path: path.to_path_buf(),
+                found: version,
+                supported: SEGMENT_VERSION,
+            });
         }
         if crc32fast::hash(&h[0..32]) != le_u32(&h[32..36]) {
-            return Err(StorageError::Corrupt { path: path.to_path_buf(), position: 0, offset: 0, reason: "segment header CRC mismatch" });
+            return Err(StorageError::Corrupt {
+                path: path.to_path_buf(),
+                position: 0,
+                offset: 0,
+                reason: "segment header CRC mismatch",
+            });
         }
         let base = le_u64(&h[16..24]);
         let seal = (h[40..44] == SEAL_MAGIC && crc32fast::hash(&h[48..64]) == le_u32(&h[44..48]))
@@ -220,7 +274,11 @@ impl Segment {
     /// (no reader can look there) and inside the mapping.
     unsafe fn write_at(&self, pos: u64, data: &[u8]) {
         debug_assert!(pos + data.len() as u64 <= self.capacity);
-        std::ptr::copy_nonoverlapping(data.as_ptr(), self.map.as_mut_ptr().add(pos as usize), data.len());
+        std::ptr::copy_nonoverlapping(
+            data.as_ptr(),
+            self.map.as_mut_ptr().add(pos as usize),
+            data.len(),
+        );
     }
 
     /// Bytes left for records.
@@ -230,19 +288,35 @@ impl Segment {
 
     /// Appends one record frame. The caller holds the log's writer lock and has checked
     /// that `frame_len` fits in [`Segment::remaining`].
-    pub fn append(&self, timestamp_ms: i64, flags: u16, parts: &[&[u8]], frame_len: usize, index_interval: u32) -> u64 {
+    /// Returns the record's offset and byte position.
+    pub fn append(
+        &self,
+        timestamp_ms: i64,
+        flags: u16,
+        parts: &[&[u8]],
+        frame_len: usize,
+        index_interval: u32,
+    ) -> (u64, u64) {
         let pos = self.written();
         let offset = self.next_offset();
         // SAFETY: single writer (log writer lock); the region is above `written` and the
         // caller checked it fits inside the mapping.
-        let dst = unsafe { std::slice::from_raw_parts_mut(self.map.as_mut_ptr().add(pos as usize), frame_len) };
+        let dst = unsafe {
+            std::slice::from_raw_parts_mut(self.map.as_mut_ptr().add(pos as usize), frame_len)
+        };
         record::encode(dst, offset, timestamp_ms, flags, parts);
         if let Ok(mut index) = self.index.write() {
-            index.observe((offset - self.base) as u32, pos as u32, timestamp_ms, index_interval);
+            index.observe(
+                (offset - self.base) as u32,
+                pos as u32,
+                timestamp_ms,
+                index_interval,
+            );
         }
         self.next_offset.store(offset + 1, Ordering::Release);
-        self.written.store(pos + frame_len as u64, Ordering::Release);
-        offset
+        self.written
+            .store(pos + frame_len as u64, Ordering::Release);
+        (offset, pos)
     }
 
     /// Walks the frames from the header on, verifying each, rebuilding the index, and
@@ -255,7 +329,12 @@ impl Segment {
             let data = &self.view[pos as usize..self.capacity as usize];
             match record::decode(data, offset, self.record_bytes_max) {
                 Ok(h) => {
-                    index.observe((offset - self.base) as u32, pos as u32, h.timestamp_ms, index_interval);
+                    index.observe(
+                        (offset - self.base) as u32,
+                        pos as u32,
+                        h.timestamp_ms,
+                        index_interval,
+                    );
                     pos += h.frame_len() as u64;
                     offset += 1;
                 }
@@ -265,7 +344,11 @@ impl Segment {
             }
         };
         self.publish(pos, offset, index);
-        ScanEnd { end_pos: pos, next_offset: offset, fault }
+        ScanEnd {
+            end_pos: pos,
+            next_offset: offset,
+            fault,
+        }
     }
 
     /// Trusts a seal and an index loaded from disk instead of scanning.
@@ -288,7 +371,9 @@ impl Segment {
         let len = (self.capacity - pos) as usize;
         // SAFETY: not shared yet (recovery) — no reader holds slices of this region.
         unsafe { std::ptr::write_bytes(self.map.as_mut_ptr().add(pos as usize), 0, len) };
-        self.map.flush_range(pos as usize, len).map_err(|e| StorageError::io("zeroing torn tail", &self.path, e))
+        self.map
+            .flush_range(pos as usize, len)
+            .map_err(|e| StorageError::io("zeroing torn tail", &self.path, e))
     }
 
     /// Syncs the byte range `from..to` of the mapping (`msync(MS_SYNC)`, i.e. fdatasync).
@@ -299,8 +384,8 @@ impl Segment {
         self.map.flush_range(from as usize, (to - from) as usize)
     }
 
-    /// Marks the segment complete: writes and syncs the seal, then the index files.
-    /// Called after every record in it is synced.
+    /// Marks the segment complete: writes and syncs the seal, then (best effort) the index
+    /// files. Called after every record in it is synced.
     pub fn seal(&self) -> std::io::Result<()> {
         let mut seal = [0u8; 24];
         seal[0..4].copy_from_slice(&SEAL_MAGIC);
@@ -313,8 +398,12 @@ impl Segment {
         unsafe { self.write_at(40, &seal) };
         self.map.flush_range(0, SEGMENT_HEADER_LEN)?;
         self.sealed.store(true, Ordering::Release);
+        // The index files are a cache that the next open rebuilds when missing: failing to
+        // write them (a full disk) must not fail the sync and poison the log.
         if let Ok(index) = self.index.read() {
-            index.persist(&self.path, self.base)?;
+            if let Err(e) = index.persist(&self.path, self.base) {
+                tracing::warn!(path = %self.path.display(), error = %e, "could not write index files, they will be rebuilt on open");
+            }
         }
         Ok(())
     }
@@ -332,15 +421,24 @@ impl Segment {
         loop {
             let data = &self.view[pos as usize..written];
             if at_rel == rel {
-                let h = record::decode(data, offset, self.record_bytes_max).map_err(|f| self.corrupt(pos, offset, f))?;
+                let h = record::decode(data, offset, self.record_bytes_max)
+                    .map_err(|f| self.corrupt(pos, offset, f))?;
                 return Ok((pos, h));
             }
             if data.len() < RECORD_HEADER_LEN {
-                return Err(self.corrupt(pos, self.base + u64::from(at_rel), FrameFault::Truncated));
+                return Err(self.corrupt(
+                    pos,
+                    self.base + u64::from(at_rel),
+                    FrameFault::Truncated,
+                ));
             }
             let h = record::peek_header(data);
             if h.offset != self.base + u64::from(at_rel) || h.len > self.record_bytes_max {
-                return Err(self.corrupt(pos, self.base + u64::from(at_rel), FrameFault::BadOffset));
+                return Err(self.corrupt(
+                    pos,
+                    self.base + u64::from(at_rel),
+                    FrameFault::BadOffset,
+                ));
             }
             pos += h.frame_len() as u64;
             at_rel += 1;
@@ -348,7 +446,12 @@ impl Segment {
     }
 
     fn corrupt(&self, position: u64, offset: u64, fault: FrameFault) -> StorageError {
-        StorageError::Corrupt { path: self.path.clone(), position, offset, reason: fault.reason() }
+        StorageError::Corrupt {
+            path: self.path.clone(),
+            position,
+            offset,
+            reason: fault.reason(),
+        }
     }
 
     /// Reads the record at `offset`, which must lie in `base..next_offset`.
@@ -360,7 +463,8 @@ impl Segment {
     /// Reads the record that starts at `pos` and must carry `offset` (sequential readers).
     pub fn read_at(&self, pos: u64, offset: u64) -> Result<(Record, u64)> {
         let data = &self.view[pos as usize..self.written() as usize];
-        let h = record::decode(data, offset, self.record_bytes_max).map_err(|f| self.corrupt(pos, offset, f))?;
+        let h = record::decode(data, offset, self.record_bytes_max)
+            .map_err(|f| self.corrupt(pos, offset, f))?;
         Ok((self.record_at(pos, &h), pos + h.frame_len() as u64))
     }
 
@@ -393,13 +497,13 @@ impl Segment {
         self.scan(index_interval)
     }
 
-    /// Removes the files of this segment from the directory (the mapping stays valid).
     /// Gives a segment built under a temporary name its final path (after the rename).
     pub fn renamed(mut self, path: PathBuf) -> Segment {
         self.path = path;
         self
     }
 
+    /// Removes the files of this segment from the directory (the mapping stays valid).
     pub fn unlink(&self) -> std::io::Result<()> {
         let _ = std::fs::remove_file(offset_index_path(&self.path));
         let _ = std::fs::remove_file(time_index_path(&self.path));

@@ -20,7 +20,9 @@ use crate::error::{Result, StorageError};
 use crate::log::Inner;
 
 /// Upper bounds (µs) of the sync-latency histogram buckets; the last bucket is open.
-pub const SYNC_LATENCY_BUCKETS_US: [u64; 10] = [100, 250, 500, 1_000, 2_000, 4_000, 8_000, 16_000, 64_000, 256_000];
+pub const SYNC_LATENCY_BUCKETS_US: [u64; 10] = [
+    100, 250, 500, 1_000, 2_000, 4_000, 8_000, 16_000, 64_000, 256_000,
+];
 
 /// What the durability watch channel carries.
 #[derive(Debug, Clone, Default)]
@@ -52,7 +54,9 @@ impl Durable {
 
     /// True once the record is durable (does not wait).
     pub fn is_durable(&self) -> bool {
-        self.rx.as_ref().is_none_or(|rx| rx.borrow().durable > self.offset)
+        self.rx
+            .as_ref()
+            .is_none_or(|rx| rx.borrow().durable > self.offset)
     }
 
     /// Waits until the record is durable, or fails if the log's sync failed.
@@ -65,7 +69,10 @@ impl Durable {
             .map_err(|_| StorageError::Closed)?;
         match (&state.failed, state.durable > offset) {
             (_, true) => Ok(()),
-            (Some(reason), false) => Err(StorageError::SyncFailed { path: Default::default(), reason: reason.to_string() }),
+            (Some(reason), false) => Err(StorageError::SyncFailed {
+                path: Default::default(),
+                reason: reason.to_string(),
+            }),
             (None, false) => Err(StorageError::Closed),
         }
     }
@@ -89,9 +96,13 @@ pub struct LogStats {
 impl LogStats {
     pub(crate) fn observe_sync(&self, took: Duration) {
         self.syncs.fetch_add(1, Ordering::Relaxed);
-        self.sync_nanos_total.fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+        self.sync_nanos_total
+            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
         let us = took.as_micros() as u64;
-        let bucket = SYNC_LATENCY_BUCKETS_US.iter().position(|&b| us <= b).unwrap_or(SYNC_LATENCY_BUCKETS_US.len());
+        let bucket = SYNC_LATENCY_BUCKETS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(SYNC_LATENCY_BUCKETS_US.len());
         self.sync_latency_buckets[bucket].fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -129,7 +140,9 @@ impl SyncSignal {
     /// Waits for work; `interval` makes the thread wait at least that long between syncs.
     /// Returns false once closed.
     fn wait(&self, interval: Option<Duration>) -> bool {
-        let Ok(mut s) = self.pending.lock() else { return false };
+        let Ok(mut s) = self.pending.lock() else {
+            return false;
+        };
         if let Some(interval) = interval {
             let deadline = Instant::now() + interval;
             while !s.closed {

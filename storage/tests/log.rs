@@ -8,7 +8,12 @@ use entrepot_storage::{Log, LogConfig, Retention, SyncPolicy};
 use proptest::prelude::*;
 
 fn small(sync: SyncPolicy) -> LogConfig {
-    LogConfig { segment_bytes: 64 * 1024, record_bytes_max: 16 * 1024, sync, ..LogConfig::default() }
+    LogConfig {
+        segment_bytes: 64 * 1024,
+        record_bytes_max: 16 * 1024,
+        sync,
+        ..LogConfig::default()
+    }
 }
 
 fn payload(i: u64, len: usize) -> Vec<u8> {
@@ -16,13 +21,18 @@ fn payload(i: u64, len: usize) -> Vec<u8> {
 }
 
 fn all(log: &Log) -> Vec<(u64, Vec<u8>)> {
-    log.reader(log.first_offset()).map(|r| r.map(|r| (r.offset, r.payload.to_vec()))).collect::<Result<_, _>>().unwrap()
+    log.reader(log.first_offset())
+        .map(|r| r.map(|r| (r.offset, r.payload.to_vec())))
+        .collect::<Result<_, _>>()
+        .unwrap()
 }
 
 #[tokio::test]
 async fn appends_are_read_back_across_segments_and_reopen() {
     let dir = tempfile::tempdir().unwrap();
-    let expected: Vec<(u64, Vec<u8>)> = (0..500).map(|i| (i, payload(i, 100 + (i as usize % 900)))).collect();
+    let expected: Vec<(u64, Vec<u8>)> = (0..500)
+        .map(|i| (i, payload(i, 100 + (i as usize % 900))))
+        .collect();
     {
         let log = Log::open(dir.path(), small(SyncPolicy::Always)).unwrap();
         let mut last = None;
@@ -52,7 +62,12 @@ async fn concurrent_appenders_share_syncs() {
         let log = log.clone();
         tasks.push(tokio::spawn(async move {
             for i in 0..50 {
-                log.append(&payload(t * 1000 + i, 200)).unwrap().durable.wait().await.unwrap();
+                log.append(&payload(t * 1000 + i, 200))
+                    .unwrap()
+                    .durable
+                    .wait()
+                    .await
+                    .unwrap();
             }
         }));
     }
@@ -69,10 +84,24 @@ fn oversized_records_and_batches_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let log = Log::open(dir.path(), small(SyncPolicy::Never)).unwrap();
     let err = log.append(&vec![0u8; 16 * 1024 + 1]).unwrap_err();
-    assert!(matches!(err, entrepot_storage::StorageError::RecordTooLarge { .. }), "{err}");
+    assert!(
+        matches!(err, entrepot_storage::StorageError::RecordTooLarge { .. }),
+        "{err}"
+    );
     assert_eq!(log.append(b"ok").unwrap().first, 0, "log still works");
-    let err = Log::open(dir.path().join("x"), LogConfig { record_bytes_max: 70 * 1024, ..small(SyncPolicy::Never) }).err().unwrap();
-    assert!(matches!(err, entrepot_storage::StorageError::Config(_)), "{err}");
+    let err = Log::open(
+        dir.path().join("x"),
+        LogConfig {
+            record_bytes_max: 70 * 1024,
+            ..small(SyncPolicy::Never)
+        },
+    )
+    .err()
+    .unwrap();
+    assert!(
+        matches!(err, entrepot_storage::StorageError::Config(_)),
+        "{err}"
+    );
 }
 
 #[test]
@@ -87,7 +116,11 @@ fn truncate_from_keeps_the_prefix_and_held_bytes() {
     log.truncate_from(120).unwrap();
     assert_eq!(log.next_offset(), 120);
     assert!(log.read(120).is_err());
-    assert_eq!(held.payload, payload(120, 700), "held bytes unchanged after truncation");
+    assert_eq!(
+        held.payload,
+        payload(120, 700),
+        "held bytes unchanged after truncation"
+    );
     assert_eq!(log.append(b"replacement").unwrap().first, 120);
     log.flush().unwrap();
     drop(log);
@@ -139,10 +172,22 @@ fn seek_by_time_and_retention_by_size() {
         log.append(&payload(i, 1000)).unwrap();
     }
     let found = log.seek_time(mid).unwrap().unwrap();
-    assert!(found >= 100 && log.read(found).unwrap().timestamp_ms >= mid && log.read(found - 1).unwrap().timestamp_ms < mid);
+    assert!(
+        found >= 100
+            && log.read(found).unwrap().timestamp_ms >= mid
+            && log.read(found - 1).unwrap().timestamp_ms < mid
+    );
     assert_eq!(log.seek_time(i64::MAX).unwrap(), None);
     assert_eq!(log.seek_time(0).unwrap(), Some(0));
-    let deleted = log.apply_retention(Retention { bytes_max: Some(100_000), age_max: None }, 0).unwrap();
+    let deleted = log
+        .apply_retention(
+            Retention {
+                bytes_max: Some(100_000),
+                age_max: None,
+            },
+            0,
+        )
+        .unwrap();
     assert!(deleted > 0);
     let total: u64 = log.segments().iter().map(|s| s.bytes).sum();
     assert!(total <= 100_000 + 64 * 1024, "total {total}");

@@ -1,0 +1,254 @@
+//! The broker's state behind the connections: the store and the queues by address.
+//!
+//! Connections call in here to find or create a queue, to store a message and to move a
+//! message elsewhere (dead-letter, expiry). The broker owns no socket and no AMQP framing.
+
+pub mod queue;
+pub mod store;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, Weak};
+use std::time::Duration;
+
+use fe2o3_amqp_types::messaging::annotations::OwnedKey;
+use fe2o3_amqp_types::primitives::{Symbol, Value};
+
+use crate::amqp::message::MessageView;
+use crate::config::BrokerConfig;
+use queue::{Diversion, Queue, QueuedMessage};
+use store::Store;
+
+/// How often housekeeping runs (segment reclaim, expiry sweep).
+pub const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Why an address could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum AddressError {
+    #[error("address {0:?} does not exist")]
+    NotFound(String),
+    #[error("address must not be empty")]
+    Empty,
+    #[error("address of {0} bytes is too long")]
+    TooLong(usize),
+}
+
+/// Connection and link gauges for metrics.
+#[derive(Debug, Default)]
+pub struct BrokerStats {
+    pub connections: AtomicU64,
+    pub connections_total: AtomicU64,
+    pub links: AtomicU64,
+    pub connection_errors: AtomicU64,
+}
+
+pub struct Broker {
+    me: Weak<Broker>,
+    config: BrokerConfig,
+    store: Store,
+    queues: RwLock<HashMap<String, Arc<Queue>>>,
+    pub stats: BrokerStats,
+}
+
+impl Broker {
+    /// Opens the store and rebuilds every queue from it.
+    pub fn open(config: BrokerConfig) -> anyhow::Result<Arc<Broker>> {
+        let sync = config.sync_policy().map_err(anyhow::Error::msg)?;
+        let record_max = (config.max_message_bytes + config::RECORD_OVERHEAD_BYTES)
+            .min(u64::from(u32::MAX)) as u32;
+        let store = Store::open(&config.data_dir, sync, config.segment_bytes, record_max)?;
+        let broker = Arc::new_cyclic(|me| Broker {
+            me: me.clone(),
+            config,
+            store,
+            queues: RwLock::new(HashMap::new()),
+            stats: BrokerStats::default(),
+        });
+        broker.recover()?;
+        Ok(broker)
+    }
+
+    fn recover(&self) -> anyhow::Result<()> {
+        let stored = self.store.recover()?;
+        let count = stored.len();
+        let mut by_queue: HashMap<String, Vec<QueuedMessage>> = HashMap::new();
+        for m in stored {
+            let msg = queued(m.offset, m.message, m.timestamp_ms);
+            by_queue.entry(m.address).or_default().push(msg);
+        }
+        let queues = by_queue.len();
+        for (address, msgs) in by_queue {
+            let q = self.queue_or_create(&address);
+            q.stats
+                .enqueued
+                .fetch_add(msgs.len() as u64, Ordering::Relaxed);
+            q.enqueue_all(self, msgs);
+        }
+        tracing::info!(messages = count, queues, "recovered store");
+        Ok(())
+    }
+
+    pub fn config(&self) -> &BrokerConfig {
+        &self.config
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Every queue, for metrics.
+    pub fn queues(&self) -> Vec<Arc<Queue>> {
+        self.queues
+            .read()
+            .map(|q| q.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The queue at `address`; created when `auto-create` is on.
+    pub fn queue(&self, address: &str) -> Result<Arc<Queue>, AddressError> {
+        if address.is_empty() {
+            return Err(AddressError::Empty);
+        }
+        if address.len() > store::MAX_ADDRESS_LEN {
+            return Err(AddressError::TooLong(address.len()));
+        }
+        if let Some(q) = self
+            .queues
+            .read()
+            .ok()
+            .and_then(|q| q.get(address).cloned())
+        {
+            return Ok(q);
+        }
+        if !self.config.auto_create {
+            return Err(AddressError::NotFound(address.to_owned()));
+        }
+        Ok(self.queue_or_create(address))
+    }
+
+    fn queue_or_create(&self, address: &str) -> Arc<Queue> {
+        let mut queues = self.queues.write().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(queues.entry(address.to_owned()).or_insert_with(|| {
+            tracing::debug!(address, "queue created");
+            Arc::new(Queue::new(address.to_owned()))
+        }))
+    }
+
+    /// Moves `msg` from queue `from` to the dead-letter or expiry address: stores an
+    /// annotated copy, waits until it is durable, enqueues it there, and only then
+    /// acknowledges the original — so a crash in between duplicates, never loses.
+    pub fn divert(&self, from: &str, msg: QueuedMessage, why: Diversion) {
+        let Some(me) = self.me.upgrade() else { return };
+        let from = from.to_owned();
+        tokio::spawn(async move {
+            if let Err(e) = me.divert_now(&from, msg, why).await {
+                tracing::error!(queue = %from, error = %e, "could not move message");
+            }
+        });
+    }
+
+    async fn divert_now(
+        &self,
+        from: &str,
+        msg: QueuedMessage,
+        why: Diversion,
+    ) -> anyhow::Result<()> {
+        let (target, entries) = match &why {
+            Diversion::DeadLetter {
+                reason,
+                description,
+            } => {
+                let mut e = vec![
+                    (
+                        OwnedKey::from("x-opt-dead-letter-reason"),
+                        Value::Symbol(Symbol::from(reason.as_str())),
+                    ),
+                    (
+                        OwnedKey::from("x-opt-original-address"),
+                        Value::String(from.to_owned()),
+                    ),
+                ];
+                if let Some(d) = description {
+                    e.push((
+                        OwnedKey::from("x-opt-dead-letter-description"),
+                        Value::String(d.clone()),
+                    ));
+                }
+                (self.config.dead_letter_address.clone(), e)
+            }
+            Diversion::Expired => (
+                self.config.expiry_address.clone(),
+                vec![(
+                    OwnedKey::from("x-opt-original-address"),
+                    Value::String(from.to_owned()),
+                )],
+            ),
+        };
+        if target == from {
+            // A message dying in the dead-letter queue itself is dropped, not looped.
+            tracing::warn!(
+                queue = from,
+                offset = msg.offset,
+                "message dropped from its own diversion address"
+            );
+            self.store.ack(&[msg.offset])?;
+            return Ok(());
+        }
+        let view = MessageView::parse(msg.message.clone())?;
+        let chunks = view.with_annotations(entries)?;
+        let parts: Vec<&[u8]> = chunks.iter().map(|c| &c[..]).collect();
+        let (appended, offset, ts, stored) = self.store.append(&target, &parts)?;
+        appended.durable.wait().await?;
+        let queue = self.queue_or_create(&target);
+        let mut moved = queued(offset, stored, ts);
+        moved.delivery_count = msg.delivery_count;
+        moved.expires_at_ms = None;
+        queue.enqueue(self, moved);
+        self.store.ack(&[msg.offset])?;
+        Ok(())
+    }
+
+    /// Periodic work: delete fully acknowledged segments, expire waiting messages.
+    pub async fn housekeeping(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            match self.store.reclaim() {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(segments = n, "reclaimed acknowledged segments"),
+                Err(e) => tracing::warn!(error = %e, "segment reclaim failed"),
+            }
+            for q in self.queues() {
+                q.expire(&self);
+            }
+        }
+    }
+}
+
+use crate::config;
+
+/// Builds the in-memory entry of a stored message: reads ttl and absolute-expiry-time
+/// once, at enqueue, and the producer's delivery-count.
+pub fn queued(offset: u64, message: bytes::Bytes, stored_at_ms: i64) -> QueuedMessage {
+    let (mut delivery_count, mut expires_at_ms) = (0, None);
+    if let Ok(view) = MessageView::parse(message.clone()) {
+        if let Ok(Some(h)) = view.header() {
+            delivery_count = h.delivery_count;
+            expires_at_ms = h.ttl.map(|ttl| stored_at_ms + i64::from(ttl));
+        }
+        if let Ok(Some(t)) = view.absolute_expiry_time() {
+            let t = t.milliseconds();
+            expires_at_ms = Some(expires_at_ms.map_or(t, |e| e.min(t)));
+        }
+    }
+    QueuedMessage {
+        offset,
+        message,
+        delivery_count,
+        expires_at_ms,
+        excluded: None,
+    }
+}

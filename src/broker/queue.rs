@@ -1,0 +1,461 @@
+//! A queue: messages waiting for consumers, the consumers competing for them, and the
+//! deliveries they have not settled yet.
+//!
+//! All state sits behind one mutex per queue (never a global lock); critical sections are
+//! short and never await. Deliveries leave through each consumer's connection channel,
+//! and the queue never sends more than the consumer's link credit, so those channels stay
+//! bounded by credit. Delivery counting for flow control lives here, not in the connection:
+//! the queue is the one place that knows how many transfers it has handed out.
+//!
+//! Invariants:
+//! * A message is in exactly one place: `ready`, `unsettled`, or on its way to another
+//!   address (dead-letter, expiry) — or acknowledged and gone.
+//! * A message only enters a queue once it is durable in the store.
+//! * Accepted messages are acknowledged in the store before they are forgotten.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::Broker;
+
+/// Unique id of a consumer (one sending link of the broker).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConsumerId(pub u64);
+
+static NEXT_CONSUMER: AtomicU64 = AtomicU64::new(1);
+
+impl ConsumerId {
+    pub fn next() -> ConsumerId {
+        ConsumerId(NEXT_CONSUMER.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// Where a consumer's deliveries go: a link of a session of one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LinkKey {
+    pub channel: u16,
+    pub handle: u32,
+    pub consumer: ConsumerId,
+}
+
+/// A message held by a queue. `message` is a slice of the store's mapping.
+#[derive(Debug, Clone)]
+pub struct QueuedMessage {
+    pub offset: u64,
+    pub message: Bytes,
+    /// Failed delivery attempts so far (the header's delivery-count on the wire).
+    pub delivery_count: u32,
+    /// When the message expires (ms since the epoch), from ttl or absolute-expiry-time.
+    pub expires_at_ms: Option<i64>,
+    /// Consumers that said `undeliverable-here` for this message.
+    pub excluded: Option<Box<Vec<ConsumerId>>>,
+}
+
+/// What a queue sends to a consumer's connection.
+#[derive(Debug)]
+pub enum Outbound {
+    /// Send this message on the link; it is unsettled unless `settled`.
+    Deliver {
+        link: LinkKey,
+        queue: Arc<Queue>,
+        msg: QueuedMessage,
+        settled: bool,
+    },
+    /// A drain ran out of messages: the link's delivery-count advanced to this value and
+    /// its credit is zero; tell the receiver with a flow.
+    Drained { link: LinkKey, delivery_count: u32 },
+}
+
+/// The receiver's outcome for one delivery.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Accepted,
+    Released,
+    Modified {
+        delivery_failed: bool,
+        undeliverable_here: bool,
+    },
+    Rejected {
+        condition: String,
+        description: Option<String>,
+    },
+}
+
+/// A consumer as the queue sees it.
+#[derive(Debug)]
+pub struct ConsumerSpec {
+    pub link: LinkKey,
+    pub tx: mpsc::UnboundedSender<Outbound>,
+    /// The link was attached with snd-settle-mode `settled`: at-most-once.
+    pub presettled: bool,
+    /// Most unsettled deliveries this consumer may hold.
+    pub unsettled_max: usize,
+}
+
+#[derive(Debug)]
+struct Consumer {
+    spec: ConsumerSpec,
+    credit: u32,
+    delivery_count: u32,
+    drain: bool,
+    unsettled: usize,
+}
+
+#[derive(Debug, Default)]
+struct QueueState {
+    ready: VecDeque<QueuedMessage>,
+    unsettled: HashMap<u64, (ConsumerId, QueuedMessage)>,
+    consumers: Vec<Consumer>,
+    next_consumer: usize,
+}
+
+/// Totals exported as metrics.
+#[derive(Debug, Default)]
+pub struct QueueStats {
+    pub enqueued: AtomicU64,
+    pub acknowledged: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub expired: AtomicU64,
+    pub delivered: AtomicU64,
+}
+
+/// A queue; see the module docs.
+#[derive(Debug)]
+pub struct Queue {
+    name: String,
+    state: Mutex<QueueState>,
+    pub stats: QueueStats,
+}
+
+/// Why a message leaves a queue for another address.
+#[derive(Debug, Clone)]
+pub enum Diversion {
+    DeadLetter {
+        reason: String,
+        description: Option<String>,
+    },
+    Expired,
+}
+
+impl Queue {
+    pub fn new(name: String) -> Queue {
+        Queue {
+            name,
+            state: Mutex::new(QueueState::default()),
+            stats: QueueStats::default(),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        // A poisoned queue lock means a panic mid-update; the state is still the best we
+        // have, and refusing service would not make it better.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Messages held: ready plus delivered-but-unsettled.
+    pub fn depth(&self) -> (usize, usize) {
+        let s = self.lock();
+        (s.ready.len(), s.unsettled.len())
+    }
+
+    pub fn consumer_count(&self) -> usize {
+        self.lock().consumers.len()
+    }
+
+    /// Adds a durable message and hands it to a consumer if one has credit.
+    pub fn enqueue(self: &Arc<Self>, broker: &Broker, msg: QueuedMessage) {
+        self.stats.enqueued.fetch_add(1, Ordering::Relaxed);
+        let mut s = self.lock();
+        s.ready.push_back(msg);
+        self.dispatch(broker, &mut s);
+    }
+
+    /// Adds many messages at once (recovery).
+    pub fn enqueue_all(
+        self: &Arc<Self>,
+        broker: &Broker,
+        msgs: impl IntoIterator<Item = QueuedMessage>,
+    ) {
+        let mut s = self.lock();
+        s.ready.extend(msgs);
+        self.dispatch(broker, &mut s);
+    }
+
+    pub fn add_consumer(self: &Arc<Self>, spec: ConsumerSpec) {
+        let mut s = self.lock();
+        s.consumers.push(Consumer {
+            spec,
+            credit: 0,
+            delivery_count: 0,
+            drain: false,
+            unsettled: 0,
+        });
+    }
+
+    /// Removes a consumer; what it left unsettled goes back to the head of the queue with
+    /// its delivery count raised (the link closed without an outcome).
+    pub fn remove_consumer(self: &Arc<Self>, broker: &Broker, id: ConsumerId) {
+        let mut s = self.lock();
+        s.consumers.retain(|c| c.spec.link.consumer != id);
+        let mut back: Vec<QueuedMessage> = Vec::new();
+        s.unsettled.retain(|_, (owner, msg)| {
+            if *owner == id {
+                let mut msg = msg.clone();
+                msg.delivery_count += 1;
+                back.push(msg);
+                false
+            } else {
+                true
+            }
+        });
+        back.sort_by_key(|m| std::cmp::Reverse(m.offset));
+        for msg in back {
+            s.ready.push_front(msg);
+        }
+        self.dispatch(broker, &mut s);
+    }
+
+    /// Applies a flow from the consumer's receiver: credit and drain.
+    pub fn flow(
+        self: &Arc<Self>,
+        broker: &Broker,
+        id: ConsumerId,
+        rcv_delivery_count: Option<u32>,
+        link_credit: u32,
+        drain: bool,
+    ) {
+        let mut s = self.lock();
+        if let Some(c) = s.consumers.iter_mut().find(|c| c.spec.link.consumer == id) {
+            let rcv = rcv_delivery_count.unwrap_or(0);
+            c.credit = rcv.wrapping_add(link_credit).wrapping_sub(c.delivery_count);
+            if c.credit > link_credit {
+                c.credit = 0; // the receiver's view is older than ours: nothing to add
+            }
+            c.drain = drain;
+        }
+        self.dispatch(broker, &mut s);
+    }
+
+    /// Applies the consumer's outcome for the delivery of `offset`.
+    pub fn settle(
+        self: &Arc<Self>,
+        broker: &Broker,
+        id: ConsumerId,
+        offset: u64,
+        outcome: Outcome,
+    ) {
+        let mut s = self.lock();
+        let Some((owner, mut msg)) = s.unsettled.remove(&offset) else {
+            return;
+        };
+        if let Some(c) = s
+            .consumers
+            .iter_mut()
+            .find(|c| c.spec.link.consumer == owner)
+        {
+            c.unsettled = c.unsettled.saturating_sub(1);
+        }
+        match outcome {
+            Outcome::Accepted => {
+                drop(s);
+                self.acknowledge(broker, offset);
+                let mut s = self.lock();
+                self.dispatch(broker, &mut s);
+                return;
+            }
+            Outcome::Released => s.ready.push_front(msg),
+            Outcome::Modified {
+                delivery_failed,
+                undeliverable_here,
+            } => {
+                if undeliverable_here {
+                    msg.excluded.get_or_insert_with(Default::default).push(id);
+                }
+                if delivery_failed {
+                    msg.delivery_count += 1;
+                }
+                if msg.delivery_count >= broker.config().max_delivery_attempts {
+                    drop(s);
+                    let reason = format!(
+                        "delivery attempts reached {}",
+                        broker.config().max_delivery_attempts
+                    );
+                    self.divert(
+                        broker,
+                        msg,
+                        Diversion::DeadLetter {
+                            reason: "delivery-limit".into(),
+                            description: Some(reason),
+                        },
+                    );
+                    let mut s = self.lock();
+                    self.dispatch(broker, &mut s);
+                    return;
+                }
+                s.ready.push_front(msg);
+            }
+            Outcome::Rejected {
+                condition,
+                description,
+            } => {
+                drop(s);
+                self.divert(
+                    broker,
+                    msg,
+                    Diversion::DeadLetter {
+                        reason: condition,
+                        description,
+                    },
+                );
+                let mut s = self.lock();
+                self.dispatch(broker, &mut s);
+                return;
+            }
+        }
+        self.dispatch(broker, &mut s);
+    }
+
+    fn acknowledge(&self, broker: &Broker, offset: u64) {
+        self.stats.acknowledged.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = broker.store().ack(&[offset]) {
+            tracing::error!(queue = %self.name, offset, error = %e, "could not record acknowledgement");
+        }
+    }
+
+    fn divert(&self, broker: &Broker, msg: QueuedMessage, why: Diversion) {
+        match &why {
+            Diversion::DeadLetter { .. } => {
+                self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed)
+            }
+            Diversion::Expired => self.stats.expired.fetch_add(1, Ordering::Relaxed),
+        };
+        broker.divert(&self.name, msg, why);
+    }
+
+    /// Hands ready messages to consumers with credit, round robin.
+    fn dispatch(self: &Arc<Self>, broker: &Broker, s: &mut QueueState) {
+        let now = now_ms();
+        let mut expired = Vec::new();
+        'messages: while !s.ready.is_empty() {
+            let n = s.consumers.len();
+            let mut chosen = None;
+            let head_excluded = s.ready.front().and_then(|m| m.excluded.as_ref()).cloned();
+            for step in 0..n {
+                let i = (s.next_consumer + step) % n;
+                let c = &s.consumers[i];
+                let excluded = head_excluded
+                    .as_ref()
+                    .is_some_and(|e| e.contains(&c.spec.link.consumer));
+                if c.credit > 0 && c.unsettled < c.spec.unsettled_max && !excluded {
+                    chosen = Some(i);
+                    break;
+                }
+            }
+            let Some(i) = chosen else {
+                if head_excluded.is_some_and(|e| {
+                    s.consumers
+                        .iter()
+                        .all(|c| e.contains(&c.spec.link.consumer))
+                }) && n > 0
+                {
+                    // Every consumer refused the head: leave it for a new consumer, but
+                    // do not let it block the rest of the queue.
+                    if let Some(m) = s.ready.pop_front() {
+                        let len = s.ready.len();
+                        s.ready.push_back(m);
+                        if len == 0 {
+                            break 'messages;
+                        }
+                    }
+                }
+                break;
+            };
+            let Some(msg) = s.ready.pop_front() else {
+                break;
+            };
+            if msg.expires_at_ms.is_some_and(|t| t <= now) {
+                expired.push(msg);
+                continue;
+            }
+            s.next_consumer = (i + 1) % n;
+            let c = &mut s.consumers[i];
+            c.credit -= 1;
+            c.delivery_count = c.delivery_count.wrapping_add(1);
+            let link = c.spec.link;
+            let settled = c.spec.presettled;
+            if !settled {
+                c.unsettled += 1;
+            }
+            let sent = c.spec.tx.send(Outbound::Deliver {
+                link,
+                queue: Arc::clone(self),
+                msg: msg.clone(),
+                settled,
+            });
+            self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+            match (sent.is_ok(), settled) {
+                (true, false) => {
+                    s.unsettled.insert(msg.offset, (link.consumer, msg));
+                }
+                (true, true) => self.acknowledge(broker, msg.offset),
+                (false, _) => {
+                    // The connection is gone; its link removal will follow. Keep the message.
+                    s.consumers[i].unsettled = s.consumers[i]
+                        .unsettled
+                        .saturating_sub(usize::from(!settled));
+                    s.consumers[i].credit = 0;
+                    s.ready.push_front(msg);
+                }
+            }
+        }
+        for c in s.consumers.iter_mut().filter(|c| c.drain && c.credit > 0) {
+            c.delivery_count = c.delivery_count.wrapping_add(c.credit);
+            c.credit = 0;
+            c.drain = false;
+            let _ = c.spec.tx.send(Outbound::Drained {
+                link: c.spec.link,
+                delivery_count: c.delivery_count,
+            });
+        }
+        for msg in expired {
+            self.divert(broker, msg, Diversion::Expired);
+        }
+    }
+
+    /// Moves expired messages that are waiting in the queue (called periodically, so
+    /// messages expire even when nobody consumes).
+    pub fn expire(self: &Arc<Self>, broker: &Broker) {
+        let now = now_ms();
+        let mut s = self.lock();
+        if !s
+            .ready
+            .iter()
+            .any(|m| m.expires_at_ms.is_some_and(|t| t <= now))
+        {
+            return;
+        }
+        let (gone, keep): (VecDeque<_>, VecDeque<_>) = s
+            .ready
+            .drain(..)
+            .partition(|m| m.expires_at_ms.is_some_and(|t| t <= now));
+        s.ready = keep;
+        drop(s);
+        for msg in gone {
+            self.divert(broker, msg, Diversion::Expired);
+        }
+    }
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

@@ -1,0 +1,178 @@
+//! Broker settings: defaults, a YAML file (`--config`), `ENTREPOT_*` environment
+//! variables and command-line flags, in rising order of precedence.
+//!
+//! Every limit has a named default here and a check in [`BrokerConfig::validate`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use entrepot_storage::SyncPolicy;
+use serde::Deserialize;
+
+/// Default AMQP listener.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:5672";
+/// Default HTTP listener (metrics, health).
+pub const DEFAULT_HTTP: &str = "0.0.0.0:8080";
+/// Default largest message: 100 MiB.
+pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 100 * 1024 * 1024;
+/// Default max-frame-size announced in `open`: 1 MiB.
+pub const DEFAULT_MAX_FRAME_BYTES: u32 = 1024 * 1024;
+/// Default failed deliveries before a message is dead-lettered.
+pub const DEFAULT_MAX_DELIVERY_ATTEMPTS: u32 = 10;
+/// Default link credit granted to a producer (refilled at half).
+pub const DEFAULT_LINK_CREDIT: u32 = 1000;
+/// Default most unsettled deliveries a consumer link may hold.
+pub const DEFAULT_UNSETTLED_PER_LINK: usize = 5000;
+/// Default cap on concurrent connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Sessions per connection (channel-max + 1).
+pub const DEFAULT_MAX_SESSIONS: u16 = 256;
+/// Links per session (handle-max + 1).
+pub const DEFAULT_MAX_LINKS: u32 = 4096;
+/// Idle time-out announced in `open`: the peer must send something this often.
+pub const DEFAULT_IDLE_TIMEOUT_MS: u32 = 60_000;
+/// Default segment size of the message log: 128 MiB.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 128 * 1024 * 1024;
+/// Bytes of store header and slack on top of the message in one log record.
+pub const RECORD_OVERHEAD_BYTES: u64 = 64 * 1024;
+
+/// How `sync` is written in the config: `always`, `never` or `interval:<ms>`.
+fn parse_sync(s: &str) -> Result<SyncPolicy, String> {
+    match s {
+        "always" => Ok(SyncPolicy::Always),
+        "never" => Ok(SyncPolicy::Never),
+        other => other
+            .strip_prefix("interval:")
+            .and_then(|ms| ms.parse::<u64>().ok())
+            .map(|ms| SyncPolicy::Interval(Duration::from_millis(ms)))
+            .ok_or_else(|| format!("sync must be always, never or interval:<ms>, not {other:?}")),
+    }
+}
+
+/// A user for SASL PLAIN until address-space manifests provide real ones.
+#[derive(Debug, Clone, Deserialize)]
+pub struct StaticUser {
+    pub username: String,
+    pub password: String,
+}
+
+/// All broker settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BrokerConfig {
+    pub listen: SocketAddr,
+    pub http: SocketAddr,
+    pub data_dir: PathBuf,
+    /// `always` | `never` | `interval:<ms>`.
+    pub sync: String,
+    pub segment_bytes: u64,
+    pub auto_create: bool,
+    pub max_message_bytes: u64,
+    pub max_frame_bytes: u32,
+    pub max_delivery_attempts: u32,
+    pub dead_letter_address: String,
+    pub expiry_address: String,
+    pub link_credit: u32,
+    pub unsettled_per_link: usize,
+    pub max_connections: usize,
+    pub max_sessions: u16,
+    pub max_links: u32,
+    pub idle_timeout_ms: u32,
+    pub allow_anonymous: bool,
+    pub users: Vec<StaticUser>,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            listen: DEFAULT_LISTEN
+                .parse()
+                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 5672))),
+            http: DEFAULT_HTTP
+                .parse()
+                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 8080))),
+            data_dir: PathBuf::from("./data"),
+            sync: "always".into(),
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
+            auto_create: true,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            max_delivery_attempts: DEFAULT_MAX_DELIVERY_ATTEMPTS,
+            dead_letter_address: "DLQ".into(),
+            expiry_address: "ExpiryQueue".into(),
+            link_credit: DEFAULT_LINK_CREDIT,
+            unsettled_per_link: DEFAULT_UNSETTLED_PER_LINK,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_sessions: DEFAULT_MAX_SESSIONS,
+            max_links: DEFAULT_MAX_LINKS,
+            idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
+            allow_anonymous: true,
+            users: Vec::new(),
+        }
+    }
+}
+
+impl BrokerConfig {
+    /// The sync policy named by `sync`.
+    pub fn sync_policy(&self) -> Result<SyncPolicy, String> {
+        parse_sync(&self.sync)
+    }
+
+    /// Rejects settings that cannot work, with a message naming the setting.
+    pub fn validate(&self) -> Result<(), String> {
+        self.sync_policy()?;
+        if self.max_frame_bytes < 4096 {
+            return Err("max-frame-bytes must be at least 4096".into());
+        }
+        if self.max_message_bytes == 0
+            || self.max_message_bytes + RECORD_OVERHEAD_BYTES > self.segment_bytes
+        {
+            return Err(format!(
+                "max-message-bytes ({}) must be positive and fit in a segment (segment-bytes {} minus {RECORD_OVERHEAD_BYTES})",
+                self.max_message_bytes, self.segment_bytes
+            ));
+        }
+        if self.link_credit == 0 || self.unsettled_per_link == 0 || self.max_connections == 0 {
+            return Err(
+                "link-credit, unsettled-per-link and max-connections must be positive".into(),
+            );
+        }
+        if self.max_delivery_attempts == 0 {
+            return Err("max-delivery-attempts must be at least 1".into());
+        }
+        if self.dead_letter_address.is_empty() || self.expiry_address.is_empty() {
+            return Err("dead-letter-address and expiry-address must not be empty".into());
+        }
+        Ok(())
+    }
+
+    /// Reads a YAML config file.
+    pub fn from_file(path: &std::path::Path) -> Result<BrokerConfig, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_yaml_overrides() {
+        BrokerConfig::default().validate().unwrap();
+        let c: BrokerConfig =
+            serde_yaml::from_str("auto-create: false\nsync: interval:5\n").unwrap();
+        assert!(!c.auto_create);
+        assert_eq!(
+            c.sync_policy().unwrap(),
+            SyncPolicy::Interval(Duration::from_millis(5))
+        );
+        assert!(serde_yaml::from_str::<BrokerConfig>("no-such-key: 1").is_err());
+        let bad = BrokerConfig {
+            sync: "sometimes".into(),
+            ..BrokerConfig::default()
+        };
+        assert!(bad.validate().unwrap_err().contains("sync"));
+    }
+}

@@ -1,0 +1,496 @@
+//! Links: attaching a producer (the peer sends to a queue) or a consumer (the peer
+//! receives from one), receiving transfers, and detaching.
+//!
+//! A producer link's credit is the broker's backpressure: the peer may only send what we
+//! granted, and we grant [`crate::config::BrokerConfig::link_credit`] again once half is
+//! used. A multi-frame delivery is assembled in one buffer bounded by the max message
+//! size; beyond it the link is detached with `amqp:link:message-size-exceeded` and the
+//! connection keeps working.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use fe2o3_amqp_types::definitions::{
+    AmqpError, Error as AmqpErrorBody, ErrorCondition, LinkError, ReceiverSettleMode, Role,
+    SenderSettleMode, SessionError,
+};
+use fe2o3_amqp_types::messaging::{DeliveryState, Rejected, TargetArchetype};
+use fe2o3_amqp_types::performatives::{Attach, Detach, Disposition, Performative, Transfer};
+
+use super::session::Session;
+use super::{ConnError, Connection, PendingProduce};
+use crate::amqp::message::MessageView;
+use crate::broker::queue::{ConsumerId, ConsumerSpec, LinkKey, Queue};
+use crate::broker::store::StoreError;
+use crate::broker::AddressError;
+use entrepot_storage::StorageError;
+
+pub(super) enum Link {
+    Producer(ProducerLink),
+    Consumer(ConsumerLink),
+    /// We detached it with an error and wait for the peer's detach; its frames are ignored.
+    Detached,
+}
+
+pub(super) struct ProducerLink {
+    pub queue: Arc<Queue>,
+    pub credit: u32,
+    pub delivery_count: u32,
+    partial: Option<Partial>,
+}
+
+pub(super) struct ConsumerLink {
+    pub queue: Arc<Queue>,
+    pub consumer: ConsumerId,
+}
+
+/// A delivery arriving in several frames.
+struct Partial {
+    delivery_id: Option<u32>,
+    settled: bool,
+    buf: BytesMut,
+}
+
+fn address_error(e: AddressError) -> (ErrorCondition, String) {
+    let condition = match e {
+        AddressError::NotFound(_) => AmqpError::NotFound,
+        AddressError::Empty | AddressError::TooLong(_) => AmqpError::InvalidField,
+    };
+    (condition.into(), e.to_string())
+}
+
+impl Session {
+    pub(super) fn on_attach(
+        &mut self,
+        conn: &mut Connection,
+        attach: Attach,
+    ) -> Result<(), ConnError> {
+        let handle = attach.handle.0;
+        if handle > self.handle_max() {
+            return Err(ConnError::protocol(
+                ConnectionErrorOrFraming::framing(),
+                format!("handle {handle} exceeds handle-max"),
+            ));
+        }
+        if self.links.contains_key(&handle) {
+            return Err(ConnError::protocol(
+                SessionError::HandleInUse,
+                format!("handle {handle} is already attached"),
+            ));
+        }
+        match attach.role {
+            Role::Sender => self.attach_producer(conn, attach),
+            Role::Receiver => self.attach_consumer(conn, attach),
+        }
+    }
+
+    fn attach_producer(&mut self, conn: &mut Connection, attach: Attach) -> Result<(), ConnError> {
+        let handle = attach.handle.0;
+        let address = match &attach.target {
+            Some(t) => match t.as_ref() {
+                TargetArchetype::Target(t) => t.address.clone(),
+                #[allow(unreachable_patterns)]
+                _ => None,
+            },
+            None => None,
+        };
+        let Some(address) = address else {
+            return self.refuse(
+                conn,
+                attach,
+                AmqpError::NotImplemented.into(),
+                "a target address is required (no anonymous relay)".into(),
+            );
+        };
+        let queue = match conn.broker.queue(&address) {
+            Ok(q) => q,
+            Err(e) => {
+                let (c, d) = address_error(e);
+                return self.refuse(conn, attach, c, d);
+            }
+        };
+        let credit = conn.broker.config().link_credit;
+        let delivery_count = attach.initial_delivery_count.unwrap_or(0);
+        let reply = Attach {
+            name: attach.name.clone(),
+            handle: attach.handle.clone(),
+            role: Role::Receiver,
+            snd_settle_mode: attach.snd_settle_mode.clone(),
+            rcv_settle_mode: ReceiverSettleMode::First,
+            source: attach.source.clone(),
+            target: attach.target.clone(),
+            unsettled: None,
+            incomplete_unsettled: false,
+            initial_delivery_count: None,
+            max_message_size: Some(conn.broker.config().max_message_bytes),
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        };
+        conn.send(self.local_channel(), &Performative::Attach(reply), &[])?;
+        self.links.insert(
+            handle,
+            Link::Producer(ProducerLink {
+                queue,
+                credit,
+                delivery_count,
+                partial: None,
+            }),
+        );
+        conn.broker.stats.links.fetch_add(1, Ordering::Relaxed);
+        self.send_flow(conn, Some((handle, delivery_count, Some(credit), false)))
+    }
+
+    fn attach_consumer(&mut self, conn: &mut Connection, attach: Attach) -> Result<(), ConnError> {
+        let handle = attach.handle.0;
+        let address = attach.source.as_ref().and_then(|s| s.address.clone());
+        let Some(address) = address else {
+            return self.refuse(
+                conn,
+                attach,
+                AmqpError::NotImplemented.into(),
+                "a source address is required (dynamic sources are not supported)".into(),
+            );
+        };
+        let queue = match conn.broker.queue(&address) {
+            Ok(q) => q,
+            Err(e) => {
+                let (c, d) = address_error(e);
+                return self.refuse(conn, attach, c, d);
+            }
+        };
+        let presettled = attach.snd_settle_mode == SenderSettleMode::Settled;
+        let reply = Attach {
+            name: attach.name.clone(),
+            handle: attach.handle.clone(),
+            role: Role::Sender,
+            snd_settle_mode: if presettled {
+                SenderSettleMode::Settled
+            } else {
+                SenderSettleMode::Unsettled
+            },
+            rcv_settle_mode: attach.rcv_settle_mode.clone(),
+            source: attach.source.clone(),
+            target: attach.target.clone(),
+            unsettled: None,
+            incomplete_unsettled: false,
+            initial_delivery_count: Some(0),
+            max_message_size: Some(conn.broker.config().max_message_bytes),
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        };
+        conn.send(self.local_channel(), &Performative::Attach(reply), &[])?;
+        let consumer = ConsumerId::next();
+        queue.add_consumer(ConsumerSpec {
+            link: LinkKey {
+                channel: self.remote_channel(),
+                handle,
+                consumer,
+            },
+            tx: conn.outbound_tx.clone(),
+            presettled,
+            unsettled_max: conn.broker.config().unsettled_per_link,
+        });
+        self.links
+            .insert(handle, Link::Consumer(ConsumerLink { queue, consumer }));
+        conn.broker.stats.links.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Refuses an attach the way the spec describes: attach back with no terminus on our
+    /// side, then detach (closed) with the error.
+    fn refuse(
+        &mut self,
+        conn: &mut Connection,
+        attach: Attach,
+        condition: ErrorCondition,
+        description: String,
+    ) -> Result<(), ConnError> {
+        tracing::info!(link = %attach.name, condition = %super::condition_name(&condition), %description, "attach refused");
+        let handle = attach.handle.clone();
+        let (source, target) = match attach.role {
+            Role::Sender => (attach.source.clone(), None),
+            Role::Receiver => (None, attach.target.clone()),
+        };
+        let reply = Attach {
+            name: attach.name,
+            handle: handle.clone(),
+            role: match attach.role {
+                Role::Sender => Role::Receiver,
+                Role::Receiver => Role::Sender,
+            },
+            snd_settle_mode: attach.snd_settle_mode,
+            rcv_settle_mode: attach.rcv_settle_mode,
+            source,
+            target,
+            unsettled: None,
+            incomplete_unsettled: false,
+            initial_delivery_count: (attach.role == Role::Receiver).then_some(0),
+            max_message_size: None,
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        };
+        conn.send(self.local_channel(), &Performative::Attach(reply), &[])?;
+        self.links.insert(handle.0, Link::Detached);
+        let detach = Detach {
+            handle,
+            closed: true,
+            error: Some(AmqpErrorBody::new(condition, description, None)),
+        };
+        conn.send(self.local_channel(), &Performative::Detach(detach), &[])
+    }
+
+    /// Detaches a link with an error of ours; the link ignores frames until the peer's
+    /// detach arrives.
+    pub(super) fn detach_with_error(
+        &mut self,
+        conn: &mut Connection,
+        handle: u32,
+        condition: ErrorCondition,
+        description: String,
+    ) -> Result<(), ConnError> {
+        tracing::info!(handle, condition = %super::condition_name(&condition), %description, "detaching link");
+        self.forget_link(conn, handle);
+        self.links.insert(handle, Link::Detached);
+        let detach = Detach {
+            handle: handle.into(),
+            closed: true,
+            error: Some(AmqpErrorBody::new(condition, description, None)),
+        };
+        conn.send(self.local_channel(), &Performative::Detach(detach), &[])
+    }
+
+    pub(super) fn on_detach(
+        &mut self,
+        conn: &mut Connection,
+        detach: Detach,
+    ) -> Result<(), ConnError> {
+        let handle = detach.handle.0;
+        let Some(link) = self.links.get(&handle) else {
+            return Err(ConnError::protocol(
+                SessionError::UnattachedHandle,
+                format!("detach of unattached handle {handle}"),
+            ));
+        };
+        let we_detached = matches!(link, Link::Detached);
+        self.forget_link(conn, handle);
+        if we_detached {
+            return Ok(());
+        }
+        let reply = Detach {
+            handle: detach.handle,
+            closed: detach.closed,
+            error: None,
+        };
+        conn.send(self.local_channel(), &Performative::Detach(reply), &[])
+    }
+
+    pub(super) fn on_transfer(
+        &mut self,
+        conn: &mut Connection,
+        t: Transfer,
+        payload: Bytes,
+    ) -> Result<(), ConnError> {
+        let handle = t.handle.0;
+        let max = conn.broker.config().max_message_bytes;
+        let link = match self.links.get_mut(&handle) {
+            Some(Link::Producer(p)) => p,
+            Some(Link::Detached) => return Ok(()),
+            Some(Link::Consumer(_)) => {
+                return Err(ConnError::protocol(
+                    AmqpError::NotAllowed,
+                    format!("transfer on handle {handle}, where the broker is the sender"),
+                ));
+            }
+            None => {
+                return Err(ConnError::protocol(
+                    SessionError::UnattachedHandle,
+                    format!("transfer on unattached handle {handle}"),
+                ))
+            }
+        };
+        if t.aborted {
+            link.partial = None;
+            return Ok(());
+        }
+        let settled = t.settled.unwrap_or(false);
+        let message = match (link.partial.as_mut(), t.more) {
+            (None, false) => payload,
+            (None, true) => {
+                if link.credit == 0 {
+                    return self.detach_with_error(
+                        conn,
+                        handle,
+                        LinkError::TransferLimitExceeded.into(),
+                        "transfer without link credit".into(),
+                    );
+                }
+                let mut buf = BytesMut::with_capacity(payload.len() * 4);
+                buf.extend_from_slice(&payload);
+                link.partial = Some(Partial {
+                    delivery_id: t.delivery_id,
+                    settled,
+                    buf,
+                });
+                return self.check_size(conn, handle, max);
+            }
+            (Some(p), more) => {
+                p.buf.extend_from_slice(&payload);
+                p.settled |= settled;
+                if more {
+                    return self.check_size(conn, handle, max);
+                }
+                match link.partial.take() {
+                    Some(p) => {
+                        let id = p.delivery_id.or(t.delivery_id);
+                        return self.receive(conn, handle, id, p.settled, p.buf.freeze());
+                    }
+                    None => return Ok(()),
+                }
+            }
+        };
+        self.receive(conn, handle, t.delivery_id, settled, message)
+    }
+
+    fn check_size(
+        &mut self,
+        conn: &mut Connection,
+        handle: u32,
+        max: u64,
+    ) -> Result<(), ConnError> {
+        let size = match self.links.get(&handle) {
+            Some(Link::Producer(ProducerLink {
+                partial: Some(p), ..
+            })) => p.buf.len() as u64,
+            _ => 0,
+        };
+        if size > max {
+            return self.detach_with_error(
+                conn,
+                handle,
+                LinkError::MessageSizeExceeded.into(),
+                format!("message exceeds max-message-size of {max} bytes"),
+            );
+        }
+        Ok(())
+    }
+
+    /// A whole message arrived: validate, store, and queue the acceptance for when it is
+    /// durable.
+    fn receive(
+        &mut self,
+        conn: &mut Connection,
+        handle: u32,
+        delivery_id: Option<u32>,
+        settled: bool,
+        message: Bytes,
+    ) -> Result<(), ConnError> {
+        let max = conn.broker.config().max_message_bytes;
+        let credit_refill = conn.broker.config().link_credit;
+        let Some(Link::Producer(link)) = self.links.get_mut(&handle) else {
+            return Ok(());
+        };
+        if link.credit == 0 {
+            return self.detach_with_error(
+                conn,
+                handle,
+                LinkError::TransferLimitExceeded.into(),
+                "transfer without link credit".into(),
+            );
+        }
+        link.credit -= 1;
+        link.delivery_count = link.delivery_count.wrapping_add(1);
+        let queue = Arc::clone(&link.queue);
+        let refill = (link.credit < credit_refill / 2).then(|| {
+            link.credit = credit_refill;
+            (link.delivery_count, credit_refill)
+        });
+        if let Some((dc, credit)) = refill {
+            self.send_flow(conn, Some((handle, dc, Some(credit), false)))?;
+        }
+        if message.len() as u64 > max {
+            return self.detach_with_error(
+                conn,
+                handle,
+                LinkError::MessageSizeExceeded.into(),
+                format!("message exceeds max-message-size of {max} bytes"),
+            );
+        }
+        if let Err(e) = MessageView::parse(message.clone()) {
+            return self.reject(
+                conn,
+                delivery_id,
+                settled,
+                AmqpError::DecodeError.into(),
+                format!("malformed message: {e}"),
+            );
+        }
+        let stored = conn.broker.store().append(queue.name(), &[&message]);
+        let (appended, offset, ts, view) = match stored {
+            Ok(s) => s,
+            Err(e) => {
+                let condition: ErrorCondition = match &e {
+                    StoreError::Storage(StorageError::DiskFull { .. }) => {
+                        AmqpError::ResourceLimitExceeded.into()
+                    }
+                    _ => AmqpError::InternalError.into(),
+                };
+                tracing::warn!(queue = queue.name(), error = %e, "store refused a message");
+                return self.reject(
+                    conn,
+                    delivery_id,
+                    settled,
+                    condition,
+                    format!("message not stored: {e}"),
+                );
+            }
+        };
+        let msg = crate::broker::queued(offset, view, ts);
+        let ack = match (settled, delivery_id) {
+            (false, Some(id)) => Some((self.remote_channel(), id)),
+            _ => None,
+        };
+        conn.pending.push_back(PendingProduce {
+            durable: appended.durable,
+            queue,
+            msg,
+            ack,
+        });
+        Ok(())
+    }
+
+    fn reject(
+        &mut self,
+        conn: &mut Connection,
+        delivery_id: Option<u32>,
+        settled: bool,
+        condition: ErrorCondition,
+        description: String,
+    ) -> Result<(), ConnError> {
+        let (false, Some(id)) = (settled, delivery_id) else {
+            return Ok(());
+        };
+        let d = Disposition {
+            role: Role::Receiver,
+            first: id,
+            last: None,
+            settled: true,
+            state: Some(DeliveryState::Rejected(Rejected {
+                error: Some(AmqpErrorBody::new(condition, description, None)),
+            })),
+            batchable: false,
+        };
+        conn.send(self.local_channel(), &Performative::Disposition(d), &[])
+    }
+}
+
+/// `amqp:connection:framing-error` for handles beyond handle-max.
+struct ConnectionErrorOrFraming;
+impl ConnectionErrorOrFraming {
+    fn framing() -> ErrorCondition {
+        fe2o3_amqp_types::definitions::ConnectionError::FramingError.into()
+    }
+}

@@ -1,0 +1,537 @@
+//! One task per client connection: our own AMQP 1.0 connection engine.
+//!
+//! The task owns the socket, the sessions and their links. It reads frames, applies them
+//! to sessions, links and queues, and writes replies into one buffer that is flushed
+//! whenever the task is about to wait — so a burst of dispositions or deliveries goes out
+//! in one `write`. Queues push deliveries to the task through an unbounded channel whose
+//! length is bounded by the link credit the consumer granted.
+//!
+//! A producer's transfer is appended to the store at once, but its `accepted` disposition
+//! (and its entry into the queue) waits for the group commit that makes it durable: the
+//! task keeps a FIFO of pending messages and drains it whenever the store's durable offset
+//! moves. One disposition frame covers each run of consecutive delivery ids.
+//!
+//! Errors are scoped like the protocol: a bad transfer detaches its link, a window
+//! violation ends its session, a framing error closes the connection; other connections
+//! never notice.
+
+mod handshake;
+mod link;
+mod session;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use fe2o3_amqp_types::definitions::{
+    AmqpError, ConnectionError, Error as AmqpErrorBody, ErrorCondition,
+};
+use fe2o3_amqp_types::performatives::{ChannelMax, Close, MaxFrameSize, Open, Performative};
+use fe2o3_amqp_types::primitives::Symbol;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+
+use crate::amqp::frame::{
+    self, encode_frame, encode_heartbeat, FrameDecoder, FrameError, FrameKind,
+};
+use crate::amqp::sasl::{Identity, SaslConfig};
+use crate::broker::queue::{Outbound, Queue, QueuedMessage};
+use crate::broker::Broker;
+use entrepot_storage::Durable;
+use session::Session;
+
+/// Frame size accepted before `open` is negotiated (lenient: the spec's minimum is 512).
+pub const PRE_OPEN_MAX_FRAME_SIZE: u32 = 64 * 1024;
+/// Flush the write buffer once it holds this much, even mid-batch.
+pub const WRITE_BUFFER_FLUSH_BYTES: usize = 256 * 1024;
+/// Most queue events handled before flushing and looking at the socket again.
+pub const OUTBOUND_BATCH: usize = 512;
+/// Container id this broker announces.
+pub const CONTAINER_ID: &str = "entrepot";
+
+/// Why a connection ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("framing: {0}")]
+    Frame(#[from] FrameError),
+    #[error("handshake: {0}")]
+    Handshake(&'static str),
+    #[error("{description}")]
+    Protocol {
+        condition: ErrorCondition,
+        description: String,
+    },
+    #[error("peer closed the connection")]
+    PeerClosed,
+    #[error("connection closed")]
+    Closed,
+}
+
+impl ConnError {
+    pub fn protocol(
+        condition: impl Into<ErrorCondition>,
+        description: impl Into<String>,
+    ) -> ConnError {
+        ConnError::Protocol {
+            condition: condition.into(),
+            description: description.into(),
+        }
+    }
+}
+
+/// The error condition's symbol, for logs and tests.
+pub fn condition_name(c: &ErrorCondition) -> String {
+    let s: Symbol = match c {
+        ErrorCondition::AmqpError(e) => e.into(),
+        ErrorCondition::ConnectionError(e) => e.into(),
+        ErrorCondition::SessionError(e) => e.into(),
+        ErrorCondition::LinkError(e) => e.into(),
+        ErrorCondition::Custom(s) => s.clone(),
+        #[allow(unreachable_patterns)]
+        _ => Symbol::from("amqp:internal-error"),
+    };
+    s.0
+}
+
+/// A message stored but not yet durable, waiting to be enqueued and acknowledged.
+struct PendingProduce {
+    durable: Durable,
+    queue: Arc<Queue>,
+    msg: QueuedMessage,
+    /// `(remote channel, delivery id)` to accept once durable; `None` if pre-settled.
+    ack: Option<(u16, u32)>,
+}
+
+/// State of one connection (see the module docs).
+pub struct Connection {
+    broker: Arc<Broker>,
+    wr: OwnedWriteHalf,
+    wbuf: BytesMut,
+    decoder: FrameDecoder,
+    /// Largest frame the peer accepts.
+    peer_max_frame: u32,
+    peer_idle_timeout: Option<Duration>,
+    container_id: String,
+    hostname: Option<String>,
+    identity: Identity,
+    sessions: HashMap<u16, Session>,
+    outbound_tx: mpsc::UnboundedSender<Outbound>,
+    pending: VecDeque<PendingProduce>,
+    last_read: Instant,
+    last_write: Instant,
+    closing: bool,
+}
+
+/// Serves one accepted socket until it closes.
+pub async fn serve(stream: TcpStream, broker: Arc<Broker>, shutdown: watch::Receiver<bool>) {
+    let peer = stream.peer_addr().ok();
+    let _ = stream.set_nodelay(true);
+    broker.stats.connections.fetch_add(1, Ordering::Relaxed);
+    broker
+        .stats
+        .connections_total
+        .fetch_add(1, Ordering::Relaxed);
+    let result = run(stream, Arc::clone(&broker), shutdown).await;
+    broker.stats.connections.fetch_sub(1, Ordering::Relaxed);
+    match result {
+        Ok(()) | Err(ConnError::PeerClosed) | Err(ConnError::Closed) => {
+            tracing::debug!(?peer, "connection closed")
+        }
+        Err(e) => {
+            broker
+                .stats
+                .connection_errors
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!(?peer, error = %e, "connection ended with an error");
+        }
+    }
+}
+
+async fn run(
+    stream: TcpStream,
+    broker: Arc<Broker>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), ConnError> {
+    let (mut rd, mut wr) = stream.into_split();
+    let mut rbuf = BytesMut::with_capacity(64 * 1024);
+    let sasl = SaslConfig {
+        allow_anonymous: broker.config().allow_anonymous,
+    };
+    let users = broker.config().users.clone();
+    let identity = handshake::handshake(&mut rd, &mut wr, &mut rbuf, sasl, &users).await?;
+    let (outbound_tx, outbound_rx) = mpsc::unbounded_channel();
+    let mut conn = Connection {
+        decoder: FrameDecoder::new(PRE_OPEN_MAX_FRAME_SIZE),
+        broker,
+        wr,
+        wbuf: BytesMut::with_capacity(64 * 1024),
+        peer_max_frame: frame::MIN_MAX_FRAME_SIZE,
+        peer_idle_timeout: None,
+        container_id: String::new(),
+        hostname: None,
+        identity,
+        sessions: HashMap::new(),
+        outbound_tx,
+        pending: VecDeque::new(),
+        last_read: Instant::now(),
+        last_write: Instant::now(),
+        closing: false,
+    };
+    let result = conn.main_loop(&mut rd, rbuf, outbound_rx, shutdown).await;
+    conn.cleanup();
+    match result {
+        Err(ConnError::Protocol {
+            condition,
+            description,
+        }) => {
+            tracing::info!(condition = %condition_name(&condition), %description, "closing connection with error");
+            conn.close_with(Some(AmqpErrorBody::new(condition, description, None)))
+                .await;
+            Ok(())
+        }
+        Err(ConnError::Frame(e)) => {
+            tracing::info!(error = %e, "closing connection after a framing error");
+            conn.close_with(Some(e.to_amqp_error())).await;
+            Err(ConnError::Frame(e))
+        }
+        other => other,
+    }
+}
+
+impl Connection {
+    async fn main_loop(
+        &mut self,
+        rd: &mut OwnedReadHalf,
+        mut rbuf: BytesMut,
+        mut outbound_rx: mpsc::UnboundedReceiver<Outbound>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), ConnError> {
+        let mut durable_rx = self.broker.store().log().durable_watch();
+        self.expect_open(rd, &mut rbuf).await?;
+        let idle_limit = Duration::from_millis(u64::from(self.broker.config().idle_timeout_ms));
+        let mut tick = tokio::time::interval(self.heartbeat_period(idle_limit));
+        loop {
+            self.complete_durable()?;
+            self.flush().await?;
+            if self.closing {
+                return Ok(());
+            }
+            tokio::select! {
+                read = rd.read_buf(&mut rbuf) => {
+                    if read? == 0 {
+                        return Err(ConnError::PeerClosed);
+                    }
+                    self.last_read = Instant::now();
+                    while let Some(frame) = self.decoder.decode(&mut rbuf)? {
+                        if frame.kind != FrameKind::Amqp {
+                            return Err(ConnError::protocol(AmqpError::NotAllowed, "SASL frame after the handshake"));
+                        }
+                        if !frame.is_heartbeat() {
+                            self.on_frame(frame.channel, &frame.body)?;
+                        }
+                        if self.wbuf.len() >= WRITE_BUFFER_FLUSH_BYTES {
+                            self.flush().await?;
+                        }
+                    }
+                    if rbuf.capacity() - rbuf.len() < 16 * 1024 {
+                        rbuf.reserve(64 * 1024);
+                    }
+                }
+                Some(event) = outbound_rx.recv() => {
+                    self.on_outbound(event)?;
+                    for _ in 0..OUTBOUND_BATCH {
+                        match outbound_rx.try_recv() {
+                            Ok(event) => self.on_outbound(event)?,
+                            Err(_) => break,
+                        }
+                        if self.wbuf.len() >= WRITE_BUFFER_FLUSH_BYTES {
+                            self.flush().await?;
+                        }
+                    }
+                }
+                changed = durable_rx.changed(), if !self.pending.is_empty() => {
+                    if changed.is_err() {
+                        return Err(ConnError::protocol(AmqpError::InternalError, "message store closed"));
+                    }
+                }
+                _ = tick.tick() => self.on_tick(idle_limit)?,
+                _ = shutdown.changed() => {
+                    return Err(ConnError::protocol(ConnectionError::ConnectionForced, "broker is shutting down"));
+                }
+            }
+        }
+    }
+
+    fn heartbeat_period(&self, idle_limit: Duration) -> Duration {
+        let ours = idle_limit / 4;
+        let theirs = self.peer_idle_timeout.map_or(ours, |t| t / 2);
+        ours.min(theirs).max(Duration::from_millis(100))
+    }
+
+    fn on_tick(&mut self, idle_limit: Duration) -> Result<(), ConnError> {
+        if !idle_limit.is_zero() && self.last_read.elapsed() > idle_limit {
+            return Err(ConnError::protocol(
+                AmqpError::ResourceLimitExceeded,
+                "local-idle-timeout expired",
+            ));
+        }
+        if let Some(t) = self.peer_idle_timeout {
+            if self.last_write.elapsed() >= t / 2 {
+                encode_heartbeat(&mut self.wbuf);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the client's `open` and answers with ours.
+    async fn expect_open(
+        &mut self,
+        rd: &mut OwnedReadHalf,
+        rbuf: &mut BytesMut,
+    ) -> Result<(), ConnError> {
+        let frame = loop {
+            if let Some(f) = self.decoder.decode(rbuf)? {
+                if !f.is_heartbeat() {
+                    break f;
+                }
+                continue;
+            }
+            let read = tokio::time::timeout(handshake::HANDSHAKE_TIMEOUT, rd.read_buf(rbuf))
+                .await
+                .map_err(|_| ConnError::Handshake("no open frame in time"))??;
+            if read == 0 {
+                return Err(ConnError::PeerClosed);
+            }
+        };
+        let (performative, _) = frame::split_performative(&frame.body)?;
+        let Performative::Open(open) = performative else {
+            return Err(ConnError::protocol(
+                AmqpError::IllegalState,
+                "the first frame must be open",
+            ));
+        };
+        self.container_id = open.container_id.clone();
+        self.hostname = open.hostname.clone();
+        self.peer_max_frame = open.max_frame_size.0.max(frame::MIN_MAX_FRAME_SIZE);
+        self.peer_idle_timeout = open
+            .idle_time_out
+            .filter(|&t| t > 0)
+            .map(|t| Duration::from_millis(u64::from(t)));
+        let config = self.broker.config();
+        self.decoder.set_max_frame_size(config.max_frame_bytes);
+        tracing::debug!(container_id = %self.container_id, hostname = ?self.hostname, identity = ?self.identity, "connection opened");
+        let reply = Open {
+            container_id: CONTAINER_ID.into(),
+            hostname: None,
+            max_frame_size: MaxFrameSize(config.max_frame_bytes),
+            channel_max: ChannelMax(config.max_sessions.saturating_sub(1)),
+            idle_time_out: Some(config.idle_timeout_ms),
+            outgoing_locales: None,
+            incoming_locales: None,
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        };
+        self.send(0, &Performative::Open(reply), &[])
+    }
+
+    /// Dispatches one decoded frame.
+    fn on_frame(&mut self, channel: u16, body: &bytes::Bytes) -> Result<(), ConnError> {
+        let (performative, payload) = frame::split_performative(body)?;
+        if !payload.is_empty() && !matches!(performative, Performative::Transfer(_)) {
+            return Err(ConnError::protocol(
+                AmqpError::DecodeError,
+                "payload after a performative that carries none",
+            ));
+        }
+        match performative {
+            Performative::Open(_) => Err(ConnError::protocol(
+                AmqpError::IllegalState,
+                "open received twice",
+            )),
+            Performative::Close(close) => {
+                if let Some(e) = close.error {
+                    tracing::info!(condition = %condition_name(&e.condition), description = ?e.description, "peer closed with error");
+                }
+                self.cleanup();
+                self.send(0, &Performative::Close(Close { error: None }), &[])?;
+                self.closing = true;
+                Ok(())
+            }
+            Performative::Begin(begin) => self.on_begin(channel, begin),
+            Performative::End(end) => self.on_end(channel, end),
+            other => {
+                let mut session = self.sessions.remove(&channel).ok_or_else(|| {
+                    ConnError::protocol(
+                        AmqpError::IllegalState,
+                        format!("frame on channel {channel} without a session"),
+                    )
+                })?;
+                let result = session.on_performative(self, other, payload);
+                self.sessions.insert(channel, session);
+                result
+            }
+        }
+    }
+
+    fn on_outbound(&mut self, event: Outbound) -> Result<(), ConnError> {
+        let channel = match &event {
+            Outbound::Deliver { link, .. } | Outbound::Drained { link, .. } => link.channel,
+        };
+        match self.sessions.remove(&channel) {
+            Some(mut session) => {
+                let result = session.on_outbound(self, event);
+                self.sessions.insert(channel, session);
+                result
+            }
+            // The session is gone; removing its consumers already requeued the message.
+            None => Ok(()),
+        }
+    }
+
+    /// Moves durable messages into their queues and accepts them, one disposition frame
+    /// per run of consecutive delivery ids.
+    fn complete_durable(&mut self) -> Result<(), ConnError> {
+        let mut accepted: Vec<(u16, u32)> = Vec::new();
+        while let Some(front) = self.pending.front() {
+            if !front.durable.is_durable() {
+                break;
+            }
+            let Some(p) = self.pending.pop_front() else {
+                break;
+            };
+            p.queue.enqueue(&self.broker, p.msg);
+            if let Some(ack) = p.ack {
+                accepted.push(ack);
+            }
+        }
+        let failed = self
+            .broker
+            .store()
+            .log()
+            .durable_watch()
+            .borrow()
+            .failed
+            .clone();
+        if let Some(reason) = failed {
+            return Err(ConnError::protocol(
+                AmqpError::InternalError,
+                format!("message store failed: {reason}"),
+            ));
+        }
+        let mut i = 0;
+        while i < accepted.len() {
+            let (channel, first) = accepted[i];
+            let mut last = first;
+            while i + 1 < accepted.len() && accepted[i + 1] == (channel, last.wrapping_add(1)) {
+                i += 1;
+                last = accepted[i].1;
+            }
+            i += 1;
+            if let Some(mut session) = self.sessions.remove(&channel) {
+                let result = session.send_accepted(self, first, last);
+                self.sessions.insert(channel, session);
+                result?;
+            }
+        }
+        Ok(())
+    }
+
+    fn on_begin(
+        &mut self,
+        channel: u16,
+        begin: fe2o3_amqp_types::performatives::Begin,
+    ) -> Result<(), ConnError> {
+        if self.sessions.contains_key(&channel) {
+            return Err(ConnError::protocol(
+                AmqpError::IllegalState,
+                format!("channel {channel} already has a session"),
+            ));
+        }
+        if channel >= self.broker.config().max_sessions {
+            return Err(ConnError::protocol(
+                ConnectionError::FramingError,
+                format!("channel {channel} exceeds channel-max"),
+            ));
+        }
+        if begin.remote_channel.is_some() {
+            return Err(ConnError::protocol(
+                AmqpError::NotImplemented,
+                "the broker does not begin sessions",
+            ));
+        }
+        let (session, reply) = Session::begin(channel, &begin, self.broker.config());
+        self.sessions.insert(channel, session);
+        self.send(channel, &Performative::Begin(reply), &[])
+    }
+
+    fn on_end(
+        &mut self,
+        channel: u16,
+        end: fe2o3_amqp_types::performatives::End,
+    ) -> Result<(), ConnError> {
+        let Some(mut session) = self.sessions.remove(&channel) else {
+            return Err(ConnError::protocol(
+                AmqpError::IllegalState,
+                format!("end on channel {channel} without a session"),
+            ));
+        };
+        if let Some(e) = end.error {
+            tracing::info!(condition = %condition_name(&e.condition), "peer ended session with error");
+        }
+        session.detach_all(self);
+        let local = session.local_channel();
+        self.send(
+            local,
+            &Performative::End(fe2o3_amqp_types::performatives::End { error: None }),
+            &[],
+        )
+    }
+
+    /// Releases every link's consumers and producers (connection gone).
+    fn cleanup(&mut self) {
+        let sessions: Vec<Session> = self.sessions.drain().map(|(_, s)| s).collect();
+        for mut s in sessions {
+            s.detach_all(self);
+        }
+    }
+
+    /// Encodes a frame into the write buffer.
+    fn send(
+        &mut self,
+        channel: u16,
+        performative: &Performative,
+        payload: &[u8],
+    ) -> Result<(), ConnError> {
+        encode_frame(&mut self.wbuf, channel, performative, payload)?;
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), ConnError> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        self.wr.write_all(&self.wbuf).await?;
+        self.wbuf.clear();
+        self.last_write = Instant::now();
+        Ok(())
+    }
+
+    /// Sends `close` (with an error, if any) and flushes; errors are ignored, the socket is
+    /// going away anyway.
+    async fn close_with(&mut self, error: Option<AmqpErrorBody>) {
+        if self
+            .send(0, &Performative::Close(Close { error }), &[])
+            .is_ok()
+        {
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.flush()).await;
+        }
+        let _ = self.wr.shutdown().await;
+    }
+}

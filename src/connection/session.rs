@@ -1,0 +1,442 @@
+//! A session: transfer numbering and windows in both directions, and its links.
+//!
+//! Incoming: we grant a fixed incoming window and top it up with a `flow` when half is
+//! used. Outgoing: we never send more transfer frames than the peer's incoming window
+//! allows; deliveries that do not fit wait in `blocked` until the peer's next `flow`.
+//! Outgoing unsettled deliveries are remembered by delivery id until the consumer's
+//! disposition settles them.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use fe2o3_amqp_types::definitions::{AmqpError, Role, SessionError};
+use fe2o3_amqp_types::messaging::{Accepted, DeliveryState};
+use fe2o3_amqp_types::performatives::{Begin, Disposition, Flow, Performative};
+
+use super::link::Link;
+use super::{ConnError, Connection};
+use crate::amqp::frame::{encode_transfer, TransferHeader, FRAME_HEADER_LEN};
+use crate::amqp::message::{concat, MessageView};
+use crate::broker::queue::{ConsumerId, Outbound, Outcome, Queue, QueuedMessage};
+use crate::config::BrokerConfig;
+
+/// Transfer frames the peer may send before we top the window up.
+pub const INCOMING_WINDOW: u32 = 8192;
+/// Our outgoing window as announced (we are limited by the peer's incoming window).
+pub const OUTGOING_WINDOW: u32 = u32::MAX;
+
+/// A delivery we sent and the consumer has not settled.
+pub(super) struct OutDelivery {
+    pub handle: u32,
+    pub consumer: ConsumerId,
+    pub queue: Arc<Queue>,
+    pub offset: u64,
+}
+
+/// A delivery waiting for the peer's incoming window.
+pub(super) struct Blocked {
+    handle: u32,
+    consumer: ConsumerId,
+    queue: Arc<Queue>,
+    msg: QueuedMessage,
+    settled: bool,
+}
+
+pub(super) struct Session {
+    local_channel: u16,
+    remote_channel: u16,
+    next_incoming_id: u32,
+    incoming_window: u32,
+    next_outgoing_id: u32,
+    remote_incoming_window: u32,
+    next_delivery_id: u32,
+    handle_max: u32,
+    pub(super) links: HashMap<u32, Link>,
+    pub(super) unsettled_out: HashMap<u32, OutDelivery>,
+    blocked: VecDeque<Blocked>,
+}
+
+impl Session {
+    /// Accepts the peer's `begin`; our channel number is the peer's.
+    pub fn begin(channel: u16, begin: &Begin, config: &BrokerConfig) -> (Session, Begin) {
+        let handle_max = config.max_links.saturating_sub(1);
+        let session = Session {
+            local_channel: channel,
+            remote_channel: channel,
+            next_incoming_id: begin.next_outgoing_id,
+            incoming_window: INCOMING_WINDOW,
+            next_outgoing_id: 0,
+            remote_incoming_window: begin.incoming_window,
+            next_delivery_id: 0,
+            handle_max,
+            links: HashMap::new(),
+            unsettled_out: HashMap::new(),
+            blocked: VecDeque::new(),
+        };
+        let reply = Begin {
+            remote_channel: Some(channel),
+            next_outgoing_id: 0,
+            incoming_window: INCOMING_WINDOW,
+            outgoing_window: OUTGOING_WINDOW,
+            handle_max: handle_max.into(),
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        };
+        (session, reply)
+    }
+
+    pub fn local_channel(&self) -> u16 {
+        self.local_channel
+    }
+
+    pub fn remote_channel(&self) -> u16 {
+        self.remote_channel
+    }
+
+    pub fn handle_max(&self) -> u32 {
+        self.handle_max
+    }
+
+    pub fn on_performative(
+        &mut self,
+        conn: &mut Connection,
+        p: Performative,
+        payload: Bytes,
+    ) -> Result<(), ConnError> {
+        match p {
+            Performative::Attach(attach) => self.on_attach(conn, attach),
+            Performative::Detach(detach) => self.on_detach(conn, detach),
+            Performative::Flow(flow) => self.on_flow(conn, flow),
+            Performative::Transfer(transfer) => {
+                self.count_incoming_frame(conn)?;
+                self.on_transfer(conn, transfer, payload)
+            }
+            Performative::Disposition(d) => self.on_disposition(conn, d),
+            _ => Err(ConnError::protocol(
+                AmqpError::IllegalState,
+                "unexpected performative on a session",
+            )),
+        }
+    }
+
+    /// Window bookkeeping for one incoming transfer frame.
+    fn count_incoming_frame(&mut self, conn: &mut Connection) -> Result<(), ConnError> {
+        if self.incoming_window == 0 {
+            return Err(ConnError::protocol(
+                SessionError::WindowViolation,
+                "transfer beyond the incoming window",
+            ));
+        }
+        self.incoming_window -= 1;
+        self.next_incoming_id = self.next_incoming_id.wrapping_add(1);
+        if self.incoming_window < INCOMING_WINDOW / 2 {
+            self.incoming_window = INCOMING_WINDOW;
+            self.send_flow(conn, None)?;
+        }
+        Ok(())
+    }
+
+    /// Sends a session flow, or a link flow when `link` is `(handle, delivery_count,
+    /// link_credit, drain)`.
+    pub fn send_flow(
+        &mut self,
+        conn: &mut Connection,
+        link: Option<(u32, u32, Option<u32>, bool)>,
+    ) -> Result<(), ConnError> {
+        let flow = Flow {
+            next_incoming_id: Some(self.next_incoming_id),
+            incoming_window: self.incoming_window,
+            next_outgoing_id: self.next_outgoing_id,
+            outgoing_window: OUTGOING_WINDOW,
+            handle: link.map(|l| l.0.into()),
+            delivery_count: link.map(|l| l.1),
+            link_credit: link.and_then(|l| l.2),
+            available: None,
+            drain: link.is_some_and(|l| l.3),
+            echo: false,
+            properties: None,
+        };
+        conn.send(self.local_channel, &Performative::Flow(flow), &[])
+    }
+
+    fn on_flow(&mut self, conn: &mut Connection, flow: Flow) -> Result<(), ConnError> {
+        let their_next_incoming = flow.next_incoming_id.unwrap_or(0);
+        self.remote_incoming_window = their_next_incoming
+            .wrapping_add(flow.incoming_window)
+            .wrapping_sub(self.next_outgoing_id);
+        if let Some(handle) = flow.handle {
+            let handle = handle.0;
+            match self.links.get_mut(&handle) {
+                Some(Link::Consumer(c)) => {
+                    let (queue, id) = (Arc::clone(&c.queue), c.consumer);
+                    queue.flow(
+                        &conn.broker,
+                        id,
+                        flow.delivery_count,
+                        flow.link_credit.unwrap_or(0),
+                        flow.drain,
+                    );
+                }
+                Some(Link::Producer(p)) => {
+                    if flow.echo {
+                        let (dc, credit) = (p.delivery_count, p.credit);
+                        self.send_flow(conn, Some((handle, dc, Some(credit), false)))?;
+                    }
+                }
+                Some(Link::Detached) => {}
+                None => {
+                    return Err(ConnError::protocol(
+                        SessionError::UnattachedHandle,
+                        format!("flow for unattached handle {handle}"),
+                    ))
+                }
+            }
+        } else if flow.echo {
+            self.send_flow(conn, None)?;
+        }
+        self.send_blocked(conn)
+    }
+
+    fn on_disposition(&mut self, conn: &mut Connection, d: Disposition) -> Result<(), ConnError> {
+        if d.role != Role::Receiver {
+            // The peer settles deliveries it sent us; we settle ours on acceptance already.
+            return Ok(());
+        }
+        let last = d.last.unwrap_or(d.first);
+        let outcome = match &d.state {
+            Some(state) => outcome_of(state),
+            None if d.settled => Some(Outcome::Accepted),
+            None => None,
+        };
+        let Some(outcome) = outcome else {
+            return Ok(());
+        };
+        let mut id = d.first;
+        let mut settled_back = Vec::new();
+        loop {
+            if let Some(out) = self.unsettled_out.remove(&id) {
+                out.queue
+                    .settle(&conn.broker, out.consumer, out.offset, outcome.clone());
+                if !d.settled {
+                    settled_back.push(id);
+                }
+            }
+            if id == last {
+                break;
+            }
+            id = id.wrapping_add(1);
+        }
+        for id in settled_back {
+            let reply = Disposition {
+                role: Role::Sender,
+                first: id,
+                last: None,
+                settled: true,
+                state: d.state.clone(),
+                batchable: false,
+            };
+            conn.send(self.local_channel, &Performative::Disposition(reply), &[])?;
+        }
+        Ok(())
+    }
+
+    /// Accepts and settles the incoming deliveries `first..=last`.
+    pub fn send_accepted(
+        &mut self,
+        conn: &mut Connection,
+        first: u32,
+        last: u32,
+    ) -> Result<(), ConnError> {
+        let d = Disposition {
+            role: Role::Receiver,
+            first,
+            last: (last != first).then_some(last),
+            settled: true,
+            state: Some(DeliveryState::Accepted(Accepted {})),
+            batchable: false,
+        };
+        conn.send(self.local_channel, &Performative::Disposition(d), &[])
+    }
+
+    pub fn on_outbound(&mut self, conn: &mut Connection, event: Outbound) -> Result<(), ConnError> {
+        match event {
+            Outbound::Deliver {
+                link,
+                queue,
+                msg,
+                settled,
+            } => {
+                let current = matches!(self.links.get(&link.handle), Some(Link::Consumer(c)) if c.consumer == link.consumer);
+                if !current {
+                    // The link went away after the queue dispatched; the queue already
+                    // took the message back when the consumer was removed.
+                    return Ok(());
+                }
+                self.blocked.push_back(Blocked {
+                    handle: link.handle,
+                    consumer: link.consumer,
+                    queue,
+                    msg,
+                    settled,
+                });
+                self.send_blocked(conn)
+            }
+            Outbound::Drained {
+                link,
+                delivery_count,
+            } => {
+                if matches!(self.links.get(&link.handle), Some(Link::Consumer(c)) if c.consumer == link.consumer)
+                {
+                    // No link-credit field: only the receiving side issues credit.
+                    self.send_flow(conn, Some((link.handle, delivery_count, None, true)))?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Sends waiting deliveries while the peer's incoming window allows.
+    fn send_blocked(&mut self, conn: &mut Connection) -> Result<(), ConnError> {
+        while let Some(b) = self.blocked.front() {
+            let frames = frames_needed(b.msg.message.len(), conn.peer_max_frame);
+            if self.remote_incoming_window < frames {
+                break;
+            }
+            let Some(b) = self.blocked.pop_front() else {
+                break;
+            };
+            if !matches!(self.links.get(&b.handle), Some(Link::Consumer(c)) if c.consumer == b.consumer)
+            {
+                continue;
+            }
+            self.write_delivery(conn, b)?;
+        }
+        Ok(())
+    }
+
+    fn write_delivery(&mut self, conn: &mut Connection, b: Blocked) -> Result<(), ConnError> {
+        let payload = if b.msg.delivery_count > 0 {
+            let view = MessageView::parse(b.msg.message.clone()).map_err(|e| {
+                ConnError::protocol(
+                    AmqpError::InternalError,
+                    format!("stored message unreadable: {e}"),
+                )
+            })?;
+            let chunks = view
+                .with_delivery_count(b.msg.delivery_count)
+                .map_err(|e| {
+                    ConnError::protocol(
+                        AmqpError::InternalError,
+                        format!("header rewrite failed: {e}"),
+                    )
+                })?;
+            concat(&chunks)
+        } else {
+            b.msg.message.clone()
+        };
+        let delivery_id = self.next_delivery_id;
+        self.next_delivery_id = self.next_delivery_id.wrapping_add(1);
+        let tag = b.msg.offset.to_be_bytes();
+        let header = TransferHeader {
+            handle: b.handle,
+            delivery_id,
+            delivery_tag: &tag,
+            message_format: 0,
+            settled: b.settled,
+            more: false,
+        };
+        let room = (conn.peer_max_frame as usize)
+            .saturating_sub(FRAME_HEADER_LEN + header.encoded_len())
+            .max(1);
+        let mut chunks = payload.chunks(room).peekable();
+        if payload.is_empty() {
+            encode_transfer(&mut conn.wbuf, self.local_channel, &header, &[])?;
+            self.count_outgoing_frame();
+        }
+        while let Some(chunk) = chunks.next() {
+            let h = TransferHeader {
+                more: chunks.peek().is_some(),
+                ..header
+            };
+            encode_transfer(&mut conn.wbuf, self.local_channel, &h, chunk)?;
+            self.count_outgoing_frame();
+        }
+        if !b.settled {
+            self.unsettled_out.insert(
+                delivery_id,
+                OutDelivery {
+                    handle: b.handle,
+                    consumer: b.consumer,
+                    queue: b.queue,
+                    offset: b.msg.offset,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn count_outgoing_frame(&mut self) {
+        self.next_outgoing_id = self.next_outgoing_id.wrapping_add(1);
+        self.remote_incoming_window = self.remote_incoming_window.saturating_sub(1);
+    }
+
+    /// Forgets every link (session ended or connection closed): consumers are removed
+    /// from their queues, which takes back what they left unsettled.
+    pub fn detach_all(&mut self, conn: &mut Connection) {
+        let handles: Vec<u32> = self.links.keys().copied().collect();
+        for h in handles {
+            self.forget_link(conn, h);
+        }
+        self.blocked.clear();
+    }
+
+    /// Removes a link and its unsettled outgoing deliveries.
+    pub fn forget_link(&mut self, conn: &mut Connection, handle: u32) {
+        if let Some(Link::Consumer(c)) = self.links.remove(&handle) {
+            self.unsettled_out.retain(|_, d| d.handle != handle);
+            self.blocked.retain(|b| b.handle != handle);
+            c.queue.remove_consumer(&conn.broker, c.consumer);
+            conn.broker
+                .stats
+                .links
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        } else if let Some(Link::Producer(_)) = self.links.get(&handle) {
+            self.links.remove(&handle);
+            conn.broker
+                .stats
+                .links
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        } else {
+            self.links.remove(&handle);
+        }
+    }
+}
+
+fn frames_needed(len: usize, max_frame: u32) -> u32 {
+    let room = (max_frame as usize)
+        .saturating_sub(FRAME_HEADER_LEN + 64)
+        .max(1);
+    len.div_ceil(room).max(1) as u32
+}
+
+/// The broker's outcome for a terminal delivery state from a consumer.
+fn outcome_of(state: &DeliveryState) -> Option<Outcome> {
+    match state {
+        DeliveryState::Accepted(_) => Some(Outcome::Accepted),
+        DeliveryState::Released(_) => Some(Outcome::Released),
+        DeliveryState::Modified(m) => Some(Outcome::Modified {
+            delivery_failed: m.delivery_failed.unwrap_or(false),
+            undeliverable_here: m.undeliverable_here.unwrap_or(false),
+        }),
+        DeliveryState::Rejected(r) => Some(Outcome::Rejected {
+            condition: r.error.as_ref().map_or_else(
+                || "rejected".to_owned(),
+                |e| super::condition_name(&e.condition),
+            ),
+            description: r.error.as_ref().and_then(|e| e.description.clone()),
+        }),
+        _ => None,
+    }
+}

@@ -1,0 +1,247 @@
+//! Prometheus text exposition of the broker's counters, and the HTTP endpoint that serves
+//! it with `/healthz` and `/readyz`.
+//!
+//! The HTTP server is deliberately tiny (three GET routes, one request per connection,
+//! bounded request size): it is an operator's probe, not an API.
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use entrepot_storage::SYNC_LATENCY_BUCKETS_US;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::broker::Broker;
+
+/// Largest HTTP request head read.
+pub const MAX_HTTP_REQUEST_BYTES: usize = 8 * 1024;
+/// Time a client gets to send its request.
+pub const HTTP_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Renders every metric in the Prometheus text format.
+pub fn render(broker: &Broker) -> String {
+    let mut out = String::with_capacity(4096);
+    let s = &broker.stats;
+    gauge(
+        &mut out,
+        "entrepot_connections",
+        "Open AMQP connections",
+        s.connections.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut out,
+        "entrepot_connections_total",
+        "AMQP connections accepted",
+        s.connections_total.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut out,
+        "entrepot_connection_errors_total",
+        "Connections ended by an error",
+        s.connection_errors.load(Ordering::Relaxed),
+    );
+    gauge(
+        &mut out,
+        "entrepot_links",
+        "Attached links",
+        s.links.load(Ordering::Relaxed),
+    );
+    let log = broker.store().log();
+    let st = log.stats();
+    counter(
+        &mut out,
+        "entrepot_store_records_total",
+        "Records appended to the message log",
+        st.records_appended.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut out,
+        "entrepot_store_bytes_total",
+        "Bytes appended to the message log",
+        st.bytes_appended.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut out,
+        "entrepot_store_recovered_torn_bytes",
+        "Bytes cut from a torn tail at start-up",
+        st.recovered_torn_bytes.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut out,
+        "entrepot_store_segments_deleted_total",
+        "Segments deleted",
+        st.segments_deleted.load(Ordering::Relaxed),
+    );
+    gauge(
+        &mut out,
+        "entrepot_store_segments",
+        "Segments in the message log",
+        log.segments().len() as u64,
+    );
+    let _ = writeln!(out, "# HELP entrepot_fsync_seconds Latency of group-commit syncs of the message log\n# TYPE entrepot_fsync_seconds histogram");
+    let mut cumulative = 0;
+    for (i, bound) in SYNC_LATENCY_BUCKETS_US.iter().enumerate() {
+        cumulative += st.sync_latency_buckets[i].load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "entrepot_fsync_seconds_bucket{{le=\"{}\"}} {cumulative}",
+            *bound as f64 / 1e6
+        );
+    }
+    cumulative += st.sync_latency_buckets[SYNC_LATENCY_BUCKETS_US.len()].load(Ordering::Relaxed);
+    let _ = writeln!(
+        out,
+        "entrepot_fsync_seconds_bucket{{le=\"+Inf\"}} {cumulative}"
+    );
+    let _ = writeln!(
+        out,
+        "entrepot_fsync_seconds_sum {}",
+        st.sync_nanos_total.load(Ordering::Relaxed) as f64 / 1e9
+    );
+    let _ = writeln!(
+        out,
+        "entrepot_fsync_seconds_count {}",
+        st.syncs.load(Ordering::Relaxed)
+    );
+    queue_metrics(&mut out, broker);
+    out
+}
+
+fn queue_metrics(out: &mut String, broker: &Broker) {
+    let mut queues = broker.queues();
+    queues.sort_by(|a, b| a.name().cmp(b.name()));
+    let families: [(&str, &str, &str); 7] = [
+        (
+            "entrepot_queue_depth",
+            "gauge",
+            "Messages held (ready + unsettled)",
+        ),
+        (
+            "entrepot_queue_unsettled",
+            "gauge",
+            "Messages delivered and not yet settled",
+        ),
+        ("entrepot_queue_consumers", "gauge", "Consumers attached"),
+        (
+            "entrepot_queue_enqueued_total",
+            "counter",
+            "Messages enqueued",
+        ),
+        (
+            "entrepot_queue_acknowledged_total",
+            "counter",
+            "Messages accepted by consumers",
+        ),
+        (
+            "entrepot_queue_dead_lettered_total",
+            "counter",
+            "Messages moved to the dead-letter address",
+        ),
+        (
+            "entrepot_queue_expired_total",
+            "counter",
+            "Messages moved to the expiry address",
+        ),
+    ];
+    for (i, (name, kind, help)) in families.iter().enumerate() {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for q in &queues {
+            let (ready, unsettled) = q.depth();
+            let value = match i {
+                0 => (ready + unsettled) as u64,
+                1 => unsettled as u64,
+                2 => q.consumer_count() as u64,
+                3 => q.stats.enqueued.load(Ordering::Relaxed),
+                4 => q.stats.acknowledged.load(Ordering::Relaxed),
+                5 => q.stats.dead_lettered.load(Ordering::Relaxed),
+                _ => q.stats.expired.load(Ordering::Relaxed),
+            };
+            let _ = writeln!(out, "{name}{{queue=\"{}\"}} {value}", escape(q.name()));
+        }
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, v: u64) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+}
+
+fn counter(out: &mut String, name: &str, help: &str, v: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+    );
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until shutdown.
+pub async fn serve_http(
+    listener: TcpListener,
+    broker: Arc<Broker>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let broker = Arc::clone(&broker);
+                let ready = !*shutdown.borrow();
+                tokio::spawn(async move {
+                    if let Err(e) = handle(stream, &broker, ready).await {
+                        tracing::debug!(error = %e, "http request failed");
+                    }
+                });
+            }
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+async fn handle(
+    mut stream: tokio::net::TcpStream,
+    broker: &Broker,
+    ready: bool,
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; MAX_HTTP_REQUEST_BYTES];
+    let mut len = 0;
+    let read = tokio::time::timeout(HTTP_READ_TIMEOUT, async {
+        while len < buf.len() {
+            let n = stream.read(&mut buf[len..]).await?;
+            if n == 0 {
+                break;
+            }
+            len += n;
+            if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+    if !matches!(read, Ok(Ok(()))) {
+        return Ok(());
+    }
+    let head = String::from_utf8_lossy(&buf[..len]);
+    let path = head.split_whitespace().nth(1).unwrap_or("/");
+    let (status, body, kind) = match path {
+        "/metrics" => ("200 OK", render(broker), "text/plain; version=0.0.4"),
+        "/healthz" => ("200 OK", "ok\n".to_owned(), "text/plain"),
+        "/readyz" if ready => ("200 OK", "ready\n".to_owned(), "text/plain"),
+        "/readyz" => (
+            "503 Service Unavailable",
+            "shutting down\n".to_owned(),
+            "text/plain",
+        ),
+        _ => ("404 Not Found", "not found\n".to_owned(), "text/plain"),
+    };
+    let response = format!("HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}

@@ -1,0 +1,137 @@
+//! Starts the real `entrepot` binary on loopback ports it picks itself, and stops it
+//! with SIGTERM or SIGKILL. Every wait is bounded.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// Longest a broker may take to start listening.
+pub const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub struct BrokerProcess {
+    child: Child,
+    pub amqp: SocketAddr,
+    pub http: SocketAddr,
+    pub dir: PathBuf,
+    logs: mpsc::Receiver<String>,
+}
+
+impl BrokerProcess {
+    /// Starts a broker on `dir` with extra `serve` flags.
+    pub fn start(dir: &Path, extra: &[&str]) -> BrokerProcess {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_entrepot"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--http",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
+            .arg(dir)
+            .args(extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("ENTREPOT_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn entrepot");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if std::env::var("ENTREPOT_TEST_ECHO").is_ok() {
+                    eprintln!("[broker] {line}");
+                }
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = std::time::Instant::now() + START_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = rx
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("broker did not start within {START_TIMEOUT:?}"));
+            if let (Some(a), Some(h)) = (field(&line, "amqp="), field(&line, "http=")) {
+                return BrokerProcess {
+                    child,
+                    amqp: a.parse().expect("amqp addr"),
+                    http: h.parse().expect("http addr"),
+                    dir: dir.to_path_buf(),
+                    logs: rx,
+                };
+            }
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://{}", self.amqp)
+    }
+
+    /// SIGKILL: no chance to sync or close anything.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait (bounded) for a clean exit; returns the exit status code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+        None
+    }
+
+    /// Lines the broker logged so far.
+    pub fn drain_logs(&self) -> Vec<String> {
+        self.logs.try_iter().collect()
+    }
+
+    /// GET a path from the HTTP endpoint; returns (status line, body).
+    pub fn http_get(&self, path: &str) -> (String, String) {
+        let mut s =
+            TcpStream::connect_timeout(&self.http, Duration::from_secs(5)).expect("http connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("http write");
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).expect("http read");
+        let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+        (
+            head.lines().next().unwrap_or_default().to_owned(),
+            body.to_owned(),
+        )
+    }
+
+    /// The value of a metric line such as `entrepot_queue_depth{queue="q"}`.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        let (_, body) = self.http_get("/metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let start = line.find(key)? + key.len();
+    line[start..].split_whitespace().next()
+}

@@ -1,0 +1,6 @@
+//! End-to-end tests of the broker: the real binary on loopback, driven by fe2o3-amqp
+//! clients (and raw sockets where the exact bytes matter). One test binary keeps link
+//! times down; each module is one scenario family.
+
+mod harness;
+mod queues;
