@@ -1,16 +1,9 @@
-//! `entrepot`: a persistent store-and-forward AMQP 1.0 message broker.
-//!
-//! `entrepot serve` runs a single node: the AMQP listener, the HTTP endpoint for metrics
-//! and health, and housekeeping, all on one tokio runtime over the shared message store.
+//! The `entrepot` command line: `entrepot serve` runs a broker node (see the library
+//! crate docs in `lib.rs` for what the node is made of).
 
 #![deny(clippy::unwrap_used)]
 
-mod amqp;
-mod broker;
-mod config;
-mod connection;
-mod metrics;
-mod server;
+use entrepot::{config, server};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -115,36 +108,12 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(config: BrokerConfig) -> anyhow::Result<()> {
-    let broker = tokio::task::block_in_place(|| broker::Broker::open(config.clone()))
-        .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
-    let amqp = server::bind(config.listen)
-        .await
-        .with_context(|| format!("binding {}", config.listen))?;
-    let http = tokio::net::TcpListener::bind(config.http)
-        .await
-        .with_context(|| format!("binding {}", config.http))?;
-    tracing::info!(amqp = %amqp.local_addr()?, http = %http.local_addr()?, data_dir = %config.data_dir.display(), "entrepot listening");
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let house = tokio::spawn(std::sync::Arc::clone(&broker).housekeeping(shutdown_rx.clone()));
-    let web = tokio::spawn(metrics::serve_http(
-        http,
-        std::sync::Arc::clone(&broker),
-        shutdown_rx.clone(),
-    ));
-    let listener = tokio::spawn(server::serve(
-        amqp,
-        std::sync::Arc::clone(&broker),
-        shutdown_rx,
-    ));
+    let node = server::Node::start(config, shutdown_rx).await?;
     wait_for_signal().await;
     tracing::info!("shutting down: closing connections, finishing syncs");
     let _ = shutdown_tx.send(true);
-    let _ = listener.await;
-    let _ = web.await;
-    let _ = house.await;
-    broker.store().log().flush().context("final sync")?;
-    tracing::info!("stopped");
-    Ok(())
+    node.stopped().await
 }
 
 async fn wait_for_signal() {

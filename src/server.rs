@@ -10,8 +10,12 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
+use anyhow::Context;
+use tokio::task::JoinHandle;
+
 use crate::broker::Broker;
-use crate::connection;
+use crate::config::BrokerConfig;
+use crate::{connection, metrics};
 
 /// Longest a graceful shutdown waits for connections to close.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -64,5 +68,57 @@ pub async fn serve(
     if drained.is_err() {
         tracing::warn!(remaining = tasks.len(), "connections did not close in time");
         tasks.abort_all();
+    }
+}
+
+/// A running node: the broker, its AMQP and HTTP listeners and housekeeping.
+pub struct Node {
+    pub broker: Arc<Broker>,
+    pub amqp_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Node {
+    /// Opens the store, binds both listeners and starts serving until `shutdown` is true.
+    pub async fn start(
+        config: BrokerConfig,
+        shutdown: watch::Receiver<bool>,
+    ) -> anyhow::Result<Node> {
+        let broker = tokio::task::block_in_place(|| Broker::open(config.clone()))
+            .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
+        let amqp = bind(config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
+        let http = TcpListener::bind(config.http)
+            .await
+            .with_context(|| format!("binding {}", config.http))?;
+        let (amqp_addr, http_addr) = (amqp.local_addr()?, http.local_addr()?);
+        tracing::info!(amqp = %amqp_addr, http = %http_addr, data_dir = %config.data_dir.display(), "entrepot listening");
+        let tasks = vec![
+            tokio::spawn(Arc::clone(&broker).housekeeping(shutdown.clone())),
+            tokio::spawn(metrics::serve_http(
+                http,
+                Arc::clone(&broker),
+                shutdown.clone(),
+            )),
+            tokio::spawn(serve(amqp, Arc::clone(&broker), shutdown)),
+        ];
+        Ok(Node {
+            broker,
+            amqp_addr,
+            http_addr,
+            tasks,
+        })
+    }
+
+    /// Waits for every task to end after shutdown, then makes the store durable.
+    pub async fn stopped(self) -> anyhow::Result<()> {
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.broker.store().log().flush().context("final sync")?;
+        tracing::info!("stopped");
+        Ok(())
     }
 }

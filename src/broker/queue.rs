@@ -344,7 +344,10 @@ impl Queue {
     fn dispatch(self: &Arc<Self>, broker: &Broker, s: &mut QueueState) {
         let now = now_ms();
         let mut expired = Vec::new();
-        'messages: while !s.ready.is_empty() {
+        // Heads moved to the back in a row; bounded by the queue length so a queue whose
+        // every message was refused by every consumer ends the loop.
+        let mut rotations = 0;
+        while !s.ready.is_empty() {
             let n = s.consumers.len();
             let mut chosen = None;
             let head_excluded = s.ready.front().and_then(|m| m.excluded.as_ref()).cloned();
@@ -365,19 +368,19 @@ impl Queue {
                         .iter()
                         .all(|c| e.contains(&c.spec.link.consumer))
                 }) && n > 0
+                    && rotations < s.ready.len()
                 {
                     // Every consumer refused the head: leave it for a new consumer, but
-                    // do not let it block the rest of the queue.
+                    // do not let it block the rest of the queue, which may go out now.
                     if let Some(m) = s.ready.pop_front() {
-                        let len = s.ready.len();
                         s.ready.push_back(m);
-                        if len == 0 {
-                            break 'messages;
-                        }
                     }
+                    rotations += 1;
+                    continue;
                 }
                 break;
             };
+            rotations = 0;
             let Some(msg) = s.ready.pop_front() else {
                 break;
             };

@@ -270,10 +270,11 @@ impl Session {
     ) -> Result<(), ConnError> {
         let handle = detach.handle.0;
         let Some(link) = self.links.get(&handle) else {
-            return Err(ConnError::protocol(
-                SessionError::UnattachedHandle,
-                format!("detach of unattached handle {handle}"),
-            ));
+            // Nothing to tear down, so nothing to fight over: some clients (fe2o3-amqp
+            // 0.18) answer a refused attach's detach twice. Ending the connection for
+            // that would turn a refused attach into a lost connection.
+            tracing::debug!(handle, "ignoring detach of unattached handle");
+            return Ok(());
         };
         let we_detached = matches!(link, Link::Detached);
         self.forget_link(conn, handle);

@@ -126,6 +126,8 @@ pub struct Connection {
     last_read: Instant,
     last_write: Instant,
     closing: bool,
+    /// Our `open` went out; a `close` must always follow one.
+    open_sent: bool,
 }
 
 /// Serves one accepted socket until it closes.
@@ -182,6 +184,7 @@ async fn run(
         last_read: Instant::now(),
         last_write: Instant::now(),
         closing: false,
+        open_sent: false,
     };
     let result = conn.main_loop(&mut rd, rbuf, outbound_rx, shutdown).await;
     conn.cleanup();
@@ -214,6 +217,9 @@ impl Connection {
     ) -> Result<(), ConnError> {
         let mut durable_rx = self.broker.store().log().durable_watch();
         self.expect_open(rd, &mut rbuf).await?;
+        // A client may pipeline begin and attach behind its open: they are already in
+        // the buffer, and no further read would bring them to light.
+        self.on_buffered_frames(&mut rbuf).await?;
         let idle_limit = Duration::from_millis(u64::from(self.broker.config().idle_timeout_ms));
         let mut tick = tokio::time::interval(self.heartbeat_period(idle_limit));
         loop {
@@ -228,17 +234,7 @@ impl Connection {
                         return Err(ConnError::PeerClosed);
                     }
                     self.last_read = Instant::now();
-                    while let Some(frame) = self.decoder.decode(&mut rbuf)? {
-                        if frame.kind != FrameKind::Amqp {
-                            return Err(ConnError::protocol(AmqpError::NotAllowed, "SASL frame after the handshake"));
-                        }
-                        if !frame.is_heartbeat() {
-                            self.on_frame(frame.channel, &frame.body)?;
-                        }
-                        if self.wbuf.len() >= WRITE_BUFFER_FLUSH_BYTES {
-                            self.flush().await?;
-                        }
-                    }
+                    self.on_buffered_frames(&mut rbuf).await?;
                     if rbuf.capacity() - rbuf.len() < 16 * 1024 {
                         rbuf.reserve(64 * 1024);
                     }
@@ -266,6 +262,25 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// Handles every whole frame in `rbuf`.
+    async fn on_buffered_frames(&mut self, rbuf: &mut BytesMut) -> Result<(), ConnError> {
+        while let Some(frame) = self.decoder.decode(rbuf)? {
+            if frame.kind != FrameKind::Amqp {
+                return Err(ConnError::protocol(
+                    AmqpError::NotAllowed,
+                    "SASL frame after the handshake",
+                ));
+            }
+            if !frame.is_heartbeat() {
+                self.on_frame(frame.channel, &frame.body)?;
+            }
+            if self.wbuf.len() >= WRITE_BUFFER_FLUSH_BYTES {
+                self.flush().await?;
+            }
+        }
+        Ok(())
     }
 
     fn heartbeat_period(&self, idle_limit: Duration) -> Duration {
@@ -318,7 +333,10 @@ impl Connection {
         };
         self.container_id = open.container_id.clone();
         self.hostname = open.hostname.clone();
-        self.peer_max_frame = open.max_frame_size.0.max(frame::MIN_MAX_FRAME_SIZE);
+        self.peer_max_frame = open.max_frame_size.0.clamp(
+            frame::MIN_MAX_FRAME_SIZE,
+            self.broker.config().max_frame_bytes,
+        );
         self.peer_idle_timeout = open
             .idle_time_out
             .filter(|&t| t > 0)
@@ -338,7 +356,24 @@ impl Connection {
             desired_capabilities: None,
             properties: None,
         };
+        self.open_sent = true;
         self.send(0, &Performative::Open(reply), &[])
+    }
+
+    /// Our `open`, as sent before a `close` when the peer's `open` never came or was bad.
+    fn minimal_open(&self) -> Open {
+        Open {
+            container_id: CONTAINER_ID.into(),
+            hostname: None,
+            max_frame_size: MaxFrameSize(self.broker.config().max_frame_bytes),
+            channel_max: ChannelMax(0),
+            idle_time_out: None,
+            outgoing_locales: None,
+            incoming_locales: None,
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        }
     }
 
     /// Dispatches one decoded frame.
@@ -526,6 +561,11 @@ impl Connection {
     /// Sends `close` (with an error, if any) and flushes; errors are ignored, the socket is
     /// going away anyway.
     async fn close_with(&mut self, error: Option<AmqpErrorBody>) {
+        if !self.open_sent {
+            let open = self.minimal_open();
+            let _ = self.send(0, &Performative::Open(open), &[]);
+            self.open_sent = true;
+        }
         if self
             .send(0, &Performative::Close(Close { error }), &[])
             .is_ok()

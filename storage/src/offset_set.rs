@@ -85,6 +85,9 @@ impl OffsetSet {
         }
         let below = self.floor.clamp(from, to) - from;
         let start = from.max(self.floor);
+        if start >= to {
+            return below;
+        }
         let mut n = below;
         for (&idx, chunk) in self
             .chunks
@@ -183,6 +186,15 @@ mod tests {
             s.encode(&mut buf);
             prop_assert_eq!(OffsetSet::decode(&buf), Some(s));
         }
+    }
+
+    #[test]
+    fn ranges_below_the_floor_are_counted_whole() {
+        let mut s = OffsetSet::default();
+        s.raise_floor(10_000);
+        assert_eq!(s.count_range(5, 9), 4);
+        assert!(s.contains_range(0, 10_000));
+        assert!(!s.contains_range(0, 10_001));
     }
 
     #[test]

@@ -72,6 +72,11 @@ impl BrokerProcess {
         }
     }
 
+    /// The broker's process id, e.g. to read `/proc/<pid>/status`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn url(&self) -> String {
         format!("amqp://{}", self.amqp)
     }

@@ -2,5 +2,17 @@
 //! clients (and raw sockets where the exact bytes matter). One test binary keeps link
 //! times down; each module is one scenario family.
 
+mod addresses;
+mod crash;
+mod expiry;
+mod garbage;
 mod harness;
+mod interop_proton;
+mod large_messages;
+mod many_queues;
+mod metrics;
+mod outcomes;
 mod queues;
+mod raw_client;
+mod shutdown;
+mod scratch_tmp;

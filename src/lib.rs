@@ -1,0 +1,23 @@
+//! # Entrepot
+//!
+//! A persistent store-and-forward AMQP 1.0 broker node. The pieces, from the wire in:
+//!
+//! * [`amqp`] — the protocol layer: framing, performatives, lazy message views, SASL.
+//!   No I/O, no queues.
+//! * [`connection`] — one task per client connection: our own connection engine
+//!   (sessions, links, flow control) on top of [`amqp`].
+//! * [`broker`] — queues and the message store they share (on `entrepot-storage`).
+//! * [`server`] — listeners, connection limits, shutdown; [`metrics`] — Prometheus and
+//!   health over HTTP; [`config`] — settings and their limits.
+//!
+//! Dependencies point one way: `connection → broker → entrepot-storage`; `broker` never
+//! sees a socket and `amqp` never sees a queue.
+
+#![deny(clippy::unwrap_used)]
+
+pub mod amqp;
+pub mod broker;
+pub mod config;
+pub mod connection;
+pub mod metrics;
+pub mod server;

@@ -1,0 +1,418 @@
+//! What each consumer outcome does to a message.
+//!
+//! Goal: `accepted` removes a message for good (also across a clean restart); `released`
+//! gives it back untouched; `modified` counts a failed attempt and can exclude one
+//! consumer; `rejected` and too many failed attempts dead-letter it to `DLQ` with its
+//! reason; whatever a closing receiver leaves unsettled goes to the next consumer as a
+//! failed attempt.
+//!
+//! Method: a real broker on loopback, fe2o3-amqp senders and receivers. The broker rewrites
+//! the header's delivery-count on redelivery, so each test reads it from the received
+//! message. "Not delivered" claims are a bounded `recv` that must time out.
+
+use std::future::Future;
+use std::time::Duration;
+
+use fe2o3_amqp::connection::ConnectionHandle;
+use fe2o3_amqp::link::receiver::CreditMode;
+use fe2o3_amqp::session::SessionHandle;
+use fe2o3_amqp::types::definitions::{Error as AmqpError, ErrorCondition};
+use fe2o3_amqp::types::messaging::annotations::OwnedKey;
+use fe2o3_amqp::types::messaging::Modified;
+use fe2o3_amqp::types::primitives::{Symbol, Value};
+use fe2o3_amqp::{Connection, Delivery, Receiver, Sender, Session};
+use tokio::time::timeout;
+
+use crate::harness::BrokerProcess;
+
+/// Longest any single client operation may take.
+const WAIT: Duration = Duration::from_secs(5);
+/// How long a receiver listens to show that nothing arrives.
+const QUIET: Duration = Duration::from_millis(500);
+
+async fn within<F: Future>(what: &str, f: F) -> F::Output {
+    timeout(WAIT, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within {WAIT:?}"))
+}
+
+/// The header's delivery-count; an absent header means 0.
+fn delivery_count<T>(d: &Delivery<T>) -> u32 {
+    d.message().header.as_ref().map_or(0, |h| h.delivery_count)
+}
+
+fn annotation<T>(d: &Delivery<T>, key: &str) -> Option<Value> {
+    d.message()
+        .message_annotations
+        .as_ref()?
+        .0
+        .get(&OwnedKey::Symbol(Symbol::from(key)))
+        .cloned()
+}
+
+fn failed() -> Modified {
+    Modified {
+        delivery_failed: Some(true),
+        undeliverable_here: None,
+        message_annotations: None,
+    }
+}
+
+async fn send_all(session: &mut SessionHandle<()>, address: &str, bodies: &[&str]) {
+    let mut sender = within("attach sender", Sender::attach(session, "sender", address))
+        .await
+        .unwrap();
+    for body in bodies {
+        within("send", sender.send(body.to_string()))
+            .await
+            .unwrap()
+            .accepted_or_else(|o| o)
+            .unwrap();
+    }
+    within("close sender", sender.close()).await.unwrap();
+}
+
+async fn recv(receiver: &mut Receiver) -> Delivery<String> {
+    within("recv", receiver.recv::<String>()).await.unwrap()
+}
+
+async fn assert_nothing_arrives(receiver: &mut Receiver) {
+    let got = timeout(QUIET, receiver.recv::<String>()).await;
+    assert!(
+        got.is_err(),
+        "expected no delivery, got {:?}",
+        got.map(|r| r.map(|d| d.body().clone()))
+    );
+}
+
+async fn connect(broker: &BrokerProcess, name: &str) -> (ConnectionHandle<()>, SessionHandle<()>) {
+    let mut conn = within("open", Connection::open(name, broker.url().as_str()))
+        .await
+        .unwrap();
+    let session = within("begin", Session::begin(&mut conn)).await.unwrap();
+    (conn, session)
+}
+
+/// Closes the receivers, then the connection. fe2o3 can put a connection's `close` ahead
+/// of link frames still queued in its session, so closing a link first (which waits for
+/// the broker's detach) makes sure every disposition before it went out.
+async fn close(mut conn: ConnectionHandle<()>, receivers: Vec<Receiver>) {
+    for r in receivers {
+        within("close receiver", r.close()).await.unwrap();
+    }
+    within("close connection", conn.close()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_messages_are_gone_also_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = BrokerProcess::start(dir.path(), &[]);
+    let (mut conn, mut session) = connect(&broker, "accept").await;
+    send_all(&mut session, "orders", &["a", "b", "c"]).await;
+    let mut receiver = within(
+        "attach",
+        Receiver::builder()
+            .name("r1")
+            .source("orders")
+            .credit_mode(CreditMode::Manual)
+            .attach(&mut session),
+    )
+    .await
+    .unwrap();
+    within("credit", receiver.set_credit(2)).await.unwrap();
+    for want in ["a", "b"] {
+        let d = recv(&mut receiver).await;
+        assert_eq!(d.body(), want);
+        within("accept", receiver.accept(&d)).await.unwrap();
+    }
+    within("close", receiver.close()).await.unwrap();
+
+    let mut receiver = within("attach", Receiver::attach(&mut session, "r2", "orders"))
+        .await
+        .unwrap();
+    let c = recv(&mut receiver).await;
+    assert_eq!(
+        c.body(),
+        "c",
+        "a and b were accepted and must not come back"
+    );
+    assert_nothing_arrives(&mut receiver).await;
+    within("release", receiver.release(&c)).await.unwrap();
+    within("close", receiver.close()).await.unwrap();
+    within("end", session.end()).await.unwrap();
+    within("close", conn.close()).await.unwrap();
+
+    assert_eq!(broker.terminate(), Some(0));
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let (conn, mut session) = connect(&broker, "after-restart").await;
+    let mut receiver = within("attach", Receiver::attach(&mut session, "r3", "orders"))
+        .await
+        .unwrap();
+    let c = recv(&mut receiver).await;
+    assert_eq!(
+        c.body(),
+        "c",
+        "only the unaccepted message survives the restart"
+    );
+    within("accept", receiver.accept(&c)).await.unwrap();
+    assert_nothing_arrives(&mut receiver).await;
+    close(conn, vec![receiver]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_message_is_redelivered_with_its_delivery_count_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let (conn, mut session) = connect(&broker, "release").await;
+    send_all(&mut session, "q", &["m"]).await;
+    let mut receiver = within("attach", Receiver::attach(&mut session, "r", "q"))
+        .await
+        .unwrap();
+    let first = recv(&mut receiver).await;
+    assert_eq!(delivery_count(&first), 0);
+    within("release", receiver.release(&first)).await.unwrap();
+    let again = recv(&mut receiver).await;
+    assert_eq!(again.body(), "m");
+    assert_eq!(
+        delivery_count(&again),
+        0,
+        "released is not a failed attempt"
+    );
+    within("accept", receiver.accept(&again)).await.unwrap();
+    assert_nothing_arrives(&mut receiver).await;
+    close(conn, vec![receiver]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_modified_as_failed_comes_back_with_delivery_count_plus_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let (conn, mut session) = connect(&broker, "modify").await;
+    send_all(&mut session, "q", &["m"]).await;
+    let mut receiver = within("attach", Receiver::attach(&mut session, "r", "q"))
+        .await
+        .unwrap();
+    for attempt in 0..3 {
+        let d = recv(&mut receiver).await;
+        assert_eq!(d.body(), "m");
+        assert_eq!(delivery_count(&d), attempt);
+        within("modify", receiver.modify(&d, failed()))
+            .await
+            .unwrap();
+    }
+    let d = recv(&mut receiver).await;
+    assert_eq!(delivery_count(&d), 3);
+    within("accept", receiver.accept(&d)).await.unwrap();
+    close(conn, vec![receiver]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_modified_undeliverable_here_goes_to_another_consumer_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let (conn, mut session) = connect(&broker, "undeliverable").await;
+    send_all(&mut session, "q", &["m"]).await;
+    let mut picky = within("attach", Receiver::attach(&mut session, "picky", "q"))
+        .await
+        .unwrap();
+    let d = recv(&mut picky).await;
+    let not_here = Modified {
+        delivery_failed: None,
+        undeliverable_here: Some(true),
+        message_annotations: None,
+    };
+    within("modify", picky.modify(&d, not_here)).await.unwrap();
+    assert_nothing_arrives(&mut picky).await;
+
+    let mut other = within("attach", Receiver::attach(&mut session, "other", "q"))
+        .await
+        .unwrap();
+    let d = recv(&mut other).await;
+    assert_eq!(d.body(), "m");
+    assert_eq!(
+        delivery_count(&d),
+        0,
+        "undeliverable-here alone is not a failure"
+    );
+    within("accept", other.accept(&d)).await.unwrap();
+    assert_nothing_arrives(&mut picky).await;
+    close(conn, vec![picky, other]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_message_is_dead_lettered_with_its_reason_and_original_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let (conn, mut session) = connect(&broker, "reject").await;
+    send_all(&mut session, "payments", &["bad", "good"]).await;
+    let mut receiver = within("attach", Receiver::attach(&mut session, "r", "payments"))
+        .await
+        .unwrap();
+    let bad = recv(&mut receiver).await;
+    assert_eq!(bad.body(), "bad");
+    let error = AmqpError::new(
+        ErrorCondition::Custom(Symbol::from("app:invalid-payment")),
+        Some("amount is negative".to_owned()),
+        None,
+    );
+    within("reject", receiver.reject(&bad, error))
+        .await
+        .unwrap();
+    let good = recv(&mut receiver).await;
+    assert_eq!(good.body(), "good");
+    within("accept", receiver.accept(&good)).await.unwrap();
+    assert_nothing_arrives(&mut receiver).await;
+
+    let mut dlq = within("attach", Receiver::attach(&mut session, "dlq", "DLQ"))
+        .await
+        .unwrap();
+    let dead = recv(&mut dlq).await;
+    assert_eq!(dead.body(), "bad");
+    assert_eq!(
+        annotation(&dead, "x-opt-dead-letter-reason"),
+        Some(Value::Symbol(Symbol::from("app:invalid-payment")))
+    );
+    assert_eq!(
+        annotation(&dead, "x-opt-original-address"),
+        Some(Value::String("payments".into()))
+    );
+    assert_eq!(
+        annotation(&dead, "x-opt-dead-letter-description"),
+        Some(Value::String("amount is negative".into()))
+    );
+    within("accept", dlq.accept(&dead)).await.unwrap();
+    assert_nothing_arrives(&mut dlq).await;
+    close(conn, vec![receiver, dlq]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_failing_max_delivery_attempts_times_is_dead_lettered() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path(), &["--max-delivery-attempts", "3"]);
+    let (conn, mut session) = connect(&broker, "poison").await;
+    send_all(&mut session, "jobs", &["poison"]).await;
+    let mut receiver = within("attach", Receiver::attach(&mut session, "r", "jobs"))
+        .await
+        .unwrap();
+    for attempt in 0..3 {
+        let d = recv(&mut receiver).await;
+        assert_eq!(delivery_count(&d), attempt);
+        within("modify", receiver.modify(&d, failed()))
+            .await
+            .unwrap();
+    }
+    assert_nothing_arrives(&mut receiver).await;
+
+    let mut dlq = within("attach", Receiver::attach(&mut session, "dlq", "DLQ"))
+        .await
+        .unwrap();
+    let dead = recv(&mut dlq).await;
+    assert_eq!(dead.body(), "poison");
+    assert_eq!(delivery_count(&dead), 3);
+    assert_eq!(
+        annotation(&dead, "x-opt-dead-letter-reason"),
+        Some(Value::Symbol(Symbol::from("delivery-limit")))
+    );
+    assert_eq!(
+        annotation(&dead, "x-opt-original-address"),
+        Some(Value::String("jobs".into()))
+    );
+    within("accept", dlq.accept(&dead)).await.unwrap();
+    close(conn, vec![receiver, dlq]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_left_unsettled_by_a_closed_link_go_to_another_consumer_as_a_failed_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let (conn, mut session) = connect(&broker, "link-close").await;
+    send_all(&mut session, "q", &["m1", "m2"]).await;
+    let mut first = within("attach", Receiver::attach(&mut session, "first", "q"))
+        .await
+        .unwrap();
+    let m1 = recv(&mut first).await;
+    assert_eq!(m1.body(), "m1");
+    let m2 = recv(&mut first).await;
+    assert_eq!(m2.body(), "m2");
+    within("accept", first.accept(&m2)).await.unwrap();
+    within("close", first.close()).await.unwrap();
+
+    let mut second = within("attach", Receiver::attach(&mut session, "second", "q"))
+        .await
+        .unwrap();
+    let again = recv(&mut second).await;
+    assert_eq!(again.body(), "m1");
+    assert_eq!(delivery_count(&again), 1);
+    within("accept", second.accept(&again)).await.unwrap();
+    assert_nothing_arrives(&mut second).await;
+    close(conn, vec![second]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_left_unsettled_by_a_closed_connection_go_to_another_consumer_as_a_failed_attempt(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let (conn, mut session) = connect(&broker, "stays").await;
+    send_all(&mut session, "q", &["m"]).await;
+    let mut later = within(
+        "attach",
+        Receiver::builder()
+            .name("later")
+            .source("q")
+            .credit_mode(CreditMode::Manual)
+            .attach(&mut session),
+    )
+    .await
+    .unwrap();
+
+    let (mut doomed_conn, mut doomed_session) = connect(&broker, "doomed").await;
+    let mut doomed = within(
+        "attach",
+        Receiver::attach(&mut doomed_session, "doomed", "q"),
+    )
+    .await
+    .unwrap();
+    let d = recv(&mut doomed).await;
+    assert_eq!(delivery_count(&d), 0);
+    within("close", doomed_conn.close()).await.unwrap();
+
+    within("credit", later.set_credit(10)).await.unwrap();
+    let again = recv(&mut later).await;
+    assert_eq!(again.body(), "m");
+    assert_eq!(delivery_count(&again), 1);
+    within("accept", later.accept(&again)).await.unwrap();
+    assert_nothing_arrives(&mut later).await;
+    close(conn, vec![later]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_refused_by_every_consumer_does_not_hold_up_later_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let (conn, mut session) = connect(&broker, "head").await;
+    let mut sender = within("attach", Sender::attach(&mut session, "s", "q"))
+        .await
+        .unwrap();
+    let mut only = within("attach", Receiver::attach(&mut session, "only", "q"))
+        .await
+        .unwrap();
+    within("send", sender.send("refused".to_string()))
+        .await
+        .unwrap();
+    let d = recv(&mut only).await;
+    let not_here = Modified {
+        delivery_failed: None,
+        undeliverable_here: Some(true),
+        message_annotations: None,
+    };
+    within("modify", only.modify(&d, not_here)).await.unwrap();
+    for body in ["next-1", "next-2"] {
+        within("send", sender.send(body.to_string())).await.unwrap();
+        let d = recv(&mut only).await;
+        assert_eq!(d.body(), body);
+        within("accept", only.accept(&d)).await.unwrap();
+    }
+    assert_nothing_arrives(&mut only).await;
+    close(conn, vec![only]).await;
+}
