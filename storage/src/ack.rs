@@ -47,7 +47,9 @@ impl AckLog {
     /// Opens (or creates) the ack log in `dir` and replays it.
     pub fn open(dir: impl AsRef<Path>, mut config: LogConfig) -> Result<AckLog> {
         config.segment_bytes = config.segment_bytes.min(ACK_SEGMENT_BYTES);
-        config.record_bytes_max = config.record_bytes_max.min((config.segment_bytes / 2) as u32);
+        config.record_bytes_max = config
+            .record_bytes_max
+            .min((config.segment_bytes / 2) as u32);
         let log = Log::open(dir, config)?;
         let mut set = OffsetSet::default();
         let mut since_snapshot = 0;

@@ -15,4 +15,3 @@ mod outcomes;
 mod queues;
 mod raw_client;
 mod shutdown;
-mod scratch_tmp;

@@ -134,8 +134,8 @@ impl Client {
         .await;
     }
 
-    /// Attaches a receiving link (the broker sends) and waits for the broker's attach.
-    pub async fn attach_receiver(&mut self, handle: u32, name: &str, address: &str) {
+    /// Attaches a receiving link (the broker sends) and returns the broker's attach.
+    pub async fn attach_receiver(&mut self, handle: u32, name: &str, address: &str) -> Attach {
         let attach = Attach {
             name: name.into(),
             handle: Handle(handle),
@@ -154,10 +154,10 @@ impl Client {
         };
         self.send(&Performative::Attach(attach), &[]).await;
         self.expect(|p| match p {
-            Performative::Attach(a) if a.handle.0 == handle => Some(()),
+            Performative::Attach(a) if a.handle.0 == handle => Some(a),
             _ => None,
         })
-        .await;
+        .await
     }
 
     /// Grants `credit` on a receiving link whose delivery-count we know to be
