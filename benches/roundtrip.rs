@@ -3,7 +3,8 @@
 //! The broker runs in-process (same binary code, real TCP on 127.0.0.1, real files with
 //! sync `always` in a directory under `target/`), driven by fe2o3-amqp clients: P
 //! producers each keep `WINDOW` unsettled deliveries in flight; C consumers accept every
-//! message. Criterion measures messages per second; the bench also prints the p50/p99 of
+//! message with link credit 1000 (`ENTREPOT_BENCH_CREDIT`; fe2o3-amqp's default 200 stalls
+//! its receiver). Criterion measures messages per second; the bench also prints the p50/p99 of
 //! send→accepted latency it saw, since criterion reports means only.
 //!
 //! Note: client and broker share this machine's cores, and fe2o3-amqp's client is the
@@ -125,7 +126,15 @@ async fn consume(url: String, queue: String, count: u64) {
         .await
         .expect("open");
     let mut session = Session::begin(&mut conn).await.expect("begin");
-    let mut receiver = Receiver::attach(&mut session, "c", queue)
+    let credit: u32 = std::env::var("ENTREPOT_BENCH_CREDIT")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(1000);
+    let mut receiver = Receiver::builder()
+        .name("c")
+        .source(queue)
+        .credit_mode(fe2o3_amqp::link::receiver::CreditMode::Auto(credit))
+        .attach(&mut session)
         .await
         .expect("attach");
     for _ in 0..count {
