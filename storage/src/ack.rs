@@ -10,6 +10,7 @@
 //! and its ack record was durable. A data segment may be deleted once
 //! [`AckLog::contains_range`] covers it and the acks are durable.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -28,68 +29,117 @@ pub const MAX_ACKS_PER_RECORD: usize = 64 * 1024;
 
 const FLAG_ACKS: u16 = 1;
 const FLAG_SNAPSHOT: u16 = 2;
+const FLAG_GROUP_ACKS: u16 = 3;
+const FLAG_GROUP_SNAPSHOT: u16 = 4;
+const FLAG_GROUP_DROP: u16 = 5;
 
-// Format (ack record, flags = 1): { count: varint | first: varint | (count - 1) × delta from previous: zigzag varint }
-// Format (snapshot record, flags = 2): OffsetSet::encode
+/// The group of the default consumption state (queues).
+pub const DEFAULT_GROUP: u32 = 0;
+/// Most groups one ack log tracks.
+pub const MAX_GROUPS: usize = 1 << 20;
 
-/// Persistent set of acknowledged offsets.
+// Format (ack record, flags = 1, group 0): { count: varint | first: varint | (count - 1) × delta from previous: zigzag varint }
+// Format (snapshot record, flags = 2, group 0 only; read, no longer written): OffsetSet::encode
+// Format (group ack record, flags = 3): { group: varint | ack record }
+// Format (group snapshot record, flags = 4): { groups: varint | groups × { group: varint | len: varint | OffsetSet::encode (len bytes) } }
+// Format (group drop record, flags = 5): { group: varint }
+
+/// Persistent sets of acknowledged offsets, one per consumer group (see the module docs).
+/// Group [`DEFAULT_GROUP`] always exists.
 pub struct AckLog {
     log: Log,
     state: Mutex<AckState>,
 }
 
 struct AckState {
-    set: OffsetSet,
+    groups: HashMap<u32, OffsetSet>,
     since_snapshot: u64,
+}
+
+impl AckState {
+    fn group(&mut self, group: u32) -> &mut OffsetSet {
+        self.groups.entry(group).or_default()
+    }
+
+    fn apply(&mut self, flags: u16, payload: &[u8]) -> Option<()> {
+        match flags {
+            FLAG_ACKS => {
+                let set = self.group(DEFAULT_GROUP);
+                decode_acks(payload, |o| {
+                    set.insert(o);
+                })?;
+                self.since_snapshot += 1;
+            }
+            FLAG_SNAPSHOT => {
+                *self.group(DEFAULT_GROUP) = OffsetSet::decode(payload)?;
+                self.since_snapshot = 0;
+            }
+            FLAG_GROUP_ACKS => {
+                let mut at = 0;
+                let group = u32::try_from(get_varint(payload, &mut at)?).ok()?;
+                let set = self.group(group);
+                decode_acks(&payload[at..], |o| {
+                    set.insert(o);
+                })?;
+                self.since_snapshot += 1;
+            }
+            FLAG_GROUP_SNAPSHOT => {
+                self.groups = decode_group_snapshot(payload)?;
+                self.since_snapshot = 0;
+            }
+            FLAG_GROUP_DROP => {
+                let mut at = 0;
+                let group = u32::try_from(get_varint(payload, &mut at)?).ok()?;
+                self.groups.remove(&group);
+            }
+            _ => return None,
+        }
+        Some(())
+    }
 }
 
 impl AckLog {
     /// Opens (or creates) the ack log in `dir` and replays it.
     pub fn open(dir: impl AsRef<Path>, mut config: LogConfig) -> Result<AckLog> {
         config.segment_bytes = config.segment_bytes.min(ACK_SEGMENT_BYTES);
-        config.record_bytes_max = config
-            .record_bytes_max
-            .min((config.segment_bytes / 2) as u32);
+        config.record_bytes_max = config.record_bytes_max.min((config.segment_bytes / 2) as u32);
         let log = Log::open(dir, config)?;
-        let mut set = OffsetSet::default();
-        let mut since_snapshot = 0;
+        let mut state = AckState { groups: HashMap::new(), since_snapshot: 0 };
         for record in log.reader(log.first_offset()) {
             let record = record?;
-            match record.flags {
-                FLAG_SNAPSHOT => {
-                    set = OffsetSet::decode(&record.payload)
-                        .ok_or_else(|| bad_record(&log, record.offset))?;
-                    since_snapshot = 0;
-                }
-                FLAG_ACKS => {
-                    decode_acks(&record.payload, |o| {
-                        set.insert(o);
-                    })
-                    .ok_or_else(|| bad_record(&log, record.offset))?;
-                    since_snapshot += 1;
-                }
-                _ => return Err(bad_record(&log, record.offset)),
-            }
+            state.apply(record.flags, &record.payload).ok_or_else(|| bad_record(&log, record.offset))?;
         }
-        Ok(AckLog {
-            log,
-            state: Mutex::new(AckState {
-                set,
-                since_snapshot,
-            }),
-        })
+        state.group(DEFAULT_GROUP);
+        Ok(AckLog { log, state: Mutex::new(state) })
     }
 
-    /// Records `offsets` as acknowledged; the returned handle completes when that is durable.
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, AckState>> {
+        self.state.lock().map_err(|_| StorageError::Closed)
+    }
+
+    /// Records `offsets` as acknowledged in the default group; the returned handle
+    /// completes when that is durable.
     pub fn ack(&self, offsets: &[u64]) -> Result<Durable> {
+        self.ack_group(DEFAULT_GROUP, offsets)
+    }
+
+    /// Records `offsets` as acknowledged by consumer group `group`.
+    pub fn ack_group(&self, group: u32, offsets: &[u64]) -> Result<Durable> {
         let mut last = None;
         for chunk in offsets.chunks(MAX_ACKS_PER_RECORD) {
             let mut buf = Vec::with_capacity(chunk.len() * 3 + 8);
+            let flags = if group == DEFAULT_GROUP {
+                FLAG_ACKS
+            } else {
+                put_varint(u64::from(group), &mut buf);
+                FLAG_GROUP_ACKS
+            };
             encode_acks(chunk, &mut buf);
-            let mut state = self.state.lock().map_err(|_| StorageError::Closed)?;
-            let appended = self.log.append_parts(FLAG_ACKS, &[&buf])?;
+            let mut state = self.lock()?;
+            let appended = self.log.append_parts(flags, &[&buf])?;
+            let set = state.group(group);
             for &o in chunk {
-                state.set.insert(o);
+                set.insert(o);
             }
             state.since_snapshot += 1;
             if state.since_snapshot >= SNAPSHOT_EVERY_RECORDS {
@@ -100,48 +150,109 @@ impl AckLog {
         Ok(last.unwrap_or_else(|| Durable::ready(0)))
     }
 
-    /// Marks every offset below `floor` acknowledged (for example records that are not
-    /// queue messages). Durable with the next snapshot or ack.
+    /// Marks every offset below `floor` acknowledged in the default group. Durable with
+    /// the returned handle (a snapshot is written).
     pub fn raise_floor(&self, floor: u64) -> Result<Durable> {
-        let mut state = self.state.lock().map_err(|_| StorageError::Closed)?;
-        state.set.raise_floor(floor);
+        self.raise_group_floor(DEFAULT_GROUP, floor)
+    }
+
+    /// Marks every offset below `floor` acknowledged by `group` (a new subscription starts
+    /// at the end of the log). Creates the group if needed; durable with the handle.
+    pub fn raise_group_floor(&self, group: u32, floor: u64) -> Result<Durable> {
+        let mut state = self.lock()?;
+        if state.groups.len() >= MAX_GROUPS && !state.groups.contains_key(&group) {
+            return Err(StorageError::Config(format!("more than {MAX_GROUPS} consumer groups")));
+        }
+        state.group(group).raise_floor(floor);
         self.snapshot_locked(&mut state)
+    }
+
+    /// Forgets a consumer group (a deleted subscription).
+    pub fn drop_group(&self, group: u32) -> Result<Durable> {
+        let mut state = self.lock()?;
+        let mut buf = Vec::with_capacity(5);
+        put_varint(u64::from(group), &mut buf);
+        let appended = self.log.append_parts(FLAG_GROUP_DROP, &[&buf])?;
+        state.groups.remove(&group);
+        Ok(appended.durable)
     }
 
     fn snapshot_locked(&self, state: &mut AckState) -> Result<Durable> {
         let mut buf = Vec::new();
-        state.set.encode(&mut buf);
-        let appended = self.log.append_parts(FLAG_SNAPSHOT, &[&buf])?;
+        let mut groups: Vec<_> = state.groups.iter().collect();
+        groups.sort_by_key(|(g, _)| **g);
+        put_varint(groups.len() as u64, &mut buf);
+        let mut set_bytes = Vec::new();
+        for (group, set) in groups {
+            set_bytes.clear();
+            set.encode(&mut set_bytes);
+            put_varint(u64::from(*group), &mut buf);
+            put_varint(set_bytes.len() as u64, &mut buf);
+            buf.extend_from_slice(&set_bytes);
+        }
+        let appended = self.log.append_parts(FLAG_GROUP_SNAPSHOT, &[&buf])?;
         state.since_snapshot = 0;
         self.log.purge_before(appended.first)?;
         Ok(appended.durable)
     }
 
     pub fn is_acked(&self, offset: u64) -> bool {
-        self.state.lock().is_ok_and(|s| s.set.contains(offset))
+        self.is_group_acked(DEFAULT_GROUP, offset)
     }
 
-    /// True if every offset in `from..to` is acknowledged.
+    /// True if `group` acknowledged `offset` (false for an unknown group).
+    pub fn is_group_acked(&self, group: u32, offset: u64) -> bool {
+        self.state.lock().is_ok_and(|s| s.groups.get(&group).is_some_and(|g| g.contains(offset)))
+    }
+
+    /// True if every offset in `from..to` is acknowledged in the default group.
     pub fn contains_range(&self, from: u64, to: u64) -> bool {
         self.state
             .lock()
-            .is_ok_and(|s| s.set.contains_range(from, to))
+            .is_ok_and(|s| s.groups.get(&DEFAULT_GROUP).is_some_and(|g| g.contains_range(from, to)))
     }
 
-    /// Every offset below this is acknowledged.
+    /// Every offset below this is acknowledged in the default group.
     pub fn floor(&self) -> u64 {
-        self.state.lock().map_or(0, |s| s.set.floor())
+        self.state.lock().map_or(0, |s| s.groups.get(&DEFAULT_GROUP).map_or(0, |g| g.floor()))
     }
 
-    /// A copy of the whole set (recovery of queues).
+    /// A copy of the default group's set (recovery of queues).
     pub fn snapshot_set(&self) -> OffsetSet {
-        self.state.lock().map(|s| s.set.clone()).unwrap_or_default()
+        self.group_set(DEFAULT_GROUP).unwrap_or_default()
+    }
+
+    /// A copy of `group`'s set, `None` if the group is unknown.
+    pub fn group_set(&self, group: u32) -> Option<OffsetSet> {
+        self.state.lock().ok().and_then(|s| s.groups.get(&group).cloned())
+    }
+
+    /// The groups known, in no particular order.
+    pub fn groups(&self) -> Vec<u32> {
+        self.state.lock().map(|s| s.groups.keys().copied().collect()).unwrap_or_default()
     }
 
     /// The log holding the acks (for its stats).
     pub fn log(&self) -> &Log {
         &self.log
     }
+}
+
+fn decode_group_snapshot(data: &[u8]) -> Option<HashMap<u32, OffsetSet>> {
+    let mut at = 0;
+    let count = get_varint(data, &mut at)?;
+    if count > MAX_GROUPS as u64 {
+        return None;
+    }
+    let mut groups = HashMap::new();
+    for _ in 0..count {
+        let group = u32::try_from(get_varint(data, &mut at)?).ok()?;
+        let len = usize::try_from(get_varint(data, &mut at)?).ok()?;
+        let end = at.checked_add(len)?;
+        groups.insert(group, OffsetSet::decode(data.get(at..end)?)?);
+        at = end;
+    }
+    (at == data.len()).then_some(groups)
 }
 
 fn bad_record(log: &Log, offset: u64) -> StorageError {
@@ -220,6 +331,29 @@ mod tests {
             record_bytes_max: 32 * 1024,
             ..LogConfig::default()
         }
+    }
+
+    #[test]
+    fn groups_are_independent_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let acks = AckLog::open(dir.path(), cfg()).unwrap();
+            acks.ack(&[0, 1]).unwrap();
+            acks.raise_group_floor(7, 100).unwrap();
+            acks.ack_group(7, &[150, 101]).unwrap();
+            acks.ack_group(9, &[5]).unwrap();
+            acks.drop_group(9).unwrap();
+            acks.log().flush().unwrap();
+        }
+        let acks = AckLog::open(dir.path(), cfg()).unwrap();
+        assert_eq!(acks.floor(), 2);
+        assert!(acks.is_group_acked(7, 99) && acks.is_group_acked(7, 150) && acks.is_group_acked(7, 101));
+        assert!(!acks.is_group_acked(7, 100));
+        assert!(!acks.is_acked(150), "group 7 acks do not leak into the default group");
+        assert_eq!(acks.group_set(9), None, "dropped group stays dropped");
+        let mut groups = acks.groups();
+        groups.sort();
+        assert_eq!(groups, vec![0, 7]);
     }
 
     #[test]
