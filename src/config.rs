@@ -12,6 +12,8 @@ use serde::Deserialize;
 
 /// Default AMQP listener.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:5672";
+/// Default AMQPS listener, used when a TLS certificate is configured.
+pub const DEFAULT_LISTEN_TLS: &str = "0.0.0.0:5671";
 /// Default HTTP listener (metrics, health).
 pub const DEFAULT_HTTP: &str = "0.0.0.0:8080";
 /// Default largest message: 100 MiB.
@@ -34,6 +36,8 @@ pub const DEFAULT_MAX_LINKS: u32 = 4096;
 pub const DEFAULT_IDLE_TIMEOUT_MS: u32 = 60_000;
 /// Default segment size of the message log: 128 MiB.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 128 * 1024 * 1024;
+/// Default most messages one subscription holds before dropping the oldest.
+pub const DEFAULT_SUBSCRIPTION_BACKLOG: usize = 1_000_000;
 /// Bytes of store header and slack on top of the message in one log record.
 pub const RECORD_OVERHEAD_BYTES: u64 = 64 * 1024;
 
@@ -81,6 +85,26 @@ pub struct BrokerConfig {
     pub idle_timeout_ms: u32,
     pub allow_anonymous: bool,
     pub users: Vec<StaticUser>,
+    /// Addresses starting with one of these are topics (unless they exist already).
+    pub topic_prefixes: Vec<String>,
+    /// Bytes a topic keeps after its subscriptions consumed them, for replay (0: none).
+    pub topic_retention_bytes: u64,
+    /// Seconds a topic keeps messages for replay (within the byte limit).
+    pub topic_retention_secs: Option<u64>,
+    /// Messages a subscription may hold; beyond it the oldest are dropped and counted.
+    pub subscription_backlog_max: usize,
+    /// Directory of AddressSpace/Address/MessagingUser/plan manifests; when set, only
+    /// declared addresses exist and clients authenticate as MessagingUsers.
+    pub manifests: Option<PathBuf>,
+    /// Address space of clients whose hostname selects none (default: the only space).
+    pub default_address_space: Option<String>,
+    /// YAML map `token: username` for `serviceaccount` users.
+    pub token_file: Option<PathBuf>,
+    /// AMQPS listener; defaults to 0.0.0.0:5671 when `tls-cert` is set.
+    pub listen_tls: Option<SocketAddr>,
+    /// PEM certificate chain and private key of the AMQPS listener; reloaded on change.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for BrokerConfig {
@@ -109,6 +133,16 @@ impl Default for BrokerConfig {
             idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
             allow_anonymous: true,
             users: Vec::new(),
+            topic_prefixes: vec!["topic.".into()],
+            topic_retention_bytes: 0,
+            topic_retention_secs: None,
+            subscription_backlog_max: DEFAULT_SUBSCRIPTION_BACKLOG,
+            manifests: None,
+            default_address_space: None,
+            token_file: None,
+            listen_tls: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -137,6 +171,12 @@ impl BrokerConfig {
             return Err(
                 "link-credit, unsettled-per-link and max-connections must be positive".into(),
             );
+        }
+        if self.subscription_backlog_max == 0 {
+            return Err("subscription-backlog-max must be positive".into());
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err("tls-cert and tls-key must be given together".into());
         }
         if self.max_delivery_attempts == 0 {
             return Err("max-delivery-attempts must be at least 1".into());

@@ -9,6 +9,9 @@
 //! * [`broker`] — queues and the message store they share (on `entrepot-storage`).
 //! * [`server`] — listeners, connection limits, shutdown; [`metrics`] — Prometheus and
 //!   health over HTTP; [`config`] — settings and their limits.
+//! * [`manifest`] — address spaces, addresses, plans and users from YAML manifests;
+//!   [`auth`] — credential checks and authorization rules; [`tls`] — the amqps listener's
+//!   certificates.
 //!
 //! Dependencies point one way: `connection → broker → entrepot-storage`; `broker` never
 //! sees a socket and `amqp` never sees a queue.
@@ -16,8 +19,11 @@
 #![deny(clippy::unwrap_used)]
 
 pub mod amqp;
+pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod connection;
+pub mod manifest;
 pub mod metrics;
 pub mod server;
+pub mod tls;

@@ -3,6 +3,8 @@
 
 #![deny(clippy::unwrap_used)]
 
+mod bench;
+
 use entrepot::{config, server};
 
 use std::net::SocketAddr;
@@ -29,6 +31,19 @@ struct Cli {
 enum Command {
     /// Run a broker node.
     Serve(ServeArgs),
+    /// Check a manifest directory offline; exit 1 with `file:line: reason` on error.
+    Validate {
+        /// Directory of manifests (*.yaml, *.yml).
+        dir: PathBuf,
+    },
+    /// Print a salted SCRAM-SHA-256 hash of a password for a MessagingUser's
+    /// `passwordHash` (reads the password from stdin when not given).
+    HashPassword {
+        /// The password; prefer stdin, so it stays out of shell history.
+        password: Option<String>,
+    },
+    /// Load-test an AMQP 1.0 broker (or NATS JetStream) and check nothing was lost.
+    Bench(Box<bench::BenchArgs>),
 }
 
 #[derive(clap::Args)]
@@ -63,6 +78,24 @@ struct ServeArgs {
     /// Allow SASL ANONYMOUS and plain AMQP connections [default: true]
     #[arg(long, env = "ENTREPOT_ALLOW_ANONYMOUS")]
     allow_anonymous: Option<bool>,
+    /// Directory of AddressSpace/Address/MessagingUser/plan manifests, re-applied on change
+    #[arg(long, env = "ENTREPOT_MANIFESTS")]
+    manifests: Option<PathBuf>,
+    /// Address space for clients whose hostname names none [default: the only one]
+    #[arg(long, env = "ENTREPOT_DEFAULT_ADDRESS_SPACE")]
+    default_address_space: Option<String>,
+    /// YAML map `token: username` for serviceaccount MessagingUsers
+    #[arg(long, env = "ENTREPOT_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// AMQPS listen address [default: 0.0.0.0:5671 when --tls-cert is set]
+    #[arg(long, env = "ENTREPOT_LISTEN_TLS")]
+    listen_tls: Option<SocketAddr>,
+    /// PEM certificate chain of the AMQPS listener (reloaded when it changes)
+    #[arg(long, env = "ENTREPOT_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of the AMQPS listener (reloaded when it changes)
+    #[arg(long, env = "ENTREPOT_TLS_KEY")]
+    tls_key: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -85,6 +118,17 @@ impl ServeArgs {
             segment_bytes,
             allow_anonymous
         );
+        macro_rules! set_opt {
+            ($($field:ident),*) => { $( if self.$field.is_some() { c.$field = self.$field; } )* };
+        }
+        set_opt!(
+            manifests,
+            default_address_space,
+            token_file,
+            listen_tls,
+            tls_cert,
+            tls_key
+        );
         c.validate().map_err(anyhow::Error::msg)?;
         Ok(c)
     }
@@ -104,7 +148,49 @@ fn main() -> anyhow::Result<()> {
         .context("starting runtime")?;
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args.into_config()?)),
+        Command::Validate { dir } => validate(&dir),
+        Command::HashPassword { password } => hash_password(password),
+        Command::Bench(args) => runtime.block_on(bench::run(*args)),
     }
+}
+
+fn validate(dir: &std::path::Path) -> anyhow::Result<()> {
+    match entrepot::manifest::load::load_dir(dir) {
+        Ok(c) => {
+            let addresses: usize = c.spaces.values().map(|s| s.addresses.len()).sum();
+            let users: usize = c.spaces.values().map(|s| s.users.len()).sum();
+            println!(
+                "{}: ok ({} address spaces, {addresses} addresses, {users} users)",
+                dir.display(),
+                c.spaces.len()
+            );
+            Ok(())
+        }
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("{e}");
+            }
+            std::process::exit(1);
+        }
+    }
+}
+
+fn hash_password(password: Option<String>) -> anyhow::Result<()> {
+    let password = match password {
+        Some(p) => p,
+        None => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("reading the password from stdin")?;
+            line.trim_end_matches(['\r', '\n']).to_owned()
+        }
+    };
+    anyhow::ensure!(!password.is_empty(), "the password must not be empty");
+    let credential = entrepot::amqp::scram::ScramCredential::generate(&password)
+        .map_err(|_| anyhow::anyhow!("no system randomness for the salt"))?;
+    println!("{credential}");
+    Ok(())
 }
 
 async fn serve(config: BrokerConfig) -> anyhow::Result<()> {

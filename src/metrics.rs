@@ -107,7 +107,75 @@ pub fn render(broker: &Broker) -> String {
         st.syncs.load(Ordering::Relaxed)
     );
     queue_metrics(&mut out, broker);
+    crate::manifest::render_metrics(&mut out);
+    topic_metrics(&mut out, broker);
     out
+}
+
+fn topic_metrics(out: &mut String, broker: &Broker) {
+    let mut topics = broker.topics();
+    topics.sort_by(|a, b| a.name().cmp(b.name()));
+    let _ = writeln!(out, "# HELP entrepot_topic_published_total Messages published to a topic\n# TYPE entrepot_topic_published_total counter");
+    for t in &topics {
+        let _ = writeln!(
+            out,
+            "entrepot_topic_published_total{{topic=\"{}\"}} {}",
+            escape(t.name()),
+            t.stats.published.load(Ordering::Relaxed)
+        );
+    }
+    let families: [(&str, &str, &str); 5] = [
+        (
+            "entrepot_subscription_backlog",
+            "gauge",
+            "Messages a subscription holds (ready + unsettled)",
+        ),
+        (
+            "entrepot_subscription_delivered_total",
+            "counter",
+            "Deliveries made to a subscription's consumers",
+        ),
+        (
+            "entrepot_subscription_acknowledged_total",
+            "counter",
+            "Messages a subscription's consumers accepted",
+        ),
+        (
+            "entrepot_subscription_dropped_total",
+            "counter",
+            "Messages dropped because the backlog was over its limit",
+        ),
+        (
+            "entrepot_subscription_consumers",
+            "gauge",
+            "Consumers attached to a subscription",
+        ),
+    ];
+    for (i, (name, kind, help)) in families.iter().enumerate() {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for t in &topics {
+            for sub in t.subscriptions() {
+                let q = &sub.queue;
+                let value = match i {
+                    0 => {
+                        let (r, u) = q.depth();
+                        (r + u) as u64
+                    }
+                    1 => q.stats.delivered.load(Ordering::Relaxed),
+                    2 => q.stats.acknowledged.load(Ordering::Relaxed),
+                    3 => q.stats.dropped.load(Ordering::Relaxed),
+                    _ => q.consumer_count() as u64,
+                };
+                let _ = writeln!(
+                    out,
+                    "{name}{{topic=\"{}\",subscription=\"{}\",durable=\"{}\"}} {value}",
+                    escape(t.name()),
+                    escape(&sub.id),
+                    sub.durable
+                );
+            }
+        }
+    }
 }
 
 fn queue_metrics(out: &mut String, broker: &Broker) {

@@ -13,9 +13,12 @@ use tokio::task::JoinSet;
 use anyhow::Context;
 use tokio::task::JoinHandle;
 
+use crate::auth::Gatekeeper;
 use crate::broker::Broker;
 use crate::config::BrokerConfig;
-use crate::{connection, metrics};
+use crate::connection::Accepted;
+use crate::tls::TlsFiles;
+use crate::{connection, manifest, metrics};
 
 /// Longest a graceful shutdown waits for connections to close.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -25,13 +28,25 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
+/// What a listener serves: the broker, the gatekeeper, and the connection cap shared by
+/// the plain and TLS listeners.
+#[derive(Clone)]
+pub struct Serving {
+    pub broker: Arc<Broker>,
+    pub gate: Arc<Gatekeeper>,
+    pub permits: Arc<Semaphore>,
+    /// Set for the amqps listener.
+    pub tls: Option<Arc<TlsFiles>>,
+}
+
 /// Accepts connections until `shutdown` turns true.
-pub async fn serve(
-    listener: TcpListener,
-    broker: Arc<Broker>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let permits = Arc::new(Semaphore::new(broker.config().max_connections));
+pub async fn serve(listener: TcpListener, serving: Serving, mut shutdown: watch::Receiver<bool>) {
+    let Serving {
+        broker,
+        gate,
+        permits,
+        tls,
+    } = serving;
     let mut tasks = JoinSet::new();
     loop {
         tokio::select! {
@@ -50,9 +65,17 @@ pub async fn serve(
                     continue;
                 };
                 let broker = Arc::clone(&broker);
+                let gate = Arc::clone(&gate);
                 let shutdown = shutdown.clone();
+                let tls = tls.clone();
                 tasks.spawn(async move {
-                    connection::serve(stream, broker, shutdown).await;
+                    let accepted = match tls {
+                        None => Some(Accepted::tcp(stream)),
+                        Some(tls) => accept_tls(stream, &tls).await,
+                    };
+                    if let Some(accepted) = accepted {
+                        connection::serve(accepted, broker, gate, shutdown).await;
+                    }
                     drop(permit);
                 });
             }
@@ -71,9 +94,61 @@ pub async fn serve(
     }
 }
 
+/// The TLS handshake of an amqps connection, bounded like the AMQP handshake.
+async fn accept_tls(stream: tokio::net::TcpStream, tls: &TlsFiles) -> Option<Accepted> {
+    let peer = stream.peer_addr().ok();
+    let _ = stream.set_nodelay(true);
+    let handshake = tls.acceptor().accept(stream);
+    match tokio::time::timeout(connection::HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(stream)) => {
+            let sni = stream.get_ref().1.server_name().map(str::to_owned);
+            let (rd, wr) = tokio::io::split(stream);
+            Some(Accepted {
+                rd: Box::new(rd),
+                wr: Box::new(wr),
+                peer,
+                sni,
+            })
+        }
+        Ok(Err(e)) => {
+            tracing::info!(?peer, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::info!(?peer, "TLS handshake timed out");
+            None
+        }
+    }
+}
+
+/// Builds the gatekeeper and applies the manifests once, before any listener opens.
+fn admit(config: &BrokerConfig, broker: &Broker) -> anyhow::Result<Arc<Gatekeeper>> {
+    let tokens = match &config.token_file {
+        Some(path) => Some(Box::new(
+            crate::auth::tokens::FileTokens::load(path).map_err(anyhow::Error::msg)?,
+        )
+            as Box<dyn crate::auth::tokens::TokenAuthenticator>),
+        None => None,
+    };
+    let gate = Gatekeeper::new(
+        manifest::Live::new(config.default_address_space.clone()),
+        tokens,
+    );
+    if let Some(dir) = &config.manifests {
+        manifest::watch::apply(dir, broker, &gate.manifests).map_err(|errors| {
+            let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            anyhow::anyhow!("invalid manifests:\n{}", lines.join("\n"))
+        })?;
+    }
+    Ok(Arc::new(gate))
+}
+
 /// A running node: the broker, its AMQP and HTTP listeners and housekeeping.
 pub struct Node {
     pub broker: Arc<Broker>,
+    pub gate: Arc<Gatekeeper>,
+    /// The amqps listener, when a certificate is configured.
+    pub amqps_addr: Option<SocketAddr>,
     pub amqp_addr: SocketAddr,
     pub http_addr: SocketAddr,
     tasks: Vec<JoinHandle<()>>,
@@ -82,9 +157,17 @@ pub struct Node {
 impl Node {
     /// Opens the store, binds both listeners and starts serving until `shutdown` is true.
     pub async fn start(
-        config: BrokerConfig,
+        mut config: BrokerConfig,
         shutdown: watch::Receiver<bool>,
     ) -> anyhow::Result<Node> {
+        if config.manifests.is_some() {
+            // Only declared addresses exist when manifests are in charge.
+            config.auto_create = false;
+        }
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(Arc::new(TlsFiles::load(cert, key)?)),
+            _ => None,
+        };
         let broker = tokio::task::block_in_place(|| Broker::open(config.clone()))
             .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
         let amqp = bind(config.listen)
@@ -93,19 +176,54 @@ impl Node {
         let http = TcpListener::bind(config.http)
             .await
             .with_context(|| format!("binding {}", config.http))?;
+        let gate = tokio::task::block_in_place(|| admit(&config, &broker))?;
+        let serving = Serving {
+            broker: Arc::clone(&broker),
+            gate: Arc::clone(&gate),
+            permits: Arc::new(Semaphore::new(config.max_connections)),
+            tls: None,
+        };
+        let amqps = match &tls {
+            Some(_) => {
+                let addr = config.listen_tls.unwrap_or_else(|| {
+                    crate::config::DEFAULT_LISTEN_TLS
+                        .parse()
+                        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 5671)))
+                });
+                Some(
+                    bind(addr)
+                        .await
+                        .with_context(|| format!("binding {addr}"))?,
+                )
+            }
+            None => None,
+        };
+        let amqps_addr = amqps.as_ref().map(TcpListener::local_addr).transpose()?;
         let (amqp_addr, http_addr) = (amqp.local_addr()?, http.local_addr()?);
-        tracing::info!(amqp = %amqp_addr, http = %http_addr, data_dir = %config.data_dir.display(), "entrepot listening");
-        let tasks = vec![
+        let amqps_shown = amqps_addr.map_or_else(|| "-".to_owned(), |a| a.to_string());
+        tracing::info!(amqp = %amqp_addr, http = %http_addr, amqps = %amqps_shown, data_dir = %config.data_dir.display(), "entrepot listening");
+        let mut tasks = vec![
             tokio::spawn(Arc::clone(&broker).housekeeping(shutdown.clone())),
             tokio::spawn(metrics::serve_http(
                 http,
                 Arc::clone(&broker),
                 shutdown.clone(),
             )),
-            tokio::spawn(serve(amqp, Arc::clone(&broker), shutdown)),
+            tokio::spawn(serve(amqp, serving.clone(), shutdown.clone())),
         ];
+        if let Some(listener) = amqps {
+            let serving = Serving { tls, ..serving };
+            tasks.push(tokio::spawn(serve(listener, serving, shutdown.clone())));
+        }
+        if let Some(dir) = config.manifests.clone() {
+            let watch =
+                manifest::watch::watch_dir(dir, Arc::clone(&broker), Arc::clone(&gate), shutdown);
+            tasks.push(tokio::spawn(watch));
+        }
         Ok(Node {
             broker,
+            gate,
+            amqps_addr,
             amqp_addr,
             http_addr,
             tasks,

@@ -11,3 +11,4 @@ pub mod encoding;
 pub mod frame;
 pub mod message;
 pub mod sasl;
+pub mod scram;

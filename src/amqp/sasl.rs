@@ -1,4 +1,5 @@
-//! Server side of the SASL layer (AMQP 1.0 part 5.3): ANONYMOUS and PLAIN.
+//! Server side of the SASL layer (AMQP 1.0 part 5.3): ANONYMOUS, PLAIN and
+//! SCRAM-SHA-256 (the mechanism's arithmetic is in [`super::scram`]).
 //!
 //! [`SaslServer`] is a pure state machine: feed it each decoded SASL frame,
 //! send the frame it returns, and stop when it reports a [`SaslResult`]. After
@@ -10,13 +11,14 @@
 //! or kept beyond the [`Authenticator`] call.
 //!
 //! Does not: check credentials (the [`Authenticator`] does, and should compare
-//! passwords in constant time), perform I/O, or offer challenge-response
-//! mechanisms such as SCRAM.
+//! passwords in constant time), perform I/O, or offer SCRAM variants other
+//! than SCRAM-SHA-256 without channel binding.
 
 use fe2o3_amqp_types::sasl::{SaslChallenge, SaslCode, SaslMechanisms, SaslOutcome};
 use serde_amqp::primitives::{Binary, Symbol};
 
 use super::frame::SaslFrame;
+use super::scram::{ScramCredential, ScramServer, MECHANISM_SCRAM_SHA_256};
 
 pub const MECHANISM_ANONYMOUS: &str = "ANONYMOUS";
 pub const MECHANISM_PLAIN: &str = "PLAIN";
@@ -29,6 +31,11 @@ pub const MAX_PLAIN_RESPONSE_LEN: usize = 3 * MAX_PLAIN_FIELD_LEN + 2;
 pub trait Authenticator {
     /// Whether `authcid` with `passwd` may act as `authzid` (`None`: as itself).
     fn check_plain(&self, authzid: Option<&str>, authcid: &str, passwd: &str) -> bool;
+
+    /// The stored SCRAM-SHA-256 credential of `username`, if the user exists and has one.
+    fn scram_credential(&self, _username: &str) -> Option<ScramCredential> {
+        None
+    }
 }
 
 /// SASL policy of a listener.
@@ -36,6 +43,8 @@ pub trait Authenticator {
 pub struct SaslConfig {
     /// Offer and accept ANONYMOUS. Default false: every client authenticates.
     pub allow_anonymous: bool,
+    /// Offer SCRAM-SHA-256 (the authenticator must hold stored credentials).
+    pub scram: bool,
 }
 
 /// Who the client proved to be.
@@ -82,18 +91,19 @@ pub enum SaslError {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 enum State {
     AwaitingInit,
     AwaitingPlainResponse,
+    AwaitingScramFinal(Box<ScramServer>),
     Done,
 }
 
 impl State {
-    fn describe(self) -> &'static str {
+    fn describe(&self) -> &'static str {
         match self {
             Self::AwaitingInit => "awaiting sasl-init",
-            Self::AwaitingPlainResponse => "awaiting sasl-response",
+            Self::AwaitingPlainResponse | Self::AwaitingScramFinal(_) => "awaiting sasl-response",
             Self::Done => "done",
         }
     }
@@ -117,6 +127,9 @@ impl SaslServer {
     /// The `sasl-mechanisms` frame to send right after the SASL header.
     pub fn mechanisms(&self) -> SaslFrame {
         let mut names = vec![Symbol::from(MECHANISM_PLAIN)];
+        if self.config.scram {
+            names.insert(0, Symbol::from(MECHANISM_SCRAM_SHA_256));
+        }
         if self.config.allow_anonymous {
             names.push(Symbol::from(MECHANISM_ANONYMOUS));
         }
@@ -126,7 +139,12 @@ impl SaslServer {
     }
 
     pub fn is_done(&self) -> bool {
-        self.state == State::Done
+        matches!(self.state, State::Done)
+    }
+
+    /// Changes whether ANONYMOUS is accepted, e.g. once `sasl-init` named the tenant.
+    pub fn set_allow_anonymous(&mut self, allow: bool) {
+        self.config.allow_anonymous = allow;
     }
 
     /// Advances the exchange with one frame from the client.
@@ -135,7 +153,8 @@ impl SaslServer {
         frame: SaslFrame,
         authenticator: &dyn Authenticator,
     ) -> Result<SaslStep, SaslError> {
-        match (self.state, frame) {
+        let state = std::mem::replace(&mut self.state, State::Done);
+        match (state, frame) {
             (State::AwaitingInit, SaslFrame::Init(init)) => Ok(self.on_init(
                 init.mechanism.as_str(),
                 init.initial_response.as_deref().map(Vec::as_slice),
@@ -144,13 +163,13 @@ impl SaslServer {
             (State::AwaitingPlainResponse, SaslFrame::Response(response)) => {
                 Ok(self.finish_plain(&response.response, authenticator))
             }
-            (state, frame) => {
-                self.state = State::Done;
-                Err(SaslError::UnexpectedFrame {
-                    frame: frame_name(&frame),
-                    state: state.describe(),
-                })
+            (State::AwaitingScramFinal(scram), SaslFrame::Response(response)) => {
+                Ok(self.finish_scram(&scram, &response.response))
             }
+            (state, frame) => Err(SaslError::UnexpectedFrame {
+                frame: frame_name(&frame),
+                state: state.describe(),
+            }),
         }
     }
 
@@ -166,6 +185,9 @@ impl SaslServer {
                 self.finish(SaslResult::Authenticated(Identity::Anonymous))
             }
             (MECHANISM_PLAIN, Some(response)) => self.finish_plain(response, authenticator),
+            (MECHANISM_SCRAM_SHA_256, Some(first)) if self.config.scram => {
+                self.start_scram(first, authenticator)
+            }
             (MECHANISM_PLAIN, None) => {
                 // RFC 4422: a mechanism whose client speaks first gets an
                 // empty challenge when the initial response was omitted.
@@ -189,7 +211,42 @@ impl SaslServer {
         self.finish(result)
     }
 
+    fn start_scram(&mut self, first: &[u8], authenticator: &dyn Authenticator) -> SaslStep {
+        match ScramServer::start(first, |user| authenticator.scram_credential(user)) {
+            Ok((scram, server_first)) => {
+                self.state = State::AwaitingScramFinal(Box::new(scram));
+                SaslStep {
+                    reply: SaslFrame::Challenge(SaslChallenge {
+                        challenge: Binary::from(server_first.into_bytes()),
+                    }),
+                    result: None,
+                }
+            }
+            Err(_) => self.finish(SaslResult::Rejected(RejectReason::MalformedResponse)),
+        }
+    }
+
+    fn finish_scram(&mut self, scram: &ScramServer, client_final: &[u8]) -> SaslStep {
+        match scram.finish(client_final) {
+            Ok(server_final) => self.finish_with(
+                SaslResult::Authenticated(Identity::User {
+                    authzid: None,
+                    authcid: scram.username().to_owned(),
+                }),
+                Some(server_final.into_bytes()),
+            ),
+            Err(super::scram::ScramFailure::BadProof) => {
+                self.finish(SaslResult::Rejected(RejectReason::BadCredentials))
+            }
+            Err(_) => self.finish(SaslResult::Rejected(RejectReason::MalformedResponse)),
+        }
+    }
+
     fn finish(&mut self, result: SaslResult) -> SaslStep {
+        self.finish_with(result, None)
+    }
+
+    fn finish_with(&mut self, result: SaslResult, additional_data: Option<Vec<u8>>) -> SaslStep {
         self.state = State::Done;
         let code = match result {
             SaslResult::Authenticated(_) => SaslCode::Ok,
@@ -198,7 +255,7 @@ impl SaslServer {
         SaslStep {
             reply: SaslFrame::Outcome(SaslOutcome {
                 code,
-                additional_data: None,
+                additional_data: additional_data.map(Binary::from),
             }),
             result: Some(result),
         }
@@ -294,7 +351,10 @@ mod tests {
     }
 
     fn server(allow_anonymous: bool) -> SaslServer {
-        SaslServer::new(SaslConfig { allow_anonymous })
+        SaslServer::new(SaslConfig {
+            allow_anonymous,
+            scram: false,
+        })
     }
 
     fn mechanism_names(server: &SaslServer) -> Vec<String> {

@@ -1,10 +1,15 @@
-//! The broker's state behind the connections: the store and the queues by address.
+//! The broker's state behind the connections: the store, and the queues and topics by
+//! address.
 //!
-//! Connections call in here to find or create a queue, to store a message and to move a
+//! Connections call in here to resolve an address, to store a message and to move a
 //! message elsewhere (dead-letter, expiry). The broker owns no socket and no AMQP framing.
 
+mod declare;
 pub mod queue;
+pub mod selector;
 pub mod store;
+pub mod subscriptions;
+pub mod topic;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,6 +23,7 @@ use crate::amqp::message::MessageView;
 use crate::config::BrokerConfig;
 use queue::{Diversion, Queue, QueuedMessage};
 use store::Store;
+use topic::{Topic, TopicRetention};
 
 /// How often housekeeping runs (segment reclaim, expiry sweep).
 pub const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(500);
@@ -47,7 +53,57 @@ pub struct Broker {
     config: BrokerConfig,
     store: Store,
     queues: RwLock<HashMap<String, Arc<Queue>>>,
+    topics: RwLock<HashMap<String, Arc<Topic>>>,
+    subscriptions: subscriptions::Registry,
     pub stats: BrokerStats,
+}
+
+/// What kind of address a name is, or should be created as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddressKind {
+    Queue,
+    Topic,
+}
+
+/// A resolved address.
+#[derive(Debug, Clone)]
+pub enum Address {
+    Queue(Arc<Queue>),
+    Topic(Arc<Topic>),
+}
+
+impl Address {
+    pub fn name(&self) -> &str {
+        match self {
+            Address::Queue(q) => q.name(),
+            Address::Topic(t) => t.name(),
+        }
+    }
+
+    /// Hands a durable message to the queue, or fans it out on the topic.
+    pub fn accept(&self, broker: &Broker, msg: QueuedMessage, stored_at_ms: i64) {
+        match self {
+            Address::Queue(q) => q.enqueue(broker, msg),
+            Address::Topic(t) => t.publish(broker, msg, stored_at_ms),
+        }
+    }
+}
+
+/// True if the stored message `bytes` matches the selector (a message that does not parse
+/// matches nothing).
+pub fn selector_matches(selector: &selector::Selector, bytes: &bytes::Bytes) -> bool {
+    let Ok(view) = MessageView::parse(bytes.clone()) else {
+        return false;
+    };
+    let header = view.header().ok().flatten();
+    let properties = view.properties().ok().flatten();
+    let app = view.application_properties().ok().flatten();
+    let fields = selector::MessageFields {
+        header: header.as_ref(),
+        properties: properties.as_ref(),
+        app: app.as_ref(),
+    };
+    selector.matches(&fields)
 }
 
 impl Broker {
@@ -62,6 +118,8 @@ impl Broker {
             config,
             store,
             queues: RwLock::new(HashMap::new()),
+            topics: RwLock::new(HashMap::new()),
+            subscriptions: subscriptions::Registry::default(),
             stats: BrokerStats::default(),
         });
         broker.recover()?;
@@ -69,11 +127,17 @@ impl Broker {
     }
 
     fn recover(&self) -> anyhow::Result<()> {
+        self.recover_subscriptions()?;
         let stored = self.store.recover()?;
         let count = stored.len();
         let mut by_queue: HashMap<String, Vec<QueuedMessage>> = HashMap::new();
         for m in stored {
             let msg = queued(m.offset, m.message, m.timestamp_ms);
+            if self.kind_of(&m.address, None) == AddressKind::Topic {
+                self.topic_or_create(&m.address)
+                    .recover(self, msg, m.timestamp_ms);
+                continue;
+            }
             by_queue.entry(m.address).or_default().push(msg);
         }
         let queues = by_queue.len();
@@ -96,6 +160,71 @@ impl Broker {
         &self.store
     }
 
+    /// The kind of `name`: an existing address keeps its kind; otherwise the link's
+    /// capability decides, then the configured topic prefixes, then queue.
+    pub fn kind_of(&self, name: &str, capability: Option<AddressKind>) -> AddressKind {
+        if self.topics.read().is_ok_and(|t| t.contains_key(name)) {
+            return AddressKind::Topic;
+        }
+        if self.queues.read().is_ok_and(|q| q.contains_key(name)) {
+            return AddressKind::Queue;
+        }
+        if let Some(kind) = capability {
+            return kind;
+        }
+        match self
+            .config
+            .topic_prefixes
+            .iter()
+            .any(|p| name.starts_with(p.as_str()))
+        {
+            true => AddressKind::Topic,
+            false => AddressKind::Queue,
+        }
+    }
+
+    /// Resolves `name` to a queue or topic, creating it when `auto-create` is on.
+    pub fn address(
+        &self,
+        name: &str,
+        capability: Option<AddressKind>,
+    ) -> Result<Address, AddressError> {
+        match self.kind_of(name, capability) {
+            AddressKind::Queue => self.queue(name).map(Address::Queue),
+            AddressKind::Topic => {
+                check_name(name)?;
+                if let Some(t) = self.topics.read().ok().and_then(|t| t.get(name).cloned()) {
+                    return Ok(Address::Topic(t));
+                }
+                if !self.config.auto_create {
+                    return Err(AddressError::NotFound(name.to_owned()));
+                }
+                Ok(Address::Topic(self.topic_or_create(name)))
+            }
+        }
+    }
+
+    pub(crate) fn topic_or_create(&self, name: &str) -> Arc<Topic> {
+        let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
+        let retention = TopicRetention {
+            bytes_max: self.config.topic_retention_bytes,
+            age_max: self.config.topic_retention_secs.map(Duration::from_secs),
+        };
+        let backlog = self.config.subscription_backlog_max;
+        Arc::clone(topics.entry(name.to_owned()).or_insert_with(|| {
+            tracing::debug!(topic = name, "topic created");
+            Arc::new(Topic::new(name.to_owned(), retention, backlog))
+        }))
+    }
+
+    /// Every topic, for metrics and housekeeping.
+    pub fn topics(&self) -> Vec<Arc<Topic>> {
+        self.topics
+            .read()
+            .map(|t| t.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// Every queue, for metrics.
     pub fn queues(&self) -> Vec<Arc<Queue>> {
         self.queues
@@ -106,12 +235,7 @@ impl Broker {
 
     /// The queue at `address`; created when `auto-create` is on.
     pub fn queue(&self, address: &str) -> Result<Arc<Queue>, AddressError> {
-        if address.is_empty() {
-            return Err(AddressError::Empty);
-        }
-        if address.len() > store::MAX_ADDRESS_LEN {
-            return Err(AddressError::TooLong(address.len()));
-        }
+        check_name(address)?;
         if let Some(q) = self
             .queues
             .read()
@@ -137,22 +261,22 @@ impl Broker {
     /// Moves `msg` from queue `from` to the dead-letter or expiry address: stores an
     /// annotated copy, waits until it is durable, enqueues it there, and only then
     /// acknowledges the original — so a crash in between duplicates, never loses.
-    pub fn divert(&self, from: &str, msg: QueuedMessage, why: Diversion) {
+    pub fn divert(&self, from_queue: Arc<Queue>, msg: QueuedMessage, why: Diversion) {
         let Some(me) = self.me.upgrade() else { return };
-        let from = from.to_owned();
         tokio::spawn(async move {
-            if let Err(e) = me.divert_now(&from, msg, why).await {
-                tracing::error!(queue = %from, error = %e, "could not move message");
+            if let Err(e) = me.divert_now(&from_queue, msg, why).await {
+                tracing::error!(queue = %from_queue.name(), error = %e, "could not move message");
             }
         });
     }
 
     async fn divert_now(
         &self,
-        from: &str,
+        from_queue: &Arc<Queue>,
         msg: QueuedMessage,
         why: Diversion,
     ) -> anyhow::Result<()> {
+        let from = from_queue.name();
         let (target, entries) = match &why {
             Diversion::DeadLetter {
                 reason,
@@ -191,7 +315,7 @@ impl Broker {
                 offset = msg.offset,
                 "message dropped from its own diversion address"
             );
-            self.store.ack(&[msg.offset])?;
+            from_queue.finish(self, msg.offset);
             return Ok(());
         }
         let view = MessageView::parse(msg.message.clone())?;
@@ -204,7 +328,7 @@ impl Broker {
         moved.delivery_count = msg.delivery_count;
         moved.expires_at_ms = None;
         queue.enqueue(self, moved);
-        self.store.ack(&[msg.offset])?;
+        from_queue.finish(self, msg.offset);
         Ok(())
     }
 
@@ -224,11 +348,27 @@ impl Broker {
             for q in self.queues() {
                 q.expire(&self);
             }
+            for t in self.topics() {
+                t.apply_retention(&self);
+                for sub in t.subscriptions() {
+                    sub.queue.expire(&self);
+                }
+            }
         }
     }
 }
 
 use crate::config;
+
+fn check_name(name: &str) -> Result<(), AddressError> {
+    if name.is_empty() {
+        return Err(AddressError::Empty);
+    }
+    if name.len() > store::MAX_ADDRESS_LEN {
+        return Err(AddressError::TooLong(name.len()));
+    }
+    Ok(())
+}
 
 /// Builds the in-memory entry of a stored message: reads ttl and absolute-expiry-time
 /// once, at enqueue, and the producer's delivery-count.

@@ -121,14 +121,31 @@ pub struct QueueStats {
     pub dead_lettered: AtomicU64,
     pub expired: AtomicU64,
     pub delivered: AtomicU64,
+    /// Dropped because a subscription's backlog was over its limit.
+    pub dropped: AtomicU64,
 }
 
 /// A queue; see the module docs.
 #[derive(Debug)]
 pub struct Queue {
     name: String,
+    owner: QueueOwner,
     state: Mutex<QueueState>,
     pub stats: QueueStats,
+}
+
+/// Whose messages a queue holds, which decides how an acknowledgement is recorded.
+#[derive(Debug)]
+pub enum QueueOwner {
+    /// A queue address: acknowledged in the store's default group.
+    Address,
+    /// A topic subscription: acknowledged in the subscription's group (if durable) and
+    /// released in the topic, which acknowledges the record once nobody needs it.
+    Subscription {
+        topic: std::sync::Weak<super::topic::Topic>,
+        group: u32,
+        durable: bool,
+    },
 }
 
 /// Why a message leaves a queue for another address.
@@ -143,8 +160,14 @@ pub enum Diversion {
 
 impl Queue {
     pub fn new(name: String) -> Queue {
+        Queue::owned(name, QueueOwner::Address)
+    }
+
+    /// A queue that holds one subscription's messages of a topic.
+    pub fn owned(name: String, owner: QueueOwner) -> Queue {
         Queue {
             name,
+            owner,
             state: Mutex::new(QueueState::default()),
             stats: QueueStats::default(),
         }
@@ -323,21 +346,70 @@ impl Queue {
         self.dispatch(broker, &mut s);
     }
 
-    fn acknowledge(&self, broker: &Broker, offset: u64) {
-        self.stats.acknowledged.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = broker.store().ack(&[offset]) {
+    /// The message at `offset` is done with in this queue (accepted, dead-lettered or
+    /// expired elsewhere, dropped): record it in the store for good.
+    pub(crate) fn finish(&self, broker: &Broker, offset: u64) {
+        let result = match &self.owner {
+            QueueOwner::Address => broker.store().ack(&[offset]).map(drop),
+            QueueOwner::Subscription {
+                topic,
+                group,
+                durable,
+            } => {
+                let acked = match durable {
+                    true => broker.store().ack_group(*group, &[offset]).map(drop),
+                    false => Ok(()),
+                };
+                if let Some(topic) = topic.upgrade() {
+                    topic.release(broker, offset, *durable);
+                }
+                acked
+            }
+        };
+        if let Err(e) = result {
             tracing::error!(queue = %self.name, offset, error = %e, "could not record acknowledgement");
         }
     }
 
-    fn divert(&self, broker: &Broker, msg: QueuedMessage, why: Diversion) {
+    fn acknowledge(&self, broker: &Broker, offset: u64) {
+        self.stats.acknowledged.fetch_add(1, Ordering::Relaxed);
+        self.finish(broker, offset);
+    }
+
+    fn divert(self: &Arc<Self>, broker: &Broker, msg: QueuedMessage, why: Diversion) {
         match &why {
             Diversion::DeadLetter { .. } => {
                 self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed)
             }
             Diversion::Expired => self.stats.expired.fetch_add(1, Ordering::Relaxed),
         };
-        broker.divert(&self.name, msg, why);
+        broker.divert(Arc::clone(self), msg, why);
+    }
+
+    /// Drops the oldest ready messages beyond `max` (a subscription over its backlog
+    /// limit); returns how many were dropped.
+    pub fn drop_oldest_beyond(self: &Arc<Self>, broker: &Broker, max: usize) -> usize {
+        let mut s = self.lock();
+        let excess = s.ready.len().saturating_sub(max);
+        let dropped: Vec<u64> = s.ready.drain(..excess).map(|m| m.offset).collect();
+        drop(s);
+        for offset in &dropped {
+            self.finish(broker, *offset);
+        }
+        self.stats
+            .dropped
+            .fetch_add(dropped.len() as u64, Ordering::Relaxed);
+        dropped.len()
+    }
+
+    /// Offsets this queue still holds (ready or unsettled), for a subscription's removal.
+    pub fn held_offsets(&self) -> Vec<u64> {
+        let s = self.lock();
+        s.ready
+            .iter()
+            .map(|m| m.offset)
+            .chain(s.unsettled.keys().copied())
+            .collect()
     }
 
     /// Hands ready messages to consumers with credit, round robin.

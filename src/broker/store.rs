@@ -109,6 +109,26 @@ impl Store {
         self.acks.ack(offsets)
     }
 
+    /// Marks offsets acknowledged by a subscription's consumer group.
+    pub fn ack_group(&self, group: u32, offsets: &[u64]) -> StorageResult<Durable> {
+        self.acks.ack_group(group, offsets)
+    }
+
+    /// Starts a subscription's group: everything below `floor` counts as consumed.
+    pub fn start_group(&self, group: u32, floor: u64) -> StorageResult<Durable> {
+        self.acks.raise_group_floor(group, floor)
+    }
+
+    /// Forgets a deleted subscription's group.
+    pub fn drop_group(&self, group: u32) -> StorageResult<Durable> {
+        self.acks.drop_group(group)
+    }
+
+    /// True if `group` consumed `offset`.
+    pub fn group_acked(&self, group: u32, offset: u64) -> bool {
+        self.acks.is_group_acked(group, offset)
+    }
+
     /// Reads every unacknowledged message, oldest first. Records that do not parse are
     /// skipped with a warning (and counted), never fatal.
     pub fn recover(&self) -> StorageResult<Vec<StoredMessage>> {

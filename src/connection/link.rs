@@ -19,10 +19,13 @@ use fe2o3_amqp_types::messaging::{DeliveryState, Rejected, TargetArchetype};
 use fe2o3_amqp_types::performatives::{Attach, Detach, Disposition, Performative, Transfer};
 
 use super::session::Session;
+use super::subscribe::{self, SubscriptionRef};
 use super::{ConnError, Connection, PendingProduce};
 use crate::amqp::message::MessageView;
+use crate::auth::authz::Operation;
 use crate::broker::queue::{ConsumerId, ConsumerSpec, LinkKey, Queue};
 use crate::broker::store::StoreError;
+use crate::broker::Address;
 use crate::broker::AddressError;
 use entrepot_storage::StorageError;
 
@@ -34,7 +37,7 @@ pub(super) enum Link {
 }
 
 pub(super) struct ProducerLink {
-    pub queue: Arc<Queue>,
+    pub target: Address,
     pub credit: u32,
     pub delivery_count: u32,
     partial: Option<Partial>,
@@ -43,6 +46,8 @@ pub(super) struct ProducerLink {
 pub(super) struct ConsumerLink {
     pub queue: Arc<Queue>,
     pub consumer: ConsumerId,
+    /// Set when the link consumes a topic subscription.
+    pub subscription: Option<SubscriptionRef>,
 }
 
 /// A delivery arriving in several frames.
@@ -103,8 +108,21 @@ impl Session {
                 "a target address is required (no anonymous relay)".into(),
             );
         };
-        let queue = match conn.broker.queue(&address) {
-            Ok(q) => q,
+        // Tenancy and authorization (a pass-through without manifests): see tenant.rs.
+        let address = match conn.authorize(Operation::Send, &address) {
+            Ok(resolved) => resolved.name,
+            Err((c, d)) => return self.refuse(conn, attach, c, d),
+        };
+        let caps = match attach.target.as_deref() {
+            Some(TargetArchetype::Target(t)) => t.capabilities.as_ref().map(|c| c.0.as_slice()),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        };
+        let target = match conn
+            .broker
+            .address(&address, subscribe::kind_from_capabilities(caps))
+        {
+            Ok(a) => a,
             Err(e) => {
                 let (c, d) = address_error(e);
                 return self.refuse(conn, attach, c, d);
@@ -132,7 +150,7 @@ impl Session {
         self.links.insert(
             handle,
             Link::Producer(ProducerLink {
-                queue,
+                target,
                 credit,
                 delivery_count,
                 partial: None,
@@ -153,8 +171,34 @@ impl Session {
                 "a source address is required (dynamic sources are not supported)".into(),
             );
         };
-        let queue = match conn.broker.queue(&address) {
-            Ok(q) => q,
+        // Tenancy and authorization (a pass-through without manifests): see tenant.rs.
+        let address = match conn.authorize(Operation::Recv, &address) {
+            Ok(resolved) => resolved.name,
+            Err((c, d)) => return self.refuse(conn, attach, c, d),
+        };
+        let caps = attach
+            .source
+            .as_ref()
+            .and_then(|s| s.capabilities.as_ref())
+            .map(|c| c.0.as_slice());
+        let (queue, subscription) = match conn
+            .broker
+            .address(&address, subscribe::kind_from_capabilities(caps))
+        {
+            Ok(Address::Queue(q)) => (q, None),
+            Ok(Address::Topic(topic)) => {
+                let source = attach.source.as_deref().cloned().unwrap_or_default();
+                match subscribe::subscribe(
+                    &conn.broker,
+                    &topic,
+                    &source,
+                    &conn.container_id,
+                    &attach.name,
+                ) {
+                    Ok((sub, holder)) => (Arc::clone(&sub.queue), Some(holder)),
+                    Err((c, d)) => return self.refuse(conn, attach, c, d),
+                }
+            }
             Err(e) => {
                 let (c, d) = address_error(e);
                 return self.refuse(conn, attach, c, d);
@@ -193,8 +237,14 @@ impl Session {
             presettled,
             unsettled_max: conn.broker.config().unsettled_per_link,
         });
-        self.links
-            .insert(handle, Link::Consumer(ConsumerLink { queue, consumer }));
+        self.links.insert(
+            handle,
+            Link::Consumer(ConsumerLink {
+                queue,
+                consumer,
+                subscription,
+            }),
+        );
         conn.broker.stats.links.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -253,7 +303,7 @@ impl Session {
         description: String,
     ) -> Result<(), ConnError> {
         tracing::info!(handle, condition = %super::condition_name(&condition), %description, "detaching link");
-        self.forget_link(conn, handle);
+        self.forget_link(conn, handle, false);
         self.links.insert(handle, Link::Detached);
         let detach = Detach {
             handle: handle.into(),
@@ -277,7 +327,7 @@ impl Session {
             return Ok(());
         };
         let we_detached = matches!(link, Link::Detached);
-        self.forget_link(conn, handle);
+        self.forget_link(conn, handle, detach.closed);
         if we_detached {
             return Ok(());
         }
@@ -404,7 +454,7 @@ impl Session {
         }
         link.credit -= 1;
         link.delivery_count = link.delivery_count.wrapping_add(1);
-        let queue = Arc::clone(&link.queue);
+        let target = link.target.clone();
         let refill = (link.credit < credit_refill / 2).then(|| {
             link.credit = credit_refill;
             (link.delivery_count, credit_refill)
@@ -429,7 +479,7 @@ impl Session {
                 format!("malformed message: {e}"),
             );
         }
-        let stored = conn.broker.store().append(queue.name(), &[&message]);
+        let stored = conn.broker.store().append(target.name(), &[&message]);
         let (appended, offset, ts, view) = match stored {
             Ok(s) => s,
             Err(e) => {
@@ -439,7 +489,7 @@ impl Session {
                     }
                     _ => AmqpError::InternalError.into(),
                 };
-                tracing::warn!(queue = queue.name(), error = %e, "store refused a message");
+                tracing::warn!(address = target.name(), error = %e, "store refused a message");
                 return self.reject(
                     conn,
                     delivery_id,
@@ -456,8 +506,9 @@ impl Session {
         };
         conn.pending.push_back(PendingProduce {
             durable: appended.durable,
-            queue,
+            target,
             msg,
+            stored_at_ms: ts,
             ack,
         });
         Ok(())

@@ -18,6 +18,10 @@
 mod handshake;
 mod link;
 mod session;
+mod tenant;
+
+pub use handshake::HANDSHAKE_TIMEOUT;
+mod subscribe;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -30,16 +34,17 @@ use fe2o3_amqp_types::definitions::{
 };
 use fe2o3_amqp_types::performatives::{ChannelMax, Close, MaxFrameSize, Open, Performative};
 use fe2o3_amqp_types::primitives::Symbol;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
 use crate::amqp::frame::{
     self, encode_frame, encode_heartbeat, FrameDecoder, FrameError, FrameKind,
 };
-use crate::amqp::sasl::{Identity, SaslConfig};
-use crate::broker::queue::{Outbound, Queue, QueuedMessage};
+use crate::amqp::sasl::Identity;
+use crate::auth::Gatekeeper;
+use crate::broker::queue::{Outbound, QueuedMessage};
+use crate::broker::Address;
 use crate::broker::Broker;
 use entrepot_storage::Durable;
 use session::Session;
@@ -102,8 +107,9 @@ pub fn condition_name(c: &ErrorCondition) -> String {
 /// A message stored but not yet durable, waiting to be enqueued and acknowledged.
 struct PendingProduce {
     durable: Durable,
-    queue: Arc<Queue>,
+    target: Address,
     msg: QueuedMessage,
+    stored_at_ms: i64,
     /// `(remote channel, delivery id)` to accept once durable; `None` if pre-settled.
     ack: Option<(u16, u32)>,
 }
@@ -111,7 +117,7 @@ struct PendingProduce {
 /// State of one connection (see the module docs).
 pub struct Connection {
     broker: Arc<Broker>,
-    wr: OwnedWriteHalf,
+    wr: Writer,
     wbuf: BytesMut,
     decoder: FrameDecoder,
     /// Largest frame the peer accepts.
@@ -120,6 +126,14 @@ pub struct Connection {
     container_id: String,
     hostname: Option<String>,
     identity: Identity,
+    /// Manifests, token authenticator, failure table.
+    gate: Arc<Gatekeeper>,
+    /// The address space SASL authenticated the client in (with manifests).
+    login_space: Option<String>,
+    /// The address space the connection works in, chosen at `open` (with manifests).
+    space: Option<String>,
+    /// TLS SNI, when the connection came in on the amqps listener.
+    sni: Option<String>,
     sessions: HashMap<u16, Session>,
     outbound_tx: mpsc::UnboundedSender<Outbound>,
     pending: VecDeque<PendingProduce>,
@@ -130,16 +144,49 @@ pub struct Connection {
     open_sent: bool,
 }
 
+/// The reading side of a client's byte stream (TCP or TLS).
+pub type Reader = Box<dyn AsyncRead + Send + Unpin>;
+/// The writing side of a client's byte stream (TCP or TLS).
+pub type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// An accepted client stream, split, with what the listener learned about it.
+pub struct Accepted {
+    pub rd: Reader,
+    pub wr: Writer,
+    pub peer: Option<std::net::SocketAddr>,
+    /// The TLS server name the client asked for.
+    pub sni: Option<String>,
+}
+
+impl Accepted {
+    /// A plain TCP stream: split without a lock between the halves.
+    pub fn tcp(stream: TcpStream) -> Accepted {
+        let peer = stream.peer_addr().ok();
+        let _ = stream.set_nodelay(true);
+        let (rd, wr) = stream.into_split();
+        Accepted {
+            rd: Box::new(rd),
+            wr: Box::new(wr),
+            peer,
+            sni: None,
+        }
+    }
+}
+
 /// Serves one accepted socket until it closes.
-pub async fn serve(stream: TcpStream, broker: Arc<Broker>, shutdown: watch::Receiver<bool>) {
-    let peer = stream.peer_addr().ok();
-    let _ = stream.set_nodelay(true);
+pub async fn serve(
+    stream: Accepted,
+    broker: Arc<Broker>,
+    gate: Arc<Gatekeeper>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let peer = stream.peer;
     broker.stats.connections.fetch_add(1, Ordering::Relaxed);
     broker
         .stats
         .connections_total
         .fetch_add(1, Ordering::Relaxed);
-    let result = run(stream, Arc::clone(&broker), shutdown).await;
+    let result = run(stream, Arc::clone(&broker), gate, shutdown).await;
     broker.stats.connections.fetch_sub(1, Ordering::Relaxed);
     match result {
         Ok(()) | Err(ConnError::PeerClosed) | Err(ConnError::Closed) => {
@@ -156,17 +203,25 @@ pub async fn serve(stream: TcpStream, broker: Arc<Broker>, shutdown: watch::Rece
 }
 
 async fn run(
-    stream: TcpStream,
+    stream: Accepted,
     broker: Arc<Broker>,
+    gate: Arc<Gatekeeper>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
-    let (mut rd, mut wr) = stream.into_split();
+    let Accepted {
+        mut rd,
+        mut wr,
+        peer,
+        sni,
+    } = stream;
     let mut rbuf = BytesMut::with_capacity(64 * 1024);
-    let sasl = SaslConfig {
+    let admission = handshake::Admission {
+        gate: &gate,
+        static_users: &broker.config().users,
         allow_anonymous: broker.config().allow_anonymous,
+        peer: peer.map(|p| p.ip()),
     };
-    let users = broker.config().users.clone();
-    let identity = handshake::handshake(&mut rd, &mut wr, &mut rbuf, sasl, &users).await?;
+    let login = handshake::handshake(&mut rd, &mut wr, &mut rbuf, &admission).await?;
     let (outbound_tx, outbound_rx) = mpsc::unbounded_channel();
     let mut conn = Connection {
         decoder: FrameDecoder::new(PRE_OPEN_MAX_FRAME_SIZE),
@@ -177,7 +232,11 @@ async fn run(
         peer_idle_timeout: None,
         container_id: String::new(),
         hostname: None,
-        identity,
+        identity: login.identity,
+        gate: Arc::clone(&gate),
+        login_space: login.space,
+        space: None,
+        sni,
         sessions: HashMap::new(),
         outbound_tx,
         pending: VecDeque::new(),
@@ -210,7 +269,7 @@ async fn run(
 impl Connection {
     async fn main_loop(
         &mut self,
-        rd: &mut OwnedReadHalf,
+        rd: &mut Reader,
         mut rbuf: BytesMut,
         mut outbound_rx: mpsc::UnboundedReceiver<Outbound>,
         mut shutdown: watch::Receiver<bool>,
@@ -305,11 +364,7 @@ impl Connection {
     }
 
     /// Reads the client's `open` and answers with ours.
-    async fn expect_open(
-        &mut self,
-        rd: &mut OwnedReadHalf,
-        rbuf: &mut BytesMut,
-    ) -> Result<(), ConnError> {
+    async fn expect_open(&mut self, rd: &mut Reader, rbuf: &mut BytesMut) -> Result<(), ConnError> {
         let frame = loop {
             if let Some(f) = self.decoder.decode(rbuf)? {
                 if !f.is_heartbeat() {
@@ -333,6 +388,7 @@ impl Connection {
         };
         self.container_id = open.container_id.clone();
         self.hostname = open.hostname.clone();
+        self.choose_space()?;
         self.peer_max_frame = open.max_frame_size.0.clamp(
             frame::MIN_MAX_FRAME_SIZE,
             self.broker.config().max_frame_bytes,
@@ -441,7 +497,7 @@ impl Connection {
             let Some(p) = self.pending.pop_front() else {
                 break;
             };
-            p.queue.enqueue(&self.broker, p.msg);
+            p.target.accept(&self.broker, p.msg, p.stored_at_ms);
             if let Some(ack) = p.ack {
                 accepted.push(ack);
             }

@@ -2,7 +2,8 @@
 //!
 //! Incoming: we grant a fixed incoming window and top it up with a `flow` when half is
 //! used. Outgoing: we never send more transfer frames than the peer's incoming window
-//! allows; deliveries that do not fit wait in `blocked` until the peer's next `flow`.
+//! allows; deliveries that do not fit wait in `blocked` until the peer's next `flow`, and
+//! a drain's closing flow waits behind the last of its link's blocked deliveries.
 //! Outgoing unsettled deliveries are remembered by delivery id until the consumer's
 //! disposition settles them.
 
@@ -41,6 +42,9 @@ pub(super) struct Blocked {
     queue: Arc<Queue>,
     msg: QueuedMessage,
     settled: bool,
+    /// A drain of this link ended with this delivery: the drained flow's delivery-count,
+    /// sent right after it so the flow never overtakes the deliveries it accounts for.
+    then_drained: Option<u32>,
 }
 
 pub(super) struct Session {
@@ -280,6 +284,7 @@ impl Session {
                     queue,
                     msg,
                     settled,
+                    then_drained: None,
                 });
                 self.send_blocked(conn)
             }
@@ -287,10 +292,22 @@ impl Session {
                 link,
                 delivery_count,
             } => {
-                if matches!(self.links.get(&link.handle), Some(Link::Consumer(c)) if c.consumer == link.consumer)
+                if !matches!(self.links.get(&link.handle), Some(Link::Consumer(c)) if c.consumer == link.consumer)
                 {
+                    return Ok(());
+                }
+                // Deliveries of this drain may still wait for the peer's window.
+                let waiting = self
+                    .blocked
+                    .iter_mut()
+                    .rev()
+                    .find(|b| b.handle == link.handle && b.consumer == link.consumer);
+                match waiting {
+                    Some(b) => b.then_drained = Some(delivery_count),
                     // No link-credit field: only the receiving side issues credit.
-                    self.send_flow(conn, Some((link.handle, delivery_count, None, true)))?;
+                    None => {
+                        self.send_flow(conn, Some((link.handle, delivery_count, None, true)))?
+                    }
                 }
                 Ok(())
             }
@@ -311,7 +328,11 @@ impl Session {
             {
                 continue;
             }
+            let (handle, drained) = (b.handle, b.then_drained);
             self.write_delivery(conn, b)?;
+            if let Some(delivery_count) = drained {
+                self.send_flow(conn, Some((handle, delivery_count, None, true)))?;
+            }
         }
         Ok(())
     }
@@ -387,17 +408,22 @@ impl Session {
     pub fn detach_all(&mut self, conn: &mut Connection) {
         let handles: Vec<u32> = self.links.keys().copied().collect();
         for h in handles {
-            self.forget_link(conn, h);
+            self.forget_link(conn, h, false);
         }
         self.blocked.clear();
     }
 
     /// Removes a link and its unsettled outgoing deliveries.
-    pub fn forget_link(&mut self, conn: &mut Connection, handle: u32) {
+    /// `closed` says the peer closed the link (not just detached it), which deletes a
+    /// durable subscription.
+    pub fn forget_link(&mut self, conn: &mut Connection, handle: u32, closed: bool) {
         if let Some(Link::Consumer(c)) = self.links.remove(&handle) {
             self.unsettled_out.retain(|_, d| d.handle != handle);
             self.blocked.retain(|b| b.handle != handle);
             c.queue.remove_consumer(&conn.broker, c.consumer);
+            if let Some(sub) = &c.subscription {
+                super::subscribe::unsubscribe(&conn.broker, sub, closed, c.queue.consumer_count());
+            }
             conn.broker
                 .stats
                 .links

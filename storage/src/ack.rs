@@ -102,15 +102,25 @@ impl AckLog {
     /// Opens (or creates) the ack log in `dir` and replays it.
     pub fn open(dir: impl AsRef<Path>, mut config: LogConfig) -> Result<AckLog> {
         config.segment_bytes = config.segment_bytes.min(ACK_SEGMENT_BYTES);
-        config.record_bytes_max = config.record_bytes_max.min((config.segment_bytes / 2) as u32);
+        config.record_bytes_max = config
+            .record_bytes_max
+            .min((config.segment_bytes / 2) as u32);
         let log = Log::open(dir, config)?;
-        let mut state = AckState { groups: HashMap::new(), since_snapshot: 0 };
+        let mut state = AckState {
+            groups: HashMap::new(),
+            since_snapshot: 0,
+        };
         for record in log.reader(log.first_offset()) {
             let record = record?;
-            state.apply(record.flags, &record.payload).ok_or_else(|| bad_record(&log, record.offset))?;
+            state
+                .apply(record.flags, &record.payload)
+                .ok_or_else(|| bad_record(&log, record.offset))?;
         }
         state.group(DEFAULT_GROUP);
-        Ok(AckLog { log, state: Mutex::new(state) })
+        Ok(AckLog {
+            log,
+            state: Mutex::new(state),
+        })
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, AckState>> {
@@ -161,7 +171,9 @@ impl AckLog {
     pub fn raise_group_floor(&self, group: u32, floor: u64) -> Result<Durable> {
         let mut state = self.lock()?;
         if state.groups.len() >= MAX_GROUPS && !state.groups.contains_key(&group) {
-            return Err(StorageError::Config(format!("more than {MAX_GROUPS} consumer groups")));
+            return Err(StorageError::Config(format!(
+                "more than {MAX_GROUPS} consumer groups"
+            )));
         }
         state.group(group).raise_floor(floor);
         self.snapshot_locked(&mut state)
@@ -202,19 +214,25 @@ impl AckLog {
 
     /// True if `group` acknowledged `offset` (false for an unknown group).
     pub fn is_group_acked(&self, group: u32, offset: u64) -> bool {
-        self.state.lock().is_ok_and(|s| s.groups.get(&group).is_some_and(|g| g.contains(offset)))
+        self.state
+            .lock()
+            .is_ok_and(|s| s.groups.get(&group).is_some_and(|g| g.contains(offset)))
     }
 
     /// True if every offset in `from..to` is acknowledged in the default group.
     pub fn contains_range(&self, from: u64, to: u64) -> bool {
-        self.state
-            .lock()
-            .is_ok_and(|s| s.groups.get(&DEFAULT_GROUP).is_some_and(|g| g.contains_range(from, to)))
+        self.state.lock().is_ok_and(|s| {
+            s.groups
+                .get(&DEFAULT_GROUP)
+                .is_some_and(|g| g.contains_range(from, to))
+        })
     }
 
     /// Every offset below this is acknowledged in the default group.
     pub fn floor(&self) -> u64 {
-        self.state.lock().map_or(0, |s| s.groups.get(&DEFAULT_GROUP).map_or(0, |g| g.floor()))
+        self.state
+            .lock()
+            .map_or(0, |s| s.groups.get(&DEFAULT_GROUP).map_or(0, |g| g.floor()))
     }
 
     /// A copy of the default group's set (recovery of queues).
@@ -224,12 +242,18 @@ impl AckLog {
 
     /// A copy of `group`'s set, `None` if the group is unknown.
     pub fn group_set(&self, group: u32) -> Option<OffsetSet> {
-        self.state.lock().ok().and_then(|s| s.groups.get(&group).cloned())
+        self.state
+            .lock()
+            .ok()
+            .and_then(|s| s.groups.get(&group).cloned())
     }
 
     /// The groups known, in no particular order.
     pub fn groups(&self) -> Vec<u32> {
-        self.state.lock().map(|s| s.groups.keys().copied().collect()).unwrap_or_default()
+        self.state
+            .lock()
+            .map(|s| s.groups.keys().copied().collect())
+            .unwrap_or_default()
     }
 
     /// The log holding the acks (for its stats).
@@ -347,9 +371,16 @@ mod tests {
         }
         let acks = AckLog::open(dir.path(), cfg()).unwrap();
         assert_eq!(acks.floor(), 2);
-        assert!(acks.is_group_acked(7, 99) && acks.is_group_acked(7, 150) && acks.is_group_acked(7, 101));
+        assert!(
+            acks.is_group_acked(7, 99)
+                && acks.is_group_acked(7, 150)
+                && acks.is_group_acked(7, 101)
+        );
         assert!(!acks.is_group_acked(7, 100));
-        assert!(!acks.is_acked(150), "group 7 acks do not leak into the default group");
+        assert!(
+            !acks.is_acked(150),
+            "group 7 acks do not leak into the default group"
+        );
         assert_eq!(acks.group_set(9), None, "dropped group stays dropped");
         let mut groups = acks.groups();
         groups.sort();

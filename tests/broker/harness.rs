@@ -15,6 +15,8 @@ pub struct BrokerProcess {
     child: Child,
     pub amqp: SocketAddr,
     pub http: SocketAddr,
+    /// The amqps listener, when the broker was started with a TLS certificate.
+    pub amqps: Option<SocketAddr>,
     pub dir: PathBuf,
     logs: mpsc::Receiver<String>,
 }
@@ -65,6 +67,7 @@ impl BrokerProcess {
                     child,
                     amqp: a.parse().expect("amqp addr"),
                     http: h.parse().expect("http addr"),
+                    amqps: field(&line, "amqps=").and_then(|a| a.parse().ok()),
                     dir: dir.to_path_buf(),
                     logs: rx,
                 };

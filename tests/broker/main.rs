@@ -2,16 +2,22 @@
 //! clients (and raw sockets where the exact bytes matter). One test binary keeps link
 //! times down; each module is one scenario family.
 
+mod access;
 mod addresses;
+mod bench_tool;
 mod crash;
 mod expiry;
 mod garbage;
 mod harness;
 mod interop_proton;
 mod large_messages;
+mod manifests;
 mod many_queues;
 mod metrics;
 mod outcomes;
 mod queues;
 mod raw_client;
+mod router;
 mod shutdown;
+mod tls;
+mod topics;

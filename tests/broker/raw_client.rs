@@ -1,10 +1,15 @@
 //! Just enough of an AMQP 1.0 client to send what fe2o3 will not, and to see the exact
 //! frames the broker answers with: frames built by hand around performatives encoded with
-//! the same types the broker decodes. No SASL, one session on channel 0. Callers bound
-//! every wait.
+//! the same types the broker decodes. No SASL. [`Client::open`] begins one session on
+//! channel 0 and the plain methods use it; the `_on` methods take a channel, for peers
+//! such as a router that multiplex many sessions on one connection. Callers bound every
+//! wait.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::time::Duration;
 
+use fe2o3_amqp::types::definitions::Fields;
 use fe2o3_amqp::types::definitions::{Handle, ReceiverSettleMode, Role, SenderSettleMode};
 use fe2o3_amqp::types::messaging::{DeliveryState, Source, Target, TargetArchetype};
 use fe2o3_amqp::types::performatives::{
@@ -20,11 +25,32 @@ const MAX_FRAME: u32 = 64 * 1024;
 /// Payload per transfer frame, leaving room for the frame header and performative.
 const CHUNK: usize = 60_000;
 
+/// Incoming window each session announces unless [`Client::begin_with_window`] says.
+const INCOMING_WINDOW: u32 = 1000;
+
 pub struct Client {
     stream: TcpStream,
     rbuf: Vec<u8>,
-    /// Transfer frames sent so far: our session's next-outgoing-id.
+    sessions: HashMap<u16, SessionState>,
+}
+
+/// Our side of one session's transfer numbering.
+#[derive(Default)]
+struct SessionState {
+    /// Transfer frames sent so far: the session's next-outgoing-id.
     next_outgoing_id: u32,
+    /// Transfer frames received so far: the session's next-incoming-id.
+    next_incoming_id: u32,
+    incoming_window: u32,
+}
+
+/// One frame from the broker.
+#[derive(Debug)]
+pub struct Frame {
+    pub channel: u16,
+    pub performative: Performative,
+    /// The bytes after the performative (a transfer's message section).
+    pub payload: Vec<u8>,
 }
 
 /// A whole message of one data section: descriptor 0x75, vbin32.
@@ -57,6 +83,18 @@ pub fn accepted(id: u32) -> impl Fn(Performative) -> Option<bool> {
 impl Client {
     /// Header exchange (no SASL), open, and begin on channel 0.
     pub async fn open(addr: SocketAddr) -> std::io::Result<Client> {
+        let mut c = Client::connect(addr, "raw", None).await?;
+        c.begin(0).await;
+        Ok(c)
+    }
+
+    /// Header exchange (no SASL) and open as `container_id` with open `properties`; no
+    /// session yet.
+    pub async fn connect(
+        addr: SocketAddr,
+        container_id: &str,
+        properties: Option<Fields>,
+    ) -> std::io::Result<Client> {
         let mut stream = TcpStream::connect(addr).await?;
         stream.write_all(&AMQP_HEADER).await?;
         let mut header = [0u8; 8];
@@ -68,41 +106,77 @@ impl Client {
         let mut c = Client {
             stream,
             rbuf: Vec::new(),
-            next_outgoing_id: 0,
+            sessions: HashMap::new(),
         };
         let open = Open {
-            container_id: "raw".into(),
+            container_id: container_id.into(),
             hostname: None,
             max_frame_size: MaxFrameSize(MAX_FRAME),
-            channel_max: ChannelMax(0),
+            channel_max: ChannelMax(u16::MAX),
             idle_time_out: None,
             outgoing_locales: None,
             incoming_locales: None,
             offered_capabilities: None,
             desired_capabilities: None,
-            properties: None,
+            properties,
         };
-        c.send(&Performative::Open(open), &[]).await;
+        c.send_on(0, &Performative::Open(open), &[]).await;
         c.expect(|p| matches!(p, Performative::Open(_)).then_some(()))
-            .await;
-        let begin = Begin {
-            remote_channel: None,
-            next_outgoing_id: 0,
-            incoming_window: 1000,
-            outgoing_window: 100_000,
-            handle_max: Handle(15),
-            offered_capabilities: None,
-            desired_capabilities: None,
-            properties: None,
-        };
-        c.send(&Performative::Begin(begin), &[]).await;
-        c.expect(|p| matches!(p, Performative::Begin(_)).then_some(()))
             .await;
         Ok(c)
     }
 
+    /// Begins a session on `channel` and waits for the broker's begin.
+    pub async fn begin(&mut self, channel: u16) {
+        self.begin_with_window(channel, INCOMING_WINDOW).await;
+    }
+
+    /// Begins a session on `channel` that lets the broker send at most `incoming_window`
+    /// transfer frames until our next flow.
+    pub async fn begin_with_window(&mut self, channel: u16, incoming_window: u32) {
+        self.sessions.insert(
+            channel,
+            SessionState {
+                incoming_window,
+                ..SessionState::default()
+            },
+        );
+        let begin = Begin {
+            remote_channel: None,
+            next_outgoing_id: 0,
+            incoming_window,
+            outgoing_window: 100_000,
+            handle_max: Handle(1023),
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        };
+        self.send_on(channel, &Performative::Begin(begin), &[])
+            .await;
+        self.expect_on(|ch, p| match p {
+            Performative::Begin(b) if ch == channel => {
+                assert_eq!(b.remote_channel, Some(channel), "begin answers our channel");
+                Some(())
+            }
+            _ => None,
+        })
+        .await;
+    }
+
     /// Attaches a sending link and waits for the broker's attach and its credit.
     pub async fn attach_sender(&mut self, handle: u32, name: &str, address: &str) {
+        self.attach_sender_on(0, handle, name, address).await;
+    }
+
+    /// Attaches a sending link on the session of `channel`, waits for the broker's attach
+    /// and returns the credit it grants (its first link flow).
+    pub async fn attach_sender_on(
+        &mut self,
+        channel: u16,
+        handle: u32,
+        name: &str,
+        address: &str,
+    ) -> Flow {
         let attach = Attach {
             name: name.into(),
             handle: Handle(handle),
@@ -121,21 +195,38 @@ impl Client {
             desired_capabilities: None,
             properties: None,
         };
-        self.send(&Performative::Attach(attach), &[]).await;
-        self.expect(|p| match p {
-            Performative::Attach(a) if a.handle.0 == handle => Some(()),
+        self.send_on(channel, &Performative::Attach(attach), &[])
+            .await;
+        self.expect_on(|ch, p| match p {
+            Performative::Attach(a) if ch == channel && a.handle.0 == handle => Some(()),
             _ => None,
         })
         .await;
-        self.expect(|p| match p {
-            Performative::Flow(f) if f.handle.as_ref().map(|h| h.0) == Some(handle) => Some(()),
+        self.expect_on(|ch, p| match p {
+            Performative::Flow(f)
+                if ch == channel && f.handle.as_ref().map(|h| h.0) == Some(handle) =>
+            {
+                Some(f)
+            }
             _ => None,
         })
-        .await;
+        .await
     }
 
     /// Attaches a receiving link (the broker sends) and returns the broker's attach.
     pub async fn attach_receiver(&mut self, handle: u32, name: &str, address: &str) -> Attach {
+        self.attach_receiver_on(0, handle, name, address).await
+    }
+
+    /// Attaches a receiving link on the session of `channel` and returns the broker's
+    /// attach.
+    pub async fn attach_receiver_on(
+        &mut self,
+        channel: u16,
+        handle: u32,
+        name: &str,
+        address: &str,
+    ) -> Attach {
         let attach = Attach {
             name: name.into(),
             handle: Handle(handle),
@@ -152,9 +243,10 @@ impl Client {
             desired_capabilities: None,
             properties: None,
         };
-        self.send(&Performative::Attach(attach), &[]).await;
-        self.expect(|p| match p {
-            Performative::Attach(a) if a.handle.0 == handle => Some(a),
+        self.send_on(channel, &Performative::Attach(attach), &[])
+            .await;
+        self.expect_on(|ch, p| match p {
+            Performative::Attach(a) if ch == channel && a.handle.0 == handle => Some(a),
             _ => None,
         })
         .await
@@ -163,10 +255,24 @@ impl Client {
     /// Grants `credit` on a receiving link whose delivery-count we know to be
     /// `delivery_count`, optionally asking the broker to drain.
     pub async fn flow(&mut self, handle: u32, delivery_count: u32, credit: u32, drain: bool) {
+        self.flow_on(0, handle, delivery_count, credit, drain).await;
+    }
+
+    /// [`Client::flow`] on the session of `channel`; it also reopens the session's
+    /// incoming window to its size as begun.
+    pub async fn flow_on(
+        &mut self,
+        channel: u16,
+        handle: u32,
+        delivery_count: u32,
+        credit: u32,
+        drain: bool,
+    ) {
+        let s = self.session(channel);
         let flow = Flow {
-            next_incoming_id: Some(0),
-            incoming_window: 1000,
-            next_outgoing_id: self.next_outgoing_id,
+            next_incoming_id: Some(s.next_incoming_id),
+            incoming_window: s.incoming_window,
+            next_outgoing_id: s.next_outgoing_id,
             outgoing_window: 100_000,
             handle: Some(Handle(handle)),
             delivery_count: Some(delivery_count),
@@ -176,11 +282,22 @@ impl Client {
             echo: false,
             properties: None,
         };
-        self.send(&Performative::Flow(flow), &[]).await;
+        self.send_on(channel, &Performative::Flow(flow), &[]).await;
     }
 
     /// Sends `message` as one delivery in as many frames as it takes.
     pub async fn transfer(&mut self, handle: u32, delivery_id: u32, message: &[u8]) {
+        self.transfer_on(0, handle, delivery_id, message).await;
+    }
+
+    /// [`Client::transfer`] on the session of `channel`.
+    pub async fn transfer_on(
+        &mut self,
+        channel: u16,
+        handle: u32,
+        delivery_id: u32,
+        message: &[u8],
+    ) {
         let chunks: Vec<&[u8]> = message.chunks(CHUNK).collect();
         for (i, chunk) in chunks.iter().enumerate() {
             let first = i == 0;
@@ -197,27 +314,54 @@ impl Client {
                 aborted: false,
                 batchable: false,
             };
-            self.send(&Performative::Transfer(t), chunk).await;
-            self.next_outgoing_id = self.next_outgoing_id.wrapping_add(1);
+            self.send_on(channel, &Performative::Transfer(t), chunk)
+                .await;
+            let s = self.session(channel);
+            s.next_outgoing_id = s.next_outgoing_id.wrapping_add(1);
         }
     }
 
+    /// A session flow (no handle) that reopens the incoming window of `channel`.
+    pub async fn window_on(&mut self, channel: u16) {
+        let s = self.session(channel);
+        let flow = Flow {
+            next_incoming_id: Some(s.next_incoming_id),
+            incoming_window: s.incoming_window,
+            next_outgoing_id: s.next_outgoing_id,
+            outgoing_window: 100_000,
+            handle: None,
+            delivery_count: None,
+            link_credit: None,
+            available: None,
+            drain: false,
+            echo: false,
+            properties: None,
+        };
+        self.send_on(channel, &Performative::Flow(flow), &[]).await;
+    }
+
     pub async fn detach(&mut self, handle: u32) {
+        self.detach_on(0, handle).await;
+    }
+
+    pub async fn detach_on(&mut self, channel: u16, handle: u32) {
         let d = Detach {
             handle: Handle(handle),
             closed: true,
             error: None,
         };
-        self.send(&Performative::Detach(d), &[]).await;
+        self.send_on(channel, &Performative::Detach(d), &[]).await;
     }
 
-    async fn send(&mut self, p: &Performative, payload: &[u8]) {
+    /// Sends any performative on `channel`, e.g. a disposition.
+    pub async fn send_on(&mut self, channel: u16, p: &Performative, payload: &[u8]) {
         let body = serde_amqp::to_vec(p).expect("performative encodes");
         let size = 8 + body.len() + payload.len();
         assert!(size <= MAX_FRAME as usize, "frame of {size} bytes");
         let mut frame = Vec::with_capacity(size);
         frame.extend_from_slice(&(size as u32).to_be_bytes());
-        frame.extend_from_slice(&[2, 0, 0, 0]); // doff 2, type AMQP, channel 0
+        frame.extend_from_slice(&[2, 0]); // doff 2, type AMQP
+        frame.extend_from_slice(&channel.to_be_bytes());
         frame.extend_from_slice(&body);
         frame.extend_from_slice(payload);
         self.stream.write_all(&frame).await.expect("write frame");
@@ -226,12 +370,24 @@ impl Client {
     /// Reads frames until `pick` accepts one; the others are skipped. Callers bound
     /// the wait.
     pub async fn expect<T>(&mut self, pick: impl Fn(Performative) -> Option<T>) -> T {
+        self.expect_on(|_, p| pick(p)).await
+    }
+
+    /// [`Client::expect`], with the channel each frame came on.
+    pub async fn expect_on<T>(&mut self, pick: impl Fn(u16, Performative) -> Option<T>) -> T {
         loop {
-            if let Some(p) = self.next_performative() {
-                if let Some(t) = pick(p) {
-                    return t;
-                }
-                continue;
+            let f = self.next_frame().await;
+            if let Some(t) = pick(f.channel, f.performative) {
+                return t;
+            }
+        }
+    }
+
+    /// The next non-empty frame, whatever it is. Callers bound the wait.
+    pub async fn next_frame(&mut self) -> Frame {
+        loop {
+            if let Some(f) = self.buffered_frame() {
+                return f;
             }
             let mut chunk = [0u8; 16 * 1024];
             let n = self.stream.read(&mut chunk).await.expect("read frame");
@@ -240,8 +396,17 @@ impl Client {
         }
     }
 
-    /// The next whole non-empty frame's performative, if buffered.
-    fn next_performative(&mut self) -> Option<Performative> {
+    /// Every frame that arrives until the broker has been silent for `quiet`.
+    pub async fn frames_until_quiet(&mut self, quiet: Duration) -> Vec<Frame> {
+        let mut frames = Vec::new();
+        while let Ok(f) = tokio::time::timeout(quiet, self.next_frame()).await {
+            frames.push(f);
+        }
+        frames
+    }
+
+    /// The next whole non-empty frame, if buffered; counts incoming transfers.
+    fn buffered_frame(&mut self) -> Option<Frame> {
         loop {
             let size = u32::from_be_bytes(self.rbuf.get(..4)?.try_into().ok()?) as usize;
             if self.rbuf.len() < size {
@@ -249,10 +414,30 @@ impl Client {
             }
             let frame: Vec<u8> = self.rbuf.drain(..size).collect();
             let doff = usize::from(frame[4]) * 4;
+            let channel = u16::from_be_bytes([frame[6], frame[7]]);
             if frame.len() > doff {
-                let p = serde_amqp::from_slice(&frame[doff..]).expect("performative decodes");
-                return Some(p);
+                let body = bytes::Bytes::copy_from_slice(&frame[doff..]);
+                let (performative, payload) =
+                    entrepot::amqp::frame::split_performative(&body).expect("performative decodes");
+                if matches!(performative, Performative::Transfer(_)) {
+                    let s = self.session(channel);
+                    s.next_incoming_id = s.next_incoming_id.wrapping_add(1);
+                }
+                return Some(Frame {
+                    channel,
+                    performative,
+                    payload: payload.to_vec(),
+                });
             }
         }
+    }
+
+    fn session(&mut self, channel: u16) -> &mut SessionState {
+        self.sessions
+            .entry(channel)
+            .or_insert_with(|| SessionState {
+                incoming_window: INCOMING_WINDOW,
+                ..SessionState::default()
+            })
     }
 }

@@ -1,0 +1,256 @@
+#!/usr/bin/env bash
+# Entrepot side by side with RabbitMQ (quorum and classic durable queues, AMQP 1.0) and
+# NATS JetStream (file storage), all driven by the same tool, `entrepot bench`, on this
+# machine, with the physical limits (fio, iperf3) in the same table.
+#
+# One broker runs at a time (started, measured, stopped by its pid), everything binds to
+# 127.0.0.1, and every run is bounded (`--duration` plus a hard `--timeout`).
+#
+# Workloads (persistent = header.durable; every message checked for loss by sequence):
+#   p1k-1x1   1 KiB, 1 producer / 1 consumer          p1k-8x8   1 KiB, 8 / 8
+#   p64k-1x1  64 KiB, 1 / 1                           fanout    1 KiB, 1 producer -> 10 subscribers
+#   lat-half  1 KiB, 1 / 1 at half of that broker's p1k-1x1 peak (--rate): latency at load
+#
+# Usage: benches/compare.sh            (from anywhere in the workspace; as root: the peers
+#                                       and fio/iperf3 are installed with apt-get if missing)
+# Env:   DURATION (s per run, default 10), WARMUP (s, default 2), BROKERS (default
+#        "entrepot rabbitmq-qq rabbitmq-classic nats"), NATS=0 to leave NATS out,
+#        ENTREPOT_SYNC (default always), ENTREPOT_PORT (default 5692),
+#        ENTREPOT_FANOUT_ADDRESS (a topic address on Entrepot; without it fan-out is n/a),
+#        SKIP_LIMITS=1 to skip fio and iperf3, PEERS_DIR (default ../shared/peers).
+# Output: the table on stdout, and under target/compare/: one JSON per run, table.md.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+peers="${PEERS_DIR:-$root/../shared/peers}"
+target="${CARGO_TARGET_DIR:-$root/target}"
+out="$target/compare"
+duration="${DURATION:-10}"
+warmup="${WARMUP:-2}"
+brokers="${BROKERS:-entrepot rabbitmq-qq rabbitmq-classic nats}"
+[ "${NATS:-1}" = 0 ] && brokers="${brokers//nats/}"
+entrepot_port="${ENTREPOT_PORT:-5692}"
+entrepot_http="${ENTREPOT_HTTP_PORT:-18092}"
+run_timeout=$(( duration + warmup + 120 ))
+cases="p1k-1x1 p1k-8x8 p64k-1x1 fanout lat-half"
+notes=()
+
+step() { echo "==> $*" >&2; }
+need() { # need CMD PACKAGE
+    command -v "$1" >/dev/null && return
+    step "$1 not found, installing $2 with apt-get"
+    apt-get install -y "$2" >/dev/null 2>&1 || { apt-get update >/dev/null; apt-get install -y "$2" >/dev/null; }
+}
+need jq jq
+
+mkdir -p "$out"
+rm -f "$out"/*.json "$out"/table.md
+
+# --- the tool and the broker under test -------------------------------------------------
+features="--features nats"
+case "$brokers" in *nats*) ;; *) features="" ;; esac
+step "cargo build --release $features"
+# shellcheck disable=SC2086
+if ! cargo build --release $features --bin entrepot >&2; then
+    [ -n "$features" ] || exit 1
+    step "build with the NATS driver failed: NATS is left out of this run"
+    notes+=("NATS JetStream left out: the NATS driver did not build.")
+    brokers="${brokers//nats/}"
+    cargo build --release --bin entrepot >&2
+fi
+bin="$target/release/entrepot"
+
+started_pid=""
+started_peer=""
+cleanup() {
+    if [ -n "$started_pid" ] && kill -0 "$started_pid" 2>/dev/null; then
+        kill "$started_pid" 2>/dev/null || true
+        for _ in $(seq 50); do kill -0 "$started_pid" 2>/dev/null || break; sleep 0.2; done
+        kill -9 "$started_pid" 2>/dev/null || true
+    fi
+    if [ -n "$started_peer" ]; then "$peers/$started_peer.sh" stop >/dev/null 2>&1 || true; fi
+    started_pid=""; started_peer=""
+}
+trap cleanup EXIT
+
+wait_port() { # wait_port PORT: bounded, 30 s
+    for _ in $(seq 150); do
+        ss -Hltn "sport = :$1" 2>/dev/null | grep -q . && return 0
+        sleep 0.2
+    done
+    echo "nothing listens on 127.0.0.1:$1 after 30 s" >&2
+    return 1
+}
+
+start_entrepot() {
+    local data="$out/entrepot-data"
+    rm -rf "$data"
+    "$bin" serve --listen "127.0.0.1:$entrepot_port" --http "127.0.0.1:$entrepot_http" \
+        --data-dir "$data" --sync "${ENTREPOT_SYNC:-always}" >"$out/entrepot.log" 2>&1 &
+    started_pid=$!
+    wait_port "$entrepot_port"
+}
+
+# --- one run ----------------------------------------------------------------------------
+# bench BROKER CASE [extra flags] → writes $out/CASE-BROKER.json (or records the failure)
+bench() {
+    local broker="$1" case="$2"; shift 2
+    local json="$out/$case-$broker.json" conn=() addr=() size=1024 shape=()
+    case "$broker" in
+        entrepot) conn=(--url "amqp://127.0.0.1:$entrepot_port"); addr=(--address "bench-$case") ;;
+        rabbitmq-qq) conn=(--url "$AMQP_URL"); addr=(--address /amq/queue/bench.qq) ;;
+        rabbitmq-classic) conn=(--url "$AMQP_URL"); addr=(--address /amq/queue/bench.classic) ;;
+        nats) conn=(--nats-url "$NATS_URL"); addr=(--address "bench.$case") ;;
+    esac
+    case "$case" in
+        p1k-1x1|lat-half) shape=(--producers 1 --consumers 1) ;;
+        p1k-8x8) shape=(--producers 8 --consumers 8) ;;
+        p64k-1x1) shape=(--producers 1 --consumers 1); size=65536 ;;
+        fanout)
+            shape=(--producers 1 --topic-subscribers 10)
+            case "$broker" in
+                entrepot)
+                    if [ -z "${ENTREPOT_FANOUT_ADDRESS:-}" ]; then
+                        echo '{"na": "no topic address (ENTREPOT_FANOUT_ADDRESS)"}' >"$json"; return
+                    fi
+                    addr=(--address "$ENTREPOT_FANOUT_ADDRESS") ;;
+                rabbitmq-qq)
+                    # Fan-out in RabbitMQ is an exchange; each subscriber gets its own
+                    # server-named queue (not quorum): measured once, as rabbitmq-classic.
+                    echo '{"na": "fan-out runs through amq.fanout, see rabbitmq-classic"}' >"$json"; return ;;
+                rabbitmq-classic)
+                    addr=(--address /exchange/amq.fanout --consumer-address /exchange/amq.fanout/bench) ;;
+            esac ;;
+    esac
+    step "$broker $case: entrepot bench ${conn[*]/*@/***@} ${addr[*]} ${shape[*]} --size $size $*"
+    if "$bin" bench "${conn[@]}" "${addr[@]}" "${shape[@]}" --size "$size" --persistent \
+        --duration "$duration" --warmup "$warmup" --timeout "$run_timeout" --quiet \
+        --json "$json" "$@" >"$out/$case-$broker.txt" 2>&1; then
+        tail -1 "$out/$case-$broker.txt" >&2
+    else
+        step "$broker $case FAILED: $(tail -1 "$out/$case-$broker.txt")"
+        [ -s "$json" ] || echo "{\"failed\": $(tail -1 "$out/$case-$broker.txt" | jq -R .)}" >"$json"
+        jq '. + {failed: true}' "$json" >"$json.tmp" && mv "$json.tmp" "$json"
+    fi
+}
+
+run_cases() { # run_cases BROKER
+    local broker="$1" c peak
+    for c in $cases; do
+        if [ "$c" = lat-half ]; then
+            peak=$(jq -r '.send_msgs_per_s // 0 | floor' "$out/p1k-1x1-$broker.json" 2>/dev/null || echo 0)
+            if [ "${peak:-0}" -lt 2 ]; then
+                echo '{"na": "no p1k-1x1 peak to halve"}' >"$out/$c-$broker.json"; continue
+            fi
+            bench "$broker" "$c" --rate $(( peak / 2 ))
+        else
+            bench "$broker" "$c"
+        fi
+    done
+}
+
+for broker in $brokers; do
+    case "$broker" in
+        entrepot)
+            step "starting Entrepot (release, sync ${ENTREPOT_SYNC:-always}) on 127.0.0.1:$entrepot_port"
+            start_entrepot ;;
+        rabbitmq-qq|rabbitmq-classic)
+            step "starting RabbitMQ with $peers/rabbitmq.sh"
+            started_peer=rabbitmq
+            AMQP_URL=$("$peers/rabbitmq.sh" start | sed -n 's/^AMQP_URL=//p' | tail -1)
+            [ -n "$AMQP_URL" ] || { echo "rabbitmq.sh start printed no AMQP_URL" >&2; exit 1; } ;;
+        nats)
+            step "starting NATS JetStream with $peers/nats.sh"
+            started_peer=nats
+            NATS_URL=$("$peers/nats.sh" start | sed -n 's/^NATS_URL=//p' | tail -1)
+            [ -n "$NATS_URL" ] || { echo "nats.sh start printed no NATS_URL" >&2; exit 1; } ;;
+        *) continue ;;
+    esac
+    run_cases "$broker"
+    cleanup
+done
+
+# --- physical limits ----------------------------------------------------------------------
+fio_64k="n/a"; fio_4k="n/a"; fsync_p99_us="n/a"; iperf_mbs="n/a"
+if [ "${SKIP_LIMITS:-0}" != 1 ]; then
+    need fio fio
+    need iperf3 iperf3
+    fio_dir="$out/fio"; mkdir -p "$fio_dir"
+    # The same fio invocation as benches/disk-limit.sh (same disk as target/, psync,
+    # sequential writes, fdatasync after every block, bounded by size and runtime).
+    run_fio() { # run_fio NAME ARGS... → the fio JSON file
+        local name="$1"; shift
+        fio --name="$name" --directory="$fio_dir" --filename="fio-$name.dat" --ioengine=psync \
+            --size="${FIO_SIZE:-256m}" --runtime="${FIO_RUNTIME:-10}" \
+            --output-format=json --output="$fio_dir/fio-$name.json" "$@" >/dev/null
+        rm -f "$fio_dir/fio-$name.dat"
+        echo "$fio_dir/fio-$name.json"
+    }
+    step "fio: sequential writes with fdatasync per 64 KiB and per 4 KiB block"
+    f=$(run_fio sync64k --rw=write --bs=64k --fdatasync=1)
+    fio_64k=$(jq '.jobs[0].write.bw_bytes / 1e6 | . * 100 | floor / 100' "$f")
+    f=$(run_fio sync4k --rw=write --bs=4k --fdatasync=1)
+    fio_4k=$(jq '.jobs[0].write.bw_bytes / 1e6 | . * 100 | floor / 100' "$f")
+    fsync_p99_us=$(jq '.jobs[0].sync.lat_ns.percentile["99.000000"] / 1000 | floor' "$f")
+    step "iperf3: loopback TCP bandwidth, 5 s"
+    iperf3 -s -1 -B 127.0.0.1 -p "${IPERF_PORT:-15201}" >/dev/null 2>&1 &
+    iperf_pid=$!
+    wait_port "${IPERF_PORT:-15201}"
+    if iperf3 -c 127.0.0.1 -p "${IPERF_PORT:-15201}" -t 5 -J >"$out/iperf3.json" 2>/dev/null; then
+        iperf_mbs=$(jq '.end.sum_received.bits_per_second / 8e6 | floor' "$out/iperf3.json")
+    fi
+    kill "$iperf_pid" 2>/dev/null || true
+    wait "$iperf_pid" 2>/dev/null || true
+fi
+
+# --- the table ----------------------------------------------------------------------------
+acks_after_fsync() {
+    case "$1" in
+        entrepot) [ "${ENTREPOT_SYNC:-always}" = always ] && echo yes || echo "no (${ENTREPOT_SYNC})" ;;
+        rabbitmq-qq) echo "yes (Raft log fsync)" ;;
+        rabbitmq-classic) echo "yes (publisher confirm after fsync)" ;;
+        nats) echo "no (2.9: ack before fsync)" ;;
+    esac
+}
+row() { # row CASE BROKER → one table line
+    local j="$out/$1-$2.json" ratio="" e="$out/$1-entrepot.json"
+    if [ ! -f "$j" ]; then return; fi
+    if jq -e '.na' "$j" >/dev/null 2>&1; then
+        printf '| %-9s | %-16s | %-34s | %10s | %8s | %10s | %10s | %-14s | %8s |\n' \
+            "$1" "$2" "$(acks_after_fsync "$2")" "n/a" "" "" "" "$(jq -r .na "$j")" ""
+        return
+    fi
+    if [ "$2" != entrepot ] && jq -e '.receive_msgs_per_s > 0' "$e" >/dev/null 2>&1 \
+        && jq -e '.receive_msgs_per_s > 0' "$j" >/dev/null 2>&1; then
+        ratio=$(jq -n --slurpfile a "$e" --slurpfile b "$j" \
+            'if "'"$1"'" == "lat-half" then ($b[0].produce_to_accepted.p99_us / ($a[0].produce_to_accepted.p99_us | if . == 0 then 1 else . end))
+             else ($a[0].receive_msgs_per_s / $b[0].receive_msgs_per_s) end | . * 100 | round / 100')
+    fi
+    jq -r --arg c "$1" --arg b "$2" --arg f "$(acks_after_fsync "$2")" --arg r "$ratio" \
+        '"| \($c) | \($b) | \($f) | \(.receive_msgs_per_s // 0 | round) | \(.receive_mb_per_s // 0 | . * 10 | round / 10) | \((.produce_to_accepted.p99_us // 0) / 1000 | . * 10 | round / 10) | \((.end_to_end.p99_us // 0) / 1000 | . * 10 | round / 10) | \(if .failed then "FAIL " else "" end)\(.loss.verdict // "?") | \($r) |"' "$j"
+}
+{
+    echo "| case | broker | ack waits for fsync | msgs/s | MB/s | p99 accepted ms | p99 e2e ms | loss check | Entrepot/peer |"
+    echo "|---|---|---|---:|---:|---:|---:|---|---:|"
+    for c in $cases; do
+        for b in $brokers; do row "$c" "$b"; done
+    done
+    echo
+    echo "| physical limit | value |"
+    echo "|---|---|"
+    echo "| fio write bs=64k fdatasync=1 | $fio_64k MB/s |"
+    echo "| fio write bs=4k fdatasync=1 | $fio_4k MB/s |"
+    echo "| fdatasync p99 (fio, 4k) | $fsync_p99_us us |"
+    echo "| iperf3 loopback TCP | $iperf_mbs MB/s |"
+} >"$out/table.md"
+
+echo
+cat "$out/table.md"
+echo
+echo "msgs/s and MB/s: deliveries per second after a ${warmup}s warm-up over ${duration}s (fan-out: all"
+echo "subscribers together). Entrepot/peer: throughput ratio; for lat-half, the peer's p99"
+echo "produce->accepted over Entrepot's (above 1: Entrepot is faster). Client and broker share $(nproc) cores."
+case " $brokers " in *" nats "*) ;; *) echo "NATS JetStream: not in this run (NATS=0 or the driver did not build)." ;; esac
+for n in "${notes[@]}"; do echo "$n"; done
+echo "JSON per run and logs: $out"

@@ -1,0 +1,236 @@
+//! The AMQP 1.0 driver of `entrepot bench`, on fe2o3-amqp: one connection, session and
+//! link per producer or consumer.
+//!
+//! Producers keep `--window` unsettled deliveries in flight and count a message as sent
+//! only when the broker settles it `accepted`; consumers keep `--credit` granted and
+//! accept every delivery. Sockets are opened here with TCP_NODELAY, because fe2o3-amqp
+//! does not set it and Nagle's algorithm then delays its small disposition and flow
+//! frames by up to 40 ms.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use fe2o3_amqp::connection::ConnectionHandle;
+use fe2o3_amqp::link::receiver::CreditMode;
+use fe2o3_amqp::sasl_profile::SaslProfile;
+use fe2o3_amqp::types::messaging::{Data, Header, Message, Outcome};
+use fe2o3_amqp::types::primitives::Binary;
+use fe2o3_amqp::{Connection, Receiver, Sender, Session};
+use tokio::sync::mpsc;
+
+use super::args::url_host_port;
+use super::stats::{ConsumerStats, ProducerStats, Stamp};
+use super::{Ctx, Schedule};
+
+/// Opens a connection over our own socket with TCP_NODELAY, with SASL PLAIN when the URL
+/// carries `user:password@`.
+pub async fn connect(url: &str, container_id: &str) -> anyhow::Result<ConnectionHandle<()>> {
+    let host_port = url_host_port(url)?;
+    let stream = tokio::net::TcpStream::connect(&host_port)
+        .await
+        .with_context(|| format!("connecting to {host_port}"))?;
+    stream.set_nodelay(true)?;
+    let host = host_port
+        .rsplit_once(':')
+        .map_or(host_port.as_str(), |(h, _)| h);
+    let mut builder = Connection::builder()
+        .container_id(container_id)
+        .hostname(host);
+    if let Some((user, password)) = credentials(url) {
+        builder = builder.sasl_profile(SaslProfile::Plain {
+            username: user,
+            password,
+        });
+    }
+    builder
+        .open_with_stream(stream)
+        .await
+        .with_context(|| format!("AMQP open to {host_port}"))
+}
+
+/// `amqp://user:password@host:port` → (user, password).
+fn credentials(url: &str) -> Option<(String, String)> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split('/').next()?;
+    let (cred, _) = authority.rsplit_once('@')?;
+    let (user, password) = cred.split_once(':').unwrap_or((cred, ""));
+    Some((user.to_owned(), password.to_owned()))
+}
+
+/// Sends this producer's share of the run; returns what it counted.
+pub async fn produce(ctx: Arc<Ctx>, producer: u32, schedule: Schedule) -> ProducerStats {
+    let mut stats = ProducerStats::default();
+    if let Err(e) = produce_inner(&ctx, producer, schedule, &mut stats).await {
+        stats.error = Some(format!("producer {producer}: {e:#}"));
+    }
+    stats
+}
+
+async fn produce_inner(
+    ctx: &Ctx,
+    producer: u32,
+    mut schedule: Schedule,
+    stats: &mut ProducerStats,
+) -> anyhow::Result<()> {
+    let args = &ctx.workload.args;
+    let mut conn = connect(&args.url, &format!("bench-p{producer}-{}", ctx.run_id)).await?;
+    let mut session = Session::begin(&mut conn).await.context("begin")?;
+    let mut sender = Sender::attach(
+        &mut session,
+        format!("bench-p{producer}"),
+        args.address.as_str(),
+    )
+    .await
+    .context("attach sender")?;
+    let mut body = vec![0x5au8; args.size];
+    let mut inflight = VecDeque::with_capacity(args.window);
+    let mut abort = ctx.abort.clone();
+    'run: {
+        while let Some((seq, scheduled)) = schedule.next(&ctx.stop_sending).await {
+            while inflight.len() >= args.window {
+                let Some((seq, t, fut)) = inflight.pop_front() else {
+                    break;
+                };
+                tokio::select! {
+                    outcome = fut => settle(ctx, stats, seq, t, outcome),
+                    _ = abort.wait_for(|a| *a) => break 'run,
+                }
+            }
+            Stamp {
+                run: ctx.run_id,
+                producer,
+                seq,
+                sent_unix_ns: ctx.clock.unix_ns(scheduled),
+            }
+            .write(&mut body);
+            let msg = Message::builder()
+                .header(Header {
+                    durable: args.persistent,
+                    ..Default::default()
+                })
+                .data(Binary::from(body.clone()))
+                .build();
+            let fut = tokio::select! {
+                f = sender.send_batchable(msg) => f.context("send")?,
+                _ = abort.wait_for(|a| *a) => break 'run,
+            };
+            stats.sent += 1;
+            ctx.counters.sent.fetch_add(1, Ordering::Relaxed);
+            inflight.push_back((seq, scheduled, fut));
+        }
+        while let Some((seq, t, fut)) = inflight.pop_front() {
+            tokio::select! {
+                outcome = fut => settle(ctx, stats, seq, t, outcome),
+                _ = abort.wait_for(|a| *a) => break 'run,
+            }
+        }
+    }
+    // Sent but never settled (the run was aborted): not owed by the broker.
+    for (seq, _, _) in inflight {
+        stats.unconfirmed += 1;
+        stats.refused.push(seq);
+    }
+    sender.close().await.ok();
+    session.end().await.ok();
+    conn.close().await.ok();
+    Ok(())
+}
+
+fn settle<E: std::fmt::Display>(
+    ctx: &Ctx,
+    stats: &mut ProducerStats,
+    seq: u64,
+    sent_at: Instant,
+    outcome: Result<Outcome, E>,
+) {
+    let accepted = matches!(&outcome, Ok(o) if o.is_accepted());
+    if !accepted {
+        if stats.refused.is_empty() {
+            let what = match outcome {
+                Ok(o) => format!("{o:?}"),
+                Err(e) => e.to_string(),
+            };
+            tracing::warn!(seq, outcome = %what, "delivery not accepted");
+        }
+        stats.refused.push(seq);
+        return;
+    }
+    stats.accepted += 1;
+    ctx.counters.accepted.fetch_add(1, Ordering::Relaxed);
+    if sent_at >= ctx.measure_from() {
+        let now = Instant::now();
+        stats.measured += 1;
+        stats.last_ack = Some(now);
+        stats.ack_latency.record(now - sent_at);
+    }
+}
+
+/// Receives and accepts until told to stop; `ready` is signalled once the link is attached.
+pub async fn consume(
+    ctx: Arc<Ctx>,
+    consumer: u32,
+    group: usize,
+    ready: mpsc::Sender<()>,
+) -> ConsumerStats {
+    let mut stats = ConsumerStats::default();
+    if let Err(e) = consume_inner(&ctx, consumer, group, ready, &mut stats).await {
+        stats.error = Some(format!("consumer {consumer}: {e:#}"));
+    }
+    stats
+}
+
+async fn consume_inner(
+    ctx: &Ctx,
+    consumer: u32,
+    group: usize,
+    ready: mpsc::Sender<()>,
+    stats: &mut ConsumerStats,
+) -> anyhow::Result<()> {
+    let args = &ctx.workload.args;
+    let source = args.consumer_address.as_deref().unwrap_or(&args.address);
+    let mut conn = connect(&args.url, &format!("bench-c{consumer}-{}", ctx.run_id)).await?;
+    let mut session = Session::begin(&mut conn).await.context("begin")?;
+    let mut receiver = Receiver::builder()
+        .name(format!("bench-c{consumer}"))
+        .source(source)
+        .credit_mode(CreditMode::Auto(args.credit))
+        .attach(&mut session)
+        .await
+        .context("attach receiver")?;
+    let _ = ready.send(()).await;
+    drop(ready);
+    let mut stop = ctx.stop_receiving.clone();
+    loop {
+        let delivery = tokio::select! {
+            d = receiver.recv::<Data>() => d.context("receive")?,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let now = Instant::now();
+        match Stamp::read(&delivery.body().0) {
+            Some(s) if s.run == ctx.run_id => ctx.delivered(group, s, now, stats),
+            _ => stats.foreign += 1,
+        }
+        receiver.accept(&delivery).await.context("accept")?;
+    }
+    receiver.close().await.ok();
+    session.end().await.ok();
+    conn.close().await.ok();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_from_url() {
+        assert_eq!(
+            credentials("amqp://guest:pw@127.0.0.1:5682/x"),
+            Some(("guest".into(), "pw".into()))
+        );
+        assert_eq!(credentials("amqp://127.0.0.1:5682"), None);
+    }
+}

@@ -1,0 +1,232 @@
+//! The flags of `entrepot bench` and the checked workload they describe.
+//!
+//! Every run is bounded: either `--count` messages or `--duration` seconds (default
+//! [`DEFAULT_COUNT`] messages), and always a hard `--timeout`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+/// Messages sent when neither `--count` nor `--duration` is given.
+pub const DEFAULT_COUNT: u64 = 100_000;
+/// Bytes of the header every message body starts with (run id, producer, sequence, time).
+pub const STAMP_BYTES: usize = 24;
+/// Largest body the tool builds: 64 MiB.
+pub const SIZE_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Most producer or consumer connections of one run.
+pub const CLIENTS_MAX: u32 = 10_000;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// AMQP 1.0 broker, `amqp://[user:password@]host:port` (user and password: SASL PLAIN).
+    #[arg(long, default_value = "amqp://127.0.0.1:5672")]
+    pub url: String,
+    /// Target address of the producers and source address of the consumers.
+    #[arg(long, default_value = "bench")]
+    pub address: String,
+    /// Source address of the consumers, if it differs from --address (for example a
+    /// RabbitMQ `/exchange/amq.fanout/x` binding for fan-out runs).
+    #[arg(long)]
+    pub consumer_address: Option<String>,
+    /// Producer connections.
+    #[arg(long, default_value_t = 1)]
+    pub producers: u32,
+    /// Competing consumer connections on the address (together they must see every message).
+    #[arg(long, default_value_t = 1)]
+    pub consumers: u32,
+    /// Subscribers that must each see every message (fan-out). Each is counted separately.
+    /// Replaces --consumers when given.
+    #[arg(long)]
+    pub topic_subscribers: Option<u32>,
+    /// Body bytes per message (at least 24: run id, producer, sequence and send time).
+    #[arg(long, default_value_t = 1024)]
+    pub size: usize,
+    /// Mark messages durable (header.durable = true).
+    #[arg(long)]
+    pub persistent: bool,
+    /// Unsettled deliveries in flight per producer.
+    #[arg(long, default_value_t = 64)]
+    pub window: usize,
+    /// Link credit each consumer keeps granted.
+    #[arg(long, default_value_t = 1000)]
+    pub credit: u32,
+    /// Total messages per second over all producers (0: as fast as acknowledgements allow).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Total messages to send over all producers [default: 100000 unless --duration].
+    #[arg(long, conflicts_with = "duration")]
+    pub count: Option<u64>,
+    /// Seconds to send for, after the warm-up.
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Seconds at the start whose messages are checked but not measured.
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup: f64,
+    /// Seconds the consumers wait for stragglers once producers are done.
+    #[arg(long, default_value_t = 10.0)]
+    pub drain: f64,
+    /// Hard limit on the whole run in seconds; what is missing then is reported missing.
+    #[arg(long, default_value_t = 600.0)]
+    pub timeout: f64,
+    /// Write every figure as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Drive NATS JetStream instead of AMQP: `nats://host:port`; --address is then the
+    /// subject prefix: messages go to `<address>.<run id>` (needs the `nats` feature).
+    #[arg(long)]
+    pub nats_url: Option<String>,
+    /// JetStream stream the NATS driver publishes to (created, file storage, when missing).
+    #[arg(long, default_value = "BENCH")]
+    pub nats_stream: String,
+}
+
+/// How the run ends.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Limit {
+    Count(u64),
+    Duration(Duration),
+}
+
+/// How consumers share the messages.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Delivery {
+    /// `n` competing consumers; together they must receive every message.
+    Competing(u32),
+    /// `n` subscribers; each must receive every message.
+    FanOut(u32),
+}
+
+impl Delivery {
+    pub fn connections(self) -> u32 {
+        match self {
+            Delivery::Competing(n) | Delivery::FanOut(n) => n,
+        }
+    }
+    /// Independent receiver groups, each of which must see every message.
+    pub fn groups(self) -> u32 {
+        match self {
+            Delivery::Competing(_) => 1,
+            Delivery::FanOut(n) => n,
+        }
+    }
+}
+
+/// The checked form of [`BenchArgs`].
+#[derive(Debug, Clone)]
+pub struct Workload {
+    pub args: BenchArgs,
+    pub limit: Limit,
+    pub delivery: Delivery,
+    pub warmup: Duration,
+    pub drain: Duration,
+    pub timeout: Duration,
+}
+
+impl BenchArgs {
+    pub fn into_workload(self) -> anyhow::Result<Workload> {
+        if self.size < STAMP_BYTES || self.size > SIZE_BYTES_MAX {
+            bail!("--size must be {STAMP_BYTES}..={SIZE_BYTES_MAX} bytes");
+        }
+        if self.producers == 0 || self.producers > CLIENTS_MAX {
+            bail!("--producers must be 1..={CLIENTS_MAX}");
+        }
+        if self.window == 0 || self.credit == 0 {
+            bail!("--window and --credit must be at least 1");
+        }
+        let delivery = match self.topic_subscribers {
+            Some(n) => Delivery::FanOut(n),
+            None => Delivery::Competing(self.consumers),
+        };
+        if delivery.connections() > CLIENTS_MAX {
+            bail!("at most {CLIENTS_MAX} consumers");
+        }
+        let limit = match (self.count, self.duration) {
+            (Some(0), _) => bail!("--count must be at least 1"),
+            (Some(n), _) => Limit::Count(n),
+            (None, Some(s)) => Limit::Duration(secs(s, "--duration")?),
+            (None, None) => Limit::Count(DEFAULT_COUNT),
+        };
+        let warmup = secs_or_zero(self.warmup, "--warmup")?;
+        let drain = secs_or_zero(self.drain, "--drain")?;
+        let timeout = secs(self.timeout, "--timeout")?;
+        if cfg!(not(feature = "nats")) && self.nats_url.is_some() {
+            bail!("--nats-url: this build has no NATS driver (build with --features nats)");
+        }
+        if let Some(nats) = &self.nats_url {
+            url_host_port(nats).context("--nats-url")?;
+        } else {
+            url_host_port(&self.url).context("--url")?;
+        }
+        Ok(Workload {
+            args: self,
+            limit,
+            delivery,
+            warmup,
+            drain,
+            timeout,
+        })
+    }
+}
+
+fn secs(s: f64, flag: &str) -> anyhow::Result<Duration> {
+    if !(s > 0.0 && s < 1e7) {
+        bail!("{flag} must be a positive number of seconds");
+    }
+    Ok(Duration::from_secs_f64(s))
+}
+
+fn secs_or_zero(s: f64, flag: &str) -> anyhow::Result<Duration> {
+    if s == 0.0 {
+        return Ok(Duration::ZERO);
+    }
+    secs(s, flag)
+}
+
+/// `scheme://[user[:password]@]host:port[/...]` → `host:port`.
+pub fn url_host_port(url: &str) -> anyhow::Result<String> {
+    let (_, rest) = url.split_once("://").context("no scheme:// in the URL")?;
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if !host_port.contains(':') {
+        bail!("the URL needs host:port, got {host_port:?}");
+    }
+    Ok(host_port.to_owned())
+}
+
+/// The URL with any password replaced by `***`, for reports.
+pub fn redacted(url: &str) -> String {
+    match (url.split_once("://"), url.rfind('@')) {
+        (Some((scheme, rest)), Some(_)) => {
+            let (cred, host) = rest.split_once('@').unwrap_or(("", rest));
+            let user = cred.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}")
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port_and_redaction() {
+        assert_eq!(
+            url_host_port("amqp://guest:guest@127.0.0.1:5682")
+                .ok()
+                .as_deref(),
+            Some("127.0.0.1:5682")
+        );
+        assert_eq!(
+            url_host_port("amqp://127.0.0.1:5672/x").ok().as_deref(),
+            Some("127.0.0.1:5672")
+        );
+        assert!(url_host_port("127.0.0.1:5672").is_err());
+        assert_eq!(redacted("amqp://guest:secret@h:1"), "amqp://guest:***@h:1");
+        assert_eq!(redacted("amqp://h:1"), "amqp://h:1");
+    }
+}

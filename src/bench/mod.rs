@@ -1,0 +1,264 @@
+//! `entrepot bench`: a load generator for any AMQP 1.0 broker (and, with the `nats`
+//! feature, NATS JetStream), so speed claims come from one honest tool.
+//!
+//! A run: consumers attach first, then producers send `--count` messages or for
+//! `--duration` seconds. Every body starts with a [`stats::Stamp`] (run id, producer,
+//! sequence number, send time), which gives end-to-end latency and the loss check: at the
+//! end every message the broker accepted must have reached every receiver group (the
+//! competing consumers together, or each fan-out subscriber), else the run fails.
+//!
+//! It does not start or configure brokers (that is `benches/compare.sh`), and it keeps no
+//! state between runs: messages of other runs left in a queue are counted as foreign
+//! and accepted, never mistaken for ours.
+
+mod amqp;
+mod args;
+#[cfg(feature = "nats")]
+mod nats;
+mod report;
+mod schedule;
+mod stats;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+pub use args::BenchArgs;
+use args::{Limit, Workload};
+use schedule::{share, Schedule};
+use stats::{Clock, ConsumerStats, ProducerStats, Stamp, Tracker};
+
+/// Longest the consumers may take to attach before producers start anyway.
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest tasks get to return their figures after the hard timeout.
+const ABORT_GRACE: Duration = Duration::from_secs(10);
+/// How often the progress bar and the drain check look at the counters.
+const TICK: Duration = Duration::from_millis(200);
+
+/// Live counters for the progress bar (the per-task stats are the figures of record).
+#[derive(Default)]
+pub struct Counters {
+    pub sent: AtomicU64,
+    pub accepted: AtomicU64,
+    pub delivered: AtomicU64,
+}
+
+/// What every producer and consumer task of one run shares.
+pub struct Ctx {
+    pub workload: Workload,
+    pub clock: Clock,
+    /// Tells this run's messages from leftovers of earlier runs.
+    pub run_id: u32,
+    /// When the producers started; measurement begins `--warmup` later.
+    started: OnceLock<Instant>,
+    pub counters: Counters,
+    /// One tracker per receiver group (see [`args::Delivery::groups`]).
+    pub groups: Vec<Mutex<Tracker>>,
+    pub stop_sending: watch::Receiver<bool>,
+    pub stop_receiving: watch::Receiver<bool>,
+    /// The hard timeout struck: everyone returns what they have.
+    pub abort: watch::Receiver<bool>,
+}
+
+impl Ctx {
+    pub fn measure_from(&self) -> Instant {
+        self.started.get().copied().unwrap_or(self.clock.t0) + self.workload.warmup
+    }
+
+    /// Counts one stamped delivery of this run for receiver group `group`.
+    pub fn delivered(&self, group: usize, s: Stamp, now: Instant, stats: &mut ConsumerStats) {
+        stats.delivered += 1;
+        self.counters.delivered.fetch_add(1, Ordering::Relaxed);
+        let producers = self.workload.args.producers;
+        let ours = match self.groups.get(group).map(|g| g.lock()) {
+            Some(Ok(mut t)) => t.record(s.producer, s.seq, producers),
+            _ => false,
+        };
+        if !ours {
+            stats.foreign += 1;
+            return;
+        }
+        let from = self.measure_from();
+        if now >= from {
+            stats.measured += 1;
+            stats.last_delivery = Some(now);
+        }
+        if s.sent_unix_ns >= self.clock.unix_ns(from) {
+            stats
+                .e2e_latency
+                .record(self.clock.since_unix_ns(now, s.sent_unix_ns));
+        }
+    }
+
+    fn unique_per_group(&self) -> Vec<u64> {
+        self.groups
+            .iter()
+            .map(|g| g.lock().map(|t| t.unique).unwrap_or(0))
+            .collect()
+    }
+}
+
+/// Runs the benchmark; an error if any accepted message was not received.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let workload = args.into_workload()?;
+    let (stop_send_tx, stop_sending) = watch::channel(false);
+    let (stop_recv_tx, stop_receiving) = watch::channel(false);
+    let (abort_tx, abort) = watch::channel(false);
+    let clock = Clock::start();
+    let ctx = Arc::new(Ctx {
+        groups: (0..workload.delivery.groups())
+            .map(|_| Mutex::default())
+            .collect(),
+        workload,
+        clock,
+        run_id: run_id(),
+        started: OnceLock::new(),
+        counters: Counters::default(),
+        stop_sending,
+        stop_receiving,
+        abort,
+    });
+    let deadline = ctx.clock.t0 + ctx.workload.timeout;
+    let mut tasks = Tasks::default();
+    let timed_out = tokio::time::timeout_at(deadline.into(), async {
+        start_consumers(&ctx, &mut tasks).await;
+        start_producers(&ctx, &mut tasks, &stop_send_tx);
+        let mut progress = report::Progress::new(&ctx);
+        progress.until_sent(&ctx, &tasks.producers).await;
+        progress.until_drained(&ctx).await;
+        progress.finish();
+    })
+    .await
+    .is_err();
+    let _ = stop_send_tx.send(true);
+    let _ = stop_recv_tx.send(true);
+    if timed_out {
+        let _ = abort_tx.send(true);
+    }
+    let (producers, consumers) = tasks.join().await;
+    let wall = ctx.clock.t0.elapsed();
+    let summary = report::Summary::build(&ctx, &producers, &consumers, wall, timed_out);
+    summary.print();
+    if let Some(path) = &ctx.workload.args.json {
+        summary.write_json(path)?;
+    }
+    if summary.loss.missing > 0 || timed_out || !summary.errors.is_empty() {
+        bail!("{}", summary.verdict_line());
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct Tasks {
+    producers: Vec<JoinHandle<ProducerStats>>,
+    consumers: Vec<JoinHandle<ConsumerStats>>,
+}
+
+impl Tasks {
+    /// Waits (bounded) for every task's figures; a task that does not return is aborted.
+    async fn join(self) -> (Vec<ProducerStats>, Vec<ConsumerStats>) {
+        let deadline = tokio::time::Instant::now() + ABORT_GRACE;
+        let mut producers = Vec::new();
+        for t in self.producers {
+            producers.push(
+                join_bounded(t, deadline)
+                    .await
+                    .unwrap_or_else(|| ProducerStats {
+                        error: Some("producer did not return".into()),
+                        ..Default::default()
+                    }),
+            );
+        }
+        let mut consumers = Vec::new();
+        for t in self.consumers {
+            consumers.push(
+                join_bounded(t, deadline)
+                    .await
+                    .unwrap_or_else(|| ConsumerStats {
+                        error: Some("consumer did not return".into()),
+                        ..Default::default()
+                    }),
+            );
+        }
+        (producers, consumers)
+    }
+}
+
+async fn join_bounded<T>(mut task: JoinHandle<T>, deadline: tokio::time::Instant) -> Option<T> {
+    match tokio::time::timeout_at(deadline, &mut task).await {
+        Ok(Ok(v)) => Some(v),
+        _ => {
+            task.abort();
+            None
+        }
+    }
+}
+
+async fn start_consumers(ctx: &Arc<Ctx>, tasks: &mut Tasks) {
+    let delivery = ctx.workload.delivery;
+    let n = delivery.connections();
+    let (ready_tx, mut ready_rx) = mpsc::channel(n.max(1) as usize);
+    for i in 0..n {
+        let group = if delivery.groups() > 1 { i as usize } else { 0 };
+        let (ctx, ready) = (Arc::clone(ctx), ready_tx.clone());
+        tasks
+            .consumers
+            .push(tokio::spawn(match &ctx.workload.args.nats_url {
+                #[cfg(feature = "nats")]
+                Some(_) => Box::pin(nats::consume(ctx, i, group, ready))
+                    as std::pin::Pin<Box<dyn std::future::Future<Output = ConsumerStats> + Send>>,
+                _ => Box::pin(amqp::consume(ctx, i, group, ready)),
+            }));
+    }
+    drop(ready_tx);
+    // Each consumer signals once attached, or drops its sender when it failed.
+    let _ = tokio::time::timeout(ATTACH_TIMEOUT, async {
+        while ready_rx.recv().await.is_some() {}
+    })
+    .await;
+}
+
+fn start_producers(ctx: &Arc<Ctx>, tasks: &mut Tasks, stop_sending: &watch::Sender<bool>) {
+    let args = &ctx.workload.args;
+    let start = Instant::now();
+    let _ = ctx.started.set(start);
+    let interval = (args.rate > 0)
+        .then(|| Duration::from_secs_f64(f64::from(args.producers) / args.rate as f64));
+    for i in 0..args.producers {
+        let count = match ctx.workload.limit {
+            Limit::Count(n) => Some(share(n, args.producers, i)),
+            Limit::Duration(_) => None,
+        };
+        let schedule = Schedule::new(count, interval, start);
+        let ctx = Arc::clone(ctx);
+        tasks
+            .producers
+            .push(tokio::spawn(match &ctx.workload.args.nats_url {
+                #[cfg(feature = "nats")]
+                Some(_) => Box::pin(nats::produce(ctx, i, schedule))
+                    as std::pin::Pin<Box<dyn std::future::Future<Output = ProducerStats> + Send>>,
+                _ => Box::pin(amqp::produce(ctx, i, schedule)),
+            }));
+    }
+    if let Limit::Duration(d) = ctx.workload.limit {
+        let stop = stop_sending.clone();
+        let until = start + ctx.workload.warmup + d;
+        tokio::spawn(async move {
+            tokio::time::sleep_until(until.into()).await;
+            let _ = stop.send(true);
+        });
+    }
+}
+
+/// Distinct enough per run: wall-clock nanoseconds mixed with the process id.
+fn run_id() -> u32 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    (nanos as u32) ^ (nanos >> 32) as u32 ^ std::process::id().rotate_left(16)
+}

@@ -1,0 +1,249 @@
+//! What the load generator counts: latency histograms, per-task counters, the message
+//! stamp and the sequence tracker behind the loss check.
+//!
+//! Latencies are kept in microseconds in HDR histograms (3 significant digits, any
+//! value from 1 µs up), so percentiles are exact to 0.1 % with no sampling.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use super::args::STAMP_BYTES;
+
+/// Highest sequence number a producer may use; a stamp past it is foreign, not ours
+/// (bounds the tracker's bitmap before it grows).
+pub const SEQ_MAX: u64 = 1 << 32;
+
+/// Format: { run: u32 | producer: u32 | seq: u64 | sent_unix_ns: u64 } big-endian, then padding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    pub run: u32,
+    pub producer: u32,
+    pub seq: u64,
+    pub sent_unix_ns: u64,
+}
+
+impl Stamp {
+    pub fn write(&self, body: &mut [u8]) {
+        body[0..4].copy_from_slice(&self.run.to_be_bytes());
+        body[4..8].copy_from_slice(&self.producer.to_be_bytes());
+        body[8..16].copy_from_slice(&self.seq.to_be_bytes());
+        body[16..24].copy_from_slice(&self.sent_unix_ns.to_be_bytes());
+    }
+
+    pub fn read(body: &[u8]) -> Option<Stamp> {
+        let b = body.get(..STAMP_BYTES)?;
+        let u32_at = |i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let u64_at = |i: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[i..i + 8]);
+            u64::from_be_bytes(a)
+        };
+        Some(Stamp {
+            run: u32_at(0),
+            producer: u32_at(4),
+            seq: u64_at(8),
+            sent_unix_ns: u64_at(16),
+        })
+    }
+}
+
+/// Monotonic time with a fixed mapping to wall-clock nanoseconds, so a send time
+/// carried in a message means the same in every process on this machine.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    pub t0: Instant,
+    t0_unix_ns: u64,
+}
+
+impl Clock {
+    pub fn start() -> Clock {
+        let unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64;
+        Clock {
+            t0: Instant::now(),
+            t0_unix_ns: unix,
+        }
+    }
+
+    pub fn unix_ns(&self, at: Instant) -> u64 {
+        self.t0_unix_ns + at.saturating_duration_since(self.t0).as_nanos() as u64
+    }
+
+    /// Time since a wall-clock stamp taken by [`Clock::unix_ns`].
+    pub fn since_unix_ns(&self, at: Instant, unix_ns: u64) -> Duration {
+        Duration::from_nanos(self.unix_ns(at).saturating_sub(unix_ns))
+    }
+}
+
+/// A latency histogram in microseconds.
+pub struct Latency(Histogram<u64>);
+
+impl Default for Latency {
+    fn default() -> Self {
+        // 3 significant digits, auto-resizing: never fails to record a large value.
+        let mut h = Histogram::new(3).unwrap_or_else(|_| unreachable!("3 sigfig is valid"));
+        h.auto(true);
+        Latency(h)
+    }
+}
+
+impl Latency {
+    pub fn record(&mut self, d: Duration) {
+        let us = (d.as_micros() as u64).max(1);
+        let _ = self.0.record(us);
+    }
+
+    pub fn merge(&mut self, other: &Latency) {
+        let _ = self.0.add(&other.0);
+    }
+
+    pub fn summary(&self) -> LatencySummary {
+        let h = &self.0;
+        LatencySummary {
+            count: h.len(),
+            mean_us: h.mean(),
+            p50_us: h.value_at_quantile(0.50),
+            p90_us: h.value_at_quantile(0.90),
+            p99_us: h.value_at_quantile(0.99),
+            p999_us: h.value_at_quantile(0.999),
+            max_us: h.max(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencySummary {
+    pub count: u64,
+    pub mean_us: f64,
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+}
+
+/// What one producer did.
+#[derive(Default)]
+pub struct ProducerStats {
+    pub sent: u64,
+    /// Deliveries the broker settled with `accepted` (or a JetStream ack).
+    pub accepted: u64,
+    /// Sequence numbers with any other outcome, or never settled: not expected at the
+    /// consumers.
+    pub refused: Vec<u64>,
+    /// Of `refused`, those never settled because the run was aborted.
+    pub unconfirmed: u64,
+    /// Accepted messages sent after the warm-up, and when the last was accepted.
+    pub measured: u64,
+    pub last_ack: Option<Instant>,
+    pub ack_latency: Latency,
+    pub error: Option<String>,
+}
+
+/// What one consumer did.
+#[derive(Default)]
+pub struct ConsumerStats {
+    pub delivered: u64,
+    /// Deliveries of other runs or without our stamp (left in the queue earlier).
+    pub foreign: u64,
+    /// Deliveries that arrived after the warm-up, and when the last arrived.
+    pub measured: u64,
+    pub last_delivery: Option<Instant>,
+    pub e2e_latency: Latency,
+    pub error: Option<String>,
+}
+
+/// Which sequence numbers of which producers one receiver group has seen.
+#[derive(Default)]
+pub struct Tracker {
+    seen: Vec<Vec<u64>>,
+    pub unique: u64,
+    pub duplicates: u64,
+}
+
+impl Tracker {
+    /// Records a delivery; false for a stamp outside the run (bad producer or sequence).
+    pub fn record(&mut self, producer: u32, seq: u64, producers: u32) -> bool {
+        if producer >= producers || seq >= SEQ_MAX {
+            return false;
+        }
+        let p = producer as usize;
+        if self.seen.len() <= p {
+            self.seen.resize_with(p + 1, Vec::new);
+        }
+        let bits = &mut self.seen[p];
+        let (word, bit) = ((seq / 64) as usize, seq % 64);
+        if bits.len() <= word {
+            bits.resize(word + 1, 0);
+        }
+        if bits[word] & (1 << bit) != 0 {
+            self.duplicates += 1;
+        } else {
+            bits[word] |= 1 << bit;
+            self.unique += 1;
+        }
+        true
+    }
+
+    pub fn has(&self, producer: u32, seq: u64) -> bool {
+        let Some(bits) = self.seen.get(producer as usize) else {
+            return false;
+        };
+        bits.get((seq / 64) as usize)
+            .is_some_and(|w| w & (1 << (seq % 64)) != 0)
+    }
+
+    /// Accepted messages this group never saw: (count, first few as (producer, seq)).
+    pub fn missing(&self, sent: &[u64], refused: &[Vec<u64>]) -> (u64, Vec<(u32, u64)>) {
+        let mut count = 0;
+        let mut examples = Vec::new();
+        for (p, &n) in sent.iter().enumerate() {
+            let refused = refused.get(p).map(Vec::as_slice).unwrap_or_default();
+            for seq in 0..n {
+                if !self.has(p as u32, seq) && !refused.contains(&seq) {
+                    count += 1;
+                    if examples.len() < 5 {
+                        examples.push((p as u32, seq));
+                    }
+                }
+            }
+        }
+        (count, examples)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamp_round_trips() {
+        let s = Stamp {
+            run: 7,
+            producer: 3,
+            seq: 1 << 40,
+            sent_unix_ns: 123_456_789,
+        };
+        let mut body = vec![0u8; 32];
+        s.write(&mut body);
+        assert_eq!(Stamp::read(&body), Some(s));
+        assert_eq!(Stamp::read(&body[..10]), None);
+    }
+
+    #[test]
+    fn tracker_counts_duplicates_and_missing() {
+        let mut t = Tracker::default();
+        assert!(t.record(0, 0, 2));
+        assert!(t.record(0, 2, 2));
+        assert!(t.record(0, 2, 2));
+        assert!(t.record(1, 0, 2));
+        assert!(!t.record(2, 0, 2));
+        assert_eq!((t.unique, t.duplicates), (3, 1));
+        let (n, ex) = t.missing(&[4, 1], &[vec![3], vec![]]);
+        assert_eq!((n, ex), (1, vec![(0, 1)]));
+    }
+}

@@ -1,0 +1,348 @@
+//! Topics: publish-subscribe over the shared message log.
+//!
+//! A message sent to a topic is stored once, as one record of the shared log. Each
+//! subscription is a [`Queue`] of its own (so credit, outcomes, dead-lettering and
+//! redelivery work exactly as on queues) holding `QueuedMessage`s whose bodies are the
+//! same `Bytes` slice of the mapping: fanning out to 1,000 subscribers adds 1,000 small
+//! entries, never 1,000 copies of the body.
+//!
+//! Durable subscriptions record what they consumed in a consumer group of the ack log
+//! (one group per subscription, see `entrepot_storage::AckLog`); the topic counts, per
+//! record, how many durable subscriptions still hold it and acknowledges the record in the
+//! store's default group — letting its segment be deleted — once none does and it left
+//! the topic's retention window.
+//!
+//! Invariants:
+//! * A record is acknowledged in the default group only when no durable subscription
+//!   holds it and retention no longer keeps it.
+//! * A subscription only receives messages that match its selector.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use super::queue::{now_ms, Queue, QueueOwner, QueuedMessage};
+use super::selector::Selector;
+use super::Broker;
+
+/// Where a new subscription starts reading (our `entrepot:offset-spec` source filter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAt {
+    /// Messages published after the subscription is created (the default).
+    Next,
+    /// The oldest message the topic retains.
+    First,
+    /// The newest retained message, then everything after it.
+    Last,
+    /// The first retained message at or after this log offset.
+    Offset(u64),
+    /// The first retained message stored at or after this time (ms since the epoch).
+    Timestamp(i64),
+}
+
+/// How long and how much a topic keeps after every subscription consumed it, for replay.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TopicRetention {
+    pub bytes_max: u64,
+    pub age_max: Option<Duration>,
+}
+
+/// One subscription of a topic.
+#[derive(Debug)]
+pub struct Subscription {
+    /// Identity: `container-id:link-name` (or the shared/global name).
+    pub id: String,
+    /// Consumer group in the ack log (0 for non-durable subscriptions).
+    pub group: u32,
+    pub durable: bool,
+    pub queue: Arc<Queue>,
+    pub selector: Option<Selector>,
+    /// The selector's text, as persisted.
+    pub selector_text: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+struct Retained {
+    msg: QueuedMessage,
+    stored_at_ms: i64,
+}
+
+#[derive(Debug, Default)]
+struct TopicState {
+    subscriptions: Vec<Arc<Subscription>>,
+    retained: VecDeque<Retained>,
+    retained_bytes: u64,
+    /// Durable subscriptions still holding each record.
+    refs: HashMap<u64, u32>,
+}
+
+/// Counters exported as metrics.
+#[derive(Debug, Default)]
+pub struct TopicStats {
+    pub published: AtomicU64,
+}
+
+/// A topic; see the module docs.
+#[derive(Debug)]
+pub struct Topic {
+    name: String,
+    retention: TopicRetention,
+    backlog_max: usize,
+    state: Mutex<TopicState>,
+    pub stats: TopicStats,
+}
+
+impl Topic {
+    pub fn new(name: String, retention: TopicRetention, backlog_max: usize) -> Topic {
+        Topic {
+            name,
+            retention,
+            backlog_max,
+            state: Mutex::new(TopicState::default()),
+            stats: TopicStats::default(),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn lock(&self) -> MutexGuard<'_, TopicState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn subscriptions(&self) -> Vec<Arc<Subscription>> {
+        self.lock().subscriptions.clone()
+    }
+
+    pub fn subscription(&self, id: &str) -> Option<Arc<Subscription>> {
+        self.lock()
+            .subscriptions
+            .iter()
+            .find(|s| s.id == id)
+            .cloned()
+    }
+
+    /// Builds a subscription (not yet added).
+    pub fn make_subscription(
+        self: &Arc<Self>,
+        id: String,
+        group: u32,
+        durable: bool,
+        selector: Option<(Selector, String)>,
+    ) -> Arc<Subscription> {
+        let owner = QueueOwner::Subscription {
+            topic: Arc::downgrade(self),
+            group,
+            durable,
+        };
+        let queue = Arc::new(Queue::owned(format!("{}::{}", self.name, id), owner));
+        let (selector, selector_text) = selector.map_or((None, None), |(s, t)| (Some(s), Some(t)));
+        Arc::new(Subscription {
+            id,
+            group,
+            durable,
+            queue,
+            selector,
+            selector_text,
+        })
+    }
+
+    /// Adds a subscription and hands it the retained messages `start` asks for.
+    pub fn add_subscription(
+        self: &Arc<Self>,
+        broker: &Broker,
+        sub: Arc<Subscription>,
+        start: StartAt,
+    ) {
+        let mut s = self.lock();
+        let replay: Vec<QueuedMessage> = match start {
+            StartAt::Next => Vec::new(),
+            StartAt::First => s.retained.iter().map(|r| r.msg.clone()).collect(),
+            StartAt::Last => s
+                .retained
+                .back()
+                .map(|r| r.msg.clone())
+                .into_iter()
+                .collect(),
+            StartAt::Offset(o) => s
+                .retained
+                .iter()
+                .filter(|r| r.msg.offset >= o)
+                .map(|r| r.msg.clone())
+                .collect(),
+            StartAt::Timestamp(t) => s
+                .retained
+                .iter()
+                .filter(|r| r.stored_at_ms >= t)
+                .map(|r| r.msg.clone())
+                .collect(),
+        };
+        let replay: Vec<QueuedMessage> = replay.into_iter().filter(|m| matches(&sub, m)).collect();
+        if sub.durable {
+            for m in &replay {
+                *s.refs.entry(m.offset).or_insert(0) += 1;
+            }
+        }
+        s.subscriptions.push(Arc::clone(&sub));
+        drop(s);
+        sub.queue.enqueue_all(broker, replay);
+    }
+
+    /// Removes a subscription; what it still held is released.
+    pub fn remove_subscription(&self, broker: &Broker, id: &str) -> Option<Arc<Subscription>> {
+        let mut s = self.lock();
+        let pos = s.subscriptions.iter().position(|x| x.id == id)?;
+        let sub = s.subscriptions.remove(pos);
+        drop(s);
+        if sub.durable {
+            for offset in sub.queue.held_offsets() {
+                self.release(broker, offset, true);
+            }
+        }
+        Some(sub)
+    }
+
+    /// Fans a durable message out to every matching subscription.
+    pub fn publish(&self, broker: &Broker, msg: QueuedMessage, stored_at_ms: i64) {
+        self.stats.published.fetch_add(1, Ordering::Relaxed);
+        let mut s = self.lock();
+        let targets: Vec<Arc<Subscription>> = s
+            .subscriptions
+            .iter()
+            .filter(|sub| matches(sub, &msg))
+            .cloned()
+            .collect();
+        let durable_refs = targets.iter().filter(|t| t.durable).count() as u32;
+        if durable_refs > 0 {
+            s.refs.insert(msg.offset, durable_refs);
+        }
+        let retain = self.retention.bytes_max > 0;
+        if retain {
+            s.retained_bytes += msg.message.len() as u64;
+            s.retained.push_back(Retained {
+                msg: msg.clone(),
+                stored_at_ms,
+            });
+        }
+        let done = durable_refs == 0 && !retain;
+        let trimmed = self.trim_locked(&mut s, now_ms());
+        drop(s);
+        for sub in targets {
+            sub.queue.enqueue(broker, msg.clone());
+            if sub.queue.depth().0 > self.backlog_max {
+                let n = sub.queue.drop_oldest_beyond(broker, self.backlog_max);
+                tracing::warn!(topic = %self.name, subscription = %sub.id, dropped = n, "subscription backlog over its limit, dropped oldest");
+            }
+        }
+        if done {
+            ack_default(broker, msg.offset);
+        }
+        for offset in trimmed {
+            ack_default(broker, offset);
+        }
+    }
+
+    /// Re-adds a stored, not fully consumed message after a restart.
+    pub fn recover(&self, broker: &Broker, msg: QueuedMessage, stored_at_ms: i64) {
+        let mut s = self.lock();
+        let holders: Vec<Arc<Subscription>> = s
+            .subscriptions
+            .iter()
+            .filter(|sub| {
+                sub.durable
+                    && !broker.store().group_acked(sub.group, msg.offset)
+                    && matches(sub, &msg)
+            })
+            .cloned()
+            .collect();
+        if !holders.is_empty() {
+            s.refs.insert(msg.offset, holders.len() as u32);
+        }
+        let retain = self.retention.bytes_max > 0;
+        if retain {
+            s.retained_bytes += msg.message.len() as u64;
+            s.retained.push_back(Retained {
+                msg: msg.clone(),
+                stored_at_ms,
+            });
+        }
+        let done = holders.is_empty() && !retain;
+        drop(s);
+        for sub in holders {
+            sub.queue.enqueue_all(broker, [msg.clone()]);
+        }
+        if done {
+            ack_default(broker, msg.offset);
+        }
+    }
+
+    /// A durable subscription finished with `offset` (or a non-durable one, which holds
+    /// no reference).
+    pub fn release(&self, broker: &Broker, offset: u64, durable: bool) {
+        if !durable {
+            return;
+        }
+        let mut s = self.lock();
+        let Some(n) = s.refs.get_mut(&offset) else {
+            return;
+        };
+        *n -= 1;
+        if *n > 0 {
+            return;
+        }
+        s.refs.remove(&offset);
+        let retained = s.retained.iter().any(|r| r.msg.offset == offset);
+        drop(s);
+        if !retained {
+            ack_default(broker, offset);
+        }
+    }
+
+    /// Drops retained messages beyond the retention limits (housekeeping).
+    pub fn apply_retention(&self, broker: &Broker) {
+        let mut s = self.lock();
+        let trimmed = self.trim_locked(&mut s, now_ms());
+        drop(s);
+        for offset in trimmed {
+            ack_default(broker, offset);
+        }
+    }
+
+    /// Trims the retention window; returns offsets no durable subscription holds.
+    fn trim_locked(&self, s: &mut TopicState, now: i64) -> Vec<u64> {
+        let mut out = Vec::new();
+        while let Some(front) = s.retained.front() {
+            let too_big = s.retained_bytes > self.retention.bytes_max;
+            let too_old = self
+                .retention
+                .age_max
+                .is_some_and(|a| front.stored_at_ms < now - a.as_millis() as i64);
+            if !(too_big || too_old) {
+                break;
+            }
+            let Some(r) = s.retained.pop_front() else {
+                break;
+            };
+            s.retained_bytes -= r.msg.message.len() as u64;
+            if !s.refs.contains_key(&r.msg.offset) {
+                out.push(r.msg.offset);
+            }
+        }
+        out
+    }
+}
+
+fn matches(sub: &Subscription, msg: &QueuedMessage) -> bool {
+    match &sub.selector {
+        None => true,
+        Some(sel) => super::selector_matches(sel, &msg.message),
+    }
+}
+
+fn ack_default(broker: &Broker, offset: u64) {
+    if let Err(e) = broker.store().ack(&[offset]) {
+        tracing::error!(offset, error = %e, "could not acknowledge a consumed topic record");
+    }
+}

@@ -1,0 +1,100 @@
+//! Tenancy and authorization at the connection edge: choosing the address space at
+//! `open`, and checking each attach against the user's rules.
+//!
+//! Without manifests both are no-ops: every address is its own queue name and every
+//! client may use it (today's behaviour). With manifests the space is chosen by the open
+//! hostname, else the TLS SNI, else the default; a client that logged in to one space
+//! cannot open another. Addresses are looked up in the catalog in force at attach time,
+//! so a re-apply takes effect on the next attach; links already attached stay attached.
+
+use fe2o3_amqp_types::definitions::{AmqpError, ErrorCondition};
+
+use super::{ConnError, Connection};
+use crate::amqp::sasl::Identity;
+use crate::auth::authz::Operation;
+
+/// An address the client may use, by its name in the store.
+pub(super) struct Resolved {
+    pub name: String,
+}
+
+impl Connection {
+    fn user(&self) -> Option<&str> {
+        match &self.identity {
+            Identity::Anonymous => None,
+            Identity::User { authzid, authcid } => Some(authzid.as_deref().unwrap_or(authcid)),
+        }
+    }
+
+    /// Picks the connection's address space after `open` (see the module docs).
+    pub(super) fn choose_space(&mut self) -> Result<(), ConnError> {
+        let Some(catalog) = self.gate.manifests.current() else {
+            return Ok(());
+        };
+        let host = self.hostname.as_deref().or(self.sni.as_deref());
+        let default = self.gate.manifests.default_space.as_deref();
+        let Some(space) = catalog.space_for_host(host, default) else {
+            return Err(ConnError::protocol(
+                AmqpError::NotFound,
+                format!("no address space for hostname {host:?}"),
+            ));
+        };
+        let allowed = match (&self.identity, &self.login_space) {
+            (Identity::Anonymous, _) => space.allow_anonymous,
+            (Identity::User { .. }, Some(login)) => *login == space.name,
+            (Identity::User { .. }, None) => false,
+        };
+        if !allowed {
+            return Err(ConnError::protocol(
+                AmqpError::UnauthorizedAccess,
+                format!("not authenticated for address space {:?}", space.name),
+            ));
+        }
+        self.space = Some(space.name.clone());
+        Ok(())
+    }
+
+    /// Checks that the client may do `op` on `address` and returns the name to use
+    /// inside the broker; the error is the refusal to send back on the link.
+    pub(super) fn authorize(
+        &self,
+        op: Operation,
+        address: &str,
+    ) -> Result<Resolved, (ErrorCondition, String)> {
+        let Some(catalog) = self.gate.manifests.current() else {
+            return Ok(Resolved {
+                name: address.to_owned(),
+            });
+        };
+        let space = self
+            .space
+            .as_deref()
+            .and_then(|s| catalog.spaces.get(s))
+            .ok_or_else(|| {
+                (
+                    AmqpError::NotFound.into(),
+                    format!("address space {:?} no longer exists", self.space),
+                )
+            })?;
+        if !space.allows(self.user(), op, address) {
+            let who = self.user().unwrap_or("anonymous");
+            return Err((
+                AmqpError::UnauthorizedAccess.into(),
+                format!("{who} may not {op} on address {address:?}"),
+            ));
+        }
+        if !space.addresses.contains_key(address) {
+            return Err((
+                AmqpError::NotFound.into(),
+                format!(
+                    "address {address:?} does not exist in address space {:?}",
+                    space.name
+                ),
+            ));
+        }
+        // The kind (queue or topic) was fixed when the address was declared at apply time.
+        Ok(Resolved {
+            name: space.internal_name(address),
+        })
+    }
+}

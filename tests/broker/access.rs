@@ -1,0 +1,365 @@
+//! Manifests in force on a running broker: SASL PLAIN and SCRAM-SHA-256 against
+//! MessagingUsers, authorization on attach, tenants chosen by hostname, and live re-apply.
+//!
+//! Goal: good passwords log in with PLAIN and SCRAM, wrong ones get a SASL auth failure;
+//! a user attaches only where its rules allow, and a refusal is `amqp:unauthorized-access`
+//! naming the address; the same address in two spaces is two queues; editing the
+//! manifest directory adds addresses and revokes rights without a restart, a broken
+//! edit changes nothing, and an address that still holds messages is not deleted.
+//!
+//! Method: the real binary with `--manifests` on a temporary directory, fe2o3-amqp
+//! clients (its `scram` feature provides the SCRAM client). Waits for a re-apply poll
+//! the metrics (bounded), never sleep for a fixed time and assume.
+
+use std::future::Future;
+use std::path::Path;
+use std::time::Duration;
+
+use fe2o3_amqp::connection::ConnectionHandle;
+use fe2o3_amqp::link::{ReceiverAttachError, SenderAttachError};
+use fe2o3_amqp::sasl_profile::{SaslProfile, SaslScramSha256};
+use fe2o3_amqp::types::definitions::{AmqpError, ErrorCondition};
+use fe2o3_amqp::{Connection, Receiver, Sender, Session};
+use tokio::time::timeout;
+
+use crate::harness::BrokerProcess;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn within<F: Future>(what: &str, f: F) -> F::Output {
+    timeout(WAIT, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within {WAIT:?}"))
+}
+
+fn hash(password: &str) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_entrepot"))
+        .args(["hash-password", password])
+        .output()
+        .expect("hash-password");
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+fn user(space: &str, name: &str, password: &str, rules: &str) -> String {
+    format!(
+        "---\napiVersion: user.enmasse.io/v1beta1\nkind: MessagingUser\nmetadata: {{name: {space}.{name}}}\nspec:\n  username: {name}\n  authentication: {{type: password, passwordHash: \"{}\"}}\n  authorization: {rules}\n",
+        hash(password)
+    )
+}
+
+fn space(name: &str, anonymous: bool) -> String {
+    format!("---\napiVersion: enmasse.io/v1beta1\nkind: AddressSpace\nmetadata: {{name: {name}}}\nspec: {{type: standard, plan: small, allowAnonymous: {anonymous}}}\n")
+}
+
+fn address(space: &str, address: &str) -> String {
+    format!("---\napiVersion: enmasse.io/v1beta1\nkind: Address\nmetadata: {{name: {space}.{address}}}\nspec: {{address: {address}, type: queue, plan: small-queue}}\n")
+}
+
+const PLANS: &str = "\
+apiVersion: admin.enmasse.io/v1beta2
+kind: AddressSpacePlan
+metadata: {name: small}
+spec: {maxConnections: 100}
+---
+apiVersion: admin.enmasse.io/v1beta2
+kind: AddressPlan
+metadata: {name: small-queue}
+spec: {maxDepth: 1000}
+";
+
+/// Space `app` (alice: send+recv on orders*, bob: send on orders) and space `other`
+/// (carol: everything), both with an address `orders`.
+fn base_users(bob_rules: &str) -> String {
+    [
+        user(
+            "app",
+            "alice",
+            "alice-pw",
+            "[{addresses: [\"orders*\"], operations: [send, recv]}]",
+        ),
+        user("app", "bob", "bob-pw", bob_rules),
+        user(
+            "other",
+            "carol",
+            "carol-pw",
+            "[{addresses: [\"*\"], operations: [send, recv]}]",
+        ),
+    ]
+    .concat()
+}
+
+fn write_manifests(dir: &Path, extra: &str, bob_rules: &str) {
+    let text = [
+        PLANS.to_owned(),
+        space("app", false),
+        space("other", false),
+        address("app", "orders"),
+        address("other", "orders"),
+        base_users(bob_rules),
+        extra.to_owned(),
+    ]
+    .concat();
+    // Write beside and rename, as a git checkout or ConfigMap swap does.
+    let tmp = dir.join(".manifests.tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join("manifests.yaml")).unwrap();
+}
+
+const BOB_SENDS: &str = "[{addresses: [orders], operations: [send]}]";
+
+fn start(root: &Path) -> BrokerProcess {
+    let manifests = root.join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    write_manifests(&manifests, "", BOB_SENDS);
+    let manifests = manifests.to_str().unwrap().to_owned();
+    BrokerProcess::start(
+        &root.join("data"),
+        &["--manifests", &manifests, "--default-address-space", "app"],
+    )
+}
+
+async fn open_as(
+    broker: &BrokerProcess,
+    host: &str,
+    profile: impl Into<SaslProfile>,
+) -> Result<ConnectionHandle<()>, fe2o3_amqp::connection::OpenError> {
+    let url = broker.url();
+    within(
+        "open",
+        Connection::builder()
+            .container_id("access-test")
+            .hostname(host)
+            .sasl_hostname(host)
+            .sasl_profile(profile)
+            .open(url.as_str()),
+    )
+    .await
+}
+
+fn plain(user: &str, password: &str) -> SaslProfile {
+    SaslProfile::Plain {
+        username: user.into(),
+        password: password.into(),
+    }
+}
+
+fn unauthorized() -> ErrorCondition {
+    ErrorCondition::AmqpError(AmqpError::UnauthorizedAccess)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_and_scram_logins_succeed_and_wrong_passwords_fail() {
+    let root = tempfile::tempdir().unwrap();
+    let broker = start(root.path());
+    let mut conn = open_as(&broker, "app", plain("alice", "alice-pw"))
+        .await
+        .expect("PLAIN login");
+    conn.close().await.unwrap();
+    let mut conn = open_as(&broker, "app", SaslScramSha256::new("alice", "alice-pw"))
+        .await
+        .expect("SCRAM login");
+    conn.close().await.unwrap();
+
+    assert!(
+        open_as(&broker, "app", plain("alice", "wrong"))
+            .await
+            .is_err(),
+        "PLAIN with a wrong password"
+    );
+    assert!(
+        open_as(&broker, "app", SaslScramSha256::new("alice", "wrong"))
+            .await
+            .is_err(),
+        "SCRAM with a wrong password"
+    );
+    assert!(
+        open_as(&broker, "app", SaslScramSha256::new("nobody", "x"))
+            .await
+            .is_err(),
+        "SCRAM unknown user"
+    );
+    // carol exists only in `other`.
+    assert!(
+        open_as(&broker, "app", plain("carol", "carol-pw"))
+            .await
+            .is_err(),
+        "user of another space"
+    );
+    // ANONYMOUS is not allowed in either space; without SASL fe2o3 sends the AMQP header.
+    assert!(
+        open_as(&broker, "app", SaslProfile::Anonymous)
+            .await
+            .is_err(),
+        "anonymous"
+    );
+    let logs = broker.drain_logs().join("\n");
+    assert!(logs.contains("SASL authentication failed"), "{logs}");
+    assert!(
+        !logs.contains("alice-pw") && !logs.contains("wrong"),
+        "a password was logged:\n{logs}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_allows_and_denies_send_and_recv_naming_the_address() {
+    let root = tempfile::tempdir().unwrap();
+    let broker = start(root.path());
+    let mut conn = open_as(&broker, "app", plain("bob", "bob-pw"))
+        .await
+        .unwrap();
+    let mut session = within("begin", Session::begin(&mut conn)).await.unwrap();
+    let mut sender = within("attach", Sender::attach(&mut session, "s", "orders"))
+        .await
+        .expect("bob may send");
+    within("send", sender.send("from bob"))
+        .await
+        .unwrap()
+        .accepted_or_else(|o| o)
+        .unwrap();
+    let mut session2 = within("begin", Session::begin(&mut conn)).await.unwrap();
+    let refused = within("attach", Receiver::attach(&mut session2, "r", "orders")).await;
+    assert!(
+        matches!(&refused, Err(ReceiverAttachError::RemoteClosedWithError(e))
+            if e.condition == unauthorized() && e.description.as_deref().is_some_and(|d| d.contains("\"orders\""))),
+        "{refused:?}"
+    );
+    let mut session3 = within("begin", Session::begin(&mut conn)).await.unwrap();
+    let refused = within("attach", Sender::attach(&mut session3, "s2", "invoices")).await;
+    assert!(
+        matches!(&refused, Err(SenderAttachError::RemoteClosedWithError(e)) if e.condition == unauthorized()),
+        "{refused:?}"
+    );
+
+    let mut conn = open_as(&broker, "app", plain("alice", "alice-pw"))
+        .await
+        .unwrap();
+    let mut session = within("begin", Session::begin(&mut conn)).await.unwrap();
+    let mut receiver = within("attach", Receiver::attach(&mut session, "r", "orders"))
+        .await
+        .expect("alice may recv");
+    let d = within("recv", receiver.recv::<String>()).await.unwrap();
+    assert_eq!(d.body(), "from bob");
+    receiver.accept(&d).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_address_in_two_spaces_is_two_queues() {
+    let root = tempfile::tempdir().unwrap();
+    let broker = start(root.path());
+    let mut app = open_as(&broker, "app", plain("alice", "alice-pw"))
+        .await
+        .unwrap();
+    let mut s = within("begin", Session::begin(&mut app)).await.unwrap();
+    let mut sender = within("attach", Sender::attach(&mut s, "s", "orders"))
+        .await
+        .unwrap();
+    within("send", sender.send("for app"))
+        .await
+        .unwrap()
+        .accepted_or_else(|o| o)
+        .unwrap();
+
+    // carol logs in to `other` by hostname (and a host whose first label names it).
+    let mut other = open_as(&broker, "other.example.com", plain("carol", "carol-pw"))
+        .await
+        .unwrap();
+    let mut s = within("begin", Session::begin(&mut other)).await.unwrap();
+    let mut sender = within("attach", Sender::attach(&mut s, "s", "orders"))
+        .await
+        .unwrap();
+    within("send", sender.send("for other"))
+        .await
+        .unwrap()
+        .accepted_or_else(|o| o)
+        .unwrap();
+    let mut receiver = within("attach", Receiver::attach(&mut s, "r", "orders"))
+        .await
+        .unwrap();
+    let d = within("recv", receiver.recv::<String>()).await.unwrap();
+    assert_eq!(d.body(), "for other");
+    receiver.accept(&d).await.unwrap();
+    let nothing = timeout(Duration::from_millis(500), receiver.recv::<String>()).await;
+    assert!(nothing.is_err(), "a message of space app leaked into other");
+    let depth = broker.metric("entrepot_queue_depth{queue=\"app/orders\"}");
+    assert_eq!(depth, Some(1.0));
+
+    // carol's login is for `other`; opening `app` with it is refused.
+    assert!(open_as(&broker, "app", plain("carol", "carol-pw"))
+        .await
+        .is_err());
+}
+
+async fn wait_for_applies(broker: &BrokerProcess, series: &str, at_least: f64) {
+    for _ in 0..100 {
+        if broker.metric(series).is_some_and(|v| v >= at_least) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "{series} never reached {at_least}; logs:\n{}",
+        broker.drain_logs().join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_apply_live_and_broken_edits_change_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let broker = start(root.path());
+    let dir = root.path().join("manifests");
+    assert_eq!(broker.metric("entrepot_manifest_applies_total"), Some(1.0));
+
+    // Add an address; alice's `orders*` covers it.
+    write_manifests(&dir, &address("app", "orders-eu"), BOB_SENDS);
+    wait_for_applies(&broker, "entrepot_manifest_applies_total", 2.0).await;
+    let mut conn = open_as(&broker, "app", plain("alice", "alice-pw"))
+        .await
+        .unwrap();
+    let mut s = within("begin", Session::begin(&mut conn)).await.unwrap();
+    let mut sender = within("attach", Sender::attach(&mut s, "s", "orders-eu"))
+        .await
+        .expect("new address");
+    within("send", sender.send("eu"))
+        .await
+        .unwrap()
+        .accepted_or_else(|o| o)
+        .unwrap();
+
+    // A broken edit is rejected whole: bob keeps his right.
+    std::fs::write(dir.join("broken.yaml"), "kind: Nonsense\n").unwrap();
+    wait_for_applies(&broker, "entrepot_manifest_rejections_total", 1.0).await;
+    let mut bob = open_as(&broker, "app", plain("bob", "bob-pw"))
+        .await
+        .unwrap();
+    let mut s = within("begin", Session::begin(&mut bob)).await.unwrap();
+    within("attach", Sender::attach(&mut s, "s", "orders"))
+        .await
+        .expect("unchanged after a broken edit");
+    std::fs::remove_file(dir.join("broken.yaml")).unwrap();
+
+    // Revoke bob's right: his next attach is refused, on the same connection.
+    let applied = broker.metric("entrepot_manifest_applies_total").unwrap();
+    write_manifests(&dir, &address("app", "orders-eu"), "[]");
+    wait_for_applies(&broker, "entrepot_manifest_applies_total", applied + 1.0).await;
+    let mut s = within("begin", Session::begin(&mut bob)).await.unwrap();
+    let refused = within("attach", Sender::attach(&mut s, "s2", "orders")).await;
+    assert!(
+        matches!(&refused, Err(SenderAttachError::RemoteClosedWithError(e)) if e.condition == unauthorized()),
+        "{refused:?}"
+    );
+
+    // Removing orders-eu while it holds a message is refused: the address stays.
+    let applied = broker.metric("entrepot_manifest_applies_total").unwrap();
+    write_manifests(&dir, "", "[]");
+    wait_for_applies(&broker, "entrepot_manifest_applies_total", applied + 1.0).await;
+    assert_eq!(
+        broker.metric("entrepot_manifest_deletions_refused_total"),
+        Some(1.0)
+    );
+    let mut s = within("begin", Session::begin(&mut conn)).await.unwrap();
+    let mut receiver = within("attach", Receiver::attach(&mut s, "r", "orders-eu"))
+        .await
+        .expect("kept");
+    let d = within("recv", receiver.recv::<String>()).await.unwrap();
+    assert_eq!(d.body(), "eu");
+}

@@ -1,0 +1,104 @@
+//! `entrepot bench` against a broker it starts: the load generator's loss check passes,
+//! it exits 0, and its JSON holds the figures.
+//!
+//! Method: start the real broker on loopback, run the real `entrepot bench` binary with a
+//! small count (and a hard timeout), then read its stdout and `--json` file. No figure is
+//! asserted against a speed: only that it was measured.
+
+use std::process::Command;
+
+use crate::harness::BrokerProcess;
+
+fn bench(broker: &BrokerProcess, json: &std::path::Path, extra: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_entrepot"))
+        .args([
+            "bench",
+            "--url",
+            &broker.url(),
+            "--quiet",
+            "--timeout",
+            "120",
+        ])
+        .arg("--json")
+        .arg(json)
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run entrepot bench");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), stdout)
+}
+
+fn json(path: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).expect("json file")).expect("json")
+}
+
+#[test]
+fn bench_sends_and_receives_every_message_and_writes_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(&dir.path().join("data"), &[]);
+    let path = dir.path().join("result.json");
+    let (ok, stdout) = bench(
+        &broker,
+        &path,
+        &[
+            "--address",
+            "bench-test",
+            "--producers",
+            "2",
+            "--consumers",
+            "2",
+            "--count",
+            "2000",
+            "--size",
+            "256",
+            "--persistent",
+            "--window",
+            "16",
+        ],
+    );
+    assert!(ok, "entrepot bench failed");
+    assert!(stdout.contains("all 2000 messages received"), "{stdout}");
+    let j = json(&path);
+    assert_eq!(j["accepted"], 2000);
+    assert_eq!(j["size"], 256);
+    assert_eq!(j["persistent"], true);
+    assert_eq!(j["loss"]["missing"], 0);
+    assert!(matches!(
+        j["loss"]["verdict"].as_str(),
+        Some("exactly-once" | "at-least-once")
+    ));
+    assert!(j["send_msgs_per_s"].as_f64().unwrap() > 0.0);
+    assert!(j["receive_msgs_per_s"].as_f64().unwrap() > 0.0);
+    for h in ["produce_to_accepted", "end_to_end"] {
+        assert_eq!(j[h]["count"], 2000, "{h}");
+        assert!(j[h]["p99_us"].as_u64().unwrap() >= j[h]["p50_us"].as_u64().unwrap());
+        assert!(j[h]["max_us"].as_u64().unwrap() >= j[h]["p999_us"].as_u64().unwrap());
+    }
+}
+
+#[test]
+fn bench_exits_non_zero_when_messages_are_missing() {
+    // Consumers read a queue nobody sends to: every accepted message is missing.
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(&dir.path().join("data"), &[]);
+    let path = dir.path().join("result.json");
+    let (ok, stdout) = bench(
+        &broker,
+        &path,
+        &[
+            "--address",
+            "bench-sent",
+            "--consumer-address",
+            "bench-elsewhere",
+            "--count",
+            "50",
+            "--drain",
+            "1",
+        ],
+    );
+    assert!(!ok, "a run with missing messages must fail");
+    assert!(stdout.contains("MISSING: 50 of 50"), "{stdout}");
+    assert_eq!(json(&path)["loss"]["verdict"], "missing");
+}
