@@ -150,26 +150,47 @@ run_cases() { # run_cases BROKER
     done
 }
 
+# start_peer NAME: starts ../shared/peers/NAME.sh unless it already runs (then it is left
+# running at the end, since this script did not start it); sets peer_url from the KEY=
+# line that `start` prints.
+start_peer() { # start_peer NAME KEY DEFAULT_URL
+    local name="$1" key="$2"
+    if "$peers/$name.sh" status >/dev/null 2>&1; then
+        step "$name already running: using it, and leaving it running"
+        peer_url="$3"
+        return
+    fi
+    step "starting $name with $peers/$name.sh"
+    started_peer="$name"
+    local said
+    said=$("$peers/$name.sh" start 2>&1) || { echo "$said" >&2; exit 1; }
+    echo "$said" >&2
+    peer_url=$(echo "$said" | sed -n "s/^ *$key=\([^ ]*\).*/\1/p" | tail -1)
+    [ -n "$peer_url" ] || { echo "$name.sh start printed no $key" >&2; exit 1; }
+}
+
+running=""
 for broker in $brokers; do
-    case "$broker" in
-        entrepot)
-            step "starting Entrepot (release, sync ${ENTREPOT_SYNC:-always}) on 127.0.0.1:$entrepot_port"
-            start_entrepot ;;
-        rabbitmq-qq|rabbitmq-classic)
-            step "starting RabbitMQ with $peers/rabbitmq.sh"
-            started_peer=rabbitmq
-            AMQP_URL=$("$peers/rabbitmq.sh" start | sed -n 's/^AMQP_URL=//p' | tail -1)
-            [ -n "$AMQP_URL" ] || { echo "rabbitmq.sh start printed no AMQP_URL" >&2; exit 1; } ;;
-        nats)
-            step "starting NATS JetStream with $peers/nats.sh"
-            started_peer=nats
-            NATS_URL=$("$peers/nats.sh" start | sed -n 's/^NATS_URL=//p' | tail -1)
-            [ -n "$NATS_URL" ] || { echo "nats.sh start printed no NATS_URL" >&2; exit 1; } ;;
-        *) continue ;;
-    esac
+    service="${broker%%-*}"
+    if [ "$service" != "$running" ]; then
+        cleanup
+        case "$service" in
+            entrepot)
+                step "starting Entrepot (release, sync ${ENTREPOT_SYNC:-always}) on 127.0.0.1:$entrepot_port"
+                start_entrepot ;;
+            rabbitmq)
+                start_peer rabbitmq AMQP_URL "amqp://guest:guest@127.0.0.1:${RABBITMQ_AMQP_PORT:-5682}"
+                AMQP_URL="$peer_url" ;;
+            nats)
+                start_peer nats NATS_URL "nats://127.0.0.1:${NATS_CLIENT_PORT:-4232}"
+                NATS_URL="$peer_url" ;;
+            *) continue ;;
+        esac
+        running="$service"
+    fi
     run_cases "$broker"
-    cleanup
 done
+cleanup
 
 # --- physical limits ----------------------------------------------------------------------
 fio_64k="n/a"; fio_4k="n/a"; fsync_p99_us="n/a"; iperf_mbs="n/a"

@@ -78,9 +78,7 @@ async fn connect(url: &str, id: &str) -> fe2o3_amqp::connection::ConnectionHandl
 }
 
 async fn produce(url: String, queue: String, count: u64, latencies: Arc<Mutex<Vec<u32>>>) {
-    let mut conn = Connection::open("bench-producer", url.as_str())
-        .await
-        .expect("open");
+    let mut conn = connect(&url, "bench-producer").await;
     let mut session = Session::begin(&mut conn).await.expect("begin");
     let mut sender = Sender::attach(&mut session, "p", queue)
         .await
@@ -122,9 +120,7 @@ async fn produce(url: String, queue: String, count: u64, latencies: Arc<Mutex<Ve
 }
 
 async fn consume(url: String, queue: String, count: u64) {
-    let mut conn = Connection::open("bench-consumer", url.as_str())
-        .await
-        .expect("open");
+    let mut conn = connect(&url, "bench-consumer").await;
     let mut session = Session::begin(&mut conn).await.expect("begin");
     let credit: u32 = std::env::var("ENTREPOT_BENCH_CREDIT")
         .ok()
@@ -176,9 +172,6 @@ fn run(b: &Bench, producers: u64, consumers: u64, iters: u64, round: u64) -> Dur
         started.elapsed()
     })
 }
-
-/// With no consumers, messages pile up in the queue: the case measures the producer path.
-fn tracing_free_note() {}
 
 fn report(name: &str, latencies: &Mutex<Vec<u32>>) {
     let mut l = latencies.lock().expect("lat");

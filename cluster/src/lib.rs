@@ -1,1 +1,66 @@
-//! x
+//! # entrepot-cluster
+//!
+//! Raft replication for Entrepot, on [openraft] 0.9 (`storage-v2`). This crate is the only
+//! one that talks to openraft; it never touches a client socket.
+//!
+//! What it owns, so far (issue 7, foundation):
+//! * [`TypeConfig`] and the replicated commands ([`Request`]): one Raft entry is one
+//!   produce batch for an address (many messages — openraft writes one entry per
+//!   `client_write`, so batching is what makes replication cheap), a batch of consumer
+//!   settlements, or a subscription cursor move. Entries are stored and shipped in a
+//!   versioned, bounded binary encoding (`entry.rs`), never JSON.
+//! * [`LogStore`]: openraft's log storage on an `entrepot_storage::Log` — one record per
+//!   entry, group-commit durability before openraft hears "flushed", suffix truncation,
+//!   segment-granular purge, the vote in a durable state file.
+//! * [`StateMachineStore`]: a *stand-in* state machine ([`Model`], in memory) with
+//!   persisted binary snapshots, until the broker's queues become the state machine.
+//! * [`identity`]: node id from a StatefulSet hostname or `--node-id`, `--peers` parsing.
+//!
+//! Invariants:
+//! * An entry is reported flushed to openraft only after the segment log's sync covered it.
+//! * Raft indexes in a log are dense and equal record offset + one bias; checked on read.
+//! * Every length read from disk is bounded by a `MAX_*` constant before allocating.
+//!
+//! Not here yet: the inter-node network (RPC over TCP), the `Raft` node wiring and
+//! forwarding to leaders, one group per address, membership changes from the CLI, the
+//! broker's real state machine, deterministic simulation. See issue 7.
+//!
+//! On-disk formats: `cluster/FORMAT.md`.
+//!
+//! ## A tour: open → append through openraft → read back
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use entrepot_cluster::{LogStore, StateMachineStore};
+//! use entrepot_storage::LogConfig;
+//! use openraft::storage::RaftLogStorage;
+//! use openraft::RaftLogReader;
+//!
+//! let dir = tempfile::tempdir()?;
+//! let config = LogConfig { segment_bytes: 1 << 20, record_bytes_max: 64 << 10, ..LogConfig::default() };
+//! let mut log = LogStore::open(dir.path(), config.clone())?;
+//! let _sm = StateMachineStore::open(dir.path())?;
+//! assert_eq!(log.get_log_state().await?.last_log_id, None);
+//! assert!(log.try_get_log_entries(0..10).await?.is_empty());
+//! # Ok(()) }
+//! ```
+
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+mod codec;
+pub mod entry;
+mod error;
+pub mod identity;
+mod index_map;
+mod log_store;
+mod model;
+mod state_file;
+mod state_machine;
+mod types;
+
+pub use error::{ClusterError, RaftStorageError, Result};
+pub use log_store::{LogStore, LogStoreReader, FLUSH_QUEUE_MAX, LOG_DIR, RAFT_ENTRY_FLAG};
+pub use model::{Model, MAX_SNAPSHOT_ADDRESSES, MAX_SNAPSHOT_MESSAGES, SNAPSHOT_DATA_VERSION};
+pub use state_file::{MAX_STATE_FILE_BYTES, STATE_FILE_VERSION};
+pub use state_machine::{StateMachineStore, MAX_SNAPSHOT_BYTES};
+pub use types::*;

@@ -65,9 +65,7 @@ async fn produce_inner(
     'run: {
         while let Some((seq, scheduled)) = schedule.next(&ctx.stop_sending).await {
             while inflight.len() >= args.window {
-                let Some((seq, t, ack)) = inflight.pop_front() else {
-                    break;
-                };
+                let Some((seq, t, ack)) = inflight.pop_front() else { break };
                 tokio::select! {
                     r = ack => settle(ctx, stats, seq, t, r),
                     _ = abort.wait_for(|a| *a) => break 'run,
@@ -159,7 +157,7 @@ async fn consume_inner(
         .await
         .with_context(|| format!("stream {}", args.nats_stream))?;
     let name = consumer_name(ctx, group);
-    let consumer: pull::PullConsumer = stream
+    let consumer: jetstream::consumer::PullConsumer = stream
         .get_or_create_consumer(
             &name,
             pull::Config {

@@ -161,9 +161,15 @@ impl Session {
     }
 
     fn attach_consumer(&mut self, conn: &mut Connection, attach: Attach) -> Result<(), ConnError> {
-        let handle = attach.handle.0;
         let address = attach.source.as_ref().and_then(|s| s.address.clone());
         let Some(address) = address else {
+            // qpid-jms unsubscribes by attaching to the subscription's name with no
+            // address, then closing the link.
+            let id = format!("{}:{}", conn.container_id, attach.name);
+            if let Some((topic, sub)) = conn.broker.find_durable(&id).or_else(|| conn.broker.find_durable(&attach.name)) {
+                let holder = subscribe::SubscriptionRef { topic, id: sub.id.clone(), durable: true };
+                return self.finish_consumer_attach(conn, attach, Arc::clone(&sub.queue), Some(holder));
+            }
             return self.refuse(
                 conn,
                 attach,
@@ -204,6 +210,18 @@ impl Session {
                 return self.refuse(conn, attach, c, d);
             }
         };
+        self.finish_consumer_attach(conn, attach, queue, subscription)
+    }
+
+    /// Answers a consumer's attach and registers it with its queue or subscription.
+    fn finish_consumer_attach(
+        &mut self,
+        conn: &mut Connection,
+        attach: Attach,
+        queue: Arc<Queue>,
+        subscription: Option<SubscriptionRef>,
+    ) -> Result<(), ConnError> {
+        let handle = attach.handle.0;
         let presettled = attach.snd_settle_mode == SenderSettleMode::Settled;
         let reply = Attach {
             name: attach.name.clone(),

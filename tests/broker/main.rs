@@ -5,6 +5,7 @@
 mod access;
 mod addresses;
 mod bench_tool;
+mod container;
 mod crash;
 mod expiry;
 mod garbage;
@@ -21,3 +22,4 @@ mod router;
 mod shutdown;
 mod tls;
 mod topics;
+mod topics_proton;

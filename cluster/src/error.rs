@@ -1,0 +1,87 @@
+//! The cluster crate's one error type, and its mapping onto openraft's `StorageError`.
+//!
+//! Decoding failures name what was being decoded and where, so a corrupt Raft entry,
+//! state file or snapshot can be found; `Storage` wraps the segment log's own errors
+//! (whose `is_fatal` still tells whether the node must stop).
+
+use std::io;
+use std::path::PathBuf;
+
+use openraft::{AnyError, StorageIOError};
+
+/// Errors of the Raft storage, codecs and node identity.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClusterError {
+    /// The segment log failed (see [`entrepot_storage::StorageError::is_fatal`]).
+    #[error(transparent)]
+    Storage(#[from] entrepot_storage::StorageError),
+    /// A file operation on a state or snapshot file failed.
+    #[error("{verb} {path}: {source}")]
+    Io {
+        verb: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// Bytes that do not parse as the named structure (truncated, trailing bytes, bad tag).
+    #[error("cannot decode {what} at byte {position}: {reason}")]
+    Decode {
+        what: &'static str,
+        position: usize,
+        reason: &'static str,
+    },
+    /// A length or count read from disk or the wire is larger than its `MAX_*` bound.
+    #[error("{what} of {len} exceeds the limit of {max}")]
+    LimitExceeded { what: &'static str, len: u64, max: u64 },
+    /// A file or encoded value with a format version this build does not know.
+    #[error("{what} has format version {found}, this build reads version {supported}")]
+    UnsupportedVersion {
+        what: &'static str,
+        found: u16,
+        supported: u16,
+    },
+    /// A state or snapshot file that does not start with its magic bytes or fails its CRC.
+    #[error("{path} is damaged: {reason}")]
+    BadFile { path: PathBuf, reason: &'static str },
+    /// openraft asked to append an entry at or below the last one without truncating first.
+    #[error("raft entry {got} appended after entry {last}")]
+    AppendOutOfOrder { last: u64, got: u64 },
+    /// A record read back does not carry the Raft index its offset implies.
+    #[error("record at offset {offset} holds raft index {found}, expected {expected}")]
+    IndexMismatch { offset: u64, expected: u64, found: u64 },
+    /// A hostname, `--node-id` or `--peers` value that names no node.
+    #[error("invalid {what} {value:?}: {reason}")]
+    Identity {
+        what: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+}
+
+impl ClusterError {
+    pub(crate) fn io(verb: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        ClusterError::Io {
+            verb,
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn any(&self) -> AnyError {
+        AnyError::new(self)
+    }
+}
+
+/// Shorthand used throughout the crate.
+pub type Result<T, E = ClusterError> = std::result::Result<T, E>;
+
+/// openraft's storage error for this crate's node id type.
+pub type RaftStorageError = openraft::StorageError<u64>;
+
+/// Builds an openraft storage error from ours with the right subject and verb.
+pub(crate) fn raft_err(
+    make: fn(AnyError) -> StorageIOError<u64>,
+) -> impl Fn(ClusterError) -> RaftStorageError {
+    move |e| make(e.any()).into()
+}
