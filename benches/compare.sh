@@ -45,7 +45,9 @@ need() { # need CMD PACKAGE
 need jq jq
 
 mkdir -p "$out"
-rm -f "$out"/*.json "$out"/table.md
+# Only the brokers of this run are measured again; the table shows every JSON present.
+for b in $brokers; do rm -f "$out"/*-"$b".json "$out"/*-"$b".txt; done
+rm -f "$out"/table.md
 
 # --- the tool and the broker under test -------------------------------------------------
 features="--features nats"
@@ -124,7 +126,7 @@ bench() {
             esac ;;
     esac
     step "$broker $case: entrepot bench ${conn[*]/*@/***@} ${addr[*]} ${shape[*]} --size $size $*"
-    if "$bin" bench "${conn[@]}" "${addr[@]}" "${shape[@]}" --size "$size" --persistent \
+    if RUST_LOG="${RUST_LOG:-warn}" NO_COLOR=1 "$bin" bench "${conn[@]}" "${addr[@]}" "${shape[@]}" --size "$size" --persistent \
         --duration "$duration" --warmup "$warmup" --timeout "$run_timeout" --quiet \
         --json "$json" "$@" >"$out/$case-$broker.txt" 2>&1; then
         tail -1 "$out/$case-$broker.txt" >&2
@@ -255,7 +257,7 @@ row() { # row CASE BROKER → one table line
     echo "| case | broker | ack waits for fsync | msgs/s | MB/s | p99 accepted ms | p99 e2e ms | loss check | Entrepot/peer |"
     echo "|---|---|---|---:|---:|---:|---:|---|---:|"
     for c in $cases; do
-        for b in $brokers; do row "$c" "$b"; done
+        for b in entrepot rabbitmq-qq rabbitmq-classic nats; do row "$c" "$b"; done
     done
     echo
     echo "| physical limit | value |"
@@ -272,6 +274,6 @@ echo
 echo "msgs/s and MB/s: deliveries per second after a ${warmup}s warm-up over ${duration}s (fan-out: all"
 echo "subscribers together). Entrepot/peer: throughput ratio; for lat-half, the peer's p99"
 echo "produce->accepted over Entrepot's (above 1: Entrepot is faster). Client and broker share $(nproc) cores."
-case " $brokers " in *" nats "*) ;; *) echo "NATS JetStream: not in this run (NATS=0 or the driver did not build)." ;; esac
+[ -f "$out/p1k-1x1-nats.json" ] || echo "NATS JetStream: not measured (NATS=0 or the driver did not build)."
 for n in "${notes[@]}"; do echo "$n"; done
 echo "JSON per run and logs: $out"

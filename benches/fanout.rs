@@ -197,7 +197,6 @@ async fn connect(url: &str, id: &str) -> (Conn, Sess) {
 
 /// One case's clients: the producer and N attached durable subscribers.
 struct Fanout {
-    subscribers: usize,
     msgs: u64,
     producer: Option<Sender>,
     receivers: Vec<Receiver>,
@@ -232,7 +231,6 @@ async fn setup(url: &str, subscribers: usize, msgs: u64) -> Fanout {
         .expect("attach producer");
     connections.push((conn, session));
     Fanout {
-        subscribers,
         msgs,
         producer: Some(producer),
         receivers,
@@ -331,7 +329,9 @@ fn fanout(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(15))
         .warm_up_time(Duration::from_secs(2));
     for (subscribers, msgs) in CASES {
-        let mut f = bench.client_rt.block_on(setup(&bench.url, subscribers, msgs));
+        let mut f = bench
+            .client_rt
+            .block_on(setup(&bench.url, subscribers, msgs));
         group.throughput(Throughput::Elements(msgs * subscribers as u64));
         let mut allocs = Allocs::default();
         let mut published = 0u64;

@@ -93,6 +93,8 @@ pub struct BrokerConfig {
     pub topic_retention_secs: Option<u64>,
     /// Messages a subscription may hold; beyond it the oldest are dropped and counted.
     pub subscription_backlog_max: usize,
+    /// `drop-oldest` (default) or `block` (hold producers back by credit).
+    pub subscription_backlog_policy: crate::broker::topic::BacklogPolicy,
     /// Directory of AddressSpace/Address/MessagingUser/plan manifests; when set, only
     /// declared addresses exist and clients authenticate as MessagingUsers.
     pub manifests: Option<PathBuf>,
@@ -137,6 +139,7 @@ impl Default for BrokerConfig {
             topic_retention_bytes: 0,
             topic_retention_secs: None,
             subscription_backlog_max: DEFAULT_SUBSCRIPTION_BACKLOG,
+            subscription_backlog_policy: Default::default(),
             manifests: None,
             default_address_space: None,
             token_file: None,

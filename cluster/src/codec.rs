@@ -125,7 +125,12 @@ impl Decoder {
 
     /// A `count: u32` of items at least `item_min_bytes` long each: bounded by `max` and by
     /// what the remaining input could hold, so `Vec::with_capacity(count)` is safe.
-    pub(crate) fn count(&mut self, what: &'static str, max: usize, item_min_bytes: usize) -> Result<usize> {
+    pub(crate) fn count(
+        &mut self,
+        what: &'static str,
+        max: usize,
+        item_min_bytes: usize,
+    ) -> Result<usize> {
         let count = self.u32()? as usize;
         check_limit(what, count, max)?;
         if count.saturating_mul(item_min_bytes.max(1)) > self.buf.len() - self.pos {
@@ -182,10 +187,22 @@ mod tests {
         let mut e = Encoder::default();
         e.u32(u32::MAX); // a count no input could hold
         let mut d = Decoder::new(Bytes::from(e.buf.clone()), "test");
-        assert!(matches!(d.count("items", usize::MAX, 8), Err(ClusterError::Decode { .. })));
+        assert!(matches!(
+            d.count("items", usize::MAX, 8),
+            Err(ClusterError::Decode { .. })
+        ));
         let mut d = Decoder::new(Bytes::from(e.buf), "test");
-        assert!(matches!(d.bytes("body", 10), Err(ClusterError::LimitExceeded { .. })));
+        assert!(matches!(
+            d.bytes("body", 10),
+            Err(ClusterError::LimitExceeded { .. })
+        ));
         let mut d = Decoder::new(Bytes::from_static(&[1, 2]), "test");
-        assert!(matches!(d.u64(), Err(ClusterError::Decode { reason: "truncated", .. })));
+        assert!(matches!(
+            d.u64(),
+            Err(ClusterError::Decode {
+                reason: "truncated",
+                ..
+            })
+        ));
     }
 }

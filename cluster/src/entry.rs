@@ -120,7 +120,10 @@ fn encode_request(e: &mut Encoder, req: &Request) -> Result<()> {
                 e.bytes(m);
             }
         }
-        Request::Settle { address, message_ids } => {
+        Request::Settle {
+            address,
+            message_ids,
+        } => {
             check_limit("address", address.len(), MAX_ADDRESS_BYTES)?;
             check_limit("settle batch", message_ids.len(), MAX_SETTLE_IDS)?;
             e.u8(TAG_SETTLE);
@@ -128,7 +131,10 @@ fn encode_request(e: &mut Encoder, req: &Request) -> Result<()> {
             e.u32(message_ids.len() as u32);
             message_ids.iter().for_each(|id| e.u64(*id));
         }
-        Request::Cursor { subscription, floor } => {
+        Request::Cursor {
+            subscription,
+            floor,
+        } => {
             check_limit("subscription", subscription.len(), MAX_ADDRESS_BYTES)?;
             e.u8(TAG_CURSOR);
             e.str(subscription);
@@ -152,12 +158,18 @@ fn decode_request(d: &mut Decoder) -> Result<Request> {
             let address = d.str("address", MAX_ADDRESS_BYTES)?;
             let n = d.count("settle batch", MAX_SETTLE_IDS, 8)?;
             let message_ids = (0..n).map(|_| d.u64()).collect::<Result<_>>()?;
-            Ok(Request::Settle { address, message_ids })
+            Ok(Request::Settle {
+                address,
+                message_ids,
+            })
         }
         TAG_CURSOR => {
             let subscription = d.str("subscription", MAX_ADDRESS_BYTES)?;
             let floor = d.u64()?;
-            Ok(Request::Cursor { subscription, floor })
+            Ok(Request::Cursor {
+                subscription,
+                floor,
+            })
         }
         _ => Err(d.fail("unknown request tag")),
     }
@@ -219,19 +231,35 @@ mod tests {
 
     #[test]
     fn every_payload_kind_round_trips() {
-        round_trip(Entry { log_id: log_id(1, 0), payload: EntryPayload::Blank });
-        let messages = vec![Bytes::from_static(b"a"), Bytes::from(vec![7u8; 1024]), Bytes::new()];
+        round_trip(Entry {
+            log_id: log_id(1, 0),
+            payload: EntryPayload::Blank,
+        });
+        let messages = vec![
+            Bytes::from_static(b"a"),
+            Bytes::from(vec![7u8; 1024]),
+            Bytes::new(),
+        ];
         round_trip(Entry {
             log_id: log_id(3, 9),
-            payload: EntryPayload::Normal(Request::Produce { address: "q1".into(), messages }),
+            payload: EntryPayload::Normal(Request::Produce {
+                address: "q1".into(),
+                messages,
+            }),
         });
         round_trip(Entry {
             log_id: log_id(3, 10),
-            payload: EntryPayload::Normal(Request::Settle { address: "q1".into(), message_ids: vec![0, 5, 9] }),
+            payload: EntryPayload::Normal(Request::Settle {
+                address: "q1".into(),
+                message_ids: vec![0, 5, 9],
+            }),
         });
         round_trip(Entry {
             log_id: log_id(3, 11),
-            payload: EntryPayload::Normal(Request::Cursor { subscription: "c:l".into(), floor: 42 }),
+            payload: EntryPayload::Normal(Request::Cursor {
+                subscription: "c:l".into(),
+                floor: 42,
+            }),
         });
         let nodes = BTreeMap::from([
             (0, BasicNode::new("entrepot-0:5673")),
@@ -239,7 +267,10 @@ mod tests {
             (7, BasicNode::new("learner:5673")),
         ]);
         let m = Membership::new(vec![BTreeSet::from([0, 1]), BTreeSet::from([1])], nodes);
-        round_trip(Entry { log_id: log_id(4, 12), payload: EntryPayload::Membership(m) });
+        round_trip(Entry {
+            log_id: log_id(4, 12),
+            payload: EntryPayload::Membership(m),
+        });
     }
 
     #[test]
@@ -247,7 +278,10 @@ mod tests {
         let messages = vec![Bytes::from(vec![1u8; 1024]); 64];
         let entry = Entry {
             log_id: log_id(1, 1),
-            payload: EntryPayload::Normal(Request::Produce { address: "q".into(), messages }),
+            payload: EntryPayload::Normal(Request::Produce {
+                address: "q".into(),
+                messages,
+            }),
         };
         let len = encode_entry(&entry).unwrap().len();
         assert_eq!(len, ENTRY_HEADER_LEN + 1 + 2 + 1 + 4 + 64 * (4 + 1024));
@@ -255,7 +289,11 @@ mod tests {
 
     #[test]
     fn unknown_version_is_a_typed_error() {
-        let mut bytes = encode_entry(&Entry { log_id: log_id(1, 1), payload: EntryPayload::Blank }).unwrap();
+        let mut bytes = encode_entry(&Entry {
+            log_id: log_id(1, 1),
+            payload: EntryPayload::Blank,
+        })
+        .unwrap();
         bytes[0] = 9;
         assert!(matches!(
             decode_entry(Bytes::from(bytes)),
@@ -274,10 +312,16 @@ mod tests {
         };
         let bytes = encode_entry(&entry).unwrap();
         for cut in 0..bytes.len() {
-            assert!(decode_entry(Bytes::copy_from_slice(&bytes[..cut])).is_err(), "cut at {cut}");
+            assert!(
+                decode_entry(Bytes::copy_from_slice(&bytes[..cut])).is_err(),
+                "cut at {cut}"
+            );
         }
         let mut longer = bytes.clone();
         longer.push(0);
-        assert!(matches!(decode_entry(Bytes::from(longer)), Err(ClusterError::Decode { .. })));
+        assert!(matches!(
+            decode_entry(Bytes::from(longer)),
+            Err(ClusterError::Decode { .. })
+        ));
     }
 }

@@ -33,7 +33,11 @@ pub enum ClusterError {
     },
     /// A length or count read from disk or the wire is larger than its `MAX_*` bound.
     #[error("{what} of {len} exceeds the limit of {max}")]
-    LimitExceeded { what: &'static str, len: u64, max: u64 },
+    LimitExceeded {
+        what: &'static str,
+        len: u64,
+        max: u64,
+    },
     /// A file or encoded value with a format version this build does not know.
     #[error("{what} has format version {found}, this build reads version {supported}")]
     UnsupportedVersion {
@@ -49,7 +53,11 @@ pub enum ClusterError {
     AppendOutOfOrder { last: u64, got: u64 },
     /// A record read back does not carry the Raft index its offset implies.
     #[error("record at offset {offset} holds raft index {found}, expected {expected}")]
-    IndexMismatch { offset: u64, expected: u64, found: u64 },
+    IndexMismatch {
+        offset: u64,
+        expected: u64,
+        found: u64,
+    },
     /// A hostname, `--node-id` or `--peers` value that names no node.
     #[error("invalid {what} {value:?}: {reason}")]
     Identity {

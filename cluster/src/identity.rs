@@ -70,12 +70,17 @@ pub fn parse_peers(list: &str) -> Result<Vec<Peer>> {
 fn parse_peer(item: &str) -> Result<Peer> {
     let (id, addr) = match item.split_once('=') {
         Some((id, addr)) => {
-            let id = id.trim().parse().map_err(|_| invalid(item, "id before `=` is not a number"))?;
+            let id = id
+                .trim()
+                .parse()
+                .map_err(|_| invalid(item, "id before `=` is not a number"))?;
             (Some(id), addr.trim())
         }
         None => (None, item),
     };
-    let (host, port) = addr.rsplit_once(':').ok_or_else(|| invalid(item, "missing `:port`"))?;
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| invalid(item, "missing `:port`"))?;
     if host.is_empty() || port.parse::<u16>().is_err() {
         return Err(invalid(item, "expected host:port"));
     }
@@ -84,9 +89,13 @@ fn parse_peer(item: &str) -> Result<Peer> {
     }
     let id = match id {
         Some(id) => id,
-        None => node_id_from_hostname(host).ok_or_else(|| invalid(item, "host has no ordinal; write id=host:port"))?,
+        None => node_id_from_hostname(host)
+            .ok_or_else(|| invalid(item, "host has no ordinal; write id=host:port"))?,
     };
-    Ok(Peer { id, addr: addr.to_string() })
+    Ok(Peer {
+        id,
+        addr: addr.to_string(),
+    })
 }
 
 fn invalid(value: &str, reason: &'static str) -> ClusterError {
@@ -106,8 +115,19 @@ mod tests {
         assert_eq!(node_id_from_hostname("entrepot-2"), Some(2));
         assert_eq!(node_id_from_hostname("entrepot-0"), Some(0));
         assert_eq!(node_id_from_hostname("my-broker-set-17"), Some(17));
-        assert_eq!(node_id_from_hostname("entrepot-3.entrepot.default.svc.cluster.local"), Some(3));
-        for bad in ["entrepot", "entrepot-", "-4", "entrepot-x", "entrepot-+1", "", "host.entrepot-1"] {
+        assert_eq!(
+            node_id_from_hostname("entrepot-3.entrepot.default.svc.cluster.local"),
+            Some(3)
+        );
+        for bad in [
+            "entrepot",
+            "entrepot-",
+            "-4",
+            "entrepot-x",
+            "entrepot-+1",
+            "",
+            "host.entrepot-1",
+        ] {
             assert_eq!(node_id_from_hostname(bad), None, "{bad:?}");
         }
     }
@@ -116,18 +136,31 @@ mod tests {
     fn node_id_flag_overrides_the_hostname() {
         assert_eq!(resolve_node_id(Some(9), "entrepot-2").unwrap(), 9);
         assert_eq!(resolve_node_id(None, "entrepot-2").unwrap(), 2);
-        assert!(matches!(resolve_node_id(None, "laptop"), Err(ClusterError::Identity { .. })));
+        assert!(matches!(
+            resolve_node_id(None, "laptop"),
+            Err(ClusterError::Identity { .. })
+        ));
     }
 
     #[test]
     fn peers_parse_with_explicit_or_ordinal_ids() {
-        let peers = parse_peers("0=127.0.0.1:5680, entrepot-1.entrepot:5673 ,2=[::1]:5682,").unwrap();
+        let peers =
+            parse_peers("0=127.0.0.1:5680, entrepot-1.entrepot:5673 ,2=[::1]:5682,").unwrap();
         assert_eq!(
             peers,
             [
-                Peer { id: 0, addr: "127.0.0.1:5680".into() },
-                Peer { id: 1, addr: "entrepot-1.entrepot:5673".into() },
-                Peer { id: 2, addr: "[::1]:5682".into() },
+                Peer {
+                    id: 0,
+                    addr: "127.0.0.1:5680".into()
+                },
+                Peer {
+                    id: 1,
+                    addr: "entrepot-1.entrepot:5673".into()
+                },
+                Peer {
+                    id: 2,
+                    addr: "[::1]:5682".into()
+                },
             ]
         );
         assert!(parse_peers("").unwrap().is_empty());
@@ -135,8 +168,18 @@ mod tests {
 
     #[test]
     fn bad_peer_lists_are_rejected() {
-        for bad in ["0=a:1,0=b:2", "x=a:1", "a:1", "entrepot-1", "entrepot-1:port", "1=:5"] {
-            assert!(matches!(parse_peers(bad), Err(ClusterError::Identity { .. })), "{bad:?}");
+        for bad in [
+            "0=a:1,0=b:2",
+            "x=a:1",
+            "a:1",
+            "entrepot-1",
+            "entrepot-1:port",
+            "1=:5",
+        ] {
+            assert!(
+                matches!(parse_peers(bad), Err(ClusterError::Identity { .. })),
+                "{bad:?}"
+            );
         }
     }
 }

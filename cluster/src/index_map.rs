@@ -74,7 +74,11 @@ impl IndexMap {
     /// Forgets every record at or after `offset`.
     pub(crate) fn truncate(&mut self, offset: u64) {
         let _dropped = self.runs.split_off(&offset);
-        self.next_offset = if self.runs.is_empty() { 0 } else { offset.min(self.next_offset) };
+        self.next_offset = if self.runs.is_empty() {
+            0
+        } else {
+            offset.min(self.next_offset)
+        };
     }
 
     /// Forgets runs that end at or before `first_offset` (their segments were deleted).
@@ -119,7 +123,11 @@ mod tests {
         map.push(2, 4);
         assert_eq!(map.runs.len(), 2);
         assert_eq!(map.index_at(1), Some(3));
-        assert_eq!(map.offset_of(2), Some(1), "first index >= 2 is 3 at offset 1");
+        assert_eq!(
+            map.offset_of(2),
+            Some(1),
+            "first index >= 2 is 3 at offset 1"
+        );
         map.truncate(1);
         assert_eq!(map.offset_of(3), None);
         assert_eq!(map.index_at(0), Some(1));

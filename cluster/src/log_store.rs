@@ -36,9 +36,11 @@ use openraft::{RaftLogReader, StorageIOError, Vote};
 use tokio::sync::mpsc;
 
 use crate::entry::{decode_entry, decode_log_id, encode_entry};
-use crate::index_map::IndexMap;
 use crate::error::{raft_err, ClusterError, RaftStorageError, Result};
-use crate::state_file::{self, DurableState, COMMITTED_FILE, COMMITTED_MAGIC, STATE_FILE, STATE_MAGIC};
+use crate::index_map::IndexMap;
+use crate::state_file::{
+    self, DurableState, COMMITTED_FILE, COMMITTED_MAGIC, STATE_FILE, STATE_MAGIC,
+};
 use crate::types::{Entry, LogId, NodeId, TypeConfig};
 
 /// Record flags marking a Raft entry (the segment log gives callers the low 8 bits).
@@ -127,7 +129,9 @@ impl LogStore {
 
     fn truncate_since(&self, index: u64) -> Result<()> {
         let mut meta = self.shared.lock()?;
-        let Some(offset) = meta.map.offset_of(index) else { return Ok(()) };
+        let Some(offset) = meta.map.offset_of(index) else {
+            return Ok(());
+        };
         let log = &self.shared.log;
         if offset <= log.first_offset() {
             return empty_log(log, &mut meta);
@@ -145,7 +149,13 @@ impl LogStore {
         }
         let mut durable = meta.durable.clone();
         durable.purged = Some(log_id);
-        state_file::write(&self.shared.dir, STATE_FILE, STATE_MAGIC, &durable.encode(), true)?;
+        state_file::write(
+            &self.shared.dir,
+            STATE_FILE,
+            STATE_MAGIC,
+            &durable.encode(),
+            true,
+        )?;
         meta.durable = durable;
         let Some(last) = meta.last else { return Ok(()) };
         let log = &self.shared.log;
@@ -163,32 +173,50 @@ impl LogStore {
         let mut meta = self.shared.lock()?;
         let mut durable = meta.durable.clone();
         durable.vote = Some(*vote);
-        state_file::write(&self.shared.dir, STATE_FILE, STATE_MAGIC, &durable.encode(), true)?;
+        state_file::write(
+            &self.shared.dir,
+            STATE_FILE,
+            STATE_MAGIC,
+            &durable.encode(),
+            true,
+        )?;
         meta.durable = durable;
         Ok(())
     }
 
     /// The committed hint, if this node still holds exactly that entry (or purged it).
     fn committed_hint(&self) -> Result<Option<LogId>> {
-        let Some(body) = state_file::read(&self.shared.dir, COMMITTED_FILE, COMMITTED_MAGIC)? else {
+        let Some(body) = state_file::read(&self.shared.dir, COMMITTED_FILE, COMMITTED_MAGIC)?
+        else {
             return Ok(None);
         };
         let mut d = crate::codec::Decoder::new(body, "raft-committed file");
-        let Some(committed) = state_file::decode_opt_log_id(&mut d)? else { return Ok(None) };
+        let Some(committed) = state_file::decode_opt_log_id(&mut d)? else {
+            return Ok(None);
+        };
         d.finish()?;
         let meta = self.shared.lock()?;
-        if meta.durable.purged.is_some_and(|p| committed.index <= p.index) {
+        if meta
+            .durable
+            .purged
+            .is_some_and(|p| committed.index <= p.index)
+        {
             return Ok(Some(committed));
         }
         drop(meta);
         let held = self.shared.entries(committed.index..=committed.index)?;
-        Ok(held.first().filter(|e| e.log_id == committed).map(|e| e.log_id))
+        Ok(held
+            .first()
+            .filter(|e| e.log_id == committed)
+            .map(|e| e.log_id))
     }
 }
 
 impl Shared {
     fn lock(&self) -> Result<MutexGuard<'_, Meta>> {
-        self.meta.lock().map_err(|_| ClusterError::Storage(StorageError::Closed))
+        self.meta
+            .lock()
+            .map_err(|_| ClusterError::Storage(StorageError::Closed))
     }
 
     fn log_state(&self) -> Result<LogState<TypeConfig>> {
@@ -218,12 +246,16 @@ impl Shared {
             Bound::Excluded(&e) => e,
             Bound::Unbounded => u64::MAX,
         };
-        let Some(offset) = map.offset_of(start) else { return Ok(Vec::new()) };
+        let Some(offset) = map.offset_of(start) else {
+            return Ok(Vec::new());
+        };
         let mut reader = self.log.reader(offset.max(self.log.first_offset()));
         let mut out = Vec::new();
         loop {
             let offset = reader.offset();
-            let Some(expected) = map.index_at(offset) else { break };
+            let Some(expected) = map.index_at(offset) else {
+                break;
+            };
             if expected >= end {
                 break;
             }
@@ -252,7 +284,10 @@ fn read_map(log: &Log) -> Result<(IndexMap, Option<LogId>)> {
     let head = decode_log_id(log.read(first)?.payload)?;
     let tail = decode_log_id(log.read(next - 1)?.payload)?;
     if tail.index.checked_sub(head.index) == Some(next - 1 - first) {
-        return Ok((IndexMap::single_run(first, head.index, next - first), Some(tail)));
+        return Ok((
+            IndexMap::single_run(first, head.index, next - first),
+            Some(tail),
+        ));
     }
     let mut map = IndexMap::default();
     let mut last: Option<LogId> = None;
@@ -292,7 +327,9 @@ impl RaftLogReader<TypeConfig> for LogStoreReader {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, RaftStorageError> {
-        self.shared.entries(range).map_err(raft_err(StorageIOError::read_logs))
+        self.shared
+            .entries(range)
+            .map_err(raft_err(StorageIOError::read_logs))
     }
 }
 
@@ -301,7 +338,9 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, RaftStorageError> {
-        self.shared.entries(range).map_err(raft_err(StorageIOError::read_logs))
+        self.shared
+            .entries(range)
+            .map_err(raft_err(StorageIOError::read_logs))
     }
 }
 
@@ -309,7 +348,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStoreReader;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, RaftStorageError> {
-        self.shared.log_state().map_err(raft_err(StorageIOError::read_logs))
+        self.shared
+            .log_state()
+            .map_err(raft_err(StorageIOError::read_logs))
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -319,33 +360,50 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), RaftStorageError> {
-        self.save_vote_durably(vote).map_err(raft_err(StorageIOError::write_vote))
+        self.save_vote_durably(vote)
+            .map_err(raft_err(StorageIOError::write_vote))
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, RaftStorageError> {
-        let meta = self.shared.lock().map_err(raft_err(StorageIOError::read_vote))?;
+        let meta = self
+            .shared
+            .lock()
+            .map_err(raft_err(StorageIOError::read_vote))?;
         Ok(meta.durable.vote)
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), RaftStorageError> {
         let mut e = crate::codec::Encoder::default();
         state_file::encode_opt_log_id(&mut e, &committed);
-        state_file::write(&self.shared.dir, COMMITTED_FILE, COMMITTED_MAGIC, &e.buf, false)
-            .map_err(raft_err(StorageIOError::write))
+        state_file::write(
+            &self.shared.dir,
+            COMMITTED_FILE,
+            COMMITTED_MAGIC,
+            &e.buf,
+            false,
+        )
+        .map_err(raft_err(StorageIOError::write))
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, RaftStorageError> {
-        self.committed_hint().map_err(raft_err(StorageIOError::read))
+        self.committed_hint()
+            .map_err(raft_err(StorageIOError::read))
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), RaftStorageError>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), RaftStorageError>
     where
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
         let mut last = None;
         for entry in entries {
-            let durable = self.append_one(&entry).map_err(raft_err(StorageIOError::write_logs))?;
+            let durable = self
+                .append_one(&entry)
+                .map_err(raft_err(StorageIOError::write_logs))?;
             last = Some(durable);
         }
         let Some(durable) = last else {
@@ -364,11 +422,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), RaftStorageError> {
-        self.truncate_since(log_id.index).map_err(raft_err(StorageIOError::write_logs))
+        self.truncate_since(log_id.index)
+            .map_err(raft_err(StorageIOError::write_logs))
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), RaftStorageError> {
-        self.purge_upto(log_id).map_err(raft_err(StorageIOError::write_logs))
+        self.purge_upto(log_id)
+            .map_err(raft_err(StorageIOError::write_logs))
     }
 }
 
@@ -396,7 +456,10 @@ mod tests {
         let messages = vec![bytes::Bytes::from(vec![index as u8; 8 * 1024])];
         Entry {
             log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
-            payload: EntryPayload::Normal(crate::Request::Produce { address: "q".into(), messages }),
+            payload: EntryPayload::Normal(crate::Request::Produce {
+                address: "q".into(),
+                messages,
+            }),
         }
     }
 
@@ -418,19 +481,34 @@ mod tests {
         let mut store = LogStore::open(dir.path(), config()).unwrap();
         append(&mut store, (1..=30).map(|i| big(1, i)).collect()).await;
         store.save_vote(&Vote::new_committed(2, 1)).await.unwrap();
-        store.purge(LogId::new(CommittedLeaderId::new(1, 1), 20)).await.unwrap();
-        assert!(store.log().first_offset() > 0, "whole segments below the purge point went");
-        store.truncate(LogId::new(CommittedLeaderId::new(1, 1), 26)).await.unwrap();
+        store
+            .purge(LogId::new(CommittedLeaderId::new(1, 1), 20))
+            .await
+            .unwrap();
+        assert!(
+            store.log().first_offset() > 0,
+            "whole segments below the purge point went"
+        );
+        store
+            .truncate(LogId::new(CommittedLeaderId::new(1, 1), 26))
+            .await
+            .unwrap();
         drop(store);
 
         let mut store = LogStore::open(dir.path(), config()).unwrap();
-        assert_eq!(store.read_vote().await.unwrap(), Some(Vote::new_committed(2, 1)));
+        assert_eq!(
+            store.read_vote().await.unwrap(),
+            Some(Vote::new_committed(2, 1))
+        );
         assert_eq!(indexes(&mut store).await, (21..=25).collect::<Vec<_>>());
         let state = store.get_log_state().await.unwrap();
         assert_eq!(state.last_purged_log_id.map(|l| l.index), Some(20));
         assert_eq!(state.last_log_id.map(|l| l.index), Some(25));
         append(&mut store, vec![big(2, 26)]).await;
-        assert_eq!(store.try_get_log_entries(26..27).await.unwrap()[0], big(2, 26));
+        assert_eq!(
+            store.try_get_log_entries(26..27).await.unwrap()[0],
+            big(2, 26)
+        );
     }
 
     #[tokio::test]
@@ -438,7 +516,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut store = LogStore::open(dir.path(), config()).unwrap();
         append(&mut store, (0..5).map(|i| blank(1, i)).collect()).await;
-        store.purge(LogId::new(CommittedLeaderId::new(3, 1), 1000)).await.unwrap();
+        store
+            .purge(LogId::new(CommittedLeaderId::new(3, 1), 1000))
+            .await
+            .unwrap();
         assert!(indexes(&mut store).await.is_empty());
         append(&mut store, vec![blank(3, 1001), blank(3, 1002)]).await;
         drop(store);
@@ -446,7 +527,10 @@ mod tests {
         assert_eq!(indexes(&mut store).await, [1001, 1002]);
         assert!(matches!(
             store.append_one(&blank(3, 1002)),
-            Err(ClusterError::AppendOutOfOrder { last: 1002, got: 1002 })
+            Err(ClusterError::AppendOutOfOrder {
+                last: 1002,
+                got: 1002
+            })
         ));
     }
 
@@ -458,9 +542,16 @@ mod tests {
         let committed = LogId::new(CommittedLeaderId::new(1, 1), 3);
         store.save_committed(Some(committed)).await.unwrap();
         assert_eq!(store.read_committed().await.unwrap(), Some(committed));
-        store.truncate(LogId::new(CommittedLeaderId::new(1, 1), 3)).await.unwrap();
+        store
+            .truncate(LogId::new(CommittedLeaderId::new(1, 1), 3))
+            .await
+            .unwrap();
         append(&mut store, vec![blank(2, 3)]).await;
-        assert_eq!(store.read_committed().await.unwrap(), None, "index 3 now holds another entry");
+        assert_eq!(
+            store.read_committed().await.unwrap(),
+            None,
+            "index 3 now holds another entry"
+        );
     }
 
     #[tokio::test]

@@ -56,15 +56,29 @@ impl Model {
                     state.messages.insert(state.next_id, m.clone());
                     state.next_id += 1;
                 }
-                Response::Produced { first_id, count: messages.len() as u32 }
+                Response::Produced {
+                    first_id,
+                    count: messages.len() as u32,
+                }
             }
-            Request::Settle { address, message_ids } => {
+            Request::Settle {
+                address,
+                message_ids,
+            } => {
                 let removed = self.addresses.get_mut(address).map_or(0, |s| {
-                    message_ids.iter().filter(|id| s.messages.remove(id).is_some()).count()
+                    message_ids
+                        .iter()
+                        .filter(|id| s.messages.remove(id).is_some())
+                        .count()
                 });
-                Response::Settled { removed: removed as u32 }
+                Response::Settled {
+                    removed: removed as u32,
+                }
             }
-            Request::Cursor { subscription, floor } => {
+            Request::Cursor {
+                subscription,
+                floor,
+            } => {
                 let at = self.cursors.entry(subscription.clone()).or_default();
                 *at = (*at).max(*floor);
                 Response::CursorMoved { floor: *at }
@@ -89,20 +103,32 @@ impl Model {
     pub fn encode(&self) -> Result<Vec<u8>> {
         let mut e = Encoder::default();
         e.u8(SNAPSHOT_DATA_VERSION);
-        check_limit("snapshot addresses", self.addresses.len(), MAX_SNAPSHOT_ADDRESSES)?;
+        check_limit(
+            "snapshot addresses",
+            self.addresses.len(),
+            MAX_SNAPSHOT_ADDRESSES,
+        )?;
         e.u32(self.addresses.len() as u32);
         for (address, state) in &self.addresses {
             check_limit("address", address.len(), MAX_ADDRESS_BYTES)?;
             e.str(address);
             e.u64(state.next_id);
-            check_limit("snapshot messages", state.messages.len(), MAX_SNAPSHOT_MESSAGES)?;
+            check_limit(
+                "snapshot messages",
+                state.messages.len(),
+                MAX_SNAPSHOT_MESSAGES,
+            )?;
             e.u32(state.messages.len() as u32);
             for (id, body) in &state.messages {
                 e.u64(*id);
                 e.bytes(body);
             }
         }
-        check_limit("snapshot cursors", self.cursors.len(), MAX_SNAPSHOT_ADDRESSES)?;
+        check_limit(
+            "snapshot cursors",
+            self.cursors.len(),
+            MAX_SNAPSHOT_ADDRESSES,
+        )?;
         e.u32(self.cursors.len() as u32);
         for (name, floor) in &self.cursors {
             check_limit("subscription", name.len(), MAX_ADDRESS_BYTES)?;
@@ -127,11 +153,16 @@ impl Model {
         let n = d.count("snapshot addresses", MAX_SNAPSHOT_ADDRESSES, 14)?;
         for _ in 0..n {
             let address = d.str("address", MAX_ADDRESS_BYTES)?;
-            let mut state = AddressState { next_id: d.u64()?, ..Default::default() };
+            let mut state = AddressState {
+                next_id: d.u64()?,
+                ..Default::default()
+            };
             let m = d.count("snapshot messages", MAX_SNAPSHOT_MESSAGES, 12)?;
             for _ in 0..m {
                 let id = d.u64()?;
-                state.messages.insert(id, d.bytes("message", MAX_MESSAGE_BYTES)?);
+                state
+                    .messages
+                    .insert(id, d.bytes("message", MAX_MESSAGE_BYTES)?);
             }
             model.addresses.insert(address, state);
         }
@@ -159,14 +190,38 @@ mod tests {
     #[test]
     fn produce_settle_and_cursor_apply_deterministically() {
         let mut m = Model::default();
-        assert_eq!(m.apply(&produce("q", &[b"a", b"b", b"c"])), Response::Produced { first_id: 0, count: 3 });
-        assert_eq!(m.apply(&produce("q", &[b"d"])), Response::Produced { first_id: 3, count: 1 });
-        let settle = Request::Settle { address: "q".into(), message_ids: vec![1, 1, 9] };
+        assert_eq!(
+            m.apply(&produce("q", &[b"a", b"b", b"c"])),
+            Response::Produced {
+                first_id: 0,
+                count: 3
+            }
+        );
+        assert_eq!(
+            m.apply(&produce("q", &[b"d"])),
+            Response::Produced {
+                first_id: 3,
+                count: 1
+            }
+        );
+        let settle = Request::Settle {
+            address: "q".into(),
+            message_ids: vec![1, 1, 9],
+        };
         assert_eq!(m.apply(&settle), Response::Settled { removed: 1 });
         let ids: Vec<u64> = m.messages("q").iter().map(|(id, _)| *id).collect();
         assert_eq!(ids, [0, 2, 3]);
-        m.apply(&Request::Cursor { subscription: "s".into(), floor: 5 });
-        assert_eq!(m.apply(&Request::Cursor { subscription: "s".into(), floor: 2 }), Response::CursorMoved { floor: 5 });
+        m.apply(&Request::Cursor {
+            subscription: "s".into(),
+            floor: 5,
+        });
+        assert_eq!(
+            m.apply(&Request::Cursor {
+                subscription: "s".into(),
+                floor: 2
+            }),
+            Response::CursorMoved { floor: 5 }
+        );
     }
 
     #[test]
@@ -174,8 +229,14 @@ mod tests {
         let mut m = Model::default();
         m.apply(&produce("q1", &[b"x", b"yy"]));
         m.apply(&produce("q2", &[b"zzz"]));
-        m.apply(&Request::Settle { address: "q1".into(), message_ids: vec![0] });
-        m.apply(&Request::Cursor { subscription: "c:l".into(), floor: 7 });
+        m.apply(&Request::Settle {
+            address: "q1".into(),
+            message_ids: vec![0],
+        });
+        m.apply(&Request::Cursor {
+            subscription: "c:l".into(),
+            floor: 7,
+        });
         let data = m.encode().unwrap();
         assert_eq!(Model::decode(Bytes::from(data.clone())).unwrap(), m);
         for cut in 0..data.len() {

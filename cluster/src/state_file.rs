@@ -70,7 +70,10 @@ impl DurableState {
                 let term = d.u64()?;
                 let node = d.u64()?;
                 let committed = d.bool()?;
-                Some(Vote { leader_id: LeaderId::new(term, node), committed })
+                Some(Vote {
+                    leader_id: LeaderId::new(term, node),
+                    committed,
+                })
             }
         };
         let purged = decode_opt_log_id(&mut d)?;
@@ -98,7 +101,13 @@ pub(crate) fn decode_opt_log_id(d: &mut Decoder) -> Result<Option<LogId>> {
 
 /// Replaces `dir/name` with `body` in the envelope above. With `durable`, returns only
 /// after the new content and the rename are on stable storage.
-pub(crate) fn write(dir: &Path, name: &str, magic: &[u8; 8], body: &[u8], durable: bool) -> Result<()> {
+pub(crate) fn write(
+    dir: &Path,
+    name: &str,
+    magic: &[u8; 8],
+    body: &[u8],
+    durable: bool,
+) -> Result<()> {
     let path = dir.join(name);
     let tmp = dir.join(format!("{name}.tmp"));
     let mut buf = Vec::with_capacity(HEADER_LEN + body.len());
@@ -109,9 +118,11 @@ pub(crate) fn write(dir: &Path, name: &str, magic: &[u8; 8], body: &[u8], durabl
     buf.extend_from_slice(&(body.len() as u32).to_le_bytes());
     buf.extend_from_slice(body);
     let mut f = fs::File::create(&tmp).map_err(|e| ClusterError::io("creating", &tmp, e))?;
-    f.write_all(&buf).map_err(|e| ClusterError::io("writing", &tmp, e))?;
+    f.write_all(&buf)
+        .map_err(|e| ClusterError::io("writing", &tmp, e))?;
     if durable {
-        f.sync_all().map_err(|e| ClusterError::io("syncing", &tmp, e))?;
+        f.sync_all()
+            .map_err(|e| ClusterError::io("syncing", &tmp, e))?;
     }
     drop(f);
     fs::rename(&tmp, &path).map_err(|e| ClusterError::io("renaming", &path, e))?;
@@ -127,11 +138,20 @@ pub(crate) fn read(dir: &Path, name: &str, magic: &[u8; 8]) -> Result<Option<Byt
 }
 
 /// Like [`read`], for a file whose body may be up to `max` bytes (snapshots).
-pub(crate) fn read_bounded(dir: &Path, name: &str, magic: &[u8; 8], max: usize) -> Result<Option<Bytes>> {
+pub(crate) fn read_bounded(
+    dir: &Path,
+    name: &str,
+    magic: &[u8; 8],
+    max: usize,
+) -> Result<Option<Bytes>> {
     let path = dir.join(name);
     match fs::metadata(&path) {
         Ok(m) if m.len() > (HEADER_LEN + max) as u64 => {
-            return Err(ClusterError::LimitExceeded { what: "state file", len: m.len(), max: max as u64 })
+            return Err(ClusterError::LimitExceeded {
+                what: "state file",
+                len: m.len(),
+                max: max as u64,
+            })
         }
         _ => {}
     }
@@ -140,7 +160,10 @@ pub(crate) fn read_bounded(dir: &Path, name: &str, magic: &[u8; 8], max: usize) 
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(ClusterError::io("reading", &path, e)),
     };
-    let bad = |reason| ClusterError::BadFile { path: path.clone(), reason };
+    let bad = |reason| ClusterError::BadFile {
+        path: path.clone(),
+        reason,
+    };
     if raw.len() < HEADER_LEN || &raw[..8] != magic {
         return Err(bad("bad magic"));
     }
@@ -193,7 +216,10 @@ mod tests {
         fs::write(&path, &raw).unwrap();
         assert!(matches!(
             read(dir.path(), STATE_FILE, STATE_MAGIC),
-            Err(ClusterError::BadFile { reason: "checksum mismatch", .. })
+            Err(ClusterError::BadFile {
+                reason: "checksum mismatch",
+                ..
+            })
         ));
         raw[8] = 2;
         fs::write(&path, &raw).unwrap();

@@ -21,7 +21,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use openraft::storage::{RaftStateMachine, Snapshot};
-use openraft::{BasicNode, EntryPayload, RaftSnapshotBuilder, SnapshotMeta, StorageIOError, StoredMembership};
+use openraft::{
+    BasicNode, EntryPayload, RaftSnapshotBuilder, SnapshotMeta, StorageIOError, StoredMembership,
+};
 
 use crate::codec::{Decoder, Encoder};
 use crate::entry::{decode_membership, encode_membership};
@@ -64,7 +66,9 @@ impl StateMachineStore {
         let dir = dir.as_ref().to_path_buf();
         std::fs::create_dir_all(&dir).map_err(|e| ClusterError::io("creating", &dir, e))?;
         let mut state = State::default();
-        if let Some(body) = state_file::read_bounded(&dir, SNAPSHOT_FILE, SNAPSHOT_MAGIC, MAX_SNAPSHOT_BYTES)? {
+        if let Some(body) =
+            state_file::read_bounded(&dir, SNAPSHOT_FILE, SNAPSHOT_MAGIC, MAX_SNAPSHOT_BYTES)?
+        {
             let snap = decode_snapshot_file(body)?;
             state.model = Model::decode(Bytes::from(snap.data.clone()))?;
             state.last_applied = snap.meta.last_log_id;
@@ -116,7 +120,10 @@ impl StateMachineStore {
         let data = state.model.encode()?;
         let last = state.last_applied;
         let snapshot_id = match last {
-            Some(l) => format!("{}-{}-{}-{}", l.leader_id.term, l.leader_id.node_id, l.index, state.built),
+            Some(l) => format!(
+                "{}-{}-{}-{}",
+                l.leader_id.term, l.leader_id.node_id, l.index, state.built
+            ),
             None => format!("none-{}", state.built),
         };
         let meta = SnapshotMeta {
@@ -135,7 +142,10 @@ impl StateMachineStore {
 
     fn install(&self, meta: &SnapshotMeta<NodeId, BasicNode>, data: Vec<u8>) -> Result<()> {
         let model = Model::decode(Bytes::from(data.clone()))?;
-        let snap = StoredSnapshot { meta: meta.clone(), data };
+        let snap = StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        };
         self.persist(&snap)?;
         let mut state = self.lock()?;
         state.model = model;
@@ -157,7 +167,11 @@ fn encode_snapshot_file(snap: &StoredSnapshot) -> Result<Vec<u8>> {
     encode_opt_log_id(&mut e, &snap.meta.last_log_id);
     encode_opt_log_id(&mut e, snap.meta.last_membership.log_id());
     encode_membership(&mut e, snap.meta.last_membership.membership())?;
-    crate::codec::check_limit("snapshot id", snap.meta.snapshot_id.len(), MAX_ADDRESS_BYTES)?;
+    crate::codec::check_limit(
+        "snapshot id",
+        snap.meta.snapshot_id.len(),
+        MAX_ADDRESS_BYTES,
+    )?;
     e.str(&snap.meta.snapshot_id);
     e.bytes(&snap.data);
     Ok(e.buf)
@@ -181,7 +195,8 @@ fn decode_snapshot_file(body: Bytes) -> Result<StoredSnapshot> {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, RaftStorageError> {
-        self.build().map_err(raft_err(StorageIOError::write_state_machine))
+        self.build()
+            .map_err(raft_err(StorageIOError::write_state_machine))
     }
 }
 
@@ -191,7 +206,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn applied_state(
         &mut self,
     ) -> Result<(Option<LogId>, StoredMembership<NodeId, BasicNode>), RaftStorageError> {
-        let state = self.lock().map_err(raft_err(StorageIOError::read_state_machine))?;
+        let state = self
+            .lock()
+            .map_err(raft_err(StorageIOError::read_state_machine))?;
         Ok((state.last_applied, state.membership.clone()))
     }
 
@@ -221,8 +238,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             .map_err(raft_err(StorageIOError::write_state_machine))
     }
 
-    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, RaftStorageError> {
-        let state = self.lock().map_err(raft_err(StorageIOError::read_state_machine))?;
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TypeConfig>>, RaftStorageError> {
+        let state = self
+            .lock()
+            .map_err(raft_err(StorageIOError::read_state_machine))?;
         Ok(state.current.clone().map(|s| Snapshot {
             meta: s.meta,
             snapshot: Box::new(Cursor::new(s.data)),

@@ -52,10 +52,16 @@ pub type LogId = openraft::LogId<NodeId>;
 pub enum Request {
     /// Messages for one address, in the order the producers' transfers arrived. They get
     /// consecutive message ids when applied.
-    Produce { address: String, messages: Vec<Bytes> },
+    Produce {
+        address: String,
+        messages: Vec<Bytes>,
+    },
     /// Messages settled for good by a consumer outcome (`accepted`, or moved to the
     /// dead-letter address): they will never be delivered again.
-    Settle { address: String, message_ids: Vec<u64> },
+    Settle {
+        address: String,
+        message_ids: Vec<u64>,
+    },
     /// A subscription consumed everything below `floor`.
     Cursor { subscription: String, floor: u64 },
 }

@@ -3,6 +3,9 @@
 //! `LogStore` + `StateMachineStore` in a fresh temporary directory per case, with small
 //! segments so purges and truncations cross segment boundaries.
 
+// openraft's error types are large; these signatures are openraft's, not ours.
+#![allow(clippy::result_large_err)]
+
 use entrepot_cluster::{LogStore, RaftStorageError, StateMachineStore, TypeConfig};
 use entrepot_storage::{LogConfig, SyncPolicy};
 use openraft::testing::{StoreBuilder, Suite};
@@ -13,7 +16,9 @@ struct TempStores {
 }
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for TempStores {
-    async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), RaftStorageError> {
+    async fn build(
+        &self,
+    ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), RaftStorageError> {
         let io = |e: &dyn std::error::Error| -> RaftStorageError {
             StorageIOError::write(AnyError::error(e.to_string())).into()
         };
@@ -31,7 +36,13 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> fo
 }
 
 #[test]
-fn openraft_storage_suite_passes_with_fsync_on_every_group_commit() -> Result<(), RaftStorageError> {
-    let _ = tracing_subscriber::fmt().with_max_level(tracing::Level::INFO).with_test_writer().try_init();
-    Suite::test_all(TempStores { sync: SyncPolicy::Always })
+fn openraft_storage_suite_passes_with_fsync_on_every_group_commit() -> Result<(), RaftStorageError>
+{
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_test_writer()
+        .try_init();
+    Suite::test_all(TempStores {
+        sync: SyncPolicy::Always,
+    })
 }

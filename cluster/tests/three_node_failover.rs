@@ -5,6 +5,9 @@
 //! the target node's `Raft` directly. The leader is "killed" by removing it from the router
 //! and shutting it down; waits are bounded by timeouts, never asserted on wall-clock time.
 
+// openraft's error types are large; these signatures are openraft's, not ours.
+#![allow(clippy::result_large_err)]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,8 +18,8 @@ use entrepot_storage::LogConfig;
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
 use openraft::{AnyError, BasicNode, Config, Raft};
 
@@ -36,18 +39,26 @@ struct Connection {
 impl Connection {
     fn raft<E: std::error::Error>(&self) -> RpcResult<Raft<TypeConfig>, E> {
         let nodes = self.router.nodes.lock().map_err(|_| down(self.target))?;
-        nodes.get(&self.target).cloned().ok_or_else(|| down(self.target))
+        nodes
+            .get(&self.target)
+            .cloned()
+            .ok_or_else(|| down(self.target))
     }
 }
 
 fn down<E: std::error::Error>(target: NodeId) -> RPCError<NodeId, BasicNode, E> {
-    RPCError::Network(NetworkError::new(&AnyError::error(format!("node {target} is down"))))
+    RPCError::Network(NetworkError::new(&AnyError::error(format!(
+        "node {target} is down"
+    ))))
 }
 
 impl RaftNetworkFactory<TypeConfig> for Router {
     type Network = Connection;
     async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> Connection {
-        Connection { target, router: self.clone() }
+        Connection {
+            target,
+            router: self.clone(),
+        }
     }
 }
 
@@ -58,7 +69,9 @@ impl RaftNetwork<TypeConfig> for Connection {
         _option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
         let raft = self.raft()?;
-        raft.append_entries(rpc).await.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+        raft.append_entries(rpc)
+            .await
+            .map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 
     async fn install_snapshot(
@@ -67,12 +80,20 @@ impl RaftNetwork<TypeConfig> for Connection {
         _option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> {
         let raft = self.raft()?;
-        raft.install_snapshot(rpc).await.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+        raft.install_snapshot(rpc)
+            .await
+            .map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 
-    async fn vote(&mut self, rpc: VoteRequest<NodeId>, _option: RPCOption) -> RpcResult<VoteResponse<NodeId>> {
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        _option: RPCOption,
+    ) -> RpcResult<VoteResponse<NodeId>> {
         let raft = self.raft()?;
-        raft.vote(rpc).await.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+        raft.vote(rpc)
+            .await
+            .map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
 
@@ -84,12 +105,22 @@ struct Node {
 
 async fn start_node(id: NodeId, router: &Router, config: Arc<Config>) -> Node {
     let dir = tempfile::tempdir().unwrap();
-    let log_config = LogConfig { segment_bytes: 1 << 20, record_bytes_max: 512 << 10, ..LogConfig::default() };
+    let log_config = LogConfig {
+        segment_bytes: 1 << 20,
+        record_bytes_max: 512 << 10,
+        ..LogConfig::default()
+    };
     let log = LogStore::open(dir.path(), log_config).unwrap();
     let sm = StateMachineStore::open(dir.path().join("sm")).unwrap();
-    let raft = Raft::new(id, config, router.clone(), log, sm.clone()).await.unwrap();
+    let raft = Raft::new(id, config, router.clone(), log, sm.clone())
+        .await
+        .unwrap();
     router.nodes.lock().unwrap().insert(id, raft.clone());
-    Node { raft, sm, _dir: dir }
+    Node {
+        raft,
+        sm,
+        _dir: dir,
+    }
 }
 
 async fn wait_for_leader(nodes: &BTreeMap<NodeId, Node>, not: Option<NodeId>) -> NodeId {
@@ -97,7 +128,10 @@ async fn wait_for_leader(nodes: &BTreeMap<NodeId, Node>, not: Option<NodeId>) ->
     let metrics = any
         .raft
         .wait(Some(Duration::from_secs(10)))
-        .metrics(|m| m.current_leader.is_some() && m.current_leader != not, "a leader")
+        .metrics(
+            |m| m.current_leader.is_some() && m.current_leader != not,
+            "a leader",
+        )
         .await
         .unwrap();
     metrics.current_leader.unwrap()
@@ -107,8 +141,13 @@ async fn wait_for_leader(nodes: &BTreeMap<NodeId, Node>, not: Option<NodeId>) ->
 async fn produce(leader: &Raft<TypeConfig>, first_batch: u32, batches: u32) -> Vec<Bytes> {
     let mut acked = Vec::new();
     for b in first_batch..first_batch + batches {
-        let messages: Vec<Bytes> = (0..16).map(|m| Bytes::from(format!("batch {b} message {m}"))).collect();
-        let request = Request::Produce { address: "orders".into(), messages: messages.clone() };
+        let messages: Vec<Bytes> = (0..16)
+            .map(|m| Bytes::from(format!("batch {b} message {m}")))
+            .collect();
+        let request = Request::Produce {
+            address: "orders".into(),
+            messages: messages.clone(),
+        };
         let reply = leader.client_write(request).await.unwrap();
         assert!(matches!(reply.data, Response::Produced { count: 16, .. }));
         acked.extend(messages);
@@ -130,8 +169,9 @@ async fn a_new_leader_takes_over_and_no_acknowledged_message_is_lost() {
     for id in 0..3 {
         nodes.insert(id, start_node(id, &router, Arc::clone(&config)).await);
     }
-    let members: BTreeMap<NodeId, BasicNode> =
-        (0..3).map(|id| (id, BasicNode::new(format!("127.0.0.1:{}", 5680 + id)))).collect();
+    let members: BTreeMap<NodeId, BasicNode> = (0..3)
+        .map(|id| (id, BasicNode::new(format!("127.0.0.1:{}", 5680 + id))))
+        .collect();
     nodes[&0].raft.initialize(members).await.unwrap();
 
     let leader = wait_for_leader(&nodes, None).await;
@@ -153,10 +193,25 @@ async fn a_new_leader_takes_over_and_no_acknowledged_message_is_lost() {
             .applied_index_at_least(last, "all applied")
             .await
             .unwrap();
-        let stored: BTreeSet<Bytes> = node.sm.model().unwrap().messages("orders").into_iter().map(|(_, m)| m).collect();
+        let stored: BTreeSet<Bytes> = node
+            .sm
+            .model()
+            .unwrap()
+            .messages("orders")
+            .into_iter()
+            .map(|(_, m)| m)
+            .collect();
         let missing: Vec<_> = acked.iter().filter(|m| !stored.contains(*m)).collect();
-        assert!(missing.is_empty(), "node {id} lost {} acknowledged messages", missing.len());
-        assert_eq!(stored.len(), acked.len(), "node {id} holds exactly the acknowledged messages");
+        assert!(
+            missing.is_empty(),
+            "node {id} lost {} acknowledged messages",
+            missing.len()
+        );
+        assert_eq!(
+            stored.len(),
+            acked.len(),
+            "node {id} holds exactly the acknowledged messages"
+        );
     }
     for node in nodes.values() {
         node.raft.shutdown().await.unwrap();

@@ -146,7 +146,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(path) = &ctx.workload.args.json {
         summary.write_json(path)?;
     }
-    if summary.loss.missing > 0 || timed_out || !summary.errors.is_empty() {
+    let failed = summary.loss.missing > 0 || summary.accepted == 0;
+    if failed || timed_out || !summary.errors.is_empty() {
         bail!("{}", summary.verdict_line());
     }
     Ok(())

@@ -2,7 +2,7 @@
 //! in `benches/compare.sh` come from the same tool, stamps and histograms as the AMQP ones.
 //!
 //! Producers publish to the subject `<address>.<run id>` of the stream `--nats-stream`
-//! (created with subjects `<address>.>` and file storage when missing) and keep
+//! (created with subjects `<first token of address>.>` and file storage when missing) and keep
 //! `--window` publish acks in flight; a message counts as accepted when JetStream acks it.
 //! Each receiver group is one durable pull consumer filtered on that subject (competing
 //! consumers share it; fan-out subscribers get one each), acking every message explicitly. The consumers are deleted at the end.
@@ -25,6 +25,12 @@ use super::{Ctx, Schedule};
 
 /// Size limit of the stream when the driver creates it (as `peers/nats_probe.py setup` does).
 const STREAM_BYTES_MAX: i64 = 4 << 30;
+
+/// The stream covers `<first token of the address>.>` (`bench.>` for `bench.p1k`), so runs
+/// with different addresses share one stream.
+fn stream_prefix(address: &str) -> &str {
+    address.split('.').next().unwrap_or(address)
+}
 
 fn subject(ctx: &Ctx) -> String {
     format!("{}.{}", ctx.workload.args.address, ctx.run_id)
@@ -65,7 +71,9 @@ async fn produce_inner(
     'run: {
         while let Some((seq, scheduled)) = schedule.next(&ctx.stop_sending).await {
             while inflight.len() >= args.window {
-                let Some((seq, t, ack)) = inflight.pop_front() else { break };
+                let Some((seq, t, ack)) = inflight.pop_front() else {
+                    break;
+                };
                 tokio::select! {
                     r = ack => settle(ctx, stats, seq, t, r),
                     _ = abort.wait_for(|a| *a) => break 'run,
@@ -149,7 +157,7 @@ async fn consume_inner(
     let stream = js
         .get_or_create_stream(jetstream::stream::Config {
             name: args.nats_stream.clone(),
-            subjects: vec![format!("{}.>", args.address)],
+            subjects: vec![format!("{}.>", stream_prefix(&args.address))],
             storage: jetstream::stream::StorageType::File,
             max_bytes: STREAM_BYTES_MAX,
             ..Default::default()

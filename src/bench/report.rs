@@ -151,7 +151,7 @@ pub struct Loss {
     pub expected_per_group: u64,
     pub missing: u64,
     pub duplicates: u64,
-    /// `exactly-once`, `at-least-once` or `missing`.
+    /// `exactly-once`, `at-least-once`, `missing` or `nothing-accepted`.
     pub verdict: &'static str,
     pub first_missing: Vec<(u32, u64)>,
 }
@@ -260,6 +260,7 @@ impl Summary {
                 "all {} messages received{who}: at least once ({} duplicates)",
                 l.expected_per_group, l.duplicates
             ),
+            "nothing-accepted" => "FAILED: the broker accepted no message".to_owned(),
             _ => format!(
                 "MISSING: {} of {} accepted messages not received{who} (first as (producer, seq): {:?})",
                 l.missing,
@@ -346,6 +347,7 @@ fn loss(ctx: &Ctx, sent: &[u64], refused: &[Vec<u64>], accepted: u64, d: Deliver
         }
     }
     let verdict = match (missing, duplicates) {
+        _ if accepted == 0 => "nothing-accepted",
         (0, 0) => "exactly-once",
         (0, _) => "at-least-once",
         _ => "missing",

@@ -202,9 +202,10 @@ impl Tracker {
         let mut count = 0;
         let mut examples = Vec::new();
         for (p, &n) in sent.iter().enumerate() {
-            let refused = refused.get(p).map(Vec::as_slice).unwrap_or_default();
+            let mut refused = refused.get(p).cloned().unwrap_or_default();
+            refused.sort_unstable();
             for seq in 0..n {
-                if !self.has(p as u32, seq) && !refused.contains(&seq) {
+                if !self.has(p as u32, seq) && refused.binary_search(&seq).is_err() {
                     count += 1;
                     if examples.len() < 5 {
                         examples.push((p as u32, seq));

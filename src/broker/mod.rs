@@ -80,6 +80,14 @@ impl Address {
         }
     }
 
+    /// True while producers to this address must get no new credit.
+    pub fn is_blocked(&self) -> bool {
+        match self {
+            Address::Queue(_) => false,
+            Address::Topic(t) => t.is_blocked(),
+        }
+    }
+
     /// Hands a durable message to the queue, or fans it out on the topic.
     pub fn accept(&self, broker: &Broker, msg: QueuedMessage, stored_at_ms: i64) {
         match self {
@@ -213,7 +221,12 @@ impl Broker {
         let backlog = self.config.subscription_backlog_max;
         Arc::clone(topics.entry(name.to_owned()).or_insert_with(|| {
             tracing::debug!(topic = name, "topic created");
-            Arc::new(Topic::new(name.to_owned(), retention, backlog))
+            Arc::new(Topic::new(
+                name.to_owned(),
+                retention,
+                backlog,
+                self.config.subscription_backlog_policy,
+            ))
         }))
     }
 
@@ -373,20 +386,32 @@ fn check_name(name: &str) -> Result<(), AddressError> {
 /// Builds the in-memory entry of a stored message: reads ttl and absolute-expiry-time
 /// once, at enqueue, and the producer's delivery-count.
 pub fn queued(offset: u64, message: bytes::Bytes, stored_at_ms: i64) -> QueuedMessage {
+    match MessageView::parse(message.clone()) {
+        Ok(view) => queued_view(offset, &view, stored_at_ms),
+        Err(_) => QueuedMessage {
+            offset,
+            message,
+            delivery_count: 0,
+            expires_at_ms: None,
+            excluded: None,
+        },
+    }
+}
+
+/// Like [`queued`] for a message already parsed.
+pub fn queued_view(offset: u64, view: &MessageView, stored_at_ms: i64) -> QueuedMessage {
     let (mut delivery_count, mut expires_at_ms) = (0, None);
-    if let Ok(view) = MessageView::parse(message.clone()) {
-        if let Ok(Some(h)) = view.header() {
-            delivery_count = h.delivery_count;
-            expires_at_ms = h.ttl.map(|ttl| stored_at_ms + i64::from(ttl));
-        }
-        if let Ok(Some(t)) = view.absolute_expiry_time() {
-            let t = t.milliseconds();
-            expires_at_ms = Some(expires_at_ms.map_or(t, |e| e.min(t)));
-        }
+    if let Ok(Some(h)) = view.header() {
+        delivery_count = h.delivery_count;
+        expires_at_ms = h.ttl.map(|ttl| stored_at_ms + i64::from(ttl));
+    }
+    if let Ok(Some(t)) = view.absolute_expiry_time() {
+        let t = t.milliseconds();
+        expires_at_ms = Some(expires_at_ms.map_or(t, |e| e.min(t)));
     }
     QueuedMessage {
         offset,
-        message,
+        message: view.bytes().clone(),
         delivery_count,
         expires_at_ms,
         excluded: None,

@@ -41,6 +41,18 @@ pub enum StartAt {
     Timestamp(i64),
 }
 
+/// What happens when a subscription's backlog reaches its limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BacklogPolicy {
+    /// Drop the oldest messages of that subscription and count them
+    /// (`entrepot_subscription_dropped_total`).
+    #[default]
+    DropOldest,
+    /// Stop granting credit to the topic's producers until the backlog is below the limit.
+    Block,
+}
+
 /// How long and how much a topic keeps after every subscription consumed it, for replay.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TopicRetention {
@@ -89,16 +101,23 @@ pub struct Topic {
     name: String,
     retention: TopicRetention,
     backlog_max: usize,
+    backlog_policy: BacklogPolicy,
     state: Mutex<TopicState>,
     pub stats: TopicStats,
 }
 
 impl Topic {
-    pub fn new(name: String, retention: TopicRetention, backlog_max: usize) -> Topic {
+    pub fn new(
+        name: String,
+        retention: TopicRetention,
+        backlog_max: usize,
+        backlog_policy: BacklogPolicy,
+    ) -> Topic {
         Topic {
             name,
             retention,
             backlog_max,
+            backlog_policy,
             state: Mutex::new(TopicState::default()),
             stats: TopicStats::default(),
         }
@@ -231,7 +250,9 @@ impl Topic {
         drop(s);
         for sub in targets {
             sub.queue.enqueue(broker, msg.clone());
-            if sub.queue.depth().0 > self.backlog_max {
+            if self.backlog_policy == BacklogPolicy::DropOldest
+                && sub.queue.depth().0 > self.backlog_max
+            {
                 let n = sub.queue.drop_oldest_beyond(broker, self.backlog_max);
                 tracing::warn!(topic = %self.name, subscription = %sub.id, dropped = n, "subscription backlog over its limit, dropped oldest");
             }
@@ -242,6 +263,16 @@ impl Topic {
         for offset in trimmed {
             ack_default(broker, offset);
         }
+    }
+
+    /// True while producers must be held back: the policy is `block` and a subscription's
+    /// backlog is at its limit.
+    pub fn is_blocked(&self) -> bool {
+        self.backlog_policy == BacklogPolicy::Block
+            && self.lock().subscriptions.iter().any(|s| {
+                let (ready, unsettled) = s.queue.depth();
+                ready + unsettled >= self.backlog_max
+            })
     }
 
     /// Re-adds a stored, not fully consumed message after a restart.

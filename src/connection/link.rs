@@ -10,7 +10,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use fe2o3_amqp_types::definitions::{
     AmqpError, Error as AmqpErrorBody, ErrorCondition, LinkError, ReceiverSettleMode, Role,
     SenderSettleMode, SessionError,
@@ -40,6 +40,8 @@ pub(super) struct ProducerLink {
     pub target: Address,
     pub credit: u32,
     pub delivery_count: u32,
+    /// Credit is being withheld because the target is blocked (a subscription's backlog).
+    pub withheld: bool,
     partial: Option<Partial>,
 }
 
@@ -50,11 +52,14 @@ pub(super) struct ConsumerLink {
     pub subscription: Option<SubscriptionRef>,
 }
 
-/// A delivery arriving in several frames.
+/// A delivery arriving in several frames: the frames' payloads, kept as the zero-copy
+/// slices of the read buffer they arrived in, so the message is never assembled in a
+/// second heap buffer — the store copies the pieces straight into the log.
 struct Partial {
     delivery_id: Option<u32>,
     settled: bool,
-    buf: BytesMut,
+    chunks: Vec<Bytes>,
+    len: u64,
 }
 
 fn address_error(e: AddressError) -> (ErrorCondition, String) {
@@ -153,6 +158,7 @@ impl Session {
                 target,
                 credit,
                 delivery_count,
+                withheld: false,
                 partial: None,
             }),
         );
@@ -166,9 +172,22 @@ impl Session {
             // qpid-jms unsubscribes by attaching to the subscription's name with no
             // address, then closing the link.
             let id = format!("{}:{}", conn.container_id, attach.name);
-            if let Some((topic, sub)) = conn.broker.find_durable(&id).or_else(|| conn.broker.find_durable(&attach.name)) {
-                let holder = subscribe::SubscriptionRef { topic, id: sub.id.clone(), durable: true };
-                return self.finish_consumer_attach(conn, attach, Arc::clone(&sub.queue), Some(holder));
+            if let Some((topic, sub)) = conn
+                .broker
+                .find_durable(&id)
+                .or_else(|| conn.broker.find_durable(&attach.name))
+            {
+                let holder = subscribe::SubscriptionRef {
+                    topic,
+                    id: sub.id.clone(),
+                    durable: true,
+                };
+                return self.finish_consumer_attach(
+                    conn,
+                    attach,
+                    Arc::clone(&sub.queue),
+                    Some(holder),
+                );
             }
             return self.refuse(
                 conn,
@@ -397,17 +416,19 @@ impl Session {
                         "transfer without link credit".into(),
                     );
                 }
-                let mut buf = BytesMut::with_capacity(payload.len() * 4);
-                buf.extend_from_slice(&payload);
                 link.partial = Some(Partial {
                     delivery_id: t.delivery_id,
                     settled,
-                    buf,
+                    len: payload.len() as u64,
+                    chunks: vec![payload],
                 });
                 return self.check_size(conn, handle, max);
             }
             (Some(p), more) => {
-                p.buf.extend_from_slice(&payload);
+                p.len += payload.len() as u64;
+                if !payload.is_empty() {
+                    p.chunks.push(payload);
+                }
                 p.settled |= settled;
                 if more {
                     return self.check_size(conn, handle, max);
@@ -415,13 +436,44 @@ impl Session {
                 match link.partial.take() {
                     Some(p) => {
                         let id = p.delivery_id.or(t.delivery_id);
-                        return self.receive(conn, handle, id, p.settled, p.buf.freeze());
+                        return self.receive(conn, handle, id, p.settled, &p.chunks);
                     }
                     None => return Ok(()),
                 }
             }
         };
-        self.receive(conn, handle, t.delivery_id, settled, message)
+        self.receive(
+            conn,
+            handle,
+            t.delivery_id,
+            settled,
+            std::slice::from_ref(&message),
+        )
+    }
+
+    /// Grants credit again to producer links whose target is no longer blocked; returns
+    /// whether any link is still held back.
+    pub(super) fn release_withheld(&mut self, conn: &mut Connection) -> Result<bool, ConnError> {
+        let credit = conn.broker.config().link_credit;
+        let mut grants = Vec::new();
+        let mut still = false;
+        for (&handle, link) in self.links.iter_mut() {
+            let Link::Producer(p) = link else { continue };
+            if !p.withheld {
+                continue;
+            }
+            if p.target.is_blocked() {
+                still = true;
+                continue;
+            }
+            p.withheld = false;
+            p.credit = credit;
+            grants.push((handle, p.delivery_count));
+        }
+        for (handle, dc) in grants {
+            self.send_flow(conn, Some((handle, dc, Some(credit), false)))?;
+        }
+        Ok(still)
     }
 
     fn check_size(
@@ -433,7 +485,7 @@ impl Session {
         let size = match self.links.get(&handle) {
             Some(Link::Producer(ProducerLink {
                 partial: Some(p), ..
-            })) => p.buf.len() as u64,
+            })) => p.len,
             _ => 0,
         };
         if size > max {
@@ -455,9 +507,10 @@ impl Session {
         handle: u32,
         delivery_id: Option<u32>,
         settled: bool,
-        message: Bytes,
+        chunks: &[Bytes],
     ) -> Result<(), ConnError> {
         let max = conn.broker.config().max_message_bytes;
+        let size: u64 = chunks.iter().map(|c| c.len() as u64).sum();
         let credit_refill = conn.broker.config().link_credit;
         let Some(Link::Producer(link)) = self.links.get_mut(&handle) else {
             return Ok(());
@@ -473,14 +526,19 @@ impl Session {
         link.credit -= 1;
         link.delivery_count = link.delivery_count.wrapping_add(1);
         let target = link.target.clone();
-        let refill = (link.credit < credit_refill / 2).then(|| {
+        let blocked = link.target.is_blocked();
+        link.withheld = blocked;
+        let refill = (link.credit < credit_refill / 2 && !blocked).then(|| {
             link.credit = credit_refill;
             (link.delivery_count, credit_refill)
         });
+        if blocked {
+            conn.withheld_links = true;
+        }
         if let Some((dc, credit)) = refill {
             self.send_flow(conn, Some((handle, dc, Some(credit), false)))?;
         }
-        if message.len() as u64 > max {
+        if size > max {
             return self.detach_with_error(
                 conn,
                 handle,
@@ -488,16 +546,8 @@ impl Session {
                 format!("message exceeds max-message-size of {max} bytes"),
             );
         }
-        if let Err(e) = MessageView::parse(message.clone()) {
-            return self.reject(
-                conn,
-                delivery_id,
-                settled,
-                AmqpError::DecodeError.into(),
-                format!("malformed message: {e}"),
-            );
-        }
-        let stored = conn.broker.store().append(target.name(), &[&message]);
+        let parts: Vec<&[u8]> = chunks.iter().map(|c| &c[..]).collect();
+        let stored = conn.broker.store().append(target.name(), &parts);
         let (appended, offset, ts, view) = match stored {
             Ok(s) => s,
             Err(e) => {
@@ -517,7 +567,24 @@ impl Session {
                 );
             }
         };
-        let msg = crate::broker::queued(offset, view, ts);
+        // Validated where it now lives, in one piece: a malformed message is dropped
+        // from the log again (marked consumed) and rejected.
+        let parsed = match MessageView::parse(view) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                if let Err(err) = conn.broker.store().ack(&[offset]) {
+                    tracing::warn!(offset, error = %err, "could not drop a malformed message");
+                }
+                return self.reject(
+                    conn,
+                    delivery_id,
+                    settled,
+                    AmqpError::DecodeError.into(),
+                    format!("malformed message: {e}"),
+                );
+            }
+        };
+        let msg = crate::broker::queued_view(offset, &parsed, ts);
         let ack = match (settled, delivery_id) {
             (false, Some(id)) => Some((self.remote_channel(), id)),
             _ => None,

@@ -55,6 +55,8 @@ pub const PRE_OPEN_MAX_FRAME_SIZE: u32 = 64 * 1024;
 pub const WRITE_BUFFER_FLUSH_BYTES: usize = 256 * 1024;
 /// Most queue events handled before flushing and looking at the socket again.
 pub const OUTBOUND_BATCH: usize = 512;
+/// How often a connection re-checks producer links held back by a blocked topic.
+pub const WITHHELD_RECHECK: Duration = Duration::from_millis(100);
 /// Container id this broker announces.
 pub const CONTAINER_ID: &str = "entrepot";
 
@@ -142,6 +144,8 @@ pub struct Connection {
     closing: bool,
     /// Our `open` went out; a `close` must always follow one.
     open_sent: bool,
+    /// Some producer link has credit withheld (a blocked topic): re-check periodically.
+    withheld_links: bool,
 }
 
 /// The reading side of a client's byte stream (TCP or TLS).
@@ -244,6 +248,7 @@ async fn run(
         last_write: Instant::now(),
         closing: false,
         open_sent: false,
+        withheld_links: false,
     };
     let result = conn.main_loop(&mut rd, rbuf, outbound_rx, shutdown).await;
     conn.cleanup();
@@ -316,6 +321,7 @@ impl Connection {
                     }
                 }
                 _ = tick.tick() => self.on_tick(idle_limit)?,
+                _ = tokio::time::sleep(WITHHELD_RECHECK), if self.withheld_links => self.release_withheld()?,
                 _ = shutdown.changed() => {
                     return Err(ConnError::protocol(ConnectionError::ConnectionForced, "broker is shutting down"));
                 }
@@ -346,6 +352,20 @@ impl Connection {
         let ours = idle_limit / 4;
         let theirs = self.peer_idle_timeout.map_or(ours, |t| t / 2);
         ours.min(theirs).max(Duration::from_millis(100))
+    }
+
+    fn release_withheld(&mut self) -> Result<(), ConnError> {
+        let channels: Vec<u16> = self.sessions.keys().copied().collect();
+        let mut still = false;
+        for channel in channels {
+            if let Some(mut session) = self.sessions.remove(&channel) {
+                let result = session.release_withheld(self);
+                self.sessions.insert(channel, session);
+                still |= result?;
+            }
+        }
+        self.withheld_links = still;
+        Ok(())
     }
 
     fn on_tick(&mut self, idle_limit: Duration) -> Result<(), ConnError> {

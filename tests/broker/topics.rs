@@ -350,3 +350,75 @@ async fn a_message_rejected_by_one_subscription_is_dead_lettered_without_affecti
     assert_eq!(recv_all(&mut dlq, 1).await, ["bill0"]);
     nothing_more(&mut a).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_over_its_backlog_limit_drops_its_oldest_and_counts_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("entrepot.yaml");
+    std::fs::write(&config, "subscription-backlog-max: 5\n").unwrap();
+    let broker = BrokerProcess::start(
+        &dir.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+    );
+    let (_c, mut s) = connect(&broker, "slow-reader").await;
+    let sub = attach(&mut s, "slow", durable_source("topic.flood").build()).await;
+    sub.detach().await.map_err(|(_, e)| e).unwrap();
+    publish(&mut s, "topic.flood", bodies("f", 8)).await;
+    let mut sub = attach(&mut s, "slow", durable_source("topic.flood").build()).await;
+    assert_eq!(recv_all(&mut sub, 5).await, ["f3", "f4", "f5", "f6", "f7"]);
+    nothing_more(&mut sub).await;
+    let dropped = broker.metric("entrepot_subscription_dropped_total{topic=\"topic.flood\",subscription=\"slow-reader:slow\",durable=\"true\"}");
+    assert_eq!(dropped, Some(3.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_block_policy_producers_wait_for_credit_until_the_backlog_drains() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("entrepot.yaml");
+    std::fs::write(
+        &config,
+        "subscription-backlog-max: 5\nsubscription-backlog-policy: block\nlink-credit: 4\n",
+    )
+    .unwrap();
+    let broker = BrokerProcess::start(
+        &dir.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+    );
+    let (_c, mut s) = connect(&broker, "blocked-reader").await;
+    let mut sub = attach(&mut s, "slow", durable_source("topic.dam").build()).await;
+    let (_pc, mut ps) = connect(&broker, "blocked-writer").await;
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = std::sync::Arc::clone(&accepted);
+    let producer = tokio::spawn(async move {
+        let mut sender = Sender::attach(&mut ps, "w", "topic.dam")
+            .await
+            .expect("sender");
+        for i in 0..30 {
+            let msg = Message::builder().value(format!("d{i}")).build();
+            sender
+                .send(msg)
+                .await
+                .expect("send")
+                .accepted_or_else(|o| o)
+                .expect("accepted");
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        sender.close().await.ok();
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let held = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        held < 30 && held >= 5,
+        "the producer is held back near the limit, got {held} accepted"
+    );
+    let got = recv_all(&mut sub, 30).await;
+    assert_eq!(
+        got,
+        (0..30).map(|i| format!("d{i}")).collect::<Vec<_>>(),
+        "nothing dropped, all in order"
+    );
+    tokio::time::timeout(WAIT, producer)
+        .await
+        .expect("producer finishes")
+        .unwrap();
+}

@@ -74,7 +74,10 @@ fn proton_durable_subscriber_resumes_after_detach_and_close_deletes_it() {
 /// Fails (never skips) when python3 cannot import proton.
 fn require_proton() {
     let out = Command::new("python3")
-        .args(["-c", "import proton, proton.handlers, proton.reactor, proton.utils"])
+        .args([
+            "-c",
+            "import proton, proton.handlers, proton.reactor, proton.utils",
+        ])
         .output();
     match out {
         Ok(o) if o.status.success() => {}
