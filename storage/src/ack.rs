@@ -54,6 +54,8 @@ pub struct AckLog {
 struct AckState {
     groups: HashMap<u32, OffsetSet>,
     since_snapshot: u64,
+    /// Encode buffer reused by every ack (no allocation per acknowledgement).
+    buf: Vec<u8>,
 }
 
 impl AckState {
@@ -109,6 +111,7 @@ impl AckLog {
         let mut state = AckState {
             groups: HashMap::new(),
             since_snapshot: 0,
+            buf: Vec::with_capacity(256),
         };
         for record in log.reader(log.first_offset()) {
             let record = record?;
@@ -137,7 +140,9 @@ impl AckLog {
     pub fn ack_group(&self, group: u32, offsets: &[u64]) -> Result<Durable> {
         let mut last = None;
         for chunk in offsets.chunks(MAX_ACKS_PER_RECORD) {
-            let mut buf = Vec::with_capacity(chunk.len() * 3 + 8);
+            let mut state = self.lock()?;
+            let mut buf = std::mem::take(&mut state.buf);
+            buf.clear();
             let flags = if group == DEFAULT_GROUP {
                 FLAG_ACKS
             } else {
@@ -145,8 +150,9 @@ impl AckLog {
                 FLAG_GROUP_ACKS
             };
             encode_acks(chunk, &mut buf);
-            let mut state = self.lock()?;
-            let appended = self.log.append_parts(flags, &[&buf])?;
+            let appended = self.log.append_parts(flags, &[&buf]);
+            state.buf = buf;
+            let appended = appended?;
             let set = state.group(group);
             for &o in chunk {
                 set.insert(o);

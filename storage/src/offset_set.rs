@@ -74,8 +74,12 @@ impl OffsetSet {
                 break;
             }
         }
+        // Drop whole chunks below the floor without reallocating the map (this runs on
+        // every in-order acknowledgement).
         let keep_from = self.floor / CHUNK_BITS;
-        self.chunks = self.chunks.split_off(&keep_from);
+        while self.chunks.first_key_value().is_some_and(|(&idx, _)| idx < keep_from) {
+            self.chunks.pop_first();
+        }
     }
 
     /// How many offsets in `from..to` are in the set.
