@@ -3,10 +3,12 @@
 //! times down; each module is one scenario family.
 
 mod access;
+mod address_types;
 mod addresses;
 mod bench_tool;
 mod container;
 mod crash;
+mod disk_full;
 mod expiry;
 mod garbage;
 mod harness;
@@ -16,6 +18,7 @@ mod manifests;
 mod many_queues;
 mod metrics;
 mod outcomes;
+mod plans;
 mod queues;
 mod raw_client;
 mod router;
