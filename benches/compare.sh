@@ -10,15 +10,21 @@
 #   p1k-1x1   1 KiB, 1 producer / 1 consumer          p1k-8x8   1 KiB, 8 / 8
 #   p64k-1x1  64 KiB, 1 / 1                           fanout    1 KiB, 1 producer -> 10 subscribers
 #   lat-half  1 KiB, 1 / 1 at half of that broker's p1k-1x1 peak (--rate): latency at load
+#   ceiling   1 KiB, 8 producers, no consumers, against `entrepot serve --sink` (accepts and
+#             drops): the load generator's own ceiling on this machine (broker entrepot-sink)
 #
 # Usage: benches/compare.sh            (from anywhere in the workspace; as root: the peers
 #                                       and fio/iperf3 are installed with apt-get if missing)
 # Env:   DURATION (s per run, default 10), WARMUP (s, default 2), BROKERS (default
-#        "entrepot rabbitmq-qq rabbitmq-classic nats"), NATS=0 to leave NATS out,
+#        "entrepot entrepot-sink rabbitmq-qq rabbitmq-classic nats"), NATS=0 to leave NATS out,
 #        ENTREPOT_SYNC (default always), ENTREPOT_PORT (default 5692),
-#        ENTREPOT_FANOUT_ADDRESS (a topic address on Entrepot; without it fan-out is n/a),
-#        SKIP_LIMITS=1 to skip fio and iperf3, PEERS_DIR (default ../shared/peers).
-# Output: the table on stdout, and under target/compare/: one JSON per run, table.md.
+#        ENTREPOT_FANOUT_ADDRESS (Entrepot's fan-out topic, default topic.bench: a sender to
+#        topic.x publishes, each receiver on topic.x is its own subscription),
+#        BENCH_PROCESSES (generator processes per run, `entrepot bench --processes`, default 1),
+#        SKIP_LIMITS=1 to skip fio and iperf3, PLOT=0 to skip the PNG,
+#        PEERS_DIR (default ../shared/peers).
+# Output: the table on stdout, benches/results.png (throughput vs p99, `entrepot bench-plot`),
+#         and under target/compare/: one JSON per run, table.md.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,7 +34,8 @@ target="${CARGO_TARGET_DIR:-$root/target}"
 out="$target/compare"
 duration="${DURATION:-10}"
 warmup="${WARMUP:-2}"
-brokers="${BROKERS:-entrepot rabbitmq-qq rabbitmq-classic nats}"
+brokers="${BROKERS:-entrepot entrepot-sink rabbitmq-qq rabbitmq-classic nats}"
+processes="${BENCH_PROCESSES:-1}"
 [ "${NATS:-1}" = 0 ] && brokers="${brokers//nats/}"
 entrepot_port="${ENTREPOT_PORT:-5692}"
 entrepot_http="${ENTREPOT_HTTP_PORT:-18092}"
@@ -50,15 +57,18 @@ for b in $brokers; do rm -f "$out"/*-"$b".json "$out"/*-"$b".txt; done
 rm -f "$out"/table.md
 
 # --- the tool and the broker under test -------------------------------------------------
-features="--features nats"
-case "$brokers" in *nats*) ;; *) features="" ;; esac
-step "cargo build --release $features"
-# shellcheck disable=SC2086
-if ! cargo build --release $features --bin entrepot >&2; then
+# `plot`: `entrepot bench-plot` for benches/results.png; `nats`: the NATS JetStream driver.
+features="plot,nats"
+case "$brokers" in *nats*) ;; *) features="plot" ;; esac
+[ "${PLOT:-1}" = 0 ] && features="${features/plot/}"
+features="${features#,}"; features="${features%,}"
+step "cargo build --release --features '$features'"
+if ! cargo build --release --features "$features" --bin entrepot >&2; then
     [ -n "$features" ] || exit 1
-    step "build with the NATS driver failed: NATS is left out of this run"
-    notes+=("NATS JetStream left out: the NATS driver did not build.")
+    step "build with features '$features' failed: building without them (no NATS, no plot)"
+    notes+=("Built without '$features': NATS JetStream and/or the plot left out.")
     brokers="${brokers//nats/}"
+    features=""
     cargo build --release --bin entrepot >&2
 fi
 bin="$target/release/entrepot"
@@ -85,11 +95,11 @@ wait_port() { # wait_port PORT: bounded, 30 s
     return 1
 }
 
-start_entrepot() {
+start_entrepot() { # start_entrepot [--sink]
     local data="$out/entrepot-data"
     rm -rf "$data"
     "$bin" serve --listen "127.0.0.1:$entrepot_port" --http "127.0.0.1:$entrepot_http" \
-        --data-dir "$data" --sync "${ENTREPOT_SYNC:-always}" >"$out/entrepot.log" 2>&1 &
+        --data-dir "$data" --sync "${ENTREPOT_SYNC:-always}" "$@" >"$out/entrepot$*.log" 2>&1 &
     started_pid=$!
     wait_port "$entrepot_port"
 }
@@ -100,7 +110,7 @@ bench() {
     local broker="$1" case="$2"; shift 2
     local json="$out/$case-$broker.json" conn=() addr=() size=1024 shape=()
     case "$broker" in
-        entrepot) conn=(--url "amqp://127.0.0.1:$entrepot_port"); addr=(--address "bench-$case") ;;
+        entrepot|entrepot-sink) conn=(--url "amqp://127.0.0.1:$entrepot_port"); addr=(--address "bench-$case") ;;
         rabbitmq-qq) conn=(--url "$AMQP_URL"); addr=(--address /amq/queue/bench.qq) ;;
         rabbitmq-classic) conn=(--url "$AMQP_URL"); addr=(--address /amq/queue/bench.classic) ;;
         nats) conn=(--nats-url "$NATS_URL"); addr=(--address "bench.$case") ;;
@@ -109,14 +119,11 @@ bench() {
         p1k-1x1|lat-half) shape=(--producers 1 --consumers 1) ;;
         p1k-8x8) shape=(--producers 8 --consumers 8) ;;
         p64k-1x1) shape=(--producers 1 --consumers 1); size=65536 ;;
+        ceiling) shape=(--producers 8 --consumers 0) ;;
         fanout)
             shape=(--producers 1 --topic-subscribers 10)
             case "$broker" in
-                entrepot)
-                    if [ -z "${ENTREPOT_FANOUT_ADDRESS:-}" ]; then
-                        echo '{"na": "no topic address (ENTREPOT_FANOUT_ADDRESS)"}' >"$json"; return
-                    fi
-                    addr=(--address "$ENTREPOT_FANOUT_ADDRESS") ;;
+                entrepot) addr=(--address "${ENTREPOT_FANOUT_ADDRESS:-topic.bench}") ;;
                 rabbitmq-qq)
                     # Fan-out in RabbitMQ is an exchange; each subscriber gets its own
                     # server-named queue (not quorum): measured once, as rabbitmq-classic.
@@ -127,7 +134,7 @@ bench() {
     esac
     step "$broker $case: entrepot bench ${conn[*]/*@/***@} ${addr[*]} ${shape[*]} --size $size $*"
     if RUST_LOG="${RUST_LOG:-warn}" NO_COLOR=1 "$bin" bench "${conn[@]}" "${addr[@]}" "${shape[@]}" --size "$size" --persistent \
-        --duration "$duration" --warmup "$warmup" --timeout "$run_timeout" --quiet \
+        --duration "$duration" --warmup "$warmup" --timeout "$run_timeout" --quiet --processes "$processes" \
         --json "$json" "$@" >"$out/$case-$broker.txt" 2>&1; then
         tail -1 "$out/$case-$broker.txt" >&2
     else
@@ -139,6 +146,7 @@ bench() {
 
 run_cases() { # run_cases BROKER
     local broker="$1" c peak
+    if [ "$broker" = entrepot-sink ]; then bench "$broker" ceiling; return; fi
     for c in $cases; do
         if [ "$c" = lat-half ]; then
             peak=$(jq -r '.send_msgs_per_s // 0 | floor' "$out/p1k-1x1-$broker.json" 2>/dev/null || echo 0)
@@ -174,12 +182,16 @@ start_peer() { # start_peer NAME KEY DEFAULT_URL
 running=""
 for broker in $brokers; do
     service="${broker%%-*}"
+    [ "$broker" = entrepot-sink ] && service=sink
     if [ "$service" != "$running" ]; then
         cleanup
         case "$service" in
             entrepot)
                 step "starting Entrepot (release, sync ${ENTREPOT_SYNC:-always}) on 127.0.0.1:$entrepot_port"
                 start_entrepot ;;
+            sink)
+                step "starting Entrepot with --sink (accepts and drops) on 127.0.0.1:$entrepot_port"
+                start_entrepot --sink ;;
             rabbitmq)
                 start_peer rabbitmq AMQP_URL "amqp://guest:guest@127.0.0.1:${RABBITMQ_AMQP_PORT:-5682}"
                 AMQP_URL="$peer_url" ;;
@@ -253,12 +265,18 @@ row() { # row CASE BROKER → one table line
     jq -r --arg c "$1" --arg b "$2" --arg f "$(acks_after_fsync "$2")" --arg r "$ratio" \
         '"| \($c) | \($b) | \($f) | \(.receive_msgs_per_s // 0 | round) | \(.receive_mb_per_s // 0 | . * 10 | round / 10) | \((.produce_to_accepted.p99_us // 0) / 1000 | . * 10 | round / 10) | \((.end_to_end.p99_us // 0) / 1000 | . * 10 | round / 10) | \(if .failed then "FAIL " else "" end)\(.loss.verdict // "?") | \($r) |"' "$j"
 }
+ceiling_row() { # the generator's own ceiling: accepted msgs/s against the sink
+    local j="$out/ceiling-entrepot-sink.json"
+    [ -f "$j" ] || return 0
+    jq -r '"| ceiling | entrepot --sink | no (drops every message) | \(.send_msgs_per_s // 0 | round) | \(.send_mb_per_s // 0 | . * 10 | round / 10) | \((.produce_to_accepted.p99_us // 0) / 1000 | . * 10 | round / 10) |  | \(if .failed then "FAIL " else "" end)generator ceiling: \(.generator.cpu_cores_used // 0 | . * 100 | round / 100) cores, \(.processes // 1) process(es) |  |"' "$j"
+}
 {
     echo "| case | broker | ack waits for fsync | msgs/s | MB/s | p99 accepted ms | p99 e2e ms | loss check | Entrepot/peer |"
     echo "|---|---|---|---:|---:|---:|---:|---|---:|"
     for c in $cases; do
         for b in entrepot rabbitmq-qq rabbitmq-classic nats; do row "$c" "$b"; done
     done
+    ceiling_row
     echo
     echo "| physical limit | value |"
     echo "|---|---|"
@@ -268,6 +286,20 @@ row() { # row CASE BROKER → one table line
     echo "| iperf3 loopback TCP | $iperf_mbs MB/s |"
 } >"$out/table.md"
 
+# --- the plot -------------------------------------------------------------------------------
+plot="$root/benches/results.png"
+if [[ "$features" == *plot* ]]; then
+    if [ ! -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
+        step "no DejaVu Sans for the plot's labels: installing fonts-dejavu-core with apt-get"
+        apt-get install -y fonts-dejavu-core >/dev/null 2>&1 \
+            || { apt-get update >/dev/null && apt-get install -y fonts-dejavu-core >/dev/null; } || true
+    fi
+    step "entrepot bench-plot --input $out --output $plot"
+    "$bin" bench-plot --input "$out" --output "$plot" >&2 || notes+=("No plot: bench-plot failed.")
+else
+    notes+=("No plot: built without the plot feature (PLOT=0 or the build failed).")
+fi
+
 echo
 cat "$out/table.md"
 echo
@@ -276,4 +308,8 @@ echo "subscribers together). Entrepot/peer: throughput ratio; for lat-half, the 
 echo "produce->accepted over Entrepot's (above 1: Entrepot is faster). Client and broker share $(nproc) cores."
 [ -f "$out/p1k-1x1-nats.json" ] || echo "NATS JetStream: not measured (NATS=0 or the driver did not build)."
 for n in "${notes[@]}"; do echo "$n"; done
+echo "ceiling: the generator against \`entrepot serve --sink\` (accepted at once, dropped):"
+echo "accepted msgs/s there is the most this tool can offer here; a broker row near it is"
+echo "limited by the generator, not the broker (try BENCH_PROCESSES=2)."
+[ -f "$plot" ] && echo "Plot: $plot"
 echo "JSON per run and logs: $out"

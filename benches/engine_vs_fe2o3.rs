@@ -28,17 +28,16 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod support;
+
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use entrepot::config::BrokerConfig;
-use entrepot::server::Node;
 use fe2o3_amqp::acceptor::{ConnectionAcceptor, LinkAcceptor, LinkEndpoint, SessionAcceptor};
 use fe2o3_amqp::connection::ConnectionHandle;
 use fe2o3_amqp::link::receiver::CreditMode;
 use fe2o3_amqp::types::messaging::{Body, Data, Header, Message, Outcome};
 use fe2o3_amqp::types::primitives::{Binary, Value};
-use fe2o3_amqp::{Connection, Receiver, Sender, Session};
+use fe2o3_amqp::{Receiver, Sender, Session};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 
 /// Messages per criterion iteration.
 const BATCH: u64 = 2000;
@@ -72,8 +71,7 @@ struct Bench {
     rt: tokio::runtime::Runtime,
     entrepot: SocketAddr,
     fe2o3: SocketAddr,
-    _dir: tempfile::TempDir,
-    _stop: watch::Sender<bool>,
+    _node: support::BenchNode,
 }
 
 fn start() -> Bench {
@@ -82,21 +80,8 @@ fn start() -> Bench {
         .enable_all()
         .build()
         .expect("runtime");
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target").into());
-    std::fs::create_dir_all(&target).expect("target dir");
-    let dir = tempfile::tempdir_in(target).expect("tempdir");
-    let config = BrokerConfig {
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        http: "127.0.0.1:0".parse().expect("addr"),
-        data_dir: dir.path().to_path_buf(),
-        sync: "never".into(),
-        ..BrokerConfig::default()
-    };
-    let (stop, rx) = watch::channel(false);
-    let node = rt.block_on(Node::start(config, rx)).expect("node");
-    let entrepot = node.amqp_addr;
-    std::mem::forget(node);
+    let node = support::start_node(&rt, "never");
+    let entrepot = node.amqp;
     let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).expect("bind");
     let fe2o3 = listener.local_addr().expect("addr");
     rt.spawn(fe2o3_server(listener));
@@ -104,8 +89,7 @@ fn start() -> Bench {
         rt,
         entrepot,
         fe2o3,
-        _dir: dir,
-        _stop: stop,
+        _node: node,
     }
 }
 
@@ -195,16 +179,8 @@ fn message() -> Message<Data> {
         .build()
 }
 
-/// Opens a client connection over a socket with TCP_NODELAY (fe2o3-amqp does not set it).
 async fn connect(addr: SocketAddr, id: &str) -> ConnectionHandle<()> {
-    let stream = TcpStream::connect(addr).await.expect("connect");
-    stream.set_nodelay(true).expect("nodelay");
-    Connection::builder()
-        .container_id(id)
-        .hostname("127.0.0.1")
-        .open_with_stream(stream)
-        .await
-        .expect("open")
+    support::connect(addr, id).await
 }
 
 /// Sends `count` messages with `WINDOW` in flight; returns the time from the first send

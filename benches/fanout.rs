@@ -34,16 +34,15 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+mod support;
+
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use entrepot::config::BrokerConfig;
-use entrepot::server::Node;
 use fe2o3_amqp::link::receiver::CreditMode;
 use fe2o3_amqp::types::messaging::{
     Body, Header, Message, Outcome, Source, TerminusDurability, TerminusExpiryPolicy,
 };
 use fe2o3_amqp::types::primitives::{Binary, Symbol, Value};
-use fe2o3_amqp::{Connection, Receiver, Sender, Session};
-use tokio::sync::watch;
+use fe2o3_amqp::{Receiver, Sender, Session};
 
 const BODY_BYTES: usize = 1024;
 /// Unsettled deliveries the producer keeps in flight.
@@ -135,8 +134,7 @@ struct Bench {
     broker_rt: tokio::runtime::Runtime,
     client_rt: tokio::runtime::Runtime,
     url: String,
-    _dir: tempfile::TempDir,
-    _stop: watch::Sender<bool>,
+    _node: support::BenchNode,
 }
 
 fn runtime(name: &str, role: Role) -> tokio::runtime::Runtime {
@@ -153,44 +151,23 @@ fn start() -> Bench {
     mark(Role::Client);
     let broker_rt = runtime("broker", Role::Broker);
     let client_rt = runtime("client", Role::Client);
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target").into());
-    std::fs::create_dir_all(&target).expect("target dir");
-    let dir = tempfile::tempdir_in(target).expect("tempdir");
-    let config = BrokerConfig {
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        http: "127.0.0.1:0".parse().expect("addr"),
-        data_dir: dir.path().to_path_buf(),
-        ..BrokerConfig::default()
-    };
-    let (stop, rx) = watch::channel(false);
-    let node = broker_rt.block_on(Node::start(config, rx)).expect("node");
-    let url = format!("amqp://{}", node.amqp_addr);
-    std::mem::forget(node);
+    let node = support::start_node(&broker_rt, "always");
+    let url = format!("amqp://{}", node.amqp);
     Bench {
         broker_rt,
         client_rt,
         url,
-        _dir: dir,
-        _stop: stop,
+        _node: node,
     }
 }
 
 type Conn = fe2o3_amqp::connection::ConnectionHandle<()>;
 type Sess = fe2o3_amqp::session::SessionHandle<()>;
 
-/// Opens a client connection over a socket with TCP_NODELAY (fe2o3-amqp does not set it,
-/// and Nagle's algorithm then holds back its small disposition and flow frames).
+/// Opens a client connection (TCP_NODELAY) and a session.
 async fn connect(url: &str, id: &str) -> (Conn, Sess) {
-    let addr = url.trim_start_matches("amqp://");
-    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    stream.set_nodelay(true).expect("nodelay");
-    let mut conn = Connection::builder()
-        .container_id(id)
-        .hostname("127.0.0.1")
-        .open_with_stream(stream)
-        .await
-        .expect("open");
+    let addr = url.trim_start_matches("amqp://").parse().expect("addr");
+    let mut conn = support::connect(addr, id).await;
     let session = Session::begin(&mut conn).await.expect("begin");
     (conn, session)
 }
@@ -324,10 +301,6 @@ async fn run(f: &mut Fanout, iters: u64) -> Duration {
 fn fanout(c: &mut Criterion) {
     let bench = start();
     let mut group = c.benchmark_group("topic_fanout_durable_persistent_1k");
-    group
-        .sample_size(10)
-        .measurement_time(Duration::from_secs(15))
-        .warm_up_time(Duration::from_secs(2));
     for (subscribers, msgs) in CASES {
         let mut f = bench
             .client_rt
@@ -369,5 +342,14 @@ fn report(subscribers: usize, published: u64, allocs: Allocs) {
     );
 }
 
-criterion_group!(benches, fanout);
+criterion_group! {
+    name = benches;
+    // Set here rather than on the group so `--warm-up-time`/`--measurement-time` on the
+    // command line still override them.
+    config = Criterion::default()
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(15))
+        .warm_up_time(Duration::from_secs(2));
+    targets = fanout
+}
 criterion_main!(benches);

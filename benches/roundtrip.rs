@@ -14,11 +14,10 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod support;
+
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use entrepot::config::BrokerConfig;
-use entrepot::server::Node;
-use fe2o3_amqp::{Connection, Receiver, Sender, Session};
-use tokio::sync::watch;
+use fe2o3_amqp::{Receiver, Sender, Session};
 
 /// Messages per criterion iteration.
 const BATCH: u64 = 2000;
@@ -29,8 +28,7 @@ const BODY_BYTES: usize = 1024;
 struct Bench {
     rt: tokio::runtime::Runtime,
     url: String,
-    _dir: tempfile::TempDir,
-    _stop: watch::Sender<bool>,
+    _node: support::BenchNode,
     latencies: Arc<Mutex<Vec<u32>>>,
 }
 
@@ -40,41 +38,18 @@ fn start() -> Bench {
         .enable_all()
         .build()
         .expect("runtime");
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target").into());
-    std::fs::create_dir_all(&target).expect("target dir");
-    let dir = tempfile::tempdir_in(target).expect("tempdir");
-    let config = BrokerConfig {
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        http: "127.0.0.1:0".parse().expect("addr"),
-        data_dir: dir.path().to_path_buf(),
-        ..BrokerConfig::default()
-    };
-    let (stop, rx) = watch::channel(false);
-    let node = rt.block_on(Node::start(config, rx)).expect("node");
-    let url = format!("amqp://{}", node.amqp_addr);
-    std::mem::forget(node);
+    let node = support::start_node(&rt, "always");
+    let url = format!("amqp://{}", node.amqp);
     Bench {
         rt,
         url,
-        _dir: dir,
-        _stop: stop,
+        _node: node,
         latencies: Arc::new(Mutex::new(Vec::new())),
     }
 }
 
-/// Opens a client connection over a socket with TCP_NODELAY (fe2o3-amqp does not set it,
-/// and Nagle's algorithm then holds back its small disposition and flow frames).
 async fn connect(url: &str, id: &str) -> fe2o3_amqp::connection::ConnectionHandle<()> {
-    let addr = url.trim_start_matches("amqp://");
-    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    stream.set_nodelay(true).expect("nodelay");
-    Connection::builder()
-        .container_id(id)
-        .hostname("127.0.0.1")
-        .open_with_stream(stream)
-        .await
-        .expect("open")
+    support::connect(url.trim_start_matches("amqp://").parse().expect("addr"), id).await
 }
 
 async fn produce(url: String, queue: String, count: u64, latencies: Arc<Mutex<Vec<u32>>>) {

@@ -1,0 +1,201 @@
+//! AMQP encode and decode of one 1 KiB message with properties and
+//! application-properties: Entrepot's zero-copy path next to fe2o3-amqp's full
+//! serialize/deserialize through serde_amqp.
+//!
+//! The message: a durable header, properties (message-id, to, subject, content-type,
+//! creation-time, correlation-id), five application-properties and a 1 KiB `data` body.
+//! Each case works on one whole transfer frame, as a broker does:
+//!
+//! * `encode/entrepot`: the broker delivering a stored message — `encode_transfer` writes
+//!   the transfer performative by hand and copies the message bytes as they arrived.
+//! * `encode/fe2o3`: a server holding a `Message` object — serde serializes the transfer
+//!   performative and then every section of the message (fe2o3-amqp's frame encoder path).
+//! * `decode/entrepot`: `split_performative` (serde decodes the small performative, the
+//!   payload stays a slice), `MessageView::parse` (measures the sections, decodes none),
+//!   then the accessors a broker needs: header `durable`, `properties`,
+//!   `application-properties`. The body is never decoded or copied.
+//! * `decode/fe2o3`: fe2o3-amqp's frame decoder path — deserialize the performative from a
+//!   reader, then the whole `Message<Data>` (body copied into a `Vec`).
+//!
+//! Both decode cases end with the same facts in hand (durable, properties, application
+//! properties), so the difference is the work the lazy view skips. Criterion prints time
+//! per operation and bytes per second.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use entrepot::amqp::frame::{
+    encode_transfer, split_performative, TransferHeader, FRAME_HEADER_LEN,
+};
+use entrepot::amqp::message::MessageView;
+use fe2o3_amqp_types::definitions::{DeliveryNumber, DeliveryTag, Handle, MessageFormat};
+use fe2o3_amqp_types::messaging::message::__private::{Deserializable, Serializable};
+use fe2o3_amqp_types::messaging::{ApplicationProperties, Data, Header, Message, Properties};
+use fe2o3_amqp_types::performatives::{Performative, Transfer};
+use serde::{Deserialize, Serialize};
+use serde_amqp::de::Deserializer;
+use serde_amqp::primitives::{Binary, Timestamp};
+use serde_amqp::read::IoReader;
+use serde_amqp::ser::Serializer;
+
+const BODY_BYTES: usize = 1024;
+const DELIVERY_TAG: [u8; 8] = 42u64.to_be_bytes();
+
+fn message() -> Message<Data> {
+    Message::builder()
+        .header(Header {
+            durable: true,
+            ..Header::default()
+        })
+        .properties(
+            Properties::builder()
+                .message_id(String::from("order-7f3a9c1e-0001"))
+                .to("orders.eu")
+                .subject("order-created")
+                .content_type("application/octet-stream")
+                .creation_time(Timestamp::from_milliseconds(1_764_000_000_000))
+                .correlation_id(String::from("session-42"))
+                .build(),
+        )
+        .application_properties(
+            ApplicationProperties::builder()
+                .insert("tenant", "acme")
+                .insert("region", "eu-west")
+                .insert("priority-class", 3i32)
+                .insert("retry", false)
+                .insert(
+                    "trace-id",
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                )
+                .build(),
+        )
+        .data(Binary::from(vec![0x5au8; BODY_BYTES]))
+        .build()
+}
+
+fn transfer() -> Transfer {
+    Transfer {
+        handle: Handle(1),
+        delivery_id: Some(DeliveryNumber::from(1000u32)),
+        delivery_tag: Some(DeliveryTag::from(DELIVERY_TAG.to_vec())),
+        message_format: Some(MessageFormat::from(0u32)),
+        settled: Some(false),
+        more: false,
+        rcv_settle_mode: None,
+        state: None,
+        resume: false,
+        aborted: false,
+        batchable: false,
+    }
+}
+
+fn header() -> TransferHeader<'static> {
+    TransferHeader {
+        handle: 1,
+        delivery_id: 1000,
+        delivery_tag: &DELIVERY_TAG,
+        message_format: 0,
+        settled: false,
+        more: false,
+    }
+}
+
+/// fe2o3-amqp's encoder: frame header, serde performative, serde message.
+fn fe2o3_encode(dst: &mut BytesMut, transfer: &Transfer, message: &Message<Data>) {
+    let start = dst.len();
+    dst.put_u32(0);
+    dst.put_slice(&[2, 0, 0, 0]);
+    let mut ser = Serializer::from(dst.writer());
+    Performative::Transfer(transfer.clone())
+        .serialize(&mut ser)
+        .expect("transfer");
+    Serializable(message).serialize(&mut ser).expect("message");
+    let len = (dst.len() - start) as u32;
+    dst[start..start + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+/// fe2o3-amqp's decoder on a frame body: performative from a reader, then the message.
+fn fe2o3_decode(body: &Bytes) -> (bool, Option<Properties>, Option<ApplicationProperties>) {
+    let mut src = body.clone();
+    let performative: Performative = {
+        let mut de = Deserializer::new(IoReader::new((&mut src).reader()));
+        Deserialize::deserialize(&mut de).expect("performative")
+    };
+    assert!(matches!(performative, Performative::Transfer(_)));
+    let payload = src;
+    let Deserializable(m): Deserializable<Message<Data>> =
+        serde_amqp::from_slice(&payload).expect("message");
+    (
+        m.header.is_some_and(|h| h.durable),
+        m.properties,
+        m.application_properties,
+    )
+}
+
+fn entrepot_decode(body: &Bytes) -> (bool, Option<Properties>, Option<ApplicationProperties>) {
+    let (performative, payload) = split_performative(body).expect("performative");
+    assert!(matches!(performative, Performative::Transfer(_)));
+    let view = MessageView::parse(payload).expect("message");
+    (
+        view.durable().expect("header"),
+        view.properties().expect("properties"),
+        view.application_properties()
+            .expect("application-properties"),
+    )
+}
+
+fn codec(c: &mut Criterion) {
+    let message = message();
+    let transfer = transfer();
+    let stored = Bytes::from(serde_amqp::to_vec(&Serializable(&message)).expect("encode"));
+    let mut frame = BytesMut::new();
+    encode_transfer(&mut frame, 0, &header(), &stored).expect("encode_transfer");
+    let body = Bytes::copy_from_slice(&frame[FRAME_HEADER_LEN..]);
+    // Both encoders write the same frame, and both decoders read the same facts.
+    let mut theirs = BytesMut::new();
+    fe2o3_encode(&mut theirs, &transfer, &message);
+    assert_eq!(
+        theirs.len(),
+        frame.len(),
+        "fe2o3 and entrepot frames differ in size"
+    );
+    let ours = entrepot_decode(&body);
+    assert_eq!(ours, fe2o3_decode(&body));
+    assert!(ours.0 && ours.1.is_some() && ours.2.is_some());
+    println!(
+        "amqp_codec: message {} bytes (body {BODY_BYTES}), frame {} bytes",
+        stored.len(),
+        frame.len()
+    );
+
+    let mut g = c.benchmark_group("encode");
+    g.throughput(Throughput::Bytes(frame.len() as u64));
+    let mut buf = BytesMut::with_capacity(4 * frame.len());
+    g.bench_function("entrepot", |b| {
+        b.iter(|| {
+            buf.clear();
+            encode_transfer(&mut buf, 0, &header(), black_box(&stored)).expect("encode");
+            black_box(buf.len())
+        })
+    });
+    g.bench_function("fe2o3", |b| {
+        b.iter(|| {
+            buf.clear();
+            fe2o3_encode(&mut buf, &transfer, black_box(&message));
+            black_box(buf.len())
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("decode");
+    g.throughput(Throughput::Bytes(frame.len() as u64));
+    g.bench_function("entrepot", |b| {
+        b.iter(|| black_box(entrepot_decode(black_box(&body))))
+    });
+    g.bench_function("fe2o3", |b| {
+        b.iter(|| black_box(fe2o3_decode(black_box(&body))))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, codec);
+criterion_main!(benches);
