@@ -10,7 +10,8 @@
 #
 # Static is the default: glibc's libc.a (Debian's libc6-dev) with `crt-static` on the host
 # target, so no musl target is needed. The static binary goes to
-# target/<host triple>/release/, apart from the ordinary target/release/entrepot, so the two
+# target/<host triple>/container/ (profile `container`: release without debug info), apart
+# from the ordinary target/release/entrepot, so the two
 # builds never overwrite each other's artifacts.
 #
 # Staged root (the build context; never the repository, so target/ is not sent):
@@ -42,11 +43,11 @@ if [[ "$link" == "static" ]]; then
   # --target keeps RUSTFLAGS off build scripts and proc macros (they stay dynamic host
   # programs) and puts the static artifacts in their own directory.
   RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
-    "$cargo" build --release --target "$host" --bin entrepot
-  binary="$target_dir/$host/release/entrepot"
+    "$cargo" build --profile container --target "$host" --bin entrepot
+  binary="$target_dir/$host/container/entrepot"
 else
-  "$cargo" build --release --bin entrepot
-  binary="$target_dir/release/entrepot"
+  "$cargo" build --profile container --bin entrepot
+  binary="$target_dir/container/entrepot"
 fi
 
 staging="$(mktemp -d "${TMPDIR:-/tmp}/entrepot-image.XXXXXX")"
@@ -59,7 +60,8 @@ chmod 1777 "$rootfs/tmp"
 strip --strip-debug -o "$rootfs/usr/local/bin/entrepot" "$binary"
 
 # Shared libraries, with the paths the binary's loader looks them up at (ld-linux included).
-# A static binary has none: ldd says "not a dynamic executable" and exits 1.
+# A static binary has none: ldd prints "statically linked" (static-pie) or "not a dynamic
+# executable" (exit 1), and nothing is copied.
 if ldd_out="$(ldd "$binary" 2>&1)"; then
   while read -r lib; do
     cp -L --parents "$lib" "$rootfs/"

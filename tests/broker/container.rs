@@ -1,7 +1,8 @@
 //! The container image serves AMQP as a non-root user. Method: build the image with
 //! docker/build.sh (no registry), run it on a private Docker network with its ports
 //! published on 127.0.0.1 only, wait for "entrepot listening" in its log, send and receive
-//! one message through the published port, read the user from `docker inspect`, and stop it
+//! one message through the published port, read the user from `docker inspect` and the
+//! process's uid from `docker top` (no `docker exec`: the image has no shell), and stop it
 //! with `docker stop` (SIGTERM to PID 1) expecting a clean exit. Skipped, with the reason
 //! printed, where `docker info` fails; CI machines have Docker, so it runs there.
 
@@ -72,6 +73,18 @@ fn the_image_serves_amqp_as_a_non_root_user() {
     assert_eq!(image_user.expect("docker image inspect"), IMAGE_USER);
     let user = docker(&["inspect", "-f", "{{.Config.User}}", &id]).expect("docker inspect");
     assert_eq!(user, IMAGE_USER, "the container must not run as root");
+    // The process itself, as the daemon's host sees it: a remapped user namespace would
+    // show another number, never 0. (`docker top` needs the pid column.)
+    let top = docker(&["top", &id, "-o", "pid,uid"]).expect("docker top");
+    let uids: Vec<&str> = top
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    assert!(
+        !uids.is_empty() && !uids.contains(&"0"),
+        "process uids {uids:?}"
+    );
 
     docker(&["stop", "--time", STOP_GRACE_SECS, &id]).expect("docker stop");
     let exit = docker(&["inspect", "-f", "{{.State.ExitCode}}", &id]).expect("docker inspect");
