@@ -107,6 +107,10 @@ pub struct BrokerConfig {
     /// PEM certificate chain and private key of the AMQPS listener; reloaded on change.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// Benchmark-only sink (`serve --sink`): every producer transfer is accepted at once and
+    /// dropped, nothing is stored or delivered, so `entrepot bench` can show its own ceiling.
+    /// Never for real traffic: an accepted message is lost. Default false.
+    pub sink: bool,
 }
 
 impl Default for BrokerConfig {
@@ -146,6 +150,7 @@ impl Default for BrokerConfig {
             listen_tls: None,
             tls_cert: None,
             tls_key: None,
+            sink: false,
         }
     }
 }

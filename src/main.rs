@@ -44,6 +44,9 @@ enum Command {
     },
     /// Load-test an AMQP 1.0 broker (or NATS JetStream) and check nothing was lost.
     Bench(Box<bench::BenchArgs>),
+    /// Draw the throughput-versus-p99 PNG from the per-run JSON files of benches/compare.sh.
+    #[cfg(feature = "plot")]
+    BenchPlot(bench::plot::PlotArgs),
 }
 
 #[derive(clap::Args)]
@@ -96,6 +99,10 @@ struct ServeArgs {
     /// PEM private key of the AMQPS listener (reloaded when it changes)
     #[arg(long, env = "ENTREPOT_TLS_KEY")]
     tls_key: Option<PathBuf>,
+    /// Benchmarks only: accept every message at once and drop it (nothing stored or
+    /// delivered), to measure the load generator's own ceiling
+    #[arg(long, env = "ENTREPOT_SINK")]
+    sink: bool,
 }
 
 impl ServeArgs {
@@ -129,6 +136,7 @@ impl ServeArgs {
             tls_cert,
             tls_key
         );
+        c.sink |= self.sink;
         c.validate().map_err(anyhow::Error::msg)?;
         Ok(c)
     }
@@ -151,6 +159,8 @@ fn main() -> anyhow::Result<()> {
         Command::Validate { dir } => validate(&dir),
         Command::HashPassword { password } => hash_password(password),
         Command::Bench(args) => runtime.block_on(bench::run(*args)),
+        #[cfg(feature = "plot")]
+        Command::BenchPlot(args) => bench::plot::run(args),
     }
 }
 
@@ -194,6 +204,12 @@ fn hash_password(password: Option<String>) -> anyhow::Result<()> {
 }
 
 async fn serve(config: BrokerConfig) -> anyhow::Result<()> {
+    if config.sink {
+        tracing::warn!(
+            "SINK MODE: this node accepts every message and DROPS it; nothing is stored or \
+             delivered. For measuring `entrepot bench` only, never for real traffic"
+        );
+    }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let node = server::Node::start(config, shutdown_rx).await?;
     wait_for_signal().await;

@@ -7,19 +7,20 @@
 //! does not set it and Nagle's algorithm then delays its small disposition and flow
 //! frames by up to 40 ms.
 
-use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
 use fe2o3_amqp::connection::ConnectionHandle;
+use fe2o3_amqp::link::delivery::DeliveryFut;
 use fe2o3_amqp::link::receiver::CreditMode;
+use fe2o3_amqp::link::SendError;
 use fe2o3_amqp::sasl_profile::SaslProfile;
 use fe2o3_amqp::types::messaging::{Data, Header, Message, Outcome};
 use fe2o3_amqp::types::primitives::Binary;
 use fe2o3_amqp::{Connection, Receiver, Sender, Session};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use super::args::url_host_port;
 use super::stats::{ConsumerStats, ProducerStats, Stamp};
@@ -69,8 +70,16 @@ pub async fn produce(ctx: Arc<Ctx>, producer: u32, schedule: Schedule) -> Produc
     stats
 }
 
+/// An unsettled delivery on its way to the settling task.
+type InFlight = (
+    u64,
+    Instant,
+    DeliveryFut<Result<Outcome, SendError>>,
+    OwnedSemaphorePermit,
+);
+
 async fn produce_inner(
-    ctx: &Ctx,
+    ctx: &Arc<Ctx>,
     producer: u32,
     mut schedule: Schedule,
     stats: &mut ProducerStats,
@@ -86,57 +95,71 @@ async fn produce_inner(
     .await
     .context("attach sender")?;
     let mut body = vec![0x5au8; args.size];
-    let mut inflight = VecDeque::with_capacity(args.window);
+    // Outcomes are awaited by their own task, in send order, so produce->accepted is
+    // measured when the outcome arrives, not when the window next needs a slot.
+    let window = Arc::new(Semaphore::new(args.window));
+    let (tx, rx) = mpsc::unbounded_channel::<InFlight>();
+    let settler = tokio::spawn(settle_all(Arc::clone(ctx), rx));
     let mut abort = ctx.abort.clone();
-    'run: {
-        while let Some((seq, scheduled)) = schedule.next(&ctx.stop_sending).await {
-            while inflight.len() >= args.window {
-                let Some((seq, t, fut)) = inflight.pop_front() else {
-                    break;
-                };
-                tokio::select! {
-                    outcome = fut => settle(ctx, stats, seq, t, outcome),
-                    _ = abort.wait_for(|a| *a) => break 'run,
-                }
-            }
-            Stamp {
-                run: ctx.run_id,
-                producer,
-                seq,
-                sent_unix_ns: ctx.clock.unix_ns(scheduled),
-            }
-            .write(&mut body);
-            let msg = Message::builder()
-                .header(Header {
-                    durable: args.persistent,
-                    ..Default::default()
-                })
-                .data(Binary::from(body.clone()))
-                .build();
-            let fut = tokio::select! {
-                f = sender.send_batchable(msg) => f.context("send")?,
-                _ = abort.wait_for(|a| *a) => break 'run,
-            };
-            stats.sent += 1;
-            ctx.counters.sent.fetch_add(1, Ordering::Relaxed);
-            inflight.push_back((seq, scheduled, fut));
+    while let Some((seq, scheduled)) = schedule.next(&ctx.stop_sending).await {
+        let permit = tokio::select! {
+            p = Arc::clone(&window).acquire_owned() => p.context("window")?,
+            _ = abort.wait_for(|a| *a) => break,
+        };
+        Stamp {
+            run: ctx.run_id,
+            producer,
+            seq,
+            sent_unix_ns: ctx.clock.unix_ns(scheduled),
         }
-        while let Some((seq, t, fut)) = inflight.pop_front() {
-            tokio::select! {
-                outcome = fut => settle(ctx, stats, seq, t, outcome),
-                _ = abort.wait_for(|a| *a) => break 'run,
-            }
+        .write(&mut body);
+        let msg = Message::builder()
+            .header(Header {
+                durable: args.persistent,
+                ..Default::default()
+            })
+            .data(Binary::from(body.clone()))
+            .build();
+        let fut = tokio::select! {
+            f = sender.send_batchable(msg) => f.context("send")?,
+            _ = abort.wait_for(|a| *a) => break,
+        };
+        stats.sent += 1;
+        ctx.counters.sent.fetch_add(1, Ordering::Relaxed);
+        if tx.send((seq, scheduled, fut, permit)).is_err() {
+            break;
         }
     }
-    // Sent but never settled (the run was aborted): not owed by the broker.
-    for (seq, _, _) in inflight {
-        stats.unconfirmed += 1;
-        stats.refused.push(seq);
-    }
+    drop(tx);
+    let settled = settler.await.context("settling task")?;
+    stats.absorb(settled);
     sender.close().await.ok();
     session.end().await.ok();
     conn.close().await.ok();
     Ok(())
+}
+
+/// Awaits outcomes in send order until the producer is done; on abort, what is still
+/// unsettled is counted as never confirmed (not owed by the broker).
+async fn settle_all(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<InFlight>) -> ProducerStats {
+    let mut stats = ProducerStats::default();
+    let mut abort = ctx.abort.clone();
+    while let Some((seq, t, fut, permit)) = rx.recv().await {
+        tokio::select! {
+            outcome = fut => settle(&ctx, &mut stats, seq, t, outcome),
+            _ = abort.wait_for(|a| *a) => {
+                stats.unconfirmed += 1;
+                stats.refused.push(seq);
+                while let Ok((seq, ..)) = rx.try_recv() {
+                    stats.unconfirmed += 1;
+                    stats.refused.push(seq);
+                }
+                break;
+            }
+        }
+        drop(permit);
+    }
+    stats
 }
 
 fn settle<E: std::fmt::Display>(

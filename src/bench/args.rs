@@ -16,6 +16,8 @@ pub const STAMP_BYTES: usize = 24;
 pub const SIZE_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Most producer or consumer connections of one run.
 pub const CLIENTS_MAX: u32 = 10_000;
+/// Most `--processes` of one run.
+pub const PROCESSES_MAX: u32 = 64;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
@@ -32,7 +34,8 @@ pub struct BenchArgs {
     /// Producer connections.
     #[arg(long, default_value_t = 1)]
     pub producers: u32,
-    /// Competing consumer connections on the address (together they must see every message).
+    /// Competing consumer connections on the address (together they must see every message;
+    /// 0: nobody receives and nothing is checked, e.g. against `serve --sink`).
     #[arg(long, default_value_t = 1)]
     pub consumers: u32,
     /// Subscribers that must each see every message (fan-out). Each is counted separately.
@@ -82,6 +85,71 @@ pub struct BenchArgs {
     /// JetStream stream the NATS driver publishes to (created, file storage, when missing).
     #[arg(long, default_value = "BENCH")]
     pub nats_stream: String,
+    /// Spread the producers and consumers over this many processes (this program run
+    /// again), so one process's CPU is not the ceiling; their figures are merged.
+    #[arg(long, default_value_t = 1)]
+    pub processes: u32,
+    /// Internal: this process is one of `--processes`; `RUN:P0:PTOTAL:C0:CTOTAL` (shared run
+    /// id, first global producer and consumer index, totals over all processes).
+    #[arg(long, hide = true)]
+    pub child: Option<ChildSpec>,
+}
+
+/// What a `--processes` child is given by its parent: its slice of the run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ChildSpec {
+    pub run_id: u32,
+    pub producer_offset: u32,
+    pub producers_total: u32,
+    pub consumer_offset: u32,
+    pub consumers_total: u32,
+}
+
+impl std::str::FromStr for ChildSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let n: Vec<u32> = s
+            .split(':')
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("--child {s:?}: {e}"))?;
+        let [run_id, producer_offset, producers_total, consumer_offset, consumers_total] = n[..]
+        else {
+            return Err(format!("--child {s:?}: want RUN:P0:PTOTAL:C0:CTOTAL"));
+        };
+        Ok(ChildSpec {
+            run_id,
+            producer_offset,
+            producers_total,
+            consumer_offset,
+            consumers_total,
+        })
+    }
+}
+
+impl std::fmt::Display for ChildSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}:{}:{}",
+            self.run_id,
+            self.producer_offset,
+            self.producers_total,
+            self.consumer_offset,
+            self.consumers_total
+        )
+    }
+}
+
+/// This process's part of the run: global indices of its producers and consumers (all of
+/// them unless it is a `--processes` child).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Slice {
+    pub producer_offset: u32,
+    pub producers: u32,
+    pub producers_total: u32,
+    pub consumer_offset: u32,
+    pub consumers: u32,
 }
 
 /// How the run ends.
@@ -106,9 +174,11 @@ impl Delivery {
             Delivery::Competing(n) | Delivery::FanOut(n) => n,
         }
     }
-    /// Independent receiver groups, each of which must see every message.
+    /// Independent receiver groups, each of which must see every message (none when
+    /// nobody receives).
     pub fn groups(self) -> u32 {
         match self {
+            Delivery::Competing(0) => 0,
             Delivery::Competing(_) => 1,
             Delivery::FanOut(n) => n,
         }
@@ -120,7 +190,9 @@ impl Delivery {
 pub struct Workload {
     pub args: BenchArgs,
     pub limit: Limit,
+    /// Over all processes of the run.
     pub delivery: Delivery,
+    pub slice: Slice,
     pub warmup: Duration,
     pub drain: Duration,
     pub timeout: Duration,
@@ -131,15 +203,43 @@ impl BenchArgs {
         if self.size < STAMP_BYTES || self.size > SIZE_BYTES_MAX {
             bail!("--size must be {STAMP_BYTES}..={SIZE_BYTES_MAX} bytes");
         }
-        if self.producers == 0 || self.producers > CLIENTS_MAX {
+        // A --processes child may be handed no producers, only consumers.
+        let producers_min = u32::from(self.child.is_none());
+        if self.producers < producers_min || self.producers > CLIENTS_MAX {
             bail!("--producers must be 1..={CLIENTS_MAX}");
+        }
+        if self.processes == 0 || self.processes > PROCESSES_MAX {
+            bail!("--processes must be 1..={PROCESSES_MAX}");
         }
         if self.window == 0 || self.credit == 0 {
             bail!("--window and --credit must be at least 1");
         }
+        let local = self.topic_subscribers.unwrap_or(self.consumers);
+        let slice = match self.child {
+            Some(c) => Slice {
+                producer_offset: c.producer_offset,
+                producers: self.producers,
+                producers_total: c.producers_total,
+                consumer_offset: c.consumer_offset,
+                consumers: local,
+            },
+            None => Slice {
+                producer_offset: 0,
+                producers: self.producers,
+                producers_total: self.producers,
+                consumer_offset: 0,
+                consumers: local,
+            },
+        };
+        let total = self.child.map_or(local, |c| c.consumers_total);
+        if slice.producer_offset + slice.producers > slice.producers_total
+            || slice.consumer_offset + local > total
+        {
+            bail!("--child: the slice lies outside the run");
+        }
         let delivery = match self.topic_subscribers {
-            Some(n) => Delivery::FanOut(n),
-            None => Delivery::Competing(self.consumers),
+            Some(_) => Delivery::FanOut(total),
+            None => Delivery::Competing(total),
         };
         if delivery.connections() > CLIENTS_MAX {
             bail!("at most {CLIENTS_MAX} consumers");
@@ -165,6 +265,7 @@ impl BenchArgs {
             args: self,
             limit,
             delivery,
+            slice,
             warmup,
             drain,
             timeout,

@@ -15,9 +15,13 @@ mod amqp;
 mod args;
 #[cfg(feature = "nats")]
 mod nats;
+#[cfg(feature = "plot")]
+pub mod plot;
+mod processes;
 mod report;
 mod schedule;
 mod stats;
+mod tally;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -28,9 +32,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 pub use args::BenchArgs;
-use args::{Limit, Workload};
+use args::{Delivery, Limit, Workload};
 use schedule::{share, Schedule};
 use stats::{Clock, ConsumerStats, ProducerStats, Stamp, Tracker};
+use tally::Tally;
 
 /// Longest the consumers may take to attach before producers start anyway.
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -73,7 +78,7 @@ impl Ctx {
     pub fn delivered(&self, group: usize, s: Stamp, now: Instant, stats: &mut ConsumerStats) {
         stats.delivered += 1;
         self.counters.delivered.fetch_add(1, Ordering::Relaxed);
-        let producers = self.workload.args.producers;
+        let producers = self.workload.slice.producers_total;
         let ours = match self.groups.get(group).map(|g| g.lock()) {
             Some(Ok(mut t)) => t.record(s.producer, s.seq, producers),
             _ => false,
@@ -104,7 +109,11 @@ impl Ctx {
 
 /// Runs the benchmark; an error if any accepted message was not received.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.processes > 1 && args.child.is_none() {
+        return processes::parent(args).await;
+    }
     let workload = args.into_workload()?;
+    let child = workload.args.child;
     let (stop_send_tx, stop_sending) = watch::channel(false);
     let (stop_recv_tx, stop_receiving) = watch::channel(false);
     let (abort_tx, abort) = watch::channel(false);
@@ -115,7 +124,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .collect(),
         workload,
         clock,
-        run_id: run_id(),
+        run_id: child.map_or_else(run_id, |c| c.run_id),
         started: OnceLock::new(),
         counters: Counters::default(),
         stop_sending,
@@ -124,16 +133,26 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     });
     let deadline = ctx.clock.t0 + ctx.workload.timeout;
     let mut tasks = Tasks::default();
+    let mut parent = child.map(|_| processes::Parent::listen());
+    let mut aborted = false;
     let timed_out = tokio::time::timeout_at(deadline.into(), async {
         start_consumers(&ctx, &mut tasks).await;
+        if let Some(p) = &mut parent {
+            p.ready_then_wait_for_go().await;
+        }
         start_producers(&ctx, &mut tasks, &stop_send_tx);
+        if let Some(p) = &mut parent {
+            aborted = p.report_until_stopped(&ctx, &tasks.producers).await;
+            return;
+        }
         let mut progress = report::Progress::new(&ctx);
         progress.until_sent(&ctx, &tasks.producers).await;
         progress.until_drained(&ctx).await;
         progress.finish();
     })
     .await
-    .is_err();
+    .is_err()
+        || aborted;
     let _ = stop_send_tx.send(true);
     let _ = stop_recv_tx.send(true);
     if timed_out {
@@ -141,13 +160,24 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let (producers, consumers) = tasks.join().await;
     let wall = ctx.clock.t0.elapsed();
-    let summary = report::Summary::build(&ctx, &producers, &consumers, wall, timed_out);
+    let tally = Tally::local(&ctx, &producers, &consumers, timed_out);
+    if child.is_some() {
+        // A --processes child: its parent merges the figures and gives the verdict.
+        return processes::write_tally(&tally, ctx.workload.args.json.as_deref());
+    }
+    finish(&ctx.workload, &tally, wall)
+}
+
+/// Prints the summary of a run's figures, writes `--json`, and fails the run when an
+/// accepted message was not received (or nothing was accepted, or it timed out).
+fn finish(workload: &Workload, tally: &Tally, wall: Duration) -> anyhow::Result<()> {
+    let summary = report::Summary::build(workload, tally, wall);
     summary.print();
-    if let Some(path) = &ctx.workload.args.json {
+    if let Some(path) = &workload.args.json {
         summary.write_json(path)?;
     }
     let failed = summary.loss.missing > 0 || summary.accepted == 0;
-    if failed || timed_out || !summary.errors.is_empty() {
+    if failed || summary.timed_out || !summary.errors.is_empty() {
         bail!("{}", summary.verdict_line());
     }
     Ok(())
@@ -200,11 +230,13 @@ async fn join_bounded<T>(mut task: JoinHandle<T>, deadline: tokio::time::Instant
 }
 
 async fn start_consumers(ctx: &Arc<Ctx>, tasks: &mut Tasks) {
-    let delivery = ctx.workload.delivery;
-    let n = delivery.connections();
-    let (ready_tx, mut ready_rx) = mpsc::channel(n.max(1) as usize);
-    for i in 0..n {
-        let group = if delivery.groups() > 1 { i as usize } else { 0 };
+    let slice = ctx.workload.slice;
+    let fan_out = matches!(ctx.workload.delivery, Delivery::FanOut(_));
+    let (ready_tx, mut ready_rx) = mpsc::channel(slice.consumers.max(1) as usize);
+    for local in 0..slice.consumers {
+        // Global index: names the link and, under fan-out, the receiver group.
+        let i = slice.consumer_offset + local;
+        let group = if fan_out { i as usize } else { 0 };
         let (ctx, ready) = (Arc::clone(ctx), ready_tx.clone());
         tasks
             .consumers
@@ -225,13 +257,16 @@ async fn start_consumers(ctx: &Arc<Ctx>, tasks: &mut Tasks) {
 
 fn start_producers(ctx: &Arc<Ctx>, tasks: &mut Tasks, stop_sending: &watch::Sender<bool>) {
     let args = &ctx.workload.args;
+    let slice = ctx.workload.slice;
     let start = Instant::now();
     let _ = ctx.started.set(start);
     let interval = (args.rate > 0)
-        .then(|| Duration::from_secs_f64(f64::from(args.producers) / args.rate as f64));
-    for i in 0..args.producers {
+        .then(|| Duration::from_secs_f64(f64::from(slice.producers_total) / args.rate as f64));
+    for local in 0..slice.producers {
+        // Global index: carried in every stamp, so the loss check works across processes.
+        let i = slice.producer_offset + local;
         let count = match ctx.workload.limit {
-            Limit::Count(n) => Some(share(n, args.producers, i)),
+            Limit::Count(n) => Some(share(n, slice.producers_total, i)),
             Limit::Duration(_) => None,
         };
         let schedule = Schedule::new(count, interval, start);

@@ -14,8 +14,9 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use tokio::task::JoinHandle;
 
-use super::args::{redacted, Delivery, Limit};
-use super::stats::{ConsumerStats, Latency, LatencySummary, ProducerStats};
+use super::args::{redacted, Delivery, Limit, Workload};
+use super::stats::{LatencySummary, Tracker};
+use super::tally::Tally;
 use super::{Ctx, TICK};
 
 pub struct Progress {
@@ -115,6 +116,8 @@ pub struct Summary {
     pub producers: u32,
     pub consumers: u32,
     pub topic_subscribers: Option<u32>,
+    /// Generator processes the connections were spread over (`--processes`).
+    pub processes: u32,
     pub size: usize,
     pub persistent: bool,
     pub window: usize,
@@ -151,7 +154,8 @@ pub struct Loss {
     pub expected_per_group: u64,
     pub missing: u64,
     pub duplicates: u64,
-    /// `exactly-once`, `at-least-once`, `missing` or `nothing-accepted`.
+    /// `exactly-once`, `at-least-once`, `missing`, `nothing-accepted`, or `not-checked`
+    /// (no consumers, e.g. against `serve --sink`).
     pub verdict: &'static str,
     pub first_missing: Vec<(u32, u64)>,
 }
@@ -164,38 +168,11 @@ pub struct Generator {
 }
 
 impl Summary {
-    pub fn build(
-        ctx: &Ctx,
-        producers: &[ProducerStats],
-        consumers: &[ConsumerStats],
-        wall: Duration,
-        timed_out: bool,
-    ) -> Summary {
-        let w = &ctx.workload;
+    /// The summary of a run from its figures (one process's, or merged over all).
+    pub fn build(w: &Workload, t: &Tally, wall: Duration) -> Summary {
         let a = &w.args;
-        let from = ctx.measure_from();
-        let sent: Vec<u64> = producers.iter().map(|p| p.sent).collect();
-        let refused: Vec<Vec<u64>> = producers.iter().map(|p| p.refused.clone()).collect();
-        let accepted: u64 = producers.iter().map(|p| p.accepted).sum();
-        let send_rate = rate(
-            producers.iter().map(|p| p.measured).sum(),
-            producers.iter().filter_map(|p| p.last_ack).max(),
-            from,
-        );
-        let recv_rate = rate(
-            consumers.iter().map(|c| c.measured).sum(),
-            consumers.iter().filter_map(|c| c.last_delivery).max(),
-            from,
-        );
-        let mut ack = Latency::default();
-        producers.iter().for_each(|p| ack.merge(&p.ack_latency));
-        let mut e2e = Latency::default();
-        consumers.iter().for_each(|c| e2e.merge(&c.e2e_latency));
-        let errors = producers
-            .iter()
-            .filter_map(|p| p.error.clone())
-            .chain(consumers.iter().filter_map(|c| c.error.clone()))
-            .collect();
+        let send_rate = t.rate(t.measured_accepted, t.last_ack_unix_ns);
+        let recv_rate = t.rate(t.measured_delivered, t.last_delivery_unix_ns);
         let mb = |msgs: f64| msgs * a.size as f64 / 1e6;
         Summary {
             tool: "entrepot bench",
@@ -208,9 +185,10 @@ impl Summary {
             url: redacted(a.nats_url.as_deref().unwrap_or(&a.url)),
             address: a.address.clone(),
             consumer_address: a.consumer_address.clone(),
-            producers: a.producers,
+            producers: w.slice.producers_total,
             consumers: w.delivery.connections(),
             topic_subscribers: a.topic_subscribers,
+            processes: a.processes,
             size: a.size,
             persistent: a.persistent,
             window: a.window,
@@ -226,21 +204,21 @@ impl Summary {
             },
             warmup_s: w.warmup.as_secs_f64(),
             elapsed_s: wall.as_secs_f64(),
-            timed_out,
-            sent: sent.iter().sum(),
-            accepted,
-            not_accepted: producers.iter().map(|p| p.refused.len() as u64).sum(),
-            delivered: consumers.iter().map(|c| c.delivered).sum(),
-            foreign: consumers.iter().map(|c| c.foreign).sum(),
+            timed_out: t.timed_out,
+            sent: t.sent.iter().sum(),
+            accepted: t.accepted,
+            not_accepted: t.refused.iter().map(|r| r.len() as u64).sum(),
+            delivered: t.delivered,
+            foreign: t.foreign,
             send_msgs_per_s: send_rate,
             send_mb_per_s: mb(send_rate),
             receive_msgs_per_s: recv_rate,
             receive_mb_per_s: mb(recv_rate),
-            produce_to_accepted: ack.summary(),
-            end_to_end: e2e.summary(),
-            loss: loss(ctx, &sent, &refused, accepted, w.delivery),
-            generator: generator(wall),
-            errors,
+            produce_to_accepted: t.ack_latency.summary(),
+            end_to_end: t.e2e_latency.summary(),
+            loss: loss(t, w.slice.producers_total, w.delivery),
+            generator: generator(t.cpu_secs, wall, a.processes),
+            errors: t.errors.clone(),
         }
     }
 
@@ -261,6 +239,10 @@ impl Summary {
                 l.expected_per_group, l.duplicates
             ),
             "nothing-accepted" => "FAILED: the broker accepted no message".to_owned(),
+            "not-checked" => format!(
+                "{} messages accepted; no consumers, so nothing was checked for loss",
+                l.expected_per_group
+            ),
             _ => format!(
                 "MISSING: {} of {} accepted messages not received{who} (first as (producer, seq): {:?})",
                 l.missing,
@@ -327,34 +309,28 @@ impl Summary {
     }
 }
 
-/// Messages per second from the measurement start to the last event.
-fn rate(count: u64, last: Option<Instant>, from: Instant) -> f64 {
-    match last {
-        Some(t) if t > from => count as f64 / (t - from).as_secs_f64(),
-        _ => 0.0,
-    }
-}
-
-fn loss(ctx: &Ctx, sent: &[u64], refused: &[Vec<u64>], accepted: u64, d: Delivery) -> Loss {
+fn loss(t: &Tally, producers: u32, d: Delivery) -> Loss {
     let (mut missing, mut duplicates, mut first_missing) = (0, 0, Vec::new());
-    for g in &ctx.groups {
-        let Ok(t) = g.lock() else { continue };
-        let (m, ex) = t.missing(sent, refused);
+    for g in &t.groups {
+        let mut tracker = Tracker::default();
+        tracker.merge(g, producers);
+        let (m, ex) = tracker.missing(&t.sent, &t.refused);
         missing += m;
-        duplicates += t.duplicates;
+        duplicates += tracker.duplicates;
         if first_missing.is_empty() {
             first_missing = ex;
         }
     }
     let verdict = match (missing, duplicates) {
-        _ if accepted == 0 => "nothing-accepted",
+        _ if t.accepted == 0 => "nothing-accepted",
+        _ if d.groups() == 0 => "not-checked",
         (0, 0) => "exactly-once",
         (0, _) => "at-least-once",
         _ => "missing",
     };
     Loss {
         groups: d.groups(),
-        expected_per_group: accepted,
+        expected_per_group: t.accepted,
         missing,
         duplicates,
         verdict,
@@ -362,27 +338,17 @@ fn loss(ctx: &Ctx, sent: &[u64], refused: &[Vec<u64>], accepted: u64, d: Deliver
     }
 }
 
-/// CPU time this process used over the run, in cores, and what it means.
-fn generator(wall: Duration) -> Generator {
+/// CPU time the generator used over the run, in cores, and what it means.
+fn generator(cpu: f64, wall: Duration, processes: u32) -> Generator {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    // SAFETY: getrusage fills the struct we pass; no pointers are kept.
-    let cpu = unsafe {
-        let mut u: libc::rusage = std::mem::zeroed();
-        if libc::getrusage(libc::RUSAGE_SELF, &mut u) == 0 {
-            let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
-            t(u.ru_utime) + t(u.ru_stime)
-        } else {
-            0.0
-        }
-    };
     let used = cpu / wall.as_secs_f64().max(1e-3);
     let note = if used > 0.7 * cores as f64 {
         format!(
-            "used {used:.2} of {cores} cores: the figures may be this tool's ceiling, not the broker's \
-             (spread connections over more processes or machines)"
+            "used {used:.2} of {cores} cores in {processes} process(es): the figures may be this \
+             tool's ceiling, not the broker's (spread connections over more processes or machines)"
         )
     } else {
-        format!("used {used:.2} of {cores} cores")
+        format!("used {used:.2} of {cores} cores in {processes} process(es)")
     };
     Generator {
         cpu_cores_used: used,

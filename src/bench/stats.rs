@@ -6,8 +6,11 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use anyhow::Context;
+use base64::Engine;
+use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::args::STAMP_BYTES;
 
@@ -101,6 +104,27 @@ impl Latency {
         let _ = self.0.add(&other.0);
     }
 
+    /// The histogram in HdrHistogram's V2 encoding, base64: how `--processes` children
+    /// hand their latencies to the parent without losing precision.
+    pub fn to_base64(&self) -> anyhow::Result<String> {
+        let mut bytes = Vec::new();
+        V2Serializer::new()
+            .serialize(&self.0, &mut bytes)
+            .map_err(|e| anyhow::anyhow!("serializing a histogram: {e:?}"))?;
+        Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
+
+    pub fn from_base64(text: &str) -> anyhow::Result<Latency> {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .context("histogram base64")?;
+        let mut h: Histogram<u64> = Deserializer::new()
+            .deserialize(&mut &bytes[..])
+            .map_err(|e| anyhow::anyhow!("deserializing a histogram: {e:?}"))?;
+        h.auto(true);
+        Ok(Latency(h))
+    }
+
     pub fn summary(&self) -> LatencySummary {
         let h = &self.0;
         LatencySummary {
@@ -115,7 +139,21 @@ impl Latency {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+impl Serialize for Latency {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let text = self.to_base64().map_err(serde::ser::Error::custom)?;
+        s.serialize_str(&text)
+    }
+}
+
+impl<'de> Deserialize<'de> for Latency {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Latency::from_base64(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LatencySummary {
     pub count: u64,
     pub mean_us: f64,
@@ -142,6 +180,18 @@ pub struct ProducerStats {
     pub last_ack: Option<Instant>,
     pub ack_latency: Latency,
     pub error: Option<String>,
+}
+
+impl ProducerStats {
+    /// Adds what the settling task counted (sent and errors stay the producer's).
+    pub fn absorb(&mut self, other: ProducerStats) {
+        self.accepted += other.accepted;
+        self.refused.extend(other.refused);
+        self.unconfirmed += other.unconfirmed;
+        self.measured += other.measured;
+        self.last_ack = self.last_ack.max(other.last_ack);
+        self.ack_latency.merge(&other.ack_latency);
+    }
 }
 
 /// What one consumer did.
@@ -189,6 +239,48 @@ impl Tracker {
         true
     }
 
+    /// What this tracker saw, as half-open sequence ranges per producer (runs of
+    /// consecutive numbers are the common case, so this stays small).
+    pub fn figures(&self) -> TrackerFigures {
+        let ranges = self
+            .seen
+            .iter()
+            .map(|bits| {
+                let mut out: Vec<[u64; 2]> = Vec::new();
+                for (w, &word) in bits.iter().enumerate() {
+                    for b in 0..64 {
+                        if word & (1 << b) == 0 {
+                            continue;
+                        }
+                        let seq = w as u64 * 64 + b;
+                        match out.last_mut() {
+                            Some(r) if r[1] == seq => r[1] += 1,
+                            _ => out.push([seq, seq + 1]),
+                        }
+                    }
+                }
+                out
+            })
+            .collect();
+        TrackerFigures {
+            ranges,
+            duplicates: self.duplicates,
+        }
+    }
+
+    /// Adds what another process's tracker of the same receiver group saw; a number both
+    /// saw counts as a duplicate.
+    pub fn merge(&mut self, other: &TrackerFigures, producers: u32) {
+        self.duplicates += other.duplicates;
+        for (p, ranges) in other.ranges.iter().enumerate() {
+            for &[from, to] in ranges {
+                for seq in from..to.min(SEQ_MAX) {
+                    self.record(p as u32, seq, producers);
+                }
+            }
+        }
+    }
+
     pub fn has(&self, producer: u32, seq: u64) -> bool {
         let Some(bits) = self.seen.get(producer as usize) else {
             return false;
@@ -215,6 +307,13 @@ impl Tracker {
         }
         (count, examples)
     }
+}
+
+/// A [`Tracker`] in JSON: per producer, the sequence ranges seen.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrackerFigures {
+    pub ranges: Vec<Vec<[u64; 2]>>,
+    pub duplicates: u64,
 }
 
 #[cfg(test)]
@@ -246,5 +345,42 @@ mod tests {
         assert_eq!((t.unique, t.duplicates), (3, 1));
         let (n, ex) = t.missing(&[4, 1], &[vec![3], vec![]]);
         assert_eq!((n, ex), (1, vec![(0, 1)]));
+    }
+
+    #[test]
+    fn tracker_figures_merge_across_processes() {
+        let (mut a, mut b) = (Tracker::default(), Tracker::default());
+        for seq in [0, 1, 2, 5] {
+            a.record(0, seq, 2);
+        }
+        for seq in [3, 4, 5] {
+            b.record(0, seq, 2);
+        }
+        b.record(1, 70, 2);
+        let fa = a.figures();
+        assert_eq!(fa.ranges, vec![vec![[0, 3], [5, 6]]]);
+        let mut merged = Tracker::default();
+        merged.merge(&fa, 2);
+        merged.merge(&b.figures(), 2);
+        assert_eq!((merged.unique, merged.duplicates), (7, 1));
+        assert_eq!(merged.missing(&[6, 71], &[vec![], vec![]]).0, 70);
+    }
+
+    #[test]
+    fn latency_round_trips_through_v2() {
+        let mut l = Latency::default();
+        for us in [5u64, 50, 500, 5_000, 5_000_000] {
+            l.record(Duration::from_micros(us));
+        }
+        let back = Latency::from_base64(&l.to_base64().unwrap()).unwrap();
+        let (x, y) = (l.summary(), back.summary());
+        assert_eq!(
+            (x.count, x.p50_us, x.p99_us, x.max_us),
+            (y.count, y.p50_us, y.p99_us, y.max_us)
+        );
+        let mut sum = Latency::default();
+        sum.merge(&l);
+        sum.merge(&back);
+        assert_eq!(sum.summary().count, 10);
     }
 }

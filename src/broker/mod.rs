@@ -5,6 +5,9 @@
 //! message elsewhere (dead-letter, expiry). The broker owns no socket and no AMQP framing.
 
 mod declare;
+pub use declare::{Declaration, DeclaredType};
+pub mod limits;
+pub mod memory;
 pub mod queue;
 pub mod selector;
 pub mod store;
@@ -21,6 +24,8 @@ use fe2o3_amqp_types::primitives::{Symbol, Value};
 
 use crate::amqp::message::MessageView;
 use crate::config::BrokerConfig;
+use limits::{AddressLimits, LimitExceeded, Reservation, SpaceUsage};
+use memory::MemoryAddress;
 use queue::{Diversion, Queue, QueuedMessage};
 use store::Store;
 use topic::{Topic, TopicRetention};
@@ -54,6 +59,10 @@ pub struct Broker {
     store: Store,
     queues: RwLock<HashMap<String, Arc<Queue>>>,
     topics: RwLock<HashMap<String, Arc<Topic>>>,
+    /// Anycast and multicast addresses (declared by manifests only; never stored).
+    memory: RwLock<HashMap<String, Arc<MemoryAddress>>>,
+    /// Stored bytes per address space, against its plan (see `limits`).
+    spaces: RwLock<HashMap<String, Arc<SpaceUsage>>>,
     subscriptions: subscriptions::Registry,
     pub stats: BrokerStats,
 }
@@ -70,6 +79,8 @@ pub enum AddressKind {
 pub enum Address {
     Queue(Arc<Queue>),
     Topic(Arc<Topic>),
+    /// Anycast or multicast: in memory, at-most-once (see [`memory`]).
+    Memory(Arc<MemoryAddress>),
 }
 
 impl Address {
@@ -77,14 +88,53 @@ impl Address {
         match self {
             Address::Queue(q) => q.name(),
             Address::Topic(t) => t.name(),
+            Address::Memory(m) => m.name(),
         }
     }
 
     /// True while producers to this address must get no new credit.
     pub fn is_blocked(&self) -> bool {
+        self.room() == Some(0)
+    }
+
+    /// How many more messages producers may be granted credit for; `None`: no limit.
+    pub fn room(&self) -> Option<u64> {
         match self {
-            Address::Queue(_) => false,
-            Address::Topic(t) => t.is_blocked(),
+            Address::Queue(q) => q.room(),
+            Address::Topic(t) => t.room(),
+            Address::Memory(m) => m.room(),
+        }
+    }
+
+    pub fn limits(&self) -> AddressLimits {
+        match self {
+            Address::Queue(q) => q.limits(),
+            Address::Topic(t) => t.limits(),
+            Address::Memory(m) => m.limits(),
+        }
+    }
+
+    /// Checks a message of `size` bytes against the address's plan and takes room for
+    /// it until it is durable and enqueued (queues; a topic only checks its space).
+    pub fn admit(&self, size: u64) -> Result<Option<Reservation>, LimitExceeded> {
+        if let Some(max) = self.limits().message_bytes_max.filter(|&m| size > m) {
+            return Err(LimitExceeded::MessageSize {
+                address: self.name().to_owned(),
+                size,
+                max,
+            });
+        }
+        match self {
+            Address::Queue(q) => q.reserve(size),
+            Address::Topic(t) => match t.space() {
+                Some(space) if !space.fits(size) => Err(LimitExceeded::SpaceBytes {
+                    space: space.name.clone(),
+                    bytes: size,
+                    max: space.bytes_max().unwrap_or(0),
+                }),
+                _ => Ok(None),
+            },
+            Address::Memory(_) => Ok(None),
         }
     }
 
@@ -93,6 +143,8 @@ impl Address {
         match self {
             Address::Queue(q) => q.enqueue(broker, msg),
             Address::Topic(t) => t.publish(broker, msg, stored_at_ms),
+            // Never pending: the connection routes in-memory messages on arrival.
+            Address::Memory(m) => drop(m.route(broker, msg.message, true)),
         }
     }
 }
@@ -127,6 +179,8 @@ impl Broker {
             store,
             queues: RwLock::new(HashMap::new()),
             topics: RwLock::new(HashMap::new()),
+            memory: RwLock::new(HashMap::new()),
+            spaces: RwLock::new(HashMap::new()),
             subscriptions: subscriptions::Registry::default(),
             stats: BrokerStats::default(),
         });
@@ -197,6 +251,9 @@ impl Broker {
         name: &str,
         capability: Option<AddressKind>,
     ) -> Result<Address, AddressError> {
+        if let Some(m) = self.memory.read().ok().and_then(|m| m.get(name).cloned()) {
+            return Ok(Address::Memory(m));
+        }
         match self.kind_of(name, capability) {
             AddressKind::Queue => self.queue(name).map(Address::Queue),
             AddressKind::Topic => {

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
+use super::limits::{self, AddressLimits, LimitExceeded, Reservation, SpaceUsage};
 use super::Broker;
 
 /// Unique id of a consumer (one sending link of the broker).
@@ -111,6 +112,41 @@ struct QueueState {
     unsettled: HashMap<u64, (ConsumerId, QueuedMessage)>,
     consumers: Vec<Consumer>,
     next_consumer: usize,
+    /// Bytes of the messages in `ready` and `unsettled`.
+    bytes: u64,
+    /// Messages admitted but not yet durable (see [`Reservation`]), and their bytes.
+    reserved: u64,
+    reserved_bytes: u64,
+    limits: AddressLimits,
+    /// The address space whose `maxStoredBytes` this queue counts against.
+    space: Option<Arc<SpaceUsage>>,
+}
+
+impl QueueState {
+    /// `n` bytes entered the queue.
+    fn hold(&mut self, n: u64) {
+        self.bytes += n;
+        limits::space_add(&self.space, n);
+    }
+
+    /// A message of `n` bytes left the queue for good.
+    fn release(&mut self, n: u64) {
+        debug_assert!(self.bytes >= n, "queue byte count underflow");
+        self.bytes = self.bytes.saturating_sub(n);
+        limits::space_sub(&self.space, n);
+    }
+
+    fn held(&self) -> u64 {
+        (self.ready.len() + self.unsettled.len()) as u64 + self.reserved
+    }
+
+    fn held_bytes(&self) -> u64 {
+        self.bytes + self.reserved_bytes
+    }
+}
+
+fn len_of(msg: &QueuedMessage) -> u64 {
+    msg.message.len() as u64
 }
 
 /// Totals exported as metrics.
@@ -146,6 +182,9 @@ pub enum QueueOwner {
         group: u32,
         durable: bool,
     },
+    /// An in-memory address (anycast, or one receiver of a multicast address): nothing
+    /// is in the store, so nothing is acknowledged there.
+    Memory,
 }
 
 /// Why a message leaves a queue for another address.
@@ -193,10 +232,101 @@ impl Queue {
         self.lock().consumers.len()
     }
 
+    /// Applies an address plan's limits, and the space this queue counts against.
+    pub fn set_limits(&self, limits: AddressLimits, space: Option<Arc<SpaceUsage>>) {
+        let mut s = self.lock();
+        let bytes = s.held_bytes();
+        if let Some(old) = s.space.take() {
+            old.sub(bytes);
+        }
+        if let Some(new) = &space {
+            new.add(bytes);
+        }
+        s.space = space;
+        s.limits = limits;
+    }
+
+    pub fn limits(&self) -> AddressLimits {
+        self.lock().limits
+    }
+
+    /// Bytes held (ready + unsettled), for metrics.
+    pub fn bytes(&self) -> u64 {
+        self.lock().bytes
+    }
+
+    /// Takes room for a message of `bytes` that is about to be stored for this queue;
+    /// `None` when the queue has no limits to keep (nothing to count).
+    pub fn reserve(self: &Arc<Self>, bytes: u64) -> Result<Option<Reservation>, LimitExceeded> {
+        let mut s = self.lock();
+        if s.limits == AddressLimits::default() && s.space.is_none() {
+            return Ok(None);
+        }
+        let address = || self.name.clone();
+        if let Some(max) = s.limits.depth_max.filter(|&m| s.held() >= m) {
+            return Err(LimitExceeded::Depth {
+                address: address(),
+                max,
+            });
+        }
+        if let Some(max) = s.limits.bytes_max.filter(|&m| s.held_bytes() + bytes > m) {
+            return Err(LimitExceeded::Bytes {
+                address: address(),
+                bytes,
+                max,
+            });
+        }
+        if let Some(space) = s.space.as_ref().filter(|sp| !sp.fits(bytes)) {
+            return Err(LimitExceeded::SpaceBytes {
+                space: space.name.clone(),
+                bytes,
+                max: space.bytes_max().unwrap_or(0),
+            });
+        }
+        s.reserved += 1;
+        s.reserved_bytes += bytes;
+        limits::space_add(&s.space, bytes);
+        Ok(Some(Reservation {
+            queue: Arc::clone(self),
+            bytes,
+        }))
+    }
+
+    pub(crate) fn unreserve(&self, bytes: u64) {
+        let mut s = self.lock();
+        s.reserved = s.reserved.saturating_sub(1);
+        s.reserved_bytes = s.reserved_bytes.saturating_sub(bytes);
+        limits::space_sub(&s.space, bytes);
+    }
+
+    /// How many more messages a producer may be granted credit for: `None` without a
+    /// limit, 0 when the queue (or its space) is full by count or bytes. Under a bytes
+    /// limit, room is counted in messages of the queue's current average size.
+    pub fn room(&self) -> Option<u64> {
+        let s = self.lock();
+        if s.space.as_ref().is_some_and(|sp| !sp.fits(1)) {
+            return Some(0);
+        }
+        let by_depth = s.limits.depth_max.map(|m| m.saturating_sub(s.held()));
+        let by_bytes = s.limits.bytes_max.and_then(|max| {
+            let (held, bytes) = (s.held(), s.held_bytes());
+            match (bytes >= max, held) {
+                (true, _) => Some(0),
+                (false, 0) => None,
+                (false, n) => Some((max - bytes) / (bytes / n).max(1)),
+            }
+        });
+        match (by_depth, by_bytes) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// Adds a durable message and hands it to a consumer if one has credit.
     pub fn enqueue(self: &Arc<Self>, broker: &Broker, msg: QueuedMessage) {
         self.stats.enqueued.fetch_add(1, Ordering::Relaxed);
         let mut s = self.lock();
+        s.hold(len_of(&msg));
         s.ready.push_back(msg);
         self.dispatch(broker, &mut s);
     }
@@ -208,7 +338,10 @@ impl Queue {
         msgs: impl IntoIterator<Item = QueuedMessage>,
     ) {
         let mut s = self.lock();
-        s.ready.extend(msgs);
+        for msg in msgs {
+            s.hold(len_of(&msg));
+            s.ready.push_back(msg);
+        }
         self.dispatch(broker, &mut s);
     }
 
@@ -288,6 +421,7 @@ impl Queue {
         }
         match outcome {
             Outcome::Accepted => {
+                s.release(len_of(&msg));
                 drop(s);
                 self.acknowledge(broker, offset);
                 let mut s = self.lock();
@@ -306,6 +440,7 @@ impl Queue {
                     msg.delivery_count += 1;
                 }
                 if msg.delivery_count >= broker.config().max_delivery_attempts {
+                    s.release(len_of(&msg));
                     drop(s);
                     let reason = format!(
                         "delivery attempts reached {}",
@@ -329,6 +464,7 @@ impl Queue {
                 condition,
                 description,
             } => {
+                s.release(len_of(&msg));
                 drop(s);
                 self.divert(
                     broker,
@@ -351,6 +487,7 @@ impl Queue {
     pub(crate) fn finish(&self, broker: &Broker, offset: u64) {
         let result = match &self.owner {
             QueueOwner::Address => broker.store().ack(&[offset]).map(drop),
+            QueueOwner::Memory => Ok(()),
             QueueOwner::Subscription {
                 topic,
                 group,
@@ -391,8 +528,12 @@ impl Queue {
     pub fn drop_oldest_beyond(self: &Arc<Self>, broker: &Broker, max: usize) -> usize {
         let mut s = self.lock();
         let excess = s.ready.len().saturating_sub(max);
-        let dropped: Vec<u64> = s.ready.drain(..excess).map(|m| m.offset).collect();
+        let dropped: Vec<QueuedMessage> = s.ready.drain(..excess).collect();
+        for m in &dropped {
+            s.release(len_of(m));
+        }
         drop(s);
+        let dropped: Vec<u64> = dropped.iter().map(|m| m.offset).collect();
         for offset in &dropped {
             self.finish(broker, *offset);
         }
@@ -457,6 +598,7 @@ impl Queue {
                 break;
             };
             if msg.expires_at_ms.is_some_and(|t| t <= now) {
+                s.release(len_of(&msg));
                 expired.push(msg);
                 continue;
             }
@@ -480,7 +622,10 @@ impl Queue {
                 (true, false) => {
                     s.unsettled.insert(msg.offset, (link.consumer, msg));
                 }
-                (true, true) => self.acknowledge(broker, msg.offset),
+                (true, true) => {
+                    s.release(len_of(&msg));
+                    self.acknowledge(broker, msg.offset)
+                }
                 (false, _) => {
                     // The connection is gone; its link removal will follow. Keep the message.
                     s.consumers[i].unsettled = s.consumers[i]
@@ -522,6 +667,9 @@ impl Queue {
             .drain(..)
             .partition(|m| m.expires_at_ms.is_some_and(|t| t <= now));
         s.ready = keep;
+        for m in &gone {
+            s.release(len_of(m));
+        }
         drop(s);
         for msg in gone {
             self.divert(broker, msg, Diversion::Expired);

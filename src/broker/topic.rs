@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use super::limits::{AddressLimits, SpaceUsage};
 use super::queue::{now_ms, Queue, QueueOwner, QueuedMessage};
 use super::selector::Selector;
 use super::Broker;
@@ -87,6 +88,9 @@ struct TopicState {
     retained_bytes: u64,
     /// Durable subscriptions still holding each record.
     refs: HashMap<u64, u32>,
+    /// The address plan's limits: each subscription's backlog, and retention.
+    limits: AddressLimits,
+    space: Option<Arc<SpaceUsage>>,
 }
 
 /// Counters exported as metrics.
@@ -131,6 +135,56 @@ impl Topic {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Applies an address plan: `depth_max`/`bytes_max` bound every subscription's
+    /// backlog (producers are held back by credit), `retention_secs` keeps messages for
+    /// replay (within `bytes_max`, else the configured `topic-retention-bytes`, if any).
+    pub fn set_limits(&self, limits: AddressLimits, space: Option<Arc<SpaceUsage>>) {
+        let mut s = self.lock();
+        s.limits = limits;
+        s.space = space.clone();
+        let subs = s.subscriptions.clone();
+        drop(s);
+        for sub in subs {
+            sub.queue.set_limits(queue_limits(limits), space.clone());
+        }
+    }
+
+    pub fn limits(&self) -> AddressLimits {
+        self.lock().limits
+    }
+
+    /// The space this topic's subscriptions count against.
+    pub fn space(&self) -> Option<Arc<SpaceUsage>> {
+        self.lock().space.clone()
+    }
+
+    /// The retention window in force: the plan's, else the broker's configuration.
+    fn retention_of(&self, s: &TopicState) -> TopicRetention {
+        match s.limits.retention_secs {
+            None => self.retention,
+            Some(secs) => TopicRetention {
+                bytes_max: s
+                    .limits
+                    .bytes_max
+                    .unwrap_or(match self.retention.bytes_max {
+                        0 => u64::MAX,
+                        b => b,
+                    }),
+                age_max: Some(Duration::from_secs(secs)),
+            },
+        }
+    }
+
+    /// How many more messages producers may be granted credit for: `None` when no
+    /// subscription limits them, 0 while any subscription is full (see [`Self::is_blocked`]).
+    pub fn room(&self) -> Option<u64> {
+        if self.is_blocked() {
+            return Some(0);
+        }
+        let subs = self.lock().subscriptions.clone();
+        subs.iter().filter_map(|sub| sub.queue.room()).min()
+    }
+
     pub fn subscriptions(&self) -> Vec<Arc<Subscription>> {
         self.lock().subscriptions.clone()
     }
@@ -157,6 +211,11 @@ impl Topic {
             durable,
         };
         let queue = Arc::new(Queue::owned(format!("{}::{}", self.name, id), owner));
+        let (limits, space) = {
+            let s = self.lock();
+            (s.limits, s.space.clone())
+        };
+        queue.set_limits(queue_limits(limits), space);
         let (selector, selector_text) = selector.map_or((None, None), |(s, t)| (Some(s), Some(t)));
         Arc::new(Subscription {
             id,
@@ -237,7 +296,7 @@ impl Topic {
         if durable_refs > 0 {
             s.refs.insert(msg.offset, durable_refs);
         }
-        let retain = self.retention.bytes_max > 0;
+        let retain = self.retention_of(&s).bytes_max > 0;
         if retain {
             s.retained_bytes += msg.message.len() as u64;
             s.retained.push_back(Retained {
@@ -266,13 +325,14 @@ impl Topic {
     }
 
     /// True while producers must be held back: the policy is `block` and a subscription's
-    /// backlog is at its limit.
+    /// backlog is at its limit, or a subscription is at its plan's limit.
     pub fn is_blocked(&self) -> bool {
-        self.backlog_policy == BacklogPolicy::Block
-            && self.lock().subscriptions.iter().any(|s| {
-                let (ready, unsettled) = s.queue.depth();
-                ready + unsettled >= self.backlog_max
-            })
+        let subs = self.lock().subscriptions.clone();
+        subs.iter().any(|s| {
+            let (ready, unsettled) = s.queue.depth();
+            (self.backlog_policy == BacklogPolicy::Block && ready + unsettled >= self.backlog_max)
+                || s.queue.room() == Some(0)
+        })
     }
 
     /// Re-adds a stored, not fully consumed message after a restart.
@@ -291,7 +351,7 @@ impl Topic {
         if !holders.is_empty() {
             s.refs.insert(msg.offset, holders.len() as u32);
         }
-        let retain = self.retention.bytes_max > 0;
+        let retain = self.retention_of(&s).bytes_max > 0;
         if retain {
             s.retained_bytes += msg.message.len() as u64;
             s.retained.push_back(Retained {
@@ -344,10 +404,10 @@ impl Topic {
     /// Trims the retention window; returns offsets no durable subscription holds.
     fn trim_locked(&self, s: &mut TopicState, now: i64) -> Vec<u64> {
         let mut out = Vec::new();
+        let retention = self.retention_of(s);
         while let Some(front) = s.retained.front() {
-            let too_big = s.retained_bytes > self.retention.bytes_max;
-            let too_old = self
-                .retention
+            let too_big = s.retained_bytes > retention.bytes_max;
+            let too_old = retention
                 .age_max
                 .is_some_and(|a| front.stored_at_ms < now - a.as_millis() as i64);
             if !(too_big || too_old) {
@@ -362,6 +422,14 @@ impl Topic {
             }
         }
         out
+    }
+}
+
+/// A subscription's queue limits under the topic's plan (retention is the topic's).
+fn queue_limits(limits: AddressLimits) -> AddressLimits {
+    AddressLimits {
+        retention_secs: None,
+        ..limits
     }
 }
 

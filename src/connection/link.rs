@@ -15,7 +15,7 @@ use fe2o3_amqp_types::definitions::{
     AmqpError, Error as AmqpErrorBody, ErrorCondition, LinkError, ReceiverSettleMode, Role,
     SenderSettleMode, SessionError,
 };
-use fe2o3_amqp_types::messaging::{DeliveryState, Rejected, TargetArchetype};
+use fe2o3_amqp_types::messaging::{DeliveryState, Rejected, Released, TargetArchetype};
 use fe2o3_amqp_types::performatives::{Attach, Detach, Disposition, Performative, Transfer};
 
 use super::session::Session;
@@ -23,10 +23,12 @@ use super::subscribe::{self, SubscriptionRef};
 use super::{ConnError, Connection, PendingProduce};
 use crate::amqp::message::MessageView;
 use crate::auth::authz::Operation;
+use crate::broker::memory::{MemoryAddress, Routed};
 use crate::broker::queue::{ConsumerId, ConsumerSpec, LinkKey, Queue};
 use crate::broker::store::StoreError;
 use crate::broker::Address;
 use crate::broker::AddressError;
+use crate::manifest::AddressType;
 use entrepot_storage::StorageError;
 
 pub(super) enum Link {
@@ -40,7 +42,8 @@ pub(super) struct ProducerLink {
     pub target: Address,
     pub credit: u32,
     pub delivery_count: u32,
-    /// Credit is being withheld because the target is blocked (a subscription's backlog).
+    /// Credit is being withheld because the target has no room (a subscription's
+    /// backlog, a plan's depth or bytes limit, an anycast address without receivers).
     pub withheld: bool,
     partial: Option<Partial>,
 }
@@ -60,6 +63,11 @@ struct Partial {
     settled: bool,
     chunks: Vec<Bytes>,
     len: u64,
+}
+
+/// Credit to grant a producer: the configured amount, capped by the target's room.
+fn credit_for(link_credit: u32, room: Option<u64>) -> u32 {
+    room.map_or(link_credit, |r| r.min(u64::from(link_credit)) as u32)
 }
 
 fn address_error(e: AddressError) -> (ErrorCondition, String) {
@@ -115,6 +123,12 @@ impl Session {
         };
         // Tenancy and authorization (a pass-through without manifests): see tenant.rs.
         let address = match conn.authorize(Operation::Send, &address) {
+            Ok(r) if r.address_type == Some(AddressType::Subscription) => {
+                let d = format!(
+                    "address {address:?} is a subscription: receive from it, send to its topic"
+                );
+                return self.refuse(conn, attach, AmqpError::NotAllowed.into(), d);
+            }
             Ok(resolved) => resolved.name,
             Err((c, d)) => return self.refuse(conn, attach, c, d),
         };
@@ -133,7 +147,13 @@ impl Session {
                 return self.refuse(conn, attach, c, d);
             }
         };
-        let credit = conn.broker.config().link_credit;
+        let credit = credit_for(conn.broker.config().link_credit, target.room());
+        let withheld = credit == 0;
+        conn.withheld_links |= withheld;
+        let max_message_size = match target.limits().message_bytes_max {
+            Some(plan) => plan.min(conn.broker.config().max_message_bytes),
+            None => conn.broker.config().max_message_bytes,
+        };
         let delivery_count = attach.initial_delivery_count.unwrap_or(0);
         let reply = Attach {
             name: attach.name.clone(),
@@ -146,7 +166,7 @@ impl Session {
             unsettled: None,
             incomplete_unsettled: false,
             initial_delivery_count: None,
-            max_message_size: Some(conn.broker.config().max_message_bytes),
+            max_message_size: Some(max_message_size),
             offered_capabilities: None,
             desired_capabilities: None,
             properties: None,
@@ -158,7 +178,7 @@ impl Session {
                 target,
                 credit,
                 delivery_count,
-                withheld: false,
+                withheld,
                 partial: None,
             }),
         );
@@ -198,6 +218,9 @@ impl Session {
         };
         // Tenancy and authorization (a pass-through without manifests): see tenant.rs.
         let address = match conn.authorize(Operation::Recv, &address) {
+            Ok(r) if r.address_type == Some(AddressType::Subscription) => {
+                return self.attach_declared_subscription(conn, attach, &r.name);
+            }
             Ok(resolved) => resolved.name,
             Err((c, d)) => return self.refuse(conn, attach, c, d),
         };
@@ -211,6 +234,12 @@ impl Session {
             .address(&address, subscribe::kind_from_capabilities(caps))
         {
             Ok(Address::Queue(q)) => (q, None),
+            Ok(Address::Memory(m)) => {
+                // At-most-once: deliveries from an in-memory address are pre-settled.
+                let mut attach = attach;
+                attach.snd_settle_mode = SenderSettleMode::Settled;
+                return self.finish_consumer_attach(conn, attach, m.receiver_queue(), None);
+            }
             Ok(Address::Topic(topic)) => {
                 let source = attach.source.as_deref().cloned().unwrap_or_default();
                 match subscribe::subscribe(
@@ -230,6 +259,26 @@ impl Session {
             }
         };
         self.finish_consumer_attach(conn, attach, queue, subscription)
+    }
+
+    /// A receiver on a `subscription` address consumes the durable subscription declared
+    /// under that name. It holds no [`SubscriptionRef`]: closing the link never deletes
+    /// a declared subscription, only removing it from the manifests does.
+    fn attach_declared_subscription(
+        &mut self,
+        conn: &mut Connection,
+        attach: Attach,
+        name: &str,
+    ) -> Result<(), ConnError> {
+        match conn.broker.find_durable(name) {
+            Some((_, sub)) => {
+                self.finish_consumer_attach(conn, attach, Arc::clone(&sub.queue), None)
+            }
+            None => {
+                let d = format!("subscription {name:?} is declared but could not be created");
+                self.refuse(conn, attach, AmqpError::InternalError.into(), d)
+            }
+        }
     }
 
     /// Answers a consumer's attach and registers it with its queue or subscription.
@@ -462,16 +511,20 @@ impl Session {
             if !p.withheld {
                 continue;
             }
-            if p.target.is_blocked() {
+            let want = credit_for(credit, p.target.room());
+            if want > p.credit {
+                p.withheld = false;
+                p.credit = want;
+                grants.push((handle, p.delivery_count, want));
+            } else if p.credit == 0 {
                 still = true;
-                continue;
+            } else {
+                // It can still send; its next transfer tops its credit up again.
+                p.withheld = false;
             }
-            p.withheld = false;
-            p.credit = credit;
-            grants.push((handle, p.delivery_count));
         }
-        for (handle, dc) in grants {
-            self.send_flow(conn, Some((handle, dc, Some(credit), false)))?;
+        for (handle, dc, c) in grants {
+            self.send_flow(conn, Some((handle, dc, Some(c), false)))?;
         }
         Ok(still)
     }
@@ -511,7 +564,6 @@ impl Session {
     ) -> Result<(), ConnError> {
         let max = conn.broker.config().max_message_bytes;
         let size: u64 = chunks.iter().map(|c| c.len() as u64).sum();
-        let credit_refill = conn.broker.config().link_credit;
         let Some(Link::Producer(link)) = self.links.get_mut(&handle) else {
             return Ok(());
         };
@@ -526,18 +578,6 @@ impl Session {
         link.credit -= 1;
         link.delivery_count = link.delivery_count.wrapping_add(1);
         let target = link.target.clone();
-        let blocked = link.target.is_blocked();
-        link.withheld = blocked;
-        let refill = (link.credit < credit_refill / 2 && !blocked).then(|| {
-            link.credit = credit_refill;
-            (link.delivery_count, credit_refill)
-        });
-        if blocked {
-            conn.withheld_links = true;
-        }
-        if let Some((dc, credit)) = refill {
-            self.send_flow(conn, Some((handle, dc, Some(credit), false)))?;
-        }
         if size > max {
             return self.detach_with_error(
                 conn,
@@ -545,6 +585,36 @@ impl Session {
                 LinkError::MessageSizeExceeded.into(),
                 format!("message exceeds max-message-size of {max} bytes"),
             );
+        }
+        if conn.broker.config().sink {
+            // `serve --sink`, for benchmarks only: accepted at once, dropped, never stored.
+            self.top_up_credit(conn, handle)?;
+            return match (settled, delivery_id) {
+                (false, Some(id)) => self.send_accepted(conn, id, id),
+                _ => Ok(()),
+            };
+        }
+        // The plan's limits: room is taken before the message is stored, so the credit
+        // granted next already counts it.
+        let admitted = target.admit(size);
+        self.top_up_credit(conn, handle)?;
+        let reservation = match admitted {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(address = target.name(), reason = %e, "message refused by its plan");
+                let condition = AmqpError::ResourceLimitExceeded.into();
+                return self.refuse_message(
+                    conn,
+                    handle,
+                    delivery_id,
+                    settled,
+                    condition,
+                    e.to_string(),
+                );
+            }
+        };
+        if let Address::Memory(m) = &target {
+            return self.route_in_memory(conn, &m.clone(), delivery_id, settled, chunks);
         }
         let parts: Vec<&[u8]> = chunks.iter().map(|c| &c[..]).collect();
         let stored = conn.broker.store().append(target.name(), &parts);
@@ -595,8 +665,84 @@ impl Session {
             msg,
             stored_at_ms: ts,
             ack,
+            reservation,
         });
         Ok(())
+    }
+
+    /// Grants a producer credit again once half is used, as far as its target has room;
+    /// marks the link withheld (re-checked periodically) when the target has none.
+    fn top_up_credit(&mut self, conn: &mut Connection, handle: u32) -> Result<(), ConnError> {
+        let refill = conn.broker.config().link_credit;
+        let Some(Link::Producer(link)) = self.links.get_mut(&handle) else {
+            return Ok(());
+        };
+        let want = credit_for(refill, link.target.room());
+        let grant = (link.credit < refill / 2 && want > link.credit).then(|| {
+            link.credit = want;
+            (link.delivery_count, want)
+        });
+        link.withheld = link.credit < refill / 2 && grant.is_none();
+        conn.withheld_links |= link.withheld;
+        match grant {
+            Some((dc, credit)) => self.send_flow(conn, Some((handle, dc, Some(credit), false))),
+            None => Ok(()),
+        }
+    }
+
+    /// Refuses one message with `condition`: a `rejected` outcome, or — for a pre-settled
+    /// transfer, which has no outcome to carry it — a detach, so it is never lost silently.
+    fn refuse_message(
+        &mut self,
+        conn: &mut Connection,
+        handle: u32,
+        delivery_id: Option<u32>,
+        settled: bool,
+        condition: ErrorCondition,
+        description: String,
+    ) -> Result<(), ConnError> {
+        match (settled, delivery_id) {
+            (false, Some(_)) => self.reject(conn, delivery_id, settled, condition, description),
+            _ => self.detach_with_error(conn, handle, condition, description),
+        }
+    }
+
+    /// An in-memory address: validate, hand to the receivers now, and settle with the
+    /// producer at once — `accepted` if a receiver got it, `released` if none was there.
+    fn route_in_memory(
+        &mut self,
+        conn: &mut Connection,
+        address: &Arc<MemoryAddress>,
+        delivery_id: Option<u32>,
+        settled: bool,
+        chunks: &[Bytes],
+    ) -> Result<(), ConnError> {
+        let message = match chunks {
+            [one] => one.clone(),
+            many => Bytes::from(many.concat()),
+        };
+        if let Err(e) = MessageView::parse(message.clone()) {
+            let d = format!("malformed message: {e}");
+            return self.reject(conn, delivery_id, settled, AmqpError::DecodeError.into(), d);
+        }
+        let routed = address.route(&conn.broker, message, settled);
+        let (false, Some(id)) = (settled, delivery_id) else {
+            return Ok(());
+        };
+        match routed {
+            Routed::Delivered(_) => self.send_accepted(conn, id, id),
+            Routed::NoReceiver => {
+                let d = Disposition {
+                    role: Role::Receiver,
+                    first: id,
+                    last: None,
+                    settled: true,
+                    state: Some(DeliveryState::Released(Released {})),
+                    batchable: false,
+                };
+                conn.send(self.local_channel(), &Performative::Disposition(d), &[])
+            }
+        }
     }
 
     fn reject(

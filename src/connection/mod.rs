@@ -114,6 +114,8 @@ struct PendingProduce {
     stored_at_ms: i64,
     /// `(remote channel, delivery id)` to accept once durable; `None` if pre-settled.
     ack: Option<(u16, u32)>,
+    /// Room held in the target queue under its plan until the message is enqueued.
+    reservation: Option<crate::broker::limits::Reservation>,
 }
 
 /// State of one connection (see the module docs).
@@ -134,6 +136,8 @@ pub struct Connection {
     login_space: Option<String>,
     /// The address space the connection works in, chosen at `open` (with manifests).
     space: Option<String>,
+    /// This connection's place under its space plan's `maxConnections`.
+    space_slot: Option<crate::broker::limits::SpaceConnection>,
     /// TLS SNI, when the connection came in on the amqps listener.
     sni: Option<String>,
     sessions: HashMap<u16, Session>,
@@ -240,6 +244,7 @@ async fn run(
         gate: Arc::clone(&gate),
         login_space: login.space,
         space: None,
+        space_slot: None,
         sni,
         sessions: HashMap::new(),
         outbound_tx,
@@ -518,6 +523,8 @@ impl Connection {
                 break;
             };
             p.target.accept(&self.broker, p.msg, p.stored_at_ms);
+            // Enqueued: the queue counts it now, so its reservation can go.
+            drop(p.reservation);
             if let Some(ack) = p.ack {
                 accepted.push(ack);
             }

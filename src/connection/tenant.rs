@@ -12,10 +12,13 @@ use fe2o3_amqp_types::definitions::{AmqpError, ErrorCondition};
 use super::{ConnError, Connection};
 use crate::amqp::sasl::Identity;
 use crate::auth::authz::Operation;
+use crate::manifest::AddressType;
 
 /// An address the client may use, by its name in the store.
 pub(super) struct Resolved {
     pub name: String,
+    /// Its declared type (with manifests).
+    pub address_type: Option<AddressType>,
 }
 
 impl Connection {
@@ -50,6 +53,13 @@ impl Connection {
                 format!("not authenticated for address space {:?}", space.name),
             ));
         }
+        // The space plan's maxConnections: the slot is freed when the connection ends.
+        if let Some(usage) = self.broker.space(&space.name) {
+            let slot = usage.connect().map_err(|e| {
+                ConnError::protocol(AmqpError::ResourceLimitExceeded, e.to_string())
+            })?;
+            self.space_slot = Some(slot);
+        }
         self.space = Some(space.name.clone());
         Ok(())
     }
@@ -64,6 +74,7 @@ impl Connection {
         let Some(catalog) = self.gate.manifests.current() else {
             return Ok(Resolved {
                 name: address.to_owned(),
+                address_type: None,
             });
         };
         let space = self
@@ -83,7 +94,7 @@ impl Connection {
                 format!("{who} may not {op} on address {address:?}"),
             ));
         }
-        if !space.addresses.contains_key(address) {
+        let Some(declared) = space.addresses.get(address) else {
             return Err((
                 AmqpError::NotFound.into(),
                 format!(
@@ -91,10 +102,11 @@ impl Connection {
                     space.name
                 ),
             ));
-        }
-        // The kind (queue or topic) was fixed when the address was declared at apply time.
+        };
+        // The kind was fixed when the address was declared at apply time.
         Ok(Resolved {
             name: space.internal_name(address),
+            address_type: Some(declared.address_type),
         })
     }
 }

@@ -184,6 +184,7 @@ impl Builder {
         self.plans(&mut catalog);
         self.spaces(&mut catalog);
         self.addresses(&mut catalog);
+        self.check_address_counts(&catalog);
         self.users(&mut catalog);
         if self.errors.is_empty() {
             Ok(catalog)
@@ -356,6 +357,30 @@ impl Builder {
             space.addresses.insert(s.address.clone(), address);
         }
         self.check_subscriptions(catalog);
+    }
+
+    /// The space plan's `maxAddresses`: the addresses past it, in file order, are errors.
+    fn check_address_counts(&mut self, catalog: &Catalog) {
+        for space in catalog.spaces.values() {
+            let plan = catalog.space_plans.get(&space.plan);
+            let Some(max) = plan.and_then(|p| p.max_addresses) else {
+                continue;
+            };
+            let mut in_order: Vec<&Address> = space.addresses.values().collect();
+            in_order.sort_by(|a, b| {
+                (&a.origin.file, a.origin.line).cmp(&(&b.origin.file, b.origin.line))
+            });
+            for a in in_order.iter().skip(max as usize) {
+                let reason = format!(
+                    "address {:?} is over the limit of address space {:?}: its plan {:?} has maxAddresses {max}, {} are declared",
+                    a.address,
+                    space.name,
+                    space.plan,
+                    space.addresses.len()
+                );
+                self.error(&a.origin, reason);
+            }
+        }
     }
 
     fn check_subscriptions(&mut self, catalog: &Catalog) {

@@ -117,8 +117,9 @@ impl AddressSpace {
 }
 
 impl AddressType {
-    /// The broker's kind of address for a declared type. Anycast is a queue and multicast
-    /// a topic until in-memory addresses exist; a subscription is stored as a queue.
+    /// The broker's nearest stored kind for a declared type (anycast: a queue, multicast:
+    /// a topic, subscription: a queue). The broker itself declares the exact type, see
+    /// [`Catalog::declarations`].
     pub fn broker_kind(self) -> crate::broker::AddressKind {
         use crate::broker::AddressKind;
         match self {
@@ -127,6 +128,52 @@ impl AddressType {
             }
             AddressType::Topic | AddressType::Multicast => AddressKind::Topic,
         }
+    }
+}
+
+impl AddressPlan {
+    /// The broker's limits for an address on this plan.
+    pub fn limits(&self) -> crate::broker::limits::AddressLimits {
+        crate::broker::limits::AddressLimits {
+            depth_max: self.max_depth,
+            bytes_max: self.max_bytes,
+            message_bytes_max: self.max_message_bytes,
+            retention_secs: self.retention_secs,
+        }
+    }
+}
+
+impl Catalog {
+    /// Everything the broker must create for the addresses of `space`, with their
+    /// plans' limits, counting against `usage` (the space's stored bytes).
+    pub fn declarations(
+        &self,
+        space: &AddressSpace,
+        usage: &Arc<crate::broker::limits::SpaceUsage>,
+    ) -> Vec<crate::broker::Declaration> {
+        use crate::broker::DeclaredType;
+        space
+            .addresses
+            .values()
+            .map(|a| crate::broker::Declaration {
+                name: space.internal_name(&a.address),
+                declared: match a.address_type {
+                    AddressType::Queue => DeclaredType::Queue,
+                    AddressType::Topic => DeclaredType::Topic,
+                    AddressType::Anycast => DeclaredType::Anycast,
+                    AddressType::Multicast => DeclaredType::Multicast,
+                    AddressType::Subscription => DeclaredType::Subscription {
+                        topic: space.internal_name(a.topic.as_deref().unwrap_or_default()),
+                    },
+                },
+                limits: self
+                    .address_plans
+                    .get(&a.plan)
+                    .map(AddressPlan::limits)
+                    .unwrap_or_default(),
+                space: Some(Arc::clone(usage)),
+            })
+            .collect()
     }
 }
 

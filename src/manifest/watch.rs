@@ -37,14 +37,10 @@ pub fn apply(dir: &Path, broker: &Broker, live: &Live) -> Result<(), Vec<Manifes
     if let Some(old) = live.current() {
         keep_non_empty_addresses(&old, &mut catalog, broker);
     }
-    for space in catalog.spaces.values() {
-        for a in space.addresses.values() {
-            broker.declare(
-                &space.internal_name(&a.address),
-                a.address_type.broker_kind(),
-            );
-        }
+    if let Some(old) = live.current() {
+        undeclare_removed(&old, &catalog, broker);
     }
+    declare_all(&catalog, broker);
     let (spaces, addresses, users) = catalog.spaces.values().fold((0, 0, 0), |(s, a, u), sp| {
         (s + 1, a + sp.addresses.len(), u + sp.users.len())
     });
@@ -52,6 +48,37 @@ pub fn apply(dir: &Path, broker: &Broker, live: &Live) -> Result<(), Vec<Manifes
     super::STATS.applied.fetch_add(1, Ordering::Relaxed);
     tracing::info!(dir = %dir.display(), spaces, addresses, users, "manifests applied");
     Ok(())
+}
+
+/// Creates every address of `catalog` in the broker and applies the plans' limits.
+fn declare_all(catalog: &Catalog, broker: &Broker) {
+    for space in catalog.spaces.values() {
+        let plan = catalog.space_plans.get(&space.plan);
+        let usage = broker.space_usage(&space.name, plan.and_then(|p| p.max_stored_bytes));
+        usage.set_connections_max(plan.and_then(|p| p.max_connections));
+        for d in catalog.declarations(space, &usage) {
+            if let Err(e) = broker.declare_address(&d) {
+                tracing::error!(address = %d.name, error = %e, "could not declare address");
+            }
+        }
+    }
+}
+
+/// Removes the named subscriptions and in-memory addresses that `new` no longer has
+/// (or has with another type, to be declared afresh).
+fn undeclare_removed(old: &Catalog, new: &Catalog, broker: &Broker) {
+    for old_space in old.spaces.values() {
+        for a in old_space.addresses.values() {
+            let kept = new
+                .spaces
+                .get(&old_space.name)
+                .and_then(|s| s.addresses.get(&a.address));
+            if kept.is_some_and(|k| k.address_type == a.address_type) {
+                continue;
+            }
+            broker.undeclare_address(&old_space.internal_name(&a.address));
+        }
+    }
 }
 
 /// Puts back every address that `new` drops while its queue holds messages.

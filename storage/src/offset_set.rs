@@ -77,7 +77,11 @@ impl OffsetSet {
         // Drop whole chunks below the floor without reallocating the map (this runs on
         // every in-order acknowledgement).
         let keep_from = self.floor / CHUNK_BITS;
-        while self.chunks.first_key_value().is_some_and(|(&idx, _)| idx < keep_from) {
+        while self
+            .chunks
+            .first_key_value()
+            .is_some_and(|(&idx, _)| idx < keep_from)
+        {
             self.chunks.pop_first();
         }
     }

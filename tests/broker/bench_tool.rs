@@ -102,3 +102,93 @@ fn bench_exits_non_zero_when_messages_are_missing() {
     assert!(stdout.contains("MISSING: 50 of 50"), "{stdout}");
     assert_eq!(json(&path)["loss"]["verdict"], "missing");
 }
+
+#[test]
+fn bench_over_two_processes_merges_figures_and_the_loss_check() {
+    // A topic with 3 subscribers split over 2 processes: each subscriber must see every
+    // message, whichever process sent it; the merged histograms count every delivery.
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(&dir.path().join("data"), &[]);
+    let path = dir.path().join("result.json");
+    let (ok, stdout) = bench(
+        &broker,
+        &path,
+        &[
+            "--address",
+            "topic.bench-procs",
+            "--producers",
+            "2",
+            "--topic-subscribers",
+            "3",
+            "--count",
+            "400",
+            "--size",
+            "128",
+            "--processes",
+            "2",
+        ],
+    );
+    assert!(ok, "entrepot bench --processes 2 failed");
+    assert!(
+        stdout.contains("all 400 messages received by each of 3 subscribers"),
+        "{stdout}"
+    );
+    let j = json(&path);
+    assert_eq!(j["processes"], 2);
+    assert_eq!(
+        (j["producers"].as_u64(), j["consumers"].as_u64()),
+        (Some(2), Some(3))
+    );
+    assert_eq!(j["loss"]["missing"], 0);
+    assert_eq!(j["produce_to_accepted"]["count"], 400);
+    assert_eq!(j["end_to_end"]["count"], 1200);
+}
+
+#[test]
+fn bench_against_a_sink_broker_is_accepted_and_not_checked() {
+    // `serve --sink` accepts and drops: with no consumers the run passes, says that
+    // nothing was checked, and the broker's queue stays empty.
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(&dir.path().join("data"), &["--sink"]);
+    let path = dir.path().join("result.json");
+    let (ok, stdout) = bench(
+        &broker,
+        &path,
+        &[
+            "--address",
+            "bench-sink",
+            "--consumers",
+            "0",
+            "--count",
+            "300",
+        ],
+    );
+    assert!(ok, "entrepot bench against a sink failed");
+    assert!(
+        stdout.contains("no consumers, so nothing was checked"),
+        "{stdout}"
+    );
+    let j = json(&path);
+    assert_eq!(j["accepted"], 300);
+    assert_eq!(j["loss"]["verdict"], "not-checked");
+    // Nothing was stored: a consumer of the same address gets nothing.
+    let (ok, stdout) = bench(
+        &broker,
+        &dir.path().join("after.json"),
+        &[
+            "--address",
+            "bench-sink",
+            "--consumer-address",
+            "bench-sink",
+            "--count",
+            "1",
+            "--drain",
+            "1",
+        ],
+    );
+    assert!(
+        !ok,
+        "a sink delivers nothing, so this run must miss its message"
+    );
+    assert!(stdout.contains("delivered 0"), "{stdout}");
+}

@@ -62,14 +62,22 @@ async fn a_full_disk_rejects_sends_keeps_what_was_accepted_and_recovers_when_spa
         }
     };
     let data = fs.path().join("data");
-    let mut broker = BrokerProcess::start(&data, &["--segment-bytes", "262144", "--max-message-bytes", "65536"]);
-    let mut conn = Connection::open("disk-full", broker.url().as_str()).await.unwrap();
+    let mut broker = BrokerProcess::start(
+        &data,
+        &["--segment-bytes", "262144", "--max-message-bytes", "65536"],
+    );
+    let mut conn = Connection::open("disk-full", broker.url().as_str())
+        .await
+        .unwrap();
     let mut session = Session::begin(&mut conn).await.unwrap();
     let mut sender = Sender::attach(&mut session, "s", "q").await.unwrap();
     let mut accepted = 0;
     let mut refusal = None;
     for i in 0..MAX_SENDS {
-        let outcome = tokio::time::timeout(Duration::from_secs(10), sender.send(message(i))).await.unwrap().unwrap();
+        let outcome = tokio::time::timeout(Duration::from_secs(10), sender.send(message(i)))
+            .await
+            .unwrap()
+            .unwrap();
         match outcome {
             Outcome::Accepted(_) => accepted += 1,
             Outcome::Rejected(r) => {
@@ -80,17 +88,33 @@ async fn a_full_disk_rejects_sends_keeps_what_was_accepted_and_recovers_when_spa
         }
     }
     let refusal = refusal.expect("the disk filled up within the bounded number of sends");
-    assert!(refusal.contains("ResourceLimitExceeded") || refusal.contains("resource-limit-exceeded"), "{refusal}");
-    assert!(accepted > 20, "some messages fit before the disk filled: {accepted}");
+    assert!(
+        refusal.contains("ResourceLimitExceeded") || refusal.contains("resource-limit-exceeded"),
+        "{refusal}"
+    );
+    assert!(
+        accepted > 20,
+        "some messages fit before the disk filled: {accepted}"
+    );
 
     let mut receiver = Receiver::attach(&mut session, "r", "q").await.unwrap();
     for i in 0..accepted {
-        let d = tokio::time::timeout(Duration::from_secs(10), receiver.recv::<fe2o3_amqp::types::messaging::Body<fe2o3_amqp::types::primitives::Value>>())
-            .await
-            .expect("accepted message delivered")
-            .unwrap();
-        let fe2o3_amqp::types::messaging::Body::Data(batch) = d.body() else { panic!("data body expected") };
-        assert_eq!(&batch[0].0[..8], &(i as u64).to_be_bytes(), "in order, intact");
+        let d = tokio::time::timeout(
+            Duration::from_secs(10),
+            receiver
+                .recv::<fe2o3_amqp::types::messaging::Body<fe2o3_amqp::types::primitives::Value>>(),
+        )
+        .await
+        .expect("accepted message delivered")
+        .unwrap();
+        let fe2o3_amqp::types::messaging::Body::Data(batch) = d.body() else {
+            panic!("data body expected")
+        };
+        assert_eq!(
+            &batch[0].0[..8],
+            &(i as u64).to_be_bytes(),
+            "in order, intact"
+        );
         receiver.accept(&d).await.unwrap();
     }
 
@@ -104,8 +128,17 @@ async fn a_full_disk_rejects_sends_keeps_what_was_accepted_and_recovers_when_spa
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    assert!(again, "sends are accepted again once acknowledged segments are deleted");
-    let d = tokio::time::timeout(Duration::from_secs(10), receiver.recv::<fe2o3_amqp::types::messaging::Body<fe2o3_amqp::types::primitives::Value>>()).await.unwrap().unwrap();
+    assert!(
+        again,
+        "sends are accepted again once acknowledged segments are deleted"
+    );
+    let d = tokio::time::timeout(
+        Duration::from_secs(10),
+        receiver.recv::<fe2o3_amqp::types::messaging::Body<fe2o3_amqp::types::primitives::Value>>(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     receiver.accept(&d).await.unwrap();
     receiver.close().await.unwrap();
     sender.close().await.unwrap();
