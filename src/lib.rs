@@ -26,4 +26,5 @@ pub mod connection;
 pub mod manifest;
 pub mod metrics;
 pub mod server;
+pub mod status;
 pub mod tls;

@@ -42,6 +42,35 @@ enum Command {
         /// The password; prefer stdin, so it stays out of shell history.
         password: Option<String>,
     },
+    /// Print what a running node holds (queues, topics, subscriptions, connections, and
+    /// addresses the last manifest apply refused to delete), from its HTTP endpoint.
+    Status {
+        /// The node's HTTP address.
+        #[arg(long, env = "ENTREPOT_HTTP", default_value = "127.0.0.1:8080")]
+        http: SocketAddr,
+    },
+    /// Print a ConfigMap with what clients of an address space need to connect (host,
+    /// ports, CA certificate), like EnMasse's exports.
+    Export {
+        /// The address space.
+        #[arg(long)]
+        address_space: String,
+        /// Directory of manifests.
+        #[arg(long, env = "ENTREPOT_MANIFESTS", default_value = "manifests")]
+        manifests: PathBuf,
+        /// Host clients connect to [default: the space's first hostname, else its name].
+        #[arg(long)]
+        host: Option<String>,
+        /// AMQP port.
+        #[arg(long, default_value_t = 5672)]
+        amqp_port: u16,
+        /// AMQPS port (omitted when no certificate is given).
+        #[arg(long, default_value_t = 5671)]
+        amqps_port: u16,
+        /// PEM certificate clients should trust (the CA, or the server's self-signed one).
+        #[arg(long, env = "ENTREPOT_TLS_CERT")]
+        ca: Option<PathBuf>,
+    },
     /// Load-test an AMQP 1.0 broker (or NATS JetStream) and check nothing was lost.
     Bench(Box<bench::BenchArgs>),
     /// Draw the throughput-versus-p99 PNG from the per-run JSON files of benches/compare.sh.
@@ -142,6 +171,31 @@ impl ServeArgs {
     }
 }
 
+/// Fetches `/status` from a running node and prints it.
+fn status(http: SocketAddr) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let timeout = std::time::Duration::from_secs(5);
+    let mut stream = std::net::TcpStream::connect_timeout(&http, timeout)
+        .with_context(|| format!("connecting to {http}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "GET /status HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or((response.as_str(), ""));
+    anyhow::ensure!(
+        head.starts_with("HTTP/1.1 200"),
+        "{http} answered: {}",
+        head.lines().next().unwrap_or_default()
+    );
+    print!("{body}");
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -158,6 +212,31 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => runtime.block_on(serve(args.into_config()?)),
         Command::Validate { dir } => validate(&dir),
         Command::HashPassword { password } => hash_password(password),
+        Command::Status { http } => status(http),
+        Command::Export {
+            address_space,
+            manifests,
+            host,
+            amqp_port,
+            amqps_port,
+            ca,
+        } => {
+            let ca_pem = ca
+                .map(|p| {
+                    std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
+                })
+                .transpose()?;
+            let opts = entrepot::manifest::export::ExportOptions {
+                host: host.as_deref(),
+                amqp_port,
+                amqps_port: ca_pem.as_ref().map(|_| amqps_port),
+                ca_pem,
+            };
+            let text = entrepot::manifest::export::export(&manifests, &address_space, &opts)
+                .map_err(anyhow::Error::msg)?;
+            print!("{text}");
+            Ok(())
+        }
         Command::Bench(args) => runtime.block_on(bench::run(*args)),
         #[cfg(feature = "plot")]
         Command::BenchPlot(args) => bench::plot::run(args),

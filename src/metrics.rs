@@ -299,6 +299,7 @@ async fn handle(
     let head = String::from_utf8_lossy(&buf[..len]);
     let path = head.split_whitespace().nth(1).unwrap_or("/");
     let (status, body, kind) = match path {
+        "/status" => ("200 OK", crate::status::render(broker), "application/yaml"),
         "/metrics" => ("200 OK", render(broker), "text/plain; version=0.0.4"),
         "/healthz" => ("200 OK", "ok\n".to_owned(), "text/plain"),
         "/readyz" if ready => ("200 OK", "ready\n".to_owned(), "text/plain"),

@@ -13,6 +13,7 @@
 //! Does not: authenticate (see [`crate::auth`]) or touch queues; it only answers "what
 //! exists and who may do what".
 
+pub mod export;
 pub mod load;
 pub mod model;
 pub mod watch;
@@ -220,6 +221,10 @@ impl Catalog {
         })
     }
 }
+
+/// Addresses the last apply kept although the manifests removed them (they still held
+/// messages), as `space/address (N messages)`, for `entrepot status`.
+pub static KEPT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
 /// Counters of applies, for metrics: process-wide, like the manifest directory.
 pub static STATS: ApplyStats = ApplyStats {

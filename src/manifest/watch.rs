@@ -83,6 +83,7 @@ fn undeclare_removed(old: &Catalog, new: &Catalog, broker: &Broker) {
 
 /// Puts back every address that `new` drops while its queue holds messages.
 fn keep_non_empty_addresses(old: &Catalog, new: &mut Catalog, broker: &Broker) {
+    let mut kept = Vec::new();
     for old_space in old.spaces.values() {
         for a in old_space.addresses.values() {
             let still_there = new
@@ -96,6 +97,10 @@ fn keep_non_empty_addresses(old: &Catalog, new: &mut Catalog, broker: &Broker) {
             super::STATS
                 .deletions_refused
                 .fetch_add(1, Ordering::Relaxed);
+            kept.push(format!(
+                "{}/{} ({held} messages)",
+                old_space.name, a.address
+            ));
             tracing::warn!(space = %old_space.name, address = %a.address, messages = held,
                 "refusing to delete an address that still holds messages (set deleteWithMessages: true to allow); keeping it");
             let space = new
@@ -108,6 +113,9 @@ fn keep_non_empty_addresses(old: &Catalog, new: &mut Catalog, broker: &Broker) {
                 });
             space.addresses.insert(a.address.clone(), a.clone());
         }
+    }
+    if let Ok(mut slot) = super::KEPT.lock() {
+        *slot = kept;
     }
 }
 

@@ -356,6 +356,15 @@ async fn edits_apply_live_and_broken_edits_change_nothing() {
         broker.metric("entrepot_manifest_deletions_refused_total"),
         Some(1.0)
     );
+    // The refusal is visible in `entrepot status` too.
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_entrepot"))
+        .args(["status", "--http", &broker.http.to_string()])
+        .output()
+        .expect("run entrepot status");
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{text}");
+    assert!(text.contains("app/orders-eu (1 messages)"), "{text}");
+    assert!(text.contains("deletions_refused: 1"), "{text}");
     let mut s = within("begin", Session::begin(&mut conn)).await.unwrap();
     let mut receiver = within("attach", Receiver::attach(&mut s, "r", "orders-eu"))
         .await

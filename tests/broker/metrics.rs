@@ -144,3 +144,50 @@ async fn queue_depth_follows_sends_and_accepts_and_fsyncs_are_counted() {
     within("close", sender.close()).await.unwrap();
     within("close", conn.close()).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entrepot_status_lists_queues_with_their_depth_and_consumers() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let mut conn = fe2o3_amqp::Connection::open("status", broker.url().as_str())
+        .await
+        .unwrap();
+    let mut session = fe2o3_amqp::Session::begin(&mut conn).await.unwrap();
+    let mut sender = fe2o3_amqp::Sender::attach(&mut session, "s", "status-q")
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        sender
+            .send("x")
+            .await
+            .unwrap()
+            .accepted_or_else(|o| o)
+            .unwrap();
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_entrepot"))
+        .args(["status", "--http", &broker.http.to_string()])
+        .output()
+        .expect("run entrepot status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let parsed: serde_yaml::Value = serde_yaml::from_str(&text).expect("status is YAML");
+    let queue = parsed["queues"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|q| q["name"] == "status-q")
+        .expect("queue listed")
+        .clone();
+    assert_eq!(queue["ready"].as_u64(), Some(2), "{text}");
+    assert_eq!(parsed["connections"].as_u64(), Some(1), "{text}");
+    sender.close().await.unwrap();
+    conn.close().await.unwrap();
+    let down = std::process::Command::new(env!("CARGO_BIN_EXE_entrepot"))
+        .args(["status", "--http", "127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert!(
+        !down.status.success(),
+        "status of an unreachable node fails"
+    );
+}
