@@ -364,6 +364,14 @@ impl Log {
 }
 
 impl Inner {
+    pub(crate) fn stats(&self) -> &LogStats {
+        &self.stats
+    }
+
+    pub(crate) fn durable_offset(&self) -> u64 {
+        self.durable_tx.borrow().durable
+    }
+
     fn lock_writer(&self) -> Result<MutexGuard<'_, Writer>> {
         self.writer.lock().map_err(|_| StorageError::Closed)
     }
