@@ -372,3 +372,49 @@ async fn edits_apply_live_and_broken_edits_change_nothing() {
     let d = within("recv", receiver.recv::<String>()).await.unwrap();
     assert_eq!(d.body(), "eu");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serviceaccount_user_logs_in_with_its_bearer_token_only() {
+    let root = tempfile::tempdir().unwrap();
+    let manifests = root.path().join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    let robot = "---\napiVersion: user.enmasse.io/v1beta1\nkind: MessagingUser\nmetadata: {name: app.robot}\nspec:\n  username: robot\n  authentication: {type: serviceaccount}\n  authorization: [{addresses: [orders], operations: [send, recv]}]\n";
+    write_manifests(&manifests, robot, BOB_SENDS);
+    let tokens = root.path().join("tokens.yaml");
+    std::fs::write(&tokens, "\"s3cr3t-token\": robot\n").unwrap();
+    let broker = BrokerProcess::start(
+        &root.path().join("data"),
+        &[
+            "--manifests",
+            manifests.to_str().unwrap(),
+            "--default-address-space",
+            "app",
+            "--token-file",
+            tokens.to_str().unwrap(),
+        ],
+    );
+    let mut conn = open_as(&broker, "app", plain("robot", "s3cr3t-token"))
+        .await
+        .expect("the token logs in");
+    let mut session = within("begin", Session::begin(&mut conn)).await.unwrap();
+    let mut sender = within("attach", Sender::attach(&mut session, "s", "orders"))
+        .await
+        .expect("robot may send");
+    within("send", sender.send("beep"))
+        .await
+        .unwrap()
+        .accepted_or_else(|o| o)
+        .unwrap();
+    sender.close().await.unwrap();
+    conn.close().await.unwrap();
+    assert!(
+        open_as(&broker, "app", plain("robot", "wrong-token"))
+            .await
+            .is_err(),
+        "a wrong token is refused"
+    );
+    assert!(
+        open_as(&broker, "app", plain("robot", "")).await.is_err(),
+        "an empty token is refused"
+    );
+}

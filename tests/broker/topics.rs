@@ -422,3 +422,48 @@ async fn with_the_block_policy_producers_wait_for_credit_until_the_backlog_drain
         .expect("producer finishes")
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topics_segments_are_deleted_once_every_durable_subscription_consumed_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(
+        dir.path(),
+        &["--segment-bytes", "262144", "--max-message-bytes", "65536"],
+    );
+    let (_c, mut s) = connect(&broker, "retention").await;
+    let mut a = attach(&mut s, "a", durable_source("topic.big").build()).await;
+    let mut b = attach(&mut s, "b", durable_source("topic.big").build()).await;
+    let body = "x".repeat(8 * 1024);
+    let mut sender = Sender::attach(&mut s, "pub-big", "topic.big")
+        .await
+        .unwrap();
+    for _ in 0..100 {
+        sender
+            .send(body.clone())
+            .await
+            .unwrap()
+            .accepted_or_else(|o| o)
+            .unwrap();
+    }
+    sender.close().await.unwrap();
+    let segments = |broker: &BrokerProcess| broker.metric("entrepot_store_segments").unwrap_or(0.0);
+    assert!(segments(&broker) >= 3.0, "800 KiB in 256 KiB segments");
+    recv_all(&mut a, 100).await;
+    let deleted = broker
+        .metric("entrepot_store_segments_deleted_total")
+        .unwrap_or(0.0);
+    assert_eq!(deleted, 0.0, "subscription b still needs every record");
+    recv_all(&mut b, 100).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while broker
+        .metric("entrepot_store_segments_deleted_total")
+        .unwrap_or(0.0)
+        < 2.0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "consumed segments were not deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
