@@ -30,7 +30,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a broker node.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Check a manifest directory offline; exit 1 with `file:line: reason` on error.
     Validate {
         /// Directory of manifests (*.yaml, *.yml).

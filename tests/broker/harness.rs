@@ -17,12 +17,16 @@ pub struct BrokerProcess {
     pub http: SocketAddr,
     /// The amqps listener, when the broker was started with a TLS certificate.
     pub amqps: Option<SocketAddr>,
+    /// The data directory (kept for tests that inspect or reuse it).
+    #[allow(dead_code)]
     pub dir: PathBuf,
     logs: mpsc::Receiver<String>,
 }
 
 impl BrokerProcess {
-    /// Starts a broker on `dir` with extra `serve` flags.
+    /// Starts a broker on `dir` with extra `serve` flags. The child is reaped by
+    /// `kill`/`terminate`, and `Drop` calls `kill`.
+    #[allow(clippy::zombie_processes)]
     pub fn start(dir: &Path, extra: &[&str]) -> BrokerProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_entrepot"))
             .args([
