@@ -370,9 +370,21 @@ impl Session {
             properties: None,
         };
         conn.send(self.local_channel(), &Performative::Attach(reply), &[])?;
-        self.links.insert(handle.0, Link::Detached);
+        self.send_closing_detach(conn, handle.0, condition, description)
+    }
+
+    /// Marks the link detached by us and sends `detach(closed, error)`; frames for it are
+    /// ignored until the peer's detach arrives.
+    fn send_closing_detach(
+        &mut self,
+        conn: &mut Connection,
+        handle: u32,
+        condition: ErrorCondition,
+        description: String,
+    ) -> Result<(), ConnError> {
+        self.links.insert(handle, Link::Detached);
         let detach = Detach {
-            handle,
+            handle: handle.into(),
             closed: true,
             error: Some(AmqpErrorBody::new(condition, description, None)),
         };
@@ -390,13 +402,7 @@ impl Session {
     ) -> Result<(), ConnError> {
         tracing::info!(handle, condition = %super::condition_name(&condition), %description, "detaching link");
         self.forget_link(conn, handle, false);
-        self.links.insert(handle, Link::Detached);
-        let detach = Detach {
-            handle: handle.into(),
-            closed: true,
-            error: Some(AmqpErrorBody::new(condition, description, None)),
-        };
-        conn.send(self.local_channel(), &Performative::Detach(detach), &[])
+        self.send_closing_detach(conn, handle, condition, description)
     }
 
     pub(super) fn on_detach(

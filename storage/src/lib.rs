@@ -21,7 +21,7 @@
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), entrepot_storage::StorageError> {
 //! use entrepot_storage::{Log, LogConfig, SyncPolicy};
-//! let dir = tempfile::tempdir().unwrap();
+//! let dir = tempfile::tempdir().expect("a temporary directory");
 //! let config = LogConfig { segment_bytes: 1 << 20, record_bytes_max: 64 << 10, ..LogConfig::default() };
 //! assert_eq!(config.sync, SyncPolicy::Always);
 //!

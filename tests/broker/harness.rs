@@ -147,3 +147,64 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     let start = line.find(key)? + key.len();
     line[start..].split_whitespace().next()
 }
+
+/// Runs a python-qpid-proton script from `tests/broker/` against `broker` with `args`,
+/// bounded by `timeout`; returns its stdout, panicking with stdout, stderr and the broker's
+/// log when it fails. proton missing is a failure, never a skip (CI installs it).
+pub fn run_proton_script(
+    broker: &BrokerProcess,
+    script: &str,
+    args: &[&str],
+    timeout: Duration,
+) -> String {
+    require_proton();
+    let path = format!("{}/tests/broker/{script}", env!("CARGO_MANIFEST_DIR"));
+    let mut child = Command::new("python3")
+        .arg(&path)
+        .arg(broker.url())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn python3");
+    let deadline = std::time::Instant::now() + timeout;
+    while child.try_wait().expect("poll python3").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("reap python3");
+            panic!(
+                "{script} did not finish within {timeout:?}\nstderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("python3 output");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{script} failed ({}):\nstdout:\n{stdout}\nstderr:\n{}\nbroker log:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        broker.drain_logs().join("\n")
+    );
+    stdout
+}
+
+/// Fails (never skips) when python3 cannot import proton.
+fn require_proton() {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import proton, proton.handlers, proton.reactor, proton.utils",
+        ])
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => panic!(
+            "python3 cannot import proton; install it with `pip install python-qpid-proton`:\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(e) => panic!("python3 is not runnable ({e}); it and python-qpid-proton are required"),
+    }
+}

@@ -1,0 +1,216 @@
+//! The client side of the inter-node port: openraft's `RaftNetworkFactory` / `RaftNetwork`
+//! (v1 API) over one TCP connection per peer.
+//!
+//! A [`PeerClient`] connects lazily to the address in the target's `BasicNode`, sends one
+//! request frame and waits for its reply (openraft calls it with `&mut self`, so there is
+//! never more than one RPC in flight on a connection and replies need no correlation id).
+//! Any failure drops the connection, so the next RPC starts on a fresh one.
+//!
+//! Errors are mapped so openraft retries:
+//! * cannot connect → `RPCError::Unreachable` (openraft backs off before the next try);
+//! * I/O failure, undecodable reply, peer's Raft stopping → `RPCError::Network`;
+//! * no reply within the RPC's `hard_ttl` → `RPCError::Timeout`;
+//! * an `append_entries` too large for a frame → `RPCError::PayloadTooLarge` (fewer entries);
+//! * a snapshot chunk out of order → `RemoteError(InstallSnapshotError::SnapshotMismatch)`.
+//!
+//! Does not: pipeline, multiplex or compress; authenticate or encrypt peers (the port must
+//! sit on a private network until TLS is added).
+
+// openraft's error types are large; these signatures are openraft's, not ours.
+#![allow(clippy::result_large_err)]
+
+use std::io;
+use std::time::Duration;
+
+use bytes::Bytes;
+use openraft::error::{
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
+    Timeout, Unreachable,
+};
+use openraft::network::{RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::BasicNode;
+use tokio::net::TcpStream;
+
+use crate::error::ClusterError;
+use crate::frame::{read_frame, write_frame};
+use crate::rpc::{self, RemoteRefusal};
+use crate::types::{NodeId, TypeConfig};
+
+type RpcResult<T, E = RaftError<NodeId>> = Result<T, RPCError<NodeId, BasicNode, E>>;
+
+/// Creates a [`PeerClient`] per target; `BasicNode::addr` is the peer's `host:port`.
+#[derive(Debug, Clone)]
+pub struct TcpNetwork {
+    /// This node's id, reported in timeout errors.
+    id: NodeId,
+}
+
+impl TcpNetwork {
+    pub fn new(id: NodeId) -> TcpNetwork {
+        TcpNetwork { id }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for TcpNetwork {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
+        PeerClient {
+            id: self.id,
+            target,
+            addr: node.addr.clone(),
+            stream: None,
+        }
+    }
+}
+
+/// One peer's connection; reconnects on the next RPC after any failure.
+#[derive(Debug)]
+pub struct PeerClient {
+    id: NodeId,
+    target: NodeId,
+    addr: String,
+    /// `None` until the first RPC, and again after any error (the stream may hold half a
+    /// frame or a late reply, so it is never reused).
+    stream: Option<TcpStream>,
+}
+
+/// Why one call failed, before it becomes openraft's error.
+#[derive(Debug, thiserror::Error)]
+enum CallError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect { addr: String, source: io::Error },
+    #[error("{verb} peer {addr}: {source}")]
+    Io {
+        verb: &'static str,
+        addr: String,
+        source: io::Error,
+    },
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+    #[error("peer {addr} answered kind {got:#x}, expected {expected:#x}")]
+    UnexpectedReply { addr: String, expected: u8, got: u8 },
+    #[error(transparent)]
+    Decode(#[from] ClusterError),
+    #[error(transparent)]
+    Refused(RemoteRefusal),
+}
+
+impl PeerClient {
+    /// Sends one request frame and returns the body of its reply of kind `reply_kind`.
+    async fn call(
+        &mut self,
+        kind: u8,
+        body: &[u8],
+        reply_kind: u8,
+        option: &RPCOption,
+    ) -> Result<Bytes, CallError> {
+        let ttl = option.hard_ttl();
+        let result = match tokio::time::timeout(ttl, self.exchange(kind, body, reply_kind)).await {
+            Ok(r) => r,
+            Err(_) => Err(CallError::Timeout(ttl)),
+        };
+        if result.is_err() {
+            self.stream = None;
+        }
+        result
+    }
+
+    async fn exchange(&mut self, kind: u8, body: &[u8], reply_kind: u8) -> Result<Bytes, CallError> {
+        let addr = self.addr.clone();
+        let stream = match &mut self.stream {
+            Some(s) => s,
+            None => {
+                let s = TcpStream::connect(&addr)
+                    .await
+                    .map_err(|source| CallError::Connect { addr: addr.clone(), source })?;
+                // RPCs are small and latency-bound: never wait to coalesce.
+                let _ = s.set_nodelay(true);
+                self.stream.insert(s)
+            }
+        };
+        let io = |verb| move |source| CallError::Io { verb, addr: addr.clone(), source };
+        write_frame(stream, kind, body).await.map_err(io("write to"))?;
+        let frame = read_frame(stream).await.map_err(io("read from"))?;
+        let Some((got, reply)) = frame else {
+            let eof = io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed");
+            return Err(io("read from")(eof));
+        };
+        if got == rpc::KIND_ERROR {
+            return Err(CallError::Refused(rpc::decode_refusal(reply)?));
+        }
+        if got != reply_kind {
+            return Err(CallError::UnexpectedReply { addr: self.addr.clone(), expected: reply_kind, got });
+        }
+        Ok(reply)
+    }
+
+    /// openraft's error for a failed call; `Refused(SnapshotMismatch)` is handled by the
+    /// snapshot RPC itself.
+    fn rpc_error<E: std::error::Error>(&self, action: RPCTypes, e: CallError) -> RPCError<NodeId, BasicNode, E> {
+        match e {
+            CallError::Connect { .. } => RPCError::Unreachable(Unreachable::new(&e)),
+            CallError::Timeout(timeout) => RPCError::Timeout(Timeout {
+                action,
+                id: self.id,
+                target: self.target,
+                timeout,
+            }),
+            _ => RPCError::Network(NetworkError::new(&e)),
+        }
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>> {
+        let n = rpc.entries.len() as u64;
+        let body = match rpc::encode_append_request(&rpc) {
+            Ok(b) => b,
+            Err(ClusterError::LimitExceeded { .. }) if n > 1 => {
+                return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(n / 2)));
+            }
+            Err(e) => return Err(RPCError::Network(NetworkError::new(&e))),
+        };
+        let action = RPCTypes::AppendEntries;
+        let reply = self
+            .call(rpc::KIND_APPEND, &body, rpc::KIND_APPEND_REPLY, &option)
+            .await
+            .map_err(|e| self.rpc_error(action, e))?;
+        rpc::decode_append_reply(reply).map_err(|e| self.rpc_error(action, e.into()))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> {
+        let action = RPCTypes::InstallSnapshot;
+        let body = rpc::encode_snapshot_request(&rpc).map_err(|e| self.rpc_error(action, e.into()))?;
+        match self.call(rpc::KIND_SNAPSHOT, &body, rpc::KIND_SNAPSHOT_REPLY, &option).await {
+            Ok(reply) => rpc::decode_snapshot_reply(reply).map_err(|e| self.rpc_error(action, e.into())),
+            Err(CallError::Refused(RemoteRefusal::SnapshotMismatch(m))) => {
+                let api = RaftError::APIError(InstallSnapshotError::SnapshotMismatch(m));
+                Err(RPCError::RemoteError(RemoteError::new(self.target, api)))
+            }
+            Err(e) => Err(self.rpc_error(action, e)),
+        }
+    }
+
+    async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> RpcResult<VoteResponse<NodeId>> {
+        let action = RPCTypes::Vote;
+        let body = rpc::encode_vote_request(&rpc);
+        let reply = self
+            .call(rpc::KIND_VOTE, &body, rpc::KIND_VOTE_REPLY, &option)
+            .await
+            .map_err(|e| self.rpc_error(action, e))?;
+        rpc::decode_vote_reply(reply).map_err(|e| self.rpc_error(action, e.into()))
+    }
+}

@@ -1,0 +1,417 @@
+//! The binary encoding of openraft's RPCs (v1 network API) on the inter-node port.
+//!
+//! ```text
+//! // Format of every body: { version: u8 (= RPC_VERSION) | fields }
+//! vote      = { term: u64 | node: u64 | committed: u8 }
+//! KIND_VOTE            { vote | last_log_id: opt<log_id> }
+//! KIND_APPEND          { vote | prev_log_id: opt<log_id> | leader_commit: opt<log_id>
+//!                        | n: u32 | n × entry: bytes }       entry = entry.rs encoding
+//! KIND_SNAPSHOT        { vote | last_log_id: opt<log_id> | membership_log_id: opt<log_id>
+//!                        | membership | snapshot_id: str | offset: u64 | done: u8 | data: bytes }
+//! KIND_VOTE_REPLY      { vote | granted: u8 | last_log_id: opt<log_id> }
+//! KIND_APPEND_REPLY    { tag: u8 } 0 success | 1 partial { opt<log_id> } | 2 conflict | 3 higher { vote }
+//! KIND_SNAPSHOT_REPLY  { vote }
+//! KIND_ERROR           { tag: u8 } 1 unavailable { reason: str }
+//!                                  | 2 snapshot mismatch { expect_id: str | expect_offset: u64
+//!                                                          | got_id: str | got_offset: u64 }
+//! ```
+//! Entries reuse the log's encoding (`entry.rs`), so an entry costs the same bytes on the
+//! wire as on disk. Every count and length is bounded by a `MAX_*` constant before
+//! allocating; an unknown version is [`ClusterError::UnsupportedVersion`].
+
+use bytes::Bytes;
+use openraft::error::{SnapshotMismatch, SnapshotSegmentId};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::{LeaderId, SnapshotMeta, StoredMembership, Vote};
+
+use crate::codec::{check_limit, Decoder, Encoder};
+use crate::entry::{decode_entry, decode_membership, encode_entry, encode_membership};
+use crate::error::{ClusterError, Result};
+use crate::frame::MAX_RPC_FRAME_BYTES;
+use crate::state_file::{decode_opt_log_id, encode_opt_log_id};
+use crate::types::*;
+
+/// Version byte of every RPC body.
+pub const RPC_VERSION: u8 = 1;
+/// Most entries one `append_entries` may carry (openraft's default batch is 300).
+pub const MAX_RPC_ENTRIES: usize = 64 * 1024;
+/// Longest snapshot id, and longest error reason, on the wire.
+pub const MAX_RPC_STRING_BYTES: usize = 1024;
+
+pub(crate) const KIND_VOTE: u8 = 1;
+pub(crate) const KIND_APPEND: u8 = 2;
+pub(crate) const KIND_SNAPSHOT: u8 = 3;
+pub(crate) const KIND_VOTE_REPLY: u8 = 0x81;
+pub(crate) const KIND_APPEND_REPLY: u8 = 0x82;
+pub(crate) const KIND_SNAPSHOT_REPLY: u8 = 0x83;
+pub(crate) const KIND_ERROR: u8 = 0xff;
+
+const ERROR_UNAVAILABLE: u8 = 1;
+const ERROR_SNAPSHOT_MISMATCH: u8 = 2;
+
+/// Why a peer refused an RPC (sent as a `KIND_ERROR` frame).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum RemoteRefusal {
+    /// Its Raft is stopping or stopped; try again later (or another node).
+    #[error("peer unavailable: {0}")]
+    Unavailable(String),
+    /// A snapshot chunk did not continue the transfer the peer was receiving.
+    #[error(transparent)]
+    SnapshotMismatch(SnapshotMismatch),
+}
+
+fn start(kind_hint: usize) -> Encoder {
+    let mut e = Encoder::with_capacity(kind_hint);
+    e.u8(RPC_VERSION);
+    e
+}
+
+fn open(body: Bytes, what: &'static str) -> Result<Decoder> {
+    let mut d = Decoder::new(body, what);
+    let version = d.u8()?;
+    if version != RPC_VERSION {
+        return Err(ClusterError::UnsupportedVersion {
+            what,
+            found: u16::from(version),
+            supported: u16::from(RPC_VERSION),
+        });
+    }
+    Ok(d)
+}
+
+fn encode_vote(e: &mut Encoder, v: &Vote<NodeId>) {
+    e.u64(v.leader_id.term);
+    e.u64(v.leader_id.node_id);
+    e.u8(u8::from(v.committed));
+}
+
+fn decode_vote(d: &mut Decoder) -> Result<Vote<NodeId>> {
+    let term = d.u64()?;
+    let node = d.u64()?;
+    let committed = d.bool()?;
+    Ok(Vote {
+        leader_id: LeaderId::new(term, node),
+        committed,
+    })
+}
+
+fn encode_str(e: &mut Encoder, what: &'static str, s: &str) -> Result<()> {
+    check_limit(what, s.len(), MAX_RPC_STRING_BYTES)?;
+    e.str(s);
+    Ok(())
+}
+
+pub(crate) fn encode_vote_request(rpc: &VoteRequest<NodeId>) -> Vec<u8> {
+    let mut e = start(64);
+    encode_vote(&mut e, &rpc.vote);
+    encode_opt_log_id(&mut e, &rpc.last_log_id);
+    e.buf
+}
+
+pub(crate) fn decode_vote_request(body: Bytes) -> Result<VoteRequest<NodeId>> {
+    let mut d = open(body, "vote request")?;
+    let vote = decode_vote(&mut d)?;
+    let last_log_id = decode_opt_log_id(&mut d)?;
+    d.finish()?;
+    Ok(VoteRequest { vote, last_log_id })
+}
+
+pub(crate) fn encode_vote_reply(r: &VoteResponse<NodeId>) -> Vec<u8> {
+    let mut e = start(64);
+    encode_vote(&mut e, &r.vote);
+    e.u8(u8::from(r.vote_granted));
+    encode_opt_log_id(&mut e, &r.last_log_id);
+    e.buf
+}
+
+pub(crate) fn decode_vote_reply(body: Bytes) -> Result<VoteResponse<NodeId>> {
+    let mut d = open(body, "vote reply")?;
+    let vote = decode_vote(&mut d)?;
+    let vote_granted = d.bool()?;
+    let last_log_id = decode_opt_log_id(&mut d)?;
+    d.finish()?;
+    Ok(VoteResponse {
+        vote,
+        vote_granted,
+        last_log_id,
+    })
+}
+
+/// Encodes an `append_entries`; a body over [`MAX_RPC_FRAME_BYTES`] is `LimitExceeded`
+/// (the caller turns that into openraft's `PayloadTooLarge`).
+pub(crate) fn encode_append_request(rpc: &AppendEntriesRequest<TypeConfig>) -> Result<Vec<u8>> {
+    check_limit("append entries count", rpc.entries.len(), MAX_RPC_ENTRIES)?;
+    let mut e = start(128);
+    encode_vote(&mut e, &rpc.vote);
+    encode_opt_log_id(&mut e, &rpc.prev_log_id);
+    encode_opt_log_id(&mut e, &rpc.leader_commit);
+    e.u32(rpc.entries.len() as u32);
+    for entry in &rpc.entries {
+        let bytes = encode_entry(entry)?;
+        e.bytes(&bytes);
+        check_limit("append entries frame", e.buf.len(), MAX_RPC_FRAME_BYTES)?;
+    }
+    Ok(e.buf)
+}
+
+pub(crate) fn decode_append_request(body: Bytes) -> Result<AppendEntriesRequest<TypeConfig>> {
+    let mut d = open(body, "append entries request")?;
+    let vote = decode_vote(&mut d)?;
+    let prev_log_id = decode_opt_log_id(&mut d)?;
+    let leader_commit = decode_opt_log_id(&mut d)?;
+    let n = d.count("append entries count", MAX_RPC_ENTRIES, 4)?;
+    let mut entries = Vec::with_capacity(n);
+    for _ in 0..n {
+        let raw = d.bytes("raft entry", MAX_RPC_FRAME_BYTES)?;
+        entries.push(decode_entry(raw)?);
+    }
+    d.finish()?;
+    Ok(AppendEntriesRequest {
+        vote,
+        prev_log_id,
+        entries,
+        leader_commit,
+    })
+}
+
+const APPEND_SUCCESS: u8 = 0;
+const APPEND_PARTIAL: u8 = 1;
+const APPEND_CONFLICT: u8 = 2;
+const APPEND_HIGHER_VOTE: u8 = 3;
+
+pub(crate) fn encode_append_reply(r: &AppendEntriesResponse<NodeId>) -> Vec<u8> {
+    let mut e = start(64);
+    match r {
+        AppendEntriesResponse::Success => e.u8(APPEND_SUCCESS),
+        AppendEntriesResponse::PartialSuccess(id) => {
+            e.u8(APPEND_PARTIAL);
+            encode_opt_log_id(&mut e, id);
+        }
+        AppendEntriesResponse::Conflict => e.u8(APPEND_CONFLICT),
+        AppendEntriesResponse::HigherVote(v) => {
+            e.u8(APPEND_HIGHER_VOTE);
+            encode_vote(&mut e, v);
+        }
+    }
+    e.buf
+}
+
+pub(crate) fn decode_append_reply(body: Bytes) -> Result<AppendEntriesResponse<NodeId>> {
+    let mut d = open(body, "append entries reply")?;
+    let reply = match d.u8()? {
+        APPEND_SUCCESS => AppendEntriesResponse::Success,
+        APPEND_PARTIAL => AppendEntriesResponse::PartialSuccess(decode_opt_log_id(&mut d)?),
+        APPEND_CONFLICT => AppendEntriesResponse::Conflict,
+        APPEND_HIGHER_VOTE => AppendEntriesResponse::HigherVote(decode_vote(&mut d)?),
+        _ => return Err(d.fail("unknown append entries reply tag")),
+    };
+    d.finish()?;
+    Ok(reply)
+}
+
+pub(crate) fn encode_snapshot_request(rpc: &InstallSnapshotRequest<TypeConfig>) -> Result<Vec<u8>> {
+    check_limit("snapshot chunk", rpc.data.len(), MAX_RPC_FRAME_BYTES - 64 * 1024)?;
+    let mut e = start(rpc.data.len() + 256);
+    encode_vote(&mut e, &rpc.vote);
+    encode_opt_log_id(&mut e, &rpc.meta.last_log_id);
+    encode_opt_log_id(&mut e, rpc.meta.last_membership.log_id());
+    encode_membership(&mut e, rpc.meta.last_membership.membership())?;
+    encode_str(&mut e, "snapshot id", &rpc.meta.snapshot_id)?;
+    e.u64(rpc.offset);
+    e.u8(u8::from(rpc.done));
+    e.bytes(&rpc.data);
+    check_limit("snapshot frame", e.buf.len(), MAX_RPC_FRAME_BYTES)?;
+    Ok(e.buf)
+}
+
+pub(crate) fn decode_snapshot_request(body: Bytes) -> Result<InstallSnapshotRequest<TypeConfig>> {
+    let mut d = open(body, "install snapshot request")?;
+    let vote = decode_vote(&mut d)?;
+    let last_log_id = decode_opt_log_id(&mut d)?;
+    let membership_log_id = decode_opt_log_id(&mut d)?;
+    let membership = decode_membership(&mut d)?;
+    let snapshot_id = d.str("snapshot id", MAX_RPC_STRING_BYTES)?;
+    let offset = d.u64()?;
+    let done = d.bool()?;
+    let data = d.bytes("snapshot chunk", MAX_RPC_FRAME_BYTES)?.to_vec();
+    d.finish()?;
+    let meta = SnapshotMeta {
+        last_log_id,
+        last_membership: StoredMembership::new(membership_log_id, membership),
+        snapshot_id,
+    };
+    Ok(InstallSnapshotRequest {
+        vote,
+        meta,
+        offset,
+        data,
+        done,
+    })
+}
+
+pub(crate) fn encode_snapshot_reply(r: &InstallSnapshotResponse<NodeId>) -> Vec<u8> {
+    let mut e = start(32);
+    encode_vote(&mut e, &r.vote);
+    e.buf
+}
+
+pub(crate) fn decode_snapshot_reply(body: Bytes) -> Result<InstallSnapshotResponse<NodeId>> {
+    let mut d = open(body, "install snapshot reply")?;
+    let vote = decode_vote(&mut d)?;
+    d.finish()?;
+    Ok(InstallSnapshotResponse { vote })
+}
+
+pub(crate) fn encode_refusal(r: &RemoteRefusal) -> Vec<u8> {
+    let mut e = start(128);
+    match r {
+        RemoteRefusal::Unavailable(reason) => {
+            e.u8(ERROR_UNAVAILABLE);
+            // A reason is informative only: cut it to the limit rather than fail.
+            let mut end = reason.len().min(MAX_RPC_STRING_BYTES);
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            e.str(&reason[..end]);
+        }
+        RemoteRefusal::SnapshotMismatch(m) => {
+            e.u8(ERROR_SNAPSHOT_MISMATCH);
+            for seg in [&m.expect, &m.got] {
+                let id = if seg.id.len() <= MAX_RPC_STRING_BYTES { &seg.id[..] } else { "" };
+                e.str(id);
+                e.u64(seg.offset);
+            }
+        }
+    }
+    e.buf
+}
+
+pub(crate) fn decode_refusal(body: Bytes) -> Result<RemoteRefusal> {
+    let mut d = open(body, "rpc error")?;
+    let refusal = match d.u8()? {
+        ERROR_UNAVAILABLE => RemoteRefusal::Unavailable(d.str("error reason", MAX_RPC_STRING_BYTES)?),
+        ERROR_SNAPSHOT_MISMATCH => {
+            let mut seg = || -> Result<SnapshotSegmentId> {
+                let id = d.str("snapshot id", MAX_RPC_STRING_BYTES)?;
+                let offset = d.u64()?;
+                Ok(SnapshotSegmentId { id, offset })
+            };
+            let expect = seg()?;
+            let got = seg()?;
+            RemoteRefusal::SnapshotMismatch(SnapshotMismatch { expect, got })
+        }
+        _ => return Err(d.fail("unknown rpc error tag")),
+    };
+    d.finish()?;
+    Ok(refusal)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use openraft::{BasicNode, CommittedLeaderId, EntryPayload, Membership};
+
+    use super::*;
+
+    fn log_id(term: u64, index: u64) -> LogId {
+        LogId::new(CommittedLeaderId::new(term, 1), index)
+    }
+
+    fn vote() -> Vote<NodeId> {
+        Vote::new_committed(3, 1)
+    }
+
+    fn membership() -> Membership<NodeId, BasicNode> {
+        let nodes: BTreeMap<NodeId, BasicNode> =
+            (0..3).map(|i| (i, BasicNode::new(format!("10.0.0.{i}:5680")))).collect();
+        Membership::new(vec![BTreeSet::from([0, 1, 2])], nodes)
+    }
+
+    #[test]
+    fn every_rpc_and_reply_round_trips() {
+        let v = VoteRequest::new(vote(), Some(log_id(2, 9)));
+        assert_eq!(decode_vote_request(encode_vote_request(&v).into()).unwrap(), v);
+        let r = VoteResponse::new(vote(), None, true);
+        assert_eq!(decode_vote_reply(encode_vote_reply(&r).into()).unwrap(), r);
+
+        let entries = vec![
+            Entry { log_id: log_id(3, 10), payload: EntryPayload::Blank },
+            Entry {
+                log_id: log_id(3, 11),
+                payload: EntryPayload::Normal(Request::Produce {
+                    address: "orders".into(),
+                    messages: vec![Bytes::from_static(b"m1"), Bytes::from_static(b"m2")],
+                }),
+            },
+            Entry { log_id: log_id(3, 12), payload: EntryPayload::Membership(membership()) },
+        ];
+        let a = AppendEntriesRequest {
+            vote: vote(),
+            prev_log_id: Some(log_id(2, 9)),
+            entries,
+            leader_commit: None,
+        };
+        let back = decode_append_request(encode_append_request(&a).unwrap().into()).unwrap();
+        assert_eq!(back, a);
+        for reply in [
+            AppendEntriesResponse::Success,
+            AppendEntriesResponse::PartialSuccess(Some(log_id(3, 11))),
+            AppendEntriesResponse::Conflict,
+            AppendEntriesResponse::HigherVote(Vote::new(4, 2)),
+        ] {
+            assert_eq!(decode_append_reply(encode_append_reply(&reply).into()).unwrap(), reply);
+        }
+
+        let s = InstallSnapshotRequest {
+            vote: vote(),
+            meta: SnapshotMeta {
+                last_log_id: Some(log_id(3, 12)),
+                last_membership: StoredMembership::new(Some(log_id(3, 12)), membership()),
+                snapshot_id: "3-12-7".into(),
+            },
+            offset: 4096,
+            data: vec![1, 2, 3],
+            done: true,
+        };
+        assert_eq!(decode_snapshot_request(encode_snapshot_request(&s).unwrap().into()).unwrap(), s);
+        let sr = InstallSnapshotResponse { vote: vote() };
+        assert_eq!(decode_snapshot_reply(encode_snapshot_reply(&sr).into()).unwrap(), sr);
+
+        let mismatch = RemoteRefusal::SnapshotMismatch(SnapshotMismatch {
+            expect: SnapshotSegmentId { id: "a".into(), offset: 0 },
+            got: SnapshotSegmentId { id: "b".into(), offset: 9 },
+        });
+        let gone = RemoteRefusal::Unavailable("raft stopped".into());
+        for refusal in [mismatch, gone] {
+            assert_eq!(decode_refusal(encode_refusal(&refusal).into()).unwrap(), refusal);
+        }
+    }
+
+    #[test]
+    fn unknown_versions_truncations_and_hostile_counts_are_errors() {
+        let mut body = encode_vote_request(&VoteRequest::new(vote(), None));
+        body[0] = 9;
+        let err = decode_vote_request(body.into()).unwrap_err();
+        assert!(matches!(err, ClusterError::UnsupportedVersion { found: 9, .. }));
+
+        let a = AppendEntriesRequest::<TypeConfig> {
+            vote: vote(),
+            prev_log_id: None,
+            entries: vec![Entry { log_id: log_id(1, 1), payload: EntryPayload::Blank }],
+            leader_commit: None,
+        };
+        let body = encode_append_request(&a).unwrap();
+        for cut in 0..body.len() {
+            assert!(decode_append_request(Bytes::copy_from_slice(&body[..cut])).is_err());
+        }
+        // A count of u32::MAX entries is refused before any allocation.
+        let mut hostile = body[..1 + 17 + 1 + 1].to_vec();
+        hostile.extend_from_slice(&u32::MAX.to_le_bytes());
+        let err = decode_append_request(hostile.into()).unwrap_err();
+        assert!(matches!(err, ClusterError::LimitExceeded { .. }));
+    }
+}
