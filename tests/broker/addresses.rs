@@ -13,10 +13,7 @@
 //! client from [`crate::raw_client`] checks them.
 
 use std::collections::BTreeSet;
-use std::future::Future;
-use std::time::Duration;
 
-use fe2o3_amqp::connection::ConnectionHandle;
 use fe2o3_amqp::link::receiver::CreditMode;
 use fe2o3_amqp::link::{ReceiverAttachError, SenderAttachError};
 use fe2o3_amqp::session::SessionHandle;
@@ -25,27 +22,9 @@ use fe2o3_amqp::types::performatives::Performative;
 use fe2o3_amqp::{Connection, Receiver, Sender, Session};
 use tokio::time::timeout;
 
+use crate::client::{connect, within, QUIET};
 use crate::harness::BrokerProcess;
 use crate::raw_client;
-
-/// Longest any single client operation may take.
-const WAIT: Duration = Duration::from_secs(5);
-/// How long a receiver listens to show that nothing arrives.
-const QUIET: Duration = Duration::from_millis(500);
-
-async fn within<F: Future>(what: &str, f: F) -> F::Output {
-    timeout(WAIT, f)
-        .await
-        .unwrap_or_else(|_| panic!("{what} did not finish within {WAIT:?}"))
-}
-
-async fn connect(broker: &BrokerProcess) -> (ConnectionHandle<()>, SessionHandle<()>) {
-    let mut conn = within("open", Connection::open("addresses", broker.url().as_str()))
-        .await
-        .unwrap();
-    let session = within("begin", Session::begin(&mut conn)).await.unwrap();
-    (conn, session)
-}
 
 async fn send(sender: &mut Sender, body: String) {
     within("send", sender.send(body))
@@ -86,7 +65,7 @@ async fn with_auto_create_off_an_attach_to_an_unknown_address_fails_with_not_fou
 ) {
     let dir = tempfile::tempdir().unwrap();
     let mut broker = BrokerProcess::start(dir.path(), &[]);
-    let (mut conn, mut session) = connect(&broker).await;
+    let (mut conn, mut session) = connect(&broker, "addresses").await;
     let mut sender = within("attach", Sender::attach(&mut session, "s", "known"))
         .await
         .unwrap();
@@ -139,7 +118,7 @@ async fn with_auto_create_off_an_attach_to_an_unknown_address_fails_with_not_fou
 async fn competing_consumers_share_a_queue_round_robin_and_together_get_every_message_once() {
     let dir = tempfile::tempdir().unwrap();
     let broker = BrokerProcess::start(dir.path(), &[]);
-    let (mut conn, mut session) = connect(&broker).await;
+    let (mut conn, mut session) = connect(&broker, "addresses").await;
     let mut receivers = [
         manual_receiver(&mut session, "worker-1", "work").await,
         manual_receiver(&mut session, "worker-2", "work").await,
@@ -192,7 +171,7 @@ async fn competing_consumers_share_a_queue_round_robin_and_together_get_every_me
 async fn draining_an_empty_queue_uses_up_the_credit_and_later_credit_still_delivers() {
     let dir = tempfile::tempdir().unwrap();
     let broker = BrokerProcess::start(dir.path(), &[]);
-    let (mut conn, mut session) = connect(&broker).await;
+    let (mut conn, mut session) = connect(&broker, "addresses").await;
     let mut receiver = manual_receiver(&mut session, "r", "idle").await;
     let mut sender = within("attach", Sender::attach(&mut session, "s", "idle"))
         .await

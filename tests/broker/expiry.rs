@@ -8,37 +8,17 @@
 //! (bounded) for the copy on `ExpiryQueue` — the broker's housekeeping moves it — then show
 //! that a receiver on the original queue gets nothing within a quiet period.
 
-use std::future::Future;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use fe2o3_amqp::connection::ConnectionHandle;
 use fe2o3_amqp::session::SessionHandle;
 use fe2o3_amqp::types::messaging::annotations::OwnedKey;
 use fe2o3_amqp::types::messaging::{AmqpValue, Header, Message, Properties};
 use fe2o3_amqp::types::primitives::{Symbol, Timestamp, Value};
-use fe2o3_amqp::{Connection, Delivery, Receiver, Sender, Session};
+use fe2o3_amqp::{Delivery, Receiver, Sender};
 use tokio::time::timeout;
 
+use crate::client::{connect, within, QUIET};
 use crate::harness::BrokerProcess;
-
-/// Longest any single client operation may take; also covers the housekeeping period.
-const WAIT: Duration = Duration::from_secs(5);
-/// How long a receiver listens to show that nothing arrives.
-const QUIET: Duration = Duration::from_millis(500);
-
-async fn within<F: Future>(what: &str, f: F) -> F::Output {
-    timeout(WAIT, f)
-        .await
-        .unwrap_or_else(|_| panic!("{what} did not finish within {WAIT:?}"))
-}
-
-async fn connect(broker: &BrokerProcess) -> (ConnectionHandle<()>, SessionHandle<()>) {
-    let mut conn = within("open", Connection::open("expiry", broker.url().as_str()))
-        .await
-        .unwrap();
-    let session = within("begin", Session::begin(&mut conn)).await.unwrap();
-    (conn, session)
-}
 
 async fn send(session: &mut SessionHandle<()>, address: &str, message: Message<AmqpValue<String>>) {
     let mut sender = within("attach sender", Sender::attach(session, "sender", address))
@@ -105,7 +85,7 @@ async fn assert_expired(session: &mut SessionHandle<()>, queue: &str, body: &str
 async fn a_message_whose_ttl_passes_unconsumed_is_never_delivered_and_moves_to_the_expiry_queue() {
     let dir = tempfile::tempdir().unwrap();
     let broker = BrokerProcess::start(dir.path(), &[]);
-    let (mut conn, mut session) = connect(&broker).await;
+    let (mut conn, mut session) = connect(&broker, "expiry").await;
     send(&mut session, "offers", with_ttl("flash sale", 200)).await;
     assert_expired(&mut session, "offers", "flash sale").await;
     within("close", conn.close()).await.unwrap();
@@ -116,7 +96,7 @@ async fn a_message_past_its_absolute_expiry_time_is_never_delivered_and_moves_to
 {
     let dir = tempfile::tempdir().unwrap();
     let broker = BrokerProcess::start(dir.path(), &[]);
-    let (mut conn, mut session) = connect(&broker).await;
+    let (mut conn, mut session) = connect(&broker, "expiry").await;
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -138,7 +118,7 @@ async fn a_message_past_its_absolute_expiry_time_is_never_delivered_and_moves_to
 async fn a_message_with_a_long_ttl_is_delivered_normally() {
     let dir = tempfile::tempdir().unwrap();
     let broker = BrokerProcess::start(dir.path(), &[]);
-    let (mut conn, mut session) = connect(&broker).await;
+    let (mut conn, mut session) = connect(&broker, "expiry").await;
     send(&mut session, "offers", with_ttl("weekly deal", 60_000)).await;
     let mut receiver = within("attach", Receiver::attach(&mut session, "r", "offers"))
         .await

@@ -6,6 +6,7 @@ mod access;
 mod address_types;
 mod addresses;
 mod bench_tool;
+mod client;
 mod container;
 mod crash;
 mod disk_full;

@@ -10,9 +10,6 @@
 //! the header's delivery-count on redelivery, so each test reads it from the received
 //! message. "Not delivered" claims are a bounded `recv` that must time out.
 
-use std::future::Future;
-use std::time::Duration;
-
 use fe2o3_amqp::connection::ConnectionHandle;
 use fe2o3_amqp::link::receiver::CreditMode;
 use fe2o3_amqp::session::SessionHandle;
@@ -20,21 +17,11 @@ use fe2o3_amqp::types::definitions::{Error as AmqpError, ErrorCondition};
 use fe2o3_amqp::types::messaging::annotations::OwnedKey;
 use fe2o3_amqp::types::messaging::Modified;
 use fe2o3_amqp::types::primitives::{Symbol, Value};
-use fe2o3_amqp::{Connection, Delivery, Receiver, Sender, Session};
+use fe2o3_amqp::{Delivery, Receiver, Sender};
 use tokio::time::timeout;
 
+use crate::client::{connect, within, QUIET};
 use crate::harness::BrokerProcess;
-
-/// Longest any single client operation may take.
-const WAIT: Duration = Duration::from_secs(5);
-/// How long a receiver listens to show that nothing arrives.
-const QUIET: Duration = Duration::from_millis(500);
-
-async fn within<F: Future>(what: &str, f: F) -> F::Output {
-    timeout(WAIT, f)
-        .await
-        .unwrap_or_else(|_| panic!("{what} did not finish within {WAIT:?}"))
-}
 
 /// The header's delivery-count; an absent header means 0.
 fn delivery_count<T>(d: &Delivery<T>) -> u32 {
@@ -83,14 +70,6 @@ async fn assert_nothing_arrives(receiver: &mut Receiver) {
         "expected no delivery, got {:?}",
         got.map(|r| r.map(|d| d.body().clone()))
     );
-}
-
-async fn connect(broker: &BrokerProcess, name: &str) -> (ConnectionHandle<()>, SessionHandle<()>) {
-    let mut conn = within("open", Connection::open(name, broker.url().as_str()))
-        .await
-        .unwrap();
-    let session = within("begin", Session::begin(&mut conn)).await.unwrap();
-    (conn, session)
 }
 
 /// Closes the receivers, then the connection. fe2o3 can put a connection's `close` ahead
