@@ -181,14 +181,7 @@ fn settle<E: std::fmt::Display>(
         stats.refused.push(seq);
         return;
     }
-    stats.accepted += 1;
-    ctx.counters.accepted.fetch_add(1, Ordering::Relaxed);
-    if sent_at >= ctx.measure_from() {
-        let now = Instant::now();
-        stats.measured += 1;
-        stats.last_ack = Some(now);
-        stats.ack_latency.record(now - sent_at);
-    }
+    ctx.count_accepted(stats, sent_at);
 }
 
 /// Receives and accepts until told to stop; `ready` is signalled once the link is attached.

@@ -70,6 +70,21 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    /// Counts one accepted delivery (or JetStream ack) of a message sent at `sent_at`, and
+    /// its produce→accepted latency once the warm-up is over.
+    fn count_accepted(&self, stats: &mut stats::ProducerStats, sent_at: std::time::Instant) {
+        stats.accepted += 1;
+        self.counters
+            .accepted
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if sent_at >= self.measure_from() {
+            let now = std::time::Instant::now();
+            stats.measured += 1;
+            stats.last_ack = Some(now);
+            stats.ack_latency.record(now - sent_at);
+        }
+    }
+
     pub fn measure_from(&self) -> Instant {
         self.started.get().copied().unwrap_or(self.clock.t0) + self.workload.warmup
     }
