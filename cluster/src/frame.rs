@@ -11,6 +11,7 @@
 //! decides that, because only it knows which RPC is in flight.
 
 use std::io;
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -27,6 +28,13 @@ const _: () = assert!(MAX_RPC_FRAME_BYTES <= u32::MAX as usize);
 
 /// Bytes before the body: `len` and `kind`.
 pub const FRAME_HEADER_LEN: usize = 4 + 1;
+/// Longest a frame may take to arrive once its first byte has: a peer that starts a frame
+/// and stalls must not hold a connection (and its buffer) forever. Idle time *between*
+/// frames is not bounded here.
+pub const FRAME_TRANSFER_TIMEOUT: Duration = Duration::from_secs(60);
+/// The body buffer grows with the bytes that actually arrive, from this much, so a
+/// header claiming a large body costs nothing until the body is sent.
+const BODY_INITIAL_CAPACITY: usize = 64 << 10;
 
 /// Reads one frame. `Ok(None)` is a clean end of stream *between* frames; an end of
 /// stream inside a frame, or a length over [`MAX_RPC_FRAME_BYTES`], is an error.
@@ -40,6 +48,20 @@ where
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e),
     }
+    match tokio::time::timeout(FRAME_TRANSFER_TIMEOUT, read_rest(r, &mut header)).await {
+        Ok(frame) => frame.map(Some),
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "frame not complete within FRAME_TRANSFER_TIMEOUT",
+        )),
+    }
+}
+
+/// The rest of a frame whose first byte is in `header[0]`.
+async fn read_rest<R>(r: &mut R, header: &mut [u8; FRAME_HEADER_LEN]) -> io::Result<(u8, Bytes)>
+where
+    R: AsyncReadExt + Unpin,
+{
     r.read_exact(&mut header[1..]).await?;
     let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
     let kind = header[4];
@@ -49,9 +71,15 @@ where
             format!("frame of {len} bytes exceeds MAX_RPC_FRAME_BYTES ({MAX_RPC_FRAME_BYTES})"),
         ));
     }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await?;
-    Ok(Some((kind, Bytes::from(body))))
+    let mut body = Vec::with_capacity(len.min(BODY_INITIAL_CAPACITY));
+    r.take(len as u64).read_to_end(&mut body).await?;
+    if body.len() != len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "connection closed inside a frame",
+        ));
+    }
+    Ok((kind, Bytes::from(body)))
 }
 
 /// Writes one frame and flushes it. The caller has bounded `body` by

@@ -15,13 +15,17 @@
 //! * [`StateMachineStore`]: a *stand-in* state machine ([`Model`], in memory) with
 //!   persisted binary snapshots, until the broker's queues become the state machine.
 //! * [`identity`]: node id from a StatefulSet hostname or `--node-id`, `--peers` parsing.
+//! * The inter-node port: [`TcpNetwork`] (openraft's network, one TCP connection per
+//!   peer, `network.rs`) and [`PeerServer`] (accepts peers, hands RPCs to the local
+//!   `Raft`, `peer_server.rs`); frames `{ len: u32 | kind: u8 | body }` (`frame.rs`) with
+//!   versioned binary bodies (`rpc.rs`) that reuse the entry encoding.
 //!
 //! Invariants:
 //! * An entry is reported flushed to openraft only after the segment log's sync covered it.
 //! * Raft indexes in a log are dense and equal record offset + one bias; checked on read.
 //! * Every length read from disk is bounded by a `MAX_*` constant before allocating.
 //!
-//! Not here yet: the inter-node network (RPC over TCP), the `Raft` node wiring and
+//! Not here yet: TLS/authentication on the inter-node port, the `Raft` node wiring and
 //! forwarding to leaders, one group per address, membership changes from the CLI, the
 //! broker's real state machine, deterministic simulation. See issue 7.
 //!
@@ -50,17 +54,25 @@
 mod codec;
 pub mod entry;
 mod error;
+mod frame;
 pub mod identity;
 mod index_map;
 mod log_store;
 mod model;
+mod network;
+mod peer_server;
+mod rpc;
 mod state_file;
 mod state_machine;
 mod types;
 
 pub use error::{ClusterError, RaftStorageError, Result};
+pub use frame::{FRAME_HEADER_LEN, FRAME_TRANSFER_TIMEOUT, MAX_RPC_FRAME_BYTES};
 pub use log_store::{LogStore, LogStoreReader, FLUSH_QUEUE_MAX, LOG_DIR, RAFT_ENTRY_FLAG};
 pub use model::{Model, MAX_SNAPSHOT_ADDRESSES, MAX_SNAPSHOT_MESSAGES, SNAPSHOT_DATA_VERSION};
+pub use network::{PeerClient, TcpNetwork};
+pub use peer_server::{PeerServer, MAX_PEER_CONNECTIONS};
+pub use rpc::{MAX_RPC_ENTRIES, MAX_RPC_STRING_BYTES, RPC_VERSION};
 pub use state_file::{MAX_STATE_FILE_BYTES, STATE_FILE_VERSION};
 pub use state_machine::{StateMachineStore, MAX_SNAPSHOT_BYTES};
 pub use types::*;

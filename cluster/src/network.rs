@@ -24,8 +24,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use openraft::error::{
-    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
-    Timeout, Unreachable,
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Timeout,
+    Unreachable,
 };
 use openraft::network::{RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -120,38 +120,60 @@ impl PeerClient {
         result
     }
 
-    async fn exchange(&mut self, kind: u8, body: &[u8], reply_kind: u8) -> Result<Bytes, CallError> {
+    async fn exchange(
+        &mut self,
+        kind: u8,
+        body: &[u8],
+        reply_kind: u8,
+    ) -> Result<Bytes, CallError> {
         let addr = self.addr.clone();
         let stream = match &mut self.stream {
             Some(s) => s,
             None => {
                 let s = TcpStream::connect(&addr)
                     .await
-                    .map_err(|source| CallError::Connect { addr: addr.clone(), source })?;
+                    .map_err(|source| CallError::Connect {
+                        addr: addr.clone(),
+                        source,
+                    })?;
                 // RPCs are small and latency-bound: never wait to coalesce.
                 let _ = s.set_nodelay(true);
                 self.stream.insert(s)
             }
         };
-        let io = |verb| move |source| CallError::Io { verb, addr: addr.clone(), source };
-        write_frame(stream, kind, body).await.map_err(io("write to"))?;
-        let frame = read_frame(stream).await.map_err(io("read from"))?;
+        let io = |verb, source| CallError::Io {
+            verb,
+            addr: addr.clone(),
+            source,
+        };
+        write_frame(stream, kind, body)
+            .await
+            .map_err(|e| io("write to", e))?;
+        let frame = read_frame(stream).await.map_err(|e| io("read from", e))?;
         let Some((got, reply)) = frame else {
             let eof = io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed");
-            return Err(io("read from")(eof));
+            return Err(io("read from", eof));
         };
         if got == rpc::KIND_ERROR {
             return Err(CallError::Refused(rpc::decode_refusal(reply)?));
         }
         if got != reply_kind {
-            return Err(CallError::UnexpectedReply { addr: self.addr.clone(), expected: reply_kind, got });
+            return Err(CallError::UnexpectedReply {
+                addr: self.addr.clone(),
+                expected: reply_kind,
+                got,
+            });
         }
         Ok(reply)
     }
 
     /// openraft's error for a failed call; `Refused(SnapshotMismatch)` is handled by the
     /// snapshot RPC itself.
-    fn rpc_error<E: std::error::Error>(&self, action: RPCTypes, e: CallError) -> RPCError<NodeId, BasicNode, E> {
+    fn rpc_error<E: std::error::Error>(
+        &self,
+        action: RPCTypes,
+        e: CallError,
+    ) -> RPCError<NodeId, BasicNode, E> {
         match e {
             CallError::Connect { .. } => RPCError::Unreachable(Unreachable::new(&e)),
             CallError::Timeout(timeout) => RPCError::Timeout(Timeout {
@@ -175,7 +197,9 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         let body = match rpc::encode_append_request(&rpc) {
             Ok(b) => b,
             Err(ClusterError::LimitExceeded { .. }) if n > 1 => {
-                return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(n / 2)));
+                return Err(RPCError::PayloadTooLarge(
+                    PayloadTooLarge::new_entries_hint(n / 2),
+                ));
             }
             Err(e) => return Err(RPCError::Network(NetworkError::new(&e))),
         };
@@ -193,9 +217,15 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> {
         let action = RPCTypes::InstallSnapshot;
-        let body = rpc::encode_snapshot_request(&rpc).map_err(|e| self.rpc_error(action, e.into()))?;
-        match self.call(rpc::KIND_SNAPSHOT, &body, rpc::KIND_SNAPSHOT_REPLY, &option).await {
-            Ok(reply) => rpc::decode_snapshot_reply(reply).map_err(|e| self.rpc_error(action, e.into())),
+        let body =
+            rpc::encode_snapshot_request(&rpc).map_err(|e| self.rpc_error(action, e.into()))?;
+        match self
+            .call(rpc::KIND_SNAPSHOT, &body, rpc::KIND_SNAPSHOT_REPLY, &option)
+            .await
+        {
+            Ok(reply) => {
+                rpc::decode_snapshot_reply(reply).map_err(|e| self.rpc_error(action, e.into()))
+            }
             Err(CallError::Refused(RemoteRefusal::SnapshotMismatch(m))) => {
                 let api = RaftError::APIError(InstallSnapshotError::SnapshotMismatch(m));
                 Err(RPCError::RemoteError(RemoteError::new(self.target, api)))
@@ -204,7 +234,11 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         }
     }
 
-    async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> RpcResult<VoteResponse<NodeId>> {
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<NodeId>> {
         let action = RPCTypes::Vote;
         let body = rpc::encode_vote_request(&rpc);
         let reply = self

@@ -20,12 +20,12 @@
 //! allocating; an unknown version is [`ClusterError::UnsupportedVersion`].
 
 use bytes::Bytes;
-use openraft::error::{SnapshotMismatch, SnapshotSegmentId};
+use openraft::error::SnapshotMismatch;
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::{LeaderId, SnapshotMeta, StoredMembership, Vote};
+use openraft::{LeaderId, SnapshotMeta, SnapshotSegmentId, StoredMembership, Vote};
 
 use crate::codec::{check_limit, Decoder, Encoder};
 use crate::entry::{decode_entry, decode_membership, encode_entry, encode_membership};
@@ -213,7 +213,11 @@ pub(crate) fn decode_append_reply(body: Bytes) -> Result<AppendEntriesResponse<N
 }
 
 pub(crate) fn encode_snapshot_request(rpc: &InstallSnapshotRequest<TypeConfig>) -> Result<Vec<u8>> {
-    check_limit("snapshot chunk", rpc.data.len(), MAX_RPC_FRAME_BYTES - 64 * 1024)?;
+    check_limit(
+        "snapshot chunk",
+        rpc.data.len(),
+        MAX_RPC_FRAME_BYTES - 64 * 1024,
+    )?;
     let mut e = start(rpc.data.len() + 256);
     encode_vote(&mut e, &rpc.vote);
     encode_opt_log_id(&mut e, &rpc.meta.last_log_id);
@@ -280,7 +284,11 @@ pub(crate) fn encode_refusal(r: &RemoteRefusal) -> Vec<u8> {
         RemoteRefusal::SnapshotMismatch(m) => {
             e.u8(ERROR_SNAPSHOT_MISMATCH);
             for seg in [&m.expect, &m.got] {
-                let id = if seg.id.len() <= MAX_RPC_STRING_BYTES { &seg.id[..] } else { "" };
+                let id = if seg.id.len() <= MAX_RPC_STRING_BYTES {
+                    &seg.id[..]
+                } else {
+                    ""
+                };
                 e.str(id);
                 e.u64(seg.offset);
             }
@@ -292,7 +300,9 @@ pub(crate) fn encode_refusal(r: &RemoteRefusal) -> Vec<u8> {
 pub(crate) fn decode_refusal(body: Bytes) -> Result<RemoteRefusal> {
     let mut d = open(body, "rpc error")?;
     let refusal = match d.u8()? {
-        ERROR_UNAVAILABLE => RemoteRefusal::Unavailable(d.str("error reason", MAX_RPC_STRING_BYTES)?),
+        ERROR_UNAVAILABLE => {
+            RemoteRefusal::Unavailable(d.str("error reason", MAX_RPC_STRING_BYTES)?)
+        }
         ERROR_SNAPSHOT_MISMATCH => {
             let mut seg = || -> Result<SnapshotSegmentId> {
                 let id = d.str("snapshot id", MAX_RPC_STRING_BYTES)?;
@@ -326,20 +336,27 @@ mod tests {
     }
 
     fn membership() -> Membership<NodeId, BasicNode> {
-        let nodes: BTreeMap<NodeId, BasicNode> =
-            (0..3).map(|i| (i, BasicNode::new(format!("10.0.0.{i}:5680")))).collect();
+        let nodes: BTreeMap<NodeId, BasicNode> = (0..3)
+            .map(|i| (i, BasicNode::new(format!("10.0.0.{i}:5680"))))
+            .collect();
         Membership::new(vec![BTreeSet::from([0, 1, 2])], nodes)
     }
 
     #[test]
     fn every_rpc_and_reply_round_trips() {
         let v = VoteRequest::new(vote(), Some(log_id(2, 9)));
-        assert_eq!(decode_vote_request(encode_vote_request(&v).into()).unwrap(), v);
+        assert_eq!(
+            decode_vote_request(encode_vote_request(&v).into()).unwrap(),
+            v
+        );
         let r = VoteResponse::new(vote(), None, true);
         assert_eq!(decode_vote_reply(encode_vote_reply(&r).into()).unwrap(), r);
 
         let entries = vec![
-            Entry { log_id: log_id(3, 10), payload: EntryPayload::Blank },
+            Entry {
+                log_id: log_id(3, 10),
+                payload: EntryPayload::Blank,
+            },
             Entry {
                 log_id: log_id(3, 11),
                 payload: EntryPayload::Normal(Request::Produce {
@@ -347,7 +364,10 @@ mod tests {
                     messages: vec![Bytes::from_static(b"m1"), Bytes::from_static(b"m2")],
                 }),
             },
-            Entry { log_id: log_id(3, 12), payload: EntryPayload::Membership(membership()) },
+            Entry {
+                log_id: log_id(3, 12),
+                payload: EntryPayload::Membership(membership()),
+            },
         ];
         let a = AppendEntriesRequest {
             vote: vote(),
@@ -356,14 +376,25 @@ mod tests {
             leader_commit: None,
         };
         let back = decode_append_request(encode_append_request(&a).unwrap().into()).unwrap();
-        assert_eq!(back, a);
+        assert_eq!(
+            (
+                back.vote,
+                back.prev_log_id,
+                back.leader_commit,
+                back.entries
+            ),
+            (a.vote, a.prev_log_id, a.leader_commit, a.entries)
+        );
         for reply in [
             AppendEntriesResponse::Success,
             AppendEntriesResponse::PartialSuccess(Some(log_id(3, 11))),
             AppendEntriesResponse::Conflict,
             AppendEntriesResponse::HigherVote(Vote::new(4, 2)),
         ] {
-            assert_eq!(decode_append_reply(encode_append_reply(&reply).into()).unwrap(), reply);
+            assert_eq!(
+                decode_append_reply(encode_append_reply(&reply).into()).unwrap(),
+                reply
+            );
         }
 
         let s = InstallSnapshotRequest {
@@ -377,17 +408,32 @@ mod tests {
             data: vec![1, 2, 3],
             done: true,
         };
-        assert_eq!(decode_snapshot_request(encode_snapshot_request(&s).unwrap().into()).unwrap(), s);
+        assert_eq!(
+            decode_snapshot_request(encode_snapshot_request(&s).unwrap().into()).unwrap(),
+            s
+        );
         let sr = InstallSnapshotResponse { vote: vote() };
-        assert_eq!(decode_snapshot_reply(encode_snapshot_reply(&sr).into()).unwrap(), sr);
+        assert_eq!(
+            decode_snapshot_reply(encode_snapshot_reply(&sr).into()).unwrap(),
+            sr
+        );
 
         let mismatch = RemoteRefusal::SnapshotMismatch(SnapshotMismatch {
-            expect: SnapshotSegmentId { id: "a".into(), offset: 0 },
-            got: SnapshotSegmentId { id: "b".into(), offset: 9 },
+            expect: SnapshotSegmentId {
+                id: "a".into(),
+                offset: 0,
+            },
+            got: SnapshotSegmentId {
+                id: "b".into(),
+                offset: 9,
+            },
         });
         let gone = RemoteRefusal::Unavailable("raft stopped".into());
         for refusal in [mismatch, gone] {
-            assert_eq!(decode_refusal(encode_refusal(&refusal).into()).unwrap(), refusal);
+            assert_eq!(
+                decode_refusal(encode_refusal(&refusal).into()).unwrap(),
+                refusal
+            );
         }
     }
 
@@ -396,12 +442,18 @@ mod tests {
         let mut body = encode_vote_request(&VoteRequest::new(vote(), None));
         body[0] = 9;
         let err = decode_vote_request(body.into()).unwrap_err();
-        assert!(matches!(err, ClusterError::UnsupportedVersion { found: 9, .. }));
+        assert!(matches!(
+            err,
+            ClusterError::UnsupportedVersion { found: 9, .. }
+        ));
 
         let a = AppendEntriesRequest::<TypeConfig> {
             vote: vote(),
             prev_log_id: None,
-            entries: vec![Entry { log_id: log_id(1, 1), payload: EntryPayload::Blank }],
+            entries: vec![Entry {
+                log_id: log_id(1, 1),
+                payload: EntryPayload::Blank,
+            }],
             leader_commit: None,
         };
         let body = encode_append_request(&a).unwrap();

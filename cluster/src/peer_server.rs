@@ -1,0 +1,159 @@
+//! The server side of the inter-node port: accepts peer connections and hands each RPC
+//! to the local `Raft` handle.
+//!
+//! One task accepts; one task per connection reads a request frame, awaits the local Raft's
+//! answer and writes the reply frame, in order (peers send one RPC at a time per
+//! connection). Connections are capped by [`MAX_PEER_CONNECTIONS`].
+//!
+//! Invariants:
+//! * Dropping or [`PeerServer::shutdown`]-ing the server ends the accept task and, with it,
+//!   every connection task (they live in its `JoinSet`): the port closes and peers see
+//!   their connections reset, exactly as if the node had died.
+//! * A request that does not decode closes its connection; nothing undecoded reaches Raft.
+//!
+//! Does not: authenticate peers, or serve clients (AMQP is the broker's port).
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use openraft::error::{InstallSnapshotError, RaftError};
+use openraft::Raft;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::error::Result;
+use crate::frame::{read_frame, write_frame};
+use crate::rpc::{self, RemoteRefusal};
+use crate::types::TypeConfig;
+
+/// Most peer connections served at once: a few per peer (replication, votes, snapshots)
+/// for clusters far larger than any we run.
+pub const MAX_PEER_CONNECTIONS: usize = 256;
+/// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
+const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
+
+/// A running inter-node server; the port stays open until it is shut down or dropped.
+#[derive(Debug)]
+pub struct PeerServer {
+    local_addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl PeerServer {
+    /// Serves `raft` on an already-bound listener (bind to port 0 in tests, then share
+    /// [`PeerServer::local_addr`] with the peers).
+    pub fn start(listener: TcpListener, raft: Raft<TypeConfig>) -> io::Result<PeerServer> {
+        let local_addr = listener.local_addr()?;
+        let task = tokio::spawn(accept_loop(listener, raft));
+        Ok(PeerServer { local_addr, task })
+    }
+
+    /// The address peers connect to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting, closes every connection, and waits until the port is closed.
+    pub async fn shutdown(mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for PeerServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, raft: Raft<TypeConfig>) {
+    let limit = Arc::new(Semaphore::new(MAX_PEER_CONNECTIONS));
+    // Owning the connection tasks here means aborting this task aborts them all.
+    let mut connections = JoinSet::new();
+    loop {
+        let Ok(permit) = Arc::clone(&limit).acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "inter-node accept failed");
+                tokio::time::sleep(ACCEPT_RETRY_DELAY).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        connections.spawn(serve_connection(stream, raft.clone(), permit));
+        while connections.try_join_next().is_some() {}
+    }
+}
+
+async fn serve_connection(
+    mut stream: TcpStream,
+    raft: Raft<TypeConfig>,
+    _permit: OwnedSemaphorePermit,
+) {
+    loop {
+        let (kind, body) = match read_frame(&mut stream).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "inter-node connection read failed");
+                return;
+            }
+        };
+        let (reply_kind, reply) = match dispatch(&raft, kind, body).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                tracing::warn!(error = %e, kind, "undecodable inter-node request; closing");
+                return;
+            }
+        };
+        if let Err(e) = write_frame(&mut stream, reply_kind, &reply).await {
+            tracing::debug!(error = %e, "inter-node connection write failed");
+            return;
+        }
+    }
+}
+
+/// Decodes one request, asks Raft, and encodes the reply (or a refusal).
+async fn dispatch(raft: &Raft<TypeConfig>, kind: u8, body: Bytes) -> Result<(u8, Vec<u8>)> {
+    Ok(match kind {
+        rpc::KIND_VOTE => match raft.vote(rpc::decode_vote_request(body)?).await {
+            Ok(r) => (rpc::KIND_VOTE_REPLY, rpc::encode_vote_reply(&r)),
+            Err(e) => refusal(&e),
+        },
+        rpc::KIND_APPEND => match raft.append_entries(rpc::decode_append_request(body)?).await {
+            Ok(r) => (rpc::KIND_APPEND_REPLY, rpc::encode_append_reply(&r)),
+            Err(e) => refusal(&e),
+        },
+        rpc::KIND_SNAPSHOT => match raft
+            .install_snapshot(rpc::decode_snapshot_request(body)?)
+            .await
+        {
+            Ok(r) => (rpc::KIND_SNAPSHOT_REPLY, rpc::encode_snapshot_reply(&r)),
+            Err(RaftError::APIError(InstallSnapshotError::SnapshotMismatch(m))) => (
+                rpc::KIND_ERROR,
+                rpc::encode_refusal(&RemoteRefusal::SnapshotMismatch(m)),
+            ),
+            Err(e) => refusal(&e),
+        },
+        _ => {
+            return Err(crate::error::ClusterError::Decode {
+                what: "inter-node frame",
+                position: 4,
+                reason: "unknown request kind",
+            })
+        }
+    })
+}
+
+/// The local Raft could not answer (it is stopping or hit a fatal error).
+fn refusal(e: &dyn std::error::Error) -> (u8, Vec<u8>) {
+    let r = RemoteRefusal::Unavailable(e.to_string());
+    (rpc::KIND_ERROR, rpc::encode_refusal(&r))
+}

@@ -1,0 +1,170 @@
+//! Goal: failures on the inter-node port reach openraft as the errors it retries on, and a
+//! peer that sends garbage is cut off without disturbing Raft.
+//! Method: one `Raft` served by a `PeerServer` on `127.0.0.1:0`; a `PeerClient` from
+//! `TcpNetwork` calls it directly (as openraft would), and a raw socket sends bad frames.
+//! Every wait is bounded by a timeout.
+
+// openraft's error types are large; these signatures are openraft's, not ours.
+#![allow(clippy::result_large_err)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use entrepot_cluster::{LogStore, NodeId, PeerServer, StateMachineStore, TcpNetwork, TypeConfig};
+use entrepot_storage::LogConfig;
+use openraft::error::{InstallSnapshotError, RPCError, RaftError};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{InstallSnapshotRequest, VoteRequest};
+use openraft::{BasicNode, Config, Membership, Raft, SnapshotMeta, StoredMembership, Vote};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+struct Served {
+    raft: Raft<TypeConfig>,
+    server: PeerServer,
+    _dir: tempfile::TempDir,
+}
+
+async fn serve_one_node(id: NodeId) -> Served {
+    let dir = tempfile::tempdir().unwrap();
+    let log_config = LogConfig {
+        segment_bytes: 1 << 20,
+        record_bytes_max: 512 << 10,
+        ..LogConfig::default()
+    };
+    let log = LogStore::open(dir.path(), log_config).unwrap();
+    let sm = StateMachineStore::open(dir.path().join("sm")).unwrap();
+    let config = Arc::new(Config::default().validate().unwrap());
+    let raft = Raft::new(id, config, TcpNetwork::new(id), log, sm)
+        .await
+        .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = PeerServer::start(listener, raft.clone()).unwrap();
+    Served {
+        raft,
+        server,
+        _dir: dir,
+    }
+}
+
+async fn client_to(addr: String) -> entrepot_cluster::PeerClient {
+    TcpNetwork::new(9)
+        .new_client(1, &BasicNode::new(addr))
+        .await
+}
+
+fn option() -> RPCOption {
+    RPCOption::new(WAIT)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_port_is_unreachable_and_a_stopped_raft_is_a_network_error() {
+    let node = serve_one_node(1).await;
+    let addr = node.server.local_addr().to_string();
+    let mut client = client_to(addr.clone()).await;
+
+    let reply = client
+        .vote(VoteRequest::new(Vote::new(1, 9), None), option())
+        .await;
+    assert!(
+        reply.is_ok(),
+        "a live node answers a vote: {reply:?} ({addr})"
+    );
+
+    node.raft.shutdown().await.unwrap();
+    let err = client
+        .vote(VoteRequest::new(Vote::new(2, 9), None), option())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, RPCError::Network(_)),
+        "stopped raft: {err:?} ({addr})"
+    );
+
+    node.server.shutdown().await;
+    let err = client
+        .vote(VoteRequest::new(Vote::new(3, 9), None), option())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, RPCError::Unreachable(_)),
+        "closed port: {err:?} ({addr})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_out_of_order_snapshot_chunk_comes_back_as_a_snapshot_mismatch() {
+    let node = serve_one_node(1).await;
+    let addr = node.server.local_addr().to_string();
+    let mut client = client_to(addr.clone()).await;
+    let nodes: BTreeMap<NodeId, BasicNode> = [(9, BasicNode::new("127.0.0.1:1"))].into();
+    let membership = Membership::new(vec![[9].into()], nodes);
+    let rpc = InstallSnapshotRequest::<TypeConfig> {
+        vote: Vote::new_committed(1, 9),
+        meta: SnapshotMeta {
+            last_log_id: None,
+            last_membership: StoredMembership::new(None, membership),
+            snapshot_id: "never-started".into(),
+        },
+        offset: 4096,
+        data: vec![0; 16],
+        done: false,
+    };
+    let err = client.install_snapshot(rpc, option()).await.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            RPCError::RemoteError(r)
+                if matches!(r.source, RaftError::APIError(InstallSnapshotError::SnapshotMismatch(_)))
+        ),
+        "{err:?} ({addr})"
+    );
+    node.server.shutdown().await;
+    node.raft.shutdown().await.unwrap();
+}
+
+/// Reads until the server closes the connection; bounded by [`WAIT`].
+async fn closed_by_server(mut s: TcpStream) -> bool {
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(WAIT, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    });
+    read.await.is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_frames_close_the_connection_and_the_node_keeps_serving() {
+    let node = serve_one_node(1).await;
+    let addr = node.server.local_addr().to_string();
+
+    // An unknown request kind.
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    s.write_all(&[1, 0, 0, 0, 0x42, 1]).await.unwrap();
+    assert!(closed_by_server(s).await, "unknown kind ({addr})");
+
+    // A length past MAX_RPC_FRAME_BYTES: refused before the body is read or allocated.
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    s.write_all(&[0xff, 0xff, 0xff, 0xff, 1]).await.unwrap();
+    assert!(closed_by_server(s).await, "oversize frame ({addr})");
+
+    // A vote request that does not decode (wrong version byte).
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    s.write_all(&[1, 0, 0, 0, 1, 99]).await.unwrap();
+    assert!(closed_by_server(s).await, "bad version ({addr})");
+
+    let mut client = client_to(addr.clone()).await;
+    let reply = client
+        .vote(VoteRequest::new(Vote::new(1, 9), None), option())
+        .await;
+    assert!(reply.is_ok(), "still serving: {reply:?} ({addr})");
+    node.server.shutdown().await;
+    node.raft.shutdown().await.unwrap();
+}
