@@ -70,6 +70,32 @@ fn credit_for(link_credit: u32, room: Option<u64>) -> u32 {
     room.map_or(link_credit, |r| r.min(u64::from(link_credit)) as u32)
 }
 
+/// Our answer to `attach` before any choice of ours: the peer's name, handle, termini and
+/// settle modes echoed, the role flipped, an initial delivery-count when we are the sender.
+fn mirror(attach: &Attach) -> Attach {
+    let we_send = attach.role == Role::Receiver;
+    Attach {
+        name: attach.name.clone(),
+        handle: attach.handle.clone(),
+        role: if we_send {
+            Role::Sender
+        } else {
+            Role::Receiver
+        },
+        snd_settle_mode: attach.snd_settle_mode.clone(),
+        rcv_settle_mode: attach.rcv_settle_mode.clone(),
+        source: attach.source.clone(),
+        target: attach.target.clone(),
+        unsettled: None,
+        incomplete_unsettled: false,
+        initial_delivery_count: we_send.then_some(0),
+        max_message_size: None,
+        offered_capabilities: None,
+        desired_capabilities: None,
+        properties: None,
+    }
+}
+
 fn address_error(e: AddressError) -> (ErrorCondition, String) {
     let condition = match e {
         AddressError::NotFound(_) => AmqpError::NotFound,
@@ -156,20 +182,9 @@ impl Session {
         };
         let delivery_count = attach.initial_delivery_count.unwrap_or(0);
         let reply = Attach {
-            name: attach.name.clone(),
-            handle: attach.handle.clone(),
-            role: Role::Receiver,
-            snd_settle_mode: attach.snd_settle_mode.clone(),
             rcv_settle_mode: ReceiverSettleMode::First,
-            source: attach.source.clone(),
-            target: attach.target.clone(),
-            unsettled: None,
-            incomplete_unsettled: false,
-            initial_delivery_count: None,
             max_message_size: Some(max_message_size),
-            offered_capabilities: None,
-            desired_capabilities: None,
-            properties: None,
+            ..mirror(&attach)
         };
         conn.send(self.local_channel(), &Performative::Attach(reply), &[])?;
         self.links.insert(
@@ -292,24 +307,13 @@ impl Session {
         let handle = attach.handle.0;
         let presettled = attach.snd_settle_mode == SenderSettleMode::Settled;
         let reply = Attach {
-            name: attach.name.clone(),
-            handle: attach.handle.clone(),
-            role: Role::Sender,
             snd_settle_mode: if presettled {
                 SenderSettleMode::Settled
             } else {
                 SenderSettleMode::Unsettled
             },
-            rcv_settle_mode: attach.rcv_settle_mode.clone(),
-            source: attach.source.clone(),
-            target: attach.target.clone(),
-            unsettled: None,
-            incomplete_unsettled: false,
-            initial_delivery_count: Some(0),
             max_message_size: Some(conn.broker.config().max_message_bytes),
-            offered_capabilities: None,
-            desired_capabilities: None,
-            properties: None,
+            ..mirror(&attach)
         };
         conn.send(self.local_channel(), &Performative::Attach(reply), &[])?;
         let consumer = ConsumerId::next();
@@ -345,32 +349,20 @@ impl Session {
         description: String,
     ) -> Result<(), ConnError> {
         tracing::info!(link = %attach.name, condition = %super::condition_name(&condition), %description, "attach refused");
-        let handle = attach.handle.clone();
-        let (source, target) = match attach.role {
-            Role::Sender => (attach.source.clone(), None),
-            Role::Receiver => (None, attach.target.clone()),
-        };
-        let reply = Attach {
-            name: attach.name,
-            handle: handle.clone(),
-            role: match attach.role {
-                Role::Sender => Role::Receiver,
-                Role::Receiver => Role::Sender,
+        let handle = attach.handle.0;
+        // No terminus on our side: the source when we would have sent, else the target.
+        let reply = match attach.role {
+            Role::Sender => Attach {
+                target: None,
+                ..mirror(&attach)
             },
-            snd_settle_mode: attach.snd_settle_mode,
-            rcv_settle_mode: attach.rcv_settle_mode,
-            source,
-            target,
-            unsettled: None,
-            incomplete_unsettled: false,
-            initial_delivery_count: (attach.role == Role::Receiver).then_some(0),
-            max_message_size: None,
-            offered_capabilities: None,
-            desired_capabilities: None,
-            properties: None,
+            Role::Receiver => Attach {
+                source: None,
+                ..mirror(&attach)
+            },
         };
         conn.send(self.local_channel(), &Performative::Attach(reply), &[])?;
-        self.send_closing_detach(conn, handle.0, condition, description)
+        self.send_closing_detach(conn, handle, condition, description)
     }
 
     /// Marks the link detached by us and sends `detach(closed, error)`; frames for it are
