@@ -10,7 +10,9 @@
 // openraft's error types are large; these signatures are openraft's, not ours.
 #![allow(clippy::result_large_err)]
 
-use std::collections::{BTreeMap, BTreeSet};
+mod support;
+
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -176,31 +178,7 @@ async fn scenario(seed: u64, report: Arc<Mutex<String>>) {
 
     let last = nodes[&new_leader].raft.metrics().borrow().last_log_index;
     for (id, node) in &nodes {
-        node.raft
-            .wait(Some(WAIT))
-            .applied_index_at_least(last, "all applied")
-            .await
-            .unwrap_or_else(|e| panic!("node {id} did not apply up to {last:?}: {e}; {ctx}"));
-        let stored: BTreeSet<Bytes> = node
-            .sm
-            .model()
-            .unwrap()
-            .messages("orders")
-            .into_iter()
-            .map(|(_, m)| m)
-            .collect();
-        let missing: Vec<_> = acked.iter().filter(|m| !stored.contains(*m)).collect();
-        assert!(
-            missing.is_empty(),
-            "node {id} lost {} acknowledged messages, first {:?}; {ctx}",
-            missing.len(),
-            missing.first()
-        );
-        assert_eq!(
-            stored.len(),
-            acked.len(),
-            "node {id} holds exactly the acknowledged messages; {ctx}"
-        );
+        support::assert_holds_exactly(*id, &node.raft, &node.sm, last, &acked, WAIT, &ctx).await;
     }
     for (_, node) in nodes {
         node.server.shutdown().await;

@@ -8,7 +8,9 @@
 // openraft's error types are large; these signatures are openraft's, not ours.
 #![allow(clippy::result_large_err)]
 
-use std::collections::{BTreeMap, BTreeSet};
+mod support;
+
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -188,30 +190,16 @@ async fn a_new_leader_takes_over_and_no_acknowledged_message_is_lost() {
 
     let last = nodes[&new_leader].raft.metrics().borrow().last_log_index;
     for (id, node) in &nodes {
-        node.raft
-            .wait(Some(Duration::from_secs(10)))
-            .applied_index_at_least(last, "all applied")
-            .await
-            .unwrap();
-        let stored: BTreeSet<Bytes> = node
-            .sm
-            .model()
-            .unwrap()
-            .messages("orders")
-            .into_iter()
-            .map(|(_, m)| m)
-            .collect();
-        let missing: Vec<_> = acked.iter().filter(|m| !stored.contains(*m)).collect();
-        assert!(
-            missing.is_empty(),
-            "node {id} lost {} acknowledged messages",
-            missing.len()
-        );
-        assert_eq!(
-            stored.len(),
-            acked.len(),
-            "node {id} holds exactly the acknowledged messages"
-        );
+        support::assert_holds_exactly(
+            *id,
+            &node.raft,
+            &node.sm,
+            last,
+            &acked,
+            Duration::from_secs(10),
+            &"in-memory cluster",
+        )
+        .await;
     }
     for node in nodes.values() {
         node.raft.shutdown().await.unwrap();
