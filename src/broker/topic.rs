@@ -178,11 +178,22 @@ impl Topic {
     /// How many more messages producers may be granted credit for: `None` when no
     /// subscription limits them, 0 while any subscription is full (see [`Self::is_blocked`]).
     pub fn room(&self) -> Option<u64> {
-        if self.is_blocked() {
-            return Some(0);
-        }
         let subs = self.lock().subscriptions.clone();
-        subs.iter().filter_map(|sub| sub.queue.room()).min()
+        let mut least: Option<u64> = None;
+        for sub in &subs {
+            let room = sub.queue.room();
+            let (ready, unsettled) = sub.queue.depth();
+            let backlog_full = self.backlog_policy == BacklogPolicy::Block
+                && ready + unsettled >= self.backlog_max;
+            if backlog_full || room == Some(0) {
+                return Some(0);
+            }
+            least = match (least, room) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        least
     }
 
     pub fn subscriptions(&self) -> Vec<Arc<Subscription>> {
@@ -327,12 +338,7 @@ impl Topic {
     /// True while producers must be held back: the policy is `block` and a subscription's
     /// backlog is at its limit, or a subscription is at its plan's limit.
     pub fn is_blocked(&self) -> bool {
-        let subs = self.lock().subscriptions.clone();
-        subs.iter().any(|s| {
-            let (ready, unsettled) = s.queue.depth();
-            (self.backlog_policy == BacklogPolicy::Block && ready + unsettled >= self.backlog_max)
-                || s.queue.room() == Some(0)
-        })
+        self.room() == Some(0)
     }
 
     /// Re-adds a stored, not fully consumed message after a restart.
