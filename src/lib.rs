@@ -12,6 +12,8 @@
 //! * [`manifest`] — address spaces, addresses, plans and users from YAML manifests;
 //!   [`auth`] — credential checks and authorization rules; [`tls`] — the amqps listener's
 //!   certificates.
+//! * [`raft`] — a clustered node: the store replicated through Raft (`entrepot-cluster`),
+//!   the broker active on the leader only, followers forwarding clients to it.
 //!
 //! Dependencies point one way: `connection → broker → entrepot-storage`; `broker` never
 //! sees a socket and `amqp` never sees a queue.
@@ -25,6 +27,7 @@ pub mod config;
 pub mod connection;
 pub mod manifest;
 pub mod metrics;
+pub mod raft;
 pub mod server;
 pub mod status;
 pub mod tls;

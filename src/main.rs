@@ -71,6 +71,21 @@ enum Command {
         #[arg(long, env = "ENTREPOT_TLS_CERT")]
         ca: Option<PathBuf>,
     },
+    /// Inspect or change a cluster's membership through a node's HTTP admin API. Changes
+    /// go to the leader: every `--http` address is tried until one leads.
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+        /// HTTP addresses of the cluster's nodes (comma-separated).
+        #[arg(
+            long,
+            env = "ENTREPOT_HTTP",
+            default_value = "127.0.0.1:8080",
+            value_delimiter = ',',
+            global = true
+        )]
+        http: Vec<String>,
+    },
     /// Load-test an AMQP 1.0 broker (or NATS JetStream) and check nothing was lost.
     Bench(Box<bench::BenchArgs>),
     /// Draw the throughput-versus-p99 PNG from the per-run JSON files of benches/compare.sh.
@@ -78,8 +93,46 @@ enum Command {
     BenchPlot(bench::plot::PlotArgs),
 }
 
+#[derive(Subcommand)]
+enum ClusterAction {
+    /// Print the node's view: role, term, leader, members and how far each has caught up.
+    Status,
+    /// Add a node: it joins as a learner, catches up, then becomes a voter.
+    Add {
+        /// The new node's id.
+        #[arg(long)]
+        id: u64,
+        /// Its member address: `host:peer_port/amqp_port`.
+        #[arg(long)]
+        addr: String,
+    },
+    /// Remove a node (a leader commits the change, then steps down).
+    Remove {
+        /// The node's id.
+        #[arg(long)]
+        id: u64,
+    },
+}
+
 #[derive(clap::Args)]
 struct ServeArgs {
+    /// Cluster: this node's id [default: the ordinal of the hostname, `entrepot-2` → 2]
+    #[arg(long, env = "ENTREPOT_NODE_ID")]
+    node_id: Option<u64>,
+    /// Cluster: initial members `id=host:peer_port/amqp_port,…` (this node among them);
+    /// giving peers (or --peers-dns) runs the node clustered
+    #[arg(long, env = "ENTREPOT_PEERS")]
+    peers: Option<String>,
+    /// Cluster: a StatefulSet's headless service (`entrepot.ns.svc.cluster.local`); peers
+    /// are `<set>-0 … <set>-(N-1)` under it, with N = --cluster-size
+    #[arg(long, env = "ENTREPOT_PEERS_DNS")]
+    peers_dns: Option<String>,
+    /// Cluster: initial members when peers come from DNS [default: 3]
+    #[arg(long, env = "ENTREPOT_CLUSTER_SIZE", default_value_t = 3)]
+    cluster_size: u32,
+    /// Cluster: inter-node listen address [default: 0.0.0.0:5673]
+    #[arg(long, env = "ENTREPOT_CLUSTER_LISTEN")]
+    cluster_listen: Option<SocketAddr>,
     /// AMQP listen address [default: 0.0.0.0:5672]
     #[arg(long, env = "ENTREPOT_LISTEN")]
     listen: Option<SocketAddr>,
@@ -135,13 +188,59 @@ struct ServeArgs {
 }
 
 impl ServeArgs {
-    fn into_config(self) -> anyhow::Result<BrokerConfig> {
+    /// The cluster settings, when the flags ask for a cluster.
+    fn cluster(
+        &self,
+        config: &BrokerConfig,
+    ) -> anyhow::Result<Option<entrepot::raft::ClusterConfig>> {
+        use entrepot_cluster::identity;
+        if self.peers.is_none() && self.peers_dns.is_none() {
+            return Ok(None);
+        }
+        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        let node_id = identity::resolve_node_id(self.node_id, &hostname)?;
+        let listen = self
+            .cluster_listen
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 5673)));
+        let peers = match (&self.peers, &self.peers_dns) {
+            (Some(list), _) => identity::parse_peers(list)?,
+            (None, Some(service)) => {
+                let set = hostname
+                    .split('.')
+                    .next()
+                    .and_then(|h| h.rsplit_once('-'))
+                    .map(|(set, _)| set.to_owned())
+                    .context("--peers-dns needs a StatefulSet hostname like entrepot-0")?;
+                let list: Vec<String> = (0..self.cluster_size)
+                    .map(|i| {
+                        format!(
+                            "{i}={set}-{i}.{service}:{}/{}",
+                            listen.port(),
+                            config.listen.port()
+                        )
+                    })
+                    .collect();
+                identity::parse_peers(&list.join(","))?
+            }
+            (None, None) => Vec::new(),
+        };
+        Ok(Some(entrepot::raft::ClusterConfig {
+            node_id,
+            peers,
+            listen,
+        }))
+    }
+
+    fn to_config(&self) -> anyhow::Result<BrokerConfig> {
         let mut c = match &self.config {
             Some(path) => BrokerConfig::from_file(path).map_err(anyhow::Error::msg)?,
             None => BrokerConfig::default(),
         };
         macro_rules! set {
-            ($($field:ident),*) => { $( if let Some(v) = self.$field { c.$field = v; } )* };
+            ($($field:ident),*) => { $( if let Some(v) = self.$field.clone() { c.$field = v; } )* };
         }
         set!(
             listen,
@@ -155,7 +254,7 @@ impl ServeArgs {
             allow_anonymous
         );
         macro_rules! set_opt {
-            ($($field:ident),*) => { $( if self.$field.is_some() { c.$field = self.$field; } )* };
+            ($($field:ident),*) => { $( if self.$field.is_some() { c.$field = self.$field.clone(); } )* };
         }
         set_opt!(
             manifests,
@@ -209,7 +308,12 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("starting runtime")?;
     match cli.command {
-        Command::Serve(args) => runtime.block_on(serve(args.into_config()?)),
+        Command::Serve(args) => {
+            let config = args.to_config()?;
+            let cluster = args.cluster(&config)?;
+            runtime.block_on(serve(config, cluster))
+        }
+        Command::Cluster { action, http } => cluster_command(action, &http),
         Command::Validate { dir } => validate(&dir),
         Command::HashPassword { password } => hash_password(password),
         Command::Status { http } => status(http),
@@ -282,7 +386,70 @@ fn hash_password(password: Option<String>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(config: BrokerConfig) -> anyhow::Result<()> {
+/// One HTTP request to a node's admin API; returns the status line and the body.
+fn http_request(http: &str, method: &str, path: &str) -> anyhow::Result<(String, String)> {
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+    let timeout = std::time::Duration::from_secs(5);
+    let addr = http
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {http}"))?
+        .next()
+        .with_context(|| format!("{http} resolves to nothing"))?;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("connecting to {http}"))?;
+    stream.set_read_timeout(Some(entrepot::raft::admin::CHANGE_TIMEOUT + timeout))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {http}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or((response.as_str(), ""));
+    let status = head.lines().next().unwrap_or_default();
+    let status = status.split_once(' ').map_or(status, |(_, s)| s).to_owned();
+    Ok((status, body.to_owned()))
+}
+
+/// `entrepot cluster …`: status from the first node that answers; changes on the leader.
+fn cluster_command(action: ClusterAction, http: &[String]) -> anyhow::Result<()> {
+    let (method, path) = match &action {
+        ClusterAction::Status => ("GET", "/cluster".to_owned()),
+        ClusterAction::Add { id, addr } => ("POST", format!("/cluster/add?id={id}&addr={addr}")),
+        ClusterAction::Remove { id } => ("POST", format!("/cluster/remove?id={id}")),
+    };
+    let mut last = anyhow::anyhow!("no --http address given");
+    for node in http {
+        match http_request(node, method, &path) {
+            Ok((status, body)) if status.starts_with("200") => {
+                print!("{body}");
+                return Ok(());
+            }
+            // Not the leader: try the next node.
+            Ok((status, body)) if status.starts_with("421") => {
+                last = anyhow::anyhow!("{node}: {}", body.trim());
+            }
+            Ok((status, body)) => anyhow::bail!("{node} answered {status}: {}", body.trim()),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+async fn serve(
+    config: BrokerConfig,
+    cluster: Option<entrepot::raft::ClusterConfig>,
+) -> anyhow::Result<()> {
+    if let Some(cluster) = cluster {
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let node = entrepot::raft::ClusterNode::start(config, cluster, shutdown_rx).await?;
+        wait_for_signal().await;
+        tracing::info!("shutting down: closing connections, stopping Raft");
+        let _ = shutdown_tx.send(true);
+        return node.stopped().await;
+    }
     if config.sink {
         tracing::warn!(
             "SINK MODE: this node accepts every message and DROPS it; nothing is stored or \

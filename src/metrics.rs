@@ -249,20 +249,38 @@ fn counter(out: &mut String, name: &str, help: &str, v: u64) {
     );
 }
 
+/// What the HTTP endpoint reports on: a single broker, or a cluster node (whose broker
+/// exists only while it leads).
+#[derive(Clone)]
+pub enum Source {
+    Broker(Arc<Broker>),
+    Cluster(Arc<crate::raft::admin::ClusterHandle>),
+}
+
 /// Serves `/metrics`, `/healthz` and `/readyz` until shutdown.
 pub async fn serve_http(
     listener: TcpListener,
     broker: Arc<Broker>,
+    shutdown: watch::Receiver<bool>,
+) {
+    serve_http_source(listener, Source::Broker(broker), shutdown).await
+}
+
+/// Serves `/metrics`, `/status`, `/healthz`, `/readyz` (and `/cluster…` on a cluster node)
+/// until shutdown.
+pub async fn serve_http_source(
+    listener: TcpListener,
+    source: Source,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
         tokio::select! {
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
-                let broker = Arc::clone(&broker);
+                let source = source.clone();
                 let ready = !*shutdown.borrow();
                 tokio::spawn(async move {
-                    if let Err(e) = handle(stream, &broker, ready).await {
+                    if let Err(e) = handle(stream, &source, ready).await {
                         tracing::debug!(error = %e, "http request failed");
                     }
                 });
@@ -274,7 +292,7 @@ pub async fn serve_http(
 
 async fn handle(
     mut stream: tokio::net::TcpStream,
-    broker: &Broker,
+    source: &Source,
     ready: bool,
 ) -> std::io::Result<()> {
     let mut buf = vec![0u8; MAX_HTTP_REQUEST_BYTES];
@@ -297,13 +315,31 @@ async fn handle(
         return Ok(());
     }
     let head = String::from_utf8_lossy(&buf[..len]);
-    let path = head.split_whitespace().nth(1).unwrap_or("/");
-    let (status, body, kind) = match path {
-        "/status" => ("200 OK", crate::status::render(broker), "application/yaml"),
-        "/metrics" => ("200 OK", render(broker), "text/plain; version=0.0.4"),
-        "/healthz" => ("200 OK", "ok\n".to_owned(), "text/plain"),
-        "/readyz" if ready => ("200 OK", "ready\n".to_owned(), "text/plain"),
-        "/readyz" => (
+    let mut words = head.split_whitespace();
+    let method = words.next().unwrap_or("GET");
+    let path = words.next().unwrap_or("/");
+    let (broker, cluster) = match source {
+        Source::Broker(b) => (Some(Arc::clone(b)), None),
+        Source::Cluster(c) => (c.broker(), Some(c)),
+    };
+    let ready = ready && cluster.is_none_or(|c| c.ready());
+    let (status, body, kind) = match (path, &broker, cluster) {
+        (p, _, Some(c)) if p.starts_with("/cluster") => {
+            let (status, body) = c.http(method, p).await;
+            (status, body, "application/yaml")
+        }
+        ("/status", Some(b), _) => ("200 OK", crate::status::render(b), "application/yaml"),
+        ("/status", None, Some(c)) => ("200 OK", c.status(), "application/yaml"),
+        ("/metrics", b, c) => {
+            let mut text = b.as_deref().map(render).unwrap_or_default();
+            if let Some(c) = c {
+                text.push_str(&c.metrics());
+            }
+            ("200 OK", text, "text/plain; version=0.0.4")
+        }
+        ("/healthz", _, _) => ("200 OK", "ok\n".to_owned(), "text/plain"),
+        ("/readyz", _, _) if ready => ("200 OK", "ready\n".to_owned(), "text/plain"),
+        ("/readyz", _, _) => (
             "503 Service Unavailable",
             "shutting down\n".to_owned(),
             "text/plain",

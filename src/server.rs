@@ -122,7 +122,7 @@ async fn accept_tls(stream: tokio::net::TcpStream, tls: &TlsFiles) -> Option<Acc
 }
 
 /// Builds the gatekeeper and applies the manifests once, before any listener opens.
-fn admit(config: &BrokerConfig, broker: &Broker) -> anyhow::Result<Arc<Gatekeeper>> {
+pub(crate) fn admit(config: &BrokerConfig, broker: &Broker) -> anyhow::Result<Arc<Gatekeeper>> {
     let tokens = match &config.token_file {
         Some(path) => Some(Box::new(
             crate::auth::tokens::FileTokens::load(path).map_err(anyhow::Error::msg)?,

@@ -9,6 +9,7 @@
 //! request: tag 1 Produce { address: str | n: u32 | n × { len: u32 | bytes } }
 //!          tag 2 Settle  { address: str | n: u32 | n × id: u64 }
 //!          tag 3 Cursor  { subscription: str | floor: u64 }
+//!          tag 4 Ops     { len: u32 | bytes }   (broker store operations, opaque here)
 //! str = { len: u16 | utf8 }; integers little-endian
 //! ```
 //! The segment log's record frame already carries a CRC, so there is none here. An
@@ -34,6 +35,7 @@ const KIND_MEMBERSHIP: u8 = 2;
 const TAG_PRODUCE: u8 = 1;
 const TAG_SETTLE: u8 = 2;
 const TAG_CURSOR: u8 = 3;
+const TAG_OPS: u8 = 4;
 
 /// Encodes an entry, checking every length against its limit.
 pub fn encode_entry(entry: &Entry) -> Result<Vec<u8>> {
@@ -103,6 +105,7 @@ fn body_size_hint(payload: &EntryPayload<TypeConfig>) -> usize {
         EntryPayload::Normal(Request::Produce { address, messages }) => {
             3 + address.len() + 4 + messages.iter().map(|m| 4 + m.len()).sum::<usize>()
         }
+        EntryPayload::Normal(Request::Ops(ops)) => 5 + ops.len(),
         _ => 64,
     }
 }
@@ -140,6 +143,11 @@ fn encode_request(e: &mut Encoder, req: &Request) -> Result<()> {
             e.str(subscription);
             e.u64(*floor);
         }
+        Request::Ops(ops) => {
+            check_limit("ops", ops.len(), MAX_OPS_BYTES)?;
+            e.u8(TAG_OPS);
+            e.bytes(ops);
+        }
     }
     Ok(())
 }
@@ -171,6 +179,7 @@ fn decode_request(d: &mut Decoder) -> Result<Request> {
                 floor,
             })
         }
+        TAG_OPS => Ok(Request::Ops(d.bytes("ops", MAX_OPS_BYTES)?)),
         _ => Err(d.fail("unknown request tag")),
     }
 }

@@ -3,7 +3,9 @@
 //! A StatefulSet names its pods `<set>-<ordinal>` (`entrepot-0`, `entrepot-1`, …), so the
 //! ordinal is a stable node id that survives rescheduling. `--node-id` overrides it for
 //! processes started by hand. Peers come as `--peers id=host:port,…`, or `host:port,…`
-//! with each host carrying its ordinal (`entrepot-1.entrepot.default.svc:5673`).
+//! with each host carrying its ordinal (`entrepot-1.entrepot.default.svc:5673`). A member
+//! address may name the member's AMQP port after a slash (`127.0.0.1:7001/5601`, default
+//! [`DEFAULT_AMQP_PORT`]): followers forward clients there.
 //!
 //! Does not: resolve DNS (the headless-service lookup comes with the network layer), or
 //! check that a peer is reachable.
@@ -78,6 +80,13 @@ fn parse_peer(item: &str) -> Result<Peer> {
         }
         None => (None, item),
     };
+    let (addr, amqp_port) = match addr.split_once('/') {
+        Some((a, p)) => (a, Some(p)),
+        None => (addr, None),
+    };
+    if amqp_port.is_some_and(|p| p.parse::<u16>().is_err()) {
+        return Err(invalid(item, "AMQP port after `/` is not a port number"));
+    }
     let (host, port) = addr
         .rsplit_once(':')
         .ok_or_else(|| invalid(item, "missing `:port`"))?;
@@ -94,8 +103,30 @@ fn parse_peer(item: &str) -> Result<Peer> {
     };
     Ok(Peer {
         id,
-        addr: addr.to_string(),
+        addr: match amqp_port {
+            Some(p) => format!("{addr}/{p}"),
+            None => addr.to_string(),
+        },
     })
+}
+
+/// The AMQP port a member serves clients on when its address does not name one.
+pub const DEFAULT_AMQP_PORT: u16 = 5672;
+
+/// The inter-node part of a member address `host:port[/amqp_port]`.
+pub fn peer_addr(member_addr: &str) -> &str {
+    member_addr.split_once('/').map_or(member_addr, |(a, _)| a)
+}
+
+/// Where a member serves AMQP clients: its host with the port after `/`, or
+/// [`DEFAULT_AMQP_PORT`]. Followers forward client connections there when it leads.
+pub fn amqp_addr(member_addr: &str) -> String {
+    let (peer, port) = match member_addr.split_once('/') {
+        Some((a, p)) => (a, p.parse().unwrap_or(DEFAULT_AMQP_PORT)),
+        None => (member_addr, DEFAULT_AMQP_PORT),
+    };
+    let host = peer.rsplit_once(':').map_or(peer, |(h, _)| h);
+    format!("{host}:{port}")
 }
 
 fn invalid(value: &str, reason: &'static str) -> ClusterError {
@@ -164,6 +195,17 @@ mod tests {
             ]
         );
         assert!(parse_peers("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn member_addresses_name_their_amqp_port() {
+        let peers = parse_peers("1=127.0.0.1:7001/5601,entrepot-2.e:5673").unwrap();
+        assert_eq!(peers[0].addr, "127.0.0.1:7001/5601");
+        assert_eq!(peer_addr(&peers[0].addr), "127.0.0.1:7001");
+        assert_eq!(amqp_addr(&peers[0].addr), "127.0.0.1:5601");
+        assert_eq!(peer_addr(&peers[1].addr), "entrepot-2.e:5673");
+        assert_eq!(amqp_addr(&peers[1].addr), "entrepot-2.e:5672");
+        assert!(parse_peers("1=h:1/x").is_err());
     }
 
     #[test]

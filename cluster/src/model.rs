@@ -83,6 +83,8 @@ impl Model {
                 *at = (*at).max(*floor);
                 Response::CursorMoved { floor: *at }
             }
+            // Broker operations mean nothing to the stand-in.
+            Request::Ops(_) => Response::None,
         }
     }
 

@@ -62,7 +62,7 @@ impl RaftNetworkFactory<TypeConfig> for TcpNetwork {
         PeerClient {
             id: self.id,
             target,
-            addr: node.addr.clone(),
+            addr: crate::identity::peer_addr(&node.addr).to_string(),
             stream: None,
         }
     }

@@ -24,6 +24,8 @@ pub const MAX_SETTLE_IDS: usize = 64 * 1024;
 pub const MAX_MEMBERS: usize = 1024;
 /// Most voter sets in a membership (openraft's joint consensus uses two).
 pub const MAX_JOINT_CONFIGS: usize = 2;
+/// Largest broker operation batch ([`Request::Ops`]) in one entry.
+pub const MAX_OPS_BYTES: usize = 64 << 20;
 /// Longest inter-node address (`host:port`) of a member.
 pub const MAX_NODE_ADDR_BYTES: usize = 256;
 
@@ -64,6 +66,10 @@ pub enum Request {
     },
     /// A subscription consumed everything below `floor`.
     Cursor { subscription: String, floor: u64 },
+    /// A batch of the broker's store operations (stored messages, acknowledgements,
+    /// subscription changes), encoded by the broker (`src/cluster/ops.rs`); opaque here.
+    /// This is what a broker node replicates; the variants above serve the stand-in model.
+    Ops(Bytes),
 }
 
 /// What applying a [`Request`] answered.

@@ -9,6 +9,7 @@ pub use declare::{Declaration, DeclaredType};
 pub mod limits;
 pub mod memory;
 pub mod queue;
+pub mod replication;
 pub mod selector;
 pub mod store;
 pub mod subscriptions;
@@ -173,6 +174,16 @@ impl Broker {
         let record_max = (config.max_message_bytes + config::RECORD_OVERHEAD_BYTES)
             .min(u64::from(u32::MAX)) as u32;
         let store = Store::open(&config.data_dir, sync, config.segment_bytes, record_max)?;
+        Broker::with_store(config, store)
+    }
+
+    /// The record size limit the store is opened with for `config`.
+    pub fn record_bytes_max(config: &BrokerConfig) -> u32 {
+        (config.max_message_bytes + config::RECORD_OVERHEAD_BYTES).min(u64::from(u32::MAX)) as u32
+    }
+
+    /// Rebuilds every queue from an open store (a cluster node's, when it becomes leader).
+    pub fn with_store(config: BrokerConfig, store: Store) -> anyhow::Result<Arc<Broker>> {
         let broker = Arc::new_cyclic(|me| Broker {
             me: me.clone(),
             config,

@@ -6,15 +6,24 @@
 //! offsets, and hands each queue its messages in offset order. A sealed segment is
 //! deleted once every record in it is acknowledged.
 //!
+//! In a cluster ([`Store::replicated`]) every change is also queued for Raft (see
+//! `replication.rs`), and "durable" means "committed by a majority": the durability handles
+//! and [`Store::durable_watch`] follow the committed watch instead of the local fsync.
+//!
 //! Invariant: a record's bytes after the store header are the AMQP message exactly as the
 //! producer sent it; the store never re-encodes a message.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use entrepot_storage::{
-    AckLog, Appended, Durable, Log, LogConfig, Result as StorageResult, StorageError, SyncPolicy,
+    AckLog, Appended, Durable, DurableState, Log, LogConfig, Result as StorageResult, StorageError,
+    SyncPolicy,
 };
+use tokio::sync::watch;
+
+use super::replication::{self, Replication};
 
 /// Version byte of the message record format.
 pub const RECORD_VERSION: u8 = 1;
@@ -35,8 +44,11 @@ pub struct StoredMessage {
 
 /// The store; see the module docs.
 pub struct Store {
+    dir: PathBuf,
     log: Log,
-    acks: AckLog,
+    acks: Arc<AckLog>,
+    /// Set in a cluster: where changes wait for Raft.
+    replica: Option<Arc<Replication>>,
 }
 
 /// Errors specific to the store's record format.
@@ -56,6 +68,33 @@ impl Store {
         segment_bytes: u64,
         record_bytes_max: u32,
     ) -> StorageResult<Store> {
+        let (log, acks) = Store::open_parts(dir, sync, segment_bytes, record_bytes_max)?;
+        Ok(Store {
+            dir: dir.to_path_buf(),
+            log,
+            acks: Arc::new(acks),
+            replica: None,
+        })
+    }
+
+    /// A store over logs someone else keeps open (a cluster node's state machine), whose
+    /// changes are queued on `replica` for Raft.
+    pub fn replicated(dir: &Path, log: Log, acks: Arc<AckLog>, replica: Arc<Replication>) -> Store {
+        Store {
+            dir: dir.to_path_buf(),
+            log,
+            acks,
+            replica: Some(replica),
+        }
+    }
+
+    /// Opens the message log in `dir/messages` and the ack log in `dir/acks`.
+    pub fn open_parts(
+        dir: &Path,
+        sync: SyncPolicy,
+        segment_bytes: u64,
+        record_bytes_max: u32,
+    ) -> StorageResult<(Log, AckLog)> {
         let config = LogConfig {
             segment_bytes,
             record_bytes_max,
@@ -70,7 +109,7 @@ impl Store {
                 ..config
             },
         )?;
-        Ok(Store { log, acks })
+        Ok((log, acks))
     }
 
     /// Appends `message` (given as chunks) for `address`. Returns the durability handle
@@ -93,7 +132,16 @@ impl Store {
         for m in message {
             parts.push(m);
         }
-        let (appended, record) = self.log.append_view(0, parts.as_slice())?;
+        let (appended, record) = match &self.replica {
+            None => self.log.append_view(0, parts.as_slice())?,
+            Some(r) => {
+                let ((a, record), durable) = r.record(
+                    || self.log.append_view(0, parts.as_slice()),
+                    |(_, rec), buf| replication::encode_message(buf, rec.offset, &rec.payload),
+                )?;
+                (Appended { durable, ..a }, record)
+            }
+        };
         let skip = 4 + address.len();
         let offset = record.offset;
         Ok((
@@ -104,24 +152,69 @@ impl Store {
         ))
     }
 
+    /// Runs a local change, queuing its operation for Raft in a cluster.
+    fn change(
+        &self,
+        write: impl FnOnce() -> StorageResult<Durable>,
+        encode: impl FnOnce(&mut bytes::BytesMut),
+    ) -> StorageResult<Durable> {
+        match &self.replica {
+            None => write(),
+            Some(r) => r.record(write, |_, buf| encode(buf)).map(|(_, d)| d),
+        }
+    }
+
     /// Marks offsets acknowledged (consumed for good).
     pub fn ack(&self, offsets: &[u64]) -> StorageResult<Durable> {
-        self.acks.ack(offsets)
+        self.change(
+            || self.acks.ack(offsets),
+            |b| replication::encode_ack(b, None, offsets),
+        )
     }
 
     /// Marks offsets acknowledged by a subscription's consumer group.
     pub fn ack_group(&self, group: u32, offsets: &[u64]) -> StorageResult<Durable> {
-        self.acks.ack_group(group, offsets)
+        self.change(
+            || self.acks.ack_group(group, offsets),
+            |b| replication::encode_ack(b, Some(group), offsets),
+        )
     }
 
     /// Starts a subscription's group: everything below `floor` counts as consumed.
     pub fn start_group(&self, group: u32, floor: u64) -> StorageResult<Durable> {
-        self.acks.raise_group_floor(group, floor)
+        self.change(
+            || self.acks.raise_group_floor(group, floor),
+            |b| replication::encode_group_floor(b, group, floor),
+        )
     }
 
     /// Forgets a deleted subscription's group.
     pub fn drop_group(&self, group: u32) -> StorageResult<Durable> {
-        self.acks.drop_group(group)
+        self.change(
+            || self.acks.drop_group(group),
+            |b| replication::encode_drop_group(b, group),
+        )
+    }
+
+    /// Replaces the data-directory file `name` whole (the subscription registry), and
+    /// replicates it in a cluster.
+    pub fn put_file(&self, name: &str, contents: &[u8]) -> std::io::Result<()> {
+        let write = || replication::write_file(&self.dir, name, contents);
+        match &self.replica {
+            None => write(),
+            Some(r) => r
+                .record(write, |_, b| replication::encode_file(b, name, contents))
+                .map(drop),
+        }
+    }
+
+    /// What producers wait on before their messages count as stored: the local fsync, or
+    /// in a cluster the Raft commit.
+    pub fn durable_watch(&self) -> watch::Receiver<DurableState> {
+        match &self.replica {
+            None => self.log.durable_watch(),
+            Some(r) => r.watch(),
+        }
     }
 
     /// True if `group` consumed `offset`.

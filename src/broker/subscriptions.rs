@@ -14,6 +14,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use super::selector;
+use super::store::Store;
 use super::topic::{StartAt, Subscription, Topic};
 use super::Broker;
 
@@ -63,23 +64,15 @@ fn registry_path(dir: &Path) -> PathBuf {
     dir.join(REGISTRY_FILE)
 }
 
-fn write_atomically(dir: &Path, entries: &[Entry]) -> anyhow::Result<()> {
+fn write_atomically(store: &Store, entries: &[Entry]) -> anyhow::Result<()> {
     let file = RegistryFile {
         version: 1,
         subscriptions: entries.to_vec(),
     };
     let text = serde_yaml::to_string(&file)?;
-    let tmp = dir.join(format!("{REGISTRY_FILE}.tmp"));
-    {
-        use std::io::Write;
-        let mut f =
-            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, registry_path(dir))?;
-    std::fs::File::open(dir)?.sync_all()?;
-    Ok(())
+    store
+        .put_file(REGISTRY_FILE, text.as_bytes())
+        .with_context(|| format!("writing {REGISTRY_FILE}"))
 }
 
 /// Parses a selector for a subscription, keeping its text for the registry.
@@ -179,7 +172,7 @@ impl Broker {
                     group,
                     selector: selector.map(str::to_owned),
                 });
-                write_atomically(&self.config.data_dir, &next)
+                write_atomically(&self.store, &next)
                     .map_err(|e| SubscriptionError::Persist(e.to_string()))?;
                 *entries = next;
                 Ok(())
@@ -233,7 +226,7 @@ impl Broker {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let next: Vec<Entry> = entries.iter().filter(|e| e.id != id).cloned().collect();
-        write_atomically(&self.config.data_dir, &next)
+        write_atomically(&self.store, &next)
             .map_err(|e| SubscriptionError::Persist(e.to_string()))?;
         *entries = next;
         drop(entries);

@@ -284,7 +284,7 @@ impl Connection {
         mut outbound_rx: mpsc::UnboundedReceiver<Outbound>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), ConnError> {
-        let mut durable_rx = self.broker.store().log().durable_watch();
+        let mut durable_rx = self.broker.store().durable_watch();
         self.expect_open(rd, &mut rbuf).await?;
         // A client may pipeline begin and attach behind its open: they are already in
         // the buffer, and no further read would bring them to light.
@@ -529,14 +529,7 @@ impl Connection {
                 accepted.push(ack);
             }
         }
-        let failed = self
-            .broker
-            .store()
-            .log()
-            .durable_watch()
-            .borrow()
-            .failed
-            .clone();
+        let failed = self.broker.store().durable_watch().borrow().failed.clone();
         if let Some(reason) = failed {
             return Err(ConnError::protocol(
                 AmqpError::InternalError,

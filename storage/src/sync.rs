@@ -47,6 +47,15 @@ impl Durable {
         Durable { rx: None, offset }
     }
 
+    /// A handle on someone else's durability watch: complete once `state.durable` passes
+    /// `position`. A replicated store hands these out for "committed by a majority".
+    pub fn watching(rx: watch::Receiver<DurableState>, position: u64) -> Durable {
+        Durable {
+            rx: Some(rx),
+            offset: position,
+        }
+    }
+
     /// The offset this handle waits for.
     pub fn offset(&self) -> u64 {
         self.offset

@@ -1,0 +1,472 @@
+//! What a clustered store replicates: every change to the store (a stored message, an
+//! acknowledgement, a consumer group's floor, the subscription registry) as an *operation*,
+//! in the order it happened on the leader, batched into one Raft entry per round trip.
+//!
+//! The leader's store writes locally first (so the message already has its offset and a
+//! slice of the mapping), then queues the operation here. The replicator (`crate::raft`)
+//! takes everything queued as one batch, commits it through Raft, and raises the
+//! *committed* watch; the broker accepts a producer's transfer only when that watch passes
+//! the message's operation — the clustered meaning of "durable".
+//!
+//! Every node (the leader too) applies committed batches with [`apply`]. Applying is
+//! idempotent and repairs divergence: a message whose offset already holds the same record
+//! is skipped; one whose offset holds a different record (written by a leader that lost
+//! its term before committing) cuts the local log there and appends. So replaying the Raft
+//! log from its start after a restart is always safe.
+//!
+//! ```text
+//! // Format (ops batch, v1): { version: u8 = 1 | op* }   (integers little-endian)
+//! //   op 1 message    { offset: u64 | len: u32 | record payload (store.rs format) }
+//! //   op 2 ack        { n: u32 | n × offset: u64 }
+//! //   op 3 ack group  { group: u32 | n: u32 | n × offset: u64 }
+//! //   op 4 group floor{ group: u32 | floor: u64 }
+//! //   op 5 drop group { group: u32 }
+//! //   op 6 file       { name_len: u16 | name | len: u32 | contents }   (data-dir file)
+//! ```
+//! Invariants: operations are queued in the order the store changed (the queue's lock is
+//! held across the local write); sequence numbers are dense from 0 for one leadership;
+//! the committed watch only moves forward, and fails once the leadership ends.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use entrepot_storage::{AckLog, Durable, DurableState, Log, StorageError};
+use tokio::sync::{watch, Notify};
+
+/// Version byte of the ops batch format.
+pub const OPS_VERSION: u8 = 1;
+/// Most bytes one batch carries; the replicator takes less when more is queued.
+pub const MAX_BATCH_BYTES: usize = 8 << 20;
+/// Longest file name an op may carry.
+const MAX_FILE_NAME: usize = 255;
+/// Files an op may write: only the subscription registry.
+const REPLICATED_FILES: &[&str] = &[super::subscriptions::REGISTRY_FILE];
+
+const OP_MESSAGE: u8 = 1;
+const OP_ACK: u8 = 2;
+const OP_ACK_GROUP: u8 = 3;
+const OP_GROUP_FLOOR: u8 = 4;
+const OP_DROP_GROUP: u8 = 5;
+const OP_FILE: u8 = 6;
+
+/// Why a batch could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("ops batch version {0} is not supported (this build reads {OPS_VERSION})")]
+    Version(u8),
+    #[error("malformed ops batch: {0}")]
+    Malformed(&'static str),
+    #[error("message at offset {offset} would leave a gap (log ends at {next})")]
+    Gap { offset: u64, next: u64 },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("writing {name}: {source}")]
+    File {
+        name: String,
+        source: std::io::Error,
+    },
+}
+
+/// The operations of one leadership waiting to be replicated; see the module docs.
+pub struct Replication {
+    queue: Mutex<Queue>,
+    wake: Notify,
+    committed: watch::Sender<DurableState>,
+}
+
+struct Queue {
+    buf: BytesMut,
+    /// Sequence number the next operation gets.
+    next_seq: u64,
+}
+
+/// A batch taken for replication: its bytes and the sequence number after its last op.
+pub struct Batch {
+    pub ops: Bytes,
+    pub end_seq: u64,
+}
+
+impl Default for Replication {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Replication {
+    pub fn new() -> Replication {
+        let (committed, _) = watch::channel(DurableState::default());
+        Replication {
+            queue: Mutex::new(Queue {
+                buf: BytesMut::new(),
+                next_seq: 0,
+            }),
+            wake: Notify::new(),
+            committed,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `write` (the local store change) and queues its operation, under one lock so
+    /// operations keep the store's order. Returns what `write` returned and the handle
+    /// that completes when the operation is committed.
+    pub(crate) fn record<T, E>(
+        &self,
+        write: impl FnOnce() -> Result<T, E>,
+        encode: impl FnOnce(&T, &mut BytesMut),
+    ) -> Result<(T, Durable), E> {
+        let mut q = self.lock();
+        let out = write()?;
+        if q.buf.is_empty() {
+            q.buf.put_u8(OPS_VERSION);
+        }
+        encode(&out, &mut q.buf);
+        let seq = q.next_seq;
+        q.next_seq += 1;
+        drop(q);
+        self.wake.notify_one();
+        Ok((out, Durable::watching(self.committed.subscribe(), seq)))
+    }
+
+    /// Takes everything queued (`None` when nothing is).
+    pub fn take(&self) -> Option<Batch> {
+        let mut q = self.lock();
+        if q.buf.is_empty() {
+            return None;
+        }
+        let ops = q.buf.split().freeze();
+        if q.buf.capacity() < MAX_BATCH_BYTES.min(ops.len() * 2) {
+            q.buf.reserve(ops.len().clamp(4096, MAX_BATCH_BYTES));
+        }
+        Some(Batch {
+            ops,
+            end_seq: q.next_seq,
+        })
+    }
+
+    /// Completes when an operation is queued (or at once if one was queued since the
+    /// last wait).
+    pub async fn queued(&self) {
+        self.wake.notified().await
+    }
+
+    /// Everything before `end_seq` is committed by a majority.
+    pub fn committed(&self, end_seq: u64) {
+        self.committed.send_if_modified(|s| {
+            let moved = s.durable < end_seq;
+            s.durable = s.durable.max(end_seq);
+            moved
+        });
+    }
+
+    /// The leadership ended (or Raft failed): nothing queued will be committed by this
+    /// leader; everyone waiting hears `reason`.
+    pub fn fail(&self, reason: &str) {
+        self.committed.send_modify(|s| {
+            if s.failed.is_none() {
+                s.failed = Some(reason.into());
+            }
+        });
+    }
+
+    /// The committed watch (a connection waits on it for its producers' acceptances).
+    pub fn watch(&self) -> watch::Receiver<DurableState> {
+        self.committed.subscribe()
+    }
+}
+
+pub(crate) fn encode_message(buf: &mut BytesMut, offset: u64, record: &[u8]) {
+    buf.put_u8(OP_MESSAGE);
+    buf.put_u64_le(offset);
+    buf.put_u32_le(record.len() as u32);
+    buf.put_slice(record);
+}
+
+pub(crate) fn encode_ack(buf: &mut BytesMut, group: Option<u32>, offsets: &[u64]) {
+    match group {
+        None => buf.put_u8(OP_ACK),
+        Some(g) => {
+            buf.put_u8(OP_ACK_GROUP);
+            buf.put_u32_le(g);
+        }
+    }
+    buf.put_u32_le(offsets.len() as u32);
+    offsets.iter().for_each(|o| buf.put_u64_le(*o));
+}
+
+pub(crate) fn encode_group_floor(buf: &mut BytesMut, group: u32, floor: u64) {
+    buf.put_u8(OP_GROUP_FLOOR);
+    buf.put_u32_le(group);
+    buf.put_u64_le(floor);
+}
+
+pub(crate) fn encode_drop_group(buf: &mut BytesMut, group: u32) {
+    buf.put_u8(OP_DROP_GROUP);
+    buf.put_u32_le(group);
+}
+
+pub(crate) fn encode_file(buf: &mut BytesMut, name: &str, contents: &[u8]) {
+    buf.put_u8(OP_FILE);
+    buf.put_u16_le(name.len() as u16);
+    buf.put_slice(name.as_bytes());
+    buf.put_u32_le(contents.len() as u32);
+    buf.put_slice(contents);
+}
+
+/// Where applying stands: the offset after the last message applied, so a new leader
+/// can cut a local tail that was never committed.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Applied {
+    pub message_end: Option<u64>,
+}
+
+/// Applies one committed batch to a node's store (see the module docs).
+pub fn apply(
+    ops: &Bytes,
+    log: &Log,
+    acks: &AckLog,
+    dir: &Path,
+    applied: &mut Applied,
+) -> Result<(), ApplyError> {
+    let mut r = Reader { buf: ops, pos: 0 };
+    let version = r.u8()?;
+    if version != OPS_VERSION {
+        return Err(ApplyError::Version(version));
+    }
+    while r.pos < ops.len() {
+        match r.u8()? {
+            OP_MESSAGE => {
+                let offset = r.u64()?;
+                let len = r.u32()? as usize;
+                let record = r.slice(len)?;
+                apply_message(log, offset, &record)?;
+                applied.message_end = Some(offset + 1);
+            }
+            op @ (OP_ACK | OP_ACK_GROUP) => {
+                let group = match op {
+                    OP_ACK_GROUP => Some(r.u32()?),
+                    _ => None,
+                };
+                let n = r.u32()? as usize;
+                if n > (ops.len() - r.pos) / 8 {
+                    return Err(ApplyError::Malformed("ack count beyond the batch"));
+                }
+                let offsets: Vec<u64> = (0..n).map(|_| r.u64()).collect::<Result<_, _>>()?;
+                match group {
+                    None => {
+                        let fresh: Vec<u64> =
+                            offsets.into_iter().filter(|o| !acks.is_acked(*o)).collect();
+                        if !fresh.is_empty() {
+                            acks.ack(&fresh)?;
+                        }
+                    }
+                    Some(g) => {
+                        let fresh: Vec<u64> = offsets
+                            .into_iter()
+                            .filter(|o| !acks.is_group_acked(g, *o))
+                            .collect();
+                        if !fresh.is_empty() {
+                            acks.ack_group(g, &fresh)?;
+                        }
+                    }
+                }
+            }
+            OP_GROUP_FLOOR => {
+                let group = r.u32()?;
+                let floor = r.u64()?;
+                acks.raise_group_floor(group, floor)?;
+            }
+            OP_DROP_GROUP => {
+                let group = r.u32()?;
+                acks.drop_group(group)?;
+            }
+            OP_FILE => {
+                let name_len = r.u16()? as usize;
+                if name_len > MAX_FILE_NAME {
+                    return Err(ApplyError::Malformed("file name too long"));
+                }
+                let name = std::str::from_utf8(&r.slice(name_len)?)
+                    .map_err(|_| ApplyError::Malformed("file name is not UTF-8"))?
+                    .to_owned();
+                let len = r.u32()? as usize;
+                let contents = r.slice(len)?;
+                if !REPLICATED_FILES.contains(&name.as_str()) {
+                    return Err(ApplyError::Malformed(
+                        "op writes a file that is not replicated",
+                    ));
+                }
+                write_file(dir, &name, &contents).map_err(|source| ApplyError::File {
+                    name: name.clone(),
+                    source,
+                })?;
+            }
+            _ => return Err(ApplyError::Malformed("unknown op")),
+        }
+    }
+    Ok(())
+}
+
+/// Idempotent message apply: skip when the same record is there, cut and rewrite when a
+/// different one is, append when the log ends here.
+fn apply_message(log: &Log, offset: u64, record: &[u8]) -> Result<(), ApplyError> {
+    let next = log.next_offset();
+    if offset < next {
+        if offset < log.first_offset() {
+            return Ok(()); // reclaimed here already: it was acknowledged
+        }
+        match log.read(offset) {
+            Ok(existing) if existing.payload[..] == *record => return Ok(()),
+            _ => {
+                tracing::warn!(
+                    offset,
+                    local_end = next,
+                    "local log diverges from the committed one; cutting it"
+                );
+                log.truncate_from(offset)?;
+            }
+        }
+    } else if offset > next {
+        return Err(ApplyError::Gap { offset, next });
+    }
+    log.append_view(0, &[record])?;
+    Ok(())
+}
+
+/// Writes `dir/name` whole: temporary file, fsync, rename, directory fsync.
+pub fn write_file(dir: &Path, name: &str, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = dir.join(format!("{name}.tmp"));
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(contents)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, dir.join(name))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+struct Reader<'a> {
+    buf: &'a Bytes,
+    pos: usize,
+}
+
+impl Reader<'_> {
+    fn take<const N: usize>(&mut self) -> Result<[u8; N], ApplyError> {
+        let b = self
+            .buf
+            .get(self.pos..self.pos + N)
+            .ok_or(ApplyError::Malformed("truncated"))?;
+        self.pos += N;
+        let mut out = [0u8; N];
+        out.copy_from_slice(b);
+        Ok(out)
+    }
+    fn u8(&mut self) -> Result<u8, ApplyError> {
+        Ok(self.take::<1>()?[0])
+    }
+    fn u16(&mut self) -> Result<u16, ApplyError> {
+        Ok(u16::from_le_bytes(self.take()?))
+    }
+    fn u32(&mut self) -> Result<u32, ApplyError> {
+        Ok(u32::from_le_bytes(self.take()?))
+    }
+    fn u64(&mut self) -> Result<u64, ApplyError> {
+        Ok(u64::from_le_bytes(self.take()?))
+    }
+    fn slice(&mut self, len: usize) -> Result<Bytes, ApplyError> {
+        if self.buf.len() - self.pos < len {
+            return Err(ApplyError::Malformed("truncated"));
+        }
+        let out = self.buf.slice(self.pos..self.pos + len);
+        self.pos += len;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use entrepot_storage::{LogConfig, SyncPolicy};
+
+    fn open(dir: &Path) -> (Log, AckLog) {
+        let config = LogConfig {
+            segment_bytes: 1 << 20,
+            record_bytes_max: 64 << 10,
+            sync: SyncPolicy::Never,
+            ..LogConfig::default()
+        };
+        (
+            Log::open(dir.join("messages"), config.clone()).unwrap(),
+            AckLog::open(dir.join("acks"), config).unwrap(),
+        )
+    }
+
+    fn batch(f: impl FnOnce(&mut BytesMut)) -> Bytes {
+        let mut b = BytesMut::new();
+        b.put_u8(OPS_VERSION);
+        f(&mut b);
+        b.freeze()
+    }
+
+    #[test]
+    fn applying_twice_changes_nothing_and_divergence_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, acks) = open(dir.path());
+        let mut applied = Applied::default();
+        let ops = batch(|b| {
+            encode_message(b, 0, b"zero");
+            encode_message(b, 1, b"one");
+            encode_ack(b, None, &[0]);
+            encode_file(b, "subscriptions.yaml", b"version: 1\n");
+        });
+        apply(&ops, &log, &acks, dir.path(), &mut applied).unwrap();
+        apply(&ops, &log, &acks, dir.path(), &mut applied).unwrap();
+        assert_eq!(log.next_offset(), 2);
+        assert!(acks.is_acked(0) && !acks.is_acked(1));
+        assert_eq!(applied.message_end, Some(2));
+        // A stale local tail (offset 2 never committed) is replaced by the committed one.
+        log.append_view(0, &[b"stale"]).unwrap();
+        log.append_view(0, &[b"stale too"]).unwrap();
+        let ops = batch(|b| encode_message(b, 2, b"two"));
+        apply(&ops, &log, &acks, dir.path(), &mut applied).unwrap();
+        assert_eq!(log.next_offset(), 3);
+        assert_eq!(&log.read(2).unwrap().payload[..], b"two");
+        let gap = batch(|b| encode_message(b, 9, b"nine"));
+        assert!(matches!(
+            apply(&gap, &log, &acks, dir.path(), &mut applied),
+            Err(ApplyError::Gap { .. })
+        ));
+        let evil = batch(|b| encode_file(b, "../etc/passwd", b"x"));
+        assert!(apply(&evil, &log, &acks, dir.path(), &mut applied).is_err());
+        assert!(apply(
+            &Bytes::from_static(&[9]),
+            &log,
+            &acks,
+            dir.path(),
+            &mut applied
+        )
+        .is_err());
+    }
+
+    #[tokio::test]
+    async fn committed_watch_completes_recorded_ops_in_order_and_fails_the_rest() {
+        let r = Replication::new();
+        let (_, first) = r
+            .record(|| Ok::<_, ()>(()), |_, b| encode_drop_group(b, 1))
+            .unwrap();
+        let (_, second) = r
+            .record(|| Ok::<_, ()>(()), |_, b| encode_drop_group(b, 2))
+            .unwrap();
+        let taken = r.take().unwrap();
+        assert_eq!(taken.end_seq, 2);
+        assert!(r.take().is_none());
+        r.committed(1);
+        first.wait().await.unwrap();
+        assert!(!second.is_durable());
+        r.fail("leadership lost");
+        assert!(second.wait().await.is_err());
+    }
+}

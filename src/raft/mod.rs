@@ -1,0 +1,459 @@
+//! A clustered broker node: the broker's store replicated through one Raft group
+//! (`entrepot-cluster`, openraft), served by whichever node leads it.
+//!
+//! What this owns:
+//! * the Raft instance of the node, its inter-node port ([`PeerServer`]) and its state
+//!   machine ([`StoreMachine`]: the node's store);
+//! * *activation*: when this node becomes leader it makes sure everything committed is
+//!   applied, cuts any local tail the previous leadership never committed, rebuilds the
+//!   broker's queues from the store (the restart path) and serves clients; when it stops
+//!   leading it closes every client connection and drops the broker (producers waiting for
+//!   a commit hear an error and resend to the new leader);
+//! * the *replicator* of an active leader: takes the store operations queued since the last
+//!   batch, submits them as one Raft entry (several in flight, submitted in order), and
+//!   raises the committed watch as entries commit — a producer's transfer is accepted only
+//!   then;
+//! * the *front door*: the AMQP listener of every node. The leader serves the connection;
+//!   a follower forwards it byte for byte to the leader's AMQP port, so a client or router
+//!   may attach anywhere.
+//!
+//! Invariants:
+//! * At most one broker per node, and only while this node is the Raft leader.
+//! * The store is written only by the applier, or by the active broker through
+//!   [`Replication`]; both keep offsets identical on every node.
+//!
+//! One Raft group covers every address: simple, and one leader's group commit batches all
+//! addresses together. ARCHITECTURE.md explains how the per-address split follows.
+
+pub mod admin;
+mod proxy;
+mod replicator;
+pub mod state_machine;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use entrepot_cluster::identity::Peer;
+use entrepot_cluster::{LogStore, NodeId, PeerServer, TcpNetwork, TypeConfig};
+use entrepot_storage::LogConfig;
+use openraft::{BasicNode, Raft, ServerState, SnapshotPolicy};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::auth::Gatekeeper;
+use crate::broker::replication::Replication;
+use crate::broker::store::Store;
+use crate::broker::Broker;
+use crate::config::BrokerConfig;
+use crate::connection::{self, Accepted};
+use state_machine::StoreMachine;
+
+/// Raft heartbeat period.
+pub const HEARTBEAT_MS: u64 = 60;
+/// Election timeout range: a follower that hears no leader for this long campaigns. Kept
+/// short so a new leader serves within a second of the old one dying.
+pub const ELECTION_TIMEOUT_MS: (u64, u64) = (250, 500);
+/// How long a new connection waits for a leader to be known before it is closed.
+pub const LEADER_WAIT: Duration = Duration::from_secs(5);
+/// Directory of the Raft log inside the data directory.
+pub const RAFT_DIR: &str = "raft";
+/// Largest Raft entry (one replicated batch), bytes.
+pub const RAFT_RECORD_MAX: u32 = 64 << 20;
+/// Segment size of the Raft log.
+pub const RAFT_SEGMENT_BYTES: u64 = 256 << 20;
+
+/// How this node joins a cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub node_id: NodeId,
+    /// The initial members (this node among them, unless it joins later through
+    /// `entrepot cluster add`). Empty: wait to be added.
+    pub peers: Vec<Peer>,
+    /// Where the inter-node port listens.
+    pub listen: SocketAddr,
+}
+
+/// What the front door does with a new connection.
+#[derive(Clone)]
+pub enum Role {
+    /// No leader known (an election is running, or this node is cut off).
+    Unknown,
+    /// Another node leads: forward to its AMQP address.
+    Follower { leader: NodeId, amqp: String },
+    /// This node leads and its broker is serving.
+    Leader(Arc<Active>),
+}
+
+/// The broker of an active leader and what stops it.
+pub struct Active {
+    pub broker: Arc<Broker>,
+    pub gate: Arc<Gatekeeper>,
+    replication: Arc<Replication>,
+    shutdown: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Active {
+    fn stop(&self, reason: &str) {
+        self.replication.fail(reason);
+        let _ = self.shutdown.send(true);
+    }
+}
+
+/// A running clustered node.
+pub struct ClusterNode {
+    pub id: NodeId,
+    pub raft: Raft<TypeConfig>,
+    pub amqp_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub peer_addr: SocketAddr,
+    role: watch::Receiver<Role>,
+    tasks: Vec<JoinHandle<()>>,
+    peer_server: PeerServer,
+    machine: StoreMachine,
+}
+
+impl ClusterNode {
+    /// Opens the store and the Raft log, joins the cluster and serves until `shutdown`.
+    pub async fn start(
+        mut config: BrokerConfig,
+        cluster: ClusterConfig,
+        shutdown: watch::Receiver<bool>,
+    ) -> anyhow::Result<ClusterNode> {
+        if config.manifests.is_some() {
+            config.auto_create = false;
+        }
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating {}", config.data_dir.display()))?;
+        let record_max = Broker::record_bytes_max(&config);
+        // The Raft log is the durable copy; the store is rebuilt from it after a crash.
+        let (log, acks) = tokio::task::block_in_place(|| {
+            Store::open_parts(
+                &config.data_dir,
+                entrepot_storage::SyncPolicy::Never,
+                config.segment_bytes,
+                record_max,
+            )
+        })
+        .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
+        let machine = StoreMachine::new(config.data_dir.clone(), log, Arc::new(acks));
+        let raft_config = LogConfig {
+            segment_bytes: RAFT_SEGMENT_BYTES,
+            record_bytes_max: RAFT_RECORD_MAX.max(record_max.saturating_mul(2)),
+            ..LogConfig::default()
+        };
+        let log_store = tokio::task::block_in_place(|| {
+            LogStore::open(config.data_dir.join(RAFT_DIR), raft_config)
+        })
+        .context("opening the Raft log")?;
+        let raft_settings = openraft::Config {
+            cluster_name: "entrepot".into(),
+            heartbeat_interval: HEARTBEAT_MS,
+            election_timeout_min: ELECTION_TIMEOUT_MS.0,
+            election_timeout_max: ELECTION_TIMEOUT_MS.1,
+            snapshot_policy: SnapshotPolicy::Never,
+            max_in_snapshot_log_to_keep: u64::MAX,
+            ..Default::default()
+        }
+        .validate()
+        .context("Raft settings")?;
+        let id = cluster.node_id;
+        let raft = Raft::new(
+            id,
+            Arc::new(raft_settings),
+            TcpNetwork::new(id),
+            log_store,
+            machine.clone(),
+        )
+        .await
+        .context("starting Raft")?;
+        let peer_listener = TcpListener::bind(cluster.listen)
+            .await
+            .with_context(|| format!("binding the inter-node port {}", cluster.listen))?;
+        let peer_server = PeerServer::start(peer_listener, raft.clone())?;
+        let peer_addr = peer_server.local_addr();
+        initialize(&raft, &cluster).await?;
+
+        let amqp = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
+        let http = TcpListener::bind(config.http)
+            .await
+            .with_context(|| format!("binding {}", config.http))?;
+        let (amqp_addr, http_addr) = (amqp.local_addr()?, http.local_addr()?);
+        tracing::info!(node = id, amqp = %amqp_addr, http = %http_addr, peers = %peer_addr,
+            data_dir = %config.data_dir.display(), "entrepot cluster node listening");
+
+        let (role_tx, role_rx) = watch::channel(Role::Unknown);
+        let config = Arc::new(config);
+        let permits = Arc::new(Semaphore::new(config.max_connections));
+        let handle = admin::ClusterHandle::new(raft.clone(), role_rx.clone());
+        let tasks = vec![
+            tokio::spawn(leadership(
+                raft.clone(),
+                machine.clone(),
+                Arc::clone(&config),
+                role_tx,
+                shutdown.clone(),
+            )),
+            tokio::spawn(front_door(amqp, role_rx.clone(), permits, shutdown.clone())),
+            tokio::spawn(crate::metrics::serve_http_source(
+                http,
+                crate::metrics::Source::Cluster(Arc::new(handle)),
+                shutdown,
+            )),
+        ];
+        Ok(ClusterNode {
+            id,
+            raft,
+            amqp_addr,
+            http_addr,
+            peer_addr,
+            role: role_rx,
+            tasks,
+            peer_server,
+            machine,
+        })
+    }
+
+    /// What the front door currently does.
+    pub fn role(&self) -> Role {
+        self.role.borrow().clone()
+    }
+
+    /// Waits for shutdown, stops Raft, and flushes the store.
+    pub async fn stopped(self) -> anyhow::Result<()> {
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.peer_server.shutdown().await;
+        let _ = self.raft.shutdown().await;
+        let (log, acks) = self.machine.logs();
+        log.flush().context("final sync of the store")?;
+        acks.log().flush().context("final sync of the ack log")?;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// The smallest-id initial member forms the cluster when its log is empty; everyone else
+/// waits to hear from a leader. A node absent from `peers` waits to be added.
+async fn initialize(raft: &Raft<TypeConfig>, cluster: &ClusterConfig) -> anyhow::Result<()> {
+    let first = cluster.peers.iter().map(|p| p.id).min();
+    if first != Some(cluster.node_id) || raft.is_initialized().await? {
+        return Ok(());
+    }
+    let members: std::collections::BTreeMap<NodeId, BasicNode> = cluster
+        .peers
+        .iter()
+        .map(|p| (p.id, BasicNode::new(&p.addr)))
+        .collect();
+    match raft.initialize(members).await {
+        Ok(()) => tracing::info!(members = cluster.peers.len(), "cluster formed"),
+        Err(e) => tracing::info!(error = %e, "cluster already formed"),
+    }
+    Ok(())
+}
+
+/// Follows Raft's view of the leader: activates the broker on becoming leader, stops it on
+/// losing leadership, and tells the front door where clients go.
+async fn leadership(
+    raft: Raft<TypeConfig>,
+    machine: StoreMachine,
+    config: Arc<BrokerConfig>,
+    role: watch::Sender<Role>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut metrics = raft.metrics();
+    let id = raft.metrics().borrow().id;
+    let mut active: Option<Arc<Active>> = None;
+    loop {
+        let (state, leader, leader_addr) = {
+            let m = metrics.borrow_and_update();
+            let leader_addr = m.current_leader.and_then(|l| {
+                m.membership_config
+                    .membership()
+                    .get_node(&l)
+                    .map(|n| n.addr.clone())
+            });
+            (m.state, m.current_leader, leader_addr)
+        };
+        let leading = state == ServerState::Leader && leader == Some(id);
+        if !leading {
+            if let Some(a) = active.take() {
+                tracing::warn!(node = id, "leadership lost: closing client connections");
+                a.stop("this node stopped leading; resend to the new leader");
+            }
+            let next = match (leader, leader_addr) {
+                (Some(l), Some(addr)) if l != id => Role::Follower {
+                    leader: l,
+                    amqp: entrepot_cluster::identity::amqp_addr(&addr),
+                },
+                _ => Role::Unknown,
+            };
+            role.send_replace(next);
+        } else if active.is_none() {
+            match activate(&raft, &machine, &config).await {
+                Ok(a) => {
+                    tracing::info!(node = id, "leading: broker active");
+                    role.send_replace(Role::Leader(Arc::clone(&a)));
+                    active = Some(a);
+                }
+                Err(e) => {
+                    tracing::warn!(node = id, error = %e, "could not activate the broker");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            }
+        }
+        tokio::select! {
+            changed = metrics.changed() => if changed.is_err() { break },
+            _ = shutdown.changed() => break,
+        }
+    }
+    if let Some(a) = active.take() {
+        a.stop("node shutting down");
+        let tasks = std::mem::take(&mut *a.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+    role.send_replace(Role::Unknown);
+}
+
+/// Makes this leader's broker: everything committed applied, the uncommitted local tail
+/// cut, queues rebuilt from the store, replicator and housekeeping running.
+async fn activate(
+    raft: &Raft<TypeConfig>,
+    machine: &StoreMachine,
+    config: &Arc<BrokerConfig>,
+) -> anyhow::Result<Arc<Active>> {
+    // Confirms leadership with a quorum and waits until the state machine has applied
+    // everything committed before this term (the term's first entry included).
+    raft.ensure_linearizable()
+        .await
+        .map_err(|e| anyhow::anyhow!("not the leader after all: {e}"))?;
+    let (log, acks) = machine.logs();
+    if let Some(end) = machine.applied_message_end() {
+        if log.next_offset() > end {
+            tracing::warn!(
+                committed_end = end,
+                local_end = log.next_offset(),
+                "cutting messages this node stored but never committed"
+            );
+            log.truncate_from(end)?;
+        }
+    }
+    let replication = Arc::new(Replication::new());
+    let store = Store::replicated(machine.dir(), log, acks, Arc::clone(&replication));
+    let broker = tokio::task::block_in_place(|| Broker::with_store((**config).clone(), store))?;
+    let gate = tokio::task::block_in_place(|| crate::server::admit(config, &broker))?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut tasks = vec![
+        tokio::spawn(replicator::run(
+            raft.clone(),
+            Arc::clone(&replication),
+            shutdown_rx.clone(),
+        )),
+        tokio::spawn(Arc::clone(&broker).housekeeping(shutdown_rx.clone())),
+    ];
+    if let Some(dir) = config.manifests.clone() {
+        tasks.push(tokio::spawn(crate::manifest::watch::watch_dir(
+            dir,
+            Arc::clone(&broker),
+            Arc::clone(&gate),
+            shutdown_rx,
+        )));
+    }
+    Ok(Arc::new(Active {
+        broker,
+        gate,
+        replication,
+        shutdown: shutdown_tx,
+        tasks: Mutex::new(tasks),
+    }))
+}
+
+/// The AMQP listener of a clustered node; see the module docs.
+async fn front_door(
+    listener: TcpListener,
+    role: watch::Receiver<Role>,
+    permits: Arc<Semaphore>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+                    tracing::warn!(%peer, "connection limit reached, refusing");
+                    continue;
+                };
+                let role = role.clone();
+                tasks.spawn(async move {
+                    route(stream, role).await;
+                    drop(permit);
+                });
+            }
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            _ = shutdown.changed() => break,
+        }
+    }
+    drop(listener);
+    let drained = tokio::time::timeout(crate::server::SHUTDOWN_GRACE, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tasks.abort_all();
+    }
+}
+
+/// Serves or forwards one client connection, waiting (bounded) for a leader.
+async fn route(stream: tokio::net::TcpStream, mut role: watch::Receiver<Role>) {
+    let current =
+        match tokio::time::timeout(LEADER_WAIT, role.wait_for(|r| !matches!(r, Role::Unknown)))
+            .await
+        {
+            Ok(Ok(r)) => Some(r.clone()),
+            _ => None,
+        };
+    let current = match current {
+        Some(r) => r,
+        None => {
+            tracing::info!(peer = ?stream.peer_addr().ok(), "no leader known: closing the connection");
+            return;
+        }
+    };
+    match current {
+        Role::Leader(active) => {
+            let shutdown = active.shutdown.subscribe();
+            connection::serve(
+                Accepted::tcp(stream),
+                Arc::clone(&active.broker),
+                Arc::clone(&active.gate),
+                shutdown,
+            )
+            .await
+        }
+        Role::Follower { leader, amqp } => proxy::forward(stream, leader, &amqp).await,
+        Role::Unknown => {}
+    }
+}
+
+/// This node's data directory layout, for documentation and tests.
+pub fn raft_dir(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join(RAFT_DIR)
+}
