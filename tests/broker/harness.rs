@@ -26,9 +26,9 @@ pub struct BrokerProcess {
 impl BrokerProcess {
     /// Starts a broker on `dir` with extra `serve` flags. The child is reaped by
     /// `kill`/`terminate`, and `Drop` calls `kill`.
-    #[allow(clippy::zombie_processes)]
     pub fn start(dir: &Path, extra: &[&str]) -> BrokerProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_entrepot"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_entrepot"));
+        command
             .args([
                 "serve",
                 "--listen",
@@ -38,7 +38,16 @@ impl BrokerProcess {
                 "--data-dir",
             ])
             .arg(dir)
-            .args(extra)
+            .args(extra);
+        BrokerProcess::launch(command, dir)
+    }
+
+    /// Starts `command`, a complete `entrepot serve` command line (possibly wrapped, e.g. in
+    /// `ip netns exec`, which execs the broker so the child is the broker itself), and waits
+    /// until it logs its listeners.
+    #[allow(clippy::zombie_processes)]
+    pub fn launch(mut command: Command, dir: &Path) -> BrokerProcess {
+        let mut child = command
             .env(
                 "RUST_LOG",
                 std::env::var("ENTREPOT_TEST_LOG").unwrap_or_else(|_| "info".into()),
@@ -116,17 +125,22 @@ impl BrokerProcess {
 
     /// GET a path from the HTTP endpoint; returns (status line, body).
     pub fn http_get(&self, path: &str) -> (String, String) {
-        let mut s =
-            TcpStream::connect_timeout(&self.http, Duration::from_secs(5)).expect("http connect");
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok();
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("http write");
+        self.http_request("GET", path).expect("http GET")
+    }
+
+    /// One HTTP request to the HTTP endpoint, bounded by 5 s; returns (status line, body),
+    /// or the I/O error (a node that is down or cut off).
+    pub fn http_request(&self, method: &str, path: &str) -> std::io::Result<(String, String)> {
+        let mut s = TcpStream::connect_timeout(&self.http, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")?;
         let mut resp = String::new();
-        s.read_to_string(&mut resp).expect("http read");
+        s.read_to_string(&mut resp)?;
         let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
-        (
+        Ok((
             head.lines().next().unwrap_or_default().to_owned(),
             body.to_owned(),
-        )
+        ))
     }
 
     /// The value of a metric line such as `entrepot_queue_depth{queue="q"}`.

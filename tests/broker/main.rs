@@ -7,6 +7,8 @@ mod address_types;
 mod addresses;
 mod bench_tool;
 mod client;
+mod cluster;
+mod cluster_support;
 mod container;
 mod crash;
 mod disk_full;

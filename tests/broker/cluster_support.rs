@@ -1,0 +1,663 @@
+//! The harness of the cluster system tests: a [`Cluster`] of real `entrepot serve`
+//! processes (leader discovery through `GET /cluster`, SIGKILL and restart on the same data
+//! directory, membership changes through `entrepot cluster add|remove`), a reconnecting
+//! producer [`Load`] and a [`drain`] consumer, plus the oracle "no accepted message lost".
+//!
+//! The producer sends unique, sequence-numbered persistent 1 KiB messages with many
+//! unsettled in flight. When its connection breaks (leader killed, leadership lost, node
+//! cut off) it reconnects to the next node of its list and resends everything not yet
+//! accepted; a resent message may then be stored twice, which is the one duplicate the
+//! oracle allows. Every wait here is bounded.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fe2o3_amqp::types::messaging::{ApplicationProperties, Data, Header, Message, Outcome};
+use fe2o3_amqp::types::primitives::{Binary, SimpleValue};
+use fe2o3_amqp::{Connection, Receiver, Sender, Session};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::harness::BrokerProcess;
+
+/// Body size of every test message.
+pub const BODY_BYTES: usize = 1024;
+/// Longest a client connect, attach, send or outcome may take before the producer treats
+/// its connection as broken (a peer cut off by a partition never answers).
+pub const CLIENT_OP_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often leader discovery polls `GET /cluster`.
+pub const POLL: Duration = Duration::from_millis(20);
+/// Longest a membership change through the CLI may take (catch-up included).
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(70);
+
+/// How one node is started and reached.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    /// Member address `host:peer_port/amqp_port`, as the other nodes dial it.
+    pub member: String,
+    /// The listener flags: `--listen`, `--http`, `--cluster-listen`.
+    pub listen: Vec<String>,
+    /// A command the broker runs under (e.g. `ip netns exec ns`); empty: none.
+    pub wrapper: Vec<String>,
+    /// Where the test reaches AMQP and HTTP when not at the logged listen addresses (a
+    /// node listening on 0.0.0.0 inside a namespace).
+    pub reach: Option<(SocketAddr, SocketAddr)>,
+}
+
+/// A node's `GET /cluster` answer (the fields the tests look at).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Status {
+    pub role: String,
+    pub term: u64,
+    pub leader: Option<u64>,
+    pub last_log_index: i64,
+    pub last_applied: i64,
+    pub voters: Vec<u64>,
+}
+
+impl Status {
+    fn parse(yaml: &str) -> Option<Status> {
+        let field = |key: &str| {
+            yaml.lines()
+                .find_map(|l| l.strip_prefix(key)?.strip_prefix(": "))
+                .map(str::trim)
+        };
+        let voters = yaml
+            .lines()
+            .filter(|l| l.contains("kind: voter"))
+            .filter_map(|l| l.split("id: ").nth(1)?.split(',').next()?.parse().ok())
+            .collect();
+        Some(Status {
+            role: field("role")?.to_owned(),
+            term: field("term")?.parse().ok()?,
+            leader: field("leader")?.parse().ok(),
+            last_log_index: field("last_log_index")?.parse().ok()?,
+            last_applied: field("last_applied")?.parse().ok()?,
+            voters,
+        })
+    }
+}
+
+/// Real `entrepot serve` processes forming one cluster, each on its own data directory.
+pub struct Cluster {
+    root: tempfile::TempDir,
+    layouts: BTreeMap<u64, Layout>,
+    /// The `--peers` each node was started with, kept for restarts.
+    peers: BTreeMap<u64, String>,
+    nodes: BTreeMap<u64, BrokerProcess>,
+}
+
+impl Cluster {
+    /// Nodes `0..count` on loopback, on ports free right now (none started yet).
+    pub fn on_loopback(count: u64) -> Cluster {
+        let layouts = (0..count)
+            .map(|id| {
+                let (peer, amqp) = (free_port(), free_port());
+                let layout = Layout {
+                    member: format!("127.0.0.1:{peer}/{amqp}"),
+                    listen: [
+                        "--listen",
+                        &format!("127.0.0.1:{amqp}"),
+                        "--http",
+                        "127.0.0.1:0",
+                        "--cluster-listen",
+                        &format!("127.0.0.1:{peer}"),
+                    ]
+                    .map(String::from)
+                    .to_vec(),
+                    wrapper: Vec::new(),
+                    reach: None,
+                };
+                (id, layout)
+            })
+            .collect();
+        Cluster::with_layouts(layouts)
+    }
+
+    pub fn with_layouts(layouts: BTreeMap<u64, Layout>) -> Cluster {
+        Cluster {
+            root: tempfile::tempdir().expect("tempdir"),
+            layouts,
+            peers: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+        }
+    }
+
+    /// Starts `ids` as the initial members, then waits (bounded) for a leader.
+    pub fn start(&mut self, ids: &[u64], timeout: Duration) -> u64 {
+        for &id in ids {
+            self.start_node(id, ids);
+        }
+        self.wait_leader(|_| true, timeout)
+    }
+
+    /// Starts node `id` with `--peers` naming `members` (without `id`, the node waits to
+    /// be added).
+    pub fn start_node(&mut self, id: u64, members: &[u64]) {
+        let peers = members
+            .iter()
+            .map(|m| format!("{m}={}", self.layouts[m].member))
+            .collect::<Vec<_>>()
+            .join(",");
+        self.peers.insert(id, peers);
+        self.launch(id);
+    }
+
+    /// Starts a killed node again on its data directory, with its first `--peers`.
+    pub fn restart(&mut self, id: u64) {
+        assert!(!self.nodes.contains_key(&id), "node {id} is still running");
+        self.launch(id);
+    }
+
+    fn launch(&mut self, id: u64) {
+        let layout = &self.layouts[&id];
+        let dir = self.data_dir(id);
+        let (program, wrapper_args) = match layout.wrapper.split_first() {
+            Some((program, rest)) => (program.as_str(), rest),
+            None => (env!("CARGO_BIN_EXE_entrepot"), &[][..]),
+        };
+        let mut command = Command::new(program);
+        command.args(wrapper_args);
+        if !layout.wrapper.is_empty() {
+            command.arg(env!("CARGO_BIN_EXE_entrepot"));
+        }
+        command
+            .arg("serve")
+            .args(&layout.listen)
+            .args(["--node-id", &id.to_string(), "--peers", &self.peers[&id]])
+            .arg("--data-dir")
+            .arg(&dir);
+        let mut node = BrokerProcess::launch(command, &dir);
+        if let Some((amqp, http)) = layout.reach {
+            (node.amqp, node.http) = (amqp, http);
+        }
+        self.nodes.insert(id, node);
+    }
+
+    fn data_dir(&self, id: u64) -> PathBuf {
+        self.root.path().join(format!("node-{id}"))
+    }
+
+    /// SIGKILL: the node gets no chance to sync or close anything.
+    pub fn kill(&mut self, id: u64) {
+        let mut node = self.nodes.remove(&id).expect("node running");
+        node.kill();
+    }
+
+    pub fn running(&self) -> Vec<u64> {
+        self.nodes.keys().copied().collect()
+    }
+
+    pub fn node(&self, id: u64) -> &BrokerProcess {
+        &self.nodes[&id]
+    }
+
+    pub fn member(&self, id: u64) -> &str {
+        &self.layouts[&id].member
+    }
+
+    /// AMQP URLs of `ids`, in order (running or not: a producer skips dead ones).
+    pub fn urls(&self, ids: &[u64]) -> Vec<String> {
+        ids.iter()
+            .map(|id| match (self.nodes.get(id), self.layouts[id].reach) {
+                (Some(n), _) => n.url(),
+                (None, Some((amqp, _))) => format!("amqp://{amqp}"),
+                (None, None) => {
+                    let amqp_port = self.layouts[id].member.rsplit('/').next().unwrap_or("0");
+                    format!("amqp://127.0.0.1:{amqp_port}")
+                }
+            })
+            .collect()
+    }
+
+    /// Node `id`'s `GET /cluster`, or None when it does not answer.
+    pub fn status(&self, id: u64) -> Option<Status> {
+        let (line, body) = self.nodes.get(&id)?.http_request("GET", "/cluster").ok()?;
+        line.contains("200").then(|| Status::parse(&body)).flatten()
+    }
+
+    /// Polls the running nodes every [`POLL`] until one of them reports `role: leader` and
+    /// `accept(id)`; returns its id.
+    pub fn wait_leader(&self, accept: impl Fn(u64) -> bool, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for id in self.running() {
+                if accept(id) && self.status(id).is_some_and(|s| s.role == "leader") {
+                    return id;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no leader within {timeout:?}; statuses: {:?}",
+                self.statuses()
+            );
+            std::thread::sleep(POLL);
+        }
+    }
+
+    pub fn statuses(&self) -> BTreeMap<u64, Option<Status>> {
+        self.running()
+            .into_iter()
+            .map(|id| (id, self.status(id)))
+            .collect()
+    }
+
+    /// `entrepot cluster add`: node `id` joins as a learner, catches up, becomes a voter.
+    pub fn add(&self, id: u64) {
+        let addr = self.layouts[&id].member.clone();
+        self.cluster_cli(&["add", "--id", &id.to_string(), "--addr", &addr]);
+    }
+
+    /// `entrepot cluster remove`.
+    pub fn remove(&self, id: u64) {
+        self.cluster_cli(&["remove", "--id", &id.to_string()]);
+    }
+
+    fn cluster_cli(&self, args: &[&str]) {
+        let http: Vec<String> = self.nodes.values().map(|n| n.http.to_string()).collect();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_entrepot"))
+            .arg("cluster")
+            .args(args)
+            .args(["--http", &http.join(",")])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn entrepot cluster");
+        let deadline = Instant::now() + CHANGE_TIMEOUT;
+        while child.try_wait().expect("poll cli").is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("entrepot cluster {args:?} did not finish within {CHANGE_TIMEOUT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().expect("cli output");
+        assert!(
+            out.status.success(),
+            "entrepot cluster {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Waits until every running node reports the same last log index and last applied
+    /// index, and exactly one leads; returns the common status of node `any`.
+    pub fn wait_converged(&self, timeout: Duration) -> BTreeMap<u64, Option<Status>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let all = self.statuses();
+            let marks: HashSet<Option<(i64, i64)>> = all
+                .values()
+                .map(|s| s.as_ref().map(|s| (s.last_log_index, s.last_applied)))
+                .collect();
+            let leaders = all.values().flatten().filter(|s| s.role == "leader").count();
+            let same = marks.len() == 1 && !marks.contains(&None);
+            if same && leaders == 1 {
+                return all;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nodes did not converge within {timeout:?}: {all:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The logs of every running node, for a failure message.
+    pub fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|(id, n)| format!("--- node {id} ---\n{}", n.drain_logs().join("\n")))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// A port free on loopback right now (the kernel may hand it out again, rarely).
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// What the producers record.
+#[derive(Default)]
+struct Record {
+    /// Sequence number → when it was accepted and when its connection was opened.
+    accepted: HashMap<u64, (Instant, Instant)>,
+    /// Sequence numbers sent more than once (after a broken connection).
+    resent: HashSet<u64>,
+}
+
+/// Producers sending `seqs` to a queue through a list of nodes until every one is
+/// accepted (or [`Load::stop`]).
+pub struct Load {
+    record: Arc<Mutex<Record>>,
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// What a finished load accepted.
+pub struct Accepted {
+    pub seqs: HashSet<u64>,
+    pub resent: HashSet<u64>,
+}
+
+#[derive(Clone)]
+pub struct LoadConfig {
+    pub queue: String,
+    /// Nodes to connect to, tried in turn after each broken connection.
+    pub urls: Vec<String>,
+    pub seqs: std::ops::Range<u64>,
+    pub producers: u64,
+    pub in_flight: usize,
+}
+
+impl Load {
+    pub fn start(rt: &tokio::runtime::Runtime, config: LoadConfig) -> Load {
+        let record = Arc::new(Mutex::new(Record::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = (0..config.producers)
+            .map(|k| {
+                let todo: VecDeque<u64> = config
+                    .seqs
+                    .clone()
+                    .filter(|s| s % config.producers == k)
+                    .collect();
+                let producer = Producer {
+                    config: config.clone(),
+                    first_url: k as usize,
+                    record: Arc::clone(&record),
+                    stop: Arc::clone(&stop),
+                };
+                rt.spawn(producer.run(todo))
+            })
+            .collect();
+        Load {
+            record,
+            stop,
+            tasks,
+        }
+    }
+
+    pub fn accepted_count(&self) -> usize {
+        self.record.lock().unwrap().accepted.len()
+    }
+
+    /// Blocks until at least `n` messages are accepted; panics after `timeout`.
+    pub fn wait_accepted(&self, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.accepted_count() < n {
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {n} messages accepted within {timeout:?}",
+                self.accepted_count()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The first acceptance on a connection opened after `t`.
+    pub fn first_acceptance_after(&self, t: Instant) -> Option<Instant> {
+        let record = self.record.lock().unwrap();
+        record
+            .accepted
+            .values()
+            .filter(|(_, opened)| *opened > t)
+            .map(|(at, _)| *at)
+            .min()
+    }
+
+    /// Asks the producers to stop after their current round.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// Waits (bounded) until the producers are done, then returns what was accepted.
+    pub fn finish(mut self, rt: &tokio::runtime::Runtime, timeout: Duration) -> Accepted {
+        let finished = rt.block_on(async {
+            tokio::time::timeout(timeout, async {
+                for t in self.tasks.iter_mut() {
+                    let _ = t.await;
+                }
+            })
+            .await
+        });
+        if finished.is_err() {
+            self.stop();
+            for t in &self.tasks {
+                t.abort();
+            }
+        }
+        let record = self.record.lock().unwrap();
+        let accepted = Accepted {
+            seqs: record.accepted.keys().copied().collect(),
+            resent: record.resent.clone(),
+        };
+        assert!(
+            finished.is_ok(),
+            "producers not done within {timeout:?} ({} accepted)",
+            accepted.seqs.len()
+        );
+        accepted
+    }
+}
+
+/// One producer task.
+struct Producer {
+    config: LoadConfig,
+    first_url: usize,
+    record: Arc<Mutex<Record>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Producer {
+    async fn run(self, mut todo: VecDeque<u64>) {
+        let mut attempt = self.first_url;
+        while !todo.is_empty() && !self.stop.load(Ordering::Relaxed) {
+            let url = &self.config.urls[attempt % self.config.urls.len()];
+            attempt += 1;
+            let opened = Instant::now();
+            let Some((conn, session, sender)) = self.attach(url).await else {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            };
+            let unaccepted = self.round(sender, &mut todo, opened).await;
+            // Resend first what this connection did not get accepted.
+            let mut record = self.record.lock().unwrap();
+            for seq in unaccepted.into_iter().rev() {
+                record.resent.insert(seq);
+                todo.push_front(seq);
+            }
+            drop(record);
+            drop(session);
+            drop(conn);
+        }
+    }
+
+    async fn attach(
+        &self,
+        url: &str,
+    ) -> Option<(
+        fe2o3_amqp::connection::ConnectionHandle<()>,
+        fe2o3_amqp::session::SessionHandle<()>,
+        Sender,
+    )> {
+        let open = async {
+            let mut conn = Connection::open("cluster-producer", url).await.ok()?;
+            let mut session = Session::begin(&mut conn).await.ok()?;
+            let sender = Sender::attach(&mut session, "producer", self.config.queue.as_str())
+                .await
+                .ok()?;
+            Some((conn, session, sender))
+        };
+        tokio::time::timeout(CLIENT_OP_TIMEOUT, open)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Sends from `todo` until it is empty or the connection breaks; returns the sequence
+    /// numbers sent but not accepted (oldest first).
+    async fn round(&self, mut sender: Sender, todo: &mut VecDeque<u64>, opened: Instant) -> Vec<u64> {
+        let window = Arc::new(Semaphore::new(self.config.in_flight));
+        let (broken_tx, mut broken) = watch::channel(false);
+        let broken_tx = Arc::new(broken_tx);
+        let mut outcomes = JoinSet::new();
+        let mut sent = Vec::new();
+        while let Some(seq) = todo.pop_front() {
+            let permit = tokio::select! {
+                p = tokio::time::timeout(CLIENT_OP_TIMEOUT, Arc::clone(&window).acquire_owned()) => p,
+                _ = broken.wait_for(|b| *b) => { todo.push_front(seq); break }
+            };
+            let Ok(Ok(permit)) = permit else {
+                todo.push_front(seq);
+                break;
+            };
+            if self.stop.load(Ordering::Relaxed) {
+                todo.push_front(seq);
+                break;
+            }
+            let send = tokio::time::timeout(CLIENT_OP_TIMEOUT, sender.send_batchable(message(seq)));
+            let Ok(Ok(outcome)) = send.await else {
+                todo.push_front(seq);
+                break;
+            };
+            sent.push(seq);
+            let (record, broken_tx) = (Arc::clone(&self.record), Arc::clone(&broken_tx));
+            outcomes.spawn(async move {
+                match tokio::time::timeout(CLIENT_OP_TIMEOUT, outcome).await {
+                    Ok(Ok(Outcome::Accepted(_))) => {
+                        let mut r = record.lock().unwrap();
+                        r.accepted.insert(seq, (Instant::now(), opened));
+                    }
+                    _ => {
+                        broken_tx.send_replace(true);
+                    }
+                }
+                drop(permit);
+            });
+        }
+        // Wait for the outcomes still coming, unless the connection is already broken.
+        tokio::select! {
+            _ = async { while outcomes.join_next().await.is_some() {} } => {}
+            _ = broken.wait_for(|b| *b) => {}
+        }
+        outcomes.abort_all();
+        drop(sender);
+        let record = self.record.lock().unwrap();
+        sent.retain(|s| !record.accepted.contains_key(s));
+        sent
+    }
+}
+
+/// Receives from `queue` through `url` until every sequence number of `expected` arrived
+/// and the queue stayed quiet for a second (bounded by `timeout`); accepts each message,
+/// checks its body, and returns how often each sequence number came.
+pub async fn drain(
+    url: &str,
+    queue: &str,
+    expected: &HashSet<u64>,
+    timeout: Duration,
+) -> HashMap<u64, u32> {
+    let mut conn = tokio::time::timeout(CLIENT_OP_TIMEOUT, Connection::open("drain", url))
+        .await
+        .expect("drain: connect timed out")
+        .expect("drain: connect");
+    let mut session = Session::begin(&mut conn).await.expect("drain: begin");
+    let mut receiver = Receiver::attach(&mut session, "drain", queue)
+        .await
+        .expect("drain: attach");
+    let mut received: HashMap<u64, u32> = HashMap::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let complete = expected.iter().all(|s| received.contains_key(s));
+        let wait = if complete {
+            Duration::from_secs(1)
+        } else {
+            deadline.saturating_duration_since(tokio::time::Instant::now())
+        };
+        let Ok(delivery) = tokio::time::timeout(wait, receiver.recv::<Data>()).await else {
+            break;
+        };
+        let delivery = delivery.expect("drain: receive");
+        let seq = seq_of(delivery.message());
+        assert!(
+            delivery.body().0.as_slice() == body(seq).as_slice(),
+            "body of message {seq} is corrupt"
+        );
+        *received.entry(seq).or_default() += 1;
+        receiver.accept(&delivery).await.expect("drain: accept");
+    }
+    let _ = receiver.close().await;
+    let _ = session.end().await;
+    let _ = conn.close().await;
+    received
+}
+
+/// The oracle: every accepted sequence number was received; one received twice was sent
+/// twice (at-least-once after a broken connection), never otherwise.
+pub fn assert_none_lost(accepted: &Accepted, received: &HashMap<u64, u32>) {
+    let mut lost: Vec<u64> = accepted
+        .seqs
+        .iter()
+        .filter(|s| !received.contains_key(s))
+        .copied()
+        .collect();
+    lost.sort_unstable();
+    assert!(
+        lost.is_empty(),
+        "{} accepted messages lost (of {}), e.g. {:?}",
+        lost.len(),
+        accepted.seqs.len(),
+        &lost[..lost.len().min(20)]
+    );
+    let mut doubled: Vec<u64> = received
+        .iter()
+        .filter(|(s, n)| **n > 1 && !accepted.resent.contains(s))
+        .map(|(s, _)| *s)
+        .collect();
+    doubled.sort_unstable();
+    assert!(
+        doubled.is_empty(),
+        "sent once but received more than once: {:?}",
+        &doubled[..doubled.len().min(20)]
+    );
+    let extra = received.len() - accepted.seqs.len();
+    let duplicates: u32 = received.values().map(|n| n - 1).sum();
+    eprintln!(
+        "oracle: {} accepted, all received; {extra} received beyond them (sent, outcome \
+         lost), {duplicates} duplicates of resent messages",
+        accepted.seqs.len()
+    );
+}
+
+fn message(seq: u64) -> Message<Data> {
+    Message::builder()
+        .header(Header::builder().durable(true).build())
+        .application_properties(ApplicationProperties::builder().insert("seq", seq).build())
+        .data(Binary::from(body(seq)))
+        .build()
+}
+
+/// [`BODY_BYTES`] derived from `seq`, so a mixed-up or torn body shows.
+fn body(seq: u64) -> Vec<u8> {
+    (0..BODY_BYTES)
+        .map(|i| (seq.rotate_left(i as u32 % 64) as u8) ^ (i as u8))
+        .collect()
+}
+
+fn seq_of(m: &Message<Data>) -> u64 {
+    match m
+        .application_properties
+        .as_ref()
+        .and_then(|p| p.0.get("seq"))
+    {
+        Some(SimpleValue::Ulong(seq)) => *seq,
+        other => panic!("message without a ulong seq property: {other:?}"),
+    }
+}
