@@ -249,15 +249,7 @@ impl Store {
 
     /// Deletes sealed segments whose records are all acknowledged; returns how many.
     pub fn reclaim(&self) -> StorageResult<usize> {
-        let mut deleted = 0;
-        for span in self.log.segments().into_iter().filter(|s| s.sealed) {
-            if self.acks.contains_range(span.base, span.next)
-                && self.log.delete_segment(span.base)?
-            {
-                deleted += 1;
-            }
-        }
-        Ok(deleted)
+        reclaim(&self.log, &self.acks)
     }
 
     /// The message log (stats, durable watch).
@@ -269,6 +261,18 @@ impl Store {
     pub fn acks(&self) -> &AckLog {
         &self.acks
     }
+}
+
+/// Deletes the sealed segments of `log` whose records `acks` holds all acknowledged
+/// (a cluster follower runs this on its own store, which no broker tends).
+pub fn reclaim(log: &Log, acks: &AckLog) -> StorageResult<usize> {
+    let mut deleted = 0;
+    for span in log.segments().into_iter().filter(|s| s.sealed) {
+        if acks.contains_range(span.base, span.next) && log.delete_segment(span.base)? {
+            deleted += 1;
+        }
+    }
+    Ok(deleted)
 }
 
 fn parse_record(payload: &Bytes) -> Option<(String, Bytes)> {

@@ -271,6 +271,8 @@ async fn leadership(
     let mut metrics = raft.metrics();
     let id = raft.metrics().borrow().id;
     let mut active: Option<Arc<Active>> = None;
+    // A follower's store is tended here (the leader's broker does its own housekeeping).
+    let mut reclaim = tokio::time::interval(crate::broker::HOUSEKEEPING_INTERVAL * 4);
     loop {
         let (state, leader, leader_addr) = {
             let m = metrics.borrow_and_update();
@@ -312,6 +314,12 @@ async fn leadership(
         }
         tokio::select! {
             changed = metrics.changed() => if changed.is_err() { break },
+            _ = reclaim.tick(), if active.is_none() => {
+                let (log, acks) = machine.logs();
+                if let Err(e) = crate::broker::store::reclaim(&log, &acks) {
+                    tracing::warn!(error = %e, "segment reclaim failed");
+                }
+            }
             _ = shutdown.changed() => break,
         }
     }

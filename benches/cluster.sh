@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# Entrepot clustered (3 nodes, Raft) next to a single node in the same run, driven by
+# `entrepot bench`: persistent 1 KiB messages, every message checked for loss by sequence.
+# Then failover: SIGKILL the leader under load and measure the time from the kill to the
+# first new leader reported by a survivor and to the first message accepted again.
+#
+# All nodes run on 127.0.0.1 as processes of the release build; every run is bounded
+# (`--duration` plus a hard `--timeout`); every process started here is stopped on exit.
+#
+# Workloads: p1k-1x1 (1 producer / 1 consumer), p1k-8x8 (8 / 8), each against
+#   single        one node, `serve` as in the README (fsync per group commit)
+#   cluster       the leader of a 3-node cluster (accepted = committed on 2 of 3 logs)
+#   cluster-fwd   a follower of the same cluster, which forwards to the leader
+#
+# Usage: benches/cluster.sh      Env: DURATION (s per run, default 10), WARMUP (default 2),
+#                                     FAILOVER_ROUNDS (default 3)
+# Output: a table on stdout and under target/cluster-bench/ (JSON per run, table.md).
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+target="${CARGO_TARGET_DIR:-$root/target}"
+out="$target/cluster-bench"
+duration="${DURATION:-10}"
+warmup="${WARMUP:-2}"
+rounds="${FAILOVER_ROUNDS:-3}"
+run_timeout=$(( duration + warmup + 120 ))
+bin="$target/release/entrepot"
+work="$(mktemp -d)"
+pids=()
+
+step() { echo "==> $*" >&2; }
+cleanup() {
+    for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+command -v jq >/dev/null || apt-get install -y jq >/dev/null 2>&1
+
+step "building the release binary"
+cargo build --release --quiet --bin entrepot
+mkdir -p "$out"
+rm -f "$out"/*.json "$out"/table.md
+
+peers="0=127.0.0.1:7400/5740,1=127.0.0.1:7401/5741,2=127.0.0.1:7402/5742"
+start_node() { # start_node ID (cluster member, data in $work/nID)
+    local i=$1
+    "$bin" serve --node-id "$i" --peers "$peers" --cluster-listen "127.0.0.1:740$i" \
+        --listen "127.0.0.1:574$i" --http "127.0.0.1:184$i" --data-dir "$work/n$i" \
+        >>"$work/n$i.log" 2>&1 &
+    pids+=($!)
+    node_pid[$i]=$!
+}
+declare -A node_pid
+leader_of() { # prints the leader id as seen by any answering node, or nothing
+    for i in "$@"; do
+        curl -s --max-time 0.2 "http://127.0.0.1:184$i/cluster" 2>/dev/null |
+            awk '/^leader:/ && $2 != "null" {print $2; exit}' && return 0
+    done
+}
+wait_leader() { # wait_leader NODES... → leader id
+    local l=""
+    for _ in $(seq 1 200); do
+        l="$(leader_of "$@")"
+        [ -n "$l" ] && { echo "$l"; return 0; }
+        sleep 0.05
+    done
+    echo "no leader" >&2; return 1
+}
+
+bench() { # bench NAME URL PRODUCERS CONSUMERS
+    local name=$1 url=$2 p=$3 c=$4
+    step "$name: $p producers / $c consumers, ${duration}s"
+    "$bin" bench --quiet --url "$url" --address "bench-$name-$p" --persistent --size 1024 \
+        --producers "$p" --consumers "$c" --window 64 --duration "$duration" --warmup "$warmup" \
+        --timeout "$run_timeout" --json "$out/p1k-${p}x${c}-$name.json" >"$out/p1k-${p}x${c}-$name.txt" 2>&1 ||
+        step "$name run failed: $(tail -3 "$out/p1k-${p}x${c}-$name.txt")"
+}
+
+# --- single node ---------------------------------------------------------------------------
+"$bin" serve --listen 127.0.0.1:5750 --http 127.0.0.1:18450 --data-dir "$work/single" \
+    >"$work/single.log" 2>&1 &
+single=$!; pids+=($single)
+sleep 1
+bench single amqp://127.0.0.1:5750 1 1
+bench single amqp://127.0.0.1:5750 8 8
+kill "$single"; wait "$single" 2>/dev/null || true
+
+# --- three nodes -----------------------------------------------------------------------------
+for i in 0 1 2; do start_node "$i"; done
+leader="$(wait_leader 0 1 2)"
+follower=$(( (leader + 1) % 3 ))
+step "cluster formed, leader $leader"
+bench cluster "amqp://127.0.0.1:574$leader" 1 1
+bench cluster "amqp://127.0.0.1:574$leader" 8 8
+bench cluster-fwd "amqp://127.0.0.1:574$follower" 8 8
+
+# --- failover: SIGKILL the leader under load ------------------------------------------------
+failover=()
+for r in $(seq 1 "$rounds"); do
+    leader="$(wait_leader 0 1 2)"
+    survivors=(); for i in 0 1 2; do [ "$i" != "$leader" ] && survivors+=("$i"); done
+    # Load on the leader while it dies (the generator loses its connection; that is the point).
+    "$bin" bench --quiet --url "amqp://127.0.0.1:574$leader" --address failover --persistent \
+        --producers 4 --consumers 0 --duration 30 --timeout 40 >/dev/null 2>&1 &
+    load=$!
+    sleep 2
+    t0=$(date +%s%N)
+    kill -9 "${node_pid[$leader]}"
+    new=""
+    while [ -z "$new" ] || [ "$new" = "$leader" ]; do new="$(leader_of "${survivors[@]}")"; done
+    t1=$(date +%s%N)
+    # First acceptance after the kill: one persistent message through a survivor.
+    until "$bin" bench --quiet --url "amqp://127.0.0.1:574${survivors[0]}" --address failover-probe \
+        --persistent --count 1 --consumers 0 --drain 0 --timeout 2 >/dev/null 2>&1; do sleep 0.01; done
+    t2=$(date +%s%N)
+    kill "$load" 2>/dev/null || true; wait "$load" 2>/dev/null || true
+    elect=$(( (t1 - t0) / 1000000 )); accept=$(( (t2 - t0) / 1000000 ))
+    step "round $r: leader $leader killed; node $new leads after ${elect} ms, first acceptance after ${accept} ms"
+    failover+=("| $r | $leader → $new | $elect | $accept |")
+    start_node "$leader"   # back as a follower for the next round
+    sleep 2
+done
+
+# --- table ----------------------------------------------------------------------------------
+{
+    echo "| workload | setup | accepted msgs/s | produce→accepted p99 (ms) | end-to-end p99 (ms) | loss check |"
+    echo "|---|---|---:|---:|---:|---:|"
+    for f in "$out"/p1k-*.json; do
+        name="$(basename "$f" .json)"
+        jq -r --arg n "${name%%-*}-$(echo "$name" | cut -d- -f2)" --arg s "$(echo "$name" | cut -d- -f3-)" \
+            '"| \($n) | \($s) | \(.send_msgs_per_s // 0 | round) | \((.produce_to_accepted.p99_us // 0) / 1000 | . * 10 | round / 10) | \((.end_to_end.p99_us // 0) / 1000 | . * 10 | round / 10) | \(.loss.verdict // "?") |"' "$f" 2>/dev/null ||
+            echo "| $name | (no figures: see $out/$name.txt) |"
+    done
+    echo
+    echo "| failover round | leader killed → new | kill → new leader (ms) | kill → first acceptance (ms) |"
+    echo "|---|---|---:|---:|"
+    printf '%s\n' "${failover[@]}"
+} | tee "$out/table.md"
