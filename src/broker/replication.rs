@@ -27,6 +27,7 @@
 //! held across the local write); sequence numbers are dense from 0 for one leadership;
 //! the committed watch only moves forward, and fails once the leadership ends.
 
+use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
@@ -36,8 +37,10 @@ use tokio::sync::{watch, Notify};
 
 /// Version byte of the ops batch format.
 pub const OPS_VERSION: u8 = 1;
-/// Most bytes one batch carries; the replicator takes less when more is queued.
-pub const MAX_BATCH_BYTES: usize = 8 << 20;
+/// Bytes after which a batch is closed and the next one starts (one Raft entry each).
+/// With [`crate::raft::MAX_CLUSTER_MESSAGE_BYTES`] and openraft's `max_payload_entries`
+/// this keeps one AppendEntries RPC well inside the inter-node frame limit.
+pub const MAX_BATCH_BYTES: usize = 4 << 20;
 /// Longest file name an op may carry.
 const MAX_FILE_NAME: usize = 255;
 /// Files an op may write: only the subscription registry.
@@ -76,7 +79,10 @@ pub struct Replication {
 }
 
 struct Queue {
+    /// The batch filling now.
     buf: BytesMut,
+    /// Full batches (each about [`MAX_BATCH_BYTES`]) waiting to be taken, oldest first.
+    full: VecDeque<Batch>,
     /// Sequence number the next operation gets.
     next_seq: u64,
 }
@@ -99,6 +105,7 @@ impl Replication {
         Replication {
             queue: Mutex::new(Queue {
                 buf: BytesMut::new(),
+                full: VecDeque::new(),
                 next_seq: 0,
             }),
             wake: Notify::new(),
@@ -126,21 +133,30 @@ impl Replication {
         encode(&out, &mut q.buf);
         let seq = q.next_seq;
         q.next_seq += 1;
+        if q.buf.len() >= MAX_BATCH_BYTES {
+            let batch = Batch {
+                ops: q.buf.split().freeze(),
+                end_seq: q.next_seq,
+            };
+            q.full.push_back(batch);
+        }
         drop(q);
         self.wake.notify_one();
         Ok((out, Durable::watching(self.committed.subscribe(), seq)))
     }
 
     /// Takes everything queued (`None` when nothing is).
+    /// Takes the oldest queued batch (`None` when nothing is queued). A batch holds at
+    /// most about [`MAX_BATCH_BYTES`] (more only when one op alone is bigger).
     pub fn take(&self) -> Option<Batch> {
         let mut q = self.lock();
+        if let Some(batch) = q.full.pop_front() {
+            return Some(batch);
+        }
         if q.buf.is_empty() {
             return None;
         }
         let ops = q.buf.split().freeze();
-        if q.buf.capacity() < MAX_BATCH_BYTES.min(ops.len() * 2) {
-            q.buf.reserve(ops.len().clamp(4096, MAX_BATCH_BYTES));
-        }
         Some(Batch {
             ops,
             end_seq: q.next_seq,
@@ -463,6 +479,14 @@ mod tests {
         let taken = r.take().unwrap();
         assert_eq!(taken.end_seq, 2);
         assert!(r.take().is_none());
+        // Big batches close at MAX_BATCH_BYTES and are taken oldest first.
+        let big = vec![7u8; MAX_BATCH_BYTES / 2 + 1];
+        for i in 0..5u64 {
+            r.record(|| Ok::<_, ()>(()), |_, b| encode_message(b, i, &big))
+                .unwrap();
+        }
+        let ends: Vec<u64> = std::iter::from_fn(|| r.take().map(|b| b.end_seq)).collect();
+        assert_eq!(ends, [4, 6, 7]);
         r.committed(1);
         first.wait().await.unwrap();
         assert!(!second.is_durable());

@@ -61,8 +61,14 @@ pub const ELECTION_TIMEOUT_MS: (u64, u64) = (250, 500);
 pub const LEADER_WAIT: Duration = Duration::from_secs(5);
 /// Directory of the Raft log inside the data directory.
 pub const RAFT_DIR: &str = "raft";
-/// Largest Raft entry (one replicated batch), bytes.
-pub const RAFT_RECORD_MAX: u32 = 64 << 20;
+/// Largest Raft entry (one replicated batch: about 4 MiB plus at most one message).
+pub const RAFT_RECORD_MAX: u32 = 16 << 20;
+/// Largest message a clustered node takes: every message travels inside a Raft entry
+/// and an AppendEntries RPC, whose frame is bounded (`MAX_RPC_FRAME_BYTES`).
+pub const MAX_CLUSTER_MESSAGE_BYTES: u64 = 4 << 20;
+/// Most entries one AppendEntries RPC carries: with batches of about 4 MiB (+ one
+/// message) this stays under a quarter of the inter-node frame limit.
+pub const MAX_PAYLOAD_ENTRIES: u64 = 8;
 /// Segment size of the Raft log.
 pub const RAFT_SEGMENT_BYTES: u64 = 256 << 20;
 
@@ -127,6 +133,14 @@ impl ClusterNode {
         if config.manifests.is_some() {
             config.auto_create = false;
         }
+        if config.max_message_bytes > MAX_CLUSTER_MESSAGE_BYTES {
+            tracing::info!(
+                configured = config.max_message_bytes,
+                limit = MAX_CLUSTER_MESSAGE_BYTES,
+                "clustered: largest message lowered to the replication limit"
+            );
+            config.max_message_bytes = MAX_CLUSTER_MESSAGE_BYTES;
+        }
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating {}", config.data_dir.display()))?;
         let record_max = Broker::record_bytes_max(&config);
@@ -143,7 +157,7 @@ impl ClusterNode {
         let machine = StoreMachine::new(config.data_dir.clone(), log, Arc::new(acks));
         let raft_config = LogConfig {
             segment_bytes: RAFT_SEGMENT_BYTES,
-            record_bytes_max: RAFT_RECORD_MAX.max(record_max.saturating_mul(2)),
+            record_bytes_max: RAFT_RECORD_MAX,
             ..LogConfig::default()
         };
         let log_store = tokio::task::block_in_place(|| {
@@ -157,6 +171,7 @@ impl ClusterNode {
             election_timeout_max: ELECTION_TIMEOUT_MS.1,
             snapshot_policy: SnapshotPolicy::Never,
             max_in_snapshot_log_to_keep: u64::MAX,
+            max_payload_entries: MAX_PAYLOAD_ENTRIES,
             ..Default::default()
         }
         .validate()
