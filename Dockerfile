@@ -27,7 +27,8 @@ COPY --chown=65532:65532 data/ /data/
 USER 65532:65532
 WORKDIR /data
 VOLUME /data
-EXPOSE 5672 8080
+# 5673: the inter-node (Raft) port of a clustered node (--peers or --peers-dns).
+EXPOSE 5672 5673 8080
 
 ENV ENTREPOT_LISTEN=0.0.0.0:5672 \
     ENTREPOT_HTTP=0.0.0.0:8080 \
