@@ -82,12 +82,19 @@ fn no_acknowledged_message_is_lost_and_no_consumed_message_comes_back() {
         eprintln!("seed {seed}: FAILED: {failure}  (replay: ENTREPOT_SIM_SEED={seed})");
         failures.push(format!("seed {seed}: {failure}"));
     }
-    assert!(failures.is_empty(), "simulation failures:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "simulation failures:\n{}",
+        failures.join("\n")
+    );
 }
 
 fn env_u64(name: &str) -> Option<u64> {
     let v = std::env::var(name).ok()?;
-    Some(v.parse().unwrap_or_else(|_| panic!("{name}={v} is not a number")))
+    Some(
+        v.parse()
+            .unwrap_or_else(|_| panic!("{name}={v} is not a number")),
+    )
 }
 
 fn run_seed(seed: u64) -> Result<String, String> {
@@ -158,14 +165,14 @@ async fn inject_faults(cluster: &Cluster, rng: &mut Rng, log: &mut Vec<String>) 
         tokio::time::sleep(Duration::from_millis(rng.between(50, 600))).await;
         let at = FAULT_PHASE.saturating_sub(end - tokio::time::Instant::now());
         let fault = match rng.below(100) {
-            0..=17 => {
+            0..=14 => {
                 let side: BTreeMap<u64, u8> =
                     cluster.ids.iter().map(|id| (*id, rng.below(2) as u8)).collect();
                 let text = format!("partition {side:?}");
                 cluster.fabric.partition(side);
                 text
             }
-            18..=27 => {
+            15..=24 => {
                 // Cut off whoever leads now: the case where an old leader keeps writing.
                 let Some(leader) = cluster.leaders().first().map(|l| l.node) else {
                     continue;
@@ -174,11 +181,14 @@ async fn inject_faults(cluster: &Cluster, rng: &mut Rng, log: &mut Vec<String>) 
                 cluster.fabric.partition(side);
                 format!("isolate leader {leader}")
             }
-            28..=42 => {
-                cluster.fabric.partition(BTreeMap::new());
-                "heal partition".into()
+            25..=34 => {
+                let Some(leader) = cluster.leaders().first().map(|l| l.node) else {
+                    continue;
+                };
+                cluster.crash(leader).await;
+                format!("crash leader {leader}")
             }
-            43..=54 => {
+            35..=44 => {
                 let up = cluster.up();
                 if up.len() <= 1 {
                     continue;
@@ -187,7 +197,7 @@ async fn inject_faults(cluster: &Cluster, rng: &mut Rng, log: &mut Vec<String>) 
                 cluster.crash(id).await;
                 format!("crash {id}")
             }
-            55..=69 => {
+            45..=62 => {
                 let down = cluster.down();
                 if down.is_empty() {
                     continue;
@@ -196,8 +206,12 @@ async fn inject_faults(cluster: &Cluster, rng: &mut Rng, log: &mut Vec<String>) 
                 cluster.restart(id).await;
                 format!("restart {id}")
             }
-            70..=84 => {
-                let loss = [0, 50, 200, 400][rng.below(4) as usize];
+            63..=74 => {
+                cluster.fabric.heal();
+                "heal network".into()
+            }
+            75..=86 => {
+                let loss = [0, 20, 100, 250][rng.below(4) as usize];
                 cluster.fabric.set_loss(loss);
                 format!("loss {loss}‰")
             }
