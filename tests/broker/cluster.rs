@@ -47,6 +47,9 @@ fn leader_sigkill_under_load() {
 
     let killed = Instant::now();
     cluster.kill(leader);
+    // Elected (Raft state Leader), then serving (broker active: role leader).
+    cluster.wait_status(|_, s| s.state == "Leader", Duration::from_secs(10));
+    let to_elected = killed.elapsed();
     let new_leader = cluster.wait_leader(|id| id != leader, Duration::from_secs(10));
     let to_new_leader = killed.elapsed();
     let deadline = Instant::now() + PHASE_TIMEOUT;
@@ -58,8 +61,8 @@ fn leader_sigkill_under_load() {
         std::thread::sleep(Duration::from_millis(5));
     };
     eprintln!(
-        "leader {leader} SIGKILLed: node {new_leader} leads after {to_new_leader:?}, first \
-         acceptance after the kill at {first_acceptance:?}"
+        "leader {leader} SIGKILLed: a survivor elected after {to_elected:?}, node {new_leader} \
+         serves after {to_new_leader:?}, first acceptance after the kill at {first_acceptance:?}"
     );
 
     let accepted = load.finish(&rt, PHASE_TIMEOUT);

@@ -17,6 +17,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use fe2o3_amqp::connection::ConnectionHandle;
+use fe2o3_amqp::session::SessionHandle;
 use fe2o3_amqp::types::messaging::{ApplicationProperties, Data, Header, Message, Outcome};
 use fe2o3_amqp::types::primitives::{Binary, SimpleValue};
 use fe2o3_amqp::{Connection, Receiver, Sender, Session};
@@ -53,6 +55,8 @@ pub struct Layout {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Status {
     pub role: String,
+    /// openraft's server state: `Leader`, `Follower`, `Candidate`, `Learner`.
+    pub state: String,
     pub term: u64,
     pub leader: Option<u64>,
     pub last_log_index: i64,
@@ -74,6 +78,7 @@ impl Status {
             .collect();
         Some(Status {
             role: field("role")?.to_owned(),
+            state: field("state")?.to_owned(),
             term: field("term")?.parse().ok()?,
             leader: field("leader")?.parse().ok(),
             last_log_index: field("last_log_index")?.parse().ok()?,
@@ -224,16 +229,22 @@ impl Cluster {
     /// Polls the running nodes every [`POLL`] until one of them reports `role: leader` and
     /// `accept(id)`; returns its id.
     pub fn wait_leader(&self, accept: impl Fn(u64) -> bool, timeout: Duration) -> u64 {
+        self.wait_status(|id, s| accept(id) && s.role == "leader", timeout)
+    }
+
+    /// Polls the running nodes every [`POLL`] until one's status satisfies `pred`; returns
+    /// its id.
+    pub fn wait_status(&self, pred: impl Fn(u64, &Status) -> bool, timeout: Duration) -> u64 {
         let deadline = Instant::now() + timeout;
         loop {
             for id in self.running() {
-                if accept(id) && self.status(id).is_some_and(|s| s.role == "leader") {
+                if self.status(id).is_some_and(|s| pred(id, &s)) {
                     return id;
                 }
             }
             assert!(
                 Instant::now() < deadline,
-                "no leader within {timeout:?}; statuses: {:?}",
+                "no node as expected within {timeout:?}; statuses: {:?}",
                 self.statuses()
             );
             std::thread::sleep(POLL);
@@ -295,7 +306,11 @@ impl Cluster {
                 .values()
                 .map(|s| s.as_ref().map(|s| (s.last_log_index, s.last_applied)))
                 .collect();
-            let leaders = all.values().flatten().filter(|s| s.role == "leader").count();
+            let leaders = all
+                .values()
+                .flatten()
+                .filter(|s| s.role == "leader")
+                .count();
             let same = marks.len() == 1 && !marks.contains(&None);
             if same && leaders == 1 {
                 return all;
@@ -466,7 +481,7 @@ impl Producer {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
             };
-            let unaccepted = self.round(sender, &mut todo, opened).await;
+            let unaccepted = self.round(&conn, sender, &mut todo, opened).await;
             // Resend first what this connection did not get accepted.
             let mut record = self.record.lock().unwrap();
             for seq in unaccepted.into_iter().rev() {
@@ -479,14 +494,7 @@ impl Producer {
         }
     }
 
-    async fn attach(
-        &self,
-        url: &str,
-    ) -> Option<(
-        fe2o3_amqp::connection::ConnectionHandle<()>,
-        fe2o3_amqp::session::SessionHandle<()>,
-        Sender,
-    )> {
+    async fn attach(&self, url: &str) -> Option<(ConnectionHandle<()>, SessionHandle<()>, Sender)> {
         let open = async {
             let mut conn = Connection::open("cluster-producer", url).await.ok()?;
             let mut session = Session::begin(&mut conn).await.ok()?;
@@ -503,7 +511,13 @@ impl Producer {
 
     /// Sends from `todo` until it is empty or the connection breaks; returns the sequence
     /// numbers sent but not accepted (oldest first).
-    async fn round(&self, mut sender: Sender, todo: &mut VecDeque<u64>, opened: Instant) -> Vec<u64> {
+    async fn round(
+        &self,
+        conn: &ConnectionHandle<()>,
+        mut sender: Sender,
+        todo: &mut VecDeque<u64>,
+        opened: Instant,
+    ) -> Vec<u64> {
         let window = Arc::new(Semaphore::new(self.config.in_flight));
         let (broken_tx, mut broken) = watch::channel(false);
         let broken_tx = Arc::new(broken_tx);
@@ -512,7 +526,7 @@ impl Producer {
         while let Some(seq) = todo.pop_front() {
             let permit = tokio::select! {
                 p = tokio::time::timeout(CLIENT_OP_TIMEOUT, Arc::clone(&window).acquire_owned()) => p,
-                _ = broken.wait_for(|b| *b) => { todo.push_front(seq); break }
+                _ = broken_or_closed(&mut broken, conn) => { todo.push_front(seq); break }
             };
             let Ok(Ok(permit)) = permit else {
                 todo.push_front(seq);
@@ -522,8 +536,11 @@ impl Producer {
                 todo.push_front(seq);
                 break;
             }
-            let send = tokio::time::timeout(CLIENT_OP_TIMEOUT, sender.send_batchable(message(seq)));
-            let Ok(Ok(outcome)) = send.await else {
+            let send = tokio::select! {
+                s = tokio::time::timeout(CLIENT_OP_TIMEOUT, sender.send_batchable(message(seq))) => s,
+                _ = broken_or_closed(&mut broken, conn) => { todo.push_front(seq); break }
+            };
+            let Ok(Ok(outcome)) = send else {
                 todo.push_front(seq);
                 break;
             };
@@ -545,13 +562,27 @@ impl Producer {
         // Wait for the outcomes still coming, unless the connection is already broken.
         tokio::select! {
             _ = async { while outcomes.join_next().await.is_some() {} } => {}
-            _ = broken.wait_for(|b| *b) => {}
+            _ = broken_or_closed(&mut broken, conn) => {}
         }
         outcomes.abort_all();
         drop(sender);
         let record = self.record.lock().unwrap();
         sent.retain(|s| !record.accepted.contains_key(s));
         sent
+    }
+}
+
+/// Returns once an outcome failed or the connection's event loop stopped (fe2o3 may leave
+/// outcomes of a dead connection pending; this notices the death at once).
+async fn broken_or_closed(broken: &mut watch::Receiver<bool>, conn: &ConnectionHandle<()>) {
+    let closed = async {
+        while !conn.is_closed() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::select! {
+        _ = broken.wait_for(|b| *b) => {}
+        _ = closed => {}
     }
 }
 
