@@ -198,14 +198,6 @@ impl Cluster {
         self.nodes.keys().copied().collect()
     }
 
-    pub fn node(&self, id: u64) -> &BrokerProcess {
-        &self.nodes[&id]
-    }
-
-    pub fn member(&self, id: u64) -> &str {
-        &self.layouts[&id].member
-    }
-
     /// AMQP URLs of `ids`, in order (running or not: a producer skips dead ones).
     pub fn urls(&self, ids: &[u64]) -> Vec<String> {
         ids.iter()
@@ -297,7 +289,7 @@ impl Cluster {
     }
 
     /// Waits until every running node reports the same last log index and last applied
-    /// index, and exactly one leads; returns the common status of node `any`.
+    /// index, and exactly one leads; returns every node's status.
     pub fn wait_converged(&self, timeout: Duration) -> BTreeMap<u64, Option<Status>> {
         let deadline = Instant::now() + timeout;
         loop {
@@ -321,15 +313,6 @@ impl Cluster {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-    }
-
-    /// The logs of every running node, for a failure message.
-    pub fn logs(&self) -> String {
-        self.nodes
-            .iter()
-            .map(|(id, n)| format!("--- node {id} ---\n{}", n.drain_logs().join("\n")))
-            .collect::<Vec<_>>()
-            .join("\n")
     }
 }
 

@@ -133,7 +133,10 @@ impl BrokerProcess {
     pub fn http_request(&self, method: &str, path: &str) -> std::io::Result<(String, String)> {
         let mut s = TcpStream::connect_timeout(&self.http, Duration::from_secs(5))?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")?;
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+        )?;
         let mut resp = String::new();
         s.read_to_string(&mut resp)?;
         let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));

@@ -8,6 +8,7 @@ mod addresses;
 mod bench_tool;
 mod client;
 mod cluster;
+mod cluster_netns;
 mod cluster_support;
 mod container;
 mod crash;
