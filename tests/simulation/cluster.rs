@@ -57,12 +57,20 @@ impl Cluster {
 
     pub fn down(&self) -> Vec<NodeId> {
         let up = self.lock();
-        self.ids.iter().copied().filter(|id| !up.contains_key(id)).collect()
+        self.ids
+            .iter()
+            .copied()
+            .filter(|id| !up.contains_key(id))
+            .collect()
     }
 
     /// Every node whose broker is active (more than one while an old leader is cut off).
     pub fn leaders(&self) -> Vec<Arc<Leader>> {
         self.lock().values().filter_map(|r| r.active()).collect()
+    }
+
+    pub fn raft(&self, id: NodeId) -> Option<openraft::Raft<entrepot_cluster::TypeConfig>> {
+        self.lock().get(&id).map(|r| r.raft.clone())
     }
 
     pub fn machine(&self, id: NodeId) -> Option<entrepot::raft::state_machine::StoreMachine> {
@@ -90,10 +98,7 @@ impl Cluster {
         self.lock().iter().find_map(|(id, r)| {
             let m = r.raft.metrics();
             let m = m.borrow();
-            m.running_state
-                .as_ref()
-                .err()
-                .map(|e| (*id, e.to_string()))
+            m.running_state.as_ref().err().map(|e| (*id, e.to_string()))
         })
     }
 

@@ -41,8 +41,9 @@ pub struct Fabric {
 
 struct State {
     rng: Rng,
-    /// Nodes that are up, by id.
-    nodes: BTreeMap<NodeId, Raft<TypeConfig>>,
+    /// Nodes that are up, by id, with their incarnation (bumped by every start).
+    nodes: BTreeMap<NodeId, (u64, Raft<TypeConfig>)>,
+    incarnations: u64,
     /// Partition side of each node; nodes talk only to nodes on their side. Absent: side 0.
     side: BTreeMap<NodeId, u8>,
     /// Probability (per mille) that one request or one reply is lost.
@@ -79,6 +80,7 @@ impl Fabric {
             inner: Arc::new(Mutex::new(State {
                 rng,
                 nodes: BTreeMap::new(),
+                incarnations: 0,
                 side: BTreeMap::new(),
                 loss_per_mille: 0,
                 delay_ms: (0, 2),
@@ -91,16 +93,22 @@ impl Fabric {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The network of node `id` (what its `Raft` sends through).
+    /// The network of a new incarnation of node `id` (what its `Raft` sends through).
+    /// Only the incarnation last attached may send: tasks of a crashed one are silent.
     pub fn endpoint(&self, id: NodeId) -> Endpoint {
+        let mut s = self.lock();
+        s.incarnations += 1;
         Endpoint {
             id,
+            incarnation: s.incarnations,
             fabric: self.clone(),
         }
     }
 
-    pub fn attach(&self, id: NodeId, raft: Raft<TypeConfig>) {
-        self.lock().nodes.insert(id, raft);
+    pub fn attach(&self, endpoint: &Endpoint, raft: Raft<TypeConfig>) {
+        self.lock()
+            .nodes
+            .insert(endpoint.id, (endpoint.incarnation, raft));
     }
 
     pub fn detach(&self, id: NodeId) {
@@ -136,10 +144,16 @@ impl Fabric {
         s.side.get(&a).copied().unwrap_or(0) == s.side.get(&b).copied().unwrap_or(0)
     }
 
-    fn plan(&self, from: NodeId, to: NodeId) -> Plan {
+    fn alive(s: &State, id: NodeId, incarnation: u64) -> bool {
+        s.nodes.get(&id).is_some_and(|(i, _)| *i == incarnation)
+    }
+
+    fn plan(&self, from: NodeId, incarnation: u64, to: NodeId) -> Plan {
         let mut s = self.lock();
         let raft = match s.nodes.get(&to) {
-            Some(r) if Self::connected(&s, from, to) => r.clone(),
+            Some((_, r)) if Self::connected(&s, from, to) && Self::alive(&s, from, incarnation) => {
+                r.clone()
+            }
             _ => {
                 s.stats.refused += 1;
                 return Plan::Refused;
@@ -161,9 +175,9 @@ impl Fabric {
     }
 
     /// After the target answered: can the reply reach the caller?
-    fn reply_reaches(&self, from: NodeId, to: NodeId, lost: bool) -> bool {
+    fn reply_reaches(&self, from: NodeId, incarnation: u64, to: NodeId, lost: bool) -> bool {
         let mut s = self.lock();
-        let ok = !lost && s.nodes.contains_key(&from) && Self::connected(&s, from, to);
+        let ok = !lost && Self::alive(&s, from, incarnation) && Self::connected(&s, from, to);
         if ok {
             s.stats.delivered += 1;
         } else {
@@ -181,12 +195,14 @@ impl Fabric {
 #[derive(Clone)]
 pub struct Endpoint {
     id: NodeId,
+    incarnation: u64,
     fabric: Fabric,
 }
 
 /// A connection from one node to another.
 pub struct Link {
     from: NodeId,
+    incarnation: u64,
     to: NodeId,
     fabric: Fabric,
 }
@@ -196,6 +212,7 @@ impl RaftNetworkFactory<TypeConfig> for Endpoint {
     async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> Link {
         Link {
             from: self.id,
+            incarnation: self.incarnation,
             to: target,
             fabric: self.fabric.clone(),
         }
@@ -215,20 +232,20 @@ impl Link {
         F: FnOnce(Raft<TypeConfig>) -> Fut,
         Fut: Future<Output = Result<Resp, RaftError<NodeId, E>>>,
     {
-        let (raft, there, back, request_lost, reply_lost) = match self.fabric.plan(self.from, self.to)
-        {
-            Plan::Refused => {
-                let e = AnyError::error(format!("node {} unreachable", self.to));
-                return Err(RPCError::Unreachable(Unreachable::new(&e)));
-            }
-            Plan::Send {
-                raft,
-                there,
-                back,
-                request_lost,
-                reply_lost,
-            } => (raft, there, back, request_lost, reply_lost),
-        };
+        let (raft, there, back, request_lost, reply_lost) =
+            match self.fabric.plan(self.from, self.incarnation, self.to) {
+                Plan::Refused => {
+                    let e = AnyError::error(format!("node {} unreachable", self.to));
+                    return Err(RPCError::Unreachable(Unreachable::new(&e)));
+                }
+                Plan::Send {
+                    raft,
+                    there,
+                    back,
+                    request_lost,
+                    reply_lost,
+                } => (raft, there, back, request_lost, reply_lost),
+            };
         let ttl = option.hard_ttl();
         let exchange = async {
             tokio::time::sleep(there).await;
@@ -238,7 +255,7 @@ impl Link {
             }
             let answer = handle(raft).await;
             tokio::time::sleep(back).await;
-            if !self.fabric.reply_reaches(self.from, self.to, reply_lost) {
+            if !self.fabric.reply_reaches(self.from, self.incarnation, self.to, reply_lost) {
                 return std::future::pending().await;
             }
             answer.map_err(|e| match e {

@@ -38,6 +38,7 @@ mod fabric;
 mod node;
 mod oracle;
 mod rng;
+mod stale_tail;
 mod workload;
 
 use std::collections::BTreeMap;
@@ -48,6 +49,31 @@ use tokio::sync::watch;
 use cluster::Cluster;
 use fabric::Fabric;
 use rng::Rng;
+
+/// Prints a simulation event when `ENTREPOT_SIM_TRACE` is set (for replaying one seed).
+macro_rules! sim_trace {
+    ($($arg:tt)*) => {
+        if $crate::tracing_on() {
+            eprintln!("[{:>6}ms] {}", $crate::elapsed_ms(), format!($($arg)*));
+        }
+    };
+}
+pub(crate) use sim_trace;
+
+fn tracing_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("ENTREPOT_SIM_TRACE").is_some())
+}
+
+thread_local! {
+    static START: std::cell::Cell<Option<tokio::time::Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// Cluster time since the seed started.
+fn elapsed_ms() -> u128 {
+    let now = tokio::time::Instant::now();
+    START.with(|s| now - s.get().unwrap_or(now)).as_millis()
+}
 
 /// Seeds per run unless `ENTREPOT_SIM_SEEDS` says otherwise (CI's bound).
 const DEFAULT_SEEDS: u64 = 20;
@@ -107,6 +133,7 @@ fn run_seed(seed: u64) -> Result<String, String> {
 }
 
 async fn simulate(seed: u64) -> Result<String, String> {
+    START.with(|s| s.set(Some(tokio::time::Instant::now())));
     let dir = tempfile::tempdir().expect("temporary directory");
     let mut rng = Rng::new(seed);
     let fabric = Fabric::new(rng.fork());
@@ -166,8 +193,11 @@ async fn inject_faults(cluster: &Cluster, rng: &mut Rng, log: &mut Vec<String>) 
         let at = FAULT_PHASE.saturating_sub(end - tokio::time::Instant::now());
         let fault = match rng.below(100) {
             0..=14 => {
-                let side: BTreeMap<u64, u8> =
-                    cluster.ids.iter().map(|id| (*id, rng.below(2) as u8)).collect();
+                let side: BTreeMap<u64, u8> = cluster
+                    .ids
+                    .iter()
+                    .map(|id| (*id, rng.below(2) as u8))
+                    .collect();
                 let text = format!("partition {side:?}");
                 cluster.fabric.partition(side);
                 text
@@ -177,7 +207,11 @@ async fn inject_faults(cluster: &Cluster, rng: &mut Rng, log: &mut Vec<String>) 
                 let Some(leader) = cluster.leaders().first().map(|l| l.node) else {
                     continue;
                 };
-                let side = cluster.ids.iter().map(|id| (*id, u8::from(*id == leader))).collect();
+                let side = cluster
+                    .ids
+                    .iter()
+                    .map(|id| (*id, u8::from(*id == leader)))
+                    .collect();
                 cluster.fabric.partition(side);
                 format!("isolate leader {leader}")
             }
@@ -221,6 +255,7 @@ async fn inject_faults(cluster: &Cluster, rng: &mut Rng, log: &mut Vec<String>) 
                 format!("delay {lo}-{hi} ms")
             }
         };
+        sim_trace!("fault: {fault}");
         log.push(format!("{}ms {fault}", at.as_millis()));
     }
 }

@@ -31,6 +31,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::fabric::Fabric;
+use crate::sim_trace;
 
 /// Segment size of every log (the smallest the storage crate allows: small files).
 const SEGMENT_BYTES: u64 = 1 << 20;
@@ -49,6 +50,7 @@ pub struct Leader {
 
 impl Leader {
     fn stop(&self, reason: &str) {
+        sim_trace!("node {} broker stops: {reason}", self.node);
         self.replication.fail(reason);
         let _ = self.stop.send(true);
     }
@@ -88,16 +90,17 @@ pub async fn start(id: NodeId, dir: &Path, fabric: &Fabric) -> Running {
         ..LogConfig::default()
     };
     let log_store = LogStore::open(raft_dir(dir), raft_log).expect("open the Raft log");
+    let endpoint = fabric.endpoint(id);
     let raft = Raft::new(
         id,
         raft_config(),
-        fabric.endpoint(id),
+        endpoint.clone(),
         log_store,
         machine.clone(),
     )
     .await
     .expect("start Raft");
-    fabric.attach(id, raft.clone());
+    fabric.attach(&endpoint, raft.clone());
     let (tx, rx) = watch::channel(None);
     let leadership = tokio::spawn(leadership(raft.clone(), machine.clone(), tx));
     Running {
@@ -183,6 +186,12 @@ async fn activate(
         .await
         .map_err(|e| format!("not the leader after all: {e}"))?;
     let (log, acks) = machine.logs();
+    sim_trace!(
+        "node {id} activates in term {}: applied message end {:?}, local end {}",
+        raft.metrics().borrow().current_term,
+        machine.applied_message_end(),
+        log.next_offset()
+    );
     if let Some(end) = machine.applied_message_end() {
         if log.next_offset() > end {
             log.truncate_from(end).map_err(|e| e.to_string())?;
@@ -191,7 +200,7 @@ async fn activate(
     let replication = Arc::new(Replication::new());
     let store = Store::replicated(machine.dir(), log, acks, Arc::clone(&replication));
     let (stop, stop_rx) = watch::channel(false);
-    tokio::spawn(replicate(raft.clone(), Arc::clone(&replication), stop_rx));
+    tokio::spawn(replicate(raft.clone(), id, Arc::clone(&replication), stop_rx));
     Ok(Arc::new(Leader {
         node: id,
         store,
@@ -209,6 +218,7 @@ type Answer =
 /// Mirrors `src/raft/replicator.rs` `run`.
 async fn replicate(
     raft: Raft<TypeConfig>,
+    id: NodeId,
     replication: Arc<Replication>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -218,8 +228,12 @@ async fn replicate(
         tokio::spawn(async move {
             while let Some((answer, end_seq)) = rx.recv().await {
                 match answer.await {
-                    Ok(Ok(_)) => replication.committed(end_seq),
+                    Ok(Ok(r)) => {
+                        sim_trace!("node {id} batch to seq {end_seq} committed at {}", r.log_id);
+                        replication.committed(end_seq)
+                    }
                     Ok(Err(e)) => {
+                        sim_trace!("node {id} batch to seq {end_seq} refused: {e}");
                         replication.fail(&format!("not committed: {e}"));
                         return;
                     }
@@ -246,6 +260,11 @@ async fn replicate(
             _ = shutdown.changed() => break,
         };
         let Ok(permit) = permit else { break };
+        sim_trace!(
+            "node {id} submits batch to seq {}: messages {:?}",
+            batch.end_seq,
+            message_offsets(&batch.ops)
+        );
         match raft.client_write_ff(Request::Ops(batch.ops)).await {
             Ok(answer) => permit.send((answer, batch.end_seq)),
             Err(e) => {
@@ -257,4 +276,28 @@ async fn replicate(
     drop(tx);
     replication.fail("replicator stopped");
     let _ = completer.await;
+}
+
+/// First and last message offset in an ops batch (`broker/replication.rs` format), for
+/// traces.
+fn message_offsets(ops: &[u8]) -> Option<(u64, u64)> {
+    let u32_at = |p: usize| Some(u32::from_le_bytes(ops.get(p..p + 4)?.try_into().ok()?) as usize);
+    let mut range: Option<(u64, u64)> = None;
+    let mut pos = 1;
+    while pos < ops.len() {
+        pos += 1;
+        match ops[pos - 1] {
+            1 => {
+                let o = u64::from_le_bytes(ops.get(pos..pos + 8)?.try_into().ok()?);
+                range = Some(range.map_or((o, o), |(a, _)| (a, o)));
+                pos += 12 + u32_at(pos + 8)?;
+            }
+            2 => pos += 4 + 8 * u32_at(pos)?,
+            3 => pos += 8 + 8 * u32_at(pos + 4)?,
+            4 => pos += 12,
+            5 => pos += 4,
+            _ => return range,
+        }
+    }
+    range
 }

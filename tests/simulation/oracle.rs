@@ -55,7 +55,9 @@ pub fn check(cluster: &Cluster, leader: NodeId, h: &History) -> Result<Checked, 
         }
         let mut seen = BTreeSet::new();
         for offset in log.first_offset()..log.next_offset() {
-            let record = log.read(offset).map_err(|e| format!("node {id} @{offset}: {e}"))?;
+            let record = log
+                .read(offset)
+                .map_err(|e| format!("node {id} @{offset}: {e}"))?;
             let message = message_of(&record.payload).unwrap_or_default();
             let msg_id = id_of(message)
                 .filter(|i| h.sent.get(*i as usize).is_some_and(|b| b[..] == *message))
@@ -68,7 +70,10 @@ pub fn check(cluster: &Cluster, leader: NodeId, h: &History) -> Result<Checked, 
                 if !seen.insert(msg_id) {
                     return Err(format!("node {id}: message {msg_id} stored twice"));
                 }
-                acked_on.entry(offset).or_default().push(acks.is_acked(offset));
+                acked_on
+                    .entry(offset)
+                    .or_default()
+                    .push(acks.is_acked(offset));
             } else {
                 checked.tails += 1;
                 if h.acked.contains_key(&msg_id) {
@@ -115,7 +120,9 @@ fn check_recovered(id: NodeId, store: &Store, h: &History) -> Result<(), String>
         .map(|m| (m.offset, m.message))
         .collect();
     if let Some(o) = h.consumed.iter().find(|o| live.contains_key(o)) {
-        return Err(format!("node {id}: consumed message at offset {o} comes back"));
+        return Err(format!(
+            "node {id}: consumed message at offset {o} comes back"
+        ));
     }
     for (msg_id, offset) in &h.acked {
         if h.consumed.contains(offset) || h.ack_in_doubt.contains(offset) {
