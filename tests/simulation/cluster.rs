@@ -69,6 +69,14 @@ impl Cluster {
         self.lock().values().filter_map(|r| r.active()).collect()
     }
 
+    /// Node `id`'s active broker as it changes (`None` while it does not lead or is down).
+    pub fn leader_watch(
+        &self,
+        id: NodeId,
+    ) -> Option<tokio::sync::watch::Receiver<Option<Arc<Leader>>>> {
+        self.lock().get(&id).map(|r| r.leader.clone())
+    }
+
     pub fn raft(&self, id: NodeId) -> Option<openraft::Raft<entrepot_cluster::TypeConfig>> {
         self.lock().get(&id).map(|r| r.raft.clone())
     }

@@ -50,6 +50,8 @@ struct State {
     loss_per_mille: u64,
     /// One-way delay range, milliseconds.
     delay_ms: (u64, u64),
+    /// A node that hears no replies (its requests still arrive): scripted scenarios.
+    deaf: Option<NodeId>,
     stats: Stats,
 }
 
@@ -84,6 +86,7 @@ impl Fabric {
                 side: BTreeMap::new(),
                 loss_per_mille: 0,
                 delay_ms: (0, 2),
+                deaf: None,
                 stats: Stats::default(),
             })),
         }
@@ -136,6 +139,12 @@ impl Fabric {
         s.delay_ms = (0, 2);
     }
 
+    /// Loses every reply to `id` (`None`: none), so its followers store what it sends
+    /// while it never learns they did.
+    pub fn set_deaf(&self, id: Option<NodeId>) {
+        self.lock().deaf = id;
+    }
+
     pub fn stats(&self) -> Stats {
         self.lock().stats
     }
@@ -177,7 +186,10 @@ impl Fabric {
     /// After the target answered: can the reply reach the caller?
     fn reply_reaches(&self, from: NodeId, incarnation: u64, to: NodeId, lost: bool) -> bool {
         let mut s = self.lock();
-        let ok = !lost && Self::alive(&s, from, incarnation) && Self::connected(&s, from, to);
+        let ok = !lost
+            && s.deaf != Some(from)
+            && Self::alive(&s, from, incarnation)
+            && Self::connected(&s, from, to);
         if ok {
             s.stats.delivered += 1;
         } else {
@@ -255,7 +267,10 @@ impl Link {
             }
             let answer = handle(raft).await;
             tokio::time::sleep(back).await;
-            if !self.fabric.reply_reaches(self.from, self.incarnation, self.to, reply_lost) {
+            if !self
+                .fabric
+                .reply_reaches(self.from, self.incarnation, self.to, reply_lost)
+            {
                 return std::future::pending().await;
             }
             answer.map_err(|e| match e {

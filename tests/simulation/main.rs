@@ -35,6 +35,7 @@
 
 mod cluster;
 mod fabric;
+mod leader_restart;
 mod node;
 mod oracle;
 mod rng;

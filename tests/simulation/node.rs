@@ -200,7 +200,12 @@ async fn activate(
     let replication = Arc::new(Replication::new());
     let store = Store::replicated(machine.dir(), log, acks, Arc::clone(&replication));
     let (stop, stop_rx) = watch::channel(false);
-    tokio::spawn(replicate(raft.clone(), id, Arc::clone(&replication), stop_rx));
+    tokio::spawn(replicate(
+        raft.clone(),
+        id,
+        Arc::clone(&replication),
+        stop_rx,
+    ));
     Ok(Arc::new(Leader {
         node: id,
         store,

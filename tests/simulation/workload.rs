@@ -32,8 +32,11 @@ pub struct History {
     pub in_doubt: BTreeSet<u64>,
     /// Offsets whose ack committed (a consumer's `accepted`).
     pub consumed: BTreeSet<u64>,
-    /// Offsets whose ack was written but failed (or has no answer yet).
+    /// Offsets whose ack was written but failed (or has no answer yet), and that no
+    /// later ack consumed.
     pub ack_in_doubt: BTreeSet<u64>,
+    /// Offsets whose ack waits for its answer.
+    pub acks_pending: BTreeSet<u64>,
     /// Durability handles not answered yet (messages and acks).
     pub pending: u64,
 }
@@ -117,15 +120,16 @@ fn produce(leader: &crate::node::Leader, log: &Log, rng: &mut Rng) {
     });
 }
 
-/// Acks one acknowledged, unconsumed message, if this leader holds it (a broker only
-/// delivers what its store holds).
+/// Acks one acknowledged, unconsumed message, if this leader holds it unacked (a broker
+/// only delivers what its store holds). A message whose ack failed may be consumed again
+/// (redelivery).
 fn consume(leader: &crate::node::Leader, log: &Log, rng: &mut Rng) {
     let (offset, body) = {
         let h = log.lock();
         let candidates: Vec<(u64, u64)> = h
             .acked
             .iter()
-            .filter(|(_, o)| !h.consumed.contains(o) && !h.ack_in_doubt.contains(o))
+            .filter(|(_, o)| !h.consumed.contains(o) && !h.acks_pending.contains(o))
             .map(|(id, o)| (*id, *o))
             .collect();
         if candidates.is_empty() {
@@ -148,6 +152,7 @@ fn consume(leader: &crate::node::Leader, log: &Log, rng: &mut Rng) {
     {
         let mut h = log.lock();
         h.ack_in_doubt.insert(offset);
+        h.acks_pending.insert(offset);
         h.pending += 1;
     }
     let log = log.clone();
@@ -155,6 +160,7 @@ fn consume(leader: &crate::node::Leader, log: &Log, rng: &mut Rng) {
         let ok = wait(durable).await;
         let mut h = log.lock();
         h.pending -= 1;
+        h.acks_pending.remove(&offset);
         if ok {
             h.ack_in_doubt.remove(&offset);
             h.consumed.insert(offset);
