@@ -53,10 +53,17 @@ use crate::connection::{self, Accepted};
 use state_machine::StoreMachine;
 
 /// Raft heartbeat period.
-pub const HEARTBEAT_MS: u64 = 60;
-/// Election timeout range: a follower that hears no leader for this long campaigns. Kept
-/// short so a new leader serves within a second of the old one dying.
-pub const ELECTION_TIMEOUT_MS: (u64, u64) = (250, 500);
+pub const HEARTBEAT_MS: u64 = 50;
+/// Election timeout range: a follower that hears no leader for this long campaigns. In
+/// openraft 0.9 a follower first waits out the leader's lease (= the range's maximum), so
+/// a dead leader is replaced after 300 ms + 150…300 ms: well within a second.
+pub const ELECTION_TIMEOUT_MS: (u64, u64) = (150, 300);
+/// How often an active leader checks that a majority still hears it.
+pub const QUORUM_CHECK_INTERVAL: Duration = Duration::from_millis(250);
+/// A leader that cannot confirm its leadership with a majority for this long stops serving
+/// clients (openraft 0.9 keeps it `Leader` until it hears of a newer term): its clients are
+/// disconnected and reconnect to the majority's side instead of waiting forever.
+pub const QUORUM_LOSS: Duration = Duration::from_millis(4 * ELECTION_TIMEOUT_MS.1);
 /// How long a new connection waits for a leader to be known before it is closed.
 pub const LEADER_WAIT: Duration = Duration::from_secs(5);
 /// Directory of the Raft log inside the data directory.
@@ -288,6 +295,7 @@ async fn leadership(
     let mut active: Option<Arc<Active>> = None;
     // A follower's store is tended here (the leader's broker does its own housekeeping).
     let mut reclaim = tokio::time::interval(crate::broker::HOUSEKEEPING_INTERVAL * 4);
+    let mut quorum_check = tokio::time::interval(QUORUM_CHECK_INTERVAL);
     loop {
         let (state, leader, leader_addr) = {
             let m = metrics.borrow_and_update();
@@ -329,6 +337,16 @@ async fn leadership(
         }
         tokio::select! {
             changed = metrics.changed() => if changed.is_err() { break },
+            _ = quorum_check.tick(), if active.is_some() => {
+                let confirmed = tokio::time::timeout(QUORUM_LOSS, raft.ensure_linearizable()).await;
+                if !matches!(confirmed, Ok(Ok(_))) {
+                    if let Some(a) = active.take() {
+                        tracing::warn!(node = id, "no majority hears this leader: closing client connections");
+                        a.stop("this leader lost the majority; resend to the new leader");
+                        role.send_replace(Role::Unknown);
+                    }
+                }
+            }
             _ = reclaim.tick(), if active.is_none() => {
                 let (log, acks) = machine.logs();
                 if let Err(e) = crate::broker::store::reclaim(&log, &acks) {
@@ -357,8 +375,9 @@ async fn activate(
 ) -> anyhow::Result<Arc<Active>> {
     // Confirms leadership with a quorum and waits until the state machine has applied
     // everything committed before this term (the term's first entry included).
-    raft.ensure_linearizable()
+    tokio::time::timeout(QUORUM_LOSS, raft.ensure_linearizable())
         .await
+        .map_err(|_| anyhow::anyhow!("no majority confirmed this leader"))?
         .map_err(|e| anyhow::anyhow!("not the leader after all: {e}"))?;
     let (log, acks) = machine.logs();
     if let Some(end) = machine.applied_message_end() {
