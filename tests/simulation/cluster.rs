@@ -36,7 +36,7 @@ impl Cluster {
             nodes: Arc::default(),
         };
         for id in &ids {
-            cluster.restart(*id).await;
+            cluster.restart(*id).await.expect("a new node starts");
         }
         let members: BTreeMap<NodeId, BasicNode> = ids
             .iter()
@@ -93,12 +93,15 @@ impl Cluster {
     }
 
     /// Starts `id` from its directory (a no-op if it is up).
-    pub async fn restart(&self, id: NodeId) {
+    pub async fn restart(&self, id: NodeId) -> Result<(), String> {
         if self.lock().contains_key(&id) {
-            return;
+            return Ok(());
         }
-        let running = node::start(id, &self.dirs[&id], &self.fabric).await;
+        let running = node::start(id, &self.dirs[&id], &self.fabric)
+            .await
+            .map_err(|e| format!("node {id} cannot restart: {e}"))?;
         self.lock().insert(id, running);
+        Ok(())
     }
 
     /// A node that died of a storage error (openraft stopped it): its id and the error.

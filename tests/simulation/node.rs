@@ -78,10 +78,11 @@ pub fn raft_config() -> Arc<openraft::Config> {
     Arc::new(config.validate().expect("raft config"))
 }
 
-/// Opens (or reopens) node `id` in `dir` and joins it to `fabric`.
-pub async fn start(id: NodeId, dir: &Path, fabric: &Fabric) -> Running {
+/// Opens (or reopens) node `id` in `dir` and joins it to `fabric`. Fails when the
+/// store, the Raft log or openraft's start (which re-applies the committed log) does.
+pub async fn start(id: NodeId, dir: &Path, fabric: &Fabric) -> Result<Running, String> {
     let (log, acks) = Store::open_parts(dir, SyncPolicy::Never, SEGMENT_BYTES, RECORD_BYTES_MAX)
-        .expect("open the store");
+        .map_err(|e| format!("open the store: {e}"))?;
     let machine = StoreMachine::new(dir.to_path_buf(), log, Arc::new(acks));
     let raft_log = LogConfig {
         segment_bytes: SEGMENT_BYTES,
@@ -89,7 +90,8 @@ pub async fn start(id: NodeId, dir: &Path, fabric: &Fabric) -> Running {
         sync: SyncPolicy::Never,
         ..LogConfig::default()
     };
-    let log_store = LogStore::open(raft_dir(dir), raft_log).expect("open the Raft log");
+    let log_store =
+        LogStore::open(raft_dir(dir), raft_log).map_err(|e| format!("open the Raft log: {e}"))?;
     let endpoint = fabric.endpoint(id);
     let raft = Raft::new(
         id,
@@ -99,16 +101,16 @@ pub async fn start(id: NodeId, dir: &Path, fabric: &Fabric) -> Running {
         machine.clone(),
     )
     .await
-    .expect("start Raft");
+    .map_err(|e| format!("start Raft: {e}"))?;
     fabric.attach(&endpoint, raft.clone());
     let (tx, rx) = watch::channel(None);
     let leadership = tokio::spawn(leadership(raft.clone(), machine.clone(), tx));
-    Running {
+    Ok(Running {
         raft,
         machine,
         leader: rx,
         leadership,
-    }
+    })
 }
 
 pub fn raft_dir(dir: &Path) -> PathBuf {
