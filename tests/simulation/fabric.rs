@@ -52,6 +52,11 @@ struct State {
     delay_ms: (u64, u64),
     /// A node that hears no replies (its requests still arrive): scripted scenarios.
     deaf: Option<NodeId>,
+    /// Extra one-way delay of appends that carry entries (heartbeats and probes go at the
+    /// normal pace): scripted scenarios.
+    entries_delay: Duration,
+    /// Extra one-way delay of every RPC to or from a node: scripted scenarios.
+    slow: BTreeMap<NodeId, Duration>,
     stats: Stats,
 }
 
@@ -87,6 +92,8 @@ impl Fabric {
                 loss_per_mille: 0,
                 delay_ms: (0, 2),
                 deaf: None,
+                entries_delay: Duration::ZERO,
+                slow: BTreeMap::new(),
                 stats: Stats::default(),
             })),
         }
@@ -145,6 +152,16 @@ impl Fabric {
         self.lock().deaf = id;
     }
 
+    /// Delays every append that carries entries by `extra` more, each way.
+    pub fn set_entries_delay(&self, extra: Duration) {
+        self.lock().entries_delay = extra;
+    }
+
+    /// Slows every RPC to or from `id` by `extra` more, each way (zero: normal again).
+    pub fn set_slow(&self, id: NodeId, extra: Duration) {
+        self.lock().slow.insert(id, extra);
+    }
+
     pub fn stats(&self) -> Stats {
         self.lock().stats
     }
@@ -157,7 +174,7 @@ impl Fabric {
         s.nodes.get(&id).is_some_and(|(i, _)| *i == incarnation)
     }
 
-    fn plan(&self, from: NodeId, incarnation: u64, to: NodeId) -> Plan {
+    fn plan(&self, from: NodeId, incarnation: u64, to: NodeId, entries: bool) -> Plan {
         let mut s = self.lock();
         let raft = match s.nodes.get(&to) {
             Some((_, r)) if Self::connected(&s, from, to) && Self::alive(&s, from, incarnation) => {
@@ -170,8 +187,15 @@ impl Fabric {
         };
         let (lo, hi) = s.delay_ms;
         let loss = s.loss_per_mille;
-        let there = Duration::from_millis(s.rng.between(lo, hi));
-        let back = Duration::from_millis(s.rng.between(lo, hi));
+        let slow = |n: NodeId| s.slow.get(&n).copied().unwrap_or_default();
+        let extra = slow(from).max(slow(to))
+            + if entries {
+                s.entries_delay
+            } else {
+                Duration::ZERO
+            };
+        let there = Duration::from_millis(s.rng.between(lo, hi)) + extra;
+        let back = Duration::from_millis(s.rng.between(lo, hi)) + extra;
         let request_lost = s.rng.chance(loss);
         let reply_lost = s.rng.chance(loss);
         Plan::Send {
@@ -236,6 +260,7 @@ impl Link {
     async fn call<Resp, E, F, Fut>(
         &self,
         action: RPCTypes,
+        entries: bool,
         option: &RPCOption,
         handle: F,
     ) -> RpcResult<Resp, RaftError<NodeId, E>>
@@ -245,7 +270,10 @@ impl Link {
         Fut: Future<Output = Result<Resp, RaftError<NodeId, E>>>,
     {
         let (raft, there, back, request_lost, reply_lost) =
-            match self.fabric.plan(self.from, self.incarnation, self.to) {
+            match self
+                .fabric
+                .plan(self.from, self.incarnation, self.to, entries)
+            {
                 Plan::Refused => {
                     let e = AnyError::error(format!("node {} unreachable", self.to));
                     return Err(RPCError::Unreachable(Unreachable::new(&e)));
@@ -296,9 +324,13 @@ impl RaftNetwork<TypeConfig> for Link {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
-        self.call(RPCTypes::AppendEntries, &option, |raft| async move {
-            raft.append_entries(rpc).await
-        })
+        let entries = !rpc.entries.is_empty();
+        self.call(
+            RPCTypes::AppendEntries,
+            entries,
+            &option,
+            |raft| async move { raft.append_entries(rpc).await },
+        )
         .await
     }
 
@@ -307,9 +339,12 @@ impl RaftNetwork<TypeConfig> for Link {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> {
-        self.call(RPCTypes::InstallSnapshot, &option, |raft| async move {
-            raft.install_snapshot(rpc).await
-        })
+        self.call(
+            RPCTypes::InstallSnapshot,
+            true,
+            &option,
+            |raft| async move { raft.install_snapshot(rpc).await },
+        )
         .await
     }
 
@@ -318,7 +353,7 @@ impl RaftNetwork<TypeConfig> for Link {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>> {
-        self.call(RPCTypes::Vote, &option, |raft| async move {
+        self.call(RPCTypes::Vote, false, &option, |raft| async move {
             raft.vote(rpc).await
         })
         .await

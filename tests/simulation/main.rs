@@ -43,8 +43,9 @@
 //! made `pub` and called from here).
 //!
 //! Status: with network faults only, the simulation passes and runs in CI. With crashes
-//! and restarts it fails (e.g. seeds 16 and 17) until a leader restored in its term stops
-//! reusing offsets its previous incarnation's entries hold — see `leader_restart.rs` — so
+//! and restarts it fails on a few of the default seeds in every run (seed 3 each time we
+//! ran it) until a leader restored in its term stops reusing offsets its previous
+//! incarnation's entries hold — `leader_restart.rs` pins that bug deterministically — so
 //! that test is `#[ignore]`d until then; run it with
 //! `cargo nextest run -p entrepot --test simulation --run-ignored all`.
 
@@ -309,7 +310,9 @@ async fn inject_faults(
                 format!("loss {loss}‰")
             }
             _ => {
-                let (lo, hi) = [(0, 2), (1, 20), (5, 100), (20, 300)][rng.below(4) as usize];
+                // openraft gives an append `heartbeat_interval` (60 ms) to answer: the
+                // widest range makes a good share of RPCs time out.
+                let (lo, hi) = [(0, 2), (1, 10), (5, 25), (10, 50)][rng.below(4) as usize];
                 cluster.fabric.set_delay(lo, hi);
                 format!("delay {lo}-{hi} ms")
             }
