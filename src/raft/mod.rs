@@ -161,16 +161,24 @@ impl ClusterNode {
             )
         })
         .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
+        let raft_dir = config.data_dir.join(RAFT_DIR);
+        if !raft_dir.exists() && log.next_offset() > 0 {
+            anyhow::bail!(
+                "{} holds a single-node store ({} messages logged) and no Raft log: a \
+                 clustered node starts from an empty data directory (drain the single node \
+                 into the cluster instead)",
+                config.data_dir.display(),
+                log.next_offset()
+            );
+        }
         let machine = StoreMachine::new(config.data_dir.clone(), log, Arc::new(acks));
         let raft_config = LogConfig {
             segment_bytes: RAFT_SEGMENT_BYTES,
             record_bytes_max: RAFT_RECORD_MAX,
             ..LogConfig::default()
         };
-        let log_store = tokio::task::block_in_place(|| {
-            LogStore::open(config.data_dir.join(RAFT_DIR), raft_config)
-        })
-        .context("opening the Raft log")?;
+        let log_store = tokio::task::block_in_place(|| LogStore::open(&raft_dir, raft_config))
+            .context("opening the Raft log")?;
         let raft_settings = openraft::Config {
             cluster_name: "entrepot".into(),
             heartbeat_interval: HEARTBEAT_MS,
@@ -373,23 +381,8 @@ async fn activate(
     machine: &StoreMachine,
     config: &Arc<BrokerConfig>,
 ) -> anyhow::Result<Arc<Active>> {
-    // Confirms leadership with a quorum and waits until the state machine has applied
-    // everything committed before this term (the term's first entry included).
-    tokio::time::timeout(QUORUM_LOSS, raft.ensure_linearizable())
-        .await
-        .map_err(|_| anyhow::anyhow!("no majority confirmed this leader"))?
-        .map_err(|e| anyhow::anyhow!("not the leader after all: {e}"))?;
+    settle_store(raft, machine).await?;
     let (log, acks) = machine.logs();
-    if let Some(end) = machine.applied_message_end() {
-        if log.next_offset() > end {
-            tracing::warn!(
-                committed_end = end,
-                local_end = log.next_offset(),
-                "cutting messages this node stored but never committed"
-            );
-            log.truncate_from(end)?;
-        }
-    }
     let replication = Arc::new(Replication::new());
     let store = Store::replicated(machine.dir(), log, acks, Arc::clone(&replication));
     let broker = tokio::task::block_in_place(|| Broker::with_store((**config).clone(), store))?;
@@ -418,6 +411,40 @@ async fn activate(
         shutdown: shutdown_tx,
         tasks: Mutex::new(tasks),
     }))
+}
+
+/// Makes a new leader's store exactly the committed one before its broker writes to it:
+/// confirms leadership with a majority, waits until every entry of this node's Raft log is
+/// applied (after a restart openraft may restore the leadership in the same term, and
+/// entries of the previous incarnation then commit *after* the term's first one — their
+/// offsets must not be handed out again), then cuts the messages this node stored locally
+/// but never submitted. Nothing applied means no message was ever committed (the log is
+/// never purged), so the whole local message log goes.
+pub async fn settle_store(raft: &Raft<TypeConfig>, machine: &StoreMachine) -> anyhow::Result<()> {
+    tokio::time::timeout(QUORUM_LOSS, raft.ensure_linearizable())
+        .await
+        .map_err(|_| anyhow::anyhow!("no majority confirmed this leader"))?
+        .map_err(|e| anyhow::anyhow!("not the leader after all: {e}"))?;
+    let mut metrics = raft.metrics();
+    let last = metrics.borrow().last_log_index;
+    tokio::time::timeout(
+        QUORUM_LOSS,
+        metrics.wait_for(|m| m.last_applied.map(|l| l.index) >= last),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("this leader's own entries did not commit in time"))?
+    .map_err(|_| anyhow::anyhow!("Raft stopped"))?;
+    let (log, _) = machine.logs();
+    let end = machine.applied_message_end().unwrap_or(0);
+    if log.next_offset() > end {
+        tracing::warn!(
+            committed_end = end,
+            local_end = log.next_offset(),
+            "cutting messages this node stored but never committed"
+        );
+        log.truncate_from(end)?;
+    }
+    Ok(())
 }
 
 /// The AMQP listener of a clustered node; see the module docs.
