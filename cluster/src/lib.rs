@@ -74,5 +74,7 @@ pub use network::{PeerClient, TcpNetwork};
 pub use peer_server::{PeerServer, MAX_PEER_CONNECTIONS};
 pub use rpc::{MAX_RPC_ENTRIES, MAX_RPC_STRING_BYTES, RPC_VERSION};
 pub use state_file::{MAX_STATE_FILE_BYTES, STATE_FILE_VERSION};
-pub use state_machine::{StateMachineStore, MAX_SNAPSHOT_BYTES};
+pub use state_machine::{
+    read_snapshot_file, write_snapshot_file, StateMachineStore, MAX_SNAPSHOT_BYTES,
+};
 pub use types::*;

@@ -161,6 +161,35 @@ impl StateMachineStore {
     }
 }
 
+/// Persists a snapshot as `dir/snapshot` (the format above, tmp + fsync + rename), for a
+/// state machine other than the stand-in (the broker's store).
+pub fn write_snapshot_file(
+    dir: &Path,
+    meta: &SnapshotMeta<NodeId, BasicNode>,
+    data: Vec<u8>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| ClusterError::io("creating", dir, e))?;
+    let body = encode_snapshot_file(&StoredSnapshot {
+        meta: meta.clone(),
+        data,
+    })?;
+    state_file::write(dir, SNAPSHOT_FILE, SNAPSHOT_MAGIC, &body, true)
+}
+
+/// A persisted snapshot: what it covers, and its data.
+pub type SnapshotFile = (SnapshotMeta<NodeId, BasicNode>, Vec<u8>);
+
+/// Reads the snapshot [`write_snapshot_file`] persisted in `dir`, if any.
+pub fn read_snapshot_file(dir: &Path) -> Result<Option<SnapshotFile>> {
+    match state_file::read_bounded(dir, SNAPSHOT_FILE, SNAPSHOT_MAGIC, MAX_SNAPSHOT_BYTES)? {
+        Some(body) => {
+            let snap = decode_snapshot_file(body)?;
+            Ok(Some((snap.meta, snap.data)))
+        }
+        None => Ok(None),
+    }
+}
+
 fn encode_snapshot_file(snap: &StoredSnapshot) -> Result<Vec<u8>> {
     crate::codec::check_limit("snapshot", snap.data.len(), MAX_SNAPSHOT_BYTES - 4096)?;
     let mut e = Encoder::with_capacity(snap.data.len() + 256);

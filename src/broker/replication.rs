@@ -2,8 +2,9 @@
 //! acknowledgement, a consumer group's floor, the subscription registry) as an *operation*,
 //! in the order it happened on the leader, batched into one Raft entry per round trip.
 //!
-//! The leader's store writes locally first (so the message already has its offset and a
-//! slice of the mapping), then queues the operation here. The replicator (`crate::raft`)
+//! The leader's store writes a message locally first (so it already has its offset and a
+//! slice of the mapping), then queues the operation here; acknowledgements, group changes
+//! and the registry are only queued, and written when applied. The replicator (`crate::raft`)
 //! takes everything queued as one batch, commits it through Raft, and raises the
 //! *committed* watch; the broker accepts a producer's transfer only when that watch passes
 //! the message's operation — the clustered meaning of "durable".
@@ -24,7 +25,8 @@
 //! //   op 6 file       { name_len: u16 | name | len: u32 | contents }   (data-dir file)
 //! ```
 //! Invariants: operations are queued in the order the store changed (the queue's lock is
-//! held across the local write); sequence numbers are dense from 0 for one leadership;
+//! held across the local write); no node persists an acknowledgement before it commits;
+//! sequence numbers are dense from 0 for one leadership;
 //! the committed watch only moves forward, and fails once the leadership ends.
 
 use std::collections::VecDeque;
@@ -60,6 +62,8 @@ pub enum ApplyError {
     Version(u8),
     #[error("malformed ops batch: {0}")]
     Malformed(&'static str),
+    #[error("committed message at offset {offset} differs from the local record")]
+    CommittedDiverges { offset: u64 },
     #[error("message at offset {offset} would leave a gap (log ends at {next})")]
     Gap { offset: u64, next: u64 },
     #[error(transparent)]
@@ -258,7 +262,7 @@ pub fn apply(
                 let offset = r.u64()?;
                 let len = r.u32()? as usize;
                 let record = r.slice(len)?;
-                apply_message(log, offset, &record)?;
+                apply_message(log, offset, &record, applied.message_end.unwrap_or(0))?;
                 applied.message_end = Some(offset + 1);
             }
             op @ (OP_ACK | OP_ACK_GROUP) => {
@@ -327,7 +331,12 @@ pub fn apply(
 
 /// Idempotent message apply: skip when the same record is there, cut and rewrite when a
 /// different one is, append when the log ends here.
-fn apply_message(log: &Log, offset: u64, record: &[u8]) -> Result<(), ApplyError> {
+fn apply_message(
+    log: &Log,
+    offset: u64,
+    record: &[u8],
+    committed_end: u64,
+) -> Result<(), ApplyError> {
     let next = log.next_offset();
     if offset < next {
         if offset < log.first_offset() {
@@ -335,6 +344,11 @@ fn apply_message(log: &Log, offset: u64, record: &[u8]) -> Result<(), ApplyError
         }
         match log.read(offset) {
             Ok(existing) if existing.payload[..] == *record => return Ok(()),
+            _ if offset < committed_end => {
+                // Below the committed end only the same record may stand: anything else
+                // is a bug, and cutting would destroy committed messages.
+                return Err(ApplyError::CommittedDiverges { offset });
+            }
             _ => {
                 tracing::warn!(
                     offset,
@@ -347,7 +361,13 @@ fn apply_message(log: &Log, offset: u64, record: &[u8]) -> Result<(), ApplyError
     } else if offset > next {
         return Err(ApplyError::Gap { offset, next });
     }
-    log.append_view(0, &[record])?;
+    let (_, written) = log.append_view(0, &[record])?;
+    if written.offset != offset {
+        return Err(ApplyError::Gap {
+            offset,
+            next: written.offset,
+        });
+    }
     Ok(())
 }
 

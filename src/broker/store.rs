@@ -152,7 +152,10 @@ impl Store {
         ))
     }
 
-    /// Runs a local change, queuing its operation for Raft in a cluster.
+    /// Runs a local change, or in a cluster only queues its operation for Raft: the ack
+    /// log and the registry change when the operation is applied, after the commit, so no
+    /// node ever holds an acknowledgement the cluster did not commit. (The broker's own
+    /// in-memory state moves at once; only the persisted state waits.)
     fn change(
         &self,
         write: impl FnOnce() -> StorageResult<Durable>,
@@ -160,7 +163,9 @@ impl Store {
     ) -> StorageResult<Durable> {
         match &self.replica {
             None => write(),
-            Some(r) => r.record(write, |_, buf| encode(buf)).map(|(_, d)| d),
+            Some(r) => r
+                .record(|| Ok::<_, StorageError>(()), |_, buf| encode(buf))
+                .map(|(_, d)| d),
         }
     }
 
@@ -196,14 +201,16 @@ impl Store {
         )
     }
 
-    /// Replaces the data-directory file `name` whole (the subscription registry), and
-    /// replicates it in a cluster.
+    /// Replaces the data-directory file `name` whole (the subscription registry); in a
+    /// cluster, when the operation is applied.
     pub fn put_file(&self, name: &str, contents: &[u8]) -> std::io::Result<()> {
-        let write = || replication::write_file(&self.dir, name, contents);
         match &self.replica {
-            None => write(),
+            None => replication::write_file(&self.dir, name, contents),
             Some(r) => r
-                .record(write, |_, b| replication::encode_file(b, name, contents))
+                .record(
+                    || Ok::<_, std::io::Error>(()),
+                    |_, b| replication::encode_file(b, name, contents),
+                )
                 .map(drop),
         }
     }

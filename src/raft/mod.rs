@@ -27,7 +27,8 @@
 
 pub mod admin;
 mod proxy;
-mod replicator;
+pub mod replicator;
+pub mod snapshot;
 pub mod state_machine;
 
 use std::net::SocketAddr;
@@ -76,6 +77,11 @@ pub const MAX_CLUSTER_MESSAGE_BYTES: u64 = 4 << 20;
 /// Most entries one AppendEntries RPC carries: with batches of about 4 MiB (+ one
 /// message) this stays under a quarter of the inter-node frame limit.
 pub const MAX_PAYLOAD_ENTRIES: u64 = 8;
+/// Raft entries between two snapshots of the store (each entry one replicated batch).
+pub const SNAPSHOT_EVERY_ENTRIES: u64 = 16 * 1024;
+/// Entries kept in the Raft log before the last snapshot, so a follower that lags by less
+/// catches up from the log instead of installing a snapshot.
+pub const LOG_KEPT_AFTER_SNAPSHOT: u64 = 1024;
 /// Segment size of the Raft log.
 pub const RAFT_SEGMENT_BYTES: u64 = 256 << 20;
 
@@ -171,7 +177,8 @@ impl ClusterNode {
                 log.next_offset()
             );
         }
-        let machine = StoreMachine::new(config.data_dir.clone(), log, Arc::new(acks));
+        let machine = StoreMachine::open(config.data_dir.clone(), &raft_dir, log, Arc::new(acks))
+            .context("opening the store's snapshot")?;
         let raft_config = LogConfig {
             segment_bytes: RAFT_SEGMENT_BYTES,
             record_bytes_max: RAFT_RECORD_MAX,
@@ -184,8 +191,8 @@ impl ClusterNode {
             heartbeat_interval: HEARTBEAT_MS,
             election_timeout_min: ELECTION_TIMEOUT_MS.0,
             election_timeout_max: ELECTION_TIMEOUT_MS.1,
-            snapshot_policy: SnapshotPolicy::Never,
-            max_in_snapshot_log_to_keep: u64::MAX,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY_ENTRIES),
+            max_in_snapshot_log_to_keep: LOG_KEPT_AFTER_SNAPSHOT,
             max_payload_entries: MAX_PAYLOAD_ENTRIES,
             ..Default::default()
         }
@@ -381,10 +388,7 @@ async fn activate(
     machine: &StoreMachine,
     config: &Arc<BrokerConfig>,
 ) -> anyhow::Result<Arc<Active>> {
-    settle_store(raft, machine).await?;
-    let (log, acks) = machine.logs();
-    let replication = Arc::new(Replication::new());
-    let store = Store::replicated(machine.dir(), log, acks, Arc::clone(&replication));
+    let (store, replication) = leader_store(raft, machine).await?;
     let broker = tokio::task::block_in_place(|| Broker::with_store((**config).clone(), store))?;
     let gate = tokio::task::block_in_place(|| crate::server::admit(config, &broker))?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -411,6 +415,19 @@ async fn activate(
         shutdown: shutdown_tx,
         tasks: Mutex::new(tasks),
     }))
+}
+
+/// The store a new leader's broker writes through, once [`settle_store`] made it the
+/// committed one, and the queue its operations wait in for the replicator.
+pub async fn leader_store(
+    raft: &Raft<TypeConfig>,
+    machine: &StoreMachine,
+) -> anyhow::Result<(Store, Arc<Replication>)> {
+    settle_store(raft, machine).await?;
+    let (log, acks) = machine.logs();
+    let replication = Arc::new(Replication::new());
+    let store = Store::replicated(machine.dir(), log, acks, Arc::clone(&replication));
+    Ok((store, replication))
 }
 
 /// Makes a new leader's store exactly the committed one before its broker writes to it:

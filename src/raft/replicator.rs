@@ -55,14 +55,16 @@ pub async fn run(
             Some(b) => b,
             None => {
                 tokio::select! {
-                    _ = replication.queued() => continue,
+                    biased;
                     _ = shutdown.changed() => break,
+                    _ = replication.queued() => continue,
                 }
             }
         };
         let permit = tokio::select! {
-            p = tx.reserve() => p,
+            biased;
             _ = shutdown.changed() => break,
+            p = tx.reserve() => p,
         };
         let Ok(permit) = permit else { break };
         match raft.client_write_ff(Request::Ops(batch.ops)).await {

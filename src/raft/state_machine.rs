@@ -2,19 +2,23 @@
 //! entry applies its batch of store operations (`broker/replication.rs`) to the message
 //! log, the ack log and the subscription registry of this node.
 //!
-//! Applied state is not persisted separately: at start `last_applied` is none and openraft
-//! re-applies the committed log from its first entry, which is safe because applying is
-//! idempotent (and repairs a local tail the last leadership never committed). So the Raft
-//! log is never purged and no snapshot is ever built ([`openraft::SnapshotPolicy::Never`]);
-//! a new member catches up by replaying the log. Bounding the Raft log (snapshots of the
-//! store, purge) is the next step — see ARCHITECTURE.md.
+//! Applied state is not persisted after every entry: at start `last_applied` is the last
+//! snapshot's (or none), and openraft re-applies the committed log after it, which is safe
+//! because applying is idempotent (and repairs a local tail the last leadership never
+//! committed). A snapshot (`snapshot.rs`: the store's live messages, ack sets, registry) is
+//! built every [`super::SNAPSHOT_EVERY_ENTRIES`] entries; the store is flushed before the
+//! snapshot is persisted, so the store on disk always covers the snapshot, and openraft
+//! may then purge the log before it. A lagging or new member installs the snapshot.
 //!
 //! Invariant: every node applies the same operations in the same order, so message
 //! offsets, acknowledgements and consumer groups are identical on every node up to the
 //! commit index.
 
+// openraft's storage error is large; these signatures are openraft's, not ours.
+#![allow(clippy::result_large_err)]
+
 use std::io::Cursor;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use entrepot_cluster::{NodeId, RaftStorageError, Request, Response, TypeConfig};
@@ -25,7 +29,11 @@ use openraft::{
     StorageError, StorageIOError, StoredMembership,
 };
 
+use super::snapshot::StoreSnapshot;
 use crate::broker::replication::{self, Applied};
+
+/// Directory (inside the Raft directory) of the persisted snapshot.
+pub const SNAPSHOT_DIR: &str = "sm";
 
 /// The store as openraft's state machine; cheap to clone (all clones share the store).
 #[derive(Clone)]
@@ -35,6 +43,7 @@ pub struct StoreMachine {
 
 struct Shared {
     dir: PathBuf,
+    snapshot_dir: PathBuf,
     log: Log,
     acks: Arc<AckLog>,
     state: Mutex<State>,
@@ -45,18 +54,42 @@ struct State {
     last_applied: Option<LogId<NodeId>>,
     membership: StoredMembership<NodeId, BasicNode>,
     applied: Applied,
+    /// Snapshots built by this process (for unique ids).
+    built: u64,
 }
 
 impl StoreMachine {
-    pub fn new(dir: PathBuf, log: Log, acks: Arc<AckLog>) -> StoreMachine {
-        StoreMachine {
+    /// [`StoreMachine::open`] with the Raft directory in its usual place, `dir/raft`.
+    pub fn new(dir: PathBuf, log: Log, acks: Arc<AckLog>) -> anyhow::Result<StoreMachine> {
+        let raft_dir = dir.join(super::RAFT_DIR);
+        StoreMachine::open(dir, &raft_dir, log, acks)
+    }
+
+    /// The state machine over a store, starting from the snapshot persisted in
+    /// `raft_dir/sm` if any (the store on disk covers it).
+    pub fn open(
+        dir: PathBuf,
+        raft_dir: &Path,
+        log: Log,
+        acks: Arc<AckLog>,
+    ) -> anyhow::Result<StoreMachine> {
+        let snapshot_dir = raft_dir.join(SNAPSHOT_DIR);
+        let mut state = State::default();
+        if let Some((meta, data)) = entrepot_cluster::read_snapshot_file(&snapshot_dir)? {
+            let snap = StoreSnapshot::decode(bytes::Bytes::from(data))?;
+            state.last_applied = meta.last_log_id;
+            state.membership = meta.last_membership;
+            state.applied.message_end = Some(snap.message_end);
+        }
+        Ok(StoreMachine {
             inner: Arc::new(Shared {
                 dir,
+                snapshot_dir,
                 log,
                 acks,
-                state: Mutex::new(State::default()),
+                state: Mutex::new(state),
             }),
-        }
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -90,20 +123,82 @@ fn sm_error(
     StorageError::IO { source: io }
 }
 
+impl StoreMachine {
+    fn build(&self) -> Result<Snapshot<TypeConfig>, RaftStorageError> {
+        let (last, membership, message_end, built) = {
+            let mut state = self.lock();
+            state.built += 1;
+            (
+                state.last_applied,
+                state.membership.clone(),
+                state.applied.message_end.unwrap_or(0),
+                state.built,
+            )
+        };
+        let shared = &self.inner;
+        // Entries applied after `last` may show in the acks and registry captured here;
+        // they are applied again after an install, idempotently, so the result is the same.
+        let snap = StoreSnapshot::capture(&shared.log, &shared.acks, &shared.dir, message_end)
+            .map_err(|e| sm_error(None, e))?;
+        // The store on disk must cover the snapshot before the log before it may go.
+        shared.log.flush().map_err(|e| sm_error(None, e))?;
+        shared.acks.log().flush().map_err(|e| sm_error(None, e))?;
+        let data = snap.encode();
+        let meta = SnapshotMeta {
+            last_log_id: last,
+            last_membership: membership,
+            snapshot_id: match last {
+                Some(l) => format!(
+                    "{}-{}-{}-{built}",
+                    l.leader_id.term, l.leader_id.node_id, l.index
+                ),
+                None => format!("none-{built}"),
+            },
+        };
+        entrepot_cluster::write_snapshot_file(&shared.snapshot_dir, &meta, data.clone())
+            .map_err(|e| sm_error(None, e))?;
+        tracing::info!(
+            index = last.map_or(0, |l| l.index),
+            bytes = data.len(),
+            "store snapshot built"
+        );
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+
+    fn install(
+        &self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        data: Vec<u8>,
+    ) -> Result<(), RaftStorageError> {
+        let shared = &self.inner;
+        let snap = StoreSnapshot::decode(bytes::Bytes::from(data.clone()))
+            .map_err(|e| sm_error(None, e))?;
+        let mut state = self.lock();
+        snap.install(&shared.log, &shared.acks, &shared.dir)
+            .map_err(|e| sm_error(None, e))?;
+        entrepot_cluster::write_snapshot_file(&shared.snapshot_dir, meta, data)
+            .map_err(|e| sm_error(None, e))?;
+        state.last_applied = meta.last_log_id;
+        state.membership = meta.last_membership.clone();
+        state.applied.message_end = Some(snap.message_end);
+        tracing::info!(
+            index = meta.last_log_id.map_or(0, |l| l.index),
+            message_end = snap.message_end,
+            "store snapshot installed"
+        );
+        Ok(())
+    }
+}
+
 impl RaftSnapshotBuilder<TypeConfig> for StoreMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, RaftStorageError> {
-        // Only reachable through an explicit trigger: the policy is `Never`. The log is
-        // never purged, so an empty snapshot at the applied position is never installed
-        // anywhere instead of the log.
-        let state = self.lock();
-        Ok(Snapshot {
-            meta: SnapshotMeta {
-                last_log_id: state.last_applied,
-                last_membership: state.membership.clone(),
-                snapshot_id: "unused".into(),
-            },
-            snapshot: Box::new(Cursor::new(Vec::new())),
-        })
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.build())
+            .await
+            .map_err(|e| sm_error(None, std::io::Error::other(e.to_string())))?
     }
 }
 
@@ -159,20 +254,24 @@ impl RaftStateMachine<TypeConfig> for StoreMachine {
 
     async fn install_snapshot(
         &mut self,
-        _meta: &SnapshotMeta<NodeId, BasicNode>,
-        _snapshot: Box<Cursor<Vec<u8>>>,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), RaftStorageError> {
-        Err(sm_error(
-            None,
-            std::io::Error::other(
-                "store snapshots are not supported: the Raft log is never purged",
-            ),
-        ))
+        let this = self.clone();
+        let meta = meta.clone();
+        tokio::task::spawn_blocking(move || this.install(&meta, snapshot.into_inner()))
+            .await
+            .map_err(|e| sm_error(None, std::io::Error::other(e.to_string())))?
     }
 
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, RaftStorageError> {
-        Ok(None)
+        let found = entrepot_cluster::read_snapshot_file(&self.inner.snapshot_dir)
+            .map_err(|e| sm_error(None, e))?;
+        Ok(found.map(|(meta, data)| Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        }))
     }
 }

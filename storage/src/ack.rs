@@ -196,22 +196,32 @@ impl AckLog {
     }
 
     fn snapshot_locked(&self, state: &mut AckState) -> Result<Durable> {
-        let mut buf = Vec::new();
-        let mut groups: Vec<_> = state.groups.iter().collect();
-        groups.sort_by_key(|(g, _)| **g);
-        put_varint(groups.len() as u64, &mut buf);
-        let mut set_bytes = Vec::new();
-        for (group, set) in groups {
-            set_bytes.clear();
-            set.encode(&mut set_bytes);
-            put_varint(u64::from(*group), &mut buf);
-            put_varint(set_bytes.len() as u64, &mut buf);
-            buf.extend_from_slice(&set_bytes);
-        }
+        let buf = encode_group_snapshot(state);
         let appended = self.log.append_parts(FLAG_GROUP_SNAPSHOT, &[&buf])?;
         state.since_snapshot = 0;
         self.log.purge_before(appended.first)?;
         Ok(appended.durable)
+    }
+
+    /// Every group's set, encoded as a group snapshot (`Format (group snapshot record)`).
+    pub fn export_groups(&self) -> Result<Vec<u8>> {
+        let state = self.lock()?;
+        Ok(encode_group_snapshot(&state))
+    }
+
+    /// Replaces every group's set with `data` from [`AckLog::export_groups`] (a Raft
+    /// snapshot installed on a follower). Durable with the returned handle.
+    pub fn import_groups(&self, data: &[u8]) -> Result<Durable> {
+        let groups = decode_group_snapshot(data).ok_or_else(|| StorageError::Corrupt {
+            path: self.log.dir().to_path_buf(),
+            position: 0,
+            offset: 0,
+            reason: "malformed imported ack groups",
+        })?;
+        let mut state = self.lock()?;
+        state.groups = groups;
+        state.group(DEFAULT_GROUP);
+        self.snapshot_locked(&mut state)
     }
 
     pub fn is_acked(&self, offset: u64) -> bool {
@@ -266,6 +276,22 @@ impl AckLog {
     pub fn log(&self) -> &Log {
         &self.log
     }
+}
+
+fn encode_group_snapshot(state: &AckState) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let mut groups: Vec<_> = state.groups.iter().collect();
+    groups.sort_by_key(|(g, _)| **g);
+    put_varint(groups.len() as u64, &mut buf);
+    let mut set_bytes = Vec::new();
+    for (group, set) in groups {
+        set_bytes.clear();
+        set.encode(&mut set_bytes);
+        put_varint(u64::from(*group), &mut buf);
+        put_varint(set_bytes.len() as u64, &mut buf);
+        buf.extend_from_slice(&set_bytes);
+    }
+    buf
 }
 
 fn decode_group_snapshot(data: &[u8]) -> Option<HashMap<u32, OffsetSet>> {
@@ -391,6 +417,24 @@ mod tests {
         let mut groups = acks.groups();
         groups.sort();
         assert_eq!(groups, vec![0, 7]);
+    }
+
+    #[test]
+    fn exported_groups_replace_another_logs_state() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let from = AckLog::open(a.path(), cfg()).unwrap();
+        from.ack(&[0, 2]).unwrap();
+        from.raise_group_floor(4, 10).unwrap();
+        let to = AckLog::open(b.path(), cfg()).unwrap();
+        to.ack(&[7]).unwrap();
+        to.import_groups(&from.export_groups().unwrap()).unwrap();
+        assert!(to.is_acked(0) && to.is_acked(2) && !to.is_acked(7));
+        assert!(to.is_group_acked(4, 9));
+        to.log().flush().unwrap();
+        drop(to);
+        let to = AckLog::open(b.path(), cfg()).unwrap();
+        assert!(to.is_acked(2) && !to.is_acked(7) && to.is_group_acked(4, 9));
+        assert!(to.import_groups(b"garbage").is_err());
     }
 
     #[test]

@@ -363,6 +363,44 @@ impl Log {
     }
 }
 
+impl Log {
+    /// Empties the log and makes `base` the next offset: every segment is deleted and a
+    /// fresh one starts at `base` (a Raft snapshot replacing a follower's store). Readers
+    /// keep the bytes they hold. When it returns, the empty log is durable.
+    pub fn reset_to(&self, base: u64) -> Result<()> {
+        if self.inner.read_only {
+            return Err(StorageError::ReadOnly);
+        }
+        let _io = self.inner.lock_io()?;
+        let mut w = self.inner.lock_writer()?;
+        self.inner.truncate_locked(&mut w, 0)?;
+        if w.next_offset == base {
+            return Ok(());
+        }
+        // The log is one empty active segment now; replace it with one at `base`.
+        let old = Arc::clone(&w.active);
+        let fresh = Arc::new(Segment::create(
+            &self.inner.dir,
+            base,
+            self.inner.config.segment_bytes,
+            self.inner.config.record_bytes_max,
+        )?);
+        old.unlink()
+            .map_err(|e| StorageError::io("deleting segment", old.path(), e))?;
+        sync_dir(&self.inner.dir)?;
+        if let Ok(mut s) = self.inner.segments.write() {
+            s.clear();
+            s.insert(base, Arc::clone(&fresh));
+        }
+        w.unsynced.clear();
+        w.synced_pos = fresh.written();
+        w.next_offset = base;
+        w.active = fresh;
+        self.inner.durable_tx.send_modify(|s| s.durable = base);
+        Ok(())
+    }
+}
+
 impl Inner {
     pub(crate) fn stats(&self) -> &LogStats {
         &self.stats

@@ -229,3 +229,36 @@ proptest! {
         prop_assert_eq!(a.first, got.len() as u64);
     }
 }
+
+#[test]
+fn reset_to_empties_the_log_and_moves_its_next_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        segment_bytes: 64 * 1024,
+        record_bytes_max: 16 * 1024,
+        sync: SyncPolicy::Never,
+        ..LogConfig::default()
+    };
+    let log = Log::open(dir.path(), config.clone()).unwrap();
+    for i in 0..100u32 {
+        let mut record = vec![0u8; 2000];
+        record[..4].copy_from_slice(&i.to_le_bytes());
+        log.append(&record).unwrap();
+    }
+    assert!(log.segments().len() > 1, "spans several segments");
+    let held = log.read(3).unwrap().payload;
+    log.reset_to(1000).unwrap();
+    assert_eq!((log.first_offset(), log.next_offset()), (1000, 1000));
+    assert_eq!(
+        &held[..4],
+        &3u32.to_le_bytes(),
+        "a held record outlives the reset"
+    );
+    assert_eq!(log.append(b"x").unwrap().first, 1000);
+    log.flush().unwrap();
+    drop(log);
+    let log = Log::open(dir.path(), config).unwrap();
+    assert_eq!((log.first_offset(), log.next_offset()), (1000, 1001));
+    log.reset_to(5).unwrap();
+    assert_eq!(log.append(b"y").unwrap().first, 5);
+}

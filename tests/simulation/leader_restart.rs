@@ -31,7 +31,6 @@ const ENTRIES_DELAY: Duration = Duration::from_millis(20);
 const F1_DELAY: Duration = Duration::from_millis(10);
 
 #[test]
-#[ignore = "fails: activation after a same-term restart does not wait for the term's own entries (see the module docs); run with --run-ignored all once fixed"]
 fn a_leader_restarted_in_its_term_keeps_its_acknowledged_offsets() {
     let mut restored = 0;
     for seed in 1..=NETWORK_SEEDS {

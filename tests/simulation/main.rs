@@ -38,16 +38,15 @@
 //! and `rand` under one seed, or an openraft `AsyncRuntime` whose `thread_rng()` is
 //! seeded — a `TypeConfig` with that runtime, i.e. a change in `cluster/`.
 //!
-//! Mirrors, not drives: the leader's activation and replicator are private in `src/raft`,
-//! so `node.rs` reproduces them step for step; a change there must be copied here (or
-//! made `pub` and called from here).
+//! Drives the real write path: the leader's store comes from `entrepot::raft::leader_store`
+//! and its batches go through `entrepot::raft::replicator::run`; only the leadership loop
+//! is mirrored in `node.rs` (it builds no broker queues).
 //!
-//! Status: with network faults only, the simulation passes and runs in CI. With crashes
-//! and restarts it fails on a few of the default seeds in every run (seed 3 each time we
-//! ran it) until a leader restored in its term stops reusing offsets its previous
-//! incarnation's entries hold — `leader_restart.rs` pins that bug deterministically — so
-//! that test is `#[ignore]`d until then; run it with
-//! `cargo nextest run -p entrepot --test simulation --run-ignored all`.
+//! History: this simulation found two bugs, both fixed and pinned by scripted scenarios —
+//! a leader restored in its term reusing offsets its previous incarnation's entries hold
+//! (`leader_restart.rs`), and a stale local tail surviving when no message had committed
+//! yet (`stale_tail.rs`) — and acknowledgements persisted before their commit, which made
+//! nodes disagree (now persisted only when applied; the oracle requires agreement).
 
 mod cluster;
 mod fabric;
@@ -114,7 +113,6 @@ fn network_faults_lose_no_acknowledged_message_and_bring_back_no_consumed_one() 
 
 /// Every fault, node crashes and restarts included.
 #[test]
-#[ignore = "fails until activation after a same-term leader restart is fixed (leader_restart.rs); run with --run-ignored all"]
 fn no_acknowledged_message_is_lost_and_no_consumed_message_comes_back() {
     run_seeds(Faults::All);
 }

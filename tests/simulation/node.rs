@@ -2,13 +2,11 @@
 //! `StoreMachine` over the node's store, in its own directory, plus the leader's write
 //! path (activation and replicator).
 //!
-//! The leader's write path *mirrors* `src/raft/mod.rs` (`leadership`, `activate`) and
-//! `src/raft/replicator.rs` step for step, because those are private to the crate: it
-//! confirms leadership with `ensure_linearizable`, cuts the local message tail beyond
-//! `StoreMachine::applied_message_end()`, opens `Store::replicated` with a fresh
-//! `Replication`, and submits batches in order with `client_write_ff`, raising the
-//! committed watch as answers arrive. The broker's queues are not built: the simulated
-//! client writes through the `Store` directly, as a connection would.
+//! The leader's write path is the broker's own: `entrepot::raft::leader_store` (settles
+//! the store: leadership confirmed, own log applied, uncommitted tail cut) and
+//! `entrepot::raft::replicator::run`; only the leadership loop is mirrored (it builds
+//! no broker). The broker's queues are not built: the simulated client writes through the
+//! `Store` directly, as a connection would.
 //!
 //! A crash aborts the node's tasks, stops its `Raft` and drops every handle; a restart
 //! reopens everything from the same directory. Logs run with `SyncPolicy::Never`: the data
@@ -24,10 +22,10 @@ use std::time::Duration;
 use entrepot::broker::replication::Replication;
 use entrepot::broker::store::Store;
 use entrepot::raft::state_machine::StoreMachine;
-use entrepot_cluster::{LogStore, NodeId, Request, TypeConfig};
+use entrepot_cluster::{LogStore, NodeId, TypeConfig};
 use entrepot_storage::{LogConfig, SyncPolicy};
 use openraft::{Raft, ServerState, SnapshotPolicy};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::fabric::Fabric;
@@ -37,8 +35,6 @@ use crate::sim_trace;
 const SEGMENT_BYTES: u64 = 1 << 20;
 /// Largest record (a message, or one Raft entry carrying a batch).
 const RECORD_BYTES_MAX: u32 = 256 << 10;
-/// As in `src/raft/replicator.rs`.
-const MAX_IN_FLIGHT: usize = 8;
 
 /// The broker of a node while it leads: its store and replication queue.
 pub struct Leader {
@@ -83,7 +79,8 @@ pub fn raft_config() -> Arc<openraft::Config> {
 pub async fn start(id: NodeId, dir: &Path, fabric: &Fabric) -> Result<Running, String> {
     let (log, acks) = Store::open_parts(dir, SyncPolicy::Never, SEGMENT_BYTES, RECORD_BYTES_MAX)
         .map_err(|e| format!("open the store: {e}"))?;
-    let machine = StoreMachine::new(dir.to_path_buf(), log, Arc::new(acks));
+    let machine = StoreMachine::new(dir.to_path_buf(), log, Arc::new(acks))
+        .map_err(|e| format!("open the state machine: {e}"))?;
     let raft_log = LogConfig {
         segment_bytes: SEGMENT_BYTES,
         record_bytes_max: RECORD_BYTES_MAX * 2,
@@ -178,33 +175,25 @@ async fn leadership(
     role.send_replace(None);
 }
 
-/// Mirrors `src/raft/mod.rs` `activate`, without the broker's queues.
+/// `src/raft/mod.rs` `activate` without the broker's queues: the real
+/// [`entrepot::raft::leader_store`] and [`entrepot::raft::replicator::run`].
 async fn activate(
     raft: &Raft<TypeConfig>,
     machine: &StoreMachine,
     id: NodeId,
 ) -> Result<Arc<Leader>, String> {
-    raft.ensure_linearizable()
+    let (store, replication) = entrepot::raft::leader_store(raft, machine)
         .await
-        .map_err(|e| format!("not the leader after all: {e}"))?;
-    let (log, acks) = machine.logs();
+        .map_err(|e| e.to_string())?;
     sim_trace!(
         "node {id} activates in term {}: applied message end {:?}, local end {}",
         raft.metrics().borrow().current_term,
         machine.applied_message_end(),
-        log.next_offset()
+        store.log().next_offset()
     );
-    if let Some(end) = machine.applied_message_end() {
-        if log.next_offset() > end {
-            log.truncate_from(end).map_err(|e| e.to_string())?;
-        }
-    }
-    let replication = Arc::new(Replication::new());
-    let store = Store::replicated(machine.dir(), log, acks, Arc::clone(&replication));
     let (stop, stop_rx) = watch::channel(false);
-    tokio::spawn(replicate(
+    tokio::spawn(entrepot::raft::replicator::run(
         raft.clone(),
-        id,
         Arc::clone(&replication),
         stop_rx,
     ));
@@ -214,97 +203,4 @@ async fn activate(
         replication,
         stop,
     }))
-}
-
-/// What `client_write_ff` hands back: the answer to one entry, once applied.
-type Answer =
-    <<TypeConfig as openraft::RaftTypeConfig>::Responder as openraft::raft::responder::Responder<
-        TypeConfig,
-    >>::Receiver;
-
-/// Mirrors `src/raft/replicator.rs` `run`.
-async fn replicate(
-    raft: Raft<TypeConfig>,
-    id: NodeId,
-    replication: Arc<Replication>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let (tx, mut rx) = mpsc::channel::<(Answer, u64)>(MAX_IN_FLIGHT);
-    let completer = {
-        let replication = Arc::clone(&replication);
-        tokio::spawn(async move {
-            while let Some((answer, end_seq)) = rx.recv().await {
-                match answer.await {
-                    Ok(Ok(r)) => {
-                        sim_trace!("node {id} batch to seq {end_seq} committed at {}", r.log_id);
-                        replication.committed(end_seq)
-                    }
-                    Ok(Err(e)) => {
-                        sim_trace!("node {id} batch to seq {end_seq} refused: {e}");
-                        replication.fail(&format!("not committed: {e}"));
-                        return;
-                    }
-                    Err(_) => {
-                        replication.fail("Raft stopped before committing");
-                        return;
-                    }
-                }
-            }
-        })
-    };
-    loop {
-        let batch = match replication.take() {
-            Some(b) => b,
-            None => {
-                tokio::select! {
-                    _ = replication.queued() => continue,
-                    _ = shutdown.changed() => break,
-                }
-            }
-        };
-        let permit = tokio::select! {
-            p = tx.reserve() => p,
-            _ = shutdown.changed() => break,
-        };
-        let Ok(permit) = permit else { break };
-        sim_trace!(
-            "node {id} submits batch to seq {}: messages {:?}",
-            batch.end_seq,
-            message_offsets(&batch.ops)
-        );
-        match raft.client_write_ff(Request::Ops(batch.ops)).await {
-            Ok(answer) => permit.send((answer, batch.end_seq)),
-            Err(e) => {
-                replication.fail(&format!("Raft stopped: {e}"));
-                break;
-            }
-        }
-    }
-    drop(tx);
-    replication.fail("replicator stopped");
-    let _ = completer.await;
-}
-
-/// First and last message offset in an ops batch (`broker/replication.rs` format), for
-/// traces.
-fn message_offsets(ops: &[u8]) -> Option<(u64, u64)> {
-    let u32_at = |p: usize| Some(u32::from_le_bytes(ops.get(p..p + 4)?.try_into().ok()?) as usize);
-    let mut range: Option<(u64, u64)> = None;
-    let mut pos = 1;
-    while pos < ops.len() {
-        pos += 1;
-        match ops[pos - 1] {
-            1 => {
-                let o = u64::from_le_bytes(ops.get(pos..pos + 8)?.try_into().ok()?);
-                range = Some(range.map_or((o, o), |(a, _)| (a, o)));
-                pos += 12 + u32_at(pos + 8)?;
-            }
-            2 => pos += 4 + 8 * u32_at(pos)?,
-            3 => pos += 8 + 8 * u32_at(pos + 4)?,
-            4 => pos += 12,
-            5 => pos += 4,
-            _ => return range,
-        }
-    }
-    range
 }

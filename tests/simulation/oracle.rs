@@ -101,10 +101,9 @@ pub fn check(cluster: &Cluster, leader: NodeId, h: &History) -> Result<Checked, 
         .iter()
         .filter(|(_, v)| v.iter().any(|a| *a != v[0]))
         .count() as u64;
-    if let Some((o, _)) = acked_on
-        .iter()
-        .find(|(o, v)| v.iter().any(|a| *a != v[0]) && !h.ack_in_doubt.contains(o))
-    {
+    // Acknowledgements are persisted only when applied, after the commit, so every node
+    // agrees on every offset, in doubt or not.
+    if let Some((o, _)) = acked_on.iter().find(|(_, v)| v.iter().any(|a| *a != v[0])) {
         return Err(format!("offset {o}: nodes disagree on whether it is acked"));
     }
     Ok(checked)

@@ -17,7 +17,6 @@ use crate::rng::Rng;
 use crate::workload::{message_of, ADDRESS};
 
 #[test]
-#[ignore = "fails: activation cuts the stale tail only when a message was applied (src/raft/mod.rs activate); run with --run-ignored once fixed"]
 fn a_new_leader_cuts_a_stale_tail_even_before_any_message_committed() {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
