@@ -130,6 +130,10 @@ struct ServeArgs {
     /// Cluster: initial members when peers come from DNS [default: 3]
     #[arg(long, env = "ENTREPOT_CLUSTER_SIZE", default_value_t = 3)]
     cluster_size: u32,
+    /// Cluster: Raft entries between two snapshots of the store (after one, the Raft log
+    /// before it may be purged) [default: 16384]
+    #[arg(long, env = "ENTREPOT_RAFT_SNAPSHOT_EVERY")]
+    raft_snapshot_every: Option<u64>,
     /// Cluster: inter-node listen address [default: 0.0.0.0:5673]
     #[arg(long, env = "ENTREPOT_CLUSTER_LISTEN")]
     cluster_listen: Option<SocketAddr>,
@@ -231,6 +235,9 @@ impl ServeArgs {
             node_id,
             peers,
             listen,
+            snapshot_every: self
+                .raft_snapshot_every
+                .unwrap_or(entrepot::raft::SNAPSHOT_EVERY_ENTRIES),
         }))
     }
 
@@ -386,6 +393,9 @@ fn hash_password(password: Option<String>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long `entrepot cluster` keeps looking for a leader among the given nodes.
+const CLUSTER_LEADER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// One HTTP request to a node's admin API; returns the status line and the body.
 fn http_request(http: &str, method: &str, path: &str) -> anyhow::Result<(String, String)> {
     use std::io::{Read, Write};
@@ -421,21 +431,28 @@ fn cluster_command(action: ClusterAction, http: &[String]) -> anyhow::Result<()>
         ClusterAction::Remove { id } => ("POST", format!("/cluster/remove?id={id}")),
     };
     let mut last = anyhow::anyhow!("no --http address given");
-    for node in http {
-        match http_request(node, method, &path) {
-            Ok((status, body)) if status.starts_with("200") => {
-                print!("{body}");
-                return Ok(());
+    // During an election no node leads: keep asking, for a bounded time.
+    let deadline = std::time::Instant::now() + CLUSTER_LEADER_WAIT;
+    loop {
+        for node in http {
+            match http_request(node, method, &path) {
+                Ok((status, body)) if status.starts_with("200") => {
+                    print!("{body}");
+                    return Ok(());
+                }
+                // Not the leader: try the next node.
+                Ok((status, body)) if status.starts_with("421") => {
+                    last = anyhow::anyhow!("{node}: {}", body.trim());
+                }
+                Ok((status, body)) => anyhow::bail!("{node} answered {status}: {}", body.trim()),
+                Err(e) => last = e,
             }
-            // Not the leader: try the next node.
-            Ok((status, body)) if status.starts_with("421") => {
-                last = anyhow::anyhow!("{node}: {}", body.trim());
-            }
-            Ok((status, body)) => anyhow::bail!("{node} answered {status}: {}", body.trim()),
-            Err(e) => last = e,
         }
+        if std::time::Instant::now() >= deadline {
+            return Err(last);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
     }
-    Err(last)
 }
 
 async fn serve(
@@ -445,7 +462,15 @@ async fn serve(
     if let Some(cluster) = cluster {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let node = entrepot::raft::ClusterNode::start(config, cluster, shutdown_rx).await?;
-        wait_for_signal().await;
+        tokio::select! {
+            _ = wait_for_signal() => {}
+            reason = node.failed() => {
+                tracing::error!(%reason, "Raft failed: exiting so that this node is restarted");
+                let _ = shutdown_tx.send(true);
+                let _ = node.stopped().await;
+                anyhow::bail!("Raft failed: {reason}");
+            }
+        }
         tracing::info!("shutting down: closing connections, stopping Raft");
         let _ = shutdown_tx.send(true);
         return node.stopped().await;

@@ -94,6 +94,8 @@ pub struct ClusterConfig {
     pub peers: Vec<Peer>,
     /// Where the inter-node port listens.
     pub listen: SocketAddr,
+    /// Raft entries between two store snapshots ([`SNAPSHOT_EVERY_ENTRIES`]).
+    pub snapshot_every: u64,
 }
 
 /// What the front door does with a new connection.
@@ -191,8 +193,8 @@ impl ClusterNode {
             heartbeat_interval: HEARTBEAT_MS,
             election_timeout_min: ELECTION_TIMEOUT_MS.0,
             election_timeout_max: ELECTION_TIMEOUT_MS.1,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY_ENTRIES),
-            max_in_snapshot_log_to_keep: LOG_KEPT_AFTER_SNAPSHOT,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(cluster.snapshot_every.max(1)),
+            max_in_snapshot_log_to_keep: LOG_KEPT_AFTER_SNAPSHOT.min(cluster.snapshot_every),
             max_payload_entries: MAX_PAYLOAD_ENTRIES,
             ..Default::default()
         }
@@ -255,6 +257,21 @@ impl ClusterNode {
             peer_server,
             machine,
         })
+    }
+
+    /// Completes if this node's Raft stops on a fatal error (a storage failure, a bug):
+    /// the node can no longer take part, and the process should exit so that it is
+    /// restarted (and replays its log) rather than linger half alive.
+    pub async fn failed(&self) -> String {
+        let mut metrics = self.raft.metrics();
+        let failed = metrics
+            .wait_for(|m| m.running_state.is_err())
+            .await
+            .map(|m| match &m.running_state {
+                Err(e) => e.to_string(),
+                Ok(()) => String::new(),
+            });
+        failed.unwrap_or_else(|_| "Raft stopped".into())
     }
 
     /// What the front door currently does.
