@@ -25,9 +25,11 @@
 //! * Raft indexes in a log are dense and equal record offset + one bias; checked on read.
 //! * Every length read from disk is bounded by a `MAX_*` constant before allocating.
 //!
-//! Not here yet: TLS/authentication on the inter-node port, the `Raft` node wiring and
-//! forwarding to leaders, one group per address, membership changes from the CLI, the
-//! broker's real state machine, deterministic simulation. See issue 7.
+//! The broker's side — its store as the state machine, activation on the leader,
+//! forwarding, membership administration — lives in the broker crate (`src/raft/`); this
+//! crate also persists that state machine's snapshots ([`write_snapshot_file`]).
+//!
+//! Not here yet: TLS/authentication on the inter-node port, one group per address.
 //!
 //! On-disk formats: `cluster/FORMAT.md`.
 //!

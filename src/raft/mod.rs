@@ -22,6 +22,10 @@
 //! * The store is written only by the applier, or by the active broker through
 //!   [`Replication`]; both keep offsets identical on every node.
 //!
+//! * compaction: the state machine snapshots the store every `--raft-snapshot-every`
+//!   entries (`snapshot.rs`) so openraft can purge the log; lagging or new members install
+//!   the snapshot.
+//!
 //! One Raft group covers every address: simple, and one leader's group commit batches all
 //! addresses together. ARCHITECTURE.md explains how the per-address split follows.
 
