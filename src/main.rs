@@ -211,24 +211,13 @@ impl ServeArgs {
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 5673)));
         let peers = match (&self.peers, &self.peers_dns) {
             (Some(list), _) => identity::parse_peers(list)?,
-            (None, Some(service)) => {
-                let set = hostname
-                    .split('.')
-                    .next()
-                    .and_then(|h| h.rsplit_once('-'))
-                    .map(|(set, _)| set.to_owned())
-                    .context("--peers-dns needs a StatefulSet hostname like entrepot-0")?;
-                let list: Vec<String> = (0..self.cluster_size)
-                    .map(|i| {
-                        format!(
-                            "{i}={set}-{i}.{service}:{}/{}",
-                            listen.port(),
-                            config.listen.port()
-                        )
-                    })
-                    .collect();
-                identity::parse_peers(&list.join(","))?
-            }
+            (None, Some(service)) => identity::statefulset_peers(
+                &hostname,
+                service,
+                self.cluster_size,
+                listen.port(),
+                config.listen.port(),
+            )?,
             (None, None) => Vec::new(),
         };
         Ok(Some(entrepot::raft::ClusterConfig {

@@ -110,6 +110,34 @@ fn parse_peer(item: &str) -> Result<Peer> {
     })
 }
 
+/// The initial members of a StatefulSet of `size` pods behind the headless `service`:
+/// `<set>-<i>.<service>:<peer_port>/<amqp_port>` for `i` in `0..size`, where `<set>` is
+/// this pod's `hostname` without its ordinal. Names resolve when a peer is dialled, so
+/// pods that are not up yet are fine.
+pub fn statefulset_peers(
+    hostname: &str,
+    service: &str,
+    size: u32,
+    peer_port: u16,
+    amqp_port: u16,
+) -> Result<Vec<Peer>> {
+    let set = hostname
+        .split('.')
+        .next()
+        .and_then(|h| h.rsplit_once('-'))
+        .filter(|(_, ordinal)| node_id_from_hostname(&format!("x-{ordinal}")).is_some())
+        .map(|(set, _)| set.to_owned())
+        .ok_or_else(|| ClusterError::Identity {
+            what: "hostname",
+            value: hostname.to_string(),
+            reason: "peers from DNS need a StatefulSet pod name like `entrepot-0`",
+        })?;
+    let list: Vec<String> = (0..size)
+        .map(|i| format!("{i}={set}-{i}.{service}:{peer_port}/{amqp_port}"))
+        .collect();
+    parse_peers(&list.join(","))
+}
+
 /// The AMQP port a member serves clients on when its address does not name one.
 pub const DEFAULT_AMQP_PORT: u16 = 5672;
 
@@ -195,6 +223,22 @@ mod tests {
             ]
         );
         assert!(parse_peers("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn statefulset_peers_come_from_the_pod_name_and_the_headless_service() {
+        let peers = statefulset_peers("entrepot-1", "entrepot.ns.svc", 3, 5673, 5672).unwrap();
+        let addrs: Vec<_> = peers.iter().map(|p| (p.id, p.addr.as_str())).collect();
+        assert_eq!(
+            addrs,
+            [
+                (0, "entrepot-0.entrepot.ns.svc:5673/5672"),
+                (1, "entrepot-1.entrepot.ns.svc:5673/5672"),
+                (2, "entrepot-2.entrepot.ns.svc:5673/5672"),
+            ]
+        );
+        assert!(statefulset_peers("laptop", "s", 3, 1, 2).is_err());
+        assert!(statefulset_peers("my-laptop", "s", 3, 1, 2).is_err());
     }
 
     #[test]
