@@ -268,25 +268,8 @@ impl ServeArgs {
 
 /// Fetches `/status` from a running node and prints it.
 fn status(http: SocketAddr) -> anyhow::Result<()> {
-    use std::io::{Read, Write};
-    let timeout = std::time::Duration::from_secs(5);
-    let mut stream = std::net::TcpStream::connect_timeout(&http, timeout)
-        .with_context(|| format!("connecting to {http}"))?;
-    stream.set_read_timeout(Some(timeout))?;
-    write!(
-        stream,
-        "GET /status HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .unwrap_or((response.as_str(), ""));
-    anyhow::ensure!(
-        head.starts_with("HTTP/1.1 200"),
-        "{http} answered: {}",
-        head.lines().next().unwrap_or_default()
-    );
+    let (status, body) = http_request(&http.to_string(), "GET", "/status")?;
+    anyhow::ensure!(status.starts_with("200"), "{http} answered: {status}");
     print!("{body}");
     Ok(())
 }

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
@@ -40,13 +40,44 @@ pub struct Serving {
 }
 
 /// Accepts connections until `shutdown` turns true.
-pub async fn serve(listener: TcpListener, serving: Serving, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(listener: TcpListener, serving: Serving, shutdown: watch::Receiver<bool>) {
     let Serving {
         broker,
         gate,
         permits,
         tls,
     } = serving;
+    let closing = shutdown.clone();
+    accept_loop(listener, permits, shutdown, move |stream| {
+        let broker = Arc::clone(&broker);
+        let gate = Arc::clone(&gate);
+        let shutdown = closing.clone();
+        let tls = tls.clone();
+        async move {
+            let accepted = match tls {
+                None => Some(Accepted::tcp(stream)),
+                Some(tls) => accept_tls(stream, &tls).await,
+            };
+            if let Some(accepted) = accepted {
+                connection::serve(accepted, broker, gate, shutdown).await;
+            }
+        }
+    })
+    .await
+}
+
+/// Accepts connections until `shutdown` turns true, each handled by `handle` in its own
+/// task holding one of `permits` (refused when none is left); then waits, at most
+/// [`SHUTDOWN_GRACE`], for the handlers to end, and aborts the rest.
+pub async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    permits: Arc<Semaphore>,
+    mut shutdown: watch::Receiver<bool>,
+    handle: F,
+) where
+    F: Fn(TcpStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let mut tasks = JoinSet::new();
     loop {
         tokio::select! {
@@ -64,18 +95,9 @@ pub async fn serve(listener: TcpListener, serving: Serving, mut shutdown: watch:
                     drop(stream);
                     continue;
                 };
-                let broker = Arc::clone(&broker);
-                let gate = Arc::clone(&gate);
-                let shutdown = shutdown.clone();
-                let tls = tls.clone();
+                let handled = handle(stream);
                 tasks.spawn(async move {
-                    let accepted = match tls {
-                        None => Some(Accepted::tcp(stream)),
-                        Some(tls) => accept_tls(stream, &tls).await,
-                    };
-                    if let Some(accepted) = accepted {
-                        connection::serve(accepted, broker, gate, shutdown).await;
-                    }
+                    handled.await;
                     drop(permit);
                 });
             }

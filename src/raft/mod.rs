@@ -490,42 +490,12 @@ async fn front_door(
     listener: TcpListener,
     role: watch::Receiver<Role>,
     permits: Arc<Semaphore>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let mut tasks = tokio::task::JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
-                    tracing::warn!(%peer, "connection limit reached, refusing");
-                    continue;
-                };
-                let role = role.clone();
-                tasks.spawn(async move {
-                    route(stream, role).await;
-                    drop(permit);
-                });
-            }
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-            _ = shutdown.changed() => break,
-        }
-    }
-    drop(listener);
-    let drained = tokio::time::timeout(crate::server::SHUTDOWN_GRACE, async {
-        while tasks.join_next().await.is_some() {}
+    crate::server::accept_loop(listener, permits, shutdown, move |stream| {
+        route(stream, role.clone())
     })
-    .await;
-    if drained.is_err() {
-        tasks.abort_all();
-    }
+    .await
 }
 
 /// Serves or forwards one client connection, waiting (bounded) for a leader.
