@@ -10,20 +10,33 @@ use entrepot_cluster::NodeId;
 use openraft::{BasicNode, ServerState};
 
 use crate::fabric::Fabric;
-use crate::node::{self, Leader, Running};
+use crate::node::{self, Counters, Leader, Running, Snapshots};
 
 /// The nodes of one run; cheap to clone.
 #[derive(Clone)]
 pub struct Cluster {
     pub fabric: Fabric,
     pub ids: Vec<NodeId>,
+    /// What every node's snapshots did, over all incarnations.
+    pub counters: Arc<Counters>,
+    config: Arc<openraft::Config>,
     dirs: BTreeMap<NodeId, PathBuf>,
     nodes: Arc<Mutex<BTreeMap<NodeId, Running>>>,
 }
 
 impl Cluster {
-    /// Starts `n` nodes under `root` and forms the cluster from node 0.
+    /// Starts `n` nodes under `root` that never snapshot and forms the cluster from node 0.
     pub async fn form(n: u64, root: &std::path::Path, fabric: Fabric) -> Cluster {
+        Cluster::form_with(n, root, fabric, Snapshots::Never).await
+    }
+
+    /// Starts `n` nodes under `root` and forms the cluster from node 0.
+    pub async fn form_with(
+        n: u64,
+        root: &std::path::Path,
+        fabric: Fabric,
+        snapshots: Snapshots,
+    ) -> Cluster {
         let ids: Vec<NodeId> = (0..n).collect();
         let dirs: BTreeMap<NodeId, PathBuf> = ids
             .iter()
@@ -32,6 +45,8 @@ impl Cluster {
         let cluster = Cluster {
             fabric,
             ids: ids.clone(),
+            counters: Arc::default(),
+            config: node::raft_config(snapshots),
             dirs,
             nodes: Arc::default(),
         };
@@ -97,9 +112,15 @@ impl Cluster {
         if self.lock().contains_key(&id) {
             return Ok(());
         }
-        let running = node::start(id, &self.dirs[&id], &self.fabric)
-            .await
-            .map_err(|e| format!("node {id} cannot restart: {e}"))?;
+        let running = node::start(
+            id,
+            &self.dirs[&id],
+            &self.fabric,
+            Arc::clone(&self.config),
+            &self.counters,
+        )
+        .await
+        .map_err(|e| format!("node {id} cannot restart: {e}"))?;
         self.lock().insert(id, running);
         Ok(())
     }

@@ -15,6 +15,14 @@
 //! `Store::recover`). Two scripted scenarios pin the bugs the simulation found
 //! (`stale_tail.rs`, `leader_restart.rs`).
 //!
+//! Snapshots: the seeded runs snapshot the store every [`SNAPSHOTS`] entries (openraft's
+//! `LogsSinceLast`, a few entries kept after each), so every seed builds snapshots and
+//! purges Raft logs, restarted nodes start from their persisted snapshot, and a node that
+//! was cut off or down catches up by installing the leader's snapshot. A run of at least
+//! [`SEEDS_FOR_COVERAGE`] seeds fails unless each of those happened at least once (counted
+//! by a transparent wrapper around each node's `StoreMachine`, `node::Observed`, and
+//! openraft's `purged` metric). The scripted scenarios run without snapshots.
+//!
 //! Time is tokio's paused clock on a current-thread runtime: delays and timeouts are
 //! virtual, a seed's ~10 s of cluster time takes about half a second of a debug build.
 //! Logs use `SyncPolicy::Never` (data in the page cache, no sync thread), so a crash is
@@ -64,6 +72,7 @@ use tokio::sync::watch;
 
 use cluster::Cluster;
 use fabric::Fabric;
+use node::{Counted, Snapshots};
 use rng::Rng;
 
 /// Prints a simulation event when `ENTREPOT_SIM_TRACE` is set (for replaying one seed).
@@ -104,6 +113,12 @@ const NODES: u64 = 3;
 const FAULT_PHASE: Duration = Duration::from_secs(8);
 /// Longest the healed cluster may take to converge (cluster time).
 const CONVERGE_WITHIN: Duration = Duration::from_secs(30);
+/// The seeded runs' snapshots: small enough that every seed builds several, purges the
+/// Raft log, and a node that was cut off or down for a while catches up by installing
+/// one (it lags by more than `keep` entries past the leader's last snapshot).
+const SNAPSHOTS: Snapshots = Snapshots::Every { every: 64, keep: 8 };
+/// Runs of at least this many seeds must show every snapshot path taken at least once.
+const SEEDS_FOR_COVERAGE: usize = 10;
 
 /// Every fault but crashes and restarts: partitions, an isolated leader, loss, delays.
 #[test]
@@ -132,11 +147,13 @@ fn run_seeds(faults: Faults) {
         None => (1..=env_u64("ENTREPOT_SIM_SEEDS").unwrap_or(DEFAULT_SEEDS)).collect(),
     };
     let mut failures = Vec::new();
-    for seed in seeds {
+    let mut total = SnapshotStats::default();
+    for seed in seeds.iter().copied() {
         let outcome = std::panic::catch_unwind(|| run_seed(seed, faults));
         let failure = match outcome {
-            Ok(Ok(summary)) => {
+            Ok(Ok((summary, snapshots))) => {
                 eprintln!("seed {seed}: ok, {summary}");
+                total.add(snapshots);
                 continue;
             }
             Ok(Err(e)) => e,
@@ -149,11 +166,72 @@ fn run_seeds(faults: Faults) {
         eprintln!("seed {seed}: FAILED: {failure}  (replay: ENTREPOT_SIM_SEED={seed})");
         failures.push(format!("seed {seed}: {failure}"));
     }
+    eprintln!("{} seeds: {total}", seeds.len());
     assert!(
         failures.is_empty(),
         "simulation failures ({faults:?} faults):\n{}",
         failures.join("\n")
     );
+    if seeds.len() >= SEEDS_FOR_COVERAGE {
+        // The snapshot paths this run must have exercised, or it proves little about them.
+        let c = total.counted;
+        assert!(c.built > 0, "no snapshot was built: {total}");
+        assert!(total.seeds_purged > 0, "no Raft log was purged: {total}");
+        assert!(
+            c.installed > 0,
+            "no node caught up by installing a snapshot: {total}"
+        );
+        assert!(
+            c.started_from_snapshot > 0,
+            "no node started from a persisted snapshot: {total}"
+        );
+    }
+}
+
+/// What one seed (or a run of seeds, summed) did with snapshots.
+#[derive(Debug, Default, Clone, Copy)]
+struct SnapshotStats {
+    counted: Counted,
+    /// Seeds at whose end some node's Raft log was purged.
+    seeds_purged: u64,
+    /// Highest purged Raft log index seen.
+    purged_max: u64,
+}
+
+impl SnapshotStats {
+    fn add(&mut self, other: SnapshotStats) {
+        self.counted.built += other.counted.built;
+        self.counted.installed += other.counted.installed;
+        self.counted.started_from_snapshot += other.counted.started_from_snapshot;
+        self.seeds_purged += other.seeds_purged;
+        self.purged_max = self.purged_max.max(other.purged_max);
+    }
+
+    /// The counters of `cluster`, and whether any of its nodes (up now) purged its log.
+    fn of(cluster: &Cluster) -> SnapshotStats {
+        let purged = cluster
+            .up()
+            .into_iter()
+            .filter_map(|id| cluster.raft(id)?.metrics().borrow().purged.map(|p| p.index))
+            .max();
+        SnapshotStats {
+            counted: cluster.counters.get(),
+            seeds_purged: u64::from(purged.is_some()),
+            purged_max: purged.unwrap_or(0),
+        }
+    }
+}
+
+impl std::fmt::Display for SnapshotStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let c = self.counted;
+        write!(
+            f,
+            "snapshots {} built, {} installed, {} starts from one; purged in {} seed(s), \
+             up to index {}",
+            c.built, c.installed, c.started_from_snapshot, self.seeds_purged, self.purged_max
+        )
+    }
 }
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -164,7 +242,7 @@ fn env_u64(name: &str) -> Option<u64> {
     )
 }
 
-fn run_seed(seed: u64, faults: Faults) -> Result<String, String> {
+fn run_seed(seed: u64, faults: Faults) -> Result<(String, SnapshotStats), String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
@@ -173,12 +251,12 @@ fn run_seed(seed: u64, faults: Faults) -> Result<String, String> {
     runtime.block_on(simulate(seed, faults))
 }
 
-async fn simulate(seed: u64, kinds: Faults) -> Result<String, String> {
+async fn simulate(seed: u64, kinds: Faults) -> Result<(String, SnapshotStats), String> {
     start_clock();
     let dir = tempfile::tempdir().expect("temporary directory");
     let mut rng = Rng::new(seed);
     let fabric = Fabric::new(rng.fork());
-    let cluster = Cluster::form(NODES, dir.path(), fabric.clone()).await;
+    let cluster = Cluster::form_with(NODES, dir.path(), fabric.clone(), SNAPSHOTS).await;
     let history = workload::Log::default();
     let (stop, stop_rx) = watch::channel(false);
     let client = tokio::spawn(workload::run(
@@ -194,22 +272,28 @@ async fn simulate(seed: u64, kinds: Faults) -> Result<String, String> {
         let _ = client.await;
         heal(&cluster).await?;
         let first = verify(&cluster, &history, "after healing").await?;
+        let purged = SnapshotStats::of(&cluster);
         for id in cluster.ids.clone() {
             cluster.crash(id).await;
         }
         heal(&cluster).await?;
         let second = verify(&cluster, &history, "after restarting every node").await?;
-        Ok((first, second))
+        let mut stats = SnapshotStats::of(&cluster);
+        stats.seeds_purged = stats.seeds_purged.max(purged.seeds_purged);
+        stats.purged_max = stats.purged_max.max(purged.purged_max);
+        Ok((first, second, stats))
     }
     .await;
     cluster.shutdown().await;
     let h = history.lock();
     let net = fabric.stats();
-    let (first, second) = result.map_err(|e| format!("{e}; faults: {}", faults.join(", ")))?;
-    Ok(format!(
+    let (first, second, stats) =
+        result.map_err(|e| format!("{e}; faults: {}", faults.join(", ")))?;
+    let summary = format!(
         "{} sent, {} acknowledged, {} in doubt, {} consumed, {} acks in doubt; \
-         committed {} offsets (then {}), {} tail records, {} acks diverging; \
-         rpcs {} delivered {} lost {} refused; {} faults",
+         committed {} offsets (then {}), {} tail records, {} acks diverging, \
+         {} committed offsets not held (snapshots); \
+         rpcs {} delivered {} lost {} refused; {} faults; {stats}",
         h.sent.len(),
         h.acked.len(),
         h.in_doubt.len(),
@@ -219,11 +303,13 @@ async fn simulate(seed: u64, kinds: Faults) -> Result<String, String> {
         second.committed,
         first.tails,
         first.ack_divergence,
+        second.not_held,
         net.delivered,
         net.lost,
         net.refused,
         faults.len(),
-    ))
+    );
+    Ok((summary, stats))
 }
 
 /// The fault schedule: one fault every 50–600 ms of cluster time for [`FAULT_PHASE`];

@@ -9,22 +9,29 @@
 //! `Store` directly, as a connection would.
 //!
 //! A crash aborts the node's tasks, stops its `Raft` and drops every handle; a restart
-//! reopens everything from the same directory. Logs run with `SyncPolicy::Never`: the data
+//! reopens everything from the same directory (the state machine from its persisted
+//! snapshot, if any). openraft drives the real `StoreMachine` through [`Observed`], which
+//! only counts snapshot builds and installs. Logs run with `SyncPolicy::Never`: the data
 //! stays in the page cache, so a crash here is a process crash (SIGKILL), not a power cut.
 
 // openraft's error types are large; these signatures are openraft's, not ours.
 #![allow(clippy::result_large_err)]
 
+use std::io::Cursor;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use entrepot::broker::replication::Replication;
 use entrepot::broker::store::Store;
 use entrepot::raft::state_machine::StoreMachine;
-use entrepot_cluster::{LogStore, NodeId, TypeConfig};
+use entrepot_cluster::{LogStore, NodeId, RaftStorageError, Response, TypeConfig};
 use entrepot_storage::{LogConfig, SyncPolicy};
-use openraft::{Raft, ServerState, SnapshotPolicy};
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    BasicNode, LogId, Raft, ServerState, SnapshotMeta, SnapshotPolicy, StoredMembership,
+};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -61,26 +68,160 @@ pub struct Running {
     leadership: JoinHandle<()>,
 }
 
-pub fn raft_config() -> Arc<openraft::Config> {
+/// When the nodes snapshot their stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Snapshots {
+    /// Never: the Raft log keeps everything (the scripted scenarios).
+    Never,
+    /// Every `every` entries since the last snapshot, keeping `keep` entries before it.
+    Every { every: u64, keep: u64 },
+}
+
+pub fn raft_config(snapshots: Snapshots) -> Arc<openraft::Config> {
+    let (snapshot_policy, max_in_snapshot_log_to_keep) = match snapshots {
+        Snapshots::Never => (SnapshotPolicy::Never, u64::MAX),
+        Snapshots::Every { every, keep } => (SnapshotPolicy::LogsSinceLast(every), keep),
+    };
     let config = openraft::Config {
         cluster_name: "entrepot-sim".into(),
         heartbeat_interval: entrepot::raft::HEARTBEAT_MS,
         election_timeout_min: entrepot::raft::ELECTION_TIMEOUT_MS.0,
         election_timeout_max: entrepot::raft::ELECTION_TIMEOUT_MS.1,
-        snapshot_policy: SnapshotPolicy::Never,
-        max_in_snapshot_log_to_keep: u64::MAX,
+        snapshot_policy,
+        max_in_snapshot_log_to_keep,
+        // Purge as soon as a snapshot allows it (openraft's default waits for 1000 entries).
+        purge_batch_size: 1,
         ..Default::default()
     };
     Arc::new(config.validate().expect("raft config"))
 }
 
+/// What the nodes of one cluster did with snapshots (shared by every incarnation).
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Snapshots built (a `build_snapshot` that succeeded).
+    pub built: AtomicU64,
+    /// Snapshots installed into a state machine (an `install_snapshot` that succeeded).
+    pub installed: AtomicU64,
+    /// Node starts whose state machine began from a persisted snapshot.
+    pub started_from_snapshot: AtomicU64,
+}
+
+/// A snapshot of the [`Counters`], for summaries.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counted {
+    pub built: u64,
+    pub installed: u64,
+    pub started_from_snapshot: u64,
+}
+
+impl Counters {
+    pub fn get(&self) -> Counted {
+        Counted {
+            built: self.built.load(Ordering::Relaxed),
+            installed: self.installed.load(Ordering::Relaxed),
+            started_from_snapshot: self.started_from_snapshot.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The node's real [`StoreMachine`], counting what openraft does with snapshots; every
+/// call goes to the real machine unchanged.
+#[derive(Clone)]
+pub struct Observed {
+    machine: StoreMachine,
+    counters: Arc<Counters>,
+}
+
+impl openraft::RaftSnapshotBuilder<TypeConfig> for Observed {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, RaftStorageError> {
+        let mut builder = self.machine.get_snapshot_builder().await;
+        let built = builder.build_snapshot().await;
+        if built.is_ok() {
+            self.counters.built.fetch_add(1, Ordering::Relaxed);
+        }
+        sim_trace!(
+            "snapshot built: {:?}",
+            built.as_ref().map(|s| s.meta.last_log_id)
+        );
+        built
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for Observed {
+    type SnapshotBuilder = Observed;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>), RaftStorageError>
+    {
+        self.machine.applied_state().await
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, RaftStorageError>
+    where
+        I: IntoIterator<Item = openraft::Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        self.machine.apply(entries).await
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, RaftStorageError> {
+        self.machine.begin_receiving_snapshot().await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), RaftStorageError> {
+        let installed = self.machine.install_snapshot(meta, snapshot).await;
+        if installed.is_ok() {
+            self.counters.installed.fetch_add(1, Ordering::Relaxed);
+        }
+        sim_trace!(
+            "snapshot {:?} installed: {:?}, message end now {:?}",
+            meta.last_log_id,
+            installed.is_ok(),
+            self.machine.applied_message_end()
+        );
+        installed
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TypeConfig>>, RaftStorageError> {
+        self.machine.get_current_snapshot().await
+    }
+}
+
 /// Opens (or reopens) node `id` in `dir` and joins it to `fabric`. Fails when the
 /// store, the Raft log or openraft's start (which re-applies the committed log) does.
-pub async fn start(id: NodeId, dir: &Path, fabric: &Fabric) -> Result<Running, String> {
+pub async fn start(
+    id: NodeId,
+    dir: &Path,
+    fabric: &Fabric,
+    config: Arc<openraft::Config>,
+    counters: &Arc<Counters>,
+) -> Result<Running, String> {
     let (log, acks) = Store::open_parts(dir, SyncPolicy::Never, SEGMENT_BYTES, RECORD_BYTES_MAX)
         .map_err(|e| format!("open the store: {e}"))?;
     let machine = StoreMachine::new(dir.to_path_buf(), log, Arc::new(acks))
         .map_err(|e| format!("open the state machine: {e}"))?;
+    // Only a persisted snapshot gives a state machine an applied position at open.
+    if machine.applied_message_end().is_some() {
+        counters
+            .started_from_snapshot
+            .fetch_add(1, Ordering::Relaxed);
+        sim_trace!(
+            "node {id} starts from its snapshot: message end {:?}",
+            machine.applied_message_end()
+        );
+    }
     let raft_log = LogConfig {
         segment_bytes: SEGMENT_BYTES,
         record_bytes_max: RECORD_BYTES_MAX * 2,
@@ -90,15 +231,13 @@ pub async fn start(id: NodeId, dir: &Path, fabric: &Fabric) -> Result<Running, S
     let log_store =
         LogStore::open(raft_dir(dir), raft_log).map_err(|e| format!("open the Raft log: {e}"))?;
     let endpoint = fabric.endpoint(id);
-    let raft = Raft::new(
-        id,
-        raft_config(),
-        endpoint.clone(),
-        log_store,
-        machine.clone(),
-    )
-    .await
-    .map_err(|e| format!("start Raft: {e}"))?;
+    let observed = Observed {
+        machine: machine.clone(),
+        counters: Arc::clone(counters),
+    };
+    let raft = Raft::new(id, config, endpoint.clone(), log_store, observed)
+        .await
+        .map_err(|e| format!("start Raft: {e}"))?;
     fabric.attach(&endpoint, raft.clone());
     let (tx, rx) = watch::channel(None);
     let leadership = tokio::spawn(leadership(raft.clone(), machine.clone(), tx));
