@@ -6,11 +6,21 @@
 //!   resume, nothing accepted is lost;
 //! * all three nodes are SIGKILLed and restarted: everything accepted is still there;
 //! * two nodes are added and two original ones (the leader among them) removed while the
-//!   producer runs: nothing accepted is lost.
+//!   producer runs: nothing accepted is lost;
+//! * with store snapshots every 20 Raft entries: a new member catches up by installing a
+//!   snapshot and, once the three original nodes are gone, delivers exactly the messages
+//!   nobody consumed, on a queue and on a durable topic subscription; a node SIGKILLed
+//!   after several snapshots restarts from its snapshot and nothing is lost or comes back.
 
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use crate::cluster_support::{assert_none_lost, drain, Cluster, Load, LoadConfig};
+use fe2o3_amqp::types::messaging::{Source, TerminusDurability, TerminusExpiryPolicy};
+use fe2o3_amqp::types::primitives::Symbol;
+
+use crate::cluster_support::{
+    assert_none_lost, consume, drain, drain_from, Accepted, Cluster, Load, LoadConfig,
+};
 
 /// Longest a fresh cluster may take to elect its first leader.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -140,4 +150,221 @@ fn add_two_remove_two_under_load() {
     let url = &cluster.urls(&[leader])[0];
     let received = rt.block_on(drain(url, "membership", &accepted.seqs, PHASE_TIMEOUT));
     assert_none_lost(&accepted, &received);
+}
+
+/// Raft entries between two store snapshots in the snapshot tests (the process flag).
+const SNAPSHOT_EVERY: &str = "20";
+/// Bound on each step of the snapshot tests (their whole run stays under 30 s).
+const STEP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The durable subscription of the snapshot test: container id, link name, source.
+const SUB_CONTAINER: &str = "snapshot-audit";
+const SUB_LINK: &str = "audit";
+
+fn durable_subscription(topic: &str) -> Source {
+    Source::builder()
+        .address(topic)
+        .durable(TerminusDurability::UnsettledState)
+        .expiry_policy(TerminusExpiryPolicy::Never)
+        .capabilities(vec![Symbol::from("topic")])
+        .build()
+}
+
+fn queue_source(queue: &str) -> Source {
+    Source::builder().address(queue).build()
+}
+
+/// The oracle after a partial consumption: every accepted message nobody consumed was
+/// received (none lost), no consumed one came back (unless it was stored twice: a resend),
+/// and nothing was received twice that was sent once.
+fn assert_exactly_unconsumed(
+    what: &str,
+    accepted: &Accepted,
+    consumed: &HashSet<u64>,
+    received: &HashMap<u64, u32>,
+) {
+    let back: Vec<u64> = received
+        .keys()
+        .filter(|s| consumed.contains(s) && !accepted.resent.contains(s))
+        .copied()
+        .collect();
+    assert!(
+        back.is_empty(),
+        "{what}: {} consumed messages came back, e.g. {:?}",
+        back.len(),
+        &back[..back.len().min(20)]
+    );
+    let unconsumed = Accepted {
+        seqs: accepted.seqs.difference(consumed).copied().collect(),
+        resent: accepted.resent.clone(),
+    };
+    let received: HashMap<u64, u32> = received
+        .iter()
+        .filter(|(s, _)| !consumed.contains(s))
+        .map(|(s, n)| (*s, *n))
+        .collect();
+    eprintln!(
+        "{what}: {} accepted, {} consumed before, {} received after",
+        accepted.seqs.len(),
+        consumed.len(),
+        received.len()
+    );
+    assert_none_lost(&unconsumed, &received);
+}
+
+#[test]
+fn new_member_installs_a_snapshot_and_serves_after_the_originals_leave() {
+    let started = Instant::now();
+    let rt = runtime();
+    let mut cluster = Cluster::on_loopback(4);
+    cluster.serve_args(&["--raft-snapshot-every", SNAPSHOT_EVERY]);
+    cluster.start(&[0, 1, 2], START_TIMEOUT);
+    let via = cluster.urls(&[0, 1, 2]);
+
+    // A durable subscription, detached, before anything is published to its topic.
+    let topic = "topic.snapshot";
+    let none = rt.block_on(consume(
+        &via[0],
+        SUB_CONTAINER,
+        SUB_LINK,
+        durable_subscription(topic),
+        0,
+        STEP_TIMEOUT,
+    ));
+    assert!(none.is_empty());
+    let queue_load = Load::start(&rt, load(&cluster, "snap.q", &[0, 1, 2], 2_000));
+    let topic_load = Load::start(&rt, load(&cluster, topic, &[0, 1, 2], 600));
+    let queued = queue_load.finish(&rt, STEP_TIMEOUT);
+    let published = topic_load.finish(&rt, STEP_TIMEOUT);
+    let from_queue = rt.block_on(consume(
+        &via[1],
+        "snapshot-consumer",
+        "part",
+        queue_source("snap.q"),
+        1_500,
+        STEP_TIMEOUT,
+    ));
+    let from_topic = rt.block_on(consume(
+        &via[2],
+        SUB_CONTAINER,
+        SUB_LINK,
+        durable_subscription(topic),
+        400,
+        STEP_TIMEOUT,
+    ));
+    // Every ack committed everywhere before the membership changes.
+    cluster.wait_converged(STEP_TIMEOUT);
+    let produced_at = started.elapsed();
+
+    cluster.start_node(3, &[0, 1, 2]);
+    cluster.add(3);
+    cluster.wait_log(3, "store snapshot installed", 1, STEP_TIMEOUT);
+    let statuses = cluster.wait_converged(STEP_TIMEOUT);
+    assert!(
+        cluster.log_count(3, "store snapshot installed") >= 1,
+        "node 3 caught up without installing a snapshot: {statuses:?}"
+    );
+    let added_at = started.elapsed();
+
+    // The originals leave one by one, followers first, each killed once removed.
+    let leader = cluster.wait_leader(|id| id < 3, STEP_TIMEOUT);
+    let mut order: Vec<u64> = [0, 1, 2].into_iter().filter(|&id| id != leader).collect();
+    order.push(leader);
+    for id in order {
+        cluster.remove(id);
+        cluster.kill(id);
+    }
+    let leader = cluster.wait_leader(|id| id == 3, STEP_TIMEOUT);
+    let voters = cluster.status(leader).map(|s| s.voters).unwrap_or_default();
+    assert_eq!(voters, vec![3], "voters once the originals left");
+    let removed_at = started.elapsed();
+
+    let url = &cluster.urls(&[3])[0];
+    let rest_of_queue = rt.block_on(drain(
+        url,
+        "snap.q",
+        &queued.seqs.difference(&from_queue).copied().collect(),
+        STEP_TIMEOUT,
+    ));
+    let rest_of_topic = rt.block_on(drain_from(
+        url,
+        SUB_CONTAINER,
+        SUB_LINK,
+        durable_subscription(topic),
+        &published.seqs.difference(&from_topic).copied().collect(),
+        STEP_TIMEOUT,
+    ));
+    assert_exactly_unconsumed("queue", &queued, &from_queue, &rest_of_queue);
+    assert_exactly_unconsumed("subscription", &published, &from_topic, &rest_of_topic);
+    eprintln!(
+        "produced and partly consumed after {produced_at:?}, node 3 caught up after \
+         {added_at:?}, originals removed after {removed_at:?}, drained after {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn restart_from_snapshot() {
+    let started = Instant::now();
+    let rt = runtime();
+    let mut cluster = Cluster::on_loopback(3);
+    cluster.serve_args(&["--raft-snapshot-every", SNAPSHOT_EVERY]);
+    let leader = cluster.start(&[0, 1, 2], START_TIMEOUT);
+    // Few messages in flight: small batches, many Raft entries, several snapshots.
+    let mut first = load(&cluster, "snap.restart", &[0, 1, 2], 1_500);
+    first.in_flight = 8;
+    let first = Load::start(&rt, first).finish(&rt, STEP_TIMEOUT);
+    let url = &cluster.urls(&[leader])[0];
+    let consumed = rt.block_on(consume(
+        url,
+        "restart-consumer",
+        "part",
+        queue_source("snap.restart"),
+        500,
+        STEP_TIMEOUT,
+    ));
+    cluster.wait_converged(STEP_TIMEOUT);
+
+    // The leader goes down hard once it built several snapshots.
+    let victim = leader;
+    cluster.wait_log(victim, "store snapshot built", 3, STEP_TIMEOUT);
+    let snapshot_file = cluster.data_dir(victim).join("raft/sm/snapshot");
+    assert!(
+        snapshot_file.exists(),
+        "no persisted snapshot at {}",
+        snapshot_file.display()
+    );
+    let built = cluster.log_count(victim, "store snapshot built");
+    cluster.kill(victim);
+    // More messages while it is down: it comes back behind the others.
+    let survivors: Vec<u64> = [0, 1, 2].into_iter().filter(|&id| id != victim).collect();
+    cluster.wait_leader(|id| id != victim, STEP_TIMEOUT);
+    let mut second = load(&cluster, "snap.restart", &survivors, 2_000);
+    second.seqs = 1_500..2_000;
+    second.in_flight = 8;
+    let second = Load::start(&rt, second).finish(&rt, STEP_TIMEOUT);
+
+    cluster.restart(victim);
+    cluster.wait_converged(STEP_TIMEOUT);
+    let installed = cluster.log_count(victim, "store snapshot installed");
+    // The restarted node is needed now: one of the others goes.
+    cluster.kill(survivors[0]);
+    cluster.wait_leader(|_| true, STEP_TIMEOUT);
+    let accepted = Accepted {
+        seqs: first.seqs.union(&second.seqs).copied().collect(),
+        resent: first.resent.union(&second.resent).copied().collect(),
+    };
+    let url = &cluster.urls(&[victim])[0];
+    let rest = rt.block_on(drain(
+        url,
+        "snap.restart",
+        &accepted.seqs.difference(&consumed).copied().collect(),
+        STEP_TIMEOUT,
+    ));
+    assert_exactly_unconsumed("queue", &accepted, &consumed, &rest);
+    eprintln!(
+        "node {victim} built {built} snapshots before SIGKILL, installed {installed} after \
+         its restart; done after {:?}",
+        started.elapsed()
+    );
 }

@@ -95,6 +95,10 @@ pub struct Cluster {
     /// The `--peers` each node was started with, kept for restarts.
     peers: BTreeMap<u64, String>,
     nodes: BTreeMap<u64, BrokerProcess>,
+    /// Extra `entrepot serve` flags every node is started with.
+    serve_args: Vec<String>,
+    /// What each node's current process logged so far (see [`Cluster::log_lines`]).
+    logs: Mutex<BTreeMap<u64, Vec<String>>>,
 }
 
 impl Cluster {
@@ -130,7 +134,14 @@ impl Cluster {
             layouts,
             peers: BTreeMap::new(),
             nodes: BTreeMap::new(),
+            serve_args: Vec::new(),
+            logs: Mutex::default(),
         }
+    }
+
+    /// Starts every node from now on with these extra `entrepot serve` flags too.
+    pub fn serve_args(&mut self, args: &[&str]) {
+        self.serve_args = args.iter().map(|a| a.to_string()).collect();
     }
 
     /// Starts `ids` as the initial members, then waits (bounded) for a leader.
@@ -176,15 +187,17 @@ impl Cluster {
             .args(&layout.listen)
             .args(["--node-id", &id.to_string(), "--peers", &self.peers[&id]])
             .arg("--data-dir")
-            .arg(&dir);
+            .arg(&dir)
+            .args(&self.serve_args);
         let mut node = BrokerProcess::launch(command, &dir);
+        self.logs.lock().unwrap().insert(id, Vec::new());
         if let Some((amqp, http)) = layout.reach {
             (node.amqp, node.http) = (amqp, http);
         }
         self.nodes.insert(id, node);
     }
 
-    fn data_dir(&self, id: u64) -> PathBuf {
+    pub fn data_dir(&self, id: u64) -> PathBuf {
         self.root.path().join(format!("node-{id}"))
     }
 
@@ -192,6 +205,43 @@ impl Cluster {
     pub fn kill(&mut self, id: u64) {
         let mut node = self.nodes.remove(&id).expect("node running");
         node.kill();
+    }
+
+    /// Every line node `id`'s current process logged so far (empty when not running).
+    pub fn log_lines(&self, id: u64) -> Vec<String> {
+        let mut logs = self.logs.lock().unwrap();
+        let lines = logs.entry(id).or_default();
+        if let Some(node) = self.nodes.get(&id) {
+            lines.extend(node.drain_logs());
+        }
+        lines.clone()
+    }
+
+    /// How many lines node `id`'s current process logged that contain `needle`.
+    pub fn log_count(&self, id: u64, needle: &str) -> usize {
+        self.log_lines(id)
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Waits (bounded) until node `id` logged `needle` at least `n` times; panics with the
+    /// count after `timeout`.
+    pub fn wait_log(&self, id: u64, needle: &str, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let count = self.log_count(id, needle);
+            if count >= n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {id} logged {needle:?} {count} times within {timeout:?}, expected {n}; \
+                 status: {:?}",
+                self.status(id)
+            );
+            std::thread::sleep(POLL);
+        }
     }
 
     pub fn running(&self) -> Vec<u64> {
@@ -578,12 +628,34 @@ pub async fn drain(
     expected: &HashSet<u64>,
     timeout: Duration,
 ) -> HashMap<u64, u32> {
-    let mut conn = tokio::time::timeout(CLIENT_OP_TIMEOUT, Connection::open("drain", url))
-        .await
-        .expect("drain: connect timed out")
-        .expect("drain: connect");
+    let source = fe2o3_amqp::types::messaging::Source::builder()
+        .address(queue)
+        .build();
+    drain_from(url, "drain", "drain", source, expected, timeout).await
+}
+
+/// [`drain`] from any source (a durable subscription: `container` and `link` name it),
+/// through a connection with container id `container`; closes the link at the end.
+pub async fn drain_from(
+    url: &str,
+    container: &str,
+    link: &str,
+    source: fe2o3_amqp::types::messaging::Source,
+    expected: &HashSet<u64>,
+    timeout: Duration,
+) -> HashMap<u64, u32> {
+    let mut conn = tokio::time::timeout(
+        CLIENT_OP_TIMEOUT,
+        Connection::builder().container_id(container).open(url),
+    )
+    .await
+    .expect("drain: connect timed out")
+    .expect("drain: connect");
     let mut session = Session::begin(&mut conn).await.expect("drain: begin");
-    let mut receiver = Receiver::attach(&mut session, "drain", queue)
+    let mut receiver = Receiver::builder()
+        .name(link)
+        .source(source)
+        .attach(&mut session)
         .await
         .expect("drain: attach");
     let mut received: HashMap<u64, u32> = HashMap::new();
@@ -611,6 +683,60 @@ pub async fn drain(
     let _ = session.end().await;
     let _ = conn.close().await;
     received
+}
+
+/// Receives `n` messages from `source` through `url` (connection container id
+/// `container`, link `link`), accepts each, then detaches the link (a durable
+/// subscription stays); returns the sequence numbers accepted. Deliveries prefetched
+/// but not accepted go back to the queue or subscription when the link detaches.
+pub async fn consume(
+    url: &str,
+    container: &str,
+    link: &str,
+    source: fe2o3_amqp::types::messaging::Source,
+    n: usize,
+    timeout: Duration,
+) -> HashSet<u64> {
+    let mut conn = tokio::time::timeout(
+        CLIENT_OP_TIMEOUT,
+        Connection::builder().container_id(container).open(url),
+    )
+    .await
+    .expect("consume: connect timed out")
+    .expect("consume: connect");
+    let mut session = Session::begin(&mut conn).await.expect("consume: begin");
+    let mut receiver = Receiver::builder()
+        .name(link)
+        .source(source)
+        .attach(&mut session)
+        .await
+        .expect("consume: attach");
+    let mut consumed = HashSet::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    while consumed.len() < n {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let delivery = tokio::time::timeout(left, receiver.recv::<Data>())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("consume: only {} of {n} within {timeout:?}", consumed.len())
+            })
+            .expect("consume: receive");
+        let seq = seq_of(delivery.message());
+        assert!(
+            delivery.body().0.as_slice() == body(seq).as_slice(),
+            "body of message {seq} is corrupt"
+        );
+        receiver.accept(&delivery).await.expect("consume: accept");
+        assert!(consumed.insert(seq), "message {seq} delivered twice");
+    }
+    receiver
+        .detach()
+        .await
+        .map_err(|(_, e)| e)
+        .expect("consume: detach");
+    let _ = session.end().await;
+    let _ = conn.close().await;
+    consumed
 }
 
 /// The oracle: every accepted sequence number was received; one received twice was sent
