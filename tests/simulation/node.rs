@@ -89,8 +89,6 @@ pub fn raft_config(snapshots: Snapshots) -> Arc<openraft::Config> {
         election_timeout_max: entrepot::raft::ELECTION_TIMEOUT_MS.1,
         snapshot_policy,
         max_in_snapshot_log_to_keep,
-        // Purge as soon as a snapshot allows it (openraft's default waits for 1000 entries).
-        purge_batch_size: 1,
         ..Default::default()
     };
     Arc::new(config.validate().expect("raft config"))
