@@ -57,6 +57,8 @@ use crate::config::BrokerConfig;
 use crate::connection::{self, Accepted};
 use state_machine::StoreMachine;
 
+/// How often a clustered node syncs its store in the background (see `ClusterNode::start`).
+pub const STORE_SYNC_INTERVAL: Duration = Duration::from_millis(100);
 /// Raft heartbeat period.
 pub const HEARTBEAT_MS: u64 = 50;
 /// Election timeout range: a follower that hears no leader for this long campaigns. In
@@ -163,11 +165,14 @@ impl ClusterNode {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating {}", config.data_dir.display()))?;
         let record_max = Broker::record_bytes_max(&config);
-        // The Raft log is the durable copy; the store is rebuilt from it after a crash.
+        // The Raft log is the durable copy; the store is rebuilt from it after a crash, so
+        // nobody waits for the store's syncs. It is still synced in the background, so its
+        // dirty pages go to disk in small steady amounts instead of the kernel's large
+        // writeback bursts that stall the Raft log's fsyncs behind them.
         let (log, acks) = tokio::task::block_in_place(|| {
             Store::open_parts(
                 &config.data_dir,
-                entrepot_storage::SyncPolicy::Never,
+                entrepot_storage::SyncPolicy::Interval(STORE_SYNC_INTERVAL),
                 config.segment_bytes,
                 record_max,
             )
