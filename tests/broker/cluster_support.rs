@@ -644,44 +644,83 @@ pub async fn drain_from(
     expected: &HashSet<u64>,
     timeout: Duration,
 ) -> HashMap<u64, u32> {
-    let mut conn = tokio::time::timeout(
-        CLIENT_OP_TIMEOUT,
-        Connection::builder().container_id(container).open(url),
-    )
-    .await
-    .expect("drain: connect timed out")
-    .expect("drain: connect");
-    let mut session = Session::begin(&mut conn).await.expect("drain: begin");
-    let mut receiver = Receiver::builder()
-        .name(link)
-        .source(source)
-        .attach(&mut session)
-        .await
-        .expect("drain: attach");
     let mut received: HashMap<u64, u32> = HashMap::new();
+    // Received on a connection that then broke (a leadership change closes it): their
+    // acceptance may not have committed, so seeing them again is at-least-once
+    // redelivery, not a duplicate in the store.
+    let mut before_break: HashSet<u64> = HashSet::new();
+    let mut redelivered = 0u32;
     let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let complete = expected.iter().all(|s| received.contains_key(s));
-        let wait = if complete {
-            Duration::from_secs(1)
-        } else {
-            deadline.saturating_duration_since(tokio::time::Instant::now())
+    'connections: while tokio::time::Instant::now() < deadline {
+        let attached = async {
+            let mut conn = tokio::time::timeout(
+                CLIENT_OP_TIMEOUT,
+                Connection::builder().container_id(container).open(url),
+            )
+            .await
+            .map_err(|_| "connect timed out".to_string())?
+            .map_err(|e| format!("connect: {e}"))?;
+            let mut session = Session::begin(&mut conn)
+                .await
+                .map_err(|e| format!("begin: {e}"))?;
+            let receiver = Receiver::builder()
+                .name(link)
+                .source(source.clone())
+                .attach(&mut session)
+                .await
+                .map_err(|e| format!("attach: {e}"))?;
+            Ok::<_, String>((conn, session, receiver))
+        }
+        .await;
+        let (mut conn, mut session, mut receiver) = match attached {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("drain: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
-        let Ok(delivery) = tokio::time::timeout(wait, receiver.recv::<Data>()).await else {
-            break;
-        };
-        let delivery = delivery.expect("drain: receive");
-        let seq = seq_of(delivery.message());
-        assert!(
-            delivery.body().0.as_slice() == body(seq).as_slice(),
-            "body of message {seq} is corrupt"
-        );
-        *received.entry(seq).or_default() += 1;
-        receiver.accept(&delivery).await.expect("drain: accept");
+        loop {
+            let complete = expected.iter().all(|s| received.contains_key(s));
+            let wait = if complete {
+                Duration::from_secs(1)
+            } else {
+                deadline.saturating_duration_since(tokio::time::Instant::now())
+            };
+            let Ok(delivery) = tokio::time::timeout(wait, receiver.recv::<Data>()).await else {
+                let _ = receiver.close().await;
+                let _ = session.end().await;
+                let _ = conn.close().await;
+                break 'connections;
+            };
+            let delivery = match delivery {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("drain: connection lost ({e}); reconnecting");
+                    before_break.extend(received.keys().copied());
+                    continue 'connections;
+                }
+            };
+            let seq = seq_of(delivery.message());
+            assert!(
+                delivery.body().0.as_slice() == body(seq).as_slice(),
+                "body of message {seq} is corrupt"
+            );
+            if before_break.remove(&seq) {
+                redelivered += 1;
+            } else {
+                *received.entry(seq).or_default() += 1;
+            }
+            if let Err(e) = receiver.accept(&delivery).await {
+                eprintln!("drain: accept failed ({e}); reconnecting");
+                before_break.extend(received.keys().copied());
+                continue 'connections;
+            }
+        }
     }
-    let _ = receiver.close().await;
-    let _ = session.end().await;
-    let _ = conn.close().await;
+    if redelivered > 0 {
+        eprintln!("drain: {redelivered} redelivered after a broken connection (at-least-once)");
+    }
     received
 }
 
