@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use entrepot_storage::SYNC_LATENCY_BUCKETS_US;
+use std::sync::atomic::AtomicU64;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -81,30 +82,13 @@ pub fn render(broker: &Broker) -> String {
         "Segments in the message log",
         log.segments().len() as u64,
     );
-    let _ = writeln!(out, "# HELP entrepot_fsync_seconds Latency of group-commit syncs of the message log\n# TYPE entrepot_fsync_seconds histogram");
-    let mut cumulative = 0;
-    for (i, bound) in SYNC_LATENCY_BUCKETS_US.iter().enumerate() {
-        cumulative += st.sync_latency_buckets[i].load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "entrepot_fsync_seconds_bucket{{le=\"{}\"}} {cumulative}",
-            *bound as f64 / 1e6
-        );
-    }
-    cumulative += st.sync_latency_buckets[SYNC_LATENCY_BUCKETS_US.len()].load(Ordering::Relaxed);
-    let _ = writeln!(
-        out,
-        "entrepot_fsync_seconds_bucket{{le=\"+Inf\"}} {cumulative}"
-    );
-    let _ = writeln!(
-        out,
-        "entrepot_fsync_seconds_sum {}",
-        st.sync_nanos_total.load(Ordering::Relaxed) as f64 / 1e9
-    );
-    let _ = writeln!(
-        out,
-        "entrepot_fsync_seconds_count {}",
-        st.syncs.load(Ordering::Relaxed)
+    render_histogram(
+        &mut out,
+        "entrepot_fsync_seconds",
+        "Latency of group-commit syncs of the message log",
+        |i| st.sync_latency_buckets[i].load(Ordering::Relaxed),
+        st.sync_nanos_total.load(Ordering::Relaxed),
+        st.syncs.load(Ordering::Relaxed),
     );
     queue_metrics(&mut out, broker);
     crate::manifest::render_metrics(&mut out);
@@ -240,6 +224,66 @@ fn escape(s: &str) -> String {
 
 fn gauge(out: &mut String, name: &str, help: &str, v: u64) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+}
+
+/// Renders a latency histogram whose bucket bounds are [`SYNC_LATENCY_BUCKETS_US`]
+/// (`bucket(i)`: the count in bucket `i`, the last one open).
+pub fn render_histogram(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    bucket: impl Fn(usize) -> u64,
+    sum_nanos: u64,
+    count: u64,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    let mut cumulative = 0;
+    for (i, bound) in SYNC_LATENCY_BUCKETS_US.iter().enumerate() {
+        cumulative += bucket(i);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{le=\"{}\"}} {cumulative}",
+            *bound as f64 / 1e6
+        );
+    }
+    cumulative += bucket(SYNC_LATENCY_BUCKETS_US.len());
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+    let _ = writeln!(out, "{name}_sum {}", sum_nanos as f64 / 1e9);
+    let _ = writeln!(out, "{name}_count {count}");
+}
+
+/// A latency histogram with the [`SYNC_LATENCY_BUCKETS_US`] bounds; recording is two
+/// atomic adds, no lock.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    buckets: [AtomicU64; SYNC_LATENCY_BUCKETS_US.len() + 1],
+    sum_nanos: AtomicU64,
+    count: AtomicU64,
+}
+
+impl LatencyHistogram {
+    pub fn record(&self, took: std::time::Duration) {
+        let us = took.as_micros() as u64;
+        let i = SYNC_LATENCY_BUCKETS_US
+            .iter()
+            .position(|b| us <= *b)
+            .unwrap_or(SYNC_LATENCY_BUCKETS_US.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_nanos
+            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn render(&self, out: &mut String, name: &str, help: &str) {
+        render_histogram(
+            out,
+            name,
+            help,
+            |i| self.buckets[i].load(Ordering::Relaxed),
+            self.sum_nanos.load(Ordering::Relaxed),
+            self.count.load(Ordering::Relaxed),
+        );
+    }
 }
 
 fn counter(out: &mut String, name: &str, help: &str, v: u64) {

@@ -80,6 +80,19 @@ pub struct Replication {
     queue: Mutex<Queue>,
     wake: Notify,
     committed: watch::Sender<DurableState>,
+    /// What the replicator committed, for metrics.
+    pub stats: ReplicationStats,
+}
+
+/// Counters of one leadership's replication.
+#[derive(Debug, Default)]
+pub struct ReplicationStats {
+    /// Raft entries (batches) committed.
+    pub batches: std::sync::atomic::AtomicU64,
+    /// Bytes of operations committed.
+    pub bytes: std::sync::atomic::AtomicU64,
+    /// From submitting a batch to its commit (and apply on the leader).
+    pub commit_latency: crate::metrics::LatencyHistogram,
 }
 
 struct Queue {
@@ -114,6 +127,7 @@ impl Replication {
             }),
             wake: Notify::new(),
             committed,
+            stats: ReplicationStats::default(),
         }
     }
 

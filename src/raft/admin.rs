@@ -130,6 +130,27 @@ impl ClusterHandle {
             "Index of the last Raft entry applied to this node's store.",
             m.last_applied.map_or(-1, |l| l.index as i64),
         );
+        if let Role::Leader(a) = &*self.role.borrow() {
+            let st = &a.replication.stats;
+            let _ = writeln!(
+                out,
+                "# HELP entrepot_raft_batches_total Replicated batches (Raft entries) this leadership committed.\n# TYPE entrepot_raft_batches_total counter\nentrepot_raft_batches_total {}",
+                st.batches.load(std::sync::atomic::Ordering::Relaxed)
+            );
+            let _ = writeln!(
+                out,
+                "# HELP entrepot_raft_replicated_bytes_total Bytes of store operations this leadership committed.\n# TYPE entrepot_raft_replicated_bytes_total counter\nentrepot_raft_replicated_bytes_total {}",
+                st.bytes.load(std::sync::atomic::Ordering::Relaxed)
+            );
+            st.commit_latency.render(
+                &mut out,
+                "entrepot_raft_commit_seconds",
+                "From submitting a batch to Raft to its commit on a majority",
+            );
+        }
+        let mut gauge = |name: &str, help: &str, v: i64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        };
         gauge(
             "entrepot_raft_members",
             "Nodes in the membership (voters and learners).",

@@ -6,7 +6,9 @@
 //! and raises the committed watch. While entries are in flight, new operations gather
 //! into the next batch: the busier the broker, the more each Raft round trip carries.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use entrepot_cluster::{Request, TypeConfig};
 use openraft::Raft;
@@ -30,13 +32,19 @@ pub async fn run(
     replication: Arc<Replication>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let (tx, mut rx) = mpsc::channel::<(Answer, u64)>(MAX_IN_FLIGHT);
+    let (tx, mut rx) = mpsc::channel::<(Answer, u64, Instant, usize)>(MAX_IN_FLIGHT);
     let completer = {
         let replication = Arc::clone(&replication);
         tokio::spawn(async move {
-            while let Some((answer, end_seq)) = rx.recv().await {
+            while let Some((answer, end_seq, submitted, bytes)) = rx.recv().await {
                 match answer.await {
-                    Ok(Ok(_)) => replication.committed(end_seq),
+                    Ok(Ok(_)) => {
+                        let stats = &replication.stats;
+                        stats.commit_latency.record(submitted.elapsed());
+                        stats.batches.fetch_add(1, Ordering::Relaxed);
+                        stats.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+                        replication.committed(end_seq)
+                    }
                     Ok(Err(e)) => {
                         tracing::warn!(error = %e, "replication refused");
                         replication.fail(&format!("not committed: {e}"));
@@ -67,8 +75,9 @@ pub async fn run(
             p = tx.reserve() => p,
         };
         let Ok(permit) = permit else { break };
+        let (submitted, bytes) = (Instant::now(), batch.ops.len());
         match raft.client_write_ff(Request::Ops(batch.ops)).await {
-            Ok(answer) => permit.send((answer, batch.end_seq)),
+            Ok(answer) => permit.send((answer, batch.end_seq, submitted, bytes)),
             Err(e) => {
                 replication.fail(&format!("Raft stopped: {e}"));
                 break;
