@@ -1,7 +1,9 @@
 //! The harness of the cluster system tests: a [`Cluster`] of real `entrepot serve`
-//! processes (leader discovery through `GET /cluster`, SIGKILL and restart on the same data
-//! directory, membership changes through `entrepot cluster add|remove`), a reconnecting
-//! producer [`Load`] and a [`drain`] consumer, plus the oracle "no accepted message lost".
+//! processes, on loopback or each in its own network namespace (see `netns`), with leader
+//! discovery through `GET /cluster`, SIGKILL and restart on the same data directory,
+//! membership changes through `entrepot cluster add|remove` and partitions (namespaces
+//! only); a reconnecting producer [`Load`] and a [`drain`] consumer, plus the oracle "no
+//! accepted message lost".
 //!
 //! The producer sends unique, sequence-numbered persistent 1 KiB messages with many
 //! unsettled in flight. When its connection breaks (leader killed, leadership lost, node
@@ -26,6 +28,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::harness::BrokerProcess;
+use crate::netns::{self, Netns};
 
 /// Body size of every test message.
 pub const BODY_BYTES: usize = 1024;
@@ -99,6 +102,15 @@ pub struct Cluster {
     serve_args: Vec<String>,
     /// What each node's current process logged so far (see [`Cluster::log_lines`]).
     logs: Mutex<BTreeMap<u64, Vec<String>>>,
+    /// The namespaces the nodes run in (none on loopback); dropped after the nodes.
+    net: Option<Netns>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // The processes go before their namespaces and data directories (on panic too).
+        self.nodes.clear();
+    }
 }
 
 impl Cluster {
@@ -125,10 +137,29 @@ impl Cluster {
                 (id, layout)
             })
             .collect();
-        Cluster::with_layouts(layouts)
+        Cluster::with_layouts(layouts, None)
     }
 
-    pub fn with_layouts(layouts: BTreeMap<u64, Layout>) -> Cluster {
+    /// Nodes `0..count` (those added later included), each in its own network namespace
+    /// with its own address and the same ports, linked to the others through a bridge (see
+    /// `netns`; root required). None started yet.
+    pub fn in_namespaces(count: u64) -> Cluster {
+        let net = Netns::create(count);
+        Cluster::with_layouts(net.layouts(), Some(net))
+    }
+
+    /// [`Cluster::in_namespaces`] when namespaces can be made; on loopback when not root
+    /// and `ENTREPOT_SKIP_NETNS=1` is set (the scenario still runs, without a network of
+    /// its own per node); panics when not root otherwise.
+    pub fn isolated(count: u64) -> Cluster {
+        if netns::available() {
+            return Cluster::in_namespaces(count);
+        }
+        eprintln!("not root and ENTREPOT_SKIP_NETNS=1: on loopback instead of namespaces");
+        Cluster::on_loopback(count)
+    }
+
+    fn with_layouts(layouts: BTreeMap<u64, Layout>, net: Option<Netns>) -> Cluster {
         Cluster {
             root: tempfile::tempdir().expect("tempdir"),
             layouts,
@@ -136,7 +167,32 @@ impl Cluster {
             nodes: BTreeMap::new(),
             serve_args: Vec::new(),
             logs: Mutex::default(),
+            net,
         }
+    }
+
+    /// Where the nodes run: `"in namespaces"` or `"on loopback"`.
+    pub fn network(&self) -> &'static str {
+        match self.net {
+            Some(_) => "in namespaces",
+            None => "on loopback",
+        }
+    }
+
+    fn namespaces(&self) -> &Netns {
+        self.net
+            .as_ref()
+            .expect("a partition needs the nodes in namespaces (Cluster::in_namespaces)")
+    }
+
+    /// Cuts node `id` off its peers (the test still reaches it). Namespaces only.
+    pub fn cut(&self, id: u64) {
+        self.namespaces().cut(id);
+    }
+
+    /// Reconnects node `id` to its peers after [`Cluster::cut`].
+    pub fn heal(&self, id: u64) {
+        self.namespaces().heal(id);
     }
 
     /// Starts every node from now on with these extra `entrepot serve` flags too.

@@ -1,4 +1,5 @@
-//! End-to-end tests of the broker: the real binary on loopback, driven by fe2o3-amqp
+//! End-to-end tests of the broker: the real binary on loopback (the cluster scenarios of
+//! issue 7 with each node in its own network namespace, see `netns`), driven by fe2o3-amqp
 //! clients (and raw sockets where the exact bytes matter). One test binary keeps link
 //! times down; each module is one scenario family.
 
@@ -21,6 +22,7 @@ mod large_messages;
 mod manifests;
 mod many_queues;
 mod metrics;
+mod netns;
 mod outcomes;
 mod plans;
 mod queues;
