@@ -134,6 +134,10 @@ struct ServeArgs {
     /// before it may be purged) [default: 16384]
     #[arg(long, env = "ENTREPOT_RAFT_SNAPSHOT_EVERY")]
     raft_snapshot_every: Option<u64>,
+    /// Cluster: file holding the secret (at least 16 bytes) every node shares; peers prove
+    /// they know it before any Raft traffic (strongly recommended)
+    #[arg(long, env = "ENTREPOT_CLUSTER_SECRET_FILE")]
+    cluster_secret_file: Option<PathBuf>,
     /// Cluster: inter-node listen address [default: 0.0.0.0:5673]
     #[arg(long, env = "ENTREPOT_CLUSTER_LISTEN")]
     cluster_listen: Option<SocketAddr>,
@@ -227,6 +231,12 @@ impl ServeArgs {
             snapshot_every: self
                 .raft_snapshot_every
                 .unwrap_or(entrepot::raft::SNAPSHOT_EVERY_ENTRIES),
+            secret: self
+                .cluster_secret_file
+                .as_deref()
+                .map(entrepot_cluster::PeerSecret::from_file)
+                .transpose()?
+                .map(std::sync::Arc::new),
         }))
     }
 

@@ -29,7 +29,10 @@
 //! forwarding, membership administration — lives in the broker crate (`src/raft/`); this
 //! crate also persists that state machine's snapshots ([`write_snapshot_file`]).
 //!
-//! Not here yet: TLS/authentication on the inter-node port, one group per address.
+//! * [`auth`]: peers prove they share the cluster secret (HMAC challenge-response)
+//!   before any RPC.
+//!
+//! Not here yet: encryption (TLS) on the inter-node port, one group per address.
 //!
 //! On-disk formats: `cluster/FORMAT.md`.
 //!
@@ -53,6 +56,7 @@
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod auth;
 mod codec;
 pub mod entry;
 mod error;
@@ -68,6 +72,7 @@ mod state_file;
 mod state_machine;
 mod types;
 
+pub use auth::PeerSecret;
 pub use error::{ClusterError, RaftStorageError, Result};
 pub use frame::{FRAME_HEADER_LEN, FRAME_TRANSFER_TIMEOUT, MAX_RPC_FRAME_BYTES};
 pub use log_store::{LogStore, LogStoreReader, FLUSH_QUEUE_MAX, LOG_DIR, RAFT_ENTRY_FLAG};

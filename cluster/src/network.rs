@@ -20,6 +20,7 @@
 #![allow(clippy::result_large_err)]
 
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -35,6 +36,7 @@ use openraft::raft::{
 use openraft::BasicNode;
 use tokio::net::TcpStream;
 
+use crate::auth::{client_handshake, AuthError, PeerSecret};
 use crate::error::ClusterError;
 use crate::frame::{read_frame, write_frame};
 use crate::rpc::{self, RemoteRefusal};
@@ -47,11 +49,19 @@ type RpcResult<T, E = RaftError<NodeId>> = Result<T, RPCError<NodeId, BasicNode,
 pub struct TcpNetwork {
     /// This node's id, reported in timeout errors.
     id: NodeId,
+    /// The cluster secret every new connection proves it knows (`auth.rs`).
+    secret: Option<Arc<PeerSecret>>,
 }
 
 impl TcpNetwork {
     pub fn new(id: NodeId) -> TcpNetwork {
-        TcpNetwork { id }
+        TcpNetwork { id, secret: None }
+    }
+
+    /// Authenticates every connection with `secret` (peers must use the same one).
+    pub fn with_secret(mut self, secret: Option<Arc<PeerSecret>>) -> TcpNetwork {
+        self.secret = secret;
+        self
     }
 }
 
@@ -64,6 +74,7 @@ impl RaftNetworkFactory<TypeConfig> for TcpNetwork {
             target,
             addr: crate::identity::peer_addr(&node.addr).to_string(),
             stream: None,
+            secret: self.secret.clone(),
         }
     }
 }
@@ -77,6 +88,7 @@ pub struct PeerClient {
     /// `None` until the first RPC, and again after any error (the stream may hold half a
     /// frame or a late reply, so it is never reused).
     stream: Option<TcpStream>,
+    secret: Option<Arc<PeerSecret>>,
 }
 
 /// Why one call failed, before it becomes openraft's error.
@@ -92,6 +104,8 @@ enum CallError {
     },
     #[error("no reply within {0:?}")]
     Timeout(Duration),
+    #[error("authenticating to peer {addr}: {source}")]
+    Auth { addr: String, source: AuthError },
     #[error("peer {addr} answered kind {got:#x}, expected {expected:#x}")]
     UnexpectedReply { addr: String, expected: u8, got: u8 },
     #[error(transparent)]
@@ -130,14 +144,23 @@ impl PeerClient {
         let stream = match &mut self.stream {
             Some(s) => s,
             None => {
-                let s = TcpStream::connect(&addr)
-                    .await
-                    .map_err(|source| CallError::Connect {
-                        addr: addr.clone(),
-                        source,
-                    })?;
+                let mut s =
+                    TcpStream::connect(&addr)
+                        .await
+                        .map_err(|source| CallError::Connect {
+                            addr: addr.clone(),
+                            source,
+                        })?;
                 // RPCs are small and latency-bound: never wait to coalesce.
                 let _ = s.set_nodelay(true);
+                if let Some(secret) = &self.secret {
+                    client_handshake(&mut s, secret)
+                        .await
+                        .map_err(|source| CallError::Auth {
+                            addr: addr.clone(),
+                            source,
+                        })?;
+                }
                 self.stream.insert(s)
             }
         };

@@ -25,6 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
+use crate::auth::{server_handshake, PeerSecret, KIND_HELLO};
 use crate::error::Result;
 use crate::frame::{read_frame, write_frame};
 use crate::rpc::{self, RemoteRefusal};
@@ -47,8 +48,18 @@ impl PeerServer {
     /// Serves `raft` on an already-bound listener (bind to port 0 in tests, then share
     /// [`PeerServer::local_addr`] with the peers).
     pub fn start(listener: TcpListener, raft: Raft<TypeConfig>) -> io::Result<PeerServer> {
+        PeerServer::start_with_secret(listener, raft, None)
+    }
+
+    /// [`PeerServer::start`], admitting only peers that prove they know `secret`
+    /// (`auth.rs`); `None` admits every peer.
+    pub fn start_with_secret(
+        listener: TcpListener,
+        raft: Raft<TypeConfig>,
+        secret: Option<Arc<PeerSecret>>,
+    ) -> io::Result<PeerServer> {
         let local_addr = listener.local_addr()?;
-        let task = tokio::spawn(accept_loop(listener, raft));
+        let task = tokio::spawn(accept_loop(listener, raft, secret));
         Ok(PeerServer { local_addr, task })
     }
 
@@ -70,7 +81,11 @@ impl Drop for PeerServer {
     }
 }
 
-async fn accept_loop(listener: TcpListener, raft: Raft<TypeConfig>) {
+async fn accept_loop(
+    listener: TcpListener,
+    raft: Raft<TypeConfig>,
+    secret: Option<Arc<PeerSecret>>,
+) {
     let limit = Arc::new(Semaphore::new(MAX_PEER_CONNECTIONS));
     // Owning the connection tasks here means aborting this task aborts them all.
     let mut connections = JoinSet::new();
@@ -87,7 +102,12 @@ async fn accept_loop(listener: TcpListener, raft: Raft<TypeConfig>) {
             }
         };
         let _ = stream.set_nodelay(true);
-        connections.spawn(serve_connection(stream, raft.clone(), permit));
+        connections.spawn(serve_connection(
+            stream,
+            raft.clone(),
+            secret.clone(),
+            permit,
+        ));
         while connections.try_join_next().is_some() {}
     }
 }
@@ -95,8 +115,22 @@ async fn accept_loop(listener: TcpListener, raft: Raft<TypeConfig>) {
 async fn serve_connection(
     mut stream: TcpStream,
     raft: Raft<TypeConfig>,
+    secret: Option<Arc<PeerSecret>>,
     _permit: OwnedSemaphorePermit,
 ) {
+    let peer = stream.peer_addr().ok();
+    if let Some(secret) = &secret {
+        let first = match read_frame(&mut stream).await {
+            Ok(Some(frame)) => frame,
+            _ => return,
+        };
+        if let Err(e) = server_handshake(&mut stream, secret, first).await {
+            tracing::warn!(?peer, error = %e, "inter-node peer refused: authentication failed");
+            let refusal = RemoteRefusal::Unavailable(format!("authentication failed: {e}"));
+            let _ = write_frame(&mut stream, rpc::KIND_ERROR, &rpc::encode_refusal(&refusal)).await;
+            return;
+        }
+    }
     loop {
         let (kind, body) = match read_frame(&mut stream).await {
             Ok(Some(frame)) => frame,
@@ -106,6 +140,14 @@ async fn serve_connection(
                 return;
             }
         };
+        if kind == KIND_HELLO {
+            tracing::warn!(
+                ?peer,
+                "inter-node peer sent an authentication handshake, but this node has no \
+                 --cluster-secret-file; closing"
+            );
+            return;
+        }
         let (reply_kind, reply) = match dispatch(&raft, kind, body).await {
             Ok(reply) => reply,
             Err(e) => {

@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use entrepot_cluster::{LogStore, NodeId, PeerServer, StateMachineStore, TcpNetwork, TypeConfig};
+use entrepot_cluster::{
+    LogStore, NodeId, PeerSecret, PeerServer, StateMachineStore, TcpNetwork, TypeConfig,
+};
 use entrepot_storage::LogConfig;
 use openraft::error::{InstallSnapshotError, RPCError, RaftError};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
@@ -29,6 +31,10 @@ struct Served {
 }
 
 async fn serve_one_node(id: NodeId) -> Served {
+    serve_one_node_with(id, None).await
+}
+
+async fn serve_one_node_with(id: NodeId, secret: Option<Arc<PeerSecret>>) -> Served {
     let dir = tempfile::tempdir().unwrap();
     let log_config = LogConfig {
         segment_bytes: 1 << 20,
@@ -42,7 +48,7 @@ async fn serve_one_node(id: NodeId) -> Served {
         .await
         .unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server = PeerServer::start(listener, raft.clone()).unwrap();
+    let server = PeerServer::start_with_secret(listener, raft.clone(), secret).unwrap();
     Served {
         raft,
         server,
@@ -51,9 +57,66 @@ async fn serve_one_node(id: NodeId) -> Served {
 }
 
 async fn client_to(addr: String) -> entrepot_cluster::PeerClient {
+    client_with(addr, None).await
+}
+
+async fn client_with(
+    addr: String,
+    secret: Option<Arc<PeerSecret>>,
+) -> entrepot_cluster::PeerClient {
     TcpNetwork::new(9)
+        .with_secret(secret)
         .new_client(1, &BasicNode::new(addr))
         .await
+}
+
+fn secret(s: &str) -> Option<Arc<PeerSecret>> {
+    Some(Arc::new(PeerSecret::new(s.as_bytes()).unwrap()))
+}
+
+/// Goal: a node with a cluster secret answers only peers that prove they know it; a
+/// wrong secret, no secret, or a handshake to a node without one all fail clearly, and
+/// the node keeps serving the right peers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_peers_that_know_the_cluster_secret_are_served() {
+    let node = serve_one_node_with(1, secret("the-right-cluster-secret")).await;
+    let addr = node.server.local_addr().to_string();
+    let vote = || VoteRequest::new(Vote::new(1, 9), None);
+
+    let mut right = client_with(addr.clone(), secret("the-right-cluster-secret")).await;
+    let reply = right.vote(vote(), option()).await;
+    assert!(reply.is_ok(), "right secret: {reply:?} ({addr})");
+
+    let mut wrong = client_with(addr.clone(), secret("a-wrong-cluster-secret")).await;
+    let err = wrong.vote(vote(), option()).await.unwrap_err();
+    assert!(
+        err.to_string().contains("cluster secret"),
+        "wrong secret: {err} ({addr})"
+    );
+
+    let mut none = client_to(addr.clone()).await;
+    let err = none.vote(vote(), option()).await.unwrap_err();
+    assert!(
+        err.to_string().contains("authentication failed"),
+        "no secret: {err} ({addr})"
+    );
+
+    // A node without a secret closes on a handshake instead of guessing.
+    let open = serve_one_node(2).await;
+    let open_addr = open.server.local_addr().to_string();
+    let mut eager = client_with(open_addr.clone(), secret("the-right-cluster-secret")).await;
+    let err = eager.vote(vote(), option()).await.unwrap_err();
+    assert!(
+        err.to_string().contains("authenticating"),
+        "handshake to an open node: {err} ({open_addr})"
+    );
+
+    let reply = right.vote(vote(), option()).await;
+    assert!(reply.is_ok(), "still serving the right peer: {reply:?}");
+    node.server.shutdown().await;
+    node.raft.shutdown().await.unwrap();
+    open.server.shutdown().await;
+    open.raft.shutdown().await.unwrap();
 }
 
 fn option() -> RPCOption {

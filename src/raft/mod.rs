@@ -102,6 +102,9 @@ pub struct ClusterConfig {
     pub listen: SocketAddr,
     /// Raft entries between two store snapshots ([`SNAPSHOT_EVERY_ENTRIES`]).
     pub snapshot_every: u64,
+    /// The shared secret peers prove they know before any RPC (`--cluster-secret-file`);
+    /// `None`: the inter-node port admits anyone who can reach it.
+    pub secret: Option<Arc<entrepot_cluster::PeerSecret>>,
 }
 
 /// What the front door does with a new connection.
@@ -213,7 +216,7 @@ impl ClusterNode {
         let raft = Raft::new(
             id,
             Arc::new(raft_settings),
-            TcpNetwork::new(id),
+            TcpNetwork::new(id).with_secret(cluster.secret.clone()),
             log_store,
             machine.clone(),
         )
@@ -222,7 +225,13 @@ impl ClusterNode {
         let peer_listener = TcpListener::bind(cluster.listen)
             .await
             .with_context(|| format!("binding the inter-node port {}", cluster.listen))?;
-        let peer_server = PeerServer::start(peer_listener, raft.clone())?;
+        if cluster.secret.is_none() {
+            tracing::warn!(
+                "no --cluster-secret-file: the inter-node port admits any peer that can reach it"
+            );
+        }
+        let peer_server =
+            PeerServer::start_with_secret(peer_listener, raft.clone(), cluster.secret.clone())?;
         let peer_addr = peer_server.local_addr();
         initialize(&raft, &cluster).await?;
 
