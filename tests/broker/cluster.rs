@@ -1,9 +1,9 @@
 //! Cluster system tests: three (or five) real `entrepot serve` processes, a reconnecting
 //! producer with many unsettled transfers in flight, and the oracle "every accepted message
-//! is consumed" (see `cluster_support`). The first three scenarios run each node in its own
-//! network namespace (`Cluster::isolated`: root required; on loopback when not root and
-//! `ENTREPOT_SKIP_NETNS=1`), the snapshot ones on loopback, where namespaces would add
-//! nothing to what they check.
+//! is consumed" (see `cluster_support`). Each node runs in its own network namespace
+//! (`Cluster::isolated`: root required; on loopback when not root and
+//! `ENTREPOT_SKIP_NETNS=1`), with fixed ports no other process can take between a node's
+//! kill and its restart (loopback ports are only free when picked).
 //!
 //! * the leader is SIGKILLed under load: a survivor leads within a second, producers
 //!   resume, nothing accepted is lost;
@@ -221,7 +221,7 @@ fn assert_exactly_unconsumed(
 fn new_member_installs_a_snapshot_and_serves_after_the_originals_leave() {
     let started = Instant::now();
     let rt = runtime();
-    let mut cluster = Cluster::on_loopback(4);
+    let mut cluster = Cluster::isolated(4);
     cluster.serve_args(&["--raft-snapshot-every", SNAPSHOT_EVERY]);
     cluster.start(&[0, 1, 2], START_TIMEOUT);
     let via = cluster.urls(&[0, 1, 2]);
@@ -312,7 +312,7 @@ fn new_member_installs_a_snapshot_and_serves_after_the_originals_leave() {
 fn restart_from_snapshot() {
     let started = Instant::now();
     let rt = runtime();
-    let mut cluster = Cluster::on_loopback(3);
+    let mut cluster = Cluster::isolated(3);
     cluster.serve_args(&["--raft-snapshot-every", SNAPSHOT_EVERY]);
     let leader = cluster.start(&[0, 1, 2], START_TIMEOUT);
     // Few messages in flight: small batches, many Raft entries, several snapshots.
