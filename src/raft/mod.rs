@@ -60,11 +60,11 @@ use state_machine::StoreMachine;
 /// How often a clustered node syncs its store in the background (see `ClusterNode::start`).
 pub const STORE_SYNC_INTERVAL: Duration = Duration::from_millis(100);
 /// Raft heartbeat period.
-pub const HEARTBEAT_MS: u64 = 50;
+pub const HEARTBEAT_MS: u64 = 40;
 /// Election timeout range: a follower that hears no leader for this long campaigns. In
 /// openraft 0.9 a follower first waits out the leader's lease (= the range's maximum), so
-/// a dead leader is replaced after 300 ms + 150…300 ms: well within a second.
-pub const ELECTION_TIMEOUT_MS: (u64, u64) = (150, 300);
+/// a dead leader is replaced after 240 ms + 120…240 ms: well within a second.
+pub const ELECTION_TIMEOUT_MS: (u64, u64) = (120, 240);
 /// How often an active leader checks that a majority still hears it.
 pub const QUORUM_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 /// A leader that cannot confirm its leadership with a majority for this long stops serving
@@ -372,7 +372,16 @@ async fn leadership(
             };
             role.send_replace(next);
         } else if active.is_none() {
-            match activate(&raft, &machine, &config).await {
+            // Activation waits on the majority; if leadership ends meanwhile, stop waiting
+            // and let the loop point clients at the new leader at once.
+            let mut watch = raft.metrics();
+            let attempt = tokio::select! {
+                r = activate(&raft, &machine, &config) => r,
+                _ = watch.wait_for(|m| !(m.state == ServerState::Leader && m.current_leader == Some(id))) => {
+                    continue;
+                }
+            };
+            match attempt {
                 Ok(a) => {
                     tracing::info!(node = id, "leading: broker active");
                     role.send_replace(Role::Leader(Arc::clone(&a)));
