@@ -70,11 +70,19 @@ impl BrokerProcess {
             }
         });
         let deadline = std::time::Instant::now() + START_TIMEOUT;
+        // Everything it said, for the failure message when it never starts.
+        let mut said: Vec<String> = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let line = rx
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("broker did not start within {START_TIMEOUT:?}"));
+            let Ok(line) = rx.recv_timeout(left) else {
+                let status = child.try_wait().ok().flatten();
+                let tail = said[said.len().saturating_sub(20)..].join("\n");
+                panic!(
+                    "broker did not start within {START_TIMEOUT:?} (exit status: {status:?}); \
+                     its last log lines:\n{tail}"
+                );
+            };
+            said.push(line.clone());
             if let (Some(a), Some(h)) = (field(&line, "amqp="), field(&line, "http=")) {
                 return BrokerProcess {
                     child,
