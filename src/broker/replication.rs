@@ -437,11 +437,12 @@ impl Reader<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use entrepot_storage::{LogConfig, SyncPolicy};
 
-    fn open(dir: &Path) -> (Log, AckLog) {
+    /// A small unsynced message log and ack log in `dir` (shared by the store tests).
+    pub(crate) fn open(dir: &Path) -> (Log, AckLog) {
         let config = LogConfig {
             segment_bytes: 1 << 20,
             record_bytes_max: 64 << 10,

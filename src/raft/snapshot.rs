@@ -206,20 +206,7 @@ impl StoreSnapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use entrepot_storage::{LogConfig, SyncPolicy};
-
-    fn open(dir: &std::path::Path) -> (Log, AckLog) {
-        let config = LogConfig {
-            segment_bytes: 1 << 20,
-            record_bytes_max: 64 << 10,
-            sync: SyncPolicy::Never,
-            ..LogConfig::default()
-        };
-        (
-            Log::open(dir.join("messages"), config.clone()).unwrap(),
-            AckLog::open(dir.join("acks"), config).unwrap(),
-        )
-    }
+    use crate::broker::replication::tests::open;
 
     #[test]
     fn a_snapshot_carries_live_records_at_their_offsets_and_only_committed_ones() {
