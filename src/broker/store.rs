@@ -49,6 +49,56 @@ pub struct Store {
     acks: Arc<AckLog>,
     /// Set in a cluster: where changes wait for Raft.
     replica: Option<Arc<Replication>>,
+    /// Set in a cluster: new messages are refused while the disk is below its reserve.
+    guard: Option<Arc<DiskGuard>>,
+}
+
+/// A free-space reserve for the data directory's filesystem. A clustered node cannot
+/// refuse a Raft entry once it is replicated (a failed Raft-log append is fatal), so the
+/// leader refuses new messages — the producer gets `resource-limit-exceeded`, like a full
+/// disk on a single node — while free space is below the reserve, as RabbitMQ's disk
+/// alarm does. [`DiskGuard::refresh`] is called periodically.
+#[derive(Debug)]
+pub struct DiskGuard {
+    dir: PathBuf,
+    min_free: u64,
+    low: std::sync::atomic::AtomicBool,
+}
+
+impl DiskGuard {
+    pub fn new(dir: &Path, min_free: u64) -> DiskGuard {
+        DiskGuard {
+            dir: dir.to_path_buf(),
+            min_free,
+            low: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Measures free space (statvfs) and updates the alarm; returns the free bytes.
+    pub fn refresh(&self) -> std::io::Result<u64> {
+        let path = std::ffi::CString::new(self.dir.as_os_str().as_encoded_bytes())
+            .map_err(std::io::Error::other)?;
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: `path` is a valid NUL-terminated string and `st` a writable statvfs.
+        if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let free = (st.f_bavail as u64).saturating_mul(st.f_frsize as u64);
+        let low = free < self.min_free;
+        let was = self.low.swap(low, std::sync::atomic::Ordering::Relaxed);
+        if low != was {
+            match low {
+                true => tracing::warn!(free, reserve = self.min_free, dir = %self.dir.display(),
+                    "disk below its free-space reserve: refusing new messages"),
+                false => tracing::info!(free, "disk above its free-space reserve again"),
+            }
+        }
+        Ok(free)
+    }
+
+    pub fn is_low(&self) -> bool {
+        self.low.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// Errors specific to the store's record format.
@@ -74,6 +124,7 @@ impl Store {
             log,
             acks: Arc::new(acks),
             replica: None,
+            guard: None,
         })
     }
 
@@ -85,7 +136,14 @@ impl Store {
             log,
             acks,
             replica: Some(replica),
+            guard: None,
         }
+    }
+
+    /// Refuses new messages while `guard` reports the disk below its reserve.
+    pub fn with_guard(mut self, guard: Arc<DiskGuard>) -> Store {
+        self.guard = Some(guard);
+        self
     }
 
     /// Opens the message log in `dir/messages` and the ack log in `dir/acks`.
@@ -121,6 +179,12 @@ impl Store {
     ) -> Result<(Appended, u64, i64, Bytes), StoreError> {
         if address.len() > MAX_ADDRESS_LEN {
             return Err(StoreError::AddressTooLong(address.len()));
+        }
+        if self.guard.as_ref().is_some_and(|g| g.is_low()) {
+            return Err(StoreError::Storage(StorageError::DiskFull {
+                verb: "keeping the free-space reserve for",
+                path: self.dir.clone(),
+            }));
         }
         let mut header = [0u8; 4];
         header[0] = RECORD_VERSION;
@@ -357,5 +421,29 @@ mod tests {
         assert_eq!(msgs.len(), 1);
         assert_eq!(msgs[0].address, "other");
         assert_eq!(&msgs[0].message[..], b"two");
+    }
+
+    #[test]
+    fn below_the_free_space_reserve_new_messages_are_refused_as_disk_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, acks) =
+            Store::open_parts(dir.path(), SyncPolicy::Never, 1 << 20, 64 << 10).unwrap();
+        let replica = Arc::new(Replication::new());
+        // A reserve no disk has: the real statvfs reports it low.
+        let guard = Arc::new(DiskGuard::new(dir.path(), u64::MAX / 2));
+        let store = Store::replicated(dir.path(), log, Arc::new(acks), replica)
+            .with_guard(Arc::clone(&guard));
+        assert!(store.append("q", &[b"before"]).is_ok(), "not measured yet");
+        let free = guard.refresh().unwrap();
+        assert!(free > 0 && guard.is_low());
+        assert!(matches!(
+            store.append("q", &[b"refused"]),
+            Err(StoreError::Storage(StorageError::DiskFull { .. }))
+        ));
+        // Acknowledgements still go through: they are what frees space.
+        assert!(store.ack(&[0]).is_ok());
+        let roomy = DiskGuard::new(dir.path(), 1);
+        roomy.refresh().unwrap();
+        assert!(!roomy.is_low());
     }
 }

@@ -51,7 +51,7 @@ use tokio::task::JoinHandle;
 
 use crate::auth::Gatekeeper;
 use crate::broker::replication::Replication;
-use crate::broker::store::Store;
+use crate::broker::store::{DiskGuard, Store};
 use crate::broker::Broker;
 use crate::config::BrokerConfig;
 use crate::connection::{self, Accepted};
@@ -59,6 +59,11 @@ use state_machine::StoreMachine;
 
 /// How often a clustered node syncs its store in the background (see `ClusterNode::start`).
 pub const STORE_SYNC_INTERVAL: Duration = Duration::from_millis(100);
+/// How often a node measures the free space of its data directory's filesystem.
+pub const DISK_CHECK_INTERVAL: Duration = Duration::from_millis(250);
+/// Free space kept beyond one new Raft-log segment and one new store segment; below the
+/// sum, the leader refuses new messages (see `DiskGuard`).
+pub const DISK_RESERVE_MARGIN: u64 = 64 << 20;
 /// Raft heartbeat period.
 pub const HEARTBEAT_MS: u64 = 40;
 /// Election timeout range: a follower that hears no leader for this long campaigns. In
@@ -340,6 +345,10 @@ async fn leadership(
     role: watch::Sender<Role>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    // Big enough for a new Raft-log segment and a new store segment (both preallocated).
+    let reserve = RAFT_SEGMENT_BYTES + config.segment_bytes + DISK_RESERVE_MARGIN;
+    let guard = Arc::new(DiskGuard::new(&config.data_dir, reserve));
+    let mut disk_check = tokio::time::interval(DISK_CHECK_INTERVAL);
     let mut metrics = raft.metrics();
     let id = raft.metrics().borrow().id;
     let mut active: Option<Arc<Active>> = None;
@@ -376,7 +385,7 @@ async fn leadership(
             // and let the loop point clients at the new leader at once.
             let mut watch = raft.metrics();
             let attempt = tokio::select! {
-                r = activate(&raft, &machine, &config) => r,
+                r = activate(&raft, &machine, &config, &guard) => r,
                 _ = watch.wait_for(|m| !(m.state == ServerState::Leader && m.current_leader == Some(id))) => {
                     continue;
                 }
@@ -406,6 +415,11 @@ async fn leadership(
                     }
                 }
             }
+            _ = disk_check.tick() => {
+                if let Err(e) = guard.refresh() {
+                    tracing::warn!(error = %e, "cannot measure free disk space");
+                }
+            }
             _ = reclaim.tick(), if active.is_none() => {
                 let (log, acks) = machine.logs();
                 if let Err(e) = crate::broker::store::reclaim(&log, &acks) {
@@ -431,8 +445,10 @@ async fn activate(
     raft: &Raft<TypeConfig>,
     machine: &StoreMachine,
     config: &Arc<BrokerConfig>,
+    guard: &Arc<DiskGuard>,
 ) -> anyhow::Result<Arc<Active>> {
     let (store, replication) = leader_store(raft, machine).await?;
+    let store = store.with_guard(Arc::clone(guard));
     let broker = tokio::task::block_in_place(|| Broker::with_store((**config).clone(), store))?;
     let gate = tokio::task::block_in_place(|| crate::server::admit(config, &broker))?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
