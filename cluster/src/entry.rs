@@ -40,20 +40,46 @@ const TAG_OPS: u8 = 4;
 /// Encodes an entry, checking every length against its limit.
 pub fn encode_entry(entry: &Entry) -> Result<Vec<u8>> {
     let mut e = Encoder::with_capacity(ENTRY_HEADER_LEN + body_size_hint(&entry.payload));
+    encode_entry_into(&mut e, entry)?;
+    Ok(e.buf)
+}
+
+/// The encoding of an entry as parts to write one after the other, so that a broker's
+/// operation batch (the bulk of every entry) is copied once, into the log, not first into
+/// a buffer: `(head, Some(ops))` for [`Request::Ops`], `(whole, None)` otherwise. The
+/// bytes are exactly [`encode_entry`]'s.
+pub(crate) fn entry_parts(entry: &Entry) -> Result<(Vec<u8>, Option<&Bytes>)> {
+    match &entry.payload {
+        EntryPayload::Normal(Request::Ops(ops)) => {
+            check_limit("ops", ops.len(), MAX_OPS_BYTES)?;
+            let mut e = Encoder::with_capacity(ENTRY_HEADER_LEN + 5);
+            e.u8(ENTRY_VERSION);
+            encode_log_id(&mut e, &entry.log_id);
+            e.u8(KIND_REQUEST);
+            e.u8(TAG_OPS);
+            e.u32(ops.len() as u32);
+            Ok((e.buf, Some(ops)))
+        }
+        _ => Ok((encode_entry(entry)?, None)),
+    }
+}
+
+/// [`encode_entry`] appending to `e` (an RPC frame being built).
+pub(crate) fn encode_entry_into(e: &mut Encoder, entry: &Entry) -> Result<()> {
     e.u8(ENTRY_VERSION);
-    encode_log_id(&mut e, &entry.log_id);
+    encode_log_id(e, &entry.log_id);
     match &entry.payload {
         EntryPayload::Blank => e.u8(KIND_BLANK),
         EntryPayload::Normal(req) => {
             e.u8(KIND_REQUEST);
-            encode_request(&mut e, req)?;
+            encode_request(e, req)?;
         }
         EntryPayload::Membership(m) => {
             e.u8(KIND_MEMBERSHIP);
-            encode_membership(&mut e, m)?;
+            encode_membership(e, m)?;
         }
     }
-    Ok(e.buf)
+    Ok(())
 }
 
 /// Decodes an entry; message bodies are zero-copy slices of `payload`.
@@ -233,6 +259,14 @@ mod tests {
 
     fn round_trip(entry: Entry) {
         let bytes = encode_entry(&entry).unwrap();
+        // The parts the log store writes are the same bytes, and so is an in-place encoding.
+        let (head, tail) = entry_parts(&entry).unwrap();
+        let mut parts = head.clone();
+        parts.extend_from_slice(tail.map_or(&[][..], |t| &t[..]));
+        assert_eq!(parts, bytes);
+        let mut into = Encoder::with_capacity(0);
+        encode_entry_into(&mut into, &entry).unwrap();
+        assert_eq!(into.buf, bytes);
         let back = decode_entry(Bytes::from(bytes.clone())).unwrap();
         assert_eq!(back, entry);
         assert_eq!(decode_log_id(Bytes::from(bytes)).unwrap(), entry.log_id);
@@ -255,6 +289,10 @@ mod tests {
                 address: "q1".into(),
                 messages,
             }),
+        });
+        round_trip(Entry {
+            log_id: log_id(3, 11),
+            payload: EntryPayload::Normal(Request::Ops(Bytes::from(vec![1u8; 3000]))),
         });
         round_trip(Entry {
             log_id: log_id(3, 10),

@@ -35,7 +35,7 @@ use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{RaftLogReader, StorageIOError, Vote};
 use tokio::sync::mpsc;
 
-use crate::entry::{decode_entry, decode_log_id, encode_entry};
+use crate::entry::{decode_entry, decode_log_id, entry_parts};
 use crate::error::{raft_err, ClusterError, RaftStorageError, Result};
 use crate::index_map::IndexMap;
 use crate::state_file::{
@@ -120,8 +120,14 @@ impl LogStore {
                 got: entry.log_id.index,
             });
         }
-        let payload = encode_entry(entry)?;
-        let appended = self.shared.log.append_parts(RAFT_ENTRY_FLAG, &[&payload])?;
+        let (head, ops) = entry_parts(entry)?;
+        let appended = match ops {
+            Some(ops) => self
+                .shared
+                .log
+                .append_parts(RAFT_ENTRY_FLAG, &[&head, ops])?,
+            None => self.shared.log.append_parts(RAFT_ENTRY_FLAG, &[&head])?,
+        };
         meta.map.push(appended.first, entry.log_id.index);
         meta.last = Some(entry.log_id);
         Ok(appended.durable)

@@ -28,7 +28,7 @@ use openraft::raft::{
 use openraft::{LeaderId, SnapshotMeta, SnapshotSegmentId, StoredMembership, Vote};
 
 use crate::codec::{check_limit, Decoder, Encoder};
-use crate::entry::{decode_entry, decode_membership, encode_entry, encode_membership};
+use crate::entry::{decode_entry, decode_membership, encode_entry_into, encode_membership};
 use crate::error::{ClusterError, Result};
 use crate::frame::MAX_RPC_FRAME_BYTES;
 use crate::state_file::{decode_opt_log_id, encode_opt_log_id};
@@ -150,8 +150,12 @@ pub(crate) fn encode_append_request(rpc: &AppendEntriesRequest<TypeConfig>) -> R
     encode_opt_log_id(&mut e, &rpc.leader_commit);
     e.u32(rpc.entries.len() as u32);
     for entry in &rpc.entries {
-        let bytes = encode_entry(entry)?;
-        e.bytes(&bytes);
+        // `len: u32 | entry`, the entry encoded in place (no copy through a buffer).
+        let at = e.buf.len();
+        e.u32(0);
+        encode_entry_into(&mut e, entry)?;
+        let len = (e.buf.len() - at - 4) as u32;
+        e.buf[at..at + 4].copy_from_slice(&len.to_le_bytes());
         check_limit("append entries frame", e.buf.len(), MAX_RPC_FRAME_BYTES)?;
     }
     Ok(e.buf)
