@@ -162,6 +162,16 @@ impl ClusterNode {
         if config.manifests.is_some() {
             config.auto_create = false;
         }
+        if config.tls_cert.is_some() || config.tls_key.is_some() {
+            // Better to refuse than to serve a cluster in plain text the operator believes
+            // is encrypted: the front door forwards raw bytes, and a follower cannot pass
+            // the client's TLS server name on to the leader.
+            anyhow::bail!(
+                "amqps (--tls-cert/--tls-key) is not supported on a clustered node yet: \
+                 terminate TLS in front of the cluster (a router or an ingress), or run a \
+                 single node"
+            );
+        }
         if config.max_message_bytes > MAX_CLUSTER_MESSAGE_BYTES {
             tracing::info!(
                 configured = config.max_message_bytes,

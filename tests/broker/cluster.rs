@@ -373,3 +373,25 @@ fn restart_from_snapshot() {
         started.elapsed()
     );
 }
+
+/// Goal: a clustered node never serves plain text to an operator who asked for amqps
+/// (the front door cannot forward TLS yet): it refuses to start and says why.
+#[test]
+fn a_clustered_node_refuses_to_start_with_amqps() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_entrepot"))
+        .args(["serve", "--node-id", "0", "--peers", "0=127.0.0.1:1/2"])
+        .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        .args(["--cluster-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .args(["--tls-cert", "cert.pem", "--tls-key", "key.pem"])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started anyway: {stderr}");
+    assert!(
+        stderr.contains("amqps") && stderr.contains("not supported on a clustered node"),
+        "{stderr}"
+    );
+}
