@@ -156,7 +156,7 @@ impl StateMachineStore {
     }
 
     fn persist(&self, snap: &StoredSnapshot) -> Result<()> {
-        let body = encode_snapshot_file(snap)?;
+        let body = encode_snapshot_file(&snap.meta, &snap.data)?;
         state_file::write(&self.dir, SNAPSHOT_FILE, SNAPSHOT_MAGIC, &body, true)
     }
 }
@@ -166,13 +166,10 @@ impl StateMachineStore {
 pub fn write_snapshot_file(
     dir: &Path,
     meta: &SnapshotMeta<NodeId, BasicNode>,
-    data: Vec<u8>,
+    data: &[u8],
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| ClusterError::io("creating", dir, e))?;
-    let body = encode_snapshot_file(&StoredSnapshot {
-        meta: meta.clone(),
-        data,
-    })?;
+    let body = encode_snapshot_file(meta, data)?;
     state_file::write(dir, SNAPSHOT_FILE, SNAPSHOT_MAGIC, &body, true)
 }
 
@@ -190,19 +187,15 @@ pub fn read_snapshot_file(dir: &Path) -> Result<Option<SnapshotFile>> {
     }
 }
 
-fn encode_snapshot_file(snap: &StoredSnapshot) -> Result<Vec<u8>> {
-    crate::codec::check_limit("snapshot", snap.data.len(), MAX_SNAPSHOT_BYTES - 4096)?;
-    let mut e = Encoder::with_capacity(snap.data.len() + 256);
-    encode_opt_log_id(&mut e, &snap.meta.last_log_id);
-    encode_opt_log_id(&mut e, snap.meta.last_membership.log_id());
-    encode_membership(&mut e, snap.meta.last_membership.membership())?;
-    crate::codec::check_limit(
-        "snapshot id",
-        snap.meta.snapshot_id.len(),
-        MAX_ADDRESS_BYTES,
-    )?;
-    e.str(&snap.meta.snapshot_id);
-    e.bytes(&snap.data);
+fn encode_snapshot_file(meta: &SnapshotMeta<NodeId, BasicNode>, data: &[u8]) -> Result<Vec<u8>> {
+    crate::codec::check_limit("snapshot", data.len(), MAX_SNAPSHOT_BYTES - 4096)?;
+    let mut e = Encoder::with_capacity(data.len() + 256);
+    encode_opt_log_id(&mut e, &meta.last_log_id);
+    encode_opt_log_id(&mut e, meta.last_membership.log_id());
+    encode_membership(&mut e, meta.last_membership.membership())?;
+    crate::codec::check_limit("snapshot id", meta.snapshot_id.len(), MAX_ADDRESS_BYTES)?;
+    e.str(&meta.snapshot_id);
+    e.bytes(data);
     Ok(e.buf)
 }
 

@@ -196,7 +196,7 @@ impl ClusterNode {
             )
         })
         .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
-        let raft_dir = config.data_dir.join(RAFT_DIR);
+        let raft_dir = raft_dir(&config.data_dir);
         if !raft_dir.exists() && log.next_offset() > 0 {
             anyhow::bail!(
                 "{} holds a single-node store ({} messages logged) and no Raft log: a \
@@ -389,7 +389,18 @@ async fn leadership(
                 },
                 _ => Role::Unknown,
             };
-            role.send_replace(next);
+            // Only a change wakes the front door's waiters (this loop also runs on timers).
+            role.send_if_modified(|current| {
+                let same = match (&*current, &next) {
+                    (Role::Unknown, Role::Unknown) => true,
+                    (Role::Follower { leader: a, .. }, Role::Follower { leader: b, .. }) => a == b,
+                    _ => false,
+                };
+                if !same {
+                    *current = next;
+                }
+                !same
+            });
         } else if active.is_none() {
             // Activation waits on the majority; if leadership ends meanwhile, stop waiting
             // and let the loop point clients at the new leader at once.
@@ -579,7 +590,7 @@ async fn route(stream: tokio::net::TcpStream, mut role: watch::Receiver<Role>) {
     }
 }
 
-/// This node's data directory layout, for documentation and tests.
+/// Where a node keeps its Raft log and snapshots inside its data directory.
 pub fn raft_dir(data_dir: &std::path::Path) -> PathBuf {
     data_dir.join(RAFT_DIR)
 }

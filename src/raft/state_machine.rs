@@ -61,7 +61,7 @@ struct State {
 impl StoreMachine {
     /// [`StoreMachine::open`] with the Raft directory in its usual place, `dir/raft`.
     pub fn new(dir: PathBuf, log: Log, acks: Arc<AckLog>) -> anyhow::Result<StoreMachine> {
-        let raft_dir = dir.join(super::RAFT_DIR);
+        let raft_dir = super::raft_dir(&dir);
         StoreMachine::open(dir, &raft_dir, log, acks)
     }
 
@@ -155,7 +155,7 @@ impl StoreMachine {
                 None => format!("none-{built}"),
             },
         };
-        entrepot_cluster::write_snapshot_file(&shared.snapshot_dir, &meta, data.clone())
+        entrepot_cluster::write_snapshot_file(&shared.snapshot_dir, &meta, &data)
             .map_err(|e| sm_error(None, e))?;
         tracing::info!(
             index = last.map_or(0, |l| l.index),
@@ -174,12 +174,12 @@ impl StoreMachine {
         data: Vec<u8>,
     ) -> Result<(), RaftStorageError> {
         let shared = &self.inner;
-        let snap = StoreSnapshot::decode(bytes::Bytes::from(data.clone()))
-            .map_err(|e| sm_error(None, e))?;
+        let data = bytes::Bytes::from(data);
+        let snap = StoreSnapshot::decode(data.clone()).map_err(|e| sm_error(None, e))?;
         let mut state = self.lock();
         snap.install(&shared.log, &shared.acks, &shared.dir)
             .map_err(|e| sm_error(None, e))?;
-        entrepot_cluster::write_snapshot_file(&shared.snapshot_dir, meta, data)
+        entrepot_cluster::write_snapshot_file(&shared.snapshot_dir, meta, &data)
             .map_err(|e| sm_error(None, e))?;
         state.last_applied = meta.last_log_id;
         state.membership = meta.last_membership.clone();
