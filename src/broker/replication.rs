@@ -206,6 +206,12 @@ impl Replication {
         });
     }
 
+    /// Operations recorded and not yet committed (what a failover now would undo).
+    pub fn uncommitted(&self) -> u64 {
+        let next = self.lock().next_seq;
+        next.saturating_sub(self.committed.borrow().durable)
+    }
+
     /// The committed watch (a connection waits on it for its producers' acceptances).
     pub fn watch(&self) -> watch::Receiver<DurableState> {
         self.committed.subscribe()

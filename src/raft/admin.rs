@@ -79,6 +79,9 @@ impl ClusterHandle {
             "last_applied: {}",
             m.last_applied.map_or(-1, |l| l.index as i64)
         );
+        if let Role::Leader(a) = &*self.role.borrow() {
+            let _ = writeln!(out, "uncommitted_ops: {}", a.replication.uncommitted());
+        }
         let membership = m.membership_config.membership();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let _ = writeln!(out, "members:");
@@ -141,6 +144,11 @@ impl ClusterHandle {
                 out,
                 "# HELP entrepot_raft_replicated_bytes_total Bytes of store operations this leadership committed.\n# TYPE entrepot_raft_replicated_bytes_total counter\nentrepot_raft_replicated_bytes_total {}",
                 st.bytes.load(std::sync::atomic::Ordering::Relaxed)
+            );
+            let _ = writeln!(
+                out,
+                "# HELP entrepot_raft_uncommitted_ops Store operations this leader recorded and Raft has not committed yet.\n# TYPE entrepot_raft_uncommitted_ops gauge\nentrepot_raft_uncommitted_ops {}",
+                a.replication.uncommitted()
             );
             st.commit_latency.render(
                 &mut out,

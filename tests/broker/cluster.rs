@@ -180,21 +180,31 @@ fn queue_source(queue: &str) -> Source {
 }
 
 /// The oracle after a partial consumption: every accepted message nobody consumed was
-/// received (none lost), no consumed one came back (unless it was stored twice: a resend),
-/// and nothing was received twice that was sent once.
+/// received (none lost), no consumed one came back (unless it was stored twice: a resend,
+/// or the leadership changed while it was consumed: `exact` false, see
+/// [`Cluster::settle_consumption`]), and nothing was received twice that was sent once.
 fn assert_exactly_unconsumed(
     what: &str,
     accepted: &Accepted,
     consumed: &HashSet<u64>,
     received: &HashMap<u64, u32>,
+    exact: bool,
 ) {
     let back: Vec<u64> = received
         .keys()
         .filter(|s| consumed.contains(s) && !accepted.resent.contains(s))
         .copied()
         .collect();
+    if !exact {
+        eprintln!("{what}: {} consumed messages came back once", back.len());
+        let twice: Vec<u64> = back.iter().filter(|s| received[s] > 1).copied().collect();
+        assert!(
+            twice.is_empty(),
+            "{what}: consumed messages came back twice: {twice:?}"
+        );
+    }
     assert!(
-        back.is_empty(),
+        !exact || back.is_empty(),
         "{what}: {} consumed messages came back, e.g. {:?}",
         back.len(),
         &back[..back.len().min(20)]
@@ -237,6 +247,7 @@ fn new_member_installs_a_snapshot_and_serves_after_the_originals_leave() {
         STEP_TIMEOUT,
     ));
     assert!(none.is_empty());
+    let term = cluster.leader_term(STEP_TIMEOUT);
     let queue_load = Load::start(&rt, load(&cluster, "snap.q", &[0, 1, 2], 2_000));
     let topic_load = Load::start(&rt, load(&cluster, topic, &[0, 1, 2], 600));
     let queued = queue_load.finish(&rt, STEP_TIMEOUT);
@@ -258,7 +269,7 @@ fn new_member_installs_a_snapshot_and_serves_after_the_originals_leave() {
         STEP_TIMEOUT,
     ));
     // Every ack committed everywhere before the membership changes.
-    cluster.wait_converged(STEP_TIMEOUT);
+    let exact = cluster.settle_consumption(term, STEP_TIMEOUT);
     let produced_at = started.elapsed();
 
     cluster.start_node(3, &[0, 1, 2]);
@@ -299,8 +310,14 @@ fn new_member_installs_a_snapshot_and_serves_after_the_originals_leave() {
         &published.seqs.difference(&from_topic).copied().collect(),
         STEP_TIMEOUT,
     ));
-    assert_exactly_unconsumed("queue", &queued, &from_queue, &rest_of_queue);
-    assert_exactly_unconsumed("subscription", &published, &from_topic, &rest_of_topic);
+    assert_exactly_unconsumed("queue", &queued, &from_queue, &rest_of_queue, exact);
+    assert_exactly_unconsumed(
+        "subscription",
+        &published,
+        &from_topic,
+        &rest_of_topic,
+        exact,
+    );
     eprintln!(
         "produced and partly consumed after {produced_at:?}, node 3 caught up after \
          {added_at:?}, originals removed after {removed_at:?}, drained after {:?}",
@@ -320,6 +337,7 @@ fn restart_from_snapshot() {
     first.in_flight = 8;
     let first = Load::start(&rt, first).finish(&rt, STEP_TIMEOUT);
     let url = &cluster.urls(&[leader])[0];
+    let term = cluster.leader_term(STEP_TIMEOUT);
     let consumed = rt.block_on(consume(
         url,
         "restart-consumer",
@@ -328,7 +346,7 @@ fn restart_from_snapshot() {
         500,
         STEP_TIMEOUT,
     ));
-    cluster.wait_converged(STEP_TIMEOUT);
+    let exact = cluster.settle_consumption(term, STEP_TIMEOUT);
 
     // The leader goes down hard once it built several snapshots.
     let victim = leader;
@@ -366,7 +384,7 @@ fn restart_from_snapshot() {
         &accepted.seqs.difference(&consumed).copied().collect(),
         STEP_TIMEOUT,
     ));
-    assert_exactly_unconsumed("queue", &accepted, &consumed, &rest);
+    assert_exactly_unconsumed("queue", &accepted, &consumed, &rest, exact);
     eprintln!(
         "node {victim} built {built} snapshots before SIGKILL, installed {installed} after \
          its restart; done after {:?}",

@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -64,6 +64,8 @@ pub struct Status {
     pub leader: Option<u64>,
     pub last_log_index: i64,
     pub last_applied: i64,
+    /// On the leader: store operations recorded and not committed yet.
+    pub uncommitted_ops: Option<u64>,
     pub voters: Vec<u64>,
 }
 
@@ -86,6 +88,7 @@ impl Status {
             leader: field("leader")?.parse().ok(),
             last_log_index: field("last_log_index")?.parse().ok()?,
             last_applied: field("last_applied")?.parse().ok()?,
+            uncommitted_ops: field("uncommitted_ops").and_then(|v| v.parse().ok()),
             voters,
         })
     }
@@ -102,12 +105,17 @@ pub struct Cluster {
     serve_args: Vec<String>,
     /// What each node's current process logged so far (see [`Cluster::log_lines`]).
     logs: Mutex<BTreeMap<u64, Vec<String>>>,
+    /// What each node's earlier processes logged (kept for [`Cluster::dump_logs`]).
+    earlier_logs: BTreeMap<u64, Vec<String>>,
     /// The namespaces the nodes run in (none on loopback); dropped after the nodes.
     net: Option<Netns>,
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
         // The processes go before their namespaces and data directories (on panic too).
         self.nodes.clear();
     }
@@ -167,6 +175,7 @@ impl Cluster {
             nodes: BTreeMap::new(),
             serve_args: Vec::new(),
             logs: Mutex::default(),
+            earlier_logs: BTreeMap::new(),
             net,
         }
     }
@@ -246,7 +255,12 @@ impl Cluster {
             .arg(&dir)
             .args(&self.serve_args);
         let mut node = BrokerProcess::launch(command, &dir);
-        self.logs.lock().unwrap().insert(id, Vec::new());
+        let old = self.logs.lock().unwrap().insert(id, Vec::new());
+        self.earlier_logs.entry(id).or_default().extend(
+            old.into_iter()
+                .flatten()
+                .chain(["--- restarted ---".to_owned()]),
+        );
         if let Some((amqp, http)) = layout.reach {
             (node.amqp, node.http) = (amqp, http);
         }
@@ -259,8 +273,17 @@ impl Cluster {
 
     /// SIGKILL: the node gets no chance to sync or close anything.
     pub fn kill(&mut self, id: u64) {
+        let _ = self.log_lines(id);
         let mut node = self.nodes.remove(&id).expect("node running");
         node.kill();
+        std::thread::sleep(Duration::from_millis(20));
+        let lines: Vec<String> = node.drain_logs();
+        self.logs
+            .lock()
+            .unwrap()
+            .entry(id)
+            .or_default()
+            .extend(lines);
     }
 
     /// Every line node `id`'s current process logged so far (empty when not running).
@@ -271,6 +294,36 @@ impl Cluster {
             lines.extend(node.drain_logs());
         }
         lines.clone()
+    }
+
+    /// On a failed test: every node's log (all its processes) into
+    /// `$CARGO_TARGET_TMPDIR/cluster-logs/<test>/node-<id>.log`, named on stderr with the
+    /// last lines of each.
+    fn dump_logs(&self) {
+        const TAIL: usize = 15;
+        let test = std::thread::current()
+            .name()
+            .unwrap_or("unnamed")
+            .replace("::", "-");
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join("cluster-logs")
+            .join(test);
+        let _ = std::fs::create_dir_all(&dir);
+        let ids: Vec<u64> = self.layouts.keys().copied().collect();
+        for id in ids {
+            let mut lines = self.earlier_logs.get(&id).cloned().unwrap_or_default();
+            lines.extend(self.log_lines(id));
+            let file = dir.join(format!("node-{id}.log"));
+            let _ = std::fs::write(&file, lines.join("\n"));
+            eprintln!(
+                "--- node {id}: {} lines in {}; the last:",
+                lines.len(),
+                file.display()
+            );
+            for line in &lines[lines.len().saturating_sub(TAIL)..] {
+                eprintln!("  {line}");
+            }
+        }
     }
 
     /// How many lines node `id`'s current process logged that contain `needle`.
@@ -349,6 +402,31 @@ impl Cluster {
         }
     }
 
+    /// The current leader's term (waits, bounded, for a leader).
+    pub fn leader_term(&self, timeout: Duration) -> u64 {
+        let leader = self.wait_leader(|_| true, timeout);
+        self.status(leader).map_or(0, |s| s.term)
+    }
+
+    /// After a consumer settled its deliveries: waits until every node converged with
+    /// nothing left uncommitted, and tells whether the leadership stayed in `term` all
+    /// along. If it did, every acknowledgement is committed and no consumed message may
+    /// come back; if not, the acknowledgements a deposed leader held may be lost with it
+    /// (the consumer settled first, so it was never told), and consumed messages may come
+    /// back once — at-least-once, as the issue allows.
+    pub fn settle_consumption(&self, term: u64, timeout: Duration) -> bool {
+        let all = self.wait_converged(timeout);
+        let kept = all.values().flatten().all(|s| s.term == term);
+        if !kept {
+            eprintln!(
+                "the leadership changed while consuming (term {term} → {:?}): consumed \
+                 messages may come back once",
+                all.values().flatten().map(|s| s.term).max()
+            );
+        }
+        kept
+    }
+
     pub fn statuses(&self) -> BTreeMap<u64, Option<Status>> {
         self.running()
             .into_iter()
@@ -410,7 +488,13 @@ impl Cluster {
                 .filter(|s| s.role == "leader")
                 .count();
             let same = marks.len() == 1 && !marks.contains(&None);
-            if same && leaders == 1 {
+            // Nothing the leader recorded is still waiting for Raft (an acknowledgement
+            // the broker took but did not submit yet would otherwise be missed here).
+            let drained = all
+                .values()
+                .flatten()
+                .all(|s| s.uncommitted_ops.unwrap_or(0) == 0);
+            if same && leaders == 1 && drained {
                 return all;
             }
             assert!(
