@@ -161,6 +161,19 @@ impl BrokerConfig {
         parse_sync(&self.sync)
     }
 
+    /// Where the amqps listener binds: `listen-tls`, or [`DEFAULT_LISTEN_TLS`]; `None` when
+    /// no certificate is configured (then there is no amqps listener).
+    pub fn tls_listen(&self) -> Option<SocketAddr> {
+        if self.tls_cert.is_none() || self.tls_key.is_none() {
+            return None;
+        }
+        Some(self.listen_tls.unwrap_or_else(|| {
+            DEFAULT_LISTEN_TLS
+                .parse()
+                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 5671)))
+        }))
+    }
+
     /// Rejects settings that cannot work, with a message naming the setting.
     pub fn validate(&self) -> Result<(), String> {
         self.sync_policy()?;

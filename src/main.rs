@@ -102,7 +102,7 @@ enum ClusterAction {
         /// The new node's id.
         #[arg(long)]
         id: u64,
-        /// Its member address: `host:peer_port/amqp_port`.
+        /// Its member address: `host:peer_port/amqp_port[/amqps_port]`.
         #[arg(long)]
         addr: String,
     },
@@ -119,8 +119,8 @@ struct ServeArgs {
     /// Cluster: this node's id [default: the ordinal of the hostname, `entrepot-2` → 2]
     #[arg(long, env = "ENTREPOT_NODE_ID")]
     node_id: Option<u64>,
-    /// Cluster: initial members `id=host:peer_port/amqp_port,…` (this node among them);
-    /// giving peers (or --peers-dns) runs the node clustered
+    /// Cluster: initial members `id=host:peer_port/amqp_port[/amqps_port],…` (this node
+    /// among them); giving peers (or --peers-dns) runs the node clustered
     #[arg(long, env = "ENTREPOT_PEERS")]
     peers: Option<String>,
     /// Cluster: a StatefulSet's headless service (`entrepot.ns.svc.cluster.local`); peers
@@ -221,6 +221,7 @@ impl ServeArgs {
                 self.cluster_size,
                 listen.port(),
                 config.listen.port(),
+                config.tls_listen().map(|a| a.port()),
             )?,
             (None, None) => Vec::new(),
         };

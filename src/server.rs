@@ -116,8 +116,9 @@ pub async fn accept_loop<F, Fut>(
     }
 }
 
-/// The TLS handshake of an amqps connection, bounded like the AMQP handshake.
-async fn accept_tls(stream: tokio::net::TcpStream, tls: &TlsFiles) -> Option<Accepted> {
+/// The TLS handshake of an amqps connection, bounded like the AMQP handshake; `None`
+/// (logged) when it fails or times out.
+pub(crate) async fn accept_tls(stream: tokio::net::TcpStream, tls: &TlsFiles) -> Option<Accepted> {
     let peer = stream.peer_addr().ok();
     let _ = stream.set_nodelay(true);
     let handshake = tls.acceptor().accept(stream);
@@ -141,6 +142,27 @@ async fn accept_tls(stream: tokio::net::TcpStream, tls: &TlsFiles) -> Option<Acc
             None
         }
     }
+}
+
+/// The amqps certificate, when `config` names one; loaded (and checked) before anything
+/// binds, so a bad file fails the start.
+pub(crate) fn load_tls(config: &BrokerConfig) -> anyhow::Result<Option<Arc<TlsFiles>>> {
+    match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Ok(Some(Arc::new(TlsFiles::load(cert, key)?))),
+        _ => Ok(None),
+    }
+}
+
+/// Binds the amqps listener ([`BrokerConfig::tls_listen`]) when a certificate is
+/// configured.
+pub(crate) async fn bind_tls(config: &BrokerConfig) -> anyhow::Result<Option<TcpListener>> {
+    let Some(addr) = config.tls_listen() else {
+        return Ok(None);
+    };
+    let listener = bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    Ok(Some(listener))
 }
 
 /// Builds the gatekeeper and applies the manifests once, before any listener opens.
@@ -186,10 +208,7 @@ impl Node {
             // Only declared addresses exist when manifests are in charge.
             config.auto_create = false;
         }
-        let tls = match (&config.tls_cert, &config.tls_key) {
-            (Some(cert), Some(key)) => Some(Arc::new(TlsFiles::load(cert, key)?)),
-            _ => None,
-        };
+        let tls = load_tls(&config)?;
         let broker = tokio::task::block_in_place(|| Broker::open(config.clone()))
             .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
         let amqp = bind(config.listen)
@@ -205,21 +224,7 @@ impl Node {
             permits: Arc::new(Semaphore::new(config.max_connections)),
             tls: None,
         };
-        let amqps = match &tls {
-            Some(_) => {
-                let addr = config.listen_tls.unwrap_or_else(|| {
-                    crate::config::DEFAULT_LISTEN_TLS
-                        .parse()
-                        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 5671)))
-                });
-                Some(
-                    bind(addr)
-                        .await
-                        .with_context(|| format!("binding {addr}"))?,
-                )
-            }
-            None => None,
-        };
+        let amqps = bind_tls(&config).await?;
         let amqps_addr = amqps.as_ref().map(TcpListener::local_addr).transpose()?;
         let (amqp_addr, http_addr) = (amqp.local_addr()?, http.local_addr()?);
         let amqps_shown = amqps_addr.map_or_else(|| "-".to_owned(), |a| a.to_string());

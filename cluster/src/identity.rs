@@ -3,9 +3,14 @@
 //! A StatefulSet names its pods `<set>-<ordinal>` (`entrepot-0`, `entrepot-1`, …), so the
 //! ordinal is a stable node id that survives rescheduling. `--node-id` overrides it for
 //! processes started by hand. Peers come as `--peers id=host:port,…`, or `host:port,…`
-//! with each host carrying its ordinal (`entrepot-1.entrepot.default.svc:5673`). A member
-//! address may name the member's AMQP port after a slash (`127.0.0.1:7001/5601`, default
-//! [`DEFAULT_AMQP_PORT`]): followers forward clients there.
+//! with each host carrying its ordinal (`entrepot-1.entrepot.default.svc:5673`).
+//!
+//! A member address is `host:peer_port[/amqp_port[/amqps_port]]`
+//! (`127.0.0.1:7001/5601/5602`): the inter-node port, then the ports the member serves
+//! AMQP clients on, plain and TLS (defaults [`DEFAULT_AMQP_PORT`], [`DEFAULT_AMQPS_PORT`]).
+//! A follower forwards a client to the leader's port of the same kind: plain AMQP to
+//! [`amqp_addr`], amqps — still encrypted — to [`amqps_addr`]. The whole address is what
+//! the Raft membership stores, so it is bounded by [`MAX_NODE_ADDR_BYTES`].
 //!
 //! Does not: resolve DNS (the headless-service lookup comes with the network layer), or
 //! check that a peer is reachable.
@@ -70,30 +75,40 @@ pub fn parse_peers(list: &str) -> Result<Vec<Peer>> {
 }
 
 fn parse_peer(item: &str) -> Result<Peer> {
-    let (id, addr) = match item.split_once('=') {
-        Some((id, addr)) => {
+    let (id, member) = match item.split_once('=') {
+        Some((id, member)) => {
             let id = id
                 .trim()
                 .parse()
                 .map_err(|_| invalid(item, "id before `=` is not a number"))?;
-            (Some(id), addr.trim())
+            (Some(id), member.trim())
         }
         None => (None, item),
     };
-    let (addr, amqp_port) = match addr.split_once('/') {
-        Some((a, p)) => (a, Some(p)),
-        None => (addr, None),
-    };
-    if amqp_port.is_some_and(|p| p.parse::<u16>().is_err()) {
+    let parts = MemberAddr::split(member);
+    if parts.extra {
+        return Err(invalid(
+            item,
+            "expected host:peer_port[/amqp_port[/amqps_port]]",
+        ));
+    }
+    if parts.amqp.is_some_and(|p| p.parse::<u16>().is_err()) {
         return Err(invalid(item, "AMQP port after `/` is not a port number"));
     }
-    let (host, port) = addr
+    if parts.amqps.is_some_and(|p| p.parse::<u16>().is_err()) {
+        return Err(invalid(
+            item,
+            "amqps port after the second `/` is not a port number",
+        ));
+    }
+    let (host, port) = parts
+        .peer
         .rsplit_once(':')
         .ok_or_else(|| invalid(item, "missing `:port`"))?;
     if host.is_empty() || port.parse::<u16>().is_err() {
         return Err(invalid(item, "expected host:port"));
     }
-    if addr.len() > MAX_NODE_ADDR_BYTES {
+    if member.len() > MAX_NODE_ADDR_BYTES {
         return Err(invalid(item, "address too long"));
     }
     let id = match id {
@@ -103,23 +118,22 @@ fn parse_peer(item: &str) -> Result<Peer> {
     };
     Ok(Peer {
         id,
-        addr: match amqp_port {
-            Some(p) => format!("{addr}/{p}"),
-            None => addr.to_string(),
-        },
+        addr: member.to_string(),
     })
 }
 
 /// The initial members of a StatefulSet of `size` pods behind the headless `service`:
-/// `<set>-<i>.<service>:<peer_port>/<amqp_port>` for `i` in `0..size`, where `<set>` is
-/// this pod's `hostname` without its ordinal. Names resolve when a peer is dialled, so
-/// pods that are not up yet are fine.
+/// `<set>-<i>.<service>:<peer_port>/<amqp_port>[/<amqps_port>]` for `i` in `0..size`,
+/// where `<set>` is this pod's `hostname` without its ordinal (`amqps_port` when the
+/// nodes serve amqps). Names resolve when a peer is dialled, so pods that are not up yet
+/// are fine.
 pub fn statefulset_peers(
     hostname: &str,
     service: &str,
     size: u32,
     peer_port: u16,
     amqp_port: u16,
+    amqps_port: Option<u16>,
 ) -> Result<Vec<Peer>> {
     let set = hostname
         .split('.')
@@ -132,29 +146,65 @@ pub fn statefulset_peers(
             value: hostname.to_string(),
             reason: "peers from DNS need a StatefulSet pod name like `entrepot-0`",
         })?;
+    let amqps = amqps_port.map_or_else(String::new, |p| format!("/{p}"));
     let list: Vec<String> = (0..size)
-        .map(|i| format!("{i}={set}-{i}.{service}:{peer_port}/{amqp_port}"))
+        .map(|i| format!("{i}={set}-{i}.{service}:{peer_port}/{amqp_port}{amqps}"))
         .collect();
     parse_peers(&list.join(","))
 }
 
 /// The AMQP port a member serves clients on when its address does not name one.
 pub const DEFAULT_AMQP_PORT: u16 = 5672;
+/// The amqps (TLS) port a member serves clients on when its address does not name one.
+pub const DEFAULT_AMQPS_PORT: u16 = 5671;
 
-/// The inter-node part of a member address `host:port[/amqp_port]`.
-pub fn peer_addr(member_addr: &str) -> &str {
-    member_addr.split_once('/').map_or(member_addr, |(a, _)| a)
+/// A member address `host:peer_port[/amqp_port[/amqps_port]]` cut at its slashes.
+struct MemberAddr<'a> {
+    /// `host:peer_port`.
+    peer: &'a str,
+    amqp: Option<&'a str>,
+    amqps: Option<&'a str>,
+    /// More than three parts (never valid).
+    extra: bool,
 }
 
-/// Where a member serves AMQP clients: its host with the port after `/`, or
-/// [`DEFAULT_AMQP_PORT`]. Followers forward client connections there when it leads.
+impl<'a> MemberAddr<'a> {
+    fn split(member_addr: &'a str) -> MemberAddr<'a> {
+        let mut parts = member_addr.split('/');
+        MemberAddr {
+            peer: parts.next().unwrap_or(member_addr),
+            amqp: parts.next(),
+            amqps: parts.next(),
+            extra: parts.next().is_some(),
+        }
+    }
+
+    /// The host with `port` (the member's port of some kind, or `default`).
+    fn at(&self, port: Option<&str>, default: u16) -> String {
+        let port = port.and_then(|p| p.parse().ok()).unwrap_or(default);
+        let host = self.peer.rsplit_once(':').map_or(self.peer, |(h, _)| h);
+        format!("{host}:{port}")
+    }
+}
+
+/// The inter-node part of a member address `host:port[/amqp_port[/amqps_port]]`.
+pub fn peer_addr(member_addr: &str) -> &str {
+    MemberAddr::split(member_addr).peer
+}
+
+/// Where a member serves AMQP clients: its host with the port after the first `/`, or
+/// [`DEFAULT_AMQP_PORT`]. Followers forward plain client connections there when it leads.
 pub fn amqp_addr(member_addr: &str) -> String {
-    let (peer, port) = match member_addr.split_once('/') {
-        Some((a, p)) => (a, p.parse().unwrap_or(DEFAULT_AMQP_PORT)),
-        None => (member_addr, DEFAULT_AMQP_PORT),
-    };
-    let host = peer.rsplit_once(':').map_or(peer, |(h, _)| h);
-    format!("{host}:{port}")
+    let parts = MemberAddr::split(member_addr);
+    parts.at(parts.amqp, DEFAULT_AMQP_PORT)
+}
+
+/// Where a member serves amqps clients: its host with the port after the second `/`, or
+/// [`DEFAULT_AMQPS_PORT`]. Followers forward TLS connections there, still encrypted, when
+/// it leads.
+pub fn amqps_addr(member_addr: &str) -> String {
+    let parts = MemberAddr::split(member_addr);
+    parts.at(parts.amqps, DEFAULT_AMQPS_PORT)
 }
 
 fn invalid(value: &str, reason: &'static str) -> ClusterError {
@@ -227,7 +277,8 @@ mod tests {
 
     #[test]
     fn statefulset_peers_come_from_the_pod_name_and_the_headless_service() {
-        let peers = statefulset_peers("entrepot-1", "entrepot.ns.svc", 3, 5673, 5672).unwrap();
+        let peers =
+            statefulset_peers("entrepot-1", "entrepot.ns.svc", 3, 5673, 5672, None).unwrap();
         let addrs: Vec<_> = peers.iter().map(|p| (p.id, p.addr.as_str())).collect();
         assert_eq!(
             addrs,
@@ -237,8 +288,23 @@ mod tests {
                 (2, "entrepot-2.entrepot.ns.svc:5673/5672"),
             ]
         );
-        assert!(statefulset_peers("laptop", "s", 3, 1, 2).is_err());
-        assert!(statefulset_peers("my-laptop", "s", 3, 1, 2).is_err());
+        assert!(statefulset_peers("laptop", "s", 3, 1, 2, None).is_err());
+        assert!(statefulset_peers("my-laptop", "s", 3, 1, 2, None).is_err());
+    }
+
+    #[test]
+    fn statefulset_peers_name_the_amqps_port_when_given() {
+        let peers =
+            statefulset_peers("entrepot-0", "entrepot.ns.svc", 2, 5673, 5672, Some(5671)).unwrap();
+        let addrs: Vec<_> = peers.iter().map(|p| p.addr.as_str()).collect();
+        assert_eq!(
+            addrs,
+            [
+                "entrepot-0.entrepot.ns.svc:5673/5672/5671",
+                "entrepot-1.entrepot.ns.svc:5673/5672/5671",
+            ]
+        );
+        assert_eq!(amqps_addr(addrs[1]), "entrepot-1.entrepot.ns.svc:5671");
     }
 
     #[test]
@@ -249,7 +315,43 @@ mod tests {
         assert_eq!(amqp_addr(&peers[0].addr), "127.0.0.1:5601");
         assert_eq!(peer_addr(&peers[1].addr), "entrepot-2.e:5673");
         assert_eq!(amqp_addr(&peers[1].addr), "entrepot-2.e:5672");
+        assert_eq!(amqps_addr(&peers[0].addr), "127.0.0.1:5671");
+        assert_eq!(amqps_addr(&peers[1].addr), "entrepot-2.e:5671");
         assert!(parse_peers("1=h:1/x").is_err());
+    }
+
+    #[test]
+    fn member_addresses_name_their_amqps_port() {
+        let peers = parse_peers("1=127.0.0.1:7001/5601/5602, 2=[::1]:7002/5603/5604").unwrap();
+        assert_eq!(peers[0].addr, "127.0.0.1:7001/5601/5602");
+        assert_eq!(peer_addr(&peers[0].addr), "127.0.0.1:7001");
+        assert_eq!(amqp_addr(&peers[0].addr), "127.0.0.1:5601");
+        assert_eq!(amqps_addr(&peers[0].addr), "127.0.0.1:5602");
+        assert_eq!(peer_addr(&peers[1].addr), "[::1]:7002");
+        assert_eq!(amqp_addr(&peers[1].addr), "[::1]:5603");
+        assert_eq!(amqps_addr(&peers[1].addr), "[::1]:5604");
+        for bad in [
+            "1=h:1/2/x",
+            "1=h:1/2/",
+            "1=h:1//3",
+            "1=h:1/2/3/4",
+            "1=h:1/2/70000",
+        ] {
+            assert!(
+                matches!(parse_peers(bad), Err(ClusterError::Identity { .. })),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_whole_member_address_fits_the_membership_limit() {
+        let host = "h".repeat(MAX_NODE_ADDR_BYTES - ":7001".len());
+        assert!(parse_peers(&format!("1={host}:7001")).is_ok());
+        assert!(matches!(
+            parse_peers(&format!("1={host}:7001/5672/5671")),
+            Err(ClusterError::Identity { .. })
+        ));
     }
 
     #[test]

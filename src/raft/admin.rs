@@ -1,5 +1,5 @@
 //! Cluster administration: status and membership changes, for the HTTP admin API
-//! (`GET /cluster`, `POST /cluster/add?id=N&addr=host:port/amqp`,
+//! (`GET /cluster`, `POST /cluster/add?id=N&addr=host:port/amqp[/amqps]`,
 //! `POST /cluster/remove?id=N`) and `entrepot cluster status|add|remove`.
 //!
 //! Adding a node: it joins as a learner, catches up by replaying the Raft log, and only
@@ -185,7 +185,7 @@ impl ClusterHandle {
                 else {
                     return (
                         "400 Bad Request",
-                        "expected ?id=<node id>&addr=<host:port/amqp>\n".into(),
+                        "expected ?id=<node id>&addr=<host:port/amqp[/amqps]>\n".into(),
                     );
                 };
                 if let Err(e) = entrepot_cluster::identity::parse_peers(&format!("{id}={addr}")) {

@@ -13,9 +13,13 @@
 //!   batch, submits them as one Raft entry (several in flight, submitted in order), and
 //!   raises the committed watch as entries commit — a producer's transfer is accepted only
 //!   then;
-//! * the *front door*: the AMQP listener of every node. The leader serves the connection;
-//!   a follower forwards it byte for byte to the leader's AMQP port, so a client or router
-//!   may attach anywhere.
+//! * the *front door*: the AMQP listener of every node, and its amqps listener when a
+//!   certificate is configured (both share one connection cap). The leader serves the
+//!   connection (doing the TLS handshake itself on the amqps listener); a follower forwards
+//!   it byte for byte to the leader's port of the same kind, so a client or router may
+//!   attach anywhere. A follower never decrypts: TLS passes through it to the leader, which
+//!   sees the client's SNI and picks the address space from it, so every node must serve
+//!   the same certificate (`--tls-cert`/`--tls-key`).
 //!
 //! Invariants:
 //! * At most one broker per node, and only while this node is the Raft leader.
@@ -55,6 +59,7 @@ use crate::broker::store::{DiskGuard, Store};
 use crate::broker::Broker;
 use crate::config::BrokerConfig;
 use crate::connection::{self, Accepted};
+use crate::tls::TlsFiles;
 use state_machine::StoreMachine;
 
 /// How often a clustered node syncs its store in the background (see `ClusterNode::start`).
@@ -117,8 +122,13 @@ pub struct ClusterConfig {
 pub enum Role {
     /// No leader known (an election is running, or this node is cut off).
     Unknown,
-    /// Another node leads: forward to its AMQP address.
-    Follower { leader: NodeId, amqp: String },
+    /// Another node leads: forward plain connections to its AMQP address and TLS ones to
+    /// its amqps address (both from its member address).
+    Follower {
+        leader: NodeId,
+        amqp: String,
+        amqps: String,
+    },
     /// This node leads and its broker is serving.
     Leader(Arc<Active>),
 }
@@ -144,6 +154,8 @@ pub struct ClusterNode {
     pub id: NodeId,
     pub raft: Raft<TypeConfig>,
     pub amqp_addr: SocketAddr,
+    /// The amqps listener, when a certificate is configured.
+    pub amqps_addr: Option<SocketAddr>,
     pub http_addr: SocketAddr,
     pub peer_addr: SocketAddr,
     role: watch::Receiver<Role>,
@@ -162,16 +174,8 @@ impl ClusterNode {
         if config.manifests.is_some() {
             config.auto_create = false;
         }
-        if config.tls_cert.is_some() || config.tls_key.is_some() {
-            // Better to refuse than to serve a cluster in plain text the operator believes
-            // is encrypted: the front door forwards raw bytes, and a follower cannot pass
-            // the client's TLS server name on to the leader.
-            anyhow::bail!(
-                "amqps (--tls-cert/--tls-key) is not supported on a clustered node yet: \
-                 terminate TLS in front of the cluster (a router or an ingress), or run a \
-                 single node"
-            );
-        }
+        // Loaded before Raft starts, so a bad certificate fails the start.
+        let tls = crate::server::load_tls(&config)?;
         if config.max_message_bytes > MAX_CLUSTER_MESSAGE_BYTES {
             tracing::info!(
                 configured = config.max_message_bytes,
@@ -253,18 +257,22 @@ impl ClusterNode {
         let amqp = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
+        let amqps = crate::server::bind_tls(&config).await?;
         let http = TcpListener::bind(config.http)
             .await
             .with_context(|| format!("binding {}", config.http))?;
         let (amqp_addr, http_addr) = (amqp.local_addr()?, http.local_addr()?);
-        tracing::info!(node = id, amqp = %amqp_addr, http = %http_addr, peers = %peer_addr,
-            data_dir = %config.data_dir.display(), "entrepot cluster node listening");
+        let amqps_addr = amqps.as_ref().map(TcpListener::local_addr).transpose()?;
+        let amqps_shown = amqps_addr.map_or_else(|| "-".to_owned(), |a| a.to_string());
+        tracing::info!(node = id, amqp = %amqp_addr, amqps = %amqps_shown, http = %http_addr,
+            peers = %peer_addr, data_dir = %config.data_dir.display(),
+            "entrepot cluster node listening");
 
         let (role_tx, role_rx) = watch::channel(Role::Unknown);
         let config = Arc::new(config);
         let permits = Arc::new(Semaphore::new(config.max_connections));
         let handle = admin::ClusterHandle::new(raft.clone(), role_rx.clone());
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(leadership(
                 raft.clone(),
                 machine.clone(),
@@ -272,17 +280,33 @@ impl ClusterNode {
                 role_tx,
                 shutdown.clone(),
             )),
-            tokio::spawn(front_door(amqp, role_rx.clone(), permits, shutdown.clone())),
-            tokio::spawn(crate::metrics::serve_http_source(
-                http,
-                crate::metrics::Source::Cluster(Arc::new(handle)),
-                shutdown,
+            tokio::spawn(front_door(
+                amqp,
+                Door::Plain,
+                role_rx.clone(),
+                Arc::clone(&permits),
+                shutdown.clone(),
             )),
         ];
+        if let (Some(listener), Some(tls)) = (amqps, tls) {
+            tasks.push(tokio::spawn(front_door(
+                listener,
+                Door::Tls(tls),
+                role_rx.clone(),
+                permits,
+                shutdown.clone(),
+            )));
+        }
+        tasks.push(tokio::spawn(crate::metrics::serve_http_source(
+            http,
+            crate::metrics::Source::Cluster(Arc::new(handle)),
+            shutdown,
+        )));
         Ok(ClusterNode {
             id,
             raft,
             amqp_addr,
+            amqps_addr,
             http_addr,
             peer_addr,
             role: role_rx,
@@ -386,6 +410,7 @@ async fn leadership(
                 (Some(l), Some(addr)) if l != id => Role::Follower {
                     leader: l,
                     amqp: entrepot_cluster::identity::amqp_addr(&addr),
+                    amqps: entrepot_cluster::identity::amqps_addr(&addr),
                 },
                 _ => Role::Unknown,
             };
@@ -545,21 +570,32 @@ pub async fn settle_store(raft: &Raft<TypeConfig>, machine: &StoreMachine) -> an
     Ok(())
 }
 
-/// The AMQP listener of a clustered node; see the module docs.
+/// Which listener of the front door a connection came through.
+#[derive(Clone)]
+enum Door {
+    /// Plain AMQP: served as it is, or forwarded to the leader's AMQP port.
+    Plain,
+    /// amqps: the TLS handshake happens at the leader (with this certificate), so a
+    /// follower forwards the still-encrypted bytes to the leader's amqps port.
+    Tls(Arc<TlsFiles>),
+}
+
+/// One listener of a clustered node; see the module docs.
 async fn front_door(
     listener: TcpListener,
+    door: Door,
     role: watch::Receiver<Role>,
     permits: Arc<Semaphore>,
     shutdown: watch::Receiver<bool>,
 ) {
     crate::server::accept_loop(listener, permits, shutdown, move |stream| {
-        route(stream, role.clone())
+        route(stream, door.clone(), role.clone())
     })
     .await
 }
 
 /// Serves or forwards one client connection, waiting (bounded) for a leader.
-async fn route(stream: tokio::net::TcpStream, mut role: watch::Receiver<Role>) {
+async fn route(stream: tokio::net::TcpStream, door: Door, mut role: watch::Receiver<Role>) {
     let current =
         match tokio::time::timeout(LEADER_WAIT, role.wait_for(|r| !matches!(r, Role::Unknown)))
             .await
@@ -574,19 +610,38 @@ async fn route(stream: tokio::net::TcpStream, mut role: watch::Receiver<Role>) {
             return;
         }
     };
-    match current {
-        Role::Leader(active) => {
-            let shutdown = active.shutdown.subscribe();
-            connection::serve(
-                Accepted::tcp(stream),
-                Arc::clone(&active.broker),
-                Arc::clone(&active.gate),
-                shutdown,
-            )
-            .await
+    match (current, door) {
+        (Role::Leader(active), door) => serve(stream, &door, &active).await,
+        (Role::Follower { leader, amqp, .. }, Door::Plain) => {
+            proxy::forward(stream, leader, &amqp).await
         }
-        Role::Follower { leader, amqp } => proxy::forward(stream, leader, &amqp).await,
-        Role::Unknown => {}
+        (Role::Follower { leader, amqps, .. }, Door::Tls(_)) => {
+            proxy::forward(stream, leader, &amqps).await
+        }
+        (Role::Unknown, _) => {}
+    }
+}
+
+/// Serves a connection on this leader's broker, after the TLS handshake on the amqps door.
+async fn serve(stream: tokio::net::TcpStream, door: &Door, active: &Active) {
+    // Subscribed before the handshake, so a leadership lost meanwhile still closes it.
+    let shutdown = active.shutdown.subscribe();
+    let accepted = match door {
+        Door::Plain => Some(Accepted::tcp(stream)),
+        Door::Tls(tls) => crate::server::accept_tls(stream, tls).await,
+    };
+    // Lost before or during the handshake: the client reconnects to the new leader.
+    if *shutdown.borrow() {
+        return;
+    }
+    if let Some(accepted) = accepted {
+        connection::serve(
+            accepted,
+            Arc::clone(&active.broker),
+            Arc::clone(&active.gate),
+            shutdown,
+        )
+        .await
     }
 }
 

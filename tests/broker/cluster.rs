@@ -13,13 +13,18 @@
 //! * with store snapshots every 20 Raft entries: a new member catches up by installing a
 //!   snapshot and, once the three original nodes are gone, delivers exactly the messages
 //!   nobody consumed, on a queue and on a durable topic subscription; a node SIGKILLed
-//!   after several snapshots restarts from its snapshot and nothing is lost or comes back.
+//!   after several snapshots restarts from its snapshot and nothing is lost or comes back;
+//! * every node serves amqps with the same certificate: a TLS client reaches the leader
+//!   through a follower (passthrough) or directly, and plain text on an amqps port fails.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use fe2o3_amqp::types::messaging::{Source, TerminusDurability, TerminusExpiryPolicy};
-use fe2o3_amqp::types::primitives::Symbol;
+use fe2o3_amqp::types::messaging::{
+    Data, Header, Message, Outcome, Source, TerminusDurability, TerminusExpiryPolicy,
+};
+use fe2o3_amqp::types::primitives::{Binary, Symbol};
+use fe2o3_amqp::{Connection, Receiver, Sender, Session};
 
 use crate::cluster_support::{
     assert_none_lost, consume, drain, drain_from, Accepted, Cluster, Load, LoadConfig,
@@ -392,24 +397,131 @@ fn restart_from_snapshot() {
     );
 }
 
-/// Goal: a clustered node never serves plain text to an operator who asked for amqps
-/// (the front door cannot forward TLS yet): it refuses to start and says why.
+/// Goal: amqps on a cluster, by TLS passthrough. Every node serves amqps with the same
+/// certificate; a client that trusts it completes TLS through a follower (which forwards
+/// the still-encrypted bytes to the leader's amqps port) and directly at the leader, and
+/// either way gets back byte-identical messages; a plain-text client on an amqps port
+/// (follower's or leader's) is refused.
+///
+/// Method: three nodes on loopback, each with `--listen-tls` on the port its member
+/// address names third, and one self-signed `localhost` certificate (rcgen); fe2o3 over a
+/// tokio-rustls stream that sends SNI `localhost`, trusts only that certificate and checks
+/// it is the one served.
 #[test]
-fn a_clustered_node_refuses_to_start_with_amqps() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_entrepot"))
-        .args(["serve", "--node-id", "0", "--peers", "0=127.0.0.1:1/2"])
-        .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
-        .args(["--cluster-listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
-        .args(["--tls-cert", "cert.pem", "--tls-key", "key.pem"])
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "started anyway: {stderr}");
-    assert!(
-        stderr.contains("amqps") && stderr.contains("not supported on a clustered node"),
-        "{stderr}"
+fn amqps_reaches_the_leader_through_a_follower_and_directly() {
+    let rt = runtime();
+    let certs = tempfile::tempdir().unwrap();
+    let cert = crate::tls::write_cert(certs.path());
+    let (cert_file, key_file) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    let mut cluster = Cluster::on_loopback_with_amqps(3);
+    cluster.serve_args(&[
+        "--tls-cert",
+        cert_file.to_str().unwrap(),
+        "--tls-key",
+        key_file.to_str().unwrap(),
+    ]);
+    let leader = cluster.start(&[0, 1, 2], START_TIMEOUT);
+    let follower = (0..3).find(|&id| id != leader).unwrap();
+    cluster.wait_status(
+        |id, s| id == follower && s.role == "follower" && s.leader == Some(leader),
+        START_TIMEOUT,
     );
+
+    for (via, role) in [(follower, "follower"), (leader, "leader")] {
+        let sent = amqps_bodies(via);
+        let queue = format!("amqps.via-{role}");
+        let addr = cluster.amqps(via);
+        let received = rt.block_on(async {
+            tokio::time::timeout(PHASE_TIMEOUT, amqps_round_trip(addr, &cert, &queue, &sent)).await
+        });
+        let received = received.unwrap_or_else(|_| panic!("amqps via the {role} timed out"));
+        assert!(
+            received == sent,
+            "amqps via the {role} (node {via}): bodies differ ({} sent, {} received)",
+            sent.len(),
+            received.len()
+        );
+    }
+
+    for id in [follower, leader] {
+        let url = format!("amqp://{}", cluster.amqps(id));
+        let plain = rt.block_on(async {
+            let open = Connection::builder()
+                .container_id("plain-on-amqps")
+                .open(url.as_str());
+            tokio::time::timeout(PHASE_TIMEOUT, open).await
+        });
+        assert!(
+            matches!(plain, Ok(Err(_))),
+            "plain AMQP on node {id}'s amqps port was not refused: {:?}",
+            plain.map(|r| r.map(|_| "opened"))
+        );
+    }
+    // Passthrough: both refusals were the leader's TLS handshake; the follower never
+    // looked at the bytes.
+    cluster.wait_log(leader, "TLS handshake failed", 2, Duration::from_secs(10));
+    assert_eq!(cluster.log_count(follower, "TLS handshake"), 0);
+    eprintln!(
+        "amqps through follower {follower} and leader {leader}: byte-identical; plain text \
+         refused on both amqps ports, by the leader"
+    );
+}
+
+/// Message bodies for the amqps test: empty-ish to larger than a TLS record (16 KiB)
+/// and an AMQP frame, distinct per node.
+fn amqps_bodies(via: u64) -> Vec<Vec<u8>> {
+    [1usize, 37, 1024, 16 * 1024 + 3, 200_000]
+        .iter()
+        .enumerate()
+        .map(|(n, &len)| {
+            (0..len)
+                .map(|i| (i as u64 * 31 + n as u64 * 7 + via) as u8)
+                .collect()
+        })
+        .collect()
+}
+
+/// Over TLS to `addr` (checking the served certificate is `cert`): sends `bodies` to
+/// `queue`, each accepted, then receives as many back (accepting each); returns their
+/// bodies in delivery order.
+async fn amqps_round_trip(
+    addr: std::net::SocketAddr,
+    cert: &rustls::pki_types::CertificateDer<'static>,
+    queue: &str,
+    bodies: &[Vec<u8>],
+) -> Vec<Vec<u8>> {
+    let tls = crate::tls::connect_tls(addr, cert).await;
+    let served = tls.get_ref().1.peer_certificates().expect("a certificate")[0].clone();
+    assert!(served == *cert, "{addr} served another certificate");
+    let mut conn = Connection::builder()
+        .container_id("amqps-client")
+        .open_with_stream(tls)
+        .await
+        .expect("AMQP open over TLS");
+    let mut session = Session::begin(&mut conn).await.expect("begin");
+    let mut sender = Sender::attach(&mut session, "amqps-sender", queue)
+        .await
+        .expect("attach sender");
+    for body in bodies {
+        let message = Message::builder()
+            .header(Header::builder().durable(true).build())
+            .data(Binary::from(body.clone()))
+            .build();
+        let outcome = sender.send(message).await.expect("send");
+        assert!(matches!(outcome, Outcome::Accepted(_)), "{outcome:?}");
+    }
+    let mut receiver = Receiver::attach(&mut session, "amqps-receiver", queue)
+        .await
+        .expect("attach receiver");
+    let mut received = Vec::new();
+    while received.len() < bodies.len() {
+        let delivery = receiver.recv::<Data>().await.expect("receive");
+        receiver.accept(&delivery).await.expect("accept");
+        received.push(delivery.body().0.to_vec());
+    }
+    let _ = sender.close().await;
+    let _ = receiver.close().await;
+    let _ = session.end().await;
+    let _ = conn.close().await;
+    received
 }

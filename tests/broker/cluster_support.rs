@@ -148,6 +148,29 @@ impl Cluster {
         Cluster::with_layouts(layouts, None)
     }
 
+    /// [`Cluster::on_loopback`] with an amqps listener too: each member address gains a
+    /// third part (`127.0.0.1:peer/amqp/amqps`) and each node `--listen-tls` on that port.
+    /// The certificate comes with [`Cluster::serve_args`] (`--tls-cert`, `--tls-key`), the
+    /// same for every node; [`Cluster::amqps`] says where a running node serves amqps.
+    pub fn on_loopback_with_amqps(count: u64) -> Cluster {
+        let mut cluster = Cluster::on_loopback(count);
+        for layout in cluster.layouts.values_mut() {
+            let amqps = free_port();
+            layout.member.push_str(&format!("/{amqps}"));
+            layout
+                .listen
+                .extend(["--listen-tls".to_owned(), format!("127.0.0.1:{amqps}")]);
+        }
+        cluster
+    }
+
+    /// Where running node `id` serves amqps, as it logged it (started with a certificate).
+    pub fn amqps(&self, id: u64) -> SocketAddr {
+        self.nodes[&id]
+            .amqps
+            .unwrap_or_else(|| panic!("node {id} logged no amqps listener"))
+    }
+
     /// Nodes `0..count` (those added later included), each in its own network namespace
     /// with its own address and the same ports, linked to the others through a bridge (see
     /// `netns`; root required). None started yet.

@@ -15,14 +15,16 @@ use std::time::Duration;
 
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::harness::BrokerProcess;
 
 const AMQP_HEADER: [u8; 8] = *b"AMQP\x00\x01\x00\x00";
 
-/// Writes a fresh self-signed certificate and key for `localhost`; returns the cert DER.
-fn write_cert(dir: &Path) -> CertificateDer<'static> {
+/// Writes a fresh self-signed certificate and key for `localhost` (`cert.pem`, `key.pem`
+/// in `dir`); returns the cert DER. Also used by the cluster's amqps test.
+pub fn write_cert(dir: &Path) -> CertificateDer<'static> {
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
     // Write beside and rename so the broker never reads a half-written file.
     std::fs::write(dir.join("key.tmp"), ck.signing_key.serialize_pem()).unwrap();
@@ -47,11 +49,12 @@ fn start(root: &Path) -> BrokerProcess {
     )
 }
 
-/// Connects over TLS trusting `cert`, swaps AMQP headers, returns the server's cert.
-async fn tls_header_exchange(
-    broker: &BrokerProcess,
+/// Completes TLS with the amqps listener at `addr` as `localhost` (the SNI), trusting
+/// only `cert`; bounded by 5 s. Also used by the cluster's amqps test.
+pub async fn connect_tls(
+    addr: std::net::SocketAddr,
     cert: &CertificateDer<'static>,
-) -> CertificateDer<'static> {
+) -> TlsStream<tokio::net::TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert.clone()).unwrap();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -60,15 +63,21 @@ async fn tls_header_exchange(
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(broker.amqps.expect("amqps listener"))
-        .await
-        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let connect = TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from("localhost").unwrap(), tcp);
-    let mut tls = tokio::time::timeout(Duration::from_secs(5), connect)
+    tokio::time::timeout(Duration::from_secs(5), connect)
         .await
         .unwrap()
-        .expect("TLS handshake");
+        .expect("TLS handshake")
+}
+
+/// Connects over TLS trusting `cert`, swaps AMQP headers, returns the server's cert.
+async fn tls_header_exchange(
+    broker: &BrokerProcess,
+    cert: &CertificateDer<'static>,
+) -> CertificateDer<'static> {
+    let mut tls = connect_tls(broker.amqps.expect("amqps listener"), cert).await;
     tls.write_all(&AMQP_HEADER).await.unwrap();
     let mut reply = [0u8; 8];
     tokio::time::timeout(Duration::from_secs(5), tls.read_exact(&mut reply))
