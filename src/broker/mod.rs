@@ -396,7 +396,7 @@ impl Broker {
                 offset = msg.offset,
                 "message dropped from its own diversion address"
             );
-            from_queue.finish(self, msg.offset);
+            let _ = from_queue.finish(self, msg.offset);
             return Ok(());
         }
         let view = MessageView::parse(msg.message.clone())?;
@@ -409,7 +409,7 @@ impl Broker {
         moved.delivery_count = msg.delivery_count;
         moved.expires_at_ms = None;
         queue.enqueue(self, moved);
-        from_queue.finish(self, msg.offset);
+        let _ = from_queue.finish(self, msg.offset);
         Ok(())
     }
 

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
+use entrepot_storage::Durable;
 use tokio::sync::mpsc;
 
 use super::limits::{self, AddressLimits, LimitExceeded, Reservation, SpaceUsage};
@@ -400,18 +401,18 @@ impl Queue {
         self.dispatch(broker, &mut s);
     }
 
-    /// Applies the consumer's outcome for the delivery of `offset`.
+    /// Applies the consumer's outcome for the delivery of `offset`. For an acceptance,
+    /// returns the handle that completes once it is durable (committed, in a cluster): a
+    /// consumer settling second is settled back only then.
     pub fn settle(
         self: &Arc<Self>,
         broker: &Broker,
         id: ConsumerId,
         offset: u64,
         outcome: Outcome,
-    ) {
+    ) -> Option<Durable> {
         let mut s = self.lock();
-        let Some((owner, mut msg)) = s.unsettled.remove(&offset) else {
-            return;
-        };
+        let (owner, mut msg) = s.unsettled.remove(&offset)?;
         if let Some(c) = s
             .consumers
             .iter_mut()
@@ -423,10 +424,10 @@ impl Queue {
             Outcome::Accepted => {
                 s.release(len_of(&msg));
                 drop(s);
-                self.acknowledge(broker, offset);
+                let recorded = self.acknowledge(broker, offset);
                 let mut s = self.lock();
                 self.dispatch(broker, &mut s);
-                return;
+                return recorded;
             }
             Outcome::Released => s.ready.push_front(msg),
             Outcome::Modified {
@@ -456,7 +457,7 @@ impl Queue {
                     );
                     let mut s = self.lock();
                     self.dispatch(broker, &mut s);
-                    return;
+                    return None;
                 }
                 s.ready.push_front(msg);
             }
@@ -476,26 +477,30 @@ impl Queue {
                 );
                 let mut s = self.lock();
                 self.dispatch(broker, &mut s);
-                return;
+                return None;
             }
         }
         self.dispatch(broker, &mut s);
+        None
     }
 
     /// The message at `offset` is done with in this queue (accepted, dead-lettered or
     /// expired elsewhere, dropped): record it in the store for good.
-    pub(crate) fn finish(&self, broker: &Broker, offset: u64) {
+    /// Returns the handle that completes once that record is durable (committed, in a
+    /// cluster); `None` when nothing was recorded (in-memory and non-durable queues, or the
+    /// store refused, which is logged).
+    pub(crate) fn finish(&self, broker: &Broker, offset: u64) -> Option<Durable> {
         let result = match &self.owner {
-            QueueOwner::Address => broker.store().ack(&[offset]).map(drop),
-            QueueOwner::Memory => Ok(()),
+            QueueOwner::Address => broker.store().ack(&[offset]).map(Some),
+            QueueOwner::Memory => Ok(None),
             QueueOwner::Subscription {
                 topic,
                 group,
                 durable,
             } => {
                 let acked = match durable {
-                    true => broker.store().ack_group(*group, &[offset]).map(drop),
-                    false => Ok(()),
+                    true => broker.store().ack_group(*group, &[offset]).map(Some),
+                    false => Ok(None),
                 };
                 if let Some(topic) = topic.upgrade() {
                     topic.release(broker, offset, *durable);
@@ -503,14 +508,15 @@ impl Queue {
                 acked
             }
         };
-        if let Err(e) = result {
+        result.unwrap_or_else(|e| {
             tracing::error!(queue = %self.name, offset, error = %e, "could not record acknowledgement");
-        }
+            None
+        })
     }
 
-    fn acknowledge(&self, broker: &Broker, offset: u64) {
+    fn acknowledge(&self, broker: &Broker, offset: u64) -> Option<Durable> {
         self.stats.acknowledged.fetch_add(1, Ordering::Relaxed);
-        self.finish(broker, offset);
+        self.finish(broker, offset)
     }
 
     fn divert(self: &Arc<Self>, broker: &Broker, msg: QueuedMessage, why: Diversion) {
@@ -535,7 +541,7 @@ impl Queue {
         drop(s);
         let dropped: Vec<u64> = dropped.iter().map(|m| m.offset).collect();
         for offset in &dropped {
-            self.finish(broker, *offset);
+            let _ = self.finish(broker, *offset);
         }
         self.stats
             .dropped
@@ -624,7 +630,8 @@ impl Queue {
                 }
                 (true, true) => {
                     s.release(len_of(&msg));
-                    self.acknowledge(broker, msg.offset)
+                    // Pre-settled: nobody waits for the record.
+                    let _ = self.acknowledge(broker, msg.offset);
                 }
                 (false, _) => {
                     // The connection is gone; its link removal will follow. Keep the message.

@@ -118,6 +118,16 @@ struct PendingProduce {
     reservation: Option<crate::broker::limits::Reservation>,
 }
 
+/// A consumer's outcome (receiver-settle-mode second) recorded but not yet durable: the
+/// delivery is settled back once it is.
+struct PendingSettle {
+    durable: Durable,
+    /// Our channel of the session the delivery went out on.
+    channel: u16,
+    delivery_id: u32,
+    state: Option<fe2o3_amqp_types::messaging::DeliveryState>,
+}
+
 /// State of one connection (see the module docs).
 pub struct Connection {
     broker: Arc<Broker>,
@@ -143,6 +153,9 @@ pub struct Connection {
     sessions: HashMap<u16, Session>,
     outbound_tx: mpsc::UnboundedSender<Outbound>,
     pending: VecDeque<PendingProduce>,
+    /// Consumers' outcomes waiting to become durable, in the order they were recorded
+    /// (which is the order they become durable: one ack log, or one Raft log).
+    pending_settles: VecDeque<PendingSettle>,
     last_read: Instant,
     last_write: Instant,
     closing: bool,
@@ -249,6 +262,7 @@ async fn run(
         sessions: HashMap::new(),
         outbound_tx,
         pending: VecDeque::new(),
+        pending_settles: VecDeque::new(),
         last_read: Instant::now(),
         last_write: Instant::now(),
         closing: false,
@@ -293,10 +307,16 @@ impl Connection {
         let mut tick = tokio::time::interval(self.heartbeat_period(idle_limit));
         loop {
             self.complete_durable()?;
+            self.complete_settles()?;
             self.flush().await?;
             if self.closing {
                 return Ok(());
             }
+            // Outcomes wait on the ack log's (or Raft's) watch, not the message log's.
+            let settle_wait = self
+                .pending_settles
+                .front()
+                .map(|p| p.durable.clone().wait());
             tokio::select! {
                 read = rd.read_buf(&mut rbuf) => {
                     if read? == 0 {
@@ -325,6 +345,7 @@ impl Connection {
                         return Err(ConnError::protocol(AmqpError::InternalError, "message store closed"));
                     }
                 }
+                _ = async { settle_wait?.await.ok() }, if settle_wait.is_some() => {}
                 _ = tick.tick() => self.on_tick(idle_limit)?,
                 _ = tokio::time::sleep(WITHHELD_RECHECK), if self.withheld_links => self.release_withheld()?,
                 _ = shutdown.changed() => {
@@ -554,6 +575,28 @@ impl Connection {
         Ok(())
     }
 
+    /// Settles the consumers' deliveries whose outcome became durable; drops those whose
+    /// outcome never will (the store failed or this node stopped leading: the connection
+    /// is closing, and the consumer sees them again, unsettled, elsewhere).
+    fn complete_settles(&mut self) -> Result<(), ConnError> {
+        while let Some(front) = self.pending_settles.front() {
+            if front.durable.has_failed() {
+                self.pending_settles.clear();
+                break;
+            }
+            if !front.durable.is_durable() {
+                break;
+            }
+            let Some(p) = self.pending_settles.pop_front() else {
+                break;
+            };
+            if self.sessions.contains_key(&p.channel) {
+                Session::send_settled(self, p.channel, p.delivery_id, p.state)?;
+            }
+        }
+        Ok(())
+    }
+
     fn on_begin(
         &mut self,
         channel: u16,
@@ -598,6 +641,9 @@ impl Connection {
         }
         session.detach_all(self);
         let local = session.local_channel();
+        // Delivery ids are per session: settlements for this one must not reach the next
+        // session on the same channel.
+        self.pending_settles.retain(|p| p.channel != local);
         self.send(
             local,
             &Performative::End(fe2o3_amqp_types::performatives::End { error: None }),

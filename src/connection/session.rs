@@ -16,7 +16,7 @@ use fe2o3_amqp_types::messaging::{Accepted, DeliveryState};
 use fe2o3_amqp_types::performatives::{Begin, Disposition, Flow, Performative};
 
 use super::link::Link;
-use super::{ConnError, Connection};
+use super::{ConnError, Connection, PendingSettle};
 use crate::amqp::frame::{encode_transfer, TransferHeader, FRAME_HEADER_LEN};
 use crate::amqp::message::{concat, MessageView};
 use crate::broker::queue::{ConsumerId, Outbound, Outcome, Queue, QueuedMessage};
@@ -221,10 +221,22 @@ impl Session {
         let mut settled_back = Vec::new();
         loop {
             if let Some(out) = self.unsettled_out.remove(&id) {
-                out.queue
-                    .settle(&conn.broker, out.consumer, out.offset, outcome.clone());
+                let recorded =
+                    out.queue
+                        .settle(&conn.broker, out.consumer, out.offset, outcome.clone());
                 if !d.settled {
-                    settled_back.push(id);
+                    // The consumer waits for our settlement (receiver-settle-mode second):
+                    // it comes once its outcome is durable (committed, in a cluster), so a
+                    // settled delivery never comes back after a crash or failover.
+                    match recorded.filter(|r| !r.is_durable()) {
+                        Some(durable) => conn.pending_settles.push_back(PendingSettle {
+                            durable,
+                            channel: self.local_channel,
+                            delivery_id: id,
+                            state: d.state.clone(),
+                        }),
+                        None => settled_back.push(id),
+                    }
                 }
             }
             if id == last {
@@ -233,17 +245,27 @@ impl Session {
             id = id.wrapping_add(1);
         }
         for id in settled_back {
-            let reply = Disposition {
-                role: Role::Sender,
-                first: id,
-                last: None,
-                settled: true,
-                state: d.state.clone(),
-                batchable: false,
-            };
-            conn.send(self.local_channel, &Performative::Disposition(reply), &[])?;
+            Session::send_settled(conn, self.local_channel, id, d.state.clone())?;
         }
         Ok(())
+    }
+
+    /// Settles a delivery we sent, with the consumer's outcome echoed.
+    pub fn send_settled(
+        conn: &mut Connection,
+        channel: u16,
+        delivery_id: u32,
+        state: Option<DeliveryState>,
+    ) -> Result<(), ConnError> {
+        let reply = Disposition {
+            role: Role::Sender,
+            first: delivery_id,
+            last: None,
+            settled: true,
+            state,
+            batchable: false,
+        };
+        conn.send(channel, &Performative::Disposition(reply), &[])
     }
 
     /// Accepts and settles the incoming deliveries `first..=last`.

@@ -35,7 +35,7 @@ pub struct DurableState {
 
 /// Completes once a record is durable. Waiting costs no allocation: the handle holds a
 /// clone of the log's watch receiver.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Durable {
     pub(crate) rx: Option<watch::Receiver<DurableState>>,
     pub(crate) offset: u64,
@@ -66,6 +66,15 @@ impl Durable {
         self.rx
             .as_ref()
             .is_none_or(|rx| rx.borrow().durable > self.offset)
+    }
+
+    /// True once durability can no longer come: the log's sync (or the replication it
+    /// watches) failed before reaching this record.
+    pub fn has_failed(&self) -> bool {
+        self.rx.as_ref().is_some_and(|rx| {
+            let s = rx.borrow();
+            s.durable <= self.offset && s.failed.is_some()
+        })
     }
 
     /// Waits until the record is durable, or fails if the log's sync failed.

@@ -387,7 +387,7 @@ impl Cluster {
                 (Some(n), _) => n.url(),
                 (None, Some((amqp, _))) => format!("amqp://{amqp}"),
                 (None, None) => {
-                    let amqp_port = self.layouts[id].member.rsplit('/').next().unwrap_or("0");
+                    let amqp_port = self.layouts[id].member.split('/').nth(1).unwrap_or("0");
                     format!("amqp://127.0.0.1:{amqp_port}")
                 }
             })

@@ -10,6 +10,7 @@ mod bench_tool;
 mod client;
 mod cluster;
 mod cluster_netns;
+mod cluster_settle;
 mod cluster_support;
 mod container;
 mod crash;
