@@ -68,6 +68,7 @@ mod model;
 mod network;
 mod peer_server;
 mod rpc;
+pub mod snapshot_data;
 mod state_file;
 mod state_machine;
 mod types;
@@ -80,6 +81,7 @@ pub use model::{Model, MAX_SNAPSHOT_ADDRESSES, MAX_SNAPSHOT_MESSAGES, SNAPSHOT_D
 pub use network::{PeerClient, TcpNetwork};
 pub use peer_server::{PeerServer, MAX_PEER_CONNECTIONS};
 pub use rpc::{MAX_RPC_ENTRIES, MAX_RPC_STRING_BYTES, RPC_VERSION};
+pub use snapshot_data::{SnapshotData, SnapshotSource};
 pub use state_file::{MAX_STATE_FILE_BYTES, STATE_FILE_VERSION};
 pub use state_machine::{
     read_snapshot_file, write_snapshot_file, StateMachineStore, MAX_SNAPSHOT_BYTES,

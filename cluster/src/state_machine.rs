@@ -15,7 +15,6 @@
 //! its own log and will), stream snapshots in chunks, or bound the snapshot's size beyond
 //! [`MAX_SNAPSHOT_BYTES`].
 
-use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -29,6 +28,7 @@ use crate::codec::{Decoder, Encoder};
 use crate::entry::{decode_membership, encode_membership};
 use crate::error::{raft_err, ClusterError, RaftStorageError, Result};
 use crate::model::Model;
+use crate::snapshot_data::SnapshotData;
 use crate::state_file::{self, decode_opt_log_id, encode_opt_log_id};
 use crate::types::{Entry, LogId, NodeId, Response, TypeConfig, MAX_ADDRESS_BYTES};
 
@@ -136,7 +136,7 @@ impl StateMachineStore {
         state.current = Some(snap.clone());
         Ok(Snapshot {
             meta: snap.meta,
-            snapshot: Box::new(Cursor::new(snap.data)),
+            snapshot: Box::new(SnapshotData::memory(snap.data)),
         })
     }
 
@@ -247,16 +247,21 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, RaftStorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotData>, RaftStorageError> {
+        Ok(Box::new(SnapshotData::memory(Vec::new())))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<SnapshotData>,
     ) -> Result<(), RaftStorageError> {
-        self.install(meta, snapshot.into_inner())
+        let data = snapshot.into_memory().ok_or(ClusterError::Decode {
+            what: "snapshot",
+            position: 0,
+            reason: "the stand-in state machine receives snapshots in memory",
+        });
+        data.and_then(|data| self.install(meta, data))
             .map_err(raft_err(StorageIOError::write_state_machine))
     }
 
@@ -268,7 +273,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             .map_err(raft_err(StorageIOError::read_state_machine))?;
         Ok(state.current.clone().map(|s| Snapshot {
             meta: s.meta,
-            snapshot: Box::new(Cursor::new(s.data)),
+            snapshot: Box::new(SnapshotData::memory(s.data)),
         }))
     }
 }

@@ -6,73 +6,211 @@
 //! the acknowledged history. Installing it resets the local message log to start at the
 //! first live offset and rewrites the records at their offsets; an offset between them
 //! that was acknowledged gets an empty placeholder record (acknowledged in the imported
-//! set, so nothing ever reads it), which keeps offsets identical on every node.
+//! set, or by an entry after the snapshot that is applied before anything is served), which
+//! keeps offsets identical on every node.
+//!
+//! Nothing here holds a snapshot's messages in memory or writes them twice:
+//! * **Persisted** (`raft/sm/snapshot`) is only the [`StoreState`] — where the committed
+//!   messages end, the ack sets, the registry. The records are already in the store, which
+//!   is flushed before the state is persisted.
+//! * **Sent** is a [`StoreSource`]: the wire format generated on read from `Bytes` slices
+//!   of the store's mapping (about 48 bytes of index per live record), chunk by chunk.
+//! * **Received** goes into a file, which [`install_from`] checks in one pass and installs
+//!   in a second, record by record.
 //!
 //! ```text
-//! // Format (store snapshot, v1; integers little-endian):
+//! // Format (store snapshot on the wire, v1; integers little-endian):
 //! //   { version: u8 = 1 | message_end: u64 | base: u64 | acks_len: u32 | acks (ack.rs group
 //! //     snapshot encoding) | registry_len: u32 | registry (subscriptions.yaml bytes)
 //! //     | n: u64 | n × { offset: u64 | len: u32 | record } }    offsets ascending, in base..message_end
+//! // Format (store state, persisted, v2):
+//! //   { version: u8 = 2 | message_end: u64 | acks_len: u32 | acks | registry_len: u32 | registry }
+//! //   (a v1 file, written by earlier builds, holds a whole wire snapshot: its head is read)
 //! ```
 //! Invariants: every record of a snapshot lies below `message_end`, the end of the
 //! *committed* messages (a leader's local, uncommitted tail never enters a snapshot); a
-//! decoded snapshot is checked (bounds, order) before the store is touched.
+//! received snapshot is checked whole (bounds, order, lengths) before the store is touched.
 //!
-//! Does not: stream (the whole snapshot is one buffer, bounded by `MAX_SNAPSHOT_BYTES`), or
-//! exclude a leader's acknowledgements not yet committed (they are at-least-once anyway).
+//! Does not: exclude a leader's acknowledgements not yet committed (they are
+//! at-least-once anyway).
 
-use bytes::{Buf, BufMut, Bytes};
+use std::io::{BufReader, Read, Seek, SeekFrom};
+
+use bytes::{BufMut, Bytes};
+use entrepot_cluster::SnapshotSource;
 use entrepot_storage::{AckLog, Log, StorageError};
 
 use crate::broker::replication;
 use crate::broker::subscriptions::REGISTRY_FILE;
 
-/// Version byte of the store snapshot format.
+/// Version byte of the store snapshot wire format.
 pub const STORE_SNAPSHOT_VERSION: u8 = 1;
+/// Version byte of the persisted store state.
+pub const STORE_STATE_VERSION: u8 = 2;
+/// Largest record a received snapshot may carry (far above any stored message).
+pub const MAX_SNAPSHOT_RECORD_BYTES: u32 = 64 << 20;
+/// Largest ack-set or registry part of a snapshot.
+pub const MAX_SNAPSHOT_PART_BYTES: u32 = 1 << 30;
+/// Bytes of a record's frame in the wire format: offset u64, length u32.
+const RECORD_HEAD: usize = 12;
+/// Most bytes one read of a [`StoreSource`] copies before returning.
+const SOURCE_READ_BYTES: usize = 256 * 1024;
 
 /// Why a snapshot could not be taken or installed.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
     #[error(
-        "store snapshot version {0} is not supported (this build reads {STORE_SNAPSHOT_VERSION})"
+        "store snapshot version {0} is not supported (this build reads {STORE_SNAPSHOT_VERSION} and {STORE_STATE_VERSION})"
     )]
     Version(u8),
     #[error("malformed store snapshot: {0}")]
     Malformed(&'static str),
     #[error(transparent)]
     Storage(#[from] StorageError),
-    #[error("subscription registry: {0}")]
-    Registry(#[from] std::io::Error),
+    #[error("snapshot file or subscription registry: {0}")]
+    Io(#[from] std::io::Error),
 }
 
-/// The live state of a store, as captured.
-pub struct StoreSnapshot {
+/// The part of a store snapshot that is not message records (persisted; see module docs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreState {
     pub message_end: u64,
     acks: Vec<u8>,
     registry: Vec<u8>,
-    records: Vec<(u64, Bytes)>,
 }
 
-impl StoreSnapshot {
-    /// Captures the store: records below `message_end` not acknowledged in the default
-    /// group, all groups' sets, the registry. Records reclaimed meanwhile were acknowledged
-    /// and are skipped.
+impl StoreState {
+    /// The ack sets and registry now, for the messages below `message_end`.
     pub fn capture(
-        log: &Log,
         acks: &AckLog,
         dir: &std::path::Path,
         message_end: u64,
-    ) -> Result<StoreSnapshot, SnapshotError> {
-        let acked = acks.snapshot_set();
-        let exported = acks.export_groups()?;
+    ) -> Result<StoreState, SnapshotError> {
         let registry = match std::fs::read(dir.join(REGISTRY_FILE)) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(e.into()),
         };
+        Ok(StoreState {
+            message_end,
+            acks: acks.export_groups()?,
+            registry,
+        })
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(17 + self.acks.len() + self.registry.len());
+        out.put_u8(STORE_STATE_VERSION);
+        out.put_u64_le(self.message_end);
+        out.put_u32_le(self.acks.len() as u32);
+        out.put_slice(&self.acks);
+        out.put_u32_le(self.registry.len() as u32);
+        out.put_slice(&self.registry);
+        out
+    }
+
+    /// Reads a persisted state (v2), or the head of a whole wire snapshot (v1).
+    pub fn decode(data: &[u8]) -> Result<StoreState, SnapshotError> {
+        let mut r = data;
+        let head = read_head(&mut r)?;
+        if head.version == STORE_STATE_VERSION && !r.is_empty() {
+            return Err(SnapshotError::Malformed("trailing bytes"));
+        }
+        Ok(head.state)
+    }
+}
+
+/// What precedes the records: the state, and for the wire format where records start.
+struct Head {
+    version: u8,
+    state: StoreState,
+    /// Wire format only: the first record's offset and how many records follow.
+    base: u64,
+    records: u64,
+}
+
+fn read_head(r: &mut impl Read) -> Result<Head, SnapshotError> {
+    let mut version = [0u8; 1];
+    read_exact(r, &mut version)?;
+    let version = version[0];
+    if version != STORE_SNAPSHOT_VERSION && version != STORE_STATE_VERSION {
+        return Err(SnapshotError::Version(version));
+    }
+    let message_end = read_u64(r)?;
+    let base = match version {
+        STORE_SNAPSHOT_VERSION => read_u64(r)?,
+        _ => message_end,
+    };
+    let acks = read_part(r)?;
+    let registry = read_part(r)?;
+    let records = match version {
+        STORE_SNAPSHOT_VERSION => read_u64(r)?,
+        _ => 0,
+    };
+    if base > message_end || records > message_end - base {
+        return Err(SnapshotError::Malformed("more records than offsets"));
+    }
+    Ok(Head {
+        version,
+        state: StoreState {
+            message_end,
+            acks,
+            registry,
+        },
+        base,
+        records,
+    })
+}
+
+fn read_exact(r: &mut impl Read, buf: &mut [u8]) -> Result<(), SnapshotError> {
+    r.read_exact(buf).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => SnapshotError::Malformed("truncated"),
+        _ => SnapshotError::Io(e),
+    })
+}
+
+fn read_u64(r: &mut impl Read) -> Result<u64, SnapshotError> {
+    let mut b = [0u8; 8];
+    read_exact(r, &mut b)?;
+    Ok(u64::from_le_bytes(b))
+}
+
+fn read_u32(r: &mut impl Read) -> Result<u32, SnapshotError> {
+    let mut b = [0u8; 4];
+    read_exact(r, &mut b)?;
+    Ok(u32::from_le_bytes(b))
+}
+
+fn read_part(r: &mut impl Read) -> Result<Vec<u8>, SnapshotError> {
+    let len = read_u32(r)?;
+    if len > MAX_SNAPSHOT_PART_BYTES {
+        return Err(SnapshotError::Malformed("part longer than the limit"));
+    }
+    let mut part = Vec::new();
+    r.take(u64::from(len)).read_to_end(&mut part)?;
+    if part.len() != len as usize {
+        return Err(SnapshotError::Malformed("truncated"));
+    }
+    Ok(part)
+}
+
+/// A store snapshot in the wire format, generated on read (see the module docs).
+pub struct StoreSource {
+    head: Vec<u8>,
+    records: Vec<(u64, Bytes)>,
+    /// Position just after each record's frame.
+    ends: Vec<u64>,
+}
+
+impl StoreSource {
+    /// The live records of `log` below `state.message_end` — those not acknowledged in the
+    /// default group now (acknowledged since the state was taken is fine: the entry that
+    /// did it follows the snapshot in the Raft log) — behind the state's head.
+    pub fn new(state: &StoreState, log: &Log, acks: &AckLog) -> Result<StoreSource, SnapshotError> {
+        let acked = acks.snapshot_set();
         let mut records = Vec::new();
         let start = log.first_offset().max(acked.floor());
-        for offset in start..message_end.min(log.next_offset()) {
+        for offset in start..state.message_end.min(log.next_offset()) {
             if acked.contains(offset) {
                 continue;
             }
@@ -82,131 +220,166 @@ impl StoreSnapshot {
                 Err(e) => return Err(e.into()),
             }
         }
-        Ok(StoreSnapshot {
-            message_end,
-            acks: exported,
-            registry,
+        let base = records.first().map_or(state.message_end, |r| r.0);
+        let mut head = Vec::with_capacity(33 + state.acks.len() + state.registry.len());
+        head.put_u8(STORE_SNAPSHOT_VERSION);
+        head.put_u64_le(state.message_end);
+        head.put_u64_le(base);
+        head.put_u32_le(state.acks.len() as u32);
+        head.put_slice(&state.acks);
+        head.put_u32_le(state.registry.len() as u32);
+        head.put_slice(&state.registry);
+        head.put_u64_le(records.len() as u64);
+        let mut end = head.len() as u64;
+        let ends = records
+            .iter()
+            .map(|(_, r)| {
+                end += (RECORD_HEAD + r.len()) as u64;
+                end
+            })
+            .collect();
+        Ok(StoreSource {
+            head,
             records,
+            ends,
         })
     }
 
-    /// The first offset the snapshot holds a record for (`message_end` when none).
-    fn base(&self) -> u64 {
-        self.records.first().map_or(self.message_end, |r| r.0)
+    /// Records the snapshot carries.
+    pub fn records(&self) -> usize {
+        self.records.len()
+    }
+}
+
+impl SnapshotSource for StoreSource {
+    fn len(&self) -> u64 {
+        self.ends.last().copied().unwrap_or(self.head.len() as u64)
     }
 
-    pub fn encode(&self) -> Vec<u8> {
-        let bytes: usize = self.records.iter().map(|r| 12 + r.1.len()).sum();
-        let mut out = Vec::with_capacity(64 + self.acks.len() + self.registry.len() + bytes);
-        out.put_u8(STORE_SNAPSHOT_VERSION);
-        out.put_u64_le(self.message_end);
-        out.put_u64_le(self.base());
-        out.put_u32_le(self.acks.len() as u32);
-        out.put_slice(&self.acks);
-        out.put_u32_le(self.registry.len() as u32);
-        out.put_slice(&self.registry);
-        out.put_u64_le(self.records.len() as u64);
-        for (offset, record) in &self.records {
-            out.put_u64_le(*offset);
-            out.put_u32_le(record.len() as u32);
-            out.put_slice(record);
+    fn read_at(&self, pos: u64, buf: &mut [u8]) -> usize {
+        let copy = |from: &[u8], buf: &mut [u8]| {
+            let n = from.len().min(buf.len());
+            buf[..n].copy_from_slice(&from[..n]);
+            n
+        };
+        let head = self.head.len() as u64;
+        if pos < head {
+            return copy(&self.head[pos as usize..], buf);
+        }
+        let i = self.ends.partition_point(|&e| e <= pos);
+        let Some((offset, record)) = self.records.get(i) else {
+            return 0;
+        };
+        let start = if i == 0 { head } else { self.ends[i - 1] };
+        let within = (pos - start) as usize;
+        if within < RECORD_HEAD {
+            let mut frame = [0u8; RECORD_HEAD];
+            frame[..8].copy_from_slice(&offset.to_le_bytes());
+            frame[8..].copy_from_slice(&(record.len() as u32).to_le_bytes());
+            return copy(&frame[within..], buf);
+        }
+        copy(&record[within - RECORD_HEAD..], buf)
+    }
+}
+
+impl StoreSource {
+    /// Reads the whole snapshot into `out` (tests, and small tools).
+    pub fn read_all(&self) -> Vec<u8> {
+        let mut out = vec![0u8; self.len() as usize];
+        let mut pos = 0;
+        while pos < out.len() {
+            let end = (pos + SOURCE_READ_BYTES).min(out.len());
+            let n = self.read_at(pos as u64, &mut out[pos..end]);
+            if n == 0 {
+                break;
+            }
+            pos += n;
         }
         out
     }
+}
 
-    pub fn decode(data: Bytes) -> Result<StoreSnapshot, SnapshotError> {
-        let mut d = data;
-        let need = |d: &Bytes, n: usize| {
-            (d.remaining() >= n)
-                .then_some(())
-                .ok_or(SnapshotError::Malformed("truncated"))
-        };
-        need(&d, 17)?;
-        let version = d.get_u8();
-        if version != STORE_SNAPSHOT_VERSION {
-            return Err(SnapshotError::Version(version));
-        }
-        let message_end = d.get_u64_le();
-        let base = d.get_u64_le();
-        let chunk = |d: &mut Bytes| -> Result<Bytes, SnapshotError> {
-            need(d, 4)?;
-            let len = d.get_u32_le() as usize;
-            need(d, len)?;
-            Ok(d.split_to(len))
-        };
-        let acks = chunk(&mut d)?.to_vec();
-        let registry = chunk(&mut d)?.to_vec();
-        need(&d, 8)?;
-        let n = d.get_u64_le();
-        if n > message_end.saturating_sub(base) || n as usize > d.remaining() / 12 {
-            return Err(SnapshotError::Malformed("more records than offsets"));
-        }
-        let mut records = Vec::with_capacity(n as usize);
-        let mut next = base;
-        for _ in 0..n {
-            need(&d, 8)?;
-            let offset = d.get_u64_le();
-            if offset < next || offset >= message_end {
-                return Err(SnapshotError::Malformed(
-                    "record offsets out of order or range",
-                ));
-            }
-            next = offset + 1;
-            records.push((offset, chunk(&mut d)?));
-        }
-        if d.has_remaining() {
-            return Err(SnapshotError::Malformed("trailing bytes"));
-        }
-        if records.first().is_some_and(|r| r.0 != base) {
-            return Err(SnapshotError::Malformed("base is not the first record"));
-        }
-        Ok(StoreSnapshot {
-            message_end,
-            acks,
-            registry,
-            records,
-        })
+/// Replaces the store with the wire snapshot in `file` and makes it durable; returns its
+/// state (for persisting). The whole file is checked before the store is touched.
+pub fn install_from(
+    file: std::fs::File,
+    log: &Log,
+    acks: &AckLog,
+    dir: &std::path::Path,
+) -> Result<StoreState, SnapshotError> {
+    let mut r = BufReader::new(file);
+    let head = read_head(&mut r)?;
+    if head.version != STORE_SNAPSHOT_VERSION {
+        return Err(SnapshotError::Malformed("not a wire snapshot"));
     }
-
-    /// Replaces the store with this snapshot and makes it durable.
-    pub fn install(
-        &self,
-        log: &Log,
-        acks: &AckLog,
-        dir: &std::path::Path,
-    ) -> Result<(), SnapshotError> {
-        log.reset_to(self.base())?;
-        let mut records = self.records.iter().peekable();
-        for offset in self.base()..self.message_end {
-            match records.peek() {
-                Some((o, record)) if *o == offset => {
-                    log.append_view(0, &[record])?;
-                    records.next();
-                }
-                _ => {
-                    log.append_view(0, &[])?;
-                }
-            }
+    let records_at = r.stream_position()?;
+    // Pass 1: frames in order and in range, lengths bounded, nothing after the last.
+    let mut next = head.base;
+    for i in 0..head.records {
+        let offset = read_u64(&mut r)?;
+        let len = read_u32(&mut r)?;
+        let first_is_base = i > 0 || offset == head.base;
+        if offset < next || offset >= head.state.message_end || !first_is_base {
+            return Err(SnapshotError::Malformed(
+                "record offsets out of order or range",
+            ));
         }
-        log.flush()?;
-        acks.import_groups(&self.acks)?;
-        acks.log().flush()?;
-        if self.registry.is_empty() {
-            match std::fs::remove_file(dir.join(REGISTRY_FILE)) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
-                _ => {}
-            }
-        } else {
-            replication::write_file(dir, REGISTRY_FILE, &self.registry)?;
+        if len > MAX_SNAPSHOT_RECORD_BYTES {
+            return Err(SnapshotError::Malformed("record longer than the limit"));
         }
-        Ok(())
+        let skipped = std::io::copy(&mut (&mut r).take(u64::from(len)), &mut std::io::sink())?;
+        if skipped != u64::from(len) {
+            return Err(SnapshotError::Malformed("truncated"));
+        }
+        next = offset + 1;
     }
+    if r.read(&mut [0u8; 1])? != 0 {
+        return Err(SnapshotError::Malformed("trailing bytes"));
+    }
+    // Pass 2: install.
+    r.seek(SeekFrom::Start(records_at))?;
+    log.reset_to(head.base)?;
+    let mut record = Vec::new();
+    let mut next = head.base;
+    for _ in 0..head.records {
+        let offset = read_u64(&mut r)?;
+        let len = read_u32(&mut r)? as usize;
+        for _ in next..offset {
+            log.append_view(0, &[])?;
+        }
+        record.resize(len, 0);
+        read_exact(&mut r, &mut record)?;
+        log.append_view(0, &[&record])?;
+        next = offset + 1;
+    }
+    for _ in next..head.state.message_end {
+        log.append_view(0, &[])?;
+    }
+    log.flush()?;
+    let state = head.state;
+    acks.import_groups(&state.acks)?;
+    acks.log().flush()?;
+    if state.registry.is_empty() {
+        match std::fs::remove_file(dir.join(REGISTRY_FILE)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
+    } else {
+        replication::write_file(dir, REGISTRY_FILE, &state.registry)?;
+    }
+    Ok(state)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::broker::replication::tests::open;
+
+    fn file_with(dir: &std::path::Path, bytes: &[u8]) -> std::fs::File {
+        let path = dir.join("received");
+        std::fs::write(&path, bytes).unwrap();
+        std::fs::File::open(&path).unwrap()
+    }
 
     #[test]
     fn a_snapshot_carries_live_records_at_their_offsets_and_only_committed_ones() {
@@ -219,16 +392,22 @@ mod tests {
         acks.raise_group_floor(3, 7).unwrap();
         replication::write_file(a.path(), REGISTRY_FILE, b"version: 1\n").unwrap();
         // 8 and 9 are a local tail that was never committed.
-        let snap = StoreSnapshot::capture(&log, &acks, a.path(), 8).unwrap();
-        let bytes = snap.encode();
-        let decoded = StoreSnapshot::decode(Bytes::from(bytes.clone())).unwrap();
+        let state = StoreState::capture(&acks, a.path(), 8).unwrap();
+        assert_eq!(StoreState::decode(&state.encode()).unwrap(), state);
+        let source = StoreSource::new(&state, &log, &acks).unwrap();
+        assert_eq!(source.records(), 4, "3, 4, 6 and 7 are live");
+        let bytes = source.read_all();
+        assert_eq!(bytes.len() as u64, source.len());
+        // The head of a wire snapshot reads as its state (a v1 persisted file).
+        assert_eq!(StoreState::decode(&bytes).unwrap(), state);
 
         let (log2, acks2) = open(b.path());
         for _ in 0..20 {
             log2.append_view(0, &[b"stale"]).unwrap();
         }
         acks2.ack(&[4]).unwrap();
-        decoded.install(&log2, &acks2, b.path()).unwrap();
+        let installed = install_from(file_with(b.path(), &bytes), &log2, &acks2, b.path()).unwrap();
+        assert_eq!(installed, state);
         assert_eq!((log2.first_offset(), log2.next_offset()), (3, 8));
         for o in [3u64, 4, 6, 7] {
             assert_eq!(&log2.read(o).unwrap().payload[..], &[o as u8; 3]);
@@ -238,15 +417,59 @@ mod tests {
             std::fs::read(b.path().join(REGISTRY_FILE)).unwrap(),
             b"version: 1\n"
         );
-        // Every truncation and a flipped version are refused before touching a store.
-        for cut in 0..bytes.len() {
-            assert!(StoreSnapshot::decode(Bytes::copy_from_slice(&bytes[..cut])).is_err());
+    }
+
+    #[test]
+    fn a_damaged_snapshot_is_refused_before_the_store_is_touched() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (log, acks) = open(a.path());
+        for i in 0..6u8 {
+            log.append_view(0, &[&[i; 5]]).unwrap();
         }
+        acks.ack(&[1]).unwrap();
+        let state = StoreState::capture(&acks, a.path(), 6).unwrap();
+        let bytes = StoreSource::new(&state, &log, &acks).unwrap().read_all();
+        let (log2, acks2) = open(b.path());
+        for _ in 0..9 {
+            log2.append_view(0, &[b"kept"]).unwrap();
+        }
+        let untouched = |log2: &Log| {
+            assert_eq!((log2.first_offset(), log2.next_offset()), (0, 9));
+            assert_eq!(&log2.read(8).unwrap().payload[..], b"kept");
+        };
+        for cut in 0..bytes.len() {
+            let r = install_from(file_with(b.path(), &bytes[..cut]), &log2, &acks2, b.path());
+            assert!(r.is_err(), "a snapshot cut at byte {cut} was installed");
+            untouched(&log2);
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(install_from(file_with(b.path(), &longer), &log2, &acks2, b.path()).is_err());
         let mut bad = bytes.clone();
         bad[0] = 9;
         assert!(matches!(
-            StoreSnapshot::decode(Bytes::from(bad)),
+            install_from(file_with(b.path(), &bad), &log2, &acks2, b.path()),
             Err(SnapshotError::Version(9))
         ));
+        untouched(&log2);
+    }
+
+    #[test]
+    fn a_source_reads_the_same_bytes_from_any_position() {
+        let a = tempfile::tempdir().unwrap();
+        let (log, acks) = open(a.path());
+        for i in 0..50u8 {
+            log.append_view(0, &[&vec![i; usize::from(i) * 7]]).unwrap();
+        }
+        let state = StoreState::capture(&acks, a.path(), 50).unwrap();
+        let source = StoreSource::new(&state, &log, &acks).unwrap();
+        let whole = source.read_all();
+        for pos in (0..whole.len()).step_by(13) {
+            let mut buf = [0u8; 29];
+            let n = source.read_at(pos as u64, &mut buf);
+            assert!(n > 0);
+            assert_eq!(&buf[..n], &whole[pos..pos + n]);
+        }
+        assert_eq!(source.read_at(whole.len() as u64, &mut [0u8; 4]), 0);
     }
 }

@@ -7,8 +7,10 @@
 //! because applying is idempotent (and repairs a local tail the last leadership never
 //! committed). A snapshot (`snapshot.rs`: the store's live messages, ack sets, registry) is
 //! built every [`super::SNAPSHOT_EVERY_ENTRIES`] entries; the store is flushed before the
-//! snapshot is persisted, so the store on disk always covers the snapshot, and openraft
-//! may then purge the log before it. A lagging or new member installs the snapshot.
+//! snapshot's state is persisted, so the store on disk always covers the snapshot, and
+//! openraft may then purge the log before it. A lagging or new member installs the
+//! snapshot: it is sent as a source generated from the store's mapping and received into a
+//! file (`raft/sm/receiving`), never held whole in memory.
 //!
 //! Invariant: every node applies the same operations in the same order, so message
 //! offsets, acknowledgements and consumer groups are identical on every node up to the
@@ -17,11 +19,10 @@
 // openraft's storage error is large; these signatures are openraft's, not ours.
 #![allow(clippy::result_large_err)]
 
-use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use entrepot_cluster::{NodeId, RaftStorageError, Request, Response, TypeConfig};
+use entrepot_cluster::{NodeId, RaftStorageError, Request, Response, SnapshotData, TypeConfig};
 use entrepot_storage::{AckLog, Log};
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
@@ -29,11 +30,13 @@ use openraft::{
     StorageError, StorageIOError, StoredMembership,
 };
 
-use super::snapshot::StoreSnapshot;
+use super::snapshot::{self, StoreSource, StoreState};
 use crate::broker::replication::{self, Applied};
 
 /// Directory (inside the Raft directory) of the persisted snapshot.
 pub const SNAPSHOT_DIR: &str = "sm";
+/// File (in [`SNAPSHOT_DIR`]) a snapshot from the leader is received into.
+const RECEIVING_FILE: &str = "receiving";
 
 /// The store as openraft's state machine; cheap to clone (all clones share the store).
 #[derive(Clone)]
@@ -76,7 +79,7 @@ impl StoreMachine {
         let snapshot_dir = raft_dir.join(SNAPSHOT_DIR);
         let mut state = State::default();
         if let Some((meta, data)) = entrepot_cluster::read_snapshot_file(&snapshot_dir)? {
-            let snap = StoreSnapshot::decode(bytes::Bytes::from(data))?;
+            let snap = StoreState::decode(&data)?;
             state.last_applied = meta.last_log_id;
             state.membership = meta.last_membership;
             state.applied.message_end = Some(snap.message_end);
@@ -138,12 +141,12 @@ impl StoreMachine {
         let shared = &self.inner;
         // Entries applied after `last` may show in the acks and registry captured here;
         // they are applied again after an install, idempotently, so the result is the same.
-        let snap = StoreSnapshot::capture(&shared.log, &shared.acks, &shared.dir, message_end)
+        let snap = StoreState::capture(&shared.acks, &shared.dir, message_end)
             .map_err(|e| sm_error(None, e))?;
         // The store on disk must cover the snapshot before the log before it may go.
         shared.log.flush().map_err(|e| sm_error(None, e))?;
         shared.acks.log().flush().map_err(|e| sm_error(None, e))?;
-        let data = snap.encode();
+        let persisted = snap.encode();
         let meta = SnapshotMeta {
             last_log_id: last,
             last_membership: membership,
@@ -155,35 +158,42 @@ impl StoreMachine {
                 None => format!("none-{built}"),
             },
         };
-        entrepot_cluster::write_snapshot_file(&shared.snapshot_dir, &meta, &data)
+        entrepot_cluster::write_snapshot_file(&shared.snapshot_dir, &meta, &persisted)
             .map_err(|e| sm_error(None, e))?;
+        let source = self.source(&snap)?;
         tracing::info!(
             index = last.map_or(0, |l| l.index),
-            bytes = data.len(),
+            records = source.records(),
+            bytes = entrepot_cluster::SnapshotSource::len(&source),
             "store snapshot built"
         );
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot: Box::new(SnapshotData::source(source)),
         })
+    }
+
+    /// The wire snapshot of `state` over the store's records as they are now.
+    fn source(&self, state: &StoreState) -> Result<StoreSource, RaftStorageError> {
+        let shared = &self.inner;
+        StoreSource::new(state, &shared.log, &shared.acks).map_err(|e| sm_error(None, e))
     }
 
     fn install(
         &self,
         meta: &SnapshotMeta<NodeId, BasicNode>,
-        data: Vec<u8>,
+        file: std::fs::File,
     ) -> Result<(), RaftStorageError> {
         let shared = &self.inner;
-        let data = bytes::Bytes::from(data);
-        let snap = StoreSnapshot::decode(data.clone()).map_err(|e| sm_error(None, e))?;
         let mut state = self.lock();
-        snap.install(&shared.log, &shared.acks, &shared.dir)
+        let snap = snapshot::install_from(file, &shared.log, &shared.acks, &shared.dir)
             .map_err(|e| sm_error(None, e))?;
-        entrepot_cluster::write_snapshot_file(&shared.snapshot_dir, meta, &data)
+        entrepot_cluster::write_snapshot_file(&shared.snapshot_dir, meta, &snap.encode())
             .map_err(|e| sm_error(None, e))?;
         state.last_applied = meta.last_log_id;
         state.membership = meta.last_membership.clone();
         state.applied.message_end = Some(snap.message_end);
+        let _ = std::fs::remove_file(shared.snapshot_dir.join(RECEIVING_FILE));
         tracing::info!(
             index = meta.last_log_id.map_or(0, |l| l.index),
             message_end = snap.message_end,
@@ -248,18 +258,35 @@ impl RaftStateMachine<TypeConfig> for StoreMachine {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, RaftStorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotData>, RaftStorageError> {
+        let dir = &self.inner.snapshot_dir;
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| sm_error(None, e))?;
+        let data = SnapshotData::receiving_file(&dir.join(RECEIVING_FILE))
+            .await
+            .map_err(|e| sm_error(None, e))?;
+        Ok(Box::new(data))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<SnapshotData>,
     ) -> Result<(), RaftStorageError> {
+        let file = snapshot
+            .into_std_file()
+            .await
+            .map_err(|e| sm_error(None, e))?
+            .ok_or_else(|| {
+                sm_error(
+                    None,
+                    std::io::Error::other("a snapshot to install arrives in a file"),
+                )
+            })?;
         let this = self.clone();
         let meta = meta.clone();
-        tokio::task::spawn_blocking(move || this.install(&meta, snapshot.into_inner()))
+        tokio::task::spawn_blocking(move || this.install(&meta, file))
             .await
             .map_err(|e| sm_error(None, std::io::Error::other(e.to_string())))?
     }
@@ -267,11 +294,20 @@ impl RaftStateMachine<TypeConfig> for StoreMachine {
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, RaftStorageError> {
-        let found = entrepot_cluster::read_snapshot_file(&self.inner.snapshot_dir)
-            .map_err(|e| sm_error(None, e))?;
-        Ok(found.map(|(meta, data)| Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data)),
-        }))
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let found = entrepot_cluster::read_snapshot_file(&this.inner.snapshot_dir)
+                .map_err(|e| sm_error(None, e))?;
+            let Some((meta, data)) = found else {
+                return Ok(None);
+            };
+            let state = StoreState::decode(&data).map_err(|e| sm_error(None, e))?;
+            Ok(Some(Snapshot {
+                meta,
+                snapshot: Box::new(SnapshotData::source(this.source(&state)?)),
+            }))
+        })
+        .await
+        .map_err(|e| sm_error(None, std::io::Error::other(e.to_string())))?
     }
 }

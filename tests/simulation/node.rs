@@ -17,7 +17,6 @@
 // openraft's error types are large; these signatures are openraft's, not ours.
 #![allow(clippy::result_large_err)]
 
-use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -168,14 +167,16 @@ impl RaftStateMachine<TypeConfig> for Observed {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, RaftStorageError> {
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<entrepot_cluster::SnapshotData>, RaftStorageError> {
         self.machine.begin_receiving_snapshot().await
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<entrepot_cluster::SnapshotData>,
     ) -> Result<(), RaftStorageError> {
         let installed = self.machine.install_snapshot(meta, snapshot).await;
         if installed.is_ok() {
