@@ -8,10 +8,9 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use fe2o3_amqp::types::definitions::{Handle, ReceiverSettleMode, Role, SenderSettleMode};
-use fe2o3_amqp::types::messaging::TargetArchetype;
-use fe2o3_amqp::types::messaging::{Accepted as AcceptedState, DeliveryState, Source, Target};
-use fe2o3_amqp::types::performatives::{Attach, Disposition, Flow, Performative};
+use fe2o3_amqp::types::definitions::{ReceiverSettleMode, Role};
+use fe2o3_amqp::types::messaging::{Accepted as AcceptedState, DeliveryState};
+use fe2o3_amqp::types::performatives::{Disposition, Flow, Performative};
 
 use crate::cluster_support::{assert_none_lost, drain, Accepted, Cluster, Load, LoadConfig};
 use crate::raw_client::Client;
@@ -62,28 +61,8 @@ async fn consume_settling_second(
     settled_target: usize,
 ) -> (HashSet<u64>, HashSet<u64>) {
     let mut c = Client::open(addr).await.expect("raw connect");
-    let attach = Attach {
-        name: "second".into(),
-        handle: Handle(0),
-        role: Role::Receiver,
-        snd_settle_mode: SenderSettleMode::Unsettled,
-        rcv_settle_mode: ReceiverSettleMode::Second,
-        source: Some(Box::new(Source::builder().address(QUEUE).build())),
-        target: Some(Box::new(TargetArchetype::Target(Target::builder().build()))),
-        unsettled: None,
-        incomplete_unsettled: false,
-        initial_delivery_count: None,
-        max_message_size: None,
-        offered_capabilities: None,
-        desired_capabilities: None,
-        properties: None,
-    };
-    c.send_on(0, &Performative::Attach(attach), &[]).await;
     let answer = c
-        .expect(|p| match p {
-            Performative::Attach(a) => Some(a),
-            _ => None,
-        })
+        .attach_receiver_settling(0, 0, "second", QUEUE, ReceiverSettleMode::Second)
         .await;
     assert_eq!(
         answer.rcv_settle_mode,

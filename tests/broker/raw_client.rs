@@ -227,12 +227,25 @@ impl Client {
         name: &str,
         address: &str,
     ) -> Attach {
+        self.attach_receiver_settling(channel, handle, name, address, ReceiverSettleMode::First)
+            .await
+    }
+
+    /// [`Client::attach_receiver_on`] asking for receiver-settle-mode `mode`.
+    pub async fn attach_receiver_settling(
+        &mut self,
+        channel: u16,
+        handle: u32,
+        name: &str,
+        address: &str,
+        mode: ReceiverSettleMode,
+    ) -> Attach {
         let attach = Attach {
             name: name.into(),
             handle: Handle(handle),
             role: Role::Receiver,
             snd_settle_mode: SenderSettleMode::Unsettled,
-            rcv_settle_mode: ReceiverSettleMode::First,
+            rcv_settle_mode: mode,
             source: Some(Box::new(Source::builder().address(address).build())),
             target: Some(Box::new(TargetArchetype::Target(Target::builder().build()))),
             unsettled: None,
