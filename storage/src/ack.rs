@@ -6,6 +6,13 @@
 //! delta-varints; every [`SNAPSHOT_EVERY_RECORDS`] records a snapshot of the whole set is
 //! appended and older ack segments are purged, so reopening replays a bounded amount.
 //!
+//! It also keeps *delivery counts*: how often a not yet acknowledged message of a group
+//! was delivered without success (a consumer's `modified` with delivery-failed, or a link
+//! closed with the delivery unsettled), so `max-delivery-attempts` and the delivery-count
+//! a consumer sees survive a restart. A count is one small record when it changes (the
+//! failure path, never the hot one), carried into every snapshot and forgotten once its
+//! message is acknowledged.
+//!
 //! Invariant: an offset reported acknowledged after a restart was acknowledged before it
 //! and its ack record was durable. A data segment may be deleted once
 //! [`AckLog::contains_range`] covers it and the acks are durable.
@@ -32,6 +39,8 @@ const FLAG_SNAPSHOT: u16 = 2;
 const FLAG_GROUP_ACKS: u16 = 3;
 const FLAG_GROUP_SNAPSHOT: u16 = 4;
 const FLAG_GROUP_DROP: u16 = 5;
+const FLAG_DELIVERY_COUNT: u16 = 6;
+const FLAG_COUNTS_SNAPSHOT: u16 = 7;
 
 /// The group of the default consumption state (queues).
 pub const DEFAULT_GROUP: u32 = 0;
@@ -43,6 +52,9 @@ pub const MAX_GROUPS: usize = 1 << 20;
 // Format (group ack record, flags = 3): { group: varint | ack record }
 // Format (group snapshot record, flags = 4): { groups: varint | groups × { group: varint | len: varint | OffsetSet::encode (len bytes) } }
 // Format (group drop record, flags = 5): { group: varint }
+// Format (delivery count record, flags = 6): { group: varint | offset: varint | count: varint }
+// Format (delivery counts snapshot, flags = 7): { n: varint | n × { group: varint | offset: varint | count: varint } }
+//   (written right after each group snapshot when any count is kept; replaces all counts)
 
 /// Persistent sets of acknowledged offsets, one per consumer group (see the module docs).
 /// Group [`DEFAULT_GROUP`] always exists.
@@ -53,6 +65,8 @@ pub struct AckLog {
 
 struct AckState {
     groups: HashMap<u32, OffsetSet>,
+    /// Delivery counts of messages not yet acknowledged: (group, offset) → count.
+    counts: HashMap<(u32, u64), u32>,
     since_snapshot: u64,
     /// Encode buffer reused by every ack (no allocation per acknowledgement).
     buf: Vec<u8>,
@@ -61,6 +75,17 @@ struct AckState {
 impl AckState {
     fn group(&mut self, group: u32) -> &mut OffsetSet {
         self.groups.entry(group).or_default()
+    }
+
+    fn is_acked(&self, group: u32, offset: u64) -> bool {
+        self.groups.get(&group).is_none_or(|g| g.contains(offset))
+    }
+
+    /// Forgets counts whose message is acknowledged (or whose group is gone).
+    fn prune_counts(&mut self) {
+        let groups = &self.groups;
+        self.counts
+            .retain(|(g, o), _| groups.get(g).is_some_and(|set| !set.contains(*o)));
     }
 
     fn apply(&mut self, flags: u16, payload: &[u8]) -> Option<()> {
@@ -94,6 +119,13 @@ impl AckState {
                 let group = u32::try_from(get_varint(payload, &mut at)?).ok()?;
                 self.groups.remove(&group);
             }
+            FLAG_DELIVERY_COUNT => {
+                let mut at = 0;
+                let (key, count) = get_count(payload, &mut at)?;
+                (at == payload.len()).then_some(())?;
+                self.counts.insert(key, count);
+            }
+            FLAG_COUNTS_SNAPSHOT => self.counts = decode_counts(payload)?,
             _ => return None,
         }
         Some(())
@@ -110,6 +142,7 @@ impl AckLog {
         let log = Log::open(dir, config)?;
         let mut state = AckState {
             groups: HashMap::new(),
+            counts: HashMap::new(),
             since_snapshot: 0,
             buf: Vec::with_capacity(256),
         };
@@ -120,6 +153,7 @@ impl AckLog {
                 .ok_or_else(|| bad_record(&log, record.offset))?;
         }
         state.group(DEFAULT_GROUP);
+        state.prune_counts();
         Ok(AckLog {
             log,
             state: Mutex::new(state),
@@ -157,6 +191,11 @@ impl AckLog {
             for &o in chunk {
                 set.insert(o);
             }
+            if !state.counts.is_empty() {
+                for &o in chunk {
+                    state.counts.remove(&(group, o));
+                }
+            }
             state.since_snapshot += 1;
             if state.since_snapshot >= SNAPSHOT_EVERY_RECORDS {
                 self.snapshot_locked(&mut state)?;
@@ -192,15 +231,69 @@ impl AckLog {
         put_varint(u64::from(group), &mut buf);
         let appended = self.log.append_parts(FLAG_GROUP_DROP, &[&buf])?;
         state.groups.remove(&group);
+        state.counts.retain(|(g, _), _| *g != group);
         Ok(appended.durable)
+    }
+
+    /// Records that `group`'s message at `offset` was delivered without success `count`
+    /// times (ignored once it is acknowledged); durable with the returned handle.
+    pub fn set_delivery_count(&self, group: u32, offset: u64, count: u32) -> Result<Durable> {
+        let mut state = self.lock()?;
+        if state.is_acked(group, offset) {
+            return Ok(Durable::ready(0));
+        }
+        let mut buf = Vec::with_capacity(16);
+        put_count(&mut buf, (group, offset), count);
+        let appended = self.log.append_parts(FLAG_DELIVERY_COUNT, &[&buf])?;
+        state.counts.insert((group, offset), count);
+        Ok(appended.durable)
+    }
+
+    /// How often `group`'s message at `offset` was delivered without success (0 if never).
+    pub fn delivery_count(&self, group: u32, offset: u64) -> u32 {
+        self.state
+            .lock()
+            .ok()
+            .and_then(|s| s.counts.get(&(group, offset)).copied())
+            .unwrap_or(0)
+    }
+
+    /// Every kept delivery count, encoded as a counts snapshot (a Raft snapshot carries it).
+    pub fn export_counts(&self) -> Result<Vec<u8>> {
+        let state = self.lock()?;
+        Ok(encode_counts(&state.counts))
+    }
+
+    /// Replaces every delivery count with `data` from [`AckLog::export_counts`].
+    pub fn import_counts(&self, data: &[u8]) -> Result<Durable> {
+        let counts = decode_counts(data).ok_or_else(|| StorageError::Corrupt {
+            path: self.log.dir().to_path_buf(),
+            position: 0,
+            offset: 0,
+            reason: "malformed imported delivery counts",
+        })?;
+        let mut state = self.lock()?;
+        state.counts = counts;
+        state.prune_counts();
+        self.snapshot_locked(&mut state)
     }
 
     fn snapshot_locked(&self, state: &mut AckState) -> Result<Durable> {
         let buf = encode_group_snapshot(state);
         let appended = self.log.append_parts(FLAG_GROUP_SNAPSHOT, &[&buf])?;
         state.since_snapshot = 0;
+        state.prune_counts();
+        let durable = match state.counts.is_empty() {
+            true => appended.durable,
+            false => {
+                let counts = encode_counts(&state.counts);
+                self.log
+                    .append_parts(FLAG_COUNTS_SNAPSHOT, &[&counts])?
+                    .durable
+            }
+        };
         self.log.purge_before(appended.first)?;
-        Ok(appended.durable)
+        Ok(durable)
     }
 
     /// Every group's set, encoded as a group snapshot (`Format (group snapshot record)`).
@@ -311,6 +404,45 @@ fn decode_group_snapshot(data: &[u8]) -> Option<HashMap<u32, OffsetSet>> {
     (at == data.len()).then_some(groups)
 }
 
+fn put_count(buf: &mut Vec<u8>, (group, offset): (u32, u64), count: u32) {
+    put_varint(u64::from(group), buf);
+    put_varint(offset, buf);
+    put_varint(u64::from(count), buf);
+}
+
+fn get_count(data: &[u8], at: &mut usize) -> Option<((u32, u64), u32)> {
+    let group = u32::try_from(get_varint(data, at)?).ok()?;
+    let offset = get_varint(data, at)?;
+    let count = u32::try_from(get_varint(data, at)?).ok()?;
+    Some(((group, offset), count))
+}
+
+fn encode_counts(counts: &HashMap<(u32, u64), u32>) -> Vec<u8> {
+    let mut sorted: Vec<_> = counts.iter().collect();
+    sorted.sort_unstable();
+    let mut buf = Vec::with_capacity(4 + sorted.len() * 8);
+    put_varint(sorted.len() as u64, &mut buf);
+    for (key, count) in sorted {
+        put_count(&mut buf, *key, *count);
+    }
+    buf
+}
+
+fn decode_counts(data: &[u8]) -> Option<HashMap<(u32, u64), u32>> {
+    let mut at = 0;
+    let n = get_varint(data, &mut at)?;
+    // Each entry takes at least 3 bytes: a bound before allocating.
+    if n > (data.len() as u64) / 3 + 1 {
+        return None;
+    }
+    let mut counts = HashMap::with_capacity(n as usize);
+    for _ in 0..n {
+        let (key, count) = get_count(data, &mut at)?;
+        counts.insert(key, count);
+    }
+    (at == data.len()).then_some(counts)
+}
+
 fn bad_record(log: &Log, offset: u64) -> StorageError {
     StorageError::Corrupt {
         path: log.dir().to_path_buf(),
@@ -378,6 +510,49 @@ fn decode_acks(data: &[u8], mut each: impl FnMut(u64)) -> Option<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn delivery_counts_survive_reopen_and_snapshots_and_go_with_the_ack() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || AckLog::open(dir.path(), LogConfig::default()).unwrap();
+        let acks = open();
+        acks.raise_group_floor(7, 0).unwrap();
+        acks.set_delivery_count(DEFAULT_GROUP, 3, 1).unwrap();
+        acks.set_delivery_count(DEFAULT_GROUP, 3, 2).unwrap();
+        acks.set_delivery_count(DEFAULT_GROUP, 4, 1).unwrap();
+        acks.set_delivery_count(7, 3, 5).unwrap();
+        acks.ack(&[4]).unwrap();
+        assert_eq!(acks.delivery_count(DEFAULT_GROUP, 4), 0, "acknowledged: forgotten");
+        drop(acks);
+        let acks = open();
+        assert_eq!(acks.delivery_count(DEFAULT_GROUP, 3), 2);
+        assert_eq!(acks.delivery_count(DEFAULT_GROUP, 4), 0);
+        assert_eq!(acks.delivery_count(7, 3), 5);
+        // A snapshot (a floor raise writes one and purges what it covers) keeps them.
+        acks.raise_group_floor(9, 0).unwrap();
+        drop(acks);
+        let acks = open();
+        assert_eq!(acks.delivery_count(DEFAULT_GROUP, 3), 2);
+        assert_eq!(acks.delivery_count(7, 3), 5);
+        // A count for an acknowledged message is not even written.
+        acks.ack(&[10]).unwrap();
+        acks.set_delivery_count(DEFAULT_GROUP, 10, 3).unwrap();
+        assert_eq!(acks.delivery_count(DEFAULT_GROUP, 10), 0);
+        // Exported counts replace another log's.
+        let other_dir = tempfile::tempdir().unwrap();
+        let other = AckLog::open(other_dir.path(), LogConfig::default()).unwrap();
+        other.raise_group_floor(7, 0).unwrap();
+        other.set_delivery_count(DEFAULT_GROUP, 99, 1).unwrap();
+        other.import_counts(&acks.export_counts().unwrap()).unwrap();
+        assert_eq!(other.delivery_count(DEFAULT_GROUP, 99), 0);
+        assert_eq!(other.delivery_count(DEFAULT_GROUP, 3), 2);
+        assert_eq!(other.delivery_count(7, 3), 5);
+        drop(acks);
+        let acks = open();
+        acks.drop_group(7).unwrap();
+        assert_eq!(acks.delivery_count(7, 3), 0);
+        assert!(other.import_counts(&[5, 1]).is_err());
+    }
     use crate::config::SyncPolicy;
 
     fn cfg() -> LogConfig {
