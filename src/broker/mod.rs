@@ -211,6 +211,13 @@ impl Broker {
                     .recover(self, msg, m.timestamp_ms);
                 continue;
             }
+            let mut msg = msg;
+            // Failed deliveries before the restart still count (the header holds only
+            // the count the producer sent).
+            let failed = self
+                .store
+                .delivery_count(entrepot_storage::DEFAULT_GROUP, m.offset);
+            msg.delivery_count = msg.delivery_count.max(failed);
             by_queue.entry(m.address).or_default().push(msg);
         }
         let queues = by_queue.len();

@@ -374,8 +374,31 @@ impl Queue {
             }
         });
         back.sort_by_key(|m| std::cmp::Reverse(m.offset));
+        let max = broker.config().max_delivery_attempts;
+        let mut dead = Vec::new();
         for msg in back {
+            if msg.delivery_count >= max {
+                s.release(len_of(&msg));
+                dead.push(msg);
+                continue;
+            }
+            self.record_delivery_count(broker, &msg);
             s.ready.push_front(msg);
+        }
+        if !dead.is_empty() {
+            // As for a `modified` failure: the attempt that reaches the limit dead-letters.
+            drop(s);
+            for msg in dead {
+                self.divert(
+                    broker,
+                    msg,
+                    Diversion::DeadLetter {
+                        reason: "delivery-limit".into(),
+                        description: Some(format!("delivery attempts reached {max}")),
+                    },
+                );
+            }
+            s = self.lock();
         }
         self.dispatch(broker, &mut s);
     }
@@ -459,6 +482,9 @@ impl Queue {
                     self.dispatch(broker, &mut s);
                     return None;
                 }
+                if delivery_failed {
+                    self.record_delivery_count(broker, &msg);
+                }
                 s.ready.push_front(msg);
             }
             Outcome::Rejected {
@@ -512,6 +538,27 @@ impl Queue {
             tracing::error!(queue = %self.name, offset, error = %e, "could not record acknowledgement");
             None
         })
+    }
+
+    /// Persists a raised delivery count (queues and durable subscriptions), so
+    /// `max-delivery-attempts` and the count a consumer sees survive a restart. Best
+    /// effort: a store that refuses is logged, and the count lives on in memory.
+    fn record_delivery_count(&self, broker: &Broker, msg: &QueuedMessage) {
+        let group = match &self.owner {
+            QueueOwner::Address => entrepot_storage::DEFAULT_GROUP,
+            QueueOwner::Subscription {
+                group,
+                durable: true,
+                ..
+            } => *group,
+            _ => return,
+        };
+        if let Err(e) = broker
+            .store()
+            .set_delivery_count(group, msg.offset, msg.delivery_count)
+        {
+            tracing::warn!(queue = %self.name, offset = msg.offset, error = %e, "could not record a delivery count");
+        }
     }
 
     fn acknowledge(&self, broker: &Broker, offset: u64) -> Option<Durable> {

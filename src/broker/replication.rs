@@ -23,6 +23,7 @@
 //! //   op 4 group floor{ group: u32 | floor: u64 }
 //! //   op 5 drop group { group: u32 }
 //! //   op 6 file       { name_len: u16 | name | len: u32 | contents }   (data-dir file)
+//! //   op 7 delivery count { group: u32 | offset: u64 | count: u32 }   (failed deliveries)
 //! ```
 //! Invariants: operations are queued in the order the store changed (the queue's lock is
 //! held across the local write); no node persists an acknowledgement before it commits;
@@ -54,6 +55,7 @@ const OP_ACK_GROUP: u8 = 3;
 const OP_GROUP_FLOOR: u8 = 4;
 const OP_DROP_GROUP: u8 = 5;
 const OP_FILE: u8 = 6;
+const OP_DELIVERY_COUNT: u8 = 7;
 
 /// Why a batch could not be applied.
 #[derive(Debug, thiserror::Error)]
@@ -248,6 +250,13 @@ pub(crate) fn encode_drop_group(buf: &mut BytesMut, group: u32) {
     buf.put_u32_le(group);
 }
 
+pub(crate) fn encode_delivery_count(buf: &mut BytesMut, group: u32, offset: u64, count: u32) {
+    buf.put_u8(OP_DELIVERY_COUNT);
+    buf.put_u32_le(group);
+    buf.put_u64_le(offset);
+    buf.put_u32_le(count);
+}
+
 pub(crate) fn encode_file(buf: &mut BytesMut, name: &str, contents: &[u8]) {
     buf.put_u8(OP_FILE);
     buf.put_u16_le(name.len() as u16);
@@ -322,6 +331,14 @@ pub fn apply(
             OP_DROP_GROUP => {
                 let group = r.u32()?;
                 acks.drop_group(group)?;
+            }
+            OP_DELIVERY_COUNT => {
+                let group = r.u32()?;
+                let offset = r.u64()?;
+                let count = r.u32()?;
+                if acks.delivery_count(group, offset) != count {
+                    acks.set_delivery_count(group, offset, count)?;
+                }
             }
             OP_FILE => {
                 let name_len = r.u16()? as usize;
@@ -477,12 +494,14 @@ pub(crate) mod tests {
             encode_message(b, 0, b"zero");
             encode_message(b, 1, b"one");
             encode_ack(b, None, &[0]);
+            encode_delivery_count(b, 0, 1, 3);
             encode_file(b, "subscriptions.yaml", b"version: 1\n");
         });
         apply(&ops, &log, &acks, dir.path(), &mut applied).unwrap();
         apply(&ops, &log, &acks, dir.path(), &mut applied).unwrap();
         assert_eq!(log.next_offset(), 2);
         assert!(acks.is_acked(0) && !acks.is_acked(1));
+        assert_eq!(acks.delivery_count(0, 1), 3);
         assert_eq!(applied.message_end, Some(2));
         // A stale local tail (offset 2 never committed) is replaced by the committed one.
         log.append_view(0, &[b"stale"]).unwrap();

@@ -257,6 +257,25 @@ impl Store {
         )
     }
 
+    /// Records how often `group`'s message at `offset` was delivered without success, so
+    /// `max-delivery-attempts` and the delivery-count survive a restart or failover.
+    pub fn set_delivery_count(
+        &self,
+        group: u32,
+        offset: u64,
+        count: u32,
+    ) -> StorageResult<Durable> {
+        self.change(
+            || self.acks.set_delivery_count(group, offset, count),
+            |b| replication::encode_delivery_count(b, group, offset, count),
+        )
+    }
+
+    /// The failed deliveries recorded for `group`'s message at `offset` (0 if none).
+    pub fn delivery_count(&self, group: u32, offset: u64) -> u32 {
+        self.acks.delivery_count(group, offset)
+    }
+
     /// Forgets a deleted subscription's group.
     pub fn drop_group(&self, group: u32) -> StorageResult<Durable> {
         self.change(

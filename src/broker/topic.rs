@@ -368,7 +368,10 @@ impl Topic {
         let done = holders.is_empty() && !retain;
         drop(s);
         for sub in holders {
-            sub.queue.enqueue_all(broker, [msg.clone()]);
+            let mut msg = msg.clone();
+            let failed = broker.store().delivery_count(sub.group, msg.offset);
+            msg.delivery_count = msg.delivery_count.max(failed);
+            sub.queue.enqueue_all(broker, [msg]);
         }
         if done {
             ack_default(broker, msg.offset);

@@ -2,8 +2,8 @@
 //! installs instead of replaying a log prefix that has been purged.
 //!
 //! It holds the store's *live* state only: the unacknowledged message records with their
-//! offsets, every consumer group's acknowledged set, and the subscription registry — not
-//! the acknowledged history. Installing it resets the local message log to start at the
+//! offsets, every consumer group's acknowledged set, the delivery counts of failed
+//! deliveries, and the subscription registry — not the acknowledged history. Installing it resets the local message log to start at the
 //! first live offset and rewrites the records at their offsets; an offset between them
 //! that was acknowledged gets an empty placeholder record (acknowledged in the imported
 //! set, or by an entry after the snapshot that is applied before anything is served), which
@@ -19,12 +19,15 @@
 //!   in a second, record by record.
 //!
 //! ```text
-//! // Format (store snapshot on the wire, v1; integers little-endian):
-//! //   { version: u8 = 1 | message_end: u64 | base: u64 | acks_len: u32 | acks (ack.rs group
+//! // Format (store snapshot on the wire, v2; integers little-endian):
+//! //   { version: u8 = 2 | message_end: u64 | base: u64 | acks_len: u32 | acks (ack.rs group
 //! //     snapshot encoding) | registry_len: u32 | registry (subscriptions.yaml bytes)
+//! //     | counts_len: u32 | counts (ack.rs delivery counts snapshot encoding)
 //! //     | n: u64 | n × { offset: u64 | len: u32 | record } }    offsets ascending, in base..message_end
-//! // Format (store state, persisted, v2):
-//! //   { version: u8 = 2 | message_end: u64 | acks_len: u32 | acks | registry_len: u32 | registry }
+//! //   (v1, sent by earlier builds: the same without counts_len and counts)
+//! // Format (store state, persisted, v3):
+//! //   { version: u8 = 3 | message_end: u64 | acks_len: u32 | acks | registry_len: u32 | registry
+//! //     | counts_len: u32 | counts }
 //! //   (a v1 file, written by earlier builds, holds a whole wire snapshot: its head is read)
 //! ```
 //! Invariants: every record of a snapshot lies below `message_end`, the end of the
@@ -43,10 +46,12 @@ use entrepot_storage::{AckLog, Log, StorageError};
 use crate::broker::replication;
 use crate::broker::subscriptions::REGISTRY_FILE;
 
-/// Version byte of the store snapshot wire format.
-pub const STORE_SNAPSHOT_VERSION: u8 = 1;
+/// Version byte of the store snapshot wire format this build sends.
+pub const STORE_SNAPSHOT_VERSION: u8 = 2;
+/// The wire format of earlier builds (no delivery counts), still read.
+const STORE_SNAPSHOT_V1: u8 = 1;
 /// Version byte of the persisted store state.
-pub const STORE_STATE_VERSION: u8 = 2;
+pub const STORE_STATE_VERSION: u8 = 3;
 /// Largest record a received snapshot may carry (far above any stored message).
 pub const MAX_SNAPSHOT_RECORD_BYTES: u32 = 64 << 20;
 /// Largest ack-set or registry part of a snapshot.
@@ -60,7 +65,7 @@ const SOURCE_READ_BYTES: usize = 256 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
     #[error(
-        "store snapshot version {0} is not supported (this build reads {STORE_SNAPSHOT_VERSION} and {STORE_STATE_VERSION})"
+        "store snapshot version {0} is not supported (this build reads 1, {STORE_SNAPSHOT_VERSION} and {STORE_STATE_VERSION})"
     )]
     Version(u8),
     #[error("malformed store snapshot: {0}")]
@@ -77,6 +82,8 @@ pub struct StoreState {
     pub message_end: u64,
     acks: Vec<u8>,
     registry: Vec<u8>,
+    /// Delivery counts (ack.rs counts snapshot encoding; empty from a v1 snapshot).
+    counts: Vec<u8>,
 }
 
 impl StoreState {
@@ -95,6 +102,7 @@ impl StoreState {
             message_end,
             acks: acks.export_groups()?,
             registry,
+            counts: acks.export_counts()?,
         })
     }
 
@@ -106,10 +114,12 @@ impl StoreState {
         out.put_slice(&self.acks);
         out.put_u32_le(self.registry.len() as u32);
         out.put_slice(&self.registry);
+        out.put_u32_le(self.counts.len() as u32);
+        out.put_slice(&self.counts);
         out
     }
 
-    /// Reads a persisted state (v2), or the head of a whole wire snapshot (v1).
+    /// Reads a persisted state (v3), or the head of a whole wire snapshot (v1, v2).
     pub fn decode(data: &[u8]) -> Result<StoreState, SnapshotError> {
         let mut r = data;
         let head = read_head(&mut r)?;
@@ -133,19 +143,24 @@ fn read_head(r: &mut impl Read) -> Result<Head, SnapshotError> {
     let mut version = [0u8; 1];
     read_exact(r, &mut version)?;
     let version = version[0];
-    if version != STORE_SNAPSHOT_VERSION && version != STORE_STATE_VERSION {
+    let wire = version == STORE_SNAPSHOT_VERSION || version == STORE_SNAPSHOT_V1;
+    if !wire && version != STORE_STATE_VERSION {
         return Err(SnapshotError::Version(version));
     }
     let message_end = read_u64(r)?;
-    let base = match version {
-        STORE_SNAPSHOT_VERSION => read_u64(r)?,
-        _ => message_end,
+    let base = match wire {
+        true => read_u64(r)?,
+        false => message_end,
     };
     let acks = read_part(r)?;
     let registry = read_part(r)?;
-    let records = match version {
-        STORE_SNAPSHOT_VERSION => read_u64(r)?,
-        _ => 0,
+    let counts = match version {
+        STORE_SNAPSHOT_V1 => Vec::new(),
+        _ => read_part(r)?,
+    };
+    let records = match wire {
+        true => read_u64(r)?,
+        false => 0,
     };
     if base > message_end || records > message_end - base {
         return Err(SnapshotError::Malformed("more records than offsets"));
@@ -156,6 +171,7 @@ fn read_head(r: &mut impl Read) -> Result<Head, SnapshotError> {
             message_end,
             acks,
             registry,
+            counts,
         },
         base,
         records,
@@ -229,6 +245,8 @@ impl StoreSource {
         head.put_slice(&state.acks);
         head.put_u32_le(state.registry.len() as u32);
         head.put_slice(&state.registry);
+        head.put_u32_le(state.counts.len() as u32);
+        head.put_slice(&state.counts);
         head.put_u64_le(records.len() as u64);
         let mut end = head.len() as u64;
         let ends = records
@@ -309,7 +327,7 @@ pub fn install_from(
 ) -> Result<StoreState, SnapshotError> {
     let mut r = BufReader::new(file);
     let head = read_head(&mut r)?;
-    if head.version != STORE_SNAPSHOT_VERSION {
+    if head.version == STORE_STATE_VERSION {
         return Err(SnapshotError::Malformed("not a wire snapshot"));
     }
     let records_at = r.stream_position()?;
@@ -358,6 +376,12 @@ pub fn install_from(
     log.flush()?;
     let state = head.state;
     acks.import_groups(&state.acks)?;
+    // Always replaced: a v1 snapshot (no counts) leaves none behind either.
+    const NO_COUNTS: &[u8] = &[0];
+    acks.import_counts(match state.counts.is_empty() {
+        true => NO_COUNTS,
+        false => &state.counts,
+    })?;
     acks.log().flush()?;
     if state.registry.is_empty() {
         match std::fs::remove_file(dir.join(REGISTRY_FILE)) {
@@ -390,6 +414,7 @@ mod tests {
         }
         acks.ack(&[0, 1, 2, 5]).unwrap();
         acks.raise_group_floor(3, 7).unwrap();
+        acks.set_delivery_count(0, 6, 2).unwrap();
         replication::write_file(a.path(), REGISTRY_FILE, b"version: 1\n").unwrap();
         // 8 and 9 are a local tail that was never committed.
         let state = StoreState::capture(&acks, a.path(), 8).unwrap();
@@ -406,6 +431,7 @@ mod tests {
             log2.append_view(0, &[b"stale"]).unwrap();
         }
         acks2.ack(&[4]).unwrap();
+        acks2.set_delivery_count(0, 7, 9).unwrap();
         let installed = install_from(file_with(b.path(), &bytes), &log2, &acks2, b.path()).unwrap();
         assert_eq!(installed, state);
         assert_eq!((log2.first_offset(), log2.next_offset()), (3, 8));
@@ -413,6 +439,12 @@ mod tests {
             assert_eq!(&log2.read(o).unwrap().payload[..], &[o as u8; 3]);
         }
         assert!(acks2.is_acked(5) && !acks2.is_acked(4) && acks2.is_group_acked(3, 6));
+        assert_eq!(
+            acks2.delivery_count(0, 6),
+            2,
+            "delivery counts travel with it"
+        );
+        assert_eq!(acks2.delivery_count(0, 7), 0, "and replace the receiver's");
         assert_eq!(
             std::fs::read(b.path().join(REGISTRY_FILE)).unwrap(),
             b"version: 1\n"

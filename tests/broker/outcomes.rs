@@ -395,3 +395,96 @@ async fn a_message_refused_by_every_consumer_does_not_hold_up_later_messages() {
     assert_nothing_arrives(&mut only).await;
     close(conn, vec![only]).await;
 }
+
+/// Goal: failed attempts survive a crash — the delivery-count a consumer sees and
+/// `max-delivery-attempts` carry on where they were, so a poison message cannot escape the
+/// dead-letter queue by crashing the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_attempts_count_on_after_a_crash_and_still_dead_letter() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--max-delivery-attempts", "3"];
+    let mut broker = BrokerProcess::start(dir.path(), &args);
+    let (conn, mut session) = connect(&broker, "poison-crash").await;
+    send_all(&mut session, "crash-jobs", &["poison"]).await;
+    // One delivery at a time: nothing is left unsettled when the link closes.
+    let mut receiver = within(
+        "attach",
+        Receiver::builder()
+            .name("r")
+            .source("crash-jobs")
+            .credit_mode(CreditMode::Manual)
+            .attach(&mut session),
+    )
+    .await
+    .unwrap();
+    for attempt in 0..2 {
+        within("credit", receiver.set_credit(1)).await.unwrap();
+        let d = recv(&mut receiver).await;
+        assert_eq!((d.body().as_str(), delivery_count(&d)), ("poison", attempt));
+        within("modify", receiver.modify(&d, failed()))
+            .await
+            .unwrap();
+    }
+    // Closing the link waits for the broker's detach: both outcomes were processed.
+    close(conn, vec![receiver]).await;
+    broker.kill();
+
+    let broker = BrokerProcess::start(dir.path(), &args);
+    let (conn, mut session) = connect(&broker, "after-crash").await;
+    let mut receiver = within("attach", Receiver::attach(&mut session, "r2", "crash-jobs"))
+        .await
+        .unwrap();
+    let d = recv(&mut receiver).await;
+    assert_eq!(
+        (d.body().as_str(), delivery_count(&d)),
+        ("poison", 2),
+        "the two failed attempts before the crash still count"
+    );
+    within("modify", receiver.modify(&d, failed()))
+        .await
+        .unwrap();
+    assert_nothing_arrives(&mut receiver).await;
+    let mut dlq = within("attach", Receiver::attach(&mut session, "dlq", "DLQ"))
+        .await
+        .unwrap();
+    let dead = recv(&mut dlq).await;
+    assert_eq!((dead.body().as_str(), delivery_count(&dead)), ("poison", 3));
+    within("accept", dlq.accept(&dead)).await.unwrap();
+    close(conn, vec![receiver, dlq]).await;
+}
+
+/// Goal: a delivery left unsettled by a closing link counts as a failed attempt, and the
+/// attempt that reaches `max-delivery-attempts` dead-letters it there and then, as a
+/// `modified` failure does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_link_reaching_max_delivery_attempts_dead_letters_the_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path(), &["--max-delivery-attempts", "2"]);
+    let (conn, mut session) = connect(&broker, "walkaway").await;
+    send_all(&mut session, "walkaway-jobs", &["poison"]).await;
+    for attempt in 0..2 {
+        let mut r = within(
+            "attach",
+            Receiver::attach(&mut session, format!("r{attempt}"), "walkaway-jobs"),
+        )
+        .await
+        .unwrap();
+        let d = recv(&mut r).await;
+        assert_eq!(delivery_count(&d), attempt);
+        within("close", r.close()).await.unwrap();
+    }
+    let mut r = within(
+        "attach",
+        Receiver::attach(&mut session, "r-last", "walkaway-jobs"),
+    )
+    .await
+    .unwrap();
+    assert_nothing_arrives(&mut r).await;
+    let mut dlq = within("attach", Receiver::attach(&mut session, "dlq", "DLQ"))
+        .await
+        .unwrap();
+    let dead = recv(&mut dlq).await;
+    assert_eq!((dead.body().as_str(), delivery_count(&dead)), ("poison", 2));
+    within("accept", dlq.accept(&dead)).await.unwrap();
+    close(conn, vec![r, dlq]).await;
+}
