@@ -1,8 +1,11 @@
+//! Consumer outcomes across a failover.
+//!
 //! Goal: a consumer that settles second (receiver-settle-mode `second`) learns when its
 //! outcome is final. The broker settles such a delivery only once the acknowledgement is
 //! committed by a majority, so the leader may die at any moment after that settlement and
 //! the message still never comes back; what was accepted but not yet settled may (at
-//! least once). Driven by the raw client, which sees every settlement frame.
+//! least once). Driven by the raw client, which sees every settlement frame. And failed
+//! delivery attempts are replicated too: the new leader carries on counting them.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -183,4 +186,97 @@ fn a_delivery_settled_second_never_comes_back_after_the_leader_dies() {
         resent: produced.resent.clone(),
     };
     assert_none_lost(&rest, &received);
+}
+
+/// Goal: failed delivery attempts are replicated like acknowledgements: after the leader
+/// dies, the new leader redelivers the message with the count it had reached, and the
+/// attempt that reaches `max-delivery-attempts` dead-letters it there.
+#[test]
+fn failed_attempts_carry_over_to_the_new_leader() {
+    use fe2o3_amqp::link::receiver::CreditMode;
+    use fe2o3_amqp::types::messaging::{Body, Message, Modified};
+    use fe2o3_amqp::{Connection, Receiver, Sender, Session};
+
+    const JOBS: &str = "settle.poison";
+    let failed = || Modified {
+        delivery_failed: Some(true),
+        undeliverable_here: None,
+        message_annotations: None,
+    };
+    let count_of = |m: &Message<Body<fe2o3_amqp::types::primitives::Value>>| {
+        m.header.as_ref().map_or(0, |h| h.delivery_count)
+    };
+    let rt = runtime();
+    let mut cluster = Cluster::isolated(3);
+    cluster.serve_args(&["--max-delivery-attempts", "3"]);
+    let leader = cluster.start(&[0, 1, 2], STEP_TIMEOUT);
+    let term = cluster.leader_term(STEP_TIMEOUT);
+    let url = cluster.urls(&[leader])[0].clone();
+    rt.block_on(async {
+        let mut conn = Connection::open("poison-producer", url.as_str())
+            .await
+            .unwrap();
+        let mut session = Session::begin(&mut conn).await.unwrap();
+        let mut sender = Sender::attach(&mut session, "s", JOBS).await.unwrap();
+        sender
+            .send("poison")
+            .await
+            .unwrap()
+            .accepted_or_else(|o| o)
+            .unwrap();
+        let mut receiver = Receiver::builder()
+            .name("r")
+            .source(JOBS)
+            .credit_mode(CreditMode::Manual)
+            .attach(&mut session)
+            .await
+            .unwrap();
+        for attempt in 0..2 {
+            receiver.set_credit(1).await.unwrap();
+            let d = tokio::time::timeout(STEP_TIMEOUT, receiver.recv::<Body<_>>())
+                .await
+                .expect("delivery in time")
+                .unwrap();
+            assert_eq!(count_of(d.message()), attempt);
+            receiver.modify(&d, failed()).await.unwrap();
+        }
+        receiver.close().await.unwrap();
+        sender.close().await.unwrap();
+        conn.close().await.unwrap();
+    });
+    // The counts are committed before the leader goes (they were recorded, not settled).
+    assert!(
+        cluster.settle_consumption(term, STEP_TIMEOUT),
+        "the leadership changed under a quiet cluster"
+    );
+    cluster.kill(leader);
+    let survivor = cluster.wait_leader(|id| id != leader, STEP_TIMEOUT);
+    let url = cluster.urls(&[survivor])[0].clone();
+    rt.block_on(async {
+        let mut conn = Connection::open("poison-consumer", url.as_str())
+            .await
+            .unwrap();
+        let mut session = Session::begin(&mut conn).await.unwrap();
+        let mut receiver = Receiver::attach(&mut session, "r2", JOBS).await.unwrap();
+        let d = tokio::time::timeout(STEP_TIMEOUT, receiver.recv::<Body<_>>())
+            .await
+            .expect("redelivery in time")
+            .unwrap();
+        assert_eq!(
+            count_of(d.message()),
+            2,
+            "the new leader forgot the failed attempts"
+        );
+        receiver.modify(&d, failed()).await.unwrap();
+        let mut dlq = Receiver::attach(&mut session, "dlq", "DLQ").await.unwrap();
+        let dead = tokio::time::timeout(STEP_TIMEOUT, dlq.recv::<Body<_>>())
+            .await
+            .expect("dead-lettered in time")
+            .unwrap();
+        assert_eq!(count_of(dead.message()), 3);
+        dlq.accept(&dead).await.unwrap();
+        receiver.close().await.unwrap();
+        dlq.close().await.unwrap();
+        conn.close().await.unwrap();
+    });
 }
