@@ -138,6 +138,18 @@ struct ServeArgs {
     /// they know it before any Raft traffic (strongly recommended)
     #[arg(long, env = "ENTREPOT_CLUSTER_SECRET_FILE")]
     cluster_secret_file: Option<PathBuf>,
+    /// Cluster: PEM certificate chain of this node on the inter-node port, shown to peers
+    /// in both directions; it must name the host part of this node's member address
+    /// (with --cluster-tls-key and --cluster-tls-ca: all three or none)
+    #[arg(long, env = "ENTREPOT_CLUSTER_TLS_CERT")]
+    cluster_tls_cert: Option<PathBuf>,
+    /// Cluster: PEM private key of --cluster-tls-cert
+    #[arg(long, env = "ENTREPOT_CLUSTER_TLS_KEY")]
+    cluster_tls_key: Option<PathBuf>,
+    /// Cluster: PEM CA certificate(s) every node's certificate must chain to; inter-node
+    /// traffic is then TLS, mutually authenticated
+    #[arg(long, env = "ENTREPOT_CLUSTER_TLS_CA")]
+    cluster_tls_ca: Option<PathBuf>,
     /// Cluster: inter-node listen address [default: 0.0.0.0:5673]
     #[arg(long, env = "ENTREPOT_CLUSTER_LISTEN")]
     cluster_listen: Option<SocketAddr>,
@@ -238,7 +250,29 @@ impl ServeArgs {
                 .map(entrepot_cluster::PeerSecret::from_file)
                 .transpose()?
                 .map(std::sync::Arc::new),
+            tls: self.cluster_tls()?,
         }))
+    }
+
+    /// The inter-node TLS files: all three flags, or none.
+    fn cluster_tls(&self) -> anyhow::Result<Option<std::sync::Arc<entrepot_cluster::PeerTls>>> {
+        let files = (
+            &self.cluster_tls_cert,
+            &self.cluster_tls_key,
+            &self.cluster_tls_ca,
+        );
+        match files {
+            (Some(cert), Some(key), Some(ca)) => {
+                let tls = entrepot_cluster::PeerTls::load(cert, key, ca)
+                    .context("loading the inter-node TLS files (--cluster-tls-*)")?;
+                Ok(Some(std::sync::Arc::new(tls)))
+            }
+            (None, None, None) => Ok(None),
+            _ => anyhow::bail!(
+                "--cluster-tls-cert, --cluster-tls-key and --cluster-tls-ca go together: \
+                 give all three (TLS between nodes) or none"
+            ),
+        }
     }
 
     fn to_config(&self) -> anyhow::Result<BrokerConfig> {

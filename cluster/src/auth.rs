@@ -17,7 +17,8 @@
 //! node without a secret closes on a HELLO: a misconfigured member is turned away with a
 //! logged reason, never let in.
 //!
-//! Does not: encrypt the traffic (keep the port on a private network, or add TLS).
+//! Does not: encrypt the traffic (`tls.rs` does, when configured; this handshake then runs
+//! inside the TLS stream).
 
 use std::path::Path;
 

@@ -2,7 +2,8 @@
 //!
 //! Decoding failures name what was being decoded and where, so a corrupt Raft entry,
 //! state file or snapshot can be found; `Storage` wraps the segment log's own errors
-//! (whose `is_fatal` still tells whether the node must stop).
+//! (whose `is_fatal` still tells whether the node must stop); `Tls` says which inter-node
+//! TLS file is unusable and why.
 
 use std::io;
 use std::path::PathBuf;
@@ -65,6 +66,9 @@ pub enum ClusterError {
         value: String,
         reason: &'static str,
     },
+    /// The inter-node TLS files cannot be used (`--cluster-tls-*`), or a handshake failed.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::PeerTlsError),
 }
 
 impl ClusterError {

@@ -31,8 +31,10 @@
 //!
 //! * [`auth`]: peers prove they share the cluster secret (HMAC challenge-response)
 //!   before any RPC.
+//! * [`PeerTls`]: TLS on the inter-node port, mutually authenticated against one cluster
+//!   CA (`tls.rs`); connections are plain or TLS streams behind one type (`stream.rs`).
 //!
-//! Not here yet: encryption (TLS) on the inter-node port, one group per address.
+//! Not here yet: one group per address.
 //!
 //! On-disk formats: `cluster/FORMAT.md`.
 //!
@@ -71,6 +73,8 @@ mod rpc;
 pub mod snapshot_data;
 mod state_file;
 mod state_machine;
+mod stream;
+mod tls;
 mod types;
 
 pub use auth::PeerSecret;
@@ -79,11 +83,12 @@ pub use frame::{FRAME_HEADER_LEN, FRAME_TRANSFER_TIMEOUT, MAX_RPC_FRAME_BYTES};
 pub use log_store::{LogStore, LogStoreReader, FLUSH_QUEUE_MAX, LOG_DIR, RAFT_ENTRY_FLAG};
 pub use model::{Model, MAX_SNAPSHOT_ADDRESSES, MAX_SNAPSHOT_MESSAGES, SNAPSHOT_DATA_VERSION};
 pub use network::{PeerClient, TcpNetwork};
-pub use peer_server::{PeerServer, MAX_PEER_CONNECTIONS};
+pub use peer_server::{PeerServer, PeerServerOptions, MAX_PEER_CONNECTIONS};
 pub use rpc::{MAX_RPC_ENTRIES, MAX_RPC_STRING_BYTES, RPC_VERSION};
 pub use snapshot_data::{SnapshotData, SnapshotSource};
 pub use state_file::{MAX_STATE_FILE_BYTES, STATE_FILE_VERSION};
 pub use state_machine::{
     read_snapshot_file, write_snapshot_file, StateMachineStore, MAX_SNAPSHOT_BYTES,
 };
+pub use tls::{PeerTls, PeerTlsError, PEER_TLS_HANDSHAKE_TIMEOUT};
 pub use types::*;

@@ -1,5 +1,5 @@
 //! The client side of the inter-node port: openraft's `RaftNetworkFactory` / `RaftNetwork`
-//! (v1 API) over one TCP connection per peer.
+//! (v1 API) over one TCP connection per peer, TLS-wrapped when [`TcpNetwork::with_tls`].
 //!
 //! A [`PeerClient`] connects lazily to the address in the target's `BasicNode`, sends one
 //! request frame and waits for its reply (openraft calls it with `&mut self`, so there is
@@ -7,14 +7,22 @@
 //! Any failure drops the connection, so the next RPC starts on a fresh one.
 //!
 //! Errors are mapped so openraft retries:
-//! * cannot connect → `RPCError::Unreachable` (openraft backs off before the next try);
+//! * cannot connect, or the TLS handshake fails (the peer's certificate refused, a peer
+//!   not speaking TLS, no handshake within `PEER_TLS_HANDSHAKE_TIMEOUT`) →
+//!   `RPCError::Unreachable` (openraft backs off before the next try, so a misconfigured
+//!   peer is not re-dialled on every heartbeat). In TLS 1.3 the peer's refusal of *our*
+//!   certificate arrives as an alert on the first read, so it is a `Network` error;
 //! * I/O failure, undecodable reply, peer's Raft stopping → `RPCError::Network`;
 //! * no reply within the RPC's `hard_ttl` → `RPCError::Timeout`;
 //! * an `append_entries` too large for a frame → `RPCError::PayloadTooLarge` (fewer entries);
 //! * a snapshot chunk out of order → `RemoteError(InstallSnapshotError::SnapshotMismatch)`.
 //!
-//! Does not: pipeline, multiplex or compress; authenticate or encrypt peers (the port must
-//! sit on a private network until TLS is added).
+//! A new connection is, in order: TCP connect (`TCP_NODELAY`), the TLS handshake when
+//! configured (`tls.rs`: the peer's certificate must chain to the cluster CA and name the
+//! host of its member address), then the cluster-secret handshake when configured
+//! (`auth.rs`, inside the TLS stream).
+//!
+//! Does not: pipeline, multiplex or compress.
 
 // openraft's error types are large; these signatures are openraft's, not ours.
 #![allow(clippy::result_large_err)]
@@ -40,6 +48,8 @@ use crate::auth::{client_handshake, AuthError, PeerSecret};
 use crate::error::ClusterError;
 use crate::frame::{read_frame, write_frame};
 use crate::rpc::{self, RemoteRefusal};
+use crate::stream::PeerStream;
+use crate::tls::{PeerTls, PeerTlsError};
 use crate::types::{NodeId, TypeConfig};
 
 type RpcResult<T, E = RaftError<NodeId>> = Result<T, RPCError<NodeId, BasicNode, E>>;
@@ -51,16 +61,28 @@ pub struct TcpNetwork {
     id: NodeId,
     /// The cluster secret every new connection proves it knows (`auth.rs`).
     secret: Option<Arc<PeerSecret>>,
+    /// TLS for every new connection (`tls.rs`); `None`: plain TCP.
+    tls: Option<Arc<PeerTls>>,
 }
 
 impl TcpNetwork {
     pub fn new(id: NodeId) -> TcpNetwork {
-        TcpNetwork { id, secret: None }
+        TcpNetwork {
+            id,
+            secret: None,
+            tls: None,
+        }
     }
 
     /// Authenticates every connection with `secret` (peers must use the same one).
     pub fn with_secret(mut self, secret: Option<Arc<PeerSecret>>) -> TcpNetwork {
         self.secret = secret;
+        self
+    }
+
+    /// Wraps every connection in TLS with `tls` (peers must serve TLS from the same CA).
+    pub fn with_tls(mut self, tls: Option<Arc<PeerTls>>) -> TcpNetwork {
+        self.tls = tls;
         self
     }
 }
@@ -75,6 +97,7 @@ impl RaftNetworkFactory<TypeConfig> for TcpNetwork {
             addr: crate::identity::peer_addr(&node.addr).to_string(),
             stream: None,
             secret: self.secret.clone(),
+            tls: self.tls.clone(),
         }
     }
 }
@@ -87,8 +110,9 @@ pub struct PeerClient {
     addr: String,
     /// `None` until the first RPC, and again after any error (the stream may hold half a
     /// frame or a late reply, so it is never reused).
-    stream: Option<TcpStream>,
+    stream: Option<PeerStream>,
     secret: Option<Arc<PeerSecret>>,
+    tls: Option<Arc<PeerTls>>,
 }
 
 /// Why one call failed, before it becomes openraft's error.
@@ -104,6 +128,8 @@ enum CallError {
     },
     #[error("no reply within {0:?}")]
     Timeout(Duration),
+    #[error("TLS to peer {addr}: {source}")]
+    Tls { addr: String, source: PeerTlsError },
     #[error("authenticating to peer {addr}: {source}")]
     Auth { addr: String, source: AuthError },
     #[error("peer {addr} answered kind {got:#x}, expected {expected:#x}")]
@@ -144,23 +170,7 @@ impl PeerClient {
         let stream = match &mut self.stream {
             Some(s) => s,
             None => {
-                let mut s =
-                    TcpStream::connect(&addr)
-                        .await
-                        .map_err(|source| CallError::Connect {
-                            addr: addr.clone(),
-                            source,
-                        })?;
-                // RPCs are small and latency-bound: never wait to coalesce.
-                let _ = s.set_nodelay(true);
-                if let Some(secret) = &self.secret {
-                    client_handshake(&mut s, secret)
-                        .await
-                        .map_err(|source| CallError::Auth {
-                            addr: addr.clone(),
-                            source,
-                        })?;
-                }
+                let s = self.connect().await?;
                 self.stream.insert(s)
             }
         };
@@ -190,6 +200,39 @@ impl PeerClient {
         Ok(reply)
     }
 
+    /// A new connection: TCP, then TLS and the secret handshake when configured.
+    async fn connect(&self) -> Result<PeerStream, CallError> {
+        let addr = &self.addr;
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|source| CallError::Connect {
+                addr: addr.clone(),
+                source,
+            })?;
+        // RPCs are small and latency-bound: never wait to coalesce.
+        let _ = tcp.set_nodelay(true);
+        let mut stream = match &self.tls {
+            None => PeerStream::Plain(tcp),
+            Some(tls) => tls
+                .connect(addr, tcp)
+                .await
+                .map_err(|source| CallError::Tls {
+                    addr: addr.clone(),
+                    source,
+                })?
+                .into(),
+        };
+        if let Some(secret) = &self.secret {
+            client_handshake(&mut stream, secret)
+                .await
+                .map_err(|source| CallError::Auth {
+                    addr: addr.clone(),
+                    source,
+                })?;
+        }
+        Ok(stream)
+    }
+
     /// openraft's error for a failed call; `Refused(SnapshotMismatch)` is handled by the
     /// snapshot RPC itself.
     fn rpc_error<E: std::error::Error>(
@@ -198,7 +241,9 @@ impl PeerClient {
         e: CallError,
     ) -> RPCError<NodeId, BasicNode, E> {
         match e {
-            CallError::Connect { .. } => RPCError::Unreachable(Unreachable::new(&e)),
+            CallError::Connect { .. } | CallError::Tls { .. } => {
+                RPCError::Unreachable(Unreachable::new(&e))
+            }
             CallError::Timeout(timeout) => RPCError::Timeout(Timeout {
                 action,
                 id: self.id,

@@ -5,13 +5,20 @@
 //! answer and writes the reply frame, in order (peers send one RPC at a time per
 //! connection). Connections are capped by [`MAX_PEER_CONNECTIONS`].
 //!
+//! With [`PeerServerOptions::tls`], each connection task first completes a TLS handshake
+//! that requires a client certificate from the cluster CA (`tls.rs`), bounded by
+//! [`crate::PEER_TLS_HANDSHAKE_TIMEOUT`]; with [`PeerServerOptions::secret`], the peer then
+//! proves it knows the cluster secret (`auth.rs`, inside TLS when both are set). A peer
+//! that fails either is logged (its address and why) and dropped; the handshakes run in
+//! the connection's own task, so a stalled or hostile peer never delays the others.
+//!
 //! Invariants:
 //! * Dropping or [`PeerServer::shutdown`]-ing the server ends the accept task and, with it,
 //!   every connection task (they live in its `JoinSet`): the port closes and peers see
 //!   their connections reset, exactly as if the node had died.
 //! * A request that does not decode closes its connection; nothing undecoded reaches Raft.
 //!
-//! Does not: authenticate peers, or serve clients (AMQP is the broker's port).
+//! Does not: serve clients (AMQP is the broker's port).
 
 use std::io;
 use std::net::SocketAddr;
@@ -29,6 +36,8 @@ use crate::auth::{server_handshake, PeerSecret, KIND_HELLO};
 use crate::error::Result;
 use crate::frame::{read_frame, write_frame};
 use crate::rpc::{self, RemoteRefusal};
+use crate::stream::PeerStream;
+use crate::tls::PeerTls;
 use crate::types::TypeConfig;
 
 /// Most peer connections served at once: a few per peer (replication, votes, snapshots)
@@ -36,6 +45,15 @@ use crate::types::TypeConfig;
 pub const MAX_PEER_CONNECTIONS: usize = 256;
 /// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
 const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
+
+/// How the peer server admits connections; the default admits every peer in plain TCP.
+#[derive(Debug, Clone, Default)]
+pub struct PeerServerOptions {
+    /// Peers must prove they know this secret before any RPC (`auth.rs`).
+    pub secret: Option<Arc<PeerSecret>>,
+    /// Every connection is TLS with a client certificate from the cluster CA (`tls.rs`).
+    pub tls: Option<Arc<PeerTls>>,
+}
 
 /// A running inter-node server; the port stays open until it is shut down or dropped.
 #[derive(Debug)]
@@ -48,7 +66,7 @@ impl PeerServer {
     /// Serves `raft` on an already-bound listener (bind to port 0 in tests, then share
     /// [`PeerServer::local_addr`] with the peers).
     pub fn start(listener: TcpListener, raft: Raft<TypeConfig>) -> io::Result<PeerServer> {
-        PeerServer::start_with_secret(listener, raft, None)
+        PeerServer::start_with(listener, raft, PeerServerOptions::default())
     }
 
     /// [`PeerServer::start`], admitting only peers that prove they know `secret`
@@ -58,8 +76,18 @@ impl PeerServer {
         raft: Raft<TypeConfig>,
         secret: Option<Arc<PeerSecret>>,
     ) -> io::Result<PeerServer> {
+        let options = PeerServerOptions { secret, tls: None };
+        PeerServer::start_with(listener, raft, options)
+    }
+
+    /// [`PeerServer::start`], admitting peers as `options` say (TLS, secret, both).
+    pub fn start_with(
+        listener: TcpListener,
+        raft: Raft<TypeConfig>,
+        options: PeerServerOptions,
+    ) -> io::Result<PeerServer> {
         let local_addr = listener.local_addr()?;
-        let task = tokio::spawn(accept_loop(listener, raft, secret));
+        let task = tokio::spawn(accept_loop(listener, raft, options));
         Ok(PeerServer { local_addr, task })
     }
 
@@ -81,11 +109,7 @@ impl Drop for PeerServer {
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    raft: Raft<TypeConfig>,
-    secret: Option<Arc<PeerSecret>>,
-) {
+async fn accept_loop(listener: TcpListener, raft: Raft<TypeConfig>, options: PeerServerOptions) {
     let limit = Arc::new(Semaphore::new(MAX_PEER_CONNECTIONS));
     // Owning the connection tasks here means aborting this task aborts them all.
     let mut connections = JoinSet::new();
@@ -105,7 +129,7 @@ async fn accept_loop(
         connections.spawn(serve_connection(
             stream,
             raft.clone(),
-            secret.clone(),
+            options.clone(),
             permit,
         ));
         while connections.try_join_next().is_some() {}
@@ -113,13 +137,23 @@ async fn accept_loop(
 }
 
 async fn serve_connection(
-    mut stream: TcpStream,
+    tcp: TcpStream,
     raft: Raft<TypeConfig>,
-    secret: Option<Arc<PeerSecret>>,
+    options: PeerServerOptions,
     _permit: OwnedSemaphorePermit,
 ) {
-    let peer = stream.peer_addr().ok();
-    if let Some(secret) = &secret {
+    let peer = tcp.peer_addr().ok();
+    let mut stream = match &options.tls {
+        None => PeerStream::Plain(tcp),
+        Some(tls) => match tls.accept(tcp).await {
+            Ok(s) => s.into(),
+            Err(e) => {
+                tracing::warn!(?peer, error = %e, "inter-node peer refused: TLS handshake failed");
+                return;
+            }
+        },
+    };
+    if let Some(secret) = &options.secret {
         let first = match read_frame(&mut stream).await {
             Ok(Some(frame)) => frame,
             _ => return,

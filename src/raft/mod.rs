@@ -46,7 +46,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use entrepot_cluster::identity::Peer;
-use entrepot_cluster::{LogStore, NodeId, PeerServer, TcpNetwork, TypeConfig};
+use entrepot_cluster::{LogStore, NodeId, PeerServer, PeerServerOptions, TcpNetwork, TypeConfig};
 use entrepot_storage::LogConfig;
 use openraft::{BasicNode, Raft, ServerState, SnapshotPolicy};
 use tokio::net::TcpListener;
@@ -115,6 +115,9 @@ pub struct ClusterConfig {
     /// The shared secret peers prove they know before any RPC (`--cluster-secret-file`);
     /// `None`: the inter-node port admits anyone who can reach it.
     pub secret: Option<Arc<entrepot_cluster::PeerSecret>>,
+    /// TLS on the inter-node port, mutually authenticated against the cluster CA
+    /// (`--cluster-tls-cert/-key/-ca`); `None`: plain TCP.
+    pub tls: Option<Arc<entrepot_cluster::PeerTls>>,
 }
 
 /// What the front door does with a new connection.
@@ -235,7 +238,9 @@ impl ClusterNode {
         let raft = Raft::new(
             id,
             Arc::new(raft_settings),
-            TcpNetwork::new(id).with_secret(cluster.secret.clone()),
+            TcpNetwork::new(id)
+                .with_secret(cluster.secret.clone())
+                .with_tls(cluster.tls.clone()),
             log_store,
             machine.clone(),
         )
@@ -244,13 +249,19 @@ impl ClusterNode {
         let peer_listener = TcpListener::bind(cluster.listen)
             .await
             .with_context(|| format!("binding the inter-node port {}", cluster.listen))?;
-        if cluster.secret.is_none() {
+        if cluster.secret.is_none() && cluster.tls.is_none() {
             tracing::warn!(
                 "no --cluster-secret-file: the inter-node port admits any peer that can reach it"
             );
         }
-        let peer_server =
-            PeerServer::start_with_secret(peer_listener, raft.clone(), cluster.secret.clone())?;
+        if cluster.tls.is_none() {
+            tracing::warn!("no --cluster-tls-cert/-key/-ca: inter-node traffic is not encrypted");
+        }
+        let options = PeerServerOptions {
+            secret: cluster.secret.clone(),
+            tls: cluster.tls.clone(),
+        };
+        let peer_server = PeerServer::start_with(peer_listener, raft.clone(), options)?;
         let peer_addr = peer_server.local_addr();
         initialize(&raft, &cluster).await?;
 

@@ -1,0 +1,356 @@
+//! Goal: with TLS on the inter-node port, nodes whose certificates come from the cluster CA
+//! form a cluster and replicate (with the cluster secret still checked inside TLS), while
+//! a peer with a certificate from another CA, a server certificate that does not name the
+//! dialled host, or a plain-TCP peer are all refused — and the server keeps serving.
+//! Method: a CA and node certificates generated with rcgen into a temporary directory and
+//! loaded with `PeerTls::load`; `Raft`s served by `PeerServer::start_with` on
+//! `127.0.0.1:0`; `PeerClient`s from `TcpNetwork::with_tls` called directly, as openraft
+//! would. Every wait is bounded by a timeout.
+
+// openraft's error types are large; these signatures are openraft's, not ours.
+#![allow(clippy::result_large_err)]
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use entrepot_cluster::{
+    LogStore, NodeId, PeerClient, PeerSecret, PeerServer, PeerServerOptions, PeerTls, Request,
+    Response, StateMachineStore, TcpNetwork, TypeConfig,
+};
+use entrepot_storage::LogConfig;
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::VoteRequest;
+use openraft::{BasicNode, Config, Raft, Vote};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+use tokio::net::TcpListener;
+
+const TEST_TIMEOUT: Duration = Duration::from_secs(30);
+const WAIT: Duration = Duration::from_secs(10);
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A certificate authority that signs node certificates into a directory.
+struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+    pem: PathBuf,
+}
+
+impl Ca {
+    fn new(dir: &Path, name: &str) -> Ca {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        let pem = dir.join(format!("{name}-ca.pem"));
+        std::fs::write(&pem, issuer.pem()).unwrap();
+        Ca { issuer, pem }
+    }
+
+    /// A node certificate for `names` (DNS names or IPs), usable as server and client.
+    fn node(&self, dir: &Path, file: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = CertificateParams::new(names).unwrap();
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &*self.issuer).unwrap();
+        let (cert_file, key_file) = (
+            dir.join(format!("{file}.pem")),
+            dir.join(format!("{file}-key.pem")),
+        );
+        std::fs::write(&cert_file, cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        (cert_file, key_file)
+    }
+
+    /// A loaded [`PeerTls`] for a node certificate of `names`, trusting `trust`.
+    fn tls(&self, dir: &Path, file: &str, names: &[&str], trust: &Ca) -> Arc<PeerTls> {
+        let (cert, key) = self.node(dir, file, names);
+        Arc::new(PeerTls::load(&cert, &key, &trust.pem).unwrap())
+    }
+}
+
+struct Node {
+    raft: Raft<TypeConfig>,
+    sm: StateMachineStore,
+    server: PeerServer,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_node(
+    id: NodeId,
+    listener: TcpListener,
+    config: Arc<Config>,
+    options: PeerServerOptions,
+) -> Node {
+    let dir = tempfile::tempdir().unwrap();
+    let log_config = LogConfig {
+        segment_bytes: 1 << 20,
+        record_bytes_max: 512 << 10,
+        ..LogConfig::default()
+    };
+    let log = LogStore::open(dir.path(), log_config).unwrap();
+    let sm = StateMachineStore::open(dir.path().join("sm")).unwrap();
+    let network = TcpNetwork::new(id)
+        .with_tls(options.tls.clone())
+        .with_secret(options.secret.clone());
+    let raft = Raft::new(id, config, network, log, sm.clone())
+        .await
+        .unwrap();
+    let server = PeerServer::start_with(listener, raft.clone(), options).unwrap();
+    Node {
+        raft,
+        sm,
+        server,
+        _dir: dir,
+    }
+}
+
+async fn shut(nodes: impl IntoIterator<Item = Node>) {
+    for node in nodes {
+        node.server.shutdown().await;
+        node.raft.shutdown().await.unwrap();
+    }
+}
+
+fn secret() -> Option<Arc<PeerSecret>> {
+    Some(Arc::new(
+        PeerSecret::new(b"the-cluster-secret-inside-tls").unwrap(),
+    ))
+}
+
+async fn tls_cluster_replicates(certs: &Path) {
+    let ca = Ca::new(certs, "cluster");
+    let config = Config {
+        heartbeat_interval: 50,
+        election_timeout_min: 300,
+        election_timeout_max: 600,
+        ..Config::default()
+    };
+    let config = Arc::new(config.validate().unwrap());
+    let mut nodes = BTreeMap::new();
+    let mut addrs = BTreeMap::new();
+    for id in 0..3u64 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        addrs.insert(id, listener.local_addr().unwrap().to_string());
+        // Hand-run rule: the certificate names the IP peers dial.
+        let options = PeerServerOptions {
+            secret: secret(),
+            tls: Some(ca.tls(certs, &format!("node-{id}"), &["127.0.0.1"], &ca)),
+        };
+        let node = start_node(id, listener, Arc::clone(&config), options).await;
+        nodes.insert(id, node);
+    }
+    let members: BTreeMap<NodeId, BasicNode> = addrs
+        .iter()
+        .map(|(id, addr)| (*id, BasicNode::new(addr)))
+        .collect();
+    nodes[&0].raft.initialize(members).await.unwrap();
+    let metrics = nodes[&0]
+        .raft
+        .wait(Some(WAIT))
+        .metrics(|m| m.current_leader.is_some(), "a leader")
+        .await
+        .unwrap_or_else(|e| panic!("no leader over TLS within {WAIT:?}: {e}; {addrs:?}"));
+    let leader = metrics.current_leader.unwrap();
+
+    let mut acked = Vec::new();
+    for b in 0..20 {
+        let messages: Vec<Bytes> = (0..8)
+            .map(|m| Bytes::from(format!("batch {b} message {m}")))
+            .collect();
+        let request = Request::Produce {
+            address: "orders".into(),
+            messages: messages.clone(),
+        };
+        let reply = tokio::time::timeout(WRITE_TIMEOUT, nodes[&leader].raft.client_write(request))
+            .await
+            .unwrap_or_else(|_| panic!("batch {b} not committed within {WRITE_TIMEOUT:?}"))
+            .unwrap_or_else(|e| panic!("batch {b} failed: {e}; {addrs:?}"));
+        assert!(
+            matches!(reply.data, Response::Produced { count: 8, .. }),
+            "batch {b}: {:?}",
+            reply.data
+        );
+        acked.extend(messages);
+    }
+    let last = nodes[&leader].raft.metrics().borrow().last_log_index;
+    let ctx = format!("TLS nodes {addrs:?}, leader {leader}");
+    for (id, node) in &nodes {
+        support::assert_holds_exactly(*id, &node.raft, &node.sm, last, &acked, WAIT, &ctx).await;
+    }
+    shut(nodes.into_values()).await;
+}
+
+/// Goal: three nodes with certificates from one CA (and the cluster secret) elect a
+/// leader over TLS and every node holds every acknowledged message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_cluster_elects_a_leader_and_replicates() {
+    let certs = tempfile::tempdir().unwrap();
+    tokio::time::timeout(TEST_TIMEOUT, tls_cluster_replicates(certs.path()))
+        .await
+        .unwrap_or_else(|_| panic!("TLS cluster scenario not done within {TEST_TIMEOUT:?}"));
+}
+
+/// One node served over TLS with a certificate for `names`, from `ca`.
+async fn serve_tls(ca: &Ca, dir: &Path, names: &[&str]) -> Node {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config = Arc::new(Config::default().validate().unwrap());
+    let options = PeerServerOptions {
+        secret: None,
+        tls: Some(ca.tls(dir, "server", names, ca)),
+    };
+    start_node(1, listener, config, options).await
+}
+
+async fn client(addr: String, tls: Option<Arc<PeerTls>>) -> PeerClient {
+    TcpNetwork::new(9)
+        .with_tls(tls)
+        .new_client(1, &BasicNode::new(addr))
+        .await
+}
+
+async fn vote(client: &mut PeerClient, term: u64) -> Result<(), String> {
+    let request = VoteRequest::new(Vote::new(term, 9), None);
+    match tokio::time::timeout(WAIT, client.vote(request, RPCOption::new(WAIT))).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => {
+            eprintln!("vote refused: {e}");
+            Err(e.to_string())
+        }
+        Err(_) => panic!("vote not answered nor refused within {WAIT:?}"),
+    }
+}
+
+/// Goal: the server refuses a client certificate from another CA; a client refuses a
+/// server from another CA and a server certificate that does not name the dialled host;
+/// the server keeps serving a right peer throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_from_another_ca_or_for_another_host_are_refused() {
+    let certs = tempfile::tempdir().unwrap();
+    let dir = certs.path();
+    let (ca, other) = (Ca::new(dir, "cluster"), Ca::new(dir, "other"));
+    let node = serve_tls(&ca, dir, &["127.0.0.1", "localhost"]).await;
+    let addr = node.server.local_addr().to_string();
+
+    let mut right = client(
+        addr.clone(),
+        Some(ca.tls(dir, "right", &["127.0.0.1"], &ca)),
+    )
+    .await;
+    assert_eq!(
+        vote(&mut right, 1).await,
+        Ok(()),
+        "right certificate ({addr})"
+    );
+
+    // Trusts the server, but shows a certificate the server's CA did not sign.
+    let stranger = other.tls(dir, "stranger", &["127.0.0.1"], &ca);
+    let mut stranger = client(addr.clone(), Some(stranger)).await;
+    let err = vote(&mut stranger, 2).await.unwrap_err();
+    assert!(
+        err.contains("UnknownCA"),
+        "foreign client certificate: {err} ({addr})"
+    );
+
+    // Shows a right certificate, but trusts only another CA: the server is refused.
+    let wary = ca.tls(dir, "wary", &["127.0.0.1"], &other);
+    let mut wary = client(addr.clone(), Some(wary)).await;
+    let err = vote(&mut wary, 3).await.unwrap_err();
+    assert!(
+        err.contains("UnknownIssuer"),
+        "server from another CA: {err} ({addr})"
+    );
+
+    // The name rule: a server certificate for `localhost` only, dialled at 127.0.0.1.
+    let named = serve_tls(&ca, dir, &["localhost"]).await;
+    let port = named.server.local_addr().port();
+    let tls = ca.tls(dir, "dialler", &["127.0.0.1"], &ca);
+    let mut by_ip = client(format!("127.0.0.1:{port}"), Some(Arc::clone(&tls))).await;
+    let err = vote(&mut by_ip, 4).await.unwrap_err();
+    assert!(
+        err.contains("not valid for name"),
+        "host not in the SANs: {err}"
+    );
+    let mut by_name = client(format!("localhost:{port}"), Some(tls)).await;
+    assert_eq!(vote(&mut by_name, 5).await, Ok(()), "host in the SANs");
+
+    assert_eq!(vote(&mut right, 6).await, Ok(()), "still serving ({addr})");
+    shut([node, named]).await;
+}
+
+/// Log lines, as the fmt subscriber writes them.
+#[derive(Clone, Default)]
+struct LogBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Captures this process's log lines (installed once; every test's lines land in it).
+fn capture_logs() -> Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<LogBuffer> = OnceLock::new();
+    let logs = LOGS.get_or_init(|| {
+        let logs = LogBuffer::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _ = tracing::subscriber::set_global_default(subscriber);
+        logs
+    });
+    Arc::clone(&logs.0)
+}
+
+/// Goal: a peer speaking plain TCP to a TLS peer server is refused, and the server keeps
+/// serving TLS peers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_tcp_peer_is_refused_by_a_tls_server_which_keeps_serving() {
+    let certs = tempfile::tempdir().unwrap();
+    let dir = certs.path();
+    let ca = Ca::new(dir, "cluster");
+    let node = serve_tls(&ca, dir, &["127.0.0.1"]).await;
+    let addr = node.server.local_addr().to_string();
+
+    let logs = capture_logs();
+    let mut plain = client(addr.clone(), None).await;
+    let err = vote(&mut plain, 1).await.unwrap_err();
+    assert!(
+        err.contains("connection closed"),
+        "plain TCP to a TLS server: {err} ({addr})"
+    );
+    // Again: the refusal does not depend on the server's state.
+    assert!(
+        vote(&mut plain, 2).await.is_err(),
+        "plain TCP, twice ({addr})"
+    );
+    let logged = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(
+        logged.contains("inter-node peer refused: TLS handshake failed")
+            && logged.contains("peer=Some(127.0.0.1:"),
+        "the refusal is logged with who and why:\n{logged}"
+    );
+
+    let tls = ca.tls(dir, "peer", &["127.0.0.1"], &ca);
+    let mut peer = client(addr.clone(), Some(tls)).await;
+    assert_eq!(vote(&mut peer, 3).await, Ok(()), "TLS peer after ({addr})");
+    shut([node]).await;
+}
