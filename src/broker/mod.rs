@@ -365,6 +365,17 @@ impl Broker {
         why: Diversion,
     ) -> anyhow::Result<()> {
         let from = from_queue.name();
+        // Under manifests every queue is `<space>/<address>`: a space's dead letters and
+        // expired messages stay in that space (its own `DLQ`, which a tenant reads by
+        // declaring the address), and the original address is the one the tenant knows.
+        let (space, original) = match (&self.config.manifests, from.split_once('/')) {
+            (Some(_), Some((space, address))) => (Some(space), address),
+            _ => (None, from),
+        };
+        let in_space = |address: &str| match space {
+            Some(space) => crate::manifest::internal_name(space, address),
+            None => address.to_owned(),
+        };
         let (target, entries) = match &why {
             Diversion::DeadLetter {
                 reason,
@@ -377,7 +388,7 @@ impl Broker {
                     ),
                     (
                         OwnedKey::from("x-opt-original-address"),
-                        Value::String(from.to_owned()),
+                        Value::String(original.to_owned()),
                     ),
                 ];
                 if let Some(d) = description {
@@ -386,13 +397,13 @@ impl Broker {
                         Value::String(d.clone()),
                     ));
                 }
-                (self.config.dead_letter_address.clone(), e)
+                (in_space(&self.config.dead_letter_address), e)
             }
             Diversion::Expired => (
-                self.config.expiry_address.clone(),
+                in_space(&self.config.expiry_address),
                 vec![(
                     OwnedKey::from("x-opt-original-address"),
-                    Value::String(from.to_owned()),
+                    Value::String(original.to_owned()),
                 )],
             ),
         };

@@ -418,3 +418,59 @@ async fn a_serviceaccount_user_logs_in_with_its_bearer_token_only() {
         "an empty token is refused"
     );
 }
+
+/// Goal: a tenant's dead letters stay in its address space. A message rejected in space
+/// `other` goes to `other/DLQ` — which carol reads by declaring `DLQ` in her space — with
+/// the original address she knows (`orders`, not the internal `other/orders`), and never
+/// to a broker-wide queue no tenant can reach.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_dead_letters_stay_in_its_space() {
+    use fe2o3_amqp::types::messaging::annotations::OwnedKey;
+    use fe2o3_amqp::types::primitives::{Symbol, Value};
+
+    let root = tempfile::tempdir().unwrap();
+    let manifests = root.path().join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    write_manifests(&manifests, &address("other", "DLQ"), BOB_SENDS);
+    let manifests = manifests.to_str().unwrap().to_owned();
+    let broker = BrokerProcess::start(
+        &root.path().join("data"),
+        &["--manifests", &manifests, "--default-address-space", "app"],
+    );
+    let mut other = open_as(&broker, "other", plain("carol", "carol-pw"))
+        .await
+        .unwrap();
+    let mut s = within("begin", Session::begin(&mut other)).await.unwrap();
+    let mut sender = within("attach", Sender::attach(&mut s, "s", "orders"))
+        .await
+        .unwrap();
+    within("send", sender.send("unprocessable"))
+        .await
+        .unwrap()
+        .accepted_or_else(|o| o)
+        .unwrap();
+    let mut receiver = within("attach", Receiver::attach(&mut s, "r", "orders"))
+        .await
+        .unwrap();
+    let d = within("recv", receiver.recv::<String>()).await.unwrap();
+    within("reject", receiver.reject(&d, None)).await.unwrap();
+
+    let mut dlq = within("attach", Receiver::attach(&mut s, "dlq", "DLQ"))
+        .await
+        .unwrap();
+    let dead = within("recv dead letter", dlq.recv::<String>())
+        .await
+        .unwrap();
+    assert_eq!(dead.body(), "unprocessable");
+    let original = dead.message().message_annotations.as_ref().and_then(|a| {
+        a.0.get(&OwnedKey::Symbol(Symbol::from("x-opt-original-address")))
+            .cloned()
+    });
+    assert_eq!(original, Some(Value::String("orders".into())));
+    within("accept", dlq.accept(&dead)).await.unwrap();
+    assert_eq!(
+        broker.metric("entrepot_queue_depth{queue=\"DLQ\"}"),
+        None,
+        "the broker-wide dead-letter queue was used"
+    );
+}
