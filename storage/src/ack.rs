@@ -522,7 +522,11 @@ mod tests {
         acks.set_delivery_count(DEFAULT_GROUP, 4, 1).unwrap();
         acks.set_delivery_count(7, 3, 5).unwrap();
         acks.ack(&[4]).unwrap();
-        assert_eq!(acks.delivery_count(DEFAULT_GROUP, 4), 0, "acknowledged: forgotten");
+        assert_eq!(
+            acks.delivery_count(DEFAULT_GROUP, 4),
+            0,
+            "acknowledged: forgotten"
+        );
         drop(acks);
         let acks = open();
         assert_eq!(acks.delivery_count(DEFAULT_GROUP, 3), 2);
