@@ -215,6 +215,18 @@ impl ServeArgs {
     ) -> anyhow::Result<Option<entrepot::raft::ClusterConfig>> {
         use entrepot_cluster::identity;
         if self.peers.is_none() && self.peers_dns.is_none() {
+            // Cluster-only settings on a single node are a mistake worth stopping for: an
+            // operator who set them believes the node is clustered (and protected).
+            let cluster_only = [
+                ("--cluster-secret-file", self.cluster_secret_file.is_some()),
+                ("--cluster-tls-cert", self.cluster_tls_cert.is_some()),
+                ("--cluster-tls-key", self.cluster_tls_key.is_some()),
+                ("--cluster-tls-ca", self.cluster_tls_ca.is_some()),
+                ("--cluster-listen", self.cluster_listen.is_some()),
+            ];
+            if let Some((flag, _)) = cluster_only.iter().find(|(_, set)| *set) {
+                anyhow::bail!("{flag} needs a cluster: give --peers or --peers-dns as well");
+            }
             return Ok(None);
         }
         let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")

@@ -596,3 +596,33 @@ fn write_peer_certificates(dir: &std::path::Path) -> [std::path::PathBuf; 3] {
     std::fs::write(&files[2], ca.pem()).unwrap();
     files
 }
+
+/// Goal: cluster-only settings on a node without peers stop it with a clear error, instead
+/// of a single node the operator believes clustered and protected.
+#[test]
+fn cluster_only_flags_without_peers_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "a shared secret of enough length").expect("secret");
+    for (flag, value) in [
+        (
+            "--cluster-secret-file",
+            secret.to_str().expect("utf-8 path"),
+        ),
+        ("--cluster-listen", "127.0.0.1:0"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_entrepot"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args([flag, value])
+            .output()
+            .expect("run entrepot serve");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{flag}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{flag} needs a cluster")),
+            "{flag}: {stderr}"
+        );
+    }
+}
