@@ -19,9 +19,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use entrepot_cluster::{
-    LogStore, NodeId, PeerServer, Request, Response, StateMachineStore, TcpNetwork, TypeConfig,
+    NodeId, PeerServer, Request, Response, StateMachineStore, TcpNetwork, TypeConfig,
 };
-use entrepot_storage::LogConfig;
 use openraft::{BasicNode, Config, Raft};
 use tokio::net::TcpListener;
 
@@ -54,14 +53,7 @@ struct Node {
 }
 
 async fn start_node(id: NodeId, listener: TcpListener, config: Arc<Config>) -> Node {
-    let dir = tempfile::tempdir().unwrap();
-    let log_config = LogConfig {
-        segment_bytes: 1 << 20,
-        record_bytes_max: 512 << 10,
-        ..LogConfig::default()
-    };
-    let log = LogStore::open(dir.path(), log_config).unwrap();
-    let sm = StateMachineStore::open(dir.path().join("sm")).unwrap();
+    let (log, sm, dir) = support::open_stores();
     let raft = Raft::new(id, config, TcpNetwork::new(id), log, sm.clone())
         .await
         .unwrap();

@@ -7,14 +7,13 @@
 // openraft's error types are large; these signatures are openraft's, not ours.
 #![allow(clippy::result_large_err)]
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use entrepot_cluster::{
-    LogStore, NodeId, PeerSecret, PeerServer, StateMachineStore, TcpNetwork, TypeConfig,
-};
-use entrepot_storage::LogConfig;
+use entrepot_cluster::{NodeId, PeerSecret, PeerServer, TcpNetwork, TypeConfig};
 use openraft::error::{InstallSnapshotError, RPCError, RaftError};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{InstallSnapshotRequest, VoteRequest};
@@ -35,14 +34,7 @@ async fn serve_one_node(id: NodeId) -> Served {
 }
 
 async fn serve_one_node_with(id: NodeId, secret: Option<Arc<PeerSecret>>) -> Served {
-    let dir = tempfile::tempdir().unwrap();
-    let log_config = LogConfig {
-        segment_bytes: 1 << 20,
-        record_bytes_max: 512 << 10,
-        ..LogConfig::default()
-    };
-    let log = LogStore::open(dir.path(), log_config).unwrap();
-    let sm = StateMachineStore::open(dir.path().join("sm")).unwrap();
+    let (log, sm, dir) = support::open_stores();
     let config = Arc::new(Config::default().validate().unwrap());
     let raft = Raft::new(id, config, TcpNetwork::new(id), log, sm)
         .await

@@ -19,10 +19,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use entrepot_cluster::{
-    LogStore, NodeId, PeerClient, PeerSecret, PeerServer, PeerServerOptions, PeerTls, Request,
-    Response, StateMachineStore, TcpNetwork, TypeConfig,
+    NodeId, PeerClient, PeerSecret, PeerServer, PeerServerOptions, PeerTls, Request, Response,
+    StateMachineStore, TcpNetwork, TypeConfig,
 };
-use entrepot_storage::LogConfig;
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::VoteRequest;
 use openraft::{BasicNode, Config, Raft, Vote};
@@ -93,14 +92,7 @@ async fn start_node(
     config: Arc<Config>,
     options: PeerServerOptions,
 ) -> Node {
-    let dir = tempfile::tempdir().unwrap();
-    let log_config = LogConfig {
-        segment_bytes: 1 << 20,
-        record_bytes_max: 512 << 10,
-        ..LogConfig::default()
-    };
-    let log = LogStore::open(dir.path(), log_config).unwrap();
-    let sm = StateMachineStore::open(dir.path().join("sm")).unwrap();
+    let (log, sm, dir) = support::open_stores();
     let network = TcpNetwork::new(id)
         .with_tls(options.tls.clone())
         .with_secret(options.secret.clone());

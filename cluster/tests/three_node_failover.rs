@@ -15,8 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use entrepot_cluster::{LogStore, NodeId, Request, Response, StateMachineStore, TypeConfig};
-use entrepot_storage::LogConfig;
+use entrepot_cluster::{NodeId, Request, Response, StateMachineStore, TypeConfig};
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -106,14 +105,7 @@ struct Node {
 }
 
 async fn start_node(id: NodeId, router: &Router, config: Arc<Config>) -> Node {
-    let dir = tempfile::tempdir().unwrap();
-    let log_config = LogConfig {
-        segment_bytes: 1 << 20,
-        record_bytes_max: 512 << 10,
-        ..LogConfig::default()
-    };
-    let log = LogStore::open(dir.path(), log_config).unwrap();
-    let sm = StateMachineStore::open(dir.path().join("sm")).unwrap();
+    let (log, sm, dir) = support::open_stores();
     let raft = Raft::new(id, config, router.clone(), log, sm.clone())
         .await
         .unwrap();
