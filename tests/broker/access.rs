@@ -18,6 +18,7 @@ use std::time::Duration;
 use fe2o3_amqp::connection::ConnectionHandle;
 use fe2o3_amqp::link::{ReceiverAttachError, SenderAttachError};
 use fe2o3_amqp::sasl_profile::{SaslProfile, SaslScramSha256};
+use fe2o3_amqp::session::SessionHandle;
 use fe2o3_amqp::types::definitions::{AmqpError, ErrorCondition};
 use fe2o3_amqp::{Connection, Receiver, Sender, Session};
 use tokio::time::timeout;
@@ -136,6 +137,19 @@ async fn open_as(
     .await
 }
 
+/// Sends `body` to `address` on a link of its own, waits for `accepted`, closes the link.
+async fn send_one(s: &mut SessionHandle<()>, address: &str, body: &str) {
+    let mut sender = within("attach", Sender::attach(s, "s", address))
+        .await
+        .unwrap();
+    within("send", sender.send(body.to_owned()))
+        .await
+        .unwrap()
+        .accepted_or_else(|o| o)
+        .unwrap();
+    within("close sender", sender.close()).await.unwrap();
+}
+
 fn plain(user: &str, password: &str) -> SaslProfile {
     SaslProfile::Plain {
         username: user.into(),
@@ -250,28 +264,14 @@ async fn the_same_address_in_two_spaces_is_two_queues() {
         .await
         .unwrap();
     let mut s = within("begin", Session::begin(&mut app)).await.unwrap();
-    let mut sender = within("attach", Sender::attach(&mut s, "s", "orders"))
-        .await
-        .unwrap();
-    within("send", sender.send("for app"))
-        .await
-        .unwrap()
-        .accepted_or_else(|o| o)
-        .unwrap();
+    send_one(&mut s, "orders", "for app").await;
 
     // carol logs in to `other` by hostname (and a host whose first label names it).
     let mut other = open_as(&broker, "other.example.com", plain("carol", "carol-pw"))
         .await
         .unwrap();
     let mut s = within("begin", Session::begin(&mut other)).await.unwrap();
-    let mut sender = within("attach", Sender::attach(&mut s, "s", "orders"))
-        .await
-        .unwrap();
-    within("send", sender.send("for other"))
-        .await
-        .unwrap()
-        .accepted_or_else(|o| o)
-        .unwrap();
+    send_one(&mut s, "orders", "for other").await;
     let mut receiver = within("attach", Receiver::attach(&mut s, "r", "orders"))
         .await
         .unwrap();
@@ -441,14 +441,7 @@ async fn a_tenants_dead_letters_stay_in_its_space() {
         .await
         .unwrap();
     let mut s = within("begin", Session::begin(&mut other)).await.unwrap();
-    let mut sender = within("attach", Sender::attach(&mut s, "s", "orders"))
-        .await
-        .unwrap();
-    within("send", sender.send("unprocessable"))
-        .await
-        .unwrap()
-        .accepted_or_else(|o| o)
-        .unwrap();
+    send_one(&mut s, "orders", "unprocessable").await;
     let mut receiver = within("attach", Receiver::attach(&mut s, "r", "orders"))
         .await
         .unwrap();

@@ -59,6 +59,20 @@ async fn send_all(session: &mut SessionHandle<()>, address: &str, bodies: &[&str
     within("close sender", sender.close()).await.unwrap();
 }
 
+/// A receiver that gets only the credit the test grants.
+async fn manual_receiver(session: &mut SessionHandle<()>, name: &str, source: &str) -> Receiver {
+    within(
+        "attach",
+        Receiver::builder()
+            .name(name)
+            .source(source)
+            .credit_mode(CreditMode::Manual)
+            .attach(session),
+    )
+    .await
+    .unwrap()
+}
+
 async fn recv(receiver: &mut Receiver) -> Delivery<String> {
     within("recv", receiver.recv::<String>()).await.unwrap()
 }
@@ -88,16 +102,7 @@ async fn accepted_messages_are_gone_also_after_a_restart() {
     let mut broker = BrokerProcess::start(dir.path(), &[]);
     let (mut conn, mut session) = connect(&broker, "accept").await;
     send_all(&mut session, "orders", &["a", "b", "c"]).await;
-    let mut receiver = within(
-        "attach",
-        Receiver::builder()
-            .name("r1")
-            .source("orders")
-            .credit_mode(CreditMode::Manual)
-            .attach(&mut session),
-    )
-    .await
-    .unwrap();
+    let mut receiver = manual_receiver(&mut session, "r1", "orders").await;
     within("credit", receiver.set_credit(2)).await.unwrap();
     for want in ["a", "b"] {
         let d = recv(&mut receiver).await;
@@ -334,16 +339,7 @@ async fn deliveries_left_unsettled_by_a_closed_connection_go_to_another_consumer
     let broker = BrokerProcess::start(dir.path(), &[]);
     let (conn, mut session) = connect(&broker, "stays").await;
     send_all(&mut session, "q", &["m"]).await;
-    let mut later = within(
-        "attach",
-        Receiver::builder()
-            .name("later")
-            .source("q")
-            .credit_mode(CreditMode::Manual)
-            .attach(&mut session),
-    )
-    .await
-    .unwrap();
+    let mut later = manual_receiver(&mut session, "later", "q").await;
 
     let (mut doomed_conn, mut doomed_session) = connect(&broker, "doomed").await;
     let mut doomed = within(
@@ -407,16 +403,7 @@ async fn failed_attempts_count_on_after_a_crash_and_still_dead_letter() {
     let (conn, mut session) = connect(&broker, "poison-crash").await;
     send_all(&mut session, "crash-jobs", &["poison"]).await;
     // One delivery at a time: nothing is left unsettled when the link closes.
-    let mut receiver = within(
-        "attach",
-        Receiver::builder()
-            .name("r")
-            .source("crash-jobs")
-            .credit_mode(CreditMode::Manual)
-            .attach(&mut session),
-    )
-    .await
-    .unwrap();
+    let mut receiver = manual_receiver(&mut session, "r", "crash-jobs").await;
     for attempt in 0..2 {
         within("credit", receiver.set_credit(1)).await.unwrap();
         let d = recv(&mut receiver).await;
