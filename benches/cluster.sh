@@ -11,6 +11,8 @@
 #   single        one node, `serve` as in the README (fsync per group commit)
 #   cluster       the leader of a 3-node cluster (accepted = committed on 2 of 3 logs)
 #   cluster-fwd   a follower of the same cluster, which forwards to the leader
+#   cluster-tls   the leader of a fresh 3-node cluster whose inter-node traffic is TLS
+#                 (--cluster-tls-*, mutual; certificates made here with openssl)
 #
 # Usage: benches/cluster.sh      Env: DURATION (s per run, default 10), WARMUP (default 2),
 #                                     FAILOVER_ROUNDS (default 3)
@@ -43,11 +45,12 @@ mkdir -p "$out"
 rm -f "$out"/*.json "$out"/table.md
 
 peers="0=127.0.0.1:7400/5740,1=127.0.0.1:7401/5741,2=127.0.0.1:7402/5742"
+cluster_flags=()   # extra flags for every cluster node (the TLS phase sets them)
 start_node() { # start_node ID (cluster member, data in $work/nID)
     local i=$1
     "$bin" serve --node-id "$i" --peers "$peers" --cluster-listen "127.0.0.1:740$i" \
         --listen "127.0.0.1:574$i" --http "127.0.0.1:184$i" --data-dir "$work/n$i" \
-        >>"$work/n$i.log" 2>&1 &
+        "${cluster_flags[@]}" >>"$work/n$i.log" 2>&1 &
     pids+=($!)
     node_pid[$i]=$!
 }
@@ -121,6 +124,28 @@ for r in $(seq 1 "$rounds"); do
     start_node "$leader"   # back as a follower for the next round
     sleep 2
 done
+
+# --- three nodes, inter-node TLS ------------------------------------------------------------
+for i in 0 1 2; do kill -9 "${node_pid[$i]}" 2>/dev/null || true; rm -rf "$work/n$i"; done
+if command -v openssl >/dev/null; then
+    step "certificates for inter-node TLS"
+    (cd "$work" &&
+        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
+            -subj /CN=bench-ca -keyout ca-key.pem -out ca.pem 2>/dev/null &&
+        openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=entrepot \
+            -addext subjectAltName=IP:127.0.0.1 -keyout peer-key.pem -out peer.csr 2>/dev/null &&
+        openssl x509 -req -in peer.csr -CA ca.pem -CAkey ca-key.pem -days 1 \
+            -copy_extensions copy -out peer.pem 2>/dev/null)
+    cluster_flags=(--cluster-tls-cert "$work/peer.pem" --cluster-tls-key "$work/peer-key.pem"
+        --cluster-tls-ca "$work/ca.pem")
+    for i in 0 1 2; do start_node "$i"; done
+    leader="$(wait_leader 0 1 2)"
+    step "TLS cluster formed, leader $leader"
+    bench cluster-tls "amqp://127.0.0.1:574$leader" 1 1
+    bench cluster-tls "amqp://127.0.0.1:574$leader" 8 8
+else
+    step "no openssl: the inter-node TLS phase is skipped"
+fi
 
 # --- table ----------------------------------------------------------------------------------
 {
