@@ -209,8 +209,10 @@ fn walk_body(
     }
 }
 
-/// Size and count prefix of a compound or array: (items start, end, count).
-fn compound_bounds(
+/// Size and count prefix of a compound or array whose size field of width `w`
+/// (1 or 4) sits at `pos`: (items start, end, count). The end is checked
+/// against `buf`; the count is not checked against the items.
+pub fn compound_bounds(
     buf: &[u8],
     w: usize,
     pos: usize,

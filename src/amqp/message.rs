@@ -16,7 +16,8 @@
 //! - Every section is checked with [`check_nesting`] before serde_amqp sees it.
 //!
 //! Does not: validate the body's contents, strip delivery-annotations, or
-//! decide TTL policy (it only reports `ttl` and `absolute-expiry-time`).
+//! decide TTL policy (it only reports `ttl` and `absolute-expiry-time`, the
+//! latter read by hand in `properties.rs` rather than through serde).
 
 use std::ops::Range;
 
@@ -30,6 +31,7 @@ use serde_amqp::Value;
 use super::encoding::{
     byte_at, check_nesting, read_descriptor, skip_value, Descriptor, EncodingError, DESCRIBED,
 };
+use super::properties::{self, PropertiesError};
 
 /// The sections of an annotated message, in the order the spec requires.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -107,6 +109,8 @@ pub enum MessageError {
         section: SectionKind,
         source: serde_amqp::Error,
     },
+    #[error("{0}")]
+    Properties(#[from] PropertiesError),
     #[error("{section:?} section does not encode: {source}")]
     Encode {
         section: SectionKind,
@@ -277,11 +281,16 @@ impl MessageView {
         Ok(self.header()?.is_some_and(|header| header.durable))
     }
 
-    /// Properties `absolute-expiry-time`, if set.
+    /// Properties `absolute-expiry-time`, if set. Read by hand, without
+    /// decoding the rest of the section (see [`properties::absolute_expiry_time`]);
+    /// [`Self::properties`] gives the same value through serde.
     pub fn absolute_expiry_time(&self) -> Result<Option<Timestamp>, MessageError> {
-        Ok(self
-            .properties()?
-            .and_then(|properties| properties.absolute_expiry_time))
+        match self.range_of(SectionKind::Properties) {
+            None => Ok(None),
+            Some(range) => Ok(properties::absolute_expiry_time(
+                &self.bytes[range.clone()],
+            )?),
+        }
     }
 
     /// The message with the header's `delivery-count` set to `n`, as chunks
@@ -422,6 +431,10 @@ mod tests {
             Some(Timestamp::from_milliseconds(1_700_000_000_000))
         );
         let properties = view.properties().unwrap().unwrap();
+        assert_eq!(
+            view.absolute_expiry_time().unwrap(),
+            properties.absolute_expiry_time
+        );
         assert_eq!(properties.subject.as_deref(), Some("orders"));
         let app = view.application_properties().unwrap().unwrap();
         assert_eq!(app.len(), 1);
@@ -614,6 +627,7 @@ mod tests {
         if let Ok(view) = MessageView::parse(bytes) {
             let _ = view.header();
             let _ = view.properties();
+            let _ = view.absolute_expiry_time();
             let _ = view.application_properties();
             let _ = view.message_annotations();
             let _ = view.bare_message();

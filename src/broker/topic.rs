@@ -12,6 +12,10 @@
 //! store's default group — letting its segment be deleted — once none does and it left
 //! the topic's retention window.
 //!
+//! The subscription list is a copy-on-write snapshot (`Arc<[Arc<Subscription>]>`):
+//! subscribing and unsubscribing are rare and rebuild it, while publishing — once per
+//! message — clones one `Arc` instead of collecting a `Vec` of targets.
+//!
 //! Invariants:
 //! * A record is acknowledged in the default group only when no durable subscription
 //!   holds it and retention no longer keeps it.
@@ -83,7 +87,9 @@ struct Retained {
 
 #[derive(Debug, Default)]
 struct TopicState {
-    subscriptions: Vec<Arc<Subscription>>,
+    /// Replaced as a whole, never mutated in place: a snapshot taken by `publish` stays
+    /// valid after the lock is released.
+    subscriptions: Arc<[Arc<Subscription>]>,
     retained: VecDeque<Retained>,
     retained_bytes: u64,
     /// Durable subscriptions still holding each record.
@@ -142,9 +148,9 @@ impl Topic {
         let mut s = self.lock();
         s.limits = limits;
         s.space = space.clone();
-        let subs = s.subscriptions.clone();
+        let subs = Arc::clone(&s.subscriptions);
         drop(s);
-        for sub in subs {
+        for sub in subs.iter() {
             sub.queue.set_limits(queue_limits(limits), space.clone());
         }
     }
@@ -178,9 +184,9 @@ impl Topic {
     /// How many more messages producers may be granted credit for: `None` when no
     /// subscription limits them, 0 while any subscription is full (see [`Self::is_blocked`]).
     pub fn room(&self) -> Option<u64> {
-        let subs = self.lock().subscriptions.clone();
+        let subs = Arc::clone(&self.lock().subscriptions);
         let mut least: Option<u64> = None;
-        for sub in &subs {
+        for sub in subs.iter() {
             let room = sub.queue.room();
             let (ready, unsettled) = sub.queue.depth();
             let backlog_full = self.backlog_policy == BacklogPolicy::Block
@@ -197,7 +203,7 @@ impl Topic {
     }
 
     pub fn subscriptions(&self) -> Vec<Arc<Subscription>> {
-        self.lock().subscriptions.clone()
+        self.lock().subscriptions.to_vec()
     }
 
     pub fn subscription(&self, id: &str) -> Option<Arc<Subscription>> {
@@ -274,7 +280,12 @@ impl Topic {
                 *s.refs.entry(m.offset).or_insert(0) += 1;
             }
         }
-        s.subscriptions.push(Arc::clone(&sub));
+        s.subscriptions = s
+            .subscriptions
+            .iter()
+            .cloned()
+            .chain([Arc::clone(&sub)])
+            .collect();
         drop(s);
         sub.queue.enqueue_all(broker, replay);
     }
@@ -283,7 +294,14 @@ impl Topic {
     pub fn remove_subscription(&self, broker: &Broker, id: &str) -> Option<Arc<Subscription>> {
         let mut s = self.lock();
         let pos = s.subscriptions.iter().position(|x| x.id == id)?;
-        let sub = s.subscriptions.remove(pos);
+        let sub = Arc::clone(&s.subscriptions[pos]);
+        s.subscriptions = s
+            .subscriptions
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != pos)
+            .map(|(_, x)| Arc::clone(x))
+            .collect();
         drop(s);
         if sub.durable {
             for offset in sub.queue.held_offsets() {
@@ -297,13 +315,17 @@ impl Topic {
     pub fn publish(&self, broker: &Broker, msg: QueuedMessage, stored_at_ms: i64) {
         self.stats.published.fetch_add(1, Ordering::Relaxed);
         let mut s = self.lock();
-        let targets: Vec<Arc<Subscription>> = s
-            .subscriptions
-            .iter()
-            .filter(|sub| matches(sub, &msg))
-            .cloned()
-            .collect();
-        let durable_refs = targets.iter().filter(|t| t.durable).count() as u32;
+        // Selectors are evaluated once, under the lock, so a subscription added
+        // concurrently either gets this message here or from retention, never both.
+        let subs = Arc::clone(&s.subscriptions);
+        let mut matched = Matched::new(subs.len());
+        let mut durable_refs = 0u32;
+        for (i, sub) in subs.iter().enumerate() {
+            if matches(sub, &msg) {
+                matched.set(i);
+                durable_refs += u32::from(sub.durable);
+            }
+        }
         if durable_refs > 0 {
             s.refs.insert(msg.offset, durable_refs);
         }
@@ -318,6 +340,11 @@ impl Topic {
         let done = durable_refs == 0 && !retain;
         let trimmed = self.trim_locked(&mut s, now_ms());
         drop(s);
+        let targets = subs
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| matched.get(*i))
+            .map(|(_, sub)| sub);
         for sub in targets {
             sub.queue.enqueue(broker, msg.clone());
             if self.backlog_policy == BacklogPolicy::DropOldest
@@ -434,6 +461,54 @@ impl Topic {
     }
 }
 
+/// Subscriptions a publish can remember matches for without allocating
+/// (`MATCHED_INLINE_WORDS` × 64); larger topics spill to one `Vec` per message.
+const MATCHED_INLINE_WORDS: usize = 4;
+
+/// Which subscriptions of a snapshot (by index) one message matched: a bit set kept on
+/// the stack for topics of up to `MATCHED_INLINE_WORDS * 64` subscriptions.
+struct Matched {
+    inline: [u64; MATCHED_INLINE_WORDS],
+    /// Used instead of `inline` when the snapshot is larger.
+    spill: Vec<u64>,
+}
+
+impl Matched {
+    fn new(len: usize) -> Matched {
+        let words = len.div_ceil(64);
+        let spill = if words > MATCHED_INLINE_WORDS {
+            vec![0; words]
+        } else {
+            Vec::new()
+        };
+        Matched {
+            inline: [0; MATCHED_INLINE_WORDS],
+            spill,
+        }
+    }
+
+    fn words(&self) -> &[u64] {
+        if self.spill.is_empty() {
+            &self.inline
+        } else {
+            &self.spill
+        }
+    }
+
+    fn set(&mut self, i: usize) {
+        let words = if self.spill.is_empty() {
+            &mut self.inline[..]
+        } else {
+            &mut self.spill[..]
+        };
+        words[i / 64] |= 1 << (i % 64);
+    }
+
+    fn get(&self, i: usize) -> bool {
+        self.words()[i / 64] & (1 << (i % 64)) != 0
+    }
+}
+
 /// A subscription's queue limits under the topic's plan (retention is the topic's).
 fn queue_limits(limits: AddressLimits) -> AddressLimits {
     AddressLimits {
@@ -452,5 +527,24 @@ fn matches(sub: &Subscription, msg: &QueuedMessage) -> bool {
 fn ack_default(broker: &Broker, offset: u64) {
     if let Err(e) = broker.store().ack(&[offset]) {
         tracing::error!(offset, error = %e, "could not acknowledge a consumed topic record");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matched_remembers_every_index_inline_and_spilled() {
+        for len in [0, 1, 63, 64, 65, 256, 257, 1_000] {
+            let mut matched = Matched::new(len);
+            assert_eq!(matched.spill.is_empty(), len <= 64 * MATCHED_INLINE_WORDS);
+            for i in (0..len).filter(|i| i % 3 == 0) {
+                matched.set(i);
+            }
+            for i in 0..len {
+                assert_eq!(matched.get(i), i % 3 == 0, "len {len} index {i}");
+            }
+        }
     }
 }
