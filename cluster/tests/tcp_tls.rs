@@ -346,8 +346,12 @@ async fn a_plain_tcp_peer_is_refused_by_a_tls_server_which_keeps_serving() {
     let logs = capture_logs();
     let mut plain = client(addr.clone(), None).await;
     let err = vote(&mut plain, 1).await.unwrap_err();
+    // The server drops the connection: seen as a close, or as a reset when the frame
+    // was not read to its end.
     assert!(
-        err.contains("connection closed"),
+        ["connection closed", "reset", "Broken pipe"]
+            .iter()
+            .any(|cut| err.contains(cut)),
         "plain TCP to a TLS server: {err} ({addr})"
     );
     // Again: the refusal does not depend on the server's state.
