@@ -107,16 +107,25 @@ impl StoreState {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(17 + self.acks.len() + self.registry.len());
+        let mut out = Vec::with_capacity(21 + self.parts_len());
         out.put_u8(STORE_STATE_VERSION);
         out.put_u64_le(self.message_end);
-        out.put_u32_le(self.acks.len() as u32);
-        out.put_slice(&self.acks);
-        out.put_u32_le(self.registry.len() as u32);
-        out.put_slice(&self.registry);
-        out.put_u32_le(self.counts.len() as u32);
-        out.put_slice(&self.counts);
+        self.put_parts(&mut out);
         out
+    }
+
+    /// Bytes of the three length-prefixed parts.
+    fn parts_len(&self) -> usize {
+        12 + self.acks.len() + self.registry.len() + self.counts.len()
+    }
+
+    /// The ack sets, registry and delivery counts, each behind its u32 length (the order
+    /// both formats share; [`read_part`] reads one back).
+    fn put_parts(&self, out: &mut Vec<u8>) {
+        for part in [&self.acks, &self.registry, &self.counts] {
+            out.put_u32_le(part.len() as u32);
+            out.put_slice(part);
+        }
     }
 
     /// Reads a persisted state (v3), or the head of a whole wire snapshot (v1, v2).
@@ -237,16 +246,11 @@ impl StoreSource {
             }
         }
         let base = records.first().map_or(state.message_end, |r| r.0);
-        let mut head = Vec::with_capacity(33 + state.acks.len() + state.registry.len());
+        let mut head = Vec::with_capacity(25 + state.parts_len());
         head.put_u8(STORE_SNAPSHOT_VERSION);
         head.put_u64_le(state.message_end);
         head.put_u64_le(base);
-        head.put_u32_le(state.acks.len() as u32);
-        head.put_slice(&state.acks);
-        head.put_u32_le(state.registry.len() as u32);
-        head.put_slice(&state.registry);
-        head.put_u32_le(state.counts.len() as u32);
-        head.put_slice(&state.counts);
+        state.put_parts(&mut head);
         head.put_u64_le(records.len() as u64);
         let mut end = head.len() as u64;
         let ends = records
