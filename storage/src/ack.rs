@@ -54,7 +54,7 @@ pub const MAX_GROUPS: usize = 1 << 20;
 // Format (group drop record, flags = 5): { group: varint }
 // Format (delivery count record, flags = 6): { group: varint | offset: varint | count: varint }
 // Format (delivery counts snapshot, flags = 7): { n: varint | n × { group: varint | offset: varint | count: varint } }
-//   (written right after each group snapshot when any count is kept; replaces all counts)
+//   (written right after each group snapshot; replaces all counts)
 
 /// Persistent sets of acknowledged offsets, one per consumer group (see the module docs).
 /// Group [`DEFAULT_GROUP`] always exists.
@@ -266,34 +266,38 @@ impl AckLog {
 
     /// Replaces every delivery count with `data` from [`AckLog::export_counts`].
     pub fn import_counts(&self, data: &[u8]) -> Result<Durable> {
-        let counts = decode_counts(data).ok_or_else(|| StorageError::Corrupt {
-            path: self.log.dir().to_path_buf(),
-            position: 0,
-            offset: 0,
-            reason: "malformed imported delivery counts",
-        })?;
+        let counts = decode_counts(data)
+            .ok_or_else(|| self.malformed_import("malformed imported delivery counts"))?;
         let mut state = self.lock()?;
         state.counts = counts;
         state.prune_counts();
         self.snapshot_locked(&mut state)
     }
 
+    /// A group snapshot, then a counts snapshot (always, even empty: purging is by whole
+    /// segment, so count records before it may survive in its segment and must not
+    /// outlive a replacement), then the purge of what they cover.
     fn snapshot_locked(&self, state: &mut AckState) -> Result<Durable> {
         let buf = encode_group_snapshot(state);
         let appended = self.log.append_parts(FLAG_GROUP_SNAPSHOT, &[&buf])?;
         state.since_snapshot = 0;
         state.prune_counts();
-        let durable = match state.counts.is_empty() {
-            true => appended.durable,
-            false => {
-                let counts = encode_counts(&state.counts);
-                self.log
-                    .append_parts(FLAG_COUNTS_SNAPSHOT, &[&counts])?
-                    .durable
-            }
-        };
+        let counts = encode_counts(&state.counts);
+        let durable = self
+            .log
+            .append_parts(FLAG_COUNTS_SNAPSHOT, &[&counts])?
+            .durable;
         self.log.purge_before(appended.first)?;
         Ok(durable)
+    }
+
+    fn malformed_import(&self, reason: &'static str) -> StorageError {
+        StorageError::Corrupt {
+            path: self.log.dir().to_path_buf(),
+            position: 0,
+            offset: 0,
+            reason,
+        }
     }
 
     /// Every group's set, encoded as a group snapshot (`Format (group snapshot record)`).
@@ -305,12 +309,8 @@ impl AckLog {
     /// Replaces every group's set with `data` from [`AckLog::export_groups`] (a Raft
     /// snapshot installed on a follower). Durable with the returned handle.
     pub fn import_groups(&self, data: &[u8]) -> Result<Durable> {
-        let groups = decode_group_snapshot(data).ok_or_else(|| StorageError::Corrupt {
-            path: self.log.dir().to_path_buf(),
-            position: 0,
-            offset: 0,
-            reason: "malformed imported ack groups",
-        })?;
+        let groups = decode_group_snapshot(data)
+            .ok_or_else(|| self.malformed_import("malformed imported ack groups"))?;
         let mut state = self.lock()?;
         state.groups = groups;
         state.group(DEFAULT_GROUP);
@@ -551,6 +551,15 @@ mod tests {
         assert_eq!(other.delivery_count(DEFAULT_GROUP, 99), 0);
         assert_eq!(other.delivery_count(DEFAULT_GROUP, 3), 2);
         assert_eq!(other.delivery_count(7, 3), 5);
+        // An empty import replaces the counts for good, also after a reopen.
+        let empty_dir = tempfile::tempdir().unwrap();
+        let empty = AckLog::open(empty_dir.path(), LogConfig::default()).unwrap();
+        other
+            .import_counts(&empty.export_counts().unwrap())
+            .unwrap();
+        drop(other);
+        let other = AckLog::open(other_dir.path(), LogConfig::default()).unwrap();
+        assert_eq!(other.delivery_count(DEFAULT_GROUP, 3), 0);
         drop(acks);
         let acks = open();
         acks.drop_group(7).unwrap();
