@@ -38,6 +38,7 @@
 //! at-least-once anyway).
 
 use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::sync::{Mutex, OnceLock};
 
 use bytes::{BufMut, Bytes};
 use entrepot_cluster::SnapshotSource;
@@ -304,7 +305,60 @@ impl SnapshotSource for StoreSource {
     }
 }
 
+/// A [`StoreSource`] made on first read (a snapshot's data that may never be read). If
+/// making it fails, the failure is logged and the source is empty, which a receiver
+/// refuses as truncated (openraft then retries with a fresh snapshot).
+pub struct LazySource {
+    make: Mutex<Option<MakeSource>>,
+    made: OnceLock<StoreSource>,
+}
+
+type MakeSource = Box<dyn FnOnce() -> Result<StoreSource, SnapshotError> + Send>;
+
+impl LazySource {
+    pub fn new(
+        make: impl FnOnce() -> Result<StoreSource, SnapshotError> + Send + 'static,
+    ) -> LazySource {
+        LazySource {
+            make: Mutex::new(Some(Box::new(make))),
+            made: OnceLock::new(),
+        }
+    }
+
+    fn get(&self) -> &StoreSource {
+        self.made.get_or_init(|| {
+            let make = self.make.lock().unwrap_or_else(|p| p.into_inner()).take();
+            match make.map(|make| make()) {
+                Some(Ok(source)) => source,
+                Some(Err(e)) => {
+                    tracing::error!(error = %e, "cannot read the store for a snapshot");
+                    StoreSource::empty()
+                }
+                None => StoreSource::empty(),
+            }
+        })
+    }
+}
+
+impl SnapshotSource for LazySource {
+    fn len(&self) -> u64 {
+        self.get().len()
+    }
+
+    fn read_at(&self, pos: u64, buf: &mut [u8]) -> usize {
+        self.get().read_at(pos, buf)
+    }
+}
+
 impl StoreSource {
+    fn empty() -> StoreSource {
+        StoreSource {
+            head: Vec::new(),
+            records: Vec::new(),
+            ends: Vec::new(),
+        }
+    }
+
     /// Reads the whole snapshot into `out` (tests, and small tools).
     pub fn read_all(&self) -> Vec<u8> {
         let mut out = vec![0u8; self.len() as usize];
@@ -488,6 +542,35 @@ mod tests {
             Err(SnapshotError::Version(9))
         ));
         untouched(&log2);
+    }
+
+    #[test]
+    fn a_lazy_source_indexes_the_store_once_and_only_when_read() {
+        let a = tempfile::tempdir().unwrap();
+        let (log, acks) = open(a.path());
+        log.append_view(0, &[b"live"]).unwrap();
+        let state = StoreState::capture(&acks, a.path(), 1).unwrap();
+        let expected = StoreSource::new(&state, &log, &acks).unwrap().read_all();
+        let made = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counter = std::sync::Arc::clone(&made);
+        let lazy = LazySource::new(move || {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            StoreSource::new(&state, &log, &acks)
+        });
+        assert_eq!(made.load(std::sync::atomic::Ordering::SeqCst), 0);
+        let mut got = vec![0u8; lazy.len() as usize];
+        let mut pos = 0;
+        while pos < got.len() {
+            pos += lazy.read_at(pos as u64, &mut got[pos..]);
+        }
+        assert_eq!(got, expected);
+        assert_eq!(made.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let failing = LazySource::new(|| Err(SnapshotError::Malformed("unreadable")));
+        assert_eq!(
+            failing.len(),
+            0,
+            "a failure reads as an empty, refused snapshot"
+        );
     }
 
     #[test]

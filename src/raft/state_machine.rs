@@ -30,7 +30,7 @@ use openraft::{
     StorageError, StorageIOError, StoredMembership,
 };
 
-use super::snapshot::{self, StoreSource, StoreState};
+use super::snapshot::{self, LazySource, StoreSource, StoreState};
 use crate::broker::replication::{self, Applied};
 
 /// Directory (inside the Raft directory) of the persisted snapshot.
@@ -160,13 +160,15 @@ impl StoreMachine {
         };
         entrepot_cluster::write_snapshot_file(&shared.snapshot_dir, &meta, &persisted)
             .map_err(|e| sm_error(None, e))?;
-        let source = self.source(&snap)?;
         tracing::info!(
             index = last.map_or(0, |l| l.index),
-            records = source.records(),
-            bytes = entrepot_cluster::SnapshotSource::len(&source),
+            persisted_bytes = persisted.len(),
             "store snapshot built"
         );
+        // openraft keeps only the meta of a snapshot it just built (a follower that needs
+        // it asks `get_current_snapshot`), so the store is indexed only if read.
+        let (log, acks) = self.logs();
+        let source = LazySource::new(move || StoreSource::new(&snap, &log, &acks));
         Ok(Snapshot {
             meta,
             snapshot: Box::new(SnapshotData::source(source)),
