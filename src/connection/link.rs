@@ -118,7 +118,7 @@ impl Session {
             ));
         }
         if self.links.contains_key(&handle) {
-            return Err(ConnError::protocol(
+            return Err(ConnError::session(
                 SessionError::HandleInUse,
                 format!("handle {handle} is already attached"),
             ));
@@ -441,7 +441,7 @@ impl Session {
                 ));
             }
             None => {
-                return Err(ConnError::protocol(
+                return Err(ConnError::session(
                     SessionError::UnattachedHandle,
                     format!("transfer on unattached handle {handle}"),
                 ))

@@ -23,7 +23,7 @@ mod tenant;
 pub use handshake::HANDSHAKE_TIMEOUT;
 mod subscribe;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -55,6 +55,8 @@ pub const PRE_OPEN_MAX_FRAME_SIZE: u32 = 64 * 1024;
 pub const WRITE_BUFFER_FLUSH_BYTES: usize = 256 * 1024;
 /// Most queue events handled before flushing and looking at the socket again.
 pub const OUTBOUND_BATCH: usize = 512;
+/// Frames handled from one read before the task yields to the others on its worker.
+pub const FRAMES_PER_YIELD: usize = 256;
 /// How often a connection re-checks producer links held back by a blocked topic.
 pub const WITHHELD_RECHECK: Duration = Duration::from_millis(100);
 /// Container id this broker announces.
@@ -74,6 +76,13 @@ pub enum ConnError {
         condition: ErrorCondition,
         description: String,
     },
+    /// An error scoped to one session: the session is ended with it, the connection and
+    /// its other sessions carry on.
+    #[error("session: {description}")]
+    Session {
+        condition: ErrorCondition,
+        description: String,
+    },
     #[error("peer closed the connection")]
     PeerClosed,
     #[error("connection closed")]
@@ -81,6 +90,17 @@ pub enum ConnError {
 }
 
 impl ConnError {
+    /// An error that ends only the session it happened on.
+    pub fn session(
+        condition: impl Into<ErrorCondition>,
+        description: impl Into<String>,
+    ) -> ConnError {
+        ConnError::Session {
+            condition: condition.into(),
+            description: description.into(),
+        }
+    }
+
     pub fn protocol(
         condition: impl Into<ErrorCondition>,
         description: impl Into<String>,
@@ -151,6 +171,8 @@ pub struct Connection {
     /// TLS SNI, when the connection came in on the amqps listener.
     sni: Option<String>,
     sessions: HashMap<u16, Session>,
+    /// Channels of sessions we ended with an error, until the peer's `end` arrives.
+    ending: HashSet<u16>,
     outbound_tx: mpsc::UnboundedSender<Outbound>,
     pending: VecDeque<PendingProduce>,
     /// Consumers' outcomes waiting to become durable, in the order they were recorded
@@ -260,6 +282,7 @@ async fn run(
         space_slot: None,
         sni,
         sessions: HashMap::new(),
+        ending: HashSet::new(),
         outbound_tx,
         pending: VecDeque::new(),
         pending_settles: VecDeque::new(),
@@ -273,6 +296,10 @@ async fn run(
     conn.cleanup();
     match result {
         Err(ConnError::Protocol {
+            condition,
+            description,
+        })
+        | Err(ConnError::Session {
             condition,
             description,
         }) => {
@@ -357,7 +384,14 @@ impl Connection {
 
     /// Handles every whole frame in `rbuf`.
     async fn on_buffered_frames(&mut self, rbuf: &mut BytesMut) -> Result<(), ConnError> {
+        let mut handled = 0usize;
         while let Some(frame) = self.decoder.decode(rbuf)? {
+            handled += 1;
+            if handled % FRAMES_PER_YIELD == 0 {
+                // A read can hold thousands of small frames: let the other connections
+                // (and shutdown) have the worker between slices of them.
+                tokio::task::yield_now().await;
+            }
             if frame.kind != FrameKind::Amqp {
                 return Err(ConnError::protocol(
                     AmqpError::NotAllowed,
@@ -501,6 +535,13 @@ impl Connection {
                 self.closing = true;
                 Ok(())
             }
+            Performative::End(_) if self.ending.remove(&channel) => {
+                // The peer's answer to the end we sent with an error: the channel is free.
+                Ok(())
+            }
+            // We ended this session with an error; its frames are ignored until the
+            // peer's `end` arrives.
+            _ if self.ending.contains(&channel) => Ok(()),
             Performative::Begin(begin) => self.on_begin(channel, begin),
             Performative::End(end) => self.on_end(channel, end),
             other => {
@@ -511,10 +552,38 @@ impl Connection {
                     )
                 })?;
                 let result = session.on_performative(self, other, payload);
-                self.sessions.insert(channel, session);
-                result
+                match result {
+                    Err(ConnError::Session {
+                        condition,
+                        description,
+                    }) => self.end_with_error(session, condition, description),
+                    other => {
+                        self.sessions.insert(channel, session);
+                        other
+                    }
+                }
             }
         }
+    }
+
+    /// Ends one session with an error of ours (a session-scoped violation): its links are
+    /// released, `end(error)` goes out, and the channel stays reserved until the peer's
+    /// `end` — the connection and its other sessions carry on.
+    fn end_with_error(
+        &mut self,
+        mut session: Session,
+        condition: ErrorCondition,
+        description: String,
+    ) -> Result<(), ConnError> {
+        tracing::info!(channel = session.remote_channel(), condition = %condition_name(&condition), %description, "ending session with error");
+        session.detach_all(self);
+        let local = session.local_channel();
+        self.pending_settles.retain(|p| p.channel != local);
+        self.ending.insert(session.remote_channel());
+        let end = fe2o3_amqp_types::performatives::End {
+            error: Some(AmqpErrorBody::new(condition, description, None)),
+        };
+        self.send(local, &Performative::End(end), &[])
     }
 
     fn on_outbound(&mut self, event: Outbound) -> Result<(), ConnError> {

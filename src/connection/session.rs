@@ -26,6 +26,9 @@ use crate::config::BrokerConfig;
 pub const INCOMING_WINDOW: u32 = 8192;
 /// Our outgoing window as announced (we are limited by the peer's incoming window).
 pub const OUTGOING_WINDOW: u32 = u32::MAX;
+/// Delivery ids are serial numbers (RFC 1982): a disposition's `last` at this distance
+/// or more from its `first` precedes it, and the range is refused.
+pub const MAX_DISPOSITION_SPAN: u32 = 1 << 31;
 
 /// A delivery we sent and the consumer has not settled.
 pub(super) struct OutDelivery {
@@ -128,7 +131,7 @@ impl Session {
     /// Window bookkeeping for one incoming transfer frame.
     fn count_incoming_frame(&mut self, conn: &mut Connection) -> Result<(), ConnError> {
         if self.incoming_window == 0 {
-            return Err(ConnError::protocol(
+            return Err(ConnError::session(
                 SessionError::WindowViolation,
                 "transfer beyond the incoming window",
             ));
@@ -191,7 +194,7 @@ impl Session {
                 }
                 Some(Link::Detached) => {}
                 None => {
-                    return Err(ConnError::protocol(
+                    return Err(ConnError::session(
                         SessionError::UnattachedHandle,
                         format!("flow for unattached handle {handle}"),
                     ))
@@ -204,11 +207,12 @@ impl Session {
     }
 
     fn on_disposition(&mut self, conn: &mut Connection, d: Disposition) -> Result<(), ConnError> {
+        let last = d.last.unwrap_or(d.first);
+        check_range(d.first, last)?;
         if d.role != Role::Receiver {
             // The peer settles deliveries it sent us; we settle ours on acceptance already.
             return Ok(());
         }
-        let last = d.last.unwrap_or(d.first);
         let outcome = match &d.state {
             Some(state) => outcome_of(state),
             None if d.settled => Some(Outcome::Accepted),
@@ -217,9 +221,8 @@ impl Session {
         let Some(outcome) = outcome else {
             return Ok(());
         };
-        let mut id = d.first;
         let mut settled_back = Vec::new();
-        loop {
+        for id in self.settled_ids(d.first, last)? {
             if let Some(out) = self.unsettled_out.remove(&id) {
                 let recorded =
                     out.queue
@@ -239,15 +242,29 @@ impl Session {
                     }
                 }
             }
-            if id == last {
-                break;
-            }
-            id = id.wrapping_add(1);
         }
         for id in settled_back {
             Session::send_settled(conn, self.local_channel, id, d.state.clone())?;
         }
         Ok(())
+    }
+
+    /// The delivery ids of `first..=last` (serial numbers, RFC 1982) that we have
+    /// unsettled, in delivery order. The work is bounded by what is unsettled, never by
+    /// the width of the range a peer wrote.
+    fn settled_ids(&self, first: u32, last: u32) -> Result<Vec<u32>, ConnError> {
+        let span = check_range(first, last)?;
+        if (span as usize) < self.unsettled_out.len() {
+            return Ok((0..=span).map(|k| first.wrapping_add(k)).collect());
+        }
+        let mut ids: Vec<u32> = self
+            .unsettled_out
+            .keys()
+            .copied()
+            .filter(|id| id.wrapping_sub(first) <= span)
+            .collect();
+        ids.sort_unstable_by_key(|id| id.wrapping_sub(first));
+        Ok(ids)
     }
 
     /// Settles a delivery we sent, with the consumer's outcome echoed.
@@ -460,6 +477,22 @@ impl Session {
             self.links.remove(&handle);
         }
     }
+}
+
+/// Checks a disposition's range `first..=last` (serial numbers, RFC 1982) and returns its
+/// span: a `last` that precedes `first` is an `amqp:invalid-field` that ends the session.
+fn check_range(first: u32, last: u32) -> Result<u32, ConnError> {
+    let span = last.wrapping_sub(first);
+    if span >= MAX_DISPOSITION_SPAN {
+        return Err(ConnError::session(
+            AmqpError::InvalidField,
+            format!(
+                "disposition range first={first} last={last}: last precedes first \
+                 (MAX_DISPOSITION_SPAN: a range spans fewer than {MAX_DISPOSITION_SPAN} ids)"
+            ),
+        ));
+    }
+    Ok(span)
 }
 
 fn frames_needed(len: usize, max_frame: u32) -> u32 {

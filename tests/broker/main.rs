@@ -18,6 +18,7 @@ mod disk_full;
 mod expiry;
 mod garbage;
 mod harness;
+mod hostile;
 mod interop_proton;
 mod large_messages;
 mod manifests;
