@@ -13,6 +13,12 @@
 //! failure path, never the hot one), carried into every snapshot and forgotten once its
 //! message is acknowledged.
 //!
+//! Out of space: an acknowledgement whose record cannot be appended (the next segment
+//! cannot be preallocated: [`StorageError::DiskFull`]) is an error and is not applied in
+//! memory either — never a silent success. The ack log takes no free-space reserve of its
+//! own: the reserve other logs leave (`LogConfig::reserve_bytes`) is for it, because its
+//! records are what lets the data log's segments be deleted.
+//!
 //! Invariant: an offset reported acknowledged after a restart was acknowledged before it
 //! and its ack record was durable. A data segment may be deleted once
 //! [`AckLog::contains_range`] covers it and the acks are durable.
@@ -136,6 +142,8 @@ impl AckLog {
     /// Opens (or creates) the ack log in `dir` and replays it.
     pub fn open(dir: impl AsRef<Path>, mut config: LogConfig) -> Result<AckLog> {
         config.segment_bytes = config.segment_bytes.min(ACK_SEGMENT_BYTES);
+        // The reserve other logs leave is for this one: it never refuses itself.
+        config.reserve_bytes = 0;
         config.record_bytes_max = config
             .record_bytes_max
             .min((config.segment_bytes / 2) as u32);
@@ -170,7 +178,10 @@ impl AckLog {
         self.ack_group(DEFAULT_GROUP, offsets)
     }
 
-    /// Records `offsets` as acknowledged by consumer group `group`.
+    /// Records `offsets` as acknowledged by consumer group `group`. An error means the
+    /// offsets of the failing chunk (at most [`MAX_ACKS_PER_RECORD`]; earlier chunks are
+    /// recorded) are *not* acknowledged, in memory or on disk: [`StorageError::DiskFull`]
+    /// when the next segment cannot be preallocated, retryable once space is freed.
     pub fn ack_group(&self, group: u32, offsets: &[u64]) -> Result<Durable> {
         let mut last = None;
         for chunk in offsets.chunks(MAX_ACKS_PER_RECORD) {
@@ -198,7 +209,13 @@ impl AckLog {
             }
             state.since_snapshot += 1;
             if state.since_snapshot >= SNAPSHOT_EVERY_RECORDS {
-                self.snapshot_locked(&mut state)?;
+                // The acknowledgement is recorded whatever happens to the snapshot, which
+                // only bounds the replay: a snapshot that fails (no room for a segment) is
+                // retried with the next acknowledgement, and nothing is purged meanwhile.
+                if let Err(e) = self.snapshot_locked(&mut state) {
+                    tracing::warn!(dir = %self.log.dir().display(), error = %e,
+                        "ack log snapshot failed; retried with the next acknowledgement");
+                }
             }
             last = Some(appended.durable);
         }

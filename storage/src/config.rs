@@ -64,6 +64,12 @@ pub struct LogConfig {
     pub verify_sealed_on_open: bool,
     /// What to do about corruption in a sealed segment at open.
     pub corruption: CorruptionPolicy,
+    /// Free bytes a new segment of this log must leave on the file system, for other logs
+    /// that need them more (the broker's message log leaves room for its ack log, which
+    /// is what frees space); a roll that would eat into it fails with
+    /// [`StorageError::ReserveReached`]. Measured with `statvfs` once per new segment.
+    /// Default 0: no reserve, nothing measured.
+    pub reserve_bytes: u64,
 }
 
 impl Default for LogConfig {
@@ -75,6 +81,7 @@ impl Default for LogConfig {
             index_interval_bytes: DEFAULT_INDEX_INTERVAL_BYTES,
             verify_sealed_on_open: false,
             corruption: CorruptionPolicy::Fail,
+            reserve_bytes: 0,
         }
     }
 }

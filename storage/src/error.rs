@@ -1,7 +1,7 @@
 //! The storage crate's one error type.
 //!
-//! Variants are structured so a caller can act on them: [`StorageError::DiskFull`] is
-//! retryable once space is freed, [`StorageError::SyncFailed`] is fatal for the log (the
+//! Variants are structured so a caller can act on them: [`StorageError::DiskFull`] and
+//! [`StorageError::ReserveReached`] are retryable once space is freed, [`StorageError::SyncFailed`] is fatal for the log (the
 //! kernel may have dropped dirty pages, so the log refuses further writes), and the
 //! corruption variants name the file and the position so an operator can find the damage.
 
@@ -24,6 +24,19 @@ pub enum StorageError {
     /// durable is affected; the append can be retried once space is freed.
     #[error("disk full while {verb} {path}")]
     DiskFull { verb: &'static str, path: PathBuf },
+    /// A new segment would leave less free space than the log's
+    /// [`crate::LogConfig::reserve_bytes`], which is kept for logs that free space (the
+    /// ack log). Retryable like [`StorageError::DiskFull`] once space is freed.
+    #[error(
+        "{path}: a new segment of {segment_bytes} bytes would leave less than the reserve of \
+         {reserve_bytes} bytes free ({free_bytes} bytes free)"
+    )]
+    ReserveReached {
+        path: PathBuf,
+        free_bytes: u64,
+        segment_bytes: u64,
+        reserve_bytes: u64,
+    },
     /// An fsync/msync failed. The log is poisoned: every pending and later append fails,
     /// because after a failed sync the kernel may have discarded the dirty pages.
     #[error("sync of {path} failed, the log accepts no more writes: {reason}")]
@@ -74,6 +87,16 @@ impl StorageError {
             Some(libc::ENOSPC) | Some(libc::EDQUOT) => StorageError::DiskFull { verb, path },
             _ => StorageError::Io { verb, path, source },
         }
+    }
+
+    /// True when the file system has (or may keep) no room for this log:
+    /// [`StorageError::DiskFull`] or [`StorageError::ReserveReached`]. Retryable once
+    /// space is freed; nothing durable was touched.
+    pub fn is_out_of_space(&self) -> bool {
+        matches!(
+            self,
+            StorageError::DiskFull { .. } | StorageError::ReserveReached { .. }
+        )
     }
 
     /// True when the error ends the log's life (it must be reopened after operator action).

@@ -55,6 +55,7 @@ mod record;
 mod recovery;
 mod retention;
 mod segment;
+mod space;
 mod sync;
 
 pub use ack::{AckLog, ACK_SEGMENT_BYTES, DEFAULT_GROUP, MAX_GROUPS, SNAPSHOT_EVERY_RECORDS};
@@ -68,4 +69,5 @@ pub use offset_set::OffsetSet;
 pub use record::{Record, RECORD_HEADER_LEN};
 pub use retention::Retention;
 pub use segment::{SEGMENT_HEADER_LEN, SEGMENT_MAGIC, SEGMENT_VERSION};
+pub use space::free_bytes;
 pub use sync::{Durable, DurableState, LogStats, SYNC_LATENCY_BUCKETS_US};

@@ -500,8 +500,15 @@ impl Inner {
     }
 
     /// Starts a new active segment. The old one is sealed by the sync thread once synced
-    /// (or at once under policy `Never`).
+    /// (or at once under policy `Never`). Fails with `ReserveReached` when the new segment
+    /// would eat into the configured free-space reserve, with `DiskFull` when it cannot be
+    /// preallocated; either way the log is unchanged and the append can be retried.
     fn roll(&self, w: &mut Writer) -> Result<()> {
+        crate::space::check_reserve(
+            &self.dir,
+            self.config.segment_bytes,
+            self.config.reserve_bytes,
+        )?;
         let seg = Arc::new(Segment::create(
             &self.dir,
             w.next_offset,
