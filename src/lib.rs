@@ -12,6 +12,8 @@
 //! * [`manifest`] — address spaces, addresses, plans and users from YAML manifests;
 //!   [`auth`] — credential checks and authorization rules; [`tls`] — the amqps listener's
 //!   certificates.
+//! * [`fuzzing`] — entry points shared by the cargo-fuzz targets (`fuzz/`) and the
+//!   corpus replay test; not used by the broker itself.
 //! * [`raft`] — a clustered node: the store replicated through Raft (`entrepot-cluster`),
 //!   the broker active on the leader only, followers forwarding clients to it.
 //!
@@ -25,6 +27,7 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod connection;
+pub mod fuzzing;
 pub mod manifest;
 pub mod metrics;
 pub mod raft;
