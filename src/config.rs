@@ -34,6 +34,9 @@ pub const DEFAULT_MAX_SESSIONS: u16 = 256;
 pub const DEFAULT_MAX_LINKS: u32 = 4096;
 /// Idle time-out announced in `open`: the peer must send something this often.
 pub const DEFAULT_IDLE_TIMEOUT_MS: u32 = 60_000;
+/// Default longest a client may take from connecting to its `open` (header exchange,
+/// SASL and open, as one deadline), like RabbitMQ's `handshake_timeout`.
+pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u32 = 10_000;
 /// Default segment size of the message log: 128 MiB.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 128 * 1024 * 1024;
 /// Default most messages one subscription holds before dropping the oldest.
@@ -83,6 +86,9 @@ pub struct BrokerConfig {
     pub max_sessions: u16,
     pub max_links: u32,
     pub idle_timeout_ms: u32,
+    /// Milliseconds a client has from connecting to its `open`: protocol header, SASL
+    /// and open under one deadline, however slowly the bytes come.
+    pub handshake_timeout_ms: u32,
     pub allow_anonymous: bool,
     pub users: Vec<StaticUser>,
     /// Addresses starting with one of these are topics (unless they exist already).
@@ -137,6 +143,7 @@ impl Default for BrokerConfig {
             max_sessions: DEFAULT_MAX_SESSIONS,
             max_links: DEFAULT_MAX_LINKS,
             idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
+            handshake_timeout_ms: DEFAULT_HANDSHAKE_TIMEOUT_MS,
             allow_anonymous: true,
             users: Vec::new(),
             topic_prefixes: vec!["topic.".into()],
@@ -159,6 +166,11 @@ impl BrokerConfig {
     /// The sync policy named by `sync`.
     pub fn sync_policy(&self) -> Result<SyncPolicy, String> {
         parse_sync(&self.sync)
+    }
+
+    /// The deadline a client has from connecting to its `open`.
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(u64::from(self.handshake_timeout_ms))
     }
 
     /// Where the amqps listener binds: `listen-tls`, or [`DEFAULT_LISTEN_TLS`]; `None` when
@@ -198,6 +210,9 @@ impl BrokerConfig {
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err("tls-cert and tls-key must be given together".into());
+        }
+        if self.handshake_timeout_ms == 0 {
+            return Err("handshake-timeout-ms must be positive".into());
         }
         if self.max_delivery_attempts == 0 {
             return Err("max-delivery-attempts must be at least 1".into());

@@ -180,6 +180,10 @@ struct ServeArgs {
     /// Segment size of the message log in bytes [default: 134217728]
     #[arg(long, env = "ENTREPOT_SEGMENT_BYTES")]
     segment_bytes: Option<u64>,
+    /// Milliseconds a client has from connecting to its `open` (header, SASL and open
+    /// under one deadline) [default: 10000]
+    #[arg(long, env = "ENTREPOT_HANDSHAKE_TIMEOUT_MS")]
+    handshake_timeout_ms: Option<u32>,
     /// Allow SASL ANONYMOUS and plain AMQP connections [default: true]
     #[arg(long, env = "ENTREPOT_ALLOW_ANONYMOUS")]
     allow_anonymous: Option<bool>,
@@ -304,6 +308,7 @@ impl ServeArgs {
             max_message_bytes,
             max_delivery_attempts,
             segment_bytes,
+            handshake_timeout_ms,
             allow_anonymous
         );
         macro_rules! set_opt {

@@ -122,7 +122,7 @@ pub(crate) async fn accept_tls(stream: tokio::net::TcpStream, tls: &TlsFiles) ->
     let peer = stream.peer_addr().ok();
     let _ = stream.set_nodelay(true);
     let handshake = tls.acceptor().accept(stream);
-    match tokio::time::timeout(connection::HANDSHAKE_TIMEOUT, handshake).await {
+    match tokio::time::timeout(connection::TLS_HANDSHAKE_TIMEOUT, handshake).await {
         Ok(Ok(stream)) => {
             let sni = stream.get_ref().1.server_name().map(str::to_owned);
             let (rd, wr) = tokio::io::split(stream);

@@ -3,7 +3,9 @@
 //! The server answers every header with the header it supports; a client that asks for
 //! something else (TLS on the plain port, a wrong version, garbage) gets our header and a
 //! closed socket. SASL runs to an outcome before the AMQP header is exchanged. Every read
-//! here is bounded in time by [`HANDSHAKE_TIMEOUT`].
+//! here is bounded by one deadline, set when the connection was accepted
+//! (`handshake-timeout-ms`): it also covers the client's `open`, so a client dribbling
+//! its bytes one at a time is cut off however slowly they come.
 //!
 //! With manifests, `sasl-init`'s hostname picks the address space whose users are checked
 //! (else the default space); ANONYMOUS is offered if any space allows it and accepted only
@@ -27,8 +29,9 @@ use crate::auth::users::SpaceUsers;
 use crate::auth::Gatekeeper;
 use crate::manifest::Catalog;
 
-/// Longest a client may take for the header exchange and SASL.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a TLS handshake may take before the AMQP handshake starts (whose own deadline
+/// is the `handshake-timeout-ms` setting).
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest SASL frame accepted.
 pub const SASL_MAX_FRAME_SIZE: u32 = 4096;
 
@@ -92,10 +95,11 @@ pub async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     wr: &mut W,
     rbuf: &mut BytesMut,
     admission: &Admission<'_>,
+    deadline: tokio::time::Instant,
 ) -> Result<Login, ConnError> {
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake_inner(rd, wr, rbuf, admission))
+    tokio::time::timeout_at(deadline, handshake_inner(rd, wr, rbuf, admission))
         .await
-        .map_err(|_| ConnError::Handshake("handshake timed out"))?
+        .map_err(|_| ConnError::Handshake("handshake-timeout-ms expired before SASL ended"))?
 }
 
 async fn handshake_inner<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(

@@ -20,7 +20,7 @@ mod link;
 mod session;
 mod tenant;
 
-pub use handshake::HANDSHAKE_TIMEOUT;
+pub use handshake::TLS_HANDSHAKE_TIMEOUT;
 mod subscribe;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -258,13 +258,15 @@ async fn run(
         sni,
     } = stream;
     let mut rbuf = BytesMut::with_capacity(64 * 1024);
+    // One deadline from accept to `open`, however slowly the bytes come.
+    let deadline = tokio::time::Instant::now() + broker.config().handshake_timeout();
     let admission = handshake::Admission {
         gate: &gate,
         static_users: &broker.config().users,
         allow_anonymous: broker.config().allow_anonymous,
         peer: peer.map(|p| p.ip()),
     };
-    let login = handshake::handshake(&mut rd, &mut wr, &mut rbuf, &admission).await?;
+    let login = handshake::handshake(&mut rd, &mut wr, &mut rbuf, &admission, deadline).await?;
     let (outbound_tx, outbound_rx) = mpsc::unbounded_channel();
     let mut conn = Connection {
         decoder: FrameDecoder::new(PRE_OPEN_MAX_FRAME_SIZE),
@@ -292,7 +294,9 @@ async fn run(
         open_sent: false,
         withheld_links: false,
     };
-    let result = conn.main_loop(&mut rd, rbuf, outbound_rx, shutdown).await;
+    let result = conn
+        .main_loop(&mut rd, rbuf, outbound_rx, shutdown, deadline)
+        .await;
     conn.cleanup();
     match result {
         Err(ConnError::Protocol {
@@ -324,9 +328,10 @@ impl Connection {
         mut rbuf: BytesMut,
         mut outbound_rx: mpsc::UnboundedReceiver<Outbound>,
         mut shutdown: watch::Receiver<bool>,
+        handshake_deadline: tokio::time::Instant,
     ) -> Result<(), ConnError> {
         let mut durable_rx = self.broker.store().durable_watch();
-        self.expect_open(rd, &mut rbuf).await?;
+        self.expect_open(rd, &mut rbuf, handshake_deadline).await?;
         // A client may pipeline begin and attach behind its open: they are already in
         // the buffer, and no further read would bring them to light.
         self.on_buffered_frames(&mut rbuf).await?;
@@ -444,7 +449,12 @@ impl Connection {
     }
 
     /// Reads the client's `open` and answers with ours.
-    async fn expect_open(&mut self, rd: &mut Reader, rbuf: &mut BytesMut) -> Result<(), ConnError> {
+    async fn expect_open(
+        &mut self,
+        rd: &mut Reader,
+        rbuf: &mut BytesMut,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), ConnError> {
         let frame = loop {
             if let Some(f) = self.decoder.decode(rbuf)? {
                 if !f.is_heartbeat() {
@@ -452,9 +462,9 @@ impl Connection {
                 }
                 continue;
             }
-            let read = tokio::time::timeout(handshake::HANDSHAKE_TIMEOUT, rd.read_buf(rbuf))
+            let read = tokio::time::timeout_at(deadline, rd.read_buf(rbuf))
                 .await
-                .map_err(|_| ConnError::Handshake("no open frame in time"))??;
+                .map_err(|_| ConnError::Handshake("handshake-timeout-ms expired before open"))??;
             if read == 0 {
                 return Err(ConnError::PeerClosed);
             }

@@ -126,3 +126,60 @@ async fn a_wrapping_disposition_range_ends_its_session_only() {
     }
     let _ = conn.close().await;
 }
+
+/// Issue 14.5: a client dribbling its header and `open` one byte at a time used to be
+/// cut off only when a single read waited 10 s. One deadline (`--handshake-timeout-ms`)
+/// now covers header, SASL and open, however slowly the bytes come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_dribbled_byte_by_byte_is_cut_off_at_the_deadline() {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path(), &["--handshake-timeout-ms", "2000"]);
+    let addr = broker.amqp;
+    let open = fe2o3_amqp::types::performatives::Open {
+        container_id: "dribbler".into(),
+        hostname: None,
+        max_frame_size: 65536.into(),
+        channel_max: 16.into(),
+        idle_time_out: None,
+        outgoing_locales: None,
+        incoming_locales: None,
+        offered_capabilities: None,
+        desired_capabilities: None,
+        properties: None,
+    };
+    let body = serde_amqp::to_vec(&Performative::Open(open)).unwrap();
+    let mut bytes = b"AMQP\x00\x01\x00\x00".to_vec();
+    bytes.extend_from_slice(&((8 + body.len()) as u32).to_be_bytes());
+    bytes.extend_from_slice(&[2, 0, 0, 0]);
+    bytes.extend_from_slice(&body);
+    let closed_after = tokio::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        let mut reader = stream.try_clone().unwrap();
+        let start = Instant::now();
+        let done = std::thread::spawn(move || {
+            let mut sink = [0u8; 1024];
+            reader
+                .set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            while matches!(reader.read(&mut sink), Ok(n) if n > 0) {}
+            start.elapsed()
+        });
+        // 100 ms a byte: the whole header and open would take several seconds.
+        for b in bytes {
+            if done.is_finished() || stream.write_all(&[b]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        done.join().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        closed_after >= Duration::from_millis(1900) && closed_after < Duration::from_secs(5),
+        "the dribbling client was cut off after {closed_after:?}, not at the 2 s deadline"
+    );
+    round_trip(&broker, "after-dribble").await;
+}
