@@ -38,6 +38,9 @@ const FUZZ_MAX_MESSAGE_BYTES: u64 = 256 * 1024;
 const FUZZ_LINK_CREDIT: u32 = 8;
 /// Unsettled deliveries per consumer link: small, so the limit is reached.
 const FUZZ_UNSETTLED_PER_LINK: usize = 16;
+/// Scheduler turns the harness yields after each frame: enough for the connection task
+/// to read the frame, complete durable produces and send queued deliveries.
+const YIELDS_PER_FRAME: usize = 8;
 /// Smallest max-frame-size the harness announces for the client (the spec's minimum).
 const FUZZ_MIN_PEER_FRAME: u32 = 512;
 
@@ -74,13 +77,22 @@ pub fn connection(data: &[u8]) -> Result<(), Stalled> {
     result
 }
 
-async fn run(broker: Arc<Broker>, stream: Vec<u8>) -> Result<(), Stalled> {
+async fn run(broker: Arc<Broker>, stream: Vec<Vec<u8>>) -> Result<(), Stalled> {
     let (client, server) = tokio::io::duplex(STREAM_BUFFER_BYTES);
     let (rd, wr) = tokio::io::split(server);
     let (mut client_rd, mut client_wr) = tokio::io::split(client);
     let writer = tokio::spawn(async move {
-        // A broker that closed early makes the write fail: the rest is not needed.
-        let _ = client_wr.write_all(&stream).await;
+        for frame in stream {
+            // A broker that closed early makes the write fail: the rest is not needed.
+            if client_wr.write_all(&frame).await.is_err() {
+                break;
+            }
+            // Let the connection act on the frame (durable produces enter their queue,
+            // queued deliveries go out) before the next arrives, as over a network.
+            for _ in 0..YIELDS_PER_FRAME {
+                tokio::task::yield_now().await;
+            }
+        }
         let _ = client_wr.shutdown().await;
         // Keep our half open until the broker is done reading.
         std::future::pending::<()>().await;
@@ -104,10 +116,10 @@ async fn run(broker: Arc<Broker>, stream: Vec<u8>) -> Result<(), Stalled> {
     result.map_err(|_| Stalled)
 }
 
-/// The header, the harness's `open`, then the input's frames.
-fn client_bytes(peer_frame: u32, mut records: &[u8]) -> Vec<u8> {
-    let mut out = BytesMut::new();
-    out.extend_from_slice(&AMQP_HEADER);
+/// The header and the harness's `open`, then the input's frames, one write each.
+fn client_bytes(peer_frame: u32, mut records: &[u8]) -> Vec<Vec<u8>> {
+    let mut first = BytesMut::new();
+    first.extend_from_slice(&AMQP_HEADER);
     let open = Open {
         container_id: "fuzz".into(),
         hostname: None,
@@ -122,20 +134,25 @@ fn client_bytes(peer_frame: u32, mut records: &[u8]) -> Vec<u8> {
     };
     // Encoding a fixed open cannot fail; if it did, the broker would see garbage, which
     // is a valid input too.
-    let _ = encode_frame(&mut out, 0, &Performative::Open(open), &[]);
+    let _ = encode_frame(&mut first, 0, &Performative::Open(open), &[]);
+    let mut writes = vec![first.to_vec()];
     while let Some((&channel, rest)) = records.split_first() {
         let Some((body, next)) = take_record(rest) else {
             break;
         };
         records = next;
-        out.put_u32((FRAME_HEADER_LEN + body.len()) as u32);
-        out.put_u8(2); // doff: no extended header
-        out.put_u8(0); // AMQP frame
-        out.put_u16(u16::from(channel));
-        out.extend_from_slice(body);
+        let mut frame = Vec::with_capacity(FRAME_HEADER_LEN + body.len());
+        frame.put_u32((FRAME_HEADER_LEN + body.len()) as u32);
+        frame.put_u8(2); // doff: no extended header
+        frame.put_u8(0); // AMQP frame
+        frame.put_u16(u16::from(channel));
+        frame.extend_from_slice(body);
+        writes.push(frame);
     }
-    out.extend_from_slice(records);
-    out.to_vec()
+    if !records.is_empty() {
+        writes.push(records.to_vec());
+    }
+    writes
 }
 
 fn fuzz_config(data_dir: PathBuf) -> BrokerConfig {
