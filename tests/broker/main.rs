@@ -7,6 +7,7 @@ mod access;
 mod address_types;
 mod addresses;
 mod bench_tool;
+mod campaign;
 mod client;
 mod cluster;
 mod cluster_netns;
