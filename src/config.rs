@@ -37,6 +37,10 @@ pub const DEFAULT_IDLE_TIMEOUT_MS: u32 = 60_000;
 /// Default longest a client may take from connecting to its `open` (header exchange,
 /// SASL and open, as one deadline), like RabbitMQ's `handshake_timeout`.
 pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u32 = 10_000;
+/// Default bytes of multi-frame deliveries still arriving that one connection may hold.
+pub const DEFAULT_MAX_INCOMPLETE_BYTES_PER_CONNECTION: u64 = 128 * 1024 * 1024;
+/// Default bytes of multi-frame deliveries still arriving, broker-wide.
+pub const DEFAULT_MAX_INCOMPLETE_BYTES: u64 = 1024 * 1024 * 1024;
 /// Default segment size of the message log: 128 MiB.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 128 * 1024 * 1024;
 /// Default most messages one subscription holds before dropping the oldest.
@@ -76,6 +80,13 @@ pub struct BrokerConfig {
     pub segment_bytes: u64,
     pub auto_create: bool,
     pub max_message_bytes: u64,
+    /// Bytes of deliveries still arriving in several frames (`more=true`) that one
+    /// connection may hold; a delivery that would go beyond is refused (its link detached
+    /// with `amqp:resource-limit-exceeded`). At least `max-message-bytes`.
+    pub max_incomplete_bytes_per_connection: u64,
+    /// The same, broker-wide: a connection whose delivery does not fit is not read until
+    /// room frees up, for at most `INCOMPLETE_BUDGET_WAIT`, then refused likewise.
+    pub max_incomplete_bytes: u64,
     pub max_frame_bytes: u32,
     pub max_delivery_attempts: u32,
     pub dead_letter_address: String,
@@ -133,6 +144,8 @@ impl Default for BrokerConfig {
             segment_bytes: DEFAULT_SEGMENT_BYTES,
             auto_create: true,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_incomplete_bytes_per_connection: DEFAULT_MAX_INCOMPLETE_BYTES_PER_CONNECTION,
+            max_incomplete_bytes: DEFAULT_MAX_INCOMPLETE_BYTES,
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             max_delivery_attempts: DEFAULT_MAX_DELIVERY_ATTEMPTS,
             dead_letter_address: "DLQ".into(),
@@ -210,6 +223,17 @@ impl BrokerConfig {
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err("tls-cert and tls-key must be given together".into());
+        }
+        if self.max_incomplete_bytes_per_connection < self.max_message_bytes
+            || self.max_incomplete_bytes < self.max_incomplete_bytes_per_connection
+        {
+            return Err(format!(
+                "max-incomplete-bytes ({}) >= max-incomplete-bytes-per-connection ({}) >= \
+                 max-message-bytes ({}) must hold: a largest message must fit",
+                self.max_incomplete_bytes,
+                self.max_incomplete_bytes_per_connection,
+                self.max_message_bytes
+            ));
         }
         if self.handshake_timeout_ms == 0 {
             return Err("handshake-timeout-ms must be positive".into());

@@ -174,6 +174,13 @@ struct ServeArgs {
     /// Largest message in bytes [default: 104857600]
     #[arg(long, env = "ENTREPOT_MAX_MESSAGE_BYTES")]
     max_message_bytes: Option<u64>,
+    /// Bytes of multi-frame deliveries still arriving that one connection may hold
+    /// [default: 134217728]
+    #[arg(long, env = "ENTREPOT_MAX_INCOMPLETE_BYTES_PER_CONNECTION")]
+    max_incomplete_bytes_per_connection: Option<u64>,
+    /// Bytes of multi-frame deliveries still arriving, broker-wide [default: 1073741824]
+    #[arg(long, env = "ENTREPOT_MAX_INCOMPLETE_BYTES")]
+    max_incomplete_bytes: Option<u64>,
     /// Failed deliveries before dead-lettering [default: 10]
     #[arg(long, env = "ENTREPOT_MAX_DELIVERY_ATTEMPTS")]
     max_delivery_attempts: Option<u32>,
@@ -306,6 +313,8 @@ impl ServeArgs {
             sync,
             auto_create,
             max_message_bytes,
+            max_incomplete_bytes_per_connection,
+            max_incomplete_bytes,
             max_delivery_attempts,
             segment_bytes,
             handshake_timeout_ms,

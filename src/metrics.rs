@@ -50,6 +50,24 @@ pub fn render(broker: &Broker) -> String {
         "Attached links",
         s.links.load(Ordering::Relaxed),
     );
+    gauge(
+        &mut out,
+        "entrepot_incomplete_delivery_bytes",
+        "Bytes of multi-frame deliveries still arriving, held broker-wide",
+        broker.intake.used(),
+    );
+    gauge(
+        &mut out,
+        "entrepot_incomplete_delivery_bytes_limit",
+        "max-incomplete-bytes: the broker-wide bound on incomplete deliveries",
+        broker.intake.limit(),
+    );
+    counter(
+        &mut out,
+        "entrepot_incomplete_delivery_refusals_total",
+        "Incomplete deliveries refused at max-incomplete-bytes(-per-connection)",
+        broker.intake.refused(),
+    );
     let log = broker.store().log();
     let st = log.stats();
     counter(

@@ -5,6 +5,7 @@
 //! message elsewhere (dead-letter, expiry). The broker owns no socket and no AMQP framing.
 
 mod declare;
+pub mod intake;
 pub use declare::{Declaration, DeclaredType};
 pub mod limits;
 pub mod memory;
@@ -66,6 +67,8 @@ pub struct Broker {
     spaces: RwLock<HashMap<String, Arc<SpaceUsage>>>,
     subscriptions: subscriptions::Registry,
     pub stats: BrokerStats,
+    /// Bytes of multi-frame deliveries still arriving, broker-wide (`max-incomplete-bytes`).
+    pub intake: Arc<intake::IncompleteBudget>,
 }
 
 /// What kind of address a name is, or should be created as.
@@ -184,6 +187,7 @@ impl Broker {
 
     /// Rebuilds every queue from an open store (a cluster node's, when it becomes leader).
     pub fn with_store(config: BrokerConfig, store: Store) -> anyhow::Result<Arc<Broker>> {
+        let intake = Arc::new(intake::IncompleteBudget::new(config.max_incomplete_bytes));
         let broker = Arc::new_cyclic(|me| Broker {
             me: me.clone(),
             config,
@@ -194,6 +198,7 @@ impl Broker {
             spaces: RwLock::new(HashMap::new()),
             subscriptions: subscriptions::Registry::default(),
             stats: BrokerStats::default(),
+            intake,
         });
         broker.recover()?;
         Ok(broker)

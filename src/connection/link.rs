@@ -3,12 +3,16 @@
 //!
 //! A producer link's credit is the broker's backpressure: the peer may only send what we
 //! granted, and we grant [`crate::config::BrokerConfig::link_credit`] again once half is
-//! used. A multi-frame delivery is assembled in one buffer bounded by the max message
-//! size; beyond it the link is detached with `amqp:link:message-size-exceeded` and the
+//! used. A multi-frame delivery is held until its last frame under three bounds: the max
+//! message size per link (beyond it `amqp:link:message-size-exceeded`), and the
+//! connection's and the broker's budgets for incomplete deliveries
+//! (`crate::broker::intake`; beyond them `amqp:resource-limit-exceeded`, after a bounded
+//! wait for the broker-wide one). Either way only the link is detached and the
 //! connection keeps working.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use fe2o3_amqp_types::definitions::{
@@ -20,9 +24,10 @@ use fe2o3_amqp_types::performatives::{Attach, Detach, Disposition, Performative,
 
 use super::session::Session;
 use super::subscribe::{self, SubscriptionRef};
-use super::{ConnError, Connection, PendingProduce};
+use super::{ConnError, Connection, Parked, PendingProduce, INCOMPLETE_BUDGET_WAIT};
 use crate::amqp::message::MessageView;
 use crate::auth::authz::Operation;
+use crate::broker::intake::{Charge, IntakeRefused};
 use crate::broker::memory::{MemoryAddress, Routed};
 use crate::broker::queue::{ConsumerId, ConsumerSpec, LinkKey, Queue};
 use crate::broker::store::StoreError;
@@ -55,14 +60,17 @@ pub(super) struct ConsumerLink {
     pub subscription: Option<SubscriptionRef>,
 }
 
-/// A delivery arriving in several frames: the frames' payloads, kept as the zero-copy
-/// slices of the read buffer they arrived in, so the message is never assembled in a
-/// second heap buffer — the store copies the pieces straight into the log.
+/// A delivery arriving in several frames: each frame's payload copied out of the read
+/// buffer (a zero-copy slice would pin the whole read buffer it sits in, so the bytes
+/// held could far exceed the bytes charged), charged to the connection's and the
+/// broker's budget for incomplete deliveries until the last frame arrives or the
+/// delivery is dropped. The store copies the pieces straight into the log.
 struct Partial {
     delivery_id: Option<u32>,
     settled: bool,
     chunks: Vec<Bytes>,
     len: u64,
+    charge: Charge,
 }
 
 /// Credit to grant a producer: the configured amount, capped by the target's room.
@@ -463,18 +471,35 @@ impl Session {
                         "transfer without link credit".into(),
                     );
                 }
+                let mut charge = Charge::new(
+                    Arc::clone(&conn.broker.intake),
+                    Arc::clone(&conn.intake),
+                );
+                if let Err(refused) = charge.grow(payload.len()) {
+                    return self.intake_refused(conn, t, payload, refused);
+                }
                 link.partial = Some(Partial {
                     delivery_id: t.delivery_id,
                     settled,
                     len: payload.len() as u64,
-                    chunks: vec![payload],
+                    chunks: vec![Bytes::copy_from_slice(&payload)],
+                    charge,
                 });
                 return self.check_size(conn, handle, max);
             }
             (Some(p), more) => {
+                if more {
+                    if let Err(refused) = p.charge.grow(payload.len()) {
+                        return self.intake_refused(conn, t, payload, refused);
+                    }
+                }
                 p.len += payload.len() as u64;
                 if !payload.is_empty() {
-                    p.chunks.push(payload);
+                    // The last frame is stored at once: no need to copy it out.
+                    p.chunks.push(match more {
+                        true => Bytes::copy_from_slice(&payload),
+                        false => payload,
+                    });
                 }
                 p.settled |= settled;
                 if more {
@@ -525,6 +550,48 @@ impl Session {
             self.send_flow(conn, Some((handle, dc, Some(c), false)))?;
         }
         Ok(still)
+    }
+
+    /// A frame of an incomplete delivery did not fit its budget. Over the connection's
+    /// own share: the link is detached with `amqp:resource-limit-exceeded` naming the
+    /// limit. Over the broker-wide budget: the frame is parked and the connection stops
+    /// reading its socket until room frees up (backpressure); once it has waited
+    /// [`INCOMPLETE_BUDGET_WAIT`], the link is refused the same way.
+    fn intake_refused(
+        &mut self,
+        conn: &mut Connection,
+        t: Transfer,
+        payload: Bytes,
+        refused: IntakeRefused,
+    ) -> Result<(), ConnError> {
+        let handle = t.handle.0;
+        let waited = conn.park_since.map(|since| since.elapsed());
+        match refused {
+            IntakeRefused::Broker { .. }
+                if waited.is_none_or(|w| w < INCOMPLETE_BUDGET_WAIT) =>
+            {
+                conn.parked = Some(Parked {
+                    channel: self.remote_channel(),
+                    transfer: t,
+                    payload,
+                    since: conn.park_since.unwrap_or_else(Instant::now),
+                });
+                Ok(())
+            }
+            _ => {
+                conn.broker.intake.count_refusal();
+                let description = match waited {
+                    Some(w) => format!("{refused} (waited {} ms for room)", w.as_millis()),
+                    None => refused.to_string(),
+                };
+                self.detach_with_error(
+                    conn,
+                    handle,
+                    AmqpError::ResourceLimitExceeded.into(),
+                    description,
+                )
+            }
+        }
     }
 
     fn check_size(

@@ -57,6 +57,11 @@ pub const WRITE_BUFFER_FLUSH_BYTES: usize = 256 * 1024;
 pub const OUTBOUND_BATCH: usize = 512;
 /// Frames handled from one read before the task yields to the others on its worker.
 pub const FRAMES_PER_YIELD: usize = 256;
+/// Longest a connection waits, not reading its socket, for room in the broker-wide
+/// budget of incomplete deliveries before the delivery's link is refused.
+pub const INCOMPLETE_BUDGET_WAIT: Duration = Duration::from_secs(2);
+/// How often a parked delivery re-checks the budget (besides being woken when room frees).
+pub const INCOMPLETE_BUDGET_RECHECK: Duration = Duration::from_millis(50);
 /// How often a connection re-checks producer links held back by a blocked topic.
 pub const WITHHELD_RECHECK: Duration = Duration::from_millis(100);
 /// Container id this broker announces.
@@ -138,6 +143,17 @@ struct PendingProduce {
     reservation: Option<crate::broker::limits::Reservation>,
 }
 
+/// A frame of an incomplete delivery waiting for room in the broker-wide budget; while
+/// one is parked the connection does not read its socket.
+struct Parked {
+    /// The session's channel.
+    channel: u16,
+    transfer: fe2o3_amqp_types::performatives::Transfer,
+    payload: bytes::Bytes,
+    /// When the delivery first waited.
+    since: Instant,
+}
+
 /// A consumer's outcome (receiver-settle-mode second) recorded but not yet durable: the
 /// delivery is settled back once it is.
 struct PendingSettle {
@@ -185,6 +201,12 @@ pub struct Connection {
     open_sent: bool,
     /// Some producer link has credit withheld (a blocked topic): re-check periodically.
     withheld_links: bool,
+    /// This connection's share of the budget for incomplete deliveries.
+    intake: Arc<crate::broker::intake::ConnectionIntake>,
+    /// A frame waiting for room in the broker-wide budget (see [`Parked`]).
+    parked: Option<Parked>,
+    /// Set while a parked frame is retried: when it first waited.
+    park_since: Option<Instant>,
 }
 
 /// The reading side of a client's byte stream (TCP or TLS).
@@ -268,6 +290,9 @@ async fn run(
     };
     let login = handshake::handshake(&mut rd, &mut wr, &mut rbuf, &admission, deadline).await?;
     let (outbound_tx, outbound_rx) = mpsc::unbounded_channel();
+    let intake = crate::broker::intake::ConnectionIntake::new(
+        broker.config().max_incomplete_bytes_per_connection,
+    );
     let mut conn = Connection {
         decoder: FrameDecoder::new(PRE_OPEN_MAX_FRAME_SIZE),
         broker,
@@ -293,6 +318,9 @@ async fn run(
         closing: false,
         open_sent: false,
         withheld_links: false,
+        intake,
+        parked: None,
+        park_since: None,
     };
     let result = conn
         .main_loop(&mut rd, rbuf, outbound_rx, shutdown, deadline)
@@ -349,8 +377,15 @@ impl Connection {
                 .pending_settles
                 .front()
                 .map(|p| p.durable.clone().wait());
+            let parked = self.parked.is_some();
+            let intake = Arc::clone(&self.broker.intake);
             tokio::select! {
-                read = rd.read_buf(&mut rbuf) => {
+                // Backpressure: a connection whose delivery waits for room is not read.
+                _ = intake.freed(), if parked => self.retry_parked(&mut rbuf).await?,
+                _ = tokio::time::sleep(INCOMPLETE_BUDGET_RECHECK), if parked => {
+                    self.retry_parked(&mut rbuf).await?
+                }
+                read = rd.read_buf(&mut rbuf), if !parked => {
                     if read? == 0 {
                         return Err(ConnError::PeerClosed);
                     }
@@ -390,7 +425,10 @@ impl Connection {
     /// Handles every whole frame in `rbuf`.
     async fn on_buffered_frames(&mut self, rbuf: &mut BytesMut) -> Result<(), ConnError> {
         let mut handled = 0usize;
-        while let Some(frame) = self.decoder.decode(rbuf)? {
+        while self.parked.is_none() {
+            let Some(frame) = self.decoder.decode(rbuf)? else {
+                break;
+            };
             handled += 1;
             if handled % FRAMES_PER_YIELD == 0 {
                 // A read can hold thousands of small frames: let the other connections
@@ -562,18 +600,48 @@ impl Connection {
                     )
                 })?;
                 let result = session.on_performative(self, other, payload);
-                match result {
-                    Err(ConnError::Session {
-                        condition,
-                        description,
-                    }) => self.end_with_error(session, condition, description),
-                    other => {
-                        self.sessions.insert(channel, session);
-                        other
-                    }
-                }
+                self.session_result(channel, session, result)
             }
         }
+    }
+
+    /// Puts a session back after it handled a frame, or ends it when the frame broke one
+    /// of its rules.
+    fn session_result(
+        &mut self,
+        channel: u16,
+        session: Session,
+        result: Result<(), ConnError>,
+    ) -> Result<(), ConnError> {
+        match result {
+            Err(ConnError::Session {
+                condition,
+                description,
+            }) => self.end_with_error(session, condition, description),
+            other => {
+                self.sessions.insert(channel, session);
+                other
+            }
+        }
+    }
+
+    /// Offers the parked frame the budget again (it parks anew, or its link is refused
+    /// once it waited [`INCOMPLETE_BUDGET_WAIT`]); once nothing is parked, the frames
+    /// already read behind it are handled.
+    async fn retry_parked(&mut self, rbuf: &mut BytesMut) -> Result<(), ConnError> {
+        let Some(p) = self.parked.take() else {
+            return Ok(());
+        };
+        if let Some(mut session) = self.sessions.remove(&p.channel) {
+            self.park_since = Some(p.since);
+            let result = session.on_transfer(self, p.transfer, p.payload);
+            self.park_since = None;
+            self.session_result(p.channel, session, result)?;
+        }
+        if self.parked.is_none() {
+            self.on_buffered_frames(rbuf).await?;
+        }
+        Ok(())
     }
 
     /// Ends one session with an error of ours (a session-scoped violation): its links are

@@ -183,3 +183,157 @@ async fn a_handshake_dribbled_byte_by_byte_is_cut_off_at_the_deadline() {
     );
     round_trip(&broker, "after-dribble").await;
 }
+
+/// One frame of a multi-frame delivery on `handle` (`more` unless `last`).
+async fn partial_frame(
+    c: &mut Client,
+    channel: u16,
+    handle: u32,
+    id: u32,
+    first: bool,
+    last: bool,
+) {
+    let t = fe2o3_amqp::types::performatives::Transfer {
+        handle: fe2o3_amqp::types::definitions::Handle(handle),
+        delivery_id: first.then_some(id),
+        delivery_tag: first.then(|| id.to_be_bytes().to_vec().into()),
+        message_format: first.then_some(0),
+        settled: first.then_some(false),
+        more: !last,
+        rcv_settle_mode: None,
+        state: None,
+        resume: false,
+        aborted: false,
+        batchable: false,
+    };
+    // A data section whose bytes run over many frames: the broker only looks at the whole.
+    let payload = if first {
+        let mut p = vec![0x00, 0x53, 0x75, 0xb0];
+        p.extend_from_slice(&(FRAMES_PER_DELIVERY as u32 * CHUNK as u32 - 8).to_be_bytes());
+        p.resize(CHUNK, 7);
+        p
+    } else {
+        vec![7; CHUNK]
+    };
+    c.send_on(channel, &Performative::Transfer(t), &payload)
+        .await;
+}
+
+const CHUNK: usize = 60_000;
+const FRAMES_PER_DELIVERY: usize = 16;
+/// Bytes the broker charges one held frame (payload + `CHUNK_OVERHEAD_BYTES`).
+const CHARGED: u64 = CHUNK as u64 + 64;
+
+/// Starts a delivery on `handle` and sends `frames` of it, never the last.
+async fn hold(c: &mut Client, handle: u32, frames: usize) {
+    for i in 0..frames {
+        partial_frame(c, 0, handle, handle, i == 0, false).await;
+    }
+}
+
+fn resource_limit(d: &fe2o3_amqp::types::performatives::Detach) -> String {
+    let e = d.error.as_ref().expect("the detach carries an error");
+    assert_eq!(condition_of(e), "amqp:resource-limit-exceeded", "{e:?}");
+    e.description.clone().unwrap_or_default()
+}
+
+/// Issue 14.2: unfinished multi-frame deliveries (`more=true`, never finished) used to
+/// grow the broker without bound (2.25 GB in 9 s from one connection). They are now
+/// bounded per link (max-message-bytes), per connection and broker-wide; a connection
+/// over its share is refused at once, one over the broker's budget waits unread for room
+/// (and proceeds when another connection frees it) or is refused after the wait; every
+/// byte is given back when its connection goes, and /metrics shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_multi_frame_deliveries_are_bounded_per_connection_and_broker_wide() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(
+        dir.path(),
+        &[
+            "--max-message-bytes",
+            "2097152",
+            "--max-incomplete-bytes-per-connection",
+            "2621440",
+            "--max-incomplete-bytes",
+            "4194304",
+        ],
+    );
+    let held = || {
+        broker
+            .metric("entrepot_incomplete_delivery_bytes")
+            .unwrap_or(-1.0) as u64
+    };
+    // One connection over its share: links 0 and 1 hold 20 frames each, link 2 is refused
+    // at its 4th frame (2,402,560 + 4 × 60,064 > 2,621,440).
+    let mut c1 = within("open", Client::open(broker.amqp)).await.unwrap();
+    for h in 0..3 {
+        c1.attach_sender(h, &format!("hold-{h}"), "incomplete")
+            .await;
+    }
+    hold(&mut c1, 0, 20).await;
+    hold(&mut c1, 1, 20).await;
+    hold(&mut c1, 2, 4).await;
+    let d = within(
+        "per-connection refusal",
+        c1.expect(crate::raw_client::detach_of(2)),
+    )
+    .await;
+    assert!(
+        resource_limit(&d).contains("max-incomplete-bytes-per-connection"),
+        "{d:?}"
+    );
+    assert_eq!(
+        held(),
+        40 * CHARGED,
+        "links 0 and 1 hold; refused link 2 gave its 3 back"
+    );
+    // Broker-wide: a second connection holds 20 frames (room left: 9 frames); its next
+    // delivery's 10th frame waits, unread, until the first connection goes away.
+    let mut c2 = within("open", Client::open(broker.amqp)).await.unwrap();
+    c2.attach_sender(0, "hold-a", "incomplete").await;
+    c2.attach_sender(1, "whole", "incomplete").await;
+    hold(&mut c2, 0, 20).await;
+    for i in 0..FRAMES_PER_DELIVERY {
+        partial_frame(&mut c2, 0, 1, 1, i == 0, i + 1 == FRAMES_PER_DELIVERY).await;
+    }
+    drop(c1);
+    assert!(
+        within("accepted after room freed", c2.expect(accepted(1))).await,
+        "the waiting delivery went through once the other connection's bytes were freed"
+    );
+    // Broker-wide, and nobody frees room: refused after the bounded wait.
+    let mut c3 = within("open", Client::open(broker.amqp)).await.unwrap();
+    c3.attach_sender(0, "hold-b", "incomplete").await;
+    c3.attach_sender(1, "hold-c", "incomplete").await;
+    hold(&mut c3, 0, 20).await;
+    hold(&mut c3, 1, 20).await;
+    c2.attach_sender(2, "late", "incomplete").await;
+    hold(&mut c2, 2, 12).await;
+    let d = within(
+        "broker-wide refusal",
+        c2.expect(crate::raw_client::detach_of(2)),
+    )
+    .await;
+    let description = resource_limit(&d);
+    assert!(
+        description.contains("max-incomplete-bytes (4194304") && description.contains("waited"),
+        "{description}"
+    );
+    assert!(held() <= 4_194_304);
+    // Everyone else is still served, and every byte comes back when connections go.
+    round_trip(&broker, "after-incomplete").await;
+    drop(c2);
+    drop(c3);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while held() != 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        held(),
+        0,
+        "closing the connections gave every held byte back"
+    );
+    assert_eq!(
+        broker.metric("entrepot_incomplete_delivery_refusals_total"),
+        Some(2.0)
+    );
+}
