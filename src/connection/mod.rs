@@ -798,8 +798,36 @@ impl Connection {
         )
     }
 
+    /// Messages this connection stored whose `accepted` had not gone out yet: they are in
+    /// the log and will be durable, so they are delivered like any other — a task awaits
+    /// their durability and enqueues them in order, without acknowledging anyone (the
+    /// producer is gone; it may resend, as at-least-once allows). Left behind, they would
+    /// stay invisible until a restart brought them back, their space never reclaimed.
+    fn hand_over_pending(&mut self) {
+        let pending = std::mem::take(&mut self.pending);
+        if pending.is_empty() {
+            return;
+        }
+        let broker = Arc::clone(&self.broker);
+        tokio::spawn(async move {
+            let count = pending.len();
+            for p in pending {
+                if let Err(e) = p.durable.clone().wait().await {
+                    // The store failed: nothing more becomes durable in this process; the
+                    // log's recovery decides at the next start, as for every message.
+                    tracing::warn!(error = %e, count, "messages of a closed connection not enqueued: the store failed");
+                    return;
+                }
+                p.target.accept(&broker, p.msg, p.stored_at_ms);
+                drop(p.reservation);
+            }
+            tracing::debug!(count, "enqueued the messages of a closed connection");
+        });
+    }
+
     /// Releases every link's consumers and producers (connection gone).
     fn cleanup(&mut self) {
+        self.hand_over_pending();
         let sessions: Vec<Session> = self.sessions.drain().map(|(_, s)| s).collect();
         for mut s in sessions {
             s.detach_all(self);

@@ -337,3 +337,58 @@ async fn unfinished_multi_frame_deliveries_are_bounded_per_connection_and_broker
         Some(2.0)
     );
 }
+
+/// Issue 14.4: messages stored but not yet confirmed to their producer used to vanish
+/// from memory when its connection closed early — invisible to consumers, back after a
+/// restart, their space never reclaimed. They are durable, so they are delivered: the
+/// same answer before and after a restart, and nothing comes back once consumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_of_a_producer_that_closes_before_its_accepts_are_delivered() {
+    const SENT: u32 = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = BrokerProcess::start(dir.path(), &[]);
+    let mut c = within("open", Client::open(broker.amqp)).await.unwrap();
+    c.attach_sender(0, "p", "early-close").await;
+    for id in 0..SENT {
+        c.transfer(0, id, &data_message(&id.to_be_bytes())).await;
+    }
+    // Gone before the group commit that covers the last of them can answer.
+    drop(c);
+    let (mut conn, mut session) = connect(&broker, "early-close-consumer").await;
+    let mut receiver = within("attach", Receiver::attach(&mut session, "r", "early-close"))
+        .await
+        .expect("attach");
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..SENT {
+        let d = within(
+            "a message of the closed producer",
+            receiver.recv::<fe2o3_amqp::types::messaging::Data>(),
+        )
+        .await
+        .expect("recv");
+        let body = d.body().0.as_slice().to_vec();
+        assert!(seen.insert(body), "no message twice");
+        receiver.accept(&d).await.expect("accept");
+    }
+    assert_eq!(seen.len(), SENT as usize);
+    let _ = receiver.close().await;
+    let _ = session.end().await;
+    let _ = conn.close().await;
+    // After a clean restart nothing comes back: each was consumed once, for good.
+    assert_eq!(broker.terminate(), Some(0));
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let (mut conn, mut session) = connect(&broker, "after-restart").await;
+    let mut receiver = within("attach", Receiver::attach(&mut session, "r", "early-close"))
+        .await
+        .expect("attach");
+    let more = tokio::time::timeout(
+        crate::client::QUIET,
+        receiver.recv::<fe2o3_amqp::types::messaging::Data>(),
+    )
+    .await;
+    assert!(
+        more.is_err(),
+        "a consumed message came back after the restart: {more:?}"
+    );
+    let _ = conn.close().await;
+}
