@@ -1,6 +1,10 @@
 //! Prometheus text exposition of the broker's counters, and the HTTP endpoint that serves
 //! it with `/healthz` and `/readyz`.
 //!
+//! `/readyz` is 503 while the broker shuts down, while a cluster node has no leader to
+//! serve, and while the store is out of disk space (`disk full: <reason>`, until the
+//! housekeeping sees a new segment fit above the reserve again).
+//!
 //! The HTTP server is deliberately tiny (three GET routes, one request per connection,
 //! bounded request size): it is an operator's probe, not an API.
 
@@ -99,6 +103,33 @@ pub fn render(broker: &Broker) -> String {
         "entrepot_store_segments",
         "Segments in the message log",
         log.segments().len() as u64,
+    );
+    let store = broker.store();
+    gauge(
+        &mut out,
+        "entrepot_disk_full",
+        "1 while the store refuses messages for lack of disk space (see /readyz), else 0",
+        u64::from(store.out_of_space().is_some()),
+    );
+    if let Ok(free) = store.free_bytes() {
+        gauge(
+            &mut out,
+            "entrepot_disk_free_bytes",
+            "Free bytes on the data directory's file system",
+            free,
+        );
+    }
+    gauge(
+        &mut out,
+        "entrepot_disk_reserve_bytes",
+        "Free bytes the message log leaves for the ack log",
+        store.reserve_bytes(),
+    );
+    counter(
+        &mut out,
+        "entrepot_acks_refused_total",
+        "Acknowledgements the ack log could not record (the messages were not consumed)",
+        store.acks_refused(),
     );
     render_histogram(
         &mut out,
@@ -385,6 +416,7 @@ async fn handle(
         Source::Cluster(c) => (c.broker(), Some(c)),
     };
     let ready = ready && cluster.is_none_or(|c| c.ready());
+    let disk_full = broker.as_ref().and_then(|b| b.store().out_of_space());
     let (status, body, kind) = match (path, &broker, cluster) {
         (p, _, Some(c)) if p.starts_with("/cluster") => {
             let (status, body) = c.http(method, p).await;
@@ -400,6 +432,11 @@ async fn handle(
             ("200 OK", text, "text/plain; version=0.0.4")
         }
         ("/healthz", _, _) => ("200 OK", "ok\n".to_owned(), "text/plain"),
+        ("/readyz", _, _) if ready && disk_full.is_some() => (
+            "503 Service Unavailable",
+            format!("disk full: {}\n", disk_full.unwrap_or_default()),
+            "text/plain",
+        ),
         ("/readyz", _, _) if ready => ("200 OK", "ready\n".to_owned(), "text/plain"),
         ("/readyz", _, _) => (
             "503 Service Unavailable",

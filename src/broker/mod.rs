@@ -436,7 +436,8 @@ impl Broker {
         Ok(())
     }
 
-    /// Periodic work: delete fully acknowledged segments, expire waiting messages.
+    /// Periodic work: delete fully acknowledged segments, lift the out-of-space alarm,
+    /// expire waiting messages.
     pub async fn housekeeping(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(HOUSEKEEPING_INTERVAL);
         loop {
@@ -448,6 +449,11 @@ impl Broker {
                 Ok(0) => {}
                 Ok(n) => tracing::debug!(segments = n, "reclaimed acknowledged segments"),
                 Err(e) => tracing::warn!(error = %e, "segment reclaim failed"),
+            }
+            // After the reclaim, which is what frees space: lifts the out-of-space alarm
+            // once a new segment fits above the reserve again.
+            if let Err(e) = self.store.check_space() {
+                tracing::warn!(error = %e, "cannot measure free disk space");
             }
             for q in self.queues() {
                 q.expire(&self);

@@ -11,14 +11,17 @@
 //! * A message is in exactly one place: `ready`, `unsettled`, or on its way to another
 //!   address (dead-letter, expiry) — or acknowledged and gone.
 //! * A message only enters a queue once it is durable in the store.
-//! * Accepted messages are acknowledged in the store before they are forgotten.
+//! * Accepted messages are acknowledged in the store before they are forgotten: an
+//!   acceptance the store cannot record ([`AckRefused`], e.g. the disk is full) puts the
+//!   message back at the head of the queue — it was never durably consumed — and the
+//!   caller learns it, so the consumer is never told it was settled.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
-use entrepot_storage::Durable;
+use entrepot_storage::{Durable, StorageError};
 use tokio::sync::mpsc;
 
 use super::limits::{self, AddressLimits, LimitExceeded, Reservation, SpaceUsage};
@@ -85,6 +88,24 @@ pub enum Outcome {
         condition: String,
         description: Option<String>,
     },
+}
+
+/// A consumer's acceptance the store could not record: the message is back in its queue
+/// (to be delivered again) and the consumer must not be told it was settled.
+#[derive(Debug, thiserror::Error)]
+#[error("acknowledgement of message {offset} of {queue} not recorded: {source}")]
+pub struct AckRefused {
+    pub queue: String,
+    pub offset: u64,
+    #[source]
+    pub source: StorageError,
+}
+
+impl AckRefused {
+    /// The store refused for lack of space (retryable once space is freed).
+    pub fn is_out_of_space(&self) -> bool {
+        self.source.is_out_of_space()
+    }
 }
 
 /// A consumer as the queue sees it.
@@ -426,16 +447,21 @@ impl Queue {
 
     /// Applies the consumer's outcome for the delivery of `offset`. For an acceptance,
     /// returns the handle that completes once it is durable (committed, in a cluster): a
-    /// consumer settling second is settled back only then.
+    /// consumer settling second is settled back only then; `Ok(None)` when there is
+    /// nothing to wait for. An acceptance the store refuses is [`AckRefused`]: the message
+    /// is back at the head of the queue, and the consumer gets no more deliveries from it
+    /// until it flows again (its link is about to be detached).
     pub fn settle(
         self: &Arc<Self>,
         broker: &Broker,
         id: ConsumerId,
         offset: u64,
         outcome: Outcome,
-    ) -> Option<Durable> {
+    ) -> Result<Option<Durable>, AckRefused> {
         let mut s = self.lock();
-        let (owner, mut msg) = s.unsettled.remove(&offset)?;
+        let Some((owner, mut msg)) = s.unsettled.remove(&offset) else {
+            return Ok(None);
+        };
         if let Some(c) = s
             .consumers
             .iter_mut()
@@ -449,8 +475,19 @@ impl Queue {
                 drop(s);
                 let recorded = self.acknowledge(broker, offset);
                 let mut s = self.lock();
+                if recorded.is_err() {
+                    s.hold(len_of(&msg));
+                    s.ready.push_front(msg);
+                    if let Some(c) = s.consumers.iter_mut().find(|c| c.spec.link.consumer == id) {
+                        c.credit = 0;
+                    }
+                }
                 self.dispatch(broker, &mut s);
-                return recorded;
+                return recorded.map_err(|source| AckRefused {
+                    queue: self.name.clone(),
+                    offset,
+                    source,
+                });
             }
             Outcome::Released => s.ready.push_front(msg),
             Outcome::Modified {
@@ -480,7 +517,7 @@ impl Queue {
                     );
                     let mut s = self.lock();
                     self.dispatch(broker, &mut s);
-                    return None;
+                    return Ok(None);
                 }
                 if delivery_failed {
                     self.record_delivery_count(broker, &msg);
@@ -503,19 +540,25 @@ impl Queue {
                 );
                 let mut s = self.lock();
                 self.dispatch(broker, &mut s);
-                return None;
+                return Ok(None);
             }
         }
         self.dispatch(broker, &mut s);
-        None
+        Ok(None)
     }
 
     /// The message at `offset` is done with in this queue (accepted, dead-lettered or
     /// expired elsewhere, dropped): record it in the store for good.
     /// Returns the handle that completes once that record is durable (committed, in a
-    /// cluster); `None` when nothing was recorded (in-memory and non-durable queues, or the
-    /// store refused, which is logged).
-    pub(crate) fn finish(&self, broker: &Broker, offset: u64) -> Option<Durable> {
+    /// cluster); `Ok(None)` when there is nothing to record (in-memory and non-durable
+    /// queues). An error means nothing was recorded: the message is not consumed, it comes
+    /// back after a restart (logged here, counted by the store); a caller that can still
+    /// give it back to the queue does so.
+    pub(crate) fn finish(
+        &self,
+        broker: &Broker,
+        offset: u64,
+    ) -> Result<Option<Durable>, StorageError> {
         let result = match &self.owner {
             QueueOwner::Address => broker.store().ack(&[offset]).map(Some),
             QueueOwner::Memory => Ok(None),
@@ -528,15 +571,16 @@ impl Queue {
                     true => broker.store().ack_group(*group, &[offset]).map(Some),
                     false => Ok(None),
                 };
-                if let Some(topic) = topic.upgrade() {
+                // Only a recorded acknowledgement lets the topic give the record up.
+                if let (Ok(_), Some(topic)) = (&acked, topic.upgrade()) {
                     topic.release(broker, offset, *durable);
                 }
                 acked
             }
         };
-        result.unwrap_or_else(|e| {
-            tracing::error!(queue = %self.name, offset, error = %e, "could not record acknowledgement");
-            None
+        result.inspect_err(|e| {
+            tracing::error!(queue = %self.name, offset, error = %e,
+                "acknowledgement not recorded: the message stays unconsumed");
         })
     }
 
@@ -561,9 +605,10 @@ impl Queue {
         }
     }
 
-    fn acknowledge(&self, broker: &Broker, offset: u64) -> Option<Durable> {
+    fn acknowledge(&self, broker: &Broker, offset: u64) -> Result<Option<Durable>, StorageError> {
+        let recorded = self.finish(broker, offset)?;
         self.stats.acknowledged.fetch_add(1, Ordering::Relaxed);
-        self.finish(broker, offset)
+        Ok(recorded)
     }
 
     fn divert(self: &Arc<Self>, broker: &Broker, msg: QueuedMessage, why: Diversion) {
@@ -677,7 +722,9 @@ impl Queue {
                 }
                 (true, true) => {
                     s.release(len_of(&msg));
-                    // Pre-settled: nobody waits for the record.
+                    // Pre-settled (at-most-once): nobody waits for the record, and the
+                    // message is gone to the consumer. One the store refuses is logged and
+                    // counted, and comes back after a restart.
                     let _ = self.acknowledge(broker, msg.offset);
                 }
                 (false, _) => {

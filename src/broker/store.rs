@@ -10,16 +10,25 @@
 //! `replication.rs`), and "durable" means "committed by a majority": the durability handles
 //! and [`Store::durable_watch`] follow the committed watch instead of the local fsync.
 //!
+//! Out of space (single node): the message log is opened with a free-space reserve
+//! ([`ack_reserve_bytes`]: [`ACK_RESERVE_SEGMENTS`] ack-log segments plus
+//! [`RESERVE_MARGIN_BYTES`]), so producers are refused while the ack log — whose records
+//! are what frees space — can still get its segments. An acknowledgement the ack log
+//! cannot record is an error to the caller (and counted), never a silent success. Either
+//! refusal raises the store's out-of-space alarm ([`Store::out_of_space`], `/readyz`),
+//! which [`Store::check_space`] clears once a new message segment fits again.
+//!
 //! Invariant: a record's bytes after the store header are the AMQP message exactly as the
 //! producer sent it; the store never re-encodes a message.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use entrepot_storage::{
     AckLog, Appended, Durable, DurableState, Log, LogConfig, Result as StorageResult, StorageError,
-    SyncPolicy,
+    SyncPolicy, ACK_SEGMENT_BYTES,
 };
 use tokio::sync::watch;
 
@@ -31,6 +40,28 @@ pub const RECORD_VERSION: u8 = 1;
 pub const KIND_MESSAGE: u8 = 1;
 /// Longest address (queue name) the store accepts, in bytes.
 pub const MAX_ADDRESS_LEN: usize = 1024;
+
+/// Ack-log segments the message log leaves room for on its file system. Between two
+/// snapshots (every 50,000 records of ~31 bytes, ~1.5 MB) the ack log grows by at most
+/// one 8 MiB segment, and a snapshot (≤ 4 MiB) may need one more before the purge frees
+/// the old ones: two suffice, the third is headroom.
+pub const ACK_RESERVE_SEGMENTS: u64 = 3;
+/// Reserve beyond the ack log's segments: index files written when segments are sealed,
+/// the subscription registry, a new ack-log directory entry.
+pub const RESERVE_MARGIN_BYTES: u64 = 1024 * 1024;
+
+/// Free bytes a new message-log segment must leave (see the module docs): 25 MiB with the
+/// default 128 MiB segments (8 MiB ack segments), 1.75 MiB with 256 KiB segments.
+pub const fn ack_reserve_bytes(segment_bytes: u64) -> u64 {
+    let ack_segment = if segment_bytes < ACK_SEGMENT_BYTES {
+        segment_bytes
+    } else {
+        ACK_SEGMENT_BYTES
+    };
+    ACK_RESERVE_SEGMENTS * ack_segment + RESERVE_MARGIN_BYTES
+}
+
+const _: () = assert!(ack_reserve_bytes(entrepot_storage::DEFAULT_SEGMENT_BYTES) == 25 << 20);
 
 // Format (message record payload, v1): { version: u8 = 1 | kind: u8 = 1 | address_len: u16 LE | address: [u8; address_len] (UTF-8) | message: AMQP 1.0 sections as received }
 
@@ -51,6 +82,12 @@ pub struct Store {
     replica: Option<Arc<Replication>>,
     /// Set in a cluster: new messages are refused while the disk is below its reserve.
     guard: Option<Arc<DiskGuard>>,
+    /// Free bytes the message log leaves for the ack log (0 in a cluster, see `DiskGuard`).
+    reserve_bytes: u64,
+    /// Why the store is out of space, from the last refusal until space is back.
+    out_of_space: Mutex<Option<String>>,
+    /// Acknowledgements the ack log could not record.
+    acks_refused: AtomicU64,
 }
 
 /// A free-space reserve for the data directory's filesystem. A clustered node cannot
@@ -75,15 +112,8 @@ impl DiskGuard {
     }
 
     /// Measures free space (statvfs) and updates the alarm; returns the free bytes.
-    pub fn refresh(&self) -> std::io::Result<u64> {
-        let path = std::ffi::CString::new(self.dir.as_os_str().as_encoded_bytes())
-            .map_err(std::io::Error::other)?;
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        // SAFETY: `path` is a valid NUL-terminated string and `st` a writable statvfs.
-        if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let free = (st.f_bavail as u64).saturating_mul(st.f_frsize as u64);
+    pub fn refresh(&self) -> StorageResult<u64> {
+        let free = entrepot_storage::free_bytes(&self.dir)?;
         let low = free < self.min_free;
         let was = self.low.swap(low, std::sync::atomic::Ordering::Relaxed);
         if low != was {
@@ -110,6 +140,13 @@ pub enum StoreError {
     AddressTooLong(usize),
 }
 
+impl StoreError {
+    /// The disk is full or at its reserve: refuse with `amqp:resource-limit-exceeded`.
+    pub fn is_out_of_space(&self) -> bool {
+        matches!(self, StoreError::Storage(e) if e.is_out_of_space())
+    }
+}
+
 impl Store {
     /// Opens the message log in `dir/messages` and the ack log in `dir/acks`.
     pub fn open(
@@ -118,25 +155,37 @@ impl Store {
         segment_bytes: u64,
         record_bytes_max: u32,
     ) -> StorageResult<Store> {
-        let (log, acks) = Store::open_parts(dir, sync, segment_bytes, record_bytes_max)?;
+        let reserve_bytes = ack_reserve_bytes(segment_bytes);
+        let config = LogConfig {
+            segment_bytes,
+            record_bytes_max,
+            sync,
+            reserve_bytes,
+            ..LogConfig::default()
+        };
+        let (log, acks) = Store::open_logs(dir, config)?;
         Ok(Store {
-            dir: dir.to_path_buf(),
-            log,
-            acks: Arc::new(acks),
-            replica: None,
-            guard: None,
+            reserve_bytes,
+            ..Store::over(dir, log, Arc::new(acks), None)
         })
     }
 
     /// A store over logs someone else keeps open (a cluster node's state machine), whose
     /// changes are queued on `replica` for Raft.
     pub fn replicated(dir: &Path, log: Log, acks: Arc<AckLog>, replica: Arc<Replication>) -> Store {
+        Store::over(dir, log, acks, Some(replica))
+    }
+
+    fn over(dir: &Path, log: Log, acks: Arc<AckLog>, replica: Option<Arc<Replication>>) -> Store {
         Store {
             dir: dir.to_path_buf(),
             log,
             acks,
-            replica: Some(replica),
+            replica,
             guard: None,
+            reserve_bytes: 0,
+            out_of_space: Mutex::new(None),
+            acks_refused: AtomicU64::new(0),
         }
     }
 
@@ -146,7 +195,9 @@ impl Store {
         self
     }
 
-    /// Opens the message log in `dir/messages` and the ack log in `dir/acks`.
+    /// Opens the message log in `dir/messages` and the ack log in `dir/acks`, without a
+    /// free-space reserve (a cluster node keeps its reserve with a `DiskGuard`: an entry
+    /// it already replicated cannot be refused by its store).
     pub fn open_parts(
         dir: &Path,
         sync: SyncPolicy,
@@ -159,6 +210,10 @@ impl Store {
             sync,
             ..LogConfig::default()
         };
+        Store::open_logs(dir, config)
+    }
+
+    fn open_logs(dir: &Path, config: LogConfig) -> StorageResult<(Log, AckLog)> {
         let log = Log::open(dir.join("messages"), config.clone())?;
         let acks = AckLog::open(
             dir.join("acks"),
@@ -196,16 +251,16 @@ impl Store {
         for m in message {
             parts.push(m);
         }
-        let (appended, record) = match &self.replica {
-            None => self.log.append_view(0, parts.as_slice())?,
-            Some(r) => {
-                let ((a, record), durable) = r.record(
+        let appended = match &self.replica {
+            None => self.log.append_view(0, parts.as_slice()),
+            Some(r) => r
+                .record(
                     || self.log.append_view(0, parts.as_slice()),
                     |(_, rec), buf| replication::encode_message(buf, rec.offset, &rec.payload),
-                )?;
-                (Appended { durable, ..a }, record)
-            }
+                )
+                .map(|((a, record), durable)| (Appended { durable, ..a }, record)),
         };
+        let (appended, record) = appended.inspect_err(|e| self.note_refusal("message log", e))?;
         let skip = 4 + address.len();
         let offset = record.offset;
         Ok((
@@ -233,20 +288,97 @@ impl Store {
         }
     }
 
-    /// Marks offsets acknowledged (consumed for good).
+    /// Marks offsets acknowledged (consumed for good). An error means they are not: the
+    /// caller still owns the messages (see [`Store::acks_refused`]).
     pub fn ack(&self, offsets: &[u64]) -> StorageResult<Durable> {
         self.change(
             || self.acks.ack(offsets),
             |b| replication::encode_ack(b, None, offsets),
         )
+        .inspect_err(|e| self.ack_refused(e))
     }
 
-    /// Marks offsets acknowledged by a subscription's consumer group.
+    /// Marks offsets acknowledged by a subscription's consumer group; an error means they
+    /// are not.
     pub fn ack_group(&self, group: u32, offsets: &[u64]) -> StorageResult<Durable> {
         self.change(
             || self.acks.ack_group(group, offsets),
             |b| replication::encode_ack(b, Some(group), offsets),
         )
+        .inspect_err(|e| self.ack_refused(e))
+    }
+
+    fn ack_refused(&self, e: &StorageError) {
+        self.acks_refused.fetch_add(1, Ordering::Relaxed);
+        self.note_refusal("ack log", e);
+    }
+
+    /// Raises the out-of-space alarm when `e` says `log` has no room.
+    fn note_refusal(&self, log: &str, e: &StorageError) {
+        if !e.is_out_of_space() {
+            return;
+        }
+        let mut reason = self.out_of_space.lock().unwrap_or_else(|p| p.into_inner());
+        if reason.is_none() {
+            tracing::warn!(dir = %self.dir.display(), error = %e,
+                "store out of space: refusing what it cannot record until space is freed");
+        }
+        *reason = Some(format!("{log}: {e}"));
+    }
+
+    /// Why the store cannot take new messages for lack of space (`/readyz`), or `None`.
+    pub fn out_of_space(&self) -> Option<String> {
+        if let Some(reason) = self
+            .out_of_space
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            return Some(reason);
+        }
+        self.guard.as_ref().filter(|g| g.is_low()).map(|g| {
+            format!(
+                "{} is below its free-space reserve of {} bytes",
+                g.dir.display(),
+                g.min_free
+            )
+        })
+    }
+
+    /// Clears the out-of-space alarm once a new message segment fits above the reserve
+    /// again (the same test the log makes before a roll); returns the free bytes measured,
+    /// or `None` when no alarm was raised (nothing is measured then).
+    pub fn check_space(&self) -> StorageResult<Option<u64>> {
+        if self
+            .out_of_space
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none()
+        {
+            return Ok(None);
+        }
+        let free = self.free_bytes()?;
+        let needed = self.log.config().segment_bytes + self.reserve_bytes;
+        if free >= needed {
+            tracing::info!(free, needed, "store has space again: accepting messages");
+            *self.out_of_space.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+        Ok(Some(free))
+    }
+
+    /// Free bytes on the data directory's file system.
+    pub fn free_bytes(&self) -> StorageResult<u64> {
+        entrepot_storage::free_bytes(self.log.dir())
+    }
+
+    /// Free bytes a new message segment must leave for the ack log (0: none kept).
+    pub fn reserve_bytes(&self) -> u64 {
+        self.reserve_bytes
+    }
+
+    /// Acknowledgements the ack log refused since start (metrics).
+    pub fn acks_refused(&self) -> u64 {
+        self.acks_refused.load(Ordering::Relaxed)
     }
 
     /// Starts a subscription's group: everything below `floor` counts as consumed.

@@ -30,11 +30,9 @@ use crate::auth::authz::Operation;
 use crate::broker::intake::{Charge, IntakeRefused};
 use crate::broker::memory::{MemoryAddress, Routed};
 use crate::broker::queue::{ConsumerId, ConsumerSpec, LinkKey, Queue};
-use crate::broker::store::StoreError;
 use crate::broker::Address;
 use crate::broker::AddressError;
 use crate::manifest::AddressType;
-use entrepot_storage::StorageError;
 
 pub(super) enum Link {
     Producer(ProducerLink),
@@ -687,9 +685,7 @@ impl Session {
             Ok(s) => s,
             Err(e) => {
                 let condition: ErrorCondition = match &e {
-                    StoreError::Storage(StorageError::DiskFull { .. }) => {
-                        AmqpError::ResourceLimitExceeded.into()
-                    }
+                    e if e.is_out_of_space() => AmqpError::ResourceLimitExceeded.into(),
                     _ => AmqpError::InternalError.into(),
                 };
                 tracing::warn!(address = target.name(), error = %e, "store refused a message");

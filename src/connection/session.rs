@@ -222,11 +222,21 @@ impl Session {
             return Ok(());
         };
         let mut settled_back = Vec::new();
+        let mut refused = Vec::new();
         for id in self.settled_ids(d.first, last)? {
             if let Some(out) = self.unsettled_out.remove(&id) {
                 let recorded =
                     out.queue
                         .settle(&conn.broker, out.consumer, out.offset, outcome.clone());
+                let recorded = match recorded {
+                    Ok(recorded) => recorded,
+                    Err(e) => {
+                        // Not recorded, so not consumed: the message is back in its queue
+                        // and nothing is settled back, in either settle mode.
+                        refused.push((out.handle, e));
+                        continue;
+                    }
+                };
                 if !d.settled {
                     // The consumer waits for our settlement (receiver-settle-mode second):
                     // it comes once its outcome is durable (committed, in a cluster), so a
@@ -245,6 +255,29 @@ impl Session {
         }
         for id in settled_back {
             Session::send_settled(conn, self.local_channel, id, d.state.clone())?;
+        }
+        self.detach_refused(conn, refused)
+    }
+
+    /// Detaches each link whose consumer's acceptance the store refused, with the reason
+    /// (`amqp:resource-limit-exceeded` when the disk is full): its deliveries stay unsettled
+    /// and their messages are delivered again, so the consumer is never told it consumed
+    /// what the broker did not record, and stops acknowledging into a store that refuses.
+    fn detach_refused(
+        &mut self,
+        conn: &mut Connection,
+        refused: Vec<(u32, crate::broker::queue::AckRefused)>,
+    ) -> Result<(), ConnError> {
+        for (handle, e) in refused {
+            if !matches!(self.links.get(&handle), Some(Link::Consumer(_))) {
+                continue; // detached already, by an earlier refusal of this disposition
+            }
+            let condition = match e.is_out_of_space() {
+                true => AmqpError::ResourceLimitExceeded,
+                false => AmqpError::InternalError,
+            };
+            let description = format!("{e}; the message will be delivered again");
+            self.detach_with_error(conn, handle, condition.into(), description)?;
         }
         Ok(())
     }
