@@ -27,6 +27,11 @@ use tokio::sync::mpsc;
 use super::limits::{self, AddressLimits, LimitExceeded, Reservation, SpaceUsage};
 use super::Broker;
 
+/// Most ready messages one dispatch passes over because no consumer may take them (all
+/// excluded it, or no selector matches) before it stops looking; bounds the work a queue
+/// with selective consumers does per event.
+pub const MAX_DISPATCH_SKIP: usize = 10_000;
+
 /// Unique id of a consumer (one sending link of the broker).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConsumerId(pub u64);
@@ -117,6 +122,9 @@ pub struct ConsumerSpec {
     pub presettled: bool,
     /// Most unsettled deliveries this consumer may hold.
     pub unsettled_max: usize,
+    /// A JMS selector: the consumer only gets the messages it matches; the others stay
+    /// in the queue, in their place, for other consumers.
+    pub selector: Option<Arc<super::selector::Selector>>,
 }
 
 #[derive(Debug)]
@@ -126,6 +134,28 @@ struct Consumer {
     delivery_count: u32,
     drain: bool,
     unsettled: usize,
+}
+
+impl Consumer {
+    /// It may take a delivery now: credit, and room under its unsettled limit.
+    fn has_room(&self) -> bool {
+        self.credit > 0 && self.unsettled < self.spec.unsettled_max
+    }
+
+    /// It may take `msg`: not excluded by its own `undeliverable-here`, and its selector
+    /// (if any) matches.
+    fn wants(&self, msg: &QueuedMessage) -> bool {
+        let excluded = msg
+            .excluded
+            .as_ref()
+            .is_some_and(|e| e.contains(&self.spec.link.consumer));
+        !excluded
+            && self
+                .spec
+                .selector
+                .as_ref()
+                .is_none_or(|sel| super::selector_matches(sel, &msg.message))
+    }
 }
 
 #[derive(Debug, Default)]
@@ -145,6 +175,16 @@ struct QueueState {
 }
 
 impl QueueState {
+    /// The next consumer, round robin from `next_consumer`, that has room and wants the
+    /// ready message at `at`.
+    fn choose_consumer(&self, at: usize) -> Option<usize> {
+        let msg = self.ready.get(at)?;
+        let n = self.consumers.len();
+        (0..n)
+            .map(|step| (self.next_consumer + step) % n)
+            .find(|&i| self.consumers[i].has_room() && self.consumers[i].wants(msg))
+    }
+
     /// `n` bytes entered the queue.
     fn hold(&mut self, n: u64) {
         self.bytes += n;
@@ -651,55 +691,37 @@ impl Queue {
             .collect()
     }
 
-    /// Hands ready messages to consumers with credit, round robin.
+    /// Hands ready messages to consumers with credit, round robin, in queue order.
+    ///
+    /// A message no consumer may take right now — every consumer with room said
+    /// `undeliverable-here`, or none's selector matches — stays where it is and the scan
+    /// goes on behind it, so it neither blocks the queue nor loses its place. The scan
+    /// passes over at most [`MAX_DISPATCH_SKIP`] such messages per call.
     fn dispatch(self: &Arc<Self>, broker: &Broker, s: &mut QueueState) {
         let now = now_ms();
         let mut expired = Vec::new();
-        // Heads moved to the back in a row; bounded by the queue length so a queue whose
-        // every message was refused by every consumer ends the loop.
-        let mut rotations = 0;
-        while !s.ready.is_empty() {
-            let n = s.consumers.len();
-            let mut chosen = None;
-            let head_excluded = s.ready.front().and_then(|m| m.excluded.as_ref()).cloned();
-            for step in 0..n {
-                let i = (s.next_consumer + step) % n;
-                let c = &s.consumers[i];
-                let excluded = head_excluded
-                    .as_ref()
-                    .is_some_and(|e| e.contains(&c.spec.link.consumer));
-                if c.credit > 0 && c.unsettled < c.spec.unsettled_max && !excluded {
-                    chosen = Some(i);
-                    break;
-                }
+        let mut at = 0;
+        let mut skipped = 0;
+        while at < s.ready.len() && skipped < MAX_DISPATCH_SKIP {
+            if !s.consumers.iter().any(Consumer::has_room) {
+                break;
             }
-            let Some(i) = chosen else {
-                if head_excluded.is_some_and(|e| {
-                    s.consumers
-                        .iter()
-                        .all(|c| e.contains(&c.spec.link.consumer))
-                }) && n > 0
-                    && rotations < s.ready.len()
-                {
-                    // Every consumer refused the head: leave it for a new consumer, but
-                    // do not let it block the rest of the queue, which may go out now.
-                    if let Some(m) = s.ready.pop_front() {
-                        s.ready.push_back(m);
-                    }
-                    rotations += 1;
-                    continue;
+            if s.ready[at].expires_at_ms.is_some_and(|t| t <= now) {
+                if let Some(msg) = s.ready.remove(at) {
+                    s.release(len_of(&msg));
+                    expired.push(msg);
                 }
-                break;
-            };
-            rotations = 0;
-            let Some(msg) = s.ready.pop_front() else {
-                break;
-            };
-            if msg.expires_at_ms.is_some_and(|t| t <= now) {
-                s.release(len_of(&msg));
-                expired.push(msg);
                 continue;
             }
+            let Some(i) = s.choose_consumer(at) else {
+                at += 1;
+                skipped += 1;
+                continue;
+            };
+            let Some(msg) = s.ready.remove(at) else {
+                break;
+            };
+            let n = s.consumers.len();
             s.next_consumer = (i + 1) % n;
             let c = &mut s.consumers[i];
             c.credit -= 1;
@@ -728,12 +750,13 @@ impl Queue {
                     let _ = self.acknowledge(broker, msg.offset);
                 }
                 (false, _) => {
-                    // The connection is gone; its link removal will follow. Keep the message.
+                    // The connection is gone; its link removal will follow. Keep the
+                    // message where it was.
                     s.consumers[i].unsettled = s.consumers[i]
                         .unsettled
                         .saturating_sub(usize::from(!settled));
                     s.consumers[i].credit = 0;
-                    s.ready.push_front(msg);
+                    s.ready.insert(at, msg);
                 }
             }
         }

@@ -71,6 +71,14 @@ struct Partial {
     charge: Charge,
 }
 
+/// The filters a consumer link runs with: the selector its queue applies for it, and the
+/// filter set our attach echoes (every filter in force, as the client wrote it).
+#[derive(Default)]
+struct Applied {
+    selector: Option<Arc<crate::broker::selector::Selector>>,
+    echo: Option<fe2o3_amqp_types::messaging::FilterSet>,
+}
+
 /// Credit to grant a producer: the configured amount, capped by the target's room.
 fn credit_for(link_credit: u32, room: Option<u64>) -> u32 {
     room.map_or(link_credit, |r| r.min(u64::from(link_credit)) as u32)
@@ -228,6 +236,7 @@ impl Session {
                     attach,
                     Arc::clone(&sub.queue),
                     Some(holder),
+                    Applied::default(),
                 );
             }
             return self.refuse(
@@ -250,19 +259,39 @@ impl Session {
             .as_ref()
             .and_then(|s| s.capabilities.as_ref())
             .map(|c| c.0.as_slice());
-        let (queue, subscription) = match conn
+        let source = attach.source.as_deref().cloned().unwrap_or_default();
+        let filters = match subscribe::filters(&source) {
+            Ok(f) => f,
+            Err((c, d)) => return self.refuse(conn, attach, c, d),
+        };
+        let (queue, subscription, applied) = match conn
             .broker
             .address(&address, subscribe::kind_from_capabilities(caps))
         {
-            Ok(Address::Queue(q)) => (q, None),
+            Ok(Address::Queue(q)) => {
+                // A queue applies a selector per consumer; it has no replay start.
+                let selector = match &filters.selector {
+                    Some((text, _)) => match subscribe::parse_selector(text) {
+                        Ok(s) => Some(s),
+                        Err((c, d)) => return self.refuse(conn, attach, c, d),
+                    },
+                    None => None,
+                };
+                let applied = Applied {
+                    selector,
+                    echo: filters.applied(false),
+                };
+                (q, None, applied)
+            }
             Ok(Address::Memory(m)) => {
-                // At-most-once: deliveries from an in-memory address are pre-settled.
+                // At-most-once: deliveries from an in-memory address are pre-settled; no
+                // filter applies.
                 let mut attach = attach;
                 attach.snd_settle_mode = SenderSettleMode::Settled;
-                return self.finish_consumer_attach(conn, attach, m.receiver_queue(), None);
+                let queue = m.receiver_queue();
+                return self.finish_consumer_attach(conn, attach, queue, None, Applied::default());
             }
             Ok(Address::Topic(topic)) => {
-                let source = attach.source.as_deref().cloned().unwrap_or_default();
                 match subscribe::subscribe(
                     &conn.broker,
                     &topic,
@@ -270,7 +299,14 @@ impl Session {
                     &conn.container_id,
                     &attach.name,
                 ) {
-                    Ok((sub, holder)) => (Arc::clone(&sub.queue), Some(holder)),
+                    // The subscription filters what it keeps; its consumers take it all.
+                    Ok((sub, holder)) => {
+                        let applied = Applied {
+                            selector: None,
+                            echo: filters.applied(true),
+                        };
+                        (Arc::clone(&sub.queue), Some(holder), applied)
+                    }
                     Err((c, d)) => return self.refuse(conn, attach, c, d),
                 }
             }
@@ -279,7 +315,7 @@ impl Session {
                 return self.refuse(conn, attach, c, d);
             }
         };
-        self.finish_consumer_attach(conn, attach, queue, subscription)
+        self.finish_consumer_attach(conn, attach, queue, subscription, applied)
     }
 
     /// A receiver on a `subscription` address consumes the durable subscription declared
@@ -292,9 +328,13 @@ impl Session {
         name: &str,
     ) -> Result<(), ConnError> {
         match conn.broker.find_durable(name) {
-            Some((_, sub)) => {
-                self.finish_consumer_attach(conn, attach, Arc::clone(&sub.queue), None)
-            }
+            Some((_, sub)) => self.finish_consumer_attach(
+                conn,
+                attach,
+                Arc::clone(&sub.queue),
+                None,
+                Applied::default(),
+            ),
             None => {
                 let d = format!("subscription {name:?} is declared but could not be created");
                 self.refuse(conn, attach, AmqpError::InternalError.into(), d)
@@ -309,10 +349,11 @@ impl Session {
         attach: Attach,
         queue: Arc<Queue>,
         subscription: Option<SubscriptionRef>,
+        filters: Applied,
     ) -> Result<(), ConnError> {
         let handle = attach.handle.0;
         let presettled = attach.snd_settle_mode == SenderSettleMode::Settled;
-        let reply = Attach {
+        let mut reply = Attach {
             snd_settle_mode: if presettled {
                 SenderSettleMode::Settled
             } else {
@@ -321,6 +362,10 @@ impl Session {
             max_message_size: Some(conn.broker.config().max_message_bytes),
             ..mirror(&attach)
         };
+        // Our source lists the filters in force, and only those (AMQP 1.0 §3.5.3).
+        if let Some(source) = reply.source.as_mut() {
+            source.filter = filters.echo;
+        }
         conn.send(self.local_channel(), &Performative::Attach(reply), &[])?;
         let consumer = ConsumerId::next();
         queue.add_consumer(ConsumerSpec {
@@ -332,6 +377,7 @@ impl Session {
             tx: conn.outbound_tx.clone(),
             presettled,
             unsettled_max: conn.broker.config().unsettled_per_link,
+            selector: filters.selector,
         });
         self.links.insert(
             handle,
@@ -429,6 +475,8 @@ impl Session {
         conn.send(self.local_channel(), &Performative::Detach(reply), &[])
     }
 
+    /// A transfer frame on a producer link: whole messages are stored at once, the frames
+    /// of a multi-frame delivery are held (bounded, see [`Partial`]) until the last.
     pub(super) fn on_transfer(
         &mut self,
         conn: &mut Connection,
@@ -469,10 +517,8 @@ impl Session {
                         "transfer without link credit".into(),
                     );
                 }
-                let mut charge = Charge::new(
-                    Arc::clone(&conn.broker.intake),
-                    Arc::clone(&conn.intake),
-                );
+                let mut charge =
+                    Charge::new(Arc::clone(&conn.broker.intake), Arc::clone(&conn.intake));
                 if let Err(refused) = charge.grow(payload.len()) {
                     return self.intake_refused(conn, t, payload, refused);
                 }
@@ -565,9 +611,7 @@ impl Session {
         let handle = t.handle.0;
         let waited = conn.park_since.map(|since| since.elapsed());
         match refused {
-            IntakeRefused::Broker { .. }
-                if waited.is_none_or(|w| w < INCOMPLETE_BUDGET_WAIT) =>
-            {
+            IntakeRefused::Broker { .. } if waited.is_none_or(|w| w < INCOMPLETE_BUDGET_WAIT) => {
                 conn.parked = Some(Parked {
                     channel: self.remote_channel(),
                     transfer: t,

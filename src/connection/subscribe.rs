@@ -7,23 +7,111 @@
 //! * Shared (`shared` capability): links share one subscription as competing consumers;
 //!   qpid-jms names them `name`, `name|1`, `name|2`…, so the `|n` suffix is dropped.
 //!   `global` makes the identity independent of the container.
-//! * Selector: the `apache.org:selector-filter:string` source filter.
+//! * Selector: the source filter described `apache.org:selector-filter:string` (or its
+//!   code), under whatever key the client chose.
 //! * Replay: our `entrepot:offset-spec` source filter — `first`, `last`, `next`, a log
-//!   offset (ulong) or a timestamp (ms), like RabbitMQ streams' `rabbitmq:stream-offset-spec`.
+//!   offset (ulong) or a timestamp (ms) — or RabbitMQ streams' `rabbitmq:stream-offset-spec`.
+//! * The attach reply echoes exactly the filters applied, so a client can tell.
 
 use std::sync::Arc;
 
 use fe2o3_amqp_types::definitions::{AmqpError, ErrorCondition};
-use fe2o3_amqp_types::messaging::{Source, TerminusDurability, TerminusExpiryPolicy};
+use fe2o3_amqp_types::messaging::{FilterSet, Source, TerminusDurability, TerminusExpiryPolicy};
 use fe2o3_amqp_types::primitives::{Symbol, Value};
 
+use crate::broker::selector::Selector;
 use crate::broker::topic::{StartAt, Subscription, Topic};
 use crate::broker::{AddressKind, Broker};
 
-/// Source filter key of JMS selectors.
+/// Descriptor of the JMS selector filter (its symbolic name). Clients put it under keys
+/// of their own choosing — python-qpid-proton `selector`, qpid-jms `jms-selector` — so
+/// filters are recognized by descriptor, whatever the key, as Artemis and RabbitMQ do.
 pub const SELECTOR_FILTER: &str = "apache.org:selector-filter:string";
-/// Source filter key of our replay start.
+/// The same descriptor as a code: Apache's domain 0x0000468C, type 4.
+pub const SELECTOR_FILTER_CODE: u64 = 0x0000_468C_0000_0004;
+/// Descriptor (and, undescribed, the key) of our replay-start filter.
 pub const OFFSET_SPEC_FILTER: &str = "entrepot:offset-spec";
+/// RabbitMQ streams' replay-start filter, understood the same way.
+pub const RABBITMQ_OFFSET_FILTER: &str = "rabbitmq:stream-offset-spec";
+
+/// What a source filter entry is, by its descriptor (or, for an undescribed value, by
+/// its key, our convention before descriptors were looked at).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FilterKind {
+    Selector,
+    OffsetSpec,
+}
+
+fn filter_kind(key: &Symbol, value: &Value) -> Option<FilterKind> {
+    use serde_amqp::descriptor::Descriptor;
+    match value {
+        Value::Described(d) => match &d.descriptor {
+            Descriptor::Name(n) if n.as_str() == SELECTOR_FILTER => Some(FilterKind::Selector),
+            Descriptor::Code(SELECTOR_FILTER_CODE) => Some(FilterKind::Selector),
+            Descriptor::Name(n)
+                if n.as_str() == OFFSET_SPEC_FILTER || n.as_str() == RABBITMQ_OFFSET_FILTER =>
+            {
+                Some(FilterKind::OffsetSpec)
+            }
+            _ => None,
+        },
+        _ => match key.as_str() {
+            SELECTOR_FILTER => Some(FilterKind::Selector),
+            OFFSET_SPEC_FILTER => Some(FilterKind::OffsetSpec),
+            _ => None,
+        },
+    }
+}
+
+/// The filters of a receiving link's source that the broker understands, parsed.
+#[derive(Debug, Default)]
+pub(super) struct Filters {
+    /// The selector text and the entry it came in.
+    pub selector: Option<(String, (Symbol, Value))>,
+    pub start: Option<(StartAt, (Symbol, Value))>,
+}
+
+impl Filters {
+    /// The filter set to echo in our attach: the entries, as the client wrote them, of
+    /// the filters actually applied (`with_start`: the link replays from a start).
+    pub fn applied(&self, with_start: bool) -> Option<FilterSet> {
+        let mut set = FilterSet::new();
+        if let Some((_, (k, v))) = &self.selector {
+            set.insert(k.clone(), v.clone());
+        }
+        if let Some((_, (k, v))) = self.start.as_ref().filter(|_| with_start) {
+            set.insert(k.clone(), v.clone());
+        }
+        (!set.is_empty()).then_some(set)
+    }
+}
+
+/// Reads the selector and replay-start filters of `source`, by descriptor; refuses one
+/// whose value is malformed (`amqp:invalid-field`, naming the filter).
+pub(super) fn filters(source: &Source) -> Result<Filters, Refusal> {
+    let mut found = Filters::default();
+    let Some(set) = source.filter.as_ref() else {
+        return Ok(found);
+    };
+    for (key, value) in set.iter() {
+        let inner = match value {
+            Value::Described(d) => &d.value,
+            other => other,
+        };
+        match filter_kind(key, value) {
+            Some(FilterKind::Selector) => {
+                let text = selector_text(inner)?;
+                found.selector = Some((text, (key.clone(), value.clone())));
+            }
+            Some(FilterKind::OffsetSpec) => {
+                let start = start_at(inner)?;
+                found.start = Some((start, (key.clone(), value.clone())));
+            }
+            None => {}
+        }
+    }
+    Ok(found)
+}
 
 /// A consumer link's hold on a subscription.
 pub(super) struct SubscriptionRef {
@@ -53,29 +141,15 @@ fn has_cap(source: &Source, cap: &str) -> bool {
         .is_some_and(|c| c.0.iter().any(|s| s.as_str() == cap))
 }
 
-/// The filter value under `key`, unwrapped from its described type.
-fn filter_value<'a>(source: &'a Source, key: &str) -> Option<&'a Value> {
-    let (_, value) = source
-        .filter
-        .as_ref()?
-        .iter()
-        .find(|(k, _)| k.as_str() == key)?;
-    match value {
-        Value::Described(d) => Some(&d.value),
-        other => Some(other),
-    }
-}
-
-fn start_at(source: &Source) -> Result<StartAt, Refusal> {
+fn start_at(value: &Value) -> Result<StartAt, Refusal> {
     let invalid = |what: String| {
         (
             AmqpError::InvalidField.into(),
             format!("{OFFSET_SPEC_FILTER}: {what}"),
         )
     };
-    match filter_value(source, OFFSET_SPEC_FILTER) {
-        None => Ok(StartAt::Next),
-        Some(Value::String(s)) | Some(Value::Symbol(Symbol(s))) => match s.as_str() {
+    match value {
+        Value::String(s) | Value::Symbol(Symbol(s)) => match s.as_str() {
             "first" => Ok(StartAt::First),
             "last" => Ok(StartAt::Last),
             "next" => Ok(StartAt::Next),
@@ -83,22 +157,33 @@ fn start_at(source: &Source) -> Result<StartAt, Refusal> {
                 "unknown start {other:?} (first, last, next, an offset or a timestamp)"
             ))),
         },
-        Some(Value::Ulong(o)) => Ok(StartAt::Offset(*o)),
-        Some(Value::Long(o)) if *o >= 0 => Ok(StartAt::Offset(*o as u64)),
-        Some(Value::Timestamp(t)) => Ok(StartAt::Timestamp(t.milliseconds())),
-        Some(other) => Err(invalid(format!("unsupported value {other:?}"))),
+        Value::Ulong(o) => Ok(StartAt::Offset(*o)),
+        Value::Long(o) if *o >= 0 => Ok(StartAt::Offset(*o as u64)),
+        Value::Timestamp(t) => Ok(StartAt::Timestamp(t.milliseconds())),
+        other => Err(invalid(format!("unsupported value {other:?}"))),
     }
 }
 
-fn selector_text(source: &Source) -> Result<Option<String>, Refusal> {
-    match filter_value(source, SELECTOR_FILTER) {
-        None => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(other) => Err((
+fn selector_text(value: &Value) -> Result<String, Refusal> {
+    match value {
+        Value::String(s) => Ok(s.clone()),
+        other => Err((
             AmqpError::InvalidField.into(),
             format!("{SELECTOR_FILTER} must be a string, not {other:?}"),
         )),
     }
+}
+
+/// Parses a queue consumer's selector (`amqp:invalid-field` naming the error).
+pub(super) fn parse_selector(text: &str) -> Result<Arc<Selector>, Refusal> {
+    crate::broker::selector::parse(text)
+        .map(Arc::new)
+        .map_err(|e| {
+            (
+                AmqpError::InvalidField.into(),
+                format!("{SELECTOR_FILTER}: {e}"),
+            )
+        })
 }
 
 /// Resolves a receiving link on `topic` to its subscription, creating or resuming it.
@@ -129,8 +214,9 @@ pub(super) fn subscribe(
             crate::broker::queue::ConsumerId::next().0
         ),
     };
-    let selector = selector_text(source)?;
-    let start = start_at(source)?;
+    let parsed = filters(source)?;
+    let selector = parsed.selector.as_ref().map(|(text, _)| text.clone());
+    let start = parsed.start.as_ref().map_or(StartAt::Next, |(s, _)| *s);
     let created = match durable {
         true => broker.durable_subscription(topic, &id, selector.as_deref(), start),
         false => broker.volatile_subscription(topic, &id, selector.as_deref(), start),

@@ -30,6 +30,7 @@ mod outcomes;
 mod plans;
 mod queues;
 mod raw_client;
+mod selectors_proton;
 mod router;
 mod shutdown;
 mod tls;
