@@ -38,7 +38,7 @@ use tokio::time::{timeout, Instant};
 
 use crate::harness::BrokerProcess;
 use consumer::{Plan, Style};
-use ledger::{Ledger, Origin};
+use ledger::{Ledger, Origin, Verdict};
 
 pub const QUEUE: &str = "campaign";
 pub const DLQ: &str = "DLQ";
@@ -428,42 +428,8 @@ async fn inject(
             format!("SIGKILL, restarted in {} ms", took.as_millis())
         }
         Fault::DiskFull => fill_disk(ctx).await,
-        Fault::SlowConsumer => {
-            let delay = Duration::from_millis(rng.range(50, 300));
-            let plan = Plan {
-                address: QUEUE,
-                credit: 4,
-                style: Style::Slow {
-                    delay,
-                    lifetime: Duration::from_secs(3),
-                },
-            };
-            let ctx = Arc::clone(ctx);
-            let epoch = ctx.epoch();
-            helpers.spawn(async move {
-                let _ = consumer::run(&ctx, epoch, &plan, "campaign-slow").await;
-            });
-            format!(
-                "a consumer taking {} ms per message for 3 s",
-                delay.as_millis()
-            )
-        }
-        Fault::VanishingConsumer => {
-            let after = rng.range(1, 20) as usize;
-            let plan = Plan {
-                address: QUEUE,
-                credit: 20,
-                style: Style::Vanish {
-                    after,
-                    lifetime: Duration::from_secs(3),
-                },
-            };
-            let run = consumer::run(ctx, ctx.epoch(), &plan, "campaign-vanish");
-            match timeout(Duration::from_secs(3) + OP_TIMEOUT, run).await {
-                Ok(r) => format!("a consumer resetting after {after} deliveries: {r:?}"),
-                Err(_) => "a vanishing consumer that never finished".into(),
-            }
-        }
+        Fault::SlowConsumer => slow_consumer(ctx, rng, helpers),
+        Fault::VanishingConsumer => vanishing_consumer(ctx, rng).await,
         Fault::EarlyClose => {
             let count = rng.range(1, 50) as u32;
             let leave = if rng.next() % 2 == 0 {
@@ -476,8 +442,8 @@ async fn inject(
         Fault::WrapDisposition => bounded(hostile::wrapping_disposition(ctx)).await,
         Fault::UnfinishedTransfers => return unfinished(ctx, node).await,
         Fault::Dribble => {
-            let gap = Duration::from_millis(100);
-            let dribble = hostile::dribble(ctx, gap, Duration::from_secs(6));
+            let gap = Duration::from_millis(50);
+            let dribble = hostile::dribble(ctx, gap, Duration::from_secs(4));
             let (dribbled, alive) = tokio::join!(dribble, hostile::probe(ctx));
             let dribbled = dribbled.unwrap_or_else(|e| e);
             return match alive {
@@ -490,6 +456,44 @@ async fn inject(
     match hostile::probe(ctx).await {
         Ok(_) => detail,
         Err(e) => format!("{detail}; {}", recover(ctx, node, fault, &e)),
+    }
+}
+
+/// Starts a consumer that sleeps before each outcome; it runs on while the rounds go on.
+fn slow_consumer(ctx: &Arc<Ctx>, rng: &mut Rng, helpers: &mut JoinSet<()>) -> String {
+    let delay = Duration::from_millis(rng.range(50, 300));
+    let plan = Plan {
+        address: QUEUE,
+        credit: 4,
+        style: Style::Slow {
+            delay,
+            lifetime: Duration::from_secs(3),
+        },
+    };
+    let ctx = Arc::clone(ctx);
+    let epoch = ctx.epoch();
+    helpers.spawn(async move {
+        let _ = consumer::run(&ctx, epoch, &plan, "campaign-slow").await;
+    });
+    format!(
+        "a consumer taking {} ms per message for 3 s",
+        delay.as_millis()
+    )
+}
+
+/// A consumer that takes some deliveries, accepts half without waiting, and resets.
+async fn vanishing_consumer(ctx: &Ctx, rng: &mut Rng) -> String {
+    let after = rng.range(1, 20) as usize;
+    let lifetime = Duration::from_secs(3);
+    let plan = Plan {
+        address: QUEUE,
+        credit: 20,
+        style: Style::Vanish { after, lifetime },
+    };
+    let run = consumer::run(ctx, ctx.epoch(), &plan, "campaign-vanish");
+    match timeout(lifetime + OP_TIMEOUT, run).await {
+        Ok(r) => format!("a consumer resetting after {after} deliveries: {r:?}"),
+        Err(_) => "a vanishing consumer that never finished".into(),
     }
 }
 
@@ -616,10 +620,19 @@ async fn drain(ctx: &Ctx, node: &Node) {
     }
 }
 
-/// Prints the summary and, when the invariant or a promise broke, the evidence.
+/// Prints the summary and, when the invariant or a promise broke, fails with the evidence.
 fn judge(ctx: &Ctx, node: &Node, seed: u64, injected: &[Fault]) {
     let ledger = ctx.ledger();
     let v = ledger.verdict();
+    print_summary(&v, &ledger, seed, injected);
+    let held = v.lost.is_empty() && v.duplicated.is_empty();
+    let clean = v.ghosts.is_empty() && v.foreign.is_empty() && ledger.problems.is_empty();
+    if !(held && clean) {
+        panic!("{}", failure_report(&v, &ledger, node, seed));
+    }
+}
+
+fn print_summary(v: &Verdict, ledger: &Ledger, seed: u64, injected: &[Fault]) {
     let by_kind: Vec<String> = Fault::CYCLE
         .iter()
         .enumerate()
@@ -656,32 +669,24 @@ fn judge(ctx: &Ctx, node: &Node, seed: u64, injected: &[Fault]) {
         v.foreign.len(),
         ledger.problems.len()
     );
-    let broken = !v.lost.is_empty()
-        || !v.duplicated.is_empty()
-        || !v.ghosts.is_empty()
-        || !v.foreign.is_empty()
-        || !ledger.problems.is_empty();
-    if !broken {
-        return;
-    }
-    let mut report = format!("campaign seed {seed} broke its invariant\n");
-    let dups: Vec<u64> = v.duplicated.iter().map(|(s, _)| *s).collect();
-    section(
-        &mut report,
-        &ledger,
-        "lost (confirmed, never consumed, not in the DLQ)",
-        &v.lost,
+}
+
+/// The offending sequence numbers with their histories, the problems, the fault timeline
+/// and the broker's warnings.
+fn failure_report(v: &Verdict, ledger: &Ledger, node: &Node, seed: u64) -> String {
+    let mut report = format!(
+        "campaign seed {seed} broke its invariant (replay the faults with \
+         ENTREPOT_CAMPAIGN_SEED={seed})\n"
     );
-    section(&mut report, &ledger, "duplicated", &dups);
+    let lost = "lost (confirmed, never consumed, not in the DLQ)";
+    section(&mut report, ledger, lost, &v.lost);
+    let dups: Vec<u64> = v.duplicated.iter().map(|(s, _)| *s).collect();
+    section(&mut report, ledger, "duplicated", &dups);
     for (seq, why) in v.duplicated.iter().take(20) {
         report += &format!("  seq {seq}: {why}\n");
     }
-    section(
-        &mut report,
-        &ledger,
-        "ghosts (refused to the producer, delivered)",
-        &v.ghosts,
-    );
+    let ghosts = "ghosts (refused to the producer, delivered)";
+    section(&mut report, ledger, ghosts, &v.ghosts);
     for f in v.foreign.iter().take(10) {
         report += &format!("foreign: {f}\n");
     }
@@ -693,7 +698,7 @@ fn judge(ctx: &Ctx, node: &Node, seed: u64, injected: &[Fault]) {
     for (text, n) in &node.warnings {
         report += &format!("    {n} x {text}\n");
     }
-    panic!("{report}");
+    report
 }
 
 /// Appends a count, the first sequence numbers and the histories of the first five.

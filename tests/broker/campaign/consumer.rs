@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use fe2o3_amqp::types::definitions::{ReceiverSettleMode, Role};
 use fe2o3_amqp::types::messaging::{Accepted, DeliveryState, Rejected};
-use fe2o3_amqp::types::performatives::{Disposition, Performative};
+use fe2o3_amqp::types::performatives::{Disposition, Performative, Transfer};
 use tokio::time::{timeout, Instant};
 
 use super::ledger::Disposal;
@@ -69,7 +69,7 @@ struct Link {
     delivery_count: u32,
     credit: u32,
     unsettled: HashMap<u32, Unsettled>,
-    /// The delivery being assembled from multi-frame transfers: (id, count, bytes).
+    /// The delivery being assembled from multi-frame transfers: (id, bytes so far).
     partial: Option<(u32, Vec<u8>)>,
 }
 
@@ -119,34 +119,21 @@ pub async fn run(ctx: &Ctx, epoch: u32, plan: &Plan, name: &str) -> Result<End, 
         last_activity = Instant::now();
         match frame.performative {
             Performative::Transfer(t) => {
-                link.next_incoming_id = link.next_incoming_id.wrapping_add(1);
-                if let Some(id) = t.delivery_id {
-                    link.partial = Some((id, Vec::new()));
-                }
-                let Some((id, bytes)) = link.partial.as_mut() else {
-                    return Err(format!("{name}: a continuation without a first transfer"));
+                let Some((id, seq)) = link
+                    .on_transfer(ctx, &t, &frame.payload)
+                    .map_err(|e| format!("{name}: {e}"))?
+                else {
+                    continue;
                 };
-                bytes.extend_from_slice(&frame.payload);
-                if t.more {
-                    continue;
-                }
-                let (id, bytes) = (*id, std::mem::take(bytes));
-                link.partial = None;
-                link.delivery_count = link.delivery_count.wrapping_add(1);
-                link.credit = link.credit.saturating_sub(1);
                 taken += 1;
-                let seq = link.record_delivery(ctx, &bytes);
-                link.unsettled.insert(id, Unsettled { seq, sent: None });
-                if let Style::Vanish { .. } = plan.style {
-                    continue;
-                }
-                if let Style::Slow { delay, .. } = plan.style {
-                    tokio::time::sleep(delay).await;
-                }
                 let disposal = match (plan.style, seq) {
+                    (Style::Vanish { .. }, _) => continue,
                     (Style::Steady, Some(seq)) if !link.dlq && seq % 97 == 13 => Disposal::Rejected,
                     _ => Disposal::Accepted,
                 };
+                if let Style::Slow { delay, .. } = plan.style {
+                    tokio::time::sleep(delay).await;
+                }
                 link.dispose(ctx, id, disposal)
                     .await
                     .map_err(|e| format!("{name}: disposition: {e}"))?;
@@ -206,6 +193,33 @@ impl Link {
             credit,
         );
         self.wire.send(0, &flow, &[]).await
+    }
+
+    /// Takes one transfer frame; once a delivery is whole, records it and returns its
+    /// delivery id and sequence number (`None` for a foreign message).
+    fn on_transfer(
+        &mut self,
+        ctx: &Ctx,
+        t: &Transfer,
+        payload: &[u8],
+    ) -> Result<Option<(u32, Option<u64>)>, String> {
+        self.next_incoming_id = self.next_incoming_id.wrapping_add(1);
+        if let Some(id) = t.delivery_id {
+            self.partial = Some((id, Vec::new()));
+        }
+        let Some((_, bytes)) = self.partial.as_mut() else {
+            return Err("a continuation without a first transfer".into());
+        };
+        bytes.extend_from_slice(payload);
+        if t.more {
+            return Ok(None);
+        }
+        let (id, bytes) = self.partial.take().expect("checked above");
+        self.delivery_count = self.delivery_count.wrapping_add(1);
+        self.credit = self.credit.saturating_sub(1);
+        let seq = self.record_delivery(ctx, &bytes);
+        self.unsettled.insert(id, Unsettled { seq, sent: None });
+        Ok(Some((id, seq)))
     }
 
     /// Records a delivery in the ledger; `None` when it names no message we sent.
