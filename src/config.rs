@@ -41,6 +41,8 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u32 = 10_000;
 pub const DEFAULT_MAX_INCOMPLETE_BYTES_PER_CONNECTION: u64 = 128 * 1024 * 1024;
 /// Default bytes of multi-frame deliveries still arriving, broker-wide.
 pub const DEFAULT_MAX_INCOMPLETE_BYTES: u64 = 1024 * 1024 * 1024;
+/// Default most queues and topics the broker holds before auto-creation is refused.
+pub const DEFAULT_MAX_AUTO_CREATED_ADDRESSES: usize = 10_000;
 /// Default segment size of the message log: 128 MiB.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 128 * 1024 * 1024;
 /// Default most messages one subscription holds before dropping the oldest.
@@ -79,6 +81,9 @@ pub struct BrokerConfig {
     pub sync: String,
     pub segment_bytes: u64,
     pub auto_create: bool,
+    /// Auto-creation is refused (`amqp:resource-limit-exceeded`) once the broker holds
+    /// this many queues and topics; declared (manifest) addresses are not limited.
+    pub max_auto_created_addresses: usize,
     pub max_message_bytes: u64,
     /// Bytes of deliveries still arriving in several frames (`more=true`) that one
     /// connection may hold; a delivery that would go beyond is refused (its link detached
@@ -143,6 +148,7 @@ impl Default for BrokerConfig {
             sync: "always".into(),
             segment_bytes: DEFAULT_SEGMENT_BYTES,
             auto_create: true,
+            max_auto_created_addresses: DEFAULT_MAX_AUTO_CREATED_ADDRESSES,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_incomplete_bytes_per_connection: DEFAULT_MAX_INCOMPLETE_BYTES_PER_CONNECTION,
             max_incomplete_bytes: DEFAULT_MAX_INCOMPLETE_BYTES,

@@ -171,6 +171,10 @@ struct ServeArgs {
     /// Create queues on first use [default: true]
     #[arg(long, env = "ENTREPOT_AUTO_CREATE")]
     auto_create: Option<bool>,
+    /// Queues and topics the broker holds before auto-creating more is refused
+    /// [default: 10000]
+    #[arg(long, env = "ENTREPOT_MAX_AUTO_CREATED_ADDRESSES")]
+    max_auto_created_addresses: Option<usize>,
     /// Largest message in bytes [default: 104857600]
     #[arg(long, env = "ENTREPOT_MAX_MESSAGE_BYTES")]
     max_message_bytes: Option<u64>,
@@ -312,6 +316,7 @@ impl ServeArgs {
             http,
             sync,
             auto_create,
+            max_auto_created_addresses,
             max_message_bytes,
             max_incomplete_bytes_per_connection,
             max_incomplete_bytes,

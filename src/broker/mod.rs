@@ -44,6 +44,8 @@ pub enum AddressError {
     Empty,
     #[error("address of {0} bytes is too long")]
     TooLong(usize),
+    #[error("address {name:?} not created: the broker holds max-auto-created-addresses ({limit}) queues and topics")]
+    TooMany { name: String, limit: usize },
 }
 
 /// Connection and link gauges for metrics.
@@ -287,6 +289,7 @@ impl Broker {
                 if !self.config.auto_create {
                     return Err(AddressError::NotFound(name.to_owned()));
                 }
+                self.room_to_auto_create(name)?;
                 Ok(Address::Topic(self.topic_or_create(name)))
             }
         }
@@ -340,7 +343,23 @@ impl Broker {
         if !self.config.auto_create {
             return Err(AddressError::NotFound(address.to_owned()));
         }
+        self.room_to_auto_create(address)?;
         Ok(self.queue_or_create(address))
+    }
+
+    /// Auto-creation stops at `max-auto-created-addresses` queues and topics: a client
+    /// attaching to ever new names cannot grow the broker (and /metrics) without bound.
+    fn room_to_auto_create(&self, name: &str) -> Result<(), AddressError> {
+        let held =
+            self.queues.read().map_or(0, |q| q.len()) + self.topics.read().map_or(0, |t| t.len());
+        let limit = self.config.max_auto_created_addresses;
+        if held >= limit {
+            return Err(AddressError::TooMany {
+                name: name.to_owned(),
+                limit,
+            });
+        }
+        Ok(())
     }
 
     fn queue_or_create(&self, address: &str) -> Arc<Queue> {

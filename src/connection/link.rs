@@ -71,6 +71,9 @@ struct Partial {
     charge: Charge,
 }
 
+/// Longest delivery-tag a peer may send: the spec's limit (binary up to 32 octets).
+pub const MAX_DELIVERY_TAG_BYTES: usize = 32;
+
 /// The filters a consumer link runs with: the selector its queue applies for it, and the
 /// filter set our attach echoes (every filter in force, as the client wrote it).
 #[derive(Default)]
@@ -114,6 +117,7 @@ fn address_error(e: AddressError) -> (ErrorCondition, String) {
     let condition = match e {
         AddressError::NotFound(_) => AmqpError::NotFound,
         AddressError::Empty | AddressError::TooLong(_) => AmqpError::InvalidField,
+        AddressError::TooMany { .. } => AmqpError::ResourceLimitExceeded,
     };
     (condition.into(), e.to_string())
 }
@@ -504,6 +508,17 @@ impl Session {
         if t.aborted {
             link.partial = None;
             return Ok(());
+        }
+        if let Some(tag) = t
+            .delivery_tag
+            .as_ref()
+            .filter(|t| t.len() > MAX_DELIVERY_TAG_BYTES)
+        {
+            let d = format!(
+                "delivery-tag of {} bytes exceeds MAX_DELIVERY_TAG_BYTES ({MAX_DELIVERY_TAG_BYTES}, AMQP 1.0 §2.8.7)",
+                tag.len()
+            );
+            return self.detach_with_error(conn, handle, AmqpError::InvalidField.into(), d);
         }
         let settled = t.settled.unwrap_or(false);
         let message = match (link.partial.as_mut(), t.more) {

@@ -13,7 +13,7 @@ use fe2o3_amqp::types::performatives::{Disposition, Performative};
 use fe2o3_amqp::{Receiver, Sender};
 use fe2o3_amqp_types::definitions::Role;
 
-use crate::client::{connect, within};
+use crate::client::{connect, within, WAIT};
 use crate::harness::BrokerProcess;
 use crate::raw_client::{accepted, data_message, Client};
 
@@ -306,6 +306,16 @@ async fn unfinished_multi_frame_deliveries_are_bounded_per_connection_and_broker
     c3.attach_sender(1, "hold-c", "incomplete").await;
     hold(&mut c3, 0, 20).await;
     hold(&mut c3, 1, 20).await;
+    // The third connection's frames are held before the second one asks for more.
+    let deadline = std::time::Instant::now() + WAIT;
+    while held() != 60 * CHARGED && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        held(),
+        60 * CHARGED,
+        "20 frames of the second connection, 40 of the third"
+    );
     c2.attach_sender(2, "late", "incomplete").await;
     hold(&mut c2, 2, 12).await;
     let d = within(
@@ -352,8 +362,9 @@ async fn messages_of_a_producer_that_closes_before_its_accepts_are_delivered() {
     for id in 0..SENT {
         c.transfer(0, id, &data_message(&id.to_be_bytes())).await;
     }
-    // Gone before the group commit that covers the last of them can answer.
-    drop(c);
+    // Gone before the group commit that covers the last of them can answer: our FIN
+    // follows the last transfer, and the broker ends the connection on reading it.
+    c.finish_and_wait_close(WAIT).await;
     let (mut conn, mut session) = connect(&broker, "early-close-consumer").await;
     let mut receiver = within("attach", Receiver::attach(&mut session, "r", "early-close"))
         .await
@@ -391,4 +402,104 @@ async fn messages_of_a_producer_that_closes_before_its_accepts_are_delivered() {
         "a consumed message came back after the restart: {more:?}"
     );
     let _ = conn.close().await;
+}
+
+/// Issue 14.7: a delivery-tag beyond the spec's 32 bytes is refused (its link detached
+/// with `amqp:invalid-field` naming the limit); the connection carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_tag_over_32_bytes_detaches_its_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let mut c = within("open", Client::open(broker.amqp)).await.unwrap();
+    c.attach_sender(0, "long-tag", "tags").await;
+    let t = fe2o3_amqp::types::performatives::Transfer {
+        handle: fe2o3_amqp::types::definitions::Handle(0),
+        delivery_id: Some(0),
+        delivery_tag: Some(vec![1u8; 33].into()),
+        message_format: Some(0),
+        settled: Some(false),
+        more: false,
+        rcv_settle_mode: None,
+        state: None,
+        resume: false,
+        aborted: false,
+        batchable: false,
+    };
+    c.send_on(0, &Performative::Transfer(t), &data_message(b"x"))
+        .await;
+    let d = within("detach", c.expect(crate::raw_client::detach_of(0))).await;
+    let e = d.error.expect("an error");
+    assert_eq!(condition_of(&e), "amqp:invalid-field", "{e:?}");
+    assert!(e
+        .description
+        .unwrap_or_default()
+        .contains("MAX_DELIVERY_TAG_BYTES"));
+    // Same connection, a new link with a 32-byte tag: accepted.
+    c.attach_sender(1, "ok-tag", "tags").await;
+    let t = fe2o3_amqp::types::performatives::Transfer {
+        handle: fe2o3_amqp::types::definitions::Handle(1),
+        delivery_id: Some(1),
+        delivery_tag: Some(vec![2u8; 32].into()),
+        message_format: Some(0),
+        settled: Some(false),
+        more: false,
+        rcv_settle_mode: None,
+        state: None,
+        resume: false,
+        aborted: false,
+        batchable: false,
+    };
+    c.send_on(0, &Performative::Transfer(t), &data_message(b"y"))
+        .await;
+    assert!(within("accepted", c.expect(accepted(1))).await);
+}
+
+/// Issue 14.7: without manifests, attaching to ever new names used to create queues
+/// without bound (20,000 by attach alone, /metrics 11.8 MB). Auto-creation stops at
+/// `--max-auto-created-addresses`, refused with `amqp:resource-limit-exceeded` naming it;
+/// existing addresses keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_creation_stops_at_max_auto_created_addresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path(), &["--max-auto-created-addresses", "3"]);
+    let mut c = within("open", Client::open(broker.amqp)).await.unwrap();
+    for (h, name) in ["a", "b", "topic.c"].iter().enumerate() {
+        c.attach_sender(h as u32, name, name).await;
+    }
+    let attach = fe2o3_amqp::types::performatives::Attach {
+        name: "d".into(),
+        handle: fe2o3_amqp::types::definitions::Handle(3),
+        role: Role::Sender,
+        snd_settle_mode: fe2o3_amqp::types::definitions::SenderSettleMode::Unsettled,
+        rcv_settle_mode: ReceiverSettleMode::First,
+        source: Some(Box::new(
+            fe2o3_amqp::types::messaging::Source::builder().build(),
+        )),
+        target: Some(Box::new(
+            fe2o3_amqp::types::messaging::TargetArchetype::Target(
+                fe2o3_amqp::types::messaging::Target::builder()
+                    .address("d")
+                    .build(),
+            ),
+        )),
+        unsettled: None,
+        incomplete_unsettled: false,
+        initial_delivery_count: Some(0),
+        max_message_size: None,
+        offered_capabilities: None,
+        desired_capabilities: None,
+        properties: None,
+    };
+    c.send_on(0, &Performative::Attach(attach), &[]).await;
+    let d = within("refusal", c.expect(crate::raw_client::detach_of(3))).await;
+    let e = d.error.expect("an error");
+    assert_eq!(condition_of(&e), "amqp:resource-limit-exceeded", "{e:?}");
+    assert!(
+        e.description
+            .unwrap_or_default()
+            .contains("max-auto-created-addresses (3)"),
+        "the refusal names the limit"
+    );
+    c.transfer(0, 0, &data_message(b"still")).await;
+    assert!(within("accepted on an existing queue", c.expect(accepted(0))).await);
 }

@@ -27,7 +27,8 @@ async fn ten_thousand_queues_with_three_messages_each_stay_within_bounded_memory
         .map(|v| v.parse().expect("ENTREPOT_MANY_QUEUES must be a number"))
         .unwrap_or(DEFAULT_QUEUES);
     let dir = tempfile::tempdir().unwrap();
-    let broker = BrokerProcess::start(dir.path(), &[]);
+    // Above the default cap on auto-created addresses (10,000), which this test reaches.
+    let broker = BrokerProcess::start(dir.path(), &["--max-auto-created-addresses", "100000"]);
     let rss_before = rss_bytes(broker.pid());
 
     let started = std::time::Instant::now();

@@ -409,6 +409,18 @@ impl Client {
         }
     }
 
+    /// Ends our side (FIN after every byte written, never a reset that could discard
+    /// them) and reads until the broker closes its side; bounded by `limit`.
+    pub async fn finish_and_wait_close(mut self, limit: Duration) {
+        self.stream.shutdown().await.expect("shutdown our side");
+        let mut sink = [0u8; 16 * 1024];
+        let drained = tokio::time::timeout(limit, async {
+            while matches!(self.stream.read(&mut sink).await, Ok(n) if n > 0) {}
+        })
+        .await;
+        assert!(drained.is_ok(), "the broker did not close within {limit:?}");
+    }
+
     /// Every frame that arrives until the broker has been silent for `quiet`.
     pub async fn frames_until_quiet(&mut self, quiet: Duration) -> Vec<Frame> {
         let mut frames = Vec::new();
