@@ -656,7 +656,7 @@ fn print_summary(v: &Verdict, ledger: &Ledger, seed: u64, injected: &[Fault]) {
     );
     eprintln!(
         "campaign: refused {} unconfirmed {} (delivered {}) consumed without settlement {} \
-         early-close sent {} delivered {} (only after a restart {}) ghosts {} foreign {} \
+         early-close sent {} delivered {} (first in a later epoch {}) ghosts {} foreign {} \
          problems {}",
         v.refused,
         v.unconfirmed,

@@ -246,8 +246,9 @@ pub struct Verdict {
     pub dlq: u64,
     pub unconfirmed: u64,
     pub unconfirmed_delivered: u64,
-    /// Messages of early-closing producers: sent, delivered, and delivered only after
-    /// the broker restarted (issue 14.4: they must not wait for a restart).
+    /// Messages of early-closing producers: sent, delivered, and first delivered by a
+    /// later broker epoch. Informational: a kill may simply come first, but many of
+    /// them with consumers running point at messages held back until a restart (14.4).
     pub early_close: u64,
     pub early_close_delivered: u64,
     pub early_close_after_restart: u64,
