@@ -32,7 +32,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::auth::{server_handshake, PeerSecret, KIND_HELLO};
+use crate::auth::{server_handshake, AuthError, PeerSecret, KIND_HELLO};
 use crate::error::Result;
 use crate::frame::{read_frame, write_frame};
 use crate::rpc::{self, RemoteRefusal};
@@ -45,6 +45,8 @@ use crate::types::TypeConfig;
 pub const MAX_PEER_CONNECTIONS: usize = 256;
 /// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
 const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
+/// Longest a connecting peer may take to prove it knows the cluster secret.
+pub const PEER_AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How the peer server admits connections; the default admits every peer in plain TCP.
 #[derive(Debug, Clone, Default)]
@@ -154,15 +156,33 @@ async fn serve_connection(
         },
     };
     if let Some(secret) = &options.secret {
-        let first = match read_frame(&mut stream).await {
-            Ok(Some(frame)) => frame,
-            _ => return,
+        let handshake = async {
+            let first = read_frame(&mut stream).await?.ok_or(AuthError::Closed)?;
+            server_handshake(&mut stream, secret, first).await
         };
-        if let Err(e) = server_handshake(&mut stream, secret, first).await {
-            tracing::warn!(?peer, error = %e, "inter-node peer refused: authentication failed");
-            let refusal = RemoteRefusal::Unavailable(format!("authentication failed: {e}"));
-            let _ = write_frame(&mut stream, rpc::KIND_ERROR, &rpc::encode_refusal(&refusal)).await;
-            return;
+        let outcome = tokio::time::timeout(PEER_AUTH_TIMEOUT, handshake).await;
+        match outcome {
+            Ok(Ok(())) => {}
+            // A flaky network or a peer going away is not an attack: no warning storm.
+            Ok(Err(AuthError::Io(e))) => {
+                tracing::debug!(?peer, error = %e, "inter-node handshake interrupted");
+                return;
+            }
+            Ok(Err(AuthError::Closed)) => {
+                tracing::debug!(?peer, "inter-node peer closed during the handshake");
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(?peer, error = %e, "inter-node peer refused: authentication failed");
+                let refusal = RemoteRefusal::Unavailable(format!("authentication failed: {e}"));
+                let _ =
+                    write_frame(&mut stream, rpc::KIND_ERROR, &rpc::encode_refusal(&refusal)).await;
+                return;
+            }
+            Err(_) => {
+                tracing::info!(?peer, timeout = ?PEER_AUTH_TIMEOUT, "inter-node peer refused: no authentication in time (PEER_AUTH_TIMEOUT)");
+                return;
+            }
         }
     }
     loop {

@@ -371,3 +371,70 @@ async fn a_plain_tcp_peer_is_refused_by_a_tls_server_which_keeps_serving() {
     assert_eq!(vote(&mut peer, 3).await, Ok(()), "TLS peer after ({addr})");
     shut([node]).await;
 }
+
+/// Goal (issue 14.7): peers that drop the connection in the middle of the secret
+/// handshake — a flaky network, a node restarting — are not logged as authentication
+/// failures (that was a warning storm); a peer that skips the handshake still is, and
+/// the server keeps serving the right one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_handshakes_are_not_authentication_failures() {
+    use tokio::io::AsyncWriteExt;
+    let logs = capture_logs();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config = Arc::new(Config::default().validate().unwrap());
+    let options = PeerServerOptions {
+        secret: secret(),
+        tls: None,
+    };
+    let node = start_node(1, listener, config, options).await;
+    let addr = node.server.local_addr().to_string();
+    // Twenty connections cut in the middle of the handshake: a well-formed HELLO
+    // (len 33, kind 0x10, version 1, a nonce), then gone before the PROOF.
+    let mut hello = vec![33, 0, 0, 0, 0x10, 1];
+    hello.extend_from_slice(&[7u8; 32]);
+    for _ in 0..20 {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        s.write_all(&hello).await.unwrap();
+        drop(s);
+    }
+    // A peer that skips the handshake: a whole frame of another kind (len 0, kind 0x7e).
+    let mut rogue = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    rogue.write_all(&[0, 0, 0, 0, 0x7e]).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(
+        WAIT,
+        tokio::io::AsyncReadExt::read_to_end(&mut rogue, &mut answer),
+    )
+    .await;
+    let mut good = TcpNetwork::new(9)
+        .with_secret(secret())
+        .new_client(1, &BasicNode::new(addr.clone()))
+        .await;
+    assert_eq!(
+        vote(&mut good, 2).await,
+        Ok(()),
+        "the right secret is served"
+    );
+    let logged = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    let failures = logged
+        .lines()
+        .filter(|l| l.contains("authentication failed") && l.contains(&addr_port(&addr)))
+        .count();
+    let any_failures = logged
+        .lines()
+        .filter(|l| l.contains("inter-node peer refused: authentication failed"))
+        .count();
+    assert!(
+        any_failures >= 1,
+        "a peer skipping the handshake is logged as an authentication failure:\n{logged}"
+    );
+    assert!(
+        any_failures <= 2 && failures <= 2,
+        "interrupted handshakes logged as authentication failures ({any_failures}):\n{logged}"
+    );
+    shut([node]).await;
+}
+
+fn addr_port(addr: &str) -> String {
+    addr.rsplit(':').next().unwrap_or_default().to_owned()
+}
