@@ -373,11 +373,26 @@ impl Broker {
     /// Moves `msg` from queue `from` to the dead-letter or expiry address: stores an
     /// annotated copy, waits until it is durable, enqueues it there, and only then
     /// acknowledges the original — so a crash in between duplicates, never loses.
-    pub fn divert(&self, from_queue: Arc<Queue>, msg: QueuedMessage, why: Diversion) {
+    ///
+    /// `done`, when given, learns the result: `true` once the copy and the original's
+    /// acknowledgement are durable, `false` when the copy could not be stored — then the
+    /// message goes back to the head of `from_queue`, never lost from view.
+    pub fn divert(
+        &self,
+        from_queue: Arc<Queue>,
+        msg: QueuedMessage,
+        why: Diversion,
+        done: Option<tokio::sync::watch::Sender<Option<bool>>>,
+    ) {
         let Some(me) = self.me.upgrade() else { return };
         tokio::spawn(async move {
-            if let Err(e) = me.divert_now(&from_queue, msg, why).await {
-                tracing::error!(queue = %from_queue.name(), error = %e, "could not move message");
+            let moved = me.divert_now(&from_queue, &msg, why).await;
+            if let Err(e) = &moved {
+                tracing::error!(queue = %from_queue.name(), offset = msg.offset, error = %e, "could not move message; it stays in its queue");
+                from_queue.give_back(&me, msg);
+            }
+            if let Some(done) = done {
+                let _ = done.send(Some(moved.is_ok()));
             }
         });
     }
@@ -385,7 +400,7 @@ impl Broker {
     async fn divert_now(
         &self,
         from_queue: &Arc<Queue>,
-        msg: QueuedMessage,
+        msg: &QueuedMessage,
         why: Diversion,
     ) -> anyhow::Result<()> {
         let from = from_queue.name();
@@ -451,7 +466,20 @@ impl Broker {
         moved.delivery_count = msg.delivery_count;
         moved.expires_at_ms = None;
         queue.enqueue(self, moved);
-        let _ = from_queue.finish(self, msg.offset);
+        // The copy is durable and queued: from here on the move has happened. The
+        // original's acknowledgement is awaited, so whoever waits on the move (a consumer
+        // settling second) is settled only once neither copy can come back twice.
+        match from_queue.finish(self, msg.offset) {
+            Ok(Some(acked)) => {
+                if let Err(e) = acked.wait().await {
+                    tracing::warn!(queue = from, offset = msg.offset, error = %e, "dead-lettered, but the original's acknowledgement did not become durable: it may come back after a restart");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(queue = from, offset = msg.offset, error = %e, "dead-lettered, but the original's acknowledgement was refused: it comes back after a restart");
+            }
+        }
         Ok(())
     }
 

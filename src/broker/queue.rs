@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use entrepot_storage::{Durable, StorageError};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::limits::{self, AddressLimits, LimitExceeded, Reservation, SpaceUsage};
 use super::Broker;
@@ -110,6 +110,47 @@ impl AckRefused {
     /// The store refused for lack of space (retryable once space is freed).
     pub fn is_out_of_space(&self) -> bool {
         self.source.is_out_of_space()
+    }
+}
+
+/// What a consumer's outcome became in the store: the handle a settle-second consumer's
+/// settlement waits on.
+#[derive(Debug, Clone)]
+pub enum Recorded {
+    /// An acknowledgement record: done once durable (committed, in a cluster).
+    Durable(Durable),
+    /// A move to the dead-letter address (`rejected`, or the last allowed failure): done
+    /// once the annotated copy and the original's acknowledgement are both durable
+    /// (`Some(true)`); `Some(false)` when the move failed and the message went back to its
+    /// queue — then the consumer must not be told it was settled.
+    Moving(watch::Receiver<Option<bool>>),
+}
+
+impl Recorded {
+    pub fn is_done(&self) -> bool {
+        match self {
+            Recorded::Durable(d) => d.is_durable(),
+            Recorded::Moving(rx) => *rx.borrow() == Some(true),
+        }
+    }
+
+    pub fn has_failed(&self) -> bool {
+        match self {
+            Recorded::Durable(d) => d.has_failed(),
+            Recorded::Moving(rx) => *rx.borrow() == Some(false),
+        }
+    }
+
+    /// Completes when the outcome is done or has failed.
+    pub async fn wait(self) {
+        match self {
+            Recorded::Durable(d) => {
+                let _ = d.wait().await;
+            }
+            Recorded::Moving(mut rx) => {
+                let _ = rx.wait_for(Option::is_some).await;
+            }
+        }
     }
 }
 
@@ -497,7 +538,7 @@ impl Queue {
         id: ConsumerId,
         offset: u64,
         outcome: Outcome,
-    ) -> Result<Option<Durable>, AckRefused> {
+    ) -> Result<Option<Recorded>, AckRefused> {
         let mut s = self.lock();
         let Some((owner, mut msg)) = s.unsettled.remove(&offset) else {
             return Ok(None);
@@ -523,11 +564,13 @@ impl Queue {
                     }
                 }
                 self.dispatch(broker, &mut s);
-                return recorded.map_err(|source| AckRefused {
-                    queue: self.name.clone(),
-                    offset,
-                    source,
-                });
+                return recorded
+                    .map(|r| r.map(Recorded::Durable))
+                    .map_err(|source| AckRefused {
+                        queue: self.name.clone(),
+                        offset,
+                        source,
+                    });
             }
             Outcome::Released => s.ready.push_front(msg),
             Outcome::Modified {
@@ -547,7 +590,7 @@ impl Queue {
                         "delivery attempts reached {}",
                         broker.config().max_delivery_attempts
                     );
-                    self.divert(
+                    let moving = self.dead_letter_for_consumer(
                         broker,
                         msg,
                         Diversion::DeadLetter {
@@ -557,7 +600,7 @@ impl Queue {
                     );
                     let mut s = self.lock();
                     self.dispatch(broker, &mut s);
-                    return Ok(None);
+                    return Ok(Some(moving));
                 }
                 if delivery_failed {
                     self.record_delivery_count(broker, &msg);
@@ -570,7 +613,7 @@ impl Queue {
             } => {
                 s.release(len_of(&msg));
                 drop(s);
-                self.divert(
+                let moving = self.dead_letter_for_consumer(
                     broker,
                     msg,
                     Diversion::DeadLetter {
@@ -580,7 +623,7 @@ impl Queue {
                 );
                 let mut s = self.lock();
                 self.dispatch(broker, &mut s);
-                return Ok(None);
+                return Ok(Some(moving));
             }
         }
         self.dispatch(broker, &mut s);
@@ -652,13 +695,46 @@ impl Queue {
     }
 
     fn divert(self: &Arc<Self>, broker: &Broker, msg: QueuedMessage, why: Diversion) {
+        self.divert_tracked(broker, msg, why, None);
+    }
+
+    /// [`Queue::divert`], telling `done` whether the move completed (see [`Recorded::Moving`]).
+    fn divert_tracked(
+        self: &Arc<Self>,
+        broker: &Broker,
+        msg: QueuedMessage,
+        why: Diversion,
+        done: Option<watch::Sender<Option<bool>>>,
+    ) {
         match &why {
             Diversion::DeadLetter { .. } => {
                 self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed)
             }
             Diversion::Expired => self.stats.expired.fetch_add(1, Ordering::Relaxed),
         };
-        broker.divert(Arc::clone(self), msg, why);
+        broker.divert(Arc::clone(self), msg, why, done);
+    }
+
+    /// A diverted message whose move failed comes back to the head of this queue (it was
+    /// never acknowledged here, so it is still this queue's).
+    pub(crate) fn give_back(self: &Arc<Self>, broker: &Broker, msg: QueuedMessage) {
+        let mut s = self.lock();
+        s.hold(len_of(&msg));
+        s.ready.push_front(msg);
+        self.dispatch(broker, &mut s);
+    }
+
+    /// Starts moving `msg` to the dead-letter address for a consumer's outcome; the
+    /// returned handle completes once the move is durable.
+    fn dead_letter_for_consumer(
+        self: &Arc<Self>,
+        broker: &Broker,
+        msg: QueuedMessage,
+        why: Diversion,
+    ) -> Recorded {
+        let (tx, rx) = watch::channel(None);
+        self.divert_tracked(broker, msg, why, Some(tx));
+        Recorded::Moving(rx)
     }
 
     /// Drops the oldest ready messages beyond `max` (a subscription over its backlog

@@ -155,9 +155,9 @@ struct Parked {
 }
 
 /// A consumer's outcome (receiver-settle-mode second) recorded but not yet durable: the
-/// delivery is settled back once it is.
+/// delivery is settled back once it is (for a dead-lettering outcome: once the move is).
 struct PendingSettle {
-    durable: Durable,
+    durable: crate::broker::queue::Recorded,
     /// Our channel of the session the delivery went out on.
     channel: u16,
     delivery_id: u32,
@@ -412,7 +412,7 @@ impl Connection {
                         return Err(ConnError::protocol(AmqpError::InternalError, "message store closed"));
                     }
                 }
-                _ = async { settle_wait?.await.ok() }, if settle_wait.is_some() => {}
+                _ = async { settle_wait?.await; Some(()) }, if settle_wait.is_some() => {}
                 _ = tick.tick() => self.on_tick(idle_limit)?,
                 _ = tokio::time::sleep(WITHHELD_RECHECK), if self.withheld_links => self.release_withheld()?,
                 _ = shutdown.changed() => {
@@ -727,11 +727,19 @@ impl Connection {
     /// is closing, and the consumer sees them again, unsettled, elsewhere).
     fn complete_settles(&mut self) -> Result<(), ConnError> {
         while let Some(front) = self.pending_settles.front() {
+            if let crate::broker::queue::Recorded::Moving(_) = &front.durable {
+                if front.durable.has_failed() {
+                    // The dead-letter copy could not be stored: the message is back in its
+                    // queue, and this delivery is never reported settled.
+                    self.pending_settles.pop_front();
+                    continue;
+                }
+            }
             if front.durable.has_failed() {
                 self.pending_settles.clear();
                 break;
             }
-            if !front.durable.is_durable() {
+            if !front.durable.is_done() {
                 break;
             }
             let Some(p) = self.pending_settles.pop_front() else {

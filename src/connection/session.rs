@@ -241,7 +241,7 @@ impl Session {
                     // The consumer waits for our settlement (receiver-settle-mode second):
                     // it comes once its outcome is durable (committed, in a cluster), so a
                     // settled delivery never comes back after a crash or failover.
-                    match recorded.filter(|r| !r.is_durable()) {
+                    match recorded.filter(|r| !r.is_done()) {
                         Some(durable) => conn.pending_settles.push_back(PendingSettle {
                             durable,
                             channel: self.local_channel,
