@@ -47,7 +47,10 @@
 
 mod ack;
 mod config;
+#[cfg(feature = "crash-sim")]
+pub mod crash_sim;
 mod error;
+mod fsync;
 mod index;
 mod log;
 mod offset_set;

@@ -86,9 +86,7 @@ fn now_ms() -> i64 {
 }
 
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| StorageError::io("syncing directory", dir, e))
+    crate::fsync::sync_dir(dir).map_err(|e| StorageError::io("syncing directory", dir, e))
 }
 
 impl Log {

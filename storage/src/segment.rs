@@ -28,6 +28,7 @@ use bytes::Bytes;
 use memmap2::{MmapOptions, MmapRaw};
 
 use crate::error::{Result, StorageError};
+use crate::fsync;
 use crate::index::{offset_index_path, time_index_path, SegmentIndex};
 use crate::record::{self, FrameFault, Record, RecordHeader, RECORD_HEADER_LEN};
 
@@ -156,11 +157,9 @@ impl Segment {
         header[32..36].copy_from_slice(&crc.to_le_bytes());
         // SAFETY: the segment is not shared yet; the header lies inside the mapping.
         unsafe { seg.write_at(0, &header) };
-        seg.map
-            .flush_range(0, SEGMENT_HEADER_LEN)
+        seg.sync_range(0, SEGMENT_HEADER_LEN as u64)
             .map_err(|e| StorageError::io("syncing segment header", path, e))?;
-        seg._file
-            .sync_all()
+        fsync::sync_file(&seg._file, path)
             .map_err(|e| StorageError::io("syncing segment", path, e))?;
         Ok(seg)
     }
@@ -371,8 +370,7 @@ impl Segment {
         let len = (self.capacity - pos) as usize;
         // SAFETY: not shared yet (recovery) — no reader holds slices of this region.
         unsafe { std::ptr::write_bytes(self.map.as_mut_ptr().add(pos as usize), 0, len) };
-        self.map
-            .flush_range(pos as usize, len)
+        self.sync_range(pos, self.capacity)
             .map_err(|e| StorageError::io("zeroing torn tail", &self.path, e))
     }
 
@@ -381,7 +379,13 @@ impl Segment {
         if to <= from {
             return Ok(());
         }
-        self.map.flush_range(from as usize, (to - from) as usize)
+        fsync::sync_mapped(
+            &self._file,
+            &self.path,
+            &self.map,
+            from as usize,
+            (to - from) as usize,
+        )
     }
 
     /// Marks the segment complete: writes and syncs the seal, then (best effort) the index
@@ -396,7 +400,7 @@ impl Segment {
         // SAFETY: bytes 40..64 of the header are the seal slot, written only here, and
         // readers never read the header through `Bytes`.
         unsafe { self.write_at(40, &seal) };
-        self.map.flush_range(0, SEGMENT_HEADER_LEN)?;
+        self.sync_range(0, SEGMENT_HEADER_LEN as u64)?;
         self.sealed.store(true, Ordering::Release);
         // The index files are a cache that the next open rebuilds when missing: failing to
         // write them (a full disk) must not fail the sync and poison the log.
