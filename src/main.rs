@@ -342,6 +342,35 @@ impl ServeArgs {
     }
 }
 
+/// Raises this process's open-files limit (RLIMIT_NOFILE) to its hard limit and logs
+/// the figure: every connection and every segment is a descriptor, and the soft default
+/// (often 1024) would refuse clients long before `max-connections`.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot read the open-files limit");
+        return;
+    }
+    let soft = limit.rlim_cur;
+    if soft < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            tracing::warn!(soft, hard = limit.rlim_max, error = %std::io::Error::last_os_error(), "cannot raise the open-files limit");
+            return;
+        }
+    }
+    tracing::info!(
+        open_files = limit.rlim_cur,
+        was = soft,
+        "open-files limit (RLIMIT_NOFILE)"
+    );
+}
+
 /// Fetches `/status` from a running node and prints it.
 fn status(http: SocketAddr) -> anyhow::Result<()> {
     let (status, body) = http_request(&http.to_string(), "GET", "/status")?;
@@ -364,6 +393,7 @@ fn main() -> anyhow::Result<()> {
         .context("starting runtime")?;
     match cli.command {
         Command::Serve(args) => {
+            raise_open_files_limit();
             let config = args.to_config()?;
             let cluster = args.cluster(&config)?;
             runtime.block_on(serve(config, cluster))

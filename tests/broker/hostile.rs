@@ -503,3 +503,26 @@ async fn auto_creation_stops_at_max_auto_created_addresses() {
     c.transfer(0, 0, &data_message(b"still")).await;
     assert!(within("accepted on an existing queue", c.expect(accepted(0))).await);
 }
+
+/// Issue 14.7: the broker raises its open-files soft limit to the hard limit at start
+/// (every connection and segment is a descriptor), whatever soft limit it inherited.
+#[test]
+fn the_open_files_limit_is_raised_to_the_hard_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = std::process::Command::new("sh");
+    command.arg("-c").arg(format!(
+        "ulimit -S -n 256 && exec {} serve --listen 127.0.0.1:0 --http 127.0.0.1:0 --data-dir {}",
+        env!("CARGO_BIN_EXE_entrepot"),
+        dir.path().display()
+    ));
+    let broker = BrokerProcess::launch(command, dir.path());
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", broker.pid())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let (soft, hard) = (fields[3], fields[4]);
+    assert_eq!(soft, hard, "soft limit raised to the hard one: {line}");
+    assert_ne!(soft, "256", "{line}");
+}
