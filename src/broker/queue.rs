@@ -216,6 +216,16 @@ struct QueueState {
 }
 
 impl QueueState {
+    /// Puts a message that was out (delivered, then released, modified, left unsettled,
+    /// or given back) where it belongs in queue order — before the first ready message
+    /// that came after it — so a consumer that releases 51..55 one by one leaves them
+    /// 51..55 for the next, not 55..51. Ready messages are in offset order but for races
+    /// between producers' group commits, so a binary search by offset finds the place.
+    fn put_back(&mut self, msg: QueuedMessage) {
+        let at = self.ready.partition_point(|m| m.offset < msg.offset);
+        self.ready.insert(at, msg);
+    }
+
     /// The next consumer, round robin from `next_consumer`, that has room and wants the
     /// ready message at `at`.
     fn choose_consumer(&self, at: usize) -> Option<usize> {
@@ -475,7 +485,6 @@ impl Queue {
                 true
             }
         });
-        back.sort_by_key(|m| std::cmp::Reverse(m.offset));
         let max = broker.config().max_delivery_attempts;
         let mut dead = Vec::new();
         for msg in back {
@@ -485,7 +494,7 @@ impl Queue {
                 continue;
             }
             self.record_delivery_count(broker, &msg);
-            s.ready.push_front(msg);
+            s.put_back(msg);
         }
         if !dead.is_empty() {
             // As for a `modified` failure: the attempt that reaches the limit dead-letters.
@@ -558,7 +567,7 @@ impl Queue {
                 let mut s = self.lock();
                 if recorded.is_err() {
                     s.hold(len_of(&msg));
-                    s.ready.push_front(msg);
+                    s.put_back(msg);
                     if let Some(c) = s.consumers.iter_mut().find(|c| c.spec.link.consumer == id) {
                         c.credit = 0;
                     }
@@ -572,7 +581,7 @@ impl Queue {
                         source,
                     });
             }
-            Outcome::Released => s.ready.push_front(msg),
+            Outcome::Released => s.put_back(msg),
             Outcome::Modified {
                 delivery_failed,
                 undeliverable_here,
@@ -605,7 +614,7 @@ impl Queue {
                 if delivery_failed {
                     self.record_delivery_count(broker, &msg);
                 }
-                s.ready.push_front(msg);
+                s.put_back(msg);
             }
             Outcome::Rejected {
                 condition,
@@ -720,7 +729,7 @@ impl Queue {
     pub(crate) fn give_back(self: &Arc<Self>, broker: &Broker, msg: QueuedMessage) {
         let mut s = self.lock();
         s.hold(len_of(&msg));
-        s.ready.push_front(msg);
+        s.put_back(msg);
         self.dispatch(broker, &mut s);
     }
 
