@@ -111,6 +111,12 @@ pub fn render(broker: &Broker) -> String {
         "1 while the store refuses messages for lack of disk space (see /readyz), else 0",
         u64::from(store.out_of_space().is_some()),
     );
+    gauge(
+        &mut out,
+        "entrepot_store_failed",
+        "1 once a sync of the message or ack log failed: the store accepts nothing until a restart (see /readyz), else 0",
+        u64::from(store.failed().is_some()),
+    );
     if let Ok(free) = store.free_bytes() {
         gauge(
             &mut out,
@@ -417,6 +423,7 @@ async fn handle(
     };
     let ready = ready && cluster.is_none_or(|c| c.ready());
     let disk_full = broker.as_ref().and_then(|b| b.store().out_of_space());
+    let store_failed = broker.as_ref().and_then(|b| b.store().failed());
     let (status, body, kind) = match (path, &broker, cluster) {
         (p, _, Some(c)) if p.starts_with("/cluster") => {
             let (status, body) = c.http(method, p).await;
@@ -432,6 +439,11 @@ async fn handle(
             ("200 OK", text, "text/plain; version=0.0.4")
         }
         ("/healthz", _, _) => ("200 OK", "ok\n".to_owned(), "text/plain"),
+        ("/readyz", _, _) if store_failed.is_some() => (
+            "503 Service Unavailable",
+            format!("store failed: {}\n", store_failed.unwrap_or_default()),
+            "text/plain",
+        ),
         ("/readyz", _, _) if ready && disk_full.is_some() => (
             "503 Service Unavailable",
             format!("disk full: {}\n", disk_full.unwrap_or_default()),

@@ -469,6 +469,16 @@ impl Store {
         Ok(out)
     }
 
+    /// Why the store accepts nothing any more — a sync of the message log or the ack log
+    /// failed, so the kernel may have dropped their dirty pages (`/readyz`,
+    /// `entrepot_store_failed`) — or `None`. Only a restart clears it.
+    pub fn failed(&self) -> Option<String> {
+        let reason = |log: &Log| log.durable_watch().borrow().failed.clone();
+        reason(&self.log)
+            .map(|r| format!("message log: {r}"))
+            .or_else(|| reason(self.acks.log()).map(|r| format!("ack log: {r}")))
+    }
+
     /// Deletes sealed segments whose records are all acknowledged; returns how many.
     pub fn reclaim(&self) -> StorageResult<usize> {
         reclaim(&self.log, &self.acks)
