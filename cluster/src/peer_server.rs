@@ -149,6 +149,11 @@ async fn serve_connection(
         None => PeerStream::Plain(tcp),
         Some(tls) => match tls.accept(tcp).await {
             Ok(s) => s.into(),
+            // A dialer giving up mid-handshake is not an attack: no warning storm.
+            Err(e) if e.is_peer_gone() => {
+                tracing::debug!(?peer, error = %e, "inter-node peer went away during the TLS handshake");
+                return;
+            }
             Err(e) => {
                 tracing::warn!(?peer, error = %e, "inter-node peer refused: TLS handshake failed");
                 return;

@@ -80,6 +80,17 @@ pub enum PeerTlsError {
     Handshake(#[source] io::Error),
 }
 
+impl PeerTlsError {
+    /// The peer closed or reset the connection before the handshake completed: a dialer
+    /// that gave up (openraft drops an RPC past its timeout, a node restarting), not a
+    /// certificate or protocol refusal.
+    pub fn is_peer_gone(&self) -> bool {
+        use io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+        matches!(self, PeerTlsError::Handshake(e)
+            if matches!(e.kind(), UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe))
+    }
+}
+
 /// The inter-node TLS configuration: a connector for dialling peers and an acceptor for
 /// the peer server, both built from the same three PEM files.
 pub struct PeerTls {

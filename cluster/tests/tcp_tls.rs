@@ -435,6 +435,65 @@ async fn interrupted_handshakes_are_not_authentication_failures() {
     shut([node]).await;
 }
 
+/// Goal: a dialer that gives up in the middle of the TLS handshake (openraft drops an RPC
+/// past its timeout, 40 ms on a busy machine) is not logged as a refused peer, while a
+/// peer that does not speak TLS still is. Method: connections that close their side
+/// before or during a ClientHello, each waiting until the server has closed its side too
+/// (so the server is done with it and logged), then one plain-text peer; the log lines
+/// are told apart by the client's own port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dialer_leaving_mid_handshake_is_not_a_refused_peer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let certs = tempfile::tempdir().unwrap();
+    let dir = certs.path();
+    let ca = Ca::new(dir, "cluster");
+    let node = serve_tls(&ca, dir, &["127.0.0.1"]).await;
+    let addr = node.server.local_addr().to_string();
+    let logs = capture_logs();
+    // Nothing at all; then the first bytes of a ClientHello record (handshake, TLS 1.0
+    // record version, 512 bytes announced, 4 sent).
+    let partial_hello: &[u8] = &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc];
+    let mut gone_ports = Vec::new();
+    for sent in [&[][..], partial_hello] {
+        for _ in 0..5 {
+            let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            gone_ports.push(s.local_addr().unwrap().port());
+            s.write_all(sent).await.unwrap();
+            s.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            let closed = tokio::time::timeout(WAIT, s.read_to_end(&mut rest)).await;
+            assert!(
+                closed.is_ok(),
+                "the server kept a half-closed handshake ({addr})"
+            );
+        }
+    }
+    let mut plain = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let plain_port = plain.local_addr().unwrap().port();
+    plain.write_all(&[0, 0, 0, 0, 0x7e]).await.unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(WAIT, plain.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the server kept a plain-text peer ({addr})");
+
+    let logged = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    let refused = |port: u16| {
+        logged.lines().any(|l| {
+            l.contains("inter-node peer refused: TLS handshake failed")
+                && l.contains(&format!("peer=Some(127.0.0.1:{port})"))
+        })
+    };
+    assert!(
+        refused(plain_port),
+        "a plain-text peer is logged as refused:\n{logged}"
+    );
+    let warned: Vec<u16> = gone_ports.into_iter().filter(|&p| refused(p)).collect();
+    assert!(
+        warned.is_empty(),
+        "dialers that left mid-handshake logged as refused peers (ports {warned:?}):\n{logged}"
+    );
+    shut([node]).await;
+}
+
 fn addr_port(addr: &str) -> String {
     addr.rsplit(':').next().unwrap_or_default().to_owned()
 }
