@@ -12,7 +12,7 @@
 //! oracle allows. Every wait here is bounded.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,6 +29,7 @@ use tokio::task::JoinSet;
 
 use crate::harness::BrokerProcess;
 use crate::netns::{self, Netns};
+use crate::ports::ReservedPort;
 
 /// Body size of every test message.
 pub const BODY_BYTES: usize = 1024;
@@ -109,6 +110,9 @@ pub struct Cluster {
     earlier_logs: BTreeMap<u64, Vec<String>>,
     /// The namespaces the nodes run in (none on loopback); dropped after the nodes.
     net: Option<Netns>,
+    /// The loopback ports of the member addresses, held until the nodes are gone so that
+    /// nobody else takes one before its node binds it, or between a kill and a restart.
+    ports: Vec<ReservedPort>,
 }
 
 impl Drop for Cluster {
@@ -122,11 +126,19 @@ impl Drop for Cluster {
 }
 
 impl Cluster {
-    /// Nodes `0..count` on loopback, on ports free right now (none started yet).
+    /// Nodes `0..count` on loopback, on ports reserved for the cluster's life (none
+    /// started yet).
     pub fn on_loopback(count: u64) -> Cluster {
+        let mut ports = Vec::new();
+        let mut reserve = || {
+            let reserved = ReservedPort::new();
+            let port = reserved.port();
+            ports.push(reserved);
+            port
+        };
         let layouts = (0..count)
             .map(|id| {
-                let (peer, amqp) = (free_port(), free_port());
+                let (peer, amqp) = (reserve(), reserve());
                 let layout = Layout {
                     member: format!("127.0.0.1:{peer}/{amqp}"),
                     listen: [
@@ -145,7 +157,9 @@ impl Cluster {
                 (id, layout)
             })
             .collect();
-        Cluster::with_layouts(layouts, None)
+        let mut cluster = Cluster::with_layouts(layouts, None);
+        cluster.ports = ports;
+        cluster
     }
 
     /// [`Cluster::on_loopback`] with an amqps listener too: each member address gains a
@@ -155,7 +169,9 @@ impl Cluster {
     pub fn on_loopback_with_amqps(count: u64) -> Cluster {
         let mut cluster = Cluster::on_loopback(count);
         for layout in cluster.layouts.values_mut() {
-            let amqps = free_port();
+            let reserved = ReservedPort::new();
+            let amqps = reserved.port();
+            cluster.ports.push(reserved);
             layout.member.push_str(&format!("/{amqps}"));
             layout
                 .listen
@@ -200,6 +216,7 @@ impl Cluster {
             logs: Mutex::default(),
             earlier_logs: BTreeMap::new(),
             net,
+            ports: Vec::new(),
         }
     }
 
@@ -527,12 +544,6 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-}
-
-/// A port free on loopback right now (the kernel may hand it out again, rarely).
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
 }
 
 /// What the producers record.

@@ -30,6 +30,7 @@ mod metrics;
 mod netns;
 mod outcomes;
 mod plans;
+mod ports;
 mod power_loss;
 mod queues;
 mod raw_client;
