@@ -137,10 +137,7 @@ fn sim_for(path: &Path) -> Option<Arc<CrashSim>> {
 }
 
 fn power_lost() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::Other,
-        "simulated power loss: the disk is gone",
-    )
+    io::Error::other("simulated power loss: the disk is gone")
 }
 
 /// Called before every sync: the injected fault, if any. Errors once the tree crashed.
@@ -456,9 +453,9 @@ fn crashed_bytes(
         }
         let mode = rng.below(4);
         let cut = start + rng.below((end - start) as u64) as usize;
-        for i in start..end {
+        for (i, slot) in out.iter_mut().enumerate().take(end).skip(start) {
             let (o, n) = (image.byte(i), new_byte(i));
-            out[i] = match mode {
+            *slot = match mode {
                 _ if o == n => o,
                 0 => o,
                 1 => n,

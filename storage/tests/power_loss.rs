@@ -130,7 +130,11 @@ fn run_seed(seed: u64) -> (usize, usize, CrashReport) {
                 seed, task, log, seen, completed,
             )));
         }
-        tasks.push(tokio::spawn(ack_until_cut(acks, Arc::clone(&seen))));
+        tasks.push(tokio::spawn(ack_until_cut(
+            acks,
+            log.clone(),
+            Arc::clone(&seen),
+        )));
         let deadline = tokio::time::Instant::now() + RUN_LIMIT;
         while completed.load(Ordering::Relaxed) < crash_after {
             assert!(
@@ -182,10 +186,10 @@ async fn append_until_cut(
 }
 
 /// Acks, every few milliseconds, the durable offsets not acked yet (every third one, so the
-/// set has holes), until the ack log fails.
-async fn ack_until_cut(acks: AckLog, seen: Arc<Mutex<Seen>>) {
+/// set has holes), until the ack log or the message log fails.
+async fn ack_until_cut(acks: AckLog, log: Log, seen: Arc<Mutex<Seen>>) {
     let deadline = tokio::time::Instant::now() + RUN_LIMIT;
-    while tokio::time::Instant::now() < deadline {
+    while tokio::time::Instant::now() < deadline && log.durable_watch().borrow().failed.is_none() {
         let batch: Vec<u64> = {
             let s = seen.lock().expect("lock");
             let from = s.acks_tried.last().map_or(0, |&o| o + 1);
