@@ -37,6 +37,9 @@ pub enum EncodingError {
         "descriptor with format code {code:#04x} at offset {offset} is neither ulong nor symbol"
     )]
     InvalidDescriptor { code: u8, offset: usize },
+    /// A map's count is its keys plus its values, so always even (spec 1.6.23).
+    #[error("map at offset {offset} has an odd count {count}: a key without a value")]
+    OddMapCount { count: usize, offset: usize },
 }
 
 /// How the bytes after a format code are laid out.
@@ -203,7 +206,7 @@ fn walk_body(
         offset: start,
     };
     match width_of(code).ok_or(invalid)? {
-        Width::Compound(w) => walk_compound(buf, w, pos, depth),
+        Width::Compound(w) => walk_compound(buf, w, is_map(code), pos, depth),
         Width::Array(w) => walk_array(buf, w, pos, depth),
         width => skip_body(buf, width, pos),
     }
@@ -234,8 +237,23 @@ fn item_error(error: EncodingError, container: usize) -> EncodingError {
     }
 }
 
-fn walk_compound(buf: &[u8], w: usize, pos: usize, depth: usize) -> Result<usize, EncodingError> {
+/// map8 and map32, whose items are key/value pairs.
+fn is_map(code: u8) -> bool {
+    matches!(code, 0xc1 | 0xd1)
+}
+
+fn walk_compound(
+    buf: &[u8],
+    w: usize,
+    map: bool,
+    pos: usize,
+    depth: usize,
+) -> Result<usize, EncodingError> {
     let (mut cursor, end, count) = compound_bounds(buf, w, pos)?;
+    if map && count % 2 != 0 {
+        // serde_amqp counts a map down two items per entry: an odd count underflows.
+        return Err(EncodingError::OddMapCount { count, offset: pos });
+    }
     let items = &buf[..end];
     for _ in 0..count {
         // Every item takes at least its format code, so a lying count stops here.
@@ -422,6 +440,30 @@ mod tests {
         // array8 of uints claiming more items than bytes.
         let bytes = [0xe0, 0x03, 0x09, 0x70, 0x00];
         assert!(check_nesting(&bytes, 0).is_err());
+    }
+
+    /// Found by the `connection` fuzzer: serde_amqp takes a map's entries two items at a
+    /// time and its count underflowed (a panic with overflow checks on).
+    #[test]
+    fn odd_map_counts_are_rejected_before_serde_sees_them() {
+        // map8 size 2, count 1, one null: a key without a value.
+        let bytes = [0xc1, 0x02, 0x01, 0x40];
+        assert!(matches!(
+            check_nesting(&bytes, 0),
+            Err(EncodingError::OddMapCount {
+                count: 1,
+                offset: 1
+            })
+        ));
+        // The same map as the item of an array of maps.
+        let bytes = [0xe0, 0x05, 0x01, 0xc1, 0x02, 0x01, 0x40];
+        assert!(matches!(
+            check_nesting(&bytes, 0),
+            Err(EncodingError::OddMapCount { count: 1, .. })
+        ));
+        // An even count passes.
+        let bytes = [0xc1, 0x03, 0x02, 0x40, 0x40];
+        assert_eq!(check_nesting(&bytes, 0), Ok(bytes.len()));
     }
 
     #[test]

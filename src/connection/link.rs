@@ -42,13 +42,76 @@ pub(super) enum Link {
 }
 
 pub(super) struct ProducerLink {
-    pub target: Address,
+    /// `None`: the anonymous relay, each message routed by its `to`.
+    pub target: Option<Address>,
     pub credit: u32,
     pub delivery_count: u32,
     /// Credit is being withheld because the target has no room (a subscription's
     /// backlog, a plan's depth or bytes limit, an anycast address without receivers).
     pub withheld: bool,
     partial: Option<Partial>,
+}
+
+impl ProducerLink {
+    /// Room in the target under its plan (`None`: unlimited, or the anonymous relay, whose
+    /// messages are admitted one by one).
+    fn room(&self) -> Option<u64> {
+        self.target.as_ref().and_then(Address::room)
+    }
+}
+
+/// Resolves the address a producer sends to — tenancy and authorization (a pass-through
+/// without manifests, see tenant.rs), then the broker's address (created when
+/// auto-create allows); for an attach and for each message of the anonymous relay.
+fn resolve_send_target(
+    conn: &Connection,
+    address: &str,
+    caps: Option<&[fe2o3_amqp_types::primitives::Symbol]>,
+) -> Result<Address, (ErrorCondition, String)> {
+    let name = match conn.authorize(Operation::Send, address)? {
+        r if r.address_type == Some(AddressType::Subscription) => {
+            let d = format!(
+                "address {address:?} is a subscription: receive from it, send to its topic"
+            );
+            return Err((AmqpError::NotAllowed.into(), d));
+        }
+        r => r.name,
+    };
+    conn.broker
+        .address(&name, subscribe::kind_from_capabilities(caps))
+        .map_err(address_error)
+}
+
+/// The target of one message on the anonymous relay: its `properties.to`, resolved and
+/// authorized like an attach's (`amqp:not-found`, `amqp:unauthorized-access`, …), or
+/// `amqp:invalid-field` when the message names none.
+fn relay_target(conn: &Connection, chunks: &[Bytes]) -> Result<Address, (ErrorCondition, String)> {
+    let whole = match chunks {
+        [one] => one.clone(),
+        many => Bytes::from(many.concat()),
+    };
+    let view = MessageView::parse(whole).map_err(|e| {
+        (
+            AmqpError::DecodeError.into(),
+            format!("malformed message: {e}"),
+        )
+    })?;
+    let to = view
+        .properties()
+        .map_err(|e| {
+            (
+                AmqpError::DecodeError.into(),
+                format!("malformed properties: {e}"),
+            )
+        })?
+        .and_then(|p| p.to);
+    match to {
+        Some(to) => resolve_send_target(conn, &to, None),
+        None => Err((
+            AmqpError::InvalidField.into(),
+            "a message on the anonymous relay needs a `to` address".into(),
+        )),
+    }
 }
 
 pub(super) struct ConsumerLink {
@@ -149,52 +212,29 @@ impl Session {
 
     fn attach_producer(&mut self, conn: &mut Connection, attach: Attach) -> Result<(), ConnError> {
         let handle = attach.handle.0;
-        let address = match &attach.target {
-            Some(t) => match t.as_ref() {
-                TargetArchetype::Target(t) => t.address.clone(),
-                #[allow(unreachable_patterns)]
-                _ => None,
-            },
-            None => None,
-        };
-        let Some(address) = address else {
-            return self.refuse(
-                conn,
-                attach,
-                AmqpError::NotImplemented.into(),
-                "a target address is required (no anonymous relay)".into(),
-            );
-        };
-        // Tenancy and authorization (a pass-through without manifests): see tenant.rs.
-        let address = match conn.authorize(Operation::Send, &address) {
-            Ok(r) if r.address_type == Some(AddressType::Subscription) => {
-                let d = format!(
-                    "address {address:?} is a subscription: receive from it, send to its topic"
-                );
-                return self.refuse(conn, attach, AmqpError::NotAllowed.into(), d);
-            }
-            Ok(resolved) => resolved.name,
-            Err((c, d)) => return self.refuse(conn, attach, c, d),
-        };
-        let caps = match attach.target.as_deref() {
-            Some(TargetArchetype::Target(t)) => t.capabilities.as_ref().map(|c| c.0.as_slice()),
+        let (address, caps) = match attach.target.as_deref() {
+            Some(TargetArchetype::Target(t)) => (
+                t.address.clone(),
+                t.capabilities.as_ref().map(|c| c.0.clone()),
+            ),
             #[allow(unreachable_patterns)]
-            _ => None,
+            _ => (None, None),
         };
-        let target = match conn
-            .broker
-            .address(&address, subscribe::kind_from_capabilities(caps))
-        {
-            Ok(a) => a,
-            Err(e) => {
-                let (c, d) = address_error(e);
-                return self.refuse(conn, attach, c, d);
-            }
+        // No address: the anonymous relay (ANONYMOUS-RELAY, offered in our open) — each
+        // message goes where its `to` says, authorized one by one.
+        let target = match address {
+            None => None,
+            Some(address) => match resolve_send_target(conn, &address, caps.as_deref()) {
+                Ok(target) => Some(target),
+                Err((c, d)) => return self.refuse(conn, attach, c, d),
+            },
         };
-        let credit = credit_for(conn.broker.config().link_credit, target.room());
+        let room = target.as_ref().and_then(Address::room);
+        let credit = credit_for(conn.broker.config().link_credit, room);
         let withheld = credit == 0;
         conn.withheld_links |= withheld;
-        let max_message_size = match target.limits().message_bytes_max {
+        let plan_max = target.as_ref().and_then(|t| t.limits().message_bytes_max);
+        let max_message_size = match plan_max {
             Some(plan) => plan.min(conn.broker.config().max_message_bytes),
             None => conn.broker.config().max_message_bytes,
         };
@@ -593,7 +633,7 @@ impl Session {
             if !p.withheld {
                 continue;
             }
-            let want = credit_for(credit, p.target.room());
+            let want = credit_for(credit, p.room());
             if want > p.credit {
                 p.withheld = false;
                 p.credit = want;
@@ -699,7 +739,7 @@ impl Session {
         }
         link.credit -= 1;
         link.delivery_count = link.delivery_count.wrapping_add(1);
-        let target = link.target.clone();
+        let link_target = link.target.clone();
         if size > max {
             return self.detach_with_error(
                 conn,
@@ -716,6 +756,24 @@ impl Session {
                 _ => Ok(()),
             };
         }
+        let target = match link_target {
+            Some(target) => target,
+            None => match relay_target(conn, chunks) {
+                Ok(target) => target,
+                Err((condition, description)) => {
+                    // One message's address is wrong, not the link: it alone is refused.
+                    self.top_up_credit(conn, handle)?;
+                    return self.refuse_message(
+                        conn,
+                        handle,
+                        delivery_id,
+                        settled,
+                        condition,
+                        description,
+                    );
+                }
+            },
+        };
         // The plan's limits: room is taken before the message is stored, so the credit
         // granted next already counts it.
         let admitted = target.admit(size);
@@ -803,7 +861,7 @@ impl Session {
             link.withheld = false;
             return Ok(());
         }
-        let want = credit_for(refill, link.target.room());
+        let want = credit_for(refill, link.room());
         let grant = (link.credit < refill / 2 && want > link.credit).then(|| {
             link.credit = want;
             (link.delivery_count, want)

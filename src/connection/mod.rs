@@ -117,6 +117,34 @@ impl ConnError {
     }
 }
 
+/// What the broker offers in its `open`: the anonymous relay (a sender without a target
+/// address, each message routed by its `to`) and shared subscriptions (qpid-jms refuses
+/// shared subscribers unless the broker offers `SHARED-SUBS`).
+pub const OFFERED_CAPABILITIES: [&str; 2] = ["ANONYMOUS-RELAY", "SHARED-SUBS"];
+
+fn offered_capabilities() -> fe2o3_amqp_types::primitives::Array<Symbol> {
+    OFFERED_CAPABILITIES
+        .iter()
+        .map(|c| Symbol::from(*c))
+        .collect::<Vec<_>>()
+        .into()
+}
+
+/// Connection properties of our `open`: `product` and `version`, as Artemis and RabbitMQ
+/// announce theirs.
+fn open_properties() -> fe2o3_amqp_types::definitions::Fields {
+    let mut fields = fe2o3_amqp_types::definitions::Fields::new();
+    fields.insert(
+        Symbol::from("product"),
+        fe2o3_amqp_types::primitives::Value::String(CONTAINER_ID.into()),
+    );
+    fields.insert(
+        Symbol::from("version"),
+        fe2o3_amqp_types::primitives::Value::String(env!("CARGO_PKG_VERSION").into()),
+    );
+    fields
+}
+
 /// The error condition's symbol, for logs and tests.
 pub fn condition_name(c: &ErrorCondition) -> String {
     let s: Symbol = match c {
@@ -536,9 +564,9 @@ impl Connection {
             idle_time_out: Some(config.idle_timeout_ms),
             outgoing_locales: None,
             incoming_locales: None,
-            offered_capabilities: None,
+            offered_capabilities: Some(offered_capabilities()),
             desired_capabilities: None,
-            properties: None,
+            properties: Some(open_properties()),
         };
         self.open_sent = true;
         self.send(0, &Performative::Open(reply), &[])

@@ -108,7 +108,7 @@ fn write_manifests(dir: &Path, extra: &str, bob_rules: &str) {
 
 const BOB_SENDS: &str = "[{addresses: [orders], operations: [send]}]";
 
-fn start(root: &Path) -> BrokerProcess {
+pub(crate) fn start(root: &Path) -> BrokerProcess {
     let manifests = root.join("manifests");
     std::fs::create_dir_all(&manifests).unwrap();
     write_manifests(&manifests, "", BOB_SENDS);

@@ -89,3 +89,77 @@ async fn released_messages_go_back_in_their_original_order() {
         "released messages keep their place ahead of the rest, in order"
     );
 }
+
+/// Issue 17.2 and 17.6: the broker's open offers ANONYMOUS-RELAY and SHARED-SUBS and
+/// names its product and version; one proton sender with no target address (proton's
+/// anonymous sender, qpid-jms's anonymous producer) sends to several queues by each
+/// message's `to`, and a message without one is rejected alone (`amqp:invalid-field`),
+/// the link staying up.
+#[test]
+fn the_anonymous_relay_routes_each_message_by_its_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let out = crate::harness::run_proton_script(
+        &broker,
+        "proton_relay.py",
+        &[
+            "-",
+            "-",
+            "relay-a=accepted",
+            "relay-b=accepted",
+            "=amqp:invalid-field",
+            "relay-a=accepted",
+        ],
+        std::time::Duration::from_secs(60),
+    );
+    assert!(out.contains("routed 3 messages"), "{out}");
+}
+
+/// Issue 17.2: under manifests every message on the relay is authorized and resolved on
+/// its own: an address the user may not send to is `rejected` with
+/// `amqp:unauthorized-access`, an undeclared one with `amqp:not-found` — outcomes of that
+/// message, not errors of the link or the connection.
+#[test]
+fn the_anonymous_relay_authorizes_and_resolves_each_message() {
+    let root = tempfile::tempdir().unwrap();
+    let broker = crate::access::start(root.path());
+    // bob may send to `orders` only; alice to `orders*`, of which only `orders` exists.
+    let out = crate::harness::run_proton_script(
+        &broker,
+        "proton_relay.py",
+        &[
+            "bob",
+            "bob-pw",
+            "--no-receive",
+            "orders=accepted",
+            "audit=amqp:unauthorized-access",
+            "orders=accepted",
+        ],
+        std::time::Duration::from_secs(60),
+    );
+    assert!(
+        out.contains("routed 2 messages by `to`, refused 1"),
+        "{out}"
+    );
+    let out = crate::harness::run_proton_script(
+        &broker,
+        "proton_relay.py",
+        &[
+            "alice",
+            "alice-pw",
+            "--no-receive",
+            "orders-nope=amqp:not-found",
+            "orders=accepted",
+        ],
+        std::time::Duration::from_secs(60),
+    );
+    assert!(
+        out.contains("routed 1 messages by `to`, refused 1"),
+        "{out}"
+    );
+    // The three accepted messages are in the space's `orders` queue, nothing elsewhere.
+    assert_eq!(
+        broker.metric("entrepot_queue_depth{queue=\"app/orders\"}"),
+        Some(3.0)
+    );
+}
