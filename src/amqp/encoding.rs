@@ -442,7 +442,7 @@ mod tests {
         assert!(check_nesting(&bytes, 0).is_err());
     }
 
-    /// Found by the `connection` fuzzer: serde_amqp takes a map's entries two items at a
+    /// Found by the `message_sections` fuzzer: serde_amqp takes a map's entries two items at a
     /// time and its count underflowed (a panic with overflow checks on).
     #[test]
     fn odd_map_counts_are_rejected_before_serde_sees_them() {
