@@ -2,8 +2,7 @@
 //! producer with many unsettled transfers in flight, and the oracle "every accepted message
 //! is consumed" (see `cluster_support`). Each node runs in its own network namespace
 //! (`Cluster::isolated`: root required; on loopback when not root and
-//! `ENTREPOT_SKIP_NETNS=1`), with fixed ports no other process can take between a node's
-//! kill and its restart (loopback ports are only free when picked).
+//! `ENTREPOT_TEST_ALLOW_SKIP=1`, on ports reserved for the cluster's life, see `ports`).
 //!
 //! * the leader is SIGKILLed under load: a survivor leads within a second, producers
 //!   resume, nothing accepted is lost;
@@ -251,6 +250,7 @@ fn new_member_installs_a_snapshot_and_serves_after_the_originals_leave() {
         SUB_LINK,
         durable_subscription(topic),
         0,
+        &HashSet::new(),
         STEP_TIMEOUT,
     ));
     assert!(none.is_empty());
@@ -265,6 +265,7 @@ fn new_member_installs_a_snapshot_and_serves_after_the_originals_leave() {
         "part",
         queue_source("snap.q"),
         1_500,
+        &queued.resent,
         STEP_TIMEOUT,
     ));
     let from_topic = rt.block_on(consume(
@@ -273,6 +274,7 @@ fn new_member_installs_a_snapshot_and_serves_after_the_originals_leave() {
         SUB_LINK,
         durable_subscription(topic),
         400,
+        &published.resent,
         STEP_TIMEOUT,
     ));
     // Every ack committed everywhere before the membership changes.
@@ -351,6 +353,7 @@ fn restart_from_snapshot() {
         "part",
         queue_source("snap.restart"),
         500,
+        &first.resent,
         STEP_TIMEOUT,
     ));
     let exact = cluster.settle_consumption(term, STEP_TIMEOUT);

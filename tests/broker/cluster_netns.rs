@@ -3,7 +3,7 @@
 //! nothing accepted; after healing, all nodes converge and no accepted message is lost.
 //!
 //! Each node runs in its own network namespace (`Cluster::in_namespaces`, see `netns`;
-//! root required, or the test is skipped with `ENTREPOT_SKIP_NETNS=1`). Cutting a node sets
+//! root required, or the test is skipped with `ENTREPOT_TEST_ALLOW_SKIP=1`). Cutting a node sets
 //! its port on the bridge between the namespaces down: it can no longer reach its peers,
 //! while the test still reaches it over its own link — so "the minority stops" is observed
 //! by a producer actually talking to it.
@@ -27,7 +27,10 @@ const FOLLOW_TIMEOUT: Duration = Duration::from_secs(5);
 #[test]
 fn minority_partition_stops_majority_continues_then_converges() {
     if !netns::available() {
-        eprintln!("SKIPPED: network namespaces need root (ENTREPOT_SKIP_NETNS=1 is set)");
+        crate::requirement::skip_or_fail(
+            "minority_partition_stops_majority_continues_then_converges",
+            "network namespaces need root",
+        );
         return;
     }
     let rt = runtime();

@@ -196,13 +196,13 @@ impl Cluster {
     }
 
     /// [`Cluster::in_namespaces`] when namespaces can be made; on loopback when not root
-    /// and `ENTREPOT_SKIP_NETNS=1` is set (the scenario still runs, without a network of
-    /// its own per node); panics when not root otherwise.
+    /// and `ENTREPOT_TEST_ALLOW_SKIP=1` is set (the scenario still runs, without a network
+    /// of its own per node); panics when not root otherwise.
     pub fn isolated(count: u64) -> Cluster {
         if netns::available() {
             return Cluster::in_namespaces(count);
         }
-        eprintln!("not root and ENTREPOT_SKIP_NETNS=1: on loopback instead of namespaces");
+        eprintln!("not root and ENTREPOT_TEST_ALLOW_SKIP=1: on loopback instead of namespaces");
         Cluster::on_loopback(count)
     }
 
@@ -826,26 +826,7 @@ pub async fn drain_from(
     let mut redelivered = 0u32;
     let deadline = tokio::time::Instant::now() + timeout;
     'connections: while tokio::time::Instant::now() < deadline {
-        let attached = async {
-            let mut conn = tokio::time::timeout(
-                CLIENT_OP_TIMEOUT,
-                Connection::builder().container_id(container).open(url),
-            )
-            .await
-            .map_err(|_| "connect timed out".to_string())?
-            .map_err(|e| format!("connect: {e}"))?;
-            let mut session = Session::begin(&mut conn)
-                .await
-                .map_err(|e| format!("begin: {e}"))?;
-            let receiver = Receiver::builder()
-                .name(link)
-                .source(source.clone())
-                .attach(&mut session)
-                .await
-                .map_err(|e| format!("attach: {e}"))?;
-            Ok::<_, String>((conn, session, receiver))
-        }
-        .await;
+        let attached = attach_receiver(url, container, link, &source).await;
         let (mut conn, mut session, mut receiver) = match attached {
             Ok(a) => a,
             Err(e) => {
@@ -898,58 +879,108 @@ pub async fn drain_from(
     received
 }
 
+/// A receiver on link `link` from `source`, through a connection to `url` with container
+/// id `container`; the error says which step failed.
+async fn attach_receiver(
+    url: &str,
+    container: &str,
+    link: &str,
+    source: &fe2o3_amqp::types::messaging::Source,
+) -> Result<(ConnectionHandle<()>, SessionHandle<()>, Receiver), String> {
+    let mut conn = tokio::time::timeout(
+        CLIENT_OP_TIMEOUT,
+        Connection::builder().container_id(container).open(url),
+    )
+    .await
+    .map_err(|_| "connect timed out".to_string())?
+    .map_err(|e| format!("connect: {e}"))?;
+    let mut session = Session::begin(&mut conn)
+        .await
+        .map_err(|e| format!("begin: {e}"))?;
+    let receiver = Receiver::builder()
+        .name(link)
+        .source(source.clone())
+        .attach(&mut session)
+        .await
+        .map_err(|e| format!("attach: {e}"))?;
+    Ok((conn, session, receiver))
+}
+
 /// Receives `n` messages from `source` through `url` (connection container id
 /// `container`, link `link`), accepts each, then detaches the link (a durable
 /// subscription stays); returns the sequence numbers accepted. Deliveries prefetched
 /// but not accepted go back to the queue or subscription when the link detaches.
+///
+/// A broken connection (a leader that stopped hearing its majority closes its clients)
+/// is reconnected, bounded by `timeout`; a message consumed before the break may come
+/// again (its acceptance may not have committed), and one in `resent` may have been
+/// stored twice: either is received again without failing. Any other message delivered
+/// twice fails.
 pub async fn consume(
     url: &str,
     container: &str,
     link: &str,
     source: fe2o3_amqp::types::messaging::Source,
     n: usize,
+    resent: &HashSet<u64>,
     timeout: Duration,
 ) -> HashSet<u64> {
-    let mut conn = tokio::time::timeout(
-        CLIENT_OP_TIMEOUT,
-        Connection::builder().container_id(container).open(url),
-    )
-    .await
-    .expect("consume: connect timed out")
-    .expect("consume: connect");
-    let mut session = Session::begin(&mut conn).await.expect("consume: begin");
-    let mut receiver = Receiver::builder()
-        .name(link)
-        .source(source)
-        .attach(&mut session)
-        .await
-        .expect("consume: attach");
     let mut consumed = HashSet::new();
+    // Consumed on a connection that then broke.
+    let mut before_break: HashSet<u64> = HashSet::new();
     let deadline = tokio::time::Instant::now() + timeout;
-    while consumed.len() < n {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let delivery = tokio::time::timeout(left, receiver.recv::<Data>())
-            .await
-            .unwrap_or_else(|_| {
-                panic!("consume: only {} of {n} within {timeout:?}", consumed.len())
-            })
-            .expect("consume: receive");
-        let seq = seq_of(delivery.message());
+    'connections: loop {
         assert!(
-            delivery.body().0.as_slice() == body(seq).as_slice(),
-            "body of message {seq} is corrupt"
+            tokio::time::Instant::now() < deadline,
+            "consume: only {} of {n} within {timeout:?}",
+            consumed.len()
         );
-        receiver.accept(&delivery).await.expect("consume: accept");
-        assert!(consumed.insert(seq), "message {seq} delivered twice");
+        let (mut conn, mut session, mut receiver) =
+            match attach_receiver(url, container, link, &source).await {
+                Ok(attached) => attached,
+                Err(e) => {
+                    eprintln!("consume: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+        while consumed.len() < n {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let delivery = match tokio::time::timeout(left, receiver.recv::<Data>()).await {
+                Err(_) => panic!("consume: only {} of {n} within {timeout:?}", consumed.len()),
+                Ok(Err(e)) => {
+                    eprintln!("consume: connection lost ({e}); reconnecting");
+                    before_break.extend(consumed.iter().copied());
+                    continue 'connections;
+                }
+                Ok(Ok(delivery)) => delivery,
+            };
+            let seq = seq_of(delivery.message());
+            assert!(
+                delivery.body().0.as_slice() == body(seq).as_slice(),
+                "body of message {seq} is corrupt"
+            );
+            assert!(
+                consumed.insert(seq) || before_break.contains(&seq) || resent.contains(&seq),
+                "message {seq} delivered twice (sent once, no broken connection since)"
+            );
+            if let Err(e) = receiver.accept(&delivery).await {
+                // Whether the broker got the acceptance is unknown: counted as consumed,
+                // and seeing it again is redelivery.
+                eprintln!("consume: accept failed ({e}); reconnecting");
+                before_break.extend(consumed.iter().copied());
+                continue 'connections;
+            }
+        }
+        receiver
+            .detach()
+            .await
+            .map_err(|(_, e)| e)
+            .expect("consume: detach");
+        let _ = session.end().await;
+        let _ = conn.close().await;
+        return consumed;
     }
-    receiver
-        .detach()
-        .await
-        .map_err(|(_, e)| e)
-        .expect("consume: detach");
-    let _ = session.end().await;
-    let _ = conn.close().await;
-    consumed
 }
 
 /// The oracle: every accepted sequence number was received; one received twice was sent

@@ -33,6 +33,7 @@ mod ports;
 mod power_loss;
 mod queues;
 mod raw_client;
+mod requirement;
 mod selectors_proton;
 mod router;
 mod shutdown;

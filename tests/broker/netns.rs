@@ -40,20 +40,20 @@ const LOCK_FILE: &str = "/run/entrepot-test-netns.lock";
 static RUNS: AtomicU32 = AtomicU32::new(0);
 
 /// True when namespaces can be made (running as root); false when not root and
-/// `ENTREPOT_SKIP_NETNS=1` is set (the caller says what it does instead); panics otherwise.
+/// `ENTREPOT_TEST_ALLOW_SKIP=1` is set (the caller says what it does instead); panics
+/// otherwise. As root, a failing `ip netns` is a failure of the test, never a skip.
 pub fn available() -> bool {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         return true;
     }
-    if std::env::var("ENTREPOT_SKIP_NETNS").as_deref() == Ok("1") {
-        return false;
-    }
-    panic!(
-        "this test makes network namespaces and must run as root; set ENTREPOT_SKIP_NETNS=1 \
-         to skip it explicitly (the cluster tests that need no partition then run on \
-         loopback)"
+    assert!(
+        crate::requirement::skip_allowed(),
+        "this test makes network namespaces and must run as root; set \
+         ENTREPOT_TEST_ALLOW_SKIP=1 to skip it explicitly in a local run (the cluster tests \
+         that need no partition then run on loopback)"
     );
+    false
 }
 
 /// The namespaces, bridge and links of one cluster.
