@@ -211,7 +211,13 @@ impl Broker {
         let stored = self.store.recover()?;
         let count = stored.len();
         let mut by_queue: HashMap<String, Vec<QueuedMessage>> = HashMap::new();
+        let mut temporary = Vec::new();
         for m in stored {
+            if is_temporary(&m.address) {
+                // Its link is gone with the process: what it held is dropped.
+                temporary.push(m.offset);
+                continue;
+            }
             let msg = queued(m.offset, m.message, m.timestamp_ms);
             if self.kind_of(&m.address, None) == AddressKind::Topic {
                 self.topic_or_create(&m.address)
@@ -234,6 +240,13 @@ impl Broker {
                 .enqueued
                 .fetch_add(msgs.len() as u64, Ordering::Relaxed);
             q.enqueue_all(self, msgs);
+        }
+        if !temporary.is_empty() {
+            self.store.ack(&temporary)?;
+            tracing::info!(
+                messages = temporary.len(),
+                "dropped the messages of temporary queues"
+            );
         }
         tracing::info!(messages = count, queues, "recovered store");
         Ok(())
@@ -340,11 +353,51 @@ impl Broker {
         {
             return Ok(q);
         }
-        if !self.config.auto_create {
+        // A temporary queue exists only while its link does; nobody creates one by name.
+        if !self.config.auto_create || is_temporary(address) {
             return Err(AddressError::NotFound(address.to_owned()));
         }
         self.room_to_auto_create(address)?;
         Ok(self.queue_or_create(address))
+    }
+
+    /// A new temporary queue (a dynamic source or target, AMQP 1.0 §3.5.3): a unique,
+    /// unguessable name under [`TEMPORARY_PREFIX`], counted against
+    /// `max-auto-created-addresses`, whether or not auto-create is on.
+    pub fn create_temporary_queue(&self) -> Result<Arc<Queue>, AddressError> {
+        let mut id = [0u8; 12];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
+            .map_err(|_| AddressError::Empty)?;
+        let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        let name = format!("{TEMPORARY_PREFIX}{hex}");
+        self.room_to_auto_create(&name)?;
+        tracing::debug!(address = %name, "temporary queue created");
+        Ok(self.queue_or_create(&name))
+    }
+
+    /// Deletes a temporary queue (its link went away): it is forgotten, and whatever it
+    /// still held is acknowledged, so its records are reclaimed.
+    pub fn delete_temporary_queue(&self, name: &str) {
+        if !is_temporary(name) {
+            return;
+        }
+        let removed = self
+            .queues
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        let Some(queue) = removed else { return };
+        let held = queue.held_offsets();
+        if !held.is_empty() {
+            if let Err(e) = self.store.ack(&held) {
+                tracing::warn!(address = name, error = %e, "temporary queue's messages not dropped; they go at the next start");
+            }
+        }
+        tracing::debug!(
+            address = name,
+            dropped = held.len(),
+            "temporary queue deleted"
+        );
     }
 
     /// Auto-creation stops at `max-auto-created-addresses` queues and topics: a client
@@ -516,6 +569,14 @@ impl Broker {
 }
 
 use crate::config;
+
+/// Prefix of temporary queues' names (see [`Broker::create_temporary_queue`]).
+pub const TEMPORARY_PREFIX: &str = "$tmp.";
+
+/// A temporary queue's name.
+pub fn is_temporary(name: &str) -> bool {
+    name.starts_with(TEMPORARY_PREFIX)
+}
 
 fn check_name(name: &str) -> Result<(), AddressError> {
     if name.is_empty() {

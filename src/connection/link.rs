@@ -44,6 +44,8 @@ pub(super) enum Link {
 pub(super) struct ProducerLink {
     /// `None`: the anonymous relay, each message routed by its `to`.
     pub target: Option<Address>,
+    /// The target is this link's temporary queue (a dynamic target): deleted with it.
+    pub temporary: bool,
     pub credit: u32,
     pub delivery_count: u32,
     /// Credit is being withheld because the target has no room (a subscription's
@@ -117,6 +119,8 @@ fn relay_target(conn: &Connection, chunks: &[Bytes]) -> Result<Address, (ErrorCo
 pub(super) struct ConsumerLink {
     pub queue: Arc<Queue>,
     pub consumer: ConsumerId,
+    /// The queue is this link's temporary queue (a dynamic source): deleted with the link.
+    pub temporary: bool,
     /// Set when the link consumes a topic subscription.
     pub subscription: Option<SubscriptionRef>,
 }
@@ -220,6 +224,11 @@ impl Session {
             #[allow(unreachable_patterns)]
             _ => (None, None),
         };
+        let dynamic = matches!(attach.target.as_deref(), Some(TargetArchetype::Target(t)) if t.dynamic);
+        if dynamic {
+            return self.attach_dynamic_target(conn, attach);
+        }
+        let temporary = false;
         // No address: the anonymous relay (ANONYMOUS-RELAY, offered in our open) — each
         // message goes where its `to` says, authorized one by one.
         let target = match address {
@@ -253,13 +262,50 @@ impl Session {
                 delivery_count,
                 withheld,
                 partial: None,
+                temporary,
             }),
         );
         conn.broker.stats.links.fetch_add(1, Ordering::Relaxed);
         self.send_flow(conn, Some((handle, delivery_count, Some(credit), false)))
     }
 
+    /// A sender asking for a dynamic target: a temporary queue is created and named in
+    /// the attach reply's target, the link sends to it, and it is deleted with the link.
+    fn attach_dynamic_target(
+        &mut self,
+        conn: &mut Connection,
+        attach: Attach,
+    ) -> Result<(), ConnError> {
+        if conn.gate.manifests.current().is_some() {
+            let d = "dynamic targets are not available under manifests: declare the address";
+            return self.refuse(conn, attach, AmqpError::NotImplemented.into(), d.into());
+        }
+        let queue = match conn.broker.create_temporary_queue() {
+            Ok(q) => q,
+            Err(e) => {
+                let (c, d) = address_error(e);
+                return self.refuse(conn, attach, c, d);
+            }
+        };
+        let handle = attach.handle.0;
+        let mut attach = attach;
+        if let Some(TargetArchetype::Target(t)) = attach.target.as_deref_mut() {
+            t.address = Some(queue.name().to_owned());
+            // Resolved now: the attach below takes the named path.
+            t.dynamic = false;
+        }
+        let result = self.attach_producer(conn, attach);
+        match self.links.get_mut(&handle) {
+            Some(Link::Producer(p)) => p.temporary = true,
+            _ => conn.broker.delete_temporary_queue(queue.name()),
+        }
+        result
+    }
+
     fn attach_consumer(&mut self, conn: &mut Connection, attach: Attach) -> Result<(), ConnError> {
+        if attach.source.as_ref().is_some_and(|s| s.dynamic) {
+            return self.attach_dynamic_source(conn, attach);
+        }
         let address = attach.source.as_ref().and_then(|s| s.address.clone());
         let Some(address) = address else {
             // qpid-jms unsubscribes by attaching to the subscription's name with no
@@ -362,6 +408,40 @@ impl Session {
         self.finish_consumer_attach(conn, attach, queue, subscription, applied)
     }
 
+    /// A receiver asking for a dynamic source (request/reply: its reply address; JMS
+    /// TemporaryQueue): the broker creates a temporary queue, names it in the attach
+    /// reply's source, and deletes it when the link goes away (the default lifetime,
+    /// delete-on-close). Under manifests, where every address is declared, it is refused.
+    fn attach_dynamic_source(
+        &mut self,
+        conn: &mut Connection,
+        attach: Attach,
+    ) -> Result<(), ConnError> {
+        if conn.gate.manifests.current().is_some() {
+            let d = "dynamic sources are not available under manifests: declare the address";
+            return self.refuse(conn, attach, AmqpError::NotImplemented.into(), d.into());
+        }
+        let queue = match conn.broker.create_temporary_queue() {
+            Ok(q) => q,
+            Err(e) => {
+                let (c, d) = address_error(e);
+                return self.refuse(conn, attach, c, d);
+            }
+        };
+        let handle = attach.handle.0;
+        let mut attach = attach;
+        if let Some(source) = attach.source.as_mut() {
+            source.address = Some(queue.name().to_owned());
+        }
+        let result =
+            self.finish_consumer_attach(conn, attach, Arc::clone(&queue), None, Applied::default());
+        match self.links.get_mut(&handle) {
+            Some(Link::Consumer(c)) => c.temporary = true,
+            _ => conn.broker.delete_temporary_queue(queue.name()),
+        }
+        result
+    }
+
     /// A receiver on a `subscription` address consumes the durable subscription declared
     /// under that name. It holds no [`SubscriptionRef`]: closing the link never deletes
     /// a declared subscription, only removing it from the manifests does.
@@ -428,6 +508,7 @@ impl Session {
             Link::Consumer(ConsumerLink {
                 queue,
                 consumer,
+                temporary: false,
                 subscription,
             }),
         );

@@ -493,6 +493,9 @@ impl Session {
             self.unsettled_out.retain(|_, d| d.handle != handle);
             self.blocked.retain(|b| b.handle != handle);
             c.queue.remove_consumer(&conn.broker, c.consumer);
+            if c.temporary {
+                conn.broker.delete_temporary_queue(c.queue.name());
+            }
             if let Some(sub) = &c.subscription {
                 super::subscribe::unsubscribe(&conn.broker, sub, closed, c.queue.consumer_count());
             }
@@ -500,8 +503,12 @@ impl Session {
                 .stats
                 .links
                 .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        } else if let Some(Link::Producer(_)) = self.links.get(&handle) {
-            self.links.remove(&handle);
+        } else if let Some(Link::Producer(p)) = self.links.remove(&handle) {
+            if p.temporary {
+                if let Some(target) = &p.target {
+                    conn.broker.delete_temporary_queue(target.name());
+                }
+            }
             conn.broker
                 .stats
                 .links

@@ -163,3 +163,30 @@ fn the_anonymous_relay_authorizes_and_resolves_each_message() {
         Some(3.0)
     );
 }
+
+/// Issue 17.1: request/reply with a temporary queue, as proton's client.py and
+/// server.py do: a receiver with a dynamic source gets a broker-made address (named in
+/// the attach reply), replies reach it through the anonymous relay, and the queue is
+/// deleted with its link — afterwards a reply to it is `amqp:not-found`, and nothing of
+/// it is left in /metrics.
+#[test]
+fn request_reply_through_a_temporary_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let out = crate::harness::run_proton_script(
+        &broker,
+        "proton_request_reply.py",
+        &["requests", "20"],
+        std::time::Duration::from_secs(60),
+    );
+    let reply_to = out
+        .trim()
+        .strip_prefix("ok: ")
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(reply_to.starts_with("$tmp."), "{reply_to}");
+    let (_, metrics) = broker.http_get("/metrics");
+    assert!(
+        !metrics.contains("$tmp."),
+        "the temporary queue is gone from /metrics"
+    );
+}
