@@ -30,14 +30,20 @@ use crate::connection::{serve, Accepted};
 pub const CONNECTION_INPUT_DEADLINE: Duration = Duration::from_millis(900);
 /// Bytes buffered in each direction of the in-memory stream.
 const STREAM_BUFFER_BYTES: usize = 64 * 1024;
-/// Segment size of the throw-away store: small, since an input stores little.
-const FUZZ_SEGMENT_BYTES: u64 = 1024 * 1024;
-/// Largest message the throw-away broker accepts (fits a segment with its overhead).
-const FUZZ_MAX_MESSAGE_BYTES: u64 = 256 * 1024;
+/// Segment size of the throw-away store: small, since an input stores little and each
+/// segment is preallocated (most of an input's time, at 1 MiB).
+const FUZZ_SEGMENT_BYTES: u64 = 256 * 1024;
+/// Largest message the throw-away broker accepts: far above any input's, and fits a
+/// segment with the record overhead.
+const FUZZ_MAX_MESSAGE_BYTES: u64 = 128 * 1024;
+const _: () =
+    assert!(FUZZ_MAX_MESSAGE_BYTES + crate::config::RECORD_OVERHEAD_BYTES <= FUZZ_SEGMENT_BYTES);
 /// Credit granted to producers: small, so credit refills happen within one input.
 const FUZZ_LINK_CREDIT: u32 = 8;
 /// Unsettled deliveries per consumer link: small, so the limit is reached.
 const FUZZ_UNSETTLED_PER_LINK: usize = 16;
+/// Where throw-away stores go when it exists (a tmpfs on Linux).
+const SHARED_MEMORY_DIR: &str = "/dev/shm";
 /// Scheduler turns the harness yields after each frame: enough for the connection task
 /// to read the frame, complete durable produces and send queued deliveries.
 const YIELDS_PER_FRAME: usize = 8;
@@ -168,7 +174,8 @@ fn fuzz_config(data_dir: PathBuf) -> BrokerConfig {
     }
 }
 
-/// A store directory of its own under the system temp dir, removed when dropped.
+/// A store directory of its own under [`SHARED_MEMORY_DIR`] (else the system temp dir),
+/// removed when dropped.
 struct StoreDir(PathBuf);
 
 impl StoreDir {
@@ -176,7 +183,15 @@ impl StoreDir {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let name = format!("entrepot-fuzz-{}-{n}", std::process::id());
-        let path = std::env::temp_dir().join(name);
+        // Memory-backed when there is one: a store's fsyncs and preallocations on a real
+        // disk would cost more than the input itself.
+        let shm = std::path::Path::new(SHARED_MEMORY_DIR);
+        let base = if shm.is_dir() {
+            shm.to_path_buf()
+        } else {
+            std::env::temp_dir()
+        };
+        let path = base.join(name);
         let _ = std::fs::remove_dir_all(&path);
         StoreDir(path)
     }
