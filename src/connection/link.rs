@@ -309,32 +309,16 @@ impl Session {
         let address = attach.source.as_ref().and_then(|s| s.address.clone());
         let Some(address) = address else {
             // qpid-jms unsubscribes by attaching to the subscription's name with no
-            // address, then closing the link.
-            let id = format!("{}:{}", conn.container_id, attach.name);
-            if let Some((topic, sub)) = conn
-                .broker
-                .find_durable(&id)
-                .or_else(|| conn.broker.find_durable(&attach.name))
-            {
-                let holder = subscribe::SubscriptionRef {
-                    topic,
-                    id: sub.id.clone(),
-                    durable: true,
-                };
-                return self.finish_consumer_attach(
-                    conn,
-                    attach,
-                    Arc::clone(&sub.queue),
-                    Some(holder),
-                    Applied::default(),
-                );
-            }
-            return self.refuse(
-                conn,
-                attach,
-                AmqpError::NotImplemented.into(),
-                "a source address is required (dynamic sources are not supported)".into(),
-            );
+            // source, then closing the link: see subscribe::reattach.
+            return match subscribe::reattach(&conn.broker, &conn.container_id, &attach) {
+                Ok((sub, holder, source)) => {
+                    let mut attach = attach;
+                    attach.source = Some(Box::new(source));
+                    let (queue, applied) = (Arc::clone(&sub.queue), Applied::default());
+                    self.finish_consumer_attach(conn, attach, queue, Some(holder), applied)
+                }
+                Err((c, d)) => self.refuse(conn, attach, c, d),
+            };
         };
         // Tenancy and authorization (a pass-through without manifests): see tenant.rs.
         let address = match conn.authorize(Operation::Recv, &address) {
@@ -484,6 +468,7 @@ impl Session {
                 SenderSettleMode::Unsettled
             },
             max_message_size: Some(conn.broker.config().max_message_bytes),
+            offered_capabilities: subscribe::offered_capabilities(&attach),
             ..mirror(&attach)
         };
         // Our source lists the filters in force, and only those (AMQP 1.0 §3.5.3).

@@ -4,9 +4,22 @@
 //! * Durable: the source is durable (configuration or unsettled-state) with expiry-policy
 //!   `never`. Identity: `container-id:link-name`; detach with `closed=false` keeps the
 //!   subscription and its backlog, `closed=true` deletes it.
-//! * Shared (`shared` capability): links share one subscription as competing consumers;
-//!   qpid-jms names them `name`, `name|1`, `name|2`…, so the `|n` suffix is dropped.
-//!   `global` makes the identity independent of the container.
+//! * Shared (`shared` capability): links share one subscription as competing consumers.
+//!   qpid-jms (`AmqpSubscriptionTracker`) names the links of subscription `name` (which may
+//!   not contain `|`): durable `name`, `name|2`, `name|3`…; durable without a client id
+//!   `name|global`, `name|global2`…; volatile `name|volatile1`, `name|volatile2`…; volatile
+//!   without a client id `name|global-volatile1`…. The suffix is dropped (see
+//!   [`shared_subscription_name`]); a suffix of the other lifetime's form is not, so it
+//!   stays part of the name.
+//! * `global` (a source capability) makes the identity independent of the container: qpid-jms
+//!   sends it with `shared` when the connection has no client id. A durable and a volatile
+//!   subscription of the same name are different subscriptions; a volatile one is deleted
+//!   when its last consumer leaves.
+//! * Unsubscribe: qpid-jms attaches a link named `name` (`name|global`, with desired
+//!   capabilities `shared` and `global`) with no source, and closes it once the attach is
+//!   answered with a source ([`reattach`]). An unknown name is `amqp:not-found`; a
+//!   subscription that still has consumers is refused (`amqp:resource-locked`), never
+//!   deleted under them.
 //! * Selector: the source filter described `apache.org:selector-filter:string` (or its
 //!   code), under whatever key the client chose.
 //! * Replay: our `entrepot:offset-spec` source filter — `first`, `last`, `next`, a log
@@ -16,8 +29,11 @@
 use std::sync::Arc;
 
 use fe2o3_amqp_types::definitions::{AmqpError, ErrorCondition};
-use fe2o3_amqp_types::messaging::{FilterSet, Source, TerminusDurability, TerminusExpiryPolicy};
-use fe2o3_amqp_types::primitives::{Symbol, Value};
+use fe2o3_amqp_types::messaging::{
+    DistributionMode, FilterSet, Source, TerminusDurability, TerminusExpiryPolicy,
+};
+use fe2o3_amqp_types::performatives::Attach;
+use fe2o3_amqp_types::primitives::{Array, Symbol, Value};
 
 use crate::broker::selector::Selector;
 use crate::broker::topic::{StartAt, Subscription, Topic};
@@ -186,6 +202,71 @@ pub(super) fn parse_selector(text: &str) -> Result<Arc<Selector>, Refusal> {
         })
 }
 
+/// What a receiving link's source asks of its subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Shape {
+    /// Durable source (configuration or unsettled-state) with expiry-policy `never`.
+    durable: bool,
+    /// `shared` capability: the link is one of the subscription's competing consumers.
+    shared: bool,
+    /// `global` capability: the identity does not include the container id.
+    global: bool,
+}
+
+impl Shape {
+    fn of(source: &Source) -> Shape {
+        Shape {
+            durable: source.durable != TerminusDurability::None
+                && source.expiry_policy == TerminusExpiryPolicy::Never,
+            shared: has_cap(source, "shared"),
+            global: has_cap(source, "global"),
+        }
+    }
+}
+
+/// The subscription name a shared link's name carries, by qpid-jms's convention (see the
+/// module doc): `link_name` without its `|…` suffix when the suffix is one qpid-jms gives a
+/// link of that lifetime — durable `|<n>` or `|global[<n>]`, volatile `|volatile[<n>]` or
+/// `|global-volatile[<n>]` — else `link_name` whole.
+pub(super) fn shared_subscription_name(link_name: &str, durable: bool) -> &str {
+    let Some((name, suffix)) = link_name.rsplit_once('|') else {
+        return link_name;
+    };
+    let digits = |s: &str| s.chars().all(|c| c.is_ascii_digit());
+    let counted = |prefix: &str| suffix.strip_prefix(prefix).is_some_and(digits);
+    let jms_suffix = match durable {
+        true => (!suffix.is_empty() && digits(suffix)) || counted("global"),
+        false => counted("volatile") || counted("global-volatile"),
+    };
+    if jms_suffix {
+        name
+    } else {
+        link_name
+    }
+}
+
+/// The identity of the subscription a link on a topic designates. Durable identities are
+/// persisted, so their form never changes: `container-id:name`, or `name` when global.
+/// Volatile shared ones carry a `|volatile` / `|global-volatile` mark so that they never
+/// meet the durable subscription of the same name. A non-shared volatile link gets a
+/// subscription of its own (unless global: then `link-name`, as before shared naming).
+fn subscription_id(container_id: &str, link_name: &str, shape: Shape) -> String {
+    let name = match shape.shared {
+        true => shared_subscription_name(link_name, shape.durable),
+        false => link_name,
+    };
+    match (shape.durable, shape.shared, shape.global) {
+        (true, _, true) | (false, false, true) => name.to_owned(),
+        (true, _, false) => format!("{container_id}:{name}"),
+        (false, true, true) => format!("{name}|global-volatile"),
+        (false, true, false) => format!("{container_id}:{name}|volatile"),
+        (false, false, false) => format!(
+            "{container_id}:{link_name}:{}",
+            crate::broker::queue::ConsumerId::next().0
+        ),
+    }
+}
+
 /// Resolves a receiving link on `topic` to its subscription, creating or resuming it.
 pub(super) fn subscribe(
     broker: &Broker,
@@ -194,26 +275,9 @@ pub(super) fn subscribe(
     container_id: &str,
     link_name: &str,
 ) -> Result<(Arc<Subscription>, SubscriptionRef), Refusal> {
-    let durable = source.durable != TerminusDurability::None
-        && source.expiry_policy == TerminusExpiryPolicy::Never;
-    let shared = has_cap(source, "shared");
-    let global = has_cap(source, "global");
-    let base = match (shared, link_name.rsplit_once('|')) {
-        (true, Some((name, n)))
-            if n.chars().all(|c| c.is_ascii_digit()) || n == "global" || n == "volatile" =>
-        {
-            name
-        }
-        _ => link_name,
-    };
-    let id = match (global, shared || durable) {
-        (true, _) => base.to_owned(),
-        (false, true) => format!("{container_id}:{base}"),
-        (false, false) => format!(
-            "{container_id}:{link_name}:{}",
-            crate::broker::queue::ConsumerId::next().0
-        ),
-    };
+    let shape = Shape::of(source);
+    let durable = shape.durable;
+    let id = subscription_id(container_id, link_name, shape);
     let parsed = filters(source)?;
     let selector = parsed.selector.as_ref().map(|(text, _)| text.clone());
     let start = parsed.start.as_ref().map_or(StartAt::Next, |(s, _)| *s);
@@ -259,5 +323,118 @@ pub(super) fn unsubscribe(
         if let Err(e) = broker.delete_subscription(&sub.topic, &sub.id) {
             tracing::warn!(subscription = %sub.id, error = %e, "could not delete subscription");
         }
+    }
+}
+
+/// Capability a client desires on a shared subscriber's link when the connection did not
+/// offer it; qpid-jms gives up on the subscriber unless our attach offers it back.
+pub const SHARED_SUBS: &str = "SHARED-SUBS";
+
+/// The capabilities our attach offers for a consumer link: `SHARED-SUBS` when desired.
+pub(super) fn offered_capabilities(attach: &Attach) -> Option<Array<Symbol>> {
+    let desired = attach.desired_capabilities.as_ref()?;
+    desired
+        .0
+        .iter()
+        .any(|c| c.as_str() == SHARED_SUBS)
+        .then(|| Array(vec![Symbol::from(SHARED_SUBS)]))
+}
+
+/// A link attached with no source address to a durable subscription: qpid-jms's
+/// unsubscribe. Finds the subscription the link name designates — global when the link
+/// desires the `global` capability or is named `name|global`, else this container's — and
+/// returns its queue, the hold that deletes it when the link is closed, and the source to
+/// answer with (qpid-jms takes an attach without one as "no such subscription").
+pub(super) fn reattach(
+    broker: &Broker,
+    container_id: &str,
+    attach: &Attach,
+) -> Result<(Arc<Subscription>, SubscriptionRef, Source), Refusal> {
+    let name = shared_subscription_name(&attach.name, true);
+    let global = attach
+        .desired_capabilities
+        .as_ref()
+        .is_some_and(|c| c.0.iter().any(|s| s.as_str() == "global"))
+        || attach.name[name.len()..].starts_with("|global");
+    let id = match global {
+        true => name.to_owned(),
+        false => format!("{container_id}:{name}"),
+    };
+    let Some((topic, sub)) = broker.find_durable(&id) else {
+        return Err((
+            AmqpError::NotFound.into(),
+            format!("no durable subscription {id:?} (a source address is required otherwise)"),
+        ));
+    };
+    let consumers = sub.queue.consumer_count();
+    if consumers > 0 {
+        return Err((
+            AmqpError::ResourceLocked.into(),
+            format!(
+                "subscription {id:?} has {consumers} consumer(s) attached: \
+                 close them before unsubscribing"
+            ),
+        ));
+    }
+    let mut caps = vec![Symbol::from("topic")];
+    if global {
+        caps.extend([Symbol::from("shared"), Symbol::from("global")]);
+    }
+    let source = Source::builder()
+        .address(topic.name())
+        .durable(TerminusDurability::UnsettledState)
+        .expiry_policy(TerminusExpiryPolicy::Never)
+        .distribution_mode(DistributionMode::Copy)
+        .capabilities(caps)
+        .build();
+    let holder = SubscriptionRef {
+        topic,
+        id,
+        durable: true,
+    };
+    Ok((sub, holder, source))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(durable: bool, shared: bool, global: bool) -> Shape {
+        Shape {
+            durable,
+            shared,
+            global,
+        }
+    }
+
+    #[test]
+    fn qpid_jms_link_names_designate_their_subscription() {
+        // The names AmqpSubscriptionTracker gives the consumers of subscription "s".
+        for link in ["s", "s|2", "s|12", "s|global", "s|global2"] {
+            assert_eq!(shared_subscription_name(link, true), "s", "{link}");
+        }
+        for link in ["s|volatile1", "s|volatile7", "s|global-volatile1"] {
+            assert_eq!(shared_subscription_name(link, false), "s", "{link}");
+        }
+        // Another lifetime's suffix, or none of qpid-jms's, stays part of the name.
+        for (link, durable) in [("s|volatile1", true), ("s|2", false), ("s|x", true)] {
+            assert_eq!(shared_subscription_name(link, durable), link);
+        }
+    }
+
+    #[test]
+    fn durable_and_volatile_shared_subscriptions_of_one_name_differ() {
+        let id = |link, s| subscription_id("c", link, s);
+        assert_eq!(id("s|2", shape(true, true, false)), "c:s");
+        assert_eq!(id("s|global2", shape(true, true, true)), "s");
+        assert_eq!(id("s|volatile2", shape(false, true, false)), "c:s|volatile");
+        let global_volatile = id("s|global-volatile3", shape(false, true, true));
+        assert_eq!(global_volatile, "s|global-volatile");
+        // Non-shared links keep their whole name.
+        assert_eq!(id("s|2", shape(true, false, false)), "c:s|2");
+        assert_ne!(
+            id("s", shape(false, false, false)),
+            id("s", shape(false, false, false))
+        );
     }
 }

@@ -23,6 +23,7 @@ mod harness;
 mod interop;
 mod hostile;
 mod interop_proton;
+mod jms_subscriptions;
 mod large_messages;
 mod manifests;
 mod many_queues;

@@ -265,6 +265,19 @@ impl Client {
         .await
     }
 
+    /// Sends `attach` exactly as given (any source, target and capabilities) on the session
+    /// of `channel` and returns the broker's attach for its handle.
+    pub async fn attach_as_given_on(&mut self, channel: u16, attach: Attach) -> Attach {
+        let handle = attach.handle.0;
+        self.send_on(channel, &Performative::Attach(attach), &[])
+            .await;
+        self.expect_on(|ch, p| match p {
+            Performative::Attach(a) if ch == channel && a.handle.0 == handle => Some(a),
+            _ => None,
+        })
+        .await
+    }
+
     /// Grants `credit` on a receiving link whose delivery-count we know to be
     /// `delivery_count`, optionally asking the broker to drain.
     pub async fn flow(&mut self, handle: u32, delivery_count: u32, credit: u32, drain: bool) {
