@@ -766,6 +766,22 @@ impl Queue {
         dropped.len()
     }
 
+    /// Every message the queue holds now — ready, and delivered but unsettled — in queue
+    /// order, for a browser (distribution-mode `copy`): copies of the handles, the
+    /// queue itself is not changed.
+    pub fn snapshot(&self) -> Vec<QueuedMessage> {
+        let s = self.lock();
+        let mut all: Vec<QueuedMessage> = s
+            .ready
+            .iter()
+            .cloned()
+            .chain(s.unsettled.values().map(|(_, m)| m.clone()))
+            .collect();
+        drop(s);
+        all.sort_by_key(|m| m.offset);
+        all
+    }
+
     /// Offsets this queue still holds (ready or unsettled), for a subscription's removal.
     pub fn held_offsets(&self) -> Vec<u64> {
         let s = self.lock();

@@ -19,7 +19,9 @@ use fe2o3_amqp_types::definitions::{
     AmqpError, Error as AmqpErrorBody, ErrorCondition, LinkError, ReceiverSettleMode, Role,
     SenderSettleMode, SessionError,
 };
-use fe2o3_amqp_types::messaging::{DeliveryState, Rejected, Released, TargetArchetype};
+use fe2o3_amqp_types::messaging::{
+    DeliveryState, DistributionMode, Rejected, Released, TargetArchetype,
+};
 use fe2o3_amqp_types::performatives::{Attach, Detach, Disposition, Performative, Transfer};
 
 use super::session::Session;
@@ -60,6 +62,15 @@ impl ProducerLink {
     fn room(&self) -> Option<u64> {
         self.target.as_ref().and_then(Address::room)
     }
+}
+
+/// A browser's view of its queue: the messages held when it attached (filtered by its
+/// selector), sent pre-settled as the receiver grants credit; the queue never sees the
+/// browser, so consumers are neither blocked nor raced, and nothing is consumed.
+pub(super) struct Browse {
+    pub snapshot: std::collections::VecDeque<crate::broker::queue::QueuedMessage>,
+    pub delivery_count: u32,
+    pub credit: u32,
 }
 
 /// Resolves the address a producer sends to — tenancy and authorization (a pass-through
@@ -121,6 +132,8 @@ pub(super) struct ConsumerLink {
     pub consumer: ConsumerId,
     /// The queue is this link's temporary queue (a dynamic source): deleted with the link.
     pub temporary: bool,
+    /// A browser (distribution-mode `copy`): it reads a snapshot and never consumes.
+    pub browse: Option<Box<Browse>>,
     /// Set when the link consumes a topic subscription.
     pub subscription: Option<SubscriptionRef>,
 }
@@ -224,7 +237,8 @@ impl Session {
             #[allow(unreachable_patterns)]
             _ => (None, None),
         };
-        let dynamic = matches!(attach.target.as_deref(), Some(TargetArchetype::Target(t)) if t.dynamic);
+        let dynamic =
+            matches!(attach.target.as_deref(), Some(TargetArchetype::Target(t)) if t.dynamic);
         if dynamic {
             return self.attach_dynamic_target(conn, attach);
         }
@@ -342,6 +356,20 @@ impl Session {
             .broker
             .address(&address, subscribe::kind_from_capabilities(caps))
         {
+            Ok(Address::Queue(q)) if source.distribution_mode == Some(DistributionMode::Copy) => {
+                let selector = match &filters.selector {
+                    Some((text, _)) => match subscribe::parse_selector(text) {
+                        Ok(s) => Some(s),
+                        Err((c, d)) => return self.refuse(conn, attach, c, d),
+                    },
+                    None => None,
+                };
+                let applied = Applied {
+                    selector,
+                    echo: filters.applied(false),
+                };
+                return self.attach_browser(conn, attach, q, applied);
+            }
             Ok(Address::Queue(q)) => {
                 // A queue applies a selector per consumer; it has no replay start.
                 let selector = match &filters.selector {
@@ -426,6 +454,54 @@ impl Session {
         result
     }
 
+    /// A browser (distribution-mode `copy`: proton's `Copy()`, a JMS QueueBrowser): its
+    /// deliveries are pre-settled copies from a snapshot of the queue (see [`Browse`]);
+    /// its outcomes, if any, are ignored, so browsing never changes the queue.
+    fn attach_browser(
+        &mut self,
+        conn: &mut Connection,
+        attach: Attach,
+        queue: Arc<Queue>,
+        filters: Applied,
+    ) -> Result<(), ConnError> {
+        let handle = attach.handle.0;
+        let mut reply = Attach {
+            snd_settle_mode: SenderSettleMode::Settled,
+            max_message_size: Some(conn.broker.config().max_message_bytes),
+            ..mirror(&attach)
+        };
+        if let Some(source) = reply.source.as_mut() {
+            source.filter = filters.echo;
+        }
+        conn.send(self.local_channel(), &Performative::Attach(reply), &[])?;
+        let snapshot = queue
+            .snapshot()
+            .into_iter()
+            .filter(|m| {
+                filters
+                    .selector
+                    .as_ref()
+                    .is_none_or(|s| crate::broker::selector_matches(s, &m.message))
+            })
+            .collect();
+        self.links.insert(
+            handle,
+            Link::Consumer(ConsumerLink {
+                queue,
+                consumer: ConsumerId::next(),
+                subscription: None,
+                temporary: false,
+                browse: Some(Box::new(Browse {
+                    snapshot,
+                    delivery_count: 0,
+                    credit: 0,
+                })),
+            }),
+        );
+        conn.broker.stats.links.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// A receiver on a `subscription` address consumes the durable subscription declared
     /// under that name. It holds no [`SubscriptionRef`]: closing the link never deletes
     /// a declared subscription, only removing it from the manifests does.
@@ -494,6 +570,7 @@ impl Session {
                 queue,
                 consumer,
                 temporary: false,
+                browse: None,
                 subscription,
             }),
         );

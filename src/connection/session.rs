@@ -173,9 +173,12 @@ impl Session {
         self.remote_incoming_window = their_next_incoming
             .wrapping_add(flow.incoming_window)
             .wrapping_sub(self.next_outgoing_id);
-        if let Some(handle) = flow.handle {
+        if let Some(handle) = flow.handle.as_ref() {
             let handle = handle.0;
             match self.links.get_mut(&handle) {
+                Some(Link::Consumer(c)) if c.browse.is_some() => {
+                    self.browse_flow(conn, handle, &flow)?;
+                }
                 Some(Link::Consumer(c)) => {
                     let (queue, id) = (Arc::clone(&c.queue), c.consumer);
                     queue.flow(
@@ -204,6 +207,58 @@ impl Session {
             self.send_flow(conn, None)?;
         }
         self.send_blocked(conn)
+    }
+
+    /// A flow on a browser's link: as many snapshot messages as the credit allows go out
+    /// pre-settled; a drain that finds the snapshot empty ends with a drained flow.
+    fn browse_flow(
+        &mut self,
+        conn: &mut Connection,
+        handle: u32,
+        flow: &Flow,
+    ) -> Result<(), ConnError> {
+        let Some(Link::Consumer(c)) = self.links.get_mut(&handle) else {
+            return Ok(());
+        };
+        let (queue, consumer) = (Arc::clone(&c.queue), c.consumer);
+        let Some(b) = c.browse.as_mut() else {
+            return Ok(());
+        };
+        let theirs = flow.delivery_count.unwrap_or(b.delivery_count);
+        b.credit = theirs
+            .wrapping_add(flow.link_credit.unwrap_or(0))
+            .wrapping_sub(b.delivery_count);
+        let mut out = Vec::new();
+        while b.credit > 0 {
+            let Some(msg) = b.snapshot.pop_front() else {
+                break;
+            };
+            b.credit -= 1;
+            b.delivery_count = b.delivery_count.wrapping_add(1);
+            out.push(msg);
+        }
+        let drained = flow.drain.then(|| {
+            b.delivery_count = b.delivery_count.wrapping_add(b.credit);
+            b.credit = 0;
+            b.delivery_count
+        });
+        for msg in out {
+            self.blocked.push_back(Blocked {
+                handle,
+                consumer,
+                queue: Arc::clone(&queue),
+                msg,
+                settled: true,
+                then_drained: None,
+            });
+        }
+        if let Some(delivery_count) = drained {
+            match self.blocked.iter_mut().rev().find(|b| b.handle == handle) {
+                Some(last) => last.then_drained = Some(delivery_count),
+                None => self.send_flow(conn, Some((handle, delivery_count, None, true)))?,
+            }
+        }
+        Ok(())
     }
 
     fn on_disposition(&mut self, conn: &mut Connection, d: Disposition) -> Result<(), ConnError> {

@@ -190,3 +190,20 @@ fn request_reply_through_a_temporary_queue() {
         "the temporary queue is gone from /metrics"
     );
 }
+
+/// Issue 17.3: a receiver with distribution-mode `copy` (proton's `Copy()`, a JMS
+/// QueueBrowser) used to remove every message it browsed. It now sees a snapshot of the
+/// queue, in order, pre-settled — with a selector, only the matches — and a consumer
+/// afterwards still gets every message.
+#[test]
+fn browsing_a_queue_leaves_every_message_in_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let out = crate::harness::run_proton_script(
+        &broker,
+        "proton_browse.py",
+        &["browsed"],
+        std::time::Duration::from_secs(60),
+    );
+    assert!(out.contains("ok: browsed 10 and 3, consumed 10"), "{out}");
+}
