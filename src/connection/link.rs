@@ -234,8 +234,13 @@ impl Session {
                 t.address.clone(),
                 t.capabilities.as_ref().map(|c| c.0.clone()),
             ),
-            #[allow(unreachable_patterns)]
-            _ => (None, None),
+            Some(TargetArchetype::Coordinator(_)) => {
+                // A transaction coordinator (AMQP 1.0 part 4): refused on this link alone.
+                let d =
+                    "transactions are not supported: no coordinator (send without a transaction)";
+                return self.refuse(conn, attach, AmqpError::NotImplemented.into(), d.into());
+            }
+            None => (None, None),
         };
         let dynamic =
             matches!(attach.target.as_deref(), Some(TargetArchetype::Target(t)) if t.dynamic);

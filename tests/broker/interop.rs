@@ -207,3 +207,47 @@ fn browsing_a_queue_leaves_every_message_in_it() {
     );
     assert!(out.contains("ok: browsed 10 and 3, consumed 10"), "{out}");
 }
+
+/// Issue 17.4 (first step): a transactional client attaches a sender to a `coordinator`
+/// target. That used to be a decode error closing the whole connection ("Wrong
+/// descriptor code value for Target archetype"); it is refused on that link alone with
+/// `amqp:not-implemented`, and the connection keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_target_is_refused_on_its_link_only() {
+    use fe2o3_amqp::types::definitions::{Handle, SenderSettleMode};
+    use fe2o3_amqp::types::messaging::{Source, TargetArchetype};
+    use fe2o3_amqp::types::performatives::Attach;
+    use fe2o3_amqp::types::transaction::Coordinator;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let mut c = within("open", Client::open(broker.amqp)).await.unwrap();
+    let attach = Attach {
+        name: "txn-ctrl".into(),
+        handle: Handle(0),
+        role: Role::Sender,
+        snd_settle_mode: SenderSettleMode::Unsettled,
+        rcv_settle_mode: ReceiverSettleMode::First,
+        source: Some(Box::new(Source::builder().build())),
+        target: Some(Box::new(TargetArchetype::Coordinator(Coordinator::new(
+            None,
+        )))),
+        unsettled: None,
+        incomplete_unsettled: false,
+        initial_delivery_count: Some(0),
+        max_message_size: None,
+        offered_capabilities: None,
+        desired_capabilities: None,
+        properties: None,
+    };
+    c.send_on(0, &Performative::Attach(attach), &[]).await;
+    let d = within("refusal", c.expect(crate::raw_client::detach_of(0))).await;
+    let e = d.error.expect("an error");
+    assert_eq!(
+        entrepot::connection::condition_name(&e.condition),
+        "amqp:not-implemented",
+        "{e:?}"
+    );
+    c.attach_sender(1, "plain", "after-txn").await;
+    c.transfer(1, 0, &data_message(b"still here")).await;
+    assert!(within("accepted", c.expect(accepted(0))).await);
+}
