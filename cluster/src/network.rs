@@ -108,8 +108,8 @@ pub struct PeerClient {
     id: NodeId,
     target: NodeId,
     addr: String,
-    /// `None` until the first RPC, and again after any error (the stream may hold half a
-    /// frame or a late reply, so it is never reused).
+    /// `None` until the first RPC, during one, and again after any error or a call dropped
+    /// midway (the stream may hold half a frame or a late reply, so it is never reused).
     stream: Option<PeerStream>,
     secret: Option<Arc<PeerSecret>>,
     tls: Option<Arc<PeerTls>>,
@@ -150,39 +150,48 @@ impl PeerClient {
         option: &RPCOption,
     ) -> Result<Bytes, CallError> {
         let ttl = option.hard_ttl();
-        let result = match tokio::time::timeout(ttl, self.exchange(kind, body, reply_kind)).await {
-            Ok(r) => r,
+        // The stream is out of `self` during the exchange and goes back only with a whole
+        // reply read. openraft drops an RPC future at its own timeout (the same TTL, and
+        // it fires first); a stream left behind would hold a request whose late reply
+        // the next call reads as its own — the leader then records a follower as matching
+        // entries it never acknowledged. A dropped call leaves no stream: the next one
+        // connects anew.
+        let stream = self.stream.take();
+        match tokio::time::timeout(ttl, self.exchange(stream, kind, body, reply_kind)).await {
+            Ok(Ok((stream, reply))) => {
+                self.stream = Some(stream);
+                Ok(reply)
+            }
+            Ok(Err(e)) => Err(e),
             Err(_) => Err(CallError::Timeout(ttl)),
-        };
-        if result.is_err() {
-            self.stream = None;
         }
-        result
     }
 
+    /// One request and its reply on `stream` (a new connection when `None`); returns the
+    /// stream for the next call with the reply.
     async fn exchange(
-        &mut self,
+        &self,
+        stream: Option<PeerStream>,
         kind: u8,
         body: &[u8],
         reply_kind: u8,
-    ) -> Result<Bytes, CallError> {
+    ) -> Result<(PeerStream, Bytes), CallError> {
         let addr = self.addr.clone();
-        let stream = match &mut self.stream {
+        let mut stream = match stream {
             Some(s) => s,
-            None => {
-                let s = self.connect().await?;
-                self.stream.insert(s)
-            }
+            None => self.connect().await?,
         };
         let io = |verb, source| CallError::Io {
             verb,
             addr: addr.clone(),
             source,
         };
-        write_frame(stream, kind, body)
+        write_frame(&mut stream, kind, body)
             .await
             .map_err(|e| io("write to", e))?;
-        let frame = read_frame(stream).await.map_err(|e| io("read from", e))?;
+        let frame = read_frame(&mut stream)
+            .await
+            .map_err(|e| io("read from", e))?;
         let Some((got, reply)) = frame else {
             let eof = io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed");
             return Err(io("read from", eof));
@@ -197,7 +206,7 @@ impl PeerClient {
                 got,
             });
         }
-        Ok(reply)
+        Ok((stream, reply))
     }
 
     /// A new connection: TCP, then TLS and the secret handshake when configured.

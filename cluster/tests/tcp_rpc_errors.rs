@@ -223,3 +223,61 @@ async fn garbage_frames_close_the_connection_and_the_node_keeps_serving() {
     node.server.shutdown().await;
     node.raft.shutdown().await.unwrap();
 }
+
+/// Goal: an RPC dropped before its reply (openraft times out every RPC itself and drops
+/// the call) leaves nothing behind: the next RPC to that peer gets its own reply, never
+/// the late reply of the dropped one. A late reply read as the next one's made a leader
+/// record a follower as holding entries it never acknowledged (openraft's "follower log
+/// reversion" panic in the cluster tests). Method: the client reaches a real node through
+/// a proxy that holds the first connection's replies back for a while; the first vote
+/// (term 1) is dropped after 50 ms, the second (term 2) must come back with term 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_call_leaves_no_late_reply_for_the_next() {
+    let node = serve_one_node(1).await;
+    let upstream = node.server.local_addr();
+    let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_addr = proxy.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        for n in 0.. {
+            let Ok((client, _)) = proxy.accept().await else {
+                return;
+            };
+            let server = TcpStream::connect(upstream).await.unwrap();
+            let (mut client_rd, mut client_wr) = client.into_split();
+            let (mut server_rd, mut server_wr) = server.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut client_rd, &mut server_wr).await;
+            });
+            tokio::spawn(async move {
+                if n == 0 {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                let _ = tokio::io::copy(&mut server_rd, &mut client_wr).await;
+            });
+        }
+    });
+    let mut client = client_to(proxy_addr).await;
+    let dropped = tokio::time::timeout(
+        Duration::from_millis(50),
+        client.vote(VoteRequest::new(Vote::new(1, 9), None), option()),
+    )
+    .await;
+    assert!(
+        dropped.is_err(),
+        "the first vote was not held back: {dropped:?}"
+    );
+    let reply = tokio::time::timeout(
+        WAIT,
+        client.vote(VoteRequest::new(Vote::new(2, 9), None), option()),
+    )
+    .await
+    .expect("the second vote within WAIT")
+    .expect("the second vote");
+    assert_eq!(
+        reply.vote.leader_id().term,
+        2,
+        "the second vote got another call's reply: {reply:?}"
+    );
+    node.server.shutdown().await;
+    node.raft.shutdown().await.unwrap();
+}
