@@ -73,6 +73,16 @@ pub(super) struct Browse {
     pub credit: u32,
 }
 
+/// A temporary queue for a dynamic source or target (`what`); refused under manifests,
+/// where every address is declared, and at `max-auto-created-addresses`.
+fn temporary_queue(conn: &Connection, what: &str) -> Result<Arc<Queue>, (ErrorCondition, String)> {
+    if conn.gate.manifests.current().is_some() {
+        let d = format!("dynamic {what} are not available under manifests: declare the address");
+        return Err((AmqpError::NotImplemented.into(), d));
+    }
+    conn.broker.create_temporary_queue().map_err(address_error)
+}
+
 /// Resolves the address a producer sends to — tenancy and authorization (a pass-through
 /// without manifests, see tenant.rs), then the broker's address (created when
 /// auto-create allows); for an attach and for each message of the anonymous relay.
@@ -295,16 +305,9 @@ impl Session {
         conn: &mut Connection,
         attach: Attach,
     ) -> Result<(), ConnError> {
-        if conn.gate.manifests.current().is_some() {
-            let d = "dynamic targets are not available under manifests: declare the address";
-            return self.refuse(conn, attach, AmqpError::NotImplemented.into(), d.into());
-        }
-        let queue = match conn.broker.create_temporary_queue() {
+        let queue = match temporary_queue(conn, "targets") {
             Ok(q) => q,
-            Err(e) => {
-                let (c, d) = address_error(e);
-                return self.refuse(conn, attach, c, d);
-            }
+            Err((c, d)) => return self.refuse(conn, attach, c, d),
         };
         let handle = attach.handle.0;
         let mut attach = attach;
@@ -361,33 +364,24 @@ impl Session {
             .broker
             .address(&address, subscribe::kind_from_capabilities(caps))
         {
-            Ok(Address::Queue(q)) if source.distribution_mode == Some(DistributionMode::Copy) => {
-                let selector = match &filters.selector {
-                    Some((text, _)) => match subscribe::parse_selector(text) {
-                        Ok(s) => Some(s),
-                        Err((c, d)) => return self.refuse(conn, attach, c, d),
-                    },
-                    None => None,
-                };
-                let applied = Applied {
-                    selector,
-                    echo: filters.applied(false),
-                };
-                return self.attach_browser(conn, attach, q, applied);
-            }
             Ok(Address::Queue(q)) => {
-                // A queue applies a selector per consumer; it has no replay start.
-                let selector = match &filters.selector {
-                    Some((text, _)) => match subscribe::parse_selector(text) {
-                        Ok(s) => Some(s),
-                        Err((c, d)) => return self.refuse(conn, attach, c, d),
-                    },
+                // A queue applies a selector per consumer (or browser); no replay start.
+                let selector = match filters
+                    .selector
+                    .as_ref()
+                    .map(|(text, _)| subscribe::parse_selector(text))
+                {
+                    Some(Ok(s)) => Some(s),
+                    Some(Err((c, d))) => return self.refuse(conn, attach, c, d),
                     None => None,
                 };
                 let applied = Applied {
                     selector,
                     echo: filters.applied(false),
                 };
+                if source.distribution_mode == Some(DistributionMode::Copy) {
+                    return self.attach_browser(conn, attach, q, applied);
+                }
                 (q, None, applied)
             }
             Ok(Address::Memory(m)) => {
@@ -434,16 +428,9 @@ impl Session {
         conn: &mut Connection,
         attach: Attach,
     ) -> Result<(), ConnError> {
-        if conn.gate.manifests.current().is_some() {
-            let d = "dynamic sources are not available under manifests: declare the address";
-            return self.refuse(conn, attach, AmqpError::NotImplemented.into(), d.into());
-        }
-        let queue = match conn.broker.create_temporary_queue() {
+        let queue = match temporary_queue(conn, "sources") {
             Ok(q) => q,
-            Err(e) => {
-                let (c, d) = address_error(e);
-                return self.refuse(conn, attach, c, d);
-            }
+            Err((c, d)) => return self.refuse(conn, attach, c, d),
         };
         let handle = attach.handle.0;
         let mut attach = attach;

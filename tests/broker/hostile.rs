@@ -404,18 +404,12 @@ async fn messages_of_a_producer_that_closes_before_its_accepts_are_delivered() {
     let _ = conn.close().await;
 }
 
-/// Issue 14.7: a delivery-tag beyond the spec's 32 bytes is refused (its link detached
-/// with `amqp:invalid-field` naming the limit); the connection carries on.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_delivery_tag_over_32_bytes_detaches_its_link() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = BrokerProcess::start(dir.path(), &[]);
-    let mut c = within("open", Client::open(broker.amqp)).await.unwrap();
-    c.attach_sender(0, "long-tag", "tags").await;
-    let t = fe2o3_amqp::types::performatives::Transfer {
-        handle: fe2o3_amqp::types::definitions::Handle(0),
-        delivery_id: Some(0),
-        delivery_tag: Some(vec![1u8; 33].into()),
+/// A single-frame transfer on `handle` whose delivery-tag is `tag_len` bytes long.
+fn tagged(handle: u32, id: u32, tag_len: usize) -> Performative {
+    Performative::Transfer(fe2o3_amqp::types::performatives::Transfer {
+        handle: fe2o3_amqp::types::definitions::Handle(handle),
+        delivery_id: Some(id),
+        delivery_tag: Some(vec![7u8; tag_len].into()),
         message_format: Some(0),
         settled: Some(false),
         more: false,
@@ -424,9 +418,18 @@ async fn a_delivery_tag_over_32_bytes_detaches_its_link() {
         resume: false,
         aborted: false,
         batchable: false,
-    };
-    c.send_on(0, &Performative::Transfer(t), &data_message(b"x"))
-        .await;
+    })
+}
+
+/// Issue 14.7: a delivery-tag beyond the spec's 32 bytes is refused (its link detached
+/// with `amqp:invalid-field` naming the limit); the connection carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_tag_over_32_bytes_detaches_its_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let mut c = within("open", Client::open(broker.amqp)).await.unwrap();
+    c.attach_sender(0, "long-tag", "tags").await;
+    c.send_on(0, &tagged(0, 0, 33), &data_message(b"x")).await;
     let d = within("detach", c.expect(crate::raw_client::detach_of(0))).await;
     let e = d.error.expect("an error");
     assert_eq!(condition_of(&e), "amqp:invalid-field", "{e:?}");
@@ -436,21 +439,7 @@ async fn a_delivery_tag_over_32_bytes_detaches_its_link() {
         .contains("MAX_DELIVERY_TAG_BYTES"));
     // Same connection, a new link with a 32-byte tag: accepted.
     c.attach_sender(1, "ok-tag", "tags").await;
-    let t = fe2o3_amqp::types::performatives::Transfer {
-        handle: fe2o3_amqp::types::definitions::Handle(1),
-        delivery_id: Some(1),
-        delivery_tag: Some(vec![2u8; 32].into()),
-        message_format: Some(0),
-        settled: Some(false),
-        more: false,
-        rcv_settle_mode: None,
-        state: None,
-        resume: false,
-        aborted: false,
-        batchable: false,
-    };
-    c.send_on(0, &Performative::Transfer(t), &data_message(b"y"))
-        .await;
+    c.send_on(0, &tagged(1, 1, 32), &data_message(b"y")).await;
     assert!(within("accepted", c.expect(accepted(1))).await);
 }
 
