@@ -14,6 +14,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use fe2o3_amqp::link::receiver::CreditMode;
+use fe2o3_amqp::link::SenderAttachError;
+use fe2o3_amqp::types::definitions::{AmqpError, ErrorCondition};
 use fe2o3_amqp::types::messaging::{Outcome, Source};
 use fe2o3_amqp::{Connection, Receiver, Sender, Session};
 use tokio::time::timeout;
@@ -219,5 +221,9 @@ async fn a_declared_subscription_collects_its_topic_before_and_after_a_receiver(
     let refused = timeout(WAIT, Sender::attach(&mut s, "wrong", "events-audit"))
         .await
         .unwrap();
-    assert!(refused.is_err(), "attached a sender to a subscription");
+    assert!(
+        matches!(&refused, Err(SenderAttachError::RemoteClosedWithError(e))
+            if e.condition == ErrorCondition::AmqpError(AmqpError::NotAllowed)),
+        "a sender to a subscription is refused with amqp:not-allowed: {refused:?}"
+    );
 }
