@@ -10,6 +10,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use fe2o3_amqp::link::receiver::CreditMode;
 use fe2o3_amqp::session::SessionHandle;
 use fe2o3_amqp::types::messaging::annotations::OwnedKey;
 use fe2o3_amqp::types::messaging::{AmqpValue, Header, Message, Properties};
@@ -88,6 +89,37 @@ async fn a_message_whose_ttl_passes_unconsumed_is_never_delivered_and_moves_to_t
     let (mut conn, mut session) = connect(&broker, "expiry").await;
     send(&mut session, "offers", with_ttl("flash sale", 200)).await;
     assert_expired(&mut session, "offers", "flash sale").await;
+    within("close", conn.close()).await.unwrap();
+}
+
+/// A consumer that is attached but grants no credit does not keep a message alive: it
+/// expires on the queue, moves to `ExpiryQueue`, and credit granted afterwards brings
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_expires_while_a_consumer_without_credit_is_attached() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let (mut conn, mut session) = connect(&broker, "expiry").await;
+    let mut waiting = within(
+        "attach",
+        Receiver::builder()
+            .name("waiting")
+            .source("offers")
+            .credit_mode(CreditMode::Manual)
+            .attach(&mut session),
+    )
+    .await
+    .unwrap();
+    send(&mut session, "offers", with_ttl("flash sale", 200)).await;
+    assert_expired(&mut session, "offers", "flash sale").await;
+    within("credit", waiting.set_credit(1)).await.unwrap();
+    let got = timeout(QUIET, waiting.recv::<String>()).await;
+    assert!(
+        got.is_err(),
+        "the attached consumer got an expired message once it granted credit: {:?}",
+        got.map(|r| r.map(|d| d.body().clone()))
+    );
+    within("close", waiting.close()).await.unwrap();
     within("close", conn.close()).await.unwrap();
 }
 
