@@ -21,6 +21,7 @@ use fe2o3_amqp::sasl_profile::{SaslProfile, SaslScramSha256};
 use fe2o3_amqp::session::SessionHandle;
 use fe2o3_amqp::types::definitions::{AmqpError, ErrorCondition};
 use fe2o3_amqp::{Connection, Receiver, Sender, Session};
+use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::time::timeout;
 
 use crate::harness::BrokerProcess;
@@ -480,5 +481,117 @@ async fn a_tenants_dead_letters_stay_in_its_space() {
         broker.metric("entrepot_queue_depth{queue=\"DLQ\"}"),
         None,
         "the broker-wide dead-letter queue was used"
+    );
+}
+
+/// The broker of [`start`], also serving amqps with one certificate for both spaces'
+/// hostnames (`app.example.com`, `other.example.com`); returns the certificate.
+fn start_with_tls(root: &Path) -> (BrokerProcess, CertificateDer<'static>) {
+    let manifests = root.join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    write_manifests(&manifests, "", BOB_SENDS);
+    let names = vec!["app.example.com".to_owned(), "other.example.com".to_owned()];
+    let ck = rcgen::generate_simple_self_signed(names).unwrap();
+    let (cert, key) = (root.join("cert.pem"), root.join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let broker = BrokerProcess::start(
+        &root.join("data"),
+        &[
+            "--manifests",
+            manifests.to_str().unwrap(),
+            "--default-address-space",
+            "app",
+            "--listen-tls",
+            "127.0.0.1:0",
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    (broker, ck.cert.der().clone())
+}
+
+/// Opens an AMQP connection over TLS whose SNI is `sni`, logging in as carol of space
+/// `other` (the sasl-init hostname picks the space whose users are checked), with no
+/// hostname in `open`: only the SNI can choose the connection's address space.
+async fn open_over_tls_as_carol(
+    broker: &BrokerProcess,
+    cert: &CertificateDer<'static>,
+    sni: &str,
+) -> Result<ConnectionHandle<()>, fe2o3_amqp::connection::OpenError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.clone()).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = within(
+        "connect",
+        tokio::net::TcpStream::connect(broker.amqps.expect("amqps listener")),
+    )
+    .await
+    .unwrap();
+    let tls = within(
+        "TLS handshake",
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+            .connect(ServerName::try_from(sni.to_owned()).unwrap(), tcp),
+    )
+    .await
+    .expect("TLS handshake");
+    within(
+        "open",
+        Connection::builder()
+            .container_id("sni-test")
+            .sasl_hostname("other.example.com")
+            .sasl_profile(plain("carol", "carol-pw"))
+            .open_with_stream(tls),
+    )
+    .await
+}
+
+/// Goal: with no hostname in `open`, the TLS SNI chooses the address space. carol (of
+/// `other`) connecting with SNI `other.example.com` lands in `other` — her message goes
+/// to `other/orders`; with SNI `app.example.com` the same login is refused with
+/// `amqp:unauthorized-access`, because the SNI chose `app` (where she is no user).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_open_hostname_the_tls_sni_chooses_the_address_space() {
+    let root = tempfile::tempdir().unwrap();
+    let (broker, cert) = start_with_tls(root.path());
+    let mut conn = open_over_tls_as_carol(&broker, &cert, "other.example.com")
+        .await
+        .expect("carol opens space other by SNI");
+    let mut s = within("begin", Session::begin(&mut conn)).await.unwrap();
+    send_one(&mut s, "orders", "by sni").await;
+    within("end", s.end()).await.unwrap();
+    within("close", conn.close()).await.unwrap();
+    assert_eq!(
+        broker.metric("entrepot_queue_depth{queue=\"other/orders\"}"),
+        Some(1.0),
+        "the message went to space other"
+    );
+    assert_ne!(
+        broker.metric("entrepot_queue_depth{queue=\"app/orders\"}"),
+        Some(1.0),
+        "the message went to the default space app"
+    );
+
+    // The space is chosen after the broker's open, so the refusal is its close.
+    let refusal = match open_over_tls_as_carol(&broker, &cert, "app.example.com").await {
+        Ok(mut conn) => match within("close", conn.close()).await {
+            Ok(()) => panic!("carol opened space app (chosen by SNI) and closed cleanly"),
+            Err(fe2o3_amqp::connection::Error::RemoteClosedWithError(e)) => e,
+            Err(e) => panic!("SNI app.example.com: expected a close with an error, got {e:?}"),
+        },
+        Err(fe2o3_amqp::connection::OpenError::RemoteClosedWithError(e)) => e,
+        Err(e) => panic!("SNI app.example.com: expected a close with an error, got {e:?}"),
+    };
+    assert_eq!(
+        refusal.condition,
+        unauthorized(),
+        "SNI app.example.com: {refusal:?}"
     );
 }
