@@ -1,7 +1,8 @@
 //! Goal: with TLS on the inter-node port, nodes whose certificates come from the cluster CA
 //! form a cluster and replicate (with the cluster secret still checked inside TLS), while
 //! a peer with a certificate from another CA, a server certificate that does not name the
-//! dialled host, or a plain-TCP peer are all refused — and the server keeps serving.
+//! dialled host, or a plain-TCP peer are all refused — and the server keeps serving; a
+//! certificate renewed in place is served from the next connection on.
 //! Method: a CA and node certificates generated with rcgen into a temporary directory and
 //! loaded with `PeerTls::load`; `Raft`s served by `PeerServer::start_with` on
 //! `127.0.0.1:0`; `PeerClient`s from `TcpNetwork::with_tls` called directly, as openraft
@@ -300,6 +301,49 @@ async fn certificates_from_another_ca_or_for_another_host_are_refused() {
 
     assert_eq!(vote(&mut right, 6).await, Ok(()), "still serving ({addr})");
     shut([node, named]).await;
+}
+
+/// Goal: a node's inter-node certificate renewed in place (files replaced by rename, as a
+/// cert-manager secret or an ACME client does) is served from the next connection on,
+/// without a restart. The first certificate names only `localhost`, so a peer dialling
+/// 127.0.0.1 is refused; the renewed one names 127.0.0.1 too, and the same dial succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_certificate_is_served_from_the_next_connection_without_a_restart() {
+    let certs = tempfile::tempdir().unwrap();
+    let dir = certs.path();
+    let ca = Ca::new(dir, "cluster");
+    let node = serve_tls(&ca, dir, &["localhost"]).await;
+    let addr = format!("127.0.0.1:{}", node.server.local_addr().port());
+    let tls = ca.tls(dir, "dialler", &["127.0.0.1"], &ca);
+    let mut before = client(addr.clone(), Some(Arc::clone(&tls))).await;
+    let err = vote(&mut before, 1).await.unwrap_err();
+    assert!(
+        err.contains("not valid for name"),
+        "before renewal, 127.0.0.1 is not in the SANs: {err} ({addr})"
+    );
+
+    let renewed = dir.join("renewed");
+    std::fs::create_dir(&renewed).unwrap();
+    let (cert, key) = ca.node(&renewed, "server", &["127.0.0.1", "localhost"]);
+    replace_by_rename(&cert, &dir.join("server.pem"));
+    replace_by_rename(&key, &dir.join("server-key.pem"));
+    let mut after = client(addr.clone(), Some(tls)).await;
+    assert_eq!(
+        vote(&mut after, 2).await,
+        Ok(()),
+        "the renewed certificate names 127.0.0.1 ({addr})"
+    );
+    shut([node]).await;
+}
+
+/// Moves `new` over `old`, with a modification time one second past `old`'s so the
+/// change is visible however coarse the file system's timestamps are.
+fn replace_by_rename(new: &Path, old: &Path) {
+    let stamp = std::fs::metadata(old).unwrap().modified().unwrap() + Duration::from_secs(1);
+    let file = std::fs::File::options().write(true).open(new).unwrap();
+    file.set_modified(stamp).unwrap();
+    drop(file);
+    std::fs::rename(new, old).unwrap();
 }
 
 /// Log lines, as the fmt subscriber writes them.
