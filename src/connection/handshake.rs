@@ -54,6 +54,8 @@ pub struct Admission<'a> {
     /// ANONYMOUS without manifests.
     pub allow_anonymous: bool,
     pub peer: Option<IpAddr>,
+    /// The TLS server name the client asked for (amqps), when no SASL hostname says more.
+    pub sni: Option<&'a str>,
 }
 
 /// Who logged in, and in which address space (with manifests).
@@ -183,7 +185,11 @@ async fn sasl_exchange<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         let frame = decode_sasl(&frame.body)?;
         if let (SaslFrame::Init(init), Some(c)) = (&frame, catalog) {
             let default = admission.gate.manifests.default_space.as_deref();
-            space = c.space_for_host(init.hostname.as_deref(), default);
+            // The SASL hostname names the space; without one, the TLS SNI does (as it
+            // does for the connection's `open`), so a client that sends only SNI is
+            // checked against the users of the space it will work in.
+            let host = init.hostname.as_deref().or(admission.sni);
+            space = c.space_for_host(host, default);
             server.set_allow_anonymous(space.is_some_and(|s| s.allow_anonymous));
         }
         let step = match (catalog, space) {

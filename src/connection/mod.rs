@@ -315,6 +315,7 @@ async fn run(
         static_users: &broker.config().users,
         allow_anonymous: broker.config().allow_anonymous,
         peer: peer.map(|p| p.ip()),
+        sni: sni.as_deref(),
     };
     let login = handshake::handshake(&mut rd, &mut wr, &mut rbuf, &admission, deadline).await?;
     let (outbound_tx, outbound_rx) = mpsc::unbounded_channel();

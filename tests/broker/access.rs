@@ -521,6 +521,16 @@ async fn open_over_tls_as_carol(
     cert: &CertificateDer<'static>,
     sni: &str,
 ) -> Result<ConnectionHandle<()>, fe2o3_amqp::connection::OpenError> {
+    open_over_tls(broker, cert, sni, Some("other.example.com")).await
+}
+
+/// [`open_over_tls_as_carol`], with `sasl_host` as the sasl-init hostname (`None`: none).
+async fn open_over_tls(
+    broker: &BrokerProcess,
+    cert: &CertificateDer<'static>,
+    sni: &str,
+    sasl_host: Option<&str>,
+) -> Result<ConnectionHandle<()>, fe2o3_amqp::connection::OpenError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert.clone()).unwrap();
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
@@ -542,15 +552,37 @@ async fn open_over_tls_as_carol(
     )
     .await
     .expect("TLS handshake");
+    let builder = Connection::builder().container_id("sni-test");
+    let builder = match sasl_host {
+        Some(host) => builder.sasl_hostname(host),
+        None => builder,
+    };
     within(
         "open",
-        Connection::builder()
-            .container_id("sni-test")
-            .sasl_hostname("other.example.com")
+        builder
             .sasl_profile(plain("carol", "carol-pw"))
             .open_with_stream(tls),
     )
     .await
+}
+
+/// Goal: a client that names its space only by TLS SNI — no sasl-init hostname, no
+/// `open` hostname — logs in against that space's users and works in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tls_sni_alone_chooses_the_space_of_the_login_too() {
+    let root = tempfile::tempdir().unwrap();
+    let (broker, cert) = start_with_tls(root.path());
+    let mut conn = open_over_tls(&broker, &cert, "other.example.com", None)
+        .await
+        .expect("carol logs in to space other by SNI alone");
+    let mut s = within("begin", Session::begin(&mut conn)).await.unwrap();
+    send_one(&mut s, "orders", "by sni alone").await;
+    within("end", s.end()).await.unwrap();
+    within("close", conn.close()).await.unwrap();
+    assert_eq!(
+        broker.metric("entrepot_queue_depth{queue=\"other/orders\"}"),
+        Some(1.0)
+    );
 }
 
 /// Goal: with no hostname in `open`, the TLS SNI chooses the address space. carol (of
