@@ -211,11 +211,15 @@ impl BrokerConfig {
         if self.max_frame_bytes < 4096 {
             return Err("max-frame-bytes must be at least 4096".into());
         }
+        // The store also needs its segment and record headers around the largest record.
+        let framing = RECORD_OVERHEAD_BYTES
+            + entrepot_storage::SEGMENT_HEADER_LEN as u64
+            + entrepot_storage::RECORD_HEADER_LEN as u64;
         if self.max_message_bytes == 0
-            || self.max_message_bytes + RECORD_OVERHEAD_BYTES > self.segment_bytes
+            || self.max_message_bytes.saturating_add(framing) > self.segment_bytes
         {
             return Err(format!(
-                "max-message-bytes ({}) must be positive and fit in a segment (segment-bytes {} minus {RECORD_OVERHEAD_BYTES})",
+                "max-message-bytes ({}) must be positive and fit in a segment (segment-bytes {} minus {framing})",
                 self.max_message_bytes, self.segment_bytes
             ));
         }
@@ -280,5 +284,14 @@ mod tests {
             ..BrokerConfig::default()
         };
         assert!(bad.validate().unwrap_err().contains("sync"));
+        // The largest message plus every header must fit a segment, or the store would
+        // refuse to open after validation said yes.
+        let edge = BrokerConfig {
+            segment_bytes: 1 << 20,
+            max_message_bytes: (1 << 20) - RECORD_OVERHEAD_BYTES,
+            max_incomplete_bytes_per_connection: 1 << 20,
+            ..BrokerConfig::default()
+        };
+        assert!(edge.validate().unwrap_err().contains("max-message-bytes"));
     }
 }
