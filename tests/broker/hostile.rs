@@ -455,30 +455,12 @@ async fn auto_creation_stops_at_max_auto_created_addresses() {
     for (h, name) in ["a", "b", "topic.c"].iter().enumerate() {
         c.attach_sender(h as u32, name, name).await;
     }
-    let attach = fe2o3_amqp::types::performatives::Attach {
-        name: "d".into(),
-        handle: fe2o3_amqp::types::definitions::Handle(3),
-        role: Role::Sender,
-        snd_settle_mode: fe2o3_amqp::types::definitions::SenderSettleMode::Unsettled,
-        rcv_settle_mode: ReceiverSettleMode::First,
-        source: Some(Box::new(
-            fe2o3_amqp::types::messaging::Source::builder().build(),
-        )),
-        target: Some(Box::new(
-            fe2o3_amqp::types::messaging::TargetArchetype::Target(
-                fe2o3_amqp::types::messaging::Target::builder()
-                    .address("d")
-                    .build(),
-            ),
-        )),
-        unsettled: None,
-        incomplete_unsettled: false,
-        initial_delivery_count: Some(0),
-        max_message_size: None,
-        offered_capabilities: None,
-        desired_capabilities: None,
-        properties: None,
-    };
+    let target = fe2o3_amqp::types::messaging::TargetArchetype::Target(
+        fe2o3_amqp::types::messaging::Target::builder()
+            .address("d")
+            .build(),
+    );
+    let attach = crate::raw_client::sender_attach(3, "d", target);
     c.send_on(0, &Performative::Attach(attach), &[]).await;
     let d = within("refusal", c.expect(crate::raw_client::detach_of(3))).await;
     let e = d.error.expect("an error");

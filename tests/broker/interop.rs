@@ -214,31 +214,13 @@ fn browsing_a_queue_leaves_every_message_in_it() {
 /// `amqp:not-implemented`, and the connection keeps working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_target_is_refused_on_its_link_only() {
-    use fe2o3_amqp::types::definitions::{Handle, SenderSettleMode};
-    use fe2o3_amqp::types::messaging::{Source, TargetArchetype};
-    use fe2o3_amqp::types::performatives::Attach;
+    use fe2o3_amqp::types::messaging::TargetArchetype;
     use fe2o3_amqp::types::transaction::Coordinator;
     let dir = tempfile::tempdir().unwrap();
     let broker = BrokerProcess::start(dir.path(), &[]);
     let mut c = within("open", Client::open(broker.amqp)).await.unwrap();
-    let attach = Attach {
-        name: "txn-ctrl".into(),
-        handle: Handle(0),
-        role: Role::Sender,
-        snd_settle_mode: SenderSettleMode::Unsettled,
-        rcv_settle_mode: ReceiverSettleMode::First,
-        source: Some(Box::new(Source::builder().build())),
-        target: Some(Box::new(TargetArchetype::Coordinator(Coordinator::new(
-            None,
-        )))),
-        unsettled: None,
-        incomplete_unsettled: false,
-        initial_delivery_count: Some(0),
-        max_message_size: None,
-        offered_capabilities: None,
-        desired_capabilities: None,
-        properties: None,
-    };
+    let coordinator = TargetArchetype::Coordinator(Coordinator::new(None));
+    let attach = crate::raw_client::sender_attach(0, "txn-ctrl", coordinator);
     c.send_on(0, &Performative::Attach(attach), &[]).await;
     let d = within("refusal", c.expect(crate::raw_client::detach_of(0))).await;
     let e = d.error.expect("an error");

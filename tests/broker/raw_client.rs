@@ -61,6 +61,26 @@ pub fn data_message(body: &[u8]) -> Vec<u8> {
     m
 }
 
+/// A sender's attach on `handle` with `target` as given (a named target, a coordinator…).
+pub fn sender_attach(handle: u32, name: &str, target: TargetArchetype) -> Attach {
+    Attach {
+        name: name.into(),
+        handle: Handle(handle),
+        role: Role::Sender,
+        snd_settle_mode: SenderSettleMode::Unsettled,
+        rcv_settle_mode: ReceiverSettleMode::First,
+        source: Some(Box::new(Source::builder().build())),
+        target: Some(Box::new(target)),
+        unsettled: None,
+        incomplete_unsettled: false,
+        initial_delivery_count: Some(0),
+        max_message_size: None,
+        offered_capabilities: None,
+        desired_capabilities: None,
+        properties: None,
+    }
+}
+
 pub fn detach_of(handle: u32) -> impl Fn(Performative) -> Option<Detach> {
     move |p| match p {
         Performative::Detach(d) if d.handle.0 == handle => Some(d),
@@ -177,24 +197,8 @@ impl Client {
         name: &str,
         address: &str,
     ) -> Flow {
-        let attach = Attach {
-            name: name.into(),
-            handle: Handle(handle),
-            role: Role::Sender,
-            snd_settle_mode: SenderSettleMode::Unsettled,
-            rcv_settle_mode: ReceiverSettleMode::First,
-            source: Some(Box::new(Source::builder().build())),
-            target: Some(Box::new(TargetArchetype::Target(
-                Target::builder().address(address).build(),
-            ))),
-            unsettled: None,
-            incomplete_unsettled: false,
-            initial_delivery_count: Some(0),
-            max_message_size: None,
-            offered_capabilities: None,
-            desired_capabilities: None,
-            properties: None,
-        };
+        let target = TargetArchetype::Target(Target::builder().address(address).build());
+        let attach = sender_attach(handle, name, target);
         self.send_on(channel, &Performative::Attach(attach), &[])
             .await;
         self.expect_on(|ch, p| match p {
