@@ -79,6 +79,18 @@ impl ClusterHandle {
             "last_applied: {}",
             m.last_applied.map_or(-1, |l| l.index as i64)
         );
+        // What the node holds as a snapshot and how far its Raft log is purged: a node
+        // whose log is purged can only have come back from its snapshot.
+        let _ = writeln!(
+            out,
+            "snapshot_index: {}",
+            m.snapshot.map_or(-1, |l| l.index as i64)
+        );
+        let _ = writeln!(
+            out,
+            "purged_index: {}",
+            m.purged.map_or(-1, |l| l.index as i64)
+        );
         if let Role::Leader(a) = &*self.role.borrow() {
             let _ = writeln!(out, "uncommitted_ops: {}", a.replication.uncommitted());
         }

@@ -385,6 +385,12 @@ fn restart_from_snapshot() {
     let second = Load::start(&rt, second).finish(&rt, STEP_TIMEOUT);
 
     cluster.restart(victim);
+    // It runs with its Raft log purged below a snapshot (GET /cluster): no replay of the
+    // whole log can have rebuilt its store — a snapshot did, its own or the leader's.
+    cluster.wait_status(
+        |id, s| id == victim && s.snapshot_index >= 0 && s.purged_index >= 0,
+        STEP_TIMEOUT,
+    );
     cluster.wait_converged(STEP_TIMEOUT);
     let installed = cluster.log_count(victim, "store snapshot installed");
     // The restarted node is needed now: one of the others goes.

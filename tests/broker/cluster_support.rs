@@ -65,6 +65,10 @@ pub struct Status {
     pub leader: Option<u64>,
     pub last_log_index: i64,
     pub last_applied: i64,
+    /// The index of the snapshot the node holds, -1 for none.
+    pub snapshot_index: i64,
+    /// How far the node's Raft log is purged, -1 for not at all.
+    pub purged_index: i64,
     /// On the leader: store operations recorded and not committed yet.
     pub uncommitted_ops: Option<u64>,
     pub voters: Vec<u64>,
@@ -89,6 +93,8 @@ impl Status {
             leader: field("leader")?.parse().ok(),
             last_log_index: field("last_log_index")?.parse().ok()?,
             last_applied: field("last_applied")?.parse().ok()?,
+            snapshot_index: field("snapshot_index")?.parse().ok()?,
+            purged_index: field("purged_index")?.parse().ok()?,
             uncommitted_ops: field("uncommitted_ops").and_then(|v| v.parse().ok()),
             voters,
         })
