@@ -27,7 +27,6 @@ mod wire;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -36,6 +35,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 use tokio::time::{timeout, Instant};
 
+use crate::disk_full::SmallFs;
 use crate::harness::BrokerProcess;
 use consumer::{Plan, Style};
 use ledger::{Ledger, Origin, Verdict};
@@ -202,30 +202,6 @@ impl Rng {
     }
 }
 
-/// A size-limited tmpfs, unmounted on drop.
-struct SmallFs(tempfile::TempDir);
-
-impl SmallFs {
-    fn mount(size: &str) -> Result<SmallFs, String> {
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .output()
-            .map_err(|e| format!("cannot run mount: {e}"))?;
-        if !out.status.success() {
-            return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
-        }
-        Ok(SmallFs(dir))
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.0.path()).output();
-    }
-}
-
 /// Where the broker keeps its data: a tmpfs, or (full-disk fault skipped) a plain
 /// directory.
 enum Storage {
@@ -253,7 +229,7 @@ impl Storage {
 
     fn data_dir(&self) -> PathBuf {
         match self {
-            Storage::Tmpfs(fs) => fs.0.path().join("data"),
+            Storage::Tmpfs(fs) => fs.path().join("data"),
             Storage::Plain(dir) => dir.path().join("data"),
         }
     }
@@ -657,7 +633,7 @@ fn print_summary(v: &Verdict, ledger: &Ledger, seed: u64, injected: &[Fault]) {
     eprintln!(
         "campaign: refused {} unconfirmed {} (delivered {}) consumed without settlement {} \
          early-close sent {} delivered {} (first in a later epoch {}) ghosts {} foreign {} \
-         problems {}",
+         problems {} dlq copies across a restart {}",
         v.refused,
         v.unconfirmed,
         v.unconfirmed_delivered,
@@ -667,7 +643,8 @@ fn print_summary(v: &Verdict, ledger: &Ledger, seed: u64, injected: &[Fault]) {
         v.early_close_after_restart,
         v.ghosts.len(),
         v.foreign.len(),
-        ledger.problems.len()
+        ledger.problems.len(),
+        v.dlq_copies_across_restart.len()
     );
 }
 

@@ -54,10 +54,11 @@ const NEVER_ACCEPTED: u64 = 5;
 /// Credit the raw consumer keeps open.
 const CREDIT: u32 = 200;
 
-struct SmallFs(tempfile::TempDir);
+/// A size-limited tmpfs, unmounted on drop (also used by the fault campaign).
+pub(crate) struct SmallFs(tempfile::TempDir);
 
 impl SmallFs {
-    fn mount(size: &str) -> Result<SmallFs, String> {
+    pub(crate) fn mount(size: &str) -> Result<SmallFs, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let out = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
@@ -76,18 +77,17 @@ impl SmallFs {
     fn mount_or_skip(size: &str) -> Option<SmallFs> {
         match SmallFs::mount(size) {
             Ok(fs) => Some(fs),
-            Err(reason) if std::env::var("ENTREPOT_TEST_ALLOW_SKIP").as_deref() == Ok("1") => {
-                eprintln!("skipped (ENTREPOT_TEST_ALLOW_SKIP=1): cannot mount a tmpfs: {reason}");
+            Err(reason) => {
+                crate::requirement::skip_or_fail(
+                    "disk_full",
+                    &format!("cannot mount a size-limited tmpfs (needs root): {reason}"),
+                );
                 None
             }
-            Err(reason) => panic!(
-                "cannot mount a size-limited tmpfs: {reason}; this test needs root \
-                 (set ENTREPOT_TEST_ALLOW_SKIP=1 to skip it in a local run)"
-            ),
         }
     }
 
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         self.0.path()
     }
 }

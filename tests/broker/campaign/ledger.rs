@@ -256,6 +256,12 @@ pub struct Verdict {
     pub duplicated: Vec<(u64, &'static str)>,
     /// Refused to their producer, delivered all the same.
     pub ghosts: Vec<u64>,
+    /// Rejected in one epoch, the broker restarted before settling that rejection, and
+    /// rejected again after: one dead-letter copy per epoch. The move to the DLQ is not
+    /// atomic across a crash (copy durable, original's acknowledgement not yet: the
+    /// documented "a crash in between duplicates, never loses"); counted and printed,
+    /// not a failure, until the move is made atomic.
+    pub dlq_copies_across_restart: Vec<u64>,
     pub foreign: Vec<String>,
 }
 
@@ -272,6 +278,7 @@ impl Verdict {
         let mut rejected_for_good = false;
         let mut came_back = None;
         let (mut early, mut sent_epoch, mut first_delivery_epoch) = (false, 0, None);
+        let mut rejection_epochs = std::collections::BTreeSet::new();
         for s in history {
             match &s.event {
                 Event::Sent(origin) => {
@@ -291,8 +298,11 @@ impl Verdict {
                         );
                     }
                 }
-                Event::OutcomeSent { disposal, .. } => {
+                Event::OutcomeSent { disposal, dlq } => {
                     acks_sent += u32::from(*disposal == Disposal::Accepted);
+                    if !*dlq && *disposal == Disposal::Rejected {
+                        rejection_epochs.insert(s.epoch);
+                    }
                 }
                 Event::Settled { dlq, disposal } => match disposal {
                     Disposal::Accepted => {
@@ -332,6 +342,12 @@ impl Verdict {
             self.ghosts.push(seq);
         } else if consumed > 1 {
             self.duplicated.push((seq, "settled accepted twice"));
+        } else if dead_lettered > 1
+            && consumed == 0
+            && rejection_epochs.len() > 1
+            && dead_lettered as usize <= rejection_epochs.len()
+        {
+            self.dlq_copies_across_restart.push(seq);
         } else if dead_lettered > 1 {
             self.duplicated.push((seq, "consumed from the DLQ twice"));
         } else if consumed + dead_lettered > 1 {
