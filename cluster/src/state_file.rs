@@ -10,8 +10,9 @@
 //! opt<T> = { present: u8 | T if present };  log_id = { term: u64 | node: u64 | index: u64 }
 //! ```
 //! A write goes to `<name>.tmp`, is fsynced (when durable), renamed over the old file, and
-//! the directory is fsynced: a reader sees the old or the new file, never a mix. A missing
-//! file is "nothing saved yet"; a damaged one is [`ClusterError::BadFile`].
+//! the directory is fsynced — both syncs through `entrepot_storage::fsync`, so a simulated
+//! power cut keeps only what was synced: a reader sees the old or the new file, never a
+//! mix. A missing file is "nothing saved yet"; a damaged one is [`ClusterError::BadFile`].
 //!
 //! Does not: cache or batch writes — each save is one file write (votes and purges are
 //! rare; the committed hint skips the fsyncs, see `log_store.rs`).
@@ -121,7 +122,7 @@ pub(crate) fn write(
     f.write_all(&buf)
         .map_err(|e| ClusterError::io("writing", &tmp, e))?;
     if durable {
-        f.sync_all()
+        entrepot_storage::fsync::sync_file(&f, &tmp)
             .map_err(|e| ClusterError::io("syncing", &tmp, e))?;
     }
     drop(f);
@@ -188,8 +189,7 @@ pub(crate) fn read_bounded(
 }
 
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
+    entrepot_storage::fsync::sync_dir(dir)
         .map_err(|e| ClusterError::io("syncing directory", dir, e))
 }
 

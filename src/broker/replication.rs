@@ -408,17 +408,18 @@ fn apply_message(
     Ok(())
 }
 
-/// Writes `dir/name` whole: temporary file, fsync, rename, directory fsync.
+/// Writes `dir/name` whole: temporary file, fsync, rename, directory fsync (the syncs
+/// through `entrepot_storage::fsync`, the storage crate's one door to the disk).
 pub fn write_file(dir: &Path, name: &str, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let tmp = dir.join(format!("{name}.tmp"));
     {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(contents)?;
-        f.sync_all()?;
+        entrepot_storage::fsync::sync_file(&f, &tmp)?;
     }
     std::fs::rename(&tmp, dir.join(name))?;
-    std::fs::File::open(dir)?.sync_all()
+    entrepot_storage::fsync::sync_dir(dir)
 }
 
 struct Reader<'a> {

@@ -6,6 +6,10 @@
 //! fault is injected for its path (EIO, ENOSPC, a stall), and after a successful call
 //! reports what it made durable, so a test can rebuild the files a power cut would leave.
 //!
+//! [`sync_file`] and [`sync_dir`] are public so the other crates' small durable files
+//! (the Raft vote and snapshot, the subscription registry) sync through the same door,
+//! and a simulated power cut keeps of them only what was synced.
+//!
 //! Does not decide when to sync: the log and the segments do.
 
 use std::fs::File;
@@ -38,8 +42,9 @@ pub(crate) fn sync_mapped(
     Ok(())
 }
 
-/// `fdatasync` of a whole file plus its size (a new segment's preallocation).
-pub(crate) fn sync_file(file: &File, path: &Path) -> io::Result<()> {
+/// `fsync` of a whole file plus its size (a new segment's preallocation, a small file
+/// written whole before its rename). `path` names the file for the crash seam.
+pub fn sync_file(file: &File, path: &Path) -> io::Result<()> {
     #[cfg(feature = "crash-sim")]
     crate::crash_sim::before_sync(path)?;
     file.sync_all()?;
@@ -51,7 +56,7 @@ pub(crate) fn sync_file(file: &File, path: &Path) -> io::Result<()> {
 }
 
 /// Syncs a directory, making its entries (creations, renames, unlinks) durable.
-pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
     #[cfg(feature = "crash-sim")]
     crate::crash_sim::before_sync(dir)?;
     File::open(dir).and_then(|d| d.sync_all())?;

@@ -50,7 +50,7 @@ mod config;
 #[cfg(feature = "crash-sim")]
 pub mod crash_sim;
 mod error;
-mod fsync;
+pub mod fsync;
 mod index;
 mod log;
 mod offset_set;
