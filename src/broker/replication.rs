@@ -220,14 +220,15 @@ impl Replication {
     }
 }
 
-pub(crate) fn encode_message(buf: &mut BytesMut, offset: u64, record: &[u8]) {
+/// Appends op 1 (the op encoders are public for `tests/broker/format_fixtures.rs`).
+pub fn encode_message(buf: &mut BytesMut, offset: u64, record: &[u8]) {
     buf.put_u8(OP_MESSAGE);
     buf.put_u64_le(offset);
     buf.put_u32_le(record.len() as u32);
     buf.put_slice(record);
 }
 
-pub(crate) fn encode_ack(buf: &mut BytesMut, group: Option<u32>, offsets: &[u64]) {
+pub fn encode_ack(buf: &mut BytesMut, group: Option<u32>, offsets: &[u64]) {
     match group {
         None => buf.put_u8(OP_ACK),
         Some(g) => {
@@ -239,25 +240,25 @@ pub(crate) fn encode_ack(buf: &mut BytesMut, group: Option<u32>, offsets: &[u64]
     offsets.iter().for_each(|o| buf.put_u64_le(*o));
 }
 
-pub(crate) fn encode_group_floor(buf: &mut BytesMut, group: u32, floor: u64) {
+pub fn encode_group_floor(buf: &mut BytesMut, group: u32, floor: u64) {
     buf.put_u8(OP_GROUP_FLOOR);
     buf.put_u32_le(group);
     buf.put_u64_le(floor);
 }
 
-pub(crate) fn encode_drop_group(buf: &mut BytesMut, group: u32) {
+pub fn encode_drop_group(buf: &mut BytesMut, group: u32) {
     buf.put_u8(OP_DROP_GROUP);
     buf.put_u32_le(group);
 }
 
-pub(crate) fn encode_delivery_count(buf: &mut BytesMut, group: u32, offset: u64, count: u32) {
+pub fn encode_delivery_count(buf: &mut BytesMut, group: u32, offset: u64, count: u32) {
     buf.put_u8(OP_DELIVERY_COUNT);
     buf.put_u32_le(group);
     buf.put_u64_le(offset);
     buf.put_u32_le(count);
 }
 
-pub(crate) fn encode_file(buf: &mut BytesMut, name: &str, contents: &[u8]) {
+pub fn encode_file(buf: &mut BytesMut, name: &str, contents: &[u8]) {
     buf.put_u8(OP_FILE);
     buf.put_u16_le(name.len() as u16);
     buf.put_slice(name.as_bytes());

@@ -17,6 +17,7 @@ mod container;
 mod crash;
 mod disk_full;
 mod expiry;
+mod format_fixtures;
 mod fuzz_replay;
 mod garbage;
 mod harness;
