@@ -205,6 +205,39 @@ impl StoreMachine {
     }
 }
 
+impl StoreMachine {
+    /// `snapshot` as a received file. openraft's chunked transfer writes into the file
+    /// [`RaftStateMachine::begin_receiving_snapshot`] gave, but its API lets a caller hand
+    /// over any snapshot data whole (its storage suite installs the sender's source as it
+    /// is): that is copied into the receiving file first, so installing always reads a file
+    /// checked whole before the store is touched.
+    async fn spooled(
+        &self,
+        snapshot: Box<SnapshotData>,
+    ) -> Result<Box<SnapshotData>, RaftStorageError> {
+        use tokio::io::AsyncSeekExt;
+        if matches!(*snapshot, SnapshotData::File(_)) {
+            return Ok(snapshot);
+        }
+        let mut whole = snapshot;
+        let dir = &self.inner.snapshot_dir;
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| sm_error(None, e))?;
+        let mut file = SnapshotData::receiving_file(&dir.join(RECEIVING_FILE))
+            .await
+            .map_err(|e| sm_error(None, e))?;
+        whole
+            .seek(std::io::SeekFrom::Start(0))
+            .await
+            .map_err(|e| sm_error(None, e))?;
+        tokio::io::copy(&mut *whole, &mut file)
+            .await
+            .map_err(|e| sm_error(None, e))?;
+        Ok(Box::new(file))
+    }
+}
+
 impl RaftSnapshotBuilder<TypeConfig> for StoreMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, RaftStorageError> {
         let this = self.clone();
@@ -276,6 +309,7 @@ impl RaftStateMachine<TypeConfig> for StoreMachine {
         meta: &SnapshotMeta<NodeId, BasicNode>,
         snapshot: Box<SnapshotData>,
     ) -> Result<(), RaftStorageError> {
+        let snapshot = self.spooled(snapshot).await?;
         let file = snapshot
             .into_std_file()
             .await
