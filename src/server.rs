@@ -121,6 +121,7 @@ pub async fn accept_loop<F, Fut>(
 pub(crate) async fn accept_tls(stream: tokio::net::TcpStream, tls: &TlsFiles) -> Option<Accepted> {
     let peer = stream.peer_addr().ok();
     let _ = stream.set_nodelay(true);
+    let quickack = Some(connection::QuickAck::of(&stream));
     let handshake = tls.acceptor().accept(stream);
     match tokio::time::timeout(connection::TLS_HANDSHAKE_TIMEOUT, handshake).await {
         Ok(Ok(stream)) => {
@@ -131,6 +132,7 @@ pub(crate) async fn accept_tls(stream: tokio::net::TcpStream, tls: &TlsFiles) ->
                 wr: Box::new(wr),
                 peer,
                 sni,
+                quickack,
             })
         }
         Ok(Err(e)) => {

@@ -26,14 +26,18 @@ use super::args::url_host_port;
 use super::stats::{ConsumerStats, ProducerStats, Stamp};
 use super::{Ctx, Schedule};
 
-/// Opens a connection over our own socket with TCP_NODELAY, with SASL PLAIN when the URL
+/// Opens a connection over our own socket with TCP_NODELAY (unless `nagle`), with SASL PLAIN when the URL
 /// carries `user:password@`.
-pub async fn connect(url: &str, container_id: &str) -> anyhow::Result<ConnectionHandle<()>> {
+pub async fn connect(
+    url: &str,
+    container_id: &str,
+    nagle: bool,
+) -> anyhow::Result<ConnectionHandle<()>> {
     let host_port = url_host_port(url)?;
     let stream = tokio::net::TcpStream::connect(&host_port)
         .await
         .with_context(|| format!("connecting to {host_port}"))?;
-    stream.set_nodelay(true)?;
+    stream.set_nodelay(!nagle)?;
     let host = host_port
         .rsplit_once(':')
         .map_or(host_port.as_str(), |(h, _)| h);
@@ -85,7 +89,12 @@ async fn produce_inner(
     stats: &mut ProducerStats,
 ) -> anyhow::Result<()> {
     let args = &ctx.workload.args;
-    let mut conn = connect(&args.url, &format!("bench-p{producer}-{}", ctx.run_id)).await?;
+    let mut conn = connect(
+        &args.url,
+        &format!("bench-p{producer}-{}", ctx.run_id),
+        args.nagle,
+    )
+    .await?;
     let mut session = Session::begin(&mut conn).await.context("begin")?;
     let mut sender = Sender::attach(
         &mut session,
@@ -207,7 +216,12 @@ async fn consume_inner(
 ) -> anyhow::Result<()> {
     let args = &ctx.workload.args;
     let source = args.consumer_address.as_deref().unwrap_or(&args.address);
-    let mut conn = connect(&args.url, &format!("bench-c{consumer}-{}", ctx.run_id)).await?;
+    let mut conn = connect(
+        &args.url,
+        &format!("bench-c{consumer}-{}", ctx.run_id),
+        args.nagle,
+    )
+    .await?;
     let mut session = Session::begin(&mut conn).await.context("begin")?;
     let mut receiver = Receiver::builder()
         .name(format!("bench-c{consumer}"))

@@ -31,7 +31,7 @@ pub struct BenchArgs {
     /// RabbitMQ `/exchange/amq.fanout/x` binding for fan-out runs).
     #[arg(long)]
     pub consumer_address: Option<String>,
-    /// Producer connections.
+    /// Producer connections; 0 with `--count N`: consume only, N messages already waiting.
     #[arg(long, default_value_t = 1)]
     pub producers: u32,
     /// Competing consumer connections on the address (together they must see every message;
@@ -89,6 +89,13 @@ pub struct BenchArgs {
     /// again), so one process's CPU is not the ceiling; their figures are merged.
     #[arg(long, default_value_t = 1)]
     pub processes: u32,
+    /// Leave Nagle's algorithm on in the clients' sockets, as fe2o3-amqp's own
+    /// `Connection::open` does: shows what such clients get from the broker.
+    #[arg(long)]
+    pub nagle: bool,
+    /// The broker's process id: report its CPU time per message (from /proc).
+    #[arg(long)]
+    pub broker_pid: Option<u32>,
     /// Internal: this process is one of `--processes`; `RUN:P0:PTOTAL:C0:CTOTAL` (shared run
     /// id, first global producer and consumer index, totals over all processes).
     #[arg(long, hide = true)]

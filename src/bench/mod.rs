@@ -13,6 +13,8 @@
 
 mod amqp;
 mod args;
+mod cpu;
+mod drain;
 #[cfg(feature = "nats")]
 mod nats;
 #[cfg(feature = "plot")]
@@ -124,6 +126,9 @@ impl Ctx {
 
 /// Runs the benchmark; an error if any accepted message was not received.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.producers == 0 && args.child.is_none() {
+        return drain::run(args).await;
+    }
     if args.processes > 1 && args.child.is_none() {
         return processes::parent(args).await;
     }

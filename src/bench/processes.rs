@@ -313,6 +313,9 @@ fn child_args(a: &BenchArgs, p: u32, c: u32, spec: ChildSpec, json: &Path) -> Ve
     if a.persistent {
         v.push("--persistent".into());
     }
+    if a.nagle {
+        v.push("--nagle".into());
+    }
     v
 }
 

@@ -17,10 +17,12 @@
 
 mod handshake;
 mod link;
+mod quickack;
 mod session;
 mod tenant;
 
 pub use handshake::TLS_HANDSHAKE_TIMEOUT;
+pub use quickack::QuickAck;
 mod subscribe;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -235,6 +237,8 @@ pub struct Connection {
     parked: Option<Parked>,
     /// Set while a parked frame is retried: when it first waited.
     park_since: Option<Instant>,
+    /// The client's TCP socket: a read that leaves nothing to write is ACKed at once.
+    quickack: Option<QuickAck>,
 }
 
 /// The reading side of a client's byte stream (TCP or TLS).
@@ -249,6 +253,8 @@ pub struct Accepted {
     pub peer: Option<std::net::SocketAddr>,
     /// The TLS server name the client asked for.
     pub sni: Option<String>,
+    /// The TCP socket under the stream, for prompt ACKs (`quickack.rs`).
+    pub quickack: Option<QuickAck>,
 }
 
 impl Accepted {
@@ -256,12 +262,14 @@ impl Accepted {
     pub fn tcp(stream: TcpStream) -> Accepted {
         let peer = stream.peer_addr().ok();
         let _ = stream.set_nodelay(true);
+        let quickack = Some(QuickAck::of(&stream));
         let (rd, wr) = stream.into_split();
         Accepted {
             rd: Box::new(rd),
             wr: Box::new(wr),
             peer,
             sni: None,
+            quickack,
         }
     }
 }
@@ -306,6 +314,7 @@ async fn run(
         mut wr,
         peer,
         sni,
+        quickack,
     } = stream;
     let mut rbuf = BytesMut::with_capacity(64 * 1024);
     // One deadline from accept to `open`, however slowly the bytes come.
@@ -350,6 +359,7 @@ async fn run(
         intake,
         parked: None,
         park_since: None,
+        quickack,
     };
     let result = conn
         .main_loop(&mut rd, rbuf, outbound_rx, shutdown, deadline)
@@ -420,6 +430,13 @@ impl Connection {
                     }
                     self.last_read = Instant::now();
                     self.on_buffered_frames(&mut rbuf).await?;
+                    if self.wbuf.is_empty() {
+                        // No reply to carry the ACK: a client with Nagle on would hold
+                        // its next flow or disposition for the delayed ACK.
+                        if let Some(q) = &self.quickack {
+                            q.now();
+                        }
+                    }
                     if rbuf.capacity() - rbuf.len() < 16 * 1024 {
                         rbuf.reserve(64 * 1024);
                     }
