@@ -12,8 +12,8 @@
 //! * [`LogStore`]: openraft's log storage on an `entrepot_storage::Log` — one record per
 //!   entry, group-commit durability before openraft hears "flushed", suffix truncation,
 //!   segment-granular purge, the vote in a durable state file.
-//! * [`StateMachineStore`]: a *stand-in* state machine ([`Model`], in memory) with
-//!   persisted binary snapshots, until the broker's queues become the state machine.
+//! * The persisted snapshot file of a state machine ([`write_snapshot_file`],
+//!   [`read_snapshot_file`], `snapshot_file.rs`): what a snapshot covers, and its data.
 //! * [`identity`]: node id from a StatefulSet hostname or `--node-id`, `--peers` parsing.
 //! * The inter-node port: [`TcpNetwork`] (openraft's network, one TCP connection per
 //!   peer, `network.rs`) and [`PeerServer`] (accepts peers, hands RPCs to the local
@@ -25,9 +25,11 @@
 //! * Raft indexes in a log are dense and equal record offset + one bias; checked on read.
 //! * Every length read from disk is bounded by a `MAX_*` constant before allocating.
 //!
-//! The broker's side — its store as the state machine, activation on the leader,
-//! forwarding, membership administration — lives in the broker crate (`src/raft/`); this
-//! crate also persists that state machine's snapshots ([`write_snapshot_file`]).
+//! The state machine is the broker's: its store (`src/raft/state_machine.rs` in the broker
+//! crate), with activation on the leader, forwarding and membership administration; this
+//! crate has none of its own. openraft's storage conformance suite runs on this crate's
+//! [`LogStore`] with that state machine (`tests/raft_conformance.rs` in the broker crate);
+//! this crate's own Raft tests use a minimal test-only one (`tests/support/machine.rs`).
 //!
 //! * [`auth`]: peers prove they share the cluster secret (HMAC challenge-response)
 //!   before any RPC.
@@ -42,7 +44,7 @@
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! use entrepot_cluster::{LogStore, StateMachineStore};
+//! use entrepot_cluster::LogStore;
 //! use entrepot_storage::LogConfig;
 //! use openraft::storage::RaftLogStorage;
 //! use openraft::RaftLogReader;
@@ -50,7 +52,6 @@
 //! let dir = tempfile::tempdir()?;
 //! let config = LogConfig { segment_bytes: 1 << 20, record_bytes_max: 64 << 10, ..LogConfig::default() };
 //! let mut log = LogStore::open(dir.path(), config.clone())?;
-//! let _sm = StateMachineStore::open(dir.path())?;
 //! assert_eq!(log.get_log_state().await?.last_log_id, None);
 //! assert!(log.try_get_log_entries(0..10).await?.is_empty());
 //! # Ok(()) }
@@ -66,13 +67,12 @@ mod frame;
 pub mod identity;
 mod index_map;
 mod log_store;
-mod model;
 mod network;
 mod peer_server;
 mod rpc;
 pub mod snapshot_data;
+mod snapshot_file;
 mod state_file;
-mod state_machine;
 mod stream;
 mod tls;
 mod types;
@@ -81,14 +81,13 @@ pub use auth::PeerSecret;
 pub use error::{ClusterError, RaftStorageError, Result};
 pub use frame::{FRAME_HEADER_LEN, FRAME_TRANSFER_TIMEOUT, MAX_RPC_FRAME_BYTES};
 pub use log_store::{LogStore, LogStoreReader, FLUSH_QUEUE_MAX, LOG_DIR, RAFT_ENTRY_FLAG};
-pub use model::{Model, MAX_SNAPSHOT_ADDRESSES, MAX_SNAPSHOT_MESSAGES, SNAPSHOT_DATA_VERSION};
 pub use network::{PeerClient, TcpNetwork};
 pub use peer_server::{PeerServer, PeerServerOptions, MAX_PEER_CONNECTIONS};
 pub use rpc::{MAX_RPC_ENTRIES, MAX_RPC_STRING_BYTES, RPC_VERSION};
 pub use snapshot_data::{SnapshotData, SnapshotSource};
-pub use state_file::{MAX_STATE_FILE_BYTES, STATE_FILE_VERSION};
-pub use state_machine::{
-    read_snapshot_file, write_snapshot_file, StateMachineStore, MAX_SNAPSHOT_BYTES,
+pub use snapshot_file::{
+    read_snapshot_file, write_snapshot_file, SnapshotFile, MAX_SNAPSHOT_BYTES,
 };
+pub use state_file::{MAX_STATE_FILE_BYTES, STATE_FILE_VERSION};
 pub use tls::{PeerTls, PeerTlsError, PEER_TLS_HANDSHAKE_TIMEOUT};
 pub use types::*;

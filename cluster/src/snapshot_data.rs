@@ -2,7 +2,8 @@
 //! chunk by chunk by the receiver, then handed to the state machine.
 //!
 //! Three shapes, one type ([`SnapshotData`], openraft's `SnapshotData`):
-//! * **Memory** — the whole snapshot in a buffer (the stand-in state machine: small).
+//! * **Memory** — the whole snapshot in a buffer (small snapshots: the cluster tests'
+//!   state machine).
 //! * **Source** — generated on read from a [`SnapshotSource`], which pages in only what a
 //!   chunk asks for. The broker's store snapshot is a source over its own mmap'd segments,
 //!   so sending a snapshot of gigabytes costs neither a copy in memory nor a second file.

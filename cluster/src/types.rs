@@ -66,7 +66,8 @@ pub enum Request {
     Cursor { subscription: String, floor: u64 },
     /// A batch of the broker's store operations (stored messages, acknowledgements,
     /// subscription changes), encoded by the broker (`src/cluster/ops.rs`); opaque here.
-    /// This is what a broker node replicates; the variants above serve the stand-in model.
+    /// This is what a broker node replicates; a broker never writes the variants above
+    /// (they are part of entry format 1, and the cluster crate's own tests replicate them).
     Ops(Bytes),
 }
 

@@ -1,8 +1,8 @@
 //! Goal: three nodes talking over the real inter-node TCP port elect a leader, replicate
 //! produce batches, survive losing the leader (its Raft and its port both gone), elect a
 //! new one, keep committing, and every survivor holds every acknowledged message.
-//! Method: one process, three `Raft`s on `LogStore`/`StateMachineStore` in temporary
-//! directories, each served by a `PeerServer` on `127.0.0.1:0`; the bound addresses go into
+//! Method: one process, three `Raft`s on `LogStore` in temporary directories (with the
+//! tests' minimal state machine, `support/machine.rs`), each served by a `PeerServer` on `127.0.0.1:0`; the bound addresses go into
 //! the initial membership, so `TcpNetwork` dials what the membership says. Every wait is
 //! bounded and the whole test is under a 30 s timeout; failures print the seed and ports
 //! (set `ENTREPOT_TEST_SEED` to replay the batch sizes).
@@ -18,9 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use entrepot_cluster::{
-    NodeId, PeerServer, Request, Response, StateMachineStore, TcpNetwork, TypeConfig,
-};
+use entrepot_cluster::{NodeId, PeerServer, Request, Response, TcpNetwork, TypeConfig};
 use openraft::{BasicNode, Config, Raft};
 use tokio::net::TcpListener;
 
@@ -47,7 +45,7 @@ impl fmt::Display for Ctx {
 
 struct Node {
     raft: Raft<TypeConfig>,
-    sm: StateMachineStore,
+    sm: support::MessageMachine,
     server: PeerServer,
     _dir: tempfile::TempDir,
 }

@@ -8,14 +8,14 @@
 // openraft's error types are large; these signatures are openraft's, not ours.
 #![allow(clippy::result_large_err)]
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use entrepot_cluster::{
-    LogStore, NodeId, PeerServer, Request, StateMachineStore, TcpNetwork, TypeConfig,
-};
+use entrepot_cluster::{LogStore, NodeId, PeerServer, Request, TcpNetwork, TypeConfig};
 use entrepot_storage::LogConfig;
 use openraft::{BasicNode, Config, Raft, SnapshotPolicy};
 use tokio::net::TcpListener;
@@ -24,7 +24,7 @@ const WAIT: Duration = Duration::from_secs(10);
 
 struct Node {
     raft: Raft<TypeConfig>,
-    sm: StateMachineStore,
+    sm: support::MessageMachine,
     server: PeerServer,
     _dir: tempfile::TempDir,
 }
@@ -37,7 +37,7 @@ async fn start_node(id: NodeId, config: Arc<Config>) -> Node {
         ..LogConfig::default()
     };
     let log = LogStore::open(dir.path(), log_config).unwrap();
-    let sm = StateMachineStore::open(dir.path().join("sm")).unwrap();
+    let sm = support::MessageMachine::default();
     let raft = Raft::new(id, config, TcpNetwork::new(id), log, sm.clone())
         .await
         .unwrap();
@@ -118,14 +118,7 @@ async fn scenario() {
         "the learner caught up from a snapshot: {:?}, leader purged {purged:?}",
         m.snapshot
     );
-    let stored: Vec<Bytes> = second
-        .sm
-        .model()
-        .unwrap()
-        .messages("orders")
-        .into_iter()
-        .map(|(_, b)| b)
-        .collect();
+    let stored = second.sm.messages("orders");
     assert_eq!(stored, acked, "the learner holds every message in order");
 
     for node in [first, second] {

@@ -21,7 +21,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use entrepot_cluster::{
     NodeId, PeerClient, PeerSecret, PeerServer, PeerServerOptions, PeerTls, Request, Response,
-    StateMachineStore, TcpNetwork, TypeConfig,
+    TcpNetwork, TypeConfig,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::VoteRequest;
@@ -82,7 +82,7 @@ impl Ca {
 
 struct Node {
     raft: Raft<TypeConfig>,
-    sm: StateMachineStore,
+    sm: support::MessageMachine,
     server: PeerServer,
     _dir: tempfile::TempDir,
 }

@@ -1,7 +1,7 @@
 //! Goal: a 3-node cluster on our log storage elects a leader, replicates produce batches,
 //! survives losing its leader, and loses no committed (acknowledged) message.
-//! Method: three openraft nodes in one process, each with its own `LogStore` and
-//! `StateMachineStore` in a temporary directory, joined by an in-memory router that calls
+//! Method: three openraft nodes in one process, each with its own `LogStore` in a
+//! temporary directory and the tests' minimal state machine (`support/machine.rs`), joined by an in-memory router that calls
 //! the target node's `Raft` directly. The leader is "killed" by removing it from the router
 //! and shutting it down; waits are bounded by timeouts, never asserted on wall-clock time.
 
@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use entrepot_cluster::{NodeId, Request, Response, StateMachineStore, TypeConfig};
+use entrepot_cluster::{NodeId, Request, Response, TypeConfig};
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -100,7 +100,7 @@ impl RaftNetwork<TypeConfig> for Connection {
 
 struct Node {
     raft: Raft<TypeConfig>,
-    sm: StateMachineStore,
+    sm: support::MessageMachine,
     _dir: tempfile::TempDir,
 }
 
