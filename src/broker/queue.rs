@@ -514,6 +514,35 @@ impl Queue {
         self.dispatch(broker, &mut s);
     }
 
+    /// A consumer's outcome for the delivery of `offset` was given in a transaction: the
+    /// message stays out (unsettled) but now belongs to the transaction's `txn_owner`,
+    /// so the consumer's link may close without giving it back and has room for more.
+    /// The transaction settles it at commit ([`Queue::settle`]) or gives
+    /// it back at rollback ([`Queue::remove_consumer`] of `txn_owner`). False when the
+    /// consumer no longer holds it.
+    pub fn assign_to_txn(
+        self: &Arc<Self>,
+        broker: &Broker,
+        consumer: ConsumerId,
+        offset: u64,
+        txn_owner: ConsumerId,
+    ) -> bool {
+        let mut s = self.lock();
+        match s.unsettled.get_mut(&offset) {
+            Some((owner, _)) if *owner == consumer => *owner = txn_owner,
+            _ => return false,
+        }
+        if let Some(c) = s
+            .consumers
+            .iter_mut()
+            .find(|c| c.spec.link.consumer == consumer)
+        {
+            c.unsettled = c.unsettled.saturating_sub(1);
+        }
+        self.dispatch(broker, &mut s);
+        true
+    }
+
     /// Applies a flow from the consumer's receiver: credit and drain.
     pub fn flow(
         self: &Arc<Self>,

@@ -64,12 +64,26 @@ pub const fn ack_reserve_bytes(segment_bytes: u64) -> u64 {
 const _: () = assert!(ack_reserve_bytes(entrepot_storage::DEFAULT_SEGMENT_BYTES) == 25 << 20);
 
 // Format (message record payload, v1): { version: u8 = 1 | kind: u8 = 1 | address_len: u16 LE | address: [u8; address_len] (UTF-8) | message: AMQP 1.0 sections as received }
+// Format (transaction message record payload, v1): { version: u8 = 1 | kind: u8 = 2 | address_len: u16 LE | address | txn_batch: u64 LE (random) | txn_remaining: u32 LE (records of the batch after this one) | message }
+
+/// Kind byte of a message written by a transaction's commit (see [`Store::append_txn_batch`]).
+pub const KIND_TXN_MESSAGE: u8 = 2;
+/// Bytes a transaction message record carries between its address and its message.
+const TXN_TRAILER_LEN: usize = 12;
 
 /// A message found in the log at start-up.
 pub struct StoredMessage {
     pub offset: u64,
     pub timestamp_ms: i64,
     pub address: String,
+    pub message: Bytes,
+}
+
+/// A message of a committed transaction's batch, as stored.
+pub struct TxnStored {
+    pub offset: u64,
+    pub timestamp_ms: i64,
+    /// The message alone, a slice of the mapping.
     pub message: Bytes,
 }
 
@@ -138,6 +152,12 @@ pub enum StoreError {
     Storage(#[from] StorageError),
     #[error("address of {0} bytes exceeds {MAX_ADDRESS_LEN}")]
     AddressTooLong(usize),
+    /// A transaction's batch on a clustered store: its atomicity is not carried through
+    /// Raft (a leader lost mid-batch could commit a prefix), so it is refused.
+    #[error("transactions are not available on a clustered node")]
+    TxnReplicated,
+    #[error("no randomness for a transaction batch id")]
+    TxnBatchId,
 }
 
 impl StoreError {
@@ -269,6 +289,56 @@ impl Store {
             record.timestamp_ms,
             record.payload.slice(skip..),
         ))
+    }
+
+    /// Whether changes go through Raft (a clustered node).
+    pub fn is_replicated(&self) -> bool {
+        self.replica.is_some()
+    }
+
+    /// Appends a committing transaction's messages `(address, message)` as one batch
+    /// under one writer lock, so they are consecutive records covered by one group
+    /// commit; returns the batch's durability handle and `(offset, timestamp, stored
+    /// message)` for each, in order. Each record names a random batch id and how many
+    /// records of the batch follow it: recovery shows a batch only when it finds it whole
+    /// (see [`Store::recover`]), so a crash mid-append leaves nothing of it visible.
+    pub fn append_txn_batch(
+        &self,
+        messages: &[(&str, &Bytes)],
+    ) -> Result<(Durable, Vec<TxnStored>), StoreError> {
+        if self.replica.is_some() {
+            return Err(StoreError::TxnReplicated);
+        }
+        if let Some((address, _)) = messages.iter().find(|(a, _)| a.len() > MAX_ADDRESS_LEN) {
+            return Err(StoreError::AddressTooLong(address.len()));
+        }
+        let mut txn_batch = [0u8; 8];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut txn_batch)
+            .map_err(|_| StoreError::TxnBatchId)?;
+        let n = messages.len();
+        let payloads: Vec<Vec<u8>> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, (address, message))| {
+                let batch = u64::from_le_bytes(txn_batch);
+                txn_payload(address, batch, (n - 1 - i) as u32, message)
+            })
+            .collect();
+        let appended = self
+            .log
+            .append_batch(&payloads)
+            .inspect_err(|e| self.note_refusal("message log", e))?;
+        let mut stored = Vec::with_capacity(n);
+        for (i, (address, _)) in messages.iter().enumerate() {
+            let record = self.log.read(appended.first + i as u64)?;
+            let skip = 4 + address.len() + TXN_TRAILER_LEN;
+            stored.push(TxnStored {
+                offset: record.offset,
+                timestamp_ms: record.timestamp_ms,
+                message: record.payload.slice(skip..),
+            });
+        }
+        Ok((appended.durable, stored))
     }
 
     /// Runs a local change, or in a cluster only queues its operation for Raft: the ack
@@ -445,12 +515,23 @@ impl Store {
     }
 
     /// Reads every unacknowledged message, oldest first. Records that do not parse are
-    /// skipped with a warning (and counted), never fatal.
+    /// skipped with a warning (and counted), never fatal. A transaction's batch counts
+    /// only when all its records are there, consecutive and in order ([`TxnRun`]); the
+    /// records of a batch cut short by a crash are acknowledged (best effort), so they
+    /// never count later either.
     pub fn recover(&self) -> StorageResult<Vec<StoredMessage>> {
         let acked = self.acks.snapshot_set();
         let mut out = Vec::new();
+        let mut txn_run = TxnRun::default();
+        let mut txn_orphans = Vec::new();
         for record in self.log.reader(self.log.first_offset()) {
             let record = record?;
+            if record.payload.get(1) == Some(&KIND_TXN_MESSAGE) {
+                let done = acked.contains(record.offset);
+                txn_run.push(&record, done, &mut out, &mut txn_orphans);
+                continue;
+            }
+            txn_run.cut(&mut txn_orphans);
             if acked.contains(record.offset) {
                 continue;
             }
@@ -464,6 +545,17 @@ impl Store {
                 None => {
                     tracing::warn!(offset = record.offset, "skipping unreadable message record")
                 }
+            }
+        }
+        txn_run.cut(&mut txn_orphans);
+        if !txn_orphans.is_empty() {
+            tracing::warn!(
+                records = txn_orphans.len(),
+                "dropping the messages of a transaction whose commit was cut short"
+            );
+            if let Err(e) = self.ack(&txn_orphans) {
+                // Still invisible: a batch is never completed by later records.
+                tracing::warn!(error = %e, "could not acknowledge an incomplete transaction batch");
             }
         }
         Ok(out)
@@ -505,6 +597,95 @@ pub fn reclaim(log: &Log, acks: &AckLog) -> StorageResult<usize> {
         }
     }
     Ok(deleted)
+}
+
+/// Recovery's view of the transaction batch being read: its id, how many records must
+/// follow, and its unacknowledged messages so far. A batch is complete when a record says
+/// none follow; any other record — another batch's, a plain message, the end of the log
+/// — cuts it, and its records are dropped (a random 64-bit id keeps a later batch from
+/// completing an earlier, torn one).
+#[derive(Default)]
+struct TxnRun {
+    batch: Option<(u64, u32)>,
+    members: Vec<StoredMessage>,
+}
+
+impl TxnRun {
+    fn push(
+        &mut self,
+        record: &entrepot_storage::Record,
+        acked: bool,
+        out: &mut Vec<StoredMessage>,
+        orphans: &mut Vec<u64>,
+    ) {
+        let Some((address, batch, remaining, message)) = parse_txn_record(&record.payload) else {
+            tracing::warn!(
+                offset = record.offset,
+                "skipping unreadable transaction record"
+            );
+            self.cut(orphans);
+            return;
+        };
+        if self
+            .batch
+            .is_some_and(|(b, r)| b != batch || r != remaining)
+        {
+            self.cut(orphans);
+        }
+        if !acked {
+            self.members.push(StoredMessage {
+                offset: record.offset,
+                timestamp_ms: record.timestamp_ms,
+                address,
+                message,
+            });
+        }
+        match remaining.checked_sub(1) {
+            Some(next) => self.batch = Some((batch, next)),
+            None => {
+                out.append(&mut self.members);
+                self.batch = None;
+            }
+        }
+    }
+
+    /// The batch read so far is incomplete: its messages become orphans.
+    fn cut(&mut self, orphans: &mut Vec<u64>) {
+        self.batch = None;
+        orphans.extend(self.members.drain(..).map(|m| m.offset));
+    }
+}
+
+/// A transaction message record's payload (see the format above).
+fn txn_payload(address: &str, batch: u64, remaining: u32, message: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(4 + address.len() + TXN_TRAILER_LEN + message.len());
+    p.extend_from_slice(&[RECORD_VERSION, KIND_TXN_MESSAGE]);
+    p.extend_from_slice(&(address.len() as u16).to_le_bytes());
+    p.extend_from_slice(address.as_bytes());
+    p.extend_from_slice(&batch.to_le_bytes());
+    p.extend_from_slice(&remaining.to_le_bytes());
+    p.extend_from_slice(message);
+    p
+}
+
+/// `(address, batch, remaining, message)` of a transaction message record.
+fn parse_txn_record(payload: &Bytes) -> Option<(String, u64, u32, Bytes)> {
+    if payload.len() < 4 || payload[0] != RECORD_VERSION || payload[1] != KIND_TXN_MESSAGE {
+        return None;
+    }
+    let len = u16::from_le_bytes([payload[2], payload[3]]) as usize;
+    let address = std::str::from_utf8(payload.get(4..4 + len)?)
+        .ok()?
+        .to_owned();
+    let trailer = payload.get(4 + len..4 + len + TXN_TRAILER_LEN)?;
+    let batch = u64::from_le_bytes(trailer[..8].try_into().ok()?);
+    let remaining = u32::from_le_bytes(trailer[8..].try_into().ok()?);
+    Some((
+        address,
+        batch,
+        remaining,
+        payload.slice(4 + len + TXN_TRAILER_LEN..),
+    ))
 }
 
 fn parse_record(payload: &Bytes) -> Option<(String, Bytes)> {
@@ -582,6 +763,70 @@ mod tests {
         assert_eq!(msgs.len(), 1);
         assert_eq!(msgs[0].address, "other");
         assert_eq!(&msgs[0].message[..], b"two");
+    }
+
+    fn recovered(dir: &Path) -> Vec<(String, Vec<u8>)> {
+        let store = Store::open(dir, SyncPolicy::Always, 1 << 20, 64 << 10).unwrap();
+        let msgs = store.recover().unwrap();
+        store.acks().log().flush().unwrap();
+        msgs.into_iter()
+            .map(|m| (m.address, m.message.to_vec()))
+            .collect()
+    }
+
+    /// A committed transaction's batch comes back whole (less what was acknowledged);
+    /// a batch cut short by a crash comes back not at all — not even when the next
+    /// records would continue its countdown (another batch of one) — and stays gone.
+    #[tokio::test]
+    async fn a_transaction_batch_is_recovered_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), SyncPolicy::Always, 1 << 20, 64 << 10).unwrap();
+            let (t0, t1, t2) = (Bytes::from("t0"), Bytes::from("t1"), Bytes::from("t2"));
+            let (durable, stored) = store
+                .append_txn_batch(&[("q", &t0), ("q", &t1), ("r", &t2)])
+                .unwrap();
+            assert_eq!(
+                &stored[2].message[..],
+                b"t2",
+                "the view is the message alone"
+            );
+            durable.wait().await.unwrap();
+            store
+                .ack(&[stored[1].offset])
+                .unwrap()
+                .wait()
+                .await
+                .unwrap();
+            // A torn batch (7: two records of three), then a whole batch of one (9),
+            // whose `remaining` (0) is what batch 7 would have needed next.
+            store
+                .log()
+                .append(&txn_payload("q", 7, 2, b"torn0"))
+                .unwrap();
+            store
+                .log()
+                .append(&txn_payload("q", 7, 1, b"torn1"))
+                .unwrap();
+            store
+                .log()
+                .append(&txn_payload("q", 9, 0, b"single"))
+                .unwrap();
+            store
+                .log()
+                .append(&txn_payload("q", 11, 1, b"tail0"))
+                .unwrap();
+            store.append("q", &[b"plain"]).unwrap();
+            store.log().flush().unwrap();
+        }
+        let want: Vec<(String, Vec<u8>)> =
+            [("q", "t0"), ("r", "t2"), ("q", "single"), ("q", "plain")]
+                .iter()
+                .map(|(a, m)| (a.to_string(), m.as_bytes().to_vec()))
+                .collect();
+        assert_eq!(recovered(dir.path()), want);
+        // The orphans were acknowledged: a later recovery agrees.
+        assert_eq!(recovered(dir.path()), want);
     }
 
     #[test]

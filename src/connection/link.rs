@@ -54,6 +54,8 @@ pub(super) struct ProducerLink {
     /// backlog, a plan's depth or bytes limit, an anycast address without receivers).
     pub withheld: bool,
     partial: Option<Partial>,
+    /// A transaction coordinator (see `txn.rs`): its messages are declares and discharges.
+    pub txn_coordinator: bool,
 }
 
 impl ProducerLink {
@@ -159,6 +161,8 @@ struct Partial {
     chunks: Vec<Bytes>,
     len: u64,
     charge: Charge,
+    /// The txn-id of its transactional state (on its first frame).
+    txn: Option<fe2o3_amqp_types::primitives::Binary>,
 }
 
 /// Longest delivery-tag a peer may send: the spec's limit (binary up to 32 octets).
@@ -244,11 +248,10 @@ impl Session {
                 t.address.clone(),
                 t.capabilities.as_ref().map(|c| c.0.clone()),
             ),
-            Some(TargetArchetype::Coordinator(_)) => {
-                // A transaction coordinator (AMQP 1.0 part 4): refused on this link alone.
-                let d =
-                    "transactions are not supported: no coordinator (send without a transaction)";
-                return self.refuse(conn, attach, AmqpError::NotImplemented.into(), d.into());
+            Some(TargetArchetype::Coordinator(c)) => {
+                // A transaction coordinator (AMQP 1.0 part 4, see txn.rs).
+                let txn_refused = super::txn::txn_capability_refused(c);
+                return self.attach_txn_coordinator(conn, attach, txn_refused);
             }
             None => (None, None),
         };
@@ -292,6 +295,53 @@ impl Session {
                 withheld,
                 partial: None,
                 temporary,
+                txn_coordinator: false,
+            }),
+        );
+        conn.broker.stats.links.fetch_add(1, Ordering::Relaxed);
+        self.send_flow(conn, Some((handle, delivery_count, Some(credit), false)))
+    }
+
+    /// A sender to a transaction coordinator: refused (at link level) when it needs a
+    /// capability we lack or the node is clustered; otherwise answered with our
+    /// coordinator's capabilities and credit for its declares and discharges.
+    fn attach_txn_coordinator(
+        &mut self,
+        conn: &mut Connection,
+        attach: Attach,
+        txn_refused: Option<String>,
+    ) -> Result<(), ConnError> {
+        if let Some(d) = txn_refused {
+            return self.refuse(conn, attach, AmqpError::NotImplemented.into(), d);
+        }
+        if conn.broker.store().is_replicated() {
+            let d = "transactions are not available on a clustered node (a commit's atomicity \
+                     is not carried through Raft yet): send without a transaction";
+            return self.refuse(conn, attach, AmqpError::NotImplemented.into(), d.into());
+        }
+        let handle = attach.handle.0;
+        let credit = conn.broker.config().link_credit;
+        let delivery_count = attach.initial_delivery_count.unwrap_or(0);
+        let caps: Vec<_> = super::txn::TXN_CAPABILITIES.to_vec();
+        let txn_target = fe2o3_amqp_types::transaction::Coordinator::new(
+            fe2o3_amqp_types::primitives::Array::from(caps),
+        );
+        let reply = Attach {
+            rcv_settle_mode: ReceiverSettleMode::First,
+            target: Some(Box::new(TargetArchetype::Coordinator(txn_target))),
+            ..mirror(&attach)
+        };
+        conn.send(self.local_channel(), &Performative::Attach(reply), &[])?;
+        self.links.insert(
+            handle,
+            Link::Producer(ProducerLink {
+                target: None,
+                credit,
+                delivery_count,
+                withheld: false,
+                partial: None,
+                temporary: false,
+                txn_coordinator: true,
             }),
         );
         conn.broker.stats.links.fetch_add(1, Ordering::Relaxed);
@@ -718,6 +768,7 @@ impl Session {
                     len: payload.len() as u64,
                     chunks: vec![Bytes::copy_from_slice(&payload)],
                     charge,
+                    txn: super::txn::txn_of_transfer(t.state.as_ref()),
                 });
                 return self.check_size(conn, handle, max);
             }
@@ -742,18 +793,23 @@ impl Session {
                 match link.partial.take() {
                     Some(p) => {
                         let id = p.delivery_id.or(t.delivery_id);
-                        return self.receive(conn, handle, id, p.settled, &p.chunks);
+                        let txn = p
+                            .txn
+                            .or_else(|| super::txn::txn_of_transfer(t.state.as_ref()));
+                        return self.receive(conn, handle, id, p.settled, &p.chunks, txn);
                     }
                     None => return Ok(()),
                 }
             }
         };
+        let txn = super::txn::txn_of_transfer(t.state.as_ref());
         self.receive(
             conn,
             handle,
             t.delivery_id,
             settled,
             std::slice::from_ref(&message),
+            txn,
         )
     }
 
@@ -850,7 +906,7 @@ impl Session {
     }
 
     /// A whole message arrived: validate, store, and queue the acceptance for when it is
-    /// durable.
+    /// durable (or, with `txn`, stage it in its transaction).
     fn receive(
         &mut self,
         conn: &mut Connection,
@@ -858,6 +914,7 @@ impl Session {
         delivery_id: Option<u32>,
         settled: bool,
         chunks: &[Bytes],
+        txn: Option<fe2o3_amqp_types::primitives::Binary>,
     ) -> Result<(), ConnError> {
         let max = conn.broker.config().max_message_bytes;
         let size: u64 = chunks.iter().map(|c| c.len() as u64).sum();
@@ -875,6 +932,7 @@ impl Session {
         link.credit -= 1;
         link.delivery_count = link.delivery_count.wrapping_add(1);
         let link_target = link.target.clone();
+        let txn_coordinator = link.txn_coordinator;
         if size > max {
             return self.detach_with_error(
                 conn,
@@ -882,6 +940,10 @@ impl Session {
                 LinkError::MessageSizeExceeded.into(),
                 format!("message exceeds max-message-size of {max} bytes"),
             );
+        }
+        if txn_coordinator {
+            self.top_up_credit(conn, handle)?;
+            return self.on_txn_control(conn, handle, delivery_id, chunks);
         }
         if conn.broker.config().sink {
             // `serve --sink`, for benchmarks only: accepted at once, dropped, never stored.
@@ -897,6 +959,7 @@ impl Session {
                 Ok(target) => target,
                 Err((condition, description)) => {
                     // One message's address is wrong, not the link: it alone is refused.
+                    conn.txns.refused_in_txn(txn.as_ref(), &description);
                     self.top_up_credit(conn, handle)?;
                     return self.refuse_message(
                         conn,
@@ -917,6 +980,7 @@ impl Session {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(address = target.name(), reason = %e, "message refused by its plan");
+                conn.txns.refused_in_txn(txn.as_ref(), &e.to_string());
                 let condition = AmqpError::ResourceLimitExceeded.into();
                 return self.refuse_message(
                     conn,
@@ -928,6 +992,18 @@ impl Session {
                 );
             }
         };
+        if let Some(txn_id) = txn {
+            return self.stage_txn_message(
+                conn,
+                handle,
+                &txn_id,
+                delivery_id,
+                settled,
+                target,
+                reservation,
+                chunks,
+            );
+        }
         if let Address::Memory(m) = &target {
             return self.route_in_memory(conn, &m.clone(), delivery_id, settled, chunks);
         }

@@ -20,6 +20,8 @@ mod link;
 mod quickack;
 mod session;
 mod tenant;
+mod txn;
+pub use txn::{MAX_TRANSACTIONS_PER_CONNECTION, MAX_TRANSACTION_MESSAGES, TXN_ID_BYTES};
 
 pub use handshake::TLS_HANDSHAKE_TIMEOUT;
 pub use quickack::QuickAck;
@@ -155,6 +157,7 @@ pub fn condition_name(c: &ErrorCondition) -> String {
         ErrorCondition::SessionError(e) => e.into(),
         ErrorCondition::LinkError(e) => e.into(),
         ErrorCondition::Custom(s) => s.clone(),
+        ErrorCondition::TransactionError(txn_error) => txn_error.into(),
         #[allow(unreachable_patterns)]
         _ => Symbol::from("amqp:internal-error"),
     };
@@ -239,6 +242,8 @@ pub struct Connection {
     park_since: Option<Instant>,
     /// The client's TCP socket: a read that leaves nothing to write is ACKed at once.
     quickack: Option<QuickAck>,
+    /// Local transactions declared on this connection (txn.rs).
+    txns: txn::Transactions,
 }
 
 /// The reading side of a client's byte stream (TCP or TLS).
@@ -360,6 +365,7 @@ async fn run(
         parked: None,
         park_since: None,
         quickack,
+        txns: txn::Transactions::default(),
     };
     let result = conn
         .main_loop(&mut rd, rbuf, outbound_rx, shutdown, deadline)
@@ -407,6 +413,7 @@ impl Connection {
         loop {
             self.complete_durable()?;
             self.complete_settles()?;
+            self.complete_txn_discharges()?;
             self.flush().await?;
             if self.closing {
                 return Ok(());
@@ -416,6 +423,7 @@ impl Connection {
                 .pending_settles
                 .front()
                 .map(|p| p.durable.clone().wait());
+            let txn_wait = self.txns.discharge_wait();
             let parked = self.parked.is_some();
             let intake = Arc::clone(&self.broker.intake);
             tokio::select! {
@@ -459,6 +467,8 @@ impl Connection {
                     }
                 }
                 _ = async { settle_wait?.await; Some(()) }, if settle_wait.is_some() => {}
+                // A commit waiting for its acknowledgements (its messages wake durable_rx).
+                _ = async { txn_wait?.await; Some(()) }, if txn_wait.is_some() => {}
                 _ = tick.tick() => self.on_tick(idle_limit)?,
                 _ = tokio::time::sleep(WITHHELD_RECHECK), if self.withheld_links => self.release_withheld()?,
                 _ = shutdown.changed() => {
@@ -881,6 +891,8 @@ impl Connection {
 
     /// Releases every link's consumers and producers (connection gone).
     fn cleanup(&mut self) {
+        // Open transactions roll back (commits under way are in `pending`, handed over).
+        self.txns.rollback_all(&self.broker);
         self.hand_over_pending();
         let sessions: Vec<Session> = self.sessions.drain().map(|(_, s)| s).collect();
         for mut s in sessions {

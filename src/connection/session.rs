@@ -268,6 +268,10 @@ impl Session {
             // The peer settles deliveries it sent us; we settle ours on acceptance already.
             return Ok(());
         }
+        if let Some(DeliveryState::TransactionalState(txn_state)) = &d.state {
+            let txn_ids = self.settled_ids(d.first, last)?;
+            return self.on_txn_disposition(conn, txn_ids, txn_state);
+        }
         let outcome = match &d.state {
             Some(state) => outcome_of(state),
             None if d.settled => Some(Outcome::Accepted),
@@ -340,7 +344,7 @@ impl Session {
     /// The delivery ids of `first..=last` (serial numbers, RFC 1982) that we have
     /// unsettled, in delivery order. The work is bounded by what is unsettled, never by
     /// the width of the range a peer wrote.
-    fn settled_ids(&self, first: u32, last: u32) -> Result<Vec<u32>, ConnError> {
+    pub(super) fn settled_ids(&self, first: u32, last: u32) -> Result<Vec<u32>, ConnError> {
         let span = check_range(first, last)?;
         if (span as usize) < self.unsettled_out.len() {
             return Ok((0..=span).map(|k| first.wrapping_add(k)).collect());
@@ -559,6 +563,11 @@ impl Session {
                 .links
                 .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         } else if let Some(Link::Producer(p)) = self.links.remove(&handle) {
+            if p.txn_coordinator {
+                // Its transactions end with it: rolled back (txn.rs).
+                conn.txns
+                    .rollback_coordinator(&conn.broker, self.local_channel, handle);
+            }
             if p.temporary {
                 if let Some(target) = &p.target {
                     conn.broker.delete_temporary_queue(target.name());
@@ -597,8 +606,9 @@ fn frames_needed(len: usize, max_frame: u32) -> u32 {
     len.div_ceil(room).max(1) as u32
 }
 
-/// The broker's outcome for a terminal delivery state from a consumer.
-fn outcome_of(state: &DeliveryState) -> Option<Outcome> {
+/// The broker's outcome for a terminal delivery state from a consumer (also inside a
+/// txn's transactional state).
+pub(super) fn outcome_of(state: &DeliveryState) -> Option<Outcome> {
     match state {
         DeliveryState::Accepted(_) => Some(Outcome::Accepted),
         DeliveryState::Released(_) => Some(Outcome::Released),

@@ -208,18 +208,21 @@ fn browsing_a_queue_leaves_every_message_in_it() {
     assert!(out.contains("ok: browsed 10 and 3, consumed 10"), "{out}");
 }
 
-/// Issue 17.4 (first step): a transactional client attaches a sender to a `coordinator`
-/// target. That used to be a decode error closing the whole connection ("Wrong
-/// descriptor code value for Target archetype"); it is refused on that link alone with
-/// `amqp:not-implemented`, and the connection keeps working.
+/// Issue 17.4: a transactional client attaches a sender to a `coordinator` target. That
+/// used to be a decode error closing the whole connection ("Wrong descriptor code value
+/// for Target archetype"). Local transactions are supported now (tests/broker/
+/// transactions.rs); a coordinator that requires distributed transactions is refused on
+/// that link alone with `amqp:not-implemented` naming the capability, and the connection
+/// keeps working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_coordinator_target_is_refused_on_its_link_only() {
+async fn a_coordinator_requiring_distributed_transactions_is_refused_on_its_link_only() {
     use fe2o3_amqp::types::messaging::TargetArchetype;
-    use fe2o3_amqp::types::transaction::Coordinator;
+    use fe2o3_amqp::types::transaction::{Coordinator, TxnCapability};
     let dir = tempfile::tempdir().unwrap();
     let broker = BrokerProcess::start(dir.path(), &[]);
     let mut c = within("open", Client::open(broker.amqp)).await.unwrap();
-    let coordinator = TargetArchetype::Coordinator(Coordinator::new(None));
+    let txn_caps = vec![TxnCapability::DistributedTransactions];
+    let coordinator = TargetArchetype::Coordinator(Coordinator::new(Some(txn_caps.into())));
     let attach = crate::raw_client::sender_attach(0, "txn-ctrl", coordinator);
     c.send_on(0, &Performative::Attach(attach), &[]).await;
     let d = within("refusal", c.expect(crate::raw_client::detach_of(0))).await;
@@ -228,6 +231,11 @@ async fn a_coordinator_target_is_refused_on_its_link_only() {
         entrepot::connection::condition_name(&e.condition),
         "amqp:not-implemented",
         "{e:?}"
+    );
+    let txn_description = e.description.unwrap_or_default();
+    assert!(
+        txn_description.contains("amqp:distributed-transactions"),
+        "{txn_description}"
     );
     c.attach_sender(1, "plain", "after-txn").await;
     c.transfer(1, 0, &data_message(b"still here")).await;

@@ -43,3 +43,4 @@ mod shutdown;
 mod tls;
 mod topics;
 mod topics_proton;
+mod transactions;

@@ -328,6 +328,20 @@ impl Client {
         delivery_id: u32,
         message: &[u8],
     ) {
+        self.transfer_with_state_on(channel, handle, delivery_id, message, None)
+            .await;
+    }
+
+    /// [`Client::transfer_on`] with a delivery state on its first frame (a transaction's
+    /// `transactional-state`, say).
+    pub async fn transfer_with_state_on(
+        &mut self,
+        channel: u16,
+        handle: u32,
+        delivery_id: u32,
+        message: &[u8],
+        state: Option<DeliveryState>,
+    ) {
         let chunks: Vec<&[u8]> = message.chunks(CHUNK).collect();
         for (i, chunk) in chunks.iter().enumerate() {
             let first = i == 0;
@@ -339,7 +353,7 @@ impl Client {
                 settled: first.then_some(false),
                 more: i + 1 < chunks.len(),
                 rcv_settle_mode: None,
-                state: None,
+                state: if first { state.clone() } else { None },
                 resume: false,
                 aborted: false,
                 batchable: false,

@@ -1,0 +1,274 @@
+//! Local transactions (issue 17.4): a coordinator link, declare and discharge,
+//! transactional sends and acknowledgements.
+//!
+//! Method: python-qpid-proton's own transaction API (`proton_tx.py`) commits and aborts
+//! sends and acknowledgements against the real binary, which is killed (SIGKILL) and
+//! restarted between the phases; raw frames (tests/broker/raw_client.rs) play the hostile
+//! or careless client — unknown ids, a discharge sent twice, too many transactions, a
+//! connection that goes away in the middle of one — and the exact outcomes are checked.
+
+use std::time::Duration;
+
+use fe2o3_amqp::types::messaging::{
+    Accepted, AmqpValue, DeliveryState, Outcome, Target, TargetArchetype,
+};
+use fe2o3_amqp::types::performatives::{Disposition, Performative};
+use fe2o3_amqp::types::primitives::Binary;
+use fe2o3_amqp::types::transaction::{
+    Coordinator, Declare, Discharge, TransactionalState, TxnCapability,
+};
+use fe2o3_amqp_types::definitions::Role;
+
+use crate::client::within;
+use crate::harness::BrokerProcess;
+use crate::raw_client::{data_message, sender_attach, Client};
+
+/// Coordinator link handle, and the sending and receiving links' handles.
+const COORD: u32 = 0;
+const SEND: u32 = 1;
+const RECV: u32 = 2;
+
+/// The broker's disposition settling our delivery `id` (we sent it): its state.
+fn outcome_of(id: u32) -> impl Fn(Performative) -> Option<Option<DeliveryState>> {
+    move |p| match p {
+        Performative::Disposition(d)
+            if d.role == Role::Receiver && d.first <= id && d.last.unwrap_or(d.first) >= id =>
+        {
+            assert!(d.settled, "the broker settles what it answers: {d:?}");
+            Some(d.state)
+        }
+        _ => None,
+    }
+}
+
+fn rejection(state: Option<DeliveryState>) -> (String, String) {
+    match state {
+        Some(DeliveryState::Rejected(r)) => {
+            let e = r.error.expect("a rejection names its error");
+            (
+                entrepot::connection::condition_name(&e.condition),
+                e.description.unwrap_or_default(),
+            )
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+fn amqp_value<T: serde::Serialize>(value: T) -> Vec<u8> {
+    serde_amqp::to_vec(&AmqpValue(value)).expect("control message encodes")
+}
+
+/// A raw client with a coordinator attached on [`COORD`] and a sender to `queue` on
+/// [`SEND`].
+async fn with_coordinator(broker: &BrokerProcess, queue: &str) -> Client {
+    let mut c = within("open", Client::open(broker.amqp)).await.unwrap();
+    let caps = vec![TxnCapability::LocalTransactions];
+    let coordinator = TargetArchetype::Coordinator(Coordinator::new(Some(caps.into())));
+    let reply = within(
+        "coordinator attach",
+        c.attach_as_given_on(0, sender_attach(COORD, "txn-ctrl", coordinator)),
+    )
+    .await;
+    assert!(
+        matches!(
+            reply.target.as_deref(),
+            Some(TargetArchetype::Coordinator(_))
+        ),
+        "the coordinator is accepted: {reply:?}"
+    );
+    let target = TargetArchetype::Target(Target::builder().address(queue).build());
+    within(
+        "sender attach",
+        c.attach_as_given_on(0, sender_attach(SEND, "sender", target)),
+    )
+    .await;
+    c
+}
+
+/// Declares a transaction with delivery `id` on the coordinator; returns its answer.
+async fn declare(c: &mut Client, id: u32) -> Option<DeliveryState> {
+    let msg = amqp_value(Declare::new(None));
+    c.transfer(COORD, id, &msg).await;
+    within("declare's answer", c.expect(outcome_of(id))).await
+}
+
+async fn declared(c: &mut Client, id: u32) -> Binary {
+    match declare(c, id).await {
+        Some(DeliveryState::Declared(d)) => d.txn_id,
+        other => panic!("expected declared, got {other:?}"),
+    }
+}
+
+async fn discharge(c: &mut Client, id: u32, txn_id: Binary, fail: bool) -> Option<DeliveryState> {
+    let msg = amqp_value(Discharge {
+        txn_id,
+        fail: Some(fail),
+    });
+    c.transfer(COORD, id, &msg).await;
+    within("discharge's answer", c.expect(outcome_of(id))).await
+}
+
+fn in_txn(txn_id: &Binary, outcome: Option<Outcome>) -> DeliveryState {
+    DeliveryState::TransactionalState(TransactionalState {
+        txn_id: txn_id.clone(),
+        outcome,
+    })
+}
+
+/// Sends `body` to [`SEND`] as delivery `id` in transaction `txn_id`; returns its answer.
+async fn send_in_txn(
+    c: &mut Client,
+    id: u32,
+    txn_id: &Binary,
+    body: &[u8],
+) -> Option<DeliveryState> {
+    let state = Some(in_txn(txn_id, None));
+    c.transfer_with_state_on(0, SEND, id, &data_message(body), state)
+        .await;
+    within("transactional transfer's answer", c.expect(outcome_of(id))).await
+}
+
+/// The bodies of every transfer on [`RECV`] until the broker is quiet, with ids.
+async fn received(c: &mut Client) -> Vec<(u32, Vec<u8>)> {
+    let frames = c.frames_until_quiet(Duration::from_millis(500)).await;
+    frames
+        .into_iter()
+        .filter_map(|f| match f.performative {
+            Performative::Transfer(t) if t.handle.0 == RECV => {
+                let body = f.payload[f.payload.len().saturating_sub(2)..].to_vec();
+                Some((
+                    t.delivery_id.expect("single-frame deliveries carry an id"),
+                    body,
+                ))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// proton's `declare_transaction`: sends committed and aborted (only the committed
+/// arrive), acknowledgements aborted (redelivered, delivery-count raised) and committed
+/// (gone). The broker is killed with SIGKILL right after each phase's last commit was
+/// answered, so what a commit made must already be durable.
+#[test]
+fn proton_transactions_commit_and_abort_and_commits_survive_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |broker: &BrokerProcess, phase: &str| {
+        crate::harness::run_proton_script(
+            broker,
+            "proton_tx.py",
+            &["tx-orders", phase],
+            Duration::from_secs(60),
+        )
+    };
+    let mut broker = BrokerProcess::start(dir.path(), &[]);
+    let out = run(&broker, "produce");
+    assert!(out.contains("ok: committed 5, aborted 3"), "{out}");
+    broker.kill();
+    let mut broker = BrokerProcess::start(dir.path(), &[]);
+    let out = run(&broker, "consume");
+    assert!(
+        out.contains("ok: rolled back 5, redelivered 5, committed 5"),
+        "{out}"
+    );
+    broker.kill();
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let out = run(&broker, "empty");
+    assert!(out.contains("ok: empty"), "{out}");
+}
+
+/// Unknown ids, a discharge sent twice and the per-connection limit are each refused
+/// with the condition the spec gives (or the limit's name), and the coordinator keeps
+/// working after every refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_ids_second_discharges_and_too_many_transactions_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let mut c = with_coordinator(&broker, "tx-hostile").await;
+    let mut id = 0u32;
+    let mut next = || {
+        id += 1;
+        id - 1
+    };
+    // A txn-id we never issued (and not even of our length).
+    let bogus = Binary::from(vec![0xde, 0xad]);
+    let (cond, _) = rejection(discharge(&mut c, next(), bogus.clone(), false).await);
+    assert_eq!(cond, "amqp:transaction:unknown-id");
+    let (cond, _) = rejection(send_in_txn(&mut c, next(), &bogus, b"x1").await);
+    assert_eq!(cond, "amqp:transaction:unknown-id");
+    // Commit, then the same discharge again.
+    let txn = declared(&mut c, next()).await;
+    assert_eq!(txn.len(), entrepot::connection::TXN_ID_BYTES);
+    let first = discharge(&mut c, next(), txn.clone(), false).await;
+    assert!(
+        matches!(first, Some(DeliveryState::Accepted(_))),
+        "{first:?}"
+    );
+    let (cond, _) = rejection(discharge(&mut c, next(), txn.clone(), false).await);
+    assert_eq!(cond, "amqp:transaction:unknown-id");
+    // A sender's transfer in the discharged transaction is refused too.
+    let (cond, _) = rejection(send_in_txn(&mut c, next(), &txn, b"x2").await);
+    assert_eq!(cond, "amqp:transaction:unknown-id");
+    // Up to the limit, then one more.
+    let max = entrepot::connection::MAX_TRANSACTIONS_PER_CONNECTION;
+    let mut open = Vec::new();
+    for _ in 0..max {
+        open.push(declared(&mut c, next()).await);
+    }
+    let (cond, description) = rejection(declare(&mut c, next()).await);
+    assert_eq!(cond, "amqp:resource-limit-exceeded");
+    assert!(
+        description.contains("MAX_TRANSACTIONS_PER_CONNECTION"),
+        "{description}"
+    );
+    // A rollback frees a place.
+    let aborted = discharge(&mut c, next(), open.pop().unwrap(), true).await;
+    assert!(
+        matches!(aborted, Some(DeliveryState::Accepted(_))),
+        "{aborted:?}"
+    );
+    declared(&mut c, next()).await;
+}
+
+/// A connection that goes away with a transaction open: what it sent in it is never
+/// seen, what it acknowledged in it is delivered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_closing_with_an_open_transaction_rolls_it_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let queue = "tx-closing";
+    let mut c = with_coordinator(&broker, queue).await;
+    c.transfer(SEND, 0, &data_message(b"m0")).await;
+    assert!(within("m0 accepted", c.expect(crate::raw_client::accepted(0))).await);
+    let txn = declared(&mut c, 1).await;
+    for (i, body) in [b"s1", b"s2"].iter().enumerate() {
+        let answer = send_in_txn(&mut c, 2 + i as u32, &txn, &body[..]).await;
+        let accepted = Some(in_txn(&txn, Some(Outcome::Accepted(Accepted {}))));
+        assert_eq!(answer, accepted, "a transactional send's answer");
+    }
+    // Take m0 and accept it in the transaction.
+    within("receiver", c.attach_receiver(RECV, "receiver", queue)).await;
+    c.flow(RECV, 0, 10, false).await;
+    let got = within("m0", received(&mut c)).await;
+    assert_eq!(got, vec![(0, b"m0".to_vec())], "only m0 is visible");
+    let ack = Disposition {
+        role: Role::Receiver,
+        first: 0,
+        last: None,
+        settled: true,
+        state: Some(in_txn(&txn, Some(Outcome::Accepted(Accepted {})))),
+        batchable: false,
+    };
+    c.send_on(0, &Performative::Disposition(ack), &[]).await;
+    within("gone", c.finish_and_wait_close(Duration::from_secs(5))).await;
+
+    let mut c = within("open", Client::open(broker.amqp)).await.unwrap();
+    within("receiver", c.attach_receiver(RECV, "receiver", queue)).await;
+    c.flow(RECV, 0, 10, false).await;
+    let got = within("after the rollback", received(&mut c)).await;
+    assert_eq!(
+        got,
+        vec![(0, b"m0".to_vec())],
+        "m0 is back, s1 and s2 never existed"
+    );
+}
