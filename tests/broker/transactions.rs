@@ -272,3 +272,45 @@ async fn a_connection_closing_with_an_open_transaction_rolls_it_back() {
         "m0 is back, s1 and s2 never existed"
     );
 }
+
+/// A transaction's staged bytes are charged to the connection's budget of incomplete
+/// deliveries: the send that does not fit is refused naming the limit, and the
+/// transaction can no longer commit (`amqp:transaction:rollback`) — nothing of it is
+/// stored, not even the sends that fitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_over_its_byte_budget_refuses_the_send_and_cannot_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = [
+        "--max-message-bytes",
+        "40000",
+        "--max-incomplete-bytes-per-connection",
+        "100000",
+    ];
+    let broker = BrokerProcess::start(dir.path(), &limits);
+    let queue = "tx-budget";
+    let mut c = with_coordinator(&broker, queue).await;
+    let txn = declared(&mut c, 0).await;
+    let body = vec![b'x'; 30_000];
+    for id in 1..=3 {
+        let answer = send_in_txn(&mut c, id, &txn, &body).await;
+        assert!(
+            matches!(answer, Some(DeliveryState::TransactionalState(_))),
+            "send {id} fits: {answer:?}"
+        );
+    }
+    let (cond, description) = rejection(send_in_txn(&mut c, 4, &txn, &body).await);
+    assert_eq!(cond, "amqp:resource-limit-exceeded");
+    assert!(
+        description.contains("max-incomplete-bytes-per-connection"),
+        "{description}"
+    );
+    let (cond, description) = rejection(discharge(&mut c, 5, txn, false).await);
+    assert_eq!(cond, "amqp:transaction:rollback", "{description}");
+    within("receiver", c.attach_receiver(RECV, "receiver", queue)).await;
+    c.flow(RECV, 0, 10, false).await;
+    let got = within("nothing", received(&mut c)).await;
+    assert!(
+        got.is_empty(),
+        "nothing of the transaction was stored: {got:?}"
+    );
+}
