@@ -21,8 +21,9 @@
 //!
 //! Does not: keep entries in memory (reads go to the mapping), or make `save_committed`
 //! durable — the committed log id is a restart hint written without fsync; `read_committed`
-//! returns it only if this log (or the purged prefix) still holds exactly that log id, so a
-//! lost or stale hint costs re-application time, never safety.
+//! returns it only if this log (or the purged prefix) still holds exactly that log id, and
+//! ignores a hint a power cut damaged, so a lost, stale or torn hint costs re-application
+//! time, never safety nor a start.
 
 use std::fmt::Debug;
 use std::io;
@@ -191,10 +192,21 @@ impl LogStore {
     }
 
     /// The committed hint, if this node still holds exactly that entry (or purged it).
+    /// The hint is never synced, so a power cut may leave it damaged (empty, torn): that
+    /// is no hint, not an error, or the node could not start again.
     fn committed_hint(&self) -> Result<Option<LogId>> {
-        let Some(body) = state_file::read(&self.shared.dir, COMMITTED_FILE, COMMITTED_MAGIC)?
-        else {
-            return Ok(None);
+        let body = match state_file::read(&self.shared.dir, COMMITTED_FILE, COMMITTED_MAGIC) {
+            Ok(Some(body)) => body,
+            Ok(None) => return Ok(None),
+            Err(
+                e @ (ClusterError::BadFile { .. }
+                | ClusterError::UnsupportedVersion { .. }
+                | ClusterError::LimitExceeded { .. }),
+            ) => {
+                tracing::warn!(error = %e, "ignoring the unsynced committed hint");
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
         };
         let mut d = crate::codec::Decoder::new(body, "raft-committed file");
         let Some(committed) = state_file::decode_opt_log_id(&mut d)? else {
@@ -558,6 +570,25 @@ mod tests {
             None,
             "index 3 now holds another entry"
         );
+    }
+
+    #[tokio::test]
+    async fn a_damaged_committed_hint_is_no_hint_and_the_store_still_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = LogStore::open(dir.path(), config()).unwrap();
+        append(&mut store, (0..3).map(|i| blank(1, i)).collect()).await;
+        let committed = LogId::new(CommittedLeaderId::new(1, 1), 2);
+        store.save_committed(Some(committed)).await.unwrap();
+        drop(store);
+        // What a power cut leaves of the unsynced hint: an empty file, or a torn one.
+        let path = dir.path().join(COMMITTED_FILE);
+        let whole = std::fs::read(&path).unwrap();
+        for damaged in [Vec::new(), whole[..whole.len() - 3].to_vec()] {
+            std::fs::write(&path, &damaged).unwrap();
+            let mut store = LogStore::open(dir.path(), config()).unwrap();
+            assert_eq!(store.read_committed().await.unwrap(), None);
+            assert_eq!(indexes(&mut store).await, vec![0, 1, 2]);
+        }
     }
 
     #[tokio::test]
