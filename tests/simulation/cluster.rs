@@ -1,16 +1,37 @@
 //! The simulated cluster: N nodes in temporary directories on one [`Fabric`], and the
-//! operations the fault schedule uses (crash, restart, wait for convergence).
+//! operations the fault schedule uses (crash, restart, power cut, wait for convergence).
+//!
+//! A cluster formed with [`Disk::Synced`] keeps each node's directory under the storage
+//! crate's crash seam (`entrepot_storage::crash_sim`): [`Cluster::power_cut`] writes what
+//! each disk holds — synced bytes as synced, the rest damaged per seed — into a new
+//! directory, and the node restarts from there. The old directory is left as it was, so a
+//! task of the dead incarnation that still writes cannot touch the new one.
+//!
+//! Syncs run on the storage crate's threads, outside the paused clock, which advances to
+//! the next timer whenever every task waits — for a sync, too. So that a sync does not
+//! cost a random amount of virtual time (elections timing out while a disk writes), a
+//! task of a synced cluster ([`hold_clock_for_syncs`]) looks every [`SYNC_TICK`] for Raft
+//! logs with appends not yet durable and waits for them in a blocking task, which stops
+//! tokio from advancing the clock meanwhile: a sync costs at most one tick of cluster time.
+//!
+//! That hold also means a cut at a timer never finds a Raft-log sync under way, so
+//! [`Cluster::power_cut_in_flight`] makes one: it stalls the next syncs of the nodes to
+//! be cut (the seam's `SyncFault::Stall`), releases the clock, lets the cluster run for a
+//! while with those syncs stuck — appends written, not durable — and cuts.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
 
 use entrepot_cluster::NodeId;
+use entrepot_storage::crash_sim::{CrashSim, SyncFault};
+use entrepot_storage::Log;
 use openraft::{BasicNode, ServerState};
 
 use crate::fabric::Fabric;
-use crate::node::{self, Counters, Leader, Running, Snapshots};
+use crate::node::{self, Counters, Disk, Leader, Running, Snapshots};
+use crate::sim_trace;
 
 /// The nodes of one run; cheap to clone.
 #[derive(Clone)]
@@ -20,8 +41,91 @@ pub struct Cluster {
     /// What every node's snapshots did, over all incarnations.
     pub counters: Arc<Counters>,
     config: Arc<openraft::Config>,
-    dirs: BTreeMap<NodeId, PathBuf>,
+    root: PathBuf,
+    /// Each node's current directory (a new one after each power cut).
+    dirs: Arc<Mutex<BTreeMap<NodeId, PathBuf>>>,
     nodes: Arc<Mutex<BTreeMap<NodeId, Running>>>,
+    disk: Disk,
+    /// With [`Disk::Synced`]: each node's crash seam, and what the power cuts did.
+    disks: Arc<Mutex<Disks>>,
+}
+
+/// The crash seams of a [`Disk::Synced`] cluster.
+#[derive(Default)]
+struct Disks {
+    /// The seam over each node's current directory, up or down.
+    sims: BTreeMap<NodeId, Arc<CrashSim>>,
+    stats: PowerStats,
+    /// Set while the clock is not held for syncs ([`Cluster::power_cut_in_flight`]).
+    released: bool,
+}
+
+/// What the power cuts of one cluster did (for the run's summary).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PowerStats {
+    /// Nodes that lost power (a rack cut of three counts three).
+    pub cuts: u64,
+    /// Of those, the nodes cut while their next syncs were stalled.
+    pub in_flight: u64,
+    /// Successful syncs recorded on the cut nodes' disks before their cuts.
+    pub syncs: u64,
+    /// Pages written after their last sync, damaged or reverted by a cut.
+    pub pages_lost: u64,
+    /// Directory entries changed after their directory's last sync.
+    pub entries_lost: u64,
+}
+
+/// How often a synced cluster looks for Raft-log syncs to wait for (cluster time).
+const SYNC_TICK: Duration = Duration::from_millis(1);
+/// Longest real time the clock is held for one round of syncs (a stuck sync thread must
+/// not hang the run; past it the clock moves on as it would without the hold).
+const SYNC_WAIT_MAX: Duration = Duration::from_secs(2);
+/// Real time a stalled sync waits before it runs ([`Cluster::power_cut_in_flight`]): far
+/// longer than the real time the cluster needs to run through the cut's window.
+const SYNC_STALL: Duration = Duration::from_millis(100);
+/// Syncs stalled per node before an in-flight cut: its store's, its Raft log's, and one
+/// more in case a state file takes one.
+const STALLS_PER_CUT: u32 = 3;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// True while `log` holds appends its syncs have not made durable yet (and can).
+fn sync_pending(log: &Log) -> bool {
+    log.next_offset() > log.durable_offset() && log.durable_watch().borrow().failed.is_none()
+}
+
+/// Holds the paused clock while a Raft log of a running node waits for its sync (see the
+/// module doc); ends with the cluster.
+async fn hold_clock_for_syncs(
+    nodes: Weak<Mutex<BTreeMap<NodeId, Running>>>,
+    disks: Weak<Mutex<Disks>>,
+) {
+    while let (Some(nodes), Some(disks)) = (nodes.upgrade(), disks.upgrade()) {
+        if lock(&disks).released {
+            tokio::time::sleep(SYNC_TICK).await;
+            continue;
+        }
+        let pending: Vec<Log> = lock(&nodes)
+            .values()
+            .map(|r| r.raft_log.clone())
+            .filter(sync_pending)
+            .collect();
+        drop((nodes, disks));
+        if pending.is_empty() {
+            tokio::time::sleep(SYNC_TICK).await;
+            continue;
+        }
+        // A blocking task inhibits the paused clock's auto-advance while it runs.
+        let _ = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            while pending.iter().any(sync_pending) && started.elapsed() < SYNC_WAIT_MAX {
+                std::thread::sleep(Duration::from_micros(20));
+            }
+        })
+        .await;
+    }
 }
 
 impl Cluster {
@@ -37,6 +141,17 @@ impl Cluster {
         fabric: Fabric,
         snapshots: Snapshots,
     ) -> Cluster {
+        Cluster::form_on(n, root, fabric, snapshots, Disk::PageCache).await
+    }
+
+    /// Starts `n` nodes whose logs reach the disk as `disk` says, and forms the cluster.
+    pub async fn form_on(
+        n: u64,
+        root: &std::path::Path,
+        fabric: Fabric,
+        snapshots: Snapshots,
+        disk: Disk,
+    ) -> Cluster {
         let ids: Vec<NodeId> = (0..n).collect();
         let dirs: BTreeMap<NodeId, PathBuf> = ids
             .iter()
@@ -47,9 +162,18 @@ impl Cluster {
             ids: ids.clone(),
             counters: Arc::default(),
             config: node::raft_config(snapshots),
-            dirs,
+            root: root.to_path_buf(),
+            dirs: Arc::new(Mutex::new(dirs)),
             nodes: Arc::default(),
+            disk,
+            disks: Arc::default(),
         };
+        if disk == Disk::Synced {
+            tokio::spawn(hold_clock_for_syncs(
+                Arc::downgrade(&cluster.nodes),
+                Arc::downgrade(&cluster.disks),
+            ));
+        }
         for id in &ids {
             cluster.restart(*id).await.expect("a new node starts");
         }
@@ -112,17 +236,97 @@ impl Cluster {
         if self.lock().contains_key(&id) {
             return Ok(());
         }
+        let dir = lock(&self.dirs)[&id].clone();
+        if self.disk == Disk::Synced && !lock(&self.disks).sims.contains_key(&id) {
+            // A new node: its empty directory is what its disk holds.
+            let sim = CrashSim::install(&dir).map_err(|e| format!("crash seam: {e}"))?;
+            lock(&self.disks).sims.insert(id, sim);
+        }
         let running = node::start(
             id,
-            &self.dirs[&id],
+            &dir,
             &self.fabric,
             Arc::clone(&self.config),
             &self.counters,
+            self.disk,
         )
         .await
         .map_err(|e| format!("node {id} cannot restart: {e}"))?;
         self.lock().insert(id, running);
         Ok(())
+    }
+
+    /// Cuts the power of `ids` (up or down) at one instant: every disk keeps what its
+    /// syncs made durable and the seam damages the rest (choices from `seed`), the nodes
+    /// stop, and each restarts later from its crashed disk.
+    pub async fn power_cut(&self, ids: &[NodeId], seed: u64) -> Result<(), String> {
+        if self.disk != Disk::Synced {
+            return Err("power cut on a cluster whose nodes do not sync".into());
+        }
+        let mut cut = Vec::new();
+        {
+            // One synchronous step: no task runs between two nodes' cuts, and none of the
+            // cut nodes is heard from again (every sync after its cut fails, and it is
+            // off the network before any task runs).
+            let mut disks = lock(&self.disks);
+            for (i, id) in ids.iter().copied().enumerate() {
+                disks.stats.cuts += 1;
+                let sim = disks
+                    .sims
+                    .remove(&id)
+                    .ok_or(format!("node {id} has no disk"))?;
+                let image = self.root.join(format!("node-{id}.cut{}", disks.stats.cuts));
+                let report = sim
+                    .crash_into(&image, seed.wrapping_add(i as u64))
+                    .map_err(|e| format!("power cut of node {id}: {e}"))?;
+                self.fabric.detach(id);
+                disks.stats.syncs += report.syncs;
+                disks.stats.pages_lost +=
+                    report.pages_old + report.pages_new + report.pages_torn + report.pages_garbage;
+                disks.stats.entries_lost += report.entries_old + report.entries_new;
+                sim_trace!("power cut of node {id}: {report:?}");
+                // The crashed seam stays alive until the node stopped: its syncs fail.
+                cut.push((id, image, sim));
+            }
+        }
+        for (id, image, old) in cut {
+            self.crash(id).await;
+            drop(old);
+            let sim = CrashSim::install(&image).map_err(|e| format!("crash seam: {e}"))?;
+            lock(&self.disks).sims.insert(id, sim);
+            lock(&self.dirs).insert(id, image);
+        }
+        Ok(())
+    }
+
+    /// Cuts the power of `ids` while writes are on their way to the disk: their next
+    /// syncs stall, the clock runs freely for `window` (appends go on, their syncs do not
+    /// complete), then [`Cluster::power_cut`].
+    pub async fn power_cut_in_flight(
+        &self,
+        ids: &[NodeId],
+        window: Duration,
+        seed: u64,
+    ) -> Result<(), String> {
+        {
+            let mut disks = lock(&self.disks);
+            disks.released = true;
+            disks.stats.in_flight += ids.len() as u64;
+            for id in ids {
+                if let Some(sim) = disks.sims.get(id) {
+                    sim.inject(SyncFault::Stall(SYNC_STALL), STALLS_PER_CUT);
+                }
+            }
+        }
+        tokio::time::sleep(window).await;
+        let cut = self.power_cut(ids, seed).await;
+        lock(&self.disks).released = false;
+        cut
+    }
+
+    /// What the power cuts did so far.
+    pub fn power_stats(&self) -> PowerStats {
+        lock(&self.disks).stats
     }
 
     /// A node that died of a storage error (openraft stopped it): its id and the error.

@@ -25,12 +25,26 @@
 //!
 //! Time is tokio's paused clock on a current-thread runtime: delays and timeouts are
 //! virtual, a seed's ~10 s of cluster time takes about half a second of a debug build.
-//! Logs use `SyncPolicy::Never` (data in the page cache, no sync thread), so a crash is
-//! a process crash (SIGKILL), not a power cut; torn writes and lost fsyncs are not
-//! simulated.
+//! In the first two tests logs use `SyncPolicy::Never` (data in the page cache, no sync
+//! thread), so a crash is a process crash (SIGKILL), not a power cut.
+//!
+//! Power cuts ([`Faults::PowerCuts`], issue 18): the nodes sync as a clustered broker does
+//! (the Raft log `Always`, the store every 100 ms, `node::Disk::Synced`), every durable
+//! write of a node — Raft log segments and indexes, vote and purge point, snapshots,
+//! store, ack log, registry — goes through `entrepot_storage::fsync`, and each node's
+//! directory is under the storage crate's crash seam. Where the other schedules crash a
+//! node, this one cuts its power — one node, or the whole rack at once (a vote or a log
+//! entry reported durable but lost on a majority would break Raft's safety) — and the
+//! node restarts from what its disk kept: unsynced pages reverted, torn or garbage,
+//! unsynced directory entries old or new, per seed. The final restart of every node is a
+//! rack cut too. Syncs run on the storage crate's real threads, beside the paused clock:
+//! while a node waits for one, tokio may advance the clock to its next timer, so a sync
+//! costs some virtual time (as a slow disk would), and thread timing adds to the
+//! nondeterminism described below.
 //!
 //! Seeds: `ENTREPOT_SIM_SEEDS=n` runs seeds `1..=n` (default [`DEFAULT_SEEDS`], bounded
-//! for CI); `ENTREPOT_SIM_SEED=s` replays one; `ENTREPOT_SIM_TRACE=1` prints activations,
+//! for CI; the power-cut test: `ENTREPOT_SIM_POWER_SEEDS`, default [`POWER_SEEDS`]);
+//! `ENTREPOT_SIM_SEED=s` replays one; `ENTREPOT_SIM_TRACE=1` prints activations,
 //! batches (with their message offsets), answers and faults. Every failure names its seed
 //! and its fault list.
 //!
@@ -72,7 +86,7 @@ use tokio::sync::watch;
 
 use cluster::Cluster;
 use fabric::Fabric;
-use node::{Counted, Snapshots};
+use node::{Counted, Disk, Snapshots};
 use rng::Rng;
 
 /// Prints a simulation event when `ENTREPOT_SIM_TRACE` is set (for replaying one seed).
@@ -107,6 +121,9 @@ fn elapsed_ms() -> u128 {
 
 /// Seeds per run unless `ENTREPOT_SIM_SEEDS` says otherwise (CI's bound).
 const DEFAULT_SEEDS: u64 = 20;
+/// Seeds of the power-cut run unless `ENTREPOT_SIM_POWER_SEEDS` says otherwise: real
+/// syncs make a seed slower (CI's bound).
+const POWER_SEEDS: u64 = 4;
 /// Nodes per cluster.
 const NODES: u64 = 3;
 /// Cluster time under faults per seed.
@@ -132,6 +149,13 @@ fn no_acknowledged_message_is_lost_and_no_consumed_message_comes_back() {
     run_seeds(Faults::All);
 }
 
+/// Every fault, with power cuts where the others crash a node: of one node, or of the
+/// whole rack; every node's disk keeps only what it synced.
+#[test]
+fn power_cuts_lose_no_acknowledged_message_and_no_committed_ack() {
+    run_seeds(Faults::PowerCuts);
+}
+
 /// Which faults a schedule may inject.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Faults {
@@ -139,12 +163,18 @@ enum Faults {
     Network,
     /// Those, and node crashes and restarts.
     All,
+    /// Those, with power cuts (one node or every node) instead of process crashes.
+    PowerCuts,
 }
 
 fn run_seeds(faults: Faults) {
+    let (count_var, default) = match faults {
+        Faults::PowerCuts => ("ENTREPOT_SIM_POWER_SEEDS", POWER_SEEDS),
+        _ => ("ENTREPOT_SIM_SEEDS", DEFAULT_SEEDS),
+    };
     let seeds: Vec<u64> = match env_u64("ENTREPOT_SIM_SEED") {
         Some(seed) => vec![seed],
-        None => (1..=env_u64("ENTREPOT_SIM_SEEDS").unwrap_or(DEFAULT_SEEDS)).collect(),
+        None => (1..=env_u64(count_var).unwrap_or(default)).collect(),
     };
     let mut failures = Vec::new();
     let mut total = SnapshotStats::default();
@@ -256,7 +286,11 @@ async fn simulate(seed: u64, kinds: Faults) -> Result<(String, SnapshotStats), S
     let dir = tempfile::tempdir().expect("temporary directory");
     let mut rng = Rng::new(seed);
     let fabric = Fabric::new(rng.fork());
-    let cluster = Cluster::form_with(NODES, dir.path(), fabric.clone(), SNAPSHOTS).await;
+    let disk = match kinds {
+        Faults::PowerCuts => Disk::Synced,
+        _ => Disk::PageCache,
+    };
+    let cluster = Cluster::form_on(NODES, dir.path(), fabric.clone(), SNAPSHOTS, disk).await;
     let history = workload::Log::default();
     let (stop, stop_rx) = watch::channel(false);
     let client = tokio::spawn(workload::run(
@@ -273,8 +307,12 @@ async fn simulate(seed: u64, kinds: Faults) -> Result<(String, SnapshotStats), S
         heal(&cluster).await?;
         let first = verify(&cluster, &history, "after healing").await?;
         let purged = SnapshotStats::of(&cluster);
-        for id in cluster.ids.clone() {
-            cluster.crash(id).await;
+        if kinds == Faults::PowerCuts {
+            cluster.power_cut(&cluster.ids, rng.next_u64()).await?;
+        } else {
+            for id in cluster.ids.clone() {
+                cluster.crash(id).await;
+            }
         }
         heal(&cluster).await?;
         let second = verify(&cluster, &history, "after restarting every node").await?;
@@ -287,13 +325,14 @@ async fn simulate(seed: u64, kinds: Faults) -> Result<(String, SnapshotStats), S
     cluster.shutdown().await;
     let h = history.lock();
     let net = fabric.stats();
+    let power = cluster.power_stats();
     let (first, second, stats) =
         result.map_err(|e| format!("{e}; faults: {}", faults.join(", ")))?;
     let summary = format!(
         "{} sent, {} acknowledged, {} in doubt, {} consumed, {} acks in doubt; \
          committed {} offsets (then {}), {} tail records, {} acks diverging, \
          {} committed offsets not held (snapshots); \
-         rpcs {} delivered {} lost {} refused; {} faults; {stats}",
+         rpcs {} delivered {} lost {} refused; {} faults; {stats}{}",
         h.sent.len(),
         h.acked.len(),
         h.in_doubt.len(),
@@ -308,6 +347,14 @@ async fn simulate(seed: u64, kinds: Faults) -> Result<(String, SnapshotStats), S
         net.lost,
         net.refused,
         faults.len(),
+        match kinds {
+            Faults::PowerCuts => format!(
+                "; {} power cuts ({} with syncs stalled) after {} syncs: {} pages and {} \
+                 directory entries written after their last sync lost or damaged",
+                power.cuts, power.in_flight, power.syncs, power.pages_lost, power.entries_lost
+            ),
+            _ => String::new(),
+        },
     );
     Ok((summary, stats))
 }
@@ -351,6 +398,29 @@ async fn inject_faults(
                     .collect();
                 cluster.fabric.partition(side);
                 format!("isolate leader {leader}")
+            }
+            25..=34 if kinds == Faults::PowerCuts => {
+                let Some(leader) = cluster.leaders().first().map(|l| l.node) else {
+                    continue;
+                };
+                cut(cluster, &[leader], rng).await?;
+                if rng.chance(500) {
+                    cluster.restart(leader).await?;
+                    format!("power cut and restart of leader {leader}")
+                } else {
+                    format!("power cut of leader {leader}")
+                }
+            }
+            35..=44 if kinds == Faults::PowerCuts => {
+                if rng.chance(300) {
+                    // The whole rack: no node keeps what it had not synced.
+                    cut(cluster, &cluster.ids, rng).await?;
+                    "power cut of every node".into()
+                } else {
+                    let id = cluster.ids[rng.below(cluster.ids.len() as u64) as usize];
+                    cut(cluster, &[id], rng).await?;
+                    format!("power cut of {id}")
+                }
             }
             25..=34 => {
                 let Some(leader) = cluster.leaders().first().map(|l| l.node) else {
@@ -405,6 +475,19 @@ async fn inject_faults(
         log.push(format!("{}ms {fault}", at.as_millis()));
     }
     Ok(())
+}
+
+/// A power cut of `ids`: at once (every sync done), or half the time while their syncs
+/// are stalled and the cluster goes on for 2–40 ms (appends written, not durable).
+async fn cut(cluster: &Cluster, ids: &[u64], rng: &mut Rng) -> Result<(), String> {
+    let seed = rng.next_u64();
+    if rng.chance(500) {
+        let window = Duration::from_millis(rng.between(2, 40));
+        sim_trace!("power cut of {ids:?} in {window:?}, syncs stalled");
+        cluster.power_cut_in_flight(ids, window, seed).await
+    } else {
+        cluster.power_cut(ids, seed).await
+    }
 }
 
 /// Ends every fault: network healed, every node up.

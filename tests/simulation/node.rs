@@ -11,8 +11,11 @@
 //! A crash aborts the node's tasks, stops its `Raft` and drops every handle; a restart
 //! reopens everything from the same directory (the state machine from its persisted
 //! snapshot, if any). openraft drives the real `StoreMachine` through [`Observed`], which
-//! only counts snapshot builds and installs. Logs run with `SyncPolicy::Never`: the data
-//! stays in the page cache, so a crash here is a process crash (SIGKILL), not a power cut.
+//! only counts snapshot builds and installs. With [`Disk::PageCache`] logs run with
+//! `SyncPolicy::Never`: the data stays in the page cache, so a crash here is a process
+//! crash (SIGKILL), not a power cut. With [`Disk::Synced`] they sync as a clustered broker's
+//! do, and the cluster can cut a node's power through the storage crate's crash seam
+//! (`Cluster::power_cut`).
 
 // openraft's error types are large; these signatures are openraft's, not ours.
 #![allow(clippy::result_large_err)]
@@ -26,7 +29,7 @@ use entrepot::broker::replication::Replication;
 use entrepot::broker::store::Store;
 use entrepot::raft::state_machine::StoreMachine;
 use entrepot_cluster::{LogStore, NodeId, RaftStorageError, Response, TypeConfig};
-use entrepot_storage::{LogConfig, SyncPolicy};
+use entrepot_storage::{Log, LogConfig, SyncPolicy};
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
     BasicNode, LogId, Raft, ServerState, SnapshotMeta, SnapshotPolicy, StoredMembership,
@@ -41,6 +44,30 @@ use crate::sim_trace;
 const SEGMENT_BYTES: u64 = 1 << 20;
 /// Largest record (a message, or one Raft entry carrying a batch).
 const RECORD_BYTES_MAX: u32 = 256 << 10;
+
+/// How a node's logs reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disk {
+    /// Nothing is synced: a crash keeps the page cache (a process crash), fast.
+    PageCache,
+    /// As a clustered broker (`src/raft/mod.rs`): the Raft log `Always` — an entry is
+    /// reported flushed, and a vote saved, only once on the disk — and the store synced in
+    /// the background every [`entrepot::raft::STORE_SYNC_INTERVAL`] (it is rebuilt from the
+    /// Raft log). What a power cut keeps is what these syncs made durable.
+    Synced,
+}
+
+impl Disk {
+    fn policies(self) -> (SyncPolicy, SyncPolicy) {
+        match self {
+            Disk::PageCache => (SyncPolicy::Never, SyncPolicy::Never),
+            Disk::Synced => (
+                SyncPolicy::Interval(entrepot::raft::STORE_SYNC_INTERVAL),
+                SyncPolicy::Always,
+            ),
+        }
+    }
+}
 
 /// The broker of a node while it leads: its store and replication queue.
 pub struct Leader {
@@ -64,6 +91,8 @@ pub struct Running {
     pub machine: StoreMachine,
     /// `Some` while this node leads and its broker is active.
     pub leader: watch::Receiver<Option<Arc<Leader>>>,
+    /// The segment log under this node's Raft log (to see its syncs pending).
+    pub raft_log: Log,
     leadership: JoinHandle<()>,
 }
 
@@ -206,8 +235,10 @@ pub async fn start(
     fabric: &Fabric,
     config: Arc<openraft::Config>,
     counters: &Arc<Counters>,
+    disk: Disk,
 ) -> Result<Running, String> {
-    let (log, acks) = Store::open_parts(dir, SyncPolicy::Never, SEGMENT_BYTES, RECORD_BYTES_MAX)
+    let (store_sync, raft_sync) = disk.policies();
+    let (log, acks) = Store::open_parts(dir, store_sync, SEGMENT_BYTES, RECORD_BYTES_MAX)
         .map_err(|e| format!("open the store: {e}"))?;
     let machine = StoreMachine::new(dir.to_path_buf(), log, Arc::new(acks))
         .map_err(|e| format!("open the state machine: {e}"))?;
@@ -224,11 +255,12 @@ pub async fn start(
     let raft_log = LogConfig {
         segment_bytes: SEGMENT_BYTES,
         record_bytes_max: RECORD_BYTES_MAX * 2,
-        sync: SyncPolicy::Never,
+        sync: raft_sync,
         ..LogConfig::default()
     };
     let log_store =
         LogStore::open(raft_dir(dir), raft_log).map_err(|e| format!("open the Raft log: {e}"))?;
+    let raft_log = log_store.log().clone();
     let endpoint = fabric.endpoint(id);
     let observed = Observed {
         machine: machine.clone(),
@@ -244,6 +276,7 @@ pub async fn start(
         raft,
         machine,
         leader: rx,
+        raft_log,
         leadership,
     })
 }
