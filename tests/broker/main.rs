@@ -40,6 +40,7 @@ mod requirement;
 mod router;
 mod selectors_proton;
 mod shutdown;
+mod sync_policy;
 mod tls;
 mod topics;
 mod topics_proton;

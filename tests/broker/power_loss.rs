@@ -10,6 +10,7 @@
 //! cut (unsynced bytes and directory entries damaged per seed); a fresh node opens the
 //! crashed tree and a consumer drains it. `ENTREPOT_CRASH_SEEDS=<n>` runs n seeds
 //! (default [`DEFAULT_SEEDS`]), `ENTREPOT_CRASH_SEED=<s>` one; failures name the seed.
+//! `sync_policy.rs` runs the same cut under `--sync interval:<ms>` ([`run_seed`]).
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -18,7 +19,7 @@ use std::time::Duration;
 
 use entrepot::config::BrokerConfig;
 use entrepot::server::Node;
-use entrepot_storage::crash_sim::{CrashSim, SyncFault};
+use entrepot_storage::crash_sim::{CrashReport, CrashSim, SyncFault};
 use fe2o3_amqp::types::definitions::{ReceiverSettleMode, Role};
 use fe2o3_amqp::types::messaging::{Accepted as AcceptedState, DeliveryState};
 use fe2o3_amqp::types::performatives::{Disposition, Performative};
@@ -28,9 +29,9 @@ use tokio::sync::watch;
 use crate::raw_client::{data_message, Client};
 
 const DEFAULT_SEEDS: u64 = 4;
-const QUEUE: &str = "power-loss";
+pub(crate) const QUEUE: &str = "power-loss";
 /// Transfers the producer sends before it waits for their outcomes.
-const BATCH: u32 = 8;
+pub(crate) const BATCH: u32 = 8;
 /// The cut comes after 1..=this many acceptances.
 const CRASH_AFTER_MAX: u64 = 150;
 /// Longest any step may take.
@@ -38,12 +39,12 @@ const STEP: Duration = Duration::from_secs(10);
 /// A drain ends once the broker was quiet this long.
 const QUIET: Duration = Duration::from_secs(1);
 
-fn config(dir: &Path) -> BrokerConfig {
+pub(crate) fn config(dir: &Path, sync: &str) -> BrokerConfig {
     BrokerConfig {
         data_dir: dir.to_path_buf(),
         listen: "127.0.0.1:0".parse().expect("addr"),
         http: "127.0.0.1:0".parse().expect("addr"),
-        sync: "always".into(),
+        sync: sync.into(),
         segment_bytes: 256 * 1024,
         max_message_bytes: 64 * 1024,
         allow_anonymous: true,
@@ -51,7 +52,7 @@ fn config(dir: &Path) -> BrokerConfig {
     }
 }
 
-fn seeds() -> Vec<u64> {
+pub(crate) fn seeds() -> Vec<u64> {
     let var = |name| std::env::var(name).ok().and_then(|s| s.parse::<u64>().ok());
     match (var("ENTREPOT_CRASH_SEED"), var("ENTREPOT_CRASH_SEEDS")) {
         (Some(seed), _) => vec![seed],
@@ -59,14 +60,14 @@ fn seeds() -> Vec<u64> {
     }
 }
 
-fn body_of(seq: u64) -> Vec<u8> {
+pub(crate) fn body_of(seq: u64) -> Vec<u8> {
     let mut body = vec![(seq % 251) as u8; 16 + (seq % 7) as usize * 300];
     body[..8].copy_from_slice(&seq.to_be_bytes());
     body
 }
 
 /// The seq of a delivered message: the first 8 bytes of its data section.
-fn seq_of(payload: &[u8]) -> u64 {
+pub(crate) fn seq_of(payload: &[u8]) -> u64 {
     let at = payload
         .windows(4)
         .position(|w| w == [0x00, 0x53, 0x75, 0xb0])
@@ -75,16 +76,25 @@ fn seq_of(payload: &[u8]) -> u64 {
 }
 
 #[derive(Default)]
-struct Seen {
-    sent: BTreeSet<u64>,
-    accepted: BTreeSet<u64>,
+pub(crate) struct Seen {
+    pub sent: BTreeSet<u64>,
+    pub accepted: BTreeSet<u64>,
     /// Seqs the consumer accepted (its ack may or may not have been recorded)...
-    consumed: BTreeSet<u64>,
+    pub consumed: BTreeSet<u64>,
     /// ...and those whose acceptance the broker settled back (recorded for certain).
-    settled: BTreeSet<u64>,
+    pub settled: BTreeSet<u64>,
 }
 
-async fn step<T>(f: impl std::future::Future<Output = T>) -> T {
+/// One seed's run: what the clients saw, what came back after the cut, the cut's report,
+/// and how long the node ran before it.
+pub(crate) struct Outcome {
+    pub seen: Seen,
+    pub back: BTreeSet<u64>,
+    pub report: CrashReport,
+    pub ran: Duration,
+}
+
+pub(crate) async fn step<T>(f: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(STEP, f)
         .await
         .expect("step within its time bound")
@@ -94,7 +104,7 @@ async fn step<T>(f: impl std::future::Future<Output = T>) -> T {
 async fn accepted_and_settled_survive_power_loss() {
     let (mut accepted, mut settled) = (0, 0);
     for seed in seeds() {
-        let seen = run_seed(seed).await;
+        let seen = run_seed(seed, "always").await.seen;
         accepted += seen.accepted.len();
         settled += seen.settled.len();
     }
@@ -104,12 +114,17 @@ async fn accepted_and_settled_survive_power_loss() {
     );
 }
 
-async fn run_seed(seed: u64) -> Seen {
+/// Runs one seed with the store's `sync` setting, checks that every accepted message and
+/// every settled acceptance survived the cut, and returns what happened.
+pub(crate) async fn run_seed(seed: u64, sync: &str) -> Outcome {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (live, crashed) = (tmp.path().join("live"), tmp.path().join("crashed"));
     let sim = CrashSim::install(&live).expect("install");
     let (stop_tx, stop_rx) = watch::channel(false);
-    let node = Node::start(config(&live), stop_rx).await.expect("start");
+    let started = std::time::Instant::now();
+    let node = Node::start(config(&live, sync), stop_rx)
+        .await
+        .expect("start");
     let seen = Arc::new(Mutex::new(Seen::default()));
     let producer = tokio::spawn(produce(node.amqp_addr, Arc::clone(&seen)));
     let consumer = tokio::spawn(consume(node.amqp_addr, Arc::clone(&seen)));
@@ -121,6 +136,7 @@ async fn run_seed(seed: u64) -> Seen {
     })
     .await;
     let report = sim.crash_into(&crashed, seed).expect("crash");
+    let ran = started.elapsed();
     // What the clients saw is final now: nothing becomes durable after the cut.
     tokio::time::sleep(Duration::from_millis(50)).await;
     producer.abort();
@@ -130,7 +146,7 @@ async fn run_seed(seed: u64) -> Seen {
     let seen = std::mem::take(&mut *seen.lock().expect("lock"));
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let node = Node::start(config(&crashed), stop_rx)
+    let node = Node::start(config(&crashed, sync), stop_rx)
         .await
         .unwrap_or_else(|e| panic!("seed {seed}: reopening the crashed store: {e:#}"));
     let back = drain(node.amqp_addr).await;
@@ -150,10 +166,16 @@ async fn run_seed(seed: u64) -> Seen {
         );
         assert!(seen.sent.contains(seq), "seed {seed}: {seq} was never sent");
     }
-    seen
+    Outcome {
+        seen,
+        back,
+        report,
+        ran,
+    }
 }
 
-/// Sends batches of [`BATCH`] and records which the broker accepted, until it stops.
+/// Sends batches of [`BATCH`] (each after the last one's outcomes) and records which the
+/// broker accepted, until it stops.
 async fn produce(addr: std::net::SocketAddr, seen: Arc<Mutex<Seen>>) {
     let mut c = Client::open(addr).await.expect("connect");
     c.attach_sender_on(0, 0, "producer", QUEUE).await;
@@ -235,7 +257,7 @@ async fn drain(addr: std::net::SocketAddr) -> BTreeSet<u64> {
     back
 }
 
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+pub(crate) async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     let mut s = step(tokio::net::TcpStream::connect(addr))
         .await
         .expect("connect");
@@ -250,7 +272,7 @@ async fn failing_sync_is_refused(fault: SyncFault) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let sim = CrashSim::install(tmp.path()).expect("install");
     let (stop_tx, stop_rx) = watch::channel(false);
-    let node = Node::start(config(tmp.path()), stop_rx)
+    let node = Node::start(config(tmp.path(), "always"), stop_rx)
         .await
         .expect("start");
     let mut c = Client::open(node.amqp_addr).await.expect("connect");
