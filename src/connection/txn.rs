@@ -174,6 +174,18 @@ fn txn_number(id: &Binary) -> Option<u64> {
     Some(u64::from_be_bytes(bytes))
 }
 
+/// `amqp:transaction:unknown-id`'s description: the id in hex when it has our length,
+/// else only its length (a peer's id may be as long as a frame; it is not echoed).
+fn unknown_txn(id: &Binary) -> String {
+    match txn_number(id) {
+        Some(n) => format!("no open transaction {n:016x} on this connection"),
+        None => format!(
+            "no transaction has a {}-byte id here (ours are TXN_ID_BYTES = {TXN_ID_BYTES})",
+            id.len()
+        ),
+    }
+}
+
 fn txn_binary(n: u64) -> Binary {
     Binary::from(n.to_be_bytes().to_vec())
 }
@@ -423,7 +435,7 @@ impl Session {
         fail: bool,
     ) -> Option<DeliveryState> {
         let Some(txn) = txn_number(txn_id).and_then(|n| conn.txns.open.remove(&n)) else {
-            let d = format!("no open transaction {txn_id:?} on this connection");
+            let d = unknown_txn(txn_id);
             return Some(rejected(TransactionError::UnknownId, d));
         };
         let age = txn.declared_at.elapsed();
@@ -530,10 +542,7 @@ impl Session {
         let message = Bytes::from(chunks.concat());
         let txn = txn_number(txn_id).and_then(|n| conn.txns.open.get_mut(&n));
         let refusal: Option<(ErrorCondition, String)> = match txn {
-            None => Some((
-                TransactionError::UnknownId.into(),
-                format!("no open transaction {txn_id:?} on this connection"),
-            )),
+            None => Some((TransactionError::UnknownId.into(), unknown_txn(txn_id))),
             Some(txn) => {
                 let refused = stage_refusal(txn, &target, &message);
                 match refused {
@@ -594,7 +603,7 @@ impl Session {
                     self.links.get(&handle),
                     Some(super::link::Link::Consumer(_))
                 ) {
-                    let d = format!("no open transaction {:?} on this connection", ts.txn_id);
+                    let d = unknown_txn(&ts.txn_id);
                     self.detach_with_error(conn, handle, TransactionError::UnknownId.into(), d)?;
                 }
             }

@@ -89,7 +89,7 @@ async fn with_coordinator(broker: &BrokerProcess, queue: &str) -> Client {
 async fn declare(c: &mut Client, id: u32) -> Option<DeliveryState> {
     let msg = amqp_value(Declare::new(None));
     c.transfer(COORD, id, &msg).await;
-    within("declare's answer", c.expect(outcome_of(id))).await
+    within("declare's answer", Box::pin(c.expect(outcome_of(id)))).await
 }
 
 async fn declared(c: &mut Client, id: u32) -> Binary {
@@ -105,7 +105,7 @@ async fn discharge(c: &mut Client, id: u32, txn_id: Binary, fail: bool) -> Optio
         fail: Some(fail),
     });
     c.transfer(COORD, id, &msg).await;
-    within("discharge's answer", c.expect(outcome_of(id))).await
+    within("discharge's answer", Box::pin(c.expect(outcome_of(id)))).await
 }
 
 fn in_txn(txn_id: &Binary, outcome: Option<Outcome>) -> DeliveryState {
@@ -125,12 +125,18 @@ async fn send_in_txn(
     let state = Some(in_txn(txn_id, None));
     c.transfer_with_state_on(0, SEND, id, &data_message(body), state)
         .await;
-    within("transactional transfer's answer", c.expect(outcome_of(id))).await
+    within(
+        "transactional transfer's answer",
+        Box::pin(c.expect(outcome_of(id))),
+    )
+    .await
 }
 
 /// The bodies of every transfer on [`RECV`] until the broker is quiet, with ids.
+/// (Frame-reading futures are boxed here and below: each holds a 16 KiB read buffer, and
+/// a debug build's test future grows by one per await, past a test thread's stack.)
 async fn received(c: &mut Client) -> Vec<(u32, Vec<u8>)> {
-    let frames = c.frames_until_quiet(Duration::from_millis(500)).await;
+    let frames = Box::pin(c.frames_until_quiet(Duration::from_millis(500))).await;
     frames
         .into_iter()
         .filter_map(|f| match f.performative {
@@ -239,7 +245,13 @@ async fn a_connection_closing_with_an_open_transaction_rolls_it_back() {
     let queue = "tx-closing";
     let mut c = with_coordinator(&broker, queue).await;
     c.transfer(SEND, 0, &data_message(b"m0")).await;
-    assert!(within("m0 accepted", c.expect(crate::raw_client::accepted(0))).await);
+    assert!(
+        within(
+            "m0 accepted",
+            Box::pin(c.expect(crate::raw_client::accepted(0)))
+        )
+        .await
+    );
     let txn = declared(&mut c, 1).await;
     for (i, body) in [b"s1", b"s2"].iter().enumerate() {
         let answer = send_in_txn(&mut c, 2 + i as u32, &txn, &body[..]).await;
@@ -312,5 +324,81 @@ async fn a_transaction_over_its_byte_budget_refuses_the_send_and_cannot_commit()
     assert!(
         got.is_empty(),
         "nothing of the transaction was stored: {got:?}"
+    );
+}
+
+/// A consumer's outcome in a transaction belongs to the transaction: the consumer's
+/// link may close before the commit, and the commit still consumes the message. An
+/// outcome naming an unknown transaction detaches the consumer's link with
+/// `amqp:transaction:unknown-id`, and the message comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledgement_in_a_transaction_outlives_its_link_and_an_unknown_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let queue = "tx-acks";
+    let mut c = with_coordinator(&broker, queue).await;
+    for (id, body) in [(0, b"m0"), (1, b"m1")] {
+        c.transfer(SEND, id, &data_message(body)).await;
+        assert!(
+            within(
+                "stored",
+                Box::pin(c.expect(crate::raw_client::accepted(id)))
+            )
+            .await
+        );
+    }
+    let txn = declared(&mut c, 2).await;
+    let ack = |first: u32, txn_id: &Binary| Disposition {
+        role: Role::Receiver,
+        first,
+        last: None,
+        settled: true,
+        state: Some(in_txn(txn_id, Some(Outcome::Accepted(Accepted {})))),
+        batchable: false,
+    };
+    // An unknown transaction: the link goes, m0 (its first delivery) comes back.
+    within("receiver", c.attach_receiver(RECV, "receiver", queue)).await;
+    c.flow(RECV, 0, 1, false).await;
+    let got = within("m0", received(&mut c)).await;
+    assert_eq!(got, vec![(0, b"m0".to_vec())]);
+    let bogus = Binary::from(vec![0u8; 8]);
+    c.send_on(0, &Performative::Disposition(ack(0, &bogus)), &[])
+        .await;
+    let d = within(
+        "detach",
+        Box::pin(c.expect(crate::raw_client::detach_of(RECV))),
+    )
+    .await;
+    let e = d.error.expect("an error");
+    assert_eq!(
+        entrepot::connection::condition_name(&e.condition),
+        "amqp:transaction:unknown-id"
+    );
+    c.detach(RECV).await;
+    // Accept m0 (again delivery 1 of this session) in `txn`, close the link, commit.
+    within("receiver", c.attach_receiver(RECV, "receiver2", queue)).await;
+    c.flow(RECV, 0, 1, false).await;
+    let got = within("m0 again", received(&mut c)).await;
+    assert_eq!(got, vec![(1, b"m0".to_vec())], "m0 came back first");
+    c.send_on(0, &Performative::Disposition(ack(1, &txn)), &[])
+        .await;
+    c.detach(RECV).await;
+    within(
+        "detached",
+        Box::pin(c.expect(crate::raw_client::detach_of(RECV))),
+    )
+    .await;
+    let committed = discharge(&mut c, 3, txn, false).await;
+    assert!(
+        matches!(committed, Some(DeliveryState::Accepted(_))),
+        "{committed:?}"
+    );
+    within("receiver", c.attach_receiver(RECV, "receiver3", queue)).await;
+    c.flow(RECV, 0, 10, false).await;
+    let got = within("what is left", received(&mut c)).await;
+    assert_eq!(
+        got,
+        vec![(2, b"m1".to_vec())],
+        "m0 was consumed by the commit"
     );
 }
