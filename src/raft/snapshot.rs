@@ -28,7 +28,8 @@
 //! // Format (store state, persisted, v3):
 //! //   { version: u8 = 3 | message_end: u64 | acks_len: u32 | acks | registry_len: u32 | registry
 //! //     | counts_len: u32 | counts }
-//! //   (a v1 file, written by earlier builds, holds a whole wire snapshot: its head is read)
+//! //   (v2, written by builds b1c80cf..d269f7d: the same without counts_len and counts;
+//! //   a v1 file, written by earlier builds, holds a whole wire v1 snapshot: its head is read)
 //! ```
 //! Invariants: every record of a snapshot lies below `message_end`, the end of the
 //! *committed* messages (a leader's local, uncommitted tail never enters a snapshot); a
@@ -53,6 +54,8 @@ pub const STORE_SNAPSHOT_VERSION: u8 = 2;
 const STORE_SNAPSHOT_V1: u8 = 1;
 /// Version byte of the persisted store state.
 pub const STORE_STATE_VERSION: u8 = 3;
+/// The persisted state of builds b1c80cf..d269f7d (no delivery counts), still read.
+const STORE_STATE_V2: u8 = 2;
 /// Largest record a received snapshot may carry (far above any stored message).
 pub const MAX_SNAPSHOT_RECORD_BYTES: u32 = 64 << 20;
 /// Largest ack-set or registry part of a snapshot.
@@ -129,8 +132,14 @@ impl StoreState {
         }
     }
 
-    /// Reads a persisted state (v3), or the head of a whole wire snapshot (v1, v2).
+    /// Reads a persisted state: v3; v2, which builds b1c80cf..d269f7d wrote (the v3
+    /// layout without the counts part — no build ever persisted a whole v2 wire
+    /// snapshot, so a leading 2 here is that state); or v1, the head of a whole wire v1
+    /// snapshot that earlier builds persisted.
     pub fn decode(data: &[u8]) -> Result<StoreState, SnapshotError> {
+        if data.first() == Some(&STORE_STATE_V2) {
+            return decode_state_v2(&data[1..]);
+        }
         let mut r = data;
         let head = read_head(&mut r)?;
         if head.version == STORE_STATE_VERSION && !r.is_empty() {
@@ -138,6 +147,23 @@ impl StoreState {
         }
         Ok(head.state)
     }
+}
+
+/// The body of a persisted state v2: `message_end | acks part | registry part`, and
+/// nothing after; its delivery counts start empty (that build kept none).
+fn decode_state_v2(mut r: &[u8]) -> Result<StoreState, SnapshotError> {
+    let message_end = read_u64(&mut r)?;
+    let acks = read_part(&mut r)?;
+    let registry = read_part(&mut r)?;
+    if !r.is_empty() {
+        return Err(SnapshotError::Malformed("trailing bytes"));
+    }
+    Ok(StoreState {
+        message_end,
+        acks,
+        registry,
+        counts: Vec::new(),
+    })
 }
 
 /// What precedes the records: the state, and for the wire format where records start.
@@ -481,8 +507,17 @@ mod tests {
         assert_eq!(source.records(), 4, "3, 4, 6 and 7 are live");
         let bytes = source.read_all();
         assert_eq!(bytes.len() as u64, source.len());
-        // The head of a wire snapshot reads as its state (a v1 persisted file).
-        assert_eq!(StoreState::decode(&bytes).unwrap(), state);
+        // The head of a v1 wire snapshot reads as its state (a v1 persisted file).
+        let mut v1 = bytes.to_vec();
+        v1[0] = STORE_SNAPSHOT_V1;
+        let counts_at = 1 + 8 + 8 + 4 + state.acks.len() + 4 + state.registry.len();
+        v1.drain(counts_at..counts_at + 4 + state.counts.len());
+        let head = StoreState::decode(&v1).unwrap();
+        assert_eq!(
+            (head.message_end, &head.acks, &head.registry),
+            (state.message_end, &state.acks, &state.registry)
+        );
+        assert!(head.counts.is_empty());
 
         let (log2, acks2) = open(b.path());
         for _ in 0..20 {
