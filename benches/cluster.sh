@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Entrepot clustered (3 nodes, Raft) next to a single node in the same run, driven by
-# `entrepot bench`: persistent 1 KiB messages, every message checked for loss by sequence.
+# `entrepot-bench`: persistent 1 KiB messages, every message checked for loss by sequence.
 # Then failover: SIGKILL the leader under load and measure the time from the kill to the
 # first new leader reported by a survivor and to the first message accepted again.
 #
@@ -28,6 +28,7 @@ warmup="${WARMUP:-2}"
 rounds="${FAILOVER_ROUNDS:-3}"
 run_timeout=$(( duration + warmup + 120 ))
 bin="$target/release/entrepot"
+bench_bin="$target/release/entrepot-bench"
 work="$(mktemp -d)"
 pids=()
 
@@ -39,8 +40,9 @@ cleanup() {
 trap cleanup EXIT
 command -v jq >/dev/null || apt-get install -y jq >/dev/null 2>&1
 
-step "building the release binary"
+step "building the release binaries (the broker, the load generator)"
 cargo build --release --quiet --bin entrepot
+cargo build --release --quiet -p entrepot-bench
 mkdir -p "$out"
 rm -f "$out"/*.json "$out"/table.md
 
@@ -74,7 +76,7 @@ wait_leader() { # wait_leader NODES... → leader id
 bench() { # bench NAME URL PRODUCERS CONSUMERS
     local name=$1 url=$2 p=$3 c=$4
     step "$name: $p producers / $c consumers, ${duration}s"
-    "$bin" bench --quiet --url "$url" --address "bench-$name-$p" --persistent --size 1024 \
+    "$bench_bin" --quiet --url "$url" --address "bench-$name-$p" --persistent --size 1024 \
         --producers "$p" --consumers "$c" --window 64 --duration "$duration" --warmup "$warmup" \
         --timeout "$run_timeout" --json "$out/p1k-${p}x${c}-$name.json" >"$out/p1k-${p}x${c}-$name.txt" 2>&1 ||
         step "$name run failed: $(tail -3 "$out/p1k-${p}x${c}-$name.txt")"
@@ -104,7 +106,7 @@ for r in $(seq 1 "$rounds"); do
     leader="$(wait_leader 0 1 2)"
     survivors=(); for i in 0 1 2; do [ "$i" != "$leader" ] && survivors+=("$i"); done
     # Load on the leader while it dies (the generator loses its connection; that is the point).
-    "$bin" bench --quiet --url "amqp://127.0.0.1:574$leader" --address failover --persistent \
+    "$bench_bin" --quiet --url "amqp://127.0.0.1:574$leader" --address failover --persistent \
         --producers 4 --consumers 0 --duration 30 --timeout 40 >/dev/null 2>&1 &
     load=$!
     sleep 2
@@ -114,7 +116,7 @@ for r in $(seq 1 "$rounds"); do
     while [ -z "$new" ] || [ "$new" = "$leader" ]; do new="$(leader_of "${survivors[@]}")"; done
     t1=$(date +%s%N)
     # First acceptance after the kill: one persistent message through a survivor.
-    until "$bin" bench --quiet --url "amqp://127.0.0.1:574${survivors[0]}" --address failover-probe \
+    until "$bench_bin" --quiet --url "amqp://127.0.0.1:574${survivors[0]}" --address failover-probe \
         --persistent --count 1 --consumers 0 --drain 0 --timeout 2 >/dev/null 2>&1; do sleep 0.01; done
     t2=$(date +%s%N)
     kill "$load" 2>/dev/null || true; wait "$load" 2>/dev/null || true

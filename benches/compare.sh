@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Entrepot side by side with RabbitMQ (quorum and classic durable queues, AMQP 1.0) and
-# NATS JetStream (file storage), all driven by the same tool, `entrepot bench`, on this
+# NATS JetStream (file storage), all driven by the same tool, `entrepot-bench`, on this
 # machine, with the physical limits (fio, iperf3) in the same table.
 #
 # One broker runs at a time (started, measured, stopped by its pid), everything binds to
@@ -20,10 +20,10 @@
 #        ENTREPOT_SYNC (default always), ENTREPOT_PORT (default 5692),
 #        ENTREPOT_FANOUT_ADDRESS (Entrepot's fan-out topic, default topic.bench: a sender to
 #        topic.x publishes, each receiver on topic.x is its own subscription),
-#        BENCH_PROCESSES (generator processes per run, `entrepot bench --processes`, default 1),
+#        BENCH_PROCESSES (generator processes per run, `entrepot-bench --processes`, default 1),
 #        SKIP_LIMITS=1 to skip fio and iperf3, PLOT=0 to skip the PNG,
 #        PEERS_DIR (default ../shared/peers).
-# Output: the table on stdout, benches/results.png (throughput vs p99, `entrepot bench-plot`),
+# Output: the table on stdout, benches/results.png (throughput vs p99, `entrepot-bench plot`),
 #         and under target/compare/: one JSON per run, table.md.
 set -euo pipefail
 
@@ -57,21 +57,24 @@ for b in $brokers; do rm -f "$out"/*-"$b".json "$out"/*-"$b".txt; done
 rm -f "$out"/table.md
 
 # --- the tool and the broker under test -------------------------------------------------
-# `plot`: `entrepot bench-plot` for benches/results.png; `nats`: the NATS JetStream driver.
+# The load generator is its own binary (bench/): `entrepot-bench`, with its features `plot`
+# (`entrepot-bench plot` for benches/results.png) and `nats` (the NATS JetStream driver).
 features="plot,nats"
 case "$brokers" in *nats*) ;; *) features="plot" ;; esac
 [ "${PLOT:-1}" = 0 ] && features="${features/plot/}"
 features="${features#,}"; features="${features%,}"
-step "cargo build --release --features '$features'"
-if ! cargo build --release --features "$features" --bin entrepot >&2; then
+step "cargo build --release --bin entrepot; cargo build --release -p entrepot-bench --features '$features'"
+cargo build --release --bin entrepot >&2
+if ! cargo build --release -p entrepot-bench --features "$features" >&2; then
     [ -n "$features" ] || exit 1
     step "build with features '$features' failed: building without them (no NATS, no plot)"
     notes+=("Built without '$features': NATS JetStream and/or the plot left out.")
     brokers="${brokers//nats/}"
     features=""
-    cargo build --release --bin entrepot >&2
+    cargo build --release -p entrepot-bench >&2
 fi
 bin="$target/release/entrepot"
+bench_bin="$target/release/entrepot-bench"
 
 started_pid=""
 started_peer=""
@@ -132,8 +135,8 @@ bench() {
                     addr=(--address /exchange/amq.fanout --consumer-address /exchange/amq.fanout/bench) ;;
             esac ;;
     esac
-    step "$broker $case: entrepot bench ${conn[*]/*@/***@} ${addr[*]} ${shape[*]} --size $size $*"
-    if RUST_LOG="${RUST_LOG:-warn}" NO_COLOR=1 "$bin" bench "${conn[@]}" "${addr[@]}" "${shape[@]}" --size "$size" --persistent \
+    step "$broker $case: entrepot-bench ${conn[*]/*@/***@} ${addr[*]} ${shape[*]} --size $size $*"
+    if RUST_LOG="${RUST_LOG:-warn}" NO_COLOR=1 "$bench_bin" "${conn[@]}" "${addr[@]}" "${shape[@]}" --size "$size" --persistent \
         --duration "$duration" --warmup "$warmup" --timeout "$run_timeout" --quiet --processes "$processes" \
         --json "$json" "$@" >"$out/$case-$broker.txt" 2>&1; then
         tail -1 "$out/$case-$broker.txt" >&2
@@ -294,8 +297,8 @@ if [[ "$features" == *plot* ]]; then
         apt-get install -y fonts-dejavu-core >/dev/null 2>&1 \
             || { apt-get update >/dev/null && apt-get install -y fonts-dejavu-core >/dev/null; } || true
     fi
-    step "entrepot bench-plot --input $out --output $plot"
-    "$bin" bench-plot --input "$out" --output "$plot" >&2 || notes+=("No plot: bench-plot failed.")
+    step "entrepot-bench plot --input $out --output $plot"
+    "$bench_bin" plot --input "$out" --output "$plot" >&2 || notes+=("No plot: entrepot-bench plot failed.")
 else
     notes+=("No plot: built without the plot feature (PLOT=0 or the build failed).")
 fi

@@ -1,14 +1,15 @@
 //! The `entrepot` command line: `entrepot serve` runs a broker node (see the library
-//! crate docs in `lib.rs` for what the node is made of).
+//! crate docs in `lib.rs` for what the node is made of). `entrepot bench` hands over to
+//! the load generator, the separate `entrepot-bench` binary (`bench/`), which the broker
+//! does not link.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
-mod bench;
-
 use entrepot::{config, server};
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -86,11 +87,23 @@ enum Command {
         )]
         http: Vec<String>,
     },
-    /// Load-test an AMQP 1.0 broker (or NATS JetStream) and check nothing was lost.
-    Bench(Box<bench::BenchArgs>),
-    /// Draw the throughput-versus-p99 PNG from the per-run JSON files of benches/compare.sh.
-    #[cfg(feature = "plot")]
-    BenchPlot(bench::plot::PlotArgs),
+    /// Load-test an AMQP 1.0 broker (or NATS JetStream) and check nothing was lost: runs
+    /// the separate `entrepot-bench` binary (next to this one, else on PATH) with these
+    /// arguments; `entrepot bench --help` shows its flags.
+    #[command(disable_help_flag = true, disable_version_flag = true)]
+    Bench {
+        /// Arguments of `entrepot-bench`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Draw the throughput-versus-p99 PNG from the per-run JSON files of benches/compare.sh:
+    /// runs `entrepot-bench plot` (built with its feature `plot`) with these arguments.
+    #[command(disable_help_flag = true, disable_version_flag = true)]
+    BenchPlot {
+        /// Arguments of `entrepot-bench plot`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -387,15 +400,15 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting runtime")?;
     match cli.command {
         Command::Serve(args) => {
             raise_open_files_limit();
             let config = args.to_config()?;
             let cluster = args.cluster(&config)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting runtime")?;
             runtime.block_on(serve(config, cluster))
         }
         Command::Cluster { action, http } => cluster_command(action, &http),
@@ -426,10 +439,41 @@ fn main() -> anyhow::Result<()> {
             print!("{text}");
             Ok(())
         }
-        Command::Bench(args) => runtime.block_on(bench::run(*args)),
-        #[cfg(feature = "plot")]
-        Command::BenchPlot(args) => bench::plot::run(args),
+        Command::Bench { args } => run_bench(args),
+        Command::BenchPlot { args } => run_bench(
+            std::iter::once(OsString::from("plot"))
+                .chain(args)
+                .collect(),
+        ),
     }
+}
+
+/// The load generator's binary: its own crate (`bench/`), so the broker links no AMQP
+/// client, progress bar, histograms or plotting.
+const BENCH_BINARY: &str = "entrepot-bench";
+
+/// `entrepot bench ARGS`: replaces this process with `entrepot-bench ARGS`, found next to
+/// this executable (where cargo builds and installs put it), else on PATH. Its exit status,
+/// signals and output are then the bench's own. Returns only when it cannot be started.
+fn run_bench(args: Vec<OsString>) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let sibling = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join(BENCH_BINARY)))
+        .filter(|path| path.is_file());
+    let program = sibling
+        .as_deref()
+        .unwrap_or_else(|| Path::new(BENCH_BINARY));
+    let error = std::process::Command::new(program).args(args).exec();
+    if error.kind() == std::io::ErrorKind::NotFound {
+        anyhow::bail!(
+            "`entrepot bench` runs the separate `{BENCH_BINARY}` binary, found neither next \
+             to this executable nor on PATH: build it with `cargo build --release -p \
+             entrepot-bench` (add `--features plot,nats` for `bench-plot` and NATS) and keep \
+             it next to `entrepot`"
+        );
+    }
+    Err(anyhow::Error::new(error).context(format!("starting {}", program.display())))
 }
 
 fn validate(dir: &std::path::Path) -> anyhow::Result<()> {

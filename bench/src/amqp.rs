@@ -1,4 +1,4 @@
-//! The AMQP 1.0 driver of `entrepot bench`, on fe2o3-amqp: one connection, session and
+//! The AMQP 1.0 driver of `entrepot-bench`, on fe2o3-amqp: one connection, session and
 //! link per producer or consumer.
 //!
 //! Producers keep `--window` unsettled deliveries in flight and count a message as sent

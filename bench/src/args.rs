@@ -1,4 +1,4 @@
-//! The flags of `entrepot bench` and the checked workload they describe.
+//! The flags of `entrepot-bench` and the checked workload they describe.
 //!
 //! Every run is bounded: either `--count` messages or `--duration` seconds (default
 //! [`DEFAULT_COUNT`] messages), and always a hard `--timeout`.

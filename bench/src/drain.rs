@@ -1,4 +1,4 @@
-//! Consume-only runs (`entrepot bench --producers 0 --count N`): consumers drain N
+//! Consume-only runs (`entrepot-bench --producers 0 --count N`): consumers drain N
 //! messages already waiting at `--address` (a backlog left by an earlier produce-only run),
 //! accepting each, and the tool reports the receive rate — the delivery path alone, with
 //! the consumer never waiting for a producer. With `--broker-pid`, it also reports the

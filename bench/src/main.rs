@@ -1,15 +1,20 @@
-//! `entrepot bench`: a load generator for any AMQP 1.0 broker (and, with the `nats`
-//! feature, NATS JetStream), so speed claims come from one honest tool.
+//! `entrepot-bench`: a load generator for any AMQP 1.0 broker (and, with the `nats`
+//! feature, NATS JetStream), so speed claims come from one honest tool. `entrepot bench`
+//! runs this binary with the same arguments (the broker itself links no AMQP client).
 //!
 //! A run: consumers attach first, then producers send `--count` messages or for
 //! `--duration` seconds. Every body starts with a [`stats::Stamp`] (run id, producer,
 //! sequence number, send time), which gives end-to-end latency and the loss check: at the
 //! end every message the broker accepted must have reached every receiver group (the
 //! competing consumers together, or each fan-out subscriber), else the run fails.
+//! `entrepot-bench plot` (feature `plot`) draws the throughput-versus-p99 PNG of
+//! `benches/compare.sh` from the runs' `--json` files.
 //!
 //! It does not start or configure brokers (that is `benches/compare.sh`), and it keeps no
 //! state between runs: messages of other runs left in a queue are counted as foreign
 //! and accepted, never mistaken for ours.
+
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 mod amqp;
 mod args;
@@ -18,7 +23,7 @@ mod drain;
 #[cfg(feature = "nats")]
 mod nats;
 #[cfg(feature = "plot")]
-pub mod plot;
+mod plot;
 mod processes;
 mod report;
 mod schedule;
@@ -29,12 +34,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{bail, Context};
+use clap::Parser;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-pub use args::BenchArgs;
-use args::{Delivery, Limit, Workload};
+use args::{BenchArgs, Delivery, Limit, Workload};
 use schedule::{share, Schedule};
 use stats::{Clock, ConsumerStats, ProducerStats, Stamp, Tracker};
 use tally::Tally;
@@ -124,8 +129,50 @@ impl Ctx {
     }
 }
 
+#[derive(Parser)]
+#[command(
+    name = "entrepot-bench",
+    version,
+    about = "Load-test an AMQP 1.0 broker (or NATS JetStream) and check nothing was lost \
+             (also run as `entrepot bench`)",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(flatten)]
+    run: BenchArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Draw the throughput-versus-p99 PNG from the per-run JSON files of
+    /// benches/compare.sh (feature `plot`).
+    #[cfg(feature = "plot")]
+    Plot(plot::PlotArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        #[cfg(feature = "plot")]
+        Some(Command::Plot(args)) => plot::run(args),
+        None => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the runtime")?
+            .block_on(run(cli.run)),
+    }
+}
+
 /// Runs the benchmark; an error if any accepted message was not received.
-pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.producers == 0 && args.child.is_none() {
         return drain::run(args).await;
     }

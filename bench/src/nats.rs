@@ -1,4 +1,4 @@
-//! The NATS JetStream driver of `entrepot bench` (feature `nats`), so the NATS figures
+//! The NATS JetStream driver of `entrepot-bench` (feature `nats`), so the NATS figures
 //! in `benches/compare.sh` come from the same tool, stamps and histograms as the AMQP ones.
 //!
 //! Producers publish to the subject `<address>.<run id>` of the stream `--nats-stream`

@@ -1,6 +1,6 @@
-//! `entrepot bench-plot` (feature `plot`): the throughput-versus-p99 PNG of
+//! `entrepot-bench plot` (feature `plot`): the throughput-versus-p99 PNG of
 //! `benches/compare.sh`, drawn from the per-run JSON files it writes (`CASE-BROKER.json`,
-//! the `--json` output of `entrepot bench`).
+//! the `--json` output of `entrepot-bench`).
 //!
 //! One point per run: delivered msgs/s across, p99 produce→accepted down, both on log
 //! scales (the workloads span two orders of magnitude), one colour per broker, each point

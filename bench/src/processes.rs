@@ -274,7 +274,7 @@ fn spawn_all(
 /// The flags of one child: the run's own, with its slice, `--quiet`, its `--json` file
 /// and the `--child` spec. Every flag of [`BenchArgs`] must be passed on here.
 fn child_args(a: &BenchArgs, p: u32, c: u32, spec: ChildSpec, json: &Path) -> Vec<OsString> {
-    let mut v: Vec<OsString> = vec!["bench".into()];
+    let mut v: Vec<OsString> = Vec::new();
     let mut flag = |name: &str, value: String| {
         v.push(format!("--{name}").into());
         v.push(value.into());
@@ -460,19 +460,14 @@ mod tests {
 
     #[derive(Parser)]
     struct Cli {
-        #[command(subcommand)]
-        cmd: Cmd,
-    }
-    #[derive(clap::Subcommand)]
-    enum Cmd {
-        Bench(BenchArgs),
+        #[command(flatten)]
+        args: BenchArgs,
     }
 
     #[test]
     fn child_args_parse_back_to_the_same_run() {
-        let Cmd::Bench(a) = Cli::parse_from([
+        let a = Cli::parse_from([
             "x",
-            "bench",
             "--url",
             "amqp://u:p@h:1",
             "--address",
@@ -493,7 +488,7 @@ mod tests {
             "--processes",
             "2",
         ])
-        .cmd;
+        .args;
         let spec = ChildSpec {
             run_id: 9,
             producer_offset: 3,
@@ -502,7 +497,7 @@ mod tests {
             consumers_total: 3,
         };
         let args = child_args(&a, 2, 1, spec, Path::new("/tmp/c.json"));
-        let Cmd::Bench(c) = Cli::parse_from(std::iter::once(OsString::from("x")).chain(args)).cmd;
+        let c = Cli::parse_from(std::iter::once(OsString::from("x")).chain(args)).args;
         assert_eq!((&c.url, &c.address, c.producers), (&a.url, &a.address, 2));
         assert_eq!(c.topic_subscribers, Some(1));
         assert_eq!((c.size, c.persistent, c.rate), (100, true, 7));

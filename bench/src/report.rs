@@ -1,4 +1,4 @@
-//! What `entrepot bench` shows: the live progress bar while it runs, and the summary at
+//! What `entrepot-bench` shows: the live progress bar while it runs, and the summary at
 //! the end (text on stdout, all figures as JSON with `--json`).
 //!
 //! The summary also says how much CPU the generator itself used, so a reader can tell a

@@ -1,30 +1,87 @@
-//! `entrepot bench` against a broker it starts: the load generator's loss check passes,
+//! `entrepot-bench` against a broker it starts: the load generator's loss check passes,
 //! it exits 0, and its JSON holds the figures.
 //!
-//! Method: start the real broker on loopback, run the real `entrepot bench` binary with a
-//! small count (and a hard timeout), then read its stdout and `--json` file. No figure is
-//! asserted against a speed: only that it was measured.
+//! Method: start the real broker in this test process (the `entrepot` library's node, on
+//! loopback ports it picks), run the real `entrepot-bench` binary with a small count (and a
+//! hard timeout), then read its stdout and `--json` file. No figure is asserted against a
+//! speed: only that it was measured. (The broker's `entrepot bench`, which only hands over
+//! to this binary, is tested in the broker's tests/broker/bench_tool.rs.)
 
+use std::net::SocketAddr;
 use std::process::Command;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
 
-use crate::harness::BrokerProcess;
+use entrepot::config::BrokerConfig;
+use entrepot::server::Node;
+use tokio::sync::watch;
 
-fn bench(broker: &BrokerProcess, json: &std::path::Path, extra: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_entrepot"))
-        .args([
-            "bench",
-            "--url",
-            &broker.url(),
-            "--quiet",
-            "--timeout",
-            "120",
-        ])
+/// Longest the in-process broker may take to start listening.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A broker node on loopback, on its own runtime thread; stopped (and its last syncs
+/// finished) on drop.
+struct Broker {
+    amqp: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Broker {
+    /// Starts a node on `dir`; `sink`: accept every message and drop it (`serve --sink`).
+    fn start(dir: &std::path::Path, sink: bool) -> Broker {
+        let config = BrokerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            http: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.to_path_buf(),
+            sink,
+            ..BrokerConfig::default()
+        };
+        let (shutdown, stop) = watch::channel(false);
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .expect("broker runtime");
+            runtime.block_on(async move {
+                let node = Node::start(config, stop).await.expect("start the broker");
+                tx.send(node.amqp_addr).expect("report the address");
+                node.stopped().await.expect("broker stopped cleanly");
+            });
+        });
+        let amqp = rx.recv_timeout(START_TIMEOUT).expect("broker listening");
+        Broker {
+            amqp,
+            shutdown,
+            thread: Some(thread),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://{}", self.amqp)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn bench(broker: &Broker, json: &std::path::Path, extra: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_entrepot-bench"))
+        .args(["--url", &broker.url(), "--quiet", "--timeout", "120"])
         .arg("--json")
         .arg(json)
         .args(extra)
         .env("RUST_LOG", "warn")
         .output()
-        .expect("run entrepot bench");
+        .expect("run entrepot-bench");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
     (out.status.success(), stdout)
@@ -37,7 +94,7 @@ fn json(path: &std::path::Path) -> serde_json::Value {
 #[test]
 fn bench_sends_and_receives_every_message_and_writes_json() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = BrokerProcess::start(&dir.path().join("data"), &[]);
+    let broker = Broker::start(&dir.path().join("data"), false);
     let path = dir.path().join("result.json");
     let (ok, stdout) = bench(
         &broker,
@@ -58,7 +115,7 @@ fn bench_sends_and_receives_every_message_and_writes_json() {
             "16",
         ],
     );
-    assert!(ok, "entrepot bench failed");
+    assert!(ok, "entrepot-bench failed");
     assert!(stdout.contains("all 2000 messages received"), "{stdout}");
     let j = json(&path);
     assert_eq!(j["accepted"], 2000);
@@ -82,7 +139,7 @@ fn bench_sends_and_receives_every_message_and_writes_json() {
 fn bench_exits_non_zero_when_messages_are_missing() {
     // Consumers read a queue nobody sends to: every accepted message is missing.
     let dir = tempfile::tempdir().unwrap();
-    let broker = BrokerProcess::start(&dir.path().join("data"), &[]);
+    let broker = Broker::start(&dir.path().join("data"), false);
     let path = dir.path().join("result.json");
     let (ok, stdout) = bench(
         &broker,
@@ -108,7 +165,7 @@ fn bench_over_two_processes_merges_figures_and_the_loss_check() {
     // A topic with 3 subscribers split over 2 processes: each subscriber must see every
     // message, whichever process sent it; the merged histograms count every delivery.
     let dir = tempfile::tempdir().unwrap();
-    let broker = BrokerProcess::start(&dir.path().join("data"), &[]);
+    let broker = Broker::start(&dir.path().join("data"), false);
     let path = dir.path().join("result.json");
     let (ok, stdout) = bench(
         &broker,
@@ -128,7 +185,7 @@ fn bench_over_two_processes_merges_figures_and_the_loss_check() {
             "2",
         ],
     );
-    assert!(ok, "entrepot bench --processes 2 failed");
+    assert!(ok, "entrepot-bench --processes 2 failed");
     assert!(
         stdout.contains("all 400 messages received by each of 3 subscribers"),
         "{stdout}"
@@ -146,10 +203,10 @@ fn bench_over_two_processes_merges_figures_and_the_loss_check() {
 
 #[test]
 fn bench_against_a_sink_broker_is_accepted_and_not_checked() {
-    // `serve --sink` accepts and drops: with no consumers the run passes, says that
+    // A sink broker (`serve --sink`) accepts and drops: with no consumers the run passes, says that
     // nothing was checked, and the broker's queue stays empty.
     let dir = tempfile::tempdir().unwrap();
-    let broker = BrokerProcess::start(&dir.path().join("data"), &["--sink"]);
+    let broker = Broker::start(&dir.path().join("data"), true);
     let path = dir.path().join("result.json");
     let (ok, stdout) = bench(
         &broker,
@@ -163,7 +220,7 @@ fn bench_against_a_sink_broker_is_accepted_and_not_checked() {
             "300",
         ],
     );
-    assert!(ok, "entrepot bench against a sink failed");
+    assert!(ok, "entrepot-bench against a sink failed");
     assert!(
         stdout.contains("no consumers, so nothing was checked"),
         "{stdout}"
