@@ -302,6 +302,9 @@ async fn simulate(seed: u64, kinds: Faults) -> Result<(String, SnapshotStats), S
     let mut faults = Vec::new();
     let result: Result<_, String> = async {
         inject_faults(&cluster, kinds, &mut rng, &mut faults).await?;
+        if kinds == Faults::PowerCuts {
+            rack_cut_under_load(&cluster, &mut rng, &mut faults).await?;
+        }
         let _ = stop.send(true);
         let _ = client.await;
         heal(&cluster).await?;
@@ -412,7 +415,7 @@ async fn inject_faults(
                 }
             }
             35..=44 if kinds == Faults::PowerCuts => {
-                if rng.chance(300) {
+                if rng.chance(500) {
                     // The whole rack: no node keeps what it had not synced.
                     cut(cluster, &cluster.ids, rng).await?;
                     "power cut of every node".into()
@@ -477,17 +480,38 @@ async fn inject_faults(
     Ok(())
 }
 
-/// A power cut of `ids`: at once (every sync done), or half the time while their syncs
-/// are stalled and the cluster goes on for 2–40 ms (appends written, not durable).
+/// A power cut of `ids`: at once (every sync done), or two times in three while their
+/// syncs are stalled and the cluster goes on for 2–40 ms (appends written, not durable).
 async fn cut(cluster: &Cluster, ids: &[u64], rng: &mut Rng) -> Result<(), String> {
     let seed = rng.next_u64();
-    if rng.chance(500) {
+    if rng.chance(667) {
         let window = Duration::from_millis(rng.between(2, 40));
         sim_trace!("power cut of {ids:?} in {window:?}, syncs stalled");
         cluster.power_cut_in_flight(ids, window, seed).await
     } else {
         cluster.power_cut(ids, seed).await
     }
+}
+
+/// The cut most likely to lose what a node reported durable too early: the whole rack,
+/// while the client writes through a healed cluster whose RPCs are fast enough for
+/// entries to commit inside the cut's window — on time only if their syncs stay stalled.
+async fn rack_cut_under_load(
+    cluster: &Cluster,
+    rng: &mut Rng,
+    log: &mut Vec<String>,
+) -> Result<(), String> {
+    heal(cluster).await?;
+    // Long enough for an election and a stretch of the client's writes.
+    tokio::time::sleep(Duration::from_millis(rng.between(400, 800))).await;
+    let window = Duration::from_millis(rng.between(10, 40));
+    let at = elapsed_ms();
+    cluster
+        .power_cut_in_flight(&cluster.ids, window, rng.next_u64())
+        .await?;
+    sim_trace!("fault: power cut of every node under load in {window:?}");
+    log.push(format!("{at}ms heal, power cut of every node under load"));
+    Ok(())
 }
 
 /// Ends every fault: network healed, every node up.
