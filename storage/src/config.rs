@@ -29,8 +29,10 @@ pub enum SyncPolicy {
     /// (`msync(MS_SYNC)`, which is `fdatasync` of the range). Concurrent appends share one
     /// sync (group commit). Survives power loss. The default.
     Always,
-    /// Data is synced at most this often; durability handles complete after the next sync.
-    /// A power cut can lose up to one interval of acknowledged records.
+    /// Data is synced at most this often; durability handles complete after the next sync,
+    /// so a completed handle survives a power cut as with `Always`. A power cut loses the
+    /// records written since the last sync (up to one interval's), none of whose handles
+    /// had completed; the interval costs latency, not acknowledged data.
     Interval(Duration),
     /// Never synced by the log (the kernel writes back eventually); durability handles
     /// complete at once. Survives a process crash, not a power cut. Tests and benches only.
