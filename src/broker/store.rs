@@ -18,6 +18,10 @@
 //! refusal raises the store's out-of-space alarm ([`Store::out_of_space`], `/readyz`),
 //! which [`Store::check_space`] clears once a new message segment fits again.
 //!
+//! A committed transaction's messages are one batch of consecutive records
+//! ([`Store::append_txn_batch`], kind [`KIND_TXN_MESSAGE`]); recovery shows a batch only
+//! when it finds all of it, so a crash in the middle of a commit leaves none of it.
+//!
 //! Invariant: a record's bytes after the store header are the AMQP message exactly as the
 //! producer sent it; the store never re-encodes a message.
 
