@@ -24,10 +24,22 @@ type Entry = fn(&[u8]) -> Result<(), String>;
 
 /// Each target and the entry point it replays through.
 const TARGETS: [(&str, Entry); 5] = [
-    ("frame_decoder", |d| Ok(fuzzing::frame_decoder(d))),
-    ("sasl", |d| Ok(fuzzing::sasl(d))),
-    ("message_sections", |d| Ok(fuzzing::message_sections(d))),
-    ("manifest", |d| Ok(fuzzing::manifest(d))),
+    ("frame_decoder", |d| {
+        fuzzing::frame_decoder(d);
+        Ok(())
+    }),
+    ("sasl", |d| {
+        fuzzing::sasl(d);
+        Ok(())
+    }),
+    ("message_sections", |d| {
+        fuzzing::message_sections(d);
+        Ok(())
+    }),
+    ("manifest", |d| {
+        fuzzing::manifest(d);
+        Ok(())
+    }),
     ("connection", |d| {
         fuzzing::connection(d).map_err(|e| e.to_string())
     }),

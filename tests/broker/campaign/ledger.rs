@@ -188,8 +188,10 @@ impl Ledger {
     }
 
     pub fn verdict(&self) -> Verdict {
-        let mut v = Verdict::default();
-        v.foreign = self.foreign.clone();
+        let mut v = Verdict {
+            foreign: self.foreign.clone(),
+            ..Verdict::default()
+        };
         let mut seqs: Vec<&u64> = self.messages.keys().collect();
         seqs.sort_unstable();
         for seq in seqs {
