@@ -34,6 +34,7 @@ mod outcomes;
 mod plans;
 mod ports;
 mod power_loss;
+mod proton_examples;
 mod queues;
 mod raw_client;
 mod requirement;
