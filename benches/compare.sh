@@ -10,6 +10,7 @@
 #   p1k-1x1   1 KiB, 1 producer / 1 consumer          p1k-8x8   1 KiB, 8 / 8
 #   p64k-1x1  64 KiB, 1 / 1                           fanout    1 KiB, 1 producer -> 10 subscribers
 #   lat-half  1 KiB, 1 / 1 at half of that broker's p1k-1x1 peak (--rate): latency at load
+#   credit    consume only: one consumer drains a backlog at credit 4000, then at 250 (Nagle on)
 #   ceiling   1 KiB, 8 producers, no consumers, against `entrepot serve --sink` (accepts and
 #             drops): the load generator's own ceiling on this machine (broker entrepot-sink)
 #
@@ -22,7 +23,8 @@
 #        topic.x publishes, each receiver on topic.x is its own subscription),
 #        BENCH_PROCESSES (generator processes per run, `entrepot-bench --processes`, default 1),
 #        SKIP_LIMITS=1 to skip fio and iperf3, PLOT=0 to skip the PNG,
-#        PEERS_DIR (default ../shared/peers).
+#        PEERS_DIR (default ../shared/peers), CREDIT=0 to skip the credit case,
+#        CREDIT_BACKLOG (messages of the credit case's backlog, default 60000).
 # Output: the table on stdout, benches/results.png (throughput vs p99, `entrepot-bench plot`),
 #         and under target/compare/: one JSON per run, table.md.
 set -euo pipefail
@@ -107,6 +109,23 @@ start_entrepot() { # start_entrepot [--sink]
     wait_port "$entrepot_port"
 }
 
+# --- CPU time of the broker process -------------------------------------------------------
+# The figure that holds on a noisy machine: utime+stime of the broker's process (for
+# RabbitMQ the beam.smp VM, for NATS nats-server) over a run, divided by the messages
+# delivered in it.
+peers_state="${PEERS_STATE_DIR:-/var/tmp/amqp-peers}"
+broker_pid() { # broker_pid BROKER → the pid whose CPU time is the broker's
+    case "$1" in
+        entrepot|entrepot-sink) echo "$started_pid" ;;
+        rabbitmq-*) cat "$peers_state/rabbitmq/beam.pid" 2>/dev/null || pgrep -o beam.smp ;;
+        nats) cat "$peers_state/nats/server.pid" 2>/dev/null || pgrep -o nats-server ;;
+    esac
+}
+cpu_ticks() { # cpu_ticks PID → utime+stime in clock ticks (0 when unreadable)
+    awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0
+}
+clk_tck=$(getconf CLK_TCK)
+
 # --- one run ----------------------------------------------------------------------------
 # bench BROKER CASE [extra flags] → writes $out/CASE-BROKER.json (or records the failure)
 bench() {
@@ -136,10 +155,16 @@ bench() {
             esac ;;
     esac
     step "$broker $case: entrepot-bench ${conn[*]/*@/***@} ${addr[*]} ${shape[*]} --size $size $*"
+    local pid cpu0
+    pid=$(broker_pid "$broker"); cpu0=$(cpu_ticks "${pid:-0}")
     if RUST_LOG="${RUST_LOG:-warn}" NO_COLOR=1 "$bench_bin" "${conn[@]}" "${addr[@]}" "${shape[@]}" --size "$size" --persistent \
         --duration "$duration" --warmup "$warmup" --timeout "$run_timeout" --quiet --processes "$processes" \
         --json "$json" "$@" >"$out/$case-$broker.txt" 2>&1; then
         tail -1 "$out/$case-$broker.txt" >&2
+        local cpu1; cpu1=$(cpu_ticks "${pid:-0}")
+        jq --argjson t "$(( cpu1 - cpu0 ))" --argjson hz "$clk_tck" \
+            '. + {broker_cpu_s: ($t / $hz), broker_cpu_us_per_msg: (if .delivered > 0 then $t / $hz * 1e6 / .delivered
+              elif .accepted > 0 then $t / $hz * 1e6 / .accepted else 0 end)}' "$json" >"$json.tmp" && mv "$json.tmp" "$json"
     else
         step "$broker $case FAILED: $(tail -1 "$out/$case-$broker.txt")"
         [ -s "$json" ] || echo "{\"failed\": $(tail -1 "$out/$case-$broker.txt" | jq -R .)}" >"$json"
@@ -147,9 +172,36 @@ bench() {
     fi
 }
 
+# credit_case BROKER: one consumer draining a backlog (consume only, `--producers 0`) at
+# credit 4000 and at credit 250, its socket with Nagle on as fe2o3-amqp leaves it (`--nagle`):
+# a broker that waits for something other than credit and a message shows here (issue 15's
+# credit stall). Writes $out/credit-BROKER.json {c4000, c250} in msgs/s.
+credit_case() {
+    local broker="$1" conn=() addr n="${CREDIT_BACKLOG:-60000}" r4000 r250
+    case "$broker" in
+        entrepot) conn=(--url "amqp://127.0.0.1:$entrepot_port"); addr=bench-credit ;;
+        rabbitmq-qq) conn=(--url "$AMQP_URL"); addr=/amq/queue/bench.qq ;;
+        *) return ;;
+    esac
+    step "$broker credit: a backlog of $n, then one consumer at credit 4000 and at credit 250"
+    drain_at() { # drain_at CREDIT → msgs/s
+        RUST_LOG=warn NO_COLOR=1 "$bench_bin" "${conn[@]}" --address "$addr" --producers 0 --consumers 1 \
+            --count $(( n / 2 )) --credit "$1" --nagle --timeout "$run_timeout" 2>&1 \
+            | sed -n 's/^received .*: \([0-9.]*\) msgs\/s$/\1/p'
+    }
+    if RUST_LOG=warn NO_COLOR=1 "$bench_bin" "${conn[@]}" --address "$addr" --producers 4 --consumers 0 \
+        --count "$n" --persistent --timeout "$run_timeout" --quiet >"$out/credit-$broker.txt" 2>&1; then
+        r4000=$(drain_at 4000); r250=$(drain_at 250)
+    fi
+    jq -n --arg a "${r4000:-0}" --arg b "${r250:-0}" '{c4000: ($a | tonumber), c250: ($b | tonumber)}' \
+        >"$out/credit-$broker.json"
+    step "$broker credit 4000: ${r4000:-?} msgs/s, credit 250: ${r250:-?} msgs/s"
+}
+
 run_cases() { # run_cases BROKER
     local broker="$1" c peak
     if [ "$broker" = entrepot-sink ]; then bench "$broker" ceiling; return; fi
+    [ "${CREDIT:-1}" = 0 ] || credit_case "$broker"
     for c in $cases; do
         if [ "$c" = lat-half ]; then
             peak=$(jq -r '.send_msgs_per_s // 0 | floor' "$out/p1k-1x1-$broker.json" 2>/dev/null || echo 0)
@@ -255,8 +307,8 @@ row() { # row CASE BROKER → one table line
     local j="$out/$1-$2.json" ratio="" e="$out/$1-entrepot.json"
     if [ ! -f "$j" ]; then return; fi
     if jq -e '.na' "$j" >/dev/null 2>&1; then
-        printf '| %-9s | %-16s | %-34s | %10s | %8s | %10s | %10s | %-14s | %8s |\n' \
-            "$1" "$2" "$(acks_after_fsync "$2")" "n/a" "" "" "" "$(jq -r .na "$j")" ""
+        printf '| %-9s | %-16s | %-34s | %10s | %8s | %10s | %10s | %-14s | %8s | %8s |\n' \
+            "$1" "$2" "$(acks_after_fsync "$2")" "n/a" "" "" "" "$(jq -r .na "$j")" "" ""
         return
     fi
     if [ "$2" != entrepot ] && jq -e '.receive_msgs_per_s > 0' "$e" >/dev/null 2>&1 \
@@ -266,16 +318,16 @@ row() { # row CASE BROKER → one table line
              else ($a[0].receive_msgs_per_s / $b[0].receive_msgs_per_s) end | . * 100 | round / 100')
     fi
     jq -r --arg c "$1" --arg b "$2" --arg f "$(acks_after_fsync "$2")" --arg r "$ratio" \
-        '"| \($c) | \($b) | \($f) | \(.receive_msgs_per_s // 0 | round) | \(.receive_mb_per_s // 0 | . * 10 | round / 10) | \((.produce_to_accepted.p99_us // 0) / 1000 | . * 10 | round / 10) | \((.end_to_end.p99_us // 0) / 1000 | . * 10 | round / 10) | \(if .failed then "FAIL " else "" end)\(.loss.verdict // "?") | \($r) |"' "$j"
+        '"| \($c) | \($b) | \($f) | \(.receive_msgs_per_s // 0 | round) | \(.receive_mb_per_s // 0 | . * 10 | round / 10) | \((.produce_to_accepted.p99_us // 0) / 1000 | . * 10 | round / 10) | \((.end_to_end.p99_us // 0) / 1000 | . * 10 | round / 10) | \(if .failed then "FAIL " else "" end)\(.loss.verdict // "?") | \($r) | \(.broker_cpu_us_per_msg // 0 | . * 10 | round / 10) |"' "$j"
 }
 ceiling_row() { # the generator's own ceiling: accepted msgs/s against the sink
     local j="$out/ceiling-entrepot-sink.json"
     [ -f "$j" ] || return 0
-    jq -r '"| ceiling | entrepot --sink | no (drops every message) | \(.send_msgs_per_s // 0 | round) | \(.send_mb_per_s // 0 | . * 10 | round / 10) | \((.produce_to_accepted.p99_us // 0) / 1000 | . * 10 | round / 10) |  | \(if .failed then "FAIL " else "" end)generator ceiling: \(.generator.cpu_cores_used // 0 | . * 100 | round / 100) cores, \(.processes // 1) process(es) |  |"' "$j"
+    jq -r '"| ceiling | entrepot --sink | no (drops every message) | \(.send_msgs_per_s // 0 | round) | \(.send_mb_per_s // 0 | . * 10 | round / 10) | \((.produce_to_accepted.p99_us // 0) / 1000 | . * 10 | round / 10) |  | \(if .failed then "FAIL " else "" end)generator ceiling: \(.generator.cpu_cores_used // 0 | . * 100 | round / 100) cores, \(.processes // 1) process(es) |  | \(.broker_cpu_us_per_msg // 0 | . * 10 | round / 10) |"' "$j"
 }
 {
-    echo "| case | broker | ack waits for fsync | msgs/s | MB/s | p99 accepted ms | p99 e2e ms | loss check | Entrepot/peer |"
-    echo "|---|---|---|---:|---:|---:|---:|---|---:|"
+    echo "| case | broker | ack waits for fsync | msgs/s | MB/s | p99 accepted ms | p99 e2e ms | loss check | Entrepot/peer | broker CPU us/msg |"
+    echo "|---|---|---|---:|---:|---:|---:|---|---:|---:|"
     for c in $cases; do
         for b in entrepot rabbitmq-qq rabbitmq-classic nats; do row "$c" "$b"; done
     done
@@ -311,6 +363,22 @@ echo "subscribers together). Entrepot/peer: throughput ratio; for lat-half, the 
 echo "produce->accepted over Entrepot's (above 1: Entrepot is faster). Client and broker share $(nproc) cores."
 [ -f "$out/p1k-1x1-nats.json" ] || echo "NATS JetStream: not measured (NATS=0 or the driver did not build)."
 for n in "${notes[@]}"; do echo "$n"; done
+echo "broker CPU us/msg: utime+stime of the broker process (RabbitMQ: beam.smp) over the run per"
+echo "message delivered."
+ratio_line() { # ratio_line NAME A_JSON B_JSON JQ_FIELD
+    [ -f "$2" ] && [ -f "$3" ] || return 0
+    jq -rn --slurpfile a "$2" --slurpfile b "$3" --arg n "$1" \
+        'if ($b[0]'"$4"' // 0) > 0 then "\($n): \(($a[0]'"$4"' // 0) / $b[0]'"$4"' | . * 100 | round / 100)" else empty end'
+}
+ratio_line "ratio entrepot/rabbitmq-qq p1k-8x8" "$out/p1k-8x8-entrepot.json" "$out/p1k-8x8-rabbitmq-qq.json" .receive_msgs_per_s
+ratio_line "cpu per message rabbitmq-qq/entrepot p1k-8x8" "$out/p1k-8x8-rabbitmq-qq.json" "$out/p1k-8x8-entrepot.json" .broker_cpu_us_per_msg
+ratio_line "cpu per message nats/entrepot p1k-8x8" "$out/p1k-8x8-nats.json" "$out/p1k-8x8-entrepot.json" .broker_cpu_us_per_msg
+if [ -f "$out/credit-entrepot.json" ]; then
+    jq -r 'if .c4000 > 0 then "credit 250/4000: \(.c250 / .c4000 | . * 100 | round / 100) (\(.c250 | round) vs \(.c4000 | round) msgs/s, one consumer, Nagle on)" else "credit 250/4000: n/a" end' "$out/credit-entrepot.json"
+fi
+if [ -f "$out/credit-rabbitmq-qq.json" ]; then
+    jq -r 'if .c4000 > 0 then "rabbitmq-qq credit 250/4000: \(.c250 / .c4000 | . * 100 | round / 100)" else empty end' "$out/credit-rabbitmq-qq.json"
+fi
 echo "ceiling: the generator against \`entrepot serve --sink\` (accepted at once, dropped):"
 echo "accepted msgs/s there is the most this tool can offer here; a broker row near it is"
 echo "limited by the generator, not the broker (try BENCH_PROCESSES=2)."
