@@ -50,40 +50,57 @@ pub const DEFAULT_SUBSCRIPTION_BACKLOG: usize = 1_000_000;
 /// Bytes of store header and slack on top of the message in one log record.
 pub const RECORD_OVERHEAD_BYTES: u64 = 64 * 1024;
 
-/// How `sync` is written in the config: `always`, `never` or `interval:<ms>`.
-fn parse_sync(s: &str) -> Result<SyncPolicy, String> {
-    match s {
-        "always" => Ok(SyncPolicy::Always),
-        "never" => Ok(SyncPolicy::Never),
-        other => other
-            .strip_prefix("interval:")
-            .and_then(|ms| ms.parse::<u64>().ok())
-            .map(|ms| SyncPolicy::Interval(Duration::from_millis(ms)))
-            .ok_or_else(|| format!("sync must be always, never or interval:<ms>, not {other:?}")),
-    }
+/// Reads `sync:` in the YAML file through [`SyncPolicy`]'s `FromStr` (`always`, `never`,
+/// `interval:<ms>`), so a bad value fails the file with the value named, once, at load.
+fn deserialize_sync<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SyncPolicy, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse().map_err(serde::de::Error::custom)
 }
 
 /// A user for SASL PLAIN until address-space manifests provide real ones.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StaticUser {
+    /// The SASL PLAIN authentication identity.
     pub username: String,
+    /// Its password, in clear (a development convenience; manifests hold hashes).
     pub password: String,
 }
 
-/// All broker settings.
+/// All broker settings. The YAML file uses the kebab-case field names (`data-dir:`); a key
+/// that is not one of them fails the load, naming it (`deny_unknown_fields`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct BrokerConfig {
+    /// AMQP listener (clustered: the front door of this node). Default [`DEFAULT_LISTEN`].
     pub listen: SocketAddr,
+    /// HTTP listener of /metrics, /healthz, /readyz, /status (and /cluster when
+    /// clustered). Default [`DEFAULT_HTTP`].
     pub http: SocketAddr,
+    /// Directory of the message store, the ack log, the subscription registry and, when
+    /// clustered, the Raft log (`raft/`). Default `./data`.
     pub data_dir: PathBuf,
-    /// `always` | `never` | `interval:<ms>`.
-    pub sync: String,
+    /// When a producer's message counts as stored, i.e. what survives a power cut
+    /// (`always` | `never` | `interval:<ms>`, default `always`); the same meaning on one
+    /// node and clustered. `always`: `accepted` is sent only after the record was synced
+    /// (fdatasync) — on one node to its message log, clustered to the Raft log of a
+    /// majority (each node syncs its own before acknowledging the append). `interval:<ms>`:
+    /// syncs happen at most every `<ms>` and `accepted` still waits for the sync that
+    /// covers the message, so a power cut loses only unaccepted messages; the interval
+    /// trades latency for fewer syncs. `never`: nothing is synced, `accepted` comes at
+    /// once; survives a process crash, not a power cut (tests and benchmarks only).
+    #[serde(deserialize_with = "deserialize_sync")]
+    pub sync: SyncPolicy,
+    /// Segment size of the message log in bytes. Default [`DEFAULT_SEGMENT_BYTES`].
     pub segment_bytes: u64,
+    /// Create a queue (or, under a `topic-prefixes` prefix, a topic) when a client first
+    /// attaches to an unknown address. Default true; always false with `manifests`.
     pub auto_create: bool,
     /// Auto-creation is refused (`amqp:resource-limit-exceeded`) once the broker holds
     /// this many queues and topics; declared (manifest) addresses are not limited.
     pub max_auto_created_addresses: usize,
+    /// Largest message in bytes (clustered: at most 4 MiB, the replication limit).
+    /// Default [`DEFAULT_MAX_MESSAGE_BYTES`].
     pub max_message_bytes: u64,
     /// Bytes of deliveries still arriving in several frames (`more=true`) that one
     /// connection may hold; a delivery that would go beyond is refused (its link detached
@@ -92,20 +109,36 @@ pub struct BrokerConfig {
     /// The same, broker-wide: a connection whose delivery does not fit is not read until
     /// room frees up, for at most `INCOMPLETE_BUDGET_WAIT`, then refused likewise.
     pub max_incomplete_bytes: u64,
+    /// max-frame-size announced in `open`, at least 4096. Default [`DEFAULT_MAX_FRAME_BYTES`].
     pub max_frame_bytes: u32,
+    /// Failed deliveries (released with delivery-failed, or modified) before a message
+    /// is moved to `dead-letter-address`. Default [`DEFAULT_MAX_DELIVERY_ATTEMPTS`].
     pub max_delivery_attempts: u32,
+    /// Queue that receives dead-lettered messages. Default `DLQ`.
     pub dead_letter_address: String,
+    /// Queue that receives expired messages. Default `ExpiryQueue`.
     pub expiry_address: String,
+    /// Link credit granted to a producer, refilled at half. Default [`DEFAULT_LINK_CREDIT`].
     pub link_credit: u32,
+    /// Most unsettled deliveries a consumer link holds. Default
+    /// [`DEFAULT_UNSETTLED_PER_LINK`].
     pub unsettled_per_link: usize,
+    /// Concurrent client connections (plain and TLS together); more wait to be accepted.
+    /// Default [`DEFAULT_MAX_CONNECTIONS`].
     pub max_connections: usize,
+    /// Sessions per connection (channel-max + 1). Default [`DEFAULT_MAX_SESSIONS`].
     pub max_sessions: u16,
+    /// Links per session (handle-max + 1). Default [`DEFAULT_MAX_LINKS`].
     pub max_links: u32,
+    /// Idle time-out announced in `open`: a peer silent for longer is disconnected.
+    /// Default [`DEFAULT_IDLE_TIMEOUT_MS`].
     pub idle_timeout_ms: u32,
     /// Milliseconds a client has from connecting to its `open`: protocol header, SASL
     /// and open under one deadline, however slowly the bytes come.
     pub handshake_timeout_ms: u32,
+    /// Allow SASL ANONYMOUS and connections without SASL. Default true.
     pub allow_anonymous: bool,
+    /// SASL PLAIN users when no manifests declare MessagingUsers.
     pub users: Vec<StaticUser>,
     /// Addresses starting with one of these are topics (unless they exist already).
     pub topic_prefixes: Vec<String>,
@@ -128,6 +161,7 @@ pub struct BrokerConfig {
     pub listen_tls: Option<SocketAddr>,
     /// PEM certificate chain and private key of the AMQPS listener; reloaded on change.
     pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls-cert` (the two go together).
     pub tls_key: Option<PathBuf>,
     /// Benchmark-only sink (`serve --sink`): every producer transfer is accepted at once and
     /// dropped, nothing is stored or delivered, so `entrepot bench` can show its own ceiling.
@@ -145,7 +179,7 @@ impl Default for BrokerConfig {
                 .parse()
                 .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 8080))),
             data_dir: PathBuf::from("./data"),
-            sync: "always".into(),
+            sync: SyncPolicy::Always,
             segment_bytes: DEFAULT_SEGMENT_BYTES,
             auto_create: true,
             max_auto_created_addresses: DEFAULT_MAX_AUTO_CREATED_ADDRESSES,
@@ -182,11 +216,6 @@ impl Default for BrokerConfig {
 }
 
 impl BrokerConfig {
-    /// The sync policy named by `sync`.
-    pub fn sync_policy(&self) -> Result<SyncPolicy, String> {
-        parse_sync(&self.sync)
-    }
-
     /// The deadline a client has from connecting to its `open`.
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_millis(u64::from(self.handshake_timeout_ms))
@@ -207,7 +236,6 @@ impl BrokerConfig {
 
     /// Rejects settings that cannot work, with a message naming the setting.
     pub fn validate(&self) -> Result<(), String> {
-        self.sync_policy()?;
         if self.max_frame_bytes < 4096 {
             return Err("max-frame-bytes must be at least 4096".into());
         }
@@ -274,16 +302,8 @@ mod tests {
         let c: BrokerConfig =
             serde_yaml::from_str("auto-create: false\nsync: interval:5\n").unwrap();
         assert!(!c.auto_create);
-        assert_eq!(
-            c.sync_policy().unwrap(),
-            SyncPolicy::Interval(Duration::from_millis(5))
-        );
-        assert!(serde_yaml::from_str::<BrokerConfig>("no-such-key: 1").is_err());
-        let bad = BrokerConfig {
-            sync: "sometimes".into(),
-            ..BrokerConfig::default()
-        };
-        assert!(bad.validate().unwrap_err().contains("sync"));
+        assert_eq!(c.sync, SyncPolicy::Interval(Duration::from_millis(5)));
+        assert_eq!(BrokerConfig::default().sync, SyncPolicy::Always);
         // The largest message plus every header must fit a segment, or the store would
         // refuse to open after validation said yes.
         let edge = BrokerConfig {
@@ -293,5 +313,73 @@ mod tests {
             ..BrokerConfig::default()
         };
         assert!(edge.validate().unwrap_err().contains("max-message-bytes"));
+    }
+
+    #[test]
+    fn each_sync_policy_parses_and_prints_as_written() {
+        for (text, policy) in [
+            ("always", SyncPolicy::Always),
+            ("never", SyncPolicy::Never),
+            ("interval:1", SyncPolicy::Interval(Duration::from_millis(1))),
+            (
+                "interval:250",
+                SyncPolicy::Interval(Duration::from_millis(250)),
+            ),
+        ] {
+            assert_eq!(text.parse::<SyncPolicy>().unwrap(), policy, "{text}");
+            assert_eq!(policy.to_string(), text);
+            let yaml: BrokerConfig = serde_yaml::from_str(&format!("sync: {text}\n")).unwrap();
+            assert_eq!(yaml.sync, policy, "YAML sync: {text}");
+        }
+    }
+
+    #[test]
+    fn a_bad_sync_policy_is_refused_naming_the_value() {
+        for bad in [
+            "sometimes",
+            "Always",
+            "interval",
+            "interval:",
+            "interval:0",
+            "interval:-5",
+            "interval:5ms",
+            "interval: 5",
+            "",
+        ] {
+            let err = bad.parse::<SyncPolicy>().unwrap_err().to_string();
+            assert!(err.contains(&format!("{bad:?}")), "{bad:?}: {err}");
+            let yaml = serde_yaml::from_str::<BrokerConfig>(&format!("sync: '{bad}'\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(yaml.contains(&format!("{bad:?}")), "YAML {bad:?}: {yaml}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_key_in_the_file_is_refused_naming_the_key_and_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("entrepot.yaml");
+        std::fs::write(&path, "auto-create: false\nsnyc: never\n").unwrap();
+        let err = BrokerConfig::from_file(&path).unwrap_err();
+        assert!(err.contains("unknown field `snyc`"), "{err}");
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        // The same inside a list of users, and for the snake_case spelling of a real key.
+        for yaml in [
+            "users:\n  - username: a\n    password: b\n    role: admin\n",
+            "data_dir: /tmp\n",
+        ] {
+            let err = serde_yaml::from_str::<BrokerConfig>(yaml)
+                .unwrap_err()
+                .to_string();
+            let key = if yaml.starts_with("users") {
+                "role"
+            } else {
+                "data_dir"
+            };
+            assert!(err.contains(&format!("unknown field `{key}`")), "{err}");
+        }
+        std::fs::write(&path, "data-dir: /tmp/x\nsync: interval:20\n").unwrap();
+        let c = BrokerConfig::from_file(&path).unwrap();
+        assert_eq!(c.sync, SyncPolicy::Interval(Duration::from_millis(20)));
     }
 }

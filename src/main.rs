@@ -178,9 +178,11 @@ struct ServeArgs {
     /// YAML configuration file; flags and ENTREPOT_* variables override it.
     #[arg(long, env = "ENTREPOT_CONFIG")]
     config: Option<PathBuf>,
-    /// Durability: always | never | interval:<ms> [default: always]
+    /// When a message counts as stored: always (accepted after fdatasync; clustered, of
+    /// the Raft log on a majority) | interval:<ms> (synced at most <ms> later, accepted
+    /// after that sync) | never (page cache only: not for real traffic) [default: always]
     #[arg(long, env = "ENTREPOT_SYNC")]
-    sync: Option<String>,
+    sync: Option<entrepot_storage::SyncPolicy>,
     /// Create queues on first use [default: true]
     #[arg(long, env = "ENTREPOT_AUTO_CREATE")]
     auto_create: Option<bool>,

@@ -30,7 +30,7 @@ pub fn start_node(rt: &tokio::runtime::Runtime, sync: &str) -> BenchNode {
         listen: "127.0.0.1:0".parse().expect("addr"),
         http: "127.0.0.1:0".parse().expect("addr"),
         data_dir: dir.path().to_path_buf(),
-        sync: sync.into(),
+        sync: sync.parse().expect("sync policy"),
         ..BrokerConfig::default()
     };
     let (stop, rx) = watch::channel(false);

@@ -165,7 +165,7 @@ fn client_bytes(peer_frame: u32, mut records: &[u8]) -> Vec<Vec<u8>> {
 fn fuzz_config(data_dir: PathBuf) -> BrokerConfig {
     BrokerConfig {
         data_dir,
-        sync: "never".into(),
+        sync: entrepot_storage::SyncPolicy::Never,
         segment_bytes: FUZZ_SEGMENT_BYTES,
         max_message_bytes: FUZZ_MAX_MESSAGE_BYTES,
         link_credit: FUZZ_LINK_CREDIT,

@@ -39,6 +39,46 @@ pub enum SyncPolicy {
     Never,
 }
 
+/// How a [`SyncPolicy`] is written in configuration (the broker's `--sync`, its YAML
+/// `sync:`): `always`, `never` or `interval:<ms>`; [`Display`](std::fmt::Display) writes
+/// the same form, so a policy read back prints as it was given.
+impl std::str::FromStr for SyncPolicy {
+    type Err = ParseSyncPolicyError;
+
+    fn from_str(s: &str) -> std::result::Result<SyncPolicy, ParseSyncPolicyError> {
+        match s {
+            "always" => Ok(SyncPolicy::Always),
+            "never" => Ok(SyncPolicy::Never),
+            other => other
+                .strip_prefix("interval:")
+                .and_then(|ms| ms.parse::<u64>().ok())
+                .filter(|&ms| ms > 0)
+                .map(|ms| SyncPolicy::Interval(Duration::from_millis(ms)))
+                .ok_or_else(|| ParseSyncPolicyError {
+                    given: other.to_owned(),
+                }),
+        }
+    }
+}
+
+impl std::fmt::Display for SyncPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SyncPolicy::Always => f.write_str("always"),
+            SyncPolicy::Never => f.write_str("never"),
+            SyncPolicy::Interval(d) => write!(f, "interval:{}", d.as_millis()),
+        }
+    }
+}
+
+/// A sync policy that is none of `always`, `never`, `interval:<ms>` (ms a positive integer).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("sync must be always, never or interval:<ms> with ms a positive integer, not {given:?}")]
+pub struct ParseSyncPolicyError {
+    /// The text that was given.
+    pub given: String,
+}
+
 /// What to do when a sealed segment turns out to be corrupt while opening.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CorruptionPolicy {

@@ -63,8 +63,9 @@ mod sync;
 
 pub use ack::{AckLog, ACK_SEGMENT_BYTES, DEFAULT_GROUP, MAX_GROUPS, SNAPSHOT_EVERY_RECORDS};
 pub use config::{
-    CorruptionPolicy, LogConfig, SyncPolicy, DEFAULT_INDEX_INTERVAL_BYTES, DEFAULT_RECORD_BYTES,
-    DEFAULT_SEGMENT_BYTES, MAX_BATCH_RECORDS, MAX_SEGMENT_BYTES, MIN_SEGMENT_BYTES,
+    CorruptionPolicy, LogConfig, ParseSyncPolicyError, SyncPolicy, DEFAULT_INDEX_INTERVAL_BYTES,
+    DEFAULT_RECORD_BYTES, DEFAULT_SEGMENT_BYTES, MAX_BATCH_RECORDS, MAX_SEGMENT_BYTES,
+    MIN_SEGMENT_BYTES,
 };
 pub use error::{Result, StorageError};
 pub use log::{Appended, Log, LogReader, SegmentSpan};

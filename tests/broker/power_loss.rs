@@ -44,7 +44,7 @@ pub(crate) fn config(dir: &Path, sync: &str) -> BrokerConfig {
         data_dir: dir.to_path_buf(),
         listen: "127.0.0.1:0".parse().expect("addr"),
         http: "127.0.0.1:0".parse().expect("addr"),
-        sync: sync.into(),
+        sync: sync.parse().expect("sync policy"),
         segment_bytes: 256 * 1024,
         max_message_bytes: 64 * 1024,
         allow_anonymous: true,
