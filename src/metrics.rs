@@ -9,16 +9,18 @@
 //! bounded request size): it is an operator's probe, not an API.
 
 use std::fmt::Write as _;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use entrepot_storage::SYNC_LATENCY_BUCKETS_US;
-use std::sync::atomic::AtomicU64;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+pub use crate::broker::latency::LatencyHistogram;
 use crate::broker::Broker;
 
 /// Largest HTTP request head read.
@@ -146,9 +148,33 @@ pub fn render(broker: &Broker) -> String {
         st.syncs.load(Ordering::Relaxed),
     );
     queue_metrics(&mut out, broker);
-    crate::manifest::render_metrics(&mut out);
+    manifest_metrics(&mut out, broker);
     topic_metrics(&mut out, broker);
     out
+}
+
+/// The counters of manifest applies to this broker.
+fn manifest_metrics(out: &mut String, broker: &Broker) {
+    let d = &broker.stats.declarations;
+    for (name, help, v) in [
+        (
+            "entrepot_manifest_applies_total",
+            "Manifest sets applied",
+            &d.applied,
+        ),
+        (
+            "entrepot_manifest_rejections_total",
+            "Manifest sets rejected for errors (nothing applied)",
+            &d.rejected,
+        ),
+        (
+            "entrepot_manifest_deletions_refused_total",
+            "Address removals refused because the address held messages",
+            &d.deletions_refused,
+        ),
+    ] {
+        counter(out, name, help, v.load(Ordering::Relaxed));
+    }
 }
 
 fn topic_metrics(out: &mut String, broker: &Broker) {
@@ -307,38 +333,16 @@ pub fn render_histogram(
     let _ = writeln!(out, "{name}_count {count}");
 }
 
-/// A latency histogram with the [`SYNC_LATENCY_BUCKETS_US`] bounds; recording is two
-/// atomic adds, no lock.
-#[derive(Debug, Default)]
-pub struct LatencyHistogram {
-    buckets: [AtomicU64; SYNC_LATENCY_BUCKETS_US.len() + 1],
-    sum_nanos: AtomicU64,
-    count: AtomicU64,
-}
-
-impl LatencyHistogram {
-    pub fn record(&self, took: std::time::Duration) {
-        let us = took.as_micros() as u64;
-        let i = SYNC_LATENCY_BUCKETS_US
-            .iter()
-            .position(|b| us <= *b)
-            .unwrap_or(SYNC_LATENCY_BUCKETS_US.len());
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_nanos
-            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn render(&self, out: &mut String, name: &str, help: &str) {
-        render_histogram(
-            out,
-            name,
-            help,
-            |i| self.buckets[i].load(Ordering::Relaxed),
-            self.sum_nanos.load(Ordering::Relaxed),
-            self.count.load(Ordering::Relaxed),
-        );
-    }
+/// Appends `histogram` in the Prometheus text format as `name`.
+pub fn render_latency(out: &mut String, name: &str, help: &str, histogram: &LatencyHistogram) {
+    render_histogram(
+        out,
+        name,
+        help,
+        |i| histogram.bucket(i),
+        histogram.sum_nanos(),
+        histogram.count(),
+    );
 }
 
 fn counter(out: &mut String, name: &str, help: &str, v: u64) {
@@ -353,7 +357,29 @@ fn counter(out: &mut String, name: &str, help: &str, v: u64) {
 #[derive(Clone)]
 pub enum Source {
     Broker(Arc<Broker>),
-    Cluster(Arc<crate::raft::admin::ClusterHandle>),
+    Cluster(Arc<dyn ClusterView>),
+}
+
+/// An HTTP answer: status line, body.
+pub type Reply = (&'static str, String);
+
+/// What a cluster node shows over HTTP, implemented by `raft::admin::ClusterHandle`: the
+/// endpoint reads the node through this view, so metrics never names the Raft layer.
+pub trait ClusterView: Send + Sync {
+    /// The broker, while this node leads.
+    fn broker(&self) -> Option<Arc<Broker>>;
+    /// Whether the node can serve clients (it has a leader).
+    fn ready(&self) -> bool;
+    /// `/status` while the node does not lead (YAML).
+    fn status(&self) -> String;
+    /// The node's own metrics, appended to the broker's.
+    fn metrics(&self) -> String;
+    /// Answers a `/cluster…` request.
+    fn http<'a>(
+        &'a self,
+        method: &'a str,
+        target: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Reply> + Send + 'a>>;
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` until shutdown.

@@ -87,7 +87,7 @@ pub fn render(broker: &Broker) -> String {
         })
         .collect();
     topics.sort_by(|a, b| a.name.cmp(&b.name));
-    let stats = &crate::manifest::STATS;
+    let stats = &broker.stats.declarations;
     let status = Status {
         connections: broker.stats.connections.load(Ordering::Relaxed),
         links: broker.stats.links.load(Ordering::Relaxed),
@@ -97,10 +97,7 @@ pub fn render(broker: &Broker) -> String {
             applied: stats.applied.load(Ordering::Relaxed),
             rejected: stats.rejected.load(Ordering::Relaxed),
             deletions_refused: stats.deletions_refused.load(Ordering::Relaxed),
-            kept: crate::manifest::KEPT
-                .lock()
-                .map(|k| k.clone())
-                .unwrap_or_default(),
+            kept: stats.kept.lock().map(|k| k.clone()).unwrap_or_default(),
         },
     };
     serde_yaml::to_string(&status).unwrap_or_else(|e| format!("error: {e}\n"))

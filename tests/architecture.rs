@@ -20,21 +20,6 @@ use std::path::{Path, PathBuf};
 /// is removed here, and a new edge that closes a cycle fails it too.
 const ALLOWED: &[(&str, &str, &str)] = &[
     (
-        "broker",
-        "manifest",
-        "broker/mod.rs calls manifest::internal_name to name a space's address",
-    ),
-    (
-        "broker",
-        "metrics",
-        "broker/replication.rs keeps its commit latency in a metrics::LatencyHistogram",
-    ),
-    (
-        "metrics",
-        "raft",
-        "metrics::Source::Cluster holds a raft::admin::ClusterHandle",
-    ),
-    (
         "config",
         "broker",
         "BrokerConfig names broker::topic::BacklogPolicy",

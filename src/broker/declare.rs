@@ -2,10 +2,14 @@
 //! address or named durable subscription by its store name regardless of `auto-create`,
 //! applies its plan's limits, and reports what an address still holds.
 //!
+//! Also keeps what the applies of declaration sets did ([`DeclarationStats`]): the
+//! applier writes it, metrics and status read it, each through the broker they serve.
+//!
 //! Does not: know the manifest types — the manifest module translates its documents
 //! into a [`Declaration`].
 
-use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 
 use super::limits::{AddressLimits, SpaceUsage};
 use super::memory::{Distribution, MemoryAddress};
@@ -24,6 +28,25 @@ pub enum DeclaredType {
     Subscription {
         topic: String,
     },
+}
+
+/// `<space>/<address>`: the store's name for an address of a space.
+pub fn internal_name(space: &str, address: &str) -> String {
+    format!("{space}/{address}")
+}
+
+/// Counters of the applies of declaration sets (manifest directories) to this broker.
+#[derive(Debug, Default)]
+pub struct DeclarationStats {
+    /// Sets applied whole.
+    pub applied: AtomicU64,
+    /// Sets rejected for errors (nothing applied).
+    pub rejected: AtomicU64,
+    /// Address removals refused because the queue still held messages.
+    pub deletions_refused: AtomicU64,
+    /// Addresses the last apply kept although the set removed them (they still held
+    /// messages), as `space/address (N messages)`, for `entrepot status`.
+    pub kept: Mutex<Vec<String>>,
 }
 
 /// One address to create (or update) with its plan.

@@ -6,7 +6,8 @@
 
 mod declare;
 pub mod intake;
-pub use declare::{Declaration, DeclaredType};
+pub use declare::{internal_name, Declaration, DeclarationStats, DeclaredType};
+pub mod latency;
 pub mod limits;
 pub mod memory;
 pub mod queue;
@@ -55,6 +56,8 @@ pub struct BrokerStats {
     pub connections_total: AtomicU64,
     pub links: AtomicU64,
     pub connection_errors: AtomicU64,
+    /// What the applies of declaration sets (manifests) did here, for metrics and status.
+    pub declarations: DeclarationStats,
 }
 
 pub struct Broker {
@@ -175,7 +178,7 @@ pub fn selector_matches(selector: &selector::Selector, bytes: &bytes::Bytes) -> 
 impl Broker {
     /// Opens the store and rebuilds every queue from it.
     pub fn open(config: BrokerConfig) -> anyhow::Result<Arc<Broker>> {
-        let sync = config.sync;
+        let sync = config.sync_policy().map_err(anyhow::Error::msg)?;
         let record_max = (config.max_message_bytes + config::RECORD_OVERHEAD_BYTES)
             .min(u64::from(u32::MAX)) as u32;
         let store = Store::open(&config.data_dir, sync, config.segment_bytes, record_max)?;
@@ -465,7 +468,7 @@ impl Broker {
             _ => (None, from),
         };
         let in_space = |address: &str| match space {
-            Some(space) => crate::manifest::internal_name(space, address),
+            Some(space) => internal_name(space, address),
             None => address.to_owned(),
         };
         let (target, entries) = match &why {

@@ -94,7 +94,7 @@ pub struct ReplicationStats {
     /// Bytes of operations committed.
     pub bytes: std::sync::atomic::AtomicU64,
     /// From submitting a batch to its commit (and apply on the leader).
-    pub commit_latency: crate::metrics::LatencyHistogram,
+    pub commit_latency: super::latency::LatencyHistogram,
 }
 
 struct Queue {

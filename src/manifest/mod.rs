@@ -20,7 +20,6 @@ pub mod watch;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
 
 use crate::amqp::scram::ScramCredential;
@@ -179,9 +178,7 @@ impl Catalog {
 }
 
 /// `<space>/<address>`: the store's name for an address of a space.
-pub fn internal_name(space: &str, address: &str) -> String {
-    format!("{space}/{address}")
-}
+pub use crate::broker::internal_name;
 
 /// A validated manifest set.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -222,25 +219,6 @@ impl Catalog {
     }
 }
 
-/// Addresses the last apply kept although the manifests removed them (they still held
-/// messages), as `space/address (N messages)`, for `entrepot status`.
-pub static KEPT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-
-/// Counters of applies, for metrics: process-wide, like the manifest directory.
-pub static STATS: ApplyStats = ApplyStats {
-    applied: AtomicU64::new(0),
-    rejected: AtomicU64::new(0),
-    deletions_refused: AtomicU64::new(0),
-};
-
-#[derive(Debug)]
-pub struct ApplyStats {
-    pub applied: AtomicU64,
-    pub rejected: AtomicU64,
-    /// Address removals refused because the queue still held messages.
-    pub deletions_refused: AtomicU64,
-}
-
 /// The catalog in force, replaced whole by each successful apply.
 #[derive(Debug, Default)]
 pub struct Live {
@@ -268,34 +246,5 @@ impl Live {
     pub fn replace(&self, catalog: Catalog) {
         let mut slot = self.current.write().unwrap_or_else(|p| p.into_inner());
         *slot = Some(Arc::new(catalog));
-    }
-}
-
-/// Appends the apply counters in the Prometheus text format.
-pub fn render_metrics(out: &mut String) {
-    use std::fmt::Write as _;
-    use std::sync::atomic::Ordering::Relaxed;
-    for (name, help, v) in [
-        (
-            "entrepot_manifest_applies_total",
-            "Manifest sets applied",
-            &STATS.applied,
-        ),
-        (
-            "entrepot_manifest_rejections_total",
-            "Manifest sets rejected for errors (nothing applied)",
-            &STATS.rejected,
-        ),
-        (
-            "entrepot_manifest_deletions_refused_total",
-            "Address removals refused because the address held messages",
-            &STATS.deletions_refused,
-        ),
-    ] {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-            v.load(Relaxed)
-        );
     }
 }

@@ -27,7 +27,11 @@ pub fn apply(dir: &Path, broker: &Broker, live: &Live) -> Result<(), Vec<Manifes
     let mut catalog = match load::load_dir(dir) {
         Ok(c) => c,
         Err(errors) => {
-            super::STATS.rejected.fetch_add(1, Ordering::Relaxed);
+            broker
+                .stats
+                .declarations
+                .rejected
+                .fetch_add(1, Ordering::Relaxed);
             for e in &errors {
                 tracing::error!(error = %e, "manifest rejected; nothing applied");
             }
@@ -45,7 +49,11 @@ pub fn apply(dir: &Path, broker: &Broker, live: &Live) -> Result<(), Vec<Manifes
         (s + 1, a + sp.addresses.len(), u + sp.users.len())
     });
     live.replace(catalog);
-    super::STATS.applied.fetch_add(1, Ordering::Relaxed);
+    broker
+        .stats
+        .declarations
+        .applied
+        .fetch_add(1, Ordering::Relaxed);
     tracing::info!(dir = %dir.display(), spaces, addresses, users, "manifests applied");
     Ok(())
 }
@@ -94,7 +102,9 @@ fn keep_non_empty_addresses(old: &Catalog, new: &mut Catalog, broker: &Broker) {
             if still_there || held == 0 || a.delete_with_messages {
                 continue;
             }
-            super::STATS
+            broker
+                .stats
+                .declarations
                 .deletions_refused
                 .fetch_add(1, Ordering::Relaxed);
             kept.push(format!(
@@ -114,7 +124,7 @@ fn keep_non_empty_addresses(old: &Catalog, new: &mut Catalog, broker: &Broker) {
             space.addresses.insert(a.address.clone(), a.clone());
         }
     }
-    if let Ok(mut slot) = super::KEPT.lock() {
+    if let Ok(mut slot) = broker.stats.declarations.kept.lock() {
         *slot = kept;
     }
 }

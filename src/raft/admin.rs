@@ -162,10 +162,11 @@ impl ClusterHandle {
                 "# HELP entrepot_raft_uncommitted_ops Store operations this leader recorded and Raft has not committed yet.\n# TYPE entrepot_raft_uncommitted_ops gauge\nentrepot_raft_uncommitted_ops {}",
                 a.replication.uncommitted()
             );
-            st.commit_latency.render(
+            crate::metrics::render_latency(
                 &mut out,
                 "entrepot_raft_commit_seconds",
                 "From submitting a batch to Raft to its commit on a majority",
+                &st.commit_latency,
             );
         }
         let mut gauge = |name: &str, help: &str, v: i64| {
@@ -258,6 +259,33 @@ impl ClusterHandle {
             .membership()
             .voter_ids()
             .collect()
+    }
+}
+
+/// The HTTP endpoint (`crate::metrics`) reads the node through this view.
+impl crate::metrics::ClusterView for ClusterHandle {
+    fn broker(&self) -> Option<std::sync::Arc<Broker>> {
+        ClusterHandle::broker(self)
+    }
+
+    fn ready(&self) -> bool {
+        ClusterHandle::ready(self)
+    }
+
+    fn status(&self) -> String {
+        ClusterHandle::status(self)
+    }
+
+    fn metrics(&self) -> String {
+        ClusterHandle::metrics(self)
+    }
+
+    fn http<'a>(
+        &'a self,
+        method: &'a str,
+        target: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Reply> + Send + 'a>> {
+        Box::pin(ClusterHandle::http(self, method, target))
     }
 }
 
