@@ -178,7 +178,7 @@ pub fn selector_matches(selector: &selector::Selector, bytes: &bytes::Bytes) -> 
 impl Broker {
     /// Opens the store and rebuilds every queue from it.
     pub fn open(config: BrokerConfig) -> anyhow::Result<Arc<Broker>> {
-        let sync = config.sync_policy().map_err(anyhow::Error::msg)?;
+        let sync = config.sync;
         let record_max = (config.max_message_bytes + config::RECORD_OVERHEAD_BYTES)
             .min(u64::from(u32::MAX)) as u32;
         let store = Store::open(&config.data_dir, sync, config.segment_bytes, record_max)?;
