@@ -149,7 +149,7 @@ pub struct BrokerConfig {
     /// Messages a subscription may hold; beyond it the oldest are dropped and counted.
     pub subscription_backlog_max: usize,
     /// `drop-oldest` (default) or `block` (hold producers back by credit).
-    pub subscription_backlog_policy: crate::broker::topic::BacklogPolicy,
+    pub subscription_backlog_policy: BacklogPolicy,
     /// Directory of AddressSpace/Address/MessagingUser/plan manifests; when set, only
     /// declared addresses exist and clients authenticate as MessagingUsers.
     pub manifests: Option<PathBuf>,
@@ -290,6 +290,18 @@ impl BrokerConfig {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
+}
+
+/// What happens when a subscription's backlog reaches its limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BacklogPolicy {
+    /// Drop the oldest messages of that subscription and count them
+    /// (`entrepot_subscription_dropped_total`).
+    #[default]
+    DropOldest,
+    /// Stop granting credit to the topic's producers until the backlog is below the limit.
+    Block,
 }
 
 #[cfg(test)]

@@ -46,17 +46,9 @@ pub enum StartAt {
     Timestamp(i64),
 }
 
-/// What happens when a subscription's backlog reaches its limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum BacklogPolicy {
-    /// Drop the oldest messages of that subscription and count them
-    /// (`entrepot_subscription_dropped_total`).
-    #[default]
-    DropOldest,
-    /// Stop granting credit to the topic's producers until the backlog is below the limit.
-    Block,
-}
+/// What happens when a subscription's backlog reaches its limit: a setting, so it lives
+/// in the configuration (the core depends on `config`, never the reverse).
+pub use crate::config::BacklogPolicy;
 
 /// How long and how much a topic keeps after every subscription consumed it, for replay.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
