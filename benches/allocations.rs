@@ -2,7 +2,8 @@
 //! server over loopback: persistent 1 KiB messages produced (window 64 unsettled), then
 //! consumed (credit 1000, each accepted), then both at once.
 //!
-//! A counting global allocator tells the broker's allocations from the client's: the
+//! A counting global allocator (`benches/support/counting.rs`) tells the broker's
+//! allocations from the client's: the
 //! fe2o3-amqp clients run on a thread of their own (a current-thread runtime) that counts
 //! into its own counter, so what is left is the broker — connection tasks, queues, the
 //! store and its sync thread. CPU time is the whole process's (`getrusage`) minus the
@@ -14,19 +15,14 @@
 //! the broker must stay under [`MAX_ALLOCS_PER_MESSAGE`] — a regression guard, so an
 //! allocation added per message on the hot path fails CI instead of hiding in the noise.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 mod support;
 
+use support::counting::{mark, Allocs, Counting, Role};
+
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use fe2o3_amqp::link::receiver::CreditMode;
-use fe2o3_amqp::types::messaging::{Body, Header, Message};
-use fe2o3_amqp::types::primitives::{Binary, Value};
-use fe2o3_amqp::{Receiver, Sender, Session};
 
 /// Messages per phase.
 const MESSAGES: u64 = 5_000;
@@ -38,48 +34,6 @@ const CREDIT: u32 = 1000;
 /// The guard: broker heap allocations per message, produce and consume together (measured
 /// 2026-12-03: 3.2 producing, 1.1 consuming, 4.0 both at once; see benches/RESULTS.md).
 const MAX_ALLOCS_PER_MESSAGE: f64 = 6.0;
-
-struct Counting;
-
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-static BYTES: AtomicU64 = AtomicU64::new(0);
-static CLIENT_ALLOCS: AtomicU64 = AtomicU64::new(0);
-static CLIENT_BYTES: AtomicU64 = AtomicU64::new(0);
-
-thread_local! {
-    static IS_CLIENT: Cell<bool> = const { Cell::new(false) };
-}
-
-fn count(size: usize) {
-    // `try_with`: a thread being torn down has no thread-locals left.
-    let client = IS_CLIENT.try_with(Cell::get).unwrap_or(false);
-    let (n, b) = match client {
-        true => (&CLIENT_ALLOCS, &CLIENT_BYTES),
-        false => (&ALLOCS, &BYTES),
-    };
-    n.fetch_add(1, Ordering::Relaxed);
-    b.fetch_add(size as u64, Ordering::Relaxed);
-}
-
-// SAFETY: every call is forwarded to the system allocator unchanged; counting has no
-// effect on the memory handed out.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        count(layout.size());
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        count(layout.size());
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        count(new_size);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
@@ -126,123 +80,61 @@ impl Spent {
 
 /// The client side: a thread with a current-thread runtime whose allocations and CPU
 /// time are counted apart from the broker's.
-struct Client {
-    rt: tokio::runtime::Runtime,
-    url: String,
-}
+struct Client;
 
 impl Client {
     /// Runs `work` on a fresh client thread; returns what the broker spent meanwhile.
-    fn measure<F, Fut>(url: &str, work: F) -> Spent
+    fn measure<F, Fut>(addr: SocketAddr, work: F) -> Spent
     where
-        F: FnOnce(String) -> Fut + Send + 'static,
+        F: FnOnce(SocketAddr) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()>,
     {
-        let url = url.to_string();
-        let (a0, b0) = (
-            ALLOCS.load(Ordering::Relaxed),
-            BYTES.load(Ordering::Relaxed),
-        );
+        let allocs0 = Allocs::now();
         let cpu0 = process_cpu();
         let started = Instant::now();
         let client_cpu = std::thread::spawn(move || {
-            IS_CLIENT.with(|c| c.set(true));
+            mark(Role::Client);
             let before = thread_cpu();
-            let client = Client {
-                rt: tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("client runtime"),
-                url,
-            };
-            let Client { rt, url } = client;
-            rt.block_on(work(url));
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("client runtime");
+            rt.block_on(work(addr));
             drop(rt);
             thread_cpu() - before
         })
         .join()
         .expect("client thread");
         let wall = started.elapsed();
+        let counted = Allocs::now().since(&allocs0);
         Spent {
-            allocs: ALLOCS.load(Ordering::Relaxed) - a0,
-            bytes: BYTES.load(Ordering::Relaxed) - b0,
+            allocs: counted.broker,
+            bytes: counted.broker_bytes,
             cpu: (process_cpu() - cpu0).saturating_sub(client_cpu),
             wall,
         }
     }
 }
 
-async fn connect(url: &str, id: &str) -> fe2o3_amqp::connection::ConnectionHandle<()> {
-    support::connect(url.parse().expect("addr"), id).await
+/// The producer's part of a phase (the latencies it returns are not needed here).
+async fn produce(addr: SocketAddr, queue: String, n: u64) {
+    support::produce(addr, queue, n, BODY_BYTES, WINDOW).await;
 }
 
-async fn produce(url: String, queue: String, n: u64) {
-    let mut conn = connect(&url, "alloc-producer").await;
-    let mut session = Session::begin(&mut conn).await.expect("begin");
-    let mut sender = Sender::attach(&mut session, "p", queue)
-        .await
-        .expect("attach");
-    let body = vec![0x5au8; BODY_BYTES];
-    let mut inflight = VecDeque::with_capacity(WINDOW);
-    for _ in 0..n {
-        if inflight.len() >= WINDOW {
-            let fut: fe2o3_amqp::link::delivery::DeliveryFut<_> =
-                inflight.pop_front().expect("inflight");
-            let outcome: Result<fe2o3_amqp::types::messaging::Outcome, _> = fut.await;
-            outcome
-                .expect("outcome")
-                .accepted_or_else(|o| o)
-                .expect("accepted");
-        }
-        let msg = Message::builder()
-            .header(Header {
-                durable: true,
-                ..Default::default()
-            })
-            .data(Binary::from(body.clone()))
-            .build();
-        inflight.push_back(sender.send_batchable(msg).await.expect("send"));
-    }
-    for fut in inflight {
-        fut.await
-            .expect("outcome")
-            .accepted_or_else(|o| o)
-            .expect("accepted");
-    }
-    sender.close().await.ok();
-    session.end().await.ok();
-    conn.close().await.ok();
-}
-
-async fn consume(url: String, queue: String, n: u64) {
-    let mut conn = connect(&url, "alloc-consumer").await;
-    let mut session = Session::begin(&mut conn).await.expect("begin");
-    let mut receiver = Receiver::builder()
-        .name("c")
-        .source(queue)
-        .credit_mode(CreditMode::Auto(CREDIT))
-        .attach(&mut session)
-        .await
-        .expect("attach");
-    for _ in 0..n {
-        let d = receiver.recv::<Body<Value>>().await.expect("recv");
-        receiver.accept(&d).await.expect("accept");
-    }
-    receiver.close().await.ok();
-    session.end().await.ok();
-    conn.close().await.ok();
+async fn consume(addr: SocketAddr, queue: String, n: u64) {
+    support::consume(addr, queue, n, CREDIT).await;
 }
 
 /// One round: produce-only, consume-only (the backlog just made), then both at once.
-fn round(url: &str, tag: &str) -> [(&'static str, Spent); 3] {
+fn round(addr: SocketAddr, tag: &str) -> [(&'static str, Spent); 3] {
     let q = format!("alloc-{tag}");
     let (q1, q2) = (q.clone(), q.clone());
-    let produced = Client::measure(url, move |u| produce(u, q1, MESSAGES));
-    let consumed = Client::measure(url, move |u| consume(u, q2, MESSAGES));
+    let produced = Client::measure(addr, move |a| produce(a, q1, MESSAGES));
+    let consumed = Client::measure(addr, move |a| consume(a, q2, MESSAGES));
     let q3 = format!("{q}-both");
-    let both = Client::measure(url, move |u| async move {
-        let c = tokio::spawn(consume(u.clone(), q3.clone(), MESSAGES));
-        produce(u, q3, MESSAGES).await;
+    let both = Client::measure(addr, move |a| async move {
+        let c = tokio::spawn(consume(a, q3.clone(), MESSAGES));
+        produce(a, q3, MESSAGES).await;
         c.await.expect("consumer");
     });
     [("produce", produced), ("consume", consumed), ("both", both)]
@@ -265,10 +157,10 @@ fn allocations(c: &mut Criterion) {
         .build()
         .expect("runtime");
     let node = support::start_node(&rt, "never");
-    let url = node.amqp.to_string();
+    let addr = node.amqp;
     // Warm up (first connections, segment creation), then the measured round.
-    round(&url, "warmup");
-    let spent = round(&url, "measured");
+    round(addr, "warmup");
+    let spent = round(addr, "measured");
     report(&spent);
     let both = spent[2].1;
     let per_message = both.allocs as f64 / MESSAGES as f64;
@@ -289,9 +181,9 @@ fn allocations(c: &mut Criterion) {
             for _ in 0..iters {
                 n += 1;
                 let q = format!("alloc-crit-{n}");
-                wall += Client::measure(&url, move |u| async move {
-                    let c = tokio::spawn(consume(u.clone(), q.clone(), MESSAGES));
-                    produce(u, q, MESSAGES).await;
+                wall += Client::measure(addr, move |a| async move {
+                    let c = tokio::spawn(consume(a, q.clone(), MESSAGES));
+                    produce(a, q, MESSAGES).await;
                     c.await.expect("consumer");
                 })
                 .wall;

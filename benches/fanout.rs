@@ -11,7 +11,7 @@
 //!
 //! # Allocations per delivered message
 //!
-//! A counting `#[global_allocator]` (wrapping `System`) counts every `alloc`,
+//! A counting `#[global_allocator]` (`benches/support/counting.rs`, wrapping `System`) counts every `alloc`,
 //! `alloc_zeroed` and `realloc` call — frees are not counted — and attributes it to the
 //! thread that made it. Broker and clients run on two separate tokio runtimes: the
 //! broker's threads (workers and blocking pool) mark themselves `broker` from
@@ -28,13 +28,12 @@
 //! Note: the clients share the machine's cores with the broker and are the heavier side,
 //! so msgs/s is a floor of what the broker can do.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 mod support;
+
+use support::counting::{mark, Allocs, Counting, Role};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use fe2o3_amqp::link::receiver::CreditMode;
@@ -54,78 +53,8 @@ const ITERATION_TIMEOUT: Duration = Duration::from_secs(120);
 /// (subscribers, messages published per iteration).
 const CASES: [(usize, u64); 3] = [(1, 2000), (10, 500), (100, 50)];
 
-// ---------------------------------------------------------------------------------------
-// Counting allocator
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Role {
-    /// Never marked: a thread the broker started itself.
-    Unmarked,
-    Broker,
-    Client,
-}
-
-thread_local! {
-    // `const` and `Copy`: no lazy initialisation and no destructor, so the allocator
-    // may read it at any time without allocating.
-    static ROLE: Cell<Role> = const { Cell::new(Role::Unmarked) };
-}
-
-static BROKER_ALLOCS: AtomicU64 = AtomicU64::new(0);
-static CLIENT_ALLOCS: AtomicU64 = AtomicU64::new(0);
-
-struct Counting;
-
-impl Counting {
-    fn count(&self) {
-        let role = ROLE.try_with(Cell::get).unwrap_or(Role::Unmarked);
-        let counter = match role {
-            Role::Client => &CLIENT_ALLOCS,
-            Role::Broker | Role::Unmarked => &BROKER_ALLOCS,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-// SAFETY: every call is forwarded unchanged to `System`; counting touches only atomics
-// and a const thread-local, neither of which allocates.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        self.count();
-        System.alloc(layout)
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        self.count();
-        System.alloc_zeroed(layout)
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        self.count();
-        System.realloc(ptr, layout, new_size)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout)
-    }
-}
-
 #[global_allocator]
 static ALLOC: Counting = Counting;
-
-fn mark(role: Role) {
-    ROLE.with(|r| r.set(role));
-}
-
-#[derive(Clone, Copy, Default)]
-struct Allocs {
-    broker: u64,
-    client: u64,
-}
-
-fn allocs_now() -> Allocs {
-    Allocs {
-        broker: BROKER_ALLOCS.load(Ordering::Relaxed),
-        client: CLIENT_ALLOCS.load(Ordering::Relaxed),
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // Broker and clients
@@ -310,11 +239,11 @@ fn fanout(c: &mut Criterion) {
         let mut published = 0u64;
         group.bench_function(format!("{subscribers}_subscribers"), |b| {
             b.iter_custom(|iters| {
-                let before = allocs_now();
+                let before = Allocs::now();
                 let took = bench.client_rt.block_on(run(&mut f, iters));
-                let after = allocs_now();
-                allocs.broker += after.broker - before.broker;
-                allocs.client += after.client - before.client;
+                let spent = Allocs::now().since(&before);
+                allocs.broker += spent.broker;
+                allocs.client += spent.client;
                 published += msgs * iters;
                 took
             })

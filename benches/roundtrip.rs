@@ -10,14 +10,12 @@
 //! Note: client and broker share this machine's cores, and fe2o3-amqp's client is the
 //! heavier side; see `benches/RESULTS.md` (when present) for context.
 
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 mod support;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use fe2o3_amqp::{Receiver, Sender, Session};
 
 /// Messages per criterion iteration.
 const BATCH: u64 = 2000;
@@ -27,7 +25,7 @@ const BODY_BYTES: usize = 1024;
 
 struct Bench {
     rt: tokio::runtime::Runtime,
-    url: String,
+    addr: std::net::SocketAddr,
     _node: support::BenchNode,
     latencies: Arc<Mutex<Vec<u32>>>,
 }
@@ -39,85 +37,20 @@ fn start() -> Bench {
         .build()
         .expect("runtime");
     let node = support::start_node(&rt, "always");
-    let url = format!("amqp://{}", node.amqp);
     Bench {
         rt,
-        url,
+        addr: node.amqp,
         _node: node,
         latencies: Arc::new(Mutex::new(Vec::new())),
     }
 }
 
-async fn connect(url: &str, id: &str) -> fe2o3_amqp::connection::ConnectionHandle<()> {
-    support::connect(url.trim_start_matches("amqp://").parse().expect("addr"), id).await
-}
-
-async fn produce(url: String, queue: String, count: u64, latencies: Arc<Mutex<Vec<u32>>>) {
-    let mut conn = connect(&url, "bench-producer").await;
-    let mut session = Session::begin(&mut conn).await.expect("begin");
-    let mut sender = Sender::attach(&mut session, "p", queue)
-        .await
-        .expect("attach");
-    let body = vec![0x5au8; BODY_BYTES];
-    let mut inflight = VecDeque::with_capacity(WINDOW);
-    let mut lat = Vec::with_capacity(count as usize);
-    for _ in 0..count {
-        if inflight.len() >= WINDOW {
-            let (t, fut): (Instant, _) = inflight.pop_front().expect("inflight");
-            let outcome: Result<fe2o3_amqp::types::messaging::Outcome, _> = fut.await;
-            outcome
-                .expect("outcome")
-                .accepted_or_else(|o| o)
-                .expect("accepted");
-            lat.push(t.elapsed().as_micros() as u32);
-        }
-        let msg = fe2o3_amqp::types::messaging::Message::builder()
-            .header(fe2o3_amqp::types::messaging::Header {
-                durable: true,
-                ..Default::default()
-            })
-            .data(fe2o3_amqp::types::primitives::Binary::from(body.clone()))
-            .build();
-        let fut = sender.send_batchable(msg).await.expect("send");
-        inflight.push_back((Instant::now(), fut));
-    }
-    for (t, fut) in inflight {
-        fut.await
-            .expect("outcome")
-            .accepted_or_else(|o| o)
-            .expect("accepted");
-        lat.push(t.elapsed().as_micros() as u32);
-    }
-    latencies.lock().expect("lat").extend(lat);
-    sender.close().await.ok();
-    session.end().await.ok();
-    conn.close().await.ok();
-}
-
-async fn consume(url: String, queue: String, count: u64) {
-    let mut conn = connect(&url, "bench-consumer").await;
-    let mut session = Session::begin(&mut conn).await.expect("begin");
-    let credit: u32 = std::env::var("ENTREPOT_BENCH_CREDIT")
+/// Link credit of each consumer: `ENTREPOT_BENCH_CREDIT`, default 1000.
+fn credit() -> u32 {
+    std::env::var("ENTREPOT_BENCH_CREDIT")
         .ok()
         .and_then(|c| c.parse().ok())
-        .unwrap_or(1000);
-    let mut receiver = Receiver::builder()
-        .name("c")
-        .source(queue)
-        .credit_mode(fe2o3_amqp::link::receiver::CreditMode::Auto(credit))
-        .attach(&mut session)
-        .await
-        .expect("attach");
-    for _ in 0..count {
-        let d = receiver
-            .recv::<fe2o3_amqp::types::messaging::Body<fe2o3_amqp::types::primitives::Value>>()
-            .await
-            .expect("recv");
-        receiver.accept(&d).await.expect("accept");
-    }
-    receiver.close().await.ok();
-    session.end().await.ok();
-    conn.close().await.ok();
+        .unwrap_or(1000)
 }
 
 fn run(b: &Bench, producers: u64, consumers: u64, iters: u64, round: u64) -> Duration {
@@ -127,22 +60,29 @@ fn run(b: &Bench, producers: u64, consumers: u64, iters: u64, round: u64) -> Dur
         let started = Instant::now();
         let mut tasks = Vec::new();
         for _ in 0..consumers {
-            tasks.push(tokio::spawn(consume(
-                b.url.clone(),
+            tasks.push(tokio::spawn(support::consume(
+                b.addr,
                 queue.clone(),
                 total / consumers,
+                credit(),
             )));
         }
+        let mut producing = Vec::new();
         for _ in 0..producers {
-            tasks.push(tokio::spawn(produce(
-                b.url.clone(),
+            producing.push(tokio::spawn(support::produce(
+                b.addr,
                 queue.clone(),
                 total / producers,
-                Arc::clone(&b.latencies),
+                BODY_BYTES,
+                WINDOW,
             )));
         }
+        for t in producing {
+            let lat = t.await.expect("producer");
+            b.latencies.lock().expect("lat").extend(lat);
+        }
         for t in tasks {
-            t.await.expect("task");
+            t.await.expect("consumer");
         }
         started.elapsed()
     })

@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod counting;
+
 use std::net::SocketAddr;
 
 use entrepot::config::BrokerConfig;
@@ -54,4 +56,83 @@ pub async fn connect(addr: SocketAddr, container_id: &str) -> ConnectionHandle<(
         .open_with_stream(stream)
         .await
         .expect("open")
+}
+
+/// Sends `count` persistent messages of `body_bytes` to `queue`, keeping `window` unsettled
+/// in flight, each waited for until `accepted`; returns every send→accepted latency in µs.
+pub async fn produce(
+    addr: SocketAddr,
+    queue: String,
+    count: u64,
+    body_bytes: usize,
+    window: usize,
+) -> Vec<u32> {
+    use fe2o3_amqp::types::messaging::{Header, Message};
+    use fe2o3_amqp::types::primitives::Binary;
+    let mut conn = connect(addr, "bench-producer").await;
+    let mut session = fe2o3_amqp::Session::begin(&mut conn).await.expect("begin");
+    let mut sender = fe2o3_amqp::Sender::attach(&mut session, "p", queue)
+        .await
+        .expect("attach");
+    let body = vec![0x5au8; body_bytes];
+    let mut inflight = std::collections::VecDeque::with_capacity(window);
+    let mut latencies = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        if inflight.len() >= window {
+            let (t, fut) = inflight.pop_front().expect("inflight");
+            latencies.push(accepted_after(t, fut).await);
+        }
+        let msg = Message::builder()
+            .header(Header {
+                durable: true,
+                ..Default::default()
+            })
+            .data(Binary::from(body.clone()))
+            .build();
+        let fut = sender.send_batchable(msg).await.expect("send");
+        inflight.push_back((std::time::Instant::now(), fut));
+    }
+    for (t, fut) in inflight {
+        latencies.push(accepted_after(t, fut).await);
+    }
+    sender.close().await.ok();
+    session.end().await.ok();
+    conn.close().await.ok();
+    latencies
+}
+
+/// Receives and accepts `count` messages from `queue` with link credit `credit`.
+pub async fn consume(addr: SocketAddr, queue: String, count: u64, credit: u32) {
+    use fe2o3_amqp::types::messaging::Body;
+    use fe2o3_amqp::types::primitives::Value;
+    let mut conn = connect(addr, "bench-consumer").await;
+    let mut session = fe2o3_amqp::Session::begin(&mut conn).await.expect("begin");
+    let mut receiver = fe2o3_amqp::Receiver::builder()
+        .name("c")
+        .source(queue)
+        .credit_mode(fe2o3_amqp::link::receiver::CreditMode::Auto(credit))
+        .attach(&mut session)
+        .await
+        .expect("attach");
+    for _ in 0..count {
+        let d = receiver.recv::<Body<Value>>().await.expect("recv");
+        receiver.accept(&d).await.expect("accept");
+    }
+    receiver.close().await.ok();
+    session.end().await.ok();
+    conn.close().await.ok();
+}
+
+/// Waits for one delivery's outcome, which must be `accepted`; returns µs since `sent`.
+async fn accepted_after(
+    sent: std::time::Instant,
+    fut: fe2o3_amqp::link::delivery::DeliveryFut<
+        Result<fe2o3_amqp::types::messaging::Outcome, fe2o3_amqp::link::SendError>,
+    >,
+) -> u32 {
+    fut.await
+        .expect("outcome")
+        .accepted_or_else(|o| o)
+        .expect("accepted");
+    sent.elapsed().as_micros() as u32
 }
