@@ -548,37 +548,46 @@ impl Session {
     /// `closed` says the peer closed the link (not just detached it), which deletes a
     /// durable subscription.
     pub fn forget_link(&mut self, conn: &mut Connection, handle: u32, closed: bool) {
-        if let Some(Link::Consumer(c)) = self.links.remove(&handle) {
-            self.unsettled_out.retain(|_, d| d.handle != handle);
-            self.blocked.retain(|b| b.handle != handle);
-            c.queue.remove_consumer(&conn.broker, c.consumer);
-            if c.temporary {
-                conn.broker.delete_temporary_queue(c.queue.name());
-            }
-            if let Some(sub) = &c.subscription {
-                super::subscribe::unsubscribe(&conn.broker, sub, closed, c.queue.consumer_count());
-            }
-            conn.broker
-                .stats
-                .links
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        } else if let Some(Link::Producer(p)) = self.links.remove(&handle) {
-            if p.txn_coordinator {
-                // Its transactions end with it: rolled back (txn.rs).
-                conn.txns
-                    .rollback_coordinator(&conn.broker, self.local_channel, handle);
-            }
-            if p.temporary {
-                if let Some(target) = &p.target {
-                    conn.broker.delete_temporary_queue(target.name());
+        // One `remove`, matched once: a producer must not be dropped by a consumer's
+        // pattern (its coordinator's transactions and temporary target would outlive it).
+        match self.links.remove(&handle) {
+            Some(Link::Consumer(c)) => {
+                self.unsettled_out.retain(|_, d| d.handle != handle);
+                self.blocked.retain(|b| b.handle != handle);
+                c.queue.remove_consumer(&conn.broker, c.consumer);
+                if c.temporary {
+                    conn.broker.delete_temporary_queue(c.queue.name());
                 }
+                if let Some(sub) = &c.subscription {
+                    super::subscribe::unsubscribe(
+                        &conn.broker,
+                        sub,
+                        closed,
+                        c.queue.consumer_count(),
+                    );
+                }
+                conn.broker
+                    .stats
+                    .links
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             }
-            conn.broker
-                .stats
-                .links
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        } else {
-            self.links.remove(&handle);
+            Some(Link::Producer(p)) => {
+                if p.txn_coordinator {
+                    // Its transactions end with it: rolled back (txn.rs).
+                    conn.txns
+                        .rollback_coordinator(&conn.broker, self.local_channel, handle);
+                }
+                if p.temporary {
+                    if let Some(target) = &p.target {
+                        conn.broker.delete_temporary_queue(target.name());
+                    }
+                }
+                conn.broker
+                    .stats
+                    .links
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Some(Link::Detached) | None => {}
         }
     }
 }
