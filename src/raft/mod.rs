@@ -62,7 +62,9 @@ use crate::connection::{self, Accepted};
 use crate::tls::TlsFiles;
 use state_machine::StoreMachine;
 
-/// How often a clustered node syncs its store in the background (see `ClusterNode::start`).
+/// How often a clustered node syncs its store in the background, whatever `--sync` says
+/// (except `never`): the store is not the copy a message's acceptance waits for — the Raft
+/// log is — so this paces writeback, it promises nothing (see [`store_sync`]).
 pub const STORE_SYNC_INTERVAL: Duration = Duration::from_millis(100);
 /// How often a node measures the free space of its data directory's filesystem.
 pub const DISK_CHECK_INTERVAL: Duration = Duration::from_millis(250);
@@ -165,6 +167,8 @@ pub struct ClusterNode {
     tasks: Vec<JoinHandle<()>>,
     peer_server: PeerServer,
     machine: StoreMachine,
+    /// The Raft log's sync policy, as opened (from `--sync`).
+    raft_log_sync: entrepot_storage::SyncPolicy,
 }
 
 impl ClusterNode {
@@ -190,14 +194,10 @@ impl ClusterNode {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating {}", config.data_dir.display()))?;
         let record_max = Broker::record_bytes_max(&config);
-        // The Raft log is the durable copy; the store is rebuilt from it after a crash, so
-        // nobody waits for the store's syncs. It is still synced in the background, so its
-        // dirty pages go to disk in small steady amounts instead of the kernel's large
-        // writeback bursts that stall the Raft log's fsyncs behind them.
         let (log, acks) = tokio::task::block_in_place(|| {
             Store::open_parts(
                 &config.data_dir,
-                entrepot_storage::SyncPolicy::Interval(STORE_SYNC_INTERVAL),
+                store_sync(config.sync),
                 config.segment_bytes,
                 record_max,
             )
@@ -215,13 +215,17 @@ impl ClusterNode {
         }
         let machine = StoreMachine::open(config.data_dir.clone(), &raft_dir, log, Arc::new(acks))
             .context("opening the store's snapshot")?;
+        // `--sync` governs the Raft log: an append is acknowledged to the leader (and a
+        // message accepted, once a majority acknowledged) only as `sync` allows.
         let raft_config = LogConfig {
             segment_bytes: RAFT_SEGMENT_BYTES,
             record_bytes_max: RAFT_RECORD_MAX,
+            sync: config.sync,
             ..LogConfig::default()
         };
         let log_store = tokio::task::block_in_place(|| LogStore::open(&raft_dir, raft_config))
             .context("opening the Raft log")?;
+        let raft_log_sync = log_store.log().config().sync;
         let raft_settings = openraft::Config {
             cluster_name: "entrepot".into(),
             heartbeat_interval: HEARTBEAT_MS,
@@ -276,7 +280,7 @@ impl ClusterNode {
         let amqps_addr = amqps.as_ref().map(TcpListener::local_addr).transpose()?;
         let amqps_shown = amqps_addr.map_or_else(|| "-".to_owned(), |a| a.to_string());
         tracing::info!(node = id, amqp = %amqp_addr, amqps = %amqps_shown, http = %http_addr,
-            peers = %peer_addr, data_dir = %config.data_dir.display(),
+            peers = %peer_addr, data_dir = %config.data_dir.display(), sync = %raft_log_sync,
             "entrepot cluster node listening");
 
         let (role_tx, role_rx) = watch::channel(Role::Unknown);
@@ -324,7 +328,13 @@ impl ClusterNode {
             tasks,
             peer_server,
             machine,
+            raft_log_sync,
         })
+    }
+
+    /// The sync policy the Raft log was opened with: `--sync`, as on a single node.
+    pub fn raft_log_sync(&self) -> entrepot_storage::SyncPolicy {
+        self.raft_log_sync
     }
 
     /// Completes if this node's Raft stops on a fatal error (a storage failure, a bug):
@@ -359,6 +369,20 @@ impl ClusterNode {
         acks.log().flush().context("final sync of the ack log")?;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// The sync policy of a clustered node's store. The Raft log is the durable copy (a message
+/// is accepted once a majority's Raft logs hold it, synced per `--sync`); the store is
+/// rebuilt from the last snapshot and the Raft log after a crash, and flushed before every
+/// snapshot, so nobody waits for its syncs. It is still synced every
+/// [`STORE_SYNC_INTERVAL`], so its dirty pages go to disk in small steady amounts instead
+/// of the kernel's large writeback bursts that would stall the Raft log's syncs behind
+/// them — unless `--sync never`, which asks for no sync at all.
+pub fn store_sync(sync: entrepot_storage::SyncPolicy) -> entrepot_storage::SyncPolicy {
+    match sync {
+        entrepot_storage::SyncPolicy::Never => entrepot_storage::SyncPolicy::Never,
+        _ => entrepot_storage::SyncPolicy::Interval(STORE_SYNC_INTERVAL),
     }
 }
 

@@ -42,6 +42,7 @@ mod router;
 mod selectors_proton;
 mod shutdown;
 mod sync_policy;
+mod sync_setting;
 mod tls;
 mod topics;
 mod topics_proton;
