@@ -10,6 +10,7 @@ mod bench_tool;
 mod campaign;
 mod client;
 mod cluster;
+mod cluster_interop;
 mod cluster_netns;
 mod cluster_settle;
 mod cluster_support;
