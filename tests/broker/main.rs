@@ -24,6 +24,7 @@ mod garbage;
 mod harness;
 mod hostile;
 mod interop;
+mod interop_fe2o3;
 mod interop_proton;
 mod jms_subscriptions;
 mod large_messages;
