@@ -7,8 +7,7 @@
 //! a follower's AMQP port of a loopback cluster (`Cluster::on_loopback`), which passes
 //! the connection through to the leader.
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::cluster_support::Cluster;
 
@@ -17,39 +16,9 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// Longest one proton script may take.
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Runs `tests/broker/<script> <url> <args>` (bounded) and returns its stdout; panics
-/// with its output when it fails.
+/// Runs `tests/broker/<script> <url> <args>` (bounded) and returns its stdout.
 fn run_script(url: &str, script: &str, args: &[&str]) -> String {
-    let path = format!("{}/tests/broker/{script}", env!("CARGO_MANIFEST_DIR"));
-    let mut child = Command::new("python3")
-        .arg(&path)
-        .arg(url)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn python3");
-    let deadline = Instant::now() + SCRIPT_TIMEOUT;
-    while child.try_wait().expect("poll python3").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("reap python3");
-            panic!(
-                "{script} did not finish within {SCRIPT_TIMEOUT:?}\nstderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().expect("python3 output");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{script} failed ({}):\nstdout:\n{stdout}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    crate::harness::run_proton_script_at(url, script, args, SCRIPT_TIMEOUT, String::new)
 }
 
 #[test]

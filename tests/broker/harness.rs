@@ -182,11 +182,25 @@ pub fn run_proton_script(
     args: &[&str],
     timeout: Duration,
 ) -> String {
+    run_proton_script_at(&broker.url(), script, args, timeout, || {
+        format!("broker log:\n{}", broker.drain_logs().join("\n"))
+    })
+}
+
+/// [`run_proton_script`] against any AMQP URL (a cluster node's, say); `context` gives
+/// what to print beside the script's output when it fails.
+pub fn run_proton_script_at(
+    url: &str,
+    script: &str,
+    args: &[&str],
+    timeout: Duration,
+    context: impl Fn() -> String,
+) -> String {
     require_proton();
     let path = format!("{}/tests/broker/{script}", env!("CARGO_MANIFEST_DIR"));
     let mut child = Command::new("python3")
         .arg(&path)
-        .arg(broker.url())
+        .arg(url)
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -208,10 +222,10 @@ pub fn run_proton_script(
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
-        "{script} failed ({}):\nstdout:\n{stdout}\nstderr:\n{}\nbroker log:\n{}",
+        "{script} failed ({}):\nstdout:\n{stdout}\nstderr:\n{}\n{}",
         out.status,
         String::from_utf8_lossy(&out.stderr),
-        broker.drain_logs().join("\n")
+        context()
     );
     stdout
 }
