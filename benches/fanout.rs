@@ -28,7 +28,6 @@
 //! Note: the clients share the machine's cores with the broker and are the heavier side,
 //! so msgs/s is a floor of what the broker can do.
 
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 mod support;
@@ -37,10 +36,8 @@ use support::counting::{mark, Allocs, Counting, Role};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use fe2o3_amqp::link::receiver::CreditMode;
-use fe2o3_amqp::types::messaging::{
-    Body, Header, Message, Outcome, Source, TerminusDurability, TerminusExpiryPolicy,
-};
-use fe2o3_amqp::types::primitives::{Binary, Symbol, Value};
+use fe2o3_amqp::types::messaging::{Body, Source, TerminusDurability, TerminusExpiryPolicy};
+use fe2o3_amqp::types::primitives::{Symbol, Value};
 use fe2o3_amqp::{Receiver, Sender, Session};
 
 const BODY_BYTES: usize = 1024;
@@ -159,36 +156,8 @@ async fn teardown(f: Fanout) {
 }
 
 async fn produce(mut sender: Sender, count: u64) -> Sender {
-    let body = vec![0x5au8; BODY_BYTES];
-    let mut inflight = VecDeque::with_capacity(WINDOW);
-    for _ in 0..count {
-        if inflight.len() >= WINDOW {
-            settle(inflight.pop_front().expect("inflight")).await;
-        }
-        let msg = Message::builder()
-            .header(Header {
-                durable: true,
-                ..Default::default()
-            })
-            .data(Binary::from(body.clone()))
-            .build();
-        inflight.push_back(sender.send_batchable(msg).await.expect("send"));
-    }
-    for fut in inflight {
-        settle(fut).await;
-    }
+    support::send_window(&mut sender, count, BODY_BYTES, WINDOW).await;
     sender
-}
-
-async fn settle<F, E>(fut: F)
-where
-    F: std::future::Future<Output = Result<Outcome, E>>,
-    E: std::fmt::Debug,
-{
-    fut.await
-        .expect("outcome")
-        .accepted_or_else(|o| o)
-        .expect("accepted");
 }
 
 async fn consume(mut receiver: Receiver, count: u64) -> Receiver {

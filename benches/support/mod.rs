@@ -67,13 +67,29 @@ pub async fn produce(
     body_bytes: usize,
     window: usize,
 ) -> Vec<u32> {
-    use fe2o3_amqp::types::messaging::{Header, Message};
-    use fe2o3_amqp::types::primitives::Binary;
     let mut conn = connect(addr, "bench-producer").await;
     let mut session = fe2o3_amqp::Session::begin(&mut conn).await.expect("begin");
     let mut sender = fe2o3_amqp::Sender::attach(&mut session, "p", queue)
         .await
         .expect("attach");
+    let latencies = send_window(&mut sender, count, body_bytes, window).await;
+    sender.close().await.ok();
+    session.end().await.ok();
+    conn.close().await.ok();
+    latencies
+}
+
+/// Sends `count` persistent messages of `body_bytes` on an attached `sender`, keeping
+/// `window` unsettled in flight, each waited for until `accepted`; returns every
+/// send→accepted latency in µs.
+pub async fn send_window(
+    sender: &mut fe2o3_amqp::Sender,
+    count: u64,
+    body_bytes: usize,
+    window: usize,
+) -> Vec<u32> {
+    use fe2o3_amqp::types::messaging::{Header, Message};
+    use fe2o3_amqp::types::primitives::Binary;
     let body = vec![0x5au8; body_bytes];
     let mut inflight = std::collections::VecDeque::with_capacity(window);
     let mut latencies = Vec::with_capacity(count as usize);
@@ -95,9 +111,6 @@ pub async fn produce(
     for (t, fut) in inflight {
         latencies.push(accepted_after(t, fut).await);
     }
-    sender.close().await.ok();
-    session.end().await.ok();
-    conn.close().await.ok();
     latencies
 }
 
