@@ -3,7 +3,9 @@
 //!
 //! Invariants:
 //! * Offsets are dense: the n-th record ever appended (after truncations) has offset n.
-//! * Segments are sealed in order; an unsealed segment is always part of the tail.
+//! * Segments are sealed in order; an unsealed segment is always part of the tail: the
+//!   segments a crash left unsealed are sealed at open, and a segment is never deleted
+//!   while one before it is unsealed (recovery would read that gap as a torn tail).
 //! * The durable offset published through [`Log::durable_watch`] never passes bytes that
 //!   have not been synced (policy `Always`/`Interval`).
 //! * Deleting or truncating never modifies bytes a reader may hold (see `segment.rs`).
@@ -115,6 +117,9 @@ impl Log {
         segments
             .entry(active.base())
             .or_insert_with(|| Arc::clone(&active));
+        if !recovered.read_only {
+            seal_leftovers(&segments, &active)?;
+        }
         sync_dir(&dir)?;
         let next_offset = active.next_offset();
         let last_timestamp_ms = segments
@@ -310,13 +315,19 @@ impl Log {
         if w.active.base() == base {
             return Ok(false);
         }
+        // Never behind an unsealed segment: recovery reads a gap after an unsealed
+        // segment as a torn tail and cuts everything after it (see `seal_leftovers`).
         let removed = self
             .inner
             .segments
             .write()
             .ok()
             .and_then(|mut s| match s.get(&base) {
-                Some(seg) if seg.is_sealed() => s.remove(&base),
+                Some(seg)
+                    if seg.is_sealed() && s.range(..base).all(|(_, prev)| prev.is_sealed()) =>
+                {
+                    s.remove(&base)
+                }
                 _ => None,
             });
         drop(w);
@@ -696,6 +707,25 @@ impl Drop for Inner {
             }
         }
     }
+}
+
+/// Seals every unsealed segment but the active one, after syncing it: a process killed
+/// after a roll and before the sync thread sealed the old segment leaves it unsealed, and
+/// nothing in the new process would ever seal it (only the segments it rolls itself wait
+/// in `Writer::unsynced`). Left unsealed, it is never reclaimed, and once a later sealed
+/// segment is deleted the next recovery sees a gap after an unsealed segment — the mark
+/// of a torn tail — and cuts every later segment, acknowledged or not.
+fn seal_leftovers(segments: &BTreeMap<u64, Arc<Segment>>, active: &Arc<Segment>) -> Result<()> {
+    for seg in segments.values() {
+        if Arc::ptr_eq(seg, active) || seg.is_sealed() {
+            continue;
+        }
+        seg.sync_range(0, seg.written())
+            .and_then(|()| seg.seal())
+            .map_err(|e| StorageError::io("sealing a segment left unsealed", seg.path(), e))?;
+        tracing::info!(path = %seg.path().display(), "sealed a segment a crash left unsealed");
+    }
+    Ok(())
 }
 
 /// Reads records in offset order, remembering its position so each step is one decode.
