@@ -64,7 +64,12 @@ fn offsets(log: &Log) -> Vec<u64> {
     log.reader(log.first_offset())
         .map(|r| {
             let r = r.unwrap();
-            assert_eq!(&r.payload[..], &payload(r.offset)[..], "record {}", r.offset);
+            assert_eq!(
+                &r.payload[..],
+                &payload(r.offset)[..],
+                "record {}",
+                r.offset
+            );
             r.offset
         })
         .collect()
@@ -80,7 +85,10 @@ fn a_segment_left_unsealed_by_a_crash_does_not_cut_later_segments_after_a_reclai
     log.flush().unwrap();
     drop(log);
     let files = segment_files(dir.path());
-    assert!(files.len() >= 4, "need S1, S2, S3 and an active segment: {files:?}");
+    assert!(
+        files.len() >= 4,
+        "need S1, S2, S3 and an active segment: {files:?}"
+    );
     unseal(&files[0]);
 
     // The restarted process: S2 is all acknowledged and reclaimed, more is appended.
