@@ -648,13 +648,20 @@ async fn route(stream: tokio::net::TcpStream, door: Door, mut role: watch::Recei
     match (current, door) {
         (Role::Leader(active), door) => serve(stream, &door, &active).await,
         (Role::Follower { leader, amqp, .. }, Door::Plain) => {
-            proxy::forward(stream, leader, &amqp).await
+            proxy::forward(stream, leader, &amqp, leader_gone(role, leader)).await
         }
         (Role::Follower { leader, amqps, .. }, Door::Tls(_)) => {
-            proxy::forward(stream, leader, &amqps).await
+            proxy::forward(stream, leader, &amqps, leader_gone(role, leader)).await
         }
         (Role::Unknown, _) => {}
     }
+}
+
+/// Completes once this node no longer follows `leader` (another leader, or none known).
+async fn leader_gone(mut role: watch::Receiver<Role>, leader: NodeId) {
+    let _ = role
+        .wait_for(|r| !matches!(r, Role::Follower { leader: l, .. } if *l == leader))
+        .await;
 }
 
 /// Serves a connection on this leader's broker, after the TLS handshake on the amqps door.

@@ -3,6 +3,12 @@
 //! listener) and copies bytes both ways until either side closes. The client never needs
 //! to know which node leads; TLS and SASL happen at the leader.
 //!
+//! A forwarded connection lives only as long as the leader it goes to: when this node
+//! learns of another leader, or of none (the leader stopped answering heartbeats and an
+//! election began — a SIGSTOPped, hung or partitioned leader), it closes the client's
+//! connection, so the client reconnects and reaches the new leader within the election
+//! timeout instead of hanging on a leader that may never answer again.
+//!
 //! Does not: look at the bytes. An amqps connection passes through still encrypted (its
 //! SNI reaches the leader untouched), which is why every node serves the same certificate.
 
@@ -15,8 +21,13 @@ use tokio::net::TcpStream;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Copies `client` ↔ the leader at `amqp` (its AMQP or amqps address) until one side
-/// closes.
-pub async fn forward(mut client: TcpStream, leader: NodeId, amqp: &str) {
+/// closes or `leader_gone` completes (this node no longer follows `leader`).
+pub async fn forward(
+    mut client: TcpStream,
+    leader: NodeId,
+    amqp: &str,
+    leader_gone: impl std::future::Future<Output = ()>,
+) {
     let _ = client.set_nodelay(true);
     let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(amqp)).await {
         Ok(Ok(s)) => s,
@@ -35,8 +46,14 @@ pub async fn forward(mut client: TcpStream, leader: NodeId, amqp: &str) {
     };
     let _ = upstream.set_nodelay(true);
     let mut upstream = upstream;
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        Ok((up, down)) => tracing::debug!(leader, up, down, "forwarded connection ended"),
-        Err(e) => tracing::debug!(leader, error = %e, "forwarded connection failed"),
+    tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match copied {
+            Ok((up, down)) => tracing::debug!(leader, up, down, "forwarded connection ended"),
+            Err(e) => tracing::debug!(leader, error = %e, "forwarded connection failed"),
+        },
+        () = leader_gone => tracing::info!(
+            leader,
+            "no longer following this leader: closing a forwarded client connection"
+        ),
     }
 }

@@ -317,6 +317,23 @@ impl Cluster {
         self.root.path().join(format!("node-{id}"))
     }
 
+    /// Where running node `id` serves plain AMQP.
+    pub fn amqp(&self, id: u64) -> SocketAddr {
+        self.nodes[&id].amqp
+    }
+
+    /// SIGSTOP (`stop`) or SIGCONT: a hung node, alive to the kernel (its sockets stay
+    /// open, nothing is refused) and silent to everyone.
+    pub fn freeze(&self, id: u64, stop: bool) {
+        let signal = if stop { "-STOP" } else { "-CONT" };
+        let pid = self.nodes[&id].pid().to_string();
+        let status = Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} {pid} failed");
+    }
+
     /// SIGKILL: the node gets no chance to sync or close anything.
     pub fn kill(&mut self, id: u64) {
         let _ = self.log_lines(id);
