@@ -597,7 +597,7 @@ async fn serve(
         }
         tracing::info!("shutting down: closing connections, stopping Raft");
         let _ = shutdown_tx.send(true);
-        return node.stopped().await;
+        return Ok(node.stopped().await?);
     }
     if config.sink {
         tracing::warn!(
@@ -610,7 +610,7 @@ async fn serve(
     wait_for_signal().await;
     tracing::info!("shutting down: closing connections, finishing syncs");
     let _ = shutdown_tx.send(true);
-    node.stopped().await
+    Ok(node.stopped().await?)
 }
 
 async fn wait_for_signal() {

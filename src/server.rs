@@ -10,11 +10,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
-use anyhow::Context;
 use tokio::task::JoinHandle;
 
 use crate::auth::Gatekeeper;
-use crate::broker::Broker;
+use crate::broker::{Broker, BrokerError};
 use crate::config::BrokerConfig;
 use crate::connection::Accepted;
 use crate::tls::TlsFiles;
@@ -22,6 +21,57 @@ use crate::{connection, manifest, metrics};
 
 /// Longest a graceful shutdown waits for connections to close.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Why a node (single or clustered) could not start or stop cleanly: the step that failed
+/// and, as its source, the cause. Nothing here reaches a client; `main` prints the chain.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    #[error("creating {}", path.display())]
+    CreateDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("opening the store in {}", path.display())]
+    OpenStore {
+        path: std::path::PathBuf,
+        #[source]
+        source: BrokerError,
+    },
+    #[error("binding {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The amqps certificate or key does not load.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// The token file does not load (its message names the file).
+    #[error("{0}")]
+    Tokens(String),
+    /// The manifests do not apply; one line per problem.
+    #[error("invalid manifests:\n{}", .0.join("\n"))]
+    Manifests(Vec<String>),
+    /// A listener's own address could not be read.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The last sync at shutdown failed (`log`: the store's message log or ack log).
+    #[error("final sync of the {log}")]
+    FinalSync {
+        log: &'static str,
+        #[source]
+        source: entrepot_storage::StorageError,
+    },
+}
+
+impl StartError {
+    /// The error of binding `addr`, for `map_err`.
+    pub(crate) fn bind(addr: SocketAddr) -> impl FnOnce(std::io::Error) -> StartError {
+        move |source| StartError::Bind { addr, source }
+    }
+}
 
 /// Binds the AMQP port; separate from [`serve`] so the caller can report the bound address.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -148,7 +198,7 @@ pub(crate) async fn accept_tls(stream: tokio::net::TcpStream, tls: &TlsFiles) ->
 
 /// The amqps certificate, when `config` names one; loaded (and checked) before anything
 /// binds, so a bad file fails the start.
-pub(crate) fn load_tls(config: &BrokerConfig) -> anyhow::Result<Option<Arc<TlsFiles>>> {
+pub(crate) fn load_tls(config: &BrokerConfig) -> Result<Option<Arc<TlsFiles>>, StartError> {
     match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => Ok(Some(Arc::new(TlsFiles::load(cert, key)?))),
         _ => Ok(None),
@@ -157,21 +207,19 @@ pub(crate) fn load_tls(config: &BrokerConfig) -> anyhow::Result<Option<Arc<TlsFi
 
 /// Binds the amqps listener ([`BrokerConfig::tls_listen`]) when a certificate is
 /// configured.
-pub(crate) async fn bind_tls(config: &BrokerConfig) -> anyhow::Result<Option<TcpListener>> {
+pub(crate) async fn bind_tls(config: &BrokerConfig) -> Result<Option<TcpListener>, StartError> {
     let Some(addr) = config.tls_listen() else {
         return Ok(None);
     };
-    let listener = bind(addr)
-        .await
-        .with_context(|| format!("binding {addr}"))?;
+    let listener = bind(addr).await.map_err(StartError::bind(addr))?;
     Ok(Some(listener))
 }
 
 /// Builds the gatekeeper and applies the manifests once, before any listener opens.
-pub(crate) fn admit(config: &BrokerConfig, broker: &Broker) -> anyhow::Result<Arc<Gatekeeper>> {
+pub(crate) fn admit(config: &BrokerConfig, broker: &Broker) -> Result<Arc<Gatekeeper>, StartError> {
     let tokens = match &config.token_file {
         Some(path) => Some(Box::new(
-            crate::auth::tokens::FileTokens::load(path).map_err(anyhow::Error::msg)?,
+            crate::auth::tokens::FileTokens::load(path).map_err(StartError::Tokens)?,
         )
             as Box<dyn crate::auth::tokens::TokenAuthenticator>),
         None => None,
@@ -182,8 +230,7 @@ pub(crate) fn admit(config: &BrokerConfig, broker: &Broker) -> anyhow::Result<Ar
     );
     if let Some(dir) = &config.manifests {
         manifest::watch::apply(dir, broker, &gate.manifests).map_err(|errors| {
-            let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
-            anyhow::anyhow!("invalid manifests:\n{}", lines.join("\n"))
+            StartError::Manifests(errors.iter().map(ToString::to_string).collect())
         })?;
     }
     Ok(Arc::new(gate))
@@ -205,20 +252,25 @@ impl Node {
     pub async fn start(
         mut config: BrokerConfig,
         shutdown: watch::Receiver<bool>,
-    ) -> anyhow::Result<Node> {
+    ) -> Result<Node, StartError> {
         if config.manifests.is_some() {
             // Only declared addresses exist when manifests are in charge.
             config.auto_create = false;
         }
         let tls = load_tls(&config)?;
-        let broker = tokio::task::block_in_place(|| Broker::open(config.clone()))
-            .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
+        let broker =
+            tokio::task::block_in_place(|| Broker::open(config.clone())).map_err(|source| {
+                StartError::OpenStore {
+                    path: config.data_dir.clone(),
+                    source,
+                }
+            })?;
         let amqp = bind(config.listen)
             .await
-            .with_context(|| format!("binding {}", config.listen))?;
+            .map_err(StartError::bind(config.listen))?;
         let http = TcpListener::bind(config.http)
             .await
-            .with_context(|| format!("binding {}", config.http))?;
+            .map_err(StartError::bind(config.http))?;
         let gate = tokio::task::block_in_place(|| admit(&config, &broker))?;
         let serving = Serving {
             broker: Arc::clone(&broker),
@@ -260,11 +312,15 @@ impl Node {
     }
 
     /// Waits for every task to end after shutdown, then makes the store durable.
-    pub async fn stopped(self) -> anyhow::Result<()> {
+    pub async fn stopped(self) -> Result<(), StartError> {
         for t in self.tasks {
             let _ = t.await;
         }
-        self.broker.store().log().flush().context("final sync")?;
+        let flushed = self.broker.store().log().flush();
+        flushed.map_err(|source| StartError::FinalSync {
+            log: "store",
+            source,
+        })?;
         tracing::info!("stopped");
         Ok(())
     }

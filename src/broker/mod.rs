@@ -5,8 +5,10 @@
 //! message elsewhere (dead-letter, expiry). The broker owns no socket and no AMQP framing.
 
 mod declare;
+mod error;
 pub mod intake;
 pub use declare::{internal_name, Declaration, DeclarationStats, DeclaredType};
+pub use error::BrokerError;
 pub mod latency;
 pub mod limits;
 pub mod memory;
@@ -38,6 +40,7 @@ pub const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Why an address could not be used.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum AddressError {
     #[error("address {0:?} does not exist")]
     NotFound(String),
@@ -177,7 +180,7 @@ pub fn selector_matches(selector: &selector::Selector, bytes: &bytes::Bytes) -> 
 
 impl Broker {
     /// Opens the store and rebuilds every queue from it.
-    pub fn open(config: BrokerConfig) -> anyhow::Result<Arc<Broker>> {
+    pub fn open(config: BrokerConfig) -> Result<Arc<Broker>, BrokerError> {
         let sync = config.sync;
         let record_max = (config.max_message_bytes + config::RECORD_OVERHEAD_BYTES)
             .min(u64::from(u32::MAX)) as u32;
@@ -191,7 +194,7 @@ impl Broker {
     }
 
     /// Rebuilds every queue from an open store (a cluster node's, when it becomes leader).
-    pub fn with_store(config: BrokerConfig, store: Store) -> anyhow::Result<Arc<Broker>> {
+    pub fn with_store(config: BrokerConfig, store: Store) -> Result<Arc<Broker>, BrokerError> {
         let intake = Arc::new(intake::IncompleteBudget::new(config.max_incomplete_bytes));
         let broker = Arc::new_cyclic(|me| Broker {
             me: me.clone(),
@@ -209,7 +212,7 @@ impl Broker {
         Ok(broker)
     }
 
-    fn recover(&self) -> anyhow::Result<()> {
+    fn recover(&self) -> Result<(), BrokerError> {
         self.recover_subscriptions()?;
         let stored = self.store.recover()?;
         let count = stored.len();
@@ -458,7 +461,7 @@ impl Broker {
         from_queue: &Arc<Queue>,
         msg: &QueuedMessage,
         why: Diversion,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), BrokerError> {
         let from = from_queue.name();
         // Under manifests every queue is `<space>/<address>`: a space's dead letters and
         // expired messages stay in that space (its own `DLQ`, which a tenant reads by

@@ -10,16 +10,17 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use super::selector;
 use super::store::Store;
 use super::topic::{StartAt, Subscription, Topic};
-use super::Broker;
+use super::{Broker, BrokerError};
 
 /// File name of the registry inside the data directory.
 pub const REGISTRY_FILE: &str = "subscriptions.yaml";
+/// The registry format this build writes and reads.
+const REGISTRY_VERSION: u32 = 1;
 /// Most durable subscriptions one broker keeps.
 pub const MAX_DURABLE_SUBSCRIPTIONS: usize = 100_000;
 
@@ -49,6 +50,7 @@ pub struct Registry {
 
 /// Why a subscription could not be created.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SubscriptionError {
     #[error("invalid selector: {0}")]
     Selector(String),
@@ -64,15 +66,17 @@ fn registry_path(dir: &Path) -> PathBuf {
     dir.join(REGISTRY_FILE)
 }
 
-fn write_atomically(store: &Store, entries: &[Entry]) -> anyhow::Result<()> {
+/// Rewrites the registry file whole; the refusal names the file, as a client is told.
+fn write_atomically(store: &Store, entries: &[Entry]) -> Result<(), SubscriptionError> {
     let file = RegistryFile {
-        version: 1,
+        version: REGISTRY_VERSION,
         subscriptions: entries.to_vec(),
     };
-    let text = serde_yaml::to_string(&file)?;
+    let text =
+        serde_yaml::to_string(&file).map_err(|e| SubscriptionError::Persist(e.to_string()))?;
     store
         .put_file(REGISTRY_FILE, text.as_bytes())
-        .with_context(|| format!("writing {REGISTRY_FILE}"))
+        .map_err(|_| SubscriptionError::Persist(format!("writing {REGISTRY_FILE}")))
 }
 
 /// Parses a selector for a subscription, keeping its text for the registry.
@@ -90,28 +94,35 @@ pub fn parse_selector(
 impl Broker {
     /// Loads the registry and re-creates every durable subscription (before messages are
     /// recovered, so they can be handed out).
-    pub(super) fn recover_subscriptions(&self) -> anyhow::Result<()> {
+    pub(super) fn recover_subscriptions(&self) -> Result<(), BrokerError> {
         let path = registry_path(&self.config.data_dir);
         let entries = match std::fs::read_to_string(&path) {
             Ok(text) => {
-                let file: RegistryFile = serde_yaml::from_str(&text)
-                    .with_context(|| format!("reading {}", path.display()))?;
-                anyhow::ensure!(
-                    file.version == 1,
-                    "{} has version {}, this build reads 1",
-                    path.display(),
-                    file.version
-                );
+                let file: RegistryFile = match serde_yaml::from_str(&text) {
+                    Ok(file) => file,
+                    Err(source) => return Err(BrokerError::RegistryParse { path, source }),
+                };
+                if file.version != REGISTRY_VERSION {
+                    return Err(BrokerError::RegistryVersion {
+                        path,
+                        found: file.version,
+                        supported: REGISTRY_VERSION,
+                    });
+                }
                 file.subscriptions
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+            Err(source) => return Err(BrokerError::RegistryRead { path, source }),
         };
         let next = entries.iter().map(|e| e.group).max().unwrap_or(0) + 1;
         self.subscriptions.next_group.store(next, Ordering::Relaxed);
         for e in &entries {
-            let selector = parse_selector(e.selector.as_deref())
-                .map_err(|err| anyhow::anyhow!("subscription {}: {err}", e.id))?;
+            let selector = parse_selector(e.selector.as_deref()).map_err(|reason| {
+                BrokerError::RegistrySubscription {
+                    id: e.id.clone(),
+                    reason,
+                }
+            })?;
             let topic = self.topic_or_create(&e.topic);
             let sub = topic.make_subscription(e.id.clone(), e.group, true, selector);
             topic.add_subscription(self, sub, StartAt::Next);
@@ -172,8 +183,7 @@ impl Broker {
                     group,
                     selector: selector.map(str::to_owned),
                 });
-                write_atomically(&self.store, &next)
-                    .map_err(|e| SubscriptionError::Persist(e.to_string()))?;
+                write_atomically(&self.store, &next)?;
                 *entries = next;
                 Ok(())
             });
@@ -226,8 +236,7 @@ impl Broker {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let next: Vec<Entry> = entries.iter().filter(|e| e.id != id).cloned().collect();
-        write_atomically(&self.store, &next)
-            .map_err(|e| SubscriptionError::Persist(e.to_string()))?;
+        write_atomically(&self.store, &next)?;
         *entries = next;
         drop(entries);
         self.store

@@ -24,6 +24,7 @@ use fe2o3_amqp_types::messaging::{
 };
 use fe2o3_amqp_types::performatives::{Attach, Detach, Disposition, Performative, Transfer};
 
+use super::errors::{ClientError, Refusal};
 use super::session::Session;
 use super::subscribe::{self, SubscriptionRef};
 use super::{ConnError, Connection, Parked, PendingProduce, INCOMPLETE_BUDGET_WAIT};
@@ -33,7 +34,6 @@ use crate::broker::intake::{Charge, IntakeRefused};
 use crate::broker::memory::{MemoryAddress, Routed};
 use crate::broker::queue::{ConsumerId, ConsumerSpec, LinkKey, Queue};
 use crate::broker::Address;
-use crate::broker::AddressError;
 use crate::manifest::AddressType;
 
 pub(super) enum Link {
@@ -77,12 +77,14 @@ pub(super) struct Browse {
 
 /// A temporary queue for a dynamic source or target (`what`); refused under manifests,
 /// where every address is declared, and at `max-auto-created-addresses`.
-fn temporary_queue(conn: &Connection, what: &str) -> Result<Arc<Queue>, (ErrorCondition, String)> {
+fn temporary_queue(conn: &Connection, what: &str) -> Result<Arc<Queue>, Refusal> {
     if conn.gate.manifests.current().is_some() {
         let d = format!("dynamic {what} are not available under manifests: declare the address");
         return Err((AmqpError::NotImplemented.into(), d));
     }
-    conn.broker.create_temporary_queue().map_err(address_error)
+    conn.broker
+        .create_temporary_queue()
+        .map_err(|e| e.refusal())
 }
 
 /// Resolves the address a producer sends to — tenancy and authorization (a pass-through
@@ -92,7 +94,7 @@ fn resolve_send_target(
     conn: &Connection,
     address: &str,
     caps: Option<&[fe2o3_amqp_types::primitives::Symbol]>,
-) -> Result<Address, (ErrorCondition, String)> {
+) -> Result<Address, Refusal> {
     let name = match conn.authorize(Operation::Send, address)? {
         r if r.address_type == Some(AddressType::Subscription) => {
             let d = format!(
@@ -104,13 +106,13 @@ fn resolve_send_target(
     };
     conn.broker
         .address(&name, subscribe::kind_from_capabilities(caps))
-        .map_err(address_error)
+        .map_err(|e| e.refusal())
 }
 
 /// The target of one message on the anonymous relay: its `properties.to`, resolved and
 /// authorized like an attach's (`amqp:not-found`, `amqp:unauthorized-access`, …), or
 /// `amqp:invalid-field` when the message names none.
-fn relay_target(conn: &Connection, chunks: &[Bytes]) -> Result<Address, (ErrorCondition, String)> {
+fn relay_target(conn: &Connection, chunks: &[Bytes]) -> Result<Address, Refusal> {
     let whole = match chunks {
         [one] => one.clone(),
         many => Bytes::from(many.concat()),
@@ -205,15 +207,6 @@ fn mirror(attach: &Attach) -> Attach {
         desired_capabilities: None,
         properties: None,
     }
-}
-
-fn address_error(e: AddressError) -> (ErrorCondition, String) {
-    let condition = match e {
-        AddressError::NotFound(_) => AmqpError::NotFound,
-        AddressError::Empty | AddressError::TooLong(_) => AmqpError::InvalidField,
-        AddressError::TooMany { .. } => AmqpError::ResourceLimitExceeded,
-    };
-    (condition.into(), e.to_string())
 }
 
 impl Session {
@@ -462,7 +455,7 @@ impl Session {
                 }
             }
             Err(e) => {
-                let (c, d) = address_error(e);
+                let (c, d) = e.refusal();
                 return self.refuse(conn, attach, c, d);
             }
         };
@@ -872,12 +865,7 @@ impl Session {
                     Some(w) => format!("{refused} (waited {} ms for room)", w.as_millis()),
                     None => refused.to_string(),
                 };
-                self.detach_with_error(
-                    conn,
-                    handle,
-                    AmqpError::ResourceLimitExceeded.into(),
-                    description,
-                )
+                self.detach_with_error(conn, handle, refused.condition(), description)
             }
         }
     }
@@ -981,14 +969,14 @@ impl Session {
             Err(e) => {
                 tracing::debug!(address = target.name(), reason = %e, "message refused by its plan");
                 conn.txns.refused_in_txn(txn.as_ref(), &e.to_string());
-                let condition = AmqpError::ResourceLimitExceeded.into();
+                let (condition, description) = e.refusal();
                 return self.refuse_message(
                     conn,
                     handle,
                     delivery_id,
                     settled,
                     condition,
-                    e.to_string(),
+                    description,
                 );
             }
         };
@@ -1012,16 +1000,12 @@ impl Session {
         let (appended, offset, ts, view) = match stored {
             Ok(s) => s,
             Err(e) => {
-                let condition: ErrorCondition = match &e {
-                    e if e.is_out_of_space() => AmqpError::ResourceLimitExceeded.into(),
-                    _ => AmqpError::InternalError.into(),
-                };
                 tracing::warn!(address = target.name(), error = %e, "store refused a message");
                 return self.reject(
                     conn,
                     delivery_id,
                     settled,
-                    condition,
+                    e.condition(),
                     format!("message not stored: {e}"),
                 );
             }

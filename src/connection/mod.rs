@@ -15,6 +15,7 @@
 //! violation ends its session, a framing error closes the connection; other connections
 //! never notice.
 
+pub mod errors;
 mod handshake;
 mod link;
 mod quickack;
@@ -107,6 +108,15 @@ impl ConnError {
         ConnError::Session {
             condition: condition.into(),
             description: description.into(),
+        }
+    }
+
+    /// Closes the connection with `e`'s own condition and text (see `errors.rs`).
+    pub fn refused(e: &impl errors::ClientError) -> ConnError {
+        let (condition, description) = e.refusal();
+        ConnError::Protocol {
+            condition,
+            description,
         }
     }
 

@@ -15,6 +15,7 @@ use fe2o3_amqp_types::definitions::{AmqpError, Role, SessionError};
 use fe2o3_amqp_types::messaging::{Accepted, DeliveryState};
 use fe2o3_amqp_types::performatives::{Begin, Disposition, Flow, Performative};
 
+use super::errors::ClientError;
 use super::link::Link;
 use super::{ConnError, Connection, PendingSettle};
 use crate::amqp::frame::{encode_transfer, TransferHeader, FRAME_HEADER_LEN};
@@ -331,12 +332,8 @@ impl Session {
             if !matches!(self.links.get(&handle), Some(Link::Consumer(_))) {
                 continue; // detached already, by an earlier refusal of this disposition
             }
-            let condition = match e.is_out_of_space() {
-                true => AmqpError::ResourceLimitExceeded,
-                false => AmqpError::InternalError,
-            };
             let description = format!("{e}; the message will be delivered again");
-            self.detach_with_error(conn, handle, condition.into(), description)?;
+            self.detach_with_error(conn, handle, e.condition(), description)?;
         }
         Ok(())
     }

@@ -28,13 +28,14 @@
 
 use std::sync::Arc;
 
-use fe2o3_amqp_types::definitions::{AmqpError, ErrorCondition};
+use fe2o3_amqp_types::definitions::AmqpError;
 use fe2o3_amqp_types::messaging::{
     DistributionMode, FilterSet, Source, TerminusDurability, TerminusExpiryPolicy,
 };
 use fe2o3_amqp_types::performatives::Attach;
 use fe2o3_amqp_types::primitives::{Array, Symbol, Value};
 
+use super::errors::{ClientError, Refusal};
 use crate::broker::selector::Selector;
 use crate::broker::topic::{StartAt, Subscription, Topic};
 use crate::broker::{AddressKind, Broker};
@@ -135,8 +136,6 @@ pub(super) struct SubscriptionRef {
     pub id: String,
     pub durable: bool,
 }
-
-type Refusal = (ErrorCondition, String);
 
 /// The address kind a link's capabilities ask for (`topic` or `queue`).
 pub(super) fn kind_from_capabilities(caps: Option<&[Symbol]>) -> Option<AddressKind> {
@@ -285,23 +284,7 @@ pub(super) fn subscribe(
         true => broker.durable_subscription(topic, &id, selector.as_deref(), start),
         false => broker.volatile_subscription(topic, &id, selector.as_deref(), start),
     };
-    let sub = created.map_err(|e| {
-        let condition: ErrorCondition = match e {
-            crate::broker::subscriptions::SubscriptionError::Selector(_) => {
-                AmqpError::InvalidField.into()
-            }
-            crate::broker::subscriptions::SubscriptionError::TooMany => {
-                AmqpError::ResourceLimitExceeded.into()
-            }
-            crate::broker::subscriptions::SubscriptionError::OtherTopic { .. } => {
-                AmqpError::PreconditionFailed.into()
-            }
-            crate::broker::subscriptions::SubscriptionError::Persist(_) => {
-                AmqpError::InternalError.into()
-            }
-        };
-        (condition, e.to_string())
-    })?;
+    let sub = created.map_err(|e| e.refusal())?;
     let holder = SubscriptionRef {
         topic: Arc::clone(topic),
         id,

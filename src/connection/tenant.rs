@@ -7,8 +7,7 @@
 //! cannot open another. Addresses are looked up in the catalog in force at attach time,
 //! so a re-apply takes effect on the next attach; links already attached stay attached.
 
-use fe2o3_amqp_types::definitions::{AmqpError, ErrorCondition};
-
+use super::errors::{AccessError, ClientError, Refusal};
 use super::{ConnError, Connection};
 use crate::amqp::sasl::Identity;
 use crate::auth::authz::Operation;
@@ -37,10 +36,8 @@ impl Connection {
         let host = self.hostname.as_deref().or(self.sni.as_deref());
         let default = self.gate.manifests.default_space.as_deref();
         let Some(space) = catalog.space_for_host(host, default) else {
-            return Err(ConnError::protocol(
-                AmqpError::NotFound,
-                format!("no address space for hostname {host:?}"),
-            ));
+            let host = host.map(str::to_owned);
+            return Err(ConnError::refused(&AccessError::NoSpaceForHost { host }));
         };
         let allowed = match (&self.identity, &self.login_space) {
             (Identity::Anonymous, _) => space.allow_anonymous,
@@ -48,16 +45,12 @@ impl Connection {
             (Identity::User { .. }, None) => false,
         };
         if !allowed {
-            return Err(ConnError::protocol(
-                AmqpError::UnauthorizedAccess,
-                format!("not authenticated for address space {:?}", space.name),
-            ));
+            let space = space.name.clone();
+            return Err(ConnError::refused(&AccessError::NotAuthenticated { space }));
         }
         // The space plan's maxConnections: the slot is freed when the connection ends.
         if let Some(usage) = self.broker.space(&space.name) {
-            let slot = usage.connect().map_err(|e| {
-                ConnError::protocol(AmqpError::ResourceLimitExceeded, e.to_string())
-            })?;
+            let slot = usage.connect().map_err(|e| ConnError::refused(&e))?;
             self.space_slot = Some(slot);
         }
         self.space = Some(space.name.clone());
@@ -66,11 +59,7 @@ impl Connection {
 
     /// Checks that the client may do `op` on `address` and returns the name to use
     /// inside the broker; the error is the refusal to send back on the link.
-    pub(super) fn authorize(
-        &self,
-        op: Operation,
-        address: &str,
-    ) -> Result<Resolved, (ErrorCondition, String)> {
+    pub(super) fn authorize(&self, op: Operation, address: &str) -> Result<Resolved, Refusal> {
         let Some(catalog) = self.gate.manifests.current() else {
             return Ok(Resolved {
                 name: address.to_owned(),
@@ -82,26 +71,17 @@ impl Connection {
             .as_deref()
             .and_then(|s| catalog.spaces.get(s))
             .ok_or_else(|| {
-                (
-                    AmqpError::NotFound.into(),
-                    format!("address space {:?} no longer exists", self.space),
-                )
+                let space = self.space.clone();
+                AccessError::SpaceGone { space }.refusal()
             })?;
         if !space.allows(self.user(), op, address) {
-            let who = self.user().unwrap_or("anonymous");
-            return Err((
-                AmqpError::UnauthorizedAccess.into(),
-                format!("{who} may not {op} on address {address:?}"),
-            ));
+            let who = self.user().unwrap_or("anonymous").to_owned();
+            let address = address.to_owned();
+            return Err(AccessError::NotPermitted { who, op, address }.refusal());
         }
         let Some(declared) = space.addresses.get(address) else {
-            return Err((
-                AmqpError::NotFound.into(),
-                format!(
-                    "address {address:?} does not exist in address space {:?}",
-                    space.name
-                ),
-            ));
+            let (address, space) = (address.to_owned(), space.name.clone());
+            return Err(AccessError::NotDeclared { address, space }.refusal());
         };
         // The kind was fixed when the address was declared at apply time.
         Ok(Resolved {

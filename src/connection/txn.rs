@@ -70,6 +70,7 @@ use fe2o3_amqp_types::transaction::{
     Coordinator, Declare, Declared, Discharge, TransactionError, TransactionalState, TxnCapability,
 };
 
+use super::errors::{ClientError, Refusal};
 use super::session::Session;
 use super::{ConnError, Connection, PendingProduce};
 use crate::amqp::message::{MessageView, SectionKind};
@@ -157,7 +158,7 @@ struct Discharging {
     durable: Vec<Durable>,
     recorded: Vec<Recorded>,
     /// Set when part of the commit was refused (see [`Transactions::commit`]).
-    refused: Option<(ErrorCondition, String)>,
+    refused: Option<Refusal>,
 }
 
 /// A connection's transactions (see the module docs).
@@ -252,11 +253,7 @@ fn answer(
 impl Transactions {
     /// Opens a transaction for the coordinator link `(channel, handle)`; `charge` will
     /// hold its staged bytes.
-    fn declare(
-        &mut self,
-        coordinator: (u16, u32),
-        charge: Charge,
-    ) -> Result<u64, (ErrorCondition, String)> {
+    fn declare(&mut self, coordinator: (u16, u32), charge: Charge) -> Result<u64, Refusal> {
         if self.open.len() >= MAX_TRANSACTIONS_PER_CONNECTION {
             let d = format!(
                 "{} transactions are open on this connection: \
@@ -541,7 +538,7 @@ impl Session {
     ) -> Result<(), ConnError> {
         let message = Bytes::from(chunks.concat());
         let txn = txn_number(txn_id).and_then(|n| conn.txns.open.get_mut(&n));
-        let refusal: Option<(ErrorCondition, String)> = match txn {
+        let refusal: Option<Refusal> = match txn {
             None => Some((TransactionError::UnknownId.into(), unknown_txn(txn_id))),
             Some(txn) => {
                 let refused = stage_refusal(txn, &target, &message);
@@ -642,11 +639,7 @@ impl Session {
 }
 
 /// Why a message cannot join `txn` (its limits; in-memory targets), or `None`.
-fn stage_refusal(
-    txn: &mut Txn,
-    target: &Address,
-    message: &Bytes,
-) -> Option<(ErrorCondition, String)> {
+fn stage_refusal(txn: &mut Txn, target: &Address, message: &Bytes) -> Option<Refusal> {
     if matches!(target, Address::Memory(_)) {
         let d = format!(
             "address {:?} is in memory (anycast/multicast): it cannot take part in a transaction",
@@ -662,7 +655,7 @@ fn stage_refusal(
     }
     if let Err(e) = txn.charge.grow(message.len()) {
         let d = format!("the transaction's staged messages: {e}");
-        return Some((AmqpError::ResourceLimitExceeded.into(), d));
+        return Some((e.condition(), d));
     }
     if let Err(e) = MessageView::parse(message.clone()) {
         return Some((
@@ -676,10 +669,7 @@ fn stage_refusal(
 /// Applies a committed transaction's outcomes in their queues; returns what to wait for
 /// and, when the store refused an acknowledgement (the disk is full), the refusal — those
 /// messages are back in their queues and the discharge says so.
-fn settle_outcomes(
-    broker: &Broker,
-    outcomes: Vec<TxnOutcome>,
-) -> (Vec<Recorded>, Option<(ErrorCondition, String)>) {
+fn settle_outcomes(broker: &Broker, outcomes: Vec<TxnOutcome>) -> (Vec<Recorded>, Option<Refusal>) {
     let mut recorded = Vec::new();
     let mut refused = Vec::new();
     for o in outcomes {
@@ -690,16 +680,12 @@ fn settle_outcomes(
         }
     }
     let refusal = refused.first().map(|e| {
-        let condition = match e.is_out_of_space() {
-            true => AmqpError::ResourceLimitExceeded,
-            false => AmqpError::InternalError,
-        };
         let d = format!(
             "committed except {} acknowledgement(s), refused ({e}); those messages will be \
              delivered again",
             refused.len()
         );
-        (condition.into(), d)
+        (e.condition(), d)
     });
     (recorded, refusal)
 }

@@ -34,6 +34,7 @@
 //! addresses together. ARCHITECTURE.md explains how the per-address split follows.
 
 pub mod admin;
+mod error;
 mod proxy;
 pub mod replicator;
 pub mod snapshot;
@@ -44,7 +45,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Context;
 use entrepot_cluster::identity::Peer;
 use entrepot_cluster::{LogStore, NodeId, PeerServer, PeerServerOptions, TcpNetwork, TypeConfig};
 use entrepot_storage::LogConfig;
@@ -59,7 +59,9 @@ use crate::broker::store::{DiskGuard, Store};
 use crate::broker::Broker;
 use crate::config::BrokerConfig;
 use crate::connection::{self, Accepted};
+use crate::server::StartError;
 use crate::tls::TlsFiles;
+pub use error::{ActivationError, ClusterStartError};
 use state_machine::StoreMachine;
 
 /// How often a clustered node syncs its store in the background, whatever `--sync` says
@@ -177,7 +179,7 @@ impl ClusterNode {
         mut config: BrokerConfig,
         cluster: ClusterConfig,
         shutdown: watch::Receiver<bool>,
-    ) -> anyhow::Result<ClusterNode> {
+    ) -> Result<ClusterNode, ClusterStartError> {
         if config.manifests.is_some() {
             config.auto_create = false;
         }
@@ -191,8 +193,10 @@ impl ClusterNode {
             );
             config.max_message_bytes = MAX_CLUSTER_MESSAGE_BYTES;
         }
-        std::fs::create_dir_all(&config.data_dir)
-            .with_context(|| format!("creating {}", config.data_dir.display()))?;
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::CreateDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
         let record_max = Broker::record_bytes_max(&config);
         let (log, acks) = tokio::task::block_in_place(|| {
             Store::open_parts(
@@ -202,19 +206,19 @@ impl ClusterNode {
                 record_max,
             )
         })
-        .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
+        .map_err(|e| StartError::OpenStore {
+            path: config.data_dir.clone(),
+            source: e.into(),
+        })?;
         let raft_dir = raft_dir(&config.data_dir);
         if !raft_dir.exists() && log.next_offset() > 0 {
-            anyhow::bail!(
-                "{} holds a single-node store ({} messages logged) and no Raft log: a \
-                 clustered node starts from an empty data directory (drain the single node \
-                 into the cluster instead)",
-                config.data_dir.display(),
-                log.next_offset()
-            );
+            return Err(ClusterStartError::SingleNodeStore {
+                dir: config.data_dir.clone(),
+                messages: log.next_offset(),
+            });
         }
         let machine = StoreMachine::open(config.data_dir.clone(), &raft_dir, log, Arc::new(acks))
-            .context("opening the store's snapshot")?;
+            .map_err(ClusterStartError::Snapshot)?;
         // `--sync` governs the Raft log: an append is acknowledged to the leader (and a
         // message accepted, once a majority acknowledged) only as `sync` allows.
         let raft_config = LogConfig {
@@ -224,7 +228,7 @@ impl ClusterNode {
             ..LogConfig::default()
         };
         let log_store = tokio::task::block_in_place(|| LogStore::open(&raft_dir, raft_config))
-            .context("opening the Raft log")?;
+            .map_err(ClusterStartError::RaftLog)?;
         let raft_log_sync = log_store.log().config().sync;
         let raft_settings = openraft::Config {
             cluster_name: "entrepot".into(),
@@ -237,7 +241,7 @@ impl ClusterNode {
             ..Default::default()
         }
         .validate()
-        .context("Raft settings")?;
+        .map_err(ClusterStartError::RaftSettings)?;
         let id = cluster.node_id;
         let raft = Raft::new(
             id,
@@ -249,10 +253,13 @@ impl ClusterNode {
             machine.clone(),
         )
         .await
-        .context("starting Raft")?;
-        let peer_listener = TcpListener::bind(cluster.listen)
-            .await
-            .with_context(|| format!("binding the inter-node port {}", cluster.listen))?;
+        .map_err(ClusterStartError::RaftStart)?;
+        let peer_listener = TcpListener::bind(cluster.listen).await.map_err(|source| {
+            ClusterStartError::BindPeers {
+                addr: cluster.listen,
+                source,
+            }
+        })?;
         if cluster.secret.is_none() && cluster.tls.is_none() {
             tracing::warn!(
                 "no --cluster-secret-file: the inter-node port admits any peer that can reach it"
@@ -271,11 +278,11 @@ impl ClusterNode {
 
         let amqp = TcpListener::bind(config.listen)
             .await
-            .with_context(|| format!("binding {}", config.listen))?;
+            .map_err(StartError::bind(config.listen))?;
         let amqps = crate::server::bind_tls(&config).await?;
         let http = TcpListener::bind(config.http)
             .await
-            .with_context(|| format!("binding {}", config.http))?;
+            .map_err(StartError::bind(config.http))?;
         let (amqp_addr, http_addr) = (amqp.local_addr()?, http.local_addr()?);
         let amqps_addr = amqps.as_ref().map(TcpListener::local_addr).transpose()?;
         let amqps_shown = amqps_addr.map_or_else(|| "-".to_owned(), |a| a.to_string());
@@ -358,15 +365,16 @@ impl ClusterNode {
     }
 
     /// Waits for shutdown, stops Raft, and flushes the store.
-    pub async fn stopped(self) -> anyhow::Result<()> {
+    pub async fn stopped(self) -> Result<(), StartError> {
         for t in self.tasks {
             let _ = t.await;
         }
         self.peer_server.shutdown().await;
         let _ = self.raft.shutdown().await;
         let (log, acks) = self.machine.logs();
-        log.flush().context("final sync of the store")?;
-        acks.log().flush().context("final sync of the ack log")?;
+        let final_sync = |log: &'static str| move |source| StartError::FinalSync { log, source };
+        log.flush().map_err(final_sync("store"))?;
+        acks.log().flush().map_err(final_sync("ack log"))?;
         tracing::info!("stopped");
         Ok(())
     }
@@ -388,7 +396,10 @@ pub fn store_sync(sync: entrepot_storage::SyncPolicy) -> entrepot_storage::SyncP
 
 /// The smallest-id initial member forms the cluster when its log is empty; everyone else
 /// waits to hear from a leader. A node absent from `peers` waits to be added.
-async fn initialize(raft: &Raft<TypeConfig>, cluster: &ClusterConfig) -> anyhow::Result<()> {
+async fn initialize(
+    raft: &Raft<TypeConfig>,
+    cluster: &ClusterConfig,
+) -> Result<(), ClusterStartError> {
     let first = cluster.peers.iter().map(|p| p.id).min();
     if first != Some(cluster.node_id) || raft.is_initialized().await? {
         return Ok(());
@@ -527,7 +538,7 @@ async fn activate(
     machine: &StoreMachine,
     config: &Arc<BrokerConfig>,
     guard: &Arc<DiskGuard>,
-) -> anyhow::Result<Arc<Active>> {
+) -> Result<Arc<Active>, ActivationError> {
     let (store, replication) = leader_store(raft, machine).await?;
     let store = store.with_guard(Arc::clone(guard));
     let broker = tokio::task::block_in_place(|| Broker::with_store((**config).clone(), store))?;
@@ -563,7 +574,7 @@ async fn activate(
 pub async fn leader_store(
     raft: &Raft<TypeConfig>,
     machine: &StoreMachine,
-) -> anyhow::Result<(Store, Arc<Replication>)> {
+) -> Result<(Store, Arc<Replication>), ActivationError> {
     settle_store(raft, machine).await?;
     let (log, acks) = machine.logs();
     let replication = Arc::new(Replication::new());
@@ -578,11 +589,14 @@ pub async fn leader_store(
 /// offsets must not be handed out again), then cuts the messages this node stored locally
 /// but never submitted. Nothing applied means no message was ever committed (the log is
 /// never purged), so the whole local message log goes.
-pub async fn settle_store(raft: &Raft<TypeConfig>, machine: &StoreMachine) -> anyhow::Result<()> {
+pub async fn settle_store(
+    raft: &Raft<TypeConfig>,
+    machine: &StoreMachine,
+) -> Result<(), ActivationError> {
     tokio::time::timeout(QUORUM_LOSS, raft.ensure_linearizable())
         .await
-        .map_err(|_| anyhow::anyhow!("no majority confirmed this leader"))?
-        .map_err(|e| anyhow::anyhow!("not the leader after all: {e}"))?;
+        .map_err(|_| ActivationError::NoMajority)?
+        .map_err(|e| ActivationError::NotLeader(e.to_string()))?;
     let mut metrics = raft.metrics();
     let last = metrics.borrow().last_log_index;
     tokio::time::timeout(
@@ -590,8 +604,8 @@ pub async fn settle_store(raft: &Raft<TypeConfig>, machine: &StoreMachine) -> an
         metrics.wait_for(|m| m.last_applied.map(|l| l.index) >= last),
     )
     .await
-    .map_err(|_| anyhow::anyhow!("this leader's own entries did not commit in time"))?
-    .map_err(|_| anyhow::anyhow!("Raft stopped"))?;
+    .map_err(|_| ActivationError::NotCommitted)?
+    .map_err(|_| ActivationError::RaftStopped)?;
     let (log, _) = machine.logs();
     let end = machine.applied_message_end().unwrap_or(0);
     if log.next_offset() > end {

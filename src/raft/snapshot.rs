@@ -65,8 +65,9 @@ const RECORD_HEAD: usize = 12;
 /// Most bytes one read of a [`StoreSource`] copies before returning.
 const SOURCE_READ_BYTES: usize = 256 * 1024;
 
-/// Why a snapshot could not be taken or installed.
+/// Why a snapshot could not be taken, installed or read back.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SnapshotError {
     #[error(
         "store snapshot version {0} is not supported (this build reads 1, {STORE_SNAPSHOT_VERSION} and {STORE_STATE_VERSION})"
@@ -78,6 +79,9 @@ pub enum SnapshotError {
     Storage(#[from] StorageError),
     #[error("snapshot file or subscription registry: {0}")]
     Io(#[from] std::io::Error),
+    /// The persisted snapshot file (its frame, written by `entrepot-cluster`).
+    #[error(transparent)]
+    File(#[from] entrepot_cluster::ClusterError),
 }
 
 /// The part of a store snapshot that is not message records (persisted; see module docs).

@@ -30,7 +30,7 @@ use openraft::{
     StorageError, StorageIOError, StoredMembership,
 };
 
-use super::snapshot::{self, LazySource, StoreSource, StoreState};
+use super::snapshot::{self, LazySource, SnapshotError, StoreSource, StoreState};
 use crate::broker::replication::{self, Applied};
 
 /// Directory (inside the Raft directory) of the persisted snapshot.
@@ -63,7 +63,7 @@ struct State {
 
 impl StoreMachine {
     /// [`StoreMachine::open`] with the Raft directory in its usual place, `dir/raft`.
-    pub fn new(dir: PathBuf, log: Log, acks: Arc<AckLog>) -> anyhow::Result<StoreMachine> {
+    pub fn new(dir: PathBuf, log: Log, acks: Arc<AckLog>) -> Result<StoreMachine, SnapshotError> {
         let raft_dir = super::raft_dir(&dir);
         StoreMachine::open(dir, &raft_dir, log, acks)
     }
@@ -75,7 +75,7 @@ impl StoreMachine {
         raft_dir: &Path,
         log: Log,
         acks: Arc<AckLog>,
-    ) -> anyhow::Result<StoreMachine> {
+    ) -> Result<StoreMachine, SnapshotError> {
         let snapshot_dir = raft_dir.join(SNAPSHOT_DIR);
         let mut state = State::default();
         if let Some((meta, data)) = entrepot_cluster::read_snapshot_file(&snapshot_dir)? {
