@@ -1,6 +1,14 @@
 //! Broker settings: defaults, a YAML file (`--config`), `ENTREPOT_*` environment
 //! variables and command-line flags, in rising order of precedence.
 //!
+//! One struct, [`BrokerConfig`], is all three: serde reads the file (kebab-case keys, an
+//! unknown key refused by name), clap reads the flags and variables of `entrepot serve`
+//! (the same names: `--data-dir`, `ENTREPOT_DATA_DIR`, `data-dir:`) and lays only those
+//! given over the file's values ([`BrokerConfig::apply_args`]). A setting means the same on
+//! a single node and on a clustered one; the few a cluster bounds say so in their docs.
+//! The cluster's own flags (peers, inter-node port and its TLS) are `entrepot serve`'s,
+//! in `main.rs`.
+//!
 //! Every limit has a named default here and a check in [`BrokerConfig::validate`].
 
 use std::net::SocketAddr;
@@ -50,6 +58,15 @@ pub const DEFAULT_SUBSCRIPTION_BACKLOG: usize = 1_000_000;
 /// Bytes of store header and slack on top of the message in one log record.
 pub const RECORD_OVERHEAD_BYTES: u64 = 64 * 1024;
 
+// The field docs (also `entrepot serve --help`) state these defaults as numbers.
+const _: () = assert!(DEFAULT_SEGMENT_BYTES == 134_217_728);
+const _: () = assert!(DEFAULT_MAX_MESSAGE_BYTES == 104_857_600);
+const _: () = assert!(DEFAULT_MAX_AUTO_CREATED_ADDRESSES == 10_000);
+const _: () = assert!(DEFAULT_MAX_INCOMPLETE_BYTES_PER_CONNECTION == 134_217_728);
+const _: () = assert!(DEFAULT_MAX_INCOMPLETE_BYTES == 1_073_741_824);
+const _: () = assert!(DEFAULT_MAX_DELIVERY_ATTEMPTS == 10);
+const _: () = assert!(DEFAULT_HANDSHAKE_TIMEOUT_MS == 10_000);
+
 /// Reads `sync:` in the YAML file through [`SyncPolicy`]'s `FromStr` (`always`, `never`,
 /// `interval:<ms>`), so a bad value fails the file with the value named, once, at load.
 fn deserialize_sync<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SyncPolicy, D::Error> {
@@ -68,17 +85,22 @@ pub struct StaticUser {
 }
 
 /// All broker settings. The YAML file uses the kebab-case field names (`data-dir:`); a key
-/// that is not one of them fails the load, naming it (`deny_unknown_fields`).
-#[derive(Debug, Clone, Deserialize)]
+/// that is not one of them fails the load, naming it (`deny_unknown_fields`). The settings
+/// with a flag take it from clap under the same name, with an `ENTREPOT_*` variable; the
+/// others are file-only (`#[arg(skip)]`).
+#[derive(Debug, Clone, Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct BrokerConfig {
-    /// AMQP listener (clustered: the front door of this node). Default [`DEFAULT_LISTEN`].
+    /// AMQP listener (clustered: the front door of this node). Default `0.0.0.0:5672`.
+    #[arg(long, env = "ENTREPOT_LISTEN")]
     pub listen: SocketAddr,
     /// HTTP listener of /metrics, /healthz, /readyz, /status (and /cluster when
-    /// clustered). Default [`DEFAULT_HTTP`].
+    /// clustered). Default `0.0.0.0:8080`.
+    #[arg(long, env = "ENTREPOT_HTTP")]
     pub http: SocketAddr,
     /// Directory of the message store, the ack log, the subscription registry and, when
     /// clustered, the Raft log (`raft/`). Default `./data`.
+    #[arg(long, env = "ENTREPOT_DATA_DIR")]
     pub data_dir: PathBuf,
     /// When a producer's message counts as stored, i.e. what survives a power cut
     /// (`always` | `never` | `interval:<ms>`, default `always`); the same meaning on one
@@ -90,82 +112,117 @@ pub struct BrokerConfig {
     /// trades latency for fewer syncs. `never`: nothing is synced, `accepted` comes at
     /// once; survives a process crash, not a power cut (tests and benchmarks only).
     #[serde(deserialize_with = "deserialize_sync")]
+    #[arg(long, env = "ENTREPOT_SYNC")]
     pub sync: SyncPolicy,
-    /// Segment size of the message log in bytes. Default [`DEFAULT_SEGMENT_BYTES`].
+    /// Segment size of the message log in bytes. Default 134217728 (128 MiB).
+    #[arg(long, env = "ENTREPOT_SEGMENT_BYTES")]
     pub segment_bytes: u64,
     /// Create a queue (or, under a `topic-prefixes` prefix, a topic) when a client first
     /// attaches to an unknown address. Default true; always false with `manifests`.
+    #[arg(long, env = "ENTREPOT_AUTO_CREATE", action = clap::ArgAction::Set)]
     pub auto_create: bool,
     /// Auto-creation is refused (`amqp:resource-limit-exceeded`) once the broker holds
     /// this many queues and topics; declared (manifest) addresses are not limited.
+    /// Default 10000.
+    #[arg(long, env = "ENTREPOT_MAX_AUTO_CREATED_ADDRESSES")]
     pub max_auto_created_addresses: usize,
     /// Largest message in bytes (clustered: at most 4 MiB, the replication limit).
-    /// Default [`DEFAULT_MAX_MESSAGE_BYTES`].
+    /// Default 104857600 (100 MiB).
+    #[arg(long, env = "ENTREPOT_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: u64,
     /// Bytes of deliveries still arriving in several frames (`more=true`) that one
     /// connection may hold; a delivery that would go beyond is refused (its link detached
-    /// with `amqp:resource-limit-exceeded`). At least `max-message-bytes`.
+    /// with `amqp:resource-limit-exceeded`). At least `max-message-bytes`. Default
+    /// 134217728 (128 MiB).
+    #[arg(long, env = "ENTREPOT_MAX_INCOMPLETE_BYTES_PER_CONNECTION")]
     pub max_incomplete_bytes_per_connection: u64,
     /// The same, broker-wide: a connection whose delivery does not fit is not read until
-    /// room frees up, for at most `INCOMPLETE_BUDGET_WAIT`, then refused likewise.
+    /// room frees up, for at most `INCOMPLETE_BUDGET_WAIT` (2 s), then refused likewise.
+    /// Default 1073741824 (1 GiB).
+    #[arg(long, env = "ENTREPOT_MAX_INCOMPLETE_BYTES")]
     pub max_incomplete_bytes: u64,
     /// max-frame-size announced in `open`, at least 4096. Default [`DEFAULT_MAX_FRAME_BYTES`].
+    #[arg(skip)]
     pub max_frame_bytes: u32,
     /// Failed deliveries (released with delivery-failed, or modified) before a message
-    /// is moved to `dead-letter-address`. Default [`DEFAULT_MAX_DELIVERY_ATTEMPTS`].
+    /// is moved to `dead-letter-address`. Default 10.
+    #[arg(long, env = "ENTREPOT_MAX_DELIVERY_ATTEMPTS")]
     pub max_delivery_attempts: u32,
     /// Queue that receives dead-lettered messages. Default `DLQ`.
+    #[arg(skip)]
     pub dead_letter_address: String,
     /// Queue that receives expired messages. Default `ExpiryQueue`.
+    #[arg(skip)]
     pub expiry_address: String,
     /// Link credit granted to a producer, refilled at half. Default [`DEFAULT_LINK_CREDIT`].
+    #[arg(skip)]
     pub link_credit: u32,
     /// Most unsettled deliveries a consumer link holds. Default
     /// [`DEFAULT_UNSETTLED_PER_LINK`].
+    #[arg(skip)]
     pub unsettled_per_link: usize,
     /// Concurrent client connections (plain and TLS together); more wait to be accepted.
     /// Default [`DEFAULT_MAX_CONNECTIONS`].
+    #[arg(skip)]
     pub max_connections: usize,
     /// Sessions per connection (channel-max + 1). Default [`DEFAULT_MAX_SESSIONS`].
+    #[arg(skip)]
     pub max_sessions: u16,
     /// Links per session (handle-max + 1). Default [`DEFAULT_MAX_LINKS`].
+    #[arg(skip)]
     pub max_links: u32,
     /// Idle time-out announced in `open`: a peer silent for longer is disconnected.
     /// Default [`DEFAULT_IDLE_TIMEOUT_MS`].
+    #[arg(skip)]
     pub idle_timeout_ms: u32,
     /// Milliseconds a client has from connecting to its `open`: protocol header, SASL
-    /// and open under one deadline, however slowly the bytes come.
+    /// and open under one deadline, however slowly the bytes come. Default 10000.
+    #[arg(long, env = "ENTREPOT_HANDSHAKE_TIMEOUT_MS")]
     pub handshake_timeout_ms: u32,
     /// Allow SASL ANONYMOUS and connections without SASL. Default true.
+    #[arg(long, env = "ENTREPOT_ALLOW_ANONYMOUS", action = clap::ArgAction::Set)]
     pub allow_anonymous: bool,
     /// SASL PLAIN users when no manifests declare MessagingUsers.
+    #[arg(skip)]
     pub users: Vec<StaticUser>,
     /// Addresses starting with one of these are topics (unless they exist already).
+    #[arg(skip)]
     pub topic_prefixes: Vec<String>,
     /// Bytes a topic keeps after its subscriptions consumed them, for replay (0: none).
+    #[arg(skip)]
     pub topic_retention_bytes: u64,
     /// Seconds a topic keeps messages for replay (within the byte limit).
+    #[arg(skip)]
     pub topic_retention_secs: Option<u64>,
     /// Messages a subscription may hold; beyond it the oldest are dropped and counted.
+    #[arg(skip)]
     pub subscription_backlog_max: usize,
     /// `drop-oldest` (default) or `block` (hold producers back by credit).
+    #[arg(skip)]
     pub subscription_backlog_policy: BacklogPolicy,
     /// Directory of AddressSpace/Address/MessagingUser/plan manifests; when set, only
     /// declared addresses exist and clients authenticate as MessagingUsers.
+    #[arg(long, env = "ENTREPOT_MANIFESTS")]
     pub manifests: Option<PathBuf>,
     /// Address space of clients whose hostname selects none (default: the only space).
+    #[arg(long, env = "ENTREPOT_DEFAULT_ADDRESS_SPACE")]
     pub default_address_space: Option<String>,
     /// YAML map `token: username` for `serviceaccount` users.
+    #[arg(long, env = "ENTREPOT_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
     /// AMQPS listener; defaults to 0.0.0.0:5671 when `tls-cert` is set.
+    #[arg(long, env = "ENTREPOT_LISTEN_TLS")]
     pub listen_tls: Option<SocketAddr>,
-    /// PEM certificate chain and private key of the AMQPS listener; reloaded on change.
+    /// PEM certificate chain of the AMQPS listener (with `tls-key`); reloaded on change.
+    #[arg(long, env = "ENTREPOT_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of `tls-cert` (the two go together).
+    #[arg(long, env = "ENTREPOT_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
     /// Benchmark-only sink (`serve --sink`): every producer transfer is accepted at once and
     /// dropped, nothing is stored or delivered, so `entrepot bench` can show its own ceiling.
     /// Never for real traffic: an accepted message is lost. Default false.
+    #[arg(long, env = "ENTREPOT_SINK", action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub sink: bool,
 }
 
@@ -283,6 +340,13 @@ impl BrokerConfig {
             return Err("dead-letter-address and expiry-address must not be empty".into());
         }
         Ok(())
+    }
+
+    /// Lays the flags and `ENTREPOT_*` variables given in `args` (parsed by this struct's
+    /// clap derive, see `entrepot serve`) over these settings: only those given replace a
+    /// value; the file's and the defaults stay otherwise.
+    pub fn apply_args(&mut self, args: &clap::ArgMatches) -> Result<(), clap::Error> {
+        clap::FromArgMatches::update_from_arg_matches(self, args)
     }
 
     /// Reads a YAML config file.

@@ -127,8 +127,55 @@ enum ClusterAction {
     },
 }
 
-#[derive(clap::Args)]
+/// `entrepot serve`: the node's settings — one [`BrokerConfig`], read from the `--config`
+/// file with the flags and `ENTREPOT_*` variables given laid over it by the struct's own
+/// clap derive — and, for a clustered node, [`ClusterArgs`].
 struct ServeArgs {
+    /// `--config`, and the cluster's flags.
+    flags: ServeFlags,
+    /// Every flag and variable given, for [`BrokerConfig::apply_args`].
+    given: clap::ArgMatches,
+}
+
+/// The flags of `entrepot serve` that are not settings of [`BrokerConfig`].
+#[derive(clap::Args)]
+struct ServeFlags {
+    /// YAML configuration file; flags and ENTREPOT_* variables override it.
+    #[arg(long, env = "ENTREPOT_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+}
+
+impl clap::FromArgMatches for ServeArgs {
+    fn from_arg_matches(matches: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        Ok(ServeArgs {
+            flags: ServeFlags::from_arg_matches(matches)?,
+            given: matches.clone(),
+        })
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = ServeArgs::from_arg_matches(matches)?;
+        Ok(())
+    }
+}
+
+impl clap::Args for ServeArgs {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        // The settings are all optional here: one not given keeps the file's value.
+        BrokerConfig::augment_args_for_update(ServeFlags::augment_args(cmd))
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        ServeArgs::augment_args(cmd)
+    }
+}
+
+/// The flags of a clustered node (none of them: a single node). Giving `--peers` or
+/// `--peers-dns` runs the node clustered; the others need one of them.
+#[derive(clap::Args)]
+struct ClusterArgs {
     /// Cluster: this node's id [default: the ordinal of the hostname, `entrepot-2` → 2]
     #[arg(long, env = "ENTREPOT_NODE_ID")]
     node_id: Option<u64>,
@@ -166,78 +213,9 @@ struct ServeArgs {
     /// Cluster: inter-node listen address [default: 0.0.0.0:5673]
     #[arg(long, env = "ENTREPOT_CLUSTER_LISTEN")]
     cluster_listen: Option<SocketAddr>,
-    /// AMQP listen address [default: 0.0.0.0:5672]
-    #[arg(long, env = "ENTREPOT_LISTEN")]
-    listen: Option<SocketAddr>,
-    /// Directory of the message store [default: ./data]
-    #[arg(long, env = "ENTREPOT_DATA_DIR")]
-    data_dir: Option<PathBuf>,
-    /// HTTP address for /metrics, /healthz, /readyz [default: 0.0.0.0:8080]
-    #[arg(long, env = "ENTREPOT_HTTP")]
-    http: Option<SocketAddr>,
-    /// YAML configuration file; flags and ENTREPOT_* variables override it.
-    #[arg(long, env = "ENTREPOT_CONFIG")]
-    config: Option<PathBuf>,
-    /// When a message counts as stored: always (accepted after fdatasync; clustered, of
-    /// the Raft log on a majority) | interval:<ms> (synced at most <ms> later, accepted
-    /// after that sync) | never (page cache only: not for real traffic) [default: always]
-    #[arg(long, env = "ENTREPOT_SYNC")]
-    sync: Option<entrepot_storage::SyncPolicy>,
-    /// Create queues on first use [default: true]
-    #[arg(long, env = "ENTREPOT_AUTO_CREATE")]
-    auto_create: Option<bool>,
-    /// Queues and topics the broker holds before auto-creating more is refused
-    /// [default: 10000]
-    #[arg(long, env = "ENTREPOT_MAX_AUTO_CREATED_ADDRESSES")]
-    max_auto_created_addresses: Option<usize>,
-    /// Largest message in bytes [default: 104857600]
-    #[arg(long, env = "ENTREPOT_MAX_MESSAGE_BYTES")]
-    max_message_bytes: Option<u64>,
-    /// Bytes of multi-frame deliveries still arriving that one connection may hold
-    /// [default: 134217728]
-    #[arg(long, env = "ENTREPOT_MAX_INCOMPLETE_BYTES_PER_CONNECTION")]
-    max_incomplete_bytes_per_connection: Option<u64>,
-    /// Bytes of multi-frame deliveries still arriving, broker-wide [default: 1073741824]
-    #[arg(long, env = "ENTREPOT_MAX_INCOMPLETE_BYTES")]
-    max_incomplete_bytes: Option<u64>,
-    /// Failed deliveries before dead-lettering [default: 10]
-    #[arg(long, env = "ENTREPOT_MAX_DELIVERY_ATTEMPTS")]
-    max_delivery_attempts: Option<u32>,
-    /// Segment size of the message log in bytes [default: 134217728]
-    #[arg(long, env = "ENTREPOT_SEGMENT_BYTES")]
-    segment_bytes: Option<u64>,
-    /// Milliseconds a client has from connecting to its `open` (header, SASL and open
-    /// under one deadline) [default: 10000]
-    #[arg(long, env = "ENTREPOT_HANDSHAKE_TIMEOUT_MS")]
-    handshake_timeout_ms: Option<u32>,
-    /// Allow SASL ANONYMOUS and plain AMQP connections [default: true]
-    #[arg(long, env = "ENTREPOT_ALLOW_ANONYMOUS")]
-    allow_anonymous: Option<bool>,
-    /// Directory of AddressSpace/Address/MessagingUser/plan manifests, re-applied on change
-    #[arg(long, env = "ENTREPOT_MANIFESTS")]
-    manifests: Option<PathBuf>,
-    /// Address space for clients whose hostname names none [default: the only one]
-    #[arg(long, env = "ENTREPOT_DEFAULT_ADDRESS_SPACE")]
-    default_address_space: Option<String>,
-    /// YAML map `token: username` for serviceaccount MessagingUsers
-    #[arg(long, env = "ENTREPOT_TOKEN_FILE")]
-    token_file: Option<PathBuf>,
-    /// AMQPS listen address [default: 0.0.0.0:5671 when --tls-cert is set]
-    #[arg(long, env = "ENTREPOT_LISTEN_TLS")]
-    listen_tls: Option<SocketAddr>,
-    /// PEM certificate chain of the AMQPS listener (reloaded when it changes)
-    #[arg(long, env = "ENTREPOT_TLS_CERT")]
-    tls_cert: Option<PathBuf>,
-    /// PEM private key of the AMQPS listener (reloaded when it changes)
-    #[arg(long, env = "ENTREPOT_TLS_KEY")]
-    tls_key: Option<PathBuf>,
-    /// Benchmarks only: accept every message at once and drop it (nothing stored or
-    /// delivered), to measure the load generator's own ceiling
-    #[arg(long, env = "ENTREPOT_SINK")]
-    sink: bool,
 }
 
-impl ServeArgs {
+impl ClusterArgs {
     /// The cluster settings, when the flags ask for a cluster.
     fn cluster(
         &self,
@@ -316,42 +294,17 @@ impl ServeArgs {
             ),
         }
     }
+}
 
+impl ServeArgs {
+    /// The node's settings: the file's (or the defaults), with the flags and variables
+    /// given over them, validated.
     fn to_config(&self) -> anyhow::Result<BrokerConfig> {
-        let mut c = match &self.config {
+        let mut c = match &self.flags.config {
             Some(path) => BrokerConfig::from_file(path).map_err(anyhow::Error::msg)?,
             None => BrokerConfig::default(),
         };
-        macro_rules! set {
-            ($($field:ident),*) => { $( if let Some(v) = self.$field.clone() { c.$field = v; } )* };
-        }
-        set!(
-            listen,
-            data_dir,
-            http,
-            sync,
-            auto_create,
-            max_auto_created_addresses,
-            max_message_bytes,
-            max_incomplete_bytes_per_connection,
-            max_incomplete_bytes,
-            max_delivery_attempts,
-            segment_bytes,
-            handshake_timeout_ms,
-            allow_anonymous
-        );
-        macro_rules! set_opt {
-            ($($field:ident),*) => { $( if self.$field.is_some() { c.$field = self.$field.clone(); } )* };
-        }
-        set_opt!(
-            manifests,
-            default_address_space,
-            token_file,
-            listen_tls,
-            tls_cert,
-            tls_key
-        );
-        c.sink |= self.sink;
+        c.apply_args(&self.given)?;
         c.validate().map_err(anyhow::Error::msg)?;
         Ok(c)
     }
@@ -406,7 +359,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => {
             raise_open_files_limit();
             let config = args.to_config()?;
-            let cluster = args.cluster(&config)?;
+            let cluster = args.flags.cluster.cluster(&config)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -625,5 +578,66 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use entrepot_storage::SyncPolicy;
+
+    /// The settings `entrepot serve ARGS` would run with.
+    fn serve_config(args: &[&str]) -> BrokerConfig {
+        let argv = ["entrepot", "serve"].iter().chain(args);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Serve(serve) => serve.to_config().unwrap(),
+            _ => unreachable!("not serve"),
+        }
+    }
+
+    #[test]
+    fn flags_given_override_the_file_and_flags_not_given_keep_its_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("entrepot.yaml");
+        let file = "auto-create: false\nsink: true\nmax-delivery-attempts: 4\nsync: never\n";
+        std::fs::write(&path, file).unwrap();
+        let path = path.to_str().unwrap();
+
+        let c = serve_config(&["--config", path, "--max-delivery-attempts", "7"]);
+        assert!(
+            !c.auto_create && c.sink,
+            "booleans not given keep the file's values"
+        );
+        assert_eq!(c.max_delivery_attempts, 7);
+        assert_eq!(c.sync, SyncPolicy::Never);
+
+        let c = serve_config(&[
+            "--config",
+            path,
+            "--auto-create",
+            "true",
+            "--sink",
+            "false",
+            "--sync",
+            "interval:5",
+        ]);
+        assert!(c.auto_create && !c.sink);
+        assert_eq!(
+            c.sync,
+            SyncPolicy::Interval(std::time::Duration::from_millis(5))
+        );
+        assert_eq!(c.max_delivery_attempts, 4);
+
+        let defaults = BrokerConfig::default();
+        let c = serve_config(&[]);
+        assert_eq!(
+            (c.auto_create, c.sink),
+            (defaults.auto_create, defaults.sink)
+        );
+        assert_eq!((c.listen, c.sync), (defaults.listen, defaults.sync));
+        assert!(
+            serve_config(&["--sink"]).sink,
+            "--sink alone turns the sink on"
+        );
     }
 }
