@@ -240,7 +240,7 @@ struct Node {
     broker: BrokerProcess,
     dir: PathBuf,
     /// Warnings and errors the broker logged across restarts (the first
-    /// [`WARNINGS_KEPT`] distinct ones) and how often each came.
+    /// [`WARNINGS_KEPT`] distinct kinds, the first text of each) and how often each came.
     warnings: Vec<(String, usize)>,
 }
 
@@ -275,12 +275,20 @@ impl Node {
             if !(line.contains("WARN") || line.contains("ERROR")) {
                 continue;
             }
-            // Drop the timestamp, so repeats of one warning fold together.
+            // Drop the timestamp, so repeats of one warning fold together; so do warnings
+            // that differ only in numbers (offsets, free bytes), or one noisy kind would
+            // take every slot and hide the rare one that explains a failure.
             let text = line
                 .split_once(' ')
                 .map_or(line.as_str(), |(_, t)| t)
                 .to_owned();
-            if let Some((_, n)) = self.warnings.iter_mut().find(|(t, _)| *t == text) {
+            let kind = |t: &str| -> String {
+                t.chars()
+                    .map(|c| if c.is_ascii_digit() { '#' } else { c })
+                    .collect()
+            };
+            let key = kind(&text);
+            if let Some((_, n)) = self.warnings.iter_mut().find(|(t, _)| kind(t) == key) {
                 *n += 1;
             } else if self.warnings.len() < WARNINGS_KEPT {
                 self.warnings.push((text, 1));
