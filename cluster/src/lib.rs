@@ -36,6 +36,9 @@
 //! * [`PeerTls`]: TLS on the inter-node port, mutually authenticated against one cluster
 //!   CA (`tls.rs`); connections are plain or TLS streams behind one type (`stream.rs`).
 //!
+//! * [`placement`]: which members hold each Raft group's replicas and which should lead,
+//!   balanced and moved as little as possible (pure; not wired in yet — issue 12 step 5).
+//!
 //! Not here yet: one group per address.
 //!
 //! On-disk formats: `cluster/FORMAT.md`.
@@ -69,6 +72,7 @@ mod index_map;
 mod log_store;
 mod network;
 mod peer_server;
+pub mod placement;
 mod rpc;
 pub mod snapshot_data;
 mod snapshot_file;
