@@ -204,6 +204,8 @@ struct PendingSettle {
     /// Our channel of the session the delivery went out on.
     channel: u16,
     delivery_id: u32,
+    /// The consumer's link (detached when a move to the dead-letter address fails).
+    handle: u32,
     state: Option<fe2o3_amqp_types::messaging::DeliveryState>,
 }
 
@@ -796,8 +798,12 @@ impl Connection {
             if let crate::broker::queue::Recorded::Moving(_) = &front.durable {
                 if front.durable.has_failed() {
                     // The dead-letter copy could not be stored: the message is back in its
-                    // queue, and this delivery is never reported settled.
-                    self.pending_settles.pop_front();
+                    // queue and this delivery is never reported settled — so its link is
+                    // detached with the reason, as for an acceptance the store refused,
+                    // instead of leaving the consumer waiting on it for ever.
+                    if let Some(p) = self.pending_settles.pop_front() {
+                        self.refuse_dead_letter(p)?;
+                    }
                     continue;
                 }
             }
@@ -816,6 +822,31 @@ impl Connection {
             }
         }
         Ok(())
+    }
+
+    /// Detaches the consumer link whose rejection (or last failed attempt) could not be
+    /// moved to the dead-letter address: `amqp:resource-limit-exceeded` when the store is
+    /// out of space, `amqp:internal-error` otherwise.
+    fn refuse_dead_letter(&mut self, p: PendingSettle) -> Result<(), ConnError> {
+        let Some(mut session) = self.sessions.remove(&p.channel) else {
+            return Ok(());
+        };
+        let (condition, why) = match self.broker.store().out_of_space() {
+            Some(reason) => (AmqpError::ResourceLimitExceeded, reason),
+            None => (
+                AmqpError::InternalError,
+                "the dead-letter copy could not be stored (see the broker log)".to_owned(),
+            ),
+        };
+        let description = format!(
+            "delivery {} could not be moved to the dead-letter address: {why}; the message \
+             will be delivered again",
+            p.delivery_id
+        );
+        let result =
+            session.detach_consumer_with_error(self, p.handle, condition.into(), description);
+        self.sessions.insert(p.channel, session);
+        result
     }
 
     fn on_begin(

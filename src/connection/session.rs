@@ -11,7 +11,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use fe2o3_amqp_types::definitions::{AmqpError, Role, SessionError};
+use fe2o3_amqp_types::definitions::{AmqpError, ErrorCondition, Role, SessionError};
 use fe2o3_amqp_types::messaging::{Accepted, DeliveryState};
 use fe2o3_amqp_types::performatives::{Begin, Disposition, Flow, Performative};
 
@@ -306,6 +306,7 @@ impl Session {
                             durable,
                             channel: self.local_channel,
                             delivery_id: id,
+                            handle: out.handle,
                             state: d.state.clone(),
                         }),
                         None => settled_back.push(id),
@@ -336,6 +337,20 @@ impl Session {
             self.detach_with_error(conn, handle, e.condition(), description)?;
         }
         Ok(())
+    }
+
+    /// Detaches consumer link `handle` with an error, unless it is gone already.
+    pub(super) fn detach_consumer_with_error(
+        &mut self,
+        conn: &mut Connection,
+        handle: u32,
+        condition: ErrorCondition,
+        description: String,
+    ) -> Result<(), ConnError> {
+        if !matches!(self.links.get(&handle), Some(Link::Consumer(_))) {
+            return Ok(());
+        }
+        self.detach_with_error(conn, handle, condition, description)
     }
 
     /// The delivery ids of `first..=last` (serial numbers, RFC 1982) that we have

@@ -10,6 +10,8 @@
 //!   consumer's link is detached with `amqp:resource-limit-exceeded`, the message is
 //!   delivered again, and after a SIGKILL nothing the broker settled comes back and
 //!   nothing unacknowledged is lost.
+//! * A rejection whose move to the dead-letter address the full disk refuses is treated
+//!   the same way: the link is detached with the reason, the message delivered again.
 //!
 //! Method: the broker's data directory is a small tmpfs (needs root and a container that
 //! allows `mount`; otherwise the test fails with the reason, unless
@@ -28,7 +30,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use fe2o3_amqp::types::definitions::{AmqpError, ErrorCondition, ReceiverSettleMode, Role};
-use fe2o3_amqp::types::messaging::{Accepted as AcceptedState, DeliveryState, Message, Outcome};
+use fe2o3_amqp::types::messaging::{
+    Accepted as AcceptedState, DeliveryState, Message, Outcome, Rejected,
+};
 use fe2o3_amqp::types::performatives::{Disposition, Performative};
 use fe2o3_amqp::types::primitives::Binary;
 use fe2o3_amqp::{Connection, Receiver, Sender, Session};
@@ -228,6 +232,88 @@ async fn an_ack_the_broker_cannot_record_is_never_settled_and_the_message_comes_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blind_ack_the_broker_cannot_record_brings_the_message_back() {
     ack_scenario(ReceiverSettleMode::First).await;
+}
+
+/// A rejection the broker cannot move to the dead-letter address (the disk is full) is
+/// neither reported settled nor left hanging: the consumer's link is detached with
+/// `amqp:resource-limit-exceeded` naming the failed move, and the message is delivered
+/// again on the consumer's next link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejection_that_cannot_be_dead_lettered_detaches_the_consumer_and_comes_back() {
+    let Some(tmpfs) = SmallFs::mount_or_skip("4m") else {
+        return;
+    };
+    let data = tmpfs.path().join("data");
+    let broker = BrokerProcess::start(&data, &SMALL_SEGMENTS);
+    let mut producer = Client::open(broker.amqp).await.expect("connect");
+    let produced = step(produce_until_refused(&mut producer)).await;
+    assert!(produced > 0, "some messages stored before the disk filled");
+
+    let mut client = Client::open(broker.amqp).await.expect("connect");
+    client
+        .attach_receiver_settling(0, 0, "reject", QUEUE, ReceiverSettleMode::Second)
+        .await;
+    client.flow(0, 0, 1, false).await;
+    let (id, seq) = step(next_delivery(&mut client)).await;
+    let reject = Disposition {
+        role: Role::Receiver,
+        first: id,
+        last: None,
+        settled: false,
+        state: Some(DeliveryState::Rejected(Rejected { error: None })),
+        batchable: false,
+    };
+    client
+        .send_on(0, &Performative::Disposition(reject), &[])
+        .await;
+    let detach = step(async {
+        loop {
+            match client.next_frame().await.performative {
+                Performative::Detach(d) if d.handle.0 == 0 => return d,
+                Performative::Disposition(d) if d.role == Role::Sender => {
+                    panic!("a rejection the broker could not dead-letter was settled: {d:?}")
+                }
+                _ => {}
+            }
+        }
+    })
+    .await;
+    let error = detach.error.expect("a detach with the reason");
+    let text = format!("{error:?}");
+    assert!(
+        matches!(
+            error.condition,
+            ErrorCondition::AmqpError(AmqpError::ResourceLimitExceeded)
+        ) && text.contains("dead-letter"),
+        "the consumer learns why: {text}"
+    );
+    eprintln!(
+        "rejection of seq {seq} refused: {}",
+        error.description.unwrap_or_default()
+    );
+
+    client
+        .attach_receiver_settling(0, 1, "reject-again", QUEUE, ReceiverSettleMode::Second)
+        .await;
+    client.flow(1, 0, 1, false).await;
+    let (_, again) = step(next_delivery(&mut client)).await;
+    assert_eq!(
+        again, seq,
+        "the message whose move failed is delivered again first"
+    );
+}
+
+/// The next transfer's delivery id and seq.
+async fn next_delivery(client: &mut Client) -> (u32, u64) {
+    loop {
+        let f = client.next_frame().await;
+        if let Performative::Transfer(t) = f.performative {
+            return (
+                t.delivery_id.expect("a first transfer frame"),
+                seq_of(&f.payload),
+            );
+        }
+    }
 }
 
 /// See the module docs; `mode` is the consumer's receiver-settle-mode.
