@@ -7,6 +7,11 @@
 //!
 //! The HTTP server is deliberately tiny (three GET routes, one request per connection,
 //! bounded request size): it is an operator's probe, not an API.
+//!
+//! Invariants: metric names and help texts are what dashboards read, so every family is
+//! written through [`family`], [`gauge`] and [`counter`] (the cluster's too,
+//! `raft::admin`), never by hand. Does not: name the Raft layer (a cluster node is read
+//! through [`ClusterView`]) or change what it reports on.
 
 use std::fmt::Write as _;
 use std::future::Future;
@@ -74,83 +79,89 @@ pub fn render(broker: &Broker) -> String {
         "Incomplete deliveries refused at max-incomplete-bytes(-per-connection)",
         broker.intake.refused(),
     );
+    store_metrics(&mut out, broker);
+    queue_metrics(&mut out, broker);
+    manifest_metrics(&mut out, broker);
+    topic_metrics(&mut out, broker);
+    out
+}
+
+/// The message log, the disk and the ack log: what was appended and deleted, whether
+/// the store refuses, and how long its group-commit syncs take.
+fn store_metrics(out: &mut String, broker: &Broker) {
     let log = broker.store().log();
     let st = log.stats();
     counter(
-        &mut out,
+        out,
         "entrepot_store_records_total",
         "Records appended to the message log",
         st.records_appended.load(Ordering::Relaxed),
     );
     counter(
-        &mut out,
+        out,
         "entrepot_store_bytes_total",
         "Bytes appended to the message log",
         st.bytes_appended.load(Ordering::Relaxed),
     );
     counter(
-        &mut out,
+        out,
         "entrepot_store_recovered_torn_bytes",
         "Bytes cut from a torn tail at start-up",
         st.recovered_torn_bytes.load(Ordering::Relaxed),
     );
     counter(
-        &mut out,
+        out,
         "entrepot_store_segments_deleted_total",
         "Segments deleted",
         st.segments_deleted.load(Ordering::Relaxed),
     );
     gauge(
-        &mut out,
+        out,
         "entrepot_store_segments",
         "Segments in the message log",
         log.segments().len() as u64,
     );
     let store = broker.store();
     gauge(
-        &mut out,
+        out,
         "entrepot_disk_full",
         "1 while the store refuses messages for lack of disk space (see /readyz), else 0",
         u64::from(store.out_of_space().is_some()),
     );
     gauge(
-        &mut out,
+        out,
         "entrepot_store_failed",
         "1 once a sync of the message or ack log failed: the store accepts nothing until a restart (see /readyz), else 0",
         u64::from(store.failed().is_some()),
     );
     if let Ok(free) = store.free_bytes() {
         gauge(
-            &mut out,
+            out,
             "entrepot_disk_free_bytes",
             "Free bytes on the data directory's file system",
             free,
         );
     }
     gauge(
-        &mut out,
+        out,
         "entrepot_disk_reserve_bytes",
         "Free bytes the message log leaves for the ack log",
         store.reserve_bytes(),
     );
     counter(
-        &mut out,
+        out,
         "entrepot_acks_refused_total",
         "Acknowledgements the ack log could not record (the messages were not consumed)",
         store.acks_refused(),
     );
     render_histogram(
-        &mut out,
+        out,
         "entrepot_fsync_seconds",
         "Latency of group-commit syncs of the message log",
         |i| st.sync_latency_buckets[i].load(Ordering::Relaxed),
         st.sync_nanos_total.load(Ordering::Relaxed),
         st.syncs.load(Ordering::Relaxed),
     );
-    queue_metrics(&mut out, broker);
-    manifest_metrics(&mut out, broker);
-    topic_metrics(&mut out, broker);
-    out
 }
 
 /// The counters of manifest applies to this broker.
@@ -180,7 +191,12 @@ fn manifest_metrics(out: &mut String, broker: &Broker) {
 fn topic_metrics(out: &mut String, broker: &Broker) {
     let mut topics = broker.topics();
     topics.sort_by(|a, b| a.name().cmp(b.name()));
-    let _ = writeln!(out, "# HELP entrepot_topic_published_total Messages published to a topic\n# TYPE entrepot_topic_published_total counter");
+    family(
+        out,
+        "entrepot_topic_published_total",
+        "Messages published to a topic",
+        "counter",
+    );
     for t in &topics {
         let _ = writeln!(
             out,
@@ -217,7 +233,7 @@ fn topic_metrics(out: &mut String, broker: &Broker) {
         ),
     ];
     for (i, (name, kind, help)) in families.iter().enumerate() {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        family(out, name, help, kind);
         for t in &topics {
             for sub in t.subscriptions() {
                 let q = &sub.queue;
@@ -280,7 +296,7 @@ fn queue_metrics(out: &mut String, broker: &Broker) {
         ),
     ];
     for (i, (name, kind, help)) in families.iter().enumerate() {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        family(out, name, help, kind);
         for q in &queues {
             let (ready, unsettled) = q.depth();
             let value = match i {
@@ -303,8 +319,22 @@ fn escape(s: &str) -> String {
         .replace('\n', "\\n")
 }
 
-fn gauge(out: &mut String, name: &str, help: &str, v: u64) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+/// Writes the `# HELP` and `# TYPE` lines of metric family `name` (`kind`: `gauge`,
+/// `counter`, `histogram`); its samples follow.
+pub fn family(out: &mut String, name: &str, help: &str, kind: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// Writes one gauge without labels: its family lines and its value.
+pub fn gauge(out: &mut String, name: &str, help: &str, v: impl std::fmt::Display) {
+    family(out, name, help, "gauge");
+    let _ = writeln!(out, "{name} {v}");
+}
+
+/// Writes one counter without labels: its family lines and its value.
+pub fn counter(out: &mut String, name: &str, help: &str, v: impl std::fmt::Display) {
+    family(out, name, help, "counter");
+    let _ = writeln!(out, "{name} {v}");
 }
 
 /// Renders a latency histogram whose bucket bounds are [`SYNC_LATENCY_BUCKETS_US`]
@@ -317,7 +347,7 @@ pub fn render_histogram(
     sum_nanos: u64,
     count: u64,
 ) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    family(out, name, help, "histogram");
     let mut cumulative = 0;
     for (i, bound) in SYNC_LATENCY_BUCKETS_US.iter().enumerate() {
         cumulative += bucket(i);
@@ -342,13 +372,6 @@ pub fn render_latency(out: &mut String, name: &str, help: &str, histogram: &Late
         |i| histogram.bucket(i),
         histogram.sum_nanos(),
         histogram.count(),
-    );
-}
-
-fn counter(out: &mut String, name: &str, help: &str, v: u64) {
-    let _ = writeln!(
-        out,
-        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
     );
 }
 

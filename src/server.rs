@@ -1,6 +1,13 @@
-//! The AMQP listener: accepts sockets, caps their number, and hands each to its own
-//! connection task. On shutdown it stops accepting, tells every connection to close,
-//! waits for them (bounded), and lets the store finish its last sync.
+//! A single node, and what every node serves alike: the listeners (AMQP, AMQPS, HTTP),
+//! the accept loop that caps connections and hands each socket to its own connection
+//! task, the gatekeeper built before any listener opens, and [`StartError`].
+//!
+//! Invariants: one semaphore caps the plain and TLS connections together; on shutdown the
+//! node stops accepting, tells every connection to close, waits for them at most
+//! [`SHUTDOWN_GRACE`], and [`Node::stopped`] returns only after the store's final sync.
+//!
+//! Does not: replicate (a clustered node is `raft::ClusterNode`, which uses the same
+//! listeners and gatekeeper) or speak AMQP (that is `connection`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -236,6 +243,71 @@ pub(crate) fn admit(config: &BrokerConfig, broker: &Broker) -> Result<Arc<Gateke
     Ok(Arc::new(gate))
 }
 
+/// What every node (single or clustered) makes of its settings before it starts: under
+/// manifests only declared addresses exist, so nothing is auto-created.
+pub(crate) fn settle_config(config: &mut BrokerConfig) {
+    if config.manifests.is_some() {
+        config.auto_create = false;
+    }
+}
+
+/// The client-facing listeners of a node, single or clustered, bound before it serves:
+/// AMQP, HTTP and, when a certificate is configured, AMQPS.
+pub(crate) struct Listeners {
+    pub amqp: TcpListener,
+    pub http: TcpListener,
+    pub amqps: Option<TcpListener>,
+    /// The addresses bound (a port 0 in the settings resolved).
+    pub amqp_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub amqps_addr: Option<SocketAddr>,
+}
+
+impl Listeners {
+    /// Binds the three listeners `config` names; an address in use fails the start.
+    pub(crate) async fn bind(config: &BrokerConfig) -> Result<Listeners, StartError> {
+        let amqp = bind(config.listen)
+            .await
+            .map_err(StartError::bind(config.listen))?;
+        let http = TcpListener::bind(config.http)
+            .await
+            .map_err(StartError::bind(config.http))?;
+        let amqps = bind_tls(config).await?;
+        Ok(Listeners {
+            amqp_addr: amqp.local_addr()?,
+            http_addr: http.local_addr()?,
+            amqps_addr: amqps.as_ref().map(TcpListener::local_addr).transpose()?,
+            amqp,
+            http,
+            amqps,
+        })
+    }
+
+    /// The AMQPS address for the log line that says where the node listens; `-` without.
+    pub(crate) fn amqps_shown(&self) -> String {
+        self.amqps_addr
+            .map_or_else(|| "-".to_owned(), |a| a.to_string())
+    }
+}
+
+/// The tasks that tend a serving broker: its housekeeping and, under manifests, the
+/// manifest directory's watch; all end with `shutdown`.
+pub(crate) fn broker_tasks(
+    broker: &Arc<Broker>,
+    gate: &Arc<Gatekeeper>,
+    config: &BrokerConfig,
+    shutdown: watch::Receiver<bool>,
+) -> Vec<JoinHandle<()>> {
+    let mut tasks = vec![tokio::spawn(
+        Arc::clone(broker).housekeeping(shutdown.clone()),
+    )];
+    if let Some(dir) = config.manifests.clone() {
+        let watch = manifest::watch::watch_dir(dir, Arc::clone(broker), Arc::clone(gate), shutdown);
+        tasks.push(tokio::spawn(watch));
+    }
+    tasks
+}
+
 /// A running node: the broker, its AMQP and HTTP listeners and housekeeping.
 pub struct Node {
     pub broker: Arc<Broker>,
@@ -253,10 +325,7 @@ impl Node {
         mut config: BrokerConfig,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Node, StartError> {
-        if config.manifests.is_some() {
-            // Only declared addresses exist when manifests are in charge.
-            config.auto_create = false;
-        }
+        settle_config(&mut config);
         let tls = load_tls(&config)?;
         let broker =
             tokio::task::block_in_place(|| Broker::open(config.clone())).map_err(|source| {
@@ -265,42 +334,33 @@ impl Node {
                     source,
                 }
             })?;
-        let amqp = bind(config.listen)
-            .await
-            .map_err(StartError::bind(config.listen))?;
-        let http = TcpListener::bind(config.http)
-            .await
-            .map_err(StartError::bind(config.http))?;
+        let listeners = Listeners::bind(&config).await?;
         let gate = tokio::task::block_in_place(|| admit(&config, &broker))?;
+        let (amqp_addr, http_addr, amqps_addr) = (
+            listeners.amqp_addr,
+            listeners.http_addr,
+            listeners.amqps_addr,
+        );
+        tracing::info!(amqp = %amqp_addr, http = %http_addr, amqps = %listeners.amqps_shown(), data_dir = %config.data_dir.display(), "entrepot listening");
         let serving = Serving {
             broker: Arc::clone(&broker),
             gate: Arc::clone(&gate),
             permits: Arc::new(Semaphore::new(config.max_connections)),
             tls: None,
         };
-        let amqps = bind_tls(&config).await?;
-        let amqps_addr = amqps.as_ref().map(TcpListener::local_addr).transpose()?;
-        let (amqp_addr, http_addr) = (amqp.local_addr()?, http.local_addr()?);
-        let amqps_shown = amqps_addr.map_or_else(|| "-".to_owned(), |a| a.to_string());
-        tracing::info!(amqp = %amqp_addr, http = %http_addr, amqps = %amqps_shown, data_dir = %config.data_dir.display(), "entrepot listening");
         let mut tasks = vec![
-            tokio::spawn(Arc::clone(&broker).housekeeping(shutdown.clone())),
             tokio::spawn(metrics::serve_http(
-                http,
+                listeners.http,
                 Arc::clone(&broker),
                 shutdown.clone(),
             )),
-            tokio::spawn(serve(amqp, serving.clone(), shutdown.clone())),
+            tokio::spawn(serve(listeners.amqp, serving.clone(), shutdown.clone())),
         ];
-        if let Some(listener) = amqps {
+        if let Some(listener) = listeners.amqps {
             let serving = Serving { tls, ..serving };
             tasks.push(tokio::spawn(serve(listener, serving, shutdown.clone())));
         }
-        if let Some(dir) = config.manifests.clone() {
-            let watch =
-                manifest::watch::watch_dir(dir, Arc::clone(&broker), Arc::clone(&gate), shutdown);
-            tasks.push(tokio::spawn(watch));
-        }
+        tasks.extend(broker_tasks(&broker, &gate, &config, shutdown));
         Ok(Node {
             broker,
             gate,

@@ -31,6 +31,7 @@ use super::{ConnError, Connection, Parked, PendingProduce, INCOMPLETE_BUDGET_WAI
 use crate::amqp::message::MessageView;
 use crate::auth::authz::Operation;
 use crate::broker::intake::{Charge, IntakeRefused};
+use crate::broker::limits::Reservation;
 use crate::broker::memory::{MemoryAddress, Routed};
 use crate::broker::queue::{ConsumerId, ConsumerSpec, LinkKey, Queue};
 use crate::broker::Address;
@@ -167,6 +168,21 @@ struct Partial {
     txn: Option<fe2o3_amqp_types::primitives::Binary>,
 }
 
+/// A whole message off the wire, on its way into the store: the link it came on, its
+/// delivery id and whether the producer settled it, and its bytes.
+#[derive(Clone, Copy)]
+struct Incoming<'a> {
+    handle: u32,
+    delivery_id: Option<u32>,
+    settled: bool,
+    chunks: &'a [Bytes],
+}
+
+/// Bytes of a message that arrived in `chunks`.
+fn chunks_len(chunks: &[Bytes]) -> u64 {
+    chunks.iter().map(|c| c.len() as u64).sum()
+}
+
 /// Longest delivery-tag a peer may send: the spec's limit (binary up to 32 octets).
 pub const MAX_DELIVERY_TAG_BYTES: usize = 32;
 
@@ -235,7 +251,6 @@ impl Session {
     }
 
     fn attach_producer(&mut self, conn: &mut Connection, attach: Attach) -> Result<(), ConnError> {
-        let handle = attach.handle.0;
         let (address, caps) = match attach.target.as_deref() {
             Some(TargetArchetype::Target(t)) => (
                 t.address.clone(),
@@ -253,14 +268,13 @@ impl Session {
         if dynamic {
             return self.attach_dynamic_target(conn, attach);
         }
-        let temporary = false;
         // No address: the anonymous relay (ANONYMOUS-RELAY, offered in our open) — each
         // message goes where its `to` says, authorized one by one.
         let target = match address {
             None => None,
             Some(address) => match resolve_send_target(conn, &address, caps.as_deref()) {
                 Ok(target) => Some(target),
-                Err((c, d)) => return self.refuse(conn, attach, c, d),
+                Err(refusal) => return self.refuse(conn, attach, refusal),
             },
         };
         let room = target.as_ref().and_then(Address::room);
@@ -272,25 +286,35 @@ impl Session {
             Some(plan) => plan.min(conn.broker.config().max_message_bytes),
             None => conn.broker.config().max_message_bytes,
         };
-        let delivery_count = attach.initial_delivery_count.unwrap_or(0);
         let reply = Attach {
             rcv_settle_mode: ReceiverSettleMode::First,
             max_message_size: Some(max_message_size),
             ..mirror(&attach)
         };
+        let link = ProducerLink {
+            target,
+            credit,
+            delivery_count: attach.initial_delivery_count.unwrap_or(0),
+            withheld,
+            partial: None,
+            temporary: false,
+            txn_coordinator: false,
+        };
+        self.open_producer(conn, reply, link)
+    }
+
+    /// Answers a producer's attach with `reply`, registers `link` under its handle and
+    /// grants the link its first credit.
+    fn open_producer(
+        &mut self,
+        conn: &mut Connection,
+        reply: Attach,
+        link: ProducerLink,
+    ) -> Result<(), ConnError> {
+        let handle = reply.handle.0;
+        let (delivery_count, credit) = (link.delivery_count, link.credit);
         conn.send(self.local_channel(), &Performative::Attach(reply), &[])?;
-        self.links.insert(
-            handle,
-            Link::Producer(ProducerLink {
-                target,
-                credit,
-                delivery_count,
-                withheld,
-                partial: None,
-                temporary,
-                txn_coordinator: false,
-            }),
-        );
+        self.links.insert(handle, Link::Producer(link));
         conn.broker.stats.links.fetch_add(1, Ordering::Relaxed);
         self.send_flow(conn, Some((handle, delivery_count, Some(credit), false)))
     }
@@ -305,16 +329,13 @@ impl Session {
         txn_refused: Option<String>,
     ) -> Result<(), ConnError> {
         if let Some(d) = txn_refused {
-            return self.refuse(conn, attach, AmqpError::NotImplemented.into(), d);
+            return self.refuse(conn, attach, (AmqpError::NotImplemented.into(), d));
         }
         if conn.broker.store().is_replicated() {
             let d = "transactions are not available on a clustered node (a commit's atomicity \
                      is not carried through Raft yet): send without a transaction";
-            return self.refuse(conn, attach, AmqpError::NotImplemented.into(), d.into());
+            return self.refuse(conn, attach, (AmqpError::NotImplemented.into(), d.into()));
         }
-        let handle = attach.handle.0;
-        let credit = conn.broker.config().link_credit;
-        let delivery_count = attach.initial_delivery_count.unwrap_or(0);
         let caps: Vec<_> = super::txn::TXN_CAPABILITIES.to_vec();
         let txn_target = fe2o3_amqp_types::transaction::Coordinator::new(
             fe2o3_amqp_types::primitives::Array::from(caps),
@@ -324,21 +345,16 @@ impl Session {
             target: Some(Box::new(TargetArchetype::Coordinator(txn_target))),
             ..mirror(&attach)
         };
-        conn.send(self.local_channel(), &Performative::Attach(reply), &[])?;
-        self.links.insert(
-            handle,
-            Link::Producer(ProducerLink {
-                target: None,
-                credit,
-                delivery_count,
-                withheld: false,
-                partial: None,
-                temporary: false,
-                txn_coordinator: true,
-            }),
-        );
-        conn.broker.stats.links.fetch_add(1, Ordering::Relaxed);
-        self.send_flow(conn, Some((handle, delivery_count, Some(credit), false)))
+        let link = ProducerLink {
+            target: None,
+            credit: conn.broker.config().link_credit,
+            delivery_count: attach.initial_delivery_count.unwrap_or(0),
+            withheld: false,
+            partial: None,
+            temporary: false,
+            txn_coordinator: true,
+        };
+        self.open_producer(conn, reply, link)
     }
 
     /// A sender asking for a dynamic target: a temporary queue is created and named in
@@ -348,20 +364,46 @@ impl Session {
         conn: &mut Connection,
         attach: Attach,
     ) -> Result<(), ConnError> {
-        let queue = match temporary_queue(conn, "targets") {
+        self.attach_temporary(
+            conn,
+            attach,
+            "targets",
+            |session, conn, mut attach, queue| {
+                if let Some(TargetArchetype::Target(t)) = attach.target.as_deref_mut() {
+                    t.address = Some(queue.name().to_owned());
+                    // Resolved now: the attach below takes the named path.
+                    t.dynamic = false;
+                }
+                session.attach_producer(conn, attach)
+            },
+        )
+    }
+
+    /// A dynamic terminus (`what`: `sources` or `targets`): a temporary queue is created
+    /// (see [`temporary_queue`]), `attach_named` names it in the attach and attaches the
+    /// link to it, and the link is marked as its owner, which deletes it when the link
+    /// goes; if no link came of the attach, the queue is deleted at once.
+    fn attach_temporary(
+        &mut self,
+        conn: &mut Connection,
+        attach: Attach,
+        what: &str,
+        attach_named: impl FnOnce(
+            &mut Self,
+            &mut Connection,
+            Attach,
+            &Arc<Queue>,
+        ) -> Result<(), ConnError>,
+    ) -> Result<(), ConnError> {
+        let queue = match temporary_queue(conn, what) {
             Ok(q) => q,
-            Err((c, d)) => return self.refuse(conn, attach, c, d),
+            Err(refusal) => return self.refuse(conn, attach, refusal),
         };
         let handle = attach.handle.0;
-        let mut attach = attach;
-        if let Some(TargetArchetype::Target(t)) = attach.target.as_deref_mut() {
-            t.address = Some(queue.name().to_owned());
-            // Resolved now: the attach below takes the named path.
-            t.dynamic = false;
-        }
-        let result = self.attach_producer(conn, attach);
+        let result = attach_named(self, conn, attach, &queue);
         match self.links.get_mut(&handle) {
             Some(Link::Producer(p)) => p.temporary = true,
+            Some(Link::Consumer(c)) => c.temporary = true,
             _ => conn.broker.delete_temporary_queue(queue.name()),
         }
         result
@@ -382,7 +424,7 @@ impl Session {
                     let (queue, applied) = (Arc::clone(&sub.queue), Applied::default());
                     self.finish_consumer_attach(conn, attach, queue, Some(holder), applied)
                 }
-                Err((c, d)) => self.refuse(conn, attach, c, d),
+                Err(refusal) => self.refuse(conn, attach, refusal),
             };
         };
         // Tenancy and authorization (a pass-through without manifests): see tenant.rs.
@@ -391,7 +433,7 @@ impl Session {
                 return self.attach_declared_subscription(conn, attach, &r.name);
             }
             Ok(resolved) => resolved.name,
-            Err((c, d)) => return self.refuse(conn, attach, c, d),
+            Err(refusal) => return self.refuse(conn, attach, refusal),
         };
         let caps = attach
             .source
@@ -401,7 +443,7 @@ impl Session {
         let source = attach.source.as_deref().cloned().unwrap_or_default();
         let filters = match subscribe::filters(&source) {
             Ok(f) => f,
-            Err((c, d)) => return self.refuse(conn, attach, c, d),
+            Err(refusal) => return self.refuse(conn, attach, refusal),
         };
         let (queue, subscription, applied) = match conn
             .broker
@@ -415,7 +457,7 @@ impl Session {
                     .map(|(text, _)| subscribe::parse_selector(text))
                 {
                     Some(Ok(s)) => Some(s),
-                    Some(Err((c, d))) => return self.refuse(conn, attach, c, d),
+                    Some(Err(refusal)) => return self.refuse(conn, attach, refusal),
                     None => None,
                 };
                 let applied = Applied {
@@ -451,13 +493,10 @@ impl Session {
                         };
                         (Arc::clone(&sub.queue), Some(holder), applied)
                     }
-                    Err((c, d)) => return self.refuse(conn, attach, c, d),
+                    Err(refusal) => return self.refuse(conn, attach, refusal),
                 }
             }
-            Err(e) => {
-                let (c, d) = e.refusal();
-                return self.refuse(conn, attach, c, d);
-            }
+            Err(e) => return self.refuse(conn, attach, e.refusal()),
         };
         self.finish_consumer_attach(conn, attach, queue, subscription, applied)
     }
@@ -471,22 +510,18 @@ impl Session {
         conn: &mut Connection,
         attach: Attach,
     ) -> Result<(), ConnError> {
-        let queue = match temporary_queue(conn, "sources") {
-            Ok(q) => q,
-            Err((c, d)) => return self.refuse(conn, attach, c, d),
-        };
-        let handle = attach.handle.0;
-        let mut attach = attach;
-        if let Some(source) = attach.source.as_mut() {
-            source.address = Some(queue.name().to_owned());
-        }
-        let result =
-            self.finish_consumer_attach(conn, attach, Arc::clone(&queue), None, Applied::default());
-        match self.links.get_mut(&handle) {
-            Some(Link::Consumer(c)) => c.temporary = true,
-            _ => conn.broker.delete_temporary_queue(queue.name()),
-        }
-        result
+        self.attach_temporary(
+            conn,
+            attach,
+            "sources",
+            |session, conn, mut attach, queue| {
+                if let Some(source) = attach.source.as_mut() {
+                    source.address = Some(queue.name().to_owned());
+                }
+                let queue = Arc::clone(queue);
+                session.finish_consumer_attach(conn, attach, queue, None, Applied::default())
+            },
+        )
     }
 
     /// A browser (distribution-mode `copy`: proton's `Copy()`, a JMS QueueBrowser): its
@@ -499,7 +534,6 @@ impl Session {
         queue: Arc<Queue>,
         filters: Applied,
     ) -> Result<(), ConnError> {
-        let handle = attach.handle.0;
         let mut reply = Attach {
             snd_settle_mode: SenderSettleMode::Settled,
             max_message_size: Some(conn.broker.config().max_message_bytes),
@@ -508,7 +542,6 @@ impl Session {
         if let Some(source) = reply.source.as_mut() {
             source.filter = filters.echo;
         }
-        conn.send(self.local_channel(), &Performative::Attach(reply), &[])?;
         let snapshot = queue
             .snapshot()
             .into_iter()
@@ -519,20 +552,30 @@ impl Session {
                     .is_none_or(|s| crate::broker::selector_matches(s, &m.message))
             })
             .collect();
-        self.links.insert(
-            handle,
-            Link::Consumer(ConsumerLink {
-                queue,
-                consumer: ConsumerId::next(),
-                subscription: None,
-                temporary: false,
-                browse: Some(Box::new(Browse {
-                    snapshot,
-                    delivery_count: 0,
-                    credit: 0,
-                })),
-            }),
-        );
+        let link = ConsumerLink {
+            queue,
+            consumer: ConsumerId::next(),
+            subscription: None,
+            temporary: false,
+            browse: Some(Box::new(Browse {
+                snapshot,
+                delivery_count: 0,
+                credit: 0,
+            })),
+        };
+        self.open_consumer(conn, reply, link)
+    }
+
+    /// Answers a consumer's attach with `reply` and registers `link` under its handle.
+    fn open_consumer(
+        &mut self,
+        conn: &mut Connection,
+        reply: Attach,
+        link: ConsumerLink,
+    ) -> Result<(), ConnError> {
+        let handle = reply.handle.0;
+        conn.send(self.local_channel(), &Performative::Attach(reply), &[])?;
+        self.links.insert(handle, Link::Consumer(link));
         conn.broker.stats.links.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -556,7 +599,7 @@ impl Session {
             ),
             None => {
                 let d = format!("subscription {name:?} is declared but could not be created");
-                self.refuse(conn, attach, AmqpError::InternalError.into(), d)
+                self.refuse(conn, attach, (AmqpError::InternalError.into(), d))
             }
         }
     }
@@ -586,7 +629,6 @@ impl Session {
         if let Some(source) = reply.source.as_mut() {
             source.filter = filters.echo;
         }
-        conn.send(self.local_channel(), &Performative::Attach(reply), &[])?;
         let consumer = ConsumerId::next();
         queue.add_consumer(ConsumerSpec {
             link: LinkKey {
@@ -599,18 +641,14 @@ impl Session {
             unsettled_max: conn.broker.config().unsettled_per_link,
             selector: filters.selector,
         });
-        self.links.insert(
-            handle,
-            Link::Consumer(ConsumerLink {
-                queue,
-                consumer,
-                temporary: false,
-                browse: None,
-                subscription,
-            }),
-        );
-        conn.broker.stats.links.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        let link = ConsumerLink {
+            queue,
+            consumer,
+            temporary: false,
+            browse: None,
+            subscription,
+        };
+        self.open_consumer(conn, reply, link)
     }
 
     /// Refuses an attach the way the spec describes: attach back with no terminus on our
@@ -619,8 +657,7 @@ impl Session {
         &mut self,
         conn: &mut Connection,
         attach: Attach,
-        condition: ErrorCondition,
-        description: String,
+        (condition, description): Refusal,
     ) -> Result<(), ConnError> {
         tracing::info!(link = %attach.name, condition = %super::condition_name(&condition), %description, "attach refused");
         let handle = attach.handle.0;
@@ -905,7 +942,7 @@ impl Session {
         txn: Option<fe2o3_amqp_types::primitives::Binary>,
     ) -> Result<(), ConnError> {
         let max = conn.broker.config().max_message_bytes;
-        let size: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+        let size = chunks_len(chunks);
         let Some(Link::Producer(link)) = self.links.get_mut(&handle) else {
             return Ok(());
         };
@@ -941,44 +978,16 @@ impl Session {
                 _ => Ok(()),
             };
         }
-        let target = match link_target {
-            Some(target) => target,
-            None => match relay_target(conn, chunks) {
-                Ok(target) => target,
-                Err((condition, description)) => {
-                    // One message's address is wrong, not the link: it alone is refused.
-                    conn.txns.refused_in_txn(txn.as_ref(), &description);
-                    self.top_up_credit(conn, handle)?;
-                    return self.refuse_message(
-                        conn,
-                        handle,
-                        delivery_id,
-                        settled,
-                        condition,
-                        description,
-                    );
-                }
-            },
+        let incoming = Incoming {
+            handle,
+            delivery_id,
+            settled,
+            chunks,
         };
-        // The plan's limits: room is taken before the message is stored, so the credit
-        // granted next already counts it.
-        let admitted = target.admit(size);
-        self.top_up_credit(conn, handle)?;
-        let reservation = match admitted {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::debug!(address = target.name(), reason = %e, "message refused by its plan");
-                conn.txns.refused_in_txn(txn.as_ref(), &e.to_string());
-                let (condition, description) = e.refusal();
-                return self.refuse_message(
-                    conn,
-                    handle,
-                    delivery_id,
-                    settled,
-                    condition,
-                    description,
-                );
-            }
+        let Some((target, reservation)) =
+            self.admit_message(conn, &incoming, txn.as_ref(), link_target)?
+        else {
+            return Ok(());
         };
         if let Some(txn_id) = txn {
             return self.stage_txn_message(
@@ -995,6 +1004,66 @@ impl Session {
         if let Address::Memory(m) = &target {
             return self.route_in_memory(conn, &m.clone(), delivery_id, settled, chunks);
         }
+        self.store_message(conn, &incoming, target, reservation)
+    }
+
+    /// Where a whole message goes (the link's target, or its `to` on the anonymous relay)
+    /// and the room its plan reserved for it; `None` when it alone was refused (the
+    /// refusal is sent, the link stays). Credit is topped up either way.
+    fn admit_message(
+        &mut self,
+        conn: &mut Connection,
+        incoming: &Incoming<'_>,
+        txn: Option<&fe2o3_amqp_types::primitives::Binary>,
+        link_target: Option<Address>,
+    ) -> Result<Option<(Address, Option<Reservation>)>, ConnError> {
+        let Incoming {
+            handle,
+            delivery_id,
+            settled,
+            chunks,
+        } = *incoming;
+        let target = match link_target {
+            Some(target) => Ok(target),
+            None => relay_target(conn, chunks),
+        };
+        // The plan's limits: room is taken before the message is stored, so the credit
+        // granted next already counts it.
+        let admitted = target.and_then(|target| match target.admit(chunks_len(chunks)) {
+            Ok(reservation) => Ok((target, reservation)),
+            Err(e) => {
+                tracing::debug!(address = target.name(), reason = %e, "message refused by its plan");
+                Err(e.refusal())
+            }
+        });
+        self.top_up_credit(conn, handle)?;
+        match admitted {
+            Ok(admitted) => Ok(Some(admitted)),
+            Err((condition, description)) => {
+                // One message's address or room is wrong, not the link: it alone is refused.
+                conn.txns.refused_in_txn(txn, &description);
+                self.refuse_message(conn, handle, delivery_id, settled, condition, description)?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Appends a whole message to the store and queues its acceptance for when the group
+    /// commit makes it durable; a message the store refuses, or that does not parse where
+    /// it now lives, is rejected (and a malformed one dropped from the log again).
+    fn store_message(
+        &mut self,
+        conn: &mut Connection,
+        incoming: &Incoming<'_>,
+        target: Address,
+        reservation: Option<Reservation>,
+    ) -> Result<(), ConnError> {
+        let Incoming {
+            delivery_id,
+            settled,
+            chunks,
+            ..
+        } = *incoming;
         let parts: Vec<&[u8]> = chunks.iter().map(|c| &c[..]).collect();
         let stored = conn.broker.store().append(target.name(), &parts);
         let (appended, offset, ts, view) = match stored {

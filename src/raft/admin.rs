@@ -10,6 +10,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt::Write;
+use std::sync::atomic::Ordering;
 
 use entrepot_cluster::{NodeId, TypeConfig};
 use openraft::error::{ClientWriteError, RaftError};
@@ -18,6 +19,7 @@ use tokio::sync::watch;
 
 use super::Role;
 use crate::broker::Broker;
+use crate::metrics::{counter, gauge, render_latency};
 
 /// Most time a membership change may take (a learner's catch-up included) before the
 /// HTTP request gives up waiting; the change itself goes on.
@@ -122,60 +124,62 @@ impl ClusterHandle {
         let m = self.raft.metrics().borrow().clone();
         let leader = matches!(&*self.role.borrow(), Role::Leader(_));
         let mut out = String::new();
-        let mut gauge = |name: &str, help: &str, v: i64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-        };
         gauge(
+            &mut out,
             "entrepot_raft_term",
             "Current Raft term.",
-            m.current_term as i64,
+            m.current_term,
         );
         gauge(
+            &mut out,
             "entrepot_raft_leader",
             "1 if this node leads and serves clients.",
-            leader as i64,
+            u8::from(leader),
         );
         gauge(
+            &mut out,
             "entrepot_raft_last_log_index",
             "Index of the last Raft entry in this node's log.",
             m.last_log_index.map_or(-1, |i| i as i64),
         );
         gauge(
+            &mut out,
             "entrepot_raft_last_applied_index",
             "Index of the last Raft entry applied to this node's store.",
             m.last_applied.map_or(-1, |l| l.index as i64),
         );
         if let Role::Leader(a) = &*self.role.borrow() {
             let st = &a.replication.stats;
-            let _ = writeln!(
-                out,
-                "# HELP entrepot_raft_batches_total Replicated batches (Raft entries) this leadership committed.\n# TYPE entrepot_raft_batches_total counter\nentrepot_raft_batches_total {}",
-                st.batches.load(std::sync::atomic::Ordering::Relaxed)
+            counter(
+                &mut out,
+                "entrepot_raft_batches_total",
+                "Replicated batches (Raft entries) this leadership committed.",
+                st.batches.load(Ordering::Relaxed),
             );
-            let _ = writeln!(
-                out,
-                "# HELP entrepot_raft_replicated_bytes_total Bytes of store operations this leadership committed.\n# TYPE entrepot_raft_replicated_bytes_total counter\nentrepot_raft_replicated_bytes_total {}",
-                st.bytes.load(std::sync::atomic::Ordering::Relaxed)
+            counter(
+                &mut out,
+                "entrepot_raft_replicated_bytes_total",
+                "Bytes of store operations this leadership committed.",
+                st.bytes.load(Ordering::Relaxed),
             );
-            let _ = writeln!(
-                out,
-                "# HELP entrepot_raft_uncommitted_ops Store operations this leader recorded and Raft has not committed yet.\n# TYPE entrepot_raft_uncommitted_ops gauge\nentrepot_raft_uncommitted_ops {}",
-                a.replication.uncommitted()
+            gauge(
+                &mut out,
+                "entrepot_raft_uncommitted_ops",
+                "Store operations this leader recorded and Raft has not committed yet.",
+                a.replication.uncommitted(),
             );
-            crate::metrics::render_latency(
+            render_latency(
                 &mut out,
                 "entrepot_raft_commit_seconds",
                 "From submitting a batch to Raft to its commit on a majority",
                 &st.commit_latency,
             );
         }
-        let mut gauge = |name: &str, help: &str, v: i64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-        };
         gauge(
+            &mut out,
             "entrepot_raft_members",
             "Nodes in the membership (voters and learners).",
-            m.membership_config.membership().nodes().count() as i64,
+            m.membership_config.membership().nodes().count(),
         );
         out
     }

@@ -34,19 +34,27 @@ pub enum ClusterStartError {
     Snapshot(#[source] SnapshotError),
     #[error("opening the Raft log")]
     RaftLog(#[source] ClusterError),
+    /// Boxed: openraft's error is large, and this one is rare.
     #[error("Raft settings")]
-    RaftSettings(#[source] openraft::ConfigError),
+    RaftSettings(#[source] Box<openraft::ConfigError>),
     #[error("starting Raft")]
-    RaftStart(#[source] Fatal<NodeId>),
+    RaftStart(#[source] Box<Fatal<NodeId>>),
     #[error("binding the inter-node port {addr}")]
     BindPeers {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
     },
-    /// Raft stopped before the cluster could be formed.
+    /// Raft stopped before the cluster could be formed (boxed, as the two above: the
+    /// error stays small on the success path).
     #[error(transparent)]
-    Raft(#[from] Fatal<NodeId>),
+    Raft(Box<Fatal<NodeId>>),
+}
+
+impl From<Fatal<NodeId>> for ClusterStartError {
+    fn from(e: Fatal<NodeId>) -> ClusterStartError {
+        ClusterStartError::Raft(Box::new(e))
+    }
 }
 
 impl From<std::io::Error> for ClusterStartError {

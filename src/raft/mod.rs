@@ -59,7 +59,7 @@ use crate::broker::store::{DiskGuard, Store};
 use crate::broker::Broker;
 use crate::config::BrokerConfig;
 use crate::connection::{self, Accepted};
-use crate::server::StartError;
+use crate::server::{Listeners, StartError};
 use crate::tls::TlsFiles;
 pub use error::{ActivationError, ClusterStartError};
 use state_machine::StoreMachine;
@@ -180,150 +180,37 @@ impl ClusterNode {
         cluster: ClusterConfig,
         shutdown: watch::Receiver<bool>,
     ) -> Result<ClusterNode, ClusterStartError> {
-        if config.manifests.is_some() {
-            config.auto_create = false;
-        }
+        crate::server::settle_config(&mut config);
         // Loaded before Raft starts, so a bad certificate fails the start.
         let tls = crate::server::load_tls(&config)?;
-        if config.max_message_bytes > MAX_CLUSTER_MESSAGE_BYTES {
-            tracing::info!(
-                configured = config.max_message_bytes,
-                limit = MAX_CLUSTER_MESSAGE_BYTES,
-                "clustered: largest message lowered to the replication limit"
-            );
-            config.max_message_bytes = MAX_CLUSTER_MESSAGE_BYTES;
-        }
-        std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::CreateDir {
-            path: config.data_dir.clone(),
-            source,
-        })?;
-        let record_max = Broker::record_bytes_max(&config);
-        let (log, acks) = tokio::task::block_in_place(|| {
-            Store::open_parts(
-                &config.data_dir,
-                store_sync(config.sync),
-                config.segment_bytes,
-                record_max,
-            )
-        })
-        .map_err(|e| StartError::OpenStore {
-            path: config.data_dir.clone(),
-            source: e.into(),
-        })?;
-        let raft_dir = raft_dir(&config.data_dir);
-        if !raft_dir.exists() && log.next_offset() > 0 {
-            return Err(ClusterStartError::SingleNodeStore {
-                dir: config.data_dir.clone(),
-                messages: log.next_offset(),
-            });
-        }
-        let machine = StoreMachine::open(config.data_dir.clone(), &raft_dir, log, Arc::new(acks))
-            .map_err(ClusterStartError::Snapshot)?;
-        // `--sync` governs the Raft log: an append is acknowledged to the leader (and a
-        // message accepted, once a majority acknowledged) only as `sync` allows.
-        let raft_config = LogConfig {
-            segment_bytes: RAFT_SEGMENT_BYTES,
-            record_bytes_max: RAFT_RECORD_MAX,
-            sync: config.sync,
-            ..LogConfig::default()
-        };
-        let log_store = tokio::task::block_in_place(|| LogStore::open(&raft_dir, raft_config))
-            .map_err(ClusterStartError::RaftLog)?;
+        cap_message_size(&mut config);
+        let (machine, log_store) = open_state(&config)?;
         let raft_log_sync = log_store.log().config().sync;
-        let raft_settings = openraft::Config {
-            cluster_name: "entrepot".into(),
-            heartbeat_interval: HEARTBEAT_MS,
-            election_timeout_min: ELECTION_TIMEOUT_MS.0,
-            election_timeout_max: ELECTION_TIMEOUT_MS.1,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(cluster.snapshot_every.max(1)),
-            max_in_snapshot_log_to_keep: LOG_KEPT_AFTER_SNAPSHOT.min(cluster.snapshot_every),
-            max_payload_entries: MAX_PAYLOAD_ENTRIES,
-            ..Default::default()
-        }
-        .validate()
-        .map_err(ClusterStartError::RaftSettings)?;
-        let id = cluster.node_id;
-        let raft = Raft::new(
-            id,
-            Arc::new(raft_settings),
-            TcpNetwork::new(id)
-                .with_secret(cluster.secret.clone())
-                .with_tls(cluster.tls.clone()),
-            log_store,
-            machine.clone(),
-        )
-        .await
-        .map_err(ClusterStartError::RaftStart)?;
-        let peer_listener = TcpListener::bind(cluster.listen).await.map_err(|source| {
-            ClusterStartError::BindPeers {
-                addr: cluster.listen,
-                source,
-            }
-        })?;
-        if cluster.secret.is_none() && cluster.tls.is_none() {
-            tracing::warn!(
-                "no --cluster-secret-file: the inter-node port admits any peer that can reach it"
-            );
-        }
-        if cluster.tls.is_none() {
-            tracing::warn!("no --cluster-tls-cert/-key/-ca: inter-node traffic is not encrypted");
-        }
-        let options = PeerServerOptions {
-            secret: cluster.secret.clone(),
-            tls: cluster.tls.clone(),
-        };
-        let peer_server = PeerServer::start_with(peer_listener, raft.clone(), options)?;
+        let raft = start_raft(&cluster, log_store, &machine).await?;
+        let peer_server = start_peer_server(&cluster, &raft).await?;
         let peer_addr = peer_server.local_addr();
         initialize(&raft, &cluster).await?;
 
-        let amqp = TcpListener::bind(config.listen)
-            .await
-            .map_err(StartError::bind(config.listen))?;
-        let amqps = crate::server::bind_tls(&config).await?;
-        let http = TcpListener::bind(config.http)
-            .await
-            .map_err(StartError::bind(config.http))?;
-        let (amqp_addr, http_addr) = (amqp.local_addr()?, http.local_addr()?);
-        let amqps_addr = amqps.as_ref().map(TcpListener::local_addr).transpose()?;
-        let amqps_shown = amqps_addr.map_or_else(|| "-".to_owned(), |a| a.to_string());
-        tracing::info!(node = id, amqp = %amqp_addr, amqps = %amqps_shown, http = %http_addr,
+        let listeners = Listeners::bind(&config).await?;
+        let (amqp_addr, http_addr, amqps_addr) = (
+            listeners.amqp_addr,
+            listeners.http_addr,
+            listeners.amqps_addr,
+        );
+        let id = cluster.node_id;
+        tracing::info!(node = id, amqp = %amqp_addr, amqps = %listeners.amqps_shown(), http = %http_addr,
             peers = %peer_addr, data_dir = %config.data_dir.display(), sync = %raft_log_sync,
             "entrepot cluster node listening");
-
         let (role_tx, role_rx) = watch::channel(Role::Unknown);
-        let config = Arc::new(config);
-        let permits = Arc::new(Semaphore::new(config.max_connections));
-        let handle = admin::ClusterHandle::new(raft.clone(), role_rx.clone());
-        let mut tasks = vec![
-            tokio::spawn(leadership(
-                raft.clone(),
-                machine.clone(),
-                Arc::clone(&config),
-                role_tx,
-                shutdown.clone(),
-            )),
-            tokio::spawn(front_door(
-                amqp,
-                Door::Plain,
-                role_rx.clone(),
-                Arc::clone(&permits),
-                shutdown.clone(),
-            )),
-        ];
-        if let (Some(listener), Some(tls)) = (amqps, tls) {
-            tasks.push(tokio::spawn(front_door(
-                listener,
-                Door::Tls(tls),
-                role_rx.clone(),
-                permits,
-                shutdown.clone(),
-            )));
-        }
-        tasks.push(tokio::spawn(crate::metrics::serve_http_source(
-            http,
-            crate::metrics::Source::Cluster(Arc::new(handle)),
+        let node_tasks = NodeTasks {
+            raft: raft.clone(),
+            machine: machine.clone(),
+            config: Arc::new(config),
+            tls,
+            role: role_rx.clone(),
             shutdown,
-        )));
+        };
+        let tasks = node_tasks.spawn(listeners, role_tx);
         Ok(ClusterNode {
             id,
             raft,
@@ -377,6 +264,181 @@ impl ClusterNode {
         acks.log().flush().map_err(final_sync("ack log"))?;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// A clustered node carries at most [`MAX_CLUSTER_MESSAGE_BYTES`] per message (one Raft
+/// entry must hold it): a larger `max-message-bytes` is lowered, and the log says so.
+fn cap_message_size(config: &mut BrokerConfig) {
+    if config.max_message_bytes > MAX_CLUSTER_MESSAGE_BYTES {
+        tracing::info!(
+            configured = config.max_message_bytes,
+            limit = MAX_CLUSTER_MESSAGE_BYTES,
+            "clustered: largest message lowered to the replication limit"
+        );
+        config.max_message_bytes = MAX_CLUSTER_MESSAGE_BYTES;
+    }
+}
+
+/// Opens what this node keeps on disk: the store (as the Raft state machine, from its
+/// persisted snapshot) and the Raft log. A data directory holding a single node's
+/// messages and no Raft log is refused.
+fn open_state(config: &BrokerConfig) -> Result<(StoreMachine, LogStore), ClusterStartError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::CreateDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let record_max = Broker::record_bytes_max(config);
+    let (log, acks) = tokio::task::block_in_place(|| {
+        Store::open_parts(
+            &config.data_dir,
+            store_sync(config.sync),
+            config.segment_bytes,
+            record_max,
+        )
+    })
+    .map_err(|e| StartError::OpenStore {
+        path: config.data_dir.clone(),
+        source: e.into(),
+    })?;
+    let raft_dir = raft_dir(&config.data_dir);
+    if !raft_dir.exists() && log.next_offset() > 0 {
+        return Err(ClusterStartError::SingleNodeStore {
+            dir: config.data_dir.clone(),
+            messages: log.next_offset(),
+        });
+    }
+    let machine = StoreMachine::open(config.data_dir.clone(), &raft_dir, log, Arc::new(acks))
+        .map_err(ClusterStartError::Snapshot)?;
+    // `--sync` governs the Raft log: an append is acknowledged to the leader (and a
+    // message accepted, once a majority acknowledged) only as `sync` allows.
+    let raft_config = LogConfig {
+        segment_bytes: RAFT_SEGMENT_BYTES,
+        record_bytes_max: RAFT_RECORD_MAX,
+        sync: config.sync,
+        ..LogConfig::default()
+    };
+    let log_store = tokio::task::block_in_place(|| LogStore::open(&raft_dir, raft_config))
+        .map_err(ClusterStartError::RaftLog)?;
+    Ok((machine, log_store))
+}
+
+/// Starts this node's Raft instance over its log and state machine.
+async fn start_raft(
+    cluster: &ClusterConfig,
+    log_store: LogStore,
+    machine: &StoreMachine,
+) -> Result<Raft<TypeConfig>, ClusterStartError> {
+    let raft_settings = openraft::Config {
+        cluster_name: "entrepot".into(),
+        heartbeat_interval: HEARTBEAT_MS,
+        election_timeout_min: ELECTION_TIMEOUT_MS.0,
+        election_timeout_max: ELECTION_TIMEOUT_MS.1,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(cluster.snapshot_every.max(1)),
+        max_in_snapshot_log_to_keep: LOG_KEPT_AFTER_SNAPSHOT.min(cluster.snapshot_every),
+        max_payload_entries: MAX_PAYLOAD_ENTRIES,
+        ..Default::default()
+    }
+    .validate()
+    .map_err(|e| ClusterStartError::RaftSettings(Box::new(e)))?;
+    let id = cluster.node_id;
+    let network = TcpNetwork::new(id)
+        .with_secret(cluster.secret.clone())
+        .with_tls(cluster.tls.clone());
+    Raft::new(
+        id,
+        Arc::new(raft_settings),
+        network,
+        log_store,
+        machine.clone(),
+    )
+    .await
+    .map_err(|e| ClusterStartError::RaftStart(Box::new(e)))
+}
+
+/// Binds the inter-node port and serves Raft's RPCs on it (warning when peers are neither
+/// authenticated nor encrypted).
+async fn start_peer_server(
+    cluster: &ClusterConfig,
+    raft: &Raft<TypeConfig>,
+) -> Result<PeerServer, ClusterStartError> {
+    let peer_listener =
+        TcpListener::bind(cluster.listen)
+            .await
+            .map_err(|source| ClusterStartError::BindPeers {
+                addr: cluster.listen,
+                source,
+            })?;
+    if cluster.secret.is_none() && cluster.tls.is_none() {
+        tracing::warn!(
+            "no --cluster-secret-file: the inter-node port admits any peer that can reach it"
+        );
+    }
+    if cluster.tls.is_none() {
+        tracing::warn!("no --cluster-tls-cert/-key/-ca: inter-node traffic is not encrypted");
+    }
+    let options = PeerServerOptions {
+        secret: cluster.secret.clone(),
+        tls: cluster.tls.clone(),
+    };
+    Ok(PeerServer::start_with(
+        peer_listener,
+        raft.clone(),
+        options,
+    )?)
+}
+
+/// What a started node's tasks share: its Raft, its store, its settings, the amqps
+/// certificate, the front door's role and the shutdown signal.
+struct NodeTasks {
+    raft: Raft<TypeConfig>,
+    machine: StoreMachine,
+    config: Arc<BrokerConfig>,
+    tls: Option<Arc<TlsFiles>>,
+    role: watch::Receiver<Role>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl NodeTasks {
+    /// Spawns the node's tasks: leadership (which activates the broker while this node
+    /// leads and sets `role`), the front door of each client listener, and the HTTP
+    /// endpoint.
+    fn spawn(self, listeners: Listeners, role: watch::Sender<Role>) -> Vec<JoinHandle<()>> {
+        let NodeTasks {
+            raft,
+            machine,
+            config,
+            tls,
+            role: role_rx,
+            shutdown,
+        } = self;
+        let permits = Arc::new(Semaphore::new(config.max_connections));
+        let handle = admin::ClusterHandle::new(raft.clone(), role_rx.clone());
+        let mut tasks = vec![
+            tokio::spawn(leadership(raft, machine, config, role, shutdown.clone())),
+            tokio::spawn(front_door(
+                listeners.amqp,
+                Door::Plain,
+                role_rx.clone(),
+                Arc::clone(&permits),
+                shutdown.clone(),
+            )),
+        ];
+        if let (Some(listener), Some(tls)) = (listeners.amqps, tls) {
+            tasks.push(tokio::spawn(front_door(
+                listener,
+                Door::Tls(tls),
+                role_rx,
+                permits,
+                shutdown.clone(),
+            )));
+        }
+        tasks.push(tokio::spawn(crate::metrics::serve_http_source(
+            listeners.http,
+            crate::metrics::Source::Cluster(Arc::new(handle)),
+            shutdown,
+        )));
+        tasks
     }
 }
 
@@ -452,26 +514,7 @@ async fn leadership(
                 tracing::warn!(node = id, "leadership lost: closing client connections");
                 a.stop("this node stopped leading; resend to the new leader");
             }
-            let next = match (leader, leader_addr) {
-                (Some(l), Some(addr)) if l != id => Role::Follower {
-                    leader: l,
-                    amqp: entrepot_cluster::identity::amqp_addr(&addr),
-                    amqps: entrepot_cluster::identity::amqps_addr(&addr),
-                },
-                _ => Role::Unknown,
-            };
-            // Only a change wakes the front door's waiters (this loop also runs on timers).
-            role.send_if_modified(|current| {
-                let same = match (&*current, &next) {
-                    (Role::Unknown, Role::Unknown) => true,
-                    (Role::Follower { leader: a, .. }, Role::Follower { leader: b, .. }) => a == b,
-                    _ => false,
-                };
-                if !same {
-                    *current = next;
-                }
-                !same
-            });
+            follow(&role, id, leader, leader_addr);
         } else if active.is_none() {
             // Activation waits on the majority; if leadership ends meanwhile, stop waiting
             // and let the loop point clients at the new leader at once.
@@ -531,6 +574,36 @@ async fn leadership(
     role.send_replace(Role::Unknown);
 }
 
+/// Points the front door of this node (`id`, not leading) at `leader`, whose member
+/// address is `leader_addr`, or at nobody while no other leader is known. Only a change
+/// wakes the front door's waiters (the leadership loop also runs on timers).
+fn follow(
+    role: &watch::Sender<Role>,
+    id: NodeId,
+    leader: Option<NodeId>,
+    leader_addr: Option<String>,
+) {
+    let next = match (leader, leader_addr) {
+        (Some(l), Some(addr)) if l != id => Role::Follower {
+            leader: l,
+            amqp: entrepot_cluster::identity::amqp_addr(&addr),
+            amqps: entrepot_cluster::identity::amqps_addr(&addr),
+        },
+        _ => Role::Unknown,
+    };
+    role.send_if_modified(|current| {
+        let same = match (&*current, &next) {
+            (Role::Unknown, Role::Unknown) => true,
+            (Role::Follower { leader: a, .. }, Role::Follower { leader: b, .. }) => a == b,
+            _ => false,
+        };
+        if !same {
+            *current = next;
+        }
+        !same
+    });
+}
+
 /// Makes this leader's broker: everything committed applied, the uncommitted local tail
 /// cut, queues rebuilt from the store, replicator and housekeeping running.
 async fn activate(
@@ -544,22 +617,17 @@ async fn activate(
     let broker = tokio::task::block_in_place(|| Broker::with_store((**config).clone(), store))?;
     let gate = tokio::task::block_in_place(|| crate::server::admit(config, &broker))?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let mut tasks = vec![
-        tokio::spawn(replicator::run(
-            raft.clone(),
-            Arc::clone(&replication),
-            shutdown_rx.clone(),
-        )),
-        tokio::spawn(Arc::clone(&broker).housekeeping(shutdown_rx.clone())),
-    ];
-    if let Some(dir) = config.manifests.clone() {
-        tasks.push(tokio::spawn(crate::manifest::watch::watch_dir(
-            dir,
-            Arc::clone(&broker),
-            Arc::clone(&gate),
-            shutdown_rx,
-        )));
-    }
+    let mut tasks = vec![tokio::spawn(replicator::run(
+        raft.clone(),
+        Arc::clone(&replication),
+        shutdown_rx.clone(),
+    ))];
+    tasks.extend(crate::server::broker_tasks(
+        &broker,
+        &gate,
+        config,
+        shutdown_rx,
+    ));
     Ok(Arc::new(Active {
         broker,
         gate,
