@@ -1,6 +1,8 @@
 //! `GET /status` and `entrepot status`: what a node holds right now, as YAML an operator
 //! can read and a script can parse — queues with their depth and consumers, topics with
 //! their subscriptions, connections, and what the last manifest apply refused to delete.
+//!
+//! Reads the broker through its public views and stats only; changes nothing.
 
 use std::sync::atomic::Ordering;
 

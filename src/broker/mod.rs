@@ -1,8 +1,18 @@
-//! The broker's state behind the connections: the store, and the queues and topics by
-//! address.
+//! The broker core, behind the connections: the store, and the queues, topics, in-memory
+//! addresses and durable subscriptions by address; dead-lettering and expiry.
 //!
 //! Connections call in here to resolve an address, to store a message and to move a
-//! message elsewhere (dead-letter, expiry). The broker owns no socket and no AMQP framing.
+//! message elsewhere (dead-letter, expiry).
+//!
+//! Invariants: a message enters a queue only once the store made it durable; an existing
+//! address keeps its kind (queue, topic, in-memory); auto-creation stops at
+//! `max-auto-created-addresses`; a moved message's copy is durable before its original
+//! is acknowledged.
+//!
+//! Does not: own a socket or AMQP framing, choose an AMQP error condition (its errors are
+//! typed, [`BrokerError`] and [`AddressError`]; `connection/errors.rs` maps them), read
+//! manifests (the manifest layer declares addresses through [`Declaration`]), or name
+//! anything above it (`tests/architecture.rs`).
 
 mod declare;
 mod error;

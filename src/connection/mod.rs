@@ -13,7 +13,8 @@
 //!
 //! Errors are scoped like the protocol: a bad transfer detaches its link, a window
 //! violation ends its session, a framing error closes the connection; other connections
-//! never notice.
+//! never notice. The AMQP condition of every broker error a client hears is chosen in one
+//! place, `errors.rs`.
 
 pub mod errors;
 mod handshake;
