@@ -271,7 +271,7 @@ impl Session {
         }
         if let Some(DeliveryState::TransactionalState(txn_state)) = &d.state {
             let txn_ids = self.settled_ids(d.first, last)?;
-            return self.on_txn_disposition(conn, txn_ids, txn_state);
+            return self.on_txn_disposition(conn, txn_ids, txn_state, d.settled);
         }
         let outcome = match &d.state {
             Some(state) => outcome_of(state),

@@ -134,6 +134,17 @@ struct TxnOutcome {
     consumer: ConsumerId,
     offset: u64,
     outcome: Outcome,
+    /// The consumer left the delivery unsettled (receiver-settle-mode `second`): our
+    /// channel, its delivery id and the state it sent, settled back once the commit is
+    /// durable.
+    settle_back: Option<SettleBack>,
+}
+
+/// A delivery settled back to its consumer when its transaction's commit is durable.
+struct SettleBack {
+    channel: u16,
+    delivery_id: u32,
+    state: DeliveryState,
 }
 
 struct Txn {
@@ -159,6 +170,8 @@ struct Discharging {
     recorded: Vec<Recorded>,
     /// Set when part of the commit was refused (see [`Transactions::commit`]).
     refused: Option<Refusal>,
+    /// The committed outcomes whose deliveries the consumers await our settlement of.
+    settle_back: Vec<SettleBack>,
 }
 
 /// A connection's transactions (see the module docs).
@@ -371,6 +384,15 @@ impl Connection {
                 (false, Some((condition, description))) => rejected(condition, description),
                 (false, None) => DeliveryState::Accepted(Accepted {}),
             };
+            if !failed {
+                // The acknowledgements are durable: the consumers that wait for our
+                // settlement (mode `second`) get it now, with the state they sent.
+                for b in d.settle_back {
+                    if self.sessions.contains_key(&b.channel) {
+                        Session::send_settled(self, b.channel, b.delivery_id, Some(b.state))?;
+                    }
+                }
+            }
             if self
                 .sessions
                 .values()
@@ -510,13 +532,14 @@ impl Session {
         }
         // The staged bytes are in the log now: the budget has them back.
         drop(charge);
-        let (recorded, refused) = settle_outcomes(&conn.broker, outcomes);
+        let (recorded, refused, settle_back) = settle_outcomes(&conn.broker, outcomes);
         conn.txns.discharging.push_back(Discharging {
             channel: self.local_channel(),
             delivery_id,
             durable,
             recorded,
             refused,
+            settle_back,
         });
         None
     }
@@ -583,6 +606,7 @@ impl Session {
         conn: &mut Connection,
         ids: Vec<u32>,
         ts: &TransactionalState,
+        settled: bool,
     ) -> Result<(), ConnError> {
         let Some(outcome) = ts.outcome.clone().map(DeliveryState::from) else {
             return Ok(()); // no outcome yet: nothing to retire
@@ -631,6 +655,11 @@ impl Session {
                     consumer: out.consumer,
                     offset: out.offset,
                     outcome: outcome.clone(),
+                    settle_back: (!settled).then(|| SettleBack {
+                        channel: self.local_channel(),
+                        delivery_id: id,
+                        state: DeliveryState::TransactionalState(ts.clone()),
+                    }),
                 });
             }
         }
@@ -666,16 +695,22 @@ fn stage_refusal(txn: &mut Txn, target: &Address, message: &Bytes) -> Option<Ref
     None
 }
 
-/// Applies a committed transaction's outcomes in their queues; returns what to wait for
-/// and, when the store refused an acknowledgement (the disk is full), the refusal — those
-/// messages are back in their queues and the discharge says so.
-fn settle_outcomes(broker: &Broker, outcomes: Vec<TxnOutcome>) -> (Vec<Recorded>, Option<Refusal>) {
+/// What a commit's outcomes became: the records to wait for, the refusal when the store
+/// refused an acknowledgement (the disk is full: those messages are back in their queues
+/// and the discharge says so), and the deliveries to settle back once it is durable.
+type Settled = (Vec<Recorded>, Option<Refusal>, Vec<SettleBack>);
+
+/// Applies a committed transaction's outcomes in their queues (see [`Settled`]).
+fn settle_outcomes(broker: &Broker, outcomes: Vec<TxnOutcome>) -> Settled {
     let mut recorded = Vec::new();
     let mut refused = Vec::new();
+    let mut settle_back = Vec::new();
     for o in outcomes {
         match o.queue.settle(broker, o.consumer, o.offset, o.outcome) {
-            Ok(Some(r)) => recorded.push(r),
-            Ok(None) => {}
+            Ok(r) => {
+                recorded.extend(r);
+                settle_back.extend(o.settle_back);
+            }
             Err(e) => refused.push(e),
         }
     }
@@ -687,5 +722,5 @@ fn settle_outcomes(broker: &Broker, outcomes: Vec<TxnOutcome>) -> (Vec<Recorded>
         );
         (e.condition(), d)
     });
-    (recorded, refusal)
+    (recorded, refusal, settle_back)
 }

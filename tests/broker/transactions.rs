@@ -19,7 +19,7 @@ use fe2o3_amqp::types::primitives::Binary;
 use fe2o3_amqp::types::transaction::{
     Coordinator, Declare, Discharge, TransactionalState, TxnCapability,
 };
-use fe2o3_amqp_types::definitions::Role;
+use fe2o3_amqp_types::definitions::{ReceiverSettleMode, Role};
 
 use crate::client::within;
 use crate::harness::BrokerProcess;
@@ -402,6 +402,71 @@ async fn an_acknowledgement_in_a_transaction_outlives_its_link_and_an_unknown_on
         got,
         vec![(2, b"m1".to_vec())],
         "m0 was consumed by the commit"
+    );
+}
+
+/// A consumer in receiver-settle-mode `second` that accepts in a transaction leaves its
+/// delivery unsettled: the broker settles it back, with the transactional state the
+/// consumer sent, once the commit is durable — not before the commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsettled_transactional_acceptance_is_settled_back_at_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let queue = "tx-second";
+    let mut c = with_coordinator(&broker, queue).await;
+    c.transfer(SEND, 0, &data_message(b"m0")).await;
+    assert!(within("stored", Box::pin(c.expect(crate::raw_client::accepted(0)))).await);
+    let txn = declared(&mut c, 1).await;
+    within(
+        "receiver",
+        c.attach_receiver_settling(0, RECV, "receiver", queue, ReceiverSettleMode::Second),
+    )
+    .await;
+    c.flow(RECV, 0, 1, false).await;
+    let got = within("m0", received(&mut c)).await;
+    assert_eq!(got, vec![(0, b"m0".to_vec())]);
+    let state = in_txn(&txn, Some(Outcome::Accepted(Accepted {})));
+    let accept = Disposition {
+        role: Role::Receiver,
+        first: 0,
+        last: None,
+        settled: false,
+        state: Some(state.clone()),
+        batchable: false,
+    };
+    c.send_on(0, &Performative::Disposition(accept), &[]).await;
+    let ours = |f: &crate::raw_client::Frame| match &f.performative {
+        Performative::Disposition(d) if d.role == Role::Sender && d.first == 0 => Some(d.clone()),
+        _ => None,
+    };
+    let early = Box::pin(c.frames_until_quiet(Duration::from_millis(300))).await;
+    assert!(
+        early.iter().all(|f| ours(f).is_none()),
+        "settled before the commit: {early:?}"
+    );
+
+    let msg = amqp_value(Discharge {
+        txn_id: txn,
+        fail: Some(false),
+    });
+    c.transfer(COORD, 2, &msg).await;
+    let frames = Box::pin(c.frames_until_quiet(Duration::from_millis(500))).await;
+    let committed = frames
+        .iter()
+        .find_map(|f| outcome_of(2)(f.performative.clone()));
+    assert!(
+        matches!(committed, Some(Some(DeliveryState::Accepted(_)))),
+        "the commit is answered: {frames:?}"
+    );
+    let back = frames
+        .iter()
+        .find_map(ours)
+        .unwrap_or_else(|| panic!("the delivery is settled back at commit: {frames:?}"));
+    assert!(back.settled, "{back:?}");
+    assert_eq!(
+        format!("{:?}", back.state),
+        format!("{:?}", Some(state)),
+        "with the state the consumer sent"
     );
 }
 
