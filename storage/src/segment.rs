@@ -409,7 +409,24 @@ impl Segment {
                 tracing::warn!(path = %self.path.display(), error = %e, "could not write index files, they will be rebuilt on open");
             }
         }
+        self.release_pages();
         Ok(())
+    }
+
+    /// Drops this process's mapping of the segment's pages (`MADV_DONTNEED`): a sealed
+    /// segment is synced and never written again, so its pages need not count in the
+    /// broker's resident memory — a reader that comes later faults them back in from the
+    /// page cache or the file. Without it every page written stays resident until the
+    /// segment is deleted (issue 15: 1 MiB messages peaked at ~200 MiB of file pages).
+    fn release_pages(&self) {
+        // SAFETY: the mapping is shared and backed by the file (`map_raw`): after
+        // MADV_DONTNEED an access repopulates the page from the file's current contents
+        // (dirty pages stay dirty in the page cache), so no byte any reader holds changes.
+        // Only private or anonymous mappings would read back zeros.
+        let advised = unsafe { self.map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+        if let Err(e) = advised {
+            tracing::debug!(path = %self.path.display(), error = %e, "madvise(DONTNEED) failed");
+        }
     }
 
     /// Finds the byte position of `offset`, walking forward from the nearest index entry.
