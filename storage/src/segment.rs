@@ -423,7 +423,10 @@ impl Segment {
         // MADV_DONTNEED an access repopulates the page from the file's current contents
         // (dirty pages stay dirty in the page cache), so no byte any reader holds changes.
         // Only private or anonymous mappings would read back zeros.
-        let advised = unsafe { self.map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+        let advised = unsafe {
+            self.map
+                .unchecked_advise(memmap2::UncheckedAdvice::DontNeed)
+        };
         if let Err(e) = advised {
             tracing::debug!(path = %self.path.display(), error = %e, "madvise(DONTNEED) failed");
         }
