@@ -233,7 +233,7 @@ pub fn balance_leaders(placement: &mut Placement, members: &BTreeSet<NodeId>) {
         let under = leads.iter().find(|(_, c)| **c < floor).map(|(m, _)| *m);
         let over = leads.iter().find(|(_, c)| **c > ceil).map(|(m, _)| *m);
         let moved = match (under, over) {
-            (Some(v), _) => augment(placement, &mut leads, v, |c| c > floor),
+            (Some(v), _) => augment(placement, &mut leads, v, |_, c| c > floor),
             (None, Some(u)) => {
                 // Find a member below the ceiling that can take over from `u`.
                 let takers: Vec<NodeId> = leads
@@ -243,7 +243,7 @@ pub fn balance_leaders(placement: &mut Placement, members: &BTreeSet<NodeId>) {
                     .collect();
                 takers
                     .into_iter()
-                    .any(|v| augment_from(placement, &mut leads, v, u))
+                    .any(|v| augment(placement, &mut leads, v, |y, _| y == u))
             }
             (None, None) => return,
         };
@@ -253,13 +253,13 @@ pub fn balance_leaders(placement: &mut Placement, members: &BTreeSet<NodeId>) {
     }
 }
 
-/// Gives `to` one more leadership taken from the nearest member `donor` satisfies, moving
-/// leaderships along the chain. Returns whether a chain was found.
+/// Gives `to` one more leadership taken from the nearest member that `donor(member,
+/// leads)` accepts, moving leaderships along the chain. Returns whether one was found.
 fn augment(
     placement: &mut Placement,
     leads: &mut BTreeMap<NodeId, usize>,
     to: NodeId,
-    donor: impl Fn(usize) -> bool,
+    donor: impl Fn(NodeId, usize) -> bool,
 ) -> bool {
     // parent[y] = (x, g): y leads g, x is a replica of g and is one step closer to `to`.
     let mut parent: BTreeMap<NodeId, (NodeId, GroupId)> = BTreeMap::new();
@@ -273,35 +273,7 @@ fn augment(
             }
             seen.insert(y);
             parent.insert(y, (x, *g));
-            if donor(leads.get(&y).copied().unwrap_or(0)) {
-                shift_along(placement, leads, &parent, y, to);
-                return true;
-            }
-            queue.push_back(y);
-        }
-    }
-    false
-}
-
-/// Like [`augment`], with one given donor `from`.
-fn augment_from(
-    placement: &mut Placement,
-    leads: &mut BTreeMap<NodeId, usize>,
-    to: NodeId,
-    from: NodeId,
-) -> bool {
-    let mut parent: BTreeMap<NodeId, (NodeId, GroupId)> = BTreeMap::new();
-    let mut seen = BTreeSet::from([to]);
-    let mut queue = VecDeque::from([to]);
-    while let Some(x) = queue.pop_front() {
-        for (g, p) in placement.iter() {
-            let y = p.leader;
-            if !p.nodes.contains(&x) || seen.contains(&y) {
-                continue;
-            }
-            seen.insert(y);
-            parent.insert(y, (x, *g));
-            if y == from {
+            if donor(y, leads.get(&y).copied().unwrap_or(0)) {
                 shift_along(placement, leads, &parent, y, to);
                 return true;
             }

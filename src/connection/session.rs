@@ -330,11 +330,9 @@ impl Session {
         refused: Vec<(u32, crate::broker::queue::AckRefused)>,
     ) -> Result<(), ConnError> {
         for (handle, e) in refused {
-            if !matches!(self.links.get(&handle), Some(Link::Consumer(_))) {
-                continue; // detached already, by an earlier refusal of this disposition
-            }
+            // A link already detached by an earlier refusal of this disposition is skipped.
             let description = format!("{e}; the message will be delivered again");
-            self.detach_with_error(conn, handle, e.condition(), description)?;
+            self.detach_consumer_with_error(conn, handle, e.condition(), description)?;
         }
         Ok(())
     }
