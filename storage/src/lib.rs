@@ -68,10 +68,10 @@ pub use config::{
     MIN_SEGMENT_BYTES,
 };
 pub use error::{Result, StorageError};
-pub use log::{Appended, Log, LogReader, SegmentSpan};
+pub use log::{Appended, Log, LogReader, SegmentSpan, RESIDENT_TAIL_BYTES};
 pub use offset_set::OffsetSet;
 pub use record::{Record, RECORD_HEADER_LEN};
 pub use retention::Retention;
-pub use segment::{SEGMENT_HEADER_LEN, SEGMENT_MAGIC, SEGMENT_VERSION};
+pub use segment::{RELEASE_CHUNK_BYTES, SEGMENT_HEADER_LEN, SEGMENT_MAGIC, SEGMENT_VERSION};
 pub use space::free_bytes;
 pub use sync::{Durable, DurableState, LogStats, SYNC_LATENCY_BUCKETS_US};

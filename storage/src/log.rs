@@ -81,6 +81,11 @@ struct Writer {
     poisoned: Option<Arc<str>>,
 }
 
+/// Synced bytes at the end of the active segment that stay mapped in the process (the
+/// records consumers read next); below them the pages are released, 1 MiB at a time, so
+/// resident memory does not grow with the segment size (issue 15).
+pub const RESIDENT_TAIL_BYTES: u64 = 4 << 20;
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -575,6 +580,9 @@ impl Inner {
             w.synced_pos = w.synced_pos.max(to);
         }
         drop(w);
+        // Synced and never written again: only the tail the consumers are about to read
+        // stays mapped (sealed segments release everything when sealed).
+        active.release_below(to.saturating_sub(RESIDENT_TAIL_BYTES));
         self.durable_tx.send_if_modified(|s| {
             let advanced = next > s.durable;
             s.durable = s.durable.max(next);

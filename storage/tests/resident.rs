@@ -94,3 +94,42 @@ fn sealed_segments_leave_resident_memory_and_still_read_back() {
     }
     assert_eq!(log.next_offset(), n);
 }
+
+#[test]
+fn an_active_segment_keeps_only_its_synced_tail_resident() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        segment_bytes: 32 * SEGMENT_BYTES,
+        record_bytes_max: 64 * 1024,
+        sync: SyncPolicy::Always,
+        ..LogConfig::default()
+    };
+    let log = Log::open(dir.path(), config).unwrap();
+    // 12 MiB into a 32 MiB segment, synced as it goes.
+    let records = 12 * SEGMENT_BYTES / PAYLOAD_LEN as u64;
+    for i in 0..records {
+        log.append(&payload(i)).unwrap();
+        if i % 64 == 0 {
+            log.flush().unwrap();
+        }
+    }
+    log.flush().unwrap();
+    let spans = log.segments();
+    assert_eq!(spans.len(), 1, "still one active segment: {spans:?}");
+    let rss = resident_kib(&dir.path().join(format!("{:020}.seg", spans[0].base)))
+        .expect("the active segment is mapped");
+    let most = (entrepot_storage::RESIDENT_TAIL_BYTES + 2 * SEGMENT_BYTES) / 1024;
+    assert!(
+        rss <= most,
+        "active segment keeps {rss} KiB resident after 12 MiB written (at most {most})"
+    );
+    for r in log.reader(0) {
+        let r = r.unwrap();
+        assert_eq!(
+            &r.payload[..],
+            &payload(r.offset)[..],
+            "record {}",
+            r.offset
+        );
+    }
+}
