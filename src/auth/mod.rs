@@ -1,5 +1,6 @@
 //! Who a client is and what it may do: SASL credential checks against the MessagingUsers
-//! of an address space ([`users`]), authorization rules ([`authz`]), bearer tokens of
+//! of an address space ([`users`]), authorization rules ([`authz`], declared with the
+//! manifests and kept in `manifest::authz`), bearer tokens of
 //! service accounts ([`tokens`]), and the growing delay after failed logins.
 //!
 //! Invariants: passwords and tokens are never logged or kept beyond the check; a failed
@@ -9,7 +10,8 @@
 //! Does not: speak SASL (that is [`crate::amqp::sasl`]) or read manifests
 //! ([`crate::manifest`]).
 
-pub mod authz;
+/// The rules live with the manifests that declare them; re-exported where they are checked.
+pub use crate::manifest::authz;
 pub mod tokens;
 pub mod users;
 
@@ -73,6 +75,13 @@ pub struct Gatekeeper {
     pub manifests: Live,
     pub tokens: Option<Box<dyn tokens::TokenAuthenticator>>,
     pub failures: LoginFailures,
+}
+
+/// What the manifest watch re-applies into (see `manifest::watch::watch_dir`).
+impl AsRef<Live> for Gatekeeper {
+    fn as_ref(&self) -> &Live {
+        &self.manifests
+    }
 }
 
 impl Gatekeeper {

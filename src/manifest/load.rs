@@ -9,13 +9,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use super::authz::{AddressPattern, Operation, Rule};
 use super::model::{self, AddressType, AuthType, Document, Header, KINDS};
 use super::{
     Address, AddressPlan, AddressSpace, AddressSpacePlan, Catalog, ManifestError, Origin, User,
     UserAuth,
 };
 use crate::amqp::scram::ScramCredential;
-use crate::auth::authz::{AddressPattern, Operation, Rule};
 use crate::broker::store::MAX_ADDRESS_LEN;
 
 /// Largest manifest file read: manifests are configuration, not data.

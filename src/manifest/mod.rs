@@ -13,6 +13,7 @@
 //! Does not: authenticate (see [`crate::auth`]) or touch queues; it only answers "what
 //! exists and who may do what".
 
+pub mod authz;
 pub mod export;
 pub mod load;
 pub mod model;
@@ -23,7 +24,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use crate::amqp::scram::ScramCredential;
-use crate::auth::authz::{self, Operation, Rule};
+use authz::{Operation, Rule};
 pub use model::AddressType;
 
 /// Where a document came from, for messages.

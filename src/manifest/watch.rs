@@ -130,12 +130,17 @@ fn keep_non_empty_addresses(old: &Catalog, new: &mut Catalog, broker: &Broker) {
 }
 
 /// Re-applies `dir` whenever it changes, until `shutdown`.
-pub async fn watch_dir(
+///
+/// `gate` is whatever holds the [`Live`] catalog clients are checked against (the
+/// `auth::Gatekeeper`): manifest never names the layer that authenticates.
+pub async fn watch_dir<G>(
     dir: PathBuf,
     broker: Arc<Broker>,
-    gate: Arc<crate::auth::Gatekeeper>,
+    gate: Arc<G>,
     mut shutdown: watch::Receiver<bool>,
-) {
+) where
+    G: AsRef<Live> + Send + Sync + 'static,
+{
     let (tx, mut rx) = mpsc::unbounded_channel();
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if event.is_ok_and(|e| !e.kind.is_access()) {
@@ -159,6 +164,9 @@ pub async fn watch_dir(
         // Debounce: wait until the directory has been quiet for DEBOUNCE.
         while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {}
         let (dir, broker, gate) = (dir.clone(), Arc::clone(&broker), Arc::clone(&gate));
-        let _ = tokio::task::spawn_blocking(move || apply(&dir, &broker, &gate.manifests)).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            apply(&dir, &broker, AsRef::<Live>::as_ref(&*gate))
+        })
+        .await;
     }
 }

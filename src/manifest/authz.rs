@@ -5,6 +5,9 @@
 //! (`orders.*` matches `orders.eu` and `orders.eu.paris`), or `*` for every address of the
 //! user's address space. Nothing else is a pattern: `*` in the middle, empty patterns and
 //! whitespace are refused when the manifest is loaded, never at attach time.
+//!
+//! The rules live here, with the manifests that declare them, so that `manifest` names
+//! nothing of `auth`; `auth::authz` re-exports this module for the checks at attach time.
 
 use std::fmt;
 
