@@ -591,8 +591,9 @@ impl Store {
     }
 }
 
-/// Deletes the sealed segments of `log` whose records `acks` holds all acknowledged
-/// (a cluster follower runs this on its own store, which no broker tends).
+/// Deletes the sealed segments of `log` whose records `acks` holds all acknowledged, and
+/// releases the pages readers mapped again ([`Log::release_resident`]); a cluster follower
+/// runs this on its own store, which no broker tends.
 pub fn reclaim(log: &Log, acks: &AckLog) -> StorageResult<usize> {
     let mut deleted = 0;
     for span in log.segments().into_iter().filter(|s| s.sealed) {
@@ -600,6 +601,8 @@ pub fn reclaim(log: &Log, acks: &AckLog) -> StorageResult<usize> {
             deleted += 1;
         }
     }
+    // Pages consumers faulted back in leave the resident set again (issue 15).
+    log.release_resident();
     Ok(deleted)
 }
 

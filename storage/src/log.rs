@@ -297,6 +297,27 @@ impl Log {
         Ok(None)
     }
 
+    /// Drops this process's mapping of the pages readers faulted back in since their
+    /// segment released them: every sealed segment whole, the active one below its last
+    /// [`RESIDENT_TAIL_BYTES`] synced. Meant to run periodically (the broker's
+    /// housekeeping), so resident memory follows what consumers read recently.
+    pub fn release_resident(&self) {
+        let active = self
+            .inner
+            .lock_writer()
+            .map(|w| (Arc::clone(&w.active), w.synced_pos));
+        for seg in self.inner.snapshot() {
+            if seg.is_sealed() {
+                seg.release_pages();
+            }
+        }
+        if let Ok((active, synced)) = active {
+            if !active.is_sealed() {
+                active.release_again_below(synced.saturating_sub(RESIDENT_TAIL_BYTES));
+            }
+        }
+    }
+
     /// Start, end, size and state of every retained segment, oldest first.
     pub fn segments(&self) -> Vec<SegmentSpan> {
         self.inner

@@ -430,8 +430,18 @@ impl Segment {
     /// on the active segment with a synced position, so a segment being filled keeps only
     /// its tail resident. The caller never writes below `pos` again.
     pub(crate) fn release_below(&self, pos: u64) {
-        let to = pos.min(self.capacity) / RELEASE_CHUNK_BYTES * RELEASE_CHUNK_BYTES;
         let from = self.released.load(Ordering::Acquire);
+        self.release_range(from, pos);
+    }
+
+    /// Releases everything below `pos` again, pages readers faulted back in included (the
+    /// periodic pass of [`crate::Log::release_resident`]).
+    pub(crate) fn release_again_below(&self, pos: u64) {
+        self.release_range(0, pos);
+    }
+
+    fn release_range(&self, from: u64, pos: u64) {
+        let to = pos.min(self.capacity) / RELEASE_CHUNK_BYTES * RELEASE_CHUNK_BYTES;
         if to <= from {
             return;
         }
@@ -444,14 +454,16 @@ impl Segment {
             )
         };
         match advised {
-            Ok(()) => self.released.store(to, Ordering::Release),
+            Ok(()) => {
+                self.released.fetch_max(to, Ordering::AcqRel);
+            }
             Err(e) => {
                 tracing::debug!(path = %self.path.display(), error = %e, "madvise(DONTNEED) failed")
             }
         }
     }
 
-    fn release_pages(&self) {
+    pub(crate) fn release_pages(&self) {
         // SAFETY: the mapping is shared and backed by the file (`map_raw`): after
         // MADV_DONTNEED an access repopulates the page from the file's current contents
         // (dirty pages stay dirty in the page cache), so no byte any reader holds changes.
