@@ -592,23 +592,7 @@ impl Queue {
             Outcome::Accepted => {
                 s.release(len_of(&msg));
                 drop(s);
-                let recorded = self.acknowledge(broker, offset);
-                let mut s = self.lock();
-                if recorded.is_err() {
-                    s.hold(len_of(&msg));
-                    s.put_back(msg);
-                    if let Some(c) = s.consumers.iter_mut().find(|c| c.spec.link.consumer == id) {
-                        c.credit = 0;
-                    }
-                }
-                self.dispatch(broker, &mut s);
-                return recorded
-                    .map(|r| r.map(Recorded::Durable))
-                    .map_err(|source| AckRefused {
-                        queue: self.name.clone(),
-                        offset,
-                        source,
-                    });
+                return self.accept_settled(broker, id, offset, msg);
             }
             Outcome::Released => s.put_back(msg),
             Outcome::Modified {
@@ -621,24 +605,15 @@ impl Queue {
                 if delivery_failed {
                     msg.delivery_count += 1;
                 }
-                if msg.delivery_count >= broker.config().max_delivery_attempts {
+                let max = broker.config().max_delivery_attempts;
+                if msg.delivery_count >= max {
                     s.release(len_of(&msg));
                     drop(s);
-                    let reason = format!(
-                        "delivery attempts reached {}",
-                        broker.config().max_delivery_attempts
-                    );
-                    let moving = self.dead_letter_for_consumer(
-                        broker,
-                        msg,
-                        Diversion::DeadLetter {
-                            reason: "delivery-limit".into(),
-                            description: Some(reason),
-                        },
-                    );
-                    let mut s = self.lock();
-                    self.dispatch(broker, &mut s);
-                    return Ok(Some(moving));
+                    let why = Diversion::DeadLetter {
+                        reason: "delivery-limit".into(),
+                        description: Some(format!("delivery attempts reached {max}")),
+                    };
+                    return Ok(Some(self.dead_letter_settled(broker, msg, why)));
                 }
                 if delivery_failed {
                     self.record_delivery_count(broker, &msg);
@@ -651,21 +626,58 @@ impl Queue {
             } => {
                 s.release(len_of(&msg));
                 drop(s);
-                let moving = self.dead_letter_for_consumer(
-                    broker,
-                    msg,
-                    Diversion::DeadLetter {
-                        reason: condition,
-                        description,
-                    },
-                );
-                let mut s = self.lock();
-                self.dispatch(broker, &mut s);
-                return Ok(Some(moving));
+                let why = Diversion::DeadLetter {
+                    reason: condition,
+                    description,
+                };
+                return Ok(Some(self.dead_letter_settled(broker, msg, why)));
             }
         }
         self.dispatch(broker, &mut s);
         Ok(None)
+    }
+
+    /// Records consumer `id`'s acceptance of `msg` (released from the queue's count by
+    /// the caller). Refused by the store: the message goes back to the head of the queue
+    /// and the consumer gets no more credit (its link is about to be detached).
+    fn accept_settled(
+        self: &Arc<Self>,
+        broker: &Broker,
+        id: ConsumerId,
+        offset: u64,
+        msg: QueuedMessage,
+    ) -> Result<Option<Recorded>, AckRefused> {
+        let recorded = self.acknowledge(broker, offset);
+        let mut s = self.lock();
+        if recorded.is_err() {
+            s.hold(len_of(&msg));
+            s.put_back(msg);
+            if let Some(c) = s.consumers.iter_mut().find(|c| c.spec.link.consumer == id) {
+                c.credit = 0;
+            }
+        }
+        self.dispatch(broker, &mut s);
+        recorded
+            .map(|r| r.map(Recorded::Durable))
+            .map_err(|source| AckRefused {
+                queue: self.name.clone(),
+                offset,
+                source,
+            })
+    }
+
+    /// Starts moving a settled `msg` (released from the queue's count by the caller) to
+    /// the dead-letter address; the queue serves its consumers meanwhile.
+    fn dead_letter_settled(
+        self: &Arc<Self>,
+        broker: &Broker,
+        msg: QueuedMessage,
+        why: Diversion,
+    ) -> Recorded {
+        let moving = self.dead_letter_for_consumer(broker, msg, why);
+        let mut s = self.lock();
+        self.dispatch(broker, &mut s);
+        moving
     }
 
     /// The message at `offset` is done with in this queue (accepted, dead-lettered or
