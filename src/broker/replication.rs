@@ -295,34 +295,10 @@ pub fn apply(
                 apply_message(log, offset, &record, applied.message_end.unwrap_or(0))?;
                 applied.message_end = Some(offset + 1);
             }
-            op @ (OP_ACK | OP_ACK_GROUP) => {
-                let group = match op {
-                    OP_ACK_GROUP => Some(r.u32()?),
-                    _ => None,
-                };
-                let n = r.u32()? as usize;
-                if n > (ops.len() - r.pos) / 8 {
-                    return Err(ApplyError::Malformed("ack count beyond the batch"));
-                }
-                let offsets: Vec<u64> = (0..n).map(|_| r.u64()).collect::<Result<_, _>>()?;
-                match group {
-                    None => {
-                        let fresh: Vec<u64> =
-                            offsets.into_iter().filter(|o| !acks.is_acked(*o)).collect();
-                        if !fresh.is_empty() {
-                            acks.ack(&fresh)?;
-                        }
-                    }
-                    Some(g) => {
-                        let fresh: Vec<u64> = offsets
-                            .into_iter()
-                            .filter(|o| !acks.is_group_acked(g, *o))
-                            .collect();
-                        if !fresh.is_empty() {
-                            acks.ack_group(g, &fresh)?;
-                        }
-                    }
-                }
+            OP_ACK => apply_acks(&mut r, None, acks)?,
+            OP_ACK_GROUP => {
+                let group = r.u32()?;
+                apply_acks(&mut r, Some(group), acks)?;
             }
             OP_GROUP_FLOOR => {
                 let group = r.u32()?;
@@ -341,30 +317,55 @@ pub fn apply(
                     acks.set_delivery_count(group, offset, count)?;
                 }
             }
-            OP_FILE => {
-                let name_len = r.u16()? as usize;
-                if name_len > MAX_FILE_NAME {
-                    return Err(ApplyError::Malformed("file name too long"));
-                }
-                let name = std::str::from_utf8(&r.slice(name_len)?)
-                    .map_err(|_| ApplyError::Malformed("file name is not UTF-8"))?
-                    .to_owned();
-                let len = r.u32()? as usize;
-                let contents = r.slice(len)?;
-                if !REPLICATED_FILES.contains(&name.as_str()) {
-                    return Err(ApplyError::Malformed(
-                        "op writes a file that is not replicated",
-                    ));
-                }
-                write_file(dir, &name, &contents).map_err(|source| ApplyError::File {
-                    name: name.clone(),
-                    source,
-                })?;
-            }
+            OP_FILE => apply_file(&mut r, dir)?,
             _ => return Err(ApplyError::Malformed("unknown op")),
         }
     }
     Ok(())
+}
+
+/// An ack op's offsets (after its group, read by the caller): those not yet acknowledged
+/// are, in the default group or in `group`.
+fn apply_acks(r: &mut Reader<'_>, group: Option<u32>, acks: &AckLog) -> Result<(), ApplyError> {
+    let n = r.u32()? as usize;
+    if n > (r.buf.len() - r.pos) / 8 {
+        return Err(ApplyError::Malformed("ack count beyond the batch"));
+    }
+    let offsets: Vec<u64> = (0..n).map(|_| r.u64()).collect::<Result<_, _>>()?;
+    let fresh: Vec<u64> = offsets
+        .into_iter()
+        .filter(|o| match group {
+            None => !acks.is_acked(*o),
+            Some(g) => !acks.is_group_acked(g, *o),
+        })
+        .collect();
+    if fresh.is_empty() {
+        return Ok(());
+    }
+    match group {
+        None => acks.ack(&fresh)?,
+        Some(g) => acks.ack_group(g, &fresh)?,
+    };
+    Ok(())
+}
+
+/// A file op: one of [`REPLICATED_FILES`] replaced whole in `dir`.
+fn apply_file(r: &mut Reader<'_>, dir: &Path) -> Result<(), ApplyError> {
+    let name_len = r.u16()? as usize;
+    if name_len > MAX_FILE_NAME {
+        return Err(ApplyError::Malformed("file name too long"));
+    }
+    let name = std::str::from_utf8(&r.slice(name_len)?)
+        .map_err(|_| ApplyError::Malformed("file name is not UTF-8"))?
+        .to_owned();
+    let len = r.u32()? as usize;
+    let contents = r.slice(len)?;
+    if !REPLICATED_FILES.contains(&name.as_str()) {
+        return Err(ApplyError::Malformed(
+            "op writes a file that is not replicated",
+        ));
+    }
+    write_file(dir, &name, &contents).map_err(|source| ApplyError::File { name, source })
 }
 
 /// Idempotent message apply: skip when the same record is there, cut and rewrite when a
