@@ -516,27 +516,11 @@ async fn leadership(
             }
             follow(&role, id, leader, leader_addr);
         } else if active.is_none() {
-            // Activation waits on the majority; if leadership ends meanwhile, stop waiting
-            // and let the loop point clients at the new leader at once.
-            let mut watch = raft.metrics();
-            let attempt = tokio::select! {
-                r = activate(&raft, &machine, &config, &guard) => r,
-                _ = watch.wait_for(|m| !(m.state == ServerState::Leader && m.current_leader == Some(id))) => {
-                    continue;
-                }
+            let Some(a) = become_active(&raft, &machine, &config, &guard, id).await else {
+                continue;
             };
-            match attempt {
-                Ok(a) => {
-                    tracing::info!(node = id, "leading: broker active");
-                    role.send_replace(Role::Leader(Arc::clone(&a)));
-                    active = Some(a);
-                }
-                Err(e) => {
-                    tracing::warn!(node = id, error = %e, "could not activate the broker");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            }
+            role.send_replace(Role::Leader(Arc::clone(&a)));
+            active = Some(a);
         }
         tokio::select! {
             changed = metrics.changed() => if changed.is_err() { break },
@@ -572,6 +556,36 @@ async fn leadership(
         }
     }
     role.send_replace(Role::Unknown);
+}
+
+/// Activates the broker of this new leader (`id`); `None` when leadership ended while
+/// activation waited on the majority (the caller then points clients at the new leader at
+/// once) or activation failed (retried after a pause).
+async fn become_active(
+    raft: &Raft<TypeConfig>,
+    machine: &StoreMachine,
+    config: &Arc<BrokerConfig>,
+    guard: &Arc<DiskGuard>,
+    id: NodeId,
+) -> Option<Arc<Active>> {
+    let mut watch = raft.metrics();
+    let attempt = tokio::select! {
+        r = activate(raft, machine, config, guard) => r,
+        _ = watch.wait_for(|m| !(m.state == ServerState::Leader && m.current_leader == Some(id))) => {
+            return None;
+        }
+    };
+    match attempt {
+        Ok(a) => {
+            tracing::info!(node = id, "leading: broker active");
+            Some(a)
+        }
+        Err(e) => {
+            tracing::warn!(node = id, error = %e, "could not activate the broker");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            None
+        }
+    }
 }
 
 /// Points the front door of this node (`id`, not leading) at `leader`, whose member
