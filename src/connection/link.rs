@@ -415,17 +415,7 @@ impl Session {
         }
         let address = attach.source.as_ref().and_then(|s| s.address.clone());
         let Some(address) = address else {
-            // qpid-jms unsubscribes by attaching to the subscription's name with no
-            // source, then closing the link: see subscribe::reattach.
-            return match subscribe::reattach(&conn.broker, &conn.container_id, &attach) {
-                Ok((sub, holder, source)) => {
-                    let mut attach = attach;
-                    attach.source = Some(Box::new(source));
-                    let (queue, applied) = (Arc::clone(&sub.queue), Applied::default());
-                    self.finish_consumer_attach(conn, attach, queue, Some(holder), applied)
-                }
-                Err(refusal) => self.refuse(conn, attach, refusal),
-            };
+            return self.attach_by_subscription_name(conn, attach);
         };
         // Tenancy and authorization (a pass-through without manifests): see tenant.rs.
         let address = match conn.authorize(Operation::Recv, &address) {
@@ -499,6 +489,24 @@ impl Session {
             Err(e) => return self.refuse(conn, attach, e.refusal()),
         };
         self.finish_consumer_attach(conn, attach, queue, subscription, applied)
+    }
+
+    /// A receiver without a source address: qpid-jms unsubscribes by attaching to the
+    /// subscription's name with no source, then closing the link (see subscribe::reattach).
+    fn attach_by_subscription_name(
+        &mut self,
+        conn: &mut Connection,
+        attach: Attach,
+    ) -> Result<(), ConnError> {
+        match subscribe::reattach(&conn.broker, &conn.container_id, &attach) {
+            Ok((sub, holder, source)) => {
+                let mut attach = attach;
+                attach.source = Some(Box::new(source));
+                let (queue, applied) = (Arc::clone(&sub.queue), Applied::default());
+                self.finish_consumer_attach(conn, attach, queue, Some(holder), applied)
+            }
+            Err(refusal) => self.refuse(conn, attach, refusal),
+        }
     }
 
     /// A receiver asking for a dynamic source (request/reply: its reply address; JMS
