@@ -786,30 +786,7 @@ impl Session {
         let settled = t.settled.unwrap_or(false);
         let message = match (link.partial.as_mut(), t.more) {
             (None, false) => payload,
-            (None, true) => {
-                if link.credit == 0 {
-                    return self.detach_with_error(
-                        conn,
-                        handle,
-                        LinkError::TransferLimitExceeded.into(),
-                        "transfer without link credit".into(),
-                    );
-                }
-                let mut charge =
-                    Charge::new(Arc::clone(&conn.broker.intake), Arc::clone(&conn.intake));
-                if let Err(refused) = charge.grow(payload.len()) {
-                    return self.intake_refused(conn, t, payload, refused);
-                }
-                link.partial = Some(Partial {
-                    delivery_id: t.delivery_id,
-                    settled,
-                    len: payload.len() as u64,
-                    chunks: vec![Bytes::copy_from_slice(&payload)],
-                    charge,
-                    txn: super::txn::txn_of_transfer(t.state.as_ref()),
-                });
-                return self.check_size(conn, handle, max);
-            }
+            (None, true) => return self.start_partial(conn, t, payload),
             (Some(p), more) => {
                 if more {
                     if let Err(refused) = p.charge.grow(payload.len()) {
@@ -849,6 +826,42 @@ impl Session {
             std::slice::from_ref(&message),
             txn,
         )
+    }
+
+    /// The first frame of a multi-frame delivery on a producer link: held, and charged to
+    /// the incomplete-delivery budgets, until the last frame.
+    fn start_partial(
+        &mut self,
+        conn: &mut Connection,
+        t: Transfer,
+        payload: Bytes,
+    ) -> Result<(), ConnError> {
+        let handle = t.handle.0;
+        let max = conn.broker.config().max_message_bytes;
+        let Some(Link::Producer(link)) = self.links.get_mut(&handle) else {
+            return Ok(());
+        };
+        if link.credit == 0 {
+            return self.detach_with_error(
+                conn,
+                handle,
+                LinkError::TransferLimitExceeded.into(),
+                "transfer without link credit".into(),
+            );
+        }
+        let mut charge = Charge::new(Arc::clone(&conn.broker.intake), Arc::clone(&conn.intake));
+        if let Err(refused) = charge.grow(payload.len()) {
+            return self.intake_refused(conn, t, payload, refused);
+        }
+        link.partial = Some(Partial {
+            delivery_id: t.delivery_id,
+            settled: t.settled.unwrap_or(false),
+            len: payload.len() as u64,
+            chunks: vec![Bytes::copy_from_slice(&payload)],
+            charge,
+            txn: super::txn::txn_of_transfer(t.state.as_ref()),
+        });
+        self.check_size(conn, handle, max)
     }
 
     /// Grants credit again to producer links whose target is no longer blocked; returns
