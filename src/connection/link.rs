@@ -828,6 +828,20 @@ impl Session {
         )
     }
 
+    /// A producer sent a delivery without link credit: its link is detached.
+    fn refuse_without_credit(
+        &mut self,
+        conn: &mut Connection,
+        handle: u32,
+    ) -> Result<(), ConnError> {
+        self.detach_with_error(
+            conn,
+            handle,
+            LinkError::TransferLimitExceeded.into(),
+            "transfer without link credit".into(),
+        )
+    }
+
     /// The first frame of a multi-frame delivery on a producer link: held, and charged to
     /// the incomplete-delivery budgets, until the last frame.
     fn start_partial(
@@ -842,12 +856,7 @@ impl Session {
             return Ok(());
         };
         if link.credit == 0 {
-            return self.detach_with_error(
-                conn,
-                handle,
-                LinkError::TransferLimitExceeded.into(),
-                "transfer without link credit".into(),
-            );
+            return self.refuse_without_credit(conn, handle);
         }
         let mut charge = Charge::new(Arc::clone(&conn.broker.intake), Arc::clone(&conn.intake));
         if let Err(refused) = charge.grow(payload.len()) {
@@ -968,12 +977,7 @@ impl Session {
             return Ok(());
         };
         if link.credit == 0 {
-            return self.detach_with_error(
-                conn,
-                handle,
-                LinkError::TransferLimitExceeded.into(),
-                "transfer without link credit".into(),
-            );
+            return self.refuse_without_credit(conn, handle);
         }
         link.credit -= 1;
         link.delivery_count = link.delivery_count.wrapping_add(1);

@@ -43,6 +43,19 @@ fn resident_kib(file: &Path) -> Option<u64> {
     None
 }
 
+/// Reads every record and checks it byte for byte (faulting released pages back in).
+fn read_back_all(log: &Log) {
+    for r in log.reader(0) {
+        let r = r.unwrap();
+        assert_eq!(
+            &r.payload[..],
+            &payload(r.offset)[..],
+            "record {}",
+            r.offset
+        );
+    }
+}
+
 #[test]
 fn sealed_segments_leave_resident_memory_and_still_read_back() {
     let dir = tempfile::tempdir().unwrap();
@@ -85,15 +98,7 @@ fn sealed_segments_leave_resident_memory_and_still_read_back() {
             );
         }
     }
-    for r in log.reader(0) {
-        let r = r.unwrap();
-        assert_eq!(
-            &r.payload[..],
-            &payload(r.offset)[..],
-            "record {}",
-            r.offset
-        );
-    }
+    read_back_all(&log);
     assert_eq!(log.next_offset(), n);
     // Reading faulted the sealed pages back in; the periodic release drops them again.
     let read_back = resident_kib(&path_of(segments[0].base)).unwrap_or(0);
@@ -140,13 +145,5 @@ fn an_active_segment_keeps_only_its_synced_tail_resident() {
         rss <= most,
         "active segment keeps {rss} KiB resident after 12 MiB written (at most {most})"
     );
-    for r in log.reader(0) {
-        let r = r.unwrap();
-        assert_eq!(
-            &r.payload[..],
-            &payload(r.offset)[..],
-            "record {}",
-            r.offset
-        );
-    }
+    read_back_all(&log);
 }
