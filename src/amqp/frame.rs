@@ -488,6 +488,21 @@ pub fn encode_transfer(
     transfer: &TransferHeader<'_>,
     payload: &[u8],
 ) -> Result<usize, FrameError> {
+    buf.reserve(FRAME_HEADER_LEN + transfer.encoded_len() + payload.len());
+    let len = encode_transfer_head(buf, channel, transfer, payload.len())?;
+    buf.put_slice(payload);
+    Ok(len)
+}
+
+/// Appends the frame header and `transfer` performative of a frame whose `payload_len`
+/// bytes of payload the caller writes right after them, from wherever they are (the
+/// frame's size counts them); returns the whole frame's length.
+pub fn encode_transfer_head(
+    buf: &mut BytesMut,
+    channel: u16,
+    transfer: &TransferHeader<'_>,
+    payload_len: usize,
+) -> Result<usize, FrameError> {
     let tag_len = transfer.delivery_tag.len();
     let too_long = FrameError::DeliveryTagTooLong { len: tag_len };
     if tag_len > MAX_DELIVERY_TAG_LEN {
@@ -497,7 +512,6 @@ pub fn encode_transfer(
     // Within TRANSFER_FIELDS_LEN_MAX < 255 once the tag is bounded.
     let list_size = u8::try_from(transfer.fields_len() + 1)
         .map_err(|_| FrameError::DeliveryTagTooLong { len: tag_len })?;
-    buf.reserve(FRAME_HEADER_LEN + transfer.encoded_len() + payload.len());
     let start = begin_frame(buf, FRAME_TYPE_AMQP, channel);
     buf.put_slice(&[DESCRIBED, 0x53, TRANSFER_DESCRIPTOR, 0xc0, list_size]);
     buf.put_u8(TRANSFER_FIELD_COUNT);
@@ -509,8 +523,17 @@ pub fn encode_transfer(
     put_uint(buf, transfer.message_format);
     put_bool(buf, transfer.settled);
     put_bool(buf, transfer.more);
-    buf.put_slice(payload);
-    finish_frame(buf, start)
+    let head_len = buf.len() - start;
+    let len = head_len as u64 + payload_len as u64;
+    let Ok(size) = u32::try_from(len) else {
+        buf.truncate(start);
+        return Err(FrameError::FrameTooLarge {
+            size: len,
+            max: u32::MAX,
+        });
+    };
+    buf[start..start + 4].copy_from_slice(&size.to_be_bytes());
+    Ok(len as usize)
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@
 pub mod errors;
 mod handshake;
 mod link;
+mod outbuf;
 mod quickack;
 mod session;
 mod tenant;
@@ -214,7 +215,7 @@ struct PendingSettle {
 pub struct Connection {
     broker: Arc<Broker>,
     wr: Writer,
-    wbuf: BytesMut,
+    wbuf: outbuf::OutBuf,
     decoder: FrameDecoder,
     /// Largest frame the peer accepts.
     peer_max_frame: u32,
@@ -353,7 +354,7 @@ async fn run(
         decoder: FrameDecoder::new(PRE_OPEN_MAX_FRAME_SIZE),
         broker,
         wr,
-        wbuf: BytesMut::with_capacity(64 * 1024),
+        wbuf: outbuf::OutBuf::default(),
         peer_max_frame: frame::MIN_MAX_FRAME_SIZE,
         peer_idle_timeout: None,
         container_id: String::new(),
@@ -957,8 +958,7 @@ impl Connection {
         if self.wbuf.is_empty() {
             return Ok(());
         }
-        self.wr.write_all(&self.wbuf).await?;
-        self.wbuf.clear();
+        self.wbuf.write_to(&mut self.wr).await?;
         self.last_write = Instant::now();
         Ok(())
     }

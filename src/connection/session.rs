@@ -17,9 +17,10 @@ use fe2o3_amqp_types::performatives::{Begin, Disposition, Flow, Performative};
 
 use super::errors::ClientError;
 use super::link::Link;
+use super::outbuf::SHARED_BODY_MIN_BYTES;
 use super::{ConnError, Connection, PendingSettle};
-use crate::amqp::frame::{encode_transfer, TransferHeader, FRAME_HEADER_LEN};
-use crate::amqp::message::{concat, MessageView};
+use crate::amqp::frame::{encode_transfer, encode_transfer_head, TransferHeader, FRAME_HEADER_LEN};
+use crate::amqp::message::MessageView;
 use crate::broker::queue::{ConsumerId, Outbound, Outcome, Queue, QueuedMessage};
 use crate::config::BrokerConfig;
 
@@ -478,15 +479,66 @@ impl Session {
         Ok(())
     }
 
+    /// Writes one delivery as transfer frames of at most the peer's frame size, its
+    /// payload the concatenation of `pieces`: copied into the write buffer when small,
+    /// otherwise passed on as slices of the stored message, never copied (`outbuf.rs`).
+    fn write_transfers(
+        &mut self,
+        conn: &mut Connection,
+        header: &TransferHeader<'_>,
+        pieces: &[Bytes],
+    ) -> Result<(), ConnError> {
+        let total: usize = pieces.iter().map(Bytes::len).sum();
+        if total == 0 {
+            encode_transfer(&mut conn.wbuf, self.local_channel, header, &[])?;
+            self.count_outgoing_frame();
+            return Ok(());
+        }
+        let room = (conn.peer_max_frame as usize)
+            .saturating_sub(FRAME_HEADER_LEN + header.encoded_len())
+            .max(1);
+        let (mut piece, mut at, mut sent) = (0usize, 0usize, 0usize);
+        while sent < total {
+            let len = room.min(total - sent);
+            let h = TransferHeader {
+                more: sent + len < total,
+                ..*header
+            };
+            encode_transfer_head(&mut conn.wbuf, self.local_channel, &h, len)?;
+            let mut left = len;
+            while left > 0 {
+                let Some(p) = pieces.get(piece) else {
+                    break;
+                };
+                let take = (p.len() - at).min(left);
+                if take >= SHARED_BODY_MIN_BYTES {
+                    conn.wbuf.put_shared(p.slice(at..at + take));
+                } else {
+                    conn.wbuf.extend_from_slice(&p[at..at + take]);
+                }
+                at += take;
+                left -= take;
+                if at == p.len() {
+                    piece += 1;
+                    at = 0;
+                }
+            }
+            sent += len;
+            self.count_outgoing_frame();
+        }
+        Ok(())
+    }
+
     fn write_delivery(&mut self, conn: &mut Connection, b: Blocked) -> Result<(), ConnError> {
-        let payload = if b.msg.delivery_count > 0 {
+        let rewritten;
+        let payload: &[Bytes] = if b.msg.delivery_count > 0 {
             let view = MessageView::parse(b.msg.message.clone()).map_err(|e| {
                 ConnError::protocol(
                     AmqpError::InternalError,
                     format!("stored message unreadable: {e}"),
                 )
             })?;
-            let chunks = view
+            rewritten = view
                 .with_delivery_count(b.msg.delivery_count)
                 .map_err(|e| {
                     ConnError::protocol(
@@ -494,9 +546,9 @@ impl Session {
                         format!("header rewrite failed: {e}"),
                     )
                 })?;
-            concat(&chunks)
+            &rewritten
         } else {
-            b.msg.message.clone()
+            std::slice::from_ref(&b.msg.message)
         };
         let delivery_id = self.next_delivery_id;
         self.next_delivery_id = self.next_delivery_id.wrapping_add(1);
@@ -509,22 +561,7 @@ impl Session {
             settled: b.settled,
             more: false,
         };
-        let room = (conn.peer_max_frame as usize)
-            .saturating_sub(FRAME_HEADER_LEN + header.encoded_len())
-            .max(1);
-        let mut chunks = payload.chunks(room).peekable();
-        if payload.is_empty() {
-            encode_transfer(&mut conn.wbuf, self.local_channel, &header, &[])?;
-            self.count_outgoing_frame();
-        }
-        while let Some(chunk) = chunks.next() {
-            let h = TransferHeader {
-                more: chunks.peek().is_some(),
-                ..header
-            };
-            encode_transfer(&mut conn.wbuf, self.local_channel, &h, chunk)?;
-            self.count_outgoing_frame();
-        }
+        self.write_transfers(conn, &header, payload)?;
         if !b.settled {
             self.unsettled_out.insert(
                 delivery_id,
