@@ -1,0 +1,297 @@
+//! What one Raft group costs while idle, today (issue 12: "thousands of groups must be
+//! cheap"; goals ≤ 64 KiB per idle group replica, idle CPU < 5 % of a core at 10,000
+//! addresses on 3 nodes). A design measurement for the split into a group per address,
+//! run before writing it.
+//!
+//! Method: `GROUPS` groups (default 30; `GROUPS=3334` gives 10,000 replicas) of three
+//! replicas each, all in this process — three "nodes" of openraft 0.9 instances, each
+//! replica with its own [`LogStore`] (its own segment log, as a group per address would
+//! have with today's crate) and the cluster tests' minimal state machine, talking through
+//! an in-process network that calls the target `Raft` directly (no sockets, no encoding:
+//! the CPU figures are a lower bound of what the TCP network would cost). Every group is
+//! formed, elects a leader and commits one entry. Then, from /proc/self:
+//! * resident memory and threads per replica (VmRSS, Threads, before and after);
+//! * idle CPU (utime+stime over `IDLE_SECS`) with heartbeats on, as today;
+//! * idle CPU with every group quiesced through openraft's runtime switches
+//!   (`heartbeat(false)`, `elect(false)`, `tick(false)`): what is left is the per-instance
+//!   timers openraft 0.9 keeps running.
+//!
+//! Prints one line per figure and a closing `idle groups: …` line. Bounded: group
+//! formation and the commit wait at most `FORM_TIMEOUT`.
+//!
+//! Run: `GROUPS=300 cargo bench -p entrepot-cluster --bench idle_groups`.
+
+#[path = "../tests/support/machine.rs"]
+#[allow(dead_code)] // the tests read the messages back; this bench does not
+mod machine;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use entrepot_cluster::{LogStore, NodeId, Request, TypeConfig};
+use entrepot_storage::LogConfig;
+use machine::MessageMachine;
+use openraft::error::{InstallSnapshotError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::{BasicNode, Config, Raft};
+
+/// Replicas per group.
+const REPLICAS: u64 = 3;
+/// Heartbeat and election timeouts: the broker's (`src/raft/mod.rs`).
+const HEARTBEAT_MS: u64 = 40;
+const ELECTION_TIMEOUT_MS: (u64, u64) = (120, 240);
+/// Longest the formation of every group, or the commit of their first entries, may take.
+const FORM_TIMEOUT: Duration = Duration::from_secs(300);
+/// Each idle CPU measurement's length (one second in a smoke run).
+const IDLE_SECS: u64 = 5;
+/// Segment size of each replica's log: small, as an address with little traffic would
+/// start with.
+const SEGMENT_BYTES: u64 = 1 << 20;
+
+type Registry = Arc<RwLock<HashMap<(u32, NodeId), Raft<TypeConfig>>>>;
+
+/// One group's view of the in-process network.
+struct Net {
+    group: u32,
+    registry: Registry,
+}
+
+struct Client {
+    group: u32,
+    target: NodeId,
+    registry: Registry,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Net {
+    type Network = Client;
+    async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> Client {
+        Client {
+            group: self.group,
+            target,
+            registry: Arc::clone(&self.registry),
+        }
+    }
+}
+
+impl Client {
+    fn raft<E: std::error::Error>(
+        &self,
+    ) -> Result<Raft<TypeConfig>, RPCError<NodeId, BasicNode, E>> {
+        let found = self
+            .registry
+            .read()
+            .ok()
+            .and_then(|r| r.get(&(self.group, self.target)).cloned());
+        found.ok_or_else(|| {
+            let e = std::io::Error::new(std::io::ErrorKind::NotFound, "no such replica");
+            RPCError::Unreachable(Unreachable::new(&e))
+        })
+    }
+}
+
+type Rpc<T, E = RaftError<NodeId>> = Result<T, RPCError<NodeId, BasicNode, E>>;
+
+impl RaftNetwork<TypeConfig> for Client {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Rpc<AppendEntriesResponse<NodeId>> {
+        let raft = self.raft()?;
+        raft.append_entries(rpc)
+            .await
+            .map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Rpc<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> {
+        let raft = self.raft()?;
+        raft.install_snapshot(rpc)
+            .await
+            .map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        _option: RPCOption,
+    ) -> Rpc<VoteResponse<NodeId>> {
+        let raft = self.raft()?;
+        raft.vote(rpc)
+            .await
+            .map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+/// VmRSS in KiB and Threads, from /proc/self/status.
+fn rss_and_threads() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("Threads:"))
+}
+
+/// utime + stime of this process, in clock ticks (100 per second on Linux).
+fn cpu_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let num = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of stat; `after` starts at field 3.
+    num(11) + num(12)
+}
+
+/// Share of one core used over `secs` seconds of idling.
+async fn idle_cpu_percent(secs: u64) -> f64 {
+    let before = cpu_ticks();
+    let start = Instant::now();
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let ticks = cpu_ticks() - before;
+    ticks as f64 / 100.0 / start.elapsed().as_secs_f64() * 100.0
+}
+
+fn main() {
+    // `cargo test --bench` (CI) runs this without `--bench`: a smoke run of three groups.
+    let benching = std::env::args().any(|a| a == "--bench");
+    let groups: u32 = std::env::var("GROUPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if benching { 30 } else { 3 });
+    let idle_secs = if benching { IDLE_SECS } else { 1 };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(run(groups, idle_secs));
+}
+
+async fn run(groups: u32, idle_secs: u64) {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let registry: Registry = Arc::default();
+    let config = Arc::new(
+        Config {
+            heartbeat_interval: HEARTBEAT_MS,
+            election_timeout_min: ELECTION_TIMEOUT_MS.0,
+            election_timeout_max: ELECTION_TIMEOUT_MS.1,
+            ..Config::default()
+        }
+        .validate()
+        .expect("raft config"),
+    );
+    let log_config = LogConfig {
+        segment_bytes: SEGMENT_BYTES,
+        record_bytes_max: 64 << 10,
+        ..LogConfig::default()
+    };
+    let replicas = u64::from(groups) * REPLICAS;
+    println!("idle groups: {groups} groups × {REPLICAS} replicas = {replicas} openraft instances, one segment log each");
+    let (rss0, threads0) = rss_and_threads();
+    let start = Instant::now();
+    let mut rafts = Vec::new();
+    for g in 0..groups {
+        for node in 0..REPLICAS {
+            let path = dir.path().join(format!("g{g}-n{node}"));
+            let log = LogStore::open(&path, log_config.clone()).expect("log store");
+            let net = Net {
+                group: g,
+                registry: Arc::clone(&registry),
+            };
+            let raft = Raft::new(
+                node,
+                Arc::clone(&config),
+                net,
+                log,
+                MessageMachine::default(),
+            )
+            .await
+            .expect("raft");
+            registry
+                .write()
+                .expect("registry")
+                .insert((g, node), raft.clone());
+            rafts.push((g, node, raft));
+        }
+        if (g + 1) % 500 == 0 {
+            eprintln!(
+                "  {} groups created ({:.1} s)",
+                g + 1,
+                start.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let members: BTreeMap<NodeId, BasicNode> = (0..REPLICAS)
+        .map(|n| (n, BasicNode::new(format!("n{n}"))))
+        .collect();
+    // Leaders spread: group g is formed by node g mod 3.
+    for (g, node, raft) in &rafts {
+        if u64::from(*g) % REPLICAS == *node {
+            raft.initialize(members.clone()).await.expect("initialize");
+        }
+    }
+    let deadline = Instant::now() + FORM_TIMEOUT;
+    for (g, node, raft) in &rafts {
+        if u64::from(*g) % REPLICAS != *node {
+            continue;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        raft.wait(Some(left))
+            .state(openraft::ServerState::Leader, "formed")
+            .await
+            .unwrap_or_else(|e| panic!("group {g} elected no leader on node {node}: {e}"));
+        raft.client_write(Request::Produce {
+            address: format!("a{g}"),
+            messages: vec![Bytes::from_static(b"first")],
+        })
+        .await
+        .unwrap_or_else(|e| panic!("group {g} did not commit: {e}"));
+    }
+    println!(
+        "  formed and committed one entry in every group in {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+    let (rss1, threads1) = rss_and_threads();
+    let per_replica_kib = (rss1.saturating_sub(rss0)) as f64 / replicas as f64;
+    let threads_per_replica = (threads1.saturating_sub(threads0)) as f64 / replicas as f64;
+    println!("  resident: {rss0} -> {rss1} KiB = {per_replica_kib:.1} KiB per replica (goal 64)");
+    println!("  threads: {threads0} -> {threads1} = {threads_per_replica:.2} per replica (the segment log's sync thread)");
+
+    let heartbeating = idle_cpu_percent(idle_secs).await;
+    println!("  idle CPU, heartbeats on: {heartbeating:.1} % of a core (goal < 5 % at 10,000)");
+
+    for (_, _, raft) in &rafts {
+        let switches = raft.runtime_config();
+        switches.heartbeat(false);
+        switches.elect(false);
+        switches.tick(false);
+    }
+    let quiesced = idle_cpu_percent(idle_secs).await;
+    println!("  idle CPU, quiesced (heartbeat, elect and tick off): {quiesced:.1} % of a core");
+    println!(
+        "idle groups: replicas={replicas} rss_kib_per_replica={per_replica_kib:.1} threads_per_replica={threads_per_replica:.2} idle_cpu_pct={heartbeating:.1} quiesced_cpu_pct={quiesced:.1}"
+    );
+    for (_, _, raft) in rafts {
+        let _ = raft.shutdown().await;
+    }
+}
