@@ -3,6 +3,11 @@
 //! * `append_sync_always/{1,8,64}`: 1 KiB records, `SyncPolicy::Always`, N tokio tasks each
 //!   awaiting its durability handle before the next append — group commit at work.
 //!   Throughput is in bytes of payload; records/s = bytes/s ÷ 1024.
+//!   After each count it prints the group commit's own figures (stderr, and appended to
+//!   the file named by `ENTREPOT_BENCH_REPORT` if set, as `key=value` words): records and
+//!   bytes per flush, flushes per second, mean sync call, the share of wall time spent
+//!   inside sync calls, bytes dirtied for the disk and page faults per flush — what
+//!   `benches/disk-limit.sh` sets beside fio's figures.
 //! * `append_sync_never`: the same records without syncing (memcpy into the mapping).
 //! * `read/sequential`: a `LogReader` over a pre-filled log (warm page cache).
 //! * `read/random`: `Log::read` at random offsets of the same log.
@@ -80,6 +85,100 @@ fn append_durable(rt: &tokio::runtime::Runtime, log: &Log, tasks: u64, iters: u6
     started.elapsed()
 }
 
+/// What the group commit did over every iteration of one bench function (warm-up included).
+#[derive(Default)]
+struct FlushReport {
+    records: u64,
+    bytes: u64,
+    syncs: u64,
+    sync_nanos: u64,
+    wall: Duration,
+    /// Bytes this process dirtied for the disk (`write_bytes` of `/proc/self/io`: a page
+    /// or folio counts whole when dirtied), so write amplification shows on a shared disk.
+    dirtied: u64,
+    /// Page faults (first touch of a page of the mapping — counted major, the kernel
+    /// "reads" it — and the write after a sync made a page read-only).
+    faults: u64,
+}
+
+/// `write_bytes` of `/proc/self/io` and the page faults of `getrusage` (0 elsewhere).
+fn io_counters() -> (u64, u64) {
+    let dirtied = std::fs::read_to_string("/proc/self/io")
+        .ok()
+        .and_then(|io| {
+            io.lines()
+                .find_map(|l| {
+                    l.strip_prefix("write_bytes: ")
+                        .map(|v| v.trim().parse().ok())
+                })
+                .flatten()
+        })
+        .unwrap_or(0);
+    // SAFETY: getrusage fills the struct it is given.
+    let faults = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        (usage.ru_minflt + usage.ru_majflt) as u64
+    };
+    (dirtied, faults)
+}
+
+impl FlushReport {
+    /// Runs `f` and adds the log's counters it moved.
+    fn measure(&mut self, log: &Log, f: impl FnOnce() -> Duration) -> Duration {
+        let stats = log.stats();
+        let before = (
+            stats.records_appended.load(Ordering::Relaxed),
+            stats.bytes_appended.load(Ordering::Relaxed),
+            stats.syncs.load(Ordering::Relaxed),
+            stats.sync_nanos_total.load(Ordering::Relaxed),
+        );
+        let io = io_counters();
+        let took = f();
+        let io_after = io_counters();
+        self.dirtied += io_after.0.saturating_sub(io.0);
+        self.faults += io_after.1.saturating_sub(io.1);
+        self.records += stats.records_appended.load(Ordering::Relaxed) - before.0;
+        self.bytes += stats.bytes_appended.load(Ordering::Relaxed) - before.1;
+        self.syncs += stats.syncs.load(Ordering::Relaxed) - before.2;
+        self.sync_nanos += stats.sync_nanos_total.load(Ordering::Relaxed) - before.3;
+        self.wall += took;
+        took
+    }
+
+    /// Prints the figures on stderr and appends them to `ENTREPOT_BENCH_REPORT`.
+    fn print(&self, name: &str) {
+        let syncs = self.syncs.max(1) as f64;
+        let wall = self.wall.as_secs_f64().max(1e-9);
+        let line = format!(
+            "bench={name} records={} records_per_flush={:.1} bytes_per_flush={:.0} \
+             flushes_per_s={:.0} sync_us_mean={:.0} sync_share={:.2} records_per_s={:.0} \
+             dirtied_per_flush={:.0} faults_per_flush={:.1}",
+            self.records,
+            self.records as f64 / syncs,
+            self.bytes as f64 / syncs,
+            self.syncs as f64 / wall,
+            self.sync_nanos as f64 / syncs / 1e3,
+            self.sync_nanos as f64 / 1e9 / wall,
+            self.records as f64 / wall,
+            self.dirtied as f64 / syncs,
+            self.faults as f64 / syncs,
+        );
+        eprintln!("group commit: {line}");
+        if let Ok(path) = std::env::var("ENTREPOT_BENCH_REPORT") {
+            use std::io::Write;
+            let appended = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .and_then(|mut f| writeln!(f, "{line}"));
+            if let Err(e) = appended {
+                eprintln!("could not append to {path}: {e}");
+            }
+        }
+    }
+}
+
 /// Keeps the bench log from growing without bound between samples.
 fn trim(log: &Log) {
     log.purge_before(log.next_offset()).expect("purge");
@@ -95,13 +194,17 @@ fn append_sync_always(c: &mut Criterion) {
     for tasks in [1u64, 8, 64] {
         let dir = bench_dir();
         let log = Log::open(dir.path(), config(SyncPolicy::Always)).expect("open");
+        let mut report = FlushReport::default();
         group.bench_function(BenchmarkId::from_parameter(tasks), |b| {
             b.iter_custom(|iters| {
-                let took = append_durable(&rt, &log, tasks, iters);
+                let took = report.measure(&log, || append_durable(&rt, &log, tasks, iters));
                 trim(&log);
                 took
             })
         });
+        if report.records > 0 {
+            report.print(&format!("append_sync_always/{tasks}"));
+        }
     }
     group.finish();
 }
