@@ -124,6 +124,9 @@ impl Log {
             .or_insert_with(|| Arc::clone(&active));
         if !recovered.read_only {
             seal_leftovers(&segments, &active)?;
+            if !active.is_sealed() {
+                active.expect_appends();
+            }
         }
         sync_dir(&dir)?;
         let next_offset = active.next_offset();

@@ -87,6 +87,9 @@ pub(crate) struct Segment {
 
 /// Granularity of releasing an active segment's synced pages: 1 MiB at a time.
 pub const RELEASE_CHUNK_BYTES: u64 = 1 << 20;
+/// Largest page-cache folio the kernel builds on x86-64 (a PMD, 2 MiB): what a read of a
+/// recovered tail may have cached around its written end (see [`Segment::expect_appends`]).
+const LARGE_FOLIO_BYTES: u64 = 2 << 20;
 
 /// File name of the segment with base offset `base`.
 pub(crate) fn segment_file_name(base: u64) -> String {
@@ -154,6 +157,7 @@ impl Segment {
             ));
         }
         let seg = Self::map(file, path, base, capacity, record_bytes_max)?;
+        seg.expect_appends();
         let mut header = [0u8; SEGMENT_HEADER_LEN];
         header[0..8].copy_from_slice(&SEGMENT_MAGIC);
         header[8..10].copy_from_slice(&SEGMENT_VERSION.to_le_bytes());
@@ -417,7 +421,61 @@ impl Segment {
             }
         }
         self.release_pages();
+        // Never written again: readers catching up from the disk get readahead back.
+        if let Err(e) = self.map.advise(memmap2::Advice::Normal) {
+            tracing::debug!(path = %self.path.display(), error = %e, "madvise(NORMAL) failed");
+        }
         Ok(())
+    }
+
+    /// Prepares the mapping for appends: no readahead on a page fault (`MADV_RANDOM`), and
+    /// no page-cache pages left above the written end that a read brought in with it.
+    ///
+    /// Why: a fault on a file mapping reads around the faulting page, and on a file system
+    /// with large folios (ext4 since Linux 6.x) readahead fills the page cache with folios of
+    /// up to 2 MiB. The first write to a page makes the kernel dirty its *whole folio*
+    /// (`page_mkwrite` commits every block of it), and every `msync` then writes the whole
+    /// folio back — after each sync it is write-protected, so the next 1 KiB append dirties
+    /// it again. Measured (issue 15, `benches/RESULTS.md` session 7): 1 KiB frames synced
+    /// every 64 wrote 1,026 MB to the disk for 67 MB of records, and each sync took 1.6×
+    /// fio's `fdatasync` of the same 64 KiB. Without readahead a fault brings one 4 KiB
+    /// page, and a sync writes the pages appended since the last one.
+    pub(crate) fn expect_appends(&self) {
+        if let Err(e) = self.map.advise(memmap2::Advice::Random) {
+            tracing::debug!(path = %self.path.display(), error = %e, "madvise(RANDOM) failed");
+        }
+        let written = self.written();
+        if written <= SEGMENT_HEADER_LEN as u64 {
+            return; // created by this process: nothing was read in
+        }
+        // A recovered tail was scanned with readahead: drop the cached folios from the one
+        // that holds the written end (a folio is at most LARGE_FOLIO_BYTES) to the end of
+        // the file. Clean pages only go (the kernel keeps dirty ones); readers fault the
+        // written bytes back from the disk.
+        let from = written / LARGE_FOLIO_BYTES * LARGE_FOLIO_BYTES;
+        // SAFETY: as in `release_pages`; `from..capacity` lies inside the mapping.
+        let unmapped = unsafe {
+            self.map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                from as usize,
+                (self.capacity - from) as usize,
+            )
+        };
+        if let Err(e) = unmapped {
+            tracing::debug!(path = %self.path.display(), error = %e, "madvise(DONTNEED) failed");
+        }
+        // SAFETY: plain FFI call on an open descriptor; the range lies inside the file.
+        let rc = unsafe {
+            libc::posix_fadvise(
+                self._file.as_raw_fd(),
+                from as libc::off_t,
+                (self.capacity - from) as libc::off_t,
+                libc::POSIX_FADV_DONTNEED,
+            )
+        };
+        if rc != 0 {
+            tracing::debug!(path = %self.path.display(), error = rc, "posix_fadvise(DONTNEED) failed");
+        }
     }
 
     /// Drops this process's mapping of the segment's pages (`MADV_DONTNEED`): a sealed
