@@ -87,6 +87,12 @@ enum Command {
         )]
         http: Vec<String>,
     },
+    /// Drain this node before a scale-down removes it (the preStop hook of a StatefulSet):
+    /// unless its ordinal is within the desired replicas (then it is only restarting and
+    /// nothing changes), it leaves the Raft membership — handing its leadership over first
+    /// — and closes its clients' connections (amqp:connection:forced) so they reconnect
+    /// to another node. Exits 0 when drained or not draining, 1 with the reason otherwise.
+    Drain(DrainArgs),
     /// Load-test an AMQP 1.0 broker (or NATS JetStream) and check nothing was lost: runs
     /// the separate `entrepot-bench` binary (next to this one, else on PATH) with these
     /// arguments; `entrepot bench --help` shows its flags.
@@ -104,6 +110,31 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+}
+
+/// The flags of `entrepot drain`.
+#[derive(clap::Args)]
+struct DrainArgs {
+    /// The node's HTTP address.
+    #[arg(long, env = "ENTREPOT_HTTP", default_value = "127.0.0.1:8080")]
+    http: String,
+    /// Replicas the cluster is being scaled to: a node whose ordinal is below it is only
+    /// restarting and is not drained. Without this flag or --desired-replicas-file the
+    /// node is drained whatever its ordinal.
+    #[arg(long, conflicts_with = "desired_replicas_file")]
+    desired_replicas: Option<u64>,
+    /// File holding the desired replica count (a ConfigMap key mounted in the pod, edited
+    /// by the operator before `kubectl scale`; see examples/kubernetes/README.md). An
+    /// unreadable file drains nothing and fails.
+    #[arg(long, env = "ENTREPOT_DESIRED_REPLICAS_FILE")]
+    desired_replicas_file: Option<PathBuf>,
+    /// This node's id [default: the ordinal of the hostname, `entrepot-3` → 3]
+    #[arg(long, env = "ENTREPOT_NODE_ID")]
+    node_id: Option<u64>,
+    /// Only say whether this node would drain (e.g. to check that a pod sees the edited
+    /// ConfigMap before scaling down); change nothing
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(Subcommand)]
@@ -213,6 +244,21 @@ struct ClusterArgs {
     /// Cluster: inter-node listen address [default: 0.0.0.0:5673]
     #[arg(long, env = "ENTREPOT_CLUSTER_LISTEN")]
     cluster_listen: Option<SocketAddr>,
+    /// Cluster: at start, ask the leader to make this node a voter (learner first, until
+    /// it has caught up); a member is told so and nothing changes. The default with
+    /// --peers-dns; with --peers it needs --cluster-advertise unless this node is among
+    /// the peers
+    #[arg(long, env = "ENTREPOT_AUTO_JOIN", conflicts_with = "no_auto_join")]
+    auto_join: bool,
+    /// Cluster: never join by itself: a node outside the membership waits for `entrepot
+    /// cluster add`
+    #[arg(long, env = "ENTREPOT_NO_AUTO_JOIN")]
+    no_auto_join: bool,
+    /// Cluster: this node's member address `host:peer_port/amqp_port[/amqps_port]`, as
+    /// the others dial it, announced when it joins [default: with --peers-dns
+    /// `<hostname>.<service>:<ports>`, with --peers its own entry]
+    #[arg(long, env = "ENTREPOT_CLUSTER_ADVERTISE")]
+    cluster_advertise: Option<String>,
 }
 
 impl ClusterArgs {
@@ -257,6 +303,7 @@ impl ClusterArgs {
             )?,
             (None, None) => Vec::new(),
         };
+        let auto_join = self.auto_join_addr(&hostname, node_id, &peers, listen, config)?;
         Ok(Some(entrepot::raft::ClusterConfig {
             node_id,
             peers,
@@ -271,7 +318,45 @@ impl ClusterArgs {
                 .transpose()?
                 .map(std::sync::Arc::new),
             tls: self.cluster_tls()?,
+            auto_join,
         }))
+    }
+
+    /// The member address this node announces when it auto-joins, or `None` when it does
+    /// not (`--no-auto-join`, or `--peers` without `--auto-join`).
+    fn auto_join_addr(
+        &self,
+        hostname: &str,
+        node_id: u64,
+        peers: &[entrepot_cluster::identity::Peer],
+        listen: SocketAddr,
+        config: &BrokerConfig,
+    ) -> anyhow::Result<Option<String>> {
+        use entrepot_cluster::identity;
+        let on = !self.no_auto_join && (self.auto_join || self.peers.is_none());
+        if !on {
+            return Ok(None);
+        }
+        if let Some(addr) = &self.cluster_advertise {
+            identity::parse_peers(&format!("{node_id}={addr}")).context("--cluster-advertise")?;
+            return Ok(Some(addr.clone()));
+        }
+        if let Some(own) = peers.iter().find(|p| p.id == node_id) {
+            return Ok(Some(own.addr.clone()));
+        }
+        match (&self.peers, &self.peers_dns) {
+            (None, Some(service)) => Ok(Some(identity::statefulset_member_addr(
+                hostname,
+                service,
+                listen.port(),
+                config.listen.port(),
+                config.tls_listen().map(|a| a.port()),
+            )?)),
+            _ => anyhow::bail!(
+                "--auto-join: node {node_id} is not among --peers; give its member address \
+                 with --cluster-advertise host:peer_port/amqp_port[/amqps_port]"
+            ),
+        }
     }
 
     /// The inter-node TLS files: all three flags, or none.
@@ -367,6 +452,7 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(serve(config, cluster))
         }
         Command::Cluster { action, http } => cluster_command(action, &http),
+        Command::Drain(args) => drain(&args),
         Command::Validate { dir } => validate(&dir),
         Command::HashPassword { password } => hash_password(password),
         Command::Status { http } => status(http),
@@ -530,6 +616,73 @@ fn cluster_command(action: ClusterAction, http: &[String]) -> anyhow::Result<()>
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+}
+
+/// Largest desired-replicas file read (a number and a newline).
+const DESIRED_REPLICAS_FILE_MAX_BYTES: u64 = 64;
+// The drain's HTTP request waits as long as any membership change (`http_request`).
+const _: () = assert!(
+    entrepot::raft::drain::DRAIN_TIMEOUT.as_secs()
+        <= entrepot::raft::admin::CHANGE_TIMEOUT.as_secs()
+);
+
+/// The desired replica count in `path` (a ConfigMap key: digits, maybe a newline).
+fn read_desired_replicas(path: &Path) -> anyhow::Result<u64> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| {
+            f.take(DESIRED_REPLICAS_FILE_MAX_BYTES)
+                .read_to_string(&mut text)
+        })
+        .with_context(|| format!("reading the desired replicas from {}", path.display()))?;
+    text.trim().parse().with_context(|| {
+        format!(
+            "{}: expected a replica count, found {:?}",
+            path.display(),
+            text.trim()
+        )
+    })
+}
+
+/// `entrepot drain`: see [`Command::Drain`].
+fn drain(args: &DrainArgs) -> anyhow::Result<()> {
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let node = entrepot_cluster::identity::resolve_node_id(args.node_id, &hostname)?;
+    let desired = match (&args.desired_replicas, &args.desired_replicas_file) {
+        (Some(n), _) => Some(*n),
+        (None, Some(path)) => Some(read_desired_replicas(path)?),
+        (None, None) => None,
+    };
+    if let Some(desired) = desired {
+        if node < desired {
+            println!(
+                "not draining: node {node} is within the desired {desired} replicas (a restart)"
+            );
+            return Ok(());
+        }
+        println!("draining node {node}: beyond the desired {desired} replicas (a scale-down)");
+    } else {
+        println!("draining node {node} (no desired replica count given)");
+    }
+    if args.dry_run {
+        println!("dry run: not draining");
+        return Ok(());
+    }
+    println!(
+        "asking {} to leave the cluster (POST /cluster/drain)",
+        args.http
+    );
+    let (status, body) = http_request(&args.http, "POST", "/cluster/drain")?;
+    if status.starts_with("200") {
+        print!("{body}");
+        return Ok(());
+    }
+    eprint!("{body}");
+    anyhow::bail!("drain of node {node} failed: {status}")
 }
 
 async fn serve(

@@ -12,7 +12,9 @@
 //! flag), its subcommands from `entrepot --help`, the probe paths from a real
 //! `entrepot serve` on loopback answering them, the pod identity from
 //! `entrepot_cluster::identity` (what `serve` runs on the pod's hostname), the shutdown
-//! grace from `entrepot::server::SHUTDOWN_GRACE`, the user and the entrypoint from the
+//! grace from `entrepot::server::SHUTDOWN_GRACE` and the drain's bound from
+//! `entrepot::raft::drain::DRAIN_TIMEOUT`, the preStop flags from `entrepot drain --help`,
+//! the user and the entrypoint from the
 //! image's `Dockerfile`. Each test checks one agreement.
 
 #[path = "broker/harness.rs"]
@@ -25,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Container, PodSpec, Probe, SecurityContext, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, PodSpec, Probe, SecurityContext, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -70,6 +72,7 @@ struct Manifests {
     stateful_set: StatefulSet,
     services: Vec<Service>,
     disruption_budget: PodDisruptionBudget,
+    config_maps: Vec<ConfigMap>,
 }
 
 fn manifest_files() -> Vec<PathBuf> {
@@ -148,6 +151,7 @@ fn manifests() -> Manifests {
     let mut stateful_sets = Vec::new();
     let mut services = Vec::new();
     let mut budgets = Vec::new();
+    let mut config_maps = Vec::new();
     for path in manifest_files() {
         for (i, (kind, value)) in documents(&path).into_iter().enumerate() {
             let origin = format!("{} document {i} ({kind})", path.display());
@@ -155,6 +159,7 @@ fn manifests() -> Manifests {
                 "StatefulSet" => stateful_sets.push(typed::<StatefulSet>(value, &origin)),
                 "Service" => services.push(typed::<Service>(value, &origin)),
                 "PodDisruptionBudget" => budgets.push(typed::<PodDisruptionBudget>(value, &origin)),
+                "ConfigMap" => config_maps.push(typed::<ConfigMap>(value, &origin)),
                 other => panic!("{origin}: kind {other:?} is not checked by this test"),
             }
         }
@@ -165,6 +170,7 @@ fn manifests() -> Manifests {
         stateful_set: stateful_sets.remove(0),
         services,
         disruption_budget: budgets.remove(0),
+        config_maps,
     }
 }
 
@@ -870,6 +876,82 @@ fn the_pod_may_take_its_shutdown_and_stops_only_with_a_real_drain() {
                  (its subcommands: {:?})",
                 binary.subcommands
             );
+            check_drain_hook(&m, &command[2..]);
+            // The grace period counts the preStop hook: the drain, then the shutdown.
+            let drain = entrepot::raft::drain::DRAIN_TIMEOUT.as_secs();
+            assert!(
+                u64::try_from(grace).unwrap_or(0) > drain + shutdown,
+                "terminationGracePeriodSeconds {grace} does not cover the drain's {drain} s \
+                 (DRAIN_TIMEOUT) and the {shutdown} s shutdown after it"
+            );
         }
     }
+}
+
+/// The preStop drain's flags are flags of `entrepot drain`, and the desired replica count
+/// it reads is a key of a ConfigMap, mounted read-only, equal to the StatefulSet's replicas
+/// (the operator changes both together, the ConfigMap first).
+fn check_drain_hook(m: &Manifests, args: &[String]) {
+    let help = run_help(&[DRAIN_SUBCOMMAND, "--help"]);
+    let flags: BTreeSet<&str> = help
+        .lines()
+        .filter_map(|l| {
+            l.trim_start()
+                .split([' ', ','])
+                .find(|w| w.starts_with("--"))
+        })
+        .collect();
+    let mut file = None;
+    for arg in args {
+        let (flag, value) = arg.split_once('=').unwrap_or((arg.as_str(), ""));
+        assert!(
+            flags.contains(flag),
+            "preStop flag {flag} is not a flag of `entrepot drain` ({flags:?})"
+        );
+        if flag == "--desired-replicas-file" {
+            file = Some(Path::new(value).to_owned());
+        }
+    }
+    let file = file.expect("the preStop drain reads the desired replicas from a file");
+    let (dir, name) = (
+        file.parent().and_then(|d| d.to_str()).unwrap_or_default(),
+        file.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default(),
+    );
+    let mounts = m.container().volume_mounts.as_deref().unwrap_or_default();
+    let mount = mounts
+        .iter()
+        .find(|v| v.mount_path == dir)
+        .unwrap_or_else(|| panic!("nothing is mounted at {dir}"));
+    assert_eq!(mount.read_only, Some(true), "{dir} is mounted read-only");
+    let volumes = m.pod().volumes.as_deref().unwrap_or_default();
+    let source = volumes
+        .iter()
+        .find(|v| v.name == mount.name)
+        .and_then(|v| v.config_map.as_ref())
+        .unwrap_or_else(|| panic!("volume {} is a ConfigMap", mount.name));
+    let item = source
+        .items
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .find(|i| i.path == name)
+        .unwrap_or_else(|| panic!("the ConfigMap volume has no item {name}"));
+    let config_map = m
+        .config_maps
+        .iter()
+        .find(|c| c.metadata.name == Some(source.name.clone()))
+        .unwrap_or_else(|| panic!("no ConfigMap {} among the manifests", source.name));
+    let value = config_map
+        .data
+        .as_ref()
+        .and_then(|d| d.get(&item.key))
+        .unwrap_or_else(|| panic!("ConfigMap {} has no key {}", source.name, item.key));
+    assert_eq!(
+        value.trim().parse::<i32>().ok(),
+        Some(m.replicas()),
+        "the desired replicas in ConfigMap {} ({value}) are not the StatefulSet's replicas",
+        source.name
+    );
 }

@@ -153,6 +153,29 @@ pub fn statefulset_peers(
     parse_peers(&list.join(","))
 }
 
+/// This StatefulSet pod's own member address under the headless `service`, as its peers
+/// dial it: `<hostname's first label>.<service>:<peer_port>/<amqp_port>[/<amqps_port>]`
+/// (what a node beyond the initial members announces when it joins).
+pub fn statefulset_member_addr(
+    hostname: &str,
+    service: &str,
+    peer_port: u16,
+    amqp_port: u16,
+    amqps_port: Option<u16>,
+) -> Result<String> {
+    let label = hostname.split('.').next().unwrap_or_default();
+    let id = node_id_from_hostname(label).ok_or_else(|| ClusterError::Identity {
+        what: "hostname",
+        value: hostname.to_string(),
+        reason: "joining from DNS needs a StatefulSet pod name like `entrepot-3`",
+    })?;
+    let amqps = amqps_port.map_or_else(String::new, |p| format!("/{p}"));
+    let peer = parse_peer(&format!(
+        "{id}={label}.{service}:{peer_port}/{amqp_port}{amqps}"
+    ))?;
+    Ok(peer.addr)
+}
+
 /// The AMQP port a member serves clients on when its address does not name one.
 pub const DEFAULT_AMQP_PORT: u16 = 5672;
 /// The amqps (TLS) port a member serves clients on when its address does not name one.
@@ -290,6 +313,20 @@ mod tests {
         );
         assert!(statefulset_peers("laptop", "s", 3, 1, 2, None).is_err());
         assert!(statefulset_peers("my-laptop", "s", 3, 1, 2, None).is_err());
+    }
+
+    #[test]
+    fn a_joining_pod_announces_its_own_name_under_the_service() {
+        let own = |h| statefulset_member_addr(h, "entrepot.ns.svc", 5673, 5672, Some(5671));
+        assert_eq!(
+            own("entrepot-4").unwrap(),
+            "entrepot-4.entrepot.ns.svc:5673/5672/5671"
+        );
+        assert_eq!(
+            own("entrepot-4.entrepot.ns.svc.cluster.local").unwrap(),
+            "entrepot-4.entrepot.ns.svc:5673/5672/5671"
+        );
+        assert!(own("laptop").is_err());
     }
 
     #[test]

@@ -36,6 +36,9 @@
 //! * [`PeerTls`]: TLS on the inter-node port, mutually authenticated against one cluster
 //!   CA (`tls.rs`); connections are plain or TLS streams behind one type (`stream.rs`).
 //!
+//! * [`membership`]: a node joins by itself (scale up) and leaves on a drain (scale
+//!   down): `KIND_JOIN` / `KIND_LEAVE` on the inter-node port, served by the leader.
+//!
 //! * [`placement`]: which members hold each Raft group's replicas and which should lead,
 //!   balanced and moved as little as possible (pure; not wired in yet — issue 12 step 5).
 //!
@@ -70,6 +73,7 @@ mod frame;
 pub mod identity;
 mod index_map;
 mod log_store;
+pub mod membership;
 mod network;
 mod peer_server;
 pub mod placement;
@@ -85,9 +89,12 @@ pub use auth::PeerSecret;
 pub use error::{ClusterError, RaftStorageError, Result};
 pub use frame::{FRAME_HEADER_LEN, FRAME_TRANSFER_TIMEOUT, MAX_RPC_FRAME_BYTES};
 pub use log_store::{LogStore, LogStoreReader, FLUSH_QUEUE_MAX, LOG_DIR, RAFT_ENTRY_FLAG};
-pub use network::{PeerClient, TcpNetwork};
-pub use peer_server::{PeerServer, PeerServerOptions, MAX_PEER_CONNECTIONS};
-pub use rpc::{MAX_RPC_ENTRIES, MAX_RPC_STRING_BYTES, RPC_VERSION};
+pub use network::{PeerCallError, PeerClient, TcpNetwork};
+pub use peer_server::{HeardCommit, PeerServer, PeerServerOptions, MAX_PEER_CONNECTIONS};
+pub use rpc::{
+    MembershipReply, MembershipRequest, RemoteRefusal, MAX_RPC_ENTRIES, MAX_RPC_STRING_BYTES,
+    RPC_VERSION,
+};
 pub use snapshot_data::{SnapshotData, SnapshotSource};
 pub use snapshot_file::{
     read_snapshot_file, write_snapshot_file, SnapshotFile, MAX_SNAPSHOT_BYTES,

@@ -115,9 +115,11 @@ pub struct PeerClient {
     tls: Option<Arc<PeerTls>>,
 }
 
-/// Why one call failed, before it becomes openraft's error.
+/// Why one call failed, before it becomes openraft's error (or, for a membership
+/// request, the caller's).
 #[derive(Debug, thiserror::Error)]
-enum CallError {
+#[non_exhaustive]
+pub enum PeerCallError {
     #[error("cannot connect to {addr}: {source}")]
     Connect { addr: String, source: io::Error },
     #[error("{verb} peer {addr}: {source}")]
@@ -140,7 +142,37 @@ enum CallError {
     Refused(RemoteRefusal),
 }
 
+impl TcpNetwork {
+    /// A client for the peer at member address `addr` (node `target`), outside openraft:
+    /// for the membership requests of `membership.rs`.
+    pub fn client(&self, target: NodeId, addr: &str) -> PeerClient {
+        PeerClient {
+            id: self.id,
+            target,
+            addr: crate::identity::peer_addr(addr).to_string(),
+            stream: None,
+            secret: self.secret.clone(),
+            tls: self.tls.clone(),
+        }
+    }
+}
+
 impl PeerClient {
+    /// Sends a membership request (join, leave) and waits up to `timeout` for its reply;
+    /// the connection is authenticated like any Raft RPC's.
+    pub async fn membership(
+        &mut self,
+        request: &rpc::MembershipRequest,
+        timeout: Duration,
+    ) -> Result<rpc::MembershipReply, PeerCallError> {
+        let (kind, body) = rpc::encode_membership_request(request)?;
+        let option = RPCOption::new(timeout);
+        let reply = self
+            .call(kind, &body, rpc::KIND_MEMBERSHIP_REPLY, &option)
+            .await?;
+        Ok(rpc::decode_membership_reply(reply)?)
+    }
+
     /// Sends one request frame and returns the body of its reply of kind `reply_kind`.
     async fn call(
         &mut self,
@@ -148,7 +180,7 @@ impl PeerClient {
         body: &[u8],
         reply_kind: u8,
         option: &RPCOption,
-    ) -> Result<Bytes, CallError> {
+    ) -> Result<Bytes, PeerCallError> {
         let ttl = option.hard_ttl();
         // The stream is out of `self` during the exchange and goes back only with a whole
         // reply read. openraft drops an RPC future at its own timeout (the same TTL, and
@@ -163,7 +195,7 @@ impl PeerClient {
                 Ok(reply)
             }
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(CallError::Timeout(ttl)),
+            Err(_) => Err(PeerCallError::Timeout(ttl)),
         }
     }
 
@@ -175,13 +207,13 @@ impl PeerClient {
         kind: u8,
         body: &[u8],
         reply_kind: u8,
-    ) -> Result<(PeerStream, Bytes), CallError> {
+    ) -> Result<(PeerStream, Bytes), PeerCallError> {
         let addr = self.addr.clone();
         let mut stream = match stream {
             Some(s) => s,
             None => self.connect().await?,
         };
-        let io = |verb, source| CallError::Io {
+        let io = |verb, source| PeerCallError::Io {
             verb,
             addr: addr.clone(),
             source,
@@ -197,10 +229,10 @@ impl PeerClient {
             return Err(io("read from", eof));
         };
         if got == rpc::KIND_ERROR {
-            return Err(CallError::Refused(rpc::decode_refusal(reply)?));
+            return Err(PeerCallError::Refused(rpc::decode_refusal(reply)?));
         }
         if got != reply_kind {
-            return Err(CallError::UnexpectedReply {
+            return Err(PeerCallError::UnexpectedReply {
                 addr: self.addr.clone(),
                 expected: reply_kind,
                 got,
@@ -210,11 +242,11 @@ impl PeerClient {
     }
 
     /// A new connection: TCP, then TLS and the secret handshake when configured.
-    async fn connect(&self) -> Result<PeerStream, CallError> {
+    async fn connect(&self) -> Result<PeerStream, PeerCallError> {
         let addr = &self.addr;
         let tcp = TcpStream::connect(addr)
             .await
-            .map_err(|source| CallError::Connect {
+            .map_err(|source| PeerCallError::Connect {
                 addr: addr.clone(),
                 source,
             })?;
@@ -225,7 +257,7 @@ impl PeerClient {
             Some(tls) => tls
                 .connect(addr, tcp)
                 .await
-                .map_err(|source| CallError::Tls {
+                .map_err(|source| PeerCallError::Tls {
                     addr: addr.clone(),
                     source,
                 })?
@@ -234,7 +266,7 @@ impl PeerClient {
         if let Some(secret) = &self.secret {
             client_handshake(&mut stream, secret)
                 .await
-                .map_err(|source| CallError::Auth {
+                .map_err(|source| PeerCallError::Auth {
                     addr: addr.clone(),
                     source,
                 })?;
@@ -247,13 +279,13 @@ impl PeerClient {
     fn rpc_error<E: std::error::Error>(
         &self,
         action: RPCTypes,
-        e: CallError,
+        e: PeerCallError,
     ) -> RPCError<NodeId, BasicNode, E> {
         match e {
-            CallError::Connect { .. } | CallError::Tls { .. } => {
+            PeerCallError::Connect { .. } | PeerCallError::Tls { .. } => {
                 RPCError::Unreachable(Unreachable::new(&e))
             }
-            CallError::Timeout(timeout) => RPCError::Timeout(Timeout {
+            PeerCallError::Timeout(timeout) => RPCError::Timeout(Timeout {
                 action,
                 id: self.id,
                 target: self.target,
@@ -303,7 +335,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             Ok(reply) => {
                 rpc::decode_snapshot_reply(reply).map_err(|e| self.rpc_error(action, e.into()))
             }
-            Err(CallError::Refused(RemoteRefusal::SnapshotMismatch(m))) => {
+            Err(PeerCallError::Refused(RemoteRefusal::SnapshotMismatch(m))) => {
                 let api = RaftError::APIError(InstallSnapshotError::SnapshotMismatch(m));
                 Err(RPCError::RemoteError(RemoteError::new(self.target, api)))
             }

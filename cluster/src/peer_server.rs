@@ -18,10 +18,17 @@
 //!   their connections reset, exactly as if the node had died.
 //! * A request that does not decode closes its connection; nothing undecoded reaches Raft.
 //!
+//! Besides openraft's RPCs it serves the membership requests of `membership.rs` (a node
+//! joining or leaving), behind the same TLS and secret handshakes, and it remembers the
+//! leader's commit index carried by the last `append_entries` it received
+//! ([`HeardCommit`]): openraft 0.9's metrics do not show a follower how far the leader has
+//! committed, and readiness (`/readyz`) compares its applied index with that.
+//!
 //! Does not: serve clients (AMQP is the broker's port).
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,11 +64,29 @@ pub struct PeerServerOptions {
     pub tls: Option<Arc<PeerTls>>,
 }
 
+/// The leader's commit index, as the last `append_entries` this node received carried
+/// it (shared by the peer server's connections and whoever reads it).
+#[derive(Debug, Clone, Default)]
+pub struct HeardCommit(Arc<AtomicU64>);
+
+impl HeardCommit {
+    /// The last commit index heard from a leader; `None` before any.
+    pub fn get(&self) -> Option<u64> {
+        self.0.load(Ordering::Relaxed).checked_sub(1)
+    }
+
+    fn record(&self, index: u64) {
+        // Stored plus one, so that zero means "none heard".
+        self.0.store(index.saturating_add(1), Ordering::Relaxed);
+    }
+}
+
 /// A running inter-node server; the port stays open until it is shut down or dropped.
 #[derive(Debug)]
 pub struct PeerServer {
     local_addr: SocketAddr,
     task: JoinHandle<()>,
+    heard_commit: HeardCommit,
 }
 
 impl PeerServer {
@@ -89,8 +114,18 @@ impl PeerServer {
         options: PeerServerOptions,
     ) -> io::Result<PeerServer> {
         let local_addr = listener.local_addr()?;
-        let task = tokio::spawn(accept_loop(listener, raft, options));
-        Ok(PeerServer { local_addr, task })
+        let heard_commit = HeardCommit::default();
+        let task = tokio::spawn(accept_loop(listener, raft, options, heard_commit.clone()));
+        Ok(PeerServer {
+            local_addr,
+            task,
+            heard_commit,
+        })
+    }
+
+    /// The leader's commit index as last heard in an `append_entries`.
+    pub fn heard_commit(&self) -> HeardCommit {
+        self.heard_commit.clone()
     }
 
     /// The address peers connect to.
@@ -111,7 +146,12 @@ impl Drop for PeerServer {
     }
 }
 
-async fn accept_loop(listener: TcpListener, raft: Raft<TypeConfig>, options: PeerServerOptions) {
+async fn accept_loop(
+    listener: TcpListener,
+    raft: Raft<TypeConfig>,
+    options: PeerServerOptions,
+    heard_commit: HeardCommit,
+) {
     let limit = Arc::new(Semaphore::new(MAX_PEER_CONNECTIONS));
     // Owning the connection tasks here means aborting this task aborts them all.
     let mut connections = JoinSet::new();
@@ -132,6 +172,7 @@ async fn accept_loop(listener: TcpListener, raft: Raft<TypeConfig>, options: Pee
             stream,
             raft.clone(),
             options.clone(),
+            heard_commit.clone(),
             permit,
         ));
         while connections.try_join_next().is_some() {}
@@ -142,6 +183,7 @@ async fn serve_connection(
     tcp: TcpStream,
     raft: Raft<TypeConfig>,
     options: PeerServerOptions,
+    heard_commit: HeardCommit,
     _permit: OwnedSemaphorePermit,
 ) {
     let peer = tcp.peer_addr().ok();
@@ -207,7 +249,7 @@ async fn serve_connection(
             );
             return;
         }
-        let (reply_kind, reply) = match dispatch(&raft, kind, body).await {
+        let (reply_kind, reply) = match dispatch(&raft, &heard_commit, kind, body).await {
             Ok(reply) => reply,
             Err(e) => {
                 tracing::warn!(error = %e, kind, "undecodable inter-node request; closing");
@@ -222,16 +264,41 @@ async fn serve_connection(
 }
 
 /// Decodes one request, asks Raft, and encodes the reply (or a refusal).
-async fn dispatch(raft: &Raft<TypeConfig>, kind: u8, body: Bytes) -> Result<(u8, Vec<u8>)> {
+async fn dispatch(
+    raft: &Raft<TypeConfig>,
+    heard_commit: &HeardCommit,
+    kind: u8,
+    body: Bytes,
+) -> Result<(u8, Vec<u8>)> {
     Ok(match kind {
         rpc::KIND_VOTE => match raft.vote(rpc::decode_vote_request(body)?).await {
             Ok(r) => (rpc::KIND_VOTE_REPLY, rpc::encode_vote_reply(&r)),
             Err(e) => refusal(&e),
         },
-        rpc::KIND_APPEND => match raft.append_entries(rpc::decode_append_request(body)?).await {
-            Ok(r) => (rpc::KIND_APPEND_REPLY, rpc::encode_append_reply(&r)),
-            Err(e) => refusal(&e),
-        },
+        rpc::KIND_APPEND => {
+            let request = rpc::decode_append_request(body)?;
+            let commit = request.leader_commit.map(|l| l.index);
+            match raft.append_entries(request).await {
+                Ok(r) => {
+                    // Any leader this node accepts as current (not a deposed one's).
+                    let current =
+                        !matches!(r, openraft::raft::AppendEntriesResponse::HigherVote(_));
+                    if let (Some(index), true) = (commit, current) {
+                        heard_commit.record(index);
+                    }
+                    (rpc::KIND_APPEND_REPLY, rpc::encode_append_reply(&r))
+                }
+                Err(e) => refusal(&e),
+            }
+        }
+        rpc::KIND_JOIN | rpc::KIND_LEAVE => {
+            let request = rpc::decode_membership_request(kind, body)?;
+            let reply = crate::membership::serve(raft, request).await;
+            (
+                rpc::KIND_MEMBERSHIP_REPLY,
+                rpc::encode_membership_reply(&reply),
+            )
+        }
         rpc::KIND_SNAPSHOT => match raft
             .install_snapshot(rpc::decode_snapshot_request(body)?)
             .await

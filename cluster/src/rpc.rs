@@ -11,6 +11,11 @@
 //! KIND_VOTE_REPLY      { vote | granted: u8 | last_log_id: opt<log_id> }
 //! KIND_APPEND_REPLY    { tag: u8 } 0 success | 1 partial { opt<log_id> } | 2 conflict | 3 higher { vote }
 //! KIND_SNAPSHOT_REPLY  { vote }
+//! KIND_JOIN            { node: u64 | member_addr: str }
+//! KIND_LEAVE           { node: u64 }
+//! KIND_MEMBERSHIP_REPLY { tag: u8 } 0 done { detail: str } | 1 not leader { known: u8
+//!                        [ | leader: u64 | leader_addr: str ] } | 2 refused { reason: str }
+//!                        | 3 last voter { node: u64 }
 //! KIND_ERROR           { tag: u8 } 1 unavailable { reason: str }
 //!                                  | 2 snapshot mismatch { expect_id: str | expect_offset: u64
 //!                                                          | got_id: str | got_offset: u64 }
@@ -18,6 +23,11 @@
 //! Entries reuse the log's encoding (`entry.rs`), so an entry costs the same bytes on the
 //! wire as on disk. Every count and length is bounded by a `MAX_*` constant before
 //! allocating; an unknown version is [`ClusterError::UnsupportedVersion`].
+//!
+//! `KIND_JOIN` and `KIND_LEAVE` are not openraft's: a node asks the leader to add it
+//! (auto-join) or to take it out (drain); `membership.rs` serves and sends them. They
+//! travel the same authenticated port as Raft traffic, so only a peer holding the cluster
+//! secret / certificate can change the membership.
 
 use bytes::Bytes;
 use openraft::error::SnapshotMismatch;
@@ -44,9 +54,12 @@ pub const MAX_RPC_STRING_BYTES: usize = 1024;
 pub(crate) const KIND_VOTE: u8 = 1;
 pub(crate) const KIND_APPEND: u8 = 2;
 pub(crate) const KIND_SNAPSHOT: u8 = 3;
+pub(crate) const KIND_JOIN: u8 = 4;
+pub(crate) const KIND_LEAVE: u8 = 5;
 pub(crate) const KIND_VOTE_REPLY: u8 = 0x81;
 pub(crate) const KIND_APPEND_REPLY: u8 = 0x82;
 pub(crate) const KIND_SNAPSHOT_REPLY: u8 = 0x83;
+pub(crate) const KIND_MEMBERSHIP_REPLY: u8 = 0x84;
 pub(crate) const KIND_ERROR: u8 = 0xff;
 
 const ERROR_UNAVAILABLE: u8 = 1;
@@ -54,7 +67,7 @@ const ERROR_SNAPSHOT_MISMATCH: u8 = 2;
 
 /// Why a peer refused an RPC (sent as a `KIND_ERROR` frame).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum RemoteRefusal {
+pub enum RemoteRefusal {
     /// Its Raft is stopping or stopped; try again later (or another node).
     #[error("peer unavailable: {0}")]
     Unavailable(String),
@@ -273,6 +286,131 @@ pub(crate) fn decode_snapshot_reply(body: Bytes) -> Result<InstallSnapshotRespon
     Ok(InstallSnapshotResponse { vote })
 }
 
+/// A node's request to the leader about its own membership.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MembershipRequest {
+    /// Add `node` (member address `addr`) as a learner, let it catch up, make it a voter.
+    Join { node: NodeId, addr: String },
+    /// Take `node` out of the membership (a voter is first demoted to learner).
+    Leave { node: NodeId },
+}
+
+/// The leader's (or a follower's) answer to a [`MembershipRequest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MembershipReply {
+    /// Done: the node is a voter (join) or no longer a member (leave); `detail` says
+    /// what changed (or that nothing had to).
+    Done { detail: String },
+    /// The node asked does not lead; the leader it knows of, `(id, member address)`.
+    NotLeader { leader: Option<(NodeId, String)> },
+    /// The leader will not do it now (a change is running, catch-up too slow, …).
+    Refused { reason: String },
+    /// `node` is the last voter: it cannot leave (the cluster would have none).
+    LastVoter { node: NodeId },
+}
+
+const MEMBERSHIP_DONE: u8 = 0;
+const MEMBERSHIP_NOT_LEADER: u8 = 1;
+const MEMBERSHIP_REFUSED: u8 = 2;
+const MEMBERSHIP_LAST_VOTER: u8 = 3;
+
+/// A reason or detail cut to [`MAX_RPC_STRING_BYTES`] (informative only, never refused).
+fn encode_cut_str(e: &mut Encoder, s: &str) {
+    let mut end = s.len().min(MAX_RPC_STRING_BYTES);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    e.str(&s[..end]);
+}
+
+/// `(kind, body)` of a membership request; an address over [`MAX_NODE_ADDR_BYTES`] is
+/// `LimitExceeded`.
+pub(crate) fn encode_membership_request(r: &MembershipRequest) -> Result<(u8, Vec<u8>)> {
+    let mut e = start(64);
+    Ok(match r {
+        MembershipRequest::Join { node, addr } => {
+            check_limit("member address", addr.len(), MAX_NODE_ADDR_BYTES)?;
+            e.u64(*node);
+            e.str(addr);
+            (KIND_JOIN, e.buf)
+        }
+        MembershipRequest::Leave { node } => {
+            e.u64(*node);
+            (KIND_LEAVE, e.buf)
+        }
+    })
+}
+
+pub(crate) fn decode_membership_request(kind: u8, body: Bytes) -> Result<MembershipRequest> {
+    let mut d = open(body, "membership request")?;
+    let node = d.u64()?;
+    let request = if kind == KIND_JOIN {
+        let addr = d.str("member address", MAX_NODE_ADDR_BYTES)?;
+        MembershipRequest::Join { node, addr }
+    } else {
+        MembershipRequest::Leave { node }
+    };
+    d.finish()?;
+    Ok(request)
+}
+
+pub(crate) fn encode_membership_reply(r: &MembershipReply) -> Vec<u8> {
+    let mut e = start(128);
+    match r {
+        MembershipReply::Done { detail } => {
+            e.u8(MEMBERSHIP_DONE);
+            encode_cut_str(&mut e, detail);
+        }
+        MembershipReply::NotLeader { leader } => {
+            e.u8(MEMBERSHIP_NOT_LEADER);
+            match leader {
+                // An address the membership holds is bounded already; a longer one is
+                // not passed on (the asker then looks for the leader elsewhere).
+                Some((id, addr)) if addr.len() <= MAX_NODE_ADDR_BYTES => {
+                    e.u8(1);
+                    e.u64(*id);
+                    e.str(addr);
+                }
+                _ => e.u8(0),
+            }
+        }
+        MembershipReply::Refused { reason } => {
+            e.u8(MEMBERSHIP_REFUSED);
+            encode_cut_str(&mut e, reason);
+        }
+        MembershipReply::LastVoter { node } => {
+            e.u8(MEMBERSHIP_LAST_VOTER);
+            e.u64(*node);
+        }
+    }
+    e.buf
+}
+
+pub(crate) fn decode_membership_reply(body: Bytes) -> Result<MembershipReply> {
+    let mut d = open(body, "membership reply")?;
+    let reply = match d.u8()? {
+        MEMBERSHIP_DONE => MembershipReply::Done {
+            detail: d.str("membership detail", MAX_RPC_STRING_BYTES)?,
+        },
+        MEMBERSHIP_NOT_LEADER => {
+            let leader = if d.bool()? {
+                let id = d.u64()?;
+                Some((id, d.str("member address", MAX_NODE_ADDR_BYTES)?))
+            } else {
+                None
+            };
+            MembershipReply::NotLeader { leader }
+        }
+        MEMBERSHIP_REFUSED => MembershipReply::Refused {
+            reason: d.str("membership refusal", MAX_RPC_STRING_BYTES)?,
+        },
+        MEMBERSHIP_LAST_VOTER => MembershipReply::LastVoter { node: d.u64()? },
+        _ => return Err(d.fail("unknown membership reply tag")),
+    };
+    d.finish()?;
+    Ok(reply)
+}
+
 pub(crate) fn encode_refusal(r: &RemoteRefusal) -> Vec<u8> {
     let mut e = start(128);
     match r {
@@ -439,6 +577,47 @@ mod tests {
                 refusal
             );
         }
+    }
+
+    #[test]
+    fn membership_requests_and_replies_round_trip_and_are_bounded() {
+        for r in [
+            MembershipRequest::Join {
+                node: 3,
+                addr: "entrepot-3.entrepot:5673/5672".into(),
+            },
+            MembershipRequest::Leave { node: 4 },
+        ] {
+            let (kind, body) = encode_membership_request(&r).unwrap();
+            assert_eq!(decode_membership_request(kind, body.into()).unwrap(), r);
+        }
+        for r in [
+            MembershipReply::Done {
+                detail: "node 3 is a voter".into(),
+            },
+            MembershipReply::NotLeader { leader: None },
+            MembershipReply::NotLeader {
+                leader: Some((1, "10.0.0.1:5673/5672".into())),
+            },
+            MembershipReply::Refused {
+                reason: "a membership change is running".into(),
+            },
+            MembershipReply::LastVoter { node: 2 },
+        ] {
+            let body = encode_membership_reply(&r);
+            assert_eq!(decode_membership_reply(body.clone().into()).unwrap(), r);
+            for cut in 0..body.len() {
+                assert!(decode_membership_reply(Bytes::copy_from_slice(&body[..cut])).is_err());
+            }
+        }
+        let long = MembershipRequest::Join {
+            node: 3,
+            addr: "x".repeat(MAX_NODE_ADDR_BYTES + 1),
+        };
+        assert!(matches!(
+            encode_membership_request(&long),
+            Err(ClusterError::LimitExceeded { .. })
+        ));
     }
 
     #[test]

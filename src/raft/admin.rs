@@ -1,22 +1,35 @@
-//! Cluster administration: status and membership changes, for the HTTP admin API
-//! (`GET /cluster`, `POST /cluster/add?id=N&addr=host:port/amqp[/amqps]`,
-//! `POST /cluster/remove?id=N`) and `entrepot cluster status|add|remove`.
+//! Cluster administration: status, readiness and membership changes, for the HTTP admin
+//! API (`GET /cluster`, `POST /cluster/add?id=N&addr=host:port/amqp[/amqps]`,
+//! `POST /cluster/remove?id=N`, `POST /cluster/drain`) and `entrepot cluster
+//! status|add|remove`, `entrepot drain`.
 //!
 //! Adding a node: it joins as a learner, catches up by replaying the Raft log, and only
-//! then becomes a voter (openraft's `add_learner` with blocking, then
-//! `change_membership`). Removing the leader is allowed: it commits the new membership
-//! and then steps down, so its leadership moves before it leaves. Membership changes run
-//! on the leader; any other node answers 421 naming the leader.
+//! then becomes a voter (`entrepot_cluster::membership::add_voter`, the steps a joining
+//! node's own request takes too). Removing a node demotes it to learner, then removes it;
+//! removing the leader is allowed: it commits the membership in which it is a learner and
+//! steps down, and the next leader removes it (the CLI retries on the other nodes).
+//! Membership changes run on the leader; any other node answers 421 naming the leader.
+//! Draining this node: `drain.rs`.
+//!
+//! Readiness ([`ClusterHandle::ready`]): the leader is ready; a follower only while it is a
+//! *voter* whose applied index is within [`READY_LAG_ENTRIES`] of the leader's commit
+//! index. openraft 0.9's metrics do not carry the leader's commit index, so the peer server
+//! keeps the one the last `append_entries` carried (`HeardCommit`); comparing with the
+//! follower's own last log index instead would call ready a follower that has received
+//! only the first of many batches it lacks. A learner (still catching up, or demoted by a
+//! drain), a node outside the membership, a draining node and a node without a leader are
+//! not ready.
 
 use std::collections::BTreeSet;
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
 
-use entrepot_cluster::{NodeId, TypeConfig};
-use openraft::error::{ClientWriteError, RaftError};
-use openraft::{BasicNode, Raft};
+use entrepot_cluster::membership::{self, ChangeError};
+use entrepot_cluster::{HeardCommit, NodeId, TcpNetwork, TypeConfig};
+use openraft::{Raft, ServerState};
 use tokio::sync::watch;
 
+use super::drain::DrainState;
 use super::Role;
 use crate::broker::Broker;
 use crate::metrics::{counter, gauge, render_latency};
@@ -24,20 +37,47 @@ use crate::metrics::{counter, gauge, render_latency};
 /// Most time a membership change may take (a learner's catch-up included) before the
 /// HTTP request gives up waiting; the change itself goes on.
 pub const CHANGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// A voter follower is ready while its applied index is at most this many Raft entries
+/// (replicated batches) behind the leader's commit index: more than the replicator keeps
+/// in flight (8), so a follower keeping up under load stays ready.
+pub const READY_LAG_ENTRIES: u64 = 32;
 
 /// A node's view of its cluster, for the admin API.
 #[derive(Clone)]
 pub struct ClusterHandle {
     raft: Raft<TypeConfig>,
     role: watch::Receiver<Role>,
+    /// The leader's commit index as last heard (readiness).
+    heard_commit: HeardCommit,
+    /// How to reach the leader (a drain's leave request).
+    network: TcpNetwork,
+    /// Where this node stands with respect to a drain.
+    drain: std::sync::Arc<watch::Sender<DrainState>>,
+}
+
+/// What [`ClusterHandle`] needs besides Raft and the role.
+pub struct HandleParts {
+    pub heard_commit: HeardCommit,
+    pub network: TcpNetwork,
+    pub drain: std::sync::Arc<watch::Sender<DrainState>>,
 }
 
 /// An HTTP answer: status line, body.
 pub type Reply = (&'static str, String);
 
 impl ClusterHandle {
-    pub fn new(raft: Raft<TypeConfig>, role: watch::Receiver<Role>) -> ClusterHandle {
-        ClusterHandle { raft, role }
+    pub fn new(
+        raft: Raft<TypeConfig>,
+        role: watch::Receiver<Role>,
+        parts: HandleParts,
+    ) -> ClusterHandle {
+        ClusterHandle {
+            raft,
+            role,
+            heard_commit: parts.heard_commit,
+            network: parts.network,
+            drain: parts.drain,
+        }
     }
 
     /// The active broker, when this node leads.
@@ -48,9 +88,36 @@ impl ClusterHandle {
         }
     }
 
-    /// True when clients can be served here (this node leads, or knows who does).
+    /// True when clients can be served here: this node leads, or it is a voter that has
+    /// caught up with the leader (see the module docs); never while draining.
     pub fn ready(&self) -> bool {
-        !matches!(&*self.role.borrow(), Role::Unknown)
+        if *self.drain.borrow() != DrainState::Serving {
+            return false;
+        }
+        match &*self.role.borrow() {
+            Role::Leader(_) => true,
+            Role::Unknown => false,
+            Role::Follower { .. } => self.caught_up(),
+        }
+    }
+
+    /// A voter follower whose applied index is within [`READY_LAG_ENTRIES`] of the
+    /// leader's commit index.
+    fn caught_up(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        let voter = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == m.id);
+        if !voter || m.state != ServerState::Follower {
+            return false;
+        }
+        let Some(committed) = self.heard_commit.get() else {
+            return false;
+        };
+        let applied = m.last_applied.map_or(0, |l| l.index);
+        applied.saturating_add(READY_LAG_ENTRIES) >= committed
     }
 
     /// `GET /cluster`: YAML.
@@ -64,6 +131,13 @@ impl ClusterHandle {
         };
         let _ = writeln!(out, "node: {}", m.id);
         let _ = writeln!(out, "role: {role}");
+        let _ = writeln!(out, "ready: {}", self.ready());
+        let drain = match *self.drain.borrow() {
+            DrainState::Serving => "serving",
+            DrainState::Leaving => "leaving",
+            DrainState::Drained => "drained",
+        };
+        let _ = writeln!(out, "drain: {drain}");
         let _ = writeln!(out, "state: {:?}", m.state);
         let _ = writeln!(out, "term: {}", m.current_term);
         match m.current_leader {
@@ -216,6 +290,9 @@ impl ClusterHandle {
                 };
                 self.bounded(self.remove(id)).await
             }
+            ("POST", "/cluster/drain") => {
+                super::drain::drain(&self.raft, &self.network, &self.drain).await
+            }
             _ => ("404 Not Found", "not found\n".into()),
         }
     }
@@ -230,39 +307,17 @@ impl ClusterHandle {
     }
 
     async fn add(&self, id: NodeId, addr: String) -> Reply {
-        if let Err(e) = self.raft.add_learner(id, BasicNode::new(&addr), true).await {
-            return refusal(e);
-        }
-        let mut voters = self.voters();
-        voters.insert(id);
-        match self.raft.change_membership(voters, false).await {
-            Ok(_) => ("200 OK", format!("node {id} added as a voter\n")),
+        match membership::add_voter(&self.raft, id, &addr).await {
+            Ok(detail) => ("200 OK", format!("{detail}\n")),
             Err(e) => refusal(e),
         }
     }
 
     async fn remove(&self, id: NodeId) -> Reply {
-        let mut voters = self.voters();
-        if !voters.remove(&id) {
-            return ("404 Not Found", format!("node {id} is not a voter\n"));
-        }
-        if voters.is_empty() {
-            return ("409 Conflict", "cannot remove the last voter\n".into());
-        }
-        match self.raft.change_membership(voters, false).await {
-            Ok(_) => ("200 OK", format!("node {id} removed\n")),
+        match membership::remove(&self.raft, id).await {
+            Ok(detail) => ("200 OK", format!("{detail}\n")),
             Err(e) => refusal(e),
         }
-    }
-
-    fn voters(&self) -> BTreeSet<NodeId> {
-        self.raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .collect()
     }
 }
 
@@ -293,15 +348,9 @@ impl crate::metrics::ClusterView for ClusterHandle {
     }
 }
 
-fn refusal(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> Reply {
+fn refusal(e: ChangeError) -> Reply {
     match e {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => (
-            "421 Misdirected Request",
-            match (f.leader_id, f.leader_node) {
-                (Some(id), Some(n)) => format!("not the leader; node {id} ({}) leads\n", n.addr),
-                _ => "not the leader; no leader known yet\n".into(),
-            },
-        ),
+        ChangeError::NotLeader { .. } => ("421 Misdirected Request", format!("{e}\n")),
         other => ("409 Conflict", format!("{other}\n")),
     }
 }

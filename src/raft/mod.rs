@@ -26,6 +26,11 @@
 //! * The store is written only by the applier, or by the active broker through
 //!   [`Replication`]; both keep offsets identical on every node.
 //!
+//! * *membership of its own*: unless `--no-auto-join`, a node asks the leader to make it a
+//!   voter at every start (`entrepot_cluster::membership::auto_join`; a member is told so
+//!   and nothing changes), and `POST /cluster/drain` takes it out before a scale-down
+//!   (`drain.rs`).
+//!
 //! * compaction: the state machine snapshots the store every `--raft-snapshot-every`
 //!   entries (`snapshot.rs`) so openraft can purge the log; lagging or new members install
 //!   the snapshot.
@@ -34,6 +39,7 @@
 //! addresses together. ARCHITECTURE.md explains how the per-address split follows.
 
 pub mod admin;
+pub mod drain;
 mod error;
 mod proxy;
 pub mod replicator;
@@ -46,6 +52,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use entrepot_cluster::identity::Peer;
+use entrepot_cluster::membership;
 use entrepot_cluster::{LogStore, NodeId, PeerServer, PeerServerOptions, TcpNetwork, TypeConfig};
 use entrepot_storage::LogConfig;
 use openraft::{BasicNode, Raft, ServerState, SnapshotPolicy};
@@ -122,6 +129,9 @@ pub struct ClusterConfig {
     /// TLS on the inter-node port, mutually authenticated against the cluster CA
     /// (`--cluster-tls-cert/-key/-ca`); `None`: plain TCP.
     pub tls: Option<Arc<entrepot_cluster::PeerTls>>,
+    /// Ask the leader to make this node a voter at start (see the module docs), as the
+    /// member address given; `None`: wait for `entrepot cluster add` (`--no-auto-join`).
+    pub auto_join: Option<String>,
 }
 
 /// What the front door does with a new connection.
@@ -186,10 +196,14 @@ impl ClusterNode {
         cap_message_size(&mut config);
         let (machine, log_store) = open_state(&config)?;
         let raft_log_sync = log_store.log().config().sync;
-        let raft = start_raft(&cluster, log_store, &machine).await?;
+        let network = TcpNetwork::new(cluster.node_id)
+            .with_secret(cluster.secret.clone())
+            .with_tls(cluster.tls.clone());
+        let raft = start_raft(&cluster, network.clone(), log_store, &machine).await?;
         let peer_server = start_peer_server(&cluster, &raft).await?;
         let peer_addr = peer_server.local_addr();
         initialize(&raft, &cluster).await?;
+        let (drain_tx, drain_rx) = watch::channel(drain::DrainState::Serving);
 
         let listeners = Listeners::bind(&config).await?;
         let (amqp_addr, http_addr, amqps_addr) = (
@@ -202,6 +216,15 @@ impl ClusterNode {
             peers = %peer_addr, data_dir = %config.data_dir.display(), sync = %raft_log_sync,
             "entrepot cluster node listening");
         let (role_tx, role_rx) = watch::channel(Role::Unknown);
+        let join = cluster
+            .auto_join
+            .clone()
+            .map(|addr| membership::JoinConfig {
+                id,
+                addr,
+                seeds: cluster.peers.clone(),
+                network: network.clone(),
+            });
         let node_tasks = NodeTasks {
             raft: raft.clone(),
             machine: machine.clone(),
@@ -209,6 +232,13 @@ impl ClusterNode {
             tls,
             role: role_rx.clone(),
             shutdown,
+            drain: drain_rx,
+            handle: admin::HandleParts {
+                heard_commit: peer_server.heard_commit(),
+                network,
+                drain: Arc::new(drain_tx),
+            },
+            join,
         };
         let tasks = node_tasks.spawn(listeners, role_tx);
         Ok(ClusterNode {
@@ -326,6 +356,7 @@ fn open_state(config: &BrokerConfig) -> Result<(StoreMachine, LogStore), Cluster
 /// Starts this node's Raft instance over its log and state machine.
 async fn start_raft(
     cluster: &ClusterConfig,
+    network: TcpNetwork,
     log_store: LogStore,
     machine: &StoreMachine,
 ) -> Result<Raft<TypeConfig>, ClusterStartError> {
@@ -342,9 +373,6 @@ async fn start_raft(
     .validate()
     .map_err(|e| ClusterStartError::RaftSettings(Box::new(e)))?;
     let id = cluster.node_id;
-    let network = TcpNetwork::new(id)
-        .with_secret(cluster.secret.clone())
-        .with_tls(cluster.tls.clone());
     Raft::new(
         id,
         Arc::new(raft_settings),
@@ -389,7 +417,8 @@ async fn start_peer_server(
 }
 
 /// What a started node's tasks share: its Raft, its store, its settings, the amqps
-/// certificate, the front door's role and the shutdown signal.
+/// certificate, the front door's role, the drain state and the shutdown signal; what the
+/// admin API needs; the joiner's settings when it auto-joins.
 struct NodeTasks {
     raft: Raft<TypeConfig>,
     machine: StoreMachine,
@@ -397,12 +426,15 @@ struct NodeTasks {
     tls: Option<Arc<TlsFiles>>,
     role: watch::Receiver<Role>,
     shutdown: watch::Receiver<bool>,
+    drain: watch::Receiver<drain::DrainState>,
+    handle: admin::HandleParts,
+    join: Option<membership::JoinConfig>,
 }
 
 impl NodeTasks {
     /// Spawns the node's tasks: leadership (which activates the broker while this node
-    /// leads and sets `role`), the front door of each client listener, and the HTTP
-    /// endpoint.
+    /// leads and sets `role`), the front door of each client listener, the HTTP endpoint,
+    /// and the joiner when the node auto-joins.
     fn spawn(self, listeners: Listeners, role: watch::Sender<Role>) -> Vec<JoinHandle<()>> {
         let NodeTasks {
             raft,
@@ -411,27 +443,37 @@ impl NodeTasks {
             tls,
             role: role_rx,
             shutdown,
+            drain,
+            handle,
+            join,
         } = self;
         let permits = Arc::new(Semaphore::new(config.max_connections));
-        let handle = admin::ClusterHandle::new(raft.clone(), role_rx.clone());
-        let mut tasks = vec![
-            tokio::spawn(leadership(raft, machine, config, role, shutdown.clone())),
-            tokio::spawn(front_door(
-                listeners.amqp,
-                Door::Plain,
-                role_rx.clone(),
-                Arc::clone(&permits),
-                shutdown.clone(),
-            )),
-        ];
+        let handle = admin::ClusterHandle::new(raft.clone(), role_rx.clone(), handle);
+        let mut tasks = Vec::new();
+        if let Some(join) = join {
+            let (raft, shutdown) = (raft.clone(), shutdown.clone());
+            tasks.push(tokio::spawn(async move {
+                membership::auto_join(raft, join, shutdown).await;
+            }));
+        }
+        tasks.push(tokio::spawn(leadership(
+            raft,
+            machine,
+            config,
+            role,
+            shutdown.clone(),
+        )));
+        let door = |listener, kind| {
+            let front = FrontDoor {
+                door: kind,
+                role: role_rx.clone(),
+                drain: drain.clone(),
+            };
+            tokio::spawn(front.run(listener, Arc::clone(&permits), shutdown.clone()))
+        };
+        tasks.push(door(listeners.amqp, Door::Plain));
         if let (Some(listener), Some(tls)) = (listeners.amqps, tls) {
-            tasks.push(tokio::spawn(front_door(
-                listener,
-                Door::Tls(tls),
-                role_rx,
-                permits,
-                shutdown.clone(),
-            )));
+            tasks.push(door(listener, Door::Tls(tls)));
         }
         tasks.push(tokio::spawn(crate::metrics::serve_http_source(
             listeners.http,
@@ -711,45 +753,76 @@ enum Door {
     Tls(Arc<TlsFiles>),
 }
 
-/// One listener of a clustered node; see the module docs.
-async fn front_door(
-    listener: TcpListener,
+/// One listener of a clustered node and what it routes by; see the module docs.
+#[derive(Clone)]
+struct FrontDoor {
     door: Door,
     role: watch::Receiver<Role>,
-    permits: Arc<Semaphore>,
-    shutdown: watch::Receiver<bool>,
-) {
-    crate::server::accept_loop(listener, permits, shutdown, move |stream| {
-        route(stream, door.clone(), role.clone())
-    })
-    .await
+    drain: watch::Receiver<drain::DrainState>,
 }
 
-/// Serves or forwards one client connection, waiting (bounded) for a leader.
-async fn route(stream: tokio::net::TcpStream, door: Door, mut role: watch::Receiver<Role>) {
-    let current =
-        match tokio::time::timeout(LEADER_WAIT, role.wait_for(|r| !matches!(r, Role::Unknown)))
-            .await
-        {
-            Ok(Ok(r)) => Some(r.clone()),
-            _ => None,
-        };
-    let current = match current {
-        Some(r) => r,
-        None => {
-            tracing::info!(peer = ?stream.peer_addr().ok(), "no leader known: closing the connection");
+impl FrontDoor {
+    async fn run(
+        self,
+        listener: TcpListener,
+        permits: Arc<Semaphore>,
+        shutdown: watch::Receiver<bool>,
+    ) {
+        crate::server::accept_loop(listener, permits, shutdown, move |stream| {
+            self.clone().route(stream)
+        })
+        .await
+    }
+
+    /// Serves or forwards one client connection, waiting (bounded) for a leader; closes it
+    /// at once on a draining node.
+    async fn route(self, stream: tokio::net::TcpStream) {
+        if *self.drain.borrow() != drain::DrainState::Serving {
+            tracing::debug!(peer = ?stream.peer_addr().ok(), "draining: closing a new connection");
             return;
         }
-    };
-    match (current, door) {
-        (Role::Leader(active), door) => serve(stream, &door, &active).await,
-        (Role::Follower { leader, amqp, .. }, Door::Plain) => {
-            proxy::forward(stream, leader, &amqp, leader_gone(role, leader)).await
-        }
-        (Role::Follower { leader, amqps, .. }, Door::Tls(_)) => {
-            proxy::forward(stream, leader, &amqps, leader_gone(role, leader)).await
-        }
-        (Role::Unknown, _) => {}
+        let mut role = self.role.clone();
+        let current =
+            tokio::time::timeout(LEADER_WAIT, role.wait_for(|r| !matches!(r, Role::Unknown))).await;
+        let current = match current.map(|r| r.map(|r| r.clone())) {
+            Ok(Ok(r)) => r,
+            _ => {
+                tracing::info!(peer = ?stream.peer_addr().ok(), "no leader known: closing the connection");
+                return;
+            }
+        };
+        let (leader, addr, on_drain) = match (current, &self.door) {
+            (Role::Leader(active), door) => return serve(stream, door, &active).await,
+            (Role::Follower { leader, amqp, .. }, Door::Plain) => {
+                (leader, amqp, proxy::OnDrain::Close)
+            }
+            (Role::Follower { leader, amqps, .. }, Door::Tls(_)) => {
+                (leader, amqps, proxy::OnDrain::Cut)
+            }
+            (Role::Unknown, _) => return,
+        };
+        let drained = drained(self.drain.clone());
+        proxy::forward(
+            stream,
+            leader,
+            &addr,
+            leader_gone(role, leader),
+            drained,
+            on_drain,
+        )
+        .await
+    }
+}
+
+/// Completes once this node is drained (out of the membership).
+async fn drained(mut drain: watch::Receiver<drain::DrainState>) {
+    if drain
+        .wait_for(|d| *d == drain::DrainState::Drained)
+        .await
+        .is_err()
+    {
+        // The node is stopping: its connections end with it.
+        std::future::pending::<()>().await;
     }
 }
 

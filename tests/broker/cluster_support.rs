@@ -110,6 +110,8 @@ pub struct Cluster {
     nodes: BTreeMap<u64, BrokerProcess>,
     /// Extra `entrepot serve` flags every node is started with.
     serve_args: Vec<String>,
+    /// Extra `entrepot serve` flags of one node (kept for its restarts).
+    node_args: BTreeMap<u64, Vec<String>>,
     /// What each node's current process logged so far (see [`Cluster::log_lines`]).
     logs: Mutex<BTreeMap<u64, Vec<String>>>,
     /// What each node's earlier processes logged (kept for [`Cluster::dump_logs`]).
@@ -219,6 +221,7 @@ impl Cluster {
             peers: BTreeMap::new(),
             nodes: BTreeMap::new(),
             serve_args: Vec::new(),
+            node_args: BTreeMap::new(),
             logs: Mutex::default(),
             earlier_logs: BTreeMap::new(),
             net,
@@ -275,6 +278,59 @@ impl Cluster {
         self.launch(id);
     }
 
+    /// Starts node `id` beyond the initial `members`, joining by itself: `--auto-join`
+    /// with its member address as `--cluster-advertise` (kept for its restarts).
+    pub fn start_joining(&mut self, id: u64, members: &[u64]) {
+        let member = self.layouts[&id].member.clone();
+        let args = ["--auto-join", "--cluster-advertise", &member];
+        self.node_args
+            .insert(id, args.iter().map(|a| a.to_string()).collect());
+        self.start_node(id, members);
+    }
+
+    /// Where running node `id` serves HTTP (`/readyz`, `/cluster…`).
+    pub fn http(&self, id: u64) -> SocketAddr {
+        self.nodes[&id].http
+    }
+
+    /// The status code of node `id`'s `/readyz`, or None when it does not answer.
+    pub fn readyz(&self, id: u64) -> Option<u16> {
+        let (line, _) = self.nodes.get(&id)?.http_request("GET", "/readyz").ok()?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    /// Runs `entrepot drain --http <node id's HTTP> --node-id <id> ARGS` (bounded by the
+    /// membership change timeout); returns its exit success, stdout and stderr.
+    pub fn drain_cli(&self, id: u64, args: &[&str]) -> (bool, String, String) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_entrepot"))
+            .arg("drain")
+            .args([
+                "--http",
+                &self.http(id).to_string(),
+                "--node-id",
+                &id.to_string(),
+            ])
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn entrepot drain");
+        let deadline = Instant::now() + CHANGE_TIMEOUT;
+        while child.try_wait().expect("poll drain").is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("entrepot drain {args:?} did not finish within {CHANGE_TIMEOUT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().expect("drain output");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     /// Starts a killed node again on its data directory, with its first `--peers`.
     pub fn restart(&mut self, id: u64) {
         assert!(!self.nodes.contains_key(&id), "node {id} is still running");
@@ -299,7 +355,8 @@ impl Cluster {
             .args(["--node-id", &id.to_string(), "--peers", &self.peers[&id]])
             .arg("--data-dir")
             .arg(&dir)
-            .args(&self.serve_args);
+            .args(&self.serve_args)
+            .args(self.node_args.get(&id).into_iter().flatten());
         let mut node = BrokerProcess::launch(command, &dir);
         let old = self.logs.lock().unwrap().insert(id, Vec::new());
         self.earlier_logs.entry(id).or_default().extend(

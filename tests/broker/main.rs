@@ -11,6 +11,7 @@ mod campaign;
 mod client;
 mod cluster;
 mod cluster_interop;
+mod cluster_membership;
 mod cluster_netns;
 mod cluster_settle;
 mod cluster_support;

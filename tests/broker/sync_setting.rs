@@ -65,6 +65,7 @@ async fn a_cluster_node_syncs_its_raft_log_as_sync_says() {
             snapshot_every: entrepot::raft::SNAPSHOT_EVERY_ENTRIES,
             secret: None,
             tls: None,
+            auto_join: None,
         };
         let (stop, shutdown) = watch::channel(false);
         let node = ClusterNode::start(config, cluster, shutdown)
