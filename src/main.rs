@@ -748,6 +748,53 @@ mod tests {
         }
     }
 
+    /// The cluster flags `entrepot serve ARGS` would run with.
+    fn cluster_flags(args: &[&str]) -> ClusterArgs {
+        let argv = ["entrepot", "serve"].iter().chain(args);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Serve(serve) => serve.flags.cluster,
+            _ => unreachable!("not serve"),
+        }
+    }
+
+    #[test]
+    fn auto_join_is_on_with_dns_peers_and_its_switches_read_true_and_false() {
+        let c = cluster_flags(&["--peers-dns", "entrepot.ns.svc"]);
+        assert!(!c.auto_join && !c.no_auto_join);
+        assert!(cluster_flags(&["--no-auto-join"]).no_auto_join);
+        assert!(
+            Cli::try_parse_from(["entrepot", "serve", "--auto-join", "--no-auto-join"]).is_err()
+        );
+        // Only this test sets the variable (nextest runs each test in its own process).
+        std::env::set_var("ENTREPOT_NO_AUTO_JOIN", "false");
+        assert!(
+            !cluster_flags(&[]).no_auto_join,
+            "ENTREPOT_NO_AUTO_JOIN=false"
+        );
+        std::env::set_var("ENTREPOT_NO_AUTO_JOIN", "true");
+        assert!(
+            cluster_flags(&[]).no_auto_join,
+            "ENTREPOT_NO_AUTO_JOIN=true"
+        );
+        std::env::remove_var("ENTREPOT_NO_AUTO_JOIN");
+    }
+
+    #[test]
+    fn a_drain_reads_the_desired_replicas_from_a_short_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("replicas");
+        std::fs::write(&path, "3\n").unwrap();
+        assert_eq!(read_desired_replicas(&path).unwrap(), 3);
+        std::fs::write(&path, "three").unwrap();
+        assert!(read_desired_replicas(&path).is_err());
+        assert!(read_desired_replicas(&dir.path().join("missing")).is_err());
+        std::fs::write(&path, "1".repeat(1000)).unwrap();
+        assert!(
+            read_desired_replicas(&path).is_err(),
+            "read bounded, then not a count"
+        );
+    }
+
     #[test]
     fn flags_given_override_the_file_and_flags_not_given_keep_its_values() {
         let dir = tempfile::tempdir().unwrap();

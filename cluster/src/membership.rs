@@ -69,6 +69,9 @@ pub const JOIN_BACKOFF_MAX: Duration = Duration::from_secs(5);
 pub const JOIN_CANDIDATES_MAX: usize = 64;
 /// Pause of a leaving node between two attempts (no leader known, a change running).
 pub const LEAVE_RETRY: Duration = Duration::from_millis(100);
+/// How long a leaving node that is no voter in its own view waits to hear of a leader
+/// before it concludes it has nothing to leave (it never joined, or left already).
+pub const LEAVE_NO_LEADER_GRACE: Duration = Duration::from_secs(3);
 
 /// One membership change at a time on this node (the HTTP admin API takes it too).
 pub static CHANGE_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -272,6 +275,14 @@ pub async fn auto_join(
         if *shutdown.borrow() {
             return false;
         }
+        // Only a majority of the current voters can have elected it.
+        if leads(&raft) {
+            tracing::info!(
+                node = config.id,
+                "leading: already a voter, nothing to join"
+            );
+            return true;
+        }
         let candidates = join_candidates(&raft, &config, &heard);
         for (target, addr) in candidates {
             let request = MembershipRequest::Join {
@@ -373,6 +384,7 @@ pub async fn leave(
     let id = raft.metrics().borrow().id;
     let mut steps = Vec::new();
     let mut last = ChangeError::NotLeader { leader: None };
+    let started = Instant::now();
     while Instant::now() < deadline {
         let left = deadline.saturating_duration_since(Instant::now());
         if leads(raft) {
@@ -406,6 +418,11 @@ pub async fn leave(
                 }
                 Err(e) => last = ChangeError::Refused(format!("asking node {leader}: {e}")),
             }
+        } else if !voters(raft).contains(&id) && started.elapsed() >= LEAVE_NO_LEADER_GRACE {
+            steps.push(format!(
+                "node {id} is no voter and hears from no leader: nothing to leave"
+            ));
+            return Ok(steps);
         }
         tokio::time::sleep(LEAVE_RETRY.min(deadline.saturating_duration_since(Instant::now())))
             .await;
