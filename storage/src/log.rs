@@ -70,6 +70,15 @@ pub(crate) struct Inner {
     stats: LogStats,
 }
 
+/// What one group-commit round covered, for the sync thread's next gathering.
+pub(crate) struct SyncRound {
+    /// Records that became durable in this round.
+    pub covered: u64,
+    /// [`LogStats::records_appended`] when the round took its snapshot: appends counted
+    /// above it were not covered and wait for the next round.
+    pub appended: u64,
+}
+
 struct Writer {
     active: Arc<Segment>,
     next_offset: u64,
@@ -444,10 +453,6 @@ impl Inner {
         &self.stats
     }
 
-    pub(crate) fn durable_offset(&self) -> u64 {
-        self.durable_tx.borrow().durable
-    }
-
     fn lock_writer(&self) -> Result<MutexGuard<'_, Writer>> {
         self.writer.lock().map_err(|_| StorageError::Closed)
     }
@@ -570,8 +575,13 @@ impl Inner {
 
     /// One group-commit round: sync what is written, seal complete segments, publish.
     pub(crate) fn sync_once(&self) -> Result<()> {
+        self.sync_round().map(|_| ())
+    }
+
+    /// [`Inner::sync_once`], telling the sync thread what the round covered.
+    pub(crate) fn sync_round(&self) -> Result<SyncRound> {
         let _io = self.lock_io()?;
-        let (rolled, active, from, to, next) = {
+        let (rolled, active, from, to, next, appended) = {
             let w = self.lock_writer()?;
             if let Some(reason) = &w.poisoned {
                 return Err(StorageError::SyncFailed {
@@ -585,6 +595,8 @@ impl Inner {
                 w.synced_pos,
                 w.active.written(),
                 w.next_offset,
+                // Appends count under the writer lock, so this matches `next`.
+                self.stats.records_appended.load(Ordering::Relaxed),
             )
         };
         let started = Instant::now();
@@ -607,12 +619,13 @@ impl Inner {
         // Synced and never written again: only the tail the consumers are about to read
         // stays mapped (sealed segments release everything when sealed).
         active.release_below(to.saturating_sub(RESIDENT_TAIL_BYTES));
+        let mut covered = 0;
         self.durable_tx.send_if_modified(|s| {
-            let advanced = next > s.durable;
+            covered = next.saturating_sub(s.durable);
             s.durable = s.durable.max(next);
-            advanced
+            covered > 0
         });
-        Ok(())
+        Ok(SyncRound { covered, appended })
     }
 
     fn sync_segments(

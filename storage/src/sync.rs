@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::error::{Result, StorageError};
-use crate::log::Inner;
+use crate::log::{Inner, SyncRound};
 
 /// Upper bounds (µs) of the sync-latency histogram buckets; the last bucket is open.
 pub const SYNC_LATENCY_BUCKETS_US: [u64; 10] = [
@@ -188,42 +188,70 @@ impl SyncSignal {
 /// Body of the group-commit thread. Holds only a weak reference, so dropping the last
 /// `Log` handle ends it.
 pub(crate) fn run(log: Weak<Inner>, signal: Arc<SyncSignal>, interval: Option<Duration>) {
-    let mut last_batch = 0;
-    while signal.wait(interval) {
-        let Some(inner) = log.upgrade() else { return };
-        if last_batch > 1 {
-            gather(&inner.stats().records_appended);
+    let mut last: Option<SyncRound> = None;
+    loop {
+        // Gather before sleeping: the appenders of a round that covered several are about
+        // to append again, and the first of them should not have to wake this thread.
+        if let (Some(round), Some(inner)) = (&last, log.upgrade()) {
+            if round.covered > 1 && interval.is_none() {
+                gather(&inner.stats().records_appended, round);
+            }
         }
-        let before = inner.durable_offset();
-        if inner.sync_once().is_err() {
+        if !signal.wait(interval) {
             return;
         }
-        last_batch = inner.durable_offset().saturating_sub(before);
+        let Some(inner) = log.upgrade() else { return };
+        match inner.sync_round() {
+            Ok(round) => last = Some(round),
+            Err(_) => return,
+        }
     }
 }
 
-/// Longest a sync waits for more appends to join it.
+/// Longest a sync waits for more appends once the first one arrived.
 pub const GATHER_MAX: Duration = Duration::from_micros(200);
 /// A sync stops waiting once no append arrived for this long.
 pub const GATHER_QUIET: Duration = Duration::from_micros(30);
+/// Longest the thread waits, spinning, for the first append after a round before it
+/// sleeps until one wakes it.
+pub const GATHER_FIRST_MAX: Duration = Duration::from_micros(200);
 
-/// When the previous sync covered several appenders, they are about to append again (each
-/// was waiting for that sync): wait — at most [`GATHER_MAX`] — until appends stop arriving,
-/// so the next sync covers all of them instead of the first alone. A lone appender (last
-/// batch of one) never waits.
-fn gather(appended: &std::sync::atomic::AtomicU64) {
+/// When the previous sync covered several records, their appenders are about to append
+/// again (each was waiting for that sync): wait until as many appends as it covered are in
+/// (appends that arrived during the sync count), so the next sync covers all of them
+/// instead of the first alone — or until appends stop arriving for [`GATHER_QUIET`], or
+/// [`GATHER_MAX`] after the first one. Starts right after the publication, so the thread
+/// is not asleep when the first append comes (a wake-up costs tens of µs). A lone appender
+/// (last round of one) never waits.
+fn gather(appended: &AtomicU64, last: &SyncRound) {
+    let pending = || {
+        appended
+            .load(Ordering::Relaxed)
+            .saturating_sub(last.appended)
+    };
     let started = Instant::now();
-    let mut seen = appended.load(std::sync::atomic::Ordering::Relaxed);
+    let mut seen = pending();
+    let mut first: Option<Instant> = (seen > 0).then_some(started);
     let mut last_change = started;
-    while started.elapsed() < GATHER_MAX {
+    while seen < last.covered {
         // Yield rather than sleep: a sleep's timer slack (~50 µs) costs more than it
         // saves, and yielding hands the core to the appenders being woken.
         std::thread::yield_now();
-        let now = appended.load(std::sync::atomic::Ordering::Relaxed);
+        let now = pending();
+        let at = Instant::now();
         if now != seen {
             seen = now;
-            last_change = Instant::now();
-        } else if last_change.elapsed() >= GATHER_QUIET {
+            last_change = at;
+            first.get_or_insert(at);
+        }
+        let done = match first {
+            None => at.duration_since(started) >= GATHER_FIRST_MAX,
+            Some(first) => {
+                at.duration_since(last_change) >= GATHER_QUIET
+                    || at.duration_since(first) >= GATHER_MAX
+            }
+        };
+        if done {
             return;
         }
     }

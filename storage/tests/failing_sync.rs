@@ -1,7 +1,8 @@
 //! Goal: a sync that fails (EIO, or ENOSPC from the device) poisons the log as the README
 //! says — no handle completes for bytes that were not synced, every later append fails
 //! with `SyncFailed` — a slow sync delays completion without reordering or losing
-//! anything, and `SyncPolicy::Interval` loses at most the records appended since the start
+//! anything, a sync publishes only the records its snapshot covered (not those appended
+//! while it ran, with many appenders gathered), and `SyncPolicy::Interval` loses at most the records appended since the start
 //! of the last sync that completed before a power cut.
 //!
 //! Method: the `crash_sim` seam makes the next sync return an error or stall before it
@@ -190,4 +191,95 @@ async fn interval_sync_loses_at_most_the_last_interval() {
         "interval {INTERVAL:?}: {} of {INTERVAL_RECORDS} records lost, appended within {window:?} of the cut",
         INTERVAL_RECORDS - kept
     );
+}
+
+/// Appenders of the group-commit test below: enough that the sync thread gathers.
+const GATHER_APPENDERS: u64 = 64;
+/// Rounds of all appenders before the stall, so the gathering path is the one under test.
+const GATHER_ROUNDS: u64 = 3;
+/// The stall of the sync whose snapshot is checked.
+const SNAPSHOT_STALL: Duration = Duration::from_secs(1);
+
+/// Group commit publishes only what a sync's snapshot covered. Many appenders run rounds
+/// (so the sync thread gathers, waiting for them after each sync); then one sync stalls
+/// and the next fails. Records appended while the stalled sync runs must not be reported
+/// durable by it: they fail with the next sync, the durable offset stops at the stalled
+/// sync's snapshot, every handle below it completes, every one at or above it fails, and
+/// a power cut keeps every completed one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_appended_during_a_sync_are_not_published_by_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let live = tmp.path().join("live");
+    let sim = CrashSim::install(&live).expect("install");
+    let log = Log::open(live.join("log"), config(SyncPolicy::Always)).expect("open");
+    for round in 0..GATHER_ROUNDS {
+        let tasks: Vec<_> = (0..GATHER_APPENDERS)
+            .map(|i| {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let appended = log.append(format!("r{round} t{i}").as_bytes())?;
+                    appended.durable.wait().await
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("task").expect("durable");
+        }
+    }
+    sim.inject(SyncFault::Stall(SNAPSHOT_STALL), 1);
+    sim.inject(SyncFault::Eio, 1);
+    let before: Vec<_> = (0..GATHER_APPENDERS)
+        .map(|i| {
+            log.append(format!("before {i}").as_bytes())
+                .expect("append")
+        })
+        .collect();
+    // The next sync took its snapshot long ago and is stalled now.
+    tokio::time::sleep(SNAPSHOT_STALL / 2).await;
+    let during: Vec<_> = (0..GATHER_APPENDERS)
+        .map(|i| {
+            log.append(format!("during {i}").as_bytes())
+                .expect("append")
+        })
+        .collect();
+    let mut completed = Vec::new();
+    for a in before.iter().chain(&during) {
+        match a.durable.clone().wait().await {
+            Ok(()) => completed.push(a.first),
+            Err(e) => assert!(matches!(e, StorageError::SyncFailed { .. }), "{e}"),
+        }
+    }
+    let published = log.durable_offset();
+    assert!(
+        published > before[0].first,
+        "the stalled sync covered the first record"
+    );
+    for a in &during {
+        assert!(
+            a.first >= published && a.durable.has_failed() && !a.durable.is_durable(),
+            "record {} appended during the sync was published by it (durable offset {published})",
+            a.first
+        );
+    }
+    for a in before.iter().chain(&during) {
+        assert_eq!(
+            completed.contains(&a.first),
+            a.first < published,
+            "record {}: completed iff below the published offset {published}",
+            a.first
+        );
+    }
+    let crashed = tmp.path().join("crashed");
+    sim.crash_into(&crashed, 7).expect("crash");
+    drop(log);
+    let log = Log::open(crashed.join("log"), config(SyncPolicy::Always)).expect("reopen");
+    assert!(
+        log.next_offset() >= published,
+        "a completed record was lost: {} < {published}",
+        log.next_offset()
+    );
+    for offset in completed {
+        log.read(offset)
+            .expect("every completed record survives the cut");
+    }
 }
