@@ -1,26 +1,22 @@
 //! The container image serves AMQP as a non-root user. Method: build the image with
-//! docker/build.sh (no registry), run it on a private Docker network with its ports
+//! docker/build.sh (no registry; once per test run, shared with `elasticity`, see
+//! [`docker::ensure_image`]), run it on a private Docker network with its ports
 //! published on 127.0.0.1 only, wait for "entrepot listening" in its log, send and receive
 //! one message through the published port, read the user from `docker inspect` and the
 //! process's uid from `docker top` (no `docker exec`: the image has no shell), and stop it
 //! with `docker stop` (SIGTERM to PID 1) expecting a clean exit. Fails where `docker info` fails (CI provides Docker), unless `ENTREPOT_TEST_ALLOW_SKIP=1`
 //! lets a local run skip it.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::os::unix::process::CommandExt;
-use std::path::Path;
-use std::process::{Command, Stdio};
+pub mod docker;
+
 use std::time::{Duration, Instant};
 
 use fe2o3_amqp::types::messaging::{Body, Header, Message};
 use fe2o3_amqp::types::primitives::{Binary, Value};
 use fe2o3_amqp::{Connection, Receiver, Sender, Session};
 
-/// Longest docker/build.sh may take: a cold static release build on a 2-core runner.
-const BUILD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
-/// Longest one docker CLI call may take.
-const DOCKER_TIMEOUT: Duration = Duration::from_secs(60);
+use docker::{docker, logs, published};
+
 /// Longest the broker may take to log "entrepot listening" in its container.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest one AMQP step may take.
@@ -33,16 +29,11 @@ const BODY: &[u8] = b"from outside the container";
 
 #[test]
 fn the_image_serves_amqp_as_a_non_root_user() {
-    if let Err(reason) = docker(&["info"]) {
-        crate::requirement::skip_or_fail(
-            "the_image_serves_amqp_as_a_non_root_user",
-            &format!("docker is not usable (`docker info`: {reason})"),
-        );
+    if !docker::usable_for("the_image_serves_amqp_as_a_non_root_user") {
         return;
     }
     let mut run = DockerRun::for_this_process();
-    build_image(&run.image);
-    run.image_built = true;
+    run.image = docker::ensure_image().to_owned();
     docker(&["network", "create", &run.network]).expect("docker network create");
     run.network_created = true;
     let id = docker(&[
@@ -65,7 +56,8 @@ fn the_image_serves_amqp_as_a_non_root_user() {
     let amqp = published(&id, "5672/tcp");
     let http = published(&id, "8080/tcp");
     assert!(amqp.ip().is_loopback() && http.ip().is_loopback());
-    assert_eq!(http_status(http, "/healthz"), "HTTP/1.1 200 OK");
+    let (status, _) = docker::http_get(http, "/healthz").expect("GET /healthz");
+    assert_eq!(status, "HTTP/1.1 200 OK");
     tokio::runtime::Runtime::new()
         .expect("runtime")
         .block_on(round_trip(&format!("amqp://{amqp}")));
@@ -135,18 +127,6 @@ async fn within<F: std::future::Future>(what: &str, step: F) -> F::Output {
         .unwrap_or_else(|_| panic!("{what} took over {AMQP_TIMEOUT:?}"))
 }
 
-fn build_image(tag: &str) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("docker/build.sh");
-    let started = Instant::now();
-    let mut cmd = Command::new("bash");
-    cmd.arg(script).args(["--tag", tag]);
-    if let Some(cargo) = std::env::var_os("CARGO") {
-        cmd.env("CARGO", cargo);
-    }
-    let out = run(&mut cmd, BUILD_TIMEOUT).unwrap_or_else(|e| panic!("docker/build.sh: {e}"));
-    println!("{} in {:?}", out.stdout.trim(), started.elapsed());
-}
-
 /// Waits until the broker logs that it listens; fails early if the container exits.
 fn wait_for_listening(id: &str) {
     let deadline = Instant::now() + START_TIMEOUT;
@@ -169,43 +149,12 @@ fn wait_for_listening(id: &str) {
     }
 }
 
-/// The host address Docker published a container port on, e.g. 127.0.0.1:49153.
-fn published(id: &str, port: &str) -> SocketAddr {
-    let out = docker(&["port", id, port]).expect("docker port");
-    let first = out.lines().next().unwrap_or_default();
-    first
-        .parse()
-        .unwrap_or_else(|e| panic!("docker port {port}: {first:?}: {e}"))
-}
-
-fn http_status(addr: SocketAddr, path: &str) -> String {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("http connect");
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .expect("http write");
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).expect("http read");
-    resp.lines().next().unwrap_or_default().to_owned()
-}
-
-fn logs(id: &str) -> String {
-    let mut cmd = Command::new("docker");
-    cmd.args(["logs", id]);
-    match run(&mut cmd, DOCKER_TIMEOUT) {
-        Ok(out) => out.stdout + &out.stderr,
-        Err(e) => format!("(docker logs failed: {e})"),
-    }
-}
-
-/// Names unique to this test process, and what of them exists, so Drop removes exactly that.
+/// Names unique to this test process, and what of them exists, so Drop removes exactly that
+/// (never the image, which other tests share).
 struct DockerRun {
     image: String,
     network: String,
     container: String,
-    image_built: bool,
     network_created: bool,
     container_id: Option<String>,
 }
@@ -214,10 +163,9 @@ impl DockerRun {
     fn for_this_process() -> DockerRun {
         let pid = std::process::id();
         let run = DockerRun {
-            image: format!("entrepot-test:{pid}"),
+            image: String::new(),
             network: format!("entrepot-test-{pid}"),
             container: format!("entrepot-test-{pid}"),
-            image_built: false,
             network_created: false,
             container_id: None,
         };
@@ -243,68 +191,5 @@ impl Drop for DockerRun {
                 eprintln!("cleanup: docker network rm {}: {e}", self.network);
             }
         }
-        if self.image_built {
-            if let Err(e) = docker(&["image", "rm", &self.image]) {
-                eprintln!("cleanup: docker image rm {}: {e}", self.image);
-            }
-        }
     }
-}
-
-/// `docker <args>`, bounded by DOCKER_TIMEOUT; Ok(trimmed stdout) on success.
-fn docker(args: &[&str]) -> Result<String, String> {
-    let mut cmd = Command::new("docker");
-    cmd.args(args);
-    run(&mut cmd, DOCKER_TIMEOUT).map(|out| out.stdout.trim().to_owned())
-}
-
-struct Output {
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs `cmd` in its own process group and kills the whole group (cargo under
-/// build.sh included) if it is not done within `timeout`.
-fn run(cmd: &mut Command, timeout: Duration) -> Result<Output, String> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .map_err(|e| format!("spawn: {e}"))?;
-    let stdout = read_in_background(child.stdout.take());
-    let stderr = read_in_background(child.stderr.take());
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().map_err(|e| format!("wait: {e}"))? {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            // SAFETY: kill(2) on the process group this function created.
-            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
-            let _ = child.wait();
-            return Err(format!("timed out after {timeout:?}"));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let out = Output {
-        stdout: stdout.join().unwrap_or_default(),
-        stderr: stderr.join().unwrap_or_default(),
-    };
-    if status.success() {
-        Ok(out)
-    } else {
-        Err(format!("{status}: {}", out.stderr.trim()))
-    }
-}
-
-fn read_in_background(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut text = String::new();
-        if let Some(mut pipe) = pipe {
-            let _ = pipe.read_to_string(&mut text);
-        }
-        text
-    })
 }
