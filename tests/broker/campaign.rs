@@ -19,10 +19,10 @@
 //! full-disk fault. A failure prints the history of each offending message and the fault
 //! timeline.
 
-mod consumer;
+pub mod consumer;
 mod hostile;
-mod ledger;
-mod producer;
+pub mod ledger;
+pub mod producer;
 mod wire;
 
 use std::net::SocketAddr;
@@ -73,6 +73,16 @@ const WARNINGS_KEPT: usize = 30;
 /// Workers (producers and consumers) get this long to stop before they are aborted.
 const STOP_LIMIT: Duration = Duration::from_secs(10);
 
+/// Called by a client each time it makes progress (an accepted send, a delivery, a
+/// settlement): the elasticity test measures how long a client goes without; the
+/// campaign passes [`no_progress`].
+pub type Progress = Arc<dyn Fn() + Send + Sync>;
+
+/// A [`Progress`] that nobody watches.
+pub fn no_progress() -> Progress {
+    Arc::new(|| {})
+}
+
 /// What every task of the campaign shares.
 pub struct Ctx {
     ledger: Mutex<Ledger>,
@@ -88,6 +98,25 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    /// A context whose clients' default broker is `addr` (for tests that point each client
+    /// at a node of their own and never restart through the epoch: the elasticity test).
+    pub fn new(started: std::time::Instant, addr: SocketAddr, verbose: bool) -> Ctx {
+        Ctx {
+            ledger: Mutex::new(Ledger::new(started)),
+            next_seq: AtomicU64::new(1),
+            endpoint: watch::Sender::new((0, addr)),
+            stop: AtomicBool::new(false),
+            pause: AtomicBool::new(false),
+            progress: Notify::new(),
+            verbose,
+        }
+    }
+
+    /// Tells every client to stop (politely: consumers settle what they hold).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
     pub fn ledger(&self) -> MutexGuard<'_, Ledger> {
         self.ledger.lock().expect("ledger lock")
     }
@@ -315,15 +344,8 @@ async fn every_accepted_message_is_consumed_once_or_dead_lettered_across_faults(
     let storage = Storage::prepare();
     let mut node = Node::start(&storage.data_dir());
     let started = std::time::Instant::now();
-    let ctx = Arc::new(Ctx {
-        ledger: Mutex::new(Ledger::new(started)),
-        next_seq: AtomicU64::new(1),
-        endpoint: watch::Sender::new((0, node.broker.amqp)),
-        stop: AtomicBool::new(false),
-        pause: AtomicBool::new(false),
-        progress: Notify::new(),
-        verbose: std::env::var("ENTREPOT_CAMPAIGN_VERBOSE").as_deref() == Ok("1"),
-    });
+    let verbose = std::env::var("ENTREPOT_CAMPAIGN_VERBOSE").as_deref() == Ok("1");
+    let ctx = Arc::new(Ctx::new(started, node.broker.amqp, verbose));
     let mut workers = spawn_workers(&ctx);
     let mut helpers = JoinSet::new();
     let mut rng = Rng(seed);
@@ -351,7 +373,7 @@ async fn every_accepted_message_is_consumed_once_or_dead_lettered_across_faults(
         ctx.wait_settlements(ROUND_SETTLEMENTS, ROUND_LIMIT).await;
     }
 
-    ctx.stop.store(true, Ordering::Relaxed);
+    ctx.stop();
     join_bounded(&mut workers, STOP_LIMIT).await;
     join_bounded(&mut helpers, STOP_LIMIT).await;
     node.keep_warnings();

@@ -2,7 +2,8 @@
 //! delivery counts as consumed only once the broker settled our outcome back — it has
 //! then made the acknowledgement durable, and the message must never come again.
 //!
-//! One loop serves every style: steady (the background consumers), slow (sleeps before
+//! One loop serves every style: steady (the background consumers), accepting (the
+//! elasticity test's: steady without rejections, on a node of its choosing), slow (sleeps before
 //! each outcome, little credit), vanishing (takes some deliveries, sends outcomes for a
 //! few without waiting, and resets the socket) and draining (the final phase: accepts
 //! everything until the queue is quiet). Every wait is bounded; a dead broker ends the
@@ -18,7 +19,7 @@ use tokio::time::{timeout, Instant};
 
 use super::ledger::Disposal;
 use super::wire::{self, Wire};
-use super::{Ctx, DLQ, QUEUE};
+use super::{Ctx, Progress, DLQ, QUEUE};
 
 /// The session incoming window we announce (and reopen with every flow).
 const WINDOW: u32 = 4096;
@@ -31,6 +32,8 @@ const SETTLE_GRACE: Duration = Duration::from_secs(2);
 pub enum Style {
     /// Accepts everything, rejects one message in 97 (by sequence number) on the queue.
     Steady,
+    /// Accepts everything until the campaign stops (nothing goes to the DLQ).
+    Accepting,
     /// Sleeps `delay` before each outcome; stops after `lifetime`.
     Slow { delay: Duration, lifetime: Duration },
     /// After `after` deliveries (or `lifetime`), accepts every other one without waiting
@@ -75,7 +78,21 @@ struct Link {
 
 /// Runs one consumer connection against the broker of `epoch`.
 pub async fn run(ctx: &Ctx, epoch: u32, plan: &Plan, name: &str) -> Result<End, String> {
-    let addr = ctx.addr();
+    let live = || ctx.epoch() == epoch;
+    run_at(ctx, ctx.addr(), &live, plan, name, &super::no_progress()).await
+}
+
+/// Runs one consumer connection against the broker at `addr` until its style ends it,
+/// `live()` turns false (an error) or the connection fails; `progress` is called on every
+/// whole delivery and every settlement the broker sends back.
+pub async fn run_at(
+    ctx: &Ctx,
+    addr: std::net::SocketAddr,
+    live: &(dyn Fn() -> bool + Sync),
+    plan: &Plan,
+    name: &str,
+    progress: &Progress,
+) -> Result<End, String> {
     let mut link = timeout(super::OP_TIMEOUT, open(addr, name, plan))
         .await
         .map_err(|_| format!("{name}: attach timed out"))?
@@ -84,7 +101,7 @@ pub async fn run(ctx: &Ctx, epoch: u32, plan: &Plan, name: &str) -> Result<End, 
     let mut last_activity = Instant::now();
     let mut taken = 0usize;
     loop {
-        if ctx.epoch() != epoch {
+        if !live() {
             return Err(format!("{name}: the broker restarted"));
         }
         let stopping = ctx.stopping() && !matches!(plan.style, Style::Drain { .. });
@@ -125,6 +142,7 @@ pub async fn run(ctx: &Ctx, epoch: u32, plan: &Plan, name: &str) -> Result<End, 
                 else {
                     continue;
                 };
+                progress();
                 taken += 1;
                 let disposal = match (plan.style, seq) {
                     (Style::Vanish { .. }, _) => continue,
@@ -138,7 +156,10 @@ pub async fn run(ctx: &Ctx, epoch: u32, plan: &Plan, name: &str) -> Result<End, 
                     .await
                     .map_err(|e| format!("{name}: disposition: {e}"))?;
             }
-            Performative::Disposition(d) if d.role == Role::Sender => link.on_settled(ctx, &d),
+            Performative::Disposition(d) if d.role == Role::Sender => {
+                link.on_settled(ctx, &d);
+                progress();
+            }
             Performative::Detach(d) => return Err(format!("{name}: detached: {:?}", d.error)),
             Performative::End(e) => return Err(format!("{name}: session ended: {:?}", e.error)),
             Performative::Close(c) => return Err(format!("{name}: closed: {:?}", c.error)),

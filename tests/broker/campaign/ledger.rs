@@ -187,6 +187,11 @@ impl Ledger {
         self.finals
     }
 
+    /// Sends the broker accepted so far.
+    pub fn confirmed_total(&self) -> u64 {
+        self.confirmed
+    }
+
     pub fn verdict(&self) -> Verdict {
         let mut v = Verdict {
             foreign: self.foreign.clone(),

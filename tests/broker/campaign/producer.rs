@@ -4,7 +4,9 @@
 //! unknown fate.
 //!
 //! - [`steady`]: the background producers, fe2o3-amqp senders with a window of unsettled
-//!   sends, reconnecting after every fault, holding back while the backlog is large.
+//!   sends, reconnecting after every fault, holding back while the backlog is large; each
+//!   connection is one [`windowed`] (which the elasticity test drives with its own shape
+//!   and node).
 //! - [`fill`]: the full-disk fault's producer, large messages until the broker refuses
 //!   one with `amqp:resource-limit-exceeded`.
 //! - [`early_close`]: raw transfers, then the connection is closed or reset before any
@@ -14,7 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fe2o3_amqp::types::definitions::{ReceiverSettleMode, Role};
-use fe2o3_amqp::types::messaging::{ApplicationProperties, Data, DeliveryState, Message, Outcome};
+use fe2o3_amqp::types::messaging::{
+    ApplicationProperties, Data, DeliveryState, Header, Message, Outcome,
+};
 use fe2o3_amqp::types::performatives::Performative;
 use fe2o3_amqp::types::primitives::Binary;
 use fe2o3_amqp::{Connection, Sender, Session};
@@ -23,7 +27,7 @@ use tokio::time::{timeout, Instant};
 
 use super::ledger::Origin;
 use super::wire::{self, Wire};
-use super::{Ctx, OP_TIMEOUT, QUEUE};
+use super::{Ctx, Progress, OP_TIMEOUT, QUEUE};
 
 /// Body bytes of a background message.
 pub const BODY_BYTES: usize = 256;
@@ -36,8 +40,34 @@ const BACKLOG_MAX: u64 = 1500;
 /// Longest a send's outcome may take before its fate is called unknown.
 const OUTCOME_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What a [`windowed`] producer sends, and how many sends it keeps unsettled.
+pub struct Shape {
+    pub body_bytes: usize,
+    /// Header `durable` (persistent messages).
+    pub durable: bool,
+    pub in_flight: usize,
+}
+
+/// The background producers' traffic.
+const STEADY: Shape = Shape {
+    body_bytes: BODY_BYTES,
+    durable: false,
+    in_flight: IN_FLIGHT,
+};
+
 fn message(seq: u64, len: usize) -> Message<Data> {
     Message::builder()
+        .application_properties(ApplicationProperties::builder().insert("seq", seq).build())
+        .data(Binary::from(wire::body(seq, len)))
+        .build()
+}
+
+fn persistent_message(seq: u64, len: usize) -> Message<Data> {
+    Message::builder()
+        .header(Header {
+            durable: true,
+            ..Default::default()
+        })
         .application_properties(ApplicationProperties::builder().insert("seq", seq).build())
         .data(Binary::from(wire::body(seq, len)))
         .build()
@@ -58,9 +88,26 @@ pub async fn steady(ctx: Arc<Ctx>, k: usize) {
 }
 
 async fn steady_connection(ctx: &Arc<Ctx>, epoch: u32, k: usize) -> Result<(), String> {
-    let url = format!("amqp://{}", ctx.addr());
     let name = format!("campaign-producer-{k}-{epoch}");
-    let mut conn = timeout(OP_TIMEOUT, Connection::open(name.clone(), url.as_str()))
+    let live = || ctx.epoch() == epoch;
+    let progress = super::no_progress();
+    windowed(ctx, ctx.addr(), &name, &STEADY, &live, &progress).await
+}
+
+/// One producer connection to `addr`, keeping up to `shape.in_flight` sends unsettled,
+/// until the campaign stops, `live()` turns false or the connection fails (an error).
+/// `progress` is called on every accepted send, and while the producer holds back for
+/// the backlog (then it waits for consumers, not for the broker).
+pub async fn windowed(
+    ctx: &Arc<Ctx>,
+    addr: std::net::SocketAddr,
+    name: &str,
+    shape: &Shape,
+    live: &(dyn Fn() -> bool + Sync),
+    progress: &Progress,
+) -> Result<(), String> {
+    let url = format!("amqp://{addr}");
+    let mut conn = timeout(OP_TIMEOUT, Connection::open(name.to_owned(), url.as_str()))
         .await
         .map_err(|_| "open timed out".to_string())?
         .map_err(|e| format!("open: {e}"))?;
@@ -74,34 +121,60 @@ async fn steady_connection(ctx: &Arc<Ctx>, epoch: u32, k: usize) -> Result<(), S
         .map_err(|e| format!("attach: {e}"))?;
     let mut outcomes = JoinSet::new();
     let result = loop {
-        if ctx.stopping() || ctx.epoch() != epoch {
+        if ctx.stopping() || !live() {
             break Ok(());
         }
-        if outcomes.len() >= IN_FLIGHT || ctx.ledger().backlog() > BACKLOG_MAX {
+        // fe2o3 may leave the outcomes of a dead connection pending for good: with the
+        // window full this loop would wait for them (OUTCOME_TIMEOUT) instead of leaving.
+        if conn.is_closed() {
+            break Err("connection closed".to_string());
+        }
+        let held = ctx.ledger().backlog() > BACKLOG_MAX;
+        if held {
+            progress();
+        }
+        if held || outcomes.len() >= shape.in_flight {
             let _ = timeout(Duration::from_millis(100), ctx.progress.notified()).await;
             while outcomes.try_join_next().is_some() {}
             continue;
         }
         let seq = ctx.next_seq(Origin::Producer);
-        let fut = match timeout(OP_TIMEOUT, sender.send_batchable(message(seq, BODY_BYTES))).await {
+        let message = if shape.durable {
+            persistent_message(seq, shape.body_bytes)
+        } else {
+            message(seq, shape.body_bytes)
+        };
+        let fut = match timeout(OP_TIMEOUT, sender.send_batchable(message)).await {
             Ok(Ok(fut)) => fut,
             Ok(Err(e)) => break Err(format!("send: {e}")),
             Err(_) => break Err("send timed out".to_string()),
         };
         let ctx = Arc::clone(ctx);
+        let progress = Arc::clone(progress);
         outcomes.spawn(async move {
             if let Ok(Ok(outcome)) = timeout(OUTCOME_TIMEOUT, fut).await {
                 record(&ctx, seq, &outcome);
+                if matches!(outcome, Outcome::Accepted(_)) {
+                    progress();
+                }
             }
         });
     };
-    // Outcomes still owed: a bounded wait, then their fate stays unknown.
-    let _ = timeout(Duration::from_secs(3), async {
+    // Outcomes still owed: a bounded wait (short on a dead connection: only outcomes
+    // already received are still to be recorded), then their fate stays unknown.
+    let owed = if conn.is_closed() {
+        Duration::from_millis(100)
+    } else {
+        Duration::from_secs(3)
+    };
+    let _ = timeout(owed, async {
         while outcomes.join_next().await.is_some() {}
     })
     .await;
     outcomes.abort_all();
-    if ctx.epoch() == epoch {
+    // A failed connection has nothing to close politely (and waiting on it would hold
+    // up the reconnect).
+    if live() && result.is_ok() {
         let _ = timeout(Duration::from_secs(2), sender.close()).await;
         let _ = timeout(Duration::from_secs(2), conn.close()).await;
     }
