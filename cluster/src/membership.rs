@@ -50,7 +50,7 @@ use openraft::{BasicNode, ChangeMembers, Raft, ServerState};
 use tokio::sync::watch;
 
 use crate::identity::Peer;
-use crate::network::TcpNetwork;
+use crate::network::{PeerCallError, TcpNetwork};
 pub use crate::rpc::{MembershipReply, MembershipRequest};
 use crate::types::{NodeId, TypeConfig};
 
@@ -271,6 +271,7 @@ pub async fn auto_join(
     let mut backoff = JOIN_BACKOFF_MIN;
     let mut heard: BTreeMap<NodeId, String> = BTreeMap::new();
     let mut announced = false;
+    let mut refused = false;
     loop {
         if *shutdown.borrow() {
             return false;
@@ -319,6 +320,12 @@ pub async fn auto_join(
                     tracing::info!(node = config.id, asked = target, %reason, "join refused for now; retrying");
                 }
                 Ok(MembershipReply::LastVoter { .. }) => {}
+                // A peer that refuses this node's credentials will not change its mind:
+                // said once, loudly (a wrong secret or certificate is an operator's fix).
+                Err(e @ (PeerCallError::Auth { .. } | PeerCallError::Tls { .. })) if !refused => {
+                    refused = true;
+                    tracing::warn!(node = config.id, asked = target, error = %e, "join refused: the peer port's authentication failed (cluster secret or TLS certificate)");
+                }
                 Err(e) => {
                     tracing::debug!(node = config.id, asked = target, error = %e, "join request failed")
                 }

@@ -19,6 +19,11 @@
 //!    is no member and joins again, as a voter;
 //! 5. the leader is drained: another node leads, the producer goes on;
 //! 6. every accepted message is received.
+//!
+//! Then, as a StatefulSet with `podManagementPolicy: Parallel` scales 3 → 5 → 3: two nodes
+//! join at once and drain at once (the leader makes one change at a time, the other asks
+//! again); and a joiner that does not hold the cluster secret is refused by the peer
+//! port's authentication and never becomes a member.
 
 use std::time::{Duration, Instant};
 
@@ -220,4 +225,76 @@ fn the_last_voter_is_never_drained() {
         Some(200),
         "a refused drain leaves it serving"
     );
+}
+
+#[test]
+fn two_nodes_join_at_once_and_drain_at_once() {
+    let mut cluster = Cluster::on_loopback(5);
+    cluster.start(&[0, 1, 2], START_TIMEOUT);
+    cluster.start_joining(3, &[0, 1, 2]);
+    cluster.start_joining(4, &[0, 1, 2]);
+    wait_ready(&cluster, 3);
+    wait_ready(&cluster, 4);
+    wait_voters(&cluster, &[0, 1, 2, 3, 4]);
+    // Both preStop hooks run at once, as Parallel stops both pods together.
+    let drains: Vec<_> = [3u64, 4]
+        .map(|id| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_entrepot"))
+                .arg("drain")
+                .args(["--http", &cluster.http(id).to_string()])
+                .args(["--node-id", &id.to_string(), "--desired-replicas", "3"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn entrepot drain")
+        })
+        .into_iter()
+        .map(|child| child.wait_with_output().expect("drain output"))
+        .collect();
+    for out in &drains {
+        assert!(
+            out.status.success(),
+            "a concurrent drain failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    wait_voters(&cluster, &[0, 1, 2]);
+    for id in [0, 1, 2] {
+        assert_eq!(
+            cluster.readyz(id),
+            Some(200),
+            "node {id} ready after the drains"
+        );
+    }
+}
+
+#[test]
+fn a_joiner_without_the_cluster_secret_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (good, bad) = (dir.path().join("good"), dir.path().join("bad"));
+    std::fs::write(&good, "the cluster's shared secret, long enough").expect("secret");
+    std::fs::write(&bad, "somebody else's secret of some length").expect("secret");
+    let mut cluster = Cluster::on_loopback(5);
+    let secret =
+        |p: &std::path::Path| ["--cluster-secret-file".to_owned(), p.display().to_string()];
+    for id in [0, 1, 2, 3] {
+        cluster.node_args(id, &secret(&good).each_ref().map(String::as_str));
+    }
+    cluster.node_args(4, &secret(&bad).each_ref().map(String::as_str));
+    cluster.start(&[0, 1, 2], START_TIMEOUT);
+    cluster.start_joining(4, &[0, 1, 2]);
+    cluster.start_joining(3, &[0, 1, 2]);
+    // The node with the secret joins (so joins do pass the authentication)...
+    wait_ready(&cluster, 3);
+    wait_voters(&cluster, &[0, 1, 2, 3]);
+    // ...the other is refused at the peer port, and stays out.
+    cluster.wait_log(4, "authentication failed", 1, JOIN_TIMEOUT);
+    assert_eq!(voters(&cluster), [0, 1, 2, 3]);
+    assert_eq!(
+        cluster.readyz(4),
+        Some(503),
+        "a refused joiner is not ready"
+    );
+    assert_eq!(cluster.log_count(4, "joined the cluster"), 0);
 }

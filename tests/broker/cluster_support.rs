@@ -284,8 +284,16 @@ impl Cluster {
         let member = self.layouts[&id].member.clone();
         let args = ["--auto-join", "--cluster-advertise", &member];
         self.node_args
-            .insert(id, args.iter().map(|a| a.to_string()).collect());
+            .entry(id)
+            .or_default()
+            .extend(args.iter().map(|a| a.to_string()));
         self.start_node(id, members);
+    }
+
+    /// Starts node `id` from now on with these extra `entrepot serve` flags too.
+    pub fn node_args(&mut self, id: u64, args: &[&str]) {
+        self.node_args
+            .insert(id, args.iter().map(|a| a.to_string()).collect());
     }
 
     /// Where running node `id` serves HTTP (`/readyz`, `/cluster…`).
