@@ -18,6 +18,7 @@ mod cluster_support;
 mod container;
 mod crash;
 mod disk_full;
+mod elasticity;
 mod expiry;
 mod format_fixtures;
 mod fuzz_replay;

@@ -1,0 +1,571 @@
+//! Issue 13, point 5: scaling a StatefulSet of brokers 3 → 4 → 5 → 4 → 3 and a rolling
+//! restart of the three, under load, lose no accepted message, duplicate none a consumer
+//! had accepted, and stall no client.
+//!
+//! Method: the project's image (docker/build.sh, shared with `container`) runs as a
+//! StatefulSet reproduced with Docker (`statefulset`: ordinal hostnames, a DNS alias per
+//! pod under the headless service, one volume per ordinal, ordered start, ordered stop
+//! through `entrepot drain` then `docker stop`). Four producers (persistent 1 KiB, 64
+//! unsettled each) and four settle-mode-second consumers, the fault campaign's clients
+//! and ledger (`load`), start on different pods and move to the next pod whenever their
+//! connection ends. Steps: scale up to 4 and 5 (a pod starts, joins, is ready), down to 4
+//! and 3 (the highest pod drains and stops), then restart pods 2, 1, 0 in turn (the drain
+//! must be a no-op: ordinal < desired replicas). After each step: the leader's membership
+//! is exactly the running pods, leaderships are balanced (every node leads within ±1 of
+//! G/N groups; G = 1 with today's single Raft group), and the test holds until
+//! throughput is back. At the end the producers stop, the consumers take what is left,
+//! and the ledger judges every message.
+//!
+//! Asserted: lost = 0 (accepted by the broker, never received); duplicates = 0
+//! (delivered again after a consumer's accepted was settled); no client went more than
+//! [`MAX_STALL_S`] without progress while it had work; after each step throughput is back
+//! to 90 % of its pre-step rate within [`RECOVERY_LIMIT_S`] (`timeline`); balanced
+//! leaders and exact membership after each step; every drain exits 0 and every broker
+//! exits 0 on SIGTERM. Prints the timeline per second with step markers while it runs,
+//! writes it as text and PNG (`plot`) to target/tmp/elasticity/<pid>/ with every
+//! container's log, and ends with `elasticity: lost=L duplicates=D max_stall_s=S
+//! worst_recovery_s=R`.
+//!
+//! Length: short by default (CI, about 2 minutes); `ENTREPOT_ELASTICITY=full` holds each
+//! step longer (`bash tests/elasticity/run.sh`). Membership changes are the broker's own
+//! (auto-join, `entrepot drain`) when the image has `entrepot drain`; otherwise this test
+//! makes them through the admin API (`ENTREPOT_ELASTICITY_MEMBERSHIP=admin|drain`
+//! forces one). `ENTREPOT_ELASTICITY_VERBOSE=1` prints every client reconnect. Fails
+//! where Docker is not usable, unless `ENTREPOT_TEST_ALLOW_SKIP=1`.
+
+mod load;
+mod plot;
+mod statefulset;
+mod timeline;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::container::docker;
+use load::{Endpoints, Load, Sample};
+use statefulset::{Membership, StatefulSet, INITIAL_MEMBERS};
+use timeline::{Step, StepVerdict};
+
+const TEST: &str =
+    "scaling_3_5_3_and_rolling_all_pods_under_load_loses_nothing_and_stalls_no_client";
+/// Longest any client may go without progress while it has work.
+const MAX_STALL_S: f64 = 2.0;
+/// Throughput must be back within this long after each step.
+const RECOVERY_LIMIT_S: f64 = 10.0;
+/// Raft groups: one today (every node leads 0 or 1 of them).
+const GROUPS: u64 = 1;
+/// Longest leadership may take to settle after a step before balance is judged.
+const LEADER_SETTLE: Duration = Duration::from_secs(10);
+/// The final drain ends after this long without a settlement, or at the limit.
+const DRAIN_QUIET: Duration = Duration::from_secs(3);
+const DRAIN_LIMIT: Duration = Duration::from_secs(60);
+/// Distinct broker warnings kept for a failure report.
+const WARNINGS_KEPT: usize = 40;
+
+/// How long the run holds before the first step and after each.
+struct Length {
+    name: &'static str,
+    warmup: Duration,
+    hold: Duration,
+}
+
+const SHORT: Length = Length {
+    name: "short",
+    warmup: Duration::from_secs(7),
+    hold: Duration::from_secs(7),
+};
+const FULL: Length = Length {
+    name: "full",
+    warmup: Duration::from_secs(15),
+    hold: Duration::from_secs(25),
+};
+
+/// One membership step of the run.
+#[derive(Clone, Copy, Debug)]
+enum Action {
+    /// Start pod k (replicas k → k+1).
+    Up(u64),
+    /// Drain and stop pod k (replicas k+1 → k).
+    Down(u64),
+    /// Restart pod k with the replica count unchanged.
+    Restart(u64),
+}
+
+const PLAN: [Action; 7] = [
+    Action::Up(3),
+    Action::Up(4),
+    Action::Down(4),
+    Action::Down(3),
+    Action::Restart(2),
+    Action::Restart(1),
+    Action::Restart(0),
+];
+
+impl Action {
+    fn label(self) -> String {
+        match self {
+            Action::Up(k) => format!("{k}>{}", k + 1),
+            Action::Down(k) => format!("{}>{k}", k + 1),
+            Action::Restart(k) => format!("R{k}"),
+        }
+    }
+}
+
+#[test]
+fn scaling_3_5_3_and_rolling_all_pods_under_load_loses_nothing_and_stalls_no_client() {
+    if !docker::usable_for(TEST) {
+        return;
+    }
+    let length = match std::env::var("ENTREPOT_ELASTICITY").as_deref() {
+        Ok("full") => FULL,
+        _ => SHORT,
+    };
+    let image = docker::ensure_image();
+    let membership = Membership::detect(image);
+    let dir = run_dir();
+    eprintln!(
+        "elasticity: {} run, membership changes by {membership:?}, output in {}",
+        length.name,
+        dir.display()
+    );
+    let began = Instant::now();
+    let mut set = StatefulSet::new(image, membership, dir.join("logs"));
+    set.start_initial();
+    eprintln!(
+        "elasticity: pods 0..{INITIAL_MEMBERS} ready in {:.1} s",
+        began.elapsed().as_secs_f64()
+    );
+    let endpoints = Arc::new(Endpoints::default());
+    for (k, pod) in &set.pods {
+        endpoints.set(*k, pod.amqp);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let verbose = std::env::var("ENTREPOT_ELASTICITY_VERBOSE").as_deref() == Ok("1");
+    let mut run = Run {
+        load: Load::start(&rt, Arc::clone(&endpoints), verbose),
+        endpoints,
+        set,
+        steps: Arc::default(),
+        problems: Vec::new(),
+        length,
+    };
+    eprintln!(
+        "elasticity: the load began at {} (t = 0 of the timeline; container logs are in UTC)",
+        utc_now()
+    );
+    let printing = Arc::new(AtomicBool::new(true));
+    let printer = run.spawn_printer(Arc::clone(&printing));
+    std::thread::sleep(run.length.warmup);
+    for action in PLAN {
+        run.step(action);
+    }
+    run.load.finish(&rt, DRAIN_QUIET, DRAIN_LIMIT);
+    printing.store(false, Ordering::Relaxed);
+    let _ = printer.join();
+    run.judge(&dir, began);
+}
+
+/// The set, the load and what the steps found.
+struct Run {
+    set: StatefulSet,
+    load: Load,
+    endpoints: Arc<Endpoints>,
+    steps: Arc<Mutex<Vec<Step>>>,
+    /// Broken promises other than the ledger's: failed drains, unclean exits,
+    /// membership or balance off after a step.
+    problems: Vec<String>,
+    length: Length,
+}
+
+impl Run {
+    /// Runs one step, checks membership and balance, holds until throughput is back.
+    fn step(&mut self, action: Action) {
+        let label = action.label();
+        let start_ms = self.load.now_ms();
+        self.steps.lock().expect("steps").push(Step {
+            label: label.clone(),
+            start_ms,
+            end_ms: u64::MAX,
+        });
+        self.load
+            .ctx
+            .ledger()
+            .set_epoch(self.steps.lock().expect("steps").len() as u32);
+        let problems = match action {
+            Action::Up(k) => {
+                self.set.scale_up(k);
+                self.endpoints.set(k, self.set.pods[&k].amqp);
+                Vec::new()
+            }
+            Action::Down(k) => {
+                // A terminating pod leaves the Service's endpoints first.
+                self.endpoints.remove(k);
+                self.set.scale_down(k, k)
+            }
+            Action::Restart(k) => {
+                self.endpoints.remove(k);
+                let desired = self.set.pods.len() as u64;
+                let problems = self.set.restart(k, desired);
+                self.endpoints.set(k, self.set.pods[&k].amqp);
+                problems
+            }
+        };
+        let end_ms = self.load.now_ms();
+        if let Some(step) = self.steps.lock().expect("steps").last_mut() {
+            step.end_ms = end_ms;
+        }
+        self.problems
+            .extend(problems.into_iter().map(|p| format!("{label}: {p}")));
+        match self.check_cluster() {
+            Ok(summary) => eprintln!(
+                "elasticity: {label} done in {:.1} s; {summary}",
+                (end_ms - start_ms) as f64 / 1000.0
+            ),
+            Err(e) => {
+                eprintln!("elasticity: {label}: {e}");
+                self.problems.push(format!("{label}: {e}"));
+            }
+        }
+        self.hold(start_ms, end_ms);
+    }
+
+    /// Holds for the run's hold time, and longer (up to the recovery limit) while
+    /// throughput is not back to the pre-step rate.
+    fn hold(&self, start_ms: u64, end_ms: u64) {
+        std::thread::sleep(self.length.hold);
+        let limit_ms = end_ms + (RECOVERY_LIMIT_S * 1000.0) as u64 + 500;
+        loop {
+            let samples = self.samples();
+            let pre = timeline::pre_rate(&samples, start_ms);
+            let now = self.load.now_ms();
+            let back = timeline::recovery(&samples, pre, end_ms, now).is_some();
+            if back || now > limit_ms {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn samples(&self) -> Vec<Sample> {
+        self.load.samples.lock().expect("samples").clone()
+    }
+
+    /// Waits until every pod agrees on one leader, then checks that the membership is
+    /// exactly the running pods and that leaderships are balanced.
+    fn check_cluster(&self) -> Result<String, String> {
+        let deadline = Instant::now() + LEADER_SETTLE;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            let statuses = self.set.statuses();
+            match judge_cluster(&statuses) {
+                Ok(summary) => return Ok(summary),
+                Err(e) => last = e,
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Err(last)
+    }
+
+    /// Prints one timeline line per second (with step markers) until `printing` clears.
+    fn spawn_printer(&self, printing: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+        let samples = Arc::clone(&self.load.samples);
+        let steps = Arc::clone(&self.steps);
+        let ctx = Arc::clone(&self.load.ctx);
+        std::thread::spawn(move || {
+            let mut second = 1u64;
+            let mut marked = (0usize, 0usize);
+            eprintln!("elasticity:    t  accepted/s  consumed/s  waiting  step");
+            while printing.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(250));
+                let now = samples
+                    .lock()
+                    .expect("samples")
+                    .last()
+                    .map_or(0, |s| s.at_ms);
+                if now < second * 1000 {
+                    continue;
+                }
+                let snapshot = samples.lock().expect("samples").clone();
+                let (acc, con) = timeline::per_second(&snapshot)
+                    .get(second as usize - 1)
+                    .map_or((0.0, 0.0), |(_, a, c)| (*a, *c));
+                let backlog = ctx.ledger().backlog();
+                let steps = steps.lock().expect("steps").clone();
+                let mut marks = Vec::new();
+                for (i, s) in steps.iter().enumerate() {
+                    if i >= marked.0 && s.start_ms < second * 1000 {
+                        marks.push(format!(">> {}", s.label));
+                        marked.0 = i + 1;
+                    }
+                    if i >= marked.1 && s.end_ms < second * 1000 {
+                        marks.push(format!("<< {} done", s.label));
+                        marked.1 = i + 1;
+                    }
+                }
+                eprintln!(
+                    "elasticity: {second:>4}  {acc:>10.0}  {con:>10.0}  {backlog:>7}  {}",
+                    marks.join(" ")
+                );
+                second += 1;
+            }
+        })
+    }
+
+    /// Prints and writes the results; fails with the evidence when a promise broke.
+    fn judge(mut self, dir: &Path, began: Instant) {
+        let samples = self.samples();
+        let steps = self.steps.lock().expect("steps").clone();
+        let verdicts = timeline::judge(&samples, &steps, RECOVERY_LIMIT_S);
+        let text = timeline::render(&samples, &steps);
+        let _ = std::fs::write(dir.join("timeline.txt"), &text);
+        let png = dir.join("timeline.png");
+        if let Err(e) = timeline::write_png(&samples, &steps, &png) {
+            self.problems
+                .push(format!("writing {}: {e}", png.display()));
+        }
+        let ledger = self.load.ctx.ledger();
+        let v = ledger.verdict();
+        let stall = self.load.stall.lock().expect("stall").clone();
+        let max_stall_s = stall.ms as f64 / 1000.0;
+        let worst_recovery_s = verdicts
+            .iter()
+            .map(|s| s.recovery_s.unwrap_or(s.searched_s))
+            .fold(0.0, f64::max);
+        eprintln!("elasticity: steps:\n{}", step_table(&verdicts));
+        eprintln!(
+            "elasticity: sent {} accepted {} consumed {} refused {} unconfirmed {} (delivered \
+             {}) ghosts {} foreign {}; reconnects {:?}; longest stall {:.2} s ({} at {:.1} s); \
+             whole run {:.0} s",
+            v.sent,
+            v.confirmed,
+            v.consumed,
+            v.refused,
+            v.unconfirmed,
+            v.unconfirmed_delivered,
+            v.ghosts.len(),
+            v.foreign.len(),
+            self.load.reconnects(),
+            max_stall_s,
+            stall.client,
+            stall.at_ms as f64 / 1000.0,
+            began.elapsed().as_secs_f64()
+        );
+        for e in self.load.episodes.lock().expect("episodes").iter() {
+            let from = e.at_ms.saturating_sub(e.ms);
+            eprintln!(
+                "elasticity: stall of {:.2} s: {} from {:.1} s to {:.1} s{}",
+                e.ms as f64 / 1000.0,
+                e.client,
+                from as f64 / 1000.0,
+                e.at_ms as f64 / 1000.0,
+                during(&steps, from, e.at_ms)
+            );
+        }
+        eprintln!(
+            "elasticity: timeline {}",
+            dir.join("timeline.txt").display()
+        );
+        eprintln!("elasticity: plot {}", png.display());
+        println!(
+            "elasticity: lost={} duplicates={} max_stall_s={max_stall_s:.2} \
+             worst_recovery_s={worst_recovery_s:.2}",
+            v.lost.len(),
+            v.duplicated.len()
+        );
+        let mut failures = self.problems.clone();
+        if !v.lost.is_empty() {
+            failures.push(format!("{} accepted messages lost", v.lost.len()));
+        }
+        if !v.duplicated.is_empty() {
+            failures.push(format!(
+                "{} messages delivered again after a consumer's settled accepted",
+                v.duplicated.len()
+            ));
+        }
+        if !v.ghosts.is_empty() || !v.foreign.is_empty() {
+            failures.push(format!(
+                "{} refused messages delivered, {} foreign deliveries",
+                v.ghosts.len(),
+                v.foreign.len()
+            ));
+        }
+        if max_stall_s > MAX_STALL_S {
+            failures.push(format!(
+                "{} made no progress for {max_stall_s:.2} s (until {:.1} s) with work to do \
+                 (limit {MAX_STALL_S} s)",
+                stall.client,
+                stall.at_ms as f64 / 1000.0
+            ));
+        }
+        for s in &verdicts {
+            if s.recovery_s.is_none_or(|r| r > RECOVERY_LIMIT_S) {
+                failures.push(format!(
+                    "after {}, throughput not back to 90 % of {:.0}/s within {:.1} s",
+                    s.label, s.pre_rate, s.searched_s
+                ));
+            }
+        }
+        if failures.is_empty() {
+            return;
+        }
+        let mut report = String::from("elasticity broke its promises:\n");
+        for f in &failures {
+            let _ = writeln!(report, "  - {f}");
+        }
+        for seq in v
+            .lost
+            .iter()
+            .chain(v.duplicated.iter().map(|(s, _)| s))
+            .take(8)
+        {
+            report += &ledger.explain(*seq);
+        }
+        let _ = writeln!(
+            report,
+            "steps (ms since the load began; epoch = step number):"
+        );
+        for s in &steps {
+            let _ = writeln!(report, "    {} {}..{}", s.label, s.start_ms, s.end_ms);
+        }
+        drop(ledger);
+        self.set.save_logs();
+        report += &warnings(self.set.logs_dir());
+        let _ = writeln!(report, "container logs: {}", self.set.logs_dir().display());
+        panic!("{report}");
+    }
+}
+
+/// Every pod answers, all name the same leader, exactly one leads; the leader's voters
+/// are the running pods (no learner left); each node leads within ±1 of G/N groups.
+fn judge_cluster(statuses: &BTreeMap<u64, Option<statefulset::Status>>) -> Result<String, String> {
+    let pods: Vec<u64> = statuses.keys().copied().collect();
+    let mut leads = BTreeMap::new();
+    let mut leader = None;
+    for (k, s) in statuses {
+        let s = s
+            .as_ref()
+            .ok_or(format!("entrepot-{k} does not answer GET /cluster"))?;
+        let named = s.leader.ok_or(format!("entrepot-{k} knows no leader"))?;
+        if *leader.get_or_insert(named) != named {
+            return Err(format!("pods disagree on the leader: {statuses:?}"));
+        }
+        leads.insert(*k, u64::from(s.leads));
+    }
+    let leader = leader.ok_or("no pod")?;
+    let status = statuses
+        .get(&leader)
+        .and_then(Option::as_ref)
+        .ok_or(format!("the leader {leader} is not a running pod"))?;
+    let voters: Vec<u64> = status.voters.iter().copied().collect();
+    if voters != pods || !status.learners.is_empty() {
+        return Err(format!(
+            "membership {voters:?} (learners {:?}) is not the running pods {pods:?}",
+            status.learners
+        ));
+    }
+    let n = pods.len() as u64;
+    let total: u64 = leads.values().sum();
+    // |leads - G/N| <= 1, in integers.
+    let balanced = leads.values().all(|l| (l * n).abs_diff(GROUPS) <= n);
+    if total != GROUPS || !balanced {
+        return Err(format!(
+            "leaderships {leads:?} of {GROUPS} group(s) over {n} nodes are not balanced"
+        ));
+    }
+    Ok(format!(
+        "members {pods:?}, leader {leader}, leaderships per node {:?} (G={GROUPS}, N={n})",
+        leads.values().collect::<Vec<_>>()
+    ))
+}
+
+/// " (during/after STEP)" for the step whose span, or the hold after it, holds `from`.
+fn during(steps: &[Step], from: u64, to: u64) -> String {
+    let Some(step) = steps.iter().rev().find(|s| s.start_ms <= to) else {
+        return " (before the first step)".into();
+    };
+    if from <= step.end_ms {
+        format!(" (during {})", step.label)
+    } else {
+        format!(" (after {})", step.label)
+    }
+}
+
+fn step_table(verdicts: &[StepVerdict]) -> String {
+    let mut out = String::from("    step   took_s  pre_rate/s  recovery_s\n");
+    for s in verdicts {
+        let recovery = s
+            .recovery_s
+            .map_or(format!("> {:.1}", s.searched_s), |r| format!("{r:.2}"));
+        let _ = writeln!(
+            out,
+            "    {:<5}  {:>6.1}  {:>10.0}  {recovery:>10}",
+            s.label, s.took_s, s.pre_rate
+        );
+    }
+    out
+}
+
+/// The brokers' distinct warnings and errors across every saved log, with counts.
+fn warnings(logs: &Path) -> String {
+    let mut seen: Vec<(String, String, usize)> = Vec::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(logs)
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    files.sort();
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        let name = file.file_name().map(|n| n.to_string_lossy().into_owned());
+        for line in text
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        {
+            let body = line.split_once(' ').map_or(line, |(_, t)| t);
+            let key: String = body
+                .chars()
+                .map(|c| if c.is_ascii_digit() { '#' } else { c })
+                .collect();
+            if let Some(entry) = seen.iter_mut().find(|(k, _, _)| *k == key) {
+                entry.2 += 1;
+            } else if seen.len() < WARNINGS_KEPT {
+                let first = format!("{}: {line}", name.clone().unwrap_or_default());
+                seen.push((key, first, 1));
+            }
+        }
+    }
+    let mut out = String::from("broker warnings and errors (distinct, first occurrence, count):\n");
+    for (_, first, n) in seen {
+        let _ = writeln!(out, "    {n} x {first}");
+    }
+    out
+}
+
+/// target/tmp/elasticity/<pid>: the timeline, the plot and the container logs.
+fn run_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("elasticity")
+        .join(std::process::id().to_string());
+    std::fs::create_dir_all(&dir).expect("run dir");
+    dir
+}
+
+/// The wall clock as `HH:MM:SS.mmm UTC`, to line the timeline up with container logs.
+fn utc_now() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let (secs, ms) = (now.as_secs() % 86_400, now.subsec_millis());
+    format!(
+        "{:02}:{:02}:{:02}.{ms:03} UTC",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}

@@ -1,0 +1,341 @@
+//! The load that runs through every step: the fault campaign's windowed producers and
+//! settle-mode-second consumers (`campaign::producer::windowed`,
+//! `campaign::consumer::run_at`) and its ledger, here pointed at the pods of the set.
+//!
+//! - [`Endpoints`] is the client Service: the pods that are ready and not terminating.
+//!   Client k starts on pod k mod N; when its connection ends (its pod drained or
+//!   stopped, the leader moved) it reconnects to the next pod of the Service.
+//! - Each client has a progress clock: producers tick on every accepted send (and while
+//!   they hold back for the backlog: waiting for consumers, not the broker), consumers on
+//!   every delivery and settlement. The [`Meter`] samples every clock every
+//!   [`SAMPLE_EVERY`] and keeps the longest time any client went without progress while
+//!   it had work (a producer always has; a consumer while messages wait: confirmed and
+//!   not yet settled), and the ledger's counters for the timeline.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinSet;
+
+use crate::campaign::consumer::{self, Plan, Style};
+use crate::campaign::producer::{self, Shape};
+use crate::campaign::{Ctx, Progress};
+
+/// Producers and consumers (each at least 4, the floor).
+pub const PRODUCERS: usize = 4;
+pub const CONSUMERS: usize = 4;
+/// Persistent 1 KiB messages, many unsettled in flight per producer.
+const SHAPE: Shape = Shape {
+    body_bytes: 1024,
+    durable: true,
+    in_flight: 64,
+};
+/// Credit of each consumer.
+const CREDIT: u32 = 100;
+/// How often the meter samples the clocks and counters.
+pub const SAMPLE_EVERY: Duration = Duration::from_millis(50);
+/// Pause before a client reconnects after its connection ended.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(50);
+/// Stalls at least this long are kept one by one, for the report.
+const EPISODE_MIN_MS: u64 = 1000;
+/// Clients get this long to stop politely before they are aborted.
+const STOP_LIMIT: Duration = Duration::from_secs(10);
+
+/// The client Service: ready pods, by ordinal.
+#[derive(Default)]
+pub struct Endpoints(Mutex<BTreeMap<u64, SocketAddr>>);
+
+impl Endpoints {
+    pub fn set(&self, k: u64, addr: SocketAddr) {
+        self.0.lock().expect("endpoints").insert(k, addr);
+    }
+
+    pub fn remove(&self, k: u64) {
+        self.0.lock().expect("endpoints").remove(&k);
+    }
+
+    /// The `i`-th ready pod, round robin.
+    fn pick(&self, i: usize) -> Option<(u64, SocketAddr)> {
+        let map = self.0.lock().expect("endpoints");
+        if map.is_empty() {
+            return None;
+        }
+        map.iter().nth(i % map.len()).map(|(k, a)| (*k, *a))
+    }
+}
+
+/// One client's progress clock.
+struct Clock {
+    name: String,
+    consumer: bool,
+    /// Milliseconds since the load started, at the last progress.
+    last_ms: AtomicU64,
+    reconnects: AtomicU64,
+}
+
+/// One sample of the ledger's counters.
+#[derive(Clone, Copy, Debug)]
+pub struct Sample {
+    pub at_ms: u64,
+    pub confirmed: u64,
+    pub consumed: u64,
+}
+
+/// The longest stall seen: how long, which client, when it ended (ms since the start).
+#[derive(Clone, Debug, Default)]
+pub struct Stall {
+    pub ms: u64,
+    pub client: String,
+    pub at_ms: u64,
+}
+
+pub struct Load {
+    pub ctx: Arc<Ctx>,
+    pub endpoints: Arc<Endpoints>,
+    pub started: Instant,
+    producers_stop: Arc<AtomicBool>,
+    clocks: Vec<Arc<Clock>>,
+    pub samples: Arc<Mutex<Vec<Sample>>>,
+    pub stall: Arc<Mutex<Stall>>,
+    /// Every stall of at least [`EPISODE_MIN_MS`], when it ended.
+    pub episodes: Arc<Mutex<Vec<Stall>>>,
+    /// Set when the meter should stop judging stalls (producers stopped).
+    measuring: Arc<AtomicBool>,
+    clients: JoinSet<()>,
+    meter: JoinSet<()>,
+}
+
+impl Load {
+    /// Starts the clients and the meter on `rt`; client k starts on the k-th endpoint.
+    pub fn start(rt: &tokio::runtime::Runtime, endpoints: Arc<Endpoints>, verbose: bool) -> Load {
+        let started = Instant::now();
+        let first = endpoints.pick(0).expect("an endpoint").1;
+        let ctx = Arc::new(Ctx::new(started, first, verbose));
+        let clock = |name: String, consumer| {
+            Arc::new(Clock {
+                name,
+                consumer,
+                last_ms: AtomicU64::new(0),
+                reconnects: AtomicU64::new(0),
+            })
+        };
+        let mut clocks = Vec::new();
+        for k in 0..PRODUCERS {
+            clocks.push(clock(format!("producer-{k}"), false));
+        }
+        for k in 0..CONSUMERS {
+            clocks.push(clock(format!("consumer-{k}"), true));
+        }
+        let mut load = Load {
+            ctx,
+            endpoints,
+            started,
+            producers_stop: Arc::new(AtomicBool::new(false)),
+            clocks,
+            samples: Arc::default(),
+            stall: Arc::default(),
+            episodes: Arc::default(),
+            measuring: Arc::new(AtomicBool::new(true)),
+            clients: JoinSet::new(),
+            meter: JoinSet::new(),
+        };
+        let _guard = rt.enter();
+        for (k, clock) in load.clocks.clone().into_iter().enumerate() {
+            let client = Client {
+                ctx: Arc::clone(&load.ctx),
+                endpoints: Arc::clone(&load.endpoints),
+                producers_stop: Arc::clone(&load.producers_stop),
+                started,
+                clock,
+                index: k,
+            };
+            load.clients.spawn(client.run());
+        }
+        load.meter.spawn(meter(Meter {
+            ctx: Arc::clone(&load.ctx),
+            clocks: load.clocks.clone(),
+            started,
+            samples: Arc::clone(&load.samples),
+            stall: Arc::clone(&load.stall),
+            episodes: Arc::clone(&load.episodes),
+            measuring: Arc::clone(&load.measuring),
+        }));
+        load
+    }
+
+    /// Milliseconds since the load started.
+    pub fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Stops the producers, lets the consumers take what is left (until nothing is
+    /// waiting or nothing moved for `quiet`, at most `limit`), then stops everything.
+    pub fn finish(&mut self, rt: &tokio::runtime::Runtime, quiet: Duration, limit: Duration) {
+        self.producers_stop.store(true, Ordering::Relaxed);
+        self.measuring.store(false, Ordering::Relaxed);
+        let deadline = Instant::now() + limit;
+        let mut last = (self.ctx.ledger().finals(), Instant::now());
+        while Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+            let (finals, backlog) = {
+                let ledger = self.ctx.ledger();
+                (ledger.finals(), ledger.backlog())
+            };
+            if backlog == 0 && finals == last.0 && last.1.elapsed() > Duration::from_secs(1) {
+                break;
+            }
+            if finals != last.0 {
+                last = (finals, Instant::now());
+            } else if last.1.elapsed() > quiet {
+                break;
+            }
+        }
+        self.ctx.stop();
+        rt.block_on(async {
+            let all = async { while self.clients.join_next().await.is_some() {} };
+            let _ = tokio::time::timeout(STOP_LIMIT, all).await;
+            self.clients.abort_all();
+            while self.clients.join_next().await.is_some() {}
+            self.meter.abort_all();
+            while self.meter.join_next().await.is_some() {}
+        });
+    }
+
+    /// Reconnects per client, for the summary.
+    pub fn reconnects(&self) -> Vec<(String, u64)> {
+        self.clocks
+            .iter()
+            .map(|c| (c.name.clone(), c.reconnects.load(Ordering::Relaxed)))
+            .collect()
+    }
+}
+
+/// One client task: a producer or a consumer, reconnecting to the next pod until stopped.
+struct Client {
+    ctx: Arc<Ctx>,
+    endpoints: Arc<Endpoints>,
+    producers_stop: Arc<AtomicBool>,
+    started: Instant,
+    clock: Arc<Clock>,
+    index: usize,
+}
+
+impl Client {
+    async fn run(self) {
+        let progress: Progress = {
+            let (clock, started) = (Arc::clone(&self.clock), self.started);
+            Arc::new(move || {
+                let ms = started.elapsed().as_millis() as u64;
+                clock.last_ms.fetch_max(ms, Ordering::Relaxed);
+            })
+        };
+        let mut attempt = 0usize;
+        while !self.done() {
+            let Some((pod, addr)) = self.endpoints.pick(self.index + attempt) else {
+                tokio::time::sleep(RECONNECT_PAUSE).await;
+                continue;
+            };
+            let name = format!("elastic-{}-{attempt}", self.clock.name);
+            let ended = if self.clock.consumer {
+                let plan = Plan {
+                    address: crate::campaign::QUEUE,
+                    credit: CREDIT,
+                    style: Style::Accepting,
+                };
+                let live = || true;
+                consumer::run_at(&self.ctx, addr, &live, &plan, &name, &progress)
+                    .await
+                    .map(|_| ())
+            } else {
+                let stop = Arc::clone(&self.producers_stop);
+                let live = move || !stop.load(Ordering::Relaxed);
+                producer::windowed(&self.ctx, addr, &name, &SHAPE, &live, &progress).await
+            };
+            if self.done() {
+                break;
+            }
+            self.clock.reconnects.fetch_add(1, Ordering::Relaxed);
+            if self.ctx.verbose() {
+                eprintln!(
+                    "elasticity: {} left entrepot-{pod}: {ended:?}",
+                    self.clock.name
+                );
+            }
+            attempt += 1;
+            tokio::time::sleep(RECONNECT_PAUSE).await;
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.ctx.stopping() || (!self.clock.consumer && self.producers_stop.load(Ordering::Relaxed))
+    }
+}
+
+/// What the meter reads and where it writes.
+struct Meter {
+    ctx: Arc<Ctx>,
+    clocks: Vec<Arc<Clock>>,
+    started: Instant,
+    samples: Arc<Mutex<Vec<Sample>>>,
+    stall: Arc<Mutex<Stall>>,
+    episodes: Arc<Mutex<Vec<Stall>>>,
+    measuring: Arc<AtomicBool>,
+}
+
+/// Samples the counters and every clock until aborted; keeps the longest stall and
+/// every long one.
+async fn meter(m: Meter) {
+    // Since when each client has had work without a break (ms), None while it has none;
+    // and its gap at the previous sample.
+    let mut working_since: Vec<Option<u64>> = vec![None; m.clocks.len()];
+    let mut previous_gap = vec![0u64; m.clocks.len()];
+    let mut tick = tokio::time::interval(SAMPLE_EVERY);
+    loop {
+        tick.tick().await;
+        let now = m.started.elapsed().as_millis() as u64;
+        let (confirmed, consumed, backlog) = {
+            let ledger = m.ctx.ledger();
+            (ledger.confirmed_total(), ledger.finals(), ledger.backlog())
+        };
+        m.samples.lock().expect("samples").push(Sample {
+            at_ms: now,
+            confirmed,
+            consumed,
+        });
+        if !m.measuring.load(Ordering::Relaxed) {
+            continue;
+        }
+        for (i, clock) in m.clocks.iter().enumerate() {
+            let has_work = !clock.consumer || backlog > 0;
+            let gap = if has_work {
+                let since = *working_since[i].get_or_insert(now);
+                let last = clock.last_ms.load(Ordering::Relaxed).max(since);
+                now.saturating_sub(last)
+            } else {
+                working_since[i] = None;
+                0
+            };
+            let stall = |ms, at_ms| Stall {
+                ms,
+                client: clock.name.clone(),
+                at_ms,
+            };
+            // The gap shrank: the stall before it ended at the previous sample.
+            if gap < previous_gap[i] && previous_gap[i] >= EPISODE_MIN_MS {
+                let at = now - SAMPLE_EVERY.as_millis() as u64;
+                m.episodes
+                    .lock()
+                    .expect("episodes")
+                    .push(stall(previous_gap[i], at));
+            }
+            previous_gap[i] = gap;
+            let mut worst = m.stall.lock().expect("stall");
+            if gap > worst.ms {
+                *worst = stall(gap, now);
+            }
+        }
+    }
+}
