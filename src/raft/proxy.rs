@@ -79,15 +79,27 @@ pub async fn forward(
     let mut upstream = upstream;
     let (mut client_rd, mut client_wr) = client.split();
     let (mut up_rd, mut up_wr) = upstream.split();
-    let up = tokio::io::copy(&mut client_rd, &mut up_wr);
+    // The client's end of its stream is passed on (half-close), and the leader's answer
+    // still flows back until the leader closes.
+    let up = async {
+        let copied = tokio::io::copy(&mut client_rd, &mut up_wr).await;
+        if copied.is_ok() {
+            let _ = up_wr.shutdown().await;
+        }
+        copied
+    };
     tokio::pin!(up, leader_gone, drained);
+    let mut client_done = false;
     let mut tracker = FrameTracker::default();
     let mut buf = vec![0u8; COPY_BUFFER_BYTES];
     loop {
         tokio::select! {
-            copied = &mut up => {
-                tracing::debug!(leader, ?copied, "forwarded connection ended (client side)");
-                return;
+            copied = &mut up, if !client_done => {
+                tracing::debug!(leader, ?copied, "forwarded connection: the client's side ended");
+                if copied.is_err() {
+                    return;
+                }
+                client_done = true;
             }
             () = &mut leader_gone => {
                 tracing::info!(leader, "no longer following this leader: closing a forwarded client connection");

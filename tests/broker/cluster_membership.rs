@@ -103,8 +103,13 @@ fn a_node_joins_by_itself_and_drained_nodes_leave_without_losing_a_message() {
     load.wait_accepted(500, PHASE_TIMEOUT);
 
     // 1. Node 3 joins by itself, and is ready only once it votes and has caught up.
+    let joining = Instant::now();
     cluster.start_joining(3, &[0, 1, 2]);
     let (not_ready, not_ready_as_learner) = wait_ready(&cluster, 3);
+    eprintln!(
+        "node 3: started to ready (a voter, caught up) in {:?}",
+        joining.elapsed()
+    );
     assert!(not_ready, "node 3 answered 200 before it had joined");
     eprintln!("node 3: 503 seen while a learner: {not_ready_as_learner}");
     let s3 = cluster.status(3).expect("node 3 status");
@@ -195,10 +200,16 @@ fn a_node_joins_by_itself_and_drained_nodes_leave_without_losing_a_message() {
     let old = cluster.wait_leader(|_| true, START_TIMEOUT);
     let before = load.accepted_count();
     eprintln!("{before} of {MESSAGES} accepted when the leader drains");
+    let draining = Instant::now();
     let (ok, out, err) = cluster.drain_cli(old, &["--desired-replicas", &old.to_string()]);
+    let drained = draining.elapsed();
     assert!(ok, "drain of the leader {old} failed: {out}{err}");
     eprintln!("drain of the leader {old}:\n{out}");
     let new = cluster.wait_leader(|id| id != old, START_TIMEOUT);
+    eprintln!(
+        "leader {old}: drained in {drained:?}, node {new} leads {:?} after the drain began",
+        draining.elapsed()
+    );
     let mut expected: Vec<u64> = [0, 1, 2, 3].into_iter().filter(|&id| id != old).collect();
     expected.sort_unstable();
     wait_voters(&cluster, &expected);
