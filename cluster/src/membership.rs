@@ -269,9 +269,7 @@ pub async fn auto_join(
     mut shutdown: watch::Receiver<bool>,
 ) -> bool {
     let mut backoff = JOIN_BACKOFF_MIN;
-    let mut heard: BTreeMap<NodeId, String> = BTreeMap::new();
-    let mut announced = false;
-    let mut refused = false;
+    let mut progress = JoinProgress::default();
     loop {
         if *shutdown.borrow() {
             return false;
@@ -284,8 +282,7 @@ pub async fn auto_join(
             );
             return true;
         }
-        let candidates = join_candidates(&raft, &config, &heard);
-        for (target, addr) in candidates {
+        for (target, addr) in join_candidates(&raft, &config, &progress.heard) {
             let request = MembershipRequest::Join {
                 node: config.id,
                 addr: config.addr.clone(),
@@ -295,44 +292,8 @@ pub async fn auto_join(
                 r = client.membership(&request, MEMBERSHIP_RPC_TIMEOUT) => r,
                 _ = shutdown.changed() => return false,
             };
-            match reply {
-                Ok(MembershipReply::Done { detail }) => {
-                    if detail.contains("already") && !announced {
-                        tracing::info!(
-                            node = config.id,
-                            leader = target,
-                            "already a voter: nothing to join"
-                        );
-                    } else {
-                        tracing::info!(node = config.id, leader = target, %detail, "joined the cluster as a voter");
-                    }
-                    return true;
-                }
-                Ok(MembershipReply::NotLeader {
-                    leader: Some((id, addr)),
-                }) => {
-                    if id != config.id && heard.len() < JOIN_CANDIDATES_MAX {
-                        heard.insert(id, addr);
-                    }
-                }
-                Ok(MembershipReply::NotLeader { leader: None }) => {}
-                Ok(MembershipReply::Refused { reason }) => {
-                    tracing::info!(node = config.id, asked = target, %reason, "join refused for now; retrying");
-                }
-                Ok(MembershipReply::LastVoter { .. }) => {}
-                // A peer that refuses this node's credentials will not change its mind:
-                // said once, loudly (a wrong secret or certificate is an operator's fix).
-                Err(e @ (PeerCallError::Auth { .. } | PeerCallError::Tls { .. })) if !refused => {
-                    refused = true;
-                    tracing::warn!(node = config.id, asked = target, error = %e, "join refused: the peer port's authentication failed (cluster secret or TLS certificate)");
-                }
-                Err(e) => {
-                    tracing::debug!(node = config.id, asked = target, error = %e, "join request failed")
-                }
-            }
-            if !announced {
-                announced = true;
-                tracing::info!(node = config.id, addr = %config.addr, "joining the cluster");
+            if progress.note(&config, target, reply) {
+                return true;
             }
         }
         tokio::select! {
@@ -340,6 +301,67 @@ pub async fn auto_join(
             _ = shutdown.changed() => return false,
         }
         backoff = (backoff * 2).min(JOIN_BACKOFF_MAX);
+    }
+}
+
+/// What the joiner learnt so far and what it has said.
+#[derive(Default)]
+struct JoinProgress {
+    /// Leaders named by the nodes asked (at most [`JOIN_CANDIDATES_MAX`]).
+    heard: BTreeMap<NodeId, String>,
+    /// "joining the cluster" was logged.
+    announced: bool,
+    /// An authentication failure was logged.
+    refused: bool,
+}
+
+impl JoinProgress {
+    /// Takes in node `target`'s reply; true once this node is a voter.
+    fn note(
+        &mut self,
+        config: &JoinConfig,
+        target: NodeId,
+        reply: Result<MembershipReply, PeerCallError>,
+    ) -> bool {
+        let id = config.id;
+        match reply {
+            Ok(MembershipReply::Done { detail }) if detail.contains("already") => {
+                tracing::info!(
+                    node = id,
+                    leader = target,
+                    "already a voter: nothing to join"
+                );
+                return true;
+            }
+            Ok(MembershipReply::Done { detail }) => {
+                tracing::info!(node = id, leader = target, %detail, "joined the cluster as a voter");
+                return true;
+            }
+            Ok(MembershipReply::NotLeader {
+                leader: Some((leader, addr)),
+            }) => {
+                if leader != id && self.heard.len() < JOIN_CANDIDATES_MAX {
+                    self.heard.insert(leader, addr);
+                }
+            }
+            Ok(MembershipReply::NotLeader { leader: None } | MembershipReply::LastVoter { .. }) => {
+            }
+            Ok(MembershipReply::Refused { reason }) => {
+                tracing::info!(node = id, asked = target, %reason, "join refused for now; retrying");
+            }
+            // A peer that refuses this node's credentials will not change its mind: said
+            // once, loudly (a wrong secret or certificate is an operator's fix).
+            Err(e @ (PeerCallError::Auth { .. } | PeerCallError::Tls { .. })) if !self.refused => {
+                self.refused = true;
+                tracing::warn!(node = id, asked = target, error = %e, "join refused: the peer port's authentication failed (cluster secret or TLS certificate)");
+            }
+            Err(e) => tracing::debug!(node = id, asked = target, error = %e, "join request failed"),
+        }
+        if !self.announced {
+            self.announced = true;
+            tracing::info!(node = id, addr = %config.addr, "joining the cluster");
+        }
+        false
     }
 }
 
