@@ -143,6 +143,10 @@ pub async fn run_at(
                     continue;
                 };
                 progress();
+                if let Some(seq) = seq {
+                    ctx.ledger()
+                        .note(seq, format!("taken by {name} as delivery {id}"));
+                }
                 taken += 1;
                 let disposal = match (plan.style, seq) {
                     (Style::Vanish { .. }, _) => continue,

@@ -56,9 +56,20 @@ enum Event {
     Sent(Origin),
     Confirmed,
     Refused(String),
-    Delivered { dlq: bool, delivery_count: u32 },
-    OutcomeSent { dlq: bool, disposal: Disposal },
-    Settled { dlq: bool, disposal: Disposal },
+    Delivered {
+        dlq: bool,
+        delivery_count: u32,
+    },
+    OutcomeSent {
+        dlq: bool,
+        disposal: Disposal,
+    },
+    Settled {
+        dlq: bool,
+        disposal: Disposal,
+    },
+    /// Who saw the event before it (e.g. which consumer link took a delivery).
+    Note(String),
 }
 
 #[derive(Clone, Debug)]
@@ -151,6 +162,11 @@ impl Ledger {
     pub fn settled(&mut self, seq: u64, dlq: bool, disposal: Disposal) {
         self.finals += 1;
         self.stamp(seq, Event::Settled { dlq, disposal });
+    }
+
+    /// A note on `seq`'s history (shown by [`Ledger::explain`], ignored by the verdict).
+    pub fn note(&mut self, seq: u64, text: String) {
+        self.stamp(seq, Event::Note(text));
     }
 
     pub fn foreign(&mut self, what: String) {
@@ -311,6 +327,7 @@ impl Verdict {
                         rejection_epochs.insert(s.epoch);
                     }
                 }
+                Event::Note(_) => {}
                 Event::Settled { dlq, disposal } => match disposal {
                     Disposal::Accepted => {
                         acks_settled += 1;
