@@ -6,8 +6,8 @@
 //!   After each count it prints the group commit's own figures (stderr, and appended to
 //!   the file named by `ENTREPOT_BENCH_REPORT` if set, as `key=value` words): records and
 //!   bytes per flush, flushes per second, mean sync call, the share of wall time spent
-//!   inside sync calls, bytes dirtied for the disk and page faults per flush — what
-//!   `benches/disk-limit.sh` sets beside fio's figures.
+//!   inside sync calls, bytes dirtied for the disk, page faults appenders took and CPU
+//!   time of the process per flush — what `benches/disk-limit.sh` sets beside fio's.
 //! * `append_sync_never`: the same records without syncing (memcpy into the mapping).
 //! * `read/sequential`: a `LogReader` over a pre-filled log (warm page cache).
 //! * `read/random`: `Log::read` at random offsets of the same log.
@@ -96,12 +96,29 @@ struct FlushReport {
     /// Bytes this process dirtied for the disk (`write_bytes` of `/proc/self/io`: a page
     /// or folio counts whole when dirtied), so write amplification shows on a shared disk.
     dirtied: u64,
-    /// Page faults (first touch of a page of the mapping — counted major, the kernel
-    /// "reads" it — and the write after a sync made a page read-only).
+    /// Page faults taken by appenders and the sync thread, not the prefault thread (first
+    /// touch of a page of the mapping — counted major, the kernel "reads" it — and the
+    /// write after a sync made a page read-only).
     faults: u64,
+    /// CPU time of the whole process (user + system), every thread.
+    cpu: Duration,
 }
 
-/// `write_bytes` of `/proc/self/io` and the page faults of `getrusage` (0 elsewhere).
+/// User + system CPU time of this process.
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage fills the struct it is given.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// `write_bytes` of `/proc/self/io`, and the page faults of this process's threads but
+/// the logs' prefault threads (`/proc/self/task/*/stat`): the faults appenders and the
+/// sync thread take themselves (0 where /proc is missing).
 fn io_counters() -> (u64, u64) {
     let dirtied = std::fs::read_to_string("/proc/self/io")
         .ok()
@@ -114,12 +131,23 @@ fn io_counters() -> (u64, u64) {
                 .flatten()
         })
         .unwrap_or(0);
-    // SAFETY: getrusage fills the struct it is given.
-    let faults = unsafe {
-        let mut usage: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
-        (usage.ru_minflt + usage.ru_majflt) as u64
-    };
+    let faults = std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("stat")).ok())
+        .filter_map(|stat| {
+            // "tid (comm) state ppid ... minflt cminflt majflt": fields after the comm.
+            let (head, rest) = stat.rsplit_once(") ")?;
+            if head.contains("(entrepot-prefa") {
+                return None;
+            }
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let minflt: u64 = fields.get(7)?.parse().ok()?;
+            let majflt: u64 = fields.get(9)?.parse().ok()?;
+            Some(minflt + majflt)
+        })
+        .sum();
     (dirtied, faults)
 }
 
@@ -134,7 +162,9 @@ impl FlushReport {
             stats.sync_nanos_total.load(Ordering::Relaxed),
         );
         let io = io_counters();
+        let cpu = cpu_time();
         let took = f();
+        self.cpu += cpu_time().saturating_sub(cpu);
         let io_after = io_counters();
         self.dirtied += io_after.0.saturating_sub(io.0);
         self.faults += io_after.1.saturating_sub(io.1);
@@ -153,7 +183,7 @@ impl FlushReport {
         let line = format!(
             "bench={name} records={} records_per_flush={:.1} bytes_per_flush={:.0} \
              flushes_per_s={:.0} sync_us_mean={:.0} sync_share={:.2} records_per_s={:.0} \
-             dirtied_per_flush={:.0} faults_per_flush={:.1}",
+             dirtied_per_flush={:.0} faults_per_flush={:.1} cpu_us_per_flush={:.0}",
             self.records,
             self.records as f64 / syncs,
             self.bytes as f64 / syncs,
@@ -163,6 +193,7 @@ impl FlushReport {
             self.records as f64 / wall,
             self.dirtied as f64 / syncs,
             self.faults as f64 / syncs,
+            self.cpu.as_secs_f64() * 1e6 / syncs,
         );
         eprintln!("group commit: {line}");
         if let Ok(path) = std::env::var("ENTREPOT_BENCH_REPORT") {

@@ -24,7 +24,7 @@ use crate::error::{Result, StorageError};
 use crate::record::{Record, RECORD_HEADER_LEN};
 use crate::recovery;
 use crate::segment::{Segment, SEGMENT_HEADER_LEN};
-use crate::sync::{self, Durable, DurableState, LogStats, SyncSignal};
+use crate::sync::{self, Durable, DurableState, LogStats, Prefault, SyncSignal};
 
 /// A handle to an open log. Cheap to clone; all clones share one log.
 #[derive(Clone)]
@@ -67,6 +67,8 @@ pub(crate) struct Inner {
     segments: RwLock<BTreeMap<u64, Arc<Segment>>>,
     durable_tx: watch::Sender<DurableState>,
     signal: Arc<SyncSignal>,
+    /// Populates the pages ahead of the appends during each sync (policies that sync).
+    prefault: Option<Arc<Prefault>>,
     stats: LogStats,
 }
 
@@ -164,6 +166,7 @@ impl Log {
             segments: RwLock::new(segments),
             durable_tx,
             signal: Arc::clone(&signal),
+            prefault: (config.sync != SyncPolicy::Never).then(Arc::<Prefault>::default),
             stats,
             config,
         });
@@ -178,6 +181,12 @@ impl Log {
                 .name("entrepot-sync".into())
                 .spawn(move || sync::run(weak, signal, interval))
                 .map_err(|e| StorageError::io("starting sync thread", &inner.dir, e))?;
+            if let Some(prefault) = inner.prefault.clone() {
+                std::thread::Builder::new()
+                    .name("entrepot-prefault".into())
+                    .spawn(move || sync::run_prefault(prefault))
+                    .map_err(|e| StorageError::io("starting prefault thread", &inner.dir, e))?;
+            }
         }
         Ok(Log { inner })
     }
@@ -599,6 +608,11 @@ impl Inner {
                 self.stats.records_appended.load(Ordering::Relaxed),
             )
         };
+        // The appenders this sync will release copy into the pages after `to` next: have
+        // them populated while the disk works.
+        if let Some(prefault) = &self.prefault {
+            prefault.request(&active);
+        }
         let started = Instant::now();
         let result = self.sync_segments(&rolled, &active, from, to);
         self.stats.observe_sync(started.elapsed());
@@ -746,6 +760,9 @@ fn last_timestamp(seg: &Segment) -> i64 {
 impl Drop for Inner {
     fn drop(&mut self) {
         self.signal.close();
+        if let Some(prefault) = &self.prefault {
+            prefault.close();
+        }
         if self.config.sync != SyncPolicy::Never && !self.read_only {
             if let Err(e) = self.sync_once() {
                 tracing::error!(error = %e, "final sync on close failed");

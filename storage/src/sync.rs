@@ -18,6 +18,7 @@ use tokio::sync::watch;
 
 use crate::error::{Result, StorageError};
 use crate::log::{Inner, SyncRound};
+use crate::segment::Segment;
 
 /// Upper bounds (µs) of the sync-latency histogram buckets; the last bucket is open.
 pub const SYNC_LATENCY_BUCKETS_US: [u64; 10] = [
@@ -182,6 +183,65 @@ impl SyncSignal {
         }
         s.dirty = false;
         !s.closed
+    }
+}
+
+/// Hands the active segment to the prefault thread, which populates the pages appends
+/// will copy into next while the sync thread waits for the disk ([`crate::segment`]'s
+/// `prefault_ahead`). Best effort: when it lags, appenders fault their own pages.
+#[derive(Default)]
+pub(crate) struct Prefault {
+    state: Mutex<PrefaultState>,
+    cond: Condvar,
+}
+
+#[derive(Default)]
+struct PrefaultState {
+    /// The segment to populate ahead of, taken by the thread.
+    next: Option<Arc<Segment>>,
+    closed: bool,
+}
+
+impl Prefault {
+    /// Asks for pages ahead of `active`'s written end (does not wait).
+    pub fn request(&self, active: &Arc<Segment>) {
+        if let Ok(mut s) = self.state.lock() {
+            if s.next.is_none() {
+                s.next = Some(Arc::clone(active));
+                self.cond.notify_one();
+            }
+        }
+    }
+
+    pub fn close(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.closed = true;
+            s.next = None;
+            self.cond.notify_one();
+        }
+    }
+
+    fn next(&self) -> Option<Arc<Segment>> {
+        let mut s = self.state.lock().ok()?;
+        loop {
+            if s.closed {
+                return None;
+            }
+            if let Some(seg) = s.next.take() {
+                return Some(seg);
+            }
+            s = self.cond.wait(s).ok()?;
+        }
+    }
+}
+
+/// Body of the prefault thread: ends when the log closes, or when the kernel refuses the
+/// advice (older than Linux 5.14), after which appends fault their own pages.
+pub(crate) fn run_prefault(prefault: Arc<Prefault>) {
+    while let Some(seg) = prefault.next() {
+        if !seg.prefault_ahead() {
+            return;
+        }
     }
 }
 
