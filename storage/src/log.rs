@@ -657,6 +657,7 @@ impl Inner {
                     reason: e.to_string(),
                 })?;
         }
+        active.unmap_before_sync(from, to);
         active
             .sync_range(from, to)
             .map_err(|e| StorageError::SyncFailed {
