@@ -913,6 +913,19 @@ fn check_drain_hook(m: &Manifests, args: &[String]) {
         }
     }
     let file = file.expect("the preStop drain reads the desired replicas from a file");
+    // Without --http the drain asks 127.0.0.1 at its default port: where serve listens.
+    if !args.iter().any(|a| a.starts_with("--http")) {
+        let default = help
+            .split("[default: ")
+            .find_map(|rest| rest.split(']').next()?.parse::<SocketAddr>().ok())
+            .expect("`entrepot drain --help` shows the default --http address");
+        let binary = binary();
+        assert_eq!(
+            m.listen_port(&binary, "--http"),
+            default.port(),
+            "the preStop drain asks {default}, serve's --http listens elsewhere"
+        );
+    }
     let (dir, name) = (
         file.parent().and_then(|d| d.to_str()).unwrap_or_default(),
         file.file_name()
