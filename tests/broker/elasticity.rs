@@ -569,3 +569,76 @@ fn utc_now() -> String {
         secs % 60
     )
 }
+
+#[cfg(test)]
+mod judging {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use super::judge_cluster;
+    use super::statefulset::Status;
+
+    fn status(leads: bool, leader: u64, voters: &[u64], learners: &[u64]) -> Option<Status> {
+        Some(Status {
+            leads,
+            leader: Some(leader),
+            voters: voters.iter().copied().collect::<BTreeSet<_>>(),
+            learners: learners.iter().copied().collect::<BTreeSet<_>>(),
+        })
+    }
+
+    #[test]
+    fn a_step_is_judged_on_membership_agreement_and_balance() {
+        let good: BTreeMap<u64, Option<Status>> = (0..3)
+            .map(|k| (k, status(k == 1, 1, &[0, 1, 2], &[])))
+            .collect();
+        assert!(judge_cluster(&good).is_ok());
+        // The drained pod is still a voter (a scale-down that skipped the drain).
+        let mut stale = good.clone();
+        stale.insert(1, status(true, 1, &[0, 1, 2, 3], &[]));
+        assert!(judge_cluster(&stale).unwrap_err().contains("membership"));
+        // A joiner left as a learner.
+        let mut learner = good.clone();
+        learner.insert(1, status(true, 1, &[0, 1, 2], &[3]));
+        assert!(judge_cluster(&learner).is_err());
+        // Two nodes say they lead: more leaderships than groups.
+        let mut two = good.clone();
+        two.insert(0, status(true, 1, &[0, 1, 2], &[]));
+        assert!(judge_cluster(&two).unwrap_err().contains("balanced"));
+        // A pod that names another leader, or none.
+        let mut split = good.clone();
+        split.insert(2, status(false, 0, &[0, 1, 2], &[]));
+        assert!(judge_cluster(&split).unwrap_err().contains("disagree"));
+        let mut silent = good;
+        silent.insert(2, None);
+        assert!(judge_cluster(&silent).is_err());
+    }
+
+    #[test]
+    fn recovery_counts_from_the_end_of_a_step_and_never_its_own_seconds() {
+        use super::load::Sample;
+        use super::timeline::{judge, Step};
+        // 1000/s through the step (10-11 s), nothing for 3 s after it, then 1000/s again:
+        // the step's own good second must not count as recovered.
+        let mut samples = Vec::new();
+        let mut count = 0;
+        for at_ms in (0..=20_000).step_by(50) {
+            if !(11_050..=14_000).contains(&at_ms) {
+                count += 50;
+            }
+            samples.push(Sample {
+                at_ms,
+                confirmed: count,
+                consumed: count,
+            });
+        }
+        let step = Step {
+            label: "x".into(),
+            start_ms: 10_000,
+            end_ms: 11_000,
+        };
+        let v = &judge(&samples, &[step], 10.0)[0];
+        assert!((v.pre_rate - 1000.0).abs() < 1.0, "{v:?}");
+        let r = v.recovery_s.expect("recovered");
+        assert!((2.85..=3.0).contains(&r), "{v:?}");
+    }
+}
