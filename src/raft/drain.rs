@@ -86,7 +86,9 @@ pub async fn drain(
                 ChangeError::LastVoter { .. } => "409 Conflict",
                 _ => "504 Gateway Timeout",
             };
-            lines.push(format!("drain failed within {DRAIN_TIMEOUT:?}: {e}"));
+            lines.push(format!(
+                "drain failed within DRAIN_TIMEOUT ({DRAIN_TIMEOUT:?}): {e}"
+            ));
             return (status, lines.join("\n") + "\n");
         }
     }

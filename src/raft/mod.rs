@@ -451,9 +451,15 @@ impl NodeTasks {
         let handle = admin::ClusterHandle::new(raft.clone(), role_rx.clone(), handle);
         let mut tasks = Vec::new();
         if let Some(join) = join {
-            let (raft, shutdown) = (raft.clone(), shutdown.clone());
+            let (raft, shutdown, mut draining) = (raft.clone(), shutdown.clone(), drain.clone());
+            // A drain ends the joiner: a node on its way out must not ask to join again.
             tasks.push(tokio::spawn(async move {
-                membership::auto_join(raft, join, shutdown).await;
+                tokio::select! {
+                    _ = membership::auto_join(raft, join, shutdown) => {}
+                    _ = draining.wait_for(|d| *d != drain::DrainState::Serving) => {
+                        tracing::info!("draining: no longer asking to join");
+                    }
+                }
             }));
         }
         tasks.push(tokio::spawn(leadership(
