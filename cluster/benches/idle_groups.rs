@@ -3,12 +3,13 @@
 //! addresses on 3 nodes). A design measurement for the split into a group per address,
 //! run before writing it.
 //!
-//! Method: `GROUPS` groups (default 30; `GROUPS=3334` gives 10,000 replicas) of three
-//! replicas each, all in this process — three "nodes" of openraft 0.9 instances, each
-//! replica with its own [`LogStore`] (its own segment log, as a group per address would
-//! have with today's crate) and the cluster tests' minimal state machine, talking through
-//! an in-process network that calls the target `Raft` directly (no sockets, no encoding:
-//! the CPU figures are a lower bound of what the TCP network would cost). Every group is
+//! Method: `IDLE_GROUPS` groups (default 30; `IDLE_GROUPS=3334` gives 10,000 replicas;
+//! not `GROUPS`, which bash reserves) of three replicas each, all in this process — three
+//! "nodes" of openraft 0.9 instances, each replica with its own [`LogStore`] (its own
+//! segment log, as a group per address would have with today's crate) and the cluster
+//! tests' minimal state machine, talking through an in-process network that calls the
+//! target `Raft` directly (no sockets, no encoding: the CPU figures are a lower bound of
+//! what the TCP network would cost). Every group is
 //! formed, elects a leader and commits one entry. Then, from /proc/self:
 //! * resident memory and threads per replica (VmRSS, Threads, before and after);
 //! * idle CPU (utime+stime over `IDLE_SECS`) with heartbeats on, as today;
@@ -19,7 +20,7 @@
 //! Prints one line per figure and a closing `idle groups: …` line. Bounded: group
 //! formation and the commit wait at most `FORM_TIMEOUT`.
 //!
-//! Run: `GROUPS=300 cargo bench -p entrepot-cluster --bench idle_groups`.
+//! Run: `IDLE_GROUPS=300 cargo bench -p entrepot-cluster --bench idle_groups`.
 
 #[path = "../tests/support/machine.rs"]
 #[allow(dead_code)] // the tests read the messages back; this bench does not
@@ -174,7 +175,7 @@ async fn idle_cpu_percent(secs: u64) -> f64 {
 fn main() {
     // `cargo test --bench` (CI) runs this without `--bench`: a smoke run of three groups.
     let benching = std::env::args().any(|a| a == "--bench");
-    let groups: u32 = std::env::var("GROUPS")
+    let groups: u32 = std::env::var("IDLE_GROUPS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(if benching { 30 } else { 3 });
