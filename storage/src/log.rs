@@ -136,6 +136,7 @@ impl Log {
         if !recovered.read_only {
             seal_leftovers(&segments, &active)?;
             if !active.is_sealed() {
+                sync_recovered_tail(&active)?;
                 active.expect_appends();
             }
         }
@@ -789,6 +790,19 @@ fn seal_leftovers(segments: &BTreeMap<u64, Arc<Segment>>, active: &Arc<Segment>)
         tracing::info!(path = %seg.path().display(), "sealed a segment a crash left unsealed");
     }
     Ok(())
+}
+
+/// Syncs the records recovery found in the active segment before the log reports them
+/// durable (it publishes everything it recovered as durable, and syncs later appends by
+/// the range they were written to). After a process crash they may exist only in the
+/// page cache, never synced by the process that wrote them: a power cut after the restart
+/// could lose their pages and keep a later, acknowledged append, and recovery — which
+/// stops at the first frame that does not verify — would then cut that append too.
+/// Cheap when they were synced: only dirty pages are written.
+fn sync_recovered_tail(active: &Segment) -> Result<()> {
+    active
+        .sync_range(SEGMENT_HEADER_LEN as u64, active.written())
+        .map_err(|e| StorageError::io("syncing the recovered tail", active.path(), e))
 }
 
 /// Reads records in offset order, remembering its position so each step is one decode.
