@@ -13,8 +13,10 @@
 //! that has reached the AMQP layer gets a `close` with `amqp:connection:forced` and a
 //! description naming the drain, written at a frame boundary of the leader → client
 //! stream ([`FrameTracker`] follows the frame sizes in that direction, nothing more), so
-//! the client reads a clean close and reconnects elsewhere. An amqps connection (still
-//! encrypted here) or one in its SASL exchange is closed at the TCP level.
+//! the client reads a clean close and reconnects elsewhere; what the client sends until
+//! its own close (dispositions, then the close) still goes to the leader, for at most
+//! [`CLIENT_CLOSE_GRACE`]. An amqps connection (still encrypted here) or one in its SASL
+//! exchange is closed at the TCP level.
 //!
 //! Does not: decode the bytes beyond protocol headers and frame sizes. An amqps connection
 //! passes through still encrypted (its SNI reaches the leader untouched), which is why
@@ -36,6 +38,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest a drained node waits for the leader to finish the frame it is sending before
 /// it writes its `close` (after that the connection is cut at the TCP level).
 pub const FRAME_FINISH_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a drained node keeps passing a client's frames on to the leader after its
+/// `close` (until the client's own close and EOF).
+pub const CLIENT_CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Bytes read from the leader at a time.
 const COPY_BUFFER_BYTES: usize = 64 * 1024;
 
@@ -131,6 +136,12 @@ pub async fn forward(
     if at_boundary && tracker.amqp_open() {
         let _ = client_wr.write_all(&drain_close_frame()).await;
         let _ = client_wr.shutdown().await;
+        // What the client sent before it read the close (a consumer's `accepted`
+        // dispositions) still reaches the leader, then its own close does, so the leader
+        // settles what was settled and ends the connection cleanly.
+        if !client_done {
+            let _ = tokio::time::timeout(CLIENT_CLOSE_GRACE, &mut up).await;
+        }
         tracing::info!(
             leader,
             "node drained: closed a forwarded connection with amqp:connection:forced"
