@@ -27,8 +27,9 @@ COPY --chown=65532:65532 data/ /data/
 USER 65532:65532
 WORKDIR /data
 VOLUME /data
+# 5671: AMQP over TLS, once a certificate is given (--listen-tls with --tls-cert/--tls-key).
 # 5673: the inter-node (Raft) port of a clustered node (--peers or --peers-dns).
-EXPOSE 5672 5673 8080
+EXPOSE 5671 5672 5673 8080
 
 ENV ENTREPOT_LISTEN=0.0.0.0:5672 \
     ENTREPOT_HTTP=0.0.0.0:8080 \
