@@ -151,6 +151,13 @@ fn a_node_joins_by_itself_and_drained_nodes_leave_without_losing_a_message() {
     let members = cluster.status(leader).expect("leader status");
     assert!(!members.voters.contains(&3));
     assert_eq!(cluster.readyz(3), Some(503), "a drained node is not ready");
+    // It left as a learner: its own copy of the membership does not make it a voter, so
+    // it never campaigns (restarted below, it must not depose the leader).
+    let own = cluster.status(3).expect("node 3 status");
+    assert!(
+        own.state == "Learner" && !own.voters.contains(&3),
+        "node 3's own view after the drain: {own:?}"
+    );
     let closed = rt
         .block_on(async { tokio::time::timeout(Duration::from_secs(5), via3.0.on_close()).await });
     match closed {
@@ -189,12 +196,18 @@ fn a_node_joins_by_itself_and_drained_nodes_leave_without_losing_a_message() {
     );
     assert_eq!(cluster.readyz(0), Some(200));
 
-    // 4. Node 3 comes back on its old volume (stale Raft state) and joins again.
+    // 4. Node 3 comes back on its old volume (stale Raft state) and joins again, without
+    // disturbing the leadership.
     cluster.kill(3);
     cluster.restart(3);
     wait_ready(&cluster, 3);
     wait_voters(&cluster, &[0, 1, 2, 3]);
     cluster.wait_log(3, "joined the cluster as a voter", 1, JOIN_TIMEOUT);
+    assert_eq!(
+        cluster.leader_term(START_TIMEOUT),
+        term,
+        "the rejoining node moved the term"
+    );
 
     // 5. The leader drains (told its ordinal is beyond the desired count): another leads.
     let old = cluster.wait_leader(|_| true, START_TIMEOUT);
