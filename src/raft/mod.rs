@@ -116,8 +116,9 @@ pub const RAFT_SEGMENT_BYTES: u64 = 256 << 20;
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
     pub node_id: NodeId,
-    /// The initial members (this node among them, unless it joins later through
-    /// `entrepot cluster add`). Empty: wait to be added.
+    /// The initial members (this node among them, unless it joins later: by itself with
+    /// [`ClusterConfig::auto_join`], or through `entrepot cluster add`); the joiner asks
+    /// them first. Empty: wait to be added.
     pub peers: Vec<Peer>,
     /// Where the inter-node port listens.
     pub listen: SocketAddr,
@@ -505,7 +506,8 @@ pub fn store_sync(sync: entrepot_storage::SyncPolicy) -> entrepot_storage::SyncP
 }
 
 /// The smallest-id initial member forms the cluster when its log is empty; everyone else
-/// waits to hear from a leader. A node absent from `peers` waits to be added.
+/// waits to hear from a leader. A node absent from `peers` joins by itself (auto-join) or
+/// waits to be added (`entrepot cluster add`).
 async fn initialize(
     raft: &Raft<TypeConfig>,
     cluster: &ClusterConfig,
