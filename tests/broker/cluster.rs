@@ -647,7 +647,7 @@ fn inter_node_tls_cluster_elects_a_leader_and_commits() {
 
 /// A test CA and one node certificate for `127.0.0.1` signed by it, usable as server and
 /// client: `[cert, key, ca]` PEM files in `dir`.
-fn write_peer_certificates(dir: &std::path::Path) -> [std::path::PathBuf; 3] {
+pub fn write_peer_certificates(dir: &std::path::Path) -> [std::path::PathBuf; 3] {
     use rcgen::{
         BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa,
         KeyPair, KeyUsagePurpose,

@@ -22,7 +22,7 @@
 //!
 //! Then, as a StatefulSet with `podManagementPolicy: Parallel` scales 3 → 5 → 3: two nodes
 //! join at once and drain at once (the leader makes one change at a time, the other asks
-//! again); and a joiner that does not hold the cluster secret is refused by the peer
+//! again), over inter-node TLS; and a joiner that does not hold the cluster secret is refused by the peer
 //! port's authentication and never becomes a member.
 
 use std::time::{Duration, Instant};
@@ -251,9 +251,23 @@ fn the_last_voter_is_never_drained() {
     );
 }
 
+/// With inter-node TLS (a test CA), as in the manifests: the join and leave requests
+/// travel the mutually authenticated port like Raft traffic.
 #[test]
 fn two_nodes_join_at_once_and_drain_at_once() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let [cert, key, ca] = crate::cluster::write_peer_certificates(certs.path());
     let mut cluster = Cluster::on_loopback(5);
+    let path = |p: &std::path::Path| p.display().to_string();
+    let (cert, key, ca) = (path(&cert), path(&key), path(&ca));
+    cluster.serve_args(&[
+        "--cluster-tls-cert",
+        &cert,
+        "--cluster-tls-key",
+        &key,
+        "--cluster-tls-ca",
+        &ca,
+    ]);
     cluster.start(&[0, 1, 2], START_TIMEOUT);
     cluster.start_joining(3, &[0, 1, 2]);
     cluster.start_joining(4, &[0, 1, 2]);
