@@ -369,6 +369,15 @@ impl Run {
                 during(&steps, from, e.at_ms)
             );
         }
+        if let Some(seq) = v.late_attempts.first() {
+            eprintln!(
+                "elasticity: {} deliveries were earlier attempts read late (lower delivery-count \
+                 than the settled redelivery, never settled: at-least-once, not a duplicate); \
+                 the first:\n{}",
+                v.late_attempts.len(),
+                ledger.explain(*seq)
+            );
+        }
         eprintln!(
             "elasticity: timeline {}",
             dir.join("timeline.txt").display()

@@ -12,7 +12,12 @@
 //! - unconfirmed (sent, no outcome): at most once.
 //! - refused (any other outcome to its producer): never delivered.
 //! - no delivery after a final settlement (a settled `accepted`, or a settled `rejected`
-//!   for the queue), and nothing delivered that was never sent or is corrupt.
+//!   for the queue), and nothing delivered that was never sent or is corrupt. One
+//!   exception, counted apart ([`Verdict::late_attempts`]): a delivery read after another
+//!   consumer's settled `accepted` whose delivery-count is *lower* than the settled one's
+//!   was sent by the broker before that redelivery (the count only grows): an earlier
+//!   attempt on a dying connection, read late from the socket (its outcome can never be
+//!   settled), not the broker delivering an acknowledged message again.
 
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -285,6 +290,9 @@ pub struct Verdict {
     /// documented "a crash in between duplicates, never loses"); counted and printed,
     /// not a failure, until the move is made atomic.
     pub dlq_copies_across_restart: Vec<u64>,
+    /// Consumed once, and an earlier delivery attempt (lower delivery-count) read by
+    /// another consumer after that settlement: see the module docs. Not a duplicate.
+    pub late_attempts: Vec<u64>,
     pub foreign: Vec<String>,
 }
 
@@ -300,6 +308,9 @@ impl Verdict {
         let mut settled_for_good = false;
         let mut rejected_for_good = false;
         let mut came_back = None;
+        // The delivery-count of the latest delivery, and of the one whose accepted settled.
+        let (mut last_count, mut settled_count) = (0u32, None);
+        let mut late = false;
         let (mut early, mut sent_epoch, mut first_delivery_epoch) = (false, 0, None);
         let mut rejection_epochs = std::collections::BTreeSet::new();
         for s in history {
@@ -310,10 +321,16 @@ impl Verdict {
                 }
                 Event::Confirmed => confirmed = true,
                 Event::Refused(_) => refused = true,
-                Event::Delivered { dlq, .. } => {
+                Event::Delivered {
+                    dlq,
+                    delivery_count,
+                } => {
                     delivered += 1;
+                    last_count = *delivery_count;
                     first_delivery_epoch.get_or_insert(s.epoch);
-                    if settled_for_good {
+                    if settled_count.is_some_and(|c| *delivery_count < c) {
+                        late = true;
+                    } else if settled_for_good {
                         came_back.get_or_insert("delivered again after a settled accepted");
                     } else if rejected_for_good && !dlq {
                         came_back.get_or_insert(
@@ -332,6 +349,7 @@ impl Verdict {
                     Disposal::Accepted => {
                         acks_settled += 1;
                         settled_for_good = true;
+                        settled_count.get_or_insert(last_count);
                         if *dlq {
                             dead_lettered += 1;
                         } else {
@@ -378,8 +396,35 @@ impl Verdict {
             self.duplicated.push((seq, "consumed and dead-lettered"));
         } else if let Some(why) = came_back {
             self.duplicated.push((seq, why));
+        } else if late {
+            self.late_attempts.push(seq);
         } else if confirmed && consumed + dead_lettered == 0 && !accepted_unsettled {
             self.lost.push(seq);
         }
     }
+}
+
+#[test]
+fn an_earlier_attempt_read_late_is_told_from_a_redelivery() {
+    let mut ledger = Ledger::new(Instant::now());
+    for seq in [1, 2] {
+        ledger.sent(seq, Origin::Producer);
+        ledger.confirmed(seq);
+        // A redelivery (count 1) is accepted and settled on one connection ...
+        ledger.delivered(seq, false, 1);
+        ledger.outcome_sent(seq, false, Disposal::Accepted);
+        ledger.settled(seq, false, Disposal::Accepted);
+    }
+    // ... then seq 1's first attempt (count 0) is read late on a dying one, while seq 2
+    // comes again with a count as high as the settled one's: the broker sent it again.
+    ledger.delivered(1, false, 0);
+    ledger.outcome_sent(1, false, Disposal::Accepted);
+    ledger.delivered(2, false, 1);
+    let v = ledger.verdict();
+    assert_eq!(v.late_attempts, [1]);
+    assert_eq!(
+        v.duplicated.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        [2]
+    );
+    assert!(v.lost.is_empty());
 }
