@@ -81,19 +81,17 @@ impl RaftNetworkFactory<TypeConfig> for Net {
 }
 
 impl Client {
-    fn raft<E: std::error::Error>(
-        &self,
-    ) -> Result<Raft<TypeConfig>, RPCError<NodeId, BasicNode, E>> {
-        let found = self
-            .registry
+    fn raft(&self) -> Option<Raft<TypeConfig>> {
+        self.registry
             .read()
             .ok()
-            .and_then(|r| r.get(&(self.group, self.target)).cloned());
-        found.ok_or_else(|| {
-            let e = std::io::Error::new(std::io::ErrorKind::NotFound, "no such replica");
-            RPCError::Unreachable(Unreachable::new(&e))
-        })
+            .and_then(|r| r.get(&(self.group, self.target)).cloned())
     }
+}
+
+fn unreachable<E: std::error::Error>() -> RPCError<NodeId, BasicNode, E> {
+    let e = std::io::Error::new(std::io::ErrorKind::NotFound, "no such replica");
+    RPCError::Unreachable(Unreachable::new(&e))
 }
 
 type Rpc<T, E = RaftError<NodeId>> = Result<T, RPCError<NodeId, BasicNode, E>>;
@@ -104,7 +102,7 @@ impl RaftNetwork<TypeConfig> for Client {
         rpc: AppendEntriesRequest<TypeConfig>,
         _option: RPCOption,
     ) -> Rpc<AppendEntriesResponse<NodeId>> {
-        let raft = self.raft()?;
+        let raft = self.raft().ok_or_else(unreachable)?;
         raft.append_entries(rpc)
             .await
             .map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
@@ -115,7 +113,7 @@ impl RaftNetwork<TypeConfig> for Client {
         rpc: InstallSnapshotRequest<TypeConfig>,
         _option: RPCOption,
     ) -> Rpc<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> {
-        let raft = self.raft()?;
+        let raft = self.raft().ok_or_else(unreachable)?;
         raft.install_snapshot(rpc)
             .await
             .map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
@@ -126,7 +124,7 @@ impl RaftNetwork<TypeConfig> for Client {
         rpc: VoteRequest<NodeId>,
         _option: RPCOption,
     ) -> Rpc<VoteResponse<NodeId>> {
-        let raft = self.raft()?;
+        let raft = self.raft().ok_or_else(unreachable)?;
         raft.vote(rpc)
             .await
             .map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
