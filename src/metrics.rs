@@ -391,8 +391,9 @@ pub type Reply = (&'static str, String);
 pub trait ClusterView: Send + Sync {
     /// The broker, while this node leads.
     fn broker(&self) -> Option<Arc<Broker>>;
-    /// Whether the node can serve clients (it has a leader).
-    fn ready(&self) -> bool;
+    /// Why the node cannot serve clients now (no leader, draining, catching up), or
+    /// `None` when it can.
+    fn unready(&self) -> Option<String>;
     /// `/status` while the node does not lead (YAML).
     fn status(&self) -> String;
     /// The node's own metrics, appended to the broker's.
@@ -426,9 +427,9 @@ pub async fn serve_http_source(
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
                 let source = source.clone();
-                let ready = !*shutdown.borrow();
+                let shutting_down = *shutdown.borrow();
                 tokio::spawn(async move {
-                    if let Err(e) = handle(stream, &source, ready).await {
+                    if let Err(e) = handle(stream, &source, shutting_down).await {
                         tracing::debug!(error = %e, "http request failed");
                     }
                 });
@@ -441,7 +442,7 @@ pub async fn serve_http_source(
 async fn handle(
     mut stream: tokio::net::TcpStream,
     source: &Source,
-    ready: bool,
+    shutting_down: bool,
 ) -> std::io::Result<()> {
     let mut buf = vec![0u8; MAX_HTTP_REQUEST_BYTES];
     let mut len = 0;
@@ -470,7 +471,11 @@ async fn handle(
         Source::Broker(b) => (Some(Arc::clone(b)), None),
         Source::Cluster(c) => (c.broker(), Some(c)),
     };
-    let ready = ready && cluster.is_none_or(|c| c.ready());
+    let unready = match cluster {
+        _ if shutting_down => Some("shutting down".to_owned()),
+        Some(c) => c.unready(),
+        None => None,
+    };
     let disk_full = broker.as_ref().and_then(|b| b.store().out_of_space());
     let store_failed = broker.as_ref().and_then(|b| b.store().failed());
     let (status, body, kind) = match (path, &broker, cluster) {
@@ -493,17 +498,15 @@ async fn handle(
             format!("store failed: {}\n", store_failed.unwrap_or_default()),
             "text/plain",
         ),
-        ("/readyz", _, _) if ready && disk_full.is_some() => (
+        ("/readyz", _, _) if unready.is_none() && disk_full.is_some() => (
             "503 Service Unavailable",
             format!("disk full: {}\n", disk_full.unwrap_or_default()),
             "text/plain",
         ),
-        ("/readyz", _, _) if ready => ("200 OK", "ready\n".to_owned(), "text/plain"),
-        ("/readyz", _, _) => (
-            "503 Service Unavailable",
-            "shutting down\n".to_owned(),
-            "text/plain",
-        ),
+        ("/readyz", _, _) => match unready {
+            None => ("200 OK", "ready\n".to_owned(), "text/plain"),
+            Some(why) => ("503 Service Unavailable", format!("{why}\n"), "text/plain"),
+        },
         _ => ("404 Not Found", "not found\n".to_owned(), "text/plain"),
     };
     let response = format!("HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());

@@ -87,7 +87,13 @@ pub struct Broker {
     pub stats: BrokerStats,
     /// Bytes of multi-frame deliveries still arriving, broker-wide (`max-incomplete-bytes`).
     pub intake: Arc<intake::IncompleteBudget>,
+    /// Why this broker's connections are closed, when it is for another reason than the
+    /// process shutting down (a cluster node that stops leading): what clients are told.
+    close_reason: std::sync::OnceLock<String>,
 }
+
+/// What clients are told when their connection closes because the broker shuts down.
+pub const SHUTDOWN_DESCRIPTION: &str = "broker is shutting down";
 
 /// What kind of address a name is, or should be created as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,9 +223,23 @@ impl Broker {
             subscriptions: subscriptions::Registry::default(),
             stats: BrokerStats::default(),
             intake,
+            close_reason: std::sync::OnceLock::new(),
         });
         broker.recover()?;
         Ok(broker)
+    }
+
+    /// Records why this broker's connections are about to be closed (the first reason
+    /// given stays); without one they are told [`SHUTDOWN_DESCRIPTION`].
+    pub fn closing_because(&self, reason: &str) {
+        let _ = self.close_reason.set(reason.to_owned());
+    }
+
+    /// What a connection closed by this broker's shutdown signal tells its client.
+    pub fn close_description(&self) -> &str {
+        self.close_reason
+            .get()
+            .map_or(SHUTDOWN_DESCRIPTION, String::as_str)
     }
 
     fn recover(&self) -> Result<(), BrokerError> {

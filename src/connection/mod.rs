@@ -486,7 +486,8 @@ impl Connection {
                 _ = tick.tick() => self.on_tick(idle_limit)?,
                 _ = tokio::time::sleep(WITHHELD_RECHECK), if self.withheld_links => self.release_withheld()?,
                 _ = shutdown.changed() => {
-                    return Err(ConnError::protocol(ConnectionError::ConnectionForced, "broker is shutting down"));
+                    let why = self.broker.close_description().to_owned();
+                    return Err(ConnError::protocol(ConnectionError::ConnectionForced, why));
                 }
             }
         }

@@ -91,33 +91,48 @@ impl ClusterHandle {
     /// True when clients can be served here: this node leads, or it is a voter that has
     /// caught up with the leader (see the module docs); never while draining.
     pub fn ready(&self) -> bool {
-        if *self.drain.borrow() != DrainState::Serving {
-            return false;
+        self.unready().is_none()
+    }
+
+    /// Why this node is not ready, or `None` when it is (see the module docs).
+    pub fn unready(&self) -> Option<String> {
+        let drain = *self.drain.borrow();
+        if drain != DrainState::Serving {
+            return Some(format!("draining: {drain:?}").to_lowercase());
         }
         match &*self.role.borrow() {
-            Role::Leader(_) => true,
-            Role::Unknown => false,
-            Role::Follower { .. } => self.caught_up(),
+            Role::Leader(_) => None,
+            Role::Unknown => Some("no leader known".to_owned()),
+            Role::Follower { .. } => self.lag(),
         }
     }
 
-    /// A voter follower whose applied index is within [`READY_LAG_ENTRIES`] of the
-    /// leader's commit index.
-    fn caught_up(&self) -> bool {
+    /// Why a follower is not ready: it is no voter (a learner catching up, or not a
+    /// member), or its applied index trails the leader's commit index by more than
+    /// [`READY_LAG_ENTRIES`]; `None` when it is a caught-up voter.
+    fn lag(&self) -> Option<String> {
         let m = self.raft.metrics().borrow().clone();
         let voter = m
             .membership_config
             .membership()
             .voter_ids()
             .any(|v| v == m.id);
-        if !voter || m.state != ServerState::Follower {
-            return false;
+        if !voter {
+            return Some("not a voter (a learner catching up, or not a member)".to_owned());
+        }
+        if m.state != ServerState::Follower {
+            return Some(format!("raft state {:?}", m.state).to_lowercase());
         }
         let Some(committed) = self.heard_commit.get() else {
-            return false;
+            return Some("no commit index heard from a leader yet".to_owned());
         };
         let applied = m.last_applied.map_or(0, |l| l.index);
-        applied.saturating_add(READY_LAG_ENTRIES) >= committed
+        (applied.saturating_add(READY_LAG_ENTRIES) < committed).then(|| {
+            format!(
+                "catching up: applied {applied}, leader committed {committed} \
+                 (READY_LAG_ENTRIES {READY_LAG_ENTRIES})"
+            )
+        })
     }
 
     /// `GET /cluster`: YAML.
@@ -327,8 +342,8 @@ impl crate::metrics::ClusterView for ClusterHandle {
         ClusterHandle::broker(self)
     }
 
-    fn ready(&self) -> bool {
-        ClusterHandle::ready(self)
+    fn unready(&self) -> Option<String> {
+        ClusterHandle::unready(self)
     }
 
     fn status(&self) -> String {

@@ -163,6 +163,8 @@ pub struct Active {
 impl Active {
     fn stop(&self, reason: &str) {
         self.replication.fail(reason);
+        // Its clients hear the same reason when their connections close.
+        self.broker.closing_because(reason);
         let _ = self.shutdown.send(true);
     }
 }

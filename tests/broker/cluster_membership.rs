@@ -150,7 +150,12 @@ fn a_node_joins_by_itself_and_drained_nodes_leave_without_losing_a_message() {
     let leader = cluster.wait_leader(|_| true, START_TIMEOUT);
     let members = cluster.status(leader).expect("leader status");
     assert!(!members.voters.contains(&3));
-    assert_eq!(cluster.readyz(3), Some(503), "a drained node is not ready");
+    let (code, why) = cluster.readyz_said(3).expect("node 3 answers /readyz");
+    assert_eq!(code, 503, "a drained node is not ready");
+    assert!(
+        why.contains("draining"),
+        "/readyz names the reason: {why:?}"
+    );
     // It left as a learner: its own copy of the membership does not make it a voter, so
     // it never campaigns (restarted below, it must not depose the leader).
     let own = cluster.status(3).expect("node 3 status");
@@ -211,12 +216,34 @@ fn a_node_joins_by_itself_and_drained_nodes_leave_without_losing_a_message() {
 
     // 5. The leader drains (told its ordinal is beyond the desired count): another leads.
     let old = cluster.wait_leader(|_| true, START_TIMEOUT);
+    // A client of the leader itself hears why its connection closes.
+    let mut direct = rt
+        .block_on(crate::raw_client::Client::open(cluster.amqp(old)))
+        .expect("a raw client opens on the leader");
     let before = load.accepted_count();
     eprintln!("{before} of {MESSAGES} accepted when the leader drains");
     let draining = Instant::now();
     let (ok, out, err) = cluster.drain_cli(old, &["--desired-replicas", &old.to_string()]);
     let drained = draining.elapsed();
     assert!(ok, "drain of the leader {old} failed: {out}{err}");
+    let close = rt.block_on(async {
+        tokio::time::timeout(START_TIMEOUT, async {
+            loop {
+                let frame = direct.next_frame().await;
+                if let fe2o3_amqp::types::performatives::Performative::Close(c) = frame.performative
+                {
+                    return c;
+                }
+            }
+        })
+        .await
+        .expect("the drained leader closes its own clients")
+    });
+    let said = close.error.and_then(|e| e.description).unwrap_or_default();
+    assert!(
+        said.contains("stopped leading"),
+        "the leader's client is told why its connection closes: {said:?}"
+    );
     eprintln!("drain of the leader {old}:\n{out}");
     let new = cluster.wait_leader(|id| id != old, START_TIMEOUT);
     eprintln!(

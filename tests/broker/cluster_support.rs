@@ -303,8 +303,13 @@ impl Cluster {
 
     /// The status code of node `id`'s `/readyz`, or None when it does not answer.
     pub fn readyz(&self, id: u64) -> Option<u16> {
-        let (line, _) = self.nodes.get(&id)?.http_request("GET", "/readyz").ok()?;
-        line.split_whitespace().nth(1)?.parse().ok()
+        self.readyz_said(id).map(|(code, _)| code)
+    }
+
+    /// The status code and body (the reason, when not ready) of node `id`'s `/readyz`.
+    pub fn readyz_said(&self, id: u64) -> Option<(u16, String)> {
+        let (line, body) = self.nodes.get(&id)?.http_request("GET", "/readyz").ok()?;
+        Some((line.split_whitespace().nth(1)?.parse().ok()?, body))
     }
 
     /// Runs `entrepot drain --http <node id's HTTP> --node-id <id> ARGS` (bounded by the
