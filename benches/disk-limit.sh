@@ -7,6 +7,16 @@
 # 1 KiB records, each awaiting its fsync), and prints a table: fio MB/s, Entrepot MB/s and
 # their ratio. Bounded: each fio job stops after 10 s or its size limit.
 #
+# Like with like: fio preallocates its file with fallocate (its default, `--fallocate=
+# native`), as the log preallocates segments, so both write into unwritten extents; one
+# flush of the log covers at most 64 records (~66 KiB of frames), fio's 64 KiB. The
+# `overwrite` row (fio rewriting a file whose blocks are already written) is not our
+# preallocation: it shows what a sync costs without extent conversion, for reference.
+# The last row compares with the mean of that fio job run before and after the bench (the
+# disk's latency drifts on a shared machine). After the table: fio's fdatasync latency, the bench's own group-commit figures (bytes
+# and records per flush, flushes/s, mean sync, the hand-off outside the sync per flush,
+# bytes dirtied, appender page faults and CPU per flush) and the load average.
+#
 # Usage: benches/disk-limit.sh            (from anywhere in the workspace)
 # Env:   FIO_SIZE (default 256m), FIO_RUNTIME (default 10), BENCH_FILTER (default
 #        append_sync_always/64), BENCH_ARGS (extra criterion args, default short run).
@@ -48,13 +58,27 @@ run_fio() {
     jq '.jobs[0].write.bw_bytes / 1e6' "$out"
 }
 
+# fio_sync_us NAME PERCENTILE → fdatasync latency percentile of job NAME, in µs
+fio_sync_us() {
+    jq --arg p "$2" '.jobs[0].sync.lat_ns.percentile[$p] // 0 | . / 1000 | floor' "$work/fio-$1.json"
+}
+
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 fio_64k=$(run_fio sync64k --rw=write --bs=64k --fdatasync=1)
 fio_4k=$(run_fio sync4k --rw=write --bs=4k --fdatasync=1)
 fio_buffered=$(run_fio buffered --rw=write --bs=64k)
+fio_overwrite=$(run_fio overwrite64k --rw=write --bs=64k --fdatasync=1 --overwrite=1)
 
 step "cargo bench -p entrepot-storage --bench storage -- $filter $bench_args"
+report="$work/group-commit.txt"
+rm -f "$report"
 # shellcheck disable=SC2086
-cargo bench -p entrepot-storage --bench storage -- "$filter" $bench_args >&2
+ENTREPOT_BENCH_REPORT="$report" cargo bench -p entrepot-storage --bench storage -- "$filter" $bench_args >&2
+load_after=$(cut -d' ' -f1-3 /proc/loadavg)
+# The same fio job again right after the bench: on a shared disk the fdatasync latency
+# drifts from minute to minute, so the ratio that counts is against the mean of the two
+# runs that bracket the bench.
+fio_64k_after=$(run_fio sync64k-after --rw=write --bs=64k --fdatasync=1)
 
 estimates="$target/criterion/${filter}/new/estimates.json"
 [ -f "$estimates" ] || { echo "no criterion estimates at $estimates" >&2; exit 1; }
@@ -65,10 +89,31 @@ records=$(awk -v ns="$mean_ns" 'BEGIN { printf "%.0f", 1e9 / ns }')
 
 echo
 printf '%-34s %12s %14s %8s\n' "fio job (same disk)" "fio MB/s" "Entrepot MB/s" "ratio"
-for row in "write bs=64k fdatasync=1:$fio_64k" "write bs=4k fdatasync=1:$fio_4k" "write bs=64k buffered:$fio_buffered"; do
+for row in "write bs=64k fdatasync=1:$fio_64k" "write bs=4k fdatasync=1:$fio_4k" "write bs=64k buffered:$fio_buffered" \
+    "write bs=64k fdatasync=1 overwrite:$fio_overwrite"; do
     name="${row%%:*}"; mbs="${row##*:}"
     ratio=$(awk -v e="$entrepot" -v f="$mbs" 'BEGIN { if (f > 0) printf "%.2f", e / f; else print "n/a" }')
     printf '%-34s %12.2f %14s %8s\n' "$name" "$mbs" "$entrepot" "$ratio"
 done
+bracket=$(awk -v a="$fio_64k" -v b="$fio_64k_after" 'BEGIN { printf "%.2f", (a + b) / 2 }')
+bracket_ratio=$(awk -v e="$entrepot" -v f="$bracket" 'BEGIN { if (f > 0) printf "%.2f", e / f; else print "n/a" }')
+printf '%-34s %12.2f %14s %8s\n' "bs=64k fdatasync=1, before+after /2" "$bracket" "$entrepot" "$bracket_ratio"
 echo
+echo "fio bs=64k fdatasync=1 before the bench $fio_64k MB/s, after it $fio_64k_after MB/s"
 echo "Entrepot: $filter, 1 KiB records, mean $(awk -v ns="$mean_ns" 'BEGIN { printf "%.0f", ns }') ns per record = $records records/s"
+echo "fio fdatasync p50/p99 us: bs=64k $(fio_sync_us sync64k 50.000000)/$(fio_sync_us sync64k 99.000000)," \
+    "bs=4k $(fio_sync_us sync4k 50.000000)/$(fio_sync_us sync4k 99.000000)," \
+    "bs=64k overwrite $(fio_sync_us overwrite64k 50.000000)/$(fio_sync_us overwrite64k 99.000000)"
+# The bench's last report line for $filter: key=value words (storage/benches/storage.rs).
+line=$(grep "bench=$filter " "$report" 2>/dev/null | tail -1 || true)
+if [ -n "$line" ]; then
+    echo "$line" | awk '{
+        for (i = 1; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+        handoff = (v["flushes_per_s"] > 0) ? (1 - v["sync_share"]) / v["flushes_per_s"] * 1e6 : 0
+        printf "Entrepot group commit: %.0f bytes (%.1f records) per flush, %.0f flushes/s, mean sync %.0f us, hand-off outside the sync %.0f us per flush\n",
+            v["bytes_per_flush"], v["records_per_flush"], v["flushes_per_s"], v["sync_us_mean"], handoff
+        printf "  per flush: %.0f bytes dirtied for the disk, %.1f page faults by appenders, %.0f us CPU (whole process)\n",
+            v["dirtied_per_flush"], v["faults_per_flush"], v["cpu_us_per_flush"]
+    }'
+fi
+echo "load average: $load_before before fio, $load_after after the bench ($(nproc) cores)"

@@ -261,27 +261,56 @@ fn append_sync_never(c: &mut Criterion) {
     group.finish();
 }
 
+/// Records per `append_batch` of [`prefill`].
+const PREFILL_BATCH: u64 = 256;
+
+/// How many records [`prefill`] writes for `bytes`: whole batches, at least `bytes`.
+fn prefill_count(bytes: u64) -> u64 {
+    bytes
+        .div_ceil(RECORD_BYTES as u64)
+        .next_multiple_of(PREFILL_BATCH)
+}
+
 /// Fills a log in `dir` with about `bytes` of 1 KiB records and closes it (synced).
 fn prefill(dir: &Path, bytes: u64, config: LogConfig) -> u64 {
     let log = Log::open(dir, config).expect("open");
-    let batch: Vec<[u8; RECORD_BYTES]> = (0..256).map(|i| [i as u8; RECORD_BYTES]).collect();
-    while log.next_offset() * (RECORD_BYTES as u64) < bytes {
+    let batch: Vec<[u8; RECORD_BYTES]> = (0..PREFILL_BATCH)
+        .map(|i| [i as u8; RECORD_BYTES])
+        .collect();
+    while log.next_offset() < prefill_count(bytes) {
         log.append_batch(&batch).expect("append");
     }
     log.flush().expect("flush");
     log.next_offset()
 }
 
+/// The read benches' log, filled on first use: a run filtered to other benches (such as
+/// `benches/disk-limit.sh`'s) neither waits for nor writes its 256 MiB, which would also
+/// load the disk that fio measures next.
+struct ReadLog {
+    dir: tempfile::TempDir,
+    log: Log,
+}
+
 fn reads(c: &mut Criterion) {
-    let dir = bench_dir();
-    let count = prefill(dir.path(), READ_LOG_BYTES, config(SyncPolicy::Never));
-    let log = Log::open(dir.path(), config(SyncPolicy::Never)).expect("open");
+    let count = prefill_count(READ_LOG_BYTES);
+    let state: std::cell::OnceCell<ReadLog> = std::cell::OnceCell::new();
+    let read_log = || {
+        state.get_or_init(|| {
+            let dir = bench_dir();
+            let filled = prefill(dir.path(), READ_LOG_BYTES, config(SyncPolicy::Never));
+            assert_eq!(filled, count);
+            let log = Log::open(dir.path(), config(SyncPolicy::Never)).expect("open");
+            ReadLog { dir, log }
+        })
+    };
     let mut group = c.benchmark_group("read");
     group
         .sample_size(10)
         .measurement_time(Duration::from_secs(5));
     group.throughput(Throughput::Bytes(count * RECORD_BYTES as u64));
     group.bench_function("sequential", |b| {
+        let log = &read_log().log;
         b.iter(|| {
             let mut bytes = 0usize;
             for record in log.reader(0) {
@@ -293,6 +322,7 @@ fn reads(c: &mut Criterion) {
     group.throughput(Throughput::Bytes(RECORD_BYTES as u64));
     let mut x = 0x2545_f491_4f6c_dd1du64;
     group.bench_function("random", |b| {
+        let log = &read_log().log;
         b.iter(|| {
             x ^= x << 13;
             x ^= x >> 7;
@@ -301,6 +331,10 @@ fn reads(c: &mut Criterion) {
         })
     });
     group.finish();
+    if let Some(filled) = state.into_inner() {
+        drop(filled.log);
+        drop(filled.dir);
+    }
 }
 
 fn recovery(c: &mut Criterion) {
@@ -308,13 +342,21 @@ fn recovery(c: &mut Criterion) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(DEFAULT_RECOVERY_BYTES);
-    let dir = bench_dir();
+    let count = prefill_count(bytes);
     let write_config = LogConfig {
         segment_bytes: 128 << 20,
         ..config(SyncPolicy::Always)
     };
-    let count = prefill(dir.path(), bytes, write_config.clone());
-    // The last segment is left partly filled and unsealed, so recovery scans a real tail.
+    // Filled on first use, like the read benches' log. The last segment is left partly
+    // filled and unsealed, so recovery scans a real tail.
+    let state: std::cell::OnceCell<tempfile::TempDir> = std::cell::OnceCell::new();
+    let filled_dir = || {
+        state.get_or_init(|| {
+            let dir = bench_dir();
+            assert_eq!(prefill(dir.path(), bytes, write_config.clone()), count);
+            dir
+        })
+    };
     let mut group = c.benchmark_group("recovery");
     group
         .sample_size(10)
@@ -328,8 +370,9 @@ fn recovery(c: &mut Criterion) {
             ..write_config.clone()
         };
         group.bench_function(name, |b| {
+            let dir = filled_dir().path();
             b.iter(|| {
-                let log = Log::open(dir.path(), open_config.clone()).expect("recover");
+                let log = Log::open(dir, open_config.clone()).expect("recover");
                 assert_eq!(log.next_offset(), count);
             })
         });
