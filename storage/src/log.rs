@@ -92,9 +92,11 @@ struct Writer {
     poisoned: Option<Arc<str>>,
 }
 
-/// Synced bytes at the end of the active segment that stay mapped in the process (the
-/// records consumers read next); below them the pages are released, 1 MiB at a time, so
-/// resident memory does not grow with the segment size (issue 15).
+/// Synced bytes at the end of the active segment that readers may keep mapped in the
+/// process (the records consumers read next); below them the pages are released, 1 MiB
+/// at a time, so resident memory does not grow with the segment size (issue 15). Each
+/// sync already unmaps the pages it covers (`Segment::unmap_before_sync`): what this
+/// bounds are the pages readers fault back in.
 pub const RESIDENT_TAIL_BYTES: u64 = 4 << 20;
 
 fn now_ms() -> i64 {
