@@ -67,7 +67,8 @@ pub(crate) struct Inner {
     segments: RwLock<BTreeMap<u64, Arc<Segment>>>,
     durable_tx: watch::Sender<DurableState>,
     signal: Arc<SyncSignal>,
-    /// Populates the pages ahead of the appends during each sync (policies that sync).
+    /// Populates the pages ahead of the appends during each sync (policies that sync; its
+    /// thread starts with the first sync that has something to cover).
     prefault: Option<Arc<Prefault>>,
     stats: LogStats,
 }
@@ -184,12 +185,6 @@ impl Log {
                 .name("entrepot-sync".into())
                 .spawn(move || sync::run(weak, signal, interval))
                 .map_err(|e| StorageError::io("starting sync thread", &inner.dir, e))?;
-            if let Some(prefault) = inner.prefault.clone() {
-                std::thread::Builder::new()
-                    .name("entrepot-prefault".into())
-                    .spawn(move || sync::run_prefault(prefault))
-                    .map_err(|e| StorageError::io("starting prefault thread", &inner.dir, e))?;
-            }
         }
         Ok(Log { inner })
     }
@@ -613,7 +608,7 @@ impl Inner {
         };
         // The appenders this sync will release copy into the pages after `to` next: have
         // them populated while the disk works.
-        if let Some(prefault) = &self.prefault {
+        if let Some(prefault) = self.prefault.as_ref().filter(|_| to > from) {
             prefault.request(&active);
         }
         let started = Instant::now();

@@ -199,17 +199,35 @@ pub(crate) struct Prefault {
 struct PrefaultState {
     /// The segment to populate ahead of, taken by the thread.
     next: Option<Arc<Segment>>,
+    /// The thread is started by the first request, so a log that is never appended to (an
+    /// idle Raft group's, say) costs no thread.
+    started: bool,
     closed: bool,
 }
 
 impl Prefault {
-    /// Asks for pages ahead of `active`'s written end (does not wait).
-    pub fn request(&self, active: &Arc<Segment>) {
-        if let Ok(mut s) = self.state.lock() {
-            if s.next.is_none() {
-                s.next = Some(Arc::clone(active));
-                self.cond.notify_one();
+    /// Asks for pages ahead of `active`'s written end (does not wait). The first request
+    /// starts the thread; if it cannot start, appends fault their own pages.
+    pub fn request(self: &Arc<Self>, active: &Arc<Segment>) {
+        let Ok(mut s) = self.state.lock() else { return };
+        if s.closed {
+            return;
+        }
+        if !s.started {
+            s.started = true;
+            let prefault = Arc::clone(self);
+            let spawned = std::thread::Builder::new()
+                .name("entrepot-prefault".into())
+                .spawn(move || run_prefault(prefault));
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start the prefault thread, appends fault their own pages");
+                s.closed = true;
+                return;
             }
+        }
+        if s.next.is_none() {
+            s.next = Some(Arc::clone(active));
+            self.cond.notify_one();
         }
     }
 
@@ -237,9 +255,10 @@ impl Prefault {
 
 /// Body of the prefault thread: ends when the log closes, or when the kernel refuses the
 /// advice (older than Linux 5.14), after which appends fault their own pages.
-pub(crate) fn run_prefault(prefault: Arc<Prefault>) {
+fn run_prefault(prefault: Arc<Prefault>) {
     while let Some(seg) = prefault.next() {
         if !seg.prefault_ahead() {
+            prefault.close();
             return;
         }
     }

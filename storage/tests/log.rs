@@ -276,3 +276,42 @@ fn reset_to_empties_the_log_and_moves_its_next_offset() {
     log.reset_to(5).unwrap();
     assert_eq!(log.append(b"y").unwrap().first, 5);
 }
+
+/// Threads of this process whose name starts with `prefix` (`/proc/self/task/*/comm`).
+fn threads_named(prefix: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
+        .filter(|comm| comm.starts_with(prefix))
+        .count()
+}
+
+/// A log costs its prefault thread only once something was appended and synced (idle
+/// logs — an idle Raft group's — stay at one thread, the sync thread), and appends still
+/// read back whole after the pages ahead were populated.
+#[tokio::test]
+async fn the_prefault_thread_starts_with_the_first_sync_that_covers_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), small(SyncPolicy::Always)).unwrap();
+    log.flush().unwrap();
+    assert_eq!(threads_named("entrepot-prefau"), 0, "an idle log has none");
+    let mut last = None;
+    for i in 0..100 {
+        last = Some(log.append(&payload(i, 500)).unwrap());
+    }
+    last.unwrap().durable.wait().await.unwrap();
+    // The thread names itself once it runs: give it a moment (bounded).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while threads_named("entrepot-prefau") == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(threads_named("entrepot-prefau"), 1);
+    let records = all(&log);
+    assert_eq!(records.len(), 100);
+    assert!(records
+        .iter()
+        .all(|(i, bytes)| bytes[..] == payload(*i, 500)[..]));
+    drop(log);
+    let reopened = Log::open(dir.path(), small(SyncPolicy::Always)).unwrap();
+    assert_eq!(all(&reopened), records);
+}
