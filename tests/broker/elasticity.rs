@@ -336,6 +336,8 @@ impl Run {
             self.problems
                 .push(format!("writing {}: {e}", png.display()));
         }
+        // Evidence for passing runs too: the last pods' logs beside the deleted ones'.
+        self.set.save_logs();
         let ledger = self.load.ctx.ledger();
         let v = ledger.verdict();
         let stall = self.load.stall.lock().expect("stall").clone();
@@ -450,7 +452,6 @@ impl Run {
             let _ = writeln!(report, "    {} {}..{}", s.label, s.start_ms, s.end_ms);
         }
         drop(ledger);
-        self.set.save_logs();
         report += &warnings(self.set.logs_dir());
         let _ = writeln!(report, "container logs: {}", self.set.logs_dir().display());
         panic!("{report}");
