@@ -60,7 +60,14 @@ pub fn ensure_image() -> &'static str {
     if built_this_run {
         println!("{IMAGE} already built in this run");
     } else {
+        let before = docker(&["image", "inspect", "-f", "{{.Id}}", IMAGE]).ok();
         build_image(IMAGE);
+        // The image the tag named before is left untagged: remove it, unless a container
+        // of a parallel test still uses it (then the daemon refuses, and it stays).
+        let after = docker(&["image", "inspect", "-f", "{{.Id}}", IMAGE]).ok();
+        if let Some(old) = before.filter(|old| Some(old) != after.as_ref()) {
+            let _ = docker(&["image", "rm", &old]);
+        }
         if let Some(id) = run_id {
             std::fs::write(&stamp, id).expect("image stamp");
         }
