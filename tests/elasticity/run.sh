@@ -7,7 +7,8 @@
 # PNG plot and every container's log are kept in target/tmp/elasticity/<pid>/.
 #
 # Usage: bash tests/elasticity/run.sh [--short]
-#   --short  the CI length (about 2 minutes) instead of the full one (about 6)
+#   --short  the CI length (about 80 s of load) instead of the full one (about 210 s),
+#            each plus container starts and, when the tree changed, the image build (1-3 min)
 # Environment: ENTREPOT_ELASTICITY_MEMBERSHIP=admin|drain forces who changes the membership;
 # ENTREPOT_ELASTICITY_VERBOSE=1 prints every client reconnect. Needs Docker and cargo.
 set -euo pipefail
