@@ -607,9 +607,10 @@ impl Inner {
             )
         };
         // The appenders this sync will release copy into the pages after `to` next: have
-        // them populated while the disk works.
+        // them populated while the disk works — twice what this round covers, so a round
+        // of large records does not outrun them.
         if let Some(prefault) = self.prefault.as_ref().filter(|_| to > from) {
-            prefault.request(&active);
+            prefault.request(&active, 2 * (to - from));
         }
         let started = Instant::now();
         let result = self.sync_segments(&rolled, &active, from, to);

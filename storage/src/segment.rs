@@ -90,9 +90,14 @@ pub(crate) struct Segment {
 
 /// Granularity of releasing an active segment's synced pages: 1 MiB at a time.
 pub const RELEASE_CHUNK_BYTES: u64 = 1 << 20;
-/// How far past the written end [`Segment::prefault_ahead`] keeps pages populated: 1 MiB,
-/// several group-commit rounds of small records (a round of 64 × 1 KiB is 66 KiB).
+/// How far past the written end [`Segment::prefault_ahead`] keeps pages populated at
+/// least: 1 MiB, several group-commit rounds of small records (a round of 64 × 1 KiB is
+/// 66 KiB). Rounds that cover more get twice their size ahead, up to
+/// [`PREFAULT_AHEAD_MAX_BYTES`].
 pub const PREFAULT_AHEAD_BYTES: u64 = 1 << 20;
+/// Most pages populated ahead of the written end (dirty zeros resident until filled).
+pub const PREFAULT_AHEAD_MAX_BYTES: u64 = 16 << 20;
+const _: () = assert!(PREFAULT_AHEAD_BYTES <= PREFAULT_AHEAD_MAX_BYTES);
 /// Page size assumed when rounding prefault ranges (x86-64, aarch64 with 4 KiB pages; a
 /// larger page only makes the kernel round the range out).
 const PAGE_BYTES: u64 = 4096;
@@ -514,8 +519,8 @@ impl Segment {
         }
     }
 
-    /// Faults in, writable, the pages from the written end to [`PREFAULT_AHEAD_BYTES`]
-    /// past it that are not yet (`MADV_POPULATE_WRITE`, Linux 5.14+), so appends copy into
+    /// Faults in, writable, the pages from the written end to `ahead` bytes past it
+    /// (clamped to [`PREFAULT_AHEAD_BYTES`]..=[`PREFAULT_AHEAD_MAX_BYTES`]) that are not yet (`MADV_POPULATE_WRITE`, Linux 5.14+), so appends copy into
     /// present pages instead of faulting under the writer lock. Meant for the log's
     /// prefault thread while a sync waits for the disk: a first-touch fault of a page of a
     /// preallocated file costs a page allocation, zeroing and the file system's
@@ -528,13 +533,14 @@ impl Segment {
     /// which appenders share) are only made writable. The populated pages are dirty zeros
     /// until records fill them and a sync covers them; written back earlier, they write
     /// zeros over zeros.
-    pub(crate) fn prefault_ahead(&self) -> bool {
+    pub(crate) fn prefault_ahead(&self, ahead: u64) -> bool {
+        let ahead = ahead.clamp(PREFAULT_AHEAD_BYTES, PREFAULT_AHEAD_MAX_BYTES);
         let written = self.written();
         let from = self
             .prefaulted
             .load(Ordering::Acquire)
             .max(written.next_multiple_of(PAGE_BYTES));
-        let to = ((written + PREFAULT_AHEAD_BYTES).min(self.capacity) / PAGE_BYTES) * PAGE_BYTES;
+        let to = ((written + ahead).min(self.capacity) / PAGE_BYTES) * PAGE_BYTES;
         if to <= from || self.is_sealed() {
             return true;
         }

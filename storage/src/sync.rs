@@ -197,8 +197,8 @@ pub(crate) struct Prefault {
 
 #[derive(Default)]
 struct PrefaultState {
-    /// The segment to populate ahead of, taken by the thread.
-    next: Option<Arc<Segment>>,
+    /// The segment to populate ahead of and how far, taken by the thread.
+    next: Option<(Arc<Segment>, u64)>,
     /// The thread is started by the first request, so a log that is never appended to (an
     /// idle Raft group's, say) costs no thread.
     started: bool,
@@ -206,9 +206,9 @@ struct PrefaultState {
 }
 
 impl Prefault {
-    /// Asks for pages ahead of `active`'s written end (does not wait). The first request
-    /// starts the thread; if it cannot start, appends fault their own pages.
-    pub fn request(self: &Arc<Self>, active: &Arc<Segment>) {
+    /// Asks for `ahead` bytes of pages past `active`'s written end (does not wait). The
+    /// first request starts the thread; if it cannot start, appends fault their own pages.
+    pub fn request(self: &Arc<Self>, active: &Arc<Segment>, ahead: u64) {
         let Ok(mut s) = self.state.lock() else { return };
         if s.closed {
             return;
@@ -226,7 +226,7 @@ impl Prefault {
             }
         }
         if s.next.is_none() {
-            s.next = Some(Arc::clone(active));
+            s.next = Some((Arc::clone(active), ahead));
             self.cond.notify_one();
         }
     }
@@ -239,7 +239,7 @@ impl Prefault {
         }
     }
 
-    fn next(&self) -> Option<Arc<Segment>> {
+    fn next(&self) -> Option<(Arc<Segment>, u64)> {
         let mut s = self.state.lock().ok()?;
         loop {
             if s.closed {
@@ -256,8 +256,8 @@ impl Prefault {
 /// Body of the prefault thread: ends when the log closes, or when the kernel refuses the
 /// advice (older than Linux 5.14), after which appends fault their own pages.
 fn run_prefault(prefault: Arc<Prefault>) {
-    while let Some(seg) = prefault.next() {
-        if !seg.prefault_ahead() {
+    while let Some((seg, ahead)) = prefault.next() {
+        if !seg.prefault_ahead(ahead) {
             prefault.close();
             return;
         }
