@@ -92,6 +92,8 @@ pub const QUORUM_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 /// clients (openraft 0.9 keeps it `Leader` until it hears of a newer term): its clients are
 /// disconnected and reconnect to the majority's side instead of waiting forever.
 pub const QUORUM_LOSS: Duration = Duration::from_millis(4 * ELECTION_TIMEOUT_MS.1);
+/// Pause between two rounds of the quorum check within one [`QUORUM_LOSS`] period.
+pub const QUORUM_RETRY: Duration = Duration::from_millis(50);
 /// How long a new connection waits for a leader to be known before it is closed.
 pub const LEADER_WAIT: Duration = Duration::from_secs(5);
 /// Directory of the Raft log inside the data directory.
@@ -577,8 +579,7 @@ async fn leadership(
         tokio::select! {
             changed = metrics.changed() => if changed.is_err() { break },
             _ = quorum_check.tick(), if active.is_some() => {
-                let confirmed = tokio::time::timeout(QUORUM_LOSS, raft.ensure_linearizable()).await;
-                if !matches!(confirmed, Ok(Ok(_))) {
+                if !quorum_confirmed(&raft, id).await {
                     if let Some(a) = active.take() {
                         tracing::warn!(node = id, "no majority hears this leader: closing client connections");
                         a.stop("this leader lost the majority; resend to the new leader");
@@ -637,6 +638,30 @@ async fn become_active(
             tokio::time::sleep(Duration::from_millis(100)).await;
             None
         }
+    }
+}
+
+/// Whether a majority confirms this node's leadership within [`QUORUM_LOSS`]. A round
+/// that fails before the deadline (openraft answers `QuorumNotEnough` as soon as one
+/// heartbeat round misses a majority — a joint membership while a new voter catches up,
+/// a slow disk) is retried every [`QUORUM_RETRY`]: only a majority unheard for the whole
+/// period, or another leader, ends the leadership's service.
+async fn quorum_confirmed(raft: &Raft<TypeConfig>, id: NodeId) -> bool {
+    use openraft::error::{CheckIsLeaderError, RaftError};
+    let deadline = tokio::time::Instant::now() + QUORUM_LOSS;
+    loop {
+        match tokio::time::timeout_at(deadline, raft.ensure_linearizable()).await {
+            Ok(Ok(_)) => return true,
+            Err(_) => return false,
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)))) => return false,
+            Ok(Err(e)) => {
+                tracing::debug!(node = id, error = %e, "leadership not confirmed this round; retrying");
+            }
+        }
+        if tokio::time::Instant::now() + QUORUM_RETRY >= deadline {
+            return false;
+        }
+        tokio::time::sleep(QUORUM_RETRY).await;
     }
 }
 

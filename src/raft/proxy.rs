@@ -65,7 +65,19 @@ pub async fn forward(
     on_drain: OnDrain,
 ) {
     let _ = client.set_nodelay(true);
-    let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(amqp)).await {
+    tokio::pin!(leader_gone);
+    // A stopped leader's address may not answer at all (its container is gone): a new
+    // leader ends the wait at once, so the client reconnects to it instead of waiting
+    // out CONNECT_TIMEOUT.
+    let connect = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(amqp));
+    let connected = tokio::select! {
+        connected = connect => connected,
+        () = &mut leader_gone => {
+            tracing::info!(leader, amqp, "the leader changed while connecting to it; closing the client");
+            return;
+        }
+    };
+    let upstream = match connected {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::info!(leader, amqp, error = %e, "cannot reach the leader; closing the client");
@@ -93,7 +105,7 @@ pub async fn forward(
         }
         copied
     };
-    tokio::pin!(up, leader_gone, drained);
+    tokio::pin!(up, drained);
     let mut client_done = false;
     let mut tracker = FrameTracker::default();
     let mut buf = vec![0u8; COPY_BUFFER_BYTES];
