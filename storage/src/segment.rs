@@ -413,17 +413,7 @@ impl Segment {
         if to <= from {
             return;
         }
-        // SAFETY: as in `release_pages`; `from..to` lies inside the mapping.
-        let advised = unsafe {
-            self.map.unchecked_advise_range(
-                memmap2::UncheckedAdvice::DontNeed,
-                from as usize,
-                (to - from) as usize,
-            )
-        };
-        if let Err(e) = advised {
-            tracing::debug!(path = %self.path.display(), error = %e, "madvise(DONTNEED) failed");
-        }
+        let _ = self.dont_need(from, to);
     }
 
     /// Syncs the byte range `from..to` of the mapping (`msync(MS_SYNC)`, i.e. fdatasync).
@@ -494,17 +484,7 @@ impl Segment {
         // the file. Clean pages only go (the kernel keeps dirty ones); readers fault the
         // written bytes back from the disk.
         let from = written / LARGE_FOLIO_BYTES * LARGE_FOLIO_BYTES;
-        // SAFETY: as in `release_pages`; `from..capacity` lies inside the mapping.
-        let unmapped = unsafe {
-            self.map.unchecked_advise_range(
-                memmap2::UncheckedAdvice::DontNeed,
-                from as usize,
-                (self.capacity - from) as usize,
-            )
-        };
-        if let Err(e) = unmapped {
-            tracing::debug!(path = %self.path.display(), error = %e, "madvise(DONTNEED) failed");
-        }
+        let _ = self.dont_need(from, self.capacity);
         // SAFETY: plain FFI call on an open descriptor; the range lies inside the file.
         let rc = unsafe {
             libc::posix_fadvise(
@@ -585,7 +565,20 @@ impl Segment {
         if to <= from {
             return;
         }
-        // SAFETY: as in `release_pages`; `from..to` lies inside the mapping.
+        if self.dont_need(from, to) {
+            self.released.fetch_max(to, Ordering::AcqRel);
+        }
+    }
+
+    /// Drops this process's mapping of the pages `from..to` (`MADV_DONTNEED`, the range
+    /// clamped to the mapping); returns whether the kernel took the advice (a refusal is
+    /// logged at debug: the pages then simply stay mapped).
+    fn dont_need(&self, from: u64, to: u64) -> bool {
+        let to = to.min(self.capacity);
+        if to <= from {
+            return true;
+        }
+        // SAFETY: as in `release_pages`; `from..to` lies inside the mapping (clamped).
         let advised = unsafe {
             self.map.unchecked_advise_range(
                 memmap2::UncheckedAdvice::DontNeed,
@@ -593,14 +586,10 @@ impl Segment {
                 (to - from) as usize,
             )
         };
-        match advised {
-            Ok(()) => {
-                self.released.fetch_max(to, Ordering::AcqRel);
-            }
-            Err(e) => {
-                tracing::debug!(path = %self.path.display(), error = %e, "madvise(DONTNEED) failed")
-            }
+        if let Err(e) = &advised {
+            tracing::debug!(path = %self.path.display(), error = %e, "madvise(DONTNEED) failed");
         }
+        advised.is_ok()
     }
 
     pub(crate) fn release_pages(&self) {
