@@ -7,10 +7,10 @@
 //! not `GROUPS`, which bash reserves) of three replicas each, all in this process — three
 //! "nodes" of openraft 0.9 instances, each replica with its own [`LogStore`] (its own
 //! segment log, as a group per address would have with today's crate) and the cluster
-//! tests' minimal state machine, talking through an in-process network that calls the
-//! target `Raft` directly (no sockets, no encoding: the CPU figures are a lower bound of
-//! what the TCP network would cost). Every group is
-//! formed, elects a leader and commits one entry. Then, from /proc/self:
+//! tests' minimal state machine, talking through the tests' in-process network
+//! (`tests/support/router.rs`) that calls the target `Raft` directly (no sockets, no
+//! encoding: the CPU figures are a lower bound of what the TCP network would cost). Every
+//! group is formed, elects a leader and commits one entry. Then, from /proc/self:
 //! * resident memory and threads per replica (VmRSS, Threads, before and after);
 //! * idle CPU (utime+stime over `IDLE_SECS`) with heartbeats on, as today;
 //! * idle CPU with every group quiesced through openraft's runtime switches
@@ -25,21 +25,18 @@
 #[path = "../tests/support/machine.rs"]
 #[allow(dead_code)] // the tests read the messages back; this bench does not
 mod machine;
+#[path = "../tests/support/router.rs"]
+#[allow(dead_code)] // the tests also take replicas down; this bench does not
+mod router;
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, RwLock};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use entrepot_cluster::{LogStore, NodeId, Request, TypeConfig};
+use entrepot_cluster::{LogStore, NodeId, Request};
 use entrepot_storage::LogConfig;
 use machine::MessageMachine;
-use openraft::error::{InstallSnapshotError, RPCError, RaftError, RemoteError, Unreachable};
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
-use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
-};
 use openraft::{BasicNode, Config, Raft};
 
 /// Replicas per group.
@@ -54,82 +51,6 @@ const IDLE_SECS: u64 = 5;
 /// Segment size of each replica's log: small, as an address with little traffic would
 /// start with.
 const SEGMENT_BYTES: u64 = 1 << 20;
-
-type Registry = Arc<RwLock<HashMap<(u32, NodeId), Raft<TypeConfig>>>>;
-
-/// One group's view of the in-process network.
-struct Net {
-    group: u32,
-    registry: Registry,
-}
-
-struct Client {
-    group: u32,
-    target: NodeId,
-    registry: Registry,
-}
-
-impl RaftNetworkFactory<TypeConfig> for Net {
-    type Network = Client;
-    async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> Client {
-        Client {
-            group: self.group,
-            target,
-            registry: Arc::clone(&self.registry),
-        }
-    }
-}
-
-impl Client {
-    fn raft(&self) -> Option<Raft<TypeConfig>> {
-        self.registry
-            .read()
-            .ok()
-            .and_then(|r| r.get(&(self.group, self.target)).cloned())
-    }
-}
-
-fn unreachable<E: std::error::Error>() -> RPCError<NodeId, BasicNode, E> {
-    let e = std::io::Error::new(std::io::ErrorKind::NotFound, "no such replica");
-    RPCError::Unreachable(Unreachable::new(&e))
-}
-
-type Rpc<T, E = RaftError<NodeId>> = Result<T, RPCError<NodeId, BasicNode, E>>;
-
-impl RaftNetwork<TypeConfig> for Client {
-    async fn append_entries(
-        &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
-        _option: RPCOption,
-    ) -> Rpc<AppendEntriesResponse<NodeId>> {
-        let raft = self.raft().ok_or_else(unreachable)?;
-        raft.append_entries(rpc)
-            .await
-            .map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
-    }
-
-    async fn install_snapshot(
-        &mut self,
-        rpc: InstallSnapshotRequest<TypeConfig>,
-        _option: RPCOption,
-    ) -> Rpc<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> {
-        let raft = self.raft().ok_or_else(unreachable)?;
-        raft.install_snapshot(rpc)
-            .await
-            .map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
-    }
-
-    async fn vote(
-        &mut self,
-        rpc: VoteRequest<NodeId>,
-        _option: RPCOption,
-    ) -> Rpc<VoteResponse<NodeId>> {
-        let raft = self.raft().ok_or_else(unreachable)?;
-        raft.vote(rpc)
-            .await
-            .map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
-    }
-}
 
 /// VmRSS in KiB and Threads, from /proc/self/status.
 fn rss_and_threads() -> (u64, u64) {
@@ -188,7 +109,7 @@ fn main() {
 
 async fn run(groups: u32, idle_secs: u64) {
     let dir = tempfile::tempdir().expect("temporary directory");
-    let registry: Registry = Arc::default();
+    let router = router::Router::default();
     let config = Arc::new(
         Config {
             heartbeat_interval: HEARTBEAT_MS,
@@ -213,10 +134,7 @@ async fn run(groups: u32, idle_secs: u64) {
         for node in 0..REPLICAS {
             let path = dir.path().join(format!("g{g}-n{node}"));
             let log = LogStore::open(&path, log_config.clone()).expect("log store");
-            let net = Net {
-                group: g,
-                registry: Arc::clone(&registry),
-            };
+            let net = router.group(g);
             let raft = Raft::new(
                 node,
                 Arc::clone(&config),
@@ -226,10 +144,7 @@ async fn run(groups: u32, idle_secs: u64) {
             )
             .await
             .expect("raft");
-            registry
-                .write()
-                .expect("registry")
-                .insert((g, node), raft.clone());
+            router.group(g).add(node, raft.clone());
             rafts.push((g, node, raft));
         }
         if (g + 1) % 500 == 0 {

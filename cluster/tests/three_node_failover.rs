@@ -1,102 +1,20 @@
 //! Goal: a 3-node cluster on our log storage elects a leader, replicates produce batches,
 //! survives losing its leader, and loses no committed (acknowledged) message.
 //! Method: three openraft nodes in one process, each with its own `LogStore` in a
-//! temporary directory and the tests' minimal state machine (`support/machine.rs`), joined by an in-memory router that calls
+//! temporary directory and the tests' minimal state machine (`support/machine.rs`), joined by the in-memory router of `support/router.rs`, which calls
 //! the target node's `Raft` directly. The leader is "killed" by removing it from the router
 //! and shutting it down; waits are bounded by timeouts, never asserted on wall-clock time.
-
-// openraft's error types are large; these signatures are openraft's, not ours.
-#![allow(clippy::result_large_err)]
 
 mod support;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use entrepot_cluster::{NodeId, Request, Response, TypeConfig};
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError};
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
-use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
-};
-use openraft::{AnyError, BasicNode, Config, Raft};
-
-type RpcResult<T, E = RaftError<NodeId>> = Result<T, RPCError<NodeId, BasicNode, E>>;
-
-/// Delivers RPCs to the nodes still in it; a missing node is a network error.
-#[derive(Clone, Default)]
-struct Router {
-    nodes: Arc<Mutex<BTreeMap<NodeId, Raft<TypeConfig>>>>,
-}
-
-struct Connection {
-    target: NodeId,
-    router: Router,
-}
-
-impl Connection {
-    fn raft<E: std::error::Error>(&self) -> RpcResult<Raft<TypeConfig>, E> {
-        let nodes = self.router.nodes.lock().map_err(|_| down(self.target))?;
-        nodes
-            .get(&self.target)
-            .cloned()
-            .ok_or_else(|| down(self.target))
-    }
-}
-
-fn down<E: std::error::Error>(target: NodeId) -> RPCError<NodeId, BasicNode, E> {
-    RPCError::Network(NetworkError::new(&AnyError::error(format!(
-        "node {target} is down"
-    ))))
-}
-
-impl RaftNetworkFactory<TypeConfig> for Router {
-    type Network = Connection;
-    async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> Connection {
-        Connection {
-            target,
-            router: self.clone(),
-        }
-    }
-}
-
-impl RaftNetwork<TypeConfig> for Connection {
-    async fn append_entries(
-        &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
-        _option: RPCOption,
-    ) -> RpcResult<AppendEntriesResponse<NodeId>> {
-        let raft = self.raft()?;
-        raft.append_entries(rpc)
-            .await
-            .map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
-    }
-
-    async fn install_snapshot(
-        &mut self,
-        rpc: InstallSnapshotRequest<TypeConfig>,
-        _option: RPCOption,
-    ) -> RpcResult<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> {
-        let raft = self.raft()?;
-        raft.install_snapshot(rpc)
-            .await
-            .map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
-    }
-
-    async fn vote(
-        &mut self,
-        rpc: VoteRequest<NodeId>,
-        _option: RPCOption,
-    ) -> RpcResult<VoteResponse<NodeId>> {
-        let raft = self.raft()?;
-        raft.vote(rpc)
-            .await
-            .map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
-    }
-}
+use openraft::{BasicNode, Config, Raft};
+use support::router::Router;
 
 struct Node {
     raft: Raft<TypeConfig>,
@@ -109,7 +27,7 @@ async fn start_node(id: NodeId, router: &Router, config: Arc<Config>) -> Node {
     let raft = Raft::new(id, config, router.clone(), log, sm.clone())
         .await
         .unwrap();
-    router.nodes.lock().unwrap().insert(id, raft.clone());
+    router.add(id, raft.clone());
     Node {
         raft,
         sm,
@@ -172,7 +90,7 @@ async fn a_new_leader_takes_over_and_no_acknowledged_message_is_lost() {
     let mut acked = produce(&nodes[&leader].raft, 0, 20).await;
 
     // Kill the leader: unreachable at once, then stopped.
-    router.nodes.lock().unwrap().remove(&leader);
+    router.remove(leader);
     let dead = nodes.remove(&leader).unwrap();
     dead.raft.shutdown().await.unwrap();
 

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod machine;
+pub mod router;
 
 use std::collections::BTreeSet;
 use std::fmt::Display;
