@@ -59,6 +59,24 @@ pub enum ClusterError {
         expected: u64,
         found: u64,
     },
+    /// A node-log record that cannot be read or applied at open (`node_log/recovery.rs`):
+    /// where it is, which group it names when that much decoded, and what is wrong.
+    #[error("node-log record at offset {offset} (group {group:?}): {source}")]
+    NodeLogRecord {
+        offset: u64,
+        group: Option<u64>,
+        #[source]
+        source: Box<ClusterError>,
+    },
+    /// A record in a node log without the node-log flags: another log's directory.
+    #[error("record at offset {offset} has flags {flags:#x}, not a node-log record")]
+    ForeignRecord { offset: u64, flags: u16 },
+    /// The index of a group points at a record that is not one of its entries.
+    #[error("record at offset {offset} is not an entry of raft group {group}")]
+    NotAnEntry { offset: u64, group: u64 },
+    /// A group this node log does not hold (never opened, or removed).
+    #[error("raft group {group} is not held by this node log")]
+    UnknownGroup { group: u64 },
     /// A hostname, `--node-id` or `--peers` value that names no node.
     #[error("invalid {what} {value:?}: {reason}")]
     Identity {

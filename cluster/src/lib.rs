@@ -39,6 +39,11 @@
 //! * [`membership`]: a node joins by itself (scale up) and leaves on a drain (scale
 //!   down): `KIND_JOIN` / `KIND_LEAVE` on the inter-node port, served by the leader.
 //!
+//! * [`node_log`]: one segment log per node shared by every Raft group on it ([`NodeLog`];
+//!   each group's openraft storage is a [`GroupLog`]): records name their group, one group
+//!   commit covers every group, a segment goes when no group needs it (issue 12 step 4;
+//!   not wired into the broker yet, which runs one [`LogStore`] per node).
+//!
 //! * [`placement`]: which members hold each Raft group's replicas and which should lead,
 //!   balanced and moved as little as possible (pure; not wired in yet — issue 12 step 5).
 //!
@@ -75,6 +80,7 @@ mod index_map;
 mod log_store;
 pub mod membership;
 mod network;
+pub mod node_log;
 mod peer_server;
 pub mod placement;
 mod rpc;
@@ -90,6 +96,7 @@ pub use error::{ClusterError, RaftStorageError, Result};
 pub use frame::{FRAME_HEADER_LEN, FRAME_TRANSFER_TIMEOUT, MAX_RPC_FRAME_BYTES};
 pub use log_store::{LogStore, LogStoreReader, FLUSH_QUEUE_MAX, LOG_DIR, RAFT_ENTRY_FLAG};
 pub use network::{PeerCallError, PeerClient, TcpNetwork};
+pub use node_log::{GroupLog, GroupLogReader, NodeLog};
 pub use peer_server::{HeardCommit, PeerServer, PeerServerOptions, MAX_PEER_CONNECTIONS};
 pub use rpc::{
     MembershipReply, MembershipRequest, RemoteRefusal, MAX_RPC_ENTRIES, MAX_RPC_STRING_BYTES,
