@@ -17,10 +17,16 @@
 //!   (`heartbeat(false)`, `elect(false)`, `tick(false)`): what is left is the per-instance
 //!   timers openraft 0.9 keeps running.
 //!
+//! `IDLE_LOG` chooses the replicas' Raft log: `group` (the default) a [`LogStore`] per
+//! replica as above; `node` one [`NodeLog`] per node shared by all its groups (issue 12
+//! step 4: one segment log, one group commit, a [`GroupLog`] per group); `both` runs the
+//! two in turn, each in a child process of its own so one's memory does not count in the
+//! other's.
+//!
 //! Prints one line per figure and a closing `idle groups: …` line. Bounded: group
 //! formation and the commit wait at most `FORM_TIMEOUT`.
 //!
-//! Run: `IDLE_GROUPS=300 cargo bench -p entrepot-cluster --bench idle_groups`.
+//! Run: `IDLE_GROUPS=300 IDLE_LOG=both cargo bench -p entrepot-cluster --bench idle_groups`.
 
 #[path = "../tests/support/machine.rs"]
 #[allow(dead_code)] // the tests read the messages back; this bench does not
@@ -34,7 +40,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use entrepot_cluster::{LogStore, NodeId, Request};
+use entrepot_cluster::node_log::GROUP_STATE_BYTES;
+use entrepot_cluster::{LogStore, NodeId, NodeLog, Request};
 use entrepot_storage::LogConfig;
 use machine::MessageMachine;
 use openraft::{BasicNode, Config, Raft};
@@ -91,9 +98,37 @@ async fn idle_cpu_percent(secs: u64) -> f64 {
     ticks as f64 / 100.0 / start.elapsed().as_secs_f64() * 100.0
 }
 
+/// Which Raft log the replicas use (`IDLE_LOG`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum LogKind {
+    /// A `LogStore` (its own segment log) per replica.
+    PerGroup,
+    /// One `NodeLog` per node, shared by the node's groups.
+    PerNode,
+}
+
+/// Runs this bench again in a child process for each kind of log, with the same arguments.
+fn run_both() {
+    let exe = std::env::current_exe().expect("the bench's own path");
+    for kind in ["group", "node"] {
+        let status = std::process::Command::new(&exe)
+            .args(std::env::args().skip(1))
+            .env("IDLE_LOG", kind)
+            .status()
+            .expect("run the bench in a child process");
+        assert!(status.success(), "IDLE_LOG={kind} failed: {status}");
+    }
+}
+
 fn main() {
     // `cargo test --bench` (CI) runs this without `--bench`: a smoke run of three groups.
     let benching = std::env::args().any(|a| a == "--bench");
+    let kind = match std::env::var("IDLE_LOG").as_deref() {
+        Ok("both") => return run_both(),
+        Ok("node") => LogKind::PerNode,
+        Ok("group") | Err(_) => LogKind::PerGroup,
+        Ok(other) => panic!("IDLE_LOG must be group, node or both, not {other}"),
+    };
     let groups: u32 = std::env::var("IDLE_GROUPS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -104,10 +139,10 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    runtime.block_on(run(groups, idle_secs));
+    runtime.block_on(run(groups, idle_secs, kind));
 }
 
-async fn run(groups: u32, idle_secs: u64) {
+async fn run(groups: u32, idle_secs: u64, kind: LogKind) {
     let dir = tempfile::tempdir().expect("temporary directory");
     let router = router::Router::default();
     let config = Arc::new(
@@ -126,23 +161,38 @@ async fn run(groups: u32, idle_secs: u64) {
         ..LogConfig::default()
     };
     let replicas = u64::from(groups) * REPLICAS;
-    println!("idle groups: {groups} groups × {REPLICAS} replicas = {replicas} openraft instances, one segment log each");
+    let logs = match kind {
+        LogKind::PerGroup => "one segment log each",
+        LogKind::PerNode => "one segment log per node shared by its groups",
+    };
+    println!("idle groups: {groups} groups × {REPLICAS} replicas = {replicas} openraft instances, {logs}");
     let (rss0, threads0) = rss_and_threads();
     let start = Instant::now();
+    let node_logs: Vec<NodeLog> = match kind {
+        LogKind::PerGroup => Vec::new(),
+        LogKind::PerNode => (0..REPLICAS)
+            .map(|n| NodeLog::open(dir.path().join(format!("node-{n}")), log_config.clone()))
+            .collect::<Result<_, _>>()
+            .expect("node log"),
+    };
     let mut rafts = Vec::new();
     for g in 0..groups {
         for node in 0..REPLICAS {
-            let path = dir.path().join(format!("g{g}-n{node}"));
-            let log = LogStore::open(&path, log_config.clone()).expect("log store");
             let net = router.group(g);
-            let raft = Raft::new(
-                node,
-                Arc::clone(&config),
-                net,
-                log,
-                MessageMachine::default(),
-            )
-            .await
+            let machine = MessageMachine::default();
+            let raft = match kind {
+                LogKind::PerGroup => {
+                    let path = dir.path().join(format!("g{g}-n{node}"));
+                    let log = LogStore::open(&path, log_config.clone()).expect("log store");
+                    Raft::new(node, Arc::clone(&config), net, log, machine).await
+                }
+                LogKind::PerNode => {
+                    let log = node_logs[node as usize]
+                        .group(u64::from(g))
+                        .expect("group log");
+                    Raft::new(node, Arc::clone(&config), net, log, machine).await
+                }
+            }
             .expect("raft");
             router.group(g).add(node, raft.clone());
             rafts.push((g, node, raft));
@@ -189,7 +239,17 @@ async fn run(groups: u32, idle_secs: u64) {
     let per_replica_kib = (rss1.saturating_sub(rss0)) as f64 / replicas as f64;
     let threads_per_replica = (threads1.saturating_sub(threads0)) as f64 / replicas as f64;
     println!("  resident: {rss0} -> {rss1} KiB = {per_replica_kib:.1} KiB per replica (goal 64)");
-    println!("  threads: {threads0} -> {threads1} = {threads_per_replica:.2} per replica (the segment log's sync thread)");
+    println!("  threads: {threads0} -> {threads1} = {threads_per_replica:.2} per replica (a segment log's sync and prefault threads)");
+    if kind == LogKind::PerNode {
+        let index: usize = node_logs
+            .iter()
+            .map(|n| n.index_heap_bytes().expect("node log"))
+            .sum();
+        println!(
+            "  node logs: {GROUP_STATE_BYTES} B of state per group replica + {:.1} B of index (Raft index -> offset)",
+            index as f64 / replicas as f64
+        );
+    }
 
     let heartbeating = idle_cpu_percent(idle_secs).await;
     println!("  idle CPU, heartbeats on: {heartbeating:.1} % of a core (goal < 5 % at 10,000)");
@@ -203,7 +263,7 @@ async fn run(groups: u32, idle_secs: u64) {
     let quiesced = idle_cpu_percent(idle_secs).await;
     println!("  idle CPU, quiesced (heartbeat, elect and tick off): {quiesced:.1} % of a core");
     println!(
-        "idle groups: replicas={replicas} rss_kib_per_replica={per_replica_kib:.1} threads_per_replica={threads_per_replica:.2} idle_cpu_pct={heartbeating:.1} quiesced_cpu_pct={quiesced:.1}"
+        "idle groups: log={kind:?} replicas={replicas} rss_kib_per_replica={per_replica_kib:.1} threads_per_replica={threads_per_replica:.2} idle_cpu_pct={heartbeating:.1} quiesced_cpu_pct={quiesced:.1}"
     );
     for (_, _, raft) in rafts {
         let _ = raft.shutdown().await;

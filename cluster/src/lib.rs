@@ -47,7 +47,7 @@
 //! * [`placement`]: which members hold each Raft group's replicas and which should lead,
 //!   balanced and moved as little as possible (pure; not wired in yet — issue 12 step 5).
 //!
-//! Not here yet: one group per address.
+//! Not here yet: one group per address (the node log is its storage half, unused so far).
 //!
 //! On-disk formats: `cluster/FORMAT.md`.
 //!
