@@ -24,7 +24,11 @@
 #        BENCH_PROCESSES (generator processes per run, `entrepot-bench --processes`, default 1),
 #        SKIP_LIMITS=1 to skip fio and iperf3, PLOT=0 to skip the PNG,
 #        PEERS_DIR (default ../shared/peers), CREDIT=0 to skip the credit case,
-#        CREDIT_BACKLOG (messages of the credit case's backlog, default 60000).
+#        CREDIT_BACKLOG (messages of the credit case's backlog, default 60000),
+#        CASES (the workloads to run, default "p1k-1x1 p1k-8x8 p64k-1x1 fanout lat-half";
+#        lat-half needs p1k-1x1 before it unless LAT_RATE is set),
+#        LAT_RATE (msgs/s of lat-half instead of half the measured p1k-1x1 peak, so runs of
+#        two builds can be compared at one rate).
 # Output: the table on stdout, benches/results.png (throughput vs p99, `entrepot-bench plot`),
 #         and under target/compare/: one JSON per run, table.md.
 set -euo pipefail
@@ -42,7 +46,7 @@ processes="${BENCH_PROCESSES:-1}"
 entrepot_port="${ENTREPOT_PORT:-5692}"
 entrepot_http="${ENTREPOT_HTTP_PORT:-18092}"
 run_timeout=$(( duration + warmup + 120 ))
-cases="p1k-1x1 p1k-8x8 p64k-1x1 fanout lat-half"
+cases="${CASES:-p1k-1x1 p1k-8x8 p64k-1x1 fanout lat-half}"
 notes=()
 
 step() { echo "==> $*" >&2; }
@@ -205,10 +209,10 @@ run_cases() { # run_cases BROKER
     for c in $cases; do
         if [ "$c" = lat-half ]; then
             peak=$(jq -r '.send_msgs_per_s // 0 | floor' "$out/p1k-1x1-$broker.json" 2>/dev/null || echo 0)
-            if [ "${peak:-0}" -lt 2 ]; then
+            if [ -z "${LAT_RATE:-}" ] && [ "${peak:-0}" -lt 2 ]; then
                 echo '{"na": "no p1k-1x1 peak to halve"}' >"$out/$c-$broker.json"; continue
             fi
-            bench "$broker" "$c" --rate $(( peak / 2 ))
+            bench "$broker" "$c" --rate "${LAT_RATE:-$(( peak / 2 ))}"
         else
             bench "$broker" "$c"
         fi

@@ -21,7 +21,8 @@
 //!   own files) are copied as they are and listed in [`CrashReport::unmodelled`].
 //!
 //! The same seam injects failures: [`CrashSim::inject`] makes the next syncs return EIO or
-//! ENOSPC, or stall before they run.
+//! ENOSPC, or stall before they run; and [`hold_releases_for`] makes the release of deleted
+//! segments (`retire.rs`) come late.
 //!
 //! Not a file system: writes through the mapping are not seen one by one, only their
 //! result at the crash, and nothing here is compiled into a production build.
@@ -134,6 +135,30 @@ fn sim_for(path: &Path) -> Option<Arc<CrashSim>> {
     sims.iter()
         .filter_map(Weak::upgrade)
         .find(|s| path.starts_with(&s.root))
+}
+
+/// Held while the segment release thread (`retire.rs`) must not release anything.
+static RELEASE_HOLD: Mutex<()> = Mutex::new(());
+
+/// Holds the segment release thread for `hold` (at most [`RELEASE_HOLD_MAX`]): segments
+/// deleted meanwhile keep their blocks until it ends, as when the thread is busy releasing
+/// a large segment of another log. Returns once the hold is in place.
+pub fn hold_releases_for(hold: Duration) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _held = RELEASE_HOLD.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = tx.send(());
+        std::thread::sleep(hold.min(RELEASE_HOLD_MAX));
+    });
+    let _ = rx.recv();
+}
+
+/// Longest [`hold_releases_for`] holds the release thread.
+pub const RELEASE_HOLD_MAX: Duration = Duration::from_secs(1);
+
+/// Called by the release thread before each release: waits while a test holds it.
+pub(crate) fn before_release() {
+    drop(RELEASE_HOLD.lock().unwrap_or_else(|p| p.into_inner()));
 }
 
 fn power_lost() -> io::Error {

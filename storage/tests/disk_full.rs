@@ -17,8 +17,11 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
-use entrepot_storage::{AckLog, Log, LogConfig, StorageError, SyncPolicy, MIN_SEGMENT_BYTES};
+use entrepot_storage::{
+    crash_sim, AckLog, Log, LogConfig, StorageError, SyncPolicy, MIN_SEGMENT_BYTES,
+};
 
 const FILLER_BYTES: usize = 512 * 1024;
 const RECORD_BYTES: usize = 4096;
@@ -341,4 +344,51 @@ async fn a_message_log_leaves_its_reserve_to_the_ack_log() {
     last.unwrap().wait().await.unwrap();
     assert!((0..offset).all(|o| acks.is_acked(o)));
     println!("message log refused at {durable} records ({free_bytes} bytes free); {offset} acks in {} ack segments", count_segments(&acks_dir));
+}
+
+/// Deleting a segment frees its blocks on a background thread (`retire.rs`), after the
+/// call returns: a roll that finds the disk full right after a reclaim must wait for that
+/// release instead of reporting `DiskFull` for space that is already on its way back. The
+/// release thread is shared by every log of the process and may be busy with a large
+/// segment of another log (~0.1 s for 128 MiB): the test holds it for 300 ms.
+#[tokio::test]
+async fn a_roll_right_after_a_reclaim_on_a_full_disk_gets_the_freed_space() {
+    let Some(fs_guard) = SmallFs::mount_or_skip("2m") else {
+        return;
+    };
+    fs::write(fs_guard.path().join("filler"), vec![0xAAu8; FILLER_BYTES]).unwrap();
+    let dir = fs_guard.path().join("log");
+    let log = Log::open(&dir, config()).unwrap();
+    let (durable, err) = fill(&log, 0).await;
+    assert!(matches!(err, StorageError::DiskFull { .. }), "{err}");
+    let sealed: Vec<u64> = log
+        .segments()
+        .iter()
+        .filter(|s| s.sealed)
+        .map(|s| s.base)
+        .collect();
+    assert!(sealed.len() >= 2, "{sealed:?}");
+
+    // Only the segments' own blocks can make room (their index files would otherwise).
+    for i in 0..1000 {
+        if fs::write(fs_guard.path().join(format!("crumb{i}")), [0u8; 4096]).is_err() {
+            break;
+        }
+    }
+    crash_sim::hold_releases_for(Duration::from_millis(300));
+    for base in &sealed {
+        assert!(log.delete_segment(*base).unwrap());
+    }
+    // At once: the release thread still holds the freed blocks.
+    let appended = log
+        .append(&payload(durable))
+        .unwrap_or_else(|e| panic!("append right after deleting {} segments: {e}", sealed.len()));
+    appended.durable.wait().await.unwrap();
+    assert_eq!(log.read(durable).unwrap().payload, payload(durable));
+    drop(log);
+    let log = Log::open(&dir, config()).unwrap();
+    assert_eq!(log.next_offset(), durable + 1);
+    assert_eq!(log.read(durable).unwrap().payload, payload(durable));
+    drop(log);
+    drop(fs_guard);
 }
