@@ -27,6 +27,7 @@
 #        CREDIT_BACKLOG (messages of the credit case's backlog, default 60000),
 #        CASES (the workloads to run, default "p1k-1x1 p1k-8x8 p64k-1x1 fanout lat-half";
 #        lat-half needs p1k-1x1 before it unless LAT_RATE is set),
+#        BUILD=0 to use the binaries already built under $CARGO_TARGET_DIR/release,
 #        LAT_RATE (msgs/s of lat-half instead of half the measured p1k-1x1 peak, so runs of
 #        two builds can be compared at one rate).
 # Output: the table on stdout, benches/results.png (throughput vs p99, `entrepot-bench plot`),
@@ -69,15 +70,19 @@ features="plot,nats"
 case "$brokers" in *nats*) ;; *) features="plot" ;; esac
 [ "${PLOT:-1}" = 0 ] && features="${features/plot/}"
 features="${features#,}"; features="${features%,}"
-step "cargo build --release --bin entrepot; cargo build --release -p entrepot-bench --features '$features'"
-cargo build --release --bin entrepot >&2
-if ! cargo build --release -p entrepot-bench --features "$features" >&2; then
-    [ -n "$features" ] || exit 1
-    step "build with features '$features' failed: building without them (no NATS, no plot)"
-    notes+=("Built without '$features': NATS JetStream and/or the plot left out.")
-    brokers="${brokers//nats/}"
-    features=""
-    cargo build --release -p entrepot-bench >&2
+if [ "${BUILD:-1}" = 0 ]; then
+    step "BUILD=0: using the binaries already in $target/release"
+else
+    step "cargo build --release --bin entrepot; cargo build --release -p entrepot-bench --features '$features'"
+    cargo build --release --bin entrepot >&2
+    if ! cargo build --release -p entrepot-bench --features "$features" >&2; then
+        [ -n "$features" ] || exit 1
+        step "build with features '$features' failed: building without them (no NATS, no plot)"
+        notes+=("Built without '$features': NATS JetStream and/or the plot left out.")
+        brokers="${brokers//nats/}"
+        features=""
+        cargo build --release -p entrepot-bench >&2
+    fi
 fi
 bin="$target/release/entrepot"
 bench_bin="$target/release/entrepot-bench"

@@ -7,7 +7,9 @@
 //!   segments a crash left unsealed are sealed at open, and a segment is never deleted
 //!   while one before it is unsealed (recovery would read that gap as a torn tail).
 //! * The durable offset published through [`Log::durable_watch`] never passes bytes that
-//!   have not been synced (policy `Always`/`Interval`).
+//!   have not been synced (policy `Always`/`Interval`), nor a record whose segment's name
+//!   is not yet durable in the directory (a roll leaves that directory sync to the next
+//!   group-commit round).
 //! * Deleting or truncating never modifies bytes a reader may hold (see `segment.rs`).
 //! * A deleted segment is released (unmapped and closed, when the kernel evicts its pages
 //!   and frees its blocks) by the release thread of `retire.rs`, never under the log's
@@ -96,6 +98,12 @@ struct Writer {
     /// Position up to which the active segment is synced.
     synced_pos: u64,
     poisoned: Option<Arc<str>>,
+    /// Rolls so far, and how many of them a directory sync covered. A roll renames its new
+    /// segment into the directory under the writer lock but leaves the directory sync to
+    /// the sync thread, which does it before it publishes any record of that segment
+    /// (a device flush less in the appenders' way, issue 15).
+    rolls: u64,
+    rolls_dir_synced: u64,
 }
 
 /// Synced bytes at the end of the active segment that readers may keep mapped in the
@@ -170,6 +178,8 @@ impl Log {
                 last_timestamp_ms,
                 unsynced: Vec::new(),
                 poisoned: None,
+                rolls: 0,
+                rolls_dir_synced: 0,
             }),
             io: Mutex::new(()),
             segments: RwLock::new(segments),
@@ -568,7 +578,9 @@ impl Inner {
     }
 
     /// Starts a new active segment. The old one is sealed by the sync thread once synced
-    /// (or at once under policy `Never`). Fails with `ReserveReached` when the new segment
+    /// (or at once under policy `Never`), and the sync thread also syncs the directory
+    /// that now names the new one before it publishes any record of it: under the writer
+    /// lock a roll costs the file's creation, preallocation and one fsync. Fails with `ReserveReached` when the new segment
     /// would eat into the configured free-space reserve, with `DiskFull` when it cannot be
     /// preallocated; either way the log is unchanged and the append can be retried.
     fn roll(&self, w: &mut Writer) -> Result<()> {
@@ -581,7 +593,11 @@ impl Inner {
             }
             created => created?,
         };
-        sync_dir(&self.dir)?;
+        w.rolls += 1;
+        if self.config.sync == SyncPolicy::Never {
+            sync_dir(&self.dir)?; // no sync thread to do it
+            w.rolls_dir_synced = w.rolls;
+        }
         if let Ok(mut segments) = self.segments.write() {
             segments.insert(seg.base(), Arc::clone(&seg));
         }
@@ -620,7 +636,7 @@ impl Inner {
     /// [`Inner::sync_once`], telling the sync thread what the round covered.
     pub(crate) fn sync_round(&self) -> Result<SyncRound> {
         let _io = self.lock_io()?;
-        let (rolled, active, from, to, next, appended) = {
+        let (rolled, active, from, to, next, appended, rolls) = {
             let w = self.lock_writer()?;
             if let Some(reason) = &w.poisoned {
                 return Err(StorageError::SyncFailed {
@@ -636,6 +652,7 @@ impl Inner {
                 w.next_offset,
                 // Appends count under the writer lock, so this matches `next`.
                 self.stats.records_appended.load(Ordering::Relaxed),
+                (w.rolls > w.rolls_dir_synced).then_some(w.rolls),
             )
         };
         // The appenders this sync will release copy into the pages after `to` next: have
@@ -645,7 +662,19 @@ impl Inner {
             prefault.request(&active, 2 * (to - from));
         }
         let started = Instant::now();
-        let result = self.sync_segments(&rolled, &active, from, to);
+        let result = self
+            .sync_segments(&rolled, &active, from, to)
+            .and_then(|()| match rolls {
+                // The segments rolled since the last round are in the directory for good
+                // before any of their records is published.
+                Some(_) => {
+                    crate::fsync::sync_dir(&self.dir).map_err(|e| StorageError::SyncFailed {
+                        path: self.dir.clone(),
+                        reason: e.to_string(),
+                    })
+                }
+                None => Ok(()),
+            });
         self.stats.observe_sync(started.elapsed());
         let mut w = self.lock_writer()?;
         if let Err(e) = result {
@@ -659,6 +688,9 @@ impl Inner {
             .retain(|s| !rolled.iter().any(|r| Arc::ptr_eq(r, s)));
         if Arc::ptr_eq(&w.active, &active) {
             w.synced_pos = w.synced_pos.max(to);
+        }
+        if let Some(rolls) = rolls {
+            w.rolls_dir_synced = w.rolls_dir_synced.max(rolls);
         }
         drop(w);
         // Synced and never written again: only the tail the consumers are about to read

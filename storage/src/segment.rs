@@ -181,8 +181,10 @@ impl Segment {
         header[32..36].copy_from_slice(&crc.to_le_bytes());
         // SAFETY: the segment is not shared yet; the header lies inside the mapping.
         unsafe { seg.write_at(0, &header) };
-        seg.sync_range(0, SEGMENT_HEADER_LEN as u64)
-            .map_err(|e| StorageError::io("syncing segment header", path, e))?;
+        // One fsync makes the header (dirtied through the mapping, so in the page cache),
+        // the size and the preallocated extents durable together; a separate `msync` of
+        // the header first cost a second device flush, under the log's writer lock when
+        // a roll creates the segment (issue 15).
         fsync::sync_file(&seg._file, path)
             .map_err(|e| StorageError::io("syncing segment", path, e))?;
         Ok(seg)
