@@ -29,7 +29,7 @@
 #        lat-half needs p1k-1x1 before it unless LAT_RATE is set),
 #        BUILD=0 to use the binaries already built under $CARGO_TARGET_DIR/release,
 #        LAT_RATE (msgs/s of lat-half instead of half the measured p1k-1x1 peak, so runs of
-#        two builds can be compared at one rate).
+#        two builds can be compared at one rate),
 #        ACK_BATCH (AMQP consumers accept up to this many arrived deliveries with one
 #        disposition, `entrepot-bench --ack-batch`; default 1: one disposition each. NATS
 #        consumers ack every message whatever this says).
