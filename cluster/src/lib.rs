@@ -15,10 +15,13 @@
 //! * The persisted snapshot file of a state machine ([`write_snapshot_file`],
 //!   [`read_snapshot_file`], `snapshot_file.rs`): what a snapshot covers, and its data.
 //! * [`identity`]: node id from a StatefulSet hostname or `--node-id`, `--peers` parsing.
-//! * The inter-node port: [`TcpNetwork`] (openraft's network, one TCP connection per
-//!   peer, `network.rs`) and [`PeerServer`] (accepts peers, hands RPCs to the local
-//!   `Raft`, `peer_server.rs`); frames `{ len: u32 | kind: u8 | body }` (`frame.rs`) with
-//!   versioned binary bodies (`rpc.rs`) that reuse the entry encoding.
+//! * The inter-node port, for many Raft groups per node (issue 12 step 2): [`TcpNetwork`]
+//!   (openraft's network of one group, [`TcpNetwork::group`]; every group of a node shares
+//!   one multiplexed connection per peer, `network.rs`, `peer_connection.rs`) and
+//!   [`PeerServer`] (accepts peers, hands each RPC to the `Raft` of the group it names
+//!   from a [`GroupRegistry`], `peer_server.rs`, `groups.rs`); frames
+//!   `{ len: u32 | kind: u8 | body }` (`frame.rs`) with versioned binary bodies that carry
+//!   a request id and a group (`rpc.rs`) and reuse the entry encoding.
 //!
 //! Invariants:
 //! * An entry is reported flushed to openraft only after the segment log's sync covered it.
@@ -47,7 +50,8 @@
 //! * [`placement`]: which members hold each Raft group's replicas and which should lead,
 //!   balanced and moved as little as possible (pure; not wired in yet — issue 12 step 5).
 //!
-//! Not here yet: one group per address (the node log is its storage half, unused so far).
+//! Not here yet: one group per address (the node log is its storage half, unused so far;
+//! the broker registers its one Raft as group 0, [`METADATA_GROUP`]).
 //!
 //! On-disk formats: `cluster/FORMAT.md`.
 //!
@@ -75,12 +79,14 @@ mod codec;
 pub mod entry;
 mod error;
 mod frame;
+pub mod groups;
 pub mod identity;
 mod index_map;
 mod log_store;
 pub mod membership;
 mod network;
 pub mod node_log;
+mod peer_connection;
 mod peer_server;
 pub mod placement;
 mod rpc;
@@ -95,9 +101,13 @@ pub use auth::PeerSecret;
 pub use error::{ClusterError, RaftStorageError, Result};
 pub use frame::{FRAME_HEADER_LEN, FRAME_TRANSFER_TIMEOUT, MAX_RPC_FRAME_BYTES};
 pub use log_store::{LogStore, LogStoreReader, FLUSH_QUEUE_MAX, LOG_DIR, RAFT_ENTRY_FLAG};
-pub use network::{PeerCallError, PeerClient, TcpNetwork};
+pub use groups::{GroupRegistry, HeardCommit, MAX_HOSTED_GROUPS, METADATA_GROUP};
+pub use network::{PeerCallError, PeerClient, TcpNetwork, MAX_PEER_LINKS};
 pub use node_log::{GroupLog, GroupLogReader, NodeLog};
-pub use peer_server::{HeardCommit, PeerServer, PeerServerOptions, MAX_PEER_CONNECTIONS};
+pub use peer_connection::{MAX_IN_FLIGHT_PER_PEER, SILENT_CONNECTION_TIMEOUT};
+pub use peer_server::{
+    PeerServer, PeerServerOptions, MAX_CONCURRENT_REQUESTS_PER_CONNECTION, MAX_PEER_CONNECTIONS,
+};
 pub use rpc::{
     MembershipReply, MembershipRequest, RemoteRefusal, MAX_RPC_ENTRIES, MAX_RPC_STRING_BYTES,
     RPC_VERSION,

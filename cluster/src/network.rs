@@ -1,34 +1,42 @@
-//! The client side of the inter-node port: openraft's `RaftNetworkFactory` / `RaftNetwork`
-//! (v1 API) over one TCP connection per peer, TLS-wrapped when [`TcpNetwork::with_tls`].
+//! openraft's network (`RaftNetworkFactory` / `RaftNetwork`, v1 API) for many Raft groups
+//! over one multiplexed connection per peer (`peer_connection.rs`), TLS-wrapped when
+//! [`TcpNetwork::with_tls`].
 //!
-//! A [`PeerClient`] connects lazily to the address in the target's `BasicNode`, sends one
-//! request frame and waits for its reply (openraft calls it with `&mut self`, so there is
-//! never more than one RPC in flight on a connection and replies need no correlation id).
-//! Any failure drops the connection, so the next RPC starts on a fresh one.
+//! A [`TcpNetwork`] is one group's factory ([`TcpNetwork::group`]); every factory derived
+//! from the same [`TcpNetwork::new`] shares one pool of peer links, so openraft's many
+//! clients — one per (group, target), created again for heartbeats — all send over the
+//! node's one connection to that peer. A [`PeerClient`] stamps its group on every request
+//! (`rpc.rs`) and checks it on the reply; the link correlates replies by request id, so
+//! calls of one client, or of many, may overlap.
 //!
 //! Errors are mapped so openraft retries:
 //! * cannot connect, or the TLS handshake fails (the peer's certificate refused, a peer
-//!   not speaking TLS, no handshake within `PEER_TLS_HANDSHAKE_TIMEOUT`) →
-//!   `RPCError::Unreachable` (openraft backs off before the next try, so a misconfigured
-//!   peer is not re-dialled on every heartbeat). In TLS 1.3 the peer's refusal of *our*
-//!   certificate arrives as an alert on the first read, so it is a `Network` error;
-//! * I/O failure, undecodable reply, peer's Raft stopping → `RPCError::Network`;
+//!   not speaking TLS, no handshake within `PEER_TLS_HANDSHAKE_TIMEOUT`), or the peer hosts
+//!   no replica of the group ([`RemoteRefusal::UnknownGroup`]) → `RPCError::Unreachable`
+//!   (openraft backs off before the next try, so a misconfigured peer, or one that has not
+//!   created the group yet, is not asked again on every heartbeat). In TLS 1.3 the peer's
+//!   refusal of *our* certificate arrives as an alert on the first read, so it is a
+//!   `Network` error;
+//! * I/O failure, the connection lost (every request waiting on it fails; the next call
+//!   dials anew), undecodable reply, peer's Raft stopping, [`crate::MAX_IN_FLIGHT_PER_PEER`]
+//!   requests already in flight to the peer → `RPCError::Network`;
 //! * no reply within the RPC's `hard_ttl` → `RPCError::Timeout`;
 //! * an `append_entries` too large for a frame → `RPCError::PayloadTooLarge` (fewer entries);
 //! * a snapshot chunk out of order → `RemoteError(InstallSnapshotError::SnapshotMismatch)`.
 //!
-//! A new connection is, in order: TCP connect (`TCP_NODELAY`), the TLS handshake when
-//! configured (`tls.rs`: the peer's certificate must chain to the cluster CA and name the
-//! host of its member address), then the cluster-secret handshake when configured
-//! (`auth.rs`, inside the TLS stream).
+//! Membership requests (`membership.rs`, [`TcpNetwork::client`]) address the metadata
+//! group on a connection of their own: they may legitimately wait a minute for the leader
+//! to catch a joiner up, longer than the shared connections' silence limit.
 //!
-//! Does not: pipeline, multiplex or compress.
+//! Does not: pipeline one group's replication (openraft sends one RPC per target per group
+//! at a time), or compress.
 
 // openraft's error types are large; these signatures are openraft's, not ours.
 #![allow(clippy::result_large_err)]
 
+use std::collections::HashMap;
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -42,48 +50,108 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 use openraft::BasicNode;
-use tokio::net::TcpStream;
 
-use crate::auth::{client_handshake, AuthError, PeerSecret};
+use crate::auth::{AuthError, PeerSecret};
 use crate::error::ClusterError;
-use crate::frame::{read_frame, write_frame};
-use crate::rpc::{self, RemoteRefusal};
-use crate::stream::PeerStream;
+use crate::groups::METADATA_GROUP;
+use crate::peer_connection::{Dialer, PeerLink};
+use crate::placement::GroupId;
+use crate::rpc::{self, Header, RemoteRefusal};
 use crate::tls::{PeerTls, PeerTlsError};
 use crate::types::{NodeId, TypeConfig};
 
 type RpcResult<T, E = RaftError<NodeId>> = Result<T, RPCError<NodeId, BasicNode, E>>;
 
-/// Creates a [`PeerClient`] per target; `BasicNode::addr` is the peer's `host:port`.
+/// Most peers whose links a node keeps (one per member address it talks to); a link to
+/// one more address is not pooled (it gets a connection of its own, closed after use).
+pub const MAX_PEER_LINKS: usize = 1024;
+
+/// The links of one node to its peers, by member address (host:port).
+#[derive(Debug, Default)]
+struct LinkPool {
+    dialer: Dialer,
+    links: Mutex<HashMap<String, Arc<PeerLink>>>,
+}
+
+impl LinkPool {
+    fn link(&self, addr: &str) -> Arc<PeerLink> {
+        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(link) = links.get(addr) {
+            return Arc::clone(link);
+        }
+        let link = Arc::new(PeerLink::new(addr.to_owned(), self.dialer.clone()));
+        if links.len() < MAX_PEER_LINKS {
+            links.insert(addr.to_owned(), Arc::clone(&link));
+        } else {
+            tracing::debug!(peer = addr, limit = MAX_PEER_LINKS, "peer link not pooled (MAX_PEER_LINKS)");
+        }
+        link
+    }
+}
+
+/// Creates a [`PeerClient`] per target for one group; `BasicNode::addr` is the peer's
+/// `host:port`. Clones and [`TcpNetwork::group`]s share the node's peer links.
 #[derive(Debug, Clone)]
 pub struct TcpNetwork {
     /// This node's id, reported in timeout errors.
     id: NodeId,
-    /// The cluster secret every new connection proves it knows (`auth.rs`).
-    secret: Option<Arc<PeerSecret>>,
-    /// TLS for every new connection (`tls.rs`); `None`: plain TCP.
-    tls: Option<Arc<PeerTls>>,
+    /// The group whose RPCs this factory's clients send.
+    group: GroupId,
+    pool: Arc<LinkPool>,
 }
 
 impl TcpNetwork {
+    /// The network of the metadata group ([`METADATA_GROUP`]), with links of its own.
     pub fn new(id: NodeId) -> TcpNetwork {
         TcpNetwork {
             id,
-            secret: None,
-            tls: None,
+            group: METADATA_GROUP,
+            pool: Arc::default(),
         }
     }
 
-    /// Authenticates every connection with `secret` (peers must use the same one).
-    pub fn with_secret(mut self, secret: Option<Arc<PeerSecret>>) -> TcpNetwork {
-        self.secret = secret;
-        self
+    /// Authenticates every connection with `secret` (peers must use the same one). Set it
+    /// before deriving [`TcpNetwork::group`]s: it starts a new pool of links.
+    pub fn with_secret(self, secret: Option<Arc<PeerSecret>>) -> TcpNetwork {
+        let dialer = Dialer {
+            secret,
+            tls: self.pool.dialer.tls.clone(),
+        };
+        self.with_dialer(dialer)
     }
 
     /// Wraps every connection in TLS with `tls` (peers must serve TLS from the same CA).
-    pub fn with_tls(mut self, tls: Option<Arc<PeerTls>>) -> TcpNetwork {
-        self.tls = tls;
+    /// Set it before deriving [`TcpNetwork::group`]s: it starts a new pool of links.
+    pub fn with_tls(self, tls: Option<Arc<PeerTls>>) -> TcpNetwork {
+        let dialer = Dialer {
+            secret: self.pool.dialer.secret.clone(),
+            tls,
+        };
+        self.with_dialer(dialer)
+    }
+
+    fn with_dialer(mut self, dialer: Dialer) -> TcpNetwork {
+        self.pool = Arc::new(LinkPool {
+            dialer,
+            links: Mutex::default(),
+        });
         self
+    }
+
+    /// The network of group `group`, over the same peer links as this one.
+    pub fn group(&self, group: GroupId) -> TcpNetwork {
+        TcpNetwork {
+            id: self.id,
+            group,
+            pool: Arc::clone(&self.pool),
+        }
+    }
+
+    /// Connections this node's pooled links have established so far (one per peer while
+    /// none breaks, however many groups).
+    pub fn connections_opened(&self) -> u64 {
+        let links = self.pool.links.lock().unwrap_or_else(|e| e.into_inner());
+        links.values().map(|l| l.connections_opened()).sum()
     }
 }
 
@@ -94,25 +162,19 @@ impl RaftNetworkFactory<TypeConfig> for TcpNetwork {
         PeerClient {
             id: self.id,
             target,
-            addr: crate::identity::peer_addr(&node.addr).to_string(),
-            stream: None,
-            secret: self.secret.clone(),
-            tls: self.tls.clone(),
+            group: self.group,
+            link: self.pool.link(crate::identity::peer_addr(&node.addr)),
         }
     }
 }
 
-/// One peer's connection; reconnects on the next RPC after any failure.
+/// One group's client of one peer, over the node's shared link to it.
 #[derive(Debug)]
 pub struct PeerClient {
     id: NodeId,
     target: NodeId,
-    addr: String,
-    /// `None` until the first RPC, during one, and again after any error or a call dropped
-    /// midway (the stream may hold half a frame or a late reply, so it is never reused).
-    stream: Option<PeerStream>,
-    secret: Option<Arc<PeerSecret>>,
-    tls: Option<Arc<PeerTls>>,
+    group: GroupId,
+    link: Arc<PeerLink>,
 }
 
 /// Why one call failed, before it becomes openraft's error (or, for a membership
@@ -122,20 +184,24 @@ pub struct PeerClient {
 pub enum PeerCallError {
     #[error("cannot connect to {addr}: {source}")]
     Connect { addr: String, source: io::Error },
-    #[error("{verb} peer {addr}: {source}")]
-    Io {
-        verb: &'static str,
-        addr: String,
-        source: io::Error,
-    },
+    #[error("connection to peer {addr} lost: {reason}")]
+    ConnectionLost { addr: String, reason: String },
     #[error("no reply within {0:?}")]
     Timeout(Duration),
+    #[error("{limit} requests already in flight to peer {addr} (MAX_IN_FLIGHT_PER_PEER)")]
+    TooManyInFlight { addr: String, limit: usize },
     #[error("TLS to peer {addr}: {source}")]
     Tls { addr: String, source: PeerTlsError },
     #[error("authenticating to peer {addr}: {source}")]
     Auth { addr: String, source: AuthError },
     #[error("peer {addr} answered kind {got:#x}, expected {expected:#x}")]
     UnexpectedReply { addr: String, expected: u8, got: u8 },
+    #[error("peer {addr} answered for group {got}, asked for group {expected}")]
+    WrongGroup {
+        addr: String,
+        expected: GroupId,
+        got: GroupId,
+    },
     #[error(transparent)]
     Decode(#[from] ClusterError),
     #[error(transparent)]
@@ -144,15 +210,15 @@ pub enum PeerCallError {
 
 impl TcpNetwork {
     /// A client for the peer at member address `addr` (node `target`), outside openraft:
-    /// for the membership requests of `membership.rs`.
+    /// for the membership requests of `membership.rs`, on a connection of its own with no
+    /// silence limit (a join waits for the joiner's catch-up, up to a minute).
     pub fn client(&self, target: NodeId, addr: &str) -> PeerClient {
+        let addr = crate::identity::peer_addr(addr).to_string();
         PeerClient {
             id: self.id,
             target,
-            addr: crate::identity::peer_addr(addr).to_string(),
-            stream: None,
-            secret: self.secret.clone(),
-            tls: self.tls.clone(),
+            group: METADATA_GROUP,
+            link: Arc::new(PeerLink::patient(addr, self.pool.dialer.clone())),
         }
     }
 }
@@ -168,110 +234,49 @@ impl PeerClient {
         let (kind, body) = rpc::encode_membership_request(request)?;
         let option = RPCOption::new(timeout);
         let reply = self
-            .call(kind, &body, rpc::KIND_MEMBERSHIP_REPLY, &option)
+            .call(kind, body, rpc::KIND_MEMBERSHIP_REPLY, &option)
             .await?;
         Ok(rpc::decode_membership_reply(reply)?)
     }
 
-    /// Sends one request frame and returns the body of its reply of kind `reply_kind`.
+    /// The header of this client's requests (the link stamps the request id).
+    fn header(&self) -> Header {
+        Header::request(self.group)
+    }
+
+    /// Sends one request and returns the body of its reply of kind `reply_kind`, within
+    /// the RPC's hard TTL. Dropping the call (openraft times RPCs out itself) forgets the
+    /// request: its late reply is discarded by the link, never read as another's.
     async fn call(
-        &mut self,
+        &self,
         kind: u8,
-        body: &[u8],
+        body: Vec<u8>,
         reply_kind: u8,
         option: &RPCOption,
     ) -> Result<Bytes, PeerCallError> {
         let ttl = option.hard_ttl();
-        // The stream is out of `self` during the exchange and goes back only with a whole
-        // reply read. openraft drops an RPC future at its own timeout (the same TTL, and
-        // it fires first); a stream left behind would hold a request whose late reply
-        // the next call reads as its own — the leader then records a follower as matching
-        // entries it never acknowledged. A dropped call leaves no stream: the next one
-        // connects anew.
-        let stream = self.stream.take();
-        match tokio::time::timeout(ttl, self.exchange(stream, kind, body, reply_kind)).await {
-            Ok(Ok((stream, reply))) => {
-                self.stream = Some(stream);
-                Ok(reply)
-            }
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(PeerCallError::Timeout(ttl)),
+        let (got, reply) = tokio::time::timeout(ttl, self.link.call(kind, body))
+            .await
+            .map_err(|_| PeerCallError::Timeout(ttl))??;
+        let header = rpc::decode_header(&reply)?;
+        if header.group != self.group {
+            return Err(PeerCallError::WrongGroup {
+                addr: self.link.addr().to_owned(),
+                expected: self.group,
+                got: header.group,
+            });
         }
-    }
-
-    /// One request and its reply on `stream` (a new connection when `None`); returns the
-    /// stream for the next call with the reply.
-    async fn exchange(
-        &self,
-        stream: Option<PeerStream>,
-        kind: u8,
-        body: &[u8],
-        reply_kind: u8,
-    ) -> Result<(PeerStream, Bytes), PeerCallError> {
-        let addr = self.addr.clone();
-        let mut stream = match stream {
-            Some(s) => s,
-            None => self.connect().await?,
-        };
-        let io = |verb, source| PeerCallError::Io {
-            verb,
-            addr: addr.clone(),
-            source,
-        };
-        write_frame(&mut stream, kind, body)
-            .await
-            .map_err(|e| io("write to", e))?;
-        let frame = read_frame(&mut stream)
-            .await
-            .map_err(|e| io("read from", e))?;
-        let Some((got, reply)) = frame else {
-            let eof = io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed");
-            return Err(io("read from", eof));
-        };
         if got == rpc::KIND_ERROR {
             return Err(PeerCallError::Refused(rpc::decode_refusal(reply)?));
         }
         if got != reply_kind {
             return Err(PeerCallError::UnexpectedReply {
-                addr: self.addr.clone(),
+                addr: self.link.addr().to_owned(),
                 expected: reply_kind,
                 got,
             });
         }
-        Ok((stream, reply))
-    }
-
-    /// A new connection: TCP, then TLS and the secret handshake when configured.
-    async fn connect(&self) -> Result<PeerStream, PeerCallError> {
-        let addr = &self.addr;
-        let tcp = TcpStream::connect(addr)
-            .await
-            .map_err(|source| PeerCallError::Connect {
-                addr: addr.clone(),
-                source,
-            })?;
-        // RPCs are small and latency-bound: never wait to coalesce.
-        let _ = tcp.set_nodelay(true);
-        let mut stream = match &self.tls {
-            None => PeerStream::Plain(tcp),
-            Some(tls) => tls
-                .connect(addr, tcp)
-                .await
-                .map_err(|source| PeerCallError::Tls {
-                    addr: addr.clone(),
-                    source,
-                })?
-                .into(),
-        };
-        if let Some(secret) = &self.secret {
-            client_handshake(&mut stream, secret)
-                .await
-                .map_err(|source| PeerCallError::Auth {
-                    addr: addr.clone(),
-                    source,
-                })?;
-        }
-        Ok(stream)
+        Ok(reply)
     }
 
     /// openraft's error for a failed call; `Refused(SnapshotMismatch)` is handled by the
@@ -282,7 +287,9 @@ impl PeerClient {
         e: PeerCallError,
     ) -> RPCError<NodeId, BasicNode, E> {
         match e {
-            PeerCallError::Connect { .. } | PeerCallError::Tls { .. } => {
+            PeerCallError::Connect { .. }
+            | PeerCallError::Tls { .. }
+            | PeerCallError::Refused(RemoteRefusal::UnknownGroup(_)) => {
                 RPCError::Unreachable(Unreachable::new(&e))
             }
             PeerCallError::Timeout(timeout) => RPCError::Timeout(Timeout {
@@ -303,7 +310,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
         let n = rpc.entries.len() as u64;
-        let body = match rpc::encode_append_request(&rpc) {
+        let body = match rpc::encode_append_request(self.header(), &rpc) {
             Ok(b) => b,
             Err(ClusterError::LimitExceeded { .. }) if n > 1 => {
                 return Err(RPCError::PayloadTooLarge(
@@ -314,7 +321,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         };
         let action = RPCTypes::AppendEntries;
         let reply = self
-            .call(rpc::KIND_APPEND, &body, rpc::KIND_APPEND_REPLY, &option)
+            .call(rpc::KIND_APPEND, body, rpc::KIND_APPEND_REPLY, &option)
             .await
             .map_err(|e| self.rpc_error(action, e))?;
         rpc::decode_append_reply(reply).map_err(|e| self.rpc_error(action, e.into()))
@@ -326,10 +333,10 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> {
         let action = RPCTypes::InstallSnapshot;
-        let body =
-            rpc::encode_snapshot_request(&rpc).map_err(|e| self.rpc_error(action, e.into()))?;
+        let body = rpc::encode_snapshot_request(self.header(), &rpc)
+            .map_err(|e| self.rpc_error(action, e.into()))?;
         match self
-            .call(rpc::KIND_SNAPSHOT, &body, rpc::KIND_SNAPSHOT_REPLY, &option)
+            .call(rpc::KIND_SNAPSHOT, body, rpc::KIND_SNAPSHOT_REPLY, &option)
             .await
         {
             Ok(reply) => {
@@ -349,9 +356,9 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>> {
         let action = RPCTypes::Vote;
-        let body = rpc::encode_vote_request(&rpc);
+        let body = rpc::encode_vote_request(self.header(), &rpc);
         let reply = self
-            .call(rpc::KIND_VOTE, &body, rpc::KIND_VOTE_REPLY, &option)
+            .call(rpc::KIND_VOTE, body, rpc::KIND_VOTE_REPLY, &option)
             .await
             .map_err(|e| self.rpc_error(action, e))?;
         rpc::decode_vote_reply(reply).map_err(|e| self.rpc_error(action, e.into()))

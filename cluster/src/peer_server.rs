@@ -1,9 +1,14 @@
 //! The server side of the inter-node port: accepts peer connections and hands each RPC
-//! to the local `Raft` handle.
+//! to the local `Raft` of the group it names, from a [`GroupRegistry`].
 //!
-//! One task accepts; one task per connection reads a request frame, awaits the local Raft's
-//! answer and writes the reply frame, in order (peers send one RPC at a time per
-//! connection). Connections are capped by [`MAX_PEER_CONNECTIONS`].
+//! One task accepts; one task per connection reads request frames and serves them
+//! *concurrently* — each request in a task of its own, up to
+//! [`MAX_CONCURRENT_REQUESTS_PER_CONNECTION`] at once (past it the connection is not read
+//! until one finishes, so TCP pushes back on the peer) — and one writer sends the replies
+//! in the order they are ready, each carrying its request's id (`rpc.rs`). A slow group (a
+//! long fsync, a snapshot being installed) therefore never holds back the heartbeats of
+//! the other groups sharing the connection. Connections are capped by
+//! [`MAX_PEER_CONNECTIONS`].
 //!
 //! With [`PeerServerOptions::tls`], each connection task first completes a TLS handshake
 //! that requires a client certificate from the cluster CA (`tls.rs`), bounded by
@@ -14,17 +19,23 @@
 //!
 //! Invariants:
 //! * Dropping or [`PeerServer::shutdown`]-ing the server ends the accept task and, with it,
-//!   every connection task (they live in its `JoinSet`): the port closes and peers see
-//!   their connections reset, exactly as if the node had died.
-//! * A request that does not decode closes its connection; nothing undecoded reaches Raft.
+//!   every connection task and every request task (they live in its `JoinSet`s): the port
+//!   closes and peers see their connections reset, exactly as if the node had died.
+//! * A request that does not decode (unknown kind or version, bad length or count) closes
+//!   its connection; nothing undecoded reaches Raft. Requests already running on it are
+//!   abandoned with it (their peer's calls fail and are retried on a new connection).
+//! * A request for a group the registry does not hold is answered with
+//!   [`RemoteRefusal::UnknownGroup`]; the connection stays open.
 //!
 //! Besides openraft's RPCs it serves the membership requests of `membership.rs` (a node
-//! joining or leaving), behind the same TLS and secret handshakes, and it remembers the
-//! leader's commit index carried by the last `append_entries` it received
-//! ([`HeardCommit`]): openraft 0.9's metrics do not show a follower how far the leader has
-//! committed, and readiness (`/readyz`) compares its applied index with that.
+//! joining or leaving, always the metadata group's), behind the same TLS and secret
+//! handshakes, and it remembers, per group, the leader's commit index carried by the last
+//! `append_entries` it received ([`HeardCommit`]): openraft 0.9's metrics do not show a
+//! follower how far the leader has committed, and readiness (`/readyz`) compares its
+//! applied index with that.
 //!
-//! Does not: serve clients (AMQP is the broker's port).
+//! Does not: serve clients (AMQP is the broker's port), or start or stop groups (the
+//! registry's owner does).
 
 use std::io;
 use std::net::SocketAddr;
@@ -34,22 +45,29 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use openraft::error::{InstallSnapshotError, RaftError};
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use openraft::Raft;
+use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::auth::{server_handshake, AuthError, PeerSecret, KIND_HELLO};
 use crate::error::Result;
 use crate::frame::{read_frame, write_frame};
-use crate::rpc::{self, RemoteRefusal};
+use crate::groups::{GroupRegistry, HeardCommit, HostedGroup, METADATA_GROUP};
+use crate::rpc::{self, Header, MembershipRequest, RemoteRefusal};
 use crate::stream::PeerStream;
 use crate::tls::PeerTls;
-use crate::types::TypeConfig;
+use crate::types::{NodeId, TypeConfig};
 
-/// Most peer connections served at once: a few per peer (replication, votes, snapshots)
-/// for clusters far larger than any we run.
+/// Most peer connections served at once: one per peer node (every group shares it), plus
+/// membership requests and reconnections, for clusters far larger than any we run.
 pub const MAX_PEER_CONNECTIONS: usize = 256;
+/// Most requests of one connection served at once. Openraft keeps at most one
+/// replication RPC per (group, target) in flight, plus votes; past this the server stops
+/// reading the connection until a request finishes.
+pub const MAX_CONCURRENT_REQUESTS_PER_CONNECTION: usize = 4096;
 /// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
 const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
 /// Longest a connecting peer may take to prove it knows the cluster secret.
@@ -64,34 +82,23 @@ pub struct PeerServerOptions {
     pub tls: Option<Arc<PeerTls>>,
 }
 
-/// The leader's commit index, as the last `append_entries` this node received carried
-/// it (shared by the peer server's connections and whoever reads it).
-#[derive(Debug, Clone, Default)]
-pub struct HeardCommit(Arc<AtomicU64>);
-
-impl HeardCommit {
-    /// The last commit index heard from a leader; `None` before any.
-    pub fn get(&self) -> Option<u64> {
-        self.0.load(Ordering::Relaxed).checked_sub(1)
-    }
-
-    fn record(&self, index: u64) {
-        // Stored plus one, so that zero means "none heard".
-        self.0.store(index.saturating_add(1), Ordering::Relaxed);
-    }
-}
-
 /// A running inter-node server; the port stays open until it is shut down or dropped.
 #[derive(Debug)]
 pub struct PeerServer {
     local_addr: SocketAddr,
     task: JoinHandle<()>,
+    groups: GroupRegistry,
+    /// The metadata group's, when the server was started with one `Raft`.
     heard_commit: HeardCommit,
+    /// Connections accepted since the start (TCP, before any handshake).
+    accepted: Arc<AtomicU64>,
+    /// Bumped to close every open connection ([`PeerServer::drop_connections`]).
+    generation: watch::Sender<u64>,
 }
 
 impl PeerServer {
-    /// Serves `raft` on an already-bound listener (bind to port 0 in tests, then share
-    /// [`PeerServer::local_addr`] with the peers).
+    /// Serves `raft` as the metadata group ([`METADATA_GROUP`]) on an already-bound
+    /// listener (bind to port 0 in tests, then share [`PeerServer::local_addr`]).
     pub fn start(listener: TcpListener, raft: Raft<TypeConfig>) -> io::Result<PeerServer> {
         PeerServer::start_with(listener, raft, PeerServerOptions::default())
     }
@@ -113,19 +120,68 @@ impl PeerServer {
         raft: Raft<TypeConfig>,
         options: PeerServerOptions,
     ) -> io::Result<PeerServer> {
+        let groups = GroupRegistry::new();
+        let heard_commit = groups
+            .insert(METADATA_GROUP, raft)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let mut server = PeerServer::serve(listener, groups, options)?;
+        server.heard_commit = heard_commit;
+        Ok(server)
+    }
+
+    /// Serves every group of `groups` (which may gain and lose groups while it runs),
+    /// admitting peers as `options` say.
+    pub fn serve(
+        listener: TcpListener,
+        groups: GroupRegistry,
+        options: PeerServerOptions,
+    ) -> io::Result<PeerServer> {
         let local_addr = listener.local_addr()?;
-        let heard_commit = HeardCommit::default();
-        let task = tokio::spawn(accept_loop(listener, raft, options, heard_commit.clone()));
+        let heard_commit = groups
+            .heard_commit(METADATA_GROUP)
+            .unwrap_or_default();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let (generation, _) = watch::channel(0);
+        let shared = Shared {
+            groups: groups.clone(),
+            options,
+            accepted: Arc::clone(&accepted),
+            generation: generation.subscribe(),
+        };
+        let task = tokio::spawn(accept_loop(listener, shared));
         Ok(PeerServer {
             local_addr,
             task,
+            groups,
             heard_commit,
+            accepted,
+            generation,
         })
     }
 
-    /// The leader's commit index as last heard in an `append_entries`.
+    /// The metadata group's commit index as last heard in an `append_entries` (for a
+    /// server [`PeerServer::serve`]d without that group at the start: never updated; ask
+    /// [`GroupRegistry::heard_commit`] instead).
     pub fn heard_commit(&self) -> HeardCommit {
         self.heard_commit.clone()
+    }
+
+    /// The groups this server dispatches to.
+    pub fn groups(&self) -> &GroupRegistry {
+        &self.groups
+    }
+
+    /// Connections accepted since the start, counted before any handshake: with every
+    /// group sharing one connection per peer, a node with `n` peers accepts `n` as long as
+    /// none breaks.
+    pub fn connections_accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Closes every open connection (the port stays open; peers reconnect on their next
+    /// RPC), e.g. to make peers present new certificates.
+    pub fn drop_connections(&self) {
+        self.generation.send_modify(|g| *g += 1);
     }
 
     /// The address peers connect to.
@@ -146,12 +202,16 @@ impl Drop for PeerServer {
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    raft: Raft<TypeConfig>,
+/// What every connection task gets.
+#[derive(Clone)]
+struct Shared {
+    groups: GroupRegistry,
     options: PeerServerOptions,
-    heard_commit: HeardCommit,
-) {
+    accepted: Arc<AtomicU64>,
+    generation: watch::Receiver<u64>,
+}
+
+async fn accept_loop(listener: TcpListener, shared: Shared) {
     let limit = Arc::new(Semaphore::new(MAX_PEER_CONNECTIONS));
     // Owning the connection tasks here means aborting this task aborts them all.
     let mut connections = JoinSet::new();
@@ -167,26 +227,42 @@ async fn accept_loop(
                 continue;
             }
         };
+        shared.accepted.fetch_add(1, Ordering::Relaxed);
         let _ = stream.set_nodelay(true);
-        connections.spawn(serve_connection(
-            stream,
-            raft.clone(),
-            options.clone(),
-            heard_commit.clone(),
-            permit,
-        ));
+        let mut generation = shared.generation.clone();
+        generation.mark_unchanged();
+        let connection = serve_connection(stream, shared.clone(), permit);
+        connections.spawn(async move {
+            tokio::select! {
+                () = connection => {}
+                _ = generation.changed() => {}
+            }
+        });
         while connections.try_join_next().is_some() {}
     }
 }
 
-async fn serve_connection(
-    tcp: TcpStream,
-    raft: Raft<TypeConfig>,
-    options: PeerServerOptions,
-    heard_commit: HeardCommit,
-    _permit: OwnedSemaphorePermit,
-) {
+async fn serve_connection(tcp: TcpStream, shared: Shared, _permit: OwnedSemaphorePermit) {
     let peer = tcp.peer_addr().ok();
+    let Some(stream) = admit(tcp, peer, &shared.options).await else {
+        return;
+    };
+    let (rd, wr) = tokio::io::split(stream);
+    let (replies, outgoing) = mpsc::channel(MAX_CONCURRENT_REQUESTS_PER_CONNECTION);
+    // Request tasks live here: ending the connection aborts them.
+    let mut requests = JoinSet::new();
+    tokio::select! {
+        () = read_requests(rd, peer, &shared.groups, replies, &mut requests) => {}
+        () = write_replies(wr, outgoing) => {}
+    }
+}
+
+/// The TLS and secret handshakes as the options ask; `None`: the peer is refused (logged).
+async fn admit(
+    tcp: TcpStream,
+    peer: Option<SocketAddr>,
+    options: &PeerServerOptions,
+) -> Option<PeerStream> {
     let mut stream = match &options.tls {
         None => PeerStream::Plain(tcp),
         Some(tls) => match tls.accept(tcp).await {
@@ -194,50 +270,68 @@ async fn serve_connection(
             // A dialer giving up mid-handshake is not an attack: no warning storm.
             Err(e) if e.is_peer_gone() => {
                 tracing::debug!(?peer, error = %e, "inter-node peer went away during the TLS handshake");
-                return;
+                return None;
             }
             Err(e) => {
                 tracing::warn!(?peer, error = %e, "inter-node peer refused: TLS handshake failed");
-                return;
+                return None;
             }
         },
     };
-    if let Some(secret) = &options.secret {
-        let handshake = async {
-            let first = read_frame(&mut stream).await?.ok_or(AuthError::Closed)?;
-            server_handshake(&mut stream, secret, first).await
-        };
-        let outcome = tokio::time::timeout(PEER_AUTH_TIMEOUT, handshake).await;
-        match outcome {
-            Ok(Ok(())) => {}
-            // A flaky network or a peer going away is not an attack: no warning storm.
-            Ok(Err(AuthError::Io(e))) => {
-                tracing::debug!(?peer, error = %e, "inter-node handshake interrupted");
-                return;
-            }
-            Ok(Err(AuthError::Closed)) => {
-                tracing::debug!(?peer, "inter-node peer closed during the handshake");
-                return;
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(?peer, error = %e, "inter-node peer refused: authentication failed");
-                let refusal = RemoteRefusal::Unavailable(format!("authentication failed: {e}"));
-                let _ =
-                    write_frame(&mut stream, rpc::KIND_ERROR, &rpc::encode_refusal(&refusal)).await;
-                return;
-            }
-            Err(_) => {
-                tracing::info!(?peer, timeout = ?PEER_AUTH_TIMEOUT, "inter-node peer refused: no authentication in time (PEER_AUTH_TIMEOUT)");
-                return;
-            }
+    let Some(secret) = &options.secret else {
+        return Some(stream);
+    };
+    let handshake = async {
+        let first = read_frame(&mut stream).await?.ok_or(AuthError::Closed)?;
+        server_handshake(&mut stream, secret, first).await
+    };
+    match tokio::time::timeout(PEER_AUTH_TIMEOUT, handshake).await {
+        Ok(Ok(())) => Some(stream),
+        // A flaky network or a peer going away is not an attack: no warning storm.
+        Ok(Err(AuthError::Io(e))) => {
+            tracing::debug!(?peer, error = %e, "inter-node handshake interrupted");
+            None
+        }
+        Ok(Err(AuthError::Closed)) => {
+            tracing::debug!(?peer, "inter-node peer closed during the handshake");
+            None
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(?peer, error = %e, "inter-node peer refused: authentication failed");
+            // Not about one request: the whole connection's refusal.
+            let refusal = RemoteRefusal::Unavailable(format!("authentication failed: {e}"));
+            let header = Header::request(METADATA_GROUP);
+            let body = rpc::encode_refusal(header, &refusal);
+            let _ = write_frame(&mut stream, rpc::KIND_ERROR, &body).await;
+            None
+        }
+        Err(_) => {
+            tracing::info!(?peer, timeout = ?PEER_AUTH_TIMEOUT, "inter-node peer refused: no authentication in time (PEER_AUTH_TIMEOUT)");
+            None
         }
     }
+}
+
+/// Reads requests until the connection ends or one does not decode, each served in a task
+/// of its own in `requests`, at most [`MAX_CONCURRENT_REQUESTS_PER_CONNECTION`] at once.
+async fn read_requests(
+    mut rd: ReadHalf<PeerStream>,
+    peer: Option<SocketAddr>,
+    groups: &GroupRegistry,
+    replies: mpsc::Sender<(u8, Vec<u8>)>,
+    requests: &mut JoinSet<()>,
+) {
+    let limit = Arc::new(Semaphore::new(MAX_CONCURRENT_REQUESTS_PER_CONNECTION));
     loop {
-        let (kind, body) = match read_frame(&mut stream).await {
+        // Never closed; waiting here is the backpressure on a peer past the limit.
+        let Ok(permit) = Arc::clone(&limit).acquire_owned().await else {
+            return;
+        };
+        let (kind, body) = match read_frame(&mut rd).await {
             Ok(Some(frame)) => frame,
             Ok(None) => return,
             Err(e) => {
-                tracing::debug!(error = %e, "inter-node connection read failed");
+                tracing::debug!(?peer, error = %e, "inter-node connection read failed");
                 return;
             }
         };
@@ -249,36 +343,85 @@ async fn serve_connection(
             );
             return;
         }
-        let (reply_kind, reply) = match dispatch(&raft, &heard_commit, kind, body).await {
-            Ok(reply) => reply,
+        let (header, request) = match decode_request(kind, body) {
+            Ok(decoded) => decoded,
             Err(e) => {
-                tracing::warn!(error = %e, kind, "undecodable inter-node request; closing");
+                tracing::warn!(?peer, error = %e, kind, "undecodable inter-node request; closing");
                 return;
             }
         };
-        if let Err(e) = write_frame(&mut stream, reply_kind, &reply).await {
+        let hosted = groups.get(header.group);
+        let replies = replies.clone();
+        requests.spawn(async move {
+            let reply = dispatch(hosted, header, request).await;
+            // The writer is gone only when the connection is.
+            let _ = replies.send(reply).await;
+            drop(permit);
+        });
+        while requests.try_join_next().is_some() {}
+    }
+}
+
+/// Writes replies as they become ready, until the connection fails or ends.
+async fn write_replies(mut wr: WriteHalf<PeerStream>, mut outgoing: mpsc::Receiver<(u8, Vec<u8>)>) {
+    while let Some((kind, body)) = outgoing.recv().await {
+        if let Err(e) = write_frame(&mut wr, kind, &body).await {
             tracing::debug!(error = %e, "inter-node connection write failed");
             return;
         }
     }
 }
 
-/// Decodes one request, asks Raft, and encodes the reply (or a refusal).
-async fn dispatch(
-    raft: &Raft<TypeConfig>,
-    heard_commit: &HeardCommit,
-    kind: u8,
-    body: Bytes,
-) -> Result<(u8, Vec<u8>)> {
-    Ok(match kind {
-        rpc::KIND_VOTE => match raft.vote(rpc::decode_vote_request(body)?).await {
-            Ok(r) => (rpc::KIND_VOTE_REPLY, rpc::encode_vote_reply(&r)),
-            Err(e) => refusal(&e),
+/// A decoded request, before it meets its group.
+enum Inbound {
+    Vote(VoteRequest<NodeId>),
+    Append(AppendEntriesRequest<TypeConfig>),
+    Snapshot(InstallSnapshotRequest<TypeConfig>),
+    Membership(MembershipRequest),
+}
+
+/// Decodes a whole request frame: header and body.
+fn decode_request(kind: u8, body: Bytes) -> Result<(Header, Inbound)> {
+    let header = rpc::decode_header(&body)?;
+    if header.request_id == rpc::CONNECTION_REQUEST_ID {
+        return Err(crate::error::ClusterError::Decode {
+            what: "inter-node request",
+            position: 1,
+            reason: "request id 0 is reserved for the connection",
+        });
+    }
+    let inbound = match kind {
+        rpc::KIND_VOTE => Inbound::Vote(rpc::decode_vote_request(body)?),
+        rpc::KIND_APPEND => Inbound::Append(rpc::decode_append_request(body)?),
+        rpc::KIND_SNAPSHOT => Inbound::Snapshot(rpc::decode_snapshot_request(body)?),
+        rpc::KIND_JOIN | rpc::KIND_LEAVE if header.group == METADATA_GROUP => {
+            Inbound::Membership(rpc::decode_membership_request(kind, body)?)
+        }
+        _ => {
+            return Err(crate::error::ClusterError::Decode {
+                what: "inter-node frame",
+                position: 4,
+                reason: "unknown request kind (or membership outside the metadata group)",
+            })
+        }
+    };
+    Ok((header, inbound))
+}
+
+/// Asks the group's Raft and encodes the reply (or a refusal) under the request's header.
+async fn dispatch(hosted: Option<HostedGroup>, h: Header, request: Inbound) -> (u8, Vec<u8>) {
+    let Some(HostedGroup { raft, heard_commit }) = hosted else {
+        let refusal = RemoteRefusal::UnknownGroup(h.group);
+        return (rpc::KIND_ERROR, rpc::encode_refusal(h, &refusal));
+    };
+    match request {
+        Inbound::Vote(v) => match raft.vote(v).await {
+            Ok(r) => (rpc::KIND_VOTE_REPLY, rpc::encode_vote_reply(h, &r)),
+            Err(e) => refusal(h, &e),
         },
-        rpc::KIND_APPEND => {
-            let request = rpc::decode_append_request(body)?;
-            let commit = request.leader_commit.map(|l| l.index);
-            match raft.append_entries(request).await {
+        Inbound::Append(a) => {
+            let commit = a.leader_commit.map(|l| l.index);
+            match raft.append_entries(a).await {
                 Ok(r) => {
                     // Any leader this node accepts as current (not a deposed one's).
                     let current =
@@ -286,42 +429,29 @@ async fn dispatch(
                     if let (Some(index), true) = (commit, current) {
                         heard_commit.record(index);
                     }
-                    (rpc::KIND_APPEND_REPLY, rpc::encode_append_reply(&r))
+                    (rpc::KIND_APPEND_REPLY, rpc::encode_append_reply(h, &r))
                 }
-                Err(e) => refusal(&e),
+                Err(e) => refusal(h, &e),
             }
         }
-        rpc::KIND_JOIN | rpc::KIND_LEAVE => {
-            let request = rpc::decode_membership_request(kind, body)?;
-            let reply = crate::membership::serve(raft, request).await;
-            (
-                rpc::KIND_MEMBERSHIP_REPLY,
-                rpc::encode_membership_reply(&reply),
-            )
+        Inbound::Membership(m) => {
+            let reply = crate::membership::serve(&raft, m).await;
+            let body = rpc::encode_membership_reply(h, &reply);
+            (rpc::KIND_MEMBERSHIP_REPLY, body)
         }
-        rpc::KIND_SNAPSHOT => match raft
-            .install_snapshot(rpc::decode_snapshot_request(body)?)
-            .await
-        {
-            Ok(r) => (rpc::KIND_SNAPSHOT_REPLY, rpc::encode_snapshot_reply(&r)),
+        Inbound::Snapshot(s) => match raft.install_snapshot(s).await {
+            Ok(r) => (rpc::KIND_SNAPSHOT_REPLY, rpc::encode_snapshot_reply(h, &r)),
             Err(RaftError::APIError(InstallSnapshotError::SnapshotMismatch(m))) => (
                 rpc::KIND_ERROR,
-                rpc::encode_refusal(&RemoteRefusal::SnapshotMismatch(m)),
+                rpc::encode_refusal(h, &RemoteRefusal::SnapshotMismatch(m)),
             ),
-            Err(e) => refusal(&e),
+            Err(e) => refusal(h, &e),
         },
-        _ => {
-            return Err(crate::error::ClusterError::Decode {
-                what: "inter-node frame",
-                position: 4,
-                reason: "unknown request kind",
-            })
-        }
-    })
+    }
 }
 
 /// The local Raft could not answer (it is stopping or hit a fatal error).
-fn refusal(e: &dyn std::error::Error) -> (u8, Vec<u8>) {
+fn refusal(h: Header, e: &dyn std::error::Error) -> (u8, Vec<u8>) {
     let r = RemoteRefusal::Unavailable(e.to_string());
-    (rpc::KIND_ERROR, rpc::encode_refusal(&r))
+    (rpc::KIND_ERROR, rpc::encode_refusal(h, &r))
 }

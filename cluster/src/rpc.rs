@@ -1,7 +1,8 @@
-//! The binary encoding of openraft's RPCs (v1 network API) on the inter-node port.
+//! The binary encoding of openraft's RPCs (v1 network API) on the inter-node port, for
+//! many Raft groups over one connection.
 //!
 //! ```text
-//! // Format of every body: { version: u8 (= RPC_VERSION) | fields }
+//! // Format of every body: { version: u8 (= RPC_VERSION) | request_id: u64 | group: u64 | fields }
 //! vote      = { term: u64 | node: u64 | committed: u8 }
 //! KIND_VOTE            { vote | last_log_id: opt<log_id> }
 //! KIND_APPEND          { vote | prev_log_id: opt<log_id> | leader_commit: opt<log_id>
@@ -11,23 +12,28 @@
 //! KIND_VOTE_REPLY      { vote | granted: u8 | last_log_id: opt<log_id> }
 //! KIND_APPEND_REPLY    { tag: u8 } 0 success | 1 partial { opt<log_id> } | 2 conflict | 3 higher { vote }
 //! KIND_SNAPSHOT_REPLY  { vote }
-//! KIND_JOIN            { node: u64 | member_addr: str }
-//! KIND_LEAVE           { node: u64 }
+//! KIND_JOIN            { node: u64 | member_addr: str }                  (group 0 only)
+//! KIND_LEAVE           { node: u64 }                                     (group 0 only)
 //! KIND_MEMBERSHIP_REPLY { tag: u8 } 0 done { detail: str } | 1 not leader { known: u8
 //!                        [ | leader: u64 | leader_addr: str ] } | 2 refused { reason: str }
 //!                        | 3 last voter { node: u64 }
 //! KIND_ERROR           { tag: u8 } 1 unavailable { reason: str }
 //!                                  | 2 snapshot mismatch { expect_id: str | expect_offset: u64
 //!                                                          | got_id: str | got_offset: u64 }
+//!                                  | 3 unknown group (the header's group)
 //! ```
-//! Entries reuse the log's encoding (`entry.rs`), so an entry costs the same bytes on the
-//! wire as on disk. Every count and length is bounded by a `MAX_*` constant before
-//! allocating; an unknown version is [`ClusterError::UnsupportedVersion`].
+//! A reply carries the `request_id` and `group` of its request ([`Header`]), so replies on
+//! a connection may come back in any order; `request_id` 0 is never a request's and marks a
+//! refusal of the whole connection (failed authentication). Entries reuse the log's
+//! encoding (`entry.rs`), so an entry costs the same bytes on the wire as on disk. Every
+//! count and length is bounded by a `MAX_*` constant before allocating; an unknown version
+//! is [`ClusterError::UnsupportedVersion`].
 //!
-//! `KIND_JOIN` and `KIND_LEAVE` are not openraft's: a node asks the leader to add it
-//! (auto-join) or to take it out (drain); `membership.rs` serves and sends them. They
-//! travel the same authenticated port as Raft traffic, so only a peer holding the cluster
-//! secret / certificate can change the membership.
+//! `KIND_JOIN` and `KIND_LEAVE` are not openraft's: a node asks the leader of the metadata
+//! group ([`METADATA_GROUP`]) to add it (auto-join) or to take it out (drain);
+//! `membership.rs` serves and sends them. They travel the same authenticated port as Raft
+//! traffic, so only a peer holding the cluster secret / certificate can change the
+//! membership.
 
 use bytes::Bytes;
 use openraft::error::SnapshotMismatch;
@@ -41,11 +47,18 @@ use crate::codec::{check_limit, Decoder, Encoder};
 use crate::entry::{decode_entry, decode_membership, encode_entry_into, encode_membership};
 use crate::error::{ClusterError, Result};
 use crate::frame::MAX_RPC_FRAME_BYTES;
+use crate::groups::METADATA_GROUP;
+use crate::placement::GroupId;
 use crate::state_file::{decode_opt_log_id, encode_opt_log_id};
 use crate::types::*;
 
-/// Version byte of every RPC body.
-pub const RPC_VERSION: u8 = 1;
+/// Version byte of every RPC body. 2: the `request_id | group` header (one connection per
+/// peer pair carries every group, replies in any order).
+pub const RPC_VERSION: u8 = 2;
+/// Bytes of the header every body starts with: `version | request_id | group`.
+pub(crate) const HEADER_LEN: usize = 1 + 8 + 8;
+/// The `request_id` of a refusal that concerns the whole connection, not one request.
+pub(crate) const CONNECTION_REQUEST_ID: u64 = 0;
 /// Most entries one `append_entries` may carry (openraft's default batch is 300).
 pub const MAX_RPC_ENTRIES: usize = 64 * 1024;
 /// Longest snapshot id, and longest error reason, on the wire.
@@ -64,6 +77,41 @@ pub(crate) const KIND_ERROR: u8 = 0xff;
 
 const ERROR_UNAVAILABLE: u8 = 1;
 const ERROR_SNAPSHOT_MISMATCH: u8 = 2;
+const ERROR_UNKNOWN_GROUP: u8 = 3;
+
+/// What every RPC body starts with after its version: which request a reply answers, and
+/// which Raft group both concern.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Header {
+    /// Chosen by the sender of a request, unique among its requests in flight on the
+    /// connection, never [`CONNECTION_REQUEST_ID`]; echoed by the reply.
+    pub request_id: u64,
+    pub group: GroupId,
+}
+
+impl Header {
+    /// A request's header; the connection sets the id when it sends the body
+    /// ([`set_request_id`]).
+    pub fn request(group: GroupId) -> Header {
+        Header {
+            request_id: CONNECTION_REQUEST_ID,
+            group,
+        }
+    }
+}
+
+/// Stamps request `id` into an encoded body (its bytes 1..9).
+pub(crate) fn set_request_id(body: &mut [u8], id: u64) {
+    if let Some(field) = body.get_mut(1..9) {
+        field.copy_from_slice(&id.to_le_bytes());
+    }
+}
+
+/// The header of a body, without decoding the rest; an unknown version or a body shorter
+/// than [`HEADER_LEN`] is an error.
+pub(crate) fn decode_header(body: &Bytes) -> Result<Header> {
+    open_header(body.clone(), "rpc header").map(|(_, h)| h)
+}
 
 /// Why a peer refused an RPC (sent as a `KIND_ERROR` frame).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -74,15 +122,20 @@ pub enum RemoteRefusal {
     /// A snapshot chunk did not continue the transfer the peer was receiving.
     #[error(transparent)]
     SnapshotMismatch(SnapshotMismatch),
+    /// The peer hosts no replica of this group (not created there yet, or removed).
+    #[error("peer hosts no replica of group {0}")]
+    UnknownGroup(GroupId),
 }
 
-fn start(kind_hint: usize) -> Encoder {
-    let mut e = Encoder::with_capacity(kind_hint);
+fn start(h: Header, kind_hint: usize) -> Encoder {
+    let mut e = Encoder::with_capacity(HEADER_LEN + kind_hint);
     e.u8(RPC_VERSION);
+    e.u64(h.request_id);
+    e.u64(h.group);
     e
 }
 
-fn open(body: Bytes, what: &'static str) -> Result<Decoder> {
+fn open_header(body: Bytes, what: &'static str) -> Result<(Decoder, Header)> {
     let mut d = Decoder::new(body, what);
     let version = d.u8()?;
     if version != RPC_VERSION {
@@ -92,7 +145,14 @@ fn open(body: Bytes, what: &'static str) -> Result<Decoder> {
             supported: u16::from(RPC_VERSION),
         });
     }
-    Ok(d)
+    let request_id = d.u64()?;
+    let group = d.u64()?;
+    Ok((d, Header { request_id, group }))
+}
+
+/// A decoder past the header (which [`decode_header`] reads).
+fn open(body: Bytes, what: &'static str) -> Result<Decoder> {
+    open_header(body, what).map(|(d, _)| d)
 }
 
 fn encode_vote(e: &mut Encoder, v: &Vote<NodeId>) {
@@ -117,8 +177,8 @@ fn encode_str(e: &mut Encoder, what: &'static str, s: &str) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn encode_vote_request(rpc: &VoteRequest<NodeId>) -> Vec<u8> {
-    let mut e = start(64);
+pub(crate) fn encode_vote_request(h: Header, rpc: &VoteRequest<NodeId>) -> Vec<u8> {
+    let mut e = start(h, 64);
     encode_vote(&mut e, &rpc.vote);
     encode_opt_log_id(&mut e, &rpc.last_log_id);
     e.buf
@@ -132,8 +192,8 @@ pub(crate) fn decode_vote_request(body: Bytes) -> Result<VoteRequest<NodeId>> {
     Ok(VoteRequest { vote, last_log_id })
 }
 
-pub(crate) fn encode_vote_reply(r: &VoteResponse<NodeId>) -> Vec<u8> {
-    let mut e = start(64);
+pub(crate) fn encode_vote_reply(h: Header, r: &VoteResponse<NodeId>) -> Vec<u8> {
+    let mut e = start(h, 64);
     encode_vote(&mut e, &r.vote);
     e.u8(u8::from(r.vote_granted));
     encode_opt_log_id(&mut e, &r.last_log_id);
@@ -155,9 +215,12 @@ pub(crate) fn decode_vote_reply(body: Bytes) -> Result<VoteResponse<NodeId>> {
 
 /// Encodes an `append_entries`; a body over [`MAX_RPC_FRAME_BYTES`] is `LimitExceeded`
 /// (the caller turns that into openraft's `PayloadTooLarge`).
-pub(crate) fn encode_append_request(rpc: &AppendEntriesRequest<TypeConfig>) -> Result<Vec<u8>> {
+pub(crate) fn encode_append_request(
+    h: Header,
+    rpc: &AppendEntriesRequest<TypeConfig>,
+) -> Result<Vec<u8>> {
     check_limit("append entries count", rpc.entries.len(), MAX_RPC_ENTRIES)?;
-    let mut e = start(128);
+    let mut e = start(h, 128);
     encode_vote(&mut e, &rpc.vote);
     encode_opt_log_id(&mut e, &rpc.prev_log_id);
     encode_opt_log_id(&mut e, &rpc.leader_commit);
@@ -199,8 +262,8 @@ const APPEND_PARTIAL: u8 = 1;
 const APPEND_CONFLICT: u8 = 2;
 const APPEND_HIGHER_VOTE: u8 = 3;
 
-pub(crate) fn encode_append_reply(r: &AppendEntriesResponse<NodeId>) -> Vec<u8> {
-    let mut e = start(64);
+pub(crate) fn encode_append_reply(h: Header, r: &AppendEntriesResponse<NodeId>) -> Vec<u8> {
+    let mut e = start(h, 64);
     match r {
         AppendEntriesResponse::Success => e.u8(APPEND_SUCCESS),
         AppendEntriesResponse::PartialSuccess(id) => {
@@ -229,13 +292,16 @@ pub(crate) fn decode_append_reply(body: Bytes) -> Result<AppendEntriesResponse<N
     Ok(reply)
 }
 
-pub(crate) fn encode_snapshot_request(rpc: &InstallSnapshotRequest<TypeConfig>) -> Result<Vec<u8>> {
+pub(crate) fn encode_snapshot_request(
+    h: Header,
+    rpc: &InstallSnapshotRequest<TypeConfig>,
+) -> Result<Vec<u8>> {
     check_limit(
         "snapshot chunk",
         rpc.data.len(),
         MAX_RPC_FRAME_BYTES - 64 * 1024,
     )?;
-    let mut e = start(rpc.data.len() + 256);
+    let mut e = start(h, rpc.data.len() + 256);
     encode_vote(&mut e, &rpc.vote);
     encode_opt_log_id(&mut e, &rpc.meta.last_log_id);
     encode_opt_log_id(&mut e, rpc.meta.last_membership.log_id());
@@ -273,8 +339,8 @@ pub(crate) fn decode_snapshot_request(body: Bytes) -> Result<InstallSnapshotRequ
     })
 }
 
-pub(crate) fn encode_snapshot_reply(r: &InstallSnapshotResponse<NodeId>) -> Vec<u8> {
-    let mut e = start(32);
+pub(crate) fn encode_snapshot_reply(h: Header, r: &InstallSnapshotResponse<NodeId>) -> Vec<u8> {
+    let mut e = start(h, 32);
     encode_vote(&mut e, &r.vote);
     e.buf
 }
@@ -326,7 +392,7 @@ fn encode_cut_str(e: &mut Encoder, s: &str) {
 /// `(kind, body)` of a membership request; an address over [`MAX_NODE_ADDR_BYTES`] is
 /// `LimitExceeded`.
 pub(crate) fn encode_membership_request(r: &MembershipRequest) -> Result<(u8, Vec<u8>)> {
-    let mut e = start(64);
+    let mut e = start(Header::request(METADATA_GROUP), 64);
     Ok(match r {
         MembershipRequest::Join { node, addr } => {
             check_limit("member address", addr.len(), MAX_NODE_ADDR_BYTES)?;
@@ -354,8 +420,8 @@ pub(crate) fn decode_membership_request(kind: u8, body: Bytes) -> Result<Members
     Ok(request)
 }
 
-pub(crate) fn encode_membership_reply(r: &MembershipReply) -> Vec<u8> {
-    let mut e = start(128);
+pub(crate) fn encode_membership_reply(h: Header, r: &MembershipReply) -> Vec<u8> {
+    let mut e = start(h, 128);
     match r {
         MembershipReply::Done { detail } => {
             e.u8(MEMBERSHIP_DONE);
@@ -411,8 +477,8 @@ pub(crate) fn decode_membership_reply(body: Bytes) -> Result<MembershipReply> {
     Ok(reply)
 }
 
-pub(crate) fn encode_refusal(r: &RemoteRefusal) -> Vec<u8> {
-    let mut e = start(128);
+pub(crate) fn encode_refusal(h: Header, r: &RemoteRefusal) -> Vec<u8> {
+    let mut e = start(h, 128);
     match r {
         RemoteRefusal::Unavailable(reason) => {
             e.u8(ERROR_UNAVAILABLE);
@@ -435,13 +501,15 @@ pub(crate) fn encode_refusal(r: &RemoteRefusal) -> Vec<u8> {
                 e.u64(seg.offset);
             }
         }
+        RemoteRefusal::UnknownGroup(_) => e.u8(ERROR_UNKNOWN_GROUP),
     }
     e.buf
 }
 
 pub(crate) fn decode_refusal(body: Bytes) -> Result<RemoteRefusal> {
-    let mut d = open(body, "rpc error")?;
+    let (mut d, header) = open_header(body, "rpc error")?;
     let refusal = match d.u8()? {
+        ERROR_UNKNOWN_GROUP => RemoteRefusal::UnknownGroup(header.group),
         ERROR_UNAVAILABLE => {
             RemoteRefusal::Unavailable(d.str("error reason", MAX_RPC_STRING_BYTES)?)
         }
@@ -469,6 +537,11 @@ mod tests {
 
     use super::*;
 
+    const H: Header = Header {
+        request_id: 7,
+        group: 42,
+    };
+
     fn log_id(term: u64, index: u64) -> LogId {
         LogId::new(CommittedLeaderId::new(term, 1), index)
     }
@@ -488,11 +561,11 @@ mod tests {
     fn every_rpc_and_reply_round_trips() {
         let v = VoteRequest::new(vote(), Some(log_id(2, 9)));
         assert_eq!(
-            decode_vote_request(encode_vote_request(&v).into()).unwrap(),
+            decode_vote_request(encode_vote_request(H, &v).into()).unwrap(),
             v
         );
         let r = VoteResponse::new(vote(), None, true);
-        assert_eq!(decode_vote_reply(encode_vote_reply(&r).into()).unwrap(), r);
+        assert_eq!(decode_vote_reply(encode_vote_reply(H, &r).into()).unwrap(), r);
 
         let entries = vec![
             Entry {
@@ -517,7 +590,7 @@ mod tests {
             entries,
             leader_commit: None,
         };
-        let back = decode_append_request(encode_append_request(&a).unwrap().into()).unwrap();
+        let back = decode_append_request(encode_append_request(H, &a).unwrap().into()).unwrap();
         assert_eq!(
             (
                 back.vote,
@@ -534,7 +607,7 @@ mod tests {
             AppendEntriesResponse::HigherVote(Vote::new(4, 2)),
         ] {
             assert_eq!(
-                decode_append_reply(encode_append_reply(&reply).into()).unwrap(),
+                decode_append_reply(encode_append_reply(H, &reply).into()).unwrap(),
                 reply
             );
         }
@@ -551,12 +624,12 @@ mod tests {
             done: true,
         };
         assert_eq!(
-            decode_snapshot_request(encode_snapshot_request(&s).unwrap().into()).unwrap(),
+            decode_snapshot_request(encode_snapshot_request(H, &s).unwrap().into()).unwrap(),
             s
         );
         let sr = InstallSnapshotResponse { vote: vote() };
         assert_eq!(
-            decode_snapshot_reply(encode_snapshot_reply(&sr).into()).unwrap(),
+            decode_snapshot_reply(encode_snapshot_reply(H, &sr).into()).unwrap(),
             sr
         );
 
@@ -571,9 +644,10 @@ mod tests {
             },
         });
         let gone = RemoteRefusal::Unavailable("raft stopped".into());
-        for refusal in [mismatch, gone] {
+        let unknown = RemoteRefusal::UnknownGroup(H.group);
+        for refusal in [mismatch, gone, unknown] {
             assert_eq!(
-                decode_refusal(encode_refusal(&refusal).into()).unwrap(),
+                decode_refusal(encode_refusal(H, &refusal).into()).unwrap(),
                 refusal
             );
         }
@@ -604,7 +678,7 @@ mod tests {
             },
             MembershipReply::LastVoter { node: 2 },
         ] {
-            let body = encode_membership_reply(&r);
+            let body = encode_membership_reply(H, &r);
             assert_eq!(decode_membership_reply(body.clone().into()).unwrap(), r);
             for cut in 0..body.len() {
                 assert!(decode_membership_reply(Bytes::copy_from_slice(&body[..cut])).is_err());
@@ -622,7 +696,7 @@ mod tests {
 
     #[test]
     fn unknown_versions_truncations_and_hostile_counts_are_errors() {
-        let mut body = encode_vote_request(&VoteRequest::new(vote(), None));
+        let mut body = encode_vote_request(H, &VoteRequest::new(vote(), None));
         body[0] = 9;
         let err = decode_vote_request(body.into()).unwrap_err();
         assert!(matches!(
@@ -639,14 +713,44 @@ mod tests {
             }],
             leader_commit: None,
         };
-        let body = encode_append_request(&a).unwrap();
+        let body = encode_append_request(H, &a).unwrap();
         for cut in 0..body.len() {
             assert!(decode_append_request(Bytes::copy_from_slice(&body[..cut])).is_err());
         }
         // A count of u32::MAX entries is refused before any allocation.
-        let mut hostile = body[..1 + 17 + 1 + 1].to_vec();
+        let mut hostile = body[..HEADER_LEN + 17 + 1 + 1].to_vec();
         hostile.extend_from_slice(&u32::MAX.to_le_bytes());
         let err = decode_append_request(hostile.into()).unwrap_err();
         assert!(matches!(err, ClusterError::LimitExceeded { .. }));
+    }
+
+    #[test]
+    fn every_body_carries_its_request_id_and_group() {
+        let mut body = encode_vote_request(Header::request(5), &VoteRequest::new(vote(), None));
+        set_request_id(&mut body, 99);
+        let h = decode_header(&Bytes::from(body.clone())).unwrap();
+        assert_eq!(
+            h,
+            Header {
+                request_id: 99,
+                group: 5
+            }
+        );
+        assert_eq!(body.len(), HEADER_LEN + 17 + 1);
+        for cut in 0..HEADER_LEN {
+            assert!(decode_header(&Bytes::copy_from_slice(&body[..cut])).is_err());
+        }
+        let (_, join) = encode_membership_request(&MembershipRequest::Leave { node: 1 }).unwrap();
+        assert_eq!(
+            decode_header(&join.into()).unwrap().group,
+            METADATA_GROUP,
+            "membership requests address the metadata group"
+        );
+        let mut old = body.clone();
+        old[0] = 1;
+        assert!(matches!(
+            decode_header(&old.into()),
+            Err(ClusterError::UnsupportedVersion { found: 1, .. })
+        ));
     }
 }
