@@ -83,7 +83,11 @@ impl LinkPool {
         if links.len() < MAX_PEER_LINKS {
             links.insert(addr.to_owned(), Arc::clone(&link));
         } else {
-            tracing::debug!(peer = addr, limit = MAX_PEER_LINKS, "peer link not pooled (MAX_PEER_LINKS)");
+            tracing::debug!(
+                peer = addr,
+                limit = MAX_PEER_LINKS,
+                "peer link not pooled (MAX_PEER_LINKS)"
+            );
         }
         link
     }

@@ -309,8 +309,8 @@ async fn run(
 
 /// Hands one reply frame to its caller; `Err` ends the connection.
 fn route(demux: &Demux, (kind, body): (u8, Bytes)) -> Result<(), Closed> {
-    let header = rpc::decode_header(&body)
-        .map_err(|e| Closed::Lost(format!("undecodable reply: {e}")))?;
+    let header =
+        rpc::decode_header(&body).map_err(|e| Closed::Lost(format!("undecodable reply: {e}")))?;
     if header.request_id == CONNECTION_REQUEST_ID {
         // The peer refuses the whole connection (failed authentication), then closes it.
         let refusal = match kind {
@@ -468,12 +468,19 @@ mod tests {
             calls.push(demux.register().unwrap());
         }
         let ids: Vec<u64> = calls.iter().map(|(id, _)| *id).collect();
-        assert_eq!(ids, vec![1, 2, 3, 4, 5], "ids start after the connection's 0");
+        assert_eq!(
+            ids,
+            vec![1, 2, 3, 4, 5],
+            "ids start after the connection's 0"
+        );
         // The caller of 2 gives up; its late reply must not go anywhere.
         demux.forget(2);
         for &id in [4u64, 1, 5, 2, 99].iter() {
             let routed = route(&demux, reply(id, id as u8));
-            assert!(routed.is_ok(), "a reply never ends the connection: {routed:?}");
+            assert!(
+                routed.is_ok(),
+                "a reply never ends the connection: {routed:?}"
+            );
         }
         assert_eq!(demux.waiting(), 1, "only request 3 still waits");
         let mut receivers: HashMap<u64, _> = calls.into_iter().collect();
@@ -527,6 +534,10 @@ mod tests {
         let (b, _rb) = demux.register().unwrap();
         assert!(demux.silence() >= Duration::from_millis(20));
         demux.deliver(b, reply(b, 0));
-        assert_eq!(demux.silence(), Duration::ZERO, "a frame arrived, none waits");
+        assert_eq!(
+            demux.silence(),
+            Duration::ZERO,
+            "a frame arrived, none waits"
+        );
     }
 }

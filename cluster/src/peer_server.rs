@@ -137,9 +137,7 @@ impl PeerServer {
         options: PeerServerOptions,
     ) -> io::Result<PeerServer> {
         let local_addr = listener.local_addr()?;
-        let heard_commit = groups
-            .heard_commit(METADATA_GROUP)
-            .unwrap_or_default();
+        let heard_commit = groups.heard_commit(METADATA_GROUP).unwrap_or_default();
         let accepted = Arc::new(AtomicU64::new(0));
         let (generation, _) = watch::channel(0);
         let shared = Shared {

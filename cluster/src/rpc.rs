@@ -565,7 +565,10 @@ mod tests {
             v
         );
         let r = VoteResponse::new(vote(), None, true);
-        assert_eq!(decode_vote_reply(encode_vote_reply(H, &r).into()).unwrap(), r);
+        assert_eq!(
+            decode_vote_reply(encode_vote_reply(H, &r).into()).unwrap(),
+            r
+        );
 
         let entries = vec![
             Entry {

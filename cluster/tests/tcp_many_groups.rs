@@ -183,9 +183,15 @@ impl Cluster {
                 .unwrap_or_else(|e| panic!("group {g} node {id}: not applied {last:?}: {e}"));
             let stored: BTreeSet<Bytes> = replica.sm.messages("orders").into_iter().collect();
             let lost = acked.iter().filter(|m| !stored.contains(*m)).count();
-            assert_eq!(lost, 0, "group {g} node {id} lost acknowledged messages; {self}");
+            assert_eq!(
+                lost, 0,
+                "group {g} node {id} lost acknowledged messages; {self}"
+            );
             let invented = stored.iter().filter(|m| !sent.contains(*m)).count();
-            assert_eq!(invented, 0, "group {g} node {id} holds unsent messages; {self}");
+            assert_eq!(
+                invented, 0,
+                "group {g} node {id} holds unsent messages; {self}"
+            );
         }
     }
 
@@ -238,17 +244,18 @@ async fn twenty_groups_on_three_nodes_commit_over_one_connection_per_peer() {
             .new_client(to, &BasicNode::new(&cluster.addrs[&to]))
             .await;
         let vote = VoteRequest::new(Vote::new(1, from), None);
-        let err = stranger
-            .vote(vote, RPCOption::new(WAIT))
-            .await
-            .unwrap_err();
+        let err = stranger.vote(vote, RPCOption::new(WAIT)).await.unwrap_err();
         assert!(
             matches!(&err, RPCError::Unreachable(_)) && err.to_string().contains("group 999"),
             "unknown group: {err}; {cluster}"
         );
         // Each node leads some groups (each initialized a third of them), so each sends
         // to both peers: over one connection to each, whatever the number of groups.
-        assert_eq!(leaders.len() as u64, NODES, "leaders {leaders:?}; {cluster}");
+        assert_eq!(
+            leaders.len() as u64,
+            NODES,
+            "leaders {leaders:?}; {cluster}"
+        );
         for (id, node) in &cluster.nodes {
             let opened = node.network.connections_opened();
             let accepted = node.server.connections_accepted();
@@ -402,7 +409,11 @@ async fn hostile_frames_close_only_their_connection_and_mismatched_ids_are_not_r
             let reply = good.vote(vote(2), RPCOption::new(WAIT)).await;
             assert!(reply.is_ok(), "after {what}: {reply:?} ({addr})");
         }
-        assert_eq!(network.connections_opened(), 1, "the good peer kept its connection");
+        assert_eq!(
+            network.connections_opened(),
+            1,
+            "the good peer kept its connection"
+        );
 
         // A peer answering with another request id first: that answer is not the reply.
         let fake = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -432,7 +443,11 @@ async fn hostile_frames_close_only_their_connection_and_mismatched_ids_are_not_r
             .new_client(2, &BasicNode::new(&fake_addr))
             .await;
         let reply = client.vote(vote(3), RPCOption::new(WAIT)).await.unwrap();
-        assert_eq!(reply.vote.leader_id().term, 5, "took another id's reply: {reply:?}");
+        assert_eq!(
+            reply.vote.leader_id().term,
+            5,
+            "took another id's reply: {reply:?}"
+        );
 
         server.shutdown().await;
         raft.shutdown().await.unwrap();
@@ -465,7 +480,10 @@ async fn a_silent_peer_connection_is_closed_and_the_next_call_redials() {
         let mut client = network.new_client(2, &BasicNode::new(&addr)).await;
         let ttl = entrepot_cluster::SILENT_CONNECTION_TIMEOUT * 3;
         let vote = VoteRequest::new(Vote::new(1, 9), None);
-        let err = client.vote(vote.clone(), RPCOption::new(ttl)).await.unwrap_err();
+        let err = client
+            .vote(vote.clone(), RPCOption::new(ttl))
+            .await
+            .unwrap_err();
         assert!(
             matches!(&err, RPCError::Network(_))
                 && err.to_string().contains("SILENT_CONNECTION_TIMEOUT"),
@@ -489,7 +507,10 @@ async fn read_reply(s: &mut TcpStream) -> (u8, u64) {
         let len = u32::from_le_bytes(header[..4].try_into().unwrap()) as usize;
         let mut body = vec![0u8; len];
         s.read_exact(&mut body).await.unwrap();
-        (header[4], u64::from_le_bytes(body[1..9].try_into().unwrap()))
+        (
+            header[4],
+            u64::from_le_bytes(body[1..9].try_into().unwrap()),
+        )
     };
     tokio::time::timeout(WAIT, read)
         .await
@@ -516,8 +537,8 @@ async fn a_slow_request_of_one_group_does_not_hold_back_another_group_on_the_con
             groups.insert(g, raft).unwrap();
             dirs.push(dir);
         }
-        let server = PeerServer::serve(listener, groups.clone(), PeerServerOptions::default())
-            .unwrap();
+        let server =
+            PeerServer::serve(listener, groups.clone(), PeerServerOptions::default()).unwrap();
         let metadata = groups.raft(0).unwrap();
         metadata
             .initialize(BTreeMap::from([(1, BasicNode::new(&addr))]))
@@ -539,7 +560,11 @@ async fn a_slow_request_of_one_group_does_not_hold_back_another_group_on_the_con
         s.write_all(&frame(4, &join)).await.unwrap();
         s.write_all(&frame(1, &vote_body(2, 2, 7))).await.unwrap();
         let (kind, id) = read_reply(&mut s).await;
-        assert_eq!((kind, id), (0x81, 2), "the vote of group 7 is answered first");
+        assert_eq!(
+            (kind, id),
+            (0x81, 2),
+            "the vote of group 7 is answered first"
+        );
 
         server.shutdown().await;
         for g in [0, 7] {
