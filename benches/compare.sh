@@ -27,6 +27,7 @@
 #        CREDIT_BACKLOG (messages of the credit case's backlog, default 60000),
 #        CASES (the workloads to run, default "p1k-1x1 p1k-8x8 p64k-1x1 fanout lat-half";
 #        lat-half needs p1k-1x1 before it unless LAT_RATE is set),
+#        ENTREPOT_ARGS (more `entrepot serve` options, e.g. "--segment-bytes 536870912"),
 #        BUILD=0 to use the binaries already built under $CARGO_TARGET_DIR/release,
 #        LAT_RATE (msgs/s of lat-half instead of half the measured p1k-1x1 peak, so runs of
 #        two builds can be compared at one rate),
@@ -116,7 +117,7 @@ start_entrepot() { # start_entrepot [--sink]
     local data="$out/entrepot-data"
     rm -rf "$data"
     "$bin" serve --listen "127.0.0.1:$entrepot_port" --http "127.0.0.1:$entrepot_http" \
-        --data-dir "$data" --sync "${ENTREPOT_SYNC:-always}" "$@" >"$out/entrepot$*.log" 2>&1 &
+        --data-dir "$data" --sync "${ENTREPOT_SYNC:-always}" ${ENTREPOT_ARGS:-} "$@" >"$out/entrepot$*.log" 2>&1 &
     started_pid=$!
     wait_port "$entrepot_port"
 }

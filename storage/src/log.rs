@@ -580,9 +580,10 @@ impl Inner {
     /// Starts a new active segment. The old one is sealed by the sync thread once synced
     /// (or at once under policy `Never`), and the sync thread also syncs the directory
     /// that now names the new one before it publishes any record of it: under the writer
-    /// lock a roll costs the file's creation, preallocation and one fsync. Fails with `ReserveReached` when the new segment
-    /// would eat into the configured free-space reserve, with `DiskFull` when it cannot be
-    /// preallocated; either way the log is unchanged and the append can be retried.
+    /// lock a roll costs the file's creation, preallocation and one fsync. Fails with
+    /// `ReserveReached` when the new segment would eat into the configured free-space
+    /// reserve, with `DiskFull` when it cannot be preallocated; either way the log is
+    /// unchanged and the append can be retried.
     fn roll(&self, w: &mut Writer) -> Result<()> {
         let seg = match self.create_next(w.next_offset) {
             // Segments deleted a moment ago give their blocks back once the release
@@ -628,7 +629,8 @@ impl Inner {
         .map(Arc::new)
     }
 
-    /// One group-commit round: sync what is written, seal complete segments, publish.
+    /// One group-commit round: sync what is written (and the directory after a roll),
+    /// publish, then seal the segments completed since the last round.
     pub(crate) fn sync_once(&self) -> Result<()> {
         self.sync_round().map(|_| ())
     }
@@ -676,14 +678,10 @@ impl Inner {
                 None => Ok(()),
             });
         self.stats.observe_sync(started.elapsed());
-        let mut w = self.lock_writer()?;
         if let Err(e) = result {
-            let reason: Arc<str> = Arc::from(e.to_string());
-            w.poisoned = Some(Arc::clone(&reason));
-            self.durable_tx.send_modify(|s| s.failed = Some(reason));
-            tracing::error!(error = %e, dir = %self.dir.display(), "sync failed, log is now read-only");
-            return Err(e);
+            return Err(self.poison(e));
         }
+        let mut w = self.lock_writer()?;
         w.unsynced
             .retain(|s| !rolled.iter().any(|r| Arc::ptr_eq(r, s)));
         if Arc::ptr_eq(&w.active, &active) {
@@ -702,7 +700,31 @@ impl Inner {
             s.durable = s.durable.max(next);
             covered > 0
         });
+        // Seal the rolled segments only now: their records are synced and published, and
+        // the seal's own flush, index files and release are no longer in the way of the
+        // appenders this round covered (issue 15). Still under the `io` lock, so nothing
+        // deletes a segment behind one that is not sealed yet.
+        for seg in &rolled {
+            seg.seal().map_err(|e| {
+                self.poison(StorageError::SyncFailed {
+                    path: seg.path().to_path_buf(),
+                    reason: e.to_string(),
+                })
+            })?;
+        }
         Ok(SyncRound { covered, appended })
+    }
+
+    /// Makes the log read-only after a failed sync (the kernel may have dropped dirty
+    /// pages) and tells every waiter; returns the error for the caller to report.
+    fn poison(&self, e: StorageError) -> StorageError {
+        let reason: Arc<str> = Arc::from(e.to_string());
+        if let Ok(mut w) = self.writer.lock() {
+            w.poisoned = Some(Arc::clone(&reason));
+        }
+        self.durable_tx.send_modify(|s| s.failed = Some(reason));
+        tracing::error!(error = %e, dir = %self.dir.display(), "sync failed, log is now read-only");
+        e
     }
 
     fn sync_segments(
@@ -714,7 +736,6 @@ impl Inner {
     ) -> Result<()> {
         for seg in rolled {
             seg.sync_range(0, seg.written())
-                .and_then(|()| seg.seal())
                 .map_err(|e| StorageError::SyncFailed {
                     path: seg.path().to_path_buf(),
                     reason: e.to_string(),

@@ -2,8 +2,9 @@
 //!
 //! Appenders never sync. They bump the log's write position and wake this thread; the
 //! thread snapshots how far the log is written, syncs everything up to there in one call
-//! per segment, seals segments that are complete, and only then publishes the new durable
-//! offset through a `watch` channel. While one sync runs, new appends pile up and share
+//! per segment (and the directory after a roll), and only then publishes the new durable
+//! offset through a `watch` channel; segments completed since the last round are sealed
+//! after the publication, so their appenders do not wait for the seal. While one sync runs, new appends pile up and share
 //! the next one, so the cost of a flush is spread over every record that arrived during
 //! the previous flush.
 //!
