@@ -30,10 +30,7 @@
 #        ENTREPOT_ARGS (more `entrepot serve` options, e.g. "--segment-bytes 536870912"),
 #        BUILD=0 to use the binaries already built under $CARGO_TARGET_DIR/release,
 #        LAT_RATE (msgs/s of lat-half instead of half the measured p1k-1x1 peak, so runs of
-#        two builds can be compared at one rate),
-#        ACK_BATCH (AMQP consumers accept up to this many arrived deliveries with one
-#        disposition, `entrepot-bench --ack-batch`; default 1: one disposition each. NATS
-#        consumers ack every message whatever this says).
+#        two builds can be compared at one rate).
 # Output: the table on stdout, benches/results.png (throughput vs p99, `entrepot-bench plot`),
 #         and under target/compare/: one JSON per run, table.md.
 set -euo pipefail
@@ -167,7 +164,6 @@ bench() {
                     addr=(--address /exchange/amq.fanout --consumer-address /exchange/amq.fanout/bench) ;;
             esac ;;
     esac
-    if [ "$broker" != nats ] && [ "${ACK_BATCH:-1}" != 1 ]; then set -- "$@" --ack-batch "$ACK_BATCH"; fi
     step "$broker $case: entrepot-bench ${conn[*]/*@/***@} ${addr[*]} ${shape[*]} --size $size $*"
     local pid cpu0
     pid=$(broker_pid "$broker"); cpu0=$(cpu_ticks "${pid:-0}")
@@ -379,10 +375,6 @@ echo "produce->accepted over Entrepot's (above 1: Entrepot is faster). Client an
 for n in "${notes[@]}"; do echo "$n"; done
 echo "broker CPU us/msg: utime+stime of the broker process (RabbitMQ: beam.smp) over the run per"
 echo "message delivered."
-if [ "${ACK_BATCH:-1}" != 1 ]; then
-    echo "AMQP consumers accepted up to $ACK_BATCH arrived deliveries per disposition (--ack-batch);"
-    echo "NATS consumers acked each message."
-fi
 ratio_line() { # ratio_line NAME A_JSON B_JSON JQ_FIELD
     [ -f "$2" ] && [ -f "$3" ] || return 0
     jq -rn --slurpfile a "$2" --slurpfile b "$3" --arg n "$1" \

@@ -3,15 +3,12 @@
 //!
 //! Producers keep `--window` unsettled deliveries in flight and count a message as sent
 //! only when the broker settles it `accepted`; consumers keep `--credit` granted and
-//! accept every delivery — one disposition each, or with `--ack-batch N` one disposition
-//! for what has arrived (up to N), as proton's engine coalesces contiguous dispositions. Sockets are opened here with TCP_NODELAY, because fe2o3-amqp
+//! accept every delivery. Sockets are opened here with TCP_NODELAY, because fe2o3-amqp
 //! does not set it and Nagle's algorithm then delays its small disposition and flow
 //! frames by up to 40 ms.
 
-use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -236,8 +233,6 @@ async fn consume_inner(
     let _ = ready.send(()).await;
     drop(ready);
     let mut stop = ctx.stop_receiving.clone();
-    let batch = args.ack_batch as usize;
-    let mut received = Vec::with_capacity(batch);
     loop {
         let delivery = tokio::select! {
             d = receiver.recv::<Data>() => d.context("receive")?,
@@ -248,49 +243,12 @@ async fn consume_inner(
             Some(s) if s.run == ctx.run_id => ctx.delivered(group, s, now, stats),
             _ => stats.foreign += 1,
         }
-        if batch == 1 {
-            receiver.accept(&delivery).await.context("accept")?;
-            continue;
-        }
-        received.push(delivery);
-        // Accept once nothing more is waiting. fe2o3-amqp documents `recv` as cancel safe
-        // (it awaits only its mpsc channel), so a poll that finds nothing loses nothing.
-        while received.len() < batch {
-            match ready_now(receiver.recv::<Data>()).await {
-                Some(d) => {
-                    let d = d.context("receive")?;
-                    let now = Instant::now();
-                    match Stamp::read(&d.body().0) {
-                        Some(s) if s.run == ctx.run_id => ctx.delivered(group, s, now, stats),
-                        _ => stats.foreign += 1,
-                    }
-                    received.push(d);
-                }
-                None => break,
-            }
-        }
-        receiver
-            .accept_all(received.iter())
-            .await
-            .context("accept")?;
-        received.clear();
+        receiver.accept(&delivery).await.context("accept")?;
     }
     receiver.close().await.ok();
     session.end().await.ok();
     conn.close().await.ok();
     Ok(())
-}
-
-/// Polls `f` once: its output if it is ready now, else `None` (and `f` is dropped).
-async fn ready_now<F: Future>(f: F) -> Option<F::Output> {
-    let mut f = std::pin::pin!(f);
-    std::future::poll_fn(|cx| {
-        Poll::Ready(match f.as_mut().poll(cx) {
-            Poll::Ready(v) => Some(v),
-            Poll::Pending => None,
-        })
-    })
-    .await
 }
 
 #[cfg(test)]

@@ -54,11 +54,6 @@ pub struct BenchArgs {
     /// Link credit each consumer keeps granted.
     #[arg(long, default_value_t = 1000)]
     pub credit: u32,
-    /// Deliveries a consumer accepts with one disposition: it accepts what has arrived, up to
-    /// this many, as soon as no further delivery is waiting (1: one disposition per
-    /// delivery, as most client APIs do by default). AMQP only; NATS acks each message.
-    #[arg(long, default_value_t = 1)]
-    pub ack_batch: u32,
     /// Total messages per second over all producers (0: as fast as acknowledgements allow).
     #[arg(long, default_value_t = 0)]
     pub rate: u64,
@@ -225,9 +220,6 @@ impl BenchArgs {
         }
         if self.window == 0 || self.credit == 0 {
             bail!("--window and --credit must be at least 1");
-        }
-        if self.ack_batch == 0 || self.ack_batch > self.credit {
-            bail!("--ack-batch must be 1..=--credit ({})", self.credit);
         }
         let local = self.topic_subscribers.unwrap_or(self.consumers);
         let slice = match self.child {

@@ -292,7 +292,6 @@ fn child_args(a: &BenchArgs, p: u32, c: u32, spec: ChildSpec, json: &Path) -> Ve
     flag("size", a.size.to_string());
     flag("window", a.window.to_string());
     flag("credit", a.credit.to_string());
-    flag("ack-batch", a.ack_batch.to_string());
     flag("rate", a.rate.to_string());
     if let Some(n) = a.count {
         flag("count", n.to_string());
