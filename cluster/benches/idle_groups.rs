@@ -23,10 +23,17 @@
 //! two in turn, each in a child process of its own so one's memory does not count in the
 //! other's.
 //!
+//! `IDLE_NET` chooses the network: `mem` (the default) the in-process router above; `tcp`
+//! the real inter-node transport (issue 12 step 2) — per node a `PeerServer` on
+//! `127.0.0.1` over a `GroupRegistry` of its replicas and one `TcpNetwork` pool, so every
+//! group's heartbeats go through the node's one multiplexed connection to each peer,
+//! encoded, over loopback TCP. The closing line then also gives the connections opened.
+//!
 //! Prints one line per figure and a closing `idle groups: …` line. Bounded: group
 //! formation and the commit wait at most `FORM_TIMEOUT`.
 //!
-//! Run: `IDLE_GROUPS=300 IDLE_LOG=both cargo bench -p entrepot-cluster --bench idle_groups`.
+//! Run: `IDLE_GROUPS=300 IDLE_LOG=both cargo bench -p entrepot-cluster --bench idle_groups`,
+//! or with `IDLE_NET=tcp` over sockets.
 
 #[path = "../tests/support/machine.rs"]
 #[allow(dead_code)] // the tests read the messages back; this bench does not
@@ -41,9 +48,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use entrepot_cluster::node_log::GROUP_STATE_BYTES;
-use entrepot_cluster::{LogStore, NodeId, NodeLog, Request};
+use entrepot_cluster::{
+    GroupRegistry, LogStore, NodeId, NodeLog, PeerServer, PeerServerOptions, Request, TcpNetwork,
+    TypeConfig,
+};
 use entrepot_storage::LogConfig;
 use machine::MessageMachine;
+use openraft::network::RaftNetworkFactory;
 use openraft::{BasicNode, Config, Raft};
 
 /// Replicas per group.
@@ -107,6 +118,22 @@ enum LogKind {
     PerNode,
 }
 
+/// Which network the replicas talk through (`IDLE_NET`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum NetKind {
+    /// The tests' in-process router: no sockets, no encoding.
+    Mem,
+    /// The inter-node TCP transport: one multiplexed connection per node pair.
+    Tcp,
+}
+
+/// One node's end of the TCP transport.
+struct TcpNode {
+    network: TcpNetwork,
+    groups: GroupRegistry,
+    server: PeerServer,
+}
+
 /// Runs this bench again in a child process for each kind of log, with the same arguments.
 fn run_both() {
     let exe = std::env::current_exe().expect("the bench's own path");
@@ -134,15 +161,54 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(if benching { 30 } else { 3 });
     let idle_secs = if benching { IDLE_SECS } else { 1 };
+    let net = match std::env::var("IDLE_NET").as_deref() {
+        Ok("tcp") => NetKind::Tcp,
+        Ok("mem") | Err(_) => NetKind::Mem,
+        Ok(other) => panic!("IDLE_NET must be mem or tcp, not {other}"),
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("tokio runtime");
-    runtime.block_on(run(groups, idle_secs, kind));
+    runtime.block_on(run(groups, idle_secs, kind, net));
 }
 
-async fn run(groups: u32, idle_secs: u64, kind: LogKind) {
+/// Where replicas keep their Raft logs.
+struct Logs<'a> {
+    kind: LogKind,
+    dir: &'a std::path::Path,
+    config: &'a LogConfig,
+    /// One per node when `kind` is `PerNode`.
+    node_logs: &'a [NodeLog],
+}
+
+/// One replica's `Raft` over `net`, with the log `logs.kind` says.
+async fn start_replica<N: RaftNetworkFactory<TypeConfig>>(
+    node: NodeId,
+    g: u32,
+    config: &Arc<Config>,
+    net: N,
+    logs: &Logs<'_>,
+) -> Raft<TypeConfig> {
+    let machine = MessageMachine::default();
+    match logs.kind {
+        LogKind::PerGroup => {
+            let path = logs.dir.join(format!("g{g}-n{node}"));
+            let log = LogStore::open(&path, logs.config.clone()).expect("log store");
+            Raft::new(node, Arc::clone(config), net, log, machine).await
+        }
+        LogKind::PerNode => {
+            let log = logs.node_logs[node as usize]
+                .group(u64::from(g))
+                .expect("group log");
+            Raft::new(node, Arc::clone(config), net, log, machine).await
+        }
+    }
+    .expect("raft")
+}
+
+async fn run(groups: u32, idle_secs: u64, kind: LogKind, net: NetKind) {
     let dir = tempfile::tempdir().expect("temporary directory");
     let router = router::Router::default();
     let config = Arc::new(
@@ -165,7 +231,24 @@ async fn run(groups: u32, idle_secs: u64, kind: LogKind) {
         LogKind::PerGroup => "one segment log each",
         LogKind::PerNode => "one segment log per node shared by its groups",
     };
-    println!("idle groups: {groups} groups × {REPLICAS} replicas = {replicas} openraft instances, {logs}");
+    println!("idle groups: {groups} groups × {REPLICAS} replicas = {replicas} openraft instances, {logs}, network {net:?}");
+    let mut tcp = Vec::new();
+    if net == NetKind::Tcp {
+        for node in 0..REPLICAS {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let groups = GroupRegistry::new();
+            let server = PeerServer::serve(listener, groups.clone(), PeerServerOptions::default())
+                .expect("peer server");
+            let network = TcpNetwork::new(node);
+            tcp.push(TcpNode {
+                network,
+                groups,
+                server,
+            });
+        }
+    }
     let (rss0, threads0) = rss_and_threads();
     let start = Instant::now();
     let node_logs: Vec<NodeLog> = match kind {
@@ -175,26 +258,31 @@ async fn run(groups: u32, idle_secs: u64, kind: LogKind) {
             .collect::<Result<_, _>>()
             .expect("node log"),
     };
+    let logs = Logs {
+        kind,
+        dir: dir.path(),
+        config: &log_config,
+        node_logs: &node_logs,
+    };
     let mut rafts = Vec::new();
     for g in 0..groups {
         for node in 0..REPLICAS {
-            let net = router.group(g);
-            let machine = MessageMachine::default();
-            let raft = match kind {
-                LogKind::PerGroup => {
-                    let path = dir.path().join(format!("g{g}-n{node}"));
-                    let log = LogStore::open(&path, log_config.clone()).expect("log store");
-                    Raft::new(node, Arc::clone(&config), net, log, machine).await
+            let raft = match net {
+                NetKind::Mem => start_replica(node, g, &config, router.group(g), &logs).await,
+                NetKind::Tcp => {
+                    let net = tcp[node as usize].network.group(u64::from(g));
+                    start_replica(node, g, &config, net, &logs).await
                 }
-                LogKind::PerNode => {
-                    let log = node_logs[node as usize]
-                        .group(u64::from(g))
-                        .expect("group log");
-                    Raft::new(node, Arc::clone(&config), net, log, machine).await
+            };
+            match net {
+                NetKind::Mem => router.group(g).add(node, raft.clone()),
+                NetKind::Tcp => {
+                    let registry = &tcp[node as usize].groups;
+                    registry
+                        .insert(u64::from(g), raft.clone())
+                        .expect("register");
                 }
             }
-            .expect("raft");
-            router.group(g).add(node, raft.clone());
             rafts.push((g, node, raft));
         }
         if (g + 1) % 500 == 0 {
@@ -206,7 +294,13 @@ async fn run(groups: u32, idle_secs: u64, kind: LogKind) {
         }
     }
     let members: BTreeMap<NodeId, BasicNode> = (0..REPLICAS)
-        .map(|n| (n, BasicNode::new(format!("n{n}"))))
+        .map(|n| {
+            let addr = match net {
+                NetKind::Mem => format!("n{n}"),
+                NetKind::Tcp => tcp[n as usize].server.local_addr().to_string(),
+            };
+            (n, BasicNode::new(addr))
+        })
         .collect();
     // Leaders spread: group g is formed by node g mod 3.
     for (g, node, raft) in &rafts {
@@ -220,16 +314,26 @@ async fn run(groups: u32, idle_secs: u64, kind: LogKind) {
             continue;
         }
         let left = deadline.saturating_duration_since(Instant::now());
-        raft.wait(Some(left))
-            .state(openraft::ServerState::Leader, "formed")
+        // Usually the node that initialized the group; over a loaded TCP network an
+        // election may go to another replica.
+        let leader = raft
+            .wait(Some(left))
+            .metrics(|m| m.current_leader.is_some(), "formed")
             .await
-            .unwrap_or_else(|e| panic!("group {g} elected no leader on node {node}: {e}"));
-        raft.client_write(Request::Produce {
-            address: format!("a{g}"),
-            messages: vec![Bytes::from_static(b"first")],
-        })
-        .await
-        .unwrap_or_else(|e| panic!("group {g} did not commit: {e}"));
+            .unwrap_or_else(|e| panic!("group {g} elected no leader: {e}"))
+            .current_leader
+            .unwrap_or(*node);
+        let leading = rafts
+            .iter()
+            .find(|(lg, ln, _)| lg == g && *ln == leader)
+            .map_or(raft, |(_, _, r)| r);
+        leading
+            .client_write(Request::Produce {
+                address: format!("a{g}"),
+                messages: vec![Bytes::from_static(b"first")],
+            })
+            .await
+            .unwrap_or_else(|e| panic!("group {g} did not commit: {e}"));
     }
     println!(
         "  formed and committed one entry in every group in {:.1} s",
@@ -262,9 +366,13 @@ async fn run(groups: u32, idle_secs: u64, kind: LogKind) {
     }
     let quiesced = idle_cpu_percent(idle_secs).await;
     println!("  idle CPU, quiesced (heartbeat, elect and tick off): {quiesced:.1} % of a core");
+    let connections: u64 = tcp.iter().map(|n| n.network.connections_opened()).sum();
     println!(
-        "idle groups: log={kind:?} replicas={replicas} rss_kib_per_replica={per_replica_kib:.1} threads_per_replica={threads_per_replica:.2} idle_cpu_pct={heartbeating:.1} quiesced_cpu_pct={quiesced:.1}"
+        "idle groups: log={kind:?} net={net:?} replicas={replicas} rss_kib_per_replica={per_replica_kib:.1} threads_per_replica={threads_per_replica:.2} idle_cpu_pct={heartbeating:.1} quiesced_cpu_pct={quiesced:.1} connections={connections}"
     );
+    for node in tcp {
+        node.server.shutdown().await;
+    }
     for (_, _, raft) in rafts {
         let _ = raft.shutdown().await;
     }
