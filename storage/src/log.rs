@@ -664,19 +664,7 @@ impl Inner {
             prefault.request(&active, 2 * (to - from));
         }
         let started = Instant::now();
-        let result = self
-            .sync_segments(&rolled, &active, from, to)
-            .and_then(|()| match rolls {
-                // The segments rolled since the last round are in the directory for good
-                // before any of their records is published.
-                Some(_) => {
-                    crate::fsync::sync_dir(&self.dir).map_err(|e| StorageError::SyncFailed {
-                        path: self.dir.clone(),
-                        reason: e.to_string(),
-                    })
-                }
-                None => Ok(()),
-            });
+        let result = self.sync_segments(&rolled, &active, from, to, rolls.is_some());
         self.stats.observe_sync(started.elapsed());
         if let Err(e) = result {
             return Err(self.poison(e));
@@ -727,12 +715,16 @@ impl Inner {
         e
     }
 
+    /// Syncs the tails of the rolled segments, `from..to` of the active one and, after a
+    /// roll (`dir`), the directory: the segments rolled since the last round are in it for
+    /// good before any of their records is published.
     fn sync_segments(
         &self,
         rolled: &[Arc<Segment>],
         active: &Segment,
         from: u64,
         to: u64,
+        dir: bool,
     ) -> Result<()> {
         for seg in rolled {
             seg.sync_range(0, seg.written())
@@ -747,7 +739,14 @@ impl Inner {
             .map_err(|e| StorageError::SyncFailed {
                 path: active.path().to_path_buf(),
                 reason: e.to_string(),
-            })
+            })?;
+        if dir {
+            crate::fsync::sync_dir(&self.dir).map_err(|e| StorageError::SyncFailed {
+                path: self.dir.clone(),
+                reason: e.to_string(),
+            })?;
+        }
+        Ok(())
     }
 
     fn truncate_locked(&self, w: &mut Writer, offset: u64) -> Result<()> {
