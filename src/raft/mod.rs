@@ -390,7 +390,9 @@ async fn start_raft(
 }
 
 /// Binds the inter-node port and serves Raft's RPCs on it (warning when peers are neither
-/// authenticated nor encrypted).
+/// authenticated nor encrypted). The node's one Raft is the cluster crate's metadata group
+/// (group 0, `METADATA_GROUP`): `PeerServer::start_with` registers it as such, and every
+/// RPC and membership request of this node names that group.
 async fn start_peer_server(
     cluster: &ClusterConfig,
     raft: &Raft<TypeConfig>,
