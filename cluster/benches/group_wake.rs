@@ -28,6 +28,8 @@
 #[path = "../tests/support/machine.rs"]
 #[allow(dead_code)] // the tests read the messages back; this bench does not
 mod machine;
+#[path = "support/process.rs"]
+mod process;
 #[path = "../tests/support/router.rs"]
 #[allow(dead_code)] // the tests also take replicas down; this bench does not
 mod router;
@@ -70,34 +72,7 @@ fn release_free_heap() {
 }
 
 fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-/// utime + stime of this process, in clock ticks (100 per second on Linux).
-fn cpu_ticks() -> u64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let num = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    num(11) + num(12)
-}
-
-async fn idle_cpu_percent(secs: u64) -> f64 {
-    let before = cpu_ticks();
-    let start = Instant::now();
-    tokio::time::sleep(Duration::from_secs(secs)).await;
-    (cpu_ticks() - before) as f64 / 100.0 / start.elapsed().as_secs_f64() * 100.0
+    process::rss_and_threads().0
 }
 
 fn main() {
@@ -206,7 +181,7 @@ async fn run(groups: u32, sample: u32, idle_secs: u64) {
         started.elapsed().as_secs_f64(),
         rss_running.saturating_sub(rss_empty) as f64 / replicas as f64
     );
-    let running_cpu = idle_cpu_percent(idle_secs).await;
+    let running_cpu = process::idle_cpu_percent(idle_secs).await;
     println!("  idle CPU, every instance running: {running_cpu:.1} % of a core");
 
     // Stop every instance: what is left is each group's state in the node logs.
@@ -226,7 +201,7 @@ async fn run(groups: u32, sample: u32, idle_secs: u64) {
                 + n.group_ids().expect("node log").len() * GROUP_STATE_BYTES
         })
         .sum();
-    let stopped_cpu = idle_cpu_percent(idle_secs).await;
+    let stopped_cpu = process::idle_cpu_percent(idle_secs).await;
     println!(
         "  every instance stopped: resident {rss_stopped} KiB = {:.1} KiB per stopped replica over the empty node logs (node log state and index: {:.0} B per replica); idle CPU {stopped_cpu:.1} % of a core",
         rss_stopped.saturating_sub(rss_empty) as f64 / replicas as f64,

@@ -38,6 +38,8 @@
 #[path = "../tests/support/machine.rs"]
 #[allow(dead_code)] // the tests read the messages back; this bench does not
 mod machine;
+#[path = "support/process.rs"]
+mod process;
 #[path = "../tests/support/router.rs"]
 #[allow(dead_code)] // the tests also take replicas down; this bench does not
 mod router;
@@ -69,45 +71,6 @@ const IDLE_SECS: u64 = 5;
 /// Segment size of each replica's log: small, as an address with little traffic would
 /// start with.
 const SEGMENT_BYTES: u64 = 1 << 20;
-
-/// VmRSS in KiB and Threads, from /proc/self/status.
-fn rss_and_threads() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("Threads:"))
-}
-
-/// utime + stime of this process, in clock ticks (100 per second on Linux).
-fn cpu_ticks() -> u64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let num = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // utime and stime are fields 14 and 15 of stat; `after` starts at field 3.
-    num(11) + num(12)
-}
-
-/// Share of one core used over `secs` seconds of idling.
-async fn idle_cpu_percent(secs: u64) -> f64 {
-    let before = cpu_ticks();
-    let start = Instant::now();
-    tokio::time::sleep(Duration::from_secs(secs)).await;
-    let ticks = cpu_ticks() - before;
-    ticks as f64 / 100.0 / start.elapsed().as_secs_f64() * 100.0
-}
 
 /// Which Raft log the replicas use (`IDLE_LOG`).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -249,7 +212,7 @@ async fn run(groups: u32, idle_secs: u64, kind: LogKind, net: NetKind) {
             });
         }
     }
-    let (rss0, threads0) = rss_and_threads();
+    let (rss0, threads0) = process::rss_and_threads();
     let start = Instant::now();
     let node_logs: Vec<NodeLog> = match kind {
         LogKind::PerGroup => Vec::new(),
@@ -339,7 +302,7 @@ async fn run(groups: u32, idle_secs: u64, kind: LogKind, net: NetKind) {
         "  formed and committed one entry in every group in {:.1} s",
         start.elapsed().as_secs_f64()
     );
-    let (rss1, threads1) = rss_and_threads();
+    let (rss1, threads1) = process::rss_and_threads();
     let per_replica_kib = (rss1.saturating_sub(rss0)) as f64 / replicas as f64;
     let threads_per_replica = (threads1.saturating_sub(threads0)) as f64 / replicas as f64;
     println!("  resident: {rss0} -> {rss1} KiB = {per_replica_kib:.1} KiB per replica (goal 64)");
@@ -355,7 +318,7 @@ async fn run(groups: u32, idle_secs: u64, kind: LogKind, net: NetKind) {
         );
     }
 
-    let heartbeating = idle_cpu_percent(idle_secs).await;
+    let heartbeating = process::idle_cpu_percent(idle_secs).await;
     println!("  idle CPU, heartbeats on: {heartbeating:.1} % of a core (goal < 5 % at 10,000)");
 
     for (_, _, raft) in &rafts {
@@ -364,7 +327,7 @@ async fn run(groups: u32, idle_secs: u64, kind: LogKind, net: NetKind) {
         switches.elect(false);
         switches.tick(false);
     }
-    let quiesced = idle_cpu_percent(idle_secs).await;
+    let quiesced = process::idle_cpu_percent(idle_secs).await;
     println!("  idle CPU, quiesced (heartbeat, elect and tick off): {quiesced:.1} % of a core");
     let connections: u64 = tcp.iter().map(|n| n.network.connections_opened()).sum();
     println!(
