@@ -30,6 +30,8 @@
 mod machine;
 #[path = "support/process.rs"]
 mod process;
+#[path = "support/raft_config.rs"]
+mod raft_config;
 #[path = "../tests/support/router.rs"]
 #[allow(dead_code)] // the tests also take replicas down; this bench does not
 mod router;
@@ -47,9 +49,6 @@ use openraft::{BasicNode, Config, Raft, ServerState};
 
 /// Replicas per group.
 const REPLICAS: u64 = 3;
-/// Heartbeat and election timeouts: the broker's (`src/raft/mod.rs`).
-const HEARTBEAT_MS: u64 = 40;
-const ELECTION_TIMEOUT_MS: (u64, u64) = (120, 240);
 /// Longest the formation of all groups, or one wake, may take.
 const WAIT: Duration = Duration::from_secs(300);
 /// Idle CPU measurement length (one second in a smoke run).
@@ -119,16 +118,7 @@ async fn start(
 async fn run(groups: u32, sample: u32, idle_secs: u64) {
     let dir = tempfile::tempdir().expect("temporary directory");
     let router = router::Router::default();
-    let config = Arc::new(
-        Config {
-            heartbeat_interval: HEARTBEAT_MS,
-            election_timeout_min: ELECTION_TIMEOUT_MS.0,
-            election_timeout_max: ELECTION_TIMEOUT_MS.1,
-            ..Config::default()
-        }
-        .validate()
-        .expect("raft config"),
-    );
+    let config = raft_config::broker_timing();
     let log_config = LogConfig {
         segment_bytes: SEGMENT_BYTES,
         record_bytes_max: 64 << 10,
