@@ -87,6 +87,62 @@ pub enum ClusterError {
     /// The inter-node TLS files cannot be used (`--cluster-tls-*`), or a handshake failed.
     #[error(transparent)]
     Tls(#[from] crate::tls::PeerTlsError),
+    /// A read of a group's entry above what this replica has applied (`host/`): only
+    /// committed entries are read.
+    #[error("entry {index} of raft group {group} is not applied here (applied: {applied:?})")]
+    NotApplied {
+        group: u64,
+        index: u64,
+        applied: Option<u64>,
+    },
+    /// A read of a group's entry that neither the node log nor the group's snapshot holds
+    /// any more: below the lowest index its state machine said it still reads.
+    #[error("entry {index} of raft group {group} is purged")]
+    Purged { group: u64, index: u64 },
+    /// A group opened twice on one host (`host/`).
+    #[error("raft group {group} is already open on this host")]
+    GroupAlreadyOpen { group: u64 },
+    /// A group's state machine refused an entry or a snapshot (`host/machine.rs`).
+    #[error("state machine of raft group {group}: {source}")]
+    Machine {
+        group: u64,
+        #[source]
+        source: crate::host::MachineError,
+    },
+    /// openraft stopped a group or refused to start it (storage failure, shutdown).
+    #[error("raft group {group} stopped: {reason}")]
+    GroupStopped { group: u64, reason: String },
+}
+
+/// Why a proposal or a membership change of a group did not complete (`host/`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum GroupError {
+    /// This node does not lead the group; `leader` is the one it knows of, if any, with
+    /// its member address (`host:peer_port/...`), so the caller can go there.
+    #[error("raft group {group} is not led by this node (leader: {leader:?} at {leader_addr:?})")]
+    NotLeader {
+        group: u64,
+        leader: Option<u64>,
+        leader_addr: Option<String>,
+    },
+    /// A payload longer than [`crate::host::MAX_PROPOSAL_BYTES`].
+    #[error("proposal of {len} bytes exceeds MAX_PROPOSAL_BYTES ({max})")]
+    TooLarge { len: usize, max: usize },
+    /// No commit within the host's `propose_timeout` (no quorum reachable, or a slow
+    /// one): the entry may still commit later — the outcome is unknown.
+    #[error("raft group {group}: not committed within {after:?} (outcome unknown)")]
+    Timeout {
+        group: u64,
+        after: std::time::Duration,
+    },
+    /// The group's Raft stopped (shutdown or a storage failure) before answering.
+    #[error("raft group {group} stopped: {reason}")]
+    Stopped { group: u64, reason: String },
+    /// openraft refused a membership change (another one in progress, a learner that
+    /// did not catch up, …).
+    #[error("raft group {group}: membership change refused: {reason}")]
+    Membership { group: u64, reason: String },
 }
 
 impl ClusterError {

@@ -80,6 +80,7 @@ pub mod entry;
 mod error;
 mod frame;
 pub mod groups;
+pub mod host;
 pub mod identity;
 mod index_map;
 mod log_store;
@@ -98,9 +99,13 @@ mod tls;
 mod types;
 
 pub use auth::PeerSecret;
-pub use error::{ClusterError, RaftStorageError, Result};
+pub use error::{ClusterError, GroupError, RaftStorageError, Result};
 pub use frame::{FRAME_HEADER_LEN, FRAME_TRANSFER_TIMEOUT, MAX_RPC_FRAME_BYTES};
 pub use groups::{GroupRegistry, HeardCommit, MAX_HOSTED_GROUPS, METADATA_GROUP};
+pub use host::{
+    GroupHandle, GroupMachine, GroupStatus, Host, HostConfig, Leadership, MachineError, Proposal,
+    MAX_PROPOSAL_BYTES, MAX_READ_ENTRIES,
+};
 pub use log_store::{LogStore, LogStoreReader, FLUSH_QUEUE_MAX, LOG_DIR, RAFT_ENTRY_FLAG};
 pub use network::{PeerCallError, PeerClient, TcpNetwork, MAX_PEER_LINKS};
 pub use node_log::{GroupLog, GroupLogReader, NodeLog};

@@ -47,7 +47,7 @@ impl GroupLog {
 }
 
 impl NodeLog {
-    fn log_state(&self, group: GroupId) -> Result<LogState<TypeConfig>> {
+    pub(crate) fn log_state(&self, group: GroupId) -> Result<LogState<TypeConfig>> {
         let groups = self.shared.lock()?;
         let state = groups
             .get(&group)
@@ -68,7 +68,11 @@ impl NodeLog {
 
     /// Entries of `group` with index in `range`, in order. A segment deleted under the
     /// read (a concurrent purge) ends the list early instead of failing.
-    fn entries<RB: RangeBounds<u64>>(&self, group: GroupId, range: RB) -> Result<Vec<Entry>> {
+    pub(crate) fn entries<RB: RangeBounds<u64>>(
+        &self,
+        group: GroupId,
+        range: RB,
+    ) -> Result<Vec<Entry>> {
         let start = match range.start_bound() {
             Bound::Included(&s) => s,
             Bound::Excluded(&s) => s.saturating_add(1),

@@ -1,0 +1,232 @@
+//! Propose throughput of the node-level host (`cluster/src/host/`): what one Raft group
+//! commits per second, and what eight groups commit together, on three hosts in this
+//! process over loopback TCP, each with its own node log on real files and a real fsync
+//! per group commit (`SyncPolicy::Always`): a proposal resolves once a majority of the
+//! three has it on disk and it is applied on the leader — the broker's "accepted".
+//!
+//! Messages are 1 KiB; each group's leader keeps [`IN_FLIGHT`] proposals submitted and
+//! not yet committed (pipelined, as the broker's producers would). Groups are formed on
+//! node `g % 3`, so the eight leaders spread 3/3/2.
+//!
+//! Besides criterion's figures it prints, per bench, the bytes each node's log wrote
+//! (records with their 28-byte frames; under `Always` every one is fsync'd) per message — issue 12's
+//! goal is about 1× the message plus framing — and the fsyncs per message per node.
+//!
+//! Run: `cargo bench -p entrepot-cluster --bench host_propose` (CI runs it once, as a
+//! test: `cargo test --bench host_propose`).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use entrepot_cluster::{GroupHandle, GroupMachine, Host, HostConfig, MachineError, NodeId};
+use entrepot_storage::{LogConfig, SyncPolicy, RECORD_HEADER_LEN};
+use tokio::net::TcpListener;
+
+const NODES: u64 = 3;
+const GROUPS: u64 = 8;
+const MESSAGE_BYTES: usize = 1024;
+/// Proposals one group's leader keeps submitted and not yet committed.
+const IN_FLIGHT: usize = 64;
+/// Longest the cluster may take to elect every group's leader.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A machine that only counts: the bench measures the host, not a queue.
+struct Count(u64);
+
+impl GroupMachine for Count {
+    fn apply(&mut self, _index: u64, _payload: Bytes) -> Result<(), MachineError> {
+        self.0 += 1;
+        Ok(())
+    }
+    fn snapshot(&self) -> Result<Bytes, MachineError> {
+        Ok(Bytes::copy_from_slice(&self.0.to_le_bytes()))
+    }
+    fn restore(&mut self, _last_index: u64, _state: Bytes) -> Result<(), MachineError> {
+        Ok(())
+    }
+    fn lowest_needed(&self) -> u64 {
+        u64::MAX
+    }
+}
+
+struct Cluster {
+    hosts: BTreeMap<NodeId, Host>,
+    /// Each group's leader's handle.
+    leaders: BTreeMap<u64, GroupHandle>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+async fn start() -> Cluster {
+    let mut listeners = BTreeMap::new();
+    for id in 0..NODES {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        listeners.insert(id, l);
+    }
+    let addrs: BTreeMap<NodeId, String> = listeners
+        .iter()
+        .map(|(id, l)| (*id, l.local_addr().expect("addr").to_string()))
+        .collect();
+    let mut hosts = BTreeMap::new();
+    let mut dirs = Vec::new();
+    for (id, listener) in listeners {
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+        let mut config = HostConfig::new(id, dir.path());
+        config.log = LogConfig {
+            segment_bytes: 64 << 20,
+            record_bytes_max: 1 << 20,
+            sync: SyncPolicy::Always,
+            ..LogConfig::default()
+        };
+        let host = Host::start(config, listener).expect("host");
+        for g in 0..GROUPS {
+            host.open_group(g, Count(0)).await.expect("open group");
+        }
+        hosts.insert(id, host);
+        dirs.push(dir);
+    }
+    for g in 0..GROUPS {
+        let first = hosts[&(g % NODES)].group(g).expect("group");
+        first.bootstrap(&addrs).await.expect("bootstrap");
+    }
+    let mut leaders = BTreeMap::new();
+    for g in 0..GROUPS {
+        let deadline = Instant::now() + WAIT;
+        let leader = loop {
+            let lead = hosts
+                .values()
+                .filter_map(|h| h.group(g))
+                .find(|h| h.leadership().borrow().leads);
+            if let Some(h) = lead {
+                break h;
+            }
+            assert!(Instant::now() < deadline, "group {g}: no leader");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        leaders.insert(g, leader);
+    }
+    Cluster {
+        hosts,
+        leaders,
+        _dirs: dirs,
+    }
+}
+
+/// Proposes `count` messages on `h`, [`IN_FLIGHT`] at a time.
+async fn propose(h: GroupHandle, count: u64) {
+    let payload = Bytes::from(vec![0x5a; MESSAGE_BYTES]);
+    let mut pending = VecDeque::with_capacity(IN_FLIGHT);
+    for _ in 0..count {
+        if pending.len() == IN_FLIGHT {
+            let p: entrepot_cluster::Proposal = pending.pop_front().expect("pending");
+            p.await.expect("committed");
+        }
+        pending.push_back(h.submit(payload.clone()).await.expect("submitted"));
+    }
+    for p in pending {
+        p.await.expect("committed");
+    }
+}
+
+/// Bytes written (records with their frames) and fsyncs of each node's log so far.
+fn disk(c: &Cluster) -> Vec<(u64, u64)> {
+    c.hosts
+        .values()
+        .map(|h| {
+            let s = h.node_log().log().stats();
+            // Payload bytes plus each record's frame header: what the log wrote.
+            let frames = s.records_appended.load(Ordering::Relaxed) * RECORD_HEADER_LEN as u64;
+            (
+                s.bytes_appended.load(Ordering::Relaxed) + frames,
+                s.syncs.load(Ordering::Relaxed),
+            )
+        })
+        .collect()
+}
+
+fn report(name: &str, c: &Cluster, before: &[(u64, u64)], messages: u64, wall: Duration) {
+    let after = disk(c);
+    let per_node: Vec<String> = before
+        .iter()
+        .zip(&after)
+        .enumerate()
+        .map(|(n, (b, a))| {
+            format!(
+                "node {n} {:.0} B/msg {:.3} fsync/msg",
+                (a.0 - b.0) as f64 / messages.max(1) as f64,
+                (a.1 - b.1) as f64 / messages.max(1) as f64
+            )
+        })
+        .collect();
+    println!(
+        "host propose {name}: {messages} messages of {MESSAGE_BYTES} B in {wall:.2?} \
+         ({:.0} msg/s); bytes fsync'd per message: {}",
+        messages as f64 / wall.as_secs_f64().max(1e-9),
+        per_node.join(", ")
+    );
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let cluster = rt.block_on(start());
+    let leaders: Vec<NodeId> = cluster
+        .leaders
+        .values()
+        .map(|h| h.leadership().borrow().leader.unwrap_or(u64::MAX))
+        .collect();
+    println!("host propose: leaders of the {GROUPS} groups on nodes {leaders:?}");
+
+    let mut group = c.benchmark_group("host_propose");
+    group.throughput(Throughput::Elements(1));
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(5));
+
+    group.bench_function("one_group", |b| {
+        b.iter_custom(|iters| {
+            let before = disk(&cluster);
+            let h = cluster.leaders[&0].clone();
+            let started = Instant::now();
+            rt.block_on(propose(h, iters));
+            let wall = started.elapsed();
+            report("one_group", &cluster, &before, iters, wall);
+            wall
+        })
+    });
+
+    group.bench_function("eight_groups", |b| {
+        b.iter_custom(|iters| {
+            let before = disk(&cluster);
+            let per_group = iters.div_ceil(GROUPS);
+            let started = Instant::now();
+            rt.block_on(async {
+                let tasks: Vec<_> = cluster
+                    .leaders
+                    .values()
+                    .map(|h| tokio::spawn(propose(h.clone(), per_group)))
+                    .collect();
+                for t in tasks {
+                    t.await.expect("proposer");
+                }
+            });
+            let wall = started.elapsed();
+            report("eight_groups", &cluster, &before, per_group * GROUPS, wall);
+            // Criterion's per-iteration time: scaled to the messages it asked for.
+            wall.mul_f64(iters as f64 / (per_group * GROUPS) as f64)
+        })
+    });
+    group.finish();
+    rt.block_on(async {
+        for (_, h) in cluster.hosts {
+            h.shutdown().await;
+        }
+    });
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

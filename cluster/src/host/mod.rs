@@ -1,0 +1,748 @@
+//! The node-level Raft host: what the broker will use to run many groups (issue 12, steps
+//! 4 and 5 "Boundaries"), with openraft's types kept inside this crate.
+//!
+//! # Design: what the broker does with it
+//! * **One group per address** (per partition later). The broker opens one [`Host`] per
+//!   node — it owns the node's [`NodeLog`] (one segment log, one group commit for every
+//!   group), the [`GroupRegistry`], the multiplexed [`TcpNetwork`] and the [`PeerServer`]
+//!   — and one [`GroupHandle`] per address it holds a replica of, with the address's
+//!   queue as the group's [`GroupMachine`].
+//! * **Queue offsets are group log indexes.** A producer's message is one proposal: its
+//!   payload is the stored message (the broker's record encoding, opaque here).
+//!   [`GroupHandle::propose`] resolves with the entry's index once a majority has it on
+//!   disk and it is applied here — the broker's `accepted`. The machine's `apply` notes
+//!   the index as a ready message; consumers are served by [`GroupHandle::read`], a
+//!   zero-copy slice of the node log's mapping: a message's Raft entry *is* its stored
+//!   copy, no second write. Many proposals are in flight at once ([`GroupHandle::submit`]
+//!   returns a [`Proposal`] in log order), so a group commit carries many messages.
+//! * **Acks are entries too**: a consumer's settlements are proposed as small entries
+//!   holding index ranges (and delivery counts), applied in order by every replica, so a
+//!   delivery settled and committed is never delivered again after a failover.
+//! * **Leadership** ([`GroupHandle::leadership`], a `watch` of [`Leadership`]) tells the
+//!   connection engine where a link's address is led: on this node it serves, elsewhere
+//!   it forwards or redirects (step 3), and a change re-routes the links of that group
+//!   only. [`GroupError::NotLeader`] names the leader a refused proposal should go to.
+//! * **Snapshots and purge.** A snapshot is the machine's own opaque state (the ack
+//!   ranges, counts; not the messages) plus, for a member that installs it, the payloads
+//!   of the entries the state still reads — from [`GroupMachine::lowest_needed`] (the
+//!   oldest unacknowledged message) to the snapshot's index — which the sender generates
+//!   as slices of its log. The host purges a group's log only below the `lowest_needed`
+//!   recorded with its last persisted snapshot (and [`HostConfig::purge_keep`] entries
+//!   below the snapshot for followers that lag a little), so a message is readable until
+//!   its queue no longer needs it; a node-log segment is deleted when no group needs it.
+//!   A member that installs a snapshot keeps the carried payloads in its persisted
+//!   snapshot and serves them from there ([`GroupHandle::read`] looks in the log, then the
+//!   snapshot).
+//!
+//! # Invariants
+//! * A proposal resolves `Ok(index)` only after openraft committed the entry (a majority
+//!   of the group's voters have it durable: every node log syncs before it reports an
+//!   append flushed) and applied it on this node.
+//! * `read` returns only entries at or below this replica's applied index, byte for byte
+//!   as proposed; a payload from the node log is a slice of its mapping, never a copy.
+//! * The log of a group is purged only up to `min(snapshot − purge_keep,
+//!   lowest_needed − 1)` of its last persisted snapshot.
+//! * Every limit is a named constant: [`MAX_PROPOSAL_BYTES`], [`MAX_READ_ENTRIES`].
+//!
+//! # Does not (yet)
+//! * Hibernate idle groups (the registry's stopped entries, another change) or balance
+//!   leaderships (step 5: `placement.rs`, leader transfer).
+//! * Receive a snapshot into a file: an installed snapshot is received and decoded in
+//!   memory (bounded by `MAX_SNAPSHOT_BYTES`) and its carried payloads are served from a
+//!   heap buffer until the machine no longer needs them; a backlog of gigabytes wants the
+//!   received file mapped instead.
+//! * Rewrite a needed entry forward: a queue whose oldest message is old pins every
+//!   node-log segment after it (the node log's own limit, `node_log/mod.rs`).
+//! * Expose the leader's commit index on a follower beyond the applied index.
+
+mod machine;
+mod snapshot;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use entrepot_storage::LogConfig;
+use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::{BasicNode, Config, Raft, ServerState, SnapshotPolicy};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::error::{ClusterError, GroupError, Result};
+use crate::groups::GroupRegistry;
+use crate::network::TcpNetwork;
+use crate::node_log::NodeLog;
+use crate::peer_server::{PeerServer, PeerServerOptions};
+use crate::placement::GroupId;
+use crate::types::{NodeId, Request, TypeConfig, MAX_OPS_BYTES};
+
+pub use machine::{GroupMachine, MachineError};
+pub use snapshot::{HOST_SNAPSHOT_VERSION, MAX_CARRIED_ENTRIES};
+
+/// Directory of the node log inside the host's directory.
+pub const HOST_LOG_DIR: &str = "log";
+/// Directory of the groups' persisted snapshots (`groups/<id>/snapshot`).
+pub const HOST_GROUPS_DIR: &str = "groups";
+/// Largest payload one proposal may carry (it is one Raft entry, `Request::Ops`).
+pub const MAX_PROPOSAL_BYTES: usize = MAX_OPS_BYTES;
+/// Most entries one [`GroupHandle::read_range`] returns.
+pub const MAX_READ_ENTRIES: u64 = 4096;
+/// Default: longest a proposal waits for its commit before [`GroupError::Timeout`].
+pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default: entries applied between two snapshots of a group.
+pub const SNAPSHOT_EVERY_ENTRIES: u64 = 16_384;
+/// Largest `snapshot_every` (more would overflow openraft's arithmetic): "never", in effect.
+pub const SNAPSHOT_EVERY_MAX: u64 = 1 << 62;
+/// Default: entries kept below a snapshot for followers that lag a little.
+pub const PURGE_KEEP_ENTRIES: u64 = 1024;
+
+/// How a host runs its groups.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// This node's id in every group.
+    pub node: NodeId,
+    /// The node log is in `dir/log`, the groups' snapshots in `dir/groups`.
+    pub dir: PathBuf,
+    /// The node log's segment log (`sync` decides what "on disk" means for a commit).
+    pub log: LogConfig,
+    /// openraft's heartbeat interval.
+    pub heartbeat: Duration,
+    /// Election timeouts are drawn from this range.
+    pub election_timeout: Range<Duration>,
+    /// A group snapshots after this many applied entries (at most [`SNAPSHOT_EVERY_MAX`]).
+    pub snapshot_every: u64,
+    /// Entries kept below a snapshot (more than `lowest_needed` asks for).
+    pub purge_keep: u64,
+    /// Longest a proposal waits for its commit.
+    pub propose_timeout: Duration,
+    /// TLS and secret of the inter-node port (the same for the dialling side).
+    pub peer: PeerServerOptions,
+}
+
+impl HostConfig {
+    /// The defaults, with the broker's Raft timing (heartbeat 40 ms, elections 120–240 ms).
+    pub fn new(node: NodeId, dir: impl Into<PathBuf>) -> HostConfig {
+        HostConfig {
+            node,
+            dir: dir.into(),
+            log: LogConfig::default(),
+            heartbeat: Duration::from_millis(40),
+            election_timeout: Duration::from_millis(120)..Duration::from_millis(240),
+            snapshot_every: SNAPSHOT_EVERY_ENTRIES,
+            purge_keep: PURGE_KEEP_ENTRIES,
+            propose_timeout: PROPOSE_TIMEOUT,
+            peer: PeerServerOptions::default(),
+        }
+    }
+
+    fn raft_config(&self) -> Result<Arc<Config>> {
+        let ms = |d: Duration| d.as_millis().max(1) as u64;
+        let config = Config {
+            heartbeat_interval: ms(self.heartbeat),
+            election_timeout_min: ms(self.election_timeout.start),
+            election_timeout_max: ms(self.election_timeout.end),
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(
+                self.snapshot_every.clamp(1, SNAPSHOT_EVERY_MAX),
+            ),
+            // Never purge by openraft's own policy: the host purges, honouring the
+            // machine's lowest needed index.
+            max_in_snapshot_log_to_keep: u64::MAX,
+            ..Config::default()
+        };
+        config
+            .validate()
+            .map(Arc::new)
+            .map_err(|e| ClusterError::GroupStopped {
+                group: 0,
+                reason: format!("invalid Raft timing: {e}"),
+            })
+    }
+}
+
+/// Who leads a group, as this replica knows it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Leadership {
+    /// The leader this replica knows of (`None` during an election).
+    pub leader: Option<NodeId>,
+    /// The term it knows.
+    pub term: u64,
+    /// This node leads the group (and may propose).
+    pub leads: bool,
+}
+
+/// A group replica's positions, for operators and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GroupStatus {
+    pub leadership: Leadership,
+    /// Last index applied to the machine here (committed entries only).
+    pub applied: Option<u64>,
+    /// Last index of the group's log here.
+    pub last_log: Option<u64>,
+    /// Index of the last snapshot here.
+    pub snapshot: Option<u64>,
+    /// Entries at or below this are purged from the log here.
+    pub purged: Option<u64>,
+    /// The group's voters.
+    pub voters: BTreeSet<NodeId>,
+}
+
+/// One node's Raft groups over one node log and one peer port. Clones share the host.
+#[derive(Clone)]
+pub struct Host {
+    inner: Arc<HostInner>,
+}
+
+struct HostInner {
+    config: HostConfig,
+    raft_config: Arc<Config>,
+    node_log: NodeLog,
+    registry: GroupRegistry,
+    network: TcpNetwork,
+    server: Mutex<Option<PeerServer>>,
+    local_addr: SocketAddr,
+    /// Open groups; `None` while one is being opened (so it is opened once).
+    groups: Mutex<HashMap<GroupId, Option<GroupHandle>>>,
+}
+
+impl Host {
+    /// Opens the node log in `config.dir/log` (rebuilding every group's log state) and
+    /// serves the inter-node port on `listener`. Groups start with [`Host::open_group`].
+    pub fn start(config: HostConfig, listener: TcpListener) -> Result<Host> {
+        let raft_config = config.raft_config()?;
+        let node_log = NodeLog::open(config.dir.join(HOST_LOG_DIR), config.log.clone())?;
+        let registry = GroupRegistry::new();
+        let local_addr = listener
+            .local_addr()
+            .map_err(|e| ClusterError::io("reading the address of", &config.dir, e))?;
+        let server = PeerServer::serve(listener, registry.clone(), config.peer.clone())
+            .map_err(|e| ClusterError::io("serving the peer port for", &config.dir, e))?;
+        let network = TcpNetwork::new(config.node)
+            .with_secret(config.peer.secret.clone())
+            .with_tls(config.peer.tls.clone());
+        Ok(Host {
+            inner: Arc::new(HostInner {
+                config,
+                raft_config,
+                node_log,
+                registry,
+                network,
+                server: Mutex::new(Some(server)),
+                local_addr,
+                groups: Mutex::default(),
+            }),
+        })
+    }
+
+    /// This node's id.
+    pub fn node(&self) -> NodeId {
+        self.inner.config.node
+    }
+
+    /// The inter-node port's address (what peers put in a member address).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.local_addr
+    }
+
+    /// The node log (metrics: bytes appended and synced).
+    pub fn node_log(&self) -> &NodeLog {
+        &self.inner.node_log
+    }
+
+    /// Groups the node log holds state of (after a restart: the groups to open again).
+    pub fn recovered_groups(&self) -> Result<Vec<GroupId>> {
+        let mut ids = self.inner.node_log.group_ids()?;
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    /// The handle of an open group.
+    pub fn group(&self, group: GroupId) -> Option<GroupHandle> {
+        self.lock_groups().get(&group).cloned().flatten()
+    }
+
+    fn lock_groups(&self) -> std::sync::MutexGuard<'_, HashMap<GroupId, Option<GroupHandle>>> {
+        // A poisoned lock only means a panic elsewhere; the map is whole.
+        self.inner.groups.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts this node's replica of `group` with `machine`: its log from the node log
+    /// (empty for a new group), the machine restored from the group's persisted snapshot
+    /// if any, then openraft re-applies the committed log after it. A new group is formed
+    /// with [`GroupHandle::bootstrap`] on one member.
+    pub async fn open_group<M: GroupMachine>(
+        &self,
+        group: GroupId,
+        machine: M,
+    ) -> Result<GroupHandle> {
+        {
+            let mut groups = self.lock_groups();
+            if groups.contains_key(&group) {
+                return Err(ClusterError::GroupAlreadyOpen { group });
+            }
+            groups.insert(group, None);
+        }
+        let opened = self.start_group(group, machine).await;
+        let mut groups = self.lock_groups();
+        match opened {
+            Ok(handle) => {
+                groups.insert(group, Some(handle.clone()));
+                Ok(handle)
+            }
+            Err(e) => {
+                groups.remove(&group);
+                Err(e)
+            }
+        }
+    }
+
+    async fn start_group<M: GroupMachine>(
+        &self,
+        group: GroupId,
+        machine: M,
+    ) -> Result<GroupHandle> {
+        let inner = &self.inner;
+        let log = inner.node_log.group(group)?;
+        let shared = Arc::new(GroupShared {
+            group,
+            node_log: inner.node_log.clone(),
+            snapshot_dir: inner
+                .config
+                .dir
+                .join(HOST_GROUPS_DIR)
+                .join(group.to_string()),
+            carried: RwLock::default(),
+            applied: watch::Sender::new(None),
+            purge_keep: inner.config.purge_keep,
+            purge_to: watch::Sender::new(None),
+        });
+        let adapter = machine::Adapter::open(Arc::clone(&shared), machine)?;
+        let raft = Raft::new(
+            inner.config.node,
+            Arc::clone(&inner.raft_config),
+            inner.network.group(group),
+            log,
+            adapter,
+        )
+        .await
+        .map_err(|e| ClusterError::GroupStopped {
+            group,
+            reason: e.to_string(),
+        })?;
+        let leadership = watch::Sender::new(Leadership::default());
+        let handle = GroupHandle {
+            node: inner.config.node,
+            raft,
+            shared,
+            leadership: leadership.clone(),
+            propose_timeout: inner.config.propose_timeout,
+        };
+        if let Err(e) = inner.registry.insert(group, handle.raft.clone()) {
+            let _ = handle.raft.shutdown().await;
+            return Err(e);
+        }
+        tokio::spawn(follow_metrics(handle.clone(), leadership));
+        Ok(handle)
+    }
+
+    /// Stops every group and the peer port, as a process exit would (the node log keeps
+    /// everything durable; [`Host::start`] on the same directory recovers it).
+    pub async fn shutdown(self) {
+        let handles: Vec<GroupHandle> = self.lock_groups().drain().filter_map(|(_, h)| h).collect();
+        for handle in handles {
+            self.inner.registry.remove(handle.group());
+            let _ = handle.raft.shutdown().await;
+        }
+        let server = self
+            .inner
+            .server
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(server) = server {
+            server.shutdown().await;
+        }
+    }
+}
+
+/// What a group's handle, its state-machine adapter and its metrics task share.
+pub(crate) struct GroupShared {
+    group: GroupId,
+    node_log: NodeLog,
+    snapshot_dir: PathBuf,
+    /// Payload entries a snapshot install brought that the node log does not hold.
+    carried: RwLock<BTreeMap<u64, Bytes>>,
+    /// Last index applied to the machine.
+    applied: watch::Sender<Option<u64>>,
+    purge_keep: u64,
+    /// The log may be purged up to this index (from the last persisted snapshot).
+    purge_to: watch::Sender<Option<u64>>,
+}
+
+impl GroupShared {
+    /// Takes the persisted snapshot `snap` (at `last`) as the group's: its carried
+    /// entries are what reads below the log find; the purge bound follows it.
+    fn set_snapshot(&self, last: Option<u64>, snap: &snapshot::HostSnapshot) {
+        *self.carried.write().unwrap_or_else(|e| e.into_inner()) = snap.entries.clone();
+        let bound = last.and_then(|last| {
+            let below_snapshot = last.checked_sub(self.purge_keep)?;
+            let below_needed = snap.lowest_needed.checked_sub(1)?;
+            Some(below_snapshot.min(below_needed))
+        });
+        self.purge_to.send_if_modified(|to| {
+            if bound > *to {
+                *to = bound;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// First index the node log may hold for this group (after its purge point).
+    fn log_first_held(&self) -> Result<Option<u64>> {
+        let state = self.node_log.log_state(self.group)?;
+        Ok(Some(
+            state
+                .last_purged_log_id
+                .map_or(0, |p| p.index.saturating_add(1)),
+        ))
+    }
+
+    fn carried_range(&self, from: u64, to: u64) -> Result<BTreeMap<u64, Bytes>> {
+        if from >= to {
+            return Ok(BTreeMap::new());
+        }
+        let carried = self.carried.read().unwrap_or_else(|e| e.into_inner());
+        Ok(carried
+            .range(from..to)
+            .map(|(i, b)| (*i, b.clone()))
+            .collect())
+    }
+
+    /// Payload entries of `from..to` the node log holds (zero-copy slices).
+    fn log_payloads(&self, from: u64, to: u64) -> Result<Vec<(u64, Bytes)>> {
+        let entries = self.node_log.entries(self.group, from..to)?;
+        Ok(entries
+            .into_iter()
+            .filter_map(|e| match e.payload {
+                openraft::EntryPayload::Normal(Request::Ops(b)) => Some((e.log_id.index, b)),
+                _ => None,
+            })
+            .collect())
+    }
+}
+
+/// One group's replica on this host: propose, read, leadership. Cheap to clone.
+#[derive(Clone)]
+pub struct GroupHandle {
+    node: NodeId,
+    raft: Raft<TypeConfig>,
+    shared: Arc<GroupShared>,
+    leadership: watch::Sender<Leadership>,
+    propose_timeout: Duration,
+}
+
+/// A submitted proposal: resolves to its log index once committed and applied here.
+pub struct Proposal {
+    inner: Pin<Box<dyn Future<Output = Result<u64, GroupError>> + Send>>,
+}
+
+impl Future for Proposal {
+    type Output = Result<u64, GroupError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+impl GroupHandle {
+    /// The group's id.
+    pub fn group(&self) -> GroupId {
+        self.shared.group
+    }
+
+    /// Forms the group with `members` (node → member address) as its voters; done once,
+    /// on one member. A group already formed answers `Ok`.
+    pub async fn bootstrap(&self, members: &BTreeMap<NodeId, String>) -> Result<(), GroupError> {
+        let nodes: BTreeMap<NodeId, BasicNode> = members
+            .iter()
+            .map(|(id, addr)| (*id, BasicNode::new(addr)))
+            .collect();
+        match self.raft.initialize(nodes).await {
+            Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+            Err(RaftError::APIError(e)) => Err(GroupError::Membership {
+                group: self.group(),
+                reason: e.to_string(),
+            }),
+            Err(RaftError::Fatal(e)) => Err(self.stopped(e)),
+        }
+    }
+
+    /// Appends `payload` as the next entry of the group (this node must lead it) and
+    /// returns once it is queued, in order behind every earlier submission of this
+    /// node; the [`Proposal`] resolves when it is committed. Submit many before awaiting
+    /// them: that is how one group commit covers many entries.
+    pub async fn submit(&self, payload: Bytes) -> Result<Proposal, GroupError> {
+        if payload.len() > MAX_PROPOSAL_BYTES {
+            return Err(GroupError::TooLarge {
+                len: payload.len(),
+                max: MAX_PROPOSAL_BYTES,
+            });
+        }
+        let group = self.group();
+        let answer = self
+            .raft
+            .client_write_ff(Request::Ops(payload))
+            .await
+            .map_err(|e| self.stopped(e))?;
+        let after = self.propose_timeout;
+        let inner = async move {
+            match tokio::time::timeout(after, answer).await {
+                Ok(Ok(Ok(response))) => Ok(response.log_id.index),
+                Ok(Ok(Err(ClientWriteError::ForwardToLeader(f)))) => Err(GroupError::NotLeader {
+                    group,
+                    leader: f.leader_id,
+                    leader_addr: f.leader_node.map(|n| n.addr),
+                }),
+                Ok(Ok(Err(e))) => Err(GroupError::Membership {
+                    group,
+                    reason: e.to_string(),
+                }),
+                Ok(Err(_)) => Err(GroupError::Stopped {
+                    group,
+                    reason: "Raft stopped before answering".into(),
+                }),
+                Err(_) => Err(GroupError::Timeout { group, after }),
+            }
+        };
+        Ok(Proposal {
+            inner: Box::pin(inner),
+        })
+    }
+
+    /// [`Self::submit`] and wait for the commit: the entry's index.
+    pub async fn propose(&self, payload: Bytes) -> Result<u64, GroupError> {
+        self.submit(payload).await?.await
+    }
+
+    /// The payload of committed entry `index`: `Ok(None)` when that index is a blank or
+    /// membership entry, [`ClusterError::NotApplied`] above this replica's applied index,
+    /// [`ClusterError::Purged`] below what the group keeps. From the node log the bytes
+    /// are a slice of its mapping (no copy).
+    pub fn read(&self, index: u64) -> Result<Option<Bytes>> {
+        let group = self.group();
+        let applied = *self.shared.applied.borrow();
+        if applied.is_none_or(|a| index > a) {
+            return Err(ClusterError::NotApplied {
+                group,
+                index,
+                applied,
+            });
+        }
+        let entries = self
+            .shared
+            .node_log
+            .entries(group, index..index.saturating_add(1))?;
+        if let Some(entry) = entries.into_iter().next() {
+            return Ok(match entry.payload {
+                openraft::EntryPayload::Normal(Request::Ops(b)) => Some(b),
+                _ => None,
+            });
+        }
+        let carried = self
+            .shared
+            .carried
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        match carried.get(&index) {
+            Some(b) => Ok(Some(b.clone())),
+            None => Err(ClusterError::Purged { group, index }),
+        }
+    }
+
+    /// The payload entries of `range` (blank and membership entries left out), in
+    /// order; at most [`MAX_READ_ENTRIES`] indexes are looked at, and nothing above the
+    /// applied index. Errors as [`Self::read`] for its first index.
+    pub fn read_range(&self, range: Range<u64>) -> Result<Vec<(u64, Bytes)>> {
+        let group = self.group();
+        let applied = *self.shared.applied.borrow();
+        let Some(applied) = applied else {
+            return Err(ClusterError::NotApplied {
+                group,
+                index: range.start,
+                applied,
+            });
+        };
+        if range.start > applied {
+            return Err(ClusterError::NotApplied {
+                group,
+                index: range.start,
+                applied: Some(applied),
+            });
+        }
+        let end = range
+            .end
+            .min(applied.saturating_add(1))
+            .min(range.start.saturating_add(MAX_READ_ENTRIES));
+        let first_held = self.shared.log_first_held()?.unwrap_or(0);
+        let mut out: Vec<(u64, Bytes)> = self
+            .shared
+            .carried_range(range.start, end.min(first_held))?
+            .into_iter()
+            .collect();
+        let from_carried = out.last().map(|(i, _)| *i);
+        let in_log = self.shared.log_payloads(range.start.max(first_held), end)?;
+        out.extend(in_log.into_iter().filter(|(i, _)| Some(*i) > from_carried));
+        if out.is_empty() && range.start < first_held && range.start < end {
+            let carried = self
+                .shared
+                .carried
+                .read()
+                .unwrap_or_else(|e| e.into_inner());
+            if carried.range(..first_held).next().is_none() {
+                return Err(ClusterError::Purged {
+                    group,
+                    index: range.start,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Who leads the group, updated on every change this replica sees.
+    pub fn leadership(&self) -> watch::Receiver<Leadership> {
+        self.leadership.subscribe()
+    }
+
+    /// The last index applied to the machine here (only committed entries are applied).
+    pub fn applied(&self) -> watch::Receiver<Option<u64>> {
+        self.shared.applied.subscribe()
+    }
+
+    /// Where this replica stands.
+    pub fn status(&self) -> GroupStatus {
+        let m = self.raft.metrics().borrow().clone();
+        GroupStatus {
+            leadership: *self.leadership.borrow(),
+            applied: *self.shared.applied.borrow(),
+            last_log: m.last_log_index,
+            snapshot: m.snapshot.map(|s| s.index),
+            purged: m.purged.map(|p| p.index),
+            voters: m.membership_config.membership().voter_ids().collect(),
+        }
+    }
+
+    /// Builds a snapshot now (besides every `snapshot_every` entries) and waits until it
+    /// covers what was applied when called, up to the propose timeout.
+    pub async fn snapshot_now(&self) -> Result<(), GroupError> {
+        let target = *self.shared.applied.borrow();
+        let timeout = GroupError::Timeout {
+            group: self.group(),
+            after: self.propose_timeout,
+        };
+        let deadline = tokio::time::Instant::now() + self.propose_timeout;
+        let mut metrics = self.raft.metrics();
+        loop {
+            let before = metrics.borrow_and_update().snapshot.map(|s| s.index);
+            if before >= target {
+                return Ok(());
+            }
+            // A trigger while a build runs is dropped by openraft: trigger again when the
+            // snapshot moves and still does not cover the target.
+            self.raft
+                .trigger()
+                .snapshot()
+                .await
+                .map_err(|e| self.stopped(e))?;
+            let moved = metrics.wait_for(|m| m.snapshot.map(|s| s.index) != before);
+            match tokio::time::timeout_at(deadline, moved).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => return Err(self.stopped("Raft stopped")),
+                Err(_) => return Err(timeout),
+            }
+        }
+    }
+
+    /// Adds `node` (member address `addr`) as a learner and waits until it has caught up
+    /// (from the log, or by installing a snapshot). This node must lead the group.
+    pub async fn add_learner(&self, node: NodeId, addr: &str) -> Result<(), GroupError> {
+        let result = self
+            .raft
+            .add_learner(node, BasicNode::new(addr), true)
+            .await;
+        result.map(|_| ()).map_err(|e| self.write_error(e))
+    }
+
+    /// Makes `voters` the group's voters (joint consensus; learners must exist for the
+    /// new ones). This node must lead the group.
+    pub async fn change_voters(&self, voters: BTreeSet<NodeId>) -> Result<(), GroupError> {
+        let result = self.raft.change_membership(voters, false).await;
+        result.map(|_| ()).map_err(|e| self.write_error(e))
+    }
+
+    fn write_error(&self, e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> GroupError {
+        let group = self.group();
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => GroupError::NotLeader {
+                group,
+                leader: f.leader_id,
+                leader_addr: f.leader_node.map(|n| n.addr),
+            },
+            RaftError::APIError(e) => GroupError::Membership {
+                group,
+                reason: e.to_string(),
+            },
+            RaftError::Fatal(e) => self.stopped(e),
+        }
+    }
+
+    fn stopped(&self, e: impl std::fmt::Display) -> GroupError {
+        GroupError::Stopped {
+            group: self.group(),
+            reason: e.to_string(),
+        }
+    }
+}
+
+/// Follows one group's openraft metrics: publishes its [`Leadership`], and purges its
+/// log up to the bound of its last snapshot when that moves. Ends with the group's Raft.
+async fn follow_metrics(handle: GroupHandle, leadership: watch::Sender<Leadership>) {
+    let mut metrics = handle.raft.metrics();
+    let mut purge_to = handle.shared.purge_to.subscribe();
+    let mut requested: Option<u64> = None;
+    loop {
+        let snapshot = {
+            let m = metrics.borrow_and_update();
+            let now = Leadership {
+                leader: m.current_leader,
+                term: m.current_term,
+                leads: m.state == ServerState::Leader && m.current_leader == Some(handle.node),
+            };
+            leadership.send_if_modified(|l| {
+                let changed = *l != now;
+                *l = now;
+                changed
+            });
+            m.snapshot.map(|s| s.index)
+        };
+        // openraft purges only what its snapshot covers, and hears of a snapshot after
+        // the adapter persisted it: wait for both.
+        let bound = (*purge_to.borrow_and_update()).min(snapshot);
+        if let Some(to) = bound.filter(|&to| Some(to) > requested) {
+            if handle.raft.trigger().purge_log(to).await.is_err() {
+                return;
+            }
+            requested = Some(to);
+        }
+        tokio::select! {
+            changed = metrics.changed() => if changed.is_err() { return },
+            changed = purge_to.changed() => if changed.is_err() { return },
+        }
+    }
+}

@@ -1,0 +1,631 @@
+//! Goal: the node-level host (`cluster/src/host/`) is what the broker can build on — a
+//! proposal resolves only once a majority has the entry (and fails with a typed error
+//! when there is none, or when this node does not lead), reads return the exact bytes as
+//! slices of the node log's mapping, the leadership watch follows a leader change, a
+//! restarted host recovers its groups and its machines from snapshot + log, a lagging
+//! member installs a snapshot that carries the payloads its machine still reads, and the
+//! log is purged only below the machine's lowest needed index.
+//! Method: three `Host`s in this process, each on its own temporary directory (real node
+//! log, fsync on every commit) and its own `127.0.0.1:0` peer port, several groups each,
+//! with a toy queue as the state machine: an entry is a message (`M` + body) or an ack
+//! range (`A` + from + to, message indexes), its snapshot the set of live message indexes
+//! (never their bytes). Stopping a node is `Host::shutdown` (its port closes as on a
+//! crash); restarting is `Host::start` on the same directory and port. Every wait is
+//! bounded; no timing is asserted beyond generous bounds.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes};
+use entrepot_cluster::{
+    ClusterError, GroupError, GroupHandle, GroupMachine, Host, HostConfig, MachineError, NodeId,
+};
+use entrepot_storage::LogConfig;
+use tokio::net::TcpListener;
+
+const NODES: u64 = 3;
+const WAIT: Duration = Duration::from_secs(20);
+const TEST_TIMEOUT: Duration = Duration::from_secs(90);
+/// A proposal's bound in these tests: long against a loaded debug build's commit, short
+/// enough for the test that waits it out.
+const PROPOSE_TIMEOUT: Duration = Duration::from_secs(3);
+
+// ---------------------------------------------------------------------------------------
+// The toy queue machine.
+
+#[derive(Clone, Default)]
+struct Queue {
+    state: Arc<Mutex<QueueState>>,
+}
+
+#[derive(Default, Debug)]
+struct QueueState {
+    live: BTreeSet<u64>,
+    next: u64,
+    /// `last_index` of every restore, in order.
+    restores: Vec<u64>,
+    /// Indexes applied since start (after any restore).
+    applied: Vec<u64>,
+}
+
+fn message(body: &[u8]) -> Bytes {
+    let mut b = Vec::with_capacity(1 + body.len());
+    b.push(b'M');
+    b.extend_from_slice(body);
+    Bytes::from(b)
+}
+
+fn ack(from: u64, to: u64) -> Bytes {
+    let mut b = Vec::with_capacity(17);
+    b.push(b'A');
+    b.put_u64_le(from);
+    b.put_u64_le(to);
+    Bytes::from(b)
+}
+
+impl Queue {
+    fn live(&self) -> BTreeSet<u64> {
+        self.state.lock().unwrap().live.clone()
+    }
+    fn restores(&self) -> Vec<u64> {
+        self.state.lock().unwrap().restores.clone()
+    }
+    fn applied(&self) -> Vec<u64> {
+        self.state.lock().unwrap().applied.clone()
+    }
+}
+
+impl GroupMachine for Queue {
+    fn apply(&mut self, index: u64, payload: Bytes) -> Result<(), MachineError> {
+        let mut s = self.state.lock().unwrap();
+        match payload.first() {
+            Some(b'M') => {
+                s.live.insert(index);
+            }
+            Some(b'A') if payload.len() == 17 => {
+                let mut r = &payload[1..];
+                let (from, to) = (r.get_u64_le(), r.get_u64_le());
+                s.live.retain(|i| !(from..to).contains(i));
+            }
+            _ => return Err(MachineError::msg(format!("bad entry at {index}"))),
+        }
+        s.next = index + 1;
+        s.applied.push(index);
+        Ok(())
+    }
+
+    fn snapshot(&self) -> Result<Bytes, MachineError> {
+        let s = self.state.lock().unwrap();
+        let mut b = Vec::new();
+        b.put_u64_le(s.next);
+        for i in &s.live {
+            b.put_u64_le(*i);
+        }
+        Ok(Bytes::from(b))
+    }
+
+    fn restore(&mut self, last_index: u64, state: Bytes) -> Result<(), MachineError> {
+        let mut s = self.state.lock().unwrap();
+        let mut r = &state[..];
+        if r.len() % 8 != 0 || r.is_empty() {
+            return Err(MachineError::msg("bad queue snapshot"));
+        }
+        s.next = r.get_u64_le();
+        s.live = std::iter::from_fn(|| (r.remaining() >= 8).then(|| r.get_u64_le())).collect();
+        s.restores.push(last_index);
+        s.next = s.next.max(last_index + 1);
+        Ok(())
+    }
+
+    fn lowest_needed(&self) -> u64 {
+        let s = self.state.lock().unwrap();
+        s.live.first().copied().unwrap_or(s.next)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Three hosts.
+
+struct Node {
+    host: Host,
+    queues: BTreeMap<u64, Queue>,
+}
+
+struct Cluster {
+    nodes: BTreeMap<NodeId, Node>,
+    addrs: BTreeMap<NodeId, String>,
+    dirs: BTreeMap<NodeId, tempfile::TempDir>,
+    groups: Vec<u64>,
+    snapshot_every: u64,
+}
+
+fn config(node: NodeId, dir: &Path, snapshot_every: u64) -> HostConfig {
+    let mut c = HostConfig::new(node, dir);
+    c.log = LogConfig {
+        segment_bytes: 1 << 20,
+        record_bytes_max: 512 << 10,
+        ..LogConfig::default()
+    };
+    // Slower than the broker's: nine replicas share two busy cores in a debug build.
+    c.heartbeat = Duration::from_millis(100);
+    c.election_timeout = Duration::from_millis(800)..Duration::from_millis(1600);
+    c.snapshot_every = snapshot_every;
+    c.purge_keep = 0;
+    c.propose_timeout = PROPOSE_TIMEOUT;
+    c
+}
+
+async fn start_node(
+    id: NodeId,
+    dir: &Path,
+    listener: TcpListener,
+    groups: &[u64],
+    snapshot_every: u64,
+) -> Node {
+    let host = Host::start(config(id, dir, snapshot_every), listener).unwrap();
+    let mut queues = BTreeMap::new();
+    for &g in groups {
+        let q = Queue::default();
+        host.open_group(g, q.clone()).await.unwrap();
+        queues.insert(g, q);
+    }
+    Node { host, queues }
+}
+
+impl Cluster {
+    /// Three hosts with `groups` each, every group formed by node `g % 3`; returns once
+    /// every group has a leader.
+    async fn start(groups: &[u64], snapshot_every: u64) -> Cluster {
+        let mut listeners = BTreeMap::new();
+        for id in 0..NODES {
+            listeners.insert(id, TcpListener::bind("127.0.0.1:0").await.unwrap());
+        }
+        let addrs: BTreeMap<NodeId, String> = listeners
+            .iter()
+            .map(|(id, l)| (*id, l.local_addr().unwrap().to_string()))
+            .collect();
+        let mut nodes = BTreeMap::new();
+        let mut dirs = BTreeMap::new();
+        for (id, listener) in listeners {
+            let dir = tempfile::tempdir().unwrap();
+            nodes.insert(
+                id,
+                start_node(id, dir.path(), listener, groups, snapshot_every).await,
+            );
+            dirs.insert(id, dir);
+        }
+        let cluster = Cluster {
+            nodes,
+            addrs,
+            dirs,
+            groups: groups.to_vec(),
+            snapshot_every,
+        };
+        for &g in groups {
+            cluster
+                .handle(g % NODES, g)
+                .bootstrap(&cluster.addrs)
+                .await
+                .unwrap();
+        }
+        for &g in groups {
+            cluster.leader(g).await;
+        }
+        cluster
+    }
+
+    fn handle(&self, node: NodeId, g: u64) -> GroupHandle {
+        self.nodes[&node].host.group(g).unwrap()
+    }
+
+    fn queue(&self, node: NodeId, g: u64) -> Queue {
+        self.nodes[&node].queues[&g].clone()
+    }
+
+    /// The node that leads `g`, as every running replica agrees.
+    async fn leader(&self, g: u64) -> NodeId {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let views: Vec<_> = self
+                .nodes
+                .keys()
+                .map(|&n| *self.handle(n, g).leadership().borrow())
+                .collect();
+            let leaders: BTreeSet<NodeId> = self
+                .nodes
+                .keys()
+                .filter(|&&n| self.handle(n, g).leadership().borrow().leads)
+                .copied()
+                .collect();
+            if leaders.len() == 1 {
+                let l = *leaders.first().unwrap();
+                if views.iter().all(|v| v.leader == Some(l)) {
+                    return l;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "group {g}: no agreed leader within {WAIT:?}: {views:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn stop(&mut self, id: NodeId) {
+        let node = self.nodes.remove(&id).unwrap();
+        node.host.shutdown().await;
+    }
+
+    async fn restart(&mut self, id: NodeId) {
+        let listener = TcpListener::bind(&self.addrs[&id]).await.unwrap();
+        let dir = self.dirs[&id].path().to_path_buf();
+        let node = start_node(id, &dir, listener, &self.groups, self.snapshot_every).await;
+        assert_eq!(node.host.recovered_groups().unwrap(), self.groups);
+        self.nodes.insert(id, node);
+    }
+
+    fn log_dir(&self, id: NodeId) -> PathBuf {
+        self.dirs[&id]
+            .path()
+            .join(entrepot_cluster::host::HOST_LOG_DIR)
+    }
+}
+
+/// Waits until `h` applied `index`.
+async fn applied_at_least(h: &GroupHandle, index: u64) {
+    let mut applied = h.applied();
+    tokio::time::timeout(WAIT, applied.wait_for(|a| a.is_some_and(|a| a >= index)))
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "group {} not applied up to {index}: {:?}",
+                h.group(),
+                h.status()
+            )
+        })
+        .unwrap();
+}
+
+/// Proposes `payloads` pipelined (all submitted before any is awaited); their indexes.
+async fn propose_all(h: &GroupHandle, payloads: &[Bytes]) -> Vec<u64> {
+    let mut pending = Vec::new();
+    for p in payloads {
+        pending.push(h.submit(p.clone()).await.unwrap());
+    }
+    let mut out = Vec::new();
+    for p in pending {
+        out.push(p.await.unwrap());
+    }
+    out
+}
+
+/// Whether `ptr..ptr+len` lies in a file mapping of this process under `dir`: the
+/// payload is a slice of a node-log segment's mapping, not a copy.
+fn mapped_under(bytes: &Bytes, dir: &Path) -> bool {
+    let start = bytes.as_ptr() as usize;
+    let end = start + bytes.len();
+    let dir = dir.canonicalize().unwrap();
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    maps.lines().any(|line| {
+        let mut fields = line.split_whitespace();
+        let range = fields.next().unwrap_or("");
+        let path = line.split_whitespace().nth(5).unwrap_or("");
+        let Some((lo, hi)) = range.split_once('-') else {
+            return false;
+        };
+        let (lo, hi) = (
+            usize::from_str_radix(lo, 16).unwrap(),
+            usize::from_str_radix(hi, 16).unwrap(),
+        );
+        lo <= start && end <= hi && Path::new(path).starts_with(&dir)
+    })
+}
+
+async fn bounded<F: std::future::Future>(f: F) -> F::Output {
+    if std::env::var_os("HOST_TEST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(if std::env::var_os("HOST_TEST_DEBUG").is_some() {
+                tracing::Level::DEBUG
+            } else {
+                tracing::Level::INFO
+            })
+            .with_test_writer()
+            .try_init();
+    }
+    tokio::time::timeout(TEST_TIMEOUT, f)
+        .await
+        .expect("test took too long")
+}
+
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proposal_resolves_on_a_majority_and_reads_are_slices_of_the_log() {
+    bounded(async {
+        let mut c = Cluster::start(&[1, 2, 3], u64::MAX).await;
+        let g = 2;
+        let leader = c.leader(g).await;
+        let h = c.handle(leader, g);
+        let bodies: Vec<Bytes> = (0..50)
+            .map(|i| message(format!("m{i}").as_bytes()))
+            .collect();
+        let indexes = propose_all(&h, &bodies).await;
+        assert!(indexes.windows(2).all(|w| w[0] < w[1]), "{indexes:?}");
+        // Every replica reads back exactly the bytes, from its node log's mapping.
+        let last = *indexes.last().unwrap();
+        for (&n, _) in c.nodes.iter() {
+            let r = c.handle(n, g);
+            applied_at_least(&r, last).await;
+            for (i, body) in indexes.iter().zip(&bodies) {
+                let got = r.read(*i).unwrap().expect("a payload entry");
+                assert_eq!(got, *body, "node {n} index {i}");
+                assert!(
+                    mapped_under(&got, &c.log_dir(n)),
+                    "node {n}: a copy, not the log"
+                );
+            }
+            let range = r.read_range(indexes[0]..last + 1).unwrap();
+            assert_eq!(range.len(), bodies.len());
+            assert!(range.iter().map(|(_, b)| b).eq(bodies.iter()));
+            assert!(matches!(
+                r.read(last + 100),
+                Err(ClusterError::NotApplied { .. })
+            ));
+        }
+        // A follower refuses, naming the leader.
+        let follower = (0..NODES).find(|&n| n != leader).unwrap();
+        let refused = c.handle(follower, g).propose(message(b"x")).await;
+        assert!(
+            matches!(refused, Err(GroupError::NotLeader { leader: Some(l), .. }) if l == leader),
+            "{refused:?}"
+        );
+        // One follower stopped: still a majority.
+        let followers: Vec<NodeId> = (0..NODES).filter(|&n| n != leader).collect();
+        c.stop(followers[0]).await;
+        let i = h.propose(message(b"two of three")).await.unwrap();
+        assert!(i > last);
+        assert_eq!(h.read(i).unwrap().unwrap(), message(b"two of three"));
+        // Two stopped: no majority; the proposal never resolves Ok.
+        c.stop(followers[1]).await;
+        let started = tokio::time::Instant::now();
+        let lost = h.propose(message(b"one of three")).await;
+        assert!(matches!(lost, Err(GroupError::Timeout { .. })), "{lost:?}");
+        assert!(started.elapsed() >= PROPOSE_TIMEOUT);
+        assert_eq!(
+            *h.applied().borrow(),
+            Some(i),
+            "nothing applied without a quorum"
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leadership_watch_follows_a_leader_change() {
+    bounded(async {
+        let mut c = Cluster::start(&[4, 5], u64::MAX).await;
+        let g = 4;
+        let old = c.leader(g).await;
+        let old_term = c.handle(old, g).leadership().borrow().term;
+        let survivors: Vec<NodeId> = (0..NODES).filter(|&n| n != old).collect();
+        let mut watches: Vec<_> = survivors
+            .iter()
+            .map(|&n| c.handle(n, g).leadership())
+            .collect();
+        c.stop(old).await;
+        for w in &mut watches {
+            let seen = tokio::time::timeout(
+                WAIT,
+                w.wait_for(|l| l.leader.is_some() && l.leader != Some(old) && l.term > old_term),
+            )
+            .await
+            .expect("a new leader within WAIT")
+            .unwrap()
+            .to_owned();
+            assert!(seen.leader.is_some());
+        }
+        let new = c.leader(g).await;
+        assert_ne!(new, old);
+        let leads: Vec<bool> = survivors
+            .iter()
+            .map(|&n| c.handle(n, g).leadership().borrow().leads)
+            .collect();
+        assert_eq!(leads.iter().filter(|l| **l).count(), 1, "{leads:?}");
+        c.handle(new, g)
+            .propose(message(b"after the change"))
+            .await
+            .unwrap();
+        let other = c.leader(5).await;
+        c.handle(other, 5)
+            .propose(message(b"other group"))
+            .await
+            .unwrap();
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_host_recovers_its_groups_from_snapshot_and_log() {
+    bounded(async {
+        let groups = [6, 7];
+        let mut c = Cluster::start(&groups, u64::MAX).await;
+        let mut expected = BTreeMap::new();
+        let mut snapshot_at = BTreeMap::new();
+        let mut last = BTreeMap::new();
+        for &g in &groups {
+            let h = c.handle(c.leader(g).await, g);
+            let bodies: Vec<Bytes> = (0..30)
+                .map(|i| message(format!("g{g} m{i}").as_bytes()))
+                .collect();
+            let idx = propose_all(&h, &bodies).await;
+            h.propose(ack(idx[0], idx[10])).await.unwrap();
+            // A snapshot on every replica, then more after it.
+            for n in 0..NODES {
+                let r = c.handle(n, g);
+                applied_at_least(&r, *idx.last().unwrap()).await;
+                r.snapshot_now().await.unwrap();
+            }
+            snapshot_at.insert(g, c.handle(0, g).status().snapshot.unwrap());
+            let more: Vec<Bytes> = (30..40)
+                .map(|i| message(format!("g{g} m{i}").as_bytes()))
+                .collect();
+            let idx2 = propose_all(&h, &more).await;
+            let l = h.propose(ack(idx[10], idx[20])).await.unwrap();
+            last.insert(g, l);
+            let mut want = BTreeMap::new();
+            for (i, b) in idx
+                .iter()
+                .zip(&bodies)
+                .skip(20)
+                .chain(idx2.iter().zip(&more))
+            {
+                want.insert(*i, b.clone());
+            }
+            for n in 0..NODES {
+                applied_at_least(&c.handle(n, g), l).await;
+                assert_eq!(c.queue(n, g).live(), want.keys().copied().collect());
+            }
+            expected.insert(g, want);
+        }
+        for n in 0..NODES {
+            c.stop(n).await;
+        }
+        for n in 0..NODES {
+            c.restart(n).await;
+        }
+        for &g in &groups {
+            c.leader(g).await;
+            for n in 0..NODES {
+                let h = c.handle(n, g);
+                applied_at_least(&h, last[&g]).await;
+                let q = c.queue(n, g);
+                assert_eq!(q.restores(), vec![snapshot_at[&g]], "node {n} group {g}");
+                assert!(
+                    q.applied().first().is_some_and(|&i| i > snapshot_at[&g]),
+                    "node {n} group {g}: re-applied only after the snapshot"
+                );
+                assert_eq!(q.live(), expected[&g].keys().copied().collect(), "node {n}");
+                for (i, body) in &expected[&g] {
+                    assert_eq!(
+                        h.read(*i).unwrap().as_ref(),
+                        Some(body),
+                        "node {n} index {i}"
+                    );
+                }
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_member_installs_a_snapshot_carrying_the_payloads_it_needs() {
+    bounded(async {
+        let g = 8;
+        // Snapshots every 16 entries: the stopped member falls behind the purge.
+        let mut c = Cluster::start(&[g], 16).await;
+        let leader = c.leader(g).await;
+        let lagging = (0..NODES).find(|&n| n != leader).unwrap();
+        c.stop(lagging).await;
+        let h = c.handle(leader, g);
+        let bodies: Vec<Bytes> = (0..100)
+            .map(|i| message(format!("late {i}").as_bytes()))
+            .collect();
+        let idx = propose_all(&h, &bodies).await;
+        let l = h.propose(ack(idx[0], idx[60])).await.unwrap();
+        h.snapshot_now().await.unwrap();
+        // The leader purged past everything the lagging member holds, but not past the
+        // oldest live message.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while h.status().purged < Some(idx[59]) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no purge: {:?}",
+                h.status()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(h.status().purged < Some(idx[60]), "{:?}", h.status());
+        c.restart(lagging).await;
+        let r = c.handle(lagging, g);
+        applied_at_least(&r, l).await;
+        let q = c.queue(lagging, g);
+        assert!(
+            !q.restores().is_empty(),
+            "caught up without a snapshot install"
+        );
+        assert_eq!(q.live(), c.queue(leader, g).live());
+        assert_eq!(q.live(), idx[60..].iter().copied().collect());
+        for (i, body) in idx.iter().zip(&bodies).skip(60) {
+            assert_eq!(r.read(*i).unwrap().as_ref(), Some(body), "index {i}");
+        }
+        let range = r.read_range(idx[60]..l).unwrap();
+        assert!(range.iter().map(|(_, b)| b).eq(bodies[60..].iter()));
+        // It goes on following.
+        let next = h.propose(message(b"after the install")).await.unwrap();
+        applied_at_least(&r, next).await;
+        assert_eq!(
+            r.read(next).unwrap().unwrap(),
+            message(b"after the install")
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_is_purged_only_below_the_lowest_needed_index() {
+    bounded(async {
+        let g = 9;
+        let c = Cluster::start(&[g], u64::MAX).await;
+        let leader = c.leader(g).await;
+        let h = c.handle(leader, g);
+        let bodies: Vec<Bytes> = (0..40)
+            .map(|i| message(format!("p{i}").as_bytes()))
+            .collect();
+        let idx = propose_all(&h, &bodies).await;
+        let a = h.propose(ack(idx[0], idx[10])).await.unwrap();
+        let low = idx[10];
+        for n in 0..NODES {
+            let r = c.handle(n, g);
+            applied_at_least(&r, a).await;
+            r.snapshot_now().await.unwrap();
+            assert_eq!(r.status().snapshot, Some(a));
+            let deadline = tokio::time::Instant::now() + WAIT;
+            while r.status().purged != Some(low - 1) {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "node {n}: {:?}",
+                    r.status()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert!(matches!(r.read(low - 1), Err(ClusterError::Purged { .. })));
+            for (i, body) in idx.iter().zip(&bodies).skip(10) {
+                assert_eq!(
+                    r.read(*i).unwrap().as_ref(),
+                    Some(body),
+                    "node {n} index {i}"
+                );
+            }
+        }
+        // Everything acknowledged: the next snapshot lets the log go up to it.
+        let b = h.propose(ack(idx[10], idx[39] + 1)).await.unwrap();
+        for n in 0..NODES {
+            let r = c.handle(n, g);
+            applied_at_least(&r, b).await;
+            r.snapshot_now().await.unwrap();
+            let deadline = tokio::time::Instant::now() + WAIT;
+            while r.status().purged != Some(b) {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "node {n}: {:?}",
+                    r.status()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    })
+    .await
+}
