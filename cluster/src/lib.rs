@@ -47,11 +47,19 @@
 //!   commit covers every group, a segment goes when no group needs it (issue 12 step 4;
 //!   not wired into the broker yet, which runs one [`LogStore`] per node).
 //!
+//! * [`host`]: the node-level host the broker is to use instead of openraft (issue 12
+//!   point 5): a [`Host`] owns the node log, the registry, the network and the peer
+//!   server; a [`GroupHandle`] per group proposes (resolving with the committed log
+//!   index), reads committed payloads as zero-copy slices of the node log, and watches
+//!   leadership; the group's state machine is a [`GroupMachine`] (indexes and payloads,
+//!   no openraft type), snapshots carry the payloads it still needs, and the log is
+//!   purged only below its lowest needed index.
+//!
 //! * [`placement`]: which members hold each Raft group's replicas and which should lead,
 //!   balanced and moved as little as possible (pure; not wired in yet — issue 12 step 5).
 //!
-//! Not here yet: one group per address (the node log is its storage half, unused so far;
-//! the broker registers its one Raft as group 0, [`METADATA_GROUP`]).
+//! Not here yet: one group per address in the broker (the host is built for it, unused so
+//! far; the broker registers its one Raft as group 0, [`METADATA_GROUP`]).
 //!
 //! On-disk formats: `cluster/FORMAT.md`.
 //!

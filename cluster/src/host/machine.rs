@@ -179,7 +179,7 @@ impl<M: GroupMachine> Adapter<M> {
         let held_from = self.shared.log_first_held().map_err(sm_error)?;
         let carried: BTreeMap<u64, Bytes> = self
             .shared
-            .carried_range(lowest_needed, held_from.unwrap_or(u64::MAX))
+            .carried_range(lowest_needed, held_from)
             .map_err(sm_error)?;
         let parts =
             host_snapshot::encode_parts(lowest_needed, &state, &carried).map_err(sm_error)?;

@@ -406,13 +406,11 @@ impl GroupShared {
     }
 
     /// First index the node log may hold for this group (after its purge point).
-    fn log_first_held(&self) -> Result<Option<u64>> {
+    fn log_first_held(&self) -> Result<u64> {
         let state = self.node_log.log_state(self.group)?;
-        Ok(Some(
-            state
-                .last_purged_log_id
-                .map_or(0, |p| p.index.saturating_add(1)),
-        ))
+        Ok(state
+            .last_purged_log_id
+            .map_or(0, |p| p.index.saturating_add(1)))
     }
 
     fn carried_range(&self, from: u64, to: u64) -> Result<BTreeMap<u64, Bytes>> {
@@ -568,7 +566,9 @@ impl GroupHandle {
 
     /// The payload entries of `range` (blank and membership entries left out), in
     /// order; at most [`MAX_READ_ENTRIES`] indexes are looked at, and nothing above the
-    /// applied index. Errors as [`Self::read`] for its first index.
+    /// applied index. Indexes the group no longer keeps are left out; a range that starts
+    /// above the applied index is [`ClusterError::NotApplied`], one that starts below
+    /// everything kept and finds nothing [`ClusterError::Purged`].
     pub fn read_range(&self, range: Range<u64>) -> Result<Vec<(u64, Bytes)>> {
         let group = self.group();
         let applied = *self.shared.applied.borrow();
@@ -590,7 +590,7 @@ impl GroupHandle {
             .end
             .min(applied.saturating_add(1))
             .min(range.start.saturating_add(MAX_READ_ENTRIES));
-        let first_held = self.shared.log_first_held()?.unwrap_or(0);
+        let first_held = self.shared.log_first_held()?;
         let mut out: Vec<(u64, Bytes)> = self
             .shared
             .carried_range(range.start, end.min(first_held))?
