@@ -13,6 +13,11 @@
 #   cluster-fwd   a follower of the same cluster, which forwards to the leader
 #   cluster-tls   the leader of a fresh 3-node cluster whose inter-node traffic is TLS
 #                 (--cluster-tls-*, mutual; certificates made here with openssl)
+# and p1k-8x8q (8 / 8 over 8 queues, issue 12's acceptance workload) against
+#   single        one node
+#   cluster-spread  the 3-node cluster, connections spread over every node
+# whose ratio is the last line: `ratio cluster/single p1k-8x8: R`, with per-node CPU µs and
+# bytes written per message (/proc/PID/stat, /proc/PID/io) and the leader of each run.
 #
 # Usage: benches/cluster.sh      Env: DURATION (s per run, default 10), WARMUP (default 2),
 #                                     FAILOVER_ROUNDS (default 3)
@@ -73,13 +78,36 @@ wait_leader() { # wait_leader NODES... → leader id
     echo "no leader" >&2; return 1
 }
 
-bench() { # bench NAME URL PRODUCERS CONSUMERS
-    local name=$1 url=$2 p=$3 c=$4
-    step "$name: $p producers / $c consumers, ${duration}s"
-    "$bench_bin" --quiet --url "$url" --address "bench-$name-$p" --persistent --size 1024 \
+bench() { # bench NAME URL PRODUCERS CONSUMERS [QUEUES]
+    local name=$1 url=$2 p=$3 c=$4 q=${5:-1} case="p1k-${3}x${4}"
+    [ "$q" -gt 1 ] && case="${case}q"
+    step "$name: $p producers / $c consumers over $q queue(s), ${duration}s"
+    "$bench_bin" --quiet --url "$url" --address "bench-$name-$p" --queues "$q" --persistent --size 1024 \
         --producers "$p" --consumers "$c" --window 64 --duration "$duration" --warmup "$warmup" \
-        --timeout "$run_timeout" --json "$out/p1k-${p}x${c}-$name.json" >"$out/p1k-${p}x${c}-$name.txt" 2>&1 ||
-        step "$name run failed: $(tail -3 "$out/p1k-${p}x${c}-$name.txt")"
+        --timeout "$run_timeout" --json "$out/$case-$name.json" >"$out/$case-$name.txt" 2>&1 ||
+        step "$name run failed: $(tail -3 "$out/$case-$name.txt")"
+}
+
+# Per-process counters: CPU ticks (utime+stime) and bytes written to storage.
+proc_cpu() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+proc_wbytes() { awk '/^write_bytes:/ {print $2}' "/proc/$1/io" 2>/dev/null || echo 0; }
+hz=$(getconf CLK_TCK)
+declare -A cpu0 wb0
+nodes_mark() { # nodes_mark PIDS...: remember every node's counters
+    for p in "$@"; do cpu0[$p]=$(proc_cpu "$p"); wb0[$p]=$(proc_wbytes "$p"); done
+}
+nodes_report() { # nodes_report JSON PIDS...: per node CPU µs and bytes written per message
+    local json=$1; shift
+    # Every message the run delivered (warm-up and drain included, as the counters are).
+    local msgs; msgs=$(jq -r '.delivered // 0' "$json" 2>/dev/null || echo 0)
+    [ "${msgs:-0}" -gt 0 ] 2>/dev/null || { echo "no messages counted in $json"; return 0; }
+    local i=0
+    for p in "$@"; do
+        local dc=$(( $(proc_cpu "$p") - ${cpu0[$p]} )) dw=$(( $(proc_wbytes "$p") - ${wb0[$p]} ))
+        awk -v n="$i" -v c="$dc" -v hz="$hz" -v w="$dw" -v m="$msgs" 'BEGIN {
+            printf "node %s: %.1f CPU us/msg, %.0f bytes written/msg\n", n, c / hz * 1e6 / m, w / m }'
+        i=$(( i + 1 ))
+    done
 }
 
 # --- single node ---------------------------------------------------------------------------
@@ -89,6 +117,9 @@ single=$!; pids+=($single)
 sleep 1
 bench single amqp://127.0.0.1:5750 1 1
 bench single amqp://127.0.0.1:5750 8 8
+nodes_mark "$single"
+bench single amqp://127.0.0.1:5750 8 8 8
+single_nodes="$(nodes_report "$out/p1k-8x8q-single.json" "$single")"
 kill "$single"; wait "$single" 2>/dev/null || true
 
 # --- three nodes -----------------------------------------------------------------------------
@@ -99,6 +130,10 @@ step "cluster formed, leader $leader"
 bench cluster "amqp://127.0.0.1:574$leader" 1 1
 bench cluster "amqp://127.0.0.1:574$leader" 8 8
 bench cluster-fwd "amqp://127.0.0.1:574$follower" 8 8
+nodes_mark "${node_pid[0]}" "${node_pid[1]}" "${node_pid[2]}"
+bench cluster-spread "amqp://127.0.0.1:5740,amqp://127.0.0.1:5741,amqp://127.0.0.1:5742" 8 8 8
+spread_nodes="$(nodes_report "$out/p1k-8x8q-cluster-spread.json" "${node_pid[0]}" "${node_pid[1]}" "${node_pid[2]}")"
+spread_leader="$(leader_of 0 1 2)"
 
 # --- failover: SIGKILL the leader under load ------------------------------------------------
 failover=()

@@ -90,7 +90,7 @@ async fn produce_inner(
 ) -> anyhow::Result<()> {
     let args = &ctx.workload.args;
     let mut conn = connect(
-        &args.url,
+        args.url_for(producer),
         &format!("bench-p{producer}-{}", ctx.run_id),
         args.nagle,
     )
@@ -99,7 +99,7 @@ async fn produce_inner(
     let mut sender = Sender::attach(
         &mut session,
         format!("bench-p{producer}"),
-        args.address.as_str(),
+        args.target_for(producer),
     )
     .await
     .context("attach sender")?;
@@ -215,9 +215,9 @@ async fn consume_inner(
     stats: &mut ConsumerStats,
 ) -> anyhow::Result<()> {
     let args = &ctx.workload.args;
-    let source = args.consumer_address.as_deref().unwrap_or(&args.address);
+    let source = args.source_for(consumer);
     let mut conn = connect(
-        &args.url,
+        args.url_for(consumer),
         &format!("bench-c{consumer}-{}", ctx.run_id),
         args.nagle,
     )

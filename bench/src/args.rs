@@ -18,15 +18,26 @@ pub const SIZE_BYTES_MAX: usize = 64 * 1024 * 1024;
 pub const CLIENTS_MAX: u32 = 10_000;
 /// Most `--processes` of one run.
 pub const PROCESSES_MAX: u32 = 64;
+/// Most `--queues` of one run.
+pub const QUEUES_MAX: u32 = 1024;
+/// Most broker URLs in one `--url` list.
+pub const URLS_MAX: usize = 64;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// AMQP 1.0 broker, `amqp://[user:password@]host:port` (user and password: SASL PLAIN).
+    /// AMQP 1.0 broker, `amqp://[user:password@]host:port` (user and password: SASL PLAIN);
+    /// several, comma-separated (the nodes of a cluster), spread the connections over them:
+    /// producer and consumer `i` connect to URL `i mod n`.
     #[arg(long, default_value = "amqp://127.0.0.1:5672")]
     pub url: String,
     /// Target address of the producers and source address of the consumers.
     #[arg(long, default_value = "bench")]
     pub address: String,
+    /// Spread the run over this many queues, `<address>-0` … `<address>-(n-1)`: producer
+    /// and consumer `i` use queue `i mod n` (every queue needs a consumer). 1: `--address`
+    /// itself.
+    #[arg(long, default_value_t = 1)]
+    pub queues: u32,
     /// Source address of the consumers, if it differs from --address (for example a
     /// RabbitMQ `/exchange/amq.fanout/x` binding for fan-out runs).
     #[arg(long)]
@@ -266,7 +277,27 @@ impl BenchArgs {
         if let Some(nats) = &self.nats_url {
             url_host_port(nats).context("--nats-url")?;
         } else {
-            url_host_port(&self.url).context("--url")?;
+            let urls: Vec<&str> = self.urls().collect();
+            if urls.len() > URLS_MAX {
+                bail!("--url lists {} brokers; at most {URLS_MAX}", urls.len());
+            }
+            for url in urls {
+                url_host_port(url).with_context(|| format!("--url {url:?}"))?;
+            }
+        }
+        if self.queues == 0 || self.queues > QUEUES_MAX {
+            bail!("--queues must be 1..={QUEUES_MAX}");
+        }
+        if self.queues > 1 {
+            if self.nats_url.is_some() || self.topic_subscribers.is_some() {
+                bail!("--queues > 1 is for competing AMQP consumers only");
+            }
+            if total != 0 && total < self.queues {
+                bail!(
+                    "--queues {}: every queue needs a consumer, but there are {total}",
+                    self.queues
+                );
+            }
         }
         Ok(Workload {
             args: self,
@@ -277,6 +308,39 @@ impl BenchArgs {
             drain,
             timeout,
         })
+    }
+}
+
+impl BenchArgs {
+    /// The brokers of `--url`, in order.
+    pub fn urls(&self) -> impl Iterator<Item = &str> {
+        self.url.split(',').map(str::trim).filter(|u| !u.is_empty())
+    }
+
+    /// The broker client `i` (a producer's or a consumer's global index) connects to.
+    pub fn url_for(&self, i: u32) -> &str {
+        let urls: Vec<&str> = self.urls().collect();
+        match urls.len() {
+            0 => self.url.as_str(),
+            n => urls[i as usize % n],
+        }
+    }
+
+    /// The queue producer `i` sends to.
+    pub fn target_for(&self, i: u32) -> String {
+        self.queue_name(&self.address, i)
+    }
+
+    /// The queue consumer `i` receives from.
+    pub fn source_for(&self, i: u32) -> String {
+        self.queue_name(self.consumer_address.as_deref().unwrap_or(&self.address), i)
+    }
+
+    fn queue_name(&self, base: &str, i: u32) -> String {
+        match self.queues {
+            0 | 1 => base.to_owned(),
+            n => format!("{base}-{}", i % n),
+        }
     }
 }
 
@@ -336,5 +400,53 @@ mod tests {
         assert!(url_host_port("127.0.0.1:5672").is_err());
         assert_eq!(redacted("amqp://guest:secret@h:1"), "amqp://guest:***@h:1");
         assert_eq!(redacted("amqp://h:1"), "amqp://h:1");
+    }
+
+    fn parse(extra: &[&str]) -> anyhow::Result<Workload> {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            bench: BenchArgs,
+        }
+        let argv = std::iter::once("entrepot-bench").chain(extra.iter().copied());
+        let cli = <Cli as clap::Parser>::try_parse_from(argv)?;
+        cli.bench.into_workload()
+    }
+
+    #[test]
+    fn urls_and_queues_spread_the_clients() {
+        let w = parse(&[
+            "--url",
+            "amqp://127.0.0.1:5740, amqp://127.0.0.1:5741,amqp://127.0.0.1:5742",
+            "--address",
+            "q",
+            "--queues",
+            "8",
+            "--producers",
+            "8",
+            "--consumers",
+            "8",
+        ])
+        .expect("valid");
+        let a = &w.args;
+        assert_eq!(a.url_for(0), "amqp://127.0.0.1:5740");
+        assert_eq!(a.url_for(1), "amqp://127.0.0.1:5741");
+        assert_eq!(a.url_for(5), "amqp://127.0.0.1:5742");
+        assert_eq!(a.target_for(3), "q-3");
+        assert_eq!(a.source_for(11), "q-3");
+        let one = parse(&["--address", "q"]).expect("valid");
+        assert_eq!(one.args.target_for(7), "q");
+        assert_eq!(one.args.url_for(3), "amqp://127.0.0.1:5672");
+    }
+
+    #[test]
+    fn queues_without_a_consumer_each_are_refused() {
+        let err = parse(&["--queues", "4", "--consumers", "2"]).expect_err("refused");
+        assert!(
+            err.to_string().contains("every queue needs a consumer"),
+            "{err}"
+        );
+        assert!(parse(&["--queues", "0"]).is_err());
+        assert!(parse(&["--url", "amqp://a:1,nohost"]).is_err());
     }
 }

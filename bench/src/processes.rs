@@ -281,6 +281,7 @@ fn child_args(a: &BenchArgs, p: u32, c: u32, spec: ChildSpec, json: &Path) -> Ve
     };
     flag("url", a.url.clone());
     flag("address", a.address.clone());
+    flag("queues", a.queues.to_string());
     if let Some(ca) = &a.consumer_address {
         flag("consumer-address", ca.clone());
     }
