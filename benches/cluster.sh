@@ -20,7 +20,7 @@
 # bytes written per message (/proc/PID/stat, /proc/PID/io) and the leader of each run.
 #
 # Usage: benches/cluster.sh      Env: DURATION (s per run, default 10), WARMUP (default 2),
-#                                     FAILOVER_ROUNDS (default 3)
+#                                     FAILOVER_ROUNDS (default 3), TLS (0: skip the TLS phase)
 # Output: a table on stdout and under target/cluster-bench/ (JSON per run, table.md).
 set -euo pipefail
 
@@ -164,7 +164,9 @@ done
 
 # --- three nodes, inter-node TLS ------------------------------------------------------------
 for i in 0 1 2; do kill -9 "${node_pid[$i]}" 2>/dev/null || true; rm -rf "$work/n$i"; done
-if command -v openssl >/dev/null; then
+if [ "${TLS:-1}" = 0 ]; then
+    step "TLS=0: the inter-node TLS phase is skipped"
+elif command -v openssl >/dev/null; then
     step "certificates for inter-node TLS"
     (cd "$work" &&
         openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
@@ -198,4 +200,11 @@ fi
     echo "| failover round | leader killed → new | kill → new leader (ms) | kill → first acceptance (ms) |"
     echo "|---|---|---:|---:|"
     printf '%s\n' "${failover[@]}"
+    echo
+    echo "p1k-8x8q single: $single_nodes"
+    echo "p1k-8x8q cluster-spread (one Raft group: every address led by node ${spread_leader:-?}):"
+    echo "$spread_nodes"
+    s=$(jq -r '.send_msgs_per_s // 0' "$out/p1k-8x8q-single.json" 2>/dev/null || echo 0)
+    c=$(jq -r '.send_msgs_per_s // 0' "$out/p1k-8x8q-cluster-spread.json" 2>/dev/null || echo 0)
+    awk -v s="$s" -v c="$c" 'BEGIN { printf "ratio cluster/single p1k-8x8: %.2f\n", (s > 0 ? c / s : 0) }'
 } | tee "$out/table.md"
