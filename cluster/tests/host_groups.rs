@@ -3,8 +3,9 @@
 //! when there is none, or when this node does not lead), reads return the exact bytes as
 //! slices of the node log's mapping, the leadership watch follows a leader change, a
 //! restarted host recovers its groups and its machines from snapshot + log, a lagging
-//! member installs a snapshot that carries the payloads its machine still reads, and the
-//! log is purged only below the machine's lowest needed index.
+//! member installs a snapshot that carries the payloads its machine still reads (and
+//! keeps them across a restart), and the log is purged only below the machine's lowest
+//! needed index.
 //! Method: three `Host`s in this process, each on its own temporary directory (real node
 //! log, fsync on every commit) and its own `127.0.0.1:0` peer port, several groups each,
 //! with a toy queue as the state machine: an entry is a message (`M` + body) or an ack
@@ -570,6 +571,21 @@ async fn a_lagging_member_installs_a_snapshot_carrying_the_payloads_it_needs() {
             r.read(next).unwrap().unwrap(),
             message(b"after the install")
         );
+        // The carried payloads were persisted with the installed snapshot: after a
+        // restart they are read from there (its log never held them).
+        c.stop(lagging).await;
+        c.restart(lagging).await;
+        let r = c.handle(lagging, g);
+        let q = c.queue(lagging, g);
+        applied_at_least(&r, next).await;
+        assert_eq!(q.live(), c.queue(leader, g).live());
+        for (i, body) in idx.iter().zip(&bodies).skip(60) {
+            assert_eq!(
+                r.read(*i).unwrap().as_ref(),
+                Some(body),
+                "after restart, index {i}"
+            );
+        }
     })
     .await
 }
