@@ -645,3 +645,40 @@ async fn the_log_is_purged_only_below_the_lowest_needed_index() {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_replica_reopens_from_the_node_log_and_catches_up() {
+    bounded(async {
+        let g = 10;
+        let mut c = Cluster::start(&[g, 11], u64::MAX).await;
+        let leader = c.leader(g).await;
+        let h = c.handle(leader, g);
+        let first = propose_all(&h, &[message(b"before"), ack(0, 0)]).await;
+        let closed = (0..NODES).find(|&n| n != leader).unwrap();
+        applied_at_least(&c.handle(closed, g), first[1]).await;
+        let node = c.nodes.get_mut(&closed).unwrap();
+        assert!(node.host.close_group(g).await);
+        assert!(node.host.group(g).is_none());
+        assert!(!node.host.close_group(g).await, "closed twice");
+        // The other group of that node is untouched; this one commits on two of three.
+        let other = c.leader(11).await;
+        c.handle(other, 11)
+            .propose(message(b"other"))
+            .await
+            .unwrap();
+        let later = h.propose(message(b"while closed")).await.unwrap();
+        // Reopened with a fresh machine: the log is re-applied and it catches up.
+        let q = Queue::default();
+        let node = c.nodes.get_mut(&closed).unwrap();
+        let r = node.host.open_group(g, q.clone()).await.unwrap();
+        node.queues.insert(g, q.clone());
+        applied_at_least(&r, later).await;
+        assert_eq!(q.live(), [first[0], later].into_iter().collect());
+        assert_eq!(r.read(later).unwrap().unwrap(), message(b"while closed"));
+        assert!(matches!(
+            node.host.open_group(g, Queue::default()).await,
+            Err(ClusterError::GroupAlreadyOpen { .. })
+        ));
+    })
+    .await
+}

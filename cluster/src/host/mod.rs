@@ -351,6 +351,26 @@ impl Host {
         Ok(handle)
     }
 
+    /// Stops this node's replica of `group`: peers' RPCs for it are refused as for an
+    /// unknown group from now on, its state stays in the node log and its snapshot, and
+    /// [`Host::open_group`] starts it again (a replica moving away, or an idle one
+    /// stopped). False when the group is not open (or still opening).
+    pub async fn close_group(&self, group: GroupId) -> bool {
+        let handle = {
+            let mut groups = self.lock_groups();
+            match groups.get(&group) {
+                Some(Some(_)) => groups.remove(&group).flatten(),
+                _ => None,
+            }
+        };
+        let Some(handle) = handle else {
+            return false;
+        };
+        self.inner.registry.remove(group);
+        let _ = handle.raft.shutdown().await;
+        true
+    }
+
     /// Stops every group and the peer port, as a process exit would (the node log keeps
     /// everything durable; [`Host::start`] on the same directory recovers it).
     pub async fn shutdown(self) {
