@@ -31,7 +31,7 @@ const WAIT: Duration = Duration::from_secs(20);
 const TEST_TIMEOUT: Duration = Duration::from_secs(90);
 /// A proposal's bound in these tests: long against a loaded debug build's commit, short
 /// enough for the test that waits it out.
-const PROPOSE_TIMEOUT: Duration = Duration::from_secs(3);
+const PROPOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 // ---------------------------------------------------------------------------------------
 // The toy queue machine.
