@@ -39,7 +39,7 @@
 //! forces one). `ENTREPOT_ELASTICITY_VERBOSE=1` prints every client reconnect. Fails
 //! where Docker is not usable, unless `ENTREPOT_TEST_ALLOW_SKIP=1`.
 
-mod load;
+pub(crate) mod load;
 mod plot;
 mod statefulset;
 mod timeline;

@@ -10,6 +10,7 @@ mod bench_tool;
 mod campaign;
 mod client;
 mod cluster;
+mod cluster_campaign;
 mod cluster_interop;
 mod cluster_membership;
 mod cluster_netns;
