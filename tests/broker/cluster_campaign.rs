@@ -272,22 +272,7 @@ fn judge(load: &Load, rounds: &[Round]) {
     if v.confirmed == 0 || v.consumed == 0 {
         failures.push("nothing was accepted or consumed".to_owned());
     }
-    if !v.lost.is_empty() {
-        failures.push(format!("{} accepted messages lost", v.lost.len()));
-    }
-    if !v.duplicated.is_empty() {
-        failures.push(format!(
-            "{} messages delivered again after a consumer's settled accepted",
-            v.duplicated.len()
-        ));
-    }
-    if !v.ghosts.is_empty() || !v.foreign.is_empty() {
-        failures.push(format!(
-            "{} refused messages delivered, {} foreign deliveries",
-            v.ghosts.len(),
-            v.foreign.len()
-        ));
-    }
+    failures.extend(v.broken_promises());
     for (i, r) in rounds.iter().enumerate() {
         match r.served_again_ms() {
             Some(ms) if ms <= SERVED_AGAIN_LIMIT.as_millis() as u64 => {}

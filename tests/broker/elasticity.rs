@@ -407,22 +407,7 @@ impl Run {
             v.duplicated.len()
         );
         let mut failures = self.problems.clone();
-        if !v.lost.is_empty() {
-            failures.push(format!("{} accepted messages lost", v.lost.len()));
-        }
-        if !v.duplicated.is_empty() {
-            failures.push(format!(
-                "{} messages delivered again after a consumer's settled accepted",
-                v.duplicated.len()
-            ));
-        }
-        if !v.ghosts.is_empty() || !v.foreign.is_empty() {
-            failures.push(format!(
-                "{} refused messages delivered, {} foreign deliveries",
-                v.ghosts.len(),
-                v.foreign.len()
-            ));
-        }
+        failures.extend(v.broken_promises());
         if max_stall_s > MAX_STALL_S {
             failures.push(format!(
                 "{} made no progress for {max_stall_s:.2} s (until {:.1} s) with work to do \

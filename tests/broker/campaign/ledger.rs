@@ -297,6 +297,30 @@ pub struct Verdict {
 }
 
 impl Verdict {
+    /// The ledger's promises this verdict breaks, one line each (empty: none): an
+    /// accepted message lost, one delivered again after a consumer's settled accepted, a
+    /// refused one delivered, a foreign delivery.
+    pub fn broken_promises(&self) -> Vec<String> {
+        let mut broken = Vec::new();
+        if !self.lost.is_empty() {
+            broken.push(format!("{} accepted messages lost", self.lost.len()));
+        }
+        if !self.duplicated.is_empty() {
+            broken.push(format!(
+                "{} messages delivered again after a consumer's settled accepted",
+                self.duplicated.len()
+            ));
+        }
+        if !self.ghosts.is_empty() || !self.foreign.is_empty() {
+            broken.push(format!(
+                "{} refused messages delivered, {} foreign deliveries",
+                self.ghosts.len(),
+                self.foreign.len()
+            ));
+        }
+        broken
+    }
+
     fn judge(&mut self, seq: u64, history: &[Stamp]) {
         self.sent += 1;
         let mut confirmed = false;
