@@ -288,17 +288,6 @@ fn judge(load: &Load, rounds: &[Round]) {
     if failures.is_empty() {
         return;
     }
-    let mut report = String::from("the cluster campaign broke its promises:\n");
-    for f in &failures {
-        report += &format!("  - {f}\n");
-    }
-    for seq in v
-        .lost
-        .iter()
-        .chain(v.duplicated.iter().map(|(s, _)| s))
-        .take(8)
-    {
-        report += &ledger.explain(*seq);
-    }
+    let report = ledger.failure_report("the cluster campaign broke its promises", &failures, &v, 8);
     panic!("{report}");
 }

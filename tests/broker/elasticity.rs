@@ -434,18 +434,7 @@ impl Run {
         if failures.is_empty() {
             return;
         }
-        let mut report = String::from("elasticity broke its promises:\n");
-        for f in &failures {
-            let _ = writeln!(report, "  - {f}");
-        }
-        for seq in v
-            .lost
-            .iter()
-            .chain(v.duplicated.iter().map(|(s, _)| s))
-            .take(8)
-        {
-            report += &ledger.explain(*seq);
-        }
+        let mut report = ledger.failure_report("elasticity broke its promises", &failures, &v, 8);
         let _ = writeln!(
             report,
             "steps (ms since the load began; epoch = step number):"

@@ -227,6 +227,26 @@ impl Ledger {
     }
 
     /// The history of `seq` and the faults up to its last event, one per line.
+    /// The report of a failed run: `title`, each failure on its own line, then the
+    /// history of the first `n` lost or duplicated messages of `v`.
+    pub fn failure_report(
+        &self,
+        title: &str,
+        failures: &[String],
+        v: &Verdict,
+        n: usize,
+    ) -> String {
+        let mut report = format!("{title}:\n");
+        for f in failures {
+            report += &format!("  - {f}\n");
+        }
+        let offending = v.lost.iter().chain(v.duplicated.iter().map(|(s, _)| s));
+        for seq in offending.take(n) {
+            report += &self.explain(*seq);
+        }
+        report
+    }
+
     pub fn explain(&self, seq: u64) -> String {
         let mut out = String::new();
         let Some(history) = self.messages.get(&seq) else {
