@@ -5,7 +5,10 @@
 //! three has it on disk and it is applied on the leader — the broker's "accepted".
 //!
 //! Messages are 1 KiB; each group's leader keeps [`IN_FLIGHT`] proposals submitted and
-//! not yet committed (pipelined, as the broker's producers would). Groups are formed on
+//! not yet committed (pipelined, as the broker's producers would). `one_group` and
+//! `eight_groups` propose one message per entry; `one_group_batched` puts
+//! [`BATCH_MESSAGES`] in each entry, as a broker's per-address batcher would: openraft
+//! 0.9's core awaits each append's flush, so a lone group's leader syncs once per entry. Groups are formed on
 //! node `g % 3`, so the eight leaders spread 3/3/2.
 //!
 //! Besides criterion's figures it prints, per bench, the bytes each node's log wrote
@@ -30,6 +33,8 @@ const GROUPS: u64 = 8;
 const MESSAGE_BYTES: usize = 1024;
 /// Proposals one group's leader keeps submitted and not yet committed.
 const IN_FLIGHT: usize = 64;
+/// Messages per entry in `one_group_batched`.
+const BATCH_MESSAGES: u64 = 16;
 /// Longest the cluster may take to elect every group's leader.
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -116,7 +121,12 @@ async fn start() -> Cluster {
 
 /// Proposes `count` messages on `h`, [`IN_FLIGHT`] at a time.
 async fn propose(h: GroupHandle, count: u64) {
-    let payload = Bytes::from(vec![0x5a; MESSAGE_BYTES]);
+    propose_entries(h, count, MESSAGE_BYTES).await
+}
+
+/// Proposes `count` entries of `bytes` each on `h`, [`IN_FLIGHT`] at a time.
+async fn propose_entries(h: GroupHandle, count: u64, bytes: usize) {
+    let payload = Bytes::from(vec![0x5a; bytes]);
     let mut pending = VecDeque::with_capacity(IN_FLIGHT);
     for _ in 0..count {
         if pending.len() == IN_FLIGHT {
@@ -196,6 +206,26 @@ fn bench(c: &mut Criterion) {
             let wall = started.elapsed();
             report("one_group", &cluster, &before, iters, wall);
             wall
+        })
+    });
+
+    // The broker's way for one hot address: several messages per entry (its own batch
+    // encoding inside the payload, a message's position = entry index + slot).
+    group.bench_function("one_group_batched", |b| {
+        b.iter_custom(|iters| {
+            let before = disk(&cluster);
+            let h = cluster.leaders[&0].clone();
+            let entries = iters.div_ceil(BATCH_MESSAGES);
+            let started = Instant::now();
+            rt.block_on(propose_entries(
+                h,
+                entries,
+                BATCH_MESSAGES as usize * MESSAGE_BYTES,
+            ));
+            let wall = started.elapsed();
+            let messages = entries * BATCH_MESSAGES;
+            report("one_group_batched", &cluster, &before, messages, wall);
+            wall.mul_f64(iters as f64 / messages as f64)
         })
     });
 
