@@ -119,24 +119,66 @@ async fn start() -> Cluster {
     }
 }
 
-/// Proposes `count` messages on `h`, [`IN_FLIGHT`] at a time.
-async fn propose(h: GroupHandle, count: u64) {
-    propose_entries(h, count, MESSAGE_BYTES).await
+/// The handle of group `g` on the host that leads it, waiting up to [`WAIT`] for one.
+async fn leader(hosts: &[Host], g: u64) -> GroupHandle {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let lead = hosts
+            .iter()
+            .filter_map(|h| h.group(g))
+            .find(|h| h.leadership().borrow().leads);
+        if let Some(h) = lead {
+            return h;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "group {g}: no leader within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
-/// Proposes `count` entries of `bytes` each on `h`, [`IN_FLIGHT`] at a time.
-async fn propose_entries(h: GroupHandle, count: u64, bytes: usize) {
+/// Proposes `count` messages to group `g`, [`IN_FLIGHT`] at a time.
+async fn propose(hosts: Vec<Host>, g: u64, count: u64) {
+    propose_entries(hosts, g, count, MESSAGE_BYTES).await
+}
+
+/// Proposes `count` entries of `bytes` each to group `g` through its leader,
+/// [`IN_FLIGHT`] at a time; when leadership moves (elections on a loaded machine), the
+/// rest goes to the new leader (entries whose outcome was lost are proposed again).
+async fn propose_entries(hosts: Vec<Host>, g: u64, count: u64, bytes: usize) {
     let payload = Bytes::from(vec![0x5a; bytes]);
-    let mut pending = VecDeque::with_capacity(IN_FLIGHT);
-    for _ in 0..count {
-        if pending.len() == IN_FLIGHT {
-            let p: entrepot_cluster::Proposal = pending.pop_front().expect("pending");
-            p.await.expect("committed");
+    let mut committed = 0;
+    'leaders: while committed < count {
+        let h = leader(&hosts, g).await;
+        let mut pending = VecDeque::with_capacity(IN_FLIGHT);
+        let mut submitted = committed;
+        while committed < count {
+            if pending.len() == IN_FLIGHT || submitted == count {
+                let p: entrepot_cluster::Proposal = match pending.pop_front() {
+                    Some(p) => p,
+                    None => break,
+                };
+                match p.await {
+                    Ok(_) => committed += 1,
+                    Err(e) => {
+                        eprintln!("host propose: group {g}: {e}; going on with its leader");
+                        continue 'leaders;
+                    }
+                }
+                continue;
+            }
+            match h.submit(payload.clone()).await {
+                Ok(p) => {
+                    pending.push_back(p);
+                    submitted += 1;
+                }
+                Err(e) => {
+                    eprintln!("host propose: group {g}: {e}; going on with its leader");
+                    continue 'leaders;
+                }
+            }
         }
-        pending.push_back(h.submit(payload.clone()).await.expect("submitted"));
-    }
-    for p in pending {
-        p.await.expect("committed");
     }
 }
 
@@ -200,9 +242,9 @@ fn bench(c: &mut Criterion) {
     group.bench_function("one_group", |b| {
         b.iter_custom(|iters| {
             let before = disk(&cluster);
-            let h = cluster.leaders[&0].clone();
+            let hosts: Vec<Host> = cluster.hosts.values().cloned().collect();
             let started = Instant::now();
-            rt.block_on(propose(h, iters));
+            rt.block_on(propose(hosts, 0, iters));
             let wall = started.elapsed();
             report("one_group", &cluster, &before, iters, wall);
             wall
@@ -214,14 +256,11 @@ fn bench(c: &mut Criterion) {
     group.bench_function("one_group_batched", |b| {
         b.iter_custom(|iters| {
             let before = disk(&cluster);
-            let h = cluster.leaders[&0].clone();
+            let hosts: Vec<Host> = cluster.hosts.values().cloned().collect();
             let entries = iters.div_ceil(BATCH_MESSAGES);
             let started = Instant::now();
-            rt.block_on(propose_entries(
-                h,
-                entries,
-                BATCH_MESSAGES as usize * MESSAGE_BYTES,
-            ));
+            let bytes = BATCH_MESSAGES as usize * MESSAGE_BYTES;
+            rt.block_on(propose_entries(hosts, 0, entries, bytes));
             let wall = started.elapsed();
             let messages = entries * BATCH_MESSAGES;
             report("one_group_batched", &cluster, &before, messages, wall);
@@ -235,10 +274,9 @@ fn bench(c: &mut Criterion) {
             let per_group = iters.div_ceil(GROUPS);
             let started = Instant::now();
             rt.block_on(async {
-                let tasks: Vec<_> = cluster
-                    .leaders
-                    .values()
-                    .map(|h| tokio::spawn(propose(h.clone(), per_group)))
+                let hosts: Vec<Host> = cluster.hosts.values().cloned().collect();
+                let tasks: Vec<_> = (0..GROUPS)
+                    .map(|g| tokio::spawn(propose(hosts.clone(), g, per_group)))
                     .collect();
                 for t in tasks {
                     t.await.expect("proposer");

@@ -15,6 +15,11 @@
 //!   zero-copy slice of the node log's mapping: a message's Raft entry *is* its stored
 //!   copy, no second write. Many proposals are in flight at once ([`GroupHandle::submit`]
 //!   returns a [`Proposal`] in log order), so a group commit carries many messages.
+//!   openraft 0.9's core waits for each of its leader's log appends to be flushed before
+//!   it takes the next proposal, so a lone busy group's leader syncs once per entry: for
+//!   a hot address the broker puts a batch of messages in one payload (its own encoding,
+//!   as its replicator does today) and a message's position is `(entry index, slot)`;
+//!   reads stay zero-copy slices of the entry (`benches/host_propose.rs`).
 //! * **Acks are entries too**: a consumer's settlements are proposed as small entries
 //!   holding index ranges (and delivery counts), applied in order by every replica, so a
 //!   delivery settled and committed is never delivered again after a failover.

@@ -51,8 +51,16 @@ pub(crate) fn encode_parts(
     state: &Bytes,
     entries: &BTreeMap<u64, Bytes>,
 ) -> Result<Vec<Bytes>> {
-    check_limit("host snapshot state", state.len(), MAX_SNAPSHOT_BYTES)?;
-    check_limit("host snapshot entries", entries.len(), MAX_CARRIED_ENTRIES)?;
+    check_limit(
+        "host snapshot state (MAX_SNAPSHOT_BYTES)",
+        state.len(),
+        MAX_SNAPSHOT_BYTES,
+    )?;
+    check_limit(
+        "host snapshot entries (MAX_CARRIED_ENTRIES)",
+        entries.len(),
+        MAX_CARRIED_ENTRIES,
+    )?;
     let mut parts = Vec::with_capacity(2 + 2 * entries.len());
     let mut head = Encoder::with_capacity(1 + 8 + 4);
     head.u8(HOST_SNAPSHOT_VERSION);
@@ -64,7 +72,11 @@ pub(crate) fn encode_parts(
     count.u32(entries.len() as u32);
     parts.push(Bytes::from(count.buf));
     for (index, payload) in entries {
-        check_limit("host snapshot entry", payload.len(), MAX_SNAPSHOT_BYTES)?;
+        check_limit(
+            "host snapshot entry (MAX_SNAPSHOT_BYTES)",
+            payload.len(),
+            MAX_SNAPSHOT_BYTES,
+        )?;
         let mut e = Encoder::with_capacity(12);
         e.u64(*index);
         e.u32(payload.len() as u32);
@@ -72,7 +84,11 @@ pub(crate) fn encode_parts(
         parts.push(payload.clone());
     }
     let total: usize = parts.iter().map(Bytes::len).sum();
-    check_limit("host snapshot", total, MAX_SNAPSHOT_BYTES)?;
+    check_limit(
+        "host snapshot (MAX_SNAPSHOT_BYTES)",
+        total,
+        MAX_SNAPSHOT_BYTES,
+    )?;
     Ok(parts)
 }
 
@@ -96,8 +112,15 @@ pub(crate) fn decode(data: Bytes) -> Result<HostSnapshot> {
         });
     }
     let lowest_needed = d.u64()?;
-    let state = d.bytes("host snapshot state", MAX_SNAPSHOT_BYTES)?;
-    let n = d.count("host snapshot entries", MAX_CARRIED_ENTRIES, 12)?;
+    let state = d.bytes(
+        "host snapshot state (MAX_SNAPSHOT_BYTES)",
+        MAX_SNAPSHOT_BYTES,
+    )?;
+    let n = d.count(
+        "host snapshot entries (MAX_CARRIED_ENTRIES)",
+        MAX_CARRIED_ENTRIES,
+        12,
+    )?;
     let mut entries = BTreeMap::new();
     let mut last = None;
     for _ in 0..n {
@@ -106,7 +129,13 @@ pub(crate) fn decode(data: Bytes) -> Result<HostSnapshot> {
             return Err(d.fail("host snapshot entries out of order"));
         }
         last = Some(index);
-        entries.insert(index, d.bytes("host snapshot entry", MAX_SNAPSHOT_BYTES)?);
+        entries.insert(
+            index,
+            d.bytes(
+                "host snapshot entry (MAX_SNAPSHOT_BYTES)",
+                MAX_SNAPSHOT_BYTES,
+            )?,
+        );
     }
     d.finish()?;
     Ok(HostSnapshot {
