@@ -461,14 +461,14 @@ async fn a_restarted_host_recovers_its_groups_from_snapshot_and_log() {
                 .map(|i| message(format!("g{g} m{i}").as_bytes()))
                 .collect();
             let idx = propose_all(&h, &bodies).await;
-            h.propose(ack(idx[0], idx[10])).await.unwrap();
-            // A snapshot on every replica, then more after it.
+            let acked = h.propose(ack(idx[0], idx[10])).await.unwrap();
+            // A snapshot on every replica (each at what it applied), then more after it.
             for n in 0..NODES {
                 let r = c.handle(n, g);
-                applied_at_least(&r, *idx.last().unwrap()).await;
+                applied_at_least(&r, acked).await;
                 r.snapshot_now().await.unwrap();
+                snapshot_at.insert((g, n), r.status().snapshot.unwrap());
             }
-            snapshot_at.insert(g, c.handle(0, g).status().snapshot.unwrap());
             let more: Vec<Bytes> = (30..40)
                 .map(|i| message(format!("g{g} m{i}").as_bytes()))
                 .collect();
@@ -502,9 +502,15 @@ async fn a_restarted_host_recovers_its_groups_from_snapshot_and_log() {
                 let h = c.handle(n, g);
                 applied_at_least(&h, last[&g]).await;
                 let q = c.queue(n, g);
-                assert_eq!(q.restores(), vec![snapshot_at[&g]], "node {n} group {g}");
+                assert_eq!(
+                    q.restores(),
+                    vec![snapshot_at[&(g, n)]],
+                    "node {n} group {g}"
+                );
                 assert!(
-                    q.applied().first().is_some_and(|&i| i > snapshot_at[&g]),
+                    q.applied()
+                        .first()
+                        .is_some_and(|&i| i > snapshot_at[&(g, n)]),
                     "node {n} group {g}: re-applied only after the snapshot"
                 );
                 assert_eq!(q.live(), expected[&g].keys().copied().collect(), "node {n}");
