@@ -367,6 +367,7 @@ async fn a_proposal_resolves_on_a_majority_and_reads_are_slices_of_the_log() {
                     "node {n}: a copy, not the log"
                 );
             }
+            assert!(r.committed() >= Some(last), "node {n}: {:?}", r.status());
             let range = r.read_range(indexes[0]..last + 1).unwrap();
             assert_eq!(range.len(), bodies.len());
             assert!(range.iter().map(|(_, b)| b).eq(bodies.iter()));
@@ -653,7 +654,7 @@ async fn the_log_is_purged_only_below_the_lowest_needed_index() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_closed_replica_reopens_from_the_node_log_and_catches_up() {
+async fn a_closed_replica_reopens_from_the_node_log_and_catches_up_and_a_removed_one_is_gone() {
     bounded(async {
         let g = 10;
         let mut c = Cluster::start(&[g, 11], u64::MAX).await;
@@ -685,6 +686,24 @@ async fn a_closed_replica_reopens_from_the_node_log_and_catches_up() {
             node.host.open_group(g, Queue::default()).await,
             Err(ClusterError::GroupAlreadyOpen { .. })
         ));
+        // Removed for good: its records no longer count in the node log, its snapshot
+        // directory is gone, and the node's other group goes on.
+        r.snapshot_now().await.unwrap();
+        let snapshot_dir = c.dirs[&closed]
+            .path()
+            .join(entrepot_cluster::host::HOST_GROUPS_DIR)
+            .join(g.to_string());
+        assert!(snapshot_dir.exists());
+        let node = &c.nodes[&closed];
+        node.host.remove_group(g).await.unwrap();
+        assert!(node.host.group(g).is_none());
+        assert_eq!(node.host.recovered_groups().unwrap(), vec![11]);
+        assert!(!snapshot_dir.exists());
+        let other = c.leader(11).await;
+        c.handle(other, 11)
+            .propose(message(b"after the removal"))
+            .await
+            .unwrap();
     })
     .await
 }

@@ -81,7 +81,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::error::{ClusterError, GroupError, Result};
-use crate::groups::GroupRegistry;
+use crate::groups::{GroupRegistry, HeardCommit};
 use crate::network::TcpNetwork;
 use crate::node_log::NodeLog;
 use crate::peer_server::{PeerServer, PeerServerOptions};
@@ -188,6 +188,8 @@ pub struct GroupStatus {
     pub leadership: Leadership,
     /// Last index applied to the machine here (committed entries only).
     pub applied: Option<u64>,
+    /// Highest index this replica knows committed ([`GroupHandle::committed`]).
+    pub committed: Option<u64>,
     /// Last index of the group's log here.
     pub last_log: Option<u64>,
     /// Index of the last snapshot here.
@@ -326,6 +328,7 @@ impl Host {
             applied: watch::Sender::new(None),
             purge_keep: inner.config.purge_keep,
             purge_to: watch::Sender::new(None),
+            heard_commit: std::sync::OnceLock::new(),
         });
         let adapter = machine::Adapter::open(Arc::clone(&shared), machine)?;
         let raft = Raft::new(
@@ -348,9 +351,14 @@ impl Host {
             leadership: leadership.clone(),
             propose_timeout: inner.config.propose_timeout,
         };
-        if let Err(e) = inner.registry.insert(group, handle.raft.clone()) {
-            let _ = handle.raft.shutdown().await;
-            return Err(e);
+        match inner.registry.insert(group, handle.raft.clone()) {
+            Ok(heard) => {
+                let _ = handle.shared.heard_commit.set(heard);
+            }
+            Err(e) => {
+                let _ = handle.raft.shutdown().await;
+                return Err(e);
+            }
         }
         tokio::spawn(follow_metrics(handle.clone(), leadership));
         Ok(handle)
@@ -374,6 +382,29 @@ impl Host {
         self.inner.registry.remove(group);
         let _ = handle.raft.shutdown().await;
         true
+    }
+
+    /// Removes this node's replica of `group` for good (it moved to another node, or the
+    /// address was deleted): stops it, writes a durable removal record to the node log
+    /// (its entries no longer keep segments) and deletes its snapshot. Call it after the
+    /// group's membership no longer names this node.
+    pub async fn remove_group(&self, group: GroupId) -> Result<()> {
+        if matches!(self.lock_groups().get(&group), Some(None)) {
+            return Err(ClusterError::GroupAlreadyOpen { group });
+        }
+        self.close_group(group).await;
+        self.inner.node_log.remove_group(group).await?;
+        let dir = self
+            .inner
+            .config
+            .dir
+            .join(HOST_GROUPS_DIR)
+            .join(group.to_string());
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(ClusterError::io("removing", dir, e)),
+        }
     }
 
     /// Stops every group and the peer port, as a process exit would (the node log keeps
@@ -408,6 +439,8 @@ pub(crate) struct GroupShared {
     purge_keep: u64,
     /// The log may be purged up to this index (from the last persisted snapshot).
     purge_to: watch::Sender<Option<u64>>,
+    /// The leader's commit index as the peer server last heard it for this group.
+    heard_commit: std::sync::OnceLock<HeardCommit>,
 }
 
 impl GroupShared {
@@ -650,12 +683,23 @@ impl GroupHandle {
         self.shared.applied.subscribe()
     }
 
+    /// The highest index this replica knows to be committed: what it applied, or the
+    /// leader's commit index as the last `append_entries` here carried it (a follower
+    /// learns of a commit one round later than the leader; openraft 0.9's metrics do not
+    /// show it).
+    pub fn committed(&self) -> Option<u64> {
+        let applied = *self.shared.applied.borrow();
+        let heard = self.shared.heard_commit.get().and_then(HeardCommit::get);
+        applied.max(heard)
+    }
+
     /// Where this replica stands.
     pub fn status(&self) -> GroupStatus {
         let m = self.raft.metrics().borrow().clone();
         GroupStatus {
             leadership: *self.leadership.borrow(),
             applied: *self.shared.applied.borrow(),
+            committed: self.committed(),
             last_log: m.last_log_index,
             snapshot: m.snapshot.map(|s| s.index),
             purged: m.purged.map(|p| p.index),
