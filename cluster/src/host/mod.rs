@@ -27,6 +27,9 @@
 //!   connection engine where a link's address is led: on this node it serves, elsewhere
 //!   it forwards or redirects (step 3), and a change re-routes the links of that group
 //!   only. [`GroupError::NotLeader`] names the leader a refused proposal should go to.
+//! * **Replicas come and go** with [`Host::open_group`], [`Host::close_group`] (stopped,
+//!   state kept: a moved leadership, an idle group) and [`Host::remove_group`] (the
+//!   replica moved away: a durable removal in the node log), driven by placement (step 5).
 //! * **Snapshots and purge.** A snapshot is the machine's own opaque state (the ack
 //!   ranges, counts; not the messages) plus, for a member that installs it, the payloads
 //!   of the entries the state still reads — from [`GroupMachine::lowest_needed`] (the
@@ -58,7 +61,6 @@
 //!   received file mapped instead.
 //! * Rewrite a needed entry forward: a queue whose oldest message is old pins every
 //!   node-log segment after it (the node log's own limit, `node_log/mod.rs`).
-//! * Expose the leader's commit index on a follower beyond the applied index.
 
 mod machine;
 mod snapshot;
