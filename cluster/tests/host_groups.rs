@@ -707,3 +707,58 @@ async fn a_closed_replica_reopens_from_the_node_log_and_catches_up_and_a_removed
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_member_joins_through_a_snapshot_and_becomes_a_voter() {
+    bounded(async {
+        let g = 12;
+        let c = Cluster::start(&[g], 16).await;
+        let leader = c.leader(g).await;
+        let h = c.handle(leader, g);
+        let bodies: Vec<Bytes> = (0..40)
+            .map(|i| message(format!("new {i}").as_bytes()))
+            .collect();
+        let idx = propose_all(&h, &bodies).await;
+        let a = h.propose(ack(idx[0], idx[30])).await.unwrap();
+        h.snapshot_now().await.unwrap();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while h.status().purged < Some(idx[29]) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no purge: {:?}",
+                h.status()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // A fourth node, empty: it can only catch up by installing the snapshot.
+        let dir = tempfile::tempdir().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let new = start_node(3, dir.path(), listener, &[g], 16).await;
+        let r = new.host.group(g).unwrap();
+        let q = new.queues[&g].clone();
+        h.add_learner(3, &addr).await.unwrap();
+        applied_at_least(&r, a).await;
+        assert!(!q.restores().is_empty(), "caught up without a snapshot");
+        assert_eq!(q.live(), idx[30..].iter().copied().collect());
+        for (i, body) in idx.iter().zip(&bodies).skip(30) {
+            assert_eq!(r.read(*i).unwrap().as_ref(), Some(body), "index {i}");
+        }
+        let voters: BTreeSet<NodeId> = [0, 1, 2, 3].into_iter().collect();
+        h.change_voters(voters.clone()).await.unwrap();
+        assert_eq!(h.status().voters, voters);
+        let refused = c
+            .handle((0..NODES).find(|&n| n != leader).unwrap(), g)
+            .add_learner(4, "127.0.0.1:1")
+            .await;
+        assert!(
+            matches!(refused, Err(GroupError::NotLeader { .. })),
+            "{refused:?}"
+        );
+        let next = h.propose(message(b"four voters")).await.unwrap();
+        applied_at_least(&r, next).await;
+        assert_eq!(r.read(next).unwrap().unwrap(), message(b"four voters"));
+        new.host.shutdown().await;
+    })
+    .await
+}
