@@ -747,10 +747,10 @@ async fn a_new_member_joins_through_a_snapshot_and_becomes_a_voter() {
         let voters: BTreeSet<NodeId> = [0, 1, 2, 3].into_iter().collect();
         h.change_voters(voters.clone()).await.unwrap();
         assert_eq!(h.status().voters, voters);
-        let refused = c
-            .handle((0..NODES).find(|&n| n != leader).unwrap(), g)
-            .add_learner(4, "127.0.0.1:1")
-            .await;
+        // A follower that applied the new membership refuses a change, naming the leader.
+        let follower = c.handle((0..NODES).find(|&n| n != leader).unwrap(), g);
+        applied_at_least(&follower, h.status().applied.unwrap()).await;
+        let refused = follower.add_learner(4, "127.0.0.1:1").await;
         assert!(
             matches!(refused, Err(GroupError::NotLeader { .. })),
             "{refused:?}"
