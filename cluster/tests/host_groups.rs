@@ -762,3 +762,14 @@ async fn a_new_member_joins_through_a_snapshot_and_becomes_a_voter() {
     })
     .await
 }
+
+/// The broker shares handles between connection tasks and awaits proposals in them.
+#[test]
+fn handles_are_shared_between_tasks() {
+    fn shared<T: Send + Sync + Clone + 'static>() {}
+    fn sent<T: Send + 'static>() {}
+    shared::<Host>();
+    shared::<GroupHandle>();
+    sent::<entrepot_cluster::Proposal>();
+    sent::<GroupError>();
+}
