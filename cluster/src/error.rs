@@ -77,6 +77,20 @@ pub enum ClusterError {
     /// A group this node log does not hold (never opened, or removed).
     #[error("raft group {group} is not held by this node log")]
     UnknownGroup { group: u64 },
+    /// A stopped Raft group could not be started again (`groups.rs`: the owner's starter
+    /// failed, or the wake exceeded `WAKE_TIMEOUT`).
+    #[error("raft group {group} could not be woken: {reason}")]
+    GroupStart { group: u64, reason: String },
+    /// A stopped Raft group was to be woken, but the registry has no starter
+    /// (`GroupRegistry::set_starter`).
+    #[error("raft group {group} is stopped and this node has no starter to wake it")]
+    NoGroupStarter { group: u64 },
+    /// A proposal reached a replica that does not lead its group (`hibernate.rs`).
+    #[error("raft group {group}: this node does not lead it (leader {leader:?})")]
+    NotLeader { group: u64, leader: Option<u64> },
+    /// The group's Raft refused or failed a proposal.
+    #[error("raft group {group}: {reason}")]
+    Raft { group: u64, reason: String },
     /// A hostname, `--node-id` or `--peers` value that names no node.
     #[error("invalid {what} {value:?}: {reason}")]
     Identity {

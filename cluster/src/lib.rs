@@ -55,6 +55,10 @@
 //!   no openraft type), snapshots carry the payloads it still needs, and the log is
 //!   purged only below its lowest needed index.
 //!
+//! * [`hibernate`]: idle groups stop their Raft instances (a hibernate handshake led by
+//!   the group's leader), wake on a write or an RPC, and a lost peer wakes the stopped
+//!   groups it led, seen by one liveness heartbeat per peer (issue 12 step 5).
+//!
 //! * [`placement`]: which members hold each Raft group's replicas and which should lead,
 //!   balanced and moved as little as possible (pure; not wired in yet — issue 12 step 5).
 //!
@@ -88,6 +92,7 @@ pub mod entry;
 mod error;
 mod frame;
 pub mod groups;
+pub mod hibernate;
 pub mod host;
 pub mod identity;
 mod index_map;
@@ -109,7 +114,11 @@ mod types;
 pub use auth::PeerSecret;
 pub use error::{ClusterError, GroupError, RaftStorageError, Result};
 pub use frame::{FRAME_HEADER_LEN, FRAME_TRANSFER_TIMEOUT, MAX_RPC_FRAME_BYTES};
-pub use groups::{GroupRegistry, HeardCommit, MAX_HOSTED_GROUPS, METADATA_GROUP};
+pub use groups::{
+    GroupRegistry, GroupStarter, HeardCommit, HostState, Stopped, MAX_CONCURRENT_WAKES,
+    MAX_HOSTED_GROUPS, METADATA_GROUP, WAKE_TIMEOUT,
+};
+pub use hibernate::{Hibernation, HibernationConfig};
 pub use host::{
     GroupHandle, GroupMachine, GroupStatus, Host, HostConfig, Leadership, MachineError, Proposal,
     MAX_PROPOSAL_BYTES, MAX_READ_ENTRIES,
@@ -122,8 +131,8 @@ pub use peer_server::{
     PeerServer, PeerServerOptions, MAX_CONCURRENT_REQUESTS_PER_CONNECTION, MAX_PEER_CONNECTIONS,
 };
 pub use rpc::{
-    MembershipReply, MembershipRequest, RemoteRefusal, MAX_RPC_ENTRIES, MAX_RPC_STRING_BYTES,
-    RPC_VERSION,
+    HibernateRefusal, HibernateRequest, MembershipReply, MembershipRequest, RemoteRefusal,
+    MAX_RPC_ENTRIES, MAX_RPC_STRING_BYTES, RPC_VERSION,
 };
 pub use snapshot_data::{SnapshotData, SnapshotSource};
 pub use snapshot_file::{

@@ -227,6 +227,61 @@ impl TcpNetwork {
     }
 }
 
+impl TcpNetwork {
+    /// A client of this group for the peer at member address `addr` (node `target`), over
+    /// the pooled link to it: for the hibernate handshake and liveness pings.
+    fn pooled(&self, target: NodeId, addr: &str) -> PeerClient {
+        PeerClient {
+            id: self.id,
+            target,
+            group: self.group,
+            link: self.pool.link(crate::identity::peer_addr(addr)),
+        }
+    }
+
+    /// One liveness heartbeat to the peer at member address `addr` (`KIND_PING`, on the
+    /// node's shared connection to it, whatever this factory's group): `Ok` once it
+    /// answered, within `timeout`.
+    pub async fn ping(
+        &self,
+        target: NodeId,
+        addr: &str,
+        timeout: Duration,
+    ) -> Result<(), PeerCallError> {
+        let client = self.group(METADATA_GROUP).pooled(target, addr);
+        let body = rpc::encode_empty(client.header());
+        let option = RPCOption::new(timeout);
+        let reply = client
+            .call(rpc::KIND_PING, body, rpc::KIND_PONG, &option)
+            .await?;
+        Ok(rpc::decode_empty(reply, "pong")?)
+    }
+
+    /// Asks the peer at member address `addr` (node `target`) to stop its replica of this
+    /// factory's group (`KIND_HIBERNATE`, `hibernate.rs`); the inner result is the peer's
+    /// answer: stopped, or why not.
+    pub async fn hibernate(
+        &self,
+        target: NodeId,
+        addr: &str,
+        request: &rpc::HibernateRequest,
+        timeout: Duration,
+    ) -> Result<Result<(), rpc::HibernateRefusal>, PeerCallError> {
+        let client = self.pooled(target, addr);
+        let body = rpc::encode_hibernate_request(client.header(), request);
+        let option = RPCOption::new(timeout);
+        let reply = client
+            .call(
+                rpc::KIND_HIBERNATE,
+                body,
+                rpc::KIND_HIBERNATE_REPLY,
+                &option,
+            )
+            .await?;
+        Ok(rpc::decode_hibernate_reply(reply)?)
+    }
+}
+
 impl PeerClient {
     /// Sends a membership request (join, leave) and waits up to `timeout` for its reply;
     /// the connection is authenticated like any Raft RPC's.

@@ -26,6 +26,19 @@
 //!   abandoned with it (their peer's calls fail and are retried on a new connection).
 //! * A request for a group the registry does not hold is answered with
 //!   [`RemoteRefusal::UnknownGroup`]; the connection stays open.
+//! * A Raft RPC for a group *stopped* here (hibernated, `hibernate.rs`) wakes it first
+//!   (`GroupRegistry::wake`, bounded by `WAKE_TIMEOUT`, in the request's own task, so
+//!   other groups' requests on the connection go on meanwhile); a wake that fails is
+//!   answered `Unavailable` naming why. One exception: a heartbeat of the very leader,
+//!   term and last log id the group stopped with (no entries, same commit) is answered
+//!   `Success` without waking — what the running replica would have answered, from state
+//!   that cannot change while it is stopped — so a heartbeat still in flight when the
+//!   group hibernated does not wake it again.
+//! * The group is looked up when its frame is read, so requests of one connection see
+//!   the registry in the order they were sent (a heartbeat sent before a hibernate
+//!   request meets the running instance).
+//! * `KIND_PING` (the per-peer liveness heartbeat) is answered with `KIND_PONG` and
+//!   touches no group.
 //!
 //! Besides openraft's RPCs it serves the membership requests of `membership.rs` (a node
 //! joining or leaving, always the metadata group's), behind the same TLS and secret
@@ -55,8 +68,8 @@ use tokio::task::{JoinHandle, JoinSet};
 use crate::auth::{server_handshake, AuthError, PeerSecret, KIND_HELLO};
 use crate::error::Result;
 use crate::frame::{read_frame, write_frame};
-use crate::groups::{GroupRegistry, HeardCommit, HostedGroup, METADATA_GROUP};
-use crate::rpc::{self, Header, MembershipRequest, RemoteRefusal};
+use crate::groups::{GroupRegistry, HeardCommit, HostedGroup, Lookup, Stopped, METADATA_GROUP};
+use crate::rpc::{self, Header, HibernateRequest, MembershipRequest, RemoteRefusal};
 use crate::stream::PeerStream;
 use crate::tls::PeerTls;
 use crate::types::{NodeId, TypeConfig};
@@ -348,10 +361,14 @@ async fn read_requests(
                 return;
             }
         };
-        let hosted = groups.get(header.group);
+        let found = match request {
+            Inbound::Ping => Lookup::Unknown,
+            _ => groups.lookup(header.group),
+        };
         let replies = replies.clone();
+        let groups = groups.clone();
         requests.spawn(async move {
-            let reply = dispatch(hosted, header, request).await;
+            let reply = dispatch(&groups, found, header, request).await;
             // The writer is gone only when the connection is.
             let _ = replies.send(reply).await;
             drop(permit);
@@ -376,6 +393,8 @@ enum Inbound {
     Append(AppendEntriesRequest<TypeConfig>),
     Snapshot(InstallSnapshotRequest<TypeConfig>),
     Membership(MembershipRequest),
+    Hibernate(HibernateRequest),
+    Ping,
 }
 
 /// Decodes a whole request frame: header and body.
@@ -395,6 +414,11 @@ fn decode_request(kind: u8, body: Bytes) -> Result<(Header, Inbound)> {
         rpc::KIND_JOIN | rpc::KIND_LEAVE if header.group == METADATA_GROUP => {
             Inbound::Membership(rpc::decode_membership_request(kind, body)?)
         }
+        rpc::KIND_HIBERNATE => Inbound::Hibernate(rpc::decode_hibernate_request(body)?),
+        rpc::KIND_PING => {
+            rpc::decode_empty(body, "ping")?;
+            Inbound::Ping
+        }
         _ => {
             return Err(crate::error::ClusterError::Decode {
                 what: "inter-node frame",
@@ -406,13 +430,46 @@ fn decode_request(kind: u8, body: Bytes) -> Result<(Header, Inbound)> {
     Ok((header, inbound))
 }
 
-/// Asks the group's Raft and encodes the reply (or a refusal) under the request's header.
-async fn dispatch(hosted: Option<HostedGroup>, h: Header, request: Inbound) -> (u8, Vec<u8>) {
-    let Some(HostedGroup { raft, heard_commit }) = hosted else {
+/// Asks the group's Raft (woken first if stopped) and encodes the reply (or a refusal)
+/// under the request's header.
+async fn dispatch(
+    groups: &GroupRegistry,
+    found: Lookup,
+    h: Header,
+    request: Inbound,
+) -> (u8, Vec<u8>) {
+    let unknown = || {
         let refusal = RemoteRefusal::UnknownGroup(h.group);
-        return (rpc::KIND_ERROR, rpc::encode_refusal(h, &refusal));
+        (rpc::KIND_ERROR, rpc::encode_refusal(h, &refusal))
+    };
+    let request = match request {
+        Inbound::Ping => return (rpc::KIND_PONG, rpc::encode_empty(h)),
+        Inbound::Hibernate(r) => {
+            groups.count_group_rpc();
+            return crate::hibernate::serve_request(groups, h, r).await;
+        }
+        other => other,
+    };
+    groups.count_group_rpc();
+    let HostedGroup { raft, heard_commit } = match found {
+        Lookup::Unknown => return unknown(),
+        Lookup::Running(hosted) => hosted,
+        Lookup::Stopped(stopped) => {
+            if let Inbound::Append(a) = &request {
+                if is_heartbeat_of(&stopped, a) {
+                    let ok = openraft::raft::AppendEntriesResponse::Success;
+                    return (rpc::KIND_APPEND_REPLY, rpc::encode_append_reply(h, &ok));
+                }
+            }
+            match groups.wake_hosted(h.group).await {
+                Ok((hosted, _)) => hosted,
+                Err(crate::ClusterError::UnknownGroup { .. }) => return unknown(),
+                Err(e) => return refusal(h, &e),
+            }
+        }
     };
     match request {
+        Inbound::Ping | Inbound::Hibernate(_) => unknown(),
         Inbound::Vote(v) => match raft.vote(v).await {
             Ok(r) => (rpc::KIND_VOTE_REPLY, rpc::encode_vote_reply(h, &r)),
             Err(e) => refusal(h, &e),
@@ -446,6 +503,19 @@ async fn dispatch(hosted: Option<HostedGroup>, h: Header, request: Inbound) -> (
             Err(e) => refusal(h, &e),
         },
     }
+}
+
+/// Whether `a` is a heartbeat of the leader, term and last log id `stopped` holds: no
+/// entries, nothing new committed — what the stopped replica answers `Success` to
+/// without waking.
+fn is_heartbeat_of(stopped: &Stopped, a: &AppendEntriesRequest<TypeConfig>) -> bool {
+    a.entries.is_empty()
+        && a.vote.committed
+        && stopped.leader == Some(a.vote.leader_id.node_id)
+        && stopped.term == a.vote.leader_id.term
+        && stopped.last_log_id.is_some()
+        && a.prev_log_id == stopped.last_log_id
+        && a.leader_commit == stopped.last_log_id
 }
 
 /// The local Raft could not answer (it is stopping or hit a fatal error).

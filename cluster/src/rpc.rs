@@ -17,6 +17,13 @@
 //! KIND_MEMBERSHIP_REPLY { tag: u8 } 0 done { detail: str } | 1 not leader { known: u8
 //!                        [ | leader: u64 | leader_addr: str ] } | 2 refused { reason: str }
 //!                        | 3 last voter { node: u64 }
+//! KIND_HIBERNATE       { term: u64 | leader: u64 | last_log_id: opt<log_id> }
+//! KIND_HIBERNATE_REPLY { tag: u8 } 0 stopped | 1 wrong term { asked: u64 | ours: u64 }
+//!                        | 2 not leader { asked: u64 | known: opt<u64> }
+//!                        | 3 log mismatch { asked: opt<log_id> | last_index: opt<u64>
+//!                                           | applied: opt<log_id> }
+//! KIND_PING            {}                                                  (group 0)
+//! KIND_PONG            {}
 //! KIND_ERROR           { tag: u8 } 1 unavailable { reason: str }
 //!                                  | 2 snapshot mismatch { expect_id: str | expect_offset: u64
 //!                                                          | got_id: str | got_offset: u64 }
@@ -28,6 +35,12 @@
 //! encoding (`entry.rs`), so an entry costs the same bytes on the wire as on disk. Every
 //! count and length is bounded by a `MAX_*` constant before allocating; an unknown version
 //! is [`ClusterError::UnsupportedVersion`].
+//!
+//! `KIND_HIBERNATE` (issue 12 step 5, `hibernate.rs`) is not openraft's either: a group's
+//! leader asks a follower to stop its instance; the follower does only if it holds
+//! exactly that term, leader and last log id (applied), else it refuses and says why
+//! ([`HibernateRefusal`]). `KIND_PING` is the per-peer liveness heartbeat (one per node
+//! pair, not per group): answered at once by the peer server, it touches no group.
 //!
 //! `KIND_JOIN` and `KIND_LEAVE` are not openraft's: a node asks the leader of the metadata
 //! group ([`METADATA_GROUP`]) to add it (auto-join) or to take it out (drain);
@@ -69,10 +82,14 @@ pub(crate) const KIND_APPEND: u8 = 2;
 pub(crate) const KIND_SNAPSHOT: u8 = 3;
 pub(crate) const KIND_JOIN: u8 = 4;
 pub(crate) const KIND_LEAVE: u8 = 5;
+pub(crate) const KIND_HIBERNATE: u8 = 6;
+pub(crate) const KIND_PING: u8 = 7;
 pub(crate) const KIND_VOTE_REPLY: u8 = 0x81;
 pub(crate) const KIND_APPEND_REPLY: u8 = 0x82;
 pub(crate) const KIND_SNAPSHOT_REPLY: u8 = 0x83;
 pub(crate) const KIND_MEMBERSHIP_REPLY: u8 = 0x84;
+pub(crate) const KIND_HIBERNATE_REPLY: u8 = 0x86;
+pub(crate) const KIND_PONG: u8 = 0x87;
 pub(crate) const KIND_ERROR: u8 = 0xff;
 
 const ERROR_UNAVAILABLE: u8 = 1;
@@ -477,6 +494,148 @@ pub(crate) fn decode_membership_reply(body: Bytes) -> Result<MembershipReply> {
     Ok(reply)
 }
 
+/// A leader's request that a follower stop its instance of the header's group
+/// (`hibernate.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HibernateRequest {
+    /// The leader's term.
+    pub term: u64,
+    /// The leader's node id.
+    pub leader: NodeId,
+    /// The leader's last log id, committed and matched by every follower.
+    pub last_log_id: Option<LogId>,
+}
+
+/// Why a follower refused to hibernate: it does not hold exactly what the leader named.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HibernateRefusal {
+    /// The request's term is not the replica's.
+    #[error("hibernate refused: term {asked} is not this replica's term {ours}")]
+    WrongTerm { asked: u64, ours: u64 },
+    /// The requester is not the leader this replica follows.
+    #[error("hibernate refused: node {asked} is not this replica's leader ({known:?})")]
+    NotLeader {
+        asked: NodeId,
+        known: Option<NodeId>,
+    },
+    /// The replica's log or applied index is not exactly the request's last log id.
+    #[error(
+        "hibernate refused: asked to stop at {asked:?}, this replica holds up to index \
+         {last_index:?} and applied {applied:?}"
+    )]
+    LogMismatch {
+        asked: Option<LogId>,
+        last_index: Option<u64>,
+        applied: Option<LogId>,
+    },
+}
+
+const HIBERNATE_STOPPED: u8 = 0;
+const HIBERNATE_WRONG_TERM: u8 = 1;
+const HIBERNATE_NOT_LEADER: u8 = 2;
+const HIBERNATE_LOG_MISMATCH: u8 = 3;
+
+fn encode_opt_u64(e: &mut Encoder, v: Option<u64>) {
+    match v {
+        Some(v) => {
+            e.u8(1);
+            e.u64(v);
+        }
+        None => e.u8(0),
+    }
+}
+
+fn decode_opt_u64(d: &mut Decoder) -> Result<Option<u64>> {
+    Ok(if d.bool()? { Some(d.u64()?) } else { None })
+}
+
+pub(crate) fn encode_hibernate_request(h: Header, r: &HibernateRequest) -> Vec<u8> {
+    let mut e = start(h, 48);
+    e.u64(r.term);
+    e.u64(r.leader);
+    encode_opt_log_id(&mut e, &r.last_log_id);
+    e.buf
+}
+
+pub(crate) fn decode_hibernate_request(body: Bytes) -> Result<HibernateRequest> {
+    let mut d = open(body, "hibernate request")?;
+    let term = d.u64()?;
+    let leader = d.u64()?;
+    let last_log_id = decode_opt_log_id(&mut d)?;
+    d.finish()?;
+    Ok(HibernateRequest {
+        term,
+        leader,
+        last_log_id,
+    })
+}
+
+pub(crate) fn encode_hibernate_reply(
+    h: Header,
+    r: &std::result::Result<(), HibernateRefusal>,
+) -> Vec<u8> {
+    let mut e = start(h, 48);
+    match r {
+        Ok(()) => e.u8(HIBERNATE_STOPPED),
+        Err(HibernateRefusal::WrongTerm { asked, ours }) => {
+            e.u8(HIBERNATE_WRONG_TERM);
+            e.u64(*asked);
+            e.u64(*ours);
+        }
+        Err(HibernateRefusal::NotLeader { asked, known }) => {
+            e.u8(HIBERNATE_NOT_LEADER);
+            e.u64(*asked);
+            encode_opt_u64(&mut e, *known);
+        }
+        Err(HibernateRefusal::LogMismatch {
+            asked,
+            last_index,
+            applied,
+        }) => {
+            e.u8(HIBERNATE_LOG_MISMATCH);
+            encode_opt_log_id(&mut e, asked);
+            encode_opt_u64(&mut e, *last_index);
+            encode_opt_log_id(&mut e, applied);
+        }
+    }
+    e.buf
+}
+
+pub(crate) fn decode_hibernate_reply(
+    body: Bytes,
+) -> Result<std::result::Result<(), HibernateRefusal>> {
+    let mut d = open(body, "hibernate reply")?;
+    let reply = match d.u8()? {
+        HIBERNATE_STOPPED => Ok(()),
+        HIBERNATE_WRONG_TERM => Err(HibernateRefusal::WrongTerm {
+            asked: d.u64()?,
+            ours: d.u64()?,
+        }),
+        HIBERNATE_NOT_LEADER => Err(HibernateRefusal::NotLeader {
+            asked: d.u64()?,
+            known: decode_opt_u64(&mut d)?,
+        }),
+        HIBERNATE_LOG_MISMATCH => Err(HibernateRefusal::LogMismatch {
+            asked: decode_opt_log_id(&mut d)?,
+            last_index: decode_opt_u64(&mut d)?,
+            applied: decode_opt_log_id(&mut d)?,
+        }),
+        _ => return Err(d.fail("unknown hibernate reply tag")),
+    };
+    d.finish()?;
+    Ok(reply)
+}
+
+/// A liveness ping or its pong: the header only.
+pub(crate) fn encode_empty(h: Header) -> Vec<u8> {
+    start(h, 0).buf
+}
+
+pub(crate) fn decode_empty(body: Bytes, what: &'static str) -> Result<()> {
+    open(body, what)?.finish()
+}
+
 pub(crate) fn encode_refusal(h: Header, r: &RemoteRefusal) -> Vec<u8> {
     let mut e = start(h, 128);
     match r {
@@ -654,6 +813,49 @@ mod tests {
                 refusal
             );
         }
+    }
+
+    #[test]
+    fn hibernate_requests_replies_and_pings_round_trip_and_truncations_fail() {
+        let r = HibernateRequest {
+            term: 4,
+            leader: 2,
+            last_log_id: Some(log_id(4, 17)),
+        };
+        let body = encode_hibernate_request(H, &r);
+        assert_eq!(decode_hibernate_request(body.clone().into()).unwrap(), r);
+        for cut in 0..body.len() {
+            assert!(decode_hibernate_request(Bytes::copy_from_slice(&body[..cut])).is_err());
+        }
+        for reply in [
+            Ok(()),
+            Err(HibernateRefusal::WrongTerm { asked: 5, ours: 4 }),
+            Err(HibernateRefusal::NotLeader {
+                asked: 1,
+                known: Some(2),
+            }),
+            Err(HibernateRefusal::NotLeader {
+                asked: 1,
+                known: None,
+            }),
+            Err(HibernateRefusal::LogMismatch {
+                asked: Some(log_id(4, 17)),
+                last_index: Some(16),
+                applied: None,
+            }),
+        ] {
+            let body = encode_hibernate_reply(H, &reply);
+            assert_eq!(decode_hibernate_reply(body.clone().into()).unwrap(), reply);
+            for cut in 0..body.len() {
+                assert!(decode_hibernate_reply(Bytes::copy_from_slice(&body[..cut])).is_err());
+            }
+        }
+        let ping = encode_empty(H);
+        assert_eq!(ping.len(), HEADER_LEN);
+        decode_empty(ping.clone().into(), "ping").unwrap();
+        let mut longer = ping;
+        longer.push(0);
+        assert!(decode_empty(longer.into(), "ping").is_err());
     }
 
     #[test]

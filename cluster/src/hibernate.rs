@@ -1,0 +1,617 @@
+//! Hibernation of idle Raft groups (issue 12 step 5): an idle group stops its Raft
+//! instances on every replica — no task, no timer, no heartbeat — and starts them again
+//! when it is needed; liveness between nodes comes from one heartbeat per peer, not per
+//! group. TiKV's hibernate regions, CockroachDB's quiesced ranges.
+//!
+//! [`Hibernation`] runs two tasks on a node:
+//! * *Quiesce* (every `check_interval`): a group this node leads that has had no new log
+//!   entry (write, membership change) and no [`Hibernation::touch`] for `quiesce_after`,
+//!   whose every replica has matched the leader's last log id and which has applied it
+//!   (so it is committed, and the followers learn it with the next heartbeat), on one
+//!   membership config that is itself committed, is put to sleep: the leader sends
+//!   `KIND_HIBERNATE {group, term, leader, last log id}` to every other member; each
+//!   follower stops its instance only if it holds exactly that (term, leader, last log
+//!   index, applied log id — [`serve_request`]), else it refuses with a typed
+//!   [`HibernateRefusal`] and the group stays awake; when every member stopped, the
+//!   leader stops its own instance (re-checking, under the group's transition lock, that
+//!   nothing was appended meanwhile). A refused attempt waits `quiesce_after` again.
+//! * *Liveness* (per peer, every `liveness_interval`): one `KIND_PING` on the node's
+//!   shared connection to the peer. A peer that has answered nothing for
+//!   `liveness_timeout` (the election timeout) is lost: every group stopped here whose
+//!   last leader was that peer is woken, so its election runs as an awake group's would.
+//!   Groups led elsewhere stay stopped.
+//!
+//! Waking: a Raft RPC for a stopped group wakes it on the receiving node
+//! (`peer_server.rs`); on the leader node, [`Hibernation::wake`] (or
+//! [`Hibernation::propose`], the write path the broker calls) starts it and, when this
+//! node led it, campaigns at once (`trigger().elect()`), so a write waits for one election.
+//!
+//! Safety needs nothing new: a stopped replica is a follower that has not heard from its
+//! leader lately; its vote and log are in the node log, nothing changes them while it is
+//! stopped, and openraft's own rules decide every election after a wake.
+//!
+//! Invariants: at most [`MAX_CONCURRENT_HIBERNATIONS`] handshakes at once per node; every
+//! hibernate request is bounded by [`HIBERNATE_RPC_TIMEOUT`], every ping by the liveness
+//! timeout, every wake by `WAKE_TIMEOUT` (`groups.rs`), every wait for a leader in
+//! [`Hibernation::propose`] by [`PROPOSE_LEADER_WAIT`]. Dropping or shutting down the
+//! [`Hibernation`] ends its tasks (the groups stay as they are).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, RaftMetrics, ServerState};
+use tokio::sync::Semaphore;
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::error::{ClusterError, Result};
+use crate::groups::{GroupRegistry, HostState, StopOutcome, Stopped, WAKE_TIMEOUT};
+use crate::network::TcpNetwork;
+use crate::placement::GroupId;
+use crate::rpc::{self, Header, HibernateRefusal, HibernateRequest, RemoteRefusal};
+use crate::types::{LogId, NodeId, Request, Response};
+
+/// How long a group must be idle (no new entry, no touch) before its leader puts it to
+/// sleep.
+pub const QUIESCE_AFTER: Duration = Duration::from_secs(5);
+/// How often the leader looks for idle groups.
+pub const QUIESCE_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+/// Longest a follower may take to answer a hibernate request.
+pub const HIBERNATE_RPC_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most hibernate handshakes one node runs at once (the others wait for a later check).
+pub const MAX_CONCURRENT_HIBERNATIONS: usize = 64;
+/// How often a node pings each peer (the per-peer liveness heartbeat).
+pub const LIVENESS_INTERVAL: Duration = Duration::from_millis(100);
+/// A peer that answered no ping for this long is lost (the broker's longest election
+/// timeout plus margin): the groups stopped here that it led are woken.
+pub const LIVENESS_TIMEOUT: Duration = Duration::from_millis(500);
+/// Longest [`Hibernation::propose`] waits for the woken group to have a leader.
+pub const PROPOSE_LEADER_WAIT: Duration = Duration::from_secs(5);
+
+/// When groups hibernate and peers count as lost; [`Default`] is the named constants.
+#[derive(Debug, Clone, Copy)]
+pub struct HibernationConfig {
+    /// [`QUIESCE_AFTER`].
+    pub quiesce_after: Duration,
+    /// [`QUIESCE_CHECK_INTERVAL`].
+    pub check_interval: Duration,
+    /// [`LIVENESS_INTERVAL`].
+    pub liveness_interval: Duration,
+    /// [`LIVENESS_TIMEOUT`]: set it to the Raft election timeout in use.
+    pub liveness_timeout: Duration,
+}
+
+impl Default for HibernationConfig {
+    fn default() -> HibernationConfig {
+        HibernationConfig {
+            quiesce_after: QUIESCE_AFTER,
+            check_interval: QUIESCE_CHECK_INTERVAL,
+            liveness_interval: LIVENESS_INTERVAL,
+            liveness_timeout: LIVENESS_TIMEOUT,
+        }
+    }
+}
+
+/// What a follower answers a hibernate request: stop if it holds exactly what the leader
+/// named (the peer server calls this for `KIND_HIBERNATE`).
+pub(crate) async fn serve_request(
+    groups: &GroupRegistry,
+    h: Header,
+    r: HibernateRequest,
+) -> (u8, Vec<u8>) {
+    let reply = match groups.stop_if(h.group, |m| follower_check(m, &r)).await {
+        StopOutcome::Stopped => Ok(()),
+        // A repeated request (its first reply lost) finds the group stopped as it asked.
+        StopOutcome::AlreadyStopped(st) => stopped_check(&st, &r),
+        StopOutcome::Refused(refusal) => Err(refusal),
+        StopOutcome::Unknown => {
+            let refusal = RemoteRefusal::UnknownGroup(h.group);
+            return (rpc::KIND_ERROR, rpc::encode_refusal(h, &refusal));
+        }
+    };
+    if let Err(refusal) = &reply {
+        tracing::debug!(group = h.group, %refusal, "hibernate request refused");
+    }
+    (
+        rpc::KIND_HIBERNATE_REPLY,
+        rpc::encode_hibernate_reply(h, &reply),
+    )
+}
+
+fn follower_check(
+    m: &RaftMetrics<NodeId, BasicNode>,
+    r: &HibernateRequest,
+) -> std::result::Result<Stopped, HibernateRefusal> {
+    if m.current_term != r.term {
+        return Err(HibernateRefusal::WrongTerm {
+            asked: r.term,
+            ours: m.current_term,
+        });
+    }
+    let following = matches!(m.state, ServerState::Follower | ServerState::Learner);
+    if !following || m.current_leader != Some(r.leader) || m.id == r.leader {
+        return Err(HibernateRefusal::NotLeader {
+            asked: r.leader,
+            known: m.current_leader,
+        });
+    }
+    let index = r.last_log_id.map(|l| l.index);
+    if r.last_log_id.is_none() || m.last_log_index != index || m.last_applied != r.last_log_id {
+        return Err(HibernateRefusal::LogMismatch {
+            asked: r.last_log_id,
+            last_index: m.last_log_index,
+            applied: m.last_applied,
+        });
+    }
+    Ok(Stopped {
+        leader: Some(r.leader),
+        term: r.term,
+        last_log_id: r.last_log_id,
+    })
+}
+
+fn stopped_check(st: &Stopped, r: &HibernateRequest) -> std::result::Result<(), HibernateRefusal> {
+    if st.term != r.term {
+        return Err(HibernateRefusal::WrongTerm {
+            asked: r.term,
+            ours: st.term,
+        });
+    }
+    if st.leader != Some(r.leader) {
+        return Err(HibernateRefusal::NotLeader {
+            asked: r.leader,
+            known: st.leader,
+        });
+    }
+    if st.last_log_id != r.last_log_id {
+        return Err(HibernateRefusal::LogMismatch {
+            asked: r.last_log_id,
+            last_index: st.last_log_id.map(|l| l.index),
+            applied: st.last_log_id,
+        });
+    }
+    Ok(())
+}
+
+/// A led group's activity, as the quiesce task last saw it.
+#[derive(Debug, Clone, Copy)]
+struct Activity {
+    last_index: Option<u64>,
+    since: Instant,
+}
+
+struct Shared {
+    id: NodeId,
+    groups: GroupRegistry,
+    network: TcpNetwork,
+    config: HibernationConfig,
+    activity: Mutex<HashMap<GroupId, Activity>>,
+    /// Groups with a handshake running.
+    hibernating: Mutex<HashSet<GroupId>>,
+    slots: Arc<Semaphore>,
+    refused: AtomicU64,
+    peers_lost: AtomicU64,
+}
+
+impl Shared {
+    fn activity(&self) -> MutexGuard<'_, HashMap<GroupId, Activity>> {
+        self.activity.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn hibernating(&self) -> MutexGuard<'_, HashSet<GroupId>> {
+        self.hibernating.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn touch(&self, group: GroupId) {
+        if let Some(a) = self.activity().get_mut(&group) {
+            a.since = Instant::now();
+        }
+    }
+}
+
+/// The hibernation of one node's groups: its quiesce and liveness tasks, and the wake
+/// and write path. See the module documentation.
+pub struct Hibernation {
+    shared: Arc<Shared>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Hibernation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hibernation")
+            .field("id", &self.shared.id)
+            .field("groups", &self.shared.groups)
+            .finish()
+    }
+}
+
+impl Drop for Hibernation {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Hibernation {
+    /// Starts hibernating the groups of `groups` that node `id` leads, and pinging
+    /// `peers` (node id → member address; this node's own entry is skipped). `network` is
+    /// the node's pool (any group's factory of it). The registry needs a starter
+    /// (`GroupRegistry::set_starter`) for anything to wake.
+    pub fn start(
+        id: NodeId,
+        groups: GroupRegistry,
+        network: TcpNetwork,
+        peers: BTreeMap<NodeId, String>,
+        config: HibernationConfig,
+    ) -> Hibernation {
+        let shared = Arc::new(Shared {
+            id,
+            groups,
+            network,
+            config,
+            activity: Mutex::default(),
+            hibernating: Mutex::default(),
+            slots: Arc::new(Semaphore::new(MAX_CONCURRENT_HIBERNATIONS)),
+            refused: AtomicU64::new(0),
+            peers_lost: AtomicU64::new(0),
+        });
+        let mut tasks = vec![tokio::spawn(quiesce_loop(Arc::clone(&shared)))];
+        for (peer, addr) in peers {
+            if peer != id {
+                tasks.push(tokio::spawn(watch_peer(Arc::clone(&shared), peer, addr)));
+            }
+        }
+        Hibernation { shared, tasks }
+    }
+
+    /// The group is in use (an attach, a consumer's flow): it does not hibernate for
+    /// another `quiesce_after`. Writes need no touch: a new entry counts as activity.
+    pub fn touch(&self, group: GroupId) {
+        self.shared.touch(group);
+    }
+
+    /// Makes sure `group` runs here: a stopped group is started from the node log and,
+    /// when this node led it, campaigns at once. Returns once started (not yet elected).
+    pub async fn wake(&self, group: GroupId) -> Result<()> {
+        let before = self.shared.groups.state(group);
+        let (hosted, started) = self.shared.groups.wake_hosted(group).await?;
+        self.shared.touch(group);
+        let led_here =
+            matches!(before, Some(HostState::Stopped(st)) if st.leader == Some(self.shared.id));
+        if started && led_here {
+            hosted
+                .raft
+                .trigger()
+                .elect()
+                .await
+                .map_err(|e| ClusterError::Raft {
+                    group,
+                    reason: e.to_string(),
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Replicates `request` through `group`, waking it first ([`Hibernation::wake`]):
+    /// the write path of a hibernated address. `NotLeader` when another node leads it.
+    pub async fn propose(&self, group: GroupId, request: Request) -> Result<Response> {
+        self.wake(group).await?;
+        let raft = self
+            .shared
+            .groups
+            .raft(group)
+            .ok_or(ClusterError::UnknownGroup { group })?;
+        let leader = raft
+            .wait(Some(PROPOSE_LEADER_WAIT))
+            .metrics(|m| m.current_leader.is_some(), "a leader")
+            .await
+            .map_err(|e| ClusterError::Raft {
+                group,
+                reason: format!(
+                    "no leader within {PROPOSE_LEADER_WAIT:?} (PROPOSE_LEADER_WAIT): {e}"
+                ),
+            })?
+            .current_leader;
+        if leader != Some(self.shared.id) {
+            return Err(ClusterError::NotLeader { group, leader });
+        }
+        match raft.client_write(request).await {
+            Ok(r) => Ok(r.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(ClusterError::NotLeader {
+                    group,
+                    leader: f.leader_id,
+                })
+            }
+            Err(e) => Err(ClusterError::Raft {
+                group,
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// Hibernate attempts a follower refused, since the start.
+    pub fn refusals(&self) -> u64 {
+        self.shared.refused.load(Ordering::Relaxed)
+    }
+
+    /// Times a peer was found lost (silent for the liveness timeout), since the start.
+    pub fn peers_lost(&self) -> u64 {
+        self.shared.peers_lost.load(Ordering::Relaxed)
+    }
+
+    /// Ends the quiesce and liveness tasks (handshakes in flight finish on their own).
+    pub async fn shutdown(mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+}
+
+/// A led group ready to sleep: the leader's term, its last log id (committed, matched by
+/// every member), the other members' ids and addresses.
+struct Ready {
+    term: u64,
+    last: LogId,
+    others: Vec<(NodeId, String)>,
+}
+
+/// What the leader needs to put a group to sleep: its term, last log id, and the other
+/// members' addresses; `None` when it is not ready (not leader, something not committed,
+/// a follower not matched, a membership change not done).
+fn leader_ready(m: &RaftMetrics<NodeId, BasicNode>) -> Option<Ready> {
+    if m.state != ServerState::Leader || m.current_leader != Some(m.id) {
+        return None;
+    }
+    let last = m.last_applied?;
+    if m.last_log_index != Some(last.index) {
+        return None;
+    }
+    let membership = m.membership_config.membership();
+    let committed_config = m.membership_config.log_id().map(|l| l.index) <= Some(last.index);
+    if membership.get_joint_config().len() != 1 || !committed_config {
+        return None;
+    }
+    let replication = m.replication.as_ref()?;
+    let others: Vec<(NodeId, String)> = membership
+        .nodes()
+        .filter(|(id, _)| **id != m.id)
+        .map(|(id, node)| (*id, node.addr.clone()))
+        .collect();
+    let matched = others.iter().all(|(id, _)| {
+        replication
+            .get(id)
+            .is_some_and(|matched| *matched == Some(last))
+    });
+    matched.then_some(Ready {
+        term: m.current_term,
+        last,
+        others,
+    })
+}
+
+async fn quiesce_loop(shared: Arc<Shared>) {
+    let mut handshakes = JoinSet::new();
+    loop {
+        tokio::time::sleep(shared.config.check_interval).await;
+        while handshakes.try_join_next().is_some() {}
+        let now = Instant::now();
+        let running = shared.groups.running();
+        let mut seen = HashSet::with_capacity(running.len());
+        for (group, raft) in running {
+            let ready = {
+                let metrics = raft.metrics();
+                let m = metrics.borrow();
+                if m.state != ServerState::Leader {
+                    continue;
+                }
+                seen.insert(group);
+                let mut activity = shared.activity();
+                let a = activity.entry(group).or_insert(Activity {
+                    last_index: m.last_log_index,
+                    since: now,
+                });
+                if a.last_index != m.last_log_index {
+                    *a = Activity {
+                        last_index: m.last_log_index,
+                        since: now,
+                    };
+                    continue;
+                }
+                if now.duration_since(a.since) < shared.config.quiesce_after {
+                    continue;
+                }
+                leader_ready(&m)
+            };
+            let Some(Ready { term, last, others }) = ready else {
+                continue;
+            };
+            if !shared.hibernating().insert(group) {
+                continue;
+            }
+            let Ok(slot) = Arc::clone(&shared.slots).try_acquire_owned() else {
+                shared.hibernating().remove(&group);
+                continue;
+            };
+            let shared = Arc::clone(&shared);
+            handshakes.spawn(async move {
+                hibernate_group(&shared, group, term, last, others).await;
+                shared.hibernating().remove(&group);
+                drop(slot);
+            });
+        }
+        // Forget groups no longer led (or running) here.
+        shared.activity().retain(|g, _| seen.contains(g));
+    }
+}
+
+/// The leader's half of the handshake for one group.
+async fn hibernate_group(
+    shared: &Shared,
+    group: GroupId,
+    term: u64,
+    last: LogId,
+    others: Vec<(NodeId, String)>,
+) {
+    let request = HibernateRequest {
+        term,
+        leader: shared.id,
+        last_log_id: Some(last),
+    };
+    let network = shared.network.group(group);
+    let mut asks = JoinSet::new();
+    for (peer, addr) in others {
+        let network = network.clone();
+        asks.spawn(async move {
+            let answer = network
+                .hibernate(peer, &addr, &request, HIBERNATE_RPC_TIMEOUT)
+                .await;
+            (peer, answer)
+        });
+    }
+    let mut all_stopped = true;
+    while let Some(joined) = asks.join_next().await {
+        let Ok((peer, answer)) = joined else {
+            all_stopped = false;
+            continue;
+        };
+        match answer {
+            Ok(Ok(())) => {}
+            Ok(Err(refusal)) => {
+                all_stopped = false;
+                tracing::debug!(group, peer, %refusal, "follower refused to hibernate");
+            }
+            Err(e) => {
+                all_stopped = false;
+                tracing::debug!(group, peer, error = %e, "hibernate request failed");
+            }
+        }
+    }
+    if !all_stopped {
+        // The group stays awake; followers that did stop answer this leader's
+        // heartbeats without waking and wake on its next entry. Try again later.
+        shared.refused.fetch_add(1, Ordering::Relaxed);
+        shared.touch(group);
+        return;
+    }
+    let id = shared.id;
+    let outcome = shared
+        .groups
+        .stop_if(group, |m| {
+            let unchanged = m.state == ServerState::Leader
+                && m.current_term == term
+                && m.last_log_index == Some(last.index)
+                && m.last_applied == Some(last);
+            if unchanged {
+                Ok(Stopped {
+                    leader: Some(id),
+                    term,
+                    last_log_id: Some(last),
+                })
+            } else {
+                Err(())
+            }
+        })
+        .await;
+    if let StopOutcome::Refused(()) = outcome {
+        // Something was appended while the followers stopped: they wake on its
+        // replication; the group stays awake.
+        shared.touch(group);
+    }
+}
+
+/// A group woken because its leader `lost` is gone: the surviving voter with the smallest
+/// id campaigns (every survivor decides alike from the same membership, so one does; if
+/// it cannot win, the others' election timers still run). Not at once: openraft 0.9
+/// restores a persisted committed vote with a fresh leader lease, so every just-woken
+/// replica refuses votes for `election_timeout_max` after its start; campaigning
+/// earlier only loses a term. So the first survivor campaigns when that lease has run
+/// out, unless a leader was elected meanwhile.
+async fn campaign_if_first(
+    id: NodeId,
+    lost: NodeId,
+    group: GroupId,
+    raft: &openraft::Raft<crate::types::TypeConfig>,
+) {
+    let started = Instant::now();
+    // A just-started instance reports its membership once its core has loaded it.
+    let loaded = raft
+        .wait(Some(WAKE_TIMEOUT))
+        .metrics(
+            |m| {
+                m.membership_config
+                    .membership()
+                    .voter_ids()
+                    .next()
+                    .is_some()
+            },
+            "membership loaded",
+        )
+        .await;
+    let Ok(m) = loaded else {
+        return;
+    };
+    let voters = m.membership_config.membership().voter_ids();
+    let first = voters.filter(|v| *v != lost).min();
+    if first != Some(id) {
+        return;
+    }
+    let lease = Duration::from_millis(raft.config().election_timeout_max);
+    tokio::time::sleep(lease.saturating_sub(started.elapsed())).await;
+    let leader = raft.metrics().borrow().current_leader;
+    if leader.is_none() || leader == Some(lost) {
+        if let Err(e) = raft.trigger().elect().await {
+            tracing::debug!(group, error = %e, "campaign after the leader's loss failed");
+        }
+    }
+}
+
+/// The liveness heartbeat to one peer, and what its loss wakes.
+async fn watch_peer(shared: Arc<Shared>, peer: NodeId, addr: String) {
+    let config = shared.config;
+    let mut last_answer = Instant::now();
+    let mut lost = false;
+    loop {
+        let began = Instant::now();
+        let answered = shared
+            .network
+            .ping(peer, &addr, config.liveness_timeout)
+            .await
+            .is_ok();
+        if answered {
+            last_answer = Instant::now();
+            if lost {
+                tracing::info!(peer, "peer answers again");
+                lost = false;
+            }
+        } else if !lost && last_answer.elapsed() >= config.liveness_timeout {
+            lost = true;
+            shared.peers_lost.fetch_add(1, Ordering::Relaxed);
+            let led = shared.groups.stopped_led_by(peer);
+            tracing::info!(
+                peer,
+                groups = led.len(),
+                timeout = ?config.liveness_timeout,
+                "peer lost (no ping answered within the liveness timeout): waking the stopped groups it led"
+            );
+            for group in led {
+                let groups = shared.groups.clone();
+                let id = shared.id;
+                tokio::spawn(async move {
+                    match groups.wake(group).await {
+                        Ok(raft) => campaign_if_first(id, peer, group, &raft).await,
+                        Err(e) => {
+                            tracing::warn!(group, error = %e, "waking a group of a lost peer failed")
+                        }
+                    }
+                });
+            }
+        }
+        let spent = began.elapsed();
+        tokio::time::sleep(config.liveness_interval.saturating_sub(spent)).await;
+    }
+}
