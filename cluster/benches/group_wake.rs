@@ -58,18 +58,6 @@ const SEGMENT_BYTES: u64 = 8 << 20;
 
 type Node = Raft<TypeConfig>;
 
-/// glibc's `malloc_trim`: returns free heap pages to the OS.
-fn release_free_heap() {
-    extern "C" {
-        fn malloc_trim(pad: usize) -> i32;
-    }
-    // SAFETY: glibc's malloc_trim takes no pointers and may be called at any time; this
-    // bench is built for Linux with glibc only (as the broker's release image's builder).
-    unsafe {
-        malloc_trim(0);
-    }
-}
-
 fn rss_kib() -> u64 {
     process::rss_and_threads().0
 }
@@ -182,7 +170,7 @@ async fn run(groups: u32, sample: u32, idle_secs: u64) {
     // Let openraft's tasks finish dropping what they hold, then give freed heap back to the
     // OS, so that resident memory shows what stopped groups keep, not the allocator's cache.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    release_free_heap();
+    process::release_free_heap();
     let rss_stopped = rss_kib();
     let state_bytes: usize = node_logs
         .iter()

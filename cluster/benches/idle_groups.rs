@@ -29,11 +29,25 @@
 //! group's heartbeats go through the node's one multiplexed connection to each peer,
 //! encoded, over loopback TCP. The closing line then also gives the connections opened.
 //!
-//! Prints one line per figure and a closing `idle groups: …` line. Bounded: group
-//! formation and the commit wait at most `FORM_TIMEOUT`.
+//! `IDLE_HIBERNATE=1` measures hibernated groups instead (issue 12 step 5): three nodes
+//! over the TCP transport, one `NodeLog` each, each with a `Hibernation` (quiesce after
+//! `HIB_QUIESCE_AFTER`). Groups are formed in waves of `HIB_WAVE` (each group started
+//! through the registry's starter, formed by node `g mod 3`, one entry committed); each
+//! wave is left to hibernate before the next, so at most a wave's instances run at once.
+//! Once every group is stopped on every node: resident memory per group replica (after
+//! giving free heap back to the OS, over the process with three empty nodes), idle CPU of
+//! the whole process (liveness pings included) per 1,000 groups, the group RPCs received
+//! meanwhile (should be 0); then `HIB_SAMPLE` hibernated groups are written to one at a
+//! time on their former leader (`Hibernation::propose`): wake → election → commit, over
+//! TCP. Bounded by `HIB_TIMEOUT`, progress on stderr.
+//!
+//! Prints one line per figure and a closing `idle groups: …` (or `hibernated groups: …`)
+//! line. Bounded: group formation and the commit wait at most `FORM_TIMEOUT`.
+//! `cargo test --bench idle_groups` (CI) runs both paths with three groups.
 //!
 //! Run: `IDLE_GROUPS=300 IDLE_LOG=both cargo bench -p entrepot-cluster --bench idle_groups`,
-//! or with `IDLE_NET=tcp` over sockets.
+//! or with `IDLE_NET=tcp` over sockets;
+//! `IDLE_HIBERNATE=1 IDLE_GROUPS=3000 cargo bench -p entrepot-cluster --bench idle_groups`.
 
 #[path = "../tests/support/machine.rs"]
 #[allow(dead_code)] // the tests read the messages back; this bench does not
@@ -53,8 +67,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use entrepot_cluster::node_log::GROUP_STATE_BYTES;
 use entrepot_cluster::{
-    GroupRegistry, LogStore, NodeId, NodeLog, PeerServer, PeerServerOptions, Request, TcpNetwork,
-    TypeConfig,
+    ClusterError, GroupRegistry, Hibernation, HibernationConfig, HostState, LogStore, NodeId,
+    NodeLog, PeerServer, PeerServerOptions, Request, Stopped, TcpNetwork, TypeConfig,
 };
 use entrepot_storage::LogConfig;
 use machine::MessageMachine;
@@ -133,7 +147,36 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    runtime.block_on(run(groups, idle_secs, kind, net));
+    let hibernate = std::env::var("IDLE_HIBERNATE").is_ok_and(|v| v == "1");
+    if !hibernate {
+        runtime.block_on(run(groups, idle_secs, kind, net));
+    }
+    if hibernate || !benching {
+        let env = |name: &str, default: u32| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default)
+        };
+        let options = HibOptions {
+            groups,
+            wave: env("HIB_WAVE", 500).max(1),
+            sample: env("HIB_SAMPLE", if benching { 50 } else { 2 }).clamp(1, groups),
+            idle_secs: if benching { IDLE_SECS * 2 } else { 1 },
+            quiesce_after: Duration::from_millis(u64::from(env(
+                "HIB_QUIESCE_AFTER_MS",
+                if benching { 1000 } else { 300 },
+            ))),
+        };
+        let limit = Duration::from_secs(u64::from(env("HIB_TIMEOUT", 1800)));
+        runtime.block_on(async {
+            tokio::time::timeout(limit, run_hibernating(options))
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("hibernation bench not done within {limit:?} (HIB_TIMEOUT)")
+                })
+        });
+    }
 }
 
 /// Where replicas keep their Raft logs.
@@ -328,5 +371,251 @@ async fn run(groups: u32, idle_secs: u64, kind: LogKind, net: NetKind) {
     }
     for (_, _, raft) in rafts {
         let _ = raft.shutdown().await;
+    }
+}
+
+/// What `IDLE_HIBERNATE=1` runs with.
+struct HibOptions {
+    groups: u32,
+    wave: u32,
+    sample: u32,
+    idle_secs: u64,
+    quiesce_after: Duration,
+}
+
+/// One node of the hibernation run.
+struct HibNode {
+    network: TcpNetwork,
+    groups: GroupRegistry,
+    server: PeerServer,
+    hibernation: Option<Hibernation>,
+    log: NodeLog,
+}
+
+fn running(nodes: &[HibNode]) -> usize {
+    nodes.iter().map(|n| n.groups.running_count()).sum()
+}
+
+/// Waits until no instance runs on any node, printing progress; panics after `limit`.
+async fn until_all_stopped(nodes: &[HibNode], limit: Duration, what: &str) {
+    let began = Instant::now();
+    let mut last_print = Instant::now();
+    loop {
+        let left = running(nodes);
+        if left == 0 {
+            return;
+        }
+        assert!(
+            began.elapsed() < limit,
+            "{what}: {left} instances still running after {limit:?}"
+        );
+        if last_print.elapsed() >= Duration::from_secs(5) {
+            eprintln!(
+                "  {what}: {left} instances still running ({:.0} s)",
+                began.elapsed().as_secs_f64()
+            );
+            last_print = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn run_hibernating(o: HibOptions) {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let config = raft_config::broker_timing();
+    let log_config = LogConfig {
+        segment_bytes: SEGMENT_BYTES * 8,
+        record_bytes_max: 64 << 10,
+        ..LogConfig::default()
+    };
+    let replicas = u64::from(o.groups) * REPLICAS;
+    println!(
+        "hibernated groups: {} groups × {REPLICAS} replicas on 3 nodes over TCP (one node log each), quiesce after {:?}, waves of {}",
+        o.groups, o.quiesce_after, o.wave
+    );
+    let mut nodes = Vec::new();
+    let mut addrs = BTreeMap::new();
+    for node in 0..REPLICAS {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let groups = GroupRegistry::new();
+        let log = NodeLog::open(dir.path().join(format!("node-{node}")), log_config.clone())
+            .expect("node log");
+        let network = TcpNetwork::new(node);
+        groups.set_starter({
+            let (network, config, log) = (network.clone(), Arc::clone(&config), log.clone());
+            move |g: u64| {
+                let (network, config, log) = (network.group(g), Arc::clone(&config), log.clone());
+                async move {
+                    let storage = log.group(g)?;
+                    let machine = MessageMachine::default();
+                    Raft::new(node, config, network, storage, machine)
+                        .await
+                        .map_err(|e| ClusterError::GroupStart {
+                            group: g,
+                            reason: e.to_string(),
+                        })
+                }
+            }
+        });
+        let server = PeerServer::serve(listener, groups.clone(), PeerServerOptions::default())
+            .expect("peer server");
+        addrs.insert(node, server.local_addr().to_string());
+        nodes.push(HibNode {
+            network,
+            groups,
+            server,
+            hibernation: None,
+            log,
+        });
+    }
+    let hib_config = HibernationConfig {
+        quiesce_after: o.quiesce_after,
+        check_interval: Duration::from_millis(200),
+        ..HibernationConfig::default()
+    };
+    for (id, node) in nodes.iter_mut().enumerate() {
+        node.hibernation = Some(Hibernation::start(
+            id as NodeId,
+            node.groups.clone(),
+            node.network.clone(),
+            addrs.clone(),
+            hib_config,
+        ));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    process::release_free_heap();
+    let (rss0, threads0) = process::rss_and_threads();
+    let empty_cpu = process::idle_cpu_percent(o.idle_secs.min(2)).await;
+    println!("  three empty nodes: resident {rss0} KiB, {threads0} threads, idle CPU {empty_cpu:.1} % of a core (liveness pings)");
+
+    let members: BTreeMap<NodeId, BasicNode> = addrs
+        .iter()
+        .map(|(id, addr)| (*id, BasicNode::new(addr)))
+        .collect();
+    let began = Instant::now();
+    let never = Stopped {
+        leader: None,
+        term: 0,
+        last_log_id: None,
+    };
+    let mut first = 0;
+    while first < o.groups {
+        let last = (first + o.wave).min(o.groups);
+        for g in first..last {
+            for node in &nodes {
+                node.groups
+                    .insert_stopped(u64::from(g), never)
+                    .expect("register");
+                node.groups.wake(u64::from(g)).await.expect("start");
+            }
+        }
+        for g in first..last {
+            let former = &nodes[(u64::from(g) % REPLICAS) as usize];
+            let raft = former.groups.raft(u64::from(g)).expect("running");
+            raft.initialize(members.clone()).await.expect("initialize");
+        }
+        for g in first..last {
+            let former = &nodes[(u64::from(g) % REPLICAS) as usize];
+            let raft = former.groups.raft(u64::from(g)).expect("running");
+            let leader = raft
+                .wait(Some(FORM_TIMEOUT))
+                .metrics(|m| m.current_leader.is_some(), "formed")
+                .await
+                .unwrap_or_else(|e| panic!("group {g} elected no leader: {e}"))
+                .current_leader
+                .expect("a leader");
+            let leading = nodes[leader as usize]
+                .groups
+                .raft(u64::from(g))
+                .expect("leader running");
+            leading
+                .client_write(Request::Produce {
+                    address: format!("a{g}"),
+                    messages: vec![Bytes::from_static(b"first")],
+                })
+                .await
+                .unwrap_or_else(|e| panic!("group {g} did not commit: {e}"));
+        }
+        until_all_stopped(&nodes, FORM_TIMEOUT, "hibernating").await;
+        eprintln!(
+            "  {last} groups formed, committed and hibernated ({:.1} s)",
+            began.elapsed().as_secs_f64()
+        );
+        first = last;
+    }
+    println!(
+        "  {} groups formed, committed one entry and hibernated in {:.1} s",
+        o.groups,
+        began.elapsed().as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    process::release_free_heap();
+    let (rss1, threads1) = process::rss_and_threads();
+    let per_replica_kib = rss1.saturating_sub(rss0) as f64 / replicas as f64;
+    let state_bytes: usize = nodes
+        .iter()
+        .map(|n| {
+            n.log.index_heap_bytes().expect("node log")
+                + n.log.group_ids().expect("node log").len() * GROUP_STATE_BYTES
+        })
+        .sum();
+    println!(
+        "  every group stopped: resident {rss0} -> {rss1} KiB = {per_replica_kib:.2} KiB per group replica (goal 64; node log state and index {:.0} B of it); threads {threads0} -> {threads1}",
+        state_bytes as f64 / replicas as f64
+    );
+    let rpcs0: u64 = nodes.iter().map(|n| n.groups.group_rpcs_received()).sum();
+    let idle = process::idle_cpu_percent(o.idle_secs).await;
+    let rpcs = nodes
+        .iter()
+        .map(|n| n.groups.group_rpcs_received())
+        .sum::<u64>()
+        - rpcs0;
+    let per_thousand = idle / (f64::from(o.groups) / 1000.0);
+    println!(
+        "  idle CPU, every group hibernated: {idle:.2} % of a core ({per_thousand:.3} % per 1,000 groups; goal < 5 % at 10,000); group RPCs meanwhile: {rpcs}"
+    );
+
+    // Write to hibernated groups, one at a time, on their former leaders.
+    let mut wakes = Vec::new();
+    for g in 0..o.sample {
+        let led_here = |i: usize| matches!(nodes[i].groups.state(u64::from(g)), Some(HostState::Stopped(st)) if st.leader == Some(i as NodeId));
+        let led = (0..nodes.len())
+            .find(|&i| led_here(i))
+            .unwrap_or((u64::from(g) % REPLICAS) as usize);
+        let hibernation = nodes[led].hibernation.as_ref().expect("hibernation");
+        let t = Instant::now();
+        hibernation
+            .propose(
+                u64::from(g),
+                Request::Produce {
+                    address: format!("a{g}"),
+                    messages: vec![Bytes::from_static(b"after the wake")],
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("write to hibernated group {g}: {e}"));
+        wakes.push(t.elapsed());
+    }
+    wakes.sort();
+    let at = |q: f64| wakes[((wakes.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e3;
+    let (p50, p99, max) = (at(0.5), at(0.99), at(1.0));
+    println!(
+        "  write to a hibernated group (wake, election, commit over TCP): p50 {p50:.2} ms  p99 {p99:.2} ms  max {max:.2} ms over {} groups",
+        o.sample
+    );
+    println!(
+        "hibernated groups: groups={} replicas={replicas} rss_kib_per_replica={per_replica_kib:.2} idle_cpu_pct={idle:.2} idle_cpu_pct_per_1000_groups={per_thousand:.3} group_rpcs_while_idle={rpcs} wake_write_p50_ms={p50:.2} wake_write_p99_ms={p99:.2}",
+        o.groups
+    );
+    for node in nodes {
+        if let Some(h) = node.hibernation {
+            h.shutdown().await;
+        }
+        node.server.shutdown().await;
+        for (_, raft) in node.groups.running() {
+            let _ = raft.shutdown().await;
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! This process's resident memory, threads and CPU time, from /proc/self: the figures the
-//! cluster benches (`idle_groups`, `group_wake`) report. Linux only.
+//! cluster benches (`idle_groups`, `group_wake`) report; and giving free heap back to the
+//! OS before reading what stopped groups keep. Linux (glibc) only.
 
 use std::time::{Duration, Instant};
 
@@ -40,4 +41,17 @@ pub async fn idle_cpu_percent(secs: u64) -> f64 {
     tokio::time::sleep(Duration::from_secs(secs)).await;
     let ticks = cpu_ticks() - before;
     ticks as f64 / 100.0 / start.elapsed().as_secs_f64() * 100.0
+}
+
+/// glibc's `malloc_trim`: returns free heap pages to the OS, so resident memory shows
+/// what is held, not the allocator's cache.
+pub fn release_free_heap() {
+    extern "C" {
+        fn malloc_trim(pad: usize) -> i32;
+    }
+    // SAFETY: glibc's malloc_trim takes no pointers and may be called at any time; these
+    // benches are built for Linux with glibc only (as the broker's release image's builder).
+    unsafe {
+        malloc_trim(0);
+    }
 }
