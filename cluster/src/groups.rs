@@ -32,7 +32,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
@@ -140,6 +140,9 @@ struct Slot {
     /// Serializes this group's stops and wakes (held across the instance's start or
     /// shutdown, never across anything else).
     transition: Arc<tokio::sync::Mutex<()>>,
+    /// Proposals holding this instance ([`GroupRegistry::begin_write`]): a stop is
+    /// refused while any does.
+    writes: Arc<AtomicUsize>,
 }
 
 impl Slot {
@@ -148,6 +151,7 @@ impl Slot {
             run,
             heard_commit: HeardCommit::default(),
             transition: Arc::default(),
+            writes: Arc::default(),
         }
     }
 }
@@ -200,6 +204,18 @@ pub(crate) enum StopOutcome<E> {
     AlreadyStopped(Stopped),
     Unknown,
     Refused(E),
+    /// A proposal holds the instance ([`GroupRegistry::begin_write`]).
+    Busy,
+}
+
+/// A proposal's hold on a running instance: while any is held, the group is not stopped,
+/// so a write never meets an instance shut down under it (its outcome would be unknown).
+pub(crate) struct WriteHold(Arc<AtomicUsize>);
+
+impl Drop for WriteHold {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl GroupRegistry {
@@ -441,6 +457,20 @@ impl GroupRegistry {
         Ok((hosted, true))
     }
 
+    /// The running instance of `group` held for a proposal (see [`WriteHold`]); `None`
+    /// when not running.
+    pub(crate) fn begin_write(&self, group: GroupId) -> Option<(Raft<TypeConfig>, WriteHold)> {
+        let groups = self.read();
+        let slot = groups.get(&group)?;
+        match &slot.run {
+            Run::Running(raft) => {
+                slot.writes.fetch_add(1, Ordering::SeqCst);
+                Some((raft.clone(), WriteHold(Arc::clone(&slot.writes))))
+            }
+            Run::Stopped(_) => None,
+        }
+    }
+
     /// Stops `group`'s running instance if `check` accepts its current metrics (checked
     /// under the group's transition lock, so no wake or other stop runs meanwhile): the
     /// entry becomes [`Stopped`] first (new RPCs then wake it again, after the shutdown),
@@ -468,6 +498,9 @@ impl GroupRegistry {
         {
             let mut groups = self.write();
             match groups.get_mut(&group) {
+                // Taken under the same lock as `begin_write`'s: a proposal holding the
+                // instance has registered by now.
+                Some(slot) if slot.writes.load(Ordering::SeqCst) > 0 => return StopOutcome::Busy,
                 Some(slot) => slot.run = Run::Stopped(stopped),
                 None => return StopOutcome::Unknown,
             }

@@ -23,8 +23,14 @@
 //!
 //! Waking: a Raft RPC for a stopped group wakes it on the receiving node
 //! (`peer_server.rs`); on the leader node, [`Hibernation::wake`] (or
-//! [`Hibernation::propose`], the write path the broker calls) starts it and, when this
-//! node led it, campaigns at once (`trigger().elect()`), so a write waits for one election.
+//! [`Hibernation::propose`], the write path the broker calls) starts it. A former leader
+//! starts again *as leader* — openraft 0.9 restores a node whose persisted vote is its own
+//! committed one as Leader — and its first append wakes the followers, so a write waits
+//! for no election; `trigger().elect()` is still sent (openraft ignores it on a leader)
+//! for a replica that was not restored as leader. A replica woken elsewhere (a follower
+//! node) runs its election timer; openraft restores a persisted committed vote with a
+//! fresh leader lease, so a just-woken replica refuses other candidates for
+//! `election_timeout_max`: an election after a wake takes that much longer.
 //!
 //! Safety needs nothing new: a stopped replica is a follower that has not heard from its
 //! leader lately; its vote and log are in the node log, nothing changes them while it is
@@ -67,6 +73,9 @@ pub const LIVENESS_INTERVAL: Duration = Duration::from_millis(100);
 /// A peer that answered no ping for this long is lost (the broker's longest election
 /// timeout plus margin): the groups stopped here that it led are woken.
 pub const LIVENESS_TIMEOUT: Duration = Duration::from_millis(500);
+/// Wakes [`Hibernation::propose`] tries before giving up on a group that keeps being
+/// stopped between its wake and the write (a hibernation racing it).
+pub const PROPOSE_WAKE_ATTEMPTS: usize = 3;
 /// Longest [`Hibernation::propose`] waits for the woken group to have a leader.
 pub const PROPOSE_LEADER_WAIT: Duration = Duration::from_secs(5);
 
@@ -106,6 +115,7 @@ pub(crate) async fn serve_request(
         // A repeated request (its first reply lost) finds the group stopped as it asked.
         StopOutcome::AlreadyStopped(st) => stopped_check(&st, &r),
         StopOutcome::Refused(refusal) => Err(refusal),
+        StopOutcome::Busy => Err(HibernateRefusal::Busy),
         StopOutcome::Unknown => {
             let refusal = RemoteRefusal::UnknownGroup(h.group);
             return (rpc::KIND_ERROR, rpc::encode_refusal(h, &refusal));
@@ -273,8 +283,9 @@ impl Hibernation {
         self.shared.touch(group);
     }
 
-    /// Makes sure `group` runs here: a stopped group is started from the node log and,
-    /// when this node led it, campaigns at once. Returns once started (not yet elected).
+    /// Makes sure `group` runs here: a stopped group is started from the node log (a
+    /// former leader comes back as leader; else, when this node led it, it campaigns at
+    /// once). Returns once started, not necessarily with a leader.
     pub async fn wake(&self, group: GroupId) -> Result<()> {
         let before = self.shared.groups.state(group);
         let (hosted, started) = self.shared.groups.wake_hosted(group).await?;
@@ -298,12 +309,24 @@ impl Hibernation {
     /// Replicates `request` through `group`, waking it first ([`Hibernation::wake`]):
     /// the write path of a hibernated address. `NotLeader` when another node leads it.
     pub async fn propose(&self, group: GroupId, request: Request) -> Result<Response> {
-        self.wake(group).await?;
-        let raft = self
-            .shared
-            .groups
-            .raft(group)
-            .ok_or(ClusterError::UnknownGroup { group })?;
+        // The instance is held while the write runs, so no hibernation stops it under the
+        // write; it may stop between the wake and the hold, then the write wakes it again.
+        let mut attempts = 0;
+        let (raft, _hold) = loop {
+            self.wake(group).await?;
+            if let Some(held) = self.shared.groups.begin_write(group) {
+                break held;
+            }
+            attempts += 1;
+            if attempts >= PROPOSE_WAKE_ATTEMPTS {
+                return Err(ClusterError::Raft {
+                    group,
+                    reason: format!(
+                        "stopped again after each of {PROPOSE_WAKE_ATTEMPTS} wakes (PROPOSE_WAKE_ATTEMPTS)"
+                    ),
+                });
+            }
+        };
         let leader = raft
             .wait(Some(PROPOSE_LEADER_WAIT))
             .metrics(|m| m.current_leader.is_some(), "a leader")
@@ -318,7 +341,9 @@ impl Hibernation {
         if leader != Some(self.shared.id) {
             return Err(ClusterError::NotLeader { group, leader });
         }
-        match raft.client_write(request).await {
+        let written = raft.client_write(request).await;
+        self.shared.touch(group);
+        match written {
             Ok(r) => Ok(r.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                 Err(ClusterError::NotLeader {
@@ -517,7 +542,7 @@ async fn hibernate_group(
             }
         })
         .await;
-    if let StopOutcome::Refused(()) = outcome {
+    if let StopOutcome::Refused(()) | StopOutcome::Busy = outcome {
         // Something was appended while the followers stopped: they wake on its
         // replication; the group stays awake.
         shared.touch(group);

@@ -21,7 +21,7 @@
 //! KIND_HIBERNATE_REPLY { tag: u8 } 0 stopped | 1 wrong term { asked: u64 | ours: u64 }
 //!                        | 2 not leader { asked: u64 | known: opt<u64> }
 //!                        | 3 log mismatch { asked: opt<log_id> | last_index: opt<u64>
-//!                                           | applied: opt<log_id> }
+//!                                           | applied: opt<log_id> } | 4 busy
 //! KIND_PING            {}                                                  (group 0)
 //! KIND_PONG            {}
 //! KIND_ERROR           { tag: u8 } 1 unavailable { reason: str }
@@ -529,12 +529,16 @@ pub enum HibernateRefusal {
         last_index: Option<u64>,
         applied: Option<LogId>,
     },
+    /// A write is being proposed through this replica.
+    #[error("hibernate refused: a write is being proposed through this replica")]
+    Busy,
 }
 
 const HIBERNATE_STOPPED: u8 = 0;
 const HIBERNATE_WRONG_TERM: u8 = 1;
 const HIBERNATE_NOT_LEADER: u8 = 2;
 const HIBERNATE_LOG_MISMATCH: u8 = 3;
+const HIBERNATE_BUSY: u8 = 4;
 
 fn encode_opt_u64(e: &mut Encoder, v: Option<u64>) {
     match v {
@@ -598,6 +602,7 @@ pub(crate) fn encode_hibernate_reply(
             encode_opt_u64(&mut e, *last_index);
             encode_opt_log_id(&mut e, applied);
         }
+        Err(HibernateRefusal::Busy) => e.u8(HIBERNATE_BUSY),
     }
     e.buf
 }
@@ -621,6 +626,7 @@ pub(crate) fn decode_hibernate_reply(
             last_index: decode_opt_u64(&mut d)?,
             applied: decode_opt_log_id(&mut d)?,
         }),
+        HIBERNATE_BUSY => Err(HibernateRefusal::Busy),
         _ => return Err(d.fail("unknown hibernate reply tag")),
     };
     d.finish()?;
@@ -843,6 +849,7 @@ mod tests {
                 last_index: Some(16),
                 applied: None,
             }),
+            Err(HibernateRefusal::Busy),
         ] {
             let body = encode_hibernate_reply(H, &reply);
             assert_eq!(decode_hibernate_reply(body.clone().into()).unwrap(), reply);
