@@ -516,27 +516,25 @@ async fn run_hibernating(o: HibOptions) {
             let raft = former.groups.raft(u64::from(g)).expect("running");
             raft.initialize(members.clone()).await.expect("initialize");
         }
+        // Through `propose`: a group formed early in the wave may have hibernated already.
         for g in first..last {
-            let former = &nodes[(u64::from(g) % REPLICAS) as usize];
-            let raft = former.groups.raft(u64::from(g)).expect("running");
-            let leader = raft
-                .wait(Some(FORM_TIMEOUT))
-                .metrics(|m| m.current_leader.is_some(), "formed")
-                .await
-                .unwrap_or_else(|e| panic!("group {g} elected no leader: {e}"))
-                .current_leader
-                .expect("a leader");
-            let leading = nodes[leader as usize]
-                .groups
-                .raft(u64::from(g))
-                .expect("leader running");
-            leading
-                .client_write(Request::Produce {
+            let mut at = (u64::from(g) % REPLICAS) as usize;
+            let mut attempts = 0;
+            loop {
+                let hibernation = nodes[at].hibernation.as_ref().expect("hibernation");
+                let write = Request::Produce {
                     address: format!("a{g}"),
                     messages: vec![Bytes::from_static(b"first")],
-                })
-                .await
-                .unwrap_or_else(|e| panic!("group {g} did not commit: {e}"));
+                };
+                match hibernation.propose(u64::from(g), write).await {
+                    Ok(_) => break,
+                    Err(ClusterError::NotLeader {
+                        leader: Some(l), ..
+                    }) if attempts < 10 => at = l as usize,
+                    Err(e) => panic!("group {g} did not commit: {e}"),
+                }
+                attempts += 1;
+            }
         }
         until_all_stopped(&nodes, FORM_TIMEOUT, "hibernating").await;
         eprintln!(
