@@ -410,8 +410,12 @@ async fn until_all_stopped(nodes: &[HibNode], limit: Duration, what: &str) {
             "{what}: {left} instances still running after {limit:?}"
         );
         if last_print.elapsed() >= Duration::from_secs(5) {
+            let lost: u64 = nodes
+                .iter()
+                .filter_map(|n| n.hibernation.as_ref().map(|h| h.peers_lost()))
+                .sum();
             eprintln!(
-                "  {what}: {left} instances still running ({:.0} s)",
+                "  {what}: {left} instances still running ({:.0} s; peers found lost so far: {lost})",
                 began.elapsed().as_secs_f64()
             );
             last_print = Instant::now();
@@ -516,6 +520,11 @@ async fn run_hibernating(o: HibOptions) {
             let raft = former.groups.raft(u64::from(g)).expect("running");
             raft.initialize(members.clone()).await.expect("initialize");
         }
+        eprintln!(
+            "  groups {first}..{last} started and initialized ({:.1} s, {} instances running)",
+            began.elapsed().as_secs_f64(),
+            running(&nodes)
+        );
         // Through `propose`: a group formed early in the wave may have hibernated already.
         for g in first..last {
             let mut at = (u64::from(g) % REPLICAS) as usize;
@@ -537,8 +546,13 @@ async fn run_hibernating(o: HibOptions) {
             }
         }
         until_all_stopped(&nodes, FORM_TIMEOUT, "hibernating").await;
+        let lost: u64 = nodes
+            .iter()
+            .filter_map(|n| n.hibernation.as_ref().map(|h| h.peers_lost()))
+            .sum();
+        let (rss, _) = process::rss_and_threads();
         eprintln!(
-            "  {last} groups formed, committed and hibernated ({:.1} s)",
+            "  {last} groups formed, committed and hibernated ({:.1} s; resident {rss} KiB; peers found lost so far: {lost})",
             began.elapsed().as_secs_f64()
         );
         first = last;

@@ -210,7 +210,9 @@ pub(crate) enum StopOutcome<E> {
 
 /// A proposal's hold on a running instance: while any is held, the group is not stopped,
 /// so a write never meets an instance shut down under it (its outcome would be unknown).
-pub(crate) struct WriteHold(Arc<AtomicUsize>);
+/// Released when dropped.
+#[derive(Debug)]
+pub struct WriteHold(Arc<AtomicUsize>);
 
 impl Drop for WriteHold {
     fn drop(&mut self) {
@@ -457,9 +459,10 @@ impl GroupRegistry {
         Ok((hosted, true))
     }
 
-    /// The running instance of `group` held for a proposal (see [`WriteHold`]); `None`
-    /// when not running.
-    pub(crate) fn begin_write(&self, group: GroupId) -> Option<(Raft<TypeConfig>, WriteHold)> {
+    /// The running instance of `group` held for a proposal (see [`WriteHold`]): whoever
+    /// writes through a group's `Raft` other than by `Hibernation::propose` takes one for
+    /// the write. `None` when not running.
+    pub fn begin_write(&self, group: GroupId) -> Option<(Raft<TypeConfig>, WriteHold)> {
         let groups = self.read();
         let slot = groups.get(&group)?;
         match &slot.run {

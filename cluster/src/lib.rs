@@ -115,7 +115,7 @@ pub use auth::PeerSecret;
 pub use error::{ClusterError, GroupError, RaftStorageError, Result};
 pub use frame::{FRAME_HEADER_LEN, FRAME_TRANSFER_TIMEOUT, MAX_RPC_FRAME_BYTES};
 pub use groups::{
-    GroupRegistry, GroupStarter, HeardCommit, HostState, Stopped, MAX_CONCURRENT_WAKES,
+    GroupRegistry, GroupStarter, HeardCommit, HostState, Stopped, WriteHold, MAX_CONCURRENT_WAKES,
     MAX_HOSTED_GROUPS, METADATA_GROUP, WAKE_TIMEOUT,
 };
 pub use hibernate::{Hibernation, HibernationConfig};

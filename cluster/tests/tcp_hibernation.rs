@@ -535,6 +535,28 @@ async fn a_group_with_a_follower_behind_stays_awake() {
     .await;
 }
 
+/// Goal: a group whose instance is held for a write (`begin_write`, what
+/// `Hibernation::propose` takes) is not put to sleep however long it is idle; released,
+/// it hibernates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_held_for_a_write_is_not_stopped_under_it() {
+    bounded(async {
+        let g = 1;
+        let cluster = start_cluster(&[g], |_| 0, true).await;
+        let (_raft, hold) = cluster.nodes[&0].groups.begin_write(g).unwrap();
+        tokio::time::sleep(QUIESCE_AFTER * 4).await;
+        assert_eq!(
+            cluster.nodes[&0].groups.state(g),
+            Some(HostState::Running),
+            "{cluster}"
+        );
+        drop(hold);
+        cluster.all_stopped().await;
+        cluster.shutdown().await;
+    })
+    .await;
+}
+
 /// Goal: concurrent wakes of one stopped group start exactly one instance, all callers
 /// get it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
