@@ -20,7 +20,8 @@
 //! * A wake is bounded: [`WAKE_TIMEOUT`] for the whole of it (waiting for the group's
 //!   lock, for one of the [`MAX_CONCURRENT_WAKES`] slots, and the start); it runs in a
 //!   task of its own, so a caller giving up (an RPC timing out, a connection closing)
-//!   never abandons a half-started instance.
+//!   never abandons a half-started instance; one such task per group at a time — other
+//!   callers wait for its end — so retried RPCs for a slow start never pile up tasks.
 //! * At most [`MAX_HOSTED_GROUPS`] groups, running or stopped; one more is `LimitExceeded`.
 //! * Each group has its own [`HeardCommit`]: the leader's commit index heard by *that*
 //!   group's replica (readiness compares it with that group's applied index); it survives
@@ -133,6 +134,23 @@ enum Run {
     Stopped(Stopped),
 }
 
+/// The one wake of a group under way (see [`GroupRegistry::wake`]).
+#[derive(Default)]
+struct Waking {
+    busy: std::sync::atomic::AtomicBool,
+    done: tokio::sync::Notify,
+}
+
+/// Ends a group's wake when dropped, however the wake ended (even a starter's panic).
+struct WakeDone(Arc<Waking>);
+
+impl Drop for WakeDone {
+    fn drop(&mut self) {
+        self.0.busy.store(false, Ordering::SeqCst);
+        self.0.done.notify_waiters();
+    }
+}
+
 /// One hosted group.
 struct Slot {
     run: Run,
@@ -140,6 +158,8 @@ struct Slot {
     /// Serializes this group's stops and wakes (held across the instance's start or
     /// shutdown, never across anything else).
     transition: Arc<tokio::sync::Mutex<()>>,
+    /// Whether a wake of this group is under way, and its end.
+    waking: Arc<Waking>,
     /// Proposals holding this instance ([`GroupRegistry::begin_write`]): a stop is
     /// refused while any does.
     writes: Arc<AtomicUsize>,
@@ -151,6 +171,7 @@ impl Slot {
             run,
             heard_commit: HeardCommit::default(),
             transition: Arc::default(),
+            waking: Arc::default(),
             writes: Arc::default(),
         }
     }
@@ -381,33 +402,53 @@ impl GroupRegistry {
     /// [`GroupRegistry::wake`]; `true` when this call started the instance (not a
     /// concurrent one, and it was not running already).
     pub(crate) async fn wake_hosted(&self, group: GroupId) -> Result<(HostedGroup, bool)> {
-        let transition = match self.read().get(&group) {
-            None => return Err(ClusterError::UnknownGroup { group }),
-            Some(slot) => match &slot.run {
-                Run::Running(raft) => {
-                    let hosted = HostedGroup {
-                        raft: raft.clone(),
-                        heard_commit: slot.heard_commit.clone(),
-                    };
-                    return Ok((hosted, false));
-                }
-                Run::Stopped(_) => Arc::clone(&slot.transition),
-            },
+        let deadline = tokio::time::Instant::now() + WAKE_TIMEOUT;
+        let late = || ClusterError::GroupStart {
+            group,
+            reason: format!("not started within {WAKE_TIMEOUT:?} (WAKE_TIMEOUT)"),
         };
-        // In a task of its own: a caller that gives up never abandons a half-started
-        // instance; the next caller finds it running.
-        let registry = self.clone();
-        let task = tokio::spawn(async move { registry.start_stopped(group, transition).await });
-        match tokio::time::timeout(WAKE_TIMEOUT, task).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(join)) => Err(ClusterError::GroupStart {
-                group,
-                reason: format!("wake task ended: {join}"),
-            }),
-            Err(_) => Err(ClusterError::GroupStart {
-                group,
-                reason: format!("not started within {WAKE_TIMEOUT:?} (WAKE_TIMEOUT)"),
-            }),
+        loop {
+            let (transition, waking) = match self.read().get(&group) {
+                None => return Err(ClusterError::UnknownGroup { group }),
+                Some(slot) => match &slot.run {
+                    Run::Running(raft) => {
+                        let hosted = HostedGroup {
+                            raft: raft.clone(),
+                            heard_commit: slot.heard_commit.clone(),
+                        };
+                        return Ok((hosted, false));
+                    }
+                    Run::Stopped(_) => (Arc::clone(&slot.transition), Arc::clone(&slot.waking)),
+                },
+            };
+            // One start per group at a time: the others wait for it (a caller that gives
+            // up leaves nothing behind), so RPCs retried for a slow start never pile up
+            // tasks.
+            let done = waking.done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if waking.busy.swap(true, Ordering::SeqCst) {
+                if tokio::time::timeout_at(deadline, done).await.is_err() {
+                    return Err(late());
+                }
+                continue;
+            }
+            // In a task of its own: a caller that gives up never abandons a half-started
+            // instance; the next caller finds it running.
+            let registry = self.clone();
+            let ours = WakeDone(Arc::clone(&waking));
+            let task = tokio::spawn(async move {
+                let _done = ours;
+                registry.start_stopped(group, transition).await
+            });
+            return match tokio::time::timeout_at(deadline, task).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(join)) => Err(ClusterError::GroupStart {
+                    group,
+                    reason: format!("wake task ended: {join}"),
+                }),
+                Err(_) => Err(late()),
+            };
         }
     }
 
