@@ -452,6 +452,10 @@ impl Connection {
                     }
                     self.last_read = Instant::now();
                     self.on_buffered_frames(&mut rbuf).await?;
+                    // A flow that opened credit has already queued its deliveries (the
+                    // queue dispatches synchronously): encode them now, so they leave in
+                    // this turn's flush, before the socket is read again.
+                    self.take_outbound(&mut outbound_rx).await?;
                     if self.wbuf.is_empty() {
                         // No reply to carry the ACK: a client with Nagle on would hold
                         // its next flow or disposition for the delayed ACK.
@@ -465,15 +469,7 @@ impl Connection {
                 }
                 Some(event) = outbound_rx.recv() => {
                     self.on_outbound(event)?;
-                    for _ in 0..OUTBOUND_BATCH {
-                        match outbound_rx.try_recv() {
-                            Ok(event) => self.on_outbound(event)?,
-                            Err(_) => break,
-                        }
-                        if self.wbuf.len() >= WRITE_BUFFER_FLUSH_BYTES {
-                            self.flush().await?;
-                        }
-                    }
+                    self.take_outbound(&mut outbound_rx).await?;
                 }
                 changed = durable_rx.changed(), if !self.pending.is_empty() => {
                     if changed.is_err() {
@@ -491,6 +487,24 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// Encodes the queue events already waiting (at most [`OUTBOUND_BATCH`]), flushing
+    /// whenever [`WRITE_BUFFER_FLUSH_BYTES`] are buffered; the caller flushes the rest.
+    async fn take_outbound(
+        &mut self,
+        outbound_rx: &mut mpsc::UnboundedReceiver<Outbound>,
+    ) -> Result<(), ConnError> {
+        for _ in 0..OUTBOUND_BATCH {
+            match outbound_rx.try_recv() {
+                Ok(event) => self.on_outbound(event)?,
+                Err(_) => break,
+            }
+            if self.wbuf.len() >= WRITE_BUFFER_FLUSH_BYTES {
+                self.flush().await?;
+            }
+        }
+        Ok(())
     }
 
     /// Handles every whole frame in `rbuf`.
