@@ -11,6 +11,7 @@
 #   p64k-1x1  64 KiB, 1 / 1                           fanout    1 KiB, 1 producer -> 10 subscribers
 #   lat-half  1 KiB, 1 / 1 at half of that broker's p1k-1x1 peak (--rate): latency at load
 #   credit    consume only: one consumer drains a backlog at credit 4000, then at 250 (Nagle on)
+#             with its credit topped up every eighth, then at 250 granted by fe2o3-amqp (at half)
 #   ceiling   1 KiB, 8 producers, no consumers, against `entrepot serve --sink` (accepts and
 #             drops): the load generator's own ceiling on this machine (broker entrepot-sink)
 #
@@ -24,7 +25,8 @@
 #        BENCH_PROCESSES (generator processes per run, `entrepot-bench --processes`, default 1),
 #        SKIP_LIMITS=1 to skip fio and iperf3, PLOT=0 to skip the PNG,
 #        PEERS_DIR (default ../shared/peers), CREDIT=0 to skip the credit case,
-#        CREDIT_BACKLOG (messages of the credit case's backlog, default 60000),
+#        CREDIT_BACKLOG (messages of the credit case's backlog, default 300000: a third per
+#        drain, ~0.5 s each, since drains of 0.15 s gave ratios from 0.76 to 1.05),
 #        CASES (the workloads to run, default "p1k-1x1 p1k-8x8 p64k-1x1 fanout lat-half";
 #        lat-half needs p1k-1x1 before it unless LAT_RATE is set),
 #        ENTREPOT_ARGS (more `entrepot serve` options, e.g. "--segment-bytes 536870912"),
@@ -172,9 +174,13 @@ bench() {
         --json "$json" "$@" >"$out/$case-$broker.txt" 2>&1; then
         tail -1 "$out/$case-$broker.txt" >&2
         local cpu1; cpu1=$(cpu_ticks "${pid:-0}")
+        # The generator's own utime+stime (its getrusage, over the same span) per message,
+        # beside the broker's: on 2 shared cores, the generator may be what limits a row.
         jq --argjson t "$(( cpu1 - cpu0 ))" --argjson hz "$clk_tck" \
-            '. + {broker_cpu_s: ($t / $hz), broker_cpu_us_per_msg: (if .delivered > 0 then $t / $hz * 1e6 / .delivered
-              elif .accepted > 0 then $t / $hz * 1e6 / .accepted else 0 end)}' "$json" >"$json.tmp" && mv "$json.tmp" "$json"
+            '(if .delivered > 0 then .delivered elif .accepted > 0 then .accepted else 0 end) as $n
+             | . + {broker_cpu_s: ($t / $hz), broker_cpu_us_per_msg: (if $n > 0 then $t / $hz * 1e6 / $n else 0 end),
+                    generator_cpu_us_per_msg: (if $n > 0 then (.generator.cpu_s // 0) * 1e6 / $n else 0 end)}' \
+            "$json" >"$json.tmp" && mv "$json.tmp" "$json"
     else
         step "$broker $case FAILED: $(tail -1 "$out/$case-$broker.txt")"
         [ -s "$json" ] || echo "{\"failed\": $(tail -1 "$out/$case-$broker.txt" | jq -R .)}" >"$json"
@@ -185,27 +191,31 @@ bench() {
 # credit_case BROKER: one consumer draining a backlog (consume only, `--producers 0`) at
 # credit 4000 and at credit 250, its socket with Nagle on as fe2o3-amqp leaves it (`--nagle`):
 # a broker that waits for something other than credit and a message shows here (issue 15's
-# credit stall). Writes $out/credit-BROKER.json {c4000, c250} in msgs/s.
+# credit stall). The consumer tops its credit up every eighth used, as proton keeps it full
+# (bench/src/amqp.rs, CREDIT_TOP_UP_PARTS); a third drain at 250 lets fe2o3-amqp grant it
+# (only once half is used, `--half-credit`), for comparison with earlier sessions. Writes
+# $out/credit-BROKER.json {c4000, c250, c250_half} in msgs/s.
 credit_case() {
-    local broker="$1" conn=() addr n="${CREDIT_BACKLOG:-60000}" r4000 r250
+    local broker="$1" conn=() addr n="${CREDIT_BACKLOG:-300000}" r4000 r250 r250h
     case "$broker" in
         entrepot) conn=(--url "amqp://127.0.0.1:$entrepot_port"); addr=bench-credit ;;
         rabbitmq-qq) conn=(--url "$AMQP_URL"); addr=/amq/queue/bench.qq ;;
         *) return ;;
     esac
-    step "$broker credit: a backlog of $n, then one consumer at credit 4000 and at credit 250"
-    drain_at() { # drain_at CREDIT → msgs/s
+    step "$broker credit: a backlog of $n, then one consumer at credit 4000, at 250, at 250 (fe2o3 grants)"
+    drain_at() { # drain_at CREDIT [FLAGS] → msgs/s
+        local credit="$1"; shift
         RUST_LOG=warn NO_COLOR=1 "$bench_bin" "${conn[@]}" --address "$addr" --producers 0 --consumers 1 \
-            --count $(( n / 2 )) --credit "$1" --nagle --timeout "$run_timeout" 2>&1 \
+            --count $(( n / 3 )) --credit "$credit" --nagle "$@" --timeout "$run_timeout" 2>&1 \
             | sed -n 's/^received .*: \([0-9.]*\) msgs\/s$/\1/p'
     }
     if RUST_LOG=warn NO_COLOR=1 "$bench_bin" "${conn[@]}" --address "$addr" --producers 4 --consumers 0 \
         --count "$n" --persistent --timeout "$run_timeout" --quiet >"$out/credit-$broker.txt" 2>&1; then
-        r4000=$(drain_at 4000); r250=$(drain_at 250)
+        r4000=$(drain_at 4000); r250=$(drain_at 250); r250h=$(drain_at 250 --half-credit)
     fi
-    jq -n --arg a "${r4000:-0}" --arg b "${r250:-0}" '{c4000: ($a | tonumber), c250: ($b | tonumber)}' \
-        >"$out/credit-$broker.json"
-    step "$broker credit 4000: ${r4000:-?} msgs/s, credit 250: ${r250:-?} msgs/s"
+    jq -n --arg a "${r4000:-0}" --arg b "${r250:-0}" --arg c "${r250h:-0}" \
+        '{c4000: ($a | tonumber), c250: ($b | tonumber), c250_half: ($c | tonumber)}' >"$out/credit-$broker.json"
+    step "$broker credit 4000: ${r4000:-?} msgs/s, credit 250: ${r250:-?} msgs/s, 250 fe2o3 grants: ${r250h:-?} msgs/s"
 }
 
 run_cases() { # run_cases BROKER
@@ -317,8 +327,8 @@ row() { # row CASE BROKER → one table line
     local j="$out/$1-$2.json" ratio="" e="$out/$1-entrepot.json"
     if [ ! -f "$j" ]; then return; fi
     if jq -e '.na' "$j" >/dev/null 2>&1; then
-        printf '| %-9s | %-16s | %-34s | %10s | %8s | %10s | %10s | %-14s | %8s | %8s |\n' \
-            "$1" "$2" "$(acks_after_fsync "$2")" "n/a" "" "" "" "$(jq -r .na "$j")" "" ""
+        printf '| %-9s | %-16s | %-34s | %10s | %8s | %10s | %10s | %-14s | %8s | %8s | %8s |\n' \
+            "$1" "$2" "$(acks_after_fsync "$2")" "n/a" "" "" "" "$(jq -r .na "$j")" "" "" ""
         return
     fi
     if [ "$2" != entrepot ] && jq -e '.receive_msgs_per_s > 0' "$e" >/dev/null 2>&1 \
@@ -328,16 +338,16 @@ row() { # row CASE BROKER → one table line
              else ($a[0].receive_msgs_per_s / $b[0].receive_msgs_per_s) end | . * 100 | round / 100')
     fi
     jq -r --arg c "$1" --arg b "$2" --arg f "$(acks_after_fsync "$2")" --arg r "$ratio" \
-        '"| \($c) | \($b) | \($f) | \(.receive_msgs_per_s // 0 | round) | \(.receive_mb_per_s // 0 | . * 10 | round / 10) | \((.produce_to_accepted.p99_us // 0) / 1000 | . * 10 | round / 10) | \((.end_to_end.p99_us // 0) / 1000 | . * 10 | round / 10) | \(if .failed then "FAIL " else "" end)\(.loss.verdict // "?") | \($r) | \(.broker_cpu_us_per_msg // 0 | . * 10 | round / 10) |"' "$j"
+        '"| \($c) | \($b) | \($f) | \(.receive_msgs_per_s // 0 | round) | \(.receive_mb_per_s // 0 | . * 10 | round / 10) | \((.produce_to_accepted.p99_us // 0) / 1000 | . * 10 | round / 10) | \((.end_to_end.p99_us // 0) / 1000 | . * 10 | round / 10) | \(if .failed then "FAIL " else "" end)\(.loss.verdict // "?") | \($r) | \(.broker_cpu_us_per_msg // 0 | . * 10 | round / 10) | \(.generator_cpu_us_per_msg // 0 | . * 10 | round / 10) |"' "$j"
 }
 ceiling_row() { # the generator's own ceiling: accepted msgs/s against the sink
     local j="$out/ceiling-entrepot-sink.json"
     [ -f "$j" ] || return 0
-    jq -r '"| ceiling | entrepot --sink | no (drops every message) | \(.send_msgs_per_s // 0 | round) | \(.send_mb_per_s // 0 | . * 10 | round / 10) | \((.produce_to_accepted.p99_us // 0) / 1000 | . * 10 | round / 10) |  | \(if .failed then "FAIL " else "" end)generator ceiling: \(.generator.cpu_cores_used // 0 | . * 100 | round / 100) cores, \(.processes // 1) process(es) |  | \(.broker_cpu_us_per_msg // 0 | . * 10 | round / 10) |"' "$j"
+    jq -r '"| ceiling | entrepot --sink | no (drops every message) | \(.send_msgs_per_s // 0 | round) | \(.send_mb_per_s // 0 | . * 10 | round / 10) | \((.produce_to_accepted.p99_us // 0) / 1000 | . * 10 | round / 10) |  | \(if .failed then "FAIL " else "" end)generator ceiling: \(.generator.cpu_cores_used // 0 | . * 100 | round / 100) cores, \(.processes // 1) process(es) |  | \(.broker_cpu_us_per_msg // 0 | . * 10 | round / 10) | \(.generator_cpu_us_per_msg // 0 | . * 10 | round / 10) |"' "$j"
 }
 {
-    echo "| case | broker | ack waits for fsync | msgs/s | MB/s | p99 accepted ms | p99 e2e ms | loss check | Entrepot/peer | broker CPU us/msg |"
-    echo "|---|---|---|---:|---:|---:|---:|---|---:|---:|"
+    echo "| case | broker | ack waits for fsync | msgs/s | MB/s | p99 accepted ms | p99 e2e ms | loss check | Entrepot/peer | broker CPU us/msg | generator CPU us/msg |"
+    echo "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|"
     for c in $cases; do
         for b in entrepot rabbitmq-qq rabbitmq-classic nats; do row "$c" "$b"; done
     done
@@ -374,7 +384,8 @@ echo "produce->accepted over Entrepot's (above 1: Entrepot is faster). Client an
 [ -f "$out/p1k-1x1-nats.json" ] || echo "NATS JetStream: not measured (NATS=0 or the driver did not build)."
 for n in "${notes[@]}"; do echo "$n"; done
 echo "broker CPU us/msg: utime+stime of the broker process (RabbitMQ: beam.smp) over the run per"
-echo "message delivered."
+echo "message delivered; generator CPU us/msg: the same for entrepot-bench itself (its processes'"
+echo "getrusage), so broker + generator per message against the $(nproc) cores shows which one limits."
 ratio_line() { # ratio_line NAME A_JSON B_JSON JQ_FIELD
     [ -f "$2" ] && [ -f "$3" ] || return 0
     jq -rn --slurpfile a "$2" --slurpfile b "$3" --arg n "$1" \
@@ -383,8 +394,13 @@ ratio_line() { # ratio_line NAME A_JSON B_JSON JQ_FIELD
 ratio_line "ratio entrepot/rabbitmq-qq p1k-8x8" "$out/p1k-8x8-entrepot.json" "$out/p1k-8x8-rabbitmq-qq.json" .receive_msgs_per_s
 ratio_line "cpu per message rabbitmq-qq/entrepot p1k-8x8" "$out/p1k-8x8-rabbitmq-qq.json" "$out/p1k-8x8-entrepot.json" .broker_cpu_us_per_msg
 ratio_line "cpu per message nats/entrepot p1k-8x8" "$out/p1k-8x8-nats.json" "$out/p1k-8x8-entrepot.json" .broker_cpu_us_per_msg
+for b in entrepot rabbitmq-qq rabbitmq-classic nats; do
+    j="$out/p1k-8x8-$b.json"
+    [ -f "$j" ] && jq -e '.receive_msgs_per_s > 0' "$j" >/dev/null 2>&1 || continue
+    jq -r --arg b "$b" '"cpu per message p1k-8x8 \($b): broker \(.broker_cpu_us_per_msg // 0 | . * 10 | round / 10) us, generator \(.generator_cpu_us_per_msg // 0 | . * 10 | round / 10) us (generator used \(.generator.cpu_cores_used // 0 | . * 100 | round / 100) of \(.generator.cores // 0) cores)"' "$j"
+done
 if [ -f "$out/credit-entrepot.json" ]; then
-    jq -r 'if .c4000 > 0 then "credit 250/4000: \(.c250 / .c4000 | . * 100 | round / 100) (\(.c250 | round) vs \(.c4000 | round) msgs/s, one consumer, Nagle on)" else "credit 250/4000: n/a" end' "$out/credit-entrepot.json"
+    jq -r 'if .c4000 > 0 then "credit 250/4000: \(.c250 / .c4000 | . * 100 | round / 100) (\(.c250 | round) vs \(.c4000 | round) msgs/s, one consumer, Nagle on; with fe2o3-amqp granting at half: \((.c250_half // 0) / .c4000 | . * 100 | round / 100))" else "credit 250/4000: n/a" end' "$out/credit-entrepot.json"
 fi
 if [ -f "$out/credit-rabbitmq-qq.json" ]; then
     jq -r 'if .c4000 > 0 then "rabbitmq-qq credit 250/4000: \(.c250 / .c4000 | . * 100 | round / 100)" else empty end' "$out/credit-rabbitmq-qq.json"

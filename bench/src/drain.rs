@@ -1,7 +1,8 @@
 //! Consume-only runs (`entrepot-bench --producers 0 --count N`): consumers drain N
 //! messages already waiting at `--address` (a backlog left by an earlier produce-only run),
 //! accepting each, and the tool reports the receive rate — the delivery path alone, with
-//! the consumer never waiting for a producer. With `--broker-pid`, it also reports the
+//! the consumer never waiting for a producer — and its own CPU time and voluntary context
+//! switches (threads gone idle) per message. With `--broker-pid`, it also reports the
 //! broker process's CPU time per message (utime + stime from `/proc/<pid>/stat`), the
 //! figure that holds on a noisy machine.
 //!
@@ -13,13 +14,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use fe2o3_amqp::link::receiver::CreditMode;
 use fe2o3_amqp::types::messaging::Body;
 use fe2o3_amqp::types::primitives::Value;
 use fe2o3_amqp::{Receiver, Session};
 use tokio::sync::watch;
 
-use super::amqp::connect;
+use super::amqp::{connect, CreditKeeper};
 use super::args::BenchArgs;
 use super::cpu::ProcessCpu;
 
@@ -34,6 +34,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let received = Arc::new(AtomicU64::new(0));
     let (done_tx, done) = watch::channel(false);
     let cpu_before = args.broker_pid.map(ProcessCpu::read).transpose()?;
+    let own_before = super::tally::cpu_secs_self();
+    let switches_before = super::tally::idle_switches_self();
     let started = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..args.consumers {
@@ -67,6 +69,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         wall.as_secs_f64(),
         n as f64 / wall.as_secs_f64()
     );
+    let own = super::tally::cpu_secs_self() - own_before;
+    println!(
+        "generator cpu: {own:.3} s over the run, {:.2} us per message, {:.3} idle switches per message",
+        own * 1e6 / n.max(1) as f64,
+        (super::tally::idle_switches_self() - switches_before) as f64 / n.max(1) as f64
+    );
     if let (Some(pid), Some(before)) = (args.broker_pid, cpu_before) {
         let used = ProcessCpu::read(pid)?.since(&before);
         println!(
@@ -93,16 +101,18 @@ async fn consume(
     let mut receiver = Receiver::builder()
         .name(format!("bench-drain-c{i}"))
         .source(args.address.as_str())
-        .credit_mode(CreditMode::Auto(args.credit))
+        .credit_mode(CreditKeeper::mode(args))
         .attach(&mut session)
         .await
         .context("attach receiver")?;
+    let mut credit = CreditKeeper::grant(&mut receiver, args).await?;
     while received.load(Ordering::Relaxed) < count {
         let delivery = tokio::select! {
             d = receiver.recv::<Body<Value>>() => d.context("receive")?,
             _ = done.wait_for(|d| *d) => break,
         };
         receiver.accept(&delivery).await.context("accept")?;
+        credit.settled_one(&mut receiver).await?;
         received.fetch_add(1, Ordering::Relaxed);
     }
     receiver.close().await.ok();

@@ -317,6 +317,9 @@ fn child_args(a: &BenchArgs, p: u32, c: u32, spec: ChildSpec, json: &Path) -> Ve
     if a.nagle {
         v.push("--nagle".into());
     }
+    if a.half_credit {
+        v.push("--half-credit".into());
+    }
     v
 }
 

@@ -162,6 +162,9 @@ pub struct Loss {
 
 #[derive(Debug, Serialize)]
 pub struct Generator {
+    /// utime + stime of the generator's processes over the whole run (getrusage, the
+    /// figures of `/proc/self/stat`), connection set-up and warm-up included.
+    pub cpu_s: f64,
     pub cpu_cores_used: f64,
     pub cores: usize,
     pub note: String,
@@ -351,6 +354,7 @@ fn generator(cpu: f64, wall: Duration, processes: u32) -> Generator {
         format!("used {used:.2} of {cores} cores in {processes} process(es)")
     };
     Generator {
+        cpu_s: cpu,
         cpu_cores_used: used,
         cores,
         note,

@@ -151,8 +151,21 @@ fn grow<T: Clone + Default>(v: &mut Vec<T>, n: usize) {
     }
 }
 
+/// Voluntary context switches of this process so far (threads that went idle).
+pub fn idle_switches_self() -> u64 {
+    // SAFETY: getrusage fills the struct we pass; no pointers are kept.
+    unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        if libc::getrusage(libc::RUSAGE_SELF, &mut u) == 0 {
+            u.ru_nvcsw as u64
+        } else {
+            0
+        }
+    }
+}
+
 /// CPU time (user + system) this process has used.
-fn cpu_secs_self() -> f64 {
+pub fn cpu_secs_self() -> f64 {
     // SAFETY: getrusage fills the struct we pass; no pointers are kept.
     unsafe {
         let mut u: libc::rusage = std::mem::zeroed();
