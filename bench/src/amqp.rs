@@ -2,8 +2,9 @@
 //! link per producer or consumer.
 //!
 //! Producers keep `--window` unsettled deliveries in flight and count a message as sent
-//! only when the broker settles it `accepted`; consumers keep `--credit` granted (topped
-//! up every eighth, [`CREDIT_TOP_UP_PARTS`]) and accept every delivery. Sockets are
+//! only when the broker settles it `accepted`; consumers keep `--credit` granted
+//! (fe2o3-amqp's `Auto`; consume-only drains top it up, [`CreditKeeper`]) and accept
+//! every delivery. Sockets are
 //! opened here with TCP_NODELAY, because fe2o3-amqp does not set it and Nagle's algorithm
 //! then delays its small disposition and flow frames by up to 40 ms.
 
@@ -31,7 +32,10 @@ use super::{Ctx, Schedule};
 /// used, so its window swings between half and all of the credit; proton's
 /// `FlowController` (the default of most clients) tops the credit up after every delivery,
 /// one flow per I/O batch, and keeps the window full. Ours stays within an eighth of it:
-/// a window of 250 then stands for 250, at one flow per 31 deliveries.
+/// a window of 250 then stands for 250, at one flow per 31 deliveries. Only consume-only
+/// drains (`drain.rs`, compare.sh's credit case) use it: the mixed runs keep `Auto`, since
+/// with it their 8/8 run against RabbitMQ QQ hit the hard timeout (a producer did not
+/// return, the generator at 0.9 cores instead of 0.2), not yet understood.
 pub const CREDIT_TOP_UP_PARTS: u32 = 8;
 
 /// Keeps a receiver's credit near `credit` (see [`CREDIT_TOP_UP_PARTS`]), or leaves it
@@ -283,11 +287,10 @@ async fn consume_inner(
     let mut receiver = Receiver::builder()
         .name(format!("bench-c{consumer}"))
         .source(source)
-        .credit_mode(CreditKeeper::mode(args))
+        .credit_mode(CreditMode::Auto(args.credit))
         .attach(&mut session)
         .await
         .context("attach receiver")?;
-    let mut credit = CreditKeeper::grant(&mut receiver, args).await?;
     let _ = ready.send(()).await;
     drop(ready);
     let mut stop = ctx.stop_receiving.clone();
@@ -302,7 +305,6 @@ async fn consume_inner(
             _ => stats.foreign += 1,
         }
         receiver.accept(&delivery).await.context("accept")?;
-        credit.settled_one(&mut receiver).await?;
     }
     receiver.close().await.ok();
     session.end().await.ok();

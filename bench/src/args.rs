@@ -104,8 +104,8 @@ pub struct BenchArgs {
     /// `Connection::open` does: shows what such clients get from the broker.
     #[arg(long)]
     pub nagle: bool,
-    /// Let fe2o3-amqp grant credit (`CreditMode::Auto`: again only once half is used)
-    /// instead of topping it up every eighth (see `amqp::CREDIT_TOP_UP_PARTS`).
+    /// Consume-only runs: let fe2o3-amqp grant credit (`CreditMode::Auto`: again only once
+    /// half is used) instead of topping it up every eighth (`amqp::CREDIT_TOP_UP_PARTS`).
     #[arg(long)]
     pub half_credit: bool,
     /// The broker's process id: report its CPU time per message (from /proc).
