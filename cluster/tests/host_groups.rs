@@ -14,6 +14,8 @@
 //! crash); restarting is `Host::start` on the same directory and port. Every wait is
 //! bounded; no timing is asserted beyond generous bounds.
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -179,14 +181,7 @@ impl Cluster {
     /// Three hosts with `groups` each, every group formed by node `g % 3`; returns once
     /// every group has a leader.
     async fn start(groups: &[u64], snapshot_every: u64) -> Cluster {
-        let mut listeners = BTreeMap::new();
-        for id in 0..NODES {
-            listeners.insert(id, TcpListener::bind("127.0.0.1:0").await.unwrap());
-        }
-        let addrs: BTreeMap<NodeId, String> = listeners
-            .iter()
-            .map(|(id, l)| (*id, l.local_addr().unwrap().to_string()))
-            .collect();
+        let (listeners, addrs) = support::bind_nodes(NODES).await;
         let mut nodes = BTreeMap::new();
         let mut dirs = BTreeMap::new();
         for (id, listener) in listeners {
@@ -335,9 +330,7 @@ async fn bounded<F: std::future::Future>(f: F) -> F::Output {
             .with_test_writer()
             .try_init();
     }
-    tokio::time::timeout(TEST_TIMEOUT, f)
-        .await
-        .expect("test took too long")
+    support::bounded(TEST_TIMEOUT, f).await
 }
 
 // ---------------------------------------------------------------------------------------

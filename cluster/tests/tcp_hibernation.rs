@@ -28,7 +28,6 @@ use entrepot_cluster::{
 use entrepot_storage::LogConfig;
 use openraft::{BasicNode, Config, Raft};
 use support::MessageMachine;
-use tokio::net::TcpListener;
 
 const NODES: u64 = 3;
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -96,14 +95,7 @@ impl std::fmt::Display for Cluster {
 /// entry, then a wake), group `g` initialized by node `lead(g)`; with hibernation when
 /// `hibernate`. Returns once every group committed one batch.
 async fn start_cluster(groups: &[u64], lead: impl Fn(u64) -> NodeId, hibernate: bool) -> Cluster {
-    let mut listeners = BTreeMap::new();
-    for id in 0..NODES {
-        listeners.insert(id, TcpListener::bind("127.0.0.1:0").await.unwrap());
-    }
-    let addrs: BTreeMap<NodeId, String> = listeners
-        .iter()
-        .map(|(id, l)| (*id, l.local_addr().unwrap().to_string()))
-        .collect();
+    let (listeners, addrs) = support::bind_nodes(NODES).await;
     let config = raft_config();
     let mut nodes = BTreeMap::new();
     for (id, listener) in listeners {
@@ -265,9 +257,7 @@ impl Cluster {
 }
 
 async fn bounded(scenario: impl std::future::Future<Output = ()>) {
-    tokio::time::timeout(TEST_TIMEOUT, scenario)
-        .await
-        .unwrap_or_else(|_| panic!("scenario did not finish within {TEST_TIMEOUT:?}"));
+    support::bounded(TEST_TIMEOUT, scenario).await
 }
 
 /// Goal: idle groups stop every instance on every node and then exchange no RPC at all

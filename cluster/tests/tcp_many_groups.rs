@@ -218,9 +218,7 @@ fn batch(g: u64, b: u64) -> Vec<Bytes> {
 }
 
 async fn bounded(scenario: impl std::future::Future<Output = ()>) {
-    tokio::time::timeout(TEST_TIMEOUT, scenario)
-        .await
-        .unwrap_or_else(|_| panic!("scenario did not finish within {TEST_TIMEOUT:?}"));
+    support::bounded(TEST_TIMEOUT, scenario).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,6 +19,33 @@ use openraft::Raft;
 
 pub use machine::MessageMachine;
 
+/// Runs a test scenario, failing it when it takes longer than `limit` (every wait in the
+/// cluster tests is bounded).
+pub async fn bounded<F: std::future::Future>(limit: Duration, scenario: F) -> F::Output {
+    tokio::time::timeout(limit, scenario)
+        .await
+        .unwrap_or_else(|_| panic!("scenario did not finish within {limit:?}"))
+}
+
+/// One listener per node `0..nodes` on loopback, and each one's address.
+pub async fn bind_nodes(
+    nodes: NodeId,
+) -> (
+    std::collections::BTreeMap<NodeId, tokio::net::TcpListener>,
+    std::collections::BTreeMap<NodeId, String>,
+) {
+    let mut listeners = std::collections::BTreeMap::new();
+    for id in 0..nodes {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listeners.insert(id, listener);
+    }
+    let addrs = listeners
+        .iter()
+        .map(|(id, l)| (*id, l.local_addr().unwrap().to_string()))
+        .collect();
+    (listeners, addrs)
+}
+
 /// A node's Raft log in a fresh temporary directory (kept alive by the returned guard),
 /// with small segments, and a test state machine.
 pub fn open_stores() -> (LogStore, MessageMachine, tempfile::TempDir) {
