@@ -86,6 +86,9 @@ pub const HEARTBEAT_MS: u64 = 40;
 /// openraft 0.9 a follower first waits out the leader's lease (= the range's maximum), so
 /// a dead leader is replaced after 240 ms + 120…240 ms: well within a second.
 pub const ELECTION_TIMEOUT_MS: (u64, u64) = (120, 240);
+/// What a node's clients are told when it stops leading (deposed, or drained out of the
+/// voters).
+const STOPPED_LEADING: &str = "this node stopped leading; resend to the new leader";
 /// How often an active leader checks that a majority still hears it.
 pub const QUORUM_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 /// A leader that cannot confirm its leadership with a majority for this long stops serving
@@ -568,7 +571,7 @@ async fn leadership(
         if !leading {
             if let Some(a) = active.take() {
                 tracing::warn!(node = id, "leadership lost: closing client connections");
-                a.stop("this node stopped leading; resend to the new leader");
+                a.stop(STOPPED_LEADING);
             }
             follow(&role, id, leader, leader_addr);
         } else if active.is_none() {
@@ -583,8 +586,22 @@ async fn leadership(
             _ = quorum_check.tick(), if active.is_some() => {
                 if !quorum_confirmed(&raft, id).await {
                     if let Some(a) = active.take() {
-                        tracing::warn!(node = id, "no majority hears this leader: closing client connections");
-                        a.stop("this leader lost the majority; resend to the new leader");
+                        // A leader that removed itself (a drain) fails the check as soon as
+                        // it is no voter: it stopped leading, it did not lose anyone.
+                        let voter = raft
+                            .metrics()
+                            .borrow()
+                            .membership_config
+                            .membership()
+                            .voter_ids()
+                            .any(|v| v == id);
+                        if voter {
+                            tracing::warn!(node = id, "no majority hears this leader: closing client connections");
+                            a.stop("this leader lost the majority; resend to the new leader");
+                        } else {
+                            tracing::warn!(node = id, "left the voters: closing client connections");
+                            a.stop(STOPPED_LEADING);
+                        }
                         role.send_replace(Role::Unknown);
                     }
                 }
