@@ -4,16 +4,19 @@
 //! per group commit (`SyncPolicy::Always`): a proposal resolves once a majority of the
 //! three has it on disk and it is applied on the leader — the broker's "accepted".
 //!
-//! Messages are 1 KiB; each group's leader keeps [`IN_FLIGHT`] proposals submitted and
-//! not yet committed (pipelined, as the broker's producers would). `one_group` and
-//! `eight_groups` propose one message per entry; `one_group_batched` puts
-//! [`BATCH_MESSAGES`] in each entry, as a broker's per-address batcher would: openraft
-//! 0.9's core awaits each append's flush, so a lone group's leader syncs once per entry. Groups are formed on
-//! node `g % 3`, so the eight leaders spread 3/3/2.
+//! Messages are 1 KiB, one proposal each; each group's leader keeps [`IN_FLIGHT`]
+//! proposals submitted and not yet committed (pipelined, as the broker's producers
+//! would), and the host packs whatever is queued into one entry (`host/batch.rs`):
+//! `one_group` and `eight_groups` from one submitting task per group,
+//! `one_group_concurrent` from [`SUBMITTERS`] tasks on one group (many producers on one
+//! address). `one_group_batched` proposes [`BATCH_MESSAGES`] messages as one payload (what
+//! the broker had to do before the host batched). Groups are formed on node `g % 3`, so
+//! the eight leaders spread 3/3/2.
 //!
 //! Besides criterion's figures it prints, per bench, the bytes each node's log wrote
 //! (records with their 28-byte frames; under `Always` every one is fsync'd) per message — issue 12's
-//! goal is about 1× the message plus framing — and the fsyncs per message per node.
+//! goal is about 1× the message plus framing — the fsyncs per message per node, and the
+//! records per message (entries, plus the odd vote or purge: 1.0 without batching).
 //!
 //! Run: `cargo bench -p entrepot-cluster --bench host_propose` (CI runs it once, as a
 //! test: `cargo test --bench host_propose`).
@@ -24,7 +27,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use entrepot_cluster::{GroupHandle, GroupMachine, Host, HostConfig, MachineError, NodeId};
+use entrepot_cluster::{
+    GroupHandle, GroupMachine, Host, HostConfig, MachineError, NodeId, Position,
+};
 use entrepot_storage::{LogConfig, SyncPolicy, RECORD_HEADER_LEN};
 use tokio::net::TcpListener;
 
@@ -33,8 +38,10 @@ const GROUPS: u64 = 8;
 const MESSAGE_BYTES: usize = 1024;
 /// Proposals one group's leader keeps submitted and not yet committed.
 const IN_FLIGHT: usize = 64;
-/// Messages per entry in `one_group_batched`.
+/// Messages per payload in `one_group_batched`.
 const BATCH_MESSAGES: u64 = 16;
+/// Submitting tasks on one group in `one_group_concurrent`.
+const SUBMITTERS: u64 = 16;
 /// Longest the cluster may take to elect every group's leader.
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -42,7 +49,7 @@ const WAIT: Duration = Duration::from_secs(30);
 struct Count(u64);
 
 impl GroupMachine for Count {
-    fn apply(&mut self, _index: u64, _payload: Bytes) -> Result<(), MachineError> {
+    fn apply(&mut self, _at: Position, _payload: Bytes) -> Result<(), MachineError> {
         self.0 += 1;
         Ok(())
     }
@@ -147,14 +154,25 @@ async fn propose(hosts: Vec<Host>, g: u64, count: u64) {
 /// [`IN_FLIGHT`] at a time; when leadership moves (elections on a loaded machine), the
 /// rest goes to the new leader (entries whose outcome was lost are proposed again).
 async fn propose_entries(hosts: Vec<Host>, g: u64, count: u64, bytes: usize) {
+    propose_entries_with(hosts, g, count, bytes, IN_FLIGHT).await
+}
+
+/// [`propose_entries`] with `in_flight` proposals at a time.
+async fn propose_entries_with(
+    hosts: Vec<Host>,
+    g: u64,
+    count: u64,
+    bytes: usize,
+    in_flight: usize,
+) {
     let payload = Bytes::from(vec![0x5a; bytes]);
     let mut committed = 0;
     'leaders: while committed < count {
         let h = leader(&hosts, g).await;
-        let mut pending = VecDeque::with_capacity(IN_FLIGHT);
+        let mut pending = VecDeque::with_capacity(in_flight);
         let mut submitted = committed;
         while committed < count {
-            if pending.len() == IN_FLIGHT || submitted == count {
+            if pending.len() == in_flight || submitted == count {
                 let p: entrepot_cluster::Proposal = match pending.pop_front() {
                     Some(p) => p,
                     None => break,
@@ -182,8 +200,9 @@ async fn propose_entries(hosts: Vec<Host>, g: u64, count: u64, bytes: usize) {
     }
 }
 
-/// Bytes written (records with their frames) and fsyncs of each node's log so far.
-fn disk(c: &Cluster) -> Vec<(u64, u64)> {
+/// Bytes written (records with their frames), fsyncs and records of each node's log so
+/// far.
+fn disk(c: &Cluster) -> Vec<(u64, u64, u64)> {
     c.hosts
         .values()
         .map(|h| {
@@ -193,22 +212,25 @@ fn disk(c: &Cluster) -> Vec<(u64, u64)> {
             (
                 s.bytes_appended.load(Ordering::Relaxed) + frames,
                 s.syncs.load(Ordering::Relaxed),
+                s.records_appended.load(Ordering::Relaxed),
             )
         })
         .collect()
 }
 
-fn report(name: &str, c: &Cluster, before: &[(u64, u64)], messages: u64, wall: Duration) {
+fn report(name: &str, c: &Cluster, before: &[(u64, u64, u64)], messages: u64, wall: Duration) {
     let after = disk(c);
     let per_node: Vec<String> = before
         .iter()
         .zip(&after)
         .enumerate()
         .map(|(n, (b, a))| {
+            let m = messages.max(1) as f64;
             format!(
-                "node {n} {:.0} B/msg {:.3} fsync/msg",
-                (a.0 - b.0) as f64 / messages.max(1) as f64,
-                (a.1 - b.1) as f64 / messages.max(1) as f64
+                "node {n} {:.0} B/msg {:.3} fsync/msg {:.3} records/msg",
+                (a.0 - b.0) as f64 / m,
+                (a.1 - b.1) as f64 / m,
+                (a.2 - b.2) as f64 / m
             )
         })
         .collect();
@@ -251,8 +273,37 @@ fn bench(c: &mut Criterion) {
         })
     });
 
-    // The broker's way for one hot address: several messages per entry (its own batch
-    // encoding inside the payload, a message's position = entry index + slot).
+    // Many producers on one address: SUBMITTERS tasks, each IN_FLIGHT / SUBMITTERS in
+    // flight, one message per proposal; the host batches.
+    group.bench_function("one_group_concurrent", |b| {
+        b.iter_custom(|iters| {
+            let before = disk(&cluster);
+            let per_task = iters.div_ceil(SUBMITTERS);
+            let started = Instant::now();
+            rt.block_on(async {
+                let hosts: Vec<Host> = cluster.hosts.values().cloned().collect();
+                let tasks: Vec<_> = (0..SUBMITTERS)
+                    .map(|_| {
+                        let hosts = hosts.clone();
+                        tokio::spawn(async move {
+                            let each = (IN_FLIGHT as u64 / SUBMITTERS).max(1) as usize;
+                            propose_entries_with(hosts, 0, per_task, MESSAGE_BYTES, each).await
+                        })
+                    })
+                    .collect();
+                for t in tasks {
+                    t.await.expect("submitter");
+                }
+            });
+            let wall = started.elapsed();
+            let messages = per_task * SUBMITTERS;
+            report("one_group_concurrent", &cluster, &before, messages, wall);
+            wall.mul_f64(iters as f64 / messages as f64)
+        })
+    });
+
+    // Before the host batched, the broker's way for one hot address: several messages in
+    // one payload (its own encoding).
     group.bench_function("one_group_batched", |b| {
         b.iter_custom(|iters| {
             let before = disk(&cluster);

@@ -10,6 +10,7 @@
 //!          tag 2 Settle  { address: str | n: u32 | n × id: u64 }
 //!          tag 3 Cursor  { subscription: str | floor: u64 }
 //!          tag 4 Ops     { len: u32 | bytes }   (broker store operations, opaque here)
+//!          tag 5 Batch   { len: u32 | bytes }   (the host's proposals, `host/batch.rs`)
 //! str = { len: u16 | utf8 }; integers little-endian
 //! ```
 //! The segment log's record frame already carries a CRC, so there is none here. An
@@ -36,6 +37,7 @@ const TAG_PRODUCE: u8 = 1;
 const TAG_SETTLE: u8 = 2;
 const TAG_CURSOR: u8 = 3;
 const TAG_OPS: u8 = 4;
+const TAG_BATCH: u8 = 5;
 
 /// Encodes an entry, checking every length against its limit.
 pub fn encode_entry(entry: &Entry) -> Result<Vec<u8>> {
@@ -46,22 +48,30 @@ pub fn encode_entry(entry: &Entry) -> Result<Vec<u8>> {
 
 /// The encoding of an entry as parts to write one after the other, so that a broker's
 /// operation batch (the bulk of every entry) is copied once, into the log, not first into
-/// a buffer: `(head, Some(ops))` for [`Request::Ops`], `(whole, None)` otherwise. The
-/// bytes are exactly [`encode_entry`]'s.
+/// a buffer: `(head, Some(body))` for [`Request::Ops`] and [`Request::Batch`], `(whole,
+/// None)` otherwise. The bytes are exactly [`encode_entry`]'s.
 pub(crate) fn entry_parts(entry: &Entry) -> Result<(Vec<u8>, Option<&Bytes>)> {
     match &entry.payload {
         EntryPayload::Normal(Request::Ops(ops)) => {
-            check_limit("ops", ops.len(), MAX_OPS_BYTES)?;
-            let mut e = Encoder::with_capacity(ENTRY_HEADER_LEN + 5);
-            e.u8(ENTRY_VERSION);
-            encode_log_id(&mut e, &entry.log_id);
-            e.u8(KIND_REQUEST);
-            e.u8(TAG_OPS);
-            e.u32(ops.len() as u32);
-            Ok((e.buf, Some(ops)))
+            Ok((opaque_head(entry, TAG_OPS, ops)?, Some(ops)))
+        }
+        EntryPayload::Normal(Request::Batch(batch)) => {
+            Ok((opaque_head(entry, TAG_BATCH, batch)?, Some(batch)))
         }
         _ => Ok((encode_entry(entry)?, None)),
     }
+}
+
+/// The bytes of an `Ops` or `Batch` entry before its body.
+fn opaque_head(entry: &Entry, tag: u8, body: &Bytes) -> Result<Vec<u8>> {
+    check_limit("ops", body.len(), MAX_OPS_BYTES)?;
+    let mut e = Encoder::with_capacity(ENTRY_HEADER_LEN + 5);
+    e.u8(ENTRY_VERSION);
+    encode_log_id(&mut e, &entry.log_id);
+    e.u8(KIND_REQUEST);
+    e.u8(tag);
+    e.u32(body.len() as u32);
+    Ok(e.buf)
 }
 
 /// [`encode_entry`] appending to `e` (an RPC frame being built).
@@ -131,7 +141,7 @@ fn body_size_hint(payload: &EntryPayload<TypeConfig>) -> usize {
         EntryPayload::Normal(Request::Produce { address, messages }) => {
             3 + address.len() + 4 + messages.iter().map(|m| 4 + m.len()).sum::<usize>()
         }
-        EntryPayload::Normal(Request::Ops(ops)) => 5 + ops.len(),
+        EntryPayload::Normal(Request::Ops(ops) | Request::Batch(ops)) => 5 + ops.len(),
         _ => 64,
     }
 }
@@ -174,6 +184,11 @@ fn encode_request(e: &mut Encoder, req: &Request) -> Result<()> {
             e.u8(TAG_OPS);
             e.bytes(ops);
         }
+        Request::Batch(batch) => {
+            check_limit("ops", batch.len(), MAX_OPS_BYTES)?;
+            e.u8(TAG_BATCH);
+            e.bytes(batch);
+        }
     }
     Ok(())
 }
@@ -206,6 +221,7 @@ fn decode_request(d: &mut Decoder) -> Result<Request> {
             })
         }
         TAG_OPS => Ok(Request::Ops(d.bytes("ops", MAX_OPS_BYTES)?)),
+        TAG_BATCH => Ok(Request::Batch(d.bytes("batch", MAX_OPS_BYTES)?)),
         _ => Err(d.fail("unknown request tag")),
     }
 }
@@ -293,6 +309,10 @@ mod tests {
         round_trip(Entry {
             log_id: log_id(3, 11),
             payload: EntryPayload::Normal(Request::Ops(Bytes::from(vec![1u8; 3000]))),
+        });
+        round_trip(Entry {
+            log_id: log_id(3, 12),
+            payload: EntryPayload::Normal(Request::Batch(Bytes::from(vec![2u8; 2000]))),
         });
         round_trip(Entry {
             log_id: log_id(3, 10),

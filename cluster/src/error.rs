@@ -140,8 +140,9 @@ pub enum GroupError {
         leader: Option<u64>,
         leader_addr: Option<String>,
     },
-    /// A payload longer than [`crate::host::MAX_PROPOSAL_BYTES`].
-    #[error("proposal of {len} bytes exceeds MAX_PROPOSAL_BYTES ({max})")]
+    /// A payload longer than [`crate::host::MAX_PROPOSAL_BYTES`], or than one node-log
+    /// record holds (`max` says which).
+    #[error("proposal of {len} bytes exceeds the largest a group entry holds ({max})")]
     TooLarge { len: usize, max: usize },
     /// No commit within the host's `propose_timeout` (no quorum reachable, or a slow
     /// one): the entry may still commit later — the outcome is unknown.

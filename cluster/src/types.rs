@@ -69,6 +69,9 @@ pub enum Request {
     /// This is what a broker node replicates; a broker never writes the variants above
     /// (they are part of entry format 1, and the cluster crate's own tests replicate them).
     Ops(Bytes),
+    /// Several proposals of the node-level host in one entry, in the host's batch
+    /// encoding (`host/batch.rs`); what a host group writes (request tag 5).
+    Batch(Bytes),
 }
 
 /// What applying a [`Request`] answered.

@@ -8,9 +8,10 @@
 //! needed index.
 //! Method: three `Host`s in this process, each on its own temporary directory (real node
 //! log, fsync on every commit) and its own `127.0.0.1:0` peer port, several groups each,
-//! with a toy queue as the state machine: an entry is a message (`M` + body) or an ack
-//! range (`A` + from + to, message indexes), its snapshot the set of live message indexes
-//! (never their bytes). Stopping a node is `Host::shutdown` (its port closes as on a
+//! with a toy queue as the state machine: a proposal is a message (`M` + body) or an ack
+//! range (`A` + from + to, message positions), its snapshot the set of live message
+//! positions (never their bytes). The host packs proposals submitted together into one
+//! entry: a message's position is (entry index, slot). Stopping a node is `Host::shutdown` (its port closes as on a
 //! crash); restarting is `Host::start` on the same directory and port. Every wait is
 //! bounded; no timing is asserted beyond generous bounds.
 
@@ -24,6 +25,7 @@ use std::time::Duration;
 use bytes::{Buf, BufMut, Bytes};
 use entrepot_cluster::{
     ClusterError, GroupError, GroupHandle, GroupMachine, Host, HostConfig, MachineError, NodeId,
+    Position,
 };
 use entrepot_storage::LogConfig;
 use tokio::net::TcpListener;
@@ -45,12 +47,12 @@ struct Queue {
 
 #[derive(Default, Debug)]
 struct QueueState {
-    live: BTreeSet<u64>,
+    live: BTreeSet<Position>,
     next: u64,
     /// `last_index` of every restore, in order.
     restores: Vec<u64>,
-    /// Indexes applied since start (after any restore).
-    applied: Vec<u64>,
+    /// Positions applied since start (after any restore).
+    applied: Vec<Position>,
 }
 
 fn message(body: &[u8]) -> Bytes {
@@ -60,42 +62,51 @@ fn message(body: &[u8]) -> Bytes {
     Bytes::from(b)
 }
 
-fn ack(from: u64, to: u64) -> Bytes {
-    let mut b = Vec::with_capacity(17);
+/// Acknowledges the messages at `from..to`.
+fn ack(from: Position, to: Position) -> Bytes {
+    let mut b = Vec::with_capacity(ACK_LEN);
     b.push(b'A');
-    b.put_u64_le(from);
-    b.put_u64_le(to);
+    for p in [from, to] {
+        b.put_u64_le(p.index);
+        b.put_u32_le(p.slot);
+    }
     Bytes::from(b)
 }
 
+const ACK_LEN: usize = 1 + 2 * 12;
+
+fn get_position(r: &mut &[u8]) -> Position {
+    Position::new(r.get_u64_le(), r.get_u32_le())
+}
+
 impl Queue {
-    fn live(&self) -> BTreeSet<u64> {
+    fn live(&self) -> BTreeSet<Position> {
         self.state.lock().unwrap().live.clone()
     }
     fn restores(&self) -> Vec<u64> {
         self.state.lock().unwrap().restores.clone()
     }
-    fn applied(&self) -> Vec<u64> {
+    fn applied(&self) -> Vec<Position> {
         self.state.lock().unwrap().applied.clone()
     }
 }
 
 impl GroupMachine for Queue {
-    fn apply(&mut self, index: u64, payload: Bytes) -> Result<(), MachineError> {
+    fn apply(&mut self, at: Position, payload: Bytes) -> Result<(), MachineError> {
         let mut s = self.state.lock().unwrap();
         match payload.first() {
             Some(b'M') => {
-                s.live.insert(index);
+                s.live.insert(at);
             }
-            Some(b'A') if payload.len() == 17 => {
+            Some(b'A') if payload.len() == ACK_LEN => {
                 let mut r = &payload[1..];
-                let (from, to) = (r.get_u64_le(), r.get_u64_le());
-                s.live.retain(|i| !(from..to).contains(i));
+                let (from, to) = (get_position(&mut r), get_position(&mut r));
+                s.live.retain(|p| !(from..to).contains(p));
             }
-            _ => return Err(MachineError::msg(format!("bad entry at {index}"))),
+            _ => return Err(MachineError::msg(format!("bad proposal at {at:?}"))),
         }
-        s.next = index + 1;
-        s.applied.push(index);
+        s.next = at.index + 1;
+        s.applied.push(at);
         Ok(())
     }
 
@@ -103,8 +114,9 @@ impl GroupMachine for Queue {
         let s = self.state.lock().unwrap();
         let mut b = Vec::new();
         b.put_u64_le(s.next);
-        for i in &s.live {
-            b.put_u64_le(*i);
+        for p in &s.live {
+            b.put_u64_le(p.index);
+            b.put_u32_le(p.slot);
         }
         Ok(Bytes::from(b))
     }
@@ -112,11 +124,12 @@ impl GroupMachine for Queue {
     fn restore(&mut self, last_index: u64, state: Bytes) -> Result<(), MachineError> {
         let mut s = self.state.lock().unwrap();
         let mut r = &state[..];
-        if r.len() % 8 != 0 || r.is_empty() {
+        if r.len() < 8 || (r.len() - 8) % 12 != 0 {
             return Err(MachineError::msg("bad queue snapshot"));
         }
         s.next = r.get_u64_le();
-        s.live = std::iter::from_fn(|| (r.remaining() >= 8).then(|| r.get_u64_le())).collect();
+        s.live =
+            std::iter::from_fn(|| (r.remaining() >= 12).then(|| get_position(&mut r))).collect();
         s.restores.push(last_index);
         s.next = s.next.max(last_index + 1);
         Ok(())
@@ -124,7 +137,7 @@ impl GroupMachine for Queue {
 
     fn lowest_needed(&self) -> u64 {
         let s = self.state.lock().unwrap();
-        s.live.first().copied().unwrap_or(s.next)
+        s.live.first().map_or(s.next, |p| p.index)
     }
 }
 
@@ -269,8 +282,9 @@ impl Cluster {
     }
 }
 
-/// Waits until `h` applied `index`.
-async fn applied_at_least(h: &GroupHandle, index: u64) {
+/// Waits until `h` applied the entry of `at`.
+async fn applied_at_least(h: &GroupHandle, at: Position) {
+    let index = at.index;
     let mut applied = h.applied();
     tokio::time::timeout(WAIT, applied.wait_for(|a| a.is_some_and(|a| a >= index)))
         .await
@@ -284,8 +298,8 @@ async fn applied_at_least(h: &GroupHandle, index: u64) {
         .unwrap();
 }
 
-/// Proposes `payloads` pipelined (all submitted before any is awaited); their indexes.
-async fn propose_all(h: &GroupHandle, payloads: &[Bytes]) -> Vec<u64> {
+/// Proposes `payloads` pipelined (all submitted before any is awaited); their positions.
+async fn propose_all(h: &GroupHandle, payloads: &[Bytes]) -> Vec<Position> {
     let mut pending = Vec::new();
     for p in payloads {
         pending.push(h.submit(p.clone()).await.unwrap());
@@ -293,6 +307,16 @@ async fn propose_all(h: &GroupHandle, payloads: &[Bytes]) -> Vec<u64> {
     let mut out = Vec::new();
     for p in pending {
         out.push(p.await.unwrap());
+    }
+    out
+}
+
+/// Proposes `payloads` in waves of `wave` (each wave submitted together, then awaited):
+/// many entries, some with several proposals — a log long enough to snapshot and purge.
+async fn propose_in_waves(h: &GroupHandle, payloads: &[Bytes], wave: usize) -> Vec<Position> {
+    let mut out = Vec::new();
+    for chunk in payloads.chunks(wave) {
+        out.extend(propose_all(h, chunk).await);
     }
     out
 }
@@ -360,12 +384,17 @@ async fn a_proposal_resolves_on_a_majority_and_reads_are_slices_of_the_log() {
                     "node {n}: a copy, not the log"
                 );
             }
-            assert!(r.committed() >= Some(last), "node {n}: {:?}", r.status());
-            let range = r.read_range(indexes[0]..last + 1).unwrap();
+            assert!(
+                r.committed() >= Some(last.index),
+                "node {n}: {:?}",
+                r.status()
+            );
+            let range = r.read_range(indexes[0].index..last.index + 1).unwrap();
             assert_eq!(range.len(), bodies.len());
+            assert!(range.iter().map(|(p, _)| p).eq(indexes.iter()));
             assert!(range.iter().map(|(_, b)| b).eq(bodies.iter()));
             assert!(matches!(
-                r.read(last + 100),
+                r.read(Position::new(last.index + 100, 0)),
                 Err(ClusterError::NotApplied { .. })
             ));
         }
@@ -390,7 +419,7 @@ async fn a_proposal_resolves_on_a_majority_and_reads_are_slices_of_the_log() {
         assert!(started.elapsed() >= PROPOSE_TIMEOUT);
         assert_eq!(
             *h.applied().borrow(),
-            Some(i),
+            Some(i.index),
             "nothing applied without a quorum"
         );
     })
@@ -504,7 +533,7 @@ async fn a_restarted_host_recovers_its_groups_from_snapshot_and_log() {
                 assert!(
                     q.applied()
                         .first()
-                        .is_some_and(|&i| i > snapshot_at[&(g, n)]),
+                        .is_some_and(|&p| p.index > snapshot_at[&(g, n)]),
                     "node {n} group {g}: re-applied only after the snapshot"
                 );
                 assert_eq!(q.live(), expected[&g].keys().copied().collect(), "node {n}");
@@ -534,13 +563,13 @@ async fn a_lagging_member_installs_a_snapshot_carrying_the_payloads_it_needs() {
         let bodies: Vec<Bytes> = (0..100)
             .map(|i| message(format!("late {i}").as_bytes()))
             .collect();
-        let idx = propose_all(&h, &bodies).await;
+        let idx = propose_in_waves(&h, &bodies, 4).await;
         let l = h.propose(ack(idx[0], idx[60])).await.unwrap();
         h.snapshot_now().await.unwrap();
         // The leader purged past everything the lagging member holds, but not past the
         // oldest live message.
         let deadline = tokio::time::Instant::now() + WAIT;
-        while h.status().purged < Some(idx[59]) {
+        while h.status().purged < Some(idx[59].index) {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "no purge: {:?}",
@@ -548,7 +577,7 @@ async fn a_lagging_member_installs_a_snapshot_carrying_the_payloads_it_needs() {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert!(h.status().purged < Some(idx[60]), "{:?}", h.status());
+        assert!(h.status().purged < Some(idx[60].index), "{:?}", h.status());
         c.restart(lagging).await;
         let r = c.handle(lagging, g);
         applied_at_least(&r, l).await;
@@ -562,7 +591,7 @@ async fn a_lagging_member_installs_a_snapshot_carrying_the_payloads_it_needs() {
         for (i, body) in idx.iter().zip(&bodies).skip(60) {
             assert_eq!(r.read(*i).unwrap().as_ref(), Some(body), "index {i}");
         }
-        let range = r.read_range(idx[60]..l).unwrap();
+        let range = r.read_range(idx[60].index..l.index).unwrap();
         assert!(range.iter().map(|(_, b)| b).eq(bodies[60..].iter()));
         // It goes on following.
         let next = h.propose(message(b"after the install")).await.unwrap();
@@ -607,9 +636,9 @@ async fn the_log_is_purged_only_below_the_lowest_needed_index() {
             let r = c.handle(n, g);
             applied_at_least(&r, a).await;
             r.snapshot_now().await.unwrap();
-            assert_eq!(r.status().snapshot, Some(a));
+            assert_eq!(r.status().snapshot, Some(a.index));
             let deadline = tokio::time::Instant::now() + WAIT;
-            while r.status().purged != Some(low - 1) {
+            while r.status().purged != Some(low.index - 1) {
                 assert!(
                     tokio::time::Instant::now() < deadline,
                     "node {n}: {:?}",
@@ -617,7 +646,10 @@ async fn the_log_is_purged_only_below_the_lowest_needed_index() {
                 );
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            assert!(matches!(r.read(low - 1), Err(ClusterError::Purged { .. })));
+            assert!(matches!(
+                r.read(Position::new(low.index - 1, 0)),
+                Err(ClusterError::Purged { .. })
+            ));
             for (i, body) in idx.iter().zip(&bodies).skip(10) {
                 assert_eq!(
                     r.read(*i).unwrap().as_ref(),
@@ -627,13 +659,14 @@ async fn the_log_is_purged_only_below_the_lowest_needed_index() {
             }
         }
         // Everything acknowledged: the next snapshot lets the log go up to it.
-        let b = h.propose(ack(idx[10], idx[39] + 1)).await.unwrap();
+        let after_last = Position::new(idx[39].index, idx[39].slot + 1);
+        let b = h.propose(ack(idx[10], after_last)).await.unwrap();
         for n in 0..NODES {
             let r = c.handle(n, g);
             applied_at_least(&r, b).await;
             r.snapshot_now().await.unwrap();
             let deadline = tokio::time::Instant::now() + WAIT;
-            while r.status().purged != Some(b) {
+            while r.status().purged != Some(b.index) {
                 assert!(
                     tokio::time::Instant::now() < deadline,
                     "node {n}: {:?}",
@@ -653,7 +686,14 @@ async fn a_closed_replica_reopens_from_the_node_log_and_catches_up_and_a_removed
         let mut c = Cluster::start(&[g, 11], u64::MAX).await;
         let leader = c.leader(g).await;
         let h = c.handle(leader, g);
-        let first = propose_all(&h, &[message(b"before"), ack(0, 0)]).await;
+        let first = propose_all(
+            &h,
+            &[
+                message(b"before"),
+                ack(Position::default(), Position::default()),
+            ],
+        )
+        .await;
         let closed = (0..NODES).find(|&n| n != leader).unwrap();
         applied_at_least(&c.handle(closed, g), first[1]).await;
         let node = c.nodes.get_mut(&closed).unwrap();
@@ -711,11 +751,11 @@ async fn a_new_member_joins_through_a_snapshot_and_becomes_a_voter() {
         let bodies: Vec<Bytes> = (0..40)
             .map(|i| message(format!("new {i}").as_bytes()))
             .collect();
-        let idx = propose_all(&h, &bodies).await;
+        let idx = propose_in_waves(&h, &bodies, 4).await;
         let a = h.propose(ack(idx[0], idx[30])).await.unwrap();
         h.snapshot_now().await.unwrap();
         let deadline = tokio::time::Instant::now() + WAIT;
-        while h.status().purged < Some(idx[29]) {
+        while h.status().purged < Some(idx[30].index - 1) {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "no purge: {:?}",
@@ -742,7 +782,7 @@ async fn a_new_member_joins_through_a_snapshot_and_becomes_a_voter() {
         assert_eq!(h.status().voters, voters);
         // A follower that applied the new membership refuses a change, naming the leader.
         let follower = c.handle((0..NODES).find(|&n| n != leader).unwrap(), g);
-        applied_at_least(&follower, h.status().applied.unwrap()).await;
+        applied_at_least(&follower, Position::new(h.status().applied.unwrap(), 0)).await;
         let refused = follower.add_learner(4, "127.0.0.1:1").await;
         assert!(
             matches!(refused, Err(GroupError::NotLeader { .. })),
@@ -752,6 +792,154 @@ async fn a_new_member_joins_through_a_snapshot_and_becomes_a_voter() {
         applied_at_least(&r, next).await;
         assert_eq!(r.read(next).unwrap().unwrap(), message(b"four voters"));
         new.host.shutdown().await;
+    })
+    .await
+}
+
+/// Many producers on one address: what they submit while earlier entries are in flight
+/// shares entries, each producer's proposals keep their order, every replica applies
+/// the same positions in the same order and reads back the exact bytes (slices of its
+/// node log), also after all three restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_submits_share_entries_in_order_and_positions_survive_a_restart() {
+    bounded(async {
+        let g = 13;
+        let mut c = Cluster::start(&[g], u64::MAX).await;
+        let h = c.handle(c.leader(g).await, g);
+        const TASKS: usize = 8;
+        const EACH: usize = 50;
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|t| {
+                let h = h.clone();
+                tokio::spawn(async move {
+                    let bodies: Vec<Bytes> = (0..EACH)
+                        .map(|i| message(format!("t{t} m{i}").as_bytes()))
+                        .collect();
+                    let positions = propose_all(&h, &bodies).await;
+                    (bodies, positions)
+                })
+            })
+            .collect();
+        let mut all: BTreeMap<Position, Bytes> = BTreeMap::new();
+        for t in tasks {
+            let (bodies, positions) = t.await.unwrap();
+            assert!(
+                positions.windows(2).all(|w| w[0] < w[1]),
+                "one producer's order: {positions:?}"
+            );
+            all.extend(positions.into_iter().zip(bodies));
+        }
+        assert_eq!(all.len(), TASKS * EACH, "every position distinct");
+        let entries: BTreeSet<u64> = all.keys().map(|p| p.index).collect();
+        assert!(
+            entries.len() * 4 <= all.len(),
+            "{} messages in {} entries: not batched",
+            all.len(),
+            entries.len()
+        );
+        let last = *all.keys().last().unwrap();
+        let check = |c: &Cluster, when: &str| {
+            for n in 0..NODES {
+                let r = c.handle(n, g);
+                let applied = c.queue(n, g).applied();
+                assert_eq!(
+                    applied,
+                    all.keys().copied().collect::<Vec<_>>(),
+                    "node {n} {when}: applied in position order"
+                );
+                for (at, body) in &all {
+                    let got = r.read(*at).unwrap().expect("a proposal");
+                    assert_eq!(&got, body, "node {n} {when} at {at}");
+                    assert!(mapped_under(&got, &c.log_dir(n)), "node {n}: a copy");
+                }
+                let past = Position::new(last.index, last.slot + 1);
+                assert_eq!(r.read(past).unwrap(), None, "no slot past the last");
+                let range = r.read_range(0..last.index + 1).unwrap();
+                assert!(range.iter().map(|(p, _)| p).eq(all.keys()), "node {n}");
+                let entry = r.read_entry(last.index).unwrap();
+                assert_eq!(entry.len() as u32, last.slot + 1);
+            }
+        };
+        for n in 0..NODES {
+            applied_at_least(&c.handle(n, g), last).await;
+        }
+        check(&c, "before the restart");
+        for n in 0..NODES {
+            c.stop(n).await;
+        }
+        for n in 0..NODES {
+            c.restart(n).await;
+        }
+        c.leader(g).await;
+        for n in 0..NODES {
+            applied_at_least(&c.handle(n, g), last).await;
+        }
+        check(&c, "after the restart");
+    })
+    .await
+}
+
+/// An entry that fails fails every proposal in it, with the same typed error: proposals
+/// submitted together to a follower all name the leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_entry_fails_every_proposal_in_it() {
+    bounded(async {
+        let g = 14;
+        let c = Cluster::start(&[g], u64::MAX).await;
+        let leader = c.leader(g).await;
+        let follower = c.handle((0..NODES).find(|&n| n != leader).unwrap(), g);
+        let mut pending = Vec::new();
+        for i in 0..40 {
+            let p = follower.submit(message(format!("f{i}").as_bytes())).await;
+            pending.push(p.unwrap());
+        }
+        for p in pending {
+            let refused = p.await;
+            assert!(
+                matches!(refused, Err(GroupError::NotLeader { leader: Some(l), .. }) if l == leader),
+                "{refused:?}"
+            );
+        }
+        assert!(matches!(
+            follower.submit(Bytes::from(vec![0; entrepot_cluster::MAX_PROPOSAL_BYTES + 1])).await,
+            Err(GroupError::TooLarge { .. })
+        ));
+    })
+    .await
+}
+
+/// An entry always fits in one node-log record (512 KiB here): a larger proposal is
+/// refused before it is queued, and proposals that together pass a record go in more
+/// than one entry — the group keeps going.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_stay_within_a_node_log_record() {
+    bounded(async {
+        let g = 15;
+        let c = Cluster::start(&[g], u64::MAX).await;
+        let h = c.handle(c.leader(g).await, g);
+        let refused = h.submit(Bytes::from(vec![1; 512 << 10])).await;
+        assert!(
+            matches!(refused, Err(GroupError::TooLarge { max, .. }) if max < 512 << 10),
+            "{:?}",
+            refused.map(|_| ())
+        );
+        let big: Vec<Bytes> = (0..6u8)
+            .map(|i| {
+                let mut m = vec![i; 200 << 10];
+                m[0] = b'M';
+                Bytes::from(m)
+            })
+            .collect();
+        let at = propose_all(&h, &big).await;
+        let entries: BTreeSet<u64> = at.iter().map(|p| p.index).collect();
+        assert!(
+            entries.len() >= 3,
+            "two of 200 KiB at most per entry: {at:?}"
+        );
+        for (p, body) in at.iter().zip(&big) {
+            assert_eq!(h.read(*p).unwrap().as_ref(), Some(body));
+        }
+        h.propose(message(b"still going")).await.unwrap();
     })
     .await
 }

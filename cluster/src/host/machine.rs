@@ -8,9 +8,9 @@
 //! `snapshot.rs`), and the carried entries a snapshot install brought.
 //!
 //! Invariants:
-//! * The machine sees every committed payload entry once, in index order, after the
-//!   snapshot it was last restored from; blank and membership entries take an index but
-//!   are not shown to it.
+//! * The machine sees every committed proposal once, in position order (entry index,
+//!   then slot), after the snapshot it was last restored from; blank and membership
+//!   entries take an index but are not shown to it.
 //! * A snapshot is persisted (tmp, fsync, rename) before openraft hears it is built, and
 //!   records the machine's `lowest_needed` with it; the host purges the log only below
 //!   that (`mod.rs`), so every entry the snapshot's state still reads stays readable.
@@ -29,12 +29,13 @@ use openraft::{
     StoredMembership,
 };
 
+use super::batch::{Position, Slots};
 use super::snapshot::{self as host_snapshot, PartsSource};
 use super::GroupShared;
 use crate::error::{ClusterError, RaftStorageError, Result};
 use crate::snapshot_data::SnapshotData;
 use crate::snapshot_file::{read_snapshot_file, write_snapshot_file};
-use crate::types::{Entry, LogId, NodeId, Request, Response, TypeConfig};
+use crate::types::{Entry, LogId, NodeId, Response, TypeConfig};
 
 /// Why a state machine refused an entry or a snapshot: the group stops (a replica that
 /// cannot apply what the group committed must not go on).
@@ -63,13 +64,19 @@ impl Eq for MachineError {}
 /// A replicated state machine of one group, in the host's terms: indexes and payloads,
 /// no openraft type. Its methods run on openraft's state-machine task (a snapshot build on
 /// a blocking thread); they should not block for long.
+///
+/// `apply` is called once per proposal, not once per entry: a machine's logic is about
+/// messages and acknowledgements, and a batch boundary is an accident of load (how many
+/// proposals queued while the previous entry was in flight) that no replica must
+/// depend on. What does depend on entries — purging, snapshot carrying — goes by
+/// [`Self::lowest_needed`], an entry index.
 pub trait GroupMachine: Send + 'static {
-    /// Applies the committed entry `index` whose payload is `payload` (as proposed).
-    /// Called in increasing index order (gaps are blank or membership entries). The
-    /// `Bytes` given here is the leader's proposal or the replication frame, not the log:
-    /// to keep a payload, keep its index and read it back ([`super::GroupHandle::read`]),
-    /// a zero-copy slice of the node log.
-    fn apply(&mut self, index: u64, payload: Bytes) -> Result<(), MachineError>;
+    /// Applies the committed proposal at `at` whose payload is `payload` (as proposed).
+    /// Called in increasing position order (index gaps are blank or membership entries;
+    /// slots of one entry from 0). The `Bytes` given here is the leader's proposal or the
+    /// replication frame, not the log: to keep a payload, keep its position and read it
+    /// back ([`super::GroupHandle::read`]), a zero-copy slice of the node log.
+    fn apply(&mut self, at: Position, payload: Bytes) -> Result<(), MachineError>;
 
     /// The machine's state as of the last applied index, opaque to the host. It need not
     /// hold the payloads of entries at or above [`Self::lowest_needed`]: the host keeps
@@ -177,7 +184,7 @@ impl<M: GroupMachine> Adapter<M> {
         let last_index = meta.last_log_id.map(|l| l.index);
         // Persisted: only the carried entries still needed that the log does not hold.
         let held_from = self.shared.log_first_held().map_err(sm_error)?;
-        let carried: BTreeMap<u64, Bytes> = self
+        let carried: BTreeMap<u64, Slots> = self
             .shared
             .carried_range(lowest_needed, held_from)
             .map_err(sm_error)?;
@@ -285,17 +292,24 @@ impl<M: GroupMachine> RaftStateMachine<TypeConfig> for Adapter<M> {
         let mut inner = self.lock()?;
         let mut out = Vec::new();
         for entry in entries {
+            let index = entry.log_id.index;
             match entry.payload {
-                EntryPayload::Normal(Request::Ops(payload)) => {
-                    inner
-                        .machine
-                        .apply(entry.log_id.index, payload)
-                        .map_err(|source| sm_error(ClusterError::Machine { group, source }))?;
+                EntryPayload::Normal(request) => {
+                    let payloads = match Slots::of(request) {
+                        Some(slots) => slots.payloads().map_err(sm_error)?,
+                        None => Vec::new(),
+                    };
+                    for (slot, payload) in payloads.into_iter().enumerate() {
+                        inner
+                            .machine
+                            .apply(Position::new(index, slot as u32), payload)
+                            .map_err(|source| sm_error(ClusterError::Machine { group, source }))?;
+                    }
                 }
                 EntryPayload::Membership(m) => {
                     inner.membership = StoredMembership::new(Some(entry.log_id), m);
                 }
-                EntryPayload::Blank | EntryPayload::Normal(_) => {}
+                EntryPayload::Blank => {}
             }
             inner.last_applied = Some(entry.log_id);
             out.push(Response::None);

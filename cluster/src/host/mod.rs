@@ -7,19 +7,18 @@
 //!   group), the [`GroupRegistry`], the multiplexed [`TcpNetwork`] and the [`PeerServer`]
 //!   — and one [`GroupHandle`] per address it holds a replica of, with the address's
 //!   queue as the group's [`GroupMachine`].
-//! * **Queue offsets are group log indexes.** A producer's message is one proposal: its
-//!   payload is the stored message (the broker's record encoding, opaque here).
-//!   [`GroupHandle::propose`] resolves with the entry's index once a majority has it on
-//!   disk and it is applied here — the broker's `accepted`. The machine's `apply` notes
-//!   the index as a ready message; consumers are served by [`GroupHandle::read`], a
+//! * **A message is a proposal; its place is a [`Position`].** A producer's message is
+//!   one proposal: its payload is the stored message (the broker's encoding, opaque
+//!   here). [`GroupHandle::submit`] queues it; the group's batcher (`batch.rs`) packs
+//!   whatever is queued into the next entry, with at most [`MAX_ENTRIES_IN_FLIGHT`]
+//!   entries in flight, so the more load the more proposals per entry — openraft 0.9's
+//!   core waits for each of its leader's appends to be flushed before it takes the next
+//!   entry, so one group syncs once per *entry*, not per message. The [`Proposal`]
+//!   resolves with `Position { index, slot }` once a majority has the entry on disk and
+//!   it is applied here — the broker's `accepted`. The machine's `apply` gets each
+//!   proposal with its position; consumers are served by [`GroupHandle::read`], a
 //!   zero-copy slice of the node log's mapping: a message's Raft entry *is* its stored
-//!   copy, no second write. Many proposals are in flight at once ([`GroupHandle::submit`]
-//!   returns a [`Proposal`] in log order), so a group commit carries many messages.
-//!   openraft 0.9's core waits for each of its leader's log appends to be flushed before
-//!   it takes the next proposal, so a lone busy group's leader syncs once per entry: for
-//!   a hot address the broker puts a batch of messages in one payload (its own encoding,
-//!   as its replicator does today) and a message's position is `(entry index, slot)`;
-//!   reads stay zero-copy slices of the entry (`benches/host_propose.rs`).
+//!   copy, no second write.
 //! * **Acks are entries too**: a consumer's settlements are proposed as small entries
 //!   holding index ranges (and delivery counts), applied in order by every replica, so a
 //!   delivery settled and committed is never delivered again after a failover.
@@ -43,14 +42,18 @@
 //!   snapshot).
 //!
 //! # Invariants
-//! * A proposal resolves `Ok(index)` only after openraft committed the entry (a majority
+//! * A proposal resolves `Ok(position)` only after openraft committed its entry (a majority
 //!   of the group's voters have it durable: every node log syncs before it reports an
 //!   append flushed) and applied it on this node.
+//! * Proposals submitted on one node land in the log in the order they were queued; an
+//!   entry that fails fails every proposal in it with the same error.
 //! * `read` returns only entries at or below this replica's applied index, byte for byte
 //!   as proposed; a payload from the node log is a slice of its mapping, never a copy.
 //! * The log of a group is purged only up to `min(snapshot − purge_keep,
 //!   lowest_needed − 1)` of its last persisted snapshot.
-//! * Every limit is a named constant: [`MAX_PROPOSAL_BYTES`], [`MAX_READ_ENTRIES`].
+//! * Every limit is a named constant: [`MAX_PROPOSAL_BYTES`], [`MAX_READ_ENTRIES`],
+//!   [`MAX_BATCH_SLOTS`], [`MAX_BATCH_BYTES`], [`MAX_ENTRIES_IN_FLIGHT`],
+//!   [`MAX_QUEUED_PROPOSALS`].
 //!
 //! # Does not (yet)
 //! * Hibernate idle groups (the registry's stopped entries, another change) or balance
@@ -62,6 +65,7 @@
 //! * Rewrite a needed entry forward: a queue whose oldest message is old pins every
 //!   node-log segment after it (the node log's own limit, `node_log/mod.rs`).
 
+mod batch;
 mod machine;
 mod snapshot;
 
@@ -80,25 +84,44 @@ use entrepot_storage::LogConfig;
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, Config, Raft, ServerState, SnapshotPolicy};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::{ClusterError, GroupError, Result};
+use crate::frame::MAX_RPC_FRAME_BYTES;
 use crate::groups::{GroupRegistry, HeardCommit};
 use crate::network::TcpNetwork;
 use crate::node_log::NodeLog;
 use crate::peer_server::{PeerServer, PeerServerOptions};
 use crate::placement::GroupId;
-use crate::types::{NodeId, Request, TypeConfig, MAX_OPS_BYTES};
+use crate::types::{NodeId, TypeConfig, MAX_OPS_BYTES};
 
+pub use batch::{
+    Position, HOST_BATCH_VERSION, MAX_BATCH_BYTES, MAX_BATCH_SLOTS, MAX_ENTRIES_IN_FLIGHT,
+    MAX_QUEUED_PROPOSALS,
+};
 pub use machine::{GroupMachine, MachineError};
 pub use snapshot::{HOST_SNAPSHOT_VERSION, MAX_CARRIED_ENTRIES};
+
+use batch::Slots;
+
+const _: () = assert!(MAX_PROPOSAL_BYTES + batch::ENTRY_OVERHEAD_BYTES <= MAX_OPS_BYTES);
+const _: () = assert!(
+    (MAX_PAYLOAD_ENTRIES as usize)
+        * (batch::ENTRY_OVERHEAD_BYTES + 4 + MAX_PROPOSAL_BYTES + MAX_BATCH_BYTES)
+        <= MAX_RPC_FRAME_BYTES / 2
+);
 
 /// Directory of the node log inside the host's directory.
 pub const HOST_LOG_DIR: &str = "log";
 /// Directory of the groups' persisted snapshots (`groups/<id>/snapshot`).
 pub const HOST_GROUPS_DIR: &str = "groups";
-/// Largest payload one proposal may carry (it is one Raft entry, `Request::Ops`).
-pub const MAX_PROPOSAL_BYTES: usize = MAX_OPS_BYTES;
+/// Largest payload one proposal may carry (the broker's largest clustered message); less
+/// when the node log's records are smaller (an entry must fit in one record).
+pub const MAX_PROPOSAL_BYTES: usize = 4 << 20;
+/// Most entries one AppendEntries RPC of a host group carries: entries of up to
+/// [`MAX_PROPOSAL_BYTES`] (or a batch of [`MAX_BATCH_BYTES`]) stay well inside the
+/// inter-node frame limit.
+pub const MAX_PAYLOAD_ENTRIES: u64 = 16;
 /// Most entries one [`GroupHandle::read_range`] returns.
 pub const MAX_READ_ENTRIES: u64 = 4096;
 /// Default: longest a proposal waits for its commit before [`GroupError::Timeout`].
@@ -161,6 +184,7 @@ impl HostConfig {
             // Never purge by openraft's own policy: the host purges, honouring the
             // machine's lowest needed index.
             max_in_snapshot_log_to_keep: u64::MAX,
+            max_payload_entries: MAX_PAYLOAD_ENTRIES,
             ..Config::default()
         };
         config
@@ -346,11 +370,15 @@ impl Host {
             reason: e.to_string(),
         })?;
         let leadership = watch::Sender::new(Leadership::default());
+        let (queue, queued) = mpsc::channel(MAX_QUEUED_PROPOSALS);
+        let limits = batch::Limits::for_record(inner.config.log.record_bytes_max);
         let handle = GroupHandle {
             node: inner.config.node,
             raft,
             shared,
             leadership: leadership.clone(),
+            queue,
+            proposal_bytes: limits.proposal_bytes,
             propose_timeout: inner.config.propose_timeout,
         };
         match inner.registry.insert(group, handle.raft.clone()) {
@@ -362,6 +390,7 @@ impl Host {
                 return Err(e);
             }
         }
+        tokio::spawn(batch::run(handle.raft.clone(), group, queued, limits));
         tokio::spawn(follow_metrics(handle.clone(), leadership));
         Ok(handle)
     }
@@ -435,7 +464,7 @@ pub(crate) struct GroupShared {
     node_log: NodeLog,
     snapshot_dir: PathBuf,
     /// Payload entries a snapshot install brought that the node log does not hold.
-    carried: RwLock<BTreeMap<u64, Bytes>>,
+    carried: RwLock<BTreeMap<u64, Slots>>,
     /// Last index applied to the machine.
     applied: watch::Sender<Option<u64>>,
     purge_keep: u64,
@@ -473,7 +502,7 @@ impl GroupShared {
             .map_or(0, |p| p.index.saturating_add(1)))
     }
 
-    fn carried_range(&self, from: u64, to: u64) -> Result<BTreeMap<u64, Bytes>> {
+    fn carried_range(&self, from: u64, to: u64) -> Result<BTreeMap<u64, Slots>> {
         if from >= to {
             return Ok(BTreeMap::new());
         }
@@ -485,15 +514,36 @@ impl GroupShared {
     }
 
     /// Payload entries of `from..to` the node log holds (zero-copy slices).
-    fn log_payloads(&self, from: u64, to: u64) -> Result<Vec<(u64, Bytes)>> {
+    fn log_payloads(&self, from: u64, to: u64) -> Result<Vec<(u64, Slots)>> {
         let entries = self.node_log.entries(self.group, from..to)?;
         Ok(entries
             .into_iter()
             .filter_map(|e| match e.payload {
-                openraft::EntryPayload::Normal(Request::Ops(b)) => Some((e.log_id.index, b)),
+                openraft::EntryPayload::Normal(r) => Some((e.log_id.index, Slots::of(r)?)),
                 _ => None,
             })
             .collect())
+    }
+
+    /// The payloads of entry `index`: from the node log, else carried by a snapshot.
+    fn slots(&self, index: u64) -> Result<Option<Slots>> {
+        let entries = self
+            .node_log
+            .entries(self.group, index..index.saturating_add(1))?;
+        if let Some(entry) = entries.into_iter().next() {
+            return Ok(match entry.payload {
+                openraft::EntryPayload::Normal(r) => Slots::of(r),
+                _ => None,
+            });
+        }
+        let carried = self.carried.read().unwrap_or_else(|e| e.into_inner());
+        match carried.get(&index) {
+            Some(slots) => Ok(Some(slots.clone())),
+            None => Err(ClusterError::Purged {
+                group: self.group,
+                index,
+            }),
+        }
     }
 }
 
@@ -504,16 +554,21 @@ pub struct GroupHandle {
     raft: Raft<TypeConfig>,
     shared: Arc<GroupShared>,
     leadership: watch::Sender<Leadership>,
+    /// The batcher's queue (`batch.rs`).
+    queue: mpsc::Sender<batch::Queued>,
+    /// Largest proposal: [`MAX_PROPOSAL_BYTES`], or less for small node-log records.
+    proposal_bytes: usize,
     propose_timeout: Duration,
 }
 
-/// A submitted proposal: resolves to its log index once committed and applied here.
+/// A submitted proposal: resolves to its position (entry index and slot) once its entry
+/// is committed and applied here.
 pub struct Proposal {
-    inner: Pin<Box<dyn Future<Output = Result<u64, GroupError>> + Send>>,
+    inner: Pin<Box<dyn Future<Output = Result<Position, GroupError>> + Send>>,
 }
 
 impl Future for Proposal {
-    type Output = Result<u64, GroupError>;
+    type Output = Result<Position, GroupError>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         self.inner.as_mut().poll(cx)
     }
@@ -542,36 +597,29 @@ impl GroupHandle {
         }
     }
 
-    /// Appends `payload` as the next entry of the group (this node must lead it) and
-    /// returns once it is queued, in order behind every earlier submission of this
-    /// node; the [`Proposal`] resolves when it is committed. Submit many before awaiting
-    /// them: that is how one group commit covers many entries.
+    /// Queues `payload` as the group's next proposal (this node must lead the group) and
+    /// returns once it is queued, in order behind every earlier submission on this node;
+    /// it waits only while [`MAX_QUEUED_PROPOSALS`] are queued. The [`Proposal`] resolves
+    /// with its [`Position`] when its entry is committed and applied here. Whatever is
+    /// queued while earlier entries are in flight goes in one entry (`batch.rs`): submit
+    /// many before awaiting them, and one entry and one group commit carry them all.
     pub async fn submit(&self, payload: Bytes) -> Result<Proposal, GroupError> {
-        if payload.len() > MAX_PROPOSAL_BYTES {
+        if payload.len() > self.proposal_bytes {
             return Err(GroupError::TooLarge {
                 len: payload.len(),
-                max: MAX_PROPOSAL_BYTES,
+                max: self.proposal_bytes,
             });
         }
         let group = self.group();
-        let answer = self
-            .raft
-            .client_write_ff(Request::Ops(payload))
+        let (done, answer) = oneshot::channel();
+        self.queue
+            .send(batch::Queued { payload, done })
             .await
-            .map_err(|e| self.stopped(e))?;
+            .map_err(|_| self.stopped("the group's batcher ended"))?;
         let after = self.propose_timeout;
         let inner = async move {
             match tokio::time::timeout(after, answer).await {
-                Ok(Ok(Ok(response))) => Ok(response.log_id.index),
-                Ok(Ok(Err(ClientWriteError::ForwardToLeader(f)))) => Err(GroupError::NotLeader {
-                    group,
-                    leader: f.leader_id,
-                    leader_addr: f.leader_node.map(|n| n.addr),
-                }),
-                Ok(Ok(Err(e))) => Err(GroupError::Membership {
-                    group,
-                    reason: e.to_string(),
-                }),
+                Ok(Ok(result)) => result,
                 Ok(Err(_)) => Err(GroupError::Stopped {
                     group,
                     reason: "Raft stopped before answering".into(),
@@ -584,52 +632,52 @@ impl GroupHandle {
         })
     }
 
-    /// [`Self::submit`] and wait for the commit: the entry's index.
-    pub async fn propose(&self, payload: Bytes) -> Result<u64, GroupError> {
+    /// [`Self::submit`] and wait for the commit: the proposal's position.
+    pub async fn propose(&self, payload: Bytes) -> Result<Position, GroupError> {
         self.submit(payload).await?.await
     }
 
-    /// The payload of committed entry `index`: `Ok(None)` when that index is a blank or
-    /// membership entry, [`ClusterError::NotApplied`] above this replica's applied index,
-    /// [`ClusterError::Purged`] below what the group keeps. From the node log the bytes
-    /// are a slice of its mapping (no copy).
-    pub fn read(&self, index: u64) -> Result<Option<Bytes>> {
-        let group = self.group();
+    /// The payload proposed at `at`: `Ok(None)` when entry `at.index` is a blank or
+    /// membership entry or has no such slot, [`ClusterError::NotApplied`] above this
+    /// replica's applied index, [`ClusterError::Purged`] below what the group keeps. From
+    /// the node log the bytes are a slice of its mapping (no copy).
+    pub fn read(&self, at: Position) -> Result<Option<Bytes>> {
+        self.check_applied(at.index)?;
+        match self.shared.slots(at.index)? {
+            Some(slots) => slots.get(at.slot),
+            None => Ok(None),
+        }
+    }
+
+    /// Every payload of entry `index`, in slot order (empty for a blank or membership
+    /// entry); errors as [`Self::read`].
+    pub fn read_entry(&self, index: u64) -> Result<Vec<Bytes>> {
+        self.check_applied(index)?;
+        match self.shared.slots(index)? {
+            Some(slots) => slots.payloads(),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    fn check_applied(&self, index: u64) -> Result<()> {
         let applied = *self.shared.applied.borrow();
         if applied.is_none_or(|a| index > a) {
             return Err(ClusterError::NotApplied {
-                group,
+                group: self.group(),
                 index,
                 applied,
             });
         }
-        let entries = self
-            .shared
-            .node_log
-            .entries(group, index..index.saturating_add(1))?;
-        if let Some(entry) = entries.into_iter().next() {
-            return Ok(match entry.payload {
-                openraft::EntryPayload::Normal(Request::Ops(b)) => Some(b),
-                _ => None,
-            });
-        }
-        let carried = self
-            .shared
-            .carried
-            .read()
-            .unwrap_or_else(|e| e.into_inner());
-        match carried.get(&index) {
-            Some(b) => Ok(Some(b.clone())),
-            None => Err(ClusterError::Purged { group, index }),
-        }
+        Ok(())
     }
 
-    /// The payload entries of `range` (blank and membership entries left out), in
-    /// order; at most [`MAX_READ_ENTRIES`] indexes are looked at, and nothing above the
-    /// applied index. Indexes the group no longer keeps are left out; a range that starts
-    /// above the applied index is [`ClusterError::NotApplied`], one that starts below
-    /// everything kept and finds nothing [`ClusterError::Purged`].
-    pub fn read_range(&self, range: Range<u64>) -> Result<Vec<(u64, Bytes)>> {
+    /// The payloads of the entries in `range` (blank and membership entries have none),
+    /// in order, with their positions; at most [`MAX_READ_ENTRIES`] entries are looked
+    /// at, and nothing above the applied index. Entries the group no longer keeps are
+    /// left out; a range that starts above the applied index is
+    /// [`ClusterError::NotApplied`], one that starts below everything kept and finds
+    /// nothing [`ClusterError::Purged`].
+    pub fn read_range(&self, range: Range<u64>) -> Result<Vec<(Position, Bytes)>> {
         let group = self.group();
         let applied = *self.shared.applied.borrow();
         let Some(applied) = applied else {
@@ -651,15 +699,15 @@ impl GroupHandle {
             .min(applied.saturating_add(1))
             .min(range.start.saturating_add(MAX_READ_ENTRIES));
         let first_held = self.shared.log_first_held()?;
-        let mut out: Vec<(u64, Bytes)> = self
+        let mut entries: Vec<(u64, Slots)> = self
             .shared
             .carried_range(range.start, end.min(first_held))?
             .into_iter()
             .collect();
-        let from_carried = out.last().map(|(i, _)| *i);
+        let from_carried = entries.last().map(|(i, _)| *i);
         let in_log = self.shared.log_payloads(range.start.max(first_held), end)?;
-        out.extend(in_log.into_iter().filter(|(i, _)| Some(*i) > from_carried));
-        if out.is_empty() && range.start < first_held && range.start < end {
+        entries.extend(in_log.into_iter().filter(|(i, _)| Some(*i) > from_carried));
+        if entries.is_empty() && range.start < first_held && range.start < end {
             let carried = self
                 .shared
                 .carried
@@ -670,6 +718,12 @@ impl GroupHandle {
                     group,
                     index: range.start,
                 });
+            }
+        }
+        let mut out = Vec::new();
+        for (index, slots) in entries {
+            for (slot, payload) in slots.payloads()?.into_iter().enumerate() {
+                out.push((Position::new(index, slot as u32), payload));
             }
         }
         Ok(out)

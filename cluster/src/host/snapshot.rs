@@ -3,10 +3,12 @@
 //! in its node log ("carried" entries).
 //!
 //! ```text
-//! // Format: host snapshot data, version 1 (inside the snapshot file of snapshot_file.rs,
+//! // Format: host snapshot data, version 2 (inside the snapshot file of snapshot_file.rs,
 //! // and, the same bytes, on the wire in openraft's snapshot chunks)
 //! { version: u8 | lowest_needed: u64 | state: { len: u32 | bytes }
-//!   | n: u32 | n × { index: u64 | len: u32 | payload } }      integers little-endian
+//!   | n: u32 | n × { index: u64 | kind: u8 | len: u32 | body } }  integers little-endian
+//! // kind 1: one payload (an `Ops` entry); kind 2: a batch body (`batch.rs`)
+//! // version 1 (read, no longer written): entries without `kind`, each one payload
 //! ```
 //! * `lowest_needed` is the machine's [`GroupMachine::lowest_needed`] when the snapshot
 //!   was built: the log is purged only below it, so entries `lowest_needed..=last` stay
@@ -26,13 +28,18 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 
+use super::batch::Slots;
 use crate::codec::{check_limit, Decoder, Encoder};
 use crate::error::{ClusterError, Result};
 use crate::snapshot_data::SnapshotSource;
 use crate::snapshot_file::MAX_SNAPSHOT_BYTES;
 
 /// Version byte of the host snapshot data.
-pub const HOST_SNAPSHOT_VERSION: u8 = 1;
+pub const HOST_SNAPSHOT_VERSION: u8 = 2;
+/// The version before batches: entries are single payloads, without a kind byte.
+const HOST_SNAPSHOT_V1: u8 = 1;
+const KIND_ONE: u8 = 1;
+const KIND_BATCH: u8 = 2;
 /// Most entries one host snapshot carries.
 pub const MAX_CARRIED_ENTRIES: usize = 16 << 20;
 
@@ -41,7 +48,7 @@ pub const MAX_CARRIED_ENTRIES: usize = 16 << 20;
 pub(crate) struct HostSnapshot {
     pub lowest_needed: u64,
     pub state: Bytes,
-    pub entries: BTreeMap<u64, Bytes>,
+    pub entries: BTreeMap<u64, Slots>,
 }
 
 /// The encoding as parts to concatenate: small headers plus the payloads themselves, so
@@ -49,7 +56,7 @@ pub(crate) struct HostSnapshot {
 pub(crate) fn encode_parts(
     lowest_needed: u64,
     state: &Bytes,
-    entries: &BTreeMap<u64, Bytes>,
+    entries: &BTreeMap<u64, Slots>,
 ) -> Result<Vec<Bytes>> {
     check_limit(
         "host snapshot state (MAX_SNAPSHOT_BYTES)",
@@ -71,14 +78,19 @@ pub(crate) fn encode_parts(
     let mut count = Encoder::with_capacity(4);
     count.u32(entries.len() as u32);
     parts.push(Bytes::from(count.buf));
-    for (index, payload) in entries {
+    for (index, slots) in entries {
+        let (kind, payload) = match slots {
+            Slots::One(b) => (KIND_ONE, b),
+            Slots::Batch(b) => (KIND_BATCH, b),
+        };
         check_limit(
             "host snapshot entry (MAX_SNAPSHOT_BYTES)",
             payload.len(),
             MAX_SNAPSHOT_BYTES,
         )?;
-        let mut e = Encoder::with_capacity(12);
+        let mut e = Encoder::with_capacity(13);
         e.u64(*index);
+        e.u8(kind);
         e.u32(payload.len() as u32);
         parts.push(Bytes::from(e.buf));
         parts.push(payload.clone());
@@ -104,7 +116,7 @@ pub(crate) fn concat(parts: &[Bytes]) -> Vec<u8> {
 pub(crate) fn decode(data: Bytes) -> Result<HostSnapshot> {
     let mut d = Decoder::new(data, "host snapshot");
     let version = d.u8()?;
-    if version != HOST_SNAPSHOT_VERSION {
+    if version != HOST_SNAPSHOT_VERSION && version != HOST_SNAPSHOT_V1 {
         return Err(ClusterError::UnsupportedVersion {
             what: "host snapshot",
             found: u16::from(version),
@@ -129,13 +141,20 @@ pub(crate) fn decode(data: Bytes) -> Result<HostSnapshot> {
             return Err(d.fail("host snapshot entries out of order"));
         }
         last = Some(index);
-        entries.insert(
-            index,
-            d.bytes(
-                "host snapshot entry (MAX_SNAPSHOT_BYTES)",
-                MAX_SNAPSHOT_BYTES,
-            )?,
-        );
+        let kind = match version {
+            HOST_SNAPSHOT_V1 => KIND_ONE,
+            _ => d.u8()?,
+        };
+        let body = d.bytes(
+            "host snapshot entry (MAX_SNAPSHOT_BYTES)",
+            MAX_SNAPSHOT_BYTES,
+        )?;
+        let slots = match kind {
+            KIND_ONE => Slots::One(body),
+            KIND_BATCH => Slots::Batch(body),
+            _ => return Err(d.fail("unknown host snapshot entry kind")),
+        };
+        entries.insert(index, slots);
     }
     d.finish()?;
     Ok(HostSnapshot {
@@ -201,9 +220,14 @@ mod tests {
 
     #[test]
     fn parts_round_trip_and_read_at_any_position() {
-        let entries: BTreeMap<u64, Bytes> = [(3, Bytes::from_static(b"abc")), (9, Bytes::new())]
-            .into_iter()
-            .collect();
+        let batch = super::super::batch::encode(&[Bytes::from_static(b"x"), Bytes::new()]);
+        let entries: BTreeMap<u64, Slots> = [
+            (3, Slots::One(Bytes::from_static(b"abc"))),
+            (9, Slots::One(Bytes::new())),
+            (11, Slots::Batch(batch)),
+        ]
+        .into_iter()
+        .collect();
         let parts = encode_parts(3, &Bytes::from_static(b"state"), &entries).unwrap();
         let whole = concat(&parts);
         let back = decode(Bytes::from(whole.clone())).unwrap();
@@ -239,11 +263,49 @@ mod tests {
         e.u32(2);
         for index in [5, 5] {
             e.u64(index);
+            e.u8(KIND_ONE);
             e.u32(0);
         }
         assert!(matches!(
             decode(Bytes::from(e.buf)),
             Err(ClusterError::Decode { .. })
         ));
+        let mut e = Encoder::with_capacity(64);
+        e.u8(HOST_SNAPSHOT_VERSION);
+        e.u64(0);
+        e.u32(0);
+        e.u32(1);
+        e.u64(1);
+        e.u8(7);
+        e.u32(0);
+        assert!(matches!(
+            decode(Bytes::from(e.buf)),
+            Err(ClusterError::Decode { .. })
+        ));
+    }
+
+    /// What a build before batching persisted (version 1: entries without a kind) reads
+    /// as single payloads.
+    #[test]
+    fn version_1_reads_as_single_payloads() {
+        let mut e = Encoder::with_capacity(64);
+        e.u8(HOST_SNAPSHOT_V1);
+        e.u64(4);
+        e.bytes(b"st");
+        e.u32(2);
+        for (index, body) in [(4u64, &b"four"[..]), (6, b"six")] {
+            e.u64(index);
+            e.bytes(body);
+        }
+        let back = decode(Bytes::from(e.buf)).unwrap();
+        assert_eq!(back.lowest_needed, 4);
+        assert_eq!(&back.state[..], b"st");
+        assert_eq!(
+            back.entries.into_iter().collect::<Vec<_>>(),
+            vec![
+                (4, Slots::One(Bytes::from_static(b"four"))),
+                (6, Slots::One(Bytes::from_static(b"six")))
+            ]
+        );
     }
 }
