@@ -324,6 +324,102 @@ pub fn apply(
     Ok(())
 }
 
+/// One decoded operation of an ops batch (what [`decode_ops`] returns): the per-address
+/// group machine (`crate::raft::address_machine`) applies these to its index instead of
+/// to a store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// op 1: a message record; `offset` as the proposer numbered it.
+    Message { offset: u64, record: Bytes },
+    /// op 2 (`group` `None`) and op 3: offsets acknowledged.
+    Ack {
+        group: Option<u32>,
+        offsets: Vec<u64>,
+    },
+    /// op 4: everything below `floor` consumed by `group`.
+    GroupFloor { group: u32, floor: u64 },
+    /// op 5: a subscription's group deleted.
+    DropGroup { group: u32 },
+    /// op 6: a data-directory file replaced whole.
+    File { name: String, contents: Bytes },
+    /// op 7: failed deliveries of an unacknowledged message.
+    DeliveryCount { group: u32, offset: u64, count: u32 },
+}
+
+/// Bytes before a lone message op's record in its batch: version, op, offset, length.
+/// A payload that is one message op holds its record at `MESSAGE_RECORD_AT..`.
+pub const MESSAGE_RECORD_AT: usize = 1 + 1 + 8 + 4;
+
+/// Decodes an ops batch (checking its version and every length) without applying it;
+/// records and file contents are slices of `ops`.
+pub fn decode_ops(ops: &Bytes) -> Result<Vec<Op>, ApplyError> {
+    let mut r = Reader { buf: ops, pos: 0 };
+    let version = r.u8()?;
+    if version != OPS_VERSION {
+        return Err(ApplyError::Version(version));
+    }
+    let mut out = Vec::new();
+    while r.pos < ops.len() {
+        let op = match r.u8()? {
+            OP_MESSAGE => {
+                let offset = r.u64()?;
+                let len = r.u32()? as usize;
+                Op::Message {
+                    offset,
+                    record: r.slice(len)?,
+                }
+            }
+            OP_ACK => Op::Ack {
+                group: None,
+                offsets: read_offsets(&mut r)?,
+            },
+            OP_ACK_GROUP => {
+                let group = r.u32()?;
+                Op::Ack {
+                    group: Some(group),
+                    offsets: read_offsets(&mut r)?,
+                }
+            }
+            OP_GROUP_FLOOR => Op::GroupFloor {
+                group: r.u32()?,
+                floor: r.u64()?,
+            },
+            OP_DROP_GROUP => Op::DropGroup { group: r.u32()? },
+            OP_DELIVERY_COUNT => Op::DeliveryCount {
+                group: r.u32()?,
+                offset: r.u64()?,
+                count: r.u32()?,
+            },
+            OP_FILE => {
+                let name_len = r.u16()? as usize;
+                if name_len > MAX_FILE_NAME {
+                    return Err(ApplyError::Malformed("file name too long"));
+                }
+                let name = std::str::from_utf8(&r.slice(name_len)?)
+                    .map_err(|_| ApplyError::Malformed("file name is not UTF-8"))?
+                    .to_owned();
+                let len = r.u32()? as usize;
+                Op::File {
+                    name,
+                    contents: r.slice(len)?,
+                }
+            }
+            _ => return Err(ApplyError::Malformed("unknown op")),
+        };
+        out.push(op);
+    }
+    Ok(out)
+}
+
+/// An ack op's offsets, after its group.
+fn read_offsets(r: &mut Reader<'_>) -> Result<Vec<u64>, ApplyError> {
+    let n = r.u32()? as usize;
+    if n > (r.buf.len() - r.pos) / 8 {
+        return Err(ApplyError::Malformed("ack count beyond the batch"));
+    }
+    (0..n).map(|_| r.u64()).collect()
+}
+
 /// An ack op's offsets (after its group, read by the caller): those not yet acknowledged
 /// are, in the default group or in `group`.
 fn apply_acks(r: &mut Reader<'_>, group: Option<u32>, acks: &AckLog) -> Result<(), ApplyError> {

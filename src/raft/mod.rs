@@ -38,6 +38,7 @@
 //! One Raft group covers every address: simple, and one leader's group commit batches all
 //! addresses together. ARCHITECTURE.md explains how the per-address split follows.
 
+pub mod address_machine;
 pub mod admin;
 pub mod drain;
 mod error;

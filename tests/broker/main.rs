@@ -4,6 +4,7 @@
 //! times down; each module is one scenario family.
 
 mod access;
+mod address_group;
 mod address_types;
 mod addresses;
 mod bench_tool;
