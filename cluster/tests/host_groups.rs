@@ -908,6 +908,41 @@ async fn a_failed_entry_fails_every_proposal_in_it() {
     .await
 }
 
+/// A leader without a quorum stops draining its queue; a submitter then waits at most the
+/// propose timeout for room, and is told `Timeout`, never held forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_times_the_submitter_out() {
+    bounded(async {
+        let g = 16;
+        let mut c = Cluster::start(&[g], u64::MAX).await;
+        let leader = c.leader(g).await;
+        let h = c.handle(leader, g);
+        for n in (0..NODES).filter(|&n| n != leader) {
+            c.stop(n).await;
+        }
+        // What the queue holds, plus what the entries in flight took out of it.
+        let room = entrepot_cluster::host::MAX_QUEUED_PROPOSALS
+            + entrepot_cluster::MAX_ENTRIES_IN_FLIGHT * entrepot_cluster::MAX_BATCH_SLOTS;
+        let mut pending = Vec::with_capacity(room);
+        let started = tokio::time::Instant::now();
+        let refused = loop {
+            match h.submit(Bytes::from_static(b"M")).await {
+                Ok(p) => pending.push(p),
+                Err(e) => break e,
+            }
+            assert!(pending.len() <= room, "more queued than the bound");
+        };
+        assert!(
+            matches!(refused, GroupError::Timeout { .. }),
+            "{refused:?} after {}",
+            pending.len()
+        );
+        assert!(started.elapsed() >= PROPOSE_TIMEOUT);
+        assert!(pending.len() >= entrepot_cluster::host::MAX_QUEUED_PROPOSALS);
+    })
+    .await
+}
+
 /// An entry always fits in one node-log record (512 KiB here): a larger proposal is
 /// refused before it is queued, and proposals that together pass a record go in more
 /// than one entry — the group keeps going.

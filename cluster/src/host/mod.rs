@@ -599,7 +599,8 @@ impl GroupHandle {
 
     /// Queues `payload` as the group's next proposal (this node must lead the group) and
     /// returns once it is queued, in order behind every earlier submission on this node;
-    /// it waits only while [`MAX_QUEUED_PROPOSALS`] are queued. The [`Proposal`] resolves
+    /// it waits only while [`MAX_QUEUED_PROPOSALS`] are queued, and at most the propose
+    /// timeout ([`GroupError::Timeout`], nothing queued). The [`Proposal`] resolves
     /// with its [`Position`] when its entry is committed and applied here. Whatever is
     /// queued while earlier entries are in flight goes in one entry (`batch.rs`): submit
     /// many before awaiting them, and one entry and one group commit carry them all.
@@ -611,12 +612,16 @@ impl GroupHandle {
             });
         }
         let group = self.group();
-        let (done, answer) = oneshot::channel();
-        self.queue
-            .send(batch::Queued { payload, done })
-            .await
-            .map_err(|_| self.stopped("the group's batcher ended"))?;
         let after = self.propose_timeout;
+        let (done, answer) = oneshot::channel();
+        // A full queue (a leader without a quorum stops draining it) must not hold the
+        // caller forever: waiting for room counts against the propose timeout.
+        let queued = self.queue.send(batch::Queued { payload, done });
+        match tokio::time::timeout(after, queued).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(self.stopped("the group's batcher ended")),
+            Err(_) => return Err(GroupError::Timeout { group, after }),
+        }
         let inner = async move {
             match tokio::time::timeout(after, answer).await {
                 Ok(Ok(result)) => result,
