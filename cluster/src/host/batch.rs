@@ -348,6 +348,22 @@ mod tests {
         assert_eq!(one.payloads().unwrap().len(), 1);
     }
 
+    /// The layout of `cluster/FORMAT.md` ("host batch"), byte by byte.
+    #[test]
+    fn the_batch_layout_is_the_documented_one() {
+        let body = encode(&[Bytes::from_static(b"ab"), Bytes::from_static(b"xyz")]);
+        let expected: &[u8] = &[
+            1, // version
+            2, 0, 0, 0, // n
+            2, 0, 0, 0, // length of slot 0
+            3, 0, 0, 0, // length of slot 1
+            b'a', b'b', b'x', b'y', b'z',
+        ];
+        assert_eq!(&body[..], expected);
+        let slots = Slots::Batch(Bytes::from_static(expected));
+        assert_eq!(slots.get(1).unwrap().unwrap(), Bytes::from_static(b"xyz"));
+    }
+
     #[test]
     fn an_entry_fits_in_one_node_log_record() {
         let small = Limits::for_record(64 << 10);

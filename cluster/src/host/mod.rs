@@ -53,7 +53,7 @@
 //!   lowest_needed − 1)` of its last persisted snapshot.
 //! * Every limit is a named constant: [`MAX_PROPOSAL_BYTES`], [`MAX_READ_ENTRIES`],
 //!   [`MAX_BATCH_SLOTS`], [`MAX_BATCH_BYTES`], [`MAX_ENTRIES_IN_FLIGHT`],
-//!   [`MAX_QUEUED_PROPOSALS`].
+//!   [`MAX_QUEUED_PROPOSALS`], [`MAX_READ_PROPOSALS`].
 //!
 //! # Does not (yet)
 //! * Hibernate idle groups (the registry's stopped entries, another change) or balance
@@ -122,8 +122,11 @@ pub const MAX_PROPOSAL_BYTES: usize = 4 << 20;
 /// [`MAX_PROPOSAL_BYTES`] (or a batch of [`MAX_BATCH_BYTES`]) stay well inside the
 /// inter-node frame limit.
 pub const MAX_PAYLOAD_ENTRIES: u64 = 16;
-/// Most entries one [`GroupHandle::read_range`] returns.
+/// Most entries one [`GroupHandle::read_range`] looks at.
 pub const MAX_READ_ENTRIES: u64 = 4096;
+/// [`GroupHandle::read_range`] stops after the entry that brings its answer to this many
+/// proposals (whole entries only: the caller goes on from the next index).
+pub const MAX_READ_PROPOSALS: usize = 16_384;
 /// Default: longest a proposal waits for its commit before [`GroupError::Timeout`].
 pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default: entries applied between two snapshots of a group.
@@ -678,7 +681,8 @@ impl GroupHandle {
 
     /// The payloads of the entries in `range` (blank and membership entries have none),
     /// in order, with their positions; at most [`MAX_READ_ENTRIES`] entries are looked
-    /// at, and nothing above the applied index. Entries the group no longer keeps are
+    /// at, nothing above the applied index, and no entry after the one that reaches
+    /// [`MAX_READ_PROPOSALS`]. Entries the group no longer keeps are
     /// left out; a range that starts above the applied index is
     /// [`ClusterError::NotApplied`], one that starts below everything kept and finds
     /// nothing [`ClusterError::Purged`].
@@ -727,6 +731,9 @@ impl GroupHandle {
         }
         let mut out = Vec::new();
         for (index, slots) in entries {
+            if out.len() >= MAX_READ_PROPOSALS {
+                break;
+            }
             for (slot, payload) in slots.payloads()?.into_iter().enumerate() {
                 out.push((Position::new(index, slot as u32), payload));
             }

@@ -297,3 +297,37 @@ fn a_message_record_is_a_slice_of_its_payload() {
     assert_eq!(record.as_ptr(), payload[MESSAGE_RECORD_AT..].as_ptr());
     assert_eq!(message_record(&ack(None, &[1])), None);
 }
+
+/// The layout of `cluster/FORMAT.md` ("address index"), byte by byte: two messages in
+/// entry 7 (slots 0 and 1), offset 0 acknowledged, one delivery count.
+#[test]
+fn the_snapshot_layout_is_the_documented_one() {
+    let mut m = AddressMachine::new();
+    m.apply(at(7, 0), message(0, b"a")).unwrap();
+    m.apply(at(7, 1), message(1, b"b")).unwrap();
+    m.apply(at(8, 0), ack(None, &[0])).unwrap();
+    m.apply(at(9, 0), ops(|b| encode_delivery_count(b, 0, 1, 3)))
+        .unwrap();
+    let mut want = vec![1u8]; // version
+    want.extend_from_slice(&2u64.to_le_bytes()); // next_offset
+    want.extend_from_slice(&10u64.to_le_bytes()); // applied_end
+    want.extend_from_slice(&0u64.to_le_bytes()); // renumbered
+    want.extend_from_slice(&1u32.to_le_bytes()); // runs
+    want.extend_from_slice(&0u64.to_le_bytes()); //   offset
+    want.extend_from_slice(&7u64.to_le_bytes()); //   index
+    want.extend_from_slice(&0u32.to_le_bytes()); //   slot
+    want.extend_from_slice(&2u32.to_le_bytes()); //   count
+    want.extend_from_slice(&1u32.to_le_bytes()); // groups
+    want.extend_from_slice(&0u32.to_le_bytes()); //   group 0
+    want.extend_from_slice(&1u32.to_le_bytes()); //   ranges
+    want.extend_from_slice(&0u64.to_le_bytes()); //     start
+    want.extend_from_slice(&1u64.to_le_bytes()); //     end
+    want.extend_from_slice(&1u32.to_le_bytes()); // counts
+    want.extend_from_slice(&0u32.to_le_bytes()); //   group
+    want.extend_from_slice(&1u64.to_le_bytes()); //   offset
+    want.extend_from_slice(&3u32.to_le_bytes()); //   count
+    assert_eq!(&m.snapshot().unwrap()[..], &want[..]);
+    let mut back = AddressMachine::new();
+    back.restore(9, Bytes::from(want)).unwrap();
+    assert_eq!(back.index(), m.index());
+}
