@@ -20,6 +20,7 @@ pub mod intake;
 pub use declare::{internal_name, Declaration, DeclarationStats, DeclaredType};
 pub use error::BrokerError;
 pub mod latency;
+pub mod lease;
 pub mod limits;
 pub mod memory;
 pub mod queue;
@@ -90,6 +91,9 @@ pub struct Broker {
     /// Why this broker's connections are closed, when it is for another reason than the
     /// process shutting down (a cluster node that stops leading): what clients are told.
     close_reason: std::sync::OnceLock<String>,
+    /// A clustered leader's delivery lease: its connections write to their sockets only
+    /// while it holds (see [`lease`]); unset on a single node, which never waits.
+    delivery_lease: std::sync::OnceLock<Arc<lease::DeliveryLease>>,
 }
 
 /// What clients are told when their connection closes because the broker shuts down.
@@ -224,6 +228,7 @@ impl Broker {
             stats: BrokerStats::default(),
             intake,
             close_reason: std::sync::OnceLock::new(),
+            delivery_lease: std::sync::OnceLock::new(),
         });
         broker.recover()?;
         Ok(broker)
@@ -233,6 +238,17 @@ impl Broker {
     /// given stays); without one they are told [`SHUTDOWN_DESCRIPTION`].
     pub fn closing_because(&self, reason: &str) {
         let _ = self.close_reason.set(reason.to_owned());
+    }
+
+    /// Makes this broker deliver only while `lease` holds (a clustered leader, before it
+    /// serves its first client); the first lease given stays.
+    pub fn deliver_under(&self, lease: Arc<lease::DeliveryLease>) {
+        let _ = self.delivery_lease.set(lease);
+    }
+
+    /// The delivery lease this broker's connections wait for; `None` on a single node.
+    pub fn delivery_lease(&self) -> Option<&Arc<lease::DeliveryLease>> {
+        self.delivery_lease.get()
     }
 
     /// What a connection closed by this broker's shutdown signal tells its client.

@@ -969,11 +969,30 @@ impl Connection {
         Ok(())
     }
 
+    /// Writes what is buffered. On a clustered leader every delivery passes here, so this
+    /// is where the delivery lease gates them (`broker::lease`): while it does not hold,
+    /// nothing is written (the connection waits for the renewal; queued deliveries wait
+    /// with it), and every write system call of a flush asks again, so a lease that lapses
+    /// in the middle ends the connection rather than deliver after the lapse. The lease
+    /// ending (the leadership is over) closes the connection.
     async fn flush(&mut self) -> Result<(), ConnError> {
         if self.wbuf.is_empty() {
             return Ok(());
         }
-        self.wbuf.write_to(&mut self.wr).await?;
+        match self.broker.delivery_lease() {
+            None => self.wbuf.write_to(&mut self.wr).await?,
+            Some(lease) => {
+                if !lease.holds() && lease.held().await.is_err() {
+                    return Err(ConnError::protocol(
+                        ConnectionError::ConnectionForced,
+                        self.broker.close_description().to_owned(),
+                    ));
+                }
+                self.wbuf
+                    .write_while(&mut self.wr, || lease.holds())
+                    .await?;
+            }
+        }
         self.last_write = Instant::now();
         Ok(())
     }
@@ -981,6 +1000,12 @@ impl Connection {
     /// Sends `close` (with an error, if any) and flushes; errors are ignored, the socket is
     /// going away anyway.
     async fn close_with(&mut self, error: Option<AmqpErrorBody>) {
+        // A clustered leader without its lease drops what it had not written (deliveries
+        // among it come back from their queues) and writes only the close: no delivery.
+        let lapsed = self.broker.delivery_lease().is_some_and(|l| !l.holds());
+        if lapsed {
+            self.wbuf = outbuf::OutBuf::default();
+        }
         if !self.open_sent {
             let open = self.minimal_open();
             let _ = self.send(0, &Performative::Open(open), &[]);
@@ -990,7 +1015,17 @@ impl Connection {
             .send(0, &Performative::Close(Close { error }), &[])
             .is_ok()
         {
-            let _ = tokio::time::timeout(Duration::from_secs(1), self.flush()).await;
+            let write = async {
+                if lapsed {
+                    self.wbuf
+                        .write_to(&mut self.wr)
+                        .await
+                        .map_err(ConnError::from)
+                } else {
+                    self.flush().await
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
         }
         let _ = self.wr.shutdown().await;
     }

@@ -26,6 +26,8 @@ pub const SHARED_BODY_MIN_BYTES: usize = 16 * 1024;
 /// Most I/O vectors handed to one `writev` (Linux allows 1,024; a few dozen already
 /// cover the 256 KiB flush threshold several times).
 pub const MAX_IO_VECTORS: usize = 64;
+/// Why a gated write stopped (see [`OutBuf::write_while`]).
+pub const WRITE_REFUSED: &str = "write refused: the delivery lease lapsed";
 /// The encoding buffer's starting capacity.
 const HEAD_CAPACITY: usize = 64 * 1024;
 
@@ -86,23 +88,58 @@ impl OutBuf {
         &mut self,
         wr: &mut W,
     ) -> std::io::Result<()> {
-        if self.chain.is_empty() {
-            let result = wr.write_all(&self.head).await;
-            self.head.clear();
-            return result;
-        }
-        self.freeze_head();
-        let result = self.write_chain(wr).await;
+        self.write_while(wr, || true).await
+    }
+
+    /// [`OutBuf::write_to`], asking `may_write` before every write system call: once it
+    /// says no, nothing more is written and the write fails with [`WRITE_REFUSED`] (a frame
+    /// cut short cannot be resumed later; the connection ends). A clustered leader passes
+    /// its delivery lease here.
+    pub async fn write_while<W: AsyncWrite + Unpin + ?Sized>(
+        &mut self,
+        wr: &mut W,
+        may_write: impl Fn() -> bool,
+    ) -> std::io::Result<()> {
+        let result = if self.chain.is_empty() {
+            self.write_head(wr, &may_write).await
+        } else {
+            self.freeze_head();
+            self.write_chain(wr, &may_write).await
+        };
+        self.head.clear();
         self.chain.clear();
         self.chain_len = 0;
         result
     }
 
+    async fn write_head<W: AsyncWrite + Unpin + ?Sized>(
+        &mut self,
+        wr: &mut W,
+        may_write: &impl Fn() -> bool,
+    ) -> std::io::Result<()> {
+        let mut at = 0;
+        while at < self.head.len() {
+            if !may_write() {
+                return Err(std::io::Error::other(WRITE_REFUSED));
+            }
+            let written = wr.write(&self.head[at..]).await?;
+            if written == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            at += written;
+        }
+        Ok(())
+    }
+
     async fn write_chain<W: AsyncWrite + Unpin + ?Sized>(
         &mut self,
         wr: &mut W,
+        may_write: &impl Fn() -> bool,
     ) -> std::io::Result<()> {
         while !self.chain.is_empty() {
+            if !may_write() {
+                return Err(std::io::Error::other(WRITE_REFUSED));
+            }
             let written = {
                 let slices: Vec<IoSlice<'_>> = self
                     .chain

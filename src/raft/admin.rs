@@ -53,6 +53,8 @@ pub struct ClusterHandle {
     network: TcpNetwork,
     /// Where this node stands with respect to a drain.
     drain: std::sync::Arc<watch::Sender<DrainState>>,
+    /// Lapses of this node's delivery lease (a metric).
+    lease_lapses: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// What [`ClusterHandle`] needs besides Raft and the role.
@@ -60,6 +62,8 @@ pub struct HandleParts {
     pub heard_commit: HeardCommit,
     pub network: TcpNetwork,
     pub drain: std::sync::Arc<watch::Sender<DrainState>>,
+    /// Lapses of this node's delivery lease, over all its leaderships.
+    pub lease_lapses: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// An HTTP answer: status line, body.
@@ -77,6 +81,7 @@ impl ClusterHandle {
             heard_commit: parts.heard_commit,
             network: parts.network,
             drain: parts.drain,
+            lease_lapses: parts.lease_lapses,
         }
     }
 
@@ -237,7 +242,19 @@ impl ClusterHandle {
             "Index of the last Raft entry applied to this node's store.",
             m.last_applied.map_or(-1, |l| l.index as i64),
         );
+        counter(
+            &mut out,
+            "entrepot_cluster_lease_lapses_total",
+            "Times this node's delivery lease ran out while it led (deliveries paused until a majority confirmed it again).",
+            self.lease_lapses.load(Ordering::Relaxed),
+        );
         if let Role::Leader(a) = &*self.role.borrow() {
+            gauge(
+                &mut out,
+                "entrepot_cluster_lease_held",
+                "1 while this leader holds its delivery lease (it delivers only then).",
+                u8::from(a.lease.holds()),
+            );
             let st = &a.replication.stats;
             counter(
                 &mut out,

@@ -42,6 +42,7 @@ pub mod address_machine;
 pub mod admin;
 pub mod drain;
 mod error;
+pub mod lease;
 mod proxy;
 pub mod replicator;
 pub mod snapshot;
@@ -49,6 +50,7 @@ pub mod state_machine;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -62,6 +64,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::auth::Gatekeeper;
+use crate::broker::lease::DeliveryLease;
 use crate::broker::replication::Replication;
 use crate::broker::store::{DiskGuard, Store};
 use crate::broker::Broker;
@@ -162,6 +165,8 @@ pub struct Active {
     pub broker: Arc<Broker>,
     pub gate: Arc<Gatekeeper>,
     replication: Arc<Replication>,
+    /// Until when this leader may deliver (renewed by `lease::renew`).
+    lease: Arc<DeliveryLease>,
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -171,6 +176,8 @@ impl Active {
         self.replication.fail(reason);
         // Its clients hear the same reason when their connections close.
         self.broker.closing_because(reason);
+        // Nothing more is written to a client: connections waiting for a renewal close.
+        self.lease.end();
         let _ = self.shutdown.send(true);
     }
 }
@@ -246,6 +253,7 @@ impl ClusterNode {
                 heard_commit: peer_server.heard_commit(),
                 network,
                 drain: Arc::new(drain_tx),
+                lease_lapses: Arc::new(AtomicU64::new(0)),
             },
             join,
         };
@@ -459,6 +467,7 @@ impl NodeTasks {
             join,
         } = self;
         let permits = Arc::new(Semaphore::new(config.max_connections));
+        let lease_lapses = Arc::clone(&handle.lease_lapses);
         let handle = admin::ClusterHandle::new(raft.clone(), role_rx.clone(), handle);
         let mut tasks = Vec::new();
         if let Some(join) = join {
@@ -473,13 +482,13 @@ impl NodeTasks {
                 }
             }));
         }
-        tasks.push(tokio::spawn(leadership(
+        let leading = Leading {
             raft,
             machine,
             config,
-            role,
-            shutdown.clone(),
-        )));
+            lease_lapses,
+        };
+        tasks.push(tokio::spawn(leadership(leading, role, shutdown.clone())));
         let door = |listener, kind| {
             let front = FrontDoor {
                 door: kind,
@@ -538,15 +547,28 @@ async fn initialize(
     Ok(())
 }
 
-/// Follows Raft's view of the leader: activates the broker on becoming leader, stops it on
-/// losing leadership, and tells the front door where clients go.
-async fn leadership(
+/// What the leadership task activates a broker with.
+struct Leading {
     raft: Raft<TypeConfig>,
     machine: StoreMachine,
     config: Arc<BrokerConfig>,
+    /// Lapses of this node's delivery lease, over all its leaderships (a metric).
+    lease_lapses: Arc<AtomicU64>,
+}
+
+/// Follows Raft's view of the leader: activates the broker on becoming leader, stops it on
+/// losing leadership, and tells the front door where clients go.
+async fn leadership(
+    leading: Leading,
     role: watch::Sender<Role>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let Leading {
+        raft,
+        machine,
+        config,
+        ref lease_lapses,
+    } = leading;
     // Big enough for a new Raft-log segment and a new store segment (both preallocated).
     let reserve = RAFT_SEGMENT_BYTES + config.segment_bytes + DISK_RESERVE_MARGIN;
     let guard = Arc::new(DiskGuard::new(&config.data_dir, reserve));
@@ -576,7 +598,14 @@ async fn leadership(
             }
             follow(&role, id, leader, leader_addr);
         } else if active.is_none() {
-            let Some(a) = become_active(&raft, &machine, &config, &guard, id).await else {
+            let activation = Activation {
+                raft: &raft,
+                machine: &machine,
+                config: &config,
+                guard: &guard,
+                lease_lapses,
+            };
+            let Some(a) = become_active(activation, id).await else {
                 continue;
             };
             role.send_replace(Role::Leader(Arc::clone(&a)));
@@ -634,16 +663,11 @@ async fn leadership(
 /// Activates the broker of this new leader (`id`); `None` when leadership ended while
 /// activation waited on the majority (the caller then points clients at the new leader at
 /// once) or activation failed (retried after a pause).
-async fn become_active(
-    raft: &Raft<TypeConfig>,
-    machine: &StoreMachine,
-    config: &Arc<BrokerConfig>,
-    guard: &Arc<DiskGuard>,
-    id: NodeId,
-) -> Option<Arc<Active>> {
+async fn become_active(activation: Activation<'_>, id: NodeId) -> Option<Arc<Active>> {
+    let raft = activation.raft;
     let mut watch = raft.metrics();
     let attempt = tokio::select! {
-        r = activate(raft, machine, config, guard) => r,
+        r = activate(activation) => r,
         _ = watch.wait_for(|m| !(m.state == ServerState::Leader && m.current_leader == Some(id))) => {
             return None;
         }
@@ -715,24 +739,46 @@ fn follow(
     });
 }
 
+/// What a new leader's broker is made of.
+struct Activation<'a> {
+    raft: &'a Raft<TypeConfig>,
+    machine: &'a StoreMachine,
+    config: &'a Arc<BrokerConfig>,
+    guard: &'a Arc<DiskGuard>,
+    lease_lapses: &'a Arc<AtomicU64>,
+}
+
 /// Makes this leader's broker: everything committed applied, the uncommitted local tail
-/// cut, queues rebuilt from the store, replicator and housekeeping running.
-async fn activate(
-    raft: &Raft<TypeConfig>,
-    machine: &StoreMachine,
-    config: &Arc<BrokerConfig>,
-    guard: &Arc<DiskGuard>,
-) -> Result<Arc<Active>, ActivationError> {
+/// cut, queues rebuilt from the store, replicator, lease renewal and housekeeping running.
+/// It delivers nothing before the first renewal of its lease.
+async fn activate(activation: Activation<'_>) -> Result<Arc<Active>, ActivationError> {
+    let Activation {
+        raft,
+        machine,
+        config,
+        guard,
+        lease_lapses,
+    } = activation;
     let (store, replication) = leader_store(raft, machine).await?;
     let store = store.with_guard(Arc::clone(guard));
     let broker = tokio::task::block_in_place(|| Broker::with_store((**config).clone(), store))?;
+    let lease = Arc::new(DeliveryLease::new());
+    broker.deliver_under(Arc::clone(&lease));
     let gate = tokio::task::block_in_place(|| crate::server::admit(config, &broker))?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let mut tasks = vec![tokio::spawn(replicator::run(
-        raft.clone(),
-        Arc::clone(&replication),
-        shutdown_rx.clone(),
-    ))];
+    let mut tasks = vec![
+        tokio::spawn(replicator::run(
+            raft.clone(),
+            Arc::clone(&replication),
+            shutdown_rx.clone(),
+        )),
+        tokio::spawn(lease::renew(
+            raft.clone(),
+            Arc::clone(&lease),
+            Arc::clone(lease_lapses),
+            shutdown_rx.clone(),
+        )),
+    ];
     tasks.extend(crate::server::broker_tasks(
         &broker,
         &gate,
@@ -743,6 +789,7 @@ async fn activate(
         broker,
         gate,
         replication,
+        lease,
         shutdown: shutdown_tx,
         tasks: Mutex::new(tasks),
     }))

@@ -1113,7 +1113,7 @@ pub fn assert_none_lost(accepted: &Accepted, received: &HashMap<u64, u32>) {
     );
 }
 
-fn message(seq: u64) -> Message<Data> {
+pub fn message(seq: u64) -> Message<Data> {
     Message::builder()
         .header(Header::builder().durable(true).build())
         .application_properties(ApplicationProperties::builder().insert("seq", seq).build())

@@ -13,6 +13,7 @@ mod client;
 mod cluster;
 mod cluster_campaign;
 mod cluster_interop;
+mod cluster_lease;
 mod cluster_membership;
 mod cluster_netns;
 mod cluster_settle;

@@ -452,6 +452,23 @@ impl Client {
         assert!(drained.is_ok(), "the broker did not close within {limit:?}");
     }
 
+    /// Every frame that arrives until the broker closes the socket or has been silent
+    /// for `quiet`; a read error counts as closed.
+    pub async fn frames_until_quiet_or_closed(&mut self, quiet: Duration) -> Vec<Frame> {
+        let mut frames = Vec::new();
+        loop {
+            if let Some(f) = self.buffered_frame() {
+                frames.push(f);
+                continue;
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            match tokio::time::timeout(quiet, self.stream.read(&mut chunk)).await {
+                Ok(Ok(n)) if n > 0 => self.rbuf.extend_from_slice(&chunk[..n]),
+                _ => return frames,
+            }
+        }
+    }
+
     /// Every frame that arrives until the broker has been silent for `quiet`.
     pub async fn frames_until_quiet(&mut self, quiet: Duration) -> Vec<Frame> {
         let mut frames = Vec::new();
