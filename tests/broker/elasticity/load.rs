@@ -74,7 +74,12 @@ struct Clock {
     /// Milliseconds since the load started, at the last progress.
     last_ms: AtomicU64,
     reconnects: AtomicU64,
+    /// The pod of its current (or last) connection; [`NO_POD`] before the first.
+    pod: AtomicU64,
 }
+
+/// [`Clock::pod`] of a client that has not connected yet.
+const NO_POD: u64 = u64::MAX;
 
 /// One sample of the ledger's counters.
 #[derive(Clone, Copy, Debug)]
@@ -120,6 +125,7 @@ impl Load {
                 consumer,
                 last_ms: AtomicU64::new(0),
                 reconnects: AtomicU64::new(0),
+                pod: AtomicU64::new(NO_POD),
             })
         };
         let mut clocks = Vec::new();
@@ -204,6 +210,15 @@ impl Load {
         });
     }
 
+    /// How many producers (`consumers` false) or consumers are connected to `pod` itself
+    /// (not forwarded through another pod).
+    pub fn connected_to(&self, pod: u64, consumers: bool) -> usize {
+        self.clocks
+            .iter()
+            .filter(|c| c.consumer == consumers && c.pod.load(Ordering::Relaxed) == pod)
+            .count()
+    }
+
     /// Reconnects per client, for the summary.
     pub fn reconnects(&self) -> Vec<(String, u64)> {
         self.clocks
@@ -238,6 +253,7 @@ impl Client {
                 tokio::time::sleep(RECONNECT_PAUSE).await;
                 continue;
             };
+            self.clock.pod.store(pod, Ordering::Relaxed);
             let name = format!("elastic-{}-{attempt}", self.clock.name);
             let ended = if self.clock.consumer {
                 let plan = Plan {
