@@ -293,4 +293,51 @@ mod tests {
         assert_eq!(err.kind(), std::io::ErrorKind::WriteZero);
         assert!(out.is_empty());
     }
+
+    /// A gate that says yes `yes` times, then no.
+    fn gate(yes: usize) -> impl Fn() -> bool {
+        let asked = std::cell::Cell::new(0);
+        move || {
+            asked.set(asked.get() + 1);
+            asked.get() <= yes
+        }
+    }
+
+    #[tokio::test]
+    async fn a_gated_write_stops_at_the_first_refusal_on_both_paths() {
+        // The plain path (head only), written 1,000 bytes per call: the gate allows two.
+        let mut out = OutBuf::default();
+        out.extend_from_slice(&[3u8; 5000]);
+        let mut w = Trickle {
+            out: Vec::new(),
+            step: 1000,
+            calls: 0,
+        };
+        let err = out.write_while(&mut w, gate(2)).await.unwrap_err();
+        assert_eq!(err.to_string(), WRITE_REFUSED);
+        assert_eq!(
+            (w.calls, w.out.len()),
+            (2, 2000),
+            "nothing after the refusal"
+        );
+        assert!(out.is_empty(), "the rest is dropped: the connection ends");
+
+        // The chain path (a shared body part): refused before the first call.
+        out.extend_from_slice(b"head|");
+        out.put_shared(Bytes::from(vec![1u8; SHARED_BODY_MIN_BYTES]));
+        let mut w = Trickle {
+            out: Vec::new(),
+            step: 1000,
+            calls: 0,
+        };
+        let err = out.write_while(&mut w, gate(0)).await.unwrap_err();
+        assert_eq!(err.to_string(), WRITE_REFUSED);
+        assert_eq!(w.calls, 0, "no write system call once refused");
+        assert!(out.is_empty());
+
+        // A gate that always says yes writes everything, as write_to does.
+        out.put_shared(Bytes::from(vec![2u8; SHARED_BODY_MIN_BYTES]));
+        out.write_while(&mut w, gate(usize::MAX)).await.unwrap();
+        assert_eq!(w.out.len(), SHARED_BODY_MIN_BYTES);
+    }
 }

@@ -13,6 +13,9 @@
 //!   batch, submits them as one Raft entry (several in flight, submitted in order), and
 //!   raises the committed watch as entries commit — a producer's transfer is accepted only
 //!   then;
+//! * the *delivery lease* of an active leader (`lease.rs`): renewed by majority rounds,
+//!   so that a leader paused and deposed in the meantime delivers nothing from its stale
+//!   queues when it resumes (`broker::lease` gates every connection's writes);
 //! * the *front door*: the AMQP listener of every node, and its amqps listener when a
 //!   certificate is configured (both share one connection cap). The leader serves the
 //!   connection (doing the TLS handshake itself on the amqps listener); a follower forwards
@@ -23,6 +26,7 @@
 //!
 //! Invariants:
 //! * At most one broker per node, and only while this node is the Raft leader.
+//! * Its clients' sockets get no delivery after the lease ran out (see `lease.rs`).
 //! * The store is written only by the applier, or by the active broker through
 //!   [`Replication`]; both keep offsets identical on every node.
 //!
