@@ -14,10 +14,12 @@
 //! survivor leads and a second consumer takes and accepts every message there. Then
 //! SIGCONT. Asserted: the raw consumer receives no transfer before its connection ends
 //! or goes quiet, its connection is closed with `amqp:connection:forced` (go to the new
-//! leader), and the old leader logged the lapse of its lease.
+//! leader), the old leader logged and counted the lapse of its lease
+//! (`entrepot_cluster_lease_lapses_total`), and the new leader holds its own
+//! (`entrepot_cluster_lease_held`).
 
 use std::collections::HashSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fe2o3_amqp::types::definitions::ConnectionError;
 use fe2o3_amqp::types::messaging::Source;
@@ -114,4 +116,18 @@ fn a_resumed_deposed_leader_delivers_nothing_from_its_stale_queues() {
         cluster.log_count(leader, "delivery lease lapsed") >= 1,
         "the resumed leader logs the lapse of its lease"
     );
+    let lapses = cluster.metric(leader, "entrepot_cluster_lease_lapses_total");
+    assert!(
+        lapses.is_some_and(|n| n >= 1.0),
+        "the resumed leader counts the lapse: {lapses:?}"
+    );
+    // Renewed every 40 ms: a loaded machine may catch it between a lapse and a renewal.
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while cluster.metric(survivor, "entrepot_cluster_lease_held") != Some(1.0) {
+        assert!(
+            Instant::now() < deadline,
+            "the new leader never holds its lease"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

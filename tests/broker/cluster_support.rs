@@ -301,6 +301,11 @@ impl Cluster {
         self.nodes[&id].http
     }
 
+    /// The value of metric `series` on running node `id` (see `BrokerProcess::metric`).
+    pub fn metric(&self, id: u64, series: &str) -> Option<f64> {
+        self.nodes.get(&id)?.metric(series)
+    }
+
     /// The status code of node `id`'s `/readyz`, or None when it does not answer.
     pub fn readyz(&self, id: u64) -> Option<u16> {
         self.readyz_said(id).map(|(code, _)| code)
