@@ -265,10 +265,7 @@ impl Store {
                 path: self.dir.clone(),
             }));
         }
-        let mut header = [0u8; 4];
-        header[0] = RECORD_VERSION;
-        header[1] = KIND_MESSAGE;
-        header[2..4].copy_from_slice(&(address.len() as u16).to_le_bytes());
+        let header = record_header(address);
         let mut parts: smallvec_parts::Parts = smallvec_parts::Parts::new();
         parts.push(&header);
         parts.push(address.as_bytes());
@@ -695,7 +692,18 @@ fn parse_txn_record(payload: &Bytes) -> Option<(String, u64, u32, Bytes)> {
     ))
 }
 
-fn parse_record(payload: &Bytes) -> Option<(String, Bytes)> {
+/// The 4 bytes before the address of a message record (format above); `address` is at
+/// most [`MAX_ADDRESS_LEN`] bytes (checked by the caller).
+pub(crate) fn record_header(address: &str) -> [u8; 4] {
+    let mut header = [0u8; 4];
+    header[0] = RECORD_VERSION;
+    header[1] = KIND_MESSAGE;
+    header[2..4].copy_from_slice(&(address.len() as u16).to_le_bytes());
+    header
+}
+
+/// `(address, message)` of a message record; the message is a slice of `payload`.
+pub(crate) fn parse_record(payload: &Bytes) -> Option<(String, Bytes)> {
     if payload.len() < 4 || payload[0] != RECORD_VERSION || payload[1] != KIND_MESSAGE {
         return None;
     }

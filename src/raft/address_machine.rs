@@ -548,7 +548,7 @@ impl AddressMachine {
     /// never was).
     pub fn position(&self, offset: u64) -> Option<Position> {
         let index = self.lock();
-        if offset < index.live_from() {
+        if offset < index.live_from() || index.is_acked(DEFAULT_GROUP, offset) {
             return None;
         }
         index.position(offset)

@@ -3,29 +3,22 @@
 //! ranges per consumer group, delivery counts — serves each message's record back as a
 //! slice of the node log, recovers after every host restarts, and lets the log be purged
 //! only below the oldest live message.
-//! Method: three `entrepot_cluster::Host`s in this process, each on its own temporary
-//! directory (node log with an fsync per commit) and its own `127.0.0.1:0` peer port, one
-//! address group; the broker's own ops (`broker::replication` encoders) are proposed
-//! through the leader's handle, many at once (the host batches them). Restarting is
-//! `Host::shutdown` then `Host::start` on the same directory and port. Every wait is
-//! bounded; nothing is timed.
+//! Method: three `entrepot_cluster::Host`s in this process (`three_hosts.rs`, shared with
+//! `group_store.rs`), one address group; the broker's own ops (`broker::replication`
+//! encoders) are proposed through the leader's handle, many at once (the host batches
+//! them). Every wait is bounded; nothing is timed.
 
-use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use entrepot::broker::replication::{
     encode_ack, encode_delivery_count, encode_group_floor, encode_message, OPS_VERSION,
 };
-use entrepot::raft::address_machine::{message_record, AddressMachine};
-use entrepot_cluster::{ClusterError, GroupHandle, Host, HostConfig, NodeId, Position};
-use entrepot_storage::{LogConfig, SyncPolicy};
-use tokio::net::TcpListener;
+use entrepot::raft::address_machine::message_record;
+use entrepot_cluster::{ClusterError, GroupHandle, NodeId, Position};
 
-const NODES: u64 = 3;
-const GROUP: u64 = 1;
-const WAIT: Duration = Duration::from_secs(20);
+use crate::three_hosts::{Cluster, NODES, WAIT};
+
 const TEST_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn ops(f: impl FnOnce(&mut BytesMut)) -> Bytes {
@@ -37,114 +30,6 @@ fn ops(f: impl FnOnce(&mut BytesMut)) -> Bytes {
 
 fn record(i: u64) -> Vec<u8> {
     format!("record {i} of the address").into_bytes()
-}
-
-struct Node {
-    host: Host,
-    machine: AddressMachine,
-}
-
-struct Cluster {
-    nodes: BTreeMap<NodeId, Node>,
-    addrs: BTreeMap<NodeId, String>,
-    dirs: BTreeMap<NodeId, tempfile::TempDir>,
-}
-
-fn config(node: NodeId, dir: &Path) -> HostConfig {
-    let mut c = HostConfig::new(node, dir);
-    c.log = LogConfig {
-        segment_bytes: 1 << 20,
-        record_bytes_max: 512 << 10,
-        sync: SyncPolicy::Always,
-        ..LogConfig::default()
-    };
-    // Slower than the broker's: nine replicas share two busy cores in a debug build.
-    c.heartbeat = Duration::from_millis(100);
-    c.election_timeout = Duration::from_millis(800)..Duration::from_millis(1600);
-    c.snapshot_every = u64::MAX;
-    c.purge_keep = 0;
-    c.propose_timeout = Duration::from_secs(10);
-    c
-}
-
-async fn start_node(id: NodeId, dir: &Path, listener: TcpListener) -> Node {
-    let host = Host::start(config(id, dir), listener).unwrap();
-    let machine = AddressMachine::new();
-    host.open_group(GROUP, machine.clone()).await.unwrap();
-    Node { host, machine }
-}
-
-impl Cluster {
-    async fn start() -> Cluster {
-        let mut listeners = BTreeMap::new();
-        for id in 0..NODES {
-            listeners.insert(id, TcpListener::bind("127.0.0.1:0").await.unwrap());
-        }
-        let addrs: BTreeMap<NodeId, String> = listeners
-            .iter()
-            .map(|(id, l)| (*id, l.local_addr().unwrap().to_string()))
-            .collect();
-        let mut nodes = BTreeMap::new();
-        let mut dirs = BTreeMap::new();
-        for (id, listener) in listeners {
-            let dir = tempfile::tempdir().unwrap();
-            nodes.insert(id, start_node(id, dir.path(), listener).await);
-            dirs.insert(id, dir);
-        }
-        let c = Cluster { nodes, addrs, dirs };
-        c.handle(0).bootstrap(&c.addrs).await.unwrap();
-        c
-    }
-
-    fn handle(&self, n: NodeId) -> GroupHandle {
-        self.nodes[&n].host.group(GROUP).unwrap()
-    }
-
-    fn machine(&self, n: NodeId) -> AddressMachine {
-        self.nodes[&n].machine.clone()
-    }
-
-    async fn leader(&self) -> GroupHandle {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            if let Some(n) = (0..NODES).find(|&n| self.handle(n).leadership().borrow().leads) {
-                return self.handle(n);
-            }
-            assert!(tokio::time::Instant::now() < deadline, "no leader");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Waits until every member applied `index`.
-    async fn applied_everywhere(&self, index: u64) {
-        for n in 0..NODES {
-            let mut applied = self.handle(n).applied();
-            tokio::time::timeout(WAIT, applied.wait_for(|a| a.is_some_and(|a| a >= index)))
-                .await
-                .unwrap_or_else(|_| panic!("node {n} did not apply {index}"))
-                .unwrap();
-        }
-    }
-
-    /// Every member's index equals node 0's.
-    fn agree(&self, when: &str) {
-        let index = self.machine(0).index();
-        for n in 1..NODES {
-            assert_eq!(self.machine(n).index(), index, "node {n} {when}");
-        }
-    }
-
-    async fn restart_all(&mut self) {
-        for n in 0..NODES {
-            let node = self.nodes.remove(&n).unwrap();
-            node.host.shutdown().await;
-        }
-        for n in 0..NODES {
-            let listener = TcpListener::bind(&self.addrs[&n]).await.unwrap();
-            let dir = self.dirs[&n].path().to_path_buf();
-            self.nodes.insert(n, start_node(n, &dir, listener).await);
-        }
-    }
 }
 
 /// Proposes every payload at once (the host batches them); their positions.
@@ -283,9 +168,7 @@ async fn an_address_group_keeps_one_index_on_every_member_and_purges_below_the_o
             assert_eq!(c.machine(n).size(), (0, 3), "one range per group (0, 3, 4)");
         }
         snapshot_and_purge(&c, done.index).await;
-        for (_, node) in std::mem::take(&mut c.nodes) {
-            node.host.shutdown().await;
-        }
+        c.shutdown().await;
     })
     .await
     .expect("test timed out");

@@ -1,0 +1,181 @@
+//! Three real `entrepot_cluster::Host`s in this process with one address group whose
+//! machine is the broker's `AddressMachine`: the setup that `address_group.rs` and
+//! `group_store.rs` share. Each host has its own temporary directory (node log with an
+//! fsync per commit) and its own `127.0.0.1:0` peer port; a restart is
+//! `Host::shutdown` then `Host::start` on the same directory and port. Every wait is
+//! bounded by [`WAIT`]; nothing is timed.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use entrepot::raft::address_machine::AddressMachine;
+use entrepot_cluster::{GroupHandle, Host, HostConfig, NodeId};
+use entrepot_storage::{LogConfig, SyncPolicy};
+use tokio::net::TcpListener;
+
+pub const NODES: u64 = 3;
+pub const GROUP: u64 = 1;
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub struct Node {
+    pub host: Host,
+    pub machine: AddressMachine,
+}
+
+pub struct Cluster {
+    pub nodes: BTreeMap<NodeId, Node>,
+    pub addrs: BTreeMap<NodeId, String>,
+    pub dirs: BTreeMap<NodeId, tempfile::TempDir>,
+}
+
+pub fn config(node: NodeId, dir: &Path) -> HostConfig {
+    let mut c = HostConfig::new(node, dir);
+    c.log = LogConfig {
+        segment_bytes: 1 << 20,
+        record_bytes_max: 512 << 10,
+        sync: SyncPolicy::Always,
+        ..LogConfig::default()
+    };
+    // Slower than the broker's: nine replicas share two busy cores in a debug build.
+    c.heartbeat = Duration::from_millis(100);
+    c.election_timeout = Duration::from_millis(800)..Duration::from_millis(1600);
+    c.snapshot_every = u64::MAX;
+    c.purge_keep = 0;
+    c.propose_timeout = Duration::from_secs(10);
+    c
+}
+
+pub async fn start_node(id: NodeId, dir: &Path, listener: TcpListener) -> Node {
+    let host = Host::start(config(id, dir), listener).unwrap();
+    let machine = AddressMachine::new();
+    host.open_group(GROUP, machine.clone()).await.unwrap();
+    Node { host, machine }
+}
+
+impl Cluster {
+    pub async fn start() -> Cluster {
+        let mut listeners = BTreeMap::new();
+        for id in 0..NODES {
+            listeners.insert(id, TcpListener::bind("127.0.0.1:0").await.unwrap());
+        }
+        let addrs: BTreeMap<NodeId, String> = listeners
+            .iter()
+            .map(|(id, l)| (*id, l.local_addr().unwrap().to_string()))
+            .collect();
+        let mut nodes = BTreeMap::new();
+        let mut dirs = BTreeMap::new();
+        for (id, listener) in listeners {
+            let dir = tempfile::tempdir().unwrap();
+            nodes.insert(id, start_node(id, dir.path(), listener).await);
+            dirs.insert(id, dir);
+        }
+        let c = Cluster { nodes, addrs, dirs };
+        c.handle(0).bootstrap(&c.addrs).await.unwrap();
+        c
+    }
+
+    pub fn handle(&self, n: NodeId) -> GroupHandle {
+        self.nodes[&n].host.group(GROUP).unwrap()
+    }
+
+    pub fn machine(&self, n: NodeId) -> AddressMachine {
+        self.nodes[&n].machine.clone()
+    }
+
+    /// The handle of the leader among the running hosts, once there is one.
+    pub async fn leader(&self) -> GroupHandle {
+        self.handle(self.leader_id().await)
+    }
+
+    /// Waits for a leader among the running hosts; its id.
+    pub async fn leader_id(&self) -> NodeId {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let leads = |n: &NodeId| self.handle(*n).leadership().borrow().leads;
+            if let Some(n) = self.nodes.keys().copied().find(leads) {
+                return n;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no leader");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until every running member applied `index`.
+    pub async fn applied_everywhere(&self, index: u64) {
+        for &n in self.nodes.keys() {
+            let mut applied = self.handle(n).applied();
+            tokio::time::timeout(WAIT, applied.wait_for(|a| a.is_some_and(|a| a >= index)))
+                .await
+                .unwrap_or_else(|_| panic!("node {n} did not apply {index}"))
+                .unwrap();
+        }
+    }
+
+    /// Every running member's index equals the first one's.
+    pub fn agree(&self, when: &str) {
+        let mut running = self.nodes.keys().copied();
+        let Some(first) = running.next() else { return };
+        let index = self.machine(first).index();
+        for n in running {
+            assert_eq!(self.machine(n).index(), index, "node {n} {when}");
+        }
+    }
+
+    pub async fn restart_all(&mut self) {
+        for n in 0..NODES {
+            let node = self.nodes.remove(&n).unwrap();
+            node.host.shutdown().await;
+        }
+        for n in 0..NODES {
+            let listener = TcpListener::bind(&self.addrs[&n]).await.unwrap();
+            let dir = self.dirs[&n].path().to_path_buf();
+            self.nodes.insert(n, start_node(n, &dir, listener).await);
+        }
+    }
+}
+
+impl Cluster {
+    /// Shuts host `n` down (its directory and port stay for [`Cluster::start_again`]).
+    pub async fn stop(&mut self, n: NodeId) {
+        if let Some(node) = self.nodes.remove(&n) {
+            node.host.shutdown().await;
+        }
+    }
+
+    /// Starts host `n` again on its directory and port.
+    pub async fn start_again(&mut self, n: NodeId) {
+        let listener = TcpListener::bind(&self.addrs[&n]).await.unwrap();
+        let dir = self.dirs[&n].path().to_path_buf();
+        self.nodes.insert(n, start_node(n, &dir, listener).await);
+    }
+
+    pub async fn shutdown(mut self) {
+        for (_, node) in std::mem::take(&mut self.nodes) {
+            node.host.shutdown().await;
+        }
+    }
+}
+
+/// True when `bytes` lie inside a file mapping under `dir` (`/proc/self/maps`): the
+/// payload is a slice of a node-log segment's mapping, not a copy.
+pub fn mapped_under(bytes: &Bytes, dir: &Path) -> bool {
+    let start = bytes.as_ptr() as usize;
+    let end = start + bytes.len();
+    let dir = dir.canonicalize().unwrap();
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    maps.lines().any(|line| {
+        let mut fields = line.split_whitespace();
+        let range = fields.next().unwrap_or("");
+        let path = line.split_whitespace().nth(5).unwrap_or("");
+        let Some((lo, hi)) = range.split_once('-') else {
+            return false;
+        };
+        let (lo, hi) = (
+            usize::from_str_radix(lo, 16).unwrap(),
+            usize::from_str_radix(hi, 16).unwrap(),
+        );
+        lo <= start && end <= hi && Path::new(path).starts_with(&dir)
+    })
+}
