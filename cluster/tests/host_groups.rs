@@ -18,12 +18,345 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use entrepot_cluster::{ClusterError, GroupError, GroupHandle, Host, NodeId, Position};
-use support::host::*;
+use bytes::{Buf, BufMut, Bytes};
+use entrepot_cluster::{
+    ClusterError, GroupError, GroupHandle, GroupMachine, Host, HostConfig, MachineError, NodeId,
+    Position,
+};
+use entrepot_storage::LogConfig;
 use tokio::net::TcpListener;
+
+const NODES: u64 = 3;
+const WAIT: Duration = Duration::from_secs(20);
+const TEST_TIMEOUT: Duration = Duration::from_secs(90);
+/// A proposal's bound in these tests: long against a loaded debug build's commit, short
+/// enough for the test that waits it out.
+const PROPOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+// ---------------------------------------------------------------------------------------
+// The toy queue machine.
+
+#[derive(Clone, Default)]
+struct Queue {
+    state: Arc<Mutex<QueueState>>,
+}
+
+#[derive(Default, Debug)]
+struct QueueState {
+    live: BTreeSet<Position>,
+    next: u64,
+    /// `last_index` of every restore, in order.
+    restores: Vec<u64>,
+    /// Positions applied since start (after any restore).
+    applied: Vec<Position>,
+}
+
+fn message(body: &[u8]) -> Bytes {
+    let mut b = Vec::with_capacity(1 + body.len());
+    b.push(b'M');
+    b.extend_from_slice(body);
+    Bytes::from(b)
+}
+
+/// Acknowledges the messages at `from..to`.
+fn ack(from: Position, to: Position) -> Bytes {
+    let mut b = Vec::with_capacity(ACK_LEN);
+    b.push(b'A');
+    for p in [from, to] {
+        b.put_u64_le(p.index);
+        b.put_u32_le(p.slot);
+    }
+    Bytes::from(b)
+}
+
+const ACK_LEN: usize = 1 + 2 * 12;
+
+fn get_position(r: &mut &[u8]) -> Position {
+    Position::new(r.get_u64_le(), r.get_u32_le())
+}
+
+impl Queue {
+    fn live(&self) -> BTreeSet<Position> {
+        self.state.lock().unwrap().live.clone()
+    }
+    fn restores(&self) -> Vec<u64> {
+        self.state.lock().unwrap().restores.clone()
+    }
+    fn applied(&self) -> Vec<Position> {
+        self.state.lock().unwrap().applied.clone()
+    }
+}
+
+impl GroupMachine for Queue {
+    fn apply(&mut self, at: Position, payload: Bytes) -> Result<(), MachineError> {
+        let mut s = self.state.lock().unwrap();
+        match payload.first() {
+            Some(b'M') => {
+                s.live.insert(at);
+            }
+            Some(b'A') if payload.len() == ACK_LEN => {
+                let mut r = &payload[1..];
+                let (from, to) = (get_position(&mut r), get_position(&mut r));
+                s.live.retain(|p| !(from..to).contains(p));
+            }
+            _ => return Err(MachineError::msg(format!("bad proposal at {at:?}"))),
+        }
+        s.next = at.index + 1;
+        s.applied.push(at);
+        Ok(())
+    }
+
+    fn snapshot(&self) -> Result<Bytes, MachineError> {
+        let s = self.state.lock().unwrap();
+        let mut b = Vec::new();
+        b.put_u64_le(s.next);
+        for p in &s.live {
+            b.put_u64_le(p.index);
+            b.put_u32_le(p.slot);
+        }
+        Ok(Bytes::from(b))
+    }
+
+    fn restore(&mut self, last_index: u64, state: Bytes) -> Result<(), MachineError> {
+        let mut s = self.state.lock().unwrap();
+        let mut r = &state[..];
+        if r.len() < 8 || (r.len() - 8) % 12 != 0 {
+            return Err(MachineError::msg("bad queue snapshot"));
+        }
+        s.next = r.get_u64_le();
+        s.live =
+            std::iter::from_fn(|| (r.remaining() >= 12).then(|| get_position(&mut r))).collect();
+        s.restores.push(last_index);
+        s.next = s.next.max(last_index + 1);
+        Ok(())
+    }
+
+    fn lowest_needed(&self) -> u64 {
+        let s = self.state.lock().unwrap();
+        s.live.first().map_or(s.next, |p| p.index)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Three hosts.
+
+struct Node {
+    host: Host,
+    queues: BTreeMap<u64, Queue>,
+}
+
+struct Cluster {
+    nodes: BTreeMap<NodeId, Node>,
+    addrs: BTreeMap<NodeId, String>,
+    dirs: BTreeMap<NodeId, tempfile::TempDir>,
+    groups: Vec<u64>,
+    snapshot_every: u64,
+}
+
+fn config(node: NodeId, dir: &Path, snapshot_every: u64) -> HostConfig {
+    let mut c = HostConfig::new(node, dir);
+    c.log = LogConfig {
+        segment_bytes: 1 << 20,
+        record_bytes_max: 512 << 10,
+        ..LogConfig::default()
+    };
+    // Slower than the broker's: nine replicas share two busy cores in a debug build.
+    c.heartbeat = Duration::from_millis(100);
+    c.election_timeout = Duration::from_millis(800)..Duration::from_millis(1600);
+    c.snapshot_every = snapshot_every;
+    c.purge_keep = 0;
+    c.propose_timeout = PROPOSE_TIMEOUT;
+    c
+}
+
+async fn start_node(
+    id: NodeId,
+    dir: &Path,
+    listener: TcpListener,
+    groups: &[u64],
+    snapshot_every: u64,
+) -> Node {
+    let host = Host::start(config(id, dir, snapshot_every), listener).unwrap();
+    let mut queues = BTreeMap::new();
+    for &g in groups {
+        let q = Queue::default();
+        host.open_group(g, q.clone()).await.unwrap();
+        queues.insert(g, q);
+    }
+    Node { host, queues }
+}
+
+impl Cluster {
+    /// Three hosts with `groups` each, every group formed by node `g % 3`; returns once
+    /// every group has a leader.
+    async fn start(groups: &[u64], snapshot_every: u64) -> Cluster {
+        let (listeners, addrs) = support::bind_nodes(NODES).await;
+        let mut nodes = BTreeMap::new();
+        let mut dirs = BTreeMap::new();
+        for (id, listener) in listeners {
+            let dir = tempfile::tempdir().unwrap();
+            nodes.insert(
+                id,
+                start_node(id, dir.path(), listener, groups, snapshot_every).await,
+            );
+            dirs.insert(id, dir);
+        }
+        let cluster = Cluster {
+            nodes,
+            addrs,
+            dirs,
+            groups: groups.to_vec(),
+            snapshot_every,
+        };
+        for &g in groups {
+            cluster
+                .handle(g % NODES, g)
+                .bootstrap(&cluster.addrs)
+                .await
+                .unwrap();
+        }
+        for &g in groups {
+            cluster.leader(g).await;
+        }
+        cluster
+    }
+
+    fn handle(&self, node: NodeId, g: u64) -> GroupHandle {
+        self.nodes[&node].host.group(g).unwrap()
+    }
+
+    fn queue(&self, node: NodeId, g: u64) -> Queue {
+        self.nodes[&node].queues[&g].clone()
+    }
+
+    /// The node that leads `g`, as every running replica agrees.
+    async fn leader(&self, g: u64) -> NodeId {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let views: Vec<_> = self
+                .nodes
+                .keys()
+                .map(|&n| *self.handle(n, g).leadership().borrow())
+                .collect();
+            let leaders: BTreeSet<NodeId> = self
+                .nodes
+                .keys()
+                .filter(|&&n| self.handle(n, g).leadership().borrow().leads)
+                .copied()
+                .collect();
+            if leaders.len() == 1 {
+                let l = *leaders.first().unwrap();
+                if views.iter().all(|v| v.leader == Some(l)) {
+                    return l;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "group {g}: no agreed leader within {WAIT:?}: {views:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn stop(&mut self, id: NodeId) {
+        let node = self.nodes.remove(&id).unwrap();
+        node.host.shutdown().await;
+    }
+
+    async fn restart(&mut self, id: NodeId) {
+        let listener = TcpListener::bind(&self.addrs[&id]).await.unwrap();
+        let dir = self.dirs[&id].path().to_path_buf();
+        let node = start_node(id, &dir, listener, &self.groups, self.snapshot_every).await;
+        assert_eq!(node.host.recovered_groups().unwrap(), self.groups);
+        self.nodes.insert(id, node);
+    }
+
+    fn log_dir(&self, id: NodeId) -> PathBuf {
+        self.dirs[&id]
+            .path()
+            .join(entrepot_cluster::host::HOST_LOG_DIR)
+    }
+}
+
+/// Waits until `h` applied the entry of `at`.
+async fn applied_at_least(h: &GroupHandle, at: Position) {
+    let index = at.index;
+    let mut applied = h.applied();
+    tokio::time::timeout(WAIT, applied.wait_for(|a| a.is_some_and(|a| a >= index)))
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "group {} not applied up to {index}: {:?}",
+                h.group(),
+                h.status()
+            )
+        })
+        .unwrap();
+}
+
+/// Proposes `payloads` pipelined (all submitted before any is awaited); their positions.
+async fn propose_all(h: &GroupHandle, payloads: &[Bytes]) -> Vec<Position> {
+    let mut pending = Vec::new();
+    for p in payloads {
+        pending.push(h.submit(p.clone()).await.unwrap());
+    }
+    let mut out = Vec::new();
+    for p in pending {
+        out.push(p.await.unwrap());
+    }
+    out
+}
+
+/// Proposes `payloads` in waves of `wave` (each wave submitted together, then awaited):
+/// many entries, some with several proposals — a log long enough to snapshot and purge.
+async fn propose_in_waves(h: &GroupHandle, payloads: &[Bytes], wave: usize) -> Vec<Position> {
+    let mut out = Vec::new();
+    for chunk in payloads.chunks(wave) {
+        out.extend(propose_all(h, chunk).await);
+    }
+    out
+}
+
+/// Whether `ptr..ptr+len` lies in a file mapping of this process under `dir`: the
+/// payload is a slice of a node-log segment's mapping, not a copy.
+fn mapped_under(bytes: &Bytes, dir: &Path) -> bool {
+    let start = bytes.as_ptr() as usize;
+    let end = start + bytes.len();
+    let dir = dir.canonicalize().unwrap();
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    maps.lines().any(|line| {
+        let mut fields = line.split_whitespace();
+        let range = fields.next().unwrap_or("");
+        let path = line.split_whitespace().nth(5).unwrap_or("");
+        let Some((lo, hi)) = range.split_once('-') else {
+            return false;
+        };
+        let (lo, hi) = (
+            usize::from_str_radix(lo, 16).unwrap(),
+            usize::from_str_radix(hi, 16).unwrap(),
+        );
+        lo <= start && end <= hi && Path::new(path).starts_with(&dir)
+    })
+}
+
+async fn bounded<F: std::future::Future>(f: F) -> F::Output {
+    if std::env::var_os("HOST_TEST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(if std::env::var_os("HOST_TEST_DEBUG").is_some() {
+                tracing::Level::DEBUG
+            } else {
+                tracing::Level::INFO
+            })
+            .with_test_writer()
+            .try_init();
+    }
+    support::bounded(TEST_TIMEOUT, f).await
+}
+
 // ---------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

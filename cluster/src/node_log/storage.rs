@@ -58,7 +58,7 @@ impl NodeLog {
         })
     }
 
-    pub(crate) fn vote(&self, group: GroupId) -> Result<Option<Vote<NodeId>>> {
+    fn vote(&self, group: GroupId) -> Result<Option<Vote<NodeId>>> {
         let groups = self.shared.lock()?;
         let state = groups
             .get(&group)
