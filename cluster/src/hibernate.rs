@@ -226,6 +226,8 @@ impl Shared {
 pub struct Hibernation {
     shared: Arc<Shared>,
     tasks: Vec<JoinHandle<()>>,
+    /// The liveness task of each peer watched ([`Hibernation::watch_peer`]).
+    peers: Mutex<HashMap<NodeId, JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Hibernation {
@@ -239,9 +241,7 @@ impl std::fmt::Debug for Hibernation {
 
 impl Drop for Hibernation {
     fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
+        self.stop();
     }
 }
 
@@ -268,13 +268,41 @@ impl Hibernation {
             refused: AtomicU64::new(0),
             peers_lost: AtomicU64::new(0),
         });
-        let mut tasks = vec![tokio::spawn(quiesce_loop(Arc::clone(&shared)))];
+        let tasks = vec![tokio::spawn(quiesce_loop(Arc::clone(&shared)))];
+        let hibernation = Hibernation {
+            shared,
+            tasks,
+            peers: Mutex::default(),
+        };
         for (peer, addr) in peers {
-            if peer != id {
-                tasks.push(tokio::spawn(watch_peer(Arc::clone(&shared), peer, addr)));
-            }
+            hibernation.watch_peer(peer, addr);
         }
-        Hibernation { shared, tasks }
+        hibernation
+    }
+
+    /// Pings `peer` at `addr` from now on (its liveness task), unless it is this node or
+    /// already watched: a host adds the members of every group it opens, so the peers
+    /// follow the memberships (a peer that leaves is still pinged; found lost, it wakes
+    /// nothing it does not lead).
+    pub fn watch_peer(&self, peer: NodeId, addr: String) {
+        if peer == self.shared.id {
+            return;
+        }
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        peers
+            .entry(peer)
+            .or_insert_with(|| tokio::spawn(watch_peer(Arc::clone(&self.shared), peer, addr)));
+    }
+
+    /// Ends the quiesce and liveness tasks now (the groups stay as they are).
+    pub fn stop(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        for t in peers.values() {
+            t.abort();
+        }
     }
 
     /// The group is in use (an attach, a consumer's flow): it does not hibernate for
@@ -370,7 +398,11 @@ impl Hibernation {
 
     /// Ends the quiesce and liveness tasks (handshakes in flight finish on their own).
     pub async fn shutdown(mut self) {
-        for t in self.tasks.drain(..) {
+        let peers: Vec<JoinHandle<()>> = {
+            let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+            peers.drain().map(|(_, t)| t).collect()
+        };
+        for t in self.tasks.drain(..).chain(peers) {
             t.abort();
             let _ = t.await;
         }

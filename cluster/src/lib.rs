@@ -120,9 +120,9 @@ pub use groups::{
 };
 pub use hibernate::{Hibernation, HibernationConfig};
 pub use host::{
-    GroupHandle, GroupMachine, GroupStatus, Host, HostConfig, Leadership, MachineError, Position,
-    Proposal, MAX_BATCH_BYTES, MAX_BATCH_SLOTS, MAX_ENTRIES_IN_FLIGHT, MAX_PROPOSAL_BYTES,
-    MAX_READ_ENTRIES,
+    GroupHandle, GroupMachine, GroupStatus, HibernationCounters, Host, HostConfig, Leadership,
+    MachineError, Position, Proposal, MAX_BATCH_BYTES, MAX_BATCH_SLOTS, MAX_ENTRIES_IN_FLIGHT,
+    MAX_PROPOSAL_BYTES, MAX_READ_ENTRIES,
 };
 pub use log_store::{LogStore, LogStoreReader, FLUSH_QUEUE_MAX, LOG_DIR, RAFT_ENTRY_FLAG};
 pub use network::{PeerCallError, PeerClient, TcpNetwork, MAX_PEER_LINKS};

@@ -31,13 +31,14 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use openraft::error::ClientWriteError;
-use openraft::Raft;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
+use super::instance::Instance;
 use crate::codec::Decoder;
 use crate::error::{ClusterError, GroupError, Result};
+use crate::groups::WriteHold;
 use crate::placement::GroupId;
-use crate::types::{Request, TypeConfig, MAX_OPS_BYTES};
+use crate::types::{NodeId, Request, TypeConfig, MAX_OPS_BYTES};
 
 /// Version byte of the host batch encoding.
 pub const HOST_BATCH_VERSION: u8 = 1;
@@ -217,13 +218,18 @@ pub(crate) struct Queued {
 
 /// The batcher of one group: takes proposals from `queue` in order, packs them into
 /// entries, and answers each with its position. Ends when every handle of the group is
-/// gone.
+/// gone. It outlives the group's Raft instances: each entry is handed to the instance
+/// running when it is formed (a hibernated group is woken for it — or refused
+/// `NotLeader` when it is stopped here and led elsewhere, `addresses` naming the
+/// leader's member address), held ([`WriteHold`]) until openraft answers the entry, so
+/// the group is not stopped under it. Idle, it holds nothing: a parked task, no timer.
 pub(crate) async fn run(
-    raft: Raft<TypeConfig>,
-    group: GroupId,
+    instance: Instance,
     mut queue: mpsc::Receiver<Queued>,
     limits: Limits,
+    addresses: impl Fn(NodeId) -> Option<String>,
 ) {
+    let group = instance.group;
     let in_flight = Arc::new(Semaphore::new(MAX_ENTRIES_IN_FLIGHT));
     let mut held_over: Option<Queued> = None;
     loop {
@@ -238,12 +244,23 @@ pub(crate) async fn run(
                 None => return,
             },
         };
+        // The wake (if any) happens before the entry is formed: the queue fills meanwhile.
+        let held = instance.hold(&addresses).await;
         let (payloads, dones) = fill(first, &mut queue, &mut held_over, limits.batch_bytes);
+        let (raft, hold) = match held {
+            Ok(held) => held,
+            Err(e) => {
+                for done in dones {
+                    let _ = done.send(Err(e.clone()));
+                }
+                continue;
+            }
+        };
         let body = encode(&payloads);
         drop(payloads);
         match raft.client_write_ff(Request::Batch(body)).await {
             Ok(answer) => {
-                tokio::spawn(answer_entry(group, answer, dones, permit));
+                tokio::spawn(answer_entry(group, answer, dones, (permit, hold)));
             }
             Err(e) => {
                 let e = GroupError::Stopped {
@@ -295,8 +312,14 @@ type Answer = oneshot::Receiver<
 >;
 
 /// Waits for openraft's answer to one entry and gives every proposal in it its
-/// position, or all of them the same error. Holds the entry's in-flight permit.
-async fn answer_entry(group: GroupId, answer: Answer, dones: Dones, _permit: OwnedSemaphorePermit) {
+/// position, or all of them the same error. Holds the entry's in-flight permit and the
+/// instance's write hold.
+async fn answer_entry(
+    group: GroupId,
+    answer: Answer,
+    dones: Dones,
+    _held: (OwnedSemaphorePermit, WriteHold),
+) {
     let result = match answer.await {
         Ok(Ok(response)) => Ok(response.log_id.index),
         Ok(Err(ClientWriteError::ForwardToLeader(f))) => Err(GroupError::NotLeader {

@@ -95,6 +95,12 @@ pub trait GroupMachine: Send + 'static {
     fn lowest_needed(&self) -> u64;
 }
 
+/// What [`Adapter::restored`] reports.
+pub(crate) struct Restored {
+    pub(crate) membership: openraft::Membership<NodeId, BasicNode>,
+    pub(crate) snapshot: Option<u64>,
+}
+
 /// openraft's state machine over a [`GroupMachine`]; clones share it.
 pub(crate) struct Adapter<M> {
     shared: Arc<GroupShared>,
@@ -149,6 +155,16 @@ impl<M: GroupMachine> Adapter<M> {
                 built: 0,
             })),
         })
+    }
+
+    /// What the machine was restored to at the open: the snapshot's index and
+    /// membership (empty without a snapshot).
+    pub(crate) fn restored(&self) -> Restored {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        Restored {
+            membership: inner.membership.membership().clone(),
+            snapshot: inner.last_applied.map(|l| l.index),
+        }
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, Inner<M>>, RaftStorageError> {

@@ -55,9 +55,18 @@
 //!   [`MAX_BATCH_SLOTS`], [`MAX_BATCH_BYTES`], [`MAX_ENTRIES_IN_FLIGHT`],
 //!   [`MAX_QUEUED_PROPOSALS`], [`MAX_READ_PROPOSALS`].
 //!
+//! * **Idle groups hibernate** when [`HostConfig::hibernation`] is set (off by default):
+//!   the host's [`Hibernation`] stops a group's Raft instance on every replica once it is
+//!   idle, and the group's handle, machine, batcher and leadership watch stay
+//!   (`instance.rs`). The registry's starter is the host: a peer's RPC, a write
+//!   ([`GroupHandle::submit`] — the batcher holds the instance for each entry, so a stop
+//!   never cuts a write), [`GroupHandle::wake`] or the loss of the group's leader starts a
+//!   new instance over the kept machine. A write where the group sleeps led by another
+//!   node is `NotLeader` without a wake. Reads work while stopped (from the node log, up
+//!   to the applied index). A restarted host opens the groups of its node log stopped.
+//!
 //! # Does not (yet)
-//! * Hibernate idle groups (the registry's stopped entries, another change) or balance
-//!   leaderships (step 5: `placement.rs`, leader transfer).
+//! * Balance leaderships (step 5: `placement.rs`, leader transfer).
 //! * Receive a snapshot into a file: an installed snapshot is received and decoded in
 //!   memory (bounded by `MAX_SNAPSHOT_BYTES`) and its carried payloads are served from a
 //!   heap buffer until the machine no longer needs them; a backlog of gigabytes wants the
@@ -66,6 +75,8 @@
 //!   node-log segment after it (the node log's own limit, `node_log/mod.rs`).
 
 mod batch;
+mod config;
+mod instance;
 mod machine;
 mod snapshot;
 
@@ -75,23 +86,24 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use entrepot_storage::LogConfig;
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
-use openraft::{BasicNode, Config, Raft, ServerState, SnapshotPolicy};
+use openraft::{BasicNode, Config, Raft};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::{ClusterError, GroupError, Result};
 use crate::frame::MAX_RPC_FRAME_BYTES;
-use crate::groups::{GroupRegistry, HeardCommit};
+use crate::groups::{GroupRegistry, HeardCommit, Stopped};
+use crate::hibernate::Hibernation;
 use crate::network::TcpNetwork;
 use crate::node_log::NodeLog;
-use crate::peer_server::{PeerServer, PeerServerOptions};
+use crate::peer_server::PeerServer;
 use crate::placement::GroupId;
 use crate::types::{NodeId, TypeConfig, MAX_OPS_BYTES};
 
@@ -103,6 +115,11 @@ pub use machine::{GroupMachine, MachineError};
 pub use snapshot::{HOST_SNAPSHOT_VERSION, MAX_CARRIED_ENTRIES};
 
 use batch::Slots;
+pub use config::{
+    HostConfig, PROPOSE_TIMEOUT, PURGE_KEEP_ENTRIES, SNAPSHOT_EVERY_ENTRIES, SNAPSHOT_EVERY_MAX,
+};
+pub use instance::HibernationCounters;
+use instance::{Instance, Seen, StartFn};
 
 const _: () = assert!(MAX_PROPOSAL_BYTES + batch::ENTRY_OVERHEAD_BYTES <= MAX_OPS_BYTES);
 const _: () = assert!(
@@ -127,78 +144,6 @@ pub const MAX_READ_ENTRIES: u64 = 4096;
 /// [`GroupHandle::read_range`] stops after the entry that brings its answer to this many
 /// proposals (whole entries only: the caller goes on from the next index).
 pub const MAX_READ_PROPOSALS: usize = 16_384;
-/// Default: longest a proposal waits for its commit before [`GroupError::Timeout`].
-pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Default: entries applied between two snapshots of a group.
-pub const SNAPSHOT_EVERY_ENTRIES: u64 = 16_384;
-/// Largest `snapshot_every` (more would overflow openraft's arithmetic): "never", in effect.
-pub const SNAPSHOT_EVERY_MAX: u64 = 1 << 62;
-/// Default: entries kept below a snapshot for followers that lag a little.
-pub const PURGE_KEEP_ENTRIES: u64 = 1024;
-
-/// How a host runs its groups.
-#[derive(Debug, Clone)]
-pub struct HostConfig {
-    /// This node's id in every group.
-    pub node: NodeId,
-    /// The node log is in `dir/log`, the groups' snapshots in `dir/groups`.
-    pub dir: PathBuf,
-    /// The node log's segment log (`sync` decides what "on disk" means for a commit).
-    pub log: LogConfig,
-    /// openraft's heartbeat interval.
-    pub heartbeat: Duration,
-    /// Election timeouts are drawn from this range.
-    pub election_timeout: Range<Duration>,
-    /// A group snapshots after this many applied entries (at most [`SNAPSHOT_EVERY_MAX`]).
-    pub snapshot_every: u64,
-    /// Entries kept below a snapshot (more than `lowest_needed` asks for).
-    pub purge_keep: u64,
-    /// Longest a proposal waits for its commit.
-    pub propose_timeout: Duration,
-    /// TLS and secret of the inter-node port (the same for the dialling side).
-    pub peer: PeerServerOptions,
-}
-
-impl HostConfig {
-    /// The defaults, with the broker's Raft timing (heartbeat 40 ms, elections 120–240 ms).
-    pub fn new(node: NodeId, dir: impl Into<PathBuf>) -> HostConfig {
-        HostConfig {
-            node,
-            dir: dir.into(),
-            log: LogConfig::default(),
-            heartbeat: Duration::from_millis(40),
-            election_timeout: Duration::from_millis(120)..Duration::from_millis(240),
-            snapshot_every: SNAPSHOT_EVERY_ENTRIES,
-            purge_keep: PURGE_KEEP_ENTRIES,
-            propose_timeout: PROPOSE_TIMEOUT,
-            peer: PeerServerOptions::default(),
-        }
-    }
-
-    fn raft_config(&self) -> Result<Arc<Config>> {
-        let ms = |d: Duration| d.as_millis().max(1) as u64;
-        let config = Config {
-            heartbeat_interval: ms(self.heartbeat),
-            election_timeout_min: ms(self.election_timeout.start),
-            election_timeout_max: ms(self.election_timeout.end),
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(
-                self.snapshot_every.clamp(1, SNAPSHOT_EVERY_MAX),
-            ),
-            // Never purge by openraft's own policy: the host purges, honouring the
-            // machine's lowest needed index.
-            max_in_snapshot_log_to_keep: u64::MAX,
-            max_payload_entries: MAX_PAYLOAD_ENTRIES,
-            ..Config::default()
-        };
-        config
-            .validate()
-            .map(Arc::new)
-            .map_err(|e| ClusterError::GroupStopped {
-                group: 0,
-                reason: format!("invalid Raft timing: {e}"),
-            })
-    }
-}
 
 /// Who leads a group, as this replica knows it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -245,6 +190,8 @@ struct HostInner {
     local_addr: SocketAddr,
     /// Open groups; `None` while one is being opened (so it is opened once).
     groups: Mutex<HashMap<GroupId, Option<GroupHandle>>>,
+    /// Hibernation of idle groups, when configured ([`HostConfig::hibernation`]).
+    hibernation: Option<Arc<Hibernation>>,
 }
 
 impl Host {
@@ -262,18 +209,58 @@ impl Host {
         let network = TcpNetwork::new(config.node)
             .with_secret(config.peer.secret.clone())
             .with_tls(config.peer.tls.clone());
-        Ok(Host {
-            inner: Arc::new(HostInner {
-                config,
-                raft_config,
-                node_log,
-                registry,
-                network,
-                server: Mutex::new(Some(server)),
-                local_addr,
-                groups: Mutex::default(),
-            }),
-        })
+        let hibernation = config.hibernation_config().map(|h| {
+            let peers = BTreeMap::new();
+            Arc::new(Hibernation::start(
+                config.node,
+                registry.clone(),
+                network.clone(),
+                peers,
+                h,
+            ))
+        });
+        let inner = Arc::new(HostInner {
+            config,
+            raft_config,
+            node_log,
+            registry,
+            network,
+            server: Mutex::new(Some(server)),
+            local_addr,
+            groups: Mutex::default(),
+            hibernation,
+        });
+        // A stopped group is started again through the host: its kept machine, its
+        // Raft over the node log, a metrics task for the new instance.
+        let weak = Arc::downgrade(&inner);
+        inner.registry.set_starter(move |group| {
+            let weak = weak.clone();
+            async move {
+                let inner = weak
+                    .upgrade()
+                    .ok_or_else(|| instance::start_error(group, "the host is shut down"))?;
+                let handle = Host { inner }.group(group).ok_or_else(|| {
+                    instance::start_error(group, "not open on this host (or still opening)")
+                })?;
+                handle.start_instance().await
+            }
+        });
+        Ok(Host { inner })
+    }
+
+    /// Hibernation counters (all zero but `hosted`/`running` without hibernation).
+    pub fn hibernation_counters(&self) -> HibernationCounters {
+        let r = &self.inner.registry;
+        let h = self.inner.hibernation.as_deref();
+        HibernationCounters {
+            hosted: r.len(),
+            running: r.running_count(),
+            wakes: r.wakes(),
+            stops: r.stops(),
+            group_rpcs_received: r.group_rpcs_received(),
+            peers_lost: h.map_or(0, Hibernation::peers_lost),
+            refusals: h.map_or(0, Hibernation::refusals),
+        }
     }
 
     /// This node's id.
@@ -312,6 +299,13 @@ impl Host {
     /// (empty for a new group), the machine restored from the group's persisted snapshot
     /// if any, then openraft re-applies the committed log after it. A new group is formed
     /// with [`GroupHandle::bootstrap`] on one member.
+    ///
+    /// With [`HostConfig::hibernation`], a group whose entries the node log already holds
+    /// (a restart) is opened *stopped*: the machine is restored from its snapshot, but no
+    /// Raft instance starts until a write, a peer's RPC, [`GroupHandle::wake`] or the loss
+    /// of its leader wakes it; its leadership is what its persisted vote says (the voted
+    /// leader once that vote is committed). Until it wakes, the machine has applied only
+    /// up to its snapshot: reads above that are `NotApplied`.
     pub async fn open_group<M: GroupMachine>(
         &self,
         group: GroupId,
@@ -344,7 +338,6 @@ impl Host {
         machine: M,
     ) -> Result<GroupHandle> {
         let inner = &self.inner;
-        let log = inner.node_log.group(group)?;
         let shared = Arc::new(GroupShared {
             group,
             node_log: inner.node_log.clone(),
@@ -358,44 +351,103 @@ impl Host {
             purge_keep: inner.config.purge_keep,
             purge_to: watch::Sender::new(None),
             heard_commit: std::sync::OnceLock::new(),
+            generation: AtomicU64::new(0),
+            seen: Mutex::default(),
         });
         let adapter = machine::Adapter::open(Arc::clone(&shared), machine)?;
-        let raft = Raft::new(
-            inner.config.node,
-            Arc::clone(&inner.raft_config),
-            inner.network.group(group),
-            log,
-            adapter,
-        )
-        .await
-        .map_err(|e| ClusterError::GroupStopped {
-            group,
-            reason: e.to_string(),
-        })?;
-        let leadership = watch::Sender::new(Leadership::default());
+        let restored = adapter.restored();
         let (queue, queued) = mpsc::channel(MAX_QUEUED_PROPOSALS);
         let limits = batch::Limits::for_record(inner.config.log.record_bytes_max);
         let handle = GroupHandle {
-            node: inner.config.node,
-            raft,
+            instance: Instance {
+                group,
+                node: inner.config.node,
+                registry: inner.registry.clone(),
+            },
+            start: self.start_fn(group, adapter),
             shared,
-            leadership: leadership.clone(),
+            leadership: watch::Sender::new(Leadership::default()),
             queue,
             proposal_bytes: limits.proposal_bytes,
             propose_timeout: inner.config.propose_timeout,
+            hibernation: inner.hibernation.clone(),
         };
-        match inner.registry.insert(group, handle.raft.clone()) {
+        let recovered = match inner.hibernation {
+            Some(_) => instance::recovered_stopped(&inner.node_log, group)?,
+            None => None,
+        };
+        let registered = match recovered {
+            Some(stopped) => self.register_stopped(&handle, stopped, restored),
+            None => self.register_started(&handle).await,
+        };
+        registered?;
+        tokio::spawn(batch::run(
+            handle.instance.clone(),
+            queued,
+            limits,
+            handle.addresses(),
+        ));
+        Ok(handle)
+    }
+
+    /// How `group`'s instances start: openraft over its node-log storage and the kept
+    /// `adapter` (the machine as it stands).
+    fn start_fn<M: GroupMachine>(&self, group: GroupId, adapter: machine::Adapter<M>) -> StartFn {
+        // Not the host itself: the host holds the handle that holds this.
+        let node = self.node();
+        let raft_config = Arc::clone(&self.inner.raft_config);
+        let network = self.inner.network.clone();
+        let node_log = self.inner.node_log.clone();
+        Arc::new(move || {
+            let adapter = adapter.clone();
+            let raft_config = Arc::clone(&raft_config);
+            let network = network.group(group);
+            let node_log = node_log.clone();
+            Box::pin(async move {
+                let log = node_log.group(group)?;
+                Raft::new(node, raft_config, network, log, adapter)
+                    .await
+                    .map_err(|e| ClusterError::GroupStopped {
+                        group,
+                        reason: e.to_string(),
+                    })
+            })
+        })
+    }
+
+    async fn register_started(&self, handle: &GroupHandle) -> Result<()> {
+        let raft = handle.start_instance().await?;
+        match self.inner.registry.insert(handle.group(), raft.clone()) {
             Ok(heard) => {
                 let _ = handle.shared.heard_commit.set(heard);
+                Ok(())
             }
             Err(e) => {
-                let _ = handle.raft.shutdown().await;
-                return Err(e);
+                let _ = raft.shutdown().await;
+                Err(e)
             }
         }
-        tokio::spawn(batch::run(handle.raft.clone(), group, queued, limits));
-        tokio::spawn(follow_metrics(handle.clone(), leadership));
-        Ok(handle)
+    }
+
+    /// Registers a group recovered from the node log stopped: its leadership from its
+    /// vote, its members from its log (or its snapshot), watched by the hibernation.
+    fn register_stopped(
+        &self,
+        handle: &GroupHandle,
+        stopped: Stopped,
+        restored: machine::Restored,
+    ) -> Result<()> {
+        let group = handle.group();
+        let members = instance::last_members(&self.inner.node_log, group)?;
+        let members = members.unwrap_or(restored.membership);
+        handle.note_members(&members, restored.snapshot);
+        instance::publish(
+            &handle.leadership,
+            instance::stopped_leadership(self.node(), &stopped),
+        );
+        let heard = self.inner.registry.insert_stopped(group, stopped)?;
+        let _ = handle.shared.heard_commit.set(heard);
+        Ok(())
     }
 
     /// Stops this node's replica of `group`: peers' RPCs for it are refused as for an
@@ -413,8 +465,9 @@ impl Host {
         let Some(handle) = handle else {
             return false;
         };
-        self.inner.registry.remove(group);
-        let _ = handle.raft.shutdown().await;
+        if let Some(raft) = self.inner.registry.remove(handle.group()) {
+            let _ = raft.shutdown().await;
+        }
         true
     }
 
@@ -444,10 +497,14 @@ impl Host {
     /// Stops every group and the peer port, as a process exit would (the node log keeps
     /// everything durable; [`Host::start`] on the same directory recovers it).
     pub async fn shutdown(self) {
+        if let Some(h) = &self.inner.hibernation {
+            h.stop();
+        }
         let handles: Vec<GroupHandle> = self.lock_groups().drain().filter_map(|(_, h)| h).collect();
         for handle in handles {
-            self.inner.registry.remove(handle.group());
-            let _ = handle.raft.shutdown().await;
+            if let Some(raft) = self.inner.registry.remove(handle.group()) {
+                let _ = raft.shutdown().await;
+            }
         }
         let server = self
             .inner
@@ -475,6 +532,10 @@ pub(crate) struct GroupShared {
     purge_to: watch::Sender<Option<u64>>,
     /// The leader's commit index as the peer server last heard it for this group.
     heard_commit: std::sync::OnceLock<HeardCommit>,
+    /// The latest instance started (only its metrics task publishes the leadership).
+    generation: AtomicU64,
+    /// Members and snapshot as last seen: what `status` reports while stopped.
+    seen: Mutex<Seen>,
 }
 
 impl GroupShared {
@@ -550,11 +611,17 @@ impl GroupShared {
     }
 }
 
-/// One group's replica on this host: propose, read, leadership. Cheap to clone.
+/// One group's replica on this host: propose, read, leadership. Cheap to clone. It
+/// outlives the group's Raft instances: with hibernation, the instance stops when the
+/// group is idle and starts again on the next write (`instance.rs`); reads, the
+/// leadership watch and the applied index work either way.
 #[derive(Clone)]
 pub struct GroupHandle {
-    node: NodeId,
-    raft: Raft<TypeConfig>,
+    /// The group's current Raft instance, through the registry.
+    instance: Instance,
+    /// Starts a new instance over the kept machine (a wake).
+    start: StartFn,
+    hibernation: Option<Arc<Hibernation>>,
     shared: Arc<GroupShared>,
     leadership: watch::Sender<Leadership>,
     /// The batcher's queue (`batch.rs`).
@@ -583,6 +650,66 @@ impl GroupHandle {
         self.shared.group
     }
 
+    /// Starts a new instance of the group (a wake, or the open) and its metrics task.
+    async fn start_instance(&self) -> Result<Raft<TypeConfig>> {
+        let raft = (self.start)().await?;
+        let generation = self.shared.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        tokio::spawn(instance::follow_metrics(
+            self.clone(),
+            raft.clone(),
+            generation,
+        ));
+        Ok(raft)
+    }
+
+    /// Makes sure the group runs here: a stopped group is started (a former leader comes
+    /// back as leader). The machine then applies what the group committed; a group
+    /// opened stopped at a restart has applied only up to its snapshot before.
+    pub async fn wake(&self) -> Result<(), GroupError> {
+        self.instance.running().await.map(|_| ())
+    }
+
+    /// Whether the group's Raft instance runs here (false while it hibernates).
+    pub fn is_running(&self) -> bool {
+        self.instance.current().is_some()
+    }
+
+    /// The group is in use (an attach, a consumer's flow): with hibernation, it does not
+    /// hibernate for another `quiesce_after`. Writes need no touch.
+    pub fn touch(&self) {
+        if let Some(h) = &self.hibernation {
+            h.touch(self.group());
+        }
+    }
+
+    /// Members as seen in `m` (and the snapshot index): kept for `status` and
+    /// `NotLeader` while stopped; the hibernation pings every member.
+    fn note_members(&self, m: &openraft::Membership<NodeId, BasicNode>, snapshot: Option<u64>) {
+        let mut seen = self.shared.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.snapshot = snapshot;
+        let changed = m.nodes().count() != seen.nodes.len()
+            || m.nodes().any(|(id, n)| seen.nodes.get(id) != Some(&n.addr))
+            || m.voter_ids().count() != seen.voters.len();
+        if !changed {
+            return;
+        }
+        *seen = Seen::of(m, snapshot);
+        if let Some(h) = &self.hibernation {
+            for (id, addr) in &seen.nodes {
+                h.watch_peer(*id, addr.clone());
+            }
+        }
+    }
+
+    /// A closure naming a member's address, for `NotLeader` from the batcher.
+    fn addresses(&self) -> impl Fn(NodeId) -> Option<String> + Send + Sync + 'static {
+        let shared = Arc::clone(&self.shared);
+        move |id| {
+            let seen = shared.seen.lock().unwrap_or_else(|e| e.into_inner());
+            seen.nodes.get(&id).cloned()
+        }
+    }
+
     /// Forms the group with `members` (node → member address) as its voters; done once,
     /// on one member. A group already formed answers `Ok`.
     pub async fn bootstrap(&self, members: &BTreeMap<NodeId, String>) -> Result<(), GroupError> {
@@ -590,7 +717,8 @@ impl GroupHandle {
             .iter()
             .map(|(id, addr)| (*id, BasicNode::new(addr)))
             .collect();
-        match self.raft.initialize(nodes).await {
+        let raft = self.instance.running().await?;
+        match raft.initialize(nodes).await {
             Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
             Err(RaftError::APIError(e)) => Err(GroupError::Membership {
                 group: self.group(),
@@ -761,9 +889,13 @@ impl GroupHandle {
         applied.max(heard)
     }
 
-    /// Where this replica stands.
+    /// Where this replica stands (while the group is stopped: as it stopped, the log's
+    /// positions from the node log).
     pub fn status(&self) -> GroupStatus {
-        let m = self.raft.metrics().borrow().clone();
+        let Some(raft) = self.instance.current() else {
+            return self.stopped_status();
+        };
+        let m = raft.metrics().borrow().clone();
         GroupStatus {
             leadership: *self.leadership.borrow(),
             applied: *self.shared.applied.borrow(),
@@ -775,16 +907,39 @@ impl GroupHandle {
         }
     }
 
+    fn stopped_status(&self) -> GroupStatus {
+        let log = self.shared.node_log.log_state(self.group()).ok();
+        let seen = self
+            .shared
+            .seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        GroupStatus {
+            leadership: *self.leadership.borrow(),
+            applied: *self.shared.applied.borrow(),
+            committed: self.committed(),
+            last_log: log.as_ref().and_then(|l| l.last_log_id).map(|l| l.index),
+            snapshot: seen.snapshot,
+            purged: log.and_then(|l| l.last_purged_log_id).map(|l| l.index),
+            voters: seen.voters,
+        }
+    }
+
     /// Builds a snapshot now (besides every `snapshot_every` entries) and waits until it
-    /// covers what was applied when called, up to the propose timeout.
+    /// covers what was applied when called, up to the propose timeout (a stopped group is
+    /// woken for it).
     pub async fn snapshot_now(&self) -> Result<(), GroupError> {
+        let raft = self.instance.running().await?;
+        // Not stopped while it builds (a stop would wait for the next idle check).
+        let _hold = self.instance.registry.begin_write(self.group());
         let target = *self.shared.applied.borrow();
         let timeout = GroupError::Timeout {
             group: self.group(),
             after: self.propose_timeout,
         };
         let deadline = tokio::time::Instant::now() + self.propose_timeout;
-        let mut metrics = self.raft.metrics();
+        let mut metrics = raft.metrics();
         loop {
             let before = metrics.borrow_and_update().snapshot.map(|s| s.index);
             if before >= target {
@@ -792,8 +947,7 @@ impl GroupHandle {
             }
             // A trigger while a build runs is dropped by openraft: trigger again when the
             // snapshot moves and still does not cover the target.
-            self.raft
-                .trigger()
+            raft.trigger()
                 .snapshot()
                 .await
                 .map_err(|e| self.stopped(e))?;
@@ -809,17 +963,16 @@ impl GroupHandle {
     /// Adds `node` (member address `addr`) as a learner and waits until it has caught up
     /// (from the log, or by installing a snapshot). This node must lead the group.
     pub async fn add_learner(&self, node: NodeId, addr: &str) -> Result<(), GroupError> {
-        let result = self
-            .raft
-            .add_learner(node, BasicNode::new(addr), true)
-            .await;
+        let (raft, _hold) = self.instance.hold(self.addresses()).await?;
+        let result = raft.add_learner(node, BasicNode::new(addr), true).await;
         result.map(|_| ()).map_err(|e| self.write_error(e))
     }
 
     /// Makes `voters` the group's voters (joint consensus; learners must exist for the
     /// new ones). This node must lead the group.
     pub async fn change_voters(&self, voters: BTreeSet<NodeId>) -> Result<(), GroupError> {
-        let result = self.raft.change_membership(voters, false).await;
+        let (raft, _hold) = self.instance.hold(self.addresses()).await?;
+        let result = raft.change_membership(voters, false).await;
         result.map(|_| ()).map_err(|e| self.write_error(e))
     }
 
@@ -843,43 +996,6 @@ impl GroupHandle {
         GroupError::Stopped {
             group: self.group(),
             reason: e.to_string(),
-        }
-    }
-}
-
-/// Follows one group's openraft metrics: publishes its [`Leadership`], and purges its
-/// log up to the bound of its last snapshot when that moves. Ends with the group's Raft.
-async fn follow_metrics(handle: GroupHandle, leadership: watch::Sender<Leadership>) {
-    let mut metrics = handle.raft.metrics();
-    let mut purge_to = handle.shared.purge_to.subscribe();
-    let mut requested: Option<u64> = None;
-    loop {
-        let snapshot = {
-            let m = metrics.borrow_and_update();
-            let now = Leadership {
-                leader: m.current_leader,
-                term: m.current_term,
-                leads: m.state == ServerState::Leader && m.current_leader == Some(handle.node),
-            };
-            leadership.send_if_modified(|l| {
-                let changed = *l != now;
-                *l = now;
-                changed
-            });
-            m.snapshot.map(|s| s.index)
-        };
-        // openraft purges only what its snapshot covers, and hears of a snapshot after
-        // the adapter persisted it: wait for both.
-        let bound = (*purge_to.borrow_and_update()).min(snapshot);
-        if let Some(to) = bound.filter(|&to| Some(to) > requested) {
-            if handle.raft.trigger().purge_log(to).await.is_err() {
-                return;
-            }
-            requested = Some(to);
-        }
-        tokio::select! {
-            changed = metrics.changed() => if changed.is_err() { return },
-            changed = purge_to.changed() => if changed.is_err() { return },
         }
     }
 }

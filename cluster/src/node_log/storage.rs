@@ -58,7 +58,7 @@ impl NodeLog {
         })
     }
 
-    fn vote(&self, group: GroupId) -> Result<Option<Vote<NodeId>>> {
+    pub(crate) fn vote(&self, group: GroupId) -> Result<Option<Vote<NodeId>>> {
         let groups = self.shared.lock()?;
         let state = groups
             .get(&group)

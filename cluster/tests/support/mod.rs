@@ -5,6 +5,7 @@
 // Each test file uses the part it needs.
 #![allow(dead_code)]
 
+pub mod host;
 pub mod machine;
 pub mod router;
 

@@ -1,0 +1,241 @@
+//! Goal: with `HostConfig::hibernation`, a `Host`'s idle groups stop their Raft instance
+//! on every node and exchange no RPC while they sleep; `GroupHandle::submit` on the
+//! former leader wakes the group (as leader, no election) and commits, and every replica
+//! applies it; a submit on a node where the group sleeps led by another node is refused
+//! `NotLeader` naming it, without waking the group; reads and the leadership watch work
+//! while stopped; a hibernated group whose leader host closes elects a new leader among
+//! the survivors, which accepts a submit; a restarted host opens the groups of its node
+//! log stopped, and a write wakes them.
+//! Method: three `Host`s in this process over real TCP with real node logs (fsync), as
+//! `host_groups.rs` (`support/host.rs`), every host hibernating with short timings.
+//! Every wait is bounded; no speed is asserted.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use entrepot_cluster::{ClusterError, GroupError, HibernationConfig, Leadership, NodeId, Position};
+use support::host::*;
+
+/// A group idle this long hibernates (short: the tests wait for it).
+const QUIESCE_AFTER: Duration = Duration::from_millis(400);
+
+fn hibernation() -> Option<HibernationConfig> {
+    Some(HibernationConfig {
+        quiesce_after: QUIESCE_AFTER,
+        check_interval: Duration::from_millis(100),
+        liveness_interval: Duration::from_millis(100),
+        // Raised by the host to its longest election timeout.
+        liveness_timeout: Duration::from_millis(100),
+    })
+}
+
+/// Waits until no host runs an instance of any group, then a little longer (a heartbeat
+/// sent while the last instance stopped may still arrive).
+async fn all_stopped(c: &Cluster) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let running: Vec<usize> = c
+            .nodes
+            .values()
+            .map(|n| n.host.hibernation_counters().running)
+            .collect();
+        if running.iter().all(|r| *r == 0) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "groups still running per node after {WAIT:?}: {running:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+}
+
+fn group_rpcs(c: &Cluster) -> BTreeMap<NodeId, u64> {
+    c.nodes
+        .iter()
+        .map(|(id, n)| (*id, n.host.hibernation_counters().group_rpcs_received))
+        .collect()
+}
+
+fn leaderships(c: &Cluster, g: u64) -> BTreeMap<NodeId, Leadership> {
+    c.nodes
+        .keys()
+        .map(|&n| (n, *c.handle(n, g).leadership().borrow()))
+        .collect()
+}
+
+/// Every host's replica of `g` applied `at` and its machine holds it live.
+async fn applied_everywhere(c: &Cluster, g: u64, at: Position) {
+    for (&n, _) in c.nodes.iter() {
+        applied_at_least(&c.handle(n, g), at).await;
+        assert!(c.queue(n, g).live().contains(&at), "node {n} group {g}");
+    }
+}
+
+/// Goal: idle host groups stop everywhere and are silent; leadership and reads hold while
+/// stopped; a submit on the former leader wakes its group without an election and
+/// commits on all three; a submit where the group sleeps led elsewhere is `NotLeader`
+/// and wakes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_host_groups_stop_everywhere_and_a_submit_on_the_former_leader_wakes_them() {
+    bounded(async {
+        let groups = [1, 2, 3, 4, 5, 6];
+        let c = Cluster::start_with(&groups, u64::MAX, hibernation()).await;
+        let g = 4;
+        let leader = c.leader(g).await;
+        let first = c.handle(leader, g).propose(message(b"before")).await.unwrap();
+        applied_everywhere(&c, g, first).await;
+        let mut awake = BTreeMap::new();
+        for &g in &groups {
+            c.leader(g).await;
+            awake.insert(g, leaderships(&c, g));
+        }
+        // Watchers see nothing change while the groups stop (no flip through "not led").
+        let watches: Vec<_> = groups
+            .iter()
+            .flat_map(|&g| c.nodes.keys().map(move |&n| (g, n)))
+            .map(|(g, n)| (g, n, c.handle(n, g).leadership()))
+            .collect();
+
+        all_stopped(&c).await;
+        for (g, n, w) in &watches {
+            assert!(!w.has_changed().unwrap(), "group {g} node {n}: {:?}", *w.borrow());
+        }
+        let before = group_rpcs(&c);
+        tokio::time::sleep(QUIESCE_AFTER * 3).await;
+        assert_eq!(before, group_rpcs(&c), "RPCs received while every group slept");
+        for &g in &groups {
+            assert_eq!(leaderships(&c, g), awake[&g], "group {g}: leadership after the stop");
+        }
+        for (&n, _) in c.nodes.iter() {
+            let h = c.handle(n, g);
+            assert!(!h.is_running());
+            assert_eq!(h.read(first).unwrap().unwrap(), message(b"before"));
+            assert!(h.status().voters.len() == 3, "{:?}", h.status());
+        }
+
+        // Led elsewhere: refused here, naming the leader, and the group stays asleep.
+        let other = (leader + 1) % NODES;
+        let refused = c.handle(other, g).propose(message(b"wrong node")).await;
+        assert!(
+            matches!(&refused, Err(GroupError::NotLeader { leader: Some(l), leader_addr: Some(a), .. })
+                if *l == leader && *a == c.addrs[&leader]),
+            "{refused:?}"
+        );
+        assert!(!c.handle(other, g).is_running());
+
+        let term = awake[&g][&leader].term;
+        let second = c.handle(leader, g).propose(message(b"after")).await.unwrap();
+        applied_everywhere(&c, g, second).await;
+        assert_eq!(
+            c.handle(leader, g).leadership().borrow().term,
+            term,
+            "the former leader wakes as leader, without an election"
+        );
+        for (&n, node) in c.nodes.iter() {
+            assert!(node.host.hibernation_counters().wakes >= 1, "node {n}");
+            for &other in groups.iter().filter(|&&o| o != g) {
+                assert!(!c.handle(n, other).is_running(), "node {n} group {other} woke");
+            }
+        }
+        // And it sleeps again.
+        all_stopped(&c).await;
+    })
+    .await
+}
+
+/// Goal: a hibernated group whose leader host closes is woken on the survivors by the
+/// per-peer liveness, elects one of them, and commits a submit there; a group led by a
+/// survivor stays asleep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hibernated_group_whose_leader_host_closes_elects_a_survivor() {
+    bounded(async {
+        let groups = [3, 4, 5];
+        let mut c = Cluster::start_with(&groups, u64::MAX, hibernation()).await;
+        let g = 3;
+        let old = c.leader(g).await;
+        let old_term = c.handle(old, g).leadership().borrow().term;
+        let mut led_by_survivor = Vec::new();
+        for &o in groups.iter().filter(|&&o| o != g) {
+            if c.leader(o).await != old {
+                led_by_survivor.push(o);
+            }
+        }
+        all_stopped(&c).await;
+
+        c.stop(old).await;
+        let new = c.leader(g).await;
+        assert_ne!(new, old);
+        assert!(c.handle(new, g).leadership().borrow().term > old_term);
+        let at = c.handle(new, g).propose(message(b"after")).await.unwrap();
+        applied_everywhere(&c, g, at).await;
+        for (&n, node) in c.nodes.iter() {
+            assert!(node.host.hibernation_counters().peers_lost >= 1, "node {n}");
+            for &o in &led_by_survivor {
+                assert!(!c.handle(n, o).is_running(), "node {n}: group {o} woke");
+            }
+        }
+    })
+    .await
+}
+
+/// Goal: a host restarted with hibernation opens the groups of its node log stopped — no
+/// instance, no RPC, the leadership its vote names, reads above the snapshot `NotApplied`
+/// — and a submit on the former leader wakes the group: it commits, and every replica
+/// applies the old entries and the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_host_opens_its_groups_stopped_and_a_write_wakes_them() {
+    bounded(async {
+        let groups = [1, 2];
+        let mut c = Cluster::start_with(&groups, u64::MAX, hibernation()).await;
+        let mut before = BTreeMap::new();
+        for &g in &groups {
+            let l = c.leader(g).await;
+            let at = c.handle(l, g).propose(message(b"old")).await.unwrap();
+            applied_everywhere(&c, g, at).await;
+            before.insert(g, (l, at, leaderships(&c, g)));
+        }
+        all_stopped(&c).await;
+        for id in 0..NODES {
+            c.stop(id).await;
+        }
+        for id in 0..NODES {
+            c.restart(id).await;
+        }
+        for (&n, node) in c.nodes.iter() {
+            assert_eq!(node.host.hibernation_counters().running, 0, "node {n}");
+        }
+        tokio::time::sleep(QUIESCE_AFTER * 2).await;
+        for (&n, node) in c.nodes.iter() {
+            let counters = node.host.hibernation_counters();
+            assert_eq!(counters.running, 0, "node {n}: {counters:?}");
+            assert_eq!(counters.group_rpcs_received, 0, "node {n}: {counters:?}");
+        }
+        for &g in &groups {
+            let (leader, old, ref awake) = before[&g];
+            for (&n, view) in leaderships(&c, g).iter() {
+                assert_eq!(view.leader, Some(leader), "node {n} group {g}");
+                assert_eq!(view.term, awake[&n].term, "node {n} group {g}");
+                assert_eq!(view.leads, n == leader, "node {n} group {g}");
+            }
+            assert!(matches!(
+                c.handle(leader, g).read(old),
+                Err(ClusterError::NotApplied { .. })
+            ));
+        }
+
+        let g = 1;
+        let (leader, old, _) = before[&g];
+        let new = c.handle(leader, g).propose(message(b"new")).await.unwrap();
+        applied_everywhere(&c, g, new).await;
+        for (&n, _) in c.nodes.iter() {
+            assert!(c.queue(n, g).live().contains(&old), "node {n}");
+            assert_eq!(c.handle(n, g).read(old).unwrap().unwrap(), message(b"old"));
+            assert!(!c.handle(n, 2).is_running(), "node {n}: group 2 woke");
+        }
+    })
+    .await
+}
