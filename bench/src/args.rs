@@ -108,6 +108,11 @@ pub struct BenchArgs {
     /// half is used) instead of topping it up every eighth (`amqp::CREDIT_TOP_UP_PARTS`).
     #[arg(long)]
     pub half_credit: bool,
+    /// Write each frame to the socket when fe2o3-amqp flushes it (one `writev` per frame,
+    /// as before session 11) instead of batching a connection's writes (`socket.rs`):
+    /// for before/after comparisons of the generator's own CPU.
+    #[arg(long)]
+    pub direct_writes: bool,
     /// The broker's process id: report its CPU time per message (from /proc).
     #[arg(long)]
     pub broker_pid: Option<u32>,
@@ -316,6 +321,16 @@ impl BenchArgs {
 }
 
 impl BenchArgs {
+    /// How the AMQP connections write: batched unless `--direct-writes`, or `--nagle`
+    /// (which stands for fe2o3-amqp's own socket, so takes it as it is).
+    pub fn writes(&self) -> crate::socket::Writes {
+        if self.direct_writes || self.nagle {
+            crate::socket::Writes::Direct
+        } else {
+            crate::socket::Writes::Batched
+        }
+    }
+
     /// The brokers of `--url`, in order.
     pub fn urls(&self) -> impl Iterator<Item = &str> {
         self.url.split(',').map(str::trim).filter(|u| !u.is_empty())

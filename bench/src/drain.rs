@@ -96,7 +96,7 @@ async fn consume(
     received: &AtomicU64,
     mut done: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let mut conn = connect(args.url_for(i), &format!("bench-drain-c{i}"), args.nagle).await?;
+    let mut conn = connect(args, args.url_for(i), &format!("bench-drain-c{i}")).await?;
     let mut session = Session::begin(&mut conn).await.context("begin")?;
     let mut receiver = Receiver::builder()
         .name(format!("bench-drain-c{i}"))

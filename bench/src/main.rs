@@ -27,6 +27,7 @@ mod plot;
 mod processes;
 mod report;
 mod schedule;
+mod socket;
 mod stats;
 mod tally;
 

@@ -320,6 +320,9 @@ fn child_args(a: &BenchArgs, p: u32, c: u32, spec: ChildSpec, json: &Path) -> Ve
     if a.half_credit {
         v.push("--half-credit".into());
     }
+    if a.direct_writes {
+        v.push("--direct-writes".into());
+    }
     v
 }
 
