@@ -467,6 +467,15 @@ impl Broker {
         Ok(())
     }
 
+    /// Serves `queue` at its name — a queue built over its own store (a clustered
+    /// address's group, `queue::QueueOwner::Group`) — unless a queue of that name exists:
+    /// then that one is kept and returned.
+    pub fn adopt_queue(&self, queue: Queue) -> Arc<Queue> {
+        let mut queues = self.queues.write().unwrap_or_else(|p| p.into_inner());
+        let name = queue.name().to_owned();
+        Arc::clone(queues.entry(name).or_insert_with(|| Arc::new(queue)))
+    }
+
     fn queue_or_create(&self, address: &str) -> Arc<Queue> {
         let mut queues = self.queues.write().unwrap_or_else(|p| p.into_inner());
         Arc::clone(queues.entry(address.to_owned()).or_insert_with(|| {

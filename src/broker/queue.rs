@@ -21,10 +21,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
-use entrepot_storage::{Durable, StorageError};
+use entrepot_storage::Durable;
 use tokio::sync::{mpsc, watch};
 
 use super::limits::{self, AddressLimits, LimitExceeded, Reservation, SpaceUsage};
+use super::store::{AddressStore, RecordError};
 use super::Broker;
 
 /// Most ready messages one dispatch passes over because no consumer may take them (all
@@ -103,7 +104,7 @@ pub struct AckRefused {
     pub queue: String,
     pub offset: u64,
     #[source]
-    pub source: StorageError,
+    pub source: RecordError,
 }
 
 impl AckRefused {
@@ -288,6 +289,9 @@ pub struct Queue {
 pub enum QueueOwner {
     /// A queue address: acknowledged in the store's default group.
     Address,
+    /// A queue address whose messages and consumption live in its own store (a
+    /// clustered address's Raft group): acknowledged and counted there.
+    Group(Arc<dyn AddressStore>),
     /// A topic subscription: acknowledged in the subscription's group (if durable) and
     /// released in the topic, which acknowledges the record once nobody needs it.
     Subscription {
@@ -691,9 +695,10 @@ impl Queue {
         &self,
         broker: &Broker,
         offset: u64,
-    ) -> Result<Option<Durable>, StorageError> {
+    ) -> Result<Option<Durable>, RecordError> {
         let result = match &self.owner {
-            QueueOwner::Address => broker.store().ack(&[offset]).map(Some),
+            QueueOwner::Address => broker.store().ack(&[offset]).map(Some).map_err(Into::into),
+            QueueOwner::Group(store) => store.ack(&[offset]).map(Some).map_err(Into::into),
             QueueOwner::Memory => Ok(None),
             QueueOwner::Subscription {
                 topic,
@@ -703,7 +708,8 @@ impl Queue {
                 let acked = match durable {
                     true => broker.store().ack_group(*group, &[offset]).map(Some),
                     false => Ok(None),
-                };
+                }
+                .map_err(RecordError::from);
                 // Only a recorded acknowledgement lets the topic give the record up.
                 if let (Ok(_), Some(topic)) = (&acked, topic.upgrade()) {
                     topic.release(broker, offset, *durable);
@@ -721,24 +727,30 @@ impl Queue {
     /// `max-delivery-attempts` and the count a consumer sees survive a restart. Best
     /// effort: a store that refuses is logged, and the count lives on in memory.
     fn record_delivery_count(&self, broker: &Broker, msg: &QueuedMessage) {
-        let group = match &self.owner {
-            QueueOwner::Address => entrepot_storage::DEFAULT_GROUP,
+        let (offset, count) = (msg.offset, msg.delivery_count);
+        let store = broker.store();
+        let recorded = match &self.owner {
+            QueueOwner::Address => store
+                .set_delivery_count(entrepot_storage::DEFAULT_GROUP, offset, count)
+                .map_err(RecordError::from),
+            QueueOwner::Group(own) => own
+                .set_delivery_count(offset, count)
+                .map_err(RecordError::from),
             QueueOwner::Subscription {
                 group,
                 durable: true,
                 ..
-            } => *group,
+            } => store
+                .set_delivery_count(*group, offset, count)
+                .map_err(RecordError::from),
             _ => return,
         };
-        if let Err(e) = broker
-            .store()
-            .set_delivery_count(group, msg.offset, msg.delivery_count)
-        {
+        if let Err(e) = recorded {
             tracing::warn!(queue = %self.name, offset = msg.offset, error = %e, "could not record a delivery count");
         }
     }
 
-    fn acknowledge(&self, broker: &Broker, offset: u64) -> Result<Option<Durable>, StorageError> {
+    fn acknowledge(&self, broker: &Broker, offset: u64) -> Result<Option<Durable>, RecordError> {
         let recorded = self.finish(broker, offset)?;
         self.stats.acknowledged.fetch_add(1, Ordering::Relaxed);
         Ok(recorded)

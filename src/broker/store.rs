@@ -164,6 +164,57 @@ pub enum StoreError {
     TxnBatchId,
 }
 
+/// The store of one address that keeps its messages and its consumption apart from the
+/// shared [`Store`]: a clustered address's Raft group (`raft::group_store`, issue 12 step
+/// 4.2). It is the seam that lets a [`super::queue::Queue`] run over either store: a queue
+/// touches its store only to record what its consumers did, and a queue whose owner is
+/// [`super::queue::QueueOwner::Group`] records it here instead of in the ack log.
+/// Messages reach such a queue only after their commit (the caller enqueues what the
+/// address store says is committed); the producer side is not wired (ARCHITECTURE.md).
+pub trait AddressStore: Send + Sync + std::fmt::Debug {
+    /// Marks `offsets` consumed for good in the address's own group; an error means they
+    /// are not, and the queue keeps the messages.
+    fn ack(&self, offsets: &[u64]) -> Result<Durable, AddressStoreError>;
+    /// Records the failed deliveries of the address's message at `offset`.
+    fn set_delivery_count(&self, offset: u64, count: u32) -> Result<Durable, AddressStoreError>;
+}
+
+/// Why an [`AddressStore`] refused a change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AddressStoreError {
+    /// This node does not lead the address (its group's leader, if known).
+    #[error("address {address} is not led by this node (leader: {leader:?})")]
+    NotLeader {
+        address: String,
+        leader: Option<u64>,
+    },
+    /// Too many changes wait already: retry later.
+    #[error("address {address}: too many changes in flight")]
+    Busy { address: String },
+    /// The store accepts nothing any more (its leadership ended, it was closed).
+    #[error("address {address}: store unavailable: {reason}")]
+    Unavailable { address: String, reason: String },
+}
+
+/// What a queue's store refused while recording a consumer's outcome: the shared store's
+/// error, or an address store's.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecordError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Address(#[from] AddressStoreError),
+}
+
+impl RecordError {
+    /// The shared store is out of space (an address store never says so).
+    pub fn is_out_of_space(&self) -> bool {
+        matches!(self, RecordError::Storage(e) if e.is_out_of_space())
+    }
+}
+
 impl StoreError {
     /// The disk is full or at its reserve: refuse with `amqp:resource-limit-exceeded`.
     pub fn is_out_of_space(&self) -> bool {

@@ -38,8 +38,9 @@
 //! Does not: carry a record timestamp (the ops format has none; the machine's index
 //! neither), append a transaction's batch (its messages would need one proposal), write
 //! the subscription registry (the metadata group's), delete anything (the host purges
-//! below the machine's `lowest_needed`), or decide leadership. Not yet used by the
-//! broker: see ARCHITECTURE.md, "The broker on the host", step 4.2.
+//! below the machine's `lowest_needed`), or decide leadership. A `Queue` runs over it
+//! as its `broker::store::AddressStore` (acks and delivery counts); the producer side
+//! and activation are not wired: see ARCHITECTURE.md, "The broker on the host", 4.2.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -48,12 +49,12 @@ use bytes::{BufMut, Bytes, BytesMut};
 use entrepot_cluster::{
     ClusterError, GroupError, GroupHandle, Leadership, NodeId, Position, Proposal,
 };
-use entrepot_storage::{Durable, DurableState};
+use entrepot_storage::{Durable, DurableState, DEFAULT_GROUP};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::address_machine::{message_record, AddressMachine};
 use crate::broker::replication::{self, OPS_VERSION};
-use crate::broker::store::{self, MAX_ADDRESS_LEN};
+use crate::broker::store::{self, AddressStore, AddressStoreError, MAX_ADDRESS_LEN};
 
 /// Changes queued for the submitting task; a change past this is refused
 /// ([`GroupStoreError::Busy`]) rather than waited for, as the calls are synchronous.
@@ -293,9 +294,7 @@ impl GroupStore {
 
     /// Whether the address's own consumers acknowledged `offset` (as applied here).
     pub fn is_acked(&self, offset: u64) -> bool {
-        self.reader
-            .machine
-            .is_acked(entrepot_storage::DEFAULT_GROUP, offset)
+        self.reader.machine.is_acked(DEFAULT_GROUP, offset)
     }
 
     /// True if `group` consumed `offset` (an unknown group has nothing pending).
@@ -407,6 +406,44 @@ impl GroupStore {
     }
 }
 
+impl std::fmt::Debug for GroupStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupStore")
+            .field("address", &self.reader.address)
+            .field("group", &self.reader.handle.group())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A queue over this store records its consumers' outcomes in the group.
+impl AddressStore for GroupStore {
+    fn ack(&self, offsets: &[u64]) -> Result<Durable, AddressStoreError> {
+        GroupStore::ack(self, offsets).map_err(|e| self.refusal(e))
+    }
+
+    fn set_delivery_count(&self, offset: u64, count: u32) -> Result<Durable, AddressStoreError> {
+        GroupStore::set_delivery_count(self, DEFAULT_GROUP, offset, count)
+            .map_err(|e| self.refusal(e))
+    }
+}
+
+impl GroupStore {
+    /// The broker's view of a refused change.
+    fn refusal(&self, e: GroupStoreError) -> AddressStoreError {
+        let address = self.reader.address.clone();
+        match e {
+            GroupStoreError::NotLeader { leader, .. } => {
+                AddressStoreError::NotLeader { address, leader }
+            }
+            GroupStoreError::Busy { .. } => AddressStoreError::Busy { address },
+            other => AddressStoreError::Unavailable {
+                address,
+                reason: other.to_string(),
+            },
+        }
+    }
+}
+
 /// Submits the changes in queue order; the host queues each behind the ones before.
 async fn submit_in_order(
     handle: GroupHandle,
@@ -434,15 +471,19 @@ async fn resolve_in_order(
             Ok(p) => p.await,
             Err(e) => Err(e),
         };
-        raise.send_modify(|s| match (&outcome, &s.failed) {
-            (Ok(_), None) => s.durable += 1,
-            (Ok(_), Some(_)) => {}
-            (Err(e), None) => s.failed = Some(Arc::from(e.to_string())),
-            (Err(_), Some(_)) => {}
-        });
+        let (ok, reason) = match &outcome {
+            Ok(_) => (true, None),
+            Err(e) => (false, Some(e.to_string())),
+        };
+        // Answered before the watch moves: whoever sees the change durable finds its
+        // position already there. The appender may have stopped waiting: no matter.
         if let Some(tell) = answer {
-            // The appender may have stopped waiting; its durable handle still tells.
             let _ = tell.send(outcome);
         }
+        raise.send_modify(|s| match (ok, &s.failed) {
+            (true, None) => s.durable += 1,
+            (false, None) => s.failed = reason.map(Arc::from),
+            (_, Some(_)) => {}
+        });
     }
 }
