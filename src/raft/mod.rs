@@ -46,6 +46,7 @@ pub mod address_machine;
 pub mod admin;
 pub mod drain;
 mod error;
+pub mod group_queue;
 pub mod group_store;
 pub mod lease;
 mod proxy;

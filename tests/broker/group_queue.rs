@@ -15,6 +15,7 @@ use entrepot::auth::Gatekeeper;
 use entrepot::broker::queue::{Queue, QueueOwner};
 use entrepot::broker::{queued, Broker};
 use entrepot::config::BrokerConfig;
+use entrepot::raft::group_queue::activate;
 use entrepot::raft::group_store::GroupStore;
 use entrepot::server::{serve, Serving};
 use fe2o3_amqp::types::messaging::Modified;
@@ -48,6 +49,55 @@ async fn on_every_replica(c: &Cluster, what: &str, ok: impl Fn(&GroupStore) -> b
     }
 }
 
+/// An in-process broker's AMQP listener and one client session on it.
+struct Served {
+    conn: fe2o3_amqp::connection::ConnectionHandle<()>,
+    session: fe2o3_amqp::session::SessionHandle<()>,
+    stop: watch::Sender<bool>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+async fn serve_and_connect(broker: &Arc<Broker>) -> Served {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("amqp://{}", listener.local_addr().unwrap());
+    let (stop, shutdown) = watch::channel(false);
+    let serving = Serving {
+        broker: Arc::clone(broker),
+        gate: Arc::new(Gatekeeper::default()),
+        permits: Arc::new(Semaphore::new(8)),
+        tls: None,
+    };
+    let server = tokio::spawn(serve(listener, serving, shutdown));
+    let mut conn = within("open", Connection::open("group-queue", url.as_str()))
+        .await
+        .unwrap();
+    let session = within("begin", Session::begin(&mut conn)).await.unwrap();
+    Served {
+        conn,
+        session,
+        stop,
+        server,
+    }
+}
+
+impl Served {
+    async fn close(mut self, receiver: Receiver) {
+        within("detach", receiver.close()).await.unwrap();
+        within("end", self.session.end()).await.unwrap();
+        within("close", self.conn.close()).await.unwrap();
+        self.stop.send(true).unwrap();
+        within("server", self.server).await.unwrap();
+    }
+}
+
+fn temp_broker(dir: &tempfile::TempDir) -> Arc<Broker> {
+    let config = BrokerConfig {
+        data_dir: dir.path().to_path_buf(),
+        ..BrokerConfig::default()
+    };
+    Broker::open(config).unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queue_over_a_group_store_records_a_consumers_outcomes_in_the_group() {
     tokio::time::timeout(TEST_TIMEOUT, async {
@@ -59,11 +109,7 @@ async fn a_queue_over_a_group_store_records_a_consumers_outcomes_in_the_group() 
             c.machine(leader),
         ));
         let dir = tempfile::tempdir().unwrap();
-        let config = BrokerConfig {
-            data_dir: dir.path().to_path_buf(),
-            ..BrokerConfig::default()
-        };
-        let broker = Broker::open(config).unwrap();
+        let broker = temp_broker(&dir);
         let queue = broker.adopt_queue(Queue::owned(
             ADDRESS.to_owned(),
             QueueOwner::Group(store.clone()),
@@ -75,23 +121,13 @@ async fn a_queue_over_a_group_store_records_a_consumers_outcomes_in_the_group() 
             assert_eq!(m.offset, i);
             queue.enqueue(&broker, queued(m.offset, m.message, 0));
         }
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("amqp://{}", listener.local_addr().unwrap());
-        let (stop, shutdown) = watch::channel(false);
-        let serving = Serving {
-            broker: Arc::clone(&broker),
-            gate: Arc::new(Gatekeeper::default()),
-            permits: Arc::new(Semaphore::new(8)),
-            tls: None,
-        };
-        let server = tokio::spawn(serve(listener, serving, shutdown));
-        let mut conn = within("open", Connection::open("group-queue", url.as_str()))
-            .await
-            .unwrap();
-        let mut session = within("begin", Session::begin(&mut conn)).await.unwrap();
-        let mut receiver = within("attach", Receiver::attach(&mut session, "r", ADDRESS))
-            .await
-            .unwrap();
+        let mut served = serve_and_connect(&broker).await;
+        let mut receiver = within(
+            "attach",
+            Receiver::attach(&mut served.session, "r", ADDRESS),
+        )
+        .await
+        .unwrap();
         let mut last = None;
         for i in 0..MESSAGES {
             let d = within("recv", receiver.recv::<String>()).await.unwrap();
@@ -133,11 +169,61 @@ async fn a_queue_over_a_group_store_records_a_consumers_outcomes_in_the_group() 
             (0..MESSAGES).all(|o| r.is_acked(o)) && r.read(3).unwrap().is_none()
         })
         .await;
-        within("detach", receiver.close()).await.unwrap();
-        within("end", session.end()).await.unwrap();
-        within("close", conn.close()).await.unwrap();
-        stop.send(true).unwrap();
-        within("server", server).await.unwrap();
+        served.close(receiver).await;
+        c.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_every_host_restarts_the_new_leader_activates_the_queue_with_exactly_the_live_messages(
+) {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let mut c = Cluster::start().await;
+        let first = c.leader_id().await;
+        let s = GroupStore::new(ADDRESS, c.handle(first), c.machine(first));
+        let mut last = None;
+        for i in 0..8 {
+            let a = s.append(&[&string_message(&format!("m{i}"))]).unwrap();
+            last = Some(a.durable);
+        }
+        within("durable", last.unwrap().wait()).await.unwrap();
+        within("acks", s.ack(&[1, 4]).unwrap().wait())
+            .await
+            .unwrap();
+        let count = s.set_delivery_count(0, 6, 2).unwrap();
+        within("count", count.wait()).await.unwrap();
+        drop(s);
+        c.restart_all().await;
+        let leader = c.leader_id().await;
+        let dir = tempfile::tempdir().unwrap();
+        let broker = temp_broker(&dir);
+        let activated = activate(&broker, ADDRESS, c.handle(leader), c.machine(leader))
+            .await
+            .unwrap();
+        assert_eq!(activated.recovered, 6);
+        let mut served = serve_and_connect(&broker).await;
+        let mut receiver = within(
+            "attach",
+            Receiver::attach(&mut served.session, "r", ADDRESS),
+        )
+        .await
+        .unwrap();
+        let mut got = Vec::new();
+        for _ in 0..6 {
+            let d = within("recv", receiver.recv::<String>()).await.unwrap();
+            let count = d.message().header.as_ref().map_or(0, |h| h.delivery_count);
+            got.push((d.body().clone(), count));
+            within("accept", receiver.accept(&d)).await.unwrap();
+        }
+        let want: Vec<(String, u32)> = [0, 2, 3, 5, 6, 7]
+            .iter()
+            .map(|&i| (format!("m{i}"), if i == 6 { 2 } else { 0 }))
+            .collect();
+        assert_eq!(got, want);
+        on_every_replica(&c, "all acknowledged", |r| (0..8).all(|o| r.is_acked(o))).await;
+        served.close(receiver).await;
         c.shutdown().await;
     })
     .await

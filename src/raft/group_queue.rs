@@ -1,0 +1,66 @@
+//! Activation of one clustered address on the node that now leads its group (issue 12
+//! step 4.2, item (d)): a new [`GroupStore`] for this leadership, the live messages it
+//! recovers from the group, and a broker `Queue` over it that serves them.
+//!
+//! What it owns: the order of activation — the store's barrier first (every entry
+//! committed before this leadership is applied here), then the live list, then the
+//! queue, filled in offset order with each message's recorded delivery count.
+//!
+//! Invariants: a message enters the queue only once committed (recovered messages are
+//! committed by definition); the queue records its consumers' outcomes in the same store
+//! (`QueueOwner::Group`).
+//!
+//! Does not: watch leadership (the caller activates on a `Leadership` change and drops
+//! the broker, or its queue, when the leadership ends — one store per leadership),
+//! replace a queue of the same name that the broker already serves
+//! (`Broker::adopt_queue` keeps it), or know when a message was stored: the ops format
+//! carries no timestamp, so a recovered message's `ttl` counts from its activation (it
+//! lives longer than asked, never shorter) — see ARCHITECTURE.md, 4.2.
+
+use std::sync::Arc;
+
+use entrepot_cluster::GroupHandle;
+use entrepot_storage::DEFAULT_GROUP;
+
+use super::address_machine::AddressMachine;
+use super::group_store::{GroupStore, GroupStoreError};
+use crate::broker::queue::{now_ms, Queue, QueueOwner};
+use crate::broker::{queued, Broker};
+
+/// What activation built: the leadership's store, the queue over it, and how many live
+/// messages it recovered into the queue.
+pub struct Activated {
+    pub store: Arc<GroupStore>,
+    pub queue: Arc<Queue>,
+    pub recovered: usize,
+}
+
+/// Activates `address` on `broker` from its group (`handle`, and the `machine` the host
+/// applies it to); this node must lead the group ([`GroupStoreError::NotLeader`]).
+pub async fn activate(
+    broker: &Broker,
+    address: &str,
+    handle: GroupHandle,
+    machine: AddressMachine,
+) -> Result<Activated, GroupStoreError> {
+    let store = Arc::new(GroupStore::new(address, handle, machine));
+    let live = store.recover().await?;
+    let recovered = live.len();
+    let queue = broker.adopt_queue(Queue::owned(
+        address.to_owned(),
+        QueueOwner::Group(store.clone()),
+    ));
+    let activated_at = now_ms();
+    let messages = live.into_iter().map(|m| {
+        let mut q = queued(m.offset, m.message, activated_at);
+        let failed = store.delivery_count(DEFAULT_GROUP, m.offset);
+        q.delivery_count = q.delivery_count.max(failed);
+        q
+    });
+    queue.enqueue_all(broker, messages);
+    Ok(Activated {
+        store,
+        queue,
+        recovered,
+    })
+}
