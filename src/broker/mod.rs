@@ -170,6 +170,15 @@ impl Address {
         }
     }
 
+    /// The address's own store, when it has one (a clustered address's group): its
+    /// messages go there instead of into the shared store.
+    pub fn address_store(&self) -> Option<Arc<dyn store::AddressStore>> {
+        match self {
+            Address::Queue(q) => q.address_store().cloned(),
+            _ => None,
+        }
+    }
+
     /// Hands a durable message to the queue, or fans it out on the topic.
     pub fn accept(&self, broker: &Broker, msg: QueuedMessage, stored_at_ms: i64) {
         match self {

@@ -333,6 +333,14 @@ impl Queue {
         &self.name
     }
 
+    /// The queue's own store, when its owner is [`QueueOwner::Group`].
+    pub fn address_store(&self) -> Option<&Arc<dyn AddressStore>> {
+        match &self.owner {
+            QueueOwner::Group(store) => Some(store),
+            _ => None,
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, QueueState> {
         // A poisoned queue lock means a panic mid-update; the state is still the best we
         // have, and refusing service would not make it better.

@@ -169,14 +169,32 @@ pub enum StoreError {
 /// 4.2). It is the seam that lets a [`super::queue::Queue`] run over either store: a queue
 /// touches its store only to record what its consumers did, and a queue whose owner is
 /// [`super::queue::QueueOwner::Group`] records it here instead of in the ack log.
-/// Messages reach such a queue only after their commit (the caller enqueues what the
-/// address store says is committed); the producer side is not wired (ARCHITECTURE.md).
+/// Messages reach such a queue only after their commit: the connection enqueues what
+/// [`AddressAppend::committed`] says once its durable handle completed.
 pub trait AddressStore: Send + Sync + std::fmt::Debug {
+    /// Appends `message` (given as chunks); it enters the queue only once
+    /// [`AddressAppend::committed`] says where it lies.
+    fn append(&self, message: &[&[u8]]) -> Result<AddressAppend, AddressStoreError>;
     /// Marks `offsets` consumed for good in the address's own group; an error means they
     /// are not, and the queue keeps the messages.
     fn ack(&self, offsets: &[u64]) -> Result<Durable, AddressStoreError>;
     /// Records the failed deliveries of the address's message at `offset`.
     fn set_delivery_count(&self, offset: u64, count: u32) -> Result<Durable, AddressStoreError>;
+}
+
+/// A message an [`AddressStore`] took: durable (the producer's `accepted`) once `durable`
+/// completes — and by then `committed` holds the message's offset and stored body.
+pub struct AddressAppend {
+    pub durable: Durable,
+    pub committed: tokio::sync::oneshot::Receiver<Result<CommittedMessage, AddressStoreError>>,
+}
+
+/// A committed message of an [`AddressStore`]: its offset (the store's numbering) and the
+/// message as stored (a slice of the store's mapping).
+#[derive(Debug, Clone)]
+pub struct CommittedMessage {
+    pub offset: u64,
+    pub message: Bytes,
 }
 
 /// Why an [`AddressStore`] refused a change.

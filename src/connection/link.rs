@@ -37,6 +37,8 @@ use crate::broker::queue::{ConsumerId, ConsumerSpec, LinkKey, Queue};
 use crate::broker::Address;
 use crate::manifest::AddressType;
 
+mod address_produce;
+
 pub(super) enum Link {
     Producer(ProducerLink),
     Consumer(ConsumerLink),
@@ -1014,6 +1016,10 @@ impl Session {
         else {
             return Ok(());
         };
+        if let Some(store) = target.address_store() {
+            let in_txn = txn.is_some();
+            return self.store_in_address(conn, &incoming, in_txn, target, store, reservation);
+        }
         if let Some(txn_id) = txn {
             return self.stage_txn_message(
                 conn,
@@ -1133,6 +1139,7 @@ impl Session {
             stored_at_ms: ts,
             ack,
             reservation,
+            committed: None,
         });
         Ok(())
     }

@@ -186,6 +186,13 @@ struct PendingProduce {
     ack: Option<(u16, u32)>,
     /// Room held in the target queue under its plan until the message is enqueued.
     reservation: Option<crate::broker::limits::Reservation>,
+    /// For an address with its own store: where the committed message lies (its offset
+    /// and body replace `msg`'s once `durable` completes; `link/address_produce.rs`).
+    committed: Option<
+        tokio::sync::oneshot::Receiver<
+            Result<crate::broker::store::CommittedMessage, crate::broker::store::AddressStoreError>,
+        >,
+    >,
 }
 
 /// A frame of an incomplete delivery waiting for room in the broker-wide budget; while
@@ -438,6 +445,12 @@ impl Connection {
                 .front()
                 .map(|p| p.durable.clone().wait());
             let txn_wait = self.txns.discharge_wait();
+            // A message to an address with its own store waits on that store's watch.
+            let produce_wait = self
+                .pending
+                .front()
+                .filter(|p| p.committed.is_some())
+                .map(|p| p.durable.clone().wait());
             let parked = self.parked.is_some();
             let intake = Arc::clone(&self.broker.intake);
             tokio::select! {
@@ -477,6 +490,8 @@ impl Connection {
                     }
                 }
                 _ = async { settle_wait?.await; Some(()) }, if settle_wait.is_some() => {}
+                // A failure is seen by `complete_durable` (`has_failed`).
+                _ = async { let _ = produce_wait?.await; Some(()) }, if produce_wait.is_some() => {}
                 // A commit waiting for its acknowledgements (its messages wake durable_rx).
                 _ = async { txn_wait?.await; Some(()) }, if txn_wait.is_some() => {}
                 _ = tick.tick() => self.on_tick(idle_limit)?,
@@ -772,15 +787,37 @@ impl Connection {
             if !front.durable.is_durable() {
                 break;
             }
-            let Some(p) = self.pending.pop_front() else {
+            let Some(mut p) = self.pending.pop_front() else {
                 break;
             };
+            if let Some(mut committed) = p.committed.take() {
+                // Answered before its durable handle completed (see `AddressAppend`).
+                match committed.try_recv() {
+                    Ok(Ok(m)) => (p.msg.offset, p.msg.message) = (m.offset, m.message),
+                    other => {
+                        return Err(ConnError::protocol(
+                            AmqpError::InternalError,
+                            format!("message committed but not readable: {other:?}"),
+                        ))
+                    }
+                }
+            }
             p.target.accept(&self.broker, p.msg, p.stored_at_ms);
             // Enqueued: the queue counts it now, so its reservation can go.
             drop(p.reservation);
             if let Some(ack) = p.ack {
                 accepted.push(ack);
             }
+        }
+        let own_store_failed = self
+            .pending
+            .front()
+            .is_some_and(|p| p.committed.is_some() && p.durable.has_failed());
+        if own_store_failed {
+            return Err(ConnError::protocol(
+                AmqpError::InternalError,
+                "the address's store failed (its group's leadership ended?)",
+            ));
         }
         let failed = self.broker.store().durable_watch().borrow().failed.clone();
         if let Some(reason) = failed {

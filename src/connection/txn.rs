@@ -527,6 +527,7 @@ impl Session {
                     stored_at_ms: ts,
                     ack: None,
                     reservation: s.reservation,
+                    committed: None,
                 });
             }
         }

@@ -39,8 +39,9 @@
 //! neither), append a transaction's batch (its messages would need one proposal), write
 //! the subscription registry (the metadata group's), delete anything (the host purges
 //! below the machine's `lowest_needed`), or decide leadership. A `Queue` runs over it
-//! as its `broker::store::AddressStore` (acks and delivery counts); the producer side
-//! and activation are not wired: see ARCHITECTURE.md, "The broker on the host", 4.2.
+//! as its `broker::store::AddressStore` (producers' appends, acks, delivery counts;
+//! activation in `group_queue.rs`); nothing drives it from a leadership change yet: see
+//! ARCHITECTURE.md, "The broker on the host", 4.2.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -54,7 +55,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::address_machine::{message_record, AddressMachine};
 use crate::broker::replication::{self, OPS_VERSION};
-use crate::broker::store::{self, AddressStore, AddressStoreError, MAX_ADDRESS_LEN};
+use crate::broker::store::{
+    self, AddressAppend, AddressStore, AddressStoreError, CommittedMessage, MAX_ADDRESS_LEN,
+};
 
 /// Changes queued for the submitting task; a change past this is refused
 /// ([`GroupStoreError::Busy`]) rather than waited for, as the calls are synchronous.
@@ -123,32 +126,31 @@ pub struct GroupAppended {
 
 /// A message on its way through the group.
 pub struct PendingMessage {
-    answer: oneshot::Receiver<Result<Position, GroupError>>,
-    reader: Reader,
+    answer: oneshot::Receiver<Result<GroupMessage, GroupStoreError>>,
+    address: String,
 }
 
 impl PendingMessage {
     /// Waits for the proposal: the message's offset (the machine's, from its position)
     /// and its body read back from the node log.
     pub async fn committed(self) -> Result<GroupMessage, GroupStoreError> {
-        let closed = || GroupStoreError::Closed {
-            address: self.reader.address.clone(),
-        };
-        let position = self.answer.await.map_err(|_| closed())??;
-        let offset =
-            self.reader
-                .machine
-                .offset_at(position)
-                .ok_or_else(|| GroupStoreError::NoOffset {
-                    address: self.reader.address.clone(),
-                    position,
-                })?;
-        let message = self.reader.body(offset, position)?;
-        Ok(GroupMessage {
-            offset,
-            position,
-            message,
-        })
+        let address = self.address;
+        self.answer
+            .await
+            .map_err(|_| GroupStoreError::Closed { address })?
+    }
+
+    /// The same without waiting: `None` while the proposal is unresolved. Once the
+    /// append's durable handle completed or failed, the answer is there (the resolver
+    /// answers before it moves the watch).
+    pub fn try_committed(&mut self) -> Option<Result<GroupMessage, GroupStoreError>> {
+        match self.answer.try_recv() {
+            Ok(answer) => Some(answer),
+            Err(oneshot::error::TryRecvError::Empty) => None,
+            Err(oneshot::error::TryRecvError::Closed) => Some(Err(GroupStoreError::Closed {
+                address: self.address.clone(),
+            })),
+        }
     }
 }
 
@@ -161,6 +163,24 @@ struct Reader {
 }
 
 impl Reader {
+    /// The message proposed at `position`: its offset from the index, its body from the
+    /// log.
+    fn message(&self, position: Position) -> Result<GroupMessage, GroupStoreError> {
+        let offset = self
+            .machine
+            .offset_at(position)
+            .ok_or_else(|| GroupStoreError::NoOffset {
+                address: self.address.clone(),
+                position,
+            })?;
+        let message = self.body(offset, position)?;
+        Ok(GroupMessage {
+            offset,
+            position,
+            message,
+        })
+    }
+
     /// The message at `position` (the record of `offset`), a slice of the node log.
     fn body(&self, offset: u64, position: Position) -> Result<Bytes, GroupStoreError> {
         let not_a_message = || GroupStoreError::NotAMessage {
@@ -177,18 +197,18 @@ impl Reader {
     }
 }
 
+/// What the resolver does with a change's outcome before it moves the watch (an append
+/// resolves its message there: offset and body).
+type OnCommit = Box<dyn FnOnce(&Reader, Result<Position, GroupError>) + Send>;
+
 /// A change waiting for the submitter.
 struct Change {
     payload: Bytes,
-    /// Told the position (or the failure) of an append or a barrier.
-    answer: Option<oneshot::Sender<Result<Position, GroupError>>>,
+    on_commit: Option<OnCommit>,
 }
 
 /// A change submitted, waiting for its proposal.
-type Submitted = (
-    Result<Proposal, GroupError>,
-    Option<oneshot::Sender<Result<Position, GroupError>>>,
-);
+type Submitted = (Result<Proposal, GroupError>, Option<OnCommit>);
 
 /// The store of one clustered address; see the module docs.
 pub struct GroupStore {
@@ -212,16 +232,17 @@ impl GroupStore {
         let (changes, to_submit) = mpsc::channel(MAX_UNSUBMITTED_OPS);
         let (submitted, to_resolve) = mpsc::channel(MAX_UNRESOLVED_PROPOSALS);
         let (raise, committed) = watch::channel(DurableState::default());
+        let reader = Reader {
+            address: address.to_owned(),
+            handle: handle.clone(),
+            machine: machine.clone(),
+        };
         tokio::spawn(submit_in_order(handle.clone(), to_submit, submitted));
-        tokio::spawn(resolve_in_order(to_resolve, raise));
+        tokio::spawn(resolve_in_order(reader.clone(), to_resolve, raise));
         GroupStore {
             leadership: handle.leadership(),
             next_offset_guess: AtomicU64::new(machine.next_offset()),
-            reader: Reader {
-                address: address.to_owned(),
-                handle,
-                machine,
-            },
+            reader,
             next_seq: Mutex::new(0),
             changes,
             committed,
@@ -236,6 +257,23 @@ impl GroupStore {
     /// Appends `message` (given as chunks) as one message op. The record is the
     /// `store.rs` message record, so the body read back is the message exactly as sent.
     pub fn append(&self, message: &[&[u8]]) -> Result<GroupAppended, GroupStoreError> {
+        let payload = self.message_payload(message)?;
+        let (tell, answer) = oneshot::channel();
+        let on_commit: OnCommit = Box::new(move |reader, outcome| {
+            let _ = tell.send(outcome.map_err(Into::into).and_then(|p| reader.message(p)));
+        });
+        let durable = self.queue(payload, Some(on_commit))?;
+        Ok(GroupAppended {
+            durable,
+            pending: PendingMessage {
+                answer,
+                address: self.reader.address.clone(),
+            },
+        })
+    }
+
+    /// One message op carrying the `store.rs` record of `message`.
+    fn message_payload(&self, message: &[&[u8]]) -> Result<Bytes, GroupStoreError> {
         let address = &self.reader.address;
         if address.len() > MAX_ADDRESS_LEN {
             return Err(GroupStoreError::AddressTooLong(address.len()));
@@ -245,21 +283,12 @@ impl GroupStore {
         let mut b = BytesMut::with_capacity(replication::MESSAGE_RECORD_AT + record_len);
         b.put_u8(OPS_VERSION);
         let guess = self.next_offset_guess.fetch_add(1, Ordering::Relaxed);
-        // op 1 by hand: the record is written in place from its chunks, not copied twice.
         let mut op = BytesMut::with_capacity(record_len);
         op.put_slice(&store::record_header(address));
         op.put_slice(address.as_bytes());
         message.iter().for_each(|m| op.put_slice(m));
         replication::encode_message(&mut b, guess, &op);
-        let (tell, answer) = oneshot::channel();
-        let durable = self.queue(b.freeze(), Some(tell))?;
-        Ok(GroupAppended {
-            durable,
-            pending: PendingMessage {
-                answer,
-                reader: self.reader.clone(),
-            },
-        })
+        Ok(b.freeze())
     }
 
     /// Marks offsets acknowledged in the address's own group (consumed for good).
@@ -361,7 +390,10 @@ impl GroupStore {
     /// committed before it is applied to the machine here.
     async fn barrier(&self) -> Result<Position, GroupStoreError> {
         let (tell, answer) = oneshot::channel();
-        let durable = self.queue(Bytes::from_static(&[OPS_VERSION]), Some(tell))?;
+        let on_commit: OnCommit = Box::new(move |_, outcome| {
+            let _ = tell.send(outcome);
+        });
+        let durable = self.queue(Bytes::from_static(&[OPS_VERSION]), Some(on_commit))?;
         drop(durable);
         let closed = || GroupStoreError::Closed {
             address: self.reader.address.clone(),
@@ -380,7 +412,7 @@ impl GroupStore {
     fn queue(
         &self,
         payload: Bytes,
-        answer: Option<oneshot::Sender<Result<Position, GroupError>>>,
+        on_commit: Option<OnCommit>,
     ) -> Result<Durable, GroupStoreError> {
         let leadership = *self.leadership.borrow();
         if !leadership.leads {
@@ -393,7 +425,7 @@ impl GroupStore {
         let mut next = self.next_seq.lock().unwrap_or_else(|e| e.into_inner());
         let address = || self.reader.address.clone();
         self.changes
-            .try_send(Change { payload, answer })
+            .try_send(Change { payload, on_commit })
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => GroupStoreError::Busy { address: address() },
                 mpsc::error::TrySendError::Closed(_) => {
@@ -417,30 +449,51 @@ impl std::fmt::Debug for GroupStore {
 
 /// A queue over this store records its consumers' outcomes in the group.
 impl AddressStore for GroupStore {
+    fn append(&self, message: &[&[u8]]) -> Result<AddressAppend, AddressStoreError> {
+        let address = self.reader.address.clone();
+        let payload = self
+            .message_payload(message)
+            .map_err(|e| refusal(address.clone(), e))?;
+        let (tell, committed) = oneshot::channel();
+        let refused_as = address.clone();
+        let on_commit: OnCommit = Box::new(move |reader, outcome| {
+            let message = outcome.map_err(Into::into).and_then(|p| reader.message(p));
+            let _ = tell.send(
+                message
+                    .map(|m| CommittedMessage {
+                        offset: m.offset,
+                        message: m.message,
+                    })
+                    .map_err(|e| refusal(refused_as, e)),
+            );
+        });
+        let durable = self
+            .queue(payload, Some(on_commit))
+            .map_err(|e| refusal(address, e))?;
+        Ok(AddressAppend { durable, committed })
+    }
+
     fn ack(&self, offsets: &[u64]) -> Result<Durable, AddressStoreError> {
-        GroupStore::ack(self, offsets).map_err(|e| self.refusal(e))
+        GroupStore::ack(self, offsets).map_err(|e| refusal(self.reader.address.clone(), e))
     }
 
     fn set_delivery_count(&self, offset: u64, count: u32) -> Result<Durable, AddressStoreError> {
         GroupStore::set_delivery_count(self, DEFAULT_GROUP, offset, count)
-            .map_err(|e| self.refusal(e))
+            .map_err(|e| refusal(self.reader.address.clone(), e))
     }
 }
 
-impl GroupStore {
-    /// The broker's view of a refused change.
-    fn refusal(&self, e: GroupStoreError) -> AddressStoreError {
-        let address = self.reader.address.clone();
-        match e {
-            GroupStoreError::NotLeader { leader, .. } => {
-                AddressStoreError::NotLeader { address, leader }
-            }
-            GroupStoreError::Busy { .. } => AddressStoreError::Busy { address },
-            other => AddressStoreError::Unavailable {
-                address,
-                reason: other.to_string(),
-            },
+/// The broker's view of a refused change.
+fn refusal(address: String, e: GroupStoreError) -> AddressStoreError {
+    match e {
+        GroupStoreError::NotLeader { leader, .. } => {
+            AddressStoreError::NotLeader { address, leader }
         }
+        GroupStoreError::Busy { .. } => AddressStoreError::Busy { address },
+        other => AddressStoreError::Unavailable {
+            address,
+            reason: other.to_string(),
+        },
     }
 }
 
@@ -452,7 +505,7 @@ async fn submit_in_order(
 ) {
     while let Some(change) = changes.recv().await {
         let proposal = handle.submit(change.payload).await;
-        if submitted.send((proposal, change.answer)).await.is_err() {
+        if submitted.send((proposal, change.on_commit)).await.is_err() {
             return;
         }
     }
@@ -463,10 +516,11 @@ async fn submit_in_order(
 /// fails the watch for good (see the module invariants); every later change is still
 /// answered with its own outcome.
 async fn resolve_in_order(
+    reader: Reader,
     mut submitted: mpsc::Receiver<Submitted>,
     raise: watch::Sender<DurableState>,
 ) {
-    while let Some((proposal, answer)) = submitted.recv().await {
+    while let Some((proposal, on_commit)) = submitted.recv().await {
         let outcome = match proposal {
             Ok(p) => p.await,
             Err(e) => Err(e),
@@ -477,8 +531,8 @@ async fn resolve_in_order(
         };
         // Answered before the watch moves: whoever sees the change durable finds its
         // position already there. The appender may have stopped waiting: no matter.
-        if let Some(tell) = answer {
-            let _ = tell.send(outcome);
+        if let Some(on_commit) = on_commit {
+            on_commit(&reader, outcome);
         }
         raise.send_modify(|s| match (ok, &s.failed) {
             (true, None) => s.durable += 1,

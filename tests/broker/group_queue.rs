@@ -19,11 +19,11 @@ use entrepot::raft::group_queue::activate;
 use entrepot::raft::group_store::GroupStore;
 use entrepot::server::{serve, Serving};
 use fe2o3_amqp::types::messaging::Modified;
-use fe2o3_amqp::{Connection, Receiver, Session};
+use fe2o3_amqp::{Connection, Receiver, Sender, Session};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
-use crate::client::within;
+use crate::client::{within, within_for, QUIET};
 use crate::three_hosts::{Cluster, NODES, WAIT};
 
 const ADDRESS: &str = "orders";
@@ -223,6 +223,76 @@ async fn after_every_host_restarts_the_new_leader_activates_the_queue_with_exact
             .collect();
         assert_eq!(got, want);
         on_every_replica(&c, "all acknowledged", |r| (0..8).all(|o| r.is_acked(o))).await;
+        served.close(receiver).await;
+        c.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_is_accepted_only_once_the_group_committed_and_its_messages_are_served_from_it()
+{
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let mut c = Cluster::start().await;
+        let leader = c.leader_id().await;
+        let store = Arc::new(GroupStore::new(
+            ADDRESS,
+            c.handle(leader),
+            c.machine(leader),
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let broker = temp_broker(&dir);
+        broker.adopt_queue(Queue::owned(
+            ADDRESS.to_owned(),
+            QueueOwner::Group(store.clone()),
+        ));
+        let mut served = serve_and_connect(&broker).await;
+        let mut sender = within("attach", Sender::attach(&mut served.session, "s", ADDRESS))
+            .await
+            .unwrap();
+        // Accepted means committed: the leader's index holds the message already.
+        for i in 0..MESSAGES {
+            let outcome = within("send", sender.send(format!("p{i}"))).await.unwrap();
+            assert!(outcome.is_accepted(), "{outcome:?}");
+            assert_eq!(c.machine(leader).next_offset(), i + 1);
+        }
+        // No majority: the leader logs the next one, but the producer hears nothing.
+        let followers: Vec<u64> = (0..NODES).filter(|&n| n != leader).collect();
+        for &n in &followers {
+            c.stop(n).await;
+        }
+        let mut waiting = Box::pin(sender.send("after the quorum".to_owned()));
+        assert!(tokio::time::timeout(QUIET, &mut waiting).await.is_err());
+        c.start_again(followers[0]).await;
+        let outcome = within_for(WAIT, "send with a majority", waiting)
+            .await
+            .unwrap();
+        assert!(outcome.is_accepted(), "{outcome:?}");
+        // Served from the group, in order; accepted; acknowledged on the running replicas.
+        let mut receiver = within(
+            "attach",
+            Receiver::attach(&mut served.session, "r", ADDRESS),
+        )
+        .await
+        .unwrap();
+        let mut want: Vec<String> = (0..MESSAGES).map(|i| format!("p{i}")).collect();
+        want.push("after the quorum".into());
+        for w in &want {
+            let d = within("recv", receiver.recv::<String>()).await.unwrap();
+            assert_eq!(d.body(), w);
+            within("accept", receiver.accept(&d)).await.unwrap();
+        }
+        let all = want.len() as u64;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        for &n in [leader, followers[0]].iter() {
+            let replica = GroupStore::new(ADDRESS, c.handle(n), c.machine(n));
+            while !(0..all).all(|o| replica.is_acked(o)) {
+                assert!(tokio::time::Instant::now() < deadline, "node {n}: acks");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        within("detach", sender.close()).await.unwrap();
         served.close(receiver).await;
         c.shutdown().await;
     })
