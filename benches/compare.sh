@@ -9,7 +9,9 @@
 # Workloads (persistent = header.durable; every message checked for loss by sequence):
 #   p1k-1x1   1 KiB, 1 producer / 1 consumer          p1k-8x8   1 KiB, 8 / 8
 #   p64k-1x1  64 KiB, 1 / 1                           fanout    1 KiB, 1 producer -> 10 subscribers
-#   lat-half  1 KiB, 1 / 1 at half of that broker's p1k-1x1 peak (--rate): latency at load
+#   lat-half  1 KiB, 1 / 1 at half of that broker's p1k-1x1 peak (--rate): latency at load;
+#             for Entrepot also its /metrics around the run, whose read->accepted and fsync
+#             histograms give the `lat-half entrepot:` breakdown line of the p99
 #   credit    consume only: one consumer drains a backlog at credit 4000, then at 250 (Nagle on)
 #             with its credit topped up every eighth, then at 250 granted by fe2o3-amqp (at half)
 #   ceiling   1 KiB, 8 producers, no consumers, against `entrepot serve --sink` (accepts and
@@ -51,6 +53,9 @@ entrepot_port="${ENTREPOT_PORT:-5692}"
 entrepot_http="${ENTREPOT_HTTP_PORT:-18092}"
 run_timeout=$(( duration + warmup + 120 ))
 cases="${CASES:-p1k-1x1 p1k-8x8 p64k-1x1 fanout lat-half}"
+# The credit case runs before the others unless CREDIT=0; named in CASES it is not run again
+# as a workload (it would overwrite its own credit-BROKER.json).
+cases="${cases//credit/}"
 notes=()
 
 step() { echo "==> $*" >&2; }
@@ -138,6 +143,33 @@ cpu_ticks() { # cpu_ticks PID → utime+stime in clock ticks (0 when unreadable)
 }
 clk_tck=$(getconf CLK_TCK)
 
+# --- the broker's own latency histograms (Entrepot's /metrics) --------------------------
+# hist_quantiles BEFORE AFTER NAME → JSON {p50_ms, p99_ms, max_ms, count}: upper bounds of
+# the buckets that hold those quantiles of the observations made between the two scrapes
+# (max: the highest non-empty bucket; null past the last bound).
+hist_quantiles() {
+    awk -v name="$3" '
+        FNR == 1 { f++ }
+        index($0, name "_bucket{le=\"") == 1 {
+            split($0, a, "\""); le = a[2]; n = $NF
+            if (f == 1) before[le] = n; else { after[le] = n; order[++k] = le }
+        }
+        END {
+            total = after[order[k]] - before[order[k]]
+            if (total <= 0) { print "{\"count\": 0}"; exit }
+            p50 = p99 = ""; prev = 0; top = ""
+            for (i = 1; i <= k; i++) {
+                le = order[i]; c = after[le] - before[le]
+                if (c > prev) top = le
+                if (p50 == "" && c >= 0.5 * total) p50 = le
+                if (p99 == "" && c >= 0.99 * total) p99 = le
+                prev = c
+            }
+            printf "{\"count\": %d, \"p50_ms\": %s, \"p99_ms\": %s, \"max_ms\": %s}\n", total,
+                (p50 == "+Inf" ? "null" : p50 * 1000), (p99 == "+Inf" ? "null" : p99 * 1000), (top == "+Inf" ? "null" : top * 1000)
+        }' "$1" "$2"
+}
+
 # --- one run ----------------------------------------------------------------------------
 # bench BROKER CASE [extra flags] → writes $out/CASE-BROKER.json (or records the failure)
 bench() {
@@ -167,8 +199,13 @@ bench() {
             esac ;;
     esac
     step "$broker $case: entrepot-bench ${conn[*]/*@/***@} ${addr[*]} ${shape[*]} --size $size $*"
-    local pid cpu0
+    local pid cpu0 scrape=""
     pid=$(broker_pid "$broker"); cpu0=$(cpu_ticks "${pid:-0}")
+    # Entrepot's latency runs: its /metrics around the run, for the breakdown of the p99.
+    if [ "$broker" = entrepot ] && [ "$case" = lat-half ]; then
+        scrape="$out/$case-$broker.metrics"
+        curl -s --max-time 5 "http://127.0.0.1:$entrepot_http/metrics" >"$scrape.0" || scrape=""
+    fi
     if RUST_LOG="${RUST_LOG:-warn}" NO_COLOR=1 "$bench_bin" "${conn[@]}" "${addr[@]}" "${shape[@]}" --size "$size" --persistent \
         --duration "$duration" --warmup "$warmup" --timeout "$run_timeout" --quiet --processes "$processes" \
         --json "$json" "$@" >"$out/$case-$broker.txt" 2>&1; then
@@ -181,6 +218,11 @@ bench() {
              | . + {broker_cpu_s: ($t / $hz), broker_cpu_us_per_msg: (if $n > 0 then $t / $hz * 1e6 / $n else 0 end),
                     generator_cpu_us_per_msg: (if $n > 0 then (.generator.cpu_s // 0) * 1e6 / $n else 0 end)}' \
             "$json" >"$json.tmp" && mv "$json.tmp" "$json"
+        if [ -n "$scrape" ] && curl -s --max-time 5 "http://127.0.0.1:$entrepot_http/metrics" >"$scrape.1"; then
+            jq --argjson a "$(hist_quantiles "$scrape.0" "$scrape.1" entrepot_produce_accept_seconds)" \
+                --argjson f "$(hist_quantiles "$scrape.0" "$scrape.1" entrepot_fsync_seconds)" \
+                '. + {broker_read_to_accepted: $a, broker_fsync: $f}' "$json" >"$json.tmp" && mv "$json.tmp" "$json"
+        fi
     else
         step "$broker $case FAILED: $(tail -1 "$out/$case-$broker.txt")"
         [ -s "$json" ] || echo "{\"failed\": $(tail -1 "$out/$case-$broker.txt" | jq -R .)}" >"$json"
@@ -282,7 +324,7 @@ done
 cleanup
 
 # --- physical limits ----------------------------------------------------------------------
-fio_64k="n/a"; fio_4k="n/a"; fsync_p99_us="n/a"; iperf_mbs="n/a"
+fio_64k="n/a"; fio_4k="n/a"; fsync_p99_us="n/a"; fsync_max_us="n/a"; iperf_mbs="n/a"
 if [ "${SKIP_LIMITS:-0}" != 1 ]; then
     need fio fio
     need iperf3 iperf3
@@ -303,6 +345,7 @@ if [ "${SKIP_LIMITS:-0}" != 1 ]; then
     f=$(run_fio sync4k --rw=write --bs=4k --fdatasync=1)
     fio_4k=$(jq '.jobs[0].write.bw_bytes / 1e6 | . * 100 | floor / 100' "$f")
     fsync_p99_us=$(jq '.jobs[0].sync.lat_ns.percentile["99.000000"] / 1000 | floor' "$f")
+    fsync_max_us=$(jq '.jobs[0].sync.lat_ns.max / 1000 | floor' "$f")
     step "iperf3: loopback TCP bandwidth, 5 s"
     iperf3 -s -1 -B 127.0.0.1 -p "${IPERF_PORT:-15201}" >/dev/null 2>&1 &
     iperf_pid=$!
@@ -358,6 +401,7 @@ ceiling_row() { # the generator's own ceiling: accepted msgs/s against the sink
     echo "| fio write bs=64k fdatasync=1 | $fio_64k MB/s |"
     echo "| fio write bs=4k fdatasync=1 | $fio_4k MB/s |"
     echo "| fdatasync p99 (fio, 4k) | $fsync_p99_us us |"
+    echo "| fdatasync max (fio, 4k) | $fsync_max_us us |"
     echo "| iperf3 loopback TCP | $iperf_mbs MB/s |"
 } >"$out/table.md"
 
@@ -399,6 +443,13 @@ for b in entrepot rabbitmq-qq rabbitmq-classic nats; do
     [ -f "$j" ] && jq -e '.receive_msgs_per_s > 0' "$j" >/dev/null 2>&1 || continue
     jq -r --arg b "$b" '"cpu per message p1k-8x8 \($b): broker \(.broker_cpu_us_per_msg // 0 | . * 10 | round / 10) us, generator \(.generator_cpu_us_per_msg // 0 | . * 10 | round / 10) us (generator used \(.generator.cpu_cores_used // 0 | . * 100 | round / 100) of \(.generator.cores // 0) cores)"' "$j"
 done
+# Where Entrepot's p99 produce->accepted at half load goes: the generator's own lag before
+# the send (timer tick, full window, descheduled), the broker's read->accepted and its
+# fsyncs (bucket bounds of its histograms), beside fio's fdatasync.
+j="$out/lat-half-entrepot.json"
+if [ -f "$j" ] && jq -e '.broker_read_to_accepted.count > 0' "$j" >/dev/null 2>&1; then
+    jq -r --arg fp "$fsync_p99_us" --arg fm "$fsync_max_us" '"lat-half entrepot: p99 produce->accepted \(.produce_to_accepted.p99_us / 1000) ms (p50 \(.produce_to_accepted.p50_us / 1000)); generator send lag p99 \((.send_lag.p99_us // 0) / 1000) ms (p50 \((.send_lag.p50_us // 0) / 1000)); broker read->accepted p99 <= \(.broker_read_to_accepted.p99_ms) ms, max <= \(.broker_read_to_accepted.max_ms) ms; broker fsync p99 <= \(.broker_fsync.p99_ms) ms, max <= \(.broker_fsync.max_ms) ms (\(.broker_fsync.count) syncs); fio fdatasync p99 \($fp) us, max \($fm) us"' "$j"
+fi
 if [ -f "$out/credit-entrepot.json" ]; then
     jq -r 'if .c4000 > 0 then "credit 250/4000: \(.c250 / .c4000 | . * 100 | round / 100) (\(.c250 | round) vs \(.c4000 | round) msgs/s, one consumer, Nagle on; with fe2o3-amqp granting at half: \((.c250_half // 0) / .c4000 | . * 100 | round / 100))" else "credit 250/4000: n/a" end' "$out/credit-entrepot.json"
 fi

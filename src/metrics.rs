@@ -162,6 +162,12 @@ fn store_metrics(out: &mut String, broker: &Broker) {
         st.sync_nanos_total.load(Ordering::Relaxed),
         st.syncs.load(Ordering::Relaxed),
     );
+    render_latency(
+        out,
+        "entrepot_produce_accept_seconds",
+        "From the socket read that brought a transfer to the encoding of its accepted: the broker's share of produce-to-accepted",
+        &broker.stats.produce_accept,
+    );
 }
 
 /// The counters of manifest applies to this broker.

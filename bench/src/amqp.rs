@@ -8,7 +8,6 @@
 //! opened here with TCP_NODELAY, because fe2o3-amqp does not set it and Nagle's algorithm
 //! then delays its small disposition and flow frames by up to 40 ms.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -204,8 +203,7 @@ async fn produce_inner(
             f = sender.send_batchable(msg) => f.context("send")?,
             _ = abort.wait_for(|a| *a) => break,
         };
-        stats.sent += 1;
-        ctx.counters.sent.fetch_add(1, Ordering::Relaxed);
+        ctx.count_sent(stats, scheduled);
         if tx.send((seq, scheduled, fut, permit)).is_err() {
             break;
         }

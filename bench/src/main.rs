@@ -93,6 +93,19 @@ impl Ctx {
         }
     }
 
+    /// Counts one message handed to the client library, and once the warm-up is over how
+    /// long after its scheduled time that was (the generator's own share of its latency:
+    /// the timer's tick, a full window, a descheduled thread).
+    fn count_sent(&self, stats: &mut stats::ProducerStats, scheduled: Instant) {
+        stats.sent += 1;
+        self.counters
+            .sent
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if scheduled >= self.measure_from() {
+            stats.send_lag.record(Instant::now() - scheduled);
+        }
+    }
+
     pub fn measure_from(&self) -> Instant {
         self.started.get().copied().unwrap_or(self.clock.t0) + self.workload.warmup
     }

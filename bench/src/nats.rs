@@ -11,7 +11,6 @@
 
 use std::collections::VecDeque;
 use std::future::IntoFuture;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -91,8 +90,7 @@ async fn produce_inner(
                 a = js.publish(subject.clone(), payload) => a.context("publish")?,
                 _ = abort.wait_for(|a| *a) => break 'run,
             };
-            stats.sent += 1;
-            ctx.counters.sent.fetch_add(1, Ordering::Relaxed);
+            ctx.count_sent(stats, scheduled);
             inflight.push_back((seq, scheduled, ack.into_future()));
         }
         while let Some((seq, t, ack)) = inflight.pop_front() {

@@ -140,6 +140,9 @@ pub struct Summary {
     pub receive_msgs_per_s: f64,
     pub receive_mb_per_s: f64,
     pub produce_to_accepted: LatencySummary,
+    /// The part of produce→accepted spent in the generator before the client library had
+    /// the message: scheduled send time → the send call returned.
+    pub send_lag: LatencySummary,
     pub end_to_end: LatencySummary,
     pub loss: Loss,
     pub generator: Generator,
@@ -218,6 +221,7 @@ impl Summary {
             receive_msgs_per_s: recv_rate,
             receive_mb_per_s: mb(recv_rate),
             produce_to_accepted: t.ack_latency.summary(),
+            send_lag: t.send_lag.summary(),
             end_to_end: t.e2e_latency.summary(),
             loss: loss(t, w.slice.producers_total, w.delivery),
             generator: generator(t.cpu_secs, wall, a.processes),
@@ -295,6 +299,7 @@ impl Summary {
             self.receive_mb_per_s
         );
         lat("produce->accepted:", &self.produce_to_accepted);
+        lat("send lag:", &self.send_lag);
         lat("end-to-end:", &self.end_to_end);
         println!("generator: {}", self.generator.note);
         for e in &self.errors {

@@ -179,6 +179,8 @@ pub struct ProducerStats {
     pub measured: u64,
     pub last_ack: Option<Instant>,
     pub ack_latency: Latency,
+    /// Scheduled send time → handed to the client library, after the warm-up.
+    pub send_lag: Latency,
     pub error: Option<String>,
 }
 
@@ -191,6 +193,7 @@ impl ProducerStats {
         self.measured += other.measured;
         self.last_ack = self.last_ack.max(other.last_ack);
         self.ack_latency.merge(&other.ack_latency);
+        self.send_lag.merge(&other.send_lag);
     }
 }
 

@@ -27,6 +27,9 @@ pub struct Tally {
     pub last_ack_unix_ns: Option<u64>,
     pub last_delivery_unix_ns: Option<u64>,
     pub ack_latency: Latency,
+    /// Scheduled send time → handed to the client library (see `Ctx::count_sent`).
+    #[serde(default)]
+    pub send_lag: Latency,
     pub e2e_latency: Latency,
     /// Per global receiver group: which sequence numbers arrived.
     pub groups: Vec<TrackerFigures>,
@@ -59,6 +62,8 @@ impl Tally {
         producers
             .iter()
             .for_each(|p| ack_latency.merge(&p.ack_latency));
+        let mut send_lag = Latency::default();
+        producers.iter().for_each(|p| send_lag.merge(&p.send_lag));
         let mut e2e_latency = Latency::default();
         consumers
             .iter()
@@ -80,6 +85,7 @@ impl Tally {
                 .max()
                 .map(unix),
             ack_latency,
+            send_lag,
             e2e_latency,
             groups: ctx
                 .groups
@@ -118,6 +124,7 @@ impl Tally {
         self.last_ack_unix_ns = self.last_ack_unix_ns.max(other.last_ack_unix_ns);
         self.last_delivery_unix_ns = self.last_delivery_unix_ns.max(other.last_delivery_unix_ns);
         self.ack_latency.merge(&other.ack_latency);
+        self.send_lag.merge(&other.send_lag);
         self.e2e_latency.merge(&other.e2e_latency);
         grow(&mut self.groups, other.groups.len());
         for (a, b) in self.groups.iter_mut().zip(&other.groups) {

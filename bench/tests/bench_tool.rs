@@ -128,7 +128,8 @@ fn bench_sends_and_receives_every_message_and_writes_json() {
     ));
     assert!(j["send_msgs_per_s"].as_f64().unwrap() > 0.0);
     assert!(j["receive_msgs_per_s"].as_f64().unwrap() > 0.0);
-    for h in ["produce_to_accepted", "end_to_end"] {
+    // send_lag: one per message sent after the warm-up, as produce_to_accepted.
+    for h in ["produce_to_accepted", "send_lag", "end_to_end"] {
         assert_eq!(j[h]["count"], 2000, "{h}");
         assert!(j[h]["p99_us"].as_u64().unwrap() >= j[h]["p50_us"].as_u64().unwrap());
         assert!(j[h]["max_us"].as_u64().unwrap() >= j[h]["p999_us"].as_u64().unwrap());
@@ -198,6 +199,10 @@ fn bench_over_two_processes_merges_figures_and_the_loss_check() {
     );
     assert_eq!(j["loss"]["missing"], 0);
     assert_eq!(j["produce_to_accepted"]["count"], 400);
+    assert_eq!(
+        j["send_lag"]["count"], 400,
+        "the children's send lags are merged"
+    );
     assert_eq!(j["end_to_end"]["count"], 1200);
 }
 

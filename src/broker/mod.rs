@@ -72,6 +72,10 @@ pub struct BrokerStats {
     pub connection_errors: AtomicU64,
     /// What the applies of declaration sets (manifests) did here, for metrics and status.
     pub declarations: DeclarationStats,
+    /// From the socket read that brought a producer's transfer to the encoding of its
+    /// `accepted` (the group commit plus the connection's wake-up): the broker's share of
+    /// a client's produce→accepted latency.
+    pub produce_accept: latency::LatencyHistogram,
 }
 
 pub struct Broker {

@@ -1137,6 +1137,7 @@ impl Session {
             target,
             msg,
             stored_at_ms: ts,
+            read_at: conn.last_read,
             ack,
             reservation,
             committed: None,

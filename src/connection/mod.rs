@@ -182,6 +182,8 @@ struct PendingProduce {
     target: Address,
     msg: QueuedMessage,
     stored_at_ms: i64,
+    /// When the read that brought its transfer returned (`BrokerStats::produce_accept`).
+    read_at: Instant,
     /// `(remote channel, delivery id)` to accept once durable; `None` if pre-settled.
     ack: Option<(u16, u32)>,
     /// Room held in the target queue under its plan until the message is enqueued.
@@ -783,6 +785,7 @@ impl Connection {
     /// per run of consecutive delivery ids.
     fn complete_durable(&mut self) -> Result<(), ConnError> {
         let mut accepted: Vec<(u16, u32)> = Vec::new();
+        let mut now = None;
         while let Some(front) = self.pending.front() {
             if !front.durable.is_durable() {
                 break;
@@ -807,6 +810,9 @@ impl Connection {
             drop(p.reservation);
             if let Some(ack) = p.ack {
                 accepted.push(ack);
+                let now = *now.get_or_insert_with(Instant::now);
+                let took = now.saturating_duration_since(p.read_at);
+                self.broker.stats.produce_accept.record(took);
             }
         }
         let own_store_failed = self

@@ -525,6 +525,7 @@ impl Session {
                     target: s.target,
                     msg: crate::broker::queued_view(offset, &parsed, ts),
                     stored_at_ms: ts,
+                    read_at: conn.last_read,
                     ack: None,
                     reservation: s.reservation,
                     committed: None,

@@ -1,8 +1,9 @@
 //! The HTTP endpoint: health probes and the Prometheus metrics an operator relies on.
 //!
 //! Goal: `/healthz` and `/readyz` answer 200 on a running broker; `/metrics` reports each
-//! queue's depth as it really is after sends, deliveries and accepts, and the message
-//! log's fsync latency histogram has observations once messages were stored.
+//! queue's depth as it really is after sends, deliveries and accepts, the message log's
+//! fsync latency histogram has observations once messages were stored, and the broker's
+//! read→accepted histogram one per accepted transfer.
 //!
 //! Method: drive a queue with fe2o3-amqp to known states and read `/metrics` over plain
 //! HTTP. A queue's depth is exact as soon as the producer holds its `accepted` (a message
@@ -144,6 +145,25 @@ async fn queue_depth_follows_sends_and_accepts_and_fsyncs_are_counted() {
     assert!(
         sum.is_some_and(|s| s > 0.0),
         "{syncs} fsyncs took no time at all: {sum:?}"
+    );
+    // The broker's share of produce->accepted: one observation per accepted transfer
+    // (the 5 sends; the consumer's accepts are not produces), each at least an fsync.
+    assert_eq!(
+        value(&body, "entrepot_produce_accept_seconds_count"),
+        Some(5.0),
+        "one read->accepted observation per accepted transfer"
+    );
+    assert_eq!(
+        value(
+            &body,
+            r#"entrepot_produce_accept_seconds_bucket{le="+Inf"}"#
+        ),
+        Some(5.0)
+    );
+    let accept_sum = value(&body, "entrepot_produce_accept_seconds_sum");
+    assert!(
+        accept_sum.is_some_and(|s| s > 0.0),
+        "accepts after an fsync took no time at all: {accept_sum:?}"
     );
     within("close", sender.close()).await.unwrap();
     within("close", conn.close()).await.unwrap();
