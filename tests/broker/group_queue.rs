@@ -8,6 +8,7 @@
 //! `server::serve` on `127.0.0.1:0`) serves the queue; an fe2o3 receiver consumes. Every
 //! wait is bounded; nothing is timed.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use entrepot::config::BrokerConfig;
 use entrepot::raft::group_queue::activate;
 use entrepot::raft::group_store::GroupStore;
 use entrepot::server::{serve, Serving};
+use entrepot_storage::RECORD_HEADER_LEN;
 use fe2o3_amqp::types::messaging::Modified;
 use fe2o3_amqp::{Connection, Receiver, Sender, Session};
 use tokio::net::TcpListener;
@@ -81,8 +83,10 @@ async fn serve_and_connect(broker: &Arc<Broker>) -> Served {
 }
 
 impl Served {
-    async fn close(mut self, receiver: Receiver) {
-        within("detach", receiver.close()).await.unwrap();
+    async fn close(mut self, receiver: Option<Receiver>) {
+        if let Some(receiver) = receiver {
+            within("detach", receiver.close()).await.unwrap();
+        }
         within("end", self.session.end()).await.unwrap();
         within("close", self.conn.close()).await.unwrap();
         self.stop.send(true).unwrap();
@@ -169,7 +173,7 @@ async fn a_queue_over_a_group_store_records_a_consumers_outcomes_in_the_group() 
             (0..MESSAGES).all(|o| r.is_acked(o)) && r.read(3).unwrap().is_none()
         })
         .await;
-        served.close(receiver).await;
+        served.close(Some(receiver)).await;
         c.shutdown().await;
     })
     .await
@@ -223,7 +227,7 @@ async fn after_every_host_restarts_the_new_leader_activates_the_queue_with_exact
             .collect();
         assert_eq!(got, want);
         on_every_replica(&c, "all acknowledged", |r| (0..8).all(|o| r.is_acked(o))).await;
-        served.close(receiver).await;
+        served.close(Some(receiver)).await;
         c.shutdown().await;
     })
     .await
@@ -293,7 +297,75 @@ async fn a_producer_is_accepted_only_once_the_group_committed_and_its_messages_a
             }
         }
         within("detach", sender.close()).await.unwrap();
-        served.close(receiver).await;
+        served.close(Some(receiver)).await;
+        c.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Bytes each node's log wrote so far (records with their frames).
+fn written(c: &Cluster) -> Vec<u64> {
+    (0..NODES)
+        .map(|n| {
+            let s = c.nodes[&n].host.node_log().log().stats();
+            let frames = s.records_appended.load(Ordering::Relaxed) * RECORD_HEADER_LEN as u64;
+            s.bytes_appended.load(Ordering::Relaxed) + frames
+        })
+        .collect()
+}
+
+/// Issue 12's "each message written once": a message produced over AMQP to an address
+/// with its own store costs every node about one copy in its node log, and nothing in the
+/// broker's shared store. The figure is printed (`--nocapture`); the bound is 1.25× (one
+/// copy plus framing, far below the two copies of the one-group cluster).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_writes_a_produced_message_once() {
+    const COUNT: u64 = 100;
+    const BODY_BYTES: usize = 1024;
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let c = Cluster::start().await;
+        let leader = c.leader_id().await;
+        let store = Arc::new(GroupStore::new(
+            ADDRESS,
+            c.handle(leader),
+            c.machine(leader),
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let broker = temp_broker(&dir);
+        broker.adopt_queue(Queue::owned(
+            ADDRESS.to_owned(),
+            QueueOwner::Group(store.clone()),
+        ));
+        let mut served = serve_and_connect(&broker).await;
+        let mut sender = within("attach", Sender::attach(&mut served.session, "s", ADDRESS))
+            .await
+            .unwrap();
+        let body = "x".repeat(BODY_BYTES);
+        let before = written(&c);
+        for _ in 0..COUNT {
+            let outcome = within("send", sender.send(body.clone())).await.unwrap();
+            assert!(outcome.is_accepted(), "{outcome:?}");
+        }
+        let applied = c.handle(leader).applied().borrow().unwrap();
+        c.applied_everywhere(applied).await;
+        let after = written(&c);
+        // The message as the producer encoded it (an amqp-value str32 section: 3 bytes
+        // of descriptor, a constructor, a 4-byte length), stored exactly so.
+        let message_bytes = BODY_BYTES + 8;
+        assert_eq!(store.read(0).unwrap().expect("live").len(), message_bytes);
+        for n in 0..NODES {
+            let per_message = (after[n as usize] - before[n as usize]) as f64 / COUNT as f64;
+            let ratio = per_message / message_bytes as f64;
+            eprintln!(
+                "node {n}: {per_message:.0} B written per {message_bytes} B message ({ratio:.3}x)"
+            );
+            assert!((1.0..1.25).contains(&ratio), "node {n}: {ratio:.3}x");
+        }
+        let shared = broker.store().log().stats();
+        assert_eq!(shared.records_appended.load(Ordering::Relaxed), 0);
+        within("detach", sender.close()).await.unwrap();
+        served.close(None).await;
         c.shutdown().await;
     })
     .await

@@ -213,3 +213,42 @@ async fn the_live_messages_come_back_after_a_full_restart_and_on_a_new_leader() 
     .await
     .expect("test timed out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_a_proposal_fails_the_store_accepts_nothing_more() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let mut c = Cluster::start().await;
+        let leader = c.leader_id().await;
+        let s = store(&c, leader);
+        append_all(&s, 0..3).await;
+        // No majority, then the leader's host stops: the pending message fails.
+        for n in (0..NODES).filter(|&n| n != leader) {
+            c.stop(n).await;
+        }
+        let a = s.append(&[b"never committed"]).unwrap();
+        c.stop(leader).await;
+        let failed = tokio::time::timeout(WAIT, a.durable.clone().wait())
+            .await
+            .expect("answered in time");
+        assert!(failed.is_err() && a.durable.has_failed());
+        assert!(a.pending.committed().await.is_err());
+        assert!(s.failed().is_some(), "the store is failed for good");
+        // Whatever comes next is refused at once or never durable.
+        match s.ack(&[0]) {
+            Err(e) => assert!(
+                matches!(
+                    e,
+                    GroupStoreError::NotLeader { .. } | GroupStoreError::Closed { .. }
+                ),
+                "{e:?}"
+            ),
+            Ok(d) => {
+                let later = tokio::time::timeout(WAIT, d.clone().wait()).await;
+                assert!(matches!(later, Ok(Err(_))) && d.has_failed());
+            }
+        }
+        c.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
