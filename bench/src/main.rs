@@ -45,6 +45,12 @@ use schedule::{share, Schedule};
 use stats::{Clock, ConsumerStats, ProducerStats, Stamp, Tracker};
 use tally::Tally;
 
+/// The generator's allocator: mimalloc's thread-local free lists instead of glibc's
+/// arenas, whose consolidation ran on every allocation of a 1 KiB+ frame (see Cargo.toml).
+/// The broker under test keeps its own allocator; only the load generator's CPU changes.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Longest the consumers may take to attach before producers start anyway.
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest tasks get to return their figures after the hard timeout.
