@@ -88,6 +88,7 @@ impl Session {
             target,
             msg,
             stored_at_ms,
+            read_at: conn.last_read,
             ack,
             reservation,
             committed: Some(appended.committed),
