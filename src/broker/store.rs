@@ -68,10 +68,16 @@ pub const fn ack_reserve_bytes(segment_bytes: u64) -> u64 {
 const _: () = assert!(ack_reserve_bytes(entrepot_storage::DEFAULT_SEGMENT_BYTES) == 25 << 20);
 
 // Format (message record payload, v1): { version: u8 = 1 | kind: u8 = 1 | address_len: u16 LE | address: [u8; address_len] (UTF-8) | message: AMQP 1.0 sections as received }
+// Format (timed message record payload, v1): { version: u8 = 1 | kind: u8 = 3 | address_len: u16 LE | address | stored_at_ms: i64 LE (the proposer's clock) | message }
 // Format (transaction message record payload, v1): { version: u8 = 1 | kind: u8 = 2 | address_len: u16 LE | address | txn_batch: u64 LE (random) | txn_remaining: u32 LE (records of the batch after this one) | message }
 
 /// Kind byte of a message written by a transaction's commit (see [`Store::append_txn_batch`]).
 pub const KIND_TXN_MESSAGE: u8 = 2;
+/// Kind byte of a message record that carries its own store time: written by a clustered
+/// address's group store (`raft::group_store`), whose log entries have no timestamp, so a
+/// message's `ttl` still counts from when it was stored after a restart or a failover.
+/// Never written to the shared log (whose records have their own timestamp).
+pub const KIND_TIMED_MESSAGE: u8 = 3;
 /// Bytes a transaction message record carries between its address and its message.
 const TXN_TRAILER_LEN: usize = 12;
 
@@ -174,7 +180,11 @@ pub enum StoreError {
 pub trait AddressStore: Send + Sync + std::fmt::Debug {
     /// Appends `message` (given as chunks); it enters the queue only once
     /// [`AddressAppend::committed`] says where it lies.
-    fn append(&self, message: &[&[u8]]) -> Result<AddressAppend, AddressStoreError>;
+    fn append(
+        &self,
+        message: &[&[u8]],
+        stored_at_ms: i64,
+    ) -> Result<AddressAppend, AddressStoreError>;
     /// Marks `offsets` consumed for good in the address's own group; an error means they
     /// are not, and the queue keeps the messages.
     fn ack(&self, offsets: &[u64]) -> Result<Durable, AddressStoreError>;
@@ -194,6 +204,8 @@ pub struct AddressAppend {
 #[derive(Debug, Clone)]
 pub struct CommittedMessage {
     pub offset: u64,
+    /// When it was stored (the proposer's clock), as the store keeps it.
+    pub stored_at_ms: i64,
     pub message: Bytes,
 }
 
@@ -769,6 +781,31 @@ pub(crate) fn record_header(address: &str) -> [u8; 4] {
     header[1] = KIND_MESSAGE;
     header[2..4].copy_from_slice(&(address.len() as u16).to_le_bytes());
     header
+}
+
+/// The bytes before the message of a timed message record (format above) for `address`
+/// (at most [`MAX_ADDRESS_LEN`] bytes, checked by the caller), stored at `stored_at_ms`.
+pub(crate) fn timed_record_prefix(address: &str, stored_at_ms: i64) -> Vec<u8> {
+    let mut p = Vec::with_capacity(4 + address.len() + 8);
+    p.extend_from_slice(&[RECORD_VERSION, KIND_TIMED_MESSAGE]);
+    p.extend_from_slice(&(address.len() as u16).to_le_bytes());
+    p.extend_from_slice(address.as_bytes());
+    p.extend_from_slice(&stored_at_ms.to_le_bytes());
+    p
+}
+
+/// `(address, stored_at_ms, message)` of a timed message record; the message is a slice
+/// of `payload`.
+pub(crate) fn parse_timed_record(payload: &Bytes) -> Option<(String, i64, Bytes)> {
+    if payload.len() < 4 || payload[0] != RECORD_VERSION || payload[1] != KIND_TIMED_MESSAGE {
+        return None;
+    }
+    let len = u16::from_le_bytes([payload[2], payload[3]]) as usize;
+    let address = std::str::from_utf8(payload.get(4..4 + len)?)
+        .ok()?
+        .to_owned();
+    let at = i64::from_le_bytes(payload.get(4 + len..4 + len + 8)?.try_into().ok()?);
+    Some((address, at, payload.slice(4 + len + 8..)))
 }
 
 /// `(address, message)` of a message record; the message is a slice of `payload`.

@@ -13,9 +13,8 @@
 //! Does not: watch leadership (the caller activates on a `Leadership` change and drops
 //! the broker, or its queue, when the leadership ends — one store per leadership),
 //! replace a queue of the same name that the broker already serves
-//! (`Broker::adopt_queue` keeps it), or know when a message was stored: the ops format
-//! carries no timestamp, so a recovered message's `ttl` counts from its activation (it
-//! lives longer than asked, never shorter) — see ARCHITECTURE.md, 4.2.
+//! (`Broker::adopt_queue` keeps it). A recovered message's `ttl` counts from when it was
+//! stored (its record's time, the proposer's clock), as after a single node's restart.
 
 use std::sync::Arc;
 
@@ -24,7 +23,7 @@ use entrepot_storage::DEFAULT_GROUP;
 
 use super::address_machine::AddressMachine;
 use super::group_store::{GroupStore, GroupStoreError};
-use crate::broker::queue::{now_ms, Queue, QueueOwner};
+use crate::broker::queue::{Queue, QueueOwner};
 use crate::broker::{queued, Broker};
 
 /// What activation built: the leadership's store, the queue over it, and how many live
@@ -50,9 +49,8 @@ pub async fn activate(
         address.to_owned(),
         QueueOwner::Group(store.clone()),
     ));
-    let activated_at = now_ms();
     let messages = live.into_iter().map(|m| {
-        let mut q = queued(m.offset, m.message, activated_at);
+        let mut q = queued(m.offset, m.message, m.stored_at_ms);
         let failed = store.delivery_count(DEFAULT_GROUP, m.offset);
         q.delivery_count = q.delivery_count.max(failed);
         q

@@ -35,8 +35,11 @@
 //! * [`GroupStore::recover`] lists the live messages only after an entry of this
 //!   leadership was applied here, so everything committed before it is in the index.
 //!
-//! Does not: carry a record timestamp (the ops format has none; the machine's index
-//! neither), append a transaction's batch (its messages would need one proposal), write
+//! * **Store time.** A message's record is the `store.rs` *timed* message record (kind
+//!   3): the log entry has no timestamp, so the record carries the proposer's clock and a
+//!   recovered message's `ttl` still counts from when it was stored.
+//!
+//! Does not: append a transaction's batch (its messages would need one proposal), write
 //! the subscription registry (the metadata group's), delete anything (the host purges
 //! below the machine's `lowest_needed`), or decide leadership. A `Queue` runs over it
 //! as its `broker::store::AddressStore` (producers' appends, acks, delivery counts;
@@ -54,6 +57,7 @@ use entrepot_storage::{Durable, DurableState, DEFAULT_GROUP};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::address_machine::{message_record, AddressMachine};
+use crate::broker::queue::now_ms;
 use crate::broker::replication::{self, OPS_VERSION};
 use crate::broker::store::{
     self, AddressAppend, AddressStore, AddressStoreError, CommittedMessage, MAX_ADDRESS_LEN,
@@ -111,6 +115,8 @@ pub enum GroupStoreError {
 pub struct GroupMessage {
     pub offset: u64,
     pub position: Position,
+    /// When it was stored: the proposer's clock, carried in its record.
+    pub stored_at_ms: i64,
     /// The AMQP message exactly as the producer sent it: a slice of the node log.
     pub message: Bytes,
 }
@@ -173,16 +179,18 @@ impl Reader {
                 address: self.address.clone(),
                 position,
             })?;
-        let message = self.body(offset, position)?;
+        let (stored_at_ms, message) = self.body(offset, position)?;
         Ok(GroupMessage {
             offset,
             position,
+            stored_at_ms,
             message,
         })
     }
 
-    /// The message at `position` (the record of `offset`), a slice of the node log.
-    fn body(&self, offset: u64, position: Position) -> Result<Bytes, GroupStoreError> {
+    /// When the message at `position` (the record of `offset`) was stored, and the
+    /// message: a slice of the node log.
+    fn body(&self, offset: u64, position: Position) -> Result<(i64, Bytes), GroupStoreError> {
         let not_a_message = || GroupStoreError::NotAMessage {
             address: self.address.clone(),
             offset,
@@ -190,8 +198,8 @@ impl Reader {
         };
         let payload = self.handle.read(position)?.ok_or_else(not_a_message)?;
         let record = message_record(&payload).ok_or_else(not_a_message)?;
-        match store::parse_record(&record) {
-            Some((address, message)) if address == self.address => Ok(message),
+        match store::parse_timed_record(&record) {
+            Some((address, at, message)) if address == self.address => Ok((at, message)),
             _ => Err(not_a_message()),
         }
     }
@@ -254,10 +262,11 @@ impl GroupStore {
         &self.reader.address
     }
 
-    /// Appends `message` (given as chunks) as one message op. The record is the
-    /// `store.rs` message record, so the body read back is the message exactly as sent.
+    /// Appends `message` (given as chunks) as one message op, stored now. The record is
+    /// the `store.rs` timed message record, so the body read back is the message exactly
+    /// as sent, with its store time.
     pub fn append(&self, message: &[&[u8]]) -> Result<GroupAppended, GroupStoreError> {
-        let payload = self.message_payload(message)?;
+        let payload = self.message_payload(message, now_ms())?;
         let (tell, answer) = oneshot::channel();
         let on_commit: OnCommit = Box::new(move |reader, outcome| {
             let _ = tell.send(outcome.map_err(Into::into).and_then(|p| reader.message(p)));
@@ -272,20 +281,24 @@ impl GroupStore {
         })
     }
 
-    /// One message op carrying the `store.rs` record of `message`.
-    fn message_payload(&self, message: &[&[u8]]) -> Result<Bytes, GroupStoreError> {
+    /// One message op carrying the `store.rs` timed record of `message`.
+    fn message_payload(
+        &self,
+        message: &[&[u8]],
+        stored_at_ms: i64,
+    ) -> Result<Bytes, GroupStoreError> {
         let address = &self.reader.address;
         if address.len() > MAX_ADDRESS_LEN {
             return Err(GroupStoreError::AddressTooLong(address.len()));
         }
         let body: usize = message.iter().map(|m| m.len()).sum();
-        let record_len = 4 + address.len() + body;
+        let prefix = store::timed_record_prefix(address, stored_at_ms);
+        let record_len = prefix.len() + body;
         let mut b = BytesMut::with_capacity(replication::MESSAGE_RECORD_AT + record_len);
         b.put_u8(OPS_VERSION);
         let guess = self.next_offset_guess.fetch_add(1, Ordering::Relaxed);
         let mut op = BytesMut::with_capacity(record_len);
-        op.put_slice(&store::record_header(address));
-        op.put_slice(address.as_bytes());
+        op.put_slice(&prefix);
         message.iter().for_each(|m| op.put_slice(m));
         replication::encode_message(&mut b, guess, &op);
         Ok(b.freeze())
@@ -339,7 +352,7 @@ impl GroupStore {
     /// The body of live message `offset` (`None` once it is acknowledged, or never was).
     pub fn read(&self, offset: u64) -> Result<Option<Bytes>, GroupStoreError> {
         match self.reader.machine.position(offset) {
-            Some(at) => self.reader.body(offset, at).map(Some),
+            Some(at) => self.reader.body(offset, at).map(|(_, m)| Some(m)),
             None => Ok(None),
         }
     }
@@ -371,10 +384,11 @@ impl GroupStore {
         for _ in 0..steps {
             let page = machine.live(from, RECOVER_PAGE);
             for &(offset, position) in &page {
-                let message = self.reader.body(offset, position)?;
+                let (stored_at_ms, message) = self.reader.body(offset, position)?;
                 out.push(GroupMessage {
                     offset,
                     position,
+                    stored_at_ms,
                     message,
                 });
             }
@@ -449,10 +463,14 @@ impl std::fmt::Debug for GroupStore {
 
 /// A queue over this store records its consumers' outcomes in the group.
 impl AddressStore for GroupStore {
-    fn append(&self, message: &[&[u8]]) -> Result<AddressAppend, AddressStoreError> {
+    fn append(
+        &self,
+        message: &[&[u8]],
+        stored_at_ms: i64,
+    ) -> Result<AddressAppend, AddressStoreError> {
         let address = self.reader.address.clone();
         let payload = self
-            .message_payload(message)
+            .message_payload(message, stored_at_ms)
             .map_err(|e| refusal(address.clone(), e))?;
         let (tell, committed) = oneshot::channel();
         let refused_as = address.clone();
@@ -462,6 +480,7 @@ impl AddressStore for GroupStore {
                 message
                     .map(|m| CommittedMessage {
                         offset: m.offset,
+                        stored_at_ms: m.stored_at_ms,
                         message: m.message,
                     })
                     .map_err(|e| refusal(refused_as, e)),

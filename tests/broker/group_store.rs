@@ -12,6 +12,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use entrepot::broker::queue::now_ms;
 use entrepot::raft::group_store::{GroupMessage, GroupStore, GroupStoreError};
 use entrepot_cluster::NodeId;
 
@@ -169,7 +170,9 @@ async fn the_live_messages_come_back_after_a_full_restart_and_on_a_new_leader() 
     tokio::time::timeout(TEST_TIMEOUT, async {
         let mut c = Cluster::start().await;
         let s = store(&c, c.leader_id().await);
+        let before = now_ms();
         append_all(&s, 0..30).await;
+        let after = now_ms();
         let acked: Vec<u64> = vec![0, 2, 4, 6, 8, 17, 29];
         tokio::time::timeout(WAIT, s.ack(&acked).unwrap().wait())
             .await
@@ -194,6 +197,13 @@ async fn the_live_messages_come_back_after_a_full_restart_and_on_a_new_leader() 
         assert!(recovered
             .iter()
             .all(|m| mapped_under(&m.message, c.dirs[&leader].path())));
+        // Each keeps the time it was stored at, not the time of its recovery.
+        assert!(
+            recovered
+                .iter()
+                .all(|m| (before..=after).contains(&m.stored_at_ms)),
+            "stored between {before} and {after}"
+        );
         assert_eq!(live(recovered), want, "after the restart");
         // More after recovery: numbered on from the log.
         let more = append_all(&s, 30..32).await;

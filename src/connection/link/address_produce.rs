@@ -68,7 +68,8 @@ impl Session {
                 );
             }
         };
-        let appended = match store.append(&[&whole[..]]) {
+        let stored_at_ms = now_ms();
+        let appended = match store.append(&[&whole[..]], stored_at_ms) {
             Ok(appended) => appended,
             Err(e) => {
                 tracing::warn!(address = target.name(), error = %e, "address store refused a message");
@@ -76,7 +77,6 @@ impl Session {
                 return self.reject(conn, delivery_id, settled, condition_of(&e), why);
             }
         };
-        let stored_at_ms = now_ms();
         // Offset and body are the store's, filled in once committed.
         let msg = crate::broker::queued_view(u64::MAX, &parsed, stored_at_ms);
         let ack = match (settled, delivery_id) {
