@@ -27,6 +27,7 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::client::{within, within_for, QUIET};
 use crate::three_hosts::{Cluster, NODES, WAIT};
+use crate::transactions::{declared, rejection, send_in_txn, with_coordinator_at};
 
 const ADDRESS: &str = "orders";
 const MESSAGES: u64 = 5;
@@ -53,6 +54,7 @@ async fn on_every_replica(c: &Cluster, what: &str, ok: impl Fn(&GroupStore) -> b
 
 /// An in-process broker's AMQP listener and one client session on it.
 struct Served {
+    amqp: std::net::SocketAddr,
     conn: fe2o3_amqp::connection::ConnectionHandle<()>,
     session: fe2o3_amqp::session::SessionHandle<()>,
     stop: watch::Sender<bool>,
@@ -61,7 +63,8 @@ struct Served {
 
 async fn serve_and_connect(broker: &Arc<Broker>) -> Served {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("amqp://{}", listener.local_addr().unwrap());
+    let amqp = listener.local_addr().unwrap();
+    let url = format!("amqp://{amqp}");
     let (stop, shutdown) = watch::channel(false);
     let serving = Serving {
         broker: Arc::clone(broker),
@@ -75,6 +78,7 @@ async fn serve_and_connect(broker: &Arc<Broker>) -> Served {
         .unwrap();
     let session = within("begin", Session::begin(&mut conn)).await.unwrap();
     Served {
+        amqp,
         conn,
         session,
         stop,
@@ -365,6 +369,39 @@ async fn every_node_writes_a_produced_message_once() {
         let shared = broker.store().log().stats();
         assert_eq!(shared.records_appended.load(Ordering::Relaxed), 0);
         within("detach", sender.close()).await.unwrap();
+        served.close(None).await;
+        c.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// A transaction's message would need its whole batch in one proposal (ARCHITECTURE.md,
+/// 4.2 (g)): a transactional transfer to an address with its own store is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transactional_transfer_to_a_group_backed_queue_is_refused() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let c = Cluster::start().await;
+        let leader = c.leader_id().await;
+        let store = Arc::new(GroupStore::new(
+            ADDRESS,
+            c.handle(leader),
+            c.machine(leader),
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let broker = temp_broker(&dir);
+        broker.adopt_queue(Queue::owned(
+            ADDRESS.to_owned(),
+            QueueOwner::Group(store.clone()),
+        ));
+        let served = serve_and_connect(&broker).await;
+        let mut raw = with_coordinator_at(served.amqp, ADDRESS).await;
+        let txn = declared(&mut raw, 0).await;
+        let (condition, description) = rejection(send_in_txn(&mut raw, 1, &txn, b"t").await);
+        assert_eq!(condition, "amqp:not-allowed", "{description}");
+        assert!(description.contains("clustered address"), "{description}");
+        assert_eq!(c.machine(leader).next_offset(), 0, "nothing proposed");
+        drop(raw);
         served.close(None).await;
         c.shutdown().await;
     })

@@ -43,7 +43,7 @@ fn outcome_of(id: u32) -> impl Fn(Performative) -> Option<Option<DeliveryState>>
     }
 }
 
-fn rejection(state: Option<DeliveryState>) -> (String, String) {
+pub(crate) fn rejection(state: Option<DeliveryState>) -> (String, String) {
     match state {
         Some(DeliveryState::Rejected(r)) => {
             let e = r.error.expect("a rejection names its error");
@@ -94,7 +94,7 @@ async fn declare(c: &mut Client, id: u32) -> Option<DeliveryState> {
     within("declare's answer", Box::pin(c.expect(outcome_of(id)))).await
 }
 
-async fn declared(c: &mut Client, id: u32) -> Binary {
+pub(crate) async fn declared(c: &mut Client, id: u32) -> Binary {
     match declare(c, id).await {
         Some(DeliveryState::Declared(d)) => d.txn_id,
         other => panic!("expected declared, got {other:?}"),
@@ -118,7 +118,7 @@ fn in_txn(txn_id: &Binary, outcome: Option<Outcome>) -> DeliveryState {
 }
 
 /// Sends `body` to [`SEND`] as delivery `id` in transaction `txn_id`; returns its answer.
-async fn send_in_txn(
+pub(crate) async fn send_in_txn(
     c: &mut Client,
     id: u32,
     txn_id: &Binary,
@@ -514,7 +514,9 @@ async fn txn_producer(addr: std::net::SocketAddr, seen: std::sync::Arc<std::sync
     }
 }
 
-async fn with_coordinator_at(addr: std::net::SocketAddr, queue: &str) -> Client {
+/// A raw client on a broker at `addr` (an in-process one) with a coordinator on
+/// [`COORD`] and a sender to `queue` on [`SEND`].
+pub(crate) async fn with_coordinator_at(addr: std::net::SocketAddr, queue: &str) -> Client {
     let mut c = within("open", Client::open(addr)).await.unwrap();
     let coordinator = TargetArchetype::Coordinator(Coordinator::new(None));
     within(
