@@ -19,12 +19,18 @@
 //! that cannot form its groups (an `awake` run whose heartbeats saturate the machine, so
 //! a first write times out) says so and ends.
 //!
-//! Prints one line per figure and a closing `host groups: …` line per run.
-//! `cargo test --bench idle_host_groups` (CI) runs both modes with three groups.
+//! `HOST_PROCESSES=1`: hibernated only, one process per node instead
+//! (`support/host_node.rs`): each node's own resident memory and idle CPU.
+//!
+//! Prints one line per figure and a closing `host groups: …` line per run (per node:
+//! `host groups per node: …`). `cargo test --bench idle_host_groups` (CI) runs both modes
+//! and the per-node variant with three groups.
 //!
 //! Run: `cargo bench -p entrepot-cluster --bench idle_host_groups`, or
 //! `HOST_GROUPS=1000 HOST_MODES=hibernated cargo bench -p entrepot-cluster --bench idle_host_groups`.
 
+#[path = "support/host_node.rs"]
+mod host_node;
 #[path = "support/process.rs"]
 mod process;
 
@@ -115,14 +121,30 @@ fn main() {
             .enable_all()
             .build()
             .expect("tokio runtime");
-        runtime.block_on(run(options));
+        match std::env::var("HOST_NODE") {
+            Ok(node) => {
+                let addrs = std::env::var("HOST_ADDRS").expect("HOST_ADDRS");
+                let addrs = addrs.split(',').map(String::from).collect();
+                let node = node.parse().expect("HOST_NODE");
+                runtime.block_on(host_node::run_node(node, addrs, options));
+            }
+            Err(_) => runtime.block_on(run(options)),
+        }
         return;
     }
+    // One process per node: hibernated only (awake runs cannot form thousands here).
+    let processes = std::env::var("HOST_PROCESSES").is_ok_and(|v| v == "1");
     let counts = std::env::var("HOST_GROUPS")
         .unwrap_or_else(|_| if benching { "1000,3000" } else { "3" }.into());
     let modes = std::env::var("HOST_MODES").unwrap_or_else(|_| "hibernated,awake".into());
     let exe = std::env::current_exe().expect("the bench's own path");
     for count in counts.split(',') {
+        if processes || !benching {
+            host_node::run_parent(count.parse().expect("a group count"));
+            if processes {
+                continue;
+            }
+        }
         for mode in modes.split(',') {
             let status = std::process::Command::new(&exe)
                 .args(std::env::args().skip(1))
