@@ -6,7 +6,8 @@
 //! while stopped; a hibernated group whose leader host closes elects a new leader among
 //! the survivors, which accepts a submit; a restarted host opens the groups of its node
 //! log stopped, and a write wakes them; writes racing the stops and wakes all commit once,
-//! in order.
+//! in order; a membership change wakes a hibernated group, which sleeps again with the
+//! new member.
 //! Method: three `Host`s in this process over real TCP with real node logs (fsync), as
 //! `host_groups.rs` (`support/host.rs`), every host hibernating with short timings.
 //! Every wait is bounded; no speed is asserted.
@@ -285,6 +286,51 @@ async fn writes_racing_stops_and_wakes_all_commit_once_in_order() {
                 );
             }
         }
+    })
+    .await
+}
+
+/// Goal: a membership change wakes a hibernated group: a fourth host joins as a learner,
+/// catches up and becomes a voter; then the four-member group hibernates on every host,
+/// and a submit wakes it and reaches the new member too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hibernated_group_grows_a_member_and_sleeps_again_with_four() {
+    bounded(async {
+        let g = 9;
+        let c = Cluster::start_with(&[g], u64::MAX, hibernation()).await;
+        let leader = c.leader(g).await;
+        let h = c.handle(leader, g);
+        let before = h.propose(message(b"three")).await.unwrap();
+        applied_everywhere(&c, g, before).await;
+        all_stopped(&c).await;
+
+        let dir = tempfile::tempdir().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let new = start_node_with(3, dir.path(), listener, &[g], u64::MAX, hibernation()).await;
+        let r = new.host.group(g).unwrap();
+        h.add_learner(3, &addr).await.unwrap();
+        let voters: std::collections::BTreeSet<NodeId> = (0..=3).collect();
+        h.change_voters(voters.clone()).await.unwrap();
+        assert_eq!(h.status().voters, voters);
+        applied_at_least(&r, before).await;
+        assert_eq!(r.read(before).unwrap().unwrap(), message(b"three"));
+
+        all_stopped(&c).await;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while new.host.hibernation_counters().running > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the new member never slept"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(r.status().voters, voters, "members known while stopped");
+        let after = h.propose(message(b"four")).await.unwrap();
+        applied_everywhere(&c, g, after).await;
+        applied_at_least(&r, after).await;
+        assert!(new.queues[&g].live().contains(&after));
+        new.host.shutdown().await;
     })
     .await
 }
