@@ -356,7 +356,19 @@ fn start_producers(ctx: &Arc<Ctx>, tasks: &mut Tasks, stop_sending: &watch::Send
             Limit::Count(n) => Some(share(n, slice.producers_total, i)),
             Limit::Duration(_) => None,
         };
-        let schedule = Schedule::new(count, interval, start);
+        let schedule = match Schedule::new(count, interval, start, &ctx.stop_sending) {
+            Ok(s) => s,
+            Err(e) => {
+                // Reported like any producer's failure: the run's errors, a failed exit.
+                let error = Some(format!("producer {i}: no pacing thread: {e}"));
+                let stats = ProducerStats {
+                    error,
+                    ..ProducerStats::default()
+                };
+                tasks.producers.push(tokio::spawn(async move { stats }));
+                continue;
+            }
+        };
         let ctx = Arc::clone(ctx);
         tasks
             .producers
