@@ -32,6 +32,11 @@
 //! fresh leader lease, so a just-woken replica refuses other candidates for
 //! `election_timeout_max`: an election after a wake takes that much longer.
 //!
+//! A [`crate::Host`] runs one when `HostConfig::hibernation` is set: it is the registry's
+//! starter (a wake reopens the group over its kept machine), every write of its groups
+//! holds the instance, and it adds the members of its groups as peers as it sees them
+//! ([`Hibernation::watch_peer`]); see `host/instance.rs`.
+//!
 //! Safety needs nothing new: a stopped replica is a follower that has not heard from its
 //! leader lately; its vote and log are in the node log, nothing changes them while it is
 //! stopped, and openraft's own rules decide every election after a wake.

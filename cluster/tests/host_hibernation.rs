@@ -130,8 +130,17 @@ async fn idle_host_groups_stop_everywhere_and_a_submit_on_the_former_leader_wake
         assert!(!c.handle(other, g).is_running());
 
         let term = awake[&g][&leader].term;
+        let during_wake: Vec<_> = c
+            .nodes
+            .keys()
+            .map(|&n| (n, c.handle(n, g).leadership()))
+            .collect();
         let second = c.handle(leader, g).propose(message(b"after")).await.unwrap();
         applied_everywhere(&c, g, second).await;
+        // Nor while it wakes: the same leader and term on every replica throughout.
+        for (n, w) in &during_wake {
+            assert!(!w.has_changed().unwrap(), "node {n}: {:?}", *w.borrow());
+        }
         assert_eq!(
             c.handle(leader, g).leadership().borrow().term,
             term,

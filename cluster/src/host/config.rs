@@ -16,7 +16,7 @@ use crate::hibernate::HibernationConfig;
 use crate::peer_server::PeerServerOptions;
 use crate::types::NodeId;
 
-/// Default: longest a proposal waits for its commit before [`GroupError::Timeout`].
+/// Default: longest a proposal waits for its commit before [`crate::GroupError::Timeout`].
 pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default: entries applied between two snapshots of a group.
 pub const SNAPSHOT_EVERY_ENTRIES: u64 = 16_384;
@@ -49,7 +49,7 @@ pub struct HostConfig {
     /// Hibernate idle groups (`hibernate.rs`; `None`, the default: never). With it, the
     /// host stops a group's Raft instance on every replica once it is idle, wakes it on a
     /// write or a peer's RPC, pings the members of its groups, and opens a group the node
-    /// log already holds *stopped* (see [`Host::open_group`]). Its liveness timeout is
+    /// log already holds *stopped* (see [`crate::Host::open_group`]). Its liveness timeout is
     /// raised to at least the longest election timeout (a lower one wakes groups on
     /// false positives when a loaded process answers pings late). Every node of a cluster
     /// must know RPC kinds 6/7 (`cluster/FORMAT.md`) before one turns it on.
