@@ -224,10 +224,13 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut aborted = false;
     let timed_out = tokio::time::timeout_at(deadline.into(), async {
         start_consumers(&ctx, &mut tasks).await;
+        let mut start = Instant::now();
         if let Some(p) = &mut parent {
-            p.ready_then_wait_for_go().await;
+            if let Some(go) = p.ready_then_wait_for_go().await {
+                start = ctx.clock.instant_of_unix_ns(go);
+            }
         }
-        start_producers(&ctx, &mut tasks, &stop_send_tx);
+        start_producers(&ctx, &mut tasks, &stop_send_tx, start);
         if let Some(p) = &mut parent {
             aborted = p.report_until_stopped(&ctx, &tasks.producers).await;
             return;
@@ -342,10 +345,16 @@ async fn start_consumers(ctx: &Arc<Ctx>, tasks: &mut Tasks) {
     .await;
 }
 
-fn start_producers(ctx: &Arc<Ctx>, tasks: &mut Tasks, stop_sending: &watch::Sender<bool>) {
+/// Starts this process's producers; `start` is the run's (a `--processes` child's: the
+/// parent's `go`, the same moment in every child).
+fn start_producers(
+    ctx: &Arc<Ctx>,
+    tasks: &mut Tasks,
+    stop_sending: &watch::Sender<bool>,
+    start: Instant,
+) {
     let args = &ctx.workload.args;
     let slice = ctx.workload.slice;
-    let start = Instant::now();
     let _ = ctx.started.set(start);
     let interval = (args.rate > 0)
         .then(|| Duration::from_secs_f64(f64::from(slice.producers_total) / args.rate as f64));

@@ -7,7 +7,10 @@
 //! their stdin/stdout:
 //!
 //! 1. each child attaches its consumers and prints `@bench ready`;
-//! 2. once all are ready (or gone) the parent writes `go`, and producers start together;
+//! 2. once all are ready (or gone) the parent writes `go UNIX_NS`, and producers start
+//!    together: every child takes that wall-clock time as the run's start, so the warm-up
+//!    ends at one moment for all (a child that started its own clock later skipped the
+//!    end-to-end latency of the other children's first messages);
 //! 3. every [`TICK`] each child prints `@bench status {json}` (producers done, accepted,
 //!    distinct messages per receiver group); the parent adds them up and, when every group
 //!    has every accepted message or nothing arrived for `--drain`, writes `stop` (`abort`
@@ -66,16 +69,24 @@ enum Order {
 /// A child's line to its parent: orders arrive on stdin, reports go to stdout.
 pub struct Parent {
     orders: watch::Receiver<Order>,
+    /// The run's start as the parent's `go` gave it (wall-clock ns; 0 until then).
+    go_unix_ns: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Parent {
     /// Starts reading the parent's orders from stdin (EOF: the parent is gone, stop).
     pub fn listen() -> Parent {
         let (tx, orders) = watch::channel(Order::Wait);
+        let go_unix_ns = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let go_at = std::sync::Arc::clone(&go_unix_ns);
         std::thread::spawn(move || {
             for line in std::io::stdin().lock().lines() {
                 let order = match line.as_deref().map(str::trim) {
-                    Ok("go") => Order::Go,
+                    Ok(go) if go == "go" || go.starts_with("go ") => {
+                        let at = go[2..].trim().parse().unwrap_or(0);
+                        go_at.store(at, std::sync::atomic::Ordering::Release);
+                        Order::Go
+                    }
                     Ok("stop") => Order::Stop,
                     Ok("abort") => Order::Abort,
                     Ok(_) => continue,
@@ -85,12 +96,14 @@ impl Parent {
             }
             tx.send_modify(|o| *o = (*o).max(Order::Stop));
         });
-        Parent { orders }
+        Parent { orders, go_unix_ns }
     }
 
-    pub async fn ready_then_wait_for_go(&mut self) {
+    /// Says ready, waits for `go`; returns the run's start (wall-clock ns) it carried.
+    pub async fn ready_then_wait_for_go(&mut self) -> Option<u64> {
         println!("{LINE_PREFIX}ready");
         let _ = self.orders.wait_for(|o| *o >= Order::Go).await;
+        Some(self.go_unix_ns.load(std::sync::atomic::Ordering::Acquire)).filter(|t| *t > 0)
     }
 
     /// Reports every tick until the parent says stop; true when it said abort.
@@ -343,7 +356,11 @@ fn drive(
             Err(_) => {}
         }
     }
-    kids.iter_mut().for_each(|k| k.order("go"));
+    let go = format!(
+        "go {}",
+        super::stats::Clock::start().unix_ns(Instant::now())
+    );
+    kids.iter_mut().for_each(|k| k.order(&go));
     let bar = progress_bar(w);
     let mut last_change = (Instant::now(), 0);
     loop {

@@ -76,6 +76,17 @@ impl Clock {
         self.t0_unix_ns + at.saturating_duration_since(self.t0).as_nanos() as u64
     }
 
+    /// The instant of a wall-clock time (another process's [`Clock::unix_ns`]), clamped to
+    /// now: a start in the future would hold every send.
+    pub fn instant_of_unix_ns(&self, unix_ns: u64) -> Instant {
+        let since_t0 = Duration::from_nanos(unix_ns.saturating_sub(self.t0_unix_ns));
+        let before_t0 = Duration::from_nanos(self.t0_unix_ns.saturating_sub(unix_ns));
+        let at = (self.t0 + since_t0)
+            .checked_sub(before_t0)
+            .unwrap_or(self.t0);
+        at.min(Instant::now())
+    }
+
     /// Time since a wall-clock stamp taken by [`Clock::unix_ns`].
     pub fn since_unix_ns(&self, at: Instant, unix_ns: u64) -> Duration {
         Duration::from_nanos(self.unix_ns(at).saturating_sub(unix_ns))
@@ -322,6 +333,24 @@ pub struct TrackerFigures {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A wall-clock time from one process's clock maps back to the same instant in
+    /// another's (how `--processes` children share the parent's start), and a time in
+    /// the future is clamped to now.
+    #[test]
+    fn wall_clock_times_map_back_to_instants_across_clocks() {
+        let parent = Clock::start();
+        std::thread::sleep(Duration::from_millis(5));
+        let at = Instant::now();
+        let unix = parent.unix_ns(at);
+        std::thread::sleep(Duration::from_millis(50));
+        let child = Clock::start();
+        let back = child.instant_of_unix_ns(unix);
+        let err = if back > at { back - at } else { at - back };
+        assert!(err < Duration::from_millis(2), "mapped {err:?} away");
+        let future = child.instant_of_unix_ns(parent.unix_ns(Instant::now()) + 10_000_000_000);
+        assert!(future <= Instant::now());
+    }
 
     #[test]
     fn stamp_round_trips() {
