@@ -7,7 +7,7 @@
 //! the survivors, which accepts a submit; a restarted host opens the groups of its node
 //! log stopped, and a write wakes them; writes racing the stops and wakes all commit once,
 //! in order; a membership change wakes a hibernated group, which sleeps again with the
-//! new member.
+//! new member; a write to a group reopened with no known leader waits for its election.
 //! Method: three `Host`s in this process over real TCP with real node logs (fsync), as
 //! `host_groups.rs` (`support/host.rs`), every host hibernating with short timings.
 //! Every wait is bounded; no speed is asserted.
@@ -340,6 +340,65 @@ async fn a_hibernated_group_grows_a_member_and_sleeps_again_with_four() {
         applied_at_least(&r, after).await;
         assert!(new.queues[&g].live().contains(&after));
         new.host.shutdown().await;
+    })
+    .await
+}
+
+/// Goal: a group reopened stopped with *no known leader* (its host restarted while it
+/// campaigned without a quorum: its vote is its own, uncommitted) is woken by a write and
+/// given time to elect: the write is not refused `NotLeader` with no leader named — it
+/// commits there, or names the elected leader, where it commits — and every replica
+/// applies it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_to_a_group_reopened_with_no_known_leader_waits_for_its_election() {
+    bounded(async {
+        let g = 11;
+        let mut c = Cluster::start_with(&[g], u64::MAX, hibernation()).await;
+        let leader = c.leader(g).await;
+        let old = c.handle(leader, g).propose(message(b"old")).await.unwrap();
+        applied_everywhere(&c, g, old).await;
+        let lone = (leader + 1) % NODES;
+        let old_term = c.handle(lone, g).leadership().borrow().term;
+        let mut lone_view = c.handle(lone, g).leadership();
+        for id in (0..NODES).filter(|&n| n != lone) {
+            c.stop(id).await;
+        }
+        // Alone, it campaigns without a quorum: leader unknown, a later term.
+        tokio::time::timeout(
+            WAIT,
+            lone_view.wait_for(|l| l.term > old_term && l.leader.is_none()),
+        )
+        .await
+        .expect("a campaign without a quorum")
+        .unwrap();
+        c.stop(lone).await;
+        for id in 0..NODES {
+            c.restart(id).await;
+        }
+        let view = *c.handle(lone, g).leadership().borrow();
+        assert!(
+            view.leader.is_none() && !c.handle(lone, g).is_running(),
+            "{view:?}"
+        );
+
+        let first = c.handle(lone, g).propose(message(b"new")).await;
+        let at = match first {
+            Ok(at) => {
+                println!("the waking write committed on node {lone}");
+                at
+            }
+            Err(GroupError::NotLeader {
+                leader: Some(l), ..
+            }) => {
+                println!("the waking write was sent on to node {l}, elected meanwhile");
+                c.handle(l, g).propose(message(b"new")).await.unwrap()
+            }
+            Err(e) => panic!("the waking write: {e:?}"),
+        };
+        applied_everywhere(&c, g, at).await;
+        for (&n, _) in c.nodes.iter() {
+            assert!(c.queue(n, g).live().contains(&old), "node {n}");
+        }
     })
     .await
 }

@@ -20,7 +20,8 @@
 //!
 //! Invariants: a write to a group stopped here and led by another node is refused
 //! `NotLeader` without waking it (waking it would only start an election timer there);
-//! a write to a group stopped here and led here, or with no known leader, wakes it; every
+//! a write to a group stopped here and led here, or with no known leader, wakes it (the
+//! latter then waits, at most `PROPOSE_LEADER_WAIT`, for an election); every
 //! wake is bounded by the registry's `WAKE_TIMEOUT`, and a write tries at most
 //! [`PROPOSE_WAKE_ATTEMPTS`] wakes. Only the latest instance of a group publishes its
 //! leadership (a generation number), so a late metrics update of a stopped instance never
@@ -42,7 +43,7 @@ use tokio::sync::watch;
 use super::{GroupHandle, Leadership};
 use crate::error::{ClusterError, GroupError, Result};
 use crate::groups::{GroupRegistry, HostState, Stopped, WriteHold};
-use crate::hibernate::PROPOSE_WAKE_ATTEMPTS;
+use crate::hibernate::{PROPOSE_LEADER_WAIT, PROPOSE_WAKE_ATTEMPTS};
 use crate::node_log::NodeLog;
 use crate::placement::GroupId;
 use crate::types::{NodeId, TypeConfig};
@@ -72,7 +73,10 @@ impl Instance {
 
     /// The running instance, woken first if the group is stopped here: a group this node
     /// led comes back as leader (openraft restores its committed vote), and is asked to
-    /// campaign in case it does not.
+    /// campaign in case it does not; a group stopped with no known leader (opened after a
+    /// restart that interrupted an election) is given up to [`PROPOSE_LEADER_WAIT`] to
+    /// elect one, so the write that woke it goes to a leader rather than being refused
+    /// `NotLeader` with none named.
     pub(crate) async fn running(&self) -> Result<Raft<TypeConfig>, GroupError> {
         if let Some(raft) = self.current() {
             return Ok(raft);
@@ -92,6 +96,15 @@ impl Instance {
                 .elect()
                 .await
                 .map_err(|e| self.stopped(e))?;
+        }
+        let leaderless = matches!(before, Some(HostState::Stopped(st)) if st.leader.is_none());
+        if started && leaderless {
+            // Bounded; without a leader by then, the write is refused as it would be.
+            let _ = hosted
+                .raft
+                .wait(Some(PROPOSE_LEADER_WAIT))
+                .metrics(|m| m.current_leader.is_some(), "a leader after the wake")
+                .await;
         }
         Ok(hosted.raft)
     }
