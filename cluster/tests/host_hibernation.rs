@@ -7,7 +7,8 @@
 //! the survivors, which accepts a submit; a restarted host opens the groups of its node
 //! log stopped, and a write wakes them; writes racing the stops and wakes all commit once,
 //! in order; a membership change wakes a hibernated group, which sleeps again with the
-//! new member; a write to a group reopened with no known leader waits for its election.
+//! new member; a write to a group reopened with no known leader waits for its election;
+//! a touched group stays awake.
 //! Method: three `Host`s in this process over real TCP with real node logs (fsync), as
 //! `host_groups.rs` (`support/host.rs`), every host hibernating with short timings.
 //! Every wait is bounded; no speed is asserted.
@@ -399,6 +400,42 @@ async fn a_write_to_a_group_reopened_with_no_known_leader_waits_for_its_election
         for (&n, _) in c.nodes.iter() {
             assert!(c.queue(n, g).live().contains(&old), "node {n}");
         }
+    })
+    .await
+}
+
+/// Goal: a group its leader keeps touching (an attach, a consumer's flow) stays awake
+/// while an untouched one beside it sleeps; left alone, it sleeps too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_touched_group_stays_awake_and_sleeps_once_left_alone() {
+    bounded(async {
+        let (touched, left) = (13, 14);
+        let c = Cluster::start_with(&[touched, left], u64::MAX, hibernation()).await;
+        let leader = c.leader(touched).await;
+        let h = c.handle(leader, touched);
+        // Touch it until the other group slept everywhere and at least 3 quiesce delays
+        // went by.
+        let began = tokio::time::Instant::now();
+        loop {
+            h.touch();
+            let left_asleep = c.nodes.keys().all(|&n| !c.handle(n, left).is_running());
+            if left_asleep && began.elapsed() >= QUIESCE_AFTER * 3 {
+                break;
+            }
+            assert!(began.elapsed() < WAIT, "the untouched group never slept");
+            tokio::time::sleep(QUIESCE_AFTER / 8).await;
+        }
+        for (&n, _) in c.nodes.iter() {
+            assert!(
+                !c.handle(n, left).is_running(),
+                "node {n}: untouched group awake"
+            );
+            assert!(
+                c.handle(n, touched).is_running(),
+                "node {n}: touched group asleep"
+            );
+        }
+        all_stopped(&c).await;
     })
     .await
 }
