@@ -193,10 +193,18 @@ pub trait AddressStore: Send + Sync + std::fmt::Debug {
 }
 
 /// A message an [`AddressStore`] took: durable (the producer's `accepted`) once `durable`
-/// completes — and by then `committed` holds the message's offset and stored body.
+/// completes — and by then `committed` can tell the message's offset and stored body.
 pub struct AddressAppend {
     pub durable: Durable,
-    pub committed: tokio::sync::oneshot::Receiver<Result<CommittedMessage, AddressStoreError>>,
+    pub committed: Box<dyn PendingCommit>,
+}
+
+/// Where a message an [`AddressStore`] took lies once committed.
+pub trait PendingCommit: Send {
+    /// `None` while it is not committed; once its durable handle completed (or failed),
+    /// the answer: its offset and body (read by the caller, not by the store's pipeline),
+    /// or why there is none.
+    fn try_committed(&mut self) -> Option<Result<CommittedMessage, AddressStoreError>>;
 }
 
 /// A committed message of an [`AddressStore`]: its offset (the store's numbering) and the

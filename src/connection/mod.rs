@@ -190,11 +190,7 @@ struct PendingProduce {
     reservation: Option<crate::broker::limits::Reservation>,
     /// For an address with its own store: where the committed message lies (its offset
     /// and body replace `msg`'s once `durable` completes; `link/address_produce.rs`).
-    committed: Option<
-        tokio::sync::oneshot::Receiver<
-            Result<crate::broker::store::CommittedMessage, crate::broker::store::AddressStoreError>,
-        >,
-    >,
+    committed: Option<Box<dyn crate::broker::store::PendingCommit>>,
 }
 
 /// A frame of an incomplete delivery waiting for room in the broker-wide budget; while
@@ -795,8 +791,8 @@ impl Connection {
             };
             if let Some(mut committed) = p.committed.take() {
                 // Answered before its durable handle completed (see `AddressAppend`).
-                match committed.try_recv() {
-                    Ok(Ok(m)) => (p.msg.offset, p.msg.message) = (m.offset, m.message),
+                match committed.try_committed() {
+                    Some(Ok(m)) => (p.msg.offset, p.msg.message) = (m.offset, m.message),
                     other => {
                         return Err(ConnError::protocol(
                             AmqpError::InternalError,

@@ -60,7 +60,8 @@ use super::address_machine::{message_record, AddressMachine};
 use crate::broker::queue::now_ms;
 use crate::broker::replication::{self, OPS_VERSION};
 use crate::broker::store::{
-    self, AddressAppend, AddressStore, AddressStoreError, CommittedMessage, MAX_ADDRESS_LEN,
+    self, AddressAppend, AddressStore, AddressStoreError, CommittedMessage, PendingCommit,
+    MAX_ADDRESS_LEN,
 };
 
 /// Changes queued for the submitting task; a change past this is refused
@@ -132,31 +133,53 @@ pub struct GroupAppended {
 
 /// A message on its way through the group.
 pub struct PendingMessage {
-    answer: oneshot::Receiver<Result<GroupMessage, GroupStoreError>>,
-    address: String,
+    answer: oneshot::Receiver<Result<Position, GroupError>>,
+    reader: Reader,
 }
 
 impl PendingMessage {
     /// Waits for the proposal: the message's offset (the machine's, from its position)
     /// and its body read back from the node log.
     pub async fn committed(self) -> Result<GroupMessage, GroupStoreError> {
-        let address = self.address;
-        self.answer
-            .await
-            .map_err(|_| GroupStoreError::Closed { address })?
+        let closed = GroupStoreError::Closed {
+            address: self.reader.address.clone(),
+        };
+        let position = self.answer.await.map_err(|_| closed)??;
+        self.reader.message(position)
     }
 
     /// The same without waiting: `None` while the proposal is unresolved. Once the
     /// append's durable handle completed or failed, the answer is there (the resolver
-    /// answers before it moves the watch).
+    /// answers before it moves the watch). The offset and body are read here, by the
+    /// caller, not by the store's resolver (one task per group).
     pub fn try_committed(&mut self) -> Option<Result<GroupMessage, GroupStoreError>> {
         match self.answer.try_recv() {
-            Ok(answer) => Some(answer),
+            Ok(Ok(position)) => Some(self.reader.message(position)),
+            Ok(Err(e)) => Some(Err(e.into())),
             Err(oneshot::error::TryRecvError::Empty) => None,
             Err(oneshot::error::TryRecvError::Closed) => Some(Err(GroupStoreError::Closed {
-                address: self.address.clone(),
+                address: self.reader.address.clone(),
             })),
         }
+    }
+}
+
+/// A [`PendingMessage`] as the broker sees it (`AddressAppend::committed`).
+struct PendingForBroker(PendingMessage);
+
+impl PendingCommit for PendingForBroker {
+    fn try_committed(&mut self) -> Option<Result<CommittedMessage, AddressStoreError>> {
+        let address = self.0.reader.address.clone();
+        let answer = self.0.try_committed()?;
+        Some(
+            answer
+                .map(|m| CommittedMessage {
+                    offset: m.offset,
+                    stored_at_ms: m.stored_at_ms,
+                    message: m.message,
+                })
+                .map_err(|e| refusal(address, e)),
+        )
     }
 }
 
@@ -205,18 +228,17 @@ impl Reader {
     }
 }
 
-/// What the resolver does with a change's outcome before it moves the watch (an append
-/// resolves its message there: offset and body).
-type OnCommit = Box<dyn FnOnce(&Reader, Result<Position, GroupError>) + Send>;
+/// Told a change's outcome (an append's or the barrier's), before the watch moves.
+type Answer = oneshot::Sender<Result<Position, GroupError>>;
 
 /// A change waiting for the submitter.
 struct Change {
     payload: Bytes,
-    on_commit: Option<OnCommit>,
+    answer: Option<Answer>,
 }
 
 /// A change submitted, waiting for its proposal.
-type Submitted = (Result<Proposal, GroupError>, Option<OnCommit>);
+type Submitted = (Result<Proposal, GroupError>, Option<Answer>);
 
 /// The store of one clustered address; see the module docs.
 pub struct GroupStore {
@@ -246,7 +268,7 @@ impl GroupStore {
             machine: machine.clone(),
         };
         tokio::spawn(submit_in_order(handle.clone(), to_submit, submitted));
-        tokio::spawn(resolve_in_order(reader.clone(), to_resolve, raise));
+        tokio::spawn(resolve_in_order(to_resolve, raise));
         GroupStore {
             leadership: handle.leadership(),
             next_offset_guess: AtomicU64::new(machine.next_offset()),
@@ -266,17 +288,23 @@ impl GroupStore {
     /// the `store.rs` timed message record, so the body read back is the message exactly
     /// as sent, with its store time.
     pub fn append(&self, message: &[&[u8]]) -> Result<GroupAppended, GroupStoreError> {
-        let payload = self.message_payload(message, now_ms())?;
+        self.append_at(message, now_ms())
+    }
+
+    /// [`Self::append`] stored at `stored_at_ms`.
+    fn append_at(
+        &self,
+        message: &[&[u8]],
+        stored_at_ms: i64,
+    ) -> Result<GroupAppended, GroupStoreError> {
+        let payload = self.message_payload(message, stored_at_ms)?;
         let (tell, answer) = oneshot::channel();
-        let on_commit: OnCommit = Box::new(move |reader, outcome| {
-            let _ = tell.send(outcome.map_err(Into::into).and_then(|p| reader.message(p)));
-        });
-        let durable = self.queue(payload, Some(on_commit))?;
+        let durable = self.queue(payload, Some(tell))?;
         Ok(GroupAppended {
             durable,
             pending: PendingMessage {
                 answer,
-                address: self.reader.address.clone(),
+                reader: self.reader.clone(),
             },
         })
     }
@@ -404,10 +432,7 @@ impl GroupStore {
     /// committed before it is applied to the machine here.
     async fn barrier(&self) -> Result<Position, GroupStoreError> {
         let (tell, answer) = oneshot::channel();
-        let on_commit: OnCommit = Box::new(move |_, outcome| {
-            let _ = tell.send(outcome);
-        });
-        let durable = self.queue(Bytes::from_static(&[OPS_VERSION]), Some(on_commit))?;
+        let durable = self.queue(Bytes::from_static(&[OPS_VERSION]), Some(tell))?;
         drop(durable);
         let closed = || GroupStoreError::Closed {
             address: self.reader.address.clone(),
@@ -423,11 +448,7 @@ impl GroupStore {
     }
 
     /// Numbers and queues one change; its durability handle.
-    fn queue(
-        &self,
-        payload: Bytes,
-        on_commit: Option<OnCommit>,
-    ) -> Result<Durable, GroupStoreError> {
+    fn queue(&self, payload: Bytes, answer: Option<Answer>) -> Result<Durable, GroupStoreError> {
         let leadership = *self.leadership.borrow();
         if !leadership.leads {
             return Err(GroupStoreError::NotLeader {
@@ -439,7 +460,7 @@ impl GroupStore {
         let mut next = self.next_seq.lock().unwrap_or_else(|e| e.into_inner());
         let address = || self.reader.address.clone();
         self.changes
-            .try_send(Change { payload, on_commit })
+            .try_send(Change { payload, answer })
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => GroupStoreError::Busy { address: address() },
                 mpsc::error::TrySendError::Closed(_) => {
@@ -468,28 +489,13 @@ impl AddressStore for GroupStore {
         message: &[&[u8]],
         stored_at_ms: i64,
     ) -> Result<AddressAppend, AddressStoreError> {
-        let address = self.reader.address.clone();
-        let payload = self
-            .message_payload(message, stored_at_ms)
-            .map_err(|e| refusal(address.clone(), e))?;
-        let (tell, committed) = oneshot::channel();
-        let refused_as = address.clone();
-        let on_commit: OnCommit = Box::new(move |reader, outcome| {
-            let message = outcome.map_err(Into::into).and_then(|p| reader.message(p));
-            let _ = tell.send(
-                message
-                    .map(|m| CommittedMessage {
-                        offset: m.offset,
-                        stored_at_ms: m.stored_at_ms,
-                        message: m.message,
-                    })
-                    .map_err(|e| refusal(refused_as, e)),
-            );
-        });
-        let durable = self
-            .queue(payload, Some(on_commit))
-            .map_err(|e| refusal(address, e))?;
-        Ok(AddressAppend { durable, committed })
+        let appended = self
+            .append_at(message, stored_at_ms)
+            .map_err(|e| refusal(self.reader.address.clone(), e))?;
+        Ok(AddressAppend {
+            durable: appended.durable,
+            committed: Box::new(PendingForBroker(appended.pending)),
+        })
     }
 
     fn ack(&self, offsets: &[u64]) -> Result<Durable, AddressStoreError> {
@@ -524,7 +530,7 @@ async fn submit_in_order(
 ) {
     while let Some(change) = changes.recv().await {
         let proposal = handle.submit(change.payload).await;
-        if submitted.send((proposal, change.on_commit)).await.is_err() {
+        if submitted.send((proposal, change.answer)).await.is_err() {
             return;
         }
     }
@@ -535,11 +541,10 @@ async fn submit_in_order(
 /// fails the watch for good (see the module invariants); every later change is still
 /// answered with its own outcome.
 async fn resolve_in_order(
-    reader: Reader,
     mut submitted: mpsc::Receiver<Submitted>,
     raise: watch::Sender<DurableState>,
 ) {
-    while let Some((proposal, on_commit)) = submitted.recv().await {
+    while let Some((proposal, answer)) = submitted.recv().await {
         let outcome = match proposal {
             Ok(p) => p.await,
             Err(e) => Err(e),
@@ -550,8 +555,8 @@ async fn resolve_in_order(
         };
         // Answered before the watch moves: whoever sees the change durable finds its
         // position already there. The appender may have stopped waiting: no matter.
-        if let Some(on_commit) = on_commit {
-            on_commit(&reader, outcome);
+        if let Some(tell) = answer {
+            let _ = tell.send(outcome);
         }
         raise.send_modify(|s| match (ok, &s.failed) {
             (true, None) => s.durable += 1,
