@@ -34,8 +34,9 @@
 //!
 //! A [`crate::Host`] runs one when `HostConfig::hibernation` is set: it is the registry's
 //! starter (a wake reopens the group over its kept machine), every write of its groups
-//! holds the instance, and it adds the members of its groups as peers as it sees them
-//! ([`Hibernation::watch_peer`]); see `host/instance.rs`.
+//! holds the instance, and the peers it pings are the other members of its groups, as it
+//! sees their memberships (a peer no group names any more is no longer pinged); see
+//! `host/instance.rs`.
 //!
 //! Safety needs nothing new: a stopped replica is a follower that has not heard from its
 //! leader lately; its vote and log are in the node log, nothing changes them while it is
@@ -231,8 +232,17 @@ impl Shared {
 pub struct Hibernation {
     shared: Arc<Shared>,
     tasks: Vec<JoinHandle<()>>,
-    /// The liveness task of each peer watched ([`Hibernation::watch_peer`]).
-    peers: Mutex<HashMap<NodeId, JoinHandle<()>>>,
+    /// The liveness task of each peer watched, and why it is.
+    peers: Mutex<HashMap<NodeId, Watched>>,
+}
+
+/// One watched peer: its liveness task, the groups that name it (a host's
+/// [`Hibernation::add_group_peer`]), and whether it was named at the start or by
+/// [`Hibernation::watch_peer`] (then it is watched for good).
+struct Watched {
+    task: JoinHandle<()>,
+    groups: usize,
+    pinned: bool,
 }
 
 impl std::fmt::Debug for Hibernation {
@@ -285,18 +295,55 @@ impl Hibernation {
         hibernation
     }
 
-    /// Pings `peer` at `addr` from now on (its liveness task), unless it is this node or
-    /// already watched: a host adds the members of every group it opens, so the peers
-    /// follow the memberships (a peer that leaves is still pinged; found lost, it wakes
-    /// nothing it does not lead).
+    /// Pings `peer` at `addr` from now on and for good (its liveness task), unless it is
+    /// this node; a peer already watched keeps its address.
     pub fn watch_peer(&self, peer: NodeId, addr: String) {
+        self.watch(peer, addr, |w| w.pinned = true);
+    }
+
+    /// One more group names `peer` at `addr` as a member: pinged while any does (a host
+    /// calls this as it sees its groups' memberships, and [`Self::drop_group_peer`] when a
+    /// group no longer names it).
+    pub(crate) fn add_group_peer(&self, peer: NodeId, addr: String) {
+        self.watch(peer, addr, |w| w.groups += 1);
+    }
+
+    /// One group fewer names `peer`: once none does (and it was not watched for good),
+    /// it is no longer pinged.
+    pub(crate) fn drop_group_peer(&self, peer: NodeId) {
+        let mut peers = self.lock_peers();
+        let Some(w) = peers.get_mut(&peer) else {
+            return;
+        };
+        w.groups = w.groups.saturating_sub(1);
+        if w.groups == 0 && !w.pinned {
+            w.task.abort();
+            peers.remove(&peer);
+        }
+    }
+
+    /// Peers pinged now.
+    pub fn watched_peers(&self) -> usize {
+        self.lock_peers().len()
+    }
+
+    /// `peer`'s entry, its liveness task started first if it had none; `f` updates it.
+    /// Nothing for this node itself.
+    fn watch(&self, peer: NodeId, addr: String, f: impl FnOnce(&mut Watched)) {
         if peer == self.shared.id {
             return;
         }
-        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        peers
-            .entry(peer)
-            .or_insert_with(|| tokio::spawn(watch_peer(Arc::clone(&self.shared), peer, addr)));
+        let mut peers = self.lock_peers();
+        let w = peers.entry(peer).or_insert_with(|| Watched {
+            task: tokio::spawn(watch_peer(Arc::clone(&self.shared), peer, addr)),
+            groups: 0,
+            pinned: false,
+        });
+        f(w);
+    }
+
+    fn lock_peers(&self) -> MutexGuard<'_, HashMap<NodeId, Watched>> {
+        self.peers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Ends the quiesce and liveness tasks now (the groups stay as they are).
@@ -304,9 +351,8 @@ impl Hibernation {
         for t in &self.tasks {
             t.abort();
         }
-        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        for t in peers.values() {
-            t.abort();
+        for w in self.lock_peers().values() {
+            w.task.abort();
         }
     }
 
@@ -403,10 +449,7 @@ impl Hibernation {
 
     /// Ends the quiesce and liveness tasks (handshakes in flight finish on their own).
     pub async fn shutdown(mut self) {
-        let peers: Vec<JoinHandle<()>> = {
-            let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-            peers.drain().map(|(_, t)| t).collect()
-        };
+        let peers: Vec<JoinHandle<()>> = self.lock_peers().drain().map(|(_, w)| w.task).collect();
         for t in self.tasks.drain(..).chain(peers) {
             t.abort();
             let _ = t.await;

@@ -302,7 +302,8 @@ async fn writes_racing_stops_and_wakes_all_commit_once_in_order() {
 
 /// Goal: a membership change wakes a hibernated group: a fourth host joins as a learner,
 /// catches up and becomes a voter; then the four-member group hibernates on every host,
-/// and a submit wakes it and reaches the new member too.
+/// and a submit wakes it and reaches the new member too; every host pings the members of
+/// its groups, and stops pinging the fourth once it is removed again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hibernated_group_grows_a_member_and_sleeps_again_with_four() {
     bounded(async {
@@ -340,6 +341,31 @@ async fn a_hibernated_group_grows_a_member_and_sleeps_again_with_four() {
         applied_everywhere(&c, g, after).await;
         applied_at_least(&r, after).await;
         assert!(new.queues[&g].live().contains(&after));
+        let watched = |c: &Cluster| -> Vec<usize> {
+            c.nodes
+                .values()
+                .map(|n| n.host.hibernation_counters().peers_watched)
+                .collect()
+        };
+        assert_eq!(
+            watched(&c),
+            vec![3, 3, 3],
+            "every host pings the three others"
+        );
+
+        // Back to three: the hosts stop pinging the member that left.
+        let three: std::collections::BTreeSet<NodeId> = (0..NODES).collect();
+        h.change_voters(three.clone()).await.unwrap();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while watched(&c) != vec![2, 2, 2] {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "peers pinged after the removal: {:?}",
+                watched(&c)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(h.status().voters, three);
         new.host.shutdown().await;
     })
     .await

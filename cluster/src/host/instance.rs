@@ -9,7 +9,8 @@
 //!   registry, whose starter is the host), and holding it for a write (a
 //!   [`WriteHold`]: a stop is refused while one is held, so an entry handed to openraft
 //!   never meets an instance shut down under it).
-//! * [`follow_metrics`]: one task per *instance* that publishes its [`Leadership`] and
+//! * [`follow_metrics`]: one task per *instance* that publishes its [`Leadership`] (not
+//!   openraft's initial metrics of a woken instance, whose term is below the one shown) and
 //!   what a stopped group still reports (members, snapshot), purges its log, and, when
 //!   the instance ends because the group stopped, publishes the leadership the group
 //!   stopped with — so the watch stays truthful across stop and wake (a stopped group
@@ -210,6 +211,9 @@ pub struct HibernationCounters {
     pub peers_lost: u64,
     /// Hibernate handshakes a follower refused (0 without hibernation).
     pub refusals: u64,
+    /// Peers pinged now: the other members of this host's groups (0 without
+    /// hibernation).
+    pub peers_watched: usize,
 }
 
 /// What a group's replica last knew of its membership and snapshot: what
@@ -247,7 +251,11 @@ pub(crate) async fn follow_metrics(handle: GroupHandle, raft: Raft<TypeConfig>, 
             if m.state == ServerState::Shutdown {
                 break;
             }
-            if shared.generation.load(Ordering::SeqCst) == generation {
+            // A woken instance first reports openraft's initial metrics (term 0, no
+            // leader, no members) before it has loaded its vote and log: terms only grow,
+            // so a term below the one published is that, and is not published.
+            let loaded = m.current_term >= handle.leadership.borrow().term;
+            if loaded && shared.generation.load(Ordering::SeqCst) == generation {
                 let now = Leadership {
                     leader: m.current_leader,
                     term: m.current_term,

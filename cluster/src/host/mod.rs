@@ -260,6 +260,7 @@ impl Host {
             group_rpcs_received: r.group_rpcs_received(),
             peers_lost: h.map_or(0, Hibernation::peers_lost),
             refusals: h.map_or(0, Hibernation::refusals),
+            peers_watched: h.map_or(0, Hibernation::watched_peers),
         }
     }
 
@@ -468,6 +469,7 @@ impl Host {
         if let Some(raft) = self.inner.registry.remove(handle.group()) {
             let _ = raft.shutdown().await;
         }
+        handle.forget_members();
         true
     }
 
@@ -693,10 +695,27 @@ impl GroupHandle {
         if !changed {
             return;
         }
-        *seen = Seen::of(m, snapshot);
+        let before = std::mem::replace(&mut *seen, Seen::of(m, snapshot));
         if let Some(h) = &self.hibernation {
             for (id, addr) in &seen.nodes {
-                h.watch_peer(*id, addr.clone());
+                if !before.nodes.contains_key(id) {
+                    h.add_group_peer(*id, addr.clone());
+                }
+            }
+            for id in before.nodes.keys() {
+                if !seen.nodes.contains_key(id) {
+                    h.drop_group_peer(*id);
+                }
+            }
+        }
+    }
+
+    /// The group leaves this host: its members no longer count for the pinged peers.
+    fn forget_members(&self) {
+        let seen = std::mem::take(&mut *self.shared.seen.lock().unwrap_or_else(|e| e.into_inner()));
+        if let Some(h) = &self.hibernation {
+            for id in seen.nodes.keys() {
+                h.drop_group_peer(*id);
             }
         }
     }
