@@ -20,7 +20,9 @@
 # Usage: benches/compare.sh            (from anywhere in the workspace; as root: the peers
 #                                       and fio/iperf3 are installed with apt-get if missing)
 # Env:   DURATION (s per run, default 10), WARMUP (s, default 2), BROKERS (default
-#        "entrepot entrepot-sink rabbitmq-qq rabbitmq-classic nats"), NATS=0 to leave NATS out,
+#        "entrepot entrepot-sink rabbitmq-qq rabbitmq-classic nats"; also `entrepot-never`:
+#        Entrepot with `--sync never`, which acks before any fsync as NATS 2.9 does, for the
+#        row beside NATS), NATS=0 to leave NATS out,
 #        ENTREPOT_SYNC (default always), ENTREPOT_PORT (default 5692),
 #        ENTREPOT_FANOUT_ADDRESS (Entrepot's fan-out topic, default topic.bench: a sender to
 #        topic.x publishes, each receiver on topic.x is its own subscription),
@@ -117,11 +119,12 @@ wait_port() { # wait_port PORT: bounded, 30 s
     return 1
 }
 
-start_entrepot() { # start_entrepot [--sink]
-    local data="$out/entrepot-data"
+start_entrepot() { # start_entrepot SYNC [--sink]
+    local data="$out/entrepot-data" sync="$1"
+    shift
     rm -rf "$data"
     "$bin" serve --listen "127.0.0.1:$entrepot_port" --http "127.0.0.1:$entrepot_http" \
-        --data-dir "$data" --sync "${ENTREPOT_SYNC:-always}" ${ENTREPOT_ARGS:-} "$@" >"$out/entrepot$*.log" 2>&1 &
+        --data-dir "$data" --sync "$sync" ${ENTREPOT_ARGS:-} "$@" >"$out/entrepot-$sync$*.log" 2>&1 &
     started_pid=$!
     wait_port "$entrepot_port"
 }
@@ -133,7 +136,7 @@ start_entrepot() { # start_entrepot [--sink]
 peers_state="${PEERS_STATE_DIR:-/var/tmp/amqp-peers}"
 broker_pid() { # broker_pid BROKER → the pid whose CPU time is the broker's
     case "$1" in
-        entrepot|entrepot-sink) echo "$started_pid" ;;
+        entrepot|entrepot-sink|entrepot-never) echo "$started_pid" ;;
         rabbitmq-*) cat "$peers_state/rabbitmq/beam.pid" 2>/dev/null || pgrep -o beam.smp ;;
         nats) cat "$peers_state/nats/server.pid" 2>/dev/null || pgrep -o nats-server ;;
     esac
@@ -176,7 +179,7 @@ bench() {
     local broker="$1" case="$2"; shift 2
     local json="$out/$case-$broker.json" conn=() addr=() size=1024 shape=()
     case "$broker" in
-        entrepot|entrepot-sink) conn=(--url "amqp://127.0.0.1:$entrepot_port"); addr=(--address "bench-$case") ;;
+        entrepot|entrepot-sink|entrepot-never) conn=(--url "amqp://127.0.0.1:$entrepot_port"); addr=(--address "bench-$case") ;;
         rabbitmq-qq) conn=(--url "$AMQP_URL"); addr=(--address /amq/queue/bench.qq) ;;
         rabbitmq-classic) conn=(--url "$AMQP_URL"); addr=(--address /amq/queue/bench.classic) ;;
         nats) conn=(--nats-url "$NATS_URL"); addr=(--address "bench.$case") ;;
@@ -300,15 +303,19 @@ running=""
 for broker in $brokers; do
     service="${broker%%-*}"
     [ "$broker" = entrepot-sink ] && service=sink
+    [ "$broker" = entrepot-never ] && service=never
     if [ "$service" != "$running" ]; then
         cleanup
         case "$service" in
             entrepot)
                 step "starting Entrepot (release, sync ${ENTREPOT_SYNC:-always}) on 127.0.0.1:$entrepot_port"
-                start_entrepot ;;
+                start_entrepot "${ENTREPOT_SYNC:-always}" ;;
+            never)
+                step "starting Entrepot (release, sync never: acks before any fsync) on 127.0.0.1:$entrepot_port"
+                start_entrepot never ;;
             sink)
                 step "starting Entrepot with --sink (accepts and drops) on 127.0.0.1:$entrepot_port"
-                start_entrepot --sink ;;
+                start_entrepot "${ENTREPOT_SYNC:-always}" --sink ;;
             rabbitmq)
                 start_peer rabbitmq AMQP_URL "amqp://guest:guest@127.0.0.1:${RABBITMQ_AMQP_PORT:-5682}"
                 AMQP_URL="$peer_url" ;;
@@ -361,6 +368,7 @@ fi
 acks_after_fsync() {
     case "$1" in
         entrepot) [ "${ENTREPOT_SYNC:-always}" = always ] && echo yes || echo "no (${ENTREPOT_SYNC})" ;;
+        entrepot-never) echo "no (--sync never)" ;;
         rabbitmq-qq) echo "yes (Raft log fsync)" ;;
         rabbitmq-classic) echo "yes (publisher confirm after fsync)" ;;
         nats) echo "no (2.9: ack before fsync)" ;;
@@ -392,7 +400,7 @@ ceiling_row() { # the generator's own ceiling: accepted msgs/s against the sink
     echo "| case | broker | ack waits for fsync | msgs/s | MB/s | p99 accepted ms | p99 e2e ms | loss check | Entrepot/peer | broker CPU us/msg | generator CPU us/msg |"
     echo "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|"
     for c in $cases; do
-        for b in entrepot rabbitmq-qq rabbitmq-classic nats; do row "$c" "$b"; done
+        for b in entrepot entrepot-never rabbitmq-qq rabbitmq-classic nats; do row "$c" "$b"; done
     done
     ceiling_row
     echo
@@ -436,9 +444,11 @@ ratio_line() { # ratio_line NAME A_JSON B_JSON JQ_FIELD
         'if ($b[0]'"$4"' // 0) > 0 then "\($n): \(($a[0]'"$4"' // 0) / $b[0]'"$4"' | . * 100 | round / 100)" else empty end'
 }
 ratio_line "ratio entrepot/rabbitmq-qq p1k-8x8" "$out/p1k-8x8-entrepot.json" "$out/p1k-8x8-rabbitmq-qq.json" .receive_msgs_per_s
+ratio_line "ratio entrepot/nats p1k-8x8 (NATS 2.9 acks before fsync)" "$out/p1k-8x8-entrepot.json" "$out/p1k-8x8-nats.json" .receive_msgs_per_s
+ratio_line "ratio entrepot-never/nats p1k-8x8 (both ack before fsync)" "$out/p1k-8x8-entrepot-never.json" "$out/p1k-8x8-nats.json" .receive_msgs_per_s
 ratio_line "cpu per message rabbitmq-qq/entrepot p1k-8x8" "$out/p1k-8x8-rabbitmq-qq.json" "$out/p1k-8x8-entrepot.json" .broker_cpu_us_per_msg
 ratio_line "cpu per message nats/entrepot p1k-8x8" "$out/p1k-8x8-nats.json" "$out/p1k-8x8-entrepot.json" .broker_cpu_us_per_msg
-for b in entrepot rabbitmq-qq rabbitmq-classic nats; do
+for b in entrepot entrepot-never rabbitmq-qq rabbitmq-classic nats; do
     j="$out/p1k-8x8-$b.json"
     [ -f "$j" ] && jq -e '.receive_msgs_per_s > 0' "$j" >/dev/null 2>&1 || continue
     jq -r --arg b "$b" '"cpu per message p1k-8x8 \($b): broker \(.broker_cpu_us_per_msg // 0 | . * 10 | round / 10) us, generator \(.generator_cpu_us_per_msg // 0 | . * 10 | round / 10) us (generator used \(.generator.cpu_cores_used // 0 | . * 100 | round / 100) of \(.generator.cores // 0) cores)"' "$j"
