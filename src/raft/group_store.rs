@@ -9,10 +9,10 @@
 //!   `broker/replication.rs`): a message op alone (its record in the `store.rs` format),
 //!   or one ack / ack group / floor / drop group / delivery count op. The calls are
 //!   synchronous, like `Store`'s: each change is numbered (its *sequence*, dense from 0)
-//!   and queued on a bounded channel ([`MAX_UNSUBMITTED_OPS`]); one task submits them to
-//!   the [`GroupHandle`] in that order (the host batches them into entries), a second
-//!   awaits their [`Proposal`]s in the same order (at most
-//!   [`MAX_UNRESOLVED_PROPOSALS`] in flight) and raises the store's committed watch.
+//!   and handed to the [`GroupHandle`] at once, in that order (`try_submit`; the host
+//!   batches them into entries); one task awaits their [`Proposal`]s in the same order
+//!   (at most [`MAX_UNRESOLVED_PROPOSALS`] in flight) and raises the store's committed
+//!   watch. A full pipeline refuses ([`GroupStoreError::Busy`]) rather than waits.
 //! * **Durability** is a `Durable` on that watch, as the clustered `Store` hands out
 //!   today: complete once the change's proposal resolved — a majority holds its entry on
 //!   disk and this node applied it. This is the adapter from `Proposal` to the handle the
@@ -64,10 +64,8 @@ use crate::broker::store::{
     MAX_ADDRESS_LEN,
 };
 
-/// Changes queued for the submitting task; a change past this is refused
+/// Proposals submitted and not yet resolved; a change past this is refused
 /// ([`GroupStoreError::Busy`]) rather than waited for, as the calls are synchronous.
-pub const MAX_UNSUBMITTED_OPS: usize = 4096;
-/// Proposals submitted and not yet resolved; the submitter waits for room.
 pub const MAX_UNRESOLVED_PROPOSALS: usize = 16_384;
 /// Live messages [`GroupStore::recover`] takes from the index per step of its walk.
 pub const RECOVER_PAGE: usize = 4096;
@@ -85,8 +83,9 @@ pub enum GroupStoreError {
     },
     #[error("address of {0} bytes exceeds {MAX_ADDRESS_LEN}")]
     AddressTooLong(usize),
-    /// [`MAX_UNSUBMITTED_OPS`] changes wait for the submitter: refuse, retry later.
-    #[error("address {address}: {MAX_UNSUBMITTED_OPS} changes already wait for the group")]
+    /// [`MAX_UNRESOLVED_PROPOSALS`] changes wait for their commit, or the host's queue
+    /// is full: refuse, retry later.
+    #[error("address {address}: too many changes already wait for the group")]
     Busy { address: String },
     /// The store's tasks ended (the store was dropped, or the runtime is stopping).
     #[error("address {address}: the group store's pipeline ended")]
@@ -231,14 +230,8 @@ impl Reader {
 /// Told a change's outcome (an append's or the barrier's), before the watch moves.
 type Answer = oneshot::Sender<Result<Position, GroupError>>;
 
-/// A change waiting for the submitter.
-struct Change {
-    payload: Bytes,
-    answer: Option<Answer>,
-}
-
 /// A change submitted, waiting for its proposal.
-type Submitted = (Result<Proposal, GroupError>, Option<Answer>);
+type Submitted = (Proposal, Option<Answer>);
 
 /// The store of one clustered address; see the module docs.
 pub struct GroupStore {
@@ -247,7 +240,7 @@ pub struct GroupStore {
     /// The next change's sequence number, held while it is queued so that sequence and
     /// queue order agree.
     next_seq: Mutex<u64>,
-    changes: mpsc::Sender<Change>,
+    to_resolve: mpsc::Sender<Submitted>,
     committed: watch::Receiver<DurableState>,
     /// The offset the next message is expected to get (the message op's own offset; the
     /// machine counts a wrong guess in `renumbered`).
@@ -259,22 +252,20 @@ impl GroupStore {
     /// the group's entries to. Spawns its two tasks on the current runtime; they end when
     /// the store is dropped.
     pub fn new(address: &str, handle: GroupHandle, machine: AddressMachine) -> GroupStore {
-        let (changes, to_submit) = mpsc::channel(MAX_UNSUBMITTED_OPS);
-        let (submitted, to_resolve) = mpsc::channel(MAX_UNRESOLVED_PROPOSALS);
+        let (to_resolve, submitted) = mpsc::channel(MAX_UNRESOLVED_PROPOSALS);
         let (raise, committed) = watch::channel(DurableState::default());
         let reader = Reader {
             address: address.to_owned(),
             handle: handle.clone(),
             machine: machine.clone(),
         };
-        tokio::spawn(submit_in_order(handle.clone(), to_submit, submitted));
-        tokio::spawn(resolve_in_order(to_resolve, raise));
+        tokio::spawn(resolve_in_order(submitted, raise));
         GroupStore {
             leadership: handle.leadership(),
             next_offset_guess: AtomicU64::new(machine.next_offset()),
             reader,
             next_seq: Mutex::new(0),
-            changes,
+            to_resolve,
             committed,
         }
     }
@@ -457,16 +448,20 @@ impl GroupStore {
                 leader: leadership.leader,
             });
         }
+        // Numbering and submitting under one lock keeps sequence and log order equal.
         let mut next = self.next_seq.lock().unwrap_or_else(|e| e.into_inner());
         let address = || self.reader.address.clone();
-        self.changes
-            .try_send(Change { payload, answer })
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => GroupStoreError::Busy { address: address() },
-                mpsc::error::TrySendError::Closed(_) => {
-                    GroupStoreError::Closed { address: address() }
-                }
-            })?;
+        // Room for the proposal first: once submitted it cannot be taken back.
+        let room = self.to_resolve.try_reserve().map_err(|e| match e {
+            mpsc::error::TrySendError::Full(()) => GroupStoreError::Busy { address: address() },
+            mpsc::error::TrySendError::Closed(()) => GroupStoreError::Closed { address: address() },
+        })?;
+        let proposal = self
+            .reader
+            .handle
+            .try_submit(payload)?
+            .ok_or_else(|| GroupStoreError::Busy { address: address() })?;
+        room.send((proposal, answer));
         let seq = *next;
         *next += 1;
         Ok(Durable::watching(self.committed.clone(), seq))
@@ -522,20 +517,6 @@ fn refusal(address: String, e: GroupStoreError) -> AddressStoreError {
     }
 }
 
-/// Submits the changes in queue order; the host queues each behind the ones before.
-async fn submit_in_order(
-    handle: GroupHandle,
-    mut changes: mpsc::Receiver<Change>,
-    submitted: mpsc::Sender<Submitted>,
-) {
-    while let Some(change) = changes.recv().await {
-        let proposal = handle.submit(change.payload).await;
-        if submitted.send((proposal, change.answer)).await.is_err() {
-            return;
-        }
-    }
-}
-
 /// Awaits the proposals in submission order (they resolve in that order) and raises
 /// the committed watch: sequence `n` is durable once `durable > n`. The first failure
 /// fails the watch for good (see the module invariants); every later change is still
@@ -545,10 +526,7 @@ async fn resolve_in_order(
     raise: watch::Sender<DurableState>,
 ) {
     while let Some((proposal, answer)) = submitted.recv().await {
-        let outcome = match proposal {
-            Ok(p) => p.await,
-            Err(e) => Err(e),
-        };
+        let outcome = proposal.await;
         let (ok, reason) = match &outcome {
             Ok(_) => (true, None),
             Err(e) => (false, Some(e.to_string())),

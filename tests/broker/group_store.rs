@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use entrepot::broker::queue::now_ms;
 use entrepot::raft::group_store::{GroupMessage, GroupStore, GroupStoreError};
-use entrepot_cluster::NodeId;
+use entrepot_cluster::{GroupError, NodeId};
 
 use crate::three_hosts::{mapped_under, Cluster, NODES, WAIT};
 
@@ -257,6 +257,35 @@ async fn once_a_proposal_fails_the_store_accepts_nothing_more() {
                 assert!(matches!(later, Ok(Err(_))) && d.has_failed());
             }
         }
+        c.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_too_large_for_an_entry_is_refused_alone_and_the_store_goes_on() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let c = Cluster::start().await;
+        let s = store(&c, c.leader_id().await);
+        // Past the node log's record size (`three_hosts.rs`: 512 KiB).
+        let huge = vec![b'h'; 600 << 10];
+        let refused = s.append(&[&huge]).err();
+        assert!(
+            matches!(
+                refused,
+                Some(GroupStoreError::Group(GroupError::TooLarge { .. }))
+            ),
+            "{refused:?}"
+        );
+        let after = append_all(&s, 0..3).await;
+        let offsets: Vec<u64> = after.iter().map(|m| m.offset).collect();
+        assert_eq!(
+            offsets,
+            [0, 1, 2],
+            "nothing was numbered for the refused one"
+        );
+        assert!(s.failed().is_none());
         c.shutdown().await;
     })
     .await

@@ -772,6 +772,32 @@ impl GroupHandle {
             Ok(Err(_)) => return Err(self.stopped("the group's batcher ended")),
             Err(_) => return Err(GroupError::Timeout { group, after }),
         }
+        Ok(self.proposal(answer))
+    }
+
+    /// [`Self::submit`] without waiting: `Ok(None)` when [`MAX_QUEUED_PROPOSALS`] are
+    /// queued already (nothing is queued then). For a caller that must not await between
+    /// numbering its proposals and queueing them (the broker's group store).
+    pub fn try_submit(&self, payload: Bytes) -> Result<Option<Proposal>, GroupError> {
+        if payload.len() > self.proposal_bytes {
+            return Err(GroupError::TooLarge {
+                len: payload.len(),
+                max: self.proposal_bytes,
+            });
+        }
+        let (done, answer) = oneshot::channel();
+        match self.queue.try_send(batch::Queued { payload, done }) {
+            Ok(()) => Ok(Some(self.proposal(answer))),
+            Err(mpsc::error::TrySendError::Full(_)) => Ok(None),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                Err(self.stopped("the group's batcher ended"))
+            }
+        }
+    }
+
+    /// The proposal whose outcome `answer` will carry, bounded by the propose timeout.
+    fn proposal(&self, answer: oneshot::Receiver<Result<Position, GroupError>>) -> Proposal {
+        let (group, after) = (self.group(), self.propose_timeout);
         let inner = async move {
             match tokio::time::timeout(after, answer).await {
                 Ok(Ok(result)) => result,
@@ -782,9 +808,9 @@ impl GroupHandle {
                 Err(_) => Err(GroupError::Timeout { group, after }),
             }
         };
-        Ok(Proposal {
+        Proposal {
             inner: Box::pin(inner),
-        })
+        }
     }
 
     /// [`Self::submit`] and wait for the commit: the proposal's position.
