@@ -9,7 +9,7 @@
 //!   the leader's `GroupHandle`, each `Proposal` awaited in order;
 //! * `store` — `GroupStore::append`, each durable handle awaited in order, then the
 //!   message's offset and body read back from the node log (`try_committed`), as the
-//!   connection does: two tasks and one watch between the caller and the host.
+//!   connection does: the resolver task and one watch between the caller and the host.
 //!
 //! When leadership moves (an election on a loaded machine) the rest goes to the new
 //! leader (a message whose outcome was lost is sent again), so a run never fails on it.

@@ -249,7 +249,7 @@ pub struct GroupStore {
 
 impl GroupStore {
     /// A store for `address` over its group's `handle` and the `machine` the host applies
-    /// the group's entries to. Spawns its two tasks on the current runtime; they end when
+    /// the group's entries to. Spawns its resolver task on the current runtime; it ends when
     /// the store is dropped.
     pub fn new(address: &str, handle: GroupHandle, machine: AddressMachine) -> GroupStore {
         let (to_resolve, submitted) = mpsc::channel(MAX_UNRESOLVED_PROPOSALS);
