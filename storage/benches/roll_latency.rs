@@ -10,7 +10,8 @@
 //!
 //! Printed: the distribution of schedule → durable (what the broker's `accepted` waits
 //! for, without coordinated omission: a late append counts from when it was due), the
-//! longest `append` call (time under the writer lock), and a timeline of the episodes
+//! longest `append` call (time under the writer lock), the rolls (how many took a
+//! segment prepared ahead, the appender's mean and longest time inside them), and a timeline of the episodes
 //! where records waited more than `ENTREPOT_ROLL_SLOW_MS` beside the rolls, seals and deletions around them.
 //!
 //! Run: `cargo bench -p entrepot-storage --bench roll_latency` (data under the target
@@ -172,6 +173,14 @@ fn main() {
         sorted.last().map_or(0, |m| m.as_micros()),
         append_max.0.as_micros(),
         append_max.1,
+    );
+    let stats = log.stats();
+    let rolls = stats.rolls.load(Ordering::Relaxed);
+    println!(
+        "rolls={rolls} from_prepared={} roll_us_mean={:.0} roll_us_max={} (the appender's time inside `roll`, under the writer lock)",
+        stats.rolls_prepared.load(Ordering::Relaxed),
+        stats.roll_nanos_total.load(Ordering::Relaxed) as f64 / rolls.max(1) as f64 / 1e3,
+        stats.roll_nanos_max.load(Ordering::Relaxed) / 1_000,
     );
     // Episodes: runs of records that waited more than SLOW.
     lat.sort_by_key(|l| l.1);

@@ -54,6 +54,7 @@ pub mod fsync;
 mod index;
 mod log;
 mod offset_set;
+mod prepare;
 mod record;
 mod recovery;
 mod retention;
@@ -71,6 +72,7 @@ pub use config::{
 pub use error::{Result, StorageError};
 pub use log::{Appended, Log, LogReader, SegmentSpan, RESIDENT_TAIL_BYTES};
 pub use offset_set::OffsetSet;
+pub use prepare::{PREPARE_AT_FILL_PERCENT, PREPARE_FREE_SEGMENTS_MIN};
 pub use record::{Record, RECORD_HEADER_LEN};
 pub use retention::Retention;
 pub use retire::{RETIRE_QUEUE_MAX, RETIRE_WAIT_MAX};

@@ -10,6 +10,11 @@
 //!   have not been synced (policy `Always`/`Interval`), nor a record whose segment's name
 //!   is not yet durable in the directory (a roll leaves that directory sync to the next
 //!   group-commit round).
+//! * A roll takes the file `prepare.rs` prepared ahead when one is ready, and then costs
+//!   the appender the header's 64 bytes: that segment keeps its temporary name until the
+//!   first sync round that covers it has synced its header, so every `.seg` name that can
+//!   reach the disk has a durable header (`FORMAT.md`); rolls without a ready file create
+//!   their segment themselves, as before.
 //! * Deleting or truncating never modifies bytes a reader may hold (see `segment.rs`).
 //! * A deleted segment is released (unmapped and closed, when the kernel evicts its pages
 //!   and frees its blocks) by the release thread of `retire.rs`, never under the log's
@@ -27,6 +32,7 @@ use tokio::sync::watch;
 
 use crate::config::{LogConfig, SyncPolicy, MAX_BATCH_RECORDS};
 use crate::error::{Result, StorageError};
+use crate::prepare::{PrepareSpec, Preparer, PREPARE_AT_FILL_PERCENT};
 use crate::record::{Record, RECORD_HEADER_LEN};
 use crate::recovery;
 use crate::retire;
@@ -77,6 +83,9 @@ pub(crate) struct Inner {
     /// Populates the pages ahead of the appends during each sync (policies that sync; its
     /// thread starts with the first sync that has something to cover).
     prefault: Option<Arc<Prefault>>,
+    /// Prepares the next segment's file once the active one is half full (policies that
+    /// sync, writable logs; see `prepare.rs`).
+    preparer: Option<Arc<Preparer>>,
     stats: LogStats,
 }
 
@@ -104,6 +113,8 @@ struct Writer {
     /// (a device flush less in the appenders' way, issue 15).
     rolls: u64,
     rolls_dir_synced: u64,
+    /// The next segment's file was asked of the preparer for this active segment.
+    prepare_requested: bool,
 }
 
 /// Synced bytes at the end of the active segment that readers may keep mapped in the
@@ -168,6 +179,13 @@ impl Log {
             failed: None,
         });
         let signal = Arc::new(SyncSignal::default());
+        let preparer = (config.sync != SyncPolicy::Never && !recovered.read_only).then(|| {
+            Arc::new(Preparer::new(PrepareSpec {
+                dir: dir.clone(),
+                segment_bytes: config.segment_bytes,
+                reserve_bytes: config.reserve_bytes,
+            }))
+        });
         let inner = Arc::new(Inner {
             dir,
             read_only: recovered.read_only,
@@ -180,12 +198,14 @@ impl Log {
                 poisoned: None,
                 rolls: 0,
                 rolls_dir_synced: 0,
+                prepare_requested: false,
             }),
             io: Mutex::new(()),
             segments: RwLock::new(segments),
             durable_tx,
             signal: Arc::clone(&signal),
             prefault: (config.sync != SyncPolicy::Never).then(Arc::<Prefault>::default),
+            preparer,
             stats,
             config,
         });
@@ -194,6 +214,10 @@ impl Log {
             SyncPolicy::Interval(d) => Some(Some(d)),
             SyncPolicy::Never => None,
         };
+        // A log reopened with its active segment past the mark asks at once.
+        if let Ok(mut w) = inner.writer.lock() {
+            inner.prepare_when_due(&mut w);
+        }
         if let Some(interval) = interval {
             let weak = Arc::downgrade(&inner);
             std::thread::Builder::new()
@@ -308,6 +332,12 @@ impl Log {
     /// Counters for metrics.
     pub fn stats(&self) -> &LogStats {
         &self.inner.stats
+    }
+
+    /// True when the next segment's file is prepared and a roll would take it instead of
+    /// creating one under the writer lock (`prepare.rs`; for tests and diagnostics).
+    pub fn next_segment_prepared(&self) -> bool {
+        self.inner.preparer.as_ref().is_some_and(|p| p.is_ready())
     }
 
     /// True if the log was opened read-only because of corruption.
@@ -570,11 +600,25 @@ impl Inner {
             self.config.index_interval_bytes,
         );
         w.next_offset = offset + 1;
+        self.prepare_when_due(w);
         self.stats.records_appended.fetch_add(1, Ordering::Relaxed);
         self.stats
             .bytes_appended
             .fetch_add(len as u64, Ordering::Relaxed);
         Ok((offset, pos))
+    }
+
+    /// Asks the preparer for the next segment's file once the active one is filled past
+    /// [`PREPARE_AT_FILL_PERCENT`] (once per segment).
+    fn prepare_when_due(&self, w: &mut Writer) {
+        if !w.prepare_requested
+            && w.active.written() * 100 >= w.active.capacity() * PREPARE_AT_FILL_PERCENT
+        {
+            if let Some(preparer) = &self.preparer {
+                preparer.request();
+            }
+            w.prepare_requested = true;
+        }
     }
 
     /// Starts a new active segment. The old one is sealed by the sync thread once synced
@@ -585,16 +629,25 @@ impl Inner {
     /// reserve, with `DiskFull` when it cannot be preallocated; either way the log is
     /// unchanged and the append can be retried.
     fn roll(&self, w: &mut Writer) -> Result<()> {
-        let seg = match self.create_next(w.next_offset) {
-            // Segments deleted a moment ago give their blocks back once the release
-            // thread dropped them: wait for it before reporting the disk full.
-            Err(e) if e.is_out_of_space() && retire::is_busy() => {
-                retire::wait_idle(retire::RETIRE_WAIT_MAX);
-                self.create_next(w.next_offset)?
-            }
-            created => created?,
+        let started = Instant::now();
+        let prepared = self
+            .preparer
+            .as_ref()
+            .and_then(|p| p.take())
+            .filter(|f| f.capacity() == self.config.segment_bytes)
+            .and_then(|f| f.take());
+        let from_prepared = prepared.is_some();
+        let seg = match prepared {
+            Some(parts) => Arc::new(Segment::from_prepared(
+                parts,
+                &self.dir,
+                w.next_offset,
+                self.config.record_bytes_max,
+            )),
+            None => self.create_rolled(w.next_offset)?,
         };
         w.rolls += 1;
+        w.prepare_requested = false;
         if self.config.sync == SyncPolicy::Never {
             sync_dir(&self.dir)?; // no sync thread to do it
             w.rolls_dir_synced = w.rolls;
@@ -603,14 +656,34 @@ impl Inner {
             segments.insert(seg.base(), Arc::clone(&seg));
         }
         let old = std::mem::replace(&mut w.active, seg);
-        w.synced_pos = SEGMENT_HEADER_LEN as u64;
+        // A prepared file's header is in the page cache only: the first round syncs it
+        // with the records (the same page) before it names the segment.
+        w.synced_pos = if from_prepared {
+            0
+        } else {
+            SEGMENT_HEADER_LEN as u64
+        };
         if self.config.sync == SyncPolicy::Never {
             old.seal()
                 .map_err(|e| StorageError::io("sealing segment", old.path(), e))?;
         } else if !old.is_sealed() {
             w.unsynced.push(old);
         }
+        self.stats.observe_roll(started.elapsed(), from_prepared);
         Ok(())
+    }
+
+    /// Creates the segment of a roll that found no prepared file.
+    fn create_rolled(&self, base: u64) -> Result<Arc<Segment>> {
+        match self.create_next(base) {
+            // Segments deleted a moment ago give their blocks back once the release
+            // thread dropped them: wait for it before reporting the disk full.
+            Err(e) if e.is_out_of_space() && retire::is_busy() => {
+                retire::wait_idle(retire::RETIRE_WAIT_MAX);
+                self.create_next(base)
+            }
+            created => created,
+        }
     }
 
     /// Creates the segment a roll starts at `base`, if it leaves the free-space reserve.
@@ -740,6 +813,15 @@ impl Inner {
                 path: active.path().to_path_buf(),
                 reason: e.to_string(),
             })?;
+        // Segments made from prepared files get their names now that their headers are
+        // synced (rolled ones above from 0, the active one from 0 in its first round), in
+        // order, and the directory sync below makes the names durable.
+        for seg in rolled.iter().map(|s| &**s).chain([active]) {
+            seg.name().map_err(|e| StorageError::SyncFailed {
+                path: seg.path().to_path_buf(),
+                reason: e.to_string(),
+            })?;
+        }
         if dir {
             crate::fsync::sync_dir(&self.dir).map_err(|e| StorageError::SyncFailed {
                 path: self.dir.clone(),
@@ -750,6 +832,7 @@ impl Inner {
     }
 
     fn truncate_locked(&self, w: &mut Writer, offset: u64) -> Result<()> {
+        self.name_pending(w)?;
         let doomed: Vec<Arc<Segment>> = self
             .snapshot()
             .into_iter()
@@ -788,6 +871,26 @@ impl Inner {
         self.durable_tx
             .send_modify(|s| s.durable = s.durable.min(offset));
         Ok(())
+    }
+
+    /// Syncs and names the segments still under a prepared file's temporary name, and the
+    /// directory (truncation and reset replace files by name; rare, under both locks).
+    fn name_pending(&self, w: &Writer) -> Result<()> {
+        let pending: Vec<&Arc<Segment>> = w
+            .unsynced
+            .iter()
+            .chain([&w.active])
+            .filter(|s| !s.is_named())
+            .collect();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        for seg in pending {
+            seg.sync_range(0, seg.written())
+                .and_then(|()| seg.name().map(|_| ()))
+                .map_err(|e| StorageError::io("naming a prepared segment", seg.path(), e))?;
+        }
+        sync_dir(&self.dir)
     }
 
     /// Copies the records of `seg` below `offset` into a new file and renames it over the
@@ -853,6 +956,9 @@ impl Drop for Inner {
             if let Err(e) = self.sync_once() {
                 tracing::error!(error = %e, "final sync on close failed");
             }
+        }
+        if let Some(preparer) = &self.preparer {
+            preparer.close();
         }
     }
 }

@@ -22,7 +22,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
 use memmap2::{MmapOptions, MmapRaw};
@@ -30,6 +30,7 @@ use memmap2::{MmapOptions, MmapRaw};
 use crate::error::{Result, StorageError};
 use crate::fsync;
 use crate::index::{offset_index_path, time_index_path, SegmentIndex};
+use crate::prepare::PreparedParts;
 use crate::record::{self, FrameFault, Record, RecordHeader, RECORD_HEADER_LEN};
 
 /// Magic bytes at the start of every segment file.
@@ -85,6 +86,9 @@ pub(crate) struct Segment {
     /// Position up to which pages past the written end were populated (see
     /// [`Segment::prefault_ahead`]).
     prefaulted: AtomicU64,
+    /// The temporary name of a segment made from a prepared file (`prepare.rs`) until the
+    /// sync round that first covers it has synced its header and renamed it to `path`.
+    pending_name: Mutex<Option<PathBuf>>,
     pub(crate) index: RwLock<SegmentIndex>,
 }
 
@@ -172,15 +176,7 @@ impl Segment {
         }
         let seg = Self::map(file, path, base, capacity, record_bytes_max)?;
         seg.expect_appends();
-        let mut header = [0u8; SEGMENT_HEADER_LEN];
-        header[0..8].copy_from_slice(&SEGMENT_MAGIC);
-        header[8..10].copy_from_slice(&SEGMENT_VERSION.to_le_bytes());
-        header[16..24].copy_from_slice(&base.to_le_bytes());
-        header[24..32].copy_from_slice(&now_ms().to_le_bytes());
-        let crc = crc32fast::hash(&header[0..32]);
-        header[32..36].copy_from_slice(&crc.to_le_bytes());
-        // SAFETY: the segment is not shared yet; the header lies inside the mapping.
-        unsafe { seg.write_at(0, &header) };
+        seg.write_header();
         // One fsync makes the header (dirtied through the mapping, so in the page cache),
         // the size and the preallocated extents durable together; a separate `msync` of
         // the header first cost a second device flush, under the log's writer lock when
@@ -188,6 +184,73 @@ impl Segment {
         fsync::sync_file(&seg._file, path)
             .map_err(|e| StorageError::io("syncing segment", path, e))?;
         Ok(seg)
+    }
+
+    /// Writes the first 40 bytes of the header (magic, version, base, creation time, CRC)
+    /// into the mapping; the caller makes them durable.
+    fn write_header(&self) {
+        let mut header = [0u8; SEGMENT_HEADER_LEN];
+        header[0..8].copy_from_slice(&SEGMENT_MAGIC);
+        header[8..10].copy_from_slice(&SEGMENT_VERSION.to_le_bytes());
+        header[16..24].copy_from_slice(&self.base.to_le_bytes());
+        header[24..32].copy_from_slice(&now_ms().to_le_bytes());
+        let crc = crc32fast::hash(&header[0..32]);
+        header[32..36].copy_from_slice(&crc.to_le_bytes());
+        // SAFETY: the segment is not shared yet; the header lies inside the mapping.
+        unsafe { self.write_at(0, &header) };
+    }
+
+    /// Makes a segment of base `base` from a file prepared ahead (`prepare.rs`): writes its
+    /// header into the mapping, nothing else — no system call. The segment keeps its
+    /// temporary name until [`Segment::name`]; its header is durable only once a sync of
+    /// its range from 0 returned, which the log does before naming it.
+    pub(crate) fn from_prepared(
+        parts: PreparedParts,
+        dir: &Path,
+        base: u64,
+        record_bytes_max: u32,
+    ) -> Segment {
+        let PreparedParts {
+            path: tmp,
+            file,
+            map,
+            capacity,
+            prefaulted,
+        } = parts;
+        let seg = Self::from_map(
+            file,
+            map,
+            &dir.join(segment_file_name(base)),
+            base,
+            capacity,
+            record_bytes_max,
+        );
+        seg.prefaulted.store(prefaulted, Ordering::Release);
+        if let Ok(mut pending) = seg.pending_name.lock() {
+            *pending = Some(tmp);
+        }
+        seg.write_header();
+        seg
+    }
+
+    /// True unless the segment still has the temporary name of its prepared file.
+    pub(crate) fn is_named(&self) -> bool {
+        self.pending_name.lock().map_or(true, |p| p.is_none())
+    }
+
+    /// Renames a segment made from a prepared file to its final name (the caller synced
+    /// its header, and syncs the directory next). Returns whether it renamed anything.
+    pub(crate) fn name(&self) -> std::io::Result<bool> {
+        let mut pending = self
+            .pending_name
+            .lock()
+            .map_err(|_| std::io::Error::other("segment name lock poisoned"))?;
+        let Some(tmp) = pending.as_ref() else {
+            return Ok(false);
+        };
+        std::fs::rename(tmp, &self.path)?;
+        *pending = None;
+        Ok(true)
     }
 
     fn map(
@@ -201,9 +264,27 @@ impl Segment {
             .len(capacity as usize)
             .map_raw(&file)
             .map_err(|e| StorageError::io("mapping segment", path, e))?;
+        Ok(Self::from_map(
+            file,
+            map,
+            path,
+            base,
+            capacity,
+            record_bytes_max,
+        ))
+    }
+
+    fn from_map(
+        file: File,
+        map: MmapRaw,
+        path: &Path,
+        base: u64,
+        capacity: u64,
+        record_bytes_max: u32,
+    ) -> Segment {
         let map = Arc::new(map);
         let view = Bytes::from_owner(MapOwner(Arc::clone(&map)));
-        Ok(Segment {
+        Segment {
             path: path.to_path_buf(),
             base,
             capacity,
@@ -216,8 +297,9 @@ impl Segment {
             sealed: AtomicBool::new(false),
             released: AtomicU64::new(0),
             prefaulted: AtomicU64::new(0),
+            pending_name: Mutex::new(None),
             index: RwLock::new(SegmentIndex::default()),
-        })
+        }
     }
 
     /// Maps an existing segment and checks its header. Records are not scanned yet.
@@ -705,6 +787,9 @@ impl Segment {
 
     /// Removes the files of this segment from the directory (the mapping stays valid).
     pub fn unlink(&self) -> std::io::Result<()> {
+        if let Some(tmp) = self.pending_name.lock().ok().and_then(|mut p| p.take()) {
+            return std::fs::remove_file(tmp);
+        }
         let _ = std::fs::remove_file(offset_index_path(&self.path));
         let _ = std::fs::remove_file(time_index_path(&self.path));
         std::fs::remove_file(&self.path)

@@ -111,6 +111,12 @@ pub struct LogStats {
     pub recovered_torn_bytes: AtomicU64,
     /// Segments deleted by purge, truncation, retention or acknowledgement.
     pub segments_deleted: AtomicU64,
+    /// Rolls to a new segment, and how many of them took a file prepared ahead.
+    pub rolls: AtomicU64,
+    pub rolls_prepared: AtomicU64,
+    /// Time appenders spent in rolls (under the writer lock), in total and the longest.
+    pub roll_nanos_total: AtomicU64,
+    pub roll_nanos_max: AtomicU64,
 }
 
 impl LogStats {
@@ -124,6 +130,16 @@ impl LogStats {
             .position(|&b| us <= b)
             .unwrap_or(SYNC_LATENCY_BUCKETS_US.len());
         self.sync_latency_buckets[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn observe_roll(&self, took: Duration, prepared: bool) {
+        self.rolls.fetch_add(1, Ordering::Relaxed);
+        if prepared {
+            self.rolls_prepared.fetch_add(1, Ordering::Relaxed);
+        }
+        let nanos = took.as_nanos() as u64;
+        self.roll_nanos_total.fetch_add(nanos, Ordering::Relaxed);
+        self.roll_nanos_max.fetch_max(nanos, Ordering::Relaxed);
     }
 }
 
