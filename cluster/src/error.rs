@@ -154,6 +154,11 @@ pub enum GroupError {
     /// The group's Raft stopped (shutdown or a storage failure) before answering.
     #[error("raft group {group} stopped: {reason}")]
     Stopped { group: u64, reason: String },
+    /// A lease round ([`crate::GroupHandle::lease_round`]) was not acknowledged by a
+    /// quorum of the group's voters (some answered with a higher vote, or too few
+    /// answered at all): this leader may not count on its leadership now.
+    #[error("raft group {group}: no quorum acknowledged this leader ({reason})")]
+    NoQuorum { group: u64, reason: String },
     /// openraft refused a membership change (another one in progress, a learner that
     /// did not catch up, …).
     #[error("raft group {group}: membership change refused: {reason}")]

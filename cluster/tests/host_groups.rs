@@ -656,3 +656,55 @@ fn handles_are_shared_between_tasks() {
     sent::<entrepot_cluster::Proposal>();
     sent::<GroupError>();
 }
+
+/// A lease round (`GroupHandle::lease_round`) succeeds on the leader only while a quorum
+/// answers it: a follower is told `NotLeader` naming the leader; with both followers
+/// stopped the leader still believes it leads (openraft keeps it Leader without a
+/// quorum) but its rounds fail within the leader lease; one follower back and they
+/// succeed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_round_needs_a_quorum_and_the_leadership() {
+    bounded(async {
+        let g = 18;
+        let mut c = Cluster::start(&[g], u64::MAX).await;
+        let leader = c.leader(g).await;
+        let h = c.handle(leader, g);
+        h.lease_round().await.unwrap();
+        assert_eq!(h.leader_lease(), Duration::from_millis(1600));
+        let followers: Vec<NodeId> = (0..NODES).filter(|&n| n != leader).collect();
+        let refused = c.handle(followers[0], g).lease_round().await;
+        assert!(
+            matches!(refused, Err(GroupError::NotLeader { leader: Some(l), .. }) if l == leader),
+            "{refused:?}"
+        );
+        for &n in &followers {
+            c.stop(n).await;
+        }
+        // Every round from now on fails, each within the lease (the round's own bound).
+        for _ in 0..3 {
+            let started = tokio::time::Instant::now();
+            let failed = h.lease_round().await;
+            assert!(
+                matches!(
+                    failed,
+                    Err(GroupError::Timeout { .. } | GroupError::NoQuorum { .. })
+                ),
+                "{failed:?}"
+            );
+            assert!(started.elapsed() < h.leader_lease() + Duration::from_secs(1));
+        }
+        assert!(
+            h.leadership().borrow().leads,
+            "openraft keeps a leader without a quorum Leader: only the round tells"
+        );
+        c.restart(followers[0]).await;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while h.lease_round().await.is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no round within WAIT"
+            );
+        }
+    })
+    .await
+}

@@ -468,3 +468,31 @@ async fn a_touched_group_stays_awake_and_sleeps_once_left_alone() {
 
 /// Writes in [`writes_racing_stops_and_wakes_all_commit_once_in_order`].
 const ROUNDS: u64 = 40;
+
+/// A lease round on a hibernated group wakes it where it was led (in the same term: no
+/// election) and succeeds; on a node where it sleeps led by another it is `NotLeader`
+/// without a wake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_round_wakes_a_hibernated_group_where_it_is_led_only() {
+    bounded(async {
+        let g = 13;
+        let c = Cluster::start_with(&[g], u64::MAX, hibernation()).await;
+        let leader = c.leader(g).await;
+        all_stopped(&c).await;
+        let follower = (0..NODES).find(|&n| n != leader).unwrap();
+        let refused = c.handle(follower, g).lease_round().await;
+        assert!(
+            matches!(refused, Err(GroupError::NotLeader { leader: Some(l), .. }) if l == leader),
+            "{refused:?}"
+        );
+        assert!(
+            !c.handle(follower, g).is_running(),
+            "refused without a wake"
+        );
+        let term = c.handle(leader, g).leadership().borrow().term;
+        c.handle(leader, g).lease_round().await.unwrap();
+        assert!(c.handle(leader, g).is_running());
+        assert_eq!(c.handle(leader, g).leadership().borrow().term, term);
+    })
+    .await
+}

@@ -92,7 +92,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, Config, Raft};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -371,6 +371,7 @@ impl Host {
             queue,
             proposal_bytes: limits.proposal_bytes,
             propose_timeout: inner.config.propose_timeout,
+            leader_lease: inner.config.election_timeout.end,
             hibernation: inner.hibernation.clone(),
         };
         let recovered = match inner.hibernation {
@@ -631,6 +632,9 @@ pub struct GroupHandle {
     /// Largest proposal: [`MAX_PROPOSAL_BYTES`], or less for small node-log records.
     proposal_bytes: usize,
     propose_timeout: Duration,
+    /// openraft's `election_timeout_max` of this host: how long a follower that accepted
+    /// this leader's heartbeat refuses other candidates ([`GroupHandle::leader_lease`]).
+    leader_lease: Duration,
 }
 
 /// A submitted proposal: resolves to its position (entry index and slot) once its entry
@@ -682,6 +686,59 @@ impl GroupHandle {
         if let Some(h) = &self.hibernation {
             h.touch(self.group());
         }
+    }
+
+    /// One round of the leader's lease: this node must lead the group. openraft's
+    /// `get_read_log_id` sends every voter a fresh heartbeat carrying this leader's vote
+    /// and succeeds once a quorum of the effective membership (this leader counted, a joint
+    /// configuration in both halves) answered with anything but a higher vote. Each voter
+    /// that accepted it refuses every candidate for [`Self::leader_lease`] after it
+    /// received it (openraft 0.9: `vote.touch(now)` on the accepted heartbeat,
+    /// `Engine::handle_vote_req` refuses while `now <= vote_utime + election_timeout_max`),
+    /// and every quorum that could elect another leader shares a voter with the quorum
+    /// that answered. So a caller that read its clock *before* calling knows no other
+    /// leader of this group can exist before that instant plus [`Self::leader_lease`]
+    /// (less a margin for clock rates; the broker's `raft/lease.rs` keeps it).
+    ///
+    /// A group hibernated here is woken first, and the instance is held for the round as
+    /// for a write (a stop cannot cut it); a group stopped here and led elsewhere is
+    /// `NotLeader` without a wake. A round no quorum answers within [`Self::leader_lease`]
+    /// is [`GroupError::Timeout`] (a later answer could not extend anything anyway).
+    /// Errors: `NotLeader` (naming the leader when known), `NoQuorum` (a higher vote
+    /// answered, or too few voters), `Stopped`, `Timeout`.
+    pub async fn lease_round(&self) -> Result<(), GroupError> {
+        let group = self.group();
+        let after = self.leader_lease;
+        let round = async {
+            let (raft, _hold) = self.instance.hold(self.addresses()).await?;
+            match raft.get_read_log_id().await {
+                Ok(_) => Ok(()),
+                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                    Err(GroupError::NotLeader {
+                        group,
+                        leader: f.leader_id,
+                        leader_addr: f.leader_node.map(|n| n.addr),
+                    })
+                }
+                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => {
+                    Err(GroupError::NoQuorum {
+                        group,
+                        reason: e.to_string(),
+                    })
+                }
+                Err(RaftError::Fatal(e)) => Err(self.stopped(e)),
+            }
+        };
+        tokio::time::timeout(after, round)
+            .await
+            .map_err(|_| GroupError::Timeout { group, after })?
+    }
+
+    /// How long after receiving one of this leader's lease rounds a voter refuses every
+    /// other candidate: the host's longest election timeout (openraft's
+    /// `election_timeout_max`). A lease built on [`Self::lease_round`] must be shorter.
+    pub fn leader_lease(&self) -> Duration {
+        self.leader_lease
     }
 
     /// Members as seen in `m` (and the snapshot index): kept for `status` and
