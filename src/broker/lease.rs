@@ -10,8 +10,16 @@
 //! deadline is safe). A single node has no lease and never waits.
 //!
 //! What this owns: the deadline (one atomic, read on every flush of a connection's output
-//! with a clock read and no lock), the wake-up of connections that wait for it, and the end
-//! of the lease when the leadership ends.
+//! with a clock read and no lock), the wake-up of connections that wait for it, the end
+//! of the lease when the leadership ends, and the *demand* for it: a lease renewed only
+//! while it is needed (a group-backed queue's, renewed while the queue has consumers) is
+//! asked for with [`DeliveryLease::want`] (a consumer attached or gave credit), which wakes
+//! its renewal.
+//!
+//! Who holds one: in the one-group cluster mode the whole broker (every connection's
+//! writes wait for it: [`crate::broker::Broker::deliver_under`]); for a group-backed
+//! queue (issue 12) the queue, and a connection writes a buffer that holds a delivery of
+//! that queue only while the queue's lease holds (`connection::flush`).
 //!
 //! Invariants:
 //! * [`DeliveryLease::holds`] is true only before the last deadline the Raft layer set and
@@ -45,6 +53,8 @@ pub struct DeliveryLease {
     ended: AtomicBool,
     /// Wakes connections waiting for a renewal or the end.
     renewed: Notify,
+    /// Wakes a renewal that waits for someone to need the lease ([`DeliveryLease::want`]).
+    wanted: Notify,
 }
 
 impl Default for DeliveryLease {
@@ -61,6 +71,7 @@ impl DeliveryLease {
             deadline_ns: AtomicU64::new(0),
             ended: AtomicBool::new(false),
             renewed: Notify::new(),
+            wanted: Notify::new(),
         }
     }
 
@@ -114,6 +125,18 @@ impl DeliveryLease {
             }
             renewal.await;
         }
+    }
+
+    /// Someone needs the lease now (a consumer attached, or gave credit): wakes a
+    /// renewal that waits in [`DeliveryLease::wanted`]. Cheap; a want while nobody waits
+    /// is kept for the next wait (one permit).
+    pub fn want(&self) {
+        self.wanted.notify_one();
+    }
+
+    /// Completes after a [`DeliveryLease::want`] (one made before the call counts).
+    pub async fn wanted(&self) {
+        self.wanted.notified().await
     }
 
     fn nanos_since_base(&self, t: Instant) -> u64 {

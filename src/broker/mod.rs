@@ -483,10 +483,38 @@ impl Broker {
     /// Serves `queue` at its name — a queue built over its own store (a clustered
     /// address's group, `queue::QueueOwner::Group`) — unless a queue of that name exists:
     /// then that one is kept and returned.
+    ///
+    /// A queue retired by [`Broker::retire_adopted`] is replaced (a new leadership of
+    /// the same address serves a new queue).
     pub fn adopt_queue(&self, queue: Queue) -> Arc<Queue> {
         let mut queues = self.queues.write().unwrap_or_else(|p| p.into_inner());
         let name = queue.name().to_owned();
-        Arc::clone(queues.entry(name).or_insert_with(|| Arc::new(queue)))
+        match queues.get(&name) {
+            Some(q) if !q.is_retired() => Arc::clone(q),
+            _ => {
+                let q = Arc::new(queue);
+                queues.insert(name, Arc::clone(&q));
+                q
+            }
+        }
+    }
+
+    /// Stops serving `queue`, adopted earlier ([`Broker::adopt_queue`]), here: it is
+    /// retired ([`Queue::retire`]: its consumers are detached with `why`, later attaches
+    /// too) and stays in place as a tombstone until a new leadership adopts a queue of
+    /// that name — so the name is not taken meanwhile by an auto-created local queue. A
+    /// producer's next message to it is refused by its store (closed). False when the
+    /// broker serves another queue under that name (nothing is done then).
+    pub fn retire_adopted(&self, queue: &Arc<Queue>, why: &str) -> bool {
+        let queues = self.queues.read().unwrap_or_else(|p| p.into_inner());
+        if !queues
+            .get(queue.name())
+            .is_some_and(|q| Arc::ptr_eq(q, queue))
+        {
+            return false;
+        }
+        queue.retire(why);
+        true
     }
 
     fn queue_or_create(&self, address: &str) -> Arc<Queue> {

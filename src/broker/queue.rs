@@ -15,6 +15,11 @@
 //!   acceptance the store cannot record ([`AckRefused`], e.g. the disk is full) puts the
 //!   message back at the head of the queue — it was never durably consumed — and the
 //!   caller learns it, so the consumer is never told it was settled.
+//! * A queue under a delivery lease (a group-backed queue, issue 12) dispatches nothing
+//!   while its lease does not hold; whoever renews it calls [`Queue::resume`] when it
+//!   holds again. A *retired* queue ([`Queue::retire`]: its group's leadership here
+//!   ended) dispatches nothing ever again and detaches every consumer that is or comes
+//!   ([`Outbound::Retired`]); its messages live on in the group, not here.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,6 +29,7 @@ use bytes::Bytes;
 use entrepot_storage::Durable;
 use tokio::sync::{mpsc, watch};
 
+use super::lease::DeliveryLease;
 use super::limits::{self, AddressLimits, LimitExceeded, Reservation, SpaceUsage};
 use super::store::{AddressStore, RecordError};
 use super::Broker;
@@ -79,6 +85,11 @@ pub enum Outbound {
     /// A drain ran out of messages: the link's delivery-count advanced to this value and
     /// its credit is zero; tell the receiver with a flow.
     Drained { link: LinkKey, delivery_count: u32 },
+    /// The queue is no longer served here (its group's leadership on this node ended):
+    /// detach the link with `amqp:link:detach-forced` and this description. What the
+    /// consumer left unsettled is not settled here; it is delivered again where the
+    /// address is served now.
+    Retired { link: LinkKey, description: String },
 }
 
 /// The receiver's outcome for one delivery.
@@ -214,6 +225,8 @@ struct QueueState {
     limits: AddressLimits,
     /// The address space whose `maxStoredBytes` this queue counts against.
     space: Option<Arc<SpaceUsage>>,
+    /// Why the queue is no longer served here ([`Queue::retire`]), once it is not.
+    retired: Option<String>,
 }
 
 impl QueueState {
@@ -280,6 +293,9 @@ pub struct QueueStats {
 pub struct Queue {
     name: String,
     owner: QueueOwner,
+    /// A group-backed queue's delivery lease: it dispatches only while it holds, and its
+    /// deliveries reach a socket only while it holds (`connection::flush`).
+    lease: Option<Arc<DeliveryLease>>,
     state: Mutex<QueueState>,
     pub stats: QueueStats,
 }
@@ -324,9 +340,66 @@ impl Queue {
         Queue {
             name,
             owner,
+            lease: None,
             state: Mutex::new(QueueState::default()),
             stats: QueueStats::default(),
         }
+    }
+
+    /// A queue that delivers only while `lease` holds (a group-backed queue: its
+    /// group's leadership here, confirmed by a majority).
+    pub fn leased(name: String, owner: QueueOwner, lease: Arc<DeliveryLease>) -> Queue {
+        Queue {
+            lease: Some(lease),
+            ..Queue::owned(name, owner)
+        }
+    }
+
+    /// The lease this queue delivers under, if any.
+    pub fn delivery_lease(&self) -> Option<&Arc<DeliveryLease>> {
+        self.lease.as_ref()
+    }
+
+    /// Whether the queue is no longer served here ([`Queue::retire`]).
+    pub fn is_retired(&self) -> bool {
+        self.lock().retired.is_some()
+    }
+
+    /// Dispatches what waited while the lease did not hold (the renewal calls it when
+    /// the lease holds again).
+    pub fn resume(self: &Arc<Self>, broker: &Broker) {
+        let mut s = self.lock();
+        self.dispatch(broker, &mut s);
+    }
+
+    /// Stops serving the queue here for good: every consumer is told to detach
+    /// ([`Outbound::Retired`] with `why`), and so is any that attaches later; the ready and
+    /// unsettled messages are forgotten here (they are the group's, and its next leader
+    /// serves them; nothing is recorded for them). Returns how many consumers were told.
+    pub fn retire(&self, why: &str) -> usize {
+        let mut s = self.lock();
+        if s.retired.is_some() {
+            return 0;
+        }
+        s.retired = Some(why.to_owned());
+        let consumers = std::mem::take(&mut s.consumers);
+        for c in &consumers {
+            let _ = c.spec.tx.send(Outbound::Retired {
+                link: c.spec.link,
+                description: why.to_owned(),
+            });
+        }
+        let st = &mut *s;
+        let held: Vec<u64> = st
+            .ready
+            .drain(..)
+            .chain(st.unsettled.drain().map(|(_, (_, m))| m))
+            .map(|m| len_of(&m))
+            .collect();
+        for bytes in held {
+            st.release(bytes);
+        }
+        consumers.len()
     }
 
     pub fn name(&self) -> &str {
@@ -472,6 +545,16 @@ impl Queue {
 
     pub fn add_consumer(self: &Arc<Self>, spec: ConsumerSpec) {
         let mut s = self.lock();
+        if let Some(why) = &s.retired {
+            let _ = spec.tx.send(Outbound::Retired {
+                link: spec.link,
+                description: why.clone(),
+            });
+            return;
+        }
+        if let Some(lease) = &self.lease {
+            lease.want();
+        }
         s.consumers.push(Consumer {
             spec,
             credit: 0,
@@ -564,6 +647,9 @@ impl Queue {
         link_credit: u32,
         drain: bool,
     ) {
+        if let Some(lease) = &self.lease {
+            lease.want();
+        }
         let mut s = self.lock();
         if let Some(c) = s.consumers.iter_mut().find(|c| c.spec.link.consumer == id) {
             let rcv = rcv_delivery_count.unwrap_or(0);
@@ -860,6 +946,11 @@ impl Queue {
     /// goes on behind it, so it neither blocks the queue nor loses its place. The scan
     /// passes over at most [`MAX_DISPATCH_SKIP`] such messages per call.
     fn dispatch(self: &Arc<Self>, broker: &Broker, s: &mut QueueState) {
+        // Under a lease, nothing is handed out while it does not hold: the renewal
+        // resumes the queue once it does (`Queue::resume`).
+        if s.retired.is_some() || self.lease.as_ref().is_some_and(|l| !l.holds()) {
+            return;
+        }
         let now = now_ms();
         let mut expired = Vec::new();
         let mut at = 0;

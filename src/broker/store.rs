@@ -233,6 +233,10 @@ pub enum AddressStoreError {
     /// The store accepts nothing any more (its leadership ended, it was closed).
     #[error("address {address}: store unavailable: {reason}")]
     Unavailable { address: String, reason: String },
+    /// The address is no longer served by this node: its store was retired (the
+    /// leadership of its group here ended, or could not be confirmed).
+    #[error("address {address} is no longer served by this node: {reason}")]
+    Retired { address: String, reason: String },
 }
 
 /// What a queue's store refused while recording a consumer's outcome: the shared store's

@@ -1133,6 +1133,7 @@ impl Session {
             _ => None,
         };
         conn.pending.push_back(PendingProduce {
+            link: None,
             durable: appended.durable,
             target,
             msg,

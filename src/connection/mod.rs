@@ -50,6 +50,7 @@ use crate::amqp::frame::{
 };
 use crate::amqp::sasl::Identity;
 use crate::auth::Gatekeeper;
+use crate::broker::lease::DeliveryLease;
 use crate::broker::queue::{Outbound, QueuedMessage};
 use crate::broker::Address;
 use crate::broker::Broker;
@@ -64,6 +65,9 @@ pub const WRITE_BUFFER_FLUSH_BYTES: usize = 256 * 1024;
 pub const OUTBOUND_BATCH: usize = 512;
 /// Frames handled from one read before the task yields to the others on its worker.
 pub const FRAMES_PER_YIELD: usize = 256;
+/// Most renewals one flush waits for while the leases of its deliveries take turns not
+/// holding; past it the write is refused and the connection ends.
+pub const MAX_GATE_WAITS: usize = 64;
 /// Longest a connection waits, not reading its socket, for room in the broker-wide
 /// budget of incomplete deliveries before the delivery's link is refused.
 pub const INCOMPLETE_BUDGET_WAIT: Duration = Duration::from_secs(2);
@@ -191,6 +195,9 @@ struct PendingProduce {
     /// For an address with its own store: where the committed message lies (its offset
     /// and body replace `msg`'s once `durable` completes; `link/address_produce.rs`).
     committed: Option<Box<dyn crate::broker::store::PendingCommit>>,
+    /// For an address with its own store: the producer link (our channel, handle),
+    /// detached if that store fails before the message is accepted.
+    link: Option<(u16, u32)>,
 }
 
 /// A frame of an incomplete delivery waiting for room in the broker-wide budget; while
@@ -221,6 +228,9 @@ pub struct Connection {
     broker: Arc<Broker>,
     wr: Writer,
     wbuf: outbuf::OutBuf,
+    /// The delivery leases of the queues whose deliveries `wbuf` holds (group-backed
+    /// queues, issue 12): the buffer is written only while every one holds.
+    gates: Vec<Arc<DeliveryLease>>,
     decoder: FrameDecoder,
     /// Largest frame the peer accepts.
     peer_max_frame: u32,
@@ -360,6 +370,7 @@ async fn run(
         broker,
         wr,
         wbuf: outbuf::OutBuf::default(),
+        gates: Vec::new(),
         peer_max_frame: frame::MIN_MAX_FRAME_SIZE,
         peer_idle_timeout: None,
         container_id: String::new(),
@@ -764,7 +775,9 @@ impl Connection {
 
     fn on_outbound(&mut self, event: Outbound) -> Result<(), ConnError> {
         let channel = match &event {
-            Outbound::Deliver { link, .. } | Outbound::Drained { link, .. } => link.channel,
+            Outbound::Deliver { link, .. }
+            | Outbound::Drained { link, .. }
+            | Outbound::Retired { link, .. } => link.channel,
         };
         match self.sessions.remove(&channel) {
             Some(mut session) => {
@@ -783,6 +796,15 @@ impl Connection {
         let mut accepted: Vec<(u16, u32)> = Vec::new();
         let mut now = None;
         while let Some(front) = self.pending.front() {
+            if front.committed.is_some() && front.durable.has_failed() {
+                // The address's store failed (its group is no longer led here): the
+                // message is never accepted here and its link is detached, so the client
+                // resends where the address is served; other links go on.
+                if let Some(p) = self.pending.pop_front() {
+                    self.detach_failed_producer(p)?;
+                }
+                continue;
+            }
             if !front.durable.is_durable() {
                 break;
             }
@@ -811,16 +833,6 @@ impl Connection {
                 self.broker.stats.produce_accept.record(took);
             }
         }
-        let own_store_failed = self
-            .pending
-            .front()
-            .is_some_and(|p| p.committed.is_some() && p.durable.has_failed());
-        if own_store_failed {
-            return Err(ConnError::protocol(
-                AmqpError::InternalError,
-                "the address's store failed (its group's leadership ended?)",
-            ));
-        }
         let failed = self.broker.store().durable_watch().borrow().failed.clone();
         if let Some(reason) = failed {
             return Err(ConnError::protocol(
@@ -846,6 +858,25 @@ impl Connection {
         Ok(())
     }
 
+    /// Detaches the producer link of `p`, whose address's own store failed before `p` was
+    /// committed, with `amqp:link:detach-forced` (once: a link already detached is left).
+    fn detach_failed_producer(&mut self, p: PendingProduce) -> Result<(), ConnError> {
+        let Some((channel, handle)) = p.link else {
+            return Ok(());
+        };
+        let Some(mut session) = self.sessions.remove(&channel) else {
+            return Ok(());
+        };
+        let description = format!(
+            "{}: this node no longer serves the address (its group's leadership here \
+             ended); messages not yet accepted were not stored: send them again",
+            p.target.name()
+        );
+        let result = session.detach_producer_forced(self, handle, description);
+        self.sessions.insert(channel, session);
+        result
+    }
+
     /// Settles the consumers' deliveries whose outcome became durable; drops those whose
     /// outcome never will (the store failed or this node stopped leading: the connection
     /// is closing, and the consumer sees them again, unsettled, elsewhere).
@@ -864,8 +895,11 @@ impl Connection {
                 }
             }
             if front.durable.has_failed() {
-                self.pending_settles.clear();
-                break;
+                // Never settled (the store failed, or the address's group is no longer
+                // led here): the consumer sees the delivery again elsewhere. Only this one
+                // goes: the outcomes of other addresses behind it stay.
+                self.pending_settles.pop_front();
+                continue;
             }
             if !front.durable.is_done() {
                 break;
@@ -1008,32 +1042,67 @@ impl Connection {
         Ok(())
     }
 
-    /// Writes what is buffered. On a clustered leader every delivery passes here, so this
-    /// is where the delivery lease gates them (`broker::lease`): while it does not hold,
-    /// nothing is written (the connection waits for the renewal; queued deliveries wait
-    /// with it), and every write system call of a flush asks again, so a lease that lapses
-    /// in the middle ends the connection rather than deliver after the lapse. The lease
-    /// ending (the leadership is over) closes the connection.
+    /// The buffer now holds a delivery of a queue under `lease`: it is written only while
+    /// that lease holds.
+    pub(crate) fn gate_on(&mut self, lease: &Arc<DeliveryLease>) {
+        if !self.gates.iter().any(|g| Arc::ptr_eq(g, lease)) {
+            self.gates.push(Arc::clone(lease));
+        }
+    }
+
+    /// Writes what is buffered. Every delivery passes here, so this is where delivery
+    /// leases gate them (`broker::lease`): the broker's (one-group cluster mode: every
+    /// byte of the connection) and those of the group-backed queues whose deliveries the
+    /// buffer holds (`gates`). While one does not hold, nothing is written (the
+    /// connection waits for the renewal; queued deliveries wait with it), and every write
+    /// system call of a flush asks again, so a lease that lapses in the middle ends the
+    /// connection rather than deliver after the lapse. A lease that ends (the leadership
+    /// is over) while a delivery under it waits here closes the connection: bytes already
+    /// encoded cannot be taken back without breaking the session's transfer numbering. A
+    /// group-backed queue stops dispatching the moment its lease stops holding, so that
+    /// is only a delivery encoded just before.
     async fn flush(&mut self) -> Result<(), ConnError> {
         if self.wbuf.is_empty() {
             return Ok(());
         }
-        match self.broker.delivery_lease() {
-            None => self.wbuf.write_to(&mut self.wr).await?,
-            Some(lease) => {
-                if !lease.holds() && lease.held().await.is_err() {
-                    return Err(ConnError::protocol(
-                        ConnectionError::ConnectionForced,
-                        self.broker.close_description().to_owned(),
-                    ));
-                }
-                self.wbuf
-                    .write_while(&mut self.wr, || lease.holds())
-                    .await?;
+        let mut gates = std::mem::take(&mut self.gates);
+        gates.extend(self.broker.delivery_lease().cloned());
+        if gates.is_empty() {
+            self.wbuf.write_to(&mut self.wr).await?;
+            self.last_write = Instant::now();
+            return Ok(());
+        }
+        // Bounded: each wait ends at a renewal or the end of that lease.
+        for _ in 0..MAX_GATE_WAITS {
+            let Some(lapsed) = gates.iter().find(|g| !g.holds()) else {
+                break;
+            };
+            if lapsed.held().await.is_err() {
+                return Err(ConnError::protocol(
+                    ConnectionError::ConnectionForced,
+                    self.lease_ended_description(lapsed),
+                ));
             }
         }
+        self.wbuf
+            .write_while(&mut self.wr, || gates.iter().all(|g| g.holds()))
+            .await?;
         self.last_write = Instant::now();
         Ok(())
+    }
+
+    /// What a client is told when a lease its output waited for ended.
+    fn lease_ended_description(&self, lease: &Arc<DeliveryLease>) -> String {
+        let broker_wide = self
+            .broker
+            .delivery_lease()
+            .is_some_and(|b| Arc::ptr_eq(b, lease));
+        match broker_wide {
+            true => self.broker.close_description().to_owned(),
+            false => "a delivery waited for the lease of its address, and this node stopped \
+                      serving that address: reconnect"
+                .to_owned(),
+        }
     }
 
     /// Sends `close` (with an error, if any) and flushes; errors are ignored, the socket is
@@ -1041,9 +1110,11 @@ impl Connection {
     async fn close_with(&mut self, error: Option<AmqpErrorBody>) {
         // A clustered leader without its lease drops what it had not written (deliveries
         // among it come back from their queues) and writes only the close: no delivery.
-        let lapsed = self.broker.delivery_lease().is_some_and(|l| !l.holds());
+        let lapsed = self.broker.delivery_lease().is_some_and(|l| !l.holds())
+            || self.gates.iter().any(|g| !g.holds());
         if lapsed {
             self.wbuf = outbuf::OutBuf::default();
+            self.gates.clear();
         }
         if !self.open_sent {
             let open = self.minimal_open();

@@ -11,7 +11,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use fe2o3_amqp_types::definitions::{AmqpError, ErrorCondition, Role, SessionError};
+use fe2o3_amqp_types::definitions::{AmqpError, ErrorCondition, LinkError, Role, SessionError};
 use fe2o3_amqp_types::messaging::{Accepted, DeliveryState};
 use fe2o3_amqp_types::performatives::{Begin, Disposition, Flow, Performative};
 
@@ -453,6 +453,20 @@ impl Session {
                 }
                 Ok(())
             }
+            // The queue is no longer served here: only its links go, the session and the
+            // connection's other links stay.
+            Outbound::Retired { link, description } => {
+                if !matches!(self.links.get(&link.handle), Some(Link::Consumer(c)) if c.consumer == link.consumer)
+                {
+                    return Ok(());
+                }
+                self.detach_with_error(
+                    conn,
+                    link.handle,
+                    LinkError::DetachForced.into(),
+                    description,
+                )
+            }
         }
     }
 
@@ -550,6 +564,10 @@ impl Session {
         } else {
             std::slice::from_ref(&b.msg.message)
         };
+        // Its bytes go to the socket only while its queue's lease holds.
+        if let Some(lease) = b.queue.delivery_lease() {
+            conn.gate_on(lease);
+        }
         let delivery_id = self.next_delivery_id;
         self.next_delivery_id = self.next_delivery_id.wrapping_add(1);
         let tag = b.msg.offset.to_be_bytes();

@@ -521,6 +521,7 @@ impl Session {
                     continue;
                 };
                 conn.pending.push_back(PendingProduce {
+                    link: None,
                     durable: batch_durable.clone(),
                     target: s.target,
                     msg: crate::broker::queued_view(offset, &parsed, ts),

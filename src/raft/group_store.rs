@@ -43,8 +43,8 @@
 //! the subscription registry (the metadata group's), delete anything (the host purges
 //! below the machine's `lowest_needed`), or decide leadership. A `Queue` runs over it
 //! as its `broker::store::AddressStore` (producers' appends, acks, delivery counts;
-//! activation in `group_queue.rs`); nothing drives it from a leadership change yet: see
-//! ARCHITECTURE.md, "The broker on the host", 4.2.
+//! activation in `group_queue.rs`); `group_driver.rs` builds one per leadership and
+//! [`GroupStore::retire`]s it when that leadership's service of the address ends.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -104,6 +104,13 @@ pub enum GroupStoreError {
         offset: u64,
         position: Position,
     },
+    /// Activation found another queue serving the address's name on this broker.
+    #[error("address {address}: the broker serves another queue of that name")]
+    NameTaken { address: String },
+    /// The store was retired ([`GroupStore::retire`]: this leadership's service of the
+    /// address ended); it takes no change any more.
+    #[error("address {address}: the store was retired: {reason}")]
+    Retired { address: String, reason: String },
     /// A resolved message proposal whose position the index does not hold (it was
     /// acknowledged before the appender asked, or the position is not a message).
     #[error("address {address}: no message at {position}")]
@@ -242,6 +249,11 @@ pub struct GroupStore {
     next_seq: Mutex<u64>,
     to_resolve: mpsc::Sender<Submitted>,
     committed: watch::Receiver<DurableState>,
+    /// The committed watch's sender, shared with the resolver: [`GroupStore::retire`]
+    /// fails it.
+    raise: Arc<watch::Sender<DurableState>>,
+    /// Why the store takes nothing any more, once retired.
+    retired: std::sync::OnceLock<String>,
     /// The offset the next message is expected to get (the message op's own offset; the
     /// machine counts a wrong guess in `renumbered`).
     next_offset_guess: AtomicU64,
@@ -254,13 +266,16 @@ impl GroupStore {
     pub fn new(address: &str, handle: GroupHandle, machine: AddressMachine) -> GroupStore {
         let (to_resolve, submitted) = mpsc::channel(MAX_UNRESOLVED_PROPOSALS);
         let (raise, committed) = watch::channel(DurableState::default());
+        let raise = Arc::new(raise);
         let reader = Reader {
             address: address.to_owned(),
             handle: handle.clone(),
             machine: machine.clone(),
         };
-        tokio::spawn(resolve_in_order(submitted, raise));
+        tokio::spawn(resolve_in_order(submitted, Arc::clone(&raise)));
         GroupStore {
+            raise,
+            retired: std::sync::OnceLock::new(),
             leadership: handle.leadership(),
             next_offset_guess: AtomicU64::new(machine.next_offset()),
             reader,
@@ -382,9 +397,30 @@ impl GroupStore {
         self.committed.clone()
     }
 
-    /// Why the store accepts nothing any more (a proposal failed), or `None`.
+    /// Why the store accepts nothing any more (a proposal failed, or it was retired),
+    /// or `None`.
     pub fn failed(&self) -> Option<String> {
         self.committed.borrow().failed.as_deref().map(str::to_owned)
+    }
+
+    /// The committed watch, to wait for the store's failure ([`Self::failed`]).
+    pub fn failures(&self) -> watch::Receiver<DurableState> {
+        self.committed.clone()
+    }
+
+    /// Ends this store's leadership for good (the driver deactivates the address): every
+    /// later change is refused ([`GroupStoreError::Retired`]) and the committed watch
+    /// fails, so a change not yet durable never counts as durable here — a producer
+    /// waiting for its `accepted` is told to go elsewhere and resends (the proposal may
+    /// still commit: at-least-once, as for any failed store).
+    pub fn retire(&self, reason: &str) {
+        if self.retired.set(reason.to_owned()).is_err() {
+            return;
+        }
+        let reason: Arc<str> = Arc::from(format!("retired: {reason}"));
+        self.raise.send_modify(|s| {
+            s.failed.get_or_insert(reason);
+        });
     }
 
     /// Every live message of the address, oldest first, with its body. Waits first until
@@ -440,6 +476,12 @@ impl GroupStore {
 
     /// Numbers and queues one change; its durability handle.
     fn queue(&self, payload: Bytes, answer: Option<Answer>) -> Result<Durable, GroupStoreError> {
+        if let Some(reason) = self.retired.get() {
+            return Err(GroupStoreError::Retired {
+                address: self.reader.address.clone(),
+                reason: reason.clone(),
+            });
+        }
         let leadership = *self.leadership.borrow();
         if !leadership.leads {
             return Err(GroupStoreError::NotLeader {
@@ -510,6 +552,7 @@ fn refusal(address: String, e: GroupStoreError) -> AddressStoreError {
             AddressStoreError::NotLeader { address, leader }
         }
         GroupStoreError::Busy { .. } => AddressStoreError::Busy { address },
+        GroupStoreError::Retired { reason, .. } => AddressStoreError::Retired { address, reason },
         other => AddressStoreError::Unavailable {
             address,
             reason: other.to_string(),
@@ -523,7 +566,7 @@ fn refusal(address: String, e: GroupStoreError) -> AddressStoreError {
 /// answered with its own outcome.
 async fn resolve_in_order(
     mut submitted: mpsc::Receiver<Submitted>,
-    raise: watch::Sender<DurableState>,
+    raise: Arc<watch::Sender<DurableState>>,
 ) {
     while let Some((proposal, answer)) = submitted.recv().await {
         let outcome = proposal.await;

@@ -46,6 +46,7 @@ pub mod address_machine;
 pub mod admin;
 pub mod drain;
 mod error;
+pub mod group_driver;
 pub mod group_queue;
 pub mod group_store;
 pub mod lease;
@@ -171,7 +172,7 @@ pub struct Active {
     pub broker: Arc<Broker>,
     pub gate: Arc<Gatekeeper>,
     replication: Arc<Replication>,
-    /// Until when this leader may deliver (renewed by `lease::renew`).
+    /// Until when this leader may deliver (renewed by `lease::renew_one_group`).
     lease: Arc<DeliveryLease>,
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -778,7 +779,7 @@ async fn activate(activation: Activation<'_>) -> Result<Arc<Active>, ActivationE
             Arc::clone(&replication),
             shutdown_rx.clone(),
         )),
-        tokio::spawn(lease::renew(
+        tokio::spawn(lease::renew_one_group(
             raft.clone(),
             Arc::clone(&lease),
             Arc::clone(lease_lapses),

@@ -26,6 +26,7 @@ mod expiry;
 mod format_fixtures;
 mod fuzz_replay;
 mod garbage;
+mod group_driver;
 mod group_queue;
 mod group_store;
 mod harness;

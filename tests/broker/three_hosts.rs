@@ -21,13 +21,18 @@ pub const WAIT: Duration = Duration::from_secs(20);
 
 pub struct Node {
     pub host: Host,
+    /// The machine of [`GROUP`].
     pub machine: AddressMachine,
+    /// Every open group's machine ([`GROUP`]'s too).
+    pub machines: BTreeMap<u64, AddressMachine>,
 }
 
 pub struct Cluster {
     pub nodes: BTreeMap<NodeId, Node>,
     pub addrs: BTreeMap<NodeId, String>,
     pub dirs: BTreeMap<NodeId, tempfile::TempDir>,
+    /// The groups every host opens (`[GROUP]` unless started with others).
+    pub groups: Vec<u64>,
 }
 
 pub fn config(node: NodeId, dir: &Path) -> HostConfig {
@@ -47,15 +52,35 @@ pub fn config(node: NodeId, dir: &Path) -> HostConfig {
     c
 }
 
-pub async fn start_node(id: NodeId, dir: &Path, listener: TcpListener) -> Node {
+/// A host with `groups` open, each with a fresh `AddressMachine`.
+pub async fn start_node_with(
+    id: NodeId,
+    dir: &Path,
+    listener: TcpListener,
+    groups: &[u64],
+) -> Node {
     let host = Host::start(config(id, dir), listener).unwrap();
-    let machine = AddressMachine::new();
-    host.open_group(GROUP, machine.clone()).await.unwrap();
-    Node { host, machine }
+    let mut machines = BTreeMap::new();
+    for &g in groups {
+        let machine = AddressMachine::new();
+        host.open_group(g, machine.clone()).await.unwrap();
+        machines.insert(g, machine);
+    }
+    let machine = machines.get(&GROUP).cloned().unwrap_or_default();
+    Node {
+        host,
+        machine,
+        machines,
+    }
 }
 
 impl Cluster {
     pub async fn start() -> Cluster {
+        Cluster::start_with(&[GROUP]).await
+    }
+
+    /// Three hosts with `groups` open on each, every group formed by node 0.
+    pub async fn start_with(groups: &[u64]) -> Cluster {
         let mut listeners = BTreeMap::new();
         for id in 0..NODES {
             listeners.insert(id, TcpListener::bind("127.0.0.1:0").await.unwrap());
@@ -68,12 +93,42 @@ impl Cluster {
         let mut dirs = BTreeMap::new();
         for (id, listener) in listeners {
             let dir = tempfile::tempdir().unwrap();
-            nodes.insert(id, start_node(id, dir.path(), listener).await);
+            nodes.insert(id, start_node_with(id, dir.path(), listener, groups).await);
             dirs.insert(id, dir);
         }
-        let c = Cluster { nodes, addrs, dirs };
-        c.handle(0).bootstrap(&c.addrs).await.unwrap();
+        let c = Cluster {
+            nodes,
+            addrs,
+            dirs,
+            groups: groups.to_vec(),
+        };
+        for &g in groups {
+            c.handle_of(0, g).bootstrap(&c.addrs).await.unwrap();
+        }
         c
+    }
+
+    /// Host `n`'s handle of group `g`.
+    pub fn handle_of(&self, n: NodeId, g: u64) -> GroupHandle {
+        self.nodes[&n].host.group(g).unwrap()
+    }
+
+    /// Host `n`'s machine of group `g`.
+    pub fn machine_of(&self, n: NodeId, g: u64) -> AddressMachine {
+        self.nodes[&n].machines[&g].clone()
+    }
+
+    /// Waits for a leader of group `g` among the running hosts; its id.
+    pub async fn leader_of(&self, g: u64) -> NodeId {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let leads = |n: &NodeId| self.handle_of(*n, g).leadership().borrow().leads;
+            if let Some(n) = self.nodes.keys().copied().find(leads) {
+                return n;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no leader of {g}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub fn handle(&self, n: NodeId) -> GroupHandle {
@@ -131,7 +186,8 @@ impl Cluster {
         for n in 0..NODES {
             let listener = TcpListener::bind(&self.addrs[&n]).await.unwrap();
             let dir = self.dirs[&n].path().to_path_buf();
-            self.nodes.insert(n, start_node(n, &dir, listener).await);
+            let node = start_node_with(n, &dir, listener, &self.groups).await;
+            self.nodes.insert(n, node);
         }
     }
 }
@@ -148,7 +204,8 @@ impl Cluster {
     pub async fn start_again(&mut self, n: NodeId) {
         let listener = TcpListener::bind(&self.addrs[&n]).await.unwrap();
         let dir = self.dirs[&n].path().to_path_buf();
-        self.nodes.insert(n, start_node(n, &dir, listener).await);
+        let node = start_node_with(n, &dir, listener, &self.groups).await;
+        self.nodes.insert(n, node);
     }
 
     pub async fn shutdown(mut self) {

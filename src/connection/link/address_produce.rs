@@ -22,6 +22,21 @@ use crate::broker::Address;
 use crate::connection::{ConnError, Connection, PendingProduce};
 
 impl Session {
+    /// Detaches producer link `handle` with `amqp:link:detach-forced` (its address is
+    /// no longer served here), unless it is gone already.
+    pub(in crate::connection) fn detach_producer_forced(
+        &mut self,
+        conn: &mut Connection,
+        handle: u32,
+        description: String,
+    ) -> Result<(), ConnError> {
+        if !matches!(self.links.get(&handle), Some(super::Link::Producer(_))) {
+            return Ok(());
+        }
+        let forced = fe2o3_amqp_types::definitions::LinkError::DetachForced.into();
+        self.detach_with_error(conn, handle, forced, description)
+    }
+
     /// Proposes a whole message to `store`, the store of `target`, and queues its
     /// acceptance for when it is committed; a malformed message, one in a transaction,
     /// or one the store refuses is rejected.
@@ -71,6 +86,12 @@ impl Session {
         let stored_at_ms = now_ms();
         let appended = match store.append(&[&whole[..]], stored_at_ms) {
             Ok(appended) => appended,
+            Err(e @ (AddressStoreError::NotLeader { .. } | AddressStoreError::Retired { .. })) => {
+                // Not served here (any more): the link goes, the client resends where
+                // the address is served. The transfer stays unsettled.
+                let why = format!("{e}: send to the node that serves the address");
+                return self.detach_producer_forced(conn, handle, why);
+            }
             Err(e) => {
                 tracing::warn!(address = target.name(), error = %e, "address store refused a message");
                 let why = format!("message not stored: {e}");
@@ -92,6 +113,7 @@ impl Session {
             ack,
             reservation,
             committed: Some(appended.committed),
+            link: Some((self.local_channel(), handle)),
         });
         Ok(())
     }
