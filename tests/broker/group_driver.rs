@@ -9,6 +9,8 @@
 //! `GroupDriver` per address, as the group opener will start them; fe2o3 clients. A host
 //! "fails" by `Host::shutdown` (its port closes) or `close_group`. Every wait is bounded;
 //! the only time bound asserted is the lease's (a delivery after it would break safety).
+//! A producer whose address stops being served here has its link detached
+//! (`detach-forced`) and its transfer never accepted, so it resends elsewhere.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -24,7 +26,7 @@ use entrepot::raft::lease::LeaseTiming;
 use entrepot::server::{serve, Serving};
 use entrepot_cluster::NodeId;
 use fe2o3_amqp::link::receiver::CreditMode;
-use fe2o3_amqp::link::{LinkStateError, RecvError};
+use fe2o3_amqp::link::{DetachError, LinkStateError, RecvError, SendError};
 use fe2o3_amqp::types::definitions::{ErrorCondition, LinkError, ReceiverSettleMode};
 use fe2o3_amqp::{Connection, Receiver, Sender, Session};
 use tokio::net::TcpListener;
@@ -144,6 +146,17 @@ fn forced(e: &LinkStateError) -> bool {
 
 fn recv_forced(e: &RecvError) -> bool {
     matches!(e, RecvError::LinkStateError(s) if forced(s))
+}
+
+fn send_forced(e: &SendError) -> bool {
+    let condition = ErrorCondition::LinkError(LinkError::DetachForced);
+    match e {
+        SendError::LinkStateError(s) => forced(s),
+        SendError::Detached(DetachError::RemoteDetachedWithError(err)) => {
+            err.condition == condition
+        }
+        _ => false,
+    }
 }
 
 async fn send_all(sender: &mut Sender, bodies: impl IntoIterator<Item = String>) {
@@ -338,6 +351,9 @@ async fn deactivating_one_address_leaves_the_other_addresses_links_on_the_connec
         nodes[&leader].serving("a").await;
         nodes[&leader].serving("b").await;
         let (_conn, mut session) = connect(&nodes[&leader].url).await;
+        let mut to_a = within("attach", Sender::attach(&mut session, "sa", "a"))
+            .await
+            .unwrap();
         let mut to_b = within("attach", Sender::attach(&mut session, "sb", "b"))
             .await
             .unwrap();
@@ -353,6 +369,9 @@ async fn deactivating_one_address_leaves_the_other_addresses_links_on_the_connec
         within("accept", from_b.accept(&d)).await.unwrap();
         // Group a's replica leaves this host: a's lease cannot be renewed here any more.
         assert!(c.nodes[&leader].host.close_group(ga).await);
+        // A's producer is told to go elsewhere: its transfer is never accepted here.
+        let late = within_for(WAIT, "late send", to_a.send("a-late".to_owned())).await;
+        assert!(matches!(&late, Err(e) if send_forced(e)), "{late:?}");
         let detached = within_for(WAIT, "detached", from_a.recv::<String>()).await;
         assert!(
             matches!(&detached, Err(e) if recv_forced(e)),
