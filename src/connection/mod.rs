@@ -1065,7 +1065,9 @@ impl Connection {
         if self.wbuf.is_empty() {
             return Ok(());
         }
-        let mut gates = std::mem::take(&mut self.gates);
+        // The gates stay recorded until the buffer is written: a flush that fails leaves
+        // them for `close_with`, which then drops the buffer instead of writing it.
+        let mut gates = self.gates.clone();
         gates.extend(self.broker.delivery_lease().cloned());
         if gates.is_empty() {
             self.wbuf.write_to(&mut self.wr).await?;
@@ -1078,6 +1080,8 @@ impl Connection {
                 break;
             };
             if lapsed.held().await.is_err() {
+                // Never written: the connection closes with only its `close`.
+                self.wbuf = outbuf::OutBuf::default();
                 return Err(ConnError::protocol(
                     ConnectionError::ConnectionForced,
                     self.lease_ended_description(lapsed),
@@ -1087,6 +1091,7 @@ impl Connection {
         self.wbuf
             .write_while(&mut self.wr, || gates.iter().all(|g| g.holds()))
             .await?;
+        self.gates.clear();
         self.last_write = Instant::now();
         Ok(())
     }
