@@ -10,7 +10,8 @@
 //! "fails" by `Host::shutdown` (its port closes) or `close_group`. Every wait is bounded;
 //! the only time bound asserted is the lease's (a delivery after it would break safety).
 //! A producer whose address stops being served here has its link detached
-//! (`detach-forced`) and its transfer never accepted, so it resends elsewhere.
+//! (`detach-forced`) and its transfer never accepted, so it resends elsewhere. With
+//! hibernation on, a consumed group stays awake while an idle one sleeps.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -24,7 +25,7 @@ use entrepot::raft::group_driver::GroupDriver;
 use entrepot::raft::group_store::GroupStore;
 use entrepot::raft::lease::LeaseTiming;
 use entrepot::server::{serve, Serving};
-use entrepot_cluster::NodeId;
+use entrepot_cluster::{HibernationConfig, NodeId};
 use fe2o3_amqp::link::receiver::CreditMode;
 use fe2o3_amqp::link::{DetachError, LinkStateError, RecvError, SendError};
 use fe2o3_amqp::types::definitions::{ErrorCondition, LinkError, ReceiverSettleMode};
@@ -468,6 +469,74 @@ async fn a_re_elected_node_activates_afresh_and_redelivers_nothing_settled() {
             within("accept", receiver.accept(&d)).await.unwrap();
         }
         acked_everywhere(&c, GROUP, &[0, 1, 2, 3, 4, 5]).await;
+        for (_, n) in nodes {
+            n.shutdown().await;
+        }
+        c.shutdown().await;
+    })
+    .await
+}
+
+/// With hibernation on, a group whose queue has a consumer stays awake (each lease round
+/// touches it) while an idle group beside it, served by the same node, sleeps; a message
+/// to the sleeping one wakes it and is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumed_group_stays_awake_while_an_idle_one_hibernates() {
+    within_for(TEST_TIMEOUT, "test", async {
+        let quiesce_after = Duration::from_millis(300);
+        let hibernation = HibernationConfig {
+            quiesce_after,
+            check_interval: Duration::from_millis(100),
+            liveness_interval: Duration::from_millis(100),
+            // Raised by the host to its longest election timeout.
+            liveness_timeout: Duration::from_millis(100),
+        };
+        let (ga, gb) = (1, 2);
+        let c = Cluster::start_hibernating(&[ga, gb], Some(hibernation)).await;
+        let leader = c.leader_of(ga).await;
+        assert_eq!(
+            c.leader_of(gb).await,
+            leader,
+            "both groups formed by node 0"
+        );
+        let nodes = brokers(&c, &[("a", ga), ("b", gb)]).await;
+        nodes[&leader].serving("a").await;
+        nodes[&leader].serving("b").await;
+        let (_conn, mut session) = connect(&nodes[&leader].url).await;
+        let mut from_a = within("attach", Receiver::attach(&mut session, "ra", "a"))
+            .await
+            .unwrap();
+        // Idle b sleeps on every host; consumed a never stops on its leader.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while c.nodes.keys().any(|&n| c.handle_of(n, gb).is_running()) {
+            assert!(tokio::time::Instant::now() < deadline, "b never slept");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(quiesce_after * 10).await;
+        assert!(
+            c.handle_of(leader, ga).is_running(),
+            "a consumed group stays awake"
+        );
+        let stops = c.nodes[&leader].host.hibernation_counters().stops;
+        assert_eq!(stops, 1, "only b stopped on the leader");
+        // A message to the sleeping b wakes it; one to a is delivered as ever.
+        let mut to_b = within("attach", Sender::attach(&mut session, "sb", "b"))
+            .await
+            .unwrap();
+        send_all(&mut to_b, ["b0".to_owned()]).await;
+        let mut to_a = within("attach", Sender::attach(&mut session, "sa", "a"))
+            .await
+            .unwrap();
+        send_all(&mut to_a, ["a0".to_owned()]).await;
+        let d = within("recv", from_a.recv::<String>()).await.unwrap();
+        assert_eq!(d.body(), "a0");
+        within("accept", from_a.accept(&d)).await.unwrap();
+        let mut from_b = within("attach", Receiver::attach(&mut session, "rb", "b"))
+            .await
+            .unwrap();
+        let d = within("recv", from_b.recv::<String>()).await.unwrap();
+        assert_eq!(d.body(), "b0");
+        within("accept", from_b.accept(&d)).await.unwrap();
         for (_, n) in nodes {
             n.shutdown().await;
         }

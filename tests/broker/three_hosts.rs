@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use entrepot::raft::address_machine::AddressMachine;
-use entrepot_cluster::{GroupHandle, Host, HostConfig, NodeId};
+use entrepot_cluster::{GroupHandle, HibernationConfig, Host, HostConfig, NodeId};
 use entrepot_storage::{LogConfig, SyncPolicy};
 use tokio::net::TcpListener;
 
@@ -33,6 +33,8 @@ pub struct Cluster {
     pub dirs: BTreeMap<NodeId, tempfile::TempDir>,
     /// The groups every host opens (`[GROUP]` unless started with others).
     pub groups: Vec<u64>,
+    /// The hosts' hibernation (`None`, the host's default: off).
+    pub hibernation: Option<HibernationConfig>,
 }
 
 pub fn config(node: NodeId, dir: &Path) -> HostConfig {
@@ -58,8 +60,11 @@ pub async fn start_node_with(
     dir: &Path,
     listener: TcpListener,
     groups: &[u64],
+    hibernation: Option<HibernationConfig>,
 ) -> Node {
-    let host = Host::start(config(id, dir), listener).unwrap();
+    let mut config = config(id, dir);
+    config.hibernation = hibernation;
+    let host = Host::start(config, listener).unwrap();
     let mut machines = BTreeMap::new();
     for &g in groups {
         let machine = AddressMachine::new();
@@ -81,6 +86,15 @@ impl Cluster {
 
     /// Three hosts with `groups` open on each, every group formed by node 0.
     pub async fn start_with(groups: &[u64]) -> Cluster {
+        Cluster::start_hibernating(groups, None).await
+    }
+
+    /// [`Cluster::start_with`] with every host hibernating idle groups as `hibernation`
+    /// says.
+    pub async fn start_hibernating(
+        groups: &[u64],
+        hibernation: Option<HibernationConfig>,
+    ) -> Cluster {
         let mut listeners = BTreeMap::new();
         for id in 0..NODES {
             listeners.insert(id, TcpListener::bind("127.0.0.1:0").await.unwrap());
@@ -93,7 +107,8 @@ impl Cluster {
         let mut dirs = BTreeMap::new();
         for (id, listener) in listeners {
             let dir = tempfile::tempdir().unwrap();
-            nodes.insert(id, start_node_with(id, dir.path(), listener, groups).await);
+            let node = start_node_with(id, dir.path(), listener, groups, hibernation).await;
+            nodes.insert(id, node);
             dirs.insert(id, dir);
         }
         let c = Cluster {
@@ -101,6 +116,7 @@ impl Cluster {
             addrs,
             dirs,
             groups: groups.to_vec(),
+            hibernation,
         };
         for &g in groups {
             c.handle_of(0, g).bootstrap(&c.addrs).await.unwrap();
@@ -186,7 +202,7 @@ impl Cluster {
         for n in 0..NODES {
             let listener = TcpListener::bind(&self.addrs[&n]).await.unwrap();
             let dir = self.dirs[&n].path().to_path_buf();
-            let node = start_node_with(n, &dir, listener, &self.groups).await;
+            let node = start_node_with(n, &dir, listener, &self.groups, self.hibernation).await;
             self.nodes.insert(n, node);
         }
     }
@@ -204,7 +220,7 @@ impl Cluster {
     pub async fn start_again(&mut self, n: NodeId) {
         let listener = TcpListener::bind(&self.addrs[&n]).await.unwrap();
         let dir = self.dirs[&n].path().to_path_buf();
-        let node = start_node_with(n, &dir, listener, &self.groups).await;
+        let node = start_node_with(n, &dir, listener, &self.groups, self.hibernation).await;
         self.nodes.insert(n, node);
     }
 
