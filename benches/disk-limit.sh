@@ -19,7 +19,12 @@
 #
 # Usage: benches/disk-limit.sh            (from anywhere in the workspace)
 # Env:   FIO_SIZE (default 256m), FIO_RUNTIME (default 10), BENCH_FILTER (default
-#        append_sync_always/64), BENCH_ARGS (extra criterion args, default short run).
+#        append_sync_always/64), BENCH_ARGS (extra criterion args, default short run),
+#        FIO_BS (fio's block, i.e. its bytes per fdatasync, default 64k: set it to the
+#        bench's bytes per flush for the in-flight shape, e.g. BENCH_FILTER=
+#        append_in_flight/8x64 FIO_BS=256k — the sync granularity must match).
+#        FIO_BS=auto runs the bench twice: once to measure its bytes per flush, then fio
+#        at that block (rounded to 4 KiB) before and after the measured run.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -30,6 +35,7 @@ fio_size="${FIO_SIZE:-256m}"
 fio_runtime="${FIO_RUNTIME:-10}"
 filter="${BENCH_FILTER:-append_sync_always/64}"
 bench_args="${BENCH_ARGS:---warm-up-time 1 --measurement-time 5}"
+fio_bs="${FIO_BS:-64k}"
 
 step() { echo "==> $*" >&2; }
 
@@ -63,14 +69,24 @@ fio_sync_us() {
     jq --arg p "$2" '.jobs[0].sync.lat_ns.percentile[$p] // 0 | . / 1000 | floor' "$work/fio-$1.json"
 }
 
+report="$work/group-commit.txt"
+if [ "$fio_bs" = auto ]; then
+    step "calibration: cargo bench -p entrepot-storage --bench storage -- $filter (bytes per flush)"
+    rm -f "$report"
+    ENTREPOT_BENCH_REPORT="$report" cargo bench -p entrepot-storage --bench storage -- "$filter" \
+        --warm-up-time 1 --measurement-time 3 >&2
+    per_flush=$(grep "bench=$filter " "$report" | tail -1 | tr ' ' '\n' | sed -n 's/^bytes_per_flush=//p')
+    fio_bs=$(awk -v b="${per_flush:-65536}" 'BEGIN { k = int(b / 4096 + 0.5); if (k < 1) k = 1; printf "%dk", k * 4 }')
+    step "the bench syncs ${per_flush:-?} bytes per flush: fio runs with --bs=$fio_bs"
+fi
+
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
-fio_64k=$(run_fio sync64k --rw=write --bs=64k --fdatasync=1)
+fio_64k=$(run_fio sync64k --rw=write --bs="$fio_bs" --fdatasync=1)
 fio_4k=$(run_fio sync4k --rw=write --bs=4k --fdatasync=1)
-fio_buffered=$(run_fio buffered --rw=write --bs=64k)
-fio_overwrite=$(run_fio overwrite64k --rw=write --bs=64k --fdatasync=1 --overwrite=1)
+fio_buffered=$(run_fio buffered --rw=write --bs="$fio_bs")
+fio_overwrite=$(run_fio overwrite64k --rw=write --bs="$fio_bs" --fdatasync=1 --overwrite=1)
 
 step "cargo bench -p entrepot-storage --bench storage -- $filter $bench_args"
-report="$work/group-commit.txt"
 rm -f "$report"
 # shellcheck disable=SC2086
 ENTREPOT_BENCH_REPORT="$report" cargo bench -p entrepot-storage --bench storage -- "$filter" $bench_args >&2
@@ -78,7 +94,7 @@ load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 # The same fio job again right after the bench: on a shared disk the fdatasync latency
 # drifts from minute to minute, so the ratio that counts is against the mean of the two
 # runs that bracket the bench.
-fio_64k_after=$(run_fio sync64k-after --rw=write --bs=64k --fdatasync=1)
+fio_64k_after=$(run_fio sync64k-after --rw=write --bs="$fio_bs" --fdatasync=1)
 
 estimates="$target/criterion/${filter}/new/estimates.json"
 [ -f "$estimates" ] || { echo "no criterion estimates at $estimates" >&2; exit 1; }
@@ -89,21 +105,21 @@ records=$(awk -v ns="$mean_ns" 'BEGIN { printf "%.0f", 1e9 / ns }')
 
 echo
 printf '%-34s %12s %14s %8s\n' "fio job (same disk)" "fio MB/s" "Entrepot MB/s" "ratio"
-for row in "write bs=64k fdatasync=1:$fio_64k" "write bs=4k fdatasync=1:$fio_4k" "write bs=64k buffered:$fio_buffered" \
-    "write bs=64k fdatasync=1 overwrite:$fio_overwrite"; do
+for row in "write bs=$fio_bs fdatasync=1:$fio_64k" "write bs=4k fdatasync=1:$fio_4k" "write bs=$fio_bs buffered:$fio_buffered" \
+    "write bs=$fio_bs fdatasync=1 overwrite:$fio_overwrite"; do
     name="${row%%:*}"; mbs="${row##*:}"
     ratio=$(awk -v e="$entrepot" -v f="$mbs" 'BEGIN { if (f > 0) printf "%.2f", e / f; else print "n/a" }')
     printf '%-34s %12.2f %14s %8s\n' "$name" "$mbs" "$entrepot" "$ratio"
 done
 bracket=$(awk -v a="$fio_64k" -v b="$fio_64k_after" 'BEGIN { printf "%.2f", (a + b) / 2 }')
 bracket_ratio=$(awk -v e="$entrepot" -v f="$bracket" 'BEGIN { if (f > 0) printf "%.2f", e / f; else print "n/a" }')
-printf '%-34s %12.2f %14s %8s\n' "bs=64k fdatasync=1, before+after /2" "$bracket" "$entrepot" "$bracket_ratio"
+printf '%-34s %12.2f %14s %8s\n' "bs=$fio_bs fdatasync=1, before+after /2" "$bracket" "$entrepot" "$bracket_ratio"
 echo
-echo "fio bs=64k fdatasync=1 before the bench $fio_64k MB/s, after it $fio_64k_after MB/s"
+echo "fio bs=$fio_bs fdatasync=1 before the bench $fio_64k MB/s, after it $fio_64k_after MB/s"
 echo "Entrepot: $filter, 1 KiB records, mean $(awk -v ns="$mean_ns" 'BEGIN { printf "%.0f", ns }') ns per record = $records records/s"
-echo "fio fdatasync p50/p99 us: bs=64k $(fio_sync_us sync64k 50.000000)/$(fio_sync_us sync64k 99.000000)," \
+echo "fio fdatasync p50/p99 us: bs=$fio_bs $(fio_sync_us sync64k 50.000000)/$(fio_sync_us sync64k 99.000000)," \
     "bs=4k $(fio_sync_us sync4k 50.000000)/$(fio_sync_us sync4k 99.000000)," \
-    "bs=64k overwrite $(fio_sync_us overwrite64k 50.000000)/$(fio_sync_us overwrite64k 99.000000)"
+    "bs=$fio_bs overwrite $(fio_sync_us overwrite64k 50.000000)/$(fio_sync_us overwrite64k 99.000000)"
 # The bench's last report line for $filter: key=value words (storage/benches/storage.rs).
 line=$(grep "bench=$filter " "$report" 2>/dev/null | tail -1 || true)
 if [ -n "$line" ]; then

@@ -8,6 +8,9 @@
 //!   bytes per flush, flushes per second, mean sync call, the share of wall time spent
 //!   inside sync calls, bytes dirtied for the disk, page faults appenders took and CPU
 //!   time of the process per flush — what `benches/disk-limit.sh` sets beside fio's.
+//! * `append_in_flight/{8x8,8x64}`: the broker's shape — 8 tasks each keeping up to 8 or
+//!   64 records in flight, one wake-up releasing every record a sync covered (as a
+//!   connection drains its pending FIFO); same figures printed.
 //! * `append_sync_never`: the same records without syncing (memcpy into the mapping).
 //! * `read/sequential`: a `LogReader` over a pre-filled log (warm page cache).
 //! * `read/random`: `Log::read` at random offsets of the same log.
@@ -240,6 +243,90 @@ fn append_sync_always(c: &mut Criterion) {
     group.finish();
 }
 
+/// Appenders of the broker's shape: `tasks` tasks each keep up to `in_flight` records
+/// appended and not yet durable, and one wake-up of a task (the durable offset passing its
+/// oldest record) releases every record of it the sync covered, as a connection drains
+/// its pending FIFO (`src/connection/`). Returns the wall time for `iters` records.
+fn append_in_flight_run(
+    rt: &tokio::runtime::Runtime,
+    log: &Log,
+    tasks: u64,
+    in_flight: usize,
+    iters: u64,
+) -> Duration {
+    let remaining = Arc::new(AtomicU64::new(iters));
+    let started = Instant::now();
+    rt.block_on(async {
+        let handles: Vec<_> = (0..tasks)
+            .map(|_| {
+                let log = log.clone();
+                let remaining = Arc::clone(&remaining);
+                tokio::spawn(async move {
+                    let record = [0x5au8; RECORD_BYTES];
+                    let mut durable = log.durable_watch();
+                    let mut pending = std::collections::VecDeque::with_capacity(in_flight);
+                    loop {
+                        while pending.len() < in_flight
+                            && remaining
+                                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                                    n.checked_sub(1)
+                                })
+                                .is_ok()
+                        {
+                            pending.push_back(log.append(&record).expect("append").last);
+                        }
+                        let Some(&oldest) = pending.front() else {
+                            break;
+                        };
+                        let upto = durable
+                            .wait_for(|s| s.durable > oldest)
+                            .await
+                            .expect("durable")
+                            .durable;
+                        while pending.front().is_some_and(|&o| o < upto) {
+                            pending.pop_front();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.await.expect("appender task");
+        }
+    });
+    started.elapsed()
+}
+
+/// `append_in_flight/{tasks}x{in_flight}`: the broker's shape beside `append_sync_always`'s
+/// closed loop of one record per task (issue 15: one wake-up covering many records).
+fn append_in_flight(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("append_in_flight");
+    group.throughput(Throughput::Bytes(RECORD_BYTES as u64));
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(5));
+    for (tasks, in_flight) in [(8u64, 8usize), (8, 64)] {
+        let dir = bench_dir();
+        let log = Log::open(dir.path(), config(SyncPolicy::Always)).expect("open");
+        let mut report = FlushReport::default();
+        let name = format!("{tasks}x{in_flight}");
+        group.bench_function(BenchmarkId::from_parameter(&name), |b| {
+            b.iter_custom(|iters| {
+                let took = report.measure(&log, || {
+                    append_in_flight_run(&rt, &log, tasks, in_flight, iters)
+                });
+                trim(&log);
+                took
+            })
+        });
+        if report.records > 0 {
+            report.print(&format!("append_in_flight/{name}"));
+        }
+    }
+    group.finish();
+}
+
 fn append_sync_never(c: &mut Criterion) {
     let dir = bench_dir();
     let log = Log::open(dir.path(), config(SyncPolicy::Never)).expect("open");
@@ -383,6 +470,7 @@ fn recovery(c: &mut Criterion) {
 criterion_group!(
     benches,
     append_sync_always,
+    append_in_flight,
     append_sync_never,
     reads,
     recovery
