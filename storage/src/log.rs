@@ -507,6 +507,7 @@ impl Log {
         w.synced_pos = fresh.written();
         w.next_offset = base;
         w.active = fresh;
+        w.prepare_requested = false;
         self.inner.durable_tx.send_modify(|s| s.durable = base);
         retire::retire(old);
         Ok(())
@@ -868,6 +869,7 @@ impl Inner {
         w.synced_pos = active.written();
         w.next_offset = offset;
         w.active = active;
+        w.prepare_requested = false;
         self.durable_tx
             .send_modify(|s| s.durable = s.durable.min(offset));
         Ok(())
