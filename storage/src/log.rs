@@ -615,8 +615,10 @@ impl Inner {
         if !w.prepare_requested
             && w.active.written() * 100 >= w.active.capacity() * PREPARE_AT_FILL_PERCENT
         {
-            if let Some(preparer) = &self.preparer {
-                preparer.request();
+            if let (Some(preparer), Some(prefault)) = (&self.preparer, &self.prefault) {
+                if preparer.request() && !prefault.request_prepare(preparer) {
+                    preparer.close(); // no thread to run it: rolls create their segments
+                }
             }
             w.prepare_requested = true;
         }

@@ -3,7 +3,8 @@
 //! A roll used to create its segment under the log's writer lock: open, `posix_fallocate`
 //! of the whole segment, header and one `fsync` — 0.6–1.1 ms on a quiet disk, up to 5 ms
 //! on a loaded one, during which no appender of the log could append. Once the active
-//! segment is half full the log asks this module's thread for the next file; the thread
+//! segment is half full the log asks for the next file, and its prefault thread
+//! (`sync.rs`, no thread of its own: a log keeps one sync and one prefault thread)
 //! creates it under a temporary name (`next-<n>.seg.tmp`), preallocates it, maps it
 //! (`MADV_RANDOM`, see `Segment::expect_appends`), populates its first pages and syncs it
 //! (size and extents durable), and leaves it ready. The roll then only writes the header
@@ -29,7 +30,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use memmap2::{MmapOptions, MmapRaw};
@@ -93,7 +94,8 @@ pub(crate) struct PrepareSpec {
     pub reserve_bytes: u64,
 }
 
-/// One log's preparer: a slot for the ready file and a lazily started thread.
+/// One log's preparer: a slot for the ready file; the work runs on the log's prefault
+/// thread ([`Preparer::run_job`]).
 pub(crate) struct Preparer {
     spec: PrepareSpec,
     state: Mutex<PrepareState>,
@@ -105,7 +107,6 @@ struct PrepareState {
     wanted: bool,
     busy: bool,
     ready: Option<PreparedFile>,
-    started: bool,
     closed: bool,
 }
 
@@ -118,27 +119,32 @@ impl Preparer {
         }
     }
 
-    /// Asks for a file (does not wait). The first request starts the thread; if it cannot
-    /// start, rolls create their segments themselves.
-    pub fn request(self: &Arc<Self>) {
-        let Ok(mut s) = self.state.lock() else { return };
-        if s.closed || s.ready.is_some() || s.busy {
-            return;
-        }
-        if !s.started {
-            s.started = true;
-            let preparer = Arc::clone(self);
-            let spawned = std::thread::Builder::new()
-                .name("entrepot-prepare".into())
-                .spawn(move || run(preparer));
-            if let Err(e) = spawned {
-                tracing::warn!(error = %e, "cannot start the segment preparing thread, rolls create their segments");
-                s.closed = true;
-                return;
-            }
+    /// Marks a file wanted; true when the caller must have [`Preparer::run_job`] run (on
+    /// the prefault thread), false when one is ready or being prepared, or the log closed.
+    pub fn request(&self) -> bool {
+        let Ok(mut s) = self.state.lock() else {
+            return false;
+        };
+        if s.closed || s.ready.is_some() || s.busy || s.wanted {
+            return false;
         }
         s.wanted = true;
-        self.cond.notify_all();
+        true
+    }
+
+    /// Prepares the file asked for, if still wanted (the prefault thread calls this).
+    pub fn run_job(&self) {
+        if !self.next_job() {
+            return;
+        }
+        let prepared = match prepare(&self.spec) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(dir = %self.spec.dir.display(), error = %e, "could not prepare the next segment, the roll will create it");
+                None
+            }
+        };
+        self.finish(prepared);
     }
 
     /// True when a file is ready for the next roll.
@@ -151,8 +157,8 @@ impl Preparer {
         self.state.lock().ok()?.ready.take()
     }
 
-    /// Stops the thread and deletes an unused file, waiting (bounded) for a preparation in
-    /// progress to end so that its file goes too.
+    /// Refuses further work and deletes an unused file, waiting (bounded) for a
+    /// preparation in progress to end so that its file goes too.
     pub fn close(&self) {
         let Ok(mut s) = self.state.lock() else { return };
         s.closed = true;
@@ -174,25 +180,17 @@ impl Preparer {
         drop(unused);
     }
 
-    /// Waits for the next request; false once closed.
+    /// Takes the request, if any and the log is open.
     fn next_job(&self) -> bool {
         let Ok(mut s) = self.state.lock() else {
             return false;
         };
-        loop {
-            if s.closed {
-                return false;
-            }
-            if s.wanted {
-                s.wanted = false;
-                s.busy = true;
-                return true;
-            }
-            s = match self.cond.wait(s) {
-                Ok(g) => g,
-                Err(_) => return false,
-            };
+        if s.closed || !s.wanted {
+            return false;
         }
+        s.wanted = false;
+        s.busy = true;
+        true
     }
 
     /// Stores a prepared file (or deletes it when the log closed meanwhile).
@@ -212,20 +210,6 @@ impl Preparer {
             Err(_) => prepared,
         };
         drop(unused);
-    }
-}
-
-/// Body of the preparing thread: ends when the log closes.
-fn run(preparer: Arc<Preparer>) {
-    while preparer.next_job() {
-        let prepared = match prepare(&preparer.spec) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(dir = %preparer.spec.dir.display(), error = %e, "could not prepare the next segment, the roll will create it");
-                None
-            }
-        };
-        preparer.finish(prepared);
     }
 }
 
@@ -293,6 +277,7 @@ fn build(file: &File, path: &Path, capacity: u64) -> std::io::Result<(MmapRaw, u
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     fn preparer(dir: &Path, segment_bytes: u64, reserve_bytes: u64) -> Arc<Preparer> {
         Arc::new(Preparer::new(PrepareSpec {
@@ -300,6 +285,14 @@ mod tests {
             segment_bytes,
             reserve_bytes,
         }))
+    }
+
+    /// Runs the job as the prefault thread would.
+    fn request(p: &Arc<Preparer>) {
+        if p.request() {
+            let p = Arc::clone(p);
+            std::thread::spawn(move || p.run_job());
+        }
     }
 
     fn wait_ready(p: &Preparer) -> Option<PreparedFile> {
@@ -329,7 +322,7 @@ mod tests {
     fn a_prepared_file_is_preallocated_and_an_unused_one_is_deleted() {
         let dir = tempfile::tempdir().unwrap();
         let p = preparer(dir.path(), 1 << 20, 0);
-        p.request();
+        request(&p);
         let file = wait_ready(&p).expect("a prepared file");
         assert_eq!(file.capacity(), 1 << 20);
         let names = tmp_files(dir.path());
@@ -341,14 +334,14 @@ mod tests {
         drop(file);
         assert!(tmp_files(dir.path()).is_empty(), "deleted unused");
         // A file ready at close is deleted by the close.
-        p.request();
+        request(&p);
         let deadline = Instant::now() + Duration::from_secs(10);
         while tmp_files(dir.path()).is_empty() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(2));
         }
         p.close();
         assert!(tmp_files(dir.path()).is_empty());
-        p.request();
+        assert!(!p.request(), "closed");
         assert!(p.take().is_none(), "closed");
     }
 
@@ -357,7 +350,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let free = crate::space::free_bytes(dir.path()).unwrap();
         let p = preparer(dir.path(), 1 << 20, free);
-        p.request();
+        request(&p);
         assert!(wait_ready(&p).is_none());
         assert!(tmp_files(dir.path()).is_empty());
         p.close();

@@ -19,6 +19,7 @@ use tokio::sync::watch;
 
 use crate::error::{Result, StorageError};
 use crate::log::{Inner, SyncRound};
+use crate::prepare::Preparer;
 use crate::segment::Segment;
 
 /// Upper bounds (µs) of the sync-latency histogram buckets; the last bucket is open.
@@ -205,7 +206,9 @@ impl SyncSignal {
 
 /// Hands the active segment to the prefault thread, which populates the pages appends
 /// will copy into next while the sync thread waits for the disk ([`crate::segment`]'s
-/// `prefault_ahead`). Best effort: when it lags, appenders fault their own pages.
+/// `prefault_ahead`). Best effort: when it lags, appenders fault their own pages. The same
+/// thread prepares the log's next segment file when asked (`prepare.rs`, once per
+/// segment): a log keeps the threads it had, one sync and one prefault thread.
 #[derive(Default)]
 pub(crate) struct Prefault {
     state: Mutex<PrefaultState>,
@@ -216,6 +219,11 @@ pub(crate) struct Prefault {
 struct PrefaultState {
     /// The segment to populate ahead of and how far, taken by the thread.
     next: Option<(Arc<Segment>, u64)>,
+    /// A preparation of the next segment file asked for, taken by the thread.
+    prepare: Option<Arc<Preparer>>,
+    /// The kernel refused `MADV_POPULATE_WRITE` (before Linux 5.14): populating stops,
+    /// preparations still run.
+    refused: bool,
     /// The thread is started by the first request, so a log that is never appended to (an
     /// idle Raft group's, say) costs no thread.
     started: bool,
@@ -227,9 +235,34 @@ impl Prefault {
     /// first request starts the thread; if it cannot start, appends fault their own pages.
     pub fn request(self: &Arc<Self>, active: &Arc<Segment>, ahead: u64) {
         let Ok(mut s) = self.state.lock() else { return };
-        if s.closed {
+        if s.closed || s.refused {
             return;
         }
+        if !self.start(&mut s) {
+            return;
+        }
+        if s.next.is_none() {
+            s.next = Some((Arc::clone(active), ahead));
+            self.cond.notify_one();
+        }
+    }
+
+    /// Asks the thread to run `preparer`'s preparation (does not wait); false when the
+    /// thread is closed or cannot start (the roll then creates its segment).
+    pub fn request_prepare(self: &Arc<Self>, preparer: &Arc<Preparer>) -> bool {
+        let Ok(mut s) = self.state.lock() else {
+            return false;
+        };
+        if s.closed || !self.start(&mut s) {
+            return false;
+        }
+        s.prepare = Some(Arc::clone(preparer));
+        self.cond.notify_one();
+        true
+    }
+
+    /// Starts the thread on the first request; false if it cannot start.
+    fn start(self: &Arc<Self>, s: &mut PrefaultState) -> bool {
         if !s.started {
             s.started = true;
             let prefault = Arc::clone(self);
@@ -239,44 +272,62 @@ impl Prefault {
             if let Err(e) = spawned {
                 tracing::warn!(error = %e, "cannot start the prefault thread, appends fault their own pages");
                 s.closed = true;
-                return;
+                return false;
             }
         }
-        if s.next.is_none() {
-            s.next = Some((Arc::clone(active), ahead));
-            self.cond.notify_one();
-        }
+        true
     }
 
     pub fn close(&self) {
         if let Ok(mut s) = self.state.lock() {
             s.closed = true;
             s.next = None;
+            s.prepare = None;
             self.cond.notify_one();
         }
     }
 
-    fn next(&self) -> Option<(Arc<Segment>, u64)> {
+    fn next(&self) -> Option<PrefaultJob> {
         let mut s = self.state.lock().ok()?;
         loop {
             if s.closed {
                 return None;
             }
-            if let Some(seg) = s.next.take() {
-                return Some(seg);
+            if let Some(preparer) = s.prepare.take() {
+                return Some(PrefaultJob::Prepare(preparer));
+            }
+            if let Some((seg, ahead)) = s.next.take() {
+                return Some(PrefaultJob::Populate(seg, ahead));
             }
             s = self.cond.wait(s).ok()?;
         }
     }
+
+    fn refuse_populate(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.refused = true;
+            s.next = None;
+        }
+    }
 }
 
-/// Body of the prefault thread: ends when the log closes, or when the kernel refuses the
-/// advice (older than Linux 5.14), after which appends fault their own pages.
+enum PrefaultJob {
+    Populate(Arc<Segment>, u64),
+    Prepare(Arc<Preparer>),
+}
+
+/// Body of the prefault thread: ends when the log closes. When the kernel refuses the
+/// advice (older than Linux 5.14) appends fault their own pages, and the thread only
+/// prepares segment files.
 fn run_prefault(prefault: Arc<Prefault>) {
-    while let Some((seg, ahead)) = prefault.next() {
-        if !seg.prefault_ahead(ahead) {
-            prefault.close();
-            return;
+    while let Some(job) = prefault.next() {
+        match job {
+            PrefaultJob::Populate(seg, ahead) => {
+                if !seg.prefault_ahead(ahead) {
+                    prefault.refuse_populate();
+                }
+            }
+            PrefaultJob::Prepare(preparer) => preparer.run_job(),
         }
     }
 }
