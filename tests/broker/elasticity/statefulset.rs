@@ -260,15 +260,23 @@ impl StatefulSet {
         ];
         docker(&args).unwrap_or_else(|e| panic!("docker run {container}: {e}"));
         self.incarnations += 1;
-        let ip: IpAddr = docker(&[
+        let inspected = docker(&[
             "inspect",
             "-f",
             "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
             &container,
-        ])
-        .expect("docker inspect")
-        .parse()
-        .expect("a bridge IP");
+        ]);
+        let ip: IpAddr = match inspected.as_deref().map(str::parse) {
+            Ok(Ok(ip)) => ip,
+            // No bridge IP: the container is gone already (it exited at start, e.g. on a
+            // full disk). Not yet a pod, so `Drop` would not remove it, and its volume
+            // would stay in use: remove it here and fail with what it printed.
+            other => {
+                let logs = tail(&docker::logs(&container), 20);
+                let _ = docker(&["rm", "--force", &container]);
+                panic!("pod {container} has no bridge IP ({other:?}); it printed:\n{logs}");
+            }
+        };
         let reach = *self.reach.get_or_insert_with(|| reach_of(ip));
         let (amqp, http) = match reach {
             Reach::Bridge => (
