@@ -50,6 +50,7 @@ pub mod group_driver;
 pub mod group_queue;
 pub mod group_store;
 pub mod lease;
+pub mod meta_machine;
 mod proxy;
 pub mod replicator;
 pub mod snapshot;
