@@ -47,6 +47,7 @@ pub mod admin;
 pub mod drain;
 mod error;
 pub mod group_driver;
+pub mod group_opener;
 pub mod group_queue;
 pub mod group_store;
 pub mod lease;

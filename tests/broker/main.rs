@@ -38,6 +38,8 @@ mod jms_subscriptions;
 mod large_messages;
 mod manifests;
 mod many_queues;
+mod meta_group;
+mod meta_hosts;
 mod metrics;
 mod netns;
 mod outcomes;

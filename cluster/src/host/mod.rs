@@ -66,7 +66,9 @@
 //!   to the applied index). A restarted host opens the groups of its node log stopped.
 //!
 //! # Does not (yet)
-//! * Balance leaderships (step 5: `placement.rs`, leader transfer).
+//! * Balance leaderships by itself: [`GroupHandle::campaign`] is the tool (an election
+//!   started on the replica that should lead; openraft 0.9 has no leader transfer), the
+//!   broker's group opener decides when.
 //! * Receive a snapshot into a file: an installed snapshot is received and decoded in
 //!   memory (bounded by `MAX_SNAPSHOT_BYTES`) and its carried payloads are served from a
 //!   heap buffer until the machine no longer needs them; a backlog of gigabytes wants the
@@ -1060,6 +1062,30 @@ impl GroupHandle {
                 Err(_) => return Err(timeout),
             }
         }
+    }
+
+    /// Whether this node's log holds nothing of the group — no entry, no purge point, no
+    /// vote: the group never formed here (or not yet), so [`Self::bootstrap`] would
+    /// initialize it. Read from the node log, not from openraft's metrics, which a
+    /// just-started instance has not filled in yet.
+    pub fn is_pristine(&self) -> Result<bool> {
+        let group = self.group();
+        let log = self.shared.node_log.log_state(group)?;
+        let vote = self.shared.node_log.vote(group)?;
+        Ok(log.last_log_id.is_none() && log.last_purged_log_id.is_none() && vote.is_none())
+    }
+
+    /// Starts an election with this replica as the candidate, now (openraft's
+    /// `trigger().elect()`; a no-op where it leads already): how a group's preferred
+    /// leader takes the group over, since openraft 0.9 has no leader transfer. It wins
+    /// only with an up-to-date log and a majority of votes; a voter that heard its leader
+    /// within the election timeout refuses (openraft's leader lease), so on a healthy
+    /// group of three the candidate needs the current leader's own vote. A lost campaign
+    /// costs an election: call it rarely (the opener backs off). Returns once the
+    /// election is started, not won: watch [`Self::leadership`].
+    pub async fn campaign(&self) -> Result<(), GroupError> {
+        let raft = self.instance.running().await?;
+        raft.trigger().elect().await.map_err(|e| self.stopped(e))
     }
 
     /// Adds `node` (member address `addr`) as a learner and waits until it has caught up

@@ -1,0 +1,420 @@
+//! The node side of the placement (issue 12, step 4.3 of "Where the cluster goes next"):
+//! one [`GroupOpener`] per node follows the metadata group's applied state
+//! ([`MetaMachine`]) and makes the node's open address groups match it.
+//!
+//! What it owns, on its node:
+//! * **Opening.** Every group the placement puts a replica of on this node is opened on
+//!   the host with a fresh [`AddressMachine`] (restored by the host from the group's
+//!   snapshot and log after a restart) and announced as [`GroupEvent::Opened`] with its
+//!   `(address, GroupHandle, AddressMachine)` — what a leadership driver takes.
+//! * **Forming.** A new group (no log here, no voters known) is bootstrapped by its
+//!   *founder* — the preferred leader it was declared with — with its *founders* (the
+//!   replica set it was declared with, fixed in the metadata), so the founder is also its
+//!   first leader. If the founder never does it (it crashed before, or runs no opener),
+//!   every other founding replica bootstraps it with the same set after
+//!   [`OpenerConfig::bootstrap_fallback_after`]: openraft allows several nodes to
+//!   initialize with an *identical* membership (the vote decides), never with different
+//!   ones — which is why the set is the founders', not today's replicas. A group with a
+//!   log here is never bootstrapped again (a restart reopens it as it was).
+//! * **Removing.** A group whose id the metadata handed out but no address holds any
+//!   more (dropped; ids are never reused) is removed from the host — stopped, a removal
+//!   record in the node log, its snapshot deleted — and announced as
+//!   [`GroupEvent::Closed`]; a group left in the node log from before a restart is
+//!   removed the same way. A group id at or above the metadata's `next_group` is one
+//!   this replica of group 0 has not applied yet (a restart replays it): left alone.
+//! * **Leaders spread.** Where this node is a group's preferred leader and another node
+//!   leads it, the opener campaigns for it ([`GroupHandle::campaign`]) at most once per
+//!   [`OpenerConfig::campaign_backoff`] and [`MAX_CAMPAIGNS_PER_ROUND`] groups at a time.
+//!
+//! Invariants: it never removes a group the metadata still places here, nor one it has
+//! not seen handed out; it bootstraps only with the founders' membership.
+//!
+//! Does not: move replicas of an existing group after a member change (a group placed
+//! elsewhere stays open here until its membership no longer names this node, then is
+//! removed — the `add_learner`/`change_voters` moves are not built), activate queues
+//! (the leadership driver does, from the events), or open group 0 (the caller does,
+//! [`super::meta_machine::MetaGroup::open`]).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use entrepot_cluster::placement::GroupId;
+use entrepot_cluster::{GroupHandle, Host, NodeId, METADATA_GROUP};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::address_machine::AddressMachine;
+use super::meta_machine::{GroupEntry, MetaMachine};
+
+/// Events the opener may have queued for a slow reader before it waits for room.
+pub const MAX_PENDING_EVENTS: usize = 1024;
+/// Most campaigns one round of the opener starts.
+pub const MAX_CAMPAIGNS_PER_ROUND: usize = 4;
+/// Default: how often the opener looks again when the metadata did not change.
+pub const OPENER_ROUND: Duration = Duration::from_millis(250);
+/// Default: how long the founding replicas other than the founder wait before they
+/// bootstrap a group that has not formed.
+pub const BOOTSTRAP_FALLBACK_AFTER: Duration = Duration::from_secs(5);
+/// Default: the least time between two campaigns for one group.
+pub const CAMPAIGN_BACKOFF: Duration = Duration::from_secs(2);
+
+/// How an opener runs.
+#[derive(Debug, Clone)]
+pub struct OpenerConfig {
+    /// Look again this often even when the metadata did not change (bootstrap fallback,
+    /// campaigns).
+    pub round: Duration,
+    /// See [`BOOTSTRAP_FALLBACK_AFTER`]; measure it against the election timeout: a
+    /// founder that is merely slow loses nothing when others bootstrap too.
+    pub bootstrap_fallback_after: Duration,
+    /// See [`CAMPAIGN_BACKOFF`]; several election timeouts.
+    pub campaign_backoff: Duration,
+    /// Campaign for the groups this node should lead (off: leaders stay where the
+    /// elections put them).
+    pub spread_leaders: bool,
+}
+
+impl Default for OpenerConfig {
+    fn default() -> Self {
+        OpenerConfig {
+            round: OPENER_ROUND,
+            bootstrap_fallback_after: BOOTSTRAP_FALLBACK_AFTER,
+            campaign_backoff: CAMPAIGN_BACKOFF,
+            spread_leaders: true,
+        }
+    }
+}
+
+/// One address group open on this node: what a leadership driver takes.
+#[derive(Clone)]
+pub struct OpenedGroup {
+    pub address: String,
+    pub group: GroupId,
+    pub handle: GroupHandle,
+    pub machine: AddressMachine,
+}
+
+/// What the opener did to the node's groups.
+pub enum GroupEvent {
+    /// The group is open here (its leadership is the handle's watch).
+    Opened(OpenedGroup),
+    /// The group is no longer open here (dropped, or moved away): drop its queue.
+    Closed { address: String, group: GroupId },
+}
+
+/// What the opener did, for operators and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OpenerCounters {
+    pub opened: u64,
+    pub removed: u64,
+    /// Bootstraps this node started (as founder or as fallback).
+    pub bootstraps: u64,
+    pub campaigns: u64,
+    /// Opens, bootstraps, removals or campaigns that failed (retried next round).
+    pub failures: u64,
+}
+
+#[derive(Default)]
+struct Shared {
+    opened: Mutex<BTreeMap<GroupId, OpenedGroup>>,
+    opens: AtomicU64,
+    removed: AtomicU64,
+    bootstraps: AtomicU64,
+    campaigns: AtomicU64,
+    failures: AtomicU64,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<GroupId, OpenedGroup>> {
+        self.opened.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The node's opener (see the module docs). Dropping it leaves its task running until
+/// [`GroupOpener::stop`]; groups stay open on the host either way.
+pub struct GroupOpener {
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl GroupOpener {
+    /// Starts following `meta` (this node's replica of group 0) on `host`; the events
+    /// go to the returned receiver (dropping it is allowed: events are then discarded).
+    pub fn start(
+        host: Host,
+        meta: MetaMachine,
+        config: OpenerConfig,
+    ) -> (GroupOpener, mpsc::Receiver<GroupEvent>) {
+        let (events, receiver) = mpsc::channel(MAX_PENDING_EVENTS);
+        let shared = Arc::new(Shared::default());
+        let (stop, stopped) = watch::channel(false);
+        let opener = Opener {
+            node: host.node(),
+            host,
+            meta,
+            config,
+            shared: Arc::clone(&shared),
+            events,
+            groups: HashMap::new(),
+            recovered: BTreeSet::new(),
+        };
+        let task = tokio::spawn(opener.run(stopped));
+        (GroupOpener { shared, stop, task }, receiver)
+    }
+
+    /// The groups open through this opener.
+    pub fn opened(&self) -> BTreeMap<GroupId, OpenedGroup> {
+        self.shared.lock().clone()
+    }
+
+    /// One open group.
+    pub fn get(&self, group: GroupId) -> Option<OpenedGroup> {
+        self.shared.lock().get(&group).cloned()
+    }
+
+    pub fn counters(&self) -> OpenerCounters {
+        let s = &self.shared;
+        OpenerCounters {
+            opened: s.opens.load(Ordering::Relaxed),
+            removed: s.removed.load(Ordering::Relaxed),
+            bootstraps: s.bootstraps.load(Ordering::Relaxed),
+            campaigns: s.campaigns.load(Ordering::Relaxed),
+            failures: s.failures.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops following the metadata (the groups stay open on the host).
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// What the opener keeps about a group it opened.
+struct Tracked {
+    opened_at: Instant,
+    /// The node log holds state of it here (an entry or a vote): no bootstrap needed.
+    formed: bool,
+    last_bootstrap: Option<Instant>,
+    last_campaign: Option<Instant>,
+}
+
+struct Opener {
+    node: NodeId,
+    host: Host,
+    meta: MetaMachine,
+    config: OpenerConfig,
+    shared: Arc<Shared>,
+    events: mpsc::Sender<GroupEvent>,
+    groups: HashMap<GroupId, Tracked>,
+    /// Groups the node log held at the start, not opened (yet).
+    recovered: BTreeSet<GroupId>,
+}
+
+impl Opener {
+    async fn run(mut self, mut stopped: watch::Receiver<bool>) {
+        match self.host.recovered_groups() {
+            Ok(ids) => self.recovered = ids.into_iter().collect(),
+            Err(e) => tracing::warn!(error = %e, "group opener: reading the recovered groups"),
+        }
+        self.recovered.remove(&METADATA_GROUP);
+        let mut changes = self.meta.changes();
+        loop {
+            changes.borrow_and_update();
+            self.round().await;
+            tokio::select! {
+                _ = changes.changed() => {}
+                _ = tokio::time::sleep(self.config.round) => {}
+                _ = stopped.changed() => return,
+            }
+            if *stopped.borrow() {
+                return;
+            }
+        }
+    }
+
+    async fn round(&mut self) {
+        let placed = self.meta.placed_on(self.node);
+        let next_group = self.meta.next_group();
+        for (group, entry) in &placed {
+            if !self.groups.contains_key(group) {
+                self.open(*group, entry).await;
+            }
+        }
+        let gone: Vec<GroupId> = self
+            .groups
+            .keys()
+            .chain(self.recovered.iter())
+            .copied()
+            .filter(|g| !placed.contains_key(g) && self.may_remove(*g, next_group))
+            .collect();
+        for group in gone {
+            self.remove(group).await;
+        }
+        self.form(&placed).await;
+        if self.config.spread_leaders {
+            self.campaign(&placed).await;
+        }
+    }
+
+    /// Whether `group`, not placed here, may go: dropped (handed out, held by no
+    /// address), or moved away and no longer a voter here.
+    fn may_remove(&self, group: GroupId, next_group: GroupId) -> bool {
+        if group >= next_group {
+            return false;
+        }
+        if self.meta.group(group).is_none() {
+            return true;
+        }
+        let Some(handle) = self.host.group(group) else {
+            return false;
+        };
+        let voters = handle.status().voters;
+        !voters.is_empty() && !voters.contains(&self.node)
+    }
+
+    async fn open(&mut self, group: GroupId, entry: &GroupEntry) {
+        let machine = AddressMachine::new();
+        let handle = match self.host.open_group(group, machine.clone()).await {
+            Ok(handle) => handle,
+            Err(e) => {
+                self.failed(group, "opening", &e);
+                return;
+            }
+        };
+        self.recovered.remove(&group);
+        self.groups.insert(
+            group,
+            Tracked {
+                opened_at: Instant::now(),
+                formed: false,
+                last_bootstrap: None,
+                last_campaign: None,
+            },
+        );
+        let opened = OpenedGroup {
+            address: entry.address.clone(),
+            group,
+            handle,
+            machine,
+        };
+        self.shared.lock().insert(group, opened.clone());
+        self.shared.opens.fetch_add(1, Ordering::Relaxed);
+        // A reader that went away does not stop the opener.
+        let _ = self.events.send(GroupEvent::Opened(opened)).await;
+    }
+
+    async fn remove(&mut self, group: GroupId) {
+        if let Err(e) = self.host.remove_group(group).await {
+            self.failed(group, "removing", &e);
+            return;
+        }
+        self.recovered.remove(&group);
+        self.groups.remove(&group);
+        let opened = self.shared.lock().remove(&group);
+        self.shared.removed.fetch_add(1, Ordering::Relaxed);
+        if let Some(o) = opened {
+            let closed = GroupEvent::Closed {
+                address: o.address,
+                group,
+            };
+            let _ = self.events.send(closed).await;
+        }
+    }
+
+    /// Bootstraps the groups that have not formed here: the founder at once, the other
+    /// founders after the fallback delay (and again after each further delay).
+    async fn form(&mut self, placed: &BTreeMap<GroupId, GroupEntry>) {
+        let now = Instant::now();
+        let fallback = self.config.bootstrap_fallback_after;
+        let mut due = Vec::new();
+        for (group, t) in self.groups.iter_mut().filter(|(_, t)| !t.formed) {
+            let (Some(entry), Some(handle)) = (placed.get(group), self.host.group(*group)) else {
+                continue;
+            };
+            match handle.is_pristine() {
+                Ok(true) => {}
+                Ok(false) => {
+                    t.formed = true;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(group, error = %e, "group opener: reading the group's log");
+                    continue;
+                }
+            }
+            let founder = entry.founder == self.node;
+            let waited = now.duration_since(t.last_bootstrap.unwrap_or(t.opened_at));
+            let first = t.last_bootstrap.is_none();
+            if (founder && first) || (entry.founders.contains(&self.node) && waited >= fallback) {
+                t.last_bootstrap = Some(now);
+                due.push((*group, handle, entry.founders.clone()));
+            }
+        }
+        let members = self.meta.members();
+        for (group, handle, founders) in due {
+            let addrs: BTreeMap<NodeId, String> = founders
+                .iter()
+                .filter_map(|n| members.get(n).map(|m| (*n, m.peer.clone())))
+                .collect();
+            if addrs.len() != founders.len() {
+                // A founder left the members: its address is gone, the identical
+                // membership cannot be written.
+                tracing::warn!(group, "group opener: a founder is no longer a member");
+                continue;
+            }
+            self.shared.bootstraps.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = handle.bootstrap(&addrs).await {
+                self.failed(group, "bootstrapping", &e);
+            }
+        }
+    }
+
+    /// Campaigns for the groups this node should lead and does not.
+    async fn campaign(&mut self, placed: &BTreeMap<GroupId, GroupEntry>) {
+        let now = Instant::now();
+        let backoff = self.config.campaign_backoff;
+        let mut due = Vec::new();
+        for (group, t) in self.groups.iter_mut() {
+            if due.len() >= MAX_CAMPAIGNS_PER_ROUND {
+                break;
+            }
+            let Some(entry) = placed.get(group) else {
+                continue;
+            };
+            if entry.replicas.leader != self.node || !t.formed {
+                continue;
+            }
+            if t.last_campaign
+                .is_some_and(|at| now.duration_since(at) < backoff)
+            {
+                continue;
+            }
+            let Some(handle) = self.host.group(*group) else {
+                continue;
+            };
+            let l = *handle.leadership().borrow();
+            // Only against a known leader: during an election the vote decides anyway.
+            if l.leads || l.leader.is_none() {
+                continue;
+            }
+            t.last_campaign = Some(now);
+            due.push((*group, handle));
+        }
+        for (group, handle) in due {
+            self.shared.campaigns.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = handle.campaign().await {
+                self.failed(group, "campaigning for", &e);
+            }
+        }
+    }
+
+    fn failed(&self, group: GroupId, verb: &str, e: &dyn std::fmt::Display) {
+        self.shared.failures.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(group, error = %e, "group opener: {verb} the group failed");
+    }
+}
