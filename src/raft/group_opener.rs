@@ -22,9 +22,19 @@
 //!   [`GroupEvent::Closed`]; a group left in the node log from before a restart is
 //!   removed the same way. A group id at or above the metadata's `next_group` is one
 //!   this replica of group 0 has not applied yet (a restart replays it): left alone.
-//! * **Leaders spread.** Where this node is a group's preferred leader and another node
-//!   leads it, the opener campaigns for it ([`GroupHandle::campaign`]) at most once per
-//!   [`OpenerConfig::campaign_backoff`] and [`MAX_CAMPAIGNS_PER_ROUND`] groups at a time.
+//! * **Leaders spread**, mostly without campaigns: a group forms led by its founder (its
+//!   preferred leader when declared), and a restarted former leader comes back leading
+//!   (openraft 0.9 restores its committed vote as leader). Where this node is a group's
+//!   preferred leader and another node leads it (it was away, or the preference moved),
+//!   the opener campaigns for it ([`GroupHandle::campaign`]) at most once per
+//!   [`OpenerConfig::campaign_backoff`], [`MAX_CAMPAIGNS_PER_ROUND`] groups at a time and
+//!   [`MAX_CAMPAIGNS_PER_GROUP`] times per group. Best effort: the other voters refuse
+//!   the vote while their leader lease runs, the campaign makes the old leader step
+//!   down, and the next election goes to whichever timer fires first — often the old
+//!   leader's, which has no lease to wait out (in one run of four, 20 campaigns in a row
+//!   lost). Making the old leader stand aside (`elect(false)` for a while) was tried and
+//!   left a group leaderless for tens of seconds; openraft 0.10's `transfer_leader` is
+//!   the real answer.
 //!
 //! Invariants: it never removes a group the metadata still places here, nor one it has
 //! not seen handed out; it bootstraps only with the founders' membership.
@@ -53,6 +63,11 @@ use super::meta_machine::{GroupEntry, MetaMachine};
 pub const MAX_PENDING_EVENTS: usize = 1024;
 /// Most campaigns one round of the opener starts.
 pub const MAX_CAMPAIGNS_PER_ROUND: usize = 4;
+/// Most campaigns for one group while it stays open here: each costs the group an
+/// election, and on a healthy group of three openraft 0.9 often hands the leadership
+/// back to the old leader (see the module docs), so the opener gives up rather than
+/// disrupt the group every backoff for ever.
+pub const MAX_CAMPAIGNS_PER_GROUP: u32 = 5;
 /// Default: how often the opener looks again when the metadata did not change.
 pub const OPENER_ROUND: Duration = Duration::from_millis(250);
 /// Default: how long the founding replicas other than the founder wait before they
@@ -201,6 +216,7 @@ struct Tracked {
     formed: bool,
     last_bootstrap: Option<Instant>,
     last_campaign: Option<Instant>,
+    campaigns: u32,
 }
 
 struct Opener {
@@ -294,6 +310,7 @@ impl Opener {
                 formed: false,
                 last_bootstrap: None,
                 last_campaign: None,
+                campaigns: 0,
             },
         );
         let opened = OpenedGroup {
@@ -389,9 +406,10 @@ impl Opener {
             if entry.replicas.leader != self.node || !t.formed {
                 continue;
             }
-            if t.last_campaign
-                .is_some_and(|at| now.duration_since(at) < backoff)
-            {
+            let recent = t
+                .last_campaign
+                .is_some_and(|at| now.duration_since(at) < backoff);
+            if recent || t.campaigns >= MAX_CAMPAIGNS_PER_GROUP {
                 continue;
             }
             let Some(handle) = self.host.group(*group) else {
@@ -403,6 +421,7 @@ impl Opener {
                 continue;
             }
             t.last_campaign = Some(now);
+            t.campaigns += 1;
             due.push((*group, handle));
         }
         for (group, handle) in due {

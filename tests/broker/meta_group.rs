@@ -2,8 +2,9 @@
 //! groups and every node's `GroupOpener` (`entrepot::raft::group_opener`) opens exactly
 //! the groups placed on it: a declared address's group forms on its replicas, led by its
 //! preferred leader (every node leads 2 or 3 of 8), and commits; after all three hosts
-//! restart the same groups reopen without a new bootstrap and keep their entries; a node
-//! that was away takes back by campaigns the leaderships the elections gave away; a dropped address's group leaves every node log; a
+//! restart the same groups reopen without a new bootstrap, keep their entries and their
+//! leaders; a node that was away campaigns (a bounded number of times) for the groups it
+//! should lead, and every group still commits; a dropped address's group leaves every node log; a
 //! follower refuses a declaration naming group 0's leader; a group whose founder runs no
 //! opener is formed by the other founding replicas.
 //! Method: three real hosts in this process (`meta_hosts.rs`: real TCP, node logs with
@@ -16,7 +17,7 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use entrepot::broker::replication::{encode_message, OPS_VERSION};
 use entrepot::raft::address_machine::message_record;
-use entrepot::raft::group_opener::GroupEvent;
+use entrepot::raft::group_opener::{GroupEvent, MAX_CAMPAIGNS_PER_GROUP};
 use entrepot::raft::meta_machine::MetaError;
 use entrepot_cluster::placement::GroupId;
 
@@ -143,9 +144,11 @@ async fn declared_addresses_open_on_their_replicas_lead_spread_commit_and_reopen
                 "node {n} re-bootstrapped"
             );
         }
+        // Former leaders came back leading: still spread, with no campaign.
         leaders_spread(&c, &groups, "after the restart").await;
         // A node away loses its leaderships to elections; back, it campaigns for the
-        // groups it should lead and the leaders are spread again.
+        // groups it should lead (a bounded number of times: openraft 0.9 cannot hand a
+        // leadership over, see `group_opener.rs`), and every group still commits.
         c.stop(2).await;
         wait_until("the other two lead every group", || {
             let leads = c.leads(&groups);
@@ -153,11 +156,23 @@ async fn declared_addresses_open_on_their_replicas_lead_spread_commit_and_reopen
         })
         .await;
         c.start_again(2).await;
-        leaders_spread(&c, &groups, "after node 2 came back").await;
+        let meta = c.meta_leader().await;
+        let preferred = groups
+            .iter()
+            .filter(|g| meta.machine.group(**g).unwrap().replicas.leader == 2)
+            .count() as u64;
+        let budget = preferred * u64::from(MAX_CAMPAIGNS_PER_GROUP);
+        wait_until("node 2 campaigns for its groups", || {
+            c.opener(2).counters().campaigns >= preferred
+        })
+        .await;
+        for &g in &groups {
+            commit_message(&c, g, 2).await;
+        }
+        let counters = c.opener(2).counters();
         assert!(
-            c.opener(2).counters().campaigns >= 2,
-            "{:?}",
-            c.opener(2).counters()
+            counters.campaigns <= budget,
+            "{counters:?}, budget {budget}"
         );
         c.shutdown().await;
     })
