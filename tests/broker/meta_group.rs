@@ -4,9 +4,9 @@
 //! preferred leader (every node leads 2 or 3 of 8), and commits; after all three hosts
 //! restart the same groups reopen without a new bootstrap, keep their entries and their
 //! leaders; a node that was away campaigns (a bounded number of times) for the groups it
-//! should lead, and every group still commits; a dropped address's group leaves every node log; a
-//! follower refuses a declaration naming group 0's leader; a group whose founder runs no
-//! opener is formed by the other founding replicas.
+//! should lead, and every group still commits; a dropped address's group leaves every
+//! node log; a follower refuses a declaration naming group 0's leader; a group whose
+//! founder runs no opener is formed by the other founding replicas.
 //! Method: three real hosts in this process (`meta_hosts.rs`: real TCP, node logs with
 //! an fsync per commit); ops proposed through group 0's leader, messages through each
 //! address group's leader. Every wait is bounded; nothing is timed.
