@@ -195,21 +195,17 @@ impl Preparer {
 
     /// Stores a prepared file (or deletes it when the log closed meanwhile).
     fn finish(&self, prepared: Option<PreparedFile>) {
-        let unused = match self.state.lock() {
-            Ok(mut s) => {
-                s.busy = false;
-                let unused = if s.closed {
-                    prepared
-                } else {
-                    s.ready = prepared;
-                    None
-                };
-                self.cond.notify_all();
-                unused
-            }
-            Err(_) => prepared,
+        let Ok(mut s) = self.state.lock() else {
+            return; // `prepared` is dropped (deleted) on return
         };
-        drop(unused);
+        if s.closed {
+            // Deleted before `busy` clears, so a `close` waiting for it returns after.
+            drop(prepared);
+        } else {
+            s.ready = prepared;
+        }
+        s.busy = false;
+        self.cond.notify_all();
     }
 }
 
