@@ -182,34 +182,6 @@ async fn acked_everywhere(c: &Cluster, g: u64, offsets: &[u64]) {
     }
 }
 
-/// A leader in a term above `above` that another running member follows; its id and
-/// term (a restarted host may believe for a moment it still leads its old term).
-async fn agreed_leader(c: &Cluster, above: u64) -> (NodeId, u64) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let views: BTreeMap<NodeId, _> = c
-            .nodes
-            .keys()
-            .map(|&n| (n, *c.handle(n).leadership().borrow()))
-            .collect();
-        let agreed = views.iter().find(|(n, l)| {
-            l.leads
-                && l.term > above
-                && views
-                    .iter()
-                    .any(|(m, o)| m != *n && o.leader == Some(**n) && o.term == l.term)
-        });
-        if let Some((n, l)) = agreed {
-            return (*n, l.term);
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no agreed leader above {above}: {views:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_the_leaders_host_closes_the_new_leader_serves_every_committed_message() {
     within_for(TEST_TIMEOUT, "test", async {
@@ -436,7 +408,7 @@ async fn a_re_elected_node_activates_afresh_and_redelivers_nothing_settled() {
         let mut again = false;
         for _ in 0..MAX_ELECTION_CYCLES {
             c.stop(leader).await;
-            let (next, next_term) = agreed_leader(&c, elected_in).await;
+            let (next, next_term) = c.agreed_leader(elected_in).await;
             c.start_again(leader).await;
             nodes
                 .get_mut(&leader)

@@ -162,13 +162,44 @@ impl Cluster {
 
     /// Waits for a leader among the running hosts; its id.
     pub async fn leader_id(&self) -> NodeId {
+        self.agreed_leader(0).await.0
+    }
+
+    /// A leader in a term above `above` that the others agree on: every running member
+    /// whose group instance runs names it in that term, and at least one other member does
+    /// (when another is running). Returns its id and term. Not just any node that believes
+    /// it leads: a restarted host may for a moment believe it still leads its old term, and
+    /// a follower may not have heard of a new leader yet.
+    pub async fn agreed_leader(&self, above: u64) -> (NodeId, u64) {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let leads = |n: &NodeId| self.handle(*n).leadership().borrow().leads;
-            if let Some(n) = self.nodes.keys().copied().find(leads) {
-                return n;
+            let views: BTreeMap<NodeId, _> = self
+                .nodes
+                .keys()
+                .map(|&n| {
+                    let h = self.handle(n);
+                    let view = *h.leadership().borrow();
+                    (n, (view, h.is_running()))
+                })
+                .collect();
+            let agreed = views.iter().find(|(n, (l, _))| {
+                let follows = |m: &NodeId, o: &entrepot_cluster::Leadership| {
+                    m != *n && o.leader == Some(**n) && o.term == l.term
+                };
+                l.leads
+                    && l.term > above
+                    && views
+                        .iter()
+                        .all(|(m, (o, running))| m == *n || !running || follows(m, o))
+                    && (views.len() == 1 || views.iter().any(|(m, (o, _))| follows(m, o)))
+            });
+            if let Some((n, (l, _))) = agreed {
+                return (*n, l.term);
             }
-            assert!(tokio::time::Instant::now() < deadline, "no leader");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no agreed leader above term {above}: {views:?}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
