@@ -407,6 +407,16 @@ impl Cluster {
             .status()
             .expect("run kill");
         assert!(status.success(), "kill {signal} {pid} failed");
+        if stop {
+            // `kill` returns once the signal is sent, not once every thread stopped: a
+            // thread on another core may still run (and write to its sockets) for a moment.
+            // Wait until each of the process's threads is in state T (stopped).
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !all_threads_stopped(&pid) {
+                assert!(Instant::now() < deadline, "process {pid} did not stop");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
     }
 
     /// SIGKILL: the node gets no chance to sync or close anything.
@@ -1142,4 +1152,18 @@ fn seq_of(m: &Message<Data>) -> u64 {
         Some(SimpleValue::Ulong(seq)) => *seq,
         other => panic!("message without a ulong seq property: {other:?}"),
     }
+}
+
+/// Whether every thread of process `pid` is stopped (state `T` in `/proc/<pid>/task/*/stat`).
+fn all_threads_stopped(pid: &str) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
+            // The state follows the command name, which is in parentheses.
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('T'))
+        })
+    })
 }
