@@ -138,6 +138,59 @@ async fn brokers(c: &Cluster, addresses: &[(&str, u64)]) -> BTreeMap<NodeId, Bro
     out
 }
 
+async fn attach_sender(
+    session: &mut fe2o3_amqp::session::SessionHandle<()>,
+    name: &str,
+    address: &str,
+) -> Sender {
+    within("attach", Sender::attach(session, name, address))
+        .await
+        .unwrap()
+}
+
+async fn attach_receiver(
+    session: &mut fe2o3_amqp::session::SessionHandle<()>,
+    name: &str,
+    address: &str,
+) -> Receiver {
+    within("attach", Receiver::attach(session, name, address))
+        .await
+        .unwrap()
+}
+
+/// A receiver that grants credit only when told: nothing is prefetched past what is
+/// received.
+async fn attach_manual(
+    session: &mut fe2o3_amqp::session::SessionHandle<()>,
+    name: &str,
+    address: &str,
+) -> Receiver {
+    within(
+        "attach",
+        Receiver::builder()
+            .name(name)
+            .source(address)
+            .credit_mode(CreditMode::Manual)
+            .attach(session),
+    )
+    .await
+    .unwrap()
+}
+
+/// Receives the next delivery, checks its body and accepts it.
+async fn take(receiver: &mut Receiver, body: &str, why: &str) {
+    let d = within("recv", receiver.recv::<String>()).await.unwrap();
+    assert_eq!(d.body(), body, "{why}");
+    within("accept", receiver.accept(&d)).await.unwrap();
+}
+
+async fn shutdown_all(nodes: BTreeMap<NodeId, BrokerNode>, c: Cluster) {
+    for (_, n) in nodes {
+        n.shutdown().await;
+    }
+    c.shutdown().await;
+}
+
 /// The link was detached by the broker with `amqp:link:detach-forced`.
 fn forced(e: &LinkStateError) -> bool {
     let forced = ErrorCondition::LinkError(LinkError::DetachForced);
@@ -190,26 +243,12 @@ async fn when_the_leaders_host_closes_the_new_leader_serves_every_committed_mess
         let mut nodes = brokers(&c, &[(ADDRESS, GROUP)]).await;
         nodes[&old].serving(ADDRESS).await;
         let (_conn, mut session) = connect(&nodes[&old].url).await;
-        let mut sender = within("attach", Sender::attach(&mut session, "s", ADDRESS))
-            .await
-            .unwrap();
+        let mut sender = attach_sender(&mut session, "s", ADDRESS).await;
         send_all(&mut sender, (0..6).map(|i| format!("m{i}"))).await;
-        // One message of credit at a time: nothing is prefetched past what is received.
-        let mut receiver = within(
-            "attach",
-            Receiver::builder()
-                .name("r")
-                .source(ADDRESS)
-                .credit_mode(CreditMode::Manual)
-                .attach(&mut session),
-        )
-        .await
-        .unwrap();
+        let mut receiver = attach_manual(&mut session, "r", ADDRESS).await;
         for i in 0..2 {
             within("credit", receiver.set_credit(1)).await.unwrap();
-            let d = within("recv", receiver.recv::<String>()).await.unwrap();
-            assert_eq!(d.body(), &format!("m{i}"));
-            within("accept", receiver.accept(&d)).await.unwrap();
+            take(&mut receiver, &format!("m{i}"), "in order").await;
         }
         acked_everywhere(&c, GROUP, &[0, 1]).await;
         // m2 is out, unsettled, when the host goes.
@@ -229,13 +268,9 @@ async fn when_the_leaders_host_closes_the_new_leader_serves_every_committed_mess
         assert_ne!(new, old);
         nodes[&new].serving(ADDRESS).await;
         let (_conn2, mut session2) = connect(&nodes[&new].url).await;
-        let mut receiver2 = within("attach", Receiver::attach(&mut session2, "r2", ADDRESS))
-            .await
-            .unwrap();
+        let mut receiver2 = attach_receiver(&mut session2, "r2", ADDRESS).await;
         for i in 2..6 {
-            let d = within("recv", receiver2.recv::<String>()).await.unwrap();
-            assert_eq!(d.body(), &format!("m{i}"));
-            within("accept", receiver2.accept(&d)).await.unwrap();
+            take(&mut receiver2, &format!("m{i}"), "in order").await;
         }
         acked_everywhere(&c, GROUP, &[2, 3, 4, 5]).await;
         let old_node = nodes.remove(&old).unwrap();
@@ -243,10 +278,7 @@ async fn when_the_leaders_host_closes_the_new_leader_serves_every_committed_mess
         assert_eq!(old_driver.stats().activations.load(Ordering::Relaxed), 1);
         assert_eq!(old_driver.stats().deactivations.load(Ordering::Relaxed), 1);
         old_node.shutdown().await;
-        for (_, n) in nodes {
-            n.shutdown().await;
-        }
-        c.shutdown().await;
+        shutdown_all(nodes, c).await;
     })
     .await
 }
@@ -263,24 +295,11 @@ async fn a_leader_cut_off_from_its_followers_delivers_nothing_once_its_lease_ran
         nodes[&leader].serving(ADDRESS).await;
         let timing = LeaseTiming::for_vote_refusal(c.handle(leader).leader_lease());
         let (_conn, mut session) = connect(&nodes[&leader].url).await;
-        let mut sender = within("attach", Sender::attach(&mut session, "s", ADDRESS))
-            .await
-            .unwrap();
+        let mut sender = attach_sender(&mut session, "s", ADDRESS).await;
         send_all(&mut sender, (0..10).map(|i| format!("m{i}"))).await;
-        let mut receiver = within(
-            "attach",
-            Receiver::builder()
-                .name("r")
-                .source(ADDRESS)
-                .credit_mode(CreditMode::Manual)
-                .attach(&mut session),
-        )
-        .await
-        .unwrap();
+        let mut receiver = attach_manual(&mut session, "r", ADDRESS).await;
         within("credit", receiver.set_credit(1)).await.unwrap();
-        let d = within("recv", receiver.recv::<String>()).await.unwrap();
-        assert_eq!(d.body(), "m0");
-        within("accept", receiver.accept(&d)).await.unwrap();
+        take(&mut receiver, "m0", "in order").await;
         // Its ack committed: no proposal is left to fail (a failed store also deactivates).
         acked_everywhere(&c, GROUP, &[0]).await;
         for n in (0..NODES).filter(|&n| n != leader) {
@@ -301,10 +320,7 @@ async fn a_leader_cut_off_from_its_followers_delivers_nothing_once_its_lease_ran
             .lease_lapses
             .load(Ordering::Relaxed);
         assert!(lapses >= 1, "the lapse is counted");
-        for (_, n) in nodes {
-            n.shutdown().await;
-        }
-        c.shutdown().await;
+        shutdown_all(nodes, c).await;
     })
     .await
 }
@@ -324,22 +340,12 @@ async fn deactivating_one_address_leaves_the_other_addresses_links_on_the_connec
         nodes[&leader].serving("a").await;
         nodes[&leader].serving("b").await;
         let (_conn, mut session) = connect(&nodes[&leader].url).await;
-        let mut to_a = within("attach", Sender::attach(&mut session, "sa", "a"))
-            .await
-            .unwrap();
-        let mut to_b = within("attach", Sender::attach(&mut session, "sb", "b"))
-            .await
-            .unwrap();
-        let mut from_a = within("attach", Receiver::attach(&mut session, "ra", "a"))
-            .await
-            .unwrap();
-        let mut from_b = within("attach", Receiver::attach(&mut session, "rb", "b"))
-            .await
-            .unwrap();
+        let mut to_a = attach_sender(&mut session, "sa", "a").await;
+        let mut to_b = attach_sender(&mut session, "sb", "b").await;
+        let mut from_a = attach_receiver(&mut session, "ra", "a").await;
+        let mut from_b = attach_receiver(&mut session, "rb", "b").await;
         send_all(&mut to_b, ["b0".to_owned()]).await;
-        let d = within("recv", from_b.recv::<String>()).await.unwrap();
-        assert_eq!(d.body(), "b0");
-        within("accept", from_b.accept(&d)).await.unwrap();
+        take(&mut from_b, "b0", "in order").await;
         // Group a's replica leaves this host: a's lease cannot be renewed here any more.
         assert!(c.nodes[&leader].host.close_group(ga).await);
         // A's producer is told to go elsewhere: its transfer is never accepted here.
@@ -353,15 +359,10 @@ async fn deactivating_one_address_leaves_the_other_addresses_links_on_the_connec
         );
         // b's producer and consumer, on the same session, go on.
         send_all(&mut to_b, ["b1".to_owned()]).await;
-        let d = within("recv", from_b.recv::<String>()).await.unwrap();
-        assert_eq!(d.body(), "b1");
-        within("accept", from_b.accept(&d)).await.unwrap();
+        take(&mut from_b, "b1", "in order").await;
         let b = &nodes[&leader].drivers["b"];
         assert_eq!(b.stats().deactivations.load(Ordering::Relaxed), 0);
-        for (_, n) in nodes {
-            n.shutdown().await;
-        }
-        c.shutdown().await;
+        shutdown_all(nodes, c).await;
     })
     .await
 }
@@ -378,9 +379,7 @@ async fn a_re_elected_node_activates_afresh_and_redelivers_nothing_settled() {
         let term = nodes[&first].serving(ADDRESS).await;
         {
             let (_conn, mut session) = connect(&nodes[&first].url).await;
-            let mut sender = within("attach", Sender::attach(&mut session, "s", ADDRESS))
-                .await
-                .unwrap();
+            let mut sender = attach_sender(&mut session, "s", ADDRESS).await;
             send_all(&mut sender, (0..6).map(|i| format!("m{i}"))).await;
             let mut receiver = within(
                 "attach",
@@ -393,9 +392,7 @@ async fn a_re_elected_node_activates_afresh_and_redelivers_nothing_settled() {
             .await
             .unwrap();
             for i in 0..3 {
-                let d = within("recv", receiver.recv::<String>()).await.unwrap();
-                assert_eq!(d.body(), &format!("m{i}"));
-                within("accept", receiver.accept(&d)).await.unwrap();
+                take(&mut receiver, &format!("m{i}"), "in order").await;
             }
             // Settled: its acknowledgements are committed (fe2o3's `accept` does not wait
             // for the broker's settlement).
@@ -432,19 +429,17 @@ async fn a_re_elected_node_activates_afresh_and_redelivers_nothing_settled() {
             "a new leadership: {term} -> {new_term}"
         );
         let (_conn, mut session) = connect(&nodes[&first].url).await;
-        let mut receiver = within("attach", Receiver::attach(&mut session, "r2", ADDRESS))
-            .await
-            .unwrap();
+        let mut receiver = attach_receiver(&mut session, "r2", ADDRESS).await;
         for i in 3..6 {
-            let d = within("recv", receiver.recv::<String>()).await.unwrap();
-            assert_eq!(d.body(), &format!("m{i}"), "nothing settled comes again");
-            within("accept", receiver.accept(&d)).await.unwrap();
+            take(
+                &mut receiver,
+                &format!("m{i}"),
+                "nothing settled comes again",
+            )
+            .await;
         }
         acked_everywhere(&c, GROUP, &[0, 1, 2, 3, 4, 5]).await;
-        for (_, n) in nodes {
-            n.shutdown().await;
-        }
-        c.shutdown().await;
+        shutdown_all(nodes, c).await;
     })
     .await
 }
@@ -475,9 +470,7 @@ async fn a_consumed_group_stays_awake_while_an_idle_one_hibernates() {
         nodes[&leader].serving("a").await;
         nodes[&leader].serving("b").await;
         let (_conn, mut session) = connect(&nodes[&leader].url).await;
-        let mut from_a = within("attach", Receiver::attach(&mut session, "ra", "a"))
-            .await
-            .unwrap();
+        let mut from_a = attach_receiver(&mut session, "ra", "a").await;
         // Idle b sleeps on every host; consumed a never stops on its leader.
         let deadline = tokio::time::Instant::now() + WAIT;
         while c.nodes.keys().any(|&n| c.handle_of(n, gb).is_running()) {
@@ -492,27 +485,14 @@ async fn a_consumed_group_stays_awake_while_an_idle_one_hibernates() {
         let stops = c.nodes[&leader].host.hibernation_counters().stops;
         assert_eq!(stops, 1, "only b stopped on the leader");
         // A message to the sleeping b wakes it; one to a is delivered as ever.
-        let mut to_b = within("attach", Sender::attach(&mut session, "sb", "b"))
-            .await
-            .unwrap();
+        let mut to_b = attach_sender(&mut session, "sb", "b").await;
         send_all(&mut to_b, ["b0".to_owned()]).await;
-        let mut to_a = within("attach", Sender::attach(&mut session, "sa", "a"))
-            .await
-            .unwrap();
+        let mut to_a = attach_sender(&mut session, "sa", "a").await;
         send_all(&mut to_a, ["a0".to_owned()]).await;
-        let d = within("recv", from_a.recv::<String>()).await.unwrap();
-        assert_eq!(d.body(), "a0");
-        within("accept", from_a.accept(&d)).await.unwrap();
-        let mut from_b = within("attach", Receiver::attach(&mut session, "rb", "b"))
-            .await
-            .unwrap();
-        let d = within("recv", from_b.recv::<String>()).await.unwrap();
-        assert_eq!(d.body(), "b0");
-        within("accept", from_b.accept(&d)).await.unwrap();
-        for (_, n) in nodes {
-            n.shutdown().await;
-        }
-        c.shutdown().await;
+        take(&mut from_a, "a0", "in order").await;
+        let mut from_b = attach_receiver(&mut session, "rb", "b").await;
+        take(&mut from_b, "b0", "in order").await;
+        shutdown_all(nodes, c).await;
     })
     .await
 }
