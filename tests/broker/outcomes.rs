@@ -59,6 +59,34 @@ async fn send_all(session: &mut SessionHandle<()>, address: &str, bodies: &[&str
     within("close sender", sender.close()).await.unwrap();
 }
 
+/// A broker on a new directory and one connection to it (the directory lives as long
+/// as the returned guard).
+async fn fresh(
+    name: &str,
+    args: &[&str],
+) -> (
+    tempfile::TempDir,
+    BrokerProcess,
+    ConnectionHandle<()>,
+    SessionHandle<()>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path(), args);
+    let (conn, session) = connect(&broker, name).await;
+    (dir, broker, conn, session)
+}
+
+/// An auto-credit receiver on `source`.
+async fn attach(session: &mut SessionHandle<()>, name: &str, source: &str) -> Receiver {
+    within("attach", Receiver::attach(session, name, source))
+        .await
+        .unwrap()
+}
+
+async fn accept(receiver: &mut Receiver, delivery: &Delivery<String>) {
+    within("accept", receiver.accept(delivery)).await.unwrap();
+}
+
 /// A receiver that gets only the credit the test grants.
 async fn manual_receiver(session: &mut SessionHandle<()>, name: &str, source: &str) -> Receiver {
     within(
@@ -107,13 +135,11 @@ async fn accepted_messages_are_gone_also_after_a_restart() {
     for want in ["a", "b"] {
         let d = recv(&mut receiver).await;
         assert_eq!(d.body(), want);
-        within("accept", receiver.accept(&d)).await.unwrap();
+        accept(&mut receiver, &d).await;
     }
     within("close", receiver.close()).await.unwrap();
 
-    let mut receiver = within("attach", Receiver::attach(&mut session, "r2", "orders"))
-        .await
-        .unwrap();
+    let mut receiver = attach(&mut session, "r2", "orders").await;
     let c = recv(&mut receiver).await;
     assert_eq!(
         c.body(),
@@ -129,29 +155,23 @@ async fn accepted_messages_are_gone_also_after_a_restart() {
     assert_eq!(broker.terminate(), Some(0));
     let broker = BrokerProcess::start(dir.path(), &[]);
     let (conn, mut session) = connect(&broker, "after-restart").await;
-    let mut receiver = within("attach", Receiver::attach(&mut session, "r3", "orders"))
-        .await
-        .unwrap();
+    let mut receiver = attach(&mut session, "r3", "orders").await;
     let c = recv(&mut receiver).await;
     assert_eq!(
         c.body(),
         "c",
         "only the unaccepted message survives the restart"
     );
-    within("accept", receiver.accept(&c)).await.unwrap();
+    accept(&mut receiver, &c).await;
     assert_nothing_arrives(&mut receiver).await;
     close(conn, vec![receiver]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_released_message_is_redelivered_with_its_delivery_count_unchanged() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = BrokerProcess::start(dir.path(), &[]);
-    let (conn, mut session) = connect(&broker, "release").await;
+    let (_dir, _broker, conn, mut session) = fresh("release", &[]).await;
     send_all(&mut session, "q", &["m"]).await;
-    let mut receiver = within("attach", Receiver::attach(&mut session, "r", "q"))
-        .await
-        .unwrap();
+    let mut receiver = attach(&mut session, "r", "q").await;
     let first = recv(&mut receiver).await;
     assert_eq!(delivery_count(&first), 0);
     within("release", receiver.release(&first)).await.unwrap();
@@ -162,20 +182,16 @@ async fn a_released_message_is_redelivered_with_its_delivery_count_unchanged() {
         0,
         "released is not a failed attempt"
     );
-    within("accept", receiver.accept(&again)).await.unwrap();
+    accept(&mut receiver, &again).await;
     assert_nothing_arrives(&mut receiver).await;
     close(conn, vec![receiver]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_modified_as_failed_comes_back_with_delivery_count_plus_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = BrokerProcess::start(dir.path(), &[]);
-    let (conn, mut session) = connect(&broker, "modify").await;
+    let (_dir, _broker, conn, mut session) = fresh("modify", &[]).await;
     send_all(&mut session, "q", &["m"]).await;
-    let mut receiver = within("attach", Receiver::attach(&mut session, "r", "q"))
-        .await
-        .unwrap();
+    let mut receiver = attach(&mut session, "r", "q").await;
     for attempt in 0..3 {
         let d = recv(&mut receiver).await;
         assert_eq!(d.body(), "m");
@@ -186,19 +202,15 @@ async fn a_message_modified_as_failed_comes_back_with_delivery_count_plus_one() 
     }
     let d = recv(&mut receiver).await;
     assert_eq!(delivery_count(&d), 3);
-    within("accept", receiver.accept(&d)).await.unwrap();
+    accept(&mut receiver, &d).await;
     close(conn, vec![receiver]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_modified_undeliverable_here_goes_to_another_consumer_only() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = BrokerProcess::start(dir.path(), &[]);
-    let (conn, mut session) = connect(&broker, "undeliverable").await;
+    let (_dir, _broker, conn, mut session) = fresh("undeliverable", &[]).await;
     send_all(&mut session, "q", &["m"]).await;
-    let mut picky = within("attach", Receiver::attach(&mut session, "picky", "q"))
-        .await
-        .unwrap();
+    let mut picky = attach(&mut session, "picky", "q").await;
     let d = recv(&mut picky).await;
     let not_here = Modified {
         delivery_failed: None,
@@ -208,9 +220,7 @@ async fn a_message_modified_undeliverable_here_goes_to_another_consumer_only() {
     within("modify", picky.modify(&d, not_here)).await.unwrap();
     assert_nothing_arrives(&mut picky).await;
 
-    let mut other = within("attach", Receiver::attach(&mut session, "other", "q"))
-        .await
-        .unwrap();
+    let mut other = attach(&mut session, "other", "q").await;
     let d = recv(&mut other).await;
     assert_eq!(d.body(), "m");
     assert_eq!(
@@ -218,20 +228,16 @@ async fn a_message_modified_undeliverable_here_goes_to_another_consumer_only() {
         0,
         "undeliverable-here alone is not a failure"
     );
-    within("accept", other.accept(&d)).await.unwrap();
+    accept(&mut other, &d).await;
     assert_nothing_arrives(&mut picky).await;
     close(conn, vec![picky, other]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_message_is_dead_lettered_with_its_reason_and_original_address() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = BrokerProcess::start(dir.path(), &[]);
-    let (conn, mut session) = connect(&broker, "reject").await;
+    let (_dir, _broker, conn, mut session) = fresh("reject", &[]).await;
     send_all(&mut session, "payments", &["bad", "good"]).await;
-    let mut receiver = within("attach", Receiver::attach(&mut session, "r", "payments"))
-        .await
-        .unwrap();
+    let mut receiver = attach(&mut session, "r", "payments").await;
     let bad = recv(&mut receiver).await;
     assert_eq!(bad.body(), "bad");
     let error = AmqpError::new(
@@ -244,12 +250,10 @@ async fn a_rejected_message_is_dead_lettered_with_its_reason_and_original_addres
         .unwrap();
     let good = recv(&mut receiver).await;
     assert_eq!(good.body(), "good");
-    within("accept", receiver.accept(&good)).await.unwrap();
+    accept(&mut receiver, &good).await;
     assert_nothing_arrives(&mut receiver).await;
 
-    let mut dlq = within("attach", Receiver::attach(&mut session, "dlq", "DLQ"))
-        .await
-        .unwrap();
+    let mut dlq = attach(&mut session, "dlq", "DLQ").await;
     let dead = recv(&mut dlq).await;
     assert_eq!(dead.body(), "bad");
     assert_eq!(
@@ -264,20 +268,17 @@ async fn a_rejected_message_is_dead_lettered_with_its_reason_and_original_addres
         annotation(&dead, "x-opt-dead-letter-description"),
         Some(Value::String("amount is negative".into()))
     );
-    within("accept", dlq.accept(&dead)).await.unwrap();
+    accept(&mut dlq, &dead).await;
     assert_nothing_arrives(&mut dlq).await;
     close(conn, vec![receiver, dlq]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_failing_max_delivery_attempts_times_is_dead_lettered() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = BrokerProcess::start(dir.path(), &["--max-delivery-attempts", "3"]);
-    let (conn, mut session) = connect(&broker, "poison").await;
+    let (_dir, _broker, conn, mut session) =
+        fresh("poison", &["--max-delivery-attempts", "3"]).await;
     send_all(&mut session, "jobs", &["poison"]).await;
-    let mut receiver = within("attach", Receiver::attach(&mut session, "r", "jobs"))
-        .await
-        .unwrap();
+    let mut receiver = attach(&mut session, "r", "jobs").await;
     for attempt in 0..3 {
         let d = recv(&mut receiver).await;
         assert_eq!(delivery_count(&d), attempt);
@@ -287,9 +288,7 @@ async fn a_message_failing_max_delivery_attempts_times_is_dead_lettered() {
     }
     assert_nothing_arrives(&mut receiver).await;
 
-    let mut dlq = within("attach", Receiver::attach(&mut session, "dlq", "DLQ"))
-        .await
-        .unwrap();
+    let mut dlq = attach(&mut session, "dlq", "DLQ").await;
     let dead = recv(&mut dlq).await;
     assert_eq!(dead.body(), "poison");
     assert_eq!(delivery_count(&dead), 3);
@@ -301,33 +300,27 @@ async fn a_message_failing_max_delivery_attempts_times_is_dead_lettered() {
         annotation(&dead, "x-opt-original-address"),
         Some(Value::String("jobs".into()))
     );
-    within("accept", dlq.accept(&dead)).await.unwrap();
+    accept(&mut dlq, &dead).await;
     close(conn, vec![receiver, dlq]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deliveries_left_unsettled_by_a_closed_link_go_to_another_consumer_as_a_failed_attempt() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = BrokerProcess::start(dir.path(), &[]);
-    let (conn, mut session) = connect(&broker, "link-close").await;
+    let (_dir, _broker, conn, mut session) = fresh("link-close", &[]).await;
     send_all(&mut session, "q", &["m1", "m2"]).await;
-    let mut first = within("attach", Receiver::attach(&mut session, "first", "q"))
-        .await
-        .unwrap();
+    let mut first = attach(&mut session, "first", "q").await;
     let m1 = recv(&mut first).await;
     assert_eq!(m1.body(), "m1");
     let m2 = recv(&mut first).await;
     assert_eq!(m2.body(), "m2");
-    within("accept", first.accept(&m2)).await.unwrap();
+    accept(&mut first, &m2).await;
     within("close", first.close()).await.unwrap();
 
-    let mut second = within("attach", Receiver::attach(&mut session, "second", "q"))
-        .await
-        .unwrap();
+    let mut second = attach(&mut session, "second", "q").await;
     let again = recv(&mut second).await;
     assert_eq!(again.body(), "m1");
     assert_eq!(delivery_count(&again), 1);
-    within("accept", second.accept(&again)).await.unwrap();
+    accept(&mut second, &again).await;
     assert_nothing_arrives(&mut second).await;
     close(conn, vec![second]).await;
 }
@@ -335,19 +328,12 @@ async fn deliveries_left_unsettled_by_a_closed_link_go_to_another_consumer_as_a_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deliveries_left_unsettled_by_a_closed_connection_go_to_another_consumer_as_a_failed_attempt(
 ) {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = BrokerProcess::start(dir.path(), &[]);
-    let (conn, mut session) = connect(&broker, "stays").await;
+    let (_dir, broker, conn, mut session) = fresh("stays", &[]).await;
     send_all(&mut session, "q", &["m"]).await;
     let mut later = manual_receiver(&mut session, "later", "q").await;
 
     let (mut doomed_conn, mut doomed_session) = connect(&broker, "doomed").await;
-    let mut doomed = within(
-        "attach",
-        Receiver::attach(&mut doomed_session, "doomed", "q"),
-    )
-    .await
-    .unwrap();
+    let mut doomed = attach(&mut doomed_session, "doomed", "q").await;
     let d = recv(&mut doomed).await;
     assert_eq!(delivery_count(&d), 0);
     within("close", doomed_conn.close()).await.unwrap();
@@ -356,22 +342,18 @@ async fn deliveries_left_unsettled_by_a_closed_connection_go_to_another_consumer
     let again = recv(&mut later).await;
     assert_eq!(again.body(), "m");
     assert_eq!(delivery_count(&again), 1);
-    within("accept", later.accept(&again)).await.unwrap();
+    accept(&mut later, &again).await;
     assert_nothing_arrives(&mut later).await;
     close(conn, vec![later]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_refused_by_every_consumer_does_not_hold_up_later_messages() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = BrokerProcess::start(dir.path(), &[]);
-    let (conn, mut session) = connect(&broker, "head").await;
+    let (_dir, _broker, conn, mut session) = fresh("head", &[]).await;
     let mut sender = within("attach", Sender::attach(&mut session, "s", "q"))
         .await
         .unwrap();
-    let mut only = within("attach", Receiver::attach(&mut session, "only", "q"))
-        .await
-        .unwrap();
+    let mut only = attach(&mut session, "only", "q").await;
     within("send", sender.send("refused".to_string()))
         .await
         .unwrap();
@@ -386,7 +368,7 @@ async fn a_message_refused_by_every_consumer_does_not_hold_up_later_messages() {
         within("send", sender.send(body.to_string())).await.unwrap();
         let d = recv(&mut only).await;
         assert_eq!(d.body(), body);
-        within("accept", only.accept(&d)).await.unwrap();
+        accept(&mut only, &d).await;
     }
     assert_nothing_arrives(&mut only).await;
     close(conn, vec![only]).await;
@@ -418,9 +400,7 @@ async fn failed_attempts_count_on_after_a_crash_and_still_dead_letter() {
 
     let broker = BrokerProcess::start(dir.path(), &args);
     let (conn, mut session) = connect(&broker, "after-crash").await;
-    let mut receiver = within("attach", Receiver::attach(&mut session, "r2", "crash-jobs"))
-        .await
-        .unwrap();
+    let mut receiver = attach(&mut session, "r2", "crash-jobs").await;
     let d = recv(&mut receiver).await;
     assert_eq!(
         (d.body().as_str(), delivery_count(&d)),
@@ -431,12 +411,10 @@ async fn failed_attempts_count_on_after_a_crash_and_still_dead_letter() {
         .await
         .unwrap();
     assert_nothing_arrives(&mut receiver).await;
-    let mut dlq = within("attach", Receiver::attach(&mut session, "dlq", "DLQ"))
-        .await
-        .unwrap();
+    let mut dlq = attach(&mut session, "dlq", "DLQ").await;
     let dead = recv(&mut dlq).await;
     assert_eq!((dead.body().as_str(), delivery_count(&dead)), ("poison", 3));
-    within("accept", dlq.accept(&dead)).await.unwrap();
+    accept(&mut dlq, &dead).await;
     close(conn, vec![receiver, dlq]).await;
 }
 
@@ -445,9 +423,8 @@ async fn failed_attempts_count_on_after_a_crash_and_still_dead_letter() {
 /// `modified` failure does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_link_reaching_max_delivery_attempts_dead_letters_the_message() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = BrokerProcess::start(dir.path(), &["--max-delivery-attempts", "2"]);
-    let (conn, mut session) = connect(&broker, "walkaway").await;
+    let (_dir, _broker, conn, mut session) =
+        fresh("walkaway", &["--max-delivery-attempts", "2"]).await;
     send_all(&mut session, "walkaway-jobs", &["poison"]).await;
     for attempt in 0..2 {
         let mut r = within(
@@ -460,18 +437,11 @@ async fn a_closed_link_reaching_max_delivery_attempts_dead_letters_the_message()
         assert_eq!(delivery_count(&d), attempt);
         within("close", r.close()).await.unwrap();
     }
-    let mut r = within(
-        "attach",
-        Receiver::attach(&mut session, "r-last", "walkaway-jobs"),
-    )
-    .await
-    .unwrap();
+    let mut r = attach(&mut session, "r-last", "walkaway-jobs").await;
     assert_nothing_arrives(&mut r).await;
-    let mut dlq = within("attach", Receiver::attach(&mut session, "dlq", "DLQ"))
-        .await
-        .unwrap();
+    let mut dlq = attach(&mut session, "dlq", "DLQ").await;
     let dead = recv(&mut dlq).await;
     assert_eq!((dead.body().as_str(), delivery_count(&dead)), ("poison", 2));
-    within("accept", dlq.accept(&dead)).await.unwrap();
+    accept(&mut dlq, &dead).await;
     close(conn, vec![r, dlq]).await;
 }
