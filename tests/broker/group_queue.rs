@@ -19,6 +19,7 @@ use entrepot::config::BrokerConfig;
 use entrepot::raft::group_queue::activate;
 use entrepot::raft::group_store::GroupStore;
 use entrepot::server::{serve, Serving};
+use entrepot_cluster::NodeId;
 use entrepot_storage::RECORD_HEADER_LEN;
 use fe2o3_amqp::types::messaging::Modified;
 use fe2o3_amqp::{Connection, Receiver, Sender, Session};
@@ -106,22 +107,37 @@ fn temp_broker(dir: &tempfile::TempDir) -> Arc<Broker> {
     Broker::open(config).unwrap()
 }
 
+/// A broker on a temporary directory serving [`ADDRESS`] from a queue over the group
+/// store of the current leader (the directory lives as long as the returned guard).
+async fn adopted_at_leader(
+    c: &Cluster,
+) -> (
+    NodeId,
+    Arc<GroupStore>,
+    Arc<Queue>,
+    Arc<Broker>,
+    tempfile::TempDir,
+) {
+    let leader = c.leader_id().await;
+    let store = Arc::new(GroupStore::new(
+        ADDRESS,
+        c.handle(leader),
+        c.machine(leader),
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let broker = temp_broker(&dir);
+    let queue = broker.adopt_queue(Queue::owned(
+        ADDRESS.to_owned(),
+        QueueOwner::Group(store.clone()),
+    ));
+    (leader, store, queue, broker, dir)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queue_over_a_group_store_records_a_consumers_outcomes_in_the_group() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         let c = Cluster::start().await;
-        let leader = c.leader_id().await;
-        let store = Arc::new(GroupStore::new(
-            ADDRESS,
-            c.handle(leader),
-            c.machine(leader),
-        ));
-        let dir = tempfile::tempdir().unwrap();
-        let broker = temp_broker(&dir);
-        let queue = broker.adopt_queue(Queue::owned(
-            ADDRESS.to_owned(),
-            QueueOwner::Group(store.clone()),
-        ));
+        let (_leader, store, queue, broker, _dir) = adopted_at_leader(&c).await;
         // Each message enters the queue once the group committed it.
         for i in 0..MESSAGES {
             let a = store.append(&[&string_message(&format!("m{i}"))]).unwrap();
@@ -243,18 +259,7 @@ async fn a_producer_is_accepted_only_once_the_group_committed_and_its_messages_a
 {
     tokio::time::timeout(TEST_TIMEOUT, async {
         let mut c = Cluster::start().await;
-        let leader = c.leader_id().await;
-        let store = Arc::new(GroupStore::new(
-            ADDRESS,
-            c.handle(leader),
-            c.machine(leader),
-        ));
-        let dir = tempfile::tempdir().unwrap();
-        let broker = temp_broker(&dir);
-        broker.adopt_queue(Queue::owned(
-            ADDRESS.to_owned(),
-            QueueOwner::Group(store.clone()),
-        ));
+        let (leader, _store, _queue, broker, _dir) = adopted_at_leader(&c).await;
         let mut served = serve_and_connect(&broker).await;
         let mut sender = within("attach", Sender::attach(&mut served.session, "s", ADDRESS))
             .await
@@ -329,18 +334,7 @@ async fn every_node_writes_a_produced_message_once() {
     const BODY_BYTES: usize = 1024;
     tokio::time::timeout(TEST_TIMEOUT, async {
         let c = Cluster::start().await;
-        let leader = c.leader_id().await;
-        let store = Arc::new(GroupStore::new(
-            ADDRESS,
-            c.handle(leader),
-            c.machine(leader),
-        ));
-        let dir = tempfile::tempdir().unwrap();
-        let broker = temp_broker(&dir);
-        broker.adopt_queue(Queue::owned(
-            ADDRESS.to_owned(),
-            QueueOwner::Group(store.clone()),
-        ));
+        let (leader, store, _queue, broker, _dir) = adopted_at_leader(&c).await;
         let mut served = serve_and_connect(&broker).await;
         let mut sender = within("attach", Sender::attach(&mut served.session, "s", ADDRESS))
             .await
@@ -382,18 +376,7 @@ async fn every_node_writes_a_produced_message_once() {
 async fn a_transactional_transfer_to_a_group_backed_queue_is_refused() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         let c = Cluster::start().await;
-        let leader = c.leader_id().await;
-        let store = Arc::new(GroupStore::new(
-            ADDRESS,
-            c.handle(leader),
-            c.machine(leader),
-        ));
-        let dir = tempfile::tempdir().unwrap();
-        let broker = temp_broker(&dir);
-        broker.adopt_queue(Queue::owned(
-            ADDRESS.to_owned(),
-            QueueOwner::Group(store.clone()),
-        ));
+        let (leader, _store, _queue, broker, _dir) = adopted_at_leader(&c).await;
         let served = serve_and_connect(&broker).await;
         let mut raw = with_coordinator_at(served.amqp, ADDRESS).await;
         let txn = declared(&mut raw, 0).await;
