@@ -91,33 +91,55 @@ fn json(path: &std::path::Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).expect("json file")).expect("json")
 }
 
+/// A broker on a temporary directory and where a run's JSON goes.
+struct Run {
+    broker: Broker,
+    path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Run {
+    fn start(sink: bool) -> Run {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = Broker::start(&dir.path().join("data"), sink);
+        let path = dir.path().join("result.json");
+        Run {
+            broker,
+            path,
+            _dir: dir,
+        }
+    }
+
+    fn bench(&self, extra: &[&str]) -> (bool, String) {
+        bench(&self.broker, &self.path, extra)
+    }
+
+    fn json(&self) -> serde_json::Value {
+        json(&self.path)
+    }
+}
+
 #[test]
 fn bench_sends_and_receives_every_message_and_writes_json() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(&dir.path().join("data"), false);
-    let path = dir.path().join("result.json");
-    let (ok, stdout) = bench(
-        &broker,
-        &path,
-        &[
-            "--address",
-            "bench-test",
-            "--producers",
-            "2",
-            "--consumers",
-            "2",
-            "--count",
-            "2000",
-            "--size",
-            "256",
-            "--persistent",
-            "--window",
-            "16",
-        ],
-    );
+    let run = Run::start(false);
+    let (ok, stdout) = run.bench(&[
+        "--address",
+        "bench-test",
+        "--producers",
+        "2",
+        "--consumers",
+        "2",
+        "--count",
+        "2000",
+        "--size",
+        "256",
+        "--persistent",
+        "--window",
+        "16",
+    ]);
     assert!(ok, "entrepot-bench failed");
     assert!(stdout.contains("all 2000 messages received"), "{stdout}");
-    let j = json(&path);
+    let j = run.json();
     assert_eq!(j["accepted"], 2000);
     assert_eq!(j["size"], 256);
     assert_eq!(j["persistent"], true);
@@ -139,59 +161,47 @@ fn bench_sends_and_receives_every_message_and_writes_json() {
 #[test]
 fn bench_exits_non_zero_when_messages_are_missing() {
     // Consumers read a queue nobody sends to: every accepted message is missing.
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(&dir.path().join("data"), false);
-    let path = dir.path().join("result.json");
-    let (ok, stdout) = bench(
-        &broker,
-        &path,
-        &[
-            "--address",
-            "bench-sent",
-            "--consumer-address",
-            "bench-elsewhere",
-            "--count",
-            "50",
-            "--drain",
-            "1",
-        ],
-    );
+    let run = Run::start(false);
+    let (ok, stdout) = run.bench(&[
+        "--address",
+        "bench-sent",
+        "--consumer-address",
+        "bench-elsewhere",
+        "--count",
+        "50",
+        "--drain",
+        "1",
+    ]);
     assert!(!ok, "a run with missing messages must fail");
     assert!(stdout.contains("MISSING: 50 of 50"), "{stdout}");
-    assert_eq!(json(&path)["loss"]["verdict"], "missing");
+    assert_eq!(run.json()["loss"]["verdict"], "missing");
 }
 
 #[test]
 fn bench_over_two_processes_merges_figures_and_the_loss_check() {
     // A topic with 3 subscribers split over 2 processes: each subscriber must see every
     // message, whichever process sent it; the merged histograms count every delivery.
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(&dir.path().join("data"), false);
-    let path = dir.path().join("result.json");
-    let (ok, stdout) = bench(
-        &broker,
-        &path,
-        &[
-            "--address",
-            "topic.bench-procs",
-            "--producers",
-            "2",
-            "--topic-subscribers",
-            "3",
-            "--count",
-            "400",
-            "--size",
-            "128",
-            "--processes",
-            "2",
-        ],
-    );
+    let run = Run::start(false);
+    let (ok, stdout) = run.bench(&[
+        "--address",
+        "topic.bench-procs",
+        "--producers",
+        "2",
+        "--topic-subscribers",
+        "3",
+        "--count",
+        "400",
+        "--size",
+        "128",
+        "--processes",
+        "2",
+    ]);
     assert!(ok, "entrepot-bench --processes 2 failed");
     assert!(
         stdout.contains("all 400 messages received by each of 3 subscribers"),
         "{stdout}"
     );
-    let j = json(&path);
+    let j = run.json();
     assert_eq!(j["processes"], 2);
     assert_eq!(
         (j["producers"].as_u64(), j["consumers"].as_u64()),
@@ -210,33 +220,27 @@ fn bench_over_two_processes_merges_figures_and_the_loss_check() {
 fn bench_against_a_sink_broker_is_accepted_and_not_checked() {
     // A sink broker (`serve --sink`) accepts and drops: with no consumers the run passes, says that
     // nothing was checked, and the broker's queue stays empty.
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(&dir.path().join("data"), true);
-    let path = dir.path().join("result.json");
-    let (ok, stdout) = bench(
-        &broker,
-        &path,
-        &[
-            "--address",
-            "bench-sink",
-            "--consumers",
-            "0",
-            "--count",
-            "300",
-        ],
-    );
+    let run = Run::start(true);
+    let (ok, stdout) = run.bench(&[
+        "--address",
+        "bench-sink",
+        "--consumers",
+        "0",
+        "--count",
+        "300",
+    ]);
     assert!(ok, "entrepot-bench against a sink failed");
     assert!(
         stdout.contains("no consumers, so nothing was checked"),
         "{stdout}"
     );
-    let j = json(&path);
+    let j = run.json();
     assert_eq!(j["accepted"], 300);
     assert_eq!(j["loss"]["verdict"], "not-checked");
     // Nothing was stored: a consumer of the same address gets nothing.
     let (ok, stdout) = bench(
-        &broker,
-        &dir.path().join("after.json"),
+        &run.broker,
+        &run.path.with_file_name("after.json"),
         &[
             "--address",
             "bench-sink",
