@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use fe2o3_amqp::types::definitions::{ReceiverSettleMode, Role};
 use fe2o3_amqp::types::messaging::{Accepted, DeliveryState, Message, Outcome};
-use fe2o3_amqp::types::performatives::{Disposition, Performative};
+use fe2o3_amqp::types::performatives::{Begin, Disposition, Performative};
 use fe2o3_amqp::{Connection, Receiver, Sender, Session};
 use tokio::time::{timeout, Instant};
 
@@ -75,23 +75,34 @@ pub async fn probe(ctx: &Ctx) -> Result<(Duration, bool), String> {
     }
 }
 
+/// A raw connection with session 0 begun (window 100).
+async fn begun(ctx: &Ctx, container: &str) -> Result<(Wire, Begin), String> {
+    let mut w = Wire::connect(ctx.addr(), container)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let begin = w.begin(0, 100).await.map_err(|e| format!("begin: {e}"))?;
+    Ok((w, begin))
+}
+
+/// Sends an attach of link `handle` on session 0 (first-settling receiver side).
+async fn attach(
+    w: &mut Wire,
+    handle: u32,
+    name: &str,
+    role: Role,
+    address: &str,
+) -> Result<(), String> {
+    let attach = wire::attach(handle, name, role, address, ReceiverSettleMode::First);
+    w.send(0, &Performative::Attach(attach), &[])
+        .await
+        .map_err(|e| format!("attach: {e}"))
+}
+
 /// Dispositions whose range wraps around 2^32 (first=1, last=0); returns the broker's
 /// answer (an error ending the session or connection is right).
 pub async fn wrapping_disposition(ctx: &Ctx) -> Result<String, String> {
-    let mut w = Wire::connect(ctx.addr(), "campaign-wrap")
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    w.begin(0, 100).await.map_err(|e| format!("begin: {e}"))?;
-    let attach = wire::attach(
-        0,
-        "wrap",
-        Role::Receiver,
-        HOSTILE,
-        ReceiverSettleMode::First,
-    );
-    w.send(0, &Performative::Attach(attach), &[])
-        .await
-        .map_err(|e| format!("attach: {e}"))?;
+    let (mut w, _) = begun(ctx, "campaign-wrap").await?;
+    attach(&mut w, 0, "wrap", Role::Receiver, HOSTILE).await?;
     w.expect(|_, p| matches!(p, Performative::Attach(_)).then_some(()))
         .await
         .map_err(|e| format!("attach answer: {e}"))?;
@@ -140,24 +151,12 @@ pub async fn unfinished_transfers(
     links: u32,
     frames: u32,
 ) -> Result<(Wire, usize), String> {
-    let mut w = Wire::connect(ctx.addr(), "campaign-unfinished")
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    let begin = w.begin(0, 100).await.map_err(|e| format!("begin: {e}"))?;
+    let (mut w, begin) = begun(ctx, "campaign-unfinished").await?;
     // Stay inside the broker's session window: a session error is not what we test.
     let frames = frames.min(begin.incoming_window.saturating_sub(1) / links.max(1));
     for handle in 0..links {
         let name = format!("unfinished-{handle}");
-        let attach = wire::attach(
-            handle,
-            &name,
-            Role::Sender,
-            QUEUE,
-            ReceiverSettleMode::First,
-        );
-        w.send(0, &Performative::Attach(attach), &[])
-            .await
-            .map_err(|e| format!("attach: {e}"))?;
+        attach(&mut w, handle, &name, Role::Sender, QUEUE).await?;
         w.expect(|_, p| match p {
             Performative::Flow(f) if f.handle.as_ref().map(|h| h.0) == Some(handle) => Some(()),
             _ => None,
@@ -224,20 +223,8 @@ pub async fn dribble(ctx: &Ctx, gap: Duration, limit: Duration) -> Result<String
 /// One transfer with a 40-byte delivery-tag carrying a campaign message; returns the
 /// broker's answer (the message's outcome is in the ledger).
 pub async fn long_tag(ctx: &Ctx) -> Result<String, String> {
-    let mut w = Wire::connect(ctx.addr(), "campaign-long-tag")
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    w.begin(0, 100).await.map_err(|e| format!("begin: {e}"))?;
-    let attach = wire::attach(
-        0,
-        "long-tag",
-        Role::Sender,
-        QUEUE,
-        ReceiverSettleMode::First,
-    );
-    w.send(0, &Performative::Attach(attach), &[])
-        .await
-        .map_err(|e| format!("attach: {e}"))?;
+    let (mut w, _) = begun(ctx, "campaign-long-tag").await?;
+    attach(&mut w, 0, "long-tag", Role::Sender, QUEUE).await?;
     w.expect(|_, p| match p {
         Performative::Flow(f) if f.handle.is_some() => Some(()),
         _ => None,
