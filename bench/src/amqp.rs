@@ -7,6 +7,10 @@
 //! every delivery. Sockets are
 //! opened here with TCP_NODELAY, because fe2o3-amqp does not set it and Nagle's algorithm
 //! then delays its small disposition and flow frames by up to 40 ms.
+//!
+//! An attach refused with `amqp:link:redirect` (a clustered node that does not lead the
+//! address) is tried again at the node its `info` names (`network-host`, `port`), at most
+//! [`MAX_REDIRECTS`] times; any other refusal ends that producer or consumer.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -15,10 +19,11 @@ use anyhow::Context;
 use fe2o3_amqp::connection::ConnectionHandle;
 use fe2o3_amqp::link::delivery::DeliveryFut;
 use fe2o3_amqp::link::receiver::CreditMode;
-use fe2o3_amqp::link::SendError;
+use fe2o3_amqp::link::{ReceiverAttachError, SendError, SenderAttachError};
 use fe2o3_amqp::sasl_profile::SaslProfile;
+use fe2o3_amqp::types::definitions::{self, ErrorCondition, LinkError};
 use fe2o3_amqp::types::messaging::{Data, Header, Message, Outcome};
-use fe2o3_amqp::types::primitives::Binary;
+use fe2o3_amqp::types::primitives::{Binary, Symbol, Value};
 use fe2o3_amqp::{Connection, Receiver, Sender, Session};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
@@ -119,6 +124,52 @@ pub async fn connect(
     opened.with_context(|| format!("AMQP open to {host_port}"))
 }
 
+/// Most `amqp:link:redirect`s one link follows before its attach counts as failed (a
+/// cluster whose leaders move while it attaches may send it round once or twice; more
+/// is a loop).
+pub const MAX_REDIRECTS: u32 = 4;
+
+/// Where an attach refused with `error` should go next: for `amqp:link:redirect`, the
+/// node its `info` names (`network-host` and `port`, the AMQP 1.0 / Qpid Dispatch
+/// convention; credentials of `url` kept); any other refusal is the attach's error.
+fn follow(url: &str, error: &definitions::Error, hops: &mut u32) -> anyhow::Result<String> {
+    let refused = || anyhow::anyhow!("attach refused: {error:?}");
+    if error.condition != ErrorCondition::LinkError(LinkError::Redirect) {
+        return Err(refused());
+    }
+    *hops += 1;
+    if *hops > MAX_REDIRECTS {
+        anyhow::bail!("attach redirected more than {MAX_REDIRECTS} times (last: {error:?})");
+    }
+    let info = error.info.as_ref().ok_or_else(refused)?;
+    let field = |name: &str| info.get(&Symbol::from(name));
+    let host = match field("network-host") {
+        Some(Value::String(h)) => h.clone(),
+        Some(Value::Symbol(h)) => h.0.clone(),
+        _ => return Err(refused()).context("redirect without network-host"),
+    };
+    let port = match field("port") {
+        Some(Value::Ushort(p)) => u64::from(*p),
+        Some(Value::Uint(p)) => u64::from(*p),
+        Some(Value::Ulong(p)) => *p,
+        Some(Value::Int(p)) => u64::try_from(*p).unwrap_or(0),
+        Some(Value::Long(p)) => u64::try_from(*p).unwrap_or(0),
+        Some(Value::String(p)) => p.parse().unwrap_or(0),
+        _ => 0,
+    };
+    let port = u16::try_from(port)
+        .ok()
+        .filter(|&p| p != 0)
+        .ok_or_else(refused)
+        .context("redirect without a valid port")?;
+    let credentials = credentials(url)
+        .map(|(user, password)| format!("{user}:{password}@"))
+        .unwrap_or_default();
+    let next = format!("amqp://{credentials}{host}:{port}");
+    tracing::debug!(from = url, to = %next, "attach redirected");
+    Ok(next)
+}
+
 /// `amqp://user:password@host:port` → (user, password).
 fn credentials(url: &str) -> Option<(String, String)> {
     let rest = url.split_once("://")?.1;
@@ -152,20 +203,27 @@ async fn produce_inner(
     stats: &mut ProducerStats,
 ) -> anyhow::Result<()> {
     let args = &ctx.workload.args;
-    let mut conn = connect(
-        args,
-        args.url_for(producer),
-        &format!("bench-p{producer}-{}", ctx.run_id),
-    )
-    .await?;
-    let mut session = Session::begin(&mut conn).await.context("begin")?;
-    let mut sender = Sender::attach(
-        &mut session,
-        format!("bench-p{producer}"),
-        args.target_for(producer),
-    )
-    .await
-    .context("attach sender")?;
+    let container = format!("bench-p{producer}-{}", ctx.run_id);
+    let mut url = args.url_for(producer).to_owned();
+    let mut hops = 0;
+    let (mut conn, mut session, mut sender) = loop {
+        let mut conn = connect(args, &url, &container).await?;
+        let mut session = Session::begin(&mut conn).await.context("begin")?;
+        let attached = Sender::attach(
+            &mut session,
+            format!("bench-p{producer}"),
+            args.target_for(producer),
+        )
+        .await;
+        match attached {
+            Ok(sender) => break (conn, session, sender),
+            Err(SenderAttachError::RemoteClosedWithError(e)) => {
+                url = follow(&url, &e, &mut hops)?;
+                conn.close().await.ok();
+            }
+            Err(e) => return Err(e).context("attach sender"),
+        }
+    };
     // One body, stamped in place and lent to each send: fe2o3-amqp encodes a borrowed
     // body (`SerializableBody for &T`) without a copy of its own, so no per-message clone.
     let mut body = Data(Binary::from(vec![0x5au8; args.size]));
@@ -285,20 +343,27 @@ async fn consume_inner(
 ) -> anyhow::Result<()> {
     let args = &ctx.workload.args;
     let source = args.source_for(consumer);
-    let mut conn = connect(
-        args,
-        args.url_for(consumer),
-        &format!("bench-c{consumer}-{}", ctx.run_id),
-    )
-    .await?;
-    let mut session = Session::begin(&mut conn).await.context("begin")?;
-    let mut receiver = Receiver::builder()
-        .name(format!("bench-c{consumer}"))
-        .source(source)
-        .credit_mode(CreditMode::Auto(args.credit))
-        .attach(&mut session)
-        .await
-        .context("attach receiver")?;
+    let container = format!("bench-c{consumer}-{}", ctx.run_id);
+    let mut url = args.url_for(consumer).to_owned();
+    let mut hops = 0;
+    let (mut conn, mut session, mut receiver) = loop {
+        let mut conn = connect(args, &url, &container).await?;
+        let mut session = Session::begin(&mut conn).await.context("begin")?;
+        let attached = Receiver::builder()
+            .name(format!("bench-c{consumer}"))
+            .source(source.clone())
+            .credit_mode(CreditMode::Auto(args.credit))
+            .attach(&mut session)
+            .await;
+        match attached {
+            Ok(receiver) => break (conn, session, receiver),
+            Err(ReceiverAttachError::RemoteClosedWithError(e)) => {
+                url = follow(&url, &e, &mut hops)?;
+                conn.close().await.ok();
+            }
+            Err(e) => return Err(e).context("attach receiver"),
+        }
+    };
     let _ = ready.send(()).await;
     drop(ready);
     let mut stop = ctx.stop_receiving.clone();
@@ -331,5 +396,58 @@ mod tests {
             Some(("guest".into(), "pw".into()))
         );
         assert_eq!(credentials("amqp://127.0.0.1:5682"), None);
+    }
+
+    fn redirect(info: &[(&str, Value)]) -> definitions::Error {
+        let mut fields = fe2o3_amqp::types::definitions::Fields::default();
+        for (k, v) in info {
+            fields.insert(Symbol::from(*k), v.clone());
+        }
+        definitions::Error::new(LinkError::Redirect, None, fields)
+    }
+
+    #[test]
+    fn a_redirect_goes_to_the_named_host_and_port_with_the_same_credentials() {
+        let e = redirect(&[
+            ("network-host", Value::String("10.0.0.7".into())),
+            ("port", Value::Ushort(5741)),
+            ("address", Value::String("q".into())),
+        ]);
+        let mut hops = 0;
+        let next = follow("amqp://u:p@127.0.0.1:5740", &e, &mut hops).unwrap();
+        assert_eq!(next, "amqp://u:p@10.0.0.7:5741");
+        assert_eq!(hops, 1);
+        let e = redirect(&[
+            ("network-host", Value::String("n2".into())),
+            ("port", Value::Int(5742)),
+        ]);
+        assert_eq!(
+            follow("amqp://127.0.0.1:5740", &e, &mut hops).unwrap(),
+            "amqp://n2:5742"
+        );
+    }
+
+    #[test]
+    fn other_refusals_bad_info_and_loops_are_errors() {
+        let mut hops = 0;
+        let not_found = definitions::Error::new(
+            fe2o3_amqp::types::definitions::AmqpError::NotFound,
+            None,
+            None,
+        );
+        assert!(follow("amqp://h:1", &not_found, &mut hops).is_err());
+        assert!(follow("amqp://h:1", &redirect(&[]), &mut hops).is_err());
+        let no_port = redirect(&[("network-host", Value::String("n".into()))]);
+        assert!(follow("amqp://h:1", &no_port, &mut hops).is_err());
+        let ok = redirect(&[
+            ("network-host", Value::String("n".into())),
+            ("port", Value::Uint(1)),
+        ]);
+        let mut hops = 0;
+        for _ in 0..MAX_REDIRECTS {
+            follow("amqp://h:1", &ok, &mut hops).unwrap();
+        }
+        let looped = follow("amqp://h:1", &ok, &mut hops).unwrap_err();
+        assert!(looped.to_string().contains("more than"), "{looped}");
     }
 }

@@ -27,7 +27,8 @@ pub const URLS_MAX: usize = 64;
 pub struct BenchArgs {
     /// AMQP 1.0 broker, `amqp://[user:password@]host:port` (user and password: SASL PLAIN);
     /// several, comma-separated (the nodes of a cluster), spread the connections over them:
-    /// producer and consumer `i` connect to URL `i mod n`.
+    /// producer and consumer `i` connect to URL `i mod n`. A link refused with
+    /// `amqp:link:redirect` follows it to the node named (at most 4 times).
     #[arg(long, default_value = "amqp://127.0.0.1:5672")]
     pub url: String,
     /// Target address of the producers and source address of the consumers.
