@@ -430,11 +430,12 @@ mod tests {
     #[test]
     fn other_refusals_bad_info_and_loops_are_errors() {
         let mut hops = 0;
-        let not_found = definitions::Error::new(
-            fe2o3_amqp::types::definitions::AmqpError::NotFound,
-            None,
-            None,
-        );
+        // Not a redirect, even with a redirect's info.
+        let mut not_found = redirect(&[
+            ("network-host", Value::String("n".into())),
+            ("port", Value::Uint(1)),
+        ]);
+        not_found.condition = fe2o3_amqp::types::definitions::AmqpError::NotFound.into();
         assert!(follow("amqp://h:1", &not_found, &mut hops).is_err());
         assert!(follow("amqp://h:1", &redirect(&[]), &mut hops).is_err());
         let no_port = redirect(&[("network-host", Value::String("n".into()))]);
