@@ -163,6 +163,21 @@ pub enum GroupError {
     /// did not catch up, …).
     #[error("raft group {group}: membership change refused: {reason}")]
     Membership { group: u64, reason: String },
+    /// The leader refused a forwarded proposal at once: it already serves
+    /// `MAX_FORWARDED_IN_FLIGHT` of them (nothing was queued; try again).
+    #[error("raft group {group}: the leader serves {limit} forwarded proposals already")]
+    Busy { group: u64, limit: usize },
+    /// A proposal forwarded to the group's leader got no answer (`forward.rs`): the
+    /// connection failed or timed out after it may have been sent — the outcome is
+    /// unknown, as with [`GroupError::Timeout`].
+    #[error(
+        "raft group {group}: forwarding to leader {leader} failed: {reason} (outcome unknown)"
+    )]
+    Forward {
+        group: u64,
+        leader: u64,
+        reason: String,
+    },
 }
 
 impl ClusterError {

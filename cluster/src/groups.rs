@@ -180,6 +180,9 @@ impl Slot {
 struct Inner {
     groups: RwLock<HashMap<GroupId, Slot>>,
     starter: RwLock<Option<Arc<dyn GroupStarter>>>,
+    /// Who serves proposals forwarded by peers (`forward.rs`); `None`: refused as for an
+    /// unknown group.
+    forwarded: RwLock<Option<crate::forward::ForwardServer>>,
     wake_slots: Arc<Semaphore>,
     /// Instances started by wakes, and stopped by hibernation, since the start.
     woken: AtomicU64,
@@ -194,6 +197,7 @@ impl Default for Inner {
         Inner {
             groups: RwLock::default(),
             starter: RwLock::default(),
+            forwarded: RwLock::default(),
             wake_slots: Arc::new(Semaphore::new(MAX_CONCURRENT_WAKES)),
             woken: AtomicU64::new(0),
             stopped: AtomicU64::new(0),
@@ -255,6 +259,27 @@ impl GroupRegistry {
             .write()
             .unwrap_or_else(|e| e.into_inner());
         *s = Some(Arc::new(starter));
+    }
+
+    /// Serves proposals peers forward to this node's replicas with `proposer` from now on
+    /// (`forward.rs`; the host sets it to its own groups).
+    pub fn set_proposer(&self, proposer: impl crate::forward::Proposer) {
+        let server = crate::forward::ForwardServer::new(Arc::new(proposer));
+        let mut f = self
+            .inner
+            .forwarded
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        *f = Some(server);
+    }
+
+    /// The server of forwarded proposals, when one is set.
+    pub(crate) fn forwarded(&self) -> Option<crate::forward::ForwardServer> {
+        self.inner
+            .forwarded
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Serves `raft` as group `group` from now on (replacing a previous handle or stopped

@@ -90,6 +90,7 @@ pub mod auth;
 mod codec;
 pub mod entry;
 mod error;
+pub mod forward;
 mod frame;
 pub mod groups;
 pub mod hibernate;
@@ -113,6 +114,7 @@ mod types;
 
 pub use auth::PeerSecret;
 pub use error::{ClusterError, GroupError, RaftStorageError, Result};
+pub use forward::{Proposer, MAX_FORWARDED_IN_FLIGHT, MAX_FORWARD_HOPS};
 pub use frame::{FRAME_HEADER_LEN, FRAME_TRANSFER_TIMEOUT, MAX_RPC_FRAME_BYTES};
 pub use groups::{
     GroupRegistry, GroupStarter, HeardCommit, HostState, Stopped, WriteHold, MAX_CONCURRENT_WAKES,

@@ -282,6 +282,29 @@ impl TcpNetwork {
     }
 }
 
+impl TcpNetwork {
+    /// Forwards `payload` to the peer at member address `addr` (node `target`), which is
+    /// to lead this factory's group (`KIND_PROPOSE`, `forward.rs`), on the node's shared
+    /// connection to it. The inner result is the leader's answer: the committed position,
+    /// or its typed refusal; the outer one, why no answer came (the outcome is then
+    /// unknown unless the request never left).
+    pub async fn forward_proposal(
+        &self,
+        target: NodeId,
+        addr: &str,
+        payload: &[u8],
+        timeout: Duration,
+    ) -> Result<Result<crate::host::Position, crate::GroupError>, PeerCallError> {
+        let client = self.pooled(target, addr);
+        let body = crate::forward::encode_request(client.header(), payload)?;
+        let option = RPCOption::new(timeout);
+        let reply = client
+            .call(rpc::KIND_PROPOSE, body, rpc::KIND_PROPOSE_REPLY, &option)
+            .await?;
+        Ok(crate::forward::decode_reply(reply)?)
+    }
+}
+
 impl PeerClient {
     /// Sends a membership request (join, leave) and waits up to `timeout` for its reply;
     /// the connection is authenticated like any Raft RPC's.

@@ -39,6 +39,10 @@
 //!   request meets the running instance).
 //! * `KIND_PING` (the per-peer liveness heartbeat) is answered with `KIND_PONG` and
 //!   touches no group.
+//! * `KIND_PROPOSE` (a proposal a peer forwards to this node as the group's leader,
+//!   `forward.rs`) goes to the registry's proposer — the host's group handle, which
+//!   refuses it `NotLeader` where this node does not lead; without a proposer, or for a
+//!   group not open here, it is answered unknown group.
 //!
 //! Besides openraft's RPCs it serves the membership requests of `membership.rs` (a node
 //! joining or leaving, always the metadata group's), behind the same TLS and secret
@@ -362,7 +366,7 @@ async fn read_requests(
             }
         };
         let found = match request {
-            Inbound::Ping => Lookup::Unknown,
+            Inbound::Ping | Inbound::Propose(_) => Lookup::Unknown,
             _ => groups.lookup(header.group),
         };
         let replies = replies.clone();
@@ -395,6 +399,8 @@ enum Inbound {
     Membership(MembershipRequest),
     Hibernate(HibernateRequest),
     Ping,
+    /// A proposal forwarded to this node as its group's leader (`forward.rs`).
+    Propose(Bytes),
 }
 
 /// Decodes a whole request frame: header and body.
@@ -419,6 +425,7 @@ fn decode_request(kind: u8, body: Bytes) -> Result<(Header, Inbound)> {
             rpc::decode_empty(body, "ping")?;
             Inbound::Ping
         }
+        rpc::KIND_PROPOSE => Inbound::Propose(crate::forward::decode_request(body)?),
         _ => {
             return Err(crate::error::ClusterError::Decode {
                 what: "inter-node frame",
@@ -448,6 +455,14 @@ async fn dispatch(
             groups.count_group_rpc();
             return crate::hibernate::serve_request(groups, h, r).await;
         }
+        // Submitted through the host's handle, which wakes a stopped group itself.
+        Inbound::Propose(payload) => {
+            let served = match groups.forwarded() {
+                Some(server) => server.serve(h, payload).await,
+                None => None,
+            };
+            return served.unwrap_or_else(unknown);
+        }
         other => other,
     };
     groups.count_group_rpc();
@@ -469,7 +484,7 @@ async fn dispatch(
         }
     };
     match request {
-        Inbound::Ping | Inbound::Hibernate(_) => unknown(),
+        Inbound::Ping | Inbound::Hibernate(_) | Inbound::Propose(_) => unknown(),
         Inbound::Vote(v) => match raft.vote(v).await {
             Ok(r) => (rpc::KIND_VOTE_REPLY, rpc::encode_vote_reply(h, &r)),
             Err(e) => refusal(h, &e),

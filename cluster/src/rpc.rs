@@ -24,6 +24,8 @@
 //!                                           | applied: opt<log_id> } | 4 busy
 //! KIND_PING            {}                                                  (group 0)
 //! KIND_PONG            {}
+//! KIND_PROPOSE         { payload: bytes }          (forward.rs: a proposal for the leader)
+//! KIND_PROPOSE_REPLY   { tag: u8 } 0 committed { index: u64 | slot: u32 } | 1..7 refusals
 //! KIND_ERROR           { tag: u8 } 1 unavailable { reason: str }
 //!                                  | 2 snapshot mismatch { expect_id: str | expect_offset: u64
 //!                                                          | got_id: str | got_offset: u64 }
@@ -84,12 +86,14 @@ pub(crate) const KIND_JOIN: u8 = 4;
 pub(crate) const KIND_LEAVE: u8 = 5;
 pub(crate) const KIND_HIBERNATE: u8 = 6;
 pub(crate) const KIND_PING: u8 = 7;
+pub(crate) const KIND_PROPOSE: u8 = 8;
 pub(crate) const KIND_VOTE_REPLY: u8 = 0x81;
 pub(crate) const KIND_APPEND_REPLY: u8 = 0x82;
 pub(crate) const KIND_SNAPSHOT_REPLY: u8 = 0x83;
 pub(crate) const KIND_MEMBERSHIP_REPLY: u8 = 0x84;
 pub(crate) const KIND_HIBERNATE_REPLY: u8 = 0x86;
 pub(crate) const KIND_PONG: u8 = 0x87;
+pub(crate) const KIND_PROPOSE_REPLY: u8 = 0x88;
 pub(crate) const KIND_ERROR: u8 = 0xff;
 
 const ERROR_UNAVAILABLE: u8 = 1;
@@ -144,7 +148,7 @@ pub enum RemoteRefusal {
     UnknownGroup(GroupId),
 }
 
-fn start(h: Header, kind_hint: usize) -> Encoder {
+pub(crate) fn start(h: Header, kind_hint: usize) -> Encoder {
     let mut e = Encoder::with_capacity(HEADER_LEN + kind_hint);
     e.u8(RPC_VERSION);
     e.u64(h.request_id);
@@ -152,7 +156,7 @@ fn start(h: Header, kind_hint: usize) -> Encoder {
     e
 }
 
-fn open_header(body: Bytes, what: &'static str) -> Result<(Decoder, Header)> {
+pub(crate) fn open_header(body: Bytes, what: &'static str) -> Result<(Decoder, Header)> {
     let mut d = Decoder::new(body, what);
     let version = d.u8()?;
     if version != RPC_VERSION {
@@ -168,7 +172,7 @@ fn open_header(body: Bytes, what: &'static str) -> Result<(Decoder, Header)> {
 }
 
 /// A decoder past the header (which [`decode_header`] reads).
-fn open(body: Bytes, what: &'static str) -> Result<Decoder> {
+pub(crate) fn open(body: Bytes, what: &'static str) -> Result<Decoder> {
     open_header(body, what).map(|(d, _)| d)
 }
 
@@ -398,7 +402,7 @@ const MEMBERSHIP_REFUSED: u8 = 2;
 const MEMBERSHIP_LAST_VOTER: u8 = 3;
 
 /// A reason or detail cut to [`MAX_RPC_STRING_BYTES`] (informative only, never refused).
-fn encode_cut_str(e: &mut Encoder, s: &str) {
+pub(crate) fn encode_cut_str(e: &mut Encoder, s: &str) {
     let mut end = s.len().min(MAX_RPC_STRING_BYTES);
     while !s.is_char_boundary(end) {
         end -= 1;
@@ -540,7 +544,7 @@ const HIBERNATE_NOT_LEADER: u8 = 2;
 const HIBERNATE_LOG_MISMATCH: u8 = 3;
 const HIBERNATE_BUSY: u8 = 4;
 
-fn encode_opt_u64(e: &mut Encoder, v: Option<u64>) {
+pub(crate) fn encode_opt_u64(e: &mut Encoder, v: Option<u64>) {
     match v {
         Some(v) => {
             e.u8(1);
@@ -550,7 +554,7 @@ fn encode_opt_u64(e: &mut Encoder, v: Option<u64>) {
     }
 }
 
-fn decode_opt_u64(d: &mut Decoder) -> Result<Option<u64>> {
+pub(crate) fn decode_opt_u64(d: &mut Decoder) -> Result<Option<u64>> {
     Ok(if d.bool()? { Some(d.u64()?) } else { None })
 }
 

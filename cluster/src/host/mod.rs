@@ -232,6 +232,10 @@ impl Host {
             groups: Mutex::default(),
             hibernation,
         });
+        // Proposals peers forward to this node's groups go to their handles.
+        inner
+            .registry
+            .set_proposer(HostProposer(Arc::downgrade(&inner)));
         // A stopped group is started again through the host: its kept machine, its
         // Raft over the node log, a metrics task for the new instance.
         let weak = Arc::downgrade(&inner);
@@ -375,6 +379,7 @@ impl Host {
             propose_timeout: inner.config.propose_timeout,
             leader_lease: inner.config.election_timeout.end,
             hibernation: inner.hibernation.clone(),
+            network: inner.network.group(group),
         };
         let recovered = match inner.hibernation {
             Some(_) => instance::recovered_stopped(&inner.node_log, group)?,
@@ -523,6 +528,17 @@ impl Host {
     }
 }
 
+/// Serves forwarded proposals with the host's group handles (`forward.rs`).
+struct HostProposer(std::sync::Weak<HostInner>);
+
+impl crate::forward::Proposer for HostProposer {
+    fn propose(&self, group: GroupId, payload: Bytes) -> Option<crate::forward::ProposeFuture> {
+        let inner = self.0.upgrade()?;
+        let handle = Host { inner }.group(group)?;
+        Some(Box::pin(async move { handle.propose(payload).await }))
+    }
+}
+
 /// What a group's handle, its state-machine adapter and its metrics task share.
 pub(crate) struct GroupShared {
     group: GroupId,
@@ -637,6 +653,9 @@ pub struct GroupHandle {
     /// openraft's `election_timeout_max` of this host: how long a follower that accepted
     /// this leader's heartbeat refuses other candidates ([`GroupHandle::leader_lease`]).
     leader_lease: Duration,
+    /// The group's network over the node's peer links: where
+    /// [`GroupHandle::propose_anywhere`] forwards to the leader.
+    network: TcpNetwork,
 }
 
 /// A submitted proposal: resolves to its position (entry index and slot) once its entry
@@ -875,6 +894,112 @@ impl GroupHandle {
     /// [`Self::submit`] and wait for the commit: the proposal's position.
     pub async fn propose(&self, payload: Bytes) -> Result<Position, GroupError> {
         self.submit(payload).await?.await
+    }
+
+    /// [`Self::propose`] from any replica: here when this node leads the group, else
+    /// forwarded to the leader this replica knows of over the node's peer connection
+    /// (`forward.rs`), and again to the leader a `NotLeader` answer names, at most
+    /// [`crate::forward::MAX_FORWARD_HOPS`] times. While no leader is known it waits for
+    /// one. Bounded by the propose timeout in all. The position is the leader's: read it
+    /// here once [`Self::applied`] reaches it. Errors as [`Self::propose`], plus
+    /// [`GroupError::Busy`] (the leader serves too many forwarded proposals) and
+    /// [`GroupError::Forward`] (no answer from the leader: outcome unknown).
+    pub async fn propose_anywhere(&self, payload: Bytes) -> Result<Position, GroupError> {
+        let group = self.group();
+        if payload.len() > self.proposal_bytes {
+            return Err(GroupError::TooLarge {
+                len: payload.len(),
+                max: self.proposal_bytes,
+            });
+        }
+        let deadline = tokio::time::Instant::now() + self.propose_timeout;
+        let mut named: Option<(NodeId, String)> = None;
+        let mut last = GroupError::NotLeader {
+            group,
+            leader: None,
+            leader_addr: None,
+        };
+        for _ in 0..crate::forward::MAX_FORWARD_HOPS {
+            let target = match named.take() {
+                Some(t) => Some(t),
+                None => self.known_leader(deadline).await?,
+            };
+            let Some((leader, addr)) = target.filter(|(id, _)| *id != self.instance.node) else {
+                return self.propose(payload).await;
+            };
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let timeout = left.min(crate::forward::FORWARD_TIMEOUT_MAX);
+            let answer = self
+                .network
+                .forward_proposal(leader, &addr, &payload, timeout)
+                .await;
+            match answer {
+                Ok(Ok(at)) => return Ok(at),
+                Ok(Err(e)) => {
+                    named = crate::forward::next_hop(&e);
+                    let retry = matches!(e, GroupError::NotLeader { .. } | GroupError::Busy { .. });
+                    if !retry {
+                        return Err(e);
+                    }
+                    last = e;
+                    if named.is_none() {
+                        tokio::time::sleep(crate::forward::FORWARD_RETRY_PAUSE).await;
+                    }
+                }
+                Err(crate::PeerCallError::Refused(crate::RemoteRefusal::UnknownGroup(_))) => {
+                    // The leader we knew does not host the group (any more): ask again.
+                    tokio::time::sleep(crate::forward::FORWARD_RETRY_PAUSE).await;
+                }
+                Err(crate::PeerCallError::Connect { .. }) => {
+                    // Nothing was sent (a leader that died, its port closed): wait for
+                    // this replica to see another leader, then go there.
+                    let mut watch = self.leadership();
+                    let moved = watch.wait_for(|l| l.leader.is_some_and(|l| l != leader));
+                    let _ = tokio::time::timeout_at(deadline, moved).await;
+                }
+                Err(e) => {
+                    return Err(GroupError::Forward {
+                        group,
+                        leader,
+                        reason: e.to_string(),
+                    })
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// The leader this replica knows of with its member address, waiting (up to
+    /// `deadline`) while none is known; `None` when this node leads.
+    async fn known_leader(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Result<Option<(NodeId, String)>, GroupError> {
+        let group = self.group();
+        let mut watch = self.leadership();
+        let known = tokio::time::timeout_at(deadline, watch.wait_for(|l| l.leader.is_some()));
+        let seen = match known.await {
+            Ok(Ok(l)) => *l,
+            Ok(Err(_)) => return Err(self.stopped("the leadership watch ended")),
+            Err(_) => {
+                let after = self.propose_timeout;
+                return Err(GroupError::Timeout { group, after });
+            }
+        };
+        if seen.leads {
+            return Ok(None);
+        }
+        let Some(leader) = seen.leader else {
+            return Ok(None);
+        };
+        match (self.addresses())(leader) {
+            Some(addr) => Ok(Some((leader, addr))),
+            None => Err(GroupError::NotLeader {
+                group,
+                leader: Some(leader),
+                leader_addr: None,
+            }),
+        }
     }
 
     /// The payload proposed at `at`: `Ok(None)` when entry `at.index` is a blank or
