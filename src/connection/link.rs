@@ -1095,8 +1095,21 @@ impl Session {
             chunks,
             ..
         } = *incoming;
-        let parts: Vec<&[u8]> = chunks.iter().map(|c| &c[..]).collect();
-        let stored = conn.broker.store().append(target.name(), &parts);
+        // A message that came in one transfer (the common case) needs no list of parts
+        // on the heap: one allocation per produced message less (issue 15).
+        let one: [&[u8]; 1];
+        let many: Vec<&[u8]>;
+        let parts: &[&[u8]] = match chunks {
+            [chunk] => {
+                one = [&chunk[..]];
+                &one
+            }
+            _ => {
+                many = chunks.iter().map(|c| &c[..]).collect();
+                &many
+            }
+        };
+        let stored = conn.broker.store().append(target.name(), parts);
         let (appended, offset, ts, view) = match stored {
             Ok(s) => s,
             Err(e) => {
