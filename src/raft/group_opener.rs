@@ -278,7 +278,7 @@ impl Opener {
     }
 
     /// Whether `group`, not placed here, may go: dropped (handed out, held by no
-    /// address), or moved away and no longer a voter here.
+    /// address), or moved away and no longer a voter here in a committed membership.
     fn may_remove(&self, group: GroupId, next_group: GroupId) -> bool {
         if group >= next_group {
             return false;
@@ -289,8 +289,12 @@ impl Opener {
         let Some(handle) = self.host.group(group) else {
             return false;
         };
-        let voters = handle.status().voters;
-        !voters.is_empty() && !voters.contains(&self.node)
+        // Only once the membership that leaves this node out is committed (known here:
+        // the balancer keeps a removed voter as a learner until it is): a change that
+        // could still be undone may need this replica's vote and log again.
+        let s = handle.status();
+        let committed = s.membership_index.is_some_and(|i| s.committed >= Some(i));
+        committed && !s.voters.is_empty() && !s.voters.contains(&self.node)
     }
 
     async fn open(&mut self, group: GroupId, entry: &GroupEntry) {
@@ -417,7 +421,9 @@ impl Opener {
             };
             let l = *handle.leadership().borrow();
             // Only against a known leader: during an election the vote decides anyway.
-            if l.leads || l.leader.is_none() {
+            // Only as a voter: a new replica is a learner until the balancer's move
+            // makes it one.
+            if l.leads || l.leader.is_none() || !handle.status().voters.contains(&self.node) {
                 continue;
             }
             t.last_campaign = Some(now);

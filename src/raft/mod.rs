@@ -44,6 +44,7 @@
 
 pub mod address_machine;
 pub mod admin;
+pub mod balancer;
 pub mod drain;
 mod error;
 pub mod group_driver;

@@ -7,6 +7,7 @@ mod access;
 mod address_group;
 mod address_types;
 mod addresses;
+mod balancer;
 mod bench_tool;
 mod campaign;
 mod client;

@@ -174,6 +174,12 @@ pub struct GroupStatus {
     pub purged: Option<u64>,
     /// The group's voters.
     pub voters: BTreeSet<NodeId>,
+    /// The group's learners (members receiving the log without a vote).
+    pub learners: BTreeSet<NodeId>,
+    /// Log index of the membership entry `voters` and `learners` come from (`None`
+    /// while the group is stopped, or formed by no entry yet): once `committed` reaches
+    /// it, that membership cannot be undone.
+    pub membership_index: Option<u64>,
 }
 
 /// One node's Raft groups over one node log and one peer port. Clones share the host.
@@ -1133,6 +1139,8 @@ impl GroupHandle {
             snapshot: m.snapshot.map(|s| s.index),
             purged: m.purged.map(|p| p.index),
             voters: m.membership_config.membership().voter_ids().collect(),
+            learners: m.membership_config.membership().learner_ids().collect(),
+            membership_index: m.membership_config.log_id().map(|l| l.index),
         }
     }
 
@@ -1151,6 +1159,13 @@ impl GroupHandle {
             last_log: log.as_ref().and_then(|l| l.last_log_id).map(|l| l.index),
             snapshot: seen.snapshot,
             purged: log.and_then(|l| l.last_purged_log_id).map(|l| l.index),
+            learners: seen
+                .nodes
+                .keys()
+                .filter(|n| !seen.voters.contains(n))
+                .copied()
+                .collect(),
+            membership_index: None,
             voters: seen.voters,
         }
     }
@@ -1221,11 +1236,57 @@ impl GroupHandle {
         result.map(|_| ()).map_err(|e| self.write_error(e))
     }
 
+    /// Adds `node` (member address `addr`) as a learner and returns once the membership
+    /// entry naming it is committed, without waiting for it to catch up: watch
+    /// [`Self::matched`] (the balancer bounds that wait itself). This node must lead.
+    pub async fn start_learner(&self, node: NodeId, addr: &str) -> Result<(), GroupError> {
+        let (raft, _hold) = self.instance.hold(self.addresses()).await?;
+        let result = raft.add_learner(node, BasicNode::new(addr), false).await;
+        result.map(|_| ()).map_err(|e| self.write_error(e))
+    }
+
+    /// Removes `learners` (members without a vote) from the group: the leader stops
+    /// sending them the log. A voter among them is refused. This node must lead.
+    pub async fn remove_learners(&self, learners: BTreeSet<NodeId>) -> Result<(), GroupError> {
+        let (raft, _hold) = self.instance.hold(self.addresses()).await?;
+        let change = openraft::ChangeMembers::RemoveNodes(learners);
+        let result = raft.change_membership(change, false).await;
+        result.map(|_| ()).map_err(|e| self.write_error(e))
+    }
+
+    /// On the leader: the last log index each other member (voter or learner) is known
+    /// to hold (`None`: nothing matched yet). Empty where this node does not lead or the
+    /// group is stopped.
+    pub fn matched(&self) -> BTreeMap<NodeId, Option<u64>> {
+        let Some(raft) = self.instance.current() else {
+            return BTreeMap::new();
+        };
+        let m = raft.metrics().borrow().clone();
+        m.replication
+            .map(|r| {
+                r.iter()
+                    .filter(|(n, _)| **n != m.id)
+                    .map(|(n, l)| (*n, l.map(|l| l.index)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Makes `voters` the group's voters (joint consensus; learners must exist for the
     /// new ones). This node must lead the group.
     pub async fn change_voters(&self, voters: BTreeSet<NodeId>) -> Result<(), GroupError> {
         let (raft, _hold) = self.instance.hold(self.addresses()).await?;
         let result = raft.change_membership(voters, false).await;
+        result.map(|_| ()).map_err(|e| self.write_error(e))
+    }
+
+    /// Like [`Self::change_voters`], but a voter that leaves stays a *learner*: it still
+    /// receives the log, so it sees the membership that leaves it out and its commit (a
+    /// voter removed outright never hears of either, the leader stops sending to it at
+    /// once). Remove it with [`Self::remove_learners`] once it has.
+    pub async fn replace_voters(&self, voters: BTreeSet<NodeId>) -> Result<(), GroupError> {
+        let (raft, _hold) = self.instance.hold(self.addresses()).await?;
+        let result = raft.change_membership(voters, true).await;
         result.map(|_| ()).map_err(|e| self.write_error(e))
     }
 

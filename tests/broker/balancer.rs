@@ -1,0 +1,495 @@
+//! Goal: the balancer (`entrepot::raft::balancer`) carries out the metadata group's
+//! placement on the Raft memberships of existing groups. (a) A fourth host joins: group 0
+//! takes it in (as a voter: 4 ≤ `MAX_META_VOTERS`), `add_member` places some replicas on
+//! it, each group's leader adds it as a learner, waits for it to catch up and changes
+//! the voters; a message committed before the join reads back on the new node, the
+//! replicas that left are removed from their hosts, every group's voters equal its placed
+//! replicas, the new node never bootstraps a group, and every message committed while
+//! the moves ran is there once per confirmed proposal, in order. (b) A member removed
+//! while still running: its replicas move away, nothing is lost, it ends hosting no
+//! address group. (c) The joining node stopped in the middle of the moves and started
+//! again: the moves fail, are retried, and complete once it is back; nothing is lost.
+//! Method: four real hosts in this process (real TCP, node logs with an fsync per
+//! commit, `three_hosts::config`), each with group 0, an opener and a balancer; one
+//! producer task per group proposing through whichever node leads it, one proposal in
+//! flight, a failed one tried again (so a retry may commit twice, next to itself: the
+//! check collapses neighbours). Every wait is bounded; nothing is timed but the move's
+//! duration, which is printed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use entrepot::broker::replication::{encode_message, OPS_VERSION};
+use entrepot::raft::address_machine::message_record;
+use entrepot::raft::balancer::{Balancer, BalancerConfig};
+use entrepot::raft::group_opener::GroupOpener;
+use entrepot::raft::meta_machine::{Member, MetaGroup};
+use entrepot_cluster::placement::GroupId;
+use entrepot_cluster::{Host, NodeId, METADATA_GROUP};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::meta_hosts::{amqp_addr, opener_config};
+use crate::three_hosts::config;
+
+const TEST_TIMEOUT: Duration = Duration::from_secs(120);
+const WAIT: Duration = Duration::from_secs(45);
+const ADDRESSES: u64 = 8;
+/// Most messages one producer proposes (it stops earlier when told).
+const MAX_PRODUCED: u64 = 2_000;
+/// Pause between two proposals of one producer: traffic, not a flood, on two cores.
+const PRODUCE_PAUSE: Duration = Duration::from_millis(20);
+
+fn message(i: u64, group: GroupId) -> Bytes {
+    let mut b = BytesMut::new();
+    b.put_u8(OPS_VERSION);
+    encode_message(&mut b, i, &record(i, group));
+    b.freeze()
+}
+
+fn record(i: u64, group: GroupId) -> Vec<u8> {
+    format!("message {i} of group {group}").into_bytes()
+}
+
+fn balancer_config() -> BalancerConfig {
+    BalancerConfig {
+        round: Duration::from_millis(100),
+        catch_up_timeout: Duration::from_secs(3),
+    }
+}
+
+struct Node {
+    host: Host,
+    meta: MetaGroup,
+    opener: GroupOpener,
+    balancer: Balancer,
+}
+
+struct Cluster {
+    nodes: BTreeMap<NodeId, Node>,
+    /// The running hosts, for the producers.
+    hosts: Arc<Mutex<BTreeMap<NodeId, Host>>>,
+    addrs: BTreeMap<NodeId, String>,
+    dirs: BTreeMap<NodeId, tempfile::TempDir>,
+}
+
+async fn start_node(id: NodeId, dir: &Path, listener: TcpListener) -> Node {
+    let host = Host::start(config(id, dir), listener).unwrap();
+    let meta = MetaGroup::open(&host).await.unwrap();
+    let (opener, _events) = GroupOpener::start(host.clone(), meta.machine.clone(), opener_config());
+    let balancer = Balancer::start(host.clone(), meta.machine.clone(), balancer_config());
+    Node {
+        host,
+        meta,
+        opener,
+        balancer,
+    }
+}
+
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl Cluster {
+    /// `hosts` hosts; group 0 formed on the first `members`, which are the members.
+    async fn start(hosts: u64, members: u64) -> Cluster {
+        let mut listeners = BTreeMap::new();
+        for id in 0..hosts {
+            listeners.insert(id, TcpListener::bind("127.0.0.1:0").await.unwrap());
+        }
+        let addrs: BTreeMap<NodeId, String> = listeners
+            .iter()
+            .map(|(id, l)| (*id, l.local_addr().unwrap().to_string()))
+            .collect();
+        let mut c = Cluster {
+            nodes: BTreeMap::new(),
+            hosts: Arc::default(),
+            addrs,
+            dirs: BTreeMap::new(),
+        };
+        for (id, listener) in listeners {
+            let dir = tempfile::tempdir().unwrap();
+            let node = start_node(id, dir.path(), listener).await;
+            c.hosts.lock().unwrap().insert(id, node.host.clone());
+            c.nodes.insert(id, node);
+            c.dirs.insert(id, dir);
+        }
+        let founders: BTreeMap<NodeId, String> =
+            (0..members).map(|n| (n, c.addrs[&n].clone())).collect();
+        c.nodes[&0].meta.handle.bootstrap(&founders).await.unwrap();
+        for n in 0..members {
+            c.add_member(n).await;
+        }
+        c
+    }
+
+    async fn add_member(&self, n: NodeId) {
+        let member = Member {
+            peer: self.addrs[&n].clone(),
+            amqp: amqp_addr(n),
+        };
+        self.meta_leader()
+            .await
+            .add_member(n, member)
+            .await
+            .unwrap();
+    }
+
+    async fn meta_leader(&self) -> MetaGroup {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let leads = |n: &&Node| n.meta.handle.leadership().borrow().leads;
+            if let Some(n) = self.nodes.values().find(leads) {
+                return n.meta.clone();
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no group 0 leader");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn declare(&self) -> Vec<GroupId> {
+        let meta = self.meta_leader().await;
+        let mut groups = Vec::new();
+        for i in 0..ADDRESSES {
+            groups.push(meta.declare_address(&format!("queue/{i}")).await.unwrap());
+        }
+        groups
+    }
+
+    /// Whether every group's membership is its placement, as every running node sees
+    /// it: voters = placed replicas on each replica, no copy anywhere else, group 0's
+    /// voters the members (fewer than `MAX_META_VOTERS` here), no move running.
+    fn settled(&self, meta: &MetaGroup) -> Result<(), String> {
+        let state = meta.machine.state();
+        let members: BTreeSet<NodeId> = state.members().keys().copied().collect();
+        for (n, node) in &self.nodes {
+            if node.balancer.stats().in_flight != 0 {
+                return Err(format!("node {n}: moves in flight"));
+            }
+            if members.contains(n) {
+                let s = node.meta.handle.status();
+                if s.voters != members || !s.learners.is_empty() {
+                    return Err(format!("node {n}: group 0 {s:?}"));
+                }
+            }
+            for (g, entry) in state.groups() {
+                let placed = &entry.replicas.nodes;
+                match node.host.group(*g) {
+                    Some(h) if placed.contains(n) => {
+                        let s = h.status();
+                        if &s.voters != placed || !s.learners.is_empty() {
+                            return Err(format!("node {n} group {g}: {s:?}, placed {placed:?}"));
+                        }
+                    }
+                    None if placed.contains(n) => return Err(format!("node {n}: no group {g}")),
+                    Some(_) => return Err(format!("node {n} still holds group {g}")),
+                    None => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn wait_settled(&self) {
+        let meta = self.meta_leader().await;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match self.settled(&meta) {
+                Ok(()) => return,
+                Err(e) => assert!(tokio::time::Instant::now() < deadline, "not settled: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Reads every message of `group` on each of its placed replicas, checking order:
+    /// neighbours collapsed, the sequence must be `0..=n` with `n >= confirmed`.
+    async fn check_messages(&self, group: GroupId, confirmed: u64) {
+        let meta = self.meta_leader().await;
+        let placed = meta.machine.group(group).unwrap().replicas.nodes;
+        let leader = self.group_leader(group).await;
+        let committed = self.nodes[&leader]
+            .host
+            .group(group)
+            .unwrap()
+            .status()
+            .last_log
+            .unwrap();
+        for n in placed {
+            let o = self.nodes[&n].opener.get(group).unwrap();
+            let mut applied = o.handle.applied();
+            tokio::time::timeout(
+                WAIT,
+                applied.wait_for(|a| a.is_some_and(|a| a >= committed)),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("node {n} did not apply group {group}"))
+            .unwrap();
+            let mut seq: Vec<u64> = Vec::new();
+            for offset in 0..o.machine.next_offset() {
+                let at = o.machine.position(offset).unwrap();
+                let payload = o.handle.read(at).unwrap().expect("a proposal");
+                let text = String::from_utf8(message_record(&payload).unwrap().to_vec()).unwrap();
+                let i: u64 = text
+                    .strip_prefix("message ")
+                    .and_then(|t| t.split(' ').next())
+                    .and_then(|i| i.parse().ok())
+                    .unwrap_or_else(|| panic!("node {n}: {text}"));
+                assert_eq!(text.into_bytes(), record(i, group));
+                if seq.last() != Some(&i) {
+                    seq.push(i);
+                }
+            }
+            let want: Vec<u64> = (0..seq.len() as u64).collect();
+            assert_eq!(seq, want, "node {n} group {group}: lost or reordered");
+            assert!(
+                seq.len() as u64 > confirmed,
+                "node {n} group {group}: {} messages, {confirmed} confirmed",
+                seq.len()
+            );
+        }
+    }
+
+    async fn group_leader(&self, group: GroupId) -> NodeId {
+        let mut leader = None;
+        wait_until(&format!("a leader of group {group}"), || {
+            leader = self.nodes.iter().find_map(|(n, node)| {
+                let h = node.host.group(group)?;
+                h.leadership().borrow().leads.then_some(*n)
+            });
+            leader.is_some()
+        })
+        .await;
+        leader.unwrap()
+    }
+
+    /// Leaderships of `groups` per running node.
+    fn leads(&self, groups: &[GroupId]) -> BTreeMap<NodeId, usize> {
+        let mut out: BTreeMap<NodeId, usize> = self.nodes.keys().map(|n| (*n, 0)).collect();
+        for (n, node) in &self.nodes {
+            for g in groups {
+                if node
+                    .host
+                    .group(*g)
+                    .is_some_and(|h| h.leadership().borrow().leads)
+                {
+                    *out.entry(*n).or_default() += 1;
+                }
+            }
+        }
+        out
+    }
+
+    async fn stop(&mut self, n: NodeId) {
+        self.hosts.lock().unwrap().remove(&n);
+        if let Some(node) = self.nodes.remove(&n) {
+            node.balancer.stop().await;
+            node.opener.stop().await;
+            node.host.shutdown().await;
+        }
+    }
+
+    async fn start_again(&mut self, n: NodeId) {
+        let listener = TcpListener::bind(&self.addrs[&n]).await.unwrap();
+        let dir = self.dirs[&n].path().to_path_buf();
+        let node = start_node(n, &dir, listener).await;
+        self.hosts.lock().unwrap().insert(n, node.host.clone());
+        self.nodes.insert(n, node);
+    }
+
+    async fn shutdown(mut self) {
+        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        for n in ids {
+            self.stop(n).await;
+        }
+    }
+}
+
+/// One producer per group: message 1, 2, … through the group's current leader, one in
+/// flight, a failure tried again; stops when told or after [`MAX_PRODUCED`].
+struct Producers {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<(GroupId, JoinHandle<u64>)>,
+}
+
+impl Producers {
+    fn start(c: &Cluster, groups: &[GroupId]) -> Producers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = groups
+            .iter()
+            .map(|&g| {
+                let hosts = Arc::clone(&c.hosts);
+                let stop = Arc::clone(&stop);
+                (g, tokio::spawn(produce(hosts, g, stop)))
+            })
+            .collect();
+        Producers { stop, tasks }
+    }
+
+    /// Stops them; the last message each had confirmed, by group.
+    async fn stop(self) -> BTreeMap<GroupId, u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut out = BTreeMap::new();
+        for (g, t) in self.tasks {
+            out.insert(g, t.await.unwrap());
+        }
+        out
+    }
+}
+
+async fn produce(
+    hosts: Arc<Mutex<BTreeMap<NodeId, Host>>>,
+    group: GroupId,
+    stop: Arc<AtomicBool>,
+) -> u64 {
+    let mut confirmed = 0;
+    let mut i = 1;
+    while i <= MAX_PRODUCED && !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(PRODUCE_PAUSE).await;
+        let leader = hosts.lock().unwrap().values().find_map(|h| {
+            let handle = h.group(group)?;
+            let leads = handle.leadership().borrow().leads;
+            leads.then_some(handle)
+        });
+        let Some(handle) = leader else { continue };
+        if handle.propose(message(i, group)).await.is_ok() {
+            confirmed = i;
+            i += 1;
+        }
+    }
+    confirmed
+}
+
+/// Commits message 0 to every group, through its leader.
+async fn first_messages(c: &Cluster, groups: &[GroupId]) {
+    for &g in groups {
+        let leader = c.group_leader(g).await;
+        let h = c.nodes[&leader].opener.get(g).unwrap().handle;
+        h.propose(message(0, g)).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_node_receives_its_share_of_replicas_and_every_message_is_kept() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let c = Cluster::start(4, 3).await;
+        let groups = c.declare().await;
+        first_messages(&c, &groups).await;
+        c.wait_settled().await;
+        let producers = Producers::start(&c, &groups);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let began = tokio::time::Instant::now();
+        c.add_member(3).await;
+        let meta = c.meta_leader().await;
+        let on_new: Vec<GroupId> = meta.machine.placed_on(3).keys().copied().collect();
+        // 8 groups × 3 replicas on 4 members: 6 each, so 6 moved to node 3.
+        assert_eq!(on_new.len(), 6, "placed on the new node: {on_new:?}");
+        c.wait_settled().await;
+        let took = began.elapsed();
+        let confirmed = producers.stop().await;
+        let stats: Vec<_> = c.nodes.values().map(|n| n.balancer.stats()).collect();
+        let moves: u64 = stats.iter().map(|s| s.done).sum();
+        println!(
+            "join: {} groups moved (+ group 0) in {took:?}; balancer stats {stats:?}; \
+             leaders {:?}; confirmed {confirmed:?}",
+            on_new.len(),
+            c.leads(&groups)
+        );
+        assert!(moves as usize >= on_new.len() + 1, "{stats:?}");
+        // The new node holds the message committed before it joined, from the leader.
+        for &g in &on_new {
+            let o = c.nodes[&3].opener.get(g).unwrap();
+            let payload = o
+                .handle
+                .read(o.machine.position(0).unwrap())
+                .unwrap()
+                .unwrap();
+            assert_eq!(message_record(&payload).unwrap(), record(0, g));
+        }
+        assert_eq!(
+            c.nodes[&3].opener.counters().bootstraps,
+            0,
+            "a new replica of an existing group must receive it, not bootstrap it"
+        );
+        for &g in &groups {
+            c.check_messages(g, confirmed[&g]).await;
+        }
+        // Group 0 took the new member as a voter; every group commits on.
+        let s = c.nodes[&3].host.group(METADATA_GROUP).unwrap().status();
+        assert_eq!(s.voters, BTreeSet::from([0, 1, 2, 3]));
+        c.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_member_hands_its_replicas_over_and_ends_hosting_no_group() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let c = Cluster::start(4, 4).await;
+        let groups = c.declare().await;
+        first_messages(&c, &groups).await;
+        c.wait_settled().await;
+        let producers = Producers::start(&c, &groups);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let began = tokio::time::Instant::now();
+        c.meta_leader().await.remove_member(1).await.unwrap();
+        c.wait_settled().await;
+        let took = began.elapsed();
+        let confirmed = producers.stop().await;
+        println!(
+            "leave: settled in {took:?}; leaders {:?}; confirmed {confirmed:?}",
+            c.leads(&groups)
+        );
+        let hosted: Vec<GroupId> = groups
+            .iter()
+            .copied()
+            .filter(|g| c.nodes[&1].host.group(*g).is_some())
+            .collect();
+        assert!(hosted.is_empty(), "node 1 still hosts {hosted:?}");
+        assert!(c.nodes[&1].opener.opened().is_empty());
+        for &g in &groups {
+            c.check_messages(g, confirmed[&g]).await;
+        }
+        c.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stopped_in_the_middle_of_a_move_gets_it_completed_once_back() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let mut c = Cluster::start(4, 3).await;
+        let groups = c.declare().await;
+        first_messages(&c, &groups).await;
+        c.wait_settled().await;
+        let producers = Producers::start(&c, &groups);
+        c.add_member(3).await;
+        wait_until("a move begins", || {
+            c.nodes.values().any(|n| n.balancer.stats().started > 0)
+        })
+        .await;
+        c.stop(3).await;
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        c.start_again(3).await;
+        c.wait_settled().await;
+        let confirmed = producers.stop().await;
+        let stats: Vec<_> = c.nodes.values().map(|n| n.balancer.stats()).collect();
+        println!("stop mid-move: stats {stats:?}; confirmed {confirmed:?}");
+        for &g in &groups {
+            c.check_messages(g, confirmed[&g]).await;
+        }
+        c.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
