@@ -174,6 +174,7 @@ impl Balancer {
             running: JoinSet::new(),
             busy: BTreeSet::new(),
             retry: HashMap::new(),
+            seen_members: BTreeSet::new(),
         };
         let task = tokio::spawn(mover.run(stopped));
         Balancer { shared, stop, task }
@@ -211,6 +212,9 @@ struct Mover {
     running: JoinSet<(GroupId, Result<(), MoveError>)>,
     busy: BTreeSet<GroupId>,
     retry: HashMap<GroupId, Retry>,
+    /// Every member this balancer has seen: a voter of group 0 that was one and is no
+    /// more has left (see [`meta_target`]).
+    seen_members: BTreeSet<NodeId>,
 }
 
 impl Mover {
@@ -241,7 +245,8 @@ impl Mover {
     fn round(&mut self) {
         let state = self.meta.state();
         let now = Instant::now();
-        for (group, target) in targets(&state, &self.host) {
+        self.seen_members.extend(state.members().keys().copied());
+        for (group, target) in targets(&state, &self.host, &self.seen_members) {
             if self.busy.len() >= MAX_MOVES_IN_FLIGHT {
                 return;
             }
@@ -255,6 +260,10 @@ impl Mover {
                 continue;
             }
             let status = handle.status();
+            if !status.voters.contains(&self.host.node()) {
+                // A leader that removed itself, stepping down: the next one carries on.
+                continue;
+            }
             if status.voters == target.voters && status.learners == target.learners {
                 self.retry.remove(&group);
                 continue;
@@ -275,8 +284,9 @@ impl Mover {
             self.shared.started.fetch_add(1, Ordering::Relaxed);
             self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
             let timeout = self.config.catch_up_timeout;
+            let node = self.host.node();
             self.running.spawn(async move {
-                let result = carry_out(&handle, &target, &addrs, timeout).await;
+                let result = carry_out(&handle, &target, &addrs, timeout, node).await;
                 (group, result)
             });
         }
@@ -310,12 +320,13 @@ impl Mover {
 }
 
 /// Every group open on `host` and what its membership should be (module docs,
-/// "Targets").
-fn targets(state: &MetaState, host: &Host) -> Vec<(GroupId, Target)> {
+/// "Targets"); `seen` are the members this balancer has seen.
+fn targets(state: &MetaState, host: &Host, seen: &BTreeSet<NodeId>) -> Vec<(GroupId, Target)> {
     let mut out = Vec::new();
     if let Some(handle) = host.group(METADATA_GROUP) {
         let voters = handle.status().voters;
-        out.push((METADATA_GROUP, meta_target(state, &voters)));
+        let members: BTreeSet<NodeId> = state.members().keys().copied().collect();
+        out.push((METADATA_GROUP, meta_target(&members, &voters, seen)));
     }
     for (group, entry) in state.groups() {
         if host.group(*group).is_some() {
@@ -329,30 +340,44 @@ fn targets(state: &MetaState, host: &Host) -> Vec<(GroupId, Target)> {
     out
 }
 
-/// Group 0's target: its voters that are still members, topped up with the lowest-id
-/// members (or cut from the highest) to `min(members, MAX_META_VOTERS)`; the other
-/// members are learners. No members known yet: the group as it is.
-fn meta_target(state: &MetaState, voters: &BTreeSet<NodeId>) -> Target {
-    let members: BTreeSet<NodeId> = state.members().keys().copied().collect();
-    if members.is_empty() {
-        return Target {
-            voters: voters.clone(),
-            learners: BTreeSet::new(),
-        };
-    }
-    let want = members.len().min(MAX_META_VOTERS);
-    let mut chosen: BTreeSet<NodeId> = voters.intersection(&members).copied().collect();
-    for m in &members {
+/// Group 0's target: its voters that are members — or that this balancer never saw as
+/// members (group 0 is formed before its founders are added as members: a voter not yet
+/// a member is not one that left) —, topped up with the lowest-id members (or cut from
+/// the highest ids) to `min(members, MAX_META_VOTERS)`; the other members are learners.
+fn meta_target(
+    members: &BTreeSet<NodeId>,
+    voters: &BTreeSet<NodeId>,
+    seen: &BTreeSet<NodeId>,
+) -> Target {
+    let kept: BTreeSet<NodeId> = voters
+        .iter()
+        .filter(|v| members.contains(v) || !seen.contains(v))
+        .copied()
+        .collect();
+    let want = members
+        .len()
+        .min(MAX_META_VOTERS)
+        .max(kept.len().min(MAX_META_VOTERS));
+    let mut chosen = kept;
+    for m in members {
         if chosen.len() >= want {
             break;
         }
         chosen.insert(*m);
     }
     while chosen.len() > want {
-        let Some(last) = chosen.last().copied() else {
-            break;
-        };
-        chosen.remove(&last);
+        // Cut a non-member first, then the highest id.
+        let cut = chosen
+            .iter()
+            .rev()
+            .find(|n| !members.contains(n))
+            .or_else(|| chosen.last())
+            .copied();
+        let Some(cut) = cut else { break };
+        chosen.remove(&cut);
+    }
+    if chosen.is_empty() {
+        chosen = voters.clone();
     }
     let learners = members.difference(&chosen).copied().collect();
     Target {
@@ -367,6 +392,7 @@ async fn carry_out(
     target: &Target,
     addrs: &BTreeMap<NodeId, String>,
     catch_up_timeout: Duration,
+    self_node: NodeId,
 ) -> Result<(), MoveError> {
     let status = handle.status();
     let wanted: BTreeSet<NodeId> = target.voters.union(&target.learners).copied().collect();
@@ -385,8 +411,8 @@ async fn carry_out(
     if status.voters != target.voters {
         handle.replace_voters(target.voters.clone()).await?;
     }
-    if !handle.leadership().borrow().leads {
-        // It removed itself and stepped down: the next leader drops the learners left.
+    if !target.voters.contains(&self_node) || !handle.leadership().borrow().leads {
+        // It removed itself and steps down: the next leader drops the learners left.
         return Ok(());
     }
     let status = handle.status();
@@ -406,13 +432,38 @@ async fn carry_out(
     // Not waited for beyond LEARNER_WAIT_MAX: a learner whose copy is gone already (it
     // saw the commit under the previous leader) never matches here.
     if !members.is_empty() {
-        if let Err(e) = catch_up(handle, &members, goal, LEARNER_WAIT_MAX).await {
+        if let Err(e) = learners_heard(handle, &members, goal).await {
             tracing::info!(group = handle.group(), error = %e, "balancer: removing learners that did not match");
         }
     }
     tokio::time::sleep(LEARNER_LINGER).await;
     handle.remove_learners(stray).await?;
     Ok(())
+}
+
+/// Waits until every learner of `nodes` matched `goal`, at most [`LEARNER_WAIT_MAX`]; one
+/// that matched nothing after [`LEARNER_LINGER`] is not answering (its copy is gone
+/// already — it saw the commit under the previous leader — or its node is down) and is
+/// not waited for.
+async fn learners_heard(
+    handle: &GroupHandle,
+    nodes: &BTreeSet<NodeId>,
+    goal: u64,
+) -> Result<(), MoveError> {
+    tokio::time::sleep(LEARNER_LINGER).await;
+    let silent: BTreeSet<NodeId> = {
+        let matched = handle.matched();
+        nodes
+            .iter()
+            .filter(|n| matched.get(n).copied().flatten().is_none())
+            .copied()
+            .collect()
+    };
+    let answering: BTreeSet<NodeId> = nodes.difference(&silent).copied().collect();
+    if answering.is_empty() {
+        return Ok(());
+    }
+    catch_up(handle, &answering, goal, LEARNER_WAIT_MAX).await
 }
 
 /// Waits until every node of `nodes` matched the leader's log up to `goal`, at most
@@ -455,33 +506,33 @@ async fn catch_up(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::raft::meta_machine::{Member, MetaOp};
-
-    fn state_with(members: &[NodeId]) -> MetaState {
-        let mut s = MetaState::default();
-        for n in members {
-            let member = Member {
-                peer: format!("p{n}"),
-                amqp: format!("a{n}"),
-            };
-            s.apply(MetaOp::AddMember { node: *n, member }).unwrap();
-        }
-        s
+    fn set(ids: &[NodeId]) -> BTreeSet<NodeId> {
+        ids.iter().copied().collect()
     }
 
     #[test]
     fn group_zero_voters_follow_the_members_up_to_the_bound() {
-        let s = state_with(&[0, 1, 2, 3]);
-        let t = meta_target(&s, &BTreeSet::from([0, 1, 2]));
-        assert_eq!(t.voters, BTreeSet::from([0, 1, 2, 3]));
+        let all = set(&[0, 1, 2, 3, 4, 5, 6, 7]);
+        let t = meta_target(&set(&[0, 1, 2, 3]), &set(&[0, 1, 2]), &all);
+        assert_eq!(t.voters, set(&[0, 1, 2, 3]));
         assert!(t.learners.is_empty());
-        let s = state_with(&[0, 1, 3, 4, 5, 6, 7]);
-        let t = meta_target(&s, &BTreeSet::from([0, 1, 2]));
+        let members = set(&[0, 1, 3, 4, 5, 6, 7]);
+        let t = meta_target(&members, &set(&[0, 1, 2]), &all);
         // 2 left; kept 0 and 1, topped up with the lowest ids.
-        assert_eq!(t.voters, BTreeSet::from([0, 1, 3, 4, 5]));
-        assert_eq!(t.learners, BTreeSet::from([6, 7]));
-        let t = meta_target(&s, &BTreeSet::from([7, 6, 5, 4, 3, 1]));
-        assert_eq!(t.voters, BTreeSet::from([1, 3, 4, 5, 6]));
-        assert_eq!(t.learners, BTreeSet::from([0, 7]));
+        assert_eq!(t.voters, set(&[0, 1, 3, 4, 5]));
+        assert_eq!(t.learners, set(&[6, 7]));
+        let t = meta_target(&members, &set(&[7, 6, 5, 4, 3, 1]), &all);
+        assert_eq!(t.voters, set(&[1, 3, 4, 5, 6]));
+        assert_eq!(t.learners, set(&[0, 7]));
+    }
+
+    #[test]
+    fn a_founding_voter_not_yet_a_member_is_kept() {
+        // Group 0 formed on 0, 1, 2; only 0 added as a member so far.
+        let t = meta_target(&set(&[0]), &set(&[0, 1, 2]), &set(&[0]));
+        assert_eq!(t.voters, set(&[0, 1, 2]));
+        // 2 was seen as a member and left: it goes.
+        let t = meta_target(&set(&[0, 1]), &set(&[0, 1, 2]), &set(&[0, 1, 2]));
+        assert_eq!(t.voters, set(&[0, 1]));
     }
 }

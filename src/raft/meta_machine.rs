@@ -248,7 +248,7 @@ impl Default for MetaState {
 
 impl MetaState {
     /// Applies `op`; a refusal leaves the state as it was.
-    pub(crate) fn apply(&mut self, op: MetaOp) -> Result<MetaOutcome, MetaRefusal> {
+    fn apply(&mut self, op: MetaOp) -> Result<MetaOutcome, MetaRefusal> {
         match op {
             MetaOp::AddMember { node, member } => self.add_member(node, member),
             MetaOp::RemoveMember { node } => self.remove_member(node),

@@ -55,6 +55,14 @@ fn record(i: u64, group: GroupId) -> Vec<u8> {
     format!("message {i} of group {group}").into_bytes()
 }
 
+/// `BALANCER_LOG=1` prints the balancer's and the openers' log lines.
+fn trace() {
+    if std::env::var_os("BALANCER_LOG").is_some() {
+        let filter = "entrepot::raft::balancer=info,entrepot::raft::group_opener=info";
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+    }
+}
+
 fn balancer_config() -> BalancerConfig {
     BalancerConfig {
         round: Duration::from_millis(100),
@@ -379,6 +387,7 @@ async fn first_messages(c: &Cluster, groups: &[GroupId]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_joining_node_receives_its_share_of_replicas_and_every_message_is_kept() {
+    trace();
     tokio::time::timeout(TEST_TIMEOUT, async {
         let c = Cluster::start(4, 3).await;
         let groups = c.declare().await;
@@ -433,6 +442,7 @@ async fn a_joining_node_receives_its_share_of_replicas_and_every_message_is_kept
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removed_member_hands_its_replicas_over_and_ends_hosting_no_group() {
+    trace();
     tokio::time::timeout(TEST_TIMEOUT, async {
         let c = Cluster::start(4, 4).await;
         let groups = c.declare().await;
@@ -467,6 +477,7 @@ async fn a_removed_member_hands_its_replicas_over_and_ends_hosting_no_group() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_stopped_in_the_middle_of_a_move_gets_it_completed_once_back() {
+    trace();
     tokio::time::timeout(TEST_TIMEOUT, async {
         let mut c = Cluster::start(4, 3).await;
         let groups = c.declare().await;
