@@ -412,7 +412,11 @@ async fn a_joining_node_receives_its_share_of_replicas_and_every_message_is_kept
             on_new.len(),
             c.leads(&groups)
         );
-        assert!(moves as usize >= on_new.len() + 1, "{stats:?}");
+        // Every moved group and group 0 got a move done; retries are few and bounded
+        // (a leader that removed itself must not spin on moves it cannot make).
+        assert!(moves as usize > on_new.len(), "{stats:?}");
+        let started: u64 = stats.iter().map(|s| s.started).sum();
+        assert!(started <= 40, "{stats:?}");
         // The new node holds the message committed before it joined, from the leader.
         for &g in &on_new {
             let o = c.nodes[&3].opener.get(g).unwrap();
@@ -490,7 +494,32 @@ async fn a_node_stopped_in_the_middle_of_a_move_gets_it_completed_once_back() {
         })
         .await;
         c.stop(3).await;
-        tokio::time::sleep(Duration::from_secs(4)).await;
+        // A node that is down never becomes a voter: no catch-up, no voter change. (A
+        // change whose catch-up finished just before the stop may still commit: look
+        // after a grace.)
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let with_3 = |c: &Cluster| -> BTreeSet<GroupId> {
+            groups
+                .iter()
+                .copied()
+                .filter(|g| {
+                    c.nodes.values().any(|n| {
+                        n.host.group(*g).is_some_and(|h| {
+                            h.leadership().borrow().leads && h.status().voters.contains(&3)
+                        })
+                    })
+                })
+                .collect()
+        };
+        let before = with_3(&c);
+        for _ in 0..30 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = with_3(&c);
+            assert!(
+                now.is_subset(&before),
+                "node 3 made a voter while down: {before:?} -> {now:?}"
+            );
+        }
         c.start_again(3).await;
         c.wait_settled().await;
         let confirmed = producers.stop().await;
