@@ -219,6 +219,13 @@ pub struct BrokerConfig {
     /// PEM private key of `tls-cert` (the two go together).
     #[arg(long, env = "ENTREPOT_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+    /// How a clustered node (`--peers`) replicates: `one-group` (the default) runs one
+    /// Raft group over the whole store, served by its leader (followers proxy clients to
+    /// it); `groups` runs a Raft group per address over one node log per node, leaders
+    /// spread over the nodes, a link attached where its address is not led redirected
+    /// (`amqp:link:redirect`) to its leader. Ignored on a single node.
+    #[arg(long, env = "ENTREPOT_CLUSTER_MODE", value_enum)]
+    pub cluster_mode: ClusterMode,
     /// Benchmark-only sink (`serve --sink`): every producer transfer is accepted at once and
     /// dropped, nothing is stored or delivered, so `entrepot bench` can show its own ceiling.
     /// Never for real traffic: an accepted message is lost. Default false.
@@ -261,6 +268,7 @@ impl Default for BrokerConfig {
             topic_retention_secs: None,
             subscription_backlog_max: DEFAULT_SUBSCRIPTION_BACKLOG,
             subscription_backlog_policy: Default::default(),
+            cluster_mode: ClusterMode::default(),
             manifests: None,
             default_address_space: None,
             token_file: None,
@@ -356,6 +364,18 @@ impl BrokerConfig {
     }
 }
 
+/// How a cluster replicates (`cluster-mode`): one Raft group for everything, or one per
+/// address (issue 12).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClusterMode {
+    /// One Raft group over the whole store; its leader serves every client.
+    #[default]
+    OneGroup,
+    /// A Raft group per address, leaders spread; the metadata group places addresses.
+    Groups,
+}
+
 /// What happens when a subscription's backlog reaches its limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -371,6 +391,14 @@ pub enum BacklogPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cluster_mode_reads_from_yaml_and_defaults_to_one_group() {
+        assert_eq!(BrokerConfig::default().cluster_mode, ClusterMode::OneGroup);
+        let c: BrokerConfig = serde_yaml::from_str("cluster-mode: groups\n").unwrap();
+        assert_eq!(c.cluster_mode, ClusterMode::Groups);
+        assert!(serde_yaml::from_str::<BrokerConfig>("cluster-mode: many\n").is_err());
+    }
 
     #[test]
     fn defaults_validate_and_yaml_overrides() {

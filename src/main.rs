@@ -690,6 +690,9 @@ async fn serve(
     cluster: Option<entrepot::raft::ClusterConfig>,
 ) -> anyhow::Result<()> {
     if let Some(cluster) = cluster {
+        if config.cluster_mode == entrepot::config::ClusterMode::Groups {
+            return serve_groups(config, cluster).await;
+        }
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let node = entrepot::raft::ClusterNode::start(config, cluster, shutdown_rx).await?;
         tokio::select! {
@@ -715,6 +718,19 @@ async fn serve(
     let node = server::Node::start(config, shutdown_rx).await?;
     wait_for_signal().await;
     tracing::info!("shutting down: closing connections, finishing syncs");
+    let _ = shutdown_tx.send(true);
+    Ok(node.stopped().await?)
+}
+
+/// A clustered node in `cluster-mode: groups` (a Raft group per address).
+async fn serve_groups(
+    config: BrokerConfig,
+    cluster: entrepot::raft::ClusterConfig,
+) -> anyhow::Result<()> {
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let node = entrepot::raft::groups_node::GroupsNode::start(config, cluster, shutdown_rx).await?;
+    wait_for_signal().await;
+    tracing::info!("shutting down: closing connections, stopping the groups");
     let _ = shutdown_tx.send(true);
     Ok(node.stopped().await?)
 }

@@ -402,6 +402,11 @@ pub trait ClusterView: Send + Sync {
     fn unready(&self) -> Option<String>;
     /// `/status` while the node does not lead (YAML).
     fn status(&self) -> String;
+    /// YAML appended to the broker's `/status` when there is a broker (the groups led
+    /// here, in `cluster-mode: groups`); nothing by default.
+    fn status_extra(&self) -> String {
+        String::new()
+    }
     /// The node's own metrics, appended to the broker's.
     fn metrics(&self) -> String;
     /// Answers a `/cluster…` request.
@@ -489,7 +494,13 @@ async fn handle(
             let (status, body) = c.http(method, p).await;
             (status, body, "application/yaml")
         }
-        ("/status", Some(b), _) => ("200 OK", crate::status::render(b), "application/yaml"),
+        ("/status", Some(b), c) => {
+            let mut text = crate::status::render(b);
+            if let Some(c) = c {
+                text.push_str(&c.status_extra());
+            }
+            ("200 OK", text, "application/yaml")
+        }
         ("/status", None, Some(c)) => ("200 OK", c.status(), "application/yaml"),
         ("/metrics", b, c) => {
             let mut text = b.as_deref().map(render).unwrap_or_default();

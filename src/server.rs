@@ -322,8 +322,19 @@ pub struct Node {
 impl Node {
     /// Opens the store, binds both listeners and starts serving until `shutdown` is true.
     pub async fn start(
+        config: BrokerConfig,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Node, StartError> {
+        Node::start_with(config, shutdown, |b| metrics::Source::Broker(Arc::clone(b))).await
+    }
+
+    /// [`Node::start`], with `setup` called on the opened broker before any listener
+    /// serves (a cluster in `groups` mode sets its router there); what it returns is what
+    /// the HTTP endpoint shows.
+    pub(crate) async fn start_with(
         mut config: BrokerConfig,
         shutdown: watch::Receiver<bool>,
+        setup: impl FnOnce(&Arc<Broker>) -> metrics::Source,
     ) -> Result<Node, StartError> {
         settle_config(&mut config);
         let tls = load_tls(&config)?;
@@ -348,10 +359,11 @@ impl Node {
             permits: Arc::new(Semaphore::new(config.max_connections)),
             tls: None,
         };
+        let source = setup(&broker);
         let mut tasks = vec![
-            tokio::spawn(metrics::serve_http(
+            tokio::spawn(metrics::serve_http_source(
                 listeners.http,
-                Arc::clone(&broker),
+                source,
                 shutdown.clone(),
             )),
             tokio::spawn(serve(listeners.amqp, serving.clone(), shutdown.clone())),

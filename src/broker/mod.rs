@@ -25,6 +25,7 @@ pub mod limits;
 pub mod memory;
 pub mod queue;
 pub mod replication;
+pub mod routing;
 pub mod selector;
 pub mod store;
 pub mod subscriptions;
@@ -98,6 +99,9 @@ pub struct Broker {
     /// A clustered leader's delivery lease: its connections write to their sockets only
     /// while it holds (see [`lease`]); unset on a single node, which never waits.
     delivery_lease: std::sync::OnceLock<Arc<lease::DeliveryLease>>,
+    /// Where each address is served, in a cluster whose addresses are led by different
+    /// nodes (see [`routing`]); unset: every address is served here.
+    router: std::sync::OnceLock<Arc<dyn routing::AddressRouter>>,
 }
 
 /// What clients are told when their connection closes because the broker shuts down.
@@ -242,6 +246,7 @@ impl Broker {
             intake,
             close_reason: std::sync::OnceLock::new(),
             delivery_lease: std::sync::OnceLock::new(),
+            router: std::sync::OnceLock::new(),
         });
         broker.recover()?;
         Ok(broker)
@@ -251,6 +256,20 @@ impl Broker {
     /// given stays); without one they are told [`SHUTDOWN_DESCRIPTION`].
     pub fn closing_because(&self, reason: &str) {
         let _ = self.close_reason.set(reason.to_owned());
+    }
+
+    /// Asks `router` where each address is served from now on (the first router given
+    /// stays); set before the broker serves its first client.
+    pub fn route_by(&self, router: Arc<dyn routing::AddressRouter>) {
+        let _ = self.router.set(router);
+    }
+
+    /// Where `address` is served ([`routing::Route::Here`] without a router).
+    pub fn route(&self, address: &str) -> routing::Route {
+        match self.router.get() {
+            Some(r) => r.route(address, self.config.auto_create),
+            None => routing::Route::Here,
+        }
     }
 
     /// Makes this broker deliver only while `lease` holds (a clustered leader, before it

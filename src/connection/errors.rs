@@ -126,3 +126,39 @@ fn out_of_space_or_internal(out_of_space: bool) -> ErrorCondition {
         false => AmqpError::InternalError.into(),
     }
 }
+
+/// An attach refused because its address is not served here (`cluster-mode: groups`):
+/// the condition, the description and the error's `info`. `Elsewhere` is
+/// `amqp:link:redirect` whose `info` carries `network-host`, `port` (ushort) and
+/// `address` (the AMQP 1.0 link-redirect fields, as Qpid Dispatch sends them), so a
+/// client attaches there instead; `Unavailable` is `amqp:link:detach-forced` with the
+/// reason. `None` for `Here`.
+pub fn route_refusal(
+    route: &crate::broker::routing::Route,
+    address: &str,
+) -> Option<(
+    ErrorCondition,
+    String,
+    Option<fe2o3_amqp_types::definitions::Fields>,
+)> {
+    use crate::broker::routing::Route;
+    use fe2o3_amqp_types::definitions::LinkError;
+    use fe2o3_amqp_types::primitives::{Symbol, Value};
+    match route {
+        Route::Here => None,
+        Route::Elsewhere { host, port } => {
+            let mut info = fe2o3_amqp_types::definitions::Fields::new();
+            info.insert(Symbol::from("network-host"), Value::String(host.clone()));
+            info.insert(Symbol::from("port"), Value::Ushort(*port));
+            info.insert(Symbol::from("address"), Value::String(address.to_owned()));
+            let description =
+                format!("address {address:?} is led by another node: attach at {host}:{port}");
+            Some((LinkError::Redirect.into(), description, Some(info)))
+        }
+        Route::Unavailable(why) => Some((
+            LinkError::DetachForced.into(),
+            format!("address {address:?} is not served now: {why}; attach again"),
+            None,
+        )),
+    }
+}

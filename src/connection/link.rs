@@ -272,6 +272,11 @@ impl Session {
         }
         // No address: the anonymous relay (ANONYMOUS-RELAY, offered in our open) — each
         // message goes where its `to` says, authorized one by one.
+        if let Some(address) = &address {
+            if let Some(refused) = self.route_producer(conn, &attach, address) {
+                return refused;
+            }
+        }
         let target = match address {
             None => None,
             Some(address) => match resolve_send_target(conn, &address, caps.as_deref()) {
@@ -303,6 +308,18 @@ impl Session {
             txn_coordinator: false,
         };
         self.open_producer(conn, reply, link)
+    }
+
+    /// [`Self::refuse_unrouted`] for a producer's target `address`, under the name its
+    /// authorization resolves to (an authorization refusal is the attach's, later).
+    fn route_producer(
+        &mut self,
+        conn: &mut Connection,
+        attach: &Attach,
+        address: &str,
+    ) -> Option<Result<(), ConnError>> {
+        let name = conn.authorize(Operation::Send, address).ok()?.name;
+        self.refuse_unrouted(conn, attach, &name, address)
     }
 
     /// Answers a producer's attach with `reply`, registers `link` under its handle and
@@ -427,6 +444,11 @@ impl Session {
             Ok(resolved) => resolved.name,
             Err(refusal) => return self.refuse(conn, attach, refusal),
         };
+        let client_address = attach.source.as_ref().and_then(|s| s.address.clone());
+        let client_address = client_address.unwrap_or_else(|| address.clone());
+        if let Some(refused) = self.refuse_unrouted(conn, &attach, &address, &client_address) {
+            return refused;
+        }
         let caps = attach
             .source
             .as_ref()
@@ -667,7 +689,33 @@ impl Session {
         &mut self,
         conn: &mut Connection,
         attach: Attach,
+        refusal: Refusal,
+    ) -> Result<(), ConnError> {
+        self.refuse_with_info(conn, attach, refusal, None)
+    }
+
+    /// Refuses an attach whose address is not served here (`cluster-mode: groups`):
+    /// redirected or detached as `errors::route_refusal` says; `None` when it is served
+    /// here (the caller goes on). `address` is the one the client attached to.
+    fn refuse_unrouted(
+        &mut self,
+        conn: &mut Connection,
+        attach: &Attach,
+        name: &str,
+        address: &str,
+    ) -> Option<Result<(), ConnError>> {
+        let route = conn.broker.route(name);
+        let (condition, description, info) = super::errors::route_refusal(&route, address)?;
+        let refused = self.refuse_with_info(conn, attach.clone(), (condition, description), info);
+        Some(refused)
+    }
+
+    fn refuse_with_info(
+        &mut self,
+        conn: &mut Connection,
+        attach: Attach,
         (condition, description): Refusal,
+        info: Option<fe2o3_amqp_types::definitions::Fields>,
     ) -> Result<(), ConnError> {
         tracing::info!(link = %attach.name, condition = %super::condition_name(&condition), %description, "attach refused");
         let handle = attach.handle.0;
@@ -683,7 +731,13 @@ impl Session {
             },
         };
         conn.send(self.local_channel(), &Performative::Attach(reply), &[])?;
-        self.send_closing_detach(conn, handle, condition, description)
+        self.links.insert(handle, Link::Detached);
+        let detach = Detach {
+            handle: handle.into(),
+            closed: true,
+            error: Some(AmqpErrorBody::new(condition, description, info)),
+        };
+        conn.send(self.local_channel(), &Performative::Detach(detach), &[])
     }
 
     /// Marks the link detached by us and sends `detach(closed, error)`; frames for it are

@@ -39,6 +39,9 @@ pub enum ClusterStartError {
     RaftSettings(#[source] Box<openraft::ConfigError>),
     #[error("starting Raft")]
     RaftStart(#[source] Box<Fatal<NodeId>>),
+    /// The node's Raft host (`cluster-mode: groups`) could not start or open group 0.
+    #[error("starting the node's Raft host")]
+    Host(#[source] entrepot_cluster::ClusterError),
     #[error("binding the inter-node port {addr}")]
     BindPeers {
         addr: SocketAddr,

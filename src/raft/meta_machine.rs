@@ -606,6 +606,47 @@ impl MetaGroup {
         }
     }
 
+    /// [`Self::run`] from any node: proposed here when this node leads group 0, else
+    /// forwarded to its leader over the peer connection
+    /// (`GroupHandle::propose_anywhere`); the outcome is read from this node's machine
+    /// once it has applied the position the leader answered (within the host's propose
+    /// timeout). `run` itself stays leader-only (`MetaError::NotLeader`), which the
+    /// balancer relies on.
+    pub async fn run_anywhere(&self, op: &MetaOp) -> Result<MetaOutcome, MetaError> {
+        let payload = encode_op(op)?;
+        let at = self.handle.propose_anywhere(payload).await?;
+        let mut applied = self.handle.applied();
+        let reached = applied.wait_for(|a| a.is_some_and(|a| a >= at.index));
+        match tokio::time::timeout(entrepot_cluster::host::PROPOSE_TIMEOUT, reached).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => {
+                return Err(MetaError::Group(GroupError::Timeout {
+                    group: METADATA_GROUP,
+                    after: entrepot_cluster::host::PROPOSE_TIMEOUT,
+                }))
+            }
+        }
+        match self.machine.outcome(at) {
+            Some(outcome) => Ok(outcome?),
+            None => Err(MetaError::OutcomeLost {
+                index: at.index,
+                slot: at.slot,
+            }),
+        }
+    }
+
+    /// [`Self::declare_address`] from any node ([`Self::run_anywhere`]).
+    pub async fn declare_address_anywhere(&self, name: &str) -> Result<GroupId, MetaError> {
+        let op = MetaOp::DeclareAddress {
+            name: name.to_owned(),
+            partitions: 1,
+        };
+        match self.run_anywhere(&op).await? {
+            MetaOutcome::Declared { group, .. } => Ok(group),
+            _ => Err(MetaRefusal::Malformed("a declare answered something else").into()),
+        }
+    }
+
     /// Declares `name` (one partition) and answers its group; an existing address
     /// answers the group it has.
     pub async fn declare_address(&self, name: &str) -> Result<GroupId, MetaError> {

@@ -306,6 +306,12 @@ impl Cluster {
         self.nodes.get(&id)?.metric(series)
     }
 
+    /// One HTTP GET of `path` on running node `id`: (status line, body); None when it
+    /// does not answer.
+    pub fn get(&self, id: u64, path: &str) -> Option<(String, String)> {
+        self.nodes.get(&id)?.http_request("GET", path).ok()
+    }
+
     /// The status code of node `id`'s `/readyz`, or None when it does not answer.
     pub fn readyz(&self, id: u64) -> Option<u16> {
         self.readyz_said(id).map(|(code, _)| code)

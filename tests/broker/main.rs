@@ -13,6 +13,7 @@ mod campaign;
 mod client;
 mod cluster;
 mod cluster_campaign;
+mod cluster_groups;
 mod cluster_interop;
 mod cluster_lease;
 mod cluster_membership;

@@ -1,0 +1,167 @@
+//! Where an address is served in `cluster-mode: groups`: the broker's
+//! [`AddressRouter`] implemented over the metadata group, the node's opener and its
+//! leadership drivers.
+//!
+//! On an attach to `address` ([`GroupRouter::route`]):
+//! 1. Not placed yet and auto-create allowed: declared through group 0 from this node
+//!    (`MetaGroup::declare_address_anywhere`, forwarded to group 0's leader when this
+//!    node does not lead it). Not placed and no auto-create: `Here`, so the broker
+//!    answers `amqp:not-found` as usual.
+//! 2. Placed: `Here` once this node's driver serves the address (its group-backed queue
+//!    is adopted, this node leads and holds the lease); `Elsewhere` with the leader's
+//!    AMQP listener from group 0's members when another node leads (the leader this
+//!    node's replica knows; without a replica here, the placement's preferred leader);
+//!    while there is no leader, or this node leads but is still activating, it waits.
+//! 3. No answer within [`ROUTE_WAIT`]: `Unavailable` with the reason (the link is
+//!    detached `amqp:link:detach-forced`; the client attaches again).
+//!
+//! Invariants: `Here` only while the driver serves, so a local queue is never auto-created
+//! under a clustered name; every wait is bounded by [`ROUTE_WAIT`].
+//!
+//! Decided: the connection engine's attach is synchronous, so a route that must wait (a
+//! declaration, an election) blocks the connection's task on a worker thread
+//! (`block_in_place`) for at most [`ROUTE_WAIT`]; other connections go on. On a
+//! current-thread runtime (tests) it does not wait: an address not ready at once is
+//! `Unavailable`. An address already served here is answered without blocking.
+//!
+//! Does not: forward links (a later step), or route topics, subscriptions, temporary
+//! queues and the anonymous relay (they stay local to the node a client reaches).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use entrepot_cluster::NodeId;
+use tokio::time::Instant;
+
+use super::group_driver::GroupDriver;
+use super::group_opener::GroupOpener;
+use super::meta_machine::MetaGroup;
+use crate::broker::routing::{AddressRouter, Route};
+
+/// Longest an attach waits for its address to be placed or to get a leader.
+pub const ROUTE_WAIT: Duration = Duration::from_secs(3);
+/// How often a waiting attach looks again.
+const ROUTE_POLL: Duration = Duration::from_millis(20);
+
+/// The drivers of the addresses open on this node, by address.
+pub type Drivers = Arc<Mutex<BTreeMap<String, GroupDriver>>>;
+
+/// The router of one node (see the module docs).
+pub struct GroupRouter {
+    node: NodeId,
+    meta: MetaGroup,
+    opener: Arc<GroupOpener>,
+    drivers: Drivers,
+}
+
+/// What one look at the state says.
+enum Seen {
+    Done(Route),
+    NotPlaced,
+    Wait(&'static str),
+}
+
+impl GroupRouter {
+    pub fn new(
+        node: NodeId,
+        meta: MetaGroup,
+        opener: Arc<GroupOpener>,
+        drivers: Drivers,
+    ) -> GroupRouter {
+        GroupRouter {
+            node,
+            meta,
+            opener,
+            drivers,
+        }
+    }
+
+    /// Whether this node's driver of `address` serves it now.
+    fn served_here(&self, address: &str) -> bool {
+        let drivers = self.drivers.lock().unwrap_or_else(|e| e.into_inner());
+        drivers
+            .get(address)
+            .is_some_and(|d| d.serving().borrow().is_some())
+    }
+
+    /// One look: where `address` is served, if that is known now.
+    fn look(&self, address: &str) -> Seen {
+        if self.served_here(address) {
+            return Seen::Done(Route::Here);
+        }
+        let Some(placed) = self.meta.machine.address(address) else {
+            return Seen::NotPlaced;
+        };
+        let leader = match self.opener.get(placed.group) {
+            Some(open) => {
+                let l = *open.handle.leadership().borrow();
+                match l.leader {
+                    _ if l.leads => return Seen::Wait("this node leads it and is activating"),
+                    Some(other) => other,
+                    None => return Seen::Wait("its group is electing a leader"),
+                }
+            }
+            None if placed.leader != self.node => placed.leader,
+            None => return Seen::Wait("its group is being opened here"),
+        };
+        match self.client_address(leader) {
+            Some((host, port)) => Seen::Done(Route::Elsewhere { host, port }),
+            None => Seen::Wait("its leader's client address is not known yet"),
+        }
+    }
+
+    /// `host` and `port` of node `id`'s AMQP listener, from group 0's members.
+    fn client_address(&self, id: NodeId) -> Option<(String, u16)> {
+        let member = self.meta.machine.members().remove(&id)?;
+        let (host, port) = member.amqp.rsplit_once(':')?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        Some((host.to_owned(), port.parse().ok()?))
+    }
+
+    /// The route, waiting (declaring first when allowed) up to [`ROUTE_WAIT`].
+    async fn route_waiting(&self, address: &str, may_create: bool) -> Route {
+        let deadline = Instant::now() + ROUTE_WAIT;
+        let mut declared = false;
+        let mut why: &str;
+        loop {
+            match self.look(address) {
+                Seen::Done(route) => return route,
+                Seen::NotPlaced if !may_create => return Route::Here,
+                Seen::NotPlaced if !declared => {
+                    declared = true;
+                    let declare = self.meta.declare_address_anywhere(address);
+                    match tokio::time::timeout_at(deadline, declare).await {
+                        Ok(Ok(group)) => {
+                            tracing::info!(address, group, "address declared");
+                            continue;
+                        }
+                        Ok(Err(e)) => return Route::Unavailable(format!("placing it failed: {e}")),
+                        Err(_) => why = "placing it took too long",
+                    }
+                }
+                Seen::NotPlaced => why = "it is being placed",
+                Seen::Wait(w) => why = w,
+            }
+            if Instant::now() >= deadline {
+                return Route::Unavailable(format!("{why} (waited {ROUTE_WAIT:?})"));
+            }
+            tokio::time::sleep(ROUTE_POLL).await;
+        }
+    }
+}
+
+impl AddressRouter for GroupRouter {
+    fn route(&self, address: &str, may_create: bool) -> Route {
+        match self.look(address) {
+            Seen::Done(route) => return route,
+            Seen::NotPlaced if !may_create => return Route::Here,
+            _ => {}
+        }
+        let runtime = match tokio::runtime::Handle::try_current() {
+            Ok(r) if r.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => r,
+            _ => return Route::Unavailable("not served here yet".into()),
+        };
+        tokio::task::block_in_place(|| runtime.block_on(self.route_waiting(address, may_create)))
+    }
+}
