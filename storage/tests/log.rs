@@ -93,6 +93,40 @@ async fn concurrent_appenders_share_syncs() {
     );
 }
 
+/// After a round that covered many appenders the sync thread gathers: it waits for as
+/// many appends as that round covered. When only one comes, the gather must still end (at
+/// its deadlines) and sync it: the lone append is made durable, well within the bound.
+/// Mutation-checked (session 13): with the gather's deadlines removed (it waits for the
+/// count alone) the lone append is never synced and the bound fails the test; so did a
+/// condvar-based gather whose timed wait was made untimed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_append_after_a_shared_round_is_made_durable() {
+    const APPENDERS: u64 = 16;
+    /// Far above a gather's deadlines (hundreds of µs) and a sync on a loaded disk.
+    const BOUND: Duration = Duration::from_secs(20);
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), small(SyncPolicy::Always)).unwrap();
+    for round in 0..3 {
+        let waits: Vec<_> = (0..APPENDERS)
+            .map(|i| log.append(&payload(round * 100 + i, 200)).unwrap().durable)
+            .collect();
+        for w in waits {
+            tokio::time::timeout(BOUND, w.wait())
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        let lone = log.append(&payload(round * 100 + 99, 200)).unwrap();
+        let offset = lone.first;
+        tokio::time::timeout(BOUND, lone.durable.wait())
+            .await
+            .expect("the lone append was never made durable")
+            .unwrap();
+        assert!(log.durable_offset() > offset);
+    }
+    assert_eq!(log.durable_offset(), 3 * (APPENDERS + 1));
+}
+
 #[test]
 fn oversized_records_and_batches_are_refused() {
     let dir = tempfile::tempdir().unwrap();
