@@ -74,7 +74,8 @@ struct Node {
     host: Host,
     meta: MetaGroup,
     opener: GroupOpener,
-    balancer: Balancer,
+    /// `None` when started without one (nobody moves replicas).
+    balancer: Option<Balancer>,
 }
 
 struct Cluster {
@@ -83,13 +84,15 @@ struct Cluster {
     hosts: Arc<Mutex<BTreeMap<NodeId, Host>>>,
     addrs: BTreeMap<NodeId, String>,
     dirs: BTreeMap<NodeId, tempfile::TempDir>,
+    balance: bool,
 }
 
-async fn start_node(id: NodeId, dir: &Path, listener: TcpListener) -> Node {
+async fn start_node(id: NodeId, dir: &Path, listener: TcpListener, balance: bool) -> Node {
     let host = Host::start(config(id, dir), listener).unwrap();
     let meta = MetaGroup::open(&host).await.unwrap();
     let (opener, _events) = GroupOpener::start(host.clone(), meta.machine.clone(), opener_config());
-    let balancer = Balancer::start(host.clone(), meta.machine.clone(), balancer_config());
+    let balancer =
+        balance.then(|| Balancer::start(host.clone(), meta.machine.clone(), balancer_config()));
     Node {
         host,
         meta,
@@ -109,6 +112,11 @@ async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 impl Cluster {
     /// `hosts` hosts; group 0 formed on the first `members`, which are the members.
     async fn start(hosts: u64, members: u64) -> Cluster {
+        Cluster::start_with(hosts, members, true).await
+    }
+
+    /// As [`Cluster::start`]; `balance` false runs no balancer anywhere.
+    async fn start_with(hosts: u64, members: u64, balance: bool) -> Cluster {
         let mut listeners = BTreeMap::new();
         for id in 0..hosts {
             listeners.insert(id, TcpListener::bind("127.0.0.1:0").await.unwrap());
@@ -122,10 +130,11 @@ impl Cluster {
             hosts: Arc::default(),
             addrs,
             dirs: BTreeMap::new(),
+            balance,
         };
         for (id, listener) in listeners {
             let dir = tempfile::tempdir().unwrap();
-            let node = start_node(id, dir.path(), listener).await;
+            let node = start_node(id, dir.path(), listener, balance).await;
             c.hosts.lock().unwrap().insert(id, node.host.clone());
             c.nodes.insert(id, node);
             c.dirs.insert(id, dir);
@@ -179,7 +188,11 @@ impl Cluster {
         let state = meta.machine.state();
         let members: BTreeSet<NodeId> = state.members().keys().copied().collect();
         for (n, node) in &self.nodes {
-            if node.balancer.stats().in_flight != 0 {
+            if node
+                .balancer
+                .as_ref()
+                .is_some_and(|b| b.stats().in_flight != 0)
+            {
                 return Err(format!("node {n}: moves in flight"));
             }
             if members.contains(n) {
@@ -299,7 +312,9 @@ impl Cluster {
     async fn stop(&mut self, n: NodeId) {
         self.hosts.lock().unwrap().remove(&n);
         if let Some(node) = self.nodes.remove(&n) {
-            node.balancer.stop().await;
+            if let Some(b) = node.balancer {
+                b.stop().await;
+            }
             node.opener.stop().await;
             node.host.shutdown().await;
         }
@@ -308,7 +323,7 @@ impl Cluster {
     async fn start_again(&mut self, n: NodeId) {
         let listener = TcpListener::bind(&self.addrs[&n]).await.unwrap();
         let dir = self.dirs[&n].path().to_path_buf();
-        let node = start_node(n, &dir, listener).await;
+        let node = start_node(n, &dir, listener, self.balance).await;
         self.hosts.lock().unwrap().insert(n, node.host.clone());
         self.nodes.insert(n, node);
     }
@@ -404,7 +419,11 @@ async fn a_joining_node_receives_its_share_of_replicas_and_every_message_is_kept
         c.wait_settled().await;
         let took = began.elapsed();
         let confirmed = producers.stop().await;
-        let stats: Vec<_> = c.nodes.values().map(|n| n.balancer.stats()).collect();
+        let stats: Vec<_> = c
+            .nodes
+            .values()
+            .map(|n| n.balancer.as_ref().unwrap().stats())
+            .collect();
         let moves: u64 = stats.iter().map(|s| s.done).sum();
         println!(
             "join: {} groups moved (+ group 0) in {took:?}; balancer stats {stats:?}; \
@@ -490,7 +509,9 @@ async fn a_node_stopped_in_the_middle_of_a_move_gets_it_completed_once_back() {
         let producers = Producers::start(&c, &groups);
         c.add_member(3).await;
         wait_until("a move begins", || {
-            c.nodes.values().any(|n| n.balancer.stats().started > 0)
+            c.nodes
+                .values()
+                .any(|n| n.balancer.as_ref().unwrap().stats().started > 0)
         })
         .await;
         c.stop(3).await;
@@ -523,10 +544,53 @@ async fn a_node_stopped_in_the_middle_of_a_move_gets_it_completed_once_back() {
         c.start_again(3).await;
         c.wait_settled().await;
         let confirmed = producers.stop().await;
-        let stats: Vec<_> = c.nodes.values().map(|n| n.balancer.stats()).collect();
+        let stats: Vec<_> = c
+            .nodes
+            .values()
+            .map(|n| n.balancer.as_ref().unwrap().stats())
+            .collect();
         println!("stop mid-move: stats {stats:?}; confirmed {confirmed:?}");
         for &g in &groups {
             c.check_messages(g, confirmed[&g]).await;
+        }
+        c.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// The safety point of a move: a new replica of an existing group waits for its leader's
+/// log and never forms the group itself — with no balancer to add it, it stays empty
+/// past the openers' bootstrap fallback (a bootstrap there would start a group of its
+/// own under the same id).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_replica_of_an_existing_group_never_bootstraps_it() {
+    trace();
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let c = Cluster::start_with(4, 3, false).await;
+        let groups = c.declare().await;
+        first_messages(&c, &groups).await;
+        let meta = c.meta_leader().await;
+        // Group 0 takes node 3 in by hand (no balancer), then the join is placed.
+        meta.handle.add_learner(3, &c.addrs[&3]).await.unwrap();
+        c.add_member(3).await;
+        let on_new: Vec<GroupId> = meta.machine.placed_on(3).keys().copied().collect();
+        assert_eq!(on_new.len(), 6);
+        for &g in &on_new {
+            wait_until(&format!("group {g} open on node 3"), || {
+                c.nodes[&3].opener.get(g).is_some()
+            })
+            .await;
+        }
+        // Past the fallback (3 s in these tests) and a few opener rounds.
+        tokio::time::sleep(opener_config().bootstrap_fallback_after + Duration::from_secs(1)).await;
+        assert_eq!(c.nodes[&3].opener.counters().bootstraps, 0);
+        for &g in &on_new {
+            let h = c.nodes[&3].host.group(g).unwrap();
+            assert!(
+                h.is_pristine().unwrap(),
+                "group {g} formed on node 3 by itself"
+            );
         }
         c.shutdown().await;
     })
