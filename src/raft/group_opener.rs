@@ -39,9 +39,10 @@
 //! Invariants: it never removes a group the metadata still places here, nor one it has
 //! not seen handed out; it bootstraps only with the founders' membership.
 //!
-//! Does not: move replicas of an existing group after a member change (a group placed
-//! elsewhere stays open here until its membership no longer names this node, then is
-//! removed — the `add_learner`/`change_voters` moves are not built), activate queues
+//! Does not: move replicas of an existing group after a member change (the
+//! [`super::balancer::Balancer`] on the group's leader does: learner, catch-up, joint
+//! change; a group placed elsewhere stays open here until a *committed* membership no
+//! longer names this node as a voter, then is removed), activate queues
 //! (the leadership driver does, from the events), or open group 0 (the caller does,
 //! [`super::meta_machine::MetaGroup::open`]).
 

@@ -27,11 +27,11 @@
 //!   since applying past it would diverge.
 //! * Every count is bounded by a named constant, on apply and when a snapshot is read.
 //!
-//! Does not: carry out the placement (the node-side opener does, `group_opener.rs`: it
-//! opens, bootstraps and removes groups; moving replicas of existing groups after a
-//! member change is not built), hold subscription definitions or manifests yet (op kinds
-//! 5–8 are reserved for them, [`codec::META_RESERVED_KINDS`]), or change group 0's own
-//! membership (its voters are formed with `GroupHandle::bootstrap` as today).
+//! Does not: carry out the placement (the node-side opener opens, bootstraps and removes
+//! groups, `group_opener.rs`; the balancer moves the replicas of existing groups and
+//! makes group 0's voters follow the members, `balancer.rs`), or hold subscription
+//! definitions or manifests yet (op kinds 5–8 are reserved for them,
+//! [`codec::META_RESERVED_KINDS`]).
 
 mod codec;
 
