@@ -517,8 +517,8 @@ async fn a_node_stopped_in_the_middle_of_a_move_gets_it_completed_once_back() {
         c.stop(3).await;
         // A node that is down never becomes a voter: no catch-up, no voter change. (A
         // change whose catch-up finished just before the stop may still commit: look
-        // after a grace.)
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        // after a grace of a few commits under load.)
+        tokio::time::sleep(Duration::from_secs(2)).await;
         let with_3 = |c: &Cluster| -> BTreeSet<GroupId> {
             groups
                 .iter()
