@@ -14,10 +14,14 @@
 #   cluster-tls   the leader of a fresh 3-node cluster whose inter-node traffic is TLS
 #                 (--cluster-tls-*, mutual; certificates made here with openssl)
 # and p1k-8x8q (8 / 8 over 8 queues, issue 12's acceptance workload) against
-#   single        one node
-#   cluster-spread  the 3-node cluster, connections spread over every node
-# whose ratio is the last line: `ratio cluster/single p1k-8x8: R`, with per-node CPU µs and
-# bytes written per message (/proc/PID/stat, /proc/PID/io) and the leader of each run.
+#   single          one node
+#   cluster-spread  the 3-node one-group cluster, connections spread over every node
+#   cluster-groups  a fresh 3-node cluster in `--cluster-mode groups` (a Raft group per
+#                   queue, leaders spread), connections spread over every node, links
+#                   redirected to their queue's leader (the load generator follows)
+# whose ratio is the last line: `ratio cluster/single p1k-8x8: R` (cluster-groups against
+# single; the one-group figure is the line before), with per-node CPU µs and bytes written
+# per message (/proc/PID/stat, /proc/PID/io) and the leaders per node of each run.
 #
 # Usage: benches/cluster.sh      Env: DURATION (s per run, default 10), WARMUP (default 2),
 #                                     FAILOVER_ROUNDS (default 3), TLS (0: skip the TLS phase)
@@ -162,8 +166,31 @@ for r in $(seq 1 "$rounds"); do
     sleep 2
 done
 
-# --- three nodes, inter-node TLS ------------------------------------------------------------
+# --- three nodes, a Raft group per address (--cluster-mode groups) ---------------------------
 for i in 0 1 2; do kill -9 "${node_pid[$i]}" 2>/dev/null || true; rm -rf "$work/n$i"; done
+cluster_flags=(--cluster-mode groups)
+for i in 0 1 2; do start_node "$i"; done
+for i in 0 1 2; do
+    for _ in $(seq 1 200); do
+        [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 0.2 "http://127.0.0.1:184$i/readyz")" = 200 ] && break
+        sleep 0.05
+    done
+done
+step "groups cluster ready"
+nodes_mark "${node_pid[0]}" "${node_pid[1]}" "${node_pid[2]}"
+# Connections spread over every node; a link on a node that does not lead its queue's group
+# is redirected (amqp:link:redirect) and the load generator follows it to the leader.
+bench cluster-groups "amqp://127.0.0.1:5740,amqp://127.0.0.1:5741,amqp://127.0.0.1:5742" 8 8 8
+groups_nodes="$(nodes_report "$out/p1k-8x8q-cluster-groups.json" "${node_pid[0]}" "${node_pid[1]}" "${node_pid[2]}")"
+groups_led=""
+for i in 0 1 2; do
+    led="$(curl -s --max-time 1 "http://127.0.0.1:184$i/status" | awk '/^  led:/ {print $2; exit}')"
+    groups_led="$groups_led node $i leads ${led:-?};"
+done
+for i in 0 1 2; do kill -9 "${node_pid[$i]}" 2>/dev/null || true; rm -rf "$work/n$i"; done
+cluster_flags=()
+
+# --- three nodes, inter-node TLS ------------------------------------------------------------
 if [ "${TLS:-1}" = 0 ]; then
     step "TLS=0: the inter-node TLS phase is skipped"
 elif command -v openssl >/dev/null; then
@@ -204,7 +231,11 @@ fi
     echo "p1k-8x8q single: $single_nodes"
     echo "p1k-8x8q cluster-spread (one Raft group: every address led by node ${spread_leader:-?}):"
     echo "$spread_nodes"
+    echo "p1k-8x8q cluster-groups (a Raft group per queue; groups led among this run's 8 and group 0:$groups_led):"
+    echo "$groups_nodes"
     s=$(jq -r '.send_msgs_per_s // 0' "$out/p1k-8x8q-single.json" 2>/dev/null || echo 0)
-    c=$(jq -r '.send_msgs_per_s // 0' "$out/p1k-8x8q-cluster-spread.json" 2>/dev/null || echo 0)
+    o=$(jq -r '.send_msgs_per_s // 0' "$out/p1k-8x8q-cluster-spread.json" 2>/dev/null || echo 0)
+    c=$(jq -r '.send_msgs_per_s // 0' "$out/p1k-8x8q-cluster-groups.json" 2>/dev/null || echo 0)
+    awk -v s="$s" -v c="$o" 'BEGIN { printf "ratio one-group/single p1k-8x8: %.2f\n", (s > 0 ? c / s : 0) }'
     awk -v s="$s" -v c="$c" 'BEGIN { printf "ratio cluster/single p1k-8x8: %.2f\n", (s > 0 ? c / s : 0) }'
 } | tee "$out/table.md"
