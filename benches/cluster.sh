@@ -167,7 +167,12 @@ for r in $(seq 1 "$rounds"); do
 done
 
 # --- three nodes, a Raft group per address (--cluster-mode groups) ---------------------------
-for i in 0 1 2; do kill -9 "${node_pid[$i]}" 2>/dev/null || true; rm -rf "$work/n$i"; done
+# (waited for: a killed node's ports are free only once it is gone)
+for i in 0 1 2; do
+    kill -9 "${node_pid[$i]}" 2>/dev/null || true
+    wait "${node_pid[$i]}" 2>/dev/null || true
+    rm -rf "$work/n$i"
+done
 cluster_flags=(--cluster-mode groups)
 for i in 0 1 2; do start_node "$i"; done
 for i in 0 1 2; do
@@ -187,7 +192,11 @@ for i in 0 1 2; do
     led="$(curl -s --max-time 1 "http://127.0.0.1:184$i/status" | awk '/^  led:/ {print $2; exit}')"
     groups_led="$groups_led node $i leads ${led:-?};"
 done
-for i in 0 1 2; do kill -9 "${node_pid[$i]}" 2>/dev/null || true; rm -rf "$work/n$i"; done
+for i in 0 1 2; do
+    kill -9 "${node_pid[$i]}" 2>/dev/null || true
+    wait "${node_pid[$i]}" 2>/dev/null || true
+    rm -rf "$work/n$i"
+done
 cluster_flags=()
 
 # --- three nodes, inter-node TLS ------------------------------------------------------------
