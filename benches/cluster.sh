@@ -66,6 +66,25 @@ start_node() { # start_node ID (cluster member, data in $work/nID)
     node_pid[$i]=$!
 }
 declare -A node_pid
+stop_nodes() { # SIGKILL the three cluster nodes, wait until they are gone (their ports free), drop their data
+    for i in 0 1 2; do
+        kill -9 "${node_pid[$i]}" 2>/dev/null || true
+        wait "${node_pid[$i]}" 2>/dev/null || true
+        rm -rf "$work/n$i"
+    done
+}
+wait_ready() { # wait_ready NODES...: until each answers /readyz 200 (10 s each at most)
+    local i
+    for i in "$@"; do
+        for _ in $(seq 1 200); do
+            [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 0.2 "http://127.0.0.1:184$i/readyz")" = 200 ] &&
+                continue 2
+            sleep 0.05
+        done
+        step "node $i not ready: $(tail -2 "$work/n$i.log")"
+        return 1
+    done
+}
 leader_of() { # prints the leader id as seen by any answering node, or nothing
     for i in "$@"; do
         curl -s --max-time 0.2 "http://127.0.0.1:184$i/cluster" 2>/dev/null |
@@ -167,21 +186,10 @@ for r in $(seq 1 "$rounds"); do
 done
 
 # --- three nodes, a Raft group per address (--cluster-mode groups) ---------------------------
-# (waited for: a killed node's ports are free only once it is gone)
-for i in 0 1 2; do
-    kill -9 "${node_pid[$i]}" 2>/dev/null || true
-    wait "${node_pid[$i]}" 2>/dev/null || true
-    rm -rf "$work/n$i"
-done
+stop_nodes
 cluster_flags=(--cluster-mode groups)
 for i in 0 1 2; do start_node "$i"; done
-for i in 0 1 2; do
-    for _ in $(seq 1 200); do
-        [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 0.2 "http://127.0.0.1:184$i/readyz")" = 200 ] && break
-        sleep 0.05
-    done
-done
-step "groups cluster ready"
+if wait_ready 0 1 2; then step "groups cluster ready"; else step "groups cluster NOT ready (see below)"; fi
 nodes_mark "${node_pid[0]}" "${node_pid[1]}" "${node_pid[2]}"
 # Connections spread over every node; a link on a node that does not lead its queue's group
 # is redirected (amqp:link:redirect) and the load generator follows it to the leader.
@@ -192,11 +200,7 @@ for i in 0 1 2; do
     led="$(curl -s --max-time 1 "http://127.0.0.1:184$i/status" | awk '/^  led:/ {print $2; exit}')"
     groups_led="$groups_led node $i leads ${led:-?};"
 done
-for i in 0 1 2; do
-    kill -9 "${node_pid[$i]}" 2>/dev/null || true
-    wait "${node_pid[$i]}" 2>/dev/null || true
-    rm -rf "$work/n$i"
-done
+stop_nodes
 cluster_flags=()
 
 # --- three nodes, inter-node TLS ------------------------------------------------------------
