@@ -64,11 +64,20 @@ async fn a_follower_proposes_through_the_leader_and_follows_a_leader_change() {
         let refused = c.handle(f, g).propose_anywhere(big).await;
         assert!(matches!(refused, Err(GroupError::TooLarge { .. })), "{refused:?}");
 
-        // The leader dies; at once, a follower's proposal goes to whoever leads next.
+        // The leader dies; at once, a follower's proposal goes to whoever leads next. The
+        // survivor's pooled connection to the dead leader may still look open: the first
+        // write on it fails (`Forward`: outcome unknown to the caller, who resends — here
+        // safely, nothing reached a live leader); the resend goes to the new leader.
         c.stop(leader).await;
         let survivor = followers[1];
         let body = message(b"after the leader died");
-        let at = c.handle(survivor, g).propose_anywhere(body.clone()).await.unwrap();
+        let h = c.handle(survivor, g);
+        let at = match h.propose_anywhere(body.clone()).await {
+            Err(GroupError::Forward { leader: to, .. }) if to == leader => {
+                h.propose_anywhere(body.clone()).await.unwrap()
+            }
+            answer => answer.unwrap(),
+        };
         let new_leader = c.leader(g).await;
         assert_ne!(new_leader, leader);
         for &n in &followers {

@@ -636,12 +636,19 @@ impl MetaGroup {
     }
 
     /// [`Self::declare_address`] from any node ([`Self::run_anywhere`]).
+    /// A declare whose forward got no answer (`GroupError::Forward`: a pooled
+    /// connection to a leader that just died) is sent again, once: a declare is
+    /// idempotent (a repeat answers the existing group).
     pub async fn declare_address_anywhere(&self, name: &str) -> Result<GroupId, MetaError> {
         let op = MetaOp::DeclareAddress {
             name: name.to_owned(),
             partitions: 1,
         };
-        match self.run_anywhere(&op).await? {
+        let outcome = match self.run_anywhere(&op).await {
+            Err(MetaError::Group(GroupError::Forward { .. })) => self.run_anywhere(&op).await,
+            other => other,
+        };
+        match outcome? {
             MetaOutcome::Declared { group, .. } => Ok(group),
             _ => Err(MetaRefusal::Malformed("a declare answered something else").into()),
         }
