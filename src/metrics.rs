@@ -409,6 +409,11 @@ pub trait ClusterView: Send + Sync {
     }
     /// The node's own metrics, appended to the broker's.
     fn metrics(&self) -> String;
+    /// True while a new client connection is to be closed at once (a node draining in
+    /// `cluster-mode: groups`: its clients go to another node); false by default.
+    fn refuses_connections(&self) -> bool {
+        false
+    }
     /// Answers a `/cluster…` request.
     fn http<'a>(
         &'a self,

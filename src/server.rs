@@ -94,6 +94,8 @@ pub struct Serving {
     pub permits: Arc<Semaphore>,
     /// Set for the amqps listener.
     pub tls: Option<Arc<TlsFiles>>,
+    /// A cluster node whose say closes a new connection at once (a drain), if any.
+    pub door: Option<Arc<dyn metrics::ClusterView>>,
 }
 
 /// Accepts connections until `shutdown` turns true.
@@ -103,14 +105,22 @@ pub async fn serve(listener: TcpListener, serving: Serving, shutdown: watch::Rec
         gate,
         permits,
         tls,
+        door,
     } = serving;
     let closing = shutdown.clone();
     accept_loop(listener, permits, shutdown, move |stream| {
+        let refused = door.as_ref().is_some_and(|d| d.refuses_connections());
+        if refused {
+            tracing::debug!(peer = ?stream.peer_addr().ok(), "draining: closing a new connection");
+        }
         let broker = Arc::clone(&broker);
         let gate = Arc::clone(&gate);
         let shutdown = closing.clone();
         let tls = tls.clone();
         async move {
+            if refused {
+                return;
+            }
             let accepted = match tls {
                 None => Some(Accepted::tcp(stream)),
                 Some(tls) => accept_tls(stream, &tls).await,
@@ -358,8 +368,16 @@ impl Node {
             gate: Arc::clone(&gate),
             permits: Arc::new(Semaphore::new(config.max_connections)),
             tls: None,
+            door: None,
         };
         let source = setup(&broker);
+        let serving = Serving {
+            door: match &source {
+                metrics::Source::Cluster(view) => Some(Arc::clone(view)),
+                metrics::Source::Broker(_) => None,
+            },
+            ..serving
+        };
         let mut tasks = vec![
             tokio::spawn(metrics::serve_http_source(
                 listeners.http,

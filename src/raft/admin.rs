@@ -292,50 +292,15 @@ impl ClusterHandle {
 
     /// Handles `/cluster` requests.
     pub async fn http(&self, method: &str, target: &str) -> Reply {
-        let (path, query) = target.split_once('?').unwrap_or((target, ""));
-        let param = |name: &str| {
-            query
-                .split('&')
-                .filter_map(|kv| kv.split_once('='))
-                .find(|(k, _)| *k == name)
-                .map(|(_, v)| v.to_owned())
-        };
-        match (method, path) {
-            ("GET", "/cluster") => ("200 OK", self.status()),
-            ("POST", "/cluster/add") => {
-                let (Some(id), Some(addr)) =
-                    (param("id").and_then(|v| v.parse().ok()), param("addr"))
-                else {
-                    return (
-                        "400 Bad Request",
-                        "expected ?id=<node id>&addr=<host:port/amqp[/amqps]>\n".into(),
-                    );
-                };
-                if let Err(e) = entrepot_cluster::identity::parse_peers(&format!("{id}={addr}")) {
-                    return ("400 Bad Request", format!("{e}\n"));
-                }
-                self.bounded(self.add(id, addr)).await
-            }
-            ("POST", "/cluster/remove") => {
-                let Some(id) = param("id").and_then(|v| v.parse().ok()) else {
-                    return ("400 Bad Request", "expected ?id=<node id>\n".into());
-                };
-                self.bounded(self.remove(id)).await
-            }
-            ("POST", "/cluster/drain") => {
+        match AdminRequest::parse(method, target) {
+            Err(reply) => reply,
+            Ok(AdminRequest::Status) => ("200 OK", self.status()),
+            Ok(AdminRequest::Add { id, addr }) => bounded(self.add(id, addr)).await,
+            Ok(AdminRequest::Remove { id }) => bounded(self.remove(id)).await,
+            Ok(AdminRequest::Drain) => {
                 super::drain::drain(&self.raft, &self.network, &self.drain).await
             }
-            _ => ("404 Not Found", "not found\n".into()),
         }
-    }
-
-    async fn bounded(&self, change: impl std::future::Future<Output = Reply>) -> Reply {
-        tokio::time::timeout(CHANGE_TIMEOUT, change)
-            .await
-            .unwrap_or((
-                "504 Gateway Timeout",
-                "membership change still running\n".into(),
-            ))
     }
 
     async fn add(&self, id: NodeId, addr: String) -> Reply {
@@ -378,6 +343,65 @@ impl crate::metrics::ClusterView for ClusterHandle {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Reply> + Send + 'a>> {
         Box::pin(ClusterHandle::http(self, method, target))
     }
+}
+
+/// A `/cluster` request, in either cluster mode.
+pub(super) enum AdminRequest {
+    /// `GET /cluster`.
+    Status,
+    /// `POST /cluster/add?id=N&addr=host:port/amqp[/amqps]`.
+    Add { id: NodeId, addr: String },
+    /// `POST /cluster/remove?id=N`.
+    Remove { id: NodeId },
+    /// `POST /cluster/drain`.
+    Drain,
+}
+
+impl AdminRequest {
+    /// The request `method target` asks for, or the reply refusing it (400, 404).
+    pub(super) fn parse(method: &str, target: &str) -> Result<AdminRequest, Reply> {
+        let (path, query) = target.split_once('?').unwrap_or((target, ""));
+        let param = |name: &str| {
+            query
+                .split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_owned())
+        };
+        match (method, path) {
+            ("GET", "/cluster") => Ok(AdminRequest::Status),
+            ("POST", "/cluster/add") => {
+                let (Some(id), Some(addr)) =
+                    (param("id").and_then(|v| v.parse().ok()), param("addr"))
+                else {
+                    return Err((
+                        "400 Bad Request",
+                        "expected ?id=<node id>&addr=<host:port/amqp[/amqps]>\n".into(),
+                    ));
+                };
+                if let Err(e) = entrepot_cluster::identity::parse_peers(&format!("{id}={addr}")) {
+                    return Err(("400 Bad Request", format!("{e}\n")));
+                }
+                Ok(AdminRequest::Add { id, addr })
+            }
+            ("POST", "/cluster/remove") => match param("id").and_then(|v| v.parse().ok()) {
+                Some(id) => Ok(AdminRequest::Remove { id }),
+                None => Err(("400 Bad Request", "expected ?id=<node id>\n".into())),
+            },
+            ("POST", "/cluster/drain") => Ok(AdminRequest::Drain),
+            _ => Err(("404 Not Found", "not found\n".into())),
+        }
+    }
+}
+
+/// `change`, or a 504 once it ran [`CHANGE_TIMEOUT`] (the change itself goes on).
+pub(super) async fn bounded(change: impl std::future::Future<Output = Reply>) -> Reply {
+    tokio::time::timeout(CHANGE_TIMEOUT, change)
+        .await
+        .unwrap_or((
+            "504 Gateway Timeout",
+            "membership change still running\n".into(),
+        ))
 }
 
 fn refusal(e: ChangeError) -> Reply {

@@ -181,13 +181,13 @@ impl Balancer {
     }
 
     pub fn stats(&self) -> BalancerStats {
-        let s = &self.shared;
-        BalancerStats {
-            started: s.started.load(Ordering::Relaxed),
-            done: s.done.load(Ordering::Relaxed),
-            failed: s.failed.load(Ordering::Relaxed),
-            in_flight: s.in_flight.load(Ordering::Relaxed),
-        }
+        self.progress().stats()
+    }
+
+    /// A reader of [`Self::stats`] that outlives this handle's borrow (the HTTP
+    /// endpoint keeps one while the node owns the balancer, to stop it).
+    pub fn progress(&self) -> BalancerProgress {
+        BalancerProgress(Arc::clone(&self.shared))
     }
 
     /// Stops: running moves are abandoned where they are (the next leader, or this node
@@ -195,6 +195,22 @@ impl Balancer {
     pub async fn stop(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+    }
+}
+
+/// Reads a running [`Balancer`]'s counters.
+#[derive(Clone)]
+pub struct BalancerProgress(Arc<Shared>);
+
+impl BalancerProgress {
+    pub fn stats(&self) -> BalancerStats {
+        let s = &self.0;
+        BalancerStats {
+            started: s.started.load(Ordering::Relaxed),
+            done: s.done.load(Ordering::Relaxed),
+            failed: s.failed.load(Ordering::Relaxed),
+            in_flight: s.in_flight.load(Ordering::Relaxed),
+        }
     }
 }
 

@@ -10,56 +10,64 @@
 //! 2. Group 0 opened ([`MetaGroup::open`]). Formed by *every* initial peer whose node log
 //!    holds nothing of it, each with the identical voter set from `--peers` (openraft
 //!    0.9 allows repeated identical initializations, never different ones): no node has
-//!    to wait for the lowest id to come up. A node absent from `--peers` does not form it
-//!    and is not added (joining in groups mode is not built).
+//!    to wait for the lowest id to come up. A node absent from `--peers` does not form it.
 //! 3. The broker ([`crate::server::Node::start_with`], its own store in
 //!    `<data-dir>/broker` for what stays local: temporary queues, topics), with the
 //!    router ([`GroupRouter`]) set before any listener serves.
 //! 4. The group opener follows group 0 and opens the groups placed here; each `Opened`
 //!    spawns a [`GroupDriver`] on the broker (it serves the address while this node leads
-//!    its group), each `Closed` stops it.
-//! 5. While this node leads group 0, it adds every initial peer missing from group 0's
-//!    members (member address and AMQP address from `--peers`), every
-//!    [`MEMBERS_ROUND`].
+//!    its group), each `Closed` stops it. The [`Balancer`] moves the replicas of the
+//!    groups this node leads to their placement (after a join or a leave).
+//! 5. The joiner (`groups_membership::join`): every node, an initial peer or one joining
+//!    later (`--auto-join --cluster-advertise`), asks group 0 to take it as a member —
+//!    through the peers while it knows no leader — until its replica shows it one; a
+//!    drained node started again asks again. Nobody else adds members but
+//!    `POST /cluster/add`, so a drained or removed node stays out.
 //!
-//! Readiness (`/readyz`): group 0 has a leader, this node is a member, and every group
-//! open here has applied what it knows committed. `/status` adds a `groups:` section;
-//! `/metrics` adds `entrepot_groups_open`, `entrepot_groups_led` and
-//! `entrepot_groups_served`.
+//! Readiness (`/readyz`): not while draining; group 0 has a leader, this node is a
+//! member, and every group open here has applied what it knows committed; until the node
+//! was ready once, also every group placed on it is open and has it as a voter (a joiner
+//! is ready only once its moves completed). `/status` adds a `groups:` section (members,
+//! drain state, balancer counters, every group open here with its placement, voters,
+//! learners and leader); `/metrics` adds `entrepot_groups_{open,led,served}`,
+//! `entrepot_cluster_members` and `entrepot_balancer_moves_*`. The `/cluster` API
+//! (add, remove, drain): `groups_membership.rs`.
 //!
-//! Does not (yet): forward links (a link led elsewhere is redirected), add members after
-//! the start or drain, move replicas or leaderships after a join or leave (the balancer),
-//! replicate topics, subscriptions, manifests or transactions.
+//! Does not (yet): forward links (a link led elsewhere is redirected), hand a
+//! leadership over before its node leaves (openraft 0.9), replicate topics,
+//! subscriptions, manifests or transactions.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use entrepot_cluster::identity;
 use entrepot_cluster::{Host, HostConfig, NodeId, PeerServerOptions};
 use entrepot_storage::LogConfig;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use super::balancer::{Balancer, BalancerConfig, BalancerProgress};
+use super::drain::DrainState;
 use super::group_driver::GroupDriver;
 use super::group_opener::{GroupEvent, GroupOpener, OpenerConfig};
 use super::group_router::{Drivers, GroupRouter};
-use super::meta_machine::{Member, MetaGroup};
+use super::groups_membership::{self, Joiner, Membership};
+use super::meta_machine::MetaGroup;
 use super::{ClusterConfig, ClusterStartError, ELECTION_TIMEOUT_MS, HEARTBEAT_MS};
 use crate::broker::Broker;
 use crate::config::BrokerConfig;
-use crate::metrics::{ClusterView, Reply, Source};
+use crate::metrics::{counter, gauge, ClusterView, Reply, Source};
 use crate::server::{Node, StartError};
 
 /// Directory of the node's host (node log, group snapshots) inside the data directory.
 pub const HOST_DIR: &str = "host";
 /// Directory of the node's local broker store inside the data directory.
 pub const BROKER_DIR: &str = "broker";
-/// How often group 0's leader checks that every initial peer is a member.
-pub const MEMBERS_ROUND: Duration = Duration::from_millis(250);
 /// Largest record of the node log: one entry of a group (a batch of proposals of up to
 /// `MAX_BATCH_BYTES`, or one message of up to the cluster's 4 MiB, plus framing).
 pub const NODE_LOG_RECORD_MAX: u32 = 16 << 20;
@@ -73,6 +81,7 @@ pub struct GroupsNode {
     pub node: Node,
     pub peer_addr: std::net::SocketAddr,
     opener: Arc<GroupOpener>,
+    balancer: Balancer,
     drivers: Drivers,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -94,7 +103,13 @@ impl GroupsNode {
         let (opener, events) =
             GroupOpener::start(host.clone(), meta.machine.clone(), OpenerConfig::default());
         let opener = Arc::new(opener);
+        let balancer = Balancer::start(
+            host.clone(),
+            meta.machine.clone(),
+            BalancerConfig::default(),
+        );
         let drivers: Drivers = Arc::default();
+        let (drain, draining) = watch::channel(DrainState::Serving);
         let router = GroupRouter::new(
             cluster.node_id,
             copy(&meta),
@@ -107,6 +122,14 @@ impl GroupsNode {
             opener: Arc::clone(&opener),
             drivers: Arc::clone(&drivers),
             broker: Mutex::new(None),
+            balancer: balancer.progress(),
+            membership: Membership {
+                node: cluster.node_id,
+                meta: copy(&meta),
+                opener: Arc::clone(&opener),
+                drain,
+            },
+            ready_once: AtomicBool::new(false),
         });
         let mut broker_config = config.clone();
         broker_config.data_dir = config.data_dir.join(BROKER_DIR);
@@ -120,21 +143,31 @@ impl GroupsNode {
         .await?;
         tracing::info!(node = cluster.node_id, amqp = %node.amqp_addr, http = %node.http_addr,
             peers = %peer_addr, "entrepot node listening (cluster-mode: groups)");
-        let tasks = vec![
-            tokio::spawn(drive_events(
-                events,
-                Arc::clone(&node.broker),
-                Arc::clone(&drivers),
-                shutdown.clone(),
-            )),
-            tokio::spawn(add_members(copy(&meta), cluster.peers.clone(), shutdown)),
-        ];
+        let mut tasks = vec![tokio::spawn(drive_events(
+            events,
+            Arc::clone(&node.broker),
+            Arc::clone(&drivers),
+            shutdown.clone(),
+        ))];
+        match joiner(&cluster) {
+            Some(j) => tasks.push(tokio::spawn(groups_membership::join(
+                copy(&meta),
+                j,
+                shutdown,
+                draining,
+            ))),
+            None => tracing::info!(
+                node = cluster.node_id,
+                "not among --peers and no --auto-join: waiting for `entrepot cluster add`"
+            ),
+        }
         Ok(GroupsNode {
             id: cluster.node_id,
             host,
             node,
             peer_addr,
             opener,
+            balancer,
             drivers,
             tasks,
         })
@@ -146,6 +179,7 @@ impl GroupsNode {
         for t in self.tasks {
             let _ = t.await;
         }
+        self.balancer.stop().await;
         let drivers: Vec<GroupDriver> = {
             let mut d = self.drivers.lock().unwrap_or_else(|e| e.into_inner());
             std::mem::take(&mut *d).into_values().collect()
@@ -252,33 +286,26 @@ async fn drive_events(
     }
 }
 
-/// While this node leads group 0, adds every initial peer missing from its members.
-async fn add_members(
-    meta: MetaGroup,
-    peers: Vec<identity::Peer>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        if meta.handle.leadership().borrow().leads {
-            let members = meta.machine.members();
-            for p in peers.iter().filter(|p| !members.contains_key(&p.id)) {
-                let member = Member {
-                    peer: p.addr.clone(),
-                    amqp: identity::amqp_addr(&p.addr),
-                };
-                match meta.add_member(p.id, member).await {
-                    Ok(()) => tracing::info!(node = p.id, addr = %p.addr, "member added"),
-                    Err(e) => {
-                        tracing::debug!(node = p.id, error = %e, "adding a member failed; next round")
-                    }
-                }
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(MEMBERS_ROUND) => {}
-            _ = shutdown.wait_for(|s| *s) => return,
-        }
-    }
+/// The joiner of this node: its member address from `--auto-join`'s announcement or
+/// its own `--peers` entry, the other peers as seeds; `None` when it has neither (it
+/// waits for `entrepot cluster add`).
+fn joiner(cluster: &ClusterConfig) -> Option<Joiner> {
+    let own = cluster.peers.iter().find(|p| p.id == cluster.node_id);
+    let member_addr = cluster
+        .auto_join
+        .clone()
+        .or_else(|| own.map(|p| p.addr.clone()))?;
+    let seeds = cluster
+        .peers
+        .iter()
+        .filter(|p| p.id != cluster.node_id)
+        .map(|p| (p.id, p.addr.clone()))
+        .collect();
+    Some(Joiner {
+        node: cluster.node_id,
+        member_addr,
+        seeds,
+    })
 }
 
 /// What the HTTP endpoint shows of a node in groups mode.
@@ -288,6 +315,11 @@ struct GroupsView {
     opener: Arc<GroupOpener>,
     drivers: Drivers,
     broker: Mutex<Option<Arc<Broker>>>,
+    balancer: BalancerProgress,
+    membership: Membership,
+    /// Set once this node was ready: from then on a group placed here but still moving
+    /// to it no longer makes it unready (see [`GroupsView::unready`]).
+    ready_once: AtomicBool,
 }
 
 impl GroupsView {
@@ -307,6 +339,63 @@ impl GroupsView {
         };
         (led, opened.len(), served)
     }
+
+    /// Why a node that was never ready is not yet: a group placed here that is not open,
+    /// or of which this node is not a voter yet (its move — learner, catch-up, voter —
+    /// is under way). Checked until the node is ready once, so a joiner turns ready only
+    /// with every replica placed on it caught up, while a ready node stays ready when the
+    /// placement later moves a group to it (its clients are served meanwhile).
+    fn not_joined(&self) -> Option<String> {
+        let opened = self.opener.opened();
+        for (group, entry) in self.meta.machine.placed_on(self.node) {
+            let Some(g) = opened.get(&group) else {
+                return Some(format!(
+                    "group {group} ({}) placed here is not open yet",
+                    entry.address
+                ));
+            };
+            if !g.handle.status().voters.contains(&self.node) {
+                return Some(format!(
+                    "group {group} ({}) placed here is moving to this node (not a voter yet)",
+                    entry.address
+                ));
+            }
+        }
+        None
+    }
+
+    /// Lines of `/status` for every group open here.
+    fn groups_here(&self, out: &mut String) {
+        let placement = self.meta.machine.state();
+        let _ = writeln!(out, "  groups-here:");
+        let mut open: Vec<(u64, String, entrepot_cluster::host::GroupStatus)> = vec![(
+            entrepot_cluster::METADATA_GROUP,
+            String::new(),
+            self.meta.handle.status(),
+        )];
+        open.extend(
+            self.opener
+                .opened()
+                .into_values()
+                .map(|g| (g.group, g.address, g.handle.status())),
+        );
+        for (group, name, st) in open {
+            let placed: Vec<NodeId> = placement
+                .groups()
+                .get(&group)
+                .map(|e| e.replicas.nodes.iter().copied().collect())
+                .unwrap_or_else(|| placement.members().keys().copied().collect());
+            let _ = writeln!(
+                out,
+                "    - {{ group: {group}, name: {name:?}, placed: {placed:?}, voters: {:?}, learners: {:?}, leader: {}, applied: {}, committed: {} }}",
+                st.voters,
+                st.learners,
+                st.leadership.leader.map_or("none".to_owned(), |l| l.to_string()),
+                st.applied.map_or(-1, |a| a as i64),
+                st.committed.map_or(-1, |c| c as i64),
+            );
+        }
+    }
 }
 
 impl ClusterView for GroupsView {
@@ -318,6 +407,10 @@ impl ClusterView for GroupsView {
     }
 
     fn unready(&self) -> Option<String> {
+        let drain = *self.membership.drain.borrow();
+        if drain != DrainState::Serving {
+            return Some(format!("draining: {drain:?}").to_lowercase());
+        }
         let meta = *self.meta.handle.leadership().borrow();
         if meta.leader.is_none() {
             return Some("the metadata group has no leader".into());
@@ -325,13 +418,23 @@ impl ClusterView for GroupsView {
         if !self.meta.machine.members().contains_key(&self.node) {
             return Some("this node is not a member of the metadata group yet".into());
         }
+        if !self.ready_once.load(Ordering::Relaxed) {
+            if let Some(why) = self.not_joined() {
+                return Some(why);
+            }
+        }
         for g in self.opener.opened().values() {
             let applied = *g.handle.applied().borrow();
             if g.handle.committed() > applied {
                 return Some(format!("group {} ({}) is catching up", g.group, g.address));
             }
         }
+        self.ready_once.store(true, Ordering::Relaxed);
         None
+    }
+
+    fn refuses_connections(&self) -> bool {
+        *self.membership.drain.borrow() != DrainState::Serving
     }
 
     fn status(&self) -> String {
@@ -341,40 +444,88 @@ impl ClusterView for GroupsView {
     fn status_extra(&self) -> String {
         let (led, open, served) = self.led();
         let meta_leader = self.meta.handle.leadership().borrow().leader;
+        let drain = format!("{:?}", *self.membership.drain.borrow()).to_lowercase();
+        let members: Vec<NodeId> = self.meta.machine.members().keys().copied().collect();
+        let b = self.balancer.stats();
         let mut out = format!(
-            "groups:\n  mode: groups\n  node: {}\n  metadata-leader: {}\n  open: {open}\n  led: {}\n  served: {served}\n  led-addresses:\n",
+            "groups:\n  mode: groups\n  node: {}\n  drain: {drain}\n  members: {members:?}\n  metadata-leader: {}\n  open: {open}\n  led: {}\n  served: {served}\n  balancer: {{ started: {}, done: {}, failed: {}, in-flight: {} }}\n  led-addresses:\n",
             self.node,
             meta_leader.map_or("none".to_owned(), |l| l.to_string()),
             led.len(),
+            b.started,
+            b.done,
+            b.failed,
+            b.in_flight,
         );
         for (address, group) in &led {
             out.push_str(&format!(
                 "    - {{ address: {address:?}, group: {group} }}\n"
             ));
         }
+        self.groups_here(&mut out);
         out
     }
 
     fn metrics(&self) -> String {
         let (led, open, served) = self.led();
-        format!(
-            "# TYPE entrepot_groups_open gauge\nentrepot_groups_open {open}\n\
-             # TYPE entrepot_groups_led gauge\nentrepot_groups_led {}\n\
-             # TYPE entrepot_groups_served gauge\nentrepot_groups_served {served}\n",
-            led.len()
-        )
+        let mut out = String::new();
+        gauge(
+            &mut out,
+            "entrepot_groups_open",
+            "Groups open on this node.",
+            open,
+        );
+        gauge(
+            &mut out,
+            "entrepot_groups_led",
+            "Groups this node leads.",
+            led.len(),
+        );
+        gauge(
+            &mut out,
+            "entrepot_groups_served",
+            "Addresses this node serves (it leads their group and its driver is active).",
+            served,
+        );
+        gauge(
+            &mut out,
+            "entrepot_cluster_members",
+            "Members of the cluster as this node's replica of the metadata group has them.",
+            self.meta.machine.members().len(),
+        );
+        let b = self.balancer.stats();
+        counter(
+            &mut out,
+            "entrepot_balancer_moves_started_total",
+            "Replica moves this node's balancer began (a retry counts again).",
+            b.started,
+        );
+        counter(
+            &mut out,
+            "entrepot_balancer_moves_done_total",
+            "Replica moves this node's balancer completed.",
+            b.done,
+        );
+        counter(
+            &mut out,
+            "entrepot_balancer_moves_failed_total",
+            "Replica moves this node's balancer saw fail (each is retried after a backoff).",
+            b.failed,
+        );
+        gauge(
+            &mut out,
+            "entrepot_balancer_moves_in_flight",
+            "Replica moves this node's balancer is running now.",
+            b.in_flight,
+        );
+        out
     }
 
     fn http<'a>(
         &'a self,
-        _method: &'a str,
-        _target: &'a str,
+        method: &'a str,
+        target: &'a str,
     ) -> Pin<Box<dyn Future<Output = Reply> + Send + 'a>> {
-        Box::pin(async {
-            (
-                "404 Not Found",
-                "the /cluster API is not available in cluster-mode groups\n".to_owned(),
-            )
-        })
+        Box::pin(self.membership.http(method, target, self.status_extra()))
     }
 }

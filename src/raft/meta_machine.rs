@@ -537,6 +537,11 @@ impl MetaState {
     pub fn next_group(&self) -> GroupId {
         self.next_group
     }
+
+    /// Replicas each group is placed on (fewer while the members are fewer).
+    pub fn replication(&self) -> usize {
+        usize::from(self.replication)
+    }
 }
 
 impl GroupMachine for MetaMachine {
@@ -633,6 +638,19 @@ impl MetaGroup {
                 slot: at.slot,
             }),
         }
+    }
+
+    /// Proposes `op` from a node that may know no leader of group 0 yet (a node
+    /// joining): `GroupHandle::propose_via` the `seeds` (member addresses). The outcome
+    /// cannot be read here until this replica receives the log; the caller watches the
+    /// state instead.
+    pub async fn propose_via(
+        &self,
+        seeds: &[(NodeId, String)],
+        op: &MetaOp,
+    ) -> Result<Position, MetaError> {
+        let payload = encode_op(op)?;
+        Ok(self.handle.propose_via(seeds, payload).await?)
     }
 
     /// [`Self::declare_address`] from any node ([`Self::run_anywhere`]).

@@ -52,6 +52,7 @@ pub mod group_opener;
 pub mod group_queue;
 pub mod group_router;
 pub mod group_store;
+pub mod groups_membership;
 pub mod groups_node;
 pub mod lease;
 pub mod meta_machine;

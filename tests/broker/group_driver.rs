@@ -68,6 +68,7 @@ impl BrokerNode {
             gate: Arc::new(Gatekeeper::default()),
             permits: Arc::new(Semaphore::new(16)),
             tls: None,
+            door: None,
         };
         let server = tokio::spawn(serve(listener, serving, shutdown));
         let mut node = BrokerNode {

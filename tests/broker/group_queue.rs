@@ -72,6 +72,7 @@ async fn serve_and_connect(broker: &Arc<Broker>) -> Served {
         gate: Arc::new(Gatekeeper::default()),
         permits: Arc::new(Semaphore::new(8)),
         tls: None,
+        door: None,
     };
     let server = tokio::spawn(serve(listener, serving, shutdown));
     let mut conn = within("open", Connection::open("group-queue", url.as_str()))

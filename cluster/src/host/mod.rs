@@ -975,6 +975,84 @@ impl GroupHandle {
         Err(last)
     }
 
+    /// [`Self::propose_anywhere`] for a replica that may know no leader (a node joining:
+    /// its replica of group 0 is empty until a leader adds it). When this replica knows
+    /// a leader (or leads), exactly `propose_anywhere`; else the payload is sent to each
+    /// of `seeds` in turn (member addresses, such as the initial peers), a `NotLeader`
+    /// answer naming the leader followed at most [`crate::forward::MAX_FORWARD_HOPS`]
+    /// times, each attempt bounded by [`crate::forward::FORWARD_TIMEOUT_MAX`]. Errors:
+    /// the last seed's (nothing committed, except after [`GroupError::Forward`] or
+    /// [`GroupError::Timeout`], whose outcome is unknown).
+    pub async fn propose_via(
+        &self,
+        seeds: &[(NodeId, String)],
+        payload: Bytes,
+    ) -> Result<Position, GroupError> {
+        if self.leadership().borrow().leader.is_some() {
+            return self.propose_anywhere(payload).await;
+        }
+        let group = self.group();
+        if payload.len() > self.proposal_bytes {
+            return Err(GroupError::TooLarge {
+                len: payload.len(),
+                max: self.proposal_bytes,
+            });
+        }
+        let mut last = GroupError::NotLeader {
+            group,
+            leader: None,
+            leader_addr: None,
+        };
+        for seed in seeds.iter().filter(|(id, _)| *id != self.instance.node) {
+            match self.forward_from(seed.clone(), &payload).await {
+                Ok(at) => return Ok(at),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// Sends `payload` to `first`, then to the leader each `NotLeader` names.
+    async fn forward_from(
+        &self,
+        first: (NodeId, String),
+        payload: &Bytes,
+    ) -> Result<Position, GroupError> {
+        let group = self.group();
+        let mut target = first;
+        let mut last = GroupError::NotLeader {
+            group,
+            leader: None,
+            leader_addr: None,
+        };
+        for _ in 0..crate::forward::MAX_FORWARD_HOPS {
+            let (leader, addr) = &target;
+            let timeout = crate::forward::FORWARD_TIMEOUT_MAX;
+            let answer = self
+                .network
+                .forward_proposal(*leader, addr, payload, timeout)
+                .await;
+            match answer {
+                Ok(Ok(at)) => return Ok(at),
+                Ok(Err(e)) => match crate::forward::next_hop(&e) {
+                    Some(next) if next.0 != self.instance.node => {
+                        last = e;
+                        target = next;
+                    }
+                    _ => return Err(e),
+                },
+                Err(e) => {
+                    return Err(GroupError::Forward {
+                        group,
+                        leader: *leader,
+                        reason: e.to_string(),
+                    })
+                }
+            }
+        }
+        Err(last)
+    }
+
     /// The leader this replica knows of with its member address, waiting (up to
     /// `deadline`) while none is known; `None` when this node leads.
     async fn known_leader(
