@@ -183,6 +183,8 @@ struct Inner {
     /// Who serves proposals forwarded by peers (`forward.rs`); `None`: refused as for an
     /// unknown group.
     forwarded: RwLock<Option<crate::forward::ForwardServer>>,
+    /// Who serves application requests (`app_request.rs`); `None`: answered "no handler".
+    app: RwLock<Option<crate::app_request::AppServer>>,
     wake_slots: Arc<Semaphore>,
     /// Instances started by wakes, and stopped by hibernation, since the start.
     woken: AtomicU64,
@@ -198,6 +200,7 @@ impl Default for Inner {
             groups: RwLock::default(),
             starter: RwLock::default(),
             forwarded: RwLock::default(),
+            app: RwLock::default(),
             wake_slots: Arc::new(Semaphore::new(MAX_CONCURRENT_WAKES)),
             woken: AtomicU64::new(0),
             stopped: AtomicU64::new(0),
@@ -277,6 +280,23 @@ impl GroupRegistry {
     pub(crate) fn forwarded(&self) -> Option<crate::forward::ForwardServer> {
         self.inner
             .forwarded
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Serves the application requests peers send to this node with `handler` from now
+    /// on (`app_request.rs`), replacing a previous one.
+    pub fn set_app_handler(&self, handler: impl crate::app_request::AppHandler) {
+        let server = crate::app_request::AppServer::new(Arc::new(handler));
+        let mut a = self.inner.app.write().unwrap_or_else(|e| e.into_inner());
+        *a = Some(server);
+    }
+
+    /// The server of application requests, when a handler is set.
+    pub(crate) fn app_server(&self) -> Option<crate::app_request::AppServer> {
+        self.inner
+            .app
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()

@@ -86,6 +86,7 @@
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod app_request;
 pub mod auth;
 mod codec;
 pub mod entry;
@@ -112,6 +113,10 @@ mod stream;
 mod tls;
 mod types;
 
+pub use app_request::{
+    AppCallError, AppFuture, AppHandler, APP_TIMEOUT_MAX, MAX_APP_PAYLOAD_BYTES,
+    MAX_APP_REQUESTS_IN_FLIGHT,
+};
 pub use auth::PeerSecret;
 pub use error::{ClusterError, GroupError, RaftStorageError, Result};
 pub use forward::{Proposer, MAX_FORWARDED_IN_FLIGHT, MAX_FORWARD_HOPS};

@@ -303,6 +303,34 @@ impl TcpNetwork {
             .await?;
         Ok(crate::forward::decode_reply(reply)?)
     }
+
+    /// Sends an application request (`app_request.rs`) to the peer at member address
+    /// `addr` (node `target`) on the node's shared connection to it, and waits up to
+    /// `timeout` (capped at [`crate::app_request::APP_TIMEOUT_MAX`]) for its handler's
+    /// answer.
+    pub async fn app_request(
+        &self,
+        target: NodeId,
+        addr: &str,
+        payload: &[u8],
+        timeout: Duration,
+    ) -> Result<Bytes, crate::app_request::AppCallError> {
+        use crate::app_request::{AppCallError, MAX_APP_PAYLOAD_BYTES};
+        if payload.len() > MAX_APP_PAYLOAD_BYTES {
+            return Err(AppCallError::TooLarge {
+                len: payload.len(),
+                max: MAX_APP_PAYLOAD_BYTES,
+            });
+        }
+        let client = self.group(METADATA_GROUP).pooled(target, addr);
+        let body = crate::app_request::encode_request(client.header(), payload)
+            .map_err(PeerCallError::from)?;
+        let option = RPCOption::new(timeout.min(crate::app_request::APP_TIMEOUT_MAX));
+        let reply = client
+            .call(rpc::KIND_APP, body, rpc::KIND_APP_REPLY, &option)
+            .await?;
+        crate::app_request::decode_reply(reply).map_err(PeerCallError::from)?
+    }
 }
 
 impl PeerClient {

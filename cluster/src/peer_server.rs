@@ -366,7 +366,7 @@ async fn read_requests(
             }
         };
         let found = match request {
-            Inbound::Ping | Inbound::Propose(_) => Lookup::Unknown,
+            Inbound::Ping | Inbound::Propose(_) | Inbound::App(_) => Lookup::Unknown,
             _ => groups.lookup(header.group),
         };
         let replies = replies.clone();
@@ -401,6 +401,8 @@ enum Inbound {
     Ping,
     /// A proposal forwarded to this node as its group's leader (`forward.rs`).
     Propose(Bytes),
+    /// An application request for the broker's handler (`app_request.rs`).
+    App(Bytes),
 }
 
 /// Decodes a whole request frame: header and body.
@@ -426,6 +428,7 @@ fn decode_request(kind: u8, body: Bytes) -> Result<(Header, Inbound)> {
             Inbound::Ping
         }
         rpc::KIND_PROPOSE => Inbound::Propose(crate::forward::decode_request(body)?),
+        rpc::KIND_APP => Inbound::App(crate::app_request::decode_request(body)?),
         _ => {
             return Err(crate::error::ClusterError::Decode {
                 what: "inter-node frame",
@@ -463,6 +466,12 @@ async fn dispatch(
             };
             return served.unwrap_or_else(unknown);
         }
+        Inbound::App(payload) => {
+            return match groups.app_server() {
+                Some(server) => server.serve(h, payload).await,
+                None => crate::app_request::no_handler(h),
+            };
+        }
         other => other,
     };
     groups.count_group_rpc();
@@ -484,7 +493,7 @@ async fn dispatch(
         }
     };
     match request {
-        Inbound::Ping | Inbound::Hibernate(_) | Inbound::Propose(_) => unknown(),
+        Inbound::Ping | Inbound::Hibernate(_) | Inbound::Propose(_) | Inbound::App(_) => unknown(),
         Inbound::Vote(v) => match raft.vote(v).await {
             Ok(r) => (rpc::KIND_VOTE_REPLY, rpc::encode_vote_reply(h, &r)),
             Err(e) => refusal(h, &e),

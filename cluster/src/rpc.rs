@@ -87,6 +87,7 @@ pub(crate) const KIND_LEAVE: u8 = 5;
 pub(crate) const KIND_HIBERNATE: u8 = 6;
 pub(crate) const KIND_PING: u8 = 7;
 pub(crate) const KIND_PROPOSE: u8 = 8;
+pub(crate) const KIND_APP: u8 = 9;
 pub(crate) const KIND_VOTE_REPLY: u8 = 0x81;
 pub(crate) const KIND_APPEND_REPLY: u8 = 0x82;
 pub(crate) const KIND_SNAPSHOT_REPLY: u8 = 0x83;
@@ -94,6 +95,7 @@ pub(crate) const KIND_MEMBERSHIP_REPLY: u8 = 0x84;
 pub(crate) const KIND_HIBERNATE_REPLY: u8 = 0x86;
 pub(crate) const KIND_PONG: u8 = 0x87;
 pub(crate) const KIND_PROPOSE_REPLY: u8 = 0x88;
+pub(crate) const KIND_APP_REPLY: u8 = 0x89;
 pub(crate) const KIND_ERROR: u8 = 0xff;
 
 const ERROR_UNAVAILABLE: u8 = 1;

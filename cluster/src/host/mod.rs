@@ -276,6 +276,28 @@ impl Host {
         }
     }
 
+    /// Serves the application requests peers send to this node with `handler` from now
+    /// on (`app_request.rs`; without one, peers are answered "no handler").
+    pub fn set_app_handler(&self, handler: impl crate::app_request::AppHandler) {
+        self.inner.registry.set_app_handler(handler);
+    }
+
+    /// Sends `payload` as an application request to node `target` at member address
+    /// `addr`, over this node's shared peer connection to it (`app_request.rs`), and
+    /// waits up to `timeout` (at most [`crate::APP_TIMEOUT_MAX`]) for the answer.
+    pub async fn app_request(
+        &self,
+        target: NodeId,
+        addr: &str,
+        payload: &[u8],
+        timeout: Duration,
+    ) -> std::result::Result<Bytes, crate::AppCallError> {
+        self.inner
+            .network
+            .app_request(target, addr, payload, timeout)
+            .await
+    }
+
     /// This node's id.
     pub fn node(&self) -> NodeId {
         self.inner.config.node
