@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::lease::DeliveryLease;
 use super::limits::{self, AddressLimits, LimitExceeded, Reservation, SpaceUsage};
-use super::store::{AddressStore, RecordError};
+use super::store::{AddressStore, AddressStoreError, RecordError};
 use super::Broker;
 
 /// Most ready messages one dispatch passes over because no consumer may take them (all
@@ -676,6 +676,21 @@ impl Queue {
         outcome: Outcome,
     ) -> Result<Option<Recorded>, AckRefused> {
         let mut s = self.lock();
+        if let Some(why) = &s.retired {
+            // Retiring handed every unsettled delivery back (the address is served by
+            // its group's next leader now): an outcome arriving after it was recorded
+            // nowhere, so it is refused — never settled back as if it had been.
+            let reason = why.clone();
+            return Err(AckRefused {
+                queue: self.name.clone(),
+                offset,
+                source: AddressStoreError::Retired {
+                    address: self.name.clone(),
+                    reason,
+                }
+                .into(),
+            });
+        }
         let Some((owner, mut msg)) = s.unsettled.remove(&offset) else {
             return Ok(None);
         };

@@ -12,13 +12,13 @@
 //! engine's limits on a connection (transactions, deliveries); the engine detects those
 //! itself, and the condition is part of the check, where it is made.
 
-use fe2o3_amqp_types::definitions::{AmqpError, ErrorCondition};
+use fe2o3_amqp_types::definitions::{AmqpError, ErrorCondition, LinkError};
 
 use crate::auth::authz::Operation;
 use crate::broker::intake::IntakeRefused;
 use crate::broker::limits::LimitExceeded;
 use crate::broker::queue::AckRefused;
-use crate::broker::store::StoreError;
+use crate::broker::store::{AddressStoreError, RecordError, StoreError};
 use crate::broker::subscriptions::SubscriptionError;
 use crate::broker::AddressError;
 
@@ -116,7 +116,14 @@ impl ClientError for StoreError {
 /// The store refused a consumer's acknowledgement; as for [`StoreError`].
 impl ClientError for AckRefused {
     fn condition(&self) -> ErrorCondition {
-        out_of_space_or_internal(self.is_out_of_space())
+        match &self.source {
+            // The queue's leadership here ended: the consumer attaches again where the
+            // address is served now (as for the retirement's own detach).
+            RecordError::Address(AddressStoreError::Retired { .. }) => {
+                LinkError::DetachForced.into()
+            }
+            _ => out_of_space_or_internal(self.is_out_of_space()),
+        }
     }
 }
 

@@ -83,6 +83,72 @@ pub fn no_progress() -> Progress {
     Arc::new(|| {})
 }
 
+/// Where a client connects, and how it watches the connection.
+#[derive(Clone, Copy, Debug)]
+pub struct Dial {
+    pub addr: SocketAddr,
+    /// Our AMQP idle-time-out: a broker that sends nothing (not even a heartbeat) for
+    /// this long is taken for gone — a stopped or partitioned node keeps its sockets open
+    /// and silent, and nothing else would tell. `None`: no such watch (one broker that
+    /// dies only by SIGKILL). Also bounds the opening handshake.
+    pub idle_time_out: Option<Duration>,
+}
+
+impl From<SocketAddr> for Dial {
+    fn from(addr: SocketAddr) -> Dial {
+        Dial {
+            addr,
+            idle_time_out: None,
+        }
+    }
+}
+
+impl Dial {
+    /// The longest the opening handshake may take.
+    pub fn open_timeout(&self) -> Duration {
+        self.idle_time_out.unwrap_or(OP_TIMEOUT)
+    }
+}
+
+/// Why a client connection ended early.
+#[derive(Debug)]
+pub enum Left {
+    /// The attach was refused with `amqp:link:redirect` naming this node.
+    Redirected(SocketAddr),
+    /// Anything else: a refusal, a dead or silent broker, a timeout.
+    Failed(String),
+}
+
+impl std::fmt::Display for Left {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Left::Redirected(to) => write!(f, "redirected to {to}"),
+            Left::Failed(why) => f.write_str(why),
+        }
+    }
+}
+
+impl From<String> for Left {
+    fn from(why: String) -> Left {
+        Left::Failed(why)
+    }
+}
+
+impl Left {
+    /// What a refused attach's error means to a client: a redirect it can follow (its
+    /// `network-host` must be an IP address here: every test node listens on one), or
+    /// a failure.
+    pub fn from_refusal(what: &str, e: &fe2o3_amqp::types::definitions::Error) -> Left {
+        match crate::redirect::redirect_of(e) {
+            Ok(r) => match r.to.parse() {
+                Ok(to) => Left::Redirected(to),
+                Err(_) => Left::Failed(format!("{what}: redirected to {}", r.to)),
+            },
+            Err(_) => Left::Failed(format!("{what}: refused: {e:?}")),
+        }
+    }
+}
+
 /// What every task of the campaign shares.
 pub struct Ctx {
     ledger: Mutex<Ledger>,
@@ -98,6 +164,13 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    /// Sequence numbers start at `first` (several contexts side by side keep their
+    /// messages apart: the groups campaign has one per address).
+    pub fn with_first_seq(self, first: u64) -> Ctx {
+        self.next_seq.store(first, Ordering::Relaxed);
+        self
+    }
+
     /// A context whose clients' default broker is `addr` (for tests that point each client
     /// at a node of their own and never restart through the epoch: the elasticity test).
     pub fn new(started: std::time::Instant, addr: SocketAddr, verbose: bool) -> Ctx {

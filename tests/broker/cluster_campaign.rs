@@ -79,8 +79,9 @@ const ROUND_LIMIT: Duration = Duration::from_secs(20);
 const DRAIN_QUIET: Duration = Duration::from_secs(3);
 const DRAIN_LIMIT: Duration = Duration::from_secs(60);
 
+/// What a round does to its node.
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Fault {
+pub(crate) enum Fault {
     Kill,
     Stop,
 }
@@ -113,14 +114,7 @@ impl Round {
 
 #[test]
 fn leaders_killed_and_stopped_under_load_lose_nothing_and_serve_again() {
-    let rounds = match std::env::var("ENTREPOT_CLUSTER_CAMPAIGN_ROUNDS") {
-        Ok(n) => n
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1..=ROUNDS_MAX).contains(n))
-            .unwrap_or_else(|| panic!("ENTREPOT_CLUSTER_CAMPAIGN_ROUNDS must be 1..={ROUNDS_MAX}")),
-        Err(_) => ROUNDS_DEFAULT,
-    };
+    let rounds = rounds_from_env("ENTREPOT_CLUSTER_CAMPAIGN_ROUNDS", ROUNDS_DEFAULT);
     let mut cluster = Cluster::on_loopback(3);
     cluster.start(&[0, 1, 2], Duration::from_secs(30));
     let endpoints = Arc::new(Endpoints::default());
@@ -135,7 +129,7 @@ fn leaders_killed_and_stopped_under_load_lose_nothing_and_serve_again() {
     let verbose = std::env::var("ENTREPOT_CLUSTER_CAMPAIGN_VERBOSE").as_deref() == Ok("1");
     let mut load = Load::start(&rt, Arc::clone(&endpoints), verbose);
     std::thread::sleep(CALM);
-    let faults = faults_from_env();
+    let faults = faults_from_env("ENTREPOT_CLUSTER_CAMPAIGN_FAULTS");
     let mut done = Vec::new();
     for r in 0..rounds {
         let fault = faults[r % faults.len()];
@@ -163,22 +157,31 @@ fn leaders_killed_and_stopped_under_load_lose_nothing_and_serve_again() {
     judge(&load, &done);
 }
 
-/// The faults to alternate: `ENTREPOT_CLUSTER_CAMPAIGN_FAULTS` (`kill`, `stop`, or both
-/// comma-separated), [`FAULTS_DEFAULT`] when unset.
-fn faults_from_env() -> Vec<Fault> {
-    let spec = std::env::var("ENTREPOT_CLUSTER_CAMPAIGN_FAULTS")
-        .unwrap_or_else(|_| FAULTS_DEFAULT.to_owned());
+/// The number of rounds: `var` (1..=[`ROUNDS_MAX`]), `default` when unset.
+pub(crate) fn rounds_from_env(var: &str, default: usize) -> usize {
+    match std::env::var(var) {
+        Ok(n) => n
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=ROUNDS_MAX).contains(n))
+            .unwrap_or_else(|| panic!("{var} must be 1..={ROUNDS_MAX}")),
+        Err(_) => default,
+    }
+}
+
+/// The faults to alternate: `var` (`kill`, `stop`, or both comma-separated),
+/// [`FAULTS_DEFAULT`] when unset.
+pub(crate) fn faults_from_env(var: &str) -> Vec<Fault> {
+    let spec = std::env::var(var).unwrap_or_else(|_| FAULTS_DEFAULT.to_owned());
     let faults: Vec<Fault> = spec
         .split(',')
         .map(|f| match f.trim() {
             "kill" => Fault::Kill,
             "stop" => Fault::Stop,
-            other => {
-                panic!("ENTREPOT_CLUSTER_CAMPAIGN_FAULTS: unknown fault {other:?} (kill, stop)")
-            }
+            other => panic!("{var}: unknown fault {other:?} (kill, stop)"),
         })
         .collect();
-    eprintln!("cluster campaign: faults {faults:?} (ENTREPOT_CLUSTER_CAMPAIGN_FAULTS={spec})");
+    eprintln!("cluster campaign: faults {faults:?} ({var}={spec})");
     faults
 }
 

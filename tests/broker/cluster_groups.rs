@@ -22,9 +22,8 @@ use std::time::{Duration, Instant};
 
 use fe2o3_amqp::link::{ReceiverAttachError, SenderAttachError};
 use fe2o3_amqp::session::SessionHandle;
-use fe2o3_amqp::types::definitions::{self, ErrorCondition, LinkError, ReceiverSettleMode};
+use fe2o3_amqp::types::definitions::{self, ReceiverSettleMode};
 use fe2o3_amqp::types::messaging::Outcome;
-use fe2o3_amqp::types::primitives::{Symbol, Value};
 use fe2o3_amqp::{Connection, Receiver, Sender, Session};
 
 use crate::cluster::runtime;
@@ -49,27 +48,7 @@ const SETTLED: u32 = 8;
 /// Where a refused attach was sent: `(host:port, address)` from a redirect's info, or
 /// the refusal itself.
 fn redirect_of(e: &definitions::Error) -> Result<(String, String), String> {
-    if e.condition != ErrorCondition::LinkError(LinkError::Redirect) {
-        return Err(format!("not a redirect: {e:?}"));
-    }
-    let info = e
-        .info
-        .as_ref()
-        .ok_or_else(|| format!("redirect without info: {e:?}"))?;
-    let field = |k: &str| info.get(&Symbol::from(k)).cloned();
-    let host = match field("network-host") {
-        Some(Value::String(h)) => h,
-        other => return Err(format!("network-host: {other:?}")),
-    };
-    let port = match field("port") {
-        Some(Value::Ushort(p)) => p,
-        other => return Err(format!("port: {other:?}")),
-    };
-    let address = match field("address") {
-        Some(Value::String(a)) => a,
-        other => return Err(format!("address: {other:?}")),
-    };
-    Ok((format!("{host}:{port}"), address))
+    crate::redirect::redirect_of(e).map(|r| (r.to, r.address))
 }
 
 async fn session(
@@ -162,24 +141,9 @@ macro_rules! follow {
     }};
 }
 
-/// The addresses each node's `/status` says it leads.
+/// The addresses each running node's `/status` says it leads.
 fn led(cluster: &Cluster) -> BTreeMap<u64, Vec<String>> {
-    cluster
-        .running()
-        .into_iter()
-        .map(|id| {
-            let yaml = cluster
-                .get(id, "/status")
-                .map(|(_, b)| b)
-                .unwrap_or_default();
-            let addresses = yaml
-                .lines()
-                .filter_map(|l| l.split("address: \"").nth(1)?.split('"').next())
-                .map(str::to_owned)
-                .collect();
-            (id, addresses)
-        })
-        .collect()
+    cluster.led_addresses(&cluster.running())
 }
 
 fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {

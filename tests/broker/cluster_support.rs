@@ -580,6 +580,21 @@ impl Cluster {
         }
         kept
     }
+    /// In `cluster-mode: groups`: the addresses each of `ids` says it leads (the
+    /// `led-addresses` of its `/status`; a node that does not answer leads none here).
+    pub fn led_addresses(&self, ids: &[u64]) -> BTreeMap<u64, Vec<String>> {
+        ids.iter()
+            .map(|&id| {
+                let yaml = self.get(id, "/status").map(|(_, b)| b).unwrap_or_default();
+                let addresses = yaml
+                    .lines()
+                    .filter_map(|l| l.split("address: \"").nth(1)?.split('"').next())
+                    .map(str::to_owned)
+                    .collect();
+                (id, addresses)
+            })
+            .collect()
+    }
 
     pub fn statuses(&self) -> BTreeMap<u64, Option<Status>> {
         self.running()

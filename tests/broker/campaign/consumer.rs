@@ -19,7 +19,7 @@ use tokio::time::{timeout, Instant};
 
 use super::ledger::Disposal;
 use super::wire::{self, Wire};
-use super::{Ctx, Progress, DLQ, QUEUE};
+use super::{Ctx, Dial, Left, Progress, DLQ, QUEUE};
 
 /// The session incoming window we announce (and reopen with every flow).
 const WINDOW: u32 = 4096;
@@ -77,32 +77,40 @@ struct Link {
 }
 
 /// Runs one consumer connection against the broker of `epoch`.
-pub async fn run(ctx: &Ctx, epoch: u32, plan: &Plan, name: &str) -> Result<End, String> {
+pub async fn run(ctx: &Ctx, epoch: u32, plan: &Plan, name: &str) -> Result<End, Left> {
     let live = || ctx.epoch() == epoch;
-    run_at(ctx, ctx.addr(), &live, plan, name, &super::no_progress()).await
+    run_at(
+        ctx,
+        ctx.addr().into(),
+        &live,
+        plan,
+        name,
+        &super::no_progress(),
+    )
+    .await
 }
 
-/// Runs one consumer connection against the broker at `addr` until its style ends it,
-/// `live()` turns false (an error) or the connection fails; `progress` is called on every
-/// whole delivery and every settlement the broker sends back.
+/// Runs one consumer connection against the broker at `dial.addr` until its style ends
+/// it, `live()` turns false (an error), the connection fails or the broker stays silent
+/// past `dial.idle_time_out`; a redirected attach is [`Left::Redirected`]. `progress` is
+/// called on every whole delivery and every settlement the broker sends back.
 pub async fn run_at(
     ctx: &Ctx,
-    addr: std::net::SocketAddr,
+    dial: Dial,
     live: &(dyn Fn() -> bool + Sync),
     plan: &Plan,
     name: &str,
     progress: &Progress,
-) -> Result<End, String> {
-    let mut link = timeout(super::OP_TIMEOUT, open(addr, name, plan))
+) -> Result<End, Left> {
+    let mut link = timeout(super::OP_TIMEOUT, open(dial, name, plan))
         .await
-        .map_err(|_| format!("{name}: attach timed out"))?
-        .map_err(|e| format!("{name}: attach: {e}"))?;
+        .map_err(|_| format!("{name}: attach timed out"))??;
     let started = Instant::now();
     let mut last_activity = Instant::now();
     let mut taken = 0usize;
     loop {
         if !live() {
-            return Err(format!("{name}: the broker restarted"));
+            return Err(format!("{name}: the broker restarted").into());
         }
         let stopping = ctx.stopping() && !matches!(plan.style, Style::Drain { .. });
         match plan.style {
@@ -129,8 +137,13 @@ pub async fn run_at(
                 .map_err(|e| format!("{name}: flow: {e}"))?;
         }
         let frame = match timeout(TICK, link.wire.next_frame()).await {
-            Err(_) => continue,
-            Ok(Err(e)) => return Err(format!("{name}: {e}")),
+            Err(_) => match dial.idle_time_out {
+                Some(idle) if link.wire.silent_for() > idle => {
+                    return Err(format!("{name}: the broker was silent for {idle:?}").into());
+                }
+                _ => continue,
+            },
+            Ok(Err(e)) => return Err(format!("{name}: {e}").into()),
             Ok(Ok(f)) => f,
         };
         last_activity = Instant::now();
@@ -138,7 +151,7 @@ pub async fn run_at(
             Performative::Transfer(t) => {
                 let Some((id, seq)) = link
                     .on_transfer(ctx, &t, &frame.payload)
-                    .map_err(|e| format!("{name}: {e}"))?
+                    .map_err(|e| Left::Failed(format!("{name}: {e}")))?
                 else {
                     continue;
                 };
@@ -158,23 +171,39 @@ pub async fn run_at(
                 }
                 link.dispose(ctx, id, disposal)
                     .await
-                    .map_err(|e| format!("{name}: disposition: {e}"))?;
+                    .map_err(|e| Left::Failed(format!("{name}: disposition: {e}")))?;
             }
             Performative::Disposition(d) if d.role == Role::Sender => {
                 link.on_settled(ctx, &d);
                 progress();
             }
-            Performative::Detach(d) => return Err(format!("{name}: detached: {:?}", d.error)),
-            Performative::End(e) => return Err(format!("{name}: session ended: {:?}", e.error)),
-            Performative::Close(c) => return Err(format!("{name}: closed: {:?}", c.error)),
+            Performative::Detach(d) => {
+                return Err(format!("{name}: detached: {:?}", d.error).into())
+            }
+            Performative::End(e) => {
+                return Err(format!("{name}: session ended: {:?}", e.error).into())
+            }
+            Performative::Close(c) => return Err(format!("{name}: closed: {:?}", c.error).into()),
             _ => {}
         }
     }
 }
 
-async fn open(addr: std::net::SocketAddr, name: &str, plan: &Plan) -> std::io::Result<Link> {
-    let mut wire = Wire::connect(addr, name).await?;
-    let begin = wire.begin(0, WINDOW).await?;
+/// Connects, begins and attaches; a refused attach whose detach redirects is
+/// [`Left::Redirected`].
+async fn open(dial: Dial, name: &str, plan: &Plan) -> Result<Link, Left> {
+    let failed = |e: std::io::Error| Left::Failed(format!("{name}: attach: {e}"));
+    // Half our idle-time-out is announced (as fe2o3 does): the broker's heartbeats then
+    // come at least twice within the time we allow it.
+    let idle = dial.idle_time_out.map(|t| (t.as_millis() / 2) as u32);
+    let wire = timeout(
+        dial.open_timeout(),
+        Wire::connect_with(dial.addr, name, idle),
+    )
+    .await
+    .map_err(|_| Left::Failed(format!("{name}: open timed out")))?;
+    let mut wire = wire.map_err(failed)?;
+    let begin = wire.begin(0, WINDOW).await.map_err(failed)?;
     let attach = wire::attach(
         0,
         name,
@@ -182,18 +211,34 @@ async fn open(addr: std::net::SocketAddr, name: &str, plan: &Plan) -> std::io::R
         plan.address,
         ReceiverSettleMode::Second,
     );
-    wire.send(0, &Performative::Attach(attach), &[]).await?;
+    wire.send(0, &Performative::Attach(attach), &[])
+        .await
+        .map_err(failed)?;
     let answer = wire
         .expect(|_, p| match p {
             Performative::Attach(a) => Some(a),
             _ => None,
         })
-        .await?;
-    let refused = answer.source.is_none();
-    let downgraded = answer.rcv_settle_mode != ReceiverSettleMode::Second;
-    if refused || downgraded {
-        return Err(std::io::Error::other(format!(
-            "attach refused or not in settle mode second: {answer:?}"
+        .await
+        .map_err(failed)?;
+    if answer.source.is_none() {
+        // A refusal: the detach that follows says why (and where to go).
+        let detach = wire
+            .expect(|_, p| match p {
+                Performative::Detach(d) => Some(d),
+                _ => None,
+            })
+            .await
+            .map_err(failed)?;
+        wire.close(Duration::from_millis(200)).await;
+        return Err(match detach.error {
+            Some(e) => Left::from_refusal(name, &e),
+            None => Left::Failed(format!("{name}: attach refused without an error")),
+        });
+    }
+    if answer.rcv_settle_mode != ReceiverSettleMode::Second {
+        return Err(Left::Failed(format!(
+            "{name}: attach not in settle mode second: {answer:?}"
         )));
     }
     Ok(Link {

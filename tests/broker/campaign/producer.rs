@@ -15,6 +15,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use fe2o3_amqp::link::SenderAttachError;
 use fe2o3_amqp::types::definitions::{ReceiverSettleMode, Role};
 use fe2o3_amqp::types::messaging::{
     ApplicationProperties, Data, DeliveryState, Header, Message, Outcome,
@@ -27,7 +28,7 @@ use tokio::time::{timeout, Instant};
 
 use super::ledger::Origin;
 use super::wire::{self, Wire};
-use super::{Ctx, Progress, OP_TIMEOUT, QUEUE};
+use super::{Ctx, Dial, Left, Progress, OP_TIMEOUT, QUEUE};
 
 /// Body bytes of a background message.
 pub const BODY_BYTES: usize = 256;
@@ -40,8 +41,9 @@ const BACKLOG_MAX: u64 = 1500;
 /// Longest a send's outcome may take before its fate is called unknown.
 const OUTCOME_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// What a [`windowed`] producer sends, and how many sends it keeps unsettled.
+/// What a [`windowed`] producer sends, where, and how many sends it keeps unsettled.
 pub struct Shape {
+    pub address: &'static str,
     pub body_bytes: usize,
     /// Header `durable` (persistent messages).
     pub durable: bool,
@@ -50,6 +52,7 @@ pub struct Shape {
 
 /// The background producers' traffic.
 const STEADY: Shape = Shape {
+    address: QUEUE,
     body_bytes: BODY_BYTES,
     durable: false,
     in_flight: IN_FLIGHT,
@@ -91,23 +94,30 @@ async fn steady_connection(ctx: &Arc<Ctx>, epoch: u32, k: usize) -> Result<(), S
     let name = format!("campaign-producer-{k}-{epoch}");
     let live = || ctx.epoch() == epoch;
     let progress = super::no_progress();
-    windowed(ctx, ctx.addr(), &name, &STEADY, &live, &progress).await
+    windowed(ctx, ctx.addr().into(), &name, &STEADY, &live, &progress)
+        .await
+        .map_err(|e| e.to_string())
 }
 
-/// One producer connection to `addr`, keeping up to `shape.in_flight` sends unsettled,
-/// until the campaign stops, `live()` turns false or the connection fails (an error).
-/// `progress` is called on every accepted send, and while the producer holds back for
-/// the backlog (then it waits for consumers, not for the broker).
+/// One producer connection to `dial.addr`, keeping up to `shape.in_flight` sends
+/// unsettled, until the campaign stops, `live()` turns false or the connection fails (an
+/// error; a redirected attach is [`Left::Redirected`]). `progress` is called on every
+/// accepted send, and while the producer holds back for the backlog (then it waits for
+/// consumers, not for the broker).
 pub async fn windowed(
     ctx: &Arc<Ctx>,
-    addr: std::net::SocketAddr,
+    dial: Dial,
     name: &str,
     shape: &Shape,
     live: &(dyn Fn() -> bool + Sync),
     progress: &Progress,
-) -> Result<(), String> {
-    let url = format!("amqp://{addr}");
-    let mut conn = timeout(OP_TIMEOUT, Connection::open(name.to_owned(), url.as_str()))
+) -> Result<(), Left> {
+    let url = format!("amqp://{}", dial.addr);
+    let mut builder = Connection::builder().container_id(name.to_owned());
+    if let Some(idle) = dial.idle_time_out {
+        builder = builder.idle_time_out(idle.as_millis() as u32);
+    }
+    let mut conn = timeout(dial.open_timeout(), builder.open(url.as_str()))
         .await
         .map_err(|_| "open timed out".to_string())?
         .map_err(|e| format!("open: {e}"))?;
@@ -115,10 +125,18 @@ pub async fn windowed(
         .await
         .map_err(|_| "begin timed out".to_string())?
         .map_err(|e| format!("begin: {e}"))?;
-    let mut sender = timeout(OP_TIMEOUT, Sender::attach(&mut session, name, QUEUE))
+    let attach = Sender::attach(&mut session, name, shape.address);
+    let mut sender = match timeout(OP_TIMEOUT, attach)
         .await
         .map_err(|_| "attach timed out".to_string())?
-        .map_err(|e| format!("attach: {e}"))?;
+    {
+        Ok(sender) => sender,
+        Err(SenderAttachError::RemoteClosedWithError(e)) => {
+            let _ = timeout(Duration::from_secs(1), conn.close()).await;
+            return Err(Left::from_refusal("attach", &e));
+        }
+        Err(e) => return Err(Left::Failed(format!("attach: {e}"))),
+    };
     let mut outcomes = JoinSet::new();
     let result = loop {
         if ctx.stopping() || !live() {
@@ -127,7 +145,7 @@ pub async fn windowed(
         // fe2o3 may leave the outcomes of a dead connection pending for good: with the
         // window full this loop would wait for them (OUTCOME_TIMEOUT) instead of leaving.
         if conn.is_closed() {
-            break Err("connection closed".to_string());
+            break Err(Left::Failed("connection closed".to_string()));
         }
         let held = ctx.ledger().backlog() > BACKLOG_MAX;
         if held {
@@ -146,8 +164,8 @@ pub async fn windowed(
         };
         let fut = match timeout(OP_TIMEOUT, sender.send_batchable(message)).await {
             Ok(Ok(fut)) => fut,
-            Ok(Err(e)) => break Err(format!("send: {e}")),
-            Err(_) => break Err("send timed out".to_string()),
+            Ok(Err(e)) => break Err(Left::Failed(format!("send: {e}"))),
+            Err(_) => break Err(Left::Failed("send timed out".to_string())),
         };
         let ctx = Arc::clone(ctx);
         let progress = Arc::clone(progress);

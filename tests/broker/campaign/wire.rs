@@ -39,11 +39,24 @@ pub struct Frame {
 pub struct Wire {
     stream: TcpStream,
     rbuf: BytesMut,
+    /// When bytes last came from the broker (an empty heartbeat frame counts).
+    last_read: std::time::Instant,
 }
 
 impl Wire {
     /// Header exchange (no SASL) and open as `container`; no session yet.
     pub async fn connect(addr: SocketAddr, container: &str) -> std::io::Result<Wire> {
+        Wire::connect_with(addr, container, None).await
+    }
+
+    /// [`Wire::connect`] announcing `idle_time_out` (ms) in our open: the broker then
+    /// sends a frame at least every half of it, so [`Wire::silent_for`] beyond it means
+    /// the broker is gone (stopped, partitioned) even though its socket stays open.
+    pub async fn connect_with(
+        addr: SocketAddr,
+        container: &str,
+        idle_time_out: Option<u32>,
+    ) -> std::io::Result<Wire> {
         let mut stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         stream.write_all(&AMQP_HEADER).await?;
@@ -58,9 +71,11 @@ impl Wire {
         let mut wire = Wire {
             stream,
             rbuf: BytesMut::new(),
+            last_read: std::time::Instant::now(),
         };
-        wire.send(0, &Performative::Open(open(container)), &[])
-            .await?;
+        let mut ours = open(container);
+        ours.idle_time_out = idle_time_out;
+        wire.send(0, &Performative::Open(ours), &[]).await?;
         wire.expect(|_, p| matches!(p, Performative::Open(_)).then_some(()))
             .await?;
         Ok(wire)
@@ -137,7 +152,13 @@ impl Wire {
                     "the broker closed the socket",
                 ));
             }
+            self.last_read = std::time::Instant::now();
         }
+    }
+
+    /// How long the broker has sent nothing at all (not even a heartbeat).
+    pub fn silent_for(&self) -> std::time::Duration {
+        self.last_read.elapsed()
     }
 
     fn buffered_frame(&mut self) -> std::io::Result<Option<Frame>> {

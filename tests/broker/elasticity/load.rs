@@ -5,6 +5,11 @@
 //! - [`Endpoints`] is the client Service: the pods that are ready and not terminating.
 //!   Client k starts on pod k mod N; when its connection ends (its pod drained or
 //!   stopped, the leader moved) it reconnects to the next pod of the Service.
+//! - [`LoadSpec`] says who the clients are: by default ([`LoadSpec::one_queue`]) four
+//!   producers and four consumers on the campaign's queue; the groups campaign runs one
+//!   load per address, whose clients also follow `amqp:link:redirect` (straight to the
+//!   node it names, at most [`LoadSpec::max_hops`] in a row) and may watch their
+//!   connection with an AMQP idle-time-out (a stopped node is left, not waited for).
 //! - Each client has a progress clock: producers tick on every accepted send (and while
 //!   they hold back for the backlog: waiting for consumers, not the broker), consumers on
 //!   every delivery and settlement. The [`Meter`] samples every clock every
@@ -22,17 +27,59 @@ use tokio::task::JoinSet;
 
 use crate::campaign::consumer::{self, Plan, Style};
 use crate::campaign::producer::{self, Shape};
-use crate::campaign::{Ctx, Progress};
+use crate::campaign::{Ctx, Dial, Left, Progress};
 
 /// Producers and consumers (each at least 4, the floor).
 pub const PRODUCERS: usize = 4;
 pub const CONSUMERS: usize = 4;
 /// Persistent 1 KiB messages, many unsettled in flight per producer.
 const SHAPE: Shape = Shape {
+    address: crate::campaign::QUEUE,
     body_bytes: 1024,
     durable: true,
     in_flight: 64,
 };
+/// Who the clients of one [`Load`] are and how they behave.
+#[derive(Clone, Debug)]
+pub struct LoadSpec {
+    pub address: &'static str,
+    pub producers: usize,
+    /// Consumers that watch their connection with [`LoadSpec::idle_time_out`].
+    pub consumers: usize,
+    /// Consumers that do not (an idle-time-out of none, as many clients run): a stopped
+    /// node holds them until it resumes, which is what a deposed leader's delivery lease
+    /// must be safe against.
+    pub patient_consumers: usize,
+    /// Unsettled sends per producer.
+    pub in_flight: usize,
+    /// Client k starts on endpoint k + `first_endpoint` (loads side by side start apart).
+    pub first_endpoint: usize,
+    /// The load's first message sequence number (loads side by side keep theirs apart).
+    pub first_seq: u64,
+    /// The idle-time-out of the producers and the watching consumers.
+    pub idle_time_out: Option<Duration>,
+    /// Redirects followed in a row before going back to the endpoints; 0: a redirect is
+    /// a failure like any other.
+    pub max_hops: usize,
+}
+
+impl LoadSpec {
+    /// The one-group tests' load: [`PRODUCERS`] and [`CONSUMERS`] on the campaign queue.
+    pub fn one_queue() -> LoadSpec {
+        LoadSpec {
+            address: crate::campaign::QUEUE,
+            producers: PRODUCERS,
+            consumers: CONSUMERS,
+            patient_consumers: 0,
+            in_flight: SHAPE.in_flight,
+            first_endpoint: 0,
+            first_seq: 1,
+            idle_time_out: None,
+            max_hops: 0,
+        }
+    }
+}
+
 /// Credit of each consumer.
 const CREDIT: u32 = 100;
 /// How often the meter samples the clocks and counters.
@@ -57,6 +104,12 @@ impl Endpoints {
         self.0.lock().expect("endpoints").remove(&k);
     }
 
+    /// The pod serving at `addr`, when it is ready.
+    fn pod_at(&self, addr: SocketAddr) -> Option<u64> {
+        let map = self.0.lock().expect("endpoints");
+        map.iter().find(|(_, a)| **a == addr).map(|(k, _)| *k)
+    }
+
     /// The `i`-th ready pod, round robin.
     fn pick(&self, i: usize) -> Option<(u64, SocketAddr)> {
         let map = self.0.lock().expect("endpoints");
@@ -71,6 +124,8 @@ impl Endpoints {
 struct Clock {
     name: String,
     consumer: bool,
+    /// Watches its connection with the load's idle-time-out.
+    watches: bool,
     /// Milliseconds since the load started, at the last progress.
     last_ms: AtomicU64,
     reconnects: AtomicU64,
@@ -116,25 +171,41 @@ pub struct Load {
 impl Load {
     /// Starts the clients and the meter on `rt`; client k starts on the k-th endpoint.
     pub fn start(rt: &tokio::runtime::Runtime, endpoints: Arc<Endpoints>, verbose: bool) -> Load {
+        Load::start_with(rt, endpoints, LoadSpec::one_queue(), verbose)
+    }
+
+    /// [`Load::start`] with clients as `spec` says.
+    pub fn start_with(
+        rt: &tokio::runtime::Runtime,
+        endpoints: Arc<Endpoints>,
+        spec: LoadSpec,
+        verbose: bool,
+    ) -> Load {
         let started = Instant::now();
         let first = endpoints.pick(0).expect("an endpoint").1;
-        let ctx = Arc::new(Ctx::new(started, first, verbose));
-        let clock = |name: String, consumer| {
+        let ctx = Arc::new(Ctx::new(started, first, verbose).with_first_seq(spec.first_seq));
+        let clock = |name: String, consumer, watches| {
             Arc::new(Clock {
                 name,
                 consumer,
+                watches,
                 last_ms: AtomicU64::new(0),
                 reconnects: AtomicU64::new(0),
                 pod: AtomicU64::new(NO_POD),
             })
         };
+        let a = spec.address;
         let mut clocks = Vec::new();
-        for k in 0..PRODUCERS {
-            clocks.push(clock(format!("producer-{k}"), false));
+        for k in 0..spec.producers {
+            clocks.push(clock(format!("{a}-producer-{k}"), false, true));
         }
-        for k in 0..CONSUMERS {
-            clocks.push(clock(format!("consumer-{k}"), true));
+        for k in 0..spec.consumers {
+            clocks.push(clock(format!("{a}-consumer-{k}"), true, true));
         }
+        for k in 0..spec.patient_consumers {
+            clocks.push(clock(format!("{a}-patient-consumer-{k}"), true, false));
+        }
+        let spec = Arc::new(spec);
         let mut load = Load {
             ctx,
             endpoints,
@@ -151,12 +222,13 @@ impl Load {
         let _guard = rt.enter();
         for (k, clock) in load.clocks.clone().into_iter().enumerate() {
             let client = Client {
+                spec: Arc::clone(&spec),
                 ctx: Arc::clone(&load.ctx),
                 endpoints: Arc::clone(&load.endpoints),
                 producers_stop: Arc::clone(&load.producers_stop),
                 started,
                 clock,
-                index: k,
+                index: k + spec.first_endpoint,
             };
             load.clients.spawn(client.run());
         }
@@ -230,6 +302,7 @@ impl Load {
 
 /// One client task: a producer or a consumer, reconnecting to the next pod until stopped.
 struct Client {
+    spec: Arc<LoadSpec>,
     ctx: Arc<Ctx>,
     endpoints: Arc<Endpoints>,
     producers_stop: Arc<AtomicBool>,
@@ -248,31 +321,55 @@ impl Client {
             })
         };
         let mut attempt = 0usize;
+        // Where the last attach was redirected to, and how many redirects in a row.
+        let mut redirected: Option<SocketAddr> = None;
+        let mut hops = 0usize;
         while !self.done() {
-            let Some((pod, addr)) = self.endpoints.pick(self.index + attempt) else {
+            let picked = match redirected.take() {
+                Some(to) => Some((self.endpoints.pod_at(to).unwrap_or(NO_POD), to)),
+                None => self.endpoints.pick(self.index + attempt),
+            };
+            let Some((pod, addr)) = picked else {
                 tokio::time::sleep(RECONNECT_PAUSE).await;
                 continue;
             };
             self.clock.pod.store(pod, Ordering::Relaxed);
-            let name = format!("elastic-{}-{attempt}", self.clock.name);
+            let name = format!("elastic-{}-{attempt}-{hops}", self.clock.name);
+            let dial = Dial {
+                addr,
+                idle_time_out: self.spec.idle_time_out.filter(|_| self.clock.watches),
+            };
             let ended = if self.clock.consumer {
                 let plan = Plan {
-                    address: crate::campaign::QUEUE,
+                    address: self.spec.address,
                     credit: CREDIT,
                     style: Style::Accepting,
                 };
                 let live = || true;
-                consumer::run_at(&self.ctx, addr, &live, &plan, &name, &progress)
+                consumer::run_at(&self.ctx, dial, &live, &plan, &name, &progress)
                     .await
                     .map(|_| ())
             } else {
                 let stop = Arc::clone(&self.producers_stop);
                 let live = move || !stop.load(Ordering::Relaxed);
-                producer::windowed(&self.ctx, addr, &name, &SHAPE, &live, &progress).await
+                let shape = Shape {
+                    address: self.spec.address,
+                    in_flight: self.spec.in_flight,
+                    ..SHAPE
+                };
+                producer::windowed(&self.ctx, dial, &name, &shape, &live, &progress).await
             };
             if self.done() {
                 break;
             }
+            if let Err(Left::Redirected(to)) = ended {
+                if hops < self.spec.max_hops {
+                    hops += 1;
+                    redirected = Some(to);
+                    continue;
+                }
+            }
+            hops = 0;
             self.clock.reconnects.fetch_add(1, Ordering::Relaxed);
             if self.ctx.verbose() {
                 eprintln!(
