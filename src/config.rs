@@ -226,6 +226,13 @@ pub struct BrokerConfig {
     /// (`amqp:link:redirect`) to its leader. Ignored on a single node.
     #[arg(long, env = "ENTREPOT_CLUSTER_MODE", value_enum)]
     pub cluster_mode: ClusterMode,
+    /// In `cluster-mode: groups`, what happens to a link attached to a node that does not
+    /// lead its address: `redirect` (the default) refuses it with `amqp:link:redirect`
+    /// naming the leader; `forward` keeps a producer link here and stores each message
+    /// through the leader over the inter-node connection (consumer links are still
+    /// redirected). Ignored in other modes.
+    #[arg(long, env = "ENTREPOT_LINK_ROUTING", value_enum)]
+    pub link_routing: LinkRouting,
     /// Benchmark-only sink (`serve --sink`): every producer transfer is accepted at once and
     /// dropped, nothing is stored or delivered, so `entrepot bench` can show its own ceiling.
     /// Never for real traffic: an accepted message is lost. Default false.
@@ -269,6 +276,7 @@ impl Default for BrokerConfig {
             subscription_backlog_max: DEFAULT_SUBSCRIPTION_BACKLOG,
             subscription_backlog_policy: Default::default(),
             cluster_mode: ClusterMode::default(),
+            link_routing: LinkRouting::default(),
             manifests: None,
             default_address_space: None,
             token_file: None,
@@ -376,6 +384,19 @@ pub enum ClusterMode {
     Groups,
 }
 
+/// What a node does with a link whose address another node leads (`link-routing`,
+/// `cluster-mode: groups` only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LinkRouting {
+    /// Refuse the link with `amqp:link:redirect` naming the leader's client listener.
+    #[default]
+    Redirect,
+    /// Keep producer links and carry their messages to the leader (`raft::link_forward`);
+    /// consumer links are redirected.
+    Forward,
+}
+
 /// What happens when a subscription's backlog reaches its limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -398,6 +419,9 @@ mod tests {
         let c: BrokerConfig = serde_yaml::from_str("cluster-mode: groups\n").unwrap();
         assert_eq!(c.cluster_mode, ClusterMode::Groups);
         assert!(serde_yaml::from_str::<BrokerConfig>("cluster-mode: many\n").is_err());
+        assert_eq!(BrokerConfig::default().link_routing, LinkRouting::Redirect);
+        let c: BrokerConfig = serde_yaml::from_str("link-routing: forward\n").unwrap();
+        assert_eq!(c.link_routing, LinkRouting::Forward);
     }
 
     #[test]

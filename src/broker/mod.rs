@@ -19,6 +19,7 @@ mod error;
 pub mod intake;
 pub use declare::{internal_name, Declaration, DeclarationStats, DeclaredType};
 pub use error::BrokerError;
+pub mod forwarding;
 pub mod latency;
 pub mod lease;
 pub mod limits;
@@ -265,9 +266,9 @@ impl Broker {
     }
 
     /// Where `address` is served ([`routing::Route::Here`] without a router).
-    pub fn route(&self, address: &str) -> routing::Route {
+    pub fn route(&self, address: &str, direction: routing::LinkDirection) -> routing::Route {
         match self.router.get() {
-            Some(r) => r.route(address, self.config.auto_create),
+            Some(r) => r.route(address, self.config.auto_create, direction),
             None => routing::Route::Here,
         }
     }

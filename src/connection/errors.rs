@@ -152,7 +152,8 @@ pub fn route_refusal(
     use fe2o3_amqp_types::definitions::LinkError;
     use fe2o3_amqp_types::primitives::{Symbol, Value};
     match route {
-        Route::Here => None,
+        // Served here, or carried to its leader from here: not a refusal.
+        Route::Here | Route::Forward(_) => None,
         Route::Elsewhere { host, port } => {
             let mut info = fe2o3_amqp_types::definitions::Fields::new();
             info.insert(Symbol::from("network-host"), Value::String(host.clone()));

@@ -34,10 +34,13 @@ use crate::broker::intake::{Charge, IntakeRefused};
 use crate::broker::limits::Reservation;
 use crate::broker::memory::{MemoryAddress, Routed};
 use crate::broker::queue::{ConsumerId, ConsumerSpec, LinkKey, Queue};
+use crate::broker::routing::{LinkDirection, Route};
 use crate::broker::Address;
 use crate::manifest::AddressType;
 
 mod address_produce;
+mod forward_produce;
+pub(super) use forward_produce::PendingForward;
 
 pub(super) enum Link {
     Producer(ProducerLink),
@@ -59,9 +62,27 @@ pub(super) struct ProducerLink {
     partial: Option<Partial>,
     /// A transaction coordinator (see `txn.rs`): its messages are declares and discharges.
     pub txn_coordinator: bool,
+    /// Set when the address is led by another node and this link is carried there
+    /// (`link/forward_produce.rs`); `target` is then `None`.
+    pub forward: Option<Box<crate::broker::forwarding::ForwardedProducer>>,
 }
 
 impl ProducerLink {
+    /// A link with no target of its own (a transaction coordinator, a forwarded link)
+    /// and the full credit.
+    fn without_target(conn: &Connection, attach: &Attach) -> ProducerLink {
+        ProducerLink {
+            target: None,
+            credit: conn.broker.config().link_credit,
+            delivery_count: attach.initial_delivery_count.unwrap_or(0),
+            withheld: false,
+            partial: None,
+            temporary: false,
+            txn_coordinator: false,
+            forward: None,
+        }
+    }
+
     /// Room in the target under its plan (`None`: unlimited, or the anonymous relay, whose
     /// messages are admitted one by one).
     fn room(&self) -> Option<u64> {
@@ -196,6 +217,15 @@ struct Applied {
     echo: Option<fe2o3_amqp_types::messaging::FilterSet>,
 }
 
+/// How a producer's named target is served (see `Session::route_producer`).
+enum ProducerRoute {
+    Here,
+    /// Carried to the node that leads it.
+    Forward(Arc<dyn crate::broker::forwarding::RemoteAddress>),
+    /// Refused: the attach was answered.
+    Refused(Result<(), ConnError>),
+}
+
 /// Credit to grant a producer: the configured amount, capped by the target's room.
 fn credit_for(link_credit: u32, room: Option<u64>) -> u32 {
     room.map_or(link_credit, |r| r.min(u64::from(link_credit)) as u32)
@@ -273,8 +303,12 @@ impl Session {
         // No address: the anonymous relay (ANONYMOUS-RELAY, offered in our open) — each
         // message goes where its `to` says, authorized one by one.
         if let Some(address) = &address {
-            if let Some(refused) = self.route_producer(conn, &attach, address) {
-                return refused;
+            match self.route_producer(conn, &attach, address) {
+                ProducerRoute::Here => {}
+                ProducerRoute::Refused(refused) => return refused,
+                ProducerRoute::Forward(remote) => {
+                    return self.attach_forwarded_producer(conn, attach, remote)
+                }
             }
         }
         let target = match address {
@@ -306,6 +340,7 @@ impl Session {
             partial: None,
             temporary: false,
             txn_coordinator: false,
+            forward: None,
         };
         self.open_producer(conn, reply, link)
     }
@@ -317,9 +352,18 @@ impl Session {
         conn: &mut Connection,
         attach: &Attach,
         address: &str,
-    ) -> Option<Result<(), ConnError>> {
-        let name = conn.authorize(Operation::Send, address).ok()?.name;
-        self.refuse_unrouted(conn, attach, &name, address)
+    ) -> ProducerRoute {
+        let Ok(resolved) = conn.authorize(Operation::Send, address) else {
+            return ProducerRoute::Here;
+        };
+        let route = conn.broker.route(&resolved.name, LinkDirection::Produce);
+        if let Route::Forward(remote) = route {
+            return ProducerRoute::Forward(remote);
+        }
+        match self.refuse_route(conn, attach, &route, address) {
+            Some(refused) => ProducerRoute::Refused(refused),
+            None => ProducerRoute::Here,
+        }
     }
 
     /// Answers a producer's attach with `reply`, registers `link` under its handle and
@@ -365,13 +409,8 @@ impl Session {
             ..mirror(&attach)
         };
         let link = ProducerLink {
-            target: None,
-            credit: conn.broker.config().link_credit,
-            delivery_count: attach.initial_delivery_count.unwrap_or(0),
-            withheld: false,
-            partial: None,
-            temporary: false,
             txn_coordinator: true,
+            ..ProducerLink::without_target(conn, &attach)
         };
         self.open_producer(conn, reply, link)
     }
@@ -704,8 +743,19 @@ impl Session {
         name: &str,
         address: &str,
     ) -> Option<Result<(), ConnError>> {
-        let route = conn.broker.route(name);
-        let (condition, description, info) = super::errors::route_refusal(&route, address)?;
+        let route = conn.broker.route(name, LinkDirection::Consume);
+        self.refuse_route(conn, attach, &route, address)
+    }
+
+    /// Refuses `attach` when `route` says its address is not served here.
+    fn refuse_route(
+        &mut self,
+        conn: &mut Connection,
+        attach: &Attach,
+        route: &Route,
+        address: &str,
+    ) -> Option<Result<(), ConnError>> {
+        let (condition, description, info) = super::errors::route_refusal(route, address)?;
         let refused = self.refuse_with_info(conn, attach.clone(), (condition, description), info);
         Some(refused)
     }
@@ -1039,6 +1089,7 @@ impl Session {
         link.delivery_count = link.delivery_count.wrapping_add(1);
         let link_target = link.target.clone();
         let txn_coordinator = link.txn_coordinator;
+        let forwarded = link.forward.is_some();
         if size > max {
             return self.detach_with_error(
                 conn,
@@ -1065,6 +1116,9 @@ impl Session {
             settled,
             chunks,
         };
+        if forwarded {
+            return self.forward_message(conn, &incoming, txn.is_some());
+        }
         let Some((target, reservation)) =
             self.admit_message(conn, &incoming, txn.as_ref(), link_target)?
         else {

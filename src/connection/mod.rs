@@ -253,6 +253,9 @@ pub struct Connection {
     ending: HashSet<u16>,
     outbound_tx: mpsc::UnboundedSender<Outbound>,
     pending: VecDeque<PendingProduce>,
+    /// Messages of forwarded producer links waiting for their leader's confirmation, in
+    /// the order they arrived (`link/forward_produce.rs`).
+    pending_forwards: VecDeque<link::PendingForward>,
     /// Consumers' outcomes waiting to become durable, in the order they were recorded
     /// (which is the order they become durable: one ack log, or one Raft log).
     pending_settles: VecDeque<PendingSettle>,
@@ -385,6 +388,7 @@ async fn run(
         ending: HashSet::new(),
         outbound_tx,
         pending: VecDeque::new(),
+        pending_forwards: VecDeque::new(),
         pending_settles: VecDeque::new(),
         last_read: Instant::now(),
         last_write: Instant::now(),
@@ -442,6 +446,7 @@ impl Connection {
         let mut tick = tokio::time::interval(self.heartbeat_period(idle_limit));
         loop {
             self.complete_durable()?;
+            self.complete_forwards()?;
             self.complete_settles()?;
             self.complete_txn_discharges()?;
             self.flush().await?;
@@ -459,6 +464,11 @@ impl Connection {
                 .pending
                 .front()
                 .filter(|p| p.committed.is_some())
+                .map(|p| p.durable.clone().wait());
+            // A forwarded message waits on its link's carrier (its leader's answer).
+            let forward_wait = self
+                .pending_forwards
+                .front()
                 .map(|p| p.durable.clone().wait());
             let parked = self.parked.is_some();
             let intake = Arc::clone(&self.broker.intake);
@@ -501,6 +511,8 @@ impl Connection {
                 _ = async { settle_wait?.await; Some(()) }, if settle_wait.is_some() => {}
                 // A failure is seen by `complete_durable` (`has_failed`).
                 _ = async { let _ = produce_wait?.await; Some(()) }, if produce_wait.is_some() => {}
+                // A failure is seen by `complete_forwards` (`has_failed`).
+                _ = async { let _ = forward_wait?.await; Some(()) }, if forward_wait.is_some() => {}
                 // A commit waiting for its acknowledgements (its messages wake durable_rx).
                 _ = async { txn_wait?.await; Some(()) }, if txn_wait.is_some() => {}
                 _ = tick.tick() => self.on_tick(idle_limit)?,

@@ -24,20 +24,26 @@
 //! current-thread runtime (tests) it does not wait: an address not ready at once is
 //! `Unavailable`. An address already served here is answered without blocking.
 //!
-//! Does not: forward links (a later step), or route topics, subscriptions, temporary
+//! With `link-routing: forward` ([`GroupRouter::forwarding`]), a *producer* link led
+//! elsewhere is answered [`Route::Forward`] with a [`RemoteLeader`] (the leader, its
+//! member address, this node's replica's leadership watch) and carried there
+//! (`link_forward.rs`); consumer links are still redirected.
+//!
+//! Does not: forward consumer links, or route topics, subscriptions, temporary
 //! queues and the anonymous relay (they stay local to the node a client reaches).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use entrepot_cluster::NodeId;
+use entrepot_cluster::{Host, NodeId};
 use tokio::time::Instant;
 
 use super::group_driver::GroupDriver;
 use super::group_opener::GroupOpener;
+use super::link_forward::{ForwardStats, RemoteLeader};
 use super::meta_machine::MetaGroup;
-use crate::broker::routing::{AddressRouter, Route};
+use crate::broker::routing::{AddressRouter, LinkDirection, Route};
 
 /// Longest an attach waits for its address to be placed or to get a leader.
 pub const ROUTE_WAIT: Duration = Duration::from_secs(3);
@@ -53,6 +59,15 @@ pub struct GroupRouter {
     meta: MetaGroup,
     opener: Arc<GroupOpener>,
     drivers: Drivers,
+    /// Set with `link-routing: forward`: producer links led elsewhere are carried there.
+    forward: Option<ForwardVia>,
+}
+
+/// What forwarding a link needs (`link_forward.rs`): this node's host (its peer
+/// connections) and the node's forwarding counters.
+pub struct ForwardVia {
+    pub host: Host,
+    pub stats: Arc<ForwardStats>,
 }
 
 /// What one look at the state says.
@@ -74,7 +89,15 @@ impl GroupRouter {
             meta,
             opener,
             drivers,
+            forward: None,
         }
+    }
+
+    /// Carries producer links led elsewhere with `via` (`link-routing: forward`) instead
+    /// of redirecting them.
+    pub fn forwarding(mut self, via: ForwardVia) -> GroupRouter {
+        self.forward = Some(via);
+        self
     }
 
     /// Whether this node's driver of `address` serves it now.
@@ -86,7 +109,7 @@ impl GroupRouter {
     }
 
     /// One look: where `address` is served, if that is known now.
-    fn look(&self, address: &str) -> Seen {
+    fn look(&self, address: &str, direction: LinkDirection) -> Seen {
         if self.served_here(address) {
             return Seen::Done(Route::Here);
         }
@@ -105,6 +128,20 @@ impl GroupRouter {
             None if placed.leader != self.node => placed.leader,
             None => return Seen::Wait("its group is being opened here"),
         };
+        if let (Some(via), LinkDirection::Produce) = (&self.forward, direction) {
+            let Some(member) = self.meta.machine.members().remove(&leader) else {
+                return Seen::Wait("its leader's member address is not known yet");
+            };
+            let remote = RemoteLeader {
+                address: address.to_owned(),
+                leader,
+                peer: member.peer,
+                host: via.host.clone(),
+                leadership: self.opener.get(placed.group).map(|o| o.handle.leadership()),
+                stats: Arc::clone(&via.stats),
+            };
+            return Seen::Done(Route::Forward(Arc::new(remote)));
+        }
         match self.client_address(leader) {
             Some((host, port)) => Seen::Done(Route::Elsewhere { host, port }),
             None => Seen::Wait("its leader's client address is not known yet"),
@@ -120,12 +157,17 @@ impl GroupRouter {
     }
 
     /// The route, waiting (declaring first when allowed) up to [`ROUTE_WAIT`].
-    async fn route_waiting(&self, address: &str, may_create: bool) -> Route {
+    async fn route_waiting(
+        &self,
+        address: &str,
+        may_create: bool,
+        direction: LinkDirection,
+    ) -> Route {
         let deadline = Instant::now() + ROUTE_WAIT;
         let mut declared = false;
         let mut why: &str;
         loop {
-            match self.look(address) {
+            match self.look(address, direction) {
                 Seen::Done(route) => return route,
                 Seen::NotPlaced if !may_create => return Route::Here,
                 Seen::NotPlaced if !declared => {
@@ -152,8 +194,8 @@ impl GroupRouter {
 }
 
 impl AddressRouter for GroupRouter {
-    fn route(&self, address: &str, may_create: bool) -> Route {
-        match self.look(address) {
+    fn route(&self, address: &str, may_create: bool, direction: LinkDirection) -> Route {
+        match self.look(address, direction) {
             Seen::Done(route) => return route,
             Seen::NotPlaced if !may_create => return Route::Here,
             _ => {}
@@ -162,6 +204,8 @@ impl AddressRouter for GroupRouter {
             Ok(r) if r.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => r,
             _ => return Route::Unavailable("not served here yet".into()),
         };
-        tokio::task::block_in_place(|| runtime.block_on(self.route_waiting(address, may_create)))
+        tokio::task::block_in_place(|| {
+            runtime.block_on(self.route_waiting(address, may_create, direction))
+        })
     }
 }

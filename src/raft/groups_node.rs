@@ -55,12 +55,13 @@ use super::balancer::{Balancer, BalancerConfig, BalancerProgress};
 use super::drain::DrainState;
 use super::group_driver::GroupDriver;
 use super::group_opener::{GroupEvent, GroupOpener, OpenerConfig};
-use super::group_router::{Drivers, GroupRouter};
+use super::group_router::{Drivers, ForwardVia, GroupRouter};
 use super::groups_membership::{self, Joiner, Membership};
+use super::link_forward::{ForwardStats, LinkForwardServer};
 use super::meta_machine::MetaGroup;
 use super::{ClusterConfig, ClusterStartError, ELECTION_TIMEOUT_MS, HEARTBEAT_MS};
 use crate::broker::Broker;
-use crate::config::BrokerConfig;
+use crate::config::{BrokerConfig, LinkRouting};
 use crate::metrics::{counter, gauge, ClusterView, Reply, Source};
 use crate::server::{Node, StartError};
 
@@ -110,12 +111,17 @@ impl GroupsNode {
         );
         let drivers: Drivers = Arc::default();
         let (drain, draining) = watch::channel(DrainState::Serving);
-        let router = GroupRouter::new(
+        let forward = Arc::new(ForwardStats::default());
+        let mut router = GroupRouter::new(
             cluster.node_id,
             copy(&meta),
             Arc::clone(&opener),
             Arc::clone(&drivers),
         );
+        if config.link_routing == LinkRouting::Forward {
+            let (host, stats) = (host.clone(), Arc::clone(&forward));
+            router = router.forwarding(ForwardVia { host, stats });
+        }
         let view = Arc::new(GroupsView {
             node: cluster.node_id,
             meta: copy(&meta),
@@ -130,13 +136,18 @@ impl GroupsNode {
                 drain,
             },
             ready_once: AtomicBool::new(false),
+            forward: Arc::clone(&forward),
         });
         let mut broker_config = config.clone();
         broker_config.data_dir = config.data_dir.join(BROKER_DIR);
         let router = Arc::new(router);
         let setup_view = Arc::clone(&view);
+        let forward_host = host.clone();
         let node = Node::start_with(broker_config, shutdown.clone(), move |broker| {
             broker.route_by(router);
+            // Serves the links other nodes forward here, whatever this node's own routing.
+            let server = LinkForwardServer::new(Arc::downgrade(broker), forward);
+            forward_host.set_app_handler(server);
             *setup_view.broker.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(broker));
             Source::Cluster(setup_view)
         })
@@ -320,6 +331,8 @@ struct GroupsView {
     /// Set once this node was ready: from then on a group placed here but still moving
     /// to it no longer makes it unready (see [`GroupsView::unready`]).
     ready_once: AtomicBool,
+    /// Link forwarding's counters (`link_forward.rs`).
+    forward: Arc<ForwardStats>,
 }
 
 impl GroupsView {
@@ -493,6 +506,7 @@ impl ClusterView for GroupsView {
             "Members of the cluster as this node's replica of the metadata group has them.",
             self.meta.machine.members().len(),
         );
+        self.forward.render(&mut out);
         let b = self.balancer.stats();
         counter(
             &mut out,

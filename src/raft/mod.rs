@@ -55,6 +55,7 @@ pub mod group_store;
 pub mod groups_membership;
 pub mod groups_node;
 pub mod lease;
+pub mod link_forward;
 pub mod meta_machine;
 mod proxy;
 pub mod replicator;

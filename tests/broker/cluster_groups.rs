@@ -32,11 +32,11 @@ use crate::cluster_support::Cluster;
 const NODES: u64 = 3;
 const ADDRESSES: [&str; 6] = ["g-a", "g-b", "g-c", "g-d", "g-e", "g-f"];
 /// Longest the three nodes may take to be ready.
-const READY_TIMEOUT: Duration = Duration::from_secs(20);
+pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// Longest one client step (connect, attach, send, receive) may take.
-const STEP: Duration = Duration::from_secs(8);
+pub(crate) const STEP: Duration = Duration::from_secs(8);
 /// Most redirects one attach follows.
-const MAX_HOPS: usize = 4;
+pub(crate) const MAX_HOPS: usize = 4;
 /// Liveness bound on the failover (the goal is the election timeout + 1 s; the
 /// measured time is printed).
 const FAILOVER_MAX: Duration = Duration::from_secs(10);
@@ -47,11 +47,11 @@ const SETTLED: u32 = 8;
 
 /// Where a refused attach was sent: `(host:port, address)` from a redirect's info, or
 /// the refusal itself.
-fn redirect_of(e: &definitions::Error) -> Result<(String, String), String> {
+pub(crate) fn redirect_of(e: &definitions::Error) -> Result<(String, String), String> {
     crate::redirect::redirect_of(e).map(|r| (r.to, r.address))
 }
 
-async fn session(
+pub(crate) async fn session(
     at: &str,
 ) -> (
     fe2o3_amqp::connection::ConnectionHandle<()>,
@@ -70,7 +70,7 @@ async fn session(
 }
 
 /// What one attach at one node got.
-enum Attached<L> {
+pub(crate) enum Attached<L> {
     Served(
         L,
         fe2o3_amqp::connection::ConnectionHandle<()>,
@@ -80,7 +80,7 @@ enum Attached<L> {
     Refused(String),
 }
 
-async fn try_sender(at: &str, address: &str) -> Attached<Sender> {
+pub(crate) async fn try_sender(at: &str, address: &str) -> Attached<Sender> {
     let (conn, mut s) = session(at).await;
     let attach = Sender::attach(&mut s, format!("s-{address}"), address);
     match tokio::time::timeout(STEP, attach)
@@ -96,7 +96,7 @@ async fn try_sender(at: &str, address: &str) -> Attached<Sender> {
     }
 }
 
-async fn try_receiver(at: &str, address: &str) -> Attached<Receiver> {
+pub(crate) async fn try_receiver(at: &str, address: &str) -> Attached<Receiver> {
     let (conn, mut s) = session(at).await;
     let attach = Receiver::builder()
         .name(format!("r-{address}"))
@@ -140,13 +140,23 @@ macro_rules! follow {
         }
     }};
 }
+pub(crate) use follow;
 
 /// The addresses each running node's `/status` says it leads.
-fn led(cluster: &Cluster) -> BTreeMap<u64, Vec<String>> {
+pub(crate) fn led(cluster: &Cluster) -> BTreeMap<u64, Vec<String>> {
     cluster.led_addresses(&cluster.running())
 }
 
-fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+/// The node that `leaders` (from [`led`]) says leads `address`.
+pub(crate) fn leader_of(leaders: &BTreeMap<u64, Vec<String>>, address: &str) -> u64 {
+    *leaders
+        .iter()
+        .find(|(_, a)| a.iter().any(|x| x == address))
+        .unwrap_or_else(|| panic!("nobody leads {address}: {leaders:?}"))
+        .0
+}
+
+pub(crate) fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !ok() {
         assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
@@ -154,7 +164,7 @@ fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
     }
 }
 
-async fn send(sender: &mut Sender, from: u32, to: u32) {
+pub(crate) async fn send(sender: &mut Sender, from: u32, to: u32) {
     for i in from..to {
         let outcome = tokio::time::timeout(STEP, sender.send(format!("m{i}")))
             .await
@@ -164,7 +174,7 @@ async fn send(sender: &mut Sender, from: u32, to: u32) {
     }
 }
 
-async fn take(receiver: &mut Receiver, expected: u32) {
+pub(crate) async fn take(receiver: &mut Receiver, expected: u32) {
     let d = tokio::time::timeout(STEP, receiver.recv::<String>())
         .await
         .unwrap_or_else(|_| panic!("m{expected} not received in time"))
@@ -216,11 +226,7 @@ fn groups_mode_spreads_leaders_redirects_and_fails_over() {
 
     // The first address: its leader and a node that does not lead it.
     let address = ADDRESSES[0];
-    let leader = *leaders
-        .iter()
-        .find(|(_, a)| a.iter().any(|x| x == address))
-        .unwrap()
-        .0;
+    let leader = leader_of(&leaders, address);
     let other = all.iter().copied().find(|&n| n != leader).unwrap();
     let leader_amqp = cluster.amqp(leader).to_string();
     rt.block_on(async {

@@ -13,6 +13,7 @@ mod campaign;
 mod client;
 mod cluster;
 mod cluster_campaign;
+mod cluster_forward;
 mod cluster_groups;
 mod cluster_groups_campaign;
 mod cluster_interop;

@@ -120,7 +120,7 @@ impl Session {
 }
 
 /// The message in one piece (one copy when it came in several frames).
-fn contiguous(chunks: &[Bytes]) -> Bytes {
+pub(super) fn contiguous(chunks: &[Bytes]) -> Bytes {
     match chunks {
         [one] => one.clone(),
         _ => {
