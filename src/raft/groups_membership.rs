@@ -22,9 +22,9 @@
 //!   which the placement puts its replicas elsewhere, the balancer on each group's leader
 //!   moves them away (the node's leaderships end as it stops being a voter), and group
 //!   0's leader takes it out of group 0. The answer waits until no group open on the
-//!   answering node — group 0 included — has the node as a voter, at most
-//!   [`DRAIN_TIMEOUT`] (on the draining node itself that is every group it hosts: the
-//!   opener closes a copy once a committed membership leaves it out). A drain also marks
+//!   answering node — group 0 included — has the node as a voter or leader, and on the
+//!   draining node itself until no address group is open any more (its opener closes a
+//!   copy once a committed membership leaves it out), at most [`DRAIN_TIMEOUT`]. A drain also marks
 //!   the node [`DrainState::Leaving`] first (`/readyz` 503, new client connections
 //!   closed at once) and [`DrainState::Drained`] at the end; the node keeps running,
 //!   hosting nothing, until it is stopped.
@@ -255,13 +255,13 @@ impl Membership {
             }
         }
         loop {
-            let voter_in = self.voter_in(node);
-            if voter_in.is_empty() {
+            let held = self.held_by(node);
+            if held.is_empty() {
                 break;
             }
             if Instant::now() >= deadline {
                 lines.push(format!(
-                    "node {node}: still a voter of groups {voter_in:?} after DRAIN_TIMEOUT \
+                    "node {node}: still holds groups {held:?} after DRAIN_TIMEOUT \
                      ({DRAIN_TIMEOUT:?}); the balancer goes on moving them"
                 ));
                 return Err("504 Gateway Timeout");
@@ -269,24 +269,30 @@ impl Membership {
             tokio::time::sleep(LEAVE_POLL).await;
         }
         lines.push(format!(
-            "node {node}: no voter replica left in the groups open on node {} (group 0 \
-             included), {:.1} s after the removal: its leaderships ended",
+            "node {node}: holds no voter replica or leadership of the groups open on node {} \
+             (group 0 included), {:.1} s after the removal",
             self.node,
             started.elapsed().as_secs_f64()
         ));
         Ok(())
     }
 
-    /// The groups open here (group 0 included) whose voters include `node`.
-    pub fn voter_in(&self, node: NodeId) -> Vec<u64> {
+    /// The groups open here (group 0 included) that `node` still holds: as a voter, or
+    /// as the leader (a leader that removed itself leads until that change commits); on
+    /// `node` itself, every address group still open (its opener closes a copy once a
+    /// committed membership leaves it out).
+    pub fn held_by(&self, node: NodeId) -> Vec<u64> {
+        let holds = |st: &entrepot_cluster::host::GroupStatus| {
+            st.voters.contains(&node) || st.leadership.leader == Some(node)
+        };
         let mut groups: Vec<u64> = self
             .opener
             .opened()
             .values()
-            .filter(|g| g.handle.status().voters.contains(&node))
+            .filter(|g| node == self.node || holds(&g.handle.status()))
             .map(|g| g.group)
             .collect();
-        if self.meta.handle.status().voters.contains(&node) {
+        if holds(&self.meta.handle.status()) {
             groups.insert(0, entrepot_cluster::METADATA_GROUP);
         }
         groups

@@ -393,14 +393,14 @@ impl GroupsView {
                 .map(|g| (g.group, g.address, g.handle.status())),
         );
         for (group, name, st) in open {
-            let placed: Vec<NodeId> = placement
-                .groups()
-                .get(&group)
+            let entry = placement.groups().get(&group);
+            let placed: Vec<NodeId> = entry
                 .map(|e| e.replicas.nodes.iter().copied().collect())
                 .unwrap_or_else(|| placement.members().keys().copied().collect());
+            let preferred = entry.map_or("none".to_owned(), |e| e.replicas.leader.to_string());
             let _ = writeln!(
                 out,
-                "    - {{ group: {group}, name: {name:?}, placed: {placed:?}, voters: {:?}, learners: {:?}, leader: {}, applied: {}, committed: {} }}",
+                "    - {{ group: {group}, name: {name:?}, placed: {placed:?}, preferred: {preferred}, voters: {:?}, learners: {:?}, leader: {}, applied: {}, committed: {} }}",
                 st.voters,
                 st.learners,
                 st.leadership.leader.map_or("none".to_owned(), |l| l.to_string()),

@@ -1164,7 +1164,7 @@ fn body(seq: u64) -> Vec<u8> {
         .collect()
 }
 
-fn seq_of(m: &Message<Data>) -> u64 {
+pub fn seq_of(m: &Message<Data>) -> u64 {
     match m
         .application_properties
         .as_ref()

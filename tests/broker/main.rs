@@ -16,6 +16,7 @@ mod cluster_campaign;
 mod cluster_forward;
 mod cluster_groups;
 mod cluster_groups_campaign;
+mod cluster_groups_membership;
 mod cluster_interop;
 mod cluster_lease;
 mod cluster_membership;
