@@ -14,12 +14,15 @@
 //! `groups-here`); whether it actually leads one (openraft 0.9: its campaigns are best
 //! effort, there is no leadership transfer) is waited for, bounded, and printed. Then
 //! `entrepot drain` on it: it must end hosting no address group and no group-0 vote,
-//! the others listing three members and every group's voters again its placement. At
-//! the end every accepted message has been received, and none the consumer settled came
-//! again. Every wait is bounded; the times to settle after the join and the drain and the
-//! leaders per node are printed, not asserted.
-//! Mutation-checked (see the session's report): the drain answering without waiting for
-//! the moves, and the joiner's readiness without the voter check.
+//! the others listing three members and every group's voters again its placement; a
+//! drain of one of the three left is refused naming the replication factor. At the end
+//! every accepted message has been received, and none the consumer settled came again;
+//! the drained node started again on its data is a member again. Every wait is bounded;
+//! the times to settle after the join and the drain and the leaders per node are
+//! printed, not asserted.
+//! Mutation-checked: the drain answering without waiting for the moves (it still hosted
+//! five groups), the joiner's readiness without the voter check (ready while a placed
+//! group had no voters yet), the refusal without the replication-factor limit.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -567,6 +570,21 @@ fn a_node_joins_takes_replicas_and_leaderships_then_drains_out_and_nothing_is_lo
         "drain: answered after {drain_answered:?}, settled after {drain_settle:?}; leaders per node: {:?}",
         leaders_per_node(&after_drain)
     );
+    // Three members left: one more drain would go below the replication factor.
+    let (ok, out, err) = cluster.drain_cli(0, &[]);
+    assert!(
+        !ok,
+        "a drain below the replication factor was not refused: {out}"
+    );
+    assert!(
+        err.contains("replication factor"),
+        "the refusal names its limit: {out}{err}"
+    );
+    assert_eq!(
+        cluster.readyz(0),
+        Some(200),
+        "a refused drain changes nothing"
+    );
 
     // The producers stop; the consumers take the rest.
     stop.store(true, Ordering::Relaxed);
@@ -607,4 +625,16 @@ fn a_node_joins_takes_replicas_and_leaderships_then_drains_out_and_nothing_is_lo
         totals.insert(*queue, (l.accepted.len(), l.redelivered));
     }
     println!("accepted and received, (accepted, redelivered unsettled) per queue: {totals:?}");
+
+    // The drained node, started again on its data, asks to join again.
+    cluster.kill(JOINER);
+    cluster.restart(JOINER);
+    wait_for(
+        "the restarted node is a member again",
+        READY_TIMEOUT,
+        || match members_on(&cluster, 0) {
+            Some(m) if m.contains(&JOINER) => Ok(()),
+            other => Err(format!("members on node 0: {other:?}")),
+        },
+    );
 }
