@@ -132,7 +132,11 @@ pub const MAX_REDIRECTS: u32 = 4;
 /// Where an attach refused with `error` should go next: for `amqp:link:redirect`, the
 /// node its `info` names (`network-host` and `port`, the AMQP 1.0 / Qpid Dispatch
 /// convention; credentials of `url` kept); any other refusal is the attach's error.
-fn follow(url: &str, error: &definitions::Error, hops: &mut u32) -> anyhow::Result<String> {
+pub(crate) fn follow(
+    url: &str,
+    error: &definitions::Error,
+    hops: &mut u32,
+) -> anyhow::Result<String> {
     let refused = || anyhow::anyhow!("attach refused: {error:?}");
     if error.condition != ErrorCondition::LinkError(LinkError::Redirect) {
         return Err(refused());

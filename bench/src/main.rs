@@ -19,6 +19,7 @@
 mod amqp;
 mod args;
 mod cpu;
+mod declare;
 mod drain;
 #[cfg(feature = "nats")]
 mod nats;
@@ -166,6 +167,9 @@ struct Cli {
 
 #[derive(clap::Subcommand)]
 enum Command {
+    /// Declare many addresses (a sender attached to each, redirects followed), optionally
+    /// sending one message to each: `benches/many_groups.sh`.
+    Declare(declare::DeclareArgs),
     /// Draw the throughput-versus-p99 PNG from the per-run JSON files of
     /// benches/compare.sh (feature `plot`).
     #[cfg(feature = "plot")]
@@ -183,6 +187,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         #[cfg(feature = "plot")]
         Some(Command::Plot(args)) => plot::run(args),
+        Some(Command::Declare(args)) => declare::run(args),
         None => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()

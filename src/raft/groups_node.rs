@@ -45,7 +45,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use entrepot_cluster::{Host, HostConfig, NodeId, PeerServerOptions};
+use entrepot_cluster::{HibernationConfig, Host, HostConfig, NodeId, PeerServerOptions};
 use entrepot_storage::LogConfig;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -231,6 +231,10 @@ async fn start_host(
     host_config.heartbeat = Duration::from_millis(HEARTBEAT_MS);
     host_config.election_timeout =
         Duration::from_millis(ELECTION_TIMEOUT_MS.0)..Duration::from_millis(ELECTION_TIMEOUT_MS.1);
+    if config.hibernate_groups {
+        // The host raises the liveness timeout to the longest election timeout itself.
+        host_config.hibernation = Some(HibernationConfig::default());
+    }
     host_config.peer = PeerServerOptions {
         secret: cluster.secret.clone(),
         tls: cluster.tls.clone(),

@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# Many addresses on a 3-node `--cluster-mode groups` cluster (issue 12: "10,000 addresses
+# on a 3-node cluster: RSS per node and idle CPU reported; idle CPU below 5 % of a core").
+#
+# Starts three release-build nodes on 127.0.0.1, declares COUNT queues the way clients do
+# (`entrepot-bench declare`: a sender attached to each, redirects followed to the queue's
+# leader, one persistent 1 KiB message sent to each and accepted), waits until every node
+# has opened every group and each group has a leader, lets the cluster settle, then
+# measures over IDLE seconds of idleness per node: RSS (VmRSS of /proc/PID/status) and
+# CPU (utime+stime delta of /proc/PID/stat ÷ wall time, in % of one core), plus memory per
+# group replica ((RSS after − RSS of the same node with no address) ÷ groups; every node
+# holds a replica of every group at 3 nodes). Then checks a sample of the queues still
+# serves: a consumer takes each sample queue's message (waking it when hibernated).
+#
+# Usage: benches/many_groups.sh
+# Env: COUNT (addresses, default 10000), IDLE (s of idle measurement, default 30, at least
+#      30 for the issue's figure), SETTLE (s before it, default 15), CONNECTIONS (declaring
+#      connections, default 16), HIBERNATE (1: `--hibernate-groups`, default 1), SAMPLE
+#      (queues read back at the end, default 20), TIMEOUT (s for the declaration, 3600).
+# Output: the table on stdout, the last line `many groups: COUNT=N hibernate=H
+# rss_mib=a/b/c idle_cpu_pct=x/y/z kib_per_group_replica=k/l/m`; logs under
+# $CARGO_TARGET_DIR/many-groups/. Every process started here is stopped on exit.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+target="${CARGO_TARGET_DIR:-$root/target}"
+out="$target/many-groups"
+count="${COUNT:-10000}"
+idle="${IDLE:-30}"
+settle="${SETTLE:-15}"
+connections="${CONNECTIONS:-16}"
+hibernate="${HIBERNATE:-1}"
+sample="${SAMPLE:-20}"
+declare_timeout="${TIMEOUT:-3600}"
+bin="$target/release/entrepot"
+bench_bin="$target/release/entrepot-bench"
+work="$(mktemp -d)"
+pids=()
+hz="$(getconf CLK_TCK)"
+
+step() { echo "==> $(date -u +%H:%M:%S) $*" >&2; }
+cleanup() {
+    for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+step "building the release binaries (the broker, entrepot-bench)"
+cargo build --release --quiet --bin entrepot
+cargo build --release --quiet -p entrepot-bench
+mkdir -p "$out"
+rm -f "$out"/*.log
+
+peers="0=127.0.0.1:7420/5760,1=127.0.0.1:7421/5761,2=127.0.0.1:7422/5762"
+urls="amqp://127.0.0.1:5760,amqp://127.0.0.1:5761,amqp://127.0.0.1:5762"
+flags=(--cluster-mode groups)
+[ "$hibernate" = 1 ] && flags+=(--hibernate-groups)
+declare -A node_pid
+for i in 0 1 2; do
+    RUST_LOG="${RUST_LOG:-error}" "$bin" serve --node-id "$i" --peers "$peers" \
+        --cluster-listen "127.0.0.1:742$i" --listen "127.0.0.1:576$i" --http "127.0.0.1:186$i" \
+        --data-dir "$work/n$i" "${flags[@]}" >>"$out/n$i.log" 2>&1 &
+    pids+=($!)
+    node_pid[$i]=$!
+done
+
+status_field() { # status_field NODE FIELD → the value of `  FIELD:` in /status (groups:), or 0
+    local v
+    v=$(curl -s --max-time 10 "http://127.0.0.1:186$1/status" | awk -v f="  $2:" 'index($0, f) == 1 {print $2; exit}') || true
+    echo "${v:-0}"
+}
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+step "waiting for the three nodes to be ready"
+for i in 0 1 2; do
+    for _ in $(seq 1 600); do
+        [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "http://127.0.0.1:186$i/readyz")" = 200 ] && continue 2
+        sleep 0.1
+    done
+    step "node $i not ready: $(tail -n 3 "$out/n$i.log")"
+    exit 1
+done
+sleep 2
+declare -A rss0
+for i in 0 1 2; do rss0[$i]=$(rss_kib "${node_pid[$i]}"); done
+step "ready; RSS with no address: ${rss0[0]} / ${rss0[1]} / ${rss0[2]} KiB"
+
+step "declaring $count queues over $connections connections, one message each"
+t0=$(date +%s)
+"$bench_bin" declare --url "$urls" --prefix many --count "$count" --connections "$connections" \
+    --send --timeout "$declare_timeout" 2> >(tee "$out/declare.log" >&2) | tee "$out/declare.txt"
+declared_s=$(( $(date +%s) - t0 ))
+
+step "waiting until every node has opened all $count groups and each has a leader"
+deadline=$(( $(date +%s) + 600 ))
+while :; do
+    open=(); led=0
+    for i in 0 1 2; do
+        o=$(status_field "$i" open); l=$(status_field "$i" led)
+        open+=("${o:-0}"); led=$(( led + ${l:-0} ))
+    done
+    if [ "${open[0]}" -ge "$count" ] && [ "${open[1]}" -ge "$count" ] && [ "${open[2]}" -ge "$count" ] &&
+        [ "$led" -ge "$count" ]; then
+        break
+    fi
+    if [ "$(date +%s)" -gt "$deadline" ]; then
+        step "not converged: open ${open[*]}, led $led"
+        exit 1
+    fi
+    step "open ${open[*]}, led $led"
+    sleep 5
+done
+leads=""
+for i in 0 1 2; do leads="$leads$(status_field "$i" led)/"; done
+step "converged (leaders per node ${leads%/}); settling ${settle}s"
+sleep "$settle"
+
+step "measuring ${idle}s of idleness"
+declare -A c0 c1 r1
+for i in 0 1 2; do c0[$i]=$(cpu_ticks "${node_pid[$i]}"); done
+w0=$(date +%s.%N)
+sleep "$idle"
+w1=$(date +%s.%N)
+for i in 0 1 2; do c1[$i]=$(cpu_ticks "${node_pid[$i]}"); r1[$i]=$(rss_kib "${node_pid[$i]}"); done
+
+rss_list=""; cpu_list=""; per_list=""
+rows=""
+for i in 0 1 2; do
+    cpu=$(echo "(${c1[$i]} - ${c0[$i]}) / $hz / ($w1 - $w0) * 100" | bc -l)
+    per=$(echo "(${r1[$i]} - ${rss0[$i]}) / $count" | bc -l)
+    rows="$rows$(printf '| %s | %.1f | %.1f | %.1f | %.2f | %s |' "$i" "$(echo "${rss0[$i]}/1024" | bc -l)" \
+        "$(echo "${r1[$i]}/1024" | bc -l)" "$per" "$cpu" "$(status_field "$i" led)")"$'\n'
+    rss_list="$rss_list$(printf '%.0f' "$(echo "${r1[$i]}/1024" | bc -l)")/"
+    cpu_list="$cpu_list$(printf '%.2f' "$cpu")/"
+    per_list="$per_list$(printf '%.1f' "$per")/"
+done
+{
+    echo "| node | RSS no address (MiB) | RSS with $count groups (MiB) | KiB per group replica | idle CPU (% of a core) | groups led |"
+    echo "|---|---|---|---|---|---|"
+    printf '%s' "$rows"
+} | tee "$out/table.md"
+
+step "reading back $sample sample queues (a consumer takes each one's message)"
+"$bench_bin" declare --url "$urls" --prefix many --count "$count" --every $(( (count + sample - 1) / sample )) \
+    --connections 4 --receive --timeout 600 >"$out/sample.log" 2>&1 ||
+    { step "sample queues not read back: $(tail -n 3 "$out/sample.log")"; exit 1; }
+step "every sample queue gave back its message"
+
+echo "declared in ${declared_s}s; command: COUNT=$count IDLE=$idle HIBERNATE=$hibernate benches/many_groups.sh"
+echo "many groups: COUNT=$count hibernate=$hibernate rss_mib=${rss_list%/} idle_cpu_pct=${cpu_list%/} kib_per_group_replica=${per_list%/}"
