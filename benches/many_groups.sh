@@ -153,6 +153,13 @@ done
     printf '%s' "$rows"
 } | tee "$out/table.md"
 
+running=""
+for i in 0 1 2; do
+    r=$(curl -s --max-time 10 "http://127.0.0.1:186$i/metrics" | awk '$1 == "entrepot_groups_running" {print $2; exit}') || true
+    running="$running${r:-?}/"
+done
+step "groups running (not hibernated) per node: ${running%/} of $count_held"
+
 step "reading back $sample sample queues (a consumer takes each one's message)"
 "$bench_bin" declare --url "$urls" --prefix many --count "$count" --every $(( (count + sample - 1) / sample )) \
     --connections 4 --receive --timeout 600 >"$out/sample.log" 2>&1 ||
@@ -161,5 +168,5 @@ step "every sample queue gave back its message"
 [ "$declare_ok" = 1 ] || { step "FAILED: ${failed:-?} addresses not declared (see $out/declare.log)"; exit_code=1; }
 
 echo "declared in ${declared_s}s; command: COUNT=$count IDLE=$idle HIBERNATE=$hibernate benches/many_groups.sh"
-echo "many groups: COUNT=$count groups_held=$count_held hibernate=$hibernate rss_mib=${rss_list%/} idle_cpu_pct=${cpu_list%/} kib_per_group_replica=${per_list%/}"
+echo "many groups: COUNT=$count groups_held=$count_held hibernate=$hibernate rss_mib=${rss_list%/} idle_cpu_pct=${cpu_list%/} kib_per_group_replica=${per_list%/} running=${running%/}"
 exit "${exit_code:-0}"

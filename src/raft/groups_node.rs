@@ -137,6 +137,7 @@ impl GroupsNode {
             },
             ready_once: AtomicBool::new(false),
             forward: Arc::clone(&forward),
+            host: host.clone(),
         });
         let mut broker_config = config.clone();
         broker_config.data_dir = config.data_dir.join(BROKER_DIR);
@@ -337,6 +338,8 @@ struct GroupsView {
     ready_once: AtomicBool,
     /// Link forwarding's counters (`link_forward.rs`).
     forward: Arc<ForwardStats>,
+    /// The node's host, for its hibernation counters.
+    host: Host,
 }
 
 impl GroupsView {
@@ -509,6 +512,25 @@ impl ClusterView for GroupsView {
             "entrepot_cluster_members",
             "Members of the cluster as this node's replica of the metadata group has them.",
             self.meta.machine.members().len(),
+        );
+        let h = self.host.hibernation_counters();
+        gauge(
+            &mut out,
+            "entrepot_groups_running",
+            "Groups whose Raft instance runs here (the others hibernate: --hibernate-groups).",
+            h.running,
+        );
+        counter(
+            &mut out,
+            "entrepot_groups_hibernation_stops_total",
+            "Times a group's Raft instance was stopped here for idleness.",
+            h.stops,
+        );
+        counter(
+            &mut out,
+            "entrepot_groups_hibernation_wakes_total",
+            "Times a hibernated group's Raft instance was started again here.",
+            h.wakes,
         );
         self.forward.render(&mut out);
         let b = self.balancer.stats();
