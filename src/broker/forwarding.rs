@@ -16,6 +16,8 @@
 //! * Confirmation is a prefix: message `seq` is accepted only once every earlier message
 //!   of the link is; a failure fails every message not confirmed yet, never one that is.
 //! * A refusal names its limit.
+//! * A carrier that gives up calls the link's [`ForwardedProducer::on_failure`] once, so
+//!   the connection detaches a link with nothing in flight too.
 //!
 //! Does not: talk to another node, name the cluster layer, or resend (a carrier that
 //! loses a reply fails the rest of the link: at-least-once, the client resends what was
@@ -71,20 +73,37 @@ pub enum ForwardRefused {
 }
 
 /// The link's end: numbers its messages and hands them to the carrier.
-#[derive(Debug)]
 pub struct ForwardedProducer {
     tx: mpsc::Sender<ForwardedMessage>,
     next: u64,
     progress: watch::Receiver<DurableState>,
     bytes: Arc<AtomicU64>,
+    notify: Notify,
+}
+
+/// Called once when the carrier gives up (the connection detaches the link then).
+type Notify = Arc<std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>>;
+
+impl std::fmt::Debug for ForwardedProducer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ForwardedProducer")
+            .field("next", &self.next)
+            .finish()
+    }
 }
 
 /// The carrier's end: the messages to carry, in order, and where it reports.
-#[derive(Debug)]
 pub struct ProducerIntake {
     pub rx: mpsc::Receiver<ForwardedMessage>,
     progress: watch::Sender<DurableState>,
     bytes: Arc<AtomicU64>,
+    notify: Notify,
+}
+
+impl std::fmt::Debug for ProducerIntake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProducerIntake").finish_non_exhaustive()
+    }
 }
 
 /// A new forwarded producer link and its carrier's end.
@@ -92,21 +111,33 @@ pub fn producer_channel() -> (ForwardedProducer, ProducerIntake) {
     let (tx, rx) = mpsc::channel(MAX_FORWARDED_TRANSFERS_PER_LINK);
     let (progress, watch_rx) = watch::channel(DurableState::default());
     let bytes = Arc::new(AtomicU64::new(0));
+    let notify = Notify::default();
     let producer = ForwardedProducer {
         tx,
         next: 0,
         progress: watch_rx,
         bytes: Arc::clone(&bytes),
+        notify: Arc::clone(&notify),
     };
     let intake = ProducerIntake {
         rx,
         progress,
         bytes,
+        notify,
     };
     (producer, intake)
 }
 
 impl ForwardedProducer {
+    /// Calls `f` once when the carrier gives up (at once if it already did).
+    pub fn on_failure(&self, f: impl FnOnce() + Send + 'static) {
+        let mut slot = self.notify.lock().unwrap_or_else(|e| e.into_inner());
+        match self.progress.borrow().failed.is_some() {
+            true => f(),
+            false => *slot = Some(Box::new(f)),
+        }
+    }
+
     /// Why the carrier gave up, once it did.
     pub fn failure(&self) -> Option<String> {
         self.progress.borrow().failed.as_deref().map(str::to_owned)
@@ -164,6 +195,10 @@ impl ProducerIntake {
                 s.failed = Some(reason.into());
             }
         });
+        let notify = self.notify.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(f) = notify {
+            f();
+        }
     }
 
     /// `bytes` of messages taken off the channel are no longer in flight.
@@ -192,7 +227,14 @@ mod tests {
         intake.confirm(2);
         assert!(handles[0].is_durable() && handles[1].is_durable());
         assert!(!handles[2].is_durable() && !handles[2].has_failed());
+        let told = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&told);
+        p.on_failure(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+        });
         intake.fail("leader moved".into());
+        intake.fail("again".into());
+        assert_eq!(told.load(Ordering::SeqCst), 1, "told once");
         assert!(handles[2].has_failed() && !handles[1].has_failed());
         assert!(
             matches!(p.send(Bytes::new(), 0), Err(ForwardRefused::Failed(w)) if w == "leader moved")

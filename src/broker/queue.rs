@@ -90,6 +90,10 @@ pub enum Outbound {
     /// consumer left unsettled is not settled here; it is delivered again where the
     /// address is served now.
     Retired { link: LinkKey, description: String },
+    /// A forwarded producer link's carrier gave up (`forwarding.rs`): detach producer
+    /// link `handle` on session `channel` with `amqp:link:detach-forced` and the carrier's
+    /// reason, even with nothing in flight (not a queue's event; the same channel).
+    ForwardEnded { channel: u16, handle: u32 },
 }
 
 /// The receiver's outcome for one delivery.

@@ -790,6 +790,7 @@ impl Connection {
             Outbound::Deliver { link, .. }
             | Outbound::Drained { link, .. }
             | Outbound::Retired { link, .. } => link.channel,
+            Outbound::ForwardEnded { channel, .. } => *channel,
         };
         match self.sessions.remove(&channel) {
             Some(mut session) => {

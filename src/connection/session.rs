@@ -455,6 +455,7 @@ impl Session {
             }
             // The queue is no longer served here: only its links go, the session and the
             // connection's other links stay.
+            Outbound::ForwardEnded { handle, .. } => self.on_forward_ended(conn, handle),
             Outbound::Retired { link, description } => {
                 if !matches!(self.links.get(&link.handle), Some(Link::Consumer(c)) if c.consumer == link.consumer)
                 {

@@ -7,7 +7,8 @@
 //! SIGSTOP within the election timeout and below the reply timeout, so by the replica's
 //! leadership watch), attaching again on the same node is served (forwarded to the new
 //! leader), and no accepted message is lost; a message sent twice is only one whose
-//! outcome the client never learned.
+//! outcome the client never learned. A forwarded link with nothing in flight is detached
+//! the same way, without sending anything.
 //! Method: three `entrepot serve --cluster-mode groups --link-routing forward` processes
 //! on loopback (`cluster_support::Cluster`), fe2o3 clients; the producer never follows a
 //! redirect, the consumer does (consumer links are redirected in this mode). Every wait
@@ -19,7 +20,9 @@
 //! first); the carrier's give-up removed (`intake.fail` in `link_forward::carry`: the send
 //! after the kill hangs, "an outcome or a detach" fails); the leadership watch removed
 //! (`link_forward::leader_moved` never completing: after the SIGSTOP the link is
-//! detached only by the reply timeout, past `STOP_DETACH_MAX`).
+//! detached only by the reply timeout, past `STOP_DETACH_MAX`); the carrier's
+//! notification removed (`ProducerIntake::fail` not calling it: the idle link is never
+//! detached, "the idle link detached in time" fails).
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -193,6 +196,19 @@ fn forwarded_across(fault: Fault) {
         let _ = c.close().await;
     });
 
+    // An idle forwarded link (nothing in flight) is told too, without sending.
+    let idle = rt.block_on(async {
+        let (c, mut s) = session(&other_amqp).await;
+        let attach = Sender::attach(&mut s, "fwd-idle", ADDRESS);
+        let sender = tokio::time::timeout(STEP, attach).await.expect("in time");
+        (c, s, sender.expect("the idle link attached"))
+    });
+    let idle = rt.spawn(async move {
+        let (c, s, mut sender) = idle;
+        let detached = sender.on_detach().await;
+        (Instant::now(), format!("{detached:?}"), c, s)
+    });
+
     // The kill phase: the leader dies while the producer sends through `other`.
     let seen = Arc::new(Mutex::new(Produced::default()));
     let producer = rt.spawn(produce_through(
@@ -230,6 +246,17 @@ fn forwarded_across(fault: Fault) {
     };
     assert!(took < max, "detached only after {took:?} (bound {max:?})");
     assert!(error.contains("DetachForced"), "{error}");
+    let (idle_at, idle_error, _c, _s) = rt
+        .block_on(async { tokio::time::timeout(max, idle).await })
+        .expect("the idle link detached in time")
+        .expect("idle link task");
+    let took = idle_at.saturating_duration_since(killed);
+    println!("idle forwarded link detached {took:?} after the {fault:?}: {idle_error}");
+    assert!(
+        took < max,
+        "idle link detached only after {took:?} (bound {max:?})"
+    );
+    assert!(idle_error.contains("DetachForced"), "{idle_error}");
     assert_eq!(
         p.accepted.len() as u32,
         SECOND,

@@ -20,7 +20,7 @@ use std::time::Instant;
 use super::{mirror, Incoming, Link, ProducerLink, Session};
 use crate::amqp::message::MessageView;
 use crate::broker::forwarding::{ForwardRefused, RemoteAddress};
-use crate::broker::queue::now_ms;
+use crate::broker::queue::{now_ms, Outbound};
 use crate::connection::{ConnError, Connection};
 use entrepot_storage::Durable;
 
@@ -44,6 +44,7 @@ impl Session {
         attach: Attach,
         remote: Arc<dyn RemoteAddress>,
     ) -> Result<(), ConnError> {
+        let handle = attach.handle.0;
         let producer = match remote.open_producer() {
             Ok(p) => p,
             Err(why) => {
@@ -55,6 +56,11 @@ impl Session {
             }
         };
         tracing::debug!(link = %attach.name, leader = %remote.leader(), "producer link forwarded");
+        // Told even when nothing is in flight: the link goes when its carrier does.
+        let (tx, channel) = (conn.outbound_tx.clone(), self.remote_channel());
+        producer.on_failure(move || {
+            let _ = tx.send(Outbound::ForwardEnded { channel, handle });
+        });
         let reply = Attach {
             rcv_settle_mode: ReceiverSettleMode::First,
             max_message_size: Some(conn.broker.config().max_message_bytes),
@@ -65,6 +71,25 @@ impl Session {
             ..ProducerLink::without_target(conn, &attach)
         };
         self.open_producer(conn, reply, link)
+    }
+
+    /// The carrier of producer link `handle` gave up: the link is detached with its
+    /// reason (unless the handle now names another link, whose carrier did not).
+    pub(in crate::connection) fn on_forward_ended(
+        &mut self,
+        conn: &mut Connection,
+        handle: u32,
+    ) -> Result<(), ConnError> {
+        let why = match self.links.get(&handle) {
+            Some(Link::Producer(ProducerLink {
+                forward: Some(f), ..
+            })) => f.failure(),
+            _ => None,
+        };
+        match why {
+            Some(why) => self.detach_producer_forced(conn, handle, format!("{why}; attach again")),
+            None => Ok(()),
+        }
     }
 
     /// A whole message on a forwarded link: validated, handed to the carrier, its
