@@ -427,6 +427,16 @@ impl Broker {
             .unwrap_or_default()
     }
 
+    /// The queue this broker serves under `address`, if any: never creates one (a node
+    /// answering a peer's forwarded messages must not auto-create a local queue under a
+    /// clustered name — it would hold the name against the group's own queue).
+    pub fn existing_queue(&self, address: &str) -> Option<Arc<Queue>> {
+        self.queues
+            .read()
+            .ok()
+            .and_then(|q| q.get(address).cloned())
+    }
+
     /// The queue at `address`; created when `auto-create` is on.
     pub fn queue(&self, address: &str) -> Result<Arc<Queue>, AddressError> {
         check_name(address)?;

@@ -324,8 +324,11 @@ async fn serve_enqueue(broker: &Broker, request: &Enqueue) -> Reply {
         stored: 0,
         rest: Some(Rest::NotServed(why)),
     };
-    let queue = match broker.queue(&request.address) {
-        Ok(q) if q.address_store().is_some() => q,
+    // Looked up, never created: auto-creating here would put a local queue under the
+    // clustered name, and this node's own activation of the group would then fail
+    // (`NameTaken`) for as long as the process lives (CI, session 14).
+    let queue = match broker.existing_queue(&request.address) {
+        Some(q) if q.address_store().is_some() => q,
         _ => return not_served(format!("address {} is not served here", request.address)),
     };
     let Some(store) = queue.address_store().cloned() else {
@@ -563,6 +566,46 @@ fn get_str(b: &mut Bytes, max: usize) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Goal: messages forwarded to a node that does not serve their address (not the
+    /// leader yet, or no longer) are refused and leave no local queue behind, even with
+    /// auto-create on: a local queue under the clustered name would block this node's
+    /// activation of the group for good (mutation-checked: with `Broker::queue`, which
+    /// auto-creates, it fails).
+    #[test]
+    fn a_node_that_does_not_serve_the_address_refuses_without_creating_a_queue() {
+        let dir = std::env::temp_dir().join(format!(
+            "entrepot-forward-refuse-{}-{}",
+            std::process::id(),
+            line!()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        let config = crate::config::BrokerConfig {
+            data_dir: dir.clone(),
+            ..crate::config::BrokerConfig::default()
+        };
+        assert!(config.auto_create, "the case that matters: auto-create on");
+        let broker = Broker::open(config).unwrap();
+        let request = Enqueue {
+            address: "clustered-q".to_owned(),
+            forwarder: 1,
+            first_seq: 0,
+            messages: Vec::new(),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let reply = rt.block_on(serve_enqueue(&broker, &request));
+        assert_eq!(reply.stored, 0);
+        assert!(matches!(reply.rest, Some(Rest::NotServed(_))));
+        assert!(
+            broker.existing_queue("clustered-q").is_none(),
+            "a refused forward created a local queue"
+        );
+        drop(broker);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     /// Goal: requests and replies survive the wire; a forged count, a long address, a
     /// cut body or another version are refused before allocating.
