@@ -117,6 +117,23 @@ async fn produce_through(at: String, from: u32, to: u32, seen: Arc<Mutex<Produce
     }
 }
 
+/// The preferred leader of `address` as the first answering node's `/status` lists it
+/// (`preferred: N` on the address's group line).
+fn preferred_leader(cluster: &Cluster, nodes: &[u64], address: &str) -> Option<u64> {
+    let name = format!("name: {address:?}");
+    nodes.iter().find_map(|&id| {
+        let (_, yaml) = cluster.get(id, "/status")?;
+        let line = yaml.lines().find(|l| l.contains(&name))?;
+        line.split("preferred: ")
+            .nth(1)?
+            .split(',')
+            .next()?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
 #[test]
 fn a_producer_on_a_node_that_does_not_lead_its_address_is_forwarded_across_a_leader_kill() {
     forwarded_across(Fault::Kill);
@@ -153,9 +170,17 @@ fn forwarded_across(fault: Fault) {
         let _ = sender.expect("attach through any node").close().await;
         let _ = c.close().await;
     });
-    wait_until("the address led by one node", READY_TIMEOUT, || {
-        led(&cluster).values().flatten().any(|a| a == ADDRESS)
-    });
+    // Led by its preferred leader: until then that node's opener campaigns for it, and a
+    // leadership moving on its own in mid-test would fault the wrong node.
+    wait_until(
+        "the address led by its preferred leader",
+        READY_TIMEOUT,
+        || {
+            let leaders = led(&cluster);
+            leaders.values().flatten().any(|a| a == ADDRESS)
+                && preferred_leader(&cluster, &all, ADDRESS) == Some(leader_of(&leaders, ADDRESS))
+        },
+    );
     let leader = leader_of(&led(&cluster), ADDRESS);
     let other = all.iter().copied().find(|&n| n != leader).unwrap();
     let other_amqp = cluster.amqp(other).to_string();
