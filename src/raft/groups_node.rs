@@ -24,10 +24,12 @@
 //!    drained node started again asks again. Nobody else adds members but
 //!    `POST /cluster/add`, so a drained or removed node stays out.
 //!
-//! Readiness (`/readyz`): not while draining; group 0 has a leader, this node is a
-//! member, and every group open here has applied what it knows committed; until the node
-//! was ready once, also every group placed on it is open and has it as a voter (a joiner
-//! is ready only once its moves completed). `/status` adds a `groups:` section (members,
+//! Readiness (`/readyz`): not while draining; group 0 has a leader and this node is a
+//! member; until the node was ready once, also every group placed on it is open, has it
+//! as a voter (a joiner is ready only once its moves completed) and has applied what it
+//! knows committed (a restarted node replayed). After that an apply lag does not make it
+//! unready: under load every follower applies a few entries behind, and a readiness that
+//! flapped with it would take the node out of its Service. `/status` adds a `groups:` section (members,
 //! drain state, balancer counters, every group open here with its placement, voters,
 //! learners and leader); `/metrics` adds `entrepot_groups_{open,led,served}`,
 //! `entrepot_cluster_members` and `entrepot_balancer_moves_*`. The `/cluster` API
@@ -438,10 +440,14 @@ impl ClusterView for GroupsView {
         if !self.meta.machine.members().contains_key(&self.node) {
             return Some("this node is not a member of the metadata group yet".into());
         }
-        if !self.ready_once.load(Ordering::Relaxed) {
-            if let Some(why) = self.not_joined() {
-                return Some(why);
-            }
+        if self.ready_once.load(Ordering::Relaxed) {
+            // Once ready, a group applying a few entries behind its commit index is the
+            // normal state under load (and its clients are served by its leader, here
+            // or redirected): readiness must not flap with it.
+            return None;
+        }
+        if let Some(why) = self.not_joined() {
+            return Some(why);
         }
         for g in self.opener.opened().values() {
             let applied = *g.handle.applied().borrow();

@@ -60,24 +60,24 @@ use crate::elasticity::load::{Endpoints, Load, CONSUMERS, PRODUCERS};
 /// Faults of the default (CI) campaign, alternated round by round.
 const FAULTS_DEFAULT: &str = "kill,stop";
 /// Rounds of the default (CI) campaign.
-const ROUNDS_DEFAULT: usize = 4;
+pub(crate) const ROUNDS_DEFAULT: usize = 4;
 /// Most rounds `ENTREPOT_CLUSTER_CAMPAIGN_ROUNDS` may ask for.
 const ROUNDS_MAX: usize = 500;
 /// Load without faults before the first round and after each.
-const CALM: Duration = Duration::from_secs(2);
+pub(crate) const CALM: Duration = Duration::from_secs(2);
 /// How long a killed node stays down before it is restarted.
-const DOWN_FOR: Duration = Duration::from_secs(1);
+pub(crate) const DOWN_FOR: Duration = Duration::from_secs(1);
 /// How long a stopped node stays stopped.
-const STOPPED_FOR: Duration = Duration::from_secs(3);
+pub(crate) const STOPPED_FOR: Duration = Duration::from_secs(3);
 /// After a new leader appears, the cluster accepts and delivers again within this: the
 /// longest election timeout plus one second (issue 12, point 4).
-const SERVED_AGAIN_LIMIT: Duration = Duration::from_millis(ELECTION_TIMEOUT_MS.1 + 1000);
+pub(crate) const SERVED_AGAIN_LIMIT: Duration = Duration::from_millis(ELECTION_TIMEOUT_MS.1 + 1000);
 /// Longest wait for a new leader or for the cluster to serve again before the round is
 /// recorded as failed (the campaign goes on).
-const ROUND_LIMIT: Duration = Duration::from_secs(20);
+pub(crate) const ROUND_LIMIT: Duration = Duration::from_secs(20);
 /// Draining at the end: stop when nothing moved for this long, or at the limit.
-const DRAIN_QUIET: Duration = Duration::from_secs(3);
-const DRAIN_LIMIT: Duration = Duration::from_secs(60);
+pub(crate) const DRAIN_QUIET: Duration = Duration::from_secs(3);
+pub(crate) const DRAIN_LIMIT: Duration = Duration::from_secs(60);
 
 /// What a round does to its node.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -33,8 +33,8 @@ use fe2o3_amqp::Sender;
 
 use crate::cluster::runtime;
 use crate::cluster_groups::{
-    follow, leader_of, led, send, session, take, try_receiver, wait_until, Attached, MAX_HOPS,
-    READY_TIMEOUT, STEP,
+    follow, leader_of, led, send, session, start_groups_cluster, take, try_receiver, wait_until,
+    Attached, MAX_HOPS, READY_TIMEOUT, STEP,
 };
 use crate::cluster_support::Cluster;
 
@@ -146,22 +146,8 @@ fn a_forwarded_producer_is_detached_when_its_leader_hangs() {
 
 fn forwarded_across(fault: Fault) {
     let rt = runtime();
-    let mut cluster = Cluster::on_loopback(NODES);
-    cluster.serve_args(&[
-        "--cluster-mode",
-        "groups",
-        "--sync",
-        "always",
-        "--link-routing",
-        "forward",
-    ]);
+    let mut cluster = start_groups_cluster(NODES, &["--link-routing", "forward"], READY_TIMEOUT);
     let all: Vec<u64> = (0..NODES).collect();
-    for &id in &all {
-        cluster.start_node(id, &all);
-    }
-    wait_until("every node ready", READY_TIMEOUT, || {
-        all.iter().all(|&id| cluster.readyz(id) == Some(200))
-    });
     // Declared by a first attach (auto-create), wherever its group's leader lands.
     rt.block_on(async {
         let (mut c, mut s) = session(&cluster.amqp(0).to_string()).await;

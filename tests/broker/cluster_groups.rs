@@ -156,6 +156,24 @@ pub(crate) fn leader_of(leaders: &BTreeMap<u64, Vec<String>>, address: &str) -> 
         .0
 }
 
+/// A groups-mode cluster of `nodes` processes on loopback (`--cluster-mode groups
+/// --sync always`, then `extra` arguments), every node started with all as peers and
+/// ready (`/readyz` 200) within `ready_within`.
+pub(crate) fn start_groups_cluster(nodes: u64, extra: &[&str], ready_within: Duration) -> Cluster {
+    let mut cluster = Cluster::on_loopback(nodes);
+    let mut args = vec!["--cluster-mode", "groups", "--sync", "always"];
+    args.extend_from_slice(extra);
+    cluster.serve_args(&args);
+    let all: Vec<u64> = (0..nodes).collect();
+    for &id in &all {
+        cluster.start_node(id, &all);
+    }
+    wait_until("every node ready", ready_within, || {
+        all.iter().all(|&id| cluster.readyz(id) == Some(200))
+    });
+    cluster
+}
+
 pub(crate) fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !ok() {
@@ -193,15 +211,8 @@ pub(crate) async fn take(receiver: &mut Receiver, expected: u32) {
 #[test]
 fn groups_mode_spreads_leaders_redirects_and_fails_over() {
     let rt = runtime();
-    let mut cluster = Cluster::on_loopback(NODES);
-    cluster.serve_args(&["--cluster-mode", "groups", "--sync", "always"]);
+    let mut cluster = start_groups_cluster(NODES, &[], READY_TIMEOUT);
     let all: Vec<u64> = (0..NODES).collect();
-    for &id in &all {
-        cluster.start_node(id, &all);
-    }
-    wait_until("every node ready", READY_TIMEOUT, || {
-        all.iter().all(|&id| cluster.readyz(id) == Some(200))
-    });
 
     // Six addresses, each declared by attaching through another node.
     for (i, address) in ADDRESSES.iter().enumerate() {

@@ -61,9 +61,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use entrepot::raft::ELECTION_TIMEOUT_MS;
-
-use crate::cluster_campaign::{faults_from_env, rounds_from_env, Fault};
+// The campaign's timings are the one-group campaign's (cluster_campaign.rs).
+use crate::cluster_campaign::{
+    faults_from_env, rounds_from_env, Fault, CALM, DOWN_FOR, DRAIN_LIMIT, DRAIN_QUIET,
+    ROUNDS_DEFAULT, ROUND_LIMIT, SERVED_AGAIN_LIMIT, STOPPED_FOR,
+};
+use crate::cluster_groups::start_groups_cluster;
 use crate::cluster_support::Cluster;
 use crate::elasticity::load::{Endpoints, Load, LoadSpec};
 
@@ -72,8 +75,6 @@ const NODES: u64 = 3;
 const ADDRESSES: [&str; 6] = ["gc-a", "gc-b", "gc-c", "gc-d", "gc-e", "gc-f"];
 /// Sequence numbers of address i start at 1 + i × this.
 const SEQ_SPAN: u64 = 1_000_000_000;
-/// Rounds of the default (CI) campaign.
-const ROUNDS_DEFAULT: usize = 4;
 /// The idle-time-out of the watching clients: a node silent this long is left.
 const IDLE_TIME_OUT: Duration = Duration::from_millis(600);
 /// Redirects a client follows in a row.
@@ -82,23 +83,8 @@ const MAX_HOPS: usize = 4;
 const IN_FLIGHT: usize = 16;
 /// Longest the nodes may take to be ready, and the addresses to be led.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
-/// Load without faults before the first round and after each.
-const CALM: Duration = Duration::from_secs(2);
-/// How long a killed node stays down before it is restarted.
-const DOWN_FOR: Duration = Duration::from_secs(1);
-/// How long a stopped node stays stopped.
-const STOPPED_FOR: Duration = Duration::from_secs(3);
-/// After an address's new leader appears, it accepts and delivers again within this: the
-/// longest election timeout plus one second (issue 12, point 4).
-const SERVED_AGAIN_LIMIT: Duration = Duration::from_millis(ELECTION_TIMEOUT_MS.1 + 1000);
-/// Longest a round waits for new leaders and service before it is recorded as failed
-/// (the campaign goes on).
-const ROUND_LIMIT: Duration = Duration::from_secs(20);
 /// How often a round looks at the survivors' leaderships.
 const POLL: Duration = Duration::from_millis(10);
-/// Draining at the end: stop when nothing moved for this long, or at the limit.
-const DRAIN_QUIET: Duration = Duration::from_secs(3);
-const DRAIN_LIMIT: Duration = Duration::from_secs(60);
 
 /// One affected address in one round (ms since the fault; `None`: not within
 /// [`ROUND_LIMIT`]).
@@ -142,15 +128,8 @@ fn groups_leaders_killed_and_stopped_under_load_lose_nothing_and_serve_again() {
     let rounds = rounds_from_env("ENTREPOT_GROUPS_CAMPAIGN_ROUNDS", ROUNDS_DEFAULT);
     let faults = faults_from_env("ENTREPOT_GROUPS_CAMPAIGN_FAULTS");
     let verbose = std::env::var("ENTREPOT_GROUPS_CAMPAIGN_VERBOSE").as_deref() == Ok("1");
-    let mut cluster = Cluster::on_loopback(NODES);
-    cluster.serve_args(&["--cluster-mode", "groups", "--sync", "always"]);
+    let mut cluster = start_groups_cluster(NODES, &[], READY_TIMEOUT);
     let all: Vec<u64> = (0..NODES).collect();
-    for &id in &all {
-        cluster.start_node(id, &all);
-    }
-    wait_until("every node ready", READY_TIMEOUT, || {
-        all.iter().all(|&id| cluster.readyz(id) == Some(200))
-    });
     let endpoints = Arc::new(Endpoints::default());
     for &id in &all {
         endpoints.set(id, cluster.amqp(id));
@@ -208,14 +187,6 @@ fn groups_leaders_killed_and_stopped_under_load_lose_nothing_and_serve_again() {
         load.finish(&rt, DRAIN_QUIET, DRAIN_LIMIT);
     }
     judge(&loads, &done);
-}
-
-fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !ok() {
-        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Address → the node leading it, once every address is led by exactly one of `ids`
