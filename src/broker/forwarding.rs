@@ -19,6 +19,10 @@
 //! * A carrier that gives up calls the link's [`ForwardedProducer::on_failure`] once, so
 //!   the connection detaches a link with nothing in flight too.
 //!
+//! A consumer link goes the same way the other direction ([`RemoteAddress::open_consumer`]):
+//! the link consumes a local *shadow* queue whose owner ([`ForwardedSource`]) is the
+//! carrier that fetches the leader's deliveries and carries the outcomes back.
+//!
 //! Does not: talk to another node, name the cluster layer, or resend (a carrier that
 //! loses a reply fails the rest of the link: at-least-once, the client resends what was
 //! not accepted).
@@ -29,6 +33,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use entrepot_storage::{Durable, DurableState};
 use tokio::sync::{mpsc, watch};
+
+use super::queue::{Outcome, Queue};
+use super::Broker;
 
 /// Most messages one forwarded producer link has on their way to the leader (not yet
 /// confirmed): above the default link credit, so a client within its credit never meets
@@ -44,6 +51,50 @@ pub trait RemoteAddress: Send + Sync + std::fmt::Debug {
     /// Starts carrying one producer link's messages to the leader; `Err`: why not now
     /// (the attach is detached `amqp:link:detach-forced` with it).
     fn open_producer(&self) -> Result<ForwardedProducer, String>;
+    /// Starts serving one consumer link from the leader's queue: the answer is the link's
+    /// *shadow*, a queue owned by a [`ForwardedSource`] (`QueueOwner::Forwarded`) that
+    /// the carrier fills with the leader's deliveries and that the link consumes like a
+    /// local queue; `Err`: why not now (the attach is detached `detach-forced`).
+    fn open_consumer(
+        &self,
+        broker: &Arc<Broker>,
+        request: ConsumerRequest,
+    ) -> Result<Arc<Queue>, String> {
+        let _ = (broker, request);
+        Err("this router carries no consumer links".into())
+    }
+}
+
+/// Longest selector a forwarded consumer link carries to its leader.
+pub const MAX_FORWARDED_SELECTOR_BYTES: usize = 4096;
+
+/// What a forwarded consumer link asks of the leader's queue.
+#[derive(Debug, Clone, Default)]
+pub struct ConsumerRequest {
+    /// The link's name (logs).
+    pub link: String,
+    /// Its JMS selector (validated here), applied by the leader's queue.
+    pub selector: Option<String>,
+}
+
+/// The owner of a forwarded consumer link's shadow queue: carries the consumer's outcomes
+/// to the leader and hears when the shadow's demand changes or its consumer leaves.
+///
+/// Invariants kept with the shadow (`Queue` with `QueueOwner::Forwarded`): a delivery
+/// leaves the shadow once, when its outcome is handed to [`ForwardedSource::settle`]; the
+/// shadow never dead-letters, expires or requeues on its own — every message it holds is
+/// the leader's, unsettled there, and goes back there.
+pub trait ForwardedSource: Send + Sync + std::fmt::Debug {
+    /// Carries `outcome` for the delivery of the leader's `offset`; the handle completes
+    /// once the leader recorded it (an acceptance: once its acknowledgement committed),
+    /// and fails if the carrier gives up first (the outcome is then unknown: the link is
+    /// detached and the message comes again, never reported settled).
+    fn settle(&self, offset: u64, outcome: Outcome) -> Durable;
+    /// The shadow's consumer is gone: the leader takes back what it held; `undelivered`
+    /// (fetched, never sent to the client) without a raised delivery count.
+    fn closed(&self, undelivered: Vec<u64>);
+    /// The shadow's demand may have grown (credit granted, deliveries left it).
+    fn wake(&self);
 }
 
 /// One message of a forwarded producer link, numbered in the link's order.

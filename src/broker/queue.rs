@@ -322,6 +322,11 @@ pub enum QueueOwner {
     /// An in-memory address (anycast, or one receiver of a multicast address): nothing
     /// is in the store, so nothing is acknowledged there.
     Memory,
+    /// The shadow of a queue another node leads, for one forwarded consumer link
+    /// (`broker::forwarding`): its messages are the leader's, unsettled there; every
+    /// outcome goes to the leader through the source, and nothing is dead-lettered,
+    /// expired or requeued here.
+    Forwarded(Arc<dyn super::forwarding::ForwardedSource>),
 }
 
 /// Why a message leaves a queue for another address.
@@ -360,6 +365,41 @@ impl Queue {
     }
 
     /// The lease this queue delivers under, if any.
+    /// The shadow of a queue another node leads, consumed by one forwarded link.
+    pub fn forwarded(name: String, source: Arc<dyn super::forwarding::ForwardedSource>) -> Queue {
+        Queue::owned(name, QueueOwner::Forwarded(source))
+    }
+
+    /// How many more messages a shadow's consumers may take now beyond those it holds
+    /// ready: their credit within their unsettled room, less the ready messages.
+    pub fn forward_demand(&self) -> usize {
+        let s = self.lock();
+        if s.retired.is_some() {
+            return 0;
+        }
+        let room: usize = s
+            .consumers
+            .iter()
+            .map(|c| (c.credit as usize).min(c.spec.unsettled_max.saturating_sub(c.unsettled)))
+            .sum();
+        room.saturating_sub(s.ready.len())
+    }
+
+    /// Whether consumer `id` holds the delivery of `offset` unsettled.
+    pub fn holds(&self, id: ConsumerId, offset: u64) -> bool {
+        self.lock()
+            .unsettled
+            .get(&offset)
+            .is_some_and(|(owner, _)| *owner == id)
+    }
+
+    fn forwarded_source(&self) -> Option<&Arc<dyn super::forwarding::ForwardedSource>> {
+        match &self.owner {
+            QueueOwner::Forwarded(source) => Some(source),
+            _ => None,
+        }
+    }
+
     pub fn delivery_lease(&self) -> Option<&Arc<DeliveryLease>> {
         self.lease.as_ref()
     }
@@ -571,6 +611,9 @@ impl Queue {
     /// Removes a consumer; what it left unsettled goes back to the head of the queue with
     /// its delivery count raised (the link closed without an outcome).
     pub fn remove_consumer(self: &Arc<Self>, broker: &Broker, id: ConsumerId) {
+        if let Some(source) = self.forwarded_source() {
+            return self.remove_forwarded_consumer(source, id);
+        }
         let mut s = self.lock();
         s.consumers.retain(|c| c.spec.link.consumer != id);
         let mut back: Vec<QueuedMessage> = Vec::new();
@@ -611,6 +654,30 @@ impl Queue {
             s = self.lock();
         }
         self.dispatch(broker, &mut s);
+    }
+
+    /// [`Queue::remove_consumer`] of a shadow: everything it holds is the leader's and
+    /// goes back there (the source tells the leader), nothing is requeued here.
+    fn remove_forwarded_consumer(
+        &self,
+        source: &Arc<dyn super::forwarding::ForwardedSource>,
+        id: ConsumerId,
+    ) {
+        let mut s = self.lock();
+        s.consumers.retain(|c| c.spec.link.consumer != id);
+        let st = &mut *s;
+        let undelivered: Vec<u64> = st.ready.iter().map(|m| m.offset).collect();
+        let held: Vec<u64> = st
+            .ready
+            .drain(..)
+            .chain(st.unsettled.drain().map(|(_, (_, m))| m))
+            .map(|m| len_of(&m))
+            .collect();
+        for bytes in held {
+            st.release(bytes);
+        }
+        drop(s);
+        source.closed(undelivered);
     }
 
     /// A consumer's outcome for the delivery of `offset` was given in a transaction: the
@@ -664,6 +731,10 @@ impl Queue {
             c.drain = drain;
         }
         self.dispatch(broker, &mut s);
+        drop(s);
+        if let Some(source) = self.forwarded_source() {
+            source.wake();
+        }
     }
 
     /// Applies the consumer's outcome for the delivery of `offset`. For an acceptance,
@@ -704,6 +775,17 @@ impl Queue {
             .find(|c| c.spec.link.consumer == owner)
         {
             c.unsettled = c.unsettled.saturating_sub(1);
+        }
+        if let Some(source) = self.forwarded_source() {
+            // The leader's message: its outcome is the leader's to record.
+            s.release(len_of(&msg));
+            self.dispatch(broker, &mut s);
+            drop(s);
+            if matches!(outcome, Outcome::Accepted) {
+                self.stats.acknowledged.fetch_add(1, Ordering::Relaxed);
+            }
+            source.wake();
+            return Ok(Some(Recorded::Durable(source.settle(offset, outcome))));
         }
         match outcome {
             Outcome::Accepted => {
@@ -813,6 +895,8 @@ impl Queue {
             QueueOwner::Address => broker.store().ack(&[offset]).map(Some).map_err(Into::into),
             QueueOwner::Group(store) => store.ack(&[offset]).map(Some).map_err(Into::into),
             QueueOwner::Memory => Ok(None),
+            // A pre-settled delivery of a shadow: the leader acknowledges it.
+            QueueOwner::Forwarded(source) => Ok(Some(source.settle(offset, Outcome::Accepted))),
             QueueOwner::Subscription {
                 topic,
                 group,
@@ -970,7 +1054,11 @@ impl Queue {
         if s.retired.is_some() || self.lease.as_ref().is_some_and(|l| !l.holds()) {
             return;
         }
-        let now = now_ms();
+        // A shadow's messages expire on their leader, never here.
+        let now = match self.forwarded_source() {
+            Some(_) => i64::MIN,
+            None => now_ms(),
+        };
         let mut expired = Vec::new();
         let mut at = 0;
         let mut skipped = 0;
@@ -1049,6 +1137,9 @@ impl Queue {
     /// Moves expired messages that are waiting in the queue (called periodically, so
     /// messages expire even when nobody consumes).
     pub fn expire(self: &Arc<Self>, broker: &Broker) {
+        if self.forwarded_source().is_some() {
+            return; // the leader expires them
+        }
         let now = now_ms();
         let mut s = self.lock();
         if !s

@@ -39,6 +39,7 @@ use crate::broker::Address;
 use crate::manifest::AddressType;
 
 mod address_produce;
+mod forward_consume;
 mod forward_produce;
 pub(super) use forward_produce::PendingForward;
 
@@ -345,7 +346,8 @@ impl Session {
         self.open_producer(conn, reply, link)
     }
 
-    /// [`Self::refuse_unrouted`] for a producer's target `address`, under the name its
+    /// How a producer's target `address` is served (`cluster-mode: groups`: here, carried
+    /// to its leader, or refused as `errors::route_refusal` says), under the name its
     /// authorization resolves to (an authorization refusal is the attach's, later).
     fn route_producer(
         &mut self,
@@ -485,7 +487,11 @@ impl Session {
         };
         let client_address = attach.source.as_ref().and_then(|s| s.address.clone());
         let client_address = client_address.unwrap_or_else(|| address.clone());
-        if let Some(refused) = self.refuse_unrouted(conn, &attach, &address, &client_address) {
+        let route = conn.broker.route(&address, LinkDirection::Consume);
+        if let Route::Forward(remote) = route {
+            return self.attach_forwarded_consumer(conn, attach, remote);
+        }
+        if let Some(refused) = self.refuse_route(conn, &attach, &route, &client_address) {
             return refused;
         }
         let caps = attach
@@ -733,21 +739,9 @@ impl Session {
         self.refuse_with_info(conn, attach, refusal, None)
     }
 
-    /// Refuses an attach whose address is not served here (`cluster-mode: groups`):
-    /// redirected or detached as `errors::route_refusal` says; `None` when it is served
-    /// here (the caller goes on). `address` is the one the client attached to.
-    fn refuse_unrouted(
-        &mut self,
-        conn: &mut Connection,
-        attach: &Attach,
-        name: &str,
-        address: &str,
-    ) -> Option<Result<(), ConnError>> {
-        let route = conn.broker.route(name, LinkDirection::Consume);
-        self.refuse_route(conn, attach, &route, address)
-    }
-
-    /// Refuses `attach` when `route` says its address is not served here.
+    /// Refuses `attach` when `route` says its address is not served here (redirected or
+    /// detached as `errors::route_refusal` says); `None` when it is served here.
+    /// `address` is the one the client attached to.
     fn refuse_route(
         &mut self,
         conn: &mut Connection,

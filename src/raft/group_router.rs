@@ -24,12 +24,12 @@
 //! current-thread runtime (tests) it does not wait: an address not ready at once is
 //! `Unavailable`. An address already served here is answered without blocking.
 //!
-//! With `link-routing: forward` ([`GroupRouter::forwarding`]), a *producer* link led
-//! elsewhere is answered [`Route::Forward`] with a [`RemoteLeader`] (the leader, its
-//! member address, this node's replica's leadership watch) and carried there
-//! (`link_forward.rs`); consumer links are still redirected.
+//! With `link-routing: forward` ([`GroupRouter::forwarding`]), a link led elsewhere —
+//! producer or consumer — is answered [`Route::Forward`] with a [`RemoteLeader`] (the
+//! leader, its member address, this node's replica's leadership watch) and carried there
+//! (`link_forward.rs`, `link_forward/consume.rs`).
 //!
-//! Does not: forward consumer links, or route topics, subscriptions, temporary
+//! Does not: route topics, subscriptions, temporary
 //! queues and the anonymous relay (they stay local to the node a client reaches).
 
 use std::collections::BTreeMap;
@@ -59,7 +59,7 @@ pub struct GroupRouter {
     meta: MetaGroup,
     opener: Arc<GroupOpener>,
     drivers: Drivers,
-    /// Set with `link-routing: forward`: producer links led elsewhere are carried there.
+    /// Set with `link-routing: forward`: links led elsewhere are carried there.
     forward: Option<ForwardVia>,
 }
 
@@ -93,8 +93,8 @@ impl GroupRouter {
         }
     }
 
-    /// Carries producer links led elsewhere with `via` (`link-routing: forward`) instead
-    /// of redirecting them.
+    /// Carries links led elsewhere with `via` (`link-routing: forward`) instead of
+    /// redirecting them.
     pub fn forwarding(mut self, via: ForwardVia) -> GroupRouter {
         self.forward = Some(via);
         self
@@ -128,7 +128,10 @@ impl GroupRouter {
             None if placed.leader != self.node => placed.leader,
             None => return Seen::Wait("its group is being opened here"),
         };
-        if let (Some(via), LinkDirection::Produce) = (&self.forward, direction) {
+        // Both directions are carried: producers (`link_forward.rs`) and consumers
+        // (`link_forward/consume.rs`).
+        let _ = direction;
+        if let Some(via) = &self.forward {
             let Some(member) = self.meta.machine.members().remove(&leader) else {
                 return Seen::Wait("its leader's member address is not known yet");
             };

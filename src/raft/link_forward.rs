@@ -33,8 +33,11 @@
 //! per-forwarder deduplication (the `forwarder` id is carried for logs and for a later
 //! transparent re-route, which would need it in the group's state machine).
 //!
-//! Does not: forward consumer links (they are redirected, `amqp:link:redirect`),
-//! transactions (refused, as for a local clustered address), plans' limits (the leader
+//! Consumer links (ops 2–5 of the same payload): the forwarding node's carrier and
+//! shadow are in [`consume`], the leader's side in [`serve_consume`], the wire in
+//! [`consume_wire`].
+//!
+//! Does not: browse through a forward (refused at the attach), transactions (refused, as for a local clustered address), plans' limits (the leader
 //! does not reserve room), or re-route a link transparently to a new leader.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,10 +50,22 @@ use tokio::sync::watch;
 
 use crate::amqp::message::MessageView;
 use crate::broker::forwarding::{
-    producer_channel, ForwardedMessage, ForwardedProducer, ProducerIntake, RemoteAddress,
+    producer_channel, ConsumerRequest, ForwardedMessage, ForwardedProducer, ProducerIntake,
+    RemoteAddress,
 };
+use crate::broker::queue::Queue;
+
+mod consume;
+mod consume_wire;
+mod serve_consume;
+
 use crate::broker::store::AddressStoreError;
 use crate::broker::{queued_view, Address, Broker};
+pub use consume::{FETCH_WAIT, FORWARDED_CONSUMER_KEEPALIVE, FORWARDED_CONSUMER_PREFETCH};
+pub use consume_wire::{MAX_FETCH_BYTES, MAX_FETCH_MESSAGES, MAX_SETTLE_BATCH};
+pub use serve_consume::{
+    FORWARDED_CONSUMER_IDLE_TIMEOUT, MAX_FORWARDED_CONSUMERS, MAX_PARKED_FETCHES,
+};
 
 /// Version byte of every link-forwarding payload.
 pub const LINK_FORWARD_VERSION: u8 = 1;
@@ -92,6 +107,15 @@ pub struct ForwardStats {
     pub links: AtomicU64,
     /// Forwarded links given up (detached `detach-forced`).
     pub failed_links: AtomicU64,
+    /// Forwarded consumer links carried now (this node is the client's).
+    pub consumer_links: AtomicU64,
+    /// Deliveries fetched from their leader for forwarded consumer links.
+    pub deliveries: AtomicU64,
+    /// Forwarded consumers this node serves as their address's leader now.
+    pub consumers_served: AtomicU64,
+    /// Forwarded consumers given back after `FORWARDED_CONSUMER_IDLE_TIMEOUT` without a
+    /// request (their node or connection vanished).
+    pub consumers_released: AtomicU64,
 }
 
 impl ForwardStats {
@@ -122,6 +146,30 @@ impl ForwardStats {
             "entrepot_forwarded_links_failed_total",
             "Forwarded links given up (detached detach-forced: leader moved or did not answer).",
             get(&self.failed_links),
+        );
+        gauge(
+            out,
+            "entrepot_forwarded_consumer_links",
+            "Consumer links this node serves from their address's leader now.",
+            get(&self.consumer_links),
+        );
+        counter(
+            out,
+            "entrepot_forwarded_deliveries_total",
+            "Deliveries fetched from their address's leader for forwarded consumer links.",
+            get(&self.deliveries),
+        );
+        gauge(
+            out,
+            "entrepot_forwarded_consumers_served",
+            "Forwarded consumers other nodes hold on this node's queues (as their leader).",
+            get(&self.consumers_served),
+        );
+        counter(
+            out,
+            "entrepot_forwarded_consumers_released_total",
+            "Forwarded consumers given back after FORWARDED_CONSUMER_IDLE_TIMEOUT without a request.",
+            get(&self.consumers_released),
         );
     }
 }
@@ -173,6 +221,14 @@ impl RemoteAddress for RemoteLeader {
             "forwarding a producer link");
         runtime.spawn(carry(intake, carrier));
         Ok(producer)
+    }
+
+    fn open_consumer(
+        &self,
+        broker: &Arc<Broker>,
+        request: ConsumerRequest,
+    ) -> Result<Arc<Queue>, String> {
+        consume::open(self, broker, request)
     }
 }
 
@@ -293,11 +349,16 @@ async fn leader_moved(
 pub struct LinkForwardServer {
     broker: Weak<Broker>,
     stats: Arc<ForwardStats>,
+    consumers: Arc<serve_consume::RemoteConsumers>,
 }
 
 impl LinkForwardServer {
     pub fn new(broker: Weak<Broker>, stats: Arc<ForwardStats>) -> LinkForwardServer {
-        LinkForwardServer { broker, stats }
+        LinkForwardServer {
+            broker,
+            stats,
+            consumers: Arc::default(),
+        }
     }
 }
 
@@ -305,8 +366,16 @@ impl AppHandler for LinkForwardServer {
     fn handle(&self, payload: Bytes) -> AppFuture {
         let broker = self.broker.upgrade();
         let stats = Arc::clone(&self.stats);
+        let consumers = Arc::clone(&self.consumers);
         Box::pin(async move {
             let broker = broker.ok_or_else(|| "the broker is stopped".to_owned())?;
+            match payload.get(..2) {
+                Some(&[LINK_FORWARD_VERSION, op]) if op != OP_ENQUEUE => {
+                    return serve_consume::serve(broker, consumers, stats, op, payload.slice(2..))
+                        .await;
+                }
+                _ => {}
+            }
             let request = decode_enqueue(payload)?;
             let reply = serve_enqueue(&broker, &request).await;
             stats

@@ -119,7 +119,7 @@ async fn produce_through(at: String, from: u32, to: u32, seen: Arc<Mutex<Produce
 
 /// The preferred leader of `address` as the first answering node's `/status` lists it
 /// (`preferred: N` on the address's group line).
-fn preferred_leader(cluster: &Cluster, nodes: &[u64], address: &str) -> Option<u64> {
+pub(crate) fn preferred_leader(cluster: &Cluster, nodes: &[u64], address: &str) -> Option<u64> {
     let name = format!("name: {address:?}");
     nodes.iter().find_map(|&id| {
         let (_, yaml) = cluster.get(id, "/status")?;

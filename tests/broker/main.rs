@@ -14,6 +14,7 @@ mod client;
 mod cluster;
 mod cluster_campaign;
 mod cluster_forward;
+mod cluster_forward_consume;
 mod cluster_groups;
 mod cluster_groups_campaign;
 mod cluster_groups_membership;

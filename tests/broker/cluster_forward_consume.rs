@@ -1,0 +1,457 @@
+//! Goal: with `--link-routing forward`, a consumer that does not follow redirects attaches
+//! on a node that does not lead its address and is served there from the leader's queue:
+//! every message in order, exactly once, with a small credit and a large one; never more
+//! deliveries than its credit; what it left unsettled comes again when its link closes,
+//! and — from the leader's idle release — when its node vanishes (SIGKILL). When the
+//! leader is SIGKILLed or SIGSTOPped mid-run, the forwarded consumer link is detached
+//! `amqp:link:detach-forced` within the producer side's bounds, attaching again on the
+//! same node is served (by the new leader), no accepted message is lost, and a message
+//! comes twice only if the consumer was never told it was settled.
+//! Method: three `entrepot serve --cluster-mode groups --link-routing forward` processes
+//! on loopback (`cluster_support::Cluster`), fe2o3 clients; the consumer never follows a
+//! redirect and settles second (`accept` returns once the broker settled back). Every
+//! wait is bounded; detach latencies are printed and held to liveness bounds only.
+//! Mutation-checked: see ARCHITECTURE.md ("Link-level forwarding", consumer links).
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use fe2o3_amqp::link::receiver::CreditMode;
+use fe2o3_amqp::types::definitions::ReceiverSettleMode;
+use fe2o3_amqp::Receiver;
+
+use crate::cluster::runtime;
+use crate::cluster_groups::{
+    follow, leader_of, led, send, session, try_sender, wait_until, Attached, MAX_HOPS,
+    READY_TIMEOUT, STEP,
+};
+use crate::cluster_support::Cluster;
+
+const NODES: u64 = 3;
+/// Messages of each in-order phase.
+const BATCH: u32 = 60;
+/// Messages of the fault phase.
+const FAULT_MESSAGES: u32 = 200;
+/// Accepted in the fault phase before the leader fails.
+const FAULT_AFTER: usize = 40;
+/// Longest the fault phase may take in all.
+const PHASE_MAX: Duration = Duration::from_secs(60);
+/// Liveness bound on the detach after a SIGKILL (as for forwarded producers).
+const KILL_DETACH_MAX: Duration = Duration::from_secs(5);
+/// Bound on the detach after a SIGSTOP: below the reply timeout, so only the replica's
+/// leadership watch meets it (as for forwarded producers).
+const STOP_DETACH_MAX: Duration = Duration::from_millis(3500);
+const _: () = assert!(
+    STOP_DETACH_MAX.as_millis()
+        < entrepot::raft::link_forward::FORWARD_REPLY_TIMEOUT_WATCHED.as_millis()
+);
+/// Bound on the return of a vanished forwarder's deliveries: the leader's idle release
+/// plus a loaded machine's slack.
+const VANISH_MAX: Duration = Duration::from_secs(
+    entrepot::raft::link_forward::FORWARDED_CONSUMER_IDLE_TIMEOUT.as_secs() + 15,
+);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    Kill,
+    Stop,
+}
+
+/// Three forward-mode nodes and `address` led by its preferred leader:
+/// `(cluster, leader, a node that does not lead it)`.
+fn cluster_with(address: &str) -> (Cluster, u64, u64) {
+    let rt = runtime();
+    let mut cluster = Cluster::on_loopback(NODES);
+    cluster.serve_args(&[
+        "--cluster-mode",
+        "groups",
+        "--sync",
+        "always",
+        "--link-routing",
+        "forward",
+    ]);
+    let all: Vec<u64> = (0..NODES).collect();
+    for &id in &all {
+        cluster.start_node(id, &all);
+    }
+    wait_until("every node ready", READY_TIMEOUT, || {
+        all.iter().all(|&id| cluster.readyz(id) == Some(200))
+    });
+    rt.block_on(async {
+        let (_, sender, mut c, _s) = follow!(try_sender, cluster.amqp(0).to_string(), address);
+        let _ = sender.close().await;
+        let _ = c.close().await;
+    });
+    wait_until(
+        "the address led by its preferred leader",
+        READY_TIMEOUT,
+        || {
+            let leaders = led(&cluster);
+            leaders.values().flatten().any(|a| a == address)
+                && crate::cluster_forward::preferred_leader(&cluster, &all, address)
+                    == Some(leader_of(&leaders, address))
+        },
+    );
+    let leader = leader_of(&led(&cluster), address);
+    let other = all.iter().copied().find(|&n| n != leader).unwrap();
+    (cluster, leader, other)
+}
+
+/// Sends `from..to` to `address` through `at` (forwarded when `at` does not lead it).
+async fn produce(at: String, address: &str, from: u32, to: u32) {
+    let (_, mut sender, mut c, _s) = follow!(try_sender, at, address);
+    send(&mut sender, from, to).await;
+    let _ = sender.close().await;
+    let _ = c.close().await;
+}
+
+/// A receiver on `at` that settles second; `Err`: the attach's refusal.
+async fn receiver_at(
+    at: &str,
+    address: &str,
+    name: &str,
+    credit: CreditMode,
+) -> Result<
+    (
+        Receiver,
+        fe2o3_amqp::connection::ConnectionHandle<()>,
+        fe2o3_amqp::session::SessionHandle<()>,
+    ),
+    String,
+> {
+    let (c, mut s) = session(at).await;
+    let attach = Receiver::builder()
+        .name(name)
+        .source(address)
+        .receiver_settle_mode(ReceiverSettleMode::Second)
+        .credit_mode(credit)
+        .attach(&mut s);
+    match tokio::time::timeout(STEP, attach)
+        .await
+        .expect("attach in time")
+    {
+        Ok(r) => Ok((r, c, s)),
+        Err(e) => Err(format!("{e:?}")),
+    }
+}
+
+fn number(body: &str) -> u32 {
+    body.trim_start_matches('m')
+        .parse()
+        .expect("a test message")
+}
+
+/// Receives and accepts `from..to` in order on `r`, then nothing more.
+async fn consume_in_order(r: &mut Receiver, from: u32, to: u32) {
+    for i in from..to {
+        let d = tokio::time::timeout(STEP, r.recv::<String>())
+            .await
+            .unwrap_or_else(|_| panic!("m{i} not received in time"))
+            .expect("recv");
+        assert_eq!(d.body(), &format!("m{i}"), "in order, exactly once");
+        tokio::time::timeout(STEP, r.accept(&d))
+            .await
+            .expect("accept in time")
+            .expect("accept");
+    }
+    let extra = tokio::time::timeout(Duration::from_millis(500), r.recv::<String>()).await;
+    assert!(extra.is_err(), "each message once: {extra:?}");
+}
+
+#[test]
+fn a_consumer_on_a_node_that_does_not_lead_its_address_is_served_there() {
+    const ADDRESS: &str = "fwc-order";
+    let rt = runtime();
+    let (cluster, leader, other) = cluster_with(ADDRESS);
+    let other_amqp = cluster.amqp(other).to_string();
+    let leader_amqp = cluster.amqp(leader).to_string();
+    rt.block_on(async {
+        // A small credit, then a large one: in order, exactly once, no redirect.
+        for (i, credit) in [(0, 10), (1, 500)] {
+            produce(leader_amqp.clone(), ADDRESS, i * BATCH, (i + 1) * BATCH).await;
+            let (mut r, mut c, _s) = receiver_at(
+                &other_amqp,
+                ADDRESS,
+                &format!("fwc-{i}"),
+                CreditMode::Auto(credit),
+            )
+            .await
+            .expect("attached on a node that does not lead the address");
+            consume_in_order(&mut r, i * BATCH, (i + 1) * BATCH).await;
+            let _ = r.close().await;
+            let _ = c.close().await;
+        }
+    });
+    let delivered = cluster.metric(other, "entrepot_forwarded_deliveries_total");
+    assert_eq!(
+        delivered,
+        Some(f64::from(2 * BATCH)),
+        "node {other} fetched them"
+    );
+    wait_until("closed links given back on the leader", STEP, || {
+        cluster.metric(leader, "entrepot_forwarded_consumers_served") == Some(0.0)
+    });
+
+    // Credit honoured end to end; what the link held unsettled comes again after it closes.
+    rt.block_on(produce(leader_amqp.clone(), ADDRESS, 2 * BATCH, 3 * BATCH));
+    rt.block_on(async {
+        let (mut r, mut c, _s) =
+            receiver_at(&other_amqp, ADDRESS, "fwc-credit", CreditMode::Manual)
+                .await
+                .expect("attached");
+        r.set_credit(10).await.expect("credit");
+        let mut held = Vec::new();
+        for _ in 0..10 {
+            let d = tokio::time::timeout(STEP, r.recv::<String>())
+                .await
+                .expect("within credit in time")
+                .expect("recv");
+            held.push(number(d.body()));
+        }
+        assert_eq!(held, (2 * BATCH..2 * BATCH + 10).collect::<Vec<_>>());
+        let more = tokio::time::timeout(Duration::from_secs(1), r.recv::<String>()).await;
+        assert!(more.is_err(), "a delivery beyond the credit: {more:?}");
+        assert_eq!(
+            cluster.metric(other, "entrepot_forwarded_consumer_links"),
+            Some(1.0)
+        );
+        // Closed with ten deliveries unsettled: they come again, first, in order.
+        let _ = r.close().await;
+        let _ = c.close().await;
+        let (mut r, mut c, _s) =
+            receiver_at(&other_amqp, ADDRESS, "fwc-again", CreditMode::Auto(10))
+                .await
+                .expect("attached");
+        consume_in_order(&mut r, 2 * BATCH, 3 * BATCH).await;
+        let _ = r.close().await;
+        let _ = c.close().await;
+    });
+}
+
+#[test]
+fn a_vanished_forwarding_node_s_deliveries_go_back_to_the_leader_s_queue() {
+    const ADDRESS: &str = "fwc-vanish";
+    let rt = runtime();
+    let (mut cluster, leader, other) = cluster_with(ADDRESS);
+    let third = (0..NODES).find(|&n| n != leader && n != other).unwrap();
+    let leader_amqp = cluster.amqp(leader).to_string();
+    rt.block_on(produce(leader_amqp.clone(), ADDRESS, 0, 20));
+    let (held, _keep) = rt.block_on(async {
+        let (mut r, c, s) = receiver_at(
+            &cluster.amqp(other).to_string(),
+            ADDRESS,
+            "fwc-v",
+            CreditMode::Manual,
+        )
+        .await
+        .expect("attached");
+        r.set_credit(5).await.expect("credit");
+        let mut held = Vec::new();
+        for _ in 0..5 {
+            let d = tokio::time::timeout(STEP, r.recv::<String>())
+                .await
+                .expect("in time")
+                .expect("recv");
+            held.push(number(d.body()));
+        }
+        (held, (r, c, s))
+    });
+    assert_eq!(held, vec![0, 1, 2, 3, 4]);
+    // The forwarding node dies without a word: only the leader's idle release returns them.
+    let killed = Instant::now();
+    cluster.kill(other);
+    let got = rt.block_on(async {
+        let (mut r, mut c, _s) = receiver_at(
+            &cluster.amqp(third).to_string(),
+            ADDRESS,
+            "fwc-v2",
+            CreditMode::Auto(20),
+        )
+        .await
+        .expect("attached on the third node");
+        let mut got = Vec::new();
+        while got.len() < 20 {
+            let d = tokio::time::timeout(VANISH_MAX, r.recv::<String>())
+                .await
+                .unwrap_or_else(|_| panic!("only {got:?} within {VANISH_MAX:?}"))
+                .expect("recv");
+            tokio::time::timeout(STEP, r.accept(&d))
+                .await
+                .expect("accept in time")
+                .expect("accept");
+            got.push(number(d.body()));
+        }
+        let _ = r.close().await;
+        let _ = c.close().await;
+        got
+    });
+    println!(
+        "a vanished forwarder's deliveries back {:?} after its SIGKILL",
+        killed.elapsed()
+    );
+    let all: BTreeSet<u32> = got.iter().copied().collect();
+    assert_eq!(
+        all,
+        (0..20).collect::<BTreeSet<_>>(),
+        "each message once: {got:?}"
+    );
+    assert_eq!(
+        cluster.metric(leader, "entrepot_forwarded_consumers_released_total"),
+        Some(1.0)
+    );
+}
+
+#[test]
+fn a_forwarded_consumer_is_detached_and_served_again_across_a_leader_kill() {
+    across(Fault::Kill, "fwc-kill");
+}
+
+#[test]
+fn a_forwarded_consumer_is_detached_and_served_again_when_its_leader_hangs() {
+    across(Fault::Stop, "fwc-stop");
+}
+
+/// What the consumer of the fault phase saw.
+#[derive(Default)]
+struct Consumed {
+    /// Messages the broker settled back as accepted.
+    accepted: BTreeSet<u32>,
+    /// Every body received, in order, and whether the broker settled it back accepted.
+    received: Vec<(u32, bool)>,
+    detaches: Vec<(Instant, String)>,
+}
+
+fn across(fault: Fault, address: &str) {
+    let rt = runtime();
+    let (mut cluster, leader, other) = cluster_with(address);
+    let other_amqp = cluster.amqp(other).to_string();
+    rt.block_on(produce(
+        cluster.amqp(leader).to_string(),
+        address,
+        0,
+        FAULT_MESSAGES,
+    ));
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Consumed::default()));
+    let consumer = rt.spawn(consume_through(
+        other_amqp,
+        address.to_owned(),
+        seen.clone(),
+    ));
+    wait_until("messages accepted before the fault", PHASE_MAX, || {
+        seen.lock().unwrap().accepted.len() >= FAULT_AFTER
+    });
+    let faulted = Instant::now();
+    match fault {
+        Fault::Kill => cluster.kill(leader),
+        Fault::Stop => cluster.freeze(leader, true),
+    }
+    rt.block_on(async {
+        tokio::time::timeout(PHASE_MAX, consumer)
+            .await
+            .expect("fault phase in time")
+            .expect("consumer");
+    });
+    let c = std::mem::take(&mut *seen.lock().unwrap());
+    let (at, error) = c
+        .detaches
+        .iter()
+        .find(|(at, _)| *at >= faulted)
+        .cloned()
+        .expect("the forwarded consumer was detached after the fault");
+    let took = at - faulted;
+    println!("forwarded consumer detached {took:?} after its leader's {fault:?}: {error}");
+    let max = match fault {
+        Fault::Kill => KILL_DETACH_MAX,
+        Fault::Stop => STOP_DETACH_MAX,
+    };
+    assert!(took < max, "detached only after {took:?} (bound {max:?})");
+    assert!(error.contains("DetachForced"), "{error}");
+    let lost: Vec<u32> = (0..FAULT_MESSAGES)
+        .filter(|n| !c.accepted.contains(n))
+        .collect();
+    assert!(lost.is_empty(), "never accepted: {lost:?}");
+    let mut first = BTreeSet::new();
+    let mut order = Vec::new();
+    let mut settled = BTreeSet::new();
+    for (i, (n, accepted)) in c.received.iter().enumerate() {
+        assert!(
+            !settled.contains(n),
+            "m{n} again (at {i}) though the broker settled it"
+        );
+        if first.insert(*n) {
+            order.push(*n);
+        }
+        if *accepted {
+            settled.insert(*n);
+        }
+    }
+    let again = c.received.len() - first.len();
+    println!("{again} deliveries again (unsettled at the fault)");
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "in order: {order:?}");
+    if fault == Fault::Stop {
+        cluster.kill(leader);
+    }
+}
+
+/// Receives and accepts until every message was accepted, attaching again on the same
+/// node after a detach (never following a redirect).
+async fn consume_through(
+    at: String,
+    address: String,
+    seen: std::sync::Arc<std::sync::Mutex<Consumed>>,
+) {
+    let deadline = Instant::now() + PHASE_MAX;
+    let mut attempt = 0;
+    while seen.lock().unwrap().accepted.len() < FAULT_MESSAGES as usize {
+        assert!(
+            Instant::now() < deadline,
+            "fault phase not done within {PHASE_MAX:?}"
+        );
+        attempt += 1;
+        let name = format!("fwc-f-{attempt}");
+        let Ok((mut r, mut c, _s)) = receiver_at(&at, &address, &name, CreditMode::Auto(10)).await
+        else {
+            // Refused while the address has no leader: attach again.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        loop {
+            let d = match tokio::time::timeout(STEP, r.recv::<String>()).await {
+                Ok(Ok(d)) => d,
+                Ok(Err(e)) => {
+                    seen.lock()
+                        .unwrap()
+                        .detaches
+                        .push((Instant::now(), format!("{e:?}")));
+                    break;
+                }
+                Err(_) if seen.lock().unwrap().accepted.len() == FAULT_MESSAGES as usize => break,
+                Err(_) => panic!("neither a delivery nor a detach within {STEP:?}"),
+            };
+            let n = number(d.body());
+            seen.lock().unwrap().received.push((n, false));
+            match tokio::time::timeout(STEP, r.accept(&d)).await {
+                Ok(Ok(())) => {
+                    let mut s = seen.lock().unwrap();
+                    s.accepted.insert(n);
+                    if let Some(last) = s.received.last_mut() {
+                        last.1 = true;
+                    }
+                    if s.accepted.len() == FAULT_MESSAGES as usize {
+                        break;
+                    }
+                }
+                Ok(Err(e)) => {
+                    seen.lock()
+                        .unwrap()
+                        .detaches
+                        .push((Instant::now(), format!("{e:?}")));
+                    break;
+                }
+                Err(_) => panic!("m{n}: accept neither settled nor detached within {STEP:?}"),
+            }
+        }
+        let _ = r.close().await;
+        let _ = c.close().await;
+    }
+}
