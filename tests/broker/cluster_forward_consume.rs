@@ -26,6 +26,7 @@ use crate::cluster_groups::{
     READY_TIMEOUT, STEP,
 };
 use crate::cluster_support::Cluster;
+use crate::raw_client::Client;
 
 const NODES: u64 = 3;
 /// Messages of each in-order phase.
@@ -314,17 +315,19 @@ fn a_forwarded_consumer_is_detached_and_served_again_when_its_leader_hangs() {
 /// What the consumer of the fault phase saw.
 #[derive(Default)]
 struct Consumed {
-    /// Messages the broker settled back as accepted.
-    accepted: BTreeSet<u32>,
-    /// Every body received, in order, and whether the broker settled it back accepted.
-    received: Vec<(u32, bool)>,
+    /// Messages the broker settled back (accepted, its acknowledgement committed).
+    settled: BTreeSet<u32>,
+    /// Every message received, in order.
+    received: Vec<u32>,
+    /// Messages received again after the broker had settled them.
+    after_settled: Vec<u32>,
     detaches: Vec<(Instant, String)>,
 }
 
 fn across(fault: Fault, address: &str) {
     let rt = runtime();
     let (mut cluster, leader, other) = cluster_with(address);
-    let other_amqp = cluster.amqp(other).to_string();
+    let other_amqp = cluster.amqp(other);
     rt.block_on(produce(
         cluster.amqp(leader).to_string(),
         address,
@@ -337,8 +340,8 @@ fn across(fault: Fault, address: &str) {
         address.to_owned(),
         seen.clone(),
     ));
-    wait_until("messages accepted before the fault", PHASE_MAX, || {
-        seen.lock().unwrap().accepted.len() >= FAULT_AFTER
+    wait_until("messages settled before the fault", PHASE_MAX, || {
+        seen.lock().unwrap().settled.len() >= FAULT_AFTER
     });
     let faulted = Instant::now();
     match fault {
@@ -366,92 +369,135 @@ fn across(fault: Fault, address: &str) {
     };
     assert!(took < max, "detached only after {took:?} (bound {max:?})");
     assert!(error.contains("DetachForced"), "{error}");
+    assert!(
+        c.after_settled.is_empty(),
+        "received again though the broker had settled them: {:?}",
+        c.after_settled
+    );
     let lost: Vec<u32> = (0..FAULT_MESSAGES)
-        .filter(|n| !c.accepted.contains(n))
+        .filter(|n| !c.settled.contains(n))
         .collect();
-    assert!(lost.is_empty(), "never accepted: {lost:?}");
+    assert!(lost.is_empty(), "never settled: {lost:?}");
     let mut first = BTreeSet::new();
-    let mut order = Vec::new();
-    let mut settled = BTreeSet::new();
-    for (i, (n, accepted)) in c.received.iter().enumerate() {
-        assert!(
-            !settled.contains(n),
-            "m{n} again (at {i}) though the broker settled it"
-        );
-        if first.insert(*n) {
-            order.push(*n);
-        }
-        if *accepted {
-            settled.insert(*n);
-        }
-    }
-    let again = c.received.len() - first.len();
-    println!("{again} deliveries again (unsettled at the fault)");
+    let order: Vec<u32> = c
+        .received
+        .iter()
+        .copied()
+        .filter(|n| first.insert(*n))
+        .collect();
+    println!(
+        "{} deliveries again (not settled at the fault)",
+        c.received.len() - order.len()
+    );
     assert!(order.windows(2).all(|w| w[0] < w[1]), "in order: {order:?}");
     if fault == Fault::Stop {
         cluster.kill(leader);
     }
 }
 
-/// Receives and accepts until every message was accepted, attaching again on the same
+/// The number of a test message (`m<n>` in an amqp-value string) in raw message bytes.
+fn raw_number(payload: &[u8]) -> u32 {
+    let at = payload
+        .windows(4)
+        .position(|w| w == b"\x00\x53\x77\xa1")
+        .expect("an amqp-value str8 body");
+    let len = usize::from(payload[at + 4]);
+    let body = std::str::from_utf8(&payload[at + 5..at + 5 + len]).expect("UTF-8 body");
+    number(body)
+}
+
+/// Credit the raw consumer keeps granted.
+const RAW_CREDIT: u32 = 10;
+
+/// Consumes with receiver-settle-mode second through `at` (raw client: it sees the
+/// broker's settlements) until every message was settled, attaching again on the same
 /// node after a detach (never following a redirect).
 async fn consume_through(
-    at: String,
+    at: std::net::SocketAddr,
     address: String,
     seen: std::sync::Arc<std::sync::Mutex<Consumed>>,
 ) {
+    use fe2o3_amqp::types::definitions::Role;
+    use fe2o3_amqp::types::messaging::{Accepted, DeliveryState};
+    use fe2o3_amqp::types::performatives::{Disposition, Performative};
     let deadline = Instant::now() + PHASE_MAX;
-    let mut attempt = 0;
-    while seen.lock().unwrap().accepted.len() < FAULT_MESSAGES as usize {
+    let done = |seen: &std::sync::Mutex<Consumed>| {
+        seen.lock().unwrap().settled.len() == FAULT_MESSAGES as usize
+    };
+    while !done(&seen) {
         assert!(
             Instant::now() < deadline,
             "fault phase not done within {PHASE_MAX:?}"
         );
-        attempt += 1;
-        let name = format!("fwc-f-{attempt}");
-        let Ok((mut r, mut c, _s)) = receiver_at(&at, &address, &name, CreditMode::Auto(10)).await
-        else {
+        let Ok(Ok(mut c)) = tokio::time::timeout(STEP, Client::open(at)).await else {
+            panic!("node {at} does not answer");
+        };
+        let answer = tokio::time::timeout(
+            STEP,
+            c.attach_receiver_settling(0, 0, "fwc-f", &address, ReceiverSettleMode::Second),
+        )
+        .await
+        .expect("attach answered in time");
+        if answer.source.is_none() {
             // Refused while the address has no leader: attach again.
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
-        };
+        }
+        let mut numbers: std::collections::HashMap<u32, u32> = Default::default();
+        let (mut count, mut credit) = (0u32, RAW_CREDIT);
+        c.flow(0, 0, RAW_CREDIT, false).await;
         loop {
-            let d = match tokio::time::timeout(STEP, r.recv::<String>()).await {
-                Ok(Ok(d)) => d,
-                Ok(Err(e)) => {
-                    seen.lock()
-                        .unwrap()
-                        .detaches
-                        .push((Instant::now(), format!("{e:?}")));
-                    break;
-                }
-                Err(_) if seen.lock().unwrap().accepted.len() == FAULT_MESSAGES as usize => break,
-                Err(_) => panic!("neither a delivery nor a detach within {STEP:?}"),
+            let f = match tokio::time::timeout(STEP, c.next_frame()).await {
+                Ok(f) => f,
+                Err(_) if done(&seen) => break,
+                Err(_) => panic!("neither a delivery, a settlement nor a detach within {STEP:?}"),
             };
-            let n = number(d.body());
-            seen.lock().unwrap().received.push((n, false));
-            match tokio::time::timeout(STEP, r.accept(&d)).await {
-                Ok(Ok(())) => {
-                    let mut s = seen.lock().unwrap();
-                    s.accepted.insert(n);
-                    if let Some(last) = s.received.last_mut() {
-                        last.1 = true;
+            match f.performative {
+                Performative::Transfer(t) => {
+                    let id = t.delivery_id.expect("a delivery id");
+                    let n = raw_number(&f.payload);
+                    numbers.insert(id, n);
+                    {
+                        let mut s = seen.lock().unwrap();
+                        if s.settled.contains(&n) {
+                            s.after_settled.push(n);
+                        }
+                        s.received.push(n);
                     }
-                    if s.accepted.len() == FAULT_MESSAGES as usize {
+                    let accept = Disposition {
+                        role: Role::Receiver,
+                        first: id,
+                        last: None,
+                        settled: false,
+                        state: Some(DeliveryState::Accepted(Accepted {})),
+                        batchable: false,
+                    };
+                    c.send_on(0, &Performative::Disposition(accept), &[]).await;
+                    count += 1;
+                    credit -= 1;
+                    if credit <= RAW_CREDIT / 2 {
+                        credit = RAW_CREDIT;
+                        c.flow(0, count, RAW_CREDIT, false).await;
+                    }
+                }
+                Performative::Disposition(d) if d.role == Role::Sender && d.settled => {
+                    let mut s = seen.lock().unwrap();
+                    for id in d.first..=d.last.unwrap_or(d.first) {
+                        if let Some(n) = numbers.get(&id) {
+                            s.settled.insert(*n);
+                        }
+                    }
+                    if s.settled.len() == FAULT_MESSAGES as usize {
                         break;
                     }
                 }
-                Ok(Err(e)) => {
-                    seen.lock()
-                        .unwrap()
-                        .detaches
-                        .push((Instant::now(), format!("{e:?}")));
+                Performative::Detach(d) => {
+                    let why = format!("{:?}", d.error);
+                    seen.lock().unwrap().detaches.push((Instant::now(), why));
                     break;
                 }
-                Err(_) => panic!("m{n}: accept neither settled nor detached within {STEP:?}"),
+                _ => {}
             }
         }
-        let _ = r.close().await;
-        let _ = c.close().await;
     }
 }
