@@ -18,7 +18,13 @@ use std::time::{Duration, Instant};
 
 use fe2o3_amqp::link::receiver::CreditMode;
 use fe2o3_amqp::types::definitions::ReceiverSettleMode;
+use fe2o3_amqp::types::messaging::{
+    ApplicationProperties, DistributionMode, Message, Outcome, Source,
+};
+use fe2o3_amqp::types::primitives::Value;
 use fe2o3_amqp::Receiver;
+use serde_amqp::described::Described;
+use serde_amqp::descriptor::Descriptor;
 
 use crate::cluster::runtime;
 use crate::cluster_groups::{
@@ -227,6 +233,79 @@ fn a_consumer_on_a_node_that_does_not_lead_its_address_is_served_there() {
         let _ = r.close().await;
         let _ = c.close().await;
     });
+
+    // A selector is applied by the leader's queue; browsing is refused, naming why.
+    rt.block_on(async {
+        publish_colored(&leader_amqp, ADDRESS, 6).await;
+        let (_c, mut s) = session(&other_amqp).await;
+        let selector = Described {
+            descriptor: Descriptor::Code(0x0000_468C_0000_0004),
+            value: Value::String("color = 'red'".into()),
+        };
+        let source = Source::builder()
+            .address(ADDRESS)
+            .add_to_filter("apache.org:selector-filter:string", selector)
+            .build();
+        let attach = Receiver::builder()
+            .name("fwc-red")
+            .source(source)
+            .attach(&mut s);
+        let mut r = tokio::time::timeout(STEP, attach)
+            .await
+            .expect("in time")
+            .expect("a selective consumer attached through the forward");
+        for expected in ["c0", "c2", "c4"] {
+            let d = tokio::time::timeout(STEP, r.recv::<String>())
+                .await
+                .expect("in time")
+                .expect("recv");
+            assert_eq!(d.body(), expected, "only the red ones, in order");
+            r.accept(&d).await.expect("accept");
+        }
+        let extra = tokio::time::timeout(Duration::from_millis(500), r.recv::<String>()).await;
+        assert!(extra.is_err(), "a blue one through the selector: {extra:?}");
+        let _ = r.close().await;
+        let browse = Source::builder()
+            .address(ADDRESS)
+            .distribution_mode(DistributionMode::Copy)
+            .build();
+        let attach = Receiver::builder()
+            .name("fwc-browse")
+            .source(browse)
+            .attach(&mut s);
+        let refused = tokio::time::timeout(STEP, attach)
+            .await
+            .expect("in time")
+            .expect_err("browsing through a forward is refused");
+        let refused = format!("{refused:?}");
+        assert!(
+            refused.contains("NotImplemented") && refused.contains("browsing"),
+            "{refused}"
+        );
+    });
+}
+
+/// Sends `c0..c<n>` to `address` through `at`, the even ones `color = 'red'`.
+async fn publish_colored(at: &str, address: &str, n: u32) {
+    let (_, mut sender, mut c, _s) = follow!(try_sender, at.to_owned(), address);
+    for i in 0..n {
+        let color = if i % 2 == 0 { "red" } else { "blue" };
+        let msg = Message::builder()
+            .application_properties(
+                ApplicationProperties::builder()
+                    .insert("color", color)
+                    .build(),
+            )
+            .value(format!("c{i}"))
+            .build();
+        let outcome = tokio::time::timeout(STEP, sender.send(msg))
+            .await
+            .expect("outcome in time")
+            .expect("send");
+        assert!(matches!(outcome, Outcome::Accepted(_)), "c{i}: {outcome:?}");
+    }
+    let _ = sender.close().await;
+    let _ = c.close().await;
 }
 
 #[test]
