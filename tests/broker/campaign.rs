@@ -113,8 +113,10 @@ impl Dial {
 /// Why a client connection ended early.
 #[derive(Debug)]
 pub enum Left {
-    /// The attach was refused with `amqp:link:redirect` naming this node.
-    Redirected(SocketAddr),
+    /// The attach was refused with `amqp:link:redirect` naming this node, as
+    /// `host:port` (`network-host` an IP address on loopback, a pod's DNS name in the
+    /// elasticity test: the caller resolves it).
+    Redirected(String),
     /// Anything else: a refusal, a dead or silent broker, a timeout.
     Failed(String),
 }
@@ -135,15 +137,11 @@ impl From<String> for Left {
 }
 
 impl Left {
-    /// What a refused attach's error means to a client: a redirect it can follow (its
-    /// `network-host` must be an IP address here: every test node listens on one), or
-    /// a failure.
+    /// What a refused attach's error means to a client: a redirect it can follow, or a
+    /// failure.
     pub fn from_refusal(what: &str, e: &fe2o3_amqp::types::definitions::Error) -> Left {
         match crate::redirect::redirect_of(e) {
-            Ok(r) => match r.to.parse() {
-                Ok(to) => Left::Redirected(to),
-                Err(_) => Left::Failed(format!("{what}: redirected to {}", r.to)),
-            },
+            Ok(r) => Left::Redirected(r.to),
             Err(_) => Left::Failed(format!("{what}: refused: {e:?}")),
         }
     }

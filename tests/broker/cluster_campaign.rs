@@ -228,7 +228,7 @@ fn run_round(cluster: &mut Cluster, endpoints: &Endpoints, load: &Load, fault: F
     // Counted from the new leader: neither a killed nor a stopped node can confirm or
     // deliver, so whatever moves now is the new leader's work.
     let (confirmed0, consumed0) = {
-        let ledger = load.ctx.ledger();
+        let ledger = load.ctx().ledger();
         (ledger.confirmed_total(), ledger.finals())
     };
     while round.elected_ms.is_some()
@@ -236,7 +236,7 @@ fn run_round(cluster: &mut Cluster, endpoints: &Endpoints, load: &Load, fault: F
         && Instant::now() < deadline
     {
         let (confirmed, consumed) = {
-            let ledger = load.ctx.ledger();
+            let ledger = load.ctx().ledger();
             (ledger.confirmed_total(), ledger.finals())
         };
         let now = Instant::now();
@@ -291,7 +291,7 @@ fn agreed_leader(cluster: &Cluster) -> u64 {
 }
 
 fn judge(load: &Load, rounds: &[Round]) {
-    let ledger = load.ctx.ledger();
+    let ledger = load.ctx().ledger();
     let v = ledger.verdict();
     let stall = load.stall.lock().expect("stall").clone();
     let kills = rounds.iter().filter(|r| r.fault == Fault::Kill).count();

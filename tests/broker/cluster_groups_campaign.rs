@@ -272,7 +272,7 @@ fn run_round(
     let ms = |t: Instant| t.duration_since(t0).as_millis() as u64;
     let counters = |address: &str| {
         let i = ADDRESSES.iter().position(|a| *a == address).expect("known");
-        let ledger = loads[i].ctx.ledger();
+        let ledger = loads[i].ctx().ledger();
         (ledger.confirmed_total(), ledger.finals())
     };
     let deadline = t0 + ROUND_LIMIT;
@@ -316,7 +316,7 @@ fn run_round(
 }
 
 fn judge(loads: &[Load], rounds: &[Round]) {
-    let verdicts: Vec<_> = loads.iter().map(|l| l.ctx.ledger().verdict()).collect();
+    let verdicts: Vec<_> = loads.iter().map(|l| l.ctx().ledger().verdict()).collect();
     let sum = |f: fn(&crate::campaign::ledger::Verdict) -> u64| verdicts.iter().map(f).sum::<u64>();
     let lost: usize = verdicts.iter().map(|v| v.lost.len()).sum();
     let duplicates: usize = verdicts.iter().map(|v| v.duplicated.len()).sum();
@@ -391,7 +391,7 @@ fn judge(loads: &[Load], rounds: &[Round]) {
     for ((load, v), address) in loads.iter().zip(&verdicts).zip(ADDRESSES) {
         if !v.broken_promises().is_empty() {
             let title = format!("{address} broke its promises");
-            report += &load.ctx.ledger().failure_report(&title, &[], v, 4);
+            report += &load.ctx().ledger().failure_report(&title, &[], v, 4);
         }
     }
     panic!(

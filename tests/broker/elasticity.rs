@@ -21,7 +21,7 @@
 //! [`MAX_STALL_S`] without progress while it had work; after each step throughput is back
 //! to 90 % of its pre-step rate within [`RECOVERY_LIMIT_S`] (`timeline`; judged in the
 //! full run, measured and printed in the short one, see `Length`); balanced
-//! leaders and exact membership after each step; every drain exits 0 and every broker
+//! leaders and exact membership after each step (groups mode: above); every drain exits 0 and every broker
 //! exits 0 on SIGTERM. Prints the timeline per second with step markers while it runs,
 //! writes it as text and PNG (`plot`) to target/tmp/elasticity/<pid>/ with every
 //! container's log, and ends with `elasticity: lost=L duplicates=D max_stall_s=S
@@ -32,6 +32,18 @@
 //! can settle below 90 % of the three-node rate — the recovery check then measures the
 //! host, and the step table shows it (per-second rates, pre-step rate, recovery).
 //!
+//! Groups mode (`ENTREPOT_ELASTICITY_MODE=groups`, `run.sh --groups`): the pods run
+//! `--cluster-mode groups` (a Raft group per address, group 0 the metadata) and the load
+//! is eight queues ([`GROUPS_ADDRESSES`], G = 8), one producer and one consumer each (8
+//! and 8, 32 unsettled per producer), every client following `amqp:link:redirect` to its
+//! address's leader (the redirect names the pod's DNS name, mapped to where this process
+//! reaches it). After each step the pods' `groups:` sections must show it settled
+//! (`groups`: members exactly the running pods on every pod, one metadata leader, no
+//! replica move in flight, every address group led with voters = its placement) within
+//! [`GROUPS_SETTLE`], and both the groups each node leads and those it is the preferred
+//! leader of must be within ±1 of G/N; the table of both per step is printed. The plan is
+//! the same: 3 is the floor (a drain below the replication factor 3 is refused).
+//!
 //! Length: short by default (CI, about 2 minutes); `ENTREPOT_ELASTICITY=full` holds each
 //! step longer (`bash tests/elasticity/run.sh`). Membership changes are the broker's own
 //! (auto-join, `entrepot drain`) when the image has `entrepot drain`; otherwise this test
@@ -39,6 +51,7 @@
 //! forces one). `ENTREPOT_ELASTICITY_VERBOSE=1` prints every client reconnect. Fails
 //! where Docker is not usable, unless `ENTREPOT_TEST_ALLOW_SKIP=1`.
 
+mod groups;
 pub(crate) mod load;
 mod plot;
 mod statefulset;
@@ -51,9 +64,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::campaign::ledger::Verdict;
 use crate::container::docker;
-use load::{Endpoints, Load, Sample};
-use statefulset::{Membership, StatefulSet, INITIAL_MEMBERS};
+use groups::Leaderships;
+use load::{Endpoints, Load, LoadSpec, Sample};
+use statefulset::{Membership, Mode, StatefulSet, INITIAL_MEMBERS};
 use timeline::{Step, StepVerdict};
 
 const TEST: &str =
@@ -66,6 +81,29 @@ const RECOVERY_LIMIT_S: f64 = 10.0;
 const GROUPS: u64 = 1;
 /// Longest leadership may take to settle after a step before balance is judged.
 const LEADER_SETTLE: Duration = Duration::from_secs(10);
+/// The same in groups mode, where a step settles once every replica move of the
+/// balancer is done (a join moves most groups: learner, catch-up under load, voter, the
+/// old replica removed; 8–17 s in the debug-build membership test).
+const GROUPS_SETTLE: Duration = Duration::from_secs(30);
+/// Groups mode: the queues of the load, each its own Raft group (G = 8: on 3, 4 and 5
+/// nodes every node has a share to lead, 2–3, 2 and 1–2).
+const GROUPS_ADDRESSES: [&str; 8] = [
+    "elastic-a",
+    "elastic-b",
+    "elastic-c",
+    "elastic-d",
+    "elastic-e",
+    "elastic-f",
+    "elastic-g",
+    "elastic-h",
+];
+/// Groups mode: unsettled sends per producer (one producer per address: 8 × 32, the
+/// one-group run's 4 × 64 in flight).
+const GROUPS_IN_FLIGHT: usize = 32;
+/// Groups mode: redirects a client follows in a row before it goes back to the Service.
+const GROUPS_MAX_HOPS: usize = 4;
+/// Groups mode: sequence numbers of address i start at 1 + i × this.
+const GROUPS_SEQ_SPAN: u64 = 1_000_000_000;
 /// The final drain ends after this long without a settlement, or at the limit.
 const DRAIN_QUIET: Duration = Duration::from_secs(3);
 const DRAIN_LIMIT: Duration = Duration::from_secs(60);
@@ -139,16 +177,18 @@ fn scaling_3_5_3_and_rolling_all_pods_under_load_loses_nothing_and_stalls_no_cli
         Ok("full") => FULL,
         _ => SHORT,
     };
+    let mode = Mode::from_env();
     let image = docker::ensure_image();
     let membership = Membership::detect(image);
     let dir = run_dir();
     eprintln!(
-        "elasticity: {} run, membership changes by {membership:?}, output in {}",
+        "elasticity: {} run in {} mode, membership changes by {membership:?}, output in {}",
         length.name,
+        mode.name(),
         dir.display()
     );
     let began = Instant::now();
-    let mut set = StatefulSet::new(image, membership, dir.join("logs"));
+    let mut set = StatefulSet::new(image, mode, membership, dir.join("logs"));
     set.start_initial();
     eprintln!(
         "elasticity: pods 0..{INITIAL_MEMBERS} ready in {:.1} s",
@@ -164,11 +204,16 @@ fn scaling_3_5_3_and_rolling_all_pods_under_load_loses_nothing_and_stalls_no_cli
         .build()
         .expect("runtime");
     let verbose = std::env::var("ENTREPOT_ELASTICITY_VERBOSE").as_deref() == Ok("1");
+    let load = match mode {
+        Mode::OneGroup => Load::start(&rt, Arc::clone(&endpoints), verbose),
+        Mode::Groups => Load::start_many(&rt, Arc::clone(&endpoints), groups_load(), verbose),
+    };
     let mut run = Run {
-        load: Load::start(&rt, Arc::clone(&endpoints), verbose),
+        load,
         endpoints,
         set,
         steps: Arc::default(),
+        leaderships: Vec::new(),
         problems: Vec::new(),
         length,
     };
@@ -194,6 +239,8 @@ struct Run {
     load: Load,
     endpoints: Arc<Endpoints>,
     steps: Arc<Mutex<Vec<Step>>>,
+    /// Groups mode: the leaderships each step settled with (None: it did not settle).
+    leaderships: Vec<(String, Option<Leaderships>)>,
     /// Broken promises other than the ledger's: failed drains, unclean exits,
     /// membership or balance off after a step.
     problems: Vec<String>,
@@ -210,10 +257,10 @@ impl Run {
             start_ms,
             end_ms: u64::MAX,
         });
-        self.load
-            .ctx
-            .ledger()
-            .set_epoch(self.steps.lock().expect("steps").len() as u32);
+        let epoch = self.steps.lock().expect("steps").len() as u32;
+        for ctx in &self.load.ctxs {
+            ctx.ledger().set_epoch(epoch);
+        }
         let problems = match action {
             Action::Up(k) => {
                 self.set.scale_up(k);
@@ -223,12 +270,15 @@ impl Run {
             Action::Down(k) => {
                 // A terminating pod leaves the Service's endpoints first.
                 self.endpoints.remove(k);
-                self.set.scale_down(k, k)
+                let problems = self.set.scale_down(k, k);
+                self.endpoints.forget(k);
+                problems
             }
             Action::Restart(k) => {
                 self.endpoints.remove(k);
                 let desired = self.set.pods.len() as u64;
-                let problems = self.set.restart(k, desired);
+                let endpoints = Arc::clone(&self.endpoints);
+                let problems = self.set.restart(k, desired, move || endpoints.forget(k));
                 self.endpoints.set(k, self.set.pods[&k].amqp);
                 problems
             }
@@ -239,7 +289,11 @@ impl Run {
         }
         self.problems
             .extend(problems.into_iter().map(|p| format!("{label}: {p}")));
-        match self.check_cluster() {
+        let checked = match self.set.mode {
+            Mode::OneGroup => self.check_cluster(),
+            Mode::Groups => self.check_groups(&label),
+        };
+        match checked {
             Ok(summary) => eprintln!(
                 "elasticity: {label} done in {:.1} s; {summary}",
                 (end_ms - start_ms) as f64 / 1000.0
@@ -289,11 +343,57 @@ impl Run {
         Err(last)
     }
 
+    /// Groups mode: waits until the step settled (`groups::settled`) with balanced
+    /// leaderships; records what it settled with. Err: not settled, or settled with
+    /// leaderships out of ±1 of G/N (actual or preferred) when time ran out.
+    fn check_groups(&mut self, label: &str) -> Result<String, String> {
+        let deadline = Instant::now() + GROUPS_SETTLE;
+        let started = Instant::now();
+        let mut last: Result<Leaderships, String> = Err("not checked".into());
+        while Instant::now() < deadline {
+            last = groups::settled(&self.set.groups_statuses(), GROUPS_ADDRESSES.len());
+            if last
+                .as_ref()
+                .is_ok_and(|l| l.led_balanced() && l.preferred_balanced())
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let took = started.elapsed().as_secs_f64();
+        self.leaderships
+            .push((label.to_owned(), last.as_ref().ok().cloned()));
+        let leads = last?;
+        let (g, n) = (GROUPS_ADDRESSES.len(), leads.led.len());
+        let summary = format!(
+            "settled in {took:.1} s: members {:?}, metadata leader {}, groups led per node              {:?}, preferred {:?} (G={g}, N={n})",
+            leads.led.keys().collect::<Vec<_>>(),
+            leads.metadata,
+            leads.led,
+            leads.preferred
+        );
+        let mut off = Vec::new();
+        if !leads.led_balanced() {
+            off.push("led");
+        }
+        if !leads.preferred_balanced() {
+            off.push("preferred");
+        }
+        if off.is_empty() {
+            Ok(summary)
+        } else {
+            Err(format!(
+                "leaderships ({}) not within ±1 of G/N after {took:.1} s; {summary}",
+                off.join(", ")
+            ))
+        }
+    }
+
     /// Prints one timeline line per second (with step markers) until `printing` clears.
     fn spawn_printer(&self, printing: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
         let samples = Arc::clone(&self.load.samples);
         let steps = Arc::clone(&self.steps);
-        let ctx = Arc::clone(&self.load.ctx);
+        let ctxs = self.load.ctxs.clone();
         std::thread::spawn(move || {
             let mut second = 1u64;
             let mut marked = (0usize, 0usize);
@@ -312,7 +412,7 @@ impl Run {
                 let (acc, con) = timeline::per_second(&snapshot)
                     .get(second as usize - 1)
                     .map_or((0.0, 0.0), |(_, a, c)| (*a, *c));
-                let backlog = ctx.ledger().backlog();
+                let backlog: u64 = ctxs.iter().map(|c| c.ledger().backlog()).sum();
                 let steps = steps.lock().expect("steps").clone();
                 let mut marks = Vec::new();
                 for (i, s) in steps.iter().enumerate() {
@@ -348,8 +448,10 @@ impl Run {
         }
         // Evidence for passing runs too: the last pods' logs beside the deleted ones'.
         self.set.save_logs();
-        let ledger = self.load.ctx.ledger();
-        let v = ledger.verdict();
+        let mut v = Verdict::default();
+        for ctx in &self.load.ctxs {
+            v.absorb(ctx.ledger().verdict());
+        }
         let stall = self.load.stall.lock().expect("stall").clone();
         let max_stall_s = stall.ms as f64 / 1000.0;
         let worst_recovery_s = verdicts
@@ -357,6 +459,13 @@ impl Run {
             .map(|s| s.recovery_s.unwrap_or(s.searched_s))
             .fold(0.0, f64::max);
         eprintln!("elasticity: steps:\n{}", step_table(&verdicts));
+        if !self.leaderships.is_empty() {
+            eprintln!(
+                "elasticity: address groups led (preferred) per node after each step, G={}:\n{}",
+                GROUPS_ADDRESSES.len(),
+                leadership_table(&self.leaderships)
+            );
+        }
         eprintln!(
             "elasticity: sent {} accepted {} consumed {} refused {} unconfirmed {} (delivered \
              {}) ghosts {} foreign {}; reconnects {:?}; longest stall {:.2} s ({} at {:.1} s); \
@@ -392,7 +501,7 @@ impl Run {
                  than the settled redelivery, never settled: at-least-once, not a duplicate); \
                  the first:\n{}",
                 v.late_attempts.len(),
-                ledger.explain(*seq)
+                self.explain(*seq)
             );
         }
         eprintln!(
@@ -434,7 +543,18 @@ impl Run {
         if failures.is_empty() {
             return;
         }
-        let mut report = ledger.failure_report("elasticity broke its promises", &failures, &v, 8);
+        let mut report = String::new();
+        for (i, ctx) in self.load.ctxs.iter().enumerate() {
+            let ledger = ctx.ledger();
+            let mine = ledger.verdict();
+            if i == 0 || !mine.broken_promises().is_empty() {
+                let (title, listed) = match i {
+                    0 => ("elasticity broke its promises", &failures[..]),
+                    _ => ("and on another address", &[][..]),
+                };
+                report += &ledger.failure_report(title, listed, &mine, 8);
+            }
+        }
         let _ = writeln!(
             report,
             "steps (ms since the load began; epoch = step number):"
@@ -442,11 +562,66 @@ impl Run {
         for s in &steps {
             let _ = writeln!(report, "    {} {}..{}", s.label, s.start_ms, s.end_ms);
         }
-        drop(ledger);
         report += &warnings(self.set.logs_dir());
         let _ = writeln!(report, "container logs: {}", self.set.logs_dir().display());
         panic!("{report}");
     }
+}
+
+impl Run {
+    /// The history of `seq` from the ledger of its address.
+    fn explain(&self, seq: u64) -> String {
+        let i = ((seq.saturating_sub(1)) / GROUPS_SEQ_SPAN) as usize;
+        self.load.ctxs.get(i).map_or_else(
+            || format!("seq {seq}: no such address\n"),
+            |ctx| ctx.ledger().explain(seq),
+        )
+    }
+}
+
+/// Groups mode: the load, one producer and one consumer per address of
+/// [`GROUPS_ADDRESSES`] (8 and 8), client k of address i starting on pod i + k, every
+/// client following redirects.
+fn groups_load() -> Vec<LoadSpec> {
+    GROUPS_ADDRESSES
+        .iter()
+        .enumerate()
+        .map(|(i, &address)| LoadSpec {
+            address,
+            producers: 1,
+            consumers: 1,
+            patient_consumers: 0,
+            in_flight: GROUPS_IN_FLIGHT,
+            first_endpoint: i,
+            first_seq: 1 + i as u64 * GROUPS_SEQ_SPAN,
+            idle_time_out: None,
+            max_hops: GROUPS_MAX_HOPS,
+        })
+        .collect()
+}
+
+/// Groups mode: one line per step, each node's address groups led and (in brackets)
+/// preferred.
+fn leadership_table(rows: &[(String, Option<Leaderships>)]) -> String {
+    let mut out = String::from("    step   metadata  per node: led (preferred)\n");
+    for (label, leads) in rows {
+        let Some(l) = leads else {
+            let _ = writeln!(out, "    {label:<5}  not settled");
+            continue;
+        };
+        let nodes: Vec<String> = l
+            .led
+            .iter()
+            .map(|(k, led)| format!("{k}: {led} ({})", l.preferred.get(k).unwrap_or(&0)))
+            .collect();
+        let _ = writeln!(
+            out,
+            "    {label:<5}  {:>8}  {}",
+            l.metadata,
+            nodes.join("  ")
+        );
+    }
+    out
 }
 
 /// Every pod answers, all name the same leader, exactly one leads; the leader's voters

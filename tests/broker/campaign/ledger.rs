@@ -317,6 +317,29 @@ pub struct Verdict {
 }
 
 impl Verdict {
+    /// Adds `other`'s counts and lists to this one (ledgers of several addresses, whose
+    /// sequence numbers never overlap, judged as one load).
+    pub fn absorb(&mut self, other: Verdict) {
+        self.sent += other.sent;
+        self.confirmed += other.confirmed;
+        self.refused += other.refused;
+        self.consumed += other.consumed;
+        self.consumed_unsettled += other.consumed_unsettled;
+        self.dlq += other.dlq;
+        self.unconfirmed += other.unconfirmed;
+        self.unconfirmed_delivered += other.unconfirmed_delivered;
+        self.early_close += other.early_close;
+        self.early_close_delivered += other.early_close_delivered;
+        self.early_close_after_restart += other.early_close_after_restart;
+        self.lost.extend(other.lost);
+        self.duplicated.extend(other.duplicated);
+        self.ghosts.extend(other.ghosts);
+        self.dlq_copies_across_restart
+            .extend(other.dlq_copies_across_restart);
+        self.late_attempts.extend(other.late_attempts);
+        self.foreign.extend(other.foreign);
+    }
+
     /// The ledger's promises this verdict breaks, one line each (empty: none): an
     /// accepted message lost, one delivered again after a consumer's settled accepted, a
     /// refused one delivered, a foreign delivery.

@@ -7,9 +7,12 @@
 //!   stopped, the leader moved) it reconnects to the next pod of the Service.
 //! - [`LoadSpec`] says who the clients are: by default ([`LoadSpec::one_queue`]) four
 //!   producers and four consumers on the campaign's queue; the groups campaign runs one
-//!   load per address, whose clients also follow `amqp:link:redirect` (straight to the
-//!   node it names, at most [`LoadSpec::max_hops`] in a row) and may watch their
-//!   connection with an AMQP idle-time-out (a stopped node is left, not waited for).
+//!   load per address, and the groups-mode elasticity run one load over several
+//!   addresses ([`Load::start_many`]: one [`Ctx`] and ledger per address under one meter);
+//!   their clients also follow `amqp:link:redirect` (straight to the node it names — an
+//!   IP address, or a pod's DNS name the [`Endpoints`] know — at most
+//!   [`LoadSpec::max_hops`] in a row) and may watch their connection with an AMQP
+//!   idle-time-out (a stopped node is left, not waited for).
 //! - Each client has a progress clock: producers tick on every accepted send (and while
 //!   they hold back for the backlog: waiting for consumers, not the broker), consumers on
 //!   every delivery and settlement. The [`Meter`] samples every clock every
@@ -91,38 +94,81 @@ const EPISODE_MIN_MS: u64 = 1000;
 /// Clients get this long to stop politely before they are aborted.
 const STOP_LIMIT: Duration = Duration::from_secs(10);
 
-/// The client Service: ready pods, by ordinal.
+/// The client Service (ready pods, by ordinal) and the pods' own DNS names.
 #[derive(Default)]
-pub struct Endpoints(Mutex<BTreeMap<u64, SocketAddr>>);
+pub struct Endpoints(Mutex<Pods>);
+
+#[derive(Default)]
+struct Pods {
+    /// Ready and not terminating: where a client (re)connects.
+    ready: BTreeMap<u64, SocketAddr>,
+    /// Every running pod, ready or not: where a redirect naming `entrepot-K.…` goes (a
+    /// pod's DNS name resolves whether or not the Service lists it).
+    running: BTreeMap<u64, SocketAddr>,
+}
 
 impl Endpoints {
+    /// Pod `k` runs at `addr` and is ready.
     pub fn set(&self, k: u64, addr: SocketAddr) {
-        self.0.lock().expect("endpoints").insert(k, addr);
+        let mut pods = self.0.lock().expect("endpoints");
+        pods.ready.insert(k, addr);
+        pods.running.insert(k, addr);
     }
 
+    /// Pod `k` leaves the Service (terminating); its name still resolves.
     pub fn remove(&self, k: u64) {
-        self.0.lock().expect("endpoints").remove(&k);
+        self.0.lock().expect("endpoints").ready.remove(&k);
+    }
+
+    /// Pod `k` is deleted: its name no longer resolves.
+    pub fn forget(&self, k: u64) {
+        let mut pods = self.0.lock().expect("endpoints");
+        pods.ready.remove(&k);
+        pods.running.remove(&k);
     }
 
     /// The pod serving at `addr`, when it is ready.
     fn pod_at(&self, addr: SocketAddr) -> Option<u64> {
-        let map = self.0.lock().expect("endpoints");
-        map.iter().find(|(_, a)| **a == addr).map(|(k, _)| *k)
+        let pods = self.0.lock().expect("endpoints");
+        pods.ready
+            .iter()
+            .find(|(_, a)| **a == addr)
+            .map(|(k, _)| *k)
+    }
+
+    /// Where a redirect's `host:port` goes: an IP address as it is, a pod's DNS name
+    /// (`entrepot-K.<service>:port`) to that pod's address as this process reaches it
+    /// (the pods' AMQP port is the same everywhere). `None`: no such pod runs.
+    pub fn resolve(&self, to: &str) -> Option<(u64, SocketAddr)> {
+        if let Ok(addr) = to.parse::<SocketAddr>() {
+            return Some((self.pod_at(addr).unwrap_or(NO_POD), addr));
+        }
+        let k = to
+            .split('.')
+            .next()?
+            .strip_prefix("entrepot-")?
+            .parse::<u64>()
+            .ok()?;
+        let addr = *self.0.lock().expect("endpoints").running.get(&k)?;
+        Some((k, addr))
     }
 
     /// The `i`-th ready pod, round robin.
     fn pick(&self, i: usize) -> Option<(u64, SocketAddr)> {
-        let map = self.0.lock().expect("endpoints");
-        if map.is_empty() {
+        let pods = self.0.lock().expect("endpoints");
+        if pods.ready.is_empty() {
             return None;
         }
-        map.iter().nth(i % map.len()).map(|(k, a)| (*k, *a))
+        let n = pods.ready.len();
+        pods.ready.iter().nth(i % n).map(|(k, a)| (*k, *a))
     }
 }
 
 /// One client's progress clock.
 struct Clock {
     name: String,
+    /// Its address's index in [`Load::ctxs`].
+    ctx: usize,
     consumer: bool,
     /// Watches its connection with the load's idle-time-out.
     watches: bool,
@@ -153,7 +199,8 @@ pub struct Stall {
 }
 
 pub struct Load {
-    pub ctx: Arc<Ctx>,
+    /// One per address (its sequence numbers and ledger), in the order of the specs.
+    pub ctxs: Vec<Arc<Ctx>>,
     pub endpoints: Arc<Endpoints>,
     pub started: Instant,
     producers_stop: Arc<AtomicBool>,
@@ -181,33 +228,54 @@ impl Load {
         spec: LoadSpec,
         verbose: bool,
     ) -> Load {
+        Load::start_many(rt, endpoints, vec![spec], verbose)
+    }
+
+    /// One load over several addresses: each spec's clients on its address with a
+    /// ledger of their own (a consumer has work while *its* address has a backlog), all
+    /// under one meter, whose samples add up every address's counters.
+    pub fn start_many(
+        rt: &tokio::runtime::Runtime,
+        endpoints: Arc<Endpoints>,
+        specs: Vec<LoadSpec>,
+        verbose: bool,
+    ) -> Load {
         let started = Instant::now();
         let first = endpoints.pick(0).expect("an endpoint").1;
-        let ctx = Arc::new(Ctx::new(started, first, verbose).with_first_seq(spec.first_seq));
-        let clock = |name: String, consumer, watches| {
-            Arc::new(Clock {
-                name,
-                consumer,
-                watches,
-                last_ms: AtomicU64::new(0),
-                reconnects: AtomicU64::new(0),
-                pod: AtomicU64::new(NO_POD),
-            })
-        };
-        let a = spec.address;
+        let ctxs: Vec<Arc<Ctx>> = specs
+            .iter()
+            .map(|spec| Arc::new(Ctx::new(started, first, verbose).with_first_seq(spec.first_seq)))
+            .collect();
         let mut clocks = Vec::new();
-        for k in 0..spec.producers {
-            clocks.push(clock(format!("{a}-producer-{k}"), false, true));
+        // (spec index, clock)
+        let mut owners = Vec::new();
+        for (i, spec) in specs.iter().enumerate() {
+            let clock = |name: String, consumer, watches| {
+                Arc::new(Clock {
+                    name,
+                    ctx: i,
+                    consumer,
+                    watches,
+                    last_ms: AtomicU64::new(0),
+                    reconnects: AtomicU64::new(0),
+                    pod: AtomicU64::new(NO_POD),
+                })
+            };
+            let a = spec.address;
+            for k in 0..spec.producers {
+                clocks.push(clock(format!("{a}-producer-{k}"), false, true));
+            }
+            for k in 0..spec.consumers {
+                clocks.push(clock(format!("{a}-consumer-{k}"), true, true));
+            }
+            for k in 0..spec.patient_consumers {
+                clocks.push(clock(format!("{a}-patient-consumer-{k}"), true, false));
+            }
+            owners.resize(clocks.len(), i);
         }
-        for k in 0..spec.consumers {
-            clocks.push(clock(format!("{a}-consumer-{k}"), true, true));
-        }
-        for k in 0..spec.patient_consumers {
-            clocks.push(clock(format!("{a}-patient-consumer-{k}"), true, false));
-        }
-        let spec = Arc::new(spec);
+        let specs: Vec<Arc<LoadSpec>> = specs.into_iter().map(Arc::new).collect();
         let mut load = Load {
-            ctx,
+            ctxs,
             endpoints,
             started,
             producers_stop: Arc::new(AtomicBool::new(false)),
@@ -220,20 +288,25 @@ impl Load {
             meter: JoinSet::new(),
         };
         let _guard = rt.enter();
-        for (k, clock) in load.clocks.clone().into_iter().enumerate() {
+        // Client k of an address starts on endpoint k + its spec's first_endpoint.
+        let mut index_in_spec = vec![0usize; specs.len()];
+        for (clock, &i) in load.clocks.clone().into_iter().zip(&owners) {
+            let spec = Arc::clone(&specs[i]);
+            let k = index_in_spec[i];
+            index_in_spec[i] += 1;
             let client = Client {
-                spec: Arc::clone(&spec),
-                ctx: Arc::clone(&load.ctx),
+                index: k + spec.first_endpoint,
+                spec,
+                ctx: Arc::clone(&load.ctxs[i]),
                 endpoints: Arc::clone(&load.endpoints),
                 producers_stop: Arc::clone(&load.producers_stop),
                 started,
                 clock,
-                index: k + spec.first_endpoint,
             };
             load.clients.spawn(client.run());
         }
         load.meter.spawn(meter(Meter {
-            ctx: Arc::clone(&load.ctx),
+            ctxs: load.ctxs.clone(),
             clocks: load.clocks.clone(),
             started,
             samples: Arc::clone(&load.samples),
@@ -242,6 +315,16 @@ impl Load {
             measuring: Arc::clone(&load.measuring),
         }));
         load
+    }
+
+    /// The context of the first (for one-address loads, the only) address.
+    pub fn ctx(&self) -> &Arc<Ctx> {
+        &self.ctxs[0]
+    }
+
+    /// Messages confirmed and not yet settled by a consumer, over every address.
+    pub fn backlog(&self) -> u64 {
+        self.ctxs.iter().map(|c| c.ledger().backlog()).sum()
     }
 
     /// Milliseconds since the load started.
@@ -255,13 +338,11 @@ impl Load {
         self.producers_stop.store(true, Ordering::Relaxed);
         self.measuring.store(false, Ordering::Relaxed);
         let deadline = Instant::now() + limit;
-        let mut last = (self.ctx.ledger().finals(), Instant::now());
+        let finals = |ctxs: &[Arc<Ctx>]| ctxs.iter().map(|c| c.ledger().finals()).sum::<u64>();
+        let mut last = (finals(&self.ctxs), Instant::now());
         while Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(100));
-            let (finals, backlog) = {
-                let ledger = self.ctx.ledger();
-                (ledger.finals(), ledger.backlog())
-            };
+            let (finals, backlog) = (finals(&self.ctxs), self.backlog());
             if backlog == 0 && finals == last.0 && last.1.elapsed() > Duration::from_secs(1) {
                 break;
             }
@@ -271,7 +352,9 @@ impl Load {
                 break;
             }
         }
-        self.ctx.stop();
+        for ctx in &self.ctxs {
+            ctx.stop();
+        }
         rt.block_on(async {
             let all = async { while self.clients.join_next().await.is_some() {} };
             let _ = tokio::time::timeout(STOP_LIMIT, all).await;
@@ -322,13 +405,12 @@ impl Client {
         };
         let mut attempt = 0usize;
         // Where the last attach was redirected to, and how many redirects in a row.
-        let mut redirected: Option<SocketAddr> = None;
+        let mut redirected: Option<(u64, SocketAddr)> = None;
         let mut hops = 0usize;
         while !self.done() {
-            let picked = match redirected.take() {
-                Some(to) => Some((self.endpoints.pod_at(to).unwrap_or(NO_POD), to)),
-                None => self.endpoints.pick(self.index + attempt),
-            };
+            let picked = redirected
+                .take()
+                .or_else(|| self.endpoints.pick(self.index + attempt));
             let Some((pod, addr)) = picked else {
                 tokio::time::sleep(RECONNECT_PAUSE).await;
                 continue;
@@ -362,11 +444,13 @@ impl Client {
             if self.done() {
                 break;
             }
-            if let Err(Left::Redirected(to)) = ended {
+            if let Err(Left::Redirected(to)) = &ended {
                 if hops < self.spec.max_hops {
-                    hops += 1;
-                    redirected = Some(to);
-                    continue;
+                    if let Some(target) = self.endpoints.resolve(to) {
+                        hops += 1;
+                        redirected = Some(target);
+                        continue;
+                    }
                 }
             }
             hops = 0;
@@ -389,7 +473,7 @@ impl Client {
 
 /// What the meter reads and where it writes.
 struct Meter {
-    ctx: Arc<Ctx>,
+    ctxs: Vec<Arc<Ctx>>,
     clocks: Vec<Arc<Clock>>,
     started: Instant,
     samples: Arc<Mutex<Vec<Sample>>>,
@@ -409,10 +493,14 @@ async fn meter(m: Meter) {
     loop {
         tick.tick().await;
         let now = m.started.elapsed().as_millis() as u64;
-        let (confirmed, consumed, backlog) = {
-            let ledger = m.ctx.ledger();
-            (ledger.confirmed_total(), ledger.finals(), ledger.backlog())
-        };
+        let (mut confirmed, mut consumed) = (0, 0);
+        let mut backlogs = Vec::with_capacity(m.ctxs.len());
+        for ctx in &m.ctxs {
+            let ledger = ctx.ledger();
+            confirmed += ledger.confirmed_total();
+            consumed += ledger.finals();
+            backlogs.push(ledger.backlog());
+        }
         m.samples.lock().expect("samples").push(Sample {
             at_ms: now,
             confirmed,
@@ -422,7 +510,7 @@ async fn meter(m: Meter) {
             continue;
         }
         for (i, clock) in m.clocks.iter().enumerate() {
-            let has_work = !clock.consumer || backlog > 0;
+            let has_work = !clock.consumer || backlogs[clock.ctx] > 0;
             let gap = if has_work {
                 let since = *working_since[i].get_or_insert(now);
                 let last = clock.last_ms.load(Ordering::Relaxed).max(since);

@@ -16,6 +16,14 @@
 //!   `docker stop` with a grace period (SIGTERM, then SIGKILL), then the container is
 //!   deleted and its volume kept.
 //!
+//! Cluster mode ([`Mode`]): the default one-group mode, or `--cluster-mode groups` (a Raft
+//! group per address; `ENTREPOT_CLUSTER_MODE=groups` in every pod's environment, the rest
+//! unchanged: `--peers-dns` and `--cluster-size` form group 0 from pods 0..3, later pods
+//! join by themselves with their `entrepot-K.<SERVICE>` member address). In groups mode a
+//! pod is a member once every running pod's replica of the metadata group lists it
+//! ([`StatefulSet::groups_statuses`]); its readiness already waits for every group placed
+//! on it to have it as a voter.
+//!
 //! Membership: with [`Membership::SelfManaged`] (the broker's `--peers-dns` auto-join and
 //! `entrepot drain`, issue 13) the set only starts, drains and stops pods. Where the image
 //! has no `drain` command yet, [`Membership::AdminApi`] does the membership changes
@@ -31,6 +39,7 @@ use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use super::groups::GroupsStatus;
 use crate::container::docker::{self, docker, docker_within, http_get, http_request};
 
 /// The headless service: pod K answers at `entrepot-K.<SERVICE>`.
@@ -55,6 +64,34 @@ const CHANGE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Raft entries between snapshots: small, so a joining node catches up from a snapshot
 /// and the log after it, not from the log alone.
 const SNAPSHOT_EVERY: &str = "2048";
+
+/// The brokers' cluster mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// One Raft group for the whole cluster (the default).
+    OneGroup,
+    /// A Raft group per address (`--cluster-mode groups`).
+    Groups,
+}
+
+impl Mode {
+    /// `ENTREPOT_ELASTICITY_MODE=groups` selects the groups mode; unset or `one-group`
+    /// the default. Anything else is a mistake worth stopping for.
+    pub fn from_env() -> Mode {
+        match std::env::var("ENTREPOT_ELASTICITY_MODE").as_deref() {
+            Err(_) | Ok("") | Ok("one-group") => Mode::OneGroup,
+            Ok("groups") => Mode::Groups,
+            Ok(other) => panic!("ENTREPOT_ELASTICITY_MODE={other}: expected groups or one-group"),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::OneGroup => "one-group",
+            Mode::Groups => "groups",
+        }
+    }
+}
 
 /// Who changes the Raft membership when pods come and go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,6 +174,10 @@ impl Status {
 
 pub struct StatefulSet {
     image: String,
+    pub mode: Mode,
+    /// `NAME=value` set in every pod beyond the common ones (the cluster mode, the link
+    /// routing).
+    extra_env: Vec<String>,
     /// Prefix of every Docker object this run creates.
     prefix: String,
     network: Option<String>,
@@ -151,7 +192,12 @@ pub struct StatefulSet {
 }
 
 impl StatefulSet {
-    pub fn new(image: &str, membership: Membership, logs_dir: PathBuf) -> StatefulSet {
+    pub fn new(image: &str, mode: Mode, membership: Membership, logs_dir: PathBuf) -> StatefulSet {
+        assert!(
+            mode == Mode::OneGroup || membership == Membership::SelfManaged,
+            "groups mode needs the image's auto-join and `entrepot drain` (the admin-API \
+             path reads the one-group GET /cluster)"
+        );
         let prefix = format!("entrepot-elastic-{}", std::process::id());
         // Leftovers of a killed earlier run whose pid this process reuses.
         for k in 0..8 {
@@ -161,8 +207,17 @@ impl StatefulSet {
         let _ = docker(&["network", "rm", &prefix]);
         std::fs::create_dir_all(&logs_dir).expect("logs dir");
         docker(&["network", "create", &prefix]).expect("docker network create");
+        let mut extra_env = Vec::new();
+        if mode == Mode::Groups {
+            extra_env.push("ENTREPOT_CLUSTER_MODE=groups".to_owned());
+            if let Ok(routing) = std::env::var("ENTREPOT_ELASTICITY_LINK_ROUTING") {
+                extra_env.push(format!("ENTREPOT_LINK_ROUTING={routing}"));
+            }
+        }
         StatefulSet {
             image: image.to_owned(),
+            mode,
+            extra_env,
             network: Some(prefix.clone()),
             prefix,
             membership,
@@ -217,8 +272,9 @@ impl StatefulSet {
     }
 
     /// A restart of pod `k` (rolling update): preStop drain, which must change nothing
-    /// (k < desired), stop, delete, start again on the same volume, wait until ready.
-    pub fn restart(&mut self, k: u64, desired: u64) -> Vec<String> {
+    /// (k < desired), stop, delete (then `deleted` runs: the pod's DNS name is gone until
+    /// it runs again), start again on the same volume, wait until ready.
+    pub fn restart(&mut self, k: u64, desired: u64, deleted: impl FnOnce()) -> Vec<String> {
         let mut problems = Vec::new();
         if self.membership == Membership::SelfManaged {
             if let Err(e) = self.drain(k, desired) {
@@ -226,6 +282,7 @@ impl StatefulSet {
             }
         }
         problems.extend(self.delete_pod(k));
+        deleted();
         self.run_pod(k);
         self.wait_ready(k);
         problems
@@ -258,6 +315,12 @@ impl StatefulSet {
             "--publish", &amqp_port, "--publish", &http_port,
             "--env", &dns, "--env", &size, "--env", &snapshots, &self.image,
         ];
+        let mut args = args.to_vec();
+        for env in &self.extra_env {
+            // Before the image, after the other options.
+            args.insert(args.len() - 1, "--env");
+            args.insert(args.len() - 1, env);
+        }
         docker(&args).unwrap_or_else(|e| panic!("docker run {container}: {e}"));
         self.incarnations += 1;
         let inspected = docker(&[
@@ -384,11 +447,19 @@ impl StatefulSet {
         });
     }
 
-    /// The leader's membership has `k` as a voter.
+    /// The leader's membership has `k` as a voter (groups mode: every running pod's
+    /// replica of the metadata group lists it as a member).
     fn wait_voter(&self, k: u64) {
-        self.wait_for(k, "is a voter", |set| {
-            set.leader_status().is_some_and(|s| s.voters.contains(&k))
-        });
+        match self.mode {
+            Mode::OneGroup => self.wait_for(k, "is a voter", |set| {
+                set.leader_status().is_some_and(|s| s.voters.contains(&k))
+            }),
+            Mode::Groups => self.wait_for(k, "is a member on every pod", |set| {
+                set.groups_statuses()
+                    .values()
+                    .all(|s| s.as_ref().is_some_and(|s| s.members.contains(&k)))
+            }),
+        }
     }
 
     /// Polls `done` until true; panics with the pod's log if it exits or time runs out.
@@ -422,6 +493,21 @@ impl StatefulSet {
                     .ok()
                     .filter(|(s, _)| s.contains(" 200 "))
                     .and_then(|(_, body)| Status::parse(&body));
+                (*k, status)
+            })
+            .collect()
+    }
+
+    /// Every running pod's `groups:` section of `GET /cluster` (groups mode; None where
+    /// it does not answer).
+    pub fn groups_statuses(&self) -> BTreeMap<u64, Option<GroupsStatus>> {
+        self.pods
+            .iter()
+            .map(|(k, pod)| {
+                let status = http_get(pod.http, "/cluster")
+                    .ok()
+                    .filter(|(s, _)| s.contains(" 200 "))
+                    .and_then(|(_, body)| GroupsStatus::parse(&body));
                 (*k, status)
             })
             .collect()
