@@ -77,6 +77,30 @@ pub const BOOTSTRAP_FALLBACK_AFTER: Duration = Duration::from_secs(5);
 /// Default: the least time between two campaigns for one group.
 pub const CAMPAIGN_BACKOFF: Duration = Duration::from_secs(2);
 
+/// Whether `node`, the preferred leader of a group placed on `placed`, should campaign
+/// for it now that its replica shows `status`:
+/// * only against a known leader (during an election the vote decides anyway);
+/// * only as a voter (a new replica is a learner until the balancer's move makes it one);
+/// * only once the group's membership *is* its placement, no learner in it: while a move
+///   is under way its leader is changing the membership (learner, catch-up, joint
+///   change, maybe removing itself), and a campaign then makes that leader step down
+///   mid-move (the move fails and is retried) and costs the group one more election
+///   right before the one the move itself may cause — three leaders in two seconds,
+///   each a detach of the group's links (found by the groups-mode elasticity run: a
+///   producer without progress for 3.5 s during a join).
+fn campaign_is_due(
+    node: NodeId,
+    placed: &BTreeSet<NodeId>,
+    status: &entrepot_cluster::host::GroupStatus,
+) -> bool {
+    let l = status.leadership;
+    !l.leads
+        && l.leader.is_some()
+        && status.voters.contains(&node)
+        && status.voters == *placed
+        && status.learners.is_empty()
+}
+
 /// How an opener runs.
 #[derive(Debug, Clone)]
 pub struct OpenerConfig {
@@ -420,11 +444,7 @@ impl Opener {
             let Some(handle) = self.host.group(*group) else {
                 continue;
             };
-            let l = *handle.leadership().borrow();
-            // Only against a known leader: during an election the vote decides anyway.
-            // Only as a voter: a new replica is a learner until the balancer's move
-            // makes it one.
-            if l.leads || l.leader.is_none() || !handle.status().voters.contains(&self.node) {
+            if !campaign_is_due(self.node, &entry.replicas.nodes, &handle.status()) {
                 continue;
             }
             t.last_campaign = Some(now);
@@ -442,5 +462,73 @@ impl Opener {
     fn failed(&self, group: GroupId, verb: &str, e: &dyn std::fmt::Display) {
         self.shared.failures.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(group, error = %e, "group opener: {verb} the group failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use entrepot_cluster::host::{GroupStatus, Leadership};
+
+    use super::campaign_is_due;
+
+    fn status(leader: Option<u64>, leads: bool, voters: &[u64], learners: &[u64]) -> GroupStatus {
+        GroupStatus {
+            leadership: Leadership {
+                leader,
+                term: 3,
+                leads,
+            },
+            voters: voters.iter().copied().collect(),
+            learners: learners.iter().copied().collect(),
+            ..GroupStatus::default()
+        }
+    }
+
+    #[test]
+    fn the_preferred_leader_campaigns_only_once_the_membership_is_its_placement() {
+        let placed: BTreeSet<u64> = [0, 2, 3].into();
+        // Settled on the placement, led by another voter: campaign.
+        assert!(campaign_is_due(
+            3,
+            &placed,
+            &status(Some(0), false, &[0, 2, 3], &[])
+        ));
+        // A move under way: the leader (1) is replacing itself by 3, whose replica is
+        // already a voter of the joint membership; or 3 is still a learner.
+        assert!(!campaign_is_due(
+            3,
+            &placed,
+            &status(Some(1), false, &[0, 1, 2, 3], &[])
+        ));
+        assert!(!campaign_is_due(
+            3,
+            &placed,
+            &status(Some(1), false, &[0, 1, 2], &[3])
+        ));
+        // The voters are the placement but a learner is still being caught up.
+        assert!(!campaign_is_due(
+            3,
+            &placed,
+            &status(Some(0), false, &[0, 2, 3], &[4])
+        ));
+        // Already leading, no known leader (an election), not a voter.
+        assert!(!campaign_is_due(
+            3,
+            &placed,
+            &status(Some(3), true, &[0, 2, 3], &[])
+        ));
+        assert!(!campaign_is_due(
+            3,
+            &placed,
+            &status(None, false, &[0, 2, 3], &[])
+        ));
+        let elsewhere: BTreeSet<u64> = [0, 1, 2].into();
+        assert!(!campaign_is_due(
+            3,
+            &elsewhere,
+            &status(Some(0), false, &[0, 1, 2], &[])
+        ));
     }
 }
