@@ -463,6 +463,70 @@ fn every_environment_variable_is_read_by_the_binary_or_used_by_another() {
     }
 }
 
+/// The values `serve --help` lists for `flag` (clap's `Possible values:` list, `- NAME:`
+/// per value, or its one-line `[possible values: a, b]`); empty when it lists none.
+fn possible_values(binary: &Binary, flag: &str) -> Vec<String> {
+    let help = binary
+        .help
+        .get(flag)
+        .map(String::as_str)
+        .unwrap_or_default();
+    if let Some(list) = help.split("[possible values: ").nth(1) {
+        let list = list.split(']').next().unwrap_or_default();
+        return list.split(", ").map(str::to_owned).collect();
+    }
+    let Some(listed) = help.split("Possible values:").nth(1) else {
+        return Vec::new();
+    };
+    listed
+        .split("- ")
+        .skip(1)
+        .filter_map(|item| {
+            let (name, _) = item.split_once(':')?;
+            let ok =
+                !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+            ok.then(|| name.to_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn enumerated_settings_have_values_the_binary_accepts() {
+    let (m, binary) = (manifests(), binary());
+    assert_eq!(
+        possible_values(&binary, "--cluster-mode"),
+        ["one-group", "groups"],
+        "`serve --help` lists the cluster modes"
+    );
+    let env = m.container().env.as_deref().unwrap_or_default();
+    let mut checked = 0;
+    for var in env {
+        let Some(value) = var.value.as_deref() else {
+            continue;
+        };
+        let flag = binary
+            .flags
+            .iter()
+            .find(|(_, e)| e.as_deref() == Some(var.name.as_str()))
+            .map(|(f, _)| f.as_str());
+        let Some(flag) = flag else { continue };
+        let values = possible_values(&binary, flag);
+        if values.is_empty() {
+            continue;
+        }
+        assert!(
+            values.iter().any(|v| v == value),
+            "{}={value}: `entrepot serve {flag}` accepts only {values:?}",
+            var.name
+        );
+        checked += 1;
+    }
+    assert!(
+        env.iter().any(|v| v.name == "ENTREPOT_CLUSTER_MODE") && checked > 0,
+        "the StatefulSet says which cluster mode its pods run"
+    );
+}
+
 #[test]
 fn container_ports_are_the_ports_the_binary_listens_on() {
     let (m, binary) = (manifests(), binary());
