@@ -276,6 +276,20 @@ impl QueueState {
     }
 }
 
+/// Ends the drains of consumers whose credit the dispatch could not use: their
+/// delivery-count advances by it and they are told (`Outbound::Drained`).
+fn finish_drains(s: &mut QueueState) {
+    for c in s.consumers.iter_mut().filter(|c| c.drain && c.credit > 0) {
+        c.delivery_count = c.delivery_count.wrapping_add(c.credit);
+        c.credit = 0;
+        c.drain = false;
+        let _ = c.spec.tx.send(Outbound::Drained {
+            link: c.spec.link,
+            delivery_count: c.delivery_count,
+        });
+    }
+}
+
 fn len_of(msg: &QueuedMessage) -> u64 {
     msg.message.len() as u64
 }
@@ -1120,18 +1134,30 @@ impl Queue {
                 }
             }
         }
-        for c in s.consumers.iter_mut().filter(|c| c.drain && c.credit > 0) {
-            c.delivery_count = c.delivery_count.wrapping_add(c.credit);
-            c.credit = 0;
-            c.drain = false;
-            let _ = c.spec.tx.send(Outbound::Drained {
-                link: c.spec.link,
-                delivery_count: c.delivery_count,
-            });
+        // A shadow's drain waits until its carrier asked the leader for what it holds
+        // (`Queue::complete_drains`): an empty shadow is not an empty queue.
+        if self.forwarded_source().is_none() {
+            finish_drains(s);
         }
         for msg in expired {
             self.divert(broker, msg, Diversion::Expired);
         }
+    }
+
+    /// Whether a consumer of this shadow asked to drain and still has credit.
+    pub fn drain_requested(&self) -> bool {
+        self.lock()
+            .consumers
+            .iter()
+            .any(|c| c.drain && c.credit > 0)
+    }
+
+    /// A shadow's carrier handed on what the leader had for it: the drains asked for
+    /// before complete now (their remaining credit is used up, `Outbound::Drained`).
+    pub fn complete_drains(self: &Arc<Self>, broker: &Broker) {
+        let mut s = self.lock();
+        self.dispatch(broker, &mut s);
+        finish_drains(&mut s);
     }
 
     /// Moves expired messages that are waiting in the queue (called periodically, so

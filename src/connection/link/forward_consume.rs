@@ -13,9 +13,8 @@
 //! `amqp:link:detach-forced` with the carrier's reason and its unsettled deliveries come
 //! again (from the leader) after the client attaches again.
 //!
-//! Does not: store or acknowledge anything on this node, take outcomes in a transaction
-//! (a clustered node refuses transaction coordinators), or answer a drain from the
-//! leader's queue (a drain is answered from what the shadow holds).
+//! Does not: store or acknowledge anything on this node, or take outcomes in a
+//! transaction (a clustered node refuses transaction coordinators).
 
 use fe2o3_amqp_types::definitions::{AmqpError, LinkError};
 use fe2o3_amqp_types::messaging::DistributionMode;

@@ -22,8 +22,12 @@
 //!   election; what the link held goes back to the queue on the leader (cancel, or the
 //!   leader's release after `FORWARDED_CONSUMER_IDLE_TIMEOUT`).
 //!
-//! Does not: resend to a new leader (the client attaches again), browse, or answer a
-//! drain from the leader's queue (a drain is answered from what the shadow holds).
+//! A drain (the client's flow with `drain`) is answered after one fetch that does not
+//! park: what the leader holds for the link within its credit is delivered first, then
+//! the rest of the credit is used up — within `FETCH_WAIT` when a parked fetch was in
+//! flight.
+//!
+//! Does not: resend to a new leader (the client attaches again), or browse.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -269,6 +273,7 @@ async fn feed_loop(
         quiet_until: Instant::now(),
         closing: None,
         settles_open: true,
+        draining: false,
     };
     loop {
         let s = &mut loop_state;
@@ -341,6 +346,8 @@ struct Feeding {
     closing: Option<Vec<u64>>,
     /// The shadow's source still exists (outcomes may come).
     settles_open: bool,
+    /// The fetch in flight was started for a drain (it completes the drain).
+    draining: bool,
 }
 
 impl Feeding {
@@ -370,11 +377,17 @@ impl Feeding {
             .ok_or_else(|| "the link's shadow is gone".to_owned())?;
         let room = (shadow.forward_demand() as u32).min(FORWARDED_CONSUMER_PREFETCH);
         let now = Instant::now();
-        let wanted = room > 0 && now >= self.quiet_until;
+        // A drain asks the leader for what it has now, without parking, and completes
+        // once that is handed on (`on_fetched`).
+        self.draining = shadow.drain_requested();
+        let wanted = (room > 0 && now >= self.quiet_until) || self.draining;
         if !wanted && now < self.last_call + FORWARDED_CONSUMER_KEEPALIVE {
             return Ok(());
         }
-        let wait = if wanted { FETCH_WAIT } else { Duration::ZERO };
+        let wait = match wanted && !self.draining {
+            true => FETCH_WAIT,
+            false => Duration::ZERO,
+        };
         let f = Fetch {
             consumer,
             fetched: self.fetched,
@@ -419,17 +432,19 @@ impl Feeding {
             };
         let n = fetched.messages.len();
         self.fetched = self.fetched.wrapping_add(n as u32);
-        if n == 0 {
-            if !fetched.waited {
-                self.quiet_until = Instant::now() + FETCH_RETRY_PAUSE;
-            }
-            return Ok(());
+        if n == 0 && !fetched.waited && !self.draining {
+            self.quiet_until = Instant::now() + FETCH_RETRY_PAUSE;
         }
         c.stats.deliveries.fetch_add(n as u64, Ordering::Relaxed);
         let (Some(shadow), Some(broker)) = (c.shadow.upgrade(), c.broker.upgrade()) else {
             return Err("the link's shadow is gone".into());
         };
-        shadow.enqueue_all(&broker, fetched.messages);
+        if n > 0 {
+            shadow.enqueue_all(&broker, fetched.messages);
+        }
+        if std::mem::take(&mut self.draining) {
+            shadow.complete_drains(&broker);
+        }
         Ok(())
     }
 
