@@ -36,6 +36,11 @@
 //!   so the leader's other groups keep their traffic (a move costs one learner's catch-up
 //!   and two membership entries); a failed move is retried after a backoff doubling
 //!   from [`RETRY_BACKOFF_MIN`] to [`RETRY_BACKOFF_MAX`].
+//! * **When it looks** (`rounds.rs`): on a change of the metadata or of a group here
+//!   (opened, closed, its leadership or membership), when a move ends or a failed one's
+//!   retry is due, and otherwise every [`BalancerConfig::safety_net`]; rounds at least
+//!   [`BalancerConfig::round`] apart. A round reads the metadata as a shared version and
+//!   asks a group's status only where this node leads it.
 //! * **Progress**: [`BalancerStats`] (moves started, done, failed, in flight) and
 //!   `tracing` lines per move.
 //!
@@ -56,12 +61,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use entrepot_cluster::placement::GroupId;
-use entrepot_cluster::{GroupError, GroupHandle, Host, NodeId, METADATA_GROUP};
+use entrepot_cluster::{GroupError, GroupHandle, GroupStatus, Host, NodeId, METADATA_GROUP};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
 use super::meta_machine::{MetaMachine, MetaState};
+use super::rounds::Rounds;
 
 /// Most membership changes one node carries out at once.
 pub const MAX_MOVES_IN_FLIGHT: usize = 2;
@@ -82,8 +88,9 @@ pub const LEARNER_LINGER: Duration = Duration::from_secs(1);
 /// Longest a move waits for a voter that left to match the membership leaving it out
 /// before it is removed anyway.
 pub const LEARNER_WAIT_MAX: Duration = Duration::from_secs(5);
-/// Default: how often the balancer looks again when the metadata did not change.
-pub const BALANCER_ROUND: Duration = Duration::from_millis(250);
+/// Default: the least time between two rounds of the balancer (it looks on a change of
+/// the metadata or of a group, when a move ends or a retry is due: `rounds.rs`).
+pub const BALANCER_ROUND: Duration = super::rounds::ROUND_GAP_MIN;
 
 const _: () = assert!(MAX_MOVES_IN_FLIGHT >= 1);
 const _: () = assert!(MAX_META_VOTERS % 2 == 1);
@@ -92,9 +99,11 @@ const _: () = assert!(RETRY_BACKOFF_MIN.as_millis() <= RETRY_BACKOFF_MAX.as_mill
 /// How a balancer runs.
 #[derive(Debug, Clone)]
 pub struct BalancerConfig {
-    /// Look again this often even when the metadata did not change (leaderships move,
-    /// backoffs end).
+    /// The least time between two rounds ([`super::rounds::ROUND_GAP_MIN`]).
     pub round: Duration,
+    /// Look again at the latest this long after the last round when nothing changed
+    /// ([`super::rounds::SAFETY_NET`]).
+    pub safety_net: Duration,
     /// See [`CATCH_UP_TIMEOUT`].
     pub catch_up_timeout: Duration,
 }
@@ -103,6 +112,7 @@ impl Default for BalancerConfig {
     fn default() -> Self {
         BalancerConfig {
             round: BALANCER_ROUND,
+            safety_net: super::rounds::SAFETY_NET,
             catch_up_timeout: CATCH_UP_TIMEOUT,
         }
     }
@@ -235,13 +245,17 @@ struct Mover {
 
 impl Mover {
     async fn run(mut self, mut stopped: watch::Receiver<bool>) {
-        let mut changes = self.meta.changes();
+        let mut rounds = Rounds::new(
+            &self.meta,
+            &self.host,
+            self.config.safety_net,
+            self.config.round,
+        );
         loop {
-            changes.borrow_and_update();
-            self.round();
+            rounds.begin();
+            let due = self.round();
             tokio::select! {
-                _ = changes.changed() => {}
-                _ = tokio::time::sleep(self.config.round) => {}
+                _ = rounds.wait(due) => {}
                 Some(joined) = self.running.join_next(), if !self.running.is_empty() => {
                     if let Ok((group, result)) = joined {
                         self.finished(group, result);
@@ -257,14 +271,18 @@ impl Mover {
         self.shared.in_flight.store(0, Ordering::Relaxed);
     }
 
-    /// Starts the moves due, up to [`MAX_MOVES_IN_FLIGHT`].
-    fn round(&mut self) {
+    /// Starts the moves due, up to [`MAX_MOVES_IN_FLIGHT`]; answers when the next retry
+    /// of a failed move is due (nothing else here waits on a timer: a move ending wakes
+    /// the loop, and so does any change of the metadata or of a group).
+    fn round(&mut self) -> Option<Instant> {
         let state = self.meta.state();
         let now = Instant::now();
+        let node = self.host.node();
         self.seen_members.extend(state.members().keys().copied());
-        for (group, target) in targets(&state, &self.host, &self.seen_members) {
+        let groups = std::iter::once(METADATA_GROUP).chain(state.groups().keys().copied());
+        for group in groups {
             if self.busy.len() >= MAX_MOVES_IN_FLIGHT {
-                return;
+                break;
             }
             if self.busy.contains(&group) || self.retry.get(&group).is_some_and(|r| r.at > now) {
                 continue;
@@ -276,36 +294,55 @@ impl Mover {
                 continue;
             }
             let status = handle.status();
-            if !status.voters.contains(&self.host.node()) {
+            if !status.voters.contains(&node) {
                 // A leader that removed itself, stepping down: the next one carries on.
                 continue;
             }
+            let Some(target) = target(&state, group, &status.voters, &self.seen_members) else {
+                continue;
+            };
             if status.voters == target.voters && status.learners == target.learners {
                 self.retry.remove(&group);
                 continue;
             }
-            let addrs: BTreeMap<NodeId, String> = state
-                .members()
-                .iter()
-                .map(|(n, m)| (*n, m.peer.clone()))
-                .collect();
-            tracing::info!(
-                group,
-                from = ?status.voters,
-                to = ?target.voters,
-                learners = ?target.learners,
-                "balancer: moving the group's replicas"
-            );
-            self.busy.insert(group);
-            self.shared.started.fetch_add(1, Ordering::Relaxed);
-            self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
-            let timeout = self.config.catch_up_timeout;
-            let node = self.host.node();
-            self.running.spawn(async move {
-                let result = carry_out(&handle, &target, &addrs, timeout, node).await;
-                (group, result)
-            });
+            self.start_move(&state, handle, &status, target);
         }
+        self.retry
+            .values()
+            .map(|r| r.at)
+            .filter(|at| *at > now)
+            .min()
+    }
+
+    fn start_move(
+        &mut self,
+        state: &MetaState,
+        handle: GroupHandle,
+        status: &GroupStatus,
+        target: Target,
+    ) {
+        let group = handle.group();
+        let addrs: BTreeMap<NodeId, String> = state
+            .members()
+            .iter()
+            .map(|(n, m)| (*n, m.peer.clone()))
+            .collect();
+        tracing::info!(
+            group,
+            from = ?status.voters,
+            to = ?target.voters,
+            learners = ?target.learners,
+            "balancer: moving the group's replicas"
+        );
+        self.busy.insert(group);
+        self.shared.started.fetch_add(1, Ordering::Relaxed);
+        self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+        let timeout = self.config.catch_up_timeout;
+        let node = self.host.node();
+        self.running.spawn(async move {
+            let result = carry_out(&handle, &target, &addrs, timeout, node).await;
+            (group, result)
+        });
     }
 
     fn finished(&mut self, group: GroupId, result: Result<(), MoveError>) {
@@ -335,25 +372,24 @@ impl Mover {
     }
 }
 
-/// Every group open on `host` and what its membership should be (module docs,
-/// "Targets"); `seen` are the members this balancer has seen.
-fn targets(state: &MetaState, host: &Host, seen: &BTreeSet<NodeId>) -> Vec<(GroupId, Target)> {
-    let mut out = Vec::new();
-    if let Some(handle) = host.group(METADATA_GROUP) {
-        let voters = handle.status().voters;
+/// What `group`'s membership should be (module docs, "Targets"), its voters now being
+/// `voters`; `seen` are the members this balancer has seen. `None` for a group the
+/// metadata does not hold.
+fn target(
+    state: &MetaState,
+    group: GroupId,
+    voters: &BTreeSet<NodeId>,
+    seen: &BTreeSet<NodeId>,
+) -> Option<Target> {
+    if group == METADATA_GROUP {
         let members: BTreeSet<NodeId> = state.members().keys().copied().collect();
-        out.push((METADATA_GROUP, meta_target(&members, &voters, seen)));
+        return Some(meta_target(&members, voters, seen));
     }
-    for (group, entry) in state.groups() {
-        if host.group(*group).is_some() {
-            let target = Target {
-                voters: entry.replicas.nodes.clone(),
-                learners: BTreeSet::new(),
-            };
-            out.push((*group, target));
-        }
-    }
-    out
+    let entry = state.groups().get(&group)?;
+    Some(Target {
+        voters: entry.replicas.nodes.clone(),
+        learners: BTreeSet::new(),
+    })
 }
 
 /// Group 0's target: its voters that are members — or that this balancer never saw as

@@ -36,6 +36,14 @@
 //!   left a group leaderless for tens of seconds; openraft 0.10's `transfer_leader` is
 //!   the real answer.
 //!
+//! **When it looks** (`rounds.rs`): a round visits every group placed here, so it runs on
+//! a change — group 0 applied something, a group here opened, closed, or saw its
+//! leadership or membership change — and, while a bootstrap fallback, a campaign backoff
+//! or a removal waits or a step failed, every [`OpenerConfig::round`]; otherwise only
+//! every [`OpenerConfig::safety_net`]. Rounds begin at least
+//! [`OpenerConfig::round_gap`] apart. The metadata's state is read as a shared version
+//! ([`MetaMachine::state`]), never copied whole.
+//!
 //! Invariants: it never removes a group the metadata still places here, nor one it has
 //! not seen handed out; it bootstraps only with the founders' membership.
 //!
@@ -58,7 +66,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::address_machine::AddressMachine;
-use super::meta_machine::{GroupEntry, MetaMachine};
+use super::meta_machine::{GroupEntry, MetaMachine, MetaState};
+use super::rounds::Rounds;
 
 /// Events the opener may have queued for a slow reader before it waits for room.
 pub const MAX_PENDING_EVENTS: usize = 1024;
@@ -69,7 +78,8 @@ pub const MAX_CAMPAIGNS_PER_ROUND: usize = 4;
 /// back to the old leader (see the module docs), so the opener gives up rather than
 /// disrupt the group every backoff for ever.
 pub const MAX_CAMPAIGNS_PER_GROUP: u32 = 5;
-/// Default: how often the opener looks again when the metadata did not change.
+/// Default: how soon the opener looks again while a bootstrap fallback or a campaign
+/// waits on its delay, or a step failed (otherwise it looks on a change: `rounds.rs`).
 pub const OPENER_ROUND: Duration = Duration::from_millis(250);
 /// Default: how long the founding replicas other than the founder wait before they
 /// bootstrap a group that has not formed.
@@ -104,9 +114,14 @@ fn campaign_is_due(
 /// How an opener runs.
 #[derive(Debug, Clone)]
 pub struct OpenerConfig {
-    /// Look again this often even when the metadata did not change (bootstrap fallback,
-    /// campaigns).
+    /// Look again this soon while something waits on a delay (a bootstrap fallback, a
+    /// campaign's backoff, a group awaiting its removal) or a step failed.
     pub round: Duration,
+    /// Look again at the latest this long after the last round when nothing changed
+    /// ([`super::rounds::SAFETY_NET`]).
+    pub safety_net: Duration,
+    /// The least time between two rounds ([`super::rounds::ROUND_GAP_MIN`]).
+    pub round_gap: Duration,
     /// See [`BOOTSTRAP_FALLBACK_AFTER`]; measure it against the election timeout: a
     /// founder that is merely slow loses nothing when others bootstrap too.
     pub bootstrap_fallback_after: Duration,
@@ -121,6 +136,8 @@ impl Default for OpenerConfig {
     fn default() -> Self {
         OpenerConfig {
             round: OPENER_ROUND,
+            safety_net: super::rounds::SAFETY_NET,
+            round_gap: super::rounds::ROUND_GAP_MIN,
             bootstrap_fallback_after: BOOTSTRAP_FALLBACK_AFTER,
             campaign_backoff: CAMPAIGN_BACKOFF,
             spread_leaders: true,
@@ -201,6 +218,7 @@ impl GroupOpener {
             events,
             groups: HashMap::new(),
             recovered: BTreeSet::new(),
+            waiting: false,
         };
         let task = tokio::spawn(opener.run(stopped));
         (GroupOpener { shared, stop, task }, receiver)
@@ -254,6 +272,8 @@ struct Opener {
     groups: HashMap<GroupId, Tracked>,
     /// Groups the node log held at the start, not opened (yet).
     recovered: BTreeSet<GroupId>,
+    /// This round left something waiting on a delay, or a step failed.
+    waiting: bool,
 }
 
 impl Opener {
@@ -263,13 +283,18 @@ impl Opener {
             Err(e) => tracing::warn!(error = %e, "group opener: reading the recovered groups"),
         }
         self.recovered.remove(&METADATA_GROUP);
-        let mut changes = self.meta.changes();
+        let mut rounds = Rounds::new(
+            &self.meta,
+            &self.host,
+            self.config.safety_net,
+            self.config.round_gap,
+        );
         loop {
-            changes.borrow_and_update();
-            self.round().await;
+            rounds.begin();
+            let waiting = self.round().await;
+            let due = waiting.then(|| Instant::now() + self.config.round);
             tokio::select! {
-                _ = changes.changed() => {}
-                _ = tokio::time::sleep(self.config.round) => {}
+                _ = rounds.wait(due) => {}
                 _ = stopped.changed() => return,
             }
             if *stopped.borrow() {
@@ -278,37 +303,57 @@ impl Opener {
         }
     }
 
-    async fn round(&mut self) {
-        let placed = self.meta.placed_on(self.node);
-        let next_group = self.meta.next_group();
-        for (group, entry) in &placed {
-            if !self.groups.contains_key(group) {
-                self.open(*group, entry).await;
-            }
+    /// One look at every group placed here; true when something waits on a delay or
+    /// failed (the next round comes after [`OpenerConfig::round`], not on a change).
+    ///
+    /// The metadata's state is held only between awaits: an apply while it is held
+    /// copies it ([`MetaMachine::state`]).
+    async fn round(&mut self) -> bool {
+        self.waiting = false;
+        let (opening, gone) = {
+            let state = self.meta.state();
+            let node = self.node;
+            let opening: Vec<(GroupId, GroupEntry)> = state
+                .groups()
+                .iter()
+                .filter(|(g, e)| e.replicas.nodes.contains(&node) && !self.groups.contains_key(g))
+                .map(|(g, e)| (*g, e.clone()))
+                .collect();
+            let (gone, staying): (Vec<GroupId>, Vec<GroupId>) = self
+                .groups
+                .keys()
+                .chain(self.recovered.iter())
+                .copied()
+                .filter(|g| placed_here(&state, *g, node).is_none())
+                .partition(|g| self.may_remove(&state, *g));
+            // A group open here and moved away waits for the membership leaving this
+            // node out to commit (its apply here raises the host's changes; looked at
+            // again on a delay as well, as before rounds ran on changes).
+            self.waiting |= staying
+                .iter()
+                .any(|g| *g < state.next_group() && self.groups.contains_key(g));
+            (opening, gone)
+        };
+        for (group, entry) in &opening {
+            self.open(*group, entry).await;
         }
-        let gone: Vec<GroupId> = self
-            .groups
-            .keys()
-            .chain(self.recovered.iter())
-            .copied()
-            .filter(|g| !placed.contains_key(g) && self.may_remove(*g, next_group))
-            .collect();
         for group in gone {
             self.remove(group).await;
         }
-        self.form(&placed).await;
+        self.form().await;
         if self.config.spread_leaders {
-            self.campaign(&placed).await;
+            self.campaign().await;
         }
+        self.waiting
     }
 
     /// Whether `group`, not placed here, may go: dropped (handed out, held by no
     /// address), or moved away and no longer a voter here in a committed membership.
-    fn may_remove(&self, group: GroupId, next_group: GroupId) -> bool {
-        if group >= next_group {
+    fn may_remove(&self, state: &MetaState, group: GroupId) -> bool {
+        if group >= state.next_group() {
             return false;
         }
-        if self.meta.group(group).is_none() {
+        if !state.groups().contains_key(&group) {
             return true;
         }
         let Some(handle) = self.host.group(group) else {
@@ -374,12 +419,21 @@ impl Opener {
 
     /// Bootstraps the groups that have not formed here: the founder at once, the other
     /// founders after the fallback delay (and again after each further delay).
-    async fn form(&mut self, placed: &BTreeMap<GroupId, GroupEntry>) {
+    async fn form(&mut self) {
+        let state = self.meta.state();
         let now = Instant::now();
         let fallback = self.config.bootstrap_fallback_after;
+        let node = self.node;
         let mut due = Vec::new();
+        let mut waiting = false;
         for (group, t) in self.groups.iter_mut().filter(|(_, t)| !t.formed) {
-            let (Some(entry), Some(handle)) = (placed.get(group), self.host.group(*group)) else {
+            let Some(entry) = placed_here(&state, *group, node) else {
+                continue;
+            };
+            // Not formed yet: a founder's fallback runs on a delay, and a new replica
+            // is formed when its leader's log reaches it.
+            waiting = true;
+            let Some(handle) = self.host.group(*group) else {
                 continue;
             };
             match handle.is_pristine() {
@@ -393,15 +447,20 @@ impl Opener {
                     continue;
                 }
             }
-            let founder = entry.founder == self.node;
+            let founder = entry.founder == node;
             let waited = now.duration_since(t.last_bootstrap.unwrap_or(t.opened_at));
             let first = t.last_bootstrap.is_none();
-            if (founder && first) || (entry.founders.contains(&self.node) && waited >= fallback) {
+            if (founder && first) || (entry.founders.contains(&node) && waited >= fallback) {
                 t.last_bootstrap = Some(now);
                 due.push((*group, handle, entry.founders.clone()));
             }
         }
-        let members = self.meta.members();
+        self.waiting |= waiting;
+        if due.is_empty() {
+            return;
+        }
+        let members = state.members().clone();
+        drop(state);
         for (group, handle, founders) in due {
             let addrs: BTreeMap<NodeId, String> = founders
                 .iter()
@@ -421,24 +480,28 @@ impl Opener {
     }
 
     /// Campaigns for the groups this node should lead and does not.
-    async fn campaign(&mut self, placed: &BTreeMap<GroupId, GroupEntry>) {
+    async fn campaign(&mut self) {
+        let state = self.meta.state();
         let now = Instant::now();
         let backoff = self.config.campaign_backoff;
+        let node = self.node;
         let mut due = Vec::new();
+        let mut waiting = false;
         for (group, t) in self.groups.iter_mut() {
-            if due.len() >= MAX_CAMPAIGNS_PER_ROUND {
-                break;
-            }
-            let Some(entry) = placed.get(group) else {
+            let Some(entry) = placed_here(&state, *group, node) else {
                 continue;
             };
-            if entry.replicas.leader != self.node || !t.formed {
+            if entry.replicas.leader != node || !t.formed || t.campaigns >= MAX_CAMPAIGNS_PER_GROUP
+            {
                 continue;
             }
             let recent = t
                 .last_campaign
                 .is_some_and(|at| now.duration_since(at) < backoff);
-            if recent || t.campaigns >= MAX_CAMPAIGNS_PER_GROUP {
+            if recent || due.len() >= MAX_CAMPAIGNS_PER_ROUND {
+                // Whether it still should campaign is seen once the backoff ends (or the
+                // next round, for one past this round's bound).
+                waiting = waiting || !self_leads(&self.host, *group);
                 continue;
             }
             let Some(handle) = self.host.group(*group) else {
@@ -451,6 +514,8 @@ impl Opener {
             t.campaigns += 1;
             due.push((*group, handle));
         }
+        self.waiting |= waiting || !due.is_empty();
+        drop(state);
         for (group, handle) in due {
             self.shared.campaigns.fetch_add(1, Ordering::Relaxed);
             if let Err(e) = handle.campaign().await {
@@ -459,10 +524,25 @@ impl Opener {
         }
     }
 
-    fn failed(&self, group: GroupId, verb: &str, e: &dyn std::fmt::Display) {
+    fn failed(&mut self, group: GroupId, verb: &str, e: &dyn std::fmt::Display) {
+        self.waiting = true;
         self.shared.failures.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(group, error = %e, "group opener: {verb} the group failed");
     }
+}
+
+/// `group`'s entry when the placement puts a replica of it on `node`.
+fn placed_here(state: &MetaState, group: GroupId, node: NodeId) -> Option<&GroupEntry> {
+    state
+        .groups()
+        .get(&group)
+        .filter(|e| e.replicas.nodes.contains(&node))
+}
+
+/// Whether this node leads `group` (false when it is not open here).
+fn self_leads(host: &Host, group: GroupId) -> bool {
+    host.group(group)
+        .is_some_and(|h| h.leadership().borrow().leads)
 }
 
 #[cfg(test)]

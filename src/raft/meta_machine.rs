@@ -421,7 +421,10 @@ impl MetaState {
 /// What the machine holds: the state, and what only this replica knows.
 #[derive(Debug, Default)]
 struct Inner {
-    state: MetaState,
+    /// Shared with readers ([`MetaMachine::state`]) and copied on write: an apply
+    /// changes it in place unless a reader still holds the version it read, which it
+    /// then copies once ([`Arc::make_mut`]).
+    state: Arc<MetaState>,
     /// Outcomes of the latest proposals applied here, by position.
     outcomes: VecDeque<(Position, Result<MetaOutcome, MetaRefusal>)>,
     /// The entry after the last one applied (or restored).
@@ -463,9 +466,11 @@ impl MetaMachine {
         self.changes.subscribe()
     }
 
-    /// The replicated state as it stands here (a copy).
-    pub fn state(&self) -> MetaState {
-        self.lock().state.clone()
+    /// The replicated state as it stands here: a shared version, not a copy (the
+    /// machine's next apply copies it if it is still held then, so hold it for one
+    /// round of work, not for ever).
+    pub fn state(&self) -> Arc<MetaState> {
+        Arc::clone(&self.lock().state)
     }
 
     /// The outcome of the proposal applied at `at`, while it is kept.
@@ -549,7 +554,7 @@ impl GroupMachine for MetaMachine {
         let op = codec::decode_op(payload).map_err(MachineError::new)?;
         {
             let mut inner = self.lock();
-            let outcome = op.and_then(|op| inner.state.apply(op));
+            let outcome = op.and_then(|op| Arc::make_mut(&mut inner.state).apply(op));
             if inner.outcomes.len() >= MAX_RECENT_OUTCOMES {
                 inner.outcomes.pop_front();
             }
@@ -568,7 +573,7 @@ impl GroupMachine for MetaMachine {
         let state = codec::decode_snapshot(state).map_err(MachineError::new)?;
         {
             let mut inner = self.lock();
-            inner.state = state;
+            inner.state = Arc::new(state);
             inner.outcomes.clear();
             inner.applied_end = last_index.saturating_add(1);
         }

@@ -59,6 +59,7 @@ pub mod link_forward;
 pub mod meta_machine;
 mod proxy;
 pub mod replicator;
+pub mod rounds;
 pub mod snapshot;
 pub mod state_machine;
 

@@ -33,7 +33,7 @@ use entrepot_cluster::{Host, NodeId, METADATA_GROUP};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use crate::meta_hosts::{amqp_addr, opener_config};
+use crate::meta_hosts::{amqp_addr, opener_config, NO_SAFETY_NET};
 use crate::three_hosts::config;
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(120);
@@ -63,9 +63,13 @@ fn trace() {
     }
 }
 
+/// Rounds at least 100 ms apart, and no safety net within a test: every move here must
+/// start from a change (of the metadata, of a group's leadership or membership), a move
+/// ending or a retry coming due — never from a periodic look.
 fn balancer_config() -> BalancerConfig {
     BalancerConfig {
         round: Duration::from_millis(100),
+        safety_net: NO_SAFETY_NET,
         catch_up_timeout: Duration::from_secs(3),
     }
 }

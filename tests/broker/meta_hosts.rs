@@ -36,11 +36,18 @@ pub struct MetaCluster {
     pub openers: BTreeMap<NodeId, bool>,
 }
 
-/// The openers' timing in these tests: quick rounds, a fallback of a few election
-/// timeouts, campaigns a few election timeouts apart.
+/// Longer than any test: the openers' and balancers' safety-net rounds never come
+/// within one, so whatever they do there comes from a change or their own delays.
+pub const NO_SAFETY_NET: Duration = Duration::from_secs(3600);
+
+/// The openers' timing in these tests: quick rounds while a delay runs, no safety net
+/// ([`NO_SAFETY_NET`]), a fallback of a few election timeouts, campaigns a few election
+/// timeouts apart.
 pub fn opener_config() -> OpenerConfig {
     OpenerConfig {
         round: Duration::from_millis(100),
+        safety_net: NO_SAFETY_NET,
+        round_gap: Duration::from_millis(20),
         bootstrap_fallback_after: Duration::from_secs(3),
         campaign_backoff: Duration::from_secs(3),
         spread_leaders: true,

@@ -245,6 +245,9 @@ pub(crate) async fn follow_metrics(handle: GroupHandle, raft: Raft<TypeConfig>, 
     let mut metrics = raft.metrics();
     let mut purge_to = shared.purge_to.subscribe();
     let mut requested: Option<u64> = None;
+    // The membership entry last seen applied here (its commit raised the host's change
+    // counter once).
+    let mut applied_membership: Option<u64> = None;
     loop {
         let snapshot = {
             let m = metrics.borrow_and_update();
@@ -262,11 +265,20 @@ pub(crate) async fn follow_metrics(handle: GroupHandle, raft: Raft<TypeConfig>, 
                     leads: m.state == ServerState::Leader
                         && m.current_leader == Some(handle.instance.node),
                 };
-                publish(&handle.leadership, now);
+                if publish(&handle.leadership, now) {
+                    super::note_change(&shared.changes);
+                }
                 handle.note_members(
                     m.membership_config.membership(),
                     m.snapshot.map(|s| s.index),
                 );
+                let membership = m.membership_config.log_id().map(|l| l.index);
+                let applied = m.last_applied.map(|l| l.index);
+                if membership.is_some() && membership <= applied && membership != applied_membership
+                {
+                    applied_membership = membership;
+                    super::note_change(&shared.changes);
+                }
             }
             m.snapshot.map(|s| s.index)
         };
@@ -288,19 +300,20 @@ pub(crate) async fn follow_metrics(handle: GroupHandle, raft: Raft<TypeConfig>, 
         return;
     }
     if let Some(HostState::Stopped(st)) = handle.instance.registry.state(shared.group) {
-        publish(
-            &handle.leadership,
-            stopped_leadership(handle.instance.node, &st),
-        );
+        let now = stopped_leadership(handle.instance.node, &st);
+        if publish(&handle.leadership, now) {
+            super::note_change(&shared.changes);
+        }
     }
 }
 
-pub(crate) fn publish(leadership: &watch::Sender<Leadership>, now: Leadership) {
+/// Sets the leadership watch to `now`; true when it changed.
+pub(crate) fn publish(leadership: &watch::Sender<Leadership>, now: Leadership) -> bool {
     leadership.send_if_modified(|l| {
         let changed = *l != now;
         *l = now;
         changed
-    });
+    })
 }
 
 /// Why a group could not be (re)started through the host.

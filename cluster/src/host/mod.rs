@@ -200,6 +200,9 @@ struct HostInner {
     groups: Mutex<HashMap<GroupId, Option<GroupHandle>>>,
     /// Hibernation of idle groups, when configured ([`HostConfig::hibernation`]).
     hibernation: Option<Arc<Hibernation>>,
+    /// Raised when a group opens or closes here, or when one of its replicas here sees
+    /// its leadership or its membership change ([`Host::group_changes`]).
+    changes: Arc<watch::Sender<u64>>,
 }
 
 impl Host {
@@ -237,6 +240,7 @@ impl Host {
             local_addr,
             groups: Mutex::default(),
             hibernation,
+            changes: Arc::new(watch::Sender::new(0)),
         });
         // Proposals peers forward to this node's groups go to their handles.
         inner
@@ -320,6 +324,16 @@ impl Host {
         Ok(ids)
     }
 
+    /// A counter raised whenever a group opens or closes on this host, or one of its
+    /// replicas here sees its leader, its term, its membership (voters, learners, their
+    /// addresses) change, or applies the entry of its latest membership (that membership
+    /// is committed). What follows every group's leadership and membership (the broker's
+    /// opener and balancer) waits on this instead of visiting every group on a timer.
+    /// Heartbeats and other entries do not raise it.
+    pub fn group_changes(&self) -> watch::Receiver<u64> {
+        self.inner.changes.subscribe()
+    }
+
     /// The handle of an open group.
     pub fn group(&self, group: GroupId) -> Option<GroupHandle> {
         self.lock_groups().get(&group).cloned().flatten()
@@ -358,6 +372,8 @@ impl Host {
         match opened {
             Ok(handle) => {
                 groups.insert(group, Some(handle.clone()));
+                drop(groups);
+                note_change(&self.inner.changes);
                 Ok(handle)
             }
             Err(e) => {
@@ -388,6 +404,7 @@ impl Host {
             heard_commit: std::sync::OnceLock::new(),
             generation: AtomicU64::new(0),
             seen: Mutex::default(),
+            changes: Arc::clone(&inner.changes),
         });
         let adapter = machine::Adapter::open(Arc::clone(&shared), machine)?;
         let restored = adapter.restored();
@@ -506,6 +523,7 @@ impl Host {
             let _ = raft.shutdown().await;
         }
         handle.forget_members();
+        note_change(&self.inner.changes);
         true
     }
 
@@ -556,6 +574,11 @@ impl Host {
     }
 }
 
+/// Raises the host's change counter ([`Host::group_changes`]).
+fn note_change(changes: &watch::Sender<u64>) {
+    changes.send_modify(|n| *n = n.wrapping_add(1));
+}
+
 /// Serves forwarded proposals with the host's group handles (`forward.rs`).
 struct HostProposer(std::sync::Weak<HostInner>);
 
@@ -585,6 +608,8 @@ pub(crate) struct GroupShared {
     generation: AtomicU64,
     /// Members and snapshot as last seen: what `status` reports while stopped.
     seen: Mutex<Seen>,
+    /// The host's change counter ([`Host::group_changes`]).
+    changes: Arc<watch::Sender<u64>>,
 }
 
 impl GroupShared {
@@ -797,10 +822,12 @@ impl GroupHandle {
         seen.snapshot = snapshot;
         let changed = m.nodes().count() != seen.nodes.len()
             || m.nodes().any(|(id, n)| seen.nodes.get(id) != Some(&n.addr))
-            || m.voter_ids().count() != seen.voters.len();
+            || m.voter_ids().count() != seen.voters.len()
+            || m.voter_ids().any(|v| !seen.voters.contains(&v));
         if !changed {
             return;
         }
+        note_change(&self.shared.changes);
         let before = std::mem::replace(&mut *seen, Seen::of(m, snapshot));
         if let Some(h) = &self.hibernation {
             for (id, addr) in &seen.nodes {

@@ -288,7 +288,7 @@ fn the_snapshot_round_trips_and_refuses_what_it_cannot_read() {
     for bad in [versioned, cut, trailing, members.to_vec()] {
         let mut m = MetaMachine::new();
         assert!(m.restore(1, Bytes::from(bad)).is_err());
-        assert_eq!(m.state(), MetaState::default(), "nothing taken");
+        assert_eq!(*m.state(), MetaState::default(), "nothing taken");
     }
     assert!(matches!(
         codec::decode_snapshot(members.freeze()),
