@@ -16,8 +16,13 @@
 # Env: COUNT (addresses, default 10000), IDLE (s of idle measurement, default 30, at least
 #      30 for the figure), SETTLE (s before it, default 15), CONNECTIONS (declaring
 #      connections, default 16), HIBERNATE (1: `--hibernate-groups`, default 1), SAMPLE
-#      (queues read back at the end, default 20), TIMEOUT (s for the declaration, 3600),
-#      NO_BUILD (1: use the release binaries as they are).
+#      (queues read back at the end, default 20), TIMEOUT (s for each declaration batch,
+#      3600), BATCH (addresses declared per `entrepot-bench declare` run, one after the
+#      other; default COUNT: one run), NO_BUILD (1: use the release binaries as they are),
+#      BROKER_BIN (the broker binary to measure, default the release build's: to compare
+#      two builds with the same load generator), BENCH_BIN (likewise, `entrepot-bench`).
+#      PERF_SECS (with `perf` installed: `perf record -g` on node 0 for that many seconds
+#      after the idle measurement, report in $CARGO_TARGET_DIR/many-groups/perf.txt).
 # Output: the table on stdout, the last line `many groups: COUNT=N hibernate=H
 # rss_mib=a/b/c idle_cpu_pct=x/y/z kib_per_group_replica=k/l/m`; logs under
 # $CARGO_TARGET_DIR/many-groups/. Every process started here is stopped on exit.
@@ -34,8 +39,9 @@ connections="${CONNECTIONS:-16}"
 hibernate="${HIBERNATE:-1}"
 sample="${SAMPLE:-20}"
 declare_timeout="${TIMEOUT:-3600}"
-bin="$target/release/entrepot"
-bench_bin="$target/release/entrepot-bench"
+bin="${BROKER_BIN:-$target/release/entrepot}"
+batch="${BATCH:-$count}"
+bench_bin="${BENCH_BIN:-$target/release/entrepot-bench}"
 work="$(mktemp -d)"
 pids=()
 hz="$(getconf CLK_TCK)"
@@ -43,6 +49,8 @@ hz="$(getconf CLK_TCK)"
 step() { echo "==> $(date -u +%H:%M:%S) $*" >&2; }
 cleanup() {
     for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+    # Gone before the next run binds the same ports.
+    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -90,16 +98,26 @@ declare -A rss0
 for i in 0 1 2; do rss0[$i]=$(rss_kib "${node_pid[$i]}"); done
 step "ready; RSS with no address: ${rss0[0]} / ${rss0[1]} / ${rss0[2]} KiB"
 
-step "declaring $count queues over $connections connections, one message each"
+step "declaring $count queues over $connections connections, one message each, $batch per batch"
 t0=$(date +%s)
 declare_ok=1
-"$bench_bin" declare --url "$urls" --prefix many --count "$count" --connections "$connections" \
-    --send --timeout "$declare_timeout" 2> >(tee "$out/declare.log" >&2) | tee "$out/declare.txt" ||
-    declare_ok=0
+: >"$out/declare.txt"
+: >"$out/declare.log"
+from=0
+while [ "$from" -lt "$count" ]; do
+    to=$(( from + batch > count ? count : from + batch ))
+    step "declaring many-$from .. many-$(( to - 1 ))"
+    range=(--count "$to")
+    [ "$from" = 0 ] || range+=(--from "$from")
+    "$bench_bin" declare --url "$urls" --prefix many "${range[@]}" \
+        --connections "$connections" --send --timeout "$declare_timeout" \
+        2> >(tee -a "$out/declare.log" >&2) | tee -a "$out/declare.txt" || declare_ok=0
+    from=$to
+done
 declared_s=$(( $(date +%s) - t0 ))
 # The figures are still measured when some addresses failed (reported, and the script
 # fails at the end): the groups the cluster did place are what it holds.
-failed=$(awk '/^declared/ {print $4 - $2; exit}' "$out/declare.txt")
+failed=$(awk '/^declared/ {f += $4 - $2} END {print f + 0}' "$out/declare.txt")
 [ "$declare_ok" = 1 ] || step "declaration incomplete: ${failed:-?} of $count addresses not declared"
 
 step "waiting until every node has opened every group placed and each has a leader"
@@ -153,6 +171,14 @@ done
     printf '%s' "$rows"
 } | tee "$out/table.md"
 
+if [ -n "${PERF_SECS:-}" ] && command -v perf >/dev/null; then
+    step "perf record -g on node 0 for ${PERF_SECS}s of idleness"
+    perf record -F 499 -g -o "$out/perf.data" -p "${node_pid[0]}" -- sleep "$PERF_SECS" >/dev/null 2>&1 || true
+    perf report -i "$out/perf.data" --no-children --percent-limit 1 --stdio 2>/dev/null |
+        head -n 200 >"$out/perf.txt" || true
+    step "profile in $out/perf.txt"
+fi
+
 running=""
 for i in 0 1 2; do
     r=$(curl -s --max-time 10 "http://127.0.0.1:186$i/metrics" | awk '$1 == "entrepot_groups_running" {print $2; exit}') || true
@@ -167,6 +193,6 @@ step "reading back $sample sample queues (a consumer takes each one's message)"
 step "every sample queue gave back its message"
 [ "$declare_ok" = 1 ] || { step "FAILED: ${failed:-?} addresses not declared (see $out/declare.log)"; exit_code=1; }
 
-echo "declared in ${declared_s}s; command: COUNT=$count IDLE=$idle HIBERNATE=$hibernate benches/many_groups.sh"
+echo "declared in ${declared_s}s; command: COUNT=$count BATCH=$batch IDLE=$idle HIBERNATE=$hibernate benches/many_groups.sh"
 echo "many groups: COUNT=$count groups_held=$count_held hibernate=$hibernate rss_mib=${rss_list%/} idle_cpu_pct=${cpu_list%/} kib_per_group_replica=${per_list%/} running=${running%/}"
 exit "${exit_code:-0}"

@@ -61,9 +61,13 @@ pub struct DeclareArgs {
     /// Addresses are `<prefix>-0` … `<prefix>-(count-1)`.
     #[arg(long, default_value = "many")]
     pub prefix: String,
-    /// Addresses to declare.
+    /// Addresses to declare: `<prefix>-from` … `<prefix>-(count-1)`.
     #[arg(long)]
     pub count: u32,
+    /// The first address's number: a declaration in batches runs `--from 0 --count
+    /// 2000`, then `--from 2000 --count 4000`, …
+    #[arg(long, default_value_t = 0)]
+    pub from: u32,
     /// Worker connections (each declares its share in turn).
     #[arg(long, default_value_t = 16)]
     pub connections: u32,
@@ -98,6 +102,7 @@ pub fn run(args: DeclareArgs) -> anyhow::Result<()> {
         "--count must be 1..={COUNT_MAX}"
     );
     anyhow::ensure!(args.every >= 1, "--every must be at least 1");
+    anyhow::ensure!(args.from < args.count, "--from must be below --count");
     anyhow::ensure!(
         (1..=CONNECTIONS_MAX).contains(&args.connections),
         "--connections must be 1..={CONNECTIONS_MAX}"
@@ -147,10 +152,10 @@ async fn declare_all(args: DeclareArgs, urls: Vec<String>) -> anyhow::Result<()>
     progress.abort();
     let declared = counters.declared.load(Ordering::Relaxed);
     let errors = counters.errors.load(Ordering::Relaxed);
-    let expected = u64::from(args.count.div_ceil(args.every));
+    let expected = u64::from((args.count - args.from).div_ceil(args.every));
     println!(
         "declared {declared} of {} ({} redirected), sent {}, errors {errors} in {:.1} s",
-        args.count,
+        args.count - args.from,
         counters.redirected.load(Ordering::Relaxed),
         counters.sent.load(Ordering::Relaxed),
         started.elapsed().as_secs_f64()
@@ -168,7 +173,7 @@ type Sessions = HashMap<String, (ConnectionHandle<()>, SessionHandle<()>)>;
 
 async fn worker(args: &DeclareArgs, w: u32, home: String, counters: &Counters) {
     let mut sessions = Sessions::new();
-    let picked = (0..args.count).step_by(args.every as usize);
+    let picked = (args.from..args.count).step_by(args.every as usize);
     for i in picked.skip(w as usize).step_by(args.connections as usize) {
         let address = format!("{}-{i}", args.prefix);
         match declare_one(args, &mut sessions, &home, &address).await {
