@@ -267,6 +267,20 @@ impl QueueState {
         limits::space_sub(&self.space, n);
     }
 
+    /// Forgets every ready and unsettled message here (they are owned elsewhere: the
+    /// group's next leader, or a shadow's leader), releasing their bytes.
+    fn forget_all(&mut self) {
+        let held: Vec<u64> = self
+            .ready
+            .drain(..)
+            .chain(self.unsettled.drain().map(|(_, (_, m))| m))
+            .map(|m| len_of(&m))
+            .collect();
+        for bytes in held {
+            self.release(bytes);
+        }
+    }
+
     fn held(&self) -> u64 {
         (self.ready.len() + self.unsettled.len()) as u64 + self.reserved
     }
@@ -448,15 +462,7 @@ impl Queue {
             });
         }
         let st = &mut *s;
-        let held: Vec<u64> = st
-            .ready
-            .drain(..)
-            .chain(st.unsettled.drain().map(|(_, (_, m))| m))
-            .map(|m| len_of(&m))
-            .collect();
-        for bytes in held {
-            st.release(bytes);
-        }
+        st.forget_all();
         consumers.len()
     }
 
@@ -681,15 +687,7 @@ impl Queue {
         s.consumers.retain(|c| c.spec.link.consumer != id);
         let st = &mut *s;
         let undelivered: Vec<u64> = st.ready.iter().map(|m| m.offset).collect();
-        let held: Vec<u64> = st
-            .ready
-            .drain(..)
-            .chain(st.unsettled.drain().map(|(_, (_, m))| m))
-            .map(|m| len_of(&m))
-            .collect();
-        for bytes in held {
-            st.release(bytes);
-        }
+        st.forget_all();
         drop(s);
         source.closed(undelivered);
     }
