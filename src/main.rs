@@ -730,6 +730,10 @@ async fn serve_groups(
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let node = entrepot::raft::groups_node::GroupsNode::start(config, cluster, shutdown_rx).await?;
     wait_for_signal().await;
+    // A planned stop (a restart, a rolling update): the groups led here move to another
+    // voter now rather than after an election once this node is gone.
+    let report = node.hand_over().await;
+    tracing::info!("before stopping: {report}");
     tracing::info!("shutting down: closing connections, stopping the groups");
     let _ = shutdown_tx.send(true);
     Ok(node.stopped().await?)

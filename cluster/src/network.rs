@@ -283,6 +283,27 @@ impl TcpNetwork {
 }
 
 impl TcpNetwork {
+    /// Asks the peer at member address `addr` (node `target`), a voter of this factory's
+    /// group, to campaign now (`KIND_ELECT`, `host/handover.rs`); the inner result is its
+    /// answer: campaigning, or why not.
+    pub async fn elect(
+        &self,
+        target: NodeId,
+        addr: &str,
+        request: &crate::host::handover::ElectRequest,
+        timeout: Duration,
+    ) -> Result<Result<(), String>, PeerCallError> {
+        let client = self.pooled(target, addr);
+        let body = crate::host::handover::encode_request(client.header(), request);
+        let option = RPCOption::new(timeout);
+        let reply = client
+            .call(rpc::KIND_ELECT, body, rpc::KIND_ELECT_REPLY, &option)
+            .await?;
+        Ok(crate::host::handover::decode_reply(reply)?)
+    }
+}
+
+impl TcpNetwork {
     /// Forwards `payload` to the peer at member address `addr` (node `target`), which is
     /// to lead this factory's group (`KIND_PROPOSE`, `forward.rs`), on the node's shared
     /// connection to it. The inner result is the leader's answer: the committed position,

@@ -43,6 +43,9 @@
 //!   `forward.rs`) goes to the registry's proposer — the host's group handle, which
 //!   refuses it `NotLeader` where this node does not lead; without a proposer, or for a
 //!   group not open here, it is answered unknown group.
+//! * `KIND_ELECT` (a leader handing its group over asks this voter to campaign,
+//!   `host/handover.rs`) meets the group's Raft like a vote request; the replica checks
+//!   it still follows that leader in that term and holds its last index before it does.
 //!
 //! Besides openraft's RPCs it serves the membership requests of `membership.rs` (a node
 //! joining or leaving, always the metadata group's), behind the same TLS and secret
@@ -403,6 +406,8 @@ enum Inbound {
     Propose(Bytes),
     /// An application request for the broker's handler (`app_request.rs`).
     App(Bytes),
+    /// A leader handing its group over asks this voter to campaign (`host/handover.rs`).
+    Elect(crate::host::handover::ElectRequest),
 }
 
 /// Decodes a whole request frame: header and body.
@@ -429,6 +434,7 @@ fn decode_request(kind: u8, body: Bytes) -> Result<(Header, Inbound)> {
         }
         rpc::KIND_PROPOSE => Inbound::Propose(crate::forward::decode_request(body)?),
         rpc::KIND_APP => Inbound::App(crate::app_request::decode_request(body)?),
+        rpc::KIND_ELECT => Inbound::Elect(crate::host::handover::decode_request(body)?),
         _ => {
             return Err(crate::error::ClusterError::Decode {
                 what: "inter-node frame",
@@ -512,6 +518,11 @@ async fn dispatch(
                 }
                 Err(e) => refusal(h, &e),
             }
+        }
+        Inbound::Elect(e) => {
+            let reply = crate::host::handover::serve(&raft, e).await;
+            let body = crate::host::handover::encode_reply(h, &reply);
+            (rpc::KIND_ELECT_REPLY, body)
         }
         Inbound::Membership(m) => {
             let reply = crate::membership::serve(&raft, m).await;

@@ -32,6 +32,11 @@
 //!   of it only while its lease holds (`connection::flush`): no byte of a delivery reaches
 //!   a client socket after the lease ran out (`lease.rs` says why the lease is safe).
 //!
+//! * **Stand-down** ([`GroupDriver::stand_down_handle`], a leadership hand-over,
+//!   `handover.rs`): the activation ends as on a leadership change, and no new one starts
+//!   while the stand-down lasts, even though this node still leads; when it ends the
+//!   driver serves again if it still leads (a hand-over that failed).
+//!
 //! Decided: `amqp:link:detach-forced`, not `amqp:link:redirect`. A redirect's `info`
 //! needs the new leader's *client* address (its AMQP listener), which the group does not
 //! know — `GroupError::NotLeader` names its peer port; the metadata group's placement
@@ -84,8 +89,45 @@ pub struct GroupDriver {
     stop: watch::Sender<bool>,
     /// The term being served, `None` while the address is not served here.
     serving: watch::Receiver<Option<u64>>,
+    /// Set while the driver must not serve ([`StandDownHandle`]).
+    stand: Arc<watch::Sender<bool>>,
+    /// True while an activation is under way or served.
+    busy: watch::Receiver<bool>,
     stats: Arc<DriverStats>,
     task: JoinHandle<()>,
+}
+
+/// Makes a driver stop serving its address and stay so ([`StandDownHandle::stand_down`]).
+#[derive(Clone)]
+pub struct StandDownHandle {
+    stand: Arc<watch::Sender<bool>>,
+    busy: watch::Receiver<bool>,
+}
+
+/// While it lives, the driver does not serve; dropping it lets the driver serve again
+/// where its node still leads.
+pub struct StoodDown {
+    stand: Arc<watch::Sender<bool>>,
+}
+
+impl Drop for StoodDown {
+    fn drop(&mut self) {
+        self.stand.send_replace(false);
+    }
+}
+
+impl StandDownHandle {
+    /// Deactivates the address here (as on a leadership change: its links detached, its
+    /// lease ended) and returns once no activation is under way or served, at the latest
+    /// at `deadline` (then the caller must not count on it).
+    pub async fn stand_down(&self, deadline: tokio::time::Instant) -> StoodDown {
+        self.stand.send_replace(true);
+        let mut busy = self.busy.clone();
+        let _ = tokio::time::timeout_at(deadline, busy.wait_for(|b| !*b)).await;
+        StoodDown {
+            stand: Arc::clone(&self.stand),
+        }
+    }
 }
 
 /// Why an activation ended.
@@ -94,6 +136,7 @@ enum Ended {
     LeadershipChanged,
     LeaseNotRenewed,
     StoreFailed,
+    HandingOver,
     Stopped,
 }
 
@@ -103,6 +146,7 @@ impl Ended {
             Ended::LeadershipChanged => "this node no longer leads its group",
             Ended::LeaseNotRenewed => "no majority confirmed this node's leadership of its group",
             Ended::StoreFailed => "its group store failed",
+            Ended::HandingOver => "this node hands its group's leadership over",
             Ended::Stopped => "its driver stopped",
         };
         format!("address {address} is no longer served by this node: {why}; attach again")
@@ -117,6 +161,7 @@ struct Ctx {
     machine: AddressMachine,
     stats: Arc<DriverStats>,
     serving: watch::Sender<Option<u64>>,
+    busy: watch::Sender<bool>,
 }
 
 impl GroupDriver {
@@ -130,6 +175,8 @@ impl GroupDriver {
     ) -> GroupDriver {
         let (stop, stop_rx) = watch::channel(false);
         let (serving_tx, serving) = watch::channel(None);
+        let (busy_tx, busy) = watch::channel(false);
+        let stand = Arc::new(watch::Sender::new(false));
         let stats = Arc::new(DriverStats::default());
         let ctx = Ctx {
             broker,
@@ -138,12 +185,15 @@ impl GroupDriver {
             machine,
             stats: Arc::clone(&stats),
             serving: serving_tx,
+            busy: busy_tx,
         };
-        let task = tokio::spawn(drive(ctx, stop_rx));
+        let task = tokio::spawn(drive(ctx, stop_rx, stand.subscribe()));
         GroupDriver {
             address,
             stop,
             serving,
+            stand,
+            busy,
             stats,
             task,
         }
@@ -163,6 +213,14 @@ impl GroupDriver {
         &self.stats
     }
 
+    /// What stands the driver down during a hand-over (see the module docs).
+    pub fn stand_down_handle(&self) -> StandDownHandle {
+        StandDownHandle {
+            stand: Arc::clone(&self.stand),
+            busy: self.busy.clone(),
+        }
+    }
+
     /// Stops the driver: the address is deactivated here if it was served.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
@@ -170,7 +228,7 @@ impl GroupDriver {
     }
 }
 
-async fn drive(ctx: Ctx, mut stop: watch::Receiver<bool>) {
+async fn drive(ctx: Ctx, mut stop: watch::Receiver<bool>, mut stand: watch::Receiver<bool>) {
     let mut leadership = ctx.handle.leadership();
     let mut retry = ACTIVATION_RETRY;
     loop {
@@ -181,6 +239,17 @@ async fn drive(ctx: Ctx, mut stop: watch::Receiver<bool>) {
             },
             _ = stop.wait_for(|s| *s) => return,
         };
+        // Busy first, then the stand-down read: a stand-down that saw this driver idle
+        // is seen here (`StandDownHandle::stand_down` sets it, then reads busy).
+        ctx.busy.send_replace(true);
+        if *stand.borrow_and_update() {
+            ctx.busy.send_replace(false);
+            tokio::select! {
+                _ = stand.wait_for(|s| !*s) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            continue;
+        }
         let lease = Arc::new(DeliveryLease::new());
         let activated = activate_leased(
             &ctx.broker,
@@ -196,12 +265,19 @@ async fn drive(ctx: Ctx, mut stop: watch::Receiver<bool>) {
         match activated {
             Ok(active) => {
                 retry = ACTIVATION_RETRY;
-                let ended = serve(&ctx, active, lease, led.term, &mut leadership, &mut stop).await;
+                let watch = Watched {
+                    leadership: &mut leadership,
+                    stop: &mut stop,
+                    stand: &mut stand,
+                };
+                let ended = serve(&ctx, active, lease, led.term, watch).await;
+                ctx.busy.send_replace(false);
                 if ended == Ended::Stopped {
                     return;
                 }
             }
             Err(e) => {
+                ctx.busy.send_replace(false);
                 ctx.stats.failed_activations.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(address = %ctx.address, error = %e, "activation failed; retrying while this node leads");
                 tokio::select! {
@@ -214,15 +290,26 @@ async fn drive(ctx: Ctx, mut stop: watch::Receiver<bool>) {
     }
 }
 
+/// What ends an activation besides the lease and the store.
+struct Watched<'a> {
+    leadership: &'a mut watch::Receiver<Leadership>,
+    stop: &'a mut watch::Receiver<bool>,
+    stand: &'a mut watch::Receiver<bool>,
+}
+
 /// Serves one activation until it ends, then deactivates it.
 async fn serve(
     ctx: &Ctx,
     active: Activated,
     lease: Arc<DeliveryLease>,
     term: u64,
-    leadership: &mut watch::Receiver<Leadership>,
-    stop: &mut watch::Receiver<bool>,
+    watch: Watched<'_>,
 ) -> Ended {
+    let Watched {
+        leadership,
+        stop,
+        stand,
+    } = watch;
     let Activated { store, queue, .. } = active;
     ctx.stats.activations.fetch_add(1, Ordering::Relaxed);
     let _ = ctx.serving.send(Some(term));
@@ -267,6 +354,7 @@ async fn serve(
             Ok(RenewEnd::Shutdown) => Ended::Stopped,
         },
         _ = failures.wait_for(|s| s.failed.is_some()) => Ended::StoreFailed,
+        _ = stand.wait_for(|s| *s) => Ended::HandingOver,
         _ = stop.wait_for(|s| *s) => Ended::Stopped,
     };
     let why = ended.describe(&ctx.address);

@@ -55,7 +55,7 @@
 //! [`super::meta_machine::MetaGroup::open`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -182,6 +182,8 @@ struct Shared {
     bootstraps: AtomicU64,
     campaigns: AtomicU64,
     failures: AtomicU64,
+    /// No campaign while set ([`GroupOpener::hold_campaigns`]).
+    campaigns_held: AtomicBool,
 }
 
 impl Shared {
@@ -243,6 +245,12 @@ impl GroupOpener {
             campaigns: s.campaigns.load(Ordering::Relaxed),
             failures: s.failures.load(Ordering::Relaxed),
         }
+    }
+
+    /// Holds (or resumes) this node's campaigns: while it hands its leaderships over
+    /// (a drain, a stop) it must not campaign for its preferred groups right back.
+    pub fn hold_campaigns(&self, held: bool) {
+        self.shared.campaigns_held.store(held, Ordering::Relaxed);
     }
 
     /// Stops following the metadata (the groups stay open on the host).
@@ -481,6 +489,9 @@ impl Opener {
 
     /// Campaigns for the groups this node should lead and does not.
     async fn campaign(&mut self) {
+        if self.shared.campaigns_held.load(Ordering::Relaxed) {
+            return;
+        }
         let state = self.meta.state();
         let now = Instant::now();
         let backoff = self.config.campaign_backoff;

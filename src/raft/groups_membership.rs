@@ -34,10 +34,13 @@
 //! membership itself (the balancer does, on each group's leader), so a drain can never
 //! take a group below a majority of caught-up voters.
 //!
-//! Does not: move leaderships before a node leaves (openraft 0.9 has no transfer: each
-//! leader removes itself and steps down), tell a restart from a scale-down (`entrepot
-//! drain --desired-replicas` does), or see the groups of other nodes: a `remove` of
-//! another node waits only for the groups open where it is asked.
+//! A drain hands this node's leaderships over first (`handover.rs`: to the preferred
+//! leaders of the placement without it, the opener's campaigns held), then leaves; a
+//! `remove` of another node does not (each of its leaders removes itself and steps down).
+//!
+//! Does not: tell a restart from a scale-down (`entrepot drain --desired-replicas` does),
+//! or see the groups of other nodes: a `remove` of another node waits only for the groups
+//! open where it is asked.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,6 +53,8 @@ use tokio::time::Instant;
 use super::admin::{bounded, AdminRequest, Reply};
 use super::drain::{DrainState, DRAIN_TIMEOUT};
 use super::group_opener::GroupOpener;
+use super::group_router::Drivers;
+use super::handover::HandOver;
 use super::meta_machine::{Member, MetaError, MetaGroup, MetaOp, MetaState};
 
 /// How long the joiner waits, after its `AddMember` committed, for its own replica of
@@ -154,6 +159,8 @@ pub struct Membership {
     pub node: NodeId,
     pub meta: MetaGroup,
     pub opener: Arc<GroupOpener>,
+    /// The address drivers, stood down while their groups are handed over.
+    pub drivers: Drivers,
     pub drain: watch::Sender<DrainState>,
 }
 
@@ -214,7 +221,19 @@ impl Membership {
             "node {me}: draining (not ready, new connections refused)"
         )];
         let deadline = Instant::now() + DRAIN_TIMEOUT;
+        // The leaderships first, to where the placement without this node puts them:
+        // its clients are served again at once, not after an election each.
+        let state = self.meta.machine.state();
+        let aim = state.after_removal(me).map(Arc::new).unwrap_or(state);
+        let round = HandOver {
+            node: me,
+            meta: &self.meta,
+            opener: &self.opener,
+            drivers: &self.drivers,
+        };
+        lines.push(format!("node {me}: {}", round.run(&aim).await));
         if let Err(status) = self.leave(me, deadline, &mut lines).await {
+            self.opener.hold_campaigns(false);
             tracing::warn!(node = me, "drain did not complete: {}", lines.join("; "));
             return (status, lines.join("\n") + "\n");
         }

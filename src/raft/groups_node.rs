@@ -35,9 +35,10 @@
 //! `entrepot_cluster_members` and `entrepot_balancer_moves_*`. The `/cluster` API
 //! (add, remove, drain): `groups_membership.rs`.
 //!
-//! Does not (yet): forward links (a link led elsewhere is redirected), hand a
-//! leadership over before its node leaves (openraft 0.9), replicate topics,
-//! subscriptions, manifests or transactions.
+//! Before a planned stop (SIGTERM) `main` calls [`GroupsNode::hand_over`]: the groups led
+//! here move to another voter at once (`handover.rs`) instead of after an election.
+//!
+//! Does not (yet): replicate topics, subscriptions, manifests or transactions.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -59,6 +60,7 @@ use super::group_driver::GroupDriver;
 use super::group_opener::{GroupEvent, GroupOpener, OpenerConfig};
 use super::group_router::{Drivers, ForwardVia, GroupRouter};
 use super::groups_membership::{self, Joiner, Membership};
+use super::handover::{HandOver, HandOverReport};
 use super::link_forward::{ForwardStats, LinkForwardServer};
 use super::meta_machine::MetaGroup;
 use super::{ClusterConfig, ClusterStartError, ELECTION_TIMEOUT_MS, HEARTBEAT_MS};
@@ -83,6 +85,7 @@ pub struct GroupsNode {
     pub host: Host,
     pub node: Node,
     pub peer_addr: std::net::SocketAddr,
+    meta: MetaGroup,
     opener: Arc<GroupOpener>,
     balancer: Balancer,
     drivers: Drivers,
@@ -135,6 +138,7 @@ impl GroupsNode {
                 node: cluster.node_id,
                 meta: copy(&meta),
                 opener: Arc::clone(&opener),
+                drivers: Arc::clone(&drivers),
                 drain,
             },
             ready_once: AtomicBool::new(false),
@@ -180,11 +184,27 @@ impl GroupsNode {
             host,
             node,
             peer_addr,
+            meta,
             opener,
             balancer,
             drivers,
             tasks,
         })
+    }
+
+    /// Before a planned stop (SIGTERM: a restart or a rolling update; nothing is led
+    /// here any more after a drain): hands every group led here to another voter
+    /// (`handover.rs`, bounded by `HAND_OVER_TIMEOUT`), aiming at the preferred leaders.
+    /// The opener's campaigns stay held: this node is going.
+    pub async fn hand_over(&self) -> HandOverReport {
+        let placement = self.meta.machine.state();
+        let round = HandOver {
+            node: self.id,
+            meta: &self.meta,
+            opener: &self.opener,
+            drivers: &self.drivers,
+        };
+        round.run(&placement).await
     }
 
     /// Waits for the shutdown, stops the drivers, the opener and the host, and makes the

@@ -271,6 +271,13 @@ impl MetaState {
         Ok(MetaOutcome::Members)
     }
 
+    /// The state once `node` left the members (`None`: the removal would be refused):
+    /// where a draining node hands its leaderships over (`handover.rs`).
+    pub fn after_removal(&self, node: NodeId) -> Option<MetaState> {
+        let mut next = self.clone();
+        next.remove_member(node).ok().map(|_| next)
+    }
+
     fn remove_member(&mut self, node: NodeId) -> Result<MetaOutcome, MetaRefusal> {
         if !self.members.contains_key(&node) {
             return Err(MetaRefusal::UnknownMember { node });

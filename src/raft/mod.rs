@@ -54,6 +54,7 @@ pub mod group_router;
 pub mod group_store;
 pub mod groups_membership;
 pub mod groups_node;
+pub mod handover;
 pub mod lease;
 pub mod link_forward;
 pub mod meta_machine;

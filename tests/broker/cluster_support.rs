@@ -425,6 +425,22 @@ impl Cluster {
         }
     }
 
+    /// SIGTERM, and waits (bounded) for the node's exit: a planned stop; its log is kept.
+    pub fn terminate(&mut self, id: u64) -> Option<i32> {
+        let _ = self.log_lines(id);
+        let mut node = self.nodes.remove(&id).expect("node running");
+        let code = node.terminate();
+        std::thread::sleep(Duration::from_millis(20));
+        let lines: Vec<String> = node.drain_logs();
+        self.logs
+            .lock()
+            .unwrap()
+            .entry(id)
+            .or_default()
+            .extend(lines);
+        code
+    }
+
     /// SIGKILL: the node gets no chance to sync or close anything.
     pub fn kill(&mut self, id: u64) {
         let _ = self.log_lines(id);

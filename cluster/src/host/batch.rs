@@ -26,14 +26,21 @@
 //! Invariants: proposals land in the log in the order they were queued; a proposal's
 //! [`Position`] is sent only after openraft answered its entry committed and applied
 //! here; when an entry fails, every proposal in it gets the same error.
+//!
+//! **Held** (a leadership hand-over, `handover.rs`): while the group's `writes_held` is
+//! set, the batcher forms no entry; once every entry in flight was answered it reports
+//! itself `batcher_quiet` (the leader's last log id then stands still) and waits until
+//! the hold ends. Queued proposals wait meanwhile, and go to openraft afterwards (refused
+//! `NotLeader` when the leadership moved).
 
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use openraft::error::ClientWriteError;
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::instance::Instance;
+use super::GroupShared;
 use crate::codec::Decoder;
 use crate::error::{ClusterError, GroupError, Result};
 use crate::groups::WriteHold;
@@ -228,9 +235,11 @@ pub(crate) async fn run(
     mut queue: mpsc::Receiver<Queued>,
     limits: Limits,
     addresses: impl Fn(NodeId) -> Option<String>,
+    shared: Arc<GroupShared>,
 ) {
     let group = instance.group;
     let in_flight = Arc::new(Semaphore::new(MAX_ENTRIES_IN_FLIGHT));
+    let mut held = shared.writes_held.subscribe();
     let mut held_over: Option<Queued> = None;
     loop {
         // Wait for room first: meanwhile the queue fills and the entry gets fuller.
@@ -239,11 +248,29 @@ pub(crate) async fn run(
         };
         let first = match held_over.take() {
             Some(q) => q,
-            None => match queue.recv().await {
-                Some(q) => q,
-                None => return,
-            },
+            None => {
+                // `held`'s sender lives in `shared`, which this task holds: never closed.
+                let next = tokio::select! {
+                    q = queue.recv() => Some(q),
+                    _ = held.wait_for(|h| *h) => None,
+                };
+                match next {
+                    Some(Some(q)) => q,
+                    Some(None) => return,
+                    None => {
+                        drop(permit);
+                        park(&in_flight, &mut held, &shared.batcher_quiet).await;
+                        continue;
+                    }
+                }
+            }
         };
+        if *held.borrow() {
+            held_over = Some(first);
+            drop(permit);
+            park(&in_flight, &mut held, &shared.batcher_quiet).await;
+            continue;
+        }
         // The wake (if any) happens before the entry is formed: the queue fills meanwhile.
         let held = instance.hold(&addresses).await;
         let (payloads, dones) = fill(first, &mut queue, &mut held_over, limits.batch_bytes);
@@ -273,6 +300,22 @@ pub(crate) async fn run(
             }
         }
     }
+}
+
+/// Waits, holding every in-flight slot (so every entry formed before was answered), until
+/// the hold ends; `quiet` says so meanwhile.
+async fn park(
+    in_flight: &Arc<Semaphore>,
+    held: &mut watch::Receiver<bool>,
+    quiet: &watch::Sender<bool>,
+) {
+    let Ok(all) = in_flight.acquire_many(MAX_ENTRIES_IN_FLIGHT as u32).await else {
+        return;
+    };
+    quiet.send_replace(true);
+    let _ = held.wait_for(|h| !*h).await;
+    quiet.send_replace(false);
+    drop(all);
 }
 
 type Dones = Vec<oneshot::Sender<Result<Position, GroupError>>>;

@@ -78,6 +78,7 @@
 
 mod batch;
 mod config;
+pub mod handover;
 mod instance;
 mod machine;
 mod snapshot;
@@ -405,6 +406,8 @@ impl Host {
             generation: AtomicU64::new(0),
             seen: Mutex::default(),
             changes: Arc::clone(&inner.changes),
+            writes_held: watch::Sender::new(false),
+            batcher_quiet: watch::Sender::new(false),
         });
         let adapter = machine::Adapter::open(Arc::clone(&shared), machine)?;
         let restored = adapter.restored();
@@ -440,6 +443,7 @@ impl Host {
             queued,
             limits,
             handle.addresses(),
+            Arc::clone(&handle.shared),
         ));
         Ok(handle)
     }
@@ -610,6 +614,10 @@ pub(crate) struct GroupShared {
     seen: Mutex<Seen>,
     /// The host's change counter ([`Host::group_changes`]).
     changes: Arc<watch::Sender<u64>>,
+    /// Set during a hand-over: the batcher forms no entry (`batch.rs`, `handover.rs`).
+    writes_held: watch::Sender<bool>,
+    /// Set by the batcher while held with no entry in flight.
+    batcher_quiet: watch::Sender<bool>,
 }
 
 impl GroupShared {
