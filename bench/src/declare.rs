@@ -9,8 +9,11 @@
 //! the node it names (one connection per node and worker, opened once); without `--send`
 //! the redirect alone counts as declared (the address is placed: its group exists). Any
 //! other refusal (`amqp:link:detach-forced`: the group still electing, or its leadership
-//! just moved) or a broken session is tried again after [`RETRY_PAUSE`], at most
-//! [`ATTEMPTS_MAX`] times. Progress goes to stderr
+//! just moved, or "busy": a loaded node declares nothing new for a while) or a broken
+//! session is tried again after a pause that doubles from [`RETRY_PAUSE`] up to
+//! [`RETRY_PAUSE_MAX`] (with jitter, so workers refused together do not come back
+//! together), at most [`ATTEMPTS_MAX`] times: a loaded cluster is given room rather than
+//! a pile of attaches. Progress goes to stderr
 //! every [`PROGRESS_EVERY`]; the last line on stdout reads `declared N of M, sent S,
 //! errors E in T s`. Bounded by `--timeout`.
 //!
@@ -41,9 +44,11 @@ pub const COUNT_MAX: u32 = 1_000_000;
 /// Most worker connections.
 pub const CONNECTIONS_MAX: u32 = 256;
 /// Tries of one address (refused other than by a redirect, or its session broken).
-const ATTEMPTS_MAX: u32 = 10;
-/// Pause before such a try.
+const ATTEMPTS_MAX: u32 = 20;
+/// Pause before the first such try; it doubles with each one.
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
+/// Longest pause between two tries (20 tries: about 80 s of pauses in all).
+const RETRY_PAUSE_MAX: Duration = Duration::from_secs(5);
 /// Redirects one attach follows.
 const MAX_REDIRECTS: u32 = 4;
 /// Longest one step (open, attach, send) may take.
@@ -200,7 +205,7 @@ async fn worker(args: &DeclareArgs, w: u32, home: String, counters: &Counters) {
 
 /// Declares `address` (and sends to it with `--send`); true when it was redirected. A
 /// refusal other than a redirect (`detach-forced`: not served yet, or no longer) or a
-/// broken session is tried again from `home` after [`RETRY_PAUSE`], at most
+/// broken session is tried again from `home` after [`retry_pause`], at most
 /// [`ATTEMPTS_MAX`] times (a broken session is opened anew).
 async fn declare_one(
     args: &DeclareArgs,
@@ -218,11 +223,24 @@ async fn declare_one(
                 if let Some((mut conn, _)) = sessions.remove(&url) {
                     let _ = tokio::time::timeout(RETRY_PAUSE, conn.close()).await;
                 }
-                tokio::time::sleep(RETRY_PAUSE).await;
+                tokio::time::sleep(retry_pause(attempts, address)).await;
             }
             Err((url, e)) => return Err(e.context(format!("at {url}, {attempts} tries"))),
         }
     }
+}
+
+/// The pause before try `attempt` (from 1) of `address`: [`RETRY_PAUSE`] doubled per try
+/// up to [`RETRY_PAUSE_MAX`], then between half and all of it (jitter from the address
+/// and the try, so that workers refused at once spread out).
+fn retry_pause(attempt: u32, address: &str) -> Duration {
+    let full = RETRY_PAUSE
+        .saturating_mul(1 << attempt.saturating_sub(1).min(16))
+        .min(RETRY_PAUSE_MAX);
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    std::hash::Hash::hash(&(address, attempt), &mut h);
+    let jitter = std::hash::Hasher::finish(&h) % 1000;
+    full / 2 + full / 2 * u32::try_from(jitter).unwrap_or(0) / 1000
 }
 
 /// One try of [`declare_one`] from `home`, following redirects; an error names the URL
@@ -339,4 +357,28 @@ async fn send_one(sender: &mut Sender) -> anyhow::Result<()> {
         "not accepted: {outcome:?}"
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_pauses_double_up_to_the_most_with_jitter() {
+        for attempt in 1..=ATTEMPTS_MAX {
+            let full = RETRY_PAUSE
+                .saturating_mul(1 << (attempt - 1).min(16))
+                .min(RETRY_PAUSE_MAX);
+            let p = retry_pause(attempt, "many-7");
+            assert!(
+                p >= full / 2 && p <= full,
+                "try {attempt}: {p:?} of {full:?}"
+            );
+        }
+        assert!(retry_pause(ATTEMPTS_MAX, "many-7") >= RETRY_PAUSE_MAX / 2);
+        let spread: std::collections::BTreeSet<Duration> = (0..50)
+            .map(|i| retry_pause(8, &format!("many-{i}")))
+            .collect();
+        assert!(spread.len() > 10, "workers refused together spread out");
+    }
 }

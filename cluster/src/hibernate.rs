@@ -17,9 +17,12 @@
 //!   nothing was appended meanwhile). A refused attempt waits `quiesce_after` again.
 //! * *Liveness* (per peer, every `liveness_interval`): one `KIND_PING` on the node's
 //!   shared connection to the peer. A peer that has answered nothing for
-//!   `liveness_timeout` (the election timeout) is lost: every group stopped here whose
-//!   last leader was that peer is woken, so its election runs as an awake group's would.
-//!   Groups led elsewhere stay stopped.
+//!   `liveness_timeout` (the election timeout) — stretched by this node's own recent lag
+//!   (`lag.rs`: a starved node does not blame its peers for its own lateness) — is lost:
+//!   the groups stopped here whose last leader was that peer are woken in bounded
+//!   batches (`lost_peer.rs`: at most [`MAX_LOST_PEER_WAKES`] settling at once, one
+//!   campaign each, the rest queued and dropped if the peer answers again). Groups led
+//!   elsewhere stay stopped.
 //!
 //! Waking: a Raft RPC for a stopped group wakes it on the receiving node
 //! (`peer_server.rs`); on the leader node, [`Hibernation::wake`] (or
@@ -42,7 +45,8 @@
 //! leader lately; its vote and log are in the node log, nothing changes them while it is
 //! stopped, and openraft's own rules decide every election after a wake.
 //!
-//! Invariants: at most [`MAX_CONCURRENT_HIBERNATIONS`] handshakes at once per node; every
+//! Invariants: at most [`MAX_CONCURRENT_HIBERNATIONS`] handshakes at once per node; at
+//! most [`MAX_LOST_PEER_WAKES`] groups of lost peers settling at once per node; every
 //! hibernate request is bounded by [`HIBERNATE_RPC_TIMEOUT`], every ping by the liveness
 //! timeout, every wake by `WAKE_TIMEOUT` (`groups.rs`), every wait for a leader in
 //! [`Hibernation::propose`] by [`PROPOSE_LEADER_WAIT`]. Dropping or shutting down the
@@ -59,11 +63,23 @@ use tokio::sync::Semaphore;
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::error::{ClusterError, Result};
-use crate::groups::{GroupRegistry, HostState, StopOutcome, Stopped, WAKE_TIMEOUT};
+use crate::groups::{GroupRegistry, HostState, StopOutcome, Stopped};
 use crate::network::TcpNetwork;
 use crate::placement::GroupId;
 use crate::rpc::{self, Header, HibernateRefusal, HibernateRequest, RemoteRefusal};
 use crate::types::{LogId, NodeId, Request, Response};
+
+mod lag;
+mod lost_peer;
+
+pub use lag::{
+    stretched_timeout, LagMeter, LAG_PROBE_INTERVAL, LAG_TIMEOUT_FACTOR, LAG_WINDOW,
+    LIVENESS_TIMEOUT_MAX,
+};
+use lost_peer::{LostPeers, SettleCtx};
+pub use lost_peer::{
+    WakeQueue, WakeQueueStats, ELECT_FALLBACK_LEASES, LOST_PEER_WAKE_SETTLE, MAX_LOST_PEER_WAKES,
+};
 
 /// How long a group must be idle (no new entry, no touch) before its leader puts it to
 /// sleep.
@@ -77,7 +93,8 @@ pub const MAX_CONCURRENT_HIBERNATIONS: usize = 64;
 /// How often a node pings each peer (the per-peer liveness heartbeat).
 pub const LIVENESS_INTERVAL: Duration = Duration::from_millis(100);
 /// A peer that answered no ping for this long is lost (the broker's longest election
-/// timeout plus margin): the groups stopped here that it led are woken.
+/// timeout plus margin): the groups stopped here that it led are woken. Stretched by this
+/// node's own recent lag ([`stretched_timeout`]).
 pub const LIVENESS_TIMEOUT: Duration = Duration::from_millis(500);
 /// Wakes [`Hibernation::propose`] tries before giving up on a group that keeps being
 /// stopped between its wake and the write (a hibernation racing it).
@@ -209,6 +226,12 @@ struct Shared {
     slots: Arc<Semaphore>,
     refused: AtomicU64,
     peers_lost: AtomicU64,
+    /// This node's own lateness (what stretches the liveness timeout).
+    lag: Arc<LagMeter>,
+    /// The peers found lost now.
+    lost: Arc<LostPeers>,
+    /// The groups of lost peers to wake, in bounded batches.
+    wakes: Arc<WakeQueue>,
 }
 
 impl Shared {
@@ -282,8 +305,21 @@ impl Hibernation {
             slots: Arc::new(Semaphore::new(MAX_CONCURRENT_HIBERNATIONS)),
             refused: AtomicU64::new(0),
             peers_lost: AtomicU64::new(0),
+            lag: Arc::default(),
+            lost: Arc::default(),
+            wakes: Arc::new(WakeQueue::new(MAX_LOST_PEER_WAKES)),
         });
-        let tasks = vec![tokio::spawn(quiesce_loop(Arc::clone(&shared)))];
+        let settle_ctx = Arc::new(SettleCtx {
+            id,
+            groups: shared.groups.clone(),
+            lost: Arc::clone(&shared.lost),
+        });
+        let settle = move |group, peer| lost_peer::settle(Arc::clone(&settle_ctx), group, peer);
+        let tasks = vec![
+            tokio::spawn(quiesce_loop(Arc::clone(&shared))),
+            tokio::spawn(lag::probe(Arc::clone(&shared.lag))),
+            tokio::spawn(lost_peer::drain(Arc::clone(&shared.wakes), settle)),
+        ];
         let hibernation = Hibernation {
             shared,
             tasks,
@@ -445,6 +481,21 @@ impl Hibernation {
     /// Times a peer was found lost (silent for the liveness timeout), since the start.
     pub fn peers_lost(&self) -> u64 {
         self.shared.peers_lost.load(Ordering::Relaxed)
+    }
+
+    /// The groups of lost peers queued and settling (see `lost_peer.rs`).
+    pub fn lost_peer_wakes(&self) -> WakeQueueStats {
+        self.shared.wakes.stats()
+    }
+
+    /// This node's own recent lag (its timers' lateness over the last 10–20 s) and the
+    /// liveness timeout it stretches to now.
+    pub fn lag(&self) -> (Duration, Duration) {
+        let lag = self.shared.lag.recent(Instant::now());
+        (
+            lag,
+            stretched_timeout(self.shared.config.liveness_timeout, lag),
+        )
     }
 
     /// Ends the quiesce and liveness tasks (handshakes in flight finish on their own).
@@ -629,94 +680,57 @@ async fn hibernate_group(
     }
 }
 
-/// A group woken because its leader `lost` is gone: the surviving voter with the smallest
-/// id campaigns (every survivor decides alike from the same membership, so one does; if
-/// it cannot win, the others' election timers still run). Not at once: openraft 0.9
-/// restores a persisted committed vote with a fresh leader lease, so every just-woken
-/// replica refuses votes for `election_timeout_max` after its start; campaigning
-/// earlier only loses a term. So the first survivor campaigns when that lease has run
-/// out, unless a leader was elected meanwhile.
-async fn campaign_if_first(
-    id: NodeId,
-    lost: NodeId,
-    group: GroupId,
-    raft: &openraft::Raft<crate::types::TypeConfig>,
-) {
-    let started = Instant::now();
-    // A just-started instance reports its membership once its core has loaded it.
-    let loaded = raft
-        .wait(Some(WAKE_TIMEOUT))
-        .metrics(
-            |m| {
-                m.membership_config
-                    .membership()
-                    .voter_ids()
-                    .next()
-                    .is_some()
-            },
-            "membership loaded",
-        )
-        .await;
-    let Ok(m) = loaded else {
-        return;
-    };
-    let voters = m.membership_config.membership().voter_ids();
-    let first = voters.filter(|v| *v != lost).min();
-    if first != Some(id) {
-        return;
-    }
-    let lease = Duration::from_millis(raft.config().election_timeout_max);
-    tokio::time::sleep(lease.saturating_sub(started.elapsed())).await;
-    let leader = raft.metrics().borrow().current_leader;
-    if leader.is_none() || leader == Some(lost) {
-        if let Err(e) = raft.trigger().elect().await {
-            tracing::debug!(group, error = %e, "campaign after the leader's loss failed");
-        }
-    }
-}
-
-/// The liveness heartbeat to one peer, and what its loss wakes.
+/// The liveness heartbeat to one peer, and what its loss wakes: a peer is lost once it
+/// answered nothing for the liveness timeout stretched by this node's own lag (measured
+/// here too: a ping whose timeout fired late, a sleep that overran).
 async fn watch_peer(shared: Arc<Shared>, peer: NodeId, addr: String) {
     let config = shared.config;
     let mut last_answer = Instant::now();
     let mut lost = false;
     loop {
         let began = Instant::now();
-        let answered = shared
-            .network
-            .ping(peer, &addr, config.liveness_timeout)
-            .await
-            .is_ok();
+        let timeout = stretched_timeout(config.liveness_timeout, shared.lag.recent(began));
+        let answered = shared.network.ping(peer, &addr, timeout).await.is_ok();
+        let now = Instant::now();
+        // A ping that failed later than its timeout: this node ran late.
+        let late = now.duration_since(began).saturating_sub(timeout);
+        if !answered && !late.is_zero() {
+            shared.lag.record(now, late);
+        }
         if answered {
-            last_answer = Instant::now();
+            last_answer = now;
             if lost {
-                tracing::info!(peer, "peer answers again");
                 lost = false;
+                shared.lost.set(peer, false);
+                let dropped = shared.wakes.forget_peer(peer);
+                tracing::info!(
+                    peer,
+                    dropped,
+                    "peer answers again: its groups still queued stay asleep"
+                );
             }
-        } else if !lost && last_answer.elapsed() >= config.liveness_timeout {
-            lost = true;
-            shared.peers_lost.fetch_add(1, Ordering::Relaxed);
-            let led = shared.groups.stopped_led_by(peer);
-            tracing::info!(
-                peer,
-                groups = led.len(),
-                timeout = ?config.liveness_timeout,
-                "peer lost (no ping answered within the liveness timeout): waking the stopped groups it led"
-            );
-            for group in led {
-                let groups = shared.groups.clone();
-                let id = shared.id;
-                tokio::spawn(async move {
-                    match groups.wake(group).await {
-                        Ok(raft) => campaign_if_first(id, peer, group, &raft).await,
-                        Err(e) => {
-                            tracing::warn!(group, error = %e, "waking a group of a lost peer failed")
-                        }
-                    }
-                });
+        } else {
+            let timeout = stretched_timeout(config.liveness_timeout, shared.lag.recent(now));
+            if !lost && now.duration_since(last_answer) >= timeout {
+                lost = true;
+                shared.lost.set(peer, true);
+                shared.peers_lost.fetch_add(1, Ordering::Relaxed);
+                let led = shared.groups.stopped_led_by(peer);
+                let queued = shared.wakes.push(peer, led);
+                tracing::info!(
+                    peer,
+                    queued,
+                    ?timeout,
+                    "peer lost (no ping answered within the liveness timeout): waking the stopped groups it led, {MAX_LOST_PEER_WAKES} at a time"
+                );
             }
         }
-        let spent = began.elapsed();
-        tokio::time::sleep(config.liveness_interval.saturating_sub(spent)).await;
+        let pause = config.liveness_interval.saturating_sub(began.elapsed());
+        let slept = Instant::now();
+        tokio::time::sleep(pause).await;
+        let overran = slept.elapsed().saturating_sub(pause);
+        if !overran.is_zero() {
+            shared.lag.record(Instant::now(), overran);
+        }
     }
 }

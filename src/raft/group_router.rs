@@ -12,6 +12,11 @@
 //!    AMQP listener from group 0's members when another node leads (the leader this
 //!    node's replica knows; without a replica here, the placement's preferred leader);
 //!    while there is no leader, or this node leads but is still activating, it waits.
+//!    A node that is *busy* — groups of a lost peer still being woken here, or its own
+//!    timers running more than [`DECLARE_BUSY_LAG`] late — declares nothing new: the
+//!    attach is answered at once, `Unavailable` "busy" (the client attaches again later),
+//!    rather than adding a group, an election and its heartbeats to a starved node
+//!    (benches/RESULTS.md, session 16). Addresses already placed are served as usual.
 //! 3. No answer within [`ROUTE_WAIT`]: `Unavailable` with the reason (the link is
 //!    detached `amqp:link:detach-forced`; the client attaches again).
 //!
@@ -47,6 +52,8 @@ use crate::broker::routing::{AddressRouter, LinkDirection, Route};
 
 /// Longest an attach waits for its address to be placed or to get a leader.
 pub const ROUTE_WAIT: Duration = Duration::from_secs(3);
+/// A node whose own timers ran later than this lately declares no new address (busy).
+pub const DECLARE_BUSY_LAG: Duration = Duration::from_millis(500);
 /// How often a waiting attach looks again.
 const ROUTE_POLL: Duration = Duration::from_millis(20);
 
@@ -61,6 +68,8 @@ pub struct GroupRouter {
     drivers: Drivers,
     /// Set with `link-routing: forward`: links led elsewhere are carried there.
     forward: Option<ForwardVia>,
+    /// This node's host, whose load decides whether a new address is declared now.
+    busy_from: Option<Host>,
 }
 
 /// What forwarding a link needs (`link_forward.rs`): this node's host (its peer
@@ -90,7 +99,32 @@ impl GroupRouter {
             opener,
             drivers,
             forward: None,
+            busy_from: None,
         }
+    }
+
+    /// Declares no new address while `host` is busy (see the module docs).
+    pub fn busy_from(mut self, host: Host) -> GroupRouter {
+        self.busy_from = Some(host);
+        self
+    }
+
+    /// Why this node should not declare a new address now, if it should not.
+    fn busy(&self) -> Option<String> {
+        let h = self.busy_from.as_ref()?.hibernation_counters();
+        let waking = h.lost_peer_wakes.queued + h.lost_peer_wakes.in_flight;
+        if waking > 0 {
+            return Some(format!(
+                "busy: {waking} groups of a lost peer are being woken here"
+            ));
+        }
+        (h.lag > DECLARE_BUSY_LAG).then(|| {
+            format!(
+                "busy: this node runs {} ms late (DECLARE_BUSY_LAG {} ms)",
+                h.lag.as_millis(),
+                DECLARE_BUSY_LAG.as_millis()
+            )
+        })
     }
 
     /// Carries links led elsewhere with `via` (`link-routing: forward`) instead of
@@ -174,6 +208,10 @@ impl GroupRouter {
                 Seen::Done(route) => return route,
                 Seen::NotPlaced if !may_create => return Route::Here,
                 Seen::NotPlaced if !declared => {
+                    if let Some(busy) = self.busy() {
+                        tracing::debug!(address, %busy, "declaration refused");
+                        return Route::Unavailable(format!("{busy}; attach again later"));
+                    }
                     declared = true;
                     let declare = self.meta.declare_address_anywhere(address);
                     match tokio::time::timeout_at(deadline, declare).await {

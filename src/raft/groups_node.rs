@@ -48,7 +48,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use entrepot_cluster::{HibernationConfig, Host, HostConfig, NodeId, PeerServerOptions};
+use entrepot_cluster::{
+    HibernationConfig, HibernationCounters, Host, HostConfig, NodeId, PeerServerOptions,
+};
 use entrepot_storage::LogConfig;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -122,7 +124,8 @@ impl GroupsNode {
             copy(&meta),
             Arc::clone(&opener),
             Arc::clone(&drivers),
-        );
+        )
+        .busy_from(host.clone());
         if config.link_routing == LinkRouting::Forward {
             let (host, stats) = (host.clone(), Arc::clone(&forward));
             router = router.forwarding(ForwardVia { host, stats });
@@ -539,25 +542,7 @@ impl ClusterView for GroupsView {
             "Members of the cluster as this node's replica of the metadata group has them.",
             self.meta.machine.members().len(),
         );
-        let h = self.host.hibernation_counters();
-        gauge(
-            &mut out,
-            "entrepot_groups_running",
-            "Groups whose Raft instance runs here (the others hibernate: --hibernate-groups).",
-            h.running,
-        );
-        counter(
-            &mut out,
-            "entrepot_groups_hibernation_stops_total",
-            "Times a group's Raft instance was stopped here for idleness.",
-            h.stops,
-        );
-        counter(
-            &mut out,
-            "entrepot_groups_hibernation_wakes_total",
-            "Times a hibernated group's Raft instance was started again here.",
-            h.wakes,
-        );
+        hibernation_metrics(&mut out, &self.host.hibernation_counters());
         self.forward.render(&mut out);
         let b = self.balancer.stats();
         counter(
@@ -594,4 +579,75 @@ impl ClusterView for GroupsView {
     ) -> Pin<Box<dyn Future<Output = Reply> + Send + 'a>> {
         Box::pin(self.membership.http(method, target, self.status_extra()))
     }
+}
+
+/// The hibernation's series of `/metrics` (`--hibernate-groups`; mostly zero without).
+fn hibernation_metrics(out: &mut String, h: &HibernationCounters) {
+    gauge(
+        out,
+        "entrepot_groups_running",
+        "Groups whose Raft instance runs here (the others hibernate: --hibernate-groups).",
+        h.running,
+    );
+    counter(
+        out,
+        "entrepot_groups_hibernation_stops_total",
+        "Times a group's Raft instance was stopped here for idleness.",
+        h.stops,
+    );
+    counter(
+        out,
+        "entrepot_groups_hibernation_wakes_total",
+        "Times a hibernated group's Raft instance was started again here.",
+        h.wakes,
+    );
+    counter(
+        out,
+        "entrepot_cluster_peers_lost_total",
+        "Times a peer was found lost here (silent for the stretched liveness timeout).",
+        h.peers_lost,
+    );
+    let w = h.lost_peer_wakes;
+    gauge(
+        out,
+        "entrepot_groups_lost_peer_wakes_queued",
+        "Groups of lost peers waiting here to be woken (MAX_LOST_PEER_WAKES settle at once).",
+        w.queued,
+    );
+    gauge(
+        out,
+        "entrepot_groups_lost_peer_wakes_settling",
+        "Groups of lost peers woken here and not yet settled on a new leader.",
+        w.in_flight,
+    );
+    gauge(
+        out,
+        "entrepot_groups_lost_peer_wakes_settling_max",
+        "The most groups of lost peers ever settling here at once.",
+        w.in_flight_max,
+    );
+    counter(
+        out,
+        "entrepot_groups_lost_peer_wakes_total",
+        "Groups of lost peers taken from the queue here to be woken.",
+        w.started,
+    );
+    counter(
+        out,
+        "entrepot_groups_lost_peer_wakes_dropped_total",
+        "Groups of lost peers dropped from the queue here because the peer answered again.",
+        w.dropped,
+    );
+    gauge(
+        out,
+        "entrepot_node_lag_seconds",
+        "How late this node's own timers fired lately (what stretches the liveness timeout).",
+        h.lag.as_secs_f64(),
+    );
+    gauge(
+        out,
+        "entrepot_cluster_liveness_timeout_seconds",
+        "The peer-liveness timeout as stretched by this node's lag now.",
+        h.liveness_timeout.as_secs_f64(),
+    );
 }

@@ -19,6 +19,7 @@ mod cluster_groups;
 mod cluster_groups_campaign;
 mod cluster_groups_handover;
 mod cluster_groups_membership;
+mod cluster_groups_wake;
 mod cluster_interop;
 mod cluster_lease;
 mod cluster_membership;

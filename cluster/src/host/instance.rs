@@ -214,6 +214,13 @@ pub struct HibernationCounters {
     /// Peers pinged now: the other members of this host's groups (0 without
     /// hibernation).
     pub peers_watched: usize,
+    /// The groups of lost peers queued and settling (`hibernate/lost_peer.rs`).
+    pub lost_peer_wakes: crate::hibernate::WakeQueueStats,
+    /// This node's own recent lag (its timers' lateness), what stretches the liveness
+    /// timeout.
+    pub lag: std::time::Duration,
+    /// The liveness timeout as stretched now (zero without hibernation).
+    pub liveness_timeout: std::time::Duration,
 }
 
 /// What a group's replica last knew of its membership and snapshot: what

@@ -278,6 +278,9 @@ impl Host {
             peers_lost: h.map_or(0, Hibernation::peers_lost),
             refusals: h.map_or(0, Hibernation::refusals),
             peers_watched: h.map_or(0, Hibernation::watched_peers),
+            lost_peer_wakes: h.map(Hibernation::lost_peer_wakes).unwrap_or_default(),
+            lag: h.map(|h| h.lag().0).unwrap_or_default(),
+            liveness_timeout: h.map(|h| h.lag().1).unwrap_or_default(),
         }
     }
 
