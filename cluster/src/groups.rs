@@ -185,6 +185,8 @@ struct Inner {
     forwarded: RwLock<Option<crate::forward::ForwardServer>>,
     /// Who serves application requests (`app_request.rs`); `None`: answered "no handler".
     app: RwLock<Option<crate::app_request::AppServer>>,
+    /// Who serves hand-over requests (`host/handover.rs`); `None`: refused.
+    hand_over: RwLock<Option<Arc<dyn crate::host::handover::HandOverHandler>>>,
     wake_slots: Arc<Semaphore>,
     /// Instances started by wakes, and stopped by hibernation, since the start.
     woken: AtomicU64,
@@ -201,6 +203,7 @@ impl Default for Inner {
             starter: RwLock::default(),
             forwarded: RwLock::default(),
             app: RwLock::default(),
+            hand_over: RwLock::default(),
             wake_slots: Arc::new(Semaphore::new(MAX_CONCURRENT_WAKES)),
             woken: AtomicU64::new(0),
             stopped: AtomicU64::new(0),
@@ -291,6 +294,27 @@ impl GroupRegistry {
         let server = crate::app_request::AppServer::new(Arc::new(handler));
         let mut a = self.inner.app.write().unwrap_or_else(|e| e.into_inner());
         *a = Some(server);
+    }
+
+    /// Serves the hand-over requests peers send to this node with `handler` from now on.
+    pub fn set_hand_over_handler(&self, handler: impl crate::host::handover::HandOverHandler) {
+        let mut h = self
+            .inner
+            .hand_over
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        *h = Some(Arc::new(handler));
+    }
+
+    /// The hand-over handler, when one is set.
+    pub(crate) fn hand_over_handler(
+        &self,
+    ) -> Option<Arc<dyn crate::host::handover::HandOverHandler>> {
+        self.inner
+            .hand_over
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The server of application requests, when a handler is set.

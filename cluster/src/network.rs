@@ -304,6 +304,32 @@ impl TcpNetwork {
 }
 
 impl TcpNetwork {
+    /// Asks the peer at member address `addr` (node `leader`), which leads this factory's
+    /// group, to hand it over to `to` (`KIND_HAND_OVER`, `host/handover.rs`); the inner
+    /// result is its answer: handed over, or why not.
+    pub async fn ask_hand_over(
+        &self,
+        leader: NodeId,
+        addr: &str,
+        to: NodeId,
+        timeout: Duration,
+    ) -> Result<Result<(), String>, PeerCallError> {
+        let client = self.pooled(leader, addr);
+        let body = crate::host::handover::encode_ask(client.header(), to);
+        let option = RPCOption::new(timeout);
+        let reply = client
+            .call(
+                rpc::KIND_HAND_OVER,
+                body,
+                rpc::KIND_HAND_OVER_REPLY,
+                &option,
+            )
+            .await?;
+        Ok(crate::host::handover::decode_reply(reply)?)
+    }
+}
+
+impl TcpNetwork {
     /// Forwards `payload` to the peer at member address `addr` (node `target`), which is
     /// to lead this factory's group (`KIND_PROPOSE`, `forward.rs`), on the node's shared
     /// connection to it. The inner result is the leader's answer: the committed position,

@@ -369,7 +369,9 @@ async fn read_requests(
             }
         };
         let found = match request {
-            Inbound::Ping | Inbound::Propose(_) | Inbound::App(_) => Lookup::Unknown,
+            Inbound::Ping | Inbound::Propose(_) | Inbound::App(_) | Inbound::HandOver(_) => {
+                Lookup::Unknown
+            }
             _ => groups.lookup(header.group),
         };
         let replies = replies.clone();
@@ -408,6 +410,8 @@ enum Inbound {
     App(Bytes),
     /// A leader handing its group over asks this voter to campaign (`host/handover.rs`).
     Elect(crate::host::handover::ElectRequest),
+    /// A voter asks this node, its group's leader, to hand the group over to it.
+    HandOver(NodeId),
 }
 
 /// Decodes a whole request frame: header and body.
@@ -435,6 +439,7 @@ fn decode_request(kind: u8, body: Bytes) -> Result<(Header, Inbound)> {
         rpc::KIND_PROPOSE => Inbound::Propose(crate::forward::decode_request(body)?),
         rpc::KIND_APP => Inbound::App(crate::app_request::decode_request(body)?),
         rpc::KIND_ELECT => Inbound::Elect(crate::host::handover::decode_request(body)?),
+        rpc::KIND_HAND_OVER => Inbound::HandOver(crate::host::handover::decode_ask(body)?),
         _ => {
             return Err(crate::error::ClusterError::Decode {
                 what: "inter-node frame",
@@ -472,6 +477,14 @@ async fn dispatch(
             };
             return served.unwrap_or_else(unknown);
         }
+        Inbound::HandOver(to) => {
+            let answer = match groups.hand_over_handler() {
+                Some(handler) => handler.hand_over(h.group, to).await,
+                None => Err("this node serves no hand-over requests".to_owned()),
+            };
+            let body = crate::host::handover::encode_reply(h, &answer);
+            return (rpc::KIND_HAND_OVER_REPLY, body);
+        }
         Inbound::App(payload) => {
             return match groups.app_server() {
                 Some(server) => server.serve(h, payload).await,
@@ -499,7 +512,11 @@ async fn dispatch(
         }
     };
     match request {
-        Inbound::Ping | Inbound::Hibernate(_) | Inbound::Propose(_) | Inbound::App(_) => unknown(),
+        Inbound::Ping
+        | Inbound::Hibernate(_)
+        | Inbound::Propose(_)
+        | Inbound::App(_)
+        | Inbound::HandOver(_) => unknown(),
         Inbound::Vote(v) => match raft.vote(v).await {
             Ok(r) => (rpc::KIND_VOTE_REPLY, rpc::encode_vote_reply(h, &r)),
             Err(e) => refusal(h, &e),

@@ -28,6 +28,8 @@
 //! KIND_PROPOSE_REPLY   { tag: u8 } 0 committed { index: u64 | slot: u32 } | 1..7 refusals
 //! KIND_ELECT           { term: u64 | leader: u64 | last_log_index: opt<u64> }  (host/handover.rs)
 //! KIND_ELECT_REPLY     { tag: u8 } 0 campaigning | 1 refused { reason: str }
+//! KIND_HAND_OVER       { to: u64 }       (host/handover.rs: the leader is asked to hand over)
+//! KIND_HAND_OVER_REPLY { tag: u8 } 0 campaigning | 1 refused { reason: str }
 //! KIND_ERROR           { tag: u8 } 1 unavailable { reason: str }
 //!                                  | 2 snapshot mismatch { expect_id: str | expect_offset: u64
 //!                                                          | got_id: str | got_offset: u64 }
@@ -91,6 +93,7 @@ pub(crate) const KIND_PING: u8 = 7;
 pub(crate) const KIND_PROPOSE: u8 = 8;
 pub(crate) const KIND_APP: u8 = 9;
 pub(crate) const KIND_ELECT: u8 = 10;
+pub(crate) const KIND_HAND_OVER: u8 = 11;
 pub(crate) const KIND_VOTE_REPLY: u8 = 0x81;
 pub(crate) const KIND_APPEND_REPLY: u8 = 0x82;
 pub(crate) const KIND_SNAPSHOT_REPLY: u8 = 0x83;
@@ -100,6 +103,7 @@ pub(crate) const KIND_PONG: u8 = 0x87;
 pub(crate) const KIND_PROPOSE_REPLY: u8 = 0x88;
 pub(crate) const KIND_APP_REPLY: u8 = 0x89;
 pub(crate) const KIND_ELECT_REPLY: u8 = 0x8a;
+pub(crate) const KIND_HAND_OVER_REPLY: u8 = 0x8b;
 pub(crate) const KIND_ERROR: u8 = 0xff;
 
 const ERROR_UNAVAILABLE: u8 = 1;

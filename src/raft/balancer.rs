@@ -68,6 +68,7 @@ use tokio::time::Instant;
 
 use super::meta_machine::{MetaMachine, MetaState};
 use super::rounds::Rounds;
+use entrepot_cluster::host::handover::HandOverHandler;
 
 /// Most membership changes one node carries out at once.
 pub const MAX_MOVES_IN_FLIGHT: usize = 2;
@@ -161,6 +162,8 @@ struct Shared {
     done: AtomicU64,
     failed: AtomicU64,
     in_flight: AtomicU64,
+    /// Hands a group over before this leader would remove itself ([`Balancer::hand_over_with`]).
+    hand_over: std::sync::OnceLock<Arc<dyn HandOverHandler>>,
 }
 
 /// The node's balancer (see the module docs). Groups stay as they are when it stops.
@@ -198,6 +201,14 @@ impl Balancer {
     /// endpoint keeps one while the node owns the balancer, to stop it).
     pub fn progress(&self) -> BalancerProgress {
         BalancerProgress(Arc::clone(&self.shared))
+    }
+
+    /// From now on, a leader whose node leaves a group's voters hands the group over with
+    /// `handler` (to the placement's preferred leader when it is a voter already, else to
+    /// another voter that stays) and leaves the move to the next leader, instead of
+    /// removing itself and leaving the others to an election. Set once.
+    pub fn hand_over_with(&self, handler: Arc<dyn HandOverHandler>) {
+        let _ = self.shared.hand_over.set(handler);
     }
 
     /// Stops: running moves are abandoned where they are (the next leader, or this node
@@ -339,7 +350,14 @@ impl Mover {
         self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
         let timeout = self.config.catch_up_timeout;
         let node = self.host.node();
+        let hand_over = self.shared.hand_over.get().cloned();
+        let preferred = state.groups().get(&group).map(|e| e.replicas.leader);
         self.running.spawn(async move {
+            if let Some(h) = hand_over.filter(|_| !target.voters.contains(&node)) {
+                if hand_over_first(&handle, node, &target, preferred, h.as_ref()).await {
+                    return (group, Ok(()));
+                }
+            }
             let result = carry_out(&handle, &target, &addrs, timeout, node).await;
             (group, result)
         });
@@ -435,6 +453,42 @@ fn meta_target(
     Target {
         voters: chosen,
         learners,
+    }
+}
+
+/// A leader leaving the group's voters hands it over first: to `preferred` when it is a
+/// voter that stays, else to the voter that stays and matched most. True when it did
+/// (the next leader carries the move out).
+async fn hand_over_first(
+    handle: &GroupHandle,
+    me: NodeId,
+    target: &Target,
+    preferred: Option<NodeId>,
+    h: &dyn HandOverHandler,
+) -> bool {
+    let status = handle.status();
+    let staying: BTreeSet<NodeId> = status
+        .voters
+        .intersection(&target.voters)
+        .copied()
+        .collect();
+    let Some(to) = super::handover::choose_target(me, &staying, preferred, &handle.matched())
+    else {
+        return false;
+    };
+    match h.hand_over(handle.group(), to).await {
+        Ok(()) => {
+            tracing::info!(
+                group = handle.group(),
+                to,
+                "balancer: handed the group over before leaving its voters"
+            );
+            true
+        }
+        Err(why) => {
+            tracing::info!(group = handle.group(), %why, "balancer: no hand-over, removing itself");
+            false
+        }
     }
 }
 

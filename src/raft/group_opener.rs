@@ -253,6 +253,11 @@ impl GroupOpener {
         self.shared.campaigns_held.store(held, Ordering::Relaxed);
     }
 
+    /// Whether this node's campaigns are held ([`Self::hold_campaigns`]).
+    pub fn campaigns_held(&self) -> bool {
+        self.shared.campaigns_held.load(Ordering::Relaxed)
+    }
+
     /// Stops following the metadata (the groups stay open on the host).
     pub async fn stop(self) {
         let _ = self.stop.send(true);
@@ -529,7 +534,17 @@ impl Opener {
         drop(state);
         for (group, handle) in due {
             self.shared.campaigns.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = handle.campaign().await {
+            // With a leader known, ask it to hand the group over (it stops its writes
+            // and this node wins at once); a campaign would depose it even when lost,
+            // since this replica's log is behind under traffic. In a task: the answer
+            // takes a round trip or more, the opener's round must not wait for it.
+            if handle.leadership().borrow().leader.is_some() {
+                tokio::spawn(async move {
+                    if let Err(why) = handle.ask_hand_over().await {
+                        tracing::info!(group, %why, "group opener: the leader did not hand the group over");
+                    }
+                });
+            } else if let Err(e) = handle.campaign().await {
                 self.failed(group, "campaigning for", &e);
             }
         }

@@ -62,7 +62,7 @@ use super::group_driver::GroupDriver;
 use super::group_opener::{GroupEvent, GroupOpener, OpenerConfig};
 use super::group_router::{Drivers, ForwardVia, GroupRouter};
 use super::groups_membership::{self, Joiner, Membership};
-use super::handover::{HandOver, HandOverReport};
+use super::handover::{HandOver, HandOverReport, HandOverServer};
 use super::link_forward::{ForwardStats, LinkForwardServer};
 use super::meta_machine::MetaGroup;
 use super::{ClusterConfig, ClusterStartError, ELECTION_TIMEOUT_MS, HEARTBEAT_MS};
@@ -153,11 +153,21 @@ impl GroupsNode {
         let router = Arc::new(router);
         let setup_view = Arc::clone(&view);
         let forward_host = host.clone();
+        let hand_over_server = |any_voter| HandOverServer {
+            node: cluster.node_id,
+            meta: copy(&meta),
+            opener: Arc::clone(&opener),
+            drivers: Arc::clone(&drivers),
+            any_voter,
+        };
+        balancer.hand_over_with(Arc::new(hand_over_server(true)));
+        let hand_over_server = hand_over_server(false);
         let node = Node::start_with(broker_config, shutdown.clone(), move |broker| {
             broker.route_by(router);
             // Serves the links other nodes forward here, whatever this node's own routing.
             let server = LinkForwardServer::new(Arc::downgrade(broker), forward);
             forward_host.set_app_handler(server);
+            forward_host.set_hand_over_handler(hand_over_server);
             *setup_view.broker.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(broker));
             Source::Cluster(setup_view)
         })

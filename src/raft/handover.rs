@@ -26,13 +26,19 @@
 //! The opener's campaigns are held first (`GroupOpener::hold_campaigns`): this node is
 //! usually the preferred leader of what it leads and would campaign for it right back.
 //!
-//! Does not: hand over a group hibernated here (it is not led while stopped), or hand a
-//! returning node its leaderships back (its opener campaigns, best effort, as before).
+//! The other way round, [`HandOverServer`]: a group's preferred leader (a restarted pod, a
+//! joiner) asks the leader to hand the group over to it (`GroupHandle::ask_hand_over`,
+//! from the opener) instead of campaigning — a campaign from a replica whose log is
+//! behind under traffic is lost, and still deposes the leader.
+//!
+//! Does not: hand over a group hibernated here (it is not led while stopped).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
+use entrepot_cluster::host::handover::{HandOverFuture, HandOverHandler};
 use entrepot_cluster::{GroupHandle, NodeId};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -46,6 +52,12 @@ use super::meta_machine::{MetaGroup, MetaState};
 /// path it replaces under load (1–4 s), and well inside the drain's `DRAIN_TIMEOUT` and
 /// the pod's grace period.
 pub const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest a hand-over a voter asked for may take (below its `ASK_TIMEOUT`).
+pub const REQUESTED_HAND_OVER_TIMEOUT: Duration = Duration::from_secs(2);
+const _: () = assert!(
+    REQUESTED_HAND_OVER_TIMEOUT.as_millis()
+        < entrepot_cluster::host::handover::ASK_TIMEOUT.as_millis()
+);
 
 /// What one hand-over round did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -150,6 +162,75 @@ impl HandOver<'_> {
             led.push((group, opened.handle, driver, preferred));
         }
         led
+    }
+}
+
+/// Serves a voter's request that this node hand a group it leads over to it (the
+/// opener of a group's preferred leader asks instead of campaigning): only to the
+/// placement's preferred leader, only while this node is not handing over itself, with
+/// the address's driver stood down first, as in [`HandOver::run`].
+pub struct HandOverServer {
+    pub node: NodeId,
+    pub meta: MetaGroup,
+    pub opener: Arc<GroupOpener>,
+    pub drivers: Drivers,
+    /// Hand over to any voter (this node's balancer, leaving a group's voters), not only
+    /// to the placement's preferred leader (a peer's request).
+    pub any_voter: bool,
+}
+
+impl HandOverServer {
+    async fn serve(
+        node: NodeId,
+        handle: GroupHandle,
+        driver: Option<StandDownHandle>,
+        to: NodeId,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + REQUESTED_HAND_OVER_TIMEOUT;
+        let stood_down = match &driver {
+            Some(d) => Some(d.stand_down(deadline).await),
+            None => None,
+        };
+        let result = handle.hand_over(to, deadline).await;
+        drop(stood_down);
+        match result {
+            Ok(()) => {
+                tracing::info!(
+                    node,
+                    group = handle.group(),
+                    to,
+                    "handed the group over on request"
+                );
+                Ok(())
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+impl HandOverHandler for HandOverServer {
+    fn hand_over(&self, group: u64, to: NodeId) -> HandOverFuture {
+        let refuse = |why: String| -> HandOverFuture { Box::pin(async move { Err(why) }) };
+        if self.opener.campaigns_held() {
+            return refuse("this node is handing its groups over itself".into());
+        }
+        let preferred = self.meta.machine.group(group).map(|e| e.replicas.leader);
+        if !self.any_voter && preferred != Some(to) {
+            return refuse(format!(
+                "node {to} is not the group's preferred leader ({preferred:?})"
+            ));
+        }
+        let Some(opened) = self.opener.get(group) else {
+            return refuse(format!("group {group} is not open here"));
+        };
+        if !opened.handle.leadership().borrow().leads {
+            return refuse(format!("node {} does not lead group {group}", self.node));
+        }
+        let driver = {
+            let drivers = self.drivers.lock().unwrap_or_else(|e| e.into_inner());
+            drivers.get(&opened.address).map(|d| d.stand_down_handle())
+        };
+        Box::pin(Self::serve(self.node, opened.handle, driver, to))
     }
 }
 

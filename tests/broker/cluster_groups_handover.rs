@@ -11,8 +11,10 @@
 //! on a node leading at least one queue: its answer must report every leadership handed
 //! over and none still led, each target must have logged its campaign on request, and
 //! the node leads nothing afterwards. Then SIGTERM to another node leading at least one
-//! queue: its log must report the same before it stops. Every producer of a queue the
-//! node led must accept again; its longest gap between two acceptances around each step
+//! queue: its log must report the same before it stops. Started again, it is the
+//! preferred leader of what it led and must get a group back by asking its leader to
+//! hand it over (`handed the group over on request`), not by a campaign. Every producer
+//! of a queue the node led must accept again; its longest gap between two acceptances around each step
 //! is printed and bounded by [`STALL_MAX`], a liveness bound — the speed is shown by the
 //! elasticity run (benches/RESULTS.md), not asserted on a loaded machine here.
 //! Mutation-checked: the drain's hand-over removed (the answer reports none, the
@@ -52,6 +54,10 @@ const AFTER_STEP: Duration = Duration::from_secs(6);
 /// What the hand-over logs on the node that hands over, and on a target.
 const HANDED: &str = "leadership(s) over";
 const CAMPAIGNED: &str = "campaigning: the leader hands its group over";
+const HANDED_ON_REQUEST: &str = "handed the group over on request";
+/// Longest a restarted node may take to ask for one of its groups back (the opener's
+/// campaign backoff and rounds, on a loaded machine).
+const TAKE_BACK_MAX: Duration = Duration::from_secs(30);
 
 /// Every acceptance time of each queue's producer.
 type Accepted = Arc<Mutex<BTreeMap<&'static str, Vec<Instant>>>>;
@@ -151,12 +157,39 @@ fn a_leader_hands_its_groups_over_when_drained_and_when_stopped() {
     );
     judge(&accepted, &queues, step, "the stop");
 
+    // Started again: it is the preferred leader of what it led, and takes it back by
+    // asking the leaders to hand over (`GroupHandle::ask_hand_over`), not by campaigns.
+    let requested_before = requested(&cluster);
+    let step = Instant::now();
+    cluster.restart(stopped);
+    wait_until("the restarted node ready", READY_TIMEOUT, || {
+        cluster.readyz(stopped) == Some(200)
+    });
+    wait_until("a leadership handed back on request", TAKE_BACK_MAX, || {
+        requested(&cluster) > requested_before
+    });
+    println!(
+        "node {stopped} back: {} hand-over(s) on request so far, queues led per node {:?}",
+        requested(&cluster) - requested_before,
+        led(&cluster)
+    );
+    judge(&accepted, &queues, step, "the return");
+
     stop.store(true, Ordering::Relaxed);
     rt.block_on(async {
         for p in producers {
             let _ = tokio::time::timeout(STEP * 2, p).await;
         }
     });
+}
+
+/// Hand-overs done on a peer's request, logged by every running node.
+fn requested(cluster: &Cluster) -> usize {
+    cluster
+        .running()
+        .into_iter()
+        .map(|id| cluster.log_count(id, HANDED_ON_REQUEST))
+        .sum()
 }
 
 /// Campaigns on request logged by every running node but `except`.

@@ -52,6 +52,7 @@ use tokio::time::Instant;
 use super::GroupHandle;
 use crate::codec::Decoder;
 use crate::error::Result;
+use crate::placement::GroupId;
 use crate::rpc::{self, Header, MAX_RPC_STRING_BYTES};
 use crate::types::{NodeId, TypeConfig};
 
@@ -117,6 +118,19 @@ pub struct ElectRequest {
     /// The leader's last log index: the voter must hold at least this much.
     pub last_log_index: Option<u64>,
 }
+
+/// What answers a voter's request that this node, its group's leader, hand the group
+/// over to it (`KIND_HAND_OVER`): the broker, which stands its address down first.
+pub trait HandOverHandler: Send + Sync + 'static {
+    fn hand_over(&self, group: GroupId, to: NodeId) -> HandOverFuture;
+}
+
+/// The answer of a [`HandOverHandler`]: handed over, or why not.
+pub type HandOverFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = std::result::Result<(), String>> + Send>>;
+
+/// Longest a voter waits for its leader's answer to a hand-over request.
+pub const ASK_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// Holds the group's batcher while it lives (see [`GroupHandle::hand_over`]).
 struct BatcherHold<'a>(&'a GroupHandle);
@@ -219,6 +233,31 @@ impl GroupHandle {
     }
 }
 
+impl GroupHandle {
+    /// Asks the leader this replica knows of to hand the group over to this node (how a
+    /// preferred leader takes its group back without an election: the leader stops its
+    /// writes and this node campaigns with its vote); `Err` with the reason when no
+    /// leader is known, it refused, or no answer came within [`ASK_TIMEOUT`].
+    pub async fn ask_hand_over(&self) -> std::result::Result<(), String> {
+        let leadership = *self.leadership.borrow();
+        let me = self.instance.node;
+        let Some(leader) = leadership.leader.filter(|l| *l != me) else {
+            return Err("no other leader known".into());
+        };
+        let Some(addr) = (self.addresses())(leader) else {
+            return Err(format!("no address known for leader {leader}"));
+        };
+        match self
+            .network
+            .ask_hand_over(leader, &addr, me, ASK_TIMEOUT)
+            .await
+        {
+            Ok(answer) => answer,
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
 /// Waits until `target` matched this leader's last log index; that index, or what it
 /// matched and the last index at the deadline.
 async fn caught_up(
@@ -303,6 +342,19 @@ pub(crate) fn decode_request(body: Bytes) -> Result<ElectRequest> {
     })
 }
 
+pub(crate) fn encode_ask(h: Header, to: NodeId) -> Vec<u8> {
+    let mut e = rpc::start(h, 8);
+    e.u64(to);
+    e.buf
+}
+
+pub(crate) fn decode_ask(body: Bytes) -> Result<NodeId> {
+    let mut d = rpc::open(body, "hand-over request")?;
+    let to = d.u64()?;
+    d.finish()?;
+    Ok(to)
+}
+
 pub(crate) fn encode_reply(h: Header, r: &std::result::Result<(), String>) -> Vec<u8> {
     let mut e = rpc::start(h, 32);
     match r {
@@ -356,6 +408,9 @@ mod tests {
                 assert!(decode_request(Bytes::copy_from_slice(&body[..cut])).is_err());
             }
         }
+        let body = encode_ask(H, 5);
+        assert_eq!(decode_ask(body.clone().into()).unwrap(), 5);
+        assert!(decode_ask(Bytes::copy_from_slice(&body[..body.len() - 1])).is_err());
         for r in [Ok(()), Err("behind".to_owned())] {
             let body = encode_reply(H, &r);
             assert_eq!(decode_reply(body.clone().into()).unwrap(), r);

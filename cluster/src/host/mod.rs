@@ -284,6 +284,12 @@ impl Host {
         }
     }
 
+    /// Serves the hand-over requests peers send to this node with `handler` from now on
+    /// (`handover.rs`; without one, they are refused).
+    pub fn set_hand_over_handler(&self, handler: impl handover::HandOverHandler) {
+        self.inner.registry.set_hand_over_handler(handler);
+    }
+
     /// Serves the application requests peers send to this node with `handler` from now
     /// on (`app_request.rs`; without one, peers are answered "no handler").
     pub fn set_app_handler(&self, handler: impl crate::app_request::AppHandler) {
