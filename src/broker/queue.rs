@@ -490,6 +490,11 @@ impl Queue {
         (s.ready.len(), s.unsettled.len())
     }
 
+    /// Whether this queue's deliveries may go out now (`None`: it has no lease).
+    pub fn lease_holds(&self) -> Option<bool> {
+        self.lease.as_ref().map(|l| l.holds())
+    }
+
     pub fn consumer_count(&self) -> usize {
         self.lock().consumers.len()
     }

@@ -394,6 +394,8 @@ impl Feeding {
             room: if wanted { room } else { 0 },
             wait_ms: wait.as_millis() as u32,
         };
+        tracing::trace!(address = %c.address, forwarder = c.forwarder, fetched = f.fetched,
+            room = f.room, wait_ms = f.wait_ms, "fetch sent");
         self.fetch = Some(call(c, encode_fetch(&f), c.timeout + wait));
         self.last_call = now;
         Ok(())
@@ -431,6 +433,8 @@ impl Feeding {
                 }
             };
         let n = fetched.messages.len();
+        tracing::trace!(address = %c.address, forwarder = c.forwarder, fetched = self.fetched,
+            answered = n, waited = fetched.waited, "fetched");
         self.fetched = self.fetched.wrapping_add(n as u32);
         if n == 0 && !fetched.waited && !self.draining {
             self.quiet_until = Instant::now() + FETCH_RETRY_PAUSE;

@@ -337,10 +337,11 @@ async fn fetch(
         return Answer::Refused(Rest::NotServed(why));
     }
     rc.touch();
-    Answer::Ok(Fetched {
-        waited,
-        messages: inbox.reply_batch(),
-    })
+    let messages = inbox.reply_batch();
+    tracing::trace!(address = %rc.address, consumer = f.consumer, fetched = f.fetched, room,
+        waited, answered = messages.len(), depth = ?rc.queue.depth(),
+        lease = ?rc.queue.lease_holds(), "fetch answered");
+    Answer::Ok(Fetched { waited, messages })
 }
 
 /// Applies the outcomes in order; answers how many (a prefix) are recorded.
