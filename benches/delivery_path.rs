@@ -201,6 +201,7 @@ fn sample(rig: &Rig, transport: Transport, settlement: Settlement, iters: u64) -
                     wr: Box::new(wr),
                     peer: None,
                     sni: None,
+                    tls: false,
                     quickack: None,
                 };
                 let engine = tokio::spawn(serve(

@@ -199,6 +199,7 @@ pub(crate) async fn accept_tls(stream: tokio::net::TcpStream, tls: &TlsFiles) ->
                 wr: Box::new(wr),
                 peer,
                 sni,
+                tls: true,
                 quickack,
             })
         }

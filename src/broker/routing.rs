@@ -23,7 +23,13 @@ pub enum Route {
     /// This broker serves it: resolve it as usual.
     Here,
     /// Another node leads it: its client listener.
-    Elsewhere { host: String, port: u16 },
+    Elsewhere {
+        host: String,
+        /// Its AMQP port (for a client that came in over plain TCP).
+        port: u16,
+        /// Its amqps port (for a client that came in over TLS).
+        amqps_port: u16,
+    },
     /// Another node leads it and this node carries the link there (producer links only).
     Forward(std::sync::Arc<dyn super::forwarding::RemoteAddress>),
     /// Nobody serves it now (an election, a placement that failed): why.

@@ -138,11 +138,13 @@ fn out_of_space_or_internal(out_of_space: bool) -> ErrorCondition {
 /// the condition, the description and the error's `info`. `Elsewhere` is
 /// `amqp:link:redirect` whose `info` carries `network-host`, `port` (ushort) and
 /// `address` (the AMQP 1.0 link-redirect fields, as Qpid Dispatch sends them), so a
-/// client attaches there instead; `Unavailable` is `amqp:link:detach-forced` with the
-/// reason. `None` for `Here`.
+/// client attaches there instead — at the leader's amqps port when the client came in
+/// over TLS (`tls`), never sending it from TLS to plain text; `Unavailable` is
+/// `amqp:link:detach-forced` with the reason. `None` for `Here`.
 pub fn route_refusal(
     route: &crate::broker::routing::Route,
     address: &str,
+    tls: bool,
 ) -> Option<(
     ErrorCondition,
     String,
@@ -154,7 +156,15 @@ pub fn route_refusal(
     match route {
         // Served here, or carried to its leader from here: not a refusal.
         Route::Here | Route::Forward(_) => None,
-        Route::Elsewhere { host, port } => {
+        Route::Elsewhere {
+            host,
+            port,
+            amqps_port,
+        } => {
+            let port = match tls {
+                true => amqps_port,
+                false => port,
+            };
             let mut info = fe2o3_amqp_types::definitions::Fields::new();
             info.insert(Symbol::from("network-host"), Value::String(host.clone()));
             info.insert(Symbol::from("port"), Value::Ushort(*port));

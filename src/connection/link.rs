@@ -749,7 +749,8 @@ impl Session {
         route: &Route,
         address: &str,
     ) -> Option<Result<(), ConnError>> {
-        let (condition, description, info) = super::errors::route_refusal(route, address)?;
+        let (condition, description, info) =
+            super::errors::route_refusal(route, address, conn.tls)?;
         let refused = self.refuse_with_info(conn, attach.clone(), (condition, description), info);
         Some(refused)
     }

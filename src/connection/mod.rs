@@ -248,6 +248,8 @@ pub struct Connection {
     space_slot: Option<crate::broker::limits::SpaceConnection>,
     /// TLS SNI, when the connection came in on the amqps listener.
     sni: Option<String>,
+    /// Whether the connection came in on the amqps listener.
+    tls: bool,
     sessions: HashMap<u16, Session>,
     /// Channels of sessions we ended with an error, until the peer's `end` arrives.
     ending: HashSet<u16>,
@@ -290,6 +292,8 @@ pub struct Accepted {
     pub peer: Option<std::net::SocketAddr>,
     /// The TLS server name the client asked for.
     pub sni: Option<String>,
+    /// Whether the stream is TLS (amqps): a redirect then names the amqps port.
+    pub tls: bool,
     /// The TCP socket under the stream, for prompt ACKs (`quickack.rs`).
     pub quickack: Option<QuickAck>,
 }
@@ -306,6 +310,7 @@ impl Accepted {
             wr: Box::new(wr),
             peer,
             sni: None,
+            tls: false,
             quickack,
         }
     }
@@ -351,6 +356,7 @@ async fn run(
         mut wr,
         peer,
         sni,
+        tls,
         quickack,
     } = stream;
     let mut rbuf = BytesMut::with_capacity(64 * 1024);
@@ -384,6 +390,7 @@ async fn run(
         space: None,
         space_slot: None,
         sni,
+        tls,
         sessions: HashMap::new(),
         ending: HashSet::new(),
         outbound_tx,

@@ -112,6 +112,7 @@ async fn run(broker: Arc<Broker>, stream: Vec<Vec<u8>>) -> Result<(), Stalled> {
         wr: Box::new(wr),
         peer: None,
         sni: None,
+        tls: false,
         quickack: None,
     };
     let (_shutdown_tx, shutdown) = tokio::sync::watch::channel(false);

@@ -9,7 +9,8 @@
 //!    answers `amqp:not-found` as usual.
 //! 2. Placed: `Here` once this node's driver serves the address (its group-backed queue
 //!    is adopted, this node leads and holds the lease); `Elsewhere` with the leader's
-//!    AMQP listener from group 0's members when another node leads (the leader this
+//!    AMQP and amqps listeners from group 0's members when another node leads (the
+//!    connection names the one its client came in on; the leader this
 //!    node's replica knows; without a replica here, the placement's preferred leader);
 //!    while there is no leader, or this node leads but is still activating, it waits.
 //!    A node that is *busy* — groups of a lost peer still being woken here, or its own
@@ -41,7 +42,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use entrepot_cluster::{Host, NodeId};
+use entrepot_cluster::{identity, Host, NodeId};
 use tokio::time::Instant;
 
 use super::group_driver::GroupDriver;
@@ -180,17 +181,23 @@ impl GroupRouter {
             return Seen::Done(Route::Forward(Arc::new(remote)));
         }
         match self.client_address(leader) {
-            Some((host, port)) => Seen::Done(Route::Elsewhere { host, port }),
+            Some((host, port, amqps_port)) => Seen::Done(Route::Elsewhere {
+                host,
+                port,
+                amqps_port,
+            }),
             None => Seen::Wait("its leader's client address is not known yet"),
         }
     }
 
-    /// `host` and `port` of node `id`'s AMQP listener, from group 0's members.
-    fn client_address(&self, id: NodeId) -> Option<(String, u16)> {
+    /// `host`, AMQP port and amqps port of node `id`'s client listeners, from group 0's
+    /// members (the amqps port from its member address, `host:peer/amqp/amqps`, the
+    /// default amqps port when it names none — as the one-group mode's front door does).
+    fn client_address(&self, id: NodeId) -> Option<(String, u16, u16)> {
         let member = self.meta.machine.members().remove(&id)?;
-        let (host, port) = member.amqp.rsplit_once(':')?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        Some((host.to_owned(), port.parse().ok()?))
+        let (host, port) = split_host_port(&member.amqp)?;
+        let (_, amqps_port) = split_host_port(&identity::amqps_addr(&member.peer))?;
+        Some((host, port, amqps_port))
     }
 
     /// The route, waiting (declaring first when allowed) up to [`ROUTE_WAIT`].
@@ -249,4 +256,11 @@ impl AddressRouter for GroupRouter {
             runtime.block_on(self.route_waiting(address, may_create, direction))
         })
     }
+}
+
+/// `host` (brackets of an IPv6 literal removed) and port of `host:port`.
+fn split_host_port(addr: &str) -> Option<(String, u16)> {
+    let (host, port) = addr.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    Some((host.to_owned(), port.parse().ok()?))
 }

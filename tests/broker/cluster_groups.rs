@@ -311,3 +311,79 @@ fn groups_mode_spreads_leaders_redirects_and_fails_over() {
         );
     });
 }
+
+/// Goal: a redirect keeps the client's transport — one that came in over amqps is sent to
+/// the leader's amqps port (never from TLS to plain text, where a TLS client would fail or
+/// send its credentials in the clear), a plain client to the leader's AMQP port.
+/// Method: three groups-mode processes with amqps listeners (member addresses
+/// `host:peer/amqp/amqps`), a sender attached over TLS and over TCP at a node that does not
+/// lead the address; the redirect's `network-host`/`port` compared with where the leader
+/// logged its listeners.
+#[test]
+fn a_redirect_names_the_leader_s_port_of_the_client_s_transport() {
+    const ADDRESS: &str = "g-tls";
+    let rt = runtime();
+    let certs = tempfile::tempdir().unwrap();
+    let cert = crate::tls::write_cert(certs.path());
+    let (cert_file, key_file) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    let mut cluster = Cluster::on_loopback_with_amqps(NODES);
+    cluster.serve_args(&[
+        "--cluster-mode",
+        "groups",
+        "--tls-cert",
+        cert_file.to_str().unwrap(),
+        "--tls-key",
+        key_file.to_str().unwrap(),
+    ]);
+    let all: Vec<u64> = (0..NODES).collect();
+    for &id in &all {
+        cluster.start_node(id, &all);
+    }
+    wait_until("every node ready", READY_TIMEOUT, || {
+        all.iter().all(|&id| cluster.readyz(id) == Some(200))
+    });
+    rt.block_on(async {
+        let (_, sender, mut c, _s) = follow!(try_sender, cluster.amqp(0).to_string(), ADDRESS);
+        let _ = sender.close().await;
+        let _ = c.close().await;
+    });
+    wait_until("the address led", READY_TIMEOUT, || {
+        led(&cluster).values().flatten().any(|a| a == ADDRESS)
+    });
+    let leader = leader_of(&led(&cluster), ADDRESS);
+    let other = all.iter().copied().find(|&n| n != leader).unwrap();
+
+    rt.block_on(async {
+        let tls = crate::tls::connect_tls(cluster.amqps(other), &cert).await;
+        let mut conn = Connection::builder()
+            .container_id("groups-amqps")
+            .open_with_stream(tls)
+            .await
+            .expect("AMQP open over TLS");
+        let mut session = Session::begin(&mut conn).await.expect("begin");
+        let attach = Sender::attach(&mut session, "s-tls", ADDRESS);
+        let refused = match tokio::time::timeout(STEP, attach).await.expect("in time") {
+            Err(SenderAttachError::RemoteClosedWithError(e)) => e,
+            other => panic!("not redirected over amqps: {other:?}"),
+        };
+        let (to, address) = redirect_of(&refused).expect("a redirect");
+        assert_eq!(address, ADDRESS);
+        assert_eq!(
+            to,
+            cluster.amqps(leader).to_string(),
+            "an amqps client is sent to the leader's amqps port (its AMQP port is {})",
+            cluster.amqp(leader)
+        );
+        let _ = conn.close().await;
+
+        match try_sender(&cluster.amqp(other).to_string(), ADDRESS).await {
+            Attached::Redirected(to, _) => assert_eq!(
+                to,
+                cluster.amqp(leader).to_string(),
+                "a plain client is sent to the leader's AMQP port"
+            ),
+            Attached::Served(..) => panic!("served at node {other}, which does not lead"),
+            Attached::Refused(why) => panic!("refused: {why}"),
+        }
+    });
+}
