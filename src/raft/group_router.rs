@@ -11,8 +11,10 @@
 //!    is adopted, this node leads and holds the lease); `Elsewhere` with the leader's
 //!    AMQP and amqps listeners from group 0's members when another node leads (the
 //!    connection names the one its client came in on; the leader this
-//!    node's replica knows; without a replica here, the placement's preferred leader);
-//!    while there is no leader, or this node leads but is still activating, it waits.
+//!    node's replica knows; without a replica here, or with one that is no voter and knows
+//!    no leader yet — a replica a move has just opened — the placement's preferred
+//!    leader, whose node redirects again if another leads); while a voter here knows no
+//!    leader (an election), or this node leads but is still activating, it waits.
 //!    A node that is *busy* — groups of a lost peer still being woken here, or its own
 //!    timers running more than [`DECLARE_BUSY_LAG`] late — declares nothing new: the
 //!    attach is answered at once, `Unavailable` "busy" (the client attaches again later),
@@ -157,6 +159,15 @@ impl GroupRouter {
                 match l.leader {
                     _ if l.leads => return Seen::Wait("this node leads it and is activating"),
                     Some(other) => other,
+                    // A replica that is no voter here (one a move has just opened, still
+                    // empty) hears of the leader only when the leader reaches it: its
+                    // ignorance says nothing about an election. The placement's
+                    // preferred leader is where the group is led or handed back to.
+                    None if placed.leader != self.node
+                        && !open.handle.status().voters.contains(&self.node) =>
+                    {
+                        placed.leader
+                    }
                     None => return Seen::Wait("its group is electing a leader"),
                 }
             }
