@@ -31,8 +31,8 @@ use serde_amqp::descriptor::Descriptor;
 
 use crate::cluster::runtime;
 use crate::cluster_groups::{
-    follow, leader_of, led, send, session, try_sender, wait_until, Attached, MAX_HOPS,
-    READY_TIMEOUT, STEP,
+    follow, leader_of, led, send, session, start_groups_cluster, try_sender, wait_until, Attached,
+    MAX_HOPS, READY_TIMEOUT, STEP,
 };
 use crate::cluster_support::Cluster;
 use crate::raw_client::Client;
@@ -74,22 +74,8 @@ enum Fault {
 /// `(cluster, leader, a node that does not lead it)`.
 fn cluster_with(address: &str) -> (Cluster, u64, u64) {
     let rt = runtime();
-    let mut cluster = Cluster::on_loopback(NODES);
-    cluster.serve_args(&[
-        "--cluster-mode",
-        "groups",
-        "--sync",
-        "always",
-        "--link-routing",
-        "forward",
-    ]);
+    let cluster = start_groups_cluster(NODES, &["--link-routing", "forward"], READY_TIMEOUT);
     let all: Vec<u64> = (0..NODES).collect();
-    for &id in &all {
-        cluster.start_node(id, &all);
-    }
-    wait_until("every node ready", READY_TIMEOUT, || {
-        all.iter().all(|&id| cluster.readyz(id) == Some(200))
-    });
     rt.block_on(async {
         let (_, sender, mut c, _s) = follow!(try_sender, cluster.amqp(0).to_string(), address);
         let _ = sender.close().await;

@@ -160,7 +160,16 @@ pub(crate) fn leader_of(leaders: &BTreeMap<u64, Vec<String>>, address: &str) -> 
 /// --sync always`, then `extra` arguments), every node started with all as peers and
 /// ready (`/readyz` 200) within `ready_within`.
 pub(crate) fn start_groups_cluster(nodes: u64, extra: &[&str], ready_within: Duration) -> Cluster {
-    let mut cluster = Cluster::on_loopback(nodes);
+    start_groups_cluster_on(Cluster::on_loopback(nodes), extra, ready_within)
+}
+
+/// [`start_groups_cluster`] on `cluster` (e.g. [`Cluster::on_loopback_with_amqps`]).
+pub(crate) fn start_groups_cluster_on(
+    mut cluster: Cluster,
+    extra: &[&str],
+    ready_within: Duration,
+) -> Cluster {
+    let nodes = cluster.node_count();
     let mut args = vec!["--cluster-mode", "groups", "--sync", "always"];
     args.extend_from_slice(extra);
     cluster.serve_args(&args);
@@ -326,22 +335,18 @@ fn a_redirect_names_the_leader_s_port_of_the_client_s_transport() {
     let certs = tempfile::tempdir().unwrap();
     let cert = crate::tls::write_cert(certs.path());
     let (cert_file, key_file) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
-    let mut cluster = Cluster::on_loopback_with_amqps(NODES);
-    cluster.serve_args(&[
-        "--cluster-mode",
-        "groups",
+    let tls_args = [
         "--tls-cert",
         cert_file.to_str().unwrap(),
         "--tls-key",
         key_file.to_str().unwrap(),
-    ]);
+    ];
+    let cluster = start_groups_cluster_on(
+        Cluster::on_loopback_with_amqps(NODES),
+        &tls_args,
+        READY_TIMEOUT,
+    );
     let all: Vec<u64> = (0..NODES).collect();
-    for &id in &all {
-        cluster.start_node(id, &all);
-    }
-    wait_until("every node ready", READY_TIMEOUT, || {
-        all.iter().all(|&id| cluster.readyz(id) == Some(200))
-    });
     rt.block_on(async {
         let (_, sender, mut c, _s) = follow!(try_sender, cluster.amqp(0).to_string(), ADDRESS);
         let _ = sender.close().await;

@@ -188,6 +188,11 @@ impl Cluster {
         cluster
     }
 
+    /// How many nodes the cluster was laid out for.
+    pub fn node_count(&self) -> u64 {
+        self.layouts.len() as u64
+    }
+
     /// Where running node `id` serves amqps, as it logged it (started with a certificate).
     pub fn amqps(&self, id: u64) -> SocketAddr {
         self.nodes[&id]
@@ -427,25 +432,19 @@ impl Cluster {
 
     /// SIGTERM, and waits (bounded) for the node's exit: a planned stop; its log is kept.
     pub fn terminate(&mut self, id: u64) -> Option<i32> {
-        let _ = self.log_lines(id);
-        let mut node = self.nodes.remove(&id).expect("node running");
-        let code = node.terminate();
-        std::thread::sleep(Duration::from_millis(20));
-        let lines: Vec<String> = node.drain_logs();
-        self.logs
-            .lock()
-            .unwrap()
-            .entry(id)
-            .or_default()
-            .extend(lines);
-        code
+        self.stop_with(id, BrokerProcess::terminate)
     }
 
     /// SIGKILL: the node gets no chance to sync or close anything.
     pub fn kill(&mut self, id: u64) {
+        self.stop_with(id, |node| node.kill());
+    }
+
+    /// Ends node `id`'s process with `stop`, keeping everything it logged.
+    fn stop_with<T>(&mut self, id: u64, stop: impl FnOnce(&mut BrokerProcess) -> T) -> T {
         let _ = self.log_lines(id);
         let mut node = self.nodes.remove(&id).expect("node running");
-        node.kill();
+        let out = stop(&mut node);
         std::thread::sleep(Duration::from_millis(20));
         let lines: Vec<String> = node.drain_logs();
         self.logs
@@ -454,6 +453,7 @@ impl Cluster {
             .entry(id)
             .or_default()
             .extend(lines);
+        out
     }
 
     /// Every line node `id`'s current process logged so far (empty when not running).
