@@ -15,7 +15,15 @@
 //!   [`OpenerConfig::bootstrap_fallback_after`]: openraft allows several nodes to
 //!   initialize with an *identical* membership (the vote decides), never with different
 //!   ones — which is why the set is the founders', not today's replicas. A group with a
-//!   log here is never bootstrapped again (a restart reopens it as it was).
+//!   log here is never bootstrapped again (a restart reopens it as it was), and neither
+//!   is a replica a *move* brings here ([`Tracked::moved_in`]: the group was seen placed
+//!   without this node, or removed from it, since the opener started), even on a
+//!   founder: the group formed elsewhere and moved on, and a second bootstrap — found in
+//!   session 17's elasticity run, where 4 → 3 moved replicas back onto their founders —
+//!   made that empty replica campaign with the founders' membership, pushed the group's
+//!   term up (3 → 11 in a second) and deposed its leader each time, while the router
+//!   there held attaches "electing a leader". A founder restarted in the middle of such a
+//!   move, its replica still empty, cannot tell and bootstraps as before.
 //! * **Removing.** A group whose id the metadata handed out but no address holds any
 //!   more (dropped; ids are never reused) is removed from the host — stopped, a removal
 //!   record in the node log, its snapshot deleted — and announced as
@@ -54,7 +62,7 @@
 //! (the leadership driver does, from the events), or open group 0 (the caller does,
 //! [`super::meta_machine::MetaGroup::open`]).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -220,6 +228,7 @@ impl GroupOpener {
             events,
             groups: HashMap::new(),
             recovered: BTreeSet::new(),
+            seen_elsewhere: HashSet::new(),
             waiting: false,
         };
         let task = tokio::spawn(opener.run(stopped));
@@ -273,6 +282,10 @@ struct Tracked {
     last_bootstrap: Option<Instant>,
     last_campaign: Option<Instant>,
     campaigns: u32,
+    /// Placed here by a move (seen placed elsewhere, or removed from here, before): the
+    /// group formed elsewhere, so this replica never bootstraps it — it waits for the
+    /// leader's log.
+    moved_in: bool,
 }
 
 struct Opener {
@@ -285,6 +298,9 @@ struct Opener {
     groups: HashMap<GroupId, Tracked>,
     /// Groups the node log held at the start, not opened (yet).
     recovered: BTreeSet<GroupId>,
+    /// Groups seen placed without this node, or removed from it, since the opener
+    /// started: a replica opened here later is a move's (see [`Tracked::moved_in`]).
+    seen_elsewhere: HashSet<GroupId>,
     /// This round left something waiting on a delay, or a step failed.
     waiting: bool,
 }
@@ -326,12 +342,14 @@ impl Opener {
         let (opening, gone) = {
             let state = self.meta.state();
             let node = self.node;
-            let opening: Vec<(GroupId, GroupEntry)> = state
-                .groups()
-                .iter()
-                .filter(|(g, e)| e.replicas.nodes.contains(&node) && !self.groups.contains_key(g))
-                .map(|(g, e)| (*g, e.clone()))
-                .collect();
+            let mut opening: Vec<(GroupId, GroupEntry)> = Vec::new();
+            for (g, e) in state.groups() {
+                if !e.replicas.nodes.contains(&node) {
+                    self.seen_elsewhere.insert(*g);
+                } else if !self.groups.contains_key(g) {
+                    opening.push((*g, e.clone()));
+                }
+            }
             let (gone, staying): (Vec<GroupId>, Vec<GroupId>) = self
                 .groups
                 .keys()
@@ -398,6 +416,7 @@ impl Opener {
                 last_bootstrap: None,
                 last_campaign: None,
                 campaigns: 0,
+                moved_in: self.seen_elsewhere.contains(&group),
             },
         );
         let opened = OpenedGroup {
@@ -419,6 +438,7 @@ impl Opener {
         }
         self.recovered.remove(&group);
         self.groups.remove(&group);
+        self.seen_elsewhere.insert(group);
         let opened = self.shared.lock().remove(&group);
         self.shared.removed.fetch_add(1, Ordering::Relaxed);
         if let Some(o) = opened {
@@ -459,6 +479,11 @@ impl Opener {
                     tracing::warn!(group, error = %e, "group opener: reading the group's log");
                     continue;
                 }
+            }
+            if t.moved_in {
+                // Formed elsewhere: bootstrapping it here would start a second
+                // membership's campaigns against the group's leader.
+                continue;
             }
             let founder = entry.founder == node;
             let waited = now.duration_since(t.last_bootstrap.unwrap_or(t.opened_at));

@@ -11,9 +11,10 @@
 //!    is adopted, this node leads and holds the lease); `Elsewhere` with the leader's
 //!    AMQP and amqps listeners from group 0's members when another node leads (the
 //!    connection names the one its client came in on; the leader this
-//!    node's replica knows; without a replica here, or with one that is no voter and knows
-//!    no leader yet — a replica a move has just opened — the placement's preferred
-//!    leader, whose node redirects again if another leads); while a voter here knows no
+//!    node's replica knows; without a replica here, the placement's preferred leader; with
+//!    one that is no voter and knows no leader yet — a replica a move has just opened —
+//!    another replica of the placement ([`ask_elsewhere`]), whose node redirects again
+//!    if another leads); while a voter here knows no
 //!    leader (an election), or this node leads but is still activating, it waits.
 //!    A node that is *busy* — groups of a lost peer still being woken here, or its own
 //!    timers running more than [`DECLARE_BUSY_LAG`] late — declares nothing new: the
@@ -50,7 +51,7 @@ use tokio::time::Instant;
 use super::group_driver::GroupDriver;
 use super::group_opener::GroupOpener;
 use super::link_forward::{ForwardStats, RemoteLeader};
-use super::meta_machine::MetaGroup;
+use super::meta_machine::{AddressPlacement, MetaGroup};
 use crate::broker::routing::{AddressRouter, LinkDirection, Route};
 
 /// Longest an attach waits for its address to be placed or to get a leader.
@@ -80,6 +81,19 @@ pub struct GroupRouter {
 pub struct ForwardVia {
     pub host: Host,
     pub stats: Arc<ForwardStats>,
+}
+
+/// Where to send an attach that a replica here cannot place because it is no voter and
+/// knows no leader: the placement's preferred leader unless that is this node (a move
+/// often brings the preferred leader's replica here, and the group is led elsewhere until
+/// it is handed back), else the lowest other replica of the placement — a voter that
+/// knows the leader redirects again (or serves), one that is joining too sends the client
+/// on (bounded by the client's redirect limit).
+fn ask_elsewhere(node: NodeId, placed: &AddressPlacement) -> Option<NodeId> {
+    if placed.leader != node {
+        return Some(placed.leader);
+    }
+    placed.replicas.iter().copied().find(|&r| r != node)
 }
 
 /// What one look at the state says.
@@ -160,13 +174,15 @@ impl GroupRouter {
                     _ if l.leads => return Seen::Wait("this node leads it and is activating"),
                     Some(other) => other,
                     // A replica that is no voter here (one a move has just opened, still
-                    // empty) hears of the leader only when the leader reaches it: its
-                    // ignorance says nothing about an election. The placement's
-                    // preferred leader is where the group is led or handed back to.
-                    None if placed.leader != self.node
-                        && !open.handle.status().voters.contains(&self.node) =>
-                    {
-                        placed.leader
+                    // empty) hears of the leader only when the leader reaches it — after
+                    // the balancer's move adds it, seconds later under a drain: its
+                    // ignorance says nothing about an election. Another replica of the
+                    // placement knows (see `ask_elsewhere`).
+                    None if !open.handle.status().voters.contains(&self.node) => {
+                        match ask_elsewhere(self.node, &placed) {
+                            Some(other) => other,
+                            None => return Seen::Wait("its replica here is still joining"),
+                        }
                     }
                     None => return Seen::Wait("its group is electing a leader"),
                 }

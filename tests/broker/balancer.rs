@@ -601,3 +601,80 @@ async fn a_new_replica_of_an_existing_group_never_bootstraps_it() {
     .await
     .expect("test timed out");
 }
+
+/// A move back: a node's replicas move to a joiner and, when the joiner leaves, back onto
+/// the nodes that founded their groups. Such a replica is empty again and its node is the
+/// group's founder, yet it must not bootstrap the group a second time: found in the
+/// elasticity run (session 17), where that bootstrap made the empty replica campaign with
+/// the founders' membership every election timeout, pushing the group's term from 3 to 11
+/// and deposing its leader. Checked: no bootstrap on any node during the move back, and
+/// each group's term rises by at most a few (a hand-over per move) while it settles.
+/// Mutation-checked: without the rule (`Tracked::moved_in` ignored) the bootstraps rise
+/// and the test fails; the term bound alone did not catch it here, where each leader
+/// reached its new replica within milliseconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_moved_back_onto_its_founder_does_not_bootstrap_the_group_again() {
+    trace();
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let c = Cluster::start(4, 3).await;
+        let groups = c.declare().await;
+        first_messages(&c, &groups).await;
+        c.wait_settled().await;
+        c.add_member(3).await;
+        c.wait_settled().await;
+        let meta = c.meta_leader().await;
+        let moved: Vec<GroupId> = meta.machine.placed_on(3).keys().copied().collect();
+        assert!(!moved.is_empty(), "nothing moved to the joiner");
+        let bootstraps = |c: &Cluster| -> u64 {
+            c.nodes
+                .values()
+                .map(|n| n.opener.counters().bootstraps)
+                .sum()
+        };
+        let terms = |c: &Cluster| -> BTreeMap<GroupId, u64> {
+            groups
+                .iter()
+                .map(|&g| {
+                    let term = c
+                        .nodes
+                        .values()
+                        .filter_map(|n| n.host.group(g))
+                        .map(|h| h.leadership().borrow().term)
+                        .max()
+                        .unwrap_or(0);
+                    (g, term)
+                })
+                .collect()
+        };
+        let (before, terms_before) = (bootstraps(&c), terms(&c));
+        meta.remove_member(3).await.unwrap();
+        c.wait_settled().await;
+        // A few more rounds of every opener, and a few election timeouts.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let terms_after = terms(&c);
+        println!(
+            "move back: {} groups; terms {terms_before:?} -> {terms_after:?}",
+            moved.len()
+        );
+        assert_eq!(
+            bootstraps(&c),
+            before,
+            "a replica moved back onto its founder bootstrapped its group again"
+        );
+        for &g in &groups {
+            assert!(
+                terms_after[&g] <= terms_before[&g] + MOVE_BACK_TERMS,
+                "group {g}: term {} -> {}: an empty replica campaigned",
+                terms_before[&g],
+                terms_after[&g]
+            );
+        }
+        c.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Most a group's term may rise while one move back settles: a hand-over, an election
+/// that a loaded machine lets time out, and one more.
+const MOVE_BACK_TERMS: u64 = 3;
