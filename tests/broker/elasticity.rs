@@ -32,7 +32,7 @@
 //! can settle below 90 % of the three-node rate — the recovery check then measures the
 //! host, and the step table shows it (per-second rates, pre-step rate, recovery).
 //!
-//! Groups mode (`ENTREPOT_ELASTICITY_MODE=groups`, `run.sh --groups`): the pods run
+//! Groups mode (`scaling_groups_…`, `run.sh --groups`): the pods run
 //! `--cluster-mode groups` (a Raft group per address, group 0 the metadata) and the load
 //! is eight queues ([`GROUPS_ADDRESSES`], G = 8), one producer and one consumer each (8
 //! and 8, 32 unsettled per producer), every client following `amqp:link:redirect` to its
@@ -73,6 +73,8 @@ use timeline::{Step, StepVerdict};
 
 const TEST: &str =
     "scaling_3_5_3_and_rolling_all_pods_under_load_loses_nothing_and_stalls_no_client";
+const TEST_GROUPS: &str =
+    "scaling_groups_3_5_3_and_rolling_all_pods_under_load_loses_nothing_and_stalls_no_client";
 /// Longest any client may go without progress while it has work.
 const MAX_STALL_S: f64 = 2.0;
 /// Throughput must be back within this long after each step.
@@ -170,14 +172,24 @@ impl Action {
 
 #[test]
 fn scaling_3_5_3_and_rolling_all_pods_under_load_loses_nothing_and_stalls_no_client() {
-    if !docker::usable_for(TEST) {
+    scale_and_roll(Mode::OneGroup, TEST);
+}
+
+/// The same plan and promises with a Raft group per address (see the module docs).
+#[test]
+fn scaling_groups_3_5_3_and_rolling_all_pods_under_load_loses_nothing_and_stalls_no_client() {
+    scale_and_roll(Mode::Groups, TEST_GROUPS);
+}
+
+/// The test, in `mode`; `test` names it where Docker is missing.
+fn scale_and_roll(mode: Mode, test: &str) {
+    if !docker::usable_for(test) {
         return;
     }
     let length = match std::env::var("ENTREPOT_ELASTICITY").as_deref() {
         Ok("full") => FULL,
         _ => SHORT,
     };
-    let mode = Mode::from_env();
     let image = docker::ensure_image();
     let membership = Membership::detect(image);
     let dir = run_dir();

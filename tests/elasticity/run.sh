@@ -14,7 +14,6 @@
 #            after each step the pods' /status `groups:` sections must agree (members,
 #            voters = placement, no move in flight) and the address groups led, and
 #            preferred, per node must be within +-1 of G/N (the table of both is printed)
-#            (same as ENTREPOT_ELASTICITY_MODE=groups)
 # Environment: ENTREPOT_ELASTICITY_MEMBERSHIP=admin|drain forces who changes the membership
 # (one-group mode); ENTREPOT_ELASTICITY_LINK_ROUTING=forward runs groups-mode pods with
 # --link-routing forward (producers carried to their leader instead of redirected);
@@ -23,7 +22,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 length=full
-mode="${ENTREPOT_ELASTICITY_MODE:-one-group}"
+mode=one-group
 for arg in "$@"; do
   case "$arg" in
     --short) length=short ;;
@@ -34,13 +33,18 @@ for arg in "$@"; do
 done
 
 docker info >/dev/null 2>&1 || { echo "tests/elasticity/run.sh: docker is not usable" >&2; exit 1; }
+# One test per mode: scaling_3_5_3_... (one group) and scaling_groups_3_5_3_... (groups).
+case "$mode" in
+  groups) test=elasticity::scaling_groups_ ;;
+  *) test=elasticity::scaling_3_ ;;
+esac
 if command -v cargo-nextest >/dev/null 2>&1; then
-  run=(cargo nextest run --all-features --test broker --no-capture -E 'test(/elasticity::/)')
+  run=(cargo nextest run --all-features --test broker --no-capture -E "test(/$test/)")
 else
-  run=(cargo test --all-features --test broker -- --nocapture elasticity::)
+  run=(cargo test --all-features --test broker -- --nocapture "$test")
 fi
 # The test builds the image itself (docker/build.sh, once per run, under a lock).
-ENTREPOT_ELASTICITY=$length ENTREPOT_ELASTICITY_MODE=$mode "${run[@]}" 2>&1 | tee /tmp/entrepot-elasticity.$$.log
+ENTREPOT_ELASTICITY=$length "${run[@]}" 2>&1 | tee /tmp/entrepot-elasticity.$$.log
 status=${PIPESTATUS[0]}
 echo
 grep -E '^elasticity: (plot|timeline) ' /tmp/entrepot-elasticity.$$.log || true

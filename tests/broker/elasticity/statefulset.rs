@@ -68,23 +68,13 @@ const SNAPSHOT_EVERY: &str = "2048";
 /// The brokers' cluster mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
-    /// One Raft group for the whole cluster (the default).
+    /// One Raft group for the whole cluster (`scaling_3_5_3_…`).
     OneGroup,
-    /// A Raft group per address (`--cluster-mode groups`).
+    /// A Raft group per address (`--cluster-mode groups`, `scaling_groups_…`).
     Groups,
 }
 
 impl Mode {
-    /// `ENTREPOT_ELASTICITY_MODE=groups` selects the groups mode; unset or `one-group`
-    /// the default. Anything else is a mistake worth stopping for.
-    pub fn from_env() -> Mode {
-        match std::env::var("ENTREPOT_ELASTICITY_MODE").as_deref() {
-            Err(_) | Ok("") | Ok("one-group") => Mode::OneGroup,
-            Ok("groups") => Mode::Groups,
-            Ok(other) => panic!("ENTREPOT_ELASTICITY_MODE={other}: expected groups or one-group"),
-        }
-    }
-
     pub fn name(self) -> &'static str {
         match self {
             Mode::OneGroup => "one-group",
