@@ -8,7 +8,10 @@
 //! through `entrepot drain` then `docker stop`). Four producers (persistent 1 KiB, 64
 //! unsettled each) and four settle-mode-second consumers, the fault campaign's clients
 //! and ledger (`load`), start on different pods and move to the next pod whenever their
-//! connection ends. Steps: scale up to 4 and 5 (a pod starts, joins, is ready), down to 4
+//! connection ends. A client connects only to ready pods (the client Service), but follows
+//! a redirect to any pod whose container runs, ready or not: the headless Service
+//! publishes not-ready addresses, so a pod's DNS name resolves from its start (a
+//! restarted pod that takes its groups back before it is ready is reached). Steps: scale up to 4 and 5 (a pod starts, joins, is ready), down to 4
 //! and 3 (the highest pod drains and stops), then restart pods 2, 1, 0 in turn (the drain
 //! must be a no-op: ordinal < desired replicas). After each step: the leader's membership
 //! is exactly the running pods, leaderships are balanced (every node leads within ±1 of
@@ -275,7 +278,9 @@ impl Run {
         }
         let problems = match action {
             Action::Up(k) => {
-                self.set.scale_up(k);
+                let endpoints = Arc::clone(&self.endpoints);
+                self.set
+                    .scale_up(k, move |addr| endpoints.resolvable(k, addr));
                 self.endpoints.set(k, self.set.pods[&k].amqp);
                 Vec::new()
             }
@@ -289,8 +294,13 @@ impl Run {
             Action::Restart(k) => {
                 self.endpoints.remove(k);
                 let desired = self.set.pods.len() as u64;
-                let endpoints = Arc::clone(&self.endpoints);
-                let problems = self.set.restart(k, desired, move || endpoints.forget(k));
+                let (gone, started) = (Arc::clone(&self.endpoints), Arc::clone(&self.endpoints));
+                let problems = self.set.restart(
+                    k,
+                    desired,
+                    move || gone.forget(k),
+                    move |addr| started.resolvable(k, addr),
+                );
                 self.endpoints.set(k, self.set.pods[&k].amqp);
                 problems
             }

@@ -115,6 +115,13 @@ impl Endpoints {
         pods.running.insert(k, addr);
     }
 
+    /// Pod `k` runs at `addr`, not ready yet: its name resolves (the headless Service
+    /// publishes not-ready addresses, `examples/kubernetes/entrepot-services.yaml`), so a
+    /// redirect to it is followed, but no client picks it to connect to.
+    pub fn resolvable(&self, k: u64, addr: SocketAddr) {
+        self.0.lock().expect("endpoints").running.insert(k, addr);
+    }
+
     /// Pod `k` leaves the Service (terminating); its name still resolves.
     pub fn remove(&self, k: u64) {
         self.0.lock().expect("endpoints").ready.remove(&k);

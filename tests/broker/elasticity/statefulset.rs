@@ -234,8 +234,9 @@ impl StatefulSet {
     }
 
     /// Scale up by pod `k`: start it, let it join (or add it), return once it is ready.
-    pub fn scale_up(&mut self, k: u64) {
+    pub fn scale_up(&mut self, k: u64, started: impl FnOnce(SocketAddr)) {
         self.run_pod(k);
+        started(self.pods[&k].amqp);
         if self.membership == Membership::AdminApi {
             self.wait_http(k);
             let addr = format!("entrepot-{k}.{SERVICE}:{PEER_PORT}/{AMQP_PORT}");
@@ -264,7 +265,13 @@ impl StatefulSet {
     /// A restart of pod `k` (rolling update): preStop drain, which must change nothing
     /// (k < desired), stop, delete (then `deleted` runs: the pod's DNS name is gone until
     /// it runs again), start again on the same volume, wait until ready.
-    pub fn restart(&mut self, k: u64, desired: u64, deleted: impl FnOnce()) -> Vec<String> {
+    pub fn restart(
+        &mut self,
+        k: u64,
+        desired: u64,
+        deleted: impl FnOnce(),
+        started: impl FnOnce(SocketAddr),
+    ) -> Vec<String> {
         let mut problems = Vec::new();
         if self.membership == Membership::SelfManaged {
             if let Err(e) = self.drain(k, desired) {
@@ -274,6 +281,7 @@ impl StatefulSet {
         problems.extend(self.delete_pod(k));
         deleted();
         self.run_pod(k);
+        started(self.pods[&k].amqp);
         self.wait_ready(k);
         problems
     }
