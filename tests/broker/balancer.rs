@@ -395,6 +395,18 @@ async fn produce(
     confirmed
 }
 
+impl Cluster {
+    /// [`Cluster::start`], the addresses declared, message 0 committed to every group and
+    /// every membership settled: where most tests begin.
+    async fn settled_with_messages(hosts: u64, members: u64) -> (Cluster, Vec<GroupId>) {
+        let c = Cluster::start(hosts, members).await;
+        let groups = c.declare().await;
+        first_messages(&c, &groups).await;
+        c.wait_settled().await;
+        (c, groups)
+    }
+}
+
 /// Commits message 0 to every group, through its leader.
 async fn first_messages(c: &Cluster, groups: &[GroupId]) {
     for &g in groups {
@@ -408,10 +420,7 @@ async fn first_messages(c: &Cluster, groups: &[GroupId]) {
 async fn a_joining_node_receives_its_share_of_replicas_and_every_message_is_kept() {
     trace();
     tokio::time::timeout(TEST_TIMEOUT, async {
-        let c = Cluster::start(4, 3).await;
-        let groups = c.declare().await;
-        first_messages(&c, &groups).await;
-        c.wait_settled().await;
+        let (c, groups) = Cluster::settled_with_messages(4, 3).await;
         let producers = Producers::start(&c, &groups);
         tokio::time::sleep(Duration::from_millis(300)).await;
         let began = tokio::time::Instant::now();
@@ -471,10 +480,7 @@ async fn a_joining_node_receives_its_share_of_replicas_and_every_message_is_kept
 async fn a_removed_member_hands_its_replicas_over_and_ends_hosting_no_group() {
     trace();
     tokio::time::timeout(TEST_TIMEOUT, async {
-        let c = Cluster::start(4, 4).await;
-        let groups = c.declare().await;
-        first_messages(&c, &groups).await;
-        c.wait_settled().await;
+        let (c, groups) = Cluster::settled_with_messages(4, 4).await;
         let producers = Producers::start(&c, &groups);
         tokio::time::sleep(Duration::from_millis(300)).await;
         let began = tokio::time::Instant::now();
@@ -616,10 +622,7 @@ async fn a_new_replica_of_an_existing_group_never_bootstraps_it() {
 async fn a_replica_moved_back_onto_its_founder_does_not_bootstrap_the_group_again() {
     trace();
     tokio::time::timeout(TEST_TIMEOUT, async {
-        let c = Cluster::start(4, 3).await;
-        let groups = c.declare().await;
-        first_messages(&c, &groups).await;
-        c.wait_settled().await;
+        let (c, groups) = Cluster::settled_with_messages(4, 3).await;
         c.add_member(3).await;
         c.wait_settled().await;
         let meta = c.meta_leader().await;
