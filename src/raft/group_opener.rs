@@ -350,6 +350,12 @@ impl Opener {
                     opening.push((*g, e.clone()));
                 }
             }
+            // Dropped groups' ids are never handed out again: forget them once they
+            // outnumber the live ones (the set stays under twice the group count).
+            if self.seen_elsewhere.len() > state.groups().len() {
+                self.seen_elsewhere
+                    .retain(|g| state.groups().contains_key(g));
+            }
             let (gone, staying): (Vec<GroupId>, Vec<GroupId>) = self
                 .groups
                 .keys()
