@@ -14,7 +14,8 @@
 //!    node's replica knows; without a replica here, the placement's preferred leader; with
 //!    one that is no voter and knows no leader yet — a replica a move has just opened —
 //!    another replica of the placement ([`ask_elsewhere`]), whose node redirects again
-//!    if another leads); while a voter here knows no
+//!    if another leads; when forwarding, it waits for the leader instead, since a carried
+//!    link follows this replica's view of the leader); while a voter here knows no
 //!    leader (an election), or this node leads but is still activating, it waits.
 //!    A node that is *busy* — groups of a lost peer still being woken here, or its own
 //!    timers running more than [`DECLARE_BUSY_LAG`] late — declares nothing new: the
@@ -177,8 +178,13 @@ impl GroupRouter {
                     // empty) hears of the leader only when the leader reaches it — after
                     // the balancer's move adds it, seconds later under a drain: its
                     // ignorance says nothing about an election. Another replica of the
-                    // placement knows (see `ask_elsewhere`).
-                    None if !open.handle.status().voters.contains(&self.node) => {
+                    // placement knows (see `ask_elsewhere`). Not when forwarding: the
+                    // carried link follows this replica's view of the leader and would
+                    // be given up at once ("no longer followed"); it waits for the leader
+                    // to reach the replica, as before.
+                    None if self.forward.is_none()
+                        && !open.handle.status().voters.contains(&self.node) =>
+                    {
                         match ask_elsewhere(self.node, &placed) {
                             Some(other) => other,
                             None => return Seen::Wait("its replica here is still joining"),
