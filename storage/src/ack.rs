@@ -144,6 +144,9 @@ impl AckLog {
         config.segment_bytes = config.segment_bytes.min(ACK_SEGMENT_BYTES);
         // The reserve other logs leave is for this one: it never refuses itself.
         config.reserve_bytes = 0;
+        // Nobody appends acknowledgements waiting for the last ones' sync: gathering
+        // would only spin (`LogConfig::gather`).
+        config.gather = false;
         config.record_bytes_max = config
             .record_bytes_max
             .min((config.segment_bytes / 2) as u32);

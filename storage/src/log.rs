@@ -220,9 +220,10 @@ impl Log {
         }
         if let Some(interval) = interval {
             let weak = Arc::downgrade(&inner);
+            let gather = inner.config.gather;
             std::thread::Builder::new()
                 .name("entrepot-sync".into())
-                .spawn(move || sync::run(weak, signal, interval))
+                .spawn(move || sync::run(weak, signal, interval, gather))
                 .map_err(|e| StorageError::io("starting sync thread", &inner.dir, e))?;
         }
         Ok(Log { inner })

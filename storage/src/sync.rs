@@ -334,13 +334,19 @@ fn run_prefault(prefault: Arc<Prefault>) {
 
 /// Body of the group-commit thread. Holds only a weak reference, so dropping the last
 /// `Log` handle ends it.
-pub(crate) fn run(log: Weak<Inner>, signal: Arc<SyncSignal>, interval: Option<Duration>) {
+/// `gather` false: never wait for more appends before a sync (`LogConfig::gather`).
+pub(crate) fn run(
+    log: Weak<Inner>,
+    signal: Arc<SyncSignal>,
+    interval: Option<Duration>,
+    gather_appends: bool,
+) {
     let mut last: Option<SyncRound> = None;
     loop {
         // Gather before sleeping: the appenders of a round that covered several are about
         // to append again, and the first of them should not have to wake this thread.
         if let (Some(round), Some(inner)) = (&last, log.upgrade()) {
-            if round.covered > 1 && interval.is_none() {
+            if gather_appends && round.covered > 1 && interval.is_none() {
                 gather(&inner.stats().records_appended, round);
             }
         }
