@@ -96,9 +96,32 @@ impl SmallFs {
     }
 }
 
+/// Tries of a plain unmount, [`UMOUNT_PAUSE`] apart, before a lazy one.
+const UMOUNT_TRIES: u32 = 20;
+const UMOUNT_PAUSE: Duration = Duration::from_millis(50);
+
 impl Drop for SmallFs {
+    /// Unmounts, waiting out a broker process that still holds a file open on it (a
+    /// plain `umount` then fails "target is busy" and left the tmpfs mounted under
+    /// `target/tmp`, which a later `rm -rf` of the tree cannot remove); a lazy unmount
+    /// if it stays busy.
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.0.path()).output();
+        let unmounted = |lazy: bool| {
+            let mut cmd = Command::new("umount");
+            if lazy {
+                cmd.arg("-l");
+            }
+            cmd.arg(self.0.path())
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        for _ in 0..UMOUNT_TRIES {
+            if unmounted(false) {
+                return;
+            }
+            std::thread::sleep(UMOUNT_PAUSE);
+        }
+        let _ = unmounted(true);
     }
 }
 
