@@ -103,13 +103,18 @@ impl Round {
     /// From the new leader to the later of the first acceptance and the first delivery
     /// consumed after it.
     fn served_again_ms(&self) -> Option<u64> {
-        let elected = self.elected_ms?;
-        Some(
-            self.accepted_ms?
-                .max(self.consumed_ms?)
-                .saturating_sub(elected),
-        )
+        served_again_ms(self.elected_ms, self.accepted_ms, self.consumed_ms)
     }
+}
+
+/// From a new leader (`elected_ms`) to the later of the first acceptance and the first
+/// delivery consumed after it; `None` while any of the three has not happened.
+pub(crate) fn served_again_ms(
+    elected_ms: Option<u64>,
+    accepted_ms: Option<u64>,
+    consumed_ms: Option<u64>,
+) -> Option<u64> {
+    Some(accepted_ms?.max(consumed_ms?).saturating_sub(elected_ms?))
 }
 
 #[test]

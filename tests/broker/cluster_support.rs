@@ -602,12 +602,7 @@ impl Cluster {
         ids.iter()
             .map(|&id| {
                 let yaml = self.get(id, "/status").map(|(_, b)| b).unwrap_or_default();
-                let addresses = yaml
-                    .lines()
-                    .filter_map(|l| l.split("address: \"").nth(1)?.split('"').next())
-                    .map(str::to_owned)
-                    .collect();
-                (id, addresses)
+                (id, led_addresses_in(&yaml))
             })
             .collect()
     }
@@ -1203,4 +1198,13 @@ fn all_threads_stopped(pid: &str) -> bool {
                 .is_some_and(|(_, rest)| rest.starts_with('T'))
         })
     })
+}
+
+/// The addresses a groups-mode node's `/status` says it leads (its `led-addresses`).
+pub fn led_addresses_in(status: &str) -> Vec<String> {
+    status
+        .lines()
+        .filter_map(|l| l.split("address: \"").nth(1)?.split('"').next())
+        .map(str::to_owned)
+        .collect()
 }

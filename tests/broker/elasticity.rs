@@ -57,7 +57,7 @@
 mod groups;
 pub(crate) mod load;
 mod plot;
-mod statefulset;
+pub(crate) mod statefulset;
 mod timeline;
 
 use std::collections::BTreeMap;
@@ -195,7 +195,7 @@ fn scale_and_roll(mode: Mode, test: &str) {
     };
     let image = docker::ensure_image();
     let membership = Membership::detect(image);
-    let dir = run_dir();
+    let dir = run_dir("elasticity");
     eprintln!(
         "elasticity: {} run in {} mode, membership changes by {membership:?}, output in {}",
         length.name,
@@ -203,7 +203,7 @@ fn scale_and_roll(mode: Mode, test: &str) {
         dir.display()
     );
     let began = Instant::now();
-    let mut set = StatefulSet::new(image, mode, membership, dir.join("logs"));
+    let mut set = StatefulSet::new("elastic", image, mode, membership, dir.join("logs"));
     set.start_initial();
     eprintln!(
         "elasticity: pods 0..{INITIAL_MEMBERS} ready in {:.1} s",
@@ -717,7 +717,7 @@ fn step_table(verdicts: &[StepVerdict]) -> String {
 }
 
 /// The brokers' distinct warnings and errors across every saved log, with counts.
-fn warnings(logs: &Path) -> String {
+pub(crate) fn warnings(logs: &Path) -> String {
     let mut seen: Vec<(String, String, usize)> = Vec::new();
     let mut files: Vec<PathBuf> = std::fs::read_dir(logs)
         .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
@@ -750,10 +750,11 @@ fn warnings(logs: &Path) -> String {
     out
 }
 
-/// target/tmp/elasticity/<pid>: the timeline, the plot and the container logs.
-fn run_dir() -> PathBuf {
+/// target/tmp/<test>/<pid>: the test's output and container logs (the elasticity test's
+/// timeline and plot).
+pub(crate) fn run_dir(test: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("elasticity")
+        .join(test)
         .join(std::process::id().to_string());
     std::fs::create_dir_all(&dir).expect("run dir");
     dir

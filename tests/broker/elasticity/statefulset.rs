@@ -40,6 +40,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use super::groups::GroupsStatus;
+use crate::cluster_support::led_addresses_in;
 use crate::container::docker::{self, docker, docker_within, http_get, http_request};
 
 /// The headless service: pod K answers at `entrepot-K.<SERVICE>`.
@@ -182,13 +183,21 @@ pub struct StatefulSet {
 }
 
 impl StatefulSet {
-    pub fn new(image: &str, mode: Mode, membership: Membership, logs_dir: PathBuf) -> StatefulSet {
+    /// A set whose Docker objects are named `entrepot-<name>-<pid>…` (tests side by side
+    /// on one daemon keep theirs apart); nothing runs yet.
+    pub fn new(
+        name: &str,
+        image: &str,
+        mode: Mode,
+        membership: Membership,
+        logs_dir: PathBuf,
+    ) -> StatefulSet {
         assert!(
             mode == Mode::OneGroup || membership == Membership::SelfManaged,
             "groups mode needs the image's auto-join and `entrepot drain` (the admin-API \
              path reads the one-group GET /cluster)"
         );
-        let prefix = format!("entrepot-elastic-{}", std::process::id());
+        let prefix = format!("entrepot-{name}-{}", std::process::id());
         // Leftovers of a killed earlier run whose pid this process reuses.
         for k in 0..8 {
             let _ = docker(&["rm", "--force", &format!("{prefix}-{k}")]);
@@ -280,10 +289,49 @@ impl StatefulSet {
         }
         problems.extend(self.delete_pod(k));
         deleted();
+        self.start_pod(k, started);
+        problems
+    }
+
+    /// Starts pod `k` on its volume (then `started` runs: its DNS name resolves) and
+    /// waits until it is ready.
+    pub fn start_pod(&mut self, k: u64, started: impl FnOnce(SocketAddr)) {
         self.run_pod(k);
         started(self.pods[&k].amqp);
         self.wait_ready(k);
-        problems
+    }
+
+    /// SIGKILL to pod `k`'s broker (`docker kill`: PID 1 gets no chance to sync or close
+    /// anything), its log saved, the container deleted; its volume stays for
+    /// [`StatefulSet::start_pod`].
+    pub fn kill(&mut self, k: u64) {
+        let pod = self.pods.remove(&k).expect("pod runs");
+        docker(&["kill", "--signal", "KILL", &pod.container])
+            .unwrap_or_else(|e| panic!("docker kill entrepot-{k}: {e}"));
+        self.save_log(&pod);
+        docker(&["rm", "--force", &pod.container])
+            .unwrap_or_else(|e| panic!("docker rm entrepot-{k}: {e}"));
+    }
+
+    /// Freezes (`docker pause`: the cgroup freezer) or thaws pod `k`: a hung node, its
+    /// sockets open and silent. Returns once every process of the pod is frozen.
+    pub fn pause(&self, k: u64, paused: bool) {
+        let verb = if paused { "pause" } else { "unpause" };
+        docker(&[verb, &self.pods[&k].container])
+            .unwrap_or_else(|e| panic!("docker {verb} entrepot-{k}: {e}"));
+    }
+
+    /// The addresses each of pods `ks` says it leads (its `/status` `led-addresses`; a
+    /// pod that does not answer leads none).
+    pub fn led_addresses(&self, ks: &[u64]) -> BTreeMap<u64, Vec<String>> {
+        ks.iter()
+            .map(|k| {
+                let status = http_get(self.pods[k].http, "/status")
+                    .map(|(_, body)| body)
+                    .unwrap_or_default();
+                (*k, led_addresses_in(&status))
+            })
+            .collect()
     }
 
     /// `docker run` of pod `k` on its own volume; records where it is reached.
