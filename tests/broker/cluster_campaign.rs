@@ -186,7 +186,7 @@ pub(crate) fn faults_from_env(var: &str) -> Vec<Fault> {
             other => panic!("{var}: unknown fault {other:?} (kill, stop)"),
         })
         .collect();
-    eprintln!("cluster campaign: faults {faults:?} ({var}={spec})");
+    eprintln!("faults {faults:?} ({var}={spec})");
     faults
 }
 

@@ -46,6 +46,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::time::Instant;
 
 use crate::cluster_campaign::{faults_from_env, rounds_from_env, Fault, ROUNDS_DEFAULT};
 use crate::container::docker;
@@ -70,15 +71,21 @@ fn groups_leaders_killed_and_paused_in_containers_lose_nothing_and_serve_again()
     let image = docker::ensure_image();
     let membership = Membership::detect(image);
     let dir = run_dir("container-campaign");
+    let began = Instant::now();
     let mut set = StatefulSet::new("campaign", image, Mode::Groups, membership, dir.join("logs"));
     set.start_initial();
     eprintln!(
-        "container campaign: pods ready, container logs in {}",
+        "container campaign: pods 0..3 ready in {:.1} s, their logs in {}",
+        began.elapsed().as_secs_f64(),
         set.logs_dir().display()
     );
     campaign.run(&mut set);
     // Evidence for passing runs too (a failed run's are saved as the set drops).
     set.save_logs();
+    eprintln!(
+        "container campaign: {:.0} s from the first pod's start",
+        began.elapsed().as_secs_f64()
+    );
 }
 
 /// Pods: `docker kill --signal KILL` and a new container on the volume; `docker pause`
