@@ -78,7 +78,13 @@ fn groups_leaders_killed_and_paused_in_containers_lose_nothing_and_serve_again()
     let membership = Membership::detect(image);
     let dir = run_dir("container-campaign");
     let began = Instant::now();
-    let mut set = StatefulSet::new("campaign", image, Mode::Groups, membership, dir.join("logs"));
+    let mut set = StatefulSet::new(
+        "campaign",
+        image,
+        Mode::Groups,
+        membership,
+        dir.join("logs"),
+    );
     set.start_initial();
     eprintln!(
         "container campaign: pods 0..3 ready in {:.1} s, their logs in {}",
