@@ -55,6 +55,9 @@
 //!   no openraft type), snapshots carry the payloads it still needs, and the log is
 //!   purged only below its lowest needed index.
 //!
+//! * [`runtime`]: openraft runs on tokio with its election timeouts drawn from a
+//!   per-thread generator a simulation seeds, so a simulation seed replays exactly.
+//!
 //! * [`hibernate`]: idle groups stop their Raft instances (a hibernate handshake led by
 //!   the group's leader), wake on a write or an RPC, and a lost peer wakes the stopped
 //!   groups it led, seen by one liveness heartbeat per peer (issue 12 step 5).
@@ -105,6 +108,7 @@ pub mod node_log;
 mod peer_connection;
 mod peer_server;
 pub mod placement;
+pub mod runtime;
 mod rpc;
 pub mod snapshot_data;
 mod snapshot_file;

@@ -37,7 +37,7 @@ openraft::declare_raft_types!(
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
         SnapshotData = crate::snapshot_data::SnapshotData,
-        AsyncRuntime = openraft::TokioRuntime,
+        AsyncRuntime = crate::runtime::SeededTokio,
 );
 
 /// A node's id: the ordinal of its StatefulSet pod, or `--node-id`.

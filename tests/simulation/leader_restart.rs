@@ -75,6 +75,7 @@ fn append(leader: &Leader, tag: &str, n: usize) -> Vec<(u64, Vec<u8>, Durable)> 
 /// (another node won an election first), so nothing was tested.
 async fn scenario(seed: u64) -> Result<bool, String> {
     crate::start_clock();
+    entrepot_cluster::runtime::seed_thread_rng(0);
     let dir = tempfile::tempdir().expect("temporary directory");
     let fabric = Fabric::new(Rng::new(seed));
     let cluster = Cluster::form(3, dir.path(), fabric.clone()).await;

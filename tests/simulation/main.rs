@@ -39,8 +39,8 @@
 //! unsynced directory entries old or new, per seed. The final restart of every node is a
 //! rack cut too. Syncs run on the storage crate's real threads, beside the paused clock:
 //! while a node waits for one, tokio may advance the clock to its next timer, so a sync
-//! costs some virtual time (as a slow disk would), and thread timing adds to the
-//! nondeterminism described below.
+//! costs some virtual time (as a slow disk would), and thread timing can make a replay
+//! go differently (below).
 //!
 //! Seeds: `ENTREPOT_SIM_SEEDS=n` runs seeds `1..=n` (default [`DEFAULT_SEEDS`], bounded
 //! for CI; the power-cut test: `ENTREPOT_SIM_POWER_SEEDS`, default [`POWER_SEEDS`]);
@@ -48,17 +48,15 @@
 //! batches (with their message offsets), answers and faults. Every failure names its seed
 //! and its fault list.
 //!
-//! What a seed fixes, and what it does not: the times and kinds of faults, the network's
-//! generator and the workload's come from the seed, and tasks on the current-thread
-//! runtime interleave the same way given the same inputs. But openraft draws each
-//! election timeout from `rand::thread_rng()` (its `TokioRuntime`), so elections can go
-//! differently between two runs of one seed — and with them everything downstream: which
-//! node a fault aimed at "the leader" hits, how many RPCs draw from the network's
-//! generator. A replay reproduces the schedule and usually the failure (the failing seeds
-//! below failed on every run we made), not necessarily the same trace. Full determinism
-//! needs that RNG (and scheduling) under the seed: madsim, which replaces tokio, its clock
-//! and `rand` under one seed, or an openraft `AsyncRuntime` whose `thread_rng()` is
-//! seeded — a `TypeConfig` with that runtime, i.e. a change in `cluster/`.
+//! What a seed fixes: the times and kinds of faults, the network's generator and the
+//! workload's come from the seed; openraft's one random draw, each election timeout,
+//! comes from a per-thread generator the seed resets (`entrepot_cluster::runtime`,
+//! openraft's `AsyncRuntime` of this project), and tasks on the current-thread runtime
+//! interleave the same way given the same inputs. So a seed of the first two tests
+//! replays exactly: the same events at the same cluster times, the same RPC counts —
+//! [`a_seed_replays_exactly`] runs seeds twice and compares a digest of every traced
+//! event and the summary. The power-cut test is the exception: its syncs run on the
+//! storage crate's real threads (above), so thread timing can move a replay.
 //!
 //! Drives the real write path: the leader's store comes from `entrepot::raft::leader_store`
 //! and its batches go through `entrepot::raft::replicator::run`; only the leadership loop
@@ -89,15 +87,41 @@ use fabric::Fabric;
 use node::{Counted, Disk, Snapshots};
 use rng::Rng;
 
-/// Prints a simulation event when `ENTREPOT_SIM_TRACE` is set (for replaying one seed).
+/// Records a simulation event in the seed's trace digest ([`trace_digest`]) and prints it
+/// when `ENTREPOT_SIM_TRACE` is set (for replaying one seed).
 macro_rules! sim_trace {
     ($($arg:tt)*) => {
-        if $crate::tracing_on() {
-            eprintln!("[{:>6}ms] {}", $crate::elapsed_ms(), format!($($arg)*));
-        }
+        $crate::trace_event(format_args!($($arg)*))
     };
 }
 pub(crate) use sim_trace;
+
+thread_local! {
+    /// FNV-1a over every event line of the running seed, with its cluster time.
+    static DIGEST: std::cell::Cell<u64> = const { std::cell::Cell::new(FNV_OFFSET) };
+}
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// One event: into the digest, and to stderr when tracing.
+pub(crate) fn trace_event(args: std::fmt::Arguments<'_>) {
+    let line = format!("[{:>6}ms] {args}", elapsed_ms());
+    DIGEST.with(|d| {
+        let mut h = d.get();
+        for b in line.bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        d.set(h);
+    });
+    if tracing_on() {
+        eprintln!("{line}");
+    }
+}
+
+/// The digest of the events traced since the seed started: two runs of a seed that went
+/// the same way agree on it.
+fn trace_digest() -> u64 {
+    DIGEST.with(|d| d.get())
+}
 
 fn tracing_on() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -111,6 +135,7 @@ thread_local! {
 /// Starts the trace clock (a seed or a scenario begins).
 pub(crate) fn start_clock() {
     START.with(|s| s.set(Some(tokio::time::Instant::now())));
+    DIGEST.with(|d| d.set(FNV_OFFSET));
 }
 
 /// Cluster time since the seed started.
@@ -154,6 +179,23 @@ fn no_acknowledged_message_is_lost_and_no_consumed_message_comes_back() {
 #[test]
 fn power_cuts_lose_no_acknowledged_message_and_no_committed_ack() {
     run_seeds(Faults::PowerCuts);
+}
+
+/// Seeds [`a_seed_replays_exactly`] runs twice each.
+const REPLAY_SEEDS: [u64; 2] = [3, 5];
+
+/// A failing seed must reproduce exactly: run twice in one process, a seed traces the
+/// same events at the same cluster times (the digest of `sim_trace!` lines) and ends
+/// with the same summary (messages, RPCs delivered, lost and refused, snapshots).
+/// Mutation-checked: without `seed_thread_rng` (openraft's timeouts from the OS) the
+/// digests differ.
+#[test]
+fn a_seed_replays_exactly() {
+    for seed in REPLAY_SEEDS {
+        let first = run_seed(seed, Faults::All).map(|(summary, _)| summary);
+        let again = run_seed(seed, Faults::All).map(|(summary, _)| summary);
+        assert_eq!(first, again, "seed {seed} went differently when replayed");
+    }
 }
 
 /// Which faults a schedule may inject.
@@ -283,6 +325,7 @@ fn run_seed(seed: u64, faults: Faults) -> Result<(String, SnapshotStats), String
 
 async fn simulate(seed: u64, kinds: Faults) -> Result<(String, SnapshotStats), String> {
     start_clock();
+    entrepot_cluster::runtime::seed_thread_rng(seed);
     let dir = tempfile::tempdir().expect("temporary directory");
     let mut rng = Rng::new(seed);
     let fabric = Fabric::new(rng.fork());
@@ -359,6 +402,7 @@ async fn simulate(seed: u64, kinds: Faults) -> Result<(String, SnapshotStats), S
             _ => String::new(),
         },
     );
+    let summary = format!("{summary}; trace {:016x}", trace_digest());
     Ok((summary, stats))
 }
 

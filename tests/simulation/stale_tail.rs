@@ -38,6 +38,7 @@ async fn wait_for_leader(cluster: &Cluster, not: Option<u64>) -> u64 {
 
 async fn scenario() {
     crate::start_clock();
+    entrepot_cluster::runtime::seed_thread_rng(0);
     let dir = tempfile::tempdir().expect("temporary directory");
     let fabric = Fabric::new(Rng::new(7));
     let cluster = Cluster::form(3, dir.path(), fabric.clone()).await;
