@@ -108,8 +108,10 @@ pub mod node_log;
 mod peer_connection;
 mod peer_server;
 pub mod placement;
-pub mod runtime;
 mod rpc;
+pub mod runtime;
+#[cfg(feature = "sim-net")]
+pub mod sim_net;
 pub mod snapshot_data;
 mod snapshot_file;
 mod state_file;
@@ -140,7 +142,8 @@ pub use network::{PeerCallError, PeerClient, TcpNetwork, MAX_PEER_LINKS};
 pub use node_log::{GroupLog, GroupLogReader, NodeLog};
 pub use peer_connection::{MAX_IN_FLIGHT_PER_PEER, SILENT_CONNECTION_TIMEOUT};
 pub use peer_server::{
-    PeerServer, PeerServerOptions, MAX_CONCURRENT_REQUESTS_PER_CONNECTION, MAX_PEER_CONNECTIONS,
+    PeerListener, PeerServer, PeerServerOptions, MAX_CONCURRENT_REQUESTS_PER_CONNECTION,
+    MAX_PEER_CONNECTIONS,
 };
 pub use rpc::{
     HibernateRefusal, HibernateRequest, MembershipReply, MembershipRequest, RemoteRefusal,

@@ -119,7 +119,7 @@ impl TcpNetwork {
     pub fn with_secret(self, secret: Option<Arc<PeerSecret>>) -> TcpNetwork {
         let dialer = Dialer {
             secret,
-            tls: self.pool.dialer.tls.clone(),
+            ..self.pool.dialer.clone()
         };
         self.with_dialer(dialer)
     }
@@ -128,8 +128,19 @@ impl TcpNetwork {
     /// Set it before deriving [`TcpNetwork::group`]s: it starts a new pool of links.
     pub fn with_tls(self, tls: Option<Arc<PeerTls>>) -> TcpNetwork {
         let dialer = Dialer {
-            secret: self.pool.dialer.secret.clone(),
             tls,
+            ..self.pool.dialer.clone()
+        };
+        self.with_dialer(dialer)
+    }
+
+    /// Dials every peer through the simulated network `net`, as `from` (feature
+    /// `sim-net`). Set it before deriving [`TcpNetwork::group`]s: it starts a new pool.
+    #[cfg(feature = "sim-net")]
+    pub fn with_sim(self, net: crate::sim_net::SimNet, from: std::net::SocketAddr) -> TcpNetwork {
+        let dialer = Dialer {
+            sim: Some((net, from)),
+            ..self.pool.dialer.clone()
         };
         self.with_dialer(dialer)
     }

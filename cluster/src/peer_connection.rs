@@ -38,7 +38,10 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock, not std's: the watchdog sleeps on it, and a simulation pauses it.
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use tokio::net::TcpStream;
@@ -332,11 +335,26 @@ fn route(demux: &Demux, (kind, body): (u8, Bytes)) -> Result<(), Closed> {
 pub(crate) struct Dialer {
     pub secret: Option<Arc<PeerSecret>>,
     pub tls: Option<Arc<PeerTls>>,
+    /// Dial through the simulated network instead, from this node's address.
+    #[cfg(feature = "sim-net")]
+    pub sim: Option<(crate::sim_net::SimNet, std::net::SocketAddr)>,
 }
 
 impl Dialer {
     /// A new connection: TCP, then TLS and the secret handshake when configured.
     async fn dial(&self, addr: &str) -> Result<PeerStream, PeerCallError> {
+        #[cfg(feature = "sim-net")]
+        if let Some((net, from)) = &self.sim {
+            let connect = |source| PeerCallError::Connect {
+                addr: addr.to_owned(),
+                source,
+            };
+            let to = addr
+                .parse()
+                .map_err(|e| connect(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+            let stream = PeerStream::Sim(net.dial(*from, to).await.map_err(connect)?);
+            return self.authenticate(addr, stream).await;
+        }
         let tcp = TcpStream::connect(addr)
             .await
             .map_err(|source| PeerCallError::Connect {
@@ -345,7 +363,7 @@ impl Dialer {
             })?;
         // RPCs are small and latency-bound: never wait to coalesce.
         let _ = tcp.set_nodelay(true);
-        let mut stream = match &self.tls {
+        let stream = match &self.tls {
             None => PeerStream::Plain(tcp),
             Some(tls) => tls
                 .connect(addr, tcp)
@@ -356,6 +374,15 @@ impl Dialer {
                 })?
                 .into(),
         };
+        self.authenticate(addr, stream).await
+    }
+
+    /// The secret handshake when one is configured.
+    async fn authenticate(
+        &self,
+        addr: &str,
+        mut stream: PeerStream,
+    ) -> Result<PeerStream, PeerCallError> {
         if let Some(secret) = &self.secret {
             client_handshake(&mut stream, secret)
                 .await

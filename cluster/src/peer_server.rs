@@ -152,10 +152,11 @@ impl PeerServer {
     /// Serves every group of `groups` (which may gain and lose groups while it runs),
     /// admitting peers as `options` say.
     pub fn serve(
-        listener: TcpListener,
+        listener: impl Into<PeerListener>,
         groups: GroupRegistry,
         options: PeerServerOptions,
     ) -> io::Result<PeerServer> {
+        let listener = listener.into();
         let local_addr = listener.local_addr()?;
         let heard_commit = groups.heard_commit(METADATA_GROUP).unwrap_or_default();
         let accepted = Arc::new(AtomicU64::new(0));
@@ -229,7 +230,63 @@ struct Shared {
     generation: watch::Receiver<u64>,
 }
 
-async fn accept_loop(listener: TcpListener, shared: Shared) {
+/// Where the peer port takes connections: a TCP listener, or (feature `sim-net`) the
+/// simulated network's.
+#[derive(Debug)]
+pub enum PeerListener {
+    Tcp(TcpListener),
+    #[cfg(feature = "sim-net")]
+    Sim(crate::sim_net::SimListener),
+}
+
+impl From<TcpListener> for PeerListener {
+    fn from(l: TcpListener) -> PeerListener {
+        PeerListener::Tcp(l)
+    }
+}
+
+#[cfg(feature = "sim-net")]
+impl From<crate::sim_net::SimListener> for PeerListener {
+    fn from(l: crate::sim_net::SimListener) -> PeerListener {
+        PeerListener::Sim(l)
+    }
+}
+
+/// One accepted connection, before any handshake.
+enum Incoming {
+    Tcp(TcpStream),
+    #[cfg(feature = "sim-net")]
+    Sim(tokio::io::DuplexStream, SocketAddr),
+}
+
+impl PeerListener {
+    /// The address peers dial.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        match self {
+            PeerListener::Tcp(l) => l.local_addr(),
+            #[cfg(feature = "sim-net")]
+            PeerListener::Sim(l) => Ok(l.local_addr()),
+        }
+    }
+
+    async fn accept(&mut self) -> io::Result<Incoming> {
+        match self {
+            PeerListener::Tcp(l) => {
+                let (stream, _) = l.accept().await?;
+                let _ = stream.set_nodelay(true);
+                Ok(Incoming::Tcp(stream))
+            }
+            #[cfg(feature = "sim-net")]
+            PeerListener::Sim(l) => match l.accept().await {
+                Some((stream, from)) => Ok(Incoming::Sim(stream, from)),
+                // The switch let go of this address: nothing more will come.
+                None => std::future::pending().await,
+            },
+        }
+    }
+}
+
+async fn accept_loop(mut listener: PeerListener, shared: Shared) {
     let limit = Arc::new(Semaphore::new(MAX_PEER_CONNECTIONS));
     // Owning the connection tasks here means aborting this task aborts them all.
     let mut connections = JoinSet::new();
@@ -238,7 +295,7 @@ async fn accept_loop(listener: TcpListener, shared: Shared) {
             return;
         };
         let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+            Ok(stream) => stream,
             Err(e) => {
                 tracing::warn!(error = %e, "inter-node accept failed");
                 tokio::time::sleep(ACCEPT_RETRY_DELAY).await;
@@ -246,7 +303,6 @@ async fn accept_loop(listener: TcpListener, shared: Shared) {
             }
         };
         shared.accepted.fetch_add(1, Ordering::Relaxed);
-        let _ = stream.set_nodelay(true);
         let mut generation = shared.generation.clone();
         generation.mark_unchanged();
         let connection = serve_connection(stream, shared.clone(), permit);
@@ -260,9 +316,16 @@ async fn accept_loop(listener: TcpListener, shared: Shared) {
     }
 }
 
-async fn serve_connection(tcp: TcpStream, shared: Shared, _permit: OwnedSemaphorePermit) {
-    let peer = tcp.peer_addr().ok();
-    let Some(stream) = admit(tcp, peer, &shared.options).await else {
+async fn serve_connection(incoming: Incoming, shared: Shared, _permit: OwnedSemaphorePermit) {
+    let admitted = match incoming {
+        Incoming::Tcp(tcp) => {
+            let peer = tcp.peer_addr().ok();
+            admit(tcp, peer, &shared.options).await.map(|s| (s, peer))
+        }
+        #[cfg(feature = "sim-net")]
+        Incoming::Sim(stream, from) => admit_simulated(stream, from, &shared.options).await,
+    };
+    let Some((stream, peer)) = admitted else {
         return;
     };
     let (rd, wr) = tokio::io::split(stream);
@@ -281,7 +344,7 @@ async fn admit(
     peer: Option<SocketAddr>,
     options: &PeerServerOptions,
 ) -> Option<PeerStream> {
-    let mut stream = match &options.tls {
+    let stream = match &options.tls {
         None => PeerStream::Plain(tcp),
         Some(tls) => match tls.accept(tcp).await {
             Ok(s) => s.into(),
@@ -296,6 +359,33 @@ async fn admit(
             }
         },
     };
+    authenticate(stream, peer, options).await
+}
+
+/// A simulated connection: no TLS (a configuration asking for it is refused), then the
+/// secret handshake as configured.
+#[cfg(feature = "sim-net")]
+async fn admit_simulated(
+    stream: tokio::io::DuplexStream,
+    from: SocketAddr,
+    options: &PeerServerOptions,
+) -> Option<(PeerStream, Option<SocketAddr>)> {
+    if options.tls.is_some() {
+        tracing::warn!(peer = %from, "simulated inter-node connection refused: TLS is not simulated");
+        return None;
+    }
+    let peer = Some(from);
+    authenticate(PeerStream::Sim(stream), peer, options)
+        .await
+        .map(|s| (s, peer))
+}
+
+/// The secret handshake when one is configured.
+async fn authenticate(
+    mut stream: PeerStream,
+    peer: Option<SocketAddr>,
+    options: &PeerServerOptions,
+) -> Option<PeerStream> {
     let Some(secret) = &options.secret else {
         return Some(stream);
     };

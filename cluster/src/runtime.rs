@@ -50,7 +50,10 @@ fn entropy() -> u64 {
 /// The next SplitMix64 output of this thread's generator.
 fn next() -> u64 {
     STATE.with(|s| {
-        let state = s.get().unwrap_or_else(entropy).wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let state = s
+            .get()
+            .unwrap_or_else(entropy)
+            .wrapping_add(0x9e37_79b9_7f4a_7c15);
         s.set(Some(state));
         let mut z = state;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);

@@ -1,4 +1,5 @@
-//! One inter-node connection's byte stream: plain TCP, or TLS over TCP (`tls.rs`).
+//! One inter-node connection's byte stream: plain TCP, or TLS over TCP (`tls.rs`), or
+//! (feature `sim-net`) an in-memory stream of the simulated network (`sim_net.rs`).
 //!
 //! Both ends of the port (`network.rs`, `peer_server.rs`) read and write frames through
 //! [`PeerStream`] without knowing which it is. The plain variant forwards every call
@@ -22,6 +23,8 @@ use tokio::net::TcpStream;
 pub(crate) enum PeerStream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+    #[cfg(feature = "sim-net")]
+    Sim(tokio::io::DuplexStream),
 }
 
 impl From<tokio_rustls::client::TlsStream<TcpStream>> for PeerStream {
@@ -45,6 +48,8 @@ impl AsyncRead for PeerStream {
         match self.get_mut() {
             PeerStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             PeerStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            #[cfg(feature = "sim-net")]
+            PeerStream::Sim(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -58,6 +63,8 @@ impl AsyncWrite for PeerStream {
         match self.get_mut() {
             PeerStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             PeerStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            #[cfg(feature = "sim-net")]
+            PeerStream::Sim(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -69,6 +76,8 @@ impl AsyncWrite for PeerStream {
         match self.get_mut() {
             PeerStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             PeerStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            #[cfg(feature = "sim-net")]
+            PeerStream::Sim(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -76,6 +85,8 @@ impl AsyncWrite for PeerStream {
         match self {
             PeerStream::Plain(s) => s.is_write_vectored(),
             PeerStream::Tls(s) => s.is_write_vectored(),
+            #[cfg(feature = "sim-net")]
+            PeerStream::Sim(s) => s.is_write_vectored(),
         }
     }
 
@@ -83,6 +94,8 @@ impl AsyncWrite for PeerStream {
         match self.get_mut() {
             PeerStream::Plain(s) => Pin::new(s).poll_flush(cx),
             PeerStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            #[cfg(feature = "sim-net")]
+            PeerStream::Sim(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -90,6 +103,8 @@ impl AsyncWrite for PeerStream {
         match self.get_mut() {
             PeerStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             PeerStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            #[cfg(feature = "sim-net")]
+            PeerStream::Sim(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }

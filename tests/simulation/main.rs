@@ -70,6 +70,7 @@
 
 mod cluster;
 mod fabric;
+mod groups;
 mod leader_restart;
 mod node;
 mod oracle;

@@ -83,7 +83,7 @@ mod instance;
 mod machine;
 mod snapshot;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -97,7 +97,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, Config, Raft};
-use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::{ClusterError, GroupError, Result};
@@ -106,7 +105,7 @@ use crate::groups::{GroupRegistry, HeardCommit, Stopped};
 use crate::hibernate::Hibernation;
 use crate::network::TcpNetwork;
 use crate::node_log::NodeLog;
-use crate::peer_server::PeerServer;
+use crate::peer_server::{PeerListener, PeerServer};
 use crate::placement::GroupId;
 use crate::types::{NodeId, TypeConfig, MAX_OPS_BYTES};
 
@@ -198,7 +197,9 @@ struct HostInner {
     server: Mutex<Option<PeerServer>>,
     local_addr: SocketAddr,
     /// Open groups; `None` while one is being opened (so it is opened once).
-    groups: Mutex<HashMap<GroupId, Option<GroupHandle>>>,
+    /// Ordered: a shutdown stops the groups in the same order every time (a simulation
+    /// seed replays exactly).
+    groups: Mutex<BTreeMap<GroupId, Option<GroupHandle>>>,
     /// Hibernation of idle groups, when configured ([`HostConfig::hibernation`]).
     hibernation: Option<Arc<Hibernation>>,
     /// Raised when a group opens or closes here, or when one of its replicas here sees
@@ -209,18 +210,27 @@ struct HostInner {
 impl Host {
     /// Opens the node log in `config.dir/log` (rebuilding every group's log state) and
     /// serves the inter-node port on `listener`. Groups start with [`Host::open_group`].
-    pub fn start(config: HostConfig, listener: TcpListener) -> Result<Host> {
+    ///
+    /// `listener` is a `TcpListener`, or (feature `sim-net`) a simulated network's
+    /// listener: the host then dials its peers through that network too.
+    pub fn start(config: HostConfig, listener: impl Into<PeerListener>) -> Result<Host> {
+        let listener = listener.into();
         let raft_config = config.raft_config()?;
         let node_log = NodeLog::open(config.dir.join(HOST_LOG_DIR), config.log.clone())?;
         let registry = GroupRegistry::new();
         let local_addr = listener
             .local_addr()
             .map_err(|e| ClusterError::io("reading the address of", &config.dir, e))?;
-        let server = PeerServer::serve(listener, registry.clone(), config.peer.clone())
-            .map_err(|e| ClusterError::io("serving the peer port for", &config.dir, e))?;
         let network = TcpNetwork::new(config.node)
             .with_secret(config.peer.secret.clone())
             .with_tls(config.peer.tls.clone());
+        #[cfg(feature = "sim-net")]
+        let network = match &listener {
+            PeerListener::Sim(l) => network.with_sim(l.net().clone(), local_addr),
+            PeerListener::Tcp(_) => network,
+        };
+        let server = PeerServer::serve(listener, registry.clone(), config.peer.clone())
+            .map_err(|e| ClusterError::io("serving the peer port for", &config.dir, e))?;
         let hibernation = config.hibernation_config().map(|h| {
             let peers = BTreeMap::new();
             Arc::new(Hibernation::start(
@@ -349,7 +359,7 @@ impl Host {
         self.lock_groups().get(&group).cloned().flatten()
     }
 
-    fn lock_groups(&self) -> std::sync::MutexGuard<'_, HashMap<GroupId, Option<GroupHandle>>> {
+    fn lock_groups(&self) -> std::sync::MutexGuard<'_, BTreeMap<GroupId, Option<GroupHandle>>> {
         // A poisoned lock only means a panic elsewhere; the map is whole.
         self.inner.groups.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -569,7 +579,10 @@ impl Host {
         if let Some(h) = &self.inner.hibernation {
             h.stop();
         }
-        let handles: Vec<GroupHandle> = self.lock_groups().drain().filter_map(|(_, h)| h).collect();
+        let handles: Vec<GroupHandle> = std::mem::take(&mut *self.lock_groups())
+            .into_values()
+            .flatten()
+            .collect();
         for handle in handles {
             if let Some(raft) = self.inner.registry.remove(handle.group()) {
                 let _ = raft.shutdown().await;
