@@ -36,9 +36,13 @@
 //! election timeouts come from the seed, `entrepot_cluster::runtime`, and the network
 //! draws nothing of its own); `ENTREPOT_SIM_TRACE=1` prints the faults and moves.
 //!
-//! Not yet: snapshots (their build and install run on tokio's blocking threads, which a
-//! replay cannot order; the one-group simulation covers them), a full disk on one node
-//! (the node log has no error seam to inject one under the paused clock), hibernation.
+//! Snapshots every [`SNAPSHOT_EVERY`] entries with [`PURGE_KEEP`] kept below: every seed
+//! snapshots and purges, restarted replicas start from their snapshot, and a replica a
+//! move brings or one that lagged installs the leader's (the hosts build and install
+//! them inline, `HostConfig::snapshot_inline`, so a seed still replays exactly).
+//!
+//! Not yet: a full disk on one node (the node log has no error seam to inject one under
+//! the paused clock), power cuts (the one-group simulation has them), hibernation.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -74,6 +78,11 @@ const CONVERGE_WITHIN: Duration = Duration::from_secs(30);
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
 /// A move's bound on each of its steps (cluster time).
 const MOVE_STEP_TIMEOUT: Duration = Duration::from_secs(3);
+/// Entries between two snapshots of a group: small, so every seed snapshots, purges and
+/// has lagging replicas catch up by installing one.
+const SNAPSHOT_EVERY: u64 = 64;
+/// Entries kept below a snapshot for followers that lag a little.
+const PURGE_KEEP: u64 = 8;
 /// Groups 1..=CONSUMED_GROUPS have a consumer; the others keep every message they accept
 /// (the oracle then checks each one on every voter).
 const CONSUMED_GROUPS: u64 = GROUPS / 2;
@@ -139,9 +148,11 @@ fn config(id: NodeId, dir: PathBuf) -> HostConfig {
     };
     c.heartbeat = Duration::from_millis(50);
     c.election_timeout = Duration::from_millis(300)..Duration::from_millis(600);
-    c.snapshot_every = u64::MAX;
-    c.purge_keep = 0;
+    c.snapshot_every = SNAPSHOT_EVERY;
+    c.purge_keep = PURGE_KEEP;
     c.propose_timeout = CLIENT_TIMEOUT;
+    // Snapshots on the runtime's thread: a blocking thread's timing would move a replay.
+    c.snapshot_inline = true;
     c
 }
 
@@ -712,6 +723,7 @@ fn converged(sim: &Sim, g: GroupId) -> Result<(), String> {
 fn verify(sim: &Sim, when: &str) -> Result<String, String> {
     let history = sim.history.lock().unwrap();
     let mut checked = 0u64;
+    let (mut snapshots, mut purged) = (0u64, 0u64);
     for g in 1..=GROUPS {
         let h = &history[&g];
         let (leader, handle, _) = sim
@@ -802,6 +814,9 @@ fn verify(sim: &Sim, when: &str) -> Result<String, String> {
                     ));
                 }
             }
+            let status = handle.status();
+            snapshots += u64::from(status.snapshot.is_some());
+            purged += u64::from(status.purged.is_some());
             views.push((*v, machine.next_offset(), machine.acked(DEFAULT_GROUP)));
         }
         if let Some((first, rest)) = views.split_first() {
@@ -816,5 +831,8 @@ fn verify(sim: &Sim, when: &str) -> Result<String, String> {
             }
         }
     }
-    Ok(format!("{when}: {checked} message copies checked"))
+    Ok(format!(
+        "{when}: {checked} message copies checked, {snapshots} replicas with a snapshot, \
+         {purged} with a purged log"
+    ))
 }

@@ -54,6 +54,12 @@ pub struct HostConfig {
     /// false positives when a loaded process answers pings late). Every node of a cluster
     /// must know RPC kinds 6/7 (`cluster/FORMAT.md`) before one turns it on.
     pub hibernation: Option<HibernationConfig>,
+    /// Build, install and load snapshots on the runtime's own thread instead of tokio's
+    /// blocking threads (`false`, the default). Only for a deterministic simulation on a
+    /// current-thread runtime: a blocking thread's timing would decide when its waiter
+    /// runs again, so a seed would not replay exactly; a server never sets it (a large
+    /// snapshot would stall every group's tasks meanwhile).
+    pub snapshot_inline: bool,
 }
 
 impl HostConfig {
@@ -70,6 +76,7 @@ impl HostConfig {
             propose_timeout: PROPOSE_TIMEOUT,
             peer: PeerServerOptions::default(),
             hibernation: None,
+            snapshot_inline: false,
         }
     }
 

@@ -124,6 +124,20 @@ struct Inner<M> {
     built: u64,
 }
 
+/// Runs `f` on tokio's blocking threads, or on this thread when `inline`
+/// ([`crate::HostConfig::snapshot_inline`]: a deterministic simulation).
+async fn blocking<T: Send + 'static>(
+    inline: bool,
+    f: impl FnOnce() -> Result<T, RaftStorageError> + Send + 'static,
+) -> Result<T, RaftStorageError> {
+    if inline {
+        return f();
+    }
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| sm_error(std::io::Error::other(e.to_string())))?
+}
+
 fn sm_error(e: impl std::error::Error + 'static) -> RaftStorageError {
     StorageIOError::write_state_machine(AnyError::new(&e)).into()
 }
@@ -283,9 +297,8 @@ impl<M: GroupMachine> Adapter<M> {
 impl<M: GroupMachine> RaftSnapshotBuilder<TypeConfig> for Adapter<M> {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, RaftStorageError> {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.build())
-            .await
-            .map_err(|e| sm_error(std::io::Error::other(e.to_string())))?
+        let inline = this.shared.snapshot_inline;
+        blocking(inline, move || this.build()).await
     }
 }
 
@@ -366,16 +379,16 @@ impl<M: GroupMachine> RaftStateMachine<TypeConfig> for Adapter<M> {
         };
         let this = self.clone();
         let meta = meta.clone();
-        tokio::task::spawn_blocking(move || this.install(&meta, data))
-            .await
-            .map_err(|e| sm_error(std::io::Error::other(e.to_string())))?
+        let inline = this.shared.snapshot_inline;
+        blocking(inline, move || this.install(&meta, data)).await
     }
 
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, RaftStorageError> {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || {
+        let inline = this.shared.snapshot_inline;
+        blocking(inline, move || {
             let Some((meta, data)) =
                 read_snapshot_file(&this.shared.snapshot_dir).map_err(sm_error)?
             else {
@@ -389,6 +402,5 @@ impl<M: GroupMachine> RaftStateMachine<TypeConfig> for Adapter<M> {
             }))
         })
         .await
-        .map_err(|e| sm_error(std::io::Error::other(e.to_string())))?
     }
 }

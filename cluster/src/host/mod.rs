@@ -420,6 +420,7 @@ impl Host {
             carried: RwLock::default(),
             applied: watch::Sender::new(None),
             purge_keep: inner.config.purge_keep,
+            snapshot_inline: inner.config.snapshot_inline,
             purge_to: watch::Sender::new(None),
             heard_commit: std::sync::OnceLock::new(),
             generation: AtomicU64::new(0),
@@ -626,6 +627,8 @@ pub(crate) struct GroupShared {
     /// Last index applied to the machine.
     applied: watch::Sender<Option<u64>>,
     purge_keep: u64,
+    /// [`HostConfig::snapshot_inline`].
+    snapshot_inline: bool,
     /// The log may be purged up to this index (from the last persisted snapshot).
     purge_to: watch::Sender<Option<u64>>,
     /// The leader's commit index as the peer server last heard it for this group.
