@@ -61,6 +61,11 @@ pub const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(45);
 pub const MEMBERSHIP_RPC_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest one change of the voters (two joint-consensus commits) may take.
 pub const VOTER_CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a leaving node's removal waits for it to have the membership that demoted it
+/// (then it is removed anyway: it may be gone, or too slow to wait for).
+pub const DEMOTION_SEEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often that wait looks at the leader's replication progress.
+const DEMOTION_SEEN_POLL: Duration = Duration::from_millis(20);
 /// First pause of the joiner after a round in which no leader made it a voter.
 pub const JOIN_BACKOFF_MIN: Duration = Duration::from_millis(200);
 /// Longest pause of the joiner between two rounds (the backoff doubles up to it).
@@ -227,12 +232,19 @@ pub async fn remove(raft: &Raft<TypeConfig>, id: NodeId) -> Result<String, Chang
             return Err(ChangeError::LastVoter { node: id });
         }
         tracing::info!(node = id, "demoting a voter to learner before it leaves");
-        bounded(
+        let demoted = bounded(
             "demoting the voter (VOTER_CHANGE_TIMEOUT)",
             VOTER_CHANGE_TIMEOUT,
             raft.change_membership(voters, true),
         )
         .await?;
+        // The node must hold its demotion before it is removed: removed first, it hears of
+        // neither (no leader replicates to it any more), still counts itself a voter and
+        // campaigns on with rising terms — after a restart too. A lagging node (catching
+        // up by snapshots under load) can be that far behind.
+        if id != raft.metrics().borrow().id {
+            await_replicated(raft, id, demoted.log_id.index).await;
+        }
     }
     // openraft 0.9 lets a learner lead: a leader demoted above leads on and removes
     // itself next, then steps down (it is no longer in the membership it committed).
@@ -247,6 +259,36 @@ pub async fn remove(raft: &Raft<TypeConfig>, id: NodeId) -> Result<String, Chang
     .await?;
     tracing::info!(node = id, "node removed from the membership");
     Ok(format!("node {id} left the membership"))
+}
+
+/// Waits, at most [`DEMOTION_SEEN_TIMEOUT`], until the leader's replication to `id` has
+/// matched `index`; logs when it gives up.
+async fn await_replicated(raft: &Raft<TypeConfig>, id: NodeId, index: u64) {
+    let matched = |raft: &Raft<TypeConfig>| {
+        let m = raft.metrics();
+        let m = m.borrow();
+        m.replication
+            .as_ref()
+            .and_then(|r| r.get(&id).copied().flatten())
+            .map(|l| l.index)
+    };
+    let deadline = tokio::time::Instant::now() + DEMOTION_SEEN_TIMEOUT;
+    loop {
+        if matched(raft).is_some_and(|m| m >= index) {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline || !leads(raft) {
+            tracing::warn!(
+                node = id,
+                index,
+                matched = ?matched(raft),
+                timeout = ?DEMOTION_SEEN_TIMEOUT,
+                "the leaving node has not received its demotion: removing it anyway (DEMOTION_SEEN_TIMEOUT)"
+            );
+            return;
+        }
+        tokio::time::sleep(DEMOTION_SEEN_POLL).await;
+    }
 }
 
 /// What the joiner needs: who it is, where it is reached, whom to ask first.
