@@ -42,7 +42,14 @@
 //! them inline, `HostConfig::snapshot_inline`, so a seed still replays exactly).
 //!
 //! Not yet: a full disk on one node (the node log has no error seam to inject one under
-//! the paused clock), power cuts (the one-group simulation has them), hibernation.
+//! the paused clock), power cuts (the one-group simulation has them).
+//!
+//! Hibernation (`hibernating_groups_…`): the hosts stop idle groups on every replica
+//! (`HostConfig::hibernation`, quiesce after [`QUIESCE_AFTER`]); producers pause now and
+//! then so groups go to sleep, and wake on the next write, a peer's RPC or the loss of the
+//! node that led them (liveness pings over the same simulated network). A seed fails
+//! unless some instance stopped and some woke. Healing wakes every replica before it
+//! checks convergence.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -55,7 +62,7 @@ use entrepot::broker::replication::{encode_ack, encode_message, OPS_VERSION};
 use entrepot::raft::address_machine::{message_record, AddressMachine};
 use entrepot_cluster::placement::GroupId;
 use entrepot_cluster::sim_net::SimNet;
-use entrepot_cluster::{GroupHandle, Host, HostConfig, NodeId, Position};
+use entrepot_cluster::{GroupHandle, HibernationConfig, Host, HostConfig, NodeId, Position};
 use entrepot_storage::{LogConfig, SyncPolicy, DEFAULT_GROUP};
 use tokio::sync::watch;
 
@@ -83,6 +90,13 @@ const MOVE_STEP_TIMEOUT: Duration = Duration::from_secs(3);
 const SNAPSHOT_EVERY: u64 = 64;
 /// Entries kept below a snapshot for followers that lag a little.
 const PURGE_KEEP: u64 = 8;
+/// Seeds of the hibernating run unless `ENTREPOT_SIM_GROUP_SEEDS` says otherwise.
+const HIBERNATING_SEEDS: u64 = 4;
+/// A hibernating run's group stops after this long without a write.
+const QUIESCE_AFTER: Duration = Duration::from_millis(400);
+/// Chance per message (per mille) that a hibernating run's producer pauses for two to four
+/// [`QUIESCE_AFTER`]s.
+const IDLE_PER_MILLE: u64 = 30;
 /// Groups 1..=CONSUMED_GROUPS have a consumer; the others keep every message they accept
 /// (the oracle then checks each one on every voter).
 const CONSUMED_GROUPS: u64 = GROUPS / 2;
@@ -92,14 +106,32 @@ const CONSUME_BATCH: usize = 32;
 /// Every fault, on many groups: partitions, crashes and restarts, leader and replica moves.
 #[test]
 fn many_groups_lose_no_accepted_message_and_bring_back_no_consumed_one() {
+    run_seeds(Hibernation::Off, DEFAULT_GROUP_SEEDS);
+}
+
+/// The same with idle groups hibernating: producers pause now and then, their groups stop
+/// on every replica and wake on the next write, on a peer's RPC or when the node that led
+/// them is lost.
+#[test]
+fn hibernating_groups_lose_no_accepted_message_and_bring_back_no_consumed_one() {
+    run_seeds(Hibernation::On, HIBERNATING_SEEDS);
+}
+
+/// Whether idle groups hibernate (`HostConfig::hibernation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hibernation {
+    Off,
+    On,
+}
+
+fn run_seeds(hibernation: Hibernation, default: u64) {
     let seeds: Vec<u64> = match crate::env_u64("ENTREPOT_SIM_SEED") {
         Some(seed) => vec![seed],
-        None => (1..=crate::env_u64("ENTREPOT_SIM_GROUP_SEEDS").unwrap_or(DEFAULT_GROUP_SEEDS))
-            .collect(),
+        None => (1..=crate::env_u64("ENTREPOT_SIM_GROUP_SEEDS").unwrap_or(default)).collect(),
     };
     let mut failures = Vec::new();
     for seed in seeds {
-        match run_seed(seed) {
+        match run_seed(seed, hibernation) {
             Ok(summary) => eprintln!("groups seed {seed}: ok, {summary}"),
             Err(e) => {
                 eprintln!("groups seed {seed}: FAILED: {e}  (replay: ENTREPOT_SIM_SEED={seed})");
@@ -119,26 +151,26 @@ fn many_groups_lose_no_accepted_message_and_bring_back_no_consumed_one() {
 fn a_groups_seed_replays_exactly() {
     let seed = 2;
     assert_eq!(
-        run_seed(seed),
-        run_seed(seed),
+        run_seed(seed, Hibernation::Off),
+        run_seed(seed, Hibernation::Off),
         "groups seed {seed} went differently when replayed"
     );
 }
 
-pub(crate) fn run_seed(seed: u64) -> Result<String, String> {
+fn run_seed(seed: u64, hibernation: Hibernation) -> Result<String, String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
         .build()
         .expect("runtime");
-    runtime.block_on(simulate(seed))
+    runtime.block_on(simulate(seed, hibernation))
 }
 
 fn addr_of(id: NodeId) -> SocketAddr {
     SocketAddr::from(([10, 0, 0, id as u8 + 1], 7000))
 }
 
-fn config(id: NodeId, dir: PathBuf) -> HostConfig {
+fn config(id: NodeId, dir: PathBuf, hibernation: Hibernation) -> HostConfig {
     let mut c = HostConfig::new(id, dir);
     c.log = LogConfig {
         segment_bytes: 1 << 20,
@@ -153,6 +185,14 @@ fn config(id: NodeId, dir: PathBuf) -> HostConfig {
     c.propose_timeout = CLIENT_TIMEOUT;
     // Snapshots on the runtime's thread: a blocking thread's timing would move a replay.
     c.snapshot_inline = true;
+    if hibernation == Hibernation::On {
+        c.hibernation = Some(HibernationConfig {
+            quiesce_after: QUIESCE_AFTER,
+            check_interval: Duration::from_millis(100),
+            liveness_interval: Duration::from_millis(100),
+            liveness_timeout: c.election_timeout.end,
+        });
+    }
     c
 }
 
@@ -187,6 +227,7 @@ struct Sim {
     history: Arc<Mutex<BTreeMap<GroupId, GroupHistory>>>,
     violations: Arc<Mutex<Vec<String>>>,
     counters: Arc<Mutex<Counters>>,
+    hibernation: Hibernation,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -198,6 +239,11 @@ struct Counters {
     replica_moves: u64,
     replica_moves_failed: u64,
     reads: u64,
+    /// Hibernation, summed over every host incarnation: instances stopped, woken, and
+    /// peers found lost.
+    stops: u64,
+    wakes: u64,
+    peers_lost: u64,
 }
 
 impl Sim {
@@ -218,8 +264,11 @@ impl Sim {
     /// every group in `fresh` (replicas the caller places here).
     async fn start(&self, id: NodeId, fresh: &[GroupId]) -> Result<(), String> {
         let listener = self.net.listen(addr_of(id));
-        let host = Host::start(config(id, self.root.join(id.to_string())), listener)
-            .map_err(|e| format!("node {id} does not start: {e}"))?;
+        let host = Host::start(
+            config(id, self.root.join(id.to_string()), self.hibernation),
+            listener,
+        )
+        .map_err(|e| format!("node {id} does not start: {e}"))?;
         let mut groups: BTreeSet<GroupId> = host
             .recovered_groups()
             .map_err(|e| format!("node {id}: {e}"))?
@@ -248,6 +297,13 @@ impl Sim {
             return;
         };
         self.net.cut_links_of(addr_of(id));
+        let h = node.host.hibernation_counters();
+        {
+            let mut c = self.counters.lock().unwrap();
+            c.stops += h.stops;
+            c.wakes += h.wakes;
+            c.peers_lost += h.peers_lost;
+        }
         node.host.shutdown().await;
     }
 
@@ -273,7 +329,7 @@ impl Sim {
     }
 }
 
-async fn simulate(seed: u64) -> Result<String, String> {
+async fn simulate(seed: u64, hibernation: Hibernation) -> Result<String, String> {
     crate::start_clock();
     entrepot_cluster::runtime::seed_thread_rng(seed);
     let dir = tempfile::tempdir().expect("temporary directory");
@@ -287,6 +343,7 @@ async fn simulate(seed: u64) -> Result<String, String> {
         history: Arc::default(),
         violations: Arc::default(),
         counters: Arc::default(),
+        hibernation,
     };
     // Group g on nodes g-1, g, g+1 (mod NODES), formed by the first.
     let placed =
@@ -365,11 +422,18 @@ async fn simulate(seed: u64) -> Result<String, String> {
     let consumed: usize = h.values().map(|g| g.consumed.len()).sum();
     let in_doubt: u64 = h.values().map(|g| g.in_doubt).sum();
     let c = *sim.counters.lock().unwrap();
+    if hibernation == Hibernation::On && (c.stops == 0 || c.wakes == 0) {
+        return Err(format!(
+            "no hibernation to check: {} instances stopped, {} woken",
+            c.stops, c.wakes
+        ));
+    }
     let links = net.stats();
     Ok(format!(
         "{accepted} accepted, {in_doubt} in doubt, {consumed} consumed ({} reads); \
          {} faults: {} partitions, {} crashes, {} restarts, {} leader moves, {} replica \
-         moves ({} failed); {checked}; links {} made {} cut; trace {:016x}",
+         moves ({} failed); {checked}; hibernation: {} stops, {} wakes, {} peers lost; \
+         links {} made {} cut; trace {:016x}",
         c.reads,
         faults.len(),
         c.partitions,
@@ -378,6 +442,9 @@ async fn simulate(seed: u64) -> Result<String, String> {
         c.leader_moves,
         c.replica_moves,
         c.replica_moves_failed,
+        c.stops,
+        c.wakes,
+        c.peers_lost,
         links.links_made,
         links.links_cut,
         crate::trace_digest()
@@ -389,6 +456,11 @@ async fn produce(sim: Sim, g: GroupId, mut rng: Rng, stop: watch::Receiver<bool>
     let mut seq = 0u64;
     while !*stop.borrow() {
         tokio::time::sleep(Duration::from_millis(rng.between(5, 40))).await;
+        if sim.hibernation == Hibernation::On && rng.chance(IDLE_PER_MILLE) {
+            // Idle long enough for the group to hibernate.
+            let idle = QUIESCE_AFTER.as_millis() as u64;
+            tokio::time::sleep(Duration::from_millis(rng.between(2 * idle, 4 * idle))).await;
+        }
         let Some((_, handle, machine)) = sim.leader_of(g) else {
             continue;
         };
@@ -677,6 +749,13 @@ async fn heal(sim: &Sim) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + CONVERGE_WITHIN;
     for g in 1..=GROUPS {
         loop {
+            // A hibernated group is woken on every replica (it may quiesce again later).
+            let handles: Vec<GroupHandle> = (0..NODES)
+                .filter_map(|id| sim.node(id).and_then(|n| n.host.group(g)))
+                .collect();
+            for h in handles {
+                let _ = tokio::time::timeout(CLIENT_TIMEOUT, h.wake()).await;
+            }
             if converged(sim, g).is_ok() {
                 break;
             }

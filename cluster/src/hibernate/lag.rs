@@ -18,7 +18,10 @@
 //! silent; the timeout covers it only as far as the two share a machine's load).
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock, not std's: the lag is of tokio's timers (a simulation pauses it).
+use tokio::time::Instant;
 
 /// How often the probe measures the event loop's lag.
 pub const LAG_PROBE_INTERVAL: Duration = Duration::from_millis(100);
