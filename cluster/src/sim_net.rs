@@ -17,6 +17,7 @@
 //! * Bytes on a link arrive in the order written, each chunk after the latency, or the
 //!   link ends; nothing is lost while the link lives.
 //! * No link crosses a partition: dials across fail, links across are cut when it is set.
+//! * An unplugged address has no link and makes none until it listens again.
 //! * Every choice is the test's (latency, partitions): the switch draws no randomness,
 //!   and on a current-thread runtime a run is a function of the tasks' inputs.
 
@@ -49,6 +50,8 @@ pub struct SimNet {
 #[derive(Debug, Default)]
 struct Inner {
     listeners: BTreeMap<SocketAddr, mpsc::Sender<Accepted>>,
+    /// Addresses unplugged ([`SimNet::unplug`]) until they listen again.
+    unplugged: std::collections::BTreeSet<SocketAddr>,
     /// Side of each address; two addresses on different sides cannot talk. Absent: side 0.
     sides: BTreeMap<SocketAddr, u8>,
     latency: Duration,
@@ -84,7 +87,10 @@ impl SimNet {
     /// Listens on `addr` (a restarted node listens again on its address).
     pub fn listen(&self, addr: SocketAddr) -> SimListener {
         let (tx, rx) = mpsc::channel(BACKLOG);
-        self.lock().listeners.insert(addr, tx);
+        let mut inner = self.lock();
+        inner.unplugged.remove(&addr);
+        inner.listeners.insert(addr, tx);
+        drop(inner);
         SimListener {
             net: self.clone(),
             addr,
@@ -135,6 +141,14 @@ impl SimNet {
         });
     }
 
+    /// Takes `addr` off the network at once, until it listens again: its links are cut,
+    /// and every dial from or to it is refused — a node whose power was cut is not heard
+    /// from again, even while its tasks wind down.
+    pub fn unplug(&self, addr: SocketAddr) {
+        self.lock().unplugged.insert(addr);
+        self.cut_links_of(addr);
+    }
+
     pub fn stats(&self) -> SimNetStats {
         let inner = self.lock();
         SimNetStats {
@@ -145,10 +159,15 @@ impl SimNet {
 
     /// A connection from `from` to `to`, as the switch allows.
     pub async fn dial(&self, from: SocketAddr, to: SocketAddr) -> io::Result<DuplexStream> {
-        let (listener, blocked) = {
+        let (listener, blocked, unplugged) = {
             let inner = self.lock();
             let side = |a: &SocketAddr| inner.sides.get(a).copied().unwrap_or(0);
-            (inner.listeners.get(&to).cloned(), side(&from) != side(&to))
+            let unplugged = inner.unplugged.contains(&from) || inner.unplugged.contains(&to);
+            (
+                inner.listeners.get(&to).cloned(),
+                side(&from) != side(&to),
+                unplugged,
+            )
         };
         if blocked {
             tokio::time::sleep(DIAL_TIMEOUT).await;
@@ -163,10 +182,23 @@ impl SimNet {
                 format!("nothing listens on {to} (simulated)"),
             )
         };
+        if unplugged {
+            return Err(refused());
+        }
         let listener = listener.ok_or_else(refused)?;
         let (client, client_pump) = tokio::io::duplex(PIPE_BYTES);
         let (server, server_pump) = tokio::io::duplex(PIPE_BYTES);
         listener.send((server, from)).await.map_err(|_| refused())?;
+        // Checked again: the switch may have changed while the listener's queue was full.
+        let mut inner = self.lock();
+        let side = |a: &SocketAddr| inner.sides.get(a).copied().unwrap_or(0);
+        if side(&from) != side(&to)
+            || inner.unplugged.contains(&from)
+            || inner.unplugged.contains(&to)
+        {
+            // Dropping the pipes ends the accepted connection at once.
+            return Err(refused());
+        }
         let net = self.clone();
         let pump = tokio::spawn(async move {
             let (cr, cw) = tokio::io::split(client_pump);
@@ -176,7 +208,6 @@ impl SimNet {
                 () = net.forward(sr, cw) => {}
             }
         });
-        let mut inner = self.lock();
         inner.made += 1;
         inner.links.retain(|l| !l.pump.is_finished());
         inner.links.push(Link {

@@ -41,8 +41,15 @@
 //! move brings or one that lagged installs the leader's (the hosts build and install
 //! them inline, `HostConfig::snapshot_inline`, so a seed still replays exactly).
 //!
+//! Power cuts (`power_cuts_…`): the node logs sync every append, every node's directory
+//! is under the storage crate's crash seam, and where the other runs crash a node this one
+//! cuts its power — the node restarts from what its disk kept (unsynced pages reverted,
+//! torn or garbage, per seed); the whole rack is cut once under load and once at the end.
+//! Syncs run on the storage crate's real threads beside the paused clock, so, as in the
+//! one-group power-cut run, thread timing can make a replay go differently.
+//!
 //! Not yet: a full disk on one node (the node log has no error seam to inject one under
-//! the paused clock), power cuts (the one-group simulation has them).
+//! the paused clock).
 //!
 //! Hibernation (`hibernating_groups_…`): the hosts stop idle groups on every replica
 //! (`HostConfig::hibernation`, quiesce after [`QUIESCE_AFTER`]); producers pause now and
@@ -63,6 +70,7 @@ use entrepot::raft::address_machine::{message_record, AddressMachine};
 use entrepot_cluster::placement::GroupId;
 use entrepot_cluster::sim_net::SimNet;
 use entrepot_cluster::{GroupHandle, HibernationConfig, Host, HostConfig, NodeId, Position};
+use entrepot_storage::crash_sim::CrashSim;
 use entrepot_storage::{LogConfig, SyncPolicy, DEFAULT_GROUP};
 use tokio::sync::watch;
 
@@ -90,6 +98,9 @@ const MOVE_STEP_TIMEOUT: Duration = Duration::from_secs(3);
 const SNAPSHOT_EVERY: u64 = 64;
 /// Entries kept below a snapshot for followers that lag a little.
 const PURGE_KEEP: u64 = 8;
+/// Seeds of the power-cut run unless `ENTREPOT_SIM_GROUP_SEEDS` says otherwise: real
+/// syncs make a seed slower.
+const POWER_GROUP_SEEDS: u64 = 3;
 /// Seeds of the hibernating run unless `ENTREPOT_SIM_GROUP_SEEDS` says otherwise.
 const HIBERNATING_SEEDS: u64 = 4;
 /// A hibernating run's group stops after this long without a write.
@@ -106,7 +117,7 @@ const CONSUME_BATCH: usize = 32;
 /// Every fault, on many groups: partitions, crashes and restarts, leader and replica moves.
 #[test]
 fn many_groups_lose_no_accepted_message_and_bring_back_no_consumed_one() {
-    run_seeds(Hibernation::Off, DEFAULT_GROUP_SEEDS);
+    run_seeds(Mode::PLAIN, DEFAULT_GROUP_SEEDS);
 }
 
 /// The same with idle groups hibernating: producers pause now and then, their groups stop
@@ -114,7 +125,46 @@ fn many_groups_lose_no_accepted_message_and_bring_back_no_consumed_one() {
 /// them is lost.
 #[test]
 fn hibernating_groups_lose_no_accepted_message_and_bring_back_no_consumed_one() {
-    run_seeds(Hibernation::On, HIBERNATING_SEEDS);
+    let mode = Mode {
+        hibernation: Hibernation::On,
+        ..Mode::PLAIN
+    };
+    run_seeds(mode, HIBERNATING_SEEDS);
+}
+
+/// Power cuts where the others crash a node: of one node, and of the whole rack under
+/// load and at the end; each node log syncs every append (`SyncPolicy::Always`) and keeps
+/// only what it synced (the storage crate's crash seam).
+#[test]
+fn power_cuts_lose_no_accepted_message_across_many_groups() {
+    let mode = Mode {
+        disk: Disk::Synced,
+        ..Mode::PLAIN
+    };
+    run_seeds(mode, POWER_GROUP_SEEDS);
+}
+
+/// What a run simulates besides the network and process crashes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Mode {
+    hibernation: Hibernation,
+    disk: Disk,
+}
+
+impl Mode {
+    const PLAIN: Mode = Mode {
+        hibernation: Hibernation::Off,
+        disk: Disk::PageCache,
+    };
+}
+
+/// What a node's disk keeps when the node stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Disk {
+    /// Everything written (the node logs never sync; a crash is a process crash).
+    PageCache,
+    /// Only what was synced: power cuts (the crash seam), node logs syncing every append.
+    Synced,
 }
 
 /// Whether idle groups hibernate (`HostConfig::hibernation`).
@@ -124,14 +174,14 @@ enum Hibernation {
     On,
 }
 
-fn run_seeds(hibernation: Hibernation, default: u64) {
+fn run_seeds(mode: Mode, default: u64) {
     let seeds: Vec<u64> = match crate::env_u64("ENTREPOT_SIM_SEED") {
         Some(seed) => vec![seed],
         None => (1..=crate::env_u64("ENTREPOT_SIM_GROUP_SEEDS").unwrap_or(default)).collect(),
     };
     let mut failures = Vec::new();
     for seed in seeds {
-        match run_seed(seed, hibernation) {
+        match run_seed(seed, mode) {
             Ok(summary) => eprintln!("groups seed {seed}: ok, {summary}"),
             Err(e) => {
                 eprintln!("groups seed {seed}: FAILED: {e}  (replay: ENTREPOT_SIM_SEED={seed})");
@@ -151,31 +201,34 @@ fn run_seeds(hibernation: Hibernation, default: u64) {
 fn a_groups_seed_replays_exactly() {
     let seed = 2;
     assert_eq!(
-        run_seed(seed, Hibernation::Off),
-        run_seed(seed, Hibernation::Off),
+        run_seed(seed, Mode::PLAIN),
+        run_seed(seed, Mode::PLAIN),
         "groups seed {seed} went differently when replayed"
     );
 }
 
-fn run_seed(seed: u64, hibernation: Hibernation) -> Result<String, String> {
+fn run_seed(seed: u64, mode: Mode) -> Result<String, String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
         .build()
         .expect("runtime");
-    runtime.block_on(simulate(seed, hibernation))
+    runtime.block_on(simulate(seed, mode))
 }
 
 fn addr_of(id: NodeId) -> SocketAddr {
     SocketAddr::from(([10, 0, 0, id as u8 + 1], 7000))
 }
 
-fn config(id: NodeId, dir: PathBuf, hibernation: Hibernation) -> HostConfig {
+fn config(id: NodeId, dir: PathBuf, mode: Mode) -> HostConfig {
     let mut c = HostConfig::new(id, dir);
     c.log = LogConfig {
         segment_bytes: 1 << 20,
         record_bytes_max: 256 << 10,
-        sync: SyncPolicy::Never,
+        sync: match mode.disk {
+            Disk::PageCache => SyncPolicy::Never,
+            Disk::Synced => SyncPolicy::Always,
+        },
         ..LogConfig::default()
     };
     c.heartbeat = Duration::from_millis(50);
@@ -185,7 +238,7 @@ fn config(id: NodeId, dir: PathBuf, hibernation: Hibernation) -> HostConfig {
     c.propose_timeout = CLIENT_TIMEOUT;
     // Snapshots on the runtime's thread: a blocking thread's timing would move a replay.
     c.snapshot_inline = true;
-    if hibernation == Hibernation::On {
+    if mode.hibernation == Hibernation::On {
         c.hibernation = Some(HibernationConfig {
             quiesce_after: QUIESCE_AFTER,
             check_interval: Duration::from_millis(100),
@@ -227,7 +280,11 @@ struct Sim {
     history: Arc<Mutex<BTreeMap<GroupId, GroupHistory>>>,
     violations: Arc<Mutex<Vec<String>>>,
     counters: Arc<Mutex<Counters>>,
-    hibernation: Hibernation,
+    mode: Mode,
+    /// Each node's directory (a power cut moves it to the crashed image).
+    dirs: Arc<Mutex<BTreeMap<NodeId, PathBuf>>>,
+    /// Each node's crash seam ([`Disk::Synced`] only).
+    seams: Arc<Mutex<BTreeMap<NodeId, Arc<CrashSim>>>>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -244,6 +301,10 @@ struct Counters {
     stops: u64,
     wakes: u64,
     peers_lost: u64,
+    /// Nodes whose power was cut, and pages written after their last sync that a cut lost
+    /// or damaged.
+    power_cuts: u64,
+    pages_lost: u64,
 }
 
 impl Sim {
@@ -263,12 +324,22 @@ impl Sim {
     /// Starts node `id` on its directory and opens every group its node log holds and
     /// every group in `fresh` (replicas the caller places here).
     async fn start(&self, id: NodeId, fresh: &[GroupId]) -> Result<(), String> {
+        let dir = self
+            .dirs
+            .lock()
+            .unwrap()
+            .entry(id)
+            .or_insert_with(|| self.root.join(id.to_string()))
+            .clone();
+        if self.mode.disk == Disk::Synced && !self.seams.lock().unwrap().contains_key(&id) {
+            // A new node: its empty directory is what its disk holds.
+            std::fs::create_dir_all(&dir).map_err(|e| format!("node {id}: {e}"))?;
+            let seam = CrashSim::install(&dir).map_err(|e| format!("crash seam: {e}"))?;
+            self.seams.lock().unwrap().insert(id, seam);
+        }
         let listener = self.net.listen(addr_of(id));
-        let host = Host::start(
-            config(id, self.root.join(id.to_string()), self.hibernation),
-            listener,
-        )
-        .map_err(|e| format!("node {id} does not start: {e}"))?;
+        let host = Host::start(config(id, dir, self.mode), listener)
+            .map_err(|e| format!("node {id} does not start: {e}"))?;
         let mut groups: BTreeSet<GroupId> = host
             .recovered_groups()
             .map_err(|e| format!("node {id}: {e}"))?
@@ -296,7 +367,7 @@ impl Sim {
         let Some(node) = self.nodes.lock().unwrap().remove(&id) else {
             return;
         };
-        self.net.cut_links_of(addr_of(id));
+        self.net.unplug(addr_of(id));
         let h = node.host.hibernation_counters();
         {
             let mut c = self.counters.lock().unwrap();
@@ -305,6 +376,41 @@ impl Sim {
             c.peers_lost += h.peers_lost;
         }
         node.host.shutdown().await;
+    }
+
+    /// Cuts the power of `ids` (up or down) at one instant: each disk keeps what its syncs
+    /// made durable and the seam damages the rest (choices from `seed`); the nodes stop and
+    /// restart later from their crashed disks.
+    async fn power_cut(&self, ids: &[NodeId], seed: u64) -> Result<(), String> {
+        let mut cut = Vec::new();
+        {
+            // One synchronous step: no task runs between two nodes' cuts, and a cut node
+            // is off the network before any task runs again.
+            let mut seams = self.seams.lock().unwrap();
+            let mut c = self.counters.lock().unwrap();
+            for (i, id) in ids.iter().copied().enumerate() {
+                c.power_cuts += 1;
+                let seam = seams.remove(&id).ok_or(format!("node {id} has no disk"))?;
+                let image = self.root.join(format!("{id}.cut{}", c.power_cuts));
+                let report = seam
+                    .crash_into(&image, seed.wrapping_add(i as u64))
+                    .map_err(|e| format!("power cut of node {id}: {e}"))?;
+                self.net.unplug(addr_of(id));
+                c.pages_lost +=
+                    report.pages_old + report.pages_new + report.pages_torn + report.pages_garbage;
+                sim_trace!("power cut of node {id}: {report:?}");
+                // The crashed seam stays alive until the node stopped: its syncs fail.
+                cut.push((id, image, seam));
+            }
+        }
+        for (id, image, old) in cut {
+            self.crash(id).await;
+            drop(old);
+            let seam = CrashSim::install(&image).map_err(|e| format!("crash seam: {e}"))?;
+            self.seams.lock().unwrap().insert(id, seam);
+            self.dirs.lock().unwrap().insert(id, image);
+        }
+        Ok(())
     }
 
     /// The node that leads `g` and the node's handle and machine, if one (running) does.
@@ -329,7 +435,7 @@ impl Sim {
     }
 }
 
-async fn simulate(seed: u64, hibernation: Hibernation) -> Result<String, String> {
+async fn simulate(seed: u64, mode: Mode) -> Result<String, String> {
     crate::start_clock();
     entrepot_cluster::runtime::seed_thread_rng(seed);
     let dir = tempfile::tempdir().expect("temporary directory");
@@ -343,7 +449,9 @@ async fn simulate(seed: u64, hibernation: Hibernation) -> Result<String, String>
         history: Arc::default(),
         violations: Arc::default(),
         counters: Arc::default(),
-        hibernation,
+        mode,
+        dirs: Arc::default(),
+        seams: Arc::default(),
     };
     // Group g on nodes g-1, g, g+1 (mod NODES), formed by the first.
     let placed =
@@ -392,14 +500,27 @@ async fn simulate(seed: u64, hibernation: Hibernation) -> Result<String, String>
     let mut faults = Vec::new();
     let result = async {
         inject(&sim, &mut rng, &mut faults).await?;
+        if mode.disk == Disk::Synced {
+            // The whole rack under load: no node keeps what it had not synced.
+            sim.power_cut(&(0..NODES).collect::<Vec<_>>(), rng.next_u64())
+                .await?;
+            faults.push(format!("{}ms power cut of every node", crate::elapsed_ms()));
+            heal(&sim).await?;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
         let _ = stop.send(true);
         for c in clients {
             let _ = c.await;
         }
         heal(&sim).await?;
         verify(&sim, "after healing")?;
-        for id in 0..NODES {
-            sim.crash(id).await;
+        if mode.disk == Disk::Synced {
+            sim.power_cut(&(0..NODES).collect::<Vec<_>>(), rng.next_u64())
+                .await?;
+        } else {
+            for id in 0..NODES {
+                sim.crash(id).await;
+            }
         }
         heal(&sim).await?;
         verify(&sim, "after restarting every node")
@@ -422,7 +543,7 @@ async fn simulate(seed: u64, hibernation: Hibernation) -> Result<String, String>
     let consumed: usize = h.values().map(|g| g.consumed.len()).sum();
     let in_doubt: u64 = h.values().map(|g| g.in_doubt).sum();
     let c = *sim.counters.lock().unwrap();
-    if hibernation == Hibernation::On && (c.stops == 0 || c.wakes == 0) {
+    if mode.hibernation == Hibernation::On && (c.stops == 0 || c.wakes == 0) {
         return Err(format!(
             "no hibernation to check: {} instances stopped, {} woken",
             c.stops, c.wakes
@@ -433,7 +554,7 @@ async fn simulate(seed: u64, hibernation: Hibernation) -> Result<String, String>
         "{accepted} accepted, {in_doubt} in doubt, {consumed} consumed ({} reads); \
          {} faults: {} partitions, {} crashes, {} restarts, {} leader moves, {} replica \
          moves ({} failed); {checked}; hibernation: {} stops, {} wakes, {} peers lost; \
-         links {} made {} cut; trace {:016x}",
+         {} power cuts ({} pages lost or damaged); links {} made {} cut; trace {:016x}",
         c.reads,
         faults.len(),
         c.partitions,
@@ -445,6 +566,8 @@ async fn simulate(seed: u64, hibernation: Hibernation) -> Result<String, String>
         c.stops,
         c.wakes,
         c.peers_lost,
+        c.power_cuts,
+        c.pages_lost,
         links.links_made,
         links.links_cut,
         crate::trace_digest()
@@ -456,7 +579,7 @@ async fn produce(sim: Sim, g: GroupId, mut rng: Rng, stop: watch::Receiver<bool>
     let mut seq = 0u64;
     while !*stop.borrow() {
         tokio::time::sleep(Duration::from_millis(rng.between(5, 40))).await;
-        if sim.hibernation == Hibernation::On && rng.chance(IDLE_PER_MILLE) {
+        if sim.mode.hibernation == Hibernation::On && rng.chance(IDLE_PER_MILLE) {
             // Idle long enough for the group to hibernate.
             let idle = QUIESCE_AFTER.as_millis() as u64;
             tokio::time::sleep(Duration::from_millis(rng.between(2 * idle, 4 * idle))).await;
@@ -607,9 +730,14 @@ async fn inject(sim: &Sim, rng: &mut Rng, log: &mut Vec<String>) -> Result<(), S
             }
             40..=52 if down.is_empty() => {
                 let id = up[rng.below(up.len() as u64) as usize];
-                sim.crash(id).await;
-                sim.counters.lock().unwrap().crashes += 1;
-                format!("crash node {id}")
+                if sim.mode.disk == Disk::Synced {
+                    sim.power_cut(&[id], rng.next_u64()).await?;
+                    format!("power cut of node {id}")
+                } else {
+                    sim.crash(id).await;
+                    sim.counters.lock().unwrap().crashes += 1;
+                    format!("crash node {id}")
+                }
             }
             40..=64 if !down.is_empty() => {
                 let id = down[rng.below(down.len() as u64) as usize];
