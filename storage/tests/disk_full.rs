@@ -68,11 +68,20 @@ impl SmallFs {
 }
 
 impl Drop for SmallFs {
+    /// Unmounts; lazily when a log's thread still holds a file open on it (a plain
+    /// `umount` then fails "target is busy", and a tmpfs left mounted under `target/tmp`
+    /// stops a later `rm -rf` of the tree — seen once after a fresh-clone CI).
     fn drop(&mut self) {
-        let out = Command::new("umount").arg(self.dir.path()).output();
-        if !out.is_ok_and(|o| o.status.success()) {
-            eprintln!("warning: could not unmount {}", self.dir.path().display());
+        for flags in [&[][..], &["-l"][..]] {
+            let out = Command::new("umount")
+                .args(flags)
+                .arg(self.dir.path())
+                .output();
+            if out.is_ok_and(|o| o.status.success()) {
+                return;
+            }
         }
+        eprintln!("warning: could not unmount {}", self.dir.path().display());
     }
 }
 
