@@ -392,7 +392,7 @@ impl Mover {
 
 /// What `group`'s membership should be (module docs, "Targets"), its voters now being
 /// `voters`; `seen` are the members this balancer has seen. `None` for a group the
-/// metadata does not hold.
+/// metadata does not hold, or does not yet know formed.
 fn target(
     state: &MetaState,
     group: GroupId,
@@ -404,6 +404,12 @@ fn target(
         return Some(meta_target(&members, voters, seen));
     }
     let entry = state.groups().get(&group)?;
+    if !entry.formed {
+        // Not yet marked formed (its leader's opener marks it within a round): a move
+        // before the mark could bring a replica back onto a founder that, restarted,
+        // would see a group to bootstrap (`group_opener.rs`, "Forming").
+        return None;
+    }
     Some(Target {
         voters: entry.replicas.nodes.clone(),
         learners: BTreeSet::new(),

@@ -22,8 +22,16 @@
 //!   session 17's elasticity run, where 4 → 3 moved replicas back onto their founders —
 //!   made that empty replica campaign with the founders' membership, pushed the group's
 //!   term up (3 → 11 in a second) and deposed its leader each time, while the router
-//!   there held attaches "electing a leader". A founder restarted in the middle of such a
-//!   move, its replica still empty, cannot tell and bootstraps as before.
+//!   there held attaches "electing a leader". What the opener saw is in memory only, so
+//!   the metadata keeps it too: the leader of a group marks it *formed* in group 0 as
+//!   soon as its opener sees it lead ([`MetaOp::MarkFormed`], batched), the balancer
+//!   moves no replica of a group before that mark, and no replica ever bootstraps a
+//!   group marked formed. A restarted node's metadata can be older than its restart
+//!   (group 0 applies its log again only once it hears the commit index), so before its
+//!   first bootstrap an opener passes a *barrier*: an empty mark proposed at group 0's
+//!   leader and awaited until applied here; the groups are looked at again after it.
+//!   (Session 19: a founder restarted while its group moved back onto it used to
+//!   bootstrap its empty replica.)
 //! * **Removing.** A group whose id the metadata handed out but no address holds any
 //!   more (dropped; ids are never reused) is removed from the host — stopped, a removal
 //!   record in the node log, its snapshot deleted — and announced as
@@ -53,7 +61,8 @@
 //! ([`MetaMachine::state`]), never copied whole.
 //!
 //! Invariants: it never removes a group the metadata still places here, nor one it has
-//! not seen handed out; it bootstraps only with the founders' membership.
+//! not seen handed out; it bootstraps only with the founders' membership, only a group
+//! not marked formed, and only after a barrier showed its metadata current.
 //!
 //! Does not: move replicas of an existing group after a member change (the
 //! [`super::balancer::Balancer`] on the group's leader does: learner, catch-up, joint
@@ -74,7 +83,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::address_machine::AddressMachine;
-use super::meta_machine::{GroupEntry, MetaMachine, MetaState};
+use super::meta_machine::{
+    GroupEntry, MetaGroup, MetaMachine, MetaOp, MetaOutcome, MetaState, MAX_FORMED_PER_OP,
+};
 use super::rounds::Rounds;
 
 /// Events the opener may have queued for a slow reader before it waits for room.
@@ -177,6 +188,8 @@ pub struct OpenerCounters {
     pub removed: u64,
     /// Bootstraps this node started (as founder or as fallback).
     pub bootstraps: u64,
+    /// Groups this node marked formed in the metadata (it led them first).
+    pub marked_formed: u64,
     pub campaigns: u64,
     /// Opens, bootstraps, removals or campaigns that failed (retried next round).
     pub failures: u64,
@@ -188,10 +201,17 @@ struct Shared {
     opens: AtomicU64,
     removed: AtomicU64,
     bootstraps: AtomicU64,
+    marked_formed: AtomicU64,
     campaigns: AtomicU64,
     failures: AtomicU64,
     /// No campaign while set ([`GroupOpener::hold_campaigns`]).
     campaigns_held: AtomicBool,
+    /// Set once a barrier through group 0 applied here: this node's metadata holds
+    /// everything committed before the opener started (see [`Opener::form`]).
+    current: AtomicBool,
+    /// A barrier or a mark is on its way through group 0 (one at a time each).
+    barrier_in_flight: AtomicBool,
+    mark_in_flight: AtomicBool,
 }
 
 impl Shared {
@@ -251,6 +271,7 @@ impl GroupOpener {
             opened: s.opens.load(Ordering::Relaxed),
             removed: s.removed.load(Ordering::Relaxed),
             bootstraps: s.bootstraps.load(Ordering::Relaxed),
+            marked_formed: s.marked_formed.load(Ordering::Relaxed),
             campaigns: s.campaigns.load(Ordering::Relaxed),
             failures: s.failures.load(Ordering::Relaxed),
         }
@@ -377,6 +398,13 @@ impl Opener {
         for group in gone {
             self.remove(group).await;
         }
+        if !self.shared.current.load(Ordering::Acquire) {
+            // Passed once, as early as group 0 answers, so that a group declared later
+            // is bootstrapped the moment it opens here (see `form`).
+            self.barrier();
+            self.waiting = true;
+        }
+        self.mark_formed();
         self.form().await;
         if self.config.spread_leaders {
             self.campaign().await;
@@ -486,7 +514,7 @@ impl Opener {
                     continue;
                 }
             }
-            if t.moved_in {
+            if t.moved_in || entry.formed {
                 // Formed elsewhere: bootstrapping it here would start a second
                 // membership's campaigns against the group's leader.
                 continue;
@@ -495,7 +523,6 @@ impl Opener {
             let waited = now.duration_since(t.last_bootstrap.unwrap_or(t.opened_at));
             let first = t.last_bootstrap.is_none();
             if (founder && first) || (entry.founders.contains(&node) && waited >= fallback) {
-                t.last_bootstrap = Some(now);
                 due.push((*group, handle, entry.founders.clone()));
             }
         }
@@ -503,8 +530,23 @@ impl Opener {
         if due.is_empty() {
             return;
         }
+        if !self.shared.current.load(Ordering::Acquire) {
+            // This node's metadata may be older than its own restart (group 0 applies
+            // its log again only once it hears the commit index): in such a view a
+            // group that formed, moved away and came back looks new. Nothing is
+            // bootstrapped before a barrier shows the view current; then the groups
+            // are looked at again.
+            drop(state);
+            self.barrier();
+            return;
+        }
         let members = state.members().clone();
         drop(state);
+        for (group, _, _) in &due {
+            if let Some(t) = self.groups.get_mut(group) {
+                t.last_bootstrap = Some(now);
+            }
+        }
         for (group, handle, founders) in due {
             let addrs: BTreeMap<NodeId, String> = founders
                 .iter()
@@ -579,6 +621,89 @@ impl Opener {
                 self.failed(group, "campaigning for", &e);
             }
         }
+    }
+
+    /// Starts a barrier through group 0 (an empty [`MetaOp::MarkFormed`], proposed at
+    /// its leader and awaited until applied here) unless one is on its way; on success
+    /// this node's view of the metadata is current from then on.
+    fn barrier(&mut self) {
+        if self.shared.barrier_in_flight.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Some(meta) = self.meta_group() else {
+            self.shared
+                .barrier_in_flight
+                .store(false, Ordering::Release);
+            return;
+        };
+        let shared = Arc::clone(&self.shared);
+        tokio::spawn(async move {
+            let op = MetaOp::MarkFormed { groups: Vec::new() };
+            match meta.run_anywhere(&op).await {
+                Ok(_) => shared.current.store(true, Ordering::Release),
+                Err(e) => {
+                    shared.failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(error = %e, "group opener: the barrier through the metadata group failed; bootstraps wait");
+                }
+            }
+            shared.barrier_in_flight.store(false, Ordering::Release);
+        });
+    }
+
+    /// Marks the groups this node leads and the metadata does not yet know formed
+    /// ([`MetaOp::MarkFormed`], at most [`MAX_FORMED_PER_OP`] at a time, one mark on
+    /// its way at a time, in a task: a group 0 without a leader must not hold the
+    /// round up).
+    fn mark_formed(&mut self) {
+        let unmarked: Vec<GroupId> = {
+            let state = self.meta.state();
+            self.groups
+                .keys()
+                .filter(|g| state.groups().get(g).is_some_and(|e| !e.formed))
+                .filter(|g| self_leads(&self.host, **g))
+                .take(MAX_FORMED_PER_OP)
+                .copied()
+                .collect()
+        };
+        if unmarked.is_empty() {
+            return;
+        }
+        // Looked at again after the mark applied (an apply of group 0 is a change) or
+        // failed.
+        self.waiting = true;
+        if self.shared.mark_in_flight.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Some(meta) = self.meta_group() else {
+            self.shared.mark_in_flight.store(false, Ordering::Release);
+            return;
+        };
+        let shared = Arc::clone(&self.shared);
+        tokio::spawn(async move {
+            let op = MetaOp::MarkFormed { groups: unmarked };
+            match meta.run_anywhere(&op).await {
+                Ok(MetaOutcome::Formed { newly }) => {
+                    shared
+                        .marked_formed
+                        .fetch_add(newly as u64, Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    shared.failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(error = %e, "group opener: marking groups formed failed; tried again");
+                }
+            }
+            shared.mark_in_flight.store(false, Ordering::Release);
+        });
+    }
+
+    /// This node's replica of group 0 as a proposer (`None` before it is open).
+    fn meta_group(&self) -> Option<MetaGroup> {
+        let handle = self.host.group(METADATA_GROUP)?;
+        Some(MetaGroup {
+            handle,
+            machine: self.meta.clone(),
+        })
     }
 
     fn failed(&mut self, group: GroupId, verb: &str, e: &dyn std::fmt::Display) {

@@ -67,6 +67,9 @@ pub const MAX_REPLICAS: usize = 255;
 /// Outcomes of the latest applied proposals kept for their proposers (not replicated
 /// state: each node keeps what it applied).
 pub const MAX_RECENT_OUTCOMES: usize = 4096;
+/// Most groups one [`MetaOp::MarkFormed`] names (a leader marks what it leads in
+/// batches of at most this many).
+pub const MAX_FORMED_PER_OP: usize = 1024;
 
 const _: () = assert!(MAX_MEMBER_ADDR_BYTES <= u16::MAX as usize);
 const _: () = assert!(MAX_ADDRESS_NAME_BYTES <= u16::MAX as usize);
@@ -93,6 +96,13 @@ pub enum MetaOp {
     DeclareAddress { name: String, partitions: u16 },
     /// An address and its groups go.
     DropAddress { name: String },
+    /// These groups have formed: a leader of each was elected somewhere, so no replica
+    /// may bootstrap one of them again (a replica placed on a node later waits for its
+    /// leader's log). Ids no group holds (dropped since) are passed over. With no group,
+    /// a *barrier*: its outcome, read where it was applied, shows that replica's state
+    /// holds everything committed before it (how an opener makes sure its view is not
+    /// older than its own restart before it bootstraps anything).
+    MarkFormed { groups: Vec<GroupId> },
 }
 
 /// What an applied op did, for its proposer.
@@ -104,6 +114,8 @@ pub enum MetaOutcome {
     Declared { group: GroupId, created: bool },
     /// The address's groups, now gone.
     Dropped { groups: Vec<GroupId> },
+    /// How many of the named groups were not marked formed before.
+    Formed { newly: usize },
 }
 
 /// Why the metadata group refused an op: nothing changed, on any replica.
@@ -136,6 +148,8 @@ pub enum MetaRefusal {
     Partitions { partitions: u16, max: usize },
     #[error("no address {name:?}")]
     UnknownAddress { name: String },
+    #[error("{count} groups in one op, at most {max}")]
+    TooManyGroups { count: usize, max: usize },
 }
 
 /// Why this replica cannot follow the metadata group: it stops here.
@@ -213,6 +227,9 @@ pub struct GroupEntry {
     pub founder: NodeId,
     /// Its voters when declared: the membership it is bootstrapped with.
     pub founders: BTreeSet<NodeId>,
+    /// A leader of it was elected somewhere ([`MetaOp::MarkFormed`]): never bootstrapped
+    /// again, on any node.
+    pub formed: bool,
 }
 
 /// An address as placed: its first group, partitions, replicas and preferred leader.
@@ -254,7 +271,19 @@ impl MetaState {
             MetaOp::RemoveMember { node } => self.remove_member(node),
             MetaOp::DeclareAddress { name, partitions } => self.declare(name, partitions),
             MetaOp::DropAddress { name } => self.drop_address(&name),
+            MetaOp::MarkFormed { groups } => Ok(self.mark_formed(&groups)),
         }
+    }
+
+    fn mark_formed(&mut self, groups: &[GroupId]) -> MetaOutcome {
+        let mut newly = 0;
+        for g in groups {
+            if let Some(e) = self.groups.get_mut(g) {
+                newly += usize::from(!e.formed);
+                e.formed = true;
+            }
+        }
+        MetaOutcome::Formed { newly }
     }
 
     fn add_member(&mut self, node: NodeId, member: Member) -> Result<MetaOutcome, MetaRefusal> {
@@ -350,6 +379,7 @@ impl MetaState {
                 founder: replicas.leader,
                 founders: replicas.nodes.clone(),
                 replicas,
+                formed: false,
             };
             self.groups.insert(group, entry);
             groups.push(group);

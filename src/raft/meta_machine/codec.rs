@@ -9,12 +9,15 @@
 //!   kind 2 remove member  { node: u64 }
 //!   kind 3 declare        { partitions: u16 | name: str }
 //!   kind 4 drop           { name: str }
-//!   kinds 5..=15 reserved (subscription definitions, manifests/plans, replica moves)
-//! // Format: metadata snapshot, version 1
-//! { version: u8 = 1 | next_group: u64 | replication: u8
+//!   kinds 5..=8 reserved (subscription definitions, manifests/plans, replica moves)
+//!   kind 9 mark formed    { count: u16 | count × group: u64 }      (count ≤ 1024)
+//!   kinds 10..=15 reserved
+//! // Format: metadata snapshot, version 2 (version 1 is read too: no flags, not formed)
+//! { version: u8 = 2 | next_group: u64 | replication: u8
 //!   | members: u32 × { node: u64 | peer: str | amqp: str }
 //!   | addresses: u32 × { name: str | partitions: u16 × { group: u64 | leader: u64
-//!       | founder: u64 | replicas: u8 × node: u64 | founders: u8 × node: u64 } } }
+//!       | founder: u64 | replicas: u8 × node: u64 | founders: u8 × node: u64
+//!       | flags: u8 (bit 0: formed; the others 0) } } }
 //! ```
 
 use std::collections::BTreeSet;
@@ -25,23 +28,28 @@ use entrepot_cluster::NodeId;
 
 use super::{
     AddressEntry, GroupEntry, Member, MetaMachineError, MetaOp, MetaRefusal, MetaState,
-    MAX_ADDRESSES, MAX_ADDRESS_NAME_BYTES, MAX_MEMBERS, MAX_MEMBER_ADDR_BYTES, MAX_PARTITIONS,
-    MAX_REPLICAS,
+    MAX_ADDRESSES, MAX_ADDRESS_NAME_BYTES, MAX_FORMED_PER_OP, MAX_MEMBERS, MAX_MEMBER_ADDR_BYTES,
+    MAX_PARTITIONS, MAX_REPLICAS,
 };
 
 /// Version byte of a metadata op.
 pub const META_OPS_VERSION: u8 = 1;
-/// Version byte of the metadata snapshot.
-pub const META_SNAPSHOT_VERSION: u8 = 1;
+/// Version byte of the metadata snapshot this build writes.
+pub const META_SNAPSHOT_VERSION: u8 = 2;
+/// The snapshot version before groups carried their flags (read as not formed).
+const META_SNAPSHOT_VERSION_1: u8 = 1;
+/// Bit 0 of a group's flags in the snapshot: [`GroupEntry::formed`].
+const GROUP_FLAG_FORMED: u8 = 1;
 
 pub(super) const KIND_ADD_MEMBER: u8 = 1;
 pub(super) const KIND_REMOVE_MEMBER: u8 = 2;
 pub(super) const KIND_DECLARE: u8 = 3;
 pub(super) const KIND_DROP: u8 = 4;
+pub(super) const KIND_MARK_FORMED: u8 = 9;
 /// Kinds kept for what moves into the metadata group later: 5 subscription definition,
-/// 6 subscription removal, 7 manifest/plan, 8 replica move recorded by the balancer;
-/// 9..=15 unassigned. A build that meets one stops the group (it cannot follow it).
-pub const META_RESERVED_KINDS: std::ops::RangeInclusive<u8> = 5..=15;
+/// 6 subscription removal, 7 manifest/plan, 8 replica move recorded by the balancer
+/// (10..=15 are unassigned). A build that meets one stops the group (it cannot follow it).
+pub const META_RESERVED_KINDS: std::ops::RangeInclusive<u8> = 5..=8;
 
 /// Encodes `op` as one proposal; a string past its bound is refused here, before it is
 /// proposed (the machine would refuse it the same way).
@@ -72,6 +80,19 @@ pub fn encode_op(op: &MetaOp) -> Result<Bytes, MetaRefusal> {
         MetaOp::DropAddress { name } => {
             b.put_u8(KIND_DROP);
             put_str(&mut b, name, MAX_ADDRESS_NAME_BYTES, "address")?;
+        }
+        MetaOp::MarkFormed { groups } => {
+            if groups.len() > MAX_FORMED_PER_OP {
+                return Err(MetaRefusal::TooManyGroups {
+                    count: groups.len(),
+                    max: MAX_FORMED_PER_OP,
+                });
+            }
+            b.put_u8(KIND_MARK_FORMED);
+            b.put_u16_le(groups.len() as u16);
+            for g in groups {
+                b.put_u64_le(*g);
+            }
         }
     }
     Ok(b.freeze())
@@ -110,6 +131,7 @@ pub(super) fn decode_op(mut p: Bytes) -> Result<Result<MetaOp, MetaRefusal>, Met
         KIND_DECLARE => declare(&mut p),
         KIND_DROP => take_str(&mut p, MAX_ADDRESS_NAME_BYTES, "address")
             .map(|name| MetaOp::DropAddress { name }),
+        KIND_MARK_FORMED => mark_formed(&mut p),
         _ => return Err(MetaMachineError::UnknownOpKind { kind }),
     };
     Ok(op.and_then(|op| {
@@ -138,6 +160,24 @@ fn declare(p: &mut Bytes) -> Result<MetaOp, MetaRefusal> {
     let partitions = p.get_u16_le();
     let name = take_str(p, MAX_ADDRESS_NAME_BYTES, "address")?;
     Ok(MetaOp::DeclareAddress { name, partitions })
+}
+
+fn mark_formed(p: &mut Bytes) -> Result<MetaOp, MetaRefusal> {
+    if p.remaining() < 2 {
+        return Err(MetaRefusal::Malformed("mark formed cut short"));
+    }
+    let count = usize::from(p.get_u16_le());
+    if count > MAX_FORMED_PER_OP {
+        return Err(MetaRefusal::TooManyGroups {
+            count,
+            max: MAX_FORMED_PER_OP,
+        });
+    }
+    if p.remaining() < 8 * count {
+        return Err(MetaRefusal::Malformed("mark formed cut short"));
+    }
+    let groups = (0..count).map(|_| p.get_u64_le()).collect();
+    Ok(MetaOp::MarkFormed { groups })
 }
 
 fn take_u64(p: &mut Bytes) -> Result<u64, MetaRefusal> {
@@ -188,6 +228,7 @@ pub(super) fn encode_snapshot(s: &MetaState) -> Bytes {
             b.put_u64_le(e.founder);
             nodes(&mut b, &e.replicas.nodes);
             nodes(&mut b, &e.founders);
+            b.put_u8(if e.formed { GROUP_FLAG_FORMED } else { 0 });
         }
     }
     b.freeze()
@@ -211,9 +252,10 @@ pub(super) fn decode_snapshot(mut p: Bytes) -> Result<MetaState, MetaMachineErro
     let malformed = MetaMachineError::MalformedSnapshot;
     need(&p, 1 + 8 + 1 + 4)?;
     let version = p.get_u8();
-    if version != META_SNAPSHOT_VERSION {
+    if version != META_SNAPSHOT_VERSION && version != META_SNAPSHOT_VERSION_1 {
         return Err(MetaMachineError::UnsupportedSnapshotVersion { found: version });
     }
+    let flags = version >= 2;
     let mut s = MetaState {
         next_group: p.get_u64_le(),
         replication: p.get_u8(),
@@ -237,7 +279,7 @@ pub(super) fn decode_snapshot(mut p: Bytes) -> Result<MetaState, MetaMachineErro
         let partitions = bounded(u32::from(p.get_u16_le()), MAX_PARTITIONS, "partitions")?;
         let mut groups = Vec::with_capacity(partitions);
         for partition in 0..partitions {
-            let (g, entry) = snap_group(&mut p, &name, partition as u16)?;
+            let (g, entry) = snap_group(&mut p, &name, partition as u16, flags)?;
             if g >= s.next_group || s.groups.insert(g, entry).is_some() {
                 return Err(malformed("a group id twice or not yet handed out"));
             }
@@ -257,6 +299,7 @@ fn snap_group(
     p: &mut Bytes,
     name: &str,
     partition: u16,
+    flags: bool,
 ) -> Result<(GroupId, GroupEntry), MetaMachineError> {
     need(p, 8 * 3)?;
     let group = p.get_u64_le();
@@ -269,6 +312,16 @@ fn snap_group(
             "a leader that is not a replica",
         ));
     }
+    let formed = if flags {
+        need(p, 1)?;
+        match p.get_u8() {
+            0 => false,
+            GROUP_FLAG_FORMED => true,
+            _ => return Err(MetaMachineError::MalformedSnapshot("unknown group flags")),
+        }
+    } else {
+        false
+    };
     let entry = GroupEntry {
         address: name.to_owned(),
         partition,
@@ -278,6 +331,7 @@ fn snap_group(
         },
         founder,
         founders,
+        formed,
     };
     Ok((group, entry))
 }

@@ -236,13 +236,80 @@ fn an_unknown_version_or_a_reserved_kind_stops_the_machine() {
     let mut m = MetaMachine::new();
     let at = Position::new(1, 0);
     assert!(m.apply(at, Bytes::from_static(&[2, 3, 0, 0])).is_err());
-    for kind in META_RESERVED_KINDS.chain([0, 16, 255]) {
+    for kind in META_RESERVED_KINDS.chain(10..=16).chain([0, 255]) {
         assert!(
             m.apply(at, Bytes::from(vec![META_OPS_VERSION, kind]))
                 .is_err(),
             "kind {kind}"
         );
     }
+}
+
+/// Version 1 (before the groups' flags) is still read: its groups are not formed.
+#[test]
+fn a_version_1_snapshot_is_read_with_its_groups_not_formed() {
+    let mut r = with_members(1);
+    r.apply(&declare("one")).unwrap();
+    let v2 = r.m.snapshot().unwrap();
+    assert_eq!(v2[0], META_SNAPSHOT_VERSION);
+    assert_eq!(*v2.last().unwrap(), 0, "the one group's flags");
+    let mut v1 = v2[..v2.len() - 1].to_vec();
+    v1[0] = 1;
+    let mut m = MetaMachine::new();
+    m.restore(5, Bytes::from(v1)).unwrap();
+    assert_eq!(m.state(), r.m.state());
+    r.apply(&MetaOp::MarkFormed { groups: vec![1] }).unwrap();
+    assert!(r.m.state().groups()[&1].formed);
+}
+
+/// A mark names at most `MAX_FORMED_PER_OP` groups; ids no group holds are passed over;
+/// with none it changes nothing (a barrier).
+#[test]
+fn marking_groups_formed_is_bounded_and_idempotent() {
+    let mut r = with_members(3);
+    for i in 0..3 {
+        r.apply(&declare(&format!("a{i}"))).unwrap();
+    }
+    let before = r.m.state();
+    assert_eq!(
+        r.apply(&MetaOp::MarkFormed { groups: vec![] }),
+        Ok(MetaOutcome::Formed { newly: 0 })
+    );
+    assert_eq!(r.m.state(), before);
+    assert_eq!(
+        r.apply(&MetaOp::MarkFormed {
+            groups: vec![2, 9, 2]
+        }),
+        Ok(MetaOutcome::Formed { newly: 1 })
+    );
+    assert_eq!(
+        r.apply(&MetaOp::MarkFormed { groups: vec![2, 3] }),
+        Ok(MetaOutcome::Formed { newly: 1 })
+    );
+    let too_many = MetaOp::MarkFormed {
+        groups: vec![1; MAX_FORMED_PER_OP + 1],
+    };
+    assert!(matches!(
+        encode_op(&too_many),
+        Err(MetaRefusal::TooManyGroups { .. })
+    ));
+    let mut raw = BytesMut::new();
+    raw.put_slice(&[META_OPS_VERSION, 9]);
+    raw.put_u16_le(MAX_FORMED_PER_OP as u16 + 1);
+    assert!(matches!(
+        r.apply_bytes(raw.freeze()),
+        Err(MetaRefusal::TooManyGroups { .. })
+    ));
+    let mut cut = BytesMut::new();
+    cut.put_slice(&[META_OPS_VERSION, 9]);
+    cut.put_u16_le(2);
+    cut.put_u64_le(1);
+    assert!(matches!(
+        r.apply_bytes(cut.freeze()),
+        Err(MetaRefusal::Malformed(_))
+    ));
+    let formed: Vec<bool> = r.m.state().groups().values().map(|e| e.formed).collect();
+    assert_eq!(formed, vec![false, true, true]);
 }
 
 #[test]
@@ -255,10 +322,22 @@ fn the_snapshot_round_trips_and_refuses_what_it_cannot_read() {
         name: "address/3".into(),
     })
     .unwrap();
+    r.apply(&MetaOp::MarkFormed {
+        groups: vec![1, 2, 4, 5],
+    })
+    .unwrap();
     let snap = r.m.snapshot().unwrap();
     let mut restored = MetaMachine::new();
     restored.restore(40, snap.clone()).unwrap();
     assert_eq!(restored.state(), r.m.state());
+    let formed: Vec<GroupId> = restored
+        .state()
+        .groups()
+        .iter()
+        .filter(|(_, e)| e.formed)
+        .map(|(g, _)| *g)
+        .collect();
+    assert_eq!(formed, vec![1, 2, 5], "group 4 (address/3) was dropped");
     assert_eq!(restored.lowest_needed(), 41);
     // Group ids are never reused after a restore either.
     let mut again = Replica {
@@ -275,7 +354,11 @@ fn the_snapshot_round_trips_and_refuses_what_it_cannot_read() {
     );
     // Another version, a cut, trailing bytes, a count past its bound.
     let mut versioned = snap.to_vec();
-    versioned[0] = 2;
+    versioned[0] = 3;
+    let mut flags = with_members(1);
+    flags.apply(&declare("one")).unwrap();
+    let mut flags = flags.m.snapshot().unwrap().to_vec();
+    *flags.last_mut().unwrap() = 2;
     let mut cut = snap.to_vec();
     cut.truncate(snap.len() - 3);
     let mut trailing = snap.to_vec();
@@ -285,7 +368,7 @@ fn the_snapshot_round_trips_and_refuses_what_it_cannot_read() {
     members.put_u64_le(1);
     members.put_u8(3);
     members.put_u32_le(MAX_MEMBERS as u32 + 1);
-    for bad in [versioned, cut, trailing, members.to_vec()] {
+    for bad in [versioned, flags, cut, trailing, members.to_vec()] {
         let mut m = MetaMachine::new();
         assert!(m.restore(1, Bytes::from(bad)).is_err());
         assert_eq!(*m.state(), MetaState::default(), "nothing taken");
@@ -317,6 +400,9 @@ fn random_op(rng: &mut Rng) -> MetaOp {
         2 => MetaOp::RemoveMember { node: rng.below(6) },
         3 | 4 => MetaOp::DropAddress {
             name: format!("a{}", rng.below(30)),
+        },
+        5 => MetaOp::MarkFormed {
+            groups: (0..rng.below(4)).map(|_| rng.below(40)).collect(),
         },
         _ => declare(&format!("a{}", rng.below(30))),
     }
