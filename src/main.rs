@@ -729,7 +729,17 @@ async fn serve_groups(
 ) -> anyhow::Result<()> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let node = entrepot::raft::groups_node::GroupsNode::start(config, cluster, shutdown_rx).await?;
-    wait_for_signal().await;
+    tokio::select! {
+        _ = wait_for_signal() => {}
+        reason = node.failed() => {
+            // No hand-over: the groups here cannot write. Exiting non-zero gets the node
+            // restarted (Kubernetes, systemd); it replays its node log then.
+            tracing::error!(%reason, "a group's Raft failed: exiting so that this node is restarted");
+            let _ = shutdown_tx.send(true);
+            let _ = node.stopped().await;
+            anyhow::bail!("a group's Raft failed: {reason}");
+        }
+    }
     // A planned stop (a restart, a rolling update): the groups led here move to another
     // voter now rather than after an election once this node is gone.
     let report = node.hand_over().await;

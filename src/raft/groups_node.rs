@@ -220,6 +220,20 @@ impl GroupsNode {
         round.run(&placement).await
     }
 
+    /// Completes if one of this node's groups stops on a fatal error (a node log that
+    /// cannot write — a full disk, a failed sync — or a bug; [`Host::failure`]): the node
+    /// can no longer take part, and `main` exits so that it is restarted and replays its
+    /// log rather than linger half alive, as the one-group mode does
+    /// (`ClusterNode::failed`). Never completes otherwise.
+    pub async fn failed(&self) -> String {
+        let mut failure = self.host.failure();
+        let reason = match failure.wait_for(|f| f.is_some()).await {
+            Ok(f) => f.clone().unwrap_or_default(),
+            Err(_) => std::future::pending().await,
+        };
+        reason
+    }
+
     /// Waits for the shutdown, stops the drivers, the opener and the host, and makes the
     /// local store durable.
     pub async fn stopped(self) -> Result<(), StartError> {

@@ -21,8 +21,10 @@
 //!   own files) are copied as they are and listed in [`CrashReport::unmodelled`].
 //!
 //! The same seam injects failures: [`CrashSim::inject`] makes the next syncs return EIO or
-//! ENOSPC, or stall before they run; and [`hold_releases_for`] makes the release of deleted
-//! segments (`retire.rs`) come late.
+//! ENOSPC, or stall before they run; [`CrashSim::set_disk_full`] makes every preallocation
+//! of a new segment under the root fail with ENOSPC, as a full file system does (what is
+//! preallocated already is still written); and [`hold_releases_for`] makes the release of
+//! deleted segments (`retire.rs`) come late.
 //!
 //! Not a file system: writes through the mapping are not seen one by one, only their
 //! result at the crash, and nothing here is compiled into a production build.
@@ -109,6 +111,8 @@ impl Image {
 #[derive(Debug, Default)]
 struct State {
     crashed: bool,
+    /// Preallocations fail with ENOSPC ([`CrashSim::set_disk_full`]).
+    disk_full: bool,
     faults: VecDeque<SyncFault>,
     images: HashMap<FileKey, Image>,
     /// Durable entries (regular files) of each directory synced under the root.
@@ -185,6 +189,15 @@ pub(crate) fn before_sync(path: &Path) -> io::Result<()> {
             std::thread::sleep(d);
             Ok(())
         }
+    }
+}
+
+/// Called before a new file's blocks are preallocated: ENOSPC while the tree's disk is
+/// full ([`CrashSim::set_disk_full`]).
+pub(crate) fn before_allocate(path: &Path) -> io::Result<()> {
+    match sim_for(path) {
+        Some(sim) if sim.lock().disk_full => Err(io::Error::from_raw_os_error(libc::ENOSPC)),
+        _ => Ok(()),
     }
 }
 
@@ -340,6 +353,12 @@ impl CrashSim {
     pub fn inject(&self, fault: SyncFault, times: u32) {
         let mut state = self.lock();
         state.faults.extend((0..times).map(|_| fault));
+    }
+
+    /// Fills the disk (`true`: every later preallocation of a segment under the root
+    /// fails with ENOSPC) or frees it again.
+    pub fn set_disk_full(&self, full: bool) {
+        self.lock().disk_full = full;
     }
 
     /// Successful syncs recorded so far.

@@ -247,6 +247,8 @@ fn prepare(spec: &PrepareSpec) -> std::io::Result<Option<PreparedFile>> {
 /// Preallocates, maps, populates and syncs a new file; returns the mapping and how far
 /// its pages are populated.
 fn build(file: &File, path: &Path, capacity: u64) -> std::io::Result<(MmapRaw, u64)> {
+    #[cfg(feature = "crash-sim")]
+    crate::crash_sim::before_allocate(path)?;
     // SAFETY: plain FFI call on an open descriptor.
     let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, capacity as libc::off_t) };
     if rc != 0 {

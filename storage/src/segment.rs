@@ -165,6 +165,9 @@ impl Segment {
         capacity: u64,
         record_bytes_max: u32,
     ) -> Result<Segment> {
+        #[cfg(feature = "crash-sim")]
+        crate::crash_sim::before_allocate(path)
+            .map_err(|e| StorageError::io("preallocating segment", path, e))?;
         // SAFETY: plain FFI call on an open descriptor.
         let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, capacity as libc::off_t) };
         if rc != 0 {

@@ -48,8 +48,16 @@
 //! Syncs run on the storage crate's real threads beside the paused clock, so, as in the
 //! one-group power-cut run, thread timing can make a replay go differently.
 //!
-//! Not yet: a full disk on one node (the node log has no error seam to inject one under
-//! the paused clock).
+//! Full disks (`a_full_disk_…`): every node's directory is under the storage crate's
+//! seam, whose `set_disk_full` makes each new segment's preallocation fail with ENOSPC as
+//! a full file system does; segments are small ([`FULL_DISK_SEGMENT_BYTES`]) so a node
+//! rolls every few seconds. A fault fills one node's disk (or frees it); the node runs on
+//! until its node log needs a segment, then the group whose append failed stops on a
+//! fatal storage error, `Host::failure` reports it, and the node *exits* as the broker
+//! does (`GroupsNode::failed`) — the schedule's supervisor crashes it at its next step, as
+//! Kubernetes restarts an exited container; a restart on a disk still full may fail again
+//! (a crash loop). Healing frees every disk. A seed fails unless some node exited on a
+//! full disk.
 //!
 //! Hibernation (`hibernating_groups_…`): the hosts stop idle groups on every replica
 //! (`HostConfig::hibernation`, quiesce after [`QUIESCE_AFTER`]); producers pause now and
@@ -101,6 +109,11 @@ const PURGE_KEEP: u64 = 8;
 /// Seeds of the power-cut run unless `ENTREPOT_SIM_GROUP_SEEDS` says otherwise: real
 /// syncs make a seed slower.
 const POWER_GROUP_SEEDS: u64 = 3;
+/// Seeds of the full-disk run unless `ENTREPOT_SIM_GROUP_SEEDS` says otherwise.
+const FULL_DISK_SEEDS: u64 = 2;
+/// Segment size of the full-disk run: the smallest the storage crate takes, so a node
+/// needs a new segment every few seconds of traffic.
+const FULL_DISK_SEGMENT_BYTES: u64 = entrepot_storage::MIN_SEGMENT_BYTES;
 /// Seeds of the hibernating run unless `ENTREPOT_SIM_GROUP_SEEDS` says otherwise.
 const HIBERNATING_SEEDS: u64 = 4;
 /// A hibernating run's group stops after this long without a write.
@@ -144,18 +157,39 @@ fn power_cuts_lose_no_accepted_message_across_many_groups() {
     run_seeds(mode, POWER_GROUP_SEEDS);
 }
 
+/// Full disks: one node's disk fills (new segments fail with ENOSPC) under load; the node
+/// stops on the fatal storage error and exits, is restarted (perhaps into the same full
+/// disk), and catches up once its disk is freed. Nothing accepted is lost: an append that
+/// failed was never reported durable.
+#[test]
+fn a_full_disk_stops_its_node_and_loses_no_accepted_message() {
+    let mode = Mode {
+        full_disks: true,
+        ..Mode::PLAIN
+    };
+    run_seeds(mode, FULL_DISK_SEEDS);
+}
+
 /// What a run simulates besides the network and process crashes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Mode {
     hibernation: Hibernation,
     disk: Disk,
+    /// Disks fill (and are freed) among the faults.
+    full_disks: bool,
 }
 
 impl Mode {
     const PLAIN: Mode = Mode {
         hibernation: Hibernation::Off,
         disk: Disk::PageCache,
+        full_disks: false,
     };
+
+    /// Whether every node's directory is under the storage crate's seam.
+    fn seams(self) -> bool {
+        self.disk == Disk::Synced || self.full_disks
+    }
 }
 
 /// What a node's disk keeps when the node stops.
@@ -222,9 +256,14 @@ fn addr_of(id: NodeId) -> SocketAddr {
 
 fn config(id: NodeId, dir: PathBuf, mode: Mode) -> HostConfig {
     let mut c = HostConfig::new(id, dir);
+    let small = mode.full_disks;
     c.log = LogConfig {
-        segment_bytes: 1 << 20,
-        record_bytes_max: 256 << 10,
+        segment_bytes: if small {
+            FULL_DISK_SEGMENT_BYTES
+        } else {
+            1 << 20
+        },
+        record_bytes_max: if small { 32 << 10 } else { 256 << 10 },
         sync: match mode.disk {
             Disk::PageCache => SyncPolicy::Never,
             Disk::Synced => SyncPolicy::Always,
@@ -283,8 +322,10 @@ struct Sim {
     mode: Mode,
     /// Each node's directory (a power cut moves it to the crashed image).
     dirs: Arc<Mutex<BTreeMap<NodeId, PathBuf>>>,
-    /// Each node's crash seam ([`Disk::Synced`] only).
+    /// Each node's crash seam ([`Mode::seams`] only).
     seams: Arc<Mutex<BTreeMap<NodeId, Arc<CrashSim>>>>,
+    /// Nodes whose disk is full now.
+    full: Arc<Mutex<BTreeSet<NodeId>>>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -305,6 +346,13 @@ struct Counters {
     /// or damaged.
     power_cuts: u64,
     pages_lost: u64,
+    /// Disks filled, nodes that exited on a fatal group error, restarts that failed (a
+    /// disk still full).
+    disks_filled: u64,
+    failed_exits: u64,
+    failed_starts: u64,
+    /// `failed_exits` when the last disk filled.
+    exits_at_fill: u64,
 }
 
 impl Sim {
@@ -331,7 +379,7 @@ impl Sim {
             .entry(id)
             .or_insert_with(|| self.root.join(id.to_string()))
             .clone();
-        if self.mode.disk == Disk::Synced && !self.seams.lock().unwrap().contains_key(&id) {
+        if self.mode.seams() && !self.seams.lock().unwrap().contains_key(&id) {
             // A new node: its empty directory is what its disk holds.
             std::fs::create_dir_all(&dir).map_err(|e| format!("node {id}: {e}"))?;
             let seam = CrashSim::install(&dir).map_err(|e| format!("crash seam: {e}"))?;
@@ -349,9 +397,12 @@ impl Sim {
         let mut machines = BTreeMap::new();
         for g in groups {
             let machine = AddressMachine::new();
-            host.open_group(g, machine.clone())
-                .await
-                .map_err(|e| format!("node {id} does not open group {g}: {e}"))?;
+            if let Err(e) = host.open_group(g, machine.clone()).await {
+                // The process exits: nothing of it may run on beside the next start.
+                self.net.unplug(addr_of(id));
+                host.shutdown().await;
+                return Err(format!("node {id} does not open group {g}: {e}"));
+            }
             machines.insert(g, machine);
         }
         self.nodes
@@ -413,6 +464,52 @@ impl Sim {
         Ok(())
     }
 
+    /// Fills node `id`'s disk.
+    fn fill_disk(&self, id: NodeId) {
+        self.set_disk_full(id, true);
+        let mut c = self.counters.lock().unwrap();
+        c.disks_filled += 1;
+        c.exits_at_fill = c.failed_exits;
+    }
+
+    /// Whether a node exited on a failed group since the last disk filled.
+    fn exited_since_fill(&self) -> bool {
+        let c = self.counters.lock().unwrap();
+        c.failed_exits > c.exits_at_fill
+    }
+
+    /// Fills (or frees) node `id`'s disk.
+    fn set_disk_full(&self, id: NodeId, full: bool) {
+        if let Some(seam) = self.seams.lock().unwrap().get(&id) {
+            seam.set_disk_full(full);
+        }
+        let mut set = self.full.lock().unwrap();
+        if full {
+            set.insert(id);
+        } else {
+            set.remove(&id);
+        }
+    }
+
+    /// The supervisor: a node one of whose groups stopped on a fatal error exits (the
+    /// broker's `GroupsNode::failed`), so it is crashed here; answers what exited.
+    async fn supervise(&self) -> Vec<String> {
+        let failed: Vec<(NodeId, String)> = self
+            .nodes
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(id, n)| n.host.failure().borrow().clone().map(|why| (*id, why)))
+            .collect();
+        let mut exits = Vec::new();
+        for (id, why) in failed {
+            self.crash(id).await;
+            self.counters.lock().unwrap().failed_exits += 1;
+            exits.push(format!("node {id} exited: {why}"));
+        }
+        exits
+    }
+
     /// The node that leads `g` and the node's handle and machine, if one (running) does.
     fn leader_of(&self, g: GroupId) -> Option<(NodeId, GroupHandle, AddressMachine)> {
         let nodes = self.nodes.lock().unwrap();
@@ -452,6 +549,7 @@ async fn simulate(seed: u64, mode: Mode) -> Result<String, String> {
         mode,
         dirs: Arc::default(),
         seams: Arc::default(),
+        full: Arc::default(),
     };
     // Group g on nodes g-1, g, g+1 (mod NODES), formed by the first.
     let placed =
@@ -543,6 +641,12 @@ async fn simulate(seed: u64, mode: Mode) -> Result<String, String> {
     let consumed: usize = h.values().map(|g| g.consumed.len()).sum();
     let in_doubt: u64 = h.values().map(|g| g.in_doubt).sum();
     let c = *sim.counters.lock().unwrap();
+    if mode.full_disks && c.failed_exits == 0 {
+        return Err(format!(
+            "no full disk stopped a node ({} disks filled)",
+            c.disks_filled
+        ));
+    }
     if mode.hibernation == Hibernation::On && (c.stops == 0 || c.wakes == 0) {
         return Err(format!(
             "no hibernation to check: {} instances stopped, {} woken",
@@ -554,7 +658,8 @@ async fn simulate(seed: u64, mode: Mode) -> Result<String, String> {
         "{accepted} accepted, {in_doubt} in doubt, {consumed} consumed ({} reads); \
          {} faults: {} partitions, {} crashes, {} restarts, {} leader moves, {} replica \
          moves ({} failed); {checked}; hibernation: {} stops, {} wakes, {} peers lost; \
-         {} power cuts ({} pages lost or damaged); links {} made {} cut; trace {:016x}",
+         {} power cuts ({} pages lost or damaged); {} disks filled, {} exits on a failed \
+         group, {} failed restarts; links {} made {} cut; trace {:016x}",
         c.reads,
         faults.len(),
         c.partitions,
@@ -568,6 +673,9 @@ async fn simulate(seed: u64, mode: Mode) -> Result<String, String> {
         c.peers_lost,
         c.power_cuts,
         c.pages_lost,
+        c.disks_filled,
+        c.failed_exits,
+        c.failed_starts,
         links.links_made,
         links.links_cut,
         crate::trace_digest()
@@ -696,12 +804,40 @@ async fn consume(sim: Sim, g: GroupId, mut rng: Rng, stop: watch::Receiver<bool>
 /// The fault schedule: one fault every 50–600 ms of cluster time for [`FAULT_PHASE`].
 async fn inject(sim: &Sim, rng: &mut Rng, log: &mut Vec<String>) -> Result<(), String> {
     let end = tokio::time::Instant::now() + FAULT_PHASE;
+    if sim.mode.full_disks {
+        // One disk full from the start, so its node needs a segment within the phase.
+        let id = rng.below(NODES);
+        sim.fill_disk(id);
+        log.push(format!("0ms disk of node {id} full"));
+    }
     while tokio::time::Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(rng.between(50, 600))).await;
         let at = crate::elapsed_ms();
+        for exit in sim.supervise().await {
+            sim_trace!("{exit}");
+            log.push(format!("{at}ms {exit}"));
+        }
         let up = sim.up();
         let down: Vec<NodeId> = (0..NODES).filter(|id| !up.contains(id)).collect();
         let fault = match rng.below(100) {
+            // Checked first: in the full-disk run these replace some partitions.
+            0..=9 if sim.mode.full_disks => {
+                let full: Vec<NodeId> = sim.full.lock().unwrap().iter().copied().collect();
+                match full.first() {
+                    // Freed once a node exited on a failed group since it filled (an
+                    // operator's answer to the crash loop), not before.
+                    Some(&id) if sim.exited_since_fill() && rng.chance(500) => {
+                        sim.set_disk_full(id, false);
+                        format!("disk of node {id} freed")
+                    }
+                    None if !up.is_empty() => {
+                        let id = up[rng.below(up.len() as u64) as usize];
+                        sim.fill_disk(id);
+                        format!("disk of node {id} full")
+                    }
+                    _ => continue,
+                }
+            }
             0..=14 => {
                 let sides: BTreeMap<SocketAddr, u8> = (0..NODES)
                     .map(|id| (addr_of(id), rng.below(2) as u8))
@@ -741,9 +877,18 @@ async fn inject(sim: &Sim, rng: &mut Rng, log: &mut Vec<String>) -> Result<(), S
             }
             40..=64 if !down.is_empty() => {
                 let id = down[rng.below(down.len() as u64) as usize];
-                sim.start(id, &[]).await?;
-                sim.counters.lock().unwrap().restarts += 1;
-                format!("restart node {id}")
+                match sim.start(id, &[]).await {
+                    Ok(()) => {
+                        sim.counters.lock().unwrap().restarts += 1;
+                        format!("restart node {id}")
+                    }
+                    // A crash loop on a full disk, as Kubernetes would show it.
+                    Err(e) if sim.full.lock().unwrap().contains(&id) => {
+                        sim.counters.lock().unwrap().failed_starts += 1;
+                        format!("restart of node {id} failed on its full disk: {e}")
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             65..=81 => {
                 let g = 1 + rng.below(GROUPS);
@@ -869,6 +1014,12 @@ async fn move_replica(sim: &Sim, rng: &mut Rng) -> Option<String> {
 /// one leader and every voter applied up to its commit.
 async fn heal(sim: &Sim) -> Result<(), String> {
     sim.net.heal();
+    // Space freed: a node that stopped on its full disk is restarted below.
+    let full: Vec<NodeId> = sim.full.lock().unwrap().iter().copied().collect();
+    for id in full {
+        sim.set_disk_full(id, false);
+    }
+    sim.supervise().await;
     for id in 0..NODES {
         if sim.node(id).is_none() {
             sim.start(id, &[]).await?;

@@ -246,7 +246,8 @@ impl Seen {
 /// Follows one instance of a group (generation `generation`): publishes its
 /// [`Leadership`] and members, purges its log up to the bound of its last snapshot when
 /// that moves, and when the instance ends because the group stopped, publishes the
-/// leadership it stopped with.
+/// leadership it stopped with; a fatal error it stopped on becomes the host's
+/// [`super::Host::failure`].
 pub(crate) async fn follow_metrics(handle: GroupHandle, raft: Raft<TypeConfig>, generation: u64) {
     let shared = Arc::clone(&handle.shared);
     let mut metrics = raft.metrics();
@@ -258,6 +259,17 @@ pub(crate) async fn follow_metrics(handle: GroupHandle, raft: Raft<TypeConfig>, 
     loop {
         let snapshot = {
             let m = metrics.borrow_and_update();
+            if let Err(fatal) = &m.running_state {
+                let group = handle.group();
+                tracing::error!(group, error = %fatal, "the group's Raft stopped on a fatal error");
+                shared.failure.send_if_modified(|f| {
+                    let first = f.is_none();
+                    if first {
+                        *f = Some(format!("group {group}: {fatal}"));
+                    }
+                    first
+                });
+            }
             if m.state == ServerState::Shutdown {
                 break;
             }

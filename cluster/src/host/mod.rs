@@ -205,6 +205,8 @@ struct HostInner {
     /// Raised when a group opens or closes here, or when one of its replicas here sees
     /// its leadership or its membership change ([`Host::group_changes`]).
     changes: Arc<watch::Sender<u64>>,
+    /// The first fatal error a group's Raft stopped with here ([`Host::failure`]).
+    failure: Arc<watch::Sender<Option<String>>>,
 }
 
 impl Host {
@@ -252,6 +254,7 @@ impl Host {
             groups: Mutex::default(),
             hibernation,
             changes: Arc::new(watch::Sender::new(0)),
+            failure: Arc::new(watch::Sender::new(None)),
         });
         // Proposals peers forward to this node's groups go to their handles.
         inner
@@ -354,6 +357,15 @@ impl Host {
         self.inner.changes.subscribe()
     }
 
+    /// The first fatal error one of this node's groups stopped with (`None` while
+    /// none did): a storage failure of the node log — a full disk, a failed sync — or a
+    /// bug. openraft does not run a group on after one, and the other groups share the
+    /// node log, so the node can no longer be trusted to take part: the broker exits on
+    /// it so that it is restarted and replays its log (as the one-group mode does).
+    pub fn failure(&self) -> watch::Receiver<Option<String>> {
+        self.inner.failure.subscribe()
+    }
+
     /// The handle of an open group.
     pub fn group(&self, group: GroupId) -> Option<GroupHandle> {
         self.lock_groups().get(&group).cloned().flatten()
@@ -426,6 +438,7 @@ impl Host {
             generation: AtomicU64::new(0),
             seen: Mutex::default(),
             changes: Arc::clone(&inner.changes),
+            failure: Arc::clone(&inner.failure),
             writes_held: watch::Sender::new(false),
             batcher_quiet: watch::Sender::new(false),
         });
@@ -639,6 +652,8 @@ pub(crate) struct GroupShared {
     seen: Mutex<Seen>,
     /// The host's change counter ([`Host::group_changes`]).
     changes: Arc<watch::Sender<u64>>,
+    /// The host's first fatal group error ([`Host::failure`]).
+    failure: Arc<watch::Sender<Option<String>>>,
     /// Set during a hand-over: the batcher forms no entry (`batch.rs`, `handover.rs`).
     writes_held: watch::Sender<bool>,
     /// Set by the batcher while held with no entry in flight.
