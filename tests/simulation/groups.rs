@@ -45,6 +45,9 @@
 //! is under the storage crate's crash seam, and where the other runs crash a node this one
 //! cuts its power — the node restarts from what its disk kept (unsynced pages reverted,
 //! torn or garbage, per seed); the whole rack is cut once under load and once at the end.
+//! Half of the single-node cuts come with the node's syncs stalled for a window of cluster
+//! time first (`Sim::power_cut_in_flight`): its appends reach the page cache, its group
+//! commit does not complete, and the cut must lose only what no one was told is durable.
 //! Syncs run on the storage crate's real threads beside the paused clock, so, as in the
 //! one-group power-cut run, thread timing can make a replay go differently.
 //!
@@ -57,7 +60,10 @@
 //! does (`GroupsNode::failed`) — the schedule's supervisor crashes it at its next step, as
 //! Kubernetes restarts an exited container; a restart on a disk still full may fail again
 //! (a crash loop). Healing frees every disk. A seed fails unless some node exited on a
-//! full disk.
+//! full disk; in every run, a group failing for any other reason is a violation — a
+//! removal, a hibernation or a shutdown is openraft's `Fatal::Stopped`, which must never
+//! make a node exit (mutation-checked: counting it as a failure, 3 of 3 seeds of the
+//! plain run fail on the first replica move).
 //!
 //! Hibernation (`hibernating_groups_…`): the hosts stop idle groups on every replica
 //! (`HostConfig::hibernation`, quiesce after [`QUIESCE_AFTER`]); producers pause now and
@@ -78,7 +84,7 @@ use entrepot::raft::address_machine::{message_record, AddressMachine};
 use entrepot_cluster::placement::GroupId;
 use entrepot_cluster::sim_net::SimNet;
 use entrepot_cluster::{GroupHandle, HibernationConfig, Host, HostConfig, NodeId, Position};
-use entrepot_storage::crash_sim::CrashSim;
+use entrepot_storage::crash_sim::{CrashSim, SyncFault};
 use entrepot_storage::{LogConfig, SyncPolicy, DEFAULT_GROUP};
 use tokio::sync::watch;
 
@@ -109,6 +115,12 @@ const PURGE_KEEP: u64 = 8;
 /// Seeds of the power-cut run unless `ENTREPOT_SIM_GROUP_SEEDS` says otherwise: real
 /// syncs make a seed slower.
 const POWER_GROUP_SEEDS: u64 = 3;
+/// Real time a stalled sync waits before it runs ([`Sim::power_cut_in_flight`]): longer
+/// than the real time the cut's window of cluster time takes.
+const SYNC_STALL: Duration = Duration::from_millis(100);
+/// Syncs stalled before an in-flight cut: the node log's next group commits (a vote or a
+/// snapshot file may take one).
+const STALLS_PER_CUT: u32 = 3;
 /// Seeds of the full-disk run unless `ENTREPOT_SIM_GROUP_SEEDS` says otherwise.
 const FULL_DISK_SEEDS: u64 = 2;
 /// Segment size of the full-disk run: the smallest the storage crate takes, so a node
@@ -346,6 +358,8 @@ struct Counters {
     /// or damaged.
     power_cuts: u64,
     pages_lost: u64,
+    /// Of the power cuts, those made while the node's syncs were stalled.
+    cuts_in_flight: u64,
     /// Disks filled, nodes that exited on a fatal group error, restarts that failed (a
     /// disk still full).
     disks_filled: u64,
@@ -503,11 +517,36 @@ impl Sim {
             .collect();
         let mut exits = Vec::new();
         for (id, why) in failed {
+            // Only a full disk stops a group here: a removal, a hibernation or a
+            // shutdown is a stop the host asked for, never a failure.
+            if !(self.mode.full_disks && why.contains("disk full")) {
+                self.violation(format!(
+                    "node {id}: a group failed without a full disk: {why}"
+                ));
+            }
             self.crash(id).await;
             self.counters.lock().unwrap().failed_exits += 1;
             exits.push(format!("node {id} exited: {why}"));
         }
         exits
+    }
+
+    /// Cuts node `id`'s power while its writes are on their way to the disk: its next
+    /// syncs stall ([`SYNC_STALL`] of real time each, the seam's `SyncFault::Stall`), the
+    /// cluster runs on for `window` (the node appends, its node log's group commit does
+    /// not complete: nothing of it may count as durable), then [`Sim::power_cut`].
+    async fn power_cut_in_flight(
+        &self,
+        id: NodeId,
+        window: Duration,
+        seed: u64,
+    ) -> Result<(), String> {
+        if let Some(seam) = self.seams.lock().unwrap().get(&id) {
+            seam.inject(SyncFault::Stall(SYNC_STALL), STALLS_PER_CUT);
+        }
+        self.counters.lock().unwrap().cuts_in_flight += 1;
+        tokio::time::sleep(window).await;
+        self.power_cut(&[id], seed).await
     }
 
     /// The node that leads `g` and the node's handle and machine, if one (running) does.
@@ -658,7 +697,7 @@ async fn simulate(seed: u64, mode: Mode) -> Result<String, String> {
         "{accepted} accepted, {in_doubt} in doubt, {consumed} consumed ({} reads); \
          {} faults: {} partitions, {} crashes, {} restarts, {} leader moves, {} replica \
          moves ({} failed); {checked}; hibernation: {} stops, {} wakes, {} peers lost; \
-         {} power cuts ({} pages lost or damaged); {} disks filled, {} exits on a failed \
+         {} power cuts ({} with syncs stalled; {} pages lost or damaged); {} disks filled, {} exits on a failed \
          group, {} failed restarts; links {} made {} cut; trace {:016x}",
         c.reads,
         faults.len(),
@@ -672,6 +711,7 @@ async fn simulate(seed: u64, mode: Mode) -> Result<String, String> {
         c.wakes,
         c.peers_lost,
         c.power_cuts,
+        c.cuts_in_flight,
         c.pages_lost,
         c.disks_filled,
         c.failed_exits,
@@ -866,7 +906,11 @@ async fn inject(sim: &Sim, rng: &mut Rng, log: &mut Vec<String>) -> Result<(), S
             }
             40..=52 if down.is_empty() => {
                 let id = up[rng.below(up.len() as u64) as usize];
-                if sim.mode.disk == Disk::Synced {
+                if sim.mode.disk == Disk::Synced && rng.chance(500) {
+                    let window = Duration::from_millis(rng.between(10, 200));
+                    sim.power_cut_in_flight(id, window, rng.next_u64()).await?;
+                    format!("power cut of node {id} with its syncs stalled for {window:?}")
+                } else if sim.mode.disk == Disk::Synced {
                     sim.power_cut(&[id], rng.next_u64()).await?;
                     format!("power cut of node {id}")
                 } else {

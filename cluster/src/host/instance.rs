@@ -259,7 +259,14 @@ pub(crate) async fn follow_metrics(handle: GroupHandle, raft: Raft<TypeConfig>, 
     loop {
         let snapshot = {
             let m = metrics.borrow_and_update();
-            if let Err(fatal) = &m.running_state {
+            // `Fatal::Stopped` is openraft's word for a stop the host asked for (a
+            // removal, a hibernation, the shutdown): not a failure.
+            let fatal = m
+                .running_state
+                .as_ref()
+                .err()
+                .filter(|f| !matches!(f, openraft::error::Fatal::Stopped));
+            if let Some(fatal) = fatal {
                 let group = handle.group();
                 tracing::error!(group, error = %fatal, "the group's Raft stopped on a fatal error");
                 shared.failure.send_if_modified(|f| {
