@@ -48,6 +48,7 @@ mod jms_subscriptions;
 mod large_messages;
 mod manifests;
 mod many_queues;
+mod meta_fixtures;
 mod meta_group;
 mod meta_hosts;
 mod metrics;
