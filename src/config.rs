@@ -18,6 +18,8 @@ use std::time::Duration;
 use entrepot_storage::SyncPolicy;
 use serde::Deserialize;
 
+use crate::raft::groups_node::NODE_LOG_RECORD_MAX;
+
 /// Default AMQP listener.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:5672";
 /// Default AMQPS listener, used when a TLS certificate is configured.
@@ -53,6 +55,12 @@ pub const DEFAULT_MAX_INCOMPLETE_BYTES: u64 = 1024 * 1024 * 1024;
 pub const DEFAULT_MAX_AUTO_CREATED_ADDRESSES: usize = 10_000;
 /// Default segment size of the message log: 128 MiB.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 128 * 1024 * 1024;
+/// Default segment size of a groups-mode node log (`node-log-segment-bytes`): 256 MiB.
+pub const DEFAULT_NODE_LOG_SEGMENT_BYTES: u64 = 256 * 1024 * 1024;
+/// Smallest node-log segment: two of the node log's largest records
+/// ([`NODE_LOG_RECORD_MAX`], 16 MiB), so the largest entry of a group always fits a
+/// segment with its framing and a segment is not rolled after every large entry.
+pub const MIN_NODE_LOG_SEGMENT_BYTES: u64 = 2 * NODE_LOG_RECORD_MAX as u64;
 /// Default most messages one subscription holds before dropping the oldest.
 pub const DEFAULT_SUBSCRIPTION_BACKLOG: usize = 1_000_000;
 /// Bytes of store header and slack on top of the message in one log record.
@@ -66,6 +74,18 @@ const _: () = assert!(DEFAULT_MAX_INCOMPLETE_BYTES_PER_CONNECTION == 134_217_728
 const _: () = assert!(DEFAULT_MAX_INCOMPLETE_BYTES == 1_073_741_824);
 const _: () = assert!(DEFAULT_MAX_DELIVERY_ATTEMPTS == 10);
 const _: () = assert!(DEFAULT_HANDSHAKE_TIMEOUT_MS == 10_000);
+const _: () = assert!(DEFAULT_NODE_LOG_SEGMENT_BYTES == 268_435_456);
+const _: () = assert!(MIN_NODE_LOG_SEGMENT_BYTES == 33_554_432);
+// The largest node-log record fits the smallest segment with its headers, and every
+// allowed size is one the storage crate accepts.
+const _: () = assert!(
+    MIN_NODE_LOG_SEGMENT_BYTES
+        >= NODE_LOG_RECORD_MAX as u64
+            + entrepot_storage::SEGMENT_HEADER_LEN as u64
+            + entrepot_storage::RECORD_HEADER_LEN as u64
+);
+const _: () = assert!(MIN_NODE_LOG_SEGMENT_BYTES >= entrepot_storage::MIN_SEGMENT_BYTES);
+const _: () = assert!(DEFAULT_NODE_LOG_SEGMENT_BYTES <= entrepot_storage::MAX_SEGMENT_BYTES);
 
 /// Reads `sync:` in the YAML file through [`SyncPolicy`]'s `FromStr` (`always`, `never`,
 /// `interval:<ms>`), so a bad value fails the file with the value named, once, at load.
@@ -117,6 +137,13 @@ pub struct BrokerConfig {
     /// Segment size of the message log in bytes. Default 134217728 (128 MiB).
     #[arg(long, env = "ENTREPOT_SEGMENT_BYTES")]
     pub segment_bytes: u64,
+    /// In `cluster-mode: groups`, segment size of the node log (`<data-dir>/host`, every
+    /// group's Raft entries) in bytes: each segment is preallocated whole, and a node whose
+    /// disk cannot hold the next one stops (see `GroupsNode::failed`). Between 33554432
+    /// (32 MiB, twice the largest node-log record) and 1073741824 (1 GiB). Default
+    /// 268435456 (256 MiB). Ignored in other modes.
+    #[arg(long, env = "ENTREPOT_NODE_LOG_SEGMENT_BYTES")]
+    pub node_log_segment_bytes: u64,
     /// Create a queue (or, under a `topic-prefixes` prefix, a topic) when a client first
     /// attaches to an unknown address. Default true; always false with `manifests`.
     #[arg(long, env = "ENTREPOT_AUTO_CREATE", action = clap::ArgAction::Set)]
@@ -258,6 +285,7 @@ impl Default for BrokerConfig {
             data_dir: PathBuf::from("./data"),
             sync: SyncPolicy::Always,
             segment_bytes: DEFAULT_SEGMENT_BYTES,
+            node_log_segment_bytes: DEFAULT_NODE_LOG_SEGMENT_BYTES,
             auto_create: true,
             max_auto_created_addresses: DEFAULT_MAX_AUTO_CREATED_ADDRESSES,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
@@ -329,6 +357,17 @@ impl BrokerConfig {
             return Err(format!(
                 "max-message-bytes ({}) must be positive and fit in a segment (segment-bytes {} minus {framing})",
                 self.max_message_bytes, self.segment_bytes
+            ));
+        }
+        let node_log = MIN_NODE_LOG_SEGMENT_BYTES..=entrepot_storage::MAX_SEGMENT_BYTES;
+        if !node_log.contains(&self.node_log_segment_bytes) {
+            return Err(format!(
+                "node-log-segment-bytes ({}) must be between {} (twice the node log's largest \
+                 record, NODE_LOG_RECORD_MAX {NODE_LOG_RECORD_MAX}) and {} (the storage's \
+                 MAX_SEGMENT_BYTES)",
+                self.node_log_segment_bytes,
+                node_log.start(),
+                node_log.end()
             ));
         }
         if self.link_credit == 0 || self.unsettled_per_link == 0 || self.max_connections == 0 {
@@ -448,6 +487,33 @@ mod tests {
             ..BrokerConfig::default()
         };
         assert!(edge.validate().unwrap_err().contains("max-message-bytes"));
+    }
+
+    #[test]
+    fn the_node_log_segment_size_reads_from_yaml_and_is_bounded_by_the_largest_record() {
+        let default = BrokerConfig::default();
+        assert_eq!(default.node_log_segment_bytes, 256 << 20);
+        let c: BrokerConfig = serde_yaml::from_str("node-log-segment-bytes: 33554432\n").unwrap();
+        assert_eq!(c.node_log_segment_bytes, MIN_NODE_LOG_SEGMENT_BYTES);
+        c.validate().unwrap();
+        let at = |bytes: u64| BrokerConfig {
+            node_log_segment_bytes: bytes,
+            ..BrokerConfig::default()
+        };
+        at(entrepot_storage::MAX_SEGMENT_BYTES).validate().unwrap();
+        // One byte short of two largest records, one beyond what a segment may be, none.
+        for bad in [
+            MIN_NODE_LOG_SEGMENT_BYTES - 1,
+            u64::from(NODE_LOG_RECORD_MAX),
+            entrepot_storage::MAX_SEGMENT_BYTES + 1,
+            0,
+        ] {
+            let err = at(bad).validate().unwrap_err();
+            assert!(err.contains("node-log-segment-bytes"), "{bad}: {err}");
+            assert!(err.contains(&format!("({bad})")), "{bad}: {err}");
+            assert!(err.contains("NODE_LOG_RECORD_MAX"), "{bad}: {err}");
+            assert!(err.contains("MAX_SEGMENT_BYTES"), "{bad}: {err}");
+        }
     }
 
     #[test]

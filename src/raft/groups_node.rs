@@ -78,8 +78,6 @@ pub const BROKER_DIR: &str = "broker";
 /// Largest record of the node log: one entry of a group (a batch of proposals of up to
 /// `MAX_BATCH_BYTES`, or one message of up to the cluster's 4 MiB, plus framing).
 pub const NODE_LOG_RECORD_MAX: u32 = 16 << 20;
-/// Segment size of the node log.
-pub const NODE_LOG_SEGMENT_BYTES: u64 = 256 << 20;
 
 /// A running node in groups mode.
 pub struct GroupsNode {
@@ -264,8 +262,9 @@ fn copy(meta: &MetaGroup) -> MetaGroup {
     }
 }
 
-/// The host: its node log synced as `--sync` says, the broker's Raft timing, the
-/// inter-node port with the cluster's secret and TLS.
+/// The host: its node log synced as `--sync` says, in segments of
+/// `--node-log-segment-bytes`; the broker's Raft timing; the inter-node port with the
+/// cluster's secret and TLS.
 async fn start_host(
     config: &BrokerConfig,
     cluster: &ClusterConfig,
@@ -273,7 +272,7 @@ async fn start_host(
     let dir = config.data_dir.join(HOST_DIR);
     let mut host_config = HostConfig::new(cluster.node_id, &dir);
     host_config.log = LogConfig {
-        segment_bytes: NODE_LOG_SEGMENT_BYTES,
+        segment_bytes: config.node_log_segment_bytes,
         record_bytes_max: NODE_LOG_RECORD_MAX,
         sync: config.sync,
         ..LogConfig::default()

@@ -259,14 +259,14 @@ impl Ledger {
 
 /// One group as a node's `/status` shows it (`groups-here`).
 #[derive(Debug, Clone)]
-struct GroupView {
-    group: u64,
-    name: String,
-    placed: BTreeSet<u64>,
-    voters: BTreeSet<u64>,
+pub(crate) struct GroupView {
+    pub(crate) group: u64,
+    pub(crate) name: String,
+    pub(crate) placed: BTreeSet<u64>,
+    pub(crate) voters: BTreeSet<u64>,
     /// The leader the metadata prefers (`None` for group 0).
-    preferred: Option<u64>,
-    leader: Option<u64>,
+    pub(crate) preferred: Option<u64>,
+    pub(crate) leader: Option<u64>,
 }
 
 fn ids(list: &str) -> BTreeSet<u64> {
@@ -287,7 +287,7 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 }
 
 /// The groups open on node `id` (group 0 included), from its `/status`.
-fn groups_on(cluster: &Cluster, id: u64) -> Vec<GroupView> {
+pub(crate) fn groups_on(cluster: &Cluster, id: u64) -> Vec<GroupView> {
     let Some((_, body)) = cluster.get(id, "/status") else {
         return Vec::new();
     };

@@ -440,6 +440,23 @@ impl Cluster {
         self.stop_with(id, |node| node.kill());
     }
 
+    /// Waits (bounded by `timeout`) for node `id`'s process to exit by itself; once it
+    /// has, the node counts as stopped (its log kept, [`Cluster::restart`] starts it
+    /// again) and its exit status is returned. `None` when it still runs after `timeout`.
+    pub fn wait_exit(&mut self, id: u64, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let node = self.nodes.get_mut(&id).expect("node running");
+            if let Some(status) = node.exit_status() {
+                return Some(self.stop_with(id, |_| status));
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
     /// Ends node `id`'s process with `stop`, keeping everything it logged.
     fn stop_with<T>(&mut self, id: u64, stop: impl FnOnce(&mut BrokerProcess) -> T) -> T {
         let _ = self.log_lines(id);

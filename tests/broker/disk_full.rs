@@ -58,32 +58,59 @@ const NEVER_ACCEPTED: u64 = 5;
 /// Credit the raw consumer keeps open.
 const CREDIT: u32 = 200;
 
-/// A size-limited tmpfs, unmounted on drop (also used by the fault campaign).
-pub(crate) struct SmallFs(tempfile::TempDir);
+/// A size-limited tmpfs, unmounted on drop (also used by the fault campaign and by
+/// `cluster_groups_disk_full`, which mounts one at a cluster node's data directory).
+pub(crate) struct SmallFs {
+    path: PathBuf,
+    /// The temporary mount point, when [`SmallFs::mount`] made one (removed after the
+    /// unmount); `None` for [`SmallFs::mount_at`], whose directory is the caller's.
+    _dir: Option<tempfile::TempDir>,
+}
 
 impl SmallFs {
+    /// A tmpfs of `size` (`mount -o size=`, e.g. `3m`) on a new temporary directory.
     pub(crate) fn mount(size: &str) -> Result<SmallFs, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let mut fs = SmallFs::mount_at(dir.path(), size)?;
+        fs._dir = Some(dir);
+        Ok(fs)
+    }
+
+    /// A tmpfs of `size` on `path` (created if missing; left in place after the unmount).
+    pub(crate) fn mount_at(path: &Path, size: &str) -> Result<SmallFs, String> {
+        fs::create_dir_all(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let out = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
+            .arg(path)
             .output()
             .map_err(|e| format!("cannot run mount: {e}"))?;
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
         }
-        Ok(SmallFs(dir))
+        Ok(SmallFs {
+            path: path.to_path_buf(),
+            _dir: None,
+        })
     }
 
     /// The tmpfs, or `None` when it cannot be mounted and `ENTREPOT_TEST_ALLOW_SKIP=1`
     /// allows a skip (a local run without root). CI runs as root: there a failed mount
     /// fails the test instead of passing it unseen.
     fn mount_or_skip(size: &str) -> Option<SmallFs> {
-        match SmallFs::mount(size) {
+        SmallFs::or_skip("disk_full", SmallFs::mount(size))
+    }
+
+    /// [`SmallFs::mount_at`], or `None` as [`SmallFs::mount_or_skip`] says, for `test`.
+    pub(crate) fn mount_at_or_skip(test: &str, path: &Path, size: &str) -> Option<SmallFs> {
+        SmallFs::or_skip(test, SmallFs::mount_at(path, size))
+    }
+
+    fn or_skip(test: &str, mounted: Result<SmallFs, String>) -> Option<SmallFs> {
+        match mounted {
             Ok(fs) => Some(fs),
             Err(reason) => {
                 crate::requirement::skip_or_fail(
-                    "disk_full",
+                    test,
                     &format!("cannot mount a size-limited tmpfs (needs root): {reason}"),
                 );
                 None
@@ -92,7 +119,7 @@ impl SmallFs {
     }
 
     pub(crate) fn path(&self) -> &Path {
-        self.0.path()
+        &self.path
     }
 }
 
@@ -111,7 +138,7 @@ impl Drop for SmallFs {
             if lazy {
                 cmd.arg("-l");
             }
-            cmd.arg(self.0.path())
+            cmd.arg(&self.path)
                 .output()
                 .is_ok_and(|o| o.status.success())
         };
@@ -535,7 +562,7 @@ async fn produce_until_refused(c: &mut Client) -> u64 {
 }
 
 /// Takes every free block of the file system under `root`; returns the files.
-fn take_every_block(root: &Path) -> Vec<PathBuf> {
+pub(crate) fn take_every_block(root: &Path) -> Vec<PathBuf> {
     let mut taken = Vec::new();
     for size in [64 * 1024, 4096] {
         for i in 0.. {

@@ -105,6 +105,11 @@ impl BrokerProcess {
         format!("amqp://{}", self.amqp)
     }
 
+    /// How the process ended, or `None` while it runs (reaps it once it has exited).
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// SIGKILL: no chance to sync or close anything.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -17,6 +17,7 @@ mod cluster_forward;
 mod cluster_forward_consume;
 mod cluster_groups;
 mod cluster_groups_campaign;
+mod cluster_groups_disk_full;
 mod cluster_groups_handover;
 mod cluster_groups_membership;
 mod cluster_groups_wake;
