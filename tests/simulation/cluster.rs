@@ -102,17 +102,24 @@ async fn hold_clock_for_syncs(
     nodes: Weak<Mutex<BTreeMap<NodeId, Running>>>,
     disks: Weak<Mutex<Disks>>,
 ) {
-    while let (Some(nodes), Some(disks)) = (nodes.upgrade(), disks.upgrade()) {
+    hold_clock_while(move || {
+        let (nodes, disks) = (nodes.upgrade()?, disks.upgrade()?);
         if lock(&disks).released {
-            tokio::time::sleep(SYNC_TICK).await;
-            continue;
+            return Some(Vec::new());
         }
-        let pending: Vec<Log> = lock(&nodes)
-            .values()
-            .map(|r| r.raft_log.clone())
-            .filter(sync_pending)
-            .collect();
-        drop((nodes, disks));
+        let logs = lock(&nodes).values().map(|r| r.raft_log.clone()).collect();
+        Some(logs)
+    })
+    .await
+}
+
+/// Every [`SYNC_TICK`], waits in a blocking task (which stops the paused clock from
+/// advancing) until the logs `logs()` names are durable, at most [`SYNC_WAIT_MAX`] of
+/// real time; ends when `logs()` answers `None` (the cluster is gone). The groups
+/// simulation holds its clock the same way.
+pub(crate) async fn hold_clock_while(mut logs: impl FnMut() -> Option<Vec<Log>>) {
+    while let Some(logs) = logs() {
+        let pending: Vec<Log> = logs.into_iter().filter(sync_pending).collect();
         if pending.is_empty() {
             tokio::time::sleep(SYNC_TICK).await;
             continue;

@@ -48,8 +48,12 @@
 //! Half of the single-node cuts come with the node's syncs stalled for a window of cluster
 //! time first (`Sim::power_cut_in_flight`): its appends reach the page cache, its group
 //! commit does not complete, and the cut must lose only what no one was told is durable.
-//! Syncs run on the storage crate's real threads beside the paused clock, so, as in the
-//! one-group power-cut run, thread timing can make a replay go differently.
+//! Syncs run on the storage crate's real threads beside the paused clock; as in the
+//! one-group power-cut run, a task holds the clock while a node log's sync is under way
+//! (`cluster::hold_clock_while`: without it a vote's sync let the clock run past the
+//! election timeout, and under CPU load 5 of 24 seeds ended with a group that elected no
+//! leader within 30 s of cluster time). Thread timing can still make a replay go
+//! differently.
 //!
 //! Full disks (`a_full_disk_…`): every node's directory is under the storage crate's
 //! seam, whose `set_disk_full` makes each new segment's preallocation fail with ENOSPC as
@@ -121,6 +125,9 @@ const SYNC_STALL: Duration = Duration::from_millis(100);
 /// Syncs stalled before an in-flight cut: the node log's next group commits (a vote or a
 /// snapshot file may take one).
 const STALLS_PER_CUT: u32 = 3;
+/// Longest the full-disk run's load goes on past the fault phase for a full disk to stop
+/// its node (cluster time): a node rolls a segment every few seconds under this load.
+const FULL_DISK_BITES_WITHIN: Duration = Duration::from_secs(20);
 /// Seeds of the full-disk run unless `ENTREPOT_SIM_GROUP_SEEDS` says otherwise.
 const FULL_DISK_SEEDS: u64 = 2;
 /// Segment size of the full-disk run: the smallest the storage crate takes, so a node
@@ -338,6 +345,8 @@ struct Sim {
     seams: Arc<Mutex<BTreeMap<NodeId, Arc<CrashSim>>>>,
     /// Nodes whose disk is full now.
     full: Arc<Mutex<BTreeSet<NodeId>>>,
+    /// Set while the clock is not held for syncs ([`Sim::power_cut_in_flight`]).
+    released: Arc<Mutex<bool>>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -545,8 +554,11 @@ impl Sim {
             seam.inject(SyncFault::Stall(SYNC_STALL), STALLS_PER_CUT);
         }
         self.counters.lock().unwrap().cuts_in_flight += 1;
+        *self.released.lock().unwrap() = true;
         tokio::time::sleep(window).await;
-        self.power_cut(&[id], seed).await
+        let cut = self.power_cut(&[id], seed).await;
+        *self.released.lock().unwrap() = false;
+        cut
     }
 
     /// The node that leads `g` and the node's handle and machine, if one (running) does.
@@ -589,7 +601,26 @@ async fn simulate(seed: u64, mode: Mode) -> Result<String, String> {
         dirs: Arc::default(),
         seams: Arc::default(),
         full: Arc::default(),
+        released: Arc::default(),
     };
+    if mode.disk == Disk::Synced {
+        // As in the one-group power-cut run: a node log's sync costs at most a tick of
+        // cluster time, so that elections do not time out while a vote is being synced.
+        let (nodes, released) = (Arc::downgrade(&sim.nodes), Arc::downgrade(&sim.released));
+        tokio::spawn(crate::cluster::hold_clock_while(move || {
+            let (nodes, released) = (nodes.upgrade()?, released.upgrade()?);
+            if *released.lock().unwrap() {
+                return Some(Vec::new());
+            }
+            let nodes = nodes.lock().unwrap();
+            Some(
+                nodes
+                    .values()
+                    .map(|n| n.host.node_log().log().clone())
+                    .collect(),
+            )
+        }));
+    }
     // Group g on nodes g-1, g, g+1 (mod NODES), formed by the first.
     let placed =
         |g: GroupId| -> BTreeSet<NodeId> { (0..REPLICAS).map(|r| (g - 1 + r) % NODES).collect() };
@@ -637,6 +668,9 @@ async fn simulate(seed: u64, mode: Mode) -> Result<String, String> {
     let mut faults = Vec::new();
     let result = async {
         inject(&sim, &mut rng, &mut faults).await?;
+        if mode.full_disks {
+            full_disk_bites(&sim, &mut faults).await?;
+        }
         if mode.disk == Disk::Synced {
             // The whole rack under load: no node keeps what it had not synced.
             sim.power_cut(&(0..NODES).collect::<Vec<_>>(), rng.next_u64())
@@ -1052,6 +1086,42 @@ async fn move_replica(sim: &Sim, rng: &mut Rng) -> Option<String> {
         }
     }
     Some(text("done"))
+}
+
+/// After the fault phase of the full-disk run: if no node has exited on its full disk yet
+/// (it was isolated or down for most of the phase), the network heals, the nodes that are
+/// down start, and the load runs on until one does (bounded by [`FULL_DISK_BITES_WITHIN`]
+/// of cluster time; the seed then fails on its count).
+async fn full_disk_bites(sim: &Sim, log: &mut Vec<String>) -> Result<(), String> {
+    if sim.counters.lock().unwrap().failed_exits > 0 {
+        return Ok(());
+    }
+    if sim.full.lock().unwrap().is_empty() {
+        if let Some(&id) = sim.up().first() {
+            sim.fill_disk(id);
+            log.push(format!("{}ms disk of node {id} full", crate::elapsed_ms()));
+        }
+    }
+    sim.net.heal();
+    for id in 0..NODES {
+        if sim.node(id).is_none() {
+            // A restart into the full disk may fail (the crash loop): counted, not fatal.
+            if sim.start(id, &[]).await.is_err() {
+                sim.counters.lock().unwrap().failed_starts += 1;
+            }
+        }
+    }
+    let deadline = tokio::time::Instant::now() + FULL_DISK_BITES_WITHIN;
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let exits = sim.supervise().await;
+        if !exits.is_empty() {
+            let at = crate::elapsed_ms();
+            log.extend(exits.into_iter().map(|e| format!("{at}ms {e}")));
+            return Ok(());
+        }
+    }
+    Ok(())
 }
 
 /// Heals the network, starts every node that is down, and waits until every group has
