@@ -18,8 +18,6 @@ use std::time::Duration;
 use entrepot_storage::SyncPolicy;
 use serde::Deserialize;
 
-use crate::raft::groups_node::NODE_LOG_RECORD_MAX;
-
 /// Default AMQP listener.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:5672";
 /// Default AMQPS listener, used when a TLS certificate is configured.
@@ -55,6 +53,11 @@ pub const DEFAULT_MAX_INCOMPLETE_BYTES: u64 = 1024 * 1024 * 1024;
 pub const DEFAULT_MAX_AUTO_CREATED_ADDRESSES: usize = 10_000;
 /// Default segment size of the message log: 128 MiB.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 128 * 1024 * 1024;
+/// Largest record of a groups-mode node log: one entry of a group (a batch of proposals
+/// of up to `MAX_BATCH_BYTES`, or one message of up to the cluster's 4 MiB, plus
+/// framing). Here, not in `raft::groups_node`, because the node-log segment setting is
+/// bounded by it and `config` sits below `raft`.
+pub const NODE_LOG_RECORD_MAX: u32 = 16 << 20;
 /// Default segment size of a groups-mode node log (`node-log-segment-bytes`): 256 MiB.
 pub const DEFAULT_NODE_LOG_SEGMENT_BYTES: u64 = 256 * 1024 * 1024;
 /// Smallest node-log segment: two of the node log's largest records

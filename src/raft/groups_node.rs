@@ -75,9 +75,9 @@ use crate::server::{Node, StartError};
 pub const HOST_DIR: &str = "host";
 /// Directory of the node's local broker store inside the data directory.
 pub const BROKER_DIR: &str = "broker";
-/// Largest record of the node log: one entry of a group (a batch of proposals of up to
-/// `MAX_BATCH_BYTES`, or one message of up to the cluster's 4 MiB, plus framing).
-pub const NODE_LOG_RECORD_MAX: u32 = 16 << 20;
+/// Largest record of the node log (defined beside the setting it bounds, in `config`,
+/// which must not reach up into `raft`).
+pub use crate::config::NODE_LOG_RECORD_MAX;
 
 /// A running node in groups mode.
 pub struct GroupsNode {

@@ -92,7 +92,7 @@ fn encode_ops() -> Bytes {
     b.freeze()
 }
 
-fn fixture(name: &str) -> PathBuf {
+pub(crate) fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/cluster")
         .join(name)
@@ -343,7 +343,8 @@ fn todays_code_writes_the_current_snapshot_versions_byte_for_byte() {
     assert_eq!(source.read_all(), read("store-snapshot-v2.bin"));
 }
 
-fn write_new(name: &str, bytes: &[u8]) {
+/// Writes fixture `name`, refusing to overwrite one (shared by `meta_fixtures`).
+pub(crate) fn write_new(name: &str, bytes: &[u8]) {
     let path = fixture(name);
     assert!(
         !path.exists(),

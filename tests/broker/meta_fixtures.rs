@@ -16,17 +16,12 @@
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::path::{Path, PathBuf};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use entrepot::raft::meta_machine::{encode_op, Member, MetaMachine, MetaOp, META_SNAPSHOT_VERSION};
 use entrepot_cluster::{GroupMachine, NodeId, Position};
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/cluster")
-        .join(name)
-}
+use crate::format_fixtures::{fixture, write_new};
 
 fn member(n: NodeId) -> Member {
     Member {
@@ -120,17 +115,6 @@ fn v1_by_hand(m: &MetaMachine) -> Vec<u8> {
         nodes(&mut b, &e.founders);
     }
     b.to_vec()
-}
-
-fn write_new(name: &str, bytes: &[u8]) {
-    let path = fixture(name);
-    assert!(
-        !path.exists(),
-        "{} exists; fixtures of a released format are never rewritten",
-        path.display()
-    );
-    fs::create_dir_all(path.parent().unwrap()).unwrap();
-    fs::write(path, bytes).unwrap();
 }
 
 #[test]
