@@ -178,9 +178,12 @@ pub async fn windowed(
             }
         });
     };
-    // Outcomes still owed: a bounded wait (short on a dead connection: only outcomes
-    // already received are still to be recorded), then their fate stays unknown.
-    let owed = if conn.is_closed() {
+    // Outcomes still owed: a bounded wait (short on a dead connection, or after a send
+    // failed — the broker ended the session, say, after a detach raced a transfer: only
+    // outcomes already received are still to be recorded, and a real client reconnects at
+    // once; the 3 s wait there was a 3.2 s stall of the elasticity run), then their fate
+    // stays unknown.
+    let owed = if conn.is_closed() || result.is_err() {
         Duration::from_millis(100)
     } else {
         Duration::from_secs(3)
