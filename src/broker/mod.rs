@@ -259,6 +259,12 @@ impl Broker {
         let _ = self.close_reason.set(reason.to_owned());
     }
 
+    /// Why this broker's connections are being closed, once [`Self::closing_because`]
+    /// was called (a clustered leader stepping down); `None` otherwise.
+    pub fn closing(&self) -> Option<&str> {
+        self.close_reason.get().map(String::as_str)
+    }
+
     /// Asks `router` where each address is served from now on (the first router given
     /// stays); set before the broker serves its first client.
     pub fn route_by(&self, router: Arc<dyn routing::AddressRouter>) {

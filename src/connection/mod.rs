@@ -855,6 +855,15 @@ impl Connection {
         }
         let failed = self.broker.store().durable_watch().borrow().failed.clone();
         if let Some(reason) = failed {
+            // A clustered leader stepping down fails its store on purpose (after it
+            // recorded why it closes its connections): the client is sent to the new
+            // leader as by the shutdown path, not told of an internal error.
+            if let Some(why) = self.broker.closing() {
+                return Err(ConnError::protocol(
+                    ConnectionError::ConnectionForced,
+                    why.to_owned(),
+                ));
+            }
             return Err(ConnError::protocol(
                 AmqpError::InternalError,
                 format!("message store failed: {reason}"),

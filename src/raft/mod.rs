@@ -189,9 +189,11 @@ pub struct Active {
 
 impl Active {
     fn stop(&self, reason: &str) {
-        self.replication.fail(reason);
-        // Its clients hear the same reason when their connections close.
+        // Its clients hear the same reason when their connections close — recorded before
+        // the store fails, so a connection that sees the failure also sees why, and closes
+        // with `connection-forced` rather than an internal error.
         self.broker.closing_because(reason);
+        self.replication.fail(reason);
         // Nothing more is written to a client: connections waiting for a renewal close.
         self.lease.end();
         let _ = self.shutdown.send(true);
