@@ -686,8 +686,18 @@ impl Store {
 /// runs this on its own store, which no broker tends.
 pub fn reclaim(log: &Log, acks: &AckLog) -> StorageResult<usize> {
     let mut deleted = 0;
-    for span in log.segments().into_iter().filter(|s| s.sealed) {
-        if acks.contains_range(span.base, span.next) && log.delete_segment(span.base)? {
+    let spans: Vec<_> = log
+        .segments()
+        .into_iter()
+        .filter(|s| s.sealed && acks.contains_range(s.base, s.next))
+        .collect();
+    if !spans.is_empty() {
+        // The acknowledgements that free a segment are durable before it goes (the ack
+        // log's invariant): the ack log syncs lazily (`ACK_SYNC_DELAY`).
+        acks.log().flush()?;
+    }
+    for span in spans {
+        if log.delete_segment(span.base)? {
             deleted += 1;
         }
     }

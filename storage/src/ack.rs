@@ -26,6 +26,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use crate::config::LogConfig;
 use crate::error::{Result, StorageError};
@@ -39,6 +40,10 @@ pub const SNAPSHOT_EVERY_RECORDS: u64 = 50_000;
 pub const ACK_SEGMENT_BYTES: u64 = 8 * 1024 * 1024;
 /// Most offsets one ack record carries.
 pub const MAX_ACKS_PER_RECORD: usize = 64 * 1024;
+/// Longest an acknowledgement nobody waits for stays unsynced (`LogConfig::lazy_sync`):
+/// a power cut within it delivers the message again. A settle-second consumer's or a
+/// transaction's acknowledgement is synced at once (its holder waits for it).
+pub const ACK_SYNC_DELAY: Duration = Duration::from_millis(10);
 
 const FLAG_ACKS: u16 = 1;
 const FLAG_SNAPSHOT: u16 = 2;
@@ -147,6 +152,9 @@ impl AckLog {
         // Nobody appends acknowledgements waiting for the last ones' sync: gathering
         // would only spin (`LogConfig::gather`).
         config.gather = false;
+        // Nor does anyone usually wait for them (a consumer settling first is told
+        // nothing): sync at most every `ACK_SYNC_DELAY`, or when a waiter asks.
+        config.lazy_sync = Some(ACK_SYNC_DELAY);
         config.record_bytes_max = config
             .record_bytes_max
             .min((config.segment_bytes / 2) as u32);

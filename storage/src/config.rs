@@ -119,6 +119,15 @@ pub struct LogConfig {
     /// again, and the spin only takes a core from the connections (a consumer at credit
     /// 250 lost 15–30 % of its rate to it, benches/RESULTS.md session 17).
     pub gather: bool,
+    /// With [`SyncPolicy::Always`]: appends do not wake the sync thread; it syncs this
+    /// long after the first append a round has not covered, or at once when someone
+    /// waits for a record ([`crate::Durable::wait`]). For a log whose records nobody
+    /// usually waits for: the ack log, since a consumer that settles first (every
+    /// client's default) is told nothing about its acknowledgement's durability — a
+    /// power cut within the delay delivers those messages again (at-least-once), as
+    /// Kafka's committed offsets and RabbitMQ's acks allow. Default `None`: every append
+    /// wakes the thread.
+    pub lazy_sync: Option<Duration>,
 }
 
 impl Default for LogConfig {
@@ -132,6 +141,7 @@ impl Default for LogConfig {
             corruption: CorruptionPolicy::Fail,
             reserve_bytes: 0,
             gather: true,
+            lazy_sync: None,
         }
     }
 }
@@ -155,6 +165,11 @@ impl LogConfig {
         if self.index_interval_bytes < 64 {
             return Err(StorageError::Config(
                 "index_interval_bytes must be at least 64".into(),
+            ));
+        }
+        if self.lazy_sync.is_some_and(|d| d.is_zero()) {
+            return Err(StorageError::Config(
+                "lazy_sync must be positive (use None)".into(),
             ));
         }
         if let SyncPolicy::Interval(d) = self.sync {

@@ -221,9 +221,11 @@ impl Log {
         if let Some(interval) = interval {
             let weak = Arc::downgrade(&inner);
             let gather = inner.config.gather;
+            // Lazy syncing is a refinement of `Always`; `Interval` already waits.
+            let lazy = inner.config.lazy_sync.filter(|_| interval.is_none());
             std::thread::Builder::new()
                 .name("entrepot-sync".into())
-                .spawn(move || sync::run(weak, signal, interval, gather))
+                .spawn(move || sync::run(weak, signal, interval, gather, lazy))
                 .map_err(|e| StorageError::io("starting sync thread", &inner.dir, e))?;
         }
         Ok(Log { inner })
@@ -555,11 +557,20 @@ impl Inner {
     fn appended(&self, first: u64, last: u64) -> Appended {
         let durable = match self.config.sync {
             SyncPolicy::Never => Durable::ready(last),
+            SyncPolicy::Always if self.config.lazy_sync.is_some() => {
+                self.signal.arm();
+                Durable {
+                    rx: Some(self.durable_tx.subscribe()),
+                    offset: last,
+                    demand: Some(Arc::clone(&self.signal)),
+                }
+            }
             _ => {
                 self.signal.notify();
                 Durable {
                     rx: Some(self.durable_tx.subscribe()),
                     offset: last,
+                    demand: None,
                 }
             }
         };

@@ -11,7 +11,7 @@
 //! Invariant: the published durable offset only ever covers bytes that a successful sync
 //! returned for. A failed sync poisons the log (see [`crate::StorageError::SyncFailed`]).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -42,12 +42,19 @@ pub struct DurableState {
 pub struct Durable {
     pub(crate) rx: Option<watch::Receiver<DurableState>>,
     pub(crate) offset: u64,
+    /// The sync thread of a log that syncs lazily (`LogConfig::lazy_sync`): waiting for
+    /// the record asks it for a sync at once instead of at its deadline.
+    pub(crate) demand: Option<Arc<SyncSignal>>,
 }
 
 impl Durable {
     /// A handle that is already complete (sync policy `Never`).
     pub(crate) fn ready(offset: u64) -> Durable {
-        Durable { rx: None, offset }
+        Durable {
+            rx: None,
+            offset,
+            demand: None,
+        }
     }
 
     /// A handle on someone else's durability watch: complete once `state.durable` passes
@@ -56,6 +63,7 @@ impl Durable {
         Durable {
             rx: Some(rx),
             offset: position,
+            demand: None,
         }
     }
 
@@ -80,10 +88,16 @@ impl Durable {
         })
     }
 
-    /// Waits until the record is durable, or fails if the log's sync failed.
+    /// Waits until the record is durable, or fails if the log's sync failed. On a log
+    /// that syncs lazily, a wait for a record not yet durable asks for a sync at once.
     pub async fn wait(self) -> Result<()> {
         let Some(mut rx) = self.rx else { return Ok(()) };
         let offset = self.offset;
+        if let Some(signal) = &self.demand {
+            if rx.borrow().durable <= offset {
+                signal.notify();
+            }
+        }
         let state = rx
             .wait_for(|s| s.durable > offset || s.failed.is_some())
             .await
@@ -149,6 +163,8 @@ impl LogStats {
 pub(crate) struct SyncSignal {
     pending: Mutex<SignalState>,
     cond: Condvar,
+    /// A lazy log has appends not yet covered by a round (`arm`).
+    armed: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -158,6 +174,48 @@ struct SignalState {
 }
 
 impl SyncSignal {
+    /// A lazy log's append ([`crate::LogConfig::lazy_sync`]): starts the thread's
+    /// deadline. Only the first append since the last round takes the lock and wakes the
+    /// thread; the others cost one atomic load.
+    pub fn arm(&self) {
+        if !self.armed.load(Ordering::Acquire) && !self.armed.swap(true, Ordering::AcqRel) {
+            // Under the lock, so the thread cannot miss it between its check and its wait.
+            if let Ok(_s) = self.pending.lock() {
+                self.cond.notify_one();
+            }
+        }
+    }
+
+    /// A lazy log's wait: sleeps until an append arms the deadline (or a waiter asks),
+    /// then until `delay` has passed or a waiter asks. Returns false once closed.
+    fn wait_lazy(&self, delay: Duration) -> bool {
+        let Ok(mut s) = self.pending.lock() else {
+            return false;
+        };
+        while !s.dirty && !s.closed && !self.armed.load(Ordering::Acquire) {
+            s = match self.cond.wait(s) {
+                Ok(g) => g,
+                Err(_) => return false,
+            };
+        }
+        let deadline = Instant::now() + delay;
+        while !s.dirty && !s.closed {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            s = match self.cond.wait_timeout(s, left) {
+                Ok((g, _)) => g,
+                Err(_) => return false,
+            };
+        }
+        s.dirty = false;
+        // Appends from here on arm the next round (the coming sync may cover them too:
+        // one sync too many at worst, never one too few).
+        self.armed.store(false, Ordering::Release);
+        !s.closed
+    }
+
     pub fn notify(&self) {
         if let Ok(mut s) = self.pending.lock() {
             if !s.dirty {
@@ -335,12 +393,24 @@ fn run_prefault(prefault: Arc<Prefault>) {
 /// Body of the group-commit thread. Holds only a weak reference, so dropping the last
 /// `Log` handle ends it.
 /// `gather` false: never wait for more appends before a sync (`LogConfig::gather`).
+/// `lazy`: appends do not wake the thread, it syncs that long after the first one (or
+/// when a waiter asks; `LogConfig::lazy_sync`).
 pub(crate) fn run(
     log: Weak<Inner>,
     signal: Arc<SyncSignal>,
     interval: Option<Duration>,
     gather_appends: bool,
+    lazy: Option<Duration>,
 ) {
+    if let Some(delay) = lazy {
+        while signal.wait_lazy(delay) {
+            let Some(inner) = log.upgrade() else { return };
+            if inner.sync_round().is_err() {
+                return;
+            }
+        }
+        return;
+    }
     let mut last: Option<SyncRound> = None;
     loop {
         // Gather before sleeping: the appenders of a round that covered several are about

@@ -127,6 +127,72 @@ async fn a_lone_append_after_a_shared_round_is_made_durable() {
     assert_eq!(log.durable_offset(), 3 * (APPENDERS + 1));
 }
 
+/// A lazily synced log (`LogConfig::lazy_sync`, the ack log's setting): appends nobody
+/// waits for wake no sync — none runs before the delay — while a wait asks for one at
+/// once, and the one sync covers every append before it. With a delay of a minute, an
+/// eager log (`lazy_sync` ignored) syncs within the first observation window, and a wait
+/// that asked nothing would take the minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lazy_log_syncs_when_a_waiter_asks_and_not_before() {
+    const DELAY: Duration = Duration::from_secs(60);
+    /// Far above a sync on a loaded disk, far below `DELAY`.
+    const BOUND: Duration = Duration::from_secs(20);
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        lazy_sync: Some(DELAY),
+        ..small(SyncPolicy::Always)
+    };
+    let log = Log::open(dir.path(), config).unwrap();
+    let handles: Vec<_> = (0..200)
+        .map(|i| log.append(&payload(i, 100)).unwrap().durable)
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        log.durable_offset(),
+        0,
+        "a lazy log synced with nobody waiting"
+    );
+    assert_eq!(
+        log.stats().syncs.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    let last = handles.last().unwrap().clone();
+    tokio::time::timeout(BOUND, last.wait())
+        .await
+        .expect("a wait on a lazy log did not ask for a sync")
+        .unwrap();
+    assert!(handles.iter().all(|h| h.is_durable()));
+    assert_eq!(log.durable_offset(), 200);
+}
+
+/// Without a waiter, a lazily synced log still syncs once its delay has passed: nothing
+/// appended stays unsynced for longer than that (plus the sync).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lazy_log_syncs_by_itself_after_its_delay() {
+    const DELAY: Duration = Duration::from_millis(50);
+    const BOUND: Duration = Duration::from_secs(20);
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        lazy_sync: Some(DELAY),
+        ..small(SyncPolicy::Always)
+    };
+    let log = Log::open(dir.path(), config).unwrap();
+    for round in 0..3u64 {
+        let before = log.durable_offset();
+        let appended = log.append(&payload(round, 100)).unwrap();
+        let started = std::time::Instant::now();
+        while log.durable_offset() <= appended.last {
+            assert!(started.elapsed() < BOUND, "round {round}: never synced");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(
+            started.elapsed() >= DELAY / 2,
+            "round {round}: synced before its delay"
+        );
+        assert_eq!(log.durable_offset(), before + 1);
+    }
+}
+
 #[test]
 fn oversized_records_and_batches_are_refused() {
     let dir = tempfile::tempdir().unwrap();
