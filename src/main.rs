@@ -259,6 +259,12 @@ struct ClusterArgs {
     /// `<hostname>.<service>:<ports>`, with --peers its own entry]
     #[arg(long, env = "ENTREPOT_CLUSTER_ADVERTISE")]
     cluster_advertise: Option<String>,
+    /// Cluster (groups mode), for tests and upgrades only: the highest metadata level this
+    /// node advertises and runs at, 1 to the build's own (2) [default: the build's]. At 1
+    /// the node acts as a build from before session 19: while it is a member, no node
+    /// proposes metadata op kind 9 or writes snapshot version 2
+    #[arg(long, env = "ENTREPOT_METADATA_LEVEL_MAX", hide = true)]
+    metadata_level_max: Option<u8>,
 }
 
 impl ClusterArgs {
@@ -319,7 +325,21 @@ impl ClusterArgs {
                 .map(std::sync::Arc::new),
             tls: self.cluster_tls()?,
             auto_join,
+            metadata_level_max: self.metadata_level_max()?,
         }))
+    }
+
+    /// `--metadata-level-max`, checked against the levels this build knows.
+    fn metadata_level_max(&self) -> anyhow::Result<u8> {
+        use entrepot::raft::meta_machine::{METADATA_LEVEL_MAX, METADATA_LEVEL_MIN};
+        let level = self.metadata_level_max.unwrap_or(METADATA_LEVEL_MAX);
+        if !(METADATA_LEVEL_MIN..=METADATA_LEVEL_MAX).contains(&level) {
+            anyhow::bail!(
+                "--metadata-level-max {level}: this build knows metadata levels \
+                 {METADATA_LEVEL_MIN} to {METADATA_LEVEL_MAX} (METADATA_LEVEL_MAX)"
+            );
+        }
+        Ok(level)
     }
 
     /// The member address this node announces when it auto-joins, or `None` when it does

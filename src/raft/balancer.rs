@@ -66,7 +66,7 @@ use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
-use super::meta_machine::{MetaMachine, MetaState};
+use super::meta_machine::{MetaMachine, MetaState, METADATA_LEVEL_FORMED};
 use super::rounds::Rounds;
 use entrepot_cluster::host::handover::HandOverHandler;
 
@@ -392,7 +392,7 @@ impl Mover {
 
 /// What `group`'s membership should be (module docs, "Targets"), its voters now being
 /// `voters`; `seen` are the members this balancer has seen. `None` for a group the
-/// metadata does not hold, or does not yet know formed.
+/// metadata does not hold, or (at metadata level 2) does not yet know formed.
 fn target(
     state: &MetaState,
     group: GroupId,
@@ -404,10 +404,11 @@ fn target(
         return Some(meta_target(&members, voters, seen));
     }
     let entry = state.groups().get(&group)?;
-    if !entry.formed {
+    if !entry.formed && state.level() >= METADATA_LEVEL_FORMED {
         // Not yet marked formed (its leader's opener marks it within a round): a move
         // before the mark could bring a replica back onto a founder that, restarted,
-        // would see a group to bootstrap (`group_opener.rs`, "Forming").
+        // would see a group to bootstrap (`group_opener.rs`, "Forming"). Below metadata
+        // level 2 nothing is ever marked: groups move unmarked, as before session 19.
         return None;
     }
     Some(Target {

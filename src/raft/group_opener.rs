@@ -28,10 +28,16 @@
 //!   moves no replica of a group before that mark, and no replica ever bootstraps a
 //!   group marked formed. A restarted node's metadata can be older than its restart
 //!   (group 0 applies its log again only once it hears the commit index), so before its
-//!   first bootstrap an opener passes a *barrier*: an empty mark proposed at group 0's
+//!   first bootstrap an opener passes a *barrier*: a no-op proposed at group 0's
 //!   leader and awaited until applied here; the groups are looked at again after it.
 //!   (Session 19: a founder restarted while its group moved back onto it used to
-//!   bootstrap its empty replica.)
+//!   bootstrap its empty replica.) Marks are metadata level 2 ops (kind 9): while the
+//!   cluster's finalized level (or this node's `--metadata-level-max`) is 1, the opener
+//!   proposes none and no group is ever formed, as before session 19 — the protection
+//!   is off until every member runs a level-2 build (`metadata_level.rs`). The barrier
+//!   is a level-1 op ([`barrier_op`]: session 19 used an empty mark), so it is passed at
+//!   any level — a node restarted on a view from before the level rose to 2 catches up
+//!   with the level and the marks before its first bootstrap.
 //! * **Removing.** A group whose id the metadata handed out but no address holds any
 //!   more (dropped; ids are never reused) is removed from the host — stopped, a removal
 //!   record in the node log, its snapshot deleted — and announced as
@@ -84,7 +90,8 @@ use tokio::time::Instant;
 
 use super::address_machine::AddressMachine;
 use super::meta_machine::{
-    GroupEntry, MetaGroup, MetaMachine, MetaOp, MetaOutcome, MetaState, MAX_FORMED_PER_OP,
+    barrier_op, GroupEntry, MetaError, MetaGroup, MetaMachine, MetaOp, MetaOutcome, MetaState,
+    MAX_FORMED_PER_OP, METADATA_LEVEL_FORMED, METADATA_LEVEL_MAX,
 };
 use super::rounds::Rounds;
 
@@ -149,6 +156,11 @@ pub struct OpenerConfig {
     /// Campaign for the groups this node should lead (off: leaders stay where the
     /// elections put them).
     pub spread_leaders: bool,
+    /// The highest metadata level this node runs at (`--metadata-level-max`,
+    /// [`METADATA_LEVEL_MAX`] by default): marks (op kind 9, level 2) are proposed only
+    /// while both it and the cluster's finalized level are at least 2
+    /// (`metadata_level.rs`).
+    pub metadata_level_max: u8,
 }
 
 impl Default for OpenerConfig {
@@ -160,6 +172,7 @@ impl Default for OpenerConfig {
             bootstrap_fallback_after: BOOTSTRAP_FALLBACK_AFTER,
             campaign_backoff: CAMPAIGN_BACKOFF,
             spread_leaders: true,
+            metadata_level_max: METADATA_LEVEL_MAX,
         }
     }
 }
@@ -404,7 +417,9 @@ impl Opener {
             self.barrier();
             self.waiting = true;
         }
-        self.mark_formed();
+        if self.marks() {
+            self.mark_formed();
+        }
         self.form().await;
         if self.config.spread_leaders {
             self.campaign().await;
@@ -623,7 +638,7 @@ impl Opener {
         }
     }
 
-    /// Starts a barrier through group 0 (an empty [`MetaOp::MarkFormed`], proposed at
+    /// Starts a barrier through group 0 ([`barrier_op`], proposed at
     /// its leader and awaited until applied here) unless one is on its way; on success
     /// this node's view of the metadata is current from then on.
     fn barrier(&mut self) {
@@ -638,9 +653,9 @@ impl Opener {
         };
         let shared = Arc::clone(&self.shared);
         tokio::spawn(async move {
-            let op = MetaOp::MarkFormed { groups: Vec::new() };
-            match meta.run_anywhere(&op).await {
-                Ok(_) => shared.current.store(true, Ordering::Release),
+            match meta.run_anywhere(&barrier_op()).await {
+                // Applied here either way: a refusal is an outcome too.
+                Ok(_) | Err(MetaError::Refused(_)) => shared.current.store(true, Ordering::Release),
                 Err(e) => {
                     shared.failures.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(error = %e, "group opener: the barrier through the metadata group failed; bootstraps wait");
@@ -695,6 +710,13 @@ impl Opener {
             }
             shared.mark_in_flight.store(false, Ordering::Release);
         });
+    }
+
+    /// Whether this node proposes marks (op kind 9): only at metadata level 2, the
+    /// cluster's finalized level and this node's own (`metadata_level.rs`); below it a
+    /// member's build may not know the kind.
+    fn marks(&self) -> bool {
+        self.meta.level().min(self.config.metadata_level_max) >= METADATA_LEVEL_FORMED
     }
 
     /// This node's replica of group 0 as a proposer (`None` before it is open).

@@ -13,7 +13,12 @@
 //!   to group 0, so it receives the metadata); between rounds it backs off from
 //!   `JOIN_BACKOFF_MIN` to `JOIN_BACKOFF_MAX` (the one-group joiner's). It runs after
 //!   every start (`AddMember` with the same addresses changes nothing), so a node drained
-//!   earlier and started again joins again; a drain ends it. The placement then gives
+//!   earlier and started again joins again; a drain ends it. Before it asks, a node not
+//!   yet a member asks its seeds for the cluster's finalized metadata level
+//!   (`metadata_level.rs`): at level 2 it joins with an `AddMemberAt` declaring its own
+//!   level, and a node whose level is below the finalized one refuses itself, naming
+//!   both levels (group 0 would refuse it the same way), and asks again only after
+//!   `JOIN_BACKOFF_MAX`. The placement then gives
 //!   the new member replicas and each group's leader moves one to it (`balancer.rs`:
 //!   learner, caught up, voter).
 //! * **Leaving** ([`Membership::drain`], [`Membership::remove`]): refused, naming the
@@ -46,7 +51,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use entrepot_cluster::membership::{JOIN_BACKOFF_MAX, JOIN_BACKOFF_MIN};
-use entrepot_cluster::{identity, NodeId};
+use entrepot_cluster::{identity, Host, NodeId};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -55,7 +60,11 @@ use super::drain::{DrainState, DRAIN_TIMEOUT};
 use super::group_opener::GroupOpener;
 use super::group_router::Drivers;
 use super::handover::HandOver;
-use super::meta_machine::{Member, MetaError, MetaGroup, MetaOp, MetaState};
+use super::meta_machine::{
+    join_op, Member, MetaError, MetaGroup, MetaOp, MetaRefusal, MetaState, METADATA_LEVEL_FORMED,
+    METADATA_LEVEL_MIN,
+};
+use super::metadata_level;
 
 /// How long the joiner waits, after its `AddMember` committed, for its own replica of
 /// group 0 to show it a member (the balancer adds it to group 0 first) before it asks
@@ -100,6 +109,8 @@ pub struct Joiner {
     pub member_addr: String,
     /// The initial peers' member addresses, asked while no leader is known here.
     pub seeds: Vec<(NodeId, String)>,
+    /// The highest metadata level this node supports (`--metadata-level-max`).
+    pub level_max: u8,
 }
 
 /// The member `addr` names: its member address and its AMQP listener.
@@ -113,13 +124,14 @@ fn member(addr: &str) -> Member {
 /// Asks group 0 until this node is a member (see the module docs); ends early on
 /// shutdown or when a drain starts.
 pub async fn join(
+    host: Host,
     meta: MetaGroup,
     joiner: Joiner,
     mut shutdown: watch::Receiver<bool>,
     mut drain: watch::Receiver<DrainState>,
 ) {
     tokio::select! {
-        _ = ask_until_member(&meta, &joiner) => {}
+        _ = ask_until_member(&host, &meta, &joiner) => {}
         _ = shutdown.wait_for(|s| *s) => {}
         _ = drain.wait_for(|d| *d != DrainState::Serving) => {
             tracing::info!("draining: no longer asking to join");
@@ -127,13 +139,55 @@ pub async fn join(
     }
 }
 
-async fn ask_until_member(meta: &MetaGroup, joiner: &Joiner) {
-    let op = MetaOp::AddMember {
-        node: joiner.node,
-        member: member(&joiner.member_addr),
-    };
+/// The cluster's finalized metadata level as a node can tell before it is a member: its
+/// own replica of group 0's, or the highest a seed answers (one that does not answer
+/// counts as level 1).
+pub async fn cluster_level(host: &Host, meta: &MetaGroup, seeds: &[(NodeId, String)]) -> u8 {
+    let mut level = meta.machine.level();
+    for (node, addr) in seeds {
+        if let Some(a) = metadata_level::ask(host, *node, addr).await {
+            level = level.max(a.finalized);
+        }
+    }
+    level
+}
+
+/// The op this node asks to join with: an `AddMember` at level 1, an `AddMemberAt` from
+/// level 2; refused here, as group 0 would refuse it, when this node is not a member yet
+/// and its level is below the cluster's finalized level ([`cluster_level`]).
+pub async fn join_request(
+    host: &Host,
+    meta: &MetaGroup,
+    joiner: &Joiner,
+) -> Result<MetaOp, MetaRefusal> {
+    let member = member(&joiner.member_addr);
+    if meta.machine.members().get(&joiner.node) == Some(&member) {
+        // A member already (a restart): asked again with what every replica knows.
+        let finalized = meta.machine.level();
+        return Ok(join_op(joiner.node, member, joiner.level_max, finalized));
+    }
+    let finalized = cluster_level(host, meta, &joiner.seeds).await;
+    if joiner.level_max < finalized {
+        return Err(MetaRefusal::LevelBelowFinalized {
+            node: joiner.node,
+            level: joiner.level_max,
+            finalized,
+        });
+    }
+    Ok(join_op(joiner.node, member, joiner.level_max, finalized))
+}
+
+async fn ask_until_member(host: &Host, meta: &MetaGroup, joiner: &Joiner) {
     let mut backoff = JOIN_BACKOFF_MIN;
     loop {
+        let op = match join_request(host, meta, joiner).await {
+            Ok(op) => op,
+            Err(refusal) => {
+                tracing::error!(node = joiner.node, %refusal, "not joining the cluster");
+                tokio::time::sleep(JOIN_BACKOFF_MAX).await;
+                continue;
+            }
+        };
         match meta.propose_via(&joiner.seeds, &op).await {
             Ok(_) => {
                 let mut changes = meta.machine.changes();
@@ -157,6 +211,8 @@ async fn ask_until_member(meta: &MetaGroup, joiner: &Joiner) {
 /// The `/cluster` API of a groups node (see the module docs).
 pub struct Membership {
     pub node: NodeId,
+    /// The node's host (a node being added is asked for its metadata level through it).
+    pub host: Host,
     pub meta: MetaGroup,
     pub opener: Arc<GroupOpener>,
     /// The address drivers, stood down while their groups are handed over.
@@ -176,11 +232,18 @@ impl Membership {
         }
     }
 
+    /// `POST /cluster/add?id=N&addr=A`: at metadata level 2 the node is asked for its
+    /// level first (one that does not answer counts as level 1, and is refused).
     async fn add(&self, id: NodeId, addr: String) -> Reply {
-        let op = MetaOp::AddMember {
-            node: id,
-            member: member(&addr),
+        let finalized = self.meta.machine.level();
+        let level = if finalized >= METADATA_LEVEL_FORMED {
+            metadata_level::ask(&self.host, id, &addr)
+                .await
+                .map_or(METADATA_LEVEL_MIN, |a| a.supported)
+        } else {
+            METADATA_LEVEL_MIN
         };
+        let op = join_op(id, member(&addr), level, finalized);
         match self.meta.run_anywhere(&op).await {
             Ok(_) => (
                 "200 OK",

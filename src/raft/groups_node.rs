@@ -14,7 +14,10 @@
 //! 3. The broker ([`crate::server::Node::start_with`], its own store in
 //!    `<data-dir>/broker` for what stays local: temporary queues, topics), with the
 //!    router ([`GroupRouter`]) set before any listener serves.
-//! 4. The group opener follows group 0 and opens the groups placed here; each `Opened`
+//! 4. The level queries answered (`metadata_level.rs`: this node's `--metadata-level-max`
+//!    and group 0's finalized level), the level controller started (on group 0's leader
+//!    it raises the finalized level once every node supports the next).
+//!    The group opener follows group 0 and opens the groups placed here; each `Opened`
 //!    spawns a [`GroupDriver`] on the broker (it serves the address while this node leads
 //!    its group), each `Closed` stops it. The [`Balancer`] moves the replicas of the
 //!    groups this node leads to their placement (after a join or a leave).
@@ -30,8 +33,8 @@
 //! knows committed (a restarted node replayed). After that an apply lag does not make it
 //! unready: under load every follower applies a few entries behind, and a readiness that
 //! flapped with it would take the node out of its Service. `/status` adds a `groups:` section (members,
-//! drain state, balancer counters, every group open here with its placement, voters,
-//! learners and leader); `/metrics` adds `entrepot_groups_{open,led,served}`,
+//! drain state, balancer counters, the metadata level, every group open here with its
+//! placement, voters, learners, leader and whether it is marked formed); `/metrics` adds `entrepot_groups_{open,led,served}`,
 //! `entrepot_cluster_members` and `entrepot_balancer_moves_*`. The `/cluster` API
 //! (add, remove, drain): `groups_membership.rs`.
 //!
@@ -65,6 +68,7 @@ use super::groups_membership::{self, Joiner, Membership};
 use super::handover::{HandOver, HandOverReport, HandOverServer};
 use super::link_forward::{ForwardStats, LinkForwardServer};
 use super::meta_machine::MetaGroup;
+use super::metadata_level::{LevelController, LevelProgress, NodeAppHandler};
 use super::{ClusterConfig, ClusterStartError, ELECTION_TIMEOUT_MS, HEARTBEAT_MS};
 use crate::broker::Broker;
 use crate::config::{BrokerConfig, LinkRouting};
@@ -88,6 +92,7 @@ pub struct GroupsNode {
     meta: MetaGroup,
     opener: Arc<GroupOpener>,
     balancer: Balancer,
+    level: LevelController,
     drivers: Drivers,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -105,10 +110,19 @@ impl GroupsNode {
         let meta = MetaGroup::open(&host)
             .await
             .map_err(ClusterStartError::Host)?;
+        let level_max = cluster.metadata_level_max;
+        // Level queries are answered from now on; link forwarding once the broker runs.
+        host.set_app_handler(NodeAppHandler::new(level_max, meta.machine.clone(), None));
+        warn_below_finalized(&meta, level_max);
         form_group_zero(&meta, &cluster).await;
+        let opener_config = OpenerConfig {
+            metadata_level_max: level_max,
+            ..OpenerConfig::default()
+        };
         let (opener, events) =
-            GroupOpener::start(host.clone(), meta.machine.clone(), OpenerConfig::default());
+            GroupOpener::start(host.clone(), meta.machine.clone(), opener_config);
         let opener = Arc::new(opener);
+        let level = LevelController::start(host.clone(), copy(&meta), level_max);
         let balancer = Balancer::start(
             host.clone(),
             meta.machine.clone(),
@@ -135,8 +149,11 @@ impl GroupsNode {
             drivers: Arc::clone(&drivers),
             broker: Mutex::new(None),
             balancer: balancer.progress(),
+            level: level.progress(),
+            level_max,
             membership: Membership {
                 node: cluster.node_id,
+                host: host.clone(),
                 meta: copy(&meta),
                 opener: Arc::clone(&opener),
                 drivers: Arc::clone(&drivers),
@@ -151,6 +168,7 @@ impl GroupsNode {
         let router = Arc::new(router);
         let setup_view = Arc::clone(&view);
         let forward_host = host.clone();
+        let forward_meta = meta.machine.clone();
         let hand_over_server = |any_voter| HandOverServer {
             node: cluster.node_id,
             meta: copy(&meta),
@@ -164,7 +182,11 @@ impl GroupsNode {
             broker.route_by(router);
             // Serves the links other nodes forward here, whatever this node's own routing.
             let server = LinkForwardServer::new(Arc::downgrade(broker), forward);
-            forward_host.set_app_handler(server);
+            forward_host.set_app_handler(NodeAppHandler::new(
+                level_max,
+                forward_meta,
+                Some(server),
+            ));
             forward_host.set_hand_over_handler(hand_over_server);
             *setup_view.broker.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(broker));
             Source::Cluster(setup_view)
@@ -180,6 +202,7 @@ impl GroupsNode {
         ))];
         match joiner(&cluster) {
             Some(j) => tasks.push(tokio::spawn(groups_membership::join(
+                host.clone(),
                 copy(&meta),
                 j,
                 shutdown,
@@ -198,6 +221,7 @@ impl GroupsNode {
             meta,
             opener,
             balancer,
+            level,
             drivers,
             tasks,
         })
@@ -239,6 +263,7 @@ impl GroupsNode {
             let _ = t.await;
         }
         self.balancer.stop().await;
+        self.level.stop().await;
         let drivers: Vec<GroupDriver> = {
             let mut d = self.drivers.lock().unwrap_or_else(|e| e.into_inner());
             std::mem::take(&mut *d).into_values().collect()
@@ -369,7 +394,23 @@ fn joiner(cluster: &ClusterConfig) -> Option<Joiner> {
         node: cluster.node_id,
         member_addr,
         seeds,
+        level_max: cluster.metadata_level_max,
     })
+}
+
+/// A node whose `--metadata-level-max` is below the level its replica of group 0 holds
+/// was downgraded: not supported (an older build would stop on group 0's log); this one
+/// runs on, proposing no op above its level.
+fn warn_below_finalized(meta: &MetaGroup, level_max: u8) {
+    let finalized = meta.machine.level();
+    if level_max < finalized {
+        tracing::error!(
+            level_max,
+            finalized,
+            "this node runs below the cluster's finalized metadata level (a downgrade is not \
+             supported: a build of that level stops on group 0's log)"
+        );
+    }
 }
 
 /// What the HTTP endpoint shows of a node in groups mode.
@@ -380,6 +421,10 @@ struct GroupsView {
     drivers: Drivers,
     broker: Mutex<Option<Arc<Broker>>>,
     balancer: BalancerProgress,
+    /// The level controller's last poll (while this node leads group 0 below its level).
+    level: LevelProgress,
+    /// What this node advertises (`--metadata-level-max`).
+    level_max: u8,
     membership: Membership,
     /// Set once this node was ready: from then on a group placed here but still moving
     /// to it no longer makes it unready (see [`GroupsView::unready`]).
@@ -432,6 +477,22 @@ impl GroupsView {
         None
     }
 
+    /// The `metadata-level` line of `/status`: what this node supports, the finalized
+    /// level its replica of group 0 holds, and — on group 0's leader while the level is
+    /// below its own — the effective level and what each node advertised.
+    fn metadata_level(&self, out: &mut String) {
+        let (effective, advertised) = match self.level.last() {
+            Some(p) => (p.effective.to_string(), format!("{:?}", p.levels)),
+            None => ("none".to_owned(), "none".to_owned()),
+        };
+        let _ = writeln!(
+            out,
+            "  metadata-level: {{ supported: {}, finalized: {}, effective: {effective}, advertised: {advertised} }}",
+            self.level_max,
+            self.meta.machine.level(),
+        );
+    }
+
     /// Lines of `/status` for every group open here.
     fn groups_here(&self, out: &mut String) {
         let placement = self.meta.machine.state();
@@ -453,9 +514,10 @@ impl GroupsView {
                 .map(|e| e.replicas.nodes.iter().copied().collect())
                 .unwrap_or_else(|| placement.members().keys().copied().collect());
             let preferred = entry.map_or("none".to_owned(), |e| e.replicas.leader.to_string());
+            let formed = entry.is_some_and(|e| e.formed);
             let _ = writeln!(
                 out,
-                "    - {{ group: {group}, name: {name:?}, placed: {placed:?}, preferred: {preferred}, voters: {:?}, learners: {:?}, leader: {}, applied: {}, committed: {} }}",
+                "    - {{ group: {group}, name: {name:?}, placed: {placed:?}, preferred: {preferred}, voters: {:?}, learners: {:?}, leader: {}, applied: {}, committed: {}, formed: {formed} }}",
                 st.voters,
                 st.learners,
                 st.leadership.leader.map_or("none".to_owned(), |l| l.to_string()),
@@ -534,6 +596,7 @@ impl ClusterView for GroupsView {
                 "    - {{ address: {address:?}, group: {group} }}\n"
             ));
         }
+        self.metadata_level(&mut out);
         self.groups_here(&mut out);
         out
     }

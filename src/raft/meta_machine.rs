@@ -17,6 +17,12 @@
 //!   per member stay within one of each other.
 //! * **Group ids**: handed out in order from 1 ([`METADATA_GROUP`] is 0) and never
 //!   reused, so a group id below `next_group` that no address holds was dropped.
+//! * **The finalized metadata level** ([`MetaState::level`]): 1 until a
+//!   [`MetaOp::FinalizeLevel`] raises it (never lowered), kept in snapshot version 3;
+//!   while it is 1 the snapshot is written in the oldest version that holds the state (1,
+//!   or 2 once a group is formed). At level 2 a node not yet a member joins only
+//!   declaring a level at least the finalized one ([`MetaRefusal::LevelBelowFinalized`]).
+//!   Who raises it, and why: `metadata_level.rs`.
 //!
 //! Invariants:
 //! * Replicas applying the same proposals hold the same state: no clock, no randomness,
@@ -48,7 +54,10 @@ use entrepot_cluster::{
 };
 use tokio::sync::watch;
 
-pub use codec::{encode_op, META_OPS_VERSION, META_RESERVED_KINDS, META_SNAPSHOT_VERSION};
+pub use codec::{
+    encode_op, METADATA_LEVEL_FORMED, METADATA_LEVEL_MAX, METADATA_LEVEL_MIN, META_OPS_VERSION,
+    META_RESERVED_KINDS, META_SNAPSHOT_VERSION,
+};
 
 /// Most members the cluster holds.
 pub const MAX_MEMBERS: usize = 256;
@@ -103,6 +112,19 @@ pub enum MetaOp {
     /// holds everything committed before it (how an opener makes sure its view is not
     /// older than its own restart before it bootstraps anything).
     MarkFormed { groups: Vec<GroupId> },
+    /// A node joins declaring the highest metadata level its build supports (op kind 10,
+    /// itself of level 2: proposed only once the cluster's level is finalized at 2, see
+    /// `metadata_level.rs`). Refused, changing nothing, when that level is below the
+    /// cluster's finalized level; otherwise as [`MetaOp::AddMember`].
+    AddMemberAt {
+        node: NodeId,
+        member: Member,
+        level: u8,
+    },
+    /// Every node holding group 0 supports metadata level `level` (op kind 11, proposed
+    /// by group 0's leader once they all said so, `metadata_level.rs`): the finalized
+    /// level rises to it (never falls). A replica whose build is below `level` stops.
+    FinalizeLevel { level: u8 },
 }
 
 /// What an applied op did, for its proposer.
@@ -116,6 +138,8 @@ pub enum MetaOutcome {
     Dropped { groups: Vec<GroupId> },
     /// How many of the named groups were not marked formed before.
     Formed { newly: usize },
+    /// The finalized metadata level now.
+    Finalized { level: u8 },
 }
 
 /// Why the metadata group refused an op: nothing changed, on any replica.
@@ -150,6 +174,19 @@ pub enum MetaRefusal {
     UnknownAddress { name: String },
     #[error("{count} groups in one op, at most {max}")]
     TooManyGroups { count: usize, max: usize },
+    /// A node not yet a member asked to join with a build below the cluster's finalized
+    /// metadata level (an `AddMember`, op kind 1, declares no level: level 1): admitted,
+    /// it would stop on the ops of that level in group 0's log (Kafka refuses a broker
+    /// that does not support the finalized `metadata.version` the same way).
+    #[error(
+        "node {node} supports metadata level {level}, below the cluster's finalized level \
+         {finalized}: upgrade it before it joins"
+    )]
+    LevelBelowFinalized {
+        node: NodeId,
+        level: u8,
+        finalized: u8,
+    },
 }
 
 /// Why this replica cannot follow the metadata group: it stops here.
@@ -170,6 +207,8 @@ pub enum MetaMachineError {
     },
     #[error("metadata snapshot malformed: {0}")]
     MalformedSnapshot(&'static str),
+    #[error("metadata level {level} is above this build's ({max})")]
+    UnsupportedLevel { level: u8, max: u8 },
 }
 
 /// What a proposer of a metadata op hears.
@@ -249,6 +288,11 @@ pub struct MetaState {
     groups: BTreeMap<GroupId, GroupEntry>,
     next_group: GroupId,
     replication: u8,
+    /// The finalized metadata level: 1 until a [`MetaOp::FinalizeLevel`] raised it, read
+    /// back from a version-3 snapshot (versions 1 and 2: level 1). Never falls: once
+    /// the ops of a level may be in group 0's log, a node whose build is below it must
+    /// not become a member (`metadata_level.rs`).
+    level: u8,
 }
 
 impl Default for MetaState {
@@ -259,6 +303,7 @@ impl Default for MetaState {
             groups: BTreeMap::new(),
             next_group: METADATA_GROUP + 1,
             replication: DEFAULT_REPLICATION_FACTOR as u8,
+            level: METADATA_LEVEL_MIN,
         }
     }
 }
@@ -267,7 +312,16 @@ impl MetaState {
     /// Applies `op`; a refusal leaves the state as it was.
     fn apply(&mut self, op: MetaOp) -> Result<MetaOutcome, MetaRefusal> {
         match op {
-            MetaOp::AddMember { node, member } => self.add_member(node, member),
+            MetaOp::AddMember { node, member } => self.add_member(node, member, None),
+            MetaOp::AddMemberAt {
+                node,
+                member,
+                level,
+            } => self.add_member(node, member, Some(level)),
+            MetaOp::FinalizeLevel { level } => {
+                self.level = self.level.max(level);
+                Ok(MetaOutcome::Finalized { level: self.level })
+            }
             MetaOp::RemoveMember { node } => self.remove_member(node),
             MetaOp::DeclareAddress { name, partitions } => self.declare(name, partitions),
             MetaOp::DropAddress { name } => self.drop_address(&name),
@@ -286,7 +340,16 @@ impl MetaState {
         MetaOutcome::Formed { newly }
     }
 
-    fn add_member(&mut self, node: NodeId, member: Member) -> Result<MetaOutcome, MetaRefusal> {
+    /// `level`: what the joiner declared (`None`: an `AddMember`, level 1). A member
+    /// already is not refused whatever it declares (a restarted member asks again at
+    /// every start; a downgrade below the finalized level is not supported and not
+    /// caught here).
+    fn add_member(
+        &mut self,
+        node: NodeId,
+        member: Member,
+        level: Option<u8>,
+    ) -> Result<MetaOutcome, MetaRefusal> {
         match self.members.get(&node) {
             Some(m) if *m == member => return Ok(MetaOutcome::Members),
             Some(_) => return Err(MetaRefusal::MemberConflict { node }),
@@ -294,6 +357,14 @@ impl MetaState {
                 return Err(MetaRefusal::TooManyMembers { max: MAX_MEMBERS })
             }
             None => {}
+        }
+        let declared = level.unwrap_or(METADATA_LEVEL_MIN);
+        if declared < self.level {
+            return Err(MetaRefusal::LevelBelowFinalized {
+                node,
+                level: declared,
+                finalized: self.level,
+            });
         }
         self.members.insert(node, member);
         self.rebalance();
@@ -559,6 +630,11 @@ impl MetaMachine {
         self.lock().state.placement()
     }
 
+    /// The finalized metadata level as applied here ([`MetaState::level`]).
+    pub fn level(&self) -> u8 {
+        self.lock().state.level
+    }
+
     fn changed(&self) {
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
@@ -583,6 +659,11 @@ impl MetaState {
     /// Replicas each group is placed on (fewer while the members are fewer).
     pub fn replication(&self) -> usize {
         usize::from(self.replication)
+    }
+
+    /// The finalized metadata level (see the field's docs).
+    pub fn level(&self) -> u8 {
+        self.level
     }
 }
 
@@ -621,6 +702,38 @@ impl GroupMachine for MetaMachine {
     fn lowest_needed(&self) -> u64 {
         // The state is whole in the snapshot: no entry is read back.
         self.lock().applied_end
+    }
+}
+
+/// The name a barrier declares ([`barrier_op`]); an address of that name may exist.
+pub const BARRIER_ADDRESS: &str = "entrepot.metadata-barrier";
+
+/// A *barrier*: an op that changes nothing on any replica of any build since session 12
+/// — a declare of zero partitions answers an existing address's group and is refused
+/// (`Partitions`) for any other — so its outcome, read where it was applied, only shows
+/// that this replica holds everything committed before it. Of metadata level 1: passed
+/// at any level (session 19's barrier, an empty mark, is op kind 9, level 2).
+pub fn barrier_op() -> MetaOp {
+    MetaOp::DeclareAddress {
+        name: BARRIER_ADDRESS.to_owned(),
+        partitions: 0,
+    }
+}
+
+/// The op that asks group 0 to take `node` (its build at metadata level `level`) as a
+/// member, the cluster's level being `finalized` as far as the proposer knows: an
+/// `AddMember` (kind 1, what every build reads) at level 1, an `AddMemberAt` (kind 10)
+/// from level 2 on. A proposer that knows the level too low sends kind 1 and is refused
+/// as a level-1 joiner would be.
+pub fn join_op(node: NodeId, member: Member, level: u8, finalized: u8) -> MetaOp {
+    if finalized >= METADATA_LEVEL_FORMED {
+        MetaOp::AddMemberAt {
+            node,
+            member,
+            level,
+        }
+    } else {
+        MetaOp::AddMember { node, member }
     }
 }
 
@@ -738,11 +851,33 @@ impl MetaGroup {
         }
     }
 
-    /// Adds `node` as a member.
+    /// Adds `node`, a node of this build ([`METADATA_LEVEL_MAX`]), as a member.
     pub async fn add_member(&self, node: NodeId, member: Member) -> Result<(), MetaError> {
-        self.run(&MetaOp::AddMember { node, member })
-            .await
-            .map(|_| ())
+        self.add_member_at(node, member, METADATA_LEVEL_MAX).await
+    }
+
+    /// Adds `node`, whose build supports metadata level `level`, as a member: as an
+    /// `AddMember` (kind 1) while this replica's level is 1, else as an `AddMemberAt`
+    /// (kind 10, refused when `level` is below the finalized level).
+    pub async fn add_member_at(
+        &self,
+        node: NodeId,
+        member: Member,
+        level: u8,
+    ) -> Result<(), MetaError> {
+        let seen = self.machine.level();
+        let op = join_op(node, member.clone(), level, seen);
+        match self.run(&op).await {
+            Err(MetaError::Refused(MetaRefusal::LevelBelowFinalized { .. }))
+                if self.machine.level() > seen =>
+            {
+                // The level rose between this replica's look and the add's commit: asked
+                // again at the level it rose to.
+                let op = join_op(node, member, level, self.machine.level());
+                self.run(&op).await.map(|_| ())
+            }
+            other => other.map(|_| ()),
+        }
     }
 
     /// Removes `node`.

@@ -58,6 +58,7 @@ pub mod handover;
 pub mod lease;
 pub mod link_forward;
 pub mod meta_machine;
+pub mod metadata_level;
 mod proxy;
 pub mod replicator;
 pub mod rounds;
@@ -158,6 +159,10 @@ pub struct ClusterConfig {
     /// Ask the leader to make this node a voter at start (see the module docs), as the
     /// member address given; `None`: wait for `entrepot cluster add` (`--no-auto-join`).
     pub auto_join: Option<String>,
+    /// In `cluster-mode: groups`, the highest metadata level this node advertises and
+    /// runs at (`--metadata-level-max`, hidden: for tests and upgrades;
+    /// `meta_machine::METADATA_LEVEL_MAX` by default; `metadata_level.rs`).
+    pub metadata_level_max: u8,
 }
 
 /// What the front door does with a new connection.

@@ -10,7 +10,8 @@
 //! address group. (c) The joining node stopped in the middle of the moves and started
 //! again: the moves fail, are retried, and complete once it is back; nothing is lost.
 //! Method: four real hosts in this process (real TCP, node logs with an fsync per
-//! commit, `three_hosts::config`), each with group 0, an opener and a balancer; one
+//! commit, `three_hosts::config`), each with group 0, an opener, a balancer and a
+//! metadata level controller (the level rises to 2 once the members are added); one
 //! producer task per group proposing through whichever node leads it, one proposal in
 //! flight, a failed one tried again (so a retry may commit twice, next to itself: the
 //! check collapses neighbours). Every wait is bounded; nothing is timed but the move's
@@ -26,8 +27,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use entrepot::broker::replication::{encode_message, OPS_VERSION};
 use entrepot::raft::address_machine::message_record;
 use entrepot::raft::balancer::{Balancer, BalancerConfig};
-use entrepot::raft::group_opener::GroupOpener;
-use entrepot::raft::meta_machine::{Member, MetaGroup};
+use entrepot::raft::group_opener::{GroupOpener, OpenerConfig};
+use entrepot::raft::meta_machine::{Member, MetaGroup, METADATA_LEVEL_MAX};
+use entrepot::raft::metadata_level::{LevelController, NodeAppHandler};
 use entrepot_cluster::placement::GroupId;
 use entrepot_cluster::{Host, NodeId, METADATA_GROUP};
 use tokio::net::TcpListener;
@@ -36,8 +38,8 @@ use tokio::task::JoinHandle;
 use crate::meta_hosts::{amqp_addr, opener_config, NO_SAFETY_NET};
 use crate::three_hosts::config;
 
-const TEST_TIMEOUT: Duration = Duration::from_secs(120);
-const WAIT: Duration = Duration::from_secs(45);
+pub(crate) const TEST_TIMEOUT: Duration = Duration::from_secs(120);
+pub(crate) const WAIT: Duration = Duration::from_secs(45);
 const ADDRESSES: u64 = 8;
 /// Most messages one producer proposes (it stops earlier when told).
 const MAX_PRODUCED: u64 = 2_000;
@@ -56,7 +58,7 @@ fn record(i: u64, group: GroupId) -> Vec<u8> {
 }
 
 /// `BALANCER_LOG=1` prints the balancer's and the openers' log lines.
-fn trace() {
+pub(crate) fn trace() {
     if std::env::var_os("BALANCER_LOG").is_some() {
         let filter = "entrepot::raft::balancer=info,entrepot::raft::group_opener=info";
         let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
@@ -74,38 +76,58 @@ fn balancer_config() -> BalancerConfig {
     }
 }
 
-struct Node {
-    host: Host,
-    meta: MetaGroup,
-    opener: GroupOpener,
+pub(crate) struct Node {
+    pub(crate) host: Host,
+    pub(crate) meta: MetaGroup,
+    pub(crate) opener: GroupOpener,
     /// `None` when started without one (nobody moves replicas).
     balancer: Option<Balancer>,
+    /// Raises the metadata level while this node leads group 0 (`metadata_level.rs`).
+    pub(crate) level: LevelController,
 }
 
-struct Cluster {
-    nodes: BTreeMap<NodeId, Node>,
+pub(crate) struct Cluster {
+    pub(crate) nodes: BTreeMap<NodeId, Node>,
     /// The running hosts, for the producers.
     hosts: Arc<Mutex<BTreeMap<NodeId, Host>>>,
-    addrs: BTreeMap<NodeId, String>,
+    pub(crate) addrs: BTreeMap<NodeId, String>,
     dirs: BTreeMap<NodeId, tempfile::TempDir>,
     balance: bool,
+    /// Each node's `--metadata-level-max` (the build's own when not named), taken at
+    /// every start.
+    pub(crate) levels: BTreeMap<NodeId, u8>,
 }
 
-async fn start_node(id: NodeId, dir: &Path, listener: TcpListener, balance: bool) -> Node {
+/// A node as `GroupsNode` starts one: group 0, the level queries answered, an opener, a
+/// balancer (when `balance`) and a level controller, at metadata level `level_max`.
+async fn start_node(
+    id: NodeId,
+    dir: &Path,
+    listener: TcpListener,
+    balance: bool,
+    level_max: u8,
+) -> Node {
     let host = Host::start(config(id, dir), listener).unwrap();
     let meta = MetaGroup::open(&host).await.unwrap();
-    let (opener, _events) = GroupOpener::start(host.clone(), meta.machine.clone(), opener_config());
+    host.set_app_handler(NodeAppHandler::new(level_max, meta.machine.clone(), None));
+    let settings = OpenerConfig {
+        metadata_level_max: level_max,
+        ..opener_config()
+    };
+    let (opener, _events) = GroupOpener::start(host.clone(), meta.machine.clone(), settings);
     let balancer =
         balance.then(|| Balancer::start(host.clone(), meta.machine.clone(), balancer_config()));
+    let level = LevelController::start(host.clone(), meta.clone(), level_max);
     Node {
         host,
         meta,
         opener,
         balancer,
+        level,
     }
 }
 
-async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+pub(crate) async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !cond() {
         assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
@@ -121,6 +143,17 @@ impl Cluster {
 
     /// As [`Cluster::start`]; `balance` false runs no balancer anywhere.
     async fn start_with(hosts: u64, members: u64, balance: bool) -> Cluster {
+        Cluster::start_at_levels(hosts, members, balance, &[]).await
+    }
+
+    /// As [`Cluster::start_with`], the nodes `levels` names at those metadata levels
+    /// (`--metadata-level-max`), the others at the build's.
+    pub(crate) async fn start_at_levels(
+        hosts: u64,
+        members: u64,
+        balance: bool,
+        levels: &[(NodeId, u8)],
+    ) -> Cluster {
         let mut listeners = BTreeMap::new();
         for id in 0..hosts {
             listeners.insert(id, TcpListener::bind("127.0.0.1:0").await.unwrap());
@@ -135,10 +168,12 @@ impl Cluster {
             addrs,
             dirs: BTreeMap::new(),
             balance,
+            levels: (0..hosts).map(|n| (n, METADATA_LEVEL_MAX)).collect(),
         };
+        c.levels.extend(levels.iter().copied());
         for (id, listener) in listeners {
             let dir = tempfile::tempdir().unwrap();
-            let node = start_node(id, dir.path(), listener, balance).await;
+            let node = start_node(id, dir.path(), listener, balance, c.levels[&id]).await;
             c.hosts.lock().unwrap().insert(id, node.host.clone());
             c.nodes.insert(id, node);
             c.dirs.insert(id, dir);
@@ -152,7 +187,7 @@ impl Cluster {
         c
     }
 
-    async fn add_member(&self, n: NodeId) {
+    pub(crate) async fn add_member(&self, n: NodeId) {
         let member = Member {
             peer: self.addrs[&n].clone(),
             amqp: amqp_addr(n),
@@ -164,7 +199,7 @@ impl Cluster {
             .unwrap();
     }
 
-    async fn meta_leader(&self) -> MetaGroup {
+    pub(crate) async fn meta_leader(&self) -> MetaGroup {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             let leads = |n: &&Node| n.meta.handle.leadership().borrow().leads;
@@ -176,7 +211,7 @@ impl Cluster {
         }
     }
 
-    async fn declare(&self) -> Vec<GroupId> {
+    pub(crate) async fn declare(&self) -> Vec<GroupId> {
         let meta = self.meta_leader().await;
         let mut groups = Vec::new();
         for i in 0..ADDRESSES {
@@ -237,7 +272,7 @@ impl Cluster {
 
     /// Reads every message of `group` on each of its placed replicas, checking order:
     /// neighbours collapsed, the sequence must be `0..=n` with `n >= confirmed`.
-    async fn check_messages(&self, group: GroupId, confirmed: u64) {
+    pub(crate) async fn check_messages(&self, group: GroupId, confirmed: u64) {
         let meta = self.meta_leader().await;
         let placed = meta.machine.group(group).unwrap().replicas.nodes;
         let leader = self.group_leader(group).await;
@@ -308,7 +343,7 @@ impl Cluster {
             .collect()
     }
 
-    async fn group_leader(&self, group: GroupId) -> NodeId {
+    pub(crate) async fn group_leader(&self, group: GroupId) -> NodeId {
         let mut leader = None;
         wait_until(&format!("a leader of group {group}"), || {
             leader = self.nodes.iter().find_map(|(n, node)| {
@@ -338,9 +373,10 @@ impl Cluster {
         out
     }
 
-    async fn stop(&mut self, n: NodeId) {
+    pub(crate) async fn stop(&mut self, n: NodeId) {
         self.hosts.lock().unwrap().remove(&n);
         if let Some(node) = self.nodes.remove(&n) {
+            node.level.stop().await;
             if let Some(b) = node.balancer {
                 b.stop().await;
             }
@@ -349,15 +385,15 @@ impl Cluster {
         }
     }
 
-    async fn start_again(&mut self, n: NodeId) {
+    pub(crate) async fn start_again(&mut self, n: NodeId) {
         let listener = TcpListener::bind(&self.addrs[&n]).await.unwrap();
         let dir = self.dirs[&n].path().to_path_buf();
-        let node = start_node(n, &dir, listener, self.balance).await;
+        let node = start_node(n, &dir, listener, self.balance, self.levels[&n]).await;
         self.hosts.lock().unwrap().insert(n, node.host.clone());
         self.nodes.insert(n, node);
     }
 
-    async fn shutdown(mut self) {
+    pub(crate) async fn shutdown(mut self) {
         let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
         for n in ids {
             self.stop(n).await;
@@ -367,13 +403,13 @@ impl Cluster {
 
 /// One producer per group: message 1, 2, … through the group's current leader, one in
 /// flight, a failure tried again; stops when told or after [`MAX_PRODUCED`].
-struct Producers {
+pub(crate) struct Producers {
     stop: Arc<AtomicBool>,
     tasks: Vec<(GroupId, JoinHandle<u64>)>,
 }
 
 impl Producers {
-    fn start(c: &Cluster, groups: &[GroupId]) -> Producers {
+    pub(crate) fn start(c: &Cluster, groups: &[GroupId]) -> Producers {
         let stop = Arc::new(AtomicBool::new(false));
         let tasks = groups
             .iter()
@@ -387,7 +423,7 @@ impl Producers {
     }
 
     /// Stops them; the last message each had confirmed, by group.
-    async fn stop(self) -> BTreeMap<GroupId, u64> {
+    pub(crate) async fn stop(self) -> BTreeMap<GroupId, u64> {
         self.stop.store(true, Ordering::Relaxed);
         let mut out = BTreeMap::new();
         for (g, t) in self.tasks {
@@ -433,7 +469,7 @@ impl Cluster {
 }
 
 /// Commits message 0 to every group, through its leader.
-async fn first_messages(c: &Cluster, groups: &[GroupId]) {
+pub(crate) async fn first_messages(c: &Cluster, groups: &[GroupId]) {
     for &g in groups {
         let leader = c.group_leader(g).await;
         let h = c.nodes[&leader].opener.get(g).unwrap().handle;

@@ -1,12 +1,14 @@
 //! Goal: the metadata group's snapshot (`cluster/FORMAT.md`, "Metadata group") keeps
 //! reading what earlier builds wrote — version 1, before the groups' flags, read with
 //! every group not formed — with the exact content, and today's encoder still writes
-//! version 2 byte for byte.
+//! versions 1, 2 and 3 byte for byte, each where it is the oldest that holds the state
+//! (3 once the metadata level is finalized at 2, session 20).
 //!
-//! Method: `tests/fixtures/cluster/meta-snapshot-v{1,2}.bin` were written once by
+//! Method: `tests/fixtures/cluster/meta-snapshot-v{1,2,3}.bin` were written once by
 //! [`generate_meta_fixtures`] (ignored) from one small state: three members, four
 //! addresses declared, one dropped (its group id is never handed out again), two groups
-//! marked formed. Version 2 is what the machine's snapshot wrote; version 1 is spelled out
+//! marked formed; version 3 the same state after the level was finalized at 2. Versions 2
+//! and 3 are what the machine's snapshot wrote; version 1 is spelled out
 //! by hand from the table in FORMAT.md (a build of today cannot write it). Each is restored
 //! into a fresh machine and checked field by field against values written out here.
 //!
@@ -18,7 +20,7 @@ use std::collections::BTreeSet;
 use std::fs;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use entrepot::raft::meta_machine::{encode_op, Member, MetaMachine, MetaOp, META_SNAPSHOT_VERSION};
+use entrepot::raft::meta_machine::{encode_op, Member, MetaMachine, MetaOp};
 use entrepot_cluster::{GroupMachine, NodeId, Position};
 
 use crate::format_fixtures::{fixture, write_new};
@@ -121,8 +123,47 @@ fn v1_by_hand(m: &MetaMachine) -> Vec<u8> {
 #[ignore]
 fn generate_meta_fixtures() {
     let m = build();
-    write_new("meta-snapshot-v2.bin", &m.snapshot().unwrap());
-    write_new("meta-snapshot-v1.bin", &v1_by_hand(&m));
+    let all = [
+        ("meta-snapshot-v2.bin", m.snapshot().unwrap().to_vec()),
+        ("meta-snapshot-v1.bin", v1_by_hand(&m)),
+        (
+            "meta-snapshot-v3.bin",
+            finalized().snapshot().unwrap().to_vec(),
+        ),
+    ];
+    // Only the versions not written yet (a released one is never rewritten).
+    for (name, bytes) in all {
+        if !fixture(name).exists() {
+            write_new(name, &bytes);
+        }
+    }
+}
+
+/// [`build`]'s state once the metadata level is finalized at 2.
+fn finalized() -> MetaMachine {
+    let mut m = build();
+    let at = Position::new(10, 0);
+    let op = MetaOp::FinalizeLevel { level: 2 };
+    m.apply(at, encode_op(&op).unwrap()).unwrap();
+    m
+}
+
+/// Version 3 (session 20): version 2 with the finalized level after `replication`; read
+/// back with its content and level, written byte for byte.
+#[test]
+fn the_version_3_fixture_reads_back_with_its_level() {
+    let v3 = restore("meta-snapshot-v3.bin");
+    check(&v3, &[1, 4]);
+    assert_eq!(v3.level(), 2);
+    let written = fs::read(fixture("meta-snapshot-v3.bin")).unwrap();
+    assert_eq!((written[0], written[10]), (3, 2));
+    assert_eq!(v3.snapshot().unwrap().to_vec(), written);
+    assert_eq!(finalized().snapshot().unwrap().to_vec(), written);
+    let v2 = fs::read(fixture("meta-snapshot-v2.bin")).unwrap();
+    let mut without_level = written.clone();
+    without_level.remove(10);
+    without_level[0] = 2;
+    assert_eq!(without_level, v2, "version 2 plus the level byte");
 }
 
 fn restore(name: &str) -> MetaMachine {
@@ -176,14 +217,17 @@ fn the_metadata_snapshot_fixtures_read_back_with_their_exact_content() {
     check(&v2, &[1, 4]);
     let v1 = restore("meta-snapshot-v1.bin");
     check(&v1, &[]);
-    // Today's encoder writes version 2 byte for byte; a v1 state is written as v2.
+    // Today's encoder writes the oldest version that holds a state (`metadata_level.rs`):
+    // these are at metadata level 1, so version 2 byte for byte while groups are formed,
+    // and version 1 byte for byte when none is — what the older builds read.
     let written = fs::read(fixture("meta-snapshot-v2.bin")).unwrap();
-    assert_eq!(written[0], META_SNAPSHOT_VERSION);
+    assert_eq!(written[0], 2);
+    assert_eq!((v2.level(), v1.level()), (1, 1));
     assert_eq!(build().snapshot().unwrap().to_vec(), written);
     assert_eq!(v2.snapshot().unwrap().to_vec(), written);
-    assert_eq!(v1.snapshot().unwrap()[0], META_SNAPSHOT_VERSION);
     // Version 1 is version 2 without the flag byte after each group's founders.
     let v1_bytes = fs::read(fixture("meta-snapshot-v1.bin")).unwrap();
+    assert_eq!(v1.snapshot().unwrap().to_vec(), v1_bytes);
     assert_eq!(v1_bytes.len() + 3, written.len(), "one flag byte per group");
     assert_eq!(v1_bytes, v1_by_hand(&v1));
 }

@@ -10,7 +10,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use entrepot::raft::group_opener::{GroupEvent, GroupOpener, OpenedGroup, OpenerConfig};
-use entrepot::raft::meta_machine::{Member, MetaGroup};
+use entrepot::raft::meta_machine::{Member, MetaGroup, METADATA_LEVEL_MAX};
+use entrepot::raft::metadata_level::{LevelController, NodeAppHandler};
 use entrepot_cluster::placement::GroupId;
 use entrepot_cluster::{Host, NodeId};
 use tokio::net::TcpListener;
@@ -27,6 +28,8 @@ pub struct MetaNode {
     /// `None` when started without one (a founder that never bootstraps).
     pub opener: Option<GroupOpener>,
     pub events: Option<mpsc::Receiver<GroupEvent>>,
+    /// Raises the metadata level while this node leads group 0 (`metadata_level.rs`).
+    pub level: LevelController,
 }
 
 pub struct MetaCluster {
@@ -51,6 +54,7 @@ pub fn opener_config() -> OpenerConfig {
         bootstrap_fallback_after: Duration::from_secs(3),
         campaign_backoff: Duration::from_secs(3),
         spread_leaders: true,
+        metadata_level_max: METADATA_LEVEL_MAX,
     }
 }
 
@@ -62,6 +66,12 @@ pub fn amqp_addr(n: NodeId) -> String {
 async fn start_node(id: NodeId, dir: &Path, listener: TcpListener, opener: bool) -> MetaNode {
     let host = Host::start(config(id, dir), listener).unwrap();
     let meta = MetaGroup::open(&host).await.unwrap();
+    host.set_app_handler(NodeAppHandler::new(
+        METADATA_LEVEL_MAX,
+        meta.machine.clone(),
+        None,
+    ));
+    let level = LevelController::start(host.clone(), meta.clone(), METADATA_LEVEL_MAX);
     let (opener, events) = if opener {
         let (o, e) = GroupOpener::start(host.clone(), meta.machine.clone(), opener_config());
         (Some(o), Some(e))
@@ -73,6 +83,7 @@ async fn start_node(id: NodeId, dir: &Path, listener: TcpListener, opener: bool)
         meta,
         opener,
         events,
+        level,
     }
 }
 
@@ -194,6 +205,7 @@ impl MetaCluster {
     /// Stops node `n`'s opener and host (directory and port kept).
     pub async fn stop(&mut self, n: NodeId) {
         if let Some(node) = self.nodes.remove(&n) {
+            node.level.stop().await;
             if let Some(o) = node.opener {
                 o.stop().await;
             }

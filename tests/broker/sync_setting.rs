@@ -66,6 +66,7 @@ async fn a_cluster_node_syncs_its_raft_log_as_sync_says() {
             secret: None,
             tls: None,
             auto_join: None,
+            metadata_level_max: entrepot::raft::meta_machine::METADATA_LEVEL_MAX,
         };
         let (stop, shutdown) = watch::channel(false);
         let node = ClusterNode::start(config, cluster, shutdown)

@@ -11,9 +11,12 @@
 //!   kind 4 drop           { name: str }
 //!   kinds 5..=8 reserved (subscription definitions, manifests/plans, replica moves)
 //!   kind 9 mark formed    { count: u16 | count × group: u64 }      (count ≤ 1024)
-//!   kinds 10..=15 reserved
-//! // Format: metadata snapshot, version 2 (version 1 is read too: no flags, not formed)
-//! { version: u8 = 2 | next_group: u64 | replication: u8
+//!   kind 10 add member at { node: u64 | peer: str | amqp: str | level: u8 }   (level ≥ 1)
+//!   kind 11 finalize level { level: u8 }                  (1 ≤ level; above this build's: stop)
+//!   kinds 12..=15 reserved
+//! // Format: metadata snapshot, version 3 at a finalized level ≥ 2; version 2 (no level)
+//! // at level 1 with a group formed; version 1 (no level, no flags) otherwise
+//! { version: u8 = 3 | next_group: u64 | replication: u8 | level: u8 (v3 only)
 //!   | members: u32 × { node: u64 | peer: str | amqp: str }
 //!   | addresses: u32 × { name: str | partitions: u16 × { group: u64 | leader: u64
 //!       | founder: u64 | replicas: u8 × node: u64 | founders: u8 × node: u64
@@ -34,10 +37,26 @@ use super::{
 
 /// Version byte of a metadata op.
 pub const META_OPS_VERSION: u8 = 1;
-/// Version byte of the metadata snapshot this build writes.
-pub const META_SNAPSHOT_VERSION: u8 = 2;
-/// The snapshot version before groups carried their flags (read as not formed).
+/// Version byte of the metadata snapshot this build writes once the metadata level is
+/// finalized at 2 or more (below it, the oldest version that holds the state: 1, or 2
+/// when a group is formed — what the members' builds read).
+pub const META_SNAPSHOT_VERSION: u8 = 3;
+/// The snapshot version of session 19: groups carry their flags, no level (read as 1).
+const META_SNAPSHOT_VERSION_2: u8 = 2;
+/// The snapshot version before groups carried their flags (read as not formed, level 1).
 const META_SNAPSHOT_VERSION_1: u8 = 1;
+/// The lowest metadata level: the ops (kinds 1–4) and the snapshot (version 1) of every
+/// build since session 12. A node that advertises no level is at this one.
+pub const METADATA_LEVEL_MIN: u8 = 1;
+/// The level of op kinds 9 (mark formed), 10 (add member at a level) and 11 (finalize
+/// level) and of snapshot versions 2 and 3, proposed and written by this build only once
+/// the cluster's level is finalized at 2 (session 20).
+pub const METADATA_LEVEL_FORMED: u8 = 2;
+/// The highest metadata level this build reads and writes (a node may be told to
+/// advertise a lower one: `--metadata-level-max`, for tests and upgrades).
+pub const METADATA_LEVEL_MAX: u8 = METADATA_LEVEL_FORMED;
+const _: () = assert!(METADATA_LEVEL_MIN <= METADATA_LEVEL_FORMED);
+const _: () = assert!(METADATA_LEVEL_FORMED <= METADATA_LEVEL_MAX);
 /// Bit 0 of a group's flags in the snapshot: [`GroupEntry::formed`].
 const GROUP_FLAG_FORMED: u8 = 1;
 
@@ -46,9 +65,11 @@ pub(super) const KIND_REMOVE_MEMBER: u8 = 2;
 pub(super) const KIND_DECLARE: u8 = 3;
 pub(super) const KIND_DROP: u8 = 4;
 pub(super) const KIND_MARK_FORMED: u8 = 9;
+pub(super) const KIND_ADD_MEMBER_AT: u8 = 10;
+pub(super) const KIND_FINALIZE_LEVEL: u8 = 11;
 /// Kinds kept for what moves into the metadata group later: 5 subscription definition,
 /// 6 subscription removal, 7 manifest/plan, 8 replica move recorded by the balancer
-/// (10..=15 are unassigned). A build that meets one stops the group (it cannot follow it).
+/// (12..=15 are unassigned). A build that meets one stops the group (it cannot follow it).
 pub const META_RESERVED_KINDS: std::ops::RangeInclusive<u8> = 5..=8;
 
 /// Encodes `op` as one proposal; a string past its bound is refused here, before it is
@@ -59,14 +80,20 @@ pub fn encode_op(op: &MetaOp) -> Result<Bytes, MetaRefusal> {
     match op {
         MetaOp::AddMember { node, member } => {
             b.put_u8(KIND_ADD_MEMBER);
-            b.put_u64_le(*node);
-            put_str(
-                &mut b,
-                &member.peer,
-                MAX_MEMBER_ADDR_BYTES,
-                "member address",
-            )?;
-            put_str(&mut b, &member.amqp, MAX_MEMBER_ADDR_BYTES, "AMQP address")?;
+            put_member(&mut b, *node, member)?;
+        }
+        MetaOp::AddMemberAt {
+            node,
+            member,
+            level,
+        } => {
+            b.put_u8(KIND_ADD_MEMBER_AT);
+            put_member(&mut b, *node, member)?;
+            b.put_u8(*level);
+        }
+        MetaOp::FinalizeLevel { level } => {
+            b.put_u8(KIND_FINALIZE_LEVEL);
+            b.put_u8(*level);
         }
         MetaOp::RemoveMember { node } => {
             b.put_u8(KIND_REMOVE_MEMBER);
@@ -98,6 +125,12 @@ pub fn encode_op(op: &MetaOp) -> Result<Bytes, MetaRefusal> {
     Ok(b.freeze())
 }
 
+fn put_member(b: &mut BytesMut, node: NodeId, member: &Member) -> Result<(), MetaRefusal> {
+    b.put_u64_le(node);
+    put_str(b, &member.peer, MAX_MEMBER_ADDR_BYTES, "member address")?;
+    put_str(b, &member.amqp, MAX_MEMBER_ADDR_BYTES, "AMQP address")
+}
+
 fn put_str(b: &mut BytesMut, s: &str, max: usize, what: &'static str) -> Result<(), MetaRefusal> {
     if s.len() > max {
         return Err(MetaRefusal::TooLong {
@@ -115,7 +148,7 @@ fn put_str(b: &mut BytesMut, s: &str, max: usize, what: &'static str) -> Result<
 }
 
 /// How a payload decodes: an op, a refusal every replica makes the same way (a malformed
-/// body), or a version/kind this build cannot follow (the group stops here).
+/// body), or a version/kind/level this build cannot follow (the group stops here).
 pub(super) fn decode_op(mut p: Bytes) -> Result<Result<MetaOp, MetaRefusal>, MetaMachineError> {
     if p.remaining() < 2 {
         return Ok(Err(MetaRefusal::Malformed("shorter than its header")));
@@ -132,6 +165,8 @@ pub(super) fn decode_op(mut p: Bytes) -> Result<Result<MetaOp, MetaRefusal>, Met
         KIND_DROP => take_str(&mut p, MAX_ADDRESS_NAME_BYTES, "address")
             .map(|name| MetaOp::DropAddress { name }),
         KIND_MARK_FORMED => mark_formed(&mut p),
+        KIND_ADD_MEMBER_AT => add_member_at(&mut p),
+        KIND_FINALIZE_LEVEL => finalize_level(&mut p)?,
         _ => return Err(MetaMachineError::UnknownOpKind { kind }),
     };
     Ok(op.and_then(|op| {
@@ -143,13 +178,50 @@ pub(super) fn decode_op(mut p: Bytes) -> Result<Result<MetaOp, MetaRefusal>, Met
     }))
 }
 
-fn add_member(p: &mut Bytes) -> Result<MetaOp, MetaRefusal> {
+/// A level above this build's is not a refusal but a stop: the replicas that know it
+/// apply it, so this one cannot follow them.
+fn finalize_level(p: &mut Bytes) -> Result<Result<MetaOp, MetaRefusal>, MetaMachineError> {
+    if !p.has_remaining() {
+        return Ok(Err(MetaRefusal::Malformed("finalize level cut short")));
+    }
+    let level = p.get_u8();
+    if level < METADATA_LEVEL_MIN {
+        return Ok(Err(MetaRefusal::Malformed("finalize level: level 0")));
+    }
+    if level > METADATA_LEVEL_MAX {
+        return Err(MetaMachineError::UnsupportedLevel {
+            level,
+            max: METADATA_LEVEL_MAX,
+        });
+    }
+    Ok(Ok(MetaOp::FinalizeLevel { level }))
+}
+
+fn take_member(p: &mut Bytes) -> Result<(NodeId, Member), MetaRefusal> {
     let node = take_u64(p)?;
     let peer = take_str(p, MAX_MEMBER_ADDR_BYTES, "member address")?;
     let amqp = take_str(p, MAX_MEMBER_ADDR_BYTES, "AMQP address")?;
-    Ok(MetaOp::AddMember {
+    Ok((node, Member { peer, amqp }))
+}
+
+fn add_member(p: &mut Bytes) -> Result<MetaOp, MetaRefusal> {
+    let (node, member) = take_member(p)?;
+    Ok(MetaOp::AddMember { node, member })
+}
+
+fn add_member_at(p: &mut Bytes) -> Result<MetaOp, MetaRefusal> {
+    let (node, member) = take_member(p)?;
+    if !p.has_remaining() {
+        return Err(MetaRefusal::Malformed("add member at: level cut short"));
+    }
+    let level = p.get_u8();
+    if level < METADATA_LEVEL_MIN {
+        return Err(MetaRefusal::Malformed("add member at: level 0"));
+    }
+    Ok(MetaOp::AddMemberAt {
         node,
-        member: Member { peer, amqp },
+        member,
+        level,
     })
 }
 
@@ -205,12 +277,26 @@ fn take_str(p: &mut Bytes, max: usize, what: &'static str) -> Result<String, Met
     String::from_utf8(bytes.to_vec()).map_err(|_| MetaRefusal::Malformed("string not UTF-8"))
 }
 
-/// The snapshot of `s` (see the module's format).
+/// The snapshot of `s` (see the module's format), in the oldest version that holds it:
+/// version 3 once the level is finalized at 2 or more (every member's build reads it),
+/// else version 2 when a group is formed (marks proposed by session-19 builds, which read
+/// it), else version 1 (what every build since session 12 reads).
 pub(super) fn encode_snapshot(s: &MetaState) -> Bytes {
+    let version = if s.level >= METADATA_LEVEL_FORMED {
+        META_SNAPSHOT_VERSION
+    } else if s.groups.values().any(|e| e.formed) {
+        META_SNAPSHOT_VERSION_2
+    } else {
+        META_SNAPSHOT_VERSION_1
+    };
+    let flags = version >= META_SNAPSHOT_VERSION_2;
     let mut b = BytesMut::new();
-    b.put_u8(META_SNAPSHOT_VERSION);
+    b.put_u8(version);
     b.put_u64_le(s.next_group);
     b.put_u8(s.replication);
+    if version >= META_SNAPSHOT_VERSION {
+        b.put_u8(s.level);
+    }
     b.put_u32_le(s.members.len() as u32);
     for (node, m) in &s.members {
         b.put_u64_le(*node);
@@ -228,7 +314,9 @@ pub(super) fn encode_snapshot(s: &MetaState) -> Bytes {
             b.put_u64_le(e.founder);
             nodes(&mut b, &e.replicas.nodes);
             nodes(&mut b, &e.founders);
-            b.put_u8(if e.formed { GROUP_FLAG_FORMED } else { 0 });
+            if flags {
+                b.put_u8(if e.formed { GROUP_FLAG_FORMED } else { 0 });
+            }
         }
     }
     b.freeze()
@@ -252,15 +340,30 @@ pub(super) fn decode_snapshot(mut p: Bytes) -> Result<MetaState, MetaMachineErro
     let malformed = MetaMachineError::MalformedSnapshot;
     need(&p, 1 + 8 + 1 + 4)?;
     let version = p.get_u8();
-    if version != META_SNAPSHOT_VERSION && version != META_SNAPSHOT_VERSION_1 {
+    if !(META_SNAPSHOT_VERSION_1..=META_SNAPSHOT_VERSION).contains(&version) {
         return Err(MetaMachineError::UnsupportedSnapshotVersion { found: version });
     }
-    let flags = version >= 2;
+    let flags = version >= META_SNAPSHOT_VERSION_2;
     let mut s = MetaState {
         next_group: p.get_u64_le(),
         replication: p.get_u8(),
         ..MetaState::default()
     };
+    if version >= META_SNAPSHOT_VERSION {
+        need(&p, 1 + 4)?;
+        s.level = p.get_u8();
+        if s.level > METADATA_LEVEL_MAX {
+            return Err(MetaMachineError::UnsupportedLevel {
+                level: s.level,
+                max: METADATA_LEVEL_MAX,
+            });
+        }
+        if s.level < METADATA_LEVEL_FORMED {
+            return Err(MetaMachineError::MalformedSnapshot(
+                "a version-3 snapshot below level 2",
+            ));
+        }
+    }
     let members = bounded(p.get_u32_le(), MAX_MEMBERS, "members")?;
     for _ in 0..members {
         need(&p, 8)?;

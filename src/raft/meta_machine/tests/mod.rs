@@ -236,7 +236,7 @@ fn an_unknown_version_or_a_reserved_kind_stops_the_machine() {
     let mut m = MetaMachine::new();
     let at = Position::new(1, 0);
     assert!(m.apply(at, Bytes::from_static(&[2, 3, 0, 0])).is_err());
-    for kind in META_RESERVED_KINDS.chain(10..=16).chain([0, 255]) {
+    for kind in META_RESERVED_KINDS.chain(12..=16).chain([0, 255]) {
         assert!(
             m.apply(at, Bytes::from(vec![META_OPS_VERSION, kind]))
                 .is_err(),
@@ -245,21 +245,188 @@ fn an_unknown_version_or_a_reserved_kind_stops_the_machine() {
     }
 }
 
-/// Version 1 (before the groups' flags) is still read: its groups are not formed.
+/// The snapshot is written in the oldest version that holds the state — 1 at level 1
+/// with no group formed, 2 at level 1 with a group formed (session 19's marks), 3 once
+/// the level is finalized — and each is read back as it was.
 #[test]
-fn a_version_1_snapshot_is_read_with_its_groups_not_formed() {
+fn the_snapshot_is_written_in_the_oldest_version_that_holds_the_state() {
     let mut r = with_members(1);
     r.apply(&declare("one")).unwrap();
-    let v2 = r.m.snapshot().unwrap();
-    assert_eq!(v2[0], META_SNAPSHOT_VERSION);
-    assert_eq!(*v2.last().unwrap(), 0, "the one group's flags");
-    let mut v1 = v2[..v2.len() - 1].to_vec();
-    v1[0] = 1;
+    assert_eq!(r.m.state().level(), METADATA_LEVEL_MIN);
+    let v1 = r.m.snapshot().unwrap();
+    assert_eq!(v1[0], 1, "level 1, nothing formed: version 1");
     let mut m = MetaMachine::new();
-    m.restore(5, Bytes::from(v1)).unwrap();
+    m.restore(5, v1.clone()).unwrap();
     assert_eq!(m.state(), r.m.state());
     r.apply(&MetaOp::MarkFormed { groups: vec![1] }).unwrap();
-    assert!(r.m.state().groups()[&1].formed);
+    let v2 = r.m.snapshot().unwrap();
+    assert_eq!(v2[0], 2, "a group formed at level 1: version 2");
+    assert_eq!(v2.len(), v1.len() + 1, "one flag byte");
+    assert_eq!(*v2.last().unwrap(), 1, "the one group's flags");
+    let mut m = MetaMachine::new();
+    m.restore(6, v2.clone()).unwrap();
+    assert_eq!(m.state(), r.m.state());
+    assert_eq!(m.level(), METADATA_LEVEL_MIN);
+    r.apply(&MetaOp::FinalizeLevel { level: 2 }).unwrap();
+    let v3 = r.m.snapshot().unwrap();
+    assert_eq!(v3[0], META_SNAPSHOT_VERSION);
+    assert_eq!(v3[10], 2, "the level after next_group and replication");
+    assert_eq!(v3.len(), v2.len() + 1, "one level byte");
+    let mut m = MetaMachine::new();
+    m.restore(7, v3.clone()).unwrap();
+    assert_eq!(m.state(), r.m.state());
+    assert_eq!(m.level(), METADATA_LEVEL_FORMED);
+    // A level this build does not know, or below 2, is refused.
+    for (level, what) in [(METADATA_LEVEL_MAX + 1, "unsupported"), (1, "malformed")] {
+        let mut bad = v3.to_vec();
+        bad[10] = level;
+        let mut m = MetaMachine::new();
+        assert!(m.restore(7, Bytes::from(bad)).is_err(), "{what}");
+    }
+}
+
+/// The finalized level rises only by a finalize op (never falls, marks leave it); one
+/// above this build's stops the machine; a bad body is a refusal.
+#[test]
+fn the_level_rises_only_by_a_finalize_op_and_never_falls() {
+    let mut r = with_members(2);
+    r.apply(&declare("a")).unwrap();
+    r.apply(&MetaOp::MarkFormed { groups: vec![1] }).unwrap();
+    r.apply(&MetaOp::AddMemberAt {
+        node: 4,
+        member: member(4),
+        level: 2,
+    })
+    .unwrap();
+    assert_eq!(r.m.level(), METADATA_LEVEL_MIN, "marks and adds leave it");
+    assert_eq!(
+        r.apply(&MetaOp::FinalizeLevel { level: 2 }),
+        Ok(MetaOutcome::Finalized { level: 2 })
+    );
+    assert_eq!(
+        r.apply(&MetaOp::FinalizeLevel { level: 1 }),
+        Ok(MetaOutcome::Finalized { level: 2 })
+    );
+    assert_eq!(r.m.level(), METADATA_LEVEL_FORMED);
+    for bad in [
+        vec![META_OPS_VERSION, 11],
+        vec![META_OPS_VERSION, 11, 0],
+        vec![META_OPS_VERSION, 11, 2, 0],
+    ] {
+        assert!(matches!(
+            r.apply_bytes(Bytes::from(bad)),
+            Err(MetaRefusal::Malformed(_))
+        ));
+    }
+    let above = Bytes::from(vec![META_OPS_VERSION, 11, METADATA_LEVEL_MAX + 1]);
+    assert!(
+        r.m.apply(r.next, above).is_err(),
+        "a level above the build's stops it"
+    );
+}
+
+/// At level 2 a node not yet a member joins only declaring a level at least the
+/// finalized one: an `AddMember` (what an older build sends) declares none and is
+/// refused naming both levels, an `AddMemberAt` below it too; a member asking again
+/// is not refused. The refusal changes nothing.
+#[test]
+fn a_joiner_below_the_finalized_level_is_refused_naming_both_levels() {
+    let mut r = with_members(3);
+    r.apply(&declare("a")).unwrap();
+    // Level 1: an `AddMember` joins as before.
+    r.apply(&add(3)).unwrap();
+    r.apply(&MetaOp::FinalizeLevel { level: 2 }).unwrap();
+    let before = r.m.state();
+    let refused = MetaRefusal::LevelBelowFinalized {
+        node: 4,
+        level: 1,
+        finalized: 2,
+    };
+    assert_eq!(r.apply(&add(4)), Err(refused.clone()));
+    let low = MetaOp::AddMemberAt {
+        node: 4,
+        member: member(4),
+        level: 1,
+    };
+    assert_eq!(r.apply(&low), Err(refused.clone()));
+    assert_eq!(r.m.state(), before, "a refusal changes nothing");
+    let text = refused.to_string();
+    assert!(
+        text.contains("metadata level 1") && text.contains("finalized level 2"),
+        "{text}"
+    );
+    // Members asking again (a restart) are not refused, whatever they send.
+    r.apply(&add(0)).unwrap();
+    r.apply(&MetaOp::AddMemberAt {
+        node: 1,
+        member: member(1),
+        level: 1,
+    })
+    .unwrap();
+    assert_eq!(r.m.state(), before);
+    // A joiner at level 2 joins.
+    r.apply(&MetaOp::AddMemberAt {
+        node: 4,
+        member: member(4),
+        level: 2,
+    })
+    .unwrap();
+    assert!(r.m.members().contains_key(&4));
+    // The join op follows the proposer's view of the level.
+    assert_eq!(join_op(5, member(5), 2, 1), add(5));
+    assert_eq!(
+        join_op(5, member(5), 1, 2),
+        MetaOp::AddMemberAt {
+            node: 5,
+            member: member(5),
+            level: 1
+        }
+    );
+}
+
+/// The opener's barrier changes nothing, whether an address of its name exists or not,
+/// and is a level-1 op.
+#[test]
+fn the_barrier_changes_nothing_at_level_1() {
+    let mut r = with_members(3);
+    r.apply(&declare("a")).unwrap();
+    let before = r.m.state();
+    assert!(matches!(
+        r.apply(&barrier_op()),
+        Err(MetaRefusal::Partitions { partitions: 0, .. })
+    ));
+    assert_eq!(r.m.state(), before);
+    assert_eq!(r.m.level(), METADATA_LEVEL_MIN);
+    r.apply(&declare(BARRIER_ADDRESS)).unwrap();
+    let before = r.m.state();
+    assert!(matches!(
+        r.apply(&barrier_op()),
+        Ok(MetaOutcome::Declared { created: false, .. })
+    ));
+    assert_eq!(r.m.state(), before);
+}
+
+/// Kind 10's body: cut short, a level 0 or trailing bytes are refusals.
+#[test]
+fn an_add_member_at_round_trips_and_a_bad_body_is_refused() {
+    let op = MetaOp::AddMemberAt {
+        node: 7,
+        member: member(7),
+        level: 2,
+    };
+    let bytes = encode_op(&op).unwrap();
+    assert_eq!(bytes[1], 10);
+    assert_eq!(codec::decode_op(bytes.clone()).unwrap(), Ok(op));
+    let mut cut = bytes.to_vec();
+    cut.pop();
+    let mut zero = bytes.to_vec();
+    *zero.last_mut().unwrap() = 0;
+    let mut trailing = bytes.to_vec();
+    trailing.push(2);
+    for bad in [cut, zero, trailing] {
+        let decoded = codec::decode_op(Bytes::from(bad)).unwrap();
+        assert!(matches!(decoded, Err(MetaRefusal::Malformed(_))));
+    }
 }
 
 /// A mark names at most `MAX_FORMED_PER_OP` groups; ids no group holds are passed over;
@@ -354,9 +521,12 @@ fn the_snapshot_round_trips_and_refuses_what_it_cannot_read() {
     );
     // Another version, a cut, trailing bytes, a count past its bound.
     let mut versioned = snap.to_vec();
-    versioned[0] = 3;
+    versioned[0] = 4;
     let mut flags = with_members(1);
     flags.apply(&declare("one")).unwrap();
+    flags
+        .apply(&MetaOp::MarkFormed { groups: vec![1] })
+        .unwrap();
     let mut flags = flags.m.snapshot().unwrap().to_vec();
     *flags.last_mut().unwrap() = 2;
     let mut cut = snap.to_vec();
@@ -364,7 +534,7 @@ fn the_snapshot_round_trips_and_refuses_what_it_cannot_read() {
     let mut trailing = snap.to_vec();
     trailing.push(1);
     let mut members = BytesMut::new();
-    members.put_u8(META_SNAPSHOT_VERSION);
+    members.put_u8(1);
     members.put_u64_le(1);
     members.put_u8(3);
     members.put_u32_le(MAX_MEMBERS as u32 + 1);
@@ -395,8 +565,19 @@ impl Rng {
 }
 
 fn random_op(rng: &mut Rng) -> MetaOp {
-    match rng.below(10) {
+    match rng.below(12) {
+        11 => MetaOp::FinalizeLevel {
+            level: 1 + rng.below(2) as u8,
+        },
         0 | 1 => add(rng.below(6)),
+        10 => {
+            let node = rng.below(6);
+            MetaOp::AddMemberAt {
+                node,
+                member: member(node),
+                level: 1 + rng.below(2) as u8,
+            }
+        }
         2 => MetaOp::RemoveMember { node: rng.below(6) },
         3 | 4 => MetaOp::DropAddress {
             name: format!("a{}", rng.below(30)),
