@@ -12,7 +12,7 @@
 //! returned for. A failed sync poisons the log (see [`crate::StorageError::SyncFailed`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -198,22 +198,33 @@ impl SyncSignal {
                 Err(_) => return false,
             };
         }
-        let deadline = Instant::now() + delay;
-        while !s.dirty && !s.closed {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            s = match self.cond.wait_timeout(s, left) {
-                Ok((g, _)) => g,
-                Err(_) => return false,
-            };
-        }
+        let Some(mut s) = self.wait_until(s, Instant::now() + delay, |s| s.dirty || s.closed)
+        else {
+            return false;
+        };
         s.dirty = false;
         // Appends from here on arm the next round (the coming sync may cover them too:
         // one sync too many at worst, never one too few).
         self.armed.store(false, Ordering::Release);
         !s.closed
+    }
+
+    /// Waits on the condition until `done` holds or `deadline` passes; `None` if the lock
+    /// was poisoned.
+    fn wait_until<'a>(
+        &self,
+        mut s: MutexGuard<'a, SignalState>,
+        deadline: Instant,
+        done: impl Fn(&SignalState) -> bool,
+    ) -> Option<MutexGuard<'a, SignalState>> {
+        while !done(&s) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            s = self.cond.wait_timeout(s, left).ok()?.0;
+        }
+        Some(s)
     }
 
     pub fn notify(&self) {
@@ -239,17 +250,10 @@ impl SyncSignal {
             return false;
         };
         if let Some(interval) = interval {
-            let deadline = Instant::now() + interval;
-            while !s.closed {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    break;
-                }
-                s = match self.cond.wait_timeout(s, left) {
-                    Ok((g, _)) => g,
-                    Err(_) => return false,
-                };
-            }
+            s = match self.wait_until(s, Instant::now() + interval, |s| s.closed) {
+                Some(s) => s,
+                None => return false,
+            };
         }
         while !s.dirty && !s.closed {
             s = match self.cond.wait(s) {

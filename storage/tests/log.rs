@@ -127,6 +127,14 @@ async fn a_lone_append_after_a_shared_round_is_made_durable() {
     assert_eq!(log.durable_offset(), 3 * (APPENDERS + 1));
 }
 
+fn lazy_log(dir: &std::path::Path, delay: Duration) -> Log {
+    let config = LogConfig {
+        lazy_sync: Some(delay),
+        ..small(SyncPolicy::Always)
+    };
+    Log::open(dir, config).unwrap()
+}
+
 /// A lazily synced log (`LogConfig::lazy_sync`, the ack log's setting): appends nobody
 /// waits for wake no sync — none runs before the delay — while a wait asks for one at
 /// once, and the one sync covers every append before it. With a delay of a minute, an
@@ -138,11 +146,7 @@ async fn a_lazy_log_syncs_when_a_waiter_asks_and_not_before() {
     /// Far above a sync on a loaded disk, far below `DELAY`.
     const BOUND: Duration = Duration::from_secs(20);
     let dir = tempfile::tempdir().unwrap();
-    let config = LogConfig {
-        lazy_sync: Some(DELAY),
-        ..small(SyncPolicy::Always)
-    };
-    let log = Log::open(dir.path(), config).unwrap();
+    let log = lazy_log(dir.path(), DELAY);
     let handles: Vec<_> = (0..200)
         .map(|i| log.append(&payload(i, 100)).unwrap().durable)
         .collect();
@@ -172,11 +176,7 @@ async fn a_lazy_log_syncs_by_itself_after_its_delay() {
     const DELAY: Duration = Duration::from_millis(50);
     const BOUND: Duration = Duration::from_secs(20);
     let dir = tempfile::tempdir().unwrap();
-    let config = LogConfig {
-        lazy_sync: Some(DELAY),
-        ..small(SyncPolicy::Always)
-    };
-    let log = Log::open(dir.path(), config).unwrap();
+    let log = lazy_log(dir.path(), DELAY);
     for round in 0..3u64 {
         let before = log.durable_offset();
         let appended = log.append(&payload(round, 100)).unwrap();
