@@ -147,6 +147,12 @@ impl Default for LogConfig {
 }
 
 impl LogConfig {
+    /// The delay a lazy log syncs after (`lazy_sync`), when it applies: only under
+    /// [`SyncPolicy::Always`] (`Interval` already waits, `Never` does not sync).
+    pub(crate) fn lazy_delay(&self) -> Option<Duration> {
+        self.lazy_sync.filter(|_| self.sync == SyncPolicy::Always)
+    }
+
     /// Rejects settings that cannot work.
     pub fn validate(&self) -> Result<()> {
         if !(MIN_SEGMENT_BYTES..=MAX_SEGMENT_BYTES).contains(&self.segment_bytes) {

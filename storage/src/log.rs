@@ -221,8 +221,7 @@ impl Log {
         if let Some(interval) = interval {
             let weak = Arc::downgrade(&inner);
             let gather = inner.config.gather;
-            // Lazy syncing is a refinement of `Always`; `Interval` already waits.
-            let lazy = inner.config.lazy_sync.filter(|_| interval.is_none());
+            let lazy = inner.config.lazy_delay();
             std::thread::Builder::new()
                 .name("entrepot-sync".into())
                 .spawn(move || sync::run(weak, signal, interval, gather, lazy))
@@ -557,20 +556,22 @@ impl Inner {
     fn appended(&self, first: u64, last: u64) -> Appended {
         let durable = match self.config.sync {
             SyncPolicy::Never => Durable::ready(last),
-            SyncPolicy::Always if self.config.lazy_sync.is_some() => {
-                self.signal.arm();
-                Durable {
-                    rx: Some(self.durable_tx.subscribe()),
-                    offset: last,
-                    demand: Some(Arc::clone(&self.signal)),
-                }
-            }
             _ => {
-                self.signal.notify();
+                // A lazy log's append only arms the deadline; a waiter asks (`demand`).
+                let demand = match self.config.lazy_delay() {
+                    Some(_) => {
+                        self.signal.arm();
+                        Some(Arc::clone(&self.signal))
+                    }
+                    None => {
+                        self.signal.notify();
+                        None
+                    }
+                };
                 Durable {
                     rx: Some(self.durable_tx.subscribe()),
                     offset: last,
-                    demand: None,
+                    demand,
                 }
             }
         };
