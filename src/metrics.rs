@@ -115,6 +115,12 @@ fn store_metrics(out: &mut String, broker: &Broker) {
         "Segments deleted",
         st.segments_deleted.load(Ordering::Relaxed),
     );
+    counter(
+        out,
+        "entrepot_store_segments_recycled_total",
+        "Deleted segments whose file was kept for a later segment",
+        st.segments_recycled.load(Ordering::Relaxed),
+    );
     gauge(
         out,
         "entrepot_store_segments",

@@ -53,6 +53,12 @@ pub const ACK_RESERVE_SEGMENTS: u64 = 3;
 /// Reserve beyond the ack log's segments: index files written when segments are sealed,
 /// the subscription registry, a new ack-log directory entry.
 pub const RESERVE_MARGIN_BYTES: u64 = 1024 * 1024;
+/// Fully acknowledged segment files each of the store's logs keeps for its next segment
+/// (`LogConfig::recycle_segments`): a queue that keeps up with its producers frees a
+/// segment about as often as it fills one, and the next then reuses written blocks and
+/// resident pages instead of a new file (`storage/src/prepare.rs`). One segment of disk
+/// per log is held for it.
+pub const RECYCLE_SEGMENTS: usize = 1;
 
 /// Free bytes a new message-log segment must leave (see the module docs): 25 MiB with the
 /// default 128 MiB segments (8 MiB ack segments), 1.75 MiB with 256 KiB segments.
@@ -331,6 +337,10 @@ impl Store {
     }
 
     fn open_logs(dir: &Path, config: LogConfig) -> StorageResult<(Log, AckLog)> {
+        let config = LogConfig {
+            recycle_segments: RECYCLE_SEGMENTS,
+            ..config
+        };
         let log = Log::open(dir.join("messages"), config.clone())?;
         let acks = AckLog::open(
             dir.join("acks"),

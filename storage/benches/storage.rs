@@ -38,11 +38,18 @@ fn bench_dir() -> tempfile::TempDir {
         .expect("temporary directory under the target dir")
 }
 
+/// The bench's logs recycle one deleted segment file, as the broker's do
+/// (`RECYCLE_SEGMENTS`); `ENTREPOT_BENCH_RECYCLE=0` measures new files for every segment.
 fn config(sync: SyncPolicy) -> LogConfig {
+    let recycle_segments = std::env::var("ENTREPOT_BENCH_RECYCLE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
     LogConfig {
         segment_bytes: 64 << 20,
         record_bytes_max: 1 << 20,
         sync,
+        recycle_segments,
         ..LogConfig::default()
     }
 }

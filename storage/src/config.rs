@@ -21,6 +21,11 @@ pub const DEFAULT_RECORD_BYTES: u32 = 100 * 1024 * 1024;
 pub const MAX_BATCH_RECORDS: usize = 64 * 1024;
 /// Default distance in bytes between two sparse index entries.
 pub const DEFAULT_INDEX_INTERVAL_BYTES: u32 = 4096;
+/// Most deleted segment files a log keeps for its next segments: none by default (a log
+/// that deletes segments rarely would only hold disk space with them).
+pub const DEFAULT_RECYCLE_SEGMENTS: usize = 0;
+/// Most a configuration may ask to keep (each holds `segment_bytes` of disk).
+pub const MAX_RECYCLE_SEGMENTS: usize = 8;
 
 /// When appended records become durable — what survives a power cut.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,6 +133,13 @@ pub struct LogConfig {
     /// Kafka's committed offsets and RabbitMQ's acks allow. Default `None`: every append
     /// wakes the thread.
     pub lazy_sync: Option<Duration>,
+    /// Deleted segments whose files the log keeps, renamed, to be the files of its next
+    /// segments instead of new ones (`prepare.rs`): written blocks sync without the
+    /// unwritten-extent conversion and resident pages need no allocation. Each holds
+    /// `segment_bytes` of disk until a roll takes it (or the log closes). Only logs
+    /// that sync (not [`SyncPolicy::Never`]). Default [`DEFAULT_RECYCLE_SEGMENTS`], at most
+    /// [`MAX_RECYCLE_SEGMENTS`].
+    pub recycle_segments: usize,
 }
 
 impl Default for LogConfig {
@@ -142,6 +154,7 @@ impl Default for LogConfig {
             reserve_bytes: 0,
             gather: true,
             lazy_sync: None,
+            recycle_segments: DEFAULT_RECYCLE_SEGMENTS,
         }
     }
 }
@@ -177,6 +190,12 @@ impl LogConfig {
             return Err(StorageError::Config(
                 "lazy_sync must be positive (use None)".into(),
             ));
+        }
+        if self.recycle_segments > MAX_RECYCLE_SEGMENTS {
+            return Err(StorageError::Config(format!(
+                "recycle_segments {} exceeds {MAX_RECYCLE_SEGMENTS}",
+                self.recycle_segments
+            )));
         }
         if let SyncPolicy::Interval(d) = self.sync {
             if d.is_zero() {

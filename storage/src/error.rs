@@ -45,7 +45,7 @@ pub enum StorageError {
     #[error("{path} is not an entrepot {kind} file (bad magic)")]
     BadMagic { path: PathBuf, kind: &'static str },
     /// A file was written by a format version this build does not know.
-    #[error("{path} has format version {found}, this build reads version {supported}")]
+    #[error("{path} has format version {found}, this build reads versions 1 to {supported}")]
     UnsupportedVersion {
         path: PathBuf,
         found: u16,

@@ -24,7 +24,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Instant;
 
@@ -124,6 +124,17 @@ struct Writer {
 /// bounds are the pages readers fault back in.
 pub const RESIDENT_TAIL_BYTES: u64 = 4 << 20;
 
+/// Names of recycled files, unique in the process (as `prepare.rs` names its files).
+static RECYCLED_NAME: AtomicU64 = AtomicU64::new(0);
+
+/// What [`Inner::recycle`] did with a deleted segment.
+enum Recycling {
+    /// Not taken (recycling off or full, another handle on the segment): still to delete.
+    Declined(Arc<Segment>),
+    /// Consumed: its file renamed for the preparer, or unlinked; the outcome of that.
+    Done(Result<()>),
+}
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -184,6 +195,7 @@ impl Log {
                 dir: dir.clone(),
                 segment_bytes: config.segment_bytes,
                 reserve_bytes: config.reserve_bytes,
+                recycle_max: config.recycle_segments,
             }))
         });
         let inner = Arc::new(Inner {
@@ -429,6 +441,18 @@ impl Log {
             });
         drop(w);
         let Some(seg) = removed else { return Ok(false) };
+        let seg = match self.inner.recycle(seg) {
+            Recycling::Declined(seg) => seg,
+            Recycling::Done(outcome) => {
+                drop(_io);
+                outcome?;
+                self.inner
+                    .stats
+                    .segments_deleted
+                    .fetch_add(1, Ordering::Relaxed);
+                return Ok(true);
+            }
+        };
         let unlinked = seg
             .unlink()
             .map_err(|e| StorageError::io("deleting segment", seg.path(), e));
@@ -689,6 +713,39 @@ impl Inner {
         Ok(())
     }
 
+    /// Keeps the file of a deleted segment for a later one when the preparer takes one and
+    /// the segment is this log's only handle on it (`Segment::into_recycled`, which
+    /// unlinks it instead when a reader still maps it); otherwise declines, and the
+    /// caller unlinks and retires the segment.
+    fn recycle(&self, seg: Arc<Segment>) -> Recycling {
+        let Some(preparer) = self.preparer.as_ref().filter(|p| p.wants_recycled()) else {
+            return Recycling::Declined(seg);
+        };
+        if seg.capacity() != self.config.segment_bytes {
+            return Recycling::Declined(seg);
+        }
+        let seg = match Arc::try_unwrap(seg) {
+            Ok(seg) => seg,
+            Err(shared) => return Recycling::Declined(shared),
+        };
+        let old = seg.path().to_path_buf();
+        let to = self.dir.join(format!(
+            "recycled-{}.seg.tmp",
+            RECYCLED_NAME.fetch_add(1, Ordering::Relaxed)
+        ));
+        let file = match seg.into_recycled(&to) {
+            Ok(Some(file)) => file,
+            Ok(None) => return Recycling::Done(Ok(())),
+            Err(e) => return Recycling::Done(Err(StorageError::io("recycling segment", &old, e))),
+        };
+        if let Err(file) = preparer.offer(file) {
+            let _ = fs::remove_file(&file.path);
+            return Recycling::Done(Ok(()));
+        }
+        self.stats.segments_recycled.fetch_add(1, Ordering::Relaxed);
+        Recycling::Done(Ok(()))
+    }
+
     /// Creates the segment of a roll that found no prepared file.
     fn create_rolled(&self, base: u64) -> Result<Arc<Segment>> {
         match self.create_next(base) {
@@ -921,6 +978,7 @@ impl Inner {
             seg.base(),
             seg.capacity(),
             self.config.record_bytes_max,
+            seg.salt(),
         )?;
         fresh.fill_from(seg.prefix(pos), self.config.index_interval_bytes);
         fresh

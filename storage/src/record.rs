@@ -4,6 +4,13 @@
 //! header and stop at the first frame that does not verify. The CRC covers every header
 //! field and the payload; a zeroed region never verifies (the CRC of zeros is not zero),
 //! so preallocated space past the last record reads as "end of log".
+//!
+//! Since segment format v2 the CRC starts from the segment's *salt* (a random `u32` in
+//! its header, drawn anew each time a file becomes a segment): a segment file reused for
+//! a later segment (`prepare.rs`, recycling) still holds the frames of its earlier life
+//! past the written end, and those never verify under the new salt — nor does a frame a
+//! client hid inside a message body, since the salt is drawn after that body was written.
+//! Salt 0 is the plain CRC-32, so v1 segments read as before.
 
 use bytes::Bytes;
 
@@ -14,7 +21,8 @@ pub const RECORD_HEADER_LEN: usize = 28;
 pub const FLAGS_USER_MASK: u16 = 0x00ff;
 
 // Format: { len: u32 LE | crc: u32 LE | offset: u64 LE | timestamp_ms: i64 LE | flags: u16 LE | reserved: u16 = 0 | payload: [u8; len] }
-// crc = CRC-32 (IEEE, crc32fast) of bytes [0..4) ++ [8..28 + len).
+// crc = CRC-32 (IEEE, crc32fast) of bytes [0..4) ++ [8..28 + len), started from the
+// segment's salt (format v2; 0 in v1 segments, which is the plain CRC-32).
 
 /// One record read back from the log. `payload` is a slice of the segment's mapping:
 /// no copy was made, and the memory stays valid for as long as the `Bytes` lives.
@@ -68,7 +76,14 @@ impl FrameFault {
 
 /// Writes a frame for `parts` (concatenated) into `dst`, which is exactly
 /// `RECORD_HEADER_LEN + sum(parts)` bytes long.
-pub(crate) fn encode(dst: &mut [u8], offset: u64, timestamp_ms: i64, flags: u16, parts: &[&[u8]]) {
+pub(crate) fn encode(
+    dst: &mut [u8],
+    salt: u32,
+    offset: u64,
+    timestamp_ms: i64,
+    flags: u16,
+    parts: &[&[u8]],
+) {
     let len = dst.len() - RECORD_HEADER_LEN;
     debug_assert_eq!(len, parts.iter().map(|p| p.len()).sum::<usize>());
     dst[0..4].copy_from_slice(&(len as u32).to_le_bytes());
@@ -81,12 +96,12 @@ pub(crate) fn encode(dst: &mut [u8], offset: u64, timestamp_ms: i64, flags: u16,
         dst[at..at + part.len()].copy_from_slice(part);
         at += part.len();
     }
-    let crc = checksum(dst);
+    let crc = checksum(dst, salt);
     dst[4..8].copy_from_slice(&crc.to_le_bytes());
 }
 
-fn checksum(frame: &[u8]) -> u32 {
-    let mut hasher = crc32fast::Hasher::new();
+fn checksum(frame: &[u8], salt: u32) -> u32 {
+    let mut hasher = crc32fast::Hasher::new_with_initial(salt);
     hasher.update(&frame[0..4]);
     hasher.update(&frame[8..]);
     hasher.finalize()
@@ -105,9 +120,11 @@ fn read_u64(b: &[u8], at: usize) -> u64 {
 }
 
 /// Decodes and verifies the frame that starts at the beginning of `data` (which ends at
-/// the segment's written length). `expected_offset` guards against stale frames.
+/// the segment's written length). `expected_offset` and the segment's `salt` guard
+/// against stale frames.
 pub(crate) fn decode(
     data: &[u8],
+    salt: u32,
     expected_offset: u64,
     record_bytes_max: u32,
 ) -> Result<RecordHeader, FrameFault> {
@@ -128,7 +145,7 @@ pub(crate) fn decode(
     if header.offset != expected_offset {
         return Err(FrameFault::BadOffset);
     }
-    if checksum(&data[..frame_len]) != header.crc {
+    if checksum(&data[..frame_len], salt) != header.crc {
         return Err(FrameFault::BadChecksum);
     }
     Ok(header)
@@ -154,14 +171,14 @@ mod tests {
 
     fn frame(offset: u64, payload: &[u8]) -> Vec<u8> {
         let mut buf = vec![0u8; RECORD_HEADER_LEN + payload.len()];
-        encode(&mut buf, offset, 7, 3, &[payload]);
+        encode(&mut buf, 0, offset, 7, 3, &[payload]);
         buf
     }
 
     #[test]
     fn round_trip() {
         let buf = frame(42, b"hello");
-        let h = decode(&buf, 42, 1024).unwrap();
+        let h = decode(&buf, 0, 42, 1024).unwrap();
         assert_eq!(h.len, 5);
         assert_eq!(h.offset, 42);
         assert_eq!(h.timestamp_ms, 7);
@@ -172,13 +189,13 @@ mod tests {
     #[test]
     fn parts_are_concatenated() {
         let mut a = vec![0u8; RECORD_HEADER_LEN + 6];
-        encode(&mut a, 1, 0, 0, &[b"ab", b"", b"cdef"]);
+        encode(&mut a, 0, 1, 0, 0, &[b"ab", b"", b"cdef"]);
         assert_eq!(a, frame_with_ts(1, 0, 0, b"abcdef"));
     }
 
     fn frame_with_ts(offset: u64, ts: i64, flags: u16, p: &[u8]) -> Vec<u8> {
         let mut buf = vec![0u8; RECORD_HEADER_LEN + p.len()];
-        encode(&mut buf, offset, ts, flags, &[p]);
+        encode(&mut buf, 0, offset, ts, flags, &[p]);
         buf
     }
 
@@ -189,21 +206,44 @@ mod tests {
             for bit in 0..8 {
                 let mut bad = buf.clone();
                 bad[byte] ^= 1 << bit;
-                assert!(decode(&bad, 9, 1024).is_err(), "flip at {byte}:{bit}");
+                assert!(decode(&bad, 0, 9, 1024).is_err(), "flip at {byte}:{bit}");
             }
         }
     }
 
     #[test]
     fn zeros_truncation_and_wrong_offset() {
-        assert_eq!(decode(&[0u8; 64], 0, 1024), Err(FrameFault::Empty));
+        assert_eq!(decode(&[0u8; 64], 0, 0, 1024), Err(FrameFault::Empty));
         let buf = frame(5, b"abc");
-        assert_eq!(decode(&buf[..10], 5, 1024), Err(FrameFault::Truncated));
+        assert_eq!(decode(&buf[..10], 0, 5, 1024), Err(FrameFault::Truncated));
         assert_eq!(
-            decode(&buf[..buf.len() - 1], 5, 1024),
+            decode(&buf[..buf.len() - 1], 0, 5, 1024),
             Err(FrameFault::Truncated)
         );
-        assert_eq!(decode(&buf, 6, 1024), Err(FrameFault::BadOffset));
-        assert_eq!(decode(&buf, 5, 2), Err(FrameFault::TooLarge));
+        assert_eq!(decode(&buf, 0, 6, 1024), Err(FrameFault::BadOffset));
+        assert_eq!(decode(&buf, 0, 5, 2), Err(FrameFault::TooLarge));
+    }
+
+    #[test]
+    fn salt_zero_is_the_plain_crc_and_another_salt_rejects_the_frame() {
+        let buf = frame(3, b"abc");
+        let mut plain = crc32fast::Hasher::new();
+        plain.update(&buf[0..4]);
+        plain.update(&buf[8..]);
+        assert_eq!(
+            read_u32(&buf, 4),
+            plain.finalize(),
+            "v1 frames keep their CRC"
+        );
+        let mut salted = vec![0u8; buf.len()];
+        encode(&mut salted, 0x5eed_0001, 3, 7, 3, &[b"abc"]);
+        assert!(decode(&salted, 0x5eed_0001, 3, 1024).is_ok());
+        for other in [0, 0x5eed_0000, 0x5eed_0003, u32::MAX] {
+            assert_eq!(
+                decode(&salted, other, 3, 1024),
+                Err(FrameFault::BadChecksum),
+                "salt {other:#x}"
+            );
+        }
     }
 }

@@ -7,6 +7,16 @@
 //! ends. Everything after it was never reported durable, so it is cut: the rest of that
 //! segment is zeroed and later segments are deleted. The cut is logged and counted.
 //!
+//! A *recycled* segment (its file held an earlier segment, `prepare.rs`) ends differently:
+//! past its last record lie the earlier segment's frames, which fail the salted CRC, so the
+//! first frame that does not verify is its end, whatever follows. Zeroing that rest (up to
+//! a whole segment of writes) at every open would cost more than recycling saves, and
+//! appending after it again would risk what the zeroing prevents (a never-durable frame of
+//! this segment behind a lost page lining up again). So an unsealed recycled segment is
+//! sealed at its recovered end instead, and the first append rolls to a new segment, as
+//! RocksDB starts a new WAL after recovery. One that precedes another segment, with no gap
+//! before it, was complete (a crash between a roll and its seal): it is sealed as any.
+//!
 //! A fault inside a sealed segment is real corruption, not a torn write: opening fails with
 //! [`StorageError::Corrupt`] naming the file and byte, unless the caller asked to open
 //! read-only up to the damage.
@@ -153,6 +163,20 @@ fn open_unsealed(
 ) -> Result<bool> {
     let scanned = seg.scan(config.index_interval_bytes);
     let contiguous = next_base.is_none_or(|b| b == scanned.next_offset);
+    if seg.is_recycled() && contiguous {
+        if next_base.is_none() && !out.read_only {
+            seg.sync_range(SEGMENT_HEADER_LEN as u64, scanned.end_pos)
+                .and_then(|()| seg.seal())
+                .map_err(|e| StorageError::io("sealing a recycled segment", seg.path(), e))?;
+            tracing::info!(
+                path = %seg.path().display(),
+                position = scanned.end_pos,
+                next_offset = scanned.next_offset,
+                "sealed the recovered recycled segment at its last record, appends start a new one"
+            );
+        }
+        return Ok(false);
+    }
     // Zeros where a frame should be can be a page that never reached the disk, with later
     // (never durable) frames behind it: those must be erased too, or an append of the same
     // size would line them up at the right position and offset and they would verify again.

@@ -35,14 +35,20 @@ use crate::record::{self, FrameFault, Record, RecordHeader, RECORD_HEADER_LEN};
 
 /// Magic bytes at the start of every segment file.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"ENTRPSEG";
-/// Version of the segment and record format this build writes and reads.
-pub const SEGMENT_VERSION: u16 = 1;
+/// Version of the segment and record format this build writes (2: the header carries the
+/// salt the record CRCs start from, see `record.rs`).
+pub const SEGMENT_VERSION: u16 = 2;
+/// Oldest segment version this build reads (v1: no salt, read as salt 0).
+pub const SEGMENT_VERSION_MIN: u16 = 1;
 /// Bytes reserved for the segment header; the first record starts here.
 pub const SEGMENT_HEADER_LEN: usize = 64;
 const SEAL_MAGIC: [u8; 4] = *b"SEAL";
+/// Header flag (bytes 10..12, v2): the file held an earlier segment, whose frames may lie
+/// past this one's last record (recovery reads its tail accordingly, `recovery.rs`).
+const FLAG_RECYCLED: u16 = 1;
 
 // Format (segment header, 64 bytes):
-// { magic: [u8; 8] = "ENTRPSEG" | version: u16 LE | reserved: [u8; 6] | base_offset: u64 LE | created_ms: i64 LE
+// { magic: [u8; 8] = "ENTRPSEG" | version: u16 LE | flags: u16 LE (v2; bit 0 recycled) | salt: u32 LE (v2; zero in v1) | base_offset: u64 LE | created_ms: i64 LE
 //   | header_crc: u32 LE (of bytes 0..32) | reserved: u32
 //   | seal_magic: [u8; 4] = "SEAL" or zeros | seal_crc: u32 LE (of bytes 48..64) | next_offset: u64 LE | end_position: u64 LE }
 
@@ -89,7 +95,43 @@ pub(crate) struct Segment {
     /// The temporary name of a segment made from a prepared file (`prepare.rs`) until the
     /// sync round that first covers it has synced its header and renamed it to `path`.
     pending_name: Mutex<Option<PathBuf>>,
+    /// What every record CRC of this segment starts from (`record.rs`; 0 in a v1 segment).
+    salt: u32,
+    /// The file held an earlier segment ([`FLAG_RECYCLED`]).
+    recycled: bool,
     pub(crate) index: RwLock<SegmentIndex>,
+}
+
+/// A deleted segment's file, renamed to a temporary name and handed to the preparer to be
+/// the file of a later segment (`prepare.rs`). Nothing maps it any more.
+pub(crate) struct RecycledFile {
+    pub path: PathBuf,
+    pub file: File,
+    pub capacity: u64,
+    /// The salt of the segment it held, which the next one must not reuse.
+    pub salt: u32,
+}
+
+/// A salt for a new segment, never `avoid` (the salt of the file's previous segment):
+/// from the kernel's random source, or, should that fail, from the clock and a counter
+/// (still different from `avoid`, which is what stale frames need; only a frame forged
+/// inside a message body relies on the salt being unpredictable).
+pub(crate) fn new_salt(avoid: u32) -> u32 {
+    static FALLBACK: AtomicU64 = AtomicU64::new(0);
+    let mut buf = [0u8; 4];
+    // SAFETY: `buf` is valid for 4 writable bytes.
+    let got = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    let mut salt = if got == 4 {
+        u32::from_le_bytes(buf)
+    } else {
+        let n = FALLBACK.fetch_add(1, Ordering::Relaxed);
+        let mix = (now_ms() as u64) ^ n.rotate_left(32) ^ u64::from(std::process::id());
+        (mix ^ (mix >> 32)) as u32
+    };
+    if salt == avoid {
+        salt = salt.wrapping_add(1);
+    }
+    salt
 }
 
 /// Granularity of releasing an active segment's synced pages: 1 MiB at a time.
@@ -130,7 +172,7 @@ impl Segment {
         let path = dir.join(segment_file_name(base));
         let tmp = path.with_extension("seg.tmp");
         let _ = std::fs::remove_file(&tmp);
-        let seg = Self::create_at(&tmp, base, capacity, record_bytes_max)?;
+        let seg = Self::create_at(&tmp, base, capacity, record_bytes_max, new_salt(0))?;
         if let Err(e) = std::fs::rename(&tmp, &path) {
             let _ = std::fs::remove_file(&tmp);
             return Err(StorageError::io("naming new segment", &path, e));
@@ -138,12 +180,14 @@ impl Segment {
         Ok(seg.renamed(path))
     }
 
-    /// Like [`Segment::create`] at an explicit path (truncation builds a temporary file).
+    /// Like [`Segment::create`] at an explicit path (truncation builds a temporary file,
+    /// with the salt of the segment whose frames it copies).
     pub fn create_at(
         path: &Path,
         base: u64,
         capacity: u64,
         record_bytes_max: u32,
+        salt: u32,
     ) -> Result<Segment> {
         let file = OpenOptions::new()
             .read(true)
@@ -151,7 +195,7 @@ impl Segment {
             .create_new(true)
             .open(path)
             .map_err(|e| StorageError::io("creating segment", path, e))?;
-        let built = Self::init_file(file, path, base, capacity, record_bytes_max);
+        let built = Self::init_file(file, path, base, capacity, record_bytes_max, salt);
         if built.is_err() {
             let _ = std::fs::remove_file(path);
         }
@@ -164,6 +208,7 @@ impl Segment {
         base: u64,
         capacity: u64,
         record_bytes_max: u32,
+        salt: u32,
     ) -> Result<Segment> {
         #[cfg(feature = "crash-sim")]
         crate::crash_sim::before_allocate(path)
@@ -177,7 +222,8 @@ impl Segment {
                 std::io::Error::from_raw_os_error(rc),
             ));
         }
-        let seg = Self::map(file, path, base, capacity, record_bytes_max)?;
+        let mut seg = Self::map(file, path, base, capacity, record_bytes_max)?;
+        seg.salt = salt;
         seg.expect_appends();
         seg.write_header();
         // One fsync makes the header (dirtied through the mapping, so in the page cache),
@@ -189,12 +235,16 @@ impl Segment {
         Ok(seg)
     }
 
-    /// Writes the first 40 bytes of the header (magic, version, base, creation time, CRC)
-    /// into the mapping; the caller makes them durable.
+    /// Writes the header (magic, version, salt, base, creation time, CRC; the seal zeroed:
+    /// a recycled file still holds its previous segment's) into the mapping; the caller
+    /// makes it durable.
     fn write_header(&self) {
         let mut header = [0u8; SEGMENT_HEADER_LEN];
         header[0..8].copy_from_slice(&SEGMENT_MAGIC);
         header[8..10].copy_from_slice(&SEGMENT_VERSION.to_le_bytes());
+        let flags = if self.recycled { FLAG_RECYCLED } else { 0 };
+        header[10..12].copy_from_slice(&flags.to_le_bytes());
+        header[12..16].copy_from_slice(&self.salt.to_le_bytes());
         header[16..24].copy_from_slice(&self.base.to_le_bytes());
         header[24..32].copy_from_slice(&now_ms().to_le_bytes());
         let crc = crc32fast::hash(&header[0..32]);
@@ -203,8 +253,9 @@ impl Segment {
         unsafe { self.write_at(0, &header) };
     }
 
-    /// Makes a segment of base `base` from a file prepared ahead (`prepare.rs`): writes its
-    /// header into the mapping, nothing else — no system call. The segment keeps its
+    /// Makes a segment of base `base` from a file prepared ahead (`prepare.rs`; a new file
+    /// or a recycled one): draws its salt and writes its header into the mapping, nothing
+    /// else — no system call but the salt's `getrandom`. The segment keeps its
     /// temporary name until [`Segment::name`]; its header is durable only once a sync of
     /// its range from 0 returned, which the log does before naming it.
     pub(crate) fn from_prepared(
@@ -219,8 +270,9 @@ impl Segment {
             map,
             capacity,
             prefaulted,
+            previous_salt,
         } = parts;
-        let seg = Self::from_map(
+        let mut seg = Self::from_map(
             file,
             map,
             &dir.join(segment_file_name(base)),
@@ -228,6 +280,8 @@ impl Segment {
             capacity,
             record_bytes_max,
         );
+        seg.salt = new_salt(previous_salt.unwrap_or(0));
+        seg.recycled = previous_salt.is_some();
         seg.prefaulted.store(prefaulted, Ordering::Release);
         if let Ok(mut pending) = seg.pending_name.lock() {
             *pending = Some(tmp);
@@ -301,6 +355,8 @@ impl Segment {
             released: AtomicU64::new(0),
             prefaulted: AtomicU64::new(0),
             pending_name: Mutex::new(None),
+            salt: 0,
+            recycled: false,
             index: RwLock::new(SegmentIndex::default()),
         }
     }
@@ -331,7 +387,7 @@ impl Segment {
             });
         }
         let version = u16::from_le_bytes([h[8], h[9]]);
-        if version != SEGMENT_VERSION {
+        if !(SEGMENT_VERSION_MIN..=SEGMENT_VERSION).contains(&version) {
             return Err(StorageError::UnsupportedVersion {
                 path: path.to_path_buf(),
                 found: version,
@@ -350,7 +406,21 @@ impl Segment {
         let seal = (h[40..44] == SEAL_MAGIC && crc32fast::hash(&h[48..64]) == le_u32(&h[44..48]))
             .then(|| (le_u64(&h[48..56]), le_u64(&h[56..64])))
             .filter(|&(next, end)| next >= base && end >= SEGMENT_HEADER_LEN as u64 && end <= len);
+        let (flags, salt) = match version {
+            1 => (0, 0),
+            _ => (u16::from_le_bytes([h[10], h[11]]), le_u32(&h[12..16])),
+        };
+        if flags & !FLAG_RECYCLED != 0 {
+            return Err(StorageError::Corrupt {
+                path: path.to_path_buf(),
+                position: 10,
+                offset: base,
+                reason: "unknown segment header flags",
+            });
+        }
         let mut seg = probe;
+        seg.salt = salt;
+        seg.recycled = flags & FLAG_RECYCLED != 0;
         seg.base = base;
         seg.next_offset = AtomicU64::new(base);
         Ok((seg, seal))
@@ -416,7 +486,7 @@ impl Segment {
         let dst = unsafe {
             std::slice::from_raw_parts_mut(self.map.as_mut_ptr().add(pos as usize), frame_len)
         };
-        record::encode(dst, offset, timestamp_ms, flags, parts);
+        record::encode(dst, self.salt, offset, timestamp_ms, flags, parts);
         if let Ok(mut index) = self.index.write() {
             index.observe(
                 (offset - self.base) as u32,
@@ -439,7 +509,7 @@ impl Segment {
         let mut offset = self.base;
         let fault = loop {
             let data = &self.view[pos as usize..self.capacity as usize];
-            match record::decode(data, offset, self.record_bytes_max) {
+            match record::decode(data, self.salt, offset, self.record_bytes_max) {
                 Ok(h) => {
                     index.observe(
                         (offset - self.base) as u32,
@@ -706,7 +776,7 @@ impl Segment {
         loop {
             let data = &self.view[pos as usize..written];
             if at_rel == rel {
-                let h = record::decode(data, offset, self.record_bytes_max)
+                let h = record::decode(data, self.salt, offset, self.record_bytes_max)
                     .map_err(|f| self.corrupt(pos, offset, f))?;
                 return Ok((pos, h));
             }
@@ -748,7 +818,7 @@ impl Segment {
     /// Reads the record that starts at `pos` and must carry `offset` (sequential readers).
     pub fn read_at(&self, pos: u64, offset: u64) -> Result<(Record, u64)> {
         let data = &self.view[pos as usize..self.written() as usize];
-        let h = record::decode(data, offset, self.record_bytes_max)
+        let h = record::decode(data, self.salt, offset, self.record_bytes_max)
             .map_err(|f| self.corrupt(pos, offset, f))?;
         Ok((self.record_at(pos, &h), pos + h.frame_len() as u64))
     }
@@ -786,6 +856,58 @@ impl Segment {
     pub fn renamed(mut self, path: PathBuf) -> Segment {
         self.path = path;
         self
+    }
+
+    /// The salt its record CRCs start from (0 in a v1 segment).
+    pub(crate) fn salt(&self) -> u32 {
+        self.salt
+    }
+
+    /// True when the file held an earlier segment: bytes past the last record are that
+    /// segment's frames, not zeros.
+    pub(crate) fn is_recycled(&self) -> bool {
+        self.recycled
+    }
+
+    /// Turns a deleted segment into a file for a later one, when nothing else maps it (no
+    /// reader holds a payload of it: those bytes must keep their meaning) and it is named
+    /// and sealed: unmaps it, deletes its index files and renames it to `to`, unsynced (the
+    /// preparer syncs the directory before anything writes to the file). Otherwise it is
+    /// unlinked as [`Segment::unlink`] does, and `None` returned. The caller took it out
+    /// of the log's map and holds the only handle.
+    pub(crate) fn into_recycled(self, to: &Path) -> std::io::Result<Option<RecycledFile>> {
+        let reusable = self.is_named() && self.is_sealed();
+        let unlinked = if reusable { Ok(()) } else { self.unlink() };
+        let Segment {
+            path,
+            capacity,
+            map,
+            view,
+            _file: file,
+            salt,
+            ..
+        } = self;
+        unlinked?;
+        drop(view); // the last `Bytes` of the mapping unless a reader holds a slice
+        if !reusable {
+            return Ok(None);
+        }
+        let _ = std::fs::remove_file(offset_index_path(&path));
+        let _ = std::fs::remove_file(time_index_path(&path));
+        if Arc::strong_count(&map) != 1 {
+            // A reader's payload keeps the mapping (and with it the inode) alive: closing
+            // our handle here evicts nothing, that reader's last drop will.
+            std::fs::remove_file(&path)?;
+            return Ok(None);
+        }
+        drop(map); // unmapped; the pages stay in the page cache for the next segment
+        std::fs::rename(&path, to)?;
+        Ok(Some(RecycledFile {
+            path: to.to_path_buf(),
+            file,
+            capacity,
+            salt,
+        }))
     }
 
     /// Removes the files of this segment from the directory (the mapping stays valid).

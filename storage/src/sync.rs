@@ -126,6 +126,8 @@ pub struct LogStats {
     pub recovered_torn_bytes: AtomicU64,
     /// Segments deleted by purge, truncation, retention or acknowledgement.
     pub segments_deleted: AtomicU64,
+    /// Of those, the ones whose file was kept for a later segment (`LogConfig::recycle_segments`).
+    pub segments_recycled: AtomicU64,
     /// Rolls to a new segment, and how many of them took a file prepared ahead.
     pub rolls: AtomicU64,
     pub rolls_prepared: AtomicU64,

@@ -289,7 +289,7 @@ fn unknown_segment_version_is_a_typed_error() {
     patch(&seg, 8, |b| b[..2].copy_from_slice(&7u16.to_le_bytes()));
     let err = Log::open(dir.path(), config()).err().unwrap();
     assert!(
-        matches!(&err, StorageError::UnsupportedVersion { path, found: 7, supported: 1 } if *path == seg),
+        matches!(&err, StorageError::UnsupportedVersion { path, found: 7, supported: 2 } if *path == seg),
         "{err}"
     );
 }

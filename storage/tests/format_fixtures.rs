@@ -81,7 +81,26 @@ fn assert_records(log: &Log, count: u64) {
 
 #[test]
 fn v1_basic_opens_with_its_exact_records() {
-    let dir = copy_of("v1-basic");
+    basic_opens_with_its_exact_records("v1-basic");
+}
+
+#[test]
+fn v2_basic_opens_with_its_exact_records() {
+    basic_opens_with_its_exact_records("v2-basic");
+}
+
+#[test]
+fn v1_torn_tail_opens_without_the_torn_record() {
+    torn_tail_opens_without_the_torn_record("v1-torn-tail");
+}
+
+#[test]
+fn v2_torn_tail_opens_without_the_torn_record() {
+    torn_tail_opens_without_the_torn_record("v2-torn-tail");
+}
+
+fn basic_opens_with_its_exact_records(name: &str) {
+    let dir = copy_of(name);
     let log = Log::open(dir.path(), config()).unwrap();
     let spans = log.segments();
     assert_eq!(spans.len(), 2);
@@ -101,9 +120,8 @@ fn v1_basic_opens_with_its_exact_records() {
     assert_eq!(verified.append(b"next").unwrap().first, BASIC_RECORDS);
 }
 
-#[test]
-fn v1_torn_tail_opens_without_the_torn_record() {
-    let dir = copy_of("v1-torn-tail");
+fn torn_tail_opens_without_the_torn_record(name: &str) {
+    let dir = copy_of(name);
     let log = Log::open(dir.path(), config()).unwrap();
     assert_eq!(log.next_offset(), TORN_RECORDS - 1);
     assert!(log.stats().recovered_torn_bytes.load(Ordering::Relaxed) > 0);
@@ -134,7 +152,11 @@ fn write_fixture(name: &str, count: u64) -> PathBuf {
 fn generate_fixtures() {
     let basic = write_fixture(&format!("v{SEGMENT_VERSION}-basic"), BASIC_RECORDS);
     let log = Log::open(&basic, config()).unwrap();
-    assert_eq!(log.segments().len(), 2, "v1-basic should span two segments");
+    assert_eq!(
+        log.segments().len(),
+        2,
+        "the basic fixture should span two segments"
+    );
     drop(log);
 
     let torn = write_fixture(&format!("v{SEGMENT_VERSION}-torn-tail"), TORN_RECORDS);
