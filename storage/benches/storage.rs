@@ -10,7 +10,9 @@
 //!   time of the process per flush — what `benches/disk-limit.sh` sets beside fio's.
 //! * `append_in_flight/{8x8,8x64}`: the broker's shape — 8 tasks each keeping up to 8 or
 //!   64 records in flight, one wake-up releasing every record a sync covered (as a
-//!   connection drains its pending FIFO); same figures printed.
+//!   connection drains its pending FIFO), and sealed segments freed behind the durable
+//!   offset every 50 ms (as the broker's reclaim frees acknowledged ones, so their files
+//!   are recycled unless `ENTREPOT_BENCH_RECYCLE=0`); same figures printed.
 //! * `append_sync_never`: the same records without syncing (memcpy into the mapping).
 //! * `read/sequential`: a `LogReader` over a pre-filled log (warm page cache).
 //! * `read/random`: `Log::read` at random offsets of the same log.
@@ -264,6 +266,19 @@ fn append_in_flight_run(
     let remaining = Arc::new(AtomicU64::new(iters));
     let started = Instant::now();
     rt.block_on(async {
+        // Consumers that keep up: every fully durable sealed segment is freed soon after
+        // it is sealed, as the broker's reclaim does, so new segments can reuse their
+        // files (`LogConfig::recycle_segments`).
+        let freeing = {
+            let log = log.clone();
+            let remaining = Arc::clone(&remaining);
+            tokio::spawn(async move {
+                while remaining.load(Ordering::Relaxed) > 0 {
+                    tokio::time::sleep(Duration::from_millis(RECLAIM_EVERY_MS)).await;
+                    log.purge_before(log.durable_offset()).expect("purge");
+                }
+            })
+        };
         let handles: Vec<_> = (0..tasks)
             .map(|_| {
                 let log = log.clone();
@@ -300,9 +315,13 @@ fn append_in_flight_run(
         for h in handles {
             h.await.expect("appender task");
         }
+        freeing.abort(); // not awaited: its sleep is not the appenders' time
     });
     started.elapsed()
 }
+
+/// How often `append_in_flight` frees the segments behind the durable offset.
+const RECLAIM_EVERY_MS: u64 = 50;
 
 /// `append_in_flight/{tasks}x{in_flight}`: the broker's shape beside `append_sync_always`'s
 /// closed loop of one record per task (issue 15: one wake-up covering many records).
