@@ -10,8 +10,11 @@
 # Like with like: fio preallocates its file with fallocate (its default, `--fallocate=
 # native`), as the log preallocates segments, so both write into unwritten extents; one
 # flush of the log covers at most 64 records (~66 KiB of frames), fio's 64 KiB. The
-# `overwrite` row (fio rewriting a file whose blocks are already written) is not our
-# preallocation: it shows what a sync costs without extent conversion, for reference.
+# `overwrite` row (fio rewriting a file whose blocks are already written) shows what a
+# sync costs without extent conversion. Since session 21 the log recycles freed segment
+# files (`LogConfig::recycle_segments`; the bench's `append_in_flight` frees segments
+# behind the durable offset as the broker's reclaim does), so in steady state it writes
+# into written blocks too: both rows are the reference, the `overwrite` one the stricter.
 # The last row compares with the mean of that fio job run before and after the bench (the
 # disk's latency drifts on a shared machine). After the table: fio's fdatasync latency, the bench's own group-commit figures (bytes
 # and records per flush, flushes/s, mean sync, the hand-off outside the sync per flush,
