@@ -300,8 +300,6 @@ async fn start_host(
         segment_bytes: config.node_log_segment_bytes,
         record_bytes_max: NODE_LOG_RECORD_MAX,
         sync: config.sync,
-        // Purged once every group's snapshot passed a segment: its file is reused.
-        recycle_segments: crate::broker::store::RECYCLE_SEGMENTS,
         ..LogConfig::default()
     };
     host_config.heartbeat = Duration::from_millis(HEARTBEAT_MS);

@@ -83,7 +83,7 @@ use tokio::task::JoinHandle;
 use crate::auth::Gatekeeper;
 use crate::broker::lease::DeliveryLease;
 use crate::broker::replication::Replication;
-use crate::broker::store::{DiskGuard, Store, RECYCLE_SEGMENTS};
+use crate::broker::store::{DiskGuard, Store};
 use crate::broker::Broker;
 use crate::config::BrokerConfig;
 use crate::connection::{self, Accepted};
@@ -386,8 +386,6 @@ fn open_state(config: &BrokerConfig) -> Result<(StoreMachine, LogStore), Cluster
         segment_bytes: RAFT_SEGMENT_BYTES,
         record_bytes_max: RAFT_RECORD_MAX,
         sync: config.sync,
-        // Purged after each snapshot: the next segments reuse the files (as the store's).
-        recycle_segments: RECYCLE_SEGMENTS,
         ..LogConfig::default()
     };
     let log_store = tokio::task::block_in_place(|| LogStore::open(&raft_dir, raft_config))
