@@ -36,7 +36,7 @@ use crate::prepare::{PrepareSpec, Preparer, PREPARE_AT_FILL_PERCENT};
 use crate::record::{Record, RECORD_HEADER_LEN};
 use crate::recovery;
 use crate::retire;
-use crate::segment::{Segment, SEGMENT_HEADER_LEN};
+use crate::segment::{Segment, PREFAULT_AHEAD_BYTES, PREFAULT_AHEAD_MAX_BYTES, SEGMENT_HEADER_LEN};
 use crate::sync::{self, Durable, DurableState, LogStats, Prefault, SyncSignal};
 
 /// A handle to an open log. Cheap to clone; all clones share one log.
@@ -805,9 +805,16 @@ impl Inner {
         };
         // The appenders this sync will release copy into the pages after `to` next: have
         // them populated while the disk works — twice what this round covers, so a round
-        // of large records does not outrun them.
-        if let Some(prefault) = self.prefault.as_ref().filter(|_| to > from) {
-            prefault.request(&active, 2 * (to - from));
+        // of large records does not outrun them. The thread is woken only once fewer
+        // than that are populated ahead, and then populates twice as far: one wake-up
+        // per few rounds instead of one per round (each cost both threads a context
+        // switch, a quarter of the prefault thread's CPU once recycled files made the
+        // populating itself cheap, `benches/RESULTS.md` session 21).
+        let ahead =
+            (2 * to.saturating_sub(from)).clamp(PREFAULT_AHEAD_BYTES, PREFAULT_AHEAD_MAX_BYTES);
+        let lead = active.prefaulted_to().saturating_sub(to);
+        if let Some(prefault) = self.prefault.as_ref().filter(|_| to > from && lead < ahead) {
+            prefault.request(&active, 2 * ahead);
         }
         let started = Instant::now();
         let result = self.sync_segments(&rolled, &active, from, to, rolls.is_some());

@@ -441,6 +441,10 @@ impl Segment {
     pub fn next_offset(&self) -> u64 {
         self.next_offset.load(Ordering::Acquire)
     }
+    /// Position up to which pages past the written end are populated.
+    pub(crate) fn prefaulted_to(&self) -> u64 {
+        self.prefaulted.load(Ordering::Acquire)
+    }
     pub fn is_sealed(&self) -> bool {
         self.sealed.load(Ordering::Acquire)
     }
