@@ -28,7 +28,8 @@
 //!   temporary name before it is offered and the directory is synced before it is
 //!   prepared: no write into it can reach the disk while its old `<base>.seg` name still
 //!   could after a crash. At most `recycle_max` files wait; the rest are deleted, and so
-//!   are the waiting ones when the log closes (and any `*.tmp` at open).
+//!   are the waiting ones when the log closes (and any `*.tmp` at open). Near a full disk
+//!   (the room rule above) a deleted segment is unlinked, not kept: its space comes back.
 //!
 //! # Recycling (RocksDB's `recycle_log_file_num`)
 //! A new file costs the disk an unwritten-extent conversion per sync (a journal commit:
@@ -173,11 +174,16 @@ impl Preparer {
         Ok(())
     }
 
-    /// True when another recycled file would be taken ([`Preparer::offer`]).
+    /// True when another recycled file would be taken ([`Preparer::offer`]) and the disk
+    /// has room to spare for it: near a full disk a deleted segment's space is worth more
+    /// than its file (the store refuses producers until a reclaim makes room, which a kept
+    /// file would not), so it is unlinked as before.
     pub fn wants_recycled(&self) -> bool {
-        self.state
+        let open = self
+            .state
             .lock()
-            .is_ok_and(|s| !s.closed && s.recycled.len() < self.spec.recycle_max)
+            .is_ok_and(|s| !s.closed && s.recycled.len() < self.spec.recycle_max);
+        open && has_room(&self.spec).unwrap_or(false)
     }
 
     /// Prepares the file asked for, if still wanted (the prefault thread calls this): a
@@ -273,15 +279,21 @@ impl Preparer {
     }
 }
 
-/// Creates, preallocates, maps, populates the first pages of and syncs one file; `None`
-/// when the file system has too little room left to prepare ahead.
-fn prepare(spec: &PrepareSpec) -> std::io::Result<Option<PreparedFile>> {
+/// True while the file system keeps [`PREPARE_FREE_SEGMENTS_MIN`] segments plus the log's
+/// reserve free: the room to prepare a new file ahead, or to keep a deleted one.
+fn has_room(spec: &PrepareSpec) -> std::io::Result<bool> {
     let free = crate::space::free_bytes(&spec.dir).map_err(std::io::Error::other)?;
     let needed = spec
         .segment_bytes
         .saturating_mul(PREPARE_FREE_SEGMENTS_MIN)
         .saturating_add(spec.reserve_bytes);
-    if free < needed {
+    Ok(free >= needed)
+}
+
+/// Creates, preallocates, maps, populates the first pages of and syncs one file; `None`
+/// when the file system has too little room left to prepare ahead.
+fn prepare(spec: &PrepareSpec) -> std::io::Result<Option<PreparedFile>> {
+    if !has_room(spec)? {
         return Ok(None);
     }
     let n = NEXT_NAME.fetch_add(1, Ordering::Relaxed);

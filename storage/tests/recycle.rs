@@ -277,3 +277,33 @@ async fn an_unsealed_recycled_segment_before_another_keeps_every_later_record() 
     }
     assert!(log.segments()[1].sealed, "sealed at open");
 }
+
+/// Near a full disk a deleted segment's space is worth more than its file: the broker's
+/// store refuses producers until a reclaim makes room, which a kept file would not. Here
+/// the log's reserve stands for a disk that keeps too little free.
+#[tokio::test]
+async fn near_a_full_disk_a_deleted_segment_is_unlinked_not_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), config()).unwrap();
+    append_all(&log, (0..PER_SEGMENT + 1).map(payload)).await;
+    wait_until("segment 0 sealed", || log.segments()[0].sealed).await;
+    drop(log);
+    let free = entrepot_storage::free_bytes(dir.path()).unwrap();
+    let short = LogConfig {
+        reserve_bytes: free,
+        ..config()
+    };
+    let log = Log::open(dir.path(), short).unwrap();
+    assert_eq!(log.purge_before(PER_SEGMENT).unwrap(), PER_SEGMENT);
+    assert_eq!(log.stats().segments_recycled.load(Ordering::Relaxed), 0);
+    assert_eq!(log.stats().segments_deleted.load(Ordering::Relaxed), 1);
+    let names: Vec<_> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        vec![format!("{PER_SEGMENT:020}.seg")],
+        "only the active segment is left"
+    );
+}
