@@ -86,6 +86,23 @@ fn header_flags(path: &Path) -> u16 {
     u16::from_le_bytes([bytes[10], bytes[11]])
 }
 
+fn file_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
+/// A log whose segment 0 is full and sealed, with one record in segment 1.
+async fn log_with_a_sealed_segment(dir: &Path) -> Log {
+    let log = Log::open(dir, config()).unwrap();
+    append_all(&log, (0..PER_SEGMENT + 1).map(payload)).await;
+    wait_until("segment 0 sealed", || log.segments()[0].sealed).await;
+    log
+}
+
 fn seg_path(dir: &Path, base: u64) -> std::path::PathBuf {
     dir.join(format!("{base:020}.seg"))
 }
@@ -124,9 +141,8 @@ async fn a_deleted_segment_file_becomes_the_next_segment_and_reads_back_exactly(
     append_all(&log, (RECYCLED_BASE..RECYCLED_BASE + 10).map(payload)).await;
     let recycled = seg_path(dir.path(), RECYCLED_BASE);
     assert_eq!(header_flags(&recycled) & 1, 1, "the header says recycled");
-    let leftovers: Vec<_> = fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
+    let leftovers: Vec<_> = file_names(dir.path())
+        .into_iter()
         .filter(|n| n.ends_with(".tmp"))
         .collect();
     assert!(leftovers.is_empty(), "no file left waiting: {leftovers:?}");
@@ -211,9 +227,7 @@ async fn a_frame_forged_inside_an_old_body_never_reads_as_a_record() {
 #[tokio::test]
 async fn a_segment_whose_payload_a_reader_holds_is_not_recycled() {
     let dir = tempfile::tempdir().unwrap();
-    let log = Log::open(dir.path(), config()).unwrap();
-    append_all(&log, (0..PER_SEGMENT + 1).map(payload)).await;
-    wait_until("segment 0 sealed", || log.segments()[0].sealed).await;
+    let log = log_with_a_sealed_segment(dir.path()).await;
     let held = log.read(3).unwrap().payload;
     log.purge_before(PER_SEGMENT).unwrap();
     assert_eq!(log.stats().segments_recycled.load(Ordering::Relaxed), 0);
@@ -284,9 +298,7 @@ async fn an_unsealed_recycled_segment_before_another_keeps_every_later_record() 
 #[tokio::test]
 async fn near_a_full_disk_a_deleted_segment_is_unlinked_not_kept() {
     let dir = tempfile::tempdir().unwrap();
-    let log = Log::open(dir.path(), config()).unwrap();
-    append_all(&log, (0..PER_SEGMENT + 1).map(payload)).await;
-    wait_until("segment 0 sealed", || log.segments()[0].sealed).await;
+    let log = log_with_a_sealed_segment(dir.path()).await;
     drop(log);
     let free = entrepot_storage::free_bytes(dir.path()).unwrap();
     let short = LogConfig {
@@ -297,12 +309,8 @@ async fn near_a_full_disk_a_deleted_segment_is_unlinked_not_kept() {
     assert_eq!(log.purge_before(PER_SEGMENT).unwrap(), PER_SEGMENT);
     assert_eq!(log.stats().segments_recycled.load(Ordering::Relaxed), 0);
     assert_eq!(log.stats().segments_deleted.load(Ordering::Relaxed), 1);
-    let names: Vec<_> = fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
     assert_eq!(
-        names,
+        file_names(dir.path()),
         vec![format!("{PER_SEGMENT:020}.seg")],
         "only the active segment is left"
     );
