@@ -7,7 +7,8 @@
 //! Method: four `entrepot serve --cluster-mode groups` processes (`cluster_support::
 //! Cluster`; four, so that a drain leaves the replication factor's three), eight queues,
 //! one producer per queue (fe2o3, following `amqp:link:redirect`, reconnecting after a
-//! broken link, one message at a time, every acceptance time kept). Then `entrepot drain`
+//! broken link or a closed connection, one message at a time, every acceptance time kept, and
+//! what it did between them: a gap's assertion names it). Then `entrepot drain`
 //! on a node leading at least one queue: its answer must report every leadership handed
 //! over and none still led, each target must have logged its campaign on request, and
 //! the node leads nothing afterwards. Then SIGTERM to another node leading at least one
@@ -61,6 +62,14 @@ const TAKE_BACK_MAX: Duration = Duration::from_secs(30);
 
 /// Every acceptance time of each queue's producer.
 type Accepted = Arc<Mutex<BTreeMap<&'static str, Vec<Instant>>>>;
+/// What each queue's producer did besides a plain acceptance (where it attached, each
+/// redirect, each failed step), with when: a gap's assertion names what filled it.
+type Trail = Arc<Mutex<BTreeMap<&'static str, Vec<(Instant, String)>>>>;
+
+fn note(trail: &Trail, queue: &'static str, what: String) {
+    let mut t = trail.lock().unwrap();
+    t.entry(queue).or_default().push((Instant::now(), what));
+}
 
 #[test]
 fn a_leader_hands_its_groups_over_when_drained_and_when_stopped() {
@@ -68,6 +77,7 @@ fn a_leader_hands_its_groups_over_when_drained_and_when_stopped() {
     let mut cluster = start_groups_cluster(NODES, &[], READY_TIMEOUT);
     let starts: Vec<String> = (0..NODES).map(|id| cluster.amqp(id).to_string()).collect();
     let accepted: Accepted = Arc::default();
+    let trail: Trail = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let producers: Vec<_> = QUEUES
         .iter()
@@ -75,7 +85,7 @@ fn a_leader_hands_its_groups_over_when_drained_and_when_stopped() {
         .map(|(i, q)| {
             let (starts, accepted, stop) =
                 (starts.clone(), Arc::clone(&accepted), Arc::clone(&stop));
-            rt.spawn(produce(starts, i, q, accepted, stop))
+            rt.spawn(produce(starts, i, q, accepted, Arc::clone(&trail), stop))
         })
         .collect();
     wait_until("every queue led by one node", READY_TIMEOUT, || {
@@ -120,7 +130,7 @@ fn a_leader_hands_its_groups_over_when_drained_and_when_stopped() {
         campaigned >= moved,
         "{moved} handed over, but the targets logged {campaigned} campaigns on request"
     );
-    judge(&accepted, &queues, step, "the drain");
+    judge(&accepted, &trail, &queues, step, "the drain");
     assert!(
         led(&cluster).get(&drained).is_none_or(Vec::is_empty),
         "node {drained} still leads after its drain"
@@ -155,7 +165,7 @@ fn a_leader_hands_its_groups_over_when_drained_and_when_stopped() {
         campaigned >= moved,
         "{moved} handed over, but the targets logged {campaigned} campaigns on request"
     );
-    judge(&accepted, &queues, step, "the stop");
+    judge(&accepted, &trail, &queues, step, "the stop");
 
     // Started again: it is the preferred leader of what it led, and takes it back by
     // asking the leaders to hand over (`GroupHandle::ask_hand_over`), not by campaigns.
@@ -173,7 +183,7 @@ fn a_leader_hands_its_groups_over_when_drained_and_when_stopped() {
         requested(&cluster) - requested_before,
         led(&cluster)
     );
-    judge(&accepted, &queues, step, "the return");
+    judge(&accepted, &trail, &queues, step, "the return");
 
     stop.store(true, Ordering::Relaxed);
     rt.block_on(async {
@@ -212,8 +222,8 @@ fn handed_count(report: &str) -> usize {
 
 /// Waits [`AFTER_STEP`], then: every producer of `queues` accepted after the step, and
 /// its longest gap between acceptances from just before the step on stays within
-/// [`STALL_MAX`] (printed).
-fn judge(accepted: &Accepted, queues: &[String], step: Instant, what: &str) {
+/// [`STALL_MAX`] (printed; a longer one fails with the producer's trail through it).
+fn judge(accepted: &Accepted, trail: &Trail, queues: &[String], step: Instant, what: &str) {
     std::thread::sleep(AFTER_STEP);
     let a = accepted.lock().unwrap();
     for q in queues {
@@ -224,13 +234,26 @@ fn judge(accepted: &Accepted, queues: &[String], step: Instant, what: &str) {
             window.last().is_some_and(|t| *t > step),
             "{q}: nothing accepted after {what}"
         );
-        let gap = window
+        let (gap, from) = window
             .windows(2)
-            .map(|w| w[1] - w[0])
+            .map(|w| (w[1] - w[0], w[0]))
             .max()
-            .unwrap_or_default();
+            .unwrap_or((Duration::ZERO, step));
         println!("{q}: longest gap between acceptances around {what}: {gap:?}");
-        assert!(gap <= STALL_MAX, "{q}: a gap of {gap:?} around {what}");
+        if gap > STALL_MAX {
+            let t = trail.lock().unwrap();
+            let through: Vec<String> = t
+                .get(q.as_str())
+                .into_iter()
+                .flatten()
+                .filter(|(at, _)| *at >= from && *at <= from + gap)
+                .map(|(at, e)| format!("+{:?} {e}", *at - from))
+                .collect();
+            panic!(
+                "{q}: a gap of {gap:?} around {what} (step at +{:?}); the producer meanwhile: {through:#?}",
+                step.saturating_duration_since(from)
+            );
+        }
     }
 }
 
@@ -241,6 +264,7 @@ async fn produce(
     first: usize,
     queue: &'static str,
     accepted: Accepted,
+    trail: Trail,
     stop: Arc<AtomicBool>,
 ) {
     let mut attempt = first;
@@ -251,24 +275,60 @@ async fn produce(
         for _ in 0..=MAX_HOPS {
             match attach(&at, queue).await {
                 Ok((mut sender, mut conn, _session)) => {
+                    note(&trail, queue, format!("attached at {at}"));
                     while !stop.load(Ordering::Relaxed) {
                         seq += 1;
-                        let sent =
+                        let send =
                             tokio::time::timeout(STEP, sender.send(format!("{queue}-{seq}")));
-                        match sent.await {
+                        // fe2o3-amqp leaves a send unanswered when the broker closes its
+                        // connection (a stopping node closes with connection:forced), so
+                        // the client watches the connection itself, as proton and
+                        // qpid-jms tell their senders of a closed connection.
+                        let sent = tokio::select! {
+                            sent = send => Some(sent),
+                            closed = conn.on_close() => {
+                                note(&trail, queue, format!("{seq} at {at}: connection closed: {closed:?}"));
+                                None
+                            }
+                        };
+                        let Some(sent) = sent else {
+                            break;
+                        };
+                        match sent {
                             Ok(Ok(Outcome::Accepted(_))) => {
                                 let mut a = accepted.lock().unwrap();
                                 a.entry(queue).or_default().push(Instant::now());
                             }
-                            _ => break,
+                            Ok(Ok(other)) => {
+                                note(&trail, queue, format!("{seq} at {at}: {other:?}"));
+                                break;
+                            }
+                            Ok(Err(e)) => {
+                                note(&trail, queue, format!("{seq} at {at}: {e}"));
+                                break;
+                            }
+                            Err(_) => {
+                                note(
+                                    &trail,
+                                    queue,
+                                    format!("{seq} at {at}: no outcome in {STEP:?}"),
+                                );
+                                break;
+                            }
                         }
                         tokio::time::sleep(PRODUCE_PAUSE).await;
                     }
                     let _ = tokio::time::timeout(STEP, conn.close()).await;
                     break;
                 }
-                Err(Some(to)) => at = to,
-                Err(None) => break,
+                Err(NotServed::Redirect(to)) => {
+                    note(&trail, queue, format!("redirected from {at} to {to}"));
+                    at = to;
+                }
+                Err(NotServed::Failed(why)) => {
+                    note(&trail, queue, format!("at {at}: {why}"));
+                    break;
+                }
             }
         }
         tokio::time::sleep(RECONNECT_PAUSE).await;
@@ -282,29 +342,40 @@ type Served = (
     fe2o3_amqp::session::SessionHandle<()>,
 );
 
-/// A sender on `queue` at `at`; `Err(Some(to))` when redirected, `Err(None)` on any
-/// other failure.
-async fn attach(at: &str, queue: &str) -> Result<Served, Option<String>> {
+/// Why [`attach`] gave no sender.
+enum NotServed {
+    /// Redirected to this address.
+    Redirect(String),
+    /// Failed: which step, and how.
+    Failed(String),
+}
+
+/// A sender on `queue` at `at`.
+async fn attach(at: &str, queue: &str) -> Result<Served, NotServed> {
+    let failed = |step: &str, e: String| NotServed::Failed(format!("{step}: {e}"));
     let url = format!("amqp://{at}");
     let open = Connection::open("handover-test", url.as_str());
     let mut conn = match tokio::time::timeout(STEP, open).await {
         Ok(Ok(c)) => c,
-        _ => return Err(None),
+        Ok(Err(e)) => return Err(failed("open", e.to_string())),
+        Err(_) => return Err(failed("open", format!("nothing in {STEP:?}"))),
     };
     let mut session = match tokio::time::timeout(STEP, Session::begin(&mut conn)).await {
         Ok(Ok(s)) => s,
-        _ => return Err(None),
+        Ok(Err(e)) => return Err(failed("begin", e.to_string())),
+        Err(_) => return Err(failed("begin", format!("nothing in {STEP:?}"))),
     };
     let attach = Sender::attach(&mut session, format!("p-{queue}"), queue);
-    match tokio::time::timeout(STEP, attach).await {
-        Ok(Ok(sender)) => Ok((sender, conn, session)),
-        Ok(Err(SenderAttachError::RemoteClosedWithError(e))) => {
-            let _ = conn.close().await;
-            Err(redirect_of(&e).ok().map(|r| r.to))
-        }
-        _ => {
-            let _ = conn.close().await;
-            Err(None)
-        }
-    }
+    let attached = tokio::time::timeout(STEP, attach).await;
+    let why = match attached {
+        Ok(Ok(sender)) => return Ok((sender, conn, session)),
+        Ok(Err(SenderAttachError::RemoteClosedWithError(e))) => match redirect_of(&e) {
+            Ok(r) => NotServed::Redirect(r.to),
+            Err(_) => failed("attach", format!("{e:?}")),
+        },
+        Ok(Err(e)) => failed("attach", e.to_string()),
+        Err(_) => failed("attach", format!("nothing in {STEP:?}")),
+    };
+    let _ = conn.close().await;
+    Err(why)
 }
