@@ -27,6 +27,10 @@
 //!   (`MessageView::properties`, the path used before session 3); `hand` is
 //!   `MessageView::absolute_expiry_time`, which skips the first eight fields by size.
 //!
+//! * `performative/{transfer,disposition,flow}/{hand,serde}`: the three performatives
+//!   of the message path read by hand (`amqp/hot.rs`, what `split_performative` does
+//!   first) and through serde_amqp after the nesting check (what it did before).
+//!
 //! `decode/entrepot` and `decode/fe2o3` end with the same facts in hand (durable,
 //! properties, application properties), so their difference is the body work the lazy
 //! view skips; serde decoding of the two property sections costs the same on both sides.
@@ -34,14 +38,17 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use entrepot::amqp::encoding::check_nesting;
 use entrepot::amqp::frame::{
-    encode_transfer, split_performative, TransferHeader, FRAME_HEADER_LEN,
+    described_list, encode_transfer, split_performative, TransferHeader, FRAME_HEADER_LEN,
 };
 use entrepot::amqp::message::MessageView;
-use fe2o3_amqp_types::definitions::{DeliveryNumber, DeliveryTag, Handle, MessageFormat};
+use fe2o3_amqp_types::definitions::{DeliveryNumber, DeliveryTag, Handle, MessageFormat, Role};
 use fe2o3_amqp_types::messaging::message::__private::{Deserializable, Serializable};
-use fe2o3_amqp_types::messaging::{ApplicationProperties, Data, Header, Message, Properties};
-use fe2o3_amqp_types::performatives::{Performative, Transfer};
+use fe2o3_amqp_types::messaging::{
+    Accepted, ApplicationProperties, Data, DeliveryState, Header, Message, Properties,
+};
+use fe2o3_amqp_types::performatives::{Disposition, Flow, Performative, Transfer};
 use serde::{Deserialize, Serialize};
 use serde_amqp::de::Deserializer;
 use serde_amqp::primitives::{Binary, Timestamp};
@@ -231,6 +238,53 @@ fn codec(c: &mut Criterion) {
     g.bench_function("fe2o3", |b| {
         b.iter(|| black_box(fe2o3_decode(black_box(&body))))
     });
+    g.finish();
+
+    // The performatives of the message path as a client sends them (fe2o3-amqp's
+    // encoding): read by hand (`split_performative`, `amqp/hot.rs`) and through serde_amqp
+    // after the nesting check (the path every other performative takes).
+    let flow = Performative::Flow(Flow {
+        next_incoming_id: Some(4_711),
+        incoming_window: 2_048,
+        next_outgoing_id: 1,
+        outgoing_window: u32::MAX,
+        handle: Some(Handle(1)),
+        delivery_count: Some(4_700),
+        link_credit: Some(250),
+        available: None,
+        drain: false,
+        echo: false,
+        properties: None,
+    });
+    let disposition = Performative::Disposition(Disposition {
+        role: Role::Receiver,
+        first: 4_700,
+        last: Some(4_730),
+        settled: true,
+        state: Some(DeliveryState::Accepted(Accepted {})),
+        batchable: false,
+    });
+    let mut g = c.benchmark_group("performative");
+    for (name, p) in [
+        ("transfer", Performative::Transfer(transfer.clone())),
+        ("disposition", disposition),
+        ("flow", flow),
+    ] {
+        let encoded = Bytes::from(serde_amqp::to_vec(&p).expect("encode"));
+        let by_serde = |body: &Bytes| {
+            let (_, len) = described_list(body).expect("list");
+            check_nesting(&body[..len], 0).expect("nesting");
+            serde_amqp::from_slice::<Performative>(&body[..len]).expect("decode")
+        };
+        assert_eq!(split_performative(&encoded).expect("decode").0, p);
+        assert_eq!(by_serde(&encoded), p);
+        g.bench_function(format!("{name}/hand"), |b| {
+            b.iter(|| black_box(split_performative(black_box(&encoded)).expect("decode")))
+        });
+        g.bench_function(format!("{name}/serde"), |b| {
+            b.iter(|| black_box(by_serde(black_box(&encoded))))
+        });
+    }
     g.finish();
 
     let expiring =

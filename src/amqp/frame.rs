@@ -282,8 +282,13 @@ fn checked_performative(body: &[u8]) -> Result<(Descriptor<'_>, usize), FrameErr
 }
 
 /// Splits an AMQP frame body into its performative and its payload. The
-/// payload is a slice of `body` and is never decoded.
+/// payload is a slice of `body` and is never decoded. Transfers, dispositions
+/// and flows are read by hand where they can be (`hot.rs`, the same result);
+/// the rest, and anything unusual, through serde_amqp after [`check_nesting`].
 pub fn split_performative(body: &Bytes) -> Result<(Performative, Bytes), FrameError> {
+    if let Some((performative, len)) = super::hot::decode(body) {
+        return Ok((performative, body.slice(len..)));
+    }
     let (_, len) = checked_performative(body)?;
     let performative = serde_amqp::from_slice(&body[..len]).map_err(FrameError::Decode)?;
     Ok((performative, body.slice(len..)))
