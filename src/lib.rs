@@ -33,4 +33,6 @@ pub mod metrics;
 pub mod raft;
 pub mod server;
 pub mod status;
+#[cfg(test)]
+mod test_rng;
 pub mod tls;

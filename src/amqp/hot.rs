@@ -254,6 +254,7 @@ impl<'a> List<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_rng::Rng;
     use fe2o3_amqp_types::definitions::ReceiverSettleMode;
     use fe2o3_amqp_types::messaging::Modified;
 
@@ -265,81 +266,66 @@ mod tests {
         Some((p, len))
     }
 
-    /// A deterministic xorshift generator (no extra crates).
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
+    /// Small values (smalluint, uint0) as often as large ones.
+    fn u32_of(r: &mut Rng) -> u32 {
+        match r.below(3) {
+            0 => 0,
+            1 => r.below(256) as u32,
+            _ => r.next() as u32,
         }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-        fn u32(&mut self) -> u32 {
-            // Small values (smalluint, uint0) as often as large ones.
-            match self.below(3) {
-                0 => 0,
-                1 => self.below(256) as u32,
-                _ => self.next() as u32,
-            }
-        }
-        fn opt_u32(&mut self) -> Option<u32> {
-            (self.below(4) != 0).then(|| self.u32())
-        }
-        fn bool(&mut self) -> bool {
-            self.below(2) == 1
-        }
+    }
+
+    fn opt_u32(r: &mut Rng) -> Option<u32> {
+        (r.below(4) != 0).then(|| u32_of(r))
     }
 
     fn transfer_of(r: &mut Rng) -> Transfer {
         Transfer {
-            handle: Handle(r.u32()),
-            delivery_id: r.opt_u32(),
+            handle: Handle(u32_of(r)),
+            delivery_id: opt_u32(r),
             delivery_tag: (r.below(4) != 0)
                 .then(|| DeliveryTag::from((0..r.below(40)).map(|i| i as u8).collect::<Vec<u8>>())),
-            message_format: r.opt_u32(),
-            settled: (r.bool()).then(|| r.bool()),
-            more: r.bool(),
+            message_format: opt_u32(r),
+            settled: (r.coin()).then(|| r.coin()),
+            more: r.coin(),
             rcv_settle_mode: None,
             state: None,
             resume: r.below(8) == 0,
             aborted: r.below(8) == 0,
-            batchable: r.bool(),
+            batchable: r.coin(),
         }
     }
 
     fn disposition_of(r: &mut Rng) -> Disposition {
         Disposition {
-            role: if r.bool() {
+            role: if r.coin() {
                 Role::Receiver
             } else {
                 Role::Sender
             },
-            first: r.u32(),
-            last: r.opt_u32(),
-            settled: r.bool(),
+            first: u32_of(r),
+            last: opt_u32(r),
+            settled: r.coin(),
             state: match r.below(3) {
                 0 => None,
                 1 => Some(DeliveryState::Accepted(Accepted {})),
                 _ => Some(DeliveryState::Released(Released {})),
             },
-            batchable: r.bool(),
+            batchable: r.coin(),
         }
     }
 
     fn flow_of(r: &mut Rng) -> Flow {
         Flow {
-            next_incoming_id: r.opt_u32(),
-            incoming_window: r.u32(),
-            next_outgoing_id: r.u32(),
-            outgoing_window: r.u32(),
-            handle: r.opt_u32().map(Handle),
-            delivery_count: r.opt_u32(),
-            link_credit: r.opt_u32(),
-            available: r.opt_u32(),
-            drain: r.bool(),
+            next_incoming_id: opt_u32(r),
+            incoming_window: u32_of(r),
+            next_outgoing_id: u32_of(r),
+            outgoing_window: u32_of(r),
+            handle: opt_u32(r).map(Handle),
+            delivery_count: opt_u32(r),
+            link_credit: opt_u32(r),
+            available: opt_u32(r),
+            drain: r.coin(),
             echo: r.below(8) == 0,
             properties: None,
         }
@@ -350,6 +336,36 @@ mod tests {
             0 => Performative::Transfer(transfer_of(r)),
             1 => Performative::Disposition(disposition_of(r)),
             _ => Performative::Flow(flow_of(r)),
+        }
+    }
+
+    /// Frames the fast path read (each checked against serde_amqp) and left to it.
+    #[derive(Default)]
+    struct Tally {
+        read: u32,
+        refused: u32,
+    }
+
+    impl Tally {
+        /// Whatever the fast path reads from `body` is what serde_amqp reads, length
+        /// included.
+        fn check(&mut self, body: &[u8]) {
+            match decode(body) {
+                Some(fast) => {
+                    self.read += 1;
+                    assert_eq!(Some(&fast), serde(body).as_ref(), "{body:02x?}");
+                }
+                None => self.refused += 1,
+            }
+        }
+
+        /// The run exercised both sides.
+        fn both_sides_seen(&self) {
+            let (read, refused) = (self.read, self.refused);
+            assert!(
+                read > 1_000 && refused > 1_000,
+                "read {read}, refused {refused}"
+            );
         }
     }
 
@@ -500,7 +516,7 @@ mod tests {
     #[test]
     fn lists_of_any_items_decode_as_serde_amqp_decodes_them_or_not_at_all() {
         let mut r = Rng(0x00dd_ba11_5eed_7777);
-        let (mut read, mut refused) = (0, 0);
+        let mut tally = Tally::default();
         for _ in 0..60_000 {
             let (code, fields) = [(0x14u8, 11u64), (0x15, 6), (0x13, 11)][r.below(3) as usize];
             let count = r.below(fields + 2);
@@ -526,18 +542,9 @@ mod tests {
                 }
             };
             let body = [&[0x00u8, 0x53, code][..], &list, b"tail"].concat();
-            match decode(&body) {
-                Some(fast) => {
-                    read += 1;
-                    assert_eq!(Some(&fast), serde(&body).as_ref(), "{body:02x?}");
-                }
-                None => refused += 1,
-            }
+            tally.check(&body);
         }
-        assert!(
-            read > 1_000 && refused > 1_000,
-            "read {read}, refused {refused}"
-        );
+        tally.both_sides_seen();
     }
 
     /// Format codes the damage writes (spec 1.6).
@@ -551,7 +558,7 @@ mod tests {
     #[test]
     fn damaged_frames_decode_as_serde_amqp_decodes_them_or_not_at_all() {
         let mut r = Rng(0xdead_beef_0bad_cafe);
-        let (mut read, mut refused) = (0, 0);
+        let mut tally = Tally::default();
         for _ in 0..40_000 {
             let p = performative_of(&mut r);
             let mut body = body_of(&p, &[]);
@@ -572,18 +579,8 @@ mod tests {
                     break;
                 }
             }
-            match decode(&body) {
-                Some(fast) => {
-                    read += 1;
-                    assert_eq!(Some(&fast), serde(&body).as_ref(), "{body:02x?}");
-                }
-                None => refused += 1,
-            }
+            tally.check(&body);
         }
-        // Both sides were exercised.
-        assert!(
-            read > 1_000 && refused > 1_000,
-            "read {read}, refused {refused}"
-        );
+        tally.both_sides_seen();
     }
 }

@@ -53,20 +53,7 @@ fn messages(m: &mut AddressMachine, first: u64, n: u64, per_entry: u32) -> u64 {
     }
 }
 
-/// A small xorshift generator: the same seed, the same sequence.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+use crate::test_rng::Rng;
 
 #[test]
 fn offsets_are_dense_in_log_order_and_runs_follow_the_slots() {

@@ -552,17 +552,7 @@ fn the_snapshot_round_trips_and_refuses_what_it_cannot_read() {
     ));
 }
 
-/// A small xorshift generator: the same seed, the same sequence.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
+use crate::test_rng::Rng;
 
 fn random_op(rng: &mut Rng) -> MetaOp {
     match rng.below(12) {
