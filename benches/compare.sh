@@ -29,8 +29,11 @@
 #        BENCH_PROCESSES (generator processes per run, `entrepot-bench --processes`, default 1),
 #        SKIP_LIMITS=1 to skip fio and iperf3, PLOT=0 to skip the PNG,
 #        PEERS_DIR (default ../shared/peers), CREDIT=0 to skip the credit case,
-#        CREDIT_BACKLOG (messages of the credit case's backlog, default 300000: a third per
-#        drain, ~0.5 s each, since drains of 0.15 s gave ratios from 0.76 to 1.05),
+#        CREDIT_BACKLOG (default 300000: a third of it is one drain of the credit case,
+#        ~0.5 s, since drains of 0.15 s gave ratios from 0.76 to 1.05; the backlog filled is
+#        one drain per drain run), CREDIT_ROUNDS (Entrepot's drains at credit 4000 and 250,
+#        alternated, default 3: the ratio is of the medians, since single drains on two
+#        shared cores ranged 0.80–0.95 in session 22; peers drain once each),
 #        CASES (the workloads to run, default "p1k-1x1 p1k-8x8 p64k-1x1 fanout lat-half";
 #        lat-half needs p1k-1x1 before it unless LAT_RATE is set),
 #        ENTREPOT_ARGS (more `entrepot serve` options, e.g. "--segment-bytes 536870912"),
@@ -241,26 +244,34 @@ bench() {
 # (only once half is used, `--half-credit`), for comparison with earlier sessions. Writes
 # $out/credit-BROKER.json {c4000, c250, c250_half} in msgs/s.
 credit_case() {
-    local broker="$1" conn=() addr n="${CREDIT_BACKLOG:-300000}" r4000 r250 r250h
+    local broker="$1" conn=() addr per=$(( ${CREDIT_BACKLOG:-300000} / 3 )) rounds=1 r r4000=() r250=() r250h
     case "$broker" in
-        entrepot) conn=(--url "amqp://127.0.0.1:$entrepot_port"); addr=bench-credit ;;
+        entrepot) conn=(--url "amqp://127.0.0.1:$entrepot_port"); addr=bench-credit; rounds="${CREDIT_ROUNDS:-3}" ;;
         rabbitmq-qq) conn=(--url "$AMQP_URL"); addr=/amq/queue/bench.qq ;;
         *) return ;;
     esac
-    step "$broker credit: a backlog of $n, then one consumer at credit 4000, at 250, at 250 (fe2o3 grants)"
+    local n=$(( per * (2 * rounds + 1) ))
+    step "$broker credit: a backlog of $n, then one consumer draining $per at credit 4000 and at 250 ($rounds× alternated), then at 250 (fe2o3 grants)"
     drain_at() { # drain_at CREDIT [FLAGS] → msgs/s
         local credit="$1"; shift
         RUST_LOG=warn NO_COLOR=1 "$bench_bin" "${conn[@]}" --address "$addr" --producers 0 --consumers 1 \
-            --count $(( n / 3 )) --credit "$credit" --nagle "$@" --timeout "$run_timeout" 2>&1 \
+            --count "$per" --credit "$credit" --nagle "$@" --timeout "$run_timeout" 2>&1 \
             | sed -n 's/^received .*: \([0-9.]*\) msgs\/s$/\1/p'
     }
     if RUST_LOG=warn NO_COLOR=1 "$bench_bin" "${conn[@]}" --address "$addr" --producers 4 --consumers 0 \
         --count "$n" --persistent --timeout "$run_timeout" --quiet >"$out/credit-$broker.txt" 2>&1; then
-        r4000=$(drain_at 4000); r250=$(drain_at 250); r250h=$(drain_at 250 --half-credit)
+        for (( r = 0; r < rounds; r++ )); do
+            r4000+=("$(drain_at 4000)"); r250+=("$(drain_at 250)")
+        done
+        r250h=$(drain_at 250 --half-credit)
     fi
-    jq -n --arg a "${r4000:-0}" --arg b "${r250:-0}" --arg c "${r250h:-0}" \
-        '{c4000: ($a | tonumber), c250: ($b | tonumber), c250_half: ($c | tonumber)}' >"$out/credit-$broker.json"
-    step "$broker credit 4000: ${r4000:-?} msgs/s, credit 250: ${r250:-?} msgs/s, 250 fe2o3 grants: ${r250h:-?} msgs/s"
+    # Medians of the alternated drains (a drain that printed no rate counts as 0).
+    jq -n --arg a "${r4000[*]:-0}" --arg b "${r250[*]:-0}" --arg c "${r250h:-0}" '
+        def nums: split(" ") | map(tonumber? // 0);
+        def median: sort | if length % 2 == 1 then .[length / 2 | floor] else (.[length / 2 - 1] + .[length / 2]) / 2 end;
+        {c4000: ($a | nums | median), c250: ($b | nums | median), c250_half: ($c | tonumber? // 0),
+         c4000_all: ($a | nums), c250_all: ($b | nums)}' >"$out/credit-$broker.json"
+    step "$broker credit 4000: ${r4000[*]:-?} msgs/s, credit 250: ${r250[*]:-?} msgs/s, 250 fe2o3 grants: ${r250h:-?} msgs/s"
 }
 
 run_cases() { # run_cases BROKER
@@ -461,7 +472,7 @@ if [ -f "$j" ] && jq -e '.broker_read_to_accepted.count > 0' "$j" >/dev/null 2>&
     jq -r --arg fp "$fsync_p99_us" --arg fm "$fsync_max_us" '"lat-half entrepot: p99 produce->accepted \(.produce_to_accepted.p99_us / 1000) ms (p50 \(.produce_to_accepted.p50_us / 1000)); generator send lag p99 \((.send_lag.p99_us // 0) / 1000) ms (p50 \((.send_lag.p50_us // 0) / 1000)); broker read->accepted p99 <= \(.broker_read_to_accepted.p99_ms) ms, max <= \(.broker_read_to_accepted.max_ms) ms; broker fsync p99 <= \(.broker_fsync.p99_ms) ms, max <= \(.broker_fsync.max_ms) ms (\(.broker_fsync.count) syncs); fio fdatasync p99 \($fp) us, max \($fm) us"' "$j"
 fi
 if [ -f "$out/credit-entrepot.json" ]; then
-    jq -r 'if .c4000 > 0 then "credit 250/4000: \(.c250 / .c4000 | . * 100 | round / 100) (\(.c250 | round) vs \(.c4000 | round) msgs/s, one consumer, Nagle on; with fe2o3-amqp granting at half: \((.c250_half // 0) / .c4000 | . * 100 | round / 100))" else "credit 250/4000: n/a" end' "$out/credit-entrepot.json"
+    jq -r 'if .c4000 > 0 then "credit 250/4000: \(.c250 / .c4000 | . * 100 | round / 100) (medians \(.c250 | round) vs \(.c4000 | round) msgs/s of \(.c250_all // [] | length) alternated drains each: 250 \(.c250_all // [] | map(round)), 4000 \(.c4000_all // [] | map(round)); one consumer, Nagle on; with fe2o3-amqp granting at half: \((.c250_half // 0) / .c4000 | . * 100 | round / 100))" else "credit 250/4000: n/a" end' "$out/credit-entrepot.json"
 fi
 if [ -f "$out/credit-rabbitmq-qq.json" ]; then
     jq -r 'if .c4000 > 0 then "rabbitmq-qq credit 250/4000: \(.c250 / .c4000 | . * 100 | round / 100)" else empty end' "$out/credit-rabbitmq-qq.json"
