@@ -25,9 +25,10 @@ use fe2o3_amqp_types::performatives::Performative;
 use serde_amqp::primitives::Symbol;
 use serde_amqp::Value;
 
+use crate::amqp::encoding::check_nesting;
 use crate::amqp::frame::{
-    decode_sasl, encode_frame, encode_sasl_frame, split_performative, FrameDecoder, FrameKind,
-    SaslFrame,
+    decode_sasl, described_list, encode_frame, encode_sasl_frame, split_performative, FrameDecoder,
+    FrameKind, SaslFrame,
 };
 use crate::amqp::message::{concat, MessageView, SectionKind};
 use crate::amqp::sasl::{Authenticator, SaslConfig, SaslServer};
@@ -54,7 +55,8 @@ fn take_record(data: &[u8]) -> Option<(&[u8], &[u8])> {
 /// `max_frame` (clamped as in the broker); `stream` arrives in pieces of `chunk + 1`
 /// bytes, as a socket would deliver it. Every whole frame is split into performative and
 /// payload (AMQP) or decoded (SASL); a performative that decodes must encode again and
-/// the result decode once more.
+/// the result decode once more, and one the hand decoder reads must read the same through
+/// serde_amqp.
 pub fn frame_decoder(data: &[u8]) {
     let Some((header, stream)) = data.split_first_chunk::<3>() else {
         return;
@@ -74,10 +76,29 @@ pub fn frame_decoder(data: &[u8]) {
     }
 }
 
+/// What the hand decoder of the message path's performatives reads (`amqp::hot`) is
+/// what serde_amqp reads from the same bytes, after the nesting check, length included.
+fn same_as_serde(body: &[u8]) {
+    let Some(fast) = crate::amqp::hot::decode(body) else {
+        return;
+    };
+    let by_serde = described_list(body).ok().and_then(|(_, len)| {
+        check_nesting(&body[..len], 0).ok()?;
+        let p = serde_amqp::from_slice::<Performative>(&body[..len]).ok()?;
+        Some((p, len))
+    });
+    assert_eq!(
+        Some(fast),
+        by_serde,
+        "amqp::hot::decode differs from serde_amqp"
+    );
+}
+
 fn decoded_frame(channel: u16, kind: FrameKind, body: &Bytes) {
     match kind {
         FrameKind::Amqp if body.is_empty() => {}
         FrameKind::Amqp => {
+            same_as_serde(body);
             if let Ok((performative, payload)) = split_performative(body) {
                 reencode_amqp(channel, &performative, &payload);
             }
