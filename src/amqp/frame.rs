@@ -286,12 +286,20 @@ fn checked_performative(body: &[u8]) -> Result<(Descriptor<'_>, usize), FrameErr
 /// and flows are read by hand where they can be (`hot.rs`, the same result);
 /// the rest, and anything unusual, through serde_amqp after [`check_nesting`].
 pub fn split_performative(body: &Bytes) -> Result<(Performative, Bytes), FrameError> {
-    if let Some((performative, len)) = super::hot::decode(body) {
-        return Ok((performative, body.slice(len..)));
-    }
+    let (performative, len) = match super::hot::decode(body) {
+        Some(read) => read,
+        None => decode_performative(body)?,
+    };
+    Ok((performative, body.slice(len..)))
+}
+
+/// The performative at the start of `body` and its encoded length, through serde_amqp
+/// after [`check_nesting`]: the path of everything `hot.rs` does not read, and what its
+/// result is compared with (tests, fuzzing, the codec bench).
+pub fn decode_performative(body: &[u8]) -> Result<(Performative, usize), FrameError> {
     let (_, len) = checked_performative(body)?;
     let performative = serde_amqp::from_slice(&body[..len]).map_err(FrameError::Decode)?;
-    Ok((performative, body.slice(len..)))
+    Ok((performative, len))
 }
 
 /// A SASL frame body (spec 5.3.3).

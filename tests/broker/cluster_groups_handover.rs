@@ -7,9 +7,9 @@
 //! Method: four `entrepot serve --cluster-mode groups` processes (`cluster_support::
 //! Cluster`; four, so that a drain leaves the replication factor's three), eight queues,
 //! one producer per queue (fe2o3, following `amqp:link:redirect`, reconnecting after a
-//! broken link or a closed connection, one message at a time, every acceptance time kept, and
-//! what it did between them: a gap's assertion names it). Then `entrepot drain`
-//! on a node leading at least one queue: its answer must report every leadership handed
+//! broken link or a closed connection, one message at a time, every acceptance time kept,
+//! and what it did between them: a gap's assertion names it). Then `entrepot drain` on a
+//! node leading at least one queue: its answer must report every leadership handed
 //! over and none still led, each target must have logged its campaign on request, and
 //! the node leads nothing afterwards. Then SIGTERM to another node leading at least one
 //! queue: its log must report the same before it stops. Started again, it is the
