@@ -1071,11 +1071,10 @@ impl Queue {
         if s.retired.is_some() || self.lease.as_ref().is_some_and(|l| !l.holds()) {
             return;
         }
-        // A shadow's messages expire on their leader, never here.
-        let now = match self.forwarded_source() {
-            Some(_) => i64::MIN,
-            None => now_ms(),
-        };
+        // A shadow's messages expire on their leader, never here. The clock is read at
+        // the first ready message with an expiry, once per call: most messages have none.
+        let shadow = self.forwarded_source().is_some();
+        let mut now = None;
         let mut expired = Vec::new();
         let mut at = 0;
         let mut skipped = 0;
@@ -1083,7 +1082,8 @@ impl Queue {
             if !s.consumers.iter().any(Consumer::has_room) {
                 break;
             }
-            if s.ready[at].expires_at_ms.is_some_and(|t| t <= now) {
+            let expiry = s.ready[at].expires_at_ms.filter(|_| !shadow);
+            if expiry.is_some_and(|t| t <= *now.get_or_insert_with(now_ms)) {
                 if let Some(msg) = s.ready.remove(at) {
                     s.release(len_of(&msg));
                     expired.push(msg);

@@ -123,6 +123,59 @@ async fn a_message_expires_while_a_consumer_without_credit_is_attached() {
     within("close", conn.close()).await.unwrap();
 }
 
+/// A message that expired while its consumer had no credit is not handed over when the
+/// credit comes, even before housekeeping (every 500 ms) moved it: the delivery itself
+/// checks expiry. Three rounds, so that a sweep falling between expiry and credit (30 of
+/// every 500 ms) cannot hide a delivery that skips the check in all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credit_that_comes_after_the_ttl_brings_nothing_even_before_the_sweep() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let (mut conn, mut session) = connect(&broker, "expiry").await;
+    for round in 0..3 {
+        let mut waiting = within(
+            "attach",
+            Receiver::builder()
+                .name(format!("waiting-{round}"))
+                .source("offers")
+                .credit_mode(CreditMode::Manual)
+                .attach(&mut session),
+        )
+        .await
+        .unwrap();
+        send(
+            &mut session,
+            "offers",
+            with_ttl(&format!("deal {round}"), 50),
+        )
+        .await;
+        tokio::time::sleep(std::time::Duration::from_millis(80)).await;
+        within("credit", waiting.set_credit(1)).await.unwrap();
+        let got = timeout(QUIET, waiting.recv::<String>()).await;
+        assert!(
+            got.is_err(),
+            "round {round}: credit granted after the ttl brought the expired message: {:?}",
+            got.map(|r| r.map(|d| d.body().clone()))
+        );
+        within("close", waiting.close()).await.unwrap();
+    }
+    let mut expired = within(
+        "attach",
+        Receiver::attach(&mut session, "expired", "ExpiryQueue"),
+    )
+    .await
+    .unwrap();
+    for round in 0..3 {
+        let d = within("expired message", expired.recv::<String>())
+            .await
+            .unwrap();
+        assert_eq!(d.body(), &format!("deal {round}"));
+        within("accept", expired.accept(&d)).await.unwrap();
+    }
+    within("close", expired.close()).await.unwrap();
+    within("close", conn.close()).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_past_its_absolute_expiry_time_is_never_delivered_and_moves_to_the_expiry_queue()
 {
