@@ -12,6 +12,8 @@
 #   lat-half  1 KiB, 1 / 1 at half of that broker's p1k-1x1 peak (--rate): latency at load;
 #             for Entrepot also its /metrics around the run, whose read->accepted and fsync
 #             histograms give the `lat-half entrepot:` breakdown line of the p99
+#   fixed-rate 1 KiB, 1 / 1 at FIXED_RATE msgs/s (default 10,000) for every broker: CPU per
+#             message at one moderate load, where per-round costs (wake-ups, syncs) dominate
 #   credit    consume only: one consumer drains a backlog at credit 4000, then at 250 (Nagle on)
 #             with its credit topped up every eighth, then at 250 granted by fe2o3-amqp (at half)
 #   ceiling   1 KiB, 8 producers, no consumers, against `entrepot serve --sink` (accepts and
@@ -34,12 +36,14 @@
 #        one drain per drain run), CREDIT_ROUNDS (Entrepot's drains at credit 4000 and 250,
 #        alternated, default 3: the ratio is of the medians, since single drains on two
 #        shared cores ranged 0.80–0.95 in session 22; peers drain once each),
-#        CASES (the workloads to run, default "p1k-1x1 p1k-8x8 p64k-1x1 fanout lat-half";
+#        CASES (the workloads to run, default "p1k-1x1 p1k-8x8 p64k-1x1 fanout lat-half
+#        fixed-rate";
 #        lat-half needs p1k-1x1 before it unless LAT_RATE is set),
 #        ENTREPOT_ARGS (more `entrepot serve` options, e.g. "--segment-bytes 536870912"),
 #        BUILD=0 to use the binaries already built under $CARGO_TARGET_DIR/release,
 #        LAT_RATE (msgs/s of lat-half instead of half the measured p1k-1x1 peak, so runs of
-#        two builds can be compared at one rate).
+#        two builds can be compared at one rate), FIXED_RATE (msgs/s of fixed-rate, default
+#        10000).
 # Output: the table on stdout, benches/results.png (throughput vs p99, `entrepot-bench plot`),
 #         and under target/compare/: one JSON per run, table.md.
 set -euo pipefail
@@ -57,7 +61,7 @@ processes="${BENCH_PROCESSES:-1}"
 entrepot_port="${ENTREPOT_PORT:-5692}"
 entrepot_http="${ENTREPOT_HTTP_PORT:-18092}"
 run_timeout=$(( duration + warmup + 120 ))
-cases="${CASES:-p1k-1x1 p1k-8x8 p64k-1x1 fanout lat-half}"
+cases="${CASES:-p1k-1x1 p1k-8x8 p64k-1x1 fanout lat-half fixed-rate}"
 # The credit case runs before the others unless CREDIT=0; named in CASES it is not run again
 # as a workload (it would overwrite its own credit-BROKER.json).
 cases="${cases//credit/}"
@@ -188,7 +192,7 @@ bench() {
         nats) conn=(--nats-url "$NATS_URL"); addr=(--address "bench.$case") ;;
     esac
     case "$case" in
-        p1k-1x1|lat-half) shape=(--producers 1 --consumers 1) ;;
+        p1k-1x1|lat-half|fixed-rate) shape=(--producers 1 --consumers 1) ;;
         p1k-8x8) shape=(--producers 8 --consumers 8) ;;
         p64k-1x1) shape=(--producers 1 --consumers 1); size=65536 ;;
         ceiling) shape=(--producers 8 --consumers 0) ;;
@@ -285,6 +289,8 @@ run_cases() { # run_cases BROKER
                 echo '{"na": "no p1k-1x1 peak to halve"}' >"$out/$c-$broker.json"; continue
             fi
             bench "$broker" "$c" --rate "${LAT_RATE:-$(( peak / 2 ))}"
+        elif [ "$c" = fixed-rate ]; then
+            bench "$broker" "$c" --rate "${FIXED_RATE:-10000}"
         else
             bench "$broker" "$c"
         fi
@@ -397,6 +403,7 @@ row() { # row CASE BROKER → one table line
         && jq -e '.receive_msgs_per_s > 0' "$j" >/dev/null 2>&1; then
         ratio=$(jq -n --slurpfile a "$e" --slurpfile b "$j" \
             'if "'"$1"'" == "lat-half" then ($b[0].produce_to_accepted.p99_us / ($a[0].produce_to_accepted.p99_us | if . == 0 then 1 else . end))
+             elif "'"$1"'" == "fixed-rate" then (($b[0].broker_cpu_us_per_msg // 0) / ($a[0].broker_cpu_us_per_msg // 0 | if . == 0 then 1 else . end))
              else ($a[0].receive_msgs_per_s / $b[0].receive_msgs_per_s) end | . * 100 | round / 100')
     fi
     jq -r --arg c "$1" --arg b "$2" --arg f "$(acks_after_fsync "$2")" --arg r "$ratio" \
@@ -443,7 +450,8 @@ cat "$out/table.md"
 echo
 echo "msgs/s and MB/s: deliveries per second after a ${warmup}s warm-up over ${duration}s (fan-out: all"
 echo "subscribers together). Entrepot/peer: throughput ratio; for lat-half, the peer's p99"
-echo "produce->accepted over Entrepot's (above 1: Entrepot is faster). Client and broker share $(nproc) cores."
+echo "produce->accepted over Entrepot's (above 1: Entrepot is faster); for fixed-rate, the peer's broker CPU"
+echo "per message over Entrepot's (above 1: Entrepot uses less). Client and broker share $(nproc) cores."
 [ -f "$out/p1k-1x1-nats.json" ] || echo "NATS JetStream: not measured (NATS=0 or the driver did not build)."
 for n in "${notes[@]}"; do echo "$n"; done
 echo "broker CPU us/msg: utime+stime of the broker process (RabbitMQ: beam.smp) over the run per"
@@ -459,6 +467,8 @@ ratio_line "ratio entrepot/nats p1k-8x8 (NATS 2.9 acks before fsync)" "$out/p1k-
 ratio_line "ratio entrepot-never/nats p1k-8x8 (both ack before fsync)" "$out/p1k-8x8-entrepot-never.json" "$out/p1k-8x8-nats.json" .receive_msgs_per_s
 ratio_line "cpu per message rabbitmq-qq/entrepot p1k-8x8" "$out/p1k-8x8-rabbitmq-qq.json" "$out/p1k-8x8-entrepot.json" .broker_cpu_us_per_msg
 ratio_line "cpu per message nats/entrepot p1k-8x8" "$out/p1k-8x8-nats.json" "$out/p1k-8x8-entrepot.json" .broker_cpu_us_per_msg
+ratio_line "cpu per message rabbitmq-qq/entrepot fixed-rate ${FIXED_RATE:-10000} msgs/s" "$out/fixed-rate-rabbitmq-qq.json" "$out/fixed-rate-entrepot.json" .broker_cpu_us_per_msg
+ratio_line "cpu per message nats/entrepot fixed-rate ${FIXED_RATE:-10000} msgs/s" "$out/fixed-rate-nats.json" "$out/fixed-rate-entrepot.json" .broker_cpu_us_per_msg
 for b in entrepot entrepot-never rabbitmq-qq rabbitmq-classic nats; do
     j="$out/p1k-8x8-$b.json"
     [ -f "$j" ] && jq -e '.receive_msgs_per_s > 0' "$j" >/dev/null 2>&1 || continue
