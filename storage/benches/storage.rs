@@ -13,6 +13,12 @@
 //!   connection drains its pending FIFO), and sealed segments freed behind the durable
 //!   offset every 50 ms (as the broker's reclaim frees acknowledged ones, so their files
 //!   are recycled unless `ENTREPOT_BENCH_RECYCLE=0`); same figures printed.
+//! * `append_paced/{10k,40k}`: one task appending on a fixed clock — a burst every
+//!   millisecond (10 or 40 records), then waiting for the burst's durability and the next
+//!   tick — as a producer at a moderate rate: its appends do not answer the last sync, so
+//!   what counts is the CPU per record the log spends to keep up (`cpu_us_per_record` in
+//!   the printed figures; the throughput is the clock's). Session 23 found the sync thread
+//!   spinning up to 200 µs per round for such appends.
 //! * `append_sync_never`: the same records without syncing (memcpy into the mapping).
 //! * `read/sequential`: a `LogReader` over a pre-filled log (warm page cache).
 //! * `read/random`: `Log::read` at random offsets of the same log.
@@ -195,7 +201,8 @@ impl FlushReport {
         let line = format!(
             "bench={name} records={} records_per_flush={:.1} bytes_per_flush={:.0} \
              flushes_per_s={:.0} sync_us_mean={:.0} sync_share={:.2} records_per_s={:.0} \
-             dirtied_per_flush={:.0} faults_per_flush={:.1} cpu_us_per_flush={:.0}",
+             dirtied_per_flush={:.0} faults_per_flush={:.1} cpu_us_per_flush={:.0} \
+             cpu_us_per_record={:.2}",
             self.records,
             self.records as f64 / syncs,
             self.bytes as f64 / syncs,
@@ -206,6 +213,7 @@ impl FlushReport {
             self.dirtied as f64 / syncs,
             self.faults as f64 / syncs,
             self.cpu.as_secs_f64() * 1e6 / syncs,
+            self.cpu.as_secs_f64() * 1e6 / self.records.max(1) as f64,
         );
         eprintln!("group commit: {line}");
         if let Ok(path) = std::env::var("ENTREPOT_BENCH_REPORT") {
@@ -348,6 +356,55 @@ fn append_in_flight(c: &mut Criterion) {
         });
         if report.records > 0 {
             report.print(&format!("append_in_flight/{name}"));
+        }
+    }
+    group.finish();
+}
+
+/// Appends `iters` records in bursts of `burst`, one burst per millisecond tick, waiting
+/// for each burst's durability before the next tick; returns the wall time.
+fn append_paced_run(rt: &tokio::runtime::Runtime, log: &Log, burst: u64, iters: u64) -> Duration {
+    let started = Instant::now();
+    rt.block_on(async {
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        let record = [0x5au8; RECORD_BYTES];
+        let mut left = iters;
+        while left > 0 {
+            tick.tick().await;
+            let n = burst.min(left);
+            left -= n;
+            let mut last = None;
+            for _ in 0..n {
+                last = Some(log.append(&record).expect("append").durable);
+            }
+            if let Some(durable) = last {
+                durable.wait().await.expect("durable");
+            }
+        }
+    });
+    started.elapsed()
+}
+
+fn append_paced(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("append_paced");
+    group.throughput(Throughput::Bytes(RECORD_BYTES as u64));
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(5));
+    for (name, burst) in [("10k", 10u64), ("40k", 40)] {
+        let dir = bench_dir();
+        let log = Log::open(dir.path(), config(SyncPolicy::Always)).expect("open");
+        let mut report = FlushReport::default();
+        group.bench_function(BenchmarkId::from_parameter(name), |b| {
+            b.iter_custom(|iters| {
+                let took = report.measure(&log, || append_paced_run(&rt, &log, burst, iters));
+                trim(&log);
+                took
+            })
+        });
+        if report.records > 0 {
+            report.print(&format!("append_paced/{name}"));
         }
     }
     group.finish();
@@ -497,6 +554,7 @@ criterion_group!(
     benches,
     append_sync_always,
     append_in_flight,
+    append_paced,
     append_sync_never,
     reads,
     recovery
