@@ -235,29 +235,47 @@ fn trim(log: &Log) {
     log.purge_before(log.next_offset()).expect("purge");
 }
 
-fn append_sync_always(c: &mut Criterion) {
+/// One appending shape run `iters` times (records), returning the wall time.
+type Shape = Box<dyn Fn(&tokio::runtime::Runtime, &Log, u64) -> Duration>;
+
+/// A group of group-commit benches: each case on a fresh log that syncs always, its
+/// group-commit figures printed after it (`FlushReport`).
+fn group_commit_group(c: &mut Criterion, group_name: &str, cases: Vec<(String, Shape)>) {
     let rt = runtime();
-    let mut group = c.benchmark_group("append_sync_always");
+    let mut group = c.benchmark_group(group_name);
     group.throughput(Throughput::Bytes(RECORD_BYTES as u64));
     group
         .sample_size(10)
         .measurement_time(Duration::from_secs(5));
-    for tasks in [1u64, 8, 64] {
+    for (name, run) in cases {
         let dir = bench_dir();
         let log = Log::open(dir.path(), config(SyncPolicy::Always)).expect("open");
         let mut report = FlushReport::default();
-        group.bench_function(BenchmarkId::from_parameter(tasks), |b| {
+        group.bench_function(BenchmarkId::from_parameter(&name), |b| {
             b.iter_custom(|iters| {
-                let took = report.measure(&log, || append_durable(&rt, &log, tasks, iters));
+                let took = report.measure(&log, || run(&rt, &log, iters));
                 trim(&log);
                 took
             })
         });
         if report.records > 0 {
-            report.print(&format!("append_sync_always/{tasks}"));
+            report.print(&format!("{group_name}/{name}"));
         }
     }
     group.finish();
+}
+
+fn append_sync_always(c: &mut Criterion) {
+    let cases = [1u64, 8, 64]
+        .into_iter()
+        .map(|tasks| {
+            let run: Shape = Box::new(move |rt: &tokio::runtime::Runtime, log: &Log, iters| {
+                append_durable(rt, log, tasks, iters)
+            });
+            (tasks.to_string(), run)
+        })
+        .collect();
+    group_commit_group(c, "append_sync_always", cases);
 }
 
 /// Appenders of the broker's shape: `tasks` tasks each keep up to `in_flight` records
@@ -334,31 +352,16 @@ const RECLAIM_EVERY_MS: u64 = 50;
 /// `append_in_flight/{tasks}x{in_flight}`: the broker's shape beside `append_sync_always`'s
 /// closed loop of one record per task (issue 15: one wake-up covering many records).
 fn append_in_flight(c: &mut Criterion) {
-    let rt = runtime();
-    let mut group = c.benchmark_group("append_in_flight");
-    group.throughput(Throughput::Bytes(RECORD_BYTES as u64));
-    group
-        .sample_size(10)
-        .measurement_time(Duration::from_secs(5));
-    for (tasks, in_flight) in [(8u64, 8usize), (8, 64)] {
-        let dir = bench_dir();
-        let log = Log::open(dir.path(), config(SyncPolicy::Always)).expect("open");
-        let mut report = FlushReport::default();
-        let name = format!("{tasks}x{in_flight}");
-        group.bench_function(BenchmarkId::from_parameter(&name), |b| {
-            b.iter_custom(|iters| {
-                let took = report.measure(&log, || {
-                    append_in_flight_run(&rt, &log, tasks, in_flight, iters)
-                });
-                trim(&log);
-                took
-            })
-        });
-        if report.records > 0 {
-            report.print(&format!("append_in_flight/{name}"));
-        }
-    }
-    group.finish();
+    let cases = [(8u64, 8usize), (8, 64)]
+        .into_iter()
+        .map(|(tasks, in_flight)| {
+            let run: Shape = Box::new(move |rt: &tokio::runtime::Runtime, log: &Log, iters| {
+                append_in_flight_run(rt, log, tasks, in_flight, iters)
+            });
+            (format!("{tasks}x{in_flight}"), run)
+        })
+        .collect();
+    group_commit_group(c, "append_in_flight", cases);
 }
 
 /// Appends `iters` records in bursts of `burst`, one burst per millisecond tick, waiting
@@ -386,28 +389,16 @@ fn append_paced_run(rt: &tokio::runtime::Runtime, log: &Log, burst: u64, iters: 
 }
 
 fn append_paced(c: &mut Criterion) {
-    let rt = runtime();
-    let mut group = c.benchmark_group("append_paced");
-    group.throughput(Throughput::Bytes(RECORD_BYTES as u64));
-    group
-        .sample_size(10)
-        .measurement_time(Duration::from_secs(5));
-    for (name, burst) in [("10k", 10u64), ("40k", 40)] {
-        let dir = bench_dir();
-        let log = Log::open(dir.path(), config(SyncPolicy::Always)).expect("open");
-        let mut report = FlushReport::default();
-        group.bench_function(BenchmarkId::from_parameter(name), |b| {
-            b.iter_custom(|iters| {
-                let took = report.measure(&log, || append_paced_run(&rt, &log, burst, iters));
-                trim(&log);
-                took
-            })
-        });
-        if report.records > 0 {
-            report.print(&format!("append_paced/{name}"));
-        }
-    }
-    group.finish();
+    let cases = [("10k", 10u64), ("40k", 40)]
+        .into_iter()
+        .map(|(name, burst)| {
+            let run: Shape = Box::new(move |rt: &tokio::runtime::Runtime, log: &Log, iters| {
+                append_paced_run(rt, log, burst, iters)
+            });
+            (name.to_string(), run)
+        })
+        .collect();
+    group_commit_group(c, "append_paced", cases);
 }
 
 fn append_sync_never(c: &mut Criterion) {

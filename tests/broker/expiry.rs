@@ -49,6 +49,18 @@ fn with_ttl(body: &str, ttl_ms: u32) -> Message<AmqpValue<String>> {
         .build()
 }
 
+/// Grants `receiver` one credit and expects no delivery within [`QUIET`]: what it could
+/// get has expired.
+async fn credit_brings_nothing(receiver: &mut Receiver, who: &str) {
+    within("credit", receiver.set_credit(1)).await.unwrap();
+    let got = timeout(QUIET, receiver.recv::<String>()).await;
+    assert!(
+        got.is_err(),
+        "{who}: credit granted after the ttl brought the expired message: {:?}",
+        got.map(|r| r.map(|d| d.body().clone()))
+    );
+}
+
 /// Expects `body` on `ExpiryQueue`, moved from `queue`, and nothing left on `queue`.
 async fn assert_expired(session: &mut SessionHandle<()>, queue: &str, body: &str) {
     let mut expired = within(
@@ -112,13 +124,7 @@ async fn a_message_expires_while_a_consumer_without_credit_is_attached() {
     .unwrap();
     send(&mut session, "offers", with_ttl("flash sale", 200)).await;
     assert_expired(&mut session, "offers", "flash sale").await;
-    within("credit", waiting.set_credit(1)).await.unwrap();
-    let got = timeout(QUIET, waiting.recv::<String>()).await;
-    assert!(
-        got.is_err(),
-        "the attached consumer got an expired message once it granted credit: {:?}",
-        got.map(|r| r.map(|d| d.body().clone()))
-    );
+    credit_brings_nothing(&mut waiting, "the attached consumer").await;
     within("close", waiting.close()).await.unwrap();
     within("close", conn.close()).await.unwrap();
 }
@@ -150,13 +156,7 @@ async fn credit_that_comes_after_the_ttl_brings_nothing_even_before_the_sweep() 
         )
         .await;
         tokio::time::sleep(std::time::Duration::from_millis(80)).await;
-        within("credit", waiting.set_credit(1)).await.unwrap();
-        let got = timeout(QUIET, waiting.recv::<String>()).await;
-        assert!(
-            got.is_err(),
-            "round {round}: credit granted after the ttl brought the expired message: {:?}",
-            got.map(|r| r.map(|d| d.body().clone()))
-        );
+        credit_brings_nothing(&mut waiting, &format!("round {round}")).await;
         within("close", waiting.close()).await.unwrap();
     }
     let mut expired = within(
