@@ -117,10 +117,9 @@ pub struct LogConfig {
     /// [`StorageError::ReserveReached`]. Measured with `statvfs` once per new segment.
     /// Default 0: no reserve, nothing measured.
     pub reserve_bytes: u64,
-    /// After a round that covered several records, the sync thread, once the next append
-    /// has woken it, waits (spinning, up to [`crate::sync::GATHER_MAX`]) for as many
-    /// appends before the next sync, so appenders that wait for durability share one
-    /// (`sync.rs`, `gather`). Default true. The ack log
+    /// After a round that covered several records, the sync thread waits (spinning, up to
+    /// [`crate::sync::GATHER_MAX`]) for as many appends before the next sync, so appenders
+    /// that wait for durability share one (`sync.rs`, `gather`). Default true. The ack log
     /// turns it off: no appender of acknowledgements waits for them before appending
     /// again, and the spin only takes a core from the connections (a consumer at credit
     /// 250 lost 15–30 % of its rate to it, benches/RESULTS.md session 17).

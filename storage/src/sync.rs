@@ -419,23 +419,17 @@ pub(crate) fn run(
     }
     let mut last: Option<SyncRound> = None;
     loop {
-        // Sleep until an append wakes the thread, then gather the rest of the round.
-        // Spinning for that first append too (up to 200 µs per round, until session 23)
-        // burned a core whenever appends come on their own clock rather than in answer to
-        // the last round: a paced producer cost 93 µs of broker CPU per message at 10k
-        // msgs/s against 58 µs now (benches/RESULTS.md, session 23).
+        // Gather before sleeping: the appenders of a round that covered several are about
+        // to append again, and the first of them should not have to wake this thread.
+        if let (Some(round), Some(inner)) = (&last, log.upgrade()) {
+            if gather_appends && round.covered > 1 && interval.is_none() {
+                gather(&inner.stats().records_appended, round);
+            }
+        }
         if !signal.wait(interval) {
             return;
         }
         let Some(inner) = log.upgrade() else { return };
-        if let Some(round) = &last {
-            let appended = &inner.stats().records_appended;
-            // A wake-up by an append the last round already covered gathers nothing.
-            let woken_by_new = appended.load(Ordering::Relaxed) > round.appended;
-            if gather_appends && round.covered > 1 && interval.is_none() && woken_by_new {
-                gather(appended, round);
-            }
-        }
         match inner.sync_round() {
             Ok(round) => last = Some(round),
             Err(_) => return,
@@ -447,15 +441,17 @@ pub(crate) fn run(
 pub const GATHER_MAX: Duration = Duration::from_micros(200);
 /// A sync stops waiting once no append arrived for this long.
 pub const GATHER_QUIET: Duration = Duration::from_micros(30);
+/// Longest the thread waits, spinning, for the first append after a round before it
+/// sleeps until one wakes it.
+pub const GATHER_FIRST_MAX: Duration = Duration::from_micros(200);
 
 /// When the previous sync covered several records, their appenders are about to append
-/// again (each was waiting for that sync): once the first of them has woken the thread,
-/// wait until as many appends as that sync covered are in, so the next sync covers all of
-/// them instead of the first alone — or until appends stop arriving for
-/// [`GATHER_QUIET`], or [`GATHER_MAX`] after the wake-up. Spins (`yield_now`): a
-/// sleep's timer slack (~50 µs) costs more than it saves, and yielding hands the core to
-/// the appenders being woken. A lone appender (last round of one) never waits, and the
-/// thread never spins before that first append (see [`run`]).
+/// again (each was waiting for that sync): wait until as many appends as it covered are in
+/// (appends that arrived during the sync count), so the next sync covers all of them
+/// instead of the first alone — or until appends stop arriving for [`GATHER_QUIET`], or
+/// [`GATHER_MAX`] after the first one. Starts right after the publication, so the thread
+/// is not asleep when the first append comes (a wake-up costs tens of µs). A lone appender
+/// (last round of one) never waits.
 fn gather(appended: &AtomicU64, last: &SyncRound) {
     let pending = || {
         appended
@@ -464,18 +460,27 @@ fn gather(appended: &AtomicU64, last: &SyncRound) {
     };
     let started = Instant::now();
     let mut seen = pending();
+    let mut first: Option<Instant> = (seen > 0).then_some(started);
     let mut last_change = started;
     while seen < last.covered {
+        // Yield rather than sleep: a sleep's timer slack (~50 µs) costs more than it
+        // saves, and yielding hands the core to the appenders being woken.
         std::thread::yield_now();
         let now = pending();
         let at = Instant::now();
         if now != seen {
             seen = now;
             last_change = at;
+            first.get_or_insert(at);
         }
-        if at.duration_since(last_change) >= GATHER_QUIET
-            || at.duration_since(started) >= GATHER_MAX
-        {
+        let done = match first {
+            None => at.duration_since(started) >= GATHER_FIRST_MAX,
+            Some(first) => {
+                at.duration_since(last_change) >= GATHER_QUIET
+                    || at.duration_since(first) >= GATHER_MAX
+            }
+        };
+        if done {
             return;
         }
     }
